@@ -1,0 +1,49 @@
+"""The daemon's validated configuration, shared by the supervisor and workers.
+
+``cli.py`` builds one ``Config`` from the command line; everything downstream
+reads it and nothing mutates it after the workers are forked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+class CacheMode(enum.Enum):
+    """--cache: how long the guest may trust what it was told.
+
+    never:  entry/attr timeouts 0 and FOPEN_DIRECT_IO on every open file, so
+            every read and stat goes to the host (shared with other writers).
+    auto:   1 s timeouts, page cache kept until the file changes on the host.
+    always: one day timeouts, FOPEN_KEEP_CACHE and FOPEN_CACHE_DIR: the guest
+            owns the directory and nobody else changes it.
+    """
+
+    NEVER = "never"
+    AUTO = "auto"
+    ALWAYS = "always"
+
+    @property
+    def timeout(self) -> float:
+        return {"never": 0.0, "auto": 1.0, "always": 86400.0}[self.value]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    shared_dir: str
+    socket_path: str | None = None
+    socket_fd: int | None = None
+    cache: CacheMode = CacheMode.AUTO
+    log_level: str = "info"
+    # request worker processes: one per request queue QEMU configures, and at
+    # most this many (QEMU's num-request-queues beyond it get no worker).
+    max_request_workers: int = 8
+    xattr: bool = True
+    sandbox: str = "none"  # namespace | chroot | none (issue 3 makes namespace the default)
+    seccomp: str = "none"  # kill | log | trap | none
+    rlimit_nofile: int | None = None
+    # upper bound on inodes the guest may hold (size of the shared inode table)
+    inode_table_size: int = 1 << 20
+    # open host files (fh) the guest may hold before it gets ENFILE
+    max_open_files: int = 1 << 16
