@@ -1,0 +1,27 @@
+# pyvirtiofsd: the two commands a user needs are `make demo` and `make test`.
+PY := .venv/bin/python
+
+.PHONY: setup demo test unit test-frontend test-guest clean
+
+setup:
+	./scripts/setup.sh
+
+## Start the daemon on a demo directory and boot a guest that uses it.
+demo: setup
+	$(PY) -m tests.guest.demo
+
+## Everything: unit, vhost-user frontend and real-guest tests.
+test: setup
+	$(PY) -m pytest -p no:cacheprovider -q -rfE tests
+
+unit: setup
+	$(PY) -m pytest -p no:cacheprovider -q tests/unit
+
+test-frontend: setup
+	$(PY) -m pytest -p no:cacheprovider -q tests/frontend
+
+test-guest: setup
+	$(PY) -m pytest -p no:cacheprovider -q tests/guest
+
+clean:
+	rm -rf .venv .cache build *.egg-info

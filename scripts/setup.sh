@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs everything pyvirtiofsd's demo, tests and benchmarks need on a fresh
+# Debian 12 machine (run as root): Debian packages, the project venv, and the
+# guest kernel cache. Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(
+  qemu-system-x86   # QEMU 7.2: the guest, and the C virtiofsd baseline (qemu-system-common)
+  busybox-static    # the guest's initrd userland
+  libcap-dev gcc    # python-prctl builds from source against libcap
+  libseccomp2       # pyseccomp is ctypes over libseccomp
+  fio               # guest I/O workloads and benchmarks
+  cpio xz-utils zstd  # building the initrd, unpacking kernel modules
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import daemon, prctl, pyseccomp, pytest, hypothesis" 2>/dev/null; then
+  echo "setup: installing pyvirtiofsd and its test dependencies into .venv"
+  .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+fi
+
+echo "setup: guest kernel cache"
+.venv/bin/python -m tests.guest.kernel >/dev/null
+echo "setup: done"
