@@ -1,0 +1,131 @@
+"""Command line: the Rust virtiofsd's option names, one ``Config`` out.
+
+Every user error (bad option, missing directory, occupied socket...) is one
+line on stderr, ``pyvirtiofsd: error: ...``, and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import daemon
+from daemon import log
+from daemon.config import CacheMode, Config
+
+PROG = "pyvirtiofsd"
+MAX_THREAD_POOL_SIZE = 255          # one request queue per vring, vring indexes are 8 bits
+MAX_INODE_TABLE_SIZE = 1 << 26
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def _int_arg(name: str, low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not in {low}..{high}")
+        return value
+    parse.__name__ = name
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="virtio-fs vhost-user device backend: shares a host directory with a QEMU guest "
+                    "(vhost-user-fs-pci). Exactly one of --socket-path and --fd is required.",
+    )
+    p.add_argument("--socket-path", metavar="PATH",
+                   help="vhost-user UNIX socket to create and listen on (a stale socket file is replaced)")
+    p.add_argument("--fd", metavar="N", type=_int_arg("--fd", 0, 1 << 30),
+                   help="an already listening UNIX socket inherited as file descriptor N")
+    p.add_argument("--shared-dir", metavar="DIR", required=True, help="the directory to share with the guest")
+    p.add_argument("--cache", choices=[m.value for m in CacheMode], default=CacheMode.AUTO.value,
+                   help="how long the guest may cache names, attributes and data: never (0 s), "
+                        "auto (1 s, default), always (1 day; only the guest changes the directory)")
+    p.add_argument("--log-level", choices=list(log.LEVELS), default="info",
+                   help="least severe messages to log to stderr (default: info)")
+    p.add_argument("--thread-pool-size", metavar="N", type=_int_arg("--thread-pool-size", 0, MAX_THREAD_POOL_SIZE),
+                   default=Config.max_request_workers,
+                   help="accepted for compatibility with the Rust virtiofsd; here it is the most request "
+                        "worker processes (one per request queue QEMU configures; 0 counts as 1; "
+                        f"default {Config.max_request_workers})")
+    p.add_argument("--xattr", action=argparse.BooleanOptionalAction, default=Config.xattr,
+                   help="support extended attributes (default: on)")
+    p.add_argument("--inode-table-size", metavar="N", type=_int_arg("--inode-table-size", 1, MAX_INODE_TABLE_SIZE),
+                   default=Config.inode_table_size,
+                   help=f"most inodes the guest may hold at once (default {Config.inode_table_size})")
+    p.add_argument("--version", action="version", version=f"{PROG} {daemon.__version__}")
+    return p
+
+
+def parse_config(argv: list[str]) -> Config:
+    args = build_parser().parse_args(argv)
+    if (args.socket_path is None) == (args.fd is None):
+        raise UsageError("exactly one of --socket-path and --fd is required")
+    if args.socket_path == "":
+        raise UsageError("--socket-path: empty path")
+    return Config(
+        shared_dir=_check_shared_dir(args.shared_dir),
+        socket_path=args.socket_path,
+        socket_fd=args.fd,
+        cache=CacheMode(args.cache),
+        log_level=args.log_level,
+        max_request_workers=max(1, args.thread_pool_size),
+        xattr=args.xattr,
+        inode_table_size=args.inode_table_size,
+    )
+
+
+def _check_shared_dir(path: str) -> str:
+    """The directory must exist, be a directory and be readable and
+    searchable by us; returns its canonical path."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise UsageError(f"--shared-dir {path}: {e.strerror}") from None
+    try:
+        os.listdir(fd)
+    except OSError as e:
+        raise UsageError(f"--shared-dir {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    return os.path.realpath(path)
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    try:
+        config = parse_config(argv)
+    except UsageError as e:
+        return _fail(str(e))
+    except SystemExit as e:            # --help, --version
+        return e.code if isinstance(e.code, int) else 0
+
+    from daemon import supervisor
+
+    log.setup(config.log_level)
+    try:
+        return supervisor.run(config)
+    except supervisor.StartupError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return 1

@@ -1,0 +1,537 @@
+"""The supervisor process: the only one that talks to QEMU.
+
+It opens the vhost-user socket, creates the shared inode table, forks the
+hiprio worker (vring 0) and request worker 1 (vring 1) before QEMU connects,
+accepts exactly one connection and then runs one poll loop over:
+
+* the QEMU connection (``vhost_user.backend.Backend`` does the protocol),
+* every worker's control channel (a worker only speaks when asked, so a
+  readable channel means it died or broke the protocol),
+* a self-pipe that ``signal.set_wakeup_fd`` writes SIGTERM/SIGINT/SIGCHLD to.
+
+QEMU hanging up, bad frontend input (the backend logs it and closes the
+connection), SIGTERM and SIGINT all end the same way: SHUTDOWN to every
+worker, reap them, remove the socket file, exit 0. A worker that dies or
+breaks the channel is logged with its exit status, the rest are shut down,
+exit 1 (``Supervisor._worker_failed`` is where a restart will go).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import select
+import signal
+import socket
+import stat
+import sys
+import time
+from typing import Callable
+
+from daemon import log
+from daemon.config import Config
+from daemon.vhost_user.backend import Backend, WorkerFailure
+from daemon.workers import channel as ch
+from daemon.workers.channel import Channel, ChannelError, Msg
+
+logger = log.get_logger("supervisor")
+
+READY_TIMEOUT = 10.0        # fork -> READY
+ANSWER_TIMEOUT = 10.0       # any request -> its ANSWER
+SHUTDOWN_TIMEOUT = 5.0      # SHUTDOWN -> every worker exited, then SIGKILL
+
+
+class StartupError(Exception):
+    """The daemon cannot start for a reason the user can fix; the message is
+    printed as one line (``pyvirtiofsd: error: ...``)."""
+
+
+# -- the listening socket --------------------------------------------------------
+
+@dataclasses.dataclass
+class Listener:
+    """The listening socket. Once QEMU is connected, ``close``
+    closes it and removes the socket file (as the Rust virtiofsd does): one
+    connection per daemon, and no stale file for the next daemon to find."""
+
+    sock: socket.socket | None
+    path: str | None            # the socket file we created, removed when we stop listening
+    inode: int | None = None    # ... unless someone replaced it meanwhile
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.path is not None:
+            try:
+                if os.lstat(self.path).st_ino == self.inode:
+                    os.unlink(self.path)
+            except OSError:
+                pass
+            self.path = None
+
+
+
+def open_listener(config: Config) -> Listener:
+    if config.socket_fd is not None:
+        return _adopt_listener(config.socket_fd)
+    path = config.socket_path
+    _claim_socket_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(1)
+        inode = os.lstat(path).st_ino
+    except OSError as e:
+        sock.close()
+        raise StartupError(f"cannot listen on {path}: {e.strerror or e}") from None
+    return Listener(sock, path, inode)
+
+
+def _adopt_listener(fd: int) -> Listener:
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise StartupError(f"--fd {fd}: {e.strerror}") from None
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError as e:
+        sock.detach()
+        raise StartupError(f"--fd {fd}: {e.strerror}") from None
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:
+        sock.detach()
+        raise StartupError(f"--fd {fd}: not a listening UNIX stream socket")
+    return Listener(sock, None)
+
+
+def _claim_socket_path(path: str) -> None:
+    """A socket file nobody listens on is a leftover: remove it. Anything
+    else at that path is someone else's."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise StartupError(f"socket path {path}: {e.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"socket path {path} exists and is not a socket")
+    if _someone_listens(path):
+        raise StartupError(f"socket path in use: {path}")
+    try:
+        os.unlink(path)
+    except OSError as e:
+        raise StartupError(f"cannot remove stale socket {path}: {e.strerror}") from None
+
+
+def _someone_listens(path: str) -> bool:
+    # /proc/net/unix first: connecting would be taken as *the* connection by
+    # a one-shot backend (another virtiofsd) waiting for its QEMU.
+    names = {path, os.path.abspath(path)}
+    try:
+        with open("/proc/net/unix") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                # Num RefCount Protocol Flags Type St Inode Path; Flags 0x10000 = listening
+                if len(fields) >= 8 and fields[7] in names and int(fields[3], 16) & 0x10000:
+                    return True
+    except (OSError, ValueError, StopIteration):
+        pass
+    # Bound in another network namespace or by a relative name: ask the socket.
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+        return True
+    except ConnectionRefusedError:
+        return False
+    except TimeoutError:
+        return True            # a listener with a full backlog
+    except OSError as e:
+        raise StartupError(f"socket path {path}: {e.strerror}") from None
+    finally:
+        probe.close()
+
+
+# -- workers -------------------------------------------------------------------------
+
+WorkerMain = Callable[[str, int, Channel, Config, object], None]
+
+
+@dataclasses.dataclass
+class Worker:
+    index: int                  # the vring it serves
+    pid: int
+    channel: Channel
+
+    @property
+    def role(self) -> str:
+        return "hiprio" if self.index == 0 else "request"
+
+    @property
+    def name(self) -> str:
+        return "hiprio" if self.index == 0 else f"request-{self.index}"
+
+
+def describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            return f"killed by {signal.Signals(sig).name}"
+        except ValueError:
+            return f"killed by signal {sig}"
+    if os.WIFEXITED(status):
+        return f"exited with status {os.WEXITSTATUS(status)}"
+    return f"wait status 0x{status:x}"
+
+
+class ProcessPool:
+    """The real ``WorkerPool``: one forked process per vring, each driven
+    over its control channel. Any channel error, bad answer or timeout means
+    the worker is broken: it is killed, reaped and logged in one line, and
+    ``WorkerFailure`` is raised."""
+
+    def __init__(self, config: Config, inodes, worker_main: WorkerMain,
+                 answer_timeout: float = ANSWER_TIMEOUT, ready_timeout: float = READY_TIMEOUT):
+        self.config = config
+        self.inodes = inodes
+        self.worker_main = worker_main
+        self.answer_timeout = answer_timeout
+        self.ready_timeout = ready_timeout
+        self.workers: dict[int, Worker] = {}
+        # fds (or objects with detach()/fileno()) a new child must not keep:
+        # set by the supervisor (listener, QEMU connection, QEMU's fds...)
+        self.inherited: Callable[[], list] = lambda: []
+
+    # WorkerPool interface ---------------------------------------------------------
+
+    def live(self):
+        return self.workers.keys()
+
+    def spawn(self, index: int) -> None:
+        parent_end, child_end = Channel.pair()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        supervisor_pid = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            parent_end.close()
+            child_end.close()
+            name = "hiprio" if index == 0 else f"request-{index}"
+            logger.error("cannot fork worker %s: %s", name, e.strerror)
+            raise WorkerFailure(f"cannot fork worker {name}: {e.strerror}") from None
+        if pid == 0:
+            self._run_child(index, child_end, parent_end, supervisor_pid)
+        child_end.close()
+        worker = self.workers[index] = Worker(index, pid, parent_end)
+        logger.debug("forked %s as pid %d", worker.name, pid)
+        try:
+            self._wait_readable(worker, self.ready_timeout, "READY")
+            msg, payload, fds = worker.channel.recv()
+            ch.close_fds(fds)
+            if msg != Msg.READY or payload or fds:
+                raise ChannelError(f"expected READY, got {msg.name}")
+        except ChannelError as e:
+            self._fail(worker, f"while starting: {e}")
+
+    def mem_table(self, index, regions, fds) -> None:
+        self._request(index, Msg.MEM_TABLE, ch.encode_mem_table(regions), fds)
+
+    def set_call(self, index, fd) -> None:
+        has_fd = fd is not None
+        self._request(index, Msg.VRING_CALL, ch.VRING_CALL.pack(index, has_fd), [fd] if has_fd else [])
+
+    def start_ring(self, index, num, desc, avail, used, base, features, kick_fd) -> None:
+        payload = ch.VRING_START.pack(index, num, desc, avail, used, base, features)
+        self._request(index, Msg.VRING_START, payload, [kick_fd])
+
+    def stop_ring(self, index) -> int:
+        worker = self.workers[index]
+        status, value = self._exchange(worker, Msg.VRING_STOP, ch.VRING_STOP.pack(index), [])
+        if status != 0 or value > 0xFFFF:
+            self._fail(worker, f"VRING_STOP answered status {status}, value {value}")
+        return value
+
+    # supervisor side ----------------------------------------------------------------
+
+    def worker_at(self, fd: int) -> Worker | None:
+        for worker in self.workers.values():
+            if worker.channel.fileno() == fd:
+                return worker
+        return None
+
+    def channel_readable(self, worker: Worker) -> None:
+        """A worker spoke unasked: it died (EOF) or broke the protocol."""
+        try:
+            msg, _, fds = worker.channel.recv()
+            ch.close_fds(fds)
+            why = f"sent {msg.name} unasked"
+        except ChannelError as e:
+            why = str(e)
+        self._fail(worker, why)
+
+    def reap(self) -> None:
+        """After SIGCHLD: raise WorkerFailure for a worker that has exited."""
+        for worker in list(self.workers.values()):
+            try:
+                pid, status = os.waitpid(worker.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = worker.pid, 0
+            if pid:
+                self._forget(worker)
+                message = f"worker {worker.name} (pid {worker.pid}) died: {describe_exit(status)}"
+                logger.error("%s", message)
+                raise WorkerFailure(message)
+
+    def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
+        """SHUTDOWN to every worker, wait for all of them to exit, SIGKILL
+        whoever is still there after ``timeout``."""
+        for worker in self.workers.values():
+            try:
+                worker.channel.send(Msg.SHUTDOWN)
+            except ChannelError:
+                pass
+        deadline = time.monotonic() + timeout
+        for worker in list(self.workers.values()):
+            status = self._wait_exit(worker.pid, deadline)
+            if status is None:
+                logger.warning("worker %s (pid %d) ignored SHUTDOWN; killing it", worker.name, worker.pid)
+                os.kill(worker.pid, signal.SIGKILL)
+                _, status = os.waitpid(worker.pid, 0)
+            elif status != 0:
+                logger.warning("worker %s (pid %d) %s at shutdown", worker.name, worker.pid,
+                               describe_exit(status))
+            self._forget(worker)
+
+    # internals ------------------------------------------------------------------------
+
+    def _run_child(self, index: int, channel: Channel, parent_end: Channel, supervisor_pid: int):
+        role = "hiprio" if index == 0 else "request"
+        try:
+            log.set_role("hiprio" if index == 0 else f"request-{index}")
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)       # the supervisor sends SHUTDOWN
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            import prctl
+            prctl.set_pdeathsig(signal.SIGKILL)
+            if os.getppid() != supervisor_pid:
+                os._exit(1)
+            _close_inherited([parent_end] + [w.channel for w in self.workers.values()] + self.inherited())
+            self.worker_main(role, index, channel, self.config, self.inodes)
+            logger.error("worker_main returned")
+        except SystemExit as e:
+            os._exit(e.code if isinstance(e.code, int) else 1)
+        except BaseException:
+            logger.exception("worker failed to run")
+        finally:
+            os._exit(1)
+
+    def _request(self, index: int, msg: Msg, payload: bytes, fds: list[int]) -> None:
+        worker = self.workers[index]
+        status, _ = self._exchange(worker, msg, payload, fds)
+        if status < 0:
+            self._fail(worker, f"{msg.name} answered status {status}")
+        if status:
+            raise OSError(status, os.strerror(status))
+
+    def _exchange(self, worker: Worker, msg: Msg, payload: bytes, fds: list[int]) -> tuple[int, int]:
+        try:
+            worker.channel.send(msg, payload, fds)
+            self._wait_readable(worker, self.answer_timeout, f"{msg.name} answer")
+            return worker.channel.expect_answer()
+        except ChannelError as e:
+            self._fail(worker, f"{msg.name}: {e}")
+
+    def _wait_readable(self, worker: Worker, timeout: float, what: str) -> None:
+        poller = select.poll()
+        poller.register(worker.channel.fileno(), select.POLLIN)
+        if not poller.poll(int(timeout * 1000)):
+            raise ChannelError(f"no {what} within {timeout:g} s")
+
+    def _fail(self, worker: Worker, why: str):
+        """Kill and reap a broken worker, log one line, raise WorkerFailure."""
+        try:
+            os.kill(worker.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _, status = os.waitpid(worker.pid, 0)
+        self._forget(worker)
+        message = f"worker {worker.name} (pid {worker.pid}) failed: {why} ({describe_exit(status)})"
+        logger.error("%s", message)
+        raise WorkerFailure(message)
+
+    def _forget(self, worker: Worker) -> None:
+        if self.workers.get(worker.index) is worker:
+            del self.workers[worker.index]
+        worker.channel.close()
+
+    @staticmethod
+    def _wait_exit(pid: int, deadline: float) -> int | None:
+        while True:
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                return 0
+            if done:
+                return status
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.01)
+
+
+def _close_inherited(things) -> None:
+    for thing in things:
+        if isinstance(thing, int):
+            fd = thing
+        elif isinstance(thing, Channel):
+            fd = thing.sock.detach()
+        elif isinstance(thing, socket.socket):
+            fd = thing.detach()
+        else:
+            continue
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+# -- the supervisor loop -------------------------------------------------------------
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+
+
+class Supervisor:
+    def __init__(self, config: Config, listener: Listener, pool: ProcessPool):
+        self.config = config
+        self.listener = listener
+        self.pool = pool
+        self.backend: Backend | None = None
+        self._wakeup_r = self._wakeup_w = -1
+        pool.inherited = self._inherited_fds
+
+    def run(self) -> int:
+        """Serve one QEMU connection; returns the exit status."""
+        old_handlers = self._install_signals()
+        try:
+            self.pool.spawn(0)
+            self.pool.spawn(1)
+            logger.info("waiting for QEMU on %s", self.listener.path or f"fd {self.config.socket_fd}")
+            return self._loop()
+        except WorkerFailure as e:
+            return self._worker_failed(e)
+        finally:
+            if self.backend is not None:
+                self.backend.close()
+            self.pool.shutdown()
+            self.listener.close()
+            self._restore_signals(old_handlers)
+
+    def _loop(self) -> int:
+        while True:
+            poller = select.poll()
+            poller.register(self._wakeup_r, select.POLLIN)
+            if self.listener.sock is not None:
+                poller.register(self.listener.fileno(), select.POLLIN)
+            if self.backend is not None:
+                poller.register(self.backend.fileno(), select.POLLIN)
+            for worker in self.pool.workers.values():
+                poller.register(worker.channel.fileno(), select.POLLIN)
+            for fd, _ in poller.poll():
+                if fd == self._wakeup_r:
+                    status = self._signals()
+                    if status is not None:
+                        return status
+                elif self.listener.sock is not None and fd == self.listener.fileno():
+                    self._accept()
+                elif self.backend is not None and fd == self.backend.fileno():
+                    if not self.backend.serve_one():
+                        logger.info("connection closed, shutting down")
+                        return 0
+                else:
+                    worker = self.pool.worker_at(fd)
+                    if worker is not None:
+                        self.pool.channel_readable(worker)
+                break   # the poll set may have changed: rebuild it
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.sock.accept()
+        except OSError as e:
+            logger.warning("accept failed: %s", e.strerror)
+            return
+        self.listener.close()      # exactly one connection; the socket file goes too
+        self.backend = Backend(conn, self.pool, queue_count=1 + self.config.max_request_workers)
+        logger.info("QEMU connected")
+
+    def _signals(self) -> int | None:
+        try:
+            data = os.read(self._wakeup_r, 64)
+        except BlockingIOError:
+            return None
+        for signum in data:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                logger.info("%s received, shutting down", signal.Signals(signum).name)
+                return 0
+        if signal.SIGCHLD in data:
+            self.pool.reap()
+        return None
+
+    def _worker_failed(self, failure: WorkerFailure) -> int:
+        # Restarting the worker (resend the memory table, call fd and ring via
+        # Backend.bring_up) goes here; until then a dead worker ends the daemon.
+        logger.error("shutting down: %s", failure)
+        return 1
+
+    def _inherited_fds(self) -> list:
+        fds: list = [self._wakeup_r, self._wakeup_w]
+        if self.listener.sock is not None:
+            fds.append(self.listener.sock)
+        if self.backend is not None and not self.backend.closed:
+            fds.append(self.backend.conn)
+            fds.extend(self.backend.region_fds)
+            for ring in self.backend.rings.values():
+                fds.extend(fd for fd in (ring.kick, ring.call, ring.err) if fd is not None)
+        return fds
+
+    def _install_signals(self):
+        self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        old = {sig: signal.signal(sig, _note_signal) for sig in HANDLED_SIGNALS}
+        old["wakeup"] = signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+        return old
+
+    def _restore_signals(self, old) -> None:
+        signal.set_wakeup_fd(old.pop("wakeup"))
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        os.close(self._wakeup_r)
+        os.close(self._wakeup_w)
+
+
+def _note_signal(signum, frame) -> None:
+    """The signal number reaches the loop through the wakeup fd."""
+
+
+def run(config: Config) -> int:
+    """Run the daemon; StartupError for problems the user can fix."""
+    listener = open_listener(config)
+    try:
+        try:
+            from daemon.fuse.inodes import InodeTable
+            from daemon.workers.entry import worker_main
+        except ImportError as e:
+            raise StartupError(f"incomplete installation: {e}") from None
+        try:
+            inodes = InodeTable(config.inode_table_size)
+        except OSError as e:
+            raise StartupError(f"cannot create the inode table ({config.inode_table_size} entries): "
+                               f"{e.strerror or e}") from None
+        pool = ProcessPool(config, inodes, worker_main)
+        return Supervisor(config, listener, pool).run()
+    finally:
+        listener.close()

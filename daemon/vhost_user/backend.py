@@ -1,0 +1,463 @@
+"""The vhost-user backend: control-protocol state for one QEMU connection.
+
+``Backend.serve_one()`` reads one message, checks it, updates the state QEMU
+has configured (features, memory table, per-vring num/base/addresses/
+eventfds/enabled) and tells the workers what changed through a ``WorkerPool``.
+It never maps guest memory and never sees a FUSE byte: it forwards fds and
+addresses, nothing more (see docs/INTERNALS.md, "Supervisor-side rules").
+
+A vring is *running* when it has a memory table, a size, addresses, a kick
+fd and is enabled; the worker of vring i (hiprio for 0, request worker i for
+i >= 1) then serves it. Every message that changes any of those goes through
+``_reconfigure``: a running ring is stopped first (its next avail index is
+kept as the base) and started again afterwards if it still can run.
+
+Bad frontend input raises ``VhostUserError`` inside; ``serve_one`` logs it in
+one line and closes the connection. Every fd that arrives is either kept in
+the state (and closed by ``close()``) or closed before ``serve_one`` returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import socket
+import stat
+from typing import Iterable, Protocol
+
+from daemon import log
+from daemon.vhost_user import messages as m
+from daemon.vhost_user.messages import Request, VhostUserError
+
+logger = log.get_logger("vhost_user")
+
+OFFERED_FEATURES = m.F_VERSION_1 | m.F_RING_INDIRECT_DESC | m.F_PROTOCOL_FEATURES
+# Not EVENT_IDX: it needs a store->load fence CPython cannot give (PROTOCOL.md §2.4).
+assert OFFERED_FEATURES == 0x1_5000_0000
+OFFERED_PROTOCOL_FEATURES = m.PF_MQ | m.PF_REPLY_ACK
+assert OFFERED_PROTOCOL_FEATURES == 0x9
+
+REPLY_ACK_FAILURE = 1
+
+
+class WorkerFailure(Exception):
+    """The worker of a vring is dead or broke the channel protocol. The pool
+    has already killed and reaped it and logged why; what happens next (exit,
+    later: restart) is the supervisor's decision."""
+
+
+class WorkerPool(Protocol):
+    """What the backend needs from the workers, one worker per vring index.
+
+    Every fd argument is lent: the pool sends a copy (SCM_RIGHTS) and never
+    closes it. A request the worker answers with an errno raises OSError with
+    that errno; a broken or dead worker raises WorkerFailure.
+    """
+
+    def live(self) -> Iterable[int]:
+        """Indexes of the vrings whose worker is up."""
+
+    def spawn(self, index: int) -> None:
+        """Start the worker of vring ``index`` (request worker, index >= 2)."""
+
+    def mem_table(self, index: int, regions: list[tuple[int, int, int, int]], fds: list[int]) -> None:
+        """MEM_TABLE to the worker of vring ``index``: (gpa, size, qva, mmap_offset) each."""
+
+    def set_call(self, index: int, fd: int | None) -> None:
+        """VRING_CALL: the newest call eventfd of vring ``index`` (None: do not signal)."""
+
+    def start_ring(self, index: int, num: int, desc: int, avail: int, used: int, base: int,
+                   features: int, kick_fd: int) -> None:
+        """VRING_START with the ring's QVAs and its next avail index."""
+
+    def stop_ring(self, index: int) -> int:
+        """VRING_STOP; returns the ring's next avail index."""
+
+
+@dataclasses.dataclass
+class Vring:
+    """What QEMU told us about one vring. fds here belong to the backend."""
+
+    index: int
+    enabled: bool
+    num: int = 0
+    base: int = 0                      # next avail index while not running
+    addr: m.VringAddr | None = None
+    kick: int | None = None
+    call: int | None = None
+    err: int | None = None
+    running: bool = False
+
+
+class Backend:
+    def __init__(self, conn: socket.socket, pool: WorkerPool, queue_count: int,
+                 read_timeout: float | None = 10.0):
+        """``queue_count``: vrings that can get a worker (1 + max request
+        workers), reported by GET_QUEUE_NUM. ``read_timeout``: how long the
+        rest of a message may take once its first byte has arrived."""
+        self.conn = conn
+        self.conn.settimeout(read_timeout)
+        self.pool = pool
+        self.queue_count = queue_count
+        self.acked_features = 0
+        self.acked_protocol_features = 0
+        self.has_owner = False
+        self.regions: list[m.MemoryRegion] = []
+        self.region_fds: list[int] = []
+        self.rings: dict[int, Vring] = {}
+        self.closed = False
+        self._warned: set[tuple[str, int]] = set()
+        self._handlers = {
+            Request.GET_FEATURES: self._get_features,
+            Request.SET_FEATURES: self._set_features,
+            Request.SET_OWNER: self._set_owner,
+            Request.SET_MEM_TABLE: self._set_mem_table,
+            Request.SET_VRING_NUM: self._set_vring_num,
+            Request.SET_VRING_ADDR: self._set_vring_addr,
+            Request.SET_VRING_BASE: self._set_vring_base,
+            Request.GET_VRING_BASE: self._get_vring_base,
+            Request.SET_VRING_KICK: self._set_vring_kick,
+            Request.SET_VRING_CALL: self._set_vring_call,
+            Request.SET_VRING_ERR: self._set_vring_err,
+            Request.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            Request.GET_QUEUE_NUM: self._get_queue_num,
+            Request.SET_VRING_ENABLE: self._set_vring_enable,
+        }
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+    # -- one message ----------------------------------------------------------
+
+    def serve_one(self) -> bool:
+        """Read one message from QEMU and act on it. Returns False once the
+        connection is over: QEMU hung up, or sent something malformed (logged
+        in one line); the connection and every fd it brought are then closed.
+        WorkerFailure propagates: the caller decides, and must close()."""
+        if self.closed:
+            return False
+        fds: list[int] = []
+        try:
+            received = self._receive()
+            if received is None:
+                logger.info("QEMU disconnected")
+                self.close()
+                return False
+            header, payload, fds = received
+            self._dispatch(header, payload, fds)
+            return True
+        except VhostUserError as e:
+            logger.error("vhost-user protocol error, closing the connection: %s", e)
+            self.close()
+            return False
+        finally:
+            _close_fds(fds)
+
+    def _receive(self) -> tuple[m.Header, bytes, list[int]] | None:
+        try:
+            data, fds, msg_flags, _ = socket.recv_fds(self.conn, m.HEADER.size, m.MAX_FDS)
+        except OSError as e:
+            raise VhostUserError(f"receiving a message header: {_reason(e)}") from None
+        try:
+            if not data:
+                return None
+            if msg_flags & socket.MSG_CTRUNC:
+                raise VhostUserError(f"a message carried more than {m.MAX_FDS} file descriptors")
+            if len(data) < m.HEADER.size:
+                data += self._recv_exact(m.HEADER.size - len(data), "the message header")
+            header = m.decode_header(data)
+            payload = self._recv_exact(header.size, f"the {header.name} payload")
+            return header, payload, fds
+        except BaseException:
+            _close_fds(fds)
+            raise
+
+    def _recv_exact(self, n: int, what: str) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            try:
+                k = self.conn.recv_into(view[got:])
+            except TimeoutError:
+                raise VhostUserError(f"timed out after {got} of {n} bytes of {what}") from None
+            except OSError as e:
+                raise VhostUserError(f"receiving {what}: {_reason(e)}") from None
+            if k == 0:
+                raise VhostUserError(f"connection closed after {got} of {n} bytes of {what}")
+            got += k
+        return bytes(buf)
+
+    def _dispatch(self, header: m.Header, payload: bytes, fds: list[int]) -> None:
+        handler = self._handlers.get(header.request)
+        if handler is None:
+            self._unsupported(header, len(fds))
+            return
+        body = m.decode_payload(header.request, payload, len(fds))
+        logger.debug("%s %s%s", header.name, body if body is not None else "",
+                     f" +{len(fds)} fd" if fds else "")
+        reply = handler(body, fds)
+        if reply is not None:
+            self._send(header, m.encode_reply(header.request, reply))
+        elif header.need_reply:
+            self._send(header, m.encode_u64_reply(header.request, 0))
+
+    def _unsupported(self, header: m.Header, nfds: int) -> None:
+        self._warn_once("request", header.request,
+                        f"ignoring {header.name}: not supported (flags 0x{header.flags:x}, "
+                        f"{header.size} bytes, {nfds} fds)")
+        if header.need_reply:
+            self._send(header, m.encode_u64_reply(header.request, REPLY_ACK_FAILURE))
+
+    def _send(self, header: m.Header, data: bytes) -> None:
+        try:
+            self.conn.sendall(data)
+        except OSError as e:
+            raise VhostUserError(f"sending the {header.name} reply: {_reason(e)}") from None
+
+    def close(self) -> None:
+        """Close the connection and every fd QEMU gave us. Workers are not
+        told: the supervisor shuts them down."""
+        if self.closed:
+            return
+        self.closed = True
+        self.conn.close()
+        _close_fds(self.region_fds)
+        self.region_fds = []
+        for ring in self.rings.values():
+            _close_fds([fd for fd in (ring.kick, ring.call, ring.err) if fd is not None])
+            ring.kick = ring.call = ring.err = None
+
+    # -- feature negotiation ---------------------------------------------------
+
+    def _get_features(self, _body, _fds) -> bytes:
+        return m.U64.pack(OFFERED_FEATURES)
+
+    def _set_features(self, features: int, _fds) -> None:
+        if features & ~OFFERED_FEATURES:
+            raise VhostUserError(f"SET_FEATURES 0x{features:x} acks features never offered "
+                                 f"(0x{features & ~OFFERED_FEATURES:x})")
+        self.acked_features = features
+        # With VHOST_USER_F_PROTOCOL_FEATURES rings start disabled until
+        # SET_VRING_ENABLE 1; without it they start enabled (vhost-user spec).
+        enabled = self._rings_start_enabled()
+        for ring in self.rings.values():
+            if ring.enabled != enabled:
+                with self._reconfigure(ring):
+                    ring.enabled = enabled
+
+    def _get_protocol_features(self, _body, _fds) -> bytes:
+        return m.U64.pack(OFFERED_PROTOCOL_FEATURES)
+
+    def _set_protocol_features(self, features: int, _fds) -> None:
+        if features & ~OFFERED_PROTOCOL_FEATURES:
+            raise VhostUserError(f"SET_PROTOCOL_FEATURES 0x{features:x} acks protocol features never "
+                                 f"offered (0x{features & ~OFFERED_PROTOCOL_FEATURES:x})")
+        self.acked_protocol_features = features
+
+    def _get_queue_num(self, _body, _fds) -> bytes:
+        return m.U64.pack(self.queue_count)
+
+    def _set_owner(self, _body, _fds) -> None:
+        self.has_owner = True
+
+    # -- memory table ------------------------------------------------------------
+
+    def _set_mem_table(self, regions: list[m.MemoryRegion], fds: list[int]) -> None:
+        new_fds = fds[:]
+        fds.clear()                     # ours now: closed below on error
+        try:
+            for i, (region, fd) in enumerate(zip(regions, new_fds)):
+                _check_region_file(i, region, fd)
+        except VhostUserError:
+            _close_fds(new_fds)
+            raise
+        # INTERNALS: stop running rings, send the new table, restart them.
+        for ring in self.rings.values():
+            if ring.running:
+                self._stop(ring)
+        _close_fds(self.region_fds)
+        self.regions, self.region_fds = regions, new_fds
+        for index in list(self.pool.live()):
+            self._send_mem_table(index)
+        for ring in self.rings.values():
+            self._start_if_ready(ring)
+
+    def _send_mem_table(self, index: int) -> None:
+        try:
+            self.pool.mem_table(index, [r.as_tuple() for r in self.regions], self.region_fds)
+        except OSError as e:
+            raise VhostUserError(f"the worker of vring {index} cannot map the memory table: {_reason(e)}") from None
+
+    def _region_of(self, qva: int, length: int) -> m.MemoryRegion | None:
+        for r in self.regions:
+            if r.qva <= qva and qva + length <= r.qva + r.size:
+                return r
+        return None
+
+    # -- vrings --------------------------------------------------------------------
+
+    def _ring(self, index: int) -> Vring:
+        ring = self.rings.get(index)
+        if ring is None:
+            ring = self.rings[index] = Vring(index, enabled=self._rings_start_enabled())
+        return ring
+
+    def _rings_start_enabled(self) -> bool:
+        return not self.acked_features & m.F_PROTOCOL_FEATURES
+
+    def _set_vring_num(self, state: m.VringState, _fds) -> None:
+        ring = self._ring(state.index)
+        with self._reconfigure(ring):
+            ring.num = state.num
+
+    def _set_vring_base(self, state: m.VringState, _fds) -> None:
+        ring = self._ring(state.index)
+        with self._reconfigure(ring):
+            ring.base = state.num
+
+    def _set_vring_addr(self, addr: m.VringAddr, _fds) -> None:
+        if not self.regions:
+            raise VhostUserError(f"SET_VRING_ADDR for vring {addr.index} before any SET_MEM_TABLE")
+        for what, qva in (("descriptor table", addr.desc), ("avail ring", addr.avail), ("used ring", addr.used)):
+            if self._region_of(qva, 1) is None:
+                raise VhostUserError(f"SET_VRING_ADDR: vring {addr.index} {what} address 0x{qva:x} "
+                                     f"is in no memory region")
+        ring = self._ring(addr.index)
+        with self._reconfigure(ring):
+            ring.addr = addr
+
+    def _get_vring_base(self, state: m.VringState, _fds) -> bytes:
+        # vhost-user: GET_VRING_BASE stops the ring; the kick fd goes with it.
+        ring = self._ring(state.index)
+        if ring.running:
+            self._stop(ring)
+        if ring.kick is not None:
+            os.close(ring.kick)
+            ring.kick = None
+        return m.VRING_STATE.pack(ring.index, ring.base)
+
+    def _set_vring_kick(self, file: m.VringFile, fds: list[int]) -> None:
+        if not file.has_fd:
+            raise VhostUserError(f"SET_VRING_KICK: vring {file.index} without a kick fd "
+                                 f"(polling mode) is not supported")
+        ring = self._ring(file.index)
+        with self._reconfigure(ring):
+            ring.kick = _replace_fd(ring.kick, fds.pop())
+
+    def _set_vring_call(self, file: m.VringFile, fds: list[int]) -> None:
+        # Forwarded at once, running or not: QEMU swaps call fds while rings
+        # run (masked notifier <-> guest notifier) and workers keep the newest.
+        ring = self._ring(file.index)
+        ring.call = _replace_fd(ring.call, fds.pop() if file.has_fd else None)
+        if ring.index in self.pool.live():
+            self.pool.set_call(ring.index, ring.call)
+
+    def _set_vring_err(self, file: m.VringFile, fds: list[int]) -> None:
+        # Kept for the connection's life; workers do not report ring errors
+        # through it (yet).
+        ring = self._ring(file.index)
+        ring.err = _replace_fd(ring.err, fds.pop() if file.has_fd else None)
+
+    def _set_vring_enable(self, state: m.VringState, _fds) -> None:
+        ring = self._ring(state.index)
+        enabled = bool(state.num)
+        if ring.enabled != enabled:
+            with self._reconfigure(ring):
+                ring.enabled = enabled
+
+    @contextlib.contextmanager
+    def _reconfigure(self, ring: Vring):
+        """Stop ``ring`` if it runs, let the caller change it, then start it
+        if it can run (again)."""
+        if ring.running:
+            self._stop(ring)
+        yield
+        self._start_if_ready(ring)
+
+    def _stop(self, ring: Vring) -> None:
+        ring.base = self.pool.stop_ring(ring.index)
+        ring.running = False
+        logger.debug("vring %d stopped at avail index %d", ring.index, ring.base)
+
+    def _start_if_ready(self, ring: Vring) -> None:
+        if ring.running or not (self.regions and ring.num and ring.addr and ring.kick is not None
+                                and ring.enabled):
+            return
+        if ring.index >= self.queue_count:
+            self._warn_once("vring", ring.index,
+                            f"vring {ring.index} has no worker (at most {self.queue_count - 1} request "
+                            f"queues, see --thread-pool-size): requests on it will not be served")
+            return
+        self._check_ring_layout(ring)
+        if ring.index not in self.pool.live():
+            self.pool.spawn(ring.index)
+            self.bring_up(ring.index)
+        addr = ring.addr
+        try:
+            self.pool.start_ring(ring.index, ring.num, addr.desc, addr.avail, addr.used, ring.base,
+                                 self.acked_features, ring.kick)
+        except OSError as e:
+            raise VhostUserError(f"the worker of vring {ring.index} cannot start it: {_reason(e)}") from None
+        ring.running = True
+        logger.debug("vring %d started at avail index %d", ring.index, ring.base)
+
+    def bring_up(self, index: int) -> None:
+        """Give a freshly started worker of vring ``index`` everything QEMU
+        has configured so far that it needs before VRING_START: the memory
+        table and the ring's call fd. (A worker restart reuses this.)"""
+        if self.regions:
+            self._send_mem_table(index)
+        ring = self.rings.get(index)
+        if ring is not None and ring.call is not None:
+            self.pool.set_call(index, ring.call)
+
+    def _check_ring_layout(self, ring: Vring) -> None:
+        """Each ring structure must lie inside one memory region (QVA)."""
+        event = 2 if self.acked_features & m.F_RING_EVENT_IDX else 0
+        num, addr = ring.num, ring.addr
+        for what, qva, length in (("descriptor table", addr.desc, 16 * num),
+                                  ("avail ring", addr.avail, 4 + 2 * num + event),
+                                  ("used ring", addr.used, 4 + 8 * num + event)):
+            if self._region_of(qva, length) is None:
+                raise VhostUserError(f"vring {ring.index}: {what} [0x{qva:x}, +0x{length:x}) "
+                                     f"is not inside one memory region")
+
+    def _warn_once(self, kind: str, key: int, message: str) -> None:
+        if (kind, key) not in self._warned:
+            self._warned.add((kind, key))
+            logger.warning("%s", message)
+
+
+def _check_region_file(i: int, region: m.MemoryRegion, fd: int) -> None:
+    """A region must not extend past the end of its file: a worker touching
+    such a page would die of SIGBUS. (Only regular files have a size to
+    check: memfd, hugetlbfs, /dev/shm.)"""
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise VhostUserError(f"SET_MEM_TABLE: region {i} fd: {_reason(e)}") from None
+    if stat.S_ISREG(st.st_mode) and st.st_size < region.mmap_offset + region.size:
+        raise VhostUserError(f"SET_MEM_TABLE: region {i} needs 0x{region.mmap_offset + region.size:x} "
+                             f"bytes of its file, which has 0x{st.st_size:x}")
+
+
+def _replace_fd(old: int | None, new: int | None) -> int | None:
+    if old is not None:
+        os.close(old)
+    return new
+
+
+def _close_fds(fds: list[int]) -> None:
+    while fds:
+        fd = fds.pop()
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e)

@@ -1,0 +1,175 @@
+"""The command line (daemon/cli.py), run as ``python -m daemon``: --help,
+--version, and every user error is one line on stderr and exit status 1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import daemon
+from daemon import cli
+from daemon.config import CacheMode
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(*args, pass_fds=(), timeout=20):
+    return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, pass_fds=pass_fds, stdin=subprocess.DEVNULL)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("pyvirtiofsd: error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert result.stdout == ""
+
+
+@pytest.fixture
+def sock_path(tmp_path):
+    return str(tmp_path / "vhost.sock")
+
+
+def test_help_lists_the_options_and_is_true_to_the_code():
+    result = run("--help")
+    assert result.returncode == 0
+    for option in ("--socket-path", "--fd", "--shared-dir", "--cache", "--log-level", "--thread-pool-size",
+                   "--xattr", "--no-xattr", "--inode-table-size", "--version"):
+        assert option in result.stdout
+    assert "worker processes" in result.stdout          # what --thread-pool-size means here
+    assert "--sandbox" not in result.stdout and "--seccomp" not in result.stdout
+
+
+def test_version():
+    result = run("--version")
+    assert (result.returncode, result.stdout.strip()) == (0, f"pyvirtiofsd {daemon.__version__}")
+
+
+def test_missing_shared_dir(sock_path):
+    assert_one_line_error(run("--socket-path", sock_path), "--shared-dir")
+
+
+def test_shared_dir_does_not_exist(tmp_path, sock_path):
+    assert_one_line_error(run("--socket-path", sock_path, "--shared-dir", str(tmp_path / "nope")),
+                          "No such file or directory")
+
+
+def test_shared_dir_is_a_file(tmp_path, sock_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert_one_line_error(run("--socket-path", sock_path, "--shared-dir", str(f)), "Not a directory")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any directory")
+def test_shared_dir_not_accessible(tmp_path, sock_path):
+    d = tmp_path / "locked"
+    d.mkdir(mode=0)
+    try:
+        assert_one_line_error(run("--socket-path", sock_path, "--shared-dir", str(d)), "Permission denied")
+    finally:
+        d.chmod(0o700)
+
+
+def test_neither_socket_path_nor_fd(tmp_path):
+    assert_one_line_error(run("--shared-dir", str(tmp_path)), "exactly one of --socket-path and --fd")
+
+
+def test_both_socket_path_and_fd(tmp_path, sock_path):
+    assert_one_line_error(run("--shared-dir", str(tmp_path), "--socket-path", sock_path, "--fd", "3"),
+                          "exactly one of --socket-path and --fd")
+
+
+def test_socket_path_in_use(tmp_path, sock_path):
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sock_path)
+    listener.listen(1)
+    try:
+        assert_one_line_error(run("--shared-dir", str(tmp_path), "--socket-path", sock_path),
+                              f"socket path in use: {sock_path}")
+        # nobody connected to find that out: a one-shot backend would have taken it for QEMU
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    finally:
+        listener.close()
+    assert os.path.exists(sock_path)
+
+
+def test_socket_path_is_not_a_socket(tmp_path, sock_path):
+    Path(sock_path).write_text("mine")
+    assert_one_line_error(run("--shared-dir", str(tmp_path), "--socket-path", sock_path), "is not a socket")
+    assert Path(sock_path).read_text() == "mine"
+
+
+def test_socket_path_in_missing_directory(tmp_path):
+    path = str(tmp_path / "no" / "vhost.sock")
+    assert_one_line_error(run("--shared-dir", str(tmp_path), "--socket-path", path),
+                          "cannot listen on", "No such file or directory")
+
+
+def test_fd_not_open(tmp_path):
+    assert_one_line_error(run("--shared-dir", str(tmp_path), "--fd", "99"), "--fd 99", "Bad file descriptor")
+
+
+def test_fd_not_a_socket(tmp_path):
+    with open(tmp_path / "f", "w") as f:
+        fd = f.fileno()
+        assert_one_line_error(run("--shared-dir", str(tmp_path), "--fd", str(fd), pass_fds=[fd]),
+                              f"--fd {fd}", "non-socket")
+
+
+def test_fd_not_listening(tmp_path):
+    a, b = socket.socketpair()
+    with a, b:
+        assert_one_line_error(run("--shared-dir", str(tmp_path), "--fd", str(a.fileno()), pass_fds=[a.fileno()]),
+                              "not a listening UNIX stream socket")
+
+
+def test_fd_not_a_number(tmp_path):
+    assert_one_line_error(run("--shared-dir", str(tmp_path), "--fd", "three"), "--fd", "not a number")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("--cache", "sometimes"), "--cache"),
+    (("--log-level", "trace"), "--log-level"),
+    (("--thread-pool-size", "-1"), "--thread-pool-size"),
+    (("--thread-pool-size", "256"), "--thread-pool-size"),
+    (("--inode-table-size", "0"), "--inode-table-size"),
+    (("--bogus",), "unrecognized arguments: --bogus"),
+])
+def test_bad_option_values(tmp_path, sock_path, args, fragment):
+    assert_one_line_error(run("--shared-dir", str(tmp_path), "--socket-path", sock_path, *args), fragment)
+    assert not os.path.exists(sock_path)
+
+
+# -- the Config the command line builds (in-process, no daemon started) -------------------
+
+def test_config_defaults(tmp_path):
+    config = cli.parse_config(["--shared-dir", str(tmp_path), "--socket-path", "/run/x.sock"])
+    assert config.shared_dir == os.path.realpath(tmp_path)
+    assert (config.socket_path, config.socket_fd, config.cache, config.log_level, config.xattr) == \
+        ("/run/x.sock", None, CacheMode.AUTO, "info", True)
+
+
+def test_config_from_every_option(tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path)
+    config = cli.parse_config(["--shared-dir", str(link), "--fd", "5", "--cache", "never", "--log-level", "debug",
+                               "--thread-pool-size", "3", "--no-xattr", "--inode-table-size", "4096"])
+    assert config.shared_dir == os.path.realpath(tmp_path)
+    assert (config.socket_fd, config.cache, config.log_level, config.max_request_workers, config.xattr,
+            config.inode_table_size) == (5, CacheMode.NEVER, "debug", 3, False, 4096)
+
+
+def test_thread_pool_size_zero_means_one_worker(tmp_path):
+    config = cli.parse_config(["--shared-dir", str(tmp_path), "--fd", "3", "--thread-pool-size", "0"])
+    assert config.max_request_workers == 1
