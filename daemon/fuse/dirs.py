@@ -1,0 +1,305 @@
+"""FUSE ops on open directories: OPENDIR, READDIR, READDIRPLUS, RELEASEDIR,
+FSYNCDIR.
+
+Cookies. A FUSE dirent carries ``off``, the cookie of the *next* entry, and
+the guest sends it back as the next READDIR's offset (telldir/seekdir too).
+We use the host's own cookie: ``getdents64`` (raw syscall through ctypes:
+Python has no binding that exposes ``d_off``) returns ``d_off`` with every
+entry, and ``lseek(dirfd, cookie, SEEK_SET)`` goes back to it. The host file
+system guarantees that cookie's stability (ext4 hash cookies, tmpfs
+offsets), so an entry is listed exactly once even when the listing takes
+many requests, and a cookie stays valid across RELEASEDIR/OPENDIR.
+
+Read-ahead. One getdents64 call fills up to 32 KiB, more than one 4 KiB
+READDIR reply holds. Each directory handle keeps a ``DirStream``: the bytes
+of the last getdents64 call, the position of the first entry not yet sent,
+and that entry's cookie. A request whose offset equals that cookie (the
+normal sequential listing) continues from the buffer; any other offset
+(rewinddir, seekdir, a retry) seeks the host directory to it and refills.
+Like glibc's readdir buffer, buffered names can be up to one buffer old.
+
+READDIRPLUS looks up every entry but "." and ".." (+1 lookup each, as the
+kernel counts it), and only once the record is known to fit. "." and ".."
+go out with nodeid 0: the kernel never links them and never FORGETs them.
+An entry that vanished between getdents64 and the lookup (ENOENT) is
+skipped; one whose lookup fails otherwise (EACCES in a directory without
+search permission, ENFILE from a full inode table...) goes out with nodeid
+0, which the kernel documents as "list the name, no attributes", so a
+listing never fails because one entry could not be looked up.
+
+An error from the host directory after some records were written ends the
+reply with those records; the next request resumes at the first record
+not sent. Replies never exceed the request's size, the writable part, or
+``MAX_READDIR_SIZE``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+
+from daemon.config import CacheMode
+from daemon.fuse import abi
+from daemon.fuse.abi import Opcode
+from daemon.fuse.handles import KIND_DIR, reopen
+from daemon.fuse.request import FUSEError, Request
+
+SYS_getdents64 = 217  # x86-64
+GETDENTS_BUF_SIZE = 32 * 1024
+MAX_READDIR_SIZE = 1 << 20  # bound on one reply (the kernel asks for 4 KiB)
+OFFSET_MAX = (1 << 63) - 1
+
+# struct linux_dirent64 { u64 d_ino; s64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
+LINUX_DIRENT64 = struct.Struct("<QqHB")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+# One buffer for the (single-threaded) worker; DirStream copies what it got.
+_getdents_buf = ctypes.create_string_buffer(GETDENTS_BUF_SIZE)
+
+# byte offsets of fields inside a fuse_entry_out (see abi.ENTRY_OUT)
+_ENTRY_ATTR_INO = 40
+_ENTRY_ATTR_MODE = 40 + 60
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+def _getdents64(fd: int) -> bytes:
+    n = _syscall(ctypes.c_long(SYS_getdents64), ctypes.c_long(fd),
+                 _getdents_buf, ctypes.c_long(GETDENTS_BUF_SIZE))
+    if n < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return _getdents_buf.raw[:n]
+
+
+class DirStream:
+    """A host directory read through getdents64, positioned by cookie."""
+
+    __slots__ = ("buf", "pos", "cookie")
+
+    def __init__(self):
+        self.buf = b""
+        self.pos = 0
+        # the cookie of the entry at ``pos``; -1: the host position is unknown
+        self.cookie = -1
+
+    def peek(self, fd: int, cookie: int) -> tuple[int, int, int, bytes, int] | None:
+        """The entry at ``cookie`` as (ino, next cookie, DT_ type, name,
+        record length), or None at the end of the directory."""
+        if cookie != self.cookie:
+            self.buf = b""
+            self.pos = 0
+            self.cookie = -1
+            os.lseek(fd, cookie, os.SEEK_SET)
+            self.cookie = cookie
+        if self.pos >= len(self.buf):
+            self.buf = b""
+            self.pos = 0
+            try:
+                self.buf = _getdents64(fd)
+            except OSError:
+                self.cookie = -1
+                raise
+            if not self.buf:
+                return None
+        buf, pos = self.buf, self.pos
+        if pos + LINUX_DIRENT64.size > len(buf):
+            raise self._corrupt()
+        ino, next_cookie, reclen, dtype = LINUX_DIRENT64.unpack_from(buf, pos)
+        end = pos + reclen
+        if reclen <= LINUX_DIRENT64.size or end > len(buf):
+            raise self._corrupt()
+        nul = buf.find(b"\0", pos + LINUX_DIRENT64.size, end)
+        if nul < 0:
+            raise self._corrupt()
+        return ino, next_cookie, dtype, buf[pos + LINUX_DIRENT64.size:nul], reclen
+
+    def advance(self, reclen: int, next_cookie: int) -> None:
+        """Step past the entry ``peek`` returned."""
+        self.pos += reclen
+        self.cookie = next_cookie
+
+    def _corrupt(self) -> OSError:
+        self.buf = b""
+        self.pos = 0
+        self.cookie = -1
+        return OSError(errno.EIO, "malformed getdents64 record")
+
+
+def _stream(handle) -> DirStream:
+    stream = handle.dir_stream
+    if stream is None:
+        stream = handle.dir_stream = DirStream()
+    return stream
+
+
+def _read_args(req: Request, fs):
+    if len(req.args) < abi.READ_IN.size:
+        raise FUSEError(errno.EINVAL)
+    fh, cookie, size, _read_flags, _owner, _flags = abi.READ_IN.unpack_from(req.args)
+    handle = fs.handles.get(fh, KIND_DIR)
+    if cookie > OFFSET_MAX:
+        raise FUSEError(errno.EINVAL)
+    limit = min(size, MAX_READDIR_SIZE, req.out.size - abi.OUT_HEADER.size)
+    return handle, cookie, max(limit, 0)
+
+
+def _name_ok(name: bytes) -> bool:
+    # host names are 1..255 bytes without '/'; the kernel would EIO the
+    # whole reply on anything else, so such an entry is left out
+    return 0 < len(name) <= abi.FUSE_NAME_MAX and b"/" not in name
+
+
+# -- handlers ----------------------------------------------------------------
+def do_opendir(fs, req: Request):
+    """OPENDIR: reopen the inode as O_RDONLY|O_DIRECTORY (the host refuses a
+    non-directory with ENOTDIR before opening anything, so no device is ever
+    opened). Reply fuse_open_out {fh, FOPEN_CACHE_DIR|FOPEN_KEEP_CACHE with
+    cache=always, else 0}; ENFILE when the table is full. Lookup count:
+    unchanged."""
+    if len(req.args) < abi.OPEN_IN.size:
+        raise FUSEError(errno.EINVAL)
+    path_fd = fs.cache.fd(req.nodeid)
+    fs.handles.check_room()
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK
+    fd = reopen(path_fd, flags)
+    handle = fs.handles.add(fd, req.nodeid, KIND_DIR, flags)
+    open_flags = 0
+    if fs.config.cache is CacheMode.ALWAYS:
+        open_flags = abi.FOPEN_CACHE_DIR | abi.FOPEN_KEEP_CACHE
+    return abi.OPEN_OUT.pack(handle.fh, open_flags)
+
+
+def do_readdir(fs, req: Request):
+    """READDIR: packed fuse_dirent records from the cookie on, as many as fit
+    in ``size``; an empty reply is the end of the directory. Lookup count:
+    unchanged."""
+    handle, cookie, limit = _read_args(req, fs)
+    stream = _stream(handle)
+    out = bytearray(limit)
+    used = 0
+    fd = handle.fd
+    while True:
+        try:
+            entry = stream.peek(fd, cookie)
+        except OSError:
+            if used:
+                break
+            raise
+        if entry is None:
+            break
+        ino, next_cookie, dtype, name, reclen = entry
+        if _name_ok(name):
+            size = abi.dirent_size(len(name))
+            if used + size > limit:
+                break
+            abi.DIRENT.pack_into(out, used, ino, next_cookie, len(name), dtype)
+            start = used + abi.DIRENT.size
+            out[start:start + len(name)] = name
+            used += size
+        stream.advance(reclen, next_cookie)
+        cookie = next_cookie
+    del out[used:]
+    return out
+
+
+def do_readdirplus(fs, req: Request):
+    """READDIRPLUS: packed fuse_direntplus records (entry + dirent) from the
+    cookie on. Lookup count: +1 for every record with a nonzero nodeid (all
+    entries but "." and ".." and the ones whose lookup failed); an entry is
+    looked up only after its record is known to fit, so nothing is undone."""
+    handle, cookie, limit = _read_args(req, fs)
+    stream = _stream(handle)
+    out = bytearray(limit)
+    used = 0
+    fd = handle.fd
+    while True:
+        try:
+            entry = stream.peek(fd, cookie)
+        except OSError:
+            if used:
+                break
+            raise
+        if entry is None:
+            break
+        ino, next_cookie, dtype, name, reclen = entry
+        if _name_ok(name):
+            size = abi.direntplus_size(len(name))
+            if used + size > limit:
+                break
+            if not _pack_plus(fs, fd, out, used, ino, next_cookie, dtype, name):
+                stream.advance(reclen, next_cookie)
+                cookie = next_cookie
+                continue
+            used += size
+        stream.advance(reclen, next_cookie)
+        cookie = next_cookie
+    del out[used:]
+    return out
+
+
+def _pack_plus(fs, dir_fd: int, out: bytearray, at: int, ino: int, next_cookie: int,
+               dtype: int, name: bytes) -> bool:
+    """Write one direntplus record at ``at``; False if the entry vanished."""
+    entry = None
+    if name != b"." and name != b"..":
+        try:
+            entry = fs.entry(dir_fd, os.fsdecode(name))
+        except (FUSEError, OSError) as e:
+            if e.errno == errno.ENOENT:
+                return False
+    namelen = len(name)
+    if entry is None:
+        # nodeid 0: listed by name only, no lookup count (libfuse fills the
+        # same two attr fields for "." and "..")
+        abi.DIRENTPLUS.pack_into(
+            out, at,
+            0, 0, 0, 0, 0, 0,  # nodeid, generation, entry/attr valid (+nsec)
+            ino, 0, 0, 0, 0, 0, 0, 0, 0, dtype << 12, 0, 0, 0, 0, 0, 0,  # attr
+            ino, next_cookie, namelen, dtype)
+    else:
+        out[at:at + abi.ENTRY_OUT.size] = entry
+        mode, = _U32.unpack_from(entry, _ENTRY_ATTR_MODE)
+        attr_ino, = _U64.unpack_from(entry, _ENTRY_ATTR_INO)
+        abi.DIRENT.pack_into(out, at + abi.ENTRY_OUT.size, attr_ino, next_cookie, namelen,
+                             (mode >> 12) & 0o17)
+    start = at + abi.DIRENTPLUS.size
+    out[start:start + namelen] = name
+    return True
+
+
+def do_releasedir(fs, req: Request):
+    """RELEASEDIR: close the directory handle. Reply: empty; EBADF for an
+    unknown fh (ignored by the kernel). Lookup count: unchanged."""
+    if len(req.args) < abi.RELEASE_IN.size:
+        raise FUSEError(errno.EINVAL)
+    fh = abi.RELEASE_IN.unpack_from(req.args)[0]
+    fs.handles.close(fh, KIND_DIR)
+    return b""
+
+
+def do_fsyncdir(fs, req: Request):
+    """FSYNCDIR: fsync (or fdatasync with FUSE_FSYNC_FDATASYNC) the open
+    directory. Reply: empty. Lookup count: unchanged."""
+    if len(req.args) < abi.FSYNC_IN.size:
+        raise FUSEError(errno.EINVAL)
+    fh, fsync_flags = abi.FSYNC_IN.unpack_from(req.args)
+    handle = fs.handles.get(fh, KIND_DIR)
+    if fsync_flags & abi.FUSE_FSYNC_FDATASYNC:
+        os.fdatasync(handle.fd)
+    else:
+        os.fsync(handle.fd)
+    return b""
+
+
+OPS = {
+    Opcode.OPENDIR: do_opendir,
+    Opcode.READDIR: do_readdir,
+    Opcode.READDIRPLUS: do_readdirplus,
+    Opcode.RELEASEDIR: do_releasedir,
+    Opcode.FSYNCDIR: do_fsyncdir,
+}

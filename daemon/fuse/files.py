@@ -1,0 +1,365 @@
+"""FUSE ops on open regular files: OPEN, CREATE, READ, WRITE and friends.
+
+An open file is a host open file description reopened from the inode's
+O_PATH fd (``handles.reopen``) and registered in ``fs.handles``; the guest
+names it by the fh we return. File data moves with ``os.preadv`` and
+``os.pwritev`` directly between the host file and guest memory views.
+
+Decisions (and why):
+
+- Only regular files are ever opened for I/O on the host. OPEN checks the
+  O_PATH fd's type first: a directory is EISDIR, a symlink ELOOP (what
+  ``open(O_NOFOLLOW)`` says), and a device node, FIFO or socket is EACCES,
+  as if the share were mounted ``nodev`` (the host's own answer for devices
+  there). A guest never sends OPEN for those (its VFS handles special files
+  locally), so only a hostile guest sees it, and opening a host device or
+  blocking on a FIFO on its behalf is what CVE-2020-35517 was about. CREATE
+  opens with O_EXCL first and, when the name exists, goes through the same
+  check instead of letting ``open(O_CREAT)`` open whatever is there.
+- Guest open flags pass through an allow-list (access mode, O_APPEND,
+  O_TRUNC, O_SYNC/O_DSYNC, O_NOATIME, O_NONBLOCK). O_DIRECT is dropped, as
+  both reference daemons do by default: the guest's O_DIRECT already
+  bypasses the guest page cache, and the host page cache is ours to use
+  (O_DIRECT would also demand aligned guest buffers). O_APPEND is kept: the
+  host then appends at its real end of file, which is right when the file
+  is shared (the guest's offset may be stale). This assumes WRITEBACK_CACHE
+  is not negotiated (with it the kernel does O_APPEND itself and sends
+  READs on write-only files).
+- ``--cache``: never → FOPEN_DIRECT_IO, always → FOPEN_KEEP_CACHE, auto → 0
+  (close-to-open: the guest drops its cache for the file on each open).
+- Sizes: READ is clipped to the writable part and to ``MAX_IO_SIZE``
+  (max_write = max_pages × 4 KiB = 1 MiB, so the kernel never asks for
+  more; a short READ reply means EOF to it, so clipping is the only answer
+  that cannot corrupt anything). WRITE must carry exactly ``size`` data
+  bytes, at most ``MAX_IO_SIZE``, else EINVAL. File offsets above
+  2^63 - 1 are EINVAL (the kernel's loff_t is signed).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import stat
+
+from daemon.config import CacheMode
+from daemon.fuse import abi
+from daemon.fuse.abi import Opcode
+from daemon.fuse.handles import KIND_FILE, reopen
+from daemon.fuse.names import parse_name
+from daemon.fuse.request import FUSEError, Request
+
+MAX_IO_SIZE = 1 << 20  # the max_write we negotiate (and max_pages × 4096)
+OFFSET_MAX = (1 << 63) - 1  # largest loff_t
+# copy_file_range answers in a u32 (fuse_write_out.size); the kernel itself
+# never moves more than MAX_RW_COUNT (INT_MAX & PAGE_MASK) per call.
+MAX_COPY_SIZE = 0x7FFFF000
+IOV_MAX = os.sysconf("SC_IOV_MAX")  # 1024: most buffers one preadv/pwritev takes
+
+# guest open flags we pass on to the host (see the module docstring)
+OPEN_FLAGS_KEPT = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC
+                   | os.O_NOATIME | os.O_NONBLOCK)
+
+# fallocate(2) modes the FUSE client can send (6.1 sends KEEP_SIZE and
+# PUNCH_HOLE; later kernels add ZERO_RANGE); anything else is EOPNOTSUPP,
+# which is also what the guest kernel answers locally for other modes.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+FALLOCATE_MODES = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
+
+SEEK_DATA = 3
+SEEK_HOLE = 4
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_fallocate.restype = ctypes.c_int
+_syncfs = _libc.syncfs
+_syncfs.argtypes = (ctypes.c_int,)
+_syncfs.restype = ctypes.c_int
+
+
+# -- helpers shared by OPEN and CREATE --------------------------------------
+def host_open_flags(guest_flags: int) -> int:
+    """The host open(2) flags for a guest's OPEN/CREATE flags."""
+    if guest_flags & os.O_ACCMODE == os.O_ACCMODE:
+        raise FUSEError(errno.EINVAL)
+    return guest_flags & OPEN_FLAGS_KEPT
+
+
+def open_regular(path_fd: int, flags: int) -> int:
+    """Reopen an O_PATH fd for I/O, refusing anything but a regular file."""
+    mode = os.fstat(path_fd).st_mode
+    if not stat.S_ISREG(mode):
+        if stat.S_ISDIR(mode):
+            raise FUSEError(errno.EISDIR)
+        if stat.S_ISLNK(mode):
+            raise FUSEError(errno.ELOOP)
+        raise FUSEError(errno.EACCES)  # device, FIFO, socket: never opened
+    return reopen(path_fd, flags)
+
+
+def fopen_flags(cache: CacheMode) -> int:
+    if cache is CacheMode.NEVER:
+        return abi.FOPEN_DIRECT_IO
+    if cache is CacheMode.ALWAYS:
+        return abi.FOPEN_KEEP_CACHE
+    return 0
+
+
+def _create_file(parent_fd: int, name: str, flags: int, mode: int, exclusive: bool) -> int:
+    """Create ``name`` in the parent, or open it if it exists and the guest
+    did not ask for O_EXCL — but only if what exists is a regular file."""
+    try:
+        return os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       mode, dir_fd=parent_fd)
+    except FileExistsError:
+        if exclusive:
+            raise
+    path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+    try:
+        return open_regular(path_fd, flags)
+    finally:
+        os.close(path_fd)
+
+
+def _preadv(fd: int, views: list, offset: int) -> int:
+    """preadv(2), in IOV_MAX-sized batches if the guest's buffer comes in
+    more pieces than one call takes; stops at the first short read."""
+    if len(views) <= IOV_MAX:
+        return os.preadv(fd, views, offset)
+    done = 0
+    for i in range(0, len(views), IOV_MAX):
+        batch = views[i:i + IOV_MAX]
+        n = os.preadv(fd, batch, offset + done)
+        done += n
+        if n < sum(len(v) for v in batch):
+            break
+    return done
+
+
+def _pwritev(fd: int, views: list, offset: int) -> int:
+    """pwritev(2), batched like ``_preadv``; stops at the first short write
+    (an error after some bytes were written reports those bytes)."""
+    if len(views) <= IOV_MAX:
+        return os.pwritev(fd, views, offset)
+    done = 0
+    for i in range(0, len(views), IOV_MAX):
+        batch = views[i:i + IOV_MAX]
+        try:
+            n = os.pwritev(fd, batch, offset + done)
+        except OSError:
+            if done:
+                break
+            raise
+        done += n
+        if n < sum(len(v) for v in batch):
+            break
+    return done
+
+
+def _args(req: Request, layout) -> tuple:
+    if len(req.args) < layout.size:
+        raise FUSEError(errno.EINVAL)
+    return layout.unpack_from(req.args)
+
+
+def _offset(value: int) -> int:
+    if value > OFFSET_MAX:
+        raise FUSEError(errno.EINVAL)
+    return value
+
+
+# -- handlers ------------------------------------------------------------------
+def do_open(fs, req: Request):
+    """OPEN: reopen the inode for I/O; reply fuse_open_out {fh, FOPEN_*}.
+
+    Errors: EISDIR/ELOOP/EACCES for anything but a regular file, EINVAL for
+    access mode 3, ENFILE when the open-file table is full, or the host's
+    open(2) errno. Lookup count: unchanged.
+    """
+    flags, _open_flags = _args(req, abi.OPEN_IN)
+    flags = host_open_flags(flags)
+    path_fd = fs.cache.fd(req.nodeid)
+    fs.handles.check_room()
+    fd = open_regular(path_fd, flags)
+    handle = fs.handles.add(fd, req.nodeid, KIND_FILE, flags)
+    return abi.OPEN_OUT.pack(handle.fh, fopen_flags(fs.config.cache))
+
+
+def do_create(fs, req: Request):
+    """CREATE: create (or open) a regular file ``name`` in the parent.
+
+    Reply fuse_entry_out + fuse_open_out (144 bytes). The mode's type must be
+    S_IFREG (or absent). Lookup count: +1 on the new entry, only on success
+    (the table's room is checked before the lookup, so no later step fails).
+    """
+    flags, mode, _umask, _open_flags = _args(req, abi.CREATE_IN)
+    name = parse_name(req.args[abi.CREATE_IN.size:])
+    if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
+        raise FUSEError(errno.EINVAL)
+    host_flags = host_open_flags(flags)
+    parent_fd = fs.cache.fd(req.nodeid)
+    fs.handles.check_room()
+    fd = _create_file(parent_fd, name, host_flags, stat.S_IMODE(mode), bool(flags & os.O_EXCL))
+    try:
+        entry = fs.entry(parent_fd, name)
+    except BaseException:
+        os.close(fd)
+        raise
+    nodeid = int.from_bytes(entry[:8], "little")
+    handle = fs.handles.add(fd, nodeid, KIND_FILE, host_flags)
+    return bytes(entry) + abi.OPEN_OUT.pack(handle.fh, fopen_flags(fs.config.cache))
+
+
+def do_read(fs, req: Request):
+    """READ: up to ``size`` bytes at ``offset``, written straight into the
+    reply buffer (``os.preadv`` on guest memory). Reply: the data; shorter
+    than asked means end of file. Lookup count: unchanged."""
+    fh, offset, size, _read_flags, _owner, _flags = _args(req, abi.READ_IN)
+    handle = fs.handles.get(fh, KIND_FILE)
+    offset = _offset(offset)
+    size = min(size, MAX_IO_SIZE, req.out.size - abi.OUT_HEADER.size)
+    if size <= 0:
+        return 0
+    return _preadv(handle.fd, req.out.slice(abi.OUT_HEADER.size, size), offset)
+
+
+def do_write(fs, req: Request):
+    """WRITE: ``size`` bytes of guest data at ``offset`` (``os.pwritev`` from
+    guest memory). Reply fuse_write_out {bytes written}; EINVAL when the data
+    present is not exactly ``size`` bytes or exceeds MAX_IO_SIZE. Lookup
+    count: unchanged."""
+    fh, offset, size, _write_flags, _owner, _flags = _args(req, abi.WRITE_IN)
+    handle = fs.handles.get(fh, KIND_FILE)
+    offset = _offset(offset)
+    data = req.data
+    if size != data.size or size > MAX_IO_SIZE:
+        raise FUSEError(errno.EINVAL)
+    written = _pwritev(handle.fd, data.slice(0, size), offset) if size else 0
+    return abi.WRITE_OUT.pack(written)
+
+
+def do_flush(fs, req: Request):
+    """FLUSH (the guest closed one fd of the file): release every POSIX lock
+    of ``lock_owner`` on the inode (close(2) semantics, see locks.py) and
+    close a dup of the fd so the host file system reports delayed write
+    errors (NFS and the like), as libfuse's passthrough does. Reply: empty.
+    Lookup count: unchanged."""
+    fh, owner = _args(req, abi.FLUSH_IN)
+    handle = fs.handles.get(fh, KIND_FILE)
+    fs.handles.drop_lock_fd(handle.nodeid, owner)
+    os.close(os.dup(handle.fd))
+    return b""
+
+
+def do_release(fs, req: Request):
+    """RELEASE (the guest's last reference to the open file is gone): drop
+    its flock if RELEASE_FLOCK_UNLOCK, close the fh (and, if it was the last
+    one on the inode, every lock description of the inode). Reply: empty;
+    EBADF for an unknown fh (the kernel ignores RELEASE errors). Lookup
+    count: unchanged."""
+    fh, _flags, release_flags, _owner = _args(req, abi.RELEASE_IN)
+    handle = fs.handles.get(fh, KIND_FILE)
+    if release_flags & abi.FUSE_RELEASE_FLOCK_UNLOCK:
+        try:
+            fcntl.flock(handle.fd, fcntl.LOCK_UN)
+        except OSError:
+            pass  # closing the description below releases it anyway
+    fs.handles.close(fh, KIND_FILE)
+    return b""
+
+
+def do_fsync(fs, req: Request):
+    """FSYNC: fdatasync with FUSE_FSYNC_FDATASYNC, else fsync. Reply: empty.
+    Lookup count: unchanged."""
+    fh, fsync_flags = _args(req, abi.FSYNC_IN)
+    handle = fs.handles.get(fh, KIND_FILE)
+    if fsync_flags & abi.FUSE_FSYNC_FDATASYNC:
+        os.fdatasync(handle.fd)
+    else:
+        os.fsync(handle.fd)
+    return b""
+
+
+def do_fallocate(fs, req: Request):
+    """FALLOCATE: fallocate(2) with the guest's mode (KEEP_SIZE, PUNCH_HOLE,
+    ZERO_RANGE; others EOPNOTSUPP). Reply: empty. Lookup count: unchanged."""
+    fh, offset, length, mode = _args(req, abi.FALLOCATE_IN)
+    handle = fs.handles.get(fh, KIND_FILE)
+    if mode & ~FALLOCATE_MODES:
+        raise FUSEError(errno.EOPNOTSUPP)
+    offset = _offset(offset)
+    length = _offset(length)
+    if _fallocate(handle.fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return b""
+
+
+def do_lseek(fs, req: Request):
+    """LSEEK: lseek(2) on the fh (the kernel sends SEEK_DATA and SEEK_HOLE;
+    SET/CUR/END are accepted too, with the offset as a signed loff_t).
+    Reply fuse_lseek_out {new offset}; ENXIO from the host when there is no
+    data/hole at or after the offset. Lookup count: unchanged."""
+    fh, offset, whence = _args(req, abi.LSEEK_IN)
+    handle = fs.handles.get(fh, KIND_FILE)
+    if whence not in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, SEEK_DATA, SEEK_HOLE):
+        raise FUSEError(errno.EINVAL)
+    if offset > OFFSET_MAX:
+        offset -= 1 << 64
+    return abi.LSEEK_OUT.pack(os.lseek(handle.fd, offset, whence))
+
+
+def do_copy_file_range(fs, req: Request):
+    """COPY_FILE_RANGE: copy_file_range(2) from fh_in to fh_out (which must
+    be open on ``nodeid_out``, else EBADF; ``flags`` must be 0). ``len`` is
+    clipped to MAX_COPY_SIZE so the count fits fuse_write_out. Reply
+    fuse_write_out {bytes copied}. Lookup count: unchanged."""
+    fh_in, off_in, nodeid_out, fh_out, off_out, length, flags = _args(req, abi.COPY_FILE_RANGE_IN)
+    source = fs.handles.get(fh_in, KIND_FILE)
+    target = fs.handles.get(fh_out, KIND_FILE)
+    if target.nodeid != nodeid_out:
+        raise FUSEError(errno.EBADF)
+    if flags:
+        raise FUSEError(errno.EINVAL)
+    off_in = _offset(off_in)
+    off_out = _offset(off_out)
+    length = min(length, MAX_COPY_SIZE)
+    copied = os.copy_file_range(source.fd, target.fd, length, off_in, off_out)
+    return abi.WRITE_OUT.pack(copied)
+
+
+def do_syncfs(fs, req: Request):
+    """SYNCFS: syncfs(2) on the file system of the node (the mount's root,
+    or a submount's root). Reply: empty. Lookup count: unchanged."""
+    path_fd = fs.cache.fd(req.nodeid)
+    mode = os.fstat(path_fd).st_mode
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise FUSEError(errno.EACCES)
+    # syncfs refuses O_PATH fds (EBADF): open the directory for reading.
+    fd = reopen(path_fd, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if _syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+    return b""
+
+
+OPS = {
+    Opcode.OPEN: do_open,
+    Opcode.CREATE: do_create,
+    Opcode.READ: do_read,
+    Opcode.WRITE: do_write,
+    Opcode.FLUSH: do_flush,
+    Opcode.RELEASE: do_release,
+    Opcode.FSYNC: do_fsync,
+    Opcode.FALLOCATE: do_fallocate,
+    Opcode.LSEEK: do_lseek,
+    Opcode.COPY_FILE_RANGE: do_copy_file_range,
+    Opcode.SYNCFS: do_syncfs,
+}

@@ -1,0 +1,206 @@
+"""FUSE lock ops: GETLK, SETLK, SETLKW, forwarded to the host.
+
+POSIX (fcntl) locks → host OFD locks on one description per owner.
+The guest tells lock owners apart by ``lock_owner`` (its files_struct, i.e.
+the process), and POSIX says a process's locks on a file do not conflict
+with each other, whichever fd they were taken through, and all go away when
+the process closes *any* fd of that file. Host OFD locks belong to an open
+file description instead. So each (inode, lock_owner) gets its own
+description — the file reopened through the fh's /proc magic link — and
+that owner's locks live there:
+
+- two guest processes, even sharing one fh (fork), hold different
+  descriptions, so their locks really exclude each other on the host, and
+  exclude any host process using OFD or classic POSIX locks;
+- one process with two fhs on the same file uses one description, so its
+  own locks merge and never conflict (keying by (fh, owner) would deadlock
+  such a process against itself);
+- FLUSH (sent on every close(2) in the guest, with the closer's owner)
+  closes the owner's description: all its locks on the file are released,
+  exactly the POSIX close rule; and when the last fh on the inode is
+  released the table closes whatever descriptions are left.
+
+That is the design of QEMU's C virtiofsd (``lo_inode_plock`` per inode and
+owner); ``HandleTable`` holds the descriptions (they count against the
+open-file bound). A description is opened O_RDWR (and O_NONBLOCK, so that a
+lease never blocks us) so it can carry read and write locks, falling back
+to the fh's own access mode when the caller may not open the file for
+writing; such a description then refuses a write lock with EBADF, which can
+only happen if the file's permissions changed while the guest held a
+writable fd. Opening for writing has the usual host-visible side effects
+(inotify IN_CLOSE_WRITE when it is closed, ETXTBSY for execve meanwhile).
+
+flock locks (FUSE_LK_FLOCK) belong to the guest's open file (the kernel
+passes its struct file as the owner), which is our fh: they are taken with
+``flock(2)`` on the fh's own description, so processes sharing one guest
+open file share the lock, as flock(2) specifies. RELEASE unlocks them.
+
+SETLKW never blocks the worker: it tries the non-blocking form and, while
+the lock is held elsewhere, registers a retry with the session and answers
+DEFERRED; the session retries it every ~10 ms until it is granted, fails,
+or the request is interrupted (EINTR). Polling grants no FIFO fairness
+between waiters and, since OFD locks have no deadlock detection, two guest
+processes waiting on each other wait forever, as with OFD locks on a host.
+
+Ranges: the kernel sends [start, end] inclusive, with end = OFFSET_MAX
+(2^63 - 1) meaning "to end of file" (l_len 0); end = 2^64 - 1 is taken the
+same way. GETLK answers a conflict with pid 0: a host pid means nothing in
+the guest (and OFD locks report -1, which the guest cannot represent).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+
+from daemon.fuse import abi
+from daemon.fuse.abi import Opcode
+from daemon.fuse.handles import KIND_FILE, reopen
+from daemon.fuse.request import DEFERRED, FUSEError, Request
+
+F_OFD_GETLK = 36
+F_OFD_SETLK = 37
+F_OFD_SETLKW = 38  # never used: it would block the worker
+F_RDLCK = fcntl.F_RDLCK
+F_WRLCK = fcntl.F_WRLCK
+F_UNLCK = fcntl.F_UNLCK
+OFFSET_MAX = (1 << 63) - 1
+
+# struct flock on x86-64: short l_type; short l_whence; off_t l_start;
+# off_t l_len; pid_t l_pid;  (32 bytes with padding)
+FLOCK = struct.Struct("<hh4xqqi4x")
+
+_FLOCK_OPS = {F_RDLCK: fcntl.LOCK_SH, F_WRLCK: fcntl.LOCK_EX, F_UNLCK: fcntl.LOCK_UN}
+# errnos on which a lock description falls back to the fh's access mode
+_NO_WRITE_OPEN = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ETXTBSY,
+                            errno.EWOULDBLOCK})
+
+
+class LockRequest:
+    """A decoded fuse_lk_in."""
+
+    __slots__ = ("fh", "owner", "start", "length", "type", "flock")
+
+    def __init__(self, args):
+        if len(args) < abi.LK_IN.size:
+            raise FUSEError(errno.EINVAL)
+        fh, owner, start, end, lock_type, _pid, lk_flags = abi.LK_IN.unpack_from(args)
+        if lock_type not in (F_RDLCK, F_WRLCK, F_UNLCK):
+            raise FUSEError(errno.EINVAL)
+        if start > OFFSET_MAX:
+            raise FUSEError(errno.EINVAL)
+        if end >= OFFSET_MAX:
+            length = 0  # to end of file
+        elif end < start:
+            raise FUSEError(errno.EINVAL)
+        else:
+            length = end - start + 1
+        self.fh = fh
+        self.owner = owner
+        self.start = start
+        self.length = length
+        self.type = lock_type
+        self.flock = bool(lk_flags & abi.FUSE_LK_FLOCK)
+
+    def flock_struct(self, lock_type: int) -> bytes:
+        return FLOCK.pack(lock_type, os.SEEK_SET, self.start, self.length, 0)
+
+
+def _lock_description(fs, handle, owner: int) -> int:
+    """The owner's lock description on the handle's inode, opened if new."""
+    fd = fs.handles.lock_fd(handle.nodeid, owner)
+    if fd is not None:
+        return fd
+    fs.handles.check_room()
+    try:
+        fd = reopen(handle.fd, os.O_RDWR | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno not in _NO_WRITE_OPEN or handle.access_mode == os.O_RDWR:
+            raise
+        fd = reopen(handle.fd, handle.access_mode | os.O_NONBLOCK)
+    fs.handles.add_lock_fd(handle.nodeid, owner, fd)
+    return fd
+
+
+def _try_lock(fs, lk: LockRequest) -> bool:
+    """One non-blocking attempt: True when done, False while it conflicts.
+    Any other failure raises (OSError → its errno)."""
+    handle = fs.handles.get(lk.fh, KIND_FILE)
+    if lk.flock:
+        op = _FLOCK_OPS[lk.type]
+        try:
+            fcntl.flock(handle.fd, op if op == fcntl.LOCK_UN else op | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+    if lk.type == F_UNLCK:
+        fd = fs.handles.lock_fd(handle.nodeid, lk.owner)
+        if fd is not None:  # no description: the owner holds nothing here
+            fcntl.fcntl(fd, F_OFD_SETLK, lk.flock_struct(F_UNLCK))
+        return True
+    fd = _lock_description(fs, handle, lk.owner)
+    try:
+        fcntl.fcntl(fd, F_OFD_SETLK, lk.flock_struct(lk.type))
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+# -- handlers ----------------------------------------------------------------
+def do_getlk(fs, req: Request):
+    """GETLK: test whether ``owner`` could take the lock. Reply fuse_lk_out:
+    type F_UNLCK (and the asked range) when it could, else the first
+    conflicting lock's type and range, pid 0. EINVAL for flock requests (the
+    kernel never sends them) and F_UNLCK. Lookup count: unchanged."""
+    lk = LockRequest(req.args)
+    if lk.flock or lk.type == F_UNLCK:
+        raise FUSEError(errno.EINVAL)
+    handle = fs.handles.get(lk.fh, KIND_FILE)
+    # An owner without a description holds no locks; the fh's own
+    # description never carries OFD locks, so it tests as "nobody".
+    fd = fs.handles.lock_fd(handle.nodeid, lk.owner)
+    if fd is None:
+        fd = handle.fd
+    found = fcntl.fcntl(fd, F_OFD_GETLK, lk.flock_struct(lk.type))
+    lock_type, _whence, start, length, _pid = FLOCK.unpack(found)
+    if lock_type == F_UNLCK:
+        end = OFFSET_MAX if lk.length == 0 else lk.start + lk.length - 1
+        return abi.LK_OUT.pack(lk.start, end, F_UNLCK, 0)
+    end = OFFSET_MAX if length == 0 else start + length - 1
+    return abi.LK_OUT.pack(start, end, lock_type, 0)
+
+
+def do_setlk(fs, req: Request):
+    """SETLK: take or release the lock without waiting; EAGAIN on conflict.
+    Reply: empty. Lookup count: unchanged."""
+    lk = LockRequest(req.args)
+    if not _try_lock(fs, lk):
+        raise FUSEError(errno.EAGAIN)
+    return b""
+
+
+def do_setlkw(fs, req: Request):
+    """SETLKW: as SETLK, but on conflict the request is DEFERRED and retried
+    by the session until granted (empty reply), failed (its errno; EBADF if
+    the fh was released meanwhile) or interrupted (EINTR, by the session).
+    Lookup count: unchanged."""
+    lk = LockRequest(req.args)
+    if _try_lock(fs, lk):
+        return b""
+
+    def retry():
+        return b"" if _try_lock(fs, lk) else DEFERRED
+
+    fs.defer(req, retry)
+    return DEFERRED
+
+
+OPS = {
+    Opcode.GETLK: do_getlk,
+    Opcode.SETLK: do_setlk,
+    Opcode.SETLKW: do_setlkw,
+}
