@@ -1,0 +1,562 @@
+"""One FUSE session as a worker serves it: decode, dispatch, reply.
+
+``FuseSession.handle(readable, writable, token)`` takes one descriptor
+chain's readable and writable parts (``IoVec`` streams over guest memory)
+and runs the request they carry. It never raises: every problem becomes a
+FUSE error reply, or no reply when the chain has no room for one.
+
+Checks, in order (all answered with ``fuse_out_header`` only):
+
+- the readable part holds at least the 40-byte ``fuse_in_header``
+  (else EINVAL, with unique 0: the Linux driver matches replies by chain,
+  not by unique);
+- ``header.len`` equals the readable part's size exactly (else EINVAL). The
+  driver builds the readable part from exactly the request's arguments
+  (PROTOCOL.md §3.2), so a mismatch is a malformed or hostile request, and
+  neither padding it (the C virtiofsd's choice) nor ignoring extra bytes is
+  right;
+- the in-args of every op but WRITE are at most ``MAX_ARGS`` bytes (EINVAL);
+  WRITE's data stays in guest memory (``req.data``);
+- a request extension (``total_extlen``, only with SECURITY_CTX, which we
+  never negotiate) is cut off the args;
+- before INIT everything but INIT is EIO (request queues; the hiprio queue
+  has no INIT and takes only FORGET, BATCH_FORGET and INTERRUPT: anything
+  else there is dropped unanswered, with a rate-limited log line);
+- a chain without a writable part, or one shorter than 16 bytes, gets no
+  reply (FORGET and BATCH_FORGET never have one); any other op arriving
+  like that is dropped *unexecuted* — its effects could not be reported;
+- a writable part too small for the op's fixed-size reply (e.g. 16 + 128
+  for LOOKUP) is EIO *before* the op runs, so no lookup count is taken for
+  an entry the guest would never see; a variable-size payload that does not
+  fit is ERANGE for GETXATTR/LISTXATTR and EIO otherwise.
+- unknown or unimplemented opcodes: ENOSYS.
+
+Then the caller's uid/gid become the thread's fsuid/fsgid (except INIT,
+DESTROY, FORGET, BATCH_FORGET and INTERRUPT, which act for the daemon) and
+the handler from the op table runs (see request.py for what it returns).
+
+INIT starts a new session each time (a remount, or a guest reset without
+DESTROY): the inode table is reset (nodeid 1 = the share root), this
+worker's O_PATH fds and open files are closed, and deferred requests of
+the old session are dropped. DESTROY ends the session the same way and
+answers with an empty reply; requests after it are EIO until the next INIT.
+
+Deferred requests (SETLKW): a handler calls ``fs.defer(req, retry)`` and
+returns ``DEFERRED``; ``handle`` then returns ``None`` and keeps the chain.
+The worker calls ``retry()`` (e.g. on a timer, and after every batch while
+``has_pending()``), which re-runs the retry callables and returns
+``[(token, bytes written)]`` for every request that completed — including
+ones answered EINTR by an INTERRUPT op — to push to the used ring.
+``cancel_all()`` answers every pending request with EINTR (ring stop,
+shutdown).
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import os
+
+from daemon.fuse import abi, credentials
+from daemon.fuse.abi import InitFlag, Opcode
+from daemon.fuse.inodes import InodeCache, InodeTable
+from daemon.fuse.request import DEFERRED, MAX_ARGS, FUSEError, Request
+from daemon.virtio.iovec import IoVec
+
+try:
+    from daemon.log import RateLimitedLogger, get_logger
+    log = get_logger("fuse.session")
+except ImportError:  # pragma: no cover - log.py is another engineer's
+    import logging
+
+    log = logging.getLogger(__name__)
+    RateLimitedLogger = None
+
+try:
+    from daemon.fuse.handles import HandleTable
+except ImportError:  # pragma: no cover - handles.py is another engineer's
+    HandleTable = None
+
+OP_MODULES = ("entries", "attrs", "files", "dirs", "xattrs", "locks")
+
+# INIT reply
+MAX_WRITE = 1 << 20
+MAX_PAGES = 256  # 1 MiB / 4 KiB; the guest caps it at its ring size - 4
+MAX_BACKGROUND = 64  # async requests in flight (readahead, writeback)
+CONGESTION_THRESHOLD = 48  # 3/4 of it, as the kernel's defaults (12/9)
+TIME_GRAN = 1  # we report nanoseconds
+# always offered to the kernel when it offers them
+INIT_FLAGS = (InitFlag.ASYNC_READ | InitFlag.ATOMIC_O_TRUNC | InitFlag.BIG_WRITES
+              | InitFlag.AUTO_INVAL_DATA | InitFlag.PARALLEL_DIROPS | InitFlag.MAX_PAGES
+              | InitFlag.INIT_EXT)
+# offered only when the op table implements them
+INIT_FLAGS_READDIRPLUS = InitFlag.DO_READDIRPLUS | InitFlag.READDIRPLUS_AUTO
+INIT_FLAGS_LOCKS = InitFlag.POSIX_LOCKS | InitFlag.FLOCK_LOCKS
+
+# ops that run with the daemon's own credentials
+_NO_CRED = frozenset((Opcode.INIT, Opcode.DESTROY, Opcode.FORGET, Opcode.BATCH_FORGET,
+                      Opcode.INTERRUPT))
+# ops that never get a reply
+_NO_REPLY = frozenset(int(op) for op in (Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT))
+HIPRIO_OPS = frozenset((Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT))
+# fixed-size replies: the writable part must hold 16 + this before the op runs
+REPLY_MIN = {
+    Opcode.LOOKUP: abi.ENTRY_OUT.size, Opcode.MKNOD: abi.ENTRY_OUT.size,
+    Opcode.MKDIR: abi.ENTRY_OUT.size, Opcode.SYMLINK: abi.ENTRY_OUT.size,
+    Opcode.LINK: abi.ENTRY_OUT.size, Opcode.CREATE: abi.ENTRY_OUT.size + abi.OPEN_OUT.size,
+    Opcode.GETATTR: abi.ATTR_OUT.size, Opcode.SETATTR: abi.ATTR_OUT.size,
+    Opcode.STATFS: abi.STATFS_OUT.size, Opcode.OPEN: abi.OPEN_OUT.size,
+    Opcode.OPENDIR: abi.OPEN_OUT.size, Opcode.WRITE: abi.WRITE_OUT.size,
+    Opcode.GETLK: abi.LK_OUT.size, Opcode.LSEEK: abi.LSEEK_OUT.size,
+    Opcode.COPY_FILE_RANGE: abi.WRITE_OUT.size, Opcode.INIT: abi.INIT_OUT.size,
+}
+_SIZED_ERANGE = frozenset(int(op) for op in (Opcode.GETXATTR, Opcode.LISTXATTR))
+
+_HDR = abi.IN_HEADER.size
+_OUT = abi.OUT_HEADER.size
+_U64 = (1 << 64) - 1
+_U32 = 0xFFFFFFFF
+_NS = 1_000_000_000
+_WRITE = int(Opcode.WRITE)
+_INIT = int(Opcode.INIT)
+_pack_out = abi.OUT_HEADER.pack
+_pack_out_into = abi.OUT_HEADER.pack_into
+_unpack_in_from = abi.IN_HEADER.unpack_from
+_WRITE_IN = abi.WRITE_IN.size
+_switch = credentials.switch
+# plain-int copies of the opcode sets (cheaper lookups than IntEnum members)
+_NO_CRED_INT = frozenset(int(op) for op in _NO_CRED)
+_HIPRIO_OPS = frozenset(int(op) for op in HIPRIO_OPS)
+_REPLY_MIN = {int(op): _OUT + size for op, size in REPLY_MIN.items()}
+_pack_attr = abi.ATTR.pack
+_pack_attr_out = abi.ATTR_OUT.pack
+_pack_entry = abi.ENTRY_OUT.pack
+
+_op_table: dict[int, object] | None = None
+
+
+def load_ops() -> dict[int, object]:
+    """opcode → handler from every op module's ``OPS``. A module that is
+    missing or fails to import is logged and skipped (its ops are ENOSYS)."""
+    global _op_table
+    if _op_table is None:
+        table: dict[int, object] = {}
+        for name in OP_MODULES:
+            try:
+                module = importlib.import_module(f"daemon.fuse.{name}")
+            except Exception as e:  # noqa: BLE001 - keep serving the other ops
+                log.warning("FUSE op module %s unavailable: %s", name, e)
+                continue
+            for opcode, handler in getattr(module, "OPS", {}).items():
+                table[int(opcode)] = handler
+        _op_table = table
+    return _op_table
+
+
+def _opname(opcode: int) -> str:
+    try:
+        return Opcode(opcode).name
+    except ValueError:
+        return str(opcode)
+
+
+def _rdev32(rdev: int) -> int:
+    """Host dev_t → the kernel's new_encode_dev() u32 that fuse_attr carries."""
+    major, minor = os.major(rdev), os.minor(rdev)
+    return ((minor & 0xFF) | ((major & 0xFFF) << 8) | ((minor & ~0xFF) << 12)) & _U32
+
+
+def attr_fields(st: os.stat_result) -> tuple:
+    """The 16 ``fuse_attr`` fields of a host stat."""
+    a, an = divmod(st.st_atime_ns, _NS)
+    m, mn = divmod(st.st_mtime_ns, _NS)
+    c, cn = divmod(st.st_ctime_ns, _NS)
+    rdev = st.st_rdev
+    nlink = st.st_nlink
+    return (st.st_ino, st.st_size, st.st_blocks, a & _U64, m & _U64, c & _U64, an, mn, cn,
+            st.st_mode, nlink if nlink <= _U32 else _U32, st.st_uid, st.st_gid,
+            _rdev32(rdev) if rdev else 0, st.st_blksize, 0)
+
+
+class FuseSession:
+    """The FUSE state of one worker process (see the module docstring).
+
+    Attributes handlers use: ``config``, ``inodes`` (the shared
+    ``InodeTable``), ``cache`` (this worker's ``InodeCache``), ``handles``
+    (the open-file table, or None if handles.py is unavailable),
+    ``root_fd``, and the reply helpers ``attr``, ``attr_reply``,
+    ``entry``, ``entry_reply``, ``negative_entry``.
+    """
+
+    def __init__(self, config, inodes: InodeTable, role: str = "request",
+                 root_fd: int | None = None):
+        if role not in ("request", "hiprio"):
+            raise ValueError(f"unknown role {role!r}")
+        self.config = config
+        self.inodes = inodes
+        self.role = role
+        self._hiprio = role == "hiprio"
+        timeout = config.cache.timeout
+        self._tsec = int(timeout)
+        self._tnsec = int(round((timeout - self._tsec) * _NS))
+        self.initialized = False
+        self.root_fd = -1
+        self._own_root = False
+        self.cache: InodeCache | None = None
+        self.handles = None
+        ops = load_ops()
+        if role == "hiprio":
+            # no file system access at all: only reference counts
+            self._ops = {op: h for op, h in ops.items() if op in HIPRIO_OPS}
+        else:
+            self._ops = dict(ops)
+            self._ops[int(Opcode.INIT)] = _op_init
+            self._ops[int(Opcode.DESTROY)] = _op_destroy
+            credentials.drop_supplementary_groups()
+            if root_fd is None:
+                root_fd = os.open(config.shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                self._own_root = True
+            self.root_fd = root_fd
+            self.cache = InodeCache(inodes)
+            if HandleTable is not None:
+                self.handles = HandleTable(config.max_open_files)
+        self._ops[int(Opcode.INTERRUPT)] = _op_interrupt
+        self._readdirplus = int(Opcode.READDIRPLUS) in self._ops
+        self._locks = int(Opcode.SETLK) in self._ops
+        # deferred requests: [token, req, retry]; completed: [(token, n)]
+        self._pending: list[list] = []
+        self._completed: list[tuple[object, int]] = []
+        self._token = None
+        self._current: Request | None = None
+        self._log = RateLimitedLogger(log) if RateLimitedLogger is not None else log
+
+    # -- the request path ------------------------------------------------------------
+    def handle(self, readable: IoVec, writable: IoVec, token=None) -> int | None:
+        """Run one request; returns the bytes written into ``writable`` (0
+        for no reply), or None when the request was deferred."""
+        try:
+            written = self._handle(readable, writable, token)
+        except Exception:  # noqa: BLE001 - the session never raises
+            log.exception("FUSE session: internal error")
+            try:
+                written = self._error(writable, 0, errno.EIO)
+            except Exception:  # noqa: BLE001 - e.g. the guest memory went away
+                written = 0
+        cache = self.cache
+        if cache is not None and self.inodes.cursor != cache._cursor:
+            try:
+                cache.reap()
+            except Exception:  # noqa: BLE001 - pragma: no cover
+                log.exception("closing forgotten inodes' fds failed")
+        return written
+
+    def _handle(self, readable: IoVec, writable: IoVec, token) -> int | None:
+        size = readable.size
+        if size < _HDR:
+            self._log.warning("FUSE request shorter than its header (%d bytes)", size)
+            return self._error(writable, 0, errno.EINVAL)
+        views = readable.views
+        first = views[0]
+        if len(first) >= _HDR:  # the driver's layout: the header is one buffer
+            length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = _unpack_in_from(first)
+        else:
+            length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = \
+                _unpack_in_from(readable.read(0, _HDR))
+        if length != size:
+            self._log.warning("FUSE %s: header.len %d but %d bytes readable",
+                              _opname(opcode), length, size)
+            return self._error(writable, unique, errno.EINVAL)
+        if self._hiprio and opcode not in _HIPRIO_OPS:
+            self._log.warning("FUSE %s on the hiprio queue: dropped", _opname(opcode))
+            return 0
+        out_size = writable.size
+        if out_size < _OUT and opcode not in _NO_REPLY:
+            self._log.warning("FUSE %s without room for a reply: dropped", _opname(opcode))
+            return 0
+        handler = self._ops.get(opcode)
+        if handler is None:
+            return self._error(writable, unique, errno.ENOSYS)
+        if not self.initialized and opcode != _INIT and not self._hiprio:
+            return self._error(writable, unique, errno.EIO)
+        nargs = length - _HDR
+        data = None
+        if opcode == _WRITE:
+            if nargs < _WRITE_IN:
+                return self._error(writable, unique, errno.EINVAL)
+            args = readable.read(_HDR, _WRITE_IN)
+            data = IoVec(readable.slice(_HDR + _WRITE_IN, nargs - _WRITE_IN))
+        elif not nargs:
+            args = b""
+        elif nargs > MAX_ARGS:
+            self._log.warning("FUSE %s: %d bytes of arguments", _opname(opcode), nargs)
+            return self._error(writable, unique, errno.EINVAL)
+        elif len(first) == _HDR and len(views[1]) == nargs:
+            args = bytes(views[1])  # the driver's layout: the in-args are one buffer
+        elif len(first) >= length:
+            args = bytes(first[_HDR:length])
+        else:
+            args = readable.read(_HDR, nargs)
+        if extlen:
+            ext = extlen * 8
+            if ext > len(args):
+                return self._error(writable, unique, errno.EINVAL)
+            args = args[:len(args) - ext]
+        need = _REPLY_MIN.get(opcode)
+        if need is not None and out_size < need:
+            return self._error(writable, unique, errno.EIO)
+        req = Request(opcode, unique, nodeid, uid, gid, pid, args, data, writable)
+        self._token = token
+        self._current = req
+        try:
+            if opcode not in _NO_CRED_INT:
+                _switch(uid, gid)
+            result = handler(self, req)
+            if result is DEFERRED:
+                pending = self._pending
+                if pending and pending[-1][1] is req:
+                    return None
+                raise RuntimeError("handler returned DEFERRED without fs.defer()")
+            return self._reply(req, result)
+        except FUSEError as e:
+            return self._error(writable, unique, e.errno)
+        except OSError as e:
+            return self._error(writable, unique, e.errno or errno.EIO)
+        except Exception:  # noqa: BLE001 - a bug in a handler: EIO, keep serving
+            log.exception("FUSE %s (nodeid %d) failed", _opname(opcode), nodeid)
+            return self._error(writable, unique, errno.EIO)
+        finally:
+            self._current = None
+            self._token = None
+
+    def _reply(self, req: Request, result) -> int:
+        out = req.out
+        if result is None or out.size < _OUT:
+            return 0
+        if type(result) is int:
+            n = result
+            if n < 0 or _OUT + n > out.size:
+                raise RuntimeError(f"handler reported {n} bytes written")
+            out.write(0, _pack_out(_OUT + n, 0, req.unique))
+            return _OUT + n
+        n = len(result)
+        total = _OUT + n
+        if total > out.size:
+            err = errno.ERANGE if req.opcode in _SIZED_ERANGE else errno.EIO
+            if err == errno.EIO:
+                self._log.warning("FUSE %s: %d-byte reply, %d-byte buffer",
+                                  _opname(req.opcode), n, out.size - _OUT)
+            return self._error(out, req.unique, err)
+        views = out.views
+        first = views[0]
+        if len(first) >= total:
+            _pack_out_into(first, 0, total, 0, req.unique)
+            first[_OUT:total] = result
+        elif len(first) == _OUT and len(views[1]) >= n:  # the driver's layout
+            _pack_out_into(first, 0, total, 0, req.unique)
+            views[1][:n] = result
+        else:
+            out.write(_OUT, result)
+            out.write(0, _pack_out(total, 0, req.unique))
+        return total
+
+    @staticmethod
+    def _error(out: IoVec, unique: int, err: int) -> int:
+        if out.size < _OUT:
+            return 0
+        if not 0 < err < 4096:
+            err = errno.EIO
+        out.write(0, _pack_out(_OUT, -err, unique))
+        return _OUT
+
+    # -- deferred requests ---------------------------------------------------------
+    def defer(self, req: Request, retry) -> None:
+        """Keep ``req`` (the request being handled) for ``retry()``: the
+        handler then returns ``DEFERRED``. ``retry`` takes no arguments and
+        returns/raises what a handler does; it runs with req's credentials."""
+        if req is not self._current:
+            raise RuntimeError("defer() outside the request's handler")
+        self._pending.append([self._token, req, retry])
+
+    def has_pending(self) -> bool:
+        """Deferred requests waiting, or completions not yet collected."""
+        return bool(self._pending or self._completed)
+
+    def retry(self) -> list[tuple[object, int]]:
+        """Re-run every deferred request; (token, bytes written) for each
+        one that completed (and for those an INTERRUPT answered)."""
+        done, self._completed = self._completed, []
+        if not self._pending:
+            return done
+        waiting = []
+        for entry in self._pending:
+            token, req, fn = entry
+            try:
+                if req.opcode not in _NO_CRED:
+                    credentials.switch(req.uid, req.gid)
+                result = fn()
+                if result is DEFERRED:
+                    waiting.append(entry)
+                    continue
+                n = self._reply(req, result)
+            except FUSEError as e:
+                n = self._error(req.out, req.unique, e.errno)
+            except OSError as e:
+                n = self._error(req.out, req.unique, e.errno or errno.EIO)
+            except Exception:  # noqa: BLE001
+                log.exception("FUSE %s retry failed", _opname(req.opcode))
+                n = self._error(req.out, req.unique, errno.EIO)
+            done.append((token, n))
+        self._pending = waiting
+        return done
+
+    def interrupt(self, unique: int) -> bool:
+        """Answer the deferred request ``unique`` with EINTR (collected by
+        the next ``retry()``). False if no such request is waiting."""
+        for i, (token, req, _fn) in enumerate(self._pending):
+            if req.unique == unique:
+                del self._pending[i]
+                self._completed.append((token, self._error(req.out, unique, errno.EINTR)))
+                return True
+        return False
+
+    def cancel_all(self) -> list[tuple[object, int]]:
+        """Answer every deferred request with EINTR; returns all completions
+        not yet collected."""
+        done, self._completed = self._completed, []
+        pending, self._pending = self._pending, []
+        for token, req, _fn in pending:
+            done.append((token, self._error(req.out, req.unique, errno.EINTR)))
+        return done
+
+    # -- sessions --------------------------------------------------------------------
+    def start(self) -> None:
+        """Begin a new session (INIT): fresh inode table, no fds, no fhs."""
+        self.end()
+        st = os.fstat(self.root_fd)
+        self.inodes.reset(st.st_dev, st.st_ino)
+        self.cache.reset(self.root_fd)
+        self.initialized = True
+
+    def end(self) -> None:
+        """End the session (DESTROY, or before a new INIT)."""
+        credentials.restore()
+        if self._pending:
+            log.info("dropping %d deferred requests of the old FUSE session", len(self._pending))
+            self._pending = []
+        if self.handles is not None and hasattr(self.handles, "reset"):
+            self.handles.reset()
+        if self.cache is not None:
+            self.cache.clear()
+        if self.initialized:
+            st = os.fstat(self.root_fd)
+            self.inodes.reset(st.st_dev, st.st_ino)  # frees every nodeid
+        self.initialized = False
+
+    def close(self) -> None:
+        """Release everything this session holds (worker exit, tests)."""
+        self.end()
+        if self._own_root and self.root_fd >= 0:
+            os.close(self.root_fd)
+        self.root_fd = -1
+
+    def warn(self, msg: str, *args) -> None:
+        """A rate-limited warning, for guest-triggered oddities."""
+        self._log.warning(msg, *args)
+
+    def reap(self) -> int:
+        """Close the O_PATH fds of nodeids freed by FORGET (in any process)."""
+        return self.cache.reap() if self.cache is not None else 0
+
+    # -- reply helpers for handlers ----------------------------------------------------
+    def attr(self, st: os.stat_result) -> bytes:
+        """``fuse_attr`` (88 bytes) of a host stat."""
+        return _pack_attr(*attr_fields(st))
+
+    def attr_reply(self, st: os.stat_result) -> bytes:
+        """``fuse_attr_out`` (104 bytes) with the attribute timeout."""
+        # attr_fields() inlined: this is the GETATTR hot path
+        a, an = divmod(st.st_atime_ns, _NS)
+        m, mn = divmod(st.st_mtime_ns, _NS)
+        c, cn = divmod(st.st_ctime_ns, _NS)
+        nlink = st.st_nlink
+        rdev = st.st_rdev
+        return _pack_attr_out(self._tsec, self._tnsec, 0, st.st_ino, st.st_size, st.st_blocks,
+                              a & _U64, m & _U64, c & _U64, an, mn, cn, st.st_mode,
+                              nlink if nlink <= _U32 else _U32, st.st_uid, st.st_gid,
+                              _rdev32(rdev) if rdev else 0, st.st_blksize, 0)
+
+    def entry_reply(self, st: os.stat_result, nodeid: int, generation: int) -> bytes:
+        """``fuse_entry_out`` (128 bytes) with entry and attribute timeouts."""
+        t, tn = self._tsec, self._tnsec
+        a, an = divmod(st.st_atime_ns, _NS)
+        m, mn = divmod(st.st_mtime_ns, _NS)
+        c, cn = divmod(st.st_ctime_ns, _NS)
+        nlink = st.st_nlink
+        rdev = st.st_rdev
+        return _pack_entry(nodeid, generation, t, t, tn, tn, st.st_ino, st.st_size, st.st_blocks,
+                           a & _U64, m & _U64, c & _U64, an, mn, cn, st.st_mode,
+                           nlink if nlink <= _U32 else _U32, st.st_uid, st.st_gid,
+                           _rdev32(rdev) if rdev else 0, st.st_blksize, 0)
+
+    def negative_entry(self) -> bytes:
+        """``fuse_entry_out`` with nodeid 0: "no such name" cached for the
+        entry timeout (no lookup count)."""
+        return _pack_entry(0, 0, self._tsec, 0, self._tnsec, 0, *(0,) * 16)
+
+    def entry(self, parent_fd: int, name) -> bytes:
+        """Look ``name`` up in the parent (O_PATH|O_NOFOLLOW), +1 lookup on
+        it, and return its ``fuse_entry_out``. OSError/FUSEError on failure
+        (then no count was taken)."""
+        nodeid, generation, st = self.cache.lookup(parent_fd, name)
+        return self.entry_reply(st, nodeid, generation)
+
+
+# -- session-level ops ------------------------------------------------------------------
+def _op_init(fs: FuseSession, req: Request):
+    """INIT: negotiate the protocol and start a new session. Reply
+    fuse_init_out; EPROTO for major < 7 or 7.x with x < 27. A major > 7 gets
+    only our version (the kernel may retry with 7). Lookup counts: all
+    reset (nodeid 1 = root)."""
+    args = req.args
+    if len(args) < abi.INIT_IN_COMPAT.size:
+        raise FUSEError(errno.EINVAL)
+    major, minor, max_readahead, flags = abi.INIT_IN_COMPAT.unpack_from(args)
+    flags2 = abi.INIT_IN.unpack_from(args)[4] if len(args) >= abi.INIT_IN.size else 0
+    if major > abi.FUSE_KERNEL_VERSION:
+        return abi.INIT_OUT.pack(abi.FUSE_KERNEL_VERSION, abi.FUSE_KERNEL_MINOR_VERSION,
+                                 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    if major < abi.FUSE_KERNEL_VERSION or minor < abi.FUSE_MIN_MINOR_VERSION:
+        log.error("guest speaks FUSE %d.%d; %d.%d or newer is needed", major, minor,
+                  abi.FUSE_KERNEL_VERSION, abi.FUSE_MIN_MINOR_VERSION)
+        raise FUSEError(errno.EPROTO)
+    offered = flags
+    if flags & InitFlag.INIT_EXT:
+        offered |= flags2 << 32
+    wanted = INIT_FLAGS
+    if fs._readdirplus:
+        wanted |= INIT_FLAGS_READDIRPLUS
+    if fs._locks:
+        wanted |= INIT_FLAGS_LOCKS
+    ours = int(offered & wanted)
+    fs.start()
+    log.info("FUSE session: guest %d.%d, replying 7.%d flags %#x", major, minor,
+             min(minor, abi.FUSE_KERNEL_MINOR_VERSION), ours)
+    return abi.INIT_OUT.pack(abi.FUSE_KERNEL_VERSION, min(minor, abi.FUSE_KERNEL_MINOR_VERSION),
+                             max_readahead, ours & _U32, MAX_BACKGROUND, CONGESTION_THRESHOLD,
+                             MAX_WRITE, TIME_GRAN, MAX_PAGES, 0, ours >> 32)
+
+
+def _op_destroy(fs: FuseSession, req: Request):
+    """DESTROY: end the session (every nodeid and fh forgotten). Reply:
+    empty. Lookup counts: all dropped."""
+    fs.end()
+    return b""
+
+
+def _op_interrupt(fs: FuseSession, req: Request):
+    """INTERRUPT: answer the deferred request it names with EINTR (if this
+    worker holds it; Linux 6.1 virtiofs never sends INTERRUPT). No reply of
+    its own. Lookup count: unchanged."""
+    if len(req.args) >= abi.INTERRUPT_IN.size:
+        fs.interrupt(abi.INTERRUPT_IN.unpack_from(req.args)[0])
+    return None
