@@ -1,0 +1,213 @@
+"""Shared pytest fixtures: start daemons, connect the vhost-user test frontend.
+
+``daemon_factory(kind, shared_dir, cache='auto', extra_args=())`` starts
+either our daemon (``kind='ours'``) or QEMU 7.2's C virtiofsd (``kind='c'``,
+the baseline) on a fresh socket, waits until the socket exists, and stops it
+at teardown. ``--daemon=ours|c|both`` selects which daemon(s) the
+``daemon_kind``-parametrized tests (the frontend tests) run against.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+C_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+# our --cache value -> C virtiofsd's -o cache=
+C_CACHE = {"never": "none", "auto": "auto", "always": "always"}
+# Options that make the C daemon offer what ours offers by default: xattrs
+# (our Config.xattr defaults to True) and POSIX locks (we implement GETLK/SETLK).
+C_DEFAULT_OPTS = ("-o", "xattr", "-o", "posix_lock")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--daemon", action="store", default="ours", choices=("ours", "c", "both"),
+        help="which virtio-fs daemon the frontend tests drive: ours (default), "
+             "c (QEMU 7.2's C virtiofsd, the baseline) or both",
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "frontend_opts(**kw): keyword arguments for the frontend fixture "
+        "(queue_size, num_request_queues, cache, ram_size, extra_args, protocol_mask)")
+
+
+def pytest_generate_tests(metafunc):
+    if "daemon_kind" in metafunc.fixturenames:
+        choice = metafunc.config.getoption("--daemon")
+        kinds = ["ours", "c"] if choice == "both" else [choice]
+        metafunc.parametrize("daemon_kind", kinds, scope="function")
+
+
+class DaemonProcess:
+    """A running daemon: ``.socket_path``, ``.proc``, ``.pid``, ``.kind``."""
+
+    def __init__(self, kind: str, proc: subprocess.Popen, socket_path: str,
+                 shared_dir: str, log_path: str, cmd: list[str]):
+        self.kind = kind
+        self.proc = proc
+        self.pid = proc.pid
+        self.socket_path = socket_path
+        self.shared_dir = shared_dir
+        self.log_path = log_path
+        self.cmd = cmd
+
+    def log(self) -> str:
+        try:
+            return Path(self.log_path).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait(self, timeout: float) -> int | None:
+        """Exit status within ``timeout`` seconds, or None if still running."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout: float = 5.0) -> int:
+        """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        return self.proc.returncode
+
+
+def daemon_command(kind: str, socket_path: str, shared_dir: str, cache: str,
+                   extra_args=()) -> list[str]:
+    if kind == "ours":
+        return [sys.executable, "-m", "daemon", "--socket-path", socket_path,
+                "--shared-dir", shared_dir, "--cache", cache, *extra_args]
+    if kind == "c":
+        return [C_VIRTIOFSD, f"--socket-path={socket_path}", "-o", f"source={shared_dir}",
+                "-o", f"cache={C_CACHE.get(cache, cache)}", *C_DEFAULT_OPTS, *extra_args]
+    raise ValueError(f"unknown daemon kind {kind!r}")
+
+
+def start_daemon(kind: str, shared_dir, cache: str = "auto", extra_args=(),
+                 run_dir: str | None = None, startup_timeout: float = 15.0) -> DaemonProcess:
+    """Start a daemon and wait until its socket exists (no probe connection:
+    both daemons serve exactly one front-end connection)."""
+    run_dir = run_dir or tempfile.mkdtemp(prefix=f"vfsd-{kind}-")
+    socket_path = os.path.join(run_dir, "vhost.sock")
+    log_path = os.path.join(run_dir, "daemon.log")
+    cmd = daemon_command(kind, socket_path, str(shared_dir), cache, extra_args)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    d = DaemonProcess(kind, proc, socket_path, str(shared_dir), log_path, cmd)
+    deadline = time.monotonic() + startup_timeout
+    while True:
+        try:
+            if stat.S_ISSOCK(os.stat(socket_path).st_mode):
+                return d
+        except FileNotFoundError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"{kind} daemon exited with {proc.returncode} before "
+                               f"creating its socket:\n{' '.join(cmd)}\n{d.log()[-3000:]}")
+        if time.monotonic() > deadline:
+            d.stop(2)
+            raise RuntimeError(f"{kind} daemon did not create {socket_path} within "
+                               f"{startup_timeout}s:\n{d.log()[-3000:]}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def daemon_factory(tmp_path):
+    started: list[DaemonProcess] = []
+    n = 0
+
+    def factory(kind: str = "ours", shared_dir=None, cache: str = "auto", extra_args=()):
+        nonlocal n
+        n += 1
+        run_dir = tmp_path / f"run{n}"
+        run_dir.mkdir()
+        if shared_dir is None:
+            shared_dir = tmp_path / f"shared{n}"
+            shared_dir.mkdir()
+        d = start_daemon(kind, shared_dir, cache, extra_args, str(run_dir))
+        started.append(d)
+        return d
+
+    yield factory
+    for d in started:
+        d.stop(5.0)
+
+
+@pytest.fixture
+def shared_dir(tmp_path):
+    d = tmp_path / "shared"
+    d.mkdir()
+    return d
+
+
+def _frontend_opts(request) -> dict:
+    m = request.node.get_closest_marker("frontend_opts")
+    return dict(m.kwargs) if m else {}
+
+
+@pytest.fixture
+def daemon_proc(daemon_factory, daemon_kind, shared_dir, request):
+    opts = _frontend_opts(request)
+    return daemon_factory(daemon_kind, shared_dir, cache=opts.get("cache", "auto"),
+                          extra_args=opts.get("extra_args", ()))
+
+
+@pytest.fixture
+def vhost(daemon_proc, request):
+    """A connected, realized and started VhostUserFrontend (no FUSE INIT yet)."""
+    from tests.frontend.vhost import VhostUserFrontend
+    from tests.frontend.guestmem import GuestMemory
+
+    opts = _frontend_opts(request)
+    fe = VhostUserFrontend(
+        daemon_proc.socket_path, memory=GuestMemory(opts.get("ram_size", 128 << 20)),
+        num_request_queues=opts.get("num_request_queues", 1),
+        queue_size=opts.get("queue_size", 128),
+        **({"protocol_mask": opts["protocol_mask"]} if "protocol_mask" in opts else {}))
+    fe._own_mem = True
+    try:
+        fe.realize()
+        fe.start()
+    except BaseException:
+        fe.close()
+        raise
+    fe.daemon = daemon_proc
+    yield fe
+    fe.close()
+
+
+@pytest.fixture
+def frontend(vhost, daemon_proc, shared_dir):
+    """A FuseClient after FUSE INIT (as Linux 6.1 sends it), with
+    ``.vhost``, ``.daemon``, ``.kind`` and ``.shared_dir`` attached."""
+    from tests.frontend.fuse_client import FuseClient
+
+    fc = FuseClient(vhost)
+    fc.daemon = daemon_proc
+    fc.kind = daemon_proc.kind
+    fc.shared_dir = Path(shared_dir)
+    fc.init()
+    return fc

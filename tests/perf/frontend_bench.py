@@ -1,0 +1,120 @@
+"""Request-rate benchmark through the vhost-user test frontend (no guest).
+
+``requests_per_second(frontend, op, depth, duration)`` keeps ``depth``
+requests in flight on the request queue: it pre-fills ``depth`` requests,
+kicks once, and re-posts each request as soon as its used entry returns
+(one kick per harvested batch). Ops: ``getattr``, ``lookup``, ``read4k``,
+``read1m``. Each request is built once (indirect table and buffers in guest
+memory) and only its ``unique`` is rewritten before it is re-posted, so the
+frontend's own cost per request stays small; it is still Python, so compare
+daemons with the same frontend, not against absolute numbers.
+
+Usage from a later ``make bench``::
+
+    fc = <a FuseClient after init()>           # tests/frontend/fuse_client.py
+    for op in OPS:
+        for depth in (1, 64):
+            print(op, depth, requests_per_second(fc, op, depth, 5.0))
+
+With ``read1m`` the request has 256 page descriptors, which Linux only
+sends with queue-size >= 260 (``max_pages_limit = min(256, num - 4)``);
+use a frontend with queue_size=1024 for realism.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+
+from daemon.fuse import abi
+from daemon.fuse.abi import Opcode
+
+OPS = ("getattr", "lookup", "read4k", "read1m")
+DATA_NAME = "bench-data"
+DATA_SIZE = 1 << 20
+_UNIQUE = struct.Struct("<Q")
+_LEN_ERR = struct.Struct("<Ii")
+
+
+def _ensure_data(fc) -> tuple[int, int]:
+    """Create (once) a 1 MiB file through FUSE; returns (nodeid, fh) opened for reading."""
+    cached = getattr(fc, "_bench_data", None)
+    if cached:
+        return cached
+    try:
+        e = fc.lookup(1, DATA_NAME)
+        if e.nodeid == 0 or e.attr.size != DATA_SIZE:
+            raise LookupError
+    except Exception:
+        e, o = fc.create(1, DATA_NAME)
+        chunk = bytes(range(256)) * 512  # 128 KiB
+        for off in range(0, DATA_SIZE, len(chunk)):
+            fc.write(e.nodeid, o.fh, off, chunk)
+        fc.release(e.nodeid, o.fh)
+    fh = fc.open(e.nodeid).fh
+    fc._bench_data = (e.nodeid, fh)
+    return fc._bench_data
+
+
+def _request(fc, op: str) -> tuple[int, int, bytes, list[int]]:
+    """(opcode, nodeid, args, writable sizes after the out header)."""
+    if op == "getattr":
+        return Opcode.GETATTR, 1, abi.GETATTR_IN.pack(0, 0, 0), [abi.ATTR_OUT.size]
+    nodeid, fh = _ensure_data(fc)
+    if op == "lookup":
+        return Opcode.LOOKUP, 1, DATA_NAME.encode() + b"\0", [abi.ENTRY_OUT.size]
+    if op == "read4k":
+        return Opcode.READ, nodeid, fc.read_args(fh, 0, 4096), [4096]
+    if op == "read1m":
+        return Opcode.READ, nodeid, fc.read_args(fh, 0, DATA_SIZE), [4096] * 256
+    raise ValueError(f"unknown op {op!r}; one of {OPS}")
+
+
+def requests_per_second(frontend, op: str, depth: int, duration: float,
+                        timeout: float = 10.0) -> float:
+    """Completed requests per second over ``duration`` seconds at queue depth ``depth``."""
+    fc = frontend
+    vq = fc.rq
+    if depth < 1 or depth > vq.num:
+        raise ValueError(f"depth must be 1..{vq.num}")
+    opcode, nodeid, args, out = _request(fc, op)
+    mem = vq.mem
+    heads: dict[int, int] = {}  # head -> gpa of its in_header (to patch unique)
+    for _ in range(depth):
+        unique = fc.next_unique()
+        hdr = fc.header(opcode, nodeid, len(args), unique)
+        head = vq.submit([hdr, args], [abi.OUT_HEADER.size] + out)
+        heads[head] = vq.inflight[head].readable[0][0]
+    want_len = abi.OUT_HEADER.size + sum(out)  # every reply is full size here
+    done = 0
+    errors = 0
+    start = time.monotonic()
+    end = start + duration
+    vq.kick()
+    try:
+        while True:
+            finished = vq.wait_any(timeout)
+            now = time.monotonic()
+            for head in finished:
+                inf = vq.inflight[head]
+                olen, err = _LEN_ERR.unpack(mem.read(inf.writable[0][0], 8))
+                if err or olen != want_len or inf.used_len != want_len:
+                    errors += 1
+                done += 1
+            if now >= end:
+                break
+            for head in finished:
+                mem.write(heads[head] + 8, _UNIQUE.pack(fc.next_unique()))
+                vq.repost(head)
+            vq.kick()
+        elapsed = time.monotonic() - start
+        # drain what is still in flight so the frontend can be reused
+        while any(vq.inflight[h].used_len is None for h in heads):
+            vq.wait_any(timeout)
+    finally:
+        for head in heads:
+            if head in vq.inflight and vq.inflight[head].used_len is not None:
+                vq.free(head)
+    if errors:
+        raise RuntimeError(f"{op}: {errors} of {done} replies were errors or short")
+    return done / elapsed
