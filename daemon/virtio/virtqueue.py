@@ -1,0 +1,314 @@
+"""The device side of a virtio 1.x split virtqueue (PROTOCOL.md §2).
+
+The guest (driver) owns the descriptor table and the avail ring, we own the
+used ring. ``pop`` takes the next available descriptor chain and returns it
+as two byte streams, the device-readable and the device-writable part
+(descriptor boundaries carry no meaning, PROTOCOL.md §3.2); ``push`` writes a
+used element and ``publish`` makes every pushed element visible with a single
+``used.idx`` store.
+
+Everything in the rings is guest-controlled and read at most once per use.
+A chain that breaks the rules raises ``VirtQueueError``; the ring is then
+unusable (the guest driver is broken or hostile) and the caller stops
+serving it. Rules enforced (spec "Message Framing"/"Indirect Descriptors"):
+
+- a head or ``next`` index must be inside its table (ring size, or the
+  indirect table's length);
+- a chain is at most as long as its table (longer means a ``next`` loop);
+- INDIRECT only as the last descriptor of a direct chain (usually the
+  head), never inside an indirect table, never together with NEXT; the
+  table length is a non-zero multiple of 16 (and at most 65536 entries,
+  more cannot be addressed by ``next``); the WRITE flag of the INDIRECT
+  descriptor itself is ignored;
+- all device-readable descriptors precede all device-writable ones;
+- every buffer lies inside the memory table (no 64-bit wrap-around);
+  zero-length descriptors are allowed and contribute nothing;
+- ``avail.idx`` never runs more than ``num`` entries ahead of us.
+
+Shared-memory stores: ``struct.pack_into`` zeroes its target before
+writing it, so a guest reading concurrently can see a torn ``used.idx``.
+``used.idx``, ``avail.idx``, the flags and the event fields are read and
+written through ``memoryview.cast('H')`` views: one native 16-bit access
+each (x86-64 is little-endian like virtio 1.x; the module refuses to load
+on a big-endian host). Used *elements* may use ``pack_into``: the guest
+reads them only after ``used.idx`` moves past them.
+
+EVENT_IDX (bit 29) is implemented but not offered by the supervisor yet:
+with it the guest kicks and expects calls only when the event fields say
+so, and two orderings need a store→load fence that CPython does not have
+(write ``avail_event`` then re-read ``avail.idx``; write ``used.idx`` then
+read ``used_event``). ``_full_barrier`` provides one on x86-64 through a
+locked instruction in libc; elsewhere EVENT_IDX is refused. Without
+EVENT_IDX, ``publish`` asks for a call after every non-empty batch and
+ignores ``avail.flags`` (NO_INTERRUPT is a SHOULD NOT, so calling anyway is
+spec-legal), which needs no fence at all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import struct
+import sys
+
+from daemon.virtio.iovec import IoVec
+from daemon.virtio.memory import GuestMemory, GuestMemoryError
+
+if sys.byteorder != "little":  # pragma: no cover - x86-64 and arm64 hosts only
+    raise ImportError("virtqueue.py stores ring fields in native byte order: little-endian hosts only")
+
+# struct vring_desc { le64 addr; le32 len; le16 flags; le16 next; };
+DESC = struct.Struct("<QIHH")
+# struct vring_used_elem { le32 id; le32 len; };
+USED_ELEM = struct.Struct("<II")
+
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+
+VIRTIO_RING_F_EVENT_IDX = 29
+MAX_QUEUE_SIZE = 32768
+MAX_INDIRECT_ENTRIES = 65536  # `next` is a u16
+
+
+class VirtQueueError(Exception):
+    """The ring or a chain in it is malformed: stop serving this ring."""
+
+
+class Chain:
+    """One popped request: its head index (for ``push``) and its two streams."""
+
+    __slots__ = ("head", "readable", "writable")
+
+    def __init__(self, head: int, readable: IoVec, writable: IoVec):
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+
+    def release(self) -> None:
+        """Drop the views into guest memory (see memory.py on lifetimes)."""
+        self.readable.release()
+        self.writable.release()
+
+
+class VirtQueue:
+    """A running split virtqueue over ``GuestMemory``."""
+
+    __slots__ = ("mem", "num", "event_idx", "last_avail_idx",
+                 "_mask", "_desc", "_avail", "_used", "_used_elems",
+                 "_used_idx", "_published_idx", "_signalled_used", "_signalled_valid",
+                 "_avail_event_slot", "_used_event_slot", "_hot")
+
+    def __init__(self, mem: GuestMemory, num: int, desc_qva: int, avail_qva: int, used_qva: int,
+                 last_avail_idx: int, event_idx: bool):
+        if num <= 0 or num > MAX_QUEUE_SIZE or num & (num - 1):
+            raise VirtQueueError(f"queue size {num} is not a power of 2 up to {MAX_QUEUE_SIZE}")
+        if desc_qva % 16 or avail_qva % 2 or used_qva % 4:
+            raise VirtQueueError(f"misaligned ring: desc {desc_qva:#x} avail {avail_qva:#x} used {used_qva:#x}")
+        if not 0 <= last_avail_idx <= 0xFFFF:
+            raise VirtQueueError(f"avail index {last_avail_idx} is not a u16")
+        if event_idx and _full_barrier is None:
+            raise VirtQueueError(f"EVENT_IDX needs a store-load fence, not available on {platform.machine()}")
+        self.mem = mem
+        self.num = num
+        self.event_idx = bool(event_idx)
+        self.last_avail_idx = last_avail_idx
+        self._mask = num - 1
+        event_bytes = 2 if event_idx else 0
+        views = []
+        try:
+            self._hot = mem.largest_region()
+            views.append(mem.qva_view(desc_qva, 16 * num))
+            views.append(mem.qva_view(avail_qva, 4 + 2 * num + event_bytes).cast("H"))
+            used = mem.qva_view(used_qva, 4 + 8 * num + event_bytes)
+            views.append(used)
+            views.append(used.cast("H"))
+        except GuestMemoryError as e:
+            for view in views:
+                view.release()
+            raise VirtQueueError(f"ring outside guest memory: {e}") from None
+        self._desc = views[0]
+        # u16 arrays: avail = [flags, idx, ring[num], used_event]
+        #             used  = [flags, idx, (id, len) x num as 4 u16 each, avail_event]
+        self._avail = views[1]
+        self._used_elems = views[2]
+        self._used = views[3]
+        self._used_event_slot = 2 + num
+        self._avail_event_slot = 2 + 4 * num
+        # the used index we own; resume from what the guest memory says
+        # (libvhost-user does the same at SET_VRING_ADDR)
+        self._used_idx = self._published_idx = self._used[1]
+        self._signalled_used = self._used_idx
+        self._signalled_valid = False
+        if self.event_idx:
+            # a stale avail_event (from before a stop) could tell the guest
+            # not to kick for entries we have not seen
+            self._used[self._avail_event_slot] = last_avail_idx
+
+    # -- the driver -> device direction -------------------------------------
+    def pop(self) -> Chain | None:
+        """The next available chain, or None when the guest has offered no
+        more. VirtQueueError if the ring or the chain is malformed."""
+        last = self.last_avail_idx
+        avail = self._avail
+        avail_idx = avail[1]
+        if avail_idx == last:
+            if not self.event_idx:
+                return None
+            # we wrote avail_event = last at the previous pop; the guest may
+            # have published a new entry without seeing it: look again after
+            # a full fence (PROTOCOL.md §2.4)
+            _full_barrier()
+            avail_idx = avail[1]
+            if avail_idx == last:
+                return None
+        if (avail_idx - last) & 0xFFFF > self.num:
+            raise VirtQueueError(f"avail index jumped from {last} to {avail_idx} (queue size {self.num})")
+        head = avail[2 + (last & self._mask)]
+        last = (last + 1) & 0xFFFF
+        self.last_avail_idx = last
+        if self.event_idx:
+            self._used[self._avail_event_slot] = last
+        if head >= self.num:
+            raise VirtQueueError(f"head index {head} out of range (queue size {self.num})")
+        try:
+            return self._walk(head)
+        except GuestMemoryError as e:
+            raise VirtQueueError(f"chain {head}: {e}") from None
+
+    def _walk(self, head: int) -> Chain:
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        readable_size = writable_size = 0
+        # most buffers lie in the largest region: bounds-check against it
+        # inline and leave the general case (other regions, straddling,
+        # out of range) to GuestMemory.gpa_views
+        hot_start, hot_end, hot_view = self._hot
+        gpa_views = self.mem.gpa_views
+        unpack = DESC.unpack_from
+        table = self._desc
+        size = self.num
+        in_indirect = False
+        seen_writable = False
+        index = head
+        budget = size  # descriptors this table may still contribute
+        while True:
+            if budget == 0:
+                raise VirtQueueError(f"chain {head} is longer than its table ({size}): a descriptor loop")
+            budget -= 1
+            addr, length, flags, nxt = unpack(table, index << 4)
+            if flags & DESC_F_INDIRECT:
+                if in_indirect:
+                    raise VirtQueueError(f"chain {head}: nested indirect descriptor")
+                if flags & DESC_F_NEXT:
+                    raise VirtQueueError(f"chain {head}: indirect descriptor with NEXT")
+                if length == 0 or length & 15 or length > MAX_INDIRECT_ENTRIES * 16:
+                    raise VirtQueueError(f"chain {head}: indirect table length {length}")
+                if hot_start <= addr and addr + length <= hot_end:
+                    table = hot_view[addr - hot_start:addr - hot_start + length]
+                else:
+                    parts = gpa_views(addr, length)
+                    table = parts[0] if len(parts) == 1 else b"".join(parts)  # rare: straddles regions
+                size = budget = length >> 4
+                in_indirect = True
+                index = 0
+                continue
+            if flags & DESC_F_WRITE:
+                seen_writable = True
+                if length:
+                    if hot_start <= addr and addr + length <= hot_end:
+                        writable.append(hot_view[addr - hot_start:addr - hot_start + length])
+                    else:
+                        writable += gpa_views(addr, length)
+                    writable_size += length
+            elif seen_writable:
+                raise VirtQueueError(f"chain {head}: device-readable descriptor after a writable one")
+            elif length:
+                if hot_start <= addr and addr + length <= hot_end:
+                    readable.append(hot_view[addr - hot_start:addr - hot_start + length])
+                else:
+                    readable += gpa_views(addr, length)
+                readable_size += length
+            if not flags & DESC_F_NEXT:
+                return Chain(head, _iovec(readable, readable_size), _iovec(writable, writable_size))
+            if nxt >= size:
+                raise VirtQueueError(f"chain {head}: next index {nxt} out of range ({size})")
+            index = nxt
+
+    # -- the device -> driver direction -------------------------------------
+    def push(self, head: int, written: int) -> None:
+        """Queue a used element: ``written`` bytes went into chain ``head``'s
+        writable part. Not visible to the guest before ``publish``."""
+        slot = self._used_idx & self._mask
+        USED_ELEM.pack_into(self._used_elems, 4 + 8 * slot, head, written)
+        self._used_idx = (self._used_idx + 1) & 0xFFFF
+
+    def publish(self) -> bool:
+        """Store ``used.idx`` once for everything pushed; True if the guest
+        should now be signalled (call eventfd)."""
+        new = self._used_idx
+        if new == self._published_idx:
+            return False  # nothing pushed since the last publish
+        self._used[1] = new  # one 16-bit store: never torn
+        self._published_idx = new
+        if not self.event_idx:
+            self._signalled_used = new
+            return True
+        _full_barrier()
+        old = self._signalled_used
+        valid = self._signalled_valid
+        self._signalled_used = new
+        self._signalled_valid = True
+        if not valid:
+            return True
+        return vring_need_event(self._avail[self._used_event_slot], new, old)
+
+    @property
+    def pending(self) -> int:
+        """Used elements pushed but not yet published."""
+        return (self._used_idx - self._published_idx) & 0xFFFF
+
+    def release(self) -> None:
+        """Drop the ring views so the guest memory can be unmapped. The queue
+        is unusable afterwards."""
+        for view in (self._used, self._used_elems, self._avail, self._desc):
+            view.release()
+
+
+def _iovec(views: list[memoryview], size: int) -> IoVec:
+    """IoVec(views) without re-summing the lengths we already added up."""
+    iov = _new_iovec(IoVec)
+    iov.views = views
+    iov.size = size
+    return iov
+
+
+_new_iovec = object.__new__
+
+
+def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """virtio_ring.h: has the index crossed ``event_idx`` going from old to new?"""
+    return (new_idx - event_idx - 1) & 0xFFFF < (new_idx - old_idx) & 0xFFFF
+
+
+def _make_full_barrier():
+    """A store→load fence: on x86-64 any locked instruction is one, and
+    glibc's ``pthread_spin_lock`` is a ``lock decl``. None elsewhere."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)  # the process's own symbols: libc (and libpthread) are loaded
+        lock_fn, unlock_fn = libc.pthread_spin_lock, libc.pthread_spin_unlock
+    except (OSError, AttributeError):
+        return None
+    spin = ctypes.c_int(1)  # 1 = unlocked in glibc
+    ref = ctypes.byref(spin)
+
+    def full_barrier() -> None:
+        lock_fn(ref)
+        unlock_fn(ref)
+
+    return full_barrier
+
+
+_full_barrier = _make_full_barrier()

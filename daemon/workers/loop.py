@@ -1,0 +1,362 @@
+"""The worker event loop, shared by the hiprio and request roles.
+
+One ``epoll`` over the control channel and the kick eventfds of this
+worker's running rings. The channel carries the supervisor's requests
+(channel.py), each answered exactly once:
+
+==============  ===========================================================
+MEM_TABLE       map the new table (``GuestMemory``); rings that are running
+                are re-translated into it. A table that cannot be mapped is
+                answered with its errno and the previous one stays.
+VRING_START     build the ``VirtQueue``, watch its kick fd, answer 0 or an
+                errno, then serve whatever the guest already queued.
+VRING_CALL      keep the newest call eventfd (the previous one is closed).
+VRING_STOP      answer deferred requests (EINTR), publish, close the kick
+                fd; the answer value is the ring's next avail index.
+SHUTDOWN        the same for every ring, answer, exit 0.
+==============  ===========================================================
+
+A frame that breaks the channel protocol (wrong size, unexpected fds, a
+message a worker never receives) ends the worker with exit status 1: the
+supervisor replaces it. A malformed ring (``VirtQueueError``) is the
+guest's fault and ends only that ring: it is logged (rate-limited) and no
+longer watched, while the channel and other rings go on.
+
+A kick: drain the eventfd (before scanning, so no kick is lost), pop every
+available chain, hand it to the session, push the used element, publish
+once per batch, signal the call eventfd. At most ``num`` chains are taken
+per batch so a guest that keeps the ring full cannot starve the channel;
+the rest are served on the next turn without waiting for a kick.
+
+Deferred requests (a SETLKW that must wait): the session keeps the chain
+(the token is the ``Chain`` itself) and the loop calls ``session.retry()``
+every ``RETRY_INTERVAL`` seconds while it has any (an epoll timeout, so
+kicks keep being served meanwhile). VRING_STOP and SHUTDOWN first answer
+them all with ``session.cancel_all()`` (EINTR), so a stopped ring owes the
+guest nothing.
+
+Chains are released (``Chain.release``) once pushed, so a replaced memory
+table can actually be unmapped (memory.py on lifetimes).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import time
+
+from daemon.log import RateLimitedLogger, get_logger
+from daemon.virtio.memory import GuestMemory, GuestMemoryError
+from daemon.virtio.virtqueue import VIRTIO_RING_F_EVENT_IDX, Chain, VirtQueue, VirtQueueError
+from daemon.workers.channel import (VRING_CALL, VRING_START, VRING_STOP, Channel, ChannelError, Msg,
+                                    close_fds, decode_mem_table)
+
+log = get_logger("workers")
+
+RETRY_INTERVAL = 0.010  # seconds between session.retry() calls while requests wait
+
+
+class Ring:
+    """What this worker knows about one vring."""
+
+    __slots__ = ("index", "queue", "kick_fd", "call_fd", "num", "addresses", "event_idx",
+                 "last_avail_idx", "broken")
+
+    def __init__(self, index: int):
+        self.index = index
+        self.queue: VirtQueue | None = None  # None while stopped or broken
+        self.kick_fd: int | None = None      # set while the ring runs (even broken)
+        self.call_fd: int | None = None
+        self.num = 0
+        self.addresses = (0, 0, 0)           # desc, avail, used QVAs
+        self.event_idx = False
+        self.last_avail_idx = 0              # the base while no queue exists
+        self.broken = False
+
+    @property
+    def running(self) -> bool:
+        return self.kick_fd is not None
+
+
+class WorkerLoop:
+    """Serves ``ring_indices`` for ``session`` until SHUTDOWN or a channel
+    violation; ``run()`` returns the process exit status."""
+
+    def __init__(self, channel: Channel, session, ring_indices, clock=time.monotonic):
+        self.channel = channel
+        self.session = session
+        self.rings = {i: Ring(i) for i in ring_indices}
+        self.memory: GuestMemory | None = None
+        self._epoll = select.epoll()
+        self._by_kick_fd: dict[int, Ring] = {}
+        self._deferred: dict[Chain, Ring] = {}
+        self._again: list[Ring] = []  # rings whose last batch hit its cap
+        self._clock = clock
+        self._guest_log = RateLimitedLogger(log)
+        self._handlers = {
+            Msg.MEM_TABLE: self._on_mem_table,
+            Msg.VRING_START: self._on_vring_start,
+            Msg.VRING_CALL: self._on_vring_call,
+            Msg.VRING_STOP: self._on_vring_stop,
+            Msg.SHUTDOWN: self._on_shutdown,
+        }
+
+    # -- the loop ------------------------------------------------------------
+    def run(self) -> int:
+        channel_fd = self.channel.fileno()
+        self._epoll.register(channel_fd, select.EPOLLIN)
+        session = self.session
+        next_retry = 0.0
+        try:
+            while True:
+                if self._again:
+                    timeout = 0
+                elif session.has_pending():
+                    timeout = max(0.0, next_retry - self._clock())
+                else:
+                    timeout = -1
+                for fd, _events in self._epoll.poll(timeout):
+                    if fd == channel_fd:
+                        status = self._on_channel()
+                        if status is not None:
+                            return status
+                    else:
+                        ring = self._by_kick_fd.get(fd)
+                        if ring is not None:
+                            _drain(fd)
+                            self._serve(ring)
+                if self._again:
+                    again, self._again = self._again, []
+                    for ring in again:
+                        self._serve(ring)
+                if session.has_pending():
+                    now = self._clock()
+                    if now >= next_retry:
+                        self._complete(session.retry())
+                        next_retry = now + RETRY_INTERVAL
+                elif self._deferred:
+                    self._forget_dropped()
+        except ChannelError as e:
+            log.error("control channel: %s; exiting", e)
+            return 1
+
+    # -- rings ---------------------------------------------------------------
+    def _serve(self, ring: Ring) -> None:
+        """One batch: pop, handle, push; publish once; call the guest."""
+        queue = ring.queue
+        if queue is None or ring.broken:
+            return
+        handle = self.session.handle
+        deferred = self._deferred
+        served = 0
+        try:
+            while True:
+                chain = queue.pop()
+                if chain is None:
+                    break
+                written = handle(chain.readable, chain.writable, chain)
+                if written is None:
+                    deferred[chain] = ring
+                else:
+                    queue.push(chain.head, written)
+                    chain.release()
+                served += 1
+                if served == queue.num:
+                    self._again.append(ring)
+                    break
+        except VirtQueueError as e:
+            self._break(ring, e)
+        self._publish(ring, queue)
+        self.session.reap()
+
+    def _publish(self, ring: Ring, queue: VirtQueue) -> None:
+        if queue.publish() and ring.call_fd is not None:
+            try:
+                os.eventfd_write(ring.call_fd, 1)
+            except OSError as e:
+                self._guest_log.warning("vring %d: call eventfd: %s", ring.index, e.strerror)
+
+    def _break(self, ring: Ring, error: VirtQueueError) -> None:
+        """Stop serving a malformed ring; it stays "running" (kick fd open)
+        for the supervisor's VRING_STOP, which answers its avail index."""
+        self._guest_log.error("vring %d: %s; no longer served", ring.index, error)
+        ring.broken = True
+        self._unwatch(ring)
+
+    def _complete(self, completions) -> None:
+        """Push deferred requests the session has finished."""
+        touched = []
+        for chain, written in completions:
+            ring = self._deferred.pop(chain, None)
+            if ring is None:
+                log.warning("session completed a request this loop never deferred")
+                continue
+            if ring.queue is not None and not ring.broken:
+                ring.queue.push(chain.head, written)
+                if ring not in touched:
+                    touched.append(ring)
+            chain.release()
+        for ring in touched:
+            self._publish(ring, ring.queue)
+
+    def _forget_dropped(self) -> None:
+        """The session dropped its deferred requests (a new FUSE INIT): the
+        guest no longer waits for them, so just let go of their memory."""
+        for chain in self._deferred:
+            chain.release()
+        self._deferred.clear()
+
+    def _start_queue(self, ring: Ring, last_avail_idx: int) -> None:
+        """(Re)build ring.queue from the current memory; VirtQueueError if
+        the ring does not fit in it."""
+        if self.memory is None:
+            raise VirtQueueError("no memory table")
+        desc, avail, used = ring.addresses
+        ring.queue = VirtQueue(self.memory, ring.num, desc, avail, used, last_avail_idx, ring.event_idx)
+
+    def _drop_queue(self, ring: Ring) -> None:
+        if ring.queue is not None:
+            ring.last_avail_idx = ring.queue.last_avail_idx
+            ring.queue.release()
+            ring.queue = None
+
+    def _watch(self, ring: Ring) -> None:
+        self._epoll.register(ring.kick_fd, select.EPOLLIN)
+        self._by_kick_fd[ring.kick_fd] = ring
+
+    def _unwatch(self, ring: Ring) -> None:
+        if self._by_kick_fd.pop(ring.kick_fd, None) is not None:
+            self._epoll.unregister(ring.kick_fd)
+
+    def _stop(self, ring: Ring) -> None:
+        """Answer what waits, publish, close the kick fd (ring stopped)."""
+        if self._deferred:
+            self._complete(self.session.cancel_all())
+        if ring.queue is not None:
+            self._publish(ring, ring.queue)
+        self._drop_queue(ring)
+        self._unwatch(ring)
+        if ring.kick_fd is not None:
+            os.close(ring.kick_fd)
+            ring.kick_fd = None
+        if ring in self._again:
+            self._again.remove(ring)
+
+    # -- the channel ---------------------------------------------------------
+    def _on_channel(self) -> int | None:
+        msg, payload, fds = self.channel.recv()
+        handler = self._handlers.get(msg)
+        if handler is None:
+            close_fds(fds)
+            raise ChannelError(f"unexpected {msg.name} from the supervisor")
+        return handler(payload, fds)
+
+    def _ring(self, index: int) -> Ring | None:
+        ring = self.rings.get(index)
+        if ring is None:
+            log.error("supervisor addressed vring %d, not served here (%s)", index, sorted(self.rings))
+        return ring
+
+    def _on_mem_table(self, payload: bytes, fds: list[int]) -> None:
+        try:
+            regions = decode_mem_table(payload, len(fds))
+        except ChannelError:
+            close_fds(fds)
+            raise
+        try:
+            memory = GuestMemory.from_regions(regions, fds)  # closes the fds
+        except GuestMemoryError as e:
+            log.error("memory table refused: %s", e)
+            self.channel.answer(errno.EINVAL)
+            return None
+        running = [ring for ring in self.rings.values() if ring.queue is not None and not ring.broken]
+        for ring in self.rings.values():
+            self._drop_queue(ring)  # broken rings keep only their avail index
+        if self.memory is not None:
+            self.memory.close()
+        self.memory = memory
+        for ring in running:
+            try:
+                self._start_queue(ring, ring.last_avail_idx)
+            except VirtQueueError as e:
+                self._break(ring, e)
+        self.channel.answer(0)
+        return None
+
+    def _on_vring_start(self, payload: bytes, fds: list[int]) -> None:
+        if len(payload) != VRING_START.size or len(fds) != 1:
+            close_fds(fds)
+            raise ChannelError(f"VRING_START with {len(payload)} bytes and {len(fds)} fds")
+        index, num, desc, avail, used, last_avail_idx, features = VRING_START.unpack(payload)
+        kick_fd = fds[0]
+        ring = self._ring(index)
+        if ring is None or ring.running:
+            os.close(kick_fd)
+            self.channel.answer(errno.EINVAL if ring is None else errno.EBUSY)
+            return None
+        ring.num, ring.addresses = num, (desc, avail, used)
+        ring.event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
+        try:
+            self._start_queue(ring, last_avail_idx)
+        except VirtQueueError as e:
+            log.error("vring %d: cannot start: %s", index, e)
+            os.close(kick_fd)
+            self.channel.answer(errno.EINVAL)
+            return None
+        os.set_blocking(kick_fd, False)
+        ring.kick_fd = kick_fd
+        ring.broken = False
+        self._watch(ring)
+        self.channel.answer(0)
+        self._serve(ring)  # the guest may have queued requests before the start
+        return None
+
+    def _on_vring_call(self, payload: bytes, fds: list[int]) -> None:
+        if len(payload) != VRING_CALL.size:
+            close_fds(fds)
+            raise ChannelError(f"VRING_CALL with {len(payload)} bytes")
+        index, has_fd = VRING_CALL.unpack(payload)
+        if has_fd not in (0, 1) or len(fds) != has_fd:
+            close_fds(fds)
+            raise ChannelError(f"VRING_CALL has_fd={has_fd} with {len(fds)} fds")
+        ring = self._ring(index)
+        if ring is None:
+            close_fds(fds)
+            self.channel.answer(errno.EINVAL)
+            return None
+        if ring.call_fd is not None:
+            os.close(ring.call_fd)
+        ring.call_fd = fds[0] if fds else None
+        self.channel.answer(0)
+        return None
+
+    def _on_vring_stop(self, payload: bytes, fds: list[int]) -> None:
+        if len(payload) != VRING_STOP.size or fds:
+            close_fds(fds)
+            raise ChannelError(f"VRING_STOP with {len(payload)} bytes and {len(fds)} fds")
+        (index,) = VRING_STOP.unpack(payload)
+        ring = self._ring(index)
+        if ring is None:
+            self.channel.answer(errno.EINVAL)
+            return None
+        self._stop(ring)
+        self.channel.answer(0, ring.last_avail_idx)
+        return None
+
+    def _on_shutdown(self, payload: bytes, fds: list[int]) -> int:
+        if payload or fds:
+            close_fds(fds)
+            raise ChannelError(f"SHUTDOWN with {len(payload)} bytes and {len(fds)} fds")
+        for ring in self.rings.values():
+            self._stop(ring)
+        self.channel.answer(0)
+        return 0
+
+
+def _drain(fd: int) -> None:
+    """Reset a kick eventfd's counter (before scanning, so no kick is lost)."""
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass  # a spurious wakeup: allowed
