@@ -77,7 +77,7 @@ HANDLE_MAX = 64  # bytes of ``struct file_handle`` (header included) kept per sl
 
 # header words (u64)
 _H_MAGIC, _H_CAPACITY, _H_GEN, _H_HIGH, _H_FREE, _H_LIVE, _H_RING_W, _H_DIRTY, \
-    _H_EPOCH, _H_ROOT = range(10)
+    _H_EPOCH, _H_ROOT, _H_SESSION = range(11)
 _HDR_WORDS = 16
 # slot words (u64): generation, refcount, dev, ino, next free, handle length,
 # then HANDLE_MAX bytes of handle
@@ -417,6 +417,25 @@ class InodeTable:
     def epoch(self) -> int:
         """How many times ``reset`` ran (each INIT/DESTROY)."""
         return self._hdr[_H_EPOCH]
+
+    @property
+    def session(self) -> int:
+        """The FUSE session every request worker serves: the epoch of the
+        INIT that started it, or 0 when none is live (before INIT, after
+        DESTROY). One word, so reading it needs no lock."""
+        return self._hdr[_H_SESSION]
+
+    def begin_session(self, root_dev: int, root_ino: int) -> int:
+        """INIT on any request queue: a fresh table, and a new session
+        number the other request workers adopt on their next request."""
+        self.reset(root_dev, root_ino)
+        self._hdr[_H_SESSION] = epoch = self._hdr[_H_EPOCH]
+        return epoch
+
+    def end_session(self, root_dev: int, root_ino: int) -> None:
+        """DESTROY: every nodeid forgotten and no session live."""
+        self._hdr[_H_SESSION] = 0
+        self.reset(root_dev, root_ino)
 
     def __len__(self) -> int:
         """Live nodeids, the root not counted."""

@@ -199,7 +199,9 @@ class FuseSession:
         timeout = config.cache.timeout
         self._tsec = int(timeout)
         self._tnsec = int(round((timeout - self._tsec) * _NS))
-        self.initialized = False
+        # the shared session (InodeTable.session) this worker's caches and
+        # fhs belong to; 0 = none
+        self._session = 0
         self.root_fd = -1
         self._own_root = False
         self.cache: InodeCache | None = None
@@ -276,8 +278,11 @@ class FuseSession:
         handler = self._ops.get(opcode)
         if handler is None:
             return self._error(writable, unique, errno.ENOSYS)
-        if not self.initialized and opcode != _INIT and not self._hiprio:
-            return self._error(writable, unique, errno.EIO)
+        session = self._session
+        if (not session or session != self.inodes.session) and opcode != _INIT \
+                and not self._hiprio:
+            if not self._adopt():
+                return self._error(writable, unique, errno.EIO)
         nargs = length - _HDR
         data = None
         if opcode == _WRITE:
@@ -429,32 +434,53 @@ class FuseSession:
         return done
 
     # -- sessions --------------------------------------------------------------------
+    @property
+    def initialized(self) -> bool:
+        """Whether this worker serves a live FUSE session."""
+        return self._session != 0 and self._session == self.inodes.session
+
     def start(self) -> None:
-        """Begin a new session (INIT): fresh inode table, no fds, no fhs."""
-        self.end()
+        """Begin a new session (INIT): fresh inode table, no fds, no fhs.
+        Every other request worker adopts it on its next request."""
+        self._drop_local()
         st = os.fstat(self.root_fd)
-        self.inodes.reset(st.st_dev, st.st_ino)
+        self._session = self.inodes.begin_session(st.st_dev, st.st_ino)
         self.cache.reset(self.root_fd)
-        self.initialized = True
 
     def end(self) -> None:
-        """End the session (DESTROY, or before a new INIT)."""
+        """End the session (DESTROY, or worker exit)."""
+        self._drop_local()
+        if self._session and self._session == self.inodes.session:
+            st = os.fstat(self.root_fd)
+            self.inodes.end_session(st.st_dev, st.st_ino)  # frees every nodeid
+        self._session = 0
+
+    def _adopt(self) -> bool:
+        """Another request worker ran INIT or DESTROY: drop what this worker
+        held for the old session and serve the current one, if any."""
+        self._drop_local()
+        self._session = self.inodes.session
+        if not self._session:
+            return False
+        self.cache.reset(self.root_fd)
+        return True
+
+    def _drop_local(self) -> None:
+        """Forget this worker's own state: deferred requests, fhs, fds."""
         credentials.restore()
         if self._pending:
             log.info("dropping %d deferred requests of the old FUSE session", len(self._pending))
             self._pending = []
-        if self.handles is not None and hasattr(self.handles, "reset"):
+        if self.handles is not None:
             self.handles.reset()
         if self.cache is not None:
             self.cache.clear()
-        if self.initialized:
-            st = os.fstat(self.root_fd)
-            self.inodes.reset(st.st_dev, st.st_ino)  # frees every nodeid
-        self.initialized = False
 
     def close(self) -> None:
-        """Release everything this session holds (worker exit, tests)."""
-        self.end()
+        """Release what this worker holds (worker exit, tests). The shared
+        session lives on for the other request workers."""
+        self._drop_local()
+        self._session = 0
         if self._own_root and self.root_fd >= 0:
             os.close(self.root_fd)
         self.root_fd = -1

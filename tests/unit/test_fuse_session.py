@@ -136,6 +136,30 @@ def test_requests_before_init_are_eio(tmp_path, proc_cwd):
         table.close()
 
 
+def test_request_workers_share_one_session(tmp_path, proc_cwd):
+    """INIT arrives on one request queue only; a second request worker
+    (another session object on the same shared table) serves the nodeids it
+    handed out, and DESTROY on either ends the session for both."""
+    (tmp_path / "f").write_bytes(b"x")
+    first, table = make_session(tmp_path)
+    second = FuseSession(Config(shared_dir=str(tmp_path)), table)
+    a, b = FuseClient(first), FuseClient(second)
+    try:
+        assert getattr_(b, 1).error == errno.EIO
+        a.call(Opcode.INIT, 0, init_args(), 64).ok()
+        nodeid = entry_nodeid(lookup(a, 1, "f").ok())
+        assert getattr_(b, nodeid).error == 0
+        assert b.call(Opcode.DESTROY, 0, b"", 0).error == 0
+        assert getattr_(a, 1).error == errno.EIO
+        a.call(Opcode.INIT, 0, init_args(), 64).ok()
+        assert getattr_(b, nodeid).error in (errno.ESTALE, errno.ENOENT)
+        assert getattr_(b, 1).error == 0
+    finally:
+        first.close()
+        second.close()
+        table.close()
+
+
 def test_init_starts_a_new_session(env):
     fs, client, share = env
     (share / "f").write_bytes(b"")
