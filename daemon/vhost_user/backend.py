@@ -35,8 +35,11 @@ logger = log.get_logger("vhost_user")
 OFFERED_FEATURES = m.F_VERSION_1 | m.F_RING_INDIRECT_DESC | m.F_PROTOCOL_FEATURES
 # Not EVENT_IDX: it needs a store->load fence CPython cannot give (PROTOCOL.md §2.4).
 assert OFFERED_FEATURES == 0x1_5000_0000
-OFFERED_PROTOCOL_FEATURES = m.PF_MQ | m.PF_REPLY_ACK
-assert OFFERED_PROTOCOL_FEATURES == 0x9
+OFFERED_PROTOCOL_FEATURES = m.PF_MQ | m.PF_REPLY_ACK | m.PF_CONFIGURE_MEM_SLOTS
+assert OFFERED_PROTOCOL_FEATURES == 0x8009
+# With CONFIGURE_MEM_SLOTS QEMU adds and removes regions one at a time; the
+# workers still get whole tables, which one channel frame carries.
+MAX_MEM_SLOTS = m.MAX_REGIONS
 
 REPLY_ACK_FAILURE = 1
 
@@ -124,6 +127,9 @@ class Backend:
             Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
             Request.GET_QUEUE_NUM: self._get_queue_num,
             Request.SET_VRING_ENABLE: self._set_vring_enable,
+            Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            Request.ADD_MEM_REG: self._add_mem_reg,
+            Request.REM_MEM_REG: self._rem_mem_reg,
         }
 
     def fileno(self) -> int:
@@ -274,12 +280,51 @@ class Backend:
         except VhostUserError:
             _close_fds(new_fds)
             raise
-        # INTERNALS: stop running rings, send the new table, restart them.
+        old_fds = self.region_fds
+        self._install_mem_table(regions, new_fds)
+        _close_fds(old_fds)
+
+    def _get_max_mem_slots(self, _body, _fds) -> bytes:
+        return m.U64.pack(MAX_MEM_SLOTS)
+
+    def _add_mem_reg(self, region: m.MemoryRegion, fds: list[int]) -> None:
+        """ADD_MEM_REG: one more region (memory hot-plug, or each region of
+        the table at DRIVER_OK when CONFIGURE_MEM_SLOTS is negotiated)."""
+        fd = fds.pop()                  # ours now: closed below on error
+        try:
+            if len(self.regions) >= MAX_MEM_SLOTS:
+                raise VhostUserError(f"ADD_MEM_REG: already {len(self.regions)} regions, "
+                                     f"the most this backend announced")
+            regions = self.regions + [region]
+            m.check_no_overlap("ADD_MEM_REG", regions)
+            _check_region_file(len(self.regions), region, fd, "ADD_MEM_REG")
+        except VhostUserError:
+            os.close(fd)
+            raise
+        self._install_mem_table(regions, self.region_fds + [fd])
+
+    def _rem_mem_reg(self, region: m.MemoryRegion, _fds) -> None:
+        """REM_MEM_REG: drop the region with the same gpa, QVA and size
+        (QEMU's match; mmap_offset is ignored). Removing an unknown region
+        is QEMU's bug, not the guest's: the connection ends."""
+        for i, r in enumerate(self.regions):
+            if (r.gpa, r.qva, r.size) == (region.gpa, region.qva, region.size):
+                break
+        else:
+            raise VhostUserError(f"REM_MEM_REG: no region at gpa 0x{region.gpa:x} size 0x{region.size:x}")
+        fd = self.region_fds[i]
+        self._install_mem_table(self.regions[:i] + self.regions[i + 1:],
+                                self.region_fds[:i] + self.region_fds[i + 1:])
+        os.close(fd)
+
+    def _install_mem_table(self, regions: list[m.MemoryRegion], fds: list[int]) -> None:
+        """Make ``regions`` (with their fds, now owned here) the memory table:
+        as INTERNALS.md says, stop the running rings, send every worker the
+        new table, restart the rings. The caller closes fds no longer used."""
         for ring in self.rings.values():
             if ring.running:
                 self._stop(ring)
-        _close_fds(self.region_fds)
-        self.regions, self.region_fds = regions, new_fds
+        self.regions, self.region_fds = regions, fds
         for index in list(self.pool.live()):
             self._send_mem_table(index)
         for ring in self.rings.values():
@@ -431,16 +476,16 @@ class Backend:
             logger.warning("%s", message)
 
 
-def _check_region_file(i: int, region: m.MemoryRegion, fd: int) -> None:
+def _check_region_file(i: int, region: m.MemoryRegion, fd: int, what: str = "SET_MEM_TABLE") -> None:
     """A region must not extend past the end of its file: a worker touching
     such a page would die of SIGBUS. (Only regular files have a size to
     check: memfd, hugetlbfs, /dev/shm.)"""
     try:
         st = os.fstat(fd)
     except OSError as e:
-        raise VhostUserError(f"SET_MEM_TABLE: region {i} fd: {_reason(e)}") from None
+        raise VhostUserError(f"{what}: region {i} fd: {_reason(e)}") from None
     if stat.S_ISREG(st.st_mode) and st.st_size < region.mmap_offset + region.size:
-        raise VhostUserError(f"SET_MEM_TABLE: region {i} needs 0x{region.mmap_offset + region.size:x} "
+        raise VhostUserError(f"{what}: region {i} needs 0x{region.mmap_offset + region.size:x} "
                              f"bytes of its file, which has 0x{st.st_size:x}")
 
 

@@ -32,8 +32,11 @@ MEMORY_HEADER = struct.Struct("<I4x")
 # struct VhostUserMemoryRegion { uint64_t guest_phys_addr; uint64_t memory_size;
 #   uint64_t userspace_addr; uint64_t mmap_offset; };
 MEMORY_REGION = struct.Struct("<QQQQ")
+# struct VhostUserMemRegMsg { uint64_t padding; VhostUserMemoryRegion region; };
+#   (ADD_MEM_REG / REM_MEM_REG)
+SINGLE_REGION = struct.Struct("<8xQQQQ")
 assert (HEADER.size, U64.size, VRING_STATE.size, VRING_ADDR.size,
-        MEMORY_HEADER.size, MEMORY_REGION.size) == (12, 8, 8, 40, 8, 32)
+        MEMORY_HEADER.size, MEMORY_REGION.size, SINGLE_REGION.size) == (12, 8, 8, 40, 8, 32, 40)
 
 # header flags
 VERSION = 0x1
@@ -63,6 +66,7 @@ F_VERSION_1 = 1 << 32
 # protocol feature bits (GET_PROTOCOL_FEATURES / SET_PROTOCOL_FEATURES)
 PF_MQ = 1 << 0
 PF_REPLY_ACK = 1 << 3
+PF_CONFIGURE_MEM_SLOTS = 1 << 15
 
 
 class Request(enum.IntEnum):
@@ -203,11 +207,12 @@ _FIXED_SIZE = {
     Request.GET_PROTOCOL_FEATURES: 0,
     Request.SET_PROTOCOL_FEATURES: U64.size,
     Request.GET_QUEUE_NUM: 0,
+    Request.GET_MAX_MEM_SLOTS: 0,
     Request.SET_VRING_ENABLE: VRING_STATE.size,
 }
-DECODED = frozenset(_FIXED_SIZE) | {Request.SET_MEM_TABLE}
+DECODED = frozenset(_FIXED_SIZE) | {Request.SET_MEM_TABLE, Request.ADD_MEM_REG, Request.REM_MEM_REG}
 
-Payload = None | int | VringState | VringAddr | VringFile | list[MemoryRegion]
+Payload = None | int | VringState | VringAddr | VringFile | MemoryRegion | list[MemoryRegion]
 
 
 def decode_payload(request: int, payload: bytes, nfds: int) -> Payload:
@@ -220,6 +225,8 @@ def decode_payload(request: int, payload: bytes, nfds: int) -> Payload:
     request = Request(request)
     if request == Request.SET_MEM_TABLE:
         return decode_mem_table(payload, nfds)
+    if request in (Request.ADD_MEM_REG, Request.REM_MEM_REG):
+        return decode_single_region(request, payload, nfds)
     expected = _FIXED_SIZE[request]
     if len(payload) != expected:
         raise VhostUserError(f"{request.name}: payload is {len(payload)} bytes, expected {expected}")
@@ -284,6 +291,40 @@ def _decode_vring_file(request: Request, payload: bytes, nfds: int) -> VringFile
     return VringFile(index, has_fd)
 
 
+def decode_single_region(request: Request, payload: bytes, nfds: int) -> MemoryRegion:
+    """ADD_MEM_REG (exactly one fd) and REM_MEM_REG (no fd; libvhost-user
+    tolerates one and closes it, so do we): one region of non-zero size that
+    does not wrap the address space."""
+    if len(payload) != SINGLE_REGION.size:
+        raise VhostUserError(f"{request.name}: payload is {len(payload)} bytes, expected {SINGLE_REGION.size}")
+    wanted = (1,) if request == Request.ADD_MEM_REG else (0, 1)
+    if nfds not in wanted:
+        raise VhostUserError(f"{request.name}: {nfds} file descriptor(s), expected {wanted[0]}")
+    r = MemoryRegion(*SINGLE_REGION.unpack(payload))
+    _check_region(request.name, 0, r)
+    return r
+
+
+def _check_region(what: str, i: int, r: MemoryRegion) -> None:
+    if r.size == 0:
+        raise VhostUserError(f"{what}: region {i} has size 0")
+    if r.gpa + r.size > 1 << 64 or r.qva + r.size > 1 << 64:
+        raise VhostUserError(f"{what}: region {i} (size 0x{r.size:x}) wraps the 64-bit address space")
+    # each fd is mapped from offset 0 for size + mmap_offset bytes (an off_t)
+    if r.mmap_offset + r.size >= 1 << 63:
+        raise VhostUserError(f"{what}: region {i} mmap_offset 0x{r.mmap_offset:x} + size is too large")
+
+
+def check_no_overlap(what: str, regions: list[MemoryRegion]) -> None:
+    """No two regions may share a guest-physical or a QEMU virtual address."""
+    for space in ("gpa", "qva"):
+        spans = sorted((getattr(r, space), r.size, i) for i, r in enumerate(regions))
+        for (start_a, size_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+            if start_a + size_a > start_b:
+                raise VhostUserError(f"{what}: regions {a} and {b} overlap in "
+                                     f"{'guest-physical' if space == 'gpa' else 'QEMU virtual'} addresses")
+
+
 def decode_mem_table(payload: bytes, nfds: int) -> list[MemoryRegion]:
     """SET_MEM_TABLE: 1..8 regions of non-zero size, one fd each, no address
     range past 2**64, no two regions overlapping in guest-physical or in QEMU
@@ -301,19 +342,8 @@ def decode_mem_table(payload: bytes, nfds: int) -> list[MemoryRegion]:
     regions = [MemoryRegion(*MEMORY_REGION.unpack_from(payload, MEMORY_HEADER.size + i * MEMORY_REGION.size))
                for i in range(n)]
     for i, r in enumerate(regions):
-        if r.size == 0:
-            raise VhostUserError(f"SET_MEM_TABLE: region {i} has size 0")
-        if r.gpa + r.size > 1 << 64 or r.qva + r.size > 1 << 64:
-            raise VhostUserError(f"SET_MEM_TABLE: region {i} (size 0x{r.size:x}) wraps the 64-bit address space")
-        # each fd is mapped from offset 0 for size + mmap_offset bytes (an off_t)
-        if r.mmap_offset + r.size >= 1 << 63:
-            raise VhostUserError(f"SET_MEM_TABLE: region {i} mmap_offset 0x{r.mmap_offset:x} + size is too large")
-    for space in ("gpa", "qva"):
-        spans = sorted((getattr(r, space), r.size, i) for i, r in enumerate(regions))
-        for (start_a, size_a, a), (start_b, _, b) in zip(spans, spans[1:]):
-            if start_a + size_a > start_b:
-                raise VhostUserError(f"SET_MEM_TABLE: regions {a} and {b} overlap in "
-                                     f"{'guest-physical' if space == 'gpa' else 'QEMU virtual'} addresses")
+        _check_region("SET_MEM_TABLE", i, r)
+    check_no_overlap("SET_MEM_TABLE", regions)
     return regions
 
 

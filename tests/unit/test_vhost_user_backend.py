@@ -216,7 +216,7 @@ def test_qemu_7_2_session_from_realize_to_power_off():
     assert rig.request(R.GET_FEATURES)
     assert rig.reply() == bytes.fromhex("01000000 05000000 08000000 0000005001000000")
     assert rig.request(R.GET_PROTOCOL_FEATURES)
-    assert rig.reply() == bytes.fromhex("0f000000 05000000 08000000 0900000000000000")
+    assert rig.reply() == bytes.fromhex("0f000000 05000000 08000000 0980000000000000")
     assert rig.request(R.SET_PROTOCOL_FEATURES, u64(0x9))
     rig.assert_no_reply()
     assert rig.request(R.GET_QUEUE_NUM)
@@ -612,3 +612,67 @@ def test_peer_closing_between_messages_is_a_plain_disconnect(fresh, caplog):
     assert "QEMU disconnected" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     fresh.assert_closed_cleanly()
+
+
+# -- CONFIGURE_MEM_SLOTS: regions one at a time -------------------------------------------------
+
+def single_region(gpa, size, qva, off=0):
+    return m.SINGLE_REGION.pack(gpa, size, qva, off)
+
+
+def test_mem_slots_add_and_remove_regions_while_a_ring_runs():
+    """QEMU with CONFIGURE_MEM_SLOTS sends GET_MAX_MEM_SLOTS, then one
+    ADD_MEM_REG per region (REPLY_ACK'd); a hot-unplug is REM_MEM_REG. Each
+    change stops the running rings, gives every worker the whole new table
+    and restarts the rings at the base the worker reported."""
+    rig = Rig(queue_count=2)
+    negotiate(rig)
+    configure_ring(rig, 1)
+    assert rig.request(R.SET_VRING_ENABLE, state(1, 1))
+    assert rig.request(R.GET_MAX_MEM_SLOTS)
+    assert rig.reply() == bytes.fromhex("24000000 05000000 08000000 0800000000000000")
+    rig.pool.take()
+    rig.pool.progress[1] = 5
+    hot = single_region(1 << 32, RAM_SIZE, RAM_QVA + (1 << 32))
+    before = open_fds()
+    assert rig.request(R.ADD_MEM_REG, hot, [memfd(RAM_SIZE)], flags=m.VERSION | m.FLAG_NEED_REPLY)
+    assert rig.reply() == m.encode_u64_reply(R.ADD_MEM_REG, 0)
+    calls = rig.pool.take()
+    assert calls[0] == ("stop", 1)
+    tables = [c for c in calls if c[0] == "mem_table"]
+    assert {c[1] for c in tables} == {0, 1}
+    assert all(len(c[2]) == 2 for c in tables)
+    assert started(calls) == [1] and calls[-1][6] == 5      # restarted at the reported base
+    assert open_fds() == before + 1                          # the new region's fd is kept
+    assert rig.request(R.REM_MEM_REG, hot, flags=m.VERSION | m.FLAG_NEED_REPLY)
+    assert rig.reply() == m.encode_u64_reply(R.REM_MEM_REG, 0)
+    tables = [c for c in rig.pool.take() if c[0] == "mem_table"]
+    assert tables and all(len(c[2]) == 1 for c in tables)
+    assert open_fds() == before                              # and closed once removed
+    rig.close()
+
+
+def test_hostile_add_mem_reg_overlapping(fresh, caplog):
+    overlap = single_region(RAM_SIZE // 2, RAM_SIZE, RAM_QVA + (1 << 32))
+    text = hostile(fresh, caplog, (msg(R.ADD_MEM_REG, overlap), [memfd(RAM_SIZE)]),
+                   setup=negotiate)
+    assert "overlap" in text
+
+
+def test_hostile_add_mem_reg_without_fd(fresh, caplog):
+    text = hostile(fresh, caplog, msg(R.ADD_MEM_REG, single_region(1 << 32, RAM_SIZE, 1 << 40)),
+                   setup=negotiate)
+    assert "ADD_MEM_REG: 0 file descriptor(s)" in text
+
+
+def test_hostile_add_mem_reg_beyond_the_announced_slots(fresh, caplog):
+    messages = [(msg(R.ADD_MEM_REG, single_region((i + 1) << 32, 4096, (i + 1) << 40)), [memfd(4096)])
+                for i in range(8)]
+    text = hostile(fresh, caplog, *messages, setup=negotiate)
+    assert "already 8 regions" in text
+
+
+def test_hostile_rem_mem_reg_of_an_unknown_region(fresh, caplog):
+    text = hostile(fresh, caplog, msg(R.REM_MEM_REG, single_region(1 << 32, RAM_SIZE, 1 << 40)),
+                   setup=negotiate)
+    assert "REM_MEM_REG: no region" in text
