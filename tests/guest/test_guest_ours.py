@@ -1,0 +1,66 @@
+"""Our daemon (python -m daemon) under a real guest.
+
+One boot per cache mode (module-scoped fixture), each running the in-guest
+differential suite (guest_ops.py) and the ordinary tools (tools.sh) on the
+mount; then host-side checks of what the guest wrote, the shape of the
+daemon's process tree while the guest was attached, and a clean exit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from . import guest_ops
+from .harness import describe_failures, host_checks
+
+pytestmark = [
+    pytest.mark.guest,
+    pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "daemon" / "cli.py").exists(),
+                       reason="daemon/cli.py not written yet"),
+]
+
+
+@pytest.fixture(scope="module", params=["auto", "never"])
+def run(request, guest_run_factory):
+    return guest_run_factory("ours", request.param, tools=True)
+
+
+def test_guest_ran_to_the_end(run):
+    assert not run.guest.timed_out, describe_failures(run)
+    assert run.ops_summary is not None, describe_failures(run)
+    assert run.guest.umount_status == 0, describe_failures(run)
+
+
+def test_differential_suite(run):
+    assert run.ops_summary is not None, describe_failures(run)
+    assert set(run.ops) == set(guest_ops.CHECKS), describe_failures(run)
+    assert run.ops_summary["failed"] == 0, describe_failures(run)
+
+
+def test_tools(run):
+    assert run.tools_summary is not None, describe_failures(run)
+    assert run.tools_summary["failed"] == 0, describe_failures(run)
+
+
+def test_host_sees_what_the_guest_wrote(run):
+    res = host_checks(run)
+    assert res, "no host-side check applied"
+    bad = {k: v for k, v in res.items() if v}
+    assert not bad, bad
+
+
+def test_three_processes_while_attached(run):
+    """supervisor + hiprio worker + one request worker (Linux 6.1 uses only
+    request queue 1), seen from the host via /proc/*/stat ppid links."""
+    tree = run.process_tree
+    assert tree, "the process tree was not sampled (did the guest mount?)"
+    assert len(tree) == 3, f"daemon process tree: {tree}"
+    root = [p for p in tree if p[0] == tree[0][0]]
+    assert root and all(pp == root[0][0] for pid, pp, _ in tree[1:]), \
+        f"workers must be children of the supervisor: {tree}"
+
+
+def test_daemon_exits_when_the_guest_is_gone(run):
+    assert run.daemon_exit == 0, run.daemon_log[-3000:]
