@@ -68,6 +68,8 @@ class HandleTable:
         self._open_per_node: dict[int, int] = {}
         # nodeid → {lock owner → fd}: lock descriptions (locks.py)
         self._lock_fds: dict[int, dict[int, int]] = {}
+        # nodeid → {lock owner → guest pid of its last granted lock} (GETLK)
+        self._lock_pids: dict[int, dict[int, int]] = {}
         self._lock_fd_count = 0
         self._warned_full = False
 
@@ -128,6 +130,7 @@ class HandleTable:
             self._open_per_node[nodeid] = left
         else:
             del self._open_per_node[nodeid]
+            self._lock_pids.pop(nodeid, None)
             owners = self._lock_fds.pop(nodeid, None)
             if owners:
                 self._lock_fd_count -= len(owners)
@@ -139,6 +142,7 @@ class HandleTable:
         """Close everything (INIT/DESTROY: the guest forgot all its fhs)."""
         handles, self._handles = self._handles, {}
         lock_fds, self._lock_fds = self._lock_fds, {}
+        self._lock_pids = {}
         self._open_per_node = {}
         self._lock_fd_count = 0
         self._warned_full = False
@@ -153,6 +157,18 @@ class HandleTable:
         """The lock description of ``owner`` on ``nodeid``, if it has one."""
         owners = self._lock_fds.get(nodeid)
         return owners.get(owner) if owners else None
+
+    def lock_fds(self, nodeid: int) -> dict[int, int]:
+        """Every lock description on ``nodeid``: {owner: fd} (do not modify)."""
+        return self._lock_fds.get(nodeid) or {}
+
+    def set_lock_pid(self, nodeid: int, owner: int, pid: int) -> None:
+        """Remember the guest pid that ``owner`` last took a lock with."""
+        self._lock_pids.setdefault(nodeid, {})[owner] = pid
+
+    def lock_pid(self, nodeid: int, owner: int) -> int:
+        """The guest pid of ``owner``'s last granted lock, 0 if unknown."""
+        return self._lock_pids.get(nodeid, {}).get(owner, 0)
 
     def add_lock_fd(self, nodeid: int, owner: int, fd: int) -> None:
         """Take ownership of ``fd`` as ``owner``'s lock description.
@@ -182,6 +198,7 @@ class HandleTable:
         fd = owners.pop(owner, None)
         if fd is None:
             return
+        self._lock_pids.get(nodeid, {}).pop(owner, None)
         if not owners:
             del self._lock_fds[nodeid]
         self._lock_fd_count -= 1

@@ -44,8 +44,11 @@ processes waiting on each other wait forever, as with OFD locks on a host.
 
 Ranges: the kernel sends [start, end] inclusive, with end = OFFSET_MAX
 (2^63 - 1) meaning "to end of file" (l_len 0); end = 2^64 - 1 is taken the
-same way. GETLK answers a conflict with pid 0: a host pid means nothing in
-the guest (and OFD locks report -1, which the guest cannot represent).
+same way. GETLK answers a conflict with the guest pid that took it when
+the holder is another lock owner of this worker (its description is found
+through /proc/self/fdinfo, which lists the OFD locks each description
+holds), else pid 0: a host process's pid means nothing in the guest, and
+OFD locks report -1, which the guest cannot represent.
 """
 
 from __future__ import annotations
@@ -81,12 +84,12 @@ _NO_WRITE_OPEN = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ETXTBS
 class LockRequest:
     """A decoded fuse_lk_in."""
 
-    __slots__ = ("fh", "owner", "start", "length", "type", "flock")
+    __slots__ = ("fh", "owner", "start", "length", "type", "flock", "pid")
 
     def __init__(self, args):
         if len(args) < abi.LK_IN.size:
             raise FUSEError(errno.EINVAL)
-        fh, owner, start, end, lock_type, _pid, lk_flags = abi.LK_IN.unpack_from(args)
+        fh, owner, start, end, lock_type, pid, lk_flags = abi.LK_IN.unpack_from(args)
         if lock_type not in (F_RDLCK, F_WRLCK, F_UNLCK):
             raise FUSEError(errno.EINVAL)
         if start > OFFSET_MAX:
@@ -103,6 +106,7 @@ class LockRequest:
         self.length = length
         self.type = lock_type
         self.flock = bool(lk_flags & abi.FUSE_LK_FLOCK)
+        self.pid = pid
 
     def flock_struct(self, lock_type: int) -> bytes:
         return FLOCK.pack(lock_type, os.SEEK_SET, self.start, self.length, 0)
@@ -147,14 +151,45 @@ def _try_lock(fs, lk: LockRequest) -> bool:
         if e.errno in (errno.EAGAIN, errno.EACCES):
             return False
         raise
+    fs.handles.set_lock_pid(handle.nodeid, lk.owner, lk.pid)
     return True
+
+
+_FDINFO_TYPES = {"READ": F_RDLCK, "WRITE": F_WRLCK}
+
+
+def _holds(fd: int, lock_type: int, start: int) -> bool:
+    """Whether description ``fd`` holds an OFD lock of ``lock_type`` that
+    starts at ``start``. fdinfo lines look like
+    ``lock:\t1: OFDLCK  ADVISORY  WRITE -1 00:2b:1234 0 EOF``; the path is
+    relative to the worker's cwd, /proc/self/fd (INTERNALS.md)."""
+    try:
+        with open(f"../fdinfo/{fd}", encoding="ascii", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 8 and words[0] == "lock:" and words[2] == "OFDLCK" \
+                and _FDINFO_TYPES.get(words[4]) == lock_type and words[-2] == str(start):
+            return True
+    return False
+
+
+def _holder_pid(fs, nodeid: int, asker: int, lock_type: int, start: int) -> int:
+    """The guest pid of the other owner holding the conflicting lock, or 0."""
+    for owner, fd in fs.handles.lock_fds(nodeid).items():
+        if owner != asker and _holds(fd, lock_type, start):
+            return fs.handles.lock_pid(nodeid, owner)
+    return 0
 
 
 # -- handlers ----------------------------------------------------------------
 def do_getlk(fs, req: Request):
     """GETLK: test whether ``owner`` could take the lock. Reply fuse_lk_out:
     type F_UNLCK (and the asked range) when it could, else the first
-    conflicting lock's type and range, pid 0. EINVAL for flock requests (the
+    conflicting lock's type, range and holder's guest pid (0 if not one of
+    this worker's lock owners). EINVAL for flock requests (the
     kernel never sends them) and F_UNLCK. Lookup count: unchanged."""
     lk = LockRequest(req.args)
     if lk.flock or lk.type == F_UNLCK:
@@ -171,7 +206,8 @@ def do_getlk(fs, req: Request):
         end = OFFSET_MAX if lk.length == 0 else lk.start + lk.length - 1
         return abi.LK_OUT.pack(lk.start, end, F_UNLCK, 0)
     end = OFFSET_MAX if length == 0 else start + length - 1
-    return abi.LK_OUT.pack(start, end, lock_type, 0)
+    pid = _holder_pid(fs, handle.nodeid, lk.owner, lock_type, start)
+    return abi.LK_OUT.pack(start, end, lock_type, pid)
 
 
 def do_setlk(fs, req: Request):

@@ -41,13 +41,13 @@ def node(fuse):
     return fuse.lookup(1, "f")
 
 
-def lk_args(fh, owner, start, end, lock_type, flock=False):
-    return abi.LK_IN.pack(fh, owner, start, end, lock_type, 0, abi.FUSE_LK_FLOCK if flock else 0)
+def lk_args(fh, owner, start, end, lock_type, flock=False, pid=0):
+    return abi.LK_IN.pack(fh, owner, start, end, lock_type, pid, abi.FUSE_LK_FLOCK if flock else 0)
 
 
-def setlk(fuse, nodeid, fh, owner, start, end, lock_type, flock=False, wait=False):
+def setlk(fuse, nodeid, fh, owner, start, end, lock_type, flock=False, wait=False, pid=0):
     op = Opcode.SETLKW if wait else Opcode.SETLK
-    return fuse.submit(op, nodeid, lk_args(fh, owner, start, end, lock_type, flock), 0)
+    return fuse.submit(op, nodeid, lk_args(fh, owner, start, end, lock_type, flock, pid), 0)
 
 
 def getlk(fuse, nodeid, fh, owner, start, end, lock_type):
@@ -69,13 +69,14 @@ def host_conflict(path, lock_type, start, length):
 def test_two_owners_on_two_handles_exclude_each_other(fuse, share, node):
     a, _ = fuse.open(node, os.O_RDWR)
     b, _ = fuse.open(node, os.O_RDWR)
-    assert setlk(fuse, node, a, 1, 0, 99, F_WRLCK).reply().error == 0
-    assert setlk(fuse, node, b, 2, 50, 60, F_WRLCK).reply().error == errno.EAGAIN
-    assert setlk(fuse, node, b, 2, 50, 60, F_RDLCK).reply().error == errno.EAGAIN
-    assert getlk(fuse, node, b, 2, 50, 60, F_RDLCK) == (0, 99, F_WRLCK, 0)
+    assert setlk(fuse, node, a, 1, 0, 99, F_WRLCK, pid=101).reply().error == 0
+    assert setlk(fuse, node, b, 2, 50, 60, F_WRLCK, pid=202).reply().error == errno.EAGAIN
+    assert setlk(fuse, node, b, 2, 50, 60, F_RDLCK, pid=202).reply().error == errno.EAGAIN
+    # GETLK names the guest process holding the conflicting lock
+    assert getlk(fuse, node, b, 2, 50, 60, F_RDLCK) == (0, 99, F_WRLCK, 101)
     assert getlk(fuse, node, a, 1, 50, 60, F_WRLCK)[2] == F_UNLCK  # its own lock
-    assert setlk(fuse, node, b, 2, 100, EOF, F_WRLCK).reply().error == 0
-    assert getlk(fuse, node, a, 1, 0, EOF, F_RDLCK) == (100, EOF, F_WRLCK, 0)
+    assert setlk(fuse, node, b, 2, 100, EOF, F_WRLCK, pid=202).reply().error == 0
+    assert getlk(fuse, node, a, 1, 0, EOF, F_RDLCK) == (100, EOF, F_WRLCK, 202)
     # the host sees both locks
     assert host_conflict(share / "f", F_RDLCK, 10, 1)
     assert host_conflict(share / "f", F_RDLCK, 5000, 0)
@@ -84,6 +85,17 @@ def test_two_owners_on_two_handles_exclude_each_other(fuse, share, node):
     assert setlk(fuse, node, a, 1, 0, 49, F_UNLCK).reply().error == 0
     assert not host_conflict(share / "f", F_WRLCK, 0, 50)
     assert host_conflict(share / "f", F_WRLCK, 50, 1)
+
+
+def test_getlk_reports_pid_0_for_a_lock_held_on_the_host(fuse, share, node):
+    fh, _ = fuse.open(node, os.O_RDWR)
+    credentials.restore()
+    host = os.open(share / "f", os.O_RDWR)
+    try:
+        fcntl.fcntl(host, locks.F_OFD_SETLK, locks.FLOCK.pack(F_WRLCK, 0, 0, 10, 0))
+        assert getlk(fuse, node, fh, 1, 0, 0, F_RDLCK) == (0, 9, F_WRLCK, 0)
+    finally:
+        os.close(host)
 
 
 def test_two_owners_sharing_one_handle_exclude_each_other(fuse, node):
