@@ -11,8 +11,9 @@ import os
 import sys
 
 import daemon
-from daemon import log
+from daemon import log, sandbox
 from daemon.config import CacheMode, Config
+from daemon.sandbox import capabilities, seccomp
 
 PROG = "pyvirtiofsd"
 MAX_THREAD_POOL_SIZE = 255          # one request queue per vring, vring indexes are 8 bits
@@ -67,6 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inode-table-size", metavar="N", type=_int_arg("--inode-table-size", 1, MAX_INODE_TABLE_SIZE),
                    default=Config.inode_table_size,
                    help=f"most inodes the guest may hold at once (default {Config.inode_table_size})")
+    p.add_argument("--sandbox", choices=list(sandbox.MODES), default=Config.sandbox,
+                   help="how workers are confined: namespace (own mount/pid/net/ipc/uts namespaces, "
+                        "pivot_root into the shared directory; default), chroot (for use inside a "
+                        "container that forbids namespaces), none (debugging only: a loud warning)")
+    p.add_argument("--seccomp", choices=list(seccomp.SECCOMP_MODES), default=Config.seccomp,
+                   help="what a system call outside a process's allow-list (policy/*.policy) does: "
+                        "kill the process (default), log it, trap (SIGSYS), or none (no filter)")
+    p.add_argument("--modcaps", metavar="CAPS",
+                   help="change the request workers' capabilities, e.g. --modcaps=-mknod:+sys_admin")
+    p.add_argument("--inode-file-handles", choices=["never", "prefer"], default="never",
+                   help="never (default): inodes are held as O_PATH fds only; prefer: also keep "
+                        "file handles so any worker can reopen any inode (needs CAP_DAC_READ_SEARCH, "
+                        "which can reach the whole host file system the shared directory is on)")
+    p.add_argument("--rlimit-nofile", metavar="N", type=_int_arg("--rlimit-nofile", 0, 1 << 30),
+                   help="RLIMIT_NOFILE for request workers (default: raised as far as allowed; "
+                        "0 leaves it alone)")
     p.add_argument("--version", action="version", version=f"{PROG} {daemon.__version__}")
     return p
 
@@ -86,7 +103,22 @@ def parse_config(argv: list[str]) -> Config:
         max_request_workers=max(1, args.thread_pool_size),
         xattr=args.xattr,
         inode_table_size=args.inode_table_size,
+        sandbox=args.sandbox,
+        seccomp=args.seccomp,
+        modcaps=_check_modcaps(args.modcaps),
+        file_handles=args.inode_file_handles == "prefer",
+        rlimit_nofile=args.rlimit_nofile,
     )
+
+
+def _check_modcaps(text: str | None) -> str | None:
+    if text is None:
+        return None
+    try:
+        capabilities.parse_modcaps(text)
+    except capabilities.ModcapsError as e:
+        raise UsageError(f"--modcaps {text}: {e}") from None
+    return text
 
 
 def _check_shared_dir(path: str) -> str:
@@ -123,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     from daemon import supervisor
 
     log.setup(config.log_level)
+    sandbox.warn_if_unconfined(config)
     try:
         return supervisor.run(config)
     except supervisor.StartupError as e:

@@ -40,8 +40,13 @@ class Config:
     # most this many (QEMU's num-request-queues beyond it get no worker).
     max_request_workers: int = 8
     xattr: bool = True
-    sandbox: str = "none"  # namespace | chroot | none (issue 3 makes namespace the default)
-    seccomp: str = "none"  # kill | log | trap | none
+    sandbox: str = "namespace"  # namespace | chroot | none (see daemon/sandbox)
+    seccomp: str = "kill"       # kill | log | trap | none: the action for a syscall off the list
+    modcaps: str | None = None  # "+cap:-cap" changes to the request workers' capabilities
+    # re-open inodes by file handle (open_by_handle_at) in workers that never
+    # looked them up: needs CAP_DAC_READ_SEARCH, which reaches the whole host
+    # file system, so it is off unless asked for
+    file_handles: bool = False
     rlimit_nofile: int | None = None
     # upper bound on inodes the guest may hold (size of the shared inode table)
     inode_table_size: int = 1 << 20

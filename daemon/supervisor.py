@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Callable
 
-from daemon import log
+from daemon import log, sandbox
 from daemon.config import Config
 from daemon.vhost_user.backend import Backend, WorkerFailure
 from daemon.workers import channel as ch
@@ -215,17 +215,19 @@ class ProcessPool:
         parent_end, child_end = Channel.pair()
         sys.stdout.flush()
         sys.stderr.flush()
-        supervisor_pid = os.getpid()
         try:
-            pid = os.fork()
-        except OSError as e:
+            # a worker is PID 1 of its own pid namespace (and has its own mount,
+            # net, ipc, uts namespaces) unless --sandbox says otherwise
+            pid = sandbox.fork_confined(self.config.sandbox)
+        except (OSError, sandbox.SandboxError) as e:
             parent_end.close()
             child_end.close()
             name = "hiprio" if index == 0 else f"request-{index}"
-            logger.error("cannot fork worker %s: %s", name, e.strerror)
-            raise WorkerFailure(f"cannot fork worker {name}: {e.strerror}") from None
+            reason = e.strerror if isinstance(e, OSError) else str(e)
+            logger.error("cannot fork worker %s: %s", name, reason)
+            raise WorkerFailure(f"cannot fork worker {name}: {reason}") from None
         if pid == 0:
-            self._run_child(index, child_end, parent_end, supervisor_pid)
+            self._run_child(index, child_end, parent_end)
         child_end.close()
         worker = self.workers[index] = Worker(index, pid, parent_end)
         logger.debug("forked %s as pid %d", worker.name, pid)
@@ -309,7 +311,7 @@ class ProcessPool:
 
     # internals ------------------------------------------------------------------------
 
-    def _run_child(self, index: int, channel: Channel, parent_end: Channel, supervisor_pid: int):
+    def _run_child(self, index: int, channel: Channel, parent_end: Channel):
         role = "hiprio" if index == 0 else "request"
         try:
             log.set_role("hiprio" if index == 0 else f"request-{index}")
@@ -317,10 +319,8 @@ class ProcessPool:
             signal.signal(signal.SIGINT, signal.SIG_IGN)       # the supervisor sends SHUTDOWN
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            import prctl
-            prctl.set_pdeathsig(signal.SIGKILL)
-            if os.getppid() != supervisor_pid:
-                os._exit(1)
+            # fork_confined set the parent-death signal and checked the parent
+            # is still there (getppid() is 0 inside a new pid namespace)
             _close_inherited([parent_end] + [w.channel for w in self.workers.values()] + self.inherited())
             self.worker_main(role, index, channel, self.config, self.inodes)
             logger.error("worker_main returned")
@@ -421,6 +421,8 @@ class Supervisor:
         try:
             self.pool.spawn(0)
             self.pool.spawn(1)
+            rules = sandbox.supervisor_after_setup(self.config)
+            logger.debug("supervisor confined (%d seccomp rules)", rules)
             logger.info("waiting for QEMU on %s", self.listener.path or f"fd {self.config.socket_fd}")
             return self._loop()
         except WorkerFailure as e:
@@ -526,6 +528,10 @@ def run(config: Config) -> int:
             from daemon.workers.entry import worker_main
         except ImportError as e:
             raise StartupError(f"incomplete installation: {e}") from None
+        try:
+            sandbox.validate(config)      # policy files, --modcaps: startup errors, not dead workers
+        except sandbox.SandboxError as e:
+            raise StartupError(str(e)) from None
         try:
             inodes = InodeTable(config.inode_table_size)
         except OSError as e:

@@ -219,7 +219,7 @@ class FuseSession:
                 root_fd = os.open(config.shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
                 self._own_root = True
             self.root_fd = root_fd
-            self.cache = InodeCache(inodes)
+            self.cache = InodeCache(inodes, use_handles=config.file_handles)
             if HandleTable is not None:
                 self.handles = HandleTable(config.max_open_files)
         self._ops[int(Opcode.INTERRUPT)] = _op_interrupt

@@ -1,1 +1,175 @@
-"""sandbox package."""
+"""Confining the daemon's processes (issue 3).
+
+Supervisor, once at startup::
+
+    policies = sandbox.validate(config)          # policy files parsed + checked: StartupError material
+    pid = sandbox.fork_confined(config.sandbox)  # instead of os.fork() (or spawn_confined(child_fn, mode))
+    sandbox.supervisor_after_setup(config)       # own caps cut + supervisor seccomp filter
+
+Worker (``child_fn`` → worker entry), before READY::
+
+    info = sandbox.confine(role, config, config.shared_dir)
+    # info.root_fd: O_PATH fd of the shared dir (its new "/"): FuseSession(root_fd=...)
+    # cwd is /proc/self/fd (request role)
+
+Order inside ``confine`` (namespaces were entered by ``spawn_confined``):
+policies and limits that need /proc are read first → root change (pivot_root
+/ chroot) → chdir /proc/self/fd → RLIMIT_NOFILE → capabilities (bounding,
+inheritable, effective, permitted; ambient cleared) → no_new_privs → seccomp,
+last, so every earlier step may use any syscall it needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import sys
+
+from daemon.sandbox import capabilities, mounts, rlimits, seccomp
+from daemon.sandbox.namespaces import MODES, SandboxError, fork_confined, spawn_confined  # noqa: F401 (re-export)
+
+__all__ = ["SandboxError", "SandboxInfo", "confine", "fork_confined", "spawn_confined", "supervisor_after_setup",
+           "validate", "MODES"]
+
+_policies: dict[str, seccomp.Policy] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxInfo:
+    role: str
+    mode: str                 # namespace | chroot | none
+    seccomp: str              # kill | log | trap | none
+    root_fd: int              # O_PATH fd of the shared dir (request), -1 (hiprio)
+    proc_self_fd: int         # O_PATH fd of /proc/self/fd, the cwd (request), -1 (hiprio)
+    caps: int                 # effective capability mask after confinement
+    nofile: tuple[int, int]   # RLIMIT_NOFILE (soft, hard)
+    seccomp_rules: int        # rules loaded (0 with --seccomp none)
+
+
+def _cfg(config, name, default):
+    return getattr(config, name, default)
+
+
+def validate(config=None, policy_dir=None) -> dict[str, seccomp.Policy]:
+    """Parse and check every policy file and --modcaps now (the supervisor
+    calls this at startup: a bad file is a startup error, not a dead worker).
+    The result is cached: workers forked later use it, since the files are
+    outside their new root."""
+    global _policies
+    pols = seccomp.load_all(policy_dir)
+    preload()              # workers forked later inherit the imported modules
+    if config is not None:
+        capabilities.role_caps("supervisor", _cfg(config, "modcaps", None))
+        mode = _cfg(config, "sandbox", "namespace")
+        if mode not in MODES:
+            raise SandboxError(f"--sandbox {mode}: expected one of {', '.join(MODES)}")
+        action = _cfg(config, "seccomp", "kill")
+        if action not in seccomp.SECCOMP_MODES:
+            raise SandboxError(f"--seccomp {action}: expected one of {', '.join(seccomp.SECCOMP_MODES)}")
+    _policies = pols
+    return pols
+
+
+def _get_policies() -> dict[str, seccomp.Policy]:
+    return _policies if _policies is not None else validate()
+
+
+def file_handles_used(config) -> bool:
+    """Whether request workers re-open inodes with open_by_handle_at (needs
+    CAP_DAC_READ_SEARCH). Config.file_handles if present, else True (the
+    shared inode table stores handles for restarted workers)."""
+    return bool(_cfg(config, "file_handles", True))
+
+
+def preload() -> None:
+    """Import now what a worker would otherwise import lazily: after the
+    pivot the daemon's source tree (and the stdlib) is out of reach, so a
+    late ``import`` fails (FuseSession's op modules would silently become
+    ENOSYS)."""
+    import importlib
+    for name in ("daemon.fuse.session", "daemon.workers.channel", "daemon.virtio.virtqueue",
+                 "daemon.virtio.memory", "daemon.virtio.iovec", "traceback", "linecache",
+                 "encodings.idna", "encodings.ascii", "encodings.latin_1"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    try:
+        from daemon.fuse import session
+        session.load_ops()
+    except Exception:  # noqa: BLE001 - best effort; the session reports missing ops itself
+        pass
+
+
+def confine(role: str, config, shared_dir: str | None = None) -> SandboxInfo:
+    """Confine this (freshly spawned, single-threaded) worker. Raises
+    SandboxError with a one-line message naming the step that failed."""
+    preload()
+    if role not in ("request", "hiprio"):
+        raise ValueError(f"unknown worker role {role!r}")
+    mode = _cfg(config, "sandbox", "namespace")
+    action = _cfg(config, "seccomp", "kill")
+    shared_dir = shared_dir or config.shared_dir
+    policies = _get_policies() if action != "none" else None
+    nofile_target = rlimits.default_target()
+
+    if mode == "namespace":
+        root = mounts.setup_request_root(shared_dir) if role == "request" else mounts.setup_empty_root()
+    elif mode == "chroot":
+        root = mounts.chroot_request_root(shared_dir) if role == "request" else mounts.chroot_empty_root()
+    elif mode == "none":
+        root = mounts.no_root_change(shared_dir, role)
+    else:
+        raise SandboxError(f"unknown sandbox mode {mode!r}")
+    if root.proc_self_fd >= 0:
+        try:
+            os.fchdir(root.proc_self_fd)
+        except OSError as e:
+            raise SandboxError(f"chdir to /proc/self/fd: {e.strerror}") from None
+
+    if role == "hiprio":
+        rlimits.apply_hiprio()
+    else:
+        rlimits.apply_nofile(_cfg(config, "rlimit_nofile", None), nofile_target)
+    nofile = tuple(resource.getrlimit(resource.RLIMIT_NOFILE))
+
+    caps = capabilities.role_caps(role, _cfg(config, "modcaps", None), file_handles_used(config))
+    try:
+        capabilities.apply(caps)
+    except SandboxError:
+        if mode != "none":
+            raise
+    capabilities.set_no_new_privs()
+    capeff = capabilities.capget()[0]
+    rules = seccomp.install(role, action, policies)     # last: nothing after it but returning
+    return SandboxInfo(role, mode, action, root.root_fd, root.proc_self_fd, capeff, nofile, rules)
+
+
+def supervisor_after_setup(config) -> int:
+    """The supervisor's own confinement, once its socket, inode table and
+    first workers exist: capabilities cut to what later worker spawns need
+    (see capabilities.py), no_new_privs, and the supervisor seccomp filter
+    (the union of all roles' lists: children inherit it). Returns the number
+    of seccomp rules loaded."""
+    mode = _cfg(config, "sandbox", "namespace")
+    action = _cfg(config, "seccomp", "kill")
+    caps = capabilities.role_caps("supervisor", _cfg(config, "modcaps", None), file_handles_used(config))
+    try:
+        capabilities.apply(caps)
+    except SandboxError:
+        if mode != "none":
+            raise
+    capabilities.set_no_new_privs()
+    return seccomp.install("supervisor", action, _get_policies() if action != "none" else None)
+
+
+def warn_if_unconfined(config, stream=None) -> None:
+    """The loud warning for --sandbox none / --seccomp none."""
+    stream = stream or sys.stderr
+    if _cfg(config, "sandbox", "namespace") == "none":
+        print("pyvirtiofsd: WARNING: --sandbox none: workers run in the host's namespaces and root; "
+              "a compromised worker sees the whole host file system. Use only for debugging.",
+              file=stream)
+    if _cfg(config, "seccomp", "kill") == "none":
+        print("pyvirtiofsd: WARNING: --seccomp none: no system call filter.", file=stream)

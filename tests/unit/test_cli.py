@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,10 +44,41 @@ def test_help_lists_the_options_and_is_true_to_the_code():
     result = run("--help")
     assert result.returncode == 0
     for option in ("--socket-path", "--fd", "--shared-dir", "--cache", "--log-level", "--thread-pool-size",
-                   "--xattr", "--no-xattr", "--inode-table-size", "--version"):
+                   "--xattr", "--no-xattr", "--inode-table-size", "--sandbox", "--seccomp", "--modcaps",
+                   "--inode-file-handles", "--rlimit-nofile", "--version"):
         assert option in result.stdout
     assert "worker processes" in result.stdout          # what --thread-pool-size means here
-    assert "--sandbox" not in result.stdout and "--seccomp" not in result.stdout
+
+
+def test_sandbox_options_reach_the_config(tmp_path):
+    config = cli.parse_config(["--socket-path", str(tmp_path / "s"), "--shared-dir", str(tmp_path),
+                               "--sandbox", "chroot", "--seccomp", "log", "--modcaps=-mknod",
+                               "--inode-file-handles", "prefer", "--rlimit-nofile", "4096"])
+    assert (config.sandbox, config.seccomp, config.modcaps, config.file_handles, config.rlimit_nofile) == \
+        ("chroot", "log", "-mknod", True, 4096)
+    default = cli.parse_config(["--socket-path", str(tmp_path / "s"), "--shared-dir", str(tmp_path)])
+    assert (default.sandbox, default.seccomp, default.file_handles) == ("namespace", "kill", False)
+
+
+def test_bad_modcaps(tmp_path, sock_path):
+    assert_one_line_error(run("--socket-path", sock_path, "--shared-dir", str(tmp_path), "--modcaps", "+nonsense"),
+                          "--modcaps")
+
+
+def test_sandbox_none_warns_loudly(tmp_path, sock_path):
+    """--sandbox none still starts (it is for debugging) but says so on stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "daemon", "--socket-path", sock_path, "--shared-dir",
+                             str(tmp_path), "--sandbox", "none", "--seccomp", "none"], cwd=REPO,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(100):
+            if os.path.exists(sock_path):
+                break
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    assert "WARNING: --sandbox none" in err and "WARNING: --seccomp none" in err
 
 
 def test_version():

@@ -141,8 +141,9 @@ def test_request_workers_share_one_session(tmp_path, proc_cwd):
     (another session object on the same shared table) serves the nodeids it
     handed out, and DESTROY on either ends the session for both."""
     (tmp_path / "f").write_bytes(b"x")
-    first, table = make_session(tmp_path)
-    second = FuseSession(Config(shared_dir=str(tmp_path)), table)
+    table = InodeTable(256)
+    config = Config(shared_dir=str(tmp_path), file_handles=True)
+    first, second = FuseSession(config, table), FuseSession(config, table)
     a, b = FuseClient(first), FuseClient(second)
     try:
         assert getattr_(b, 1).error == errno.EIO
@@ -154,6 +155,26 @@ def test_request_workers_share_one_session(tmp_path, proc_cwd):
         a.call(Opcode.INIT, 0, init_args(), 64).ok()
         assert getattr_(b, nodeid).error in (errno.ESTALE, errno.ENOENT)
         assert getattr_(b, 1).error == 0
+    finally:
+        first.close()
+        second.close()
+        table.close()
+
+
+def test_without_file_handles_another_workers_nodeid_is_stale(tmp_path, proc_cwd):
+    """--inode-file-handles=never (the default): a worker holds only the
+    O_PATH fds it opened itself, so a nodeid another worker handed out is
+    ESTALE to it (Linux 6.1 uses a single request queue)."""
+    (tmp_path / "f").write_bytes(b"x")
+    first, table = make_session(tmp_path)
+    second = FuseSession(Config(shared_dir=str(tmp_path)), table)
+    a, b = FuseClient(first), FuseClient(second)
+    try:
+        a.call(Opcode.INIT, 0, init_args(), 64).ok()
+        nodeid = entry_nodeid(lookup(a, 1, "f").ok())
+        assert getattr_(b, nodeid).error == errno.ESTALE
+        assert getattr_(b, 1).error == 0
+        assert getattr_(a, nodeid).error == 0
     finally:
         first.close()
         second.close()
