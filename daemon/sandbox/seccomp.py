@@ -40,6 +40,7 @@ import errno as errno_mod
 import itertools
 import os
 import re
+import sys
 from pathlib import Path
 
 import pyseccomp
@@ -54,7 +55,20 @@ ACTIONS = {
 }
 SECCOMP_MODES = ("kill", "log", "trap", "none")
 
-POLICY_DIR = Path(__file__).resolve().parent.parent.parent / "policy"
+def _policy_dir() -> Path:
+    """Where the reviewed allow-lists live: $PYVIRTIOFSD_POLICY_DIR, the
+    source tree's policy/ (a checkout or an editable install), else where
+    the package installs them (<prefix>/share/pyvirtiofsd/policy)."""
+    env = os.environ.get("PYVIRTIOFSD_POLICY_DIR")
+    if env:
+        return Path(env)
+    source = Path(__file__).resolve().parent.parent.parent / "policy"
+    if source.is_dir():
+        return source
+    return Path(sys.prefix) / "share" / "pyvirtiofsd" / "policy"
+
+
+POLICY_DIR = _policy_dir()
 
 _NUM = r"(?:0x[0-9a-fA-F]+|\d+)"
 _ARG_RE = re.compile(rf"^arg([0-5])&({_NUM})==({_NUM}(?:\|{_NUM})*)$")
