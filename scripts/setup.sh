@@ -30,7 +30,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import daemon, prctl, pyseccomp, pytest, hypothesis" 2>/dev/null; then
+if ! .venv/bin/python -c "import daemon, prctl, pyseccomp, pytest, hypothesis, atheris" 2>/dev/null; then
   echo "setup: installing pyvirtiofsd and its test dependencies into .venv"
   .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
 fi

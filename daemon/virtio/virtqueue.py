@@ -17,8 +17,10 @@ serving it. Rules enforced (spec "Message Framing"/"Indirect Descriptors"):
 - a chain is at most as long as its table (longer means a ``next`` loop);
 - INDIRECT only as the last descriptor of a direct chain (usually the
   head), never inside an indirect table, never together with NEXT; the
-  table length is a non-zero multiple of 16 (and at most 65536 entries,
-  more cannot be addressed by ``next``); the WRITE flag of the INDIRECT
+  table length is a non-zero multiple of 16 and at most 1024 entries
+  (QEMU's and libvhost-user's VIRTQUEUE_MAX_SIZE; Linux never sends more than
+  its queue size, at most 1024 with QEMU 7.2: a bigger table only buys a
+  hostile guest seconds of CPU per batch); the WRITE flag of the INDIRECT
   descriptor itself is ignored;
 - all device-readable descriptors precede all device-writable ones;
 - every buffer lies inside the memory table (no 64-bit wrap-around);
@@ -68,7 +70,7 @@ DESC_F_INDIRECT = 4
 
 VIRTIO_RING_F_EVENT_IDX = 29
 MAX_QUEUE_SIZE = 32768
-MAX_INDIRECT_ENTRIES = 65536  # `next` is a u16
+MAX_INDIRECT_ENTRIES = 1024  # VIRTQUEUE_MAX_SIZE (QEMU, libvhost-user)
 
 
 class VirtQueueError(Exception):

@@ -139,6 +139,33 @@ class FuseClient:
             vring.kick()
         return Pending(vring, head, unique, opcode, noreply)
 
+    def send_raw(self, readable: list[bytes], writable: list[int], *, vring: VRing | None = None,
+                 indirect: bool | None = None) -> int:
+        """Raw mode: any request bytes (no header is built) and any writable
+        sizes (none at all too); kicked. Returns the head for ``raw_reply``."""
+        vring = vring or self.rq
+        head = vring.submit(readable, writable, indirect)
+        vring.kick()
+        return head
+
+    def raw_reply(self, head: int, vring: VRing | None = None,
+                  timeout: float | None = None) -> tuple[int, int, int, int, bytes]:
+        """Wait for a raw request; (used len, out_header.len, error, unique,
+        payload), checked only against the writable size."""
+        vring = vring or self.rq
+        inf = vring.wait(head, self.timeout if timeout is None else timeout)
+        used, cap = inf.used_len, inf.writable_size
+        raw = vring.read_writable(head, max(used, abi.OUT_HEADER.size)) if cap >= 16 else b""
+        vring.free(head)
+        if used == 0:
+            return 0, 0, 0, 0, b""
+        olen, err, uniq = abi.OUT_HEADER.unpack_from(raw)
+        if not abi.OUT_HEADER.size <= olen <= cap or used != olen:
+            raise DeviceError(f"raw reply: used len {used}, out_header.len {olen}, writable {cap}")
+        if err > 0 or err < -4095 or (err and olen != abi.OUT_HEADER.size):
+            raise DeviceError(f"raw reply: error {err} with out_header.len {olen}")
+        return used, olen, err, uniq, bytes(raw[abi.OUT_HEADER.size:olen])
+
     def complete(self, p: Pending, timeout: float | None = None) -> Reply:
         v = p.vring
         try:

@@ -206,6 +206,26 @@ class VhostUserFrontend:
         if n != len(data):
             self.sock.sendall(data[n:])
 
+    def send_bytes(self, data: bytes, fds: list[int] | tuple = ()) -> None:
+        """Raw mode: any bytes (half a message, several messages) with any
+        fds as SCM_RIGHTS on the first sendmsg."""
+        n = socket.send_fds(self.sock, [data], list(fds)) if fds else self.sock.send(data)
+        if n != len(data):
+            self.sock.sendall(data[n:])
+
+    def reset_vring(self, index: int) -> VRing:
+        """A guest-side device reset of one ring: stop the device, give vring
+        ``index`` a fresh ring (new memory, new eventfds, base 0), start
+        again. Returns the new ring."""
+        self.stop()
+        old = self.vrings[index]
+        fresh = VRing(self.mem, index, old.num, event_idx=old.event_idx, indirect=old.indirect_ok)
+        self.vrings[index] = fresh
+        self.bases[index] = 0
+        self.start()
+        old.close()
+        return fresh
+
     def recv_reply(self, timeout: float | None = None) -> Reply:
         """Read one message from the backend (header, then exactly size bytes)."""
         self.sock.settimeout(self.timeout if timeout is None else timeout)

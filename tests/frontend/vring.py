@@ -134,6 +134,41 @@ class VRing:
     def avail_event(self) -> int:
         return self.mem.load_u16(self._avail_event_gpa)
 
+    # -- raw mode: hostile-guest tests write whatever they like --------------------
+    def take_descs(self, n: int) -> list[int]:
+        """Reserve ``n`` descriptor slots of the ring's table for raw writes
+        (``write_desc``); ``give_back`` returns them."""
+        if len(self._free) < n:
+            raise RuntimeError(f"vring {self.index}: {len(self._free)} free descriptors, want {n}")
+        return [self._free.pop() for _ in range(n)]
+
+    def give_back(self, descs: list[int]) -> None:
+        self._free.extend(reversed(descs))
+
+    def raw_buffer(self, data: bytes | int, align: int = 16) -> int:
+        """Guest memory holding ``data`` (or that many 0xA5 bytes); its GPA.
+        Not tracked: it stays allocated (hostile tests are short)."""
+        if isinstance(data, int):
+            data = b"\xa5" * data
+        gpa = self.mem.alloc(max(len(data), 1), align, self.buffer_region)
+        if data:
+            self.mem.write(gpa, data)
+        return gpa
+
+    def raw_table(self, entries: list[tuple[int, int, int, int]]) -> int:
+        """An indirect table of raw (addr, len, flags, next) entries; its GPA."""
+        return self.raw_buffer(b"".join(DESC.pack(*e) for e in entries) or b"\0" * 16)
+
+    def store_avail_idx(self, value: int) -> None:
+        """Store any value in avail.idx (a jump), without moving our shadow."""
+        self._avail_h[self._avail_idx_i] = value & 0xFFFF
+
+    def quiet(self, timeout: float) -> bool:
+        """True if the device published no used entry within ``timeout`` s."""
+        time.sleep(timeout)
+        self._drain_call()  # a spurious call is allowed; a used entry is not
+        return self.used_idx() == self.last_used
+
     # -- submission --------------------------------------------------------------
     def submit(self, readable: list[bytes], writable: list[int], indirect: bool | None = None,
                token: object = None) -> int:

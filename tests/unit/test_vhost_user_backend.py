@@ -525,6 +525,25 @@ def test_hostile_kick_polling_mode(fresh, caplog):
     assert "polling mode" in hostile(fresh, caplog, msg(R.SET_VRING_KICK, u64(1 | m.VRING_NOFD_MASK)))
 
 
+@pytest.mark.parametrize("kind", ["pipe", "memfd", "socket"])
+@pytest.mark.parametrize("request_id", [R.SET_VRING_KICK, R.SET_VRING_CALL, R.SET_VRING_ERR])
+def test_hostile_notifier_that_is_not_an_eventfd(fresh, caplog, kind, request_id):
+    """Regression: a kick fd that was a regular file made the worker's
+    epoll.register raise (worker died, traceback, exit 1); a pipe at EOF
+    made its eventfd_read raise. Kick/call/err fds must be eventfds."""
+    if kind == "pipe":
+        fd, w = os.pipe()
+        os.close(w)
+    elif kind == "memfd":
+        fd = memfd(4096)
+    else:
+        a, b = socket.socketpair()
+        fd = a.detach()
+        b.close()
+    text = hostile(fresh, caplog, (msg(request_id, u64(1)), [fd]))
+    assert "not an eventfd" in text
+
+
 def test_hostile_surplus_fd(fresh, caplog):
     assert "unexpected file descriptor" in hostile(fresh, caplog, (msg(R.SET_FEATURES, u64(0)), [eventfd()]))
 

@@ -475,6 +475,24 @@ def test_indirect_table_larger_than_next_can_address(driver, mem):
     assert "indirect table length" in pop_error(driver, mem)
 
 
+def test_indirect_table_of_more_than_1024_entries(driver, mem):
+    """Regression (hostile guest): tables up to 65536 entries were walked, so
+    a ring of 1024 such chains held the worker for seconds per batch, past
+    the supervisor's answer timeout. 1024 (VIRTQUEUE_MAX_SIZE) is the cap."""
+    table = 0x30000
+    for i in range(1024):
+        driver.write_desc(i, driver.buffer(1) if i == 0 else 0, 1 if i == 0 else 0,
+                          NEXT if i < 1023 else 0, i + 1, table=table)
+    driver.write_desc(0, table, 16 * 1024, INDIRECT)
+    driver.write_desc(1, table, 16 * 1025, INDIRECT)
+    driver.offer(0)
+    driver.offer(1)
+    q = driver.queue(mem)
+    assert q.pop().readable.size == 1
+    with pytest.raises(VirtQueueError, match="indirect table length"):
+        q.pop()
+
+
 def test_address_outside_regions(driver, mem):
     driver.write_desc(0, OUTSIDE_GPA, 16, 0)
     driver.offer(0)

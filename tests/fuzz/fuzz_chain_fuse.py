@@ -1,0 +1,592 @@
+"""Coverage-guided fuzz target: chain walking + FUSE request decoding.
+
+One input (format: ``image.py``) becomes a guest memory image with a
+descriptor table, an avail ring and request bytes; the target then does
+what a request worker does on a kick (``daemon/workers/loop.py``)::
+
+    VirtQueue(...) → pop() until empty or VirtQueueError
+                   → FuseSession.handle(readable, writable, chain) on a temp dir
+                   → push(head, written); deferred requests: cancel_all(); publish()
+
+Invariants checked on every input (a violation raises ``AssertionError``,
+which the engine reports as a crash and saves the input):
+
+- nothing escapes but ``VirtQueueError`` from ``pop`` (``handle`` never raises);
+- ``handle`` returns None (deferred) or 0 <= n <= the writable size; n is
+  0 or >= 16; the reply's ``out_header.len == n``, its error is 0 or a
+  negative errno > -4096, an error reply is exactly 16 bytes, and its
+  unique is the request's (0 for a request shorter than its header);
+- the device wrote guest memory only inside the writable buffers of the
+  chains it answered and the used ring (byte-exact diff of the image);
+- the used ring holds exactly the pushed (head, length) elements;
+- at most ``num`` chains per ring image, and no hang (libFuzzer -timeout).
+
+Leaks: every ``--reset-every`` inputs the FUSE session is ended (as DESTROY
+does: every O_PATH fd and open file closed), the share is rebuilt and INIT
+runs again; the process's open fd count must then be exactly what it was
+at the first reset, and RSS may grow at most ``--max-rss-growth-mb`` from
+the first reset after warm-up to the end. Both figures are printed.
+
+Engines: atheris (libFuzzer, coverage-guided; ``pip install atheris``, a
+manylinux wheel, no clang needed) when importable, else ``--engine random``,
+a plain mutation loop over the corpus (not coverage-guided). Usage::
+
+    python -m tests.fuzz.fuzz_chain_fuse --iterations 1000000
+    python -m tests.fuzz.fuzz_chain_fuse --time 20          # CI smoke budget
+    python -m tests.fuzz.fuzz_chain_fuse --run FILE...      # replay inputs
+
+Host side effects are bounded: the share is a fresh temp dir, wiped at every
+reset, and RLIMIT_FSIZE caps every file at 4 MiB (WRITE/FALLOCATE/
+COPY_FILE_RANGE beyond it are EFBIG). Run as root (the daemon's own
+credential switching needs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import mmap
+import os
+import random
+import resource
+import shutil
+import signal
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.fuzz import image  # noqa: E402
+
+CORPUS_DIR = HERE / "corpus"
+FILE_SIZE_LIMIT = 4 << 20
+INODE_CAPACITY = 512
+MAX_OPEN_FILES = 64
+OUT_HEADER = struct.Struct("<IiQ")
+IN_HEADER = struct.Struct("<IIQQIIIHH")
+USED_ELEM = struct.Struct("<II")
+ZERO = bytes(image.MEM_SIZE)
+
+# filled by load_daemon() (inside atheris' instrumentation when it is used)
+VirtQueue = VirtQueueError = GuestMemory = FuseSession = InodeTable = Config = None
+credentials = abi = None
+
+
+def load_daemon() -> None:
+    global VirtQueue, VirtQueueError, GuestMemory, FuseSession, InodeTable, Config
+    global credentials, abi
+    from daemon.config import Config as _Config
+    from daemon.fuse import abi as _abi
+    from daemon.fuse import credentials as _credentials
+    from daemon.fuse.inodes import InodeTable as _InodeTable
+    from daemon.fuse.session import FuseSession as _FuseSession
+    from daemon.fuse.session import load_ops
+    from daemon.virtio.memory import GuestMemory as _GuestMemory
+    from daemon.virtio.virtqueue import VirtQueue as _VirtQueue
+    from daemon.virtio.virtqueue import VirtQueueError as _VirtQueueError
+    load_ops()  # the op modules are imported lazily: import them now
+    VirtQueue, VirtQueueError, GuestMemory = _VirtQueue, _VirtQueueError, _GuestMemory
+    FuseSession, InodeTable, Config = _FuseSession, _InodeTable, _Config
+    credentials, abi = _credentials, _abi
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _address(buf) -> int:
+    """Virtual address of a writable buffer (mmap or memoryview)."""
+    obj = ctypes.c_char.from_buffer(buf)
+    try:
+        return ctypes.addressof(obj)
+    finally:
+        del obj
+
+
+class Target:
+    """The per-process fuzzing state: guest memory, a FUSE session on a
+    temp share, leak accounting."""
+
+    def __init__(self, reset_every: int = 2000, warmup: int = 20000,
+                 max_rss_growth_mb: float = 64.0, verbose: bool = False):
+        self.reset_every = reset_every
+        self.warmup = warmup
+        self.max_rss_growth_kib = int(max_rss_growth_mb * 1024)
+        self.verbose = verbose
+        self.inputs = 0
+        self.chains = 0
+        self.broken_rings = 0
+        self.replies = 0
+        self.resets = 0
+        self.baseline_fds: int | None = None
+        self.first_fds = fd_count()
+        self.rss_start: int | None = None
+        self.rss_first = rss_kib()
+        self.started = time.monotonic()
+        # host side-effect bounds
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
+        self._old_cwd = os.getcwd()
+        os.umask(0)
+        # guest RAM: one memfd, the harness's own mapping of all of it
+        self.memfd = os.memfd_create("fuzz-guest-ram", os.MFD_CLOEXEC)
+        os.ftruncate(self.memfd, image.MEM_SIZE)
+        self.ram = mmap.mmap(self.memfd, image.MEM_SIZE)
+        self.mem = GuestMemory.from_regions(list(image.REGIONS),
+                                            [os.dup(self.memfd) for _ in image.REGIONS])
+        # the daemon's mapping of each region: base address → file offset 0
+        self._maps = []
+        for region in self.mem._regions:
+            base = _address(region.mm)
+            self._maps.append((base, base + len(region.mm)))
+        self.share = tempfile.mkdtemp(prefix="pyvirtiofsd-fuzz-")
+        os.chmod(self.share, 0o777)
+        self._populate()
+        self.table = InodeTable(INODE_CAPACITY)
+        config = Config(shared_dir=self.share, max_open_files=MAX_OPEN_FILES)
+        os.chdir("/proc/self/fd")  # the request worker's cwd (INTERNALS.md)
+        self.session = FuseSession(config, self.table, "request")
+        self._init()
+
+    # -- the share and the session ----------------------------------------------
+    def _populate(self) -> None:
+        s = self.share
+        with open(os.path.join(s, "hello.txt"), "wb") as f:
+            f.write(b"hello, world\n" * 300)
+        os.mkdir(os.path.join(s, "d"), 0o777)
+        for i in range(5):
+            with open(os.path.join(s, "d", f"f{i}"), "wb") as f:
+                f.write(bytes([i]) * (i * 1000))
+        os.symlink("hello.txt", os.path.join(s, "link"))
+        os.mkfifo(os.path.join(s, "fifo"), 0o666)
+        try:
+            os.setxattr(os.path.join(s, "hello.txt"), b"user.k", b"v" * 100)
+        except OSError:
+            pass
+
+    def _wipe(self) -> None:
+        for name in os.listdir(self.share):
+            path = os.path.join(self.share, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        os.chmod(self.share, 0o777)
+
+    def _call(self, readable: bytes, out_size: int) -> bytes:
+        from daemon.virtio.iovec import IoVec
+        rd = IoVec([memoryview(bytearray(readable))])
+        out = bytearray(out_size)
+        n = self.session.handle(rd, IoVec([memoryview(out)]), None)
+        return bytes(out[:n or 0])
+
+    def _init(self) -> None:
+        args = abi.INIT_IN.pack(7, 38, 131072, 0x7BFFFFFB, 0xB)
+        reply = self._call(IN_HEADER.pack(40 + len(args), 26, 2, 0, 0, 0, 0, 0, 0) + args, 80)
+        length, err, _ = OUT_HEADER.unpack_from(reply)
+        assert err == 0 and length == 80, f"INIT failed: {err}"
+        # a few lookups so that low nodeids name real files (seeds use 2..5)
+        self._lookup_base()
+
+    def _fresh_input_state(self) -> None:
+        """Each input starts with no open files and fh 1 next, and with
+        nodeids 2..5 naming the base files, so seeds can name them (what a
+        guest would have learnt from earlier replies)."""
+        handles = self.session.handles
+        if handles is not None and (len(handles) or handles._next_fh != 1):
+            handles.reset()
+            handles._next_fh = 1
+        generation = self.table.generation
+        if not all(generation(n) for n in (2, 3, 4, 5)):
+            self._lookup_base()
+
+    def _lookup_base(self) -> None:
+        for name in (b"hello.txt", b"d", b"link", b"fifo"):
+            self._call(IN_HEADER.pack(40 + len(name) + 1, 1, 4, 1, 0, 0, 0, 0, 0) + name + b"\0", 144)
+        credentials.restore()
+
+    def reset(self) -> None:
+        """DESTROY, wipe and rebuild the share, INIT; then account leaks."""
+        self.session.cancel_all()
+        credentials.restore()
+        self.session.end()
+        os.chdir(self._old_cwd)
+        self._wipe()
+        self._populate()
+        os.chdir("/proc/self/fd")
+        self._init()
+        self.resets += 1
+        fds = fd_count()
+        if self.baseline_fds is None:
+            self.baseline_fds = fds
+        elif fds != self.baseline_fds:
+            raise AssertionError(f"fd leak: {fds} open fds after reset {self.resets}, "
+                                 f"{self.baseline_fds} after the first")
+        if self.rss_start is None and self.inputs >= self.warmup:
+            self.rss_start = rss_kib()
+
+    # -- one input ------------------------------------------------------------------
+    def _region_of_view(self, view: memoryview) -> tuple[int, int]:
+        """(file offset, length) of a view into the daemon's mapping."""
+        addr = _address(view)
+        for base, end in self._maps:
+            if base <= addr < end:
+                return addr - base, len(view)
+        raise AssertionError("a chain buffer outside every guest memory mapping")
+
+    def run_one(self, data: bytes) -> None:
+        self.inputs += 1
+        self._fresh_input_state()
+        lay = image.Layout(data)
+        ram = self.ram
+        ram[:] = ZERO
+        ram[image.DESC_GPA:image.DESC_GPA + len(lay.desc)] = lay.desc
+        struct.pack_into("<HH", ram, image.AVAIL_GPA, 0, lay.avail_idx)
+        ram[image.AVAIL_GPA + 4:image.AVAIL_GPA + 4 + len(lay.avail_ring)] = lay.avail_ring
+        struct.pack_into("<H", ram, image.USED_GPA + 2, lay.used_idx)
+        off = image.file_offset(image.DATA_GPA)
+        ram[off:off + len(lay.data)] = lay.data
+        before = bytes(ram)
+
+        q = VirtQueue(self.mem, lay.num, image.qva(image.DESC_GPA), image.qva(image.AVAIL_GPA),
+                      image.qva(image.USED_GPA), lay.last_avail, lay.event_idx)
+        allowed: list[tuple[int, int]] = []
+        used_at = image.file_offset(image.USED_GPA)
+        allowed.append((used_at, used_at + lay.used_ring_bytes))
+        pushed: list[tuple[int, int]] = []
+        deferred = []
+        handle = self.session.handle
+        try:
+            for _ in range(lay.num + 1):
+                try:
+                    chain = q.pop()
+                except VirtQueueError as e:
+                    self.broken_rings += 1
+                    if self.verbose:
+                        print(f"  ring broken: {e}")
+                    break
+                if chain is None:
+                    break
+                self.chains += 1
+                wr = chain.writable
+                ranges = [self._region_of_view(v) for v in wr.views]
+                assert sum(n for _, n in ranges) == wr.size
+                rd = chain.readable
+                unique = IN_HEADER.unpack(rd.read(0, 40))[2] if rd.size >= 40 else 0
+                n = handle(rd, wr, chain)
+                if n is None:
+                    deferred.append((chain, ranges, unique))
+                    continue
+                self._check_reply(n, ranges, unique)
+                allowed.extend((o, o + ln) for o, ln in ranges)
+                q.push(chain.head, n)
+                pushed.append((chain.head, n))
+                chain.release()
+            else:
+                raise AssertionError(f"more than {lay.num} chains popped from a ring of {lay.num}")
+            if deferred:
+                by_chain = {id(c): (c, r, u) for c, r, u in deferred}
+                for chain, n in self.session.cancel_all():
+                    c, ranges, unique = by_chain.pop(id(chain))
+                    self._check_reply(n, ranges, unique)
+                    allowed.extend((o, o + ln) for o, ln in ranges)
+                    q.push(c.head, n)
+                    pushed.append((c.head, n))
+                    c.release()
+                assert not by_chain, "deferred requests the session forgot"
+            q.publish()
+        finally:
+            q.release()
+            credentials.restore()
+        self._check_memory(before, allowed)
+        self._check_used(lay, pushed, allowed)
+        if not self.session.initialized:
+            self._init()  # DESTROY in the input: keep the session useful
+        if self.inputs % self.reset_every == 0:
+            self.reset()
+
+    def _check_reply(self, n: int, ranges: list[tuple[int, int]], unique: int) -> None:
+        size = sum(ln for _, ln in ranges)
+        assert type(n) is int and 0 <= n <= size, f"handle returned {n!r}, writable {size}"
+        if n == 0:
+            return
+        self.replies += 1
+        assert n >= 16, f"a {n}-byte reply is shorter than its header"
+        if _overlapping(ranges):
+            return  # the guest aliased its own buffers: content is its problem
+        hdr = bytearray()
+        for o, ln in ranges:
+            hdr += self.ram[o:o + min(ln, 16 - len(hdr))]
+            if len(hdr) == 16:
+                break
+        length, err, got_unique = OUT_HEADER.unpack(hdr)
+        if self.verbose:
+            print(f"  reply unique {got_unique}: len {length} error {err}")
+        assert length == n, f"out_header.len {length}, {n} bytes written"
+        assert -4096 < err <= 0, f"out_header.error {err}"
+        assert not err or n == 16, f"error {err} with a {n}-byte reply"
+        assert got_unique in (unique, 0), f"reply unique {got_unique}, request {unique}"
+
+    def _check_memory(self, before: bytes, allowed: list[tuple[int, int]]) -> None:
+        ram = self.ram
+        if ram[:] == before:
+            return
+        pos = 0
+        for start, end in sorted(allowed) + [(image.MEM_SIZE, image.MEM_SIZE)]:
+            if start > pos and ram[pos:start] != before[pos:start]:
+                bad = next(i for i in range(pos, start) if ram[i] != before[i])
+                raise AssertionError(f"device wrote guest memory at file offset {bad:#x}, "
+                                     f"outside every writable buffer and the used ring")
+            pos = max(pos, end)
+
+    def _check_used(self, lay: image.Layout, pushed: list[tuple[int, int]],
+                    allowed: list[tuple[int, int]]) -> None:
+        """used.idx moved by exactly the pushed elements, which hold (head,
+        bytes written) — unless a reply buffer overlaps the used ring."""
+        base = image.file_offset(image.USED_GPA)
+        end = base + lay.used_ring_bytes
+        aliased = any(s < end and base < e for s, e in allowed[1:])
+        used_idx = struct.unpack_from("<H", self.ram, base + 2)[0]
+        assert used_idx == (lay.used_idx + len(pushed)) & 0xFFFF, \
+            f"used.idx {used_idx}, started {lay.used_idx}, {len(pushed)} pushed"
+        if aliased:
+            return  # the guest pointed a reply buffer at its own used ring
+        for k, (head, n) in enumerate(pushed):
+            slot = (lay.used_idx + k) % lay.num
+            got = USED_ELEM.unpack_from(self.ram, base + 4 + 8 * slot)
+            assert got == (head, n), f"used elem {k}: {got}, pushed {(head, n)}"
+
+    # -- end --------------------------------------------------------------------------
+    def finish(self) -> dict:
+        """Final reset and leak checks; the figures for the report."""
+        self.reset()
+        elapsed = time.monotonic() - self.started
+        rss_end = rss_kib()
+        stats = {
+            "inputs": self.inputs, "chains": self.chains, "replies": self.replies,
+            "broken_rings": self.broken_rings, "resets": self.resets,
+            "seconds": round(elapsed, 1),
+            "inputs_per_second": round(self.inputs / elapsed) if elapsed else 0,
+            "fds_start": self.first_fds, "fds_after_first_reset": self.baseline_fds,
+            "fds_end": fd_count(),
+            "rss_kib_start": self.rss_first, "rss_kib_after_warmup": self.rss_start,
+            "rss_kib_end": rss_end,
+        }
+        if self.rss_start is not None and rss_end - self.rss_start > self.max_rss_growth_kib:
+            raise AssertionError(f"memory growth: RSS {self.rss_start} KiB after warm-up, "
+                                 f"{rss_end} KiB at the end")
+        return stats
+
+    def close(self) -> None:
+        self.session.close()
+        self.table.close()
+        self._maps.clear()
+        self.mem.close()
+        self.ram.close()
+        os.close(self.memfd)
+        os.chdir(self._old_cwd)
+        shutil.rmtree(self.share, ignore_errors=True)
+
+
+def _overlapping(ranges: list[tuple[int, int]]) -> bool:
+    spans = sorted((o, o + ln) for o, ln in ranges)
+    return any(a_end > b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+
+
+# -- engines ------------------------------------------------------------------------------
+
+def corpus_inputs(dirs) -> list[bytes]:
+    out = []
+    for d in dirs:
+        for p in sorted(Path(d).glob("*")):
+            if p.is_file():
+                out.append(p.read_bytes())
+    return out
+
+
+_INTERESTING = [0, 1, 2, 15, 16, 17, 40, 255, 256, 0x7FFF, 0x8000, 0xFFFF, 0xFFFFFFFF,
+                0x7FFFFFFF, 0x10000, 0x30000, 0x100000]
+
+
+def mutate(rng: random.Random, data: bytes, pool: list[bytes]) -> bytes:
+    """A few random edits (byte flips, interesting integers, splices)."""
+    buf = bytearray(data or b"\0" * image.HEADER.size)
+    for _ in range(rng.randint(1, 4)):
+        kind = rng.randrange(6)
+        pos = rng.randrange(len(buf)) if buf else 0
+        if kind == 0 and buf:
+            buf[pos] ^= 1 << rng.randrange(8)
+        elif kind == 1 and buf:
+            buf[pos] = rng.randrange(256)
+        elif kind == 2:
+            v = rng.choice(_INTERESTING)
+            width = rng.choice((2, 4, 8))
+            buf[pos:pos + width] = (v & ((1 << (8 * width)) - 1)).to_bytes(width, "little")
+        elif kind == 3 and len(buf) > 1:
+            del buf[pos:pos + rng.randint(1, 16)]
+        elif kind == 4:
+            buf[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
+        elif pool:
+            other = rng.choice(pool)
+            if other:
+                a = rng.randrange(len(other))
+                buf[pos:pos + 32] = other[a:a + 32]
+    return bytes(buf[:image.HEADER.size + 16 * 256 + 2 * 256 + image.DATA_MAX])
+
+
+def run_random(target: Target, seeds: list[bytes], iterations: int | None,
+               seconds: float | None, seed: int) -> None:
+    rng = random.Random(seed)
+    pool = list(seeds) or [b""]
+    for s in pool:
+        target.run_one(s)
+    deadline = time.monotonic() + seconds if seconds else None
+    while True:
+        if iterations is not None and target.inputs >= iterations:
+            return
+        if deadline is not None and time.monotonic() >= deadline:
+            return
+        data = mutate(rng, rng.choice(pool), pool)
+        target.run_one(data)
+        if rng.random() < 0.001 and len(pool) < 5000:
+            pool.append(data)
+
+
+def report(stats: dict) -> None:
+    print("fuzz: " + " ".join(f"{k}={v}" for k, v in stats.items()), flush=True)
+
+
+def run_atheris(target_factory, args, workdir: str) -> None:
+    import atheris
+
+    state: dict = {}
+    deadline = time.monotonic() + args.time if args.time else None
+
+    def test_one_input(data: bytes) -> None:
+        target = state.get("t")
+        if target is None:
+            target = state["t"] = target_factory()
+        target.run_one(data)
+        done = (args.iterations is not None and target.inputs >= args.iterations) or \
+               (deadline is not None and time.monotonic() >= deadline)
+        if done:
+            stats = target.finish()
+            report(stats)
+            if not args.keep_corpus:
+                shutil.rmtree(workdir, ignore_errors=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
+    live = args.keep_corpus or os.path.join(workdir, "corpus")
+    os.makedirs(live, exist_ok=True)
+    argv = [sys.argv[0], live, str(CORPUS_DIR),
+            f"-timeout={args.timeout}", f"-rss_limit_mb={args.rss_limit_mb}",
+            f"-artifact_prefix={args.artifacts.rstrip('/')}/",
+            "-max_len=%d" % args.max_len, "-print_final_stats=1"]
+    if args.seed is not None:
+        argv.append(f"-seed={args.seed}")
+    if args.jobs_quiet:
+        argv.append("-print_pcs=0")
+    atheris.Setup(argv, test_one_input)
+    atheris.Fuzz()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--iterations", type=int, help="stop after this many inputs")
+    p.add_argument("--time", type=float, help="stop after this many seconds")
+    p.add_argument("--engine", choices=("auto", "atheris", "random"), default="auto")
+    p.add_argument("--run", nargs="+", metavar="FILE", help="run these inputs once and exit")
+    p.add_argument("--reset-every", type=int, default=2000)
+    p.add_argument("--warmup", type=int, default=None,
+                   help="inputs before the RSS baseline (default: 10%% of --iterations, max 20000)")
+    p.add_argument("--max-rss-growth-mb", type=float, default=64.0)
+    p.add_argument("--timeout", type=int, default=10, help="per-input hang limit (s)")
+    p.add_argument("--rss-limit-mb", type=int, default=2048)
+    p.add_argument("--max-len", type=int, default=16384)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--artifacts", default=None, help="where crashing inputs go (default: a temp dir)")
+    p.add_argument("--keep-corpus", metavar="DIR", default=None,
+                   help="atheris: keep the inputs it found in DIR (default: a temp dir, removed)")
+    p.add_argument("-v", "--verbose", action="store_true", help="with --run: every reply and ring error")
+    p.add_argument("--jobs-quiet", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.run:
+        args.run = [os.path.abspath(n) for n in args.run]  # the target chdirs to /proc/self/fd
+    if os.geteuid() != 0:
+        print("fuzz: run as root (the FUSE session switches fsuid/fsgid)", file=sys.stderr)
+        return 2
+    if args.iterations is None and args.time is None and not args.run:
+        args.iterations = 100000
+    warmup = args.warmup
+    if warmup is None:
+        warmup = min(20000, (args.iterations or 10 ** 9) // 10) if args.iterations else 2000
+    workdir = tempfile.mkdtemp(prefix="pyvirtiofsd-fuzzrun-")
+    if args.artifacts is None:
+        args.artifacts = os.path.join(workdir, "artifacts")
+    os.makedirs(args.artifacts, exist_ok=True)
+
+    engine = args.engine
+    if engine == "auto":
+        try:
+            import atheris  # noqa: F401
+            engine = "atheris"
+        except ImportError:
+            engine = "random"
+    if args.run:
+        engine = "random"
+
+    def factory() -> Target:
+        return Target(reset_every=args.reset_every, warmup=warmup,
+                      max_rss_growth_mb=args.max_rss_growth_mb)
+
+    if engine == "atheris":
+        import atheris
+        with atheris.instrument_imports(include=["daemon"]):
+            load_daemon()
+        print(f"fuzz: engine atheris, artifacts in {args.artifacts}", flush=True)
+        run_atheris(factory, args, workdir)
+        return 0  # not reached: atheris exits the process
+    load_daemon()
+    target = factory()
+    try:
+        if args.run:
+            target.verbose = args.verbose
+            for name in args.run:
+                if args.verbose:
+                    print(os.path.basename(name))
+                target.run_one(Path(name).read_bytes())
+            print(f"fuzz: {len(args.run)} input(s) ran clean", flush=True)
+            return 0
+        print("fuzz: engine random (not coverage-guided: install atheris for that)", flush=True)
+        run_random(target, corpus_inputs([CORPUS_DIR]), args.iterations, args.time,
+                   args.seed if args.seed is not None else 1)
+        report(target.finish())
+        return 0
+    finally:
+        target.close()
+        if not os.listdir(args.artifacts) and args.artifacts.startswith(workdir):
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""The seed corpus of the chain + FUSE fuzz target (``tests/fuzz/corpus/``).
+
+Well-formed requests shaped as Linux 6.1 sends them (PROTOCOL.md §8: one
+INDIRECT head per multi-buffer request, ``R40 Rargs W16 Wout``), plus the
+malformed rings and requests of the hostile-guest list. Regenerate with::
+
+    python -m tests.fuzz.seeds        # rewrites tests/fuzz/corpus/*.bin
+
+Nodeids: the fuzz target looks up hello.txt, d, link and fifo after every
+INIT, so 2..5 usually name them; fh values are whatever OPEN returned, so
+seeds that need one OPEN first in the same input (fh 1 is a guess).
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from pathlib import Path
+
+from tests.fuzz.image import (FAR_GPA, HOLE_GPA, INDIRECT, NEXT, WRITE, SeedBuilder)
+
+HERE = Path(__file__).resolve().parent
+IN_HEADER = struct.Struct("<IIQQIIIHH")
+LINUX_INIT = struct.pack("<5I44x", 7, 38, 131072, 0x7BFFFFFB, 0xB)
+
+LOOKUP, FORGET, GETATTR, SETATTR, READLINK, SYMLINK = 1, 2, 3, 4, 5, 6
+MKNOD, MKDIR, UNLINK, RMDIR, RENAME, LINK, OPEN, READ, WRITE_OP, STATFS = 8, 9, 10, 11, 12, 13, 14, 15, 16, 17
+RELEASE, FSYNC, SETXATTR, GETXATTR, LISTXATTR, REMOVEXATTR, FLUSH, INIT = 18, 20, 21, 22, 23, 24, 25, 26
+OPENDIR, READDIR, RELEASEDIR, FSYNCDIR, GETLK, SETLK, SETLKW = 27, 28, 29, 30, 31, 32, 33
+CREATE, INTERRUPT, DESTROY, BATCH_FORGET, FALLOCATE, READDIRPLUS = 35, 36, 38, 42, 43, 44
+RENAME2, LSEEK, COPY_FILE_RANGE, SYNCFS = 45, 46, 47, 50
+
+_unique = [100]
+
+
+def hdr(opcode: int, nodeid: int, args_len: int, uid: int = 0, gid: int = 0, length=None) -> bytes:
+    _unique[0] += 2
+    total = 40 + args_len if length is None else length
+    return IN_HEADER.pack(total, opcode, _unique[0], nodeid, uid, gid, 1234, 0, 0)
+
+
+def req(b: SeedBuilder, opcode: int, nodeid: int, args: bytes = b"", out=(), data: bytes = b"",
+        indirect: bool = True, uid: int = 0) -> int:
+    readable = [hdr(opcode, nodeid, len(args) + len(data), uid, uid)]
+    if args:
+        readable.append(args)
+    if data:
+        readable += [data[i:i + 4096] for i in range(0, len(data), 4096)]
+    writable = [16, *[n for n in out if n]] if out is not None else []
+    return b.request(readable, writable, indirect)
+
+
+def name(s: bytes) -> bytes:
+    return s + b"\0"
+
+
+def read_in(fh: int, off: int, size: int, flags: int = 0x8000) -> bytes:
+    return struct.pack("<QQIIQI4x", fh, off, size, 0, 0, flags)
+
+
+def one(opcode, nodeid, args=b"", out=(), data=b"", **kw) -> bytes:
+    b = SeedBuilder(kw.pop("num", 8))
+    req(b, opcode, nodeid, args, out, data, **kw)
+    return b.build()
+
+
+def well_formed() -> dict[str, bytes]:
+    s: dict[str, bytes] = {}
+    s["init"] = one(INIT, 0, LINUX_INIT, [64])
+    s["lookup_hello"] = one(LOOKUP, 1, name(b"hello.txt"), [128])
+    s["lookup_dotdot"] = one(LOOKUP, 1, name(b".."), [128])
+    s["getattr_root"] = one(GETATTR, 1, struct.pack("<IIQ", 0, 0, 0), [104])
+    s["getattr_direct"] = one(GETATTR, 2, struct.pack("<IIQ", 0, 0, 0), [104], indirect=False)
+    s["statfs"] = one(STATFS, 1, b"", [80])
+    s["readlink"] = one(READLINK, 4, b"", [4095])
+    s["syncfs"] = one(SYNCFS, 1, bytes(8))
+    s["destroy"] = one(DESTROY, 0)
+    s["mkdir"] = one(MKDIR, 1, struct.pack("<II", 0o755, 0o022) + name(b"newdir"), [128], uid=1000)
+    s["mknod"] = one(MKNOD, 1, struct.pack("<III4x", 0o100644, 0, 0) + name(b"node"), [128])
+    s["symlink"] = one(SYMLINK, 1, name(b"sl") + name(b"../../etc/passwd"), [128])
+    s["setattr_size"] = one(SETATTR, 2, struct.pack("<I4xQQQQQQIIII4xII4x", 8, 0, 10, 0, 0, 0, 0,
+                                                    0, 0, 0, 0, 0, 0), [104])
+    s["unlink"] = one(UNLINK, 3, name(b"f1"))
+    s["rename"] = one(RENAME, 1, struct.pack("<Q", 3) + name(b"hello.txt") + name(b"moved"))
+    s["rename2"] = one(RENAME2, 1, struct.pack("<QII", 1, 2, 0) + name(b"hello.txt") + name(b"d"))
+    s["link"] = one(LINK, 3, struct.pack("<Q", 2) + name(b"hard"), [128])
+    s["setxattr"] = one(SETXATTR, 2, struct.pack("<II", 5, 0) + name(b"user.fuzz") + b"value")
+    s["getxattr_probe"] = one(GETXATTR, 2, struct.pack("<I4x", 0) + name(b"user.k"), [8])
+    s["getxattr"] = one(GETXATTR, 2, struct.pack("<I4x", 4096) + name(b"user.k"), [4096])
+    s["listxattr"] = one(LISTXATTR, 2, struct.pack("<I4x", 4096), [4096])
+    s["removexattr"] = one(REMOVEXATTR, 2, name(b"user.k"))
+    # hiprio shapes: one direct 48-byte descriptor, no writable part
+    s["forget"] = one(FORGET, 2, struct.pack("<Q", 1), None, indirect=False)
+    s["batch_forget"] = one(BATCH_FORGET, 0, struct.pack("<I4x", 2) + struct.pack("<QQQQ", 2, 1, 3, 1),
+                            None, indirect=False)
+    # sequences in one ring: open + read + release, opendir + readdirplus, create + write
+    b = SeedBuilder(8)
+    req(b, OPEN, 2, struct.pack("<II", 0x8000, 0), [16])
+    req(b, READ, 2, read_in(1, 0, 4096), [4096])
+    req(b, FLUSH, 2, struct.pack("<Q4x4xQ", 1, 0))
+    req(b, RELEASE, 2, struct.pack("<QIIQ", 1, 0x8000, 0, 0))
+    s["open_read_release"] = b.build()
+    b = SeedBuilder(8)
+    req(b, OPENDIR, 3, struct.pack("<II", 0x18800, 0), [16])
+    req(b, READDIRPLUS, 3, read_in(1, 0, 4096, 0x18800), [4096])
+    req(b, READDIR, 3, read_in(1, 0, 4096, 0x18800), [4096])
+    req(b, RELEASEDIR, 3, struct.pack("<QIIQ", 1, 0x18800, 0, 0))
+    s["opendir_readdirplus"] = b.build()
+    b = SeedBuilder(8)
+    req(b, CREATE, 1, struct.pack("<IIII", 0o102 | 0x8000, 0o100644, 0o022, 0) + name(b"new"), [128, 16])
+    req(b, WRITE_OP, 6, struct.pack("<QQIIQI4x", 1, 0, 5000, 0, 0, 0x8002), [8], data=b"w" * 5000)
+    req(b, FSYNC, 6, struct.pack("<QI4x", 1, 1))
+    req(b, FALLOCATE, 6, struct.pack("<QQQI4x", 1, 0, 8192, 1))
+    req(b, LSEEK, 6, struct.pack("<QQI4x", 1, 0, 3), [8])
+    s["create_write_fsync"] = b.build()
+    b = SeedBuilder(8)
+    req(b, OPEN, 2, struct.pack("<II", 0x8002, 0), [16])
+    req(b, GETLK, 2, struct.pack("<QQQQIII4x", 1, 7, 0, 100, 1, 0, 0), [24])
+    req(b, SETLK, 2, struct.pack("<QQQQIII4x", 1, 7, 0, 100, 1, 0, 0))
+    req(b, SETLKW, 2, struct.pack("<QQQQIII4x", 1, 8, 0, 100, 1, 0, 0))
+    req(b, INTERRUPT, 0, struct.pack("<Q", 0))
+    s["locks"] = b.build()
+    b = SeedBuilder(8)
+    req(b, OPEN, 2, struct.pack("<II", 0x8002, 0), [16])
+    req(b, COPY_FILE_RANGE, 2, struct.pack("<7Q", 1, 0, 2, 1, 100, 50, 0), [8])
+    s["copy_file_range"] = b.build()
+    # Linux 6.1 READ of 8 KiB: the data buffer in pages (W16 W4096 W4096)
+    s["read_pages"] = one(READ, 2, read_in(1, 0, 8192), [4096, 4096])
+    # the same request in a ring of 256 with the avail index wrapped around u16
+    b = SeedBuilder(256, last_avail=0xFFFF, used_idx=0xFFFF)
+    req(b, GETATTR, 1, struct.pack("<IIQ", 0, 0, 0), [104])
+    req(b, GETATTR, 1, struct.pack("<IIQ", 0, 0, 0), [104])
+    s["index_wraps"] = b.build()
+    b = SeedBuilder(8, event_idx=True)
+    req(b, GETATTR, 1, struct.pack("<IIQ", 0, 0, 0), [104])
+    s["event_idx"] = b.build()
+    return s
+
+
+def malformed() -> dict[str, bytes]:
+    s: dict[str, bytes] = {}
+    getattr_args = struct.pack("<IIQ", 0, 0, 0)
+
+    def ring(build) -> bytes:
+        b = SeedBuilder(8)
+        build(b)
+        return b.build()
+
+    # -- descriptor chains --
+    def loop(b):
+        h = b.put(hdr(GETATTR, 1, 16) + getattr_args)
+        b.write_desc(0, h, 40, NEXT, 1)
+        b.write_desc(1, h + 40, 16, NEXT, 0)   # back to 0
+        b.offer(0)
+    s["bad_desc_loop"] = ring(loop)
+
+    def next_out_of_range(b):
+        b.write_desc(0, b.put(hdr(GETATTR, 1, 16) + getattr_args), 56, NEXT, 200)
+        b.offer(0)
+    s["bad_next_out_of_range"] = ring(next_out_of_range)
+
+    def longer_than_queue(b):
+        h = b.put(hdr(GETATTR, 1, 16) + getattr_args)
+        for i in range(8):
+            b.write_desc(i, h, 0, NEXT, (i + 1) % 8)
+        b.offer(0)
+    s["bad_chain_longer_than_queue"] = ring(longer_than_queue)
+
+    def nested_indirect(b):
+        inner = b.put(struct.pack("<QIHH", b.put(hdr(GETATTR, 1, 16) + getattr_args), 56, 0, 0), 16)
+        outer = b.put(struct.pack("<QIHH", inner, 16, INDIRECT, 0), 16)
+        b.write_desc(0, outer, 16, INDIRECT, 0)
+        b.offer(0)
+    s["bad_nested_indirect"] = ring(nested_indirect)
+
+    def indirect_next(b):
+        t = b.put(struct.pack("<QIHH", b.put(hdr(GETATTR, 1, 16) + getattr_args), 56, 0, 0), 16)
+        b.write_desc(0, t, 16, INDIRECT | NEXT, 1)
+        b.offer(0)
+    s["bad_indirect_with_next"] = ring(indirect_next)
+
+    for length in (0, 15, 24):
+        def indirect_len(b, length=length):
+            t = b.put(struct.pack("<QIHH", b.put(hdr(GETATTR, 1, 16) + getattr_args), 56, 0, 0) * 2, 16)
+            b.write_desc(0, t, length, INDIRECT, 0)
+            b.offer(0)
+        s[f"bad_indirect_len_{length}"] = ring(indirect_len)
+
+    def outside(b):
+        b.write_desc(0, HOLE_GPA + 0x100, 56, 0, 0)
+        b.offer(0)
+    s["bad_addr_in_hole"] = ring(outside)
+
+    def straddle_hole(b):
+        b.write_desc(0, HOLE_GPA - 16, 56, 0, 0)
+        b.offer(0)
+    s["bad_addr_spans_hole"] = ring(straddle_hole)
+
+    def overflow(b):
+        b.write_desc(0, (1 << 64) - 16, 56, 0, 0)
+        b.offer(0)
+    s["bad_addr_overflows_64_bits"] = ring(overflow)
+
+    def straddle_adjacent(b):
+        # legal: region 0 ends at 0x10000 where region 1 starts; the reply
+        # buffer straddles them
+        h = b.put(hdr(GETATTR, 1, 16) + getattr_args)
+        b.write_desc(0, h, 56, NEXT, 1)
+        b.write_desc(1, 0x10000 - 60, 120, WRITE, 0)
+        b.offer(0)
+    s["ok_buffer_spans_two_regions"] = ring(straddle_adjacent)
+
+    def far_region(b):
+        h = b.put(hdr(GETATTR, 1, 16) + getattr_args)
+        b.write_desc(0, h, 56, NEXT, 1)
+        b.write_desc(1, FAR_GPA + 0x100, 120, WRITE, 0)
+        b.offer(0)
+    s["ok_reply_in_far_region"] = ring(far_region)
+
+    def zero_len(b):
+        h = b.put(hdr(GETATTR, 1, 16) + getattr_args)
+        b.write_desc(0, h, 0, NEXT, 1)
+        b.write_desc(1, h, 56, NEXT, 2)
+        b.write_desc(2, HOLE_GPA, 0, NEXT, 3)   # zero length: address never used
+        b.write_desc(3, b.reserve(120), 120, WRITE, 0)
+        b.offer(0)
+    s["ok_zero_length_descriptors"] = ring(zero_len)
+
+    def write_before_read(b):
+        b.write_desc(0, b.reserve(120), 120, WRITE | NEXT, 1)
+        b.write_desc(1, b.put(hdr(GETATTR, 1, 16) + getattr_args), 56, 0, 0)
+        b.offer(0)
+    s["bad_writable_before_readable"] = ring(write_before_read)
+
+    def aliased(b):
+        h = b.put(hdr(GETATTR, 1, 16) + getattr_args)
+        b.write_desc(0, h, 56, NEXT, 1)
+        b.write_desc(1, h, 120, WRITE, 0)      # reply over the request itself
+        b.offer(0)
+    s["ok_reply_overwrites_request"] = ring(aliased)
+
+    b = SeedBuilder(8)
+    req(b, GETATTR, 1, getattr_args, [104])
+    b.avail_idx = 100                          # avail.idx 100 ahead of 0, queue of 8
+    s["bad_avail_idx_jump"] = b.build()
+    b = SeedBuilder(8)
+    b.offer(9)                                 # head out of range
+    s["bad_head_out_of_range"] = b.build()
+
+    # -- FUSE requests --
+    s["fuse_len_smaller"] = one_raw(hdr(GETATTR, 1, 16, length=50) + getattr_args, [104])
+    s["fuse_len_larger"] = one_raw(hdr(GETATTR, 1, 16, length=60) + getattr_args, [104])
+    s["fuse_short_header"] = one_raw(hdr(GETATTR, 1, 0)[:30], [104])
+    s["fuse_unknown_opcode"] = one_raw(IN_HEADER.pack(40, 9999, 8, 1, 0, 0, 0, 0, 0), [16])
+    s["fuse_nodeid_0"] = one(GETATTR, 0, getattr_args, [104])
+    s["fuse_nodeid_never_looked_up"] = one(GETATTR, 400, getattr_args, [104])
+    s["fuse_forget_too_many"] = one(FORGET, 2, struct.pack("<Q", 1 << 63), None, indirect=False)
+    s["fuse_batch_forget_count_lies"] = one(BATCH_FORGET, 0, struct.pack("<I4x", 1000)
+                                            + struct.pack("<QQ", 2, 5), None, indirect=False)
+    s["fuse_name_without_nul"] = one(LOOKUP, 1, b"hello.txt", [128])
+    s["fuse_name_too_long"] = one(LOOKUP, 1, name(b"x" * 300), [128])
+    s["fuse_read_huge"] = one(READ, 2, read_in(1, 0, 0xFFFFFFFF), [100])
+    s["fuse_write_size_lies"] = one(WRITE_OP, 2, struct.pack("<QQIIQI4x", 1, 0, 1 << 30, 0, 0, 0),
+                                    [8], data=b"x" * 100)
+    s["fuse_getxattr_huge"] = one(GETXATTR, 2, struct.pack("<I4x", 0xFFFFFFFF) + name(b"user.k"), [10])
+    s["fuse_getxattr_buffer_small"] = one(GETXATTR, 2, struct.pack("<I4x", 4096) + name(b"user.k"), [10])
+    s["fuse_listxattr_small"] = one(LISTXATTR, 2, struct.pack("<I4x", 3), [3])
+    s["fuse_readdir_offset_nowhere"] = one(READDIR, 3, read_in(1, 0x7FFFFFFFDEADBEEF, 4096), [4096])
+    s["fuse_lookup_reply_too_small"] = one(LOOKUP, 1, name(b"hello.txt"), [50])
+    s["fuse_no_writable_part"] = one(GETATTR, 1, getattr_args, None)
+    s["fuse_init_old_minor"] = one(INIT, 0, struct.pack("<5I44x", 7, 20, 0, 0, 0), [64])
+    return s
+
+
+def one_raw(request: bytes, out) -> bytes:
+    b = SeedBuilder(8)
+    b.request([request[:40], request[40:]] if len(request) > 40 else [request], [16, *out])
+    return b.build()
+
+
+def all_seeds() -> dict[str, bytes]:
+    return {**well_formed(), **malformed()}
+
+
+def main() -> int:
+    out = HERE / "corpus"
+    out.mkdir(exist_ok=True)
+    for old in out.glob("*.bin"):
+        old.unlink()
+    seeds = all_seeds()
+    for key, data in seeds.items():
+        (out / f"{key}.bin").write_bytes(data)
+    print(f"wrote {len(seeds)} seeds to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

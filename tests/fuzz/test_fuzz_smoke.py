@@ -1,0 +1,44 @@
+"""CI budget of the chain + FUSE fuzz target (``fuzz_chain_fuse.py``):
+replay the seed corpus, then fuzz for ``PYVIRTIOFSD_FUZZ_SECONDS`` (20 s by
+default) in a subprocess, which fails on any invariant violation, hang
+(libFuzzer -timeout), fd leak or RSS growth. ``make fuzz`` is the long run."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+SECONDS = float(os.environ.get("PYVIRTIOFSD_FUZZ_SECONDS", "20"))
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the FUSE session switches fsuid: run as root")
+
+
+def run(args: list[str], timeout: float) -> str:
+    proc = subprocess.run([sys.executable, "-m", "tests.fuzz.fuzz_chain_fuse", *args], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+    out = proc.stdout.decode(errors="replace")
+    assert proc.returncode == 0, f"fuzz target failed (status {proc.returncode}):\n{out[-6000:]}"
+    return out
+
+
+def test_seed_corpus_runs_clean():
+    seeds = sorted(str(p) for p in (HERE / "corpus").glob("*.bin"))
+    assert len(seeds) >= 24, "the seed corpus is missing (python -m tests.fuzz.seeds)"
+    assert "ran clean" in run(["--run", *seeds], 120)
+
+
+def test_fuzz_for_the_ci_budget(tmp_path):
+    out = run(["--time", str(SECONDS), "--reset-every", "500", "--seed", "1",
+               "--artifacts", str(tmp_path)], SECONDS + 120)
+    stats = dict(re.findall(r"(\w+)=(\S+)", out.splitlines()[[i for i, ln in enumerate(out.splitlines())
+                                                               if ln.startswith("fuzz: inputs=")][-1]]))
+    assert int(stats["inputs"]) > 1000
+    assert stats["fds_end"] == stats["fds_after_first_reset"]
+    assert not list(tmp_path.glob("crash-*")) and not list(tmp_path.glob("timeout-*"))
