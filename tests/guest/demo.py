@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .daemons import Daemon
 from .kernel import ensure_kernel
-from .vm import run_guest
+from .vm import guest_path, run_guest
 
 HERE = Path(__file__).resolve().parent
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     section("guest: booting QEMU (TCG) and running demo_guest.sh")
     t0 = time.monotonic()
     try:
-        res = run_guest(daemon.socket_path, f"sh {HERE / 'demo_guest.sh'} /mnt", timeout=a.timeout)
+        res = run_guest(daemon.socket_path, f"sh {guest_path(HERE / 'demo_guest.sh')} /mnt", timeout=a.timeout)
     finally:
         exit_status = daemon.wait(15)
         daemon.stop()

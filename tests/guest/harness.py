@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from . import guest_ops
-from .vm import GuestResult, run_guest
+from .vm import GuestResult, guest_path, run_guest
 
 HERE = Path(__file__).resolve().parent
 GUEST_OPS = HERE / "guest_ops.py"
@@ -39,14 +39,14 @@ BOOT_TIMEOUT = 900
 
 def guest_command(cache: str, *, tools: bool = True, known=(), big_mib: int = BIG_MIB,
                   dir_entries: int = DIR_ENTRIES) -> str:
-    ops = ["python3", str(GUEST_OPS), "--ref", "/tmp/ops-ref", "--target", "/mnt/ops",
+    ops = ["python3", guest_path(GUEST_OPS), "--ref", "/tmp/ops-ref", "--target", "/mnt/ops",
            "--cache", cache, "--big-mib", str(big_mib), "--dir-entries", str(dir_entries)]
     for k in known:
         ops += ["--known", k]
     cmd = ("export PYTHONDONTWRITEBYTECODE=1; "
            f"{shlex.join(ops)}; echo \"@@STEP ops rc=$?@@\"; rm -rf /tmp/ops-ref; ")
     if tools:
-        cmd += f"sh {shlex.quote(str(TOOLS_SH))} /tmp/tools-ref /mnt/tools; echo \"@@STEP tools rc=$?@@\"; "
+        cmd += f"sh {shlex.quote(guest_path(TOOLS_SH))} /tmp/tools-ref /mnt/tools; echo \"@@STEP tools rc=$?@@\"; "
     cmd += "true"
     return cmd
 

@@ -80,6 +80,8 @@ mount -t sysfs sys /host/sys || fail "sys in /host"
 mount -t devtmpfs dev /host/dev || fail "dev in /host"
 mount -t tmpfs -o mode=1777 tmp /host/tmp || fail "tmpfs /host/tmp"
 mount -t tmpfs -o mode=755 run /host/run || fail "tmpfs /host/run"
+mkdir -p /host/run/harness
+mount -t 9p -o trans=virtio,version=9p2000.L,ro harness /host/run/harness || fail "9p harness scripts"
 if [ "$TAG" != "none" ]; then
     if [ -n "$OPTS" ]; then
         mount -t virtiofs -o "$OPTS" "$TAG" "/host$MNT" || fail "virtiofs $TAG at $MNT opts $OPTS"

@@ -27,6 +27,16 @@ from pathlib import Path
 from .initrd import BEGIN_MARKER, SETUP_FAILED_STATUS, ensure_initrd
 from .kernel import ensure_kernel
 
+# the repository's tests/ directory, exported read-only to every guest
+HARNESS_DIR = Path(__file__).resolve().parent.parent
+GUEST_HARNESS_DIR = "/run/harness"   # where the guest (chrooted in the host root) sees it
+
+
+def guest_path(host_path) -> str:
+    """The in-guest path of a file under tests/ (see HARNESS_DIR)."""
+    return f"{GUEST_HARNESS_DIR}/{Path(host_path).resolve().relative_to(HARNESS_DIR)}"
+
+
 QEMU = "qemu-system-x86_64"
 EXIT_RE = re.compile(r"@@GUEST-EXIT status=(-?\d+) umount=(-?\d+)@@")
 MAX_CMDLINE = 2000  # x86 COMMAND_LINE_SIZE is 2048
@@ -101,6 +111,9 @@ def qemu_command(socket_path: str | None, command: str, *, tag: str, mem: str, s
         "-object", f"memory-backend-memfd,id=mem,size={mem_b >> 20}M,share=on",
         "-numa", "node,memdev=mem",
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        # the harness's own scripts on a tag of their own: the checkout may sit
+        # where the guest mounts a tmpfs (/tmp, /run), so never rely on /host
+        "-virtfs", f"local,path={HARNESS_DIR},mount_tag=harness,security_model=none,readonly=on",
         "-kernel", str(vmlinuz), "-initrd", str(initrd), "-append", append_s,
     ]
     if socket_path:
