@@ -85,13 +85,10 @@ def _check(ret: int) -> None:
 
 def _open_fd(fs, fh: int, nodeid: int) -> int | None:
     """The host fd of the guest's open file ``fh`` on ``nodeid``, or None
-    (no handle table, unknown fh, or an fh of another inode: the caller
-    then works on the inode itself)."""
-    handles = fs.handles
-    if handles is None:
-        return None
+    (unknown fh, or an fh of another inode: the caller then works on the
+    inode itself)."""
     try:
-        handle = handles.get(fh, KIND_FILE)
+        handle = fs.handles.get(fh, KIND_FILE)
     except FUSEError:
         return None
     return handle.fd if handle.nodeid == nodeid else None

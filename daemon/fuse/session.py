@@ -54,7 +54,6 @@ shutdown).
 from __future__ import annotations
 
 import errno
-import importlib
 import os
 
 from daemon.fuse import abi, credentials
@@ -63,21 +62,13 @@ from daemon.fuse.inodes import InodeCache, InodeTable
 from daemon.fuse.request import DEFERRED, MAX_ARGS, FUSEError, Request
 from daemon.virtio.iovec import IoVec
 
-try:
-    from daemon.log import RateLimitedLogger, get_logger
-    log = get_logger("fuse.session")
-except ImportError:  # pragma: no cover - log.py is another engineer's
-    import logging
+from daemon.fuse import attrs, dirs, entries, files, locks, xattrs
+from daemon.fuse.handles import HandleTable
+from daemon.log import RateLimitedLogger, get_logger
 
-    log = logging.getLogger(__name__)
-    RateLimitedLogger = None
+log = get_logger("fuse.session")
 
-try:
-    from daemon.fuse.handles import HandleTable
-except ImportError:  # pragma: no cover - handles.py is another engineer's
-    HandleTable = None
-
-OP_MODULES = ("entries", "attrs", "files", "dirs", "xattrs", "locks")
+OP_MODULES = (entries, attrs, files, dirs, xattrs, locks)
 
 # INIT reply
 MAX_WRITE = 1 << 20
@@ -136,18 +127,14 @@ _op_table: dict[int, object] | None = None
 
 
 def load_ops() -> dict[int, object]:
-    """opcode → handler from every op module's ``OPS``. A module that is
-    missing or fails to import is logged and skipped (its ops are ENOSYS)."""
+    """opcode → handler from every op module's ``OPS`` (built once)."""
     global _op_table
     if _op_table is None:
         table: dict[int, object] = {}
-        for name in OP_MODULES:
-            try:
-                module = importlib.import_module(f"daemon.fuse.{name}")
-            except Exception as e:  # noqa: BLE001 - keep serving the other ops
-                log.warning("FUSE op module %s unavailable: %s", name, e)
-                continue
-            for opcode, handler in getattr(module, "OPS", {}).items():
+        for module in OP_MODULES:
+            for opcode, handler in module.OPS.items():
+                if int(opcode) in table:
+                    raise AssertionError(f"{Opcode(opcode).name} has two handlers")
                 table[int(opcode)] = handler
         _op_table = table
     return _op_table
@@ -220,8 +207,7 @@ class FuseSession:
                 self._own_root = True
             self.root_fd = root_fd
             self.cache = InodeCache(inodes, use_handles=config.file_handles)
-            if HandleTable is not None:
-                self.handles = HandleTable(config.max_open_files)
+            self.handles = HandleTable(config.max_open_files)
         self._ops[int(Opcode.INTERRUPT)] = _op_interrupt
         self._readdirplus = int(Opcode.READDIRPLUS) in self._ops
         self._locks = int(Opcode.SETLK) in self._ops
@@ -230,7 +216,7 @@ class FuseSession:
         self._completed: list[tuple[object, int]] = []
         self._token = None
         self._current: Request | None = None
-        self._log = RateLimitedLogger(log) if RateLimitedLogger is not None else log
+        self._log = RateLimitedLogger(log)
 
     # -- the request path ------------------------------------------------------------
     def handle(self, readable: IoVec, writable: IoVec, token=None) -> int | None:

@@ -684,8 +684,6 @@ def test_getattr(env):
 
 def test_getattr_with_fh(env):
     fs, client, share = env
-    if fs.handles is None:
-        pytest.skip("handles.py not available")
     nodeid, fh = client.create(1, "f")
     client.call(Opcode.UNLINK, 1, b"f\0", 0).ok()
     payload = client.call(Opcode.GETATTR, nodeid, abi.GETATTR_IN.pack(abi.FUSE_GETATTR_FH, 0, fh),
@@ -771,8 +769,6 @@ def test_setattr_as_user(env):
 
 def test_setattr_size_through_fh(env):
     fs, client, share = env
-    if fs.handles is None:
-        pytest.skip("handles.py not available")
     nodeid, fh = client.create(1, "f", mode=0o444)  # read-only mode, writable fh
     os.chown(share / "f", 1000, 1000)
     user = FuseClient(fs, uid=1000, gid=1000)
