@@ -13,35 +13,7 @@ from daemon.fuse.abi import Opcode
 from daemon.fuse.handles import KIND_DIR
 from daemon.fuse.request import FUSEError, Request
 from daemon.virtio.iovec import IoVec
-from tests.unit.fusereq import parse_dirents, parse_direntplus, start_session
-
-
-@pytest.fixture
-def share(tmp_path, monkeypatch):
-    root = tmp_path / "share"
-    root.mkdir()
-    monkeypatch.chdir("/proc/self/fd")  # the worker's cwd (INTERNALS.md)
-    return root
-
-
-@pytest.fixture
-def connect(share):
-    sessions = []
-
-    def connect(**config):
-        session, client = start_session(share, **config)
-        sessions.append(session)
-        return client
-
-    yield connect
-    for session in sessions:
-        session.close()
-        session.inodes.close()
-
-
-@pytest.fixture
-def fuse(connect):
-    return connect()
+from tests.unit.fusereq import parse_dirents, parse_direntplus
 
 
 def list_all(fuse, nodeid, fh, size=4096, plus=False, cookie=0):

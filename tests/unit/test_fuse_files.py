@@ -14,37 +14,9 @@ from daemon.fuse.abi import Opcode
 from daemon.fuse.handles import KIND_FILE
 from daemon.fuse.request import FUSEError, Request
 from daemon.virtio.iovec import IoVec
-from tests.unit.fusereq import NUL, chain, in_header, parse_reply, start_session
+from tests.unit.fusereq import NUL, chain, in_header, parse_reply
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def share(tmp_path, monkeypatch):
-    root = tmp_path / "share"
-    root.mkdir()
-    monkeypatch.chdir("/proc/self/fd")  # the worker's cwd (INTERNALS.md)
-    return root
-
-
-@pytest.fixture
-def connect(share):
-    sessions = []
-
-    def connect(**config):
-        session, client = start_session(share, **config)
-        sessions.append(session)
-        return client
-
-    yield connect
-    for session in sessions:
-        session.close()
-        session.inodes.close()
-
-
-@pytest.fixture
-def fuse(connect):
-    return connect()
 
 
 def host_fds() -> int:

@@ -19,21 +19,11 @@ EOF = OFFSET_MAX  # what the kernel sends as `end` for "to end of file"
 
 
 @pytest.fixture
-def share(tmp_path, monkeypatch):
-    root = tmp_path / "share"
-    root.mkdir()
-    (root / "f").write_bytes(b"x" * 4096)
-    os.chmod(root / "f", 0o666)
-    monkeypatch.chdir("/proc/self/fd")  # the worker's cwd (INTERNALS.md)
-    return root
-
-
-@pytest.fixture
-def fuse(share):
-    session, client = start_session(share)
-    yield client
-    session.close()
-    session.inodes.close()
+def share(share):
+    """The shared share fixture, with the file every test locks."""
+    (share / "f").write_bytes(b"x" * 4096)
+    os.chmod(share / "f", 0o666)
+    return share
 
 
 @pytest.fixture

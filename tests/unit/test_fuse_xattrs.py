@@ -11,35 +11,7 @@ from daemon.fuse import abi, xattrs
 from daemon.fuse.abi import Opcode
 from daemon.fuse.request import FUSEError, Request
 from daemon.virtio.iovec import IoVec
-from tests.unit.fusereq import NUL, chain, in_header, parse_reply, start_session
-
-
-@pytest.fixture
-def share(tmp_path, monkeypatch):
-    root = tmp_path / "share"
-    root.mkdir()
-    monkeypatch.chdir("/proc/self/fd")  # the worker's cwd (INTERNALS.md)
-    return root
-
-
-@pytest.fixture
-def connect(share):
-    sessions = []
-
-    def connect(**config):
-        session, client = start_session(share, **config)
-        sessions.append(session)
-        return client
-
-    yield connect
-    for session in sessions:
-        session.close()
-        session.inodes.close()
-
-
-@pytest.fixture
-def fuse(connect):
-    return connect()
+from tests.unit.fusereq import NUL, chain, in_header, parse_reply
 
 
 def setxattr(fuse, nodeid, name: bytes, value: bytes, flags=0, size=None):

@@ -1,0 +1,37 @@
+"""Fixtures shared by the FUSE op tests: a share directory, and sessions on
+it driven through FuseSession.handle (tests/unit/fusereq.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.unit.fusereq import start_session
+
+
+@pytest.fixture
+def share(tmp_path, monkeypatch):
+    root = tmp_path / "share"
+    root.mkdir()
+    monkeypatch.chdir("/proc/self/fd")  # the worker's cwd (INTERNALS.md)
+    return root
+
+
+@pytest.fixture
+def connect(share):
+    """connect(**config) -> a client of a new session on ``share`` after INIT."""
+    sessions = []
+
+    def connect(**config):
+        session, client = start_session(share, **config)
+        sessions.append(session)
+        return client
+
+    yield connect
+    for session in sessions:
+        session.close()
+        session.inodes.close()
+
+
+@pytest.fixture
+def fuse(connect):
+    return connect()
