@@ -179,32 +179,7 @@ def do_readdir(fs, req: Request):
     in ``size``; an empty reply is the end of the directory. Lookup count:
     unchanged."""
     handle, cookie, limit = _read_args(req, fs)
-    stream = _stream(handle)
-    out = bytearray(limit)
-    used = 0
-    fd = handle.fd
-    while True:
-        try:
-            entry = stream.peek(fd, cookie)
-        except OSError:
-            if used:
-                break
-            raise
-        if entry is None:
-            break
-        ino, next_cookie, dtype, name, reclen = entry
-        if _name_ok(name):
-            size = abi.dirent_size(len(name))
-            if used + size > limit:
-                break
-            abi.DIRENT.pack_into(out, used, ino, next_cookie, len(name), dtype)
-            start = used + abi.DIRENT.size
-            out[start:start + len(name)] = name
-            used += size
-        stream.advance(reclen, next_cookie)
-        cookie = next_cookie
-    del out[used:]
-    return out
+    return _fill(handle, cookie, limit, abi.dirent_size, _pack_dirent)
 
 
 def do_readdirplus(fs, req: Request):
@@ -213,6 +188,22 @@ def do_readdirplus(fs, req: Request):
     entries but "." and ".." and the ones whose lookup failed); an entry is
     looked up only after its record is known to fit, so nothing is undone."""
     handle, cookie, limit = _read_args(req, fs)
+    fd = handle.fd
+
+    def pack(out, at, ino, next_cookie, dtype, name):
+        return _pack_plus(fs, fd, out, at, ino, next_cookie, dtype, name)
+
+    return _fill(handle, cookie, limit, abi.direntplus_size, pack)
+
+
+def _fill(handle, cookie: int, limit: int, record_size, pack) -> bytearray:
+    """The READDIR/READDIRPLUS loop: from ``cookie`` on, every entry with a
+    valid name whose record (``record_size(namelen)`` bytes) still fits in
+    ``limit`` is written by ``pack(out, at, ino, next_cookie, dtype, name)``,
+    which returns False to leave an entry out (it vanished). The stream
+    advances past an entry only once it is written or left out, so the next
+    call resumes at the first one that did not fit. A host error after some
+    records ends the reply early; before any, it is the reply."""
     stream = _stream(handle)
     out = bytearray(limit)
     used = 0
@@ -228,18 +219,23 @@ def do_readdirplus(fs, req: Request):
             break
         ino, next_cookie, dtype, name, reclen = entry
         if _name_ok(name):
-            size = abi.direntplus_size(len(name))
+            size = record_size(len(name))
             if used + size > limit:
                 break
-            if not _pack_plus(fs, fd, out, used, ino, next_cookie, dtype, name):
-                stream.advance(reclen, next_cookie)
-                cookie = next_cookie
-                continue
-            used += size
+            if pack(out, used, ino, next_cookie, dtype, name):
+                used += size
         stream.advance(reclen, next_cookie)
         cookie = next_cookie
     del out[used:]
     return out
+
+
+def _pack_dirent(out: bytearray, at: int, ino: int, next_cookie: int, dtype: int, name: bytes) -> bool:
+    """Write one fuse_dirent record at ``at``."""
+    abi.DIRENT.pack_into(out, at, ino, next_cookie, len(name), dtype)
+    start = at + abi.DIRENT.size
+    out[start:start + len(name)] = name
+    return True
 
 
 def _pack_plus(fs, dir_fd: int, out: bytearray, at: int, ino: int, next_cookie: int,
