@@ -57,30 +57,21 @@ def parse_name_at(buf, offset: int = 0, dots_ok: bool = False) -> tuple[str, int
     return _component(data[:nul], dots_ok), offset + nul + 1
 
 
-def parse_name(buf) -> str:
+def parse_name(buf, dots_ok: bool = False) -> str:
     """The one name that fills ``buf`` (``name\\0``)."""
     if not isinstance(buf, bytes):
         buf = bytes(buf)
-    n = len(buf)
-    if n < 2 or buf[-1] != 0:
+    if len(buf) < 2 or buf[-1] != 0:
         raise FUSEError(errno.EINVAL)
     raw = buf[:-1]
     if b"\0" in raw:
         raise FUSEError(errno.EINVAL)
-    return _component(raw)
+    return _component(raw, dots_ok)
 
 
 def parse_lookup_name(buf) -> str:
     """As ``parse_name``, but "." and ".." are returned (LOOKUP only)."""
-    if not isinstance(buf, bytes):
-        buf = bytes(buf)
-    n = len(buf)
-    if n < 2 or buf[-1] != 0:
-        raise FUSEError(errno.EINVAL)
-    raw = buf[:-1]
-    if b"\0" in raw:
-        raise FUSEError(errno.EINVAL)
-    return _component(raw, dots_ok=True)
+    return parse_name(buf, dots_ok=True)
 
 
 def parse_two(buf, target: bool = False) -> tuple[str, str]:
