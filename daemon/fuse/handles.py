@@ -15,7 +15,10 @@ against the same bound.
 
 Bounds: at most ``max_open_files`` host fds (open files plus lock
 descriptions) per table; one more is ``FUSEError(ENFILE)`` and one log line
-per session. fh values come from a 64-bit counter that starts at 1 and is
+per session. ``open_file_budget`` caps that at half the worker's
+RLIMIT_NOFILE, so a guest holding all it may still leaves fds for the O_PATH
+fds of its inodes and for the temporary fds any request needs (stat, mkdir
+and close keep working when the table is full). fh values come from a 64-bit counter that starts at 1 and is
 never reset, so an fh is never 0 and never names two open files, even across
 sessions (a stale fh from before INIT is simply unknown: EBADF).
 """
@@ -23,12 +26,24 @@ sessions (a stale fh from before INIT is simply unknown: EBADF).
 from __future__ import annotations
 
 import errno
-import logging
 import os
+import resource
 
 from daemon.fuse.request import FUSEError
+from daemon.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger("fuse.handles")
+
+
+def open_file_budget(max_open_files: int) -> int:
+    """``max_open_files``, capped at half of this process's RLIMIT_NOFILE."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return max_open_files
+    budget = max(1, min(max_open_files, soft // 2))
+    if budget < max_open_files:
+        log.info("open files the guest may hold: %d (half of RLIMIT_NOFILE %d)", budget, soft)
+    return budget
 
 # OpenHandle.kind
 KIND_FILE = 1

@@ -62,14 +62,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import logging
 import mmap
 import os
 import threading
 
 from daemon.fuse.request import FUSEError
+from daemon.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger("fuse.inodes")
 
 MAGIC = 0x31544E49534F4950  # "PIOSINT1"
 RING = 4096  # freed-nodeid ring entries

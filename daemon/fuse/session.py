@@ -63,7 +63,7 @@ from daemon.fuse.request import DEFERRED, MAX_ARGS, FUSEError, Request
 from daemon.virtio.iovec import IoVec
 
 from daemon.fuse import attrs, dirs, entries, files, locks, xattrs
-from daemon.fuse.handles import HandleTable
+from daemon.fuse.handles import HandleTable, open_file_budget
 from daemon.log import RateLimitedLogger, get_logger
 
 log = get_logger("fuse.session")
@@ -207,7 +207,7 @@ class FuseSession:
                 self._own_root = True
             self.root_fd = root_fd
             self.cache = InodeCache(inodes, use_handles=config.file_handles)
-            self.handles = HandleTable(config.max_open_files)
+            self.handles = HandleTable(open_file_budget(config.max_open_files))
         self._ops[int(Opcode.INTERRUPT)] = _op_interrupt
         self._readdirplus = int(Opcode.READDIRPLUS) in self._ops
         self._locks = int(Opcode.SETLK) in self._ops

@@ -304,3 +304,25 @@ def test_decoders_raise_only_fuse_errors(direct, op, args, use_fh, data, out_siz
     except FUSEError:
         fd = os.open(str(session.cache.fd(nodeid)), os.O_RDWR)
         state["fh"] = session.handles.add(fd, nodeid, KIND_FILE, os.O_RDWR).fh
+
+
+def test_open_file_budget_is_capped_by_the_fd_limit(share, connect):
+    """A guest holding every open file it may must leave fds for the rest:
+    the budget is at most half of RLIMIT_NOFILE, and at the budget the
+    answer is ENFILE while stat and close still work."""
+    import resource
+    from tests.unit.fusereq import entry_nodeid
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    try:
+        fuse = connect(max_open_files=1000)
+        assert fuse.session.handles.max_open_files == 32
+        (share / "f").write_bytes(b"x")
+        node = entry_nodeid(fuse.call(Opcode.LOOKUP, 1, b"f\0", abi.ENTRY_OUT.size).ok())
+        fhs = [fuse.open(node, os.O_RDONLY)[0] for _ in range(32)]
+        assert fuse.call(Opcode.OPEN, node, abi.OPEN_IN.pack(os.O_RDONLY, 0), 16).error == errno.ENFILE
+        assert fuse.call(Opcode.GETATTR, node, abi.GETATTR_IN.pack(0, 0, 0), abi.ATTR_OUT.size).error == 0
+        fuse.call(Opcode.FLUSH, node, abi.FLUSH_IN.pack(fhs[0], 1), 0).ok()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
