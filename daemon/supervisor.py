@@ -11,9 +11,19 @@ accepts exactly one connection and then runs one poll loop over:
 
 QEMU hanging up, bad frontend input (the backend logs it and closes the
 connection), SIGTERM and SIGINT all end the same way: SHUTDOWN to every
-worker, reap them, remove the socket file, exit 0. A worker that dies or
-breaks the channel is logged with its exit status, the rest are shut down,
-exit 1 (``Supervisor._worker_failed`` is where a restart will go).
+worker, reap them, remove the socket file, exit 0.
+
+A worker that dies or breaks the channel (killed by its seccomp filter, a
+bug, SIGKILL) is logged with why, and replaced by a fresh one for the same
+vring (``Backend.revive``): it gets the memory table, the call fd and, if
+the ring was running, VRING_START at the avail index the dead worker
+published in its progress record (``daemon/workers/progress.py``, shared
+memory created here before any fork) with the RECOVER flag, so it first
+answers EIO to the requests the dead one had taken and not answered. The
+FUSE session lives in the shared inode table and survives. At most
+``RESTART_LIMIT`` restarts of one vring's worker within ``RESTART_WINDOW``
+seconds: one more death, a failed fork or a replacement that never becomes
+ready shuts everything down and exits 1 with one line saying why.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from typing import Callable
 
 from daemon import log, sandbox
 from daemon.config import Config
-from daemon.vhost_user.backend import Backend, WorkerFailure
+from daemon.vhost_user.backend import Backend, WorkerFailure, WorkerSpawnError
 from daemon.workers import channel as ch
 from daemon.workers.channel import Channel, ChannelError, Msg
 
@@ -39,6 +49,8 @@ logger = log.get_logger("supervisor")
 READY_TIMEOUT = 10.0        # fork -> READY
 ANSWER_TIMEOUT = 10.0       # any request -> its ANSWER
 SHUTDOWN_TIMEOUT = 5.0      # SHUTDOWN -> every worker exited, then SIGKILL
+RESTART_LIMIT = 5           # restarts of one vring's worker ...
+RESTART_WINDOW = 60.0       # ... within this many seconds; one more death is fatal
 
 
 class StartupError(Exception):
@@ -176,9 +188,12 @@ class Worker:
         return "hiprio" if self.index == 0 else f"request-{self.index}"
 
 
-def describe_exit(status: int) -> str:
+def describe_exit(status: int, role: str | None = None) -> str:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
+        if sig == signal.SIGSYS and role is not None:
+            return (f"killed by SIGSYS: a system call outside policy/{role}.policy "
+                    f"(run with --seccomp log and look for type=1326 in the kernel log to name it)")
         try:
             return f"killed by {signal.Signals(sig).name}"
         except ValueError:
@@ -195,13 +210,21 @@ class ProcessPool:
     ``WorkerFailure`` is raised."""
 
     def __init__(self, config: Config, inodes, worker_main: WorkerMain,
-                 answer_timeout: float = ANSWER_TIMEOUT, ready_timeout: float = READY_TIMEOUT):
+                 answer_timeout: float = ANSWER_TIMEOUT, ready_timeout: float = READY_TIMEOUT,
+                 restart_limit: int = RESTART_LIMIT, restart_window: float = RESTART_WINDOW):
+        from daemon.workers.progress import RingProgress
         self.config = config
         self.inodes = inodes
         self.worker_main = worker_main
         self.answer_timeout = answer_timeout
         self.ready_timeout = ready_timeout
+        self.restart_limit = restart_limit
+        self.restart_window = restart_window
         self.workers: dict[int, Worker] = {}
+        # where workers publish their rings' progress (shared memory that
+        # every worker forked later inherits)
+        self.progress = RingProgress(1 + config.max_request_workers)
+        self._deaths: dict[int, list[float]] = {}     # vring -> recent death times
         # fds (or objects with detach()/fileno()) a new child must not keep:
         # set by the supervisor (listener, QEMU connection, QEMU's fds...)
         self.inherited: Callable[[], list] = lambda: []
@@ -212,6 +235,21 @@ class ProcessPool:
         return self.workers.keys()
 
     def spawn(self, index: int) -> None:
+        """Fork the worker of vring ``index`` and wait for its READY. A
+        restart (the vring's worker died before) counts against the restart
+        budget. WorkerSpawnError if the budget is spent, the fork fails or
+        the worker never becomes ready."""
+        name = "hiprio" if index == 0 else f"request-{index}"
+        restart = index in self._deaths
+        if restart:
+            now = time.monotonic()
+            deaths = [t for t in self._deaths[index] if now - t < self.restart_window]
+            self._deaths[index] = deaths
+            if len(deaths) > self.restart_limit:
+                message = (f"worker {name} died {len(deaths)} times within {self.restart_window:g} s; "
+                           f"not restarting it again")
+                logger.error("%s", message)
+                raise WorkerSpawnError(message)
         parent_end, child_end = Channel.pair()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -222,10 +260,9 @@ class ProcessPool:
         except (OSError, sandbox.SandboxError) as e:
             parent_end.close()
             child_end.close()
-            name = "hiprio" if index == 0 else f"request-{index}"
             reason = e.strerror if isinstance(e, OSError) else str(e)
             logger.error("cannot fork worker %s: %s", name, reason)
-            raise WorkerFailure(f"cannot fork worker {name}: {reason}") from None
+            raise WorkerSpawnError(f"cannot fork worker {name}: {reason}") from None
         if pid == 0:
             self._run_child(index, child_end, parent_end)
         child_end.close()
@@ -238,7 +275,13 @@ class ProcessPool:
             if msg != Msg.READY or payload or fds:
                 raise ChannelError(f"expected READY, got {msg.name}")
         except ChannelError as e:
-            self._fail(worker, f"while starting: {e}")
+            try:
+                self._fail(worker, f"while starting: {e}")
+            except WorkerFailure as failure:
+                raise WorkerSpawnError(str(failure)) from None
+        if restart:
+            logger.warning("worker %s restarted as pid %d (%d restart(s) in the last %g s, at most %d)",
+                           name, pid, len(self._deaths[index]), self.restart_window, self.restart_limit)
 
     def mem_table(self, index, regions, fds) -> None:
         self._request(index, Msg.MEM_TABLE, ch.encode_mem_table(regions), fds)
@@ -247,8 +290,9 @@ class ProcessPool:
         has_fd = fd is not None
         self._request(index, Msg.VRING_CALL, ch.VRING_CALL.pack(index, has_fd), [fd] if has_fd else [])
 
-    def start_ring(self, index, num, desc, avail, used, base, features, kick_fd) -> None:
-        payload = ch.VRING_START.pack(index, num, desc, avail, used, base, features)
+    def start_ring(self, index, num, desc, avail, used, base, features, kick_fd, recover=False) -> None:
+        flags = ch.VRING_START_RECOVER if recover else 0
+        payload = ch.VRING_START.pack(index, num, desc, avail, used, base, flags, features)
         self._request(index, Msg.VRING_START, payload, [kick_fd])
 
     def stop_ring(self, index) -> int:
@@ -257,6 +301,9 @@ class ProcessPool:
         if status != 0 or value > 0xFFFF:
             self._fail(worker, f"VRING_STOP answered status {status}, value {value}")
         return value
+
+    def published_avail(self, index) -> int:
+        return self.progress.avail(index)
 
     # supervisor side ----------------------------------------------------------------
 
@@ -273,7 +320,7 @@ class ProcessPool:
             ch.close_fds(fds)
             why = f"sent {msg.name} unasked"
         except ChannelError as e:
-            why = str(e)
+            why = None if str(e) == "peer closed the channel" else str(e)   # None: it died
         self._fail(worker, why)
 
     def reap(self) -> None:
@@ -285,9 +332,10 @@ class ProcessPool:
                 pid, status = worker.pid, 0
             if pid:
                 self._forget(worker)
-                message = f"worker {worker.name} (pid {worker.pid}) died: {describe_exit(status)}"
+                self._note_death(worker)
+                message = f"worker {worker.name} (pid {worker.pid}) died: {describe_exit(status, worker.role)}"
                 logger.error("%s", message)
-                raise WorkerFailure(message)
+                raise WorkerFailure(message, worker.index)
 
     def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
         """SHUTDOWN to every worker, wait for all of them to exit, SIGKILL
@@ -322,7 +370,7 @@ class ProcessPool:
             # fork_confined set the parent-death signal and checked the parent
             # is still there (getppid() is 0 inside a new pid namespace)
             _close_inherited([parent_end] + [w.channel for w in self.workers.values()] + self.inherited())
-            self.worker_main(role, index, channel, self.config, self.inodes)
+            self.worker_main(role, index, channel, self.config, self.inodes, progress=self.progress)
             logger.error("worker_main returned")
         except SystemExit as e:
             os._exit(e.code if isinstance(e.code, int) else 1)
@@ -353,17 +401,26 @@ class ProcessPool:
         if not poller.poll(int(timeout * 1000)):
             raise ChannelError(f"no {what} within {timeout:g} s")
 
-    def _fail(self, worker: Worker, why: str):
-        """Kill and reap a broken worker, log one line, raise WorkerFailure."""
+    def _fail(self, worker: Worker, why: str | None):
+        """Kill and reap a broken worker (``why`` None: it died by itself),
+        log one line, raise WorkerFailure."""
         try:
             os.kill(worker.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         _, status = os.waitpid(worker.pid, 0)
         self._forget(worker)
-        message = f"worker {worker.name} (pid {worker.pid}) failed: {why} ({describe_exit(status)})"
+        self._note_death(worker)
+        if why is None:
+            message = f"worker {worker.name} (pid {worker.pid}) died: {describe_exit(status, worker.role)}"
+        else:
+            message = (f"worker {worker.name} (pid {worker.pid}) failed: {why} "
+                       f"({describe_exit(status, worker.role)})")
         logger.error("%s", message)
-        raise WorkerFailure(message)
+        raise WorkerFailure(message, worker.index)
+
+    def _note_death(self, worker: Worker) -> None:
+        self._deaths.setdefault(worker.index, []).append(time.monotonic())
 
     def _forget(self, worker: Worker) -> None:
         if self.workers.get(worker.index) is worker:
@@ -425,7 +482,7 @@ class Supervisor:
             logger.debug("supervisor confined (%d seccomp rules)", rules)
             logger.info("waiting for QEMU on %s", self.listener.path or f"fd {self.config.socket_fd}")
             return self._loop()
-        except WorkerFailure as e:
+        except (WorkerFailure, WorkerSpawnError) as e:
             return self._worker_failed(e)
         finally:
             if self.backend is not None:
@@ -445,21 +502,40 @@ class Supervisor:
             for worker in self.pool.workers.values():
                 poller.register(worker.channel.fileno(), select.POLLIN)
             for fd, _ in poller.poll():
-                if fd == self._wakeup_r:
-                    status = self._signals()
-                    if status is not None:
-                        return status
-                elif self.listener.sock is not None and fd == self.listener.fileno():
-                    self._accept()
-                elif self.backend is not None and fd == self.backend.fileno():
-                    if not self.backend.serve_one():
-                        logger.info("connection closed, shutting down")
-                        return 0
-                else:
-                    worker = self.pool.worker_at(fd)
-                    if worker is not None:
-                        self.pool.channel_readable(worker)
+                try:
+                    if fd == self._wakeup_r:
+                        status = self._signals()
+                        if status is not None:
+                            return status
+                    elif self.listener.sock is not None and fd == self.listener.fileno():
+                        self._accept()
+                    elif self.backend is not None and fd == self.backend.fileno():
+                        if not self.backend.serve_one():
+                            logger.info("connection closed, shutting down")
+                            return 0
+                    else:
+                        worker = self.pool.worker_at(fd)
+                        if worker is not None:
+                            self.pool.channel_readable(worker)
+                except WorkerFailure as e:
+                    self._replace(e)
                 break   # the poll set may have changed: rebuild it
+
+    def _replace(self, failure: WorkerFailure) -> None:
+        """A worker died while idle (or a request to it failed outside the
+        backend): start its replacement. WorkerSpawnError is fatal."""
+        lost = [failure]
+        while lost:
+            index = lost.pop().index
+            if index is None:
+                raise failure
+            try:
+                if self.backend is not None and not self.backend.closed:
+                    self.backend.revive(index)
+                elif index not in self.pool.live():
+                    self.pool.spawn(index)    # QEMU not connected yet: nothing to resend
+            except WorkerFailure as e:
+                lost.append(e)
 
     def _accept(self) -> None:
         try:
@@ -484,9 +560,9 @@ class Supervisor:
             self.pool.reap()
         return None
 
-    def _worker_failed(self, failure: WorkerFailure) -> int:
-        # Restarting the worker (resend the memory table, call fd and ring via
-        # Backend.bring_up) goes here; until then a dead worker ends the daemon.
+    def _worker_failed(self, failure: Exception) -> int:
+        """A worker could not be replaced (WorkerSpawnError) or failed
+        where no replacement is possible: everything stops, exit 1."""
         logger.error("shutting down: %s", failure)
         return 1
 

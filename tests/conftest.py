@@ -106,16 +106,19 @@ def daemon_command(kind: str, socket_path: str, shared_dir: str, cache: str,
 
 
 def start_daemon(kind: str, shared_dir, cache: str = "auto", extra_args=(),
-                 run_dir: str | None = None, startup_timeout: float = 15.0) -> DaemonProcess:
+                 run_dir: str | None = None, startup_timeout: float = 15.0,
+                 env: dict | None = None) -> DaemonProcess:
     """Start a daemon and wait until its socket exists (no probe connection:
-    both daemons serve exactly one front-end connection)."""
+    both daemons serve exactly one front-end connection). ``env``: extra
+    environment variables for the daemon."""
     run_dir = run_dir or tempfile.mkdtemp(prefix=f"vfsd-{kind}-")
     socket_path = os.path.join(run_dir, "vhost.sock")
     log_path = os.path.join(run_dir, "daemon.log")
     cmd = daemon_command(kind, socket_path, str(shared_dir), cache, extra_args)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **env} if env else None)
     d = DaemonProcess(kind, proc, socket_path, str(shared_dir), log_path, cmd)
     deadline = time.monotonic() + startup_timeout
     while True:
@@ -139,7 +142,7 @@ def daemon_factory(tmp_path):
     started: list[DaemonProcess] = []
     n = 0
 
-    def factory(kind: str = "ours", shared_dir=None, cache: str = "auto", extra_args=()):
+    def factory(kind: str = "ours", shared_dir=None, cache: str = "auto", extra_args=(), env=None):
         nonlocal n
         n += 1
         run_dir = tmp_path / f"run{n}"
@@ -147,7 +150,7 @@ def daemon_factory(tmp_path):
         if shared_dir is None:
             shared_dir = tmp_path / f"shared{n}"
             shared_dir.mkdir()
-        d = start_daemon(kind, shared_dir, cache, extra_args, str(run_dir))
+        d = start_daemon(kind, shared_dir, cache, extra_args, str(run_dir), env=env)
         started.append(d)
         return d
 

@@ -12,6 +12,12 @@ i >= 1) then serves it. Every message that changes any of those goes through
 ``_reconfigure``: a running ring is stopped first (its next avail index is
 kept as the base) and started again afterwards if it still can run.
 
+A worker found dead (``WorkerFailure`` from the pool, or the supervisor's
+``revive`` call) is replaced on the spot and brought up to date with
+everything above; a running ring resumes at the avail index the dead worker
+published, and GET_VRING_BASE on it answers that index (after the
+replacement has answered the dead worker's requests EIO).
+
 Bad frontend input raises ``VhostUserError`` inside; ``serve_one`` logs it in
 one line and closes the connection. Every fd that arrives is either kept in
 the state (and closed by ``close()``) or closed before ``serve_one`` returns.
@@ -29,12 +35,17 @@ from typing import Iterable, Protocol
 from daemon import log
 from daemon.vhost_user import messages as m
 from daemon.vhost_user.messages import Request, VhostUserError
+from daemon.virtio.virtqueue import EVENT_IDX_SUPPORTED
 
 logger = log.get_logger("vhost_user")
 
-OFFERED_FEATURES = m.F_VERSION_1 | m.F_RING_INDIRECT_DESC | m.F_PROTOCOL_FEATURES
-# Not EVENT_IDX: it needs a store->load fence CPython cannot give (PROTOCOL.md §2.4).
-assert OFFERED_FEATURES == 0x1_5000_0000
+# EVENT_IDX (as the C and Rust virtiofsd offer it): the guest then kicks and
+# takes interrupts only when the ring's event fields ask for them. It needs
+# a store->load fence (PROTOCOL.md §2.4), which virtqueue.py has on x86-64
+# only (a locked instruction through libc); elsewhere it is not offered.
+OFFERED_FEATURES = (m.F_VERSION_1 | m.F_RING_INDIRECT_DESC | m.F_PROTOCOL_FEATURES
+                    | (m.F_RING_EVENT_IDX if EVENT_IDX_SUPPORTED else 0))
+assert OFFERED_FEATURES & ~m.F_RING_EVENT_IDX == 0x1_5000_0000
 OFFERED_PROTOCOL_FEATURES = m.PF_MQ | m.PF_REPLY_ACK | m.PF_CONFIGURE_MEM_SLOTS
 assert OFFERED_PROTOCOL_FEATURES == 0x8009
 # With CONFIGURE_MEM_SLOTS QEMU adds and removes regions one at a time; the
@@ -45,9 +56,20 @@ REPLY_ACK_FAILURE = 1
 
 
 class WorkerFailure(Exception):
-    """The worker of a vring is dead or broke the channel protocol. The pool
-    has already killed and reaped it and logged why; what happens next (exit,
-    later: restart) is the supervisor's decision."""
+    """The worker of vring ``index`` is dead or broke the channel protocol.
+    The pool has already killed and reaped it and logged why. The backend
+    replaces it (``Backend.revive``) where a request to it failed; the
+    supervisor calls ``revive`` for a worker found dead while idle."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
+
+
+class WorkerSpawnError(Exception):
+    """A worker cannot be (re)started: the fork failed, it never became
+    ready, or it died too often (the pool's restart budget). Fatal: the
+    daemon shuts down and exits 1 with this message."""
 
 
 class WorkerPool(Protocol):
@@ -71,11 +93,17 @@ class WorkerPool(Protocol):
         """VRING_CALL: the newest call eventfd of vring ``index`` (None: do not signal)."""
 
     def start_ring(self, index: int, num: int, desc: int, avail: int, used: int, base: int,
-                   features: int, kick_fd: int) -> None:
-        """VRING_START with the ring's QVAs and its next avail index."""
+                   features: int, kick_fd: int, recover: bool = False) -> None:
+        """VRING_START with the ring's QVAs and its next avail index;
+        ``recover``: the ring's previous worker died serving it (the new one
+        answers EIO to what the guest still waits for)."""
 
     def stop_ring(self, index: int) -> int:
         """VRING_STOP; returns the ring's next avail index."""
+
+    def published_avail(self, index: int) -> int:
+        """The next avail index the dead worker of vring ``index`` published
+        (its progress record, daemon/workers/progress.py)."""
 
 
 @dataclasses.dataclass
@@ -141,7 +169,8 @@ class Backend:
         """Read one message from QEMU and act on it. Returns False once the
         connection is over: QEMU hung up, or sent something malformed (logged
         in one line); the connection and every fd it brought are then closed.
-        WorkerFailure propagates: the caller decides, and must close()."""
+        A worker that dies meanwhile is replaced (``revive``); WorkerSpawnError
+        (no replacement possible) propagates: the caller must close()."""
         if self.closed:
             return False
         fds: list[int] = []
@@ -326,7 +355,10 @@ class Backend:
                 self._stop(ring)
         self.regions, self.region_fds = regions, fds
         for index in list(self.pool.live()):
-            self._send_mem_table(index)
+            try:
+                self._send_mem_table(index)
+            except WorkerFailure:
+                self.revive(index)              # the replacement gets the new table
         for ring in self.rings.values():
             self._start_if_ready(ring)
 
@@ -401,7 +433,10 @@ class Backend:
         ring = self._ring(file.index)
         ring.call = _replace_fd(ring.call, fds.pop() if file.has_fd else None)
         if ring.index in self.pool.live():
-            self.pool.set_call(ring.index, ring.call)
+            try:
+                self.pool.set_call(ring.index, ring.call)
+            except WorkerFailure:
+                self.revive(ring.index)         # the replacement gets the new call fd
 
     def _set_vring_err(self, file: m.VringFile, fds: list[int]) -> None:
         # Kept for the connection's life; workers do not report ring errors
@@ -428,11 +463,20 @@ class Backend:
         self._start_if_ready(ring)
 
     def _stop(self, ring: Vring) -> None:
-        ring.base = self.pool.stop_ring(ring.index)
+        while True:
+            try:
+                ring.base = self.pool.stop_ring(ring.index)
+                break
+            except WorkerFailure:
+                # its replacement answers the dead worker's requests (EIO)
+                # and resumes the ring at the published avail index: stop that
+                self.revive(ring.index)
+                if not ring.running:
+                    break
         ring.running = False
         logger.debug("vring %d stopped at avail index %d", ring.index, ring.base)
 
-    def _start_if_ready(self, ring: Vring) -> None:
+    def _start_if_ready(self, ring: Vring, recover: bool = False) -> None:
         if ring.running or not (self.regions and ring.num and ring.addr and ring.kick is not None
                                 and ring.enabled):
             return
@@ -442,22 +486,54 @@ class Backend:
                             f"queues, see --thread-pool-size): requests on it will not be served")
             return
         self._check_ring_layout(ring)
-        if ring.index not in self.pool.live():
-            self.pool.spawn(ring.index)
-            self.bring_up(ring.index)
         addr = ring.addr
-        try:
-            self.pool.start_ring(ring.index, ring.num, addr.desc, addr.avail, addr.used, ring.base,
-                                 self.acked_features, ring.kick)
-        except OSError as e:
-            raise VhostUserError(f"the worker of vring {ring.index} cannot start it: {_reason(e)}") from None
+        while True:
+            try:
+                if ring.index not in self.pool.live():
+                    self.pool.spawn(ring.index)
+                    self.bring_up(ring.index)
+                self.pool.start_ring(ring.index, ring.num, addr.desc, addr.avail, addr.used, ring.base,
+                                     self.acked_features, ring.kick, recover)
+                break
+            except OSError as e:
+                raise VhostUserError(f"the worker of vring {ring.index} cannot start it: {_reason(e)}") from None
+            except WorkerFailure:
+                # no answer: that worker never served the ring (it answers
+                # VRING_START first); a replacement, up to the pool's
+                # restart budget (WorkerSpawnError), starts it at the same base
+                continue
         ring.running = True
-        logger.debug("vring %d started at avail index %d", ring.index, ring.base)
+        logger.debug("vring %d started at avail index %d%s", ring.index, ring.base,
+                     " (previous worker's requests answered EIO)" if recover else "")
+
+    def revive(self, index: int) -> None:
+        """The worker of vring ``index`` died (the pool has reaped it and
+        logged why): start a replacement with everything QEMU configured —
+        the memory table, the call fd and, if the ring was running, the ring
+        itself, resumed at the avail index the dead worker published, its
+        unanswered requests answered EIO. A replacement that dies as well is
+        replaced in turn; the pool's restart budget ends that with
+        ``WorkerSpawnError``, which propagates (fatal)."""
+        ring = self.rings.get(index)
+        if ring is not None and ring.running:
+            ring.running = False
+            ring.base = self.pool.published_avail(index)
+            logger.info("vring %d: resuming at avail index %d with a new worker", index, ring.base)
+            self._start_if_ready(ring, recover=True)
+            if ring.running:
+                return
+        while index not in self.pool.live():
+            try:
+                self.pool.spawn(index)
+                self.bring_up(index)
+            except WorkerFailure:
+                continue
 
     def bring_up(self, index: int) -> None:
         """Give a freshly started worker of vring ``index`` everything QEMU
         has configured so far that it needs before VRING_START: the memory
-        table and the ring's call fd. (A worker restart reuses this.)"""
+        table and the ring's call fd. (``revive`` reuses this.) WorkerFailure
+        propagates."""
         if self.regions:
             self._send_mem_table(index)
         ring = self.rings.get(index)

@@ -35,12 +35,13 @@ each (x86-64 is little-endian like virtio 1.x; the module refuses to load
 on a big-endian host). Used *elements* may use ``pack_into``: the guest
 reads them only after ``used.idx`` moves past them.
 
-EVENT_IDX (bit 29) is implemented but not offered by the supervisor yet:
+EVENT_IDX (bit 29), offered by the supervisor where ``EVENT_IDX_SUPPORTED``:
 with it the guest kicks and expects calls only when the event fields say
 so, and two orderings need a store→load fence that CPython does not have
 (write ``avail_event`` then re-read ``avail.idx``; write ``used.idx`` then
 read ``used_event``). ``_full_barrier`` provides one on x86-64 through a
-locked instruction in libc; elsewhere EVENT_IDX is refused. Without
+locked instruction in libc; elsewhere EVENT_IDX is neither offered nor
+accepted. Without
 EVENT_IDX, ``publish`` asks for a call after every non-empty batch and
 ignores ``avail.flags`` (NO_INTERRUPT is a SHOULD NOT, so calling anyway is
 spec-legal), which needs no fence at all.
@@ -194,6 +195,11 @@ class VirtQueue:
         seen_writable = False
         index = head
         budget = size  # descriptors this table may still contribute
+        # adjacent buffers in the hot region are merged into one view (a run
+        # [r_start, r_end) / [w_start, w_end), hot_view offsets; end -1 = no
+        # run): fewer views to build here and fewer iovecs for preadv/pwritev
+        # when the guest's pages are contiguous
+        r_start = r_end = w_start = w_end = -1
         while True:
             if budget == 0:
                 raise VirtQueueError(f"chain {head} is longer than its table ({size}): a descriptor loop")
@@ -219,19 +225,41 @@ class VirtQueue:
                 seen_writable = True
                 if length:
                     if hot_start <= addr and addr + length <= hot_end:
-                        writable.append(hot_view[addr - hot_start:addr - hot_start + length])
+                        off = addr - hot_start
+                        if off == w_end:
+                            w_end += length
+                        else:
+                            if w_end >= 0:
+                                writable.append(hot_view[w_start:w_end])
+                            w_start, w_end = off, off + length
                     else:
+                        if w_end >= 0:
+                            writable.append(hot_view[w_start:w_end])
+                            w_end = -1
                         writable += gpa_views(addr, length)
                     writable_size += length
             elif seen_writable:
                 raise VirtQueueError(f"chain {head}: device-readable descriptor after a writable one")
             elif length:
                 if hot_start <= addr and addr + length <= hot_end:
-                    readable.append(hot_view[addr - hot_start:addr - hot_start + length])
+                    off = addr - hot_start
+                    if off == r_end:
+                        r_end += length
+                    else:
+                        if r_end >= 0:
+                            readable.append(hot_view[r_start:r_end])
+                        r_start, r_end = off, off + length
                 else:
+                    if r_end >= 0:
+                        readable.append(hot_view[r_start:r_end])
+                        r_end = -1
                     readable += gpa_views(addr, length)
                 readable_size += length
             if not flags & DESC_F_NEXT:
+                if r_end >= 0:
+                    readable.append(hot_view[r_start:r_end])
+                if w_end >= 0:
+                    writable.append(hot_view[w_start:w_end])
                 return Chain(head, _iovec(readable, readable_size), _iovec(writable, writable_size))
             if nxt >= size:
                 raise VirtQueueError(f"chain {head}: next index {nxt} out of range ({size})")
@@ -269,6 +297,29 @@ class VirtQueue:
     def pending(self) -> int:
         """Used elements pushed but not yet published."""
         return (self._used_idx - self._published_idx) & 0xFFFF
+
+    # -- worker restart: answering a dead worker's chains (workers/progress.py) --
+    @property
+    def published_idx(self) -> int:
+        """``used.idx`` as last stored (the guest has seen everything before it)."""
+        return self._published_idx
+
+    def used_heads(self, start: int, count: int) -> list[int]:
+        """Heads of the used elements at used indexes ``start`` ..
+        ``start + count - 1`` (at most ``num``), as stored in the used ring."""
+        elems, mask = self._used_elems, self._mask
+        return [USED_ELEM.unpack_from(elems, 4 + 8 * ((start + i) & mask))[0]
+                for i in range(min(count, self.num))]
+
+    def chain_at(self, head: int) -> Chain:
+        """Chain ``head`` walked again (one a dead worker had popped), with
+        every check ``pop`` makes. VirtQueueError if it is malformed."""
+        if not 0 <= head < self.num:
+            raise VirtQueueError(f"head index {head} out of range (queue size {self.num})")
+        try:
+            return self._walk(head)
+        except GuestMemoryError as e:
+            raise VirtQueueError(f"chain {head}: {e}") from None
 
     def release(self) -> None:
         """Drop the ring views so the guest memory can be unmapped. The queue
@@ -314,3 +365,5 @@ def _make_full_barrier():
 
 
 _full_barrier = _make_full_barrier()
+# The supervisor offers EVENT_IDX only where a VirtQueue can honour it.
+EVENT_IDX_SUPPORTED = _full_barrier is not None

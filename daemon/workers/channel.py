@@ -23,6 +23,8 @@ SHUTDOWN         -                                             0
 
 Worker -> supervisor: only ANSWER {status i32 (0 or errno), value u64}.
 VRING_STOP's answer value is the ring's next avail index (GET_VRING_BASE).
+VRING_START with flag VRING_START_RECOVER is sent to the replacement of a
+worker that died with the ring running (supervisor.py, progress.py).
 The first frame a worker sends, unasked, is READY once its sandbox is up;
 the supervisor sends nothing before it.
 """
@@ -45,8 +47,12 @@ REGION = struct.Struct("<QQQQ")
 COUNT = struct.Struct("<I")
 # struct vring_start { uint32_t index; uint32_t num; uint64_t desc_qva;
 #   uint64_t avail_qva; uint64_t used_qva; uint32_t last_avail_idx;
-#   uint32_t padding; uint64_t features; };
-VRING_START = struct.Struct("<IIQQQI4xQ")
+#   uint32_t flags; uint64_t features; };
+VRING_START = struct.Struct("<IIQQQIIQ")
+# VRING_START flags: the ring's previous worker died while serving it; first
+# answer EIO to the chains its progress record says the guest still waits
+# for (progress.py), then serve from last_avail_idx
+VRING_START_RECOVER = 1
 # struct vring_call { uint32_t index; uint32_t has_fd; };
 VRING_CALL = struct.Struct("<II")
 # struct vring_stop { uint32_t index; };

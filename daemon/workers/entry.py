@@ -35,10 +35,12 @@ log = daemon_log.get_logger("workers")
 ROLES = {"hiprio": hiprio, "request": request}
 
 
-def worker_main(role: str, index: int, channel: Channel, config, inodes) -> NoReturn:
+def worker_main(role: str, index: int, channel: Channel, config, inodes, progress=None) -> NoReturn:
+    """``progress``: the supervisor's ``RingProgress`` (shared memory), where
+    this worker publishes how far it got, for its replacement."""
     status = 1
     try:
-        status = _run(role, index, channel, config, inodes)
+        status = _run(role, index, channel, config, inodes, progress)
     except ChannelError as e:
         log.error("control channel: %s; exiting", e)
     except BaseException:  # noqa: BLE001 - a worker must end in os._exit, whatever happened
@@ -52,7 +54,7 @@ def worker_main(role: str, index: int, channel: Channel, config, inodes) -> NoRe
         os._exit(status)
 
 
-def _run(role: str, index: int, channel: Channel, config, inodes) -> int:
+def _run(role: str, index: int, channel: Channel, config, inodes, progress=None) -> int:
     module = ROLES.get(role)
     if module is None:
         raise ValueError(f"unknown worker role {role!r}")
@@ -62,7 +64,7 @@ def _run(role: str, index: int, channel: Channel, config, inodes) -> int:
     os.umask(0)
     sandbox_info = _confine(role, config)
     session = module.open_session(config, inodes, sandbox_info)
-    loop = WorkerLoop(channel, session, rings)
+    loop = WorkerLoop(channel, session, rings, progress=progress)
     channel.send(Msg.READY)
     log.debug("serving vring(s) %s", ", ".join(map(str, rings)))
     return loop.run()

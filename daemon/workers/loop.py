@@ -9,7 +9,10 @@ MEM_TABLE       map the new table (``GuestMemory``); rings that are running
                 are re-translated into it. A table that cannot be mapped is
                 answered with its errno and the previous one stays.
 VRING_START     build the ``VirtQueue``, watch its kick fd, answer 0 or an
-                errno, then serve whatever the guest already queued.
+                errno, then serve whatever the guest already queued. With
+                ``VRING_START_RECOVER`` (this worker replaces a dead one)
+                first answer EIO to what the dead one had taken
+                (``_recover``, progress.py).
 VRING_CALL      keep the newest call eventfd (the previous one is closed).
 VRING_STOP      answer deferred requests (EINTR), publish, close the kick
                 fd; the answer value is the ring's next avail index.
@@ -37,6 +40,11 @@ guest nothing.
 
 Chains are released (``Chain.release``) once pushed, so a replaced memory
 table can actually be unmapped (memory.py on lifetimes).
+
+Every pop and publish also updates the ring's progress record in shared
+memory (progress.py: two stores per pop, four per publish), so that the
+supervisor can restart this worker's ring, and the replacement answer the
+guest, if this process dies.
 """
 
 from __future__ import annotations
@@ -49,8 +57,9 @@ import time
 from daemon.log import RateLimitedLogger, get_logger
 from daemon.virtio.memory import GuestMemory, GuestMemoryError
 from daemon.virtio.virtqueue import VIRTIO_RING_F_EVENT_IDX, Chain, VirtQueue, VirtQueueError
-from daemon.workers.channel import (VRING_CALL, VRING_START, VRING_STOP, Channel, ChannelError, Msg,
-                                    close_fds, decode_mem_table)
+from daemon.workers import progress as prog
+from daemon.workers.channel import (VRING_CALL, VRING_START, VRING_START_RECOVER, VRING_STOP, Channel,
+                                    ChannelError, Msg, close_fds, decode_mem_table)
 
 log = get_logger("workers")
 
@@ -61,7 +70,7 @@ class Ring:
     """What this worker knows about one vring."""
 
     __slots__ = ("index", "queue", "kick_fd", "call_fd", "num", "addresses", "event_idx",
-                 "last_avail_idx", "broken")
+                 "last_avail_idx", "broken", "words", "popped")
 
     def __init__(self, index: int):
         self.index = index
@@ -73,6 +82,7 @@ class Ring:
         self.event_idx = False
         self.last_avail_idx = 0              # the base while no queue exists
         self.broken = False
+        self.words = self.popped = None      # its progress record (progress.py)
 
     @property
     def running(self) -> bool:
@@ -83,10 +93,17 @@ class WorkerLoop:
     """Serves ``ring_indices`` for ``session`` until SHUTDOWN or a channel
     violation; ``run()`` returns the process exit status."""
 
-    def __init__(self, channel: Channel, session, ring_indices, clock=time.monotonic):
+    def __init__(self, channel: Channel, session, ring_indices, clock=time.monotonic, progress=None):
         self.channel = channel
         self.session = session
         self.rings = {i: Ring(i) for i in ring_indices}
+        # worker restart: each ring's progress record, shared with the
+        # supervisor (progress.py); private memory when run without one
+        if progress is None or max(self.rings) >= progress.rings:
+            progress = prog.RingProgress(max(self.rings) + 1, shared=False)
+        for ring in self.rings.values():
+            ring.words, ring.popped = progress.record(ring.index)
+        self._deferred_slots: dict[Chain, int] = {}
         self.memory: GuestMemory | None = None
         self._epoll = select.epoll()
         self._by_kick_fd: dict[int, Ring] = {}
@@ -149,15 +166,20 @@ class WorkerLoop:
             return
         handle = self.session.handle
         deferred = self._deferred
+        words, popped = ring.words, ring.popped  # progress record (worker restart)
         served = 0
         try:
             while True:
                 chain = queue.pop()
                 if chain is None:
                     break
+                last = queue.last_avail_idx
+                popped[(last - 1) & 1023] = chain.head  # progress.POPPED_MASK
+                words[0] = last                         # progress.AVAIL
                 written = handle(chain.readable, chain.writable, chain)
                 if written is None:
                     deferred[chain] = ring
+                    self._deferred_slots[chain] = prog.add_deferred(words, chain.head)
                 else:
                     queue.push(chain.head, written)
                     chain.release()
@@ -170,8 +192,18 @@ class WorkerLoop:
         self._publish(ring, queue)
         self.session.reap()
 
-    def _publish(self, ring: Ring, queue: VirtQueue) -> None:
-        if queue.publish() and ring.call_fd is not None:
+    def _publish(self, ring: Ring, queue: VirtQueue, answered=()) -> None:
+        """Store used.idx (and call the guest), keeping the progress record
+        exact at every step (progress.py): ``answered`` are the DEFERRED
+        slots of deferred chains this publish answers."""
+        words = ring.words
+        words[2] = queue.published_idx       # progress.PUB_FROM
+        want = queue.publish()
+        words[1] = queue.last_avail_idx      # progress.DONE
+        for slot in answered:
+            words[slot] = prog.EMPTY
+        words[2] = queue.published_idx
+        if want and ring.call_fd is not None:
             try:
                 os.eventfd_write(ring.call_fd, 1)
             except OSError as e:
@@ -186,24 +218,31 @@ class WorkerLoop:
 
     def _complete(self, completions) -> None:
         """Push deferred requests the session has finished."""
-        touched = []
+        touched: dict[Ring, list[int]] = {}
         for chain, written in completions:
             ring = self._deferred.pop(chain, None)
             if ring is None:
                 log.warning("session completed a request this loop never deferred")
                 continue
+            slot = self._deferred_slots.pop(chain, -1)
             if ring.queue is not None and not ring.broken:
                 ring.queue.push(chain.head, written)
-                if ring not in touched:
-                    touched.append(ring)
+                answered = touched.setdefault(ring, [])
+                if slot >= 0:
+                    answered.append(slot)
+            elif slot >= 0:
+                ring.words[slot] = prog.EMPTY
             chain.release()
-        for ring in touched:
-            self._publish(ring, ring.queue)
+        for ring, answered in touched.items():
+            self._publish(ring, ring.queue, answered)
 
     def _forget_dropped(self) -> None:
         """The session dropped its deferred requests (a new FUSE INIT): the
         guest no longer waits for them, so just let go of their memory."""
-        for chain in self._deferred:
+        for chain, ring in self._deferred.items():
+            slot = self._deferred_slots.pop(chain, -1)
+            if slot >= 0:
+                ring.words[slot] = prog.EMPTY
             chain.release()
         self._deferred.clear()
 
@@ -288,7 +327,7 @@ class WorkerLoop:
         if len(payload) != VRING_START.size or len(fds) != 1:
             close_fds(fds)
             raise ChannelError(f"VRING_START with {len(payload)} bytes and {len(fds)} fds")
-        index, num, desc, avail, used, last_avail_idx, features = VRING_START.unpack(payload)
+        index, num, desc, avail, used, last_avail_idx, flags, features = VRING_START.unpack(payload)
         kick_fd = fds[0]
         ring = self._ring(index)
         if ring is None or ring.running:
@@ -304,6 +343,9 @@ class WorkerLoop:
             os.close(kick_fd)
             self.channel.answer(errno.EINVAL)
             return None
+        if flags & VRING_START_RECOVER:
+            self._recover(ring)
+        prog.reset(ring.words, ring.queue)
         os.set_blocking(kick_fd, False)
         ring.kick_fd = kick_fd
         ring.broken = False
@@ -311,6 +353,34 @@ class WorkerLoop:
         self.channel.answer(0)
         self._serve(ring)  # the guest may have queued requests before the start
         return None
+
+    def _recover(self, ring: Ring) -> None:
+        """This worker replaces one that died serving ``ring``: answer EIO
+        to every chain it had taken and the guest still waits for."""
+        queue = ring.queue
+        try:
+            heads = prog.in_flight(ring.words, ring.popped, queue)
+            for head in heads:
+                try:
+                    chain = queue.chain_at(head)
+                except VirtQueueError as e:
+                    self._guest_log.error("vring %d: cannot answer chain %d of the previous worker: %s",
+                                          ring.index, head, e)
+                    continue
+                try:
+                    written = prog.fail_chain(chain)
+                except Exception as e:  # noqa: BLE001 - IoVecError; the guest's chain, not ours
+                    self._guest_log.error("vring %d: chain %d: %s", ring.index, head, e)
+                    written = 0
+                queue.push(head, written)
+                chain.release()
+            self._publish(ring, queue, range(prog.DEFERRED, prog.DEFERRED + prog.MAX_DEFERRED))
+        except VirtQueueError as e:
+            self._guest_log.error("vring %d: answering the previous worker's requests: %s", ring.index, e)
+            return
+        if heads:
+            log.warning("vring %d: answered %d request(s) of the previous worker with EIO",
+                        ring.index, len(heads))
 
     def _on_vring_call(self, payload: bytes, fds: list[int]) -> None:
         if len(payload) != VRING_CALL.size:

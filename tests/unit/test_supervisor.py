@@ -21,6 +21,7 @@ import pytest
 from daemon import supervisor
 from daemon.config import Config
 from daemon.vhost_user import messages as m
+from daemon.vhost_user.backend import OFFERED_FEATURES
 from daemon.vhost_user.messages import Request as R
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +34,7 @@ from daemon.workers import channel as ch
 
 mode, socket_path = sys.argv[1], sys.argv[2]
 
-def worker_main(role, index, channel, config, inodes):
+def worker_main(role, index, channel, config, inodes, progress=None):
     held = []
     for fd in os.listdir("/proc/self/fd"):
         try:
@@ -50,7 +51,12 @@ def worker_main(role, index, channel, config, inodes):
         print(f"fake {role}-{index}: {msg.name} fds={len(fds)}", file=sys.stderr, flush=True)
         if msg == ch.Msg.SHUTDOWN:
             os._exit(0)
+        if msg == ch.Msg.VRING_START:
+            print(f"fake {role}-{index}: flags={ch.VRING_START.unpack(payload)[6]}", file=sys.stderr, flush=True)
         if msg == ch.Msg.VRING_START and mode == "crash-on-start":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if msg == ch.Msg.VRING_START and mode == "crash-once-on-start" and not os.path.exists(socket_path + ".crashed"):
+            open(socket_path + ".crashed", "w").close()
             os.kill(os.getpid(), signal.SIGSEGV)
         if msg == ch.Msg.VRING_START and mode == "hang-on-start":
             signal.pause()
@@ -155,7 +161,7 @@ def test_serves_qemu_then_exits_0_when_it_disconnects(start):
     d = start()
     qemu = Qemu(d.socket_path)
     qemu.send(R.GET_FEATURES)
-    assert qemu.reply() == m.encode_u64_reply(R.GET_FEATURES, 0x1_5000_0000)
+    assert qemu.reply() == m.encode_u64_reply(R.GET_FEATURES, OFFERED_FEATURES)
     assert not os.path.exists(d.socket_path)       # one connection: the socket file is gone
     qemu.send(R.GET_QUEUE_NUM)
     assert qemu.reply() == m.encode_u64_reply(R.GET_QUEUE_NUM, 3)      # 1 + max_request_workers
@@ -224,7 +230,26 @@ def test_bad_frontend_input_closes_the_connection_and_exits(start):
     assert "Traceback" not in d.log()
 
 
-def test_worker_crash_exits_1_and_names_the_worker_and_signal(start):
+def test_worker_crash_is_logged_and_the_worker_replaced(start):
+    d = start("crash-once-on-start")
+    qemu = Qemu(d.socket_path)
+    qemu.start_ring(1)
+    qemu.send(R.GET_VRING_BASE, m.VRING_STATE.pack(1, 0))
+    assert qemu.reply() == m.encode_vring_base_reply(1, 7)     # answered by the replacement
+    log = d.log()
+    assert re.search(r"worker request-1 \(pid \d+\) failed: VRING_START: peer closed the channel "
+                     r"\(killed by SIGSEGV\)", log), log
+    assert re.search(r"worker request-1 restarted as pid \d+", log), log
+    # the first worker died before answering VRING_START: the replacement
+    # starts the ring afresh (no chain of it was taken), after the memory table
+    assert log.count("fake request-1: flags=0") == 2, log
+    tail = log[log.index("restarted as pid"):]
+    assert tail.index("fake request-1: MEM_TABLE") < tail.index("fake request-1: VRING_START"), log
+    qemu.close()
+    assert d.wait() == 0, d.log()
+
+
+def test_worker_that_keeps_crashing_exits_1_and_names_the_worker_and_signal(start):
     d = start("crash-on-start")
     qemu = Qemu(d.socket_path)
     qemu.start_ring(1)
@@ -232,23 +257,30 @@ def test_worker_crash_exits_1_and_names_the_worker_and_signal(start):
     log = d.log()
     assert re.search(r"worker request-1 \(pid \d+\) failed: VRING_START: peer closed the channel "
                      r"\(killed by SIGSEGV\)", log), log
+    assert log.count("fake request-1: VRING_START") == 1 + supervisor.RESTART_LIMIT, log
+    assert re.search(r"ERROR: shutting down: worker request-1 died 6 times within 60 s; not restarting it again",
+                     log), log
     assert "fake hiprio-0: SHUTDOWN" in log
     assert not os.path.exists(d.socket_path)
 
 
-def test_worker_that_stops_answering_is_killed(start):
+def test_worker_that_stops_answering_is_killed_and_replaced(start):
     d = start("hang-on-start")
     qemu = Qemu(d.socket_path)
     qemu.start_ring(1)
-    assert d.wait() == 1, d.log()
+    assert d.wait(30) == 1, d.log()
     assert re.search(r"worker request-1 \(pid \d+\) failed: VRING_START: no VRING_START answer within 1 s "
                      r"\(killed by SIGKILL\)", d.log()), d.log()
+    assert "worker request-1 died 6 times" in d.log()
 
 
-def test_worker_dying_while_idle_exits_1(start):
+def test_worker_dying_while_idle_is_replaced_until_the_budget_is_spent(start):
     d = start("hiprio-exits", wait_for_socket=False)   # it may be gone before we look
     assert d.wait() == 1, d.log()
-    assert re.search(r"worker hiprio \(pid \d+\) .*exited with status 3", d.log()), d.log()
+    log = d.log()
+    assert re.search(r"worker hiprio \(pid \d+\) .*exited with status 3", log), log
+    assert len(re.findall(r"worker hiprio restarted as pid \d+", log)) == supervisor.RESTART_LIMIT, log
+    assert "shutting down: worker hiprio died 6 times within 60 s" in log
     assert not os.path.exists(d.socket_path)
 
 
@@ -284,3 +316,5 @@ def test_listener_does_not_remove_a_socket_it_no_longer_owns(tmp_path):
 def test_describe_exit():
     assert supervisor.describe_exit(3 << 8) == "exited with status 3"
     assert supervisor.describe_exit(signal.SIGSEGV) == "killed by SIGSEGV"
+    assert supervisor.describe_exit(signal.SIGSYS, "request").startswith(
+        "killed by SIGSYS: a system call outside policy/request.policy (run with --seccomp log")

@@ -13,7 +13,7 @@ import socket
 import pytest
 
 from daemon.vhost_user import messages as m
-from daemon.vhost_user.backend import OFFERED_FEATURES, Backend, WorkerFailure
+from daemon.vhost_user.backend import OFFERED_FEATURES, Backend, WorkerFailure, WorkerSpawnError
 from daemon.vhost_user.messages import Request as R
 
 QEMU_FEATURES = 0x1_5000_0000          # guest acked VERSION_1|INDIRECT, QEMU adds bit 30
@@ -36,13 +36,23 @@ class FakePool:
         self.started_at = {}
         self.fail_start = None          # errno the next start_ring answers
         self.broken = False
+        self.spawn_budget = None        # spawns left before WorkerSpawnError (None: unlimited)
 
     def live(self):
         return set(self.workers)
 
     def spawn(self, index):
+        if self.spawn_budget is not None:
+            if self.spawn_budget == 0:
+                raise WorkerSpawnError(f"worker {index} died too often")
+            self.spawn_budget -= 1
         self.calls.append(("spawn", index))
         self.workers.add(index)
+
+    def die(self, index):
+        """The worker of ``index`` is found dead (ProcessPool has reaped it)."""
+        self.workers.discard(index)
+        return WorkerFailure(f"worker {index} died: test", index)
 
     def mem_table(self, index, regions, fds):
         assert len(fds) == len(regions)
@@ -53,16 +63,21 @@ class FakePool:
     def set_call(self, index, fd):
         self.calls.append(("set_call", index, None if fd is None else os.fstat(fd).st_ino))
 
-    def start_ring(self, index, num, desc, avail, used, base, features, kick_fd):
+    def start_ring(self, index, num, desc, avail, used, base, features, kick_fd, recover=False):
         if self.broken:
-            raise WorkerFailure("worker request-1 (pid 1) failed: test")
+            self.workers.discard(index)     # as ProcessPool: killed, reaped, forgotten
+            raise WorkerFailure("worker request-1 (pid 1) failed: test", index)
         if self.fail_start:
             raise OSError(self.fail_start, os.strerror(self.fail_start))
         self.started_at[index] = base
-        self.calls.append(("start", index, num, desc, avail, used, base, features, os.fstat(kick_fd).st_ino))
+        self.calls.append(("start", index, num, desc, avail, used, base, features, os.fstat(kick_fd).st_ino)
+                          + (("recover",) if recover else ()))
 
     def stop_ring(self, index):
         self.calls.append(("stop", index))
+        return (self.started_at[index] + self.progress.get(index, 0)) & 0xFFFF
+
+    def published_avail(self, index):
         return (self.started_at[index] + self.progress.get(index, 0)) & 0xFFFF
 
     def take(self):
@@ -214,7 +229,9 @@ def test_qemu_7_2_session_from_realize_to_power_off():
 
     # realize
     assert rig.request(R.GET_FEATURES)
-    assert rig.reply() == bytes.fromhex("01000000 05000000 08000000 0000005001000000")
+    # VERSION_1 | bit 30 | INDIRECT_DESC, and EVENT_IDX where the host has the fence (x86-64)
+    assert OFFERED_FEATURES in (0x1_5000_0000, 0x1_7000_0000)
+    assert rig.reply() == bytes.fromhex("01000000 05000000 08000000") + OFFERED_FEATURES.to_bytes(8, "little")
     assert rig.request(R.GET_PROTOCOL_FEATURES)
     assert rig.reply() == bytes.fromhex("0f000000 05000000 08000000 0980000000000000")
     assert rig.request(R.SET_PROTOCOL_FEATURES, u64(0x9))
@@ -419,15 +436,85 @@ def test_worker_refusing_a_ring_closes_the_connection(caplog):
     rig.assert_closed_cleanly()
 
 
-def test_worker_failure_propagates_and_close_releases_everything():
+def test_worker_that_keeps_dying_ends_in_spawn_error_and_close_releases_everything():
     rig = Rig()
     negotiate(rig)
     configure_ring(rig, 1)
     rig.pool.broken = True
-    with pytest.raises(WorkerFailure):
+    rig.pool.spawn_budget = 3
+    with pytest.raises(WorkerSpawnError):
         rig.request(R.SET_VRING_ENABLE, state(1, 1))
+    assert [c for c in rig.pool.take() if c[0] == "spawn"] == [("spawn", 1)] * 3
     rig.backend.close()
     rig.assert_closed_cleanly()
+
+
+def test_dead_worker_of_a_running_ring_is_replaced_and_resumes_with_recovery(rig):
+    negotiate(rig)
+    configure_ring(rig, 1)
+    assert rig.request(R.SET_VRING_CALL, u64(1), [eventfd()])
+    assert rig.request(R.SET_VRING_ENABLE, state(1, 1))
+    rig.pool.progress[1] = 5                        # the worker had taken 5 chains
+    rig.pool.take()
+    rig.backend.revive(rig.pool.die(1) and 1)
+    calls = rig.pool.take()
+    assert [c[0] for c in calls] == ["spawn", "mem_table", "set_call", "start"]
+    assert calls[-1][6] == 5 and calls[-1][-1] == "recover"     # base = published avail index
+    # GET_VRING_BASE now answers from the replacement
+    rig.pool.progress[1] = 0
+    assert rig.request(R.GET_VRING_BASE, state(1, 0))
+    assert rig.reply() == m.encode_vring_base_reply(1, 5)
+
+
+def test_get_vring_base_on_a_dead_worker_answers_its_published_index(rig):
+    negotiate(rig)
+    configure_ring(rig, 1)
+    assert rig.request(R.SET_VRING_ENABLE, state(1, 1))
+    rig.pool.progress[1] = 7
+    real_stop = rig.pool.stop_ring
+    deaths = [1]
+
+    def stop_ring(index):
+        if deaths:
+            deaths.pop()
+            raise rig.pool.die(index)               # found dead at VRING_STOP
+        rig.pool.progress[1] = 0                    # the replacement stops where it started
+        return real_stop(index)
+    rig.pool.stop_ring = stop_ring
+    rig.pool.take()
+    assert rig.request(R.GET_VRING_BASE, state(1, 0))
+    calls = rig.pool.take()
+    assert ("spawn", 1) in calls
+    restart = [c for c in calls if c[0] == "start"]
+    assert len(restart) == 1 and restart[0][6] == 7 and restart[0][-1] == "recover"
+    assert rig.reply() == m.encode_vring_base_reply(1, 7)
+
+
+def test_dead_idle_worker_gets_the_memory_table_and_call_fd(rig):
+    negotiate(rig)
+    assert rig.request(R.SET_VRING_CALL, u64(0), [eventfd()])
+    rig.pool.take()
+    rig.pool.die(0)
+    rig.backend.revive(0)
+    assert [c[0] for c in rig.pool.take()] == ["spawn", "mem_table", "set_call"]
+
+
+def test_worker_dying_on_a_new_call_fd_is_replaced_with_it(rig):
+    negotiate(rig)
+    real = rig.pool.set_call
+    deaths = [1]
+
+    def set_call(index, fd):
+        if deaths:
+            deaths.pop()
+            raise rig.pool.die(index)
+        real(index, fd)
+    rig.pool.set_call = set_call
+    rig.pool.take()
+    assert rig.request(R.SET_VRING_CALL, u64(1), [eventfd()])
+    calls = rig.pool.take()
+    assert [c[0] for c in calls] == ["spawn", "mem_table", "set_call"]
+    assert calls[-1][2] is not None
 
 
 def test_close_releases_every_kept_fd():
@@ -607,8 +694,8 @@ def test_hostile_ring_crossing_the_end_of_its_region(fresh, caplog):
 
 
 def test_hostile_features_never_offered(fresh, caplog):
-    text = hostile(fresh, caplog, msg(R.SET_FEATURES, u64(QEMU_FEATURES | m.F_RING_EVENT_IDX)))
-    assert "never offered (0x20000000)" in text
+    text = hostile(fresh, caplog, msg(R.SET_FEATURES, u64(QEMU_FEATURES | 1 << 24)))  # NOTIFY_ON_EMPTY
+    assert "never offered (0x1000000)" in text
 
 
 def test_hostile_protocol_features_never_offered(fresh, caplog):

@@ -168,7 +168,8 @@ def test_direct_chain_gives_readable_and_writable_streams(driver, mem):
     chain = q.pop()
     assert isinstance(chain, Chain) and chain.head == head
     assert stream(chain.readable) == b"header-40".ljust(40, b".") + b"args"
-    assert chain.writable.size == 80 and len(chain.writable.views) == 2
+    # the two writable buffers are adjacent in guest memory: one view
+    assert chain.writable.size == 80 and len(chain.writable.views) == 1
     chain.writable.write(10, b"reply-straddles-two-buffers")
     second = driver.next_buffer - ((64 + 15) & ~15)
     assert driver.ram[second:second + 10 + 27 - 16] == b"reply-straddles-two-buffers"[6:]
@@ -662,3 +663,31 @@ def test_random_rings_raise_only_virtqueue_error(fuzz_driver, desc, table, heads
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
         q.release()
+
+
+
+def test_only_adjacent_buffers_merge(driver, mem):
+    """Descriptor boundaries carry no meaning: adjacent buffers become one
+    view, a gap (or a backwards jump) starts a new one; the streams are the
+    same either way."""
+    base = driver.next_buffer
+    driver.next_buffer += 4096
+    hdr = driver.buffer(b"H" * 40, base)
+    args = driver.buffer(b"A" * 8, base + 40)           # adjacent: merged
+    out_hdr = driver.buffer(16, base + 64)              # gap after args
+    page1 = driver.buffer(32, base + 80)                # adjacent to out_hdr
+    page0 = driver.buffer(32, base + 1024)              # a gap
+    page2 = driver.buffer(32, base + 1024 - 32)         # before page0: not merged
+    parts = [(hdr, 40, 0), (args, 8, 0), (out_hdr, 16, WRITE), (page1, 32, WRITE),
+             (page0, 32, WRITE), (page2, 32, WRITE)]
+    head = driver.alloc_descs(len(parts))
+    driver.chain_descs(parts, DESC_GPA, head)
+    driver.offer(head)
+    chain = driver.queue(mem).pop()
+    assert stream(chain.readable) == b"H" * 40 + b"A" * 8
+    assert [len(v) for v in chain.readable.views] == [48]
+    assert [len(v) for v in chain.writable.views] == [48, 32, 32]
+    chain.writable.write(0, bytes(range(112)))
+    assert driver.ram[base + 64:base + 112] == bytes(range(48))
+    assert driver.ram[base + 1024:base + 1056] == bytes(range(48, 80))
+    assert driver.ram[base + 992:base + 1024] == bytes(range(80, 112))

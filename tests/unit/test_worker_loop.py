@@ -42,7 +42,7 @@ class EchoSession:
     def handle(self, readable, writable, token):
         data = readable.read(0, readable.size)
         if data.startswith(b"DEFER"):
-            self.pending.append((token, writable, data == b"DEFER-FOREVER"))
+            self.pending.append((token, writable, data.startswith(b"DEFER-FOREVER")))
             return None
         reply = (b"ECHO:" + data)[:writable.size]
         writable.write(0, reply)
@@ -71,14 +71,14 @@ class EchoSession:
 class Worker:
     """A forked WorkerLoop and the supervisor's end of its channel."""
 
-    def __init__(self, rings=(RING,)):
+    def __init__(self, rings=(RING,), progress=None):
         supervisor_end, worker_end = Channel.pair()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             status = 2
             try:
                 supervisor_end.close()
-                status = WorkerLoop(worker_end, EchoSession(), rings).run()
+                status = WorkerLoop(worker_end, EchoSession(), rings, progress=progress).run()
             finally:
                 os._exit(status)
         worker_end.close()
@@ -133,9 +133,10 @@ class Guest:
         regions = self.driver.regions()
         return encode_mem_table(regions), [self.driver.fd] * len(regions)
 
-    def vring_start(self, index: int = RING, last_avail_idx: int = 0, num: int | None = None) -> bytes:
+    def vring_start(self, index: int = RING, last_avail_idx: int = 0, num: int | None = None,
+                    flags: int = 0) -> bytes:
         return VRING_START.pack(index, num or self.driver.num, QVA_BASE + DESC_GPA, QVA_BASE + AVAIL_GPA,
-                                QVA_BASE + USED_GPA, last_avail_idx, 0)
+                                QVA_BASE + USED_GPA, last_avail_idx, flags, 0)
 
     def wait_call(self, fd: int | None = None) -> int:
         """Wait for the worker's call; the eventfd's counter."""
@@ -465,3 +466,45 @@ def test_worker_main_sends_ready_serves_and_exits_0(tmp_path, guest, role, index
         except (ProcessLookupError, ChildProcessError):
             pass
         inodes.close()
+
+
+# -- worker restart (progress.py) ------------------------------------------------------
+
+def test_replacement_answers_what_the_dead_worker_had_taken_with_eio(guest):
+    from daemon.fuse.abi import OUT_HEADER
+    from daemon.workers.channel import VRING_START_RECOVER
+    from daemon.workers.progress import RingProgress
+
+    progress = RingProgress(RING + 1)           # shared, made before the forks
+    first = Worker(progress=progress)
+    try:
+        assert first.request(Msg.MEM_TABLE, *guest.mem_table()) == (0, 0)
+        assert first.request(Msg.VRING_CALL, VRING_CALL.pack(RING, 1), [guest.call]) == (0, 0)
+        assert first.request(Msg.VRING_START, guest.vring_start(), [guest.kick]) == (0, 0)
+        served = guest.driver.add([b"before"], [32])
+        os.eventfd_write(guest.kick, 1)
+        assert guest.wait_call() == 1 and guest.used() == [(served, 11)]
+        request = b"DEFER-FOREVER" + bytes(11)
+        waiting = guest.driver.add([request], [32])      # the worker keeps it (a SETLKW)
+        out = last_writable_gpa(guest, 32)
+        os.eventfd_write(guest.kick, 1)
+        assert guest.no_call(wait=0.1)
+    finally:
+        first.kill()                            # SIGKILL: nothing answered
+    assert progress.avail(RING) == 2
+    second = Worker(progress=progress)
+    try:
+        assert second.request(Msg.MEM_TABLE, *guest.mem_table()) == (0, 0)
+        assert second.request(Msg.VRING_CALL, VRING_CALL.pack(RING, 1), [guest.call]) == (0, 0)
+        start = guest.vring_start(last_avail_idx=progress.avail(RING), flags=VRING_START_RECOVER)
+        assert second.request(Msg.VRING_START, start, [guest.kick]) == (0, 0)
+        assert guest.wait_call() == 1
+        assert guest.used() == [(served, 11), (waiting, 16)]
+        unique = int.from_bytes(request[8:16], "little")
+        assert OUT_HEADER.unpack(guest.reply(16, out)) == (16, -errno.EIO, unique)
+        after = guest.driver.add([b"after"], [32])   # and the ring goes on
+        os.eventfd_write(guest.kick, 1)
+        assert guest.wait_call() == 1 and guest.used()[2:] == [(after, 10)]
+        assert second.request(Msg.VRING_STOP, VRING_STOP.pack(RING)) == (0, 3)
+    finally:
+        second.kill()
