@@ -67,6 +67,7 @@ class Run:
     daemon_exit: int | None = None
     daemon_log: str = ""
     process_tree: list | None = None  # [(pid, ppid, comm)] seen while the guest was attached
+    confinement: dict | None = None   # pid -> confinement(pid), seen then too
     boot_seconds: float = 0.0
 
 
@@ -126,6 +127,20 @@ def process_tree(root_pid: int) -> list[tuple[int, int, str]]:
     return out
 
 
+def confinement(pid: int) -> dict:
+    """What the host sees of one daemon process while a guest is attached:
+    its seccomp mode, no_new_privs, effective capabilities, namespaces and
+    root (for tests/guest/test_guest_ours.py)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":\t")
+        fields[key] = value.strip()
+    ns = {kind: os.readlink(f"/proc/{pid}/ns/{kind}") for kind in ("mnt", "pid", "net", "ipc", "uts")}
+    root = os.stat(f"/proc/{pid}/root")
+    return {"seccomp": fields.get("Seccomp"), "nnp": fields.get("NoNewPrivs"),
+            "capeff": int(fields.get("CapEff", "0"), 16), "ns": ns, "root": (root.st_dev, root.st_ino)}
+
+
 def _wait_exit(daemon, timeout: float) -> int | None:
     if hasattr(daemon, "wait"):
         return daemon.wait(timeout)
@@ -136,11 +151,17 @@ def boot_and_run(daemon, kind: str, cache: str, shared_dir: Path, *, tools: bool
                  known=(), timeout: float = BOOT_TIMEOUT, console_log=None) -> Run:
     """Boot one guest against an already listening daemon and run the suite."""
     seen_tree: list = []
+    seen_confinement: dict = {}
 
     def on_booted(_text):
         if kind == "ours":
             time.sleep(0.5)  # let every worker settle after the mount
             seen_tree.extend(process_tree(daemon.pid))
+            for pid, _ppid, comm in seen_tree:
+                try:
+                    seen_confinement[pid] = dict(confinement(pid), comm=comm)
+                except OSError:
+                    pass
 
     def daemon_died():
         proc = getattr(daemon, "proc", None)
@@ -156,6 +177,7 @@ def boot_and_run(daemon, kind: str, cache: str, shared_dir: Path, *, tools: bool
     run = Run(kind=kind, cache=cache, shared_dir=Path(shared_dir), guest=guest, ops=ops,
               ops_info=info, ops_summary=ops_summary, tools=tl, tools_summary=tools_summary,
               step_rc=step_rc, process_tree=seen_tree if kind == "ours" else None,
+              confinement=seen_confinement if kind == "ours" else None,
               boot_seconds=time.monotonic() - t0)
     run.daemon_exit = _wait_exit(daemon, 15)
     try:

@@ -8,7 +8,7 @@ daemon's process tree while the guest was attached, and a clean exit.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import pytest
 
@@ -60,3 +60,27 @@ def test_three_processes_while_attached(run):
 
 def test_daemon_exits_when_the_guest_is_gone(run):
     assert run.daemon_exit == 0, run.daemon_log[-3000:]
+
+
+def test_workers_confined_while_the_guest_is_attached(run):
+    """Seen from the host while the guest used the share: every worker has
+    Seccomp 2, NoNewPrivs 1, exactly its role's capabilities, namespaces of
+    its own and the share (request) or an empty root (hiprio) as its root."""
+    from daemon.sandbox import capabilities
+
+    seen = run.confinement
+    assert seen and len(seen) == 3, seen
+    supervisor_pid = run.process_tree[0][0]
+    sup = seen[supervisor_pid]
+    share = os.stat(run.shared_dir)
+    roles = set()
+    for pid, info in seen.items():
+        assert info["seccomp"] == "2" and info["nnp"] == "1", info
+        if pid == supervisor_pid:
+            continue
+        role = "hiprio" if "hiprio" in info["comm"] else "request"
+        roles.add(role)
+        assert info["capeff"] == capabilities.mask(capabilities.role_caps(role)), (role, info)
+        assert all(info["ns"][k] != sup["ns"][k] for k in info["ns"]), (role, info["ns"], sup["ns"])
+        assert (info["root"] == (share.st_dev, share.st_ino)) == (role == "request"), (role, info)
+    assert roles == {"hiprio", "request"}
