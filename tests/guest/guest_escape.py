@@ -73,34 +73,12 @@ AT_FDCWD = -100
 # --------------------------------------------------------------------------
 # helpers (the same conventions as guest_ops.py)
 
-def ename(e: int) -> str:
-    return errno.errorcode.get(e, str(e))
-
-
-def E(fn, *args, **kw):
-    """fn's value, or "E:<ERRNO>" for an OSError."""
-    try:
-        return fn(*args, **kw)
-    except OSError as e:
-        return "E:" + ename(e.errno)
-
-
-def ok(fn, *args, **kw):
-    r = E(fn, *args, **kw)
-    return r if isinstance(r, str) and r.startswith("E:") else "ok"
-
-
-def J(p: str, *parts: str) -> str:
-    return os.path.join(p, *parts)
-
-
-def ftype(mode: int) -> str:
-    for t, f in (("reg", stat.S_ISREG), ("dir", stat.S_ISDIR), ("lnk", stat.S_ISLNK),
-                 ("fifo", stat.S_ISFIFO), ("chr", stat.S_ISCHR), ("blk", stat.S_ISBLK),
-                 ("sock", stat.S_ISSOCK)):
-        if f(mode):
-            return t
-    return "?"
+# the helpers both in-guest programs share (guest_ops.py sits beside this
+# file, so it is importable in the guest too)
+if __package__:  # imported on the host as tests.guest.guest_escape
+    from .guest_ops import E, J, ename, ftype, ok  # noqa: E402
+else:            # run as a script in the guest
+    from guest_ops import E, J, ename, ftype, ok  # noqa: E402
 
 
 def st(path: str, follow: bool = False) -> dict | str:
