@@ -1,7 +1,7 @@
 # pyvirtiofsd: the two commands a user needs are `make demo` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test unit test-frontend test-guest fuzz clean
+.PHONY: setup demo test unit test-frontend test-guest fuzz bench clean
 
 setup:
 	./scripts/setup.sh
@@ -27,6 +27,12 @@ test-guest: setup
 ## prints inputs, time, fds and RSS, fails on any crash, hang or growth.
 fuzz: setup
 	$(PY) -m tests.fuzz.fuzz_chain_fuse --iterations $(or $(FUZZ_ITERATIONS),1000000)
+
+## Ours vs QEMU's C virtiofsd, same workloads in the same run (real guest,
+## daemon-bound, footprint); writes docs/perf/results.md and ratios.png.
+bench: setup
+	.venv/bin/pip install -q --disable-pip-version-check -e ".[bench]"
+	$(PY) -m tests.perf.bench
 
 clean:
 	rm -rf .venv .cache build *.egg-info

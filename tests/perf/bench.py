@@ -1,0 +1,503 @@
+"""``make bench``: pyvirtiofsd against QEMU 7.2's C virtiofsd, as ratios.
+
+    python -m tests.perf.bench [--quick] [--rounds N] [--skip-guest]
+                               [--skip-frontend] [--out docs/perf]
+
+Three parts, each run against our daemon first and the C daemon second,
+in the same run (absolute figures depend on the machine and on whatever
+else runs on it; only ratios measured side by side mean anything):
+
+1. **Real guest** (tests/guest: Debian's 6.1 kernel under QEMU 7.2 TCG,
+   2 vCPUs), once with ``--cache never`` / ``-o cache=none`` and once with
+   ``auto``: fio psync sequential write and read (1 MiB blocks, a 256 MiB
+   file), random read and write (4 KiB, time based); per-request round
+   trips (fstat, stat of a path, 4 KiB direct read); the metadata workload
+   (create, stat, readdir, unlink of 10,000 small files; untar and rm -rf
+   of a source tree of 3,000 files). See tests/perf/guest_workloads/.
+2. **Daemon-bound, no guest**: the vhost-user test frontend keeps 1 or 64
+   requests in flight (tests/perf/frontend_bench.py) and counts GETATTR,
+   LOOKUP, 4 KiB READ and 1 MiB READ replies per second.
+3. **Footprint**: PSS (and RSS) of each daemon's whole process tree with the
+   guest attached and idle, and after the guest looked up 100,000 files
+   (cache=auto boot); time from exec to the socket accepting.
+
+Every throughput ratio is ours / C (> 1: we are faster). Each guest boot
+pair and each frontend measurement is repeated ``--rounds`` times,
+alternating ours and C, and the best of each is kept: the machine is shared
+(2 cores), and a neighbour's burst only ever makes a run slower.
+
+Writes ``docs/perf/results.md``, ``docs/perf/results.json`` and
+``docs/perf/ratios.png`` (matplotlib, the ``bench`` extra). Prints the ratio table. Never fails on a ratio:
+the benchmark only reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.conftest import C_VIRTIOFSD, start_daemon  # noqa: E402
+from tests.guest.vm import guest_path  # noqa: E402
+from tests.perf import footprint  # noqa: E402
+
+WORKLOADS = Path(__file__).resolve().parent / "guest_workloads"
+# the guest sees the host root read-only (tests/guest/vm.py), except where
+# it mounts its own tmpfs: keep the tarball cache out of /tmp and /run
+CACHE_DIR = (REPO / ".cache" / "bench" if not str(REPO).startswith(("/tmp/", "/run/"))
+             else Path("/var/tmp/pyvirtiofsd-bench"))
+KINDS = ("ours", "c")
+
+FULL = dict(seq_mib=256, rand_seconds=8, files=10_000, tar_files=3000, lat_count=2000,
+            footprint_files=100_000, frontend_seconds=3.0, rounds=2, startup_runs=5)
+QUICK = dict(seq_mib=32, rand_seconds=3, files=1000, tar_files=500, lat_count=500,
+             footprint_files=10_000, frontend_seconds=1.0, rounds=1, startup_runs=3)
+
+# (key, label, section) in table order; the value of a key is "higher is better"
+GUEST_PHASES = [
+    ("seq-write", "seq write 1 MiB (MiB/s)"),
+    ("seq-read", "seq read 1 MiB (MiB/s)"),
+    ("rand-read", "rand read 4 KiB (IOPS)"),
+    ("rand-write", "rand write 4 KiB (IOPS)"),
+    ("lat-getattr", "fstat round trips (/s)"),
+    ("lat-lookup", "stat path round trips (/s)"),
+    ("lat-read4k", "4 KiB read round trips (/s)"),
+    ("create", "create small files (/s)"),
+    ("stat", "stat, cold (/s)"),
+    ("readdir", "readdir, cold (entries/s)"),
+    ("unlink", "unlink, cold (/s)"),
+    ("untar", "untar source tree (files/s)"),
+    ("rmtree", "rm -rf source tree (files/s)"),
+    ("lookup", "look up N files, cold (/s)"),
+]
+FRONTEND_OPS = ("getattr", "lookup", "read4k", "read1m")
+FRONTEND_DEPTHS = (1, 64)
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- setup -------------------------------------------------------------------------
+def ensure_matplotlib():
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("bench: matplotlib is missing: pip install -e '.[bench]' (make bench does)")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def source_tarball(n_files: int) -> Path:
+    """A tar of the first ``n_files`` regular files under /usr/include (cached)."""
+    path = CACHE_DIR / f"src-tree-{n_files}.tar"
+    if path.exists():
+        return path
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    files = []
+    for root, dirs, names in os.walk("/usr/include"):
+        dirs.sort()
+        for name in sorted(names):
+            p = os.path.join(root, name)
+            if os.path.isfile(p) and not os.path.islink(p):
+                files.append(p)
+                if len(files) == n_files:
+                    break
+        if len(files) == n_files:
+            break
+    tmp = path.with_suffix(".tmp")
+    with tarfile.open(tmp, "w") as t:
+        for p in files:
+            t.add(p, arcname=os.path.relpath(p, "/usr/include"))
+    tmp.rename(path)
+    return path
+
+
+def _version(argv) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        return (out.stdout or out.stderr).strip().splitlines()[0]
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        return "?"
+
+
+def machine_info() -> dict:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kb / 1024 / 1024:.1f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        from tests.guest.kernel import ensure_kernel
+        guest_kernel = Path(ensure_kernel()[0]).parent.name
+    except Exception:  # noqa: BLE001
+        guest_kernel = "?"
+    commit = _version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "host_kernel": platform.release(),
+        "os": _version(["sh", "-c", ". /etc/os-release; echo $PRETTY_NAME"]),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory": mem,
+        "python": platform.python_version(),
+        "qemu": _version(["qemu-system-x86_64", "--version"]),
+        "c_virtiofsd": _version([C_VIRTIOFSD, "--version"]),
+        "fio": _version(["fio", "--version"]),
+        "guest_kernel": guest_kernel,
+        "pyvirtiofsd": f"{commit}{' (modified)' if dirty else ''}",
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def raise_nofile() -> int:
+    """Both daemons inherit our RLIMIT_NOFILE, and each holds one fd per
+    inode the guest knows: give them what a service manager would (the C
+    daemon raises its own soft limit to the hard one; ours may not be able
+    to raise the hard limit once confined)."""
+    import resource
+    try:
+        want = int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        want = 1 << 20
+    want = min(want, 1 << 20)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
+    except (OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# -- part 1: real guest ------------------------------------------------------------------
+def guest_command(p: dict, tarball: Path, footprint_dir: str | None, cache: str) -> str:
+    # round trips only where the guest cannot answer them from its caches
+    lat = p["lat_count"] if cache == "never" else 0
+    return " ".join(shlex.quote(str(x)) for x in (
+        "sh", guest_path(WORKLOADS / "run.sh"), "/mnt", p["seq_mib"], p["rand_seconds"], p["files"], tarball,
+        footprint_dir or "-", lat))
+
+
+def guest_run(kind: str, cache: str, p: dict, tarball: Path, with_footprint: bool) -> dict:
+    """One boot against a fresh daemon; {phase: {...}} plus 'memory'."""
+    from tests.guest.vm import run_guest
+
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-{cache}-"))
+    shared = work / "shared"
+    shared.mkdir()
+    fp_dir = None
+    if with_footprint:
+        fp_dir = "footprint"
+        footprint.populate(shared / fp_dir, p["footprint_files"])
+    d = start_daemon(kind, shared, cache, run_dir=str(work))
+    console = work / "console.log"
+    memory: dict = {}
+    state = {"idle": False, "looked": False}
+
+    def watch():
+        # polled by run_guest every 0.2 s: measure memory at the guest's markers
+        try:
+            text = console.read_text(errors="replace")
+        except OSError:
+            return None
+        if not state["idle"] and "@@BENCH-IDLE@@" in text:
+            state["idle"] = True
+            time.sleep(1.0)
+            memory["idle"] = footprint.tree_memory(d.pid)
+        if not state["looked"] and "@@BENCH-LOOKED-UP@@" in text:
+            state["looked"] = True
+            time.sleep(1.0)
+            memory["looked_up"] = footprint.tree_memory(d.pid)
+        if d.proc.poll() is not None:
+            return f"the {kind} daemon exited with {d.proc.returncode}"
+        return None
+
+    t0 = time.monotonic()
+    try:
+        r = run_guest(d.socket_path, guest_command(p, tarball, fp_dir, cache), timeout=1500,
+                      console_log=console, idle_timeout=300, abort_if=watch)
+    finally:
+        d.stop(10)
+    took = time.monotonic() - t0
+    phases = {}
+    failures = []
+    for line in r.output.splitlines():
+        line = line.strip()
+        if line.startswith("BENCH {"):
+            obj = json.loads(line[6:])
+            phases[obj.pop("phase")] = obj
+        elif line.startswith("BENCH-FAIL"):
+            failures.append(line)
+    if r.exit_status != 0 or failures:
+        log(f"  {kind} cache={cache}: guest status {r.exit_status} {failures}\n"
+            + r.describe(tail=25) + "\ndaemon log tail:\n" + "\n".join(d.log().splitlines()[-15:]))
+    log(f"  {kind:4s} cache={cache}: {took:.0f} s, " + ", ".join(
+        f"{k} {_value(k, v):,.0f}" for k, v in phases.items()))
+    shutil.rmtree(work, ignore_errors=True)
+    return {"phases": phases, "memory": memory, "seconds": took, "status": r.exit_status}
+
+
+def _value(phase: str, obj: dict) -> float:
+    """The higher-is-better figure of a guest phase."""
+    if "bw_bytes" in obj and phase.startswith("seq"):
+        return obj["bw_bytes"] / (1 << 20)
+    if "iops" in obj:
+        return obj["iops"]
+    return obj["ops"] / obj["seconds"] if obj.get("seconds") else 0.0
+
+
+def guest_part(p: dict, rounds: int) -> dict:
+    tarball = source_tarball(p["tar_files"])
+    out = {}
+    for cache in ("never", "auto"):
+        best = {k: {} for k in KINDS}
+        memory = {}
+        for rnd in range(rounds):
+            for kind in KINDS:
+                res = guest_run(kind, cache, p, tarball, with_footprint=(cache == "auto" and rnd == 0))
+                for phase, obj in res["phases"].items():
+                    v = _value(phase, obj)
+                    if v > best[kind].get(phase, -1):
+                        best[kind][phase] = v
+                if res["memory"]:
+                    memory[kind] = res["memory"]
+        out[cache] = {"best": best, "memory": memory}
+    return out
+
+
+# -- part 2: daemon-bound ---------------------------------------------------------------
+def frontend_part(p: dict, rounds: int) -> dict:
+    from tests.frontend.fuse_client import FuseClient
+    from tests.frontend.guestmem import GuestMemory
+    from tests.frontend.vhost import VhostUserFrontend
+    from tests.perf.frontend_bench import requests_per_second
+
+    best = {k: {} for k in KINDS}
+    for rnd in range(rounds):
+        for kind in KINDS:
+            shared = tempfile.mkdtemp(prefix=f"bench-fe-{kind}-")
+            d = start_daemon(kind, shared, "auto")
+            fe = VhostUserFrontend(d.socket_path, memory=GuestMemory(256 << 20), num_request_queues=1,
+                                   queue_size=1024)
+            try:
+                fe.realize()
+                fe.start()
+                fc = FuseClient(fe)
+                fc.init()
+                requests_per_second(fc, "read1m", 1, 0.2)  # creates the data file; warms up
+                for op in FRONTEND_OPS:
+                    for depth in FRONTEND_DEPTHS:
+                        rate = requests_per_second(fc, op, depth, p["frontend_seconds"])
+                        key = f"{op}-d{depth}"
+                        best[kind][key] = max(best[kind].get(key, 0.0), rate)
+            finally:
+                fe.close()
+                d.stop(5)
+                shutil.rmtree(shared, ignore_errors=True)
+            log(f"  {kind:4s} round {rnd + 1}: " + ", ".join(f"{k} {v:,.0f}/s" for k, v in best[kind].items()))
+    return best
+
+
+# -- report ----------------------------------------------------------------------------
+def build_rows(guest: dict | None, fe: dict | None, start: dict, p: dict) -> list[dict]:
+    rows = []
+    if guest:
+        for cache in ("never", "auto"):
+            b = guest[cache]["best"]
+            for key, label in GUEST_PHASES:
+                if key in b["ours"] and key in b["c"]:
+                    if key == "lookup":
+                        label = f"look up {p['footprint_files']:,} files, cold (/s)"
+                    rows.append({"section": f"guest, cache={cache}", "name": f"{cache}/{key}", "label": label,
+                                 "ours": b["ours"][key], "c": b["c"][key],
+                                 "ratio": b["ours"][key] / b["c"][key] if b["c"][key] else 0.0})
+    if fe:
+        for op in FRONTEND_OPS:
+            for depth in FRONTEND_DEPTHS:
+                key = f"{op}-d{depth}"
+                label = {"getattr": "GETATTR", "lookup": "LOOKUP", "read4k": "READ 4 KiB",
+                         "read1m": "READ 1 MiB"}[op] + f", depth {depth} (/s)"
+                rows.append({"section": "daemon-bound (vhost-user test frontend)", "name": key, "label": label,
+                             "ours": fe["ours"][key], "c": fe["c"][key],
+                             "ratio": fe["ours"][key] / fe["c"][key] if fe["c"][key] else 0.0})
+    if start:
+        o, c = start["ours"]["median"], start["c"]["median"]
+        rows.append({"section": "footprint (without the guest RAM mapping)", "name": "startup", "label": "exec → socket accepting (ms)",
+                     "ours": o * 1000, "c": c * 1000, "ratio": c / o if o else 0.0, "lower_better": True,
+                     "goal": f"ours ≤ 250 ms: {'met' if o <= 0.25 else 'NOT met'}"})
+    if guest:
+        mem = guest["auto"]["memory"]
+        for when, label in (("idle", "PSS, guest attached, idle (MiB)"),
+                            ("looked_up", f"PSS, {p['footprint_files']:,} files looked up (MiB)")):
+            if when in mem.get("ours", {}) and when in mem.get("c", {}):
+                o = mem["ours"][when]
+                c = mem["c"][when]
+                bound = 1.5 * c["rss"]
+                rows.append({"section": "footprint (without the guest RAM mapping)", "name": f"pss-{when}",
+                             "label": label,
+                             "ours": o["pss"] / (1 << 20), "c": c["pss"] / (1 << 20),
+                             "c_rss": c["rss"] / (1 << 20), "ours_rss": o["rss"] / (1 << 20),
+                             "ratio": bound / o["pss"] if o["pss"] else 0.0, "lower_better": True,
+                             "goal": f"ours PSS {o['pss'] / (1 << 20):.1f} ≤ 1.5 × C RSS "
+                                     f"{c['rss'] / (1 << 20):.1f} = {bound / (1 << 20):.1f}: "
+                                     f"{'met' if o['pss'] <= bound else 'NOT met'}"})
+    return rows
+
+
+def render_table(rows: list[dict]) -> str:
+    lines = []
+    section = None
+    for r in rows:
+        if r["section"] != section:
+            section = r["section"]
+            lines += ["", f"**{section}**", "", "| measurement | ours | C | ratio |", "|---|---:|---:|---:|"]
+        flag = "" if r["ratio"] >= 1.0 else " ⚠"
+        ratio = f"{r['ratio']:.2f}{flag}"
+        if r["name"].startswith("pss-"):
+            ratio = f"{r['ratio']:.2f}{flag} (1.5 × C RSS / ours PSS)"
+        elif r["name"] == "startup":
+            ratio = f"{r['ratio']:.2f} (C / ours)"
+        fmt = "{:,.1f}" if r["ours"] < 100 else "{:,.0f}"
+        lines.append(f"| {r['label']} | {fmt.format(r['ours'])} | {fmt.format(r['c'])} | {ratio} |")
+    return "\n".join(lines).lstrip("\n")
+
+
+def render_markdown(rows, info, p, args, guest, elapsed) -> str:
+    goals = [r["goal"] for r in rows if r.get("goal")]
+    below = [r for r in rows if r["ratio"] < 1.0]
+    md = [
+        "# pyvirtiofsd vs QEMU 7.2's C virtiofsd",
+        "",
+        f"Written by `python -m tests.perf.bench{' --quick' if args.quick else ''}` (`make bench`) "
+        f"on {info['date']} in {elapsed / 60:.1f} min. Ratios are ours / C for throughput "
+        "(> 1: ours is faster); every figure is the best of "
+        f"{p['rounds']} alternating runs of each daemon on a shared 2-core machine.",
+        "",
+        "![ratios](ratios.png)",
+        "",
+        render_table(rows),
+        "",
+        "## Goals",
+        "",
+        f"- every ratio ≥ 1.0: {len(rows) - len(below)} of {len(rows)} met"
+        + ("" if not below else "; below: " + ", ".join(f"{r['name']} {r['ratio']:.2f}" for r in below)),
+    ]
+    md += [f"- {g}" for g in goals]
+    if guest:
+        md += ["", "## Process trees (cache=auto boot)", ""]
+        for kind in KINDS:
+            for when, m in guest["auto"]["memory"].get(kind, {}).items():
+                procs = ", ".join(f"{comm} {pss / (1 << 20):.1f}/{rss / (1 << 20):.1f}"
+                                  for _pid, comm, pss, rss in m["processes"])
+                md.append(f"- {kind} {when}: PSS {m['pss'] / (1 << 20):.1f} MiB, RSS {m['rss'] / (1 << 20):.1f} MiB, "
+                          f"USS {m['uss'] / (1 << 20):.1f} MiB — per process PSS/RSS MiB: {procs}")
+    md += ["", "## Workloads", "",
+           f"- guest: QEMU TCG, 2 vCPUs, 1 GiB, queue size 1024; fio psync, {p['seq_mib']} MiB file, "
+           f"random phases {p['rand_seconds']} s; round trips ×{p['lat_count']} (best of 3; cache=never only); "
+           f"{p['files']:,} small files; a {p['tar_files']:,}-file tree from /usr/include; "
+           f"{p['footprint_files']:,} files looked up for the memory figure. Guest caches are dropped "
+           "before each cold phase. Daemons: `--cache never|auto` / `-o cache=none|auto -o xattr -o posix_lock`, "
+           "otherwise defaults (ours: sandbox and seccomp on).",
+           f"- daemon-bound: tests/perf/frontend_bench.py, {p['frontend_seconds']} s per figure, queue size 1024.",
+           "", "## Machine", ""]
+    info = dict(info, loadavg_end=os.getloadavg())
+    md += [f"- {k}: {v}" for k, v in info.items()]
+    return "\n".join(md) + "\n"
+
+
+def render_chart(rows: list[dict], path: Path) -> None:
+    plt = ensure_matplotlib()
+    rows = [r for r in rows if r["ratio"] > 0]
+    labels = [f"{r['section'].split(' (')[0]}: {r['label']}" for r in rows]
+    ratios = [r["ratio"] for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.28 * len(rows) + 1.5))
+    colors = ["#2a9d8f" if x >= 1.0 else "#e76f51" for x in ratios]
+    y = list(range(len(rows)))[::-1]
+    ax.barh(y, ratios, color=colors)
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_xlabel("ours / C (higher is better; footprint rows: goal / ours)")
+    ax.set_title("pyvirtiofsd vs C virtiofsd (QEMU 7.2)")
+    for yi, x in zip(y, ratios):
+        ax.text(x, yi, f" {x:.2f}", va="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, one round (development)")
+    ap.add_argument("--rounds", type=int, help="alternating runs of each daemon (best kept)")
+    ap.add_argument("--skip-guest", action="store_true")
+    ap.add_argument("--skip-frontend", action="store_true")
+    ap.add_argument("--out", default=str(REPO / "docs" / "perf"))
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: needs root (QEMU guest, both daemons)", file=sys.stderr)
+        return 2
+    nofile = raise_nofile()
+    p = dict(QUICK if args.quick else FULL)
+    if args.rounds:
+        p["rounds"] = args.rounds
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_matplotlib()
+    t0 = time.monotonic()
+    info = machine_info()
+    info["daemons_rlimit_nofile"] = nofile
+    log(f"machine: {info['cpu']}, {info['cores']} cores, load {info['loadavg_start']}")
+    log("start-up time")
+    start = {k: footprint.startup_median(k, p["startup_runs"]) for k in KINDS}
+    fe = None
+    if not args.skip_frontend:
+        log("daemon-bound: vhost-user test frontend")
+        fe = frontend_part(p, p["rounds"])
+    guest = None
+    if not args.skip_guest:
+        log("real guest (QEMU TCG)")
+        guest = guest_part(p, p["rounds"])
+    elapsed = time.monotonic() - t0
+    rows = build_rows(guest, fe, start, p)
+    (out / "results.json").write_text(json.dumps({"machine": info, "params": p, "rows": rows,
+                                                  "guest": guest, "frontend": fe, "startup": start},
+                                                 indent=1, default=str))
+    (out / "results.md").write_text(render_markdown(rows, info, p, args, guest, elapsed))
+    render_chart(rows, out / "ratios.png")
+    print()
+    print(render_table(rows))
+    print(f"\nwritten: {out / 'results.md'}, {out / 'ratios.png'} ({elapsed / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The daemon's own cost per request, measured in one process (no IPC).
+
+The test frontend's vring (tests/frontend/vring.py) lays ``depth``
+requests out in a memfd "guest RAM"; the daemon's ``VirtQueue`` maps the
+same memory and the real ``WorkerLoop._serve`` (pop, session.handle, push,
+publish once, call eventfd) serves them, batch after batch, with the
+frontend's re-posting done outside the timed part. What remains is the
+worker's CPU time per request: the figure to compare with the 2.4 µs bare
+GETATTR budget (DESIGN.md) and to profile without a second process
+competing for the cores.
+
+    python -m tests.perf.inproc [--op getattr|lookup|read4k|read1m] [--depth 64]
+                                [--seconds 3] [--profile cprofile|none]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+from daemon.config import CacheMode, Config
+from daemon.fuse import abi
+from daemon.fuse.abi import Opcode
+from daemon.fuse.inodes import InodeTable
+from daemon.fuse.session import FuseSession
+from daemon.virtio.memory import GuestMemory as DaemonMemory
+from daemon.workers.loop import Ring, WorkerLoop
+from daemon.virtio.virtqueue import VirtQueue
+from tests.frontend.guestmem import GuestMemory as FrontMemory
+from tests.frontend.vring import VRing
+
+DATA = "bench-data"
+
+
+class _NoChannel:
+    def fileno(self):
+        return -1
+
+
+def _build(op: str, depth: int, shared: str, cache: str = "auto"):
+    fmem = FrontMemory(256 << 20)
+    vr = VRing(fmem, 1, 1024, event_idx=False)
+    regions = [(r.gpa, r.size, r.qva, r.mmap_offset) for r in fmem.regions]
+    dmem = DaemonMemory.from_regions(regions, [os.dup(r.fd) for r in fmem.regions])
+    config = Config(shared_dir=shared, cache=CacheMode(cache), sandbox="none", seccomp="none")
+    os.chdir("/proc/self/fd")  # what a request worker does (INTERNALS: per-process facts)
+    table = InodeTable(1 << 16)
+    session = FuseSession(config, table, "request")
+    loop = WorkerLoop(_NoChannel(), session, (1,))
+    ring = loop.rings[1]
+    ring.num = vr.num
+    ring.queue = VirtQueue(dmem, vr.num, fmem.qva(vr.desc_gpa), fmem.qva(vr.avail_gpa),
+                           fmem.qva(vr.used_gpa), 0, False)
+    ring.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    unique = [0]
+
+    def hdr(opcode, nodeid, arglen):
+        unique[0] += 2
+        return abi.IN_HEADER.pack(40 + arglen, opcode, unique[0], nodeid, 0, 0, 1, 0, 0)
+
+    def call(opcode, nodeid, args, out):
+        vr.submit([hdr(opcode, nodeid, len(args)), args], [16] + out)
+        loop._serve(ring)
+        head = vr.harvest()[0]
+        data = vr.read_writable(head)
+        vr.free(head)
+        return data
+
+    call(Opcode.INIT, 0, abi.INIT_IN.pack(7, 38, 1 << 20, 0x7FFFFFFF, 0), [abi.INIT_OUT.size])
+    with open(os.path.join(shared, DATA), "wb") as f:
+        f.write(os.urandom(1 << 20))
+    if op == "getattr":
+        req = (Opcode.GETATTR, 1, abi.GETATTR_IN.pack(0, 0, 0), [abi.ATTR_OUT.size])
+    else:
+        entry = call(Opcode.LOOKUP, 1, DATA.encode() + b"\0", [abi.ENTRY_OUT.size])
+        nodeid = int.from_bytes(entry[16:24], "little")
+        if op == "lookup":
+            req = (Opcode.LOOKUP, 1, DATA.encode() + b"\0", [abi.ENTRY_OUT.size])
+        else:
+            o = call(Opcode.OPEN, nodeid, abi.OPEN_IN.pack(os.O_RDONLY, 0), [abi.OPEN_OUT.size])
+            fh = int.from_bytes(o[16:24], "little")
+            size = 4096 if op == "read4k" else 1 << 20
+            args = abi.READ_IN.pack(fh, 0, size, 0, 0, 0)
+            req = (Opcode.READ, nodeid, args, [4096] * (size // 4096))
+    opcode, nodeid, args, out = req
+    heads = [vr.submit([hdr(opcode, nodeid, len(args)), args], [16] + out) for _ in range(depth)]
+    return loop, ring, vr, heads
+
+
+def per_request_us(op: str = "getattr", depth: int = 64, seconds: float = 3.0,
+                   profile: str = "none") -> float:
+    shared = tempfile.mkdtemp(prefix="inproc-")
+    loop, ring, vr, heads = _build(op, depth, shared)
+    serve = loop._serve
+    prof = None
+    if profile == "cprofile":
+        import cProfile
+        prof = cProfile.Profile()
+    busy = 0.0
+    done = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if prof:
+            prof.enable()
+        t0 = time.perf_counter()
+        serve(ring)
+        busy += time.perf_counter() - t0
+        if prof:
+            prof.disable()
+        finished = vr.harvest()
+        if len(finished) != depth:
+            raise RuntimeError(f"served {len(finished)} of {depth}")
+        if not done:
+            err = int.from_bytes(vr.read_writable(finished[0], 8)[4:8], "little", signed=True)
+            if err:
+                raise RuntimeError(f"{op}: the daemon answered {err}")
+        done += depth
+        for head in finished:
+            vr.repost(head)
+    if prof:
+        import pstats
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    return busy / done * 1e6
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--op", default="getattr", choices=("getattr", "lookup", "read4k", "read1m"))
+    ap.add_argument("--depth", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--profile", default="none", choices=("none", "cprofile"))
+    a = ap.parse_args(argv)
+    us = per_request_us(a.op, a.depth, a.seconds, a.profile)
+    print(f"{a.op} depth {a.depth}: {us:.2f} µs per request in the worker ({1e6 / us:,.0f}/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
