@@ -127,6 +127,7 @@ class InodeTable:
         self._ring = mv[ring_off:size].cast("I")
         self._slot_bytes = mv[slots_off:hash_off]
         self._hash_bytes = mv[hash_off:ring_off]
+        self._slots_off, self._hash_off = slots_off, hash_off
         self._tlock = threading.Lock()
         hdr = self._hdr
         hdr[_H_MAGIC] = MAGIC
@@ -158,7 +159,7 @@ class InodeTable:
         slots after a lock holder died mid-update."""
         log.warning("inode table: a process died while updating it; rebuilding the index")
         q, hdr, hmask = self._q, self._hdr, self._hmask
-        _zero(self._hash_bytes, len(self._hash_bytes))
+        self._zero(self._hash_off, len(self._hash_bytes))
         free = 0
         live = 0
         high = min(hdr[_H_HIGH], self.capacity + 1)
@@ -176,6 +177,29 @@ class InodeTable:
         hdr[_H_LIVE] = live
         # workers must re-check every fd they hold
         hdr[_H_RING_W] += RING + 1
+
+    def _zero(self, offset: int, nbytes: int) -> None:
+        """Zero ``nbytes`` of the table at ``offset``. Whole pages are given
+        back to the memfd (MADV_REMOVE punches a hole: they read as zeros
+        and cost no memory until written again), so a reset of a table
+        sized for a million inodes does not make every process that shares
+        it pay for 16 MiB of zeros; only the ragged edges are written."""
+        end = offset + nbytes
+        first = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = end // mmap.PAGESIZE * mmap.PAGESIZE
+        mv = memoryview(self._mm)
+        try:
+            if last > first:
+                try:
+                    self._mm.madvise(mmap.MADV_REMOVE, first, last - first)
+                except OSError:
+                    first = last = offset  # not possible here: write the zeros
+                _zero(mv[offset:first], first - offset)
+                _zero(mv[last:end], end - last)
+            else:
+                _zero(mv[offset:end], nbytes)
+        finally:
+            mv.release()
 
     # -- hash index ------------------------------------------------------------
     def _find(self, dev: int, ino: int) -> tuple[int, int]:
@@ -232,8 +256,8 @@ class InodeTable:
             hdr = self._hdr
             high = min(hdr[_H_HIGH], self.capacity + 1)
             # zero the slots that were ever used, then the index
-            _zero(self._slot_bytes, high * _SLOT_WORDS * 8)
-            _zero(self._hash_bytes, len(self._hash_bytes))
+            self._zero(self._slots_off, high * _SLOT_WORDS * 8)
+            self._zero(self._hash_off, len(self._hash_bytes))
             q = self._q
             base = _SLOT_WORDS
             q[base + _S_DEV] = root_dev

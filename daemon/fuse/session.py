@@ -230,12 +230,6 @@ class FuseSession:
                 written = self._error(writable, 0, errno.EIO)
             except Exception:  # noqa: BLE001 - e.g. the guest memory went away
                 written = 0
-        cache = self.cache
-        if cache is not None and self.inodes.cursor != cache._cursor:
-            try:
-                cache.reap()
-            except Exception:  # noqa: BLE001 - pragma: no cover
-                log.exception("closing forgotten inodes' fds failed")
         return written
 
     def _handle(self, readable: IoVec, writable: IoVec, token) -> int | None:
@@ -476,8 +470,19 @@ class FuseSession:
         self._log.warning(msg, *args)
 
     def reap(self) -> int:
-        """Close the O_PATH fds of nodeids freed by FORGET (in any process)."""
-        return self.cache.reap() if self.cache is not None else 0
+        """Close the O_PATH fds of nodeids freed by FORGET (in any process).
+        The worker loop calls this after each batch is published, so the
+        close (which frees the host inode of an unlinked file) is never on
+        a request's path; a stale cached fd is harmless meanwhile, since
+        ``InodeCache.fd`` checks the nodeid's generation."""
+        cache = self.cache
+        if cache is None or self.inodes.cursor == cache._cursor:
+            return 0
+        try:
+            return cache.reap()
+        except Exception:  # noqa: BLE001 - pragma: no cover
+            log.exception("closing forgotten inodes' fds failed")
+            return 0
 
     # -- reply helpers for handlers ----------------------------------------------------
     def attr(self, st: os.stat_result) -> bytes:

@@ -210,6 +210,13 @@ def build_filter(rules: list[Rule], action: str) -> pyseccomp.SyscallFilter:
         f.set_attr(pyseccomp.Attr.CTL_TSYNC, 1)
     except OSError:
         pass
+    try:
+        # a binary tree over syscall numbers (libseccomp >= 2.5): every
+        # syscall the worker makes runs the filter, and a request worker's
+        # list is ~100 entries long, so O(log n) beats the default chain
+        f.set_attr(pyseccomp.Attr.CTL_OPTIMIZE, 2)
+    except OSError:
+        pass
     for r in rules:
         try:
             if r.errno is not None:

@@ -309,9 +309,13 @@ def test_hiprio_role(tmp_path, proc_cwd):
         assert hc.send(Opcode.INIT, 0, init_args(), 64) is None
         hc.forget(nodeid, 1)
         assert table.get(nodeid) is None
-        # the request worker closes its fd on its next request
+        # the request worker closes its fd after its next batch (the loop
+        # calls reap once the replies are published), not on a reply's path
         assert getattr_(client, 1).error == 0
+        assert len(fs_req.cache) == 1
+        assert fs_req.reap() == 1
         assert len(fs_req.cache) == 0
+        assert fs_req.reap() == 0
     finally:
         hiprio.close()
         fs_req.close()
@@ -483,7 +487,8 @@ def test_batch_forget(env):
     good = abi.BATCH_FORGET_IN.pack(3) + pairs
     assert client.send(Opcode.BATCH_FORGET, 0, good, 0) is None
     assert len(fs.inodes) == 1 and fs.inodes.get(ids[0])[3] == 1
-    assert len(fs.cache) == 1  # reaped by the session
+    assert fs.reap() == 2  # what the worker loop does after each batch
+    assert len(fs.cache) == 1
 
 
 # -- creating and removing -------------------------------------------------------------------
