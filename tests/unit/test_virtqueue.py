@@ -691,3 +691,76 @@ def test_only_adjacent_buffers_merge(driver, mem):
     assert driver.ram[base + 64:base + 112] == bytes(range(48))
     assert driver.ram[base + 1024:base + 1056] == bytes(range(48, 80))
     assert driver.ram[base + 992:base + 1024] == bytes(range(80, 112))
+
+
+# -- the indirect-table fast path (VirtQueue._walk_table) ------------------------------
+def _linux_table(draw_lengths, readable_n, gaps, base):
+    """(addr, len, flags, next) entries as virtqueue_add_split writes them."""
+    entries, addr = [], base
+    n = len(draw_lengths)
+    for i, length in enumerate(draw_lengths):
+        flags = (WRITE if i >= readable_n else 0) | (NEXT if i < n - 1 else 0)
+        entries.append([addr, length, flags, i + 1])
+        addr += length + gaps[i]
+    return entries
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.sampled_from([1, 16, 40, 4096]), min_size=1, max_size=40),
+       readable_frac=st.floats(0, 1),
+       gaps=st.lists(_mostly([0], [8, 4096]), min_size=40, max_size=40),
+       base=_mostly([BUFFER_GPA] * 3, [SPLIT_GPA - 64, SPLIT_GPA + 0x100, RAM_SIZE - 64, OUTSIDE_GPA,
+                                       2**64 - 16]),
+       edits=st.one_of(st.just([]), st.lists(
+           st.tuples(st.integers(0, 39), st.integers(0, 3),
+                     st.one_of(st.integers(0, 2**16 - 1), st.sampled_from([0, 2**32 - 1, 2**63]))),
+           min_size=1, max_size=2)))
+def test_indirect_fast_path_matches_the_general_walk(fuzz_driver, monkeypatch, lengths, readable_frac,
+                                                      gaps, base, edits):
+    """Whatever the table holds, the fast path gives the chain the general
+    walk gives (same buffers, same merging) or defers to it, so errors
+    are the general walk's too."""
+    d, m = fuzz_driver
+    readable_n = int(len(lengths) * readable_frac)
+    entries = _linux_table(lengths, readable_n, gaps, base)
+    for i, field, value in edits:  # perturb an address, length, flags or next
+        if i < len(entries):
+            entries[i][field] = (entries[i][0] + value) % 2**64 if field == 0 else \
+                value & (0xFFFFFFFF if field == 1 else 0xFFFF)
+    d.ram[TABLE_GPA:TABLE_GPA + 16 * 40] = bytes(16 * 40)
+    for i, (addr, length, flags, nxt) in enumerate(entries):
+        d.write_desc(i, addr % 2**64, length & 0xFFFFFFFF, flags, nxt, table=TABLE_GPA)
+    d.write_desc(0, TABLE_GPA, 16 * len(entries), INDIRECT)
+    struct.pack_into("<H", d.ram, AVAIL_GPA + 4, 0)
+
+    def walk():
+        q = d.queue(m)
+        try:
+            return [(bytes(v), len(v)) for v in q.chain_at(0).readable.views], \
+                   [(bytes(v), len(v)) for v in q.chain_at(0).writable.views], None
+        except VirtQueueError as e:
+            return None, None, str(e)
+        finally:
+            q.release()
+
+    fast = walk()
+    with monkeypatch.context() as patch:  # undone before the next example
+        patch.setattr(VirtQueue, "_walk_table", lambda self, head, table: None)
+        general = walk()
+    assert general == fast
+
+
+def test_indirect_fast_path_is_taken_for_the_linux_layout(driver, mem, monkeypatch):
+    """A 1 MiB READ's shape: header and args, then the out header and 256
+    pages; the fast path decodes it (the general walk is never entered
+    past the head) and merges what is adjacent."""
+    calls = []
+    real = VirtQueue._walk_table
+    monkeypatch.setattr(VirtQueue, "_walk_table", lambda self, h, t: calls.append(h) or real(self, h, t))
+    driver.next_buffer = BUFFER_GPA
+    head = driver.add([b"h" * 40, b"a" * 24], [16] + [64] * 256, indirect=True)
+    chain = driver.queue(mem).pop()
+    assert calls == [head]
+    assert chain.readable.size == 64 and chain.writable.size == 16 + 64 * 256
+    assert stream(chain.readable) == b"h" * 40 + b"a" * 24
+    assert [len(v) for v in chain.writable.views] == [16 + 64 * 256]  # bump-allocated: adjacent
