@@ -1,7 +1,7 @@
 # pyvirtiofsd: the two commands a user needs are `make demo` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test unit test-frontend test-guest fuzz bench clean
+.PHONY: setup demo test unit test-frontend test-guest fuzz bench profile clean
 
 setup:
 	./scripts/setup.sh
@@ -33,6 +33,12 @@ fuzz: setup
 bench: setup
 	.venv/bin/pip install -q --disable-pip-version-check -e ".[bench]"
 	$(PY) -m tests.perf.bench
+
+## Where the time goes (docs/perf/profile.md): CPU per process in a real
+## guest, py-spy on the request worker, cProfile of the worker loop.
+profile: setup
+	.venv/bin/pip install -q --disable-pip-version-check -e ".[bench]"
+	$(PY) -m tests.perf.profile
 
 clean:
 	rm -rf .venv .cache build *.egg-info

@@ -215,7 +215,7 @@ class VirtQueue:
                     raise VirtQueueError(f"chain {head}: indirect table length {length}")
                 if hot_start <= addr and addr + length <= hot_end:
                     table = hot_view[addr - hot_start:addr - hot_start + length]
-                    if index == head:
+                    if index == head and length > _SMALL_TABLE:
                         chain = self._walk_table(head, table)
                         if chain is not None:
                             return chain
@@ -383,6 +383,9 @@ def _iovec(views: list[memoryview], size: int) -> IoVec:
 _new_iovec = object.__new__
 _add = operator.add
 
+# tables up to this many bytes (16 entries) are cheaper to walk one by one
+# than to decode with _walk_table's fixed cost of list building
+_SMALL_TABLE = 16 * 16
 _SEQUENTIAL: dict[int, list[int]] = {}
 
 

@@ -287,8 +287,8 @@ def guest_part(p: dict, rounds: int) -> dict:
                     v = _value(phase, obj)
                     if v > best[kind].get(phase, -1):
                         best[kind][phase] = v
-                if res["memory"]:
-                    memory[kind] = res["memory"]
+                # every boot measures "idle"; only the first also "looked_up"
+                memory.setdefault(kind, {}).update(res["memory"])
         out[cache] = {"best": best, "memory": memory}
     return out
 
@@ -469,6 +469,13 @@ def main(argv=None) -> int:
     p = dict(QUICK if args.quick else FULL)
     if args.rounds:
         p["rounds"] = args.rounds
+    # both daemons hold one O_PATH fd per inode the guest knows: where the
+    # hard RLIMIT_NOFILE is low (20,000 on our CI machines) the "looked up N
+    # files" figure uses fewer files than asked, and says so in its label
+    fit = max(1000, nofile // 2 - 1000)
+    if p["footprint_files"] > fit:
+        log(f"RLIMIT_NOFILE {nofile}: footprint lookup of {fit:,} files, not {p['footprint_files']:,}")
+        p["footprint_files"] = fit
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ensure_matplotlib()

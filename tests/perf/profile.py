@@ -1,0 +1,169 @@
+"""Where the time goes: the evidence behind the README's performance section.
+
+    python -m tests.perf.profile [--files 5000] [--out docs/perf/profile.md]
+
+Two parts, written to ``docs/perf/profile.md``:
+
+1. **In a real guest** (tests/guest, cache=auto), the metadata workload of
+   ``make bench`` (create, stat, readdir, unlink of ``--files`` small
+   files) against each daemon: the user and system CPU seconds of its whole
+   process tree, per process. Both daemons make the same syscalls for the
+   same requests (compare them with ``strace -f -c``), so the system time
+   is the host file system's work and the user time is each daemon's own.
+   Then the same run again with py-spy sampling our request worker
+   (``--gil``: only while it runs Python, so waiting in epoll is not
+   counted), summed by function. That run uses ``--sandbox none --seccomp
+   none``: py-spy cannot read the binary of a process that pivoted into the
+   shared directory; the request path is the same code.
+2. **In one process** (tests/perf/inproc.py): cProfile of the worker loop
+   serving GETATTR and LOOKUP at depth 64 and 1 MiB READs at depth 1,
+   no second process competing for the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.conftest import start_daemon  # noqa: E402
+from tests.guest.harness import process_tree  # noqa: E402
+from tests.guest.vm import guest_path, run_guest  # noqa: E402
+from tests.perf import inproc  # noqa: E402
+
+METADATA = Path(__file__).resolve().parent / "guest_workloads" / "metadata.py"
+PY_SPY = Path(sys.executable).parent / "py-spy"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(pid: int) -> tuple[float, float] | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
+def guest_cpu(kind: str, files: int, extra=(), spy_out: Path | None = None) -> dict:
+    """One boot running the metadata workload; CPU per process of the tree."""
+    work = Path(tempfile.mkdtemp(prefix=f"profile-{kind}-"))
+    shared = work / "shared"
+    shared.mkdir()
+    d = start_daemon(kind, shared, "auto", extra_args=list(extra), run_dir=str(work))
+    cpu: dict[tuple[int, str], tuple[float, float]] = {}
+    spy: list[subprocess.Popen] = []
+
+    def sample():
+        for pid, _ppid, comm in process_tree(d.pid):
+            c = _cpu(pid)
+            if c is not None:
+                cpu[(pid, comm)] = c
+            if spy_out and not spy and comm.startswith("vfsd-request"):
+                spy.append(subprocess.Popen(
+                    [str(PY_SPY), "record", "--gil", "--nonblocking", "-r", "250", "-f", "raw",
+                     "-p", str(pid), "-o", str(spy_out)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        return None
+
+    script = f"python3 {guest_path(METADATA)} /mnt/m --files {files}"
+    try:
+        r = run_guest(d.socket_path, script, timeout=900, abort_if=sample)
+    finally:
+        d.stop(10)
+        for p in spy:
+            p.wait(60)
+        shutil.rmtree(work, ignore_errors=True)
+    phases = {}
+    for line in r.output.splitlines():
+        if line.startswith("BENCH {"):
+            o = json.loads(line[6:])
+            phases[o["phase"]] = round(o["ops"] / o["seconds"])
+    if r.exit_status != 0:
+        raise RuntimeError(f"{kind}: guest status {r.exit_status}\n{r.describe(tail=20)}")
+    return {"phases": phases, "cpu": {f"{comm} ({pid})": v for (pid, comm), v in cpu.items()}}
+
+
+def spy_table(path: Path, top: int = 15) -> str:
+    """py-spy raw samples summed by innermost function ("self") and by
+    function anywhere on the stack ("total")."""
+    own: collections.Counter = collections.Counter()
+    total: collections.Counter = collections.Counter()
+    n = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        k = int(count)
+        n += k
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0] + ")" if " (" in f else f
+                  for f in stack.split(";")]
+        own[frames[-1]] += k
+        for f in set(frames):
+            total[f] += k
+    rows = ["| function | self | total |", "|---|---:|---:|"]
+    for func, k in own.most_common(top):
+        rows.append(f"| `{func}` | {100 * k / n:.1f} % | {100 * total[func] / n:.1f} % |")
+    return f"{n} samples while holding the GIL\n\n" + "\n".join(rows)
+
+
+def inproc_profile(op: str, depth: int, seconds: float) -> str:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        us_prof = inproc.per_request_us(op, depth, seconds, "cprofile")
+    us = inproc.per_request_us(op, depth, seconds, "none")
+    lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
+    start = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls"))
+    body = "\n".join(ln.replace(str(REPO) + "/", "") for ln in lines[start:start + 16])
+    return (f"{op}, depth {depth}: {us:.1f} µs per request without the profiler "
+            f"({us_prof:.1f} µs with it)\n\n```\n{body}\n```")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", type=int, default=5000)
+    ap.add_argument("--out", default=str(REPO / "docs" / "perf" / "profile.md"))
+    a = ap.parse_args(argv)
+    t0 = time.monotonic()
+    md = ["# Where the time goes", "",
+          f"Written by `python -m tests.perf.profile` on {time.strftime('%Y-%m-%d %H:%M')} "
+          f"({os.cpu_count()} cores, shared). See the README's performance section.", "",
+          f"## A real guest: the metadata workload ({a.files:,} files, cache=auto)", "",
+          "| daemon | phases (ops/s) | user CPU s | system CPU s |", "|---|---|---:|---:|"]
+    runs = {}
+    for kind in ("ours", "c"):
+        runs[kind] = res = guest_cpu(kind, a.files)
+        user = sum(u for u, _s in res["cpu"].values())
+        system = sum(s for _u, s in res["cpu"].values())
+        md.append(f"| {kind} | {res['phases']} | {user:.2f} | {system:.2f} |")
+        print(kind, res, flush=True)
+    md += ["", "Per process (user, system CPU seconds):", ""]
+    for kind, res in runs.items():
+        md.append(f"- {kind}: " + ", ".join(f"{name} {u:.2f}/{s:.2f}" for name, (u, s) in res["cpu"].items()))
+    spy_out = Path(tempfile.mkdtemp(prefix="profile-spy-")) / "request.txt"
+    guest_cpu("ours", a.files, ("--sandbox", "none", "--seccomp", "none"), spy_out)
+    md += ["", "### py-spy: our request worker on the same workload", "",
+           "(`--sandbox none --seccomp none`, see the module docstring)", "",
+           spy_table(spy_out) if spy_out.exists() else "py-spy produced no samples"]
+    md += ["", "## One process: the worker loop under cProfile", ""]
+    for op, depth in (("getattr", 64), ("lookup", 64), ("read1m", 1)):
+        md += [inproc_profile(op, depth, 2.0), ""]
+    Path(a.out).write_text("\n".join(md) + "\n")
+    print(f"written: {a.out} ({(time.monotonic() - t0) / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
