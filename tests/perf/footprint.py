@@ -33,10 +33,11 @@ from tests.guest.harness import process_tree
 import subprocess
 
 
-# QEMU's guest RAM (tests/guest/vm.py: memory-backend-memfd,id=mem): both
+# QEMU's guest RAM (tests/guest/vm.py: memory-backend-memfd,id=mem; QEMU
+# names the memfd after the backend type, as /proc/PID/maps shows): both
 # daemons map it and every page they read or write a request into counts in
 # their RSS, although it is the guest's memory, not the daemon's.
-GUEST_RAM_MAPPING = "/memfd:mem (deleted)"
+GUEST_RAM_MAPPING = "/memfd:memory-backend-memfd (deleted)"
 
 
 def _smaps(pid: int, exclude: str | None) -> dict[str, int]:
