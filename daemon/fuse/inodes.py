@@ -166,7 +166,7 @@ class InodeTable:
         slots after a lock holder died mid-update."""
         log.warning("inode table: a process died while updating it; rebuilding the index")
         q, hdr, hmask = self._q, self._hdr, self._hmask
-        self._zero(self._hash_off, len(self._hash_bytes))
+        self._zero_range(self._hash_off, len(self._hash_bytes))
         free = 0
         live = 0
         high = min(hdr[_H_HIGH], self.capacity + 1)
@@ -185,7 +185,7 @@ class InodeTable:
         # workers must re-check every fd they hold
         hdr[_H_RING_W] += RING + 1
 
-    def _zero(self, offset: int, nbytes: int) -> None:
+    def _zero_range(self, offset: int, nbytes: int) -> None:
         """Zero ``nbytes`` of the table at ``offset``. Whole pages are given
         back to the memfd (MADV_REMOVE punches a hole: they read as zeros
         and cost no memory until written again), so a reset of a table
@@ -263,8 +263,8 @@ class InodeTable:
             hdr = self._hdr
             high = min(hdr[_H_HIGH], self.capacity + 1)
             # zero the slots that were ever used, then the index
-            self._zero(self._slots_off, high * _SLOT_WORDS * 8)
-            self._zero(self._hash_off, len(self._hash_bytes))
+            self._zero_range(self._slots_off, high * _SLOT_WORDS * 8)
+            self._zero_range(self._hash_off, len(self._hash_bytes))
             q = self._q
             base = _SLOT_WORDS
             q[base + _S_DEV] = root_dev

@@ -134,13 +134,7 @@ def confine(role: str, config, shared_dir: str | None = None) -> SandboxInfo:
         rlimits.apply_nofile(_cfg(config, "rlimit_nofile", None), nofile_target)
     nofile = tuple(resource.getrlimit(resource.RLIMIT_NOFILE))
 
-    caps = capabilities.role_caps(role, _cfg(config, "modcaps", None), file_handles_used(config))
-    try:
-        capabilities.apply(caps)
-    except SandboxError:
-        if mode != "none":
-            raise
-    capabilities.set_no_new_privs()
+    _cut_capabilities(role, config, mode)
     capeff = capabilities.capget()[0]
     rules = seccomp.install(role, action, policies)     # last: nothing after it but returning
     return SandboxInfo(role, mode, action, root.root_fd, root.proc_self_fd, capeff, nofile, rules)
@@ -152,16 +146,22 @@ def supervisor_after_setup(config) -> int:
     (see capabilities.py), no_new_privs, and the supervisor seccomp filter
     (the union of all roles' lists: children inherit it). Returns the number
     of seccomp rules loaded."""
-    mode = _cfg(config, "sandbox", "namespace")
     action = _cfg(config, "seccomp", "kill")
-    caps = capabilities.role_caps("supervisor", _cfg(config, "modcaps", None), file_handles_used(config))
+    _cut_capabilities("supervisor", config, _cfg(config, "sandbox", "namespace"))
+    return seccomp.install("supervisor", action, _get_policies() if action != "none" else None)
+
+
+def _cut_capabilities(role: str, config, mode: str) -> None:
+    """The role's capability sets (with --modcaps), then no_new_privs. With
+    --sandbox none a process that may not change its capabilities (not
+    root) goes on with the ones it has."""
+    caps = capabilities.role_caps(role, _cfg(config, "modcaps", None), file_handles_used(config))
     try:
         capabilities.apply(caps)
     except SandboxError:
         if mode != "none":
             raise
     capabilities.set_no_new_privs()
-    return seccomp.install("supervisor", action, _get_policies() if action != "none" else None)
 
 
 def warn_if_unconfined(config, stream=None) -> None:

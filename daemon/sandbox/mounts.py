@@ -122,15 +122,12 @@ def setup_request_root(shared_dir: str) -> RootInfo:
     mount(None, "/", None, MS_SLAVE | MS_REC, what="make / a recursive slave mount")
     mount("proc", "/proc", "proc", MS_NODEV | MS_NOEXEC | MS_NOSUID | MS_RELATIME,
           what="mount a proc for the worker's pid namespace on /proc")
-    proc_self_fd = _open_proc_self_fd()
-    try:
+
+    def enter():
         mount(shared_dir, shared_dir, None, MS_BIND | MS_REC, what=f"bind-mount {shared_dir} onto itself")
         _pivot_into(shared_dir)
-        root_fd = _step("open the new root", os.open, "/", O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except BaseException:
-        os.close(proc_self_fd)
-        raise
-    return RootInfo(root_fd, proc_self_fd)
+
+    return _enter_request_root(enter)
 
 
 def setup_empty_root() -> RootInfo:
@@ -146,10 +143,20 @@ def setup_empty_root() -> RootInfo:
 
 
 def chroot_request_root(shared_dir: str) -> RootInfo:
-    proc_self_fd = _open_proc_self_fd()
-    try:
+    def enter():
         _step(f"chroot {shared_dir}", os.chroot, shared_dir)
         _step("chdir /", os.chdir, "/")
+
+    return _enter_request_root(enter)
+
+
+def _enter_request_root(enter) -> RootInfo:
+    """/proc/self/fd opened while /proc is still reachable, then ``enter()``
+    makes the shared directory "/", then an O_PATH fd of it: the request
+    worker's RootInfo (nothing left open if a step fails)."""
+    proc_self_fd = _open_proc_self_fd()
+    try:
+        enter()
         root_fd = _step("open the new root", os.open, "/", O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except BaseException:
         os.close(proc_self_fd)
