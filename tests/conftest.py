@@ -181,22 +181,14 @@ def daemon_proc(daemon_factory, daemon_kind, shared_dir, request):
 @pytest.fixture
 def vhost(daemon_proc, request):
     """A connected, realized and started VhostUserFrontend (no FUSE INIT yet)."""
-    from tests.frontend.vhost import VhostUserFrontend
-    from tests.frontend.guestmem import GuestMemory
+    from tests.frontend.vhost import start_frontend
 
     opts = _frontend_opts(request)
-    fe = VhostUserFrontend(
-        daemon_proc.socket_path, memory=GuestMemory(opts.get("ram_size", 128 << 20)),
+    fe = start_frontend(
+        daemon_proc.socket_path, ram_size=opts.get("ram_size", 128 << 20),
         num_request_queues=opts.get("num_request_queues", 1),
         queue_size=opts.get("queue_size", 128),
         **({"protocol_mask": opts["protocol_mask"]} if "protocol_mask" in opts else {}))
-    fe._own_mem = True
-    try:
-        fe.realize()
-        fe.start()
-    except BaseException:
-        fe.close()
-        raise
     fe.daemon = daemon_proc
     yield fe
     fe.close()

@@ -26,6 +26,7 @@ import pytest
 
 from tests.frontend.fuse_client import FuseClient
 from tests.frontend.vhost import HEADER, STATE, U64, VRING_NOFD, Req, VhostUserFrontend
+from tests.procfs import children, fd_count
 
 REGION = struct.Struct("<QQQQ")
 
@@ -44,18 +45,6 @@ def fresh(daemon_proc):
     fe.realize()
     yield fe
     fe.close()
-
-
-def children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def eventfds(n: int) -> list[int]:

@@ -33,6 +33,8 @@ from tests.frontend.vhost import STATE, Req
 from tests.frontend.vring import VRING_DESC_F_INDIRECT as INDIRECT
 from tests.frontend.vring import VRING_DESC_F_NEXT as NEXT
 from tests.frontend.vring import VRING_DESC_F_WRITE as WRITE
+from tests.procfs import children, fd_count
+from tests import procfs
 
 GETATTR_ARGS = abi.GETATTR_IN.pack(0, 0, 0)
 U64_MAX = (1 << 64) - 1
@@ -47,22 +49,9 @@ def ours_only(daemon_kind):
 
 # -- process observation ---------------------------------------------------------------
 
-def children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
-
-
 def cpu_ticks(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])   # utime + stime (fields 14, 15)
+    return sum(procfs.cpu_ticks(pid))   # utime + stime
 
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def assert_no_spin(daemon, seconds: float = 0.5) -> None:
@@ -319,11 +308,9 @@ def test_kicks_before_set_mem_table(daemon_proc):
     """The guest kicks (and QEMU passes kick fds) before any memory table:
     nothing runs, nothing breaks; the normal start then serves."""
     from tests.frontend.fuse_client import FuseClient
-    from tests.frontend.guestmem import GuestMemory
     from tests.frontend.vhost import F_PROTOCOL_FEATURES, VhostUserFrontend
 
-    fe = VhostUserFrontend(daemon_proc.socket_path, memory=GuestMemory(64 << 20))
-    fe._own_mem = True
+    fe = VhostUserFrontend(daemon_proc.socket_path, ram_size=64 << 20)
     try:
         fe.realize()
         fe.acked_features = fe.guest_features() | (fe.features & F_PROTOCOL_FEATURES)

@@ -144,11 +144,25 @@ class Reply:
                 f"payload={self.payload.hex()}, fds={self.fds})")
 
 
+def start_frontend(socket_path: str, **options) -> "VhostUserFrontend":
+    """A VhostUserFrontend (``options`` as for its constructor) connected,
+    realized and started, as QEMU is once the guest driver is up; closed
+    again if any step fails."""
+    fe = VhostUserFrontend(socket_path, **options)
+    try:
+        fe.realize()
+        fe.start()
+    except BaseException:
+        fe.close()
+        raise
+    return fe
+
+
 class VhostUserFrontend:
     """QEMU 7.2 vhost-user-fs-pci, as seen by the backend."""
 
     def __init__(self, socket_path: str, *, memory: GuestMemory | None = None,
-                 num_request_queues: int = 1, queue_size: int = 128,
+                 ram_size: int | None = None, num_request_queues: int = 1, queue_size: int = 128,
                  timeout: float = 10.0, driver_features: int = LINUX_61_DRIVER_FEATURES,
                  protocol_mask: int = QEMU_PROTOCOL_FEATURE_MASK,
                  connect_timeout: float = 10.0):
@@ -159,8 +173,14 @@ class VhostUserFrontend:
         self.queue_size = queue_size
         self.driver_features = driver_features
         self.protocol_mask = protocol_mask
-        self.mem = memory if memory is not None else GuestMemory()
-        self._own_mem = memory is None
+        # ``memory`` is the caller's (kept open by close()); without it the
+        # frontend makes its own of ``ram_size`` bytes and closes it
+        if memory is None:
+            memory = GuestMemory(ram_size) if ram_size else GuestMemory()
+            self._own_mem = True
+        else:
+            self._own_mem = False
+        self.mem = memory
         self.sent: list[tuple[str, int, bytes]] = []  # (name, flags, payload) log
         self.features = 0  # offered by the backend
         self.protocol_features = 0  # negotiated (what we sent back)

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import errno
 import mmap
 import os
 import random

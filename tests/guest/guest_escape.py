@@ -76,9 +76,9 @@ AT_FDCWD = -100
 # the helpers both in-guest programs share (guest_ops.py sits beside this
 # file, so it is importable in the guest too)
 if __package__:  # imported on the host as tests.guest.guest_escape
-    from .guest_ops import E, J, ename, ftype, ok  # noqa: E402
+    from .guest_ops import E, J, ename, ftype, ok, read_all  # noqa: E402
 else:            # run as a script in the guest
-    from guest_ops import E, J, ename, ftype, ok  # noqa: E402
+    from guest_ops import E, J, ename, ftype, ok, read_all  # noqa: E402
 
 
 def st(path: str, follow: bool = False) -> dict | str:
@@ -157,12 +157,7 @@ def as_user(uid: int, gid: int, groups, fn, *args, umask: int = 0o022):
         finally:
             os._exit(0)
     os.close(res_w)
-    data = b""
-    while True:
-        chunk = os.read(res_r, 65536)
-        if not chunk:
-            break
-        data += chunk
+    data = read_all(res_r)
     os.close(res_r)
     os.waitpid(pid, 0)
     return json.loads(data) if data else "no answer from the child"

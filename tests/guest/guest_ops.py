@@ -192,6 +192,16 @@ def write_file(path: str, data: bytes, mode: int = 0o644) -> None:
         os.close(fd)
 
 
+def read_all(fd: int) -> bytes:
+    """Everything a child writes into a pipe, up to its end."""
+    data = b""
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
 def J(p: str, *parts: str) -> str:
     return os.path.join(p, *parts)
 
@@ -756,13 +766,7 @@ def check_fcntl_lock(d):
     r["child_still_blocked"] = not rl
     _flock(fd, fcntl.F_SETLK, fcntl.F_UNLCK)
     rl, _, _ = select.select([res_r], [], [], 30)
-    data = b""
-    if rl:
-        while True:
-            chunk = os.read(res_r, 65536)
-            if not chunk:
-                break
-            data += chunk
+    data = read_all(res_r) if rl else b""
     os.waitpid(pid, 0)
     os.close(ready_r)
     os.close(res_r)
@@ -863,12 +867,7 @@ def check_credentials(d):
         finally:
             os._exit(0)
     os.close(res_w)
-    data = b""
-    while True:
-        chunk = os.read(res_r, 65536)
-        if not chunk:
-            break
-        data += chunk
+    data = read_all(res_r)
     os.close(res_r)
     os.waitpid(pid, 0)
     return {"child": json.loads(data) if data else "no answer", "root_file_owner": st(d)}

@@ -71,6 +71,15 @@ class Run:
     boot_seconds: float = 0.0
 
 
+def json_record(line: str, prefix: str):
+    """The JSON value after ``prefix`` (which the line starts with); None
+    if it is not JSON (a record the kernel's own messages cut in two)."""
+    try:
+        return json.loads(line[len(prefix):])
+    except ValueError:
+        return None
+
+
 def parse_output(text: str):
     ops, info, tools = {}, {}, {}
     ops_summary = tools_summary = None
@@ -78,9 +87,8 @@ def parse_output(text: str):
     for line in text.splitlines():
         line = line.strip()
         if line.startswith(guest_ops.PREFIX):
-            try:
-                obj = json.loads(line[len(guest_ops.PREFIX):])
-            except ValueError:
+            obj = json_record(line, guest_ops.PREFIX)
+            if obj is None:
                 continue
             if obj.get("summary"):
                 ops_summary = obj
@@ -89,9 +97,8 @@ def parse_output(text: str):
             elif "info" in obj:
                 info[obj["info"]] = obj
         elif line.startswith("TOOLS "):
-            try:
-                obj = json.loads(line[6:])
-            except ValueError:
+            obj = json_record(line, "TOOLS ")
+            if obj is None:
                 continue
             if obj.get("summary"):
                 tools_summary = obj

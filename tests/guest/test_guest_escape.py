@@ -39,7 +39,7 @@ import pytest
 
 from . import guest_escape
 from .conftest import BOOTS, _start_daemon, guest_prerequisites
-from .harness import IDLE_TIMEOUT, QUICK, process_tree
+from .harness import IDLE_TIMEOUT, QUICK, json_record, process_tree
 from .vm import GuestResult, guest_path, run_guest
 
 pytestmark = pytest.mark.guest
@@ -123,9 +123,8 @@ def _parse(text: str):
     for line in text.splitlines():
         line = line.strip()
         if line.startswith(guest_escape.PREFIX):
-            try:
-                obj = json.loads(line[len(guest_escape.PREFIX):])
-            except ValueError:
+            obj = json_record(line, guest_escape.PREFIX)
+            if obj is None:
                 continue
             if obj.get("summary"):
                 summary = obj

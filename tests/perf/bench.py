@@ -38,7 +38,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
 import subprocess
@@ -247,25 +246,31 @@ def guest_run(kind: str, cache: str, p: dict, tarball: Path, with_footprint: boo
     finally:
         d.stop(10)
     took = time.monotonic() - t0
-    phases = {}
-    failures = []
-    for line in r.output.splitlines():
+    phases, failures = parse_output(r.output)
+    if r.exit_status != 0 or failures:
+        log(f"  {kind} cache={cache}: guest status {r.exit_status} {failures}\n"
+            + r.describe(tail=25) + "\ndaemon log tail:\n" + "\n".join(d.log().splitlines()[-15:]))
+    log(f"  {kind:4s} cache={cache}: {took:.0f} s, " + ", ".join(
+        f"{k} {value(k, v):,.0f}" for k, v in phases.items()))
+    shutil.rmtree(work, ignore_errors=True)
+    return {"phases": phases, "memory": memory, "seconds": took, "status": r.exit_status}
+
+
+def parse_output(output: str) -> tuple[dict, list[str]]:
+    """The guest's ``BENCH {...}`` lines as {phase: fields}, and its
+    ``BENCH-FAIL`` lines (tests/perf/guest_workloads/run.sh)."""
+    phases, failures = {}, []
+    for line in output.splitlines():
         line = line.strip()
         if line.startswith("BENCH {"):
             obj = json.loads(line[6:])
             phases[obj.pop("phase")] = obj
         elif line.startswith("BENCH-FAIL"):
             failures.append(line)
-    if r.exit_status != 0 or failures:
-        log(f"  {kind} cache={cache}: guest status {r.exit_status} {failures}\n"
-            + r.describe(tail=25) + "\ndaemon log tail:\n" + "\n".join(d.log().splitlines()[-15:]))
-    log(f"  {kind:4s} cache={cache}: {took:.0f} s, " + ", ".join(
-        f"{k} {_value(k, v):,.0f}" for k, v in phases.items()))
-    shutil.rmtree(work, ignore_errors=True)
-    return {"phases": phases, "memory": memory, "seconds": took, "status": r.exit_status}
+    return phases, failures
 
 
-def _value(phase: str, obj: dict) -> float:
+def value(phase: str, obj: dict) -> float:
     """The higher-is-better figure of a guest phase."""
     if "bw_bytes" in obj and phase.startswith("seq"):
         return obj["bw_bytes"] / (1 << 20)
@@ -284,7 +289,7 @@ def guest_part(p: dict, rounds: int) -> dict:
             for kind in KINDS:
                 res = guest_run(kind, cache, p, tarball, with_footprint=(cache == "auto" and rnd == 0))
                 for phase, obj in res["phases"].items():
-                    v = _value(phase, obj)
+                    v = value(phase, obj)
                     if v > best[kind].get(phase, -1):
                         best[kind][phase] = v
                 # every boot measures "idle"; only the first also "looked_up"
@@ -296,8 +301,7 @@ def guest_part(p: dict, rounds: int) -> dict:
 # -- part 2: daemon-bound ---------------------------------------------------------------
 def frontend_part(p: dict, rounds: int) -> dict:
     from tests.frontend.fuse_client import FuseClient
-    from tests.frontend.guestmem import GuestMemory
-    from tests.frontend.vhost import VhostUserFrontend
+    from tests.frontend.vhost import start_frontend
     from tests.perf.frontend_bench import requests_per_second
 
     best = {k: {} for k in KINDS}
@@ -305,11 +309,8 @@ def frontend_part(p: dict, rounds: int) -> dict:
         for kind in KINDS:
             shared = tempfile.mkdtemp(prefix=f"bench-fe-{kind}-")
             d = start_daemon(kind, shared, "auto")
-            fe = VhostUserFrontend(d.socket_path, memory=GuestMemory(256 << 20), num_request_queues=1,
-                                   queue_size=1024)
+            fe = start_frontend(d.socket_path, ram_size=256 << 20, num_request_queues=1, queue_size=1024)
             try:
-                fe.realize()
-                fe.start()
                 fc = FuseClient(fe)
                 fc.init()
                 requests_per_second(fc, "read1m", 1, 0.2)  # creates the data file; warms up

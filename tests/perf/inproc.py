@@ -27,7 +27,7 @@ from daemon.fuse.abi import Opcode
 from daemon.fuse.inodes import InodeTable
 from daemon.fuse.session import FuseSession
 from daemon.virtio.memory import GuestMemory as DaemonMemory
-from daemon.workers.loop import Ring, WorkerLoop
+from daemon.workers.loop import WorkerLoop
 from daemon.virtio.virtqueue import VirtQueue
 from tests.frontend.guestmem import GuestMemory as FrontMemory
 from tests.frontend.vring import VRing

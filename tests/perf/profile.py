@@ -26,8 +26,8 @@ import argparse
 import collections
 import contextlib
 import io
-import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,19 +42,20 @@ if str(REPO) not in sys.path:
 from tests.conftest import start_daemon  # noqa: E402
 from tests.guest.harness import process_tree  # noqa: E402
 from tests.guest.vm import guest_path, run_guest  # noqa: E402
-from tests.perf import inproc  # noqa: E402
+from tests import procfs  # noqa: E402
+from tests.perf import bench, inproc  # noqa: E402
 
 METADATA = Path(__file__).resolve().parent / "guest_workloads" / "metadata.py"
 PY_SPY = Path(sys.executable).parent / "py-spy"
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _cpu(pid: int) -> tuple[float, float] | None:
+    """(user, system) CPU seconds of ``pid``; None once it is gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        user, system = procfs.cpu_ticks(pid)
     except OSError:
         return None
-    return int(fields[11]) / TICK, int(fields[12]) / TICK
+    return user / procfs.TICKS_PER_SECOND, system / procfs.TICKS_PER_SECOND
 
 
 def guest_cpu(kind: str, files: int, extra=(), spy_out: Path | None = None) -> dict:
@@ -86,14 +87,13 @@ def guest_cpu(kind: str, files: int, extra=(), spy_out: Path | None = None) -> d
         for p in spy:
             p.wait(60)
         shutil.rmtree(work, ignore_errors=True)
-    phases = {}
-    for line in r.output.splitlines():
-        if line.startswith("BENCH {"):
-            o = json.loads(line[6:])
-            phases[o["phase"]] = round(o["ops"] / o["seconds"])
+    phases = {k: round(bench.value(k, v)) for k, v in bench.parse_output(r.output)[0].items()}
     if r.exit_status != 0:
         raise RuntimeError(f"{kind}: guest status {r.exit_status}\n{r.describe(tail=20)}")
     return {"phases": phases, "cpu": {f"{comm} ({pid})": v for (pid, comm), v in cpu.items()}}
+
+
+_LINE_NUMBER = re.compile(r":\d+\)$")
 
 
 def spy_table(path: Path, top: int = 15) -> str:
@@ -108,8 +108,7 @@ def spy_table(path: Path, top: int = 15) -> str:
             continue
         k = int(count)
         n += k
-        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0] + ")" if " (" in f else f
-                  for f in stack.split(";")]
+        frames = [_LINE_NUMBER.sub(")", f) for f in stack.split(";")]  # by function, not line
         own[frames[-1]] += k
         for f in set(frames):
             total[f] += k

@@ -13,13 +13,8 @@ import pytest
 
 from daemon.sandbox import capabilities, namespaces
 from tests.frontend.fuse_client import FuseClient
-from tests.frontend.guestmem import GuestMemory
-from tests.frontend.vhost import VhostUserFrontend
-
-
-def children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
+from tests.frontend.vhost import start_frontend
+from tests.procfs import children
 
 
 def status(pid: int) -> dict[str, str]:
@@ -47,10 +42,7 @@ def attached(daemon_factory, tmp_path):
     share.mkdir()
     (share / "hello").write_text("hi\n")
     d = daemon_factory("ours", share)
-    fe = VhostUserFrontend(d.socket_path, memory=GuestMemory(64 << 20))
-    fe._own_mem = True
-    fe.realize()
-    fe.start()
+    fe = start_frontend(d.socket_path, ram_size=64 << 20)
     fc = FuseClient(fe)
     fc.init()
     entry = fc.lookup(1, "hello")

@@ -24,8 +24,8 @@ import pytest
 
 from daemon.fuse.abi import Opcode
 from tests.frontend.fuse_client import F_WRLCK, FuseClient, FuseErrorReply
-from tests.frontend.guestmem import GuestMemory
-from tests.frontend.vhost import VhostUserFrontend
+from tests.frontend.vhost import start_frontend
+from tests.procfs import children, fd_count
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,14 +35,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandboxed daemon 
 # -- helpers ------------------------------------------------------------------------------
 
 def connect(daemon) -> FuseClient:
-    fe = VhostUserFrontend(daemon.socket_path, memory=GuestMemory(64 << 20), queue_size=128)
-    fe._own_mem = True
-    try:
-        fe.realize()
-        fe.start()
-    except BaseException:
-        fe.close()
-        raise
+    fe = start_frontend(daemon.socket_path, ram_size=64 << 20, queue_size=128)
     fc = FuseClient(fe, timeout=15.0)
     fc.init()
     return fc
@@ -81,16 +74,6 @@ def worker_pid(daemon, name: str, not_pid: int | None = None, timeout: float = 1
         time.sleep(0.02)
 
 
-def children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            out += [int(p) for p in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return out
-
-
 def alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -116,10 +99,6 @@ def wait_for_log(daemon, pattern: str, count: int = 1, timeout: float = 15.0) ->
         assert time.monotonic() < deadline, f"{pattern!r} x{count} not in the log:\n{log}"
         assert daemon.proc.poll() is None, f"daemon exited {daemon.proc.returncode}:\n{log}"
         time.sleep(0.02)
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def policy_without(tmp_path, role: str, syscall: str) -> str:

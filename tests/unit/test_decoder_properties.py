@@ -31,7 +31,7 @@ from daemon.fuse import abi, credentials
 from daemon.fuse.abi import Opcode
 from daemon.fuse.session import REPLY_MIN, load_ops
 from daemon.vhost_user import messages as m
-from daemon.vhost_user.messages import Request, VhostUserError
+from daemon.vhost_user.messages import Request
 from daemon.virtio.iovec import IoVec
 from daemon.workers import channel as ch
 from daemon.workers.channel import Channel, ChannelError
