@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"default {Config.max_request_workers})")
     p.add_argument("--xattr", action=argparse.BooleanOptionalAction, default=Config.xattr,
                    help="support extended attributes (default: on)")
+    p.add_argument("--readdirplus", action=argparse.BooleanOptionalAction, default=None,
+                   help="answer directory listings with each entry's attributes (READDIRPLUS; "
+                        "default: on, off with --cache never, where the guest would discard them)")
     p.add_argument("--inode-table-size", metavar="N", type=_int_arg("--inode-table-size", 1, MAX_INODE_TABLE_SIZE),
                    default=Config.inode_table_size,
                    help=f"most inodes the guest may hold at once (default {Config.inode_table_size})")
@@ -102,6 +105,7 @@ def parse_config(argv: list[str]) -> Config:
         log_level=args.log_level,
         max_request_workers=max(1, args.thread_pool_size),
         xattr=args.xattr,
+        readdirplus=args.readdirplus,
         inode_table_size=args.inode_table_size,
         sandbox=args.sandbox,
         seccomp=args.seccomp,

@@ -40,6 +40,10 @@ class Config:
     # most this many (QEMU's num-request-queues beyond it get no worker).
     max_request_workers: int = 8
     xattr: bool = True
+    # READDIRPLUS offered to the guest; None: on unless cache=never, whose
+    # zero timeouts make the guest discard the attributes it carries (the
+    # C virtiofsd's default too)
+    readdirplus: bool | None = None
     sandbox: str = "namespace"  # namespace | chroot | none (see daemon/sandbox)
     seccomp: str = "kill"       # kill | log | trap | none: the action for a syscall off the list
     modcaps: str | None = None  # "+cap:-cap" changes to the request workers' capabilities
@@ -52,3 +56,9 @@ class Config:
     inode_table_size: int = 1 << 20
     # open host files (fh) the guest may hold before it gets ENFILE
     max_open_files: int = 1 << 16
+
+    @property
+    def offers_readdirplus(self) -> bool:
+        if self.readdirplus is not None:
+            return self.readdirplus
+        return self.cache is not CacheMode.NEVER

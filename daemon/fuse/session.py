@@ -209,7 +209,7 @@ class FuseSession:
             self.cache = InodeCache(inodes, use_handles=config.file_handles)
             self.handles = HandleTable(open_file_budget(config.max_open_files))
         self._ops[int(Opcode.INTERRUPT)] = _op_interrupt
-        self._readdirplus = int(Opcode.READDIRPLUS) in self._ops
+        self._readdirplus = int(Opcode.READDIRPLUS) in self._ops and config.offers_readdirplus
         self._locks = int(Opcode.SETLK) in self._ops
         # deferred requests: [token, req, retry]; completed: [(token, n)]
         self._pending: list[list] = []

@@ -44,7 +44,7 @@ def test_help_lists_the_options_and_is_true_to_the_code():
     result = run("--help")
     assert result.returncode == 0
     for option in ("--socket-path", "--fd", "--shared-dir", "--cache", "--log-level", "--thread-pool-size",
-                   "--xattr", "--no-xattr", "--inode-table-size", "--sandbox", "--seccomp", "--modcaps",
+                   "--xattr", "--no-xattr", "--readdirplus", "--no-readdirplus", "--inode-table-size", "--sandbox", "--seccomp", "--modcaps",
                    "--inode-file-handles", "--rlimit-nofile", "--version"):
         assert option in result.stdout
     assert "worker processes" in result.stdout          # what --thread-pool-size means here
@@ -205,6 +205,15 @@ def test_config_from_every_option(tmp_path):
     assert config.shared_dir == os.path.realpath(tmp_path)
     assert (config.socket_fd, config.cache, config.log_level, config.max_request_workers, config.xattr,
             config.inode_table_size) == (5, CacheMode.NEVER, "debug", 3, False, 4096)
+
+
+def test_readdirplus_follows_the_cache_mode_unless_given(tmp_path):
+    def config(*extra):
+        return cli.parse_config(["--shared-dir", str(tmp_path), "--fd", "3", *extra])
+    assert config().offers_readdirplus and config("--cache", "always").offers_readdirplus
+    assert not config("--cache", "never").offers_readdirplus
+    assert config("--cache", "never", "--readdirplus").offers_readdirplus
+    assert not config("--no-readdirplus").offers_readdirplus
 
 
 def test_thread_pool_size_zero_means_one_worker(tmp_path):

@@ -42,9 +42,9 @@ def proc_cwd():
     credentials.restore()
 
 
-def make_session(share, cache=CacheMode.AUTO, capacity=256, role="request"):
+def make_session(share, cache=CacheMode.AUTO, capacity=256, role="request", **options):
     table = InodeTable(capacity)
-    fs = FuseSession(Config(shared_dir=str(share), cache=cache), table, role)
+    fs = FuseSession(Config(shared_dir=str(share), cache=cache, **options), table, role)
     return fs, table
 
 
@@ -100,6 +100,24 @@ def test_init_negotiation(env):
     assert flags2 == 0  # never SECURITY_CTX or HAS_INODE_DAX
     assert (max_write, time_gran, max_pages, map_alignment) == (1 << 20, 1, 256, 0)
     assert 0 < congestion <= max_bg
+
+
+@pytest.mark.parametrize("cache, readdirplus, offered", [
+    (CacheMode.AUTO, None, True), (CacheMode.ALWAYS, None, True), (CacheMode.NEVER, None, False),
+    (CacheMode.NEVER, True, True), (CacheMode.AUTO, False, False),
+])
+def test_init_offers_readdirplus_unless_cache_never(tmp_path, proc_cwd, cache, readdirplus, offered):
+    """With cache=never the guest drops READDIRPLUS's attributes at once
+    (zero timeouts), so by default it is not offered; --readdirplus and
+    --no-readdirplus override."""
+    fs, table = make_session(tmp_path, cache, readdirplus=readdirplus)
+    try:
+        flags = abi.INIT_OUT.unpack(FuseClient(fs).call(Opcode.INIT, 0, init_args(), 64).ok())[3]
+        plus = InitFlag.DO_READDIRPLUS | InitFlag.READDIRPLUS_AUTO
+        assert flags & plus == (plus if offered else 0)
+    finally:
+        fs.close()
+        table.close()
 
 
 def test_init_only_echoes_offered_flags(env):
