@@ -179,7 +179,7 @@ def do_readdir(fs, req: Request):
     in ``size``; an empty reply is the end of the directory. Lookup count:
     unchanged."""
     handle, cookie, limit = _read_args(req, fs)
-    return _fill(handle, cookie, limit, abi.dirent_size, _pack_dirent)
+    return _fill_names(handle, cookie, limit)
 
 
 def do_readdirplus(fs, req: Request):
@@ -230,12 +230,64 @@ def _fill(handle, cookie: int, limit: int, record_size, pack) -> bytearray:
     return out
 
 
-def _pack_dirent(out: bytearray, at: int, ino: int, next_cookie: int, dtype: int, name: bytes) -> bool:
-    """Write one fuse_dirent record at ``at``."""
-    abi.DIRENT.pack_into(out, at, ino, next_cookie, len(name), dtype)
-    start = at + abi.DIRENT.size
-    out[start:start + len(name)] = name
-    return True
+def _fill_names(handle, cookie: int, limit: int) -> bytearray:
+    """READDIR's loop: what ``_fill`` does with fuse_dirent records, written
+    out for one whole getdents64 buffer at a time (a fuse_dirent is the
+    host's linux_dirent64 with a u32 name length: one unpack, one find, one
+    pack and one copy per entry, no call), since a plain listing is all
+    entries and no lookups. Same rules: names that are not valid are left
+    out, the stream stops at the first record that does not fit, a host
+    error (or a malformed host record) after some records ends the reply
+    early."""
+    stream = _stream(handle)
+    out = bytearray(limit)
+    used = 0
+    fd = handle.fd
+    unpack = LINUX_DIRENT64.unpack_from
+    pack = abi.DIRENT.pack_into
+    head = LINUX_DIRENT64.size          # 19: the name starts here
+    out_head = abi.DIRENT.size          # 24
+    while True:
+        try:
+            if stream.peek(fd, cookie) is None:  # seeks or refills as needed
+                break
+        except OSError:
+            if used:
+                break
+            raise
+        buf, pos = stream.buf, stream.pos
+        n = len(buf)
+        while pos < n:
+            if pos + head > n:
+                break
+            ino, next_cookie, reclen, dtype = unpack(buf, pos)
+            end = pos + reclen
+            if reclen <= head or end > n:
+                break
+            nul = buf.find(b"\0", pos + head, end)
+            if nul < 0:
+                break
+            namelen = nul - pos - head
+            if 0 < namelen <= abi.FUSE_NAME_MAX and buf.find(b"/", pos + head, nul) < 0:
+                size = (out_head + namelen + 7) & ~7
+                if used + size > limit:
+                    stream.pos, stream.cookie = pos, cookie
+                    del out[used:]
+                    return out
+                pack(out, used, ino, next_cookie, namelen, dtype)
+                out[used + out_head:used + out_head + namelen] = buf[pos + head:nul]
+                used += size
+            pos = end
+            cookie = next_cookie
+        else:
+            stream.pos, stream.cookie = pos, cookie
+            continue
+        error = stream._corrupt()  # a malformed record in this buffer
+        if used:
+            break
+        raise error
+    del out[used:]
+    return out
 
 
 def _pack_plus(fs, dir_fd: int, out: bytearray, at: int, ino: int, next_cookie: int,

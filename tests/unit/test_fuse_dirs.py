@@ -92,6 +92,56 @@ def test_new_entries_show_up_after_rewind(fuse, share):
     assert {e.name for e in list_all(fuse, 1, fh)[0]} == {b".", b"..", b"late"}
 
 
+_NAME = st.text(st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)), min_size=1,
+                max_size=40).filter(lambda n: n not in (".", "..") and len(n.encode()) <= 255)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(names=st.sets(_NAME, max_size=120), size=st.integers(min_value=abi.dirent_size(1), max_value=8192))
+def test_readdir_and_readdirplus_walk_the_same_stream(connect, share, names, size):
+    """READDIR's own loop (_fill_names) and READDIRPLUS's general one
+    (_fill) list the same names with the same cookies, each once, within
+    any request size."""
+    d = share / "d"
+    d.mkdir()
+    try:
+        for name in names:
+            (d / name).touch()
+        # room for the longest name: a record that fits nowhere ends a listing
+        size = max([size] + [abi.dirent_size(len(n.encode())) for n in names])
+        fuse = connect()
+        nodeid = fuse.lookup(1, "d")
+        fh = fuse.opendir(nodeid)
+        plain, _ = list_all(fuse, nodeid, fh, size=size)
+        plus, _ = list_all(fuse, nodeid, fh, size=max(size, abi.direntplus_size(160)), plus=True)
+        assert [(e.name, e.off, e.ino) for e in plain] == [(e.name, e.off, e.ino) for e in plus]
+        assert sorted(e.name for e in plain) == sorted([b".", b".."] + [n.encode() for n in names])
+    finally:
+        for name in names:
+            (d / name).unlink()
+        d.rmdir()
+
+
+def test_a_malformed_host_record_is_eio_or_ends_the_reply(fuse, share, monkeypatch):
+    """A getdents64 buffer that does not parse (a host bug, or a hostile
+    FUSE file system under the share) is EIO before any record and ends
+    the reply after some; the next request starts over cleanly."""
+    for i in range(3):
+        (share / f"f{i}").touch()
+    fh = fuse.opendir(1)
+    good = dirs._getdents64
+    record = dirs.LINUX_DIRENT64.pack(7, 1, 24, 8) + b"ok\0\0\0"
+    for bad in (dirs.LINUX_DIRENT64.pack(7, 1, 200, 8) + b"x\0",  # reclen past the end
+                dirs.LINUX_DIRENT64.pack(7, 1, 24, 8) + b"nonul"):   # no NUL in the record
+        monkeypatch.setattr(dirs, "_getdents64", lambda fd, bad=bad: bad)
+        assert fuse.call(Opcode.READDIR, 1, abi.READ_IN.pack(fh, 0, 4096, 0, 0, 0), 4096).error == errno.EIO
+        monkeypatch.setattr(dirs, "_getdents64", lambda fd, bad=bad: record + bad)
+        got = parse_dirents(fuse.call(Opcode.READDIR, 1, abi.READ_IN.pack(fh, 0, 4096, 0, 0, 0), 4096).ok())
+        assert [(e.name, e.ino, e.off) for e in got] == [(b"ok", 7, 1)]
+    monkeypatch.setattr(dirs, "_getdents64", good)
+    assert {e.name for e in list_all(fuse, 1, fh)[0]} == {b".", b"..", b"f0", b"f1", b"f2"}
+
+
 def test_opendir_refuses_non_directories(fuse, share):
     (share / "file").touch()
     os.mkfifo(share / "fifo")
