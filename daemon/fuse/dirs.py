@@ -43,6 +43,7 @@ import struct
 from daemon.config import CacheMode
 from daemon.fuse import abi
 from daemon.fuse.abi import Opcode
+from daemon.fuse.files import sync_on_helper
 from daemon.fuse.handles import KIND_DIR, reopen
 from daemon.fuse.request import FUSEError, Request
 
@@ -332,16 +333,13 @@ def do_releasedir(fs, req: Request):
 
 def do_fsyncdir(fs, req: Request):
     """FSYNCDIR: fsync (or fdatasync with FUSE_FSYNC_FDATASYNC) the open
-    directory. Reply: empty. Lookup count: unchanged."""
+    directory on a helper thread, as FSYNC. Reply: empty, or the call's
+    errno. Lookup count: unchanged."""
     if len(req.args) < abi.FSYNC_IN.size:
         raise FUSEError(errno.EINVAL)
     fh, fsync_flags = abi.FSYNC_IN.unpack_from(req.args)
     handle = fs.handles.get(fh, KIND_DIR)
-    if fsync_flags & abi.FUSE_FSYNC_FDATASYNC:
-        os.fdatasync(handle.fd)
-    else:
-        os.fsync(handle.fd)
-    return b""
+    return sync_on_helper(fs, req, handle.fd, fsync_flags & abi.FUSE_FSYNC_FDATASYNC)
 
 
 OPS = {

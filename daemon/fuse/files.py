@@ -279,15 +279,30 @@ def do_release(fs, req: Request):
 
 
 def do_fsync(fs, req: Request):
-    """FSYNC: fdatasync with FUSE_FSYNC_FDATASYNC, else fsync. Reply: empty.
-    Lookup count: unchanged."""
+    """FSYNC: fdatasync with FUSE_FSYNC_FDATASYNC, else fsync, on a helper
+    thread (the request is deferred meanwhile). Reply: empty, or the
+    call's errno. Lookup count: unchanged."""
     fh, fsync_flags = _args(req, abi.FSYNC_IN)
     handle = fs.handles.get(fh, KIND_FILE)
-    if fsync_flags & abi.FUSE_FSYNC_FDATASYNC:
-        os.fdatasync(handle.fd)
-    else:
-        os.fsync(handle.fd)
-    return b""
+    return sync_on_helper(fs, req, handle.fd, fsync_flags & abi.FUSE_FSYNC_FDATASYNC)
+
+
+def sync_on_helper(fs, req: Request, fd: int, data_only: bool):
+    """fsync/fdatasync ``fd`` on a helper thread (blocking.py): the queue
+    goes on meanwhile. The thread syncs its own dup, so a RELEASE of the
+    fh in between closes nothing it uses."""
+    dup = os.dup(fd)
+    return fs.defer_blocking(req, _sync_and_close, dup, bool(data_only))
+
+
+def _sync_and_close(fd: int, data_only: bool) -> None:
+    try:
+        if data_only:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def do_fallocate(fs, req: Request):

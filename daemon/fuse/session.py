@@ -58,6 +58,7 @@ import os
 
 from daemon.fuse import abi, credentials
 from daemon.fuse.abi import InitFlag, Opcode
+from daemon.fuse.blocking import BlockingCalls
 from daemon.fuse.inodes import InodeCache, InodeTable
 from daemon.fuse.request import DEFERRED, MAX_ARGS, FUSEError, Request
 from daemon.virtio.iovec import IoVec
@@ -216,6 +217,8 @@ class FuseSession:
         self._completed: list[tuple[object, int]] = []
         self._token = None
         self._current: Request | None = None
+        # fsync's helper threads (started on first use) and their eventfd
+        self._blocking = BlockingCalls() if role == "request" else None
         self._log = RateLimitedLogger(log)
 
     # -- the request path ------------------------------------------------------------
@@ -362,6 +365,41 @@ class FuseSession:
             raise RuntimeError("defer() outside the request's handler")
         self._pending.append([self._token, req, retry])
 
+    def defer_blocking(self, req: Request, fn, *args):
+        """Run ``fn(*args)``, a call that may block for long (fsync), on a
+        helper thread (blocking.py) and defer ``req``; it is answered with
+        an empty reply, or the call's errno, once the call returns. Returns
+        ``DEFERRED`` for the handler to return. ``fn`` must not touch the
+        session or guest memory. Without a helper thread (none can start)
+        the call runs here and its reply is returned instead."""
+        try:
+            if self._blocking is None:
+                raise RuntimeError("no helper threads in this role")
+            call = self._blocking.submit(fn, *args)
+        except RuntimeError:
+            fn(*args)
+            return b""
+
+        def collect():
+            if not call.done:
+                return DEFERRED
+            if call.error:
+                raise FUSEError(call.error)
+            return b""
+
+        self.defer(req, collect)
+        return DEFERRED
+
+    @property
+    def wakeup_fd(self) -> int:
+        """An fd that becomes readable when a blocking call finished (the
+        loop then calls ``retry()``); -1 in a role without helpers."""
+        return -1 if self._blocking is None else self._blocking.wakeup_fd
+
+    def drain_wakeup(self) -> None:
+        if self._blocking is not None:
+            self._blocking.drain()
+
     def has_pending(self) -> bool:
         """Deferred requests waiting, or completions not yet collected."""
         return bool(self._pending or self._completed)
@@ -461,6 +499,8 @@ class FuseSession:
         session lives on for the other request workers."""
         self._drop_local()
         self._session = 0
+        if self._blocking is not None:
+            self._blocking.close()
         if self._own_root and self.root_fd >= 0:
             os.close(self.root_fd)
         self.root_fd = -1

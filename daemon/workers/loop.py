@@ -31,10 +31,12 @@ once per batch, signal the call eventfd. At most ``num`` chains are taken
 per batch so a guest that keeps the ring full cannot starve the channel;
 the rest are served on the next turn without waiting for a kick.
 
-Deferred requests (a SETLKW that must wait): the session keeps the chain
-(the token is the ``Chain`` itself) and the loop calls ``session.retry()``
-every ``RETRY_INTERVAL`` seconds while it has any (an epoll timeout, so
-kicks keep being served meanwhile). VRING_STOP and SHUTDOWN first answer
+Deferred requests (a SETLKW that must wait, an fsync running on a helper
+thread): the session keeps the chain (the token is the ``Chain`` itself)
+and the loop calls ``session.retry()`` every ``RETRY_INTERVAL`` seconds
+while it has any (an epoll timeout, so kicks keep being served meanwhile),
+and at once when the session's ``wakeup_fd`` (a helper finished) is
+readable. VRING_STOP and SHUTDOWN first answer
 them all with ``session.cancel_all()`` (EINTR), so a stopped ring owes the
 guest nothing.
 
@@ -124,6 +126,10 @@ class WorkerLoop:
         channel_fd = self.channel.fileno()
         self._epoll.register(channel_fd, select.EPOLLIN)
         session = self.session
+        # readable when a blocking call (fsync) finished on a helper thread
+        wakeup_fd = getattr(session, "wakeup_fd", -1)
+        if wakeup_fd >= 0:
+            self._epoll.register(wakeup_fd, select.EPOLLIN)
         next_retry = 0.0
         try:
             while True:
@@ -138,6 +144,9 @@ class WorkerLoop:
                         status = self._on_channel()
                         if status is not None:
                             return status
+                    elif fd == wakeup_fd:
+                        session.drain_wakeup()
+                        self._complete(session.retry())
                     else:
                         ring = self._by_kick_fd.get(fd)
                         if ring is not None:

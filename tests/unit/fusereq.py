@@ -13,9 +13,12 @@ import dataclasses
 import errno
 import itertools
 import os
+import select
+import time
 
 from daemon.fuse import abi
 from daemon.fuse.abi import Opcode
+from daemon.fuse.request import DEFERRED
 from daemon.virtio.iovec import IoVec
 
 NUL = b"\0"
@@ -135,6 +138,22 @@ def start_session(shared_dir, capacity: int = 1 << 12, **config):
     return session, client
 
 
+def run_handler(session, handler, req):
+    """``handler(session, req)`` called straight (decoder tests), with the
+    request made current as ``FuseSession.handle`` does, so a handler may
+    defer it; a deferred request (FSYNC on a helper thread) is cancelled
+    again and gives None."""
+    session._current = req
+    try:
+        result = handler(session, req)
+    finally:
+        session._current = None
+    if result is DEFERRED:
+        session.cancel_all()
+        return None
+    return result
+
+
 class Pending:
     """A request the session may answer later (a deferred SETLKW)."""
 
@@ -173,9 +192,31 @@ class FuseClient:
 
     def call(self, opcode: int, nodeid: int, args: bytes = b"", out_size: int = 4096,
              data: bytes | None = None) -> Reply:
-        reply = self.send(opcode, nodeid, args, out_size, data)
+        """One request and its reply; one that went to a helper thread
+        (FSYNC) is waited for as the worker loop would."""
+        pending = self.submit(opcode, nodeid, args, out_size, data)
+        reply = pending.reply()
+        if reply is None and self.session.wakeup_fd >= 0:
+            reply = self.wait(pending)
         assert reply is not None, f"no reply to {Opcode(opcode).name}"
         return reply
+
+    def wait(self, pending: Pending, timeout: float = 10.0) -> Reply | None:
+        """Wait for the session's wakeup fd and collect, until ``pending``
+        is answered (or ``timeout``); its reply, or None."""
+        deadline = time.monotonic() + timeout
+        # epoll, as the worker loop waits (the request seccomp list has no
+        # select/poll: tests/security runs this under it)
+        with select.epoll() as ep:
+            ep.register(self.session.wakeup_fd, select.EPOLLIN)
+            while True:
+                reply = pending.reply()
+                left = deadline - time.monotonic()
+                if reply is not None or left <= 0 or not self.session.has_pending():
+                    return reply
+                ep.poll(left)
+                self.session.drain_wakeup()
+                self.session.retry()
 
     # -- conveniences ------------------------------------------------------------
     def lookup(self, parent: int, name: str) -> int:

@@ -13,7 +13,7 @@ from daemon.fuse.abi import Opcode
 from daemon.fuse.handles import KIND_DIR
 from daemon.fuse.request import FUSEError, Request
 from daemon.virtio.iovec import IoVec
-from tests.unit.fusereq import parse_dirents, parse_direntplus
+from tests.unit.fusereq import parse_dirents, parse_direntplus, run_handler
 
 
 def list_all(fuse, nodeid, fh, size=4096, plus=False, cookie=0):
@@ -302,7 +302,7 @@ def test_decoders_raise_only_fuse_errors(direct, op, args, use_fh, out_size):
     out = IoVec([memoryview(bytearray(16 + out_size))])
     req = Request(op, 1, 1, 0, 0, 0, args, None, out)
     try:
-        result = dirs.OPS[op](session, req)
+        result = run_handler(session, dirs.OPS[op], req)
     except (FUSEError, OSError):
         result = None
     if op in (Opcode.READDIR, Opcode.READDIRPLUS) and result is not None:

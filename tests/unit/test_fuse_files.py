@@ -14,7 +14,7 @@ from daemon.fuse.abi import Opcode
 from daemon.fuse.handles import KIND_FILE
 from daemon.fuse.request import FUSEError, Request
 from daemon.virtio.iovec import IoVec
-from tests.unit.fusereq import NUL, chain, in_header, parse_reply
+from tests.unit.fusereq import NUL, chain, in_header, parse_reply, run_handler
 
 MiB = 1 << 20
 
@@ -289,7 +289,7 @@ def test_decoders_raise_only_fuse_errors(direct, op, args, use_fh, data, out_siz
     req = Request(op, 1, nodeid if op != Opcode.CREATE else 1, 0, 0, 0, args,
                   IoVec([memoryview(bytearray(data))]) if op == Opcode.WRITE else None, out)
     try:
-        result = files.OPS[op](session, req)
+        result = run_handler(session, files.OPS[op], req)
     except (FUSEError, OSError):
         result = None
     if isinstance(result, int):

@@ -14,6 +14,7 @@ import select
 import signal
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -33,14 +34,28 @@ class EchoSession:
     """FuseSession's interface: ``handle`` answers b"ECHO:" + request;
     b"DEFER..." requests are deferred; ``retry`` completes b"DEFER" ones on
     its third call ("LATE"), never b"DEFER-FOREVER"; ``cancel_all``
-    answers "INTR"."""
+    answers "INTR". b"WAKE" requests are finished by a "helper thread"
+    50 ms later, which writes ``wakeup_fd``: ``retry`` answers them
+    ("WOKE") only once ``drain_wakeup`` was called, as a blocking call
+    (FSYNC) goes."""
 
     def __init__(self):
         self.pending = []  # (token, writable, forever)
         self.retries = 0
+        self.waking = []   # (token, writable)
+        self.woken = False
+        self.wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def drain_wakeup(self):
+        os.eventfd_read(self.wakeup_fd)
+        self.woken = True
 
     def handle(self, readable, writable, token):
         data = readable.read(0, readable.size)
+        if data.startswith(b"WAKE"):
+            self.waking.append((token, writable))
+            threading.Timer(0.05, os.eventfd_write, (self.wakeup_fd, 1)).start()
+            return None
         if data.startswith(b"DEFER"):
             self.pending.append((token, writable, data.startswith(b"DEFER-FOREVER")))
             return None
@@ -49,9 +64,12 @@ class EchoSession:
         return len(reply)
 
     def has_pending(self):
-        return bool(self.pending)
+        return bool(self.pending or self.waking)
 
     def retry(self):
+        if self.woken:
+            done, self.waking, self.woken = [(t, w.write(0, b"WOKE")) for t, w in self.waking], [], False
+            return done
         self.retries += 1
         if self.retries < 3:
             return []
@@ -281,6 +299,16 @@ def test_deferred_request_completes_through_the_retry_timer(running, guest):
     # no further kick: only the ~10 ms retry timer can complete it
     assert guest.wait_call() == 1
     assert guest.used() == [(head, 4)] and guest.reply(4, out) == b"LATE"
+
+
+def test_a_finished_blocking_call_wakes_the_loop(running, guest):
+    """The session's wakeup_fd (a helper thread finished an fsync) is in
+    the loop's epoll set: the loop drains it and collects at once."""
+    head = guest.driver.add([b"WAKE"], [16])
+    out = last_writable_gpa(guest, 16)
+    os.eventfd_write(guest.kick, 1)
+    assert guest.wait_call() == 1
+    assert guest.used() == [(head, 4)] and guest.reply(4, out) == b"WOKE"
 
 
 def test_deferred_request_does_not_block_the_ring(running, guest):
