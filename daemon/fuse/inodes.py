@@ -65,6 +65,7 @@ import fcntl
 import mmap
 import os
 import threading
+from typing import Callable
 
 from daemon.fuse.request import FUSEError
 from daemon.log import get_logger
@@ -546,6 +547,10 @@ class InodeCache:
         self._use_handles = use_handles
         # open_by_handle_at wants a real (not O_PATH) fd on the file system
         self._mount_fd = -1
+        # how reap() closes the fds of forgotten inodes: the session hands
+        # them to a helper thread (the last close of an unlinked file frees
+        # its blocks on the host, which can wait for the disk)
+        self.close_fds: Callable[[list[int]], None] = close_all
 
     def __len__(self) -> int:
         return len(self._fds)
@@ -658,14 +663,20 @@ class InodeCache:
         freed, self._cursor, overflow = table.freed_since(self._cursor)
         fds = self._fds
         candidates = list(fds) if overflow else freed
-        closed = 0
+        doomed = []
         for nodeid in candidates:
             e = fds.get(nodeid)
             if e is not None and table.generation(nodeid) != e[0]:
                 del fds[nodeid]
-                _close(e[1])
-                closed += 1
-        return closed
+                doomed.append(e[1])
+        if doomed:
+            self.close_fds(doomed)
+        return len(doomed)
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        _close(fd)
 
 
 def _close(fd: int) -> None:

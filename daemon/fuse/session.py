@@ -59,7 +59,7 @@ import os
 from daemon.fuse import abi, credentials
 from daemon.fuse.abi import InitFlag, Opcode
 from daemon.fuse.blocking import BlockingCalls
-from daemon.fuse.inodes import InodeCache, InodeTable
+from daemon.fuse.inodes import InodeCache, InodeTable, close_all
 from daemon.fuse.request import DEFERRED, MAX_ARGS, FUSEError, Request
 from daemon.virtio.iovec import IoVec
 
@@ -217,8 +217,12 @@ class FuseSession:
         self._completed: list[tuple[object, int]] = []
         self._token = None
         self._current: Request | None = None
-        # fsync's helper threads (started on first use) and their eventfd
-        self._blocking = BlockingCalls() if role == "request" else None
+        # fsync's helper threads (started on first use) and their eventfd;
+        # they also close forgotten inodes' fds (blocking.py)
+        self._blocking = None
+        if role == "request":
+            self._blocking = BlockingCalls()
+            self.cache.close_fds = self._close_later
         self._log = RateLimitedLogger(log)
 
     # -- the request path ------------------------------------------------------------
@@ -390,6 +394,14 @@ class FuseSession:
         self.defer(req, collect)
         return DEFERRED
 
+    def _close_later(self, fds: list[int]) -> None:
+        """Close ``fds`` (forgotten inodes) on a helper thread; here if none
+        can run."""
+        try:
+            self._blocking.submit(close_all, fds, notify=False)
+        except RuntimeError:
+            close_all(fds)
+
     @property
     def wakeup_fd(self) -> int:
         """An fd that becomes readable when a blocking call finished (the
@@ -511,9 +523,10 @@ class FuseSession:
 
     def reap(self) -> int:
         """Close the O_PATH fds of nodeids freed by FORGET (in any process).
-        The worker loop calls this after each batch is published, so the
-        close (which frees the host inode of an unlinked file) is never on
-        a request's path; a stale cached fd is harmless meanwhile, since
+        The worker loop calls this after each batch is published, and the
+        closes themselves run on a helper thread (blocking.py): the last
+        close of an unlinked file frees its host inode, which may wait for
+        the disk. A stale cached fd is harmless meanwhile, since
         ``InodeCache.fd`` checks the nodeid's generation."""
         cache = self.cache
         if cache is None or self.inodes.cursor == cache._cursor:

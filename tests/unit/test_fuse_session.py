@@ -7,13 +7,15 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.config import CacheMode, Config
-from daemon.fuse import abi, credentials
+from daemon.fuse import abi, credentials, inodes
 from daemon.fuse.abi import InitFlag, Opcode, SetattrValid
 from daemon.fuse.inodes import InodeTable
 from daemon.fuse.request import DEFERRED, FUSEError
@@ -469,6 +471,15 @@ def open_fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def settled_fd_count(expect: int, timeout: float = 5.0) -> int:
+    """The fd count once it reached ``expect`` (forgotten inodes' fds are
+    closed by a helper thread), or whatever it is after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while open_fd_count() != expect and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return open_fd_count()
+
+
 def test_forget_to_zero_closes_the_fd(env):
     fs, client, share = env
     (share / "f").write_bytes(b"")
@@ -481,13 +492,39 @@ def test_forget_to_zero_closes_the_fd(env):
     assert open_fd_count() == before + 1 and getattr_(client, nodeid).error == 0
     client.forget(nodeid, 1)
     fs.reap()
-    assert open_fd_count() == before
+    assert settled_fd_count(before) == before
     assert getattr_(client, nodeid).error == errno.ESTALE
     # FORGET of unknown nodeids / the root is ignored
     client.forget(nodeid, 1)
     client.forget(1, 10)
     client.forget(0, 1)
     assert getattr_(client, 1).error == 0
+
+
+def test_forgotten_fds_are_closed_off_the_loop_thread(env, monkeypatch):
+    """The last close of an unlinked file is where the host frees it (and
+    may wait for the disk): reap() hands it to a helper thread and returns
+    at once."""
+    fs, client, share = env
+    (share / "f").write_bytes(b"x" * 4096)
+    nodeid = entry_nodeid(lookup(client, 1, "f").ok())
+    os.unlink(share / "f")
+    gate, closed_on = threading.Event(), []
+    real_close = inodes._close
+
+    def slow_close(fd):
+        closed_on.append(threading.current_thread())
+        gate.wait(10)
+        real_close(fd)
+    monkeypatch.setattr(inodes, "_close", slow_close)
+    before = open_fd_count()
+    client.forget(nodeid, 1)
+    t0 = time.monotonic()
+    assert fs.reap() == 1
+    assert time.monotonic() - t0 < 1.0  # did not wait for the close
+    gate.set()
+    assert settled_fd_count(before - 1) == before - 1
+    assert closed_on and closed_on[0] is not threading.main_thread()
 
 
 def test_batch_forget(env):
