@@ -72,6 +72,12 @@ class _Deferred:
 
 DEFERRED = _Deferred()
 
+# Deferred requests a worker's restart record can hold per ring
+# (workers/progress.py): a replacement answers exactly those with EIO.
+# Work that may be deferred or done at once (FSYNC on a helper thread) is
+# done at once past this many.
+MAX_DEFERRED = 64
+
 
 class Request:
     """The decoded request a handler works on.

@@ -60,7 +60,7 @@ from daemon.fuse import abi, credentials
 from daemon.fuse.abi import InitFlag, Opcode
 from daemon.fuse.blocking import BlockingCalls
 from daemon.fuse.inodes import InodeCache, InodeTable, close_all
-from daemon.fuse.request import DEFERRED, MAX_ARGS, FUSEError, Request
+from daemon.fuse.request import DEFERRED, MAX_ARGS, MAX_DEFERRED, FUSEError, Request
 from daemon.virtio.iovec import IoVec
 
 from daemon.fuse import attrs, dirs, entries, files, locks, xattrs
@@ -374,11 +374,15 @@ class FuseSession:
         helper thread (blocking.py) and defer ``req``; it is answered with
         an empty reply, or the call's errno, once the call returns. Returns
         ``DEFERRED`` for the handler to return. ``fn`` must not touch the
-        session or guest memory. Without a helper thread (none can start)
-        the call runs here and its reply is returned instead."""
+        session or guest memory. Without a helper thread (none can start),
+        or with MAX_DEFERRED requests already deferred (all a worker
+        restart could answer), the call runs here and its reply is
+        returned instead."""
         try:
             if self._blocking is None:
                 raise RuntimeError("no helper threads in this role")
+            if len(self._pending) >= MAX_DEFERRED:
+                raise RuntimeError("deferred requests at their bound")
             call = self._blocking.submit(fn, *args)
         except RuntimeError:
             fn(*args)

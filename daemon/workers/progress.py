@@ -47,12 +47,13 @@ from __future__ import annotations
 import errno
 import mmap
 
+from daemon.fuse import request
 from daemon.fuse.abi import OUT_HEADER, Opcode
 
 RECORD = 4096
 AVAIL, DONE, PUB_FROM = 0, 1, 2
 DEFERRED = 8                         # first word of DEFERRED
-MAX_DEFERRED = 64
+MAX_DEFERRED = request.MAX_DEFERRED
 EMPTY = 0xFFFFFFFF
 POPPED_OFFSET = (DEFERRED + MAX_DEFERRED) * 4
 POPPED = 1024                        # QEMU's VIRTQUEUE_MAX_SIZE

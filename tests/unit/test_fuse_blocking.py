@@ -159,6 +159,21 @@ def test_without_a_helper_thread_the_sync_runs_inline(fuse, node, monkeypatch):
     assert not fuse.session.has_pending()
 
 
+def test_past_max_deferred_the_sync_runs_inline(fuse, node, slow, monkeypatch):
+    """A worker's restart record holds MAX_DEFERRED deferred requests per
+    ring: past that many, FSYNC is answered at once (synchronously), so
+    every request a replacement might owe is one it can answer."""
+    from daemon.fuse import session as session_module
+    monkeypatch.setattr(session_module, "MAX_DEFERRED", 2)
+    fh, _ = fuse.open(node, os.O_RDWR)
+    waiting = [fsync(fuse, node, fh) for _ in range(2)]
+    slow.wait_running(2)
+    assert all(p.reply() is None for p in waiting)
+    slow.release()  # the third runs on this thread: let it through
+    assert fsync(fuse, node, fh).reply().error == 0
+    assert [fuse.wait(p).error for p in waiting] == [0, 0]
+
+
 def test_session_close_closes_the_wakeup_fd(connect):
     fuse = connect()
     session = fuse.session
