@@ -337,6 +337,18 @@ class VirtQueue:
             return True
         return vring_need_event(self._avail[self._used_event_slot], new, old)
 
+    def kick_after(self, n: int) -> bool:
+        """With EVENT_IDX, ask the guest to kick once ``n`` chains are
+        available beyond those popped (``pop`` leaves it at 1: the next
+        one). Returns whether a chain is available already, looked at after
+        a full fence as ``pop`` does: the guest may have published it
+        without seeing the new value, and then kicks for nothing. Without
+        EVENT_IDX it only says whether a chain is available."""
+        if self.event_idx:
+            self._used[self._avail_event_slot] = (self.last_avail_idx + n - 1) & 0xFFFF
+            _full_barrier()
+        return self._avail[1] != self.last_avail_idx
+
     @property
     def pending(self) -> int:
         """Used elements pushed but not yet published."""

@@ -40,6 +40,14 @@ readable. VRING_STOP and SHUTDOWN first answer
 them all with ``session.cancel_all()`` (EINTR), so a stopped ring owes the
 guest nothing.
 
+Kick coalescing (``coalesce=(chains, seconds)``, the hiprio ring): after a
+batch the loop asks the guest (EVENT_IDX's avail_event) to kick only once
+``chains`` more wait, and looks by itself ``seconds`` later; a look that
+finds nothing asks for a kick per chain again (and serves what slipped in
+meanwhile), so an idle ring costs no wake-ups and a lone request is served
+at once, while a burst of FORGETs wakes the worker about once per interval
+instead of once or twice per file.
+
 Chains are released (``Chain.release``) once pushed, so a replaced memory
 table can actually be unmapped (memory.py on lifetimes).
 
@@ -95,7 +103,8 @@ class WorkerLoop:
     """Serves ``ring_indices`` for ``session`` until SHUTDOWN or a channel
     violation; ``run()`` returns the process exit status."""
 
-    def __init__(self, channel: Channel, session, ring_indices, clock=time.monotonic, progress=None):
+    def __init__(self, channel: Channel, session, ring_indices, clock=time.monotonic, progress=None,
+                 coalesce: tuple[int, float] | None = None):
         self.channel = channel
         self.session = session
         self.rings = {i: Ring(i) for i in ring_indices}
@@ -112,6 +121,13 @@ class WorkerLoop:
         self._deferred: dict[Chain, Ring] = {}
         self._again: list[Ring] = []  # rings whose last batch hit its cap
         self._clock = clock
+        # (chains, seconds): after a batch the guest kicks again only once
+        # that many chains wait (EVENT_IDX), and the loop looks by itself
+        # after that long; a look that finds nothing returns the ring to a
+        # kick per chain. For a ring whose requests may wait a little
+        # (hiprio: FORGET). None: every chain kicks.
+        self._coalesce = coalesce
+        self._deadlines: dict[Ring, float] = {}
         self._guest_log = RateLimitedLogger(log)
         self._handlers = {
             Msg.MEM_TABLE: self._on_mem_table,
@@ -139,6 +155,9 @@ class WorkerLoop:
                     timeout = max(0.0, next_retry - self._clock())
                 else:
                     timeout = -1
+                if self._deadlines:
+                    due = max(0.0, min(self._deadlines.values()) - self._clock())
+                    timeout = due if timeout < 0 else min(timeout, due)
                 for fd, _events in self._epoll.poll(timeout):
                     if fd == channel_fd:
                         status = self._on_channel()
@@ -156,6 +175,8 @@ class WorkerLoop:
                     again, self._again = self._again, []
                     for ring in again:
                         self._serve(ring)
+                if self._deadlines:
+                    self._serve_due()
                 if session.has_pending():
                     now = self._clock()
                     if now >= next_retry:
@@ -168,11 +189,12 @@ class WorkerLoop:
             return 1
 
     # -- rings ---------------------------------------------------------------
-    def _serve(self, ring: Ring) -> None:
-        """One batch: pop, handle, push; publish once; call the guest."""
+    def _serve(self, ring: Ring) -> int:
+        """One batch: pop, handle, push; publish once; call the guest.
+        Returns how many chains it took."""
         queue = ring.queue
         if queue is None or ring.broken:
-            return
+            return 0
         handle = self.session.handle
         deferred = self._deferred
         words, popped = ring.words, ring.popped  # progress record (worker restart)
@@ -199,7 +221,27 @@ class WorkerLoop:
         except VirtQueueError as e:
             self._break(ring, e)
         self._publish(ring, queue)
+        if self._coalesce is not None and served and not ring.broken:
+            chains, interval = self._coalesce
+            queue.kick_after(max(1, min(chains, queue.num // 2)))
+            self._deadlines[ring] = self._clock() + interval
         self.session.reap()
+        return served
+
+    def _serve_due(self) -> None:
+        """Coalescing rings whose interval ran out: serve what waits; if
+        nothing does, back to a kick per chain (and serve what slipped in
+        before the guest saw that)."""
+        now = self._clock()
+        for ring, due in list(self._deadlines.items()):
+            if now < due:
+                continue
+            del self._deadlines[ring]
+            queue = ring.queue
+            if queue is None or ring.broken:
+                continue
+            if not self._serve(ring) and queue.kick_after(1):
+                self._serve(ring)
 
     def _publish(self, ring: Ring, queue: VirtQueue, answered=()) -> None:
         """Store used.idx (and call the guest), keeping the progress record
@@ -223,6 +265,7 @@ class WorkerLoop:
         for the supervisor's VRING_STOP, which answers its avail index."""
         self._guest_log.error("vring %d: %s; no longer served", ring.index, error)
         ring.broken = True
+        self._deadlines.pop(ring, None)
         self._unwatch(ring)
 
     def _complete(self, completions) -> None:
@@ -285,6 +328,7 @@ class WorkerLoop:
             self._publish(ring, ring.queue)
         self._drop_queue(ring)
         self._unwatch(ring)
+        self._deadlines.pop(ring, None)
         if ring.kick_fd is not None:
             os.close(ring.kick_fd)
             ring.kick_fd = None

@@ -14,6 +14,7 @@ import os
 from daemon.fuse.session import FuseSession
 
 PROC_SELF_FD = "/proc/self/fd"
+COALESCE = None  # every request kicks: the guest waits for each reply
 
 
 def ring_indices(index: int) -> tuple[int, ...]:

@@ -363,6 +363,25 @@ def test_event_idx_writes_avail_event_after_every_pop(driver, mem):
     assert q.pop() is None and driver.avail_event() == 2
 
 
+def test_kick_after_lets_the_guest_queue_n_before_it_kicks(driver, mem):
+    """kick_after(n): the guest's vring_need_event is false for the first
+    n - 1 chains it adds past those popped and true for the n-th."""
+    q = driver.queue(mem, event_idx=True)
+    driver.add([b"a"], [])
+    q.pop()
+    assert q.kick_after(4) is False and driver.avail_event() == 1 + 3
+    kicks = [vring_need_event(driver.avail_event(), new, new - 1) for new in range(2, 7)]
+    assert kicks == [False, False, False, True, False]  # only adding entry 4 (new idx 5)
+    driver.add([b"b"], [])
+    assert q.kick_after(1) is True and driver.avail_event() == 1  # back to a kick per chain; one waits
+    assert q.pop() is not None and q.kick_after(4) is False
+    # without EVENT_IDX it only tells whether a chain waits
+    plain = driver.queue(mem, last_avail_idx=2)
+    assert plain.kick_after(4) is False
+    driver.add([b"c"], [])
+    assert plain.kick_after(4) is True
+
+
 def test_event_idx_start_writes_avail_event(driver, mem):
     struct.pack_into("<H", driver.ram, USED_GPA + 4 + 8 * driver.num, 3)  # stale
     driver.queue(mem, last_avail_idx=9, event_idx=True)

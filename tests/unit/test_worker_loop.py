@@ -23,6 +23,7 @@ from daemon.fuse import abi
 from daemon.fuse.abi import Opcode
 from daemon.workers.channel import (ANSWER, FRAME, VRING_CALL, VRING_START, VRING_STOP, Channel,
                                     Msg, encode_mem_table)
+from daemon.virtio.virtqueue import VIRTIO_RING_F_EVENT_IDX, vring_need_event
 from daemon.workers.loop import WorkerLoop
 from tests.unit.test_virtqueue import (AVAIL_GPA, DESC_GPA, NEXT, QVA_BASE, USED_GPA, GuestDriver)
 
@@ -89,14 +90,15 @@ class EchoSession:
 class Worker:
     """A forked WorkerLoop and the supervisor's end of its channel."""
 
-    def __init__(self, rings=(RING,), progress=None):
+    def __init__(self, rings=(RING,), progress=None, coalesce=None):
         supervisor_end, worker_end = Channel.pair()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             status = 2
             try:
                 supervisor_end.close()
-                status = WorkerLoop(worker_end, EchoSession(), rings, progress=progress).run()
+                status = WorkerLoop(worker_end, EchoSession(), rings, progress=progress,
+                                    coalesce=coalesce).run()
             finally:
                 os._exit(status)
         worker_end.close()
@@ -152,9 +154,9 @@ class Guest:
         return encode_mem_table(regions), [self.driver.fd] * len(regions)
 
     def vring_start(self, index: int = RING, last_avail_idx: int = 0, num: int | None = None,
-                    flags: int = 0) -> bytes:
+                    flags: int = 0, features: int = 0) -> bytes:
         return VRING_START.pack(index, num or self.driver.num, QVA_BASE + DESC_GPA, QVA_BASE + AVAIL_GPA,
-                                QVA_BASE + USED_GPA, last_avail_idx, flags, 0)
+                                QVA_BASE + USED_GPA, last_avail_idx, flags, features)
 
     def wait_call(self, fd: int | None = None) -> int:
         """Wait for the worker's call; the eventfd's counter."""
@@ -309,6 +311,42 @@ def test_a_finished_blocking_call_wakes_the_loop(running, guest):
     os.eventfd_write(guest.kick, 1)
     assert guest.wait_call() == 1
     assert guest.used() == [(head, 4)] and guest.reply(4, out) == b"WOKE"
+
+
+@pytest.fixture
+def coalescing(guest):
+    """A worker serving vring 1 as the hiprio ring is served: EVENT_IDX,
+    coalescing 4 chains or 50 ms."""
+    w = Worker(coalesce=(4, 0.05))
+    assert w.request(Msg.MEM_TABLE, *guest.mem_table()) == (0, 0)
+    assert w.request(Msg.VRING_CALL, VRING_CALL.pack(RING, 1), [guest.call]) == (0, 0)
+    start = guest.vring_start(features=1 << VIRTIO_RING_F_EVENT_IDX)
+    assert w.request(Msg.VRING_START, start, [guest.kick]) == (0, 0)
+    yield w
+    w.kill()
+
+
+def test_coalescing_serves_a_burst_on_its_timer_then_kicks_per_chain_again(coalescing, guest):
+    d = guest.driver
+    first = d.add([b"one"], [16])
+    os.eventfd_write(guest.kick, 1)           # idle: the first one is served at once
+    guest.wait_call()
+    assert guest.used() == [(first, 8)]
+    assert d.avail_event() == 1 + 3           # now: kick only once 4 more wait
+    d.set_used_event(1)                       # as Linux does: call me for the next used entry
+    more = [d.add([b"two"], [16]), d.add([b"three"], [16])]
+    assert not vring_need_event(d.avail_event(), 3, 1)  # so the guest does not kick...
+    guest.wait_call()                          # ...and the loop's own look serves them
+    assert guest.used() == [(first, 8), (more[0], 8), (more[1], 10)]
+    d.set_used_event(3)
+    deadline = time.monotonic() + TIMEOUT      # a look that finds nothing: a kick per chain again
+    while d.avail_event() != 3:
+        assert time.monotonic() < deadline, d.avail_event()
+        time.sleep(0.01)
+    last = d.add([b"four"], [16])
+    os.eventfd_write(guest.kick, 1)
+    guest.wait_call()
+    assert guest.used()[-1] == (last, 9)
 
 
 def test_deferred_request_does_not_block_the_ring(running, guest):
