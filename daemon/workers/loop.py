@@ -44,7 +44,8 @@ Kick coalescing (``coalesce=(chains, seconds)``, the hiprio ring): after a
 batch the loop asks the guest (EVENT_IDX's avail_event) to kick only once
 ``chains`` more wait, and looks by itself ``seconds`` later; a look that
 finds nothing asks for a kick per chain again (and serves what slipped in
-meanwhile), so an idle ring costs no wake-ups and a lone request is served
+meanwhile). Without EVENT_IDX the guest kicks for every chain anyway, and
+the loop does not coalesce. An idle ring costs no wake-ups and a lone request is served
 at once, while a burst of FORGETs wakes the worker about once per interval
 instead of once or twice per file.
 
@@ -221,7 +222,7 @@ class WorkerLoop:
         except VirtQueueError as e:
             self._break(ring, e)
         self._publish(ring, queue)
-        if self._coalesce is not None and served and not ring.broken:
+        if self._coalesce is not None and served and queue.event_idx and not ring.broken:
             chains, interval = self._coalesce
             queue.kick_after(max(1, min(chains, queue.num // 2)))
             self._deadlines[ring] = self._clock() + interval
