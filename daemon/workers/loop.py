@@ -36,18 +36,17 @@ thread): the session keeps the chain (the token is the ``Chain`` itself)
 and the loop calls ``session.retry()`` every ``RETRY_INTERVAL`` seconds
 while it has any (an epoll timeout, so kicks keep being served meanwhile),
 and at once when the session's ``wakeup_fd`` (a helper finished) is
-readable. VRING_STOP and SHUTDOWN first answer
-them all with ``session.cancel_all()`` (EINTR), so a stopped ring owes the
-guest nothing.
+readable. VRING_STOP and SHUTDOWN first answer them all with
+``session.cancel_all()`` (EINTR), so a stopped ring owes the guest nothing.
 
 Kick coalescing (``coalesce=(chains, seconds)``, the hiprio ring): after a
 batch the loop asks the guest (EVENT_IDX's avail_event) to kick only once
 ``chains`` more wait, and looks by itself ``seconds`` later; a look that
 finds nothing asks for a kick per chain again (and serves what slipped in
 meanwhile). Without EVENT_IDX the guest kicks for every chain anyway, and
-the loop does not coalesce. An idle ring costs no wake-ups and a lone request is served
-at once, while a burst of FORGETs wakes the worker about once per interval
-instead of once or twice per file.
+the loop does not coalesce. An idle ring costs no wake-ups and a lone
+request is served at once, while a burst of FORGETs wakes the worker about
+once per interval instead of once or twice per file.
 
 Chains are released (``Chain.release``) once pushed, so a replaced memory
 table can actually be unmapped (memory.py on lifetimes).
