@@ -220,11 +220,13 @@ class WorkerLoop:
                     break
         except VirtQueueError as e:
             self._break(ring, e)
-        self._publish(ring, queue)
         if self._coalesce is not None and served and queue.event_idx and not ring.broken:
+            # before the publish: a guest woken by this batch's call already
+            # sees the new avail_event
             chains, interval = self._coalesce
             queue.kick_after(max(1, min(chains, queue.num // 2)))
             self._deadlines[ring] = self._clock() + interval
+        self._publish(ring, queue)
         self.session.reap()
         return served
 
