@@ -537,7 +537,8 @@ class InodeCache:
     what this worker cached.
     """
 
-    def __init__(self, table: InodeTable, use_handles: bool = True):
+    def __init__(self, table: InodeTable, use_handles: bool = True,
+                 close_fds: Callable[[list[int]], None] | None = None):
         self.table = table
         self._slots = table._q
         self.root_fd = -1
@@ -550,7 +551,7 @@ class InodeCache:
         # how reap() closes the fds of forgotten inodes: the session hands
         # them to a helper thread (the last close of an unlinked file frees
         # its blocks on the host, which can wait for the disk)
-        self.close_fds: Callable[[list[int]], None] = close_all
+        self._close_fds = close_fds or close_all
 
     def __len__(self) -> int:
         return len(self._fds)
@@ -670,7 +671,7 @@ class InodeCache:
                 del fds[nodeid]
                 doomed.append(e[1])
         if doomed:
-            self.close_fds(doomed)
+            self._close_fds(doomed)
         return len(doomed)
 
 

@@ -194,6 +194,7 @@ class FuseSession:
         self._own_root = False
         self.cache: InodeCache | None = None
         self.handles = None
+        self._blocking: BlockingCalls | None = None
         ops = load_ops()
         if role == "hiprio":
             # no file system access at all: only reference counts
@@ -207,7 +208,10 @@ class FuseSession:
                 root_fd = os.open(config.shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
                 self._own_root = True
             self.root_fd = root_fd
-            self.cache = InodeCache(inodes, use_handles=config.file_handles)
+            # fsync's helper threads (started on first use) and their
+            # eventfd; they also close forgotten inodes' fds (blocking.py)
+            self._blocking = BlockingCalls()
+            self.cache = InodeCache(inodes, use_handles=config.file_handles, close_fds=self._close_later)
             self.handles = HandleTable(open_file_budget(config.max_open_files))
         self._ops[int(Opcode.INTERRUPT)] = _op_interrupt
         self._readdirplus = int(Opcode.READDIRPLUS) in self._ops and config.offers_readdirplus
@@ -217,12 +221,6 @@ class FuseSession:
         self._completed: list[tuple[object, int]] = []
         self._token = None
         self._current: Request | None = None
-        # fsync's helper threads (started on first use) and their eventfd;
-        # they also close forgotten inodes' fds (blocking.py)
-        self._blocking = None
-        if role == "request":
-            self._blocking = BlockingCalls()
-            self.cache.close_fds = self._close_later
         self._log = RateLimitedLogger(log)
 
     # -- the request path ------------------------------------------------------------
@@ -378,13 +376,13 @@ class FuseSession:
         or with MAX_DEFERRED requests already deferred (all a worker
         restart could answer), the call runs here and its reply is
         returned instead."""
-        try:
-            if self._blocking is None:
-                raise RuntimeError("no helper threads in this role")
-            if len(self._pending) >= MAX_DEFERRED:
-                raise RuntimeError("deferred requests at their bound")
-            call = self._blocking.submit(fn, *args)
-        except RuntimeError:
+        call = None
+        if self._blocking is not None and len(self._pending) < MAX_DEFERRED:
+            try:
+                call = self._blocking.submit(fn, *args)
+            except RuntimeError:  # no helper thread could start
+                pass
+        if call is None:
             fn(*args)
             return b""
 
@@ -533,7 +531,7 @@ class FuseSession:
         the disk. A stale cached fd is harmless meanwhile, since
         ``InodeCache.fd`` checks the nodeid's generation."""
         cache = self.cache
-        if cache is None or self.inodes.cursor == cache._cursor:
+        if cache is None:
             return 0
         try:
             return cache.reap()
