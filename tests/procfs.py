@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
@@ -25,6 +26,15 @@ def children(pid: int) -> list[int]:
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def settled_fd_count(pid: int, expect: int, timeout: float = 5.0) -> int:
+    """``pid``'s fd count once it is ``expect`` (fds another thread or
+    process closes a moment later), or whatever it is after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while fd_count(pid) != expect and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return fd_count(pid)
 
 
 def cpu_ticks(pid: int) -> tuple[int, int]:

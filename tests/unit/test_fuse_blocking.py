@@ -4,13 +4,13 @@ through FuseSession.handle with a host fsync that blocks until released."""
 import errno
 import os
 import threading
-import time
 
 import pytest
 
 from daemon.fuse import abi, blocking
 from daemon.fuse.abi import Opcode
 from daemon.fuse.handles import KIND_FILE
+from tests.procfs import fd_count, settled_fd_count
 from tests.unit.fusereq import entry_nodeid
 
 
@@ -61,7 +61,7 @@ def fsync(fuse, nodeid, fh, flags=0, opcode=Opcode.FSYNC):
 
 
 def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+    return fd_count(os.getpid())
 
 
 def test_fsync_runs_on_a_helper_while_other_requests_are_served(fuse, node, slow):
@@ -140,11 +140,8 @@ def test_cancel_answers_eintr_and_the_late_result_is_dropped(fuse, node, slow):
     done = fuse.session.cancel_all()  # VRING_STOP, SHUTDOWN
     assert [t for t, _ in done] == [pending.unique] and pending.reply().error == errno.EINTR
     slow.release()
-    for _ in range(100):  # the helper closes its dup when the call returns
-        if open_fds() == before:
-            break
-        time.sleep(0.02)
-    assert open_fds() == before
+    # the helper closes its dup when the call returns
+    assert settled_fd_count(os.getpid(), before) == before
     assert fuse.session.retry() == [] and not fuse.session.has_pending()
 
 

@@ -21,6 +21,8 @@ from daemon.fuse.inodes import InodeTable
 from daemon.fuse.request import DEFERRED, FUSEError
 from daemon.fuse.session import FuseSession
 from daemon.virtio.iovec import IoVec
+from tests.procfs import fd_count
+from tests.procfs import settled_fd_count as procfs_settled_fd_count
 from tests.unit.fusereq import FuseClient, chain, entry_attr, entry_nodeid, in_header, parse_reply
 
 NUL = b"\0"
@@ -468,16 +470,12 @@ def test_hard_links_share_a_nodeid(env):
 
 
 def open_fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
+    return fd_count(os.getpid())
 
 
-def settled_fd_count(expect: int, timeout: float = 5.0) -> int:
-    """The fd count once it reached ``expect`` (forgotten inodes' fds are
-    closed by a helper thread), or whatever it is after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while open_fd_count() != expect and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return open_fd_count()
+def settled_fd_count(expect: int) -> int:
+    """Forgotten inodes' fds are closed by a helper thread: wait for it."""
+    return procfs_settled_fd_count(os.getpid(), expect)
 
 
 def test_forget_to_zero_closes_the_fd(env):
