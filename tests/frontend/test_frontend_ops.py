@@ -740,6 +740,15 @@ def test_cache_never(frontend):
     frontend.release(e.nodeid, o.fh)
 
 
+@pytest.mark.frontend_opts(cache="never")
+def test_cache_never_offers_no_readdirplus(frontend):
+    """The guest discards READDIRPLUS's attributes with zero timeouts: neither
+    daemon offers it with cache=never (with auto, test_readdirplus). The
+    kernel only looks at READDIRPLUS_AUTO when DO_READDIRPLUS is set (the
+    C daemon leaves AUTO on)."""
+    assert not frontend.init_out.flags & abi.InitFlag.DO_READDIRPLUS
+
+
 @pytest.mark.frontend_opts(cache="always")
 def test_cache_always(frontend):
     write_host(frontend, "ca", b"x")

@@ -1,0 +1,94 @@
+"""What a request or hiprio worker does besides answering, seen from the
+vhost-user test frontend against the real, confined daemon: --readdirplus,
+FSYNC and forgotten inodes' closes on a helper thread, FORGET kick coalescing on the hiprio ring
+(daemon/fuse/blocking.py, daemon/workers/loop.py). pyvirtiofsd only."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from daemon.fuse import abi
+from tests.procfs import children, fd_count, settled_fd_count
+
+ROOT = 1
+
+
+@pytest.fixture(autouse=True)
+def ours_only(daemon_kind):
+    if daemon_kind != "ours":
+        pytest.skip("pyvirtiofsd's options and workers")
+
+
+def worker_pid(frontend, name: str) -> int:
+    for pid in children(frontend.daemon.pid):
+        with open(f"/proc/{pid}/comm") as f:
+            if f.read().strip() == f"vfsd-{name}":
+                return pid
+    raise AssertionError(f"no vfsd-{name} under {frontend.daemon.pid}")
+
+
+def threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+@pytest.mark.frontend_opts(cache="never", extra_args=("--readdirplus",))
+def test_readdirplus_option_offers_it_even_with_cache_never(frontend):
+    assert frontend.init_out.flags & abi.InitFlag.DO_READDIRPLUS
+
+
+def test_fsync_runs_on_a_helper_thread_of_the_confined_worker(frontend):
+    """The request worker starts its first helper thread for the first
+    FSYNC (seccomp allows thread creation, nothing else changes) and
+    answers it; the same thread serves later ones."""
+    request = worker_pid(frontend, "request-1")
+    assert threads(request) == 1
+    e, o = frontend.create(ROOT, "synced")
+    frontend.write(e.nodeid, o.fh, 0, b"data")
+    frontend.fsync(e.nodeid, o.fh)
+    assert threads(request) == 2
+    frontend.fsync(e.nodeid, o.fh, datasync=True)
+    d = frontend.opendir(ROOT)
+    frontend.fsyncdir(ROOT, d.fh)
+    assert threads(request) == 2
+    frontend.release(e.nodeid, o.fh)
+
+
+def test_forgets_coalesce_but_a_lone_one_is_served_at_once(frontend):
+    """After a FORGET batch the hiprio worker asks for a kick only once 64
+    more wait (EVENT_IDX avail_event, queue size 128), serves an unkicked
+    FORGET on its own within 10 ms, and then asks for a kick per FORGET
+    again."""
+    hq = frontend.hq
+    assert hq.event_idx
+    (frontend.shared_dir / "f").write_bytes(b"")
+    nodeid = frontend.lookup(ROOT, "f").nodeid
+    for _ in range(3):
+        frontend.lookup(ROOT, "f")
+    frontend.forget(nodeid, 1)                      # kicked: served at once
+    served = hq.last_used
+    assert hq.avail_event() == (served + 63) & 0xFFFF
+    p = frontend.send(abi.Opcode.FORGET, nodeid, abi.FORGET_IN.pack(1), vring=hq, single=True, kick=False)
+    frontend.complete(p, timeout=5.0)                # no kick: the worker looked by itself
+    deadline = time.monotonic() + 5.0
+    while hq.avail_event() != hq.last_used:        # a look found nothing: a kick per FORGET
+        assert time.monotonic() < deadline, (hq.avail_event(), hq.last_used)
+        time.sleep(0.005)
+    frontend.forget(nodeid, 1)                      # and a kicked one is served at once
+    assert frontend.getattr(nodeid).attr.ino        # 4 lookups - 3 forgets: still known
+
+
+def test_a_forgotten_inode_fd_is_closed_by_the_request_worker(frontend):
+    """FORGET to zero on the hiprio ring; the request worker closes that
+    inode's O_PATH fd after its next batch, on a helper thread."""
+    request = worker_pid(frontend, "request-1")
+    (frontend.shared_dir / "gone").write_bytes(b"x")
+    before = fd_count(request)
+    nodeid = frontend.lookup(ROOT, "gone").nodeid
+    assert fd_count(request) == before + 1
+    os.unlink(frontend.shared_dir / "gone")
+    frontend.forget(nodeid, 1)
+    frontend.getattr(ROOT)                           # a batch: the worker reaps after it
+    assert settled_fd_count(request, before) == before
