@@ -67,6 +67,7 @@ def validate(config=None, policy_dir=None) -> dict[str, seccomp.Policy]:
         action = _cfg(config, "seccomp", "kill")
         if action not in seccomp.SECCOMP_MODES:
             raise SandboxError(f"--seccomp {action}: expected one of {', '.join(seccomp.SECCOMP_MODES)}")
+        seccomp.precompile(action, pols)  # once, shared by every worker forked later
     _policies = pols
     return pols
 

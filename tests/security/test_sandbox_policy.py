@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
+import prctl
 import pytest
 
 from daemon.sandbox import capabilities, seccomp
@@ -101,6 +105,89 @@ def test_supervisor_union_prefers_plain_allow():
     pols["hiprio"] = parse_policy("ioctl  arg1&0xffffffff==0x5401|0x5421  # b\n", role="hiprio")
     rules = {r.name: r for r in seccomp.effective_rules("supervisor", pols)}
     assert rules["ioctl"].args == ((1, 0xFFFFFFFF, (0x5401, 0x5421)),)
+
+
+def _exported(role, action, pols) -> bytes:
+    r, w = os.pipe()
+    with os.fdopen(w, "wb") as f:
+        seccomp.build_filter(seccomp.effective_rules(role, pols), action).export_bpf(f)
+    with os.fdopen(r, "rb") as f:
+        return f.read()
+
+
+def test_precompiled_programs_are_libseccomps_and_built_once(monkeypatch):
+    monkeypatch.setattr(seccomp, "_programs", {})
+    pols = seccomp.load_all()
+    seccomp.precompile("none", pols)
+    assert seccomp._programs == {}
+    seccomp.precompile("kill", pols)
+    assert set(seccomp._programs) == {(role, "kill") for role in seccomp.ROLES}
+    for role in seccomp.ROLES:
+        prog, rules = seccomp._programs[(role, "kill")]
+        assert prog == _exported(role, "kill", pols)
+        assert rules == len(seccomp.effective_rules(role, pols))
+    hiprio = seccomp._programs[("hiprio", "kill")][0]
+    assert hiprio != seccomp.compile_program("hiprio", "log", pols)[0]  # the action is in the program
+
+    def no_build(*a):
+        raise AssertionError("filter built again after precompile")
+
+    monkeypatch.setattr(seccomp, "build_filter", no_build)
+    assert seccomp.compile_program("hiprio", "kill", pols)[0] is hiprio
+
+
+def _child_status(body) -> int:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            body()
+        finally:
+            os._exit(0)
+    return os.waitpid(pid, 0)[1]
+
+
+@pytest.mark.parametrize("outside", [False, True])
+def test_precompiled_program_loaded_in_a_forked_child(monkeypatch, tmp_path, outside):
+    """What a worker does: the program compiled before the fork, loaded
+    after it with one system call; a listed call runs, an unlisted one
+    kills the process."""
+    monkeypatch.setattr(seccomp, "_programs", {})
+    pols = seccomp.load_all()
+    seccomp.precompile("kill", pols)
+    monkeypatch.setattr(seccomp, "build_filter", None)  # the child must not build
+
+    def body():
+        prctl.set_no_new_privs(1)
+        assert seccomp.install("hiprio", "kill", pols) == len(seccomp.effective_rules("hiprio", pols))
+        os.getpid()
+        if outside:
+            os.mkdir(tmp_path / "x")  # not in hiprio.policy
+        os._exit(7)
+
+    status = _child_status(body)
+    if outside:
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS
+        assert not (tmp_path / "x").exists()
+    else:
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7
+
+
+def test_load_refused_is_a_sandbox_error(monkeypatch):
+    """Without no_new_privs and CAP_SYS_ADMIN the kernel refuses the filter
+    (EACCES): a SandboxError naming the role, not an OSError."""
+    pols = seccomp.load_all()
+    seccomp.precompile("kill", pols)
+
+    def body():
+        prctl.cap_effective.sys_admin = False  # no_new_privs is not set in a fresh child
+        try:
+            seccomp.install("hiprio", "kill", pols)
+        except seccomp.SandboxError as e:
+            os._exit(3 if "hiprio" in str(e) and "denied" in str(e).lower() else 4)
+        os._exit(5)
+
+    status = _child_status(body)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3
 
 
 # -- capabilities ---------------------------------------------------------------
