@@ -391,7 +391,7 @@ def render_table(rows: list[dict]) -> str:
     return "\n".join(lines).lstrip("\n")
 
 
-def render_markdown(rows, info, p, args, guest, elapsed) -> str:
+def render_markdown(rows, info, p, args, guest, elapsed, floor=None) -> str:
     goals = [r["goal"] for r in rows if r.get("goal")]
     below = [r for r in rows if r["ratio"] < 1.0]
     md = [
@@ -420,6 +420,10 @@ def render_markdown(rows, info, p, args, guest, elapsed) -> str:
                                   for _pid, comm, pss, rss in m["processes"])
                 md.append(f"- {kind} {when}: PSS {m['pss'] / (1 << 20):.1f} MiB, RSS {m['rss'] / (1 << 20):.1f} MiB, "
                           f"USS {m['uss'] / (1 << 20):.1f} MiB — per process PSS/RSS MiB: {procs}")
+    if floor:
+        md.append(f"- floor: three idle python3 processes (one that imported nothing and forked two), "
+                  f"what any daemon of our shape costs before its own code: PSS {floor['pss'] / (1 << 20):.1f} MiB, "
+                  f"RSS {floor['rss'] / (1 << 20):.1f} MiB (footprint.interpreter_floor)")
     md += ["", "## Workloads", "",
            f"- guest: QEMU TCG, 2 vCPUs, 1 GiB, queue size 1024; fio psync, {p['seq_mib']} MiB file, "
            f"random phases {p['rand_seconds']} s; round trips ×{p['lat_count']} (best of 3; cache=never only); "
@@ -486,6 +490,7 @@ def main(argv=None) -> int:
     log(f"machine: {info['cpu']}, {info['cores']} cores, load {info['loadavg_start']}")
     log("start-up time")
     start = {k: footprint.startup_median(k, p["startup_runs"]) for k in KINDS}
+    floor = footprint.interpreter_floor()
     fe = None
     if not args.skip_frontend:
         log("daemon-bound: vhost-user test frontend")
@@ -497,9 +502,10 @@ def main(argv=None) -> int:
     elapsed = time.monotonic() - t0
     rows = build_rows(guest, fe, start, p)
     (out / "results.json").write_text(json.dumps({"machine": info, "params": p, "rows": rows,
-                                                  "guest": guest, "frontend": fe, "startup": start},
+                                                  "guest": guest, "frontend": fe, "startup": start,
+                                                  "interpreter_floor": floor},
                                                  indent=1, default=str))
-    (out / "results.md").write_text(render_markdown(rows, info, p, args, guest, elapsed))
+    (out / "results.md").write_text(render_markdown(rows, info, p, args, guest, elapsed, floor))
     render_chart(rows, out / "ratios.png")
     print()
     print(render_table(rows))

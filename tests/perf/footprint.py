@@ -12,6 +12,12 @@
   vhost-user socket accepts a connection (the probe connection is then
   closed and the daemon stopped: both daemons serve exactly one front-end).
 - ``populate(dir, n)``: n empty files for the "guest looked up N files" run.
+- ``interpreter_floor()``: the tree PSS of the smallest possible
+  three-process Python daemon: one ``python3`` started as the daemon is
+  (same interpreter, site imported), importing nothing, that forks two
+  children, all idle. Our design needs three interpreters (supervisor,
+  hiprio worker, request worker), so no change to our code can bring the
+  tree below this figure; the bench reports it beside the memory goal.
 
     python -m tests.perf.footprint [--runs 5]     # start-up times of both daemons
 """
@@ -120,6 +126,37 @@ def startup_seconds(kind: str, extra_args=(), timeout: float = 20.0) -> float:
 def startup_median(kind: str, runs: int = 5, extra_args=()) -> dict:
     times = [startup_seconds(kind, extra_args) for _ in range(runs)]
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "runs": runs}
+
+
+_FLOOR_SCRIPT = """
+import os, sys, time
+for _ in range(2):
+    if os.fork() == 0:
+        time.sleep(60)
+        os._exit(0)
+sys.stdout.write("ready\\n")
+sys.stdout.flush()
+time.sleep(60)
+"""
+
+
+def interpreter_floor(settle: float = 1.0) -> dict:
+    """``tree_memory`` of a bare ``python3`` (this interpreter) that has
+    forked two idle children: three interpreters sharing what fork shares."""
+    proc = subprocess.Popen([sys.executable, "-c", _FLOOR_SCRIPT], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        if proc.stdout.readline() != b"ready\n":
+            raise RuntimeError("the floor interpreter did not start")
+        time.sleep(settle)
+        mem = tree_memory(proc.pid)
+        if len(mem["processes"]) != 3:
+            raise RuntimeError(f"floor tree has {len(mem['processes'])} processes, not 3")
+        return mem
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        proc.stdout.close()
 
 
 def populate(directory: str | os.PathLike, n: int) -> None:
