@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="never (default): inodes are held as O_PATH fds only; prefer: also keep "
                         "file handles so any worker can reopen any inode (needs CAP_DAC_READ_SEARCH, "
                         "which can reach the whole host file system the shared directory is on)")
+    p.add_argument("--inode-fd-cache", metavar="N", type=_int_arg("--inode-fd-cache", 16, 1 << 30),
+                   help="with --inode-file-handles=prefer: the most O_PATH fds a request worker keeps "
+                        "for inodes the guest knows; older ones are closed and reopened by file handle "
+                        "when used again (default: a quarter of its RLIMIT_NOFILE)")
     p.add_argument("--rlimit-nofile", metavar="N", type=_int_arg("--rlimit-nofile", 0, 1 << 30),
                    help="RLIMIT_NOFILE for request workers (default: raised as far as allowed; "
                         "0 leaves it alone)")
@@ -97,6 +101,9 @@ def parse_config(argv: list[str]) -> Config:
         raise UsageError("exactly one of --socket-path and --fd is required")
     if args.socket_path == "":
         raise UsageError("--socket-path: empty path")
+    if args.inode_fd_cache is not None and args.inode_file_handles != "prefer":
+        raise UsageError("--inode-fd-cache needs --inode-file-handles=prefer (evicted inodes are "
+                         "reopened by file handle)")
     return Config(
         shared_dir=_check_shared_dir(args.shared_dir),
         socket_path=args.socket_path,
@@ -111,6 +118,7 @@ def parse_config(argv: list[str]) -> Config:
         seccomp=args.seccomp,
         modcaps=_check_modcaps(args.modcaps),
         file_handles=args.inode_file_handles == "prefer",
+        inode_fds=args.inode_fd_cache,
         rlimit_nofile=args.rlimit_nofile,
     )
 

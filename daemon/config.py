@@ -56,6 +56,10 @@ class Config:
     inode_table_size: int = 1 << 20
     # open host files (fh) the guest may hold before it gets ENFILE
     max_open_files: int = 1 << 16
+    # with file_handles: the most O_PATH inode fds a request worker keeps
+    # (older ones are closed and reopened by handle); None: a quarter of
+    # its RLIMIT_NOFILE
+    inode_fds: int | None = None
 
     @property
     def offers_readdirplus(self) -> bool:

@@ -64,6 +64,7 @@ import errno
 import fcntl
 import mmap
 import os
+import resource
 import threading
 from typing import Callable
 
@@ -535,10 +536,21 @@ class InodeCache:
     Every fd is validated against the shared table on use (one 64-bit read),
     so a nodeid freed and reused by another process is never confused with
     what this worker cached.
+
+    ``max_fds`` (only with ``use_handles``): the most fds kept. Past it,
+    ``reap`` closes the oldest-cached fds of inodes that have a file handle
+    in the table, down to 7/8 of the bound, and ``fd`` reopens them by
+    handle when the guest names them again. So a guest may know many more
+    inodes than RLIMIT_NOFILE allows fds (a ``find`` over a large tree), at
+    the cost of an ``open_by_handle_at`` on the next use of an evicted one.
+    Inodes without a handle (another file system under the share) stay.
+    Eviction runs only in ``reap``, between batches, never while a handler
+    may still hold an fd it got from ``fd``. An evicted inode that was
+    unlinked on the host since is gone with its last fd: ESTALE.
     """
 
     def __init__(self, table: InodeTable, use_handles: bool = True,
-                 close_fds: Callable[[list[int]], None] | None = None):
+                 close_fds: Callable[[list[int]], None] | None = None, max_fds: int | None = None):
         self.table = table
         self._slots = table._q
         self.root_fd = -1
@@ -552,6 +564,8 @@ class InodeCache:
         # them to a helper thread (the last close of an unlinked file frees
         # its blocks on the host, which can wait for the disk)
         self._close_fds = close_fds or close_all
+        self.max_fds = max_fds if use_handles and max_fds else 0  # 0: unbounded
+        self.evicted = 0  # fds closed by the bound (for tests and the log)
 
     def __len__(self) -> int:
         return len(self._fds)
@@ -657,8 +671,11 @@ class InodeCache:
     # -- forgotten nodeids -----------------------------------------------------------
     def reap(self) -> int:
         """Close the fds of nodeids freed (by FORGET, in any process) since
-        the last call. Returns how many were closed."""
+        the last call, and trim the cache to ``max_fds``. Returns how many
+        fds of freed nodeids were closed."""
         table = self.table
+        if self.max_fds and len(self._fds) > self.max_fds:
+            self._trim()
         if table.cursor == self._cursor:
             return 0
         freed, self._cursor, overflow = table.freed_since(self._cursor)
@@ -673,6 +690,44 @@ class InodeCache:
         if doomed:
             self._close_fds(doomed)
         return len(doomed)
+
+
+    def _trim(self) -> None:
+        """Close the oldest-cached fds that can be reopened by handle until
+        7/8 of ``max_fds`` are left; the others move to the back."""
+        fds, table = self._fds, self.table
+        target = self.max_fds - self.max_fds // 8
+        excess = len(fds) - target
+        doomed, kept = [], []
+        for nodeid, e in fds.items():
+            if len(doomed) >= excess:
+                break
+            if table.generation(nodeid) != e[0] or table.handle(nodeid, e[0]):
+                doomed.append(nodeid)  # stale (reap would close it) or reopenable
+            else:
+                kept.append(nodeid)
+        closing = [fds.pop(nodeid)[1] for nodeid in doomed]
+        for nodeid in kept:  # looked at: not first in line next time
+            fds[nodeid] = fds.pop(nodeid)
+        if closing:
+            if not self.evicted:
+                log.info("more than %d inode fds: closing the oldest, reopened by file handle "
+                         "when used again", self.max_fds)
+            self.evicted += len(closing)
+            self._close_fds(closing)
+
+
+def inode_fd_budget(max_fds: int | None) -> int:
+    """The ``max_fds`` bound for a request worker: ``max_fds`` if given,
+    else a quarter of this process's RLIMIT_NOFILE (open files may take
+    half, see handles.open_file_budget; the rest is headroom for the
+    lookups of one batch and a request's temporary fds), at least 64."""
+    if max_fds:
+        return max_fds
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(64, soft // 4)
 
 
 def close_all(fds: list[int]) -> None:

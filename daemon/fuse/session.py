@@ -59,7 +59,7 @@ import os
 from daemon.fuse import abi, credentials
 from daemon.fuse.abi import InitFlag, Opcode
 from daemon.fuse.blocking import BlockingCalls
-from daemon.fuse.inodes import InodeCache, InodeTable, close_all
+from daemon.fuse.inodes import InodeCache, InodeTable, close_all, inode_fd_budget
 from daemon.fuse.request import DEFERRED, MAX_ARGS, MAX_DEFERRED, FUSEError, Request
 from daemon.virtio.iovec import IoVec
 
@@ -211,7 +211,8 @@ class FuseSession:
             # fsync's helper threads (started on first use) and their
             # eventfd; they also close forgotten inodes' fds (blocking.py)
             self._blocking = BlockingCalls()
-            self.cache = InodeCache(inodes, use_handles=config.file_handles, close_fds=self._close_later)
+            self.cache = InodeCache(inodes, use_handles=config.file_handles, close_fds=self._close_later,
+                                    max_fds=inode_fd_budget(config.inode_fds))
             self.handles = HandleTable(open_file_budget(config.max_open_files))
         self._ops[int(Opcode.INTERRUPT)] = _op_interrupt
         self._readdirplus = int(Opcode.READDIRPLUS) in self._ops and config.offers_readdirplus

@@ -92,3 +92,36 @@ def test_a_forgotten_inode_fd_is_closed_by_the_request_worker(frontend):
     frontend.forget(nodeid, 1)
     frontend.getattr(ROOT)                           # a batch: the worker reaps after it
     assert settled_fd_count(request, before) == before
+
+
+@pytest.mark.frontend_opts(extra_args=("--inode-file-handles", "prefer", "--inode-fd-cache", "32"))
+def test_inode_fd_cache_bounds_the_fds_and_reopens_by_handle(frontend):
+    """The guest knows 200 inodes; the confined request worker keeps at most
+    32 O_PATH fds for them (trimmed after each batch) and answers for every
+    one of them, reopening the evicted ones by file handle."""
+    request = worker_pid(frontend, "request-1")
+    for i in range(200):
+        (frontend.shared_dir / f"f{i:03d}").write_bytes(b"x" * i)
+    before = fd_count(request)
+    nodeids = [frontend.lookup(ROOT, f"f{i:03d}").nodeid for i in range(200)]
+    frontend.getattr(ROOT)                            # a batch after the last lookup: trimmed
+    held = settled_fd_count(request, before + 28) - before
+    assert held <= 32, held
+    for i, nodeid in enumerate(nodeids):              # evicted ones come back by handle
+        attr = frontend.getattr(nodeid).attr
+        assert (attr.ino, attr.size) == (os.stat(frontend.shared_dir / f"f{i:03d}").st_ino, i)
+    frontend.getattr(ROOT)
+    assert settled_fd_count(request, before + 28) - before <= 32
+
+
+def test_without_file_handles_every_inode_keeps_its_fd(frontend):
+    """The default: no handles, so nothing could be reopened, and every
+    inode the guest knows keeps its O_PATH fd."""
+    request = worker_pid(frontend, "request-1")
+    for i in range(100):
+        (frontend.shared_dir / f"f{i:03d}").write_bytes(b"")
+    before = fd_count(request)
+    for i in range(100):
+        frontend.lookup(ROOT, f"f{i:03d}")
+    frontend.getattr(ROOT)
+    assert fd_count(request) - before == 100

@@ -45,7 +45,7 @@ def test_help_lists_the_options_and_is_true_to_the_code():
     assert result.returncode == 0
     for option in ("--socket-path", "--fd", "--shared-dir", "--cache", "--log-level", "--thread-pool-size",
                    "--xattr", "--no-xattr", "--readdirplus", "--no-readdirplus", "--inode-table-size", "--sandbox", "--seccomp", "--modcaps",
-                   "--inode-file-handles", "--rlimit-nofile", "--version"):
+                   "--inode-file-handles", "--inode-fd-cache", "--rlimit-nofile", "--version"):
         assert option in result.stdout
     assert "worker processes" in result.stdout          # what --thread-pool-size means here
 
@@ -53,11 +53,13 @@ def test_help_lists_the_options_and_is_true_to_the_code():
 def test_sandbox_options_reach_the_config(tmp_path):
     config = cli.parse_config(["--socket-path", str(tmp_path / "s"), "--shared-dir", str(tmp_path),
                                "--sandbox", "chroot", "--seccomp", "log", "--modcaps=-mknod",
-                               "--inode-file-handles", "prefer", "--rlimit-nofile", "4096"])
-    assert (config.sandbox, config.seccomp, config.modcaps, config.file_handles, config.rlimit_nofile) == \
-        ("chroot", "log", "-mknod", True, 4096)
+                               "--inode-file-handles", "prefer", "--rlimit-nofile", "4096",
+                               "--inode-fd-cache", "500"])
+    assert (config.sandbox, config.seccomp, config.modcaps, config.file_handles, config.rlimit_nofile,
+            config.inode_fds) == ("chroot", "log", "-mknod", True, 4096, 500)
     default = cli.parse_config(["--socket-path", str(tmp_path / "s"), "--shared-dir", str(tmp_path)])
-    assert (default.sandbox, default.seccomp, default.file_handles) == ("namespace", "kill", False)
+    assert (default.sandbox, default.seccomp, default.file_handles, default.inode_fds) == \
+        ("namespace", "kill", False, None)
 
 
 def test_bad_modcaps(tmp_path, sock_path):
@@ -181,6 +183,8 @@ def test_fd_not_a_number(tmp_path):
     (("--thread-pool-size", "-1"), "--thread-pool-size"),
     (("--thread-pool-size", "256"), "--thread-pool-size"),
     (("--inode-table-size", "0"), "--inode-table-size"),
+    (("--inode-file-handles", "prefer", "--inode-fd-cache", "15"), "--inode-fd-cache"),
+    (("--inode-fd-cache", "100"), "--inode-file-handles=prefer"),
     (("--bogus",), "unrecognized arguments: --bogus"),
 ])
 def test_bad_option_values(tmp_path, sock_path, args, fragment):

@@ -422,3 +422,93 @@ def test_neighbouring_inodes_share_index_pages():
         assert len(homes) > 4000  # strided numbers get distinct homes
     finally:
         t.close()
+
+
+# -- the fd bound (--inode-fd-cache) ----------------------------------------------------
+
+@pytest.fixture
+def many(tmp_path):
+    """A share with 60 files and a table big enough for them."""
+    for i in range(60):
+        (tmp_path / f"f{i:02d}").write_bytes(b"x" * i)
+    root_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    t = InodeTable(128)
+    st = os.fstat(root_fd)
+    t.reset(st.st_dev, st.st_ino)
+    yield t, root_fd, tmp_path
+    os.close(root_fd)
+    t.close()
+
+
+def test_fd_bound_evicts_and_reopens_by_handle(many):
+    table, root_fd, path = many
+    cache = InodeCache(table, max_fds=16)
+    cache.reset(root_fd)
+    before = _open_fds()
+    looked = [cache.lookup(root_fd, f"f{i:02d}")[0] for i in range(60)]
+    assert table.handle(looked[0], table.generation(looked[0])), "tmp file system gives no file handles"
+    assert len(cache) == 60  # nothing is closed while a batch may still use its fds
+    cache.reap()
+    assert len(cache) == 14 and cache.evicted == 46  # trimmed to 7/8 of the bound
+    assert len(_open_fds() - before) == 14
+    # every nodeid still names its file: the evicted ones are reopened by handle
+    for i, nodeid in enumerate(looked):
+        fd = cache.fd(nodeid)
+        assert os.fstat(fd).st_ino == os.stat(path / f"f{i:02d}").st_ino
+    assert len(cache) == 60
+    cache.reap()
+    assert len(cache) == 14
+    # the newest-cached survive a trim (first in, first out: a cache hit
+    # costs no bookkeeping): f46..f59 were cached before the 46 reopened
+    assert set(cache._fds) == set(looked[32:46])
+    cache.clear()
+    assert not _open_fds() - before
+
+
+def test_fd_bound_keeps_inodes_without_a_handle(many):
+    table, root_fd, _ = many
+    cache = InodeCache(table, max_fds=16)
+    cache.reset(root_fd)
+    looked = [cache.lookup(root_fd, f"f{i:02d}")[0] for i in range(40)]
+    for nodeid in looked[:30]:  # as if their file system gave no handle
+        table._q[nodeid * inodes_mod._SLOT_WORDS + inodes_mod._S_HLEN] = 0
+    cache.reap()
+    # only the 10 with handles could go; the others moved to the back
+    assert cache.evicted == 10 and len(cache) == 30
+    assert list(cache._fds) == looked[:30]
+    cache.clear()
+
+
+def test_fd_bound_closes_stale_entries_first_in_line(many):
+    table, root_fd, _ = many
+    cache = InodeCache(table, max_fds=16, use_handles=True)
+    cache.reset(root_fd)
+    looked = [cache.lookup(root_fd, f"f{i:02d}")[0] for i in range(20)]
+    for nodeid in looked[:20]:
+        table._q[nodeid * inodes_mod._SLOT_WORDS + inodes_mod._S_HLEN] = 0  # nothing reopenable
+    table.unref(looked[0], 1)  # forgotten in another process: its fd is stale
+    cache._trim()
+    assert looked[0] not in cache._fds and cache.evicted == 1
+
+
+def test_no_fd_bound_without_handles(many):
+    table, root_fd, _ = many
+    cache = InodeCache(table, use_handles=False, max_fds=16)
+    cache.reset(root_fd)
+    for i in range(40):
+        cache.lookup(root_fd, f"f{i:02d}")
+    cache.reap()
+    assert len(cache) == 40 and cache.evicted == 0  # nothing could be reopened
+    cache.clear()
+
+
+def test_inode_fd_budget(monkeypatch):
+    import resource
+    assert inodes_mod.inode_fd_budget(500) == 500
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    monkeypatch.setattr(resource, "getrlimit", lambda _r: (20000, 20000))
+    assert inodes_mod.inode_fd_budget(None) == 5000
+    monkeypatch.setattr(resource, "getrlimit", lambda _r: (100, 100))
+    assert inodes_mod.inode_fd_budget(None) == 64
+    monkeypatch.setattr(resource, "getrlimit", lambda _r: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert inodes_mod.inode_fd_budget(None) == 1 << 20
