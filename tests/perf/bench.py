@@ -19,7 +19,12 @@ else runs on it; only ratios measured side by side mean anything):
    LOOKUP, 4 KiB READ and 1 MiB READ replies per second.
 3. **Footprint**: PSS (and RSS) of each daemon's whole process tree with the
    guest attached and idle, and after the guest looked up 100,000 files
-   (cache=auto boot); time from exec to the socket accepting.
+   (cache=auto boot; fewer, for both, where the hard RLIMIT_NOFILE cannot
+   hold an fd per inode); time from exec to the socket accepting. Then,
+   ours only, one more boot where the guest looks up 100,000 files with
+   ``--inode-file-handles=prefer`` (fds bounded, so the limit does not
+   apply); and the tree PSS of three bare python3 processes, the floor of
+   any daemon of our shape.
 
 Every throughput ratio is ours / C (> 1: we are faster). Each guest boot
 pair and each frontend measurement is repeated ``--rounds`` times,
@@ -63,9 +68,9 @@ CACHE_DIR = (REPO / ".cache" / "bench" if not str(REPO).startswith(("/tmp/", "/r
 KINDS = ("ours", "c")
 
 FULL = dict(seq_mib=256, rand_seconds=8, files=10_000, tar_files=3000, lat_count=2000,
-            footprint_files=100_000, frontend_seconds=3.0, rounds=2, startup_runs=5)
+            footprint_files=100_000, large_files=100_000, frontend_seconds=3.0, rounds=2, startup_runs=5)
 QUICK = dict(seq_mib=32, rand_seconds=3, files=1000, tar_files=500, lat_count=500,
-             footprint_files=10_000, frontend_seconds=1.0, rounds=1, startup_runs=3)
+             footprint_files=10_000, large_files=20_000, frontend_seconds=1.0, rounds=1, startup_runs=3)
 
 # (key, label, section) in table order; the value of a key is "higher is better"
 GUEST_PHASES = [
@@ -197,7 +202,13 @@ def raise_nofile() -> int:
 
 
 # -- part 1: real guest ------------------------------------------------------------------
-def guest_command(p: dict, tarball: Path, footprint_dir: str | None, cache: str) -> str:
+def guest_command(p: dict, tarball: Path | None, footprint_dir: str | None, cache: str) -> str:
+    """run.sh with every workload; ``tarball=None``: only the footprint
+    (no fio, no round trips, no file phases)."""
+    if tarball is None:
+        return " ".join(shlex.quote(str(x)) for x in (
+            "python3", guest_path(WORKLOADS / "metadata.py"), "/mnt/bench-meta", "--files", 0,
+            "--footprint", f"/mnt/{footprint_dir}"))
     # round trips only where the guest cannot answer them from its caches
     lat = p["lat_count"] if cache == "never" else 0
     return " ".join(shlex.quote(str(x)) for x in (
@@ -205,8 +216,10 @@ def guest_command(p: dict, tarball: Path, footprint_dir: str | None, cache: str)
         footprint_dir or "-", lat))
 
 
-def guest_run(kind: str, cache: str, p: dict, tarball: Path, with_footprint: bool) -> dict:
-    """One boot against a fresh daemon; {phase: {...}} plus 'memory'."""
+def guest_run(kind: str, cache: str, p: dict, tarball: Path | None, with_footprint: bool,
+              footprint_files: int | None = None, extra_args=()) -> dict:
+    """One boot against a fresh daemon; {phase: {...}} plus 'memory'.
+    ``tarball=None``: the footprint only, of ``footprint_files`` files."""
     from tests.guest.vm import run_guest
 
     work = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-{cache}-"))
@@ -215,8 +228,8 @@ def guest_run(kind: str, cache: str, p: dict, tarball: Path, with_footprint: boo
     fp_dir = None
     if with_footprint:
         fp_dir = "footprint"
-        footprint.populate(shared / fp_dir, p["footprint_files"])
-    d = start_daemon(kind, shared, cache, run_dir=str(work))
+        footprint.populate(shared / fp_dir, footprint_files or p["footprint_files"])
+    d = start_daemon(kind, shared, cache, extra_args, run_dir=str(work))
     console = work / "console.log"
     memory: dict = {}
     state = {"idle": False, "looked": False}
@@ -235,6 +248,7 @@ def guest_run(kind: str, cache: str, p: dict, tarball: Path, with_footprint: boo
             state["looked"] = True
             time.sleep(1.0)
             memory["looked_up"] = footprint.tree_memory(d.pid)
+            memory["looked_up"]["fds"] = footprint.tree_fds(d.pid)
         if d.proc.poll() is not None:
             return f"the {kind} daemon exited with {d.proc.returncode}"
         return None
@@ -296,6 +310,24 @@ def guest_part(p: dict, rounds: int) -> dict:
                 memory.setdefault(kind, {}).update(res["memory"])
         out[cache] = {"best": best, "memory": memory}
     return out
+
+
+def large_footprint_part(p: dict) -> dict | None:
+    """Ours only: the guest looks up ``large_files`` files (the issue's
+    100,000) with --inode-file-handles=prefer, whose bounded fd cache lets
+    a guest know more inodes than RLIMIT_NOFILE allows fds. The C daemon
+    holds one O_PATH fd per inode, so it cannot on a machine whose hard
+    RLIMIT_NOFILE is below that (20,000 on ours): no C figure."""
+    n = p["large_files"]
+    res = guest_run("ours", "auto", p, None, True, footprint_files=n,
+                    extra_args=("--inode-file-handles", "prefer"))
+    looked = res["memory"].get("looked_up")
+    lookup = res["phases"].get("lookup")
+    if not looked or not lookup or lookup.get("ops") != n:
+        log(f"  large footprint: no figure (phases {res['phases']}, status {res['status']})")
+        return None
+    return {"files": n, "memory": looked, "idle": res["memory"].get("idle"),
+            "lookups_per_second": value("lookup", lookup)}
 
 
 # -- part 2: daemon-bound ---------------------------------------------------------------
@@ -420,6 +452,15 @@ def render_markdown(rows, info, p, args, guest, elapsed, floor=None) -> str:
                                   for _pid, comm, pss, rss in m["processes"])
                 md.append(f"- {kind} {when}: PSS {m['pss'] / (1 << 20):.1f} MiB, RSS {m['rss'] / (1 << 20):.1f} MiB, "
                           f"USS {m['uss'] / (1 << 20):.1f} MiB — per process PSS/RSS MiB: {procs}")
+    large = (guest or {}).get("large")
+    if large:
+        m = large["memory"]
+        fds = ", ".join(f"{comm} {n:,}" for comm, n in m.get("fds", []))
+        md.append(f"- ours, {large['files']:,} files looked up (`--inode-file-handles=prefer`: fds bounded, "
+                  f"evicted inodes reopened by handle; {large['lookups_per_second']:,.0f} lookups/s): "
+                  f"PSS {m['pss'] / (1 << 20):.1f} MiB, RSS {m['rss'] / (1 << 20):.1f} MiB; open fds: {fds}. "
+                  "No C figure: it holds one fd per inode, and the hard RLIMIT_NOFILE here is "
+                  f"{info.get('daemons_rlimit_nofile', '?')}")
     if floor:
         md.append(f"- floor: three idle python3 processes (one that imported nothing and forked two), "
                   f"what any daemon of our shape costs before its own code: PSS {floor['pss'] / (1 << 20):.1f} MiB, "
@@ -499,6 +540,8 @@ def main(argv=None) -> int:
     if not args.skip_guest:
         log("real guest (QEMU TCG)")
         guest = guest_part(p, p["rounds"])
+        log(f"real guest: {p['large_files']:,} files looked up, ours with --inode-file-handles=prefer")
+        guest["large"] = large_footprint_part(p)
     elapsed = time.monotonic() - t0
     rows = build_rows(guest, fe, start, p)
     (out / "results.json").write_text(json.dumps({"machine": info, "params": p, "rows": rows,

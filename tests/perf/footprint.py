@@ -86,6 +86,17 @@ def tree_memory(pid: int, exclude: str | None = GUEST_RAM_MAPPING) -> dict:
     return total
 
 
+def tree_fds(pid: int) -> list[tuple[str, int]]:
+    """(comm, open fd count) of every process of pid's tree."""
+    out = []
+    for p, _ppid, comm in process_tree(pid):
+        try:
+            out.append((comm, len(os.listdir(f"/proc/{p}/fd"))))
+        except OSError:
+            pass
+    return out
+
+
 def startup_seconds(kind: str, extra_args=(), timeout: float = 20.0) -> float:
     """Seconds from spawning the daemon until its socket accepts a connection."""
     run_dir = tempfile.mkdtemp(prefix=f"bench-start-{kind}-")
