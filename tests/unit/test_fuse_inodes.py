@@ -263,19 +263,24 @@ def test_lock_holder_killed_does_not_deadlock(table):
 
 
 # -- InodeCache ------------------------------------------------------------------------------
+def _share(path, capacity: int):
+    """(table reset to ``path`` as the root, O_PATH fd of path, path); closed after."""
+    root_fd = os.open(path, os.O_PATH | os.O_DIRECTORY)
+    t = InodeTable(capacity)
+    st = os.fstat(root_fd)
+    t.reset(st.st_dev, st.st_ino)
+    yield t, root_fd, path
+    os.close(root_fd)
+    t.close()
+
+
 @pytest.fixture
 def tree(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "f").write_bytes(b"x")
     os.link(tmp_path / "d" / "f", tmp_path / "hard")
     os.symlink("d/f", tmp_path / "link")
-    root_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
-    t = InodeTable(32)
-    st = os.fstat(root_fd)
-    t.reset(st.st_dev, st.st_ino)
-    yield t, root_fd, tmp_path
-    os.close(root_fd)
-    t.close()
+    yield from _share(tmp_path, 32)
 
 
 def _open_fds() -> set[int]:
@@ -431,13 +436,7 @@ def many(tmp_path):
     """A share with 60 files and a table big enough for them."""
     for i in range(60):
         (tmp_path / f"f{i:02d}").write_bytes(b"x" * i)
-    root_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
-    t = InodeTable(128)
-    st = os.fstat(root_fd)
-    t.reset(st.st_dev, st.st_ino)
-    yield t, root_fd, tmp_path
-    os.close(root_fd)
-    t.close()
+    yield from _share(tmp_path, 128)
 
 
 def test_fd_bound_evicts_and_reopens_by_handle(many):
