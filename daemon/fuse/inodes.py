@@ -691,7 +691,6 @@ class InodeCache:
             self._close_fds(doomed)
         return len(doomed)
 
-
     def _trim(self) -> None:
         """Close the oldest-cached fds that can be reopened by handle until
         7/8 of ``max_fds`` are left; the others move to the back."""

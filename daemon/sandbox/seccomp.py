@@ -253,22 +253,14 @@ def compile_program(role: str, action: str, policies: dict[str, Policy]) -> tupl
     if compiled is None:
         rules = effective_rules(role, policies)
         f = build_filter(rules, action)
-        r, w = os.pipe()
         try:
-            # a program is at most BPF_MAXINSNS (4096) instructions of 8 bytes:
-            # 32 KiB, below the 64 KiB a pipe holds, so export cannot block
-            f.export_bpf(os.fdopen(w, "wb", closefd=False))
-            os.close(w)
-            w = -1
-            prog = b""
-            while chunk := os.read(r, 65536):
-                prog += chunk
+            # a memfd, not a pipe: export writes the whole program at once
+            with open(os.memfd_create(f"pyvirtiofsd-{role}-bpf", os.MFD_CLOEXEC), "w+b") as out:
+                f.export_bpf(out)
+                out.seek(0)
+                prog = out.read()
         except OSError as e:
             raise PolicyError(f"exporting the {role} seccomp filter: {e.strerror}") from None
-        finally:
-            os.close(r)
-            if w >= 0:
-                os.close(w)
         if not prog or len(prog) % _BPF_INSN or len(prog) // _BPF_INSN > 4096:
             raise PolicyError(f"the {role} seccomp filter exported {len(prog)} bytes")
         compiled = _programs[key] = (prog, len(rules))
