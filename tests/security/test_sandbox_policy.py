@@ -136,6 +136,19 @@ def test_precompiled_programs_are_libseccomps_and_built_once(monkeypatch):
     assert seccomp.compile_program("hiprio", "kill", pols)[0] is hiprio
 
 
+def test_programs_follow_the_policies_they_were_built_from(monkeypatch):
+    """A cached program is only reused for the same policies: others (a
+    --policy-dir, a test's own lists) are built again, not answered with a
+    stale program."""
+    monkeypatch.setattr(seccomp, "_programs", {})
+    pols = seccomp.load_all()
+    full = seccomp.compile_program("hiprio", "kill", pols)
+    narrow = dict(pols, hiprio=parse_policy("read  # r\n", role="hiprio"))
+    prog, rules = seccomp.compile_program("hiprio", "kill", narrow)
+    assert rules == 1 and prog != full[0]
+    assert prog == _exported("hiprio", "kill", narrow)
+
+
 def _child_status(body) -> int:
     pid = os.fork()
     if pid == 0:
