@@ -35,6 +35,7 @@ from pathlib import Path
 
 from tests.conftest import daemon_command
 from tests.guest.harness import process_tree
+from tests.procfs import fd_count
 
 import subprocess
 
@@ -91,7 +92,7 @@ def tree_fds(pid: int) -> list[tuple[str, int]]:
     out = []
     for p, _ppid, comm in process_tree(pid):
         try:
-            out.append((comm, len(os.listdir(f"/proc/{p}/fd"))))
+            out.append((comm, fd_count(p)))
         except OSError:
             pass
     return out
