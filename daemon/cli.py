@@ -12,8 +12,8 @@ import sys
 
 import daemon
 from daemon import log, sandbox
-from daemon.config import CacheMode, Config
-from daemon.sandbox import capabilities, seccomp
+from daemon.config import DEFAULTS, CacheMode, Config
+from daemon.sandbox import capabilities, programs
 
 PROG = "pyvirtiofsd"
 MAX_THREAD_POOL_SIZE = 255          # one request queue per vring, vring indexes are 8 bits
@@ -59,23 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=list(log.LEVELS), default="info",
                    help="least severe messages to log to stderr (default: info)")
     p.add_argument("--thread-pool-size", metavar="N", type=_int_arg("--thread-pool-size", 0, MAX_THREAD_POOL_SIZE),
-                   default=Config.max_request_workers,
+                   default=DEFAULTS["max_request_workers"],
                    help="accepted for compatibility with the Rust virtiofsd; here it is the most request "
                         "worker processes (one per request queue QEMU configures; 0 counts as 1; "
-                        f"default {Config.max_request_workers})")
-    p.add_argument("--xattr", action=argparse.BooleanOptionalAction, default=Config.xattr,
+                        f"default {DEFAULTS['max_request_workers']})")
+    p.add_argument("--xattr", action=argparse.BooleanOptionalAction, default=DEFAULTS["xattr"],
                    help="support extended attributes (default: on)")
     p.add_argument("--readdirplus", action=argparse.BooleanOptionalAction, default=None,
                    help="answer directory listings with each entry's attributes (READDIRPLUS; "
                         "default: on, off with --cache never, where the guest would discard them)")
     p.add_argument("--inode-table-size", metavar="N", type=_int_arg("--inode-table-size", 1, MAX_INODE_TABLE_SIZE),
-                   default=Config.inode_table_size,
-                   help=f"most inodes the guest may hold at once (default {Config.inode_table_size})")
-    p.add_argument("--sandbox", choices=list(sandbox.MODES), default=Config.sandbox,
+                   default=DEFAULTS["inode_table_size"],
+                   help=f"most inodes the guest may hold at once (default {DEFAULTS['inode_table_size']})")
+    p.add_argument("--sandbox", choices=list(sandbox.MODES), default=DEFAULTS["sandbox"],
                    help="how workers are confined: namespace (own mount/pid/net/ipc/uts namespaces, "
                         "pivot_root into the shared directory; default), chroot (for use inside a "
                         "container that forbids namespaces), none (debugging only: a loud warning)")
-    p.add_argument("--seccomp", choices=list(seccomp.SECCOMP_MODES), default=Config.seccomp,
+    p.add_argument("--seccomp", choices=list(programs.SECCOMP_MODES), default=DEFAULTS["seccomp"],
                    help="what a system call outside a process's allow-list (policy/*.policy) does: "
                         "kill the process (default), log it, trap (SIGSYS), or none (no filter)")
     p.add_argument("--modcaps", metavar="CAPS",

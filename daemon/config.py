@@ -6,8 +6,8 @@ reads it and nothing mutates it after the workers are forked.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
+from typing import NamedTuple
 
 
 class CacheMode(enum.Enum):
@@ -29,8 +29,7 @@ class CacheMode(enum.Enum):
         return {"never": 0.0, "auto": 1.0, "always": 86400.0}[self.value]
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     shared_dir: str
     socket_path: str | None = None
     socket_fd: int | None = None
@@ -66,3 +65,6 @@ class Config:
         if self.readdirplus is not None:
             return self.readdirplus
         return self.cache is not CacheMode.NEVER
+
+
+DEFAULTS = Config._field_defaults  # field -> default, for --help

@@ -28,7 +28,6 @@ ready shuts everything down and exits 1 with one line saying why.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import os
 import select
@@ -37,7 +36,7 @@ import socket
 import stat
 import sys
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from daemon import log, sandbox
 from daemon.config import Config
@@ -61,15 +60,17 @@ class StartupError(Exception):
 
 # -- the listening socket --------------------------------------------------------
 
-@dataclasses.dataclass
 class Listener:
     """The listening socket. Once QEMU is connected, ``close``
     closes it and removes the socket file (as the Rust virtiofsd does): one
     connection per daemon, and no stale file for the next daemon to find."""
 
-    sock: socket.socket | None
-    path: str | None            # the socket file we created, removed when we stop listening
-    inode: int | None = None    # ... unless someone replaced it meanwhile
+    __slots__ = ("sock", "path", "inode")
+
+    def __init__(self, sock: socket.socket | None, path: str | None, inode: int | None = None):
+        self.sock = sock
+        self.path = path            # the socket file we created, removed when we stop listening
+        self.inode = inode          # ... unless someone replaced it meanwhile
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -174,8 +175,7 @@ def _someone_listens(path: str) -> bool:
 WorkerMain = Callable[[str, int, Channel, Config, object], None]
 
 
-@dataclasses.dataclass
-class Worker:
+class Worker(NamedTuple):
     index: int                  # the vring it serves
     pid: int
     channel: Channel

@@ -2,7 +2,7 @@
 
 Supervisor, once at startup::
 
-    policies = sandbox.validate(config)          # policy files parsed + checked: StartupError material
+    sandbox.validate(config)   # policy files parsed + compiled (in a child): StartupError material
     pid = sandbox.fork_confined(config.sandbox)  # instead of os.fork() (or spawn_confined(child_fn, mode))
     sandbox.supervisor_after_setup(config)       # own caps cut + supervisor seccomp filter
 
@@ -21,22 +21,21 @@ last, so every earlier step may use any syscall it needs.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import resource
 import sys
+from typing import NamedTuple
 
-from daemon.sandbox import capabilities, mounts, rlimits, seccomp
+from daemon.sandbox import capabilities, mounts, programs, rlimits
 from daemon.sandbox.namespaces import MODES, SandboxError, fork_confined, spawn_confined  # noqa: F401 (re-export)
 
 __all__ = ["SandboxError", "SandboxInfo", "confine", "fork_confined", "spawn_confined", "supervisor_after_setup",
            "validate", "MODES"]
 
-_policies: dict[str, seccomp.Policy] | None = None
+_programs: dict[str, programs.Programs] = {}  # --seccomp action -> every role's program
 
 
-@dataclasses.dataclass(frozen=True)
-class SandboxInfo:
+class SandboxInfo(NamedTuple):
     role: str
     mode: str                 # namespace | chroot | none
     seccomp: str              # kill | log | trap | none
@@ -51,29 +50,30 @@ def _cfg(config, name, default):
     return getattr(config, name, default)
 
 
-def validate(config=None, policy_dir=None) -> dict[str, seccomp.Policy]:
-    """Parse and check every policy file and --modcaps now (the supervisor
-    calls this at startup: a bad file is a startup error, not a dead worker).
-    The result is cached: workers forked later use it, since the files are
-    outside their new root."""
-    global _policies
-    pols = seccomp.load_all(policy_dir)
+def validate(config=None, policy_dir=None) -> programs.Programs:
+    """Check --modcaps and --sandbox, parse every policy file and compile
+    each role's seccomp program for --seccomp (default kill), now: the
+    supervisor calls this at startup, so a bad file is a startup error and
+    not a dead worker, and the workers forked later inherit the programs
+    (the files are outside their new root)."""
     preload()              # workers forked later inherit the imported modules
+    action = _cfg(config, "seccomp", "kill")
     if config is not None:
         capabilities.role_caps("supervisor", _cfg(config, "modcaps", None))
         mode = _cfg(config, "sandbox", "namespace")
         if mode not in MODES:
             raise SandboxError(f"--sandbox {mode}: expected one of {', '.join(MODES)}")
-        action = _cfg(config, "seccomp", "kill")
-        if action not in seccomp.SECCOMP_MODES:
-            raise SandboxError(f"--seccomp {action}: expected one of {', '.join(seccomp.SECCOMP_MODES)}")
-        seccomp.precompile(action, pols)  # once, shared by every worker forked later
-    _policies = pols
-    return pols
+    progs = _programs[action] = programs.build(action, policy_dir)
+    return progs
 
 
-def _get_policies() -> dict[str, seccomp.Policy]:
-    return _policies if _policies is not None else validate()
+def _programs_for(action: str) -> programs.Programs:
+    """The programs ``validate`` compiled for ``action``; compiled now if it
+    has not (a test confining with another action)."""
+    progs = _programs.get(action)
+    if progs is None:
+        progs = _programs[action] = programs.build(action)
+    return progs
 
 
 def file_handles_used(config) -> bool:
@@ -112,7 +112,7 @@ def confine(role: str, config, shared_dir: str | None = None) -> SandboxInfo:
     mode = _cfg(config, "sandbox", "namespace")
     action = _cfg(config, "seccomp", "kill")
     shared_dir = shared_dir or config.shared_dir
-    policies = _get_policies() if action != "none" else None
+    progs = _programs_for(action)   # before the root change: may read the policy files
     nofile_target = rlimits.default_target()
 
     if mode == "namespace":
@@ -137,7 +137,7 @@ def confine(role: str, config, shared_dir: str | None = None) -> SandboxInfo:
 
     _cut_capabilities(role, config, mode)
     capeff = capabilities.capget()[0]
-    rules = seccomp.install(role, action, policies)     # last: nothing after it but returning
+    rules = programs.install(role, progs)     # last: nothing after it but returning
     return SandboxInfo(role, mode, action, root.root_fd, root.proc_self_fd, capeff, nofile, rules)
 
 
@@ -149,7 +149,7 @@ def supervisor_after_setup(config) -> int:
     of seccomp rules loaded."""
     action = _cfg(config, "seccomp", "kill")
     _cut_capabilities("supervisor", config, _cfg(config, "sandbox", "namespace"))
-    return seccomp.install("supervisor", action, _get_policies() if action != "none" else None)
+    return programs.install("supervisor", _programs_for(action))
 
 
 def _cut_capabilities(role: str, config, mode: str) -> None:

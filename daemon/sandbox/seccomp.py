@@ -31,11 +31,13 @@ So the filter installed in the supervisor is ``supervisor.policy`` ∪
 ``request.policy`` ∪ ``hiprio.policy`` (the workers then narrow it with
 their own), and ``supervisor.policy`` also lists what a freshly forked
 worker needs to confine itself (unshare, mount, pivot_root, capset, ...).
+
+Only the throwaway child of ``programs.build`` imports this module (and
+pyseccomp): the long-lived processes load the programs it compiled.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import errno as errno_mod
 import itertools
@@ -47,14 +49,13 @@ from pathlib import Path
 import pyseccomp
 
 from daemon.sandbox.namespaces import SandboxError
+from daemon.sandbox.programs import ROLES, SECCOMP_MODES, valid_program  # noqa: F401 (re-export)
 
-ROLES = ("supervisor", "hiprio", "request")
 ACTIONS = {
     "kill": pyseccomp.KILL_PROCESS,
     "log": pyseccomp.LOG,
     "trap": pyseccomp.TRAP,
 }
-SECCOMP_MODES = ("kill", "log", "trap", "none")
 
 def _policy_dir() -> Path:
     """Where the reviewed allow-lists live: $PYVIRTIOFSD_POLICY_DIR, the
@@ -233,88 +234,20 @@ def build_filter(rules: list[Rule], action: str) -> pyseccomp.SyscallFilter:
     return f
 
 
-# struct sock_fprog { unsigned short len; /* 6 bytes padding */ struct sock_filter *filter; }
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
-
-
-SECCOMP_SET_MODE_FILTER = 1
-SECCOMP_FILTER_FLAG_TSYNC = 1
-_BPF_INSN = 8  # sizeof(struct sock_filter)
-_programs: dict[tuple[str, str], tuple[bytes, int]] = {}
-_programs_from: dict | None = None  # the policies _programs were built from
-
-
 def compile_program(role: str, action: str, policies: dict[str, Policy]) -> tuple[bytes, int]:
     """``role``'s filter as the classic-BPF program libseccomp generates
-    (``seccomp_export_bpf``) and its number of rules, cached per (role,
-    action) for one ``policies`` object (others start a new cache)."""
-    global _programs_from
-    if policies is not _programs_from:
-        _programs.clear()
-        _programs_from = policies
-    key = (role, action)
-    compiled = _programs.get(key)
-    if compiled is None:
-        rules = effective_rules(role, policies)
-        f = build_filter(rules, action)
-        try:
-            # a memfd, not a pipe: export writes the whole program at once
-            with open(os.memfd_create(f"pyvirtiofsd-{role}-bpf", os.MFD_CLOEXEC), "w+b") as out:
-                f.export_bpf(out)
-                out.seek(0)
-                prog = out.read()
-        except OSError as e:
-            raise PolicyError(f"exporting the {role} seccomp filter: {e.strerror}") from None
-        if not prog or len(prog) % _BPF_INSN or len(prog) // _BPF_INSN > 4096:
-            raise PolicyError(f"the {role} seccomp filter exported {len(prog)} bytes")
-        compiled = _programs[key] = (prog, len(rules))
-    return compiled
-
-
-def precompile(action: str, policies: dict[str, Policy]) -> None:
-    """Compile every role's program now, in the supervisor, before it forks:
-    the workers inherit the programs and load them with one system call.
-    Building a filter with libseccomp leaves ~0.8 MiB of malloc heap behind
-    in the process that builds it; built once before the fork, that heap
-    is shared by the whole tree instead of copied into every worker."""
-    if action != "none":
-        for role in ROLES:
-            compile_program(role, action, policies)
-
-
-def _load_program(prog: bytes) -> None:
-    """seccomp(SECCOMP_SET_MODE_FILTER, TSYNC, prog) — what libseccomp's
-    ``seccomp_load`` does with the same program (TSYNC: every thread of the
-    process, as our filters set CTL_TSYNC). Done with ctypes because
-    pyseccomp only loads filters it built in this process."""
-    buf = ctypes.create_string_buffer(prog, len(prog))
-    fprog = _SockFprog(len(prog) // _BPF_INSN, ctypes.cast(buf, ctypes.c_char_p))
-    r = _libc.syscall(resolve("seccomp"), SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC,
-                      ctypes.byref(fprog))
-    if r < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    if r > 0:  # TSYNC: the id of a thread that could not be synchronised
-        raise OSError(errno_mod.EBUSY, f"thread {r} could not take the filter")
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def install(role: str, action: str, policies: dict[str, Policy] | None = None) -> int:
-    """Load ``role``'s filter into this process (and its future children)
-    with ``action`` for everything not listed; ``none`` does nothing.
-    no_new_privs must already be set (or CAP_SYS_ADMIN held). Uses the
-    program ``precompile`` built before the fork when there is one. Returns
-    the number of rules loaded."""
-    if action == "none":
-        return 0
-    if policies is None:
-        policies = load_all()
-    prog, rules = compile_program(role, action, policies)
+    (``seccomp_export_bpf``) and its number of rules. Called in the
+    throwaway child of ``programs.build``."""
+    rules = effective_rules(role, policies)
+    f = build_filter(rules, action)
     try:
-        _load_program(prog)
+        # a memfd, not a pipe: export writes the whole program at once
+        with open(os.memfd_create(f"pyvirtiofsd-{role}-bpf", os.MFD_CLOEXEC), "w+b") as out:
+            f.export_bpf(out)
+            out.seek(0)
+            prog = out.read()
     except OSError as e:
-        raise SandboxError(f"loading the {role} seccomp filter: {e.strerror}") from None
-    return rules
+        raise PolicyError(f"exporting the {role} seccomp filter: {e.strerror}") from None
+    if not valid_program(prog):
+        raise PolicyError(f"the {role} seccomp filter exported {len(prog)} bytes")
+    return prog, len(rules)

@@ -26,7 +26,6 @@ the state (and closed by ``close()``) or closed before ``serve_one`` returns.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import socket
 import stat
@@ -106,19 +105,24 @@ class WorkerPool(Protocol):
         (its progress record, daemon/workers/progress.py)."""
 
 
-@dataclasses.dataclass
 class Vring:
     """What QEMU told us about one vring. fds here belong to the backend."""
 
-    index: int
-    enabled: bool
-    num: int = 0
-    base: int = 0                      # next avail index while not running
-    addr: m.VringAddr | None = None
-    kick: int | None = None
-    call: int | None = None
-    err: int | None = None
-    running: bool = False
+    __slots__ = ("index", "enabled", "num", "base", "addr", "kick", "call", "err", "running")
+
+    def __init__(self, index: int, enabled: bool):
+        self.index = index
+        self.enabled = enabled
+        self.num = 0
+        self.base = 0                      # next avail index while not running
+        self.addr: m.VringAddr | None = None
+        self.kick: int | None = None
+        self.call: int | None = None
+        self.err: int | None = None
+        self.running = False
+
+    def __repr__(self) -> str:
+        return "Vring(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
 
 
 class Backend:

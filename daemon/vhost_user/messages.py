@@ -12,9 +12,9 @@ checked value or one exception with a message fit for the log.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import struct
+from typing import NamedTuple
 
 # struct VhostUserHeader { uint32_t request; uint32_t flags; uint32_t size; };
 HEADER = struct.Struct("<III")
@@ -125,8 +125,7 @@ class VhostUserError(Exception):
     """The frontend sent something malformed; the connection cannot go on."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     request: int        # a Request value, or an id this backend does not know
     flags: int
     size: int
@@ -140,14 +139,12 @@ class Header:
         return request_name(self.request)
 
 
-@dataclasses.dataclass(frozen=True)
-class VringState:
+class VringState(NamedTuple):
     index: int
     num: int
 
 
-@dataclasses.dataclass(frozen=True)
-class VringAddr:
+class VringAddr(NamedTuple):
     index: int
     flags: int
     desc: int        # QEMU virtual addresses (QVA), see PROTOCOL.md §1.9
@@ -156,16 +153,14 @@ class VringAddr:
     log: int
 
 
-@dataclasses.dataclass(frozen=True)
-class VringFile:
+class VringFile(NamedTuple):
     """SET_VRING_KICK/CALL/ERR: which vring, and whether an fd came with it."""
 
     index: int
     has_fd: bool
 
 
-@dataclasses.dataclass(frozen=True)
-class MemoryRegion:
+class MemoryRegion(NamedTuple):
     gpa: int
     size: int
     qva: int

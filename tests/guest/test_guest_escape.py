@@ -58,8 +58,8 @@ GUEST_TIMEOUT = 720
 
 
 def _daemon_budget() -> int:
-    from daemon.config import Config
-    return Config.max_open_files
+    from daemon.config import DEFAULTS
+    return DEFAULTS["max_open_files"]
 
 
 @dataclasses.dataclass

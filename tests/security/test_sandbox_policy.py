@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import marshal
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import prctl
 import pytest
 
-from daemon.sandbox import capabilities, seccomp
+from daemon.sandbox import capabilities, programs, seccomp
+from daemon.sandbox.namespaces import SandboxError
 from daemon.sandbox.seccomp import PolicyError, parse_policy
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_shipped_policies_load_and_are_sorted():
@@ -115,38 +122,81 @@ def _exported(role, action, pols) -> bytes:
         return f.read()
 
 
-def test_precompiled_programs_are_libseccomps_and_built_once(monkeypatch):
-    monkeypatch.setattr(seccomp, "_programs", {})
+@pytest.mark.parametrize("action", ["kill", "log", "trap"])
+def test_programs_built_in_a_child_are_libseccomps(action):
+    """programs.build answers, from its throwaway child, exactly the program
+    libseccomp exports for each role, with its rule count."""
     pols = seccomp.load_all()
-    seccomp.precompile("none", pols)
-    assert seccomp._programs == {}
-    seccomp.precompile("kill", pols)
-    assert set(seccomp._programs) == {(role, "kill") for role in seccomp.ROLES}
+    progs = programs.build(action)
+    assert progs.action == action
+    assert set(progs.by_role) == set(seccomp.ROLES)
     for role in seccomp.ROLES:
-        prog, rules = seccomp._programs[(role, "kill")]
-        assert prog == _exported(role, "kill", pols)
+        prog, rules = progs.by_role[role]
+        assert prog == _exported(role, action, pols)
         assert rules == len(seccomp.effective_rules(role, pols))
-    hiprio = seccomp._programs[("hiprio", "kill")][0]
-    assert hiprio != seccomp.compile_program("hiprio", "log", pols)[0]  # the action is in the program
-
-    def no_build(*a):
-        raise AssertionError("filter built again after precompile")
-
-    monkeypatch.setattr(seccomp, "build_filter", no_build)
-    assert seccomp.compile_program("hiprio", "kill", pols)[0] is hiprio
+    assert progs.seccomp_nr == seccomp.resolve("seccomp")
+    assert programs.build("none").by_role == {}
 
 
-def test_programs_follow_the_policies_they_were_built_from(monkeypatch):
-    """A cached program is only reused for the same policies: others (a
-    --policy-dir, a test's own lists) are built again, not answered with a
-    stale program."""
-    monkeypatch.setattr(seccomp, "_programs", {})
-    pols = seccomp.load_all()
-    full = seccomp.compile_program("hiprio", "kill", pols)
-    narrow = dict(pols, hiprio=parse_policy("read  # r\n", role="hiprio"))
-    prog, rules = seccomp.compile_program("hiprio", "kill", narrow)
-    assert rules == 1 and prog != full[0]
-    assert prog == _exported("hiprio", "kill", narrow)
+def test_programs_follow_the_policy_dir(tmp_path):
+    """A --policy-dir's lists are compiled, not the shipped ones; a broken
+    file there is a SandboxError with the parser's path:line message, from
+    the child, even with --seccomp none."""
+    for role in seccomp.ROLES:
+        (tmp_path / f"{role}.policy").write_text(GOOD)
+    narrow = programs.build("kill", tmp_path)
+    assert narrow.by_role["hiprio"] == (_exported("hiprio", "kill", seccomp.load_all(tmp_path)), 3)
+    assert narrow.by_role["hiprio"] != programs.build("kill").by_role["hiprio"]
+    (tmp_path / "request.policy").write_text("write  # c\nread  # b\n")
+    for action in ("kill", "none"):
+        with pytest.raises(SandboxError, match=r"request\.policy:2: 'read' is out of order"):
+            programs.build(action, tmp_path)
+    with pytest.raises(SandboxError, match="--seccomp bogus"):
+        programs.build("bogus")
+
+
+def test_long_lived_processes_never_import_pyseccomp():
+    """The supervisor (and so every worker it forks) validates the policies
+    and gets every program without importing pyseccomp, its ctypes.util /
+    subprocess imports or the other modules kept out to save memory."""
+    code = (
+        "import sys\n"
+        "import daemon.cli, daemon.supervisor, daemon.workers.entry\n"
+        "from daemon import sandbox\n"
+        "progs = sandbox.validate()\n"
+        "assert progs.by_role['request'][1] > 0\n"
+        "print(sorted(m for m in ('pyseccomp', 'daemon.sandbox.seccomp', 'ctypes.util', 'subprocess',"
+        " 'tempfile', 'shutil', 'dataclasses', 'inspect') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("answer", [
+    b"", b"garbage", marshal.dumps(["ok"]), marshal.dumps(("ok", {}, 317)),
+    marshal.dumps(("ok", {"hiprio": (b"x", 1)}, 317)),
+    marshal.dumps(("ok", {r: (b"\0" * 8, 1) for r in programs.ROLES}, -1)),
+    marshal.dumps(("ok", {r: (b"\0" * 7, 1) for r in programs.ROLES}, 317)),
+])
+def test_malformed_compiler_answers_are_sandbox_errors(answer):
+    with pytest.raises(SandboxError, match="seccomp compiler"):
+        programs._decode(answer, 0, "kill")
+    good = marshal.dumps(("ok", {r: (b"\0" * 8, 1) for r in programs.ROLES}, 317))
+    assert programs._decode(good, 0, "kill").by_role["request"] == (b"\0" * 8, 1)
+
+
+def test_compiler_error_answer_is_the_error_message():
+    with pytest.raises(SandboxError) as e:
+        programs._decode(marshal.dumps(("error", "request.policy:3: broken")), 0, "kill")
+    assert str(e.value) == "request.policy:3: broken"
+
+
+def test_compiler_that_dies_is_a_sandbox_error():
+    good = marshal.dumps(("ok", {}, 317))
+    assert programs._decode(good, 0, "none").by_role == {}
+    with pytest.raises(SandboxError, match="failed"):
+        programs._decode(good, 9, "none")   # killed by SIGKILL
 
 
 def _child_status(body) -> int:
@@ -160,18 +210,17 @@ def _child_status(body) -> int:
 
 
 @pytest.mark.parametrize("outside", [False, True])
-def test_precompiled_program_loaded_in_a_forked_child(monkeypatch, tmp_path, outside):
+def test_program_loaded_in_a_forked_child(monkeypatch, tmp_path, outside):
     """What a worker does: the program compiled before the fork, loaded
     after it with one system call; a listed call runs, an unlisted one
     kills the process."""
-    monkeypatch.setattr(seccomp, "_programs", {})
     pols = seccomp.load_all()
-    seccomp.precompile("kill", pols)
+    progs = programs.build("kill")
     monkeypatch.setattr(seccomp, "build_filter", None)  # the child must not build
 
     def body():
         prctl.set_no_new_privs(1)
-        assert seccomp.install("hiprio", "kill", pols) == len(seccomp.effective_rules("hiprio", pols))
+        assert programs.install("hiprio", progs) == len(seccomp.effective_rules("hiprio", pols))
         os.getpid()
         if outside:
             os.mkdir(tmp_path / "x")  # not in hiprio.policy
@@ -185,17 +234,16 @@ def test_precompiled_program_loaded_in_a_forked_child(monkeypatch, tmp_path, out
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7
 
 
-def test_load_refused_is_a_sandbox_error(monkeypatch):
+def test_load_refused_is_a_sandbox_error():
     """Without no_new_privs and CAP_SYS_ADMIN the kernel refuses the filter
     (EACCES): a SandboxError naming the role, not an OSError."""
-    pols = seccomp.load_all()
-    seccomp.precompile("kill", pols)
+    progs = programs.build("kill")
 
     def body():
         prctl.cap_effective.sys_admin = False  # no_new_privs is not set in a fresh child
         try:
-            seccomp.install("hiprio", "kill", pols)
-        except seccomp.SandboxError as e:
+            programs.install("hiprio", progs)
+        except SandboxError as e:
             os._exit(3 if "hiprio" in str(e) and "denied" in str(e).lower() else 4)
         os._exit(5)
 
