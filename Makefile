@@ -31,13 +31,13 @@ fuzz: setup
 ## Ours vs QEMU's C virtiofsd, same workloads in the same run (real guest,
 ## daemon-bound, footprint); writes docs/perf/results.md and ratios.png.
 bench: setup
-	.venv/bin/pip install -q --disable-pip-version-check -e ".[bench]"
+	.venv/bin/pip install -q --disable-pip-version-check -e ".[bench]" --config-settings editable_mode=compat
 	$(PY) -m tests.perf.bench
 
 ## Where the time goes (docs/perf/profile.md): CPU per process in a real
 ## guest, py-spy on the request worker, cProfile of the worker loop.
 profile: setup
-	.venv/bin/pip install -q --disable-pip-version-check -e ".[bench]"
+	.venv/bin/pip install -q --disable-pip-version-check -e ".[bench]" --config-settings editable_mode=compat
 	$(PY) -m tests.perf.profile
 
 clean:

@@ -91,7 +91,7 @@ def preload() -> None:
     import importlib
     for name in ("daemon.fuse.session", "daemon.workers.channel", "daemon.virtio.virtqueue",
                  "daemon.virtio.memory", "daemon.virtio.iovec", "traceback", "linecache",
-                 "encodings.idna", "encodings.ascii", "encodings.latin_1"):
+                 "encodings.ascii", "encodings.latin_1"):
         try:
             importlib.import_module(name)
         except ImportError:

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import ctypes
 import operator
-import platform
+import os
 import struct
 import sys
 
@@ -112,7 +112,7 @@ class VirtQueue:
         if not 0 <= last_avail_idx <= 0xFFFF:
             raise VirtQueueError(f"avail index {last_avail_idx} is not a u16")
         if event_idx and _full_barrier is None:
-            raise VirtQueueError(f"EVENT_IDX needs a store-load fence, not available on {platform.machine()}")
+            raise VirtQueueError(f"EVENT_IDX needs a store-load fence, not available on {os.uname().machine}")
         self.mem = mem
         self.num = num
         self.event_idx = bool(event_idx)
@@ -436,7 +436,7 @@ def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
 def _make_full_barrier():
     """A store→load fence: on x86-64 any locked instruction is one, and
     glibc's ``pthread_spin_lock`` is a ``lock decl``. None elsewhere."""
-    if platform.machine() not in ("x86_64", "AMD64"):
+    if os.uname().machine not in ("x86_64", "AMD64"):
         return None
     try:
         libc = ctypes.CDLL(None)  # the process's own symbols: libc (and libpthread) are loaded
