@@ -49,7 +49,7 @@ from pathlib import Path
 import pyseccomp
 
 from daemon.sandbox.namespaces import SandboxError
-from daemon.sandbox.programs import ROLES, SECCOMP_MODES, valid_program  # noqa: F401 (re-export)
+from daemon.sandbox.programs import ROLES, valid_program
 
 ACTIONS = {
     "kill": pyseccomp.KILL_PROCESS,

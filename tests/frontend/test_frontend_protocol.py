@@ -10,7 +10,7 @@ import os
 import pytest
 
 from daemon.fuse.abi import Opcode
-from tests.frontend.fuse_client import FuseClient, FuseErrorReply
+from tests.frontend.fuse_client import FuseClient
 from tests.frontend.vhost import (F_PROTOCOL_FEATURES, F_RING_INDIRECT_DESC, F_VERSION_1, PF,
                                   QEMU_PROTOCOL_FEATURE_MASK, Req, VhostUserError,
                                   VhostUserFrontend)

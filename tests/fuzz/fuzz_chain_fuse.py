@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import mmap
 import os
 import random
@@ -546,11 +547,7 @@ def main(argv=None) -> int:
 
     engine = args.engine
     if engine == "auto":
-        try:
-            import atheris  # noqa: F401
-            engine = "atheris"
-        except ImportError:
-            engine = "random"
+        engine = "atheris" if importlib.util.find_spec("atheris") else "random"
     if args.run:
         engine = "random"
 

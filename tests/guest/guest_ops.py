@@ -735,7 +735,6 @@ def check_fcntl_lock(d):
     _flock(fd, fcntl.F_SETLK, fcntl.F_WRLCK)
     ready_r, ready_w = os.pipe()
     res_r, res_w = os.pipe()
-    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         try:

@@ -19,9 +19,10 @@ from daemon.config import CacheMode
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run(*args, pass_fds=(), timeout=20):
+def run(*args, pass_fds=(), timeout=20, env=None):
     return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, pass_fds=pass_fds, stdin=subprocess.DEVNULL)
+                          timeout=timeout, pass_fds=pass_fds, stdin=subprocess.DEVNULL,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def assert_one_line_error(result, *fragments):
@@ -65,6 +66,28 @@ def test_sandbox_options_reach_the_config(tmp_path):
 def test_bad_modcaps(tmp_path, sock_path):
     assert_one_line_error(run("--socket-path", sock_path, "--shared-dir", str(tmp_path), "--modcaps", "+nonsense"),
                           "--modcaps")
+
+
+@pytest.mark.parametrize("seccomp", ["kill", "none"])
+def test_broken_policy_file_is_a_startup_error(tmp_path, sock_path, seccomp):
+    """The policy files are parsed (in the throwaway compiler child) before
+    anything runs: a broken one is one line naming file and line, exit 1,
+    no socket file left, even with --seccomp none."""
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    for role in ("supervisor", "hiprio", "request"):
+        (policy / f"{role}.policy").write_text((REPO / "policy" / f"{role}.policy").read_text())
+    (policy / "hiprio.policy").write_text("write  # w\nread  # r\n")
+    share = tmp_path / "share"
+    share.mkdir()
+    result = run("--socket-path", sock_path, "--shared-dir", str(share), "--seccomp", seccomp,
+                 env={"PYVIRTIOFSD_POLICY_DIR": str(policy)})
+    if seccomp == "none":  # the loud warning comes first
+        warning, _, rest = result.stderr.partition("\n")
+        assert "--seccomp none" in warning
+        result = subprocess.CompletedProcess(result.args, result.returncode, result.stdout, rest)
+    assert_one_line_error(result, "hiprio.policy:2: 'read' is out of order")
+    assert not os.path.exists(sock_path)
 
 
 def test_sandbox_none_warns_loudly(tmp_path, sock_path):
