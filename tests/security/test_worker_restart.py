@@ -234,3 +234,36 @@ def test_worker_dying_too_often_ends_the_daemon_with_exit_1(session):
     assert re.search(rf"ERROR: shutting down: worker request-1 died {RESTART_LIMIT + 1} times within 60 s; "
                      r"not restarting it again", log), log
     assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("name", ["request-1", "hiprio"])
+def test_chroot_mode_worker_killed_is_replaced(session, tmp_path, name):
+    """--sandbox chroot (for containers that forbid namespaces): a killed
+    worker is replaced the same way and confines itself again (the hiprio
+    worker into a fresh deleted empty directory, nothing left behind in
+    TMPDIR), the mount goes on, no fd leaks in the supervisor."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    d, fc = session(extra_args=("--sandbox", "chroot"), env={"TMPDIR": str(tmpdir)})
+    (Path(d.shared_dir) / "c").write_bytes(b"chroot")
+    e = fc.lookup(1, "c")
+    fds_before = fd_count(d.pid)
+    old = worker_pid(d, name)
+    new = kill_and_wait_replaced(d, name, 0)
+    assert new != old
+    root = os.readlink(f"/proc/{new}/root")
+    if name == "hiprio":
+        assert root.endswith("(deleted)"), root
+        fc.forget(e.nodeid, 1)                      # served by the new hiprio worker
+        assert fc.lookup(1, "c").generation != e.generation
+    else:
+        assert root == d.shared_dir, root
+        e = fc.lookup(1, "c")
+        fh = fc.open(e.nodeid).fh
+        assert fc.read(e.nodeid, fh, 0, 100) == b"chroot"
+        fc.release(e.nodeid, fh)
+    assert fd_count(d.pid) == fds_before, os.listdir(f"/proc/{d.pid}/fd")
+    assert list(tmpdir.iterdir()) == []
+    log = d.log()
+    assert re.search(rf"worker {name} \(pid \d+\) (died|failed): .*killed by SIGKILL", log), log
+    assert "Traceback" not in log
