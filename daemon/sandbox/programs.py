@@ -25,12 +25,16 @@ import ctypes
 import errno
 import marshal
 import os
+import select
+import signal
+import time
 
 from daemon.sandbox.namespaces import SandboxError
 
 ROLES = ("supervisor", "hiprio", "request")
 SECCOMP_MODES = ("kill", "log", "trap", "none")
 MAX_ANSWER = 1 << 20            # three programs of at most 4096 instructions fit many times over
+COMPILE_TIMEOUT = 30.0          # seconds; it takes milliseconds
 BPF_INSN = 8                    # sizeof(struct sock_filter)
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_TSYNC = 1
@@ -63,9 +67,13 @@ def build(action: str, policy_dir=None) -> Programs:
     if pid == 0:  # pragma: no cover - runs in the child, checked through its answer
         os.close(r)
         _compile_and_answer(w, action, policy_dir)
+        os._exit(1)  # not reached: it exits itself
     os.close(w)
     try:
-        data = _read_capped(r)
+        data = _read_capped(r, COMPILE_TIMEOUT)
+    except SandboxError:
+        os.kill(pid, signal.SIGKILL)
+        raise
     finally:
         os.close(r)
         try:
@@ -100,9 +108,15 @@ def _compile_and_answer(w: int, action: str, policy_dir) -> None:
         os._exit(code)
 
 
-def _read_capped(fd: int) -> bytes:
+def _read_capped(fd: int, timeout: float) -> bytes:
+    """Everything the child writes until it closes the pipe; SandboxError
+    past ``MAX_ANSWER`` bytes or ``timeout`` seconds."""
     chunks, total = [], 0
+    deadline = time.monotonic() + timeout
     while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise SandboxError(f"the seccomp compiler did not answer within {timeout:.0f} s")
         chunk = os.read(fd, 1 << 16)
         if not chunk:
             return b"".join(chunks)

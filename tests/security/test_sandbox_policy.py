@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import prctl
@@ -190,6 +191,30 @@ def test_compiler_error_answer_is_the_error_message():
     with pytest.raises(SandboxError) as e:
         programs._decode(marshal.dumps(("error", "request.policy:3: broken")), 0, "kill")
     assert str(e.value) == "request.policy:3: broken"
+
+
+def test_compiler_that_hangs_is_killed_and_a_sandbox_error(monkeypatch):
+    """A compiler child that never answers does not hang start-up: after
+    COMPILE_TIMEOUT it is killed (and reaped) and build raises."""
+    monkeypatch.setattr(programs, "COMPILE_TIMEOUT", 0.5)
+    monkeypatch.setattr(programs, "_compile_and_answer", lambda w, action, policy_dir: time.sleep(60))
+    children_before = _children()
+    t0 = time.monotonic()
+    with pytest.raises(SandboxError, match="did not answer within"):
+        programs.build("kill")
+    assert time.monotonic() - t0 < 10
+    assert _children() == children_before   # killed and reaped: no zombie
+
+
+def _children() -> set[int]:
+    me = os.getpid()
+    out = set()
+    for task in os.listdir(f"/proc/{me}/task"):
+        try:
+            out |= {int(p) for p in open(f"/proc/{me}/task/{task}/children").read().split()}
+        except OSError:
+            pass
+    return out
 
 
 def test_compiler_that_dies_is_a_sandbox_error():
