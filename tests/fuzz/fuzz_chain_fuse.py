@@ -63,6 +63,7 @@ REPO = HERE.parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from tests import procfs  # noqa: E402
 from tests.fuzz import image  # noqa: E402
 
 CORPUS_DIR = HERE / "corpus"
@@ -98,7 +99,7 @@ def load_daemon() -> None:
 
 
 def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
+    return procfs.fd_count(os.getpid())
 
 
 def rss_kib() -> int:
@@ -234,16 +235,12 @@ class Target:
         os.chdir("/proc/self/fd")
         self._init()
         self.resets += 1
-        fds = fd_count()
         if self.baseline_fds is None:
-            self.baseline_fds = fds
+            self.baseline_fds = fd_count()
         # a helper thread may still hold an fd for a moment: the dup of an
         # FSYNC the reset answered with EINTR (closed when the call returns),
         # or forgotten inodes' fds it is closing (blocking.py)
-        deadline = time.monotonic() + 2.0
-        while fds != self.baseline_fds and time.monotonic() < deadline:
-            time.sleep(0.01)
-            fds = fd_count()
+        fds = procfs.settled_fd_count(os.getpid(), self.baseline_fds, timeout=2.0)
         if fds != self.baseline_fds:
             raise AssertionError(f"fd leak: {fds} open fds after reset {self.resets}, "
                                  f"{self.baseline_fds} after the first")

@@ -16,6 +16,7 @@ import pytest
 from daemon.sandbox import capabilities, programs, seccomp
 from daemon.sandbox.namespaces import SandboxError
 from daemon.sandbox.seccomp import PolicyError, parse_policy
+from tests.procfs import children
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -198,23 +199,12 @@ def test_compiler_that_hangs_is_killed_and_a_sandbox_error(monkeypatch):
     COMPILE_TIMEOUT it is killed (and reaped) and build raises."""
     monkeypatch.setattr(programs, "COMPILE_TIMEOUT", 0.5)
     monkeypatch.setattr(programs, "_compile_and_answer", lambda w, action, policy_dir: time.sleep(60))
-    children_before = _children()
+    children_before = set(children(os.getpid()))
     t0 = time.monotonic()
     with pytest.raises(SandboxError, match="did not answer within"):
         programs.build("kill")
     assert time.monotonic() - t0 < 10
-    assert _children() == children_before   # killed and reaped: no zombie
-
-
-def _children() -> set[int]:
-    me = os.getpid()
-    out = set()
-    for task in os.listdir(f"/proc/{me}/task"):
-        try:
-            out |= {int(p) for p in open(f"/proc/{me}/task/{task}/children").read().split()}
-        except OSError:
-            pass
-    return out
+    assert set(children(os.getpid())) == children_before   # killed and reaped: no zombie
 
 
 def test_compiler_that_dies_is_a_sandbox_error():
