@@ -38,7 +38,9 @@ open file share the lock, as flock(2) specifies. RELEASE unlocks them.
 SETLKW never blocks the worker: it tries the non-blocking form and, while
 the lock is held elsewhere, registers a retry with the session and answers
 DEFERRED; the session retries it every ~10 ms until it is granted, fails,
-or the request is interrupted (EINTR). Polling grants no FIFO fairness
+or the request is interrupted (EINTR). At most 64 requests wait at once
+(request.MAX_DEFERRED, what a worker restart can answer); one more that
+would wait gets ENOLCK, fcntl(2)'s "lock table full". Polling grants no FIFO fairness
 between waiters and, since OFD locks have no deadlock detection, two guest
 processes waiting on each other wait forever, as with OFD locks on a host.
 
@@ -61,7 +63,7 @@ import struct
 from daemon.fuse import abi
 from daemon.fuse.abi import Opcode
 from daemon.fuse.handles import KIND_FILE, reopen
-from daemon.fuse.request import DEFERRED, FUSEError, Request
+from daemon.fuse.request import DEFERRED, MAX_DEFERRED, FUSEError, Request
 
 F_OFD_GETLK = 36
 F_OFD_SETLK = 37
@@ -223,10 +225,14 @@ def do_setlkw(fs, req: Request):
     """SETLKW: as SETLK, but on conflict the request is DEFERRED and retried
     by the session until granted (empty reply), failed (its errno; EBADF if
     the fh was released meanwhile) or interrupted (EINTR, by the session).
-    Lookup count: unchanged."""
+    ENOLCK when it would wait and MAX_DEFERRED requests wait already (the
+    most a worker restart can answer: progress.py). Lookup count: unchanged."""
     lk = LockRequest(req.args)
     if _try_lock(fs, lk):
         return b""
+    if not fs.can_defer():
+        fs.warn("SETLKW: %d requests wait already; ENOLCK", MAX_DEFERRED)
+        raise FUSEError(errno.ENOLCK)
 
     def retry():
         return b"" if _try_lock(fs, lk) else DEFERRED

@@ -75,7 +75,8 @@ DEFERRED = _Deferred()
 # Deferred requests a worker's restart record can hold per ring
 # (workers/progress.py): a replacement answers exactly those with EIO.
 # Work that may be deferred or done at once (FSYNC on a helper thread) is
-# done at once past this many.
+# done at once past this many; a SETLKW that would wait is refused with
+# ENOLCK (locks.py). So no deferred request is ever missing from the record.
 MAX_DEFERRED = 64
 
 

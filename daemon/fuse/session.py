@@ -360,12 +360,20 @@ class FuseSession:
         return _OUT
 
     # -- deferred requests ---------------------------------------------------------
+    def can_defer(self) -> bool:
+        """Room for one more deferred request: at most MAX_DEFERRED wait at
+        once, as many as a worker restart can answer (progress.py)."""
+        return len(self._pending) < MAX_DEFERRED
+
     def defer(self, req: Request, retry) -> None:
         """Keep ``req`` (the request being handled) for ``retry()``: the
         handler then returns ``DEFERRED``. ``retry`` takes no arguments and
-        returns/raises what a handler does; it runs with req's credentials."""
+        returns/raises what a handler does; it runs with req's credentials.
+        The handler asks ``can_defer()`` first."""
         if req is not self._current:
             raise RuntimeError("defer() outside the request's handler")
+        if not self.can_defer():
+            raise RuntimeError(f"defer() with {MAX_DEFERRED} requests deferred already")
         self._pending.append([self._token, req, retry])
 
     def defer_blocking(self, req: Request, fn, *args):
@@ -378,7 +386,7 @@ class FuseSession:
         restart could answer), the call runs here and its reply is
         returned instead."""
         call = None
-        if self._blocking is not None and len(self._pending) < MAX_DEFERRED:
+        if self._blocking is not None and self.can_defer():
             try:
                 call = self._blocking.submit(fn, *args)
             except RuntimeError:  # no helper thread could start

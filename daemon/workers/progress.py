@@ -33,9 +33,11 @@ instruction the worker dies at, its successor (``in_flight``) recovers
 exactly the chains the guest still waits for: those taken at avail indexes
 [DONE, AVAIL) and those in DEFERRED, minus the heads of the used elements
 [PUB_FROM, used.idx) when the last publish landed but its bookkeeping did
-not. It answers them EIO (``fail_chain``). Chains taken beyond 1024 in one
-batch (queues larger than QEMU's VIRTQUEUE_MAX_SIZE) or deferred beyond 64
-at once are not recorded: those stay unanswered after a restart.
+not. It answers them EIO (``fail_chain``). The session never defers more than
+64 at once (request.MAX_DEFERRED: a SETLKW that would wait beyond that gets
+ENOLCK, an FSYNC runs at once). Chains taken beyond 1024 in one batch
+(queues larger than QEMU's VIRTQUEUE_MAX_SIZE) are not recorded: those
+stay unanswered after a restart.
 
 A record written by a compromised worker is just numbers: the supervisor
 reads only AVAIL (a u16), the successor bounds-checks every head and walks

@@ -11,7 +11,7 @@ from daemon.fuse import abi, credentials, locks
 from daemon.fuse.abi import Opcode
 from daemon.fuse.handles import KIND_FILE
 from daemon.fuse.locks import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX
-from daemon.fuse.request import DEFERRED, FUSEError, Request
+from daemon.fuse.request import DEFERRED, MAX_DEFERRED, FUSEError, Request
 from daemon.virtio.iovec import IoVec
 from tests.unit.fusereq import start_session
 
@@ -253,3 +253,30 @@ def test_decoders_raise_only_fuse_errors(direct, op, args, use_fh, lock_type, fl
         start, end, lock_type, pid = abi.LK_OUT.unpack(result)
         assert start <= end <= OFFSET_MAX and lock_type in (F_RDLCK, F_WRLCK, F_UNLCK)
     session.handles.get(state["fh"], KIND_FILE)
+
+
+def test_setlkw_beyond_max_deferred_waiters_is_enolck(fuse, node):
+    """Every waiting SETLKW has a slot in the worker's restart record
+    (progress.py); one more that would wait is refused, not left out."""
+    session = fuse.session
+    holder, _ = fuse.open(node, os.O_RDWR)
+    assert setlk(fuse, node, holder, 1, 0, EOF, F_WRLCK).reply().error == 0
+    waiters = []
+    for owner in range(2, 2 + MAX_DEFERRED):
+        fh, _ = fuse.open(node, os.O_RDWR)
+        waiting = setlk(fuse, node, fh, owner, 0, 0, F_RDLCK, wait=True)
+        assert waiting.reply() is None
+        waiters.append(waiting)
+    assert not session.can_defer()
+    extra, _ = fuse.open(node, os.O_RDWR)
+    assert setlk(fuse, node, extra, 999, 0, 0, F_RDLCK, wait=True).reply().error == errno.ENOLCK
+    # one that is granted at once needs no slot
+    assert setlk(fuse, node, extra, 999, 0, 0, F_UNLCK, wait=True).reply().error == 0
+    # FSYNC past the cap runs at once instead of on a helper thread
+    assert fuse.call(Opcode.FSYNC, node, abi.FSYNC_IN.pack(extra, 0), 0).error == 0
+    assert setlk(fuse, node, holder, 1, 0, EOF, F_UNLCK).reply().error == 0
+    done = session.retry()
+    assert sorted(token for token, _ in done) == sorted(w.unique for w in waiters)
+    assert all(w.reply().error == 0 for w in waiters)
+    assert session.can_defer()
+    assert setlk(fuse, node, extra, 999, 0, EOF, F_WRLCK, wait=True).reply() is None
