@@ -35,7 +35,8 @@ bench: setup
 	$(PY) -m tests.perf.bench
 
 ## Where the time goes (docs/perf/profile.md): CPU per process in a real
-## guest, py-spy on the request worker, cProfile of the worker loop.
+## guest, py-spy on the request worker, cProfile of the worker loop, the
+## floor of a Python GETATTR, the C daemon with and without its thread pool.
 profile: setup
 	.venv/bin/pip install -q --disable-pip-version-check -e ".[bench]" --config-settings editable_mode=compat
 	$(PY) -m tests.perf.profile

@@ -2,7 +2,7 @@
 
     python -m tests.perf.profile [--files 5000] [--out docs/perf/profile.md]
 
-Two parts, written to ``docs/perf/profile.md``:
+Three parts, written to ``docs/perf/profile.md``:
 
 1. **In a real guest** (tests/guest, cache=auto), the metadata workload of
    ``make bench`` (create, stat, readdir, unlink of ``--files`` small
@@ -18,6 +18,12 @@ Two parts, written to ``docs/perf/profile.md``:
 2. **In one process** (tests/perf/inproc.py): cProfile of the worker loop
    serving GETATTR and LOOKUP at depth 64 and 1 MiB READs at depth 1,
    no second process competing for the cores.
+3. **The floor, and threads**: the least CPU a GETATTR can cost in CPython
+   (tests/perf/floor.py: the same ring, every check left out) next to our
+   worker loop and the C daemon's whole request; and the C daemon through
+   the test frontend at depth 64 with its default ``--thread-pool-size=0``
+   (one thread serves the queue) and with a pool of 4, which is what
+   several executors per queue would buy on this machine.
 """
 
 from __future__ import annotations
@@ -130,6 +136,56 @@ def inproc_profile(op: str, depth: int, seconds: float) -> str:
             f"({us_prof:.1f} µs with it)\n\n```\n{body}\n```")
 
 
+def frontend_rates(kind: str, extra=(), ops=("getattr", "read4k"), depth: int = 64,
+                   seconds: float = 2.0) -> dict:
+    """{op: requests/s} of one daemon through the test frontend."""
+    from tests.frontend.fuse_client import FuseClient
+    from tests.frontend.vhost import start_frontend
+    from tests.perf.frontend_bench import requests_per_second
+
+    shared = tempfile.mkdtemp(prefix=f"profile-fe-{kind}-")
+    d = start_daemon(kind, shared, "auto", extra_args=extra)
+    fe = None
+    try:
+        fe = start_frontend(d.socket_path, ram_size=256 << 20, num_request_queues=1, queue_size=1024)
+        fc = FuseClient(fe)
+        fc.init()
+        requests_per_second(fc, "read4k", 1, 0.2)  # creates the data file; warms up
+        return {op: requests_per_second(fc, op, depth, seconds) for op in ops}
+    finally:
+        if fe is not None:
+            fe.close()
+        d.stop(5)
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def floor_and_threads(rounds: int = 2) -> list[str]:
+    """Part 3 (see the module docstring): best of ``rounds`` for each figure."""
+    from tests.perf import floor
+
+    floor_us = min(floor.per_request_us(64, 2.0) for _ in range(rounds))
+    ours_us = min(inproc.per_request_us("getattr", 64, 2.0) for _ in range(rounds))
+    variants = {"C, --thread-pool-size=0 (its default)": ("c", ()),
+                "C, --thread-pool-size=4": ("c", ("--thread-pool-size=4",)),
+                "ours (defaults)": ("ours", ())}
+    best: dict[str, dict] = {name: {} for name in variants}
+    for _ in range(rounds):
+        for name, (kind, extra) in variants.items():
+            for op, rate in frontend_rates(kind, extra).items():
+                best[name][op] = max(best[name].get(op, 0.0), rate)
+    c_us = 1e6 / best["C, --thread-pool-size=0 (its default)"]["getattr"]
+    md = ["| GETATTR, depth 64 | µs per request |", "|---|---:|",
+          f"| floor: the least a CPython loop can do (tests/perf/floor.py, one process) | {floor_us:.2f} |",
+          f"| our worker loop (tests/perf/inproc.py, one process) | {ours_us:.2f} |",
+          f"| the C daemon's whole request (1 / its rate through the frontend) | {c_us:.2f} |",
+          "", "Through the test frontend, depth 64 (requests/s, best of "
+          f"{rounds}; the frontend spins on one of the {os.cpu_count()} cores):", "",
+          "| daemon | GETATTR | READ 4 KiB |", "|---|---:|---:|"]
+    for name, rates in best.items():
+        md.append(f"| {name} | {rates['getattr']:,.0f} | {rates['read4k']:,.0f} |")
+    return md
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=5000)
@@ -159,6 +215,7 @@ def main(argv=None) -> int:
     md += ["", "## One process: the worker loop under cProfile", ""]
     for op, depth in (("getattr", 64), ("lookup", 64), ("read1m", 1)):
         md += [inproc_profile(op, depth, 2.0), ""]
+    md += ["## The floor, and threads", ""] + floor_and_threads()
     Path(a.out).write_text("\n".join(md) + "\n")
     print(f"written: {a.out} ({(time.monotonic() - t0) / 60:.1f} min)")
     return 0
