@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readdirplus", action=argparse.BooleanOptionalAction, default=None,
                    help="answer directory listings with each entry's attributes (READDIRPLUS; "
                         "default: on, off with --cache never, where the guest would discard them)")
+    p.add_argument("--writeback", action=argparse.BooleanOptionalAction, default=DEFAULTS["writeback"],
+                   help="let the guest cache writes and send them later, in larger WRITEs "
+                        "(WRITEBACK_CACHE; not with --cache never; default: off)")
     p.add_argument("--inode-table-size", metavar="N", type=_int_arg("--inode-table-size", 1, MAX_INODE_TABLE_SIZE),
                    default=DEFAULTS["inode_table_size"],
                    help=f"most inodes the guest may hold at once (default {DEFAULTS['inode_table_size']})")
@@ -104,6 +107,8 @@ def parse_config(argv: list[str]) -> Config:
     if args.inode_fd_cache is not None and args.inode_file_handles != "prefer":
         raise UsageError("--inode-fd-cache needs --inode-file-handles=prefer (evicted inodes are "
                          "reopened by file handle)")
+    if args.writeback and args.cache == CacheMode.NEVER.value:
+        raise UsageError("--writeback needs the guest's page cache: not with --cache never")
     return Config(
         shared_dir=_check_shared_dir(args.shared_dir),
         socket_path=args.socket_path,
@@ -113,6 +118,7 @@ def parse_config(argv: list[str]) -> Config:
         max_request_workers=max(1, args.thread_pool_size),
         xattr=args.xattr,
         readdirplus=args.readdirplus,
+        writeback=args.writeback,
         inode_table_size=args.inode_table_size,
         sandbox=args.sandbox,
         seccomp=args.seccomp,

@@ -43,6 +43,9 @@ class Config(NamedTuple):
     # zero timeouts make the guest discard the attributes it carries (the
     # C virtiofsd's default too)
     readdirplus: bool | None = None
+    # WRITEBACK_CACHE offered to the guest: it keeps written data in its page
+    # cache and sends it later, in larger WRITEs (not with cache=never)
+    writeback: bool = False
     sandbox: str = "namespace"  # namespace | chroot | none (see daemon/sandbox)
     seccomp: str = "kill"       # kill | log | trap | none: the action for a syscall off the list
     modcaps: str | None = None  # "+cap:-cap" changes to the request workers' capabilities

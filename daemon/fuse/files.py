@@ -22,9 +22,16 @@ Decisions (and why):
   bypasses the guest page cache, and the host page cache is ours to use
   (O_DIRECT would also demand aligned guest buffers). O_APPEND is kept: the
   host then appends at its real end of file, which is right when the file
-  is shared (the guest's offset may be stale). This assumes WRITEBACK_CACHE
-  is not negotiated (with it the kernel does O_APPEND itself and sends
-  READs on write-only files).
+  is shared (the guest's offset may be stale).
+- ``--writeback`` (WRITEBACK_CACHE offered at INIT): the guest keeps
+  written data in its page cache, places every write itself (O_APPEND
+  included) and reads a page in before writing part of it, on whichever
+  fh it has. So every file is opened without O_APPEND, and write-only as
+  read-write; a file the caller may write but not read stays write-only
+  (then a write of part of a page the guest does not hold fails, as its
+  READ does). This follows the configuration, not what INIT negotiated,
+  so every request worker, and one that replaces a dead worker, opens
+  files alike; a Linux guest always accepts WRITEBACK_CACHE when offered.
 - ``--cache``: never → FOPEN_DIRECT_IO, always → FOPEN_KEEP_CACHE, auto → 0
   (close-to-open: the guest drops its cache for the file on each open).
 - Sizes: READ is clipped to the writable part and to ``MAX_IO_SIZE``
@@ -109,18 +116,45 @@ def fopen_flags(cache: CacheMode) -> int:
     return 0
 
 
-def _create_file(parent_fd: int, name: str, flags: int, mode: int, exclusive: bool) -> int:
+def writeback_flags(flags: int) -> int:
+    """Host open flags under WRITEBACK_CACHE (see the module docstring): no
+    O_APPEND, and write-only opened read-write."""
+    flags &= ~os.O_APPEND
+    if flags & os.O_ACCMODE == os.O_WRONLY:
+        flags = flags & ~os.O_ACCMODE | os.O_RDWR
+    return flags
+
+
+def open_file(path_fd: int, flags: int, writeback: bool) -> tuple[int, int]:
+    """``open_regular``, with ``writeback_flags`` under --writeback; a file
+    the caller may write but not read is then opened write-only after all.
+    Returns (fd, the flags it was opened with)."""
+    if writeback:
+        upgraded = writeback_flags(flags)
+        try:
+            return open_regular(path_fd, upgraded), upgraded
+        except PermissionError:
+            if upgraded & os.O_ACCMODE == flags & os.O_ACCMODE:
+                raise
+            flags &= ~os.O_APPEND
+    return open_regular(path_fd, flags), flags
+
+
+def _create_file(parent_fd: int, name: str, flags: int, mode: int, exclusive: bool,
+                 writeback: bool) -> tuple[int, int]:
     """Create ``name`` in the parent, or open it if it exists and the guest
-    did not ask for O_EXCL — but only if what exists is a regular file."""
+    did not ask for O_EXCL — but only if what exists is a regular file.
+    Returns (fd, the flags it was opened with), as ``open_file``."""
+    new_flags = writeback_flags(flags) if writeback else flags
     try:
-        return os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                       mode, dir_fd=parent_fd)
+        return os.open(name, new_flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       mode, dir_fd=parent_fd), new_flags
     except FileExistsError:
         if exclusive:
             raise
     path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
     try:
-        return open_regular(path_fd, flags)
+        return open_file(path_fd, flags, writeback)
     finally:
         os.close(path_fd)
 
@@ -184,7 +218,7 @@ def do_open(fs, req: Request):
     flags = host_open_flags(flags)
     path_fd = fs.cache.fd(req.nodeid)
     fs.handles.check_room()
-    fd = open_regular(path_fd, flags)
+    fd, flags = open_file(path_fd, flags, fs.config.writeback)
     handle = fs.handles.add(fd, req.nodeid, KIND_FILE, flags)
     return abi.OPEN_OUT.pack(handle.fh, fopen_flags(fs.config.cache))
 
@@ -203,7 +237,8 @@ def do_create(fs, req: Request):
     host_flags = host_open_flags(flags)
     parent_fd = fs.cache.fd(req.nodeid)
     fs.handles.check_room()
-    fd = _create_file(parent_fd, name, host_flags, stat.S_IMODE(mode), bool(flags & os.O_EXCL))
+    fd, host_flags = _create_file(parent_fd, name, host_flags, stat.S_IMODE(mode),
+                                  bool(flags & os.O_EXCL), fs.config.writeback)
     try:
         entry = fs.entry(parent_fd, name)
     except BaseException:

@@ -618,6 +618,8 @@ def _op_init(fs: FuseSession, req: Request):
         wanted |= INIT_FLAGS_READDIRPLUS
     if fs._locks:
         wanted |= INIT_FLAGS_LOCKS
+    if fs.config.writeback:
+        wanted |= InitFlag.WRITEBACK_CACHE
     ours = int(offered & wanted)
     fs.start()
     log.info("FUSE session: guest %d.%d, replying 7.%d flags %#x", major, minor,

@@ -27,7 +27,7 @@ def guest_prerequisites() -> str | None:
     return None
 
 
-def _start_daemon(kind: str, shared_dir: Path, cache: str, run_dir: Path):
+def _start_daemon(kind: str, shared_dir: Path, cache: str, run_dir: Path, extra_args=()):
     """tests/conftest.py's start_daemon (the same options as every other test),
     or our stand-alone helper if that is not importable."""
     try:
@@ -35,7 +35,10 @@ def _start_daemon(kind: str, shared_dir: Path, cache: str, run_dir: Path):
     except ImportError:
         start_daemon = None
     if start_daemon is not None:
-        return start_daemon(kind, shared_dir, cache, run_dir=str(run_dir), startup_timeout=30.0)
+        return start_daemon(kind, shared_dir, cache, extra_args=extra_args, run_dir=str(run_dir),
+                            startup_timeout=30.0)
+    if extra_args:
+        raise RuntimeError("daemon options need tests/conftest.py")
     from .daemons import Daemon
     return Daemon(kind, str(shared_dir), cache=cache, socket_path=str(run_dir / "vfs.sock"))
 
@@ -49,26 +52,27 @@ def guest_run_factory(tmp_path_factory):
     daemons = []
     runs = {}
 
-    def factory(kind: str, cache: str, tools: bool = True, known=()):
-        """One boot per (kind, cache, tools, known) in this module."""
-        key = (kind, cache, tools, tuple(known))
+    def factory(kind: str, cache: str, tools: bool = True, known=(), extra_args=()):
+        """One boot per (kind, cache, tools, known, extra_args) in this
+        module; ``extra_args``: more daemon options."""
+        key = (kind, cache, tools, tuple(known), tuple(extra_args))
         if key not in runs:
-            runs[key] = boot(kind, cache, tools, known)
+            runs[key] = boot(kind, cache, tools, known, tuple(extra_args))
         return runs[key]
 
-    def boot(kind, cache, tools, known):
+    def boot(kind, cache, tools, known, extra_args):
         base = tmp_path_factory.mktemp(f"guest-{kind}-{cache}")
         shared = base / "shared"
         shared.mkdir()
         os.chmod(shared, 0o755)  # a non-root guest caller must be able to enter it
         run_dir = base / "run"
         run_dir.mkdir()
-        d = _start_daemon(kind, shared, cache, run_dir)
+        d = _start_daemon(kind, shared, cache, run_dir, extra_args)
         daemons.append(d)
         run = boot_and_run(d, kind, cache, shared, tools=tools, known=known,
                            console_log=base / "console.log")
         o, t = run.ops_summary or {}, run.tools_summary or {}
-        BOOTS.append((kind, cache, run.boot_seconds,
+        BOOTS.append((kind, " ".join((cache,) + extra_args), run.boot_seconds,
                       f"ops {o.get('passed', '?')} pass/{o.get('failed', '?')} fail/{o.get('known', 0)} known"
                       f" in {o.get('seconds', '?')} s; tools {t.get('passed', '-')} pass/{t.get('failed', '-')} fail;"
                       f" console {base / 'console.log'}"))

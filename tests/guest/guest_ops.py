@@ -250,6 +250,24 @@ def check_append(d):
     return {"content": read_file(p), "pos": pos, "stat": st(p)}
 
 
+def check_write_only_partial(d):
+    """Parts of pages overwritten through a write-only fd the guest just
+    opened (so it holds none of the file's pages): with its writeback cache
+    (--writeback) the guest reads each page in first, on that open file."""
+    p = J(d, "w")
+    data = bytearray(bytes(range(256)) * 40)  # 10,240 bytes: 2.5 pages
+    write_file(p, bytes(data))
+    fd = os.open(p, os.O_WRONLY)
+    r = {"mid": os.pwrite(fd, b"XYZ", 5000), "across_eof": os.pwrite(fd, b"end", 10238)}
+    os.close(fd)
+    data[5000:5003] = b"XYZ"
+    data[10238:10241] = b"end"
+    with open(p, "rb") as f:
+        r["content_ok"] = f.read() == bytes(data)
+    r["stat"] = st(p)
+    return r
+
+
 def check_truncate(d):
     p = J(d, "t")
     write_file(p, b"0123456789")
@@ -876,7 +894,7 @@ def check_credentials(d):
 # runner
 
 CHECKS = [
-    "create_read_write", "append", "truncate", "mkdir_rmdir", "unlink", "rename",
+    "create_read_write", "append", "write_only_partial", "truncate", "mkdir_rmdir", "unlink", "rename",
     "rename_noreplace", "rename_exchange", "link", "symlink", "mknod_fifo",
     "chmod_chown_utime", "xattr", "statvfs", "fallocate", "fallocate_keep_size",
     "fallocate_punch_hole", "seek_data_hole", "copy_file_range", "fsync", "big_dir",

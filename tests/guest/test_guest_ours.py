@@ -1,14 +1,15 @@
 """Our daemon (python -m daemon) under a real guest.
 
-One boot per cache mode (module-scoped fixture), each running the in-guest
-differential suite (guest_ops.py) and the ordinary tools (tools.sh) on the
-mount; then host-side checks of what the guest wrote, the shape of the
+One boot per cache mode, and one more with ``--writeback`` (module-scoped
+fixture), each running the in-guest differential suite (guest_ops.py) and
+the ordinary tools (tools.sh) on the mount; then host-side checks of what the guest wrote, the shape of the
 daemon's process tree while the guest was attached, and a clean exit.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -18,9 +19,10 @@ from .harness import describe_failures, host_checks
 pytestmark = pytest.mark.guest
 
 
-@pytest.fixture(scope="module", params=["auto", "never"])
+@pytest.fixture(scope="module", params=["auto", "never", "auto --writeback"])
 def run(request, guest_run_factory):
-    return guest_run_factory("ours", request.param, tools=True)
+    cache, *extra = request.param.split()
+    return guest_run_factory("ours", cache, tools=True, extra_args=extra)
 
 
 def test_guest_ran_to_the_end(run):
@@ -33,6 +35,17 @@ def test_differential_suite(run):
     assert run.ops_summary is not None, describe_failures(run)
     assert set(run.ops) == set(guest_ops.CHECKS), describe_failures(run)
     assert run.ops_summary["failed"] == 0, describe_failures(run)
+
+
+def test_writeback_cache_negotiated_only_when_asked_for(run, request):
+    """The guest runs the suite above with its writeback cache on exactly
+    in the --writeback boot (INIT's reply, as the daemon logs it)."""
+    from daemon.fuse.abi import InitFlag
+
+    m = re.search(r"FUSE session: guest 7\.\d+, replying 7\.\d+ flags (0x[0-9a-f]+)", run.daemon_log)
+    assert m, run.daemon_log[-3000:]
+    asked = "--writeback" in request.node.callspec.params["run"]
+    assert bool(int(m.group(1), 16) & InitFlag.WRITEBACK_CACHE) == asked
 
 
 def test_tools(run):

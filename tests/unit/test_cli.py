@@ -45,7 +45,8 @@ def test_help_lists_the_options_and_is_true_to_the_code():
     result = run("--help")
     assert result.returncode == 0
     for option in ("--socket-path", "--fd", "--shared-dir", "--cache", "--log-level", "--thread-pool-size",
-                   "--xattr", "--no-xattr", "--readdirplus", "--no-readdirplus", "--inode-table-size", "--sandbox", "--seccomp", "--modcaps",
+                   "--xattr", "--no-xattr", "--readdirplus", "--no-readdirplus", "--writeback", "--no-writeback",
+                   "--inode-table-size", "--sandbox", "--seccomp", "--modcaps",
                    "--inode-file-handles", "--inode-fd-cache", "--rlimit-nofile", "--version"):
         assert option in result.stdout
     assert "worker processes" in result.stdout          # what --thread-pool-size means here
@@ -208,6 +209,7 @@ def test_fd_not_a_number(tmp_path):
     (("--inode-table-size", "0"), "--inode-table-size"),
     (("--inode-file-handles", "prefer", "--inode-fd-cache", "15"), "--inode-fd-cache"),
     (("--inode-fd-cache", "100"), "--inode-file-handles=prefer"),
+    (("--cache", "never", "--writeback"), "--writeback"),
     (("--bogus",), "unrecognized arguments: --bogus"),
 ])
 def test_bad_option_values(tmp_path, sock_path, args, fragment):
@@ -243,6 +245,25 @@ def test_readdirplus_follows_the_cache_mode_unless_given(tmp_path):
     assert not config("--no-readdirplus").offers_readdirplus
 
 
+def test_writeback_is_off_unless_asked_for(tmp_path):
+    def config(*extra):
+        return cli.parse_config(["--shared-dir", str(tmp_path), "--fd", "3", *extra])
+    assert not config().writeback
+    assert config("--writeback").writeback and config("--cache", "always", "--writeback").writeback
+    assert not config("--writeback", "--no-writeback").writeback
+    assert not config("--cache", "never", "--no-writeback").writeback
+
+
 def test_thread_pool_size_zero_means_one_worker(tmp_path):
     config = cli.parse_config(["--shared-dir", str(tmp_path), "--fd", "3", "--thread-pool-size", "0"])
     assert config.max_request_workers == 1
+
+
+def test_readme_and_man_page_name_every_option():
+    """README's option table and packaging/pyvirtiofsd.1 stay true to the parser."""
+    readme = (REPO / "README.md").read_text()
+    man = (REPO / "packaging" / "pyvirtiofsd.1").read_text().replace("\\-", "-")
+    options = {o for action in cli.build_parser()._actions for o in action.option_strings if o.startswith("--")}
+    assert "--writeback" in options and "--no-writeback" in options
+    assert not [o for o in sorted(options) if f"`{o}" not in readme], "missing from README.md"
+    assert not [o for o in sorted(options) if o not in man], "missing from pyvirtiofsd.1"

@@ -9,12 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from daemon.config import CacheMode
-from daemon.fuse import abi, files
+from daemon.fuse import abi, credentials, files
 from daemon.fuse.abi import Opcode
 from daemon.fuse.handles import KIND_FILE
 from daemon.fuse.request import FUSEError, Request
 from daemon.virtio.iovec import IoVec
-from tests.unit.fusereq import NUL, chain, in_header, parse_reply, run_handler
+from tests.unit.fusereq import NUL, FuseClient, chain, in_header, parse_reply, run_handler
 
 MiB = 1 << 20
 
@@ -133,6 +133,60 @@ def test_o_append_appends_at_the_host_end_of_file(fuse, share):
         f.write(b"host\n")
     fuse.write(nodeid, fh, 6, b"guest\n").ok()
     assert (share / "log").read_bytes() == b"first\nhost\nguest\n"
+
+
+def host_flags(fuse, fh) -> int:
+    return fcntl.fcntl(fuse.session.handles.get(fh, KIND_FILE).fd, fcntl.F_GETFL)
+
+
+def test_writeback_opens_write_only_files_readable_and_without_o_append(connect, share):
+    """Under WRITEBACK_CACHE the guest reads a page in before writing part
+    of it, on the fh it writes with, and places appends itself."""
+    fuse = connect(writeback=True)
+    (share / "log").write_bytes(b"first\n")
+    nodeid = fuse.lookup(1, "log")
+    fh, _ = fuse.open(nodeid, os.O_WRONLY | os.O_APPEND)
+    flags = host_flags(fuse, fh)
+    assert flags & os.O_ACCMODE == os.O_RDWR and not flags & os.O_APPEND
+    assert fuse.read(nodeid, fh, 0, 4096).ok() == b"first\n"
+    fuse.write(nodeid, fh, 6, b"guest\n").ok()  # the guest's own end of file
+    fuse.write(nodeid, fh, 0, b"F").ok()         # not appended
+    assert (share / "log").read_bytes() == b"First\nguest\n"
+    # CREATE, new and existing, alike
+    new, cfh = fuse.create(1, "new", os.O_WRONLY | os.O_APPEND)
+    assert host_flags(fuse, cfh) & (os.O_ACCMODE | os.O_APPEND) == os.O_RDWR
+    again = fuse.call(Opcode.CREATE, 1, abi.CREATE_IN.pack(os.O_WRONLY | os.O_CREAT, 0o100644, 0, 0)
+                      + b"log" + NUL, 144).ok()
+    efh = abi.OPEN_OUT.unpack_from(again, abi.ENTRY_OUT.size)[0]
+    assert host_flags(fuse, efh) & os.O_ACCMODE == os.O_RDWR
+    # read-only stays read-only
+    rfh, _ = fuse.open(nodeid, os.O_RDONLY)
+    assert host_flags(fuse, rfh) & os.O_ACCMODE == os.O_RDONLY
+
+
+def test_writeback_keeps_a_file_the_caller_cannot_read_write_only(connect, share):
+    fuse = connect(writeback=True)
+    (share / "drop").write_bytes(b"x")
+    os.chown(share / "drop", 1000, 1000)
+    os.chmod(share / "drop", 0o200)
+    nodeid = fuse.lookup(1, "drop")
+    user = FuseClient(fuse.session, uid=1000, gid=1000)
+    fh, _ = user.open(nodeid, os.O_WRONLY | os.O_APPEND)
+    flags = host_flags(fuse, fh)
+    assert flags & os.O_ACCMODE == os.O_WRONLY and not flags & os.O_APPEND
+    user.write(nodeid, fh, 0, b"y").ok()
+    assert user.read(nodeid, fh, 0, 1).error == errno.EBADF
+    # one the caller may not write at all is still EACCES
+    credentials.restore()  # the session left the caller's fsuid in place
+    os.chmod(share / "drop", 0o400)
+    assert user.call(Opcode.OPEN, nodeid, abi.OPEN_IN.pack(os.O_WRONLY, 0), 16).error == errno.EACCES
+
+
+def test_without_writeback_write_only_and_o_append_stay(fuse, share):
+    (share / "f").write_bytes(b"abc")
+    nodeid = fuse.lookup(1, "f")
+    fh, _ = fuse.open(nodeid, os.O_WRONLY | os.O_APPEND)
+    assert host_flags(fuse, fh) & (os.O_ACCMODE | os.O_APPEND) == os.O_WRONLY | os.O_APPEND
 
 
 def test_o_direct_is_dropped_on_the_host(fuse, share):

@@ -124,6 +124,21 @@ def test_init_offers_readdirplus_unless_cache_never(tmp_path, proc_cwd, cache, r
         table.close()
 
 
+@pytest.mark.parametrize("writeback", [False, True])
+def test_init_offers_writeback_only_when_configured(tmp_path, proc_cwd, writeback):
+    fs, table = make_session(tmp_path, CacheMode.AUTO, writeback=writeback)
+    try:
+        flags = abi.INIT_OUT.unpack(FuseClient(fs).call(Opcode.INIT, 0, init_args(), 64).ok())[3]
+        assert bool(flags & InitFlag.WRITEBACK_CACHE) == writeback
+        # never offered to a guest that did not offer it
+        offered = int(InitFlag.ASYNC_READ)
+        out = abi.INIT_OUT.unpack(FuseClient(fs).call(Opcode.INIT, 0, init_args(flags=offered), 64).ok())
+        assert out[3] & InitFlag.WRITEBACK_CACHE == 0
+    finally:
+        fs.close()
+        table.close()
+
+
 def test_init_only_echoes_offered_flags(env):
     _, client, _ = env
     offered = int(InitFlag.ASYNC_READ | InitFlag.BIG_WRITES)
