@@ -40,9 +40,10 @@ the lock is held elsewhere, registers a retry with the session and answers
 DEFERRED; the session retries it every ~10 ms until it is granted, fails,
 or the request is interrupted (EINTR). At most 64 requests wait at once
 (request.MAX_DEFERRED, what a worker restart can answer); one more that
-would wait gets ENOLCK, fcntl(2)'s "lock table full". Polling grants no FIFO fairness
-between waiters and, since OFD locks have no deadlock detection, two guest
-processes waiting on each other wait forever, as with OFD locks on a host.
+would wait gets ENOLCK, fcntl(2)'s "lock table full". Polling grants no
+FIFO fairness between waiters and, since OFD locks have no deadlock
+detection, two guest processes waiting on each other wait forever, as
+with OFD locks on a host.
 
 Ranges: the kernel sends [start, end] inclusive, with end = OFFSET_MAX
 (2^63 - 1) meaning "to end of file" (l_len 0); end = 2^64 - 1 is taken the
