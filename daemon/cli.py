@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--writeback", action=argparse.BooleanOptionalAction, default=DEFAULTS["writeback"],
                    help="let the guest cache writes and send them later, in larger WRITEs "
                         "(WRITEBACK_CACHE; not with --cache never; default: off)")
+    p.add_argument("--announce-submounts", action="store_true",
+                   help="tell the guest which directories are other file systems mounted in the "
+                        "shared directory, so it mounts them apart, each with a device number of "
+                        "its own (as the host shows them)")
     p.add_argument("--inode-table-size", metavar="N", type=_int_arg("--inode-table-size", 1, MAX_INODE_TABLE_SIZE),
                    default=DEFAULTS["inode_table_size"],
                    help=f"most inodes the guest may hold at once (default {DEFAULTS['inode_table_size']})")
@@ -119,6 +123,7 @@ def parse_config(argv: list[str]) -> Config:
         xattr=args.xattr,
         readdirplus=args.readdirplus,
         writeback=args.writeback,
+        announce_submounts=args.announce_submounts,
         inode_table_size=args.inode_table_size,
         sandbox=args.sandbox,
         seccomp=args.seccomp,

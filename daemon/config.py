@@ -46,6 +46,9 @@ class Config(NamedTuple):
     # WRITEBACK_CACHE offered to the guest: it keeps written data in its page
     # cache and sends it later, in larger WRITEs (not with cache=never)
     writeback: bool = False
+    # a directory on another file system (st_dev) than its parent is marked
+    # FUSE_ATTR_SUBMOUNT, so the guest mounts it apart with its own st_dev
+    announce_submounts: bool = False
     sandbox: str = "namespace"  # namespace | chroot | none (see daemon/sandbox)
     seccomp: str = "kill"       # kill | log | trap | none: the action for a syscall off the list
     modcaps: str | None = None  # "+cap:-cap" changes to the request workers' capabilities

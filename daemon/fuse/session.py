@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import errno
 import os
+from stat import S_ISDIR as _S_ISDIR
 
 from daemon.fuse import abi, credentials
 from daemon.fuse.abi import InitFlag, Opcode
@@ -217,6 +218,7 @@ class FuseSession:
         self._ops[int(Opcode.INTERRUPT)] = _op_interrupt
         self._readdirplus = int(Opcode.READDIRPLUS) in self._ops and config.offers_readdirplus
         self._locks = int(Opcode.SETLK) in self._ops
+        self._submounts = config.announce_submounts
         # deferred requests: [token, req, retry]; completed: [(token, n)]
         self._pending: list[list] = []
         self._completed: list[tuple[object, int]] = []
@@ -566,8 +568,9 @@ class FuseSession:
                               nlink if nlink <= _U32 else _U32, st.st_uid, st.st_gid,
                               _rdev32(rdev) if rdev else 0, st.st_blksize, 0)
 
-    def entry_reply(self, st: os.stat_result, nodeid: int, generation: int) -> bytes:
-        """``fuse_entry_out`` (128 bytes) with entry and attribute timeouts."""
+    def entry_reply(self, st: os.stat_result, nodeid: int, generation: int, attr_flags: int = 0) -> bytes:
+        """``fuse_entry_out`` (128 bytes) with entry and attribute timeouts;
+        ``attr_flags``: fuse_attr.flags (FUSE_ATTR_SUBMOUNT)."""
         t, tn = self._tsec, self._tnsec
         a, an = divmod(st.st_atime_ns, _NS)
         m, mn = divmod(st.st_mtime_ns, _NS)
@@ -577,7 +580,7 @@ class FuseSession:
         return _pack_entry(nodeid, generation, t, t, tn, tn, st.st_ino, st.st_size, st.st_blocks,
                            a & _U64, m & _U64, c & _U64, an, mn, cn, st.st_mode,
                            nlink if nlink <= _U32 else _U32, st.st_uid, st.st_gid,
-                           _rdev32(rdev) if rdev else 0, st.st_blksize, 0)
+                           _rdev32(rdev) if rdev else 0, st.st_blksize, attr_flags)
 
     def negative_entry(self) -> bytes:
         """``fuse_entry_out`` with nodeid 0: "no such name" cached for the
@@ -589,6 +592,10 @@ class FuseSession:
         it, and return its ``fuse_entry_out``. OSError/FUSEError on failure
         (then no count was taken)."""
         nodeid, generation, st = self.cache.lookup(parent_fd, name)
+        if self._submounts and _S_ISDIR(st.st_mode) and st.st_dev != os.fstat(parent_fd).st_dev:
+            # --announce-submounts: another file system is mounted here; the
+            # guest mounts it apart, with a device number of its own
+            return self.entry_reply(st, nodeid, generation, abi.FUSE_ATTR_SUBMOUNT)
         return self.entry_reply(st, nodeid, generation)
 
 
@@ -620,6 +627,8 @@ def _op_init(fs: FuseSession, req: Request):
         wanted |= INIT_FLAGS_LOCKS
     if fs.config.writeback:
         wanted |= InitFlag.WRITEBACK_CACHE
+    if fs._submounts:
+        wanted |= InitFlag.SUBMOUNTS
     ours = int(offered & wanted)
     fs.start()
     log.info("FUSE session: guest %d.%d, replying 7.%d flags %#x", major, minor,

@@ -46,7 +46,7 @@ def test_help_lists_the_options_and_is_true_to_the_code():
     assert result.returncode == 0
     for option in ("--socket-path", "--fd", "--shared-dir", "--cache", "--log-level", "--thread-pool-size",
                    "--xattr", "--no-xattr", "--readdirplus", "--no-readdirplus", "--writeback", "--no-writeback",
-                   "--inode-table-size", "--sandbox", "--seccomp", "--modcaps",
+                   "--announce-submounts", "--inode-table-size", "--sandbox", "--seccomp", "--modcaps",
                    "--inode-file-handles", "--inode-fd-cache", "--rlimit-nofile", "--version"):
         assert option in result.stdout
     assert "worker processes" in result.stdout          # what --thread-pool-size means here
@@ -252,6 +252,12 @@ def test_writeback_is_off_unless_asked_for(tmp_path):
     assert config("--writeback").writeback and config("--cache", "always", "--writeback").writeback
     assert not config("--writeback", "--no-writeback").writeback
     assert not config("--cache", "never", "--no-writeback").writeback
+
+
+def test_announce_submounts_is_off_unless_asked_for(tmp_path):
+    base = ["--shared-dir", str(tmp_path), "--fd", "3"]
+    assert not cli.parse_config(base).announce_submounts
+    assert cli.parse_config(base + ["--announce-submounts"]).announce_submounts
 
 
 def test_thread_pool_size_zero_means_one_worker(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
 import threading
 import time
 
@@ -134,6 +135,51 @@ def test_init_offers_writeback_only_when_configured(tmp_path, proc_cwd, writebac
         offered = int(InitFlag.ASYNC_READ)
         out = abi.INIT_OUT.unpack(FuseClient(fs).call(Opcode.INIT, 0, init_args(flags=offered), 64).ok())
         assert out[3] & InitFlag.WRITEBACK_CACHE == 0
+    finally:
+        fs.close()
+        table.close()
+
+
+@pytest.fixture
+def tmpfs_at():
+    """tmpfs_at(path): a small tmpfs mounted on the new directory ``path``
+    (another file system inside the share), unmounted afterwards."""
+    mounted = []
+
+    def mount(path):
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "vfsd-test", str(path)], check=True)
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.parametrize("announce", [False, True])
+def test_announce_submounts_marks_directories_of_another_file_system(tmp_path, proc_cwd, tmpfs_at,
+                                                                    announce):
+    share = tmp_path / "share"
+    share.mkdir()
+    (tmpfs_at(share / "sub") / "inner").mkdir()
+    (share / "plain").mkdir()
+    (share / "file").write_bytes(b"")
+    fs, table = make_session(share, announce_submounts=announce)
+    try:
+        client = FuseClient(fs)
+        flags = abi.INIT_OUT.unpack(client.call(Opcode.INIT, 0, init_args(), 64).ok())[3]
+        assert bool(flags & InitFlag.SUBMOUNTS) == announce
+
+        def lookup(parent, name):
+            payload = client.call(Opcode.LOOKUP, parent, os.fsencode(name) + b"\0", 128).ok()
+            return entry_nodeid(payload), abi.ENTRY_OUT.unpack(payload)[-1]  # fuse_attr.flags
+
+        sub, sub_flags = lookup(1, "sub")
+        assert sub_flags == (abi.FUSE_ATTR_SUBMOUNT if announce else 0)
+        assert lookup(1, "plain")[1] == 0 and lookup(1, "file")[1] == 0
+        assert lookup(sub, "inner")[1] == 0  # the same file system as its parent
+        assert lookup(sub, ".")[1] == 0
     finally:
         fs.close()
         table.close()
