@@ -11,7 +11,7 @@ import os
 import sys
 
 import daemon
-from daemon import log, sandbox
+from daemon import compat, log, sandbox
 from daemon.config import DEFAULTS, CacheMode, Config
 from daemon.sandbox import capabilities, programs
 
@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tell the guest which directories are other file systems mounted in the "
                         "shared directory, so it mounts them apart, each with a device number of "
                         "its own (as the host shows them)")
+    p.add_argument("--posix-lock", action=argparse.BooleanOptionalAction, default=DEFAULTS["posix_lock"],
+                   help="offer POSIX (fcntl) locks, taken on the host so guests sharing a directory "
+                        "exclude each other (default: on)")
+    p.add_argument("--flock", action=argparse.BooleanOptionalAction, default=DEFAULTS["flock"],
+                   help="offer flock(2) locks, taken on the host likewise (default: on)")
     p.add_argument("--inode-table-size", metavar="N", type=_int_arg("--inode-table-size", 1, MAX_INODE_TABLE_SIZE),
                    default=DEFAULTS["inode_table_size"],
                    help=f"most inodes the guest may hold at once (default {DEFAULTS['inode_table_size']})")
@@ -98,11 +103,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rlimit-nofile", metavar="N", type=_int_arg("--rlimit-nofile", 0, 1 << 30),
                    help="RLIMIT_NOFILE for request workers (default: raised as far as allowed; "
                         "0 leaves it alone)")
+    p.add_argument("--print-capabilities", action=_PrintCapabilities,
+                   help="print the vhost-user backend capabilities as JSON and exit (for libvirt)")
+    p.add_argument("-o", metavar="OPT[,OPT...]", dest="compat_o", action="append",
+                   help="QEMU's C virtiofsd options, as libvirt passes them: source=DIR, cache=none|auto|"
+                        "always, sandbox=..., log_level=..., modcaps=..., [no_]xattr, [no_]readdirplus, "
+                        "[no_]writeback, [no_]posix_lock, [no_]flock, announce_submounts, debug; "
+                        "-d is --log-level debug")
     p.add_argument("--version", action="version", version=f"{PROG} {daemon.__version__}")
     return p
 
 
+class _PrintCapabilities(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(compat.CAPABILITIES_JSON)
+        parser.exit(0)
+
+
 def parse_config(argv: list[str]) -> Config:
+    try:
+        argv = compat.expand(argv)
+    except compat.CompatError as e:
+        raise UsageError(str(e)) from None
     args = build_parser().parse_args(argv)
     if (args.socket_path is None) == (args.fd is None):
         raise UsageError("exactly one of --socket-path and --fd is required")
@@ -124,6 +149,8 @@ def parse_config(argv: list[str]) -> Config:
         readdirplus=args.readdirplus,
         writeback=args.writeback,
         announce_submounts=args.announce_submounts,
+        posix_lock=args.posix_lock,
+        flock=args.flock,
         inode_table_size=args.inode_table_size,
         sandbox=args.sandbox,
         seccomp=args.seccomp,

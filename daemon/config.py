@@ -49,6 +49,10 @@ class Config(NamedTuple):
     # a directory on another file system (st_dev) than its parent is marked
     # FUSE_ATTR_SUBMOUNT, so the guest mounts it apart with its own st_dev
     announce_submounts: bool = False
+    # POSIX (fcntl) and flock locks offered to the guest, forwarded to the
+    # host as OFD locks; off: the guest keeps its locks to itself
+    posix_lock: bool = True
+    flock: bool = True
     sandbox: str = "namespace"  # namespace | chroot | none (see daemon/sandbox)
     seccomp: str = "kill"       # kill | log | trap | none: the action for a syscall off the list
     modcaps: str | None = None  # "+cap:-cap" changes to the request workers' capabilities

@@ -84,7 +84,6 @@ INIT_FLAGS = (InitFlag.ASYNC_READ | InitFlag.ATOMIC_O_TRUNC | InitFlag.BIG_WRITE
               | InitFlag.INIT_EXT)
 # offered only when the op table implements them
 INIT_FLAGS_READDIRPLUS = InitFlag.DO_READDIRPLUS | InitFlag.READDIRPLUS_AUTO
-INIT_FLAGS_LOCKS = InitFlag.POSIX_LOCKS | InitFlag.FLOCK_LOCKS
 
 # ops that run with the daemon's own credentials
 _NO_CRED = frozenset((Opcode.INIT, Opcode.DESTROY, Opcode.FORGET, Opcode.BATCH_FORGET,
@@ -624,7 +623,10 @@ def _op_init(fs: FuseSession, req: Request):
     if fs._readdirplus:
         wanted |= INIT_FLAGS_READDIRPLUS
     if fs._locks:
-        wanted |= INIT_FLAGS_LOCKS
+        if fs.config.posix_lock:
+            wanted |= InitFlag.POSIX_LOCKS
+        if fs.config.flock:
+            wanted |= InitFlag.FLOCK_LOCKS
     if fs.config.writeback:
         wanted |= InitFlag.WRITEBACK_CACHE
     if fs._submounts:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -46,7 +47,8 @@ def test_help_lists_the_options_and_is_true_to_the_code():
     assert result.returncode == 0
     for option in ("--socket-path", "--fd", "--shared-dir", "--cache", "--log-level", "--thread-pool-size",
                    "--xattr", "--no-xattr", "--readdirplus", "--no-readdirplus", "--writeback", "--no-writeback",
-                   "--announce-submounts", "--inode-table-size", "--sandbox", "--seccomp", "--modcaps",
+                   "--announce-submounts", "--posix-lock", "--no-posix-lock", "--flock", "--no-flock",
+                   "--print-capabilities", "-o OPT", "--inode-table-size", "--sandbox", "--seccomp", "--modcaps",
                    "--inode-file-handles", "--inode-fd-cache", "--rlimit-nofile", "--version"):
         assert option in result.stdout
     assert "worker processes" in result.stdout          # what --thread-pool-size means here
@@ -210,6 +212,7 @@ def test_fd_not_a_number(tmp_path):
     (("--inode-file-handles", "prefer", "--inode-fd-cache", "15"), "--inode-fd-cache"),
     (("--inode-fd-cache", "100"), "--inode-file-handles=prefer"),
     (("--cache", "never", "--writeback"), "--writeback"),
+    (("-o", "timeout=5"), "-o timeout=5"),
     (("--bogus",), "unrecognized arguments: --bogus"),
 ])
 def test_bad_option_values(tmp_path, sock_path, args, fragment):
@@ -258,6 +261,25 @@ def test_announce_submounts_is_off_unless_asked_for(tmp_path):
     base = ["--shared-dir", str(tmp_path), "--fd", "3"]
     assert not cli.parse_config(base).announce_submounts
     assert cli.parse_config(base + ["--announce-submounts"]).announce_submounts
+
+
+def test_print_capabilities_for_libvirt():
+    """vhost-user.rst's backend convention: JSON on stdout, exit 0, whatever
+    else is (not) on the command line; libvirt then passes our own long
+    options ("separate-options"), and no migration is claimed."""
+    for argv in (("--print-capabilities",), ("--fd=3", "--print-capabilities")):
+        result = run(*argv)
+        assert result.returncode == 0 and result.stderr == ""
+        caps = json.loads(result.stdout)
+        assert caps == {"type": "fs", "features": ["separate-options"]}
+
+
+def test_lock_options_reach_the_config(tmp_path):
+    base = ["--shared-dir", str(tmp_path), "--fd", "3"]
+    config = cli.parse_config(base)
+    assert config.posix_lock and config.flock
+    config = cli.parse_config(base + ["--no-posix-lock", "--no-flock"])
+    assert not config.posix_lock and not config.flock
 
 
 def test_thread_pool_size_zero_means_one_worker(tmp_path):

@@ -185,6 +185,18 @@ def test_announce_submounts_marks_directories_of_another_file_system(tmp_path, p
         table.close()
 
 
+@pytest.mark.parametrize("posix_lock,flock", [(True, True), (False, True), (True, False), (False, False)])
+def test_init_offers_each_lock_kind_as_configured(tmp_path, proc_cwd, posix_lock, flock):
+    fs, table = make_session(tmp_path, posix_lock=posix_lock, flock=flock)
+    try:
+        flags = abi.INIT_OUT.unpack(FuseClient(fs).call(Opcode.INIT, 0, init_args(), 64).ok())[3]
+        assert bool(flags & InitFlag.POSIX_LOCKS) == posix_lock
+        assert bool(flags & InitFlag.FLOCK_LOCKS) == flock
+    finally:
+        fs.close()
+        table.close()
+
+
 def test_init_only_echoes_offered_flags(env):
     _, client, _ = env
     offered = int(InitFlag.ASYNC_READ | InitFlag.BIG_WRITES)
