@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "exclude each other (default: on)")
     p.add_argument("--flock", action=argparse.BooleanOptionalAction, default=DEFAULTS["flock"],
                    help="offer flock(2) locks, taken on the host likewise (default: on)")
+    p.add_argument("--allow-direct-io", action=argparse.BooleanOptionalAction,
+                   default=DEFAULTS["allow_direct_io"],
+                   help="open files with O_DIRECT on the host when the guest does, so its direct I/O "
+                        "bypasses the host page cache too (default: dropped, the host caches)")
     p.add_argument("--inode-table-size", metavar="N", type=_int_arg("--inode-table-size", 1, MAX_INODE_TABLE_SIZE),
                    default=DEFAULTS["inode_table_size"],
                    help=f"most inodes the guest may hold at once (default {DEFAULTS['inode_table_size']})")
@@ -108,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", metavar="OPT[,OPT...]", dest="compat_o", action="append",
                    help="QEMU's C virtiofsd options, as libvirt passes them: source=DIR, cache=none|auto|"
                         "always, sandbox=..., log_level=..., modcaps=..., [no_]xattr, [no_]readdirplus, "
-                        "[no_]writeback, [no_]posix_lock, [no_]flock, announce_submounts, debug; "
+                        "[no_]writeback, [no_]posix_lock, [no_]flock, [no_]allow_direct_io, "
+                        "announce_submounts, debug; "
                         "-d is --log-level debug")
     p.add_argument("--version", action="version", version=f"{PROG} {daemon.__version__}")
     return p
@@ -151,6 +156,7 @@ def parse_config(argv: list[str]) -> Config:
         announce_submounts=args.announce_submounts,
         posix_lock=args.posix_lock,
         flock=args.flock,
+        allow_direct_io=args.allow_direct_io,
         inode_table_size=args.inode_table_size,
         sandbox=args.sandbox,
         seccomp=args.seccomp,

@@ -27,6 +27,7 @@ _FLAGS = {
     "posix_lock": ["--posix-lock"], "no_posix_lock": ["--no-posix-lock"],
     "flock": ["--flock"], "no_flock": ["--no-flock"],
     "announce_submounts": ["--announce-submounts"],
+    "allow_direct_io": ["--allow-direct-io"], "no_allow_direct_io": ["--no-allow-direct-io"],
     "debug": ["--log-level", "debug"],
 }
 # -o NAME=VALUE → our long option (values are checked by cli.py)

@@ -53,6 +53,8 @@ class Config(NamedTuple):
     # host as OFD locks; off: the guest keeps its locks to itself
     posix_lock: bool = True
     flock: bool = True
+    # the guest's O_DIRECT kept on the host (bypassing its page cache too)
+    allow_direct_io: bool = False
     sandbox: str = "namespace"  # namespace | chroot | none (see daemon/sandbox)
     seccomp: str = "kill"       # kill | log | trap | none: the action for a syscall off the list
     modcaps: str | None = None  # "+cap:-cap" changes to the request workers' capabilities

@@ -20,7 +20,11 @@ Decisions (and why):
   O_TRUNC, O_SYNC/O_DSYNC, O_NOATIME, O_NONBLOCK). O_DIRECT is dropped, as
   both reference daemons do by default: the guest's O_DIRECT already
   bypasses the guest page cache, and the host page cache is ours to use
-  (O_DIRECT would also demand aligned guest buffers). O_APPEND is kept: the
+  (O_DIRECT also demands aligned guest buffers, and some host file systems
+  refuse it). ``--allow-direct-io`` keeps it, so that the guest's O_DIRECT
+  bypasses the host page cache too; then what the host refuses (EINVAL for
+  a misaligned buffer or a file system without O_DIRECT) is the guest's
+  answer, as it would be on a local disk. O_APPEND is kept: the
   host then appends at its real end of file, which is right when the file
   is shared (the guest's offset may be stale).
 - ``--writeback`` (WRITEBACK_CACHE offered at INIT): the guest keeps
@@ -89,11 +93,11 @@ _syncfs.restype = ctypes.c_int
 
 
 # -- helpers shared by OPEN and CREATE --------------------------------------
-def host_open_flags(guest_flags: int) -> int:
+def host_open_flags(guest_flags: int, allow_direct_io: bool = False) -> int:
     """The host open(2) flags for a guest's OPEN/CREATE flags."""
     if guest_flags & os.O_ACCMODE == os.O_ACCMODE:
         raise FUSEError(errno.EINVAL)
-    return guest_flags & OPEN_FLAGS_KEPT
+    return guest_flags & (OPEN_FLAGS_KEPT | os.O_DIRECT if allow_direct_io else OPEN_FLAGS_KEPT)
 
 
 def open_regular(path_fd: int, flags: int) -> int:
@@ -215,7 +219,7 @@ def do_open(fs, req: Request):
     open(2) errno. Lookup count: unchanged.
     """
     flags, _open_flags = _args(req, abi.OPEN_IN)
-    flags = host_open_flags(flags)
+    flags = host_open_flags(flags, fs.config.allow_direct_io)
     path_fd = fs.cache.fd(req.nodeid)
     fs.handles.check_room()
     fd, flags = open_file(path_fd, flags, fs.config.writeback)
@@ -234,7 +238,7 @@ def do_create(fs, req: Request):
     name = parse_name(req.args[abi.CREATE_IN.size:])
     if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
         raise FUSEError(errno.EINVAL)
-    host_flags = host_open_flags(flags)
+    host_flags = host_open_flags(flags, fs.config.allow_direct_io)
     parent_fd = fs.cache.fd(req.nodeid)
     fs.handles.check_room()
     fd, host_flags = _create_file(parent_fd, name, host_flags, stat.S_IMODE(mode),

@@ -42,12 +42,13 @@ def test_split_options_takes_any_text(text):
 
 def test_expand_maps_every_option():
     argv = ["--fd=3", "-o", "source=/srv/a,,b,cache=none,sandbox=chroot,log_level=err,modcaps=-mknod,"
-            "xattr,no_readdirplus,writeback,no_posix_lock,no_flock,announce_submounts",
+            "xattr,no_readdirplus,writeback,no_posix_lock,no_flock,announce_submounts,allow_direct_io",
             "--thread-pool-size=2"]
     assert compat.expand(argv) == [
         "--fd=3", "--shared-dir", "/srv/a,b", "--cache", "never", "--sandbox", "chroot",
         "--log-level", "error", "--modcaps", "-mknod", "--xattr", "--no-readdirplus", "--writeback",
-        "--no-posix-lock", "--no-flock", "--announce-submounts", "--thread-pool-size=2"]
+        "--no-posix-lock", "--no-flock", "--announce-submounts", "--allow-direct-io",
+        "--thread-pool-size=2"]
 
 
 def test_expand_joined_form_debug_and_double_dash():

@@ -198,6 +198,18 @@ def test_o_direct_is_dropped_on_the_host(fuse, share):
     assert fuse.read(nodeid, fh, 1, 100).ok() == b"bc"  # unaligned: fine
 
 
+def test_allow_direct_io_keeps_o_direct_on_the_host(connect, share):
+    fuse = connect(allow_direct_io=True)
+    (share / "f").write_bytes(b"abc")
+    nodeid = fuse.lookup(1, "f")
+    fh, _ = fuse.open(nodeid, os.O_RDONLY | os.O_DIRECT)
+    assert host_flags(fuse, fh) & os.O_DIRECT
+    _, cfh = fuse.create(1, "new", os.O_RDWR | os.O_DIRECT)
+    assert host_flags(fuse, cfh) & os.O_DIRECT
+    plain, _ = fuse.open(nodeid, os.O_RDONLY)
+    assert not host_flags(fuse, plain) & os.O_DIRECT
+
+
 def test_unknown_and_released_handles_are_ebadf(fuse, share):
     (share / "f").write_bytes(b"abc")
     nodeid = fuse.lookup(1, "f")
