@@ -72,7 +72,8 @@ def _translate(item: str) -> list[str]:
         if name in _VALUES:
             raise CompatError(f"-o {name} needs a value ({name}=...)")
     elif name in _VALUES:
-        return [_VALUES[name], _VALUE_NAMES.get((name, value), value)]
+        # joined with "=": a value may start with "-" (modcaps=-mknod)
+        return [f"{_VALUES[name]}={_VALUE_NAMES.get((name, value), value)}"]
     raise CompatError(f"-o {item}: not an option this daemon has (see --help)")
 
 

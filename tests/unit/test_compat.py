@@ -45,14 +45,14 @@ def test_expand_maps_every_option():
             "xattr,no_readdirplus,writeback,no_posix_lock,no_flock,announce_submounts,allow_direct_io",
             "--thread-pool-size=2"]
     assert compat.expand(argv) == [
-        "--fd=3", "--shared-dir", "/srv/a,b", "--cache", "never", "--sandbox", "chroot",
-        "--log-level", "error", "--modcaps", "-mknod", "--xattr", "--no-readdirplus", "--writeback",
+        "--fd=3", "--shared-dir=/srv/a,b", "--cache=never", "--sandbox=chroot",
+        "--log-level=error", "--modcaps=-mknod", "--xattr", "--no-readdirplus", "--writeback",
         "--no-posix-lock", "--no-flock", "--announce-submounts", "--allow-direct-io",
         "--thread-pool-size=2"]
 
 
 def test_expand_joined_form_debug_and_double_dash():
-    assert compat.expand(["-osource=/x", "-d"]) == ["--shared-dir", "/x", "--log-level=debug"]
+    assert compat.expand(["-osource=/x", "-d"]) == ["--shared-dir=/x", "--log-level=debug"]
     assert compat.expand(["-o", "debug"]) == ["--log-level", "debug"]
     assert compat.expand(["--", "-o", "x"]) == ["--", "-o", "x"]
     assert compat.expand(["--socket-path=/s", "--shared-dir=/d"]) == ["--socket-path=/s", "--shared-dir=/d"]
@@ -78,11 +78,12 @@ def test_libvirt_9_0_command_line_gives_the_config(tmp_path):
     share.mkdir()
     escaped = str(share).replace(",", ",,")
     config = cli.parse_config(["--fd=7", "-o", f"source={escaped},cache=none,sandbox=chroot,xattr,"
-                               "flock,no_posix_lock", "--thread-pool-size=4", "-d"])
+                               "flock,no_posix_lock,modcaps=-mknod", "--thread-pool-size=4", "-d"])
     assert config.shared_dir == str(share)
     assert (config.socket_fd, config.cache, config.sandbox, config.xattr, config.flock,
             config.posix_lock, config.max_request_workers, config.log_level) == \
         (7, CacheMode.NEVER, "chroot", True, True, False, 4, "debug")
+    assert config.modcaps == "-mknod"  # a value that starts with "-"
 
 
 def test_values_are_checked_as_our_own_options(tmp_path):
