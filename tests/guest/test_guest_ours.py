@@ -2,8 +2,9 @@
 
 One boot per cache mode, and one more with ``--writeback`` (module-scoped
 fixture), each running the in-guest differential suite (guest_ops.py) and
-the ordinary tools (tools.sh) on the mount; then host-side checks of what the guest wrote, the shape of the
-daemon's process tree while the guest was attached, and a clean exit.
+the ordinary tools (tools.sh) on the mount; then host-side checks of what
+the guest wrote, the shape of the daemon's process tree while the guest
+was attached, and a clean exit.
 """
 
 from __future__ import annotations
