@@ -5,6 +5,10 @@ Used by test_guest_c_baseline.py, test_guest_ours.py (one boot per cache
 mode, module-scoped) and runnable by hand::
 
     python -m tests.guest.harness --daemon c --cache auto
+
+``python_in_guest`` is the short form for one option's test: a guest that
+runs a Python script on the mount and prints one JSON record
+(test_guest_submounts.py, test_guest_direct_io.py).
 """
 
 from __future__ import annotations
@@ -78,6 +82,28 @@ def json_record(line: str, prefix: str):
         return json.loads(line[len(prefix):])
     except ValueError:
         return None
+
+
+@dataclasses.dataclass
+class ScriptRun:
+    record: dict | None       # the JSON of the script's last ``prefix`` line
+    guest: GuestResult
+    daemon_exit: int | None
+    daemon_log: str
+
+
+def python_in_guest(daemon, script: str, prefix: str, console_log) -> ScriptRun:
+    """Boot a guest on ``daemon``'s export (at /mnt), run ``script`` with its
+    python3 and power off; the script prints one ``prefix{json}`` line.
+    Waits for the daemon to exit (it does once QEMU is gone)."""
+    guest = run_guest(daemon.socket_path, f"python3 -c {shlex.quote(script)}", timeout=300,
+                      console_log=console_log)
+    daemon_exit = daemon.wait(15)
+    record = None
+    for line in guest.output.splitlines():
+        if line.startswith(prefix):
+            record = json_record(line, prefix)
+    return ScriptRun(record, guest, daemon_exit, daemon.log())
 
 
 def parse_output(text: str):

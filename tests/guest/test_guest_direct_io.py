@@ -12,14 +12,12 @@ data is intact on both sides. Two short boots, module scoped.
 from __future__ import annotations
 
 import hashlib
-import shlex
 import subprocess
 
 import pytest
 
 from .conftest import BOOTS, _start_daemon, guest_prerequisites
-from .harness import json_record
-from .vm import run_guest
+from .harness import python_in_guest
 
 pytestmark = pytest.mark.guest
 
@@ -68,24 +66,18 @@ def run(request, tmp_path_factory):
     run_dir.mkdir()
     d = _start_daemon("ours", shared, "auto", run_dir, ("--allow-direct-io",) if allow else ())
     try:
-        guest = run_guest(d.socket_path, f"python3 -c {shlex.quote(GUEST_SCRIPT)}", timeout=300,
-                          console_log=base / "console.log")
-        daemon_exit = d.wait(15)
+        r = python_in_guest(d, GUEST_SCRIPT, PREFIX, base / "console.log")
     finally:
         d.stop()
-    seen = None
-    for line in guest.output.splitlines():
-        if line.startswith(PREFIX):
-            seen = json_record(line, PREFIX)
     path = shared / "direct"
     host = {"resident": None, "sha": None}
     if path.exists():
         host["resident"] = resident_bytes(path)  # before reading it here caches it
         host["sha"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    BOOTS.append(("ours", "auto" + (" --allow-direct-io" if allow else ""), guest.duration,
-                  f"direct io {seen} host {host}; console {base / 'console.log'}"))
-    return {"allow": allow, "seen": seen, "guest": guest, "host": host, "daemon_exit": daemon_exit,
-            "log": d.log()}
+    BOOTS.append(("ours", "auto" + (" --allow-direct-io" if allow else ""), r.guest.duration,
+                  f"direct io {r.record} host {host}; console {base / 'console.log'}"))
+    return {"allow": allow, "seen": r.record, "guest": r.guest, "host": host,
+            "daemon_exit": r.daemon_exit, "log": r.daemon_log}
 
 
 def test_the_guest_wrote_and_read_back_with_o_direct(run):

@@ -12,14 +12,12 @@ on the host's tmpfs. Two short boots, module scoped.
 
 from __future__ import annotations
 
-import shlex
 import subprocess
 
 import pytest
 
 from .conftest import BOOTS, _start_daemon, guest_prerequisites
-from .harness import json_record
-from .vm import run_guest
+from .harness import python_in_guest
 
 pytestmark = pytest.mark.guest
 
@@ -54,18 +52,12 @@ def run(request, tmp_path_factory):
     try:
         d = _start_daemon("ours", shared, "auto", run_dir,
                           ("--announce-submounts",) if announce else ())
-        guest = run_guest(d.socket_path, f"python3 -c {shlex.quote(GUEST_SCRIPT)}", timeout=300,
-                          console_log=base / "console.log")
-        daemon_exit = d.wait(15)
-        seen = None
-        for line in guest.output.splitlines():
-            if line.startswith(PREFIX):
-                seen = json_record(line, PREFIX)
+        r = python_in_guest(d, GUEST_SCRIPT, PREFIX, base / "console.log")
         host_file = (sub / "from-guest").read_text() if (sub / "from-guest").exists() else None
-        BOOTS.append(("ours", "auto" + (" --announce-submounts" if announce else ""), guest.duration,
-                      f"submounts {seen}; console {base / 'console.log'}"))
-        yield {"announce": announce, "seen": seen, "guest": guest, "host_file": host_file,
-               "daemon_exit": daemon_exit, "log": d.log()}
+        BOOTS.append(("ours", "auto" + (" --announce-submounts" if announce else ""), r.guest.duration,
+                      f"submounts {r.record}; console {base / 'console.log'}"))
+        yield {"announce": announce, "seen": r.record, "guest": r.guest, "host_file": host_file,
+               "daemon_exit": r.daemon_exit, "log": r.daemon_log}
     finally:
         if d is not None:
             d.stop()
