@@ -43,6 +43,21 @@ def _start_daemon(kind: str, shared_dir: Path, cache: str, run_dir: Path, extra_
     return Daemon(kind, str(shared_dir), cache=cache, socket_path=str(run_dir / "vfs.sock"))
 
 
+def guest_dirs(tmp_path_factory, name: str) -> tuple[Path, Path, Path]:
+    """(base, base/shared, base/run) for one guest boot, after checking that
+    guests can run here at all (a missing prerequisite fails the test)."""
+    why = guest_prerequisites()
+    if why:  # scripts/setup.sh installs all of it: missing means broken, not "skip"
+        pytest.fail(f"guest tests cannot run: {why}")
+    base = tmp_path_factory.mktemp(name)
+    shared = base / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o755)  # a non-root guest caller must be able to enter it
+    run_dir = base / "run"
+    run_dir.mkdir()
+    return base, shared, run_dir
+
+
 @pytest.fixture(scope="module")
 def guest_run_factory(tmp_path_factory):
     """factory(kind, cache, tools=True, known=()) -> harness.Run; boots once."""
@@ -61,12 +76,7 @@ def guest_run_factory(tmp_path_factory):
         return runs[key]
 
     def boot(kind, cache, tools, known, extra_args):
-        base = tmp_path_factory.mktemp(f"guest-{kind}-{cache}")
-        shared = base / "shared"
-        shared.mkdir()
-        os.chmod(shared, 0o755)  # a non-root guest caller must be able to enter it
-        run_dir = base / "run"
-        run_dir.mkdir()
+        base, shared, run_dir = guest_dirs(tmp_path_factory, f"guest-{kind}-{cache}")
         d = _start_daemon(kind, shared, cache, run_dir, extra_args)
         daemons.append(d)
         run = boot_and_run(d, kind, cache, shared, tools=tools, known=known,

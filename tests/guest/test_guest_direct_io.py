@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from .conftest import BOOTS, _start_daemon, guest_prerequisites
+from .conftest import BOOTS, _start_daemon, guest_dirs
 from .harness import python_in_guest
 
 pytestmark = pytest.mark.guest
@@ -55,15 +55,8 @@ def resident_bytes(path) -> int:
 
 @pytest.fixture(scope="module", params=[False, True], ids=["default", "allow-direct-io"])
 def run(request, tmp_path_factory):
-    why = guest_prerequisites()
-    if why:
-        pytest.fail(f"guest tests cannot run: {why}")
     allow = request.param
-    base = tmp_path_factory.mktemp("guest-direct-io")
-    shared = base / "shared"
-    shared.mkdir()
-    run_dir = base / "run"
-    run_dir.mkdir()
+    base, shared, run_dir = guest_dirs(tmp_path_factory, "guest-direct-io")
     d = _start_daemon("ours", shared, "auto", run_dir, ("--allow-direct-io",) if allow else ())
     try:
         r = python_in_guest(d, GUEST_SCRIPT, PREFIX, base / "console.log")

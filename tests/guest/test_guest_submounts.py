@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from .conftest import BOOTS, _start_daemon, guest_prerequisites
+from .conftest import BOOTS, _start_daemon, guest_dirs
 from .harness import python_in_guest
 
 pytestmark = pytest.mark.guest
@@ -36,18 +36,12 @@ print({PREFIX!r} + json.dumps(r), flush=True)
 
 @pytest.fixture(scope="module", params=[False, True], ids=["default", "announce"])
 def run(request, tmp_path_factory):
-    why = guest_prerequisites()
-    if why:
-        pytest.fail(f"guest tests cannot run: {why}")
     announce = request.param
-    base = tmp_path_factory.mktemp("guest-submounts")
-    shared = base / "shared"
-    (shared / "plain").mkdir(parents=True)
+    base, shared, run_dir = guest_dirs(tmp_path_factory, "guest-submounts")
+    (shared / "plain").mkdir()
     sub = shared / "sub"
     sub.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "vfsd-submount", str(sub)], check=True)
-    run_dir = base / "run"
-    run_dir.mkdir()
     d = None
     try:
         d = _start_daemon("ours", shared, "auto", run_dir,
