@@ -331,30 +331,37 @@ def large_footprint_part(p: dict) -> dict | None:
 
 
 # -- part 2: daemon-bound ---------------------------------------------------------------
-def frontend_part(p: dict, rounds: int) -> dict:
+def daemon_rates(kind: str, ops, depths, seconds: float, extra_args=()) -> dict:
+    """{"op-dDEPTH": requests/s} of one daemon started on a fresh share and
+    driven by the vhost-user test frontend (no guest)."""
     from tests.frontend.fuse_client import FuseClient
     from tests.frontend.vhost import start_frontend
     from tests.perf.frontend_bench import requests_per_second
 
+    shared = tempfile.mkdtemp(prefix=f"bench-fe-{kind}-")
+    d = start_daemon(kind, shared, "auto", extra_args=extra_args)
+    fe = None
+    try:
+        fe = start_frontend(d.socket_path, ram_size=256 << 20, num_request_queues=1, queue_size=1024)
+        fc = FuseClient(fe)
+        fc.init()
+        requests_per_second(fc, "read1m", 1, 0.2)  # creates the data file; warms up
+        return {f"{op}-d{depth}": requests_per_second(fc, op, depth, seconds)
+                for op in ops for depth in depths}
+    finally:
+        if fe is not None:
+            fe.close()
+        d.stop(5)
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def frontend_part(p: dict, rounds: int) -> dict:
     best = {k: {} for k in KINDS}
     for rnd in range(rounds):
         for kind in KINDS:
-            shared = tempfile.mkdtemp(prefix=f"bench-fe-{kind}-")
-            d = start_daemon(kind, shared, "auto")
-            fe = start_frontend(d.socket_path, ram_size=256 << 20, num_request_queues=1, queue_size=1024)
-            try:
-                fc = FuseClient(fe)
-                fc.init()
-                requests_per_second(fc, "read1m", 1, 0.2)  # creates the data file; warms up
-                for op in FRONTEND_OPS:
-                    for depth in FRONTEND_DEPTHS:
-                        rate = requests_per_second(fc, op, depth, p["frontend_seconds"])
-                        key = f"{op}-d{depth}"
-                        best[kind][key] = max(best[kind].get(key, 0.0), rate)
-            finally:
-                fe.close()
-                d.stop(5)
-                shutil.rmtree(shared, ignore_errors=True)
+            rates = daemon_rates(kind, FRONTEND_OPS, FRONTEND_DEPTHS, p["frontend_seconds"])
+            for key, rate in rates.items():
+                best[kind][key] = max(best[kind].get(key, 0.0), rate)
             log(f"  {kind:4s} round {rnd + 1}: " + ", ".join(f"{k} {v:,.0f}/s" for k, v in best[kind].items()))
     return best
 

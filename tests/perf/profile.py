@@ -136,29 +136,6 @@ def inproc_profile(op: str, depth: int, seconds: float) -> str:
             f"({us_prof:.1f} µs with it)\n\n```\n{body}\n```")
 
 
-def frontend_rates(kind: str, extra=(), ops=("getattr", "read4k"), depth: int = 64,
-                   seconds: float = 2.0) -> dict:
-    """{op: requests/s} of one daemon through the test frontend."""
-    from tests.frontend.fuse_client import FuseClient
-    from tests.frontend.vhost import start_frontend
-    from tests.perf.frontend_bench import requests_per_second
-
-    shared = tempfile.mkdtemp(prefix=f"profile-fe-{kind}-")
-    d = start_daemon(kind, shared, "auto", extra_args=extra)
-    fe = None
-    try:
-        fe = start_frontend(d.socket_path, ram_size=256 << 20, num_request_queues=1, queue_size=1024)
-        fc = FuseClient(fe)
-        fc.init()
-        requests_per_second(fc, "read4k", 1, 0.2)  # creates the data file; warms up
-        return {op: requests_per_second(fc, op, depth, seconds) for op in ops}
-    finally:
-        if fe is not None:
-            fe.close()
-        d.stop(5)
-        shutil.rmtree(shared, ignore_errors=True)
-
-
 def floor_and_threads(rounds: int = 2) -> list[str]:
     """Part 3 (see the module docstring): best of ``rounds`` for each figure."""
     from tests.perf import floor
@@ -171,9 +148,9 @@ def floor_and_threads(rounds: int = 2) -> list[str]:
     best: dict[str, dict] = {name: {} for name in variants}
     for _ in range(rounds):
         for name, (kind, extra) in variants.items():
-            for op, rate in frontend_rates(kind, extra).items():
-                best[name][op] = max(best[name].get(op, 0.0), rate)
-    c_us = 1e6 / best["C, --thread-pool-size=0 (its default)"]["getattr"]
+            for key, rate in bench.daemon_rates(kind, ("getattr", "read4k"), (64,), 2.0, extra).items():
+                best[name][key] = max(best[name].get(key, 0.0), rate)
+    c_us = 1e6 / best["C, --thread-pool-size=0 (its default)"]["getattr-d64"]
     md = ["| GETATTR, depth 64 | µs per request |", "|---|---:|",
           f"| floor: the least a CPython loop can do (tests/perf/floor.py, one process) | {floor_us:.2f} |",
           f"| our worker loop (tests/perf/inproc.py, one process) | {ours_us:.2f} |",
@@ -182,7 +159,7 @@ def floor_and_threads(rounds: int = 2) -> list[str]:
           f"{rounds}; the frontend spins on one of the {os.cpu_count()} cores):", "",
           "| daemon | GETATTR | READ 4 KiB |", "|---|---:|---:|"]
     for name, rates in best.items():
-        md.append(f"| {name} | {rates['getattr']:,.0f} | {rates['read4k']:,.0f} |")
+        md.append(f"| {name} | {rates['getattr-d64']:,.0f} | {rates['read4k-d64']:,.0f} |")
     return md
 
 
