@@ -586,14 +586,19 @@ class Supervisor:
 
     def _install_signals(self):
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # the wakeup fd first: a signal caught before it is set would run
+        # _note_signal and leave nothing in the pipe, and the loop would
+        # never hear of it (a SIGTERM lost so, the daemon waits for QEMU)
+        wakeup = signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
         old = {sig: signal.signal(sig, _note_signal) for sig in HANDLED_SIGNALS}
-        old["wakeup"] = signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+        old["wakeup"] = wakeup
         return old
 
     def _restore_signals(self, old) -> None:
-        signal.set_wakeup_fd(old.pop("wakeup"))
-        for sig, handler in old.items():
+        wakeup = old.pop("wakeup")
+        for sig, handler in old.items():    # the reverse order of _install_signals
             signal.signal(sig, handler)
+        signal.set_wakeup_fd(wakeup)
         os.close(self._wakeup_r)
         os.close(self._wakeup_w)
 

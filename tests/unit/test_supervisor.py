@@ -322,3 +322,29 @@ def test_describe_exit():
     assert supervisor.describe_exit(signal.SIGSEGV) == "killed by SIGSEGV"
     assert supervisor.describe_exit(signal.SIGSYS, "request").startswith(
         "killed by SIGSYS: a system call outside policy/request.policy (run with --seccomp log")
+
+
+def test_a_signal_right_after_its_handler_is_installed_reaches_the_loop(monkeypatch):
+    """SIGTERM delivered the moment its handler is installed, before the
+    other handlers: its number must already go to the wakeup pipe, or the
+    supervisor never sees it and waits for QEMU forever. (A clean-clone CI
+    run had test_cli's --sandbox none test time out that way: SIGTERM sent,
+    "waiting for QEMU" the last line logged; this window is the one way
+    found to lose it.)"""
+    real_signal = signal.signal
+
+    def signal_then_deliver(sig, handler):
+        old = real_signal(sig, handler)
+        if sig == signal.SIGTERM and handler is supervisor._note_signal:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled before signal.signal returns to us
+        return old
+
+    monkeypatch.setattr(signal, "signal", signal_then_deliver)
+    sup = supervisor.Supervisor.__new__(supervisor.Supervisor)
+    old = sup._install_signals()
+    try:
+        assert signal.SIGTERM in os.read(sup._wakeup_r, 64)
+    finally:
+        monkeypatch.setattr(signal, "signal", real_signal)
+        sup._restore_signals(old)
+    assert signal.getsignal(signal.SIGTERM) is not supervisor._note_signal
