@@ -46,7 +46,12 @@ import re
 import sys
 from pathlib import Path
 
-import pyseccomp
+try:
+    import pyseccomp  # PyPI: ctypes over libseccomp
+except ImportError:
+    # Debian's python3-seccomp: libseccomp's own bindings, whose API
+    # pyseccomp copies name for name (the Debian package depends on it)
+    import seccomp as pyseccomp  # type: ignore[no-redef]
 
 from daemon.sandbox.namespaces import SandboxError
 from daemon.sandbox.programs import ROLES, valid_program
