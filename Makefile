@@ -1,10 +1,15 @@
 # pyvirtiofsd: the two commands a user needs are `make demo` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test unit test-frontend test-guest fuzz bench profile clean
+.PHONY: setup deb demo test unit test-frontend test-guest fuzz bench profile clean
 
 setup:
 	./scripts/setup.sh
+
+## The Debian package (build/deb/pyvirtiofsd_*.deb), built with Debian's
+## python3 and pybuild and checked by lintian.
+deb:
+	./scripts/build-deb.sh build/deb
 
 ## Start the daemon on a demo directory and boot a guest that uses it.
 demo: setup

@@ -39,4 +39,4 @@ mv "$work"/pyvirtiofsd_*.deb "$out/"
 deb=$(ls "$out"/pyvirtiofsd_*.deb)
 echo "build-deb: $deb"
 # lintian: errors fail the build, warnings are printed
-lintian --fail-on error --no-tag-display-limit "$deb"
+lintian --fail-on error --tag-display-limit 0 "$deb"

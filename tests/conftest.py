@@ -25,6 +25,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 C_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+# our program as the Debian package installs it (tests/guest/test_guest_debian_package.py)
+INSTALLED_PYVIRTIOFSD = "/usr/bin/pyvirtiofsd"
 # our --cache value -> C virtiofsd's -o cache=
 C_CACHE = {"never": "none", "auto": "auto", "always": "always"}
 # Options that make the C daemon offer what ours offers by default: xattrs
@@ -98,6 +100,9 @@ def daemon_command(kind: str, socket_path: str, shared_dir: str, cache: str,
                    extra_args=()) -> list[str]:
     if kind == "ours":
         return [sys.executable, "-m", "daemon", "--socket-path", socket_path,
+                "--shared-dir", shared_dir, "--cache", cache, *extra_args]
+    if kind == "installed":
+        return [INSTALLED_PYVIRTIOFSD, "--socket-path", socket_path,
                 "--shared-dir", shared_dir, "--cache", cache, *extra_args]
     if kind == "c":
         return [C_VIRTIOFSD, f"--socket-path={socket_path}", "-o", f"source={shared_dir}",

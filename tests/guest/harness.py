@@ -170,7 +170,8 @@ def confinement(pid: int) -> dict:
         fields[key] = value.strip()
     ns = {kind: os.readlink(f"/proc/{pid}/ns/{kind}") for kind in ("mnt", "pid", "net", "ipc", "uts")}
     root = os.stat(f"/proc/{pid}/root")
-    return {"seccomp": fields.get("Seccomp"), "nnp": fields.get("NoNewPrivs"),
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    return {"cmdline": cmdline, "seccomp": fields.get("Seccomp"), "nnp": fields.get("NoNewPrivs"),
             "capeff": int(fields.get("CapEff", "0"), 16), "ns": ns, "root": (root.st_dev, root.st_ino)}
 
 
@@ -180,6 +181,10 @@ def _wait_exit(daemon, timeout: float) -> int | None:
     return None
 
 
+# our daemon from the venv, and as the Debian package installs it
+OUR_KINDS = ("ours", "installed")
+
+
 def boot_and_run(daemon, kind: str, cache: str, shared_dir: Path, *, tools: bool = True,
                  known=(), timeout: float = BOOT_TIMEOUT, console_log=None) -> Run:
     """Boot one guest against an already listening daemon and run the suite."""
@@ -187,7 +192,7 @@ def boot_and_run(daemon, kind: str, cache: str, shared_dir: Path, *, tools: bool
     seen_confinement: dict = {}
 
     def on_booted(_text):
-        if kind == "ours":
+        if kind in OUR_KINDS:
             time.sleep(0.5)  # let every worker settle after the mount
             seen_tree.extend(process_tree(daemon.pid))
             for pid, _ppid, comm in seen_tree:
@@ -209,8 +214,8 @@ def boot_and_run(daemon, kind: str, cache: str, shared_dir: Path, *, tools: bool
     ops, info, ops_summary, tl, tools_summary, step_rc = parse_output(guest.output)
     run = Run(kind=kind, cache=cache, shared_dir=Path(shared_dir), guest=guest, ops=ops,
               ops_info=info, ops_summary=ops_summary, tools=tl, tools_summary=tools_summary,
-              step_rc=step_rc, process_tree=seen_tree if kind == "ours" else None,
-              confinement=seen_confinement if kind == "ours" else None,
+              step_rc=step_rc, process_tree=seen_tree if kind in OUR_KINDS else None,
+              confinement=seen_confinement if kind in OUR_KINDS else None,
               boot_seconds=time.monotonic() - t0)
     run.daemon_exit = _wait_exit(daemon, 15)
     try:
