@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rlimit-nofile", metavar="N", type=_int_arg("--rlimit-nofile", 0, 1 << 30),
                    help="RLIMIT_NOFILE for request workers (default: raised as far as allowed; "
                         "0 leaves it alone)")
+    p.add_argument("--metrics-socket", metavar="PATH",
+                   help="answer each connection to this UNIX socket (mode 0600) with the daemon's "
+                        "metrics in the Prometheus text format, then close it (default: no metrics)")
     p.add_argument("--print-capabilities", action=_PrintCapabilities,
                    help="print the vhost-user backend capabilities as JSON and exit (for libvirt)")
     p.add_argument("-o", metavar="OPT[,OPT...]", dest="compat_o", action="append",
@@ -164,7 +167,14 @@ def parse_config(argv: list[str]) -> Config:
         file_handles=args.inode_file_handles == "prefer",
         inode_fds=args.inode_fd_cache,
         rlimit_nofile=args.rlimit_nofile,
+        metrics_socket=_check_path("--metrics-socket", args.metrics_socket),
     )
+
+
+def _check_path(option: str, path: str | None) -> str | None:
+    if path is not None and (not path or "\0" in path):
+        raise UsageError(f"{option}: not a usable path")
+    return path
 
 
 def _check_modcaps(text: str | None) -> str | None:

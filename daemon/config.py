@@ -71,6 +71,9 @@ class Config(NamedTuple):
     # (older ones are closed and reopened by handle); None: a quarter of
     # its RLIMIT_NOFILE
     inode_fds: int | None = None
+    # where the supervisor answers Prometheus scrapes (None: no metrics, and
+    # the workers count nothing)
+    metrics_socket: str | None = None
 
     @property
     def offers_readdirplus(self) -> bool:

@@ -40,6 +40,9 @@ from typing import Callable, NamedTuple
 
 from daemon import log, sandbox
 from daemon.config import Config
+from daemon.metrics import exposition
+from daemon.metrics.counters import MetricsArea
+from daemon.metrics.server import MetricsError, MetricsServer
 from daemon.vhost_user.backend import Backend, WorkerFailure, WorkerSpawnError
 from daemon.workers import channel as ch
 from daemon.workers.channel import Channel, ChannelError, Msg
@@ -204,6 +207,18 @@ def describe_exit(status: int, role: str | None = None) -> str:
     return f"wait status 0x{status:x}"
 
 
+def _death_reason(status: int) -> str:
+    """A short, bounded label for why a worker ended (metrics)."""
+    if os.WIFSIGNALED(status):
+        try:
+            return signal.Signals(os.WTERMSIG(status)).name
+        except ValueError:
+            return f"signal {os.WTERMSIG(status)}"
+    if os.WIFEXITED(status):
+        return f"exit {os.WEXITSTATUS(status)}"
+    return "other"
+
+
 class ProcessPool:
     """The real ``WorkerPool``: one forked process per vring, each driven
     over its control channel. Any channel error, bad answer or timeout means
@@ -225,6 +240,9 @@ class ProcessPool:
         # where workers publish their rings' progress (shared memory that
         # every worker forked later inherits)
         self.progress = RingProgress(1 + config.max_request_workers)
+        # --metrics-socket: where workers count (shared memory, as progress)
+        self.metrics = MetricsArea(1 + config.max_request_workers) if config.metrics_socket else None
+        self.restarts: dict[tuple[int, str], int] = {}   # (vring, why) -> deaths
         self._deaths: dict[int, list[float]] = {}     # vring -> recent death times
         # fds (or objects with detach()/fileno()) a new child must not keep:
         # set by the supervisor (listener, QEMU connection, QEMU's fds...)
@@ -339,7 +357,7 @@ class ProcessPool:
                 pid, status = worker.pid, 0
             if pid:
                 self._forget(worker)
-                self._note_death(worker)
+                self._note_death(worker, _death_reason(status))
                 message = f"worker {worker.name} (pid {worker.pid}) died: {describe_exit(status, worker.role)}"
                 logger.error("%s", message)
                 raise WorkerFailure(message, worker.index)
@@ -377,7 +395,8 @@ class ProcessPool:
             # fork_confined set the parent-death signal and checked the parent
             # is still there (getppid() is 0 inside a new pid namespace)
             _close_inherited([parent_end] + [w.channel for w in self.workers.values()] + self.inherited())
-            self.worker_main(role, index, channel, self.config, self.inodes, progress=self.progress)
+            self.worker_main(role, index, channel, self.config, self.inodes, progress=self.progress,
+                             metrics=self.metrics)
             logger.error("worker_main returned")
         except SystemExit as e:
             os._exit(e.code if isinstance(e.code, int) else 1)
@@ -417,7 +436,7 @@ class ProcessPool:
             pass
         _, status = os.waitpid(worker.pid, 0)
         self._forget(worker)
-        self._note_death(worker)
+        self._note_death(worker, _death_reason(status) if why is None else "protocol")
         if why is None:
             message = f"worker {worker.name} (pid {worker.pid}) died: {describe_exit(status, worker.role)}"
         else:
@@ -426,8 +445,10 @@ class ProcessPool:
         logger.error("%s", message)
         raise WorkerFailure(message, worker.index)
 
-    def _note_death(self, worker: Worker) -> None:
+    def _note_death(self, worker: Worker, reason: str) -> None:
         self._deaths.setdefault(worker.index, []).append(time.monotonic())
+        key = (worker.index, reason)
+        self.restarts[key] = self.restarts.get(key, 0) + 1
 
     def _forget(self, worker: Worker) -> None:
         if self.workers.get(worker.index) is worker:
@@ -471,10 +492,12 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
 
 
 class Supervisor:
-    def __init__(self, config: Config, listener: Listener, pool: ProcessPool):
+    def __init__(self, config: Config, listener: Listener, pool: ProcessPool,
+                 metrics: MetricsServer | None = None):
         self.config = config
         self.listener = listener
         self.pool = pool
+        self.metrics = metrics
         self.backend: Backend | None = None
         self._wakeup_r = self._wakeup_w = -1
         pool.inherited = self._inherited_fds
@@ -508,9 +531,26 @@ class Supervisor:
                 poller.register(self.backend.fileno(), select.POLLIN)
             for worker in self.pool.workers.values():
                 poller.register(worker.channel.fileno(), select.POLLIN)
-            for fd, _ in poller.poll():
+            metrics = self.metrics
+            timeout = None
+            if metrics is not None:
+                poller.register(metrics.fileno(), select.POLLIN)
+                for fd in metrics.clients:
+                    poller.register(fd, select.POLLOUT)
+                due = metrics.next_deadline()
+                if due is not None:
+                    timeout = max(0, int((due - time.monotonic()) * 1000) + 1)
+            events = poller.poll(timeout)
+            if metrics is not None:
+                metrics.expire()
+            for fd, _ in events:
                 try:
-                    if fd == self._wakeup_r:
+                    if metrics is not None and fd in metrics.clients:
+                        metrics.writable(fd)
+                        continue
+                    if metrics is not None and fd == metrics.fileno():
+                        metrics.accept()
+                    elif fd == self._wakeup_r:
                         status = self._signals()
                         if status is not None:
                             return status
@@ -577,6 +617,9 @@ class Supervisor:
         fds: list = [self._wakeup_r, self._wakeup_w]
         if self.listener.sock is not None:
             fds.append(self.listener.sock)
+        if self.metrics is not None:
+            fds.append(self.metrics.sock)
+            fds.extend(client.sock for client in self.metrics.clients.values())
         if self.backend is not None and not self.backend.closed:
             fds.append(self.backend.conn)
             fds.extend(self.backend.region_fds)
@@ -609,7 +652,21 @@ def _note_signal(signum, frame) -> None:
 
 def run(config: Config) -> int:
     """Run the daemon; StartupError for problems the user can fix."""
-    listener = open_listener(config)
+    started = time.monotonic()
+    # the metrics socket before the vhost-user one: whoever sees the latter
+    # (a service manager, a test) can scrape at once
+    metrics = None
+    if config.metrics_socket:
+        try:
+            metrics = MetricsServer(config.metrics_socket, None)
+        except MetricsError as e:
+            raise StartupError(str(e)) from None
+    try:
+        listener = open_listener(config)
+    except BaseException:
+        if metrics is not None:
+            metrics.close()
+        raise
     try:
         try:
             from daemon.fuse.inodes import InodeTable
@@ -626,6 +683,13 @@ def run(config: Config) -> int:
             raise StartupError(f"cannot create the inode table ({config.inode_table_size} entries): "
                                f"{e.strerror or e}") from None
         pool = ProcessPool(config, inodes, worker_main)
-        return Supervisor(config, listener, pool).run()
+        if metrics is not None:
+            metrics.render = lambda: exposition.render(
+                pool.metrics, uptime_s=time.monotonic() - started, inodes=len(inodes),
+                inode_capacity=config.inode_table_size, restarts=pool.restarts,
+                live={i: w.pid for i, w in pool.workers.items()})
+        return Supervisor(config, listener, pool, metrics).run()
     finally:
         listener.close()
+        if metrics is not None:
+            metrics.close()

@@ -224,11 +224,16 @@ class FuseSession:
         self._token = None
         self._current: Request | None = None
         self._log = RateLimitedLogger(log)
+        # --metrics-socket: the worker's counters (daemon/metrics/counters.py)
+        self.meter = None
 
     # -- the request path ------------------------------------------------------------
     def handle(self, readable: IoVec, writable: IoVec, token=None) -> int | None:
         """Run one request; returns the bytes written into ``writable`` (0
         for no reply), or None when the request was deferred."""
+        meter = self.meter
+        if meter is not None:
+            start = meter.clock()
         try:
             written = self._handle(readable, writable, token)
         except Exception:  # noqa: BLE001 - the session never raises
@@ -237,6 +242,11 @@ class FuseSession:
                 written = self._error(writable, 0, errno.EIO)
             except Exception:  # noqa: BLE001 - e.g. the guest memory went away
                 written = 0
+        if meter is not None:
+            try:
+                meter.request(readable, writable, written, meter.clock() - start)
+            except Exception:  # noqa: BLE001 - counting never fails a request
+                log.exception("metrics: counting failed")
         return written
 
     def _handle(self, readable: IoVec, writable: IoVec, token) -> int | None:

@@ -26,6 +26,7 @@ import sys
 from typing import NoReturn
 
 from daemon import log as daemon_log
+from daemon.metrics.counters import WorkerMeter
 from daemon.workers import hiprio, request
 from daemon.workers.channel import Channel, ChannelError, Msg
 from daemon.workers.loop import WorkerLoop
@@ -35,12 +36,14 @@ log = daemon_log.get_logger("workers")
 ROLES = {"hiprio": hiprio, "request": request}
 
 
-def worker_main(role: str, index: int, channel: Channel, config, inodes, progress=None) -> NoReturn:
+def worker_main(role: str, index: int, channel: Channel, config, inodes, progress=None,
+                metrics=None) -> NoReturn:
     """``progress``: the supervisor's ``RingProgress`` (shared memory), where
-    this worker publishes how far it got, for its replacement."""
+    this worker publishes how far it got, for its replacement; ``metrics``:
+    its ``MetricsArea`` (shared memory) with --metrics-socket, else None."""
     status = 1
     try:
-        status = _run(role, index, channel, config, inodes, progress)
+        status = _run(role, index, channel, config, inodes, progress, metrics)
     except ChannelError as e:
         log.error("control channel: %s; exiting", e)
     except BaseException:  # noqa: BLE001 - a worker must end in os._exit, whatever happened
@@ -54,7 +57,7 @@ def worker_main(role: str, index: int, channel: Channel, config, inodes, progres
         os._exit(status)
 
 
-def _run(role: str, index: int, channel: Channel, config, inodes, progress=None) -> int:
+def _run(role: str, index: int, channel: Channel, config, inodes, progress=None, metrics=None) -> int:
     module = ROLES.get(role)
     if module is None:
         raise ValueError(f"unknown worker role {role!r}")
@@ -64,6 +67,9 @@ def _run(role: str, index: int, channel: Channel, config, inodes, progress=None)
     os.umask(0)
     sandbox_info = _confine(role, config)
     session = module.open_session(config, inodes, sandbox_info)
+    if metrics is not None:
+        nofile = sandbox_info.nofile[0] if sandbox_info is not None else 0
+        session.meter = WorkerMeter(metrics.slot(index), fd_limit=nofile)
     loop = WorkerLoop(channel, session, rings, progress=progress, coalesce=module.COALESCE)
     channel.send(Msg.READY)
     log.debug("serving vring(s) %s", ", ".join(map(str, rings)))

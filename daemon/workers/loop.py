@@ -228,6 +228,9 @@ class WorkerLoop:
             self._deadlines[ring] = self._clock() + interval
         self._publish(ring, queue)
         self.session.reap()
+        meter = self.session.meter
+        if meter is not None and served:
+            meter.batch(served, self.session)
         return served
 
     def _serve_due(self) -> None:
@@ -279,6 +282,8 @@ class WorkerLoop:
                 log.warning("session completed a request this loop never deferred")
                 continue
             slot = self._deferred_slots.pop(chain, -1)
+            if self.session.meter is not None:
+                self.session.meter.completed(chain.writable, written)
             if ring.queue is not None and not ring.broken:
                 ring.queue.push(chain.head, written)
                 answered = touched.setdefault(ring, [])

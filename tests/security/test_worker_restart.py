@@ -267,3 +267,33 @@ def test_chroot_mode_worker_killed_is_replaced(session, tmp_path, name):
     log = d.log()
     assert re.search(rf"worker {name} \(pid \d+\) (died|failed): .*killed by SIGKILL", log), log
     assert "Traceback" not in log
+
+
+def test_metrics_count_restarts_and_survive_them(session, tmp_path):
+    """--metrics-socket: a killed worker shows as a restart with its signal,
+    the counts it made before dying stay, its replacement counts on, and
+    the supervisor's metrics socket is not among a worker's fds."""
+    from tests.guest.test_guest_metrics import get, scrape
+
+    path = str(tmp_path / "metrics.sock")
+    d, fc = session(extra_args=("--metrics-socket", path))
+    for _ in range(5):
+        fc.getattr(1)
+    before = scrape(path)
+    w = {"worker": "request-1"}
+    assert get(before, "pyvirtiofsd_requests_total", op="GETATTR", **w) == 5
+    old = worker_pid(d, "request-1")
+    # the listening socket's inode, from the supervisor's view of its sockets
+    listening = [line.split()[6] for line in Path(f"/proc/{d.pid}/net/unix").read_text().splitlines()[1:]
+                 if line.split()[-1] == path]
+    assert len(listening) == 1
+    held = [os.readlink(f"/proc/{old}/fd/{fd}") for fd in os.listdir(f"/proc/{old}/fd")]
+    assert any(h.startswith("socket:[") for h in held)          # its channel, at least
+    assert f"socket:[{listening[0]}]" not in held
+    kill_and_wait_replaced(d, "request-1", 0)
+    fc.getattr(1)
+    after = scrape(path)
+    assert get(after, "pyvirtiofsd_worker_restarts_total", reason="SIGKILL", **w) == 1
+    assert get(after, "pyvirtiofsd_requests_total", op="GETATTR", **w) == 6
+    assert get(after, "pyvirtiofsd_worker_up", **w) == 1
+    assert "Traceback" not in d.log()

@@ -34,7 +34,7 @@ from daemon.workers import channel as ch
 
 mode, socket_path = sys.argv[1], sys.argv[2]
 
-def worker_main(role, index, channel, config, inodes, progress=None):
+def worker_main(role, index, channel, config, inodes, progress=None, metrics=None):
     held = []
     for fd in os.listdir("/proc/self/fd"):
         try:

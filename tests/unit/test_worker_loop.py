@@ -40,6 +40,8 @@ class EchoSession:
     ("WOKE") only once ``drain_wakeup`` was called, as a blocking call
     (FSYNC) goes."""
 
+    meter = None           # no --metrics-socket
+
     def __init__(self):
         self.pending = []  # (token, writable, forever)
         self.retries = 0
