@@ -657,6 +657,7 @@ def run(config: Config) -> int:
     # (a service manager, a test) can scrape at once
     metrics = None
     if config.metrics_socket:
+        _claim_socket_path(config.metrics_socket)
         try:
             metrics = MetricsServer(config.metrics_socket, None)
         except MetricsError as e:

@@ -75,8 +75,14 @@ def _opcode(head) -> int:
     return abi.IN_HEADER.unpack_from(head)[1]
 
 
-def _error(head) -> int:
-    return abi.OUT_HEADER.unpack_from(head)[1]
+def _reply_errno(writable) -> int | None:
+    """The errno slot of the reply header at the start of ``writable``:
+    None for success, 0 for an errno out of range."""
+    out = writable.views[0]
+    err = -abi.OUT_HEADER.unpack_from(out if len(out) >= _OUT else writable.read(0, _OUT))[1]
+    if not err:
+        return None
+    return err if 0 < err < ERRNO_SLOTS else 0
 
 
 class MetricsArea:
@@ -130,14 +136,13 @@ class WorkerMeter:
         words[base + OP_BUCKETS + i] += 1
         if written < _OUT:
             return
-        out = writable.views[0]
-        err = -_error(out if len(out) >= _OUT else writable.read(0, _OUT))
-        if err:
-            e = err if 0 < err < ERRNO_SLOTS else 0
-            words[ERRORS + op * ERRNO_SLOTS + e] += 1
+        err = _reply_errno(writable)
+        if err is not None:
+            words[ERRORS + op * ERRNO_SLOTS + err] += 1
         elif opcode == _READ:
             words[BYTES_READ] += written - _OUT
         elif opcode == _WRITE and written >= _WRITE_END:
+            out = writable.views[0]
             body = out if len(out) >= _WRITE_END else writable.read(0, _WRITE_END)
             words[BYTES_WRITTEN] += abi.WRITE_OUT.unpack_from(body, _OUT)[0]
 
@@ -146,13 +151,11 @@ class WorkerMeter:
         count an error reply."""
         if written < _OUT:
             return
-        out = writable.views[0]
-        err = -_error(out if len(out) >= _OUT else writable.read(0, _OUT))
-        if err:
+        err = _reply_errno(writable)
+        if err is not None:
             # deferred requests are FSYNC/FSYNCDIR/SETLKW; their opcode is
             # not in the reply, so they count under "other"
-            e = err if 0 < err < ERRNO_SLOTS else 0
-            self.words[ERRORS + e] += 1
+            self.words[ERRORS + err] += 1
 
     def batch(self, chains: int, session) -> None:
         """After a wake-up that served ``chains`` requests: count it, and

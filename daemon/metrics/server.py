@@ -1,8 +1,8 @@
 """``--metrics-socket PATH``: the supervisor answers each connection with
 the Prometheus text exposition and closes it.
 
-The socket is created (mode 0600, a stale file replaced) before the
-supervisor confines itself, and served from the supervisor's poll loop:
+The socket is created (mode 0600; the supervisor has replaced a stale
+socket file first) before the supervisor confines itself, and served from the supervisor's poll loop:
 never blocking. Each connection gets the whole text rendered at accept and
 written as the client reads it; one that has not read it all within
 ``DEADLINE`` seconds is closed, and at most ``MAX_CLIENTS`` are served at
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import socket
-import stat
 import time
 
 from daemon.log import get_logger
@@ -46,7 +45,6 @@ class MetricsServer:
         self.render = render
         self.clock = clock
         self.clients: dict[int, _Client] = {}
-        _remove_stale(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             old = os.umask(0o177)
@@ -132,24 +130,3 @@ class MetricsServer:
         client.data.release()
         client.sock.close()
 
-
-def _remove_stale(path: str) -> None:
-    """A socket file left by an earlier run is replaced; anything else at
-    ``path`` is an error."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise MetricsError(f"--metrics-socket {path}: {e.strerror}") from None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise MetricsError(f"--metrics-socket {path}: exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)     # nobody listens: stale
-        return
-    finally:
-        probe.close()
-    raise MetricsError(f"--metrics-socket {path}: another process is listening on it")

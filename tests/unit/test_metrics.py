@@ -209,21 +209,27 @@ def test_clients_that_never_read_cost_a_bounded_time_and_number(tmp_path):
         server.close()
 
 
-def test_stale_socket_replaced_and_bad_paths_refused(tmp_path):
-    stale = tmp_path / "stale.sock"
-    s = socket.socket(socket.AF_UNIX)
-    s.bind(str(stale))
-    s.close()                                        # nobody listens
-    MetricsServer(str(stale), lambda: b"").close()
+def test_a_path_that_cannot_be_bound_is_one_error(tmp_path):
+    with pytest.raises(MetricsError, match="--metrics-socket"):
+        MetricsServer(str(tmp_path / "no" / "dir.sock"), lambda: b"")
     plain = tmp_path / "file"
     plain.write_text("x")
-    with pytest.raises(MetricsError, match="not a socket"):
-        MetricsServer(str(plain), lambda: b"")
-    live = MetricsServer(str(tmp_path / "live.sock"), lambda: b"")
-    try:
-        with pytest.raises(MetricsError, match="listening"):
-            MetricsServer(str(tmp_path / "live.sock"), lambda: b"")
-    finally:
-        live.close()
     with pytest.raises(MetricsError):
-        MetricsServer(str(tmp_path / "no" / "dir.sock"), lambda: b"")
+        MetricsServer(str(plain), lambda: b"")
+
+
+def test_daemon_refuses_a_metrics_path_that_is_not_its_own(tmp_path):
+    import subprocess
+    import sys
+    share = tmp_path / "share"
+    share.mkdir()
+    taken = tmp_path / "taken"
+    taken.write_text("someone's file")
+    r = subprocess.run([sys.executable, "-m", "daemon", "--socket-path", str(tmp_path / "v.sock"),
+                        "--shared-dir", str(share), "--metrics-socket", str(taken)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"pyvirtiofsd: error: socket path {taken} exists and is not a socket"]
+    assert taken.read_text() == "someone's file"
+    assert not (tmp_path / "v.sock").exists()
