@@ -38,7 +38,7 @@ import sys
 import time
 from typing import Callable, NamedTuple
 
-from daemon import log, sandbox
+from daemon import log, sandbox, startup
 from daemon.config import Config
 from daemon.vhost_user.backend import Backend, WorkerFailure, WorkerSpawnError
 from daemon.workers import channel as ch
@@ -609,6 +609,10 @@ def _note_signal(signum, frame) -> None:
 
 def run(config: Config) -> int:
     """Run the daemon; StartupError for problems the user can fix."""
+    try:
+        startup.prepare(config)       # inherited fds, signal mask, privileges, groups: before anything
+    except startup.StartRefused as e:
+        raise StartupError(str(e)) from None
     listener = open_listener(config)
     try:
         try:
