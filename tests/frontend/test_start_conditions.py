@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, DaemonProcess
 from tests.frontend.fuse_client import FuseClient
 from tests.frontend.vhost import start_frontend
 from tests.procfs import children
@@ -144,27 +144,23 @@ def test_not_root_with_sandbox_none_serves_as_itself(nobody_dir):
     """--sandbox none is the unprivileged debugging run: it starts, and acts
     as its own user (a request from that uid works, root's is refused)."""
     cmd = _as_nobody(nobody_dir, "--sandbox", "none")
-    sock, share = nobody_dir / "vfsd.sock", nobody_dir / "share"
-    proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    fe = None
+    sock, share, log_path = nobody_dir / "vfsd.sock", nobody_dir / "share", nobody_dir / "daemon.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    daemon = DaemonProcess("ours", proc, str(sock), str(share), str(log_path), cmd)
     try:
         wait_for(lambda: sock.exists() or proc.poll() is not None, what="the socket")
-        assert proc.poll() is None, proc.stdout.read().decode()
         fe = start_frontend(str(sock), ram_size=64 << 20, num_request_queues=1)
-        fc = FuseClient(fe, uid=NOBODY, gid=NOBODY)
-        fc.init()
-        serve_once(fc, share, "mine")
-        assert os.stat(share / "mine").st_uid == NOBODY
-    finally:
-        if fe is not None:
-            fe.close()
         try:
-            status = proc.wait(15)
+            fc = FuseClient(fe, uid=NOBODY, gid=NOBODY)
+            fc.init()
+            serve_once(fc, share, "mine")
+            assert os.stat(share / "mine").st_uid == NOBODY
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    out = proc.stdout.read().decode()
-    assert status == 0, out[-3000:]
-    assert "WARNING: --sandbox none" in out
+            fe.close()
+        status = daemon.wait(15)     # QEMU gone: the daemon ends
+    finally:
+        daemon.stop()
+    assert status == 0, daemon.log()[-3000:]
+    assert "WARNING: --sandbox none" in daemon.log()

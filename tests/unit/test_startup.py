@@ -42,6 +42,13 @@ def config(sandbox="namespace", socket_fd=None):
     return SimpleNamespace(sandbox=sandbox, socket_fd=socket_fd)
 
 
+def become_nobody(groups=()) -> None:
+    """uid/gid 65534 with ``groups``: every capability is gone."""
+    os.setgroups(list(groups))
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+
+
 def test_inherited_fds_are_closed_but_the_socket():
     def child(keep):
         fds = [os.open("/", os.O_RDONLY) for _ in range(4)]
@@ -81,9 +88,7 @@ def test_supplementary_groups_dropped():
 @pytest.mark.parametrize("sandbox,missing", [("namespace", "CAP_SYS_ADMIN"), ("chroot", "CAP_SYS_CHROOT")])
 def test_without_privileges_start_refused(sandbox, missing):
     def child(_):
-        os.setgroups([])
-        os.setresgid(65534, 65534, 65534)
-        os.setresuid(65534, 65534, 65534)   # every capability gone
+        become_nobody()
         startup.check_privileges(config(sandbox))
     with pytest.raises(startup.StartRefused) as e:
         in_child(child)
@@ -92,9 +97,7 @@ def test_without_privileges_start_refused(sandbox, missing):
 
 def test_without_privileges_sandbox_none_keeps_its_groups():
     def child(_):
-        os.setgroups([4])
-        os.setresgid(65534, 65534, 65534)
-        os.setresuid(65534, 65534, 65534)
+        become_nobody([4])
         startup.check_privileges(config("none"))
         startup.drop_supplementary_groups(config("none"))
         return os.getgroups()
@@ -103,9 +106,7 @@ def test_without_privileges_sandbox_none_keeps_its_groups():
 
 def test_without_setgid_groups_refused_unless_sandbox_none():
     def child(_):
-        os.setgroups([4])
-        os.setresgid(65534, 65534, 65534)
-        os.setresuid(65534, 65534, 65534)
+        become_nobody([4])
         startup.drop_supplementary_groups(config("namespace"))
     with pytest.raises(startup.StartRefused, match="supplementary groups"):
         in_child(child)
