@@ -30,7 +30,8 @@ the rest of the daemon assumes:
 
 The umask and the environment are left as they are: the umask decides the
 mode of the ``--socket-path`` file (workers set their own, 0, since the
-guest kernel applied the guest's), and nothing reads the environment.
+guest kernel applied the guest's), and no code of ours reads the
+environment.
 """
 
 from __future__ import annotations

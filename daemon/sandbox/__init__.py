@@ -15,9 +15,9 @@ Worker (``child_fn`` → worker entry), before READY::
 Order inside ``confine`` (namespaces were entered by ``spawn_confined``):
 policies and limits that need /proc are read first → root change (pivot_root
 / chroot) → chdir /proc/self/fd → RLIMIT_NOFILE → no supplementary groups →
-capabilities (bounding,
-inheritable, effective, permitted; ambient cleared) → no_new_privs → seccomp,
-last, so every earlier step may use any syscall it needs.
+capabilities (bounding, inheritable, effective, permitted; ambient cleared)
+→ no_new_privs → seccomp, last, so every earlier step may use any syscall
+it needs.
 """
 
 from __future__ import annotations
