@@ -38,7 +38,7 @@ import sys
 import time
 from typing import Callable, NamedTuple
 
-from daemon import log, sandbox
+from daemon import log, sandbox, startup
 from daemon.config import Config
 from daemon.metrics import exposition
 from daemon.metrics.counters import MetricsArea
@@ -652,6 +652,10 @@ def _note_signal(signum, frame) -> None:
 
 def run(config: Config) -> int:
     """Run the daemon; StartupError for problems the user can fix."""
+    try:
+        startup.prepare(config)       # inherited fds, signal mask, privileges, groups: before anything
+    except startup.StartRefused as e:
+        raise StartupError(str(e)) from None
     started = time.monotonic()
     # the metrics socket before the vhost-user one: whoever sees the latter
     # (a service manager, a test) can scrape at once

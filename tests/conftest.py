@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -45,7 +46,8 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "frontend_opts(**kw): keyword arguments for the frontend fixture "
-        "(queue_size, num_request_queues, cache, ram_size, extra_args, protocol_mask)")
+        "(queue_size, num_request_queues, cache, ram_size, extra_args, protocol_mask, "
+        "start: a tests/start_conditions.py name)")
 
 
 def pytest_generate_tests(metafunc):
@@ -56,7 +58,8 @@ def pytest_generate_tests(metafunc):
 
 
 class DaemonProcess:
-    """A running daemon: ``.socket_path``, ``.proc``, ``.pid``, ``.kind``."""
+    """A running daemon: ``.socket_path``, ``.proc``, ``.pid``, ``.kind``,
+    ``.start_condition``."""
 
     def __init__(self, kind: str, proc: subprocess.Popen, socket_path: str,
                  shared_dir: str, log_path: str, cmd: list[str]):
@@ -67,6 +70,8 @@ class DaemonProcess:
         self.shared_dir = shared_dir
         self.log_path = log_path
         self.cmd = cmd
+        self.start_condition = "plain"   # tests/start_conditions.py
+        self.inherited: list[str] = []   # paths of extra fds it was started with
 
     def log(self) -> str:
         try:
@@ -97,34 +102,64 @@ class DaemonProcess:
 
 
 def daemon_command(kind: str, socket_path: str, shared_dir: str, cache: str,
-                   extra_args=()) -> list[str]:
+                   extra_args=(), socket_fd: int | None = None) -> list[str]:
+    """``socket_fd``: an inherited listening socket (``--fd=N``) instead of
+    ``socket_path``."""
     if kind == "ours":
-        return [sys.executable, "-m", "daemon", "--socket-path", socket_path,
+        where = ["--socket-path", socket_path] if socket_fd is None else [f"--fd={socket_fd}"]
+        return [sys.executable, "-m", "daemon", *where,
                 "--shared-dir", shared_dir, "--cache", cache, *extra_args]
     if kind == "installed":
         return [INSTALLED_PYVIRTIOFSD, "--socket-path", socket_path,
                 "--shared-dir", shared_dir, "--cache", cache, *extra_args]
     if kind == "c":
-        return [C_VIRTIOFSD, f"--socket-path={socket_path}", "-o", f"source={shared_dir}",
+        where = f"--socket-path={socket_path}" if socket_fd is None else f"--fd={socket_fd}"
+        return [C_VIRTIOFSD, where, "-o", f"source={shared_dir}",
                 "-o", f"cache={C_CACHE.get(cache, cache)}", *C_DEFAULT_OPTS, *extra_args]
     raise ValueError(f"unknown daemon kind {kind!r}")
 
 
 def start_daemon(kind: str, shared_dir, cache: str = "auto", extra_args=(),
                  run_dir: str | None = None, startup_timeout: float = 15.0,
-                 env: dict | None = None) -> DaemonProcess:
+                 env: dict | None = None, start: str = "plain") -> DaemonProcess:
     """Start a daemon and wait until its socket exists (no probe connection:
     both daemons serve exactly one front-end connection). ``env``: extra
-    environment variables for the daemon."""
+    environment variables for the daemon. ``start``: the state it is
+    started in, a name from tests/start_conditions.py (supplementary
+    groups, ``--fd`` as libvirt does, blocked signals...)."""
+    from tests.start_conditions import START_CONDITIONS
+
+    cond = START_CONDITIONS[start]
     run_dir = run_dir or tempfile.mkdtemp(prefix=f"vfsd-{kind}-")
     socket_path = os.path.join(run_dir, "vhost.sock")
     log_path = os.path.join(run_dir, "daemon.log")
-    cmd = daemon_command(kind, socket_path, str(shared_dir), cache, extra_args)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **env} if env else None)
+    passed: list[int] = []      # fds the daemon inherits; ours are closed once it runs
+    inherited: list[str] = []
+    if cond.listen_fd:          # libvirt listens itself and passes the socket
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(socket_path)
+        listener.listen(1)
+        passed.append(listener.detach())
+    if cond.extra_fds:          # a way out of the share, if a worker kept it
+        outside = os.path.dirname(os.path.abspath(shared_dir))
+        passed.append(os.open(outside, os.O_RDONLY | os.O_DIRECTORY))
+        pipe = os.pipe()
+        passed.extend(pipe)
+        inherited += [outside, os.readlink(f"/proc/self/fd/{pipe[0]}")]
+    cmd = cond.prefix() + daemon_command(kind, socket_path, str(shared_dir), cache, extra_args,
+                                         socket_fd=passed[0] if cond.listen_fd else None)
+    environ = dict(os.environ) if cond.env is None else dict(cond.env)
+    environ.update(env or {})
+    try:
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=environ, pass_fds=passed, preexec_fn=cond.preexec)
+    finally:
+        for fd in passed:
+            os.close(fd)
     d = DaemonProcess(kind, proc, socket_path, str(shared_dir), log_path, cmd)
+    d.start_condition, d.inherited = start, inherited
     deadline = time.monotonic() + startup_timeout
     while True:
         try:
@@ -147,7 +182,8 @@ def daemon_factory(tmp_path):
     started: list[DaemonProcess] = []
     n = 0
 
-    def factory(kind: str = "ours", shared_dir=None, cache: str = "auto", extra_args=(), env=None):
+    def factory(kind: str = "ours", shared_dir=None, cache: str = "auto", extra_args=(), env=None,
+                start: str = "plain"):
         nonlocal n
         n += 1
         run_dir = tmp_path / f"run{n}"
@@ -155,7 +191,7 @@ def daemon_factory(tmp_path):
         if shared_dir is None:
             shared_dir = tmp_path / f"shared{n}"
             shared_dir.mkdir()
-        d = start_daemon(kind, shared_dir, cache, extra_args, str(run_dir), env=env)
+        d = start_daemon(kind, shared_dir, cache, extra_args, str(run_dir), env=env, start=start)
         started.append(d)
         return d
 
@@ -180,7 +216,7 @@ def _frontend_opts(request) -> dict:
 def daemon_proc(daemon_factory, daemon_kind, shared_dir, request):
     opts = _frontend_opts(request)
     return daemon_factory(daemon_kind, shared_dir, cache=opts.get("cache", "auto"),
-                          extra_args=opts.get("extra_args", ()))
+                          extra_args=opts.get("extra_args", ()), start=opts.get("start", "plain"))
 
 
 @pytest.fixture

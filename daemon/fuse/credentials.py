@@ -23,10 +23,12 @@ Changing fsuid from 0 to non-zero drops the file-system capabilities
 from the effective set, and switching back to 0 restores them, which is
 exactly what "act as this guest user" needs.
 
-Supplementary groups: the worker drops all of them once at start
-(``drop_supplementary_groups``), so no request is ever checked against the
-daemon's own groups (CVE-2022-0358: with the daemon's groups a guest user
-could create setgid files for a group it is not in).
+Supplementary groups: the supervisor drops all of them once at start,
+before it forks a worker (daemon/startup.py), and ``sandbox.confine``
+checks again in each worker before its seccomp filter (no policy allows
+``setgroups``), so no request is ever checked against the daemon's own
+groups (CVE-2022-0358: with the daemon's groups a guest user could create
+setgid files for a group it is not in).
 
 The current ids are cached per thread, so a run of requests from one
 user costs no syscall at all.
@@ -110,6 +112,7 @@ def forget_cache() -> None:
 
 
 def drop_supplementary_groups() -> None:
-    """setgroups([]) — once, at worker start (process-wide by design)."""
+    """setgroups([]) if there are any (process-wide by design): once per
+    process, before its seccomp filter. PermissionError without CAP_SETGID."""
     if os.getgroups():
         os.setgroups([])

@@ -203,7 +203,6 @@ class FuseSession:
             self._ops = dict(ops)
             self._ops[int(Opcode.INIT)] = _op_init
             self._ops[int(Opcode.DESTROY)] = _op_destroy
-            credentials.drop_supplementary_groups()
             if root_fd is None:
                 root_fd = os.open(config.shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
                 self._own_root = True

@@ -14,9 +14,10 @@ Worker (``child_fn`` → worker entry), before READY::
 
 Order inside ``confine`` (namespaces were entered by ``spawn_confined``):
 policies and limits that need /proc are read first → root change (pivot_root
-/ chroot) → chdir /proc/self/fd → RLIMIT_NOFILE → capabilities (bounding,
-inheritable, effective, permitted; ambient cleared) → no_new_privs → seccomp,
-last, so every earlier step may use any syscall it needs.
+/ chroot) → chdir /proc/self/fd → RLIMIT_NOFILE → no supplementary groups →
+capabilities (bounding, inheritable, effective, permitted; ambient cleared)
+→ no_new_privs → seccomp, last, so every earlier step may use any syscall
+it needs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import resource
 import sys
 from typing import NamedTuple
 
+from daemon.fuse import credentials
 from daemon.sandbox import capabilities, mounts, programs, rlimits
 from daemon.sandbox.namespaces import MODES, SandboxError, fork_confined, spawn_confined  # noqa: F401 (re-export)
 
@@ -135,6 +137,7 @@ def confine(role: str, config, shared_dir: str | None = None) -> SandboxInfo:
         rlimits.apply_nofile(_cfg(config, "rlimit_nofile", None), nofile_target)
     nofile = tuple(resource.getrlimit(resource.RLIMIT_NOFILE))
 
+    _drop_supplementary_groups(mode)
     _cut_capabilities(role, config, mode)
     capeff = capabilities.capget()[0]
     rules = programs.install(role, progs)     # last: nothing after it but returning
@@ -150,6 +153,20 @@ def supervisor_after_setup(config) -> int:
     action = _cfg(config, "seccomp", "kill")
     _cut_capabilities("supervisor", config, _cfg(config, "sandbox", "namespace"))
     return programs.install("supervisor", _programs_for(action))
+
+
+def _drop_supplementary_groups(mode: str) -> None:
+    """No supplementary groups in a worker (CVE-2022-0358). The supervisor
+    dropped them before forking (daemon/startup.py), so this is a check
+    that costs one getgroups; it must come before the capability cut (the
+    hiprio worker keeps no CAP_SETGID) and the filter (no policy allows
+    setgroups). With --sandbox none, a process that may not (not root)
+    keeps them, as it keeps its capabilities."""
+    try:
+        credentials.drop_supplementary_groups()
+    except PermissionError:
+        if mode != "none":
+            raise SandboxError("cannot drop the supplementary groups (setgroups: permission denied)") from None
 
 
 def _cut_capabilities(role: str, config, mode: str) -> None:

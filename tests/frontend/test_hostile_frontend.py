@@ -102,6 +102,7 @@ def test_header_size_beyond_the_limit(fresh):
     expect_closed(fresh, "exceeds the 4096-byte limit")
 
 
+@pytest.mark.frontend_opts(start="managed")   # as a service manager starts it (tests/start_conditions.py)
 def test_unknown_request_id_is_ignored_and_its_fds_closed(fresh):
     daemon = fresh.daemon
     fresh.send_raw(Req.GET_FEATURES)  # a round trip: the daemon is idle and settled

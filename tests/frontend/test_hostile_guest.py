@@ -142,6 +142,7 @@ def expect_ring_broken(fc, slots: list[int], what: str) -> None:
 
 # -- descriptor chains -----------------------------------------------------------------------
 
+@pytest.mark.frontend_opts(start="managed")   # as a service manager starts it (tests/start_conditions.py)
 def test_descriptor_loop(frontend):
     rq = frontend.rq
     req = rq.raw_buffer(getattr_request(frontend))

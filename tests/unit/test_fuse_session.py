@@ -793,10 +793,6 @@ def test_ops_run_with_the_callers_ids(env):
     assert os.lstat(share / "rootonly" / "x").st_uid == 0
 
 
-def test_supplementary_groups_dropped(env):
-    assert os.getgroups() == []
-
-
 # -- attributes ----------------------------------------------------------------------------------
 def test_getattr(env):
     fs, client, share = env

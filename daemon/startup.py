@@ -1,0 +1,109 @@
+"""The process state a service manager hands the daemon, made safe first.
+
+libvirt, systemd and shells start the daemon in states our own tests never
+used to: libvirtd (Debian 12's 9.0) runs it with supplementary group 0, a
+unit may pass sockets or other descriptors beyond 0-2, a parent may have
+blocked signals (the mask survives exec) or ignored SIGCHLD. Before the
+supervisor opens anything, ``prepare`` puts the process in the one state
+the rest of the daemon assumes:
+
+* **descriptors**: every inherited fd above 2 is closed except the
+  ``--fd`` socket. A worker inherits the supervisor's fds before it
+  confines itself, so an inherited descriptor of a host directory would
+  be a way out of its new root.
+* **signals**: none blocked, SIGCHLD at its default. A blocked SIGTERM
+  would never reach the supervisor's handler (the daemon could not be
+  stopped), a blocked SIGCHLD would hide worker deaths from its loop, and
+  an ignored SIGCHLD makes the kernel reap children before ``waitpid``.
+  The supervisor installs its own handlers for SIGTERM, SIGINT and SIGCHLD
+  later (supervisor.py), whatever they were.
+* **privileges**: the sandbox needs the capabilities it later cuts down
+  to (namespaces or chroot, the bounding set, per-request fsuid/fsgid);
+  without them (not root) the start fails here with one line naming what
+  is missing, instead of a worker dying half-way through its confinement.
+  ``--sandbox none`` runs without them.
+* **supplementary groups**: dropped here, once, before any worker is
+  forked and before the supervisor's seccomp filter (no policy allows
+  ``setgroups``): every worker inherits the empty list, and no request is
+  ever checked against the daemon's own groups (CVE-2022-0358).
+  ``sandbox.confine`` makes sure again in each worker, before its filter.
+
+The umask and the environment are left as they are: the umask decides the
+mode of the ``--socket-path`` file (workers set their own, 0, since the
+guest kernel applied the guest's), and no code of ours reads the
+environment.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from daemon import log
+from daemon.fuse import credentials
+from daemon.sandbox import capabilities
+
+logger = log.get_logger("startup")
+
+FD_LIMIT = 0x7FFFFFFF     # os.closerange's upper bound (a C int); close_range(2) takes any
+
+
+class StartRefused(Exception):
+    """The process cannot run the daemon as it was started (one line)."""
+
+
+def prepare(config) -> None:
+    """All of the above, in this order (the fds first: nothing of ours is
+    open yet). Raises StartRefused."""
+    close_inherited_fds(config.socket_fd)
+    reset_signals()
+    check_privileges(config)
+    drop_supplementary_groups(config)
+
+
+def close_inherited_fds(keep: int | None = None) -> None:
+    """Close every descriptor above 2, except ``keep``."""
+    if keep is None or keep <= 2:
+        os.closerange(3, FD_LIMIT)
+        return
+    os.closerange(3, keep)
+    os.closerange(keep + 1, FD_LIMIT)
+
+
+def reset_signals() -> None:
+    """No signal blocked (the mask is inherited by our workers too), SIGCHLD
+    delivered."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
+def required_caps(config) -> frozenset[str]:
+    """What the supervisor must hold to confine its workers in
+    ``config.sandbox`` mode: a new root (namespaces and pivot_root, or
+    chroot), cutting the bounding set, and the workers' per-request
+    credentials and group drop."""
+    if config.sandbox == "none":
+        return frozenset()
+    root_change = "sys_admin" if config.sandbox == "namespace" else "sys_chroot"
+    return frozenset({root_change, "setpcap", "setuid", "setgid"})
+
+
+def check_privileges(config) -> None:
+    effective = capabilities.capget()[0]
+    missing = sorted(c for c in required_caps(config) if not effective & (1 << capabilities.CAP_NUMBERS[c]))
+    if missing:
+        names = ", ".join("CAP_" + c.upper() for c in missing)
+        raise StartRefused(f"--sandbox {config.sandbox} needs root (missing {names}; running as uid "
+                           f"{os.geteuid()}); --sandbox none runs unconfined, for debugging only")
+
+
+def drop_supplementary_groups(config) -> None:
+    """Without CAP_SETGID (only possible with ``--sandbox none``) the daemon
+    keeps its groups: it then acts as its own, unprivileged user anyway."""
+    try:
+        credentials.drop_supplementary_groups()
+    except PermissionError:
+        if config.sandbox != "none":
+            raise StartRefused("cannot drop the supplementary groups (setgroups: permission denied)") from None
+        logger.warning("not root: requests are checked against this user's supplementary groups %s",
+                       os.getgroups())
