@@ -20,7 +20,9 @@
 set -u
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-DAEMON="$REPO/.venv/bin/pyvirtiofsd"
+# LIBVIRT_CHECK_DAEMON: the program libvirt runs (default: the venv's; CI: the
+# Debian package's /usr/bin/pyvirtiofsd)
+DAEMON=${LIBVIRT_CHECK_DAEMON:-$REPO/.venv/bin/pyvirtiofsd}
 WORK=${LIBVIRT_CHECK_DIR:-/var/lib/libvirt/images/pyvirtiofsd-check}
 SHARE_BASE=${LIBVIRT_CHECK_SHARE:-/srv/share}
 TIMEOUT=${LIBVIRT_CHECK_TIMEOUT:-300}

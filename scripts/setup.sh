@@ -12,6 +12,8 @@ PACKAGES=(
   libseccomp2       # pyseccomp is ctypes over libseccomp
   fio               # guest I/O workloads and benchmarks
   cpio xz-utils zstd  # building the initrd, unpacking kernel modules
+  libvirt-daemon-system libvirt-clients  # libvirt 9.0 starting our packaged daemon (tests/guest)
+  systemd           # systemd-analyze checks the packaged unit (no systemd runs)
 )
 
 missing=()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,25 @@ def guest_run_factory(tmp_path_factory):
     yield factory
     for d in daemons:
         d.stop()
+
+
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory):
+    """The Debian package built from this tree (scripts/build-deb.sh, lintian
+    errors fail it) and installed with apt-get, once per test session."""
+    out = tmp_path_factory.mktemp("deb")
+    build = subprocess.run([str(REPO / "scripts" / "build-deb.sh"), str(out)],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
+    debs = sorted(out.glob("pyvirtiofsd_*.deb"))
+    assert len(debs) == 1, list(out.iterdir())
+    inst = subprocess.run(["apt-get", "install", "-y", "-q", "--reinstall", str(debs[0])],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    assert inst.returncode == 0, inst.stdout[-3000:] + inst.stderr[-3000:]
+    files = subprocess.run(["dpkg", "-L", "pyvirtiofsd"], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    return {"deb": debs[0], "build": build.stdout + build.stderr, "files": files}
 
 
 # boot timings, printed at the end of the session

@@ -30,23 +30,6 @@ UNIT = "/lib/systemd/system/pyvirtiofsd@.service"
 EXPOSURE_OK = 2.6
 
 
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    out = tmp_path_factory.mktemp("deb")
-    build = subprocess.run([str(REPO / "scripts" / "build-deb.sh"), str(out)],
-                           capture_output=True, text=True, timeout=600)
-    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
-    debs = sorted(out.glob("pyvirtiofsd_*.deb"))
-    assert len(debs) == 1, list(out.iterdir())
-    inst = subprocess.run(["apt-get", "install", "-y", "-q", "--reinstall", str(debs[0])],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    assert inst.returncode == 0, inst.stdout[-3000:] + inst.stderr[-3000:]
-    files = subprocess.run(["dpkg", "-L", "pyvirtiofsd"], capture_output=True, text=True,
-                           check=True).stdout.splitlines()
-    return {"deb": debs[0], "build": build.stdout + build.stderr, "files": files}
-
-
 def test_lintian_reports_no_error(installed):
     # build-deb.sh ran lintian --fail-on error; its tags are in the output
     assert not re.search(r"^E: ", installed["build"], re.M), installed["build"][-4000:]
