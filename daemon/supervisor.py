@@ -29,6 +29,7 @@ ready shuts everything down and exits 1 with one line saying why.
 from __future__ import annotations
 
 import gc
+import grp
 import os
 import select
 import signal
@@ -97,6 +98,10 @@ def open_listener(config: Config) -> Listener:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
+        if config.socket_group is not None:
+            # --socket-group: members of GROUP may connect (the Rust daemon's 0660)
+            os.chown(path, -1, grp.getgrnam(config.socket_group).gr_gid)
+            os.chmod(path, 0o660)
         sock.listen(1)
         inode = os.lstat(path).st_ino
     except OSError as e:
@@ -551,7 +556,8 @@ class Supervisor:
             logger.warning("accept failed: %s", e.strerror)
             return
         self.listener.close()      # exactly one connection; the socket file goes too
-        self.backend = Backend(conn, self.pool, queue_count=1 + self.config.max_request_workers)
+        self.backend = Backend(conn, self.pool, queue_count=1 + self.config.max_request_workers,
+                               tag=self.config.tag)
         logger.info("QEMU connected")
 
     def _signals(self) -> int | None:

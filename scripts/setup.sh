@@ -12,6 +12,7 @@ PACKAGES=(
   libseccomp2       # pyseccomp is ctypes over libseccomp
   fio               # guest I/O workloads and benchmarks
   cpio xz-utils zstd  # building the initrd, unpacking kernel modules
+  attr              # setfattr/getfattr: guest tests of --xattrmap (the guest runs the host's programs)
 )
 
 missing=()

@@ -57,7 +57,7 @@ import errno
 import os
 from stat import S_ISDIR as _S_ISDIR
 
-from daemon.fuse import abi, credentials
+from daemon.fuse import abi, credentials, readonly
 from daemon.fuse.abi import InitFlag, Opcode
 from daemon.fuse.blocking import BlockingCalls
 from daemon.fuse.inodes import InodeCache, InodeTable, close_all, inode_fd_budget
@@ -201,6 +201,8 @@ class FuseSession:
             self._ops = {op: h for op, h in ops.items() if op in HIPRIO_OPS}
         else:
             self._ops = dict(ops)
+            if config.readonly:
+                readonly.restrict(self._ops)
             self._ops[int(Opcode.INIT)] = _op_init
             self._ops[int(Opcode.DESTROY)] = _op_destroy
             credentials.drop_supplementary_groups()
@@ -631,6 +633,9 @@ def _op_init(fs: FuseSession, req: Request):
         wanted |= InitFlag.WRITEBACK_CACHE
     if fs._submounts:
         wanted |= InitFlag.SUBMOUNTS
+    if fs.config.allow_mmap and fs.config.cache.value in ("never", "metadata"):
+        # --allow-mmap: shared mmap of files opened with FOPEN_DIRECT_IO
+        wanted |= InitFlag.DIRECT_IO_ALLOW_MMAP
     ours = int(offered & wanted)
     fs.start()
     log.info("FUSE session: guest %d.%d, replying 7.%d flags %#x", major, minor,

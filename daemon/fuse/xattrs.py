@@ -23,6 +23,11 @@ stops asking and answers EOPNOTSUPP itself.
 
 SETXATTR's in-struct is the 8-byte ``fuse_setxattr_in``: we never
 negotiate FUSE_SETXATTR_EXT (the 16-byte form).
+
+``--xattrmap`` (xattrmap.py): the guest's names in GETXATTR, SETXATTR and
+REMOVEXATTR become the host's before any host call (a refused name is
+EPERM/ENOTSUP with no host call at all), and LISTXATTR's host names become
+the guest's, hidden ones left out, before the size is counted.
 """
 
 from __future__ import annotations
@@ -60,6 +65,12 @@ def _inode_path(fs, nodeid: int) -> str:
     return str(fs.cache.fd(nodeid))
 
 
+def _host_name(fs, name: bytes) -> bytes:
+    """The host's name for the guest's attribute ``name`` (--xattrmap)."""
+    xattrmap = fs.config.xattrmap
+    return name if xattrmap is None else xattrmap.to_host(name)
+
+
 def _reply_sized(req: Request, value: bytes, asked: int):
     """The GETXATTR/LISTXATTR convention: size 0 asks for the size needed;
     otherwise the value itself, or ERANGE when it is larger than asked (or
@@ -89,7 +100,7 @@ def do_setxattr(fs, req: Request):
     name, value_at = parse_xattr_name(args, abi.SETXATTR_IN.size)
     if len(args) - value_at != size:
         raise FUSEError(errno.EINVAL)
-    os.setxattr(path, name, bytes(args[value_at:]), flags)
+    os.setxattr(path, _host_name(fs, name), bytes(args[value_at:]), flags)
     return b""
 
 
@@ -104,7 +115,7 @@ def do_getxattr(fs, req: Request):
     name, end = parse_xattr_name(args, abi.GETXATTR_IN.size)
     if end != len(args):
         raise FUSEError(errno.EINVAL)
-    return _reply_sized(req, os.getxattr(path, name), asked)
+    return _reply_sized(req, os.getxattr(path, _host_name(fs, name)), asked)
 
 
 def do_listxattr(fs, req: Request):
@@ -116,7 +127,12 @@ def do_listxattr(fs, req: Request):
     if len(args) < abi.GETXATTR_IN.size:
         raise FUSEError(errno.EINVAL)
     asked, = abi.GETXATTR_IN.unpack_from(args)
-    names = b"".join(os.fsencode(n) + b"\0" for n in os.listxattr(path))
+    host = os.listxattr(path)
+    xattrmap = fs.config.xattrmap
+    if xattrmap is None:
+        names = b"".join(os.fsencode(n) + b"\0" for n in host)
+    else:
+        names = xattrmap.list_to_guest(os.fsencode(n) for n in host)
     if len(names) > XATTR_LIST_MAX:
         raise FUSEError(errno.E2BIG)
     return _reply_sized(req, names, asked)
@@ -128,7 +144,7 @@ def do_removexattr(fs, req: Request):
     name, end = parse_xattr_name(req.args, 0)
     if end != len(req.args):
         raise FUSEError(errno.EINVAL)
-    os.removexattr(path, name)
+    os.removexattr(path, _host_name(fs, name))
     return b""
 
 

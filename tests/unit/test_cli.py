@@ -205,7 +205,7 @@ def test_fd_not_a_number(tmp_path):
 
 @pytest.mark.parametrize("args,fragment", [
     (("--cache", "sometimes"), "--cache"),
-    (("--log-level", "trace"), "--log-level"),
+    (("--log-level", "verbose"), "--log-level"),
     (("--thread-pool-size", "-1"), "--thread-pool-size"),
     (("--thread-pool-size", "256"), "--thread-pool-size"),
     (("--inode-table-size", "0"), "--inode-table-size"),
