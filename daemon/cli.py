@@ -120,9 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QEMU's C virtiofsd options, as libvirt passes them: source=DIR, cache=none|auto|"
                         "always, sandbox=..., log_level=..., modcaps=..., [no_]xattr, [no_]readdirplus, "
                         "[no_]writeback, [no_]posix_lock, [no_]flock, [no_]allow_direct_io, "
-                        "announce_submounts, debug; "
+                        "announce_submounts, xattrmap=RULES, no_posix_acl, no_security_label, debug; "
                         "-d is --log-level debug")
-    p.add_argument("--version", action="version", version=f"{PROG} {daemon.__version__}")
+    p.add_argument("-V", "--version", action="version", version=f"{PROG} {daemon.__version__}")
     return p
 
 
