@@ -26,7 +26,8 @@ negotiate FUSE_SETXATTR_EXT (the 16-byte form).
 
 ``--xattrmap`` (xattrmap.py): the guest's names in GETXATTR, SETXATTR and
 REMOVEXATTR become the host's before any host call (a refused name is
-EPERM/ENOTSUP with no host call at all), and LISTXATTR's host names become
+EPERM/ENOTSUP with no host call at all; GETXATTR answers ENODATA instead
+of EPERM, as the Rust and C daemons do), and LISTXATTR's host names become
 the guest's, hidden ones left out, before the size is counted.
 """
 
@@ -115,7 +116,12 @@ def do_getxattr(fs, req: Request):
     name, end = parse_xattr_name(args, abi.GETXATTR_IN.size)
     if end != len(args):
         raise FUSEError(errno.EINVAL)
-    return _reply_sized(req, os.getxattr(path, _host_name(fs, name)), asked)
+    try:
+        host_name = _host_name(fs, name)
+    except FUSEError as e:
+        # a name the rules refuse reads as absent, as in both reference daemons
+        raise FUSEError(errno.ENODATA if e.errno == errno.EPERM else e.errno) from None
+    return _reply_sized(req, os.getxattr(path, host_name), asked)
 
 
 def do_listxattr(fs, req: Request):
