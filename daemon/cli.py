@@ -126,34 +126,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The Rust virtiofsd 1.13's options added for issue 17 (spelling and
+# defaults as its --help): (names, argparse keywords)
+_RUST_OPTIONS = (
+    (("--socket",), {
+        "metavar": "PATH", "dest": "socket_path",
+        "help": "the Rust daemon's deprecated name of --socket-path"}),
+    (("--socket-group",), {
+        "metavar": "GROUP",
+        "help": "make GROUP the vhost-user socket's group, and its mode 0660 (with --socket-path)"}),
+    (("--tag",), {
+        "metavar": "TAG",
+        "help": "the tag the device offers the guest in its config space (vhost-user GET_CONFIG, "
+                "protocol feature CONFIG offered only with this option; QEMU 7.2 ignores it and "
+                "takes the tag from its own tag= property); 1..36 bytes"}),
+    (("--xattrmap",), {
+        "metavar": "RULES",
+        "help": "rename extended attributes between guest and host by rules, e.g. "
+                ":map::user.virtiofs.: (the Rust daemon's rule language; needs --xattr)"}),
+    (("--readonly",), {
+        "action": "store_true",
+        "help": "refuse every change to the shared directory (EROFS); it is also mounted "
+                "read-only in the request workers' sandbox"}),
+    (("--allow-mmap",), {
+        "action": "store_true",
+        "help": "with --cache never or metadata, let the guest mmap files shared all the same "
+                "(FUSE_DIRECT_IO_ALLOW_MMAP, Linux 6.6 or later guests; an older guest does not "
+                "offer it and nothing changes)"}),
+    (("--preserve-noatime",), {
+        "action": "store_true",
+        "help": "keep the guest's O_NOATIME when opening files (default: dropped, since it "
+                "fails with EPERM on files the caller does not own)"}),
+    (("--syslog",), {
+        "action": "store_true",
+        "help": "log to syslog (/dev/log, opened at start) instead of stderr"}),
+    (("-f",), {
+        "dest": "foreground", "action": "store_true",
+        "help": "accepted for compatibility, no effect (the daemon always runs in the foreground)"}),
+)
+
+
 def _add_rust_options(p: argparse.ArgumentParser) -> None:
-    """The Rust virtiofsd 1.13's options added for issue 17 (spelling and
-    defaults as its --help)."""
-    p.add_argument("--socket", metavar="PATH", dest="socket_path",
-                   help="the Rust daemon's deprecated name of --socket-path")
-    p.add_argument("--socket-group", metavar="GROUP",
-                   help="make GROUP the vhost-user socket's group, and its mode 0660 (with --socket-path)")
-    p.add_argument("--tag", metavar="TAG",
-                   help="the tag the device offers the guest in its config space (vhost-user "
-                        "GET_CONFIG, protocol feature CONFIG offered only with this option; QEMU "
-                        "7.2 ignores it and takes the tag from its own tag= property); 1..36 bytes")
-    p.add_argument("--xattrmap", metavar="RULES",
-                   help="rename extended attributes between guest and host by rules, e.g. "
-                        ":map::user.virtiofs.: (the Rust daemon's rule language; needs --xattr)")
-    p.add_argument("--readonly", action="store_true",
-                   help="refuse every change to the shared directory (EROFS); it is also mounted "
-                        "read-only in the request workers' sandbox")
-    p.add_argument("--allow-mmap", action="store_true",
-                   help="with --cache never or metadata, let the guest mmap files shared all the "
-                        "same (FUSE_DIRECT_IO_ALLOW_MMAP, Linux 6.6 or later guests; an older guest "
-                        "does not offer it and nothing changes)")
-    p.add_argument("--preserve-noatime", action="store_true",
-                   help="keep the guest's O_NOATIME when opening files (default: dropped, since it "
-                        "fails with EPERM on files the caller does not own)")
-    p.add_argument("--syslog", action="store_true",
-                   help="log to syslog (/dev/log, opened at start) instead of stderr")
-    p.add_argument("-f", dest="foreground", action="store_true",
-                   help="accepted for compatibility, no effect (the daemon always runs in the foreground)")
+    for names, keywords in _RUST_OPTIONS:
+        p.add_argument(*names, **keywords)
 
 
 class _PrintCapabilities(argparse.Action):

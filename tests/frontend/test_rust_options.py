@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 import stat
 import struct
 import subprocess
@@ -20,19 +19,12 @@ import pytest
 from daemon.fuse import abi
 from daemon.fuse.abi import InitFlag
 from tests.conftest import REPO_ROOT
-from tests.frontend.fuse_client import FuseClient, FuseErrorReply
+from tests.frontend.fuse_client import FuseClient
+from tests.frontend.test_frontend_ops import expect_errno
 from tests.frontend.vhost import FLAG_VERSION, Req, VhostUserFrontend, start_frontend
 
 ROOT = 1
 NOBODY = 65534
-
-
-def expect_errno(fn, *args, errnos, **kw):
-    if isinstance(errnos, int):
-        errnos = (errnos,)
-    with pytest.raises(FuseErrorReply) as ei:
-        fn(*args, **kw)
-    assert ei.value.errno in errnos, f"got {errno.errorcode.get(ei.value.errno)}, want {errnos}"
 
 
 def host_xattrs(path) -> dict[str, bytes]:
