@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QEMU's C virtiofsd options, as libvirt passes them: source=DIR, cache=none|auto|"
                         "always, sandbox=..., log_level=..., modcaps=..., [no_]xattr, [no_]readdirplus, "
                         "[no_]writeback, [no_]posix_lock, [no_]flock, [no_]allow_direct_io, "
-                        "announce_submounts, xattrmap=RULES, no_posix_acl, no_security_label, debug; "
+                        "announce_submounts, xattrmap=RULES, [no_]posix_acl, no_security_label, debug; "
                         "-d is --log-level debug")
     p.add_argument("-V", "--version", action="version", version=f"{PROG} {daemon.__version__}")
     return p
@@ -157,6 +157,12 @@ _RUST_OPTIONS = (
         "action": "store_true",
         "help": "keep the guest's O_NOATIME when opening files (default: dropped, since it "
                 "fails with EPERM on files the caller does not own)"}),
+    (("--posix-acl",), {
+        "nargs": "?", "const": "auto", "default": "never", "choices": ["never", "auto", "always"],
+        "help": "POSIX ACLs: the guest enforces them and they are kept on the host as "
+                "system.posix_acl_* attributes, default ACLs inherited on create (implies --xattr). "
+                "Alone or =auto: when the guest offers it; =always: a guest that does not fails "
+                "to mount; =never: off (default)"}),
     (("--syslog",), {
         "action": "store_true",
         "help": "log to syslog (/dev/log, opened at start) instead of stderr"}),
@@ -225,6 +231,8 @@ def parse_config(argv: list[str]) -> Config:
 def _rust_options(args, shared_dir: str) -> dict:
     """Config fields of the options _add_rust_options adds, checked."""
     rules = None
+    if args.posix_acl != "never" and not args.xattr:
+        raise UsageError("--posix-acl keeps ACLs as extended attributes: not with --no-xattr")
     if args.xattrmap is not None:
         if not args.xattr:
             raise UsageError("--xattrmap renames extended attributes: not with --no-xattr")
@@ -254,7 +262,8 @@ def _rust_options(args, shared_dir: str) -> dict:
             os.close(fd)
     return dict(xattrmap=rules, readonly=args.readonly, allow_mmap=args.allow_mmap,
                 preserve_noatime=args.preserve_noatime, file_handles_mandatory=mandatory,
-                socket_group=args.socket_group, syslog=args.syslog, tag=args.tag)
+                socket_group=args.socket_group, syslog=args.syslog, tag=args.tag,
+                posix_acl=args.posix_acl != "never", posix_acl_required=args.posix_acl == "always")
 
 
 def _check_modcaps(text: str | None) -> str | None:

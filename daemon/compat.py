@@ -29,8 +29,9 @@ _FLAGS = {
     "announce_submounts": ["--announce-submounts"],
     "allow_direct_io": ["--allow-direct-io"], "no_allow_direct_io": ["--no-allow-direct-io"],
     "debug": ["--log-level", "debug"],
-    # off, as here until --posix-acl / --security-label exist: nothing to do
-    "no_posix_acl": [], "no_security_label": [],
+    "posix_acl": ["--posix-acl"], "no_posix_acl": ["--posix-acl=never"],
+    # off, as here until --security-label exists: nothing to do
+    "no_security_label": [],
 }
 # -o NAME=VALUE → our long option (values are checked by cli.py)
 _VALUES = {

@@ -94,6 +94,10 @@ class Config(NamedTuple):
     socket_group: str | None = None
     # --syslog: log to /dev/log instead of stderr
     syslog: bool = False
+    # --posix-acl: FUSE_POSIX_ACL granted when offered (fuse/acl.py);
+    # required: --posix-acl=always, INIT fails without it
+    posix_acl: bool = False
+    posix_acl_required: bool = False
     # --tag: the device config's tag (VHOST_USER_PROTOCOL_F_CONFIG offered)
     tag: str | None = None
 

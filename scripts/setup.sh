@@ -13,6 +13,7 @@ PACKAGES=(
   fio               # guest I/O workloads and benchmarks
   cpio xz-utils zstd  # building the initrd, unpacking kernel modules
   attr              # setfattr/getfattr: guest tests of --xattrmap (the guest runs the host's programs)
+  acl               # setfacl/getfacl: tests of --posix-acl (frontend, and the guest runs them too)
 )
 
 missing=()

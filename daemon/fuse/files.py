@@ -59,7 +59,7 @@ import os
 import stat
 
 from daemon.config import CacheMode
-from daemon.fuse import abi
+from daemon.fuse import abi, acl
 from daemon.fuse.abi import Opcode
 from daemon.fuse.handles import KIND_FILE, reopen
 from daemon.fuse.names import parse_name
@@ -240,15 +240,16 @@ def do_create(fs, req: Request):
     S_IFREG (or absent). Lookup count: +1 on the new entry, only on success
     (the table's room is checked before the lookup, so no later step fails).
     """
-    flags, mode, _umask, _open_flags = _args(req, abi.CREATE_IN)
+    flags, mode, umask, _open_flags = _args(req, abi.CREATE_IN)
     name = parse_name(req.args[abi.CREATE_IN.size:])
     if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
         raise FUSEError(errno.EINVAL)
     host_flags = host_open_flags(flags, fs.config.allow_direct_io, fs.config.preserve_noatime)
     parent_fd = fs.cache.fd(req.nodeid)
     fs.handles.check_room()
-    fd, host_flags = _create_file(parent_fd, name, host_flags, stat.S_IMODE(mode),
-                                  bool(flags & os.O_EXCL), fs.config.writeback)
+    with acl.creating(fs, umask):
+        fd, host_flags = _create_file(parent_fd, name, host_flags, stat.S_IMODE(mode),
+                                      bool(flags & os.O_EXCL), fs.config.writeback)
     try:
         entry = fs.entry(parent_fd, name)
     except BaseException:

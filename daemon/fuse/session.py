@@ -633,6 +633,12 @@ def _op_init(fs: FuseSession, req: Request):
         wanted |= InitFlag.WRITEBACK_CACHE
     if fs._submounts:
         wanted |= InitFlag.SUBMOUNTS
+    if fs.config.posix_acl:
+        # --posix-acl (acl.py): the guest enforces ACLs, sends modes unmasked
+        if not offered & InitFlag.POSIX_ACL and fs.config.posix_acl_required:
+            log.error("--posix-acl=always: the guest does not offer FUSE_POSIX_ACL")
+            raise FUSEError(errno.EPROTO)
+        wanted |= InitFlag.POSIX_ACL | InitFlag.DONT_MASK
     if fs.config.allow_mmap and fs.config.cache.value in ("never", "metadata"):
         # --allow-mmap: shared mmap of files opened with FOPEN_DIRECT_IO
         wanted |= InitFlag.DIRECT_IO_ALLOW_MMAP

@@ -36,7 +36,7 @@ from __future__ import annotations
 import errno
 import os
 
-from daemon.fuse import abi
+from daemon.fuse import abi, acl
 from daemon.fuse.abi import Opcode
 from daemon.fuse.request import FUSEError, Request
 
@@ -67,7 +67,9 @@ def _inode_path(fs, nodeid: int) -> str:
 
 
 def _host_name(fs, name: bytes) -> bytes:
-    """The host's name for the guest's attribute ``name`` (--xattrmap)."""
+    """The host's name for the guest's attribute ``name`` (--xattrmap);
+    ENOTSUP for an ACL name without --posix-acl (acl.py)."""
+    acl.check_name(fs, name)
     xattrmap = fs.config.xattrmap
     return name if xattrmap is None else xattrmap.to_host(name)
 
@@ -133,12 +135,12 @@ def do_listxattr(fs, req: Request):
     if len(args) < abi.GETXATTR_IN.size:
         raise FUSEError(errno.EINVAL)
     asked, = abi.GETXATTR_IN.unpack_from(args)
-    host = os.listxattr(path)
+    host = acl.visible(fs, [os.fsencode(n) for n in os.listxattr(path)])
     xattrmap = fs.config.xattrmap
     if xattrmap is None:
-        names = b"".join(os.fsencode(n) + b"\0" for n in host)
+        names = b"".join(n + b"\0" for n in host)
     else:
-        names = xattrmap.list_to_guest(os.fsencode(n) for n in host)
+        names = xattrmap.list_to_guest(host)
     if len(names) > XATTR_LIST_MAX:
         raise FUSEError(errno.E2BIG)
     return _reply_sized(req, names, asked)

@@ -19,7 +19,7 @@ import pytest
 from daemon.fuse import abi
 from daemon.fuse.abi import InitFlag
 from tests.conftest import REPO_ROOT
-from tests.frontend.fuse_client import FuseClient
+from tests.frontend.fuse_client import LINUX_INIT_FLAGS, FuseClient
 from tests.frontend.test_frontend_ops import expect_errno
 from tests.frontend.vhost import FLAG_VERSION, Req, VhostUserFrontend, start_frontend
 
@@ -337,3 +337,84 @@ def test_syslog_without_dev_log_is_an_error_at_start(tmp_path):
                        cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and r.stderr.startswith("pyvirtiofsd: error: --syslog: cannot reach /dev/log"), \
         r.stderr
+
+
+# -- --posix-acl -----------------------------------------------------------------------
+ACL_BIT = int(InitFlag.POSIX_ACL)
+
+
+def _acl(path, *spec):
+    subprocess.run(["setfacl", *spec, str(path)], check=True)
+
+
+def _getfacl(path) -> list[str]:
+    out = subprocess.run(["getfacl", "--omit-header", "--numeric", str(path)], check=True,
+                         capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line]
+
+
+def test_without_posix_acl_the_acl_attributes_are_refused_and_hidden(daemon_factory, tmp_path):
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "f").write_bytes(b"")
+    _acl(share / "f", "-m", "u:1000:r")
+    d = daemon_factory("ours", shared_dir=share)
+    fe = start_frontend(d.socket_path, ram_size=64 << 20)
+    try:
+        fc = FuseClient(fe)
+        assert not fc.init(flags=LINUX_INIT_FLAGS | ACL_BIT).flags & ACL_BIT
+        f = fc.lookup(ROOT, "f").nodeid
+        assert b"system.posix_acl_access" not in fc.listxattr(f, 4096)
+        expect_errno(fc.getxattr, f, "system.posix_acl_access", 256, errnos=errno.ENOTSUP)
+        expect_errno(fc.setxattr, f, "system.posix_acl_default", b"\2\0\0\0", errnos=errno.ENOTSUP)
+    finally:
+        fe.close()
+
+
+def test_posix_acl_granted_and_default_acls_inherited_with_the_umask_only_elsewhere(daemon_factory, tmp_path):
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "inherit").mkdir()
+    _acl(share / "inherit", "-d", "-m", "u:1000:rwx")      # a default ACL: umask not applied
+    (share / "plain").mkdir()
+    d = daemon_factory("ours", shared_dir=share, extra_args=("--posix-acl",))
+    fe = start_frontend(d.socket_path, ram_size=64 << 20)
+    try:
+        fc = FuseClient(fe)
+        granted = fc.init(flags=LINUX_INIT_FLAGS | ACL_BIT).flags
+        assert granted & ACL_BIT and granted & InitFlag.DONT_MASK
+        inherit = fc.lookup(ROOT, "inherit").nodeid
+        plain = fc.lookup(ROOT, "plain").nodeid
+        # DONT_MASK: the guest sends the mode unmasked and its umask apart
+        fc.mkdir(inherit, "sub", mode=0o777, umask=0o077)
+        fc.create(inherit, "file", mode=0o100666, umask=0o077)
+        fc.mkdir(plain, "sub", mode=0o777, umask=0o022)
+        fc.create(plain, "file", mode=0o100666, umask=0o022)
+        fc.mknod(plain, "fifo", stat.S_IFIFO | 0o666, umask=0o027)
+        assert "user:1000:rwx" in _getfacl(share / "inherit" / "sub")
+        assert "default:user:1000:rwx" in _getfacl(share / "inherit" / "sub")
+        assert any(line.startswith("user:1000:rwx") for line in _getfacl(share / "inherit" / "file"))
+        assert stat.S_IMODE(os.stat(share / "plain" / "sub").st_mode) == 0o755
+        assert stat.S_IMODE(os.stat(share / "plain" / "file").st_mode) == 0o644
+        assert stat.S_IMODE(os.stat(share / "plain" / "fifo").st_mode) == 0o640
+        assert not os.listxattr(share / "plain" / "file")
+        # the ACL attributes pass through, and chmod keeps the mask in step
+        f = fc.lookup(plain, "file").nodeid
+        acl = os.getxattr(share / "inherit" / "file", "system.posix_acl_access")
+        fc.setxattr(f, "system.posix_acl_access", acl)
+        assert fc.getxattr(f, "system.posix_acl_access", 256) == acl
+        fc.setattr(f, mode=0o100640)
+        assert "mask::r--" in _getfacl(share / "plain" / "file")
+    finally:
+        fe.close()
+
+
+def test_posix_acl_always_refuses_a_guest_without_it(daemon_factory):
+    d = daemon_factory("ours", extra_args=("--posix-acl=always",))
+    fe = start_frontend(d.socket_path, ram_size=64 << 20)
+    try:
+        fc = FuseClient(fe)
+        expect_errno(fc.init, flags=LINUX_INIT_FLAGS & ~ACL_BIT, errnos=errno.EPROTO)
+        assert fc.init(flags=LINUX_INIT_FLAGS | ACL_BIT).flags & ACL_BIT
+    finally:
+        fe.close()
