@@ -97,11 +97,21 @@ def open_listener(config: Config) -> Listener:
     _claim_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(path)
-        if config.socket_group is not None:
-            # --socket-group: members of GROUP may connect (the Rust daemon's 0660)
-            os.chown(path, -1, grp.getgrnam(config.socket_group).gr_gid)
-            os.chmod(path, 0o660)
+        if config.socket_group is None:
+            sock.bind(path)
+        else:
+            # --socket-group: members of GROUP may connect (the Rust daemon's
+            # 0660); made so under a temporary name, then renamed into place,
+            # so nobody ever finds the socket with other permissions
+            temporary = f"{path}.{os.getpid()}.tmp"
+            sock.bind(temporary)
+            try:
+                os.chown(temporary, -1, grp.getgrnam(config.socket_group).gr_gid)
+                os.chmod(temporary, 0o660)
+                os.rename(temporary, path)
+            except BaseException:
+                os.unlink(temporary)
+                raise
         sock.listen(1)
         inode = os.lstat(path).st_ino
     except OSError as e:
