@@ -41,12 +41,15 @@ out["set_gone"] = run("setfattr", "-n", "user.gone", "-v", "1", "/mnt/f")
 out["remove"] = run("setfattr", "-x", "user.gone", "/mnt/f")
 out["dump"] = run("getfattr", "--absolute-names", "-d", "-m", "-", "/mnt/f")
 out["get_trusted"] = run("getfattr", "--absolute-names", "--only-values", "-n", "trusted.overlay.opaque", "/mnt/f")
+out["setfacl_without_acl"] = run("setfacl", "-m", "u:1000:r", "/mnt/f")
 out["get_host_only"] = run("getfattr", "--absolute-names", "-n", "user.host-only", "/mnt/f")
 print({PREFIX!r} + json.dumps(out), flush=True)
 """
 
 # in a file: too long for the kernel command line that carries the command
 READONLY_SCRIPT = f"exec(open({str(Path(__file__).with_name('guest_readonly.py'))!r}).read())"
+
+ACL_SCRIPT = f"exec(open({str(Path(__file__).with_name('guest_acl.py'))!r}).read())"
 
 READONLY_REFUSED = ["open_wronly", "open_rdwr", "open_trunc", "create", "mkdir", "rmdir", "unlink",
                     "rename", "symlink", "link", "mkfifo", "chmod", "chown", "truncate", "utime",
@@ -94,6 +97,11 @@ def _prepare_readonly(shared):
 def xattr_run(tmp_path_factory):
     return _boot(tmp_path_factory, "guest-xattrmap",
                  ("--xattrmap", ":map::user.virtiofs.:", "--tag", "vfstag"), XATTR_SCRIPT, _prepare_xattr)
+
+
+@pytest.fixture(scope="module")
+def acl_run(tmp_path_factory):
+    return _boot(tmp_path_factory, "guest-acl", ("--posix-acl",), ACL_SCRIPT, lambda shared: None)
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +156,40 @@ def test_allow_mmap_has_no_effect_on_linux_6_1(readonly_run):
     seen = readonly_run["seen"]
     assert seen["mmap_shared"] == "ENODEV"     # 6.1 never offers FUSE_DIRECT_IO_ALLOW_MMAP
     assert seen["mmap_private"] == "data"
+
+
+def test_without_posix_acl_setfacl_is_not_supported(xattr_run):
+    code, _, err = xattr_run["seen"]["setfacl_without_acl"]
+    assert code != 0 and "Operation not supported" in err, err
+
+
+def _acl_lines(result):
+    code, text, err = result
+    assert code == 0, err
+    return [line for line in text.splitlines() if line]
+
+
+def test_posix_acl_default_acls_are_inherited(acl_run):
+    seen = acl_run["seen"]
+    assert seen is not None and acl_run["guest"].exit_status == 0, acl_run["guest"].describe()
+    assert seen["set_default"][0] == 0, seen["set_default"]
+    assert any(line.startswith("user:1000:rwx") for line in _acl_lines(seen["file_acl"]))
+    assert "default:user:1000:rwx" in _acl_lines(seen["sub_acl"])
+    assert seen["plain_mode"] == "0o644"              # no default ACL: the umask applies
+    host = acl_run["shared"]
+    assert os.getxattr(host / "inherit" / "file", "system.posix_acl_access")
+    assert os.getxattr(host / "inherit", "system.posix_acl_default")
+    assert seen["create_in_inherit_1000"] == "ok"      # the access entry grants it
+    assert os.stat(host / "inherit" / "by1000").st_uid == 1000
+
+
+def test_posix_acl_entries_grant_and_refuse_access(acl_run):
+    seen = acl_run["seen"]
+    assert seen["grant"][0] == 0, seen["grant"]
+    assert seen["read_1000"] == "ok"
+    assert seen["read_1001"] == "EACCES"
+    assert seen["write_1000"] == "EACCES"
+    assert seen["chmod"][0] == 0
+    lines = _acl_lines(seen["secret_acl"])
+    assert "mask::r--" in lines and "user:1000:r--" in lines, lines   # chmod g=r set the mask
+    assert acl_run["daemon_exit"] == 0, acl_run["log"][-3000:]
