@@ -29,6 +29,12 @@ host names that look like the guest's are hidden) and ``:ok:all:::``. The
 common ``:map::user.virtiofs.:`` stores every guest attribute as an
 unprivileged ``user.virtiofs.*`` on the host and hides every other.
 
+A ``prefix`` rule strips its ``prepend`` from every host name it matches,
+whether or not the rest starts with its ``key`` (as the Rust daemon does):
+with ``:map:trusted.:user.virtiofs.:`` a host attribute
+``user.virtiofs.other`` is listed to the guest as ``other``, a name the
+guest then reaches as the host's own ``other``.
+
 A name no rule matches: the Rust daemon panics (its set must be
 terminated); here a client name is refused with EPERM and a host name is
 hidden, so an unterminated set is safe (it fails closed).
