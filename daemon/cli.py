@@ -7,12 +7,14 @@ line on stderr, ``pyvirtiofsd: error: ...``, and exit status 1.
 from __future__ import annotations
 
 import argparse
+import grp
 import os
 import sys
 
 import daemon
 from daemon import compat, log, sandbox
 from daemon.config import DEFAULTS, CacheMode, Config
+from daemon.fuse import inodes, xattrmap
 from daemon.sandbox import capabilities, programs
 
 PROG = "pyvirtiofsd"
@@ -55,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-dir", metavar="DIR", required=True, help="the directory to share with the guest")
     p.add_argument("--cache", choices=[m.value for m in CacheMode], default=CacheMode.AUTO.value,
                    help="how long the guest may cache names, attributes and data: never (0 s), "
-                        "auto (1 s, default), always (1 day; only the guest changes the directory)")
+                        "auto (1 s, default), always (1 day; only the guest changes the directory), "
+                        "metadata (names and attributes 1 day, file data not cached: direct I/O)")
     p.add_argument("--log-level", choices=list(log.LEVELS), default="info",
                    help="least severe messages to log to stderr (default: info)")
     p.add_argument("--thread-pool-size", metavar="N", type=_int_arg("--thread-pool-size", 0, MAX_THREAD_POOL_SIZE),
@@ -71,10 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--writeback", action=argparse.BooleanOptionalAction, default=DEFAULTS["writeback"],
                    help="let the guest cache writes and send them later, in larger WRITEs "
                         "(WRITEBACK_CACHE; not with --cache never; default: off)")
-    p.add_argument("--announce-submounts", action="store_true",
+    p.add_argument("--announce-submounts", action=argparse.BooleanOptionalAction, default=False,
                    help="tell the guest which directories are other file systems mounted in the "
                         "shared directory, so it mounts them apart, each with a device number of "
-                        "its own (as the host shows them)")
+                        "its own (as the host shows them; default: off)")
     p.add_argument("--posix-lock", action=argparse.BooleanOptionalAction, default=DEFAULTS["posix_lock"],
                    help="offer POSIX (fcntl) locks, taken on the host so guests sharing a directory "
                         "exclude each other (default: on)")
@@ -96,10 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "kill the process (default), log it, trap (SIGSYS), or none (no filter)")
     p.add_argument("--modcaps", metavar="CAPS",
                    help="change the request workers' capabilities, e.g. --modcaps=-mknod:+sys_admin")
-    p.add_argument("--inode-file-handles", choices=["never", "prefer"], default="never",
+    p.add_argument("--inode-file-handles", choices=["never", "prefer", "fallback", "mandatory"],
+                   default="never",
                    help="never (default): inodes are held as O_PATH fds only; prefer: also keep "
                         "file handles so any worker can reopen any inode (needs CAP_DAC_READ_SEARCH, "
-                        "which can reach the whole host file system the shared directory is on)")
+                        "which can reach the whole host file system the shared directory is on); "
+                        "fallback: the Rust daemon's old name of prefer; mandatory: as prefer, and "
+                        "refuse to start when the shared directory's file system cannot make them")
     p.add_argument("--inode-fd-cache", metavar="N", type=_int_arg("--inode-fd-cache", 16, 1 << 30),
                    help="with --inode-file-handles=prefer: the most O_PATH fds a request worker keeps "
                         "for inodes the guest knows; older ones are closed and reopened by file handle "
@@ -110,16 +116,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-socket", metavar="PATH",
                    help="answer each connection to this UNIX socket (mode 0600) with the daemon's "
                         "metrics in the Prometheus text format, then close it (default: no metrics)")
+    _add_rust_options(p)
     p.add_argument("--print-capabilities", action=_PrintCapabilities,
                    help="print the vhost-user backend capabilities as JSON and exit (for libvirt)")
     p.add_argument("-o", metavar="OPT[,OPT...]", dest="compat_o", action="append",
                    help="QEMU's C virtiofsd options, as libvirt passes them: source=DIR, cache=none|auto|"
                         "always, sandbox=..., log_level=..., modcaps=..., [no_]xattr, [no_]readdirplus, "
                         "[no_]writeback, [no_]posix_lock, [no_]flock, [no_]allow_direct_io, "
-                        "announce_submounts, debug; "
+                        "announce_submounts, xattrmap=RULES, [no_]posix_acl, no_security_label, debug; "
                         "-d is --log-level debug")
-    p.add_argument("--version", action="version", version=f"{PROG} {daemon.__version__}")
+    p.add_argument("-V", "--version", action="version", version=f"{PROG} {daemon.__version__}")
     return p
+
+
+# The Rust virtiofsd 1.13's options added for issue 17 (spelling and
+# defaults as its --help): (names, argparse keywords)
+_RUST_OPTIONS = (
+    (("--socket",), {
+        "metavar": "PATH", "dest": "socket_path",
+        "help": "the Rust daemon's deprecated name of --socket-path"}),
+    (("--socket-group",), {
+        "metavar": "GROUP",
+        "help": "make GROUP the vhost-user socket's group, and its mode 0660 (with --socket-path)"}),
+    (("--tag",), {
+        "metavar": "TAG",
+        "help": "the tag the device offers the guest in its config space (vhost-user GET_CONFIG, "
+                "protocol feature CONFIG offered only with this option; QEMU 7.2 ignores it and "
+                "takes the tag from its own tag= property); 1..36 bytes"}),
+    (("--xattrmap",), {
+        "metavar": "RULES",
+        "help": "rename extended attributes between guest and host by rules, e.g. "
+                ":map::user.virtiofs.: (the Rust daemon's rule language; needs --xattr)"}),
+    (("--readonly",), {
+        "action": "store_true",
+        "help": "refuse every change to the shared directory (EROFS); it is also mounted "
+                "read-only in the request workers' sandbox"}),
+    (("--allow-mmap",), {
+        "action": "store_true",
+        "help": "with --cache never or metadata, let the guest mmap files shared all the same "
+                "(FUSE_DIRECT_IO_ALLOW_MMAP, Linux 6.6 or later guests; an older guest does not "
+                "offer it and nothing changes)"}),
+    (("--preserve-noatime",), {
+        "action": "store_true",
+        "help": "keep the guest's O_NOATIME when opening files (default: dropped, since it "
+                "fails with EPERM on files the caller does not own)"}),
+    (("--posix-acl",), {
+        "nargs": "?", "const": "auto", "default": "never", "choices": ["never", "auto", "always"],
+        "help": "POSIX ACLs: the guest enforces them and they are kept on the host as "
+                "system.posix_acl_* attributes, default ACLs inherited on create (implies --xattr). "
+                "Alone or =auto: when the guest offers it; =always: a guest that does not fails "
+                "to mount; =never: off (default)"}),
+    (("--syslog",), {
+        "action": "store_true",
+        "help": "log to syslog (/dev/log, opened at start) instead of stderr"}),
+    (("-f",), {
+        "dest": "foreground", "action": "store_true",
+        "help": "accepted for compatibility, no effect (the daemon always runs in the foreground)"}),
+)
+
+
+def _add_rust_options(p: argparse.ArgumentParser) -> None:
+    for names, keywords in _RUST_OPTIONS:
+        p.add_argument(*names, **keywords)
 
 
 class _PrintCapabilities(argparse.Action):
@@ -141,13 +199,15 @@ def parse_config(argv: list[str]) -> Config:
         raise UsageError("exactly one of --socket-path and --fd is required")
     if args.socket_path == "":
         raise UsageError("--socket-path: empty path")
-    if args.inode_fd_cache is not None and args.inode_file_handles != "prefer":
+    if args.inode_fd_cache is not None and args.inode_file_handles == "never":
         raise UsageError("--inode-fd-cache needs --inode-file-handles=prefer (evicted inodes are "
                          "reopened by file handle)")
     if args.writeback and args.cache == CacheMode.NEVER.value:
         raise UsageError("--writeback needs the guest's page cache: not with --cache never")
+    shared_dir = _check_shared_dir(args.shared_dir)
+    parity = _rust_options(args, shared_dir)
     return Config(
-        shared_dir=_check_shared_dir(args.shared_dir),
+        shared_dir=shared_dir,
         socket_path=args.socket_path,
         socket_fd=args.fd,
         cache=CacheMode(args.cache),
@@ -164,10 +224,11 @@ def parse_config(argv: list[str]) -> Config:
         sandbox=args.sandbox,
         seccomp=args.seccomp,
         modcaps=_check_modcaps(args.modcaps),
-        file_handles=args.inode_file_handles == "prefer",
+        file_handles=args.inode_file_handles != "never",
         inode_fds=args.inode_fd_cache,
         rlimit_nofile=args.rlimit_nofile,
         metrics_socket=_check_path("--metrics-socket", args.metrics_socket),
+        **parity,
     )
 
 
@@ -175,6 +236,44 @@ def _check_path(option: str, path: str | None) -> str | None:
     if path is not None and (not path or "\0" in path):
         raise UsageError(f"{option}: not a usable path")
     return path
+
+
+def _rust_options(args, shared_dir: str) -> dict:
+    """Config fields of the options _add_rust_options adds, checked."""
+    rules = None
+    if args.posix_acl != "never" and not args.xattr:
+        raise UsageError("--posix-acl keeps ACLs as extended attributes: not with --no-xattr")
+    if args.xattrmap is not None:
+        if not args.xattr:
+            raise UsageError("--xattrmap renames extended attributes: not with --no-xattr")
+        try:
+            rules = xattrmap.XattrMap.parse(args.xattrmap)
+        except xattrmap.XattrMapError as e:
+            raise UsageError(f"--xattrmap: {e}") from None
+    if args.tag is not None:
+        raw = args.tag.encode("utf-8", "surrogateescape")
+        if not 1 <= len(raw) <= 36 or "\n" in args.tag:
+            raise UsageError("--tag: 1..36 bytes, no newline (the guest refuses anything else)")
+    if args.socket_group is not None:
+        if args.socket_path is None:
+            raise UsageError("--socket-group sets the group of the socket --socket-path creates")
+        try:
+            grp.getgrnam(args.socket_group)
+        except KeyError:
+            raise UsageError(f"--socket-group {args.socket_group}: no such group") from None
+    mandatory = args.inode_file_handles == "mandatory"
+    if mandatory:
+        fd = os.open(shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if not inodes.file_handle(fd):
+                raise UsageError(f"--inode-file-handles=mandatory: the file system of {shared_dir} "
+                                 f"cannot make file handles")
+        finally:
+            os.close(fd)
+    return dict(xattrmap=rules, readonly=args.readonly, allow_mmap=args.allow_mmap,
+                preserve_noatime=args.preserve_noatime, file_handles_mandatory=mandatory,
+                socket_group=args.socket_group, syslog=args.syslog, tag=args.tag,
+                posix_acl=args.posix_acl != "never", posix_acl_required=args.posix_acl == "always")
 
 
 def _check_modcaps(text: str | None) -> str | None:
@@ -220,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from daemon import supervisor
 
-    log.setup(config.log_level)
+    try:
+        log.setup(config.log_level, syslog=config.syslog)
+    except OSError as e:
+        return _fail(f"--syslog: cannot reach {log.SYSLOG_PATH}: {e.strerror or e}")
     sandbox.warn_if_unconfined(config)
     try:
         return supervisor.run(config)

@@ -29,6 +29,9 @@ _FLAGS = {
     "announce_submounts": ["--announce-submounts"],
     "allow_direct_io": ["--allow-direct-io"], "no_allow_direct_io": ["--no-allow-direct-io"],
     "debug": ["--log-level", "debug"],
+    "posix_acl": ["--posix-acl"], "no_posix_acl": ["--posix-acl=never"],
+    # off, as here until --security-label exists: nothing to do
+    "no_security_label": [],
 }
 # -o NAME=VALUE → our long option (values are checked by cli.py)
 _VALUES = {
@@ -37,6 +40,7 @@ _VALUES = {
     "sandbox": "--sandbox",
     "log_level": "--log-level",
     "modcaps": "--modcaps",
+    "xattrmap": "--xattrmap",
 }
 # the C daemon's spellings of values that ours spell otherwise
 _VALUE_NAMES = {("cache", "none"): "never", ("log_level", "err"): "error"}

@@ -7,7 +7,10 @@ reads it and nothing mutates it after the workers are forked.
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from daemon.fuse.xattrmap import XattrMap
 
 
 class CacheMode(enum.Enum):
@@ -18,15 +21,18 @@ class CacheMode(enum.Enum):
     auto:   1 s timeouts, page cache kept until the file changes on the host.
     always: one day timeouts, FOPEN_KEEP_CACHE and FOPEN_CACHE_DIR: the guest
             owns the directory and nobody else changes it.
+    metadata: one day timeouts (names and attributes), but FOPEN_DIRECT_IO on
+            files: no file data cached (directories are, as with always).
     """
 
     NEVER = "never"
     AUTO = "auto"
     ALWAYS = "always"
+    METADATA = "metadata"
 
     @property
     def timeout(self) -> float:
-        return {"never": 0.0, "auto": 1.0, "always": 86400.0}[self.value]
+        return {"never": 0.0, "auto": 1.0, "always": 86400.0, "metadata": 86400.0}[self.value]
 
 
 class Config(NamedTuple):
@@ -74,6 +80,29 @@ class Config(NamedTuple):
     # where the supervisor answers Prometheus scrapes (None: no metrics, and
     # the workers count nothing)
     metrics_socket: str | None = None
+
+    # -- the Rust virtiofsd 1.13's remaining options (issue 17) --
+    # --xattrmap: guest <-> host attribute names (daemon/fuse/xattrmap.py)
+    xattrmap: "XattrMap | None" = None
+    # --readonly: every modifying request is EROFS, the share mounted
+    # read-only in the request workers' sandbox
+    readonly: bool = False
+    # --allow-mmap: FUSE_DIRECT_IO_ALLOW_MMAP with cache=never|metadata
+    allow_mmap: bool = False
+    # --preserve-noatime: the guest's O_NOATIME kept (default: dropped)
+    preserve_noatime: bool = False
+    # --inode-file-handles=mandatory: fail at start without file handles
+    file_handles_mandatory: bool = False
+    # --socket-group: the socket's group (mode 0660)
+    socket_group: str | None = None
+    # --syslog: log to /dev/log instead of stderr
+    syslog: bool = False
+    # --posix-acl: FUSE_POSIX_ACL granted when offered (fuse/acl.py);
+    # required: --posix-acl=always, INIT fails without it
+    posix_acl: bool = False
+    posix_acl_required: bool = False
+    # --tag: the device config's tag (VHOST_USER_PROTOCOL_F_CONFIG offered)
+    tag: str | None = None
 
     @property
     def offers_readdirplus(self) -> bool:

@@ -8,15 +8,31 @@ readable::
 
 Guest-triggered events go through ``RateLimitedLogger``: a guest must not be
 able to flood the host's journal.
+
+``--syslog``: lines go to syslog instead (facility daemon, RFC 3164 without
+timestamp, as glibc's syslog(3) sends them to /dev/log). The supervisor
+connects one datagram socket to /dev/log at start, before any worker is
+forked; every worker inherits it and sends with write(2) on that connected
+socket, so logging needs neither a path (workers pivot_root away from
+/dev/log) nor a system call beyond what stderr logging uses. A syslog
+daemon restarted later is not reconnected: its new socket is another
+inode, and the lines are lost (write fails, silently, as syslog(3)).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 import time
 
-LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
+LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG,
+          # the Rust daemon's other two: trace is our debug, off logs nothing
+          "trace": logging.DEBUG, "off": logging.CRITICAL + 10}
+SYSLOG_PATH = "/dev/log"
+LOG_DAEMON = 3 << 3
+_SEVERITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
 
 _role = "supervisor"
 
@@ -27,20 +43,53 @@ class _RoleFilter(logging.Filter):
         return True
 
 
-def setup(level: str, role: str = "supervisor") -> None:
+class _SyslogHandler(logging.Handler):
+    """Records as syslog datagrams on a socket connected to /dev/log."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.connect(path)
+        except OSError:
+            sock.close()
+            raise
+        self.fd = sock.detach()   # inherited by every forked worker
+
+    def emit(self, record: logging.LogRecord) -> None:
+        priority = LOG_DAEMON | _SEVERITY.get(record.levelno, 6)
+        line = f"<{priority}>pyvirtiofsd[{record.process}]: {self.format(record)}"
+        try:
+            os.write(self.fd, line.encode("utf-8", "replace")[:8192])
+        except OSError:
+            pass
+
+
+def setup(level: str, role: str = "supervisor", syslog: bool = False) -> None:
     """Send the ``pyvirtiofsd`` logger's records at ``level`` and above to
-    stderr. Call once in the supervisor; forked workers inherit it and only
-    call ``set_role``."""
+    stderr, or with ``syslog`` to /dev/log (OSError if it cannot be
+    reached). Call once in the supervisor; forked workers inherit it and
+    only call ``set_role``."""
     set_role(role)
-    handler = logging.StreamHandler(sys.stderr)
+    if syslog:
+        handler = _SyslogHandler(SYSLOG_PATH)
+        handler.setFormatter(logging.Formatter("%(role)s %(levelname)s: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("pyvirtiofsd[%(role)s %(process)d] %(levelname)s: %(message)s"))
     handler.addFilter(_RoleFilter())
-    handler.setFormatter(logging.Formatter("pyvirtiofsd[%(role)s %(process)d] %(levelname)s: %(message)s"))
     root = logging.getLogger("pyvirtiofsd")
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(LEVELS[level])
     root.propagate = False
+
+
+def held_fds() -> list[int]:
+    """Descriptors logging holds open (the /dev/log socket with --syslog):
+    the start-up's close of inherited fds keeps them."""
+    return [h.fd for h in logging.getLogger("pyvirtiofsd").handlers if isinstance(h, _SyslogHandler)]
 
 
 def set_role(role: str) -> None:

@@ -55,19 +55,20 @@ class StartRefused(Exception):
 def prepare(config) -> None:
     """All of the above, in this order (the fds first: nothing of ours is
     open yet). Raises StartRefused."""
-    close_inherited_fds(config.socket_fd)
+    close_inherited_fds({config.socket_fd, *log.held_fds()} - {None})
     reset_signals()
     check_privileges(config)
     drop_supplementary_groups(config)
 
 
-def close_inherited_fds(keep: int | None = None) -> None:
-    """Close every descriptor above 2, except ``keep``."""
-    if keep is None or keep <= 2:
-        os.closerange(3, FD_LIMIT)
-        return
-    os.closerange(3, keep)
-    os.closerange(keep + 1, FD_LIMIT)
+def close_inherited_fds(keep=()) -> None:
+    """Close every descriptor above 2, except those in ``keep`` (the --fd
+    socket, the /dev/log socket logging opened)."""
+    low = 3
+    for fd in sorted(fd for fd in keep if fd > 2):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, FD_LIMIT)
 
 
 def reset_signals() -> None:

@@ -29,6 +29,7 @@ ready shuts everything down and exits 1 with one line saying why.
 from __future__ import annotations
 
 import gc
+import grp
 import os
 import select
 import signal
@@ -99,7 +100,21 @@ def open_listener(config: Config) -> Listener:
     _claim_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(path)
+        if config.socket_group is None:
+            sock.bind(path)
+        else:
+            # --socket-group: members of GROUP may connect (the Rust daemon's
+            # 0660); made so under a temporary name, then renamed into place,
+            # so nobody ever finds the socket with other permissions
+            temporary = f"{path}.{os.getpid()}.tmp"
+            sock.bind(temporary)
+            try:
+                os.chown(temporary, -1, grp.getgrnam(config.socket_group).gr_gid)
+                os.chmod(temporary, 0o660)
+                os.rename(temporary, path)
+            except BaseException:
+                os.unlink(temporary)
+                raise
         sock.listen(1)
         inode = os.lstat(path).st_ino
     except OSError as e:
@@ -591,7 +606,8 @@ class Supervisor:
             logger.warning("accept failed: %s", e.strerror)
             return
         self.listener.close()      # exactly one connection; the socket file goes too
-        self.backend = Backend(conn, self.pool, queue_count=1 + self.config.max_request_workers)
+        self.backend = Backend(conn, self.pool, queue_count=1 + self.config.max_request_workers,
+                               tag=self.config.tag)
         logger.info("QEMU connected")
 
     def _signals(self) -> int | None:

@@ -14,6 +14,8 @@ PACKAGES=(
   cpio xz-utils zstd  # building the initrd, unpacking kernel modules
   libvirt-daemon-system libvirt-clients  # libvirt 9.0 starting our packaged daemon (tests/guest)
   systemd           # systemd-analyze checks the packaged unit (no systemd runs)
+  attr              # setfattr/getfattr: guest tests of --xattrmap (the guest runs the host's programs)
+  acl               # setfacl/getfacl: tests of --posix-acl (frontend, and the guest runs them too)
 )
 
 missing=()

@@ -137,6 +137,7 @@ class InitFlag(enum.IntFlag):
     SECURITY_CTX = 1 << 32
     HAS_INODE_DAX = 1 << 33
     HAS_EXPIRE_ONLY = 1 << 35
+    DIRECT_IO_ALLOW_MMAP = 1 << 36   # 7.39: shared mmap of FOPEN_DIRECT_IO files
 
 
 # --- attributes and entries -----------------------------------------------

@@ -160,7 +160,7 @@ def do_opendir(fs, req: Request):
     """OPENDIR: reopen the inode as O_RDONLY|O_DIRECTORY (the host refuses a
     non-directory with ENOTDIR before opening anything, so no device is ever
     opened). Reply fuse_open_out {fh, FOPEN_CACHE_DIR|FOPEN_KEEP_CACHE with
-    cache=always, else 0}; ENFILE when the table is full. Lookup count:
+    cache=always or metadata, else 0}; ENFILE when the table is full. Lookup count:
     unchanged."""
     if len(req.args) < abi.OPEN_IN.size:
         raise FUSEError(errno.EINVAL)
@@ -170,7 +170,7 @@ def do_opendir(fs, req: Request):
     fd = reopen(path_fd, flags)
     handle = fs.handles.add(fd, req.nodeid, KIND_DIR, flags)
     open_flags = 0
-    if fs.config.cache is CacheMode.ALWAYS:
+    if fs.config.cache is CacheMode.ALWAYS or fs.config.cache is CacheMode.METADATA:
         open_flags = abi.FOPEN_CACHE_DIR | abi.FOPEN_KEEP_CACHE
     return abi.OPEN_OUT.pack(handle.fh, open_flags)
 

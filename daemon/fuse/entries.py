@@ -41,7 +41,7 @@ import os
 import stat
 
 from daemon.config import CacheMode
-from daemon.fuse import abi
+from daemon.fuse import abi, acl
 from daemon.fuse.abi import Opcode
 from daemon.fuse.names import parse_lookup_name, parse_name, parse_two
 from daemon.fuse.request import FUSEError, Request
@@ -160,26 +160,28 @@ def do_mknod(fs, req: Request):
     rdev. Reply fuse_entry_out; EINVAL for a directory/symlink/unknown type,
     EEXIST, EACCES, EPERM (devices without the right), ENOSPC... from the
     host. Lookup count: +1 on the new nodeid on success."""
-    mode, rdev, _umask = _args(req, abi.MKNOD_IN)
+    mode, rdev, umask = _args(req, abi.MKNOD_IN)
     name = parse_name(req.args[abi.MKNOD_IN.size:])
     ftype = stat.S_IFMT(mode) or stat.S_IFREG
     if ftype not in _MKNOD_TYPES:
         raise FUSEError(errno.EINVAL)
     parent_fd = fs.cache.fd(req.nodeid)
     device = _decode_dev(rdev) if ftype in (stat.S_IFCHR, stat.S_IFBLK) else 0
-    os.mknod(name, ftype | stat.S_IMODE(mode), device, dir_fd=parent_fd)
+    with acl.creating(fs, umask):
+        os.mknod(name, ftype | stat.S_IMODE(mode), device, dir_fd=parent_fd)
     return fs.entry(parent_fd, name)
 
 
 def do_mkdir(fs, req: Request):
     """MKDIR name in the directory nodeid (mode: permission bits, the guest
-    already applied its umask). Reply fuse_entry_out; EEXIST, EACCES,
+    already applied its umask, except with --posix-acl: acl.py). Reply fuse_entry_out; EEXIST, EACCES,
     ENOSPC, EMLINK... from the host. Lookup count: +1 on the new nodeid on
     success."""
-    mode, _umask = _args(req, abi.MKDIR_IN)
+    mode, umask = _args(req, abi.MKDIR_IN)
     name = parse_name(req.args[abi.MKDIR_IN.size:])
     parent_fd = fs.cache.fd(req.nodeid)
-    os.mkdir(name, stat.S_IMODE(mode), dir_fd=parent_fd)
+    with acl.creating(fs, umask):
+        os.mkdir(name, stat.S_IMODE(mode), dir_fd=parent_fd)
     return fs.entry(parent_fd, name)
 
 

@@ -17,7 +17,10 @@ Decisions (and why):
   opens with O_EXCL first and, when the name exists, goes through the same
   check instead of letting ``open(O_CREAT)`` open whatever is there.
 - Guest open flags pass through an allow-list (access mode, O_APPEND,
-  O_TRUNC, O_SYNC/O_DSYNC, O_NOATIME, O_NONBLOCK). O_DIRECT is dropped, as
+  O_TRUNC, O_SYNC/O_DSYNC, O_NONBLOCK, and O_NOATIME only with
+  ``--preserve-noatime``: as in the Rust daemon it is dropped by default,
+  since the host refuses it (EPERM) to a caller who does not own the file
+  even when the guest, which checks it itself, allowed it). O_DIRECT is dropped, as
   both reference daemons do by default: the guest's O_DIRECT already
   bypasses the guest page cache, and the host page cache is ours to use
   (O_DIRECT also demands aligned guest buffers, and some host file systems
@@ -36,8 +39,9 @@ Decisions (and why):
   READ does). This follows the configuration, not what INIT negotiated,
   so every request worker, and one that replaces a dead worker, opens
   files alike; a Linux guest always accepts WRITEBACK_CACHE when offered.
-- ``--cache``: never → FOPEN_DIRECT_IO, always → FOPEN_KEEP_CACHE, auto → 0
-  (close-to-open: the guest drops its cache for the file on each open).
+- ``--cache``: never and metadata → FOPEN_DIRECT_IO, always →
+  FOPEN_KEEP_CACHE, auto → 0 (close-to-open: the guest drops its cache for
+  the file on each open).
 - Sizes: READ is clipped to the writable part and to ``MAX_IO_SIZE``
   (max_write = max_pages × 4 KiB = 1 MiB, so the kernel never asks for
   more; a short READ reply means EOF to it, so clipping is the only answer
@@ -55,7 +59,7 @@ import os
 import stat
 
 from daemon.config import CacheMode
-from daemon.fuse import abi
+from daemon.fuse import abi, acl
 from daemon.fuse.abi import Opcode
 from daemon.fuse.handles import KIND_FILE, reopen
 from daemon.fuse.names import parse_name
@@ -93,11 +97,13 @@ _syncfs.restype = ctypes.c_int
 
 
 # -- helpers shared by OPEN and CREATE --------------------------------------
-def host_open_flags(guest_flags: int, allow_direct_io: bool = False) -> int:
+def host_open_flags(guest_flags: int, allow_direct_io: bool = False,
+                    preserve_noatime: bool = False) -> int:
     """The host open(2) flags for a guest's OPEN/CREATE flags."""
     if guest_flags & os.O_ACCMODE == os.O_ACCMODE:
         raise FUSEError(errno.EINVAL)
-    return guest_flags & (OPEN_FLAGS_KEPT | os.O_DIRECT if allow_direct_io else OPEN_FLAGS_KEPT)
+    kept = OPEN_FLAGS_KEPT if preserve_noatime else OPEN_FLAGS_KEPT & ~os.O_NOATIME
+    return guest_flags & (kept | os.O_DIRECT if allow_direct_io else kept)
 
 
 def open_regular(path_fd: int, flags: int) -> int:
@@ -113,7 +119,7 @@ def open_regular(path_fd: int, flags: int) -> int:
 
 
 def fopen_flags(cache: CacheMode) -> int:
-    if cache is CacheMode.NEVER:
+    if cache is CacheMode.NEVER or cache is CacheMode.METADATA:
         return abi.FOPEN_DIRECT_IO
     if cache is CacheMode.ALWAYS:
         return abi.FOPEN_KEEP_CACHE
@@ -219,7 +225,7 @@ def do_open(fs, req: Request):
     open(2) errno. Lookup count: unchanged.
     """
     flags, _open_flags = _args(req, abi.OPEN_IN)
-    flags = host_open_flags(flags, fs.config.allow_direct_io)
+    flags = host_open_flags(flags, fs.config.allow_direct_io, fs.config.preserve_noatime)
     path_fd = fs.cache.fd(req.nodeid)
     fs.handles.check_room()
     fd, flags = open_file(path_fd, flags, fs.config.writeback)
@@ -234,15 +240,16 @@ def do_create(fs, req: Request):
     S_IFREG (or absent). Lookup count: +1 on the new entry, only on success
     (the table's room is checked before the lookup, so no later step fails).
     """
-    flags, mode, _umask, _open_flags = _args(req, abi.CREATE_IN)
+    flags, mode, umask, _open_flags = _args(req, abi.CREATE_IN)
     name = parse_name(req.args[abi.CREATE_IN.size:])
     if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
         raise FUSEError(errno.EINVAL)
-    host_flags = host_open_flags(flags, fs.config.allow_direct_io)
+    host_flags = host_open_flags(flags, fs.config.allow_direct_io, fs.config.preserve_noatime)
     parent_fd = fs.cache.fd(req.nodeid)
     fs.handles.check_room()
-    fd, host_flags = _create_file(parent_fd, name, host_flags, stat.S_IMODE(mode),
-                                  bool(flags & os.O_EXCL), fs.config.writeback)
+    with acl.creating(fs, umask):
+        fd, host_flags = _create_file(parent_fd, name, host_flags, stat.S_IMODE(mode),
+                                      bool(flags & os.O_EXCL), fs.config.writeback)
     try:
         entry = fs.entry(parent_fd, name)
     except BaseException:

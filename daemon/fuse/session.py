@@ -57,7 +57,7 @@ import errno
 import os
 from stat import S_ISDIR as _S_ISDIR
 
-from daemon.fuse import abi, credentials
+from daemon.fuse import abi, credentials, readonly
 from daemon.fuse.abi import InitFlag, Opcode
 from daemon.fuse.blocking import BlockingCalls
 from daemon.fuse.inodes import InodeCache, InodeTable, close_all, inode_fd_budget
@@ -201,6 +201,8 @@ class FuseSession:
             self._ops = {op: h for op, h in ops.items() if op in HIPRIO_OPS}
         else:
             self._ops = dict(ops)
+            if config.readonly:
+                readonly.restrict(self._ops)
             self._ops[int(Opcode.INIT)] = _op_init
             self._ops[int(Opcode.DESTROY)] = _op_destroy
             if root_fd is None:
@@ -640,6 +642,15 @@ def _op_init(fs: FuseSession, req: Request):
         wanted |= InitFlag.WRITEBACK_CACHE
     if fs._submounts:
         wanted |= InitFlag.SUBMOUNTS
+    if fs.config.posix_acl:
+        # --posix-acl (acl.py): the guest enforces ACLs, sends modes unmasked
+        if not offered & InitFlag.POSIX_ACL and fs.config.posix_acl_required:
+            log.error("--posix-acl=always: the guest does not offer FUSE_POSIX_ACL")
+            raise FUSEError(errno.EPROTO)
+        wanted |= InitFlag.POSIX_ACL | InitFlag.DONT_MASK
+    if fs.config.allow_mmap and fs.config.cache.value in ("never", "metadata"):
+        # --allow-mmap: shared mmap of files opened with FOPEN_DIRECT_IO
+        wanted |= InitFlag.DIRECT_IO_ALLOW_MMAP
     ours = int(offered & wanted)
     fs.start()
     log.info("FUSE session: guest %d.%d, replying 7.%d flags %#x", major, minor,

@@ -23,6 +23,12 @@ stops asking and answers EOPNOTSUPP itself.
 
 SETXATTR's in-struct is the 8-byte ``fuse_setxattr_in``: we never
 negotiate FUSE_SETXATTR_EXT (the 16-byte form).
+
+``--xattrmap`` (xattrmap.py): the guest's names in GETXATTR, SETXATTR and
+REMOVEXATTR become the host's before any host call (a refused name is
+EPERM/ENOTSUP with no host call at all; GETXATTR answers ENODATA instead
+of EPERM, as the Rust and C daemons do), and LISTXATTR's host names become
+the guest's, hidden ones left out, before the size is counted.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from __future__ import annotations
 import errno
 import os
 
-from daemon.fuse import abi
+from daemon.fuse import abi, acl
 from daemon.fuse.abi import Opcode
 from daemon.fuse.request import FUSEError, Request
 
@@ -58,6 +64,14 @@ def _inode_path(fs, nodeid: int) -> str:
     if not fs.config.xattr:
         raise FUSEError(errno.ENOSYS)
     return str(fs.cache.fd(nodeid))
+
+
+def _host_name(fs, name: bytes) -> bytes:
+    """The host's name for the guest's attribute ``name`` (--xattrmap);
+    ENOTSUP for an ACL name without --posix-acl (acl.py)."""
+    acl.check_name(fs, name)
+    xattrmap = fs.config.xattrmap
+    return name if xattrmap is None else xattrmap.to_host(name)
 
 
 def _reply_sized(req: Request, value: bytes, asked: int):
@@ -89,7 +103,7 @@ def do_setxattr(fs, req: Request):
     name, value_at = parse_xattr_name(args, abi.SETXATTR_IN.size)
     if len(args) - value_at != size:
         raise FUSEError(errno.EINVAL)
-    os.setxattr(path, name, bytes(args[value_at:]), flags)
+    os.setxattr(path, _host_name(fs, name), bytes(args[value_at:]), flags)
     return b""
 
 
@@ -104,7 +118,12 @@ def do_getxattr(fs, req: Request):
     name, end = parse_xattr_name(args, abi.GETXATTR_IN.size)
     if end != len(args):
         raise FUSEError(errno.EINVAL)
-    return _reply_sized(req, os.getxattr(path, name), asked)
+    try:
+        host_name = _host_name(fs, name)
+    except FUSEError as e:
+        # a name the rules refuse reads as absent, as in both reference daemons
+        raise FUSEError(errno.ENODATA if e.errno == errno.EPERM else e.errno) from None
+    return _reply_sized(req, os.getxattr(path, host_name), asked)
 
 
 def do_listxattr(fs, req: Request):
@@ -116,7 +135,12 @@ def do_listxattr(fs, req: Request):
     if len(args) < abi.GETXATTR_IN.size:
         raise FUSEError(errno.EINVAL)
     asked, = abi.GETXATTR_IN.unpack_from(args)
-    names = b"".join(os.fsencode(n) + b"\0" for n in os.listxattr(path))
+    host = acl.visible(fs, [os.fsencode(n) for n in os.listxattr(path)])
+    xattrmap = fs.config.xattrmap
+    if xattrmap is None:
+        names = b"".join(n + b"\0" for n in host)
+    else:
+        names = xattrmap.list_to_guest(host)
     if len(names) > XATTR_LIST_MAX:
         raise FUSEError(errno.E2BIG)
     return _reply_sized(req, names, asked)
@@ -128,7 +152,7 @@ def do_removexattr(fs, req: Request):
     name, end = parse_xattr_name(req.args, 0)
     if end != len(req.args):
         raise FUSEError(errno.EINVAL)
-    os.removexattr(path, name)
+    os.removexattr(path, _host_name(fs, name))
     return b""
 
 

@@ -118,7 +118,8 @@ def confine(role: str, config, shared_dir: str | None = None) -> SandboxInfo:
     nofile_target = rlimits.default_target()
 
     if mode == "namespace":
-        root = mounts.setup_request_root(shared_dir) if role == "request" else mounts.setup_empty_root()
+        root = (mounts.setup_request_root(shared_dir, _cfg(config, "readonly", False))
+                if role == "request" else mounts.setup_empty_root())
     elif mode == "chroot":
         root = mounts.chroot_request_root(shared_dir) if role == "request" else mounts.chroot_empty_root()
     elif mode == "none":

@@ -116,14 +116,33 @@ def _pivot_into(new_root: str) -> None:
         os.close(old)
 
 
-def setup_request_root(shared_dir: str) -> RootInfo:
-    """In a fresh mount + pid namespace: the shared dir becomes "/"."""
+# statvfs f_flag bits that are per-mount flags of the same value (ST_* ==
+# MS_* for these), kept when the bind mount is remounted read-only: a bind
+# remount replaces them all, and must not lift nosuid/nodev/noexec
+_KEPT_MOUNT_FLAGS = MS_NOSUID | MS_NODEV | MS_NOEXEC | 1024 | 2048   # | MS_NOATIME | MS_NODIRATIME
+ST_RELATIME = 4096
+
+
+def _remount_readonly(path: str) -> None:
+    """--readonly: make the bind mount of the share read-only (not its
+    submounts: the op table refuses changes there, fuse/readonly.py)."""
+    flags = _step(f"statvfs {path}", os.statvfs, path).f_flag
+    keep = flags & _KEPT_MOUNT_FLAGS | (MS_RELATIME if flags & ST_RELATIME else 0)
+    mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep,
+          what=f"remount {path} read-only")
+
+
+def setup_request_root(shared_dir: str, readonly: bool = False) -> RootInfo:
+    """In a fresh mount + pid namespace: the shared dir becomes "/" (a
+    read-only mount with ``readonly``)."""
     mount(None, "/", None, MS_SLAVE | MS_REC, what="make / a recursive slave mount")
     mount("proc", "/proc", "proc", MS_NODEV | MS_NOEXEC | MS_NOSUID | MS_RELATIME,
           what="mount a proc for the worker's pid namespace on /proc")
 
     def enter():
         mount(shared_dir, shared_dir, None, MS_BIND | MS_REC, what=f"bind-mount {shared_dir} onto itself")
+        if readonly:
+            _remount_readonly(shared_dir)
         _pivot_into(shared_dir)
 
     return _enter_request_root(enter)

@@ -127,10 +127,14 @@ class Vring:
 
 class Backend:
     def __init__(self, conn: socket.socket, pool: WorkerPool, queue_count: int,
-                 read_timeout: float | None = 10.0):
+                 read_timeout: float | None = 10.0, tag: str | None = None):
         """``queue_count``: vrings that can get a worker (1 + max request
         workers), reported by GET_QUEUE_NUM. ``read_timeout``: how long the
-        rest of a message may take once its first byte has arrived."""
+        rest of a message may take once its first byte has arrived.
+        ``tag`` (--tag): offer protocol feature CONFIG and answer GET_CONFIG
+        with it (QEMU 7.2 strips CONFIG for vhost-user-fs: it never asks)."""
+        self.tag = tag
+        self.offered_protocol_features = OFFERED_PROTOCOL_FEATURES | (m.PF_CONFIG if tag else 0)
         self.conn = conn
         self.conn.settimeout(read_timeout)
         self.pool = pool
@@ -163,6 +167,8 @@ class Backend:
             Request.ADD_MEM_REG: self._add_mem_reg,
             Request.REM_MEM_REG: self._rem_mem_reg,
         }
+        if tag is not None:
+            self._handlers[Request.GET_CONFIG] = self._get_config
 
     def fileno(self) -> int:
         return self.conn.fileno()
@@ -288,13 +294,22 @@ class Backend:
                     ring.enabled = enabled
 
     def _get_protocol_features(self, _body, _fds) -> bytes:
-        return m.U64.pack(OFFERED_PROTOCOL_FEATURES)
+        return m.U64.pack(self.offered_protocol_features)
 
     def _set_protocol_features(self, features: int, _fds) -> None:
-        if features & ~OFFERED_PROTOCOL_FEATURES:
+        offered = self.offered_protocol_features
+        if features & ~offered:
             raise VhostUserError(f"SET_PROTOCOL_FEATURES 0x{features:x} acks protocol features never "
-                                 f"offered (0x{features & ~OFFERED_PROTOCOL_FEATURES:x})")
+                                 f"offered (0x{features & ~offered:x})")
         self.acked_protocol_features = features
+
+    def _get_config(self, body: tuple[int, int], _fds) -> bytes:
+        """GET_CONFIG (--tag only): the virtio-fs config space, tag and
+        number of request queues."""
+        if not self.acked_protocol_features & m.PF_CONFIG:
+            raise VhostUserError("GET_CONFIG without protocol feature CONFIG negotiated")
+        offset, size = body
+        return m.encode_fs_config(self.tag, self.queue_count - 1, offset, size)
 
     def _get_queue_num(self, _body, _fds) -> bytes:
         return m.U64.pack(self.queue_count)

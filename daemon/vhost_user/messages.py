@@ -66,7 +66,16 @@ F_VERSION_1 = 1 << 32
 # protocol feature bits (GET_PROTOCOL_FEATURES / SET_PROTOCOL_FEATURES)
 PF_MQ = 1 << 0
 PF_REPLY_ACK = 1 << 3
+PF_CONFIG = 1 << 9                 # GET_CONFIG/SET_CONFIG: offered only with --tag
 PF_CONFIGURE_MEM_SLOTS = 1 << 15
+
+# GET_CONFIG payload: struct vhost_user_config { u32 offset; u32 size;
+# u32 flags; u8 region[size]; } (at most VHOST_USER_MAX_CONFIG_SIZE bytes)
+CONFIG_HEADER = struct.Struct("<III")
+MAX_CONFIG_SIZE = 256
+# virtio-fs config space: struct virtio_fs_config { u8 tag[36];
+# le32 num_request_queues; } (packed, 40 bytes)
+FS_CONFIG = struct.Struct("<36sI")
 
 
 class Request(enum.IntEnum):
@@ -205,7 +214,8 @@ _FIXED_SIZE = {
     Request.GET_MAX_MEM_SLOTS: 0,
     Request.SET_VRING_ENABLE: VRING_STATE.size,
 }
-DECODED = frozenset(_FIXED_SIZE) | {Request.SET_MEM_TABLE, Request.ADD_MEM_REG, Request.REM_MEM_REG}
+DECODED = frozenset(_FIXED_SIZE) | {Request.SET_MEM_TABLE, Request.ADD_MEM_REG, Request.REM_MEM_REG,
+                                    Request.GET_CONFIG}
 
 Payload = None | int | VringState | VringAddr | VringFile | MemoryRegion | list[MemoryRegion]
 
@@ -222,6 +232,8 @@ def decode_payload(request: int, payload: bytes, nfds: int) -> Payload:
         return decode_mem_table(payload, nfds)
     if request in (Request.ADD_MEM_REG, Request.REM_MEM_REG):
         return decode_single_region(request, payload, nfds)
+    if request == Request.GET_CONFIG:
+        return decode_get_config(payload, nfds)
     expected = _FIXED_SIZE[request]
     if len(payload) != expected:
         raise VhostUserError(f"{request.name}: payload is {len(payload)} bytes, expected {expected}")
@@ -284,6 +296,27 @@ def _decode_vring_file(request: Request, payload: bytes, nfds: int) -> VringFile
         raise VhostUserError(f"{request.name}: vring {index} came with {nfds} file descriptor(s), "
                              f"expected {int(has_fd)}")
     return VringFile(index, has_fd)
+
+
+def decode_get_config(payload: bytes, nfds: int) -> tuple[int, int]:
+    """GET_CONFIG: (offset, size) of the config space asked for; the
+    payload carries ``size`` bytes (ignored) after its 12-byte header."""
+    if nfds:
+        raise VhostUserError(f"GET_CONFIG: {nfds} unexpected file descriptor(s)")
+    if len(payload) < CONFIG_HEADER.size:
+        raise VhostUserError(f"GET_CONFIG: payload is {len(payload)} bytes, too short")
+    offset, size, _flags = CONFIG_HEADER.unpack_from(payload)
+    if size > MAX_CONFIG_SIZE or len(payload) != CONFIG_HEADER.size + size:
+        raise VhostUserError(f"GET_CONFIG: size {size} with a {len(payload)}-byte payload")
+    return offset, size
+
+
+def encode_fs_config(tag: str, num_request_queues: int, offset: int, size: int) -> bytes:
+    """GET_CONFIG's reply payload: the header, then ``size`` bytes of the
+    virtio-fs config space from ``offset`` (zeros past its end)."""
+    space = FS_CONFIG.pack(tag.encode("utf-8", "surrogateescape"), num_request_queues)
+    region = space[offset:offset + size] if offset < len(space) else b""
+    return CONFIG_HEADER.pack(offset, size, 0) + region.ljust(size, b"\0")
 
 
 def decode_single_region(request: Request, payload: bytes, nfds: int) -> MemoryRegion:
