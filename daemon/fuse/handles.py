@@ -18,17 +18,30 @@ descriptions) per table; one more is ``FUSEError(ENFILE)`` and one log line
 per session. ``open_file_budget`` caps that at half the worker's
 RLIMIT_NOFILE, so a guest holding all it may still leaves fds for the O_PATH
 fds of its inodes and for the temporary fds any request needs (stat, mkdir
-and close keep working when the table is full). fh values come from a 64-bit counter that starts at 1 and is
-never reset, so an fh is never 0 and never names two open files, even across
-sessions (a stale fh from before INIT is simply unknown: EBADF).
+and close keep working when the table is full).
+
+fh values are slots of the ``FileTable`` every request worker shares
+(filetable.py): never 0, never reused for another open file, unknown after
+INIT (EBADF). With several request queues a guest process may use an fh
+on a queue whose worker did not open it: that worker copies the opener's
+host fd (``pidfd_getfd``, peers.py) the first time and keeps the copy, one
+more fd on the same open file description (same offset, same flock and
+OFD locks). RELEASE on any queue frees the fh in the shared table at once
+(every worker then answers EBADF for it); each worker closes its own copy
+when it next looks at it or at its next ``reap`` (after each batch, and
+at least once a second while it has peers). flock locks are released at
+RELEASE (LOCK_UN on the description) so a copy that lingers a moment holds
+none.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import resource
 
+from daemon.fuse.filetable import FileTable
 from daemon.fuse.request import FUSEError
 from daemon.log import get_logger
 
@@ -73,12 +86,19 @@ class OpenHandle:
 class HandleTable:
     """fh → OpenHandle, plus the lock descriptions; bounded, resettable."""
 
-    def __init__(self, max_open_files: int):
+    def __init__(self, max_open_files: int, files: FileTable | None = None, peers=None):
+        """``files``: the shared open-file table (a private one if None);
+        ``peers``: the other request workers (peers.py), None alone."""
         if max_open_files < 1:
             raise ValueError("max_open_files must be positive")
         self.max_open_files = max_open_files
+        self._own_files = files is None
+        self.files = files if files is not None else FileTable(max_open_files, shared=False)
+        self._slots = self.files.slots
+        self.peers = peers
+        self._released = self.files.released
+        # fh → this worker's OpenHandle (its own fd, or its copy of another's)
         self._handles: dict[int, OpenHandle] = {}
-        self._next_fh = 1
         # nodeid → number of open handles on it (files and dirs)
         self._open_per_node: dict[int, int] = {}
         # nodeid → {lock owner → fd}: lock descriptions (locks.py)
@@ -116,29 +136,74 @@ class HandleTable:
         if self.host_fd_count >= self.max_open_files:
             os.close(fd)
             self._full()
-        fh = self._next_fh
-        self._next_fh = fh + 1
-        handle = OpenHandle(fh, fd, nodeid, kind, flags)
-        self._handles[fh] = handle
+        peers = self.peers
+        try:
+            fh = self.files.alloc(nodeid, kind, flags, peers.mine(fd) if peers is not None else 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._keep(OpenHandle(fh, fd, nodeid, kind, flags))
+
+    def _keep(self, handle: OpenHandle) -> OpenHandle:
+        self._handles[handle.fh] = handle
+        nodeid = handle.nodeid
         self._open_per_node[nodeid] = self._open_per_node.get(nodeid, 0) + 1
         return handle
 
     def get(self, fh: int, kind: int) -> OpenHandle:
-        """The open handle ``fh`` of ``kind``; FUSEError(EBADF) otherwise."""
+        """The open handle ``fh`` of ``kind``; FUSEError(EBADF) otherwise
+        (released, on any queue, or never opened)."""
         handle = self._handles.get(fh)
-        if handle is None or handle.kind != kind:
+        # still live in the shared table (word 0 of its slot: the generation)
+        if handle is not None and handle.kind == kind \
+                and self._slots[(fh & 0xFFFFFF) << 3] == fh >> 24:
+            return handle
+        return self._find(fh, kind)
+
+    def _find(self, fh: int, kind: int) -> OpenHandle:
+        """Slow path of ``get``: drop a copy of a released fh, or copy the
+        fd of an fh another worker opened."""
+        handle = self._handles.get(fh)
+        if handle is not None and not self.files.live(fh):
+            self._forget(handle)
             raise FUSEError(errno.EBADF)
-        return handle
+        if handle is not None:           # live, but another kind
+            raise FUSEError(errno.EBADF)
+        info = self.files.lookup(fh)
+        peers = self.peers
+        if info is None or peers is None or info[1] != kind:
+            raise FUSEError(errno.EBADF)
+        nodeid, kind, flags, word = info
+        if self.host_fd_count >= self.max_open_files:
+            self._full()
+        try:
+            fd = peers.borrow(word)
+        except OSError as e:
+            log.warning("cannot copy an open file from another request worker: %s", e)
+            raise FUSEError(errno.EBADF) from None
+        if fd < 0:
+            raise FUSEError(errno.EBADF)   # its worker died: the open file is lost
+        if self.files.lookup(fh) != info:  # released while we copied: not ours
+            _close_quietly(fd)
+            raise FUSEError(errno.EBADF)
+        return self._keep(OpenHandle(fh, fd, nodeid, kind, flags))
 
-    def close(self, fh: int, kind: int) -> None:
-        """Close ``fh`` (RELEASE/RELEASEDIR); EBADF if it is not open.
+    def reap(self) -> int:
+        """Close this worker's fds of fhs released on other queues (one
+        shared read when none was); returns how many."""
+        released = self.files.released
+        if released == self._released:
+            return 0
+        self._released = released
+        live = self.files.live
+        dead = [h for fh, h in self._handles.items() if not live(fh)]
+        for handle in dead:
+            self._forget(handle)
+        return len(dead)
 
-        Releasing the last handle on an inode also closes every lock
-        description of that inode: no guest process can hold a lock on a file
-        that no guest file is open on any more.
-        """
-        handle = self.get(fh, kind)
-        del self._handles[fh]
+    def _forget(self, handle: OpenHandle) -> None:
+        """Drop this worker's fd of an fh (released elsewhere, or here)."""
+        del self._handles[handle.fh]
         nodeid = handle.nodeid
         left = self._open_per_node[nodeid] - 1
         if left:
@@ -153,14 +218,38 @@ class HandleTable:
                     _close_quietly(lock_fd)
         _close_quietly(handle.fd)
 
+    def close(self, fh: int, kind: int) -> None:
+        """Close ``fh`` (RELEASE/RELEASEDIR); EBADF if it is not open.
+
+        Releasing the last handle on an inode also closes every lock
+        description of that inode: no guest process can hold a lock on a file
+        that no guest file is open on any more.
+        """
+        handle = self.get(fh, kind)
+        if not self.files.free(fh):     # released on another queue meanwhile
+            self._forget(handle)
+            raise FUSEError(errno.EBADF)
+        if self.peers is not None and self.peers.shared and kind == KIND_FILE:
+            # other workers may hold copies a moment longer: the guest's
+            # flock locks on this open file end now, as at its last close
+            try:
+                fcntl.flock(handle.fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
+        self._forget(handle)
+
     def reset(self) -> None:
-        """Close everything (INIT/DESTROY: the guest forgot all its fhs)."""
+        """Close this worker's fds (INIT/DESTROY: the guest forgot all its
+        fhs; the shared table is reset with the inode table)."""
+        if self._own_files:
+            self.files.reset()
         handles, self._handles = self._handles, {}
         lock_fds, self._lock_fds = self._lock_fds, {}
         self._lock_pids = {}
         self._open_per_node = {}
         self._lock_fd_count = 0
         self._warned_full = False
+        self._released = self.files.released
         for owners in lock_fds.values():
             for fd in owners.values():
                 _close_quietly(fd)

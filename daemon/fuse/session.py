@@ -66,6 +66,7 @@ from daemon.virtio.iovec import IoVec
 
 from daemon.fuse import attrs, dirs, entries, files, locks, xattrs
 from daemon.fuse.handles import HandleTable, open_file_budget
+from daemon.fuse.peers import Peers
 from daemon.log import RateLimitedLogger, get_logger
 
 log = get_logger("fuse.session")
@@ -194,6 +195,7 @@ class FuseSession:
         self._own_root = False
         self.cache: InodeCache | None = None
         self.handles = None
+        self.peers: Peers | None = None
         self._blocking: BlockingCalls | None = None
         ops = load_ops()
         if role == "hiprio":
@@ -211,9 +213,12 @@ class FuseSession:
             # fsync's helper threads (started on first use) and their
             # eventfd; they also close forgotten inodes' fds (blocking.py)
             self._blocking = BlockingCalls()
+            # the other request workers, whose fds this one copies (peers.py)
+            self.peers = Peers()
             self.cache = InodeCache(inodes, use_handles=config.file_handles, close_fds=self._close_later,
-                                    max_fds=inode_fd_budget(config.inode_fds))
-            self.handles = HandleTable(open_file_budget(config.max_open_files))
+                                    max_fds=inode_fd_budget(config.inode_fds), peers=self.peers)
+            self.handles = HandleTable(open_file_budget(config.max_open_files),
+                                       files=getattr(inodes, "files", None), peers=self.peers)
         self._ops[int(Opcode.INTERRUPT)] = _op_interrupt
         self._readdirplus = int(Opcode.READDIRPLUS) in self._ops and config.offers_readdirplus
         self._locks = int(Opcode.SETLK) in self._ops
@@ -525,6 +530,7 @@ class FuseSession:
         self._session = 0
         if self._blocking is not None:
             self._blocking.close()
+            self.peers.close()
         if self._own_root and self.root_fd >= 0:
             os.close(self.root_fd)
         self.root_fd = -1
@@ -544,6 +550,7 @@ class FuseSession:
         if cache is None:
             return 0
         try:
+            self.handles.reap()
             return cache.reap()
         except Exception:  # noqa: BLE001 - pragma: no cover
             log.exception("closing forgotten inodes' fds failed")

@@ -1,0 +1,201 @@
+"""The guest's open files, shared by every request worker: fh → what it is.
+
+With several request queues a guest process may OPEN a file through one
+request worker and READ, lock or RELEASE it through another. So the fh the
+guest gets names a slot of this table, in shared memory like the inode
+table (``shared_mapping``), not an entry of one worker's dict:
+
+- fh = generation << 24 | slot; generations come from one counter that is
+  never reset, so an fh is never 0, never names two open files, and a stale
+  fh (released, or from before INIT) is simply unknown: EBADF.
+- a slot: generation (0 = free), nodeid, kind (file/dir), host open flags,
+  owner word (peers.py: which worker holds the host fd, and its number).
+- ``released`` counts frees: a worker holding copies of fds compares it
+  with what it saw last to learn, with one read, that it has copies to drop.
+
+The host fds themselves stay in the processes: the opener owns its fd,
+another worker copies it once with ``pidfd_getfd`` and keeps the copy
+(handles.py). Mutations (alloc, free, reset) hold a POSIX record lock on
+the memfd, as the inode table does (dropped by the kernel when a holder
+dies; the next locker then rebuilds the free list: ``DIRTY``); lookups read
+aligned words without locking and check the generation after.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+
+from daemon.fuse.request import FUSEError
+from daemon.log import get_logger
+
+log = get_logger("fuse.filetable")
+
+SLOT_BITS = 24
+SLOT_MASK = (1 << SLOT_BITS) - 1
+GEN_MASK = (1 << 40) - 1
+MAX_CAPACITY = SLOT_MASK - 1
+
+_H_GEN, _H_HIGH, _H_FREE, _H_LIVE, _H_DIRTY, _H_RELEASED = range(6)
+_HDR_WORDS = 8
+_F_GEN, _F_NODE, _F_KIND, _F_FLAGS, _F_OWNER, _F_NEXT = range(6)
+_WORDS = 8
+
+
+def shared_mapping(name: str, size: int) -> tuple[int, mmap.mmap]:
+    """An anonymous memfd of ``size`` bytes mapped MAP_SHARED: (fd, map).
+    Made before the workers fork, so they all share the pages."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, mm
+
+
+class FileTable:
+    """fh → (nodeid, kind, flags, owner word), shared; see the module doc."""
+
+    def __init__(self, capacity: int, shared: bool = True):
+        """``shared`` False: private memory and no locking, for a worker
+        alone (a session made without a shared table: tests)."""
+        if not 1 <= capacity <= MAX_CAPACITY:
+            raise ValueError(f"open-file table capacity must be 1..{MAX_CAPACITY}")
+        self.capacity = capacity
+        size = (_HDR_WORDS + (capacity + 1) * _WORDS) * 8
+        if shared:
+            self._fd, self._mm = shared_mapping("pyvirtiofsd-files", size)
+        else:
+            self._fd, self._mm = -1, mmap.mmap(-1, size)
+        mv = memoryview(self._mm)
+        self._hdr = mv[:_HDR_WORDS * 8].cast("Q")
+        self.slots = mv[_HDR_WORDS * 8:].cast("Q")   # slot n, word w: [n * 8 + w]
+        self._hdr[_H_HIGH] = 1
+
+    # -- locking -----------------------------------------------------------------
+    def _lock(self) -> None:
+        if self._fd < 0:
+            return
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, 0)
+        hdr = self._hdr
+        if hdr[_H_DIRTY]:
+            self._repair()
+        hdr[_H_DIRTY] = 1
+
+    def _unlock(self) -> None:
+        self._hdr[_H_DIRTY] = 0
+        if self._fd >= 0:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0)
+
+    def _repair(self) -> None:
+        log.warning("open-file table: a process died while updating it; rebuilding the free list")
+        hdr, q = self._hdr, self.slots
+        free = live = 0
+        for s in range(hdr[_H_HIGH] - 1, 0, -1):
+            if q[s * _WORDS + _F_GEN]:
+                live += 1
+            else:
+                q[s * _WORDS + _F_NEXT] = free
+                free = s
+        hdr[_H_FREE] = free
+        hdr[_H_LIVE] = live
+        hdr[_H_RELEASED] += 1
+
+    # -- API -------------------------------------------------------------------------
+    def alloc(self, nodeid: int, kind: int, flags: int, owner: int) -> int:
+        """A new fh for an open file; FUSEError(ENFILE) when full."""
+        self._lock()
+        try:
+            hdr, q = self._hdr, self.slots
+            s = hdr[_H_FREE]
+            if s:
+                hdr[_H_FREE] = q[s * _WORDS + _F_NEXT]
+            else:
+                s = hdr[_H_HIGH]
+                if s > self.capacity:
+                    raise FUSEError(errno.ENFILE)
+                hdr[_H_HIGH] = s + 1
+            base = s * _WORDS
+            q[base + _F_NODE] = nodeid
+            q[base + _F_KIND] = kind
+            q[base + _F_FLAGS] = flags & 0xFFFFFFFF
+            q[base + _F_OWNER] = owner
+            gen = (hdr[_H_GEN] + 1) & GEN_MASK or 1
+            hdr[_H_GEN] = gen
+            q[base + _F_GEN] = gen       # live from here on
+            hdr[_H_LIVE] += 1
+            return gen << SLOT_BITS | s
+        finally:
+            self._unlock()
+
+    def lookup(self, fh: int) -> tuple[int, int, int, int] | None:
+        """(nodeid, kind, flags, owner word) of a live fh, else None."""
+        s, gen = fh & SLOT_MASK, fh >> SLOT_BITS
+        if not 1 <= s <= self.capacity or not gen:
+            return None
+        q, base = self.slots, s * _WORDS
+        if q[base + _F_GEN] != gen:
+            return None
+        out = q[base + _F_NODE], q[base + _F_KIND], q[base + _F_FLAGS], q[base + _F_OWNER]
+        if q[base + _F_GEN] != gen:
+            return None
+        return out
+
+    def live(self, fh: int) -> bool:
+        s = fh & SLOT_MASK
+        return 1 <= s <= self.capacity and self.slots[s * _WORDS] == fh >> SLOT_BITS
+
+    def free(self, fh: int) -> bool:
+        """RELEASE: free a live fh; False if it was not live (released
+        meanwhile on another queue, or never existed)."""
+        s, gen = fh & SLOT_MASK, fh >> SLOT_BITS
+        if not 1 <= s <= self.capacity or not gen:
+            return False
+        self._lock()
+        try:
+            hdr, q, base = self._hdr, self.slots, s * _WORDS
+            if q[base + _F_GEN] != gen:
+                return False
+            q[base + _F_GEN] = 0          # dead from here on
+            q[base + _F_OWNER] = 0
+            q[base + _F_NEXT] = hdr[_H_FREE]
+            hdr[_H_FREE] = s
+            hdr[_H_LIVE] -= 1
+            hdr[_H_RELEASED] += 1
+            return True
+        finally:
+            self._unlock()
+
+    def reset(self) -> None:
+        """INIT/DESTROY: every fh unknown from now on."""
+        self._lock()
+        try:
+            hdr, q = self._hdr, self.slots
+            for s in range(1, hdr[_H_HIGH]):
+                q[s * _WORDS + _F_GEN] = 0
+                q[s * _WORDS + _F_OWNER] = 0
+            hdr[_H_HIGH] = 1
+            hdr[_H_FREE] = 0
+            hdr[_H_LIVE] = 0
+            hdr[_H_RELEASED] += 1
+        finally:
+            self._unlock()
+
+    @property
+    def released(self) -> int:
+        """How many fhs were freed so far (one aligned read)."""
+        return self._hdr[_H_RELEASED]
+
+    def __len__(self) -> int:
+        return self._hdr[_H_LIVE]
+
+    def close(self) -> None:
+        self._hdr.release()
+        self.slots.release()
+        self._mm.close()
+        if self._fd >= 0:
+            os.close(self._fd)
