@@ -10,6 +10,12 @@ table (``shared_mapping``), not an entry of one worker's dict:
   fh (released, or from before INIT) is simply unknown: EBADF.
 - a slot: generation (0 = free), nodeid, kind (file/dir), host open flags,
   owner word (peers.py: which worker holds the host fd, and its number).
+- lock descriptions (locks.py: one open file description per inode and
+  guest lock owner, carrying that owner's POSIX locks as OFD locks) are
+  slots too (``KIND_LOCK``, keyed by nodeid and lock owner), so every queue
+  locks, tests and unlocks on the same description. They are found by a
+  scan of the used slots, and only when some exist (``_H_LOCKS``): one
+  read on the RELEASE of a file nobody locks.
 - ``released`` counts frees: a worker holding copies of fds compares it
   with what it saw last to learn, with one read, that it has copies to drop.
 
@@ -38,10 +44,14 @@ SLOT_MASK = (1 << SLOT_BITS) - 1
 GEN_MASK = (1 << 40) - 1
 MAX_CAPACITY = SLOT_MASK - 1
 
-_H_GEN, _H_HIGH, _H_FREE, _H_LIVE, _H_DIRTY, _H_RELEASED = range(6)
+_H_GEN, _H_HIGH, _H_FREE, _H_LIVE, _H_DIRTY, _H_RELEASED, _H_LOCKS = range(7)
 _HDR_WORDS = 8
-_F_GEN, _F_NODE, _F_KIND, _F_FLAGS, _F_OWNER, _F_NEXT = range(6)
+# slot words; a lock description also has the guest's lock owner and the
+# guest pid of its last granted lock (GETLK)
+_F_GEN, _F_NODE, _F_KIND, _F_FLAGS, _F_OWNER, _F_NEXT, _F_LOCK_OWNER, _F_PID = range(8)
 _WORDS = 8
+# _F_KIND of a lock description (handles.KIND_FILE = 1 and KIND_DIR = 2 are fhs)
+KIND_LOCK = 3
 
 
 def shared_mapping(name: str, size: int) -> tuple[int, mmap.mmap]:
@@ -94,15 +104,17 @@ class FileTable:
     def _repair(self) -> None:
         log.warning("open-file table: a process died while updating it; rebuilding the free list")
         hdr, q = self._hdr, self.slots
-        free = live = 0
+        free = live = locks = 0
         for s in range(hdr[_H_HIGH] - 1, 0, -1):
             if q[s * _WORDS + _F_GEN]:
                 live += 1
+                locks += q[s * _WORDS + _F_KIND] == KIND_LOCK
             else:
                 q[s * _WORDS + _F_NEXT] = free
                 free = s
         hdr[_H_FREE] = free
         hdr[_H_LIVE] = live
+        hdr[_H_LOCKS] = locks
         hdr[_H_RELEASED] += 1
 
     # -- API -------------------------------------------------------------------------
@@ -110,27 +122,96 @@ class FileTable:
         """A new fh for an open file; FUSEError(ENFILE) when full."""
         self._lock()
         try:
-            hdr, q = self._hdr, self.slots
-            s = hdr[_H_FREE]
-            if s:
-                hdr[_H_FREE] = q[s * _WORDS + _F_NEXT]
-            else:
-                s = hdr[_H_HIGH]
-                if s > self.capacity:
-                    raise FUSEError(errno.ENFILE)
-                hdr[_H_HIGH] = s + 1
-            base = s * _WORDS
-            q[base + _F_NODE] = nodeid
-            q[base + _F_KIND] = kind
-            q[base + _F_FLAGS] = flags & 0xFFFFFFFF
-            q[base + _F_OWNER] = owner
-            gen = (hdr[_H_GEN] + 1) & GEN_MASK or 1
-            hdr[_H_GEN] = gen
-            q[base + _F_GEN] = gen       # live from here on
-            hdr[_H_LIVE] += 1
-            return gen << SLOT_BITS | s
+            return self._alloc_locked(nodeid, kind, flags, owner)
         finally:
             self._unlock()
+
+    def _alloc_locked(self, nodeid: int, kind: int, flags: int, owner: int, lock_owner: int = 0) -> int:
+        hdr, q = self._hdr, self.slots
+        s = hdr[_H_FREE]
+        if s:
+            hdr[_H_FREE] = q[s * _WORDS + _F_NEXT]
+        else:
+            s = hdr[_H_HIGH]
+            if s > self.capacity:
+                raise FUSEError(errno.ENFILE)
+            hdr[_H_HIGH] = s + 1
+        base = s * _WORDS
+        q[base + _F_NODE] = nodeid
+        q[base + _F_KIND] = kind
+        q[base + _F_FLAGS] = flags & 0xFFFFFFFF
+        q[base + _F_OWNER] = owner
+        q[base + _F_LOCK_OWNER] = lock_owner
+        q[base + _F_PID] = 0
+        gen = (hdr[_H_GEN] + 1) & GEN_MASK or 1
+        hdr[_H_GEN] = gen
+        q[base + _F_GEN] = gen       # live from here on
+        hdr[_H_LIVE] += 1
+        return gen << SLOT_BITS | s
+
+    def alloc_lock(self, nodeid: int, lock_owner: int, owner: int) -> tuple[int, bool]:
+        """The lock description of (nodeid, lock_owner): (id, created). An
+        existing one wins (another queue made it first); else a new slot
+        naming ``owner``'s fd. FUSEError(ENFILE) when full."""
+        self._lock()
+        try:
+            found = self._find_lock(nodeid, lock_owner)
+            if found:
+                return found, False
+            ident = self._alloc_locked(nodeid, KIND_LOCK, 0, owner, lock_owner)
+            self._hdr[_H_LOCKS] += 1
+            return ident, True
+        finally:
+            self._unlock()
+
+    def find_lock(self, nodeid: int, lock_owner: int) -> int:
+        """The id of (nodeid, lock_owner)'s lock description, 0 if none."""
+        if not self._hdr[_H_LOCKS]:
+            return 0
+        return self._find_lock(nodeid, lock_owner)
+
+    def _find_lock(self, nodeid: int, lock_owner: int) -> int:
+        for ident, owner in self.locks_of(nodeid):
+            if owner == lock_owner:
+                return ident
+        return 0
+
+    def locks_of(self, nodeid: int) -> list[tuple[int, int]]:
+        """[(id, lock owner)] of the lock descriptions on ``nodeid``."""
+        if not self._hdr[_H_LOCKS]:
+            return []
+        q, out = self.slots, []
+        for s in range(1, min(self._hdr[_H_HIGH], self.capacity + 1)):
+            base = s * _WORDS
+            gen = q[base + _F_GEN]
+            if gen and q[base + _F_KIND] == KIND_LOCK and q[base + _F_NODE] == nodeid:
+                lock_owner = q[base + _F_LOCK_OWNER]
+                if q[base + _F_GEN] == gen:
+                    out.append((gen << SLOT_BITS | s, lock_owner))
+        return out
+
+    def has_open(self, nodeid: int) -> bool:
+        """Whether an fh (file or directory) is open on ``nodeid``."""
+        q = self.slots
+        for s in range(1, min(self._hdr[_H_HIGH], self.capacity + 1)):
+            base = s * _WORDS
+            if q[base + _F_GEN] and q[base + _F_NODE] == nodeid and q[base + _F_KIND] != KIND_LOCK:
+                return True
+        return False
+
+    @property
+    def lock_count(self) -> int:
+        return self._hdr[_H_LOCKS]
+
+    def set_pid(self, ident: int, pid: int) -> None:
+        """The guest pid of the last lock granted through a description."""
+        if self.live(ident):
+            self.slots[(ident & SLOT_MASK) * _WORDS + _F_PID] = pid & 0xFFFFFFFF
+
+    def pid(self, ident: int) -> int:
+        if not self.live(ident):
+            return 0
+        return self.slots[(ident & SLOT_MASK) * _WORDS + _F_PID]
 
     def lookup(self, fh: int) -> tuple[int, int, int, int] | None:
         """(nodeid, kind, flags, owner word) of a live fh, else None."""
@@ -162,6 +243,8 @@ class FileTable:
                 return False
             q[base + _F_GEN] = 0          # dead from here on
             q[base + _F_OWNER] = 0
+            if q[base + _F_KIND] == KIND_LOCK:
+                hdr[_H_LOCKS] -= 1
             q[base + _F_NEXT] = hdr[_H_FREE]
             hdr[_H_FREE] = s
             hdr[_H_LIVE] -= 1
@@ -181,6 +264,7 @@ class FileTable:
             hdr[_H_HIGH] = 1
             hdr[_H_FREE] = 0
             hdr[_H_LIVE] = 0
+            hdr[_H_LOCKS] = 0
             hdr[_H_RELEASED] += 1
         finally:
             self._unlock()

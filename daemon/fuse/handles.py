@@ -40,12 +40,21 @@ import errno
 import fcntl
 import os
 import resource
+import struct
 
 from daemon.fuse.filetable import FileTable
 from daemon.fuse.request import FUSEError
 from daemon.log import get_logger
 
 log = get_logger("fuse.handles")
+
+
+F_OFD_SETLK = 37
+# struct flock on x86-64: short l_type; short l_whence; off_t l_start;
+# off_t l_len; pid_t l_pid;  (32 bytes with padding)
+FLOCK = struct.Struct("<hh4xqqi4x")
+# the whole file (l_len 0: to EOF) unlocked
+_UNLOCK_ALL = FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0)
 
 
 def open_file_budget(max_open_files: int) -> int:
@@ -101,11 +110,8 @@ class HandleTable:
         self._handles: dict[int, OpenHandle] = {}
         # nodeid → number of open handles on it (files and dirs)
         self._open_per_node: dict[int, int] = {}
-        # nodeid → {lock owner → fd}: lock descriptions (locks.py)
-        self._lock_fds: dict[int, dict[int, int]] = {}
-        # nodeid → {lock owner → guest pid of its last granted lock} (GETLK)
-        self._lock_pids: dict[int, dict[int, int]] = {}
-        self._lock_fd_count = 0
+        # (nodeid, lock owner) → (id, this worker's fd): lock descriptions
+        self._locks: dict[tuple[int, int], tuple[int, int]] = {}
         self._warned_full = False
 
     def __len__(self) -> int:
@@ -114,7 +120,7 @@ class HandleTable:
     @property
     def host_fd_count(self) -> int:
         """Host fds this table holds: open files and lock descriptions."""
-        return len(self._handles) + self._lock_fd_count
+        return len(self._handles) + len(self._locks)
 
     # -- open files ----------------------------------------------------------
     def check_room(self) -> None:
@@ -199,7 +205,10 @@ class HandleTable:
         dead = [h for fh, h in self._handles.items() if not live(fh)]
         for handle in dead:
             self._forget(handle)
-        return len(dead)
+        gone = [key for key, (ident, _fd) in self._locks.items() if not live(ident)]
+        for key in gone:
+            _close_quietly(self._locks.pop(key)[1])
+        return len(dead) + len(gone)
 
     def _forget(self, handle: OpenHandle) -> None:
         """Drop this worker's fd of an fh (released elsewhere, or here)."""
@@ -210,23 +219,18 @@ class HandleTable:
             self._open_per_node[nodeid] = left
         else:
             del self._open_per_node[nodeid]
-            self._lock_pids.pop(nodeid, None)
-            owners = self._lock_fds.pop(nodeid, None)
-            if owners:
-                self._lock_fd_count -= len(owners)
-                for lock_fd in owners.values():
-                    _close_quietly(lock_fd)
         _close_quietly(handle.fd)
 
     def close(self, fh: int, kind: int) -> None:
         """Close ``fh`` (RELEASE/RELEASEDIR); EBADF if it is not open.
 
-        Releasing the last handle on an inode also closes every lock
-        description of that inode: no guest process can hold a lock on a file
-        that no guest file is open on any more.
+        Releasing the last handle on an inode (on any queue) also closes
+        every lock description of that inode: no guest process can hold a
+        lock on a file that no guest file is open on any more.
         """
         handle = self.get(fh, kind)
-        if not self.files.free(fh):     # released on another queue meanwhile
+        files = self.files
+        if not files.free(fh):     # released on another queue meanwhile
             self._forget(handle)
             raise FUSEError(errno.EBADF)
         if self.peers is not None and self.peers.shared and kind == KIND_FILE:
@@ -236,7 +240,11 @@ class HandleTable:
                 fcntl.flock(handle.fd, fcntl.LOCK_UN)
             except OSError:
                 pass
+        nodeid = handle.nodeid
         self._forget(handle)
+        if files.lock_count and not files.has_open(nodeid):
+            for _ident, owner in files.locks_of(nodeid):
+                self.drop_lock_fd(nodeid, owner)
 
     def reset(self) -> None:
         """Close this worker's fds (INIT/DESTROY: the guest forgot all its
@@ -244,69 +252,121 @@ class HandleTable:
         if self._own_files:
             self.files.reset()
         handles, self._handles = self._handles, {}
-        lock_fds, self._lock_fds = self._lock_fds, {}
-        self._lock_pids = {}
+        locks, self._locks = self._locks, {}
         self._open_per_node = {}
-        self._lock_fd_count = 0
         self._warned_full = False
         self._released = self.files.released
-        for owners in lock_fds.values():
-            for fd in owners.values():
-                _close_quietly(fd)
+        for _ident, fd in locks.values():
+            _close_quietly(fd)
         for handle in handles.values():
             _close_quietly(handle.fd)
 
     # -- lock descriptions (locks.py) -----------------------------------------
+    # Shared slots of the FileTable (KIND_LOCK), one per (nodeid, lock
+    # owner); this worker keeps its fd of each it used in ``_locks``.
     def lock_fd(self, nodeid: int, owner: int) -> int | None:
-        """The lock description of ``owner`` on ``nodeid``, if it has one."""
-        owners = self._lock_fds.get(nodeid)
-        return owners.get(owner) if owners else None
+        """The lock description of ``owner`` on ``nodeid``, if it has one
+        (on any queue: copied from the worker that made it)."""
+        e = self._locks.get((nodeid, owner))
+        if e is not None:
+            if self.files.live(e[0]):
+                return e[1]
+            del self._locks[(nodeid, owner)]
+            _close_quietly(e[1])
+        ident = self.files.find_lock(nodeid, owner)
+        return self._copy_lock(nodeid, owner, ident) if ident else None
+
+    def _copy_lock(self, nodeid: int, owner: int, ident: int) -> int | None:
+        info = self.files.lookup(ident)
+        if info is None or self.peers is None:
+            return None
+        if self.host_fd_count >= self.max_open_files:
+            self._full()
+        try:
+            fd = self.peers.borrow(info[3])
+        except OSError as e:
+            log.warning("cannot copy a lock description from another request worker: %s", e)
+            return None
+        if fd < 0:
+            return None            # its worker died: the locks went with it
+        if self.files.lookup(ident) != info:
+            _close_quietly(fd)
+            return None
+        self._locks[(nodeid, owner)] = (ident, fd)
+        return fd
 
     def lock_fds(self, nodeid: int) -> dict[int, int]:
-        """Every lock description on ``nodeid``: {owner: fd} (do not modify)."""
-        return self._lock_fds.get(nodeid) or {}
+        """Every lock description on ``nodeid``: {owner: fd}."""
+        out = {}
+        for _ident, owner in self.files.locks_of(nodeid):
+            fd = self.lock_fd(nodeid, owner)
+            if fd is not None:
+                out[owner] = fd
+        return out
+
+    def _lock_ident(self, nodeid: int, owner: int) -> int:
+        e = self._locks.get((nodeid, owner))
+        if e is not None and self.files.live(e[0]):
+            return e[0]
+        return self.files.find_lock(nodeid, owner)
 
     def set_lock_pid(self, nodeid: int, owner: int, pid: int) -> None:
         """Remember the guest pid that ``owner`` last took a lock with."""
-        self._lock_pids.setdefault(nodeid, {})[owner] = pid
+        ident = self._lock_ident(nodeid, owner)
+        if ident:
+            self.files.set_pid(ident, pid)
 
     def lock_pid(self, nodeid: int, owner: int) -> int:
         """The guest pid of ``owner``'s last granted lock, 0 if unknown."""
-        return self._lock_pids.get(nodeid, {}).get(owner, 0)
+        ident = self._lock_ident(nodeid, owner)
+        return self.files.pid(ident) if ident else 0
 
-    def add_lock_fd(self, nodeid: int, owner: int, fd: int) -> None:
-        """Take ownership of ``fd`` as ``owner``'s lock description.
-
-        Only for an inode with an open handle (the caller holds one); ENFILE
-        (fd closed) when full; replacing an existing description is a bug.
-        """
+    def add_lock_fd(self, nodeid: int, owner: int, fd: int) -> int:
+        """Take ownership of ``fd`` as ``owner``'s lock description; returns
+        the fd to lock on: ``fd``, or, if another queue made the owner's
+        description meanwhile, this worker's copy of that one (``fd`` is
+        then closed). Only for an inode with an open handle (the caller
+        holds one); ENFILE (fd closed) when full."""
         if nodeid not in self._open_per_node:
             os.close(fd)
             raise FUSEError(errno.EBADF)
         if self.host_fd_count >= self.max_open_files:
             os.close(fd)
             self._full()
-        owners = self._lock_fds.setdefault(nodeid, {})
-        if owner in owners:
+        peers = self.peers
+        try:
+            ident, created = self.files.alloc_lock(nodeid, owner, peers.mine(fd) if peers else 0)
+        except BaseException:
             os.close(fd)
-            raise AssertionError("lock description already exists")
-        owners[owner] = fd
-        self._lock_fd_count += 1
+            raise
+        if created:
+            self._locks[(nodeid, owner)] = (ident, fd)
+            return fd
+        os.close(fd)
+        copy = self._copy_lock(nodeid, owner, ident)
+        if copy is None:
+            raise FUSEError(errno.ENOLCK)
+        return copy
 
     def drop_lock_fd(self, nodeid: int, owner: int) -> None:
         """Close ``owner``'s lock description on ``nodeid``: this releases
-        every POSIX lock the owner holds on the file (FLUSH = close(2))."""
-        owners = self._lock_fds.get(nodeid)
-        if not owners:
+        every POSIX lock the owner holds on the file (FLUSH = close(2)).
+        Copies on other queues may live a moment longer, so the locks are
+        released explicitly first."""
+        ident = self._lock_ident(nodeid, owner)
+        if not ident:
             return
-        fd = owners.pop(owner, None)
-        if fd is None:
-            return
-        self._lock_pids.get(nodeid, {}).pop(owner, None)
-        if not owners:
-            del self._lock_fds[nodeid]
-        self._lock_fd_count -= 1
-        _close_quietly(fd)
+        fd = self.lock_fd(nodeid, owner)
+        if not self.files.free(ident):
+            fd = None                   # dropped on another queue meanwhile
+        elif fd is not None and self.peers is not None and self.peers.shared:
+            try:
+                fcntl.fcntl(fd, F_OFD_SETLK, _UNLOCK_ALL)
+            except OSError:
+                pass
+        e = self._locks.pop((nodeid, owner), None)
+        if e is not None:
+            _close_quietly(e[1])
 
     # -- internals -------------------------------------------------------------
     def _full(self) -> None:

@@ -241,3 +241,47 @@ def test_copy_from_a_worker_that_switched_credentials(two_queues, shared_dir):
     assert q2.read(node, fh, 5, 4) == b"data"
     assert q2.getattr(node).attr.size == 9
     q2.release(node, fh)
+
+
+def _host_can_lock(path) -> bool:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_posix_locks_across_queues(two_queues, shared_dir):
+    """One lock owner (a guest process) locks on one CPU's queue, tests and
+    unlocks on the other's: one lock description for both."""
+    _d, _fe, q1, q2 = two_queues
+    (shared_dir / "p").write_bytes(b"0123456789")
+    node = q1.lookup(1, "p").nodeid
+    fh = q1.open(node, os.O_RDWR).fh
+    q1.setlk(node, fh, owner=0xA, start=0, end=9, type_=fcntl.F_WRLCK, pid=100)
+    assert not _host_can_lock(shared_dir / "p")
+    # another owner, on the other queue, sees the lock and its guest pid
+    lk = q2.getlk(node, fh, owner=0xB, start=0, end=9, type_=fcntl.F_RDLCK)
+    assert (lk.start, lk.end, lk.type, lk.pid) == (0, 9, fcntl.F_WRLCK, 100)
+    assert _errno(q2.setlk, node, fh, owner=0xB, start=5, end=5, type_=fcntl.F_RDLCK) \
+        == errno.EAGAIN
+    # the owner's own lock never conflicts with itself, on either queue
+    q2.setlk(node, fh, owner=0xA, start=2, end=3, type_=fcntl.F_RDLCK, pid=100)
+    # SETLKW of owner B on queue 1 waits; owner A unlocks on queue 2
+    waiting = q1.send_setlkw(node, fh, owner=0xB, start=0, end=9, type_=fcntl.F_WRLCK, pid=200)
+    time.sleep(0.1)
+    q2.setlk(node, fh, owner=0xA, start=0, end=9, type_=fcntl.F_UNLCK)
+    q1.check(waiting, timeout=10)
+    lk = q2.getlk(node, fh, owner=0xA, start=0, end=0, type_=fcntl.F_RDLCK)
+    assert (lk.type, lk.pid) == (fcntl.F_WRLCK, 200)
+    # FLUSH of owner B on queue 2 (its close(2)) drops what it took on queue 1
+    q2.flush(node, fh, lock_owner=0xB)
+    assert q1.getlk(node, fh, owner=0xA, start=0, end=9, type_=fcntl.F_WRLCK).type == fcntl.F_UNLCK
+    q1.setlk(node, fh, owner=0xC, start=0, end=0, type_=fcntl.F_WRLCK)
+    assert not _host_can_lock(shared_dir / "p")
+    # the last RELEASE, on the other queue, ends every lock on the file
+    q2.release(node, fh)
+    assert _host_can_lock(shared_dir / "p")
