@@ -89,6 +89,7 @@ def test_queue_stopped_and_restarted_while_the_other_runs(daemon, shared_dir):
         node = q2.lookup(1, "s").nodeid
         fh = q2.open(node).fh
         fe.set_vring_enable(2, False)         # the supervisor stops request-2's ring
+        fe.get_features()                     # a round trip: the stop is done
         used = q2.rq.used_idx()
         waiting = q2.send(Opcode.GETATTR, node, abi.GETATTR_IN.pack(0, 0, 0), [abi.ATTR_OUT.size])
         for _ in range(20):                   # queue 1 serves on, even what queue 2 opened
