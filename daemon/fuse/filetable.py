@@ -33,6 +33,7 @@ import errno
 import fcntl
 import mmap
 import os
+import threading
 
 from daemon.fuse.request import FUSEError
 from daemon.log import get_logger
@@ -67,7 +68,62 @@ def shared_mapping(name: str, size: int) -> tuple[int, mmap.mmap]:
     return fd, mm
 
 
-class FileTable:
+def take_slot(hdr, free: int, high: int, slots, words: int, next_word: int, capacity: int) -> int:
+    """Under the table's lock: the index of a free slot, the head of the
+    free list (header word ``free``, linked through each slot's word
+    ``next_word``) or else the first never used (header word ``high``);
+    FUSEError(ENFILE) when all ``capacity`` are taken. Shared with the
+    inode table."""
+    s = hdr[free]
+    if s:
+        hdr[free] = slots[s * words + next_word]
+        return s
+    s = hdr[high]
+    if s > capacity:
+        raise FUSEError(errno.ENFILE)
+    hdr[high] = s + 1
+    return s
+
+
+class LockedTable:
+    """Mutual exclusion for a table in shared memory (``self._fd`` its
+    memfd, ``self._hdr`` its header words, ``self._tlock`` a thread lock):
+    a POSIX record lock on byte 0 of the memfd between processes (the
+    kernel drops it when the holder dies) and the thread lock between
+    threads of one process (POSIX locks are per process). Header word
+    ``_DIRTY`` is set while the lock is held; a locker that finds it set
+    calls ``_repair()`` (a holder died mid-update). Without a memfd
+    (``_fd`` < 0: private memory) only the thread lock is taken."""
+
+    _DIRTY = 0
+    _fd = -1
+
+    def _lock(self) -> None:
+        self._tlock.acquire()
+        if self._fd >= 0:
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, 0)
+            except BaseException:
+                self._tlock.release()
+                raise
+        hdr = self._hdr
+        if hdr[self._DIRTY]:
+            self._repair()
+        hdr[self._DIRTY] = 1
+
+    def _unlock(self) -> None:
+        self._hdr[self._DIRTY] = 0
+        try:
+            if self._fd >= 0:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0)
+        finally:
+            self._tlock.release()
+
+    def _repair(self) -> None:
+        raise NotImplementedError
+
+
+class FileTable(LockedTable):
     """fh → (nodeid, kind, flags, owner word), shared; see the module doc."""
 
     def __init__(self, capacity: int, shared: bool = True):
@@ -85,21 +141,10 @@ class FileTable:
         self._hdr = mv[:_HDR_WORDS * 8].cast("Q")
         self.slots = mv[_HDR_WORDS * 8:].cast("Q")   # slot n, word w: [n * 8 + w]
         self._hdr[_H_HIGH] = 1
+        self._tlock = threading.Lock()
 
-    # -- locking -----------------------------------------------------------------
-    def _lock(self) -> None:
-        if self._fd < 0:
-            return
-        fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, 0)
-        hdr = self._hdr
-        if hdr[_H_DIRTY]:
-            self._repair()
-        hdr[_H_DIRTY] = 1
-
-    def _unlock(self) -> None:
-        self._hdr[_H_DIRTY] = 0
-        if self._fd >= 0:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0)
+    # -- locking (LockedTable: _lock/_unlock) ------------------------------------
+    _DIRTY = _H_DIRTY
 
     def _repair(self) -> None:
         log.warning("open-file table: a process died while updating it; rebuilding the free list")
@@ -128,14 +173,7 @@ class FileTable:
 
     def _alloc_locked(self, nodeid: int, kind: int, flags: int, owner: int, lock_owner: int = 0) -> int:
         hdr, q = self._hdr, self.slots
-        s = hdr[_H_FREE]
-        if s:
-            hdr[_H_FREE] = q[s * _WORDS + _F_NEXT]
-        else:
-            s = hdr[_H_HIGH]
-            if s > self.capacity:
-                raise FUSEError(errno.ENFILE)
-            hdr[_H_HIGH] = s + 1
+        s = take_slot(hdr, _H_FREE, _H_HIGH, q, _WORDS, _F_NEXT, self.capacity)
         base = s * _WORDS
         q[base + _F_NODE] = nodeid
         q[base + _F_KIND] = kind

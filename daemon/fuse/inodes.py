@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import mmap
 import os
 import resource
@@ -69,7 +68,7 @@ import threading
 from typing import Callable
 
 from daemon.fuse.filetable import MAX_CAPACITY as MAX_FILES
-from daemon.fuse.filetable import FileTable, shared_mapping
+from daemon.fuse.filetable import FileTable, LockedTable, shared_mapping, take_slot
 from daemon.fuse.request import FUSEError
 from daemon.log import get_logger
 
@@ -103,7 +102,7 @@ def _home(dev: int, ino: int, mask: int) -> int:
     return (((h ^ (h >> 31)) << 6) | (ino & 63)) & mask
 
 
-class InodeTable:
+class InodeTable(LockedTable):
     """Shared nodeid ↔ (dev, ino) table with lookup counts (see module doc).
 
     Create it in the parent before forking; use it from any process.
@@ -143,25 +142,8 @@ class InodeTable:
         hdr[_H_CAPACITY] = capacity
         hdr[_H_HIGH] = 2
 
-    # -- locking ---------------------------------------------------------------
-    def _lock(self) -> None:
-        self._tlock.acquire()
-        try:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, 0)
-        except BaseException:
-            self._tlock.release()
-            raise
-        hdr = self._hdr
-        if hdr[_H_DIRTY]:
-            self._repair()
-        hdr[_H_DIRTY] = 1
-
-    def _unlock(self) -> None:
-        self._hdr[_H_DIRTY] = 0
-        try:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0)
-        finally:
-            self._tlock.release()
+    # -- locking (LockedTable: _lock/_unlock) ----------------------------------
+    _DIRTY = _H_DIRTY
 
     def _repair(self) -> None:
         """Rebuild the index, the free list and the live count from the
@@ -301,14 +283,7 @@ class InodeTable:
                     q[base + _S_REF] += 1
                 return s, q[base + _S_GEN], False
             hdr = self._hdr
-            s = hdr[_H_FREE]
-            if s:
-                hdr[_H_FREE] = q[s * _SLOT_WORDS + _S_NEXT]
-            else:
-                s = hdr[_H_HIGH]
-                if s > self.capacity:
-                    raise FUSEError(errno.ENFILE)
-                hdr[_H_HIGH] = s + 1
+            s = take_slot(hdr, _H_FREE, _H_HIGH, q, _SLOT_WORDS, _S_NEXT, self.capacity)
             base = s * _SLOT_WORDS
             q[base + _S_REF] = 1
             q[base + _S_DEV] = dev

@@ -36,6 +36,25 @@ def _workers(daemon_pid: int) -> dict[str, int]:
     return out
 
 
+def clients(fe) -> tuple[FuseClient, FuseClient]:
+    """FUSE clients on request queues 1 and 2 (a process on CPU 0, on CPU 1)."""
+    q1 = FuseClient(fe, request_queue=1)
+    q2 = FuseClient(fe, request_queue=2)
+    q2._unique = 1 << 40          # uniques of the two "CPUs" never collide
+    return q1, q2
+
+
+def settled_fds(d, q1, q2, baseline: dict[str, int]) -> dict[str, int]:
+    """The request workers' fd counts once they are ``baseline`` (each
+    closes its copies after a batch or an idle second), or after 5 s."""
+    deadline = time.monotonic() + 5
+    while _fds(d) != baseline and time.monotonic() < deadline:
+        q1.getattr(1)
+        q2.getattr(1)
+        time.sleep(0.05)
+    return _fds(d)
+
+
 @pytest.fixture
 def two_queues(daemon_factory, shared_dir):
     """(daemon, frontend, client on queue 1 after INIT, client on queue 2)."""
@@ -43,10 +62,8 @@ def two_queues(daemon_factory, shared_dir):
     fe = VhostUserFrontend(d.socket_path, ram_size=64 << 20, num_request_queues=2)
     fe.realize()
     fe.start()
-    q1 = FuseClient(fe, request_queue=1)
+    q1, q2 = clients(fe)
     q1.init()
-    q2 = FuseClient(fe, request_queue=2)
-    q2._unique = 1 << 40          # uniques of the two "CPUs" never collide
     q2.getattr(1)                 # request-2 is up and in the session
     yield d, fe, q1, q2
     fe.close()
@@ -80,12 +97,7 @@ def test_open_on_one_queue_use_on_the_other(two_queues, shared_dir):
     assert (shared_dir / "x").read_bytes() == b"hello, queue 2"
     q1.forget(node, 1)
     # every copy closed again: each worker back to its baseline
-    deadline = time.monotonic() + 5
-    while _fds(d) != baseline and time.monotonic() < deadline:
-        q1.getattr(1)
-        q2.getattr(1)
-        time.sleep(0.05)
-    assert _fds(d) == baseline
+    assert settled_fds(d, q1, q2, baseline) == baseline
 
 
 def test_nodeid_looked_up_on_one_queue_served_on_the_other(two_queues, shared_dir):

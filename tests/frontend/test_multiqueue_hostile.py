@@ -13,7 +13,7 @@ import pytest
 from daemon.fuse import abi
 from daemon.fuse.abi import Opcode
 from tests.frontend.fuse_client import FuseClient, FuseErrorReply
-from tests.frontend.test_multiqueue import _errno, _fds
+from tests.frontend.test_multiqueue import _errno, _fds, clients, settled_fds
 from tests.frontend.vhost import VhostUserFrontend
 
 
@@ -32,8 +32,7 @@ def daemon(daemon_factory, shared_dir):
 def test_requests_before_init_on_another_queue(daemon):
     fe = _frontend(daemon, 2)
     try:
-        q1, q2 = FuseClient(fe, request_queue=1), FuseClient(fe, request_queue=2)
-        q2._unique = 1 << 40
+        q1, q2 = clients(fe)
         # no session yet: every queue answers EIO, nothing is opened
         assert _errno(q2.getattr, 1) == errno.EIO
         assert _errno(q2.lookup, 1, "x") == errno.EIO
@@ -48,60 +47,53 @@ def test_requests_before_init_on_another_queue(daemon):
         fe.close()
 
 
-def test_second_init_on_another_queue_starts_a_new_session(daemon, shared_dir):
+@pytest.fixture
+def session(daemon):
+    """(frontend, queue 1 client, queue 2 client) after INIT on queue 1."""
     fe = _frontend(daemon, 2)
-    try:
-        q1, q2 = FuseClient(fe, request_queue=1), FuseClient(fe, request_queue=2)
-        q2._unique = 1 << 40
-        q1.init()
-        q2.getattr(1)
-        baseline = _fds(daemon)
-        (shared_dir / "f").write_bytes(b"data")
-        node = q1.lookup(1, "f").nodeid
-        fh = q1.open(node).fh
-        dfh = q1.opendir(1).fh
-        assert q2.read(node, fh, 0, 4) == b"data"
-        q2.init()                 # a new session: the old one's names are gone
-        assert _errno(q1.read, node, fh, 0, 4) == errno.EBADF
-        assert _errno(q2.read, node, fh, 0, 4) == errno.EBADF
-        assert _errno(q1.readdir, 1, dfh, 0) == errno.EBADF
-        assert _errno(q1.getattr, node) == errno.ESTALE
-        node2 = q1.lookup(1, "f").nodeid
-        assert q2.getattr(node2).attr.size == 4
-        q1.forget(node2, 1)
-        deadline = time.monotonic() + 5
-        while _fds(daemon) != baseline and time.monotonic() < deadline:
-            q1.getattr(1)
-            q2.getattr(1)
-            time.sleep(0.05)
-        assert _fds(daemon) == baseline, "fds of the old session were not closed"
-    finally:
-        fe.close()
+    q1, q2 = clients(fe)
+    q1.init()
+    q2.getattr(1)
+    yield fe, q1, q2
+    fe.close()
 
 
-def test_queue_stopped_and_restarted_while_the_other_runs(daemon, shared_dir):
-    fe = _frontend(daemon, 2)
-    try:
-        q1, q2 = FuseClient(fe, request_queue=1), FuseClient(fe, request_queue=2)
-        q2._unique = 1 << 40
-        q1.init()
-        (shared_dir / "s").write_bytes(b"stopped")
-        node = q2.lookup(1, "s").nodeid
-        fh = q2.open(node).fh
-        fe.set_vring_enable(2, False)         # the supervisor stops request-2's ring
-        fe.get_features()                     # a round trip: the stop is done
-        used = q2.rq.used_idx()
-        waiting = q2.send(Opcode.GETATTR, node, abi.GETATTR_IN.pack(0, 0, 0), [abi.ATTR_OUT.size])
-        for _ in range(20):                   # queue 1 serves on, even what queue 2 opened
-            assert q1.read(node, fh, 0, 7) == b"stopped"
-        assert q2.rq.used_idx() == used, "a stopped queue was served"
-        fe.set_vring_enable(2, True)
-        reply = q2.complete(waiting)
-        assert reply.error == 0
-        assert q2.read(node, fh, 0, 4) == b"stop"
-        q1.release(node, fh)
-    finally:
-        fe.close()
+def test_second_init_on_another_queue_starts_a_new_session(daemon, session, shared_dir):
+    _fe, q1, q2 = session
+    baseline = _fds(daemon)
+    (shared_dir / "f").write_bytes(b"data")
+    node = q1.lookup(1, "f").nodeid
+    fh = q1.open(node).fh
+    dfh = q1.opendir(1).fh
+    assert q2.read(node, fh, 0, 4) == b"data"
+    q2.init()                 # a new session: the old one's names are gone
+    assert _errno(q1.read, node, fh, 0, 4) == errno.EBADF
+    assert _errno(q2.read, node, fh, 0, 4) == errno.EBADF
+    assert _errno(q1.readdir, 1, dfh, 0) == errno.EBADF
+    assert _errno(q1.getattr, node) == errno.ESTALE
+    node2 = q1.lookup(1, "f").nodeid
+    assert q2.getattr(node2).attr.size == 4
+    q1.forget(node2, 1)
+    assert settled_fds(daemon, q1, q2, baseline) == baseline, "fds of the old session stayed open"
+
+
+def test_queue_stopped_and_restarted_while_the_other_runs(session, shared_dir):
+    fe, q1, q2 = session
+    (shared_dir / "s").write_bytes(b"stopped")
+    node = q2.lookup(1, "s").nodeid
+    fh = q2.open(node).fh
+    fe.set_vring_enable(2, False)         # the supervisor stops request-2's ring
+    fe.get_features()                     # a round trip: the stop is done
+    used = q2.rq.used_idx()
+    waiting = q2.send(Opcode.GETATTR, node, abi.GETATTR_IN.pack(0, 0, 0), [abi.ATTR_OUT.size])
+    for _ in range(20):                   # queue 1 serves on, even what queue 2 opened
+        assert q1.read(node, fh, 0, 7) == b"stopped"
+    assert q2.rq.used_idx() == used, "a stopped queue was served"
+    fe.set_vring_enable(2, True)
+    reply = q2.complete(waiting)
+    assert reply.error == 0
+    assert q2.read(node, fh, 0, 4) == b"stop"
+    q1.release(node, fh)
 
 
 def test_more_queues_than_offered(daemon_factory, shared_dir):
