@@ -264,6 +264,20 @@ class FileTable(LockedTable):
             return None
         return out
 
+    def claim(self, fh: int, owner: int) -> None:
+        """Make ``owner`` the owner word of a live fh or lock description
+        (a worker that copied its fd: the last to copy owns)."""
+        s = fh & SLOT_MASK
+        if not 1 <= s <= self.capacity or not owner:
+            return
+        self._lock()        # never into a slot freed and reused meanwhile
+        try:
+            base = s * _WORDS
+            if self.slots[base + _F_GEN] == fh >> SLOT_BITS:
+                self.slots[base + _F_OWNER] = owner
+        finally:
+            self._unlock()
+
     def live(self, fh: int) -> bool:
         s = fh & SLOT_MASK
         return 1 <= s <= self.capacity and self.slots[s * _WORDS] == fh >> SLOT_BITS

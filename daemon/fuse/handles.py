@@ -189,10 +189,21 @@ class HandleTable:
             raise FUSEError(errno.EBADF) from None
         if fd < 0:
             raise FUSEError(errno.EBADF)   # its worker died: the open file is lost
-        if self.files.lookup(fh) != info:  # released while we copied: not ours
+        if not self._claim(fh, fd):    # released while we copied: not ours
             _close_quietly(fd)
             raise FUSEError(errno.EBADF)
         return self._keep(OpenHandle(fh, fd, nodeid, kind, flags))
+
+    def _claim(self, ident: int, fd: int) -> bool:
+        """After a copy: whether the slot still lives (then the copy is its
+        open file: owners close only after the slot died), and if so make
+        this worker its owner, so the open file outlives the death of the
+        worker that opened it."""
+        files = self.files
+        if not files.live(ident):
+            return False
+        files.claim(ident, self.peers.mine(fd))
+        return True
 
     def reap(self) -> int:
         """Close this worker's fds of fhs released on other queues (one
@@ -289,7 +300,7 @@ class HandleTable:
             return None
         if fd < 0:
             return None            # its worker died: the locks went with it
-        if self.files.lookup(ident) != info:
+        if not self._claim(ident, fd):
             _close_quietly(fd)
             return None
         self._locks[(nodeid, owner)] = (ident, fd)

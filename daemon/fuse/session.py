@@ -488,18 +488,21 @@ class FuseSession:
 
     def start(self) -> None:
         """Begin a new session (INIT): fresh inode table, no fds, no fhs.
-        Every other request worker adopts it on its next request."""
-        self._drop_local()
+        Every other request worker adopts it on its next request. The
+        shared tables are reset before this worker closes its fds: another
+        worker may copy an fd only while its slot lives (fuse/peers.py)."""
         st = os.fstat(self.root_fd)
         self._session = self.inodes.begin_session(st.st_dev, st.st_ino)
+        self._drop_local()
         self.cache.reset(self.root_fd)
 
     def end(self) -> None:
-        """End the session (DESTROY, or worker exit)."""
-        self._drop_local()
+        """End the session (DESTROY, or worker exit); the shared tables
+        first, then this worker's fds (see ``start``)."""
         if self._session and self._session == self.inodes.session:
             st = os.fstat(self.root_fd)
             self.inodes.end_session(st.st_dev, st.st_ino)  # frees every nodeid
+        self._drop_local()
         self._session = 0
 
     def _adopt(self) -> bool:

@@ -297,3 +297,25 @@ def test_posix_locks_across_queues(two_queues, shared_dir):
     # the last RELEASE, on the other queue, ends every lock on the file
     q2.release(node, fh)
     assert _host_can_lock(shared_dir / "p")
+
+
+def test_open_file_outlives_its_opener_once_copied(two_queues, shared_dir):
+    """The last worker to copy an open file owns it: the opener's death
+    loses only what no other worker copied (a clear EBADF, no crash)."""
+    d, _fe, q1, q2 = two_queues
+    (shared_dir / "o").write_bytes(b"survives")
+    node = q2.lookup(1, "o").nodeid
+    kept = q2.open(node).fh
+    lost = q2.open(node).fh
+    assert q1.read(node, kept, 0, 3) == b"sur"     # queue 1 copies it
+    victim = _workers(d.proc.pid)["vfsd-request-2"]
+    os.kill(victim, signal.SIGKILL)
+    assert q1.read(node, kept, 3, 5) == b"vives"
+    assert _errno(q1.read, node, lost, 0, 3) == errno.EBADF
+    deadline = time.monotonic() + 20
+    while _workers(d.proc.pid).get("vfsd-request-2") in (None, victim):
+        assert time.monotonic() < deadline, "request-2 was not replaced"
+        time.sleep(0.05)
+    assert q2.read(node, kept, 0, 8) == b"survives"   # the replacement copies it from queue 1
+    q2.release(node, kept)
+    assert d.proc.poll() is None
