@@ -675,6 +675,7 @@ class InodeCache:
             _close(fd)
             return -1
         self._fds[nodeid] = (gen, fd)
+        table.claim(nodeid, gen, self.peers.mine(fd))   # the last to copy owns
         return fd
 
     def lookup(self, parent_fd: int, name) -> tuple[int, int, os.stat_result]:

@@ -308,6 +308,7 @@ def test_open_file_outlives_its_opener_once_copied(two_queues, shared_dir):
     kept = q2.open(node).fh
     lost = q2.open(node).fh
     assert q1.read(node, kept, 0, 3) == b"sur"     # queue 1 copies it
+    assert q1.getattr(node).attr.size == 8         # and the inode's fd
     victim = _workers(d.proc.pid)["vfsd-request-2"]
     os.kill(victim, signal.SIGKILL)
     assert q1.read(node, kept, 3, 5) == b"vives"
@@ -317,5 +318,6 @@ def test_open_file_outlives_its_opener_once_copied(two_queues, shared_dir):
         assert time.monotonic() < deadline, "request-2 was not replaced"
         time.sleep(0.05)
     assert q2.read(node, kept, 0, 8) == b"survives"   # the replacement copies it from queue 1
+    assert q2.getattr(node).attr.size == 8             # and the nodeid
     q2.release(node, kept)
     assert d.proc.poll() is None
