@@ -63,6 +63,7 @@ class Peers:
     def __init__(self):
         self.serial = 0           # 0: not told yet (single worker, tests)
         self._pidfds: dict[int, int] = {}
+        self._warned = False
 
     def __len__(self) -> int:
         return len(self._pidfds)
@@ -111,6 +112,13 @@ class Peers:
             err = ctypes.get_errno()
             if err in (errno.ESRCH, errno.EBADF):
                 return -1      # owner dead, or it closed the fd (the caller re-checks)
+            if err == errno.ENOSYS:
+                if not self._warned:
+                    self._warned = True
+                    log.error("this kernel has no pidfd_getfd (Linux 5.6): files opened "
+                              "through one request queue cannot be used through another; "
+                              "run with --request-queues 1")
+                return -1
             if err != errno.EPERM:
                 raise OSError(err, os.strerror(err))
             now = time.monotonic()
