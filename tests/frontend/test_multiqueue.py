@@ -321,3 +321,33 @@ def test_open_file_outlives_its_opener_once_copied(two_queues, shared_dir):
     assert q2.getattr(node).attr.size == 8             # and the nodeid
     q2.release(node, kept)
     assert d.proc.poll() is None
+
+
+def test_readdir_seekdir_back_on_a_queue_whose_position_moved(two_queues, shared_dir):
+    """Both queues read one directory handle (one host open file, one
+    position): queue 1 must not trust the position after queue 2 moved it."""
+    _d, _fe, q1, q2 = two_queues
+    for i in range(400):                  # ~90 KiB of dirents: several getdents64 calls
+        (shared_dir / f"n{i:04d}-{'x' * 200}").touch()
+    fh = q1.opendir(1).fh
+    offset, names = 0, []
+    while True:                               # queue 1 lists it all once
+        page = q1.readdir(1, fh, offset, size=4096)
+        if not page:
+            break
+        names += [e.name for e in page]
+        offset = page[-1].off
+    # queue 2 rewinds and reads a little: the shared position moves
+    assert q2.readdir(1, fh, 0, size=4096)
+    # queue 1 asked again from where its last page ended: the end
+    assert q1.readdir(1, fh, offset, size=4096) == []
+    # and from the start, page by page, the same listing
+    offset, again = 0, []
+    while True:
+        page = q1.readdir(1, fh, offset, size=4096)
+        if not page:
+            break
+        again += [e.name for e in page]
+        offset = page[-1].off
+    assert again == names and len(set(names)) == len(names) == 402
+    q1.releasedir(1, fh)
