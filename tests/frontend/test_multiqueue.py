@@ -120,6 +120,18 @@ def test_nodeid_looked_up_on_one_queue_served_on_the_other(two_queues, shared_di
         pytest.fail("a forgotten nodeid still served on the other queue")
 
 
+def list_from(client, fh: int, offset: int, size: int) -> tuple[list[bytes], int]:
+    """READDIR of the share root's handle ``fh`` from ``offset`` to the end,
+    page by page: (names, the offset after the last one)."""
+    names = []
+    while True:
+        page = client.readdir(1, fh, offset, size=size)
+        if not page:
+            return names, offset
+        names += [e.name for e in page]
+        offset = page[-1].off
+
+
 def test_readdir_continues_on_the_other_queue(two_queues, shared_dir):
     _d, _fe, q1, q2 = two_queues
     names = {f"entry-{i:03d}" for i in range(100)}
@@ -129,13 +141,8 @@ def test_readdir_continues_on_the_other_queue(two_queues, shared_dir):
     first = q1.readdir(1, fh, 0, size=512)
     assert first
     seen = [e.name for e in first]
-    offset = first[-1].off
-    while True:
-        more = q2.readdir(1, fh, offset, size=512)
-        if not more:
-            break
-        seen += [e.name for e in more]
-        offset = more[-1].off
+    rest, _end = list_from(q2, fh, first[-1].off, 512)
+    seen += rest
     assert {os.fsdecode(n) for n in seen} - {".", ".."} == names
     assert len(seen) == len(set(seen))
     q2.releasedir(1, fh)
@@ -330,24 +337,12 @@ def test_readdir_seekdir_back_on_a_queue_whose_position_moved(two_queues, shared
     for i in range(400):                  # ~90 KiB of dirents: several getdents64 calls
         (shared_dir / f"n{i:04d}-{'x' * 200}").touch()
     fh = q1.opendir(1).fh
-    offset, names = 0, []
-    while True:                               # queue 1 lists it all once
-        page = q1.readdir(1, fh, offset, size=4096)
-        if not page:
-            break
-        names += [e.name for e in page]
-        offset = page[-1].off
+    names, offset = list_from(q1, fh, 0, 4096)   # queue 1 lists it all once
     # queue 2 rewinds and reads a little: the shared position moves
     assert q2.readdir(1, fh, 0, size=4096)
     # queue 1 asked again from where its last page ended: the end
     assert q1.readdir(1, fh, offset, size=4096) == []
     # and from the start, page by page, the same listing
-    offset, again = 0, []
-    while True:
-        page = q1.readdir(1, fh, offset, size=4096)
-        if not page:
-            break
-        again += [e.name for e in page]
-        offset = page[-1].off
+    again, _end = list_from(q1, fh, 0, 4096)
     assert again == names and len(set(names)) == len(names) == 402
     q1.releasedir(1, fh)
