@@ -65,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                    default=DEFAULTS["max_request_workers"],
                    help="accepted for compatibility with the Rust virtiofsd; here it is the most request "
                         "worker processes (one per request queue QEMU configures; 0 counts as 1; "
-                        f"default {DEFAULTS['max_request_workers']})")
+                        f"default {DEFAULTS['max_request_workers']}); --request-queues wins over it")
+    p.add_argument("--request-queues", metavar="N", type=_int_arg("--request-queues", 1, MAX_THREAD_POOL_SIZE),
+                   default=None,
+                   help="the most request queues offered to QEMU (its num-request-queues; one worker "
+                        f"process each, all serving one file system; default {DEFAULTS['max_request_workers']}, "
+                        f"at most {MAX_THREAD_POOL_SIZE}); QEMU refuses to start a device with more")
     p.add_argument("--xattr", action=argparse.BooleanOptionalAction, default=DEFAULTS["xattr"],
                    help="support extended attributes (default: on)")
     p.add_argument("--readdirplus", action=argparse.BooleanOptionalAction, default=None,
@@ -212,7 +217,7 @@ def parse_config(argv: list[str]) -> Config:
         socket_fd=args.fd,
         cache=CacheMode(args.cache),
         log_level=args.log_level,
-        max_request_workers=max(1, args.thread_pool_size),
+        max_request_workers=args.request_queues or max(1, args.thread_pool_size),
         xattr=args.xattr,
         readdirplus=args.readdirplus,
         writeback=args.writeback,

@@ -259,6 +259,11 @@ class ProcessPool:
         self.metrics = MetricsArea(1 + config.max_request_workers) if config.metrics_socket else None
         self.restarts: dict[tuple[int, str], int] = {}   # (vring, why) -> deaths
         self._deaths: dict[int, list[float]] = {}     # vring -> recent death times
+        # request workers copy each other's fds (fuse/peers.py): vring ->
+        # (serial, pidfd) of its live worker; serials of dead ones to announce
+        self._peers: dict[int, tuple[int, int]] = {}
+        self._serial = 0
+        self._gone: list[int] = []
         # fds (or objects with detach()/fileno()) a new child must not keep:
         # set by the supervisor (listener, QEMU connection, QEMU's fds...)
         self.inherited: Callable[[], list] = lambda: []
@@ -319,9 +324,32 @@ class ProcessPool:
                 self._fail(worker, f"while starting: {e}")
             except WorkerFailure as failure:
                 raise WorkerSpawnError(str(failure)) from None
+        if index >= 1:
+            self._introduce(worker)
         if restart:
             logger.warning("worker %s restarted as pid %d (%d restart(s) in the last %g s, at most %d)",
                            name, pid, len(self._deaths[index]), self.restart_window, self.restart_limit)
+
+    def _introduce(self, worker: Worker) -> None:
+        """PEER messages: the new request worker learns its serial and the
+        other request workers' pidfds, they learn its pidfd, and every one
+        hears which serials died since (their pidfds are closed)."""
+        self._serial += 1
+        serial = self._serial
+        try:
+            pidfd = os.pidfd_open(worker.pid)
+        except OSError as e:
+            self._fail(worker, f"pidfd_open: {e.strerror}")
+        self._peers[worker.index] = (serial, pidfd)
+        self._request(worker.index, Msg.PEER, ch.PEER.pack(serial, ch.PEER_SELF), [])
+        gone, self._gone = self._gone, []
+        for other, (other_serial, other_pidfd) in list(self._peers.items()):
+            if other == worker.index or other not in self.workers:
+                continue
+            for dead in gone:
+                self._request(other, Msg.PEER, ch.PEER.pack(dead, ch.PEER_GONE), [])
+            self._request(worker.index, Msg.PEER, ch.PEER.pack(other_serial, 0), [other_pidfd])
+            self._request(other, Msg.PEER, ch.PEER.pack(serial, 0), [pidfd])
 
     def mem_table(self, index, regions, fds) -> None:
         self._request(index, Msg.MEM_TABLE, ch.encode_mem_table(regions), fds)
@@ -409,7 +437,8 @@ class ProcessPool:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             # fork_confined set the parent-death signal and checked the parent
             # is still there (getppid() is 0 inside a new pid namespace)
-            _close_inherited([parent_end] + [w.channel for w in self.workers.values()] + self.inherited())
+            _close_inherited([parent_end] + [w.channel for w in self.workers.values()] + self.inherited()
+                             + [pidfd for _serial, pidfd in self._peers.values()])
             self.worker_main(role, index, channel, self.config, self.inodes, progress=self.progress,
                              metrics=self.metrics)
             logger.error("worker_main returned")
@@ -468,6 +497,10 @@ class ProcessPool:
     def _forget(self, worker: Worker) -> None:
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
+            peer = self._peers.pop(worker.index, None)
+            if peer is not None:
+                self._gone.append(peer[0])
+                os.close(peer[1])
         worker.channel.close()
 
     @staticmethod
@@ -699,7 +732,7 @@ def run(config: Config) -> int:
         except sandbox.SandboxError as e:
             raise StartupError(str(e)) from None
         try:
-            inodes = InodeTable(config.inode_table_size)
+            inodes = InodeTable(config.inode_table_size, open_files=config.max_open_files)
         except OSError as e:
             raise StartupError(f"cannot create the inode table ({config.inode_table_size} entries): "
                                f"{e.strerror or e}") from None

@@ -70,6 +70,21 @@ def _setfsuid(uid: int) -> int:
     return _syscall(SYS_setfsuid, ctypes.c_uint(uid)) & 0xFFFFFFFF
 
 
+_PR_SET_DUMPABLE = 4
+_prctl = _libc.prctl
+_keep_dumpable = False
+
+
+def keep_dumpable(on: bool) -> None:
+    """With several request workers, keep this process dumpable across
+    credential switches: the kernel clears the flag at every fsuid/fsgid
+    change, and the other workers need it to borrow fds (fuse/peers.py)."""
+    global _keep_dumpable
+    _keep_dumpable = on
+    if on:
+        _prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
+
+
 def switch(uid: int, gid: int) -> None:
     """Make (uid, gid) this thread's fsuid/fsgid; FUSEError(EPERM) if the
     kernel refused (an invalid id, or no CAP_SETUID/CAP_SETGID)."""
@@ -91,6 +106,8 @@ def switch(uid: int, gid: int) -> None:
             state.uid = -1
             raise FUSEError(errno.EPERM)
         state.uid = uid
+    if _keep_dumpable:
+        _prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
 
 
 def restore() -> None:

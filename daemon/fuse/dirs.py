@@ -80,13 +80,17 @@ def _getdents64(fd: int) -> bytes:
 class DirStream:
     """A host directory read through getdents64, positioned by cookie."""
 
-    __slots__ = ("buf", "pos", "cookie")
+    __slots__ = ("buf", "pos", "cookie", "reseek")
 
     def __init__(self):
         self.buf = b""
         self.pos = 0
         # the cookie of the entry at ``pos``; -1: the host position is unknown
         self.cookie = -1
+        # the open file description may be shared with another request
+        # worker (several request queues, fuse/peers.py), which moves its
+        # position: seek to our cookie before each refill
+        self.reseek = False
 
     def peek(self, fd: int, cookie: int) -> tuple[int, int, int, bytes, int] | None:
         """The entry at ``cookie`` as (ino, next cookie, DT_ type, name,
@@ -101,6 +105,8 @@ class DirStream:
             self.buf = b""
             self.pos = 0
             try:
+                if self.reseek:
+                    os.lseek(fd, self.cookie, os.SEEK_SET)
                 self.buf = _getdents64(fd)
             except OSError:
                 self.cookie = -1
@@ -143,6 +149,9 @@ def _read_args(req: Request, fs):
         raise FUSEError(errno.EINVAL)
     fh, cookie, size, _read_flags, _owner, _flags = abi.READ_IN.unpack_from(req.args)
     handle = fs.handles.get(fh, KIND_DIR)
+    peers = getattr(fs, "peers", None)
+    if peers is not None and peers.shared:
+        _stream(handle).reseek = True
     if cookie > OFFSET_MAX:
         raise FUSEError(errno.EINVAL)
     limit = min(size, MAX_READDIR_SIZE, req.out.size - abi.OUT_HEADER.size)

@@ -18,21 +18,43 @@ descriptions) per table; one more is ``FUSEError(ENFILE)`` and one log line
 per session. ``open_file_budget`` caps that at half the worker's
 RLIMIT_NOFILE, so a guest holding all it may still leaves fds for the O_PATH
 fds of its inodes and for the temporary fds any request needs (stat, mkdir
-and close keep working when the table is full). fh values come from a 64-bit counter that starts at 1 and is
-never reset, so an fh is never 0 and never names two open files, even across
-sessions (a stale fh from before INIT is simply unknown: EBADF).
+and close keep working when the table is full).
+
+fh values are slots of the ``FileTable`` every request worker shares
+(filetable.py): never 0, never reused for another open file, unknown after
+INIT (EBADF). With several request queues a guest process may use an fh
+on a queue whose worker did not open it: that worker copies the opener's
+host fd (``pidfd_getfd``, peers.py) the first time and keeps the copy, one
+more fd on the same open file description (same offset, same flock and
+OFD locks). RELEASE on any queue frees the fh in the shared table at once
+(every worker then answers EBADF for it); each worker closes its own copy
+when it next looks at it or at its next ``reap`` (after each batch, and
+at least once a second while it has peers). flock locks are released at
+RELEASE (LOCK_UN on the description) so a copy that lingers a moment holds
+none.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import resource
+import struct
 
+from daemon.fuse.filetable import FileTable
 from daemon.fuse.request import FUSEError
 from daemon.log import get_logger
 
 log = get_logger("fuse.handles")
+
+
+F_OFD_SETLK = 37
+# struct flock on x86-64: short l_type; short l_whence; off_t l_start;
+# off_t l_len; pid_t l_pid;  (32 bytes with padding)
+FLOCK = struct.Struct("<hh4xqqi4x")
+# the whole file (l_len 0: to EOF) unlocked
+_UNLOCK_ALL = FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0)
 
 
 def open_file_budget(max_open_files: int) -> int:
@@ -73,19 +95,23 @@ class OpenHandle:
 class HandleTable:
     """fh → OpenHandle, plus the lock descriptions; bounded, resettable."""
 
-    def __init__(self, max_open_files: int):
+    def __init__(self, max_open_files: int, files: FileTable | None = None, peers=None):
+        """``files``: the shared open-file table (a private one if None);
+        ``peers``: the other request workers (peers.py), None alone."""
         if max_open_files < 1:
             raise ValueError("max_open_files must be positive")
         self.max_open_files = max_open_files
+        self._own_files = files is None
+        self.files = files if files is not None else FileTable(max_open_files, shared=False)
+        self._slots = self.files.slots
+        self.peers = peers
+        self._released = self.files.released
+        # fh → this worker's OpenHandle (its own fd, or its copy of another's)
         self._handles: dict[int, OpenHandle] = {}
-        self._next_fh = 1
         # nodeid → number of open handles on it (files and dirs)
         self._open_per_node: dict[int, int] = {}
-        # nodeid → {lock owner → fd}: lock descriptions (locks.py)
-        self._lock_fds: dict[int, dict[int, int]] = {}
-        # nodeid → {lock owner → guest pid of its last granted lock} (GETLK)
-        self._lock_pids: dict[int, dict[int, int]] = {}
-        self._lock_fd_count = 0
+        # (nodeid, lock owner) → (id, this worker's fd): lock descriptions
+        self._locks: dict[tuple[int, int], tuple[int, int]] = {}
         self._warned_full = False
 
     def __len__(self) -> int:
@@ -94,7 +120,7 @@ class HandleTable:
     @property
     def host_fd_count(self) -> int:
         """Host fds this table holds: open files and lock descriptions."""
-        return len(self._handles) + self._lock_fd_count
+        return len(self._handles) + len(self._locks)
 
     # -- open files ----------------------------------------------------------
     def check_room(self) -> None:
@@ -116,108 +142,242 @@ class HandleTable:
         if self.host_fd_count >= self.max_open_files:
             os.close(fd)
             self._full()
-        fh = self._next_fh
-        self._next_fh = fh + 1
-        handle = OpenHandle(fh, fd, nodeid, kind, flags)
-        self._handles[fh] = handle
+        peers = self.peers
+        try:
+            fh = self.files.alloc(nodeid, kind, flags, peers.mine(fd) if peers is not None else 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._keep(OpenHandle(fh, fd, nodeid, kind, flags))
+
+    def _keep(self, handle: OpenHandle) -> OpenHandle:
+        self._handles[handle.fh] = handle
+        nodeid = handle.nodeid
         self._open_per_node[nodeid] = self._open_per_node.get(nodeid, 0) + 1
         return handle
 
     def get(self, fh: int, kind: int) -> OpenHandle:
-        """The open handle ``fh`` of ``kind``; FUSEError(EBADF) otherwise."""
+        """The open handle ``fh`` of ``kind``; FUSEError(EBADF) otherwise
+        (released, on any queue, or never opened)."""
         handle = self._handles.get(fh)
-        if handle is None or handle.kind != kind:
+        # still live in the shared table (word 0 of its slot: the generation)
+        if handle is not None and handle.kind == kind \
+                and self._slots[(fh & 0xFFFFFF) << 3] == fh >> 24:
+            return handle
+        return self._find(fh, kind)
+
+    def _find(self, fh: int, kind: int) -> OpenHandle:
+        """Slow path of ``get``: drop a copy of a released fh, or copy the
+        fd of an fh another worker opened."""
+        handle = self._handles.get(fh)
+        if handle is not None and not self.files.live(fh):
+            self._forget(handle)
             raise FUSEError(errno.EBADF)
-        return handle
+        if handle is not None:           # live, but another kind
+            raise FUSEError(errno.EBADF)
+        info = self.files.lookup(fh)
+        peers = self.peers
+        if info is None or peers is None or info[1] != kind:
+            raise FUSEError(errno.EBADF)
+        nodeid, kind, flags, word = info
+        if self.host_fd_count >= self.max_open_files:
+            self._full()
+        try:
+            fd = peers.borrow(word)
+        except OSError as e:
+            log.warning("cannot copy an open file from another request worker: %s", e)
+            raise FUSEError(errno.EBADF) from None
+        if fd < 0:
+            raise FUSEError(errno.EBADF)   # its worker died: the open file is lost
+        if not self._claim(fh, fd):    # released while we copied: not ours
+            _close_quietly(fd)
+            raise FUSEError(errno.EBADF)
+        return self._keep(OpenHandle(fh, fd, nodeid, kind, flags))
 
-    def close(self, fh: int, kind: int) -> None:
-        """Close ``fh`` (RELEASE/RELEASEDIR); EBADF if it is not open.
+    def _claim(self, ident: int, fd: int) -> bool:
+        """After a copy: whether the slot still lives (then the copy is its
+        open file: owners close only after the slot died), and if so make
+        this worker its owner, so the open file outlives the death of the
+        worker that opened it."""
+        files = self.files
+        if not files.live(ident):
+            return False
+        files.claim(ident, self.peers.mine(fd))
+        return True
 
-        Releasing the last handle on an inode also closes every lock
-        description of that inode: no guest process can hold a lock on a file
-        that no guest file is open on any more.
-        """
-        handle = self.get(fh, kind)
-        del self._handles[fh]
+    def reap(self) -> int:
+        """Close this worker's fds of fhs released on other queues (one
+        shared read when none was); returns how many."""
+        released = self.files.released
+        if released == self._released:
+            return 0
+        self._released = released
+        live = self.files.live
+        dead = [h for fh, h in self._handles.items() if not live(fh)]
+        for handle in dead:
+            self._forget(handle)
+        gone = [key for key, (ident, _fd) in self._locks.items() if not live(ident)]
+        for key in gone:
+            _close_quietly(self._locks.pop(key)[1])
+        return len(dead) + len(gone)
+
+    def _forget(self, handle: OpenHandle) -> None:
+        """Drop this worker's fd of an fh (released elsewhere, or here)."""
+        del self._handles[handle.fh]
         nodeid = handle.nodeid
         left = self._open_per_node[nodeid] - 1
         if left:
             self._open_per_node[nodeid] = left
         else:
             del self._open_per_node[nodeid]
-            self._lock_pids.pop(nodeid, None)
-            owners = self._lock_fds.pop(nodeid, None)
-            if owners:
-                self._lock_fd_count -= len(owners)
-                for lock_fd in owners.values():
-                    _close_quietly(lock_fd)
         _close_quietly(handle.fd)
 
+    def close(self, fh: int, kind: int) -> None:
+        """Close ``fh`` (RELEASE/RELEASEDIR); EBADF if it is not open.
+
+        Releasing the last handle on an inode (on any queue) also closes
+        every lock description of that inode: no guest process can hold a
+        lock on a file that no guest file is open on any more.
+        """
+        handle = self.get(fh, kind)
+        files = self.files
+        if not files.free(fh):     # released on another queue meanwhile
+            self._forget(handle)
+            raise FUSEError(errno.EBADF)
+        if self.peers is not None and self.peers.shared and kind == KIND_FILE:
+            # other workers may hold copies a moment longer: the guest's
+            # flock locks on this open file end now, as at its last close
+            try:
+                fcntl.flock(handle.fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
+        nodeid = handle.nodeid
+        self._forget(handle)
+        if files.lock_count and not files.has_open(nodeid):
+            for _ident, owner in files.locks_of(nodeid):
+                self.drop_lock_fd(nodeid, owner)
+
     def reset(self) -> None:
-        """Close everything (INIT/DESTROY: the guest forgot all its fhs)."""
+        """Close this worker's fds (INIT/DESTROY: the guest forgot all its
+        fhs; the shared table is reset with the inode table)."""
+        if self._own_files:
+            self.files.reset()
         handles, self._handles = self._handles, {}
-        lock_fds, self._lock_fds = self._lock_fds, {}
-        self._lock_pids = {}
+        locks, self._locks = self._locks, {}
         self._open_per_node = {}
-        self._lock_fd_count = 0
         self._warned_full = False
-        for owners in lock_fds.values():
-            for fd in owners.values():
-                _close_quietly(fd)
+        self._released = self.files.released
+        for _ident, fd in locks.values():
+            _close_quietly(fd)
         for handle in handles.values():
             _close_quietly(handle.fd)
 
     # -- lock descriptions (locks.py) -----------------------------------------
+    # Shared slots of the FileTable (KIND_LOCK), one per (nodeid, lock
+    # owner); this worker keeps its fd of each it used in ``_locks``.
     def lock_fd(self, nodeid: int, owner: int) -> int | None:
-        """The lock description of ``owner`` on ``nodeid``, if it has one."""
-        owners = self._lock_fds.get(nodeid)
-        return owners.get(owner) if owners else None
+        """The lock description of ``owner`` on ``nodeid``, if it has one
+        (on any queue: copied from the worker that made it)."""
+        e = self._locks.get((nodeid, owner))
+        if e is not None:
+            if self.files.live(e[0]):
+                return e[1]
+            del self._locks[(nodeid, owner)]
+            _close_quietly(e[1])
+        ident = self.files.find_lock(nodeid, owner)
+        return self._copy_lock(nodeid, owner, ident) if ident else None
+
+    def _copy_lock(self, nodeid: int, owner: int, ident: int) -> int | None:
+        info = self.files.lookup(ident)
+        if info is None or self.peers is None:
+            return None
+        if self.host_fd_count >= self.max_open_files:
+            self._full()
+        try:
+            fd = self.peers.borrow(info[3])
+        except OSError as e:
+            log.warning("cannot copy a lock description from another request worker: %s", e)
+            return None
+        if fd < 0:
+            return None            # its worker died: the locks went with it
+        if not self._claim(ident, fd):
+            _close_quietly(fd)
+            return None
+        self._locks[(nodeid, owner)] = (ident, fd)
+        return fd
 
     def lock_fds(self, nodeid: int) -> dict[int, int]:
-        """Every lock description on ``nodeid``: {owner: fd} (do not modify)."""
-        return self._lock_fds.get(nodeid) or {}
+        """Every lock description on ``nodeid``: {owner: fd}."""
+        out = {}
+        for _ident, owner in self.files.locks_of(nodeid):
+            fd = self.lock_fd(nodeid, owner)
+            if fd is not None:
+                out[owner] = fd
+        return out
+
+    def _lock_ident(self, nodeid: int, owner: int) -> int:
+        e = self._locks.get((nodeid, owner))
+        if e is not None and self.files.live(e[0]):
+            return e[0]
+        return self.files.find_lock(nodeid, owner)
 
     def set_lock_pid(self, nodeid: int, owner: int, pid: int) -> None:
         """Remember the guest pid that ``owner`` last took a lock with."""
-        self._lock_pids.setdefault(nodeid, {})[owner] = pid
+        ident = self._lock_ident(nodeid, owner)
+        if ident:
+            self.files.set_pid(ident, pid)
 
     def lock_pid(self, nodeid: int, owner: int) -> int:
         """The guest pid of ``owner``'s last granted lock, 0 if unknown."""
-        return self._lock_pids.get(nodeid, {}).get(owner, 0)
+        ident = self._lock_ident(nodeid, owner)
+        return self.files.pid(ident) if ident else 0
 
-    def add_lock_fd(self, nodeid: int, owner: int, fd: int) -> None:
-        """Take ownership of ``fd`` as ``owner``'s lock description.
-
-        Only for an inode with an open handle (the caller holds one); ENFILE
-        (fd closed) when full; replacing an existing description is a bug.
-        """
+    def add_lock_fd(self, nodeid: int, owner: int, fd: int) -> int:
+        """Take ownership of ``fd`` as ``owner``'s lock description; returns
+        the fd to lock on: ``fd``, or, if another queue made the owner's
+        description meanwhile, this worker's copy of that one (``fd`` is
+        then closed). Only for an inode with an open handle (the caller
+        holds one); ENFILE (fd closed) when full."""
         if nodeid not in self._open_per_node:
             os.close(fd)
             raise FUSEError(errno.EBADF)
         if self.host_fd_count >= self.max_open_files:
             os.close(fd)
             self._full()
-        owners = self._lock_fds.setdefault(nodeid, {})
-        if owner in owners:
+        peers = self.peers
+        try:
+            ident, created = self.files.alloc_lock(nodeid, owner, peers.mine(fd) if peers else 0)
+        except BaseException:
             os.close(fd)
-            raise AssertionError("lock description already exists")
-        owners[owner] = fd
-        self._lock_fd_count += 1
+            raise
+        if created:
+            self._locks[(nodeid, owner)] = (ident, fd)
+            return fd
+        os.close(fd)
+        copy = self._copy_lock(nodeid, owner, ident)
+        if copy is None:
+            raise FUSEError(errno.ENOLCK)
+        return copy
 
     def drop_lock_fd(self, nodeid: int, owner: int) -> None:
         """Close ``owner``'s lock description on ``nodeid``: this releases
-        every POSIX lock the owner holds on the file (FLUSH = close(2))."""
-        owners = self._lock_fds.get(nodeid)
-        if not owners:
+        every POSIX lock the owner holds on the file (FLUSH = close(2)).
+        Copies on other queues may live a moment longer, so the locks are
+        released explicitly first."""
+        ident = self._lock_ident(nodeid, owner)
+        if not ident:
             return
-        fd = owners.pop(owner, None)
-        if fd is None:
-            return
-        self._lock_pids.get(nodeid, {}).pop(owner, None)
-        if not owners:
-            del self._lock_fds[nodeid]
-        self._lock_fd_count -= 1
-        _close_quietly(fd)
+        fd = self.lock_fd(nodeid, owner)
+        if not self.files.free(ident):
+            fd = None                   # dropped on another queue meanwhile
+        elif fd is not None and self.peers is not None and self.peers.shared:
+            try:
+                fcntl.fcntl(fd, F_OFD_SETLK, _UNLOCK_ALL)
+            except OSError:
+                pass
+        e = self._locks.pop((nodeid, owner), None)
+        if e is not None:
+            _close_quietly(e[1])
 
     # -- internals -------------------------------------------------------------
     def _full(self) -> None:

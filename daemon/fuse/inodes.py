@@ -61,13 +61,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import mmap
 import os
 import resource
 import threading
 from typing import Callable
 
+from daemon.fuse.filetable import MAX_CAPACITY as MAX_FILES
+from daemon.fuse.filetable import FileTable, LockedTable, shared_mapping, take_slot
 from daemon.fuse.request import FUSEError
 from daemon.log import get_logger
 
@@ -82,8 +83,9 @@ _H_MAGIC, _H_CAPACITY, _H_GEN, _H_HIGH, _H_FREE, _H_LIVE, _H_RING_W, _H_DIRTY, \
     _H_EPOCH, _H_ROOT, _H_SESSION = range(11)
 _HDR_WORDS = 16
 # slot words (u64): generation, refcount, dev, ino, next free, handle length,
-# then HANDLE_MAX bytes of handle
-_S_GEN, _S_REF, _S_DEV, _S_INO, _S_NEXT, _S_HLEN, _S_HANDLE = range(7)
+# owner word (fuse/peers.py: which request worker holds the inode's O_PATH fd,
+# and its number there), then HANDLE_MAX bytes of handle
+_S_GEN, _S_REF, _S_DEV, _S_INO, _S_NEXT, _S_HLEN, _S_OWNER, _S_HANDLE = range(8)
 _SLOT_WORDS = _S_HANDLE + HANDLE_MAX // 8
 _U64 = (1 << 64) - 1
 
@@ -100,13 +102,16 @@ def _home(dev: int, ino: int, mask: int) -> int:
     return (((h ^ (h >> 31)) << 6) | (ino & 63)) & mask
 
 
-class InodeTable:
+class InodeTable(LockedTable):
     """Shared nodeid ↔ (dev, ino) table with lookup counts (see module doc).
 
     Create it in the parent before forking; use it from any process.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, open_files: int = 0):
+        """``open_files``: also make the shared open-file table
+        (``self.files``, filetable.py) with that many fhs; INIT and DESTROY
+        reset it with the nodeids. 0: none (each session makes its own)."""
         if capacity < 2:
             raise ValueError("an inode table needs room for the root and one inode")
         if capacity >= 1 << 31:
@@ -120,14 +125,8 @@ class InodeTable:
         hash_off = slots_off + (capacity + 1) * _SLOT_WORDS * 8
         ring_off = hash_off + hsize * 4
         size = ring_off + RING * 4
-        self._fd = os.memfd_create("pyvirtiofsd-inodes", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(self._fd, size)
-            self._mm = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED,
-                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(self._fd)
-            raise
+        self._fd, self._mm = shared_mapping("pyvirtiofsd-inodes", size)
+        self.files = FileTable(min(open_files, MAX_FILES)) if open_files else None
         mv = memoryview(self._mm)
         self._hdr = mv[:slots_off].cast("Q")
         # slot n's word w is self._q[n * _SLOT_WORDS + w]
@@ -143,25 +142,8 @@ class InodeTable:
         hdr[_H_CAPACITY] = capacity
         hdr[_H_HIGH] = 2
 
-    # -- locking ---------------------------------------------------------------
-    def _lock(self) -> None:
-        self._tlock.acquire()
-        try:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, 0)
-        except BaseException:
-            self._tlock.release()
-            raise
-        hdr = self._hdr
-        if hdr[_H_DIRTY]:
-            self._repair()
-        hdr[_H_DIRTY] = 1
-
-    def _unlock(self) -> None:
-        self._hdr[_H_DIRTY] = 0
-        try:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0)
-        finally:
-            self._tlock.release()
+    # -- locking (LockedTable: _lock/_unlock) ----------------------------------
+    _DIRTY = _H_DIRTY
 
     def _repair(self) -> None:
         """Rebuild the index, the free list and the live count from the
@@ -282,13 +264,14 @@ class InodeTable:
         finally:
             self._unlock()
 
-    def ref(self, dev: int, ino: int, handle: bytes = b"") -> tuple[int, int, bool]:
+    def ref(self, dev: int, ino: int, handle: bytes = b"", owner: int = 0) -> tuple[int, int, bool]:
         """+1 lookup on (dev, ino), inserting it if unknown.
 
         Returns (nodeid, generation, inserted). The root is found as nodeid
         1, generation 0 (its count is pinned). ``handle`` (a ``struct
-        file_handle`` as bytes, at most HANDLE_MAX) is stored only on
-        insertion. FUSEError(ENFILE) when the table is full.
+        file_handle`` as bytes, at most HANDLE_MAX) and ``owner`` (the
+        inserting worker's owner word for its fd, peers.py) are stored only
+        on insertion. FUSEError(ENFILE) when the table is full.
         """
         self._lock()
         try:
@@ -300,19 +283,13 @@ class InodeTable:
                     q[base + _S_REF] += 1
                 return s, q[base + _S_GEN], False
             hdr = self._hdr
-            s = hdr[_H_FREE]
-            if s:
-                hdr[_H_FREE] = q[s * _SLOT_WORDS + _S_NEXT]
-            else:
-                s = hdr[_H_HIGH]
-                if s > self.capacity:
-                    raise FUSEError(errno.ENFILE)
-                hdr[_H_HIGH] = s + 1
+            s = take_slot(hdr, _H_FREE, _H_HIGH, q, _SLOT_WORDS, _S_NEXT, self.capacity)
             base = s * _SLOT_WORDS
             q[base + _S_REF] = 1
             q[base + _S_DEV] = dev
             q[base + _S_INO] = ino
             q[base + _S_NEXT] = 0
+            q[base + _S_OWNER] = owner
             self._store_handle(base, handle)
             gen = hdr[_H_GEN] + 1
             hdr[_H_GEN] = gen
@@ -380,6 +357,7 @@ class InodeTable:
         self._hash_remove(nodeid)
         q[base + _S_REF] = 0
         q[base + _S_HLEN] = 0
+        q[base + _S_OWNER] = 0
         q[base + _S_NEXT] = hdr[_H_FREE]
         hdr[_H_FREE] = nodeid
         hdr[_H_LIVE] -= 1
@@ -409,6 +387,29 @@ class InodeTable:
         if not 2 <= nodeid <= self.capacity:
             return 0
         return self._q[nodeid * _SLOT_WORDS]
+
+    def owner(self, nodeid: int) -> int:
+        """The owner word of a nodeid >= 2 (peers.py), 0 if none. Read
+        the generation before and after: it is only valid in between."""
+        if not 2 <= nodeid <= self.capacity:
+            return 0
+        return self._q[nodeid * _SLOT_WORDS + _S_OWNER]
+
+    def claim(self, nodeid: int, generation: int, owner: int) -> None:
+        """Make ``owner`` the owner word of a live (nodeid, generation)."""
+        if 2 <= nodeid <= self.capacity and owner:
+            base = nodeid * _SLOT_WORDS
+            if self._q[base + _S_GEN] == generation:
+                self._q[base + _S_OWNER] = owner
+
+    def disown(self, nodeid: int, owner: int) -> None:
+        """Clear the owner word if it is ``owner`` (a worker about to close
+        the fd it names while the nodeid lives on). Only the owner ever
+        writes its own word, so this read-then-write cannot clear another's."""
+        if 2 <= nodeid <= self.capacity and owner:
+            i = nodeid * _SLOT_WORDS + _S_OWNER
+            if self._q[i] == owner:
+                self._q[i] = 0
 
     def handle(self, nodeid: int, generation: int) -> bytes:
         """The file handle stored for (nodeid, generation), b"" if none."""
@@ -462,6 +463,8 @@ class InodeTable:
         """INIT on any request queue: a fresh table, and a new session
         number the other request workers adopt on their next request."""
         self.reset(root_dev, root_ino)
+        if self.files is not None:
+            self.files.reset()
         self._hdr[_H_SESSION] = epoch = self._hdr[_H_EPOCH]
         return epoch
 
@@ -469,6 +472,8 @@ class InodeTable:
         """DESTROY: every nodeid forgotten and no session live."""
         self._hdr[_H_SESSION] = 0
         self.reset(root_dev, root_ino)
+        if self.files is not None:
+            self.files.reset()
 
     def __len__(self) -> int:
         """Live nodeids, the root not counted."""
@@ -481,6 +486,8 @@ class InodeTable:
             view.release()
         self._mm.close()
         os.close(self._fd)
+        if self.files is not None:
+            self.files.close()
 
 
 _ZEROS = bytes(1 << 20)
@@ -550,8 +557,12 @@ class InodeCache:
     """
 
     def __init__(self, table: InodeTable, use_handles: bool = True,
-                 close_fds: Callable[[list[int]], None] | None = None, max_fds: int | None = None):
+                 close_fds: Callable[[list[int]], None] | None = None, max_fds: int | None = None,
+                 peers=None):
         self.table = table
+        # the other request workers (peers.py): a nodeid another worker
+        # looked up is served with a copy of its fd
+        self.peers = peers
         self._slots = table._q
         self.root_fd = -1
         self._root_dev = -1
@@ -618,6 +629,10 @@ class InodeCache:
         if info is None or nodeid == 1:
             raise FUSEError(errno.ESTALE)
         gen, dev, ino, _refs = info
+        if self.peers is not None and self.peers.shared:
+            fd = self._borrow(nodeid, gen, dev, ino)
+            if fd >= 0:
+                return fd
         handle = self.table.handle(nodeid, gen) if self._use_handles else b""
         if not handle or self._mount_fd < 0:
             raise FUSEError(errno.ESTALE)
@@ -636,6 +651,33 @@ class InodeCache:
         self._fds[nodeid] = (gen, fd)
         return fd
 
+    def _borrow(self, nodeid: int, gen: int, dev: int, ino: int) -> int:
+        """A copy of the owner's fd of (nodeid, gen) (peers.py), cached;
+        -1 if there is no live owner."""
+        table = self.table
+        word = table.owner(nodeid)
+        if not word or table.generation(nodeid) != gen:
+            return -1
+        try:
+            fd = self.peers.borrow(word)
+        except OSError as e:
+            log.warning("cannot copy inode fd from another request worker: %s", e)
+            return -1
+        if fd < 0:
+            return -1
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            _close(fd)
+            return -1
+        if table.owner(nodeid) != word or table.generation(nodeid) != gen \
+                or st.st_dev != dev or st.st_ino != ino:
+            _close(fd)
+            return -1
+        self._fds[nodeid] = (gen, fd)
+        table.claim(nodeid, gen, self.peers.mine(fd))   # the last to copy owns
+        return fd
+
     def lookup(self, parent_fd: int, name) -> tuple[int, int, os.stat_result]:
         """Open ``name`` (one validated component) in the parent with
         O_PATH|O_NOFOLLOW, +1 lookup on its inode: (nodeid, generation, st).
@@ -651,7 +693,9 @@ class InodeCache:
     def adopt(self, fd: int, st: os.stat_result) -> tuple[int, int, os.stat_result]:
         """+1 lookup on the inode of ``fd`` (an O_PATH fd this call takes
         over: kept in the cache or closed). (nodeid, generation, st)."""
-        nodeid, gen, inserted = self.table.ref(st.st_dev, st.st_ino)
+        peers = self.peers
+        nodeid, gen, inserted = self.table.ref(st.st_dev, st.st_ino,
+                                               owner=peers.mine(fd) if peers is not None else 0)
         if nodeid == 1:
             _close(fd)
             return 1, 0, st
@@ -666,6 +710,12 @@ class InodeCache:
                 return nodeid, gen, st
             _close(e[1])
         self._fds[nodeid] = (gen, fd)
+        if not inserted and peers is not None and peers.shared:
+            # the last worker to look an inode up owns it: an owner that
+            # died leaves nodeids the others can still serve after the
+            # guest's next lookup (a borrower checks dev/ino: a word left
+            # in a reused slot is never taken for another inode)
+            self.table.claim(nodeid, gen, peers.mine(fd))
         return nodeid, gen, st
 
     # -- forgotten nodeids -----------------------------------------------------------
@@ -706,6 +756,9 @@ class InodeCache:
             else:
                 kept.append(nodeid)
         closing = [fds.pop(nodeid)[1] for nodeid in doomed]
+        if self.peers is not None:
+            for nodeid, fd in zip(doomed, closing):
+                table.disown(nodeid, self.peers.mine(fd))
         for nodeid in kept:  # looked at: not first in line next time
             fds[nodeid] = fds.pop(nodeid)
         if closing:

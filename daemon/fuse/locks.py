@@ -59,24 +59,19 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import struct
 
 from daemon.fuse import abi
 from daemon.fuse.abi import Opcode
-from daemon.fuse.handles import KIND_FILE, reopen
+from daemon.fuse.handles import F_OFD_SETLK, FLOCK, KIND_FILE, reopen
 from daemon.fuse.request import DEFERRED, MAX_DEFERRED, FUSEError, Request
 
 F_OFD_GETLK = 36
-F_OFD_SETLK = 37
 F_OFD_SETLKW = 38  # never used: it would block the worker
 F_RDLCK = fcntl.F_RDLCK
 F_WRLCK = fcntl.F_WRLCK
 F_UNLCK = fcntl.F_UNLCK
 OFFSET_MAX = (1 << 63) - 1
 
-# struct flock on x86-64: short l_type; short l_whence; off_t l_start;
-# off_t l_len; pid_t l_pid;  (32 bytes with padding)
-FLOCK = struct.Struct("<hh4xqqi4x")
 
 _FLOCK_OPS = {F_RDLCK: fcntl.LOCK_SH, F_WRLCK: fcntl.LOCK_EX, F_UNLCK: fcntl.LOCK_UN}
 # errnos on which a lock description falls back to the fh's access mode
@@ -127,8 +122,7 @@ def _lock_description(fs, handle, owner: int) -> int:
         if e.errno not in _NO_WRITE_OPEN or handle.access_mode == os.O_RDWR:
             raise
         fd = reopen(handle.fd, handle.access_mode | os.O_NONBLOCK)
-    fs.handles.add_lock_fd(handle.nodeid, owner, fd)
-    return fd
+    return fs.handles.add_lock_fd(handle.nodeid, owner, fd)
 
 
 def _try_lock(fs, lk: LockRequest) -> bool:

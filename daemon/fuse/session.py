@@ -66,6 +66,7 @@ from daemon.virtio.iovec import IoVec
 
 from daemon.fuse import attrs, dirs, entries, files, locks, xattrs
 from daemon.fuse.handles import HandleTable, open_file_budget
+from daemon.fuse.peers import Peers
 from daemon.log import RateLimitedLogger, get_logger
 
 log = get_logger("fuse.session")
@@ -194,6 +195,7 @@ class FuseSession:
         self._own_root = False
         self.cache: InodeCache | None = None
         self.handles = None
+        self.peers: Peers | None = None
         self._blocking: BlockingCalls | None = None
         ops = load_ops()
         if role == "hiprio":
@@ -212,9 +214,12 @@ class FuseSession:
             # fsync's helper threads (started on first use) and their
             # eventfd; they also close forgotten inodes' fds (blocking.py)
             self._blocking = BlockingCalls()
+            # the other request workers, whose fds this one copies (peers.py)
+            self.peers = Peers()
             self.cache = InodeCache(inodes, use_handles=config.file_handles, close_fds=self._close_later,
-                                    max_fds=inode_fd_budget(config.inode_fds))
-            self.handles = HandleTable(open_file_budget(config.max_open_files))
+                                    max_fds=inode_fd_budget(config.inode_fds), peers=self.peers)
+            self.handles = HandleTable(open_file_budget(config.max_open_files),
+                                       files=getattr(inodes, "files", None), peers=self.peers)
         self._ops[int(Opcode.INTERRUPT)] = _op_interrupt
         self._readdirplus = int(Opcode.READDIRPLUS) in self._ops and config.offers_readdirplus
         self._locks = int(Opcode.SETLK) in self._ops
@@ -494,18 +499,21 @@ class FuseSession:
 
     def start(self) -> None:
         """Begin a new session (INIT): fresh inode table, no fds, no fhs.
-        Every other request worker adopts it on its next request."""
-        self._drop_local()
+        Every other request worker adopts it on its next request. The
+        shared tables are reset before this worker closes its fds: another
+        worker may copy an fd only while its slot lives (fuse/peers.py)."""
         st = os.fstat(self.root_fd)
         self._session = self.inodes.begin_session(st.st_dev, st.st_ino)
+        self._drop_local()
         self.cache.reset(self.root_fd)
 
     def end(self) -> None:
-        """End the session (DESTROY, or worker exit)."""
-        self._drop_local()
+        """End the session (DESTROY, or worker exit); the shared tables
+        first, then this worker's fds (see ``start``)."""
         if self._session and self._session == self.inodes.session:
             st = os.fstat(self.root_fd)
             self.inodes.end_session(st.st_dev, st.st_ino)  # frees every nodeid
+        self._drop_local()
         self._session = 0
 
     def _adopt(self) -> bool:
@@ -536,6 +544,7 @@ class FuseSession:
         self._session = 0
         if self._blocking is not None:
             self._blocking.close()
+            self.peers.close()
         if self._own_root and self.root_fd >= 0:
             os.close(self.root_fd)
         self.root_fd = -1
@@ -555,6 +564,7 @@ class FuseSession:
         if cache is None:
             return 0
         try:
+            self.handles.reap()
             return cache.reap()
         except Exception:  # noqa: BLE001 - pragma: no cover
             log.exception("closing forgotten inodes' fds failed")

@@ -146,6 +146,7 @@ class Backend:
         self.region_fds: list[int] = []
         self.rings: dict[int, Vring] = {}
         self.closed = False
+        self._last_request: int | None = None
         self._warned: set[tuple[str, int]] = set()
         self._handlers = {
             Request.GET_FEATURES: self._get_features,
@@ -187,10 +188,18 @@ class Backend:
         try:
             received = self._receive()
             if received is None:
-                logger.info("QEMU disconnected")
+                if self._last_request == Request.GET_QUEUE_NUM and not self.has_owner:
+                    # what QEMU does when num-request-queues exceeds what we offer:
+                    # "The maximum number of queues supported by the backend is N"
+                    logger.error("QEMU disconnected right after asking how many queues we offer "
+                                 "(%d request queues, --request-queues): a device with more "
+                                 "num-request-queues makes it refuse to start", self.queue_count - 1)
+                else:
+                    logger.info("QEMU disconnected")
                 self.close()
                 return False
             header, payload, fds = received
+            self._last_request = header.request
             self._dispatch(header, payload, fds)
             return True
         except VhostUserError as e:
@@ -502,7 +511,7 @@ class Backend:
         if ring.index >= self.queue_count:
             self._warn_once("vring", ring.index,
                             f"vring {ring.index} has no worker (at most {self.queue_count - 1} request "
-                            f"queues, see --thread-pool-size): requests on it will not be served")
+                            f"queues, see --request-queues): requests on it will not be served")
             return
         self._check_ring_layout(ring)
         addr = ring.addr

@@ -19,12 +19,16 @@ VRING_START      VRING_START struct (see below)                1: kick fd
 VRING_CALL       u32 index, u32 has_fd                         0 or 1
 VRING_STOP       u32 index                                     0
 SHUTDOWN         -                                             0
+PEER             u32 serial, u32 flags (request workers only)  0 or 1: pidfd
 ===============  ============================================  =============
 
 Worker -> supervisor: only ANSWER {status i32 (0 or errno), value u64}.
 VRING_STOP's answer value is the ring's next avail index (GET_VRING_BASE).
 VRING_START with flag VRING_START_RECOVER is sent to the replacement of a
 worker that died with the ring running (supervisor.py, progress.py).
+PEER tells a request worker its own serial (flag PEER_SELF, first after
+READY), a live request worker's serial and pidfd, or that one is gone
+(PEER_GONE): fuse/peers.py, how workers copy each other's fds.
 The first frame a worker sends, unasked, is READY once its sandbox is up;
 the supervisor sends nothing before it.
 """
@@ -57,6 +61,10 @@ VRING_START_RECOVER = 1
 VRING_CALL = struct.Struct("<II")
 # struct vring_stop { uint32_t index; };
 VRING_STOP = struct.Struct("<I")
+# struct peer { uint32_t serial; uint32_t flags; };
+PEER = struct.Struct("<II")
+PEER_SELF = 1
+PEER_GONE = 2
 # struct answer { int32_t status; uint32_t padding; uint64_t value; };
 ANSWER = struct.Struct("<i4xQ")
 assert (FRAME.size, REGION.size, VRING_START.size, VRING_CALL.size, ANSWER.size) == (8, 32, 48, 8, 16)
@@ -70,6 +78,7 @@ class Msg(enum.IntEnum):
     VRING_CALL = 12
     VRING_STOP = 13
     SHUTDOWN = 14
+    PEER = 15
 
 
 class ChannelError(Exception):

@@ -21,6 +21,7 @@ handlers, buffered files, temp dirs) runs twice.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import sys
 from typing import NoReturn
@@ -65,6 +66,10 @@ def _run(role: str, index: int, channel: Channel, config, inodes, progress=None,
     _name_process(role if role == "hiprio" else f"{role}-{index}")
     _reset_signals()
     os.umask(0)
+    if role == "request":
+        # with several request queues the worker stays dumpable (fuse/peers.py):
+        # never let that write guest data into a core file
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     sandbox_info = _confine(role, config)
     session = module.open_session(config, inodes, sandbox_info)
     if metrics is not None:

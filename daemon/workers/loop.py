@@ -68,10 +68,15 @@ from daemon.log import RateLimitedLogger, get_logger
 from daemon.virtio.memory import GuestMemory, GuestMemoryError
 from daemon.virtio.virtqueue import VIRTIO_RING_F_EVENT_IDX, Chain, VirtQueue, VirtQueueError
 from daemon.workers import progress as prog
-from daemon.workers.channel import (VRING_CALL, VRING_START, VRING_START_RECOVER, VRING_STOP, Channel,
-                                    ChannelError, Msg, close_fds, decode_mem_table)
+from daemon.workers.channel import (PEER, PEER_GONE, PEER_SELF, VRING_CALL, VRING_START,
+                                    VRING_START_RECOVER, VRING_STOP, Channel, ChannelError, Msg,
+                                    close_fds, decode_mem_table)
 
 log = get_logger("workers")
+
+# with other request workers: the longest an idle worker keeps copies of
+# fds released on another queue (session.reap after an idle poll)
+PEER_REAP_INTERVAL = 1.0
 
 RETRY_INTERVAL = 0.010  # seconds between session.retry() calls while requests wait
 
@@ -135,6 +140,7 @@ class WorkerLoop:
             Msg.VRING_CALL: self._on_vring_call,
             Msg.VRING_STOP: self._on_vring_stop,
             Msg.SHUTDOWN: self._on_shutdown,
+            Msg.PEER: self._on_peer,
         }
 
     # -- the loop ------------------------------------------------------------
@@ -147,18 +153,24 @@ class WorkerLoop:
         if wakeup_fd >= 0:
             self._epoll.register(wakeup_fd, select.EPOLLIN)
         next_retry = 0.0
+        peers = getattr(session, "peers", None)
         try:
             while True:
                 if self._again:
                     timeout = 0
                 elif session.has_pending():
                     timeout = max(0.0, next_retry - self._clock())
+                elif peers is not None and peers.shared:
+                    timeout = PEER_REAP_INTERVAL
                 else:
                     timeout = -1
                 if self._deadlines:
                     due = max(0.0, min(self._deadlines.values()) - self._clock())
                     timeout = due if timeout < 0 else min(timeout, due)
-                for fd, _events in self._epoll.poll(timeout):
+                events = self._epoll.poll(timeout)
+                if not events and peers is not None and peers.shared:
+                    session.reap()
+                for fd, _events in events:
                     if fd == channel_fd:
                         status = self._on_channel()
                         if status is not None:
@@ -473,6 +485,24 @@ class WorkerLoop:
         self._stop(ring)
         self.channel.answer(0, ring.last_avail_idx)
         return None
+
+    def _on_peer(self, payload: bytes, fds: list[int]) -> None:
+        """Our serial, another request worker's pidfd, or its death."""
+        peers = getattr(self.session, "peers", None)
+        if len(payload) != PEER.size or len(fds) > 1 or peers is None:
+            close_fds(fds)
+            raise ChannelError("bad PEER")
+        serial, flags = PEER.unpack(payload)
+        if flags == PEER_SELF and not fds:
+            peers.set_self(serial)
+        elif flags == PEER_GONE and not fds:
+            peers.remove(serial)
+        elif flags == 0 and len(fds) == 1:
+            peers.add(serial, fds[0])
+        else:
+            close_fds(fds)
+            raise ChannelError(f"bad PEER flags {flags}")
+        self.channel.answer(0)
 
     def _on_shutdown(self, payload: bytes, fds: list[int]) -> int:
         if payload or fds:

@@ -44,11 +44,13 @@ def test_request_list_cannot_fork_or_exec_or_network():
     pol = seccomp.load_policy("request")
     names = set(pol.names)
     for forbidden in ("execve", "execveat", "fork", "vfork", "socket", "connect", "bind", "ptrace",
-                      "mount", "unshare", "setns", "pivot_root", "chroot", "seccomp", "prctl",
+                      "mount", "unshare", "setns", "pivot_root", "chroot", "seccomp",
                       "capset", "setuid", "setresuid", "setgroups", "kill", "tgkill"):
         assert forbidden not in names, forbidden
     clone = next(r for r in pol.rules if r.name == "clone")
     assert clone.args == ((0, 0x10000, (0x10000,)),)          # CLONE_THREAD only
+    prctl = next(r for r in pol.rules if r.name == "prctl")
+    assert prctl.args == ((0, 0xFFFFFFFF, (4,)),)             # PR_SET_DUMPABLE only
 
 
 GOOD = "close  # a\nread  # b\n\n# comment\nwrite  # c\n"

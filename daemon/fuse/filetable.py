@@ -1,0 +1,337 @@
+"""The guest's open files, shared by every request worker: fh → what it is.
+
+With several request queues a guest process may OPEN a file through one
+request worker and READ, lock or RELEASE it through another. So the fh the
+guest gets names a slot of this table, in shared memory like the inode
+table (``shared_mapping``), not an entry of one worker's dict:
+
+- fh = generation << 24 | slot; generations come from one counter that is
+  never reset, so an fh is never 0, never names two open files, and a stale
+  fh (released, or from before INIT) is simply unknown: EBADF.
+- a slot: generation (0 = free), nodeid, kind (file/dir), host open flags,
+  owner word (peers.py: which worker holds the host fd, and its number).
+- lock descriptions (locks.py: one open file description per inode and
+  guest lock owner, carrying that owner's POSIX locks as OFD locks) are
+  slots too (``KIND_LOCK``, keyed by nodeid and lock owner), so every queue
+  locks, tests and unlocks on the same description. They are found by a
+  scan of the used slots, and only when some exist (``_H_LOCKS``): one
+  read on the RELEASE of a file nobody locks.
+- ``released`` counts frees: a worker holding copies of fds compares it
+  with what it saw last to learn, with one read, that it has copies to drop.
+
+The host fds themselves stay in the processes: the opener owns its fd,
+another worker copies it once with ``pidfd_getfd`` and keeps the copy
+(handles.py). Mutations (alloc, free, reset) hold a POSIX record lock on
+the memfd, as the inode table does (dropped by the kernel when a holder
+dies; the next locker then rebuilds the free list: ``DIRTY``); lookups read
+aligned words without locking and check the generation after.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import threading
+
+from daemon.fuse.request import FUSEError
+from daemon.log import get_logger
+
+log = get_logger("fuse.filetable")
+
+SLOT_BITS = 24
+SLOT_MASK = (1 << SLOT_BITS) - 1
+GEN_MASK = (1 << 40) - 1
+MAX_CAPACITY = SLOT_MASK - 1
+
+_H_GEN, _H_HIGH, _H_FREE, _H_LIVE, _H_DIRTY, _H_RELEASED, _H_LOCKS = range(7)
+_HDR_WORDS = 8
+# slot words; a lock description also has the guest's lock owner and the
+# guest pid of its last granted lock (GETLK)
+_F_GEN, _F_NODE, _F_KIND, _F_FLAGS, _F_OWNER, _F_NEXT, _F_LOCK_OWNER, _F_PID = range(8)
+_WORDS = 8
+# _F_KIND of a lock description (handles.KIND_FILE = 1 and KIND_DIR = 2 are fhs)
+KIND_LOCK = 3
+
+
+def shared_mapping(name: str, size: int) -> tuple[int, mmap.mmap]:
+    """An anonymous memfd of ``size`` bytes mapped MAP_SHARED: (fd, map).
+    Made before the workers fork, so they all share the pages."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, mm
+
+
+def take_slot(hdr, free: int, high: int, slots, words: int, next_word: int, capacity: int) -> int:
+    """Under the table's lock: the index of a free slot, the head of the
+    free list (header word ``free``, linked through each slot's word
+    ``next_word``) or else the first never used (header word ``high``);
+    FUSEError(ENFILE) when all ``capacity`` are taken. Shared with the
+    inode table."""
+    s = hdr[free]
+    if s:
+        hdr[free] = slots[s * words + next_word]
+        return s
+    s = hdr[high]
+    if s > capacity:
+        raise FUSEError(errno.ENFILE)
+    hdr[high] = s + 1
+    return s
+
+
+class LockedTable:
+    """Mutual exclusion for a table in shared memory (``self._fd`` its
+    memfd, ``self._hdr`` its header words, ``self._tlock`` a thread lock):
+    a POSIX record lock on byte 0 of the memfd between processes (the
+    kernel drops it when the holder dies) and the thread lock between
+    threads of one process (POSIX locks are per process). Header word
+    ``_DIRTY`` is set while the lock is held; a locker that finds it set
+    calls ``_repair()`` (a holder died mid-update). Without a memfd
+    (``_fd`` < 0: private memory) only the thread lock is taken."""
+
+    _DIRTY = 0
+    _fd = -1
+
+    def _lock(self) -> None:
+        self._tlock.acquire()
+        if self._fd >= 0:
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, 0)
+            except BaseException:
+                self._tlock.release()
+                raise
+        hdr = self._hdr
+        if hdr[self._DIRTY]:
+            self._repair()
+        hdr[self._DIRTY] = 1
+
+    def _unlock(self) -> None:
+        self._hdr[self._DIRTY] = 0
+        try:
+            if self._fd >= 0:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0)
+        finally:
+            self._tlock.release()
+
+    def _repair(self) -> None:
+        raise NotImplementedError
+
+
+class FileTable(LockedTable):
+    """fh → (nodeid, kind, flags, owner word), shared; see the module doc."""
+
+    def __init__(self, capacity: int, shared: bool = True):
+        """``shared`` False: private memory and no locking, for a worker
+        alone (a session made without a shared table: tests)."""
+        if not 1 <= capacity <= MAX_CAPACITY:
+            raise ValueError(f"open-file table capacity must be 1..{MAX_CAPACITY}")
+        self.capacity = capacity
+        size = (_HDR_WORDS + (capacity + 1) * _WORDS) * 8
+        if shared:
+            self._fd, self._mm = shared_mapping("pyvirtiofsd-files", size)
+        else:
+            self._fd, self._mm = -1, mmap.mmap(-1, size)
+        mv = memoryview(self._mm)
+        self._hdr = mv[:_HDR_WORDS * 8].cast("Q")
+        self.slots = mv[_HDR_WORDS * 8:].cast("Q")   # slot n, word w: [n * 8 + w]
+        self._hdr[_H_HIGH] = 1
+        self._tlock = threading.Lock()
+
+    # -- locking (LockedTable: _lock/_unlock) ------------------------------------
+    _DIRTY = _H_DIRTY
+
+    def _repair(self) -> None:
+        log.warning("open-file table: a process died while updating it; rebuilding the free list")
+        hdr, q = self._hdr, self.slots
+        free = live = locks = 0
+        for s in range(hdr[_H_HIGH] - 1, 0, -1):
+            if q[s * _WORDS + _F_GEN]:
+                live += 1
+                locks += q[s * _WORDS + _F_KIND] == KIND_LOCK
+            else:
+                q[s * _WORDS + _F_NEXT] = free
+                free = s
+        hdr[_H_FREE] = free
+        hdr[_H_LIVE] = live
+        hdr[_H_LOCKS] = locks
+        hdr[_H_RELEASED] += 1
+
+    # -- API -------------------------------------------------------------------------
+    def alloc(self, nodeid: int, kind: int, flags: int, owner: int) -> int:
+        """A new fh for an open file; FUSEError(ENFILE) when full."""
+        self._lock()
+        try:
+            return self._alloc_locked(nodeid, kind, flags, owner)
+        finally:
+            self._unlock()
+
+    def _alloc_locked(self, nodeid: int, kind: int, flags: int, owner: int, lock_owner: int = 0) -> int:
+        hdr, q = self._hdr, self.slots
+        s = take_slot(hdr, _H_FREE, _H_HIGH, q, _WORDS, _F_NEXT, self.capacity)
+        base = s * _WORDS
+        q[base + _F_NODE] = nodeid
+        q[base + _F_KIND] = kind
+        q[base + _F_FLAGS] = flags & 0xFFFFFFFF
+        q[base + _F_OWNER] = owner
+        q[base + _F_LOCK_OWNER] = lock_owner
+        q[base + _F_PID] = 0
+        gen = (hdr[_H_GEN] + 1) & GEN_MASK or 1
+        hdr[_H_GEN] = gen
+        q[base + _F_GEN] = gen       # live from here on
+        hdr[_H_LIVE] += 1
+        return gen << SLOT_BITS | s
+
+    def alloc_lock(self, nodeid: int, lock_owner: int, owner: int) -> tuple[int, bool]:
+        """The lock description of (nodeid, lock_owner): (id, created). An
+        existing one wins (another queue made it first); else a new slot
+        naming ``owner``'s fd. FUSEError(ENFILE) when full."""
+        self._lock()
+        try:
+            found = self._find_lock(nodeid, lock_owner)
+            if found:
+                return found, False
+            ident = self._alloc_locked(nodeid, KIND_LOCK, 0, owner, lock_owner)
+            self._hdr[_H_LOCKS] += 1
+            return ident, True
+        finally:
+            self._unlock()
+
+    def find_lock(self, nodeid: int, lock_owner: int) -> int:
+        """The id of (nodeid, lock_owner)'s lock description, 0 if none."""
+        if not self._hdr[_H_LOCKS]:
+            return 0
+        return self._find_lock(nodeid, lock_owner)
+
+    def _find_lock(self, nodeid: int, lock_owner: int) -> int:
+        for ident, owner in self.locks_of(nodeid):
+            if owner == lock_owner:
+                return ident
+        return 0
+
+    def locks_of(self, nodeid: int) -> list[tuple[int, int]]:
+        """[(id, lock owner)] of the lock descriptions on ``nodeid``."""
+        if not self._hdr[_H_LOCKS]:
+            return []
+        q, out = self.slots, []
+        for s in range(1, min(self._hdr[_H_HIGH], self.capacity + 1)):
+            base = s * _WORDS
+            gen = q[base + _F_GEN]
+            if gen and q[base + _F_KIND] == KIND_LOCK and q[base + _F_NODE] == nodeid:
+                lock_owner = q[base + _F_LOCK_OWNER]
+                if q[base + _F_GEN] == gen:
+                    out.append((gen << SLOT_BITS | s, lock_owner))
+        return out
+
+    def has_open(self, nodeid: int) -> bool:
+        """Whether an fh (file or directory) is open on ``nodeid``."""
+        q = self.slots
+        for s in range(1, min(self._hdr[_H_HIGH], self.capacity + 1)):
+            base = s * _WORDS
+            if q[base + _F_GEN] and q[base + _F_NODE] == nodeid and q[base + _F_KIND] != KIND_LOCK:
+                return True
+        return False
+
+    @property
+    def lock_count(self) -> int:
+        return self._hdr[_H_LOCKS]
+
+    def set_pid(self, ident: int, pid: int) -> None:
+        """The guest pid of the last lock granted through a description."""
+        if self.live(ident):
+            self.slots[(ident & SLOT_MASK) * _WORDS + _F_PID] = pid & 0xFFFFFFFF
+
+    def pid(self, ident: int) -> int:
+        if not self.live(ident):
+            return 0
+        return self.slots[(ident & SLOT_MASK) * _WORDS + _F_PID]
+
+    def lookup(self, fh: int) -> tuple[int, int, int, int] | None:
+        """(nodeid, kind, flags, owner word) of a live fh, else None."""
+        s, gen = fh & SLOT_MASK, fh >> SLOT_BITS
+        if not 1 <= s <= self.capacity or not gen:
+            return None
+        q, base = self.slots, s * _WORDS
+        if q[base + _F_GEN] != gen:
+            return None
+        out = q[base + _F_NODE], q[base + _F_KIND], q[base + _F_FLAGS], q[base + _F_OWNER]
+        if q[base + _F_GEN] != gen:
+            return None
+        return out
+
+    def claim(self, fh: int, owner: int) -> None:
+        """Make ``owner`` the owner word of a live fh or lock description
+        (a worker that copied its fd: the last to copy owns)."""
+        s = fh & SLOT_MASK
+        if not 1 <= s <= self.capacity or not owner:
+            return
+        self._lock()        # never into a slot freed and reused meanwhile
+        try:
+            base = s * _WORDS
+            if self.slots[base + _F_GEN] == fh >> SLOT_BITS:
+                self.slots[base + _F_OWNER] = owner
+        finally:
+            self._unlock()
+
+    def live(self, fh: int) -> bool:
+        s = fh & SLOT_MASK
+        return 1 <= s <= self.capacity and self.slots[s * _WORDS] == fh >> SLOT_BITS
+
+    def free(self, fh: int) -> bool:
+        """RELEASE: free a live fh; False if it was not live (released
+        meanwhile on another queue, or never existed)."""
+        s, gen = fh & SLOT_MASK, fh >> SLOT_BITS
+        if not 1 <= s <= self.capacity or not gen:
+            return False
+        self._lock()
+        try:
+            hdr, q, base = self._hdr, self.slots, s * _WORDS
+            if q[base + _F_GEN] != gen:
+                return False
+            q[base + _F_GEN] = 0          # dead from here on
+            q[base + _F_OWNER] = 0
+            if q[base + _F_KIND] == KIND_LOCK:
+                hdr[_H_LOCKS] -= 1
+            q[base + _F_NEXT] = hdr[_H_FREE]
+            hdr[_H_FREE] = s
+            hdr[_H_LIVE] -= 1
+            hdr[_H_RELEASED] += 1
+            return True
+        finally:
+            self._unlock()
+
+    def reset(self) -> None:
+        """INIT/DESTROY: every fh unknown from now on."""
+        self._lock()
+        try:
+            hdr, q = self._hdr, self.slots
+            for s in range(1, hdr[_H_HIGH]):
+                q[s * _WORDS + _F_GEN] = 0
+                q[s * _WORDS + _F_OWNER] = 0
+            hdr[_H_HIGH] = 1
+            hdr[_H_FREE] = 0
+            hdr[_H_LIVE] = 0
+            hdr[_H_LOCKS] = 0
+            hdr[_H_RELEASED] += 1
+        finally:
+            self._unlock()
+
+    @property
+    def released(self) -> int:
+        """How many fhs were freed so far (one aligned read)."""
+        return self._hdr[_H_RELEASED]
+
+    def __len__(self) -> int:
+        return self._hdr[_H_LIVE]
+
+    def close(self) -> None:
+        self._hdr.release()
+        self.slots.release()
+        self._mm.close()
+        if self._fd >= 0:
+            os.close(self._fd)
