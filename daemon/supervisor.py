@@ -40,7 +40,8 @@ from typing import Callable, NamedTuple
 
 from daemon import log, sandbox
 from daemon.config import Config
-from daemon.vhost_user.backend import Backend, WorkerFailure, WorkerSpawnError
+from daemon.vhost_user.backend import Backend
+from daemon.workers.pool import WorkerFailure, WorkerSpawnError
 from daemon.workers import channel as ch
 from daemon.workers.channel import Channel, ChannelError, Msg
 

@@ -29,12 +29,12 @@ import contextlib
 import os
 import socket
 import stat
-from typing import Iterable, Protocol
 
 from daemon import log
 from daemon.vhost_user import messages as m
 from daemon.vhost_user.messages import Request, VhostUserError
 from daemon.virtio.virtqueue import EVENT_IDX_SUPPORTED
+from daemon.workers.pool import WorkerFailure, WorkerPool
 
 logger = log.get_logger("vhost_user")
 
@@ -52,57 +52,6 @@ assert OFFERED_PROTOCOL_FEATURES == 0x8009
 MAX_MEM_SLOTS = m.MAX_REGIONS
 
 REPLY_ACK_FAILURE = 1
-
-
-class WorkerFailure(Exception):
-    """The worker of vring ``index`` is dead or broke the channel protocol.
-    The pool has already killed and reaped it and logged why. The backend
-    replaces it (``Backend.revive``) where a request to it failed; the
-    supervisor calls ``revive`` for a worker found dead while idle."""
-
-    def __init__(self, message: str, index: int | None = None):
-        super().__init__(message)
-        self.index = index
-
-
-class WorkerSpawnError(Exception):
-    """A worker cannot be (re)started: the fork failed, it never became
-    ready, or it died too often (the pool's restart budget). Fatal: the
-    daemon shuts down and exits 1 with this message."""
-
-
-class WorkerPool(Protocol):
-    """What the backend needs from the workers, one worker per vring index.
-
-    Every fd argument is lent: the pool sends a copy (SCM_RIGHTS) and never
-    closes it. A request the worker answers with an errno raises OSError with
-    that errno; a broken or dead worker raises WorkerFailure.
-    """
-
-    def live(self) -> Iterable[int]:
-        """Indexes of the vrings whose worker is up."""
-
-    def spawn(self, index: int) -> None:
-        """Start the worker of vring ``index`` (request worker, index >= 2)."""
-
-    def mem_table(self, index: int, regions: list[tuple[int, int, int, int]], fds: list[int]) -> None:
-        """MEM_TABLE to the worker of vring ``index``: (gpa, size, qva, mmap_offset) each."""
-
-    def set_call(self, index: int, fd: int | None) -> None:
-        """VRING_CALL: the newest call eventfd of vring ``index`` (None: do not signal)."""
-
-    def start_ring(self, index: int, num: int, desc: int, avail: int, used: int, base: int,
-                   features: int, kick_fd: int, recover: bool = False) -> None:
-        """VRING_START with the ring's QVAs and its next avail index;
-        ``recover``: the ring's previous worker died serving it (the new one
-        answers EIO to what the guest still waits for)."""
-
-    def stop_ring(self, index: int) -> int:
-        """VRING_STOP; returns the ring's next avail index."""
-
-    def published_avail(self, index: int) -> int:
-        """The next avail index the dead worker of vring ``index`` published
-        (its progress record, daemon/workers/progress.py)."""
 
 
 class Vring:

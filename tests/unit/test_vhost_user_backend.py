@@ -13,7 +13,8 @@ import socket
 import pytest
 
 from daemon.vhost_user import messages as m
-from daemon.vhost_user.backend import OFFERED_FEATURES, Backend, WorkerFailure, WorkerSpawnError
+from daemon.vhost_user.backend import OFFERED_FEATURES, Backend
+from daemon.workers.pool import WorkerFailure, WorkerSpawnError
 from daemon.vhost_user.messages import Request as R
 
 QEMU_FEATURES = 0x1_5000_0000          # guest acked VERSION_1|INDIRECT, QEMU adds bit 30
