@@ -50,7 +50,6 @@ from daemon.fuse.request import FUSEError, Request
 SYS_getdents64 = 217  # x86-64
 GETDENTS_BUF_SIZE = 32 * 1024
 MAX_READDIR_SIZE = 1 << 20  # bound on one reply (the kernel asks for 4 KiB)
-OFFSET_MAX = (1 << 63) - 1
 
 # struct linux_dirent64 { u64 d_ino; s64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
 LINUX_DIRENT64 = struct.Struct("<QqHB")
@@ -143,7 +142,7 @@ def _read_args(req: Request, fs):
         raise FUSEError(errno.EINVAL)
     fh, cookie, size, _read_flags, _owner, _flags = abi.READ_IN.unpack_from(req.args)
     handle = fs.handles.get(fh, KIND_DIR)
-    if cookie > OFFSET_MAX:
+    if cookie > abi.OFFSET_MAX:
         raise FUSEError(errno.EINVAL)
     limit = min(size, MAX_READDIR_SIZE, req.out.size - abi.OUT_HEADER.size)
     return handle, cookie, max(limit, 0)

@@ -62,7 +62,6 @@ from daemon.fuse.names import parse_name
 from daemon.fuse.request import FUSEError, Request
 
 MAX_IO_SIZE = 1 << 20  # the max_write we negotiate (and max_pages × 4096)
-OFFSET_MAX = (1 << 63) - 1  # largest loff_t
 # copy_file_range answers in a u32 (fuse_write_out.size); the kernel itself
 # never moves more than MAX_RW_COUNT (INT_MAX & PAGE_MASK) per call.
 MAX_COPY_SIZE = 0x7FFFF000
@@ -205,7 +204,7 @@ def _args(req: Request, layout) -> tuple:
 
 
 def _offset(value: int) -> int:
-    if value > OFFSET_MAX:
+    if value > abi.OFFSET_MAX:
         raise FUSEError(errno.EINVAL)
     return value
 
@@ -368,7 +367,7 @@ def do_lseek(fs, req: Request):
     handle = fs.handles.get(fh, KIND_FILE)
     if whence not in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, SEEK_DATA, SEEK_HOLE):
         raise FUSEError(errno.EINVAL)
-    if offset > OFFSET_MAX:
+    if offset > abi.OFFSET_MAX:
         offset -= 1 << 64
     return abi.LSEEK_OUT.pack(os.lseek(handle.fd, offset, whence))
 

@@ -72,7 +72,6 @@ F_OFD_SETLKW = 38  # never used: it would block the worker
 F_RDLCK = fcntl.F_RDLCK
 F_WRLCK = fcntl.F_WRLCK
 F_UNLCK = fcntl.F_UNLCK
-OFFSET_MAX = (1 << 63) - 1
 
 # struct flock on x86-64: short l_type; short l_whence; off_t l_start;
 # off_t l_len; pid_t l_pid;  (32 bytes with padding)
@@ -95,9 +94,9 @@ class LockRequest:
         fh, owner, start, end, lock_type, pid, lk_flags = abi.LK_IN.unpack_from(args)
         if lock_type not in (F_RDLCK, F_WRLCK, F_UNLCK):
             raise FUSEError(errno.EINVAL)
-        if start > OFFSET_MAX:
+        if start > abi.OFFSET_MAX:
             raise FUSEError(errno.EINVAL)
-        if end >= OFFSET_MAX:
+        if end >= abi.OFFSET_MAX:
             length = 0  # to end of file
         elif end < start:
             raise FUSEError(errno.EINVAL)
@@ -206,9 +205,9 @@ def do_getlk(fs, req: Request):
     found = fcntl.fcntl(fd, F_OFD_GETLK, lk.flock_struct(lk.type))
     lock_type, _whence, start, length, _pid = FLOCK.unpack(found)
     if lock_type == F_UNLCK:
-        end = OFFSET_MAX if lk.length == 0 else lk.start + lk.length - 1
+        end = abi.OFFSET_MAX if lk.length == 0 else lk.start + lk.length - 1
         return abi.LK_OUT.pack(lk.start, end, F_UNLCK, 0)
-    end = OFFSET_MAX if length == 0 else start + length - 1
+    end = abi.OFFSET_MAX if length == 0 else start + length - 1
     pid = _holder_pid(fs, handle.nodeid, lk.owner, lock_type, start)
     return abi.LK_OUT.pack(start, end, lock_type, pid)
 

@@ -73,8 +73,8 @@ log = get_logger("fuse.session")
 OP_MODULES = (entries, attrs, files, dirs, xattrs, locks)
 
 # INIT reply
-MAX_WRITE = 1 << 20
-MAX_PAGES = 256  # 1 MiB / 4 KiB; the guest caps it at its ring size - 4
+MAX_WRITE = files.MAX_IO_SIZE
+MAX_PAGES = MAX_WRITE // 4096  # 256; the guest caps it at its ring size - 4
 MAX_BACKGROUND = 64  # async requests in flight (readahead, writeback)
 CONGESTION_THRESHOLD = 48  # 3/4 of it, as the kernel's defaults (12/9)
 TIME_GRAN = 1  # we report nanoseconds
@@ -476,11 +476,6 @@ class FuseSession:
         return done
 
     # -- sessions --------------------------------------------------------------------
-    @property
-    def initialized(self) -> bool:
-        """Whether this worker serves a live FUSE session."""
-        return self._session != 0 and self._session == self.inodes.session
-
     def start(self) -> None:
         """Begin a new session (INIT): fresh inode table, no fds, no fhs.
         Every other request worker adopts it on its next request."""

@@ -16,6 +16,8 @@ import enum
 import struct
 from typing import NamedTuple
 
+from daemon.virtio.virtqueue import MAX_QUEUE_SIZE
+
 # struct VhostUserHeader { uint32_t request; uint32_t flags; uint32_t size; };
 HEADER = struct.Struct("<III")
 # uint64_t u64;  (features, protocol features, queue count, kick/call/err index)
@@ -51,7 +53,6 @@ MAX_REGIONS = 8
 # a payload above this is a broken or hostile frontend, never a real one.
 MAX_PAYLOAD = 4096
 MAX_VRINGS = 256            # kick/call/err carry the vring index in 8 bits
-MAX_QUEUE_SIZE = 32768      # split virtqueue limit
 
 # kick/call/err u64 payload
 VRING_IDX_MASK = 0xFF
