@@ -40,10 +40,12 @@ from typing import Callable, NamedTuple
 
 from daemon import log, sandbox
 from daemon.config import Config
+from daemon.fuse.inodes import InodeTable
 from daemon.vhost_user.backend import Backend
-from daemon.workers.pool import WorkerFailure, WorkerSpawnError
+from daemon.workers.pool import WorkerFailure, WorkerSpawnError, worker_name, worker_role
 from daemon.workers import channel as ch
 from daemon.workers.channel import Channel, ChannelError, Msg
+from daemon.workers.entry import become_worker, worker_main
 
 logger = log.get_logger("supervisor")
 
@@ -183,11 +185,11 @@ class Worker(NamedTuple):
 
     @property
     def role(self) -> str:
-        return "hiprio" if self.index == 0 else "request"
+        return worker_role(self.index)
 
     @property
     def name(self) -> str:
-        return "hiprio" if self.index == 0 else f"request-{self.index}"
+        return worker_name(self.index)
 
 
 def describe_exit(status: int, role: str | None = None) -> str:
@@ -241,7 +243,7 @@ class ProcessPool:
         restart (the vring's worker died before) counts against the restart
         budget. WorkerSpawnError if the budget is spent, the fork fails or
         the worker never becomes ready."""
-        name = "hiprio" if index == 0 else f"request-{index}"
+        name = worker_name(index)
         restart = index in self._deaths
         if restart:
             now = time.monotonic()
@@ -368,17 +370,12 @@ class ProcessPool:
     # internals ------------------------------------------------------------------------
 
     def _run_child(self, index: int, channel: Channel, parent_end: Channel):
-        role = "hiprio" if index == 0 else "request"
         try:
-            log.set_role("hiprio" if index == 0 else f"request-{index}")
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)       # the supervisor sends SHUTDOWN
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            become_worker(index)  # first: before anything logs or a signal reaches our handlers
             # fork_confined set the parent-death signal and checked the parent
             # is still there (getppid() is 0 inside a new pid namespace)
             _close_inherited([parent_end] + [w.channel for w in self.workers.values()] + self.inherited())
-            self.worker_main(role, index, channel, self.config, self.inodes, progress=self.progress)
+            self.worker_main(worker_role(index), index, channel, self.config, self.inodes, progress=self.progress)
             logger.error("worker_main returned")
         except SystemExit as e:
             os._exit(e.code if isinstance(e.code, int) else 1)
@@ -612,11 +609,6 @@ def run(config: Config) -> int:
     """Run the daemon; StartupError for problems the user can fix."""
     listener = open_listener(config)
     try:
-        try:
-            from daemon.fuse.inodes import InodeTable
-            from daemon.workers.entry import worker_main
-        except ImportError as e:
-            raise StartupError(f"incomplete installation: {e}") from None
         try:
             sandbox.validate(config)      # policy files, --modcaps: startup errors, not dead workers
         except sandbox.SandboxError as e:

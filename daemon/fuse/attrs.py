@@ -33,14 +33,9 @@ import stat
 
 from daemon.fuse import abi
 from daemon.fuse.abi import Opcode, SetattrValid
+from daemon.fuse.handles import KIND_FILE
 from daemon.fuse.request import FUSEError, Request
 
-try:
-    from daemon.fuse.handles import KIND_FILE
-except ImportError:  # pragma: no cover - handles.py is another engineer's
-    KIND_FILE = 1
-
-OFFSET_MAX = (1 << 63) - 1
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
 AT_SYMLINK_NOFOLLOW = 0x100
@@ -114,7 +109,7 @@ def _timespec(valid: int, set_bit: int, now_bit: int, sec: int, nsec: int) -> tu
     if valid & set_bit:
         if nsec >= 1_000_000_000:
             raise FUSEError(errno.EINVAL)
-        return (sec - (1 << 64) if sec > OFFSET_MAX else sec), nsec
+        return (sec - (1 << 64) if sec > abi.OFFSET_MAX else sec), nsec
     return 0, UTIME_OMIT
 
 
@@ -146,7 +141,7 @@ def do_setattr(fs, req: Request):
                          gid if valid & _V_GID else _NO_ID,
                          AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
     if valid & _V_SIZE:
-        if size > OFFSET_MAX:
+        if size > abi.OFFSET_MAX:
             raise FUSEError(errno.EINVAL)
         if open_fd is not None:
             os.ftruncate(open_fd, size)

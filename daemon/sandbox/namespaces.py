@@ -91,12 +91,6 @@ def setns(fd: int, nstype: int, what: str = "setns") -> None:
     _check(_libc.setns(fd, nstype), what)
 
 
-def _ns_names(flags: int) -> str:
-    names = [n for f, n in ((CLONE_NEWNS, "mount"), (CLONE_NEWPID, "pid"), (CLONE_NEWNET, "net"),
-                            (CLONE_NEWIPC, "ipc"), (CLONE_NEWUTS, "uts")) if flags & f]
-    return "+".join(names)
-
-
 def fork_confined(mode: str = "namespace") -> int:
     """``os.fork()`` for a worker: returns the child's host pid in the
     parent, 0 in the child, which is then (mode ``namespace``) PID 1 of a new

@@ -61,3 +61,13 @@ class WorkerPool(Protocol):
     def published_avail(self, index: int) -> int:
         """The next avail index the dead worker of vring ``index`` published
         (its progress record, daemon/workers/progress.py)."""
+
+
+def worker_role(index: int) -> str:
+    """The role of vring ``index``'s worker: its seccomp policy and session kind."""
+    return "hiprio" if index == 0 else "request"
+
+
+def worker_name(index: int) -> str:
+    """How logs and ``ps`` name vring ``index``'s worker: ``hiprio``, ``request-N``."""
+    return "hiprio" if index == 0 else f"request-{index}"

@@ -322,7 +322,7 @@ class Target:
             credentials.restore()
         self._check_memory(before, allowed)
         self._check_used(lay, pushed, allowed)
-        if not self.session.initialized:
+        if not self.session.inodes.session:
             self._init()  # DESTROY in the input: keep the session useful
         if self.inputs % self.reset_every == 0:
             self.reset()

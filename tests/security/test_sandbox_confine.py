@@ -234,8 +234,7 @@ def test_file_handles_add_dac_read_search(shared):
 
 
 def test_rlimit_nofile(shared):
-    from types import SimpleNamespace
-    cfg = SimpleNamespace(shared_dir=str(shared), sandbox="namespace", seccomp="kill", rlimit_nofile=4096)
+    cfg = make_config(shared, "namespace", "kill", rlimit_nofile=4096)
     res = run_confined("request", cfg, lambda info: info.nofile)
     assert res.report == repr((4096, 4096))
     res = run_confined("hiprio", cfg, lambda info: None, inspect=lambda pid: open(f"/proc/{pid}/limits").read())
