@@ -69,7 +69,7 @@ from daemon.virtio.memory import GuestMemory, GuestMemoryError
 from daemon.virtio.virtqueue import VIRTIO_RING_F_EVENT_IDX, Chain, VirtQueue, VirtQueueError
 from daemon.workers import progress as prog
 from daemon.workers.channel import (VRING_CALL, VRING_START, VRING_START_RECOVER, VRING_STOP, Channel,
-                                    ChannelError, Msg, close_fds, decode_mem_table)
+                                    ChannelError, Msg, check_request, close_fds, decode_mem_table)
 
 log = get_logger("workers")
 
@@ -340,11 +340,8 @@ class WorkerLoop:
     # -- the channel ---------------------------------------------------------
     def _on_channel(self) -> int | None:
         msg, payload, fds = self.channel.recv()
-        handler = self._handlers.get(msg)
-        if handler is None:
-            close_fds(fds)
-            raise ChannelError(f"unexpected {msg.name} from the supervisor")
-        return handler(payload, fds)
+        check_request(msg, payload, fds)   # size and fd count, for every request
+        return self._handlers[msg](payload, fds)
 
     def _ring(self, index: int) -> Ring | None:
         ring = self.rings.get(index)
@@ -379,9 +376,6 @@ class WorkerLoop:
         return None
 
     def _on_vring_start(self, payload: bytes, fds: list[int]) -> None:
-        if len(payload) != VRING_START.size or len(fds) != 1:
-            close_fds(fds)
-            raise ChannelError(f"VRING_START with {len(payload)} bytes and {len(fds)} fds")
         index, num, desc, avail, used, last_avail_idx, flags, features = VRING_START.unpack(payload)
         kick_fd = fds[0]
         ring = self._ring(index)
@@ -438,9 +432,6 @@ class WorkerLoop:
                         ring.index, len(heads))
 
     def _on_vring_call(self, payload: bytes, fds: list[int]) -> None:
-        if len(payload) != VRING_CALL.size:
-            close_fds(fds)
-            raise ChannelError(f"VRING_CALL with {len(payload)} bytes")
         index, has_fd = VRING_CALL.unpack(payload)
         if has_fd not in (0, 1) or len(fds) != has_fd:
             close_fds(fds)
@@ -457,9 +448,6 @@ class WorkerLoop:
         return None
 
     def _on_vring_stop(self, payload: bytes, fds: list[int]) -> None:
-        if len(payload) != VRING_STOP.size or fds:
-            close_fds(fds)
-            raise ChannelError(f"VRING_STOP with {len(payload)} bytes and {len(fds)} fds")
         (index,) = VRING_STOP.unpack(payload)
         ring = self._ring(index)
         if ring is None:
@@ -470,9 +458,6 @@ class WorkerLoop:
         return None
 
     def _on_shutdown(self, payload: bytes, fds: list[int]) -> int:
-        if payload or fds:
-            close_fds(fds)
-            raise ChannelError(f"SHUTDOWN with {len(payload)} bytes and {len(fds)} fds")
         for ring in self.rings.values():
             self._stop(ring)
         self.channel.answer(0)

@@ -462,6 +462,8 @@ VIOLATIONS = {
     "vring-stop-with-fd": lambda w, g: w.channel.send(Msg.VRING_STOP, VRING_STOP.pack(RING), [g.kick]),
     "vring-call-has-fd-2": lambda w, g: w.channel.send(Msg.VRING_CALL, VRING_CALL.pack(RING, 2)),
     "vring-call-missing-fd": lambda w, g: w.channel.send(Msg.VRING_CALL, VRING_CALL.pack(RING, 1)),
+    "vring-call-long": lambda w, g: w.channel.send(Msg.VRING_CALL, VRING_CALL.pack(RING, 0) + b"\0"),
+    "vring-stop-short": lambda w, g: w.channel.send(Msg.VRING_STOP, VRING_STOP.pack(RING)[:-1]),
     "shutdown-with-payload": lambda w, g: w.channel.send(Msg.SHUTDOWN, b"x"),
     "answer-to-worker": lambda w, g: w.channel.send(Msg.ANSWER, ANSWER.pack(0, 0)),
     "ready-to-worker": lambda w, g: w.channel.send(Msg.READY),
