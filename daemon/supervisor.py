@@ -36,7 +36,7 @@ import socket
 import stat
 import sys
 import time
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, NoReturn
 
 from daemon import log, sandbox
 from daemon.config import Config
@@ -76,6 +76,7 @@ class Listener:
         self.inode = inode          # ... unless someone replaced it meanwhile
 
     def fileno(self) -> int:
+        assert self.sock is not None            # only asked while listening
         return self.sock.fileno()
 
     def close(self) -> None:
@@ -96,6 +97,7 @@ def open_listener(config: Config) -> Listener:
     if config.socket_fd is not None:
         return _adopt_listener(config.socket_fd)
     path = config.socket_path
+    assert path is not None                     # the CLI requires --socket-path or --fd
     _claim_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -175,11 +177,12 @@ def _someone_listens(path: str) -> bool:
 
 # -- workers -------------------------------------------------------------------------
 
-WorkerMain = Callable[[str, int, Channel, Config, object], None]
+# worker_main(role, index, channel, config, inodes, progress=...) (workers/entry.py)
+WorkerMain = Callable[..., None]
 
 
 class Worker(NamedTuple):
-    index: int                  # the vring it serves
+    index: int  # type: ignore[assignment]  # the vring it serves (shadows tuple.index)
     pid: int
     channel: Channel
 
@@ -328,7 +331,7 @@ class ProcessPool:
         try:
             msg, _, fds = worker.channel.recv()
             ch.close_fds(fds)
-            why = f"sent {msg.name} unasked"
+            why: str | None = f"sent {msg.name} unasked"
         except ChannelError as e:
             why = None if str(e) == "peer closed the channel" else str(e)   # None: it died
         self._fail(worker, why)
@@ -406,7 +409,7 @@ class ProcessPool:
         if not poller.poll(int(timeout * 1000)):
             raise ChannelError(f"no {what} within {timeout:g} s")
 
-    def _fail(self, worker: Worker, why: str | None):
+    def _fail(self, worker: Worker, why: str | None) -> NoReturn:
         """Kill and reap a broken worker (``why`` None: it died by itself),
         log one line, raise WorkerFailure."""
         try:
@@ -504,8 +507,8 @@ class Supervisor:
                 poller.register(self.listener.fileno(), select.POLLIN)
             if self.backend is not None:
                 poller.register(self.backend.fileno(), select.POLLIN)
-            for worker in self.pool.workers.values():
-                poller.register(worker.channel.fileno(), select.POLLIN)
+            for live in self.pool.workers.values():
+                poller.register(live.channel.fileno(), select.POLLIN)
             for fd, _ in poller.poll():
                 try:
                     if fd == self._wakeup_r:
@@ -543,6 +546,7 @@ class Supervisor:
                 lost.append(e)
 
     def _accept(self) -> None:
+        assert self.listener.sock is not None   # polled only while listening
         try:
             conn, _ = self.listener.sock.accept()
         except OSError as e:
@@ -588,7 +592,7 @@ class Supervisor:
         # _note_signal and leave nothing in the pipe, and the loop would
         # never hear of it (a SIGTERM lost so, the daemon waits for QEMU)
         wakeup = signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
-        old = {sig: signal.signal(sig, _note_signal) for sig in HANDLED_SIGNALS}
+        old: dict = {sig: signal.signal(sig, _note_signal) for sig in HANDLED_SIGNALS}
         old["wakeup"] = wakeup
         return old
 

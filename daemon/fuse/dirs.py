@@ -44,6 +44,7 @@ from daemon.config import CacheMode
 from daemon.fuse import abi
 from daemon.fuse.abi import Opcode
 from daemon.fuse.files import sync_on_helper
+from daemon.fuse.fs import FileSystem
 from daemon.fuse.handles import KIND_DIR, reopen
 from daemon.fuse.request import FUSEError, Request
 
@@ -155,7 +156,7 @@ def _name_ok(name: bytes) -> bool:
 
 
 # -- handlers ----------------------------------------------------------------
-def do_opendir(fs, req: Request):
+def do_opendir(fs: FileSystem, req: Request):
     """OPENDIR: reopen the inode as O_RDONLY|O_DIRECTORY (the host refuses a
     non-directory with ENOTDIR before opening anything, so no device is ever
     opened). Reply fuse_open_out {fh, FOPEN_CACHE_DIR|FOPEN_KEEP_CACHE with
@@ -174,7 +175,7 @@ def do_opendir(fs, req: Request):
     return abi.OPEN_OUT.pack(handle.fh, open_flags)
 
 
-def do_readdir(fs, req: Request):
+def do_readdir(fs: FileSystem, req: Request):
     """READDIR: packed fuse_dirent records from the cookie on, as many as fit
     in ``size``; an empty reply is the end of the directory. Lookup count:
     unchanged."""
@@ -182,7 +183,7 @@ def do_readdir(fs, req: Request):
     return _fill_names(handle, cookie, limit)
 
 
-def do_readdirplus(fs, req: Request):
+def do_readdirplus(fs: FileSystem, req: Request):
     """READDIRPLUS: packed fuse_direntplus records (entry + dirent) from the
     cookie on. Lookup count: +1 for every record with a nonzero nodeid (all
     entries but "." and ".." and the ones whose lookup failed); an entry is
@@ -290,7 +291,7 @@ def _fill_names(handle, cookie: int, limit: int) -> bytearray:
     return out
 
 
-def _pack_plus(fs, dir_fd: int, out: bytearray, at: int, ino: int, next_cookie: int,
+def _pack_plus(fs: FileSystem, dir_fd: int, out: bytearray, at: int, ino: int, next_cookie: int,
                dtype: int, name: bytes) -> bool:
     """Write one direntplus record at ``at``; False if the entry vanished."""
     entry = None
@@ -320,7 +321,7 @@ def _pack_plus(fs, dir_fd: int, out: bytearray, at: int, ino: int, next_cookie: 
     return True
 
 
-def do_releasedir(fs, req: Request):
+def do_releasedir(fs: FileSystem, req: Request):
     """RELEASEDIR: close the directory handle. Reply: empty; EBADF for an
     unknown fh (ignored by the kernel). Lookup count: unchanged."""
     if len(req.args) < abi.RELEASE_IN.size:
@@ -330,7 +331,7 @@ def do_releasedir(fs, req: Request):
     return b""
 
 
-def do_fsyncdir(fs, req: Request):
+def do_fsyncdir(fs: FileSystem, req: Request):
     """FSYNCDIR: fsync (or fdatasync with FUSE_FSYNC_FDATASYNC) the open
     directory on a helper thread, as FSYNC. Reply: empty, or the call's
     errno. Lookup count: unchanged."""

@@ -697,7 +697,8 @@ class InodeCache:
         fds, table = self._fds, self.table
         target = self.max_fds - self.max_fds // 8
         excess = len(fds) - target
-        doomed, kept = [], []
+        doomed: list[int] = []
+        kept: list[int] = []
         for nodeid, e in fds.items():
             if len(doomed) >= excess:
                 break

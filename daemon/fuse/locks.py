@@ -63,6 +63,7 @@ import struct
 
 from daemon.fuse import abi
 from daemon.fuse.abi import Opcode
+from daemon.fuse.fs import FileSystem
 from daemon.fuse.handles import KIND_FILE, reopen
 from daemon.fuse.request import DEFERRED, MAX_DEFERRED, FUSEError, Request
 
@@ -114,7 +115,7 @@ class LockRequest:
         return FLOCK.pack(lock_type, os.SEEK_SET, self.start, self.length, 0)
 
 
-def _lock_description(fs, handle, owner: int) -> int:
+def _lock_description(fs: FileSystem, handle, owner: int) -> int:
     """The owner's lock description on the handle's inode, opened if new."""
     fd = fs.handles.lock_fd(handle.nodeid, owner)
     if fd is not None:
@@ -130,7 +131,7 @@ def _lock_description(fs, handle, owner: int) -> int:
     return fd
 
 
-def _try_lock(fs, lk: LockRequest) -> bool:
+def _try_lock(fs: FileSystem, lk: LockRequest) -> bool:
     """One non-blocking attempt: True when done, False while it conflicts.
     Any other failure raises (OSError → its errno)."""
     handle = fs.handles.get(lk.fh, KIND_FILE)
@@ -178,7 +179,7 @@ def _holds(fd: int, lock_type: int, start: int) -> bool:
     return False
 
 
-def _holder_pid(fs, nodeid: int, asker: int, lock_type: int, start: int) -> int:
+def _holder_pid(fs: FileSystem, nodeid: int, asker: int, lock_type: int, start: int) -> int:
     """The guest pid of the other owner holding the conflicting lock, or 0."""
     for owner, fd in fs.handles.lock_fds(nodeid).items():
         if owner != asker and _holds(fd, lock_type, start):
@@ -187,7 +188,7 @@ def _holder_pid(fs, nodeid: int, asker: int, lock_type: int, start: int) -> int:
 
 
 # -- handlers ----------------------------------------------------------------
-def do_getlk(fs, req: Request):
+def do_getlk(fs: FileSystem, req: Request):
     """GETLK: test whether ``owner`` could take the lock. Reply fuse_lk_out:
     type F_UNLCK (and the asked range) when it could, else the first
     conflicting lock's type, range and holder's guest pid (0 if not one of
@@ -212,7 +213,7 @@ def do_getlk(fs, req: Request):
     return abi.LK_OUT.pack(start, end, lock_type, pid)
 
 
-def do_setlk(fs, req: Request):
+def do_setlk(fs: FileSystem, req: Request):
     """SETLK: take or release the lock without waiting; EAGAIN on conflict.
     Reply: empty. Lookup count: unchanged."""
     lk = LockRequest(req.args)
@@ -221,7 +222,7 @@ def do_setlk(fs, req: Request):
     return b""
 
 
-def do_setlkw(fs, req: Request):
+def do_setlkw(fs: FileSystem, req: Request):
     """SETLKW: as SETLK, but on conflict the request is DEFERRED and retried
     by the session until granted (empty reply), failed (its errno; EBADF if
     the fh was released meanwhile) or interrupted (EINTR, by the session).

@@ -120,12 +120,12 @@ def confine(role: str, config: Config, shared_dir: str | None = None) -> Sandbox
         rlimits.apply_hiprio()
     else:
         rlimits.apply_nofile(config.rlimit_nofile, nofile_target)
-    nofile = tuple(resource.getrlimit(resource.RLIMIT_NOFILE))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 
     _cut_capabilities(role, config, mode)
     capeff = capabilities.capget()[0]
     rules = programs.install(role, progs)     # last: nothing after it but returning
-    return SandboxInfo(role, mode, action, root.root_fd, root.proc_self_fd, capeff, nofile, rules)
+    return SandboxInfo(role, mode, action, root.root_fd, root.proc_self_fd, capeff, (soft, hard), rules)
 
 
 def supervisor_after_setup(config: Config) -> int:

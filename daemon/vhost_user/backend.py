@@ -29,6 +29,7 @@ import contextlib
 import os
 import socket
 import stat
+from typing import Any, Callable
 
 from daemon import log
 from daemon.vhost_user import messages as m
@@ -92,7 +93,7 @@ class Backend:
         self.rings: dict[int, Vring] = {}
         self.closed = False
         self._warned: set[tuple[str, int]] = set()
-        self._handlers = {
+        self._handlers: dict[int, Callable[[Any, list[int]], Any]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
             Request.SET_OWNER: self._set_owner,
@@ -289,7 +290,7 @@ class Backend:
         """REM_MEM_REG: drop the region with the same gpa, QVA and size
         (QEMU's match; mmap_offset is ignored). Removing an unknown region
         is QEMU's bug, not the guest's: the connection ends."""
-        for i, r in enumerate(self.regions):
+        for i, r in enumerate(self.regions):  # noqa: B007 - i is used after the loop
             if (r.gpa, r.qva, r.size) == (region.gpa, region.qva, region.size):
                 break
         else:
@@ -497,6 +498,7 @@ class Backend:
         """Each ring structure must lie inside one memory region (QVA)."""
         event = 2 if self.acked_features & m.F_RING_EVENT_IDX else 0
         num, addr = ring.num, ring.addr
+        assert addr is not None                   # SET_VRING_ADDR came first
         for what, qva, length in (("descriptor table", addr.desc, 16 * num),
                                   ("avail ring", addr.avail, 4 + 2 * num + event),
                                   ("used ring", addr.used, 4 + 8 * num + event)):

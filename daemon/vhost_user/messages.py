@@ -141,12 +141,12 @@ class Header(NamedTuple):
 
 
 class VringState(NamedTuple):
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index; the protocol names it so
     num: int
 
 
 class VringAddr(NamedTuple):
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index
     flags: int
     desc: int        # QEMU virtual addresses (QVA), see PROTOCOL.md §1.9
     used: int
@@ -157,7 +157,7 @@ class VringAddr(NamedTuple):
 class VringFile(NamedTuple):
     """SET_VRING_KICK/CALL/ERR: which vring, and whether an fd came with it."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index
     has_fd: bool
 
 

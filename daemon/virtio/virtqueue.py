@@ -190,7 +190,7 @@ class VirtQueue:
         hot_start, hot_end, hot_view = self._hot
         gpa_views = self.mem.gpa_views
         unpack = DESC.unpack_from
-        table = self._desc
+        table: memoryview | bytes = self._desc
         size = self.num
         in_indirect = False
         seen_writable = False

@@ -35,6 +35,7 @@ import enum
 import os
 import socket
 import struct
+from typing import Sequence
 
 MAX_FRAME = 4096
 MAX_FDS = 8
@@ -83,7 +84,7 @@ class Channel:
         self.sock = sock
 
     @classmethod
-    def pair(cls) -> tuple["Channel", "Channel"]:
+    def pair(cls) -> tuple[Channel, Channel]:
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         return cls(a), cls(b)
 
@@ -93,7 +94,7 @@ class Channel:
     def close(self) -> None:
         self.sock.close()
 
-    def send(self, msg: Msg, payload: bytes = b"", fds: list[int] = ()) -> None:
+    def send(self, msg: Msg, payload: bytes = b"", fds: Sequence[int] = ()) -> None:
         if len(payload) + FRAME.size > MAX_FRAME or len(fds) > MAX_FDS:
             raise ChannelError(f"{msg.name}: frame too large")
         frame = FRAME.pack(msg, len(payload)) + payload

@@ -82,7 +82,7 @@ class Ring:
     __slots__ = ("index", "queue", "kick_fd", "call_fd", "num", "addresses", "event_idx",
                  "last_avail_idx", "broken", "words", "popped")
 
-    def __init__(self, index: int):
+    def __init__(self, index: int, record: tuple[memoryview, memoryview]):
         self.index = index
         self.queue: VirtQueue | None = None  # None while stopped or broken
         self.kick_fd: int | None = None      # set while the ring runs (even broken)
@@ -92,7 +92,7 @@ class Ring:
         self.event_idx = False
         self.last_avail_idx = 0              # the base while no queue exists
         self.broken = False
-        self.words = self.popped = None      # its progress record (progress.py)
+        self.words, self.popped = record     # its progress record (progress.py)
 
     @property
     def running(self) -> bool:
@@ -107,13 +107,11 @@ class WorkerLoop:
                  coalesce: tuple[int, float] | None = None):
         self.channel = channel
         self.session = session
-        self.rings = {i: Ring(i) for i in ring_indices}
         # worker restart: each ring's progress record, shared with the
         # supervisor (progress.py); private memory when run without one
-        if progress is None or max(self.rings) >= progress.rings:
-            progress = prog.RingProgress(max(self.rings) + 1, shared=False)
-        for ring in self.rings.values():
-            ring.words, ring.popped = progress.record(ring.index)
+        if progress is None or max(ring_indices) >= progress.rings:
+            progress = prog.RingProgress(max(ring_indices) + 1, shared=False)
+        self.rings = {i: Ring(i, progress.record(i)) for i in ring_indices}
         self._deferred_slots: dict[Chain, int] = {}
         self.memory: GuestMemory | None = None
         self._epoll = select.epoll()
@@ -288,6 +286,7 @@ class WorkerLoop:
                 ring.words[slot] = prog.EMPTY
             chain.release()
         for ring, answered in touched.items():
+            assert ring.queue is not None       # touched only while it had one
             self._publish(ring, ring.queue, answered)
 
     def _forget_dropped(self) -> None:
@@ -315,11 +314,12 @@ class WorkerLoop:
             ring.queue = None
 
     def _watch(self, ring: Ring) -> None:
+        assert ring.kick_fd is not None
         self._epoll.register(ring.kick_fd, select.EPOLLIN)
         self._by_kick_fd[ring.kick_fd] = ring
 
     def _unwatch(self, ring: Ring) -> None:
-        if self._by_kick_fd.pop(ring.kick_fd, None) is not None:
+        if ring.kick_fd is not None and self._by_kick_fd.pop(ring.kick_fd, None) is not None:
             self._epoll.unregister(ring.kick_fd)
 
     def _stop(self, ring: Ring) -> None:
@@ -407,6 +407,7 @@ class WorkerLoop:
         """This worker replaces one that died serving ``ring``: answer EIO
         to every chain it had taken and the guest still waits for."""
         queue = ring.queue
+        assert queue is not None                # just started
         try:
             heads = prog.in_flight(ring.words, ring.popped, queue)
             for head in heads:

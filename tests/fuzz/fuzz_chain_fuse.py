@@ -505,7 +505,7 @@ def run_atheris(target_factory, args, workdir: str) -> None:
     argv = [sys.argv[0], live, str(CORPUS_DIR),
             f"-timeout={args.timeout}", f"-rss_limit_mb={args.rss_limit_mb}",
             f"-artifact_prefix={args.artifacts.rstrip('/')}/",
-            "-max_len=%d" % args.max_len, "-print_final_stats=1"]
+            f"-max_len={args.max_len}", "-print_final_stats=1"]
     if args.seed is not None:
         argv.append(f"-seed={args.seed}")
     if args.jobs_quiet:

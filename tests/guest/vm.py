@@ -61,7 +61,7 @@ class GuestResult:
         if i >= 0:
             text = text[i + len(BEGIN_MARKER):].lstrip("\n")
         m = None
-        for m in EXIT_RE.finditer(text):
+        for m in EXIT_RE.finditer(text):  # noqa: B007 - the last match is wanted
             pass
         return text[:m.start()] if m else text
 
@@ -188,7 +188,7 @@ def run_guest(socket_path: str | None, command: str, tag: str = "myfs", timeout:
                     hook_pending = False
                     try:
                         on_booted(text)
-                    except BaseException as e:  # re-raised after cleanup
+                    except BaseException as e:  # noqa: BLE001 - re-raised after cleanup
                         hook_error = e
             if time.monotonic() > deadline:
                 timed_out = True
@@ -204,7 +204,7 @@ def run_guest(socket_path: str | None, command: str, tag: str = "myfs", timeout:
     text = console.read_text(errors="replace").replace("\r\n", "\n")
     stderr = stderr_path.read_text(errors="replace")
     m = None
-    for m in EXIT_RE.finditer(text):
+    for m in EXIT_RE.finditer(text):  # noqa: B007 - the last match is wanted
         pass
     result = GuestResult(
         exit_status=int(m.group(1)) if m else None,

@@ -238,7 +238,7 @@ def test_rlimit_nofile(shared):
     res = run_confined("request", cfg, lambda info: info.nofile)
     assert res.report == repr((4096, 4096))
     res = run_confined("hiprio", cfg, lambda info: None, inspect=lambda pid: open(f"/proc/{pid}/limits").read())
-    line = next(l for l in res.outside.splitlines() if l.startswith("Max open files"))
+    line = next(ln for ln in res.outside.splitlines() if ln.startswith("Max open files"))
     assert line.split()[3:5] == ["256", "256"]
 
 

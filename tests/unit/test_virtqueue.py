@@ -282,7 +282,7 @@ def test_pop_resumes_at_last_avail_idx(driver, mem):
 
 def test_push_is_invisible_until_publish(driver, mem):
     q = driver.queue(mem)
-    for i in range(3):
+    for _ in range(3):
         driver.add([b"r"], [8])
     chains = [q.pop() for _ in range(3)]
     for c in chains:
