@@ -9,7 +9,7 @@ no-follow semantics). Creation happens with the caller's fsuid/fsgid
 (switched by the session), so the host applies its permission checks and
 ownership rules.
 
-Lookup counts (PROTOCOL.md §4.7): every reply that carries a nodeid — the
+Lookup counts (docs/protocol.md, "Lookup counts"): every reply that carries a nodeid — the
 ``fuse_entry_out`` of LOOKUP, MKNOD, MKDIR, SYMLINK and LINK — takes exactly
 one reference in the shared table, and nothing else does. A creating op
 that fails after the host object exists (the table is full, the process

@@ -3,7 +3,7 @@
 The guest names files by *nodeid*. A nodeid stands for one host inode,
 identified by ``(st_dev, st_ino)``, from the reply that first told the guest
 about it (LOOKUP, MKDIR, READDIRPLUS...) until the guest FORGETs it, and the
-daemon must count lookups exactly as the kernel does (PROTOCOL.md §4.7).
+daemon must count lookups exactly as the kernel does (docs/protocol.md, "Lookup counts").
 
 ``InodeTable`` holds that state for every process of one daemon:
 

@@ -12,7 +12,7 @@ Checks, in order (all answered with ``fuse_out_header`` only):
   not by unique);
 - ``header.len`` equals the readable part's size exactly (else EINVAL). The
   driver builds the readable part from exactly the request's arguments
-  (PROTOCOL.md §3.2), so a mismatch is a malformed or hostile request, and
+  (docs/protocol.md, "Request layout"), so a mismatch is a malformed or hostile request, and
   neither padding it (the C virtiofsd's choice) nor ignoring extra bytes is
   right;
 - the in-args of every op but WRITE are at most ``MAX_ARGS`` bytes (EINVAL);

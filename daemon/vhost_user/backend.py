@@ -41,8 +41,9 @@ logger = log.get_logger("vhost_user")
 
 # EVENT_IDX (as the C and Rust virtiofsd offer it): the guest then kicks and
 # takes interrupts only when the ring's event fields ask for them. It needs
-# a store->load fence (PROTOCOL.md §2.4), which virtqueue.py has on x86-64
-# only (a locked instruction through libc); elsewhere it is not offered.
+# a store->load fence (docs/protocol.md, "Ordering and Python's hazards"),
+# which virtqueue.py has on x86-64 only (a locked instruction through libc);
+# elsewhere it is not offered.
 OFFERED_FEATURES = (m.F_VERSION_1 | m.F_RING_INDIRECT_DESC | m.F_PROTOCOL_FEATURES
                     | (m.F_RING_EVENT_IDX if EVENT_IDX_SUPPORTED else 0))
 assert OFFERED_FEATURES & ~m.F_RING_EVENT_IDX == 0x1_5000_0000

@@ -1,4 +1,4 @@
-"""vhost-user wire format, as QEMU 7.2 speaks it (see PROTOCOL.md §1.2-§1.4).
+"""vhost-user wire format, as QEMU 7.2 speaks it (see docs/protocol.md, "vhost-user").
 
 Every message is a 12-byte header, ``size`` payload bytes and, attached to
 the same ``sendmsg``, up to 8 file descriptors. This module knows the layouts
@@ -148,7 +148,7 @@ class VringState(NamedTuple):
 class VringAddr(NamedTuple):
     index: int  # type: ignore[assignment]  # shadows tuple.index
     flags: int
-    desc: int        # QEMU virtual addresses (QVA), see PROTOCOL.md §1.9
+    desc: int        # QEMU virtual addresses (QVA): docs/protocol.md, "Memory table and address translation"
     used: int
     avail: int
     log: int
@@ -351,7 +351,3 @@ def encode_u64_reply(request: int, value: int) -> bytes:
     """GET_FEATURES, GET_PROTOCOL_FEATURES, GET_QUEUE_NUM and REPLY_ACK
     (0 = success, anything else = failure)."""
     return encode_reply(request, U64.pack(value))
-
-
-def encode_vring_base_reply(index: int, next_avail: int) -> bytes:
-    return encode_reply(Request.GET_VRING_BASE, VRING_STATE.pack(index, next_avail))

@@ -6,7 +6,7 @@ virtual address of the region (QVA, "userspace_addr") and the offset of the
 region inside the fd it sends along. ``GuestMemory`` maps every fd the way
 libvhost-user does (``size + mmap_offset`` bytes from offset 0, MAP_SHARED,
 so hugepage alignment holds) and translates the two kinds of addresses the
-worker sees (PROTOCOL.md §1.9):
+worker sees (docs/protocol.md, "Memory table and address translation"):
 
 - descriptor ``addr`` fields are GPAs: ``gpa_views`` (a buffer may straddle
   adjacent regions, so the answer is a list of views);

@@ -1,6 +1,6 @@
 """A FUSE client over virtio-fs request queues, shaped like Linux 6.1's.
 
-Requests are laid out as ``virtio_fs_enqueue_req`` does (PROTOCOL.md §3.2):
+Requests are laid out as ``virtio_fs_enqueue_req`` does (docs/protocol.md, "Request layout"):
 
     readable: in_header(40) | in-args (one argbuf) | WRITE data in pages
     writable: out_header(16) | out-args (one argbuf) | READ/READDIR/... data in pages

@@ -2,7 +2,7 @@
 
 ``VhostUserFrontend`` connects to a backend's UNIX socket as QEMU does (QEMU
 is the client) and speaks the message sequence QEMU 7.2 sends
-(PROTOCOL.md §1.7 and §8):
+(docs/protocol.md, "Message order, QEMU 7.2"):
 
 realize():
     GET_FEATURES, [bit 30] GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES

@@ -3,7 +3,7 @@
 ``GuestDriver`` is the driver side: one memfd of guest RAM presented as two
 adjacent regions (so buffers can straddle them), the split-ring layout of
 virtio 1.x written with its own struct code, and the used ring read back.
-It is written from the spec (PROTOCOL.md §2), not from virtqueue.py.
+It is written from the spec (docs/protocol.md, "The split virtqueue"), not from virtqueue.py.
 """
 
 from __future__ import annotations
