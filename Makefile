@@ -1,7 +1,7 @@
 # pyvirtiofsd: the two commands a user needs are `make demo` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup deb demo test unit test-frontend test-guest fuzz bench profile clean
+.PHONY: setup deb demo lint test unit test-frontend test-guest fuzz bench profile clean
 
 setup:
 	./scripts/setup.sh
@@ -15,8 +15,14 @@ deb:
 demo: setup
 	$(PY) -m tests.guest.demo
 
-## Everything: unit, vhost-user frontend and real-guest tests.
-test: setup
+## ruff over daemon/ and tests/, mypy over daemon/ (pyproject.toml says
+## which rules and why); `make test` runs it first.
+lint: setup
+	$(PY) -m ruff check daemon tests
+	$(PY) -m mypy
+
+## Everything: the lint gate, then unit, vhost-user frontend and real-guest tests.
+test: setup lint
 	$(PY) -m pytest -p no:cacheprovider -q -rfE tests
 
 unit: setup

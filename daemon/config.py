@@ -83,7 +83,7 @@ class Config(NamedTuple):
 
     # -- the Rust virtiofsd 1.13's remaining options (issue 17) --
     # --xattrmap: guest <-> host attribute names (daemon/fuse/xattrmap.py)
-    xattrmap: "XattrMap | None" = None
+    xattrmap: XattrMap | None = None
     # --readonly: every modifying request is EROFS, the share mounted
     # read-only in the request workers' sandbox
     readonly: bool = False

@@ -71,6 +71,7 @@ def setup(level: str, role: str = "supervisor", syslog: bool = False) -> None:
     reached). Call once in the supervisor; forked workers inherit it and
     only call ``set_role``."""
     set_role(role)
+    handler: logging.Handler
     if syslog:
         handler = _SyslogHandler(SYSLOG_PATH)
         handler.setFormatter(logging.Formatter("%(role)s %(levelname)s: %(message)s"))

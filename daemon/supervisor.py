@@ -37,16 +37,19 @@ import socket
 import stat
 import sys
 import time
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, NoReturn
 
 from daemon import log, sandbox, startup
 from daemon.config import Config
+from daemon.fuse.inodes import InodeTable
 from daemon.metrics import exposition
 from daemon.metrics.counters import MetricsArea
 from daemon.metrics.server import MetricsError, MetricsServer
-from daemon.vhost_user.backend import Backend, WorkerFailure, WorkerSpawnError
+from daemon.vhost_user.backend import Backend
+from daemon.workers.pool import WorkerFailure, WorkerSpawnError, worker_name, worker_role
 from daemon.workers import channel as ch
 from daemon.workers.channel import Channel, ChannelError, Msg
+from daemon.workers.entry import become_worker, worker_main
 
 logger = log.get_logger("supervisor")
 
@@ -77,6 +80,7 @@ class Listener:
         self.inode = inode          # ... unless someone replaced it meanwhile
 
     def fileno(self) -> int:
+        assert self.sock is not None            # only asked while listening
         return self.sock.fileno()
 
     def close(self) -> None:
@@ -97,6 +101,7 @@ def open_listener(config: Config) -> Listener:
     if config.socket_fd is not None:
         return _adopt_listener(config.socket_fd)
     path = config.socket_path
+    assert path is not None                     # the CLI requires --socket-path or --fd
     _claim_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -190,21 +195,22 @@ def _someone_listens(path: str) -> bool:
 
 # -- workers -------------------------------------------------------------------------
 
-WorkerMain = Callable[[str, int, Channel, Config, object], None]
+# worker_main(role, index, channel, config, inodes, progress=...) (workers/entry.py)
+WorkerMain = Callable[..., None]
 
 
 class Worker(NamedTuple):
-    index: int                  # the vring it serves
+    index: int  # type: ignore[assignment]  # the vring it serves (shadows tuple.index)
     pid: int
     channel: Channel
 
     @property
     def role(self) -> str:
-        return "hiprio" if self.index == 0 else "request"
+        return worker_role(self.index)
 
     @property
     def name(self) -> str:
-        return "hiprio" if self.index == 0 else f"request-{self.index}"
+        return worker_name(self.index)
 
 
 def describe_exit(status: int, role: str | None = None) -> str:
@@ -278,7 +284,7 @@ class ProcessPool:
         restart (the vring's worker died before) counts against the restart
         budget. WorkerSpawnError if the budget is spent, the fork fails or
         the worker never becomes ready."""
-        name = "hiprio" if index == 0 else f"request-{index}"
+        name = worker_name(index)
         restart = index in self._deaths
         if restart:
             now = time.monotonic()
@@ -386,7 +392,7 @@ class ProcessPool:
         try:
             msg, _, fds = worker.channel.recv()
             ch.close_fds(fds)
-            why = f"sent {msg.name} unasked"
+            why: str | None = f"sent {msg.name} unasked"
         except ChannelError as e:
             why = None if str(e) == "peer closed the channel" else str(e)   # None: it died
         self._fail(worker, why)
@@ -428,18 +434,13 @@ class ProcessPool:
     # internals ------------------------------------------------------------------------
 
     def _run_child(self, index: int, channel: Channel, parent_end: Channel):
-        role = "hiprio" if index == 0 else "request"
         try:
-            log.set_role("hiprio" if index == 0 else f"request-{index}")
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)       # the supervisor sends SHUTDOWN
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            become_worker(index)  # first: before anything logs or a signal reaches our handlers
             # fork_confined set the parent-death signal and checked the parent
             # is still there (getppid() is 0 inside a new pid namespace)
             _close_inherited([parent_end] + [w.channel for w in self.workers.values()] + self.inherited()
                              + [pidfd for _serial, pidfd in self._peers.values()])
-            self.worker_main(role, index, channel, self.config, self.inodes, progress=self.progress,
+            self.worker_main(worker_role(index), index, channel, self.config, self.inodes, progress=self.progress,
                              metrics=self.metrics)
             logger.error("worker_main returned")
         except SystemExit as e:
@@ -471,7 +472,7 @@ class ProcessPool:
         if not poller.poll(int(timeout * 1000)):
             raise ChannelError(f"no {what} within {timeout:g} s")
 
-    def _fail(self, worker: Worker, why: str | None):
+    def _fail(self, worker: Worker, why: str | None) -> NoReturn:
         """Kill and reap a broken worker (``why`` None: it died by itself),
         log one line, raise WorkerFailure."""
         try:
@@ -577,8 +578,8 @@ class Supervisor:
                 poller.register(self.listener.fileno(), select.POLLIN)
             if self.backend is not None:
                 poller.register(self.backend.fileno(), select.POLLIN)
-            for worker in self.pool.workers.values():
-                poller.register(worker.channel.fileno(), select.POLLIN)
+            for live in self.pool.workers.values():
+                poller.register(live.channel.fileno(), select.POLLIN)
             metrics = self.metrics
             timeout = None
             if metrics is not None:
@@ -633,6 +634,7 @@ class Supervisor:
                 lost.append(e)
 
     def _accept(self) -> None:
+        assert self.listener.sock is not None   # polled only while listening
         try:
             conn, _ = self.listener.sock.accept()
         except OSError as e:
@@ -682,7 +684,7 @@ class Supervisor:
         # _note_signal and leave nothing in the pipe, and the loop would
         # never hear of it (a SIGTERM lost so, the daemon waits for QEMU)
         wakeup = signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
-        old = {sig: signal.signal(sig, _note_signal) for sig in HANDLED_SIGNALS}
+        old: dict = {sig: signal.signal(sig, _note_signal) for sig in HANDLED_SIGNALS}
         old["wakeup"] = wakeup
         return old
 
@@ -723,11 +725,6 @@ def run(config: Config) -> int:
         raise
     try:
         try:
-            from daemon.fuse.inodes import InodeTable
-            from daemon.workers.entry import worker_main
-        except ImportError as e:
-            raise StartupError(f"incomplete installation: {e}") from None
-        try:
             sandbox.validate(config)      # policy files, --modcaps: startup errors, not dead workers
         except sandbox.SandboxError as e:
             raise StartupError(str(e)) from None
@@ -738,8 +735,10 @@ def run(config: Config) -> int:
                                f"{e.strerror or e}") from None
         pool = ProcessPool(config, inodes, worker_main)
         if metrics is not None:
+            area = pool.metrics
+            assert area is not None          # made by the pool when config.metrics_socket is set
             metrics.render = lambda: exposition.render(
-                pool.metrics, uptime_s=time.monotonic() - started, inodes=len(inodes),
+                area, uptime_s=time.monotonic() - started, inodes=len(inodes),
                 inode_capacity=config.inode_table_size, restarts=pool.restarts,
                 live={i: w.pid for i, w in pool.workers.items()})
         return Supervisor(config, listener, pool, metrics).run()

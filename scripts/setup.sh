@@ -38,7 +38,7 @@ fi
 # editable_mode=compat: a plain path entry in a .pth file, not setuptools'
 # import-hook finder, which makes every Python process of the venv (the
 # daemon's included) import pathlib, urllib.parse and ipaddress at start-up.
-if ! .venv/bin/python -c "import daemon, prctl, pyseccomp, pytest, hypothesis, atheris, prometheus_client" 2>/dev/null \
+if ! .venv/bin/python -c "import daemon, prctl, pyseccomp, pytest, hypothesis, atheris, prometheus_client, ruff, mypy" 2>/dev/null \
    || ls .venv/lib/python3*/site-packages/__editable___*_finder.py >/dev/null 2>&1; then
   echo "setup: installing pyvirtiofsd and its test dependencies into .venv"
   .venv/bin/pip install -q --disable-pip-version-check -e ".[test]" --config-settings editable_mode=compat

@@ -42,3 +42,8 @@ def cpu_ticks(pid: int) -> tuple[int, int]:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return int(fields[11]), int(fields[12])
+
+
+def ns_inodes(pid: int | str = "self") -> dict[str, int]:
+    """{'mnt': inode, 'pid': ..., ...} of a process's namespaces."""
+    return {n: os.stat(f"/proc/{pid}/ns/{n}").st_ino for n in ("mnt", "pid", "net", "ipc", "uts")}

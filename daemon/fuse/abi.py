@@ -18,6 +18,7 @@ FUSE_MIN_MINOR_VERSION = 27  # as the Rust virtiofsd: older kernels get EPROTO
 FUSE_ROOT_ID = 1
 FUSE_NAME_MAX = 1024  # kernel limit for a dirent name
 NAME_MAX = 255  # host file systems' limit for one path component
+OFFSET_MAX = (1 << 63) - 1  # the kernel's OFFSET_MAX, the largest loff_t (a lock's "to end of file")
 
 
 class Opcode(enum.IntEnum):

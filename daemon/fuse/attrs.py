@@ -33,14 +33,10 @@ import stat
 
 from daemon.fuse import abi
 from daemon.fuse.abi import Opcode, SetattrValid
+from daemon.fuse.fs import FileSystem
+from daemon.fuse.handles import KIND_FILE
 from daemon.fuse.request import FUSEError, Request
 
-try:
-    from daemon.fuse.handles import KIND_FILE
-except ImportError:  # pragma: no cover - handles.py is another engineer's
-    KIND_FILE = 1
-
-OFFSET_MAX = (1 << 63) - 1
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
 AT_SYMLINK_NOFOLLOW = 0x100
@@ -83,7 +79,7 @@ def _check(ret: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def _open_fd(fs, fh: int, nodeid: int) -> int | None:
+def _open_fd(fs: FileSystem, fh: int, nodeid: int) -> int | None:
     """The host fd of the guest's open file ``fh`` on ``nodeid``, or None
     (unknown fh, or an fh of another inode: the caller then works on the
     inode itself)."""
@@ -94,7 +90,7 @@ def _open_fd(fs, fh: int, nodeid: int) -> int | None:
     return handle.fd if handle.nodeid == nodeid else None
 
 
-def do_getattr(fs, req: Request):
+def do_getattr(fs: FileSystem, req: Request):
     """GETATTR: reply fuse_attr_out with the attribute timeout; with
     GETATTR_FH the open file's fstat (falling back to the inode for an
     unknown fh). ESTALE for a stale nodeid. Lookup count: unchanged."""
@@ -114,11 +110,11 @@ def _timespec(valid: int, set_bit: int, now_bit: int, sec: int, nsec: int) -> tu
     if valid & set_bit:
         if nsec >= 1_000_000_000:
             raise FUSEError(errno.EINVAL)
-        return (sec - (1 << 64) if sec > OFFSET_MAX else sec), nsec
+        return (sec - (1 << 64) if sec > abi.OFFSET_MAX else sec), nsec
     return 0, UTIME_OMIT
 
 
-def do_setattr(fs, req: Request):
+def do_setattr(fs: FileSystem, req: Request):
     """SETATTR: change mode, owner, size and/or times as ``valid`` says,
     then reply fuse_attr_out with the new attributes. Errors from the host
     (EPERM, EACCES, EROFS, EFBIG...), EOPNOTSUPP for chmod on a symlink,
@@ -146,7 +142,7 @@ def do_setattr(fs, req: Request):
                          gid if valid & _V_GID else _NO_ID,
                          AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
     if valid & _V_SIZE:
-        if size > OFFSET_MAX:
+        if size > abi.OFFSET_MAX:
             raise FUSEError(errno.EINVAL)
         if open_fd is not None:
             os.ftruncate(open_fd, size)
@@ -167,7 +163,7 @@ def do_setattr(fs, req: Request):
     return fs.attr_reply(os.fstat(open_fd if open_fd is not None else fd))
 
 
-def do_readlink(fs, req: Request):
+def do_readlink(fs: FileSystem, req: Request):
     """READLINK: the symlink's target bytes (no NUL). EINVAL if nodeid is
     not a symlink; EIO if the target does not fit the reply buffer (the
     kernel's is 4095 bytes, PATH_MAX - 1, the most a target can be).
@@ -180,7 +176,7 @@ def do_readlink(fs, req: Request):
         raise FUSEError(errno.EINVAL) from None
 
 
-def do_statfs(fs, req: Request):
+def do_statfs(fs: FileSystem, req: Request):
     """STATFS: fuse_kstatfs of the file system holding nodeid (fstatfs
     works on O_PATH fds). Lookup count: unchanged."""
     st = os.fstatvfs(fs.cache.fd(req.nodeid))

@@ -44,13 +44,13 @@ from daemon.config import CacheMode
 from daemon.fuse import abi
 from daemon.fuse.abi import Opcode
 from daemon.fuse.files import sync_on_helper
+from daemon.fuse.fs import FileSystem
 from daemon.fuse.handles import KIND_DIR, reopen
 from daemon.fuse.request import FUSEError, Request
 
 SYS_getdents64 = 217  # x86-64
 GETDENTS_BUF_SIZE = 32 * 1024
 MAX_READDIR_SIZE = 1 << 20  # bound on one reply (the kernel asks for 4 KiB)
-OFFSET_MAX = (1 << 63) - 1
 
 # struct linux_dirent64 { u64 d_ino; s64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
 LINUX_DIRENT64 = struct.Struct("<QqHB")
@@ -152,7 +152,7 @@ def _read_args(req: Request, fs):
     peers = getattr(fs, "peers", None)
     if peers is not None and peers.shared:
         _stream(handle).reseek = True
-    if cookie > OFFSET_MAX:
+    if cookie > abi.OFFSET_MAX:
         raise FUSEError(errno.EINVAL)
     limit = min(size, MAX_READDIR_SIZE, req.out.size - abi.OUT_HEADER.size)
     return handle, cookie, max(limit, 0)
@@ -165,7 +165,7 @@ def _name_ok(name: bytes) -> bool:
 
 
 # -- handlers ----------------------------------------------------------------
-def do_opendir(fs, req: Request):
+def do_opendir(fs: FileSystem, req: Request):
     """OPENDIR: reopen the inode as O_RDONLY|O_DIRECTORY (the host refuses a
     non-directory with ENOTDIR before opening anything, so no device is ever
     opened). Reply fuse_open_out {fh, FOPEN_CACHE_DIR|FOPEN_KEEP_CACHE with
@@ -184,7 +184,7 @@ def do_opendir(fs, req: Request):
     return abi.OPEN_OUT.pack(handle.fh, open_flags)
 
 
-def do_readdir(fs, req: Request):
+def do_readdir(fs: FileSystem, req: Request):
     """READDIR: packed fuse_dirent records from the cookie on, as many as fit
     in ``size``; an empty reply is the end of the directory. Lookup count:
     unchanged."""
@@ -192,7 +192,7 @@ def do_readdir(fs, req: Request):
     return _fill_names(handle, cookie, limit)
 
 
-def do_readdirplus(fs, req: Request):
+def do_readdirplus(fs: FileSystem, req: Request):
     """READDIRPLUS: packed fuse_direntplus records (entry + dirent) from the
     cookie on. Lookup count: +1 for every record with a nonzero nodeid (all
     entries but "." and ".." and the ones whose lookup failed); an entry is
@@ -300,7 +300,7 @@ def _fill_names(handle, cookie: int, limit: int) -> bytearray:
     return out
 
 
-def _pack_plus(fs, dir_fd: int, out: bytearray, at: int, ino: int, next_cookie: int,
+def _pack_plus(fs: FileSystem, dir_fd: int, out: bytearray, at: int, ino: int, next_cookie: int,
                dtype: int, name: bytes) -> bool:
     """Write one direntplus record at ``at``; False if the entry vanished."""
     entry = None
@@ -330,7 +330,7 @@ def _pack_plus(fs, dir_fd: int, out: bytearray, at: int, ino: int, next_cookie: 
     return True
 
 
-def do_releasedir(fs, req: Request):
+def do_releasedir(fs: FileSystem, req: Request):
     """RELEASEDIR: close the directory handle. Reply: empty; EBADF for an
     unknown fh (ignored by the kernel). Lookup count: unchanged."""
     if len(req.args) < abi.RELEASE_IN.size:
@@ -340,7 +340,7 @@ def do_releasedir(fs, req: Request):
     return b""
 
 
-def do_fsyncdir(fs, req: Request):
+def do_fsyncdir(fs: FileSystem, req: Request):
     """FSYNCDIR: fsync (or fdatasync with FUSE_FSYNC_FDATASYNC) the open
     directory on a helper thread, as FSYNC. Reply: empty, or the call's
     errno. Lookup count: unchanged."""

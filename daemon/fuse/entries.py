@@ -9,7 +9,7 @@ no-follow semantics). Creation happens with the caller's fsuid/fsgid
 (switched by the session), so the host applies its permission checks and
 ownership rules.
 
-Lookup counts (PROTOCOL.md §4.7): every reply that carries a nodeid — the
+Lookup counts (docs/protocol.md, "Lookup counts"): every reply that carries a nodeid — the
 ``fuse_entry_out`` of LOOKUP, MKNOD, MKDIR, SYMLINK and LINK — takes exactly
 one reference in the shared table, and nothing else does. A creating op
 that fails after the host object exists (the table is full, the process
@@ -43,6 +43,7 @@ import stat
 from daemon.config import CacheMode
 from daemon.fuse import abi, acl
 from daemon.fuse.abi import Opcode
+from daemon.fuse.fs import FileSystem
 from daemon.fuse.names import parse_lookup_name, parse_name, parse_two
 from daemon.fuse.request import FUSEError, Request
 
@@ -64,7 +65,7 @@ def _decode_dev(rdev: int) -> int:
 
 
 # -- LOOKUP ---------------------------------------------------------------------------
-def do_lookup(fs, req: Request):
+def do_lookup(fs: FileSystem, req: Request):
     """LOOKUP name in the directory nodeid. Reply fuse_entry_out; ENOENT
     (or a negative entry with --cache=always), ENOTDIR, EACCES, ESTALE for a
     stale parent, EINVAL/ENAMETOOLONG for a bad name, ENFILE when the inode
@@ -84,7 +85,7 @@ def do_lookup(fs, req: Request):
         raise
 
 
-def _lookup_dotdot(fs, nodeid: int, parent_fd: int) -> bytes:
+def _lookup_dotdot(fs: FileSystem, nodeid: int, parent_fd: int) -> bytes:
     root_fd = fs.root_fd
     if nodeid == 1:
         return fs.entry(root_fd, ".")
@@ -120,7 +121,7 @@ def _inside(fd: int, root: os.stat_result) -> bool:
 
 
 # -- FORGET ---------------------------------------------------------------------------
-def do_forget(fs, req: Request):
+def do_forget(fs: FileSystem, req: Request):
     """FORGET nodeid nlookup: drop nlookup references; the nodeid is freed
     at 0 (its fd is closed by the worker holding it, see InodeCache.reap).
     Never replied to. Unknown nodeids, the root and short args are ignored.
@@ -130,7 +131,7 @@ def do_forget(fs, req: Request):
     return None
 
 
-def do_batch_forget(fs, req: Request):
+def do_batch_forget(fs: FileSystem, req: Request):
     """BATCH_FORGET: FORGET for each of ``count`` (nodeid, nlookup) pairs.
     Never replied to. A count larger than the pairs actually present marks
     a malformed request: the whole batch is ignored (logged). Lookup count:
@@ -155,7 +156,7 @@ def _args(req: Request, layout) -> tuple:
     return layout.unpack_from(req.args)
 
 
-def do_mknod(fs, req: Request):
+def do_mknod(fs: FileSystem, req: Request):
     """MKNOD name in the directory nodeid with mode (type + permissions) and
     rdev. Reply fuse_entry_out; EINVAL for a directory/symlink/unknown type,
     EEXIST, EACCES, EPERM (devices without the right), ENOSPC... from the
@@ -172,7 +173,7 @@ def do_mknod(fs, req: Request):
     return fs.entry(parent_fd, name)
 
 
-def do_mkdir(fs, req: Request):
+def do_mkdir(fs: FileSystem, req: Request):
     """MKDIR name in the directory nodeid (mode: permission bits, the guest
     already applied its umask, except with --posix-acl: acl.py). Reply fuse_entry_out; EEXIST, EACCES,
     ENOSPC, EMLINK... from the host. Lookup count: +1 on the new nodeid on
@@ -185,7 +186,7 @@ def do_mkdir(fs, req: Request):
     return fs.entry(parent_fd, name)
 
 
-def do_symlink(fs, req: Request):
+def do_symlink(fs: FileSystem, req: Request):
     """SYMLINK name → target in the directory nodeid (the target is stored
     verbatim and never resolved here). Reply fuse_entry_out; EEXIST,
     EACCES, ENOENT (empty target), ENAMETOOLONG... Lookup count: +1 on the
@@ -196,7 +197,7 @@ def do_symlink(fs, req: Request):
     return fs.entry(parent_fd, name)
 
 
-def do_link(fs, req: Request):
+def do_link(fs: FileSystem, req: Request):
     """LINK: a new name in the directory nodeid for the inode oldnodeid,
     via the inode's /proc/self/fd magic link (reaches exactly that inode,
     symlinks included). Reply fuse_entry_out with oldnodeid's nodeid (hard
@@ -212,7 +213,7 @@ def do_link(fs, req: Request):
 
 
 # -- removing and renaming ----------------------------------------------------------------
-def do_unlink(fs, req: Request):
+def do_unlink(fs: FileSystem, req: Request):
     """UNLINK name (not a directory) from the directory nodeid. Reply:
     empty; ENOENT, EISDIR, EACCES, EPERM (sticky)... Lookup count:
     unchanged (the guest FORGETs the inode when it drops it)."""
@@ -221,7 +222,7 @@ def do_unlink(fs, req: Request):
     return b""
 
 
-def do_rmdir(fs, req: Request):
+def do_rmdir(fs: FileSystem, req: Request):
     """RMDIR name (an empty directory) from the directory nodeid. Reply:
     empty; ENOENT, ENOTDIR, ENOTEMPTY, EBUSY, EACCES... Lookup count:
     unchanged."""
@@ -230,7 +231,7 @@ def do_rmdir(fs, req: Request):
     return b""
 
 
-def do_rename(fs, req: Request):
+def do_rename(fs: FileSystem, req: Request):
     """RENAME old (in directory nodeid) to new (in directory newdir),
     replacing new if it exists. Reply: empty; ENOENT, EXDEV, ENOTEMPTY,
     EISDIR, ENOTDIR, EINVAL (into itself)... Lookup count: unchanged
@@ -243,7 +244,7 @@ def do_rename(fs, req: Request):
     return b""
 
 
-def do_rename2(fs, req: Request):
+def do_rename2(fs: FileSystem, req: Request):
     """RENAME2: RENAME with flags NOREPLACE (EEXIST if new exists) or
     EXCHANGE (swap the two; ENOENT if new is missing). WHITEOUT, both
     flags together and unknown flags: EINVAL. Reply: empty. Lookup count:

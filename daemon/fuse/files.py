@@ -61,12 +61,12 @@ import stat
 from daemon.config import CacheMode
 from daemon.fuse import abi, acl
 from daemon.fuse.abi import Opcode
+from daemon.fuse.fs import FileSystem
 from daemon.fuse.handles import KIND_FILE, reopen
 from daemon.fuse.names import parse_name
 from daemon.fuse.request import FUSEError, Request
 
 MAX_IO_SIZE = 1 << 20  # the max_write we negotiate (and max_pages × 4096)
-OFFSET_MAX = (1 << 63) - 1  # largest loff_t
 # copy_file_range answers in a u32 (fuse_write_out.size); the kernel itself
 # never moves more than MAX_RW_COUNT (INT_MAX & PAGE_MASK) per call.
 MAX_COPY_SIZE = 0x7FFFF000
@@ -211,13 +211,13 @@ def _args(req: Request, layout) -> tuple:
 
 
 def _offset(value: int) -> int:
-    if value > OFFSET_MAX:
+    if value > abi.OFFSET_MAX:
         raise FUSEError(errno.EINVAL)
     return value
 
 
 # -- handlers ------------------------------------------------------------------
-def do_open(fs, req: Request):
+def do_open(fs: FileSystem, req: Request):
     """OPEN: reopen the inode for I/O; reply fuse_open_out {fh, FOPEN_*}.
 
     Errors: EISDIR/ELOOP/EACCES for anything but a regular file, EINVAL for
@@ -233,7 +233,7 @@ def do_open(fs, req: Request):
     return abi.OPEN_OUT.pack(handle.fh, fopen_flags(fs.config.cache))
 
 
-def do_create(fs, req: Request):
+def do_create(fs: FileSystem, req: Request):
     """CREATE: create (or open) a regular file ``name`` in the parent.
 
     Reply fuse_entry_out + fuse_open_out (144 bytes). The mode's type must be
@@ -260,7 +260,7 @@ def do_create(fs, req: Request):
     return bytes(entry) + abi.OPEN_OUT.pack(handle.fh, fopen_flags(fs.config.cache))
 
 
-def do_read(fs, req: Request):
+def do_read(fs: FileSystem, req: Request):
     """READ: up to ``size`` bytes at ``offset``, written straight into the
     reply buffer (``os.preadv`` on guest memory). Reply: the data; shorter
     than asked means end of file. Lookup count: unchanged."""
@@ -273,7 +273,7 @@ def do_read(fs, req: Request):
     return _preadv(handle.fd, req.out.slice(abi.OUT_HEADER.size, size), offset)
 
 
-def do_write(fs, req: Request):
+def do_write(fs: FileSystem, req: Request):
     """WRITE: ``size`` bytes of guest data at ``offset`` (``os.pwritev`` from
     guest memory). Reply fuse_write_out {bytes written}; EINVAL when the data
     present is not exactly ``size`` bytes or exceeds MAX_IO_SIZE. Lookup
@@ -288,7 +288,7 @@ def do_write(fs, req: Request):
     return abi.WRITE_OUT.pack(written)
 
 
-def do_flush(fs, req: Request):
+def do_flush(fs: FileSystem, req: Request):
     """FLUSH (the guest closed one fd of the file): release every POSIX lock
     of ``lock_owner`` on the inode (close(2) semantics, see locks.py) and
     close a dup of the fd so the host file system reports delayed write
@@ -307,7 +307,7 @@ def do_flush(fs, req: Request):
     return b""
 
 
-def do_release(fs, req: Request):
+def do_release(fs: FileSystem, req: Request):
     """RELEASE (the guest's last reference to the open file is gone): drop
     its flock if RELEASE_FLOCK_UNLOCK, close the fh (and, if it was the last
     one on the inode, every lock description of the inode). Reply: empty;
@@ -324,7 +324,7 @@ def do_release(fs, req: Request):
     return b""
 
 
-def do_fsync(fs, req: Request):
+def do_fsync(fs: FileSystem, req: Request):
     """FSYNC: fdatasync with FUSE_FSYNC_FDATASYNC, else fsync, on a helper
     thread (the request is deferred meanwhile). Reply: empty, or the
     call's errno. Lookup count: unchanged."""
@@ -333,7 +333,7 @@ def do_fsync(fs, req: Request):
     return sync_on_helper(fs, req, handle.fd, fsync_flags & abi.FUSE_FSYNC_FDATASYNC)
 
 
-def sync_on_helper(fs, req: Request, fd: int, data_only: bool):
+def sync_on_helper(fs: FileSystem, req: Request, fd: int, data_only: bool):
     """fsync/fdatasync ``fd`` on a helper thread (blocking.py): the queue
     goes on meanwhile. The thread syncs its own dup, so a RELEASE of the
     fh in between closes nothing it uses."""
@@ -351,7 +351,7 @@ def _sync_and_close(fd: int, data_only: bool) -> None:
         os.close(fd)
 
 
-def do_fallocate(fs, req: Request):
+def do_fallocate(fs: FileSystem, req: Request):
     """FALLOCATE: fallocate(2) with the guest's mode (KEEP_SIZE, PUNCH_HOLE,
     ZERO_RANGE; others EOPNOTSUPP). Reply: empty. Lookup count: unchanged."""
     fh, offset, length, mode = _args(req, abi.FALLOCATE_IN)
@@ -366,7 +366,7 @@ def do_fallocate(fs, req: Request):
     return b""
 
 
-def do_lseek(fs, req: Request):
+def do_lseek(fs: FileSystem, req: Request):
     """LSEEK: lseek(2) on the fh (the kernel sends SEEK_DATA and SEEK_HOLE;
     SET/CUR/END are accepted too, with the offset as a signed loff_t).
     Reply fuse_lseek_out {new offset}; ENXIO from the host when there is no
@@ -375,12 +375,12 @@ def do_lseek(fs, req: Request):
     handle = fs.handles.get(fh, KIND_FILE)
     if whence not in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, SEEK_DATA, SEEK_HOLE):
         raise FUSEError(errno.EINVAL)
-    if offset > OFFSET_MAX:
+    if offset > abi.OFFSET_MAX:
         offset -= 1 << 64
     return abi.LSEEK_OUT.pack(os.lseek(handle.fd, offset, whence))
 
 
-def do_copy_file_range(fs, req: Request):
+def do_copy_file_range(fs: FileSystem, req: Request):
     """COPY_FILE_RANGE: copy_file_range(2) from fh_in to fh_out (which must
     be open on ``nodeid_out``, else EBADF; ``flags`` must be 0). ``len`` is
     clipped to MAX_COPY_SIZE so the count fits fuse_write_out. Reply
@@ -399,7 +399,7 @@ def do_copy_file_range(fs, req: Request):
     return abi.WRITE_OUT.pack(copied)
 
 
-def do_syncfs(fs, req: Request):
+def do_syncfs(fs: FileSystem, req: Request):
     """SYNCFS: syncfs(2) on the file system of the node (the mount's root,
     or a submount's root). Reply: empty. Lookup count: unchanged."""
     path_fd = fs.cache.fd(req.nodeid)

@@ -97,6 +97,8 @@ class LockedTable:
 
     _DIRTY = 0
     _fd = -1
+    _tlock: threading.Lock      # set by the subclass
+    _hdr: memoryview
 
     def _lock(self) -> None:
         self._tlock.acquire()

@@ -3,7 +3,7 @@
 The guest names files by *nodeid*. A nodeid stands for one host inode,
 identified by ``(st_dev, st_ino)``, from the reply that first told the guest
 about it (LOOKUP, MKDIR, READDIRPLUS...) until the guest FORGETs it, and the
-daemon must count lookups exactly as the kernel does (PROTOCOL.md §4.7).
+daemon must count lookups exactly as the kernel does (docs/protocol.md, "Lookup counts").
 
 ``InodeTable`` holds that state for every process of one daemon:
 
@@ -747,7 +747,8 @@ class InodeCache:
         fds, table = self._fds, self.table
         target = self.max_fds - self.max_fds // 8
         excess = len(fds) - target
-        doomed, kept = [], []
+        doomed: list[int] = []
+        kept: list[int] = []
         for nodeid, e in fds.items():
             if len(doomed) >= excess:
                 break

@@ -62,6 +62,7 @@ import os
 
 from daemon.fuse import abi
 from daemon.fuse.abi import Opcode
+from daemon.fuse.fs import FileSystem
 from daemon.fuse.handles import F_OFD_SETLK, FLOCK, KIND_FILE, reopen
 from daemon.fuse.request import DEFERRED, MAX_DEFERRED, FUSEError, Request
 
@@ -70,7 +71,6 @@ F_OFD_SETLKW = 38  # never used: it would block the worker
 F_RDLCK = fcntl.F_RDLCK
 F_WRLCK = fcntl.F_WRLCK
 F_UNLCK = fcntl.F_UNLCK
-OFFSET_MAX = (1 << 63) - 1
 
 
 _FLOCK_OPS = {F_RDLCK: fcntl.LOCK_SH, F_WRLCK: fcntl.LOCK_EX, F_UNLCK: fcntl.LOCK_UN}
@@ -90,9 +90,9 @@ class LockRequest:
         fh, owner, start, end, lock_type, pid, lk_flags = abi.LK_IN.unpack_from(args)
         if lock_type not in (F_RDLCK, F_WRLCK, F_UNLCK):
             raise FUSEError(errno.EINVAL)
-        if start > OFFSET_MAX:
+        if start > abi.OFFSET_MAX:
             raise FUSEError(errno.EINVAL)
-        if end >= OFFSET_MAX:
+        if end >= abi.OFFSET_MAX:
             length = 0  # to end of file
         elif end < start:
             raise FUSEError(errno.EINVAL)
@@ -110,7 +110,7 @@ class LockRequest:
         return FLOCK.pack(lock_type, os.SEEK_SET, self.start, self.length, 0)
 
 
-def _lock_description(fs, handle, owner: int) -> int:
+def _lock_description(fs: FileSystem, handle, owner: int) -> int:
     """The owner's lock description on the handle's inode, opened if new."""
     fd = fs.handles.lock_fd(handle.nodeid, owner)
     if fd is not None:
@@ -125,7 +125,7 @@ def _lock_description(fs, handle, owner: int) -> int:
     return fs.handles.add_lock_fd(handle.nodeid, owner, fd)
 
 
-def _try_lock(fs, lk: LockRequest) -> bool:
+def _try_lock(fs: FileSystem, lk: LockRequest) -> bool:
     """One non-blocking attempt: True when done, False while it conflicts.
     Any other failure raises (OSError → its errno)."""
     handle = fs.handles.get(lk.fh, KIND_FILE)
@@ -173,7 +173,7 @@ def _holds(fd: int, lock_type: int, start: int) -> bool:
     return False
 
 
-def _holder_pid(fs, nodeid: int, asker: int, lock_type: int, start: int) -> int:
+def _holder_pid(fs: FileSystem, nodeid: int, asker: int, lock_type: int, start: int) -> int:
     """The guest pid of the other owner holding the conflicting lock, or 0."""
     for owner, fd in fs.handles.lock_fds(nodeid).items():
         if owner != asker and _holds(fd, lock_type, start):
@@ -182,7 +182,7 @@ def _holder_pid(fs, nodeid: int, asker: int, lock_type: int, start: int) -> int:
 
 
 # -- handlers ----------------------------------------------------------------
-def do_getlk(fs, req: Request):
+def do_getlk(fs: FileSystem, req: Request):
     """GETLK: test whether ``owner`` could take the lock. Reply fuse_lk_out:
     type F_UNLCK (and the asked range) when it could, else the first
     conflicting lock's type, range and holder's guest pid (0 if not one of
@@ -200,14 +200,14 @@ def do_getlk(fs, req: Request):
     found = fcntl.fcntl(fd, F_OFD_GETLK, lk.flock_struct(lk.type))
     lock_type, _whence, start, length, _pid = FLOCK.unpack(found)
     if lock_type == F_UNLCK:
-        end = OFFSET_MAX if lk.length == 0 else lk.start + lk.length - 1
+        end = abi.OFFSET_MAX if lk.length == 0 else lk.start + lk.length - 1
         return abi.LK_OUT.pack(lk.start, end, F_UNLCK, 0)
-    end = OFFSET_MAX if length == 0 else start + length - 1
+    end = abi.OFFSET_MAX if length == 0 else start + length - 1
     pid = _holder_pid(fs, handle.nodeid, lk.owner, lock_type, start)
     return abi.LK_OUT.pack(start, end, lock_type, pid)
 
 
-def do_setlk(fs, req: Request):
+def do_setlk(fs: FileSystem, req: Request):
     """SETLK: take or release the lock without waiting; EAGAIN on conflict.
     Reply: empty. Lookup count: unchanged."""
     lk = LockRequest(req.args)
@@ -216,7 +216,7 @@ def do_setlk(fs, req: Request):
     return b""
 
 
-def do_setlkw(fs, req: Request):
+def do_setlkw(fs: FileSystem, req: Request):
     """SETLKW: as SETLK, but on conflict the request is DEFERRED and retried
     by the session until granted (empty reply), failed (its errno; EBADF if
     the fh was released meanwhile) or interrupted (EINTR, by the session).

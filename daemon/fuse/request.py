@@ -3,7 +3,7 @@
 The session (session.py) decodes the ``fuse_in_header``, builds a
 ``Request`` and calls the handler registered for the opcode::
 
-    def do_getattr(fs: FuseSession, req: Request): ...
+    def do_getattr(fs: FileSystem, req: Request): ...   # fs.py: what fs offers
 
 A handler returns one of:
 

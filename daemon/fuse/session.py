@@ -12,7 +12,7 @@ Checks, in order (all answered with ``fuse_out_header`` only):
   not by unique);
 - ``header.len`` equals the readable part's size exactly (else EINVAL). The
   driver builds the readable part from exactly the request's arguments
-  (PROTOCOL.md §3.2), so a mismatch is a malformed or hostile request, and
+  (docs/protocol.md, "Request layout"), so a mismatch is a malformed or hostile request, and
   neither padding it (the C virtiofsd's choice) nor ignoring extra bytes is
   right;
 - the in-args of every op but WRITE are at most ``MAX_ARGS`` bytes (EINVAL);
@@ -55,11 +55,13 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import Any, Callable
 from stat import S_ISDIR as _S_ISDIR
 
 from daemon.fuse import abi, credentials, readonly
 from daemon.fuse.abi import InitFlag, Opcode
 from daemon.fuse.blocking import BlockingCalls
+from daemon.fuse.fs import Handler
 from daemon.fuse.inodes import InodeCache, InodeTable, close_all, inode_fd_budget
 from daemon.fuse.request import DEFERRED, MAX_ARGS, MAX_DEFERRED, FUSEError, Request
 from daemon.virtio.iovec import IoVec
@@ -74,8 +76,8 @@ log = get_logger("fuse.session")
 OP_MODULES = (entries, attrs, files, dirs, xattrs, locks)
 
 # INIT reply
-MAX_WRITE = 1 << 20
-MAX_PAGES = 256  # 1 MiB / 4 KiB; the guest caps it at its ring size - 4
+MAX_WRITE = files.MAX_IO_SIZE
+MAX_PAGES = MAX_WRITE // 4096  # 256; the guest caps it at its ring size - 4
 MAX_BACKGROUND = 64  # async requests in flight (readahead, writeback)
 CONGESTION_THRESHOLD = 48  # 3/4 of it, as the kernel's defaults (12/9)
 TIME_GRAN = 1  # we report nanoseconds
@@ -125,14 +127,14 @@ _pack_attr = abi.ATTR.pack
 _pack_attr_out = abi.ATTR_OUT.pack
 _pack_entry = abi.ENTRY_OUT.pack
 
-_op_table: dict[int, object] | None = None
+_op_table: dict[int, Handler] | None = None
 
 
-def load_ops() -> dict[int, object]:
+def load_ops() -> dict[int, Handler]:
     """opcode → handler from every op module's ``OPS`` (built once)."""
     global _op_table
     if _op_table is None:
-        table: dict[int, object] = {}
+        table: dict[int, Handler] = {}
         for module in OP_MODULES:
             for opcode, handler in module.OPS.items():
                 if int(opcode) in table:
@@ -172,9 +174,9 @@ class FuseSession:
 
     Attributes handlers use: ``config``, ``inodes`` (the shared
     ``InodeTable``), ``cache`` (this worker's ``InodeCache``), ``handles``
-    (the open-file table, or None if handles.py is unavailable),
-    ``root_fd``, and the reply helpers ``attr``, ``attr_reply``,
-    ``entry``, ``entry_reply``, ``negative_entry``.
+    (the open-file table), ``root_fd``, and the reply helpers
+    ``attr_reply``, ``entry``, ``entry_reply``, ``negative_entry``: the
+    ``FileSystem`` protocol (fs.py) lists them.
     """
 
     def __init__(self, config, inodes: InodeTable, role: str = "request",
@@ -193,11 +195,16 @@ class FuseSession:
         self._session = 0
         self.root_fd = -1
         self._own_root = False
-        self.cache: InodeCache | None = None
-        self.handles = None
+        # set below for the request role; the hiprio session's handlers
+        # (FORGET, BATCH_FORGET, INTERRUPT) never touch them (fs.py)
+        self.cache: InodeCache = None  # type: ignore[assignment]
+        self.handles: HandleTable = None  # type: ignore[assignment]
         self.peers: Peers | None = None
         self._blocking: BlockingCalls | None = None
         ops = load_ops()
+        # the op modules' handlers take any FileSystem (fs.py); INIT,
+        # DESTROY and INTERRUPT below are the session's own
+        self._ops: dict[int, Callable[[FuseSession, Request], Any]]
         if role == "hiprio":
             # no file system access at all: only reference counts
             self._ops = {op: h for op, h in ops.items() if op in HIPRIO_OPS}
@@ -425,6 +432,7 @@ class FuseSession:
     def _close_later(self, fds: list[int]) -> None:
         """Close ``fds`` (forgotten inodes) on a helper thread; here if none
         can run."""
+        assert self._blocking is not None     # the request role's cache calls this
         try:
             self._blocking.submit(close_all, fds, notify=False)
         except RuntimeError:
@@ -492,11 +500,6 @@ class FuseSession:
         return done
 
     # -- sessions --------------------------------------------------------------------
-    @property
-    def initialized(self) -> bool:
-        """Whether this worker serves a live FUSE session."""
-        return self._session != 0 and self._session == self.inodes.session
-
     def start(self) -> None:
         """Begin a new session (INIT): fresh inode table, no fds, no fhs.
         Every other request worker adopts it on its next request. The
@@ -544,6 +547,7 @@ class FuseSession:
         self._session = 0
         if self._blocking is not None:
             self._blocking.close()
+        if self.peers is not None:
             self.peers.close()
         if self._own_root and self.root_fd >= 0:
             os.close(self.root_fd)

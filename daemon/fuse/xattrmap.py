@@ -124,7 +124,7 @@ class XattrMap:
         return f"XattrMap({' '.join(r.render() for r in self.rules)!r})"
 
     @classmethod
-    def parse(cls, text: str) -> "XattrMap":
+    def parse(cls, text: str) -> XattrMap:
         rules: list[Rule] = []
         pos, number, mapped = 0, 0, False
         while True:

@@ -38,6 +38,7 @@ import os
 
 from daemon.fuse import abi, acl
 from daemon.fuse.abi import Opcode
+from daemon.fuse.fs import FileSystem
 from daemon.fuse.request import FUSEError, Request
 
 XATTR_NAME_MAX = 255
@@ -60,7 +61,7 @@ def parse_xattr_name(buf, start: int = 0) -> tuple[bytes, int]:
     return data[:nul], start + nul + 1
 
 
-def _inode_path(fs, nodeid: int) -> str:
+def _inode_path(fs: FileSystem, nodeid: int) -> str:
     if not fs.config.xattr:
         raise FUSEError(errno.ENOSYS)
     return str(fs.cache.fd(nodeid))
@@ -86,7 +87,7 @@ def _reply_sized(req: Request, value: bytes, asked: int):
 
 
 # -- handlers ----------------------------------------------------------------
-def do_setxattr(fs, req: Request):
+def do_setxattr(fs: FileSystem, req: Request):
     """SETXATTR: set ``name`` to the ``size`` value bytes that follow it.
     ``flags`` may be XATTR_CREATE or XATTR_REPLACE. EINVAL when the data
     present is not exactly ``size`` bytes, E2BIG above 64 KiB. Reply: empty.
@@ -107,7 +108,7 @@ def do_setxattr(fs, req: Request):
     return b""
 
 
-def do_getxattr(fs, req: Request):
+def do_getxattr(fs: FileSystem, req: Request):
     """GETXATTR: size 0 → fuse_getxattr_out {value size}; else the value, or
     ERANGE if it is longer than ``size``. Lookup count: unchanged."""
     path = _inode_path(fs, req.nodeid)
@@ -126,7 +127,7 @@ def do_getxattr(fs, req: Request):
     return _reply_sized(req, os.getxattr(path, host_name), asked)
 
 
-def do_listxattr(fs, req: Request):
+def do_listxattr(fs: FileSystem, req: Request):
     """LISTXATTR: the names, each NUL-terminated (size 0 → the size needed,
     ERANGE if longer than ``size``, E2BIG above 64 KiB as the host's own
     listxattr). Lookup count: unchanged."""
@@ -146,7 +147,7 @@ def do_listxattr(fs, req: Request):
     return _reply_sized(req, names, asked)
 
 
-def do_removexattr(fs, req: Request):
+def do_removexattr(fs: FileSystem, req: Request):
     """REMOVEXATTR: remove ``name``. Reply: empty. Lookup count: unchanged."""
     path = _inode_path(fs, req.nodeid)
     name, end = parse_xattr_name(req.args, 0)

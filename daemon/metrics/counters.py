@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import bisect
 import mmap
-import struct
 import time
 
 from daemon.fuse import abi

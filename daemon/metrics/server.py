@@ -57,15 +57,17 @@ class MetricsServer:
         except OSError as e:
             sock.close()
             raise MetricsError(f"--metrics-socket {path}: {e.strerror}") from None
-        self.sock = sock
+        self.sock: socket.socket | None = sock
         self._inode = os.stat(path).st_ino
 
     def fileno(self) -> int:
+        assert self.sock is not None, "fileno of a closed metrics server"
         return self.sock.fileno()
 
     def accept(self) -> None:
         """The listening socket is readable: take one client and start
         answering it."""
+        assert self.sock is not None
         try:
             conn, _ = self.sock.accept()
         except (BlockingIOError, InterruptedError):

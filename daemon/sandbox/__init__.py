@@ -1,4 +1,4 @@
-"""Confining the daemon's processes (issue 3).
+"""Confining the daemon's processes.
 
 Supervisor, once at startup::
 
@@ -27,6 +27,7 @@ import resource
 import sys
 from typing import NamedTuple
 
+from daemon.config import DEFAULTS, Config
 from daemon.fuse import credentials
 from daemon.sandbox import capabilities, mounts, programs, rlimits
 from daemon.sandbox.namespaces import MODES, SandboxError, fork_confined, spawn_confined  # noqa: F401 (re-export)
@@ -48,21 +49,17 @@ class SandboxInfo(NamedTuple):
     seccomp_rules: int        # rules loaded (0 with --seccomp none)
 
 
-def _cfg(config, name, default):
-    return getattr(config, name, default)
-
-
-def validate(config=None, policy_dir=None) -> programs.Programs:
+def validate(config: Config | None = None, policy_dir=None) -> programs.Programs:
     """Check --modcaps and --sandbox, parse every policy file and compile
     each role's seccomp program for --seccomp (default kill), now: the
     supervisor calls this at startup, so a bad file is a startup error and
     not a dead worker, and the workers forked later inherit the programs
     (the files are outside their new root)."""
     preload()              # workers forked later inherit the imported modules
-    action = _cfg(config, "seccomp", "kill")
+    action = DEFAULTS["seccomp"] if config is None else config.seccomp
     if config is not None:
-        capabilities.role_caps("supervisor", _cfg(config, "modcaps", None))
-        mode = _cfg(config, "sandbox", "namespace")
+        capabilities.role_caps("supervisor", config.modcaps)
+        mode = config.sandbox
         if mode not in MODES:
             raise SandboxError(f"--sandbox {mode}: expected one of {', '.join(MODES)}")
     progs = _programs[action] = programs.build(action, policy_dir)
@@ -78,47 +75,37 @@ def _programs_for(action: str) -> programs.Programs:
     return progs
 
 
-def file_handles_used(config) -> bool:
+def file_handles_used(config: Config) -> bool:
     """Whether request workers re-open inodes with open_by_handle_at (needs
-    CAP_DAC_READ_SEARCH). Config.file_handles if present, else True (the
-    shared inode table stores handles for restarted workers)."""
-    return bool(_cfg(config, "file_handles", True))
+    CAP_DAC_READ_SEARCH): ``--inode-file-handles``, Config.file_handles."""
+    return bool(config.file_handles)
 
 
 def preload() -> None:
     """Import now what a worker would otherwise import lazily: after the
     pivot the daemon's source tree (and the stdlib) is out of reach, so a
-    late ``import`` fails (FuseSession's op modules would silently become
-    ENOSYS)."""
+    late ``import`` fails."""
     import importlib
     for name in ("daemon.fuse.session", "daemon.workers.channel", "daemon.virtio.virtqueue",
                  "daemon.virtio.memory", "daemon.virtio.iovec", "traceback", "linecache",
                  "encodings.ascii", "encodings.latin_1"):
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass
-    try:
-        from daemon.fuse import session
-        session.load_ops()
-    except Exception:  # noqa: BLE001 - best effort; the session reports missing ops itself
-        pass
+        importlib.import_module(name)
 
 
-def confine(role: str, config, shared_dir: str | None = None) -> SandboxInfo:
+def confine(role: str, config: Config, shared_dir: str | None = None) -> SandboxInfo:
     """Confine this (freshly spawned, single-threaded) worker. Raises
     SandboxError with a one-line message naming the step that failed."""
     preload()
     if role not in ("request", "hiprio"):
         raise ValueError(f"unknown worker role {role!r}")
-    mode = _cfg(config, "sandbox", "namespace")
-    action = _cfg(config, "seccomp", "kill")
+    mode = config.sandbox
+    action = config.seccomp
     shared_dir = shared_dir or config.shared_dir
     progs = _programs_for(action)   # before the root change: may read the policy files
     nofile_target = rlimits.default_target()
 
     if mode == "namespace":
-        root = (mounts.setup_request_root(shared_dir, _cfg(config, "readonly", False))
+        root = (mounts.setup_request_root(shared_dir, config.readonly)
                 if role == "request" else mounts.setup_empty_root())
     elif mode == "chroot":
         root = mounts.chroot_request_root(shared_dir) if role == "request" else mounts.chroot_empty_root()
@@ -135,24 +122,24 @@ def confine(role: str, config, shared_dir: str | None = None) -> SandboxInfo:
     if role == "hiprio":
         rlimits.apply_hiprio()
     else:
-        rlimits.apply_nofile(_cfg(config, "rlimit_nofile", None), nofile_target)
-    nofile = tuple(resource.getrlimit(resource.RLIMIT_NOFILE))
+        rlimits.apply_nofile(config.rlimit_nofile, nofile_target)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 
     _drop_supplementary_groups(mode)
     _cut_capabilities(role, config, mode)
     capeff = capabilities.capget()[0]
     rules = programs.install(role, progs)     # last: nothing after it but returning
-    return SandboxInfo(role, mode, action, root.root_fd, root.proc_self_fd, capeff, nofile, rules)
+    return SandboxInfo(role, mode, action, root.root_fd, root.proc_self_fd, capeff, (soft, hard), rules)
 
 
-def supervisor_after_setup(config) -> int:
+def supervisor_after_setup(config: Config) -> int:
     """The supervisor's own confinement, once its socket, inode table and
     first workers exist: capabilities cut to what later worker spawns need
     (see capabilities.py), no_new_privs, and the supervisor seccomp filter
     (the union of all roles' lists: children inherit it). Returns the number
     of seccomp rules loaded."""
-    action = _cfg(config, "seccomp", "kill")
-    _cut_capabilities("supervisor", config, _cfg(config, "sandbox", "namespace"))
+    action = config.seccomp
+    _cut_capabilities("supervisor", config, config.sandbox)
     return programs.install("supervisor", _programs_for(action))
 
 
@@ -170,11 +157,11 @@ def _drop_supplementary_groups(mode: str) -> None:
             raise SandboxError("cannot drop the supplementary groups (setgroups: permission denied)") from None
 
 
-def _cut_capabilities(role: str, config, mode: str) -> None:
+def _cut_capabilities(role: str, config: Config, mode: str) -> None:
     """The role's capability sets (with --modcaps), then no_new_privs. With
     --sandbox none a process that may not change its capabilities (not
     root) goes on with the ones it has."""
-    caps = capabilities.role_caps(role, _cfg(config, "modcaps", None), file_handles_used(config))
+    caps = capabilities.role_caps(role, config.modcaps, file_handles_used(config))
     try:
         capabilities.apply(caps)
     except SandboxError:
@@ -183,12 +170,12 @@ def _cut_capabilities(role: str, config, mode: str) -> None:
     capabilities.set_no_new_privs()
 
 
-def warn_if_unconfined(config, stream=None) -> None:
+def warn_if_unconfined(config: Config, stream=None) -> None:
     """The loud warning for --sandbox none / --seccomp none."""
     stream = stream or sys.stderr
-    if _cfg(config, "sandbox", "namespace") == "none":
+    if config.sandbox == "none":
         print("pyvirtiofsd: WARNING: --sandbox none: workers run in the host's namespaces and root; "
               "a compromised worker sees the whole host file system. Use only for debugging.",
               file=stream)
-    if _cfg(config, "seccomp", "kill") == "none":
+    if config.seccomp == "none":
         print("pyvirtiofsd: WARNING: --seccomp none: no system call filter.", file=stream)

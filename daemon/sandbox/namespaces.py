@@ -64,7 +64,6 @@ CLONE_NEWNET = 0x40000000
 
 #: namespaces a worker enters besides its pid namespace
 WORKER_NAMESPACES = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
-NS_NAMES = ("mnt", "pid", "net", "ipc", "uts")
 
 MODES = ("namespace", "chroot", "none")
 
@@ -89,12 +88,6 @@ def unshare(flags: int, what: str = "unshare") -> None:
 
 def setns(fd: int, nstype: int, what: str = "setns") -> None:
     _check(_libc.setns(fd, nstype), what)
-
-
-def _ns_names(flags: int) -> str:
-    names = [n for f, n in ((CLONE_NEWNS, "mount"), (CLONE_NEWPID, "pid"), (CLONE_NEWNET, "net"),
-                            (CLONE_NEWIPC, "ipc"), (CLONE_NEWUTS, "uts")) if flags & f]
-    return "+".join(names)
 
 
 def fork_confined(mode: str = "namespace") -> int:
@@ -179,8 +172,3 @@ def _say(line: str) -> None:
         os.write(2, f"pyvirtiofsd[{os.getpid()}]: error: {line}\n".encode(errors="replace"))
     except OSError:
         pass
-
-
-def ns_inodes(pid: int | str = "self") -> dict[str, int]:
-    """{'mnt': inode, 'pid': ..., ...} of a process's namespaces."""
-    return {n: os.stat(f"/proc/{pid}/ns/{n}").st_ino for n in NS_NAMES}

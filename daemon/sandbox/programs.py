@@ -93,7 +93,7 @@ def _compile_and_answer(w: int, action: str, policy_dir) -> None:
             by_role = {}
             if action != "none":
                 by_role = {role: seccomp.compile_program(role, action, pols) for role in ROLES}
-            answer = ("ok", by_role, seccomp.resolve("seccomp"))
+            answer: tuple = ("ok", by_role, seccomp.resolve("seccomp"))
         except SandboxError as e:
             answer = ("error", str(e))
         except Exception as e:  # noqa: BLE001 - reported to the parent, which fails start-up
@@ -111,7 +111,8 @@ def _compile_and_answer(w: int, action: str, policy_dir) -> None:
 def _read_capped(fd: int, timeout: float) -> bytes:
     """Everything the child writes until it closes the pipe; SandboxError
     past ``MAX_ANSWER`` bytes or ``timeout`` seconds."""
-    chunks, total = [], 0
+    chunks: list[bytes] = []
+    total = 0
     deadline = time.monotonic() + timeout
     while True:
         left = deadline - time.monotonic()

@@ -51,7 +51,7 @@ try:
 except ImportError:
     # Debian's python3-seccomp: libseccomp's own bindings, whose API
     # pyseccomp copies name for name (the Debian package depends on it)
-    import seccomp as pyseccomp  # type: ignore[no-redef]
+    import seccomp as pyseccomp  # type: ignore[import-not-found]
 
 from daemon.sandbox.namespaces import SandboxError
 from daemon.sandbox.programs import ROLES, valid_program

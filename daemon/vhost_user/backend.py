@@ -29,19 +29,21 @@ import contextlib
 import os
 import socket
 import stat
-from typing import Iterable, Protocol
+from typing import Any, Callable
 
 from daemon import log
 from daemon.vhost_user import messages as m
 from daemon.vhost_user.messages import Request, VhostUserError
 from daemon.virtio.virtqueue import EVENT_IDX_SUPPORTED
+from daemon.workers.pool import WorkerFailure, WorkerPool
 
 logger = log.get_logger("vhost_user")
 
 # EVENT_IDX (as the C and Rust virtiofsd offer it): the guest then kicks and
 # takes interrupts only when the ring's event fields ask for them. It needs
-# a store->load fence (PROTOCOL.md §2.4), which virtqueue.py has on x86-64
-# only (a locked instruction through libc); elsewhere it is not offered.
+# a store->load fence (docs/protocol.md, "Ordering and Python's hazards"),
+# which virtqueue.py has on x86-64 only (a locked instruction through libc);
+# elsewhere it is not offered.
 OFFERED_FEATURES = (m.F_VERSION_1 | m.F_RING_INDIRECT_DESC | m.F_PROTOCOL_FEATURES
                     | (m.F_RING_EVENT_IDX if EVENT_IDX_SUPPORTED else 0))
 assert OFFERED_FEATURES & ~m.F_RING_EVENT_IDX == 0x1_5000_0000
@@ -52,57 +54,6 @@ assert OFFERED_PROTOCOL_FEATURES == 0x8009
 MAX_MEM_SLOTS = m.MAX_REGIONS
 
 REPLY_ACK_FAILURE = 1
-
-
-class WorkerFailure(Exception):
-    """The worker of vring ``index`` is dead or broke the channel protocol.
-    The pool has already killed and reaped it and logged why. The backend
-    replaces it (``Backend.revive``) where a request to it failed; the
-    supervisor calls ``revive`` for a worker found dead while idle."""
-
-    def __init__(self, message: str, index: int | None = None):
-        super().__init__(message)
-        self.index = index
-
-
-class WorkerSpawnError(Exception):
-    """A worker cannot be (re)started: the fork failed, it never became
-    ready, or it died too often (the pool's restart budget). Fatal: the
-    daemon shuts down and exits 1 with this message."""
-
-
-class WorkerPool(Protocol):
-    """What the backend needs from the workers, one worker per vring index.
-
-    Every fd argument is lent: the pool sends a copy (SCM_RIGHTS) and never
-    closes it. A request the worker answers with an errno raises OSError with
-    that errno; a broken or dead worker raises WorkerFailure.
-    """
-
-    def live(self) -> Iterable[int]:
-        """Indexes of the vrings whose worker is up."""
-
-    def spawn(self, index: int) -> None:
-        """Start the worker of vring ``index`` (request worker, index >= 2)."""
-
-    def mem_table(self, index: int, regions: list[tuple[int, int, int, int]], fds: list[int]) -> None:
-        """MEM_TABLE to the worker of vring ``index``: (gpa, size, qva, mmap_offset) each."""
-
-    def set_call(self, index: int, fd: int | None) -> None:
-        """VRING_CALL: the newest call eventfd of vring ``index`` (None: do not signal)."""
-
-    def start_ring(self, index: int, num: int, desc: int, avail: int, used: int, base: int,
-                   features: int, kick_fd: int, recover: bool = False) -> None:
-        """VRING_START with the ring's QVAs and its next avail index;
-        ``recover``: the ring's previous worker died serving it (the new one
-        answers EIO to what the guest still waits for)."""
-
-    def stop_ring(self, index: int) -> int:
-        """VRING_STOP; returns the ring's next avail index."""
-
-    def published_avail(self, index: int) -> int:
-        """The next avail index the dead worker of vring ``index`` published
-        (its progress record, daemon/workers/progress.py)."""
 
 
 class Vring:
@@ -148,7 +99,7 @@ class Backend:
         self.closed = False
         self._last_request: int | None = None
         self._warned: set[tuple[str, int]] = set()
-        self._handlers = {
+        self._handlers: dict[int, Callable[[Any, list[int]], Any]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
             Request.SET_OWNER: self._set_owner,
@@ -318,6 +269,7 @@ class Backend:
         if not self.acked_protocol_features & m.PF_CONFIG:
             raise VhostUserError("GET_CONFIG without protocol feature CONFIG negotiated")
         offset, size = body
+        assert self.tag is not None      # CONFIG is offered only with a tag
         return m.encode_fs_config(self.tag, self.queue_count - 1, offset, size)
 
     def _get_queue_num(self, _body, _fds) -> bytes:
@@ -364,7 +316,7 @@ class Backend:
         """REM_MEM_REG: drop the region with the same gpa, QVA and size
         (QEMU's match; mmap_offset is ignored). Removing an unknown region
         is QEMU's bug, not the guest's: the connection ends."""
-        for i, r in enumerate(self.regions):
+        for i, r in enumerate(self.regions):  # noqa: B007 - i is used after the loop
             if (r.gpa, r.qva, r.size) == (region.gpa, region.qva, region.size):
                 break
         else:
@@ -572,6 +524,7 @@ class Backend:
         """Each ring structure must lie inside one memory region (QVA)."""
         event = 2 if self.acked_features & m.F_RING_EVENT_IDX else 0
         num, addr = ring.num, ring.addr
+        assert addr is not None                   # SET_VRING_ADDR came first
         for what, qva, length in (("descriptor table", addr.desc, 16 * num),
                                   ("avail ring", addr.avail, 4 + 2 * num + event),
                                   ("used ring", addr.used, 4 + 8 * num + event)):

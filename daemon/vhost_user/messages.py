@@ -1,4 +1,4 @@
-"""vhost-user wire format, as QEMU 7.2 speaks it (see PROTOCOL.md §1.2-§1.4).
+"""vhost-user wire format, as QEMU 7.2 speaks it (see docs/protocol.md, "vhost-user").
 
 Every message is a 12-byte header, ``size`` payload bytes and, attached to
 the same ``sendmsg``, up to 8 file descriptors. This module knows the layouts
@@ -15,6 +15,8 @@ from __future__ import annotations
 import enum
 import struct
 from typing import NamedTuple
+
+from daemon.virtio.virtqueue import MAX_QUEUE_SIZE
 
 # struct VhostUserHeader { uint32_t request; uint32_t flags; uint32_t size; };
 HEADER = struct.Struct("<III")
@@ -51,7 +53,6 @@ MAX_REGIONS = 8
 # a payload above this is a broken or hostile frontend, never a real one.
 MAX_PAYLOAD = 4096
 MAX_VRINGS = 256            # kick/call/err carry the vring index in 8 bits
-MAX_QUEUE_SIZE = 32768      # split virtqueue limit
 
 # kick/call/err u64 payload
 VRING_IDX_MASK = 0xFF
@@ -149,14 +150,14 @@ class Header(NamedTuple):
 
 
 class VringState(NamedTuple):
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index; the protocol names it so
     num: int
 
 
 class VringAddr(NamedTuple):
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index
     flags: int
-    desc: int        # QEMU virtual addresses (QVA), see PROTOCOL.md §1.9
+    desc: int        # QEMU virtual addresses (QVA): docs/protocol.md, "Memory table and address translation"
     used: int
     avail: int
     log: int
@@ -165,7 +166,7 @@ class VringAddr(NamedTuple):
 class VringFile(NamedTuple):
     """SET_VRING_KICK/CALL/ERR: which vring, and whether an fd came with it."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index
     has_fd: bool
 
 
@@ -217,7 +218,7 @@ _FIXED_SIZE = {
 DECODED = frozenset(_FIXED_SIZE) | {Request.SET_MEM_TABLE, Request.ADD_MEM_REG, Request.REM_MEM_REG,
                                     Request.GET_CONFIG}
 
-Payload = None | int | VringState | VringAddr | VringFile | MemoryRegion | list[MemoryRegion]
+Payload = None | int | VringState | VringAddr | VringFile | MemoryRegion | list[MemoryRegion] | tuple[int, int]
 
 
 def decode_payload(request: int, payload: bytes, nfds: int) -> Payload:
@@ -383,7 +384,3 @@ def encode_u64_reply(request: int, value: int) -> bytes:
     """GET_FEATURES, GET_PROTOCOL_FEATURES, GET_QUEUE_NUM and REPLY_ACK
     (0 = success, anything else = failure)."""
     return encode_reply(request, U64.pack(value))
-
-
-def encode_vring_base_reply(index: int, next_avail: int) -> bytes:
-    return encode_reply(Request.GET_VRING_BASE, VRING_STATE.pack(index, next_avail))

@@ -58,7 +58,7 @@ class IoVec:
         The result may be shorter than ``length`` only if the stream is;
         callers that need the exact length check ``len`` against ``size``.
         """
-        out = []
+        out: list[memoryview] = []
         if length <= 0:
             return out
         for v in self.views:

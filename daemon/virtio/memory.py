@@ -6,7 +6,7 @@ virtual address of the region (QVA, "userspace_addr") and the offset of the
 region inside the fd it sends along. ``GuestMemory`` maps every fd the way
 libvhost-user does (``size + mmap_offset`` bytes from offset 0, MAP_SHARED,
 so hugepage alignment holds) and translates the two kinds of addresses the
-worker sees (PROTOCOL.md §1.9):
+worker sees (docs/protocol.md, "Memory table and address translation"):
 
 - descriptor ``addr`` fields are GPAs: ``gpa_views`` (a buffer may straddle
   adjacent regions, so the answer is a list of views);
@@ -70,7 +70,7 @@ class GuestMemory:
         self._closed = False
 
     @classmethod
-    def from_regions(cls, regions: list[tuple[int, int, int, int]], fds: list[int]) -> "GuestMemory":
+    def from_regions(cls, regions: list[tuple[int, int, int, int]], fds: list[int]) -> GuestMemory:
         """Map ``regions`` = [(gpa, size, qva, mmap_offset)], one fd each.
 
         Every fd in ``fds`` is closed before this returns or raises: the
@@ -173,7 +173,7 @@ class GuestMemory:
     def closed(self) -> bool:
         return self._closed
 
-    def __enter__(self) -> "GuestMemory":
+    def __enter__(self) -> GuestMemory:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -192,7 +192,8 @@ def _map_region(gpa: int, size: int, qva: int, offset: int, fd: int) -> _Region:
     try:
         mm = mmap.mmap(fd, size + offset, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     except (OSError, ValueError, OverflowError) as e:
-        raise GuestMemoryError(f"cannot map region at GPA {gpa:#x} ({size:#x} bytes + offset {offset:#x}): {e}") from None
+        raise GuestMemoryError(f"cannot map region at GPA {gpa:#x} ({size:#x} bytes + offset {offset:#x}): "
+                               f"{e}") from None
     return _Region(gpa, size, qva, mm, memoryview(mm)[offset:offset + size])
 
 

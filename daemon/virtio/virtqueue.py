@@ -1,9 +1,9 @@
-"""The device side of a virtio 1.x split virtqueue (PROTOCOL.md §2).
+"""The device side of a virtio 1.x split virtqueue (docs/protocol.md, "The split virtqueue").
 
 The guest (driver) owns the descriptor table and the avail ring, we own the
 used ring. ``pop`` takes the next available descriptor chain and returns it
 as two byte streams, the device-readable and the device-writable part
-(descriptor boundaries carry no meaning, PROTOCOL.md §3.2); ``push`` writes a
+(descriptor boundaries carry no meaning, docs/protocol.md, "Request layout"); ``push`` writes a
 used element and ``publish`` makes every pushed element visible with a single
 ``used.idx`` store.
 
@@ -161,7 +161,7 @@ class VirtQueue:
                 return None
             # we wrote avail_event = last at the previous pop; the guest may
             # have published a new entry without seeing it: look again after
-            # a full fence (PROTOCOL.md §2.4)
+            # a full fence (docs/protocol.md, "Ordering and Python's hazards")
             _full_barrier()
             avail_idx = avail[1]
             if avail_idx == last:
@@ -190,7 +190,7 @@ class VirtQueue:
         hot_start, hot_end, hot_view = self._hot
         gpa_views = self.mem.gpa_views
         unpack = DESC.unpack_from
-        table = self._desc
+        table: memoryview | bytes = self._desc
         size = self.num
         in_indirect = False
         seen_writable = False

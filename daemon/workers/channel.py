@@ -39,6 +39,7 @@ import enum
 import os
 import socket
 import struct
+from typing import Sequence
 
 MAX_FRAME = 4096
 MAX_FDS = 8
@@ -92,7 +93,7 @@ class Channel:
         self.sock = sock
 
     @classmethod
-    def pair(cls) -> tuple["Channel", "Channel"]:
+    def pair(cls) -> tuple[Channel, Channel]:
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         return cls(a), cls(b)
 
@@ -102,7 +103,7 @@ class Channel:
     def close(self) -> None:
         self.sock.close()
 
-    def send(self, msg: Msg, payload: bytes = b"", fds: list[int] = ()) -> None:
+    def send(self, msg: Msg, payload: bytes = b"", fds: Sequence[int] = ()) -> None:
         if len(payload) + FRAME.size > MAX_FRAME or len(fds) > MAX_FDS:
             raise ChannelError(f"{msg.name}: frame too large")
         frame = FRAME.pack(msg, len(payload)) + payload
@@ -164,6 +165,35 @@ def close_fds(fds) -> None:
 
 def encode_mem_table(regions: list[tuple[int, int, int, int]]) -> bytes:
     return COUNT.pack(len(regions)) + b"".join(REGION.pack(*r) for r in regions)
+
+
+# What each supervisor request may carry, checked in one place
+# (``check_request``) before its handler runs, as OpenSSH's monitor does
+# with mm_request_receive_expect: request -> (payload sizes, fd counts).
+# MEM_TABLE's size depends on its count (decode_mem_table checks it, and
+# that the fds match); VRING_CALL's fd count must equal its has_fd (checked
+# by its handler, which decodes has_fd).
+REQUESTS: dict[Msg, tuple[range, range]] = {
+    Msg.MEM_TABLE: (range(COUNT.size, COUNT.size + MAX_FDS * REGION.size + 1), range(MAX_FDS + 1)),
+    Msg.VRING_START: (range(VRING_START.size, VRING_START.size + 1), range(1, 2)),
+    Msg.VRING_CALL: (range(VRING_CALL.size, VRING_CALL.size + 1), range(2)),
+    Msg.VRING_STOP: (range(VRING_STOP.size, VRING_STOP.size + 1), range(1)),
+    Msg.SHUTDOWN: (range(1), range(1)),
+    Msg.PEER: (range(PEER.size, PEER.size + 1), range(2)),
+}
+
+
+def check_request(msg: Msg, payload: bytes, fds: list[int]) -> None:
+    """ChannelError (the fds closed) unless ``msg`` is a supervisor request
+    whose payload size and fd count are in ``REQUESTS``."""
+    expect = REQUESTS.get(msg)
+    if expect is None:
+        close_fds(fds)
+        raise ChannelError(f"unexpected {msg.name} from the supervisor")
+    sizes, counts = expect
+    if len(payload) not in sizes or len(fds) not in counts:
+        close_fds(fds)
+        raise ChannelError(f"{msg.name} with {len(payload)} bytes and {len(fds)} fds")
 
 
 def decode_mem_table(payload: bytes, nfds: int) -> list[tuple[int, int, int, int]]:

@@ -1,12 +1,12 @@
 """A worker process from fork to exit.
 
-``worker_main`` runs in the child the supervisor forked (or spawned into
-new namespaces) for one role:
+In the child the supervisor forked for vring ``index``, the pool first
+calls ``become_worker``: name the process (log prefix, ``/proc/self/comm``)
+and take back the supervisor's signal handlers and wakeup fd (SIGINT is the
+supervisor's to handle: it then sends SHUTDOWN). It then closes what the
+child must not keep and calls ``worker_main`` for the vring's role, which:
 
-1. name the process (log prefix, ``/proc/self/comm``), take back the
-   supervisor's signal handlers (SIGINT is the supervisor's to handle: it
-   then sends SHUTDOWN), ``umask(0)`` (the guest kernel already applied
-   the guest's umask);
+1. sets ``umask(0)`` (the guest kernel already applied the guest's umask);
 2. confine itself (``daemon.sandbox.confine``): new root, cwd
    ``/proc/self/fd`` for a request worker, capabilities, seccomp;
 3. build the role's ``FuseSession`` (hiprio.py / request.py);
@@ -28,9 +28,11 @@ from typing import NoReturn
 
 from daemon import log as daemon_log
 from daemon.metrics.counters import WorkerMeter
+from daemon.sandbox import confine
 from daemon.workers import hiprio, request
 from daemon.workers.channel import Channel, ChannelError, Msg
 from daemon.workers.loop import WorkerLoop
+from daemon.workers.pool import worker_name
 
 log = daemon_log.get_logger("workers")
 
@@ -63,8 +65,6 @@ def _run(role: str, index: int, channel: Channel, config, inodes, progress=None,
     if module is None:
         raise ValueError(f"unknown worker role {role!r}")
     rings = module.ring_indices(index)
-    _name_process(role if role == "hiprio" else f"{role}-{index}")
-    _reset_signals()
     os.umask(0)
     if role == "request":
         # with several request queues the worker stays dumpable (fuse/peers.py):
@@ -81,7 +81,14 @@ def _run(role: str, index: int, channel: Channel, config, inodes, progress=None,
     return loop.run()
 
 
-def _name_process(name: str) -> None:
+def become_worker(index: int) -> None:
+    """Leave the supervisor's state behind: the handlers its Python code
+    installed must not run here, nor write to its signal wakeup pipe."""
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+    name = worker_name(index)
     daemon_log.set_role(name)
     try:  # what ps/top show; 15 bytes at most
         with open("/proc/self/comm", "w") as f:
@@ -90,21 +97,6 @@ def _name_process(name: str) -> None:
         pass
 
 
-def _reset_signals() -> None:
-    """Handlers installed by the supervisor's Python code must not run here."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT):
-        signal.signal(sig, signal.SIG_DFL)
-
-
 def _confine(role: str, config):
-    """The sandbox hook: confine before any guest input exists (before
-    READY). Without the sandbox package only ``--sandbox none`` may run."""
-    try:
-        from daemon.sandbox import confine
-    except ImportError as e:
-        if getattr(config, "sandbox", "none") != "none" or getattr(config, "seccomp", "none") != "none":
-            raise RuntimeError(f"confinement requested but unavailable: {e}") from None
-        log.warning("no sandbox module: running unconfined")
-        return None
+    """Confine before any guest input exists (before READY)."""
     return confine(role, config, config.shared_dir)

@@ -70,7 +70,7 @@ from daemon.virtio.virtqueue import VIRTIO_RING_F_EVENT_IDX, Chain, VirtQueue, V
 from daemon.workers import progress as prog
 from daemon.workers.channel import (PEER, PEER_GONE, PEER_SELF, VRING_CALL, VRING_START,
                                     VRING_START_RECOVER, VRING_STOP, Channel, ChannelError, Msg,
-                                    close_fds, decode_mem_table)
+                                    check_request, close_fds, decode_mem_table)
 
 log = get_logger("workers")
 
@@ -87,7 +87,7 @@ class Ring:
     __slots__ = ("index", "queue", "kick_fd", "call_fd", "num", "addresses", "event_idx",
                  "last_avail_idx", "broken", "words", "popped")
 
-    def __init__(self, index: int):
+    def __init__(self, index: int, record: tuple[memoryview, memoryview]):
         self.index = index
         self.queue: VirtQueue | None = None  # None while stopped or broken
         self.kick_fd: int | None = None      # set while the ring runs (even broken)
@@ -97,7 +97,7 @@ class Ring:
         self.event_idx = False
         self.last_avail_idx = 0              # the base while no queue exists
         self.broken = False
-        self.words = self.popped = None      # its progress record (progress.py)
+        self.words, self.popped = record     # its progress record (progress.py)
 
     @property
     def running(self) -> bool:
@@ -112,13 +112,11 @@ class WorkerLoop:
                  coalesce: tuple[int, float] | None = None):
         self.channel = channel
         self.session = session
-        self.rings = {i: Ring(i) for i in ring_indices}
         # worker restart: each ring's progress record, shared with the
         # supervisor (progress.py); private memory when run without one
-        if progress is None or max(self.rings) >= progress.rings:
-            progress = prog.RingProgress(max(self.rings) + 1, shared=False)
-        for ring in self.rings.values():
-            ring.words, ring.popped = progress.record(ring.index)
+        if progress is None or max(ring_indices) >= progress.rings:
+            progress = prog.RingProgress(max(ring_indices) + 1, shared=False)
+        self.rings = {i: Ring(i, progress.record(i)) for i in ring_indices}
         self._deferred_slots: dict[Chain, int] = {}
         self.memory: GuestMemory | None = None
         self._epoll = select.epoll()
@@ -156,6 +154,7 @@ class WorkerLoop:
         peers = getattr(session, "peers", None)
         try:
             while True:
+                timeout: float
                 if self._again:
                     timeout = 0
                 elif session.has_pending():
@@ -305,6 +304,7 @@ class WorkerLoop:
                 ring.words[slot] = prog.EMPTY
             chain.release()
         for ring, answered in touched.items():
+            assert ring.queue is not None       # touched only while it had one
             self._publish(ring, ring.queue, answered)
 
     def _forget_dropped(self) -> None:
@@ -332,11 +332,12 @@ class WorkerLoop:
             ring.queue = None
 
     def _watch(self, ring: Ring) -> None:
+        assert ring.kick_fd is not None
         self._epoll.register(ring.kick_fd, select.EPOLLIN)
         self._by_kick_fd[ring.kick_fd] = ring
 
     def _unwatch(self, ring: Ring) -> None:
-        if self._by_kick_fd.pop(ring.kick_fd, None) is not None:
+        if ring.kick_fd is not None and self._by_kick_fd.pop(ring.kick_fd, None) is not None:
             self._epoll.unregister(ring.kick_fd)
 
     def _stop(self, ring: Ring) -> None:
@@ -357,11 +358,8 @@ class WorkerLoop:
     # -- the channel ---------------------------------------------------------
     def _on_channel(self) -> int | None:
         msg, payload, fds = self.channel.recv()
-        handler = self._handlers.get(msg)
-        if handler is None:
-            close_fds(fds)
-            raise ChannelError(f"unexpected {msg.name} from the supervisor")
-        return handler(payload, fds)
+        check_request(msg, payload, fds)   # size and fd count, for every request
+        return self._handlers[msg](payload, fds)
 
     def _ring(self, index: int) -> Ring | None:
         ring = self.rings.get(index)
@@ -396,9 +394,6 @@ class WorkerLoop:
         return None
 
     def _on_vring_start(self, payload: bytes, fds: list[int]) -> None:
-        if len(payload) != VRING_START.size or len(fds) != 1:
-            close_fds(fds)
-            raise ChannelError(f"VRING_START with {len(payload)} bytes and {len(fds)} fds")
         index, num, desc, avail, used, last_avail_idx, flags, features = VRING_START.unpack(payload)
         kick_fd = fds[0]
         ring = self._ring(index)
@@ -430,6 +425,7 @@ class WorkerLoop:
         """This worker replaces one that died serving ``ring``: answer EIO
         to every chain it had taken and the guest still waits for."""
         queue = ring.queue
+        assert queue is not None                # just started
         try:
             heads = prog.in_flight(ring.words, ring.popped, queue)
             for head in heads:
@@ -455,9 +451,6 @@ class WorkerLoop:
                         ring.index, len(heads))
 
     def _on_vring_call(self, payload: bytes, fds: list[int]) -> None:
-        if len(payload) != VRING_CALL.size:
-            close_fds(fds)
-            raise ChannelError(f"VRING_CALL with {len(payload)} bytes")
         index, has_fd = VRING_CALL.unpack(payload)
         if has_fd not in (0, 1) or len(fds) != has_fd:
             close_fds(fds)
@@ -474,9 +467,6 @@ class WorkerLoop:
         return None
 
     def _on_vring_stop(self, payload: bytes, fds: list[int]) -> None:
-        if len(payload) != VRING_STOP.size or fds:
-            close_fds(fds)
-            raise ChannelError(f"VRING_STOP with {len(payload)} bytes and {len(fds)} fds")
         (index,) = VRING_STOP.unpack(payload)
         ring = self._ring(index)
         if ring is None:
@@ -489,9 +479,9 @@ class WorkerLoop:
     def _on_peer(self, payload: bytes, fds: list[int]) -> None:
         """Our serial, another request worker's pidfd, or its death."""
         peers = getattr(self.session, "peers", None)
-        if len(payload) != PEER.size or len(fds) > 1 or peers is None:
+        if peers is None:
             close_fds(fds)
-            raise ChannelError("bad PEER")
+            raise ChannelError("PEER to a worker without peers")
         serial, flags = PEER.unpack(payload)
         if flags == PEER_SELF and not fds:
             peers.set_self(serial)
@@ -505,9 +495,6 @@ class WorkerLoop:
         self.channel.answer(0)
 
     def _on_shutdown(self, payload: bytes, fds: list[int]) -> int:
-        if payload or fds:
-            close_fds(fds)
-            raise ChannelError(f"SHUTDOWN with {len(payload)} bytes and {len(fds)} fds")
         for ring in self.rings.values():
             self._stop(ring)
         self.channel.answer(0)

@@ -78,6 +78,7 @@ class RingProgress:
             raise ValueError("ring progress for no ring")
         self.rings = rings
         size = rings * RECORD
+        self._mem: mmap.mmap | bytearray
         if shared:
             self._mem = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS,
                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)

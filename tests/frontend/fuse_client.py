@@ -1,6 +1,6 @@
 """A FUSE client over virtio-fs request queues, shaped like Linux 6.1's.
 
-Requests are laid out as ``virtio_fs_enqueue_req`` does (PROTOCOL.md §3.2):
+Requests are laid out as ``virtio_fs_enqueue_req`` does (docs/protocol.md, "Request layout"):
 
     readable: in_header(40) | in-args (one argbuf) | WRITE data in pages
     writable: out_header(16) | out-args (one argbuf) | READ/READDIR/... data in pages
@@ -327,7 +327,8 @@ class FuseClient:
 
     # == files =====================================================================
     def open(self, nodeid: int, flags: int = os.O_RDONLY | os.O_LARGEFILE, open_flags: int = 0, **kw) -> OpenOut:
-        p = self._expect_len(Opcode.OPEN, self.call(Opcode.OPEN, nodeid, abi.OPEN_IN.pack(flags, open_flags), [16], **kw), 16)
+        p = self._expect_len(Opcode.OPEN,
+                             self.call(Opcode.OPEN, nodeid, abi.OPEN_IN.pack(flags, open_flags), [16], **kw), 16)
         return OpenOut(*abi.OPEN_OUT.unpack(p))
 
     def create(self, parent: int, name, flags: int = os.O_CREAT | os.O_RDWR | os.O_LARGEFILE,
@@ -370,7 +371,8 @@ class FuseClient:
         self.call(Opcode.FALLOCATE, nodeid, abi.FALLOCATE_IN.pack(fh, offset, length, mode), **kw)
 
     def lseek(self, nodeid: int, fh: int, offset: int, whence: int, **kw) -> int:
-        p = self._expect_len(Opcode.LSEEK, self.call(Opcode.LSEEK, nodeid, abi.LSEEK_IN.pack(fh, offset, whence), [8], **kw), 8)
+        p = self._expect_len(Opcode.LSEEK,
+                             self.call(Opcode.LSEEK, nodeid, abi.LSEEK_IN.pack(fh, offset, whence), [8], **kw), 8)
         return abi.LSEEK_OUT.unpack(p)[0]
 
     def copy_file_range(self, nodeid_in: int, fh_in: int, off_in: int, nodeid_out: int,
@@ -384,7 +386,8 @@ class FuseClient:
 
     # == directories ===============================================================
     def opendir(self, nodeid: int, flags: int = 0x18800, **kw) -> OpenOut:
-        p = self._expect_len(Opcode.OPENDIR, self.call(Opcode.OPENDIR, nodeid, abi.OPEN_IN.pack(flags, 0), [16], **kw), 16)
+        p = self._expect_len(Opcode.OPENDIR,
+                             self.call(Opcode.OPENDIR, nodeid, abi.OPEN_IN.pack(flags, 0), [16], **kw), 16)
         return OpenOut(*abi.OPEN_OUT.unpack(p))
 
     def releasedir(self, nodeid: int, fh: int, flags: int = 0x18800, **kw) -> None:
@@ -458,7 +461,8 @@ class FuseClient:
 
     def getlk(self, nodeid: int, fh: int, owner: int, start: int = 0, end: int = OFFSET_MAX,
               type_: int = F_WRLCK, pid: int = 0, **kw) -> Lock:
-        p = self._expect_len(Opcode.GETLK, self.call(Opcode.GETLK, nodeid, self._lk(fh, owner, start, end, type_, pid), [24], **kw), 24)
+        lk = self._lk(fh, owner, start, end, type_, pid)
+        p = self._expect_len(Opcode.GETLK, self.call(Opcode.GETLK, nodeid, lk, [24], **kw), 24)
         return Lock(*abi.LK_OUT.unpack(p))
 
     def setlk(self, nodeid: int, fh: int, owner: int, start: int = 0, end: int = OFFSET_MAX,

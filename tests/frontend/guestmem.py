@@ -2,7 +2,7 @@
 
 QEMU 7.2 with ``-object memory-backend-memfd,id=mem,size=S,share=on`` on the
 ``pc`` machine backs all of guest RAM with one memfd and presents it to a
-vhost-user backend as two regions (PROTOCOL.md §8):
+vhost-user backend as two regions (docs/protocol.md, "Memory table and address translation"):
 
     {gpa 0x0,     size 0xa0000,        mmap_offset 0x0}
     {gpa 0xc0000, size S - 0xc0000,    mmap_offset 0xc0000}

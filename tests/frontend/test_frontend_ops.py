@@ -1,4 +1,4 @@
-"""Every FUSE op of PROTOCOL.md §4.4, driven through the vhost-user test
+"""Every FUSE op of FUSE's opcode list, driven through the vhost-user test
 frontend against a real daemon process, with host-side effects checked with
 ``os.*`` on the shared directory.
 

@@ -236,7 +236,7 @@ def test_two_request_queues(daemon_proc):
 
 
 def test_unknown_message_id_is_ignored(frontend):
-    """An unknown message id without NEED_REPLY is ignored (PROTOCOL.md §6);
+    """An unknown message id without NEED_REPLY is ignored (docs/protocol.md, "Transport and framing");
     the daemon keeps serving."""
     fe = frontend.vhost
     fe.send_raw(200, b"\0" * 8)

@@ -13,12 +13,10 @@ import errno
 import fcntl
 import os
 import signal
-import struct
 import time
 
 import pytest
 
-from daemon.fuse import abi
 from tests import procfs
 from tests.frontend.fuse_client import FuseClient, FuseErrorReply
 from tests.frontend.vhost import VhostUserFrontend

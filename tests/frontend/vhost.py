@@ -2,7 +2,7 @@
 
 ``VhostUserFrontend`` connects to a backend's UNIX socket as QEMU does (QEMU
 is the client) and speaks the message sequence QEMU 7.2 sends
-(PROTOCOL.md §1.7 and §8):
+(docs/protocol.md, "Message order, QEMU 7.2"):
 
 realize():
     GET_FEATURES, [bit 30] GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES
@@ -144,7 +144,7 @@ class Reply:
                 f"payload={self.payload.hex()}, fds={self.fds})")
 
 
-def start_frontend(socket_path: str, **options) -> "VhostUserFrontend":
+def start_frontend(socket_path: str, **options) -> VhostUserFrontend:
     """A VhostUserFrontend (``options`` as for its constructor) connected,
     realized and started, as QEMU is once the guest driver is up; closed
     again if any step fails."""
@@ -251,7 +251,7 @@ class VhostUserFrontend:
         self.sock.settimeout(self.timeout if timeout is None else timeout)
         try:
             data, fds, _flags, _addr = socket.recv_fds(self.sock, HEADER.size, MAX_FDS)
-        except socket.timeout:
+        except TimeoutError:
             raise TimeoutError("no reply from the backend") from None
         if not data:
             raise VhostUserError("backend closed the connection")
@@ -460,7 +460,7 @@ class VhostUserFrontend:
         self.running = False
         return list(self.bases)
 
-    def connect_and_start(self) -> "VhostUserFrontend":
+    def connect_and_start(self) -> VhostUserFrontend:
         self.realize()
         self.start()
         return self
@@ -487,7 +487,7 @@ class VhostUserFrontend:
             self.vrings = []
             self.mem.close()
 
-    def __enter__(self) -> "VhostUserFrontend":
+    def __enter__(self) -> VhostUserFrontend:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -322,7 +322,7 @@ class Target:
             credentials.restore()
         self._check_memory(before, allowed)
         self._check_used(lay, pushed, allowed)
-        if not self.session.initialized:
+        if not self.session.inodes.session:
             self._init()  # DESTROY in the input: keep the session useful
         if self.inputs % self.reset_every == 0:
             self.reset()
@@ -505,7 +505,7 @@ def run_atheris(target_factory, args, workdir: str) -> None:
     argv = [sys.argv[0], live, str(CORPUS_DIR),
             f"-timeout={args.timeout}", f"-rss_limit_mb={args.rss_limit_mb}",
             f"-artifact_prefix={args.artifacts.rstrip('/')}/",
-            "-max_len=%d" % args.max_len, "-print_final_stats=1"]
+            f"-max_len={args.max_len}", "-print_final_stats=1"]
     if args.seed is not None:
         argv.append(f"-seed={args.seed}")
     if args.jobs_quiet:

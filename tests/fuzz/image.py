@@ -1,10 +1,10 @@
 """The fuzz input format: bytes → a guest memory image with one split ring.
 
 Shared by the fuzz target (``fuzz_chain_fuse.py``) and the seed corpus
-builder (``seeds.py``). Written from PROTOCOL.md §2, not from
+builder (``seeds.py``). Written from docs/protocol.md, "The split virtqueue", not from
 ``daemon.virtio``: it is part of the test oracle.
 
-Guest memory (one memfd, three regions; PROTOCOL.md §1.9)::
+Guest memory (one memfd, three regions; docs/protocol.md, "Memory table and address translation")::
 
     region 0  GPA 0x00000..0x10000  rings: desc @0x0, avail @0x1000, used @0x2000
     region 1  GPA 0x10000..0x30000  adjacent to region 0: the input's data area

@@ -1,6 +1,6 @@
 """The seed corpus of the chain + FUSE fuzz target (``tests/fuzz/corpus/``).
 
-Well-formed requests shaped as Linux 6.1 sends them (PROTOCOL.md §8: one
+Well-formed requests shaped as Linux 6.1 sends them (docs/protocol.md, "What the Linux driver sends": one
 INDIRECT head per multi-buffer request, ``R40 Rargs W16 Wout``), plus the
 malformed rings and requests of the hostile-guest list. Regenerate with::
 

@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     else:
         failures.append("from-guest/greeting.txt missing on the host")
     todo = (demo / "notes" / "todo.md").read_text()
-    print("  notes/todo.md:\n" + "".join(f"    {l}\n" for l in todo.splitlines()), end="")
+    print("  notes/todo.md:\n" + "".join(f"    {line}\n" for line in todo.splitlines()), end="")
     if "the guest was here" not in todo:
         failures.append("notes/todo.md was not appended to")
     if not (demo / "notes" / "renamed-by-guest.txt").is_file() or (demo / "notes" / "old-name.txt").exists():

@@ -2,7 +2,10 @@
 and getfacl (the host's, over 9p) on /mnt, default ACL inheritance, the
 umask where no default ACL applies, and access granted and refused by ACL
 entries to two unprivileged users; one ``RUSTOPTS {json}`` line."""
-import errno, json, os, subprocess
+import errno
+import json
+import os
+import subprocess
 
 def run(*argv):
     r = subprocess.run(argv, capture_output=True, text=True)
@@ -45,5 +48,6 @@ out["read_1001"] = as_user(1001, lambda: os.close(os.open("/mnt/secret", os.O_RD
 out["write_1000"] = as_user(1000, lambda: os.close(os.open("/mnt/secret", os.O_WRONLY)))
 out["chmod"] = run("chmod", "0640", "/mnt/secret")
 out["secret_acl"] = run("getfacl", "--omit-header", "--numeric", "/mnt/secret")
-out["create_in_inherit_1000"] = as_user(1000, lambda: os.close(os.open("/mnt/inherit/by1000", os.O_CREAT | os.O_WRONLY, 0o600)))
+out["create_in_inherit_1000"] = as_user(
+    1000, lambda: os.close(os.open("/mnt/inherit/by1000", os.O_CREAT | os.O_WRONLY, 0o600)))
 print("RUSTOPTS " + json.dumps(out), flush=True)

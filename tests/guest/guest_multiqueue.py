@@ -3,7 +3,14 @@
 Prints ``MQ-MOUNTED`` and ``MQ-UNMOUNTED`` (the host counts the daemon's
 fds at each) and finally one ``MQ {json}`` line."""
 
-import errno, fcntl, json, os, random, struct, sys, time
+import errno
+import fcntl
+import json
+import os
+import random
+import struct
+import sys
+import time
 
 def pin(cpu):
     os.sched_setaffinity(0, {cpu})
@@ -31,7 +38,7 @@ time.sleep(5)                       # the host counts the workers' fds
 irq_before = interrupts()
 pin(0)
 os.mkdir("/mnt/d")
-names = {"entry-with-a-rather-long-name-%04d" % i for i in range(400)}
+names = {f"entry-with-a-rather-long-name-{i:04d}" for i in range(400)}
 for n in names:
     os.close(os.open("/mnt/d/" + n, os.O_CREAT | os.O_WRONLY, 0o644))
 fd = os.open("/mnt/x", os.O_CREAT | os.O_RDWR, 0o644)
@@ -56,7 +63,7 @@ def child(fn):
         pin(1)
         try:
             os._exit(0 if fn() else 1)
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - the child reports whatever stopped it
             print("child failed:", repr(e), flush=True)
             os._exit(2)
     return os.waitpid(pid, 0)[1] == 0
@@ -88,7 +95,7 @@ rec["irq"] = [irq_before, mid, irq_after]
 # -- 2. stress -------------------------------------------------------------------------
 os.mkdir("/mnt/t")
 for i in range(4):
-    os.mkdir("/mnt/t/%d" % i)
+    os.mkdir(f"/mnt/t/{i}")
 DEADLINE = time.monotonic() + int(sys.argv[1])
 VANISH = (errno.ENOENT,)
 
@@ -100,7 +107,7 @@ def stress(k):
     n = 0
     while time.monotonic() < DEADLINE:
         n += 1
-        path = "/mnt/t/%d/w%d-%d" % (k, k, n)
+        path = f"/mnt/t/{k}/w{k}-{n}"
         data = rnd.randbytes(rnd.choice((0, 1, 100, 4096, 70000)))
         try:
             with open(path, "wb") as f:
@@ -108,24 +115,24 @@ def stress(k):
             with open(path, "rb") as f:
                 if f.read() != data:
                     bad.append("content " + path)
-            new = "/mnt/t/%d/r%d-%d" % ((k + n) % 4, k, n)
+            new = f"/mnt/t/{(k + n) % 4}/r{k}-{n}"
             os.rename(path, new)
             if os.stat(new).st_size != len(data):
                 bad.append("size " + new)
             # someone else's files: may vanish under us, nothing else
-            other = "/mnt/t/%d" % rnd.randrange(4)
+            other = f"/mnt/t/{rnd.randrange(4)}"
             for name in os.listdir(other)[:5]:
                 try:
                     with open(other + "/" + name, "rb") as f:
                         f.read(100)
                 except OSError as e:
                     if e.errno not in VANISH:
-                        bad.append("%s %s" % (name, e))
+                        bad.append(f"{name} {e}")
             if n % 3:
                 os.unlink(new)
             ops += 1
         except OSError as e:
-            bad.append("%s: %s" % (path, e))
+            bad.append(f"{path}: {e}")
     return ops, bad
 
 pipes = []
@@ -136,8 +143,8 @@ for k in range(4):
         os.close(r)
         try:
             ops, bad = stress(k)
-        except BaseException as e:
-            ops, bad = 0, ["crashed: %r" % (e,)]
+        except BaseException as e:  # noqa: BLE001 - a crashed stresser is a reported failure
+            ops, bad = 0, [f"crashed: {e!r}"]
         os.write(w, json.dumps({"ops": ops, "bad": bad[:20], "nbad": len(bad)}).encode())
         os._exit(0)
     os.close(w)
@@ -153,9 +160,9 @@ for pid, r in pipes:
     os.waitpid(pid, 0)
     rec["stress"].append(json.loads(b"".join(chunks) or b'{"ops": 0, "bad": ["no report"], "nbad": 1}'))
 for d in range(4):
-    for name in os.listdir("/mnt/t/%d" % d):
-        os.unlink("/mnt/t/%d/%s" % (d, name))
-    os.rmdir("/mnt/t/%d" % d)
+    for name in os.listdir(f"/mnt/t/{d}"):
+        os.unlink(f"/mnt/t/{d}/{name}")
+    os.rmdir(f"/mnt/t/{d}")
 os.rmdir("/mnt/t")
 
 # -- 3. unmount ------------------------------------------------------------------------

@@ -617,7 +617,7 @@ def check_fsync(d):
 
 
 def _big_dir_name(i: int) -> str:
-    return "entry-%05d-%s" % (i, "n" * (i % 37))
+    return f"entry-{i:05d}-{'n' * (i % 37)}"
 
 
 def check_big_dir(d, n=10_000):
@@ -638,7 +638,7 @@ def check_big_dir(d, n=10_000):
 
 
 def check_getdents_unlink_middle(d, n=300):
-    names = ["file-%03d-%s" % (i, "z" * (i % 20)) for i in range(n)]
+    names = [f"file-{i:03d}-{'z' * (i % 20)}" for i in range(n)]
     for nm in names:
         os.mknod(J(d, nm), stat.S_IFREG | 0o600)
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
@@ -956,9 +956,9 @@ def main(argv=None) -> int:
         elif name == "mmap_shared" and a.cache in ("never", "none"):
             ref = {"mmap": "E:ENODEV"}  # 6.1: no shared mmap on FOPEN_DIRECT_IO files
         else:
-            ref = run_check(lambda dd: fn(dd, **kwargs), J(a.ref, name))
+            ref = run_check(lambda dd: fn(dd, **kwargs), J(a.ref, name))  # noqa: B023 - called at once
         t1 = time.monotonic()
-        tgt = run_check(lambda dd: fn(dd, **kwargs), J(a.target, name))
+        tgt = run_check(lambda dd: fn(dd, **kwargs), J(a.target, name))  # noqa: B023 - called at once
         t2 = time.monotonic()
         same = json.loads(json.dumps(ref)) == json.loads(json.dumps(tgt))
         status = "pass" if same else ("known" if name in a.known else "FAIL")

@@ -2,7 +2,10 @@
 root over 9p): every modifying system call on /mnt, each result by name
 (``ok`` or the errno's name), then reads, then shared and private mmap;
 one ``RUSTOPTS {json}`` line."""
-import errno, json, mmap, os
+import errno
+import json
+import mmap
+import os
 results = {}
 def attempt(name, fn, *args):
     try:

@@ -90,7 +90,7 @@ def _package_from_depends(series: Series) -> str | None:
 def _package_from_search() -> str | None:
     out = subprocess.run(["apt-cache", "search", "--names-only", r"^linux-image-6\.1\.0-[0-9]+-amd64$"],
                          capture_output=True, text=True).stdout
-    names = [l.split(" ", 1)[0] for l in out.splitlines() if IMAGE_RE.match(l.split(" ", 1)[0])]
+    names = [ln.split(" ", 1)[0] for ln in out.splitlines() if IMAGE_RE.match(ln.split(" ", 1)[0])]
     if not names:
         return None
     return max(names, key=lambda n: int(n.split("-")[3]))
@@ -150,7 +150,7 @@ def _builtin_names(moddir: Path) -> set[str]:
     f = moddir / "modules.builtin"
     if not f.is_file():
         return set()
-    return {Path(l.strip()).name.split(".ko")[0] for l in f.read_text().splitlines() if l.strip()}
+    return {Path(ln.strip()).name.split(".ko")[0] for ln in f.read_text().splitlines() if ln.strip()}
 
 
 def _install(package: str, series: Series) -> tuple[Path, Path]:

@@ -2,7 +2,8 @@
 
 One boot per cache mode, and one more with ``--writeback`` (module-scoped
 fixture), on platform a (QEMU 7.2 + Linux 6.1, FUSE 7.38) and platform b
-(QEMU 10 + Linux 6.12, FUSE 7.41; GUEST_PLATFORMS below), each running the in-guest differential suite (guest_ops.py) and
+(QEMU 10 + Linux 6.12, FUSE 7.41; GUEST_PLATFORMS below), each running the
+in-guest differential suite (guest_ops.py) and
 the ordinary tools (tools.sh) on the mount; then host-side checks of what
 the guest wrote, the shape of the daemon's process tree while the guest
 was attached, and a clean exit.

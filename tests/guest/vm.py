@@ -4,7 +4,8 @@
 kernel) with our busybox initrd (initrd.py); ``platform="b"`` boots QEMU 10
 with Linux 6.12 instead (platforms.py). ``smp=N`` gives the guest N vCPUs and
 ``num_request_queues=N`` the vhost-user-fs device N request queues (Linux 6.11+
-sends a request on the queue of the vCPU it runs on; 6.1 uses the first only). The guest mounts the host root read-only over
+sends a request on the queue of the vCPU it runs on; 6.1 uses the first only).
+The guest mounts the host root read-only over
 9p, mounts the virtiofs device (backed by the daemon listening on
 ``socket_path``) at /mnt inside that root, and runs ``command`` with
 ``/bin/sh -c`` chrooted into it, so the host's python3, fio and coreutils
@@ -66,7 +67,7 @@ class GuestResult:
         if i >= 0:
             text = text[i + len(BEGIN_MARKER):].lstrip("\n")
         m = None
-        for m in EXIT_RE.finditer(text):
+        for m in EXIT_RE.finditer(text):  # noqa: B007 - the last match is wanted
             pass
         return text[:m.start()] if m else text
 
@@ -202,7 +203,7 @@ def run_guest(socket_path: str | None, command: str, tag: str = "myfs", timeout:
                     hook_pending = False
                     try:
                         on_booted(text)
-                    except BaseException as e:  # re-raised after cleanup
+                    except BaseException as e:  # noqa: BLE001 - re-raised after cleanup
                         hook_error = e
             if time.monotonic() > deadline:
                 timed_out = True
@@ -218,7 +219,7 @@ def run_guest(socket_path: str | None, command: str, tag: str = "myfs", timeout:
     text = console.read_text(errors="replace").replace("\r\n", "\n")
     stderr = stderr_path.read_text(errors="replace")
     m = None
-    for m in EXIT_RE.finditer(text):
+    for m in EXIT_RE.finditer(text):  # noqa: B007 - the last match is wanted
         pass
     result = GuestResult(
         exit_status=int(m.group(1)) if m else None,

@@ -1,6 +1,6 @@
 """The least CPU a GETATTR can cost in CPython: a floor, not a daemon.
 
-The README says no code shape brings our per-request cost down to the C
+docs/perf/history.md says no code shape brings our per-request cost down to the C
 daemon's. This is the measurement behind that sentence: the ring and the
 requests of tests/perf/inproc.py (Linux's layout: one INDIRECT head
 descriptor, a 4-entry table: in header, fuse_getattr_in, out header,

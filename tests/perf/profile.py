@@ -1,4 +1,4 @@
-"""Where the time goes: the evidence behind the README's performance section.
+"""Where the time goes: the evidence behind docs/perf/history.md.
 
     python -m tests.perf.profile [--files 5000] [--out docs/perf/profile.md]
 
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     md = ["# Where the time goes", "",
           f"Written by `python -m tests.perf.profile` on {time.strftime('%Y-%m-%d %H:%M')} "
-          f"({os.cpu_count()} cores, shared). See the README's performance section.", "",
+          f"({os.cpu_count()} cores, shared). See docs/perf/history.md.", "",
           f"## A real guest: the metadata workload ({a.files:,} files, cache=auto)", "",
           "| daemon | phases (ops/s) | user CPU s | system CPU s |", "|---|---|---:|---:|"]
     runs = {}

@@ -11,10 +11,10 @@ import os
 
 import pytest
 
-from daemon.sandbox import capabilities, namespaces
+from daemon.sandbox import capabilities
 from tests.frontend.fuse_client import FuseClient
 from tests.frontend.vhost import start_frontend
-from tests.procfs import children
+from tests.procfs import children, ns_inodes
 
 
 def status(pid: int) -> dict[str, str]:
@@ -63,7 +63,7 @@ def test_every_worker_is_confined(attached):
         roles["hiprio" if "hiprio" in comm else "request"] = pid
     assert set(roles) == {"hiprio", "request"}, roles
 
-    sup_ns = namespaces.ns_inodes(d.pid)
+    sup_ns = ns_inodes(d.pid)
     sup_sockets = socket_inodes(d.pid)
     assert sup_sockets, "the supervisor holds the QEMU connection and the worker channels"
     share_id = (os.stat(share).st_dev, os.stat(share).st_ino)
@@ -75,7 +75,7 @@ def test_every_worker_is_confined(attached):
         assert int(st["CapEff"], 16) == want, role
         assert int(st["CapPrm"], 16) == want, role
         assert int(st["CapInh"], 16) == 0 and int(st["CapAmb"], 16) == 0, role
-        ns = namespaces.ns_inodes(pid)
+        ns = ns_inodes(pid)
         for kind in ("mnt", "pid", "net", "ipc", "uts"):
             assert ns[kind] != sup_ns[kind], (role, kind)
         root = os.stat(f"/proc/{pid}/root")

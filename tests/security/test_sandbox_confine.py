@@ -14,7 +14,8 @@ import socket
 import pytest
 
 from daemon import sandbox
-from daemon.sandbox import capabilities, namespaces
+from daemon.sandbox import capabilities
+from tests.procfs import ns_inodes
 from tests.security.confined import make_config, run_confined
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -56,7 +57,7 @@ def outside_view(pid):
         "seccomp": st["Seccomp"], "nnp": st["NoNewPrivs"], "capeff": int(st["CapEff"], 16),
         "capprm": int(st["CapPrm"], 16), "capbnd": int(st["CapBnd"], 16), "capinh": int(st["CapInh"], 16),
         "capamb": int(st["CapAmb"], 16),
-        "ns": namespaces.ns_inodes(pid), "root": (root.st_dev, root.st_ino), "root_entries": root_entries,
+        "ns": ns_inodes(pid), "root": (root.st_dev, root.st_ino), "root_entries": root_entries,
         "cwd": os.readlink(f"/proc/{pid}/cwd"),
         "fd_targets": [os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")],
     }
@@ -90,7 +91,7 @@ def test_request_worker_confined(shared, mode):
     sh = os.stat(shared)
     assert out["root"] == (sh.st_dev, sh.st_ino)
     assert sorted(out["root_entries"]) == ["file", "sub"]
-    mine = namespaces.ns_inodes()
+    mine = ns_inodes()
     if mode == "namespace":
         assert inside["pid"] == 1
         for ns in ("mnt", "pid", "net", "ipc", "uts"):
@@ -121,7 +122,7 @@ def test_hiprio_worker_confined(shared, mode):
     assert os.WIFSIGNALED(res.status) and os.WTERMSIG(res.status) == signal.SIGSYS, res
     if mode == "namespace":
         for ns in ("mnt", "pid", "net", "ipc", "uts"):
-            assert out["ns"][ns] != namespaces.ns_inodes()[ns], ns
+            assert out["ns"][ns] != ns_inodes()[ns], ns
 
 
 def test_hiprio_root_is_read_only_and_empty(shared):
@@ -234,12 +235,11 @@ def test_file_handles_add_dac_read_search(shared):
 
 
 def test_rlimit_nofile(shared):
-    from types import SimpleNamespace
-    cfg = SimpleNamespace(shared_dir=str(shared), sandbox="namespace", seccomp="kill", rlimit_nofile=4096)
+    cfg = make_config(shared, "namespace", "kill", rlimit_nofile=4096)
     res = run_confined("request", cfg, lambda info: info.nofile)
     assert res.report == repr((4096, 4096))
     res = run_confined("hiprio", cfg, lambda info: None, inspect=lambda pid: open(f"/proc/{pid}/limits").read())
-    line = next(l for l in res.outside.splitlines() if l.startswith("Max open files"))
+    line = next(ln for ln in res.outside.splitlines() if ln.startswith("Max open files"))
     assert line.split()[3:5] == ["256", "256"]
 
 

@@ -1,4 +1,4 @@
-"""Worker death (issue 3, item 6): a worker that dies — killed by its seccomp
+"""Worker death: a worker that dies — killed by its seccomp
 filter, by a bug, by SIGKILL — is logged with why and replaced; the guest
 requests it had taken are answered EIO, the mount keeps working for new
 requests, and a worker that keeps dying ends the daemon with exit status 1

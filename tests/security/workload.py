@@ -165,7 +165,8 @@ def fuse_work(client, uid: int = 0, gid: int = 0, tag: str = "r") -> list[str]:
     o.call("link", Opcode.LINK, d, abi.LINK_IN.pack(f) + name("h"), 128)
     o.call("mknod fifo", Opcode.MKNOD, d, abi.MKNOD_IN.pack(0o10644, 0, 0) + name("p"), 128)
     o.call("rename", Opcode.RENAME, d, abi.RENAME_IN.pack(d) + name("h") + name("h2"), 0)
-    o.call("rename2 exchange", Opcode.RENAME2, d, abi.RENAME2_IN.pack(d, abi.RENAME_EXCHANGE) + name("h2") + name("p"), 0,
+    o.call("rename2 exchange", Opcode.RENAME2, d,
+           abi.RENAME2_IN.pack(d, abi.RENAME_EXCHANGE) + name("h2") + name("p"), 0,
            ok=(0, errno.EINVAL))
     o.call("lookup", Opcode.LOOKUP, d, name("f"), 128)
     o.call("lookup ..", Opcode.LOOKUP, d, name(".."), 128, ok=(0, errno.ENOENT, errno.EINVAL))

@@ -118,7 +118,7 @@ def entry_attr(payload: bytes) -> tuple:
 
 
 # -- a client ------------------------------------------------------------------
-INIT_FLAGS_LINUX_6_1 = 0x7BFFFFFB  # what Debian's 6.1 sends (PROTOCOL.md §4.3)
+INIT_FLAGS_LINUX_6_1 = 0x7BFFFFFB  # what Debian's 6.1 sends (docs/protocol.md, "Version and INIT")
 INIT_FLAGS2_LINUX_6_1 = 0xB
 
 

@@ -48,7 +48,8 @@ def test_help_lists_the_options_and_is_true_to_the_code():
     for option in ("--socket-path", "--fd", "--shared-dir", "--cache", "--log-level", "--thread-pool-size",
                    "--xattr", "--no-xattr", "--readdirplus", "--no-readdirplus", "--writeback", "--no-writeback",
                    "--announce-submounts", "--posix-lock", "--no-posix-lock", "--flock", "--no-flock",
-                   "--allow-direct-io", "--no-allow-direct-io", "--print-capabilities", "-o OPT", "--inode-table-size", "--sandbox", "--seccomp", "--modcaps",
+                   "--allow-direct-io", "--no-allow-direct-io", "--print-capabilities", "-o OPT",
+                   "--inode-table-size", "--sandbox", "--seccomp", "--modcaps",
                    "--inode-file-handles", "--inode-fd-cache", "--rlimit-nofile", "--version"):
         assert option in result.stdout
     assert "worker processes" in result.stdout          # what --thread-pool-size means here

@@ -151,6 +151,24 @@ def test_channel_recv_raises_only_channel_error_and_closes_fds(channel_pair, fra
     assert _open_fds() == before
 
 
+@settings(max_examples=300, deadline=None)
+@given(msg=st.sampled_from(list(ch.Msg)), size=st.integers(0, 300), nfds=st.integers(0, 9))
+def test_channel_request_check_accepts_only_the_table_and_closes_fds_on_refusal(msg, size, nfds):
+    before = _open_fds()
+    fds = [os.eventfd(0) for _ in range(nfds)]
+    try:
+        ch.check_request(msg, bytes(size), fds)
+    except ChannelError:
+        assert _open_fds() == before       # refused: every fd closed
+        expect = ch.REQUESTS.get(msg)
+        assert expect is None or size not in expect[0] or nfds not in expect[1]
+        return
+    ch.close_fds(fds)
+    sizes, counts = ch.REQUESTS[msg]
+    assert size in sizes and nfds in counts
+    assert msg not in (ch.Msg.READY, ch.Msg.ANSWER)
+
+
 # -- descriptor chains: what the driver wrote is what pops --------------------------------------
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ Each struct is checked against its C declaration from <linux/fuse.h> 7.38,
 written out here independently as a list of (C type, value) members — with
 a distinct value in every member, so a swapped, missing or misplaced field
 changes the bytes — and a few against literal bytes seen on the wire
-(PROTOCOL.md §8).
+(docs/protocol.md, "What the Linux driver sends").
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def test_pack_matches_c_layout(name):
 
 # -- literal bytes from the wire ------------------------------------------------------------
 def test_init_in_as_linux_6_1_sends_it():
-    # FUSE_INIT seen from Debian 6.1.192 (PROTOCOL.md §8): header + init_in
+    # FUSE_INIT seen from Debian 6.1.192 (docs/protocol.md, "What the Linux driver sends"): header + init_in
     wire = bytes.fromhex(
         "68000000" "1a000000" "0200000000000000" "0000000000000000"
         "00000000" "00000000" "00000000" "0000" "0000"

@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from daemon.fuse import abi, credentials, locks
 from daemon.fuse.abi import Opcode
 from daemon.fuse.handles import KIND_FILE
-from daemon.fuse.locks import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX
+from daemon.fuse.abi import OFFSET_MAX
+from daemon.fuse.locks import F_RDLCK, F_UNLCK, F_WRLCK
 from daemon.fuse.request import DEFERRED, MAX_DEFERRED, FUSEError, Request
 from daemon.virtio.iovec import IoVec
 from tests.unit.fusereq import start_session

@@ -169,11 +169,12 @@ def test_serves_qemu_then_exits_0_when_it_disconnects(start):
     qemu.send(R.SET_VRING_CALL, m.U64.pack(1), [os.eventfd(0)])
     qemu.start_ring(1)
     qemu.send(R.GET_VRING_BASE, m.VRING_STATE.pack(1, 0))
-    assert qemu.reply() == m.encode_vring_base_reply(1, 7)     # the worker's VRING_STOP answer
+    # the worker's VRING_STOP answer
+    assert qemu.reply() == m.encode_reply(m.Request.GET_VRING_BASE, m.VRING_STATE.pack(1, 7))
     # vring 2 gets its worker when it starts
     qemu.start_ring(2)
     qemu.send(R.GET_VRING_BASE, m.VRING_STATE.pack(2, 0))
-    assert qemu.reply() == m.encode_vring_base_reply(2, 7)
+    assert qemu.reply() == m.encode_reply(m.Request.GET_VRING_BASE, m.VRING_STATE.pack(2, 7))
     qemu.close()
     assert d.wait() == 0, d.log()
     log = d.log()
@@ -239,7 +240,8 @@ def test_worker_crash_is_logged_and_the_worker_replaced(start):
     qemu = Qemu(d.socket_path)
     qemu.start_ring(1)
     qemu.send(R.GET_VRING_BASE, m.VRING_STATE.pack(1, 0))
-    assert qemu.reply() == m.encode_vring_base_reply(1, 7)     # answered by the replacement
+    # answered by the replacement
+    assert qemu.reply() == m.encode_reply(m.Request.GET_VRING_BASE, m.VRING_STATE.pack(1, 7))
     log = d.log()
     assert re.search(r"worker request-1 \(pid \d+\) failed: VRING_START: peer closed the channel "
                      r"\(killed by SIGSEGV\)", log), log

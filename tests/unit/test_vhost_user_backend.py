@@ -1,5 +1,5 @@
 """The vhost-user state machine (daemon/vhost_user/backend.py), driven over a
-real socketpair the way QEMU 7.2 drives it (PROTOCOL.md §1.7 and §8), with a
+real socketpair the way QEMU 7.2 drives it (docs/protocol.md, "Message order, QEMU 7.2"), with a
 fake WorkerPool that records what the workers would have been told."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import socket
 import pytest
 
 from daemon.vhost_user import messages as m
-from daemon.vhost_user.backend import OFFERED_FEATURES, Backend, WorkerFailure, WorkerSpawnError
+from daemon.vhost_user.backend import OFFERED_FEATURES, Backend
+from daemon.workers.pool import WorkerFailure, WorkerSpawnError
 from daemon.vhost_user.messages import Request as R
 
 QEMU_FEATURES = 0x1_5000_0000          # guest acked VERSION_1|INDIRECT, QEMU adds bit 30
@@ -298,8 +299,9 @@ def test_qemu_7_2_session_from_realize_to_power_off():
     for i in range(nvqs):
         assert rig.request(R.GET_VRING_BASE, state(i, 0))
         bases.append(rig.reply())
-    assert bases == [m.encode_vring_base_reply(0, 1), bytes.fromhex("0b000000 05000000 08000000 01000000 0e000000"),
-                     m.encode_vring_base_reply(2, 0)]
+    assert bases == [m.encode_reply(m.Request.GET_VRING_BASE, m.VRING_STATE.pack(0, 1)),
+                     bytes.fromhex("0b000000 05000000 08000000 01000000 0e000000"),
+                     m.encode_reply(m.Request.GET_VRING_BASE, m.VRING_STATE.pack(2, 0))]
     assert rig.pool.take() == []               # already stopped by SET_VRING_ENABLE 0
     for i in range(nvqs):
         assert rig.request(R.SET_VRING_CALL, u64(i), [eventfd()])
@@ -317,7 +319,7 @@ def test_restart_after_reboot_resumes_from_the_base_qemu_gives(rig):
     assert rig.request(R.SET_VRING_ENABLE, state(1, 1))
     rig.pool.progress[1] = 5
     assert rig.request(R.GET_VRING_BASE, state(1, 0))     # stop without disabling first
-    assert rig.reply() == m.encode_vring_base_reply(1, 5)
+    assert rig.reply() == m.encode_reply(m.Request.GET_VRING_BASE, m.VRING_STATE.pack(1, 5))
     rig.pool.take()
     # the whole DRIVER_OK block again: SET_FEATURES disables the rings
     assert rig.request(R.SET_FEATURES, u64(QEMU_FEATURES))
@@ -377,7 +379,7 @@ def test_get_vring_base_of_a_ring_never_started(rig):
     negotiate(rig)
     assert rig.request(R.SET_VRING_BASE, state(1, 42))
     assert rig.request(R.GET_VRING_BASE, state(1, 0))
-    assert rig.reply() == m.encode_vring_base_reply(1, 42)
+    assert rig.reply() == m.encode_reply(m.Request.GET_VRING_BASE, m.VRING_STATE.pack(1, 42))
 
 
 def test_ring_beyond_the_queue_count_gets_no_worker(caplog):
@@ -391,7 +393,7 @@ def test_ring_beyond_the_queue_count_gets_no_worker(caplog):
         assert rig.pool.take() == []
         assert "vring 2 has no worker" in caplog.text
         assert rig.request(R.GET_VRING_BASE, state(2, 0))
-        assert rig.reply() == m.encode_vring_base_reply(2, 0)
+        assert rig.reply() == m.encode_reply(m.Request.GET_VRING_BASE, m.VRING_STATE.pack(2, 0))
     finally:
         rig.close()
 
@@ -463,7 +465,7 @@ def test_dead_worker_of_a_running_ring_is_replaced_and_resumes_with_recovery(rig
     # GET_VRING_BASE now answers from the replacement
     rig.pool.progress[1] = 0
     assert rig.request(R.GET_VRING_BASE, state(1, 0))
-    assert rig.reply() == m.encode_vring_base_reply(1, 5)
+    assert rig.reply() == m.encode_reply(m.Request.GET_VRING_BASE, m.VRING_STATE.pack(1, 5))
 
 
 def test_get_vring_base_on_a_dead_worker_answers_its_published_index(rig):
@@ -487,7 +489,7 @@ def test_get_vring_base_on_a_dead_worker_answers_its_published_index(rig):
     assert ("spawn", 1) in calls
     restart = [c for c in calls if c[0] == "start"]
     assert len(restart) == 1 and restart[0][6] == 7 and restart[0][-1] == "recover"
-    assert rig.reply() == m.encode_vring_base_reply(1, 7)
+    assert rig.reply() == m.encode_reply(m.Request.GET_VRING_BASE, m.VRING_STATE.pack(1, 7))
 
 
 def test_dead_idle_worker_gets_the_memory_table_and_call_fd(rig):

@@ -55,7 +55,7 @@ def test_reply_ack_bytes():
 
 
 def test_get_vring_base_reply_bytes():
-    assert m.encode_vring_base_reply(1, 14) == bytes.fromhex(
+    assert m.encode_reply(m.Request.GET_VRING_BASE, m.VRING_STATE.pack(1, 14)) == bytes.fromhex(
         "0b000000" "05000000" "08000000" "01000000" "0e000000")
 
 

@@ -3,7 +3,7 @@
 ``GuestDriver`` is the driver side: one memfd of guest RAM presented as two
 adjacent regions (so buffers can straddle them), the split-ring layout of
 virtio 1.x written with its own struct code, and the used ring read back.
-It is written from the spec (PROTOCOL.md §2), not from virtqueue.py.
+It is written from the spec (docs/protocol.md, "The split virtqueue"), not from virtqueue.py.
 """
 
 from __future__ import annotations
@@ -282,7 +282,7 @@ def test_pop_resumes_at_last_avail_idx(driver, mem):
 
 def test_push_is_invisible_until_publish(driver, mem):
     q = driver.queue(mem)
-    for i in range(3):
+    for _ in range(3):
         driver.add([b"r"], [8])
     chains = [q.pop() for _ in range(3)]
     for c in chains:

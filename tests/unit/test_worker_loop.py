@@ -464,6 +464,8 @@ VIOLATIONS = {
     "vring-stop-with-fd": lambda w, g: w.channel.send(Msg.VRING_STOP, VRING_STOP.pack(RING), [g.kick]),
     "vring-call-has-fd-2": lambda w, g: w.channel.send(Msg.VRING_CALL, VRING_CALL.pack(RING, 2)),
     "vring-call-missing-fd": lambda w, g: w.channel.send(Msg.VRING_CALL, VRING_CALL.pack(RING, 1)),
+    "vring-call-long": lambda w, g: w.channel.send(Msg.VRING_CALL, VRING_CALL.pack(RING, 0) + b"\0"),
+    "vring-stop-short": lambda w, g: w.channel.send(Msg.VRING_STOP, VRING_STOP.pack(RING)[:-1]),
     "shutdown-with-payload": lambda w, g: w.channel.send(Msg.SHUTDOWN, b"x"),
     "answer-to-worker": lambda w, g: w.channel.send(Msg.ANSWER, ANSWER.pack(0, 0)),
     "ready-to-worker": lambda w, g: w.channel.send(Msg.READY),
@@ -485,7 +487,7 @@ def test_channel_violation_kills_the_worker_with_exit_1(worker, guest, violation
 def test_worker_main_sends_ready_serves_and_exits_0(tmp_path, guest, role, index):
     from daemon.config import Config
     from daemon.fuse.inodes import InodeTable
-    from daemon.workers.entry import worker_main
+    from daemon.workers.entry import become_worker, worker_main
 
     config = Config(shared_dir=str(tmp_path), sandbox="none", seccomp="none", inode_table_size=64)
     inodes = InodeTable(64)
@@ -493,6 +495,7 @@ def test_worker_main_sends_ready_serves_and_exits_0(tmp_path, guest, role, index
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         supervisor_end.close()
+        become_worker(index)         # as the supervisor's pool does first in the child
         worker_main(role, index, worker_end, config, inodes)
     worker_end.close()
     supervisor_end.sock.settimeout(TIMEOUT)
