@@ -225,7 +225,15 @@ def ensure_kernel(series: str = "6.1") -> tuple[Path, Path]:
     got = _current(s)
     if got:
         return got
-    return _install(resolve_package(s), s)
+    try:
+        return _install(resolve_package(s), s)
+    except subprocess.CalledProcessError:
+        if not s.suite:
+            raise
+        # our lists of that suite may name a kernel the archive replaced
+        from .platforms import apt_options
+        apt_options(s.suite, refresh=True)
+        return _install(resolve_package(s), s)
 
 
 def main() -> int:

@@ -78,15 +78,16 @@ def _log(msg: str) -> None:
 # apt with a source list of our own
 
 
-def apt_options(suite: str) -> list[str]:
+def apt_options(suite: str, refresh: bool = False) -> list[str]:
     """``-o`` options that make apt-get/apt-cache see only ``suite`` (lists
-    kept under the cache; ``apt-get update`` runs once, the first time)."""
+    kept under the cache; ``apt-get update`` runs the first time, or again
+    with ``refresh``: the archive drops superseded versions)."""
     root = cache_dir() / "apt" / suite
     lists = root / "lists"
     opts = ["-o", f"Dir::Etc::sourcelist={root / 'sources.list'}", "-o", "Dir::Etc::sourceparts=-",
             "-o", f"Dir::State::Lists={lists}", "-o", f"Dir::Cache={root / 'cache'}",
             "-o", "APT::Sandbox::User=root"]
-    if not (root / ".updated").is_file():
+    if refresh or not (root / ".updated").is_file():
         (lists / "partial").mkdir(parents=True, exist_ok=True)
         (root / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
         (root / "sources.list").write_text(f"deb [signed-by={KEYRING}] {MIRROR} {suite} main\n")
@@ -97,10 +98,13 @@ def apt_options(suite: str) -> list[str]:
 
 
 def download(suite: str, packages, dest: Path) -> list[Path]:
-    """``apt-get download`` each package's ``suite`` version into ``dest``."""
-    opts = apt_options(suite)
-    subprocess.run(["apt-get", "download", "-q", *opts, *(f"{p}/{suite}" for p in packages)],
-                   cwd=dest, check=True, stdout=subprocess.DEVNULL)
+    """``apt-get download`` each package's ``suite`` version into ``dest``
+    (the lists are refreshed once if that fails: they may name a version
+    the archive no longer has)."""
+    argv = ["apt-get", "download", "-q", *(f"{p}/{suite}" for p in packages)]
+    if subprocess.run(argv[:3] + apt_options(suite) + argv[3:], cwd=dest, stdout=subprocess.DEVNULL).returncode:
+        subprocess.run(argv[:3] + apt_options(suite, refresh=True) + argv[3:], cwd=dest, check=True,
+                       stdout=subprocess.DEVNULL)
     debs = sorted(dest.glob("*.deb"))
     if len(debs) != len(packages):
         raise RuntimeError(f"apt-get download {packages} from {suite} produced {debs}")
