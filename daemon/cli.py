@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rlimit-nofile", metavar="N", type=_int_arg("--rlimit-nofile", 0, 1 << 30),
                    help="RLIMIT_NOFILE for request workers (default: raised as far as allowed; "
                         "0 leaves it alone)")
+    p.add_argument("--killpriv-v2", action=argparse.BooleanOptionalAction, default=DEFAULTS["killpriv_v2"],
+                   help="offer FUSE_HANDLE_KILLPRIV_V2: the guest no longer sends a chmod to clear "
+                        "SUID/SGID before a write, truncate or open(O_TRUNC) by another user, it "
+                        "asks the daemon to clear them as part of the operation (default: off)")
     p.add_argument("--print-capabilities", action=_PrintCapabilities,
                    help="print the vhost-user backend capabilities as JSON and exit (for libvirt)")
     p.add_argument("-o", metavar="OPT[,OPT...]", dest="compat_o", action="append",
@@ -164,6 +168,7 @@ def parse_config(argv: list[str]) -> Config:
         file_handles=args.inode_file_handles == "prefer",
         inode_fds=args.inode_fd_cache,
         rlimit_nofile=args.rlimit_nofile,
+        killpriv_v2=args.killpriv_v2,
     )
 
 
