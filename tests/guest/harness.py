@@ -42,11 +42,15 @@ BOOT_TIMEOUT = 900
 
 
 def guest_command(cache: str, *, tools: bool = True, known=(), big_mib: int = BIG_MIB,
-                  dir_entries: int = DIR_ENTRIES) -> str:
+                  dir_entries: int = DIR_ENTRIES, only=()) -> str:
+    """The guest's shell command: guest_ops.py (only the ``only`` checks,
+    if given), then tools.sh if ``tools``."""
     ops = ["python3", guest_path(GUEST_OPS), "--ref", "/tmp/ops-ref", "--target", "/mnt/ops",
            "--cache", cache, "--big-mib", str(big_mib), "--dir-entries", str(dir_entries)]
     for k in known:
         ops += ["--known", k]
+    for name in only:
+        ops += ["--only", name]
     cmd = ("export PYTHONDONTWRITEBYTECODE=1; "
            f"{shlex.join(ops)}; echo \"@@STEP ops rc=$?@@\"; rm -rf /tmp/ops-ref; ")
     if tools:
@@ -181,8 +185,9 @@ def _wait_exit(daemon, timeout: float) -> int | None:
 
 
 def boot_and_run(daemon, kind: str, cache: str, shared_dir: Path, *, tools: bool = True,
-                 known=(), timeout: float = BOOT_TIMEOUT, console_log=None) -> Run:
-    """Boot one guest against an already listening daemon and run the suite."""
+                 known=(), timeout: float = BOOT_TIMEOUT, console_log=None, only=()) -> Run:
+    """Boot one guest against an already listening daemon and run the suite
+    (only the ``only`` checks of it, if given)."""
     seen_tree: list = []
     seen_confinement: dict = {}
 
@@ -203,7 +208,7 @@ def boot_and_run(daemon, kind: str, cache: str, shared_dir: Path, *, tools: bool
         return None
 
     t0 = time.monotonic()
-    guest = run_guest(daemon.socket_path, guest_command(cache, tools=tools, known=known),
+    guest = run_guest(daemon.socket_path, guest_command(cache, tools=tools, known=known, only=only),
                       timeout=timeout, console_log=console_log, on_booted=on_booted,
                       idle_timeout=IDLE_TIMEOUT, abort_if=daemon_died)
     ops, info, ops_summary, tl, tools_summary, step_rc = parse_output(guest.output)
