@@ -1,7 +1,10 @@
-"""Boot a QEMU 7.2 guest (TCG) that runs one shell command against virtiofs.
+"""Boot a QEMU guest (TCG) that runs one shell command against virtiofs.
 
-``run_guest(socket_path, command)`` boots Debian's 6.1 kernel with our
-busybox initrd (initrd.py). The guest mounts the host root read-only over
+``run_guest(socket_path, command)`` boots platform a (QEMU 7.2, Debian's 6.1
+kernel) with our busybox initrd (initrd.py); ``platform="b"`` boots QEMU 10
+with Linux 6.12 instead (platforms.py). ``smp=N`` gives the guest N vCPUs and
+``num_request_queues=N`` the vhost-user-fs device N request queues (Linux 6.11+
+sends a request on the queue of the vCPU it runs on; 6.1 uses the first only). The guest mounts the host root read-only over
 9p, mounts the virtiofs device (backed by the daemon listening on
 ``socket_path``) at /mnt inside that root, and runs ``command`` with
 ``/bin/sh -c`` chrooted into it, so the host's python3, fio and coreutils
@@ -26,6 +29,8 @@ from pathlib import Path
 
 from .initrd import BEGIN_MARKER, SETUP_FAILED_STATUS, ensure_initrd
 from .kernel import ensure_kernel
+from .platforms import platform as get_platform
+from .platforms import qemu_argv
 
 # the repository's tests/ directory, exported read-only to every guest
 HARNESS_DIR = Path(__file__).resolve().parent.parent
@@ -86,9 +91,12 @@ def _mem_bytes(mem: str) -> int:
 
 def qemu_command(socket_path: str | None, command: str, *, tag: str, mem: str, smp: int,
                  console_path: str, mount_opts: str = "", mount_point: str = "/mnt",
-                 extra_kernel_args=(), queue_size: int = 1024) -> list[str]:
-    vmlinuz, _mods = ensure_kernel()
-    initrd = ensure_initrd()
+                 extra_kernel_args=(), queue_size: int = 1024, platform: str = "a",
+                 num_request_queues: int = 1) -> list[str]:
+    vmlinuz, _mods = ensure_kernel(get_platform(platform).kernel)
+    initrd = ensure_initrd(platform)
+    if num_request_queues < 1:
+        raise ValueError(f"num_request_queues must be >= 1, not {num_request_queues}")
     mem_b = _mem_bytes(mem)
     cmd_b64 = base64.b64encode(command.encode()).decode()
     append = ["console=ttyS0", "panic=-1", "quiet", "mitigations=off",
@@ -104,7 +112,7 @@ def qemu_command(socket_path: str | None, command: str, *, tag: str, mem: str, s
         raise ValueError(f"kernel command line too long ({len(append_s)} bytes): put the "
                          "command in a script file the guest can read through /host")
     argv = [
-        QEMU, "-accel", "tcg,thread=multi", "-cpu", "max",
+        *qemu_argv(platform), "-accel", "tcg,thread=multi", "-cpu", "max",
         "-m", f"{mem_b >> 20}M", "-smp", str(smp),
         "-nodefaults", "-display", "none", "-no-reboot", "-monitor", "none",
         "-serial", f"file:{console_path}",
@@ -117,8 +125,9 @@ def qemu_command(socket_path: str | None, command: str, *, tag: str, mem: str, s
         "-kernel", str(vmlinuz), "-initrd", str(initrd), "-append", append_s,
     ]
     if socket_path:
+        queues = f",num-request-queues={num_request_queues}" if num_request_queues != 1 else ""
         argv += ["-chardev", f"socket,id=char0,path={socket_path}",
-                 "-device", f"vhost-user-fs-pci,queue-size={queue_size},chardev=char0,tag={tag}"]
+                 "-device", f"vhost-user-fs-pci,queue-size={queue_size}{queues},chardev=char0,tag={tag}"]
     return argv
 
 
@@ -126,9 +135,13 @@ def run_guest(socket_path: str | None, command: str, tag: str = "myfs", timeout:
               mem: str = "1G", smp: int = 2, extra_kernel_args=(), mount_opts: str = "",
               mount_point: str = "/mnt", console_log: str | os.PathLike | None = None,
               on_booted=None, queue_size: int = 1024, idle_timeout: float | None = None,
-              abort_if=None) -> GuestResult:
+              abort_if=None, platform: str = "a", num_request_queues: int = 1) -> GuestResult:
     """Boot, run ``command`` (``sh -c`` in the chrooted host root, cwd /tmp),
     power off. ``socket_path=None`` boots without a virtiofs device.
+
+    ``platform``: "a" (QEMU 7.2 + Linux 6.1) or "b" (QEMU 10 + Linux 6.12);
+    ``smp``: vCPUs; ``num_request_queues``: the device's request queues
+    (the daemon must offer that many, or QEMU refuses to start).
 
     ``on_booted(result_so_far)`` is called once, from this thread, when the
     begin marker appears on the console (the virtiofs mount is up): tests use
@@ -139,7 +152,7 @@ def run_guest(socket_path: str | None, command: str, tag: str = "myfs", timeout:
     seconds. ``abort_if()``: polled every 0.2 s; a true value (a reason) kills
     QEMU 3 s later (e.g. the daemon died, so the guest's requests would hang).
     """
-    if shutil.which(QEMU) is None:
+    if platform == "a" and shutil.which(QEMU) is None:
         raise RuntimeError(f"{QEMU} not found: apt-get install qemu-system-x86")
     tmpdir = tempfile.mkdtemp(prefix="pyvfs-guest-")
     console = Path(console_log) if console_log else Path(tmpdir) / "console.log"
@@ -149,7 +162,8 @@ def run_guest(socket_path: str | None, command: str, tag: str = "myfs", timeout:
     argv = qemu_command(socket_path, command, tag=tag, mem=mem, smp=smp,
                         console_path=str(console), mount_opts=mount_opts,
                         mount_point=mount_point, extra_kernel_args=extra_kernel_args,
-                        queue_size=queue_size)
+                        queue_size=queue_size, platform=platform,
+                        num_request_queues=num_request_queues)
     start = time.monotonic()
     timed_out = False
     hook_error: BaseException | None = None
@@ -223,9 +237,13 @@ if __name__ == "__main__":
     ap.add_argument("--socket-path")
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--mount-opts", default="")
+    ap.add_argument("--platform", choices=("a", "b"), default="a")
+    ap.add_argument("--smp", type=int, default=2)
+    ap.add_argument("--num-request-queues", type=int, default=1)
     ap.add_argument("command")
     a = ap.parse_args()
-    r = run_guest(a.socket_path, a.command, timeout=a.timeout, mount_opts=a.mount_opts)
+    r = run_guest(a.socket_path, a.command, timeout=a.timeout, mount_opts=a.mount_opts,
+                  platform=a.platform, smp=a.smp, num_request_queues=a.num_request_queues)
     print(r.output)
     print(r.describe(tail=0) if r.exit_status == 0 else r.describe())
     raise SystemExit(0 if r.exit_status == 0 else 1)
