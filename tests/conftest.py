@@ -102,6 +102,10 @@ def daemon_command(kind: str, socket_path: str, shared_dir: str, cache: str,
     if kind == "c":
         return [C_VIRTIOFSD, f"--socket-path={socket_path}", "-o", f"source={shared_dir}",
                 "-o", f"cache={C_CACHE.get(cache, cache)}", *C_DEFAULT_OPTS, *extra_args]
+    if kind == "rust":  # the Rust virtiofsd 1.13 (Debian 13's), unpacked by tests/guest/platforms.py
+        from tests.guest.platforms import rust_virtiofsd_argv
+        return [*rust_virtiofsd_argv(), "--socket-path", socket_path, "--shared-dir", shared_dir,
+                "--cache", cache, "--xattr", *extra_args]
     raise ValueError(f"unknown daemon kind {kind!r}")
 
 

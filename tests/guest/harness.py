@@ -185,9 +185,10 @@ def _wait_exit(daemon, timeout: float) -> int | None:
 
 
 def boot_and_run(daemon, kind: str, cache: str, shared_dir: Path, *, tools: bool = True,
-                 known=(), timeout: float = BOOT_TIMEOUT, console_log=None, only=()) -> Run:
-    """Boot one guest against an already listening daemon and run the suite
-    (only the ``only`` checks of it, if given)."""
+                 known=(), timeout: float = BOOT_TIMEOUT, console_log=None, only=(),
+                 platform: str = "a") -> Run:
+    """Boot one guest (``platform``: vm.run_guest's) against an already
+    listening daemon and run the suite (only the ``only`` checks, if given)."""
     seen_tree: list = []
     seen_confinement: dict = {}
 
@@ -210,7 +211,7 @@ def boot_and_run(daemon, kind: str, cache: str, shared_dir: Path, *, tools: bool
     t0 = time.monotonic()
     guest = run_guest(daemon.socket_path, guest_command(cache, tools=tools, known=known, only=only),
                       timeout=timeout, console_log=console_log, on_booted=on_booted,
-                      idle_timeout=IDLE_TIMEOUT, abort_if=daemon_died)
+                      idle_timeout=IDLE_TIMEOUT, abort_if=daemon_died, platform=platform)
     ops, info, ops_summary, tl, tools_summary, step_rc = parse_output(guest.output)
     run = Run(kind=kind, cache=cache, shared_dir=Path(shared_dir), guest=guest, ops=ops,
               ops_info=info, ops_summary=ops_summary, tools=tl, tools_summary=tools_summary,

@@ -270,23 +270,33 @@ def test_create_of_an_existing_file_with_o_trunc_and_the_flag_clears_the_bits(se
 
 
 # -- the primitives -------------------------------------------------------------------------
+class OtherThread:
+    """A thread started now (as a worker's helper threads are, before any
+    request) that reads ``probe()`` when ``look()`` is called."""
+
+    def __init__(self, probe):
+        self.probe, self.value = probe, None
+        self._started, self._go = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+        self._started.wait(5)
+
+    def _run(self):
+        self._started.set()
+        self._go.wait(5)
+        self.value = self.probe()
+
+    def look(self):
+        self._go.set()
+        self._thread.join()
+        return self.value
+
+
 def test_without_fsetid_is_per_thread_and_undone():
-    seen = {}
-    started, inside = threading.Event(), threading.Event()
-
-    def helper():  # started before the drop: another thread of the worker
-        started.set()
-        inside.wait(5)
-        seen["helper"] = credentials.effective_caps()
-
-    t = threading.Thread(target=helper)
-    t.start()
-    started.wait(5)
+    helper = OtherThread(credentials.effective_caps)
     with credentials.without_fsetid():
         assert not credentials.effective_caps() & FSETID
-        inside.set()
-        t.join()
-    assert seen["helper"] & FSETID
+        assert helper.look() & FSETID
     assert credentials.effective_caps() & FSETID
     with pytest.raises(RuntimeError):
         with credentials.without_fsetid():
@@ -295,25 +305,12 @@ def test_without_fsetid_is_per_thread_and_undone():
 
 
 def test_as_caller_groups_are_this_threads_only_and_undone():
-    seen = {}
-    started = threading.Event()
-    done = threading.Event()
-
-    def helper():
-        started.set()
-        done.wait(5)
-        seen["helper"] = credentials.thread_groups()
-
-    t = threading.Thread(target=helper)
-    t.start()
-    started.wait(5)
+    helper = OtherThread(credentials.thread_groups)
     with credentials.as_caller(1000, 1000, (4242,)):
         assert credentials.thread_groups() == [4242]
         assert credentials.current() == (1000, 1000)
         assert not credentials.effective_caps() & DAC_OVERRIDE  # the group, no override
-        done.set()
-        t.join()
-    assert seen["helper"] == []  # a helper thread never sees the request's group
+        assert helper.look() == []  # a helper thread never sees the request's group
     assert credentials.thread_groups() == [] and credentials.current() == (0, 0)
     with credentials.as_caller(1000, 1000):
         assert credentials.effective_caps() & DAC_OVERRIDE
