@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-socket", metavar="PATH",
                    help="answer each connection to this UNIX socket (mode 0600) with the daemon's "
                         "metrics in the Prometheus text format, then close it (default: no metrics)")
+    p.add_argument("--killpriv-v2", action=argparse.BooleanOptionalAction, default=DEFAULTS["killpriv_v2"],
+                   help="offer FUSE_HANDLE_KILLPRIV_V2: the guest no longer sends a chmod to clear "
+                        "SUID/SGID before a write, truncate or open(O_TRUNC) by another user, it "
+                        "asks the daemon to clear them as part of the operation (default: off)")
     _add_rust_options(p)
     p.add_argument("--print-capabilities", action=_PrintCapabilities,
                    help="print the vhost-user backend capabilities as JSON and exit (for libvirt)")
@@ -233,6 +237,7 @@ def parse_config(argv: list[str]) -> Config:
         inode_fds=args.inode_fd_cache,
         rlimit_nofile=args.rlimit_nofile,
         metrics_socket=_check_path("--metrics-socket", args.metrics_socket),
+        killpriv_v2=args.killpriv_v2,
         **parity,
     )
 

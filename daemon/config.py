@@ -77,6 +77,11 @@ class Config(NamedTuple):
     # (older ones are closed and reopened by handle); None: a quarter of
     # its RLIMIT_NOFILE
     inode_fds: int | None = None
+    # FUSE_HANDLE_KILLPRIV_V2 offered: the guest leaves clearing SUID/SGID on
+    # write, truncate and open(O_TRUNC) to us (its KILL_SUIDGID flags)
+    # instead of sending a chmod first (docs/credentials.md)
+    killpriv_v2: bool = False
+
     # where the supervisor answers Prometheus scrapes (None: no metrics, and
     # the workers count nothing)
     metrics_socket: str | None = None

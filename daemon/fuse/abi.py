@@ -137,9 +137,19 @@ class InitFlag(enum.IntFlag):
     # flags2, shifted by 32 when combined into one 64-bit value
     SECURITY_CTX = 1 << 32
     HAS_INODE_DAX = 1 << 33
+    CREATE_SUPP_GROUP = 1 << 34
     HAS_EXPIRE_ONLY = 1 << 35
     DIRECT_IO_ALLOW_MMAP = 1 << 36   # 7.39: shared mmap of FOPEN_DIRECT_IO files
 
+
+# --- request extensions (7.38; after the in-args, total_extlen * 8 bytes) ----
+# struct fuse_ext_header { uint32_t size; uint32_t type; };
+#   size: of this extension, header included, a multiple of 8
+EXT_HEADER = _checked("<II", 8)
+FUSE_MAX_NR_SECCTX = 31  # types 0..31: a fuse_secctx_header (SECURITY_CTX)
+FUSE_EXT_GROUPS = 32
+# struct fuse_supp_groups { uint32_t nr_groups; uint32_t groups[]; };
+SUPP_GROUPS = _checked("<I", 4)
 
 # --- attributes and entries -----------------------------------------------
 # struct fuse_attr { uint64_t ino; uint64_t size; uint64_t blocks;

@@ -19,6 +19,13 @@ for utimensat and linkat — never its target.
   through the magic link (or ``futimens`` on an open fh).
 - FATTR_CTIME (writeback cache only, not negotiated) cannot be set on Linux
   and is ignored: ctime changes with every other change anyway.
+- Credentials: the worker's own (docs/credentials.md). The guest checked
+  the caller's right to each change with its full group list (a non-owner
+  clearing SUID before a write, a chown to a supplementary group); acting
+  as the caller without those groups would refuse what the guest allowed.
+  A truncate with FATTR_KILL_SUIDGID (``--killpriv-v2``) runs without
+  CAP_FSETID, so the host clears SUID/SGID; chown clears them on the host
+  whoever does it (non-directories), as in the guest.
 
 Order: mode, owner, size, times, as libfuse's passthrough, so a truncate
 cannot undo the times the guest set in the same request.
@@ -31,7 +38,7 @@ import errno
 import os
 import stat
 
-from daemon.fuse import abi
+from daemon.fuse import abi, credentials
 from daemon.fuse.abi import Opcode, SetattrValid
 from daemon.fuse.fs import FileSystem
 from daemon.fuse.handles import KIND_FILE
@@ -53,6 +60,7 @@ _V_MTIME = int(SetattrValid.MTIME)
 _V_FH = int(SetattrValid.FH)
 _V_ATIME_NOW = int(SetattrValid.ATIME_NOW)
 _V_MTIME_NOW = int(SetattrValid.MTIME_NOW)
+_V_KILL = int(SetattrValid.KILL_SUIDGID)
 
 
 class _Timespec(ctypes.Structure):
@@ -119,7 +127,8 @@ def do_setattr(fs: FileSystem, req: Request):
     then reply fuse_attr_out with the new attributes. Errors from the host
     (EPERM, EACCES, EROFS, EFBIG...), EOPNOTSUPP for chmod on a symlink,
     EISDIR/EINVAL for truncating a directory/non-regular file, EINVAL for a
-    size above 2^63-1 or nanoseconds ≥ 1e9. A failure part-way leaves the
+    size above 2^63-1 or nanoseconds ≥ 1e9. FATTR_KILL_SUIDGID: the size
+    change clears SUID/SGID as for an unprivileged caller. A failure part-way leaves the
     earlier changes made (as chmod+chown+truncate from a shell would).
     Lookup count: unchanged."""
     if len(req.args) < abi.SETATTR_IN.size:
@@ -144,14 +153,15 @@ def do_setattr(fs: FileSystem, req: Request):
     if valid & _V_SIZE:
         if size > abi.OFFSET_MAX:
             raise FUSEError(errno.EINVAL)
-        if open_fd is not None:
-            os.ftruncate(open_fd, size)
-        elif ftype == stat.S_IFDIR:
+        if open_fd is None and ftype == stat.S_IFDIR:
             raise FUSEError(errno.EISDIR)
-        elif ftype != stat.S_IFREG:
+        if open_fd is None and ftype != stat.S_IFREG:
             raise FUSEError(errno.EINVAL)
-        else:
-            os.truncate(path, size)
+        with credentials.without_fsetid(bool(valid & _V_KILL)):
+            if open_fd is not None:
+                os.ftruncate(open_fd, size)
+            else:
+                os.truncate(path, size)
     if valid & (_V_ATIME | _V_MTIME | _V_ATIME_NOW | _V_MTIME_NOW):
         times = (_Timespec * 2)(
             _Timespec(*_timespec(valid, _V_ATIME, _V_ATIME_NOW, atime, atimensec)),

@@ -1,10 +1,17 @@
-"""Per-request file-system credentials: fsuid/fsgid of the guest caller.
+"""Per-request host credentials (docs/credentials.md has the per-op table).
 
-Every op that touches the share runs with the caller's uid/gid from the
-``fuse_in_header`` as the thread's fsuid/fsgid, so the host kernel does the
-permission checks and new files get the caller as owner (the C virtiofsd
-switches euid/egid per request for the same reason; passthrough_ll does not
-and fails ~160 pjdfstest assertions).
+The guest kernel has checked every permission already (virtiofs mounts with
+default_permissions, and it knows the caller's supplementary groups, which
+the FUSE header does not carry), so most ops run with the worker's own
+credentials (fsuid 0 and its capabilities). What must come from the caller
+is the ownership of new inodes: the creating ops run inside ``as_caller``
+(the caller's uid/gid as fsuid/fsgid; the one supplementary group the guest
+names in FUSE_CREATE_SUPP_GROUP's extension, or CAP_DAC_OVERRIDE when it
+names none, for the parent's permission that the guest already checked).
+``without_fsetid`` runs an op without CAP_FSETID, so that the host kernel
+clears the SUID/SGID bits as it does for an unprivileged writer (the guest's
+KILL_SUIDGID flags). A passthrough that creates as root instead (libfuse's
+passthrough_ll) fails ~160 pjdfstest assertions.
 
 Why fsuid/fsgid through raw ``syscall(2)``: they are per *thread* in the
 kernel and only govern file-system access (not signals, not resource
@@ -32,20 +39,39 @@ setgid files for a group it is not in).
 
 The current ids are cached per thread, so a run of requests from one
 user costs no syscall at all.
+
+Capabilities and supplementary groups are per thread in the kernel too;
+``capset``/``setgroups`` are issued as raw syscalls for the same reason as
+setfsuid (glibc's setgroups is broadcast to every thread). Each change is
+undone before the request's reply; a change that cannot be undone ends the
+worker (``_fatal``) rather than let a group or a capability leak into the
+next request (CVE-2022-0358).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import threading
 
 from daemon.fuse.request import FUSEError
+from daemon.log import get_logger
+
+log = get_logger("fuse.credentials")
 
 # x86-64 syscall numbers
+SYS_setgroups = 116
 SYS_setfsuid = 122
 SYS_setfsgid = 123
+SYS_capget = 125
+SYS_capset = 126
+
+_CAP_V3 = 0x20080522  # _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set
+CAP_DAC_OVERRIDE = 1
+CAP_FSETID = 4
+MAX_SUPP_GROUPS = 32  # most groups a request may name (the kernel sends one)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -133,3 +159,122 @@ def drop_supplementary_groups() -> None:
     process, before its seccomp filter. PermissionError without CAP_SETGID."""
     if os.getgroups():
         os.setgroups([])
+
+
+# -- capabilities and supplementary groups of this thread -------------------------------
+class _CapHeader(ctypes.Structure):
+    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+
+_CapData = ctypes.c_uint32 * 6  # {effective, permitted, inheritable} x 2 words
+
+
+def _capget() -> tuple[_CapHeader, ctypes.Array]:
+    hdr = _CapHeader(_CAP_V3, 0)  # pid 0: the calling thread
+    data = _CapData()
+    if _syscall(SYS_capget, ctypes.byref(hdr), ctypes.byref(data)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return hdr, data
+
+
+def _capset(hdr, data) -> bool:
+    return _syscall(SYS_capset, ctypes.byref(hdr), ctypes.byref(data)) == 0
+
+
+def effective_caps() -> int:
+    """This thread's effective capability mask (capget(2))."""
+    _hdr, data = _capget()
+    return data[0] | data[3] << 32
+
+
+def _set_effective(cap: int, on: bool) -> bool:
+    """Raise (from permitted) or drop one capability in this thread's
+    effective set; True if it changed something."""
+    hdr, data = _capget()
+    bit = 1 << cap  # caps < 32 only: the first word of each set
+    has = bool(data[0] & bit)
+    if has == on or (on and not data[1] & bit):
+        return False
+    data[0] = data[0] | bit if on else data[0] & ~bit
+    if not _capset(hdr, data):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return True
+
+
+def _setgroups(groups) -> None:
+    arr = (ctypes.c_uint32 * max(1, len(groups)))(*groups)
+    if _syscall(SYS_setgroups, ctypes.c_size_t(len(groups)), arr) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def thread_groups() -> list[int]:
+    """This thread's supplementary groups (the getgroups(2) syscall answers
+    for the calling thread)."""
+    return os.getgroups()
+
+
+def _fatal(what: str, err: BaseException) -> None:
+    """A credential change could not be undone: the next request would run
+    with it. Die; the supervisor starts a fresh worker."""
+    log.critical("cannot %s (%s): exiting so that it cannot leak into another request", what, err)
+    os._exit(1)
+
+
+@contextlib.contextmanager
+def without_fsetid(wanted: bool = True):
+    """Run the body without CAP_FSETID in this thread's effective set, so
+    that the host kernel clears SUID/SGID on a write or truncate as it does
+    for an unprivileged caller (when ``wanted``; otherwise a no-op)."""
+    if not wanted:
+        yield
+        return
+    try:
+        dropped = _set_effective(CAP_FSETID, False)
+    except OSError as e:
+        raise FUSEError(e.errno or errno.EPERM) from None
+    try:
+        yield
+    finally:
+        if dropped:
+            try:
+                _set_effective(CAP_FSETID, True)
+            except OSError as e:
+                _fatal("raise CAP_FSETID again", e)
+
+
+@contextlib.contextmanager
+def as_caller(uid: int, gid: int, groups=()):
+    """Run the body (an op that creates an inode) as the guest caller:
+    fsuid/fsgid = uid/gid, the supplementary ``groups`` the guest named
+    (FUSE_CREATE_SUPP_GROUP; at most MAX_SUPP_GROUPS) and no others. When
+    it named none and the caller is not root, CAP_DAC_OVERRIDE stays
+    effective (the fsuid switch drops it): the guest checked the parent's
+    permission with groups we do not know. Everything is undone after."""
+    if len(groups) > MAX_SUPP_GROUPS:
+        raise FUSEError(errno.EINVAL)
+    if groups:
+        try:
+            _setgroups(groups)
+        except OSError as e:
+            raise FUSEError(e.errno or errno.EPERM) from None
+    raised = False
+    try:
+        switch(uid, gid)
+        if not groups and uid != 0:
+            try:
+                raised = _set_effective(CAP_DAC_OVERRIDE, True)
+            except OSError as e:
+                raise FUSEError(e.errno or errno.EPERM) from None
+        yield
+    finally:
+        try:
+            if raised:
+                _set_effective(CAP_DAC_OVERRIDE, False)
+            restore()
+            if groups:
+                _setgroups(())
+        except (OSError, FUSEError) as e:
+            _fatal("return to the worker's own credentials", e)

@@ -5,9 +5,11 @@ Every op works relative to the parent's O_PATH fd from ``fs.cache.fd``
 with one validated name component (names.py) and ``*at`` calls; nothing is
 ever resolved from a path built out of guest strings, and the last
 component is never followed (O_NOFOLLOW / the ``*at`` calls' own
-no-follow semantics). Creation happens with the caller's fsuid/fsgid
-(switched by the session), so the host applies its permission checks and
-ownership rules.
+no-follow semantics). The creating syscall (mknodat, mkdirat, symlinkat)
+runs as the caller (``fs.as_caller``: its fsuid/fsgid and the
+supplementary group the guest names), so the new inode gets the caller's
+ownership and the host's setgid rules; every other op runs with the
+worker's own credentials (docs/credentials.md).
 
 Lookup counts (docs/protocol.md, "Lookup counts"): every reply that carries a nodeid — the
 ``fuse_entry_out`` of LOOKUP, MKNOD, MKDIR, SYMLINK and LINK — takes exactly
@@ -168,7 +170,7 @@ def do_mknod(fs: FileSystem, req: Request):
         raise FUSEError(errno.EINVAL)
     parent_fd = fs.cache.fd(req.nodeid)
     device = _decode_dev(rdev) if ftype in (stat.S_IFCHR, stat.S_IFBLK) else 0
-    with acl.creating(fs, umask):
+    with acl.creating(fs, umask), fs.as_caller(req):
         os.mknod(name, ftype | stat.S_IMODE(mode), device, dir_fd=parent_fd)
     return fs.entry(parent_fd, name)
 
@@ -181,7 +183,7 @@ def do_mkdir(fs: FileSystem, req: Request):
     mode, umask = _args(req, abi.MKDIR_IN)
     name = parse_name(req.args[abi.MKDIR_IN.size:])
     parent_fd = fs.cache.fd(req.nodeid)
-    with acl.creating(fs, umask):
+    with acl.creating(fs, umask), fs.as_caller(req):
         os.mkdir(name, stat.S_IMODE(mode), dir_fd=parent_fd)
     return fs.entry(parent_fd, name)
 
@@ -193,7 +195,8 @@ def do_symlink(fs: FileSystem, req: Request):
     new nodeid on success."""
     name, target = parse_two(req.args, target=True)
     parent_fd = fs.cache.fd(req.nodeid)
-    os.symlink(target, name, dir_fd=parent_fd)
+    with fs.as_caller(req):
+        os.symlink(target, name, dir_fd=parent_fd)
     return fs.entry(parent_fd, name)
 
 

@@ -39,6 +39,15 @@ Decisions (and why):
   READ does). This follows the configuration, not what INIT negotiated,
   so every request worker, and one that replaces a dead worker, opens
   files alike; a Linux guest always accepts WRITEBACK_CACHE when offered.
+- SUID/SGID (docs/credentials.md): files are opened and written with the
+  worker's own credentials, whose CAP_FSETID would keep the bits where the
+  host clears them for an unprivileged writer. So a WRITE with
+  FUSE_WRITE_KILL_SUIDGID (the guest sends it for a caller without
+  CAP_FSETID on every direct-I/O write, and on every write with
+  ``--killpriv-v2``), and an OPEN/CREATE with O_TRUNC that carries
+  FUSE_OPEN_KILL_SUIDGID or comes from a caller other than root (a guest
+  without KILLPRIV_V2 truncates atomically at open and clears nothing
+  itself), run without CAP_FSETID (``credentials.without_fsetid``).
 - ``--cache``: never and metadata → FOPEN_DIRECT_IO, always →
   FOPEN_KEEP_CACHE, auto → 0 (close-to-open: the guest drops its cache for
   the file on each open).
@@ -59,7 +68,7 @@ import os
 import stat
 
 from daemon.config import CacheMode
-from daemon.fuse import abi, acl
+from daemon.fuse import abi, acl, credentials
 from daemon.fuse.abi import Opcode
 from daemon.fuse.fs import FileSystem
 from daemon.fuse.handles import KIND_FILE, reopen
@@ -150,21 +159,32 @@ def open_file(path_fd: int, flags: int, writeback: bool) -> tuple[int, int]:
     return open_regular(path_fd, flags), flags
 
 
-def _create_file(parent_fd: int, name: str, flags: int, mode: int, exclusive: bool,
-                 writeback: bool) -> tuple[int, int]:
-    """Create ``name`` in the parent, or open it if it exists and the guest
-    did not ask for O_EXCL — but only if what exists is a regular file.
-    Returns (fd, the flags it was opened with), as ``open_file``."""
+def kill_on_open(req: Request, flags: int, open_flags: int) -> bool:
+    """Whether an open with these guest flags must clear SUID/SGID (see the
+    module docstring): O_TRUNC, and the guest asked for it or the caller is
+    not root."""
+    return bool(flags & os.O_TRUNC) and bool(open_flags & abi.FUSE_OPEN_KILL_SUIDGID or req.uid)
+
+
+def _create_file(fs, req: Request, parent_fd: int, name: str, flags: int, mode: int,
+                 exclusive: bool, kill: bool) -> tuple[int, int]:
+    """Create ``name`` in the parent as the caller, or open it (with the
+    worker's credentials, as OPEN would) if it exists and the guest did not
+    ask for O_EXCL — but only if what exists is a regular file. Returns
+    (fd, the flags it was opened with), as ``open_file``."""
+    writeback = fs.config.writeback
     new_flags = writeback_flags(flags) if writeback else flags
     try:
-        return os.open(name, new_flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                       mode, dir_fd=parent_fd), new_flags
+        with fs.as_caller(req):
+            return os.open(name, new_flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                           mode, dir_fd=parent_fd), new_flags
     except FileExistsError:
         if exclusive:
             raise
     path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
     try:
-        return open_file(path_fd, flags, writeback)
+        with credentials.without_fsetid(kill):
+            return open_file(path_fd, flags, writeback)
     finally:
         os.close(path_fd)
 
@@ -224,11 +244,15 @@ def do_open(fs: FileSystem, req: Request):
     access mode 3, ENFILE when the open-file table is full, or the host's
     open(2) errno. Lookup count: unchanged.
     """
-    flags, _open_flags = _args(req, abi.OPEN_IN)
+    flags, open_flags = _args(req, abi.OPEN_IN)
     flags = host_open_flags(flags, fs.config.allow_direct_io, fs.config.preserve_noatime)
     path_fd = fs.cache.fd(req.nodeid)
     fs.handles.check_room()
-    fd, flags = open_file(path_fd, flags, fs.config.writeback)
+    if kill_on_open(req, flags, open_flags):
+        with credentials.without_fsetid():
+            fd, flags = open_file(path_fd, flags, fs.config.writeback)
+    else:
+        fd, flags = open_file(path_fd, flags, fs.config.writeback)
     handle = fs.handles.add(fd, req.nodeid, KIND_FILE, flags)
     return abi.OPEN_OUT.pack(handle.fh, fopen_flags(fs.config.cache))
 
@@ -240,7 +264,7 @@ def do_create(fs: FileSystem, req: Request):
     S_IFREG (or absent). Lookup count: +1 on the new entry, only on success
     (the table's room is checked before the lookup, so no later step fails).
     """
-    flags, mode, umask, _open_flags = _args(req, abi.CREATE_IN)
+    flags, mode, umask, open_flags = _args(req, abi.CREATE_IN)
     name = parse_name(req.args[abi.CREATE_IN.size:])
     if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
         raise FUSEError(errno.EINVAL)
@@ -248,8 +272,8 @@ def do_create(fs: FileSystem, req: Request):
     parent_fd = fs.cache.fd(req.nodeid)
     fs.handles.check_room()
     with acl.creating(fs, umask):
-        fd, host_flags = _create_file(parent_fd, name, host_flags, stat.S_IMODE(mode),
-                                      bool(flags & os.O_EXCL), fs.config.writeback)
+        fd, host_flags = _create_file(fs, req, parent_fd, name, host_flags, stat.S_IMODE(mode),
+                                      bool(flags & os.O_EXCL), kill_on_open(req, flags, open_flags))
     try:
         entry = fs.entry(parent_fd, name)
     except BaseException:
@@ -275,16 +299,23 @@ def do_read(fs: FileSystem, req: Request):
 
 def do_write(fs: FileSystem, req: Request):
     """WRITE: ``size`` bytes of guest data at ``offset`` (``os.pwritev`` from
-    guest memory). Reply fuse_write_out {bytes written}; EINVAL when the data
+    guest memory), without CAP_FSETID with FUSE_WRITE_KILL_SUIDGID. Reply
+    fuse_write_out {bytes written}; EINVAL when the data
     present is not exactly ``size`` bytes or exceeds MAX_IO_SIZE. Lookup
     count: unchanged."""
-    fh, offset, size, _write_flags, _owner, _flags = _args(req, abi.WRITE_IN)
+    fh, offset, size, write_flags, _owner, _flags = _args(req, abi.WRITE_IN)
     handle = fs.handles.get(fh, KIND_FILE)
     offset = _offset(offset)
     data = req.data
     if size != data.size or size > MAX_IO_SIZE:
         raise FUSEError(errno.EINVAL)
-    written = _pwritev(handle.fd, data.slice(0, size), offset) if size else 0
+    if not size:
+        written = 0
+    elif write_flags & abi.FUSE_WRITE_KILL_SUIDGID:
+        with credentials.without_fsetid():
+            written = _pwritev(handle.fd, data.slice(0, size), offset)
+    else:
+        written = _pwritev(handle.fd, data.slice(0, size), offset)
     return abi.WRITE_OUT.pack(written)
 
 

@@ -16,6 +16,7 @@ hiprio session, which only runs FORGET/BATCH_FORGET/INTERRUPT, has none).
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 if TYPE_CHECKING:
@@ -47,6 +48,9 @@ class FileSystem(Protocol):
     def defer(self, req: Request, retry: Callable[[], Any]) -> None: ...
     def defer_blocking(self, req: Request, fn: Callable[..., Any], *args: Any) -> Any: ...
     def interrupt(self, unique: int) -> bool: ...
+
+    # -- credentials: the call that creates an inode runs as the caller --
+    def as_caller(self, req: Request) -> AbstractContextManager[Any]: ...
 
     # -- the FUSE session's life (INIT, DESTROY) --
     def start(self) -> None: ...

@@ -90,13 +90,16 @@ class Request:
     - ``data``: WRITE only, an ``IoVec`` over the data bytes in guest
       memory (``data.slice(0, n)`` for ``os.pwritev``); ``None`` otherwise;
     - ``out``: the chain's writable part as an ``IoVec``; a handler that
-      writes its payload itself does so from offset 16 on.
+      writes its payload itself does so from offset 16 on;
+    - ``ext``: the request extensions cut off the end of ``args``
+      (``total_extlen * 8`` bytes, extensions.py), usually ``b""``.
     """
 
-    __slots__ = ("opcode", "unique", "nodeid", "uid", "gid", "pid", "args", "data", "out")
+    __slots__ = ("opcode", "unique", "nodeid", "uid", "gid", "pid", "args", "data", "out", "ext")
 
     def __init__(self, opcode: int, unique: int, nodeid: int, uid: int, gid: int, pid: int,
-                 args: bytes, data, out):
+                 args: bytes, data, out, ext: bytes = b""):
+        self.ext = ext
         self.opcode = opcode
         self.unique = unique
         self.nodeid = nodeid

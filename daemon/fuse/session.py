@@ -17,8 +17,9 @@ Checks, in order (all answered with ``fuse_out_header`` only):
   right;
 - the in-args of every op but WRITE are at most ``MAX_ARGS`` bytes (EINVAL);
   WRITE's data stays in guest memory (``req.data``);
-- a request extension (``total_extlen``, only with SECURITY_CTX, which we
-  never negotiate) is cut off the args;
+- request extensions (``total_extlen``: the supplementary group of a
+  creating op with FUSE_CREATE_SUPP_GROUP) are cut off the args into
+  ``req.ext`` (extensions.py parses them);
 - before INIT everything but INIT is EIO (request queues; the hiprio queue
   has no INIT and takes only FORGET, BATCH_FORGET and INTERRUPT: anything
   else there is dropped unanswered, with a rate-limited log line);
@@ -31,9 +32,10 @@ Checks, in order (all answered with ``fuse_out_header`` only):
   fit is ERANGE for GETXATTR/LISTXATTR and EIO otherwise.
 - unknown or unimplemented opcodes: ENOSYS.
 
-Then the caller's uid/gid become the thread's fsuid/fsgid (except INIT,
-DESTROY, FORGET, BATCH_FORGET and INTERRUPT, which act for the daemon) and
-the handler from the op table runs (see request.py for what it returns).
+Then the handler from the op table runs (see request.py for what it
+returns) with the worker's own credentials: the guest kernel has checked
+the caller's permissions already, and the ops that create inodes switch to
+the caller themselves (``fs.as_caller``; docs/credentials.md).
 
 INIT starts a new session each time (a remount, or a guest reset without
 DESTROY): the inode table is reset (nodeid 1 = the share root), this
@@ -61,6 +63,7 @@ from stat import S_ISDIR as _S_ISDIR
 from daemon.fuse import abi, credentials, readonly
 from daemon.fuse.abi import InitFlag, Opcode
 from daemon.fuse.blocking import BlockingCalls
+from daemon.fuse.extensions import supp_groups
 from daemon.fuse.fs import Handler
 from daemon.fuse.inodes import InodeCache, InodeTable, close_all, inode_fd_budget
 from daemon.fuse.request import DEFERRED, MAX_ARGS, MAX_DEFERRED, FUSEError, Request
@@ -84,13 +87,10 @@ TIME_GRAN = 1  # we report nanoseconds
 # always offered to the kernel when it offers them
 INIT_FLAGS = (InitFlag.ASYNC_READ | InitFlag.ATOMIC_O_TRUNC | InitFlag.BIG_WRITES
               | InitFlag.AUTO_INVAL_DATA | InitFlag.PARALLEL_DIROPS | InitFlag.MAX_PAGES
-              | InitFlag.INIT_EXT)
+              | InitFlag.INIT_EXT | InitFlag.CREATE_SUPP_GROUP)
 # offered only when the op table implements them
 INIT_FLAGS_READDIRPLUS = InitFlag.DO_READDIRPLUS | InitFlag.READDIRPLUS_AUTO
 
-# ops that run with the daemon's own credentials
-_NO_CRED = frozenset((Opcode.INIT, Opcode.DESTROY, Opcode.FORGET, Opcode.BATCH_FORGET,
-                      Opcode.INTERRUPT))
 # ops that never get a reply
 _NO_REPLY = frozenset(int(op) for op in (Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT))
 HIPRIO_OPS = frozenset((Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT))
@@ -118,9 +118,7 @@ _pack_out = abi.OUT_HEADER.pack
 _pack_out_into = abi.OUT_HEADER.pack_into
 _unpack_in_from = abi.IN_HEADER.unpack_from
 _WRITE_IN = abi.WRITE_IN.size
-_switch = credentials.switch
 # plain-int copies of the opcode sets (cheaper lookups than IntEnum members)
-_NO_CRED_INT = frozenset(int(op) for op in _NO_CRED)
 _HIPRIO_OPS = frozenset(int(op) for op in HIPRIO_OPS)
 _REPLY_MIN = {int(op): _OUT + size for op, size in REPLY_MIN.items()}
 _pack_attr = abi.ATTR.pack
@@ -311,20 +309,20 @@ class FuseSession:
             args = bytes(first[_HDR:length])
         else:
             args = readable.read(_HDR, nargs)
+        ext = b""
         if extlen:
-            ext = extlen * 8
-            if ext > len(args):
+            cut = extlen * 8
+            if cut > len(args):
                 return self._error(writable, unique, errno.EINVAL)
-            args = args[:len(args) - ext]
+            ext = args[len(args) - cut:]
+            args = args[:len(args) - cut]
         need = _REPLY_MIN.get(opcode)
         if need is not None and out_size < need:
             return self._error(writable, unique, errno.EIO)
-        req = Request(opcode, unique, nodeid, uid, gid, pid, args, data, writable)
+        req = Request(opcode, unique, nodeid, uid, gid, pid, args, data, writable, ext)
         self._token = token
         self._current = req
         try:
-            if opcode not in _NO_CRED_INT:
-                _switch(uid, gid)
             result = handler(self, req)
             if result is DEFERRED:
                 pending = self._pending
@@ -462,8 +460,6 @@ class FuseSession:
         for entry in self._pending:
             token, req, fn = entry
             try:
-                if req.opcode not in _NO_CRED:
-                    credentials.switch(req.uid, req.gid)
                 result = fn()
                 if result is DEFERRED:
                     waiting.append(entry)
@@ -552,6 +548,12 @@ class FuseSession:
         if self._own_root and self.root_fd >= 0:
             os.close(self.root_fd)
         self.root_fd = -1
+
+    def as_caller(self, req: Request):
+        """Context for the syscall that creates an inode: the caller's
+        fsuid/fsgid and the supplementary group its extension names
+        (credentials.as_caller; EINVAL for a malformed extension)."""
+        return credentials.as_caller(req.uid, req.gid, supp_groups(req.ext) if req.ext else ())
 
     def warn(self, msg: str, *args) -> None:
         """A rate-limited warning, for guest-triggered oddities."""
@@ -654,6 +656,8 @@ def _op_init(fs: FuseSession, req: Request):
             wanted |= InitFlag.FLOCK_LOCKS
     if fs.config.writeback:
         wanted |= InitFlag.WRITEBACK_CACHE
+    if fs.config.killpriv_v2:
+        wanted |= InitFlag.HANDLE_KILLPRIV_V2
     if fs._submounts:
         wanted |= InitFlag.SUBMOUNTS
     if fs.config.posix_acl:

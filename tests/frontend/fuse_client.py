@@ -110,22 +110,25 @@ class FuseClient:
         return self._unique
 
     def header(self, opcode: int, nodeid: int, arglen: int, unique: int,
-               uid=None, gid=None, pid=None) -> bytes:
+               uid=None, gid=None, pid=None, extlen: int = 0) -> bytes:
         return abi.IN_HEADER.pack(
             abi.IN_HEADER.size + arglen, opcode, unique, nodeid,
             self.uid if uid is None else uid, self.gid if gid is None else gid,
-            self.pid if pid is None else pid, 0, 0)
+            self.pid if pid is None else pid, extlen, 0)
 
     def send(self, opcode: int, nodeid: int = 0, args: bytes = b"", out: list[int] = (),
              data: bytes = b"", *, vring: VRing | None = None, uid=None, gid=None, pid=None,
-             kick: bool = True, single: bool = False) -> Pending:
+             kick: bool = True, single: bool = False, ext: bytes = b"") -> Pending:
         """Submit one request. ``out`` are the writable element sizes after the
         16-byte out header; an empty ``out`` with ``noreply`` semantics (FORGET)
         means no writable part at all. ``single`` puts header+args in one
-        readable descriptor (hiprio FORGET shape)."""
+        readable descriptor (hiprio FORGET shape). ``ext``: request extensions
+        (a multiple of 8 bytes), sent after the args in the same buffer as
+        Linux does, and counted in total_extlen."""
         vring = vring or self.rq
         unique = self.next_unique()
-        hdr = self.header(opcode, nodeid, len(args) + len(data), unique, uid, gid, pid)
+        args += ext
+        hdr = self.header(opcode, nodeid, len(args) + len(data), unique, uid, gid, pid, len(ext) // 8)
         if single:
             readable = [hdr + args + data]
         else:

@@ -42,11 +42,15 @@ BOOT_TIMEOUT = 900
 
 
 def guest_command(cache: str, *, tools: bool = True, known=(), big_mib: int = BIG_MIB,
-                  dir_entries: int = DIR_ENTRIES) -> str:
+                  dir_entries: int = DIR_ENTRIES, only=()) -> str:
+    """The guest's shell command: guest_ops.py (only the ``only`` checks,
+    if given), then tools.sh if ``tools``."""
     ops = ["python3", guest_path(GUEST_OPS), "--ref", "/tmp/ops-ref", "--target", "/mnt/ops",
            "--cache", cache, "--big-mib", str(big_mib), "--dir-entries", str(dir_entries)]
     for k in known:
         ops += ["--known", k]
+    for name in only:
+        ops += ["--only", name]
     cmd = ("export PYTHONDONTWRITEBYTECODE=1; "
            f"{shlex.join(ops)}; echo \"@@STEP ops rc=$?@@\"; rm -rf /tmp/ops-ref; ")
     if tools:
@@ -189,10 +193,11 @@ OUR_KINDS = ("ours", "installed")
 
 
 def boot_and_run(daemon, kind: str, cache: str, shared_dir: Path, *, tools: bool = True,
-                 known=(), timeout: float = BOOT_TIMEOUT, console_log=None, platform: str = "a",
-                 smp: int = 2, num_request_queues: int = 1) -> Run:
+                 known=(), timeout: float = BOOT_TIMEOUT, console_log=None, only=(),
+                 platform: str = "a", smp: int = 2, num_request_queues: int = 1) -> Run:
     """Boot one guest against an already listening daemon and run the suite
-    (``platform``, ``smp``, ``num_request_queues``: as run_guest's)."""
+    (only the ``only`` checks, if given; ``platform``, ``smp``,
+    ``num_request_queues``: as run_guest's)."""
     seen_tree: list = []
     seen_confinement: dict = {}
 
@@ -213,7 +218,7 @@ def boot_and_run(daemon, kind: str, cache: str, shared_dir: Path, *, tools: bool
         return None
 
     t0 = time.monotonic()
-    guest = run_guest(daemon.socket_path, guest_command(cache, tools=tools, known=known),
+    guest = run_guest(daemon.socket_path, guest_command(cache, tools=tools, known=known, only=only),
                       timeout=timeout, console_log=console_log, on_booted=on_booted,
                       idle_timeout=IDLE_TIMEOUT, abort_if=daemon_died, platform=platform, smp=smp,
                       num_request_queues=num_request_queues)

@@ -45,12 +45,18 @@ def test_request_list_cannot_fork_or_exec_or_network():
     names = set(pol.names)
     for forbidden in ("execve", "execveat", "fork", "vfork", "socket", "connect", "bind", "ptrace",
                       "mount", "unshare", "setns", "pivot_root", "chroot", "seccomp",
-                      "capset", "setuid", "setresuid", "setgroups", "kill", "tgkill"):
+                      "setuid", "setresuid", "kill", "tgkill"):
         assert forbidden not in names, forbidden
     clone = next(r for r in pol.rules if r.name == "clone")
     assert clone.args == ((0, 0x10000, (0x10000,)),)          # CLONE_THREAD only
     prctl = next(r for r in pol.rules if r.name == "prctl")
     assert prctl.args == ((0, 0xFFFFFFFF, (4,)),)             # PR_SET_DUMPABLE only
+    # per-request credentials (docs/credentials.md): capset can only move
+    # capabilities between the effective set and the permitted set that
+    # the sandbox already cut (no_new_privs, bounding set); setgroups (a
+    # create's one supplementary group, then none) takes at most 63 groups
+    setgroups = next(r for r in pol.rules if r.name == "setgroups")
+    assert setgroups.args == ((0, 0xFFFFFFFFFFFFFFC0, (0,)),)
 
 
 GOOD = "close  # a\nread  # b\n\n# comment\nwrite  # c\n"

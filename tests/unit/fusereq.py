@@ -9,6 +9,7 @@ such chains and decodes what the session wrote back.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import itertools
@@ -25,9 +26,32 @@ NUL = b"\0"
 
 
 def in_header(opcode: int, nodeid: int, args_len: int, unique: int,
-              uid: int = 0, gid: int = 0, pid: int = 0) -> bytes:
+              uid: int = 0, gid: int = 0, pid: int = 0, extlen: int = 0) -> bytes:
+    """``args_len`` counts the extensions too; ``extlen`` is their size in
+    units of 8 bytes (total_extlen)."""
     return abi.IN_HEADER.pack(abi.IN_HEADER.size + args_len, opcode, unique, nodeid,
-                              uid, gid, pid, 0, 0)
+                              uid, gid, pid, extlen, 0)
+
+
+def supp_group_ext(*groups: int) -> bytes:
+    """The FUSE_EXT_GROUPS request extension as Linux >= 6.6 lays it out
+    (it sends one group): fuse_ext_header + fuse_supp_groups, 8-aligned."""
+    body = abi.SUPP_GROUPS.pack(len(groups)) + b"".join(g.to_bytes(4, "little") for g in groups)
+    body += bytes(-(abi.EXT_HEADER.size + len(body)) % 8)
+    return abi.EXT_HEADER.pack(abi.EXT_HEADER.size + len(body), abi.FUSE_EXT_GROUPS) + body
+
+
+@contextlib.contextmanager
+def without_cap(cap: int):
+    """This thread without one capability in its effective set (as a
+    worker started with --modcaps=-cap would be)."""
+    from daemon.fuse import credentials
+    dropped = credentials._set_effective(cap, False)
+    try:
+        yield
+    finally:
+        if dropped:
+            credentials._set_effective(cap, True)
 
 
 def chain(request: bytes, out_size: int, split_at: tuple[int, ...] = ()) -> tuple[IoVec, IoVec, bytearray]:
@@ -175,11 +199,14 @@ class FuseClient:
         self._unique = itertools.count(2)
 
     def submit(self, opcode: int, nodeid: int, args: bytes = b"", out_size: int = 4096,
-               data: bytes | None = None) -> Pending:
-        """Hand one request to the session; its reply may come later."""
+               data: bytes | None = None, ext: bytes = b"") -> Pending:
+        """Hand one request to the session; its reply may come later.
+        ``ext``: request extensions after the args (a multiple of 8 bytes)."""
         unique = next(self._unique)
+        args += ext
         body = args + (data or b"")
-        request = in_header(opcode, nodeid, len(body), unique, self.uid, self.gid, os.getpid()) + body
+        request = in_header(opcode, nodeid, len(body), unique, self.uid, self.gid, os.getpid(),
+                            len(ext) // 8) + body
         split = (abi.IN_HEADER.size, abi.IN_HEADER.size + len(args))
         readable, writable, out = chain(request, out_size, split)
         self.session.handle(readable, writable, unique)
@@ -191,10 +218,10 @@ class FuseClient:
         return self.submit(opcode, nodeid, args, out_size, data).reply()
 
     def call(self, opcode: int, nodeid: int, args: bytes = b"", out_size: int = 4096,
-             data: bytes | None = None) -> Reply:
+             data: bytes | None = None, ext: bytes = b"") -> Reply:
         """One request and its reply; one that went to a helper thread
         (FSYNC) is waited for as the worker loop would."""
-        pending = self.submit(opcode, nodeid, args, out_size, data)
+        pending = self.submit(opcode, nodeid, args, out_size, data, ext)
         reply = pending.reply()
         if reply is None and self.session.wakeup_fd >= 0:
             reply = self.wait(pending)

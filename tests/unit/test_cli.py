@@ -316,7 +316,6 @@ RUST_1_13_2_OPTIONS = [
 # they land; the test below fails for an option listed here that exists.
 NOT_YET = {
     "--security-label",                                   # SELinux labels
-    "--killpriv-v2", "--no-killpriv-v2",                  # branch killpriv20
     "--uid-map", "--gid-map", "--translate-uid", "--translate-gid",  # ID mapping, unprivileged
 }
 # not planned with issue 17: they come with live migration (its own issue)

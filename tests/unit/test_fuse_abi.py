@@ -99,6 +99,8 @@ CASES = {
                    seq("u64", 1, 5) + [("u32", 6), ("u32", 7), ("u32", 8), ("pad4", 0),
                                         ("pad24", 0)]),
     "SETXATTR_IN": (abi.SETXATTR_IN, (5, 1), [("u32", 5), ("u32", 1)]),
+    "EXT_HEADER": (abi.EXT_HEADER, (16, 32), [("u32", 16), ("u32", 32)]),
+    "SUPP_GROUPS": (abi.SUPP_GROUPS, (1,), [("u32", 1)]),
     "GETXATTR_IN": (abi.GETXATTR_IN, (5,), [("u32", 5), ("pad4", 0)]),
     "GETXATTR_OUT": (abi.GETXATTR_OUT, (6,), [("u32", 6), ("pad4", 0)]),
     "LK_IN": (abi.LK_IN, (1, 2, 3, 4, 5, 6, 7),
@@ -122,6 +124,7 @@ SIZES = {
     "OPEN_OUT": 16, "RELEASE_IN": 24, "FLUSH_IN": 24, "READ_IN": 40, "WRITE_IN": 40,
     "WRITE_OUT": 8, "FSYNC_IN": 16, "FALLOCATE_IN": 32, "LSEEK_IN": 24, "LSEEK_OUT": 8,
     "COPY_FILE_RANGE_IN": 56, "STATFS_OUT": 80, "SETXATTR_IN": 8, "GETXATTR_IN": 8,
+    "EXT_HEADER": 8, "SUPP_GROUPS": 4,
     "GETXATTR_OUT": 8, "LK_IN": 48, "LK_OUT": 24, "INTERRUPT_IN": 8, "SYNCFS_IN": 8,
     "ACCESS_IN": 8, "DIRENT": 24, "DIRENTPLUS": 152,
 }
@@ -188,3 +191,13 @@ def test_flag_bits():
 def test_dirent_sizes(namelen, size, plus):
     assert abi.dirent_size(namelen) == size
     assert abi.direntplus_size(namelen) == plus
+
+
+def test_supp_group_extension_as_linux_6_6_sends_it():
+    # MKDIR "d" by a caller whose supplementary group 65531 owns the parent:
+    # fuse_mkdir_in, name, then the extension (total_extlen 2 = 16 bytes):
+    # fuse_ext_header {16, FUSE_EXT_GROUPS} + fuse_supp_groups {1, [65531]}
+    ext = bytes.fromhex("10000000" "20000000" "01000000" "fbff0000")
+    assert abi.EXT_HEADER.unpack_from(ext) == (16, abi.FUSE_EXT_GROUPS)
+    assert abi.SUPP_GROUPS.unpack_from(ext, 8) == (1,)
+    assert int(abi.InitFlag.CREATE_SUPP_GROUP) == 1 << 34  # flags2 bit 2

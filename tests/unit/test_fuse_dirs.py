@@ -13,7 +13,7 @@ from daemon.fuse.abi import Opcode
 from daemon.fuse.handles import KIND_DIR
 from daemon.fuse.request import FUSEError, Request
 from daemon.virtio.iovec import IoVec
-from tests.unit.fusereq import parse_dirents, parse_direntplus, run_handler
+from tests.unit.fusereq import parse_dirents, parse_direntplus, run_handler, without_cap
 
 
 def list_all(fuse, nodeid, fh, size=4096, plus=False, cookie=0):
@@ -259,16 +259,19 @@ def test_readdirplus_skips_entries_that_vanished(fuse, share):
 
 
 def test_readdirplus_lists_entries_it_cannot_look_up_without_a_nodeid(connect, share):
-    # a directory the caller may read but not search: names, no attributes
+    # a directory the worker may read but not search (it runs without
+    # CAP_DAC_OVERRIDE here, as with --modcaps=-dac_override, nor the
+    # test process's CAP_DAC_READ_SEARCH): names, no
+    # attributes
     (share / "locked").mkdir()
     for i in range(5):
         (share / "locked" / f"f{i}").touch()
-    os.chmod(share / "locked", 0o744)
+    os.chmod(share / "locked", 0o644)
     fuse = connect()
     locked = fuse.lookup(1, "locked")
-    fuse.uid = fuse.gid = 1000
-    fh = fuse.opendir(locked)
-    entries, _ = list_all(fuse, locked, fh, plus=True)
+    with without_cap(1), without_cap(2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        fh = fuse.opendir(locked)
+        entries, _ = list_all(fuse, locked, fh, plus=True)
     assert sorted(e.name for e in entries) == [b".", b"..", b"f0", b"f1", b"f2", b"f3", b"f4"]
     assert all(e.nodeid == 0 for e in entries)
     assert len(fuse.session.inodes) == 1  # only "locked" itself

@@ -9,12 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from daemon.config import CacheMode
-from daemon.fuse import abi, credentials, files
+from daemon.fuse import abi, files
 from daemon.fuse.abi import Opcode
 from daemon.fuse.handles import KIND_FILE
 from daemon.fuse.request import FUSEError, Request
 from daemon.virtio.iovec import IoVec
-from tests.unit.fusereq import NUL, FuseClient, chain, in_header, parse_reply, run_handler
+from tests.unit.fusereq import NUL, FuseClient, chain, in_header, parse_reply, run_handler, without_cap
 
 MiB = 1 << 20
 
@@ -164,7 +164,10 @@ def test_writeback_opens_write_only_files_readable_and_without_o_append(connect,
     assert host_flags(fuse, rfh) & os.O_ACCMODE == os.O_RDONLY
 
 
-def test_writeback_keeps_a_file_the_caller_cannot_read_write_only(connect, share):
+def test_writeback_opens_a_file_nobody_may_read_read_write(connect, share):
+    """Files are opened with the worker's credentials (the guest checked the
+    caller's): under --writeback a write-only open becomes read-write even
+    on a mode-0200 file, so the guest can fill the pages it writes part of."""
     fuse = connect(writeback=True)
     (share / "drop").write_bytes(b"x")
     os.chown(share / "drop", 1000, 1000)
@@ -173,13 +176,26 @@ def test_writeback_keeps_a_file_the_caller_cannot_read_write_only(connect, share
     user = FuseClient(fuse.session, uid=1000, gid=1000)
     fh, _ = user.open(nodeid, os.O_WRONLY | os.O_APPEND)
     flags = host_flags(fuse, fh)
-    assert flags & os.O_ACCMODE == os.O_WRONLY and not flags & os.O_APPEND
+    assert flags & os.O_ACCMODE == os.O_RDWR and not flags & os.O_APPEND
     user.write(nodeid, fh, 0, b"y").ok()
-    assert user.read(nodeid, fh, 0, 1).error == errno.EBADF
-    # one the caller may not write at all is still EACCES
-    credentials.restore()  # the session left the caller's fsuid in place
-    os.chmod(share / "drop", 0o400)
-    assert user.call(Opcode.OPEN, nodeid, abi.OPEN_IN.pack(os.O_WRONLY, 0), 16).error == errno.EACCES
+    assert user.read(nodeid, fh, 0, 1).ok() == b"y"
+
+
+def test_writeback_keeps_a_file_the_worker_cannot_read_write_only(connect, share):
+    """Without CAP_DAC_OVERRIDE (--modcaps=-dac_override) the host refuses
+    the read-write upgrade of a write-only file: it stays write-only."""
+    fuse = connect(writeback=True)
+    (share / "drop").write_bytes(b"x")
+    os.chmod(share / "drop", 0o200)
+    nodeid = fuse.lookup(1, "drop")
+    with without_cap(1):  # CAP_DAC_OVERRIDE
+        fh, _ = fuse.open(nodeid, os.O_WRONLY | os.O_APPEND)
+        flags = host_flags(fuse, fh)
+        assert flags & os.O_ACCMODE == os.O_WRONLY and not flags & os.O_APPEND
+        fuse.write(nodeid, fh, 0, b"y").ok()
+        assert fuse.read(nodeid, fh, 0, 1).error == errno.EBADF
+        os.chmod(share / "drop", 0o400)
+        assert fuse.call(Opcode.OPEN, nodeid, abi.OPEN_IN.pack(os.O_WRONLY, 0), 16).error == errno.EACCES
 
 
 def test_without_writeback_write_only_and_o_append_stay(fuse, share):

@@ -14,7 +14,7 @@ from daemon.fuse.abi import OFFSET_MAX
 from daemon.fuse.locks import F_RDLCK, F_UNLCK, F_WRLCK
 from daemon.fuse.request import DEFERRED, MAX_DEFERRED, FUSEError, Request
 from daemon.virtio.iovec import IoVec
-from tests.unit.fusereq import start_session
+from tests.unit.fusereq import start_session, without_cap
 
 EOF = OFFSET_MAX  # what the kernel sends as `end` for "to end of file"
 
@@ -209,9 +209,24 @@ def test_read_only_caller_still_gets_read_locks(fuse, share, node):
     fh, _ = fuse.open(node, os.O_RDONLY)
     assert setlk(fuse, node, fh, 1, 0, EOF, F_RDLCK).reply().error == 0
     assert host_conflict(share / "f", F_WRLCK, 0, 1)
-    # its description is read-only: a write lock is the host's EBADF (the
-    # guest never sends one for a read-only fd)
-    assert setlk(fuse, node, fh, 1, 0, EOF, F_WRLCK).reply().error == errno.EBADF
+
+
+def test_read_only_description_refuses_a_write_lock(share):
+    """Without CAP_DAC_OVERRIDE (--modcaps=-dac_override) the lock
+    description of a file nobody may write is read-only: a write lock is
+    the host's EBADF (the guest never sends one for a read-only fd)."""
+    os.chmod(share / "f", 0o444)
+    session, fuse = start_session(share)
+    try:
+        fuse.uid = fuse.gid = 1000
+        node = fuse.lookup(1, "f")
+        fh, _ = fuse.open(node, os.O_RDONLY)
+        with without_cap(1):  # CAP_DAC_OVERRIDE
+            assert setlk(fuse, node, fh, 1, 0, EOF, F_RDLCK).reply().error == 0
+            assert setlk(fuse, node, fh, 1, 0, EOF, F_WRLCK).reply().error == errno.EBADF
+    finally:
+        session.close()
+        session.inodes.close()
 
 
 def test_lock_descriptions_count_against_the_open_file_bound(share, monkeypatch):

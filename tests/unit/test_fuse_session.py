@@ -770,27 +770,7 @@ def test_table_full_is_enfile(tmp_path, proc_cwd):
         table.close()
 
 
-# -- credentials -------------------------------------------------------------------------------
-def test_ops_run_with_the_callers_ids(env):
-    fs, client, share = env
-    os.chmod(share, 0o777)
-    user = FuseClient(fs, uid=1000, gid=1000)
-    payload = user.call(Opcode.MKDIR, 1, abi.MKDIR_IN.pack(0o755, 0) + b"mine\0", 128).ok()
-    assert credentials.current() == (1000, 1000)  # left switched: cached for the next request
-    credentials.restore()  # for this test's own host checks
-    st = os.lstat(share / "mine")
-    assert (st.st_uid, st.st_gid) == (1000, 1000)
-    assert entry_attr(payload)[11:13] == (1000, 1000)
-    user.call(Opcode.SYMLINK, 1, b"sl\0t\0", 128).ok()
-    credentials.restore()
-    assert os.lstat(share / "sl").st_uid == 1000
-    # permission checks are the host's, as that user
-    os.mkdir(share / "rootonly", 0o755)
-    r = entry_nodeid(lookup(client, 1, "rootonly").ok())
-    assert user.call(Opcode.MKDIR, r, abi.MKDIR_IN.pack(0o755, 0) + b"x\0", 128).error == errno.EACCES
-    # root again for the next root request
-    client.call(Opcode.MKDIR, r, abi.MKDIR_IN.pack(0o755, 0) + b"x\0", 128).ok()
-    assert os.lstat(share / "rootonly" / "x").st_uid == 0
+# -- credentials: tests/unit/test_fuse_credentials.py ------------------------------------------
 
 
 # -- attributes ----------------------------------------------------------------------------------
@@ -880,33 +860,6 @@ def test_setattr_errors_and_symlinks(env):
     assert client.call(Opcode.SETATTR, f, big, 104).error == errno.EINVAL
 
 
-def test_setattr_as_user(env):
-    fs, client, share = env
-    (share / "f").write_bytes(b"data")
-    os.chown(share / "f", 1000, 1000)
-    f = entry_nodeid(lookup(client, 1, "f").ok())
-    user = FuseClient(fs, uid=1000, gid=1000)
-    user.call(Opcode.SETATTR, f, setattr_args(SetattrValid.MODE, mode=0o100640), 104).ok()
-    credentials.restore()
-    assert stat.S_IMODE(os.lstat(share / "f").st_mode) == 0o640
-    assert user.call(Opcode.SETATTR, f, setattr_args(SetattrValid.UID, uid=0), 104).error == errno.EPERM
-    other = FuseClient(fs, uid=2000, gid=2000)
-    assert other.call(Opcode.SETATTR, f, setattr_args(SetattrValid.SIZE), 104).error == errno.EACCES
-
-
-def test_setattr_size_through_fh(env):
-    fs, client, share = env
-    nodeid, fh = client.create(1, "f", mode=0o444)  # read-only mode, writable fh
-    os.chown(share / "f", 1000, 1000)
-    user = FuseClient(fs, uid=1000, gid=1000)
-    args = setattr_args(SetattrValid.SIZE | SetattrValid.FH, fh=fh, size=100)
-    assert attr_of(user.call(Opcode.SETATTR, nodeid, args, 104).ok())[1] == 100
-    credentials.restore()
-    assert os.lstat(share / "f").st_size == 100
-    args = setattr_args(SetattrValid.SIZE, size=5)
-    assert user.call(Opcode.SETATTR, nodeid, args, 104).error == errno.EACCES
-
-
 def test_statfs(env):
     _, client, share = env
     payload = client.call(Opcode.STATFS, 1, b"", 80).ok()
@@ -918,14 +871,6 @@ def test_statfs(env):
 def test_fuseerror_is_not_oserror():
     assert not issubclass(FUSEError, OSError)
     assert FUSEError(errno.ENOENT).errno == errno.ENOENT
-
-
-def test_invalid_uid_is_eperm(env):
-    fs, _, _ = env
-    bad = FuseClient(fs, uid=0xFFFFFFFF, gid=0)
-    assert getattr_(bad, 1).error == errno.EPERM
-    credentials.restore()
-    assert credentials.current() == (0, 0)
 
 
 def test_credentials_are_per_thread(proc_cwd):
