@@ -30,7 +30,7 @@ from .conftest import BOOTS, _start_daemon, guest_dirs
 from .mount_guest import ATIME_OPTS
 from .vm import guest_path, run_guest
 
-pytestmark = pytest.mark.guest
+pytestmark = [pytest.mark.guest, pytest.mark.usecase]
 
 SCRIPT = guest_path(os.path.join(os.path.dirname(__file__), "mount_guest.py"))
 OLD_TIME = 946_684_800  # 2000-01-01

@@ -28,7 +28,7 @@ from .harness import process_tree
 from .persist_guest import NFILES, RECORD, file_bytes, record
 from .vm import BackgroundGuest, guest_path
 
-pytestmark = pytest.mark.guest
+pytestmark = [pytest.mark.guest, pytest.mark.usecase]
 
 SCRIPT = guest_path(os.path.join(os.path.dirname(__file__), "persist_guest.py"))
 SYNCED_RE = re.compile(r"@@SYNCED (\d+)@@")

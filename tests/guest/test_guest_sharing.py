@@ -27,7 +27,7 @@ from .harness import json_record
 from .sharing_guest import GROWN, KEPT, KINDS, OLD, PREFIX
 from .vm import BackgroundGuest, guest_path
 
-pytestmark = pytest.mark.guest
+pytestmark = [pytest.mark.guest, pytest.mark.usecase]
 
 SCRIPT = guest_path(os.path.join(os.path.dirname(__file__), "sharing_guest.py"))
 TIMEOUT = 600
