@@ -33,11 +33,13 @@ test-usecases: setup
 fuzz: setup
 	$(PY) -m tests.fuzz.fuzz_chain_fuse --iterations $(or $(FUZZ_ITERATIONS),1000000)
 
-## Ours vs QEMU's C virtiofsd, same workloads in the same run (real guest,
+## Ours vs QEMU's C virtiofsd and the Rust virtiofsd, same workloads in the
+## same run (real guest on both platforms, two-queue parallel on platform b,
 ## daemon-bound, footprint); writes docs/perf/results.md and ratios.png.
+## BENCH_ARGS=--quick for a short run.
 bench: setup
 	.venv/bin/pip install -q --disable-pip-version-check -e ".[bench]" --config-settings editable_mode=compat
-	$(PY) -m tests.perf.bench
+	$(PY) -m tests.perf.bench $(BENCH_ARGS)
 
 ## Where the time goes (docs/perf/profile.md): CPU per process in a real
 ## guest, py-spy on the request worker, cProfile of the worker loop, the

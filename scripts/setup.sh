@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything pyvirtiofsd's demo, tests and benchmarks need on a fresh
 # Debian 12 machine (run as root): Debian packages, the project venv, and the
-# guest kernel cache. Idempotent: a second run only checks.
+# guest cache: both guest platforms' kernels, QEMU 10 and the Rust virtiofsd
+# unpacked under .cache/guest. Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,6 +40,7 @@ if ! .venv/bin/python -c "import daemon, prctl, pyseccomp, pytest, hypothesis, a
   .venv/bin/pip install -q --disable-pip-version-check -e ".[test]" --config-settings editable_mode=compat
 fi
 
-echo "setup: guest kernel cache"
-.venv/bin/python -m tests.guest.kernel >/dev/null
+echo "setup: guest platforms (a: QEMU 7.2 + Linux 6.1; b: QEMU 10 + Linux 6.12) and the Rust virtiofsd"
+# unpacked under .cache/guest, nothing installed system-wide (tests/guest/platforms.py)
+.venv/bin/python -m tests.guest.platforms >/dev/null
 echo "setup: done"

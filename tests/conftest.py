@@ -1,8 +1,9 @@
 """Shared pytest fixtures: start daemons, connect the vhost-user test frontend.
 
 ``daemon_factory(kind, shared_dir, cache='auto', extra_args=())`` starts
-either our daemon (``kind='ours'``) or QEMU 7.2's C virtiofsd (``kind='c'``,
-the baseline) on a fresh socket, waits until the socket exists, and stops it
+our daemon (``kind='ours'``), QEMU 7.2's C virtiofsd (``kind='c'``) or the
+Rust virtiofsd 1.13 (``kind='rust'``, unpacked by tests/guest/platforms.py;
+the two baselines) on a fresh socket, waits until the socket exists, and stops it
 at teardown. ``--daemon=ours|c|both`` selects which daemon(s) the
 ``daemon_kind``-parametrized tests (the frontend tests) run against.
 """
@@ -30,6 +31,9 @@ C_CACHE = {"never": "none", "auto": "auto", "always": "always"}
 # Options that make the C daemon offer what ours offers by default: xattrs
 # (our Config.xattr defaults to True) and POSIX locks (we implement GETLK/SETLK).
 C_DEFAULT_OPTS = ("-o", "xattr", "-o", "posix_lock")
+# The Rust virtiofsd's equivalent: xattrs (it has no POSIX lock support; the
+# guest kernel then keeps locks local). Its default sandbox and seccomp stay.
+RUST_DEFAULT_OPTS = ("--xattr",)
 
 
 def pytest_addoption(parser):
@@ -102,6 +106,10 @@ def daemon_command(kind: str, socket_path: str, shared_dir: str, cache: str,
     if kind == "c":
         return [C_VIRTIOFSD, f"--socket-path={socket_path}", "-o", f"source={shared_dir}",
                 "-o", f"cache={C_CACHE.get(cache, cache)}", *C_DEFAULT_OPTS, *extra_args]
+    if kind == "rust":
+        from tests.guest.platforms import rust_virtiofsd_argv
+        return [*rust_virtiofsd_argv(), f"--socket-path={socket_path}", f"--shared-dir={shared_dir}",
+                f"--cache={cache}", *RUST_DEFAULT_OPTS, *extra_args]
     raise ValueError(f"unknown daemon kind {kind!r}")
 
 

@@ -60,29 +60,33 @@ def guest_dirs(tmp_path_factory, name: str) -> tuple[Path, Path, Path]:
 
 @pytest.fixture(scope="module")
 def guest_run_factory(tmp_path_factory):
-    """factory(kind, cache, tools=True, known=()) -> harness.Run; boots once."""
+    """factory(kind, cache, tools=True, known=(), extra_args=(), platform="a",
+    num_request_queues=1, smp=2) -> harness.Run; boots once per configuration."""
     why = guest_prerequisites()
     if why:  # scripts/setup.sh installs all of it: missing means broken, not "skip"
         pytest.fail(f"guest tests cannot run: {why}")
     daemons = []
     runs = {}
 
-    def factory(kind: str, cache: str, tools: bool = True, known=(), extra_args=()):
-        """One boot per (kind, cache, tools, known, extra_args) in this
-        module; ``extra_args``: more daemon options."""
-        key = (kind, cache, tools, tuple(known), tuple(extra_args))
+    def factory(kind: str, cache: str, tools: bool = True, known=(), extra_args=(),
+                platform: str = "a", num_request_queues: int = 1, smp: int = 2):
+        """One boot per configuration in this module; ``extra_args``: more
+        daemon options; the rest as run_guest's."""
+        key = (kind, cache, tools, tuple(known), tuple(extra_args), platform, num_request_queues, smp)
         if key not in runs:
-            runs[key] = boot(kind, cache, tools, known, tuple(extra_args))
+            runs[key] = boot(*key)
         return runs[key]
 
-    def boot(kind, cache, tools, known, extra_args):
-        base, shared, run_dir = guest_dirs(tmp_path_factory, f"guest-{kind}-{cache}")
+    def boot(kind, cache, tools, known, extra_args, platform, num_request_queues, smp):
+        base, shared, run_dir = guest_dirs(tmp_path_factory, f"guest-{kind}-{cache}-{platform}")
         d = _start_daemon(kind, shared, cache, run_dir, extra_args)
         daemons.append(d)
         run = boot_and_run(d, kind, cache, shared, tools=tools, known=known,
-                           console_log=base / "console.log")
+                           console_log=base / "console.log", platform=platform, smp=smp,
+                           num_request_queues=num_request_queues)
         o, t = run.ops_summary or {}, run.tools_summary or {}
-        BOOTS.append((kind, " ".join((cache,) + extra_args), run.boot_seconds,
+        where = f"{platform}/{num_request_queues}q" + (f"/{smp}cpu" if smp != 2 else "")
+        BOOTS.append((f"{kind} {where}", " ".join((cache,) + extra_args), run.boot_seconds,
                       f"ops {o.get('passed', '?')} pass/{o.get('failed', '?')} fail/{o.get('known', 0)} known"
                       f" in {o.get('seconds', '?')} s; tools {t.get('passed', '-')} pass/{t.get('failed', '-')} fail;"
                       f" console {base / 'console.log'}"))
@@ -102,4 +106,4 @@ def pytest_terminal_summary(terminalreporter):
         return
     terminalreporter.section("guest boots")
     for kind, cache, secs, summary in BOOTS:
-        terminalreporter.write_line(f"{kind:5s} cache={cache:6s} {secs:6.1f} s  {summary}")
+        terminalreporter.write_line(f"{kind:10s} cache={cache:6s} {secs:6.1f} s  {summary}")

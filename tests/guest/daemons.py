@@ -1,4 +1,5 @@
-"""Start a virtio-fs daemon for a guest run: ours or QEMU's C virtiofsd.
+"""Start a virtio-fs daemon for a guest run: ours, QEMU's C virtiofsd or the
+Rust virtiofsd (platforms.py unpacks it).
 
 The guest tests use the ``daemon_factory`` fixture of tests/conftest.py when
 it exists; this module is the stand-alone equivalent used by the demo, by
@@ -37,6 +38,10 @@ class Daemon:
         if kind == "c":
             argv = [C_VIRTIOFSD, f"--socket-path={socket_path}", "-o", f"source={self.shared_dir}",
                     "-o", f"cache={C_CACHE[cache]}", "-o", "xattr", *extra_args]
+        elif kind == "rust":
+            from .platforms import rust_virtiofsd_argv
+            argv = [*rust_virtiofsd_argv(), f"--socket-path={socket_path}", f"--shared-dir={self.shared_dir}",
+                    f"--cache={cache}", "--xattr", *extra_args]
         elif kind == "ours":
             argv = [sys.executable, "-m", "daemon", "--socket-path", socket_path,
                     "--shared-dir", self.shared_dir, "--cache", cache, *extra_args]

@@ -73,6 +73,8 @@ class Run:
     process_tree: list | None = None  # [(pid, ppid, comm)] seen while the guest was attached
     confinement: dict | None = None   # pid -> confinement(pid), seen then too
     boot_seconds: float = 0.0
+    platform: str = "a"
+    num_request_queues: int = 1
 
 
 def json_record(line: str, prefix: str):
@@ -92,12 +94,13 @@ class ScriptRun:
     daemon_log: str
 
 
-def python_in_guest(daemon, script: str, prefix: str, console_log) -> ScriptRun:
+def python_in_guest(daemon, script: str, prefix: str, console_log, **guest_opts) -> ScriptRun:
     """Boot a guest on ``daemon``'s export (at /mnt), run ``script`` with its
     python3 and power off; the script prints one ``prefix{json}`` line.
-    Waits for the daemon to exit (it does once QEMU is gone)."""
+    Waits for the daemon to exit (it does once QEMU is gone). ``guest_opts``:
+    more run_guest keywords (platform, smp, num_request_queues)."""
     guest = run_guest(daemon.socket_path, f"python3 -c {shlex.quote(script)}", timeout=300,
-                      console_log=console_log)
+                      console_log=console_log, **guest_opts)
     daemon_exit = daemon.wait(15)
     record = None
     for line in guest.output.splitlines():
@@ -181,8 +184,10 @@ def _wait_exit(daemon, timeout: float) -> int | None:
 
 
 def boot_and_run(daemon, kind: str, cache: str, shared_dir: Path, *, tools: bool = True,
-                 known=(), timeout: float = BOOT_TIMEOUT, console_log=None) -> Run:
-    """Boot one guest against an already listening daemon and run the suite."""
+                 known=(), timeout: float = BOOT_TIMEOUT, console_log=None, platform: str = "a",
+                 smp: int = 2, num_request_queues: int = 1) -> Run:
+    """Boot one guest against an already listening daemon and run the suite
+    (``platform``, ``smp``, ``num_request_queues``: as run_guest's)."""
     seen_tree: list = []
     seen_confinement: dict = {}
 
@@ -205,13 +210,15 @@ def boot_and_run(daemon, kind: str, cache: str, shared_dir: Path, *, tools: bool
     t0 = time.monotonic()
     guest = run_guest(daemon.socket_path, guest_command(cache, tools=tools, known=known),
                       timeout=timeout, console_log=console_log, on_booted=on_booted,
-                      idle_timeout=IDLE_TIMEOUT, abort_if=daemon_died)
+                      idle_timeout=IDLE_TIMEOUT, abort_if=daemon_died, platform=platform, smp=smp,
+                      num_request_queues=num_request_queues)
     ops, info, ops_summary, tl, tools_summary, step_rc = parse_output(guest.output)
     run = Run(kind=kind, cache=cache, shared_dir=Path(shared_dir), guest=guest, ops=ops,
               ops_info=info, ops_summary=ops_summary, tools=tl, tools_summary=tools_summary,
               step_rc=step_rc, process_tree=seen_tree if kind == "ours" else None,
               confinement=seen_confinement if kind == "ours" else None,
-              boot_seconds=time.monotonic() - t0)
+              boot_seconds=time.monotonic() - t0, platform=platform,
+              num_request_queues=num_request_queues)
     run.daemon_exit = _wait_exit(daemon, 15)
     try:
         run.daemon_log = daemon.log()
@@ -221,7 +228,8 @@ def boot_and_run(daemon, kind: str, cache: str, shared_dir: Path, *, tools: bool
 
 
 def describe_failures(run: Run) -> str:
-    lines = [f"{run.kind} cache={run.cache}: guest {run.guest.describe(tail=0)}"]
+    lines = [f"{run.kind} cache={run.cache} platform={run.platform} queues={run.num_request_queues}: "
+             f"guest {run.guest.describe(tail=0)}"]
     for name, obj in run.ops.items():
         if obj["status"] != "pass":
             lines.append(f"  check {name}: {obj['status']}\n    ref:    {json.dumps(obj.get('ref'))}"
@@ -350,15 +358,18 @@ if __name__ == "__main__":
     from .daemons import Daemon
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--daemon", choices=("c", "ours"), default="c")
+    ap.add_argument("--daemon", choices=("c", "ours", "rust"), default="c")
     ap.add_argument("--cache", default="auto")
+    ap.add_argument("--platform", choices=("a", "b"), default="a")
+    ap.add_argument("--num-request-queues", type=int, default=1)
     ap.add_argument("--no-tools", action="store_true")
     a = ap.parse_args()
     share = Path(tempfile.mkdtemp(prefix="pyvfs-share-"))
     os.chmod(share, 0o755)
     d = Daemon(a.daemon, str(share), cache=a.cache)
     try:
-        r = boot_and_run(d, a.daemon, a.cache, share, tools=not a.no_tools)
+        r = boot_and_run(d, a.daemon, a.cache, share, tools=not a.no_tools, platform=a.platform,
+                         num_request_queues=a.num_request_queues)
     finally:
         d.stop()
     print(describe_failures(r))

@@ -1,7 +1,10 @@
 """The guest's initrd: static busybox, the kernel modules, and an /init.
 
-``ensure_initrd()`` returns the path of a gzip'd newc cpio archive, built
-once per content (busybox binary + modules + /init text) in the cache dir.
+``ensure_initrd(platform="a")`` returns the path of a gzip'd newc cpio archive
+with that platform's kernel modules, built once per content (busybox binary +
+modules + /init text) in the cache dir. The /init is the same for both
+kernels: it loads whatever the kernel's ``load-order`` lists (6.12 has
+virtio and virtiofs built in, so only 9p's modules).
 
 What /init does (all parameters come from the kernel command line):
 
@@ -137,8 +140,10 @@ def find_busybox() -> Path:
     raise RuntimeError("busybox not found: apt-get install busybox-static")
 
 
-def ensure_initrd() -> Path:
-    _vmlinuz, mods = ensure_kernel()
+def ensure_initrd(platform: str = "a") -> Path:
+    from .platforms import platform as get_platform
+    series = get_platform(platform).kernel
+    _vmlinuz, mods = ensure_kernel(series)
     busybox = find_busybox().read_bytes()
     if b"GLIBC_" in busybox[:4096] or b"ld-linux" in busybox[:8192]:
         raise RuntimeError("busybox is dynamically linked: install busybox-static")
@@ -156,14 +161,15 @@ def ensure_initrd() -> Path:
     h = hashlib.sha256()
     for name, mode, data in entries:
         h.update(name.encode() + b"\0" + str(mode).encode() + b"\0" + hashlib.sha256(data).digest())
-    out = cache_dir() / f"initrd-{h.hexdigest()[:16]}.cpio.gz"
+    out = cache_dir() / f"initrd-{series}-{h.hexdigest()[:16]}.cpio.gz"
     if out.is_file():
         return out
     tmp = out.with_suffix(f".tmp{os.getpid()}")
     tmp.write_bytes(gzip.compress(build_cpio(entries), compresslevel=6, mtime=0))
     tmp.replace(out)
-    # drop older initrds
-    for old in cache_dir().glob("initrd-*.cpio.gz"):
+    # drop this kernel's older initrds (and those named before the series was)
+    for old in [*cache_dir().glob(f"initrd-{series}-*.cpio.gz"),
+                *cache_dir().glob("initrd-" + "[0-9a-f]" * 16 + ".cpio.gz")]:
         if old != out:
             try:
                 old.unlink()
@@ -173,4 +179,6 @@ def ensure_initrd() -> Path:
 
 
 if __name__ == "__main__":
-    print(ensure_initrd())
+    import sys
+    for name in (sys.argv[1:] or ["a"]):
+        print(ensure_initrd(name))

@@ -1,11 +1,13 @@
-"""The guest kernel: Debian 12's 6.1 kernel, unpacked into a cache directory.
+"""The guest kernels, unpacked into a cache directory: Debian 12's 6.1
+(platform a) and bookworm-backports' 6.12 (platform b, see platforms.py).
 
-``ensure_kernel()`` returns ``(vmlinuz_path, modules_dir)``. The first call
-downloads the ``linux-image-6.1.0-N-amd64`` package that ``linux-image-amd64``
-depends on (``apt-get download``, nothing is installed into /boot), unpacks
-it with ``dpkg-deb -x`` into a temporary directory, and keeps only vmlinuz
-and the modules the guest needs (decompressed). Later calls only check the
-cache. CI runs ``python -m tests.guest.kernel`` once to fill it.
+``ensure_kernel(series="6.1")`` returns ``(vmlinuz_path, modules_dir)``. The
+first call downloads the ``linux-image-*`` package that ``linux-image-amd64``
+of that suite depends on (``apt-get download``, nothing is installed into
+/boot), unpacks it with ``dpkg-deb -x`` into a temporary directory, and keeps
+only vmlinuz and the modules the guest needs (decompressed; 6.12 has virtio,
+virtio_pci, fuse and virtiofs built in, so only 9p's modules remain). Later
+calls only check the cache. scripts/setup.sh runs ``python -m tests.guest.kernel``.
 
 Cache: ``$PYVIRTIOFSD_GUEST_CACHE`` or ``<repo>/.cache/guest``. Layout::
 
@@ -13,10 +15,12 @@ Cache: ``$PYVIRTIOFSD_GUEST_CACHE`` or ``<repo>/.cache/guest``. Layout::
     kernel-6.1.0-56-amd64/modules/<name>.ko   (every module needed, plain ELF)
     kernel-6.1.0-56-amd64/modules/load-order  (one name per line, deps first)
     current -> kernel-6.1.0-56-amd64          (written last: marks completion)
+    current-6.12 -> kernel-6.12.95+deb12-amd64
 """
 
 from __future__ import annotations
 
+import dataclasses
 import lzma
 import os
 import re
@@ -39,6 +43,22 @@ WANTED_MODULES = (
 IMAGE_RE = re.compile(r"^linux-image-(6\.1\.0-\d+-amd64)$")
 
 
+@dataclasses.dataclass(frozen=True)
+class Series:
+    image_re: re.Pattern
+    link: str                   # the cache's symlink to the unpacked kernel
+    suite: str | None = None    # None: the system's apt sources (bookworm)
+    optional: tuple = ()        # wanted modules this kernel may lack entirely
+
+
+SERIES = {
+    "6.1": Series(IMAGE_RE, "current"),
+    # 6.12: fscache is part of netfs, virtio*/fuse/virtiofs are built in
+    "6.12": Series(re.compile(r"^linux-image-(6\.12\.\d+\+deb12-amd64)$"), "current-6.12",
+                   suite="bookworm-backports", optional=("fscache",)),
+}
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("PYVIRTIOFSD_GUEST_CACHE") or REPO / ".cache" / "guest")
 
@@ -47,14 +67,22 @@ def _log(msg: str) -> None:
     print(f"kernel: {msg}", file=sys.stderr, flush=True)
 
 
-def _package_from_depends() -> str | None:
-    out = subprocess.run(["apt-cache", "depends", "linux-image-amd64"],
+def _apt_opts(series: Series) -> list[str]:
+    if series.suite is None:
+        return []
+    from .platforms import apt_options
+    return apt_options(series.suite)
+
+
+def _package_from_depends(series: Series) -> str | None:
+    what = f"linux-image-amd64/{series.suite}" if series.suite else "linux-image-amd64"
+    out = subprocess.run(["apt-cache", *_apt_opts(series), "depends", what],
                          capture_output=True, text=True).stdout
     for line in out.splitlines():
         line = line.strip()
         if line.startswith("Depends:"):
             name = line.split(":", 1)[1].strip()
-            if IMAGE_RE.match(name):
+            if series.image_re.match(name):
                 return name
     return None
 
@@ -68,10 +96,15 @@ def _package_from_search() -> str | None:
     return max(names, key=lambda n: int(n.split("-")[3]))
 
 
-def resolve_package() -> str:
+def resolve_package(series: Series = SERIES["6.1"]) -> str:
     """The exact linux-image package name (apt-get update only if unknown)."""
+    if series.suite:
+        name = _package_from_depends(series)
+        if not name:
+            raise RuntimeError(f"cannot find the linux-image package of {series.suite}")
+        return name
     for attempt in range(2):
-        name = _package_from_depends() or _package_from_search()
+        name = _package_from_depends(series) or _package_from_search()
         if name:
             return name
         if attempt == 0:
@@ -80,8 +113,8 @@ def resolve_package() -> str:
     raise RuntimeError("cannot find a linux-image-6.1.0-*-amd64 package in apt")
 
 
-def _current() -> tuple[Path, Path] | None:
-    cur = cache_dir() / "current"
+def _current(series: Series) -> tuple[Path, Path] | None:
+    cur = cache_dir() / series.link
     if not cur.is_symlink() and not cur.is_dir():
         return None
     kdir = cur.resolve()
@@ -120,15 +153,16 @@ def _builtin_names(moddir: Path) -> set[str]:
     return {Path(l.strip()).name.split(".ko")[0] for l in f.read_text().splitlines() if l.strip()}
 
 
-def _install(package: str) -> tuple[Path, Path]:
-    version = IMAGE_RE.match(package).group(1)
+def _install(package: str, series: Series) -> tuple[Path, Path]:
+    version = series.image_re.match(package).group(1)
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix="unpack-") as tmp:
         tmp = Path(tmp)
         _log(f"downloading {package}")
-        subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", package], cwd=tmp, check=True,
-                       stdout=subprocess.DEVNULL)
+        what = f"{package}/{series.suite}" if series.suite else package
+        subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *_apt_opts(series), what],
+                       cwd=tmp, check=True, stdout=subprocess.DEVNULL)
         debs = list(tmp.glob(f"{package}_*.deb"))
         if len(debs) != 1:
             raise RuntimeError(f"apt-get download produced {debs}")
@@ -155,8 +189,8 @@ def _install(package: str) -> tuple[Path, Path]:
             if name in order:
                 return
             if name not in by_name:
-                if name in builtin or name.replace("_", "-") in builtin:
-                    return  # built into this kernel: nothing to load
+                if name in builtin or name.replace("_", "-") in builtin or name in series.optional:
+                    return  # built into this kernel (or merged into another): nothing to load
                 raise RuntimeError(f"module {name} is neither in {package} nor built in")
             if name in visiting:
                 raise RuntimeError(f"module dependency cycle at {name}")
@@ -174,8 +208,8 @@ def _install(package: str) -> tuple[Path, Path]:
         final = root / f"kernel-{version}"
         shutil.rmtree(final, ignore_errors=True)
         out.rename(final)
-    link = root / "current"
-    tmp_link = root / "current.new"
+    link = root / series.link
+    tmp_link = root / f"{series.link}.new"
     if tmp_link.is_symlink() or tmp_link.exists():
         tmp_link.unlink()
     tmp_link.symlink_to(final.name)
@@ -184,18 +218,29 @@ def _install(package: str) -> tuple[Path, Path]:
     return final / "vmlinuz", final / "modules"
 
 
-def ensure_kernel() -> tuple[Path, Path]:
-    """(vmlinuz, modules_dir); downloads and unpacks only if not cached."""
-    got = _current()
+def ensure_kernel(series: str = "6.1") -> tuple[Path, Path]:
+    """(vmlinuz, modules_dir) of kernel ``series`` ("6.1" or "6.12");
+    downloads and unpacks only if not cached."""
+    s = SERIES[series]
+    got = _current(s)
     if got:
         return got
-    return _install(resolve_package())
+    try:
+        return _install(resolve_package(s), s)
+    except subprocess.CalledProcessError:
+        if not s.suite:
+            raise
+        # our lists of that suite may name a kernel the archive replaced
+        from .platforms import apt_options
+        apt_options(s.suite, refresh=True)
+        return _install(resolve_package(s), s)
 
 
 def main() -> int:
-    vmlinuz, mods = ensure_kernel()
-    print(vmlinuz)
-    print(mods)
+    for series in (sys.argv[1:] or ["6.1"]):
+        vmlinuz, mods = ensure_kernel(series)
+        print(vmlinuz)
+        print(mods)
     return 0
 
 

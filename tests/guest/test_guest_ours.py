@@ -1,7 +1,8 @@
-"""Our daemon (python -m daemon) under a real guest.
+"""Our daemon (python -m daemon) under a real guest, on both platforms.
 
 One boot per cache mode, and one more with ``--writeback`` (module-scoped
-fixture), each running the in-guest differential suite (guest_ops.py) and
+fixture), on platform a (QEMU 7.2 + Linux 6.1, FUSE 7.38) and platform b
+(QEMU 10 + Linux 6.12, FUSE 7.41; GUEST_PLATFORMS below), each running the in-guest differential suite (guest_ops.py) and
 the ordinary tools (tools.sh) on the mount; then host-side checks of what
 the guest wrote, the shape of the daemon's process tree while the guest
 was attached, and a clean exit.
@@ -20,10 +21,18 @@ from .harness import describe_failures, host_checks
 pytestmark = pytest.mark.guest
 
 
-@pytest.fixture(scope="module", params=["auto", "never", "auto --writeback"])
+# (platform, request queues) of every boot
+GUEST_PLATFORMS = (("a", 1), ("b", 1))
+CONFIGS = [(p, q, c) for p, q in GUEST_PLATFORMS for c in ("auto", "never", "auto --writeback")]
+
+
+@pytest.fixture(scope="module", params=CONFIGS,
+                ids=[f"{p}-{q}q-{c.replace(' --', '-')}" for p, q, c in CONFIGS])
 def run(request, guest_run_factory):
-    cache, *extra = request.param.split()
-    return guest_run_factory("ours", cache, tools=True, extra_args=extra)
+    platform, queues, options = request.param
+    cache, *extra = options.split()
+    return guest_run_factory("ours", cache, tools=True, extra_args=extra, platform=platform,
+                             num_request_queues=queues)
 
 
 def test_guest_ran_to_the_end(run):
@@ -45,7 +54,7 @@ def test_writeback_cache_negotiated_only_when_asked_for(run, request):
 
     m = re.search(r"FUSE session: guest 7\.\d+, replying 7\.\d+ flags (0x[0-9a-f]+)", run.daemon_log)
     assert m, run.daemon_log[-3000:]
-    asked = "--writeback" in request.node.callspec.params["run"]
+    asked = "--writeback" in request.node.callspec.params["run"][2]
     assert bool(int(m.group(1), 16) & InitFlag.WRITEBACK_CACHE) == asked
 
 
@@ -62,11 +71,11 @@ def test_host_sees_what_the_guest_wrote(run):
 
 
 def test_three_processes_while_attached(run):
-    """supervisor + hiprio worker + one request worker (Linux 6.1 uses only
-    request queue 1), seen from the host via /proc/*/stat ppid links."""
+    """supervisor + hiprio worker + one request worker per request queue,
+    seen from the host via /proc/*/stat ppid links."""
     tree = run.process_tree
     assert tree, "the process tree was not sampled (did the guest mount?)"
-    assert len(tree) == 3, f"daemon process tree: {tree}"
+    assert len(tree) == 2 + run.num_request_queues, f"daemon process tree: {tree}"
     root = [p for p in tree if p[0] == tree[0][0]]
     assert root and all(pp == root[0][0] for pid, pp, _ in tree[1:]), \
         f"workers must be children of the supervisor: {tree}"
@@ -83,7 +92,7 @@ def test_workers_confined_while_the_guest_is_attached(run):
     from daemon.sandbox import capabilities
 
     seen = run.confinement
-    assert seen and len(seen) == 3, seen
+    assert seen and len(seen) == 2 + run.num_request_queues, seen
     supervisor_pid = run.process_tree[0][0]
     sup = seen[supervisor_pid]
     share = os.stat(run.shared_dir)

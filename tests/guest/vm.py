@@ -1,7 +1,10 @@
-"""Boot a QEMU 7.2 guest (TCG) that runs one shell command against virtiofs.
+"""Boot a QEMU guest (TCG) that runs one shell command against virtiofs.
 
-``run_guest(socket_path, command)`` boots Debian's 6.1 kernel with our
-busybox initrd (initrd.py). The guest mounts the host root read-only over
+``run_guest(socket_path, command)`` boots platform a (QEMU 7.2, Debian's 6.1
+kernel) with our busybox initrd (initrd.py); ``platform="b"`` boots QEMU 10
+with Linux 6.12 instead (platforms.py). ``smp=N`` gives the guest N vCPUs and
+``num_request_queues=N`` the vhost-user-fs device N request queues (Linux 6.11+
+sends a request on the queue of the vCPU it runs on; 6.1 uses the first only). The guest mounts the host root read-only over
 9p, mounts the virtiofs device (backed by the daemon listening on
 ``socket_path``) at /mnt inside that root, and runs ``command`` with
 ``/bin/sh -c`` chrooted into it, so the host's python3, fio and coreutils
@@ -27,6 +30,8 @@ from pathlib import Path
 
 from .initrd import BEGIN_MARKER, SETUP_FAILED_STATUS, ensure_initrd
 from .kernel import ensure_kernel
+from .platforms import platform as get_platform
+from .platforms import qemu_argv
 
 # the repository's tests/ directory, exported read-only to every guest
 HARNESS_DIR = Path(__file__).resolve().parent.parent
@@ -88,10 +93,13 @@ def _mem_bytes(mem: str) -> int:
 
 def qemu_command(socket_path: str | None, command: str, *, tag: str, mem: str, smp: int,
                  console_path: str, mount_opts: str = "", mount_point: str = "/mnt",
-                 extra_kernel_args=(), queue_size: int = 1024,
+                 extra_kernel_args=(), queue_size: int = 1024, platform: str = "a",
+                 num_request_queues: int = 1,
                  sync_dir: str | os.PathLike | None = None) -> list[str]:
-    vmlinuz, _mods = ensure_kernel()
-    initrd = ensure_initrd()
+    vmlinuz, _mods = ensure_kernel(get_platform(platform).kernel)
+    initrd = ensure_initrd(platform)
+    if num_request_queues < 1:
+        raise ValueError(f"num_request_queues must be >= 1, not {num_request_queues}")
     mem_b = _mem_bytes(mem)
     cmd_b64 = base64.b64encode(command.encode()).decode()
     append = ["console=ttyS0", "panic=-1", "quiet", "mitigations=off",
@@ -109,7 +117,7 @@ def qemu_command(socket_path: str | None, command: str, *, tag: str, mem: str, s
         raise ValueError(f"kernel command line too long ({len(append_s)} bytes): put the "
                          "command in a script file the guest can read through /host")
     argv = [
-        QEMU, "-accel", "tcg,thread=multi", "-cpu", "max",
+        *qemu_argv(platform), "-accel", "tcg,thread=multi", "-cpu", "max",
         "-m", f"{mem_b >> 20}M", "-smp", str(smp),
         "-nodefaults", "-display", "none", "-no-reboot", "-monitor", "none",
         "-serial", f"file:{console_path}",
@@ -124,8 +132,9 @@ def qemu_command(socket_path: str | None, command: str, *, tag: str, mem: str, s
     if sync_dir is not None:  # read-write, uncached: the guest sees host changes at once
         argv += ["-virtfs", f"local,path={sync_dir},mount_tag=sync,security_model=none"]
     if socket_path:
+        queues = f",num-request-queues={num_request_queues}" if num_request_queues != 1 else ""
         argv += ["-chardev", f"socket,id=char0,path={socket_path}",
-                 "-device", f"vhost-user-fs-pci,queue-size={queue_size},chardev=char0,tag={tag}"]
+                 "-device", f"vhost-user-fs-pci,queue-size={queue_size}{queues},chardev=char0,tag={tag}"]
     return argv
 
 
@@ -133,10 +142,14 @@ def run_guest(socket_path: str | None, command: str, tag: str = "myfs", timeout:
               mem: str = "1G", smp: int = 2, extra_kernel_args=(), mount_opts: str = "",
               mount_point: str = "/mnt", console_log: str | os.PathLike | None = None,
               on_booted=None, queue_size: int = 1024, idle_timeout: float | None = None,
-              abort_if=None, sync_dir: str | os.PathLike | None = None,
-              on_start=None) -> GuestResult:
+              abort_if=None, platform: str = "a", num_request_queues: int = 1,
+              sync_dir: str | os.PathLike | None = None, on_start=None) -> GuestResult:
     """Boot, run ``command`` (``sh -c`` in the chrooted host root, cwd /tmp),
     power off. ``socket_path=None`` boots without a virtiofs device.
+
+    ``platform``: "a" (QEMU 7.2 + Linux 6.1) or "b" (QEMU 10 + Linux 6.12);
+    ``smp``: vCPUs; ``num_request_queues``: the device's request queues
+    (the daemon must offer that many, or QEMU refuses to start).
 
     ``on_booted(result_so_far)`` is called once, from this thread, when the
     begin marker appears on the console (the virtiofs mount is up): tests use
@@ -153,7 +166,7 @@ def run_guest(socket_path: str | None, command: str, tag: str = "myfs", timeout:
     ``on_start(proc)``: called with QEMU's Popen as soon as it runs (QEMU
     leads its own process group), e.g. to SIGKILL it mid-run.
     """
-    if shutil.which(QEMU) is None:
+    if platform == "a" and shutil.which(QEMU) is None:
         raise RuntimeError(f"{QEMU} not found: apt-get install qemu-system-x86")
     tmpdir = tempfile.mkdtemp(prefix="pyvfs-guest-")
     console = Path(console_log) if console_log else Path(tmpdir) / "console.log"
@@ -163,7 +176,8 @@ def run_guest(socket_path: str | None, command: str, tag: str = "myfs", timeout:
     argv = qemu_command(socket_path, command, tag=tag, mem=mem, smp=smp,
                         console_path=str(console), mount_opts=mount_opts,
                         mount_point=mount_point, extra_kernel_args=extra_kernel_args,
-                        queue_size=queue_size, sync_dir=sync_dir)
+                        queue_size=queue_size, platform=platform,
+                        num_request_queues=num_request_queues, sync_dir=sync_dir)
     start = time.monotonic()
     timed_out = False
     hook_error: BaseException | None = None
@@ -306,9 +320,13 @@ if __name__ == "__main__":
     ap.add_argument("--socket-path")
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--mount-opts", default="")
+    ap.add_argument("--platform", choices=("a", "b"), default="a")
+    ap.add_argument("--smp", type=int, default=2)
+    ap.add_argument("--num-request-queues", type=int, default=1)
     ap.add_argument("command")
     a = ap.parse_args()
-    r = run_guest(a.socket_path, a.command, timeout=a.timeout, mount_opts=a.mount_opts)
+    r = run_guest(a.socket_path, a.command, timeout=a.timeout, mount_opts=a.mount_opts,
+                  platform=a.platform, smp=a.smp, num_request_queues=a.num_request_queues)
     print(r.output)
     print(r.describe(tail=0) if r.exit_status == 0 else r.describe())
     raise SystemExit(0 if r.exit_status == 0 else 1)

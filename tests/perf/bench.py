@@ -1,23 +1,32 @@
-"""``make bench``: pyvirtiofsd against QEMU 7.2's C virtiofsd, as ratios.
+"""``make bench``: pyvirtiofsd against QEMU 7.2's C virtiofsd and the Rust
+virtiofsd 1.13, as ratios.
 
-    python -m tests.perf.bench [--quick] [--rounds N] [--skip-guest]
-                               [--skip-frontend] [--out docs/perf]
+    python -m tests.perf.bench [--quick] [--rounds N] [--platforms a,b]
+                               [--skip-guest] [--skip-frontend] [--skip-parallel]
+                               [--out docs/perf]
 
-Three parts, each run against our daemon first and the C daemon second,
+Four parts, each run against our daemon first and the baselines after it,
 in the same run (absolute figures depend on the machine and on whatever
 else runs on it; only ratios measured side by side mean anything):
 
-1. **Real guest** (tests/guest: Debian's 6.1 kernel under QEMU 7.2 TCG,
-   2 vCPUs), once with ``--cache never`` / ``-o cache=none`` and once with
-   ``auto``: fio psync sequential write and read (1 MiB blocks, a 256 MiB
+1. **Real guest** (tests/guest, 2 vCPUs, one request queue) on each
+   platform: a = Debian's 6.1 kernel under QEMU 7.2 TCG, b = Linux 6.12
+   under QEMU 10 (tests/guest/platforms.py); once with ``--cache never`` /
+   ``-o cache=none`` and once with ``auto``: fio psync sequential write and read (1 MiB blocks, a 256 MiB
    file), random read and write (4 KiB, time based); per-request round
    trips (fstat, stat of a path, 4 KiB direct read); the metadata workload
    (create, stat, readdir, unlink of 10,000 small files; untar and rm -rf
    of a source tree of 3,000 files). See tests/perf/guest_workloads/.
-2. **Daemon-bound, no guest**: the vhost-user test frontend keeps 1 or 64
+2. **Parallel, platform b**: the guest runs fio with two jobs and two
+   metadata processes, each pinned to its own vCPU
+   (tests/perf/guest_workloads/parallel.sh): ours with 2 request queues
+   against the Rust daemon with its one (a second queue hangs it). A run
+   that fails is reported as such, never waited on forever (idle and hard
+   timeouts of run_guest).
+3. **Daemon-bound, no guest**: the vhost-user test frontend keeps 1 or 64
    requests in flight (tests/perf/frontend_bench.py) and counts GETATTR,
    LOOKUP, 4 KiB READ and 1 MiB READ replies per second.
-3. **Footprint**: PSS (and RSS) of each daemon's whole process tree with the
+4. **Footprint**: PSS (and RSS) of each daemon's whole process tree with the
    guest attached and idle, and after the guest looked up 100,000 files
    (cache=auto boot; fewer, for both, where the hard RLIMIT_NOFILE cannot
    hold an fd per inode); time from exec to the socket accepting. Then,
@@ -26,9 +35,9 @@ else runs on it; only ratios measured side by side mean anything):
    apply); and the tree PSS of three bare python3 processes, the floor of
    any daemon of our shape.
 
-Every throughput ratio is ours / C (> 1: we are faster). Each guest boot
-pair and each frontend measurement is repeated ``--rounds`` times,
-alternating ours and C, and the best of each is kept: the machine is shared
+Every throughput ratio is ours / C and ours / Rust (> 1: we are faster).
+Each guest boot and each frontend measurement is repeated ``--rounds``
+times, alternating the daemons, and the best of each is kept: the machine is shared
 (2 cores), and a neighbour's burst only ever makes a run slower.
 
 Writes ``docs/perf/results.md``, ``docs/perf/results.json`` and
@@ -57,6 +66,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tests.conftest import C_VIRTIOFSD, start_daemon  # noqa: E402
+from tests.guest.platforms import PLATFORMS, qemu_version, rust_virtiofsd_argv  # noqa: E402
 from tests.guest.vm import guest_path  # noqa: E402
 from tests.perf import footprint  # noqa: E402
 
@@ -65,12 +75,18 @@ WORKLOADS = Path(__file__).resolve().parent / "guest_workloads"
 # it mounts its own tmpfs: keep the tarball cache out of /tmp and /run
 CACHE_DIR = (REPO / ".cache" / "bench" if not str(REPO).startswith(("/tmp/", "/run/"))
              else Path("/var/tmp/pyvirtiofsd-bench"))
-KINDS = ("ours", "c")
+KINDS = ("ours", "c", "rust")
+BASELINES = ("c", "rust")
+KIND_LABEL = {"ours": "ours", "c": "C", "rust": "Rust"}
+# the parallel part: (daemon, request queues, more daemon options)
+PARALLEL = (("ours", 2, ()), ("rust", 1, ()))
 
 FULL = dict(seq_mib=256, rand_seconds=8, files=10_000, tar_files=3000, lat_count=2000,
-            footprint_files=100_000, large_files=100_000, frontend_seconds=3.0, rounds=2, startup_runs=5)
+            footprint_files=100_000, large_files=100_000, frontend_seconds=3.0, rounds=2, startup_runs=5,
+            par_files=10_000)
 QUICK = dict(seq_mib=32, rand_seconds=3, files=1000, tar_files=500, lat_count=500,
-             footprint_files=10_000, large_files=20_000, frontend_seconds=1.0, rounds=1, startup_runs=3)
+             footprint_files=10_000, large_files=20_000, frontend_seconds=1.0, rounds=1, startup_runs=3,
+             par_files=1000)
 
 # (key, label, section) in table order; the value of a key is "higher is better"
 GUEST_PHASES = [
@@ -88,6 +104,16 @@ GUEST_PHASES = [
     ("untar", "untar source tree (files/s)"),
     ("rmtree", "rm -rf source tree (files/s)"),
     ("lookup", "look up N files, cold (/s)"),
+]
+PARALLEL_PHASES = [
+    ("par-seq-write", "seq write 1 MiB, 2 jobs (MiB/s)"),
+    ("par-seq-read", "seq read 1 MiB, 2 jobs (MiB/s)"),
+    ("par-rand-read", "rand read 4 KiB, 2 jobs (IOPS)"),
+    ("par-rand-write", "rand write 4 KiB, 2 jobs (IOPS)"),
+    ("par-create", "create small files, 2 processes (/s)"),
+    ("par-stat", "stat, cold, 2 processes (/s)"),
+    ("par-readdir", "readdir, cold, 2 processes (entries/s)"),
+    ("par-unlink", "unlink, cold, 2 processes (/s)"),
 ]
 FRONTEND_OPS = ("getattr", "lookup", "read4k", "read1m")
 FRONTEND_DEPTHS = (1, 64)
@@ -156,11 +182,14 @@ def machine_info() -> dict:
         mem = f"{kb / 1024 / 1024:.1f} GiB"
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        from tests.guest.kernel import ensure_kernel
-        guest_kernel = Path(ensure_kernel()[0]).parent.name
-    except Exception:  # noqa: BLE001
-        guest_kernel = "?"
+    guest = {}
+    for name, plat in PLATFORMS.items():
+        try:
+            from tests.guest.kernel import ensure_kernel
+            kernel = Path(ensure_kernel(plat.kernel)[0]).parent.name.removeprefix("kernel-")
+        except Exception:  # noqa: BLE001
+            kernel = "?"
+        guest[name] = f"{qemu_version(name)}, Linux {kernel}"
     commit = _version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
     dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True).stdout.strip()
@@ -173,10 +202,11 @@ def machine_info() -> dict:
         "cores": os.cpu_count(),
         "memory": mem,
         "python": platform.python_version(),
-        "qemu": _version(["qemu-system-x86_64", "--version"]),
+        "platform_a": guest["a"],
+        "platform_b": guest["b"],
         "c_virtiofsd": _version([C_VIRTIOFSD, "--version"]),
+        "rust_virtiofsd": _version([*rust_virtiofsd_argv(), "--version"]),
         "fio": _version(["fio", "--version"]),
-        "guest_kernel": guest_kernel,
         "pyvirtiofsd": f"{commit}{' (modified)' if dirty else ''}",
         "loadavg_start": os.getloadavg(),
     }
@@ -216,13 +246,20 @@ def guest_command(p: dict, tarball: Path | None, footprint_dir: str | None, cach
         footprint_dir or "-", lat))
 
 
+def parallel_command(p: dict) -> str:
+    return " ".join(shlex.quote(str(x)) for x in (
+        "sh", guest_path(WORKLOADS / "parallel.sh"), "/mnt", p["seq_mib"], p["rand_seconds"], p["par_files"]))
+
+
 def guest_run(kind: str, cache: str, p: dict, tarball: Path | None, with_footprint: bool,
-              footprint_files: int | None = None, extra_args=()) -> dict:
+              footprint_files: int | None = None, extra_args=(), platform: str = "a",
+              num_request_queues: int = 1, command: str | None = None) -> dict:
     """One boot against a fresh daemon; {phase: {...}} plus 'memory'.
-    ``tarball=None``: the footprint only, of ``footprint_files`` files."""
+    ``tarball=None``: the footprint only, of ``footprint_files`` files;
+    ``command``: this guest command instead of run.sh's."""
     from tests.guest.vm import run_guest
 
-    work = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-{cache}-"))
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-{cache}-{platform}-"))
     shared = work / "shared"
     shared.mkdir()
     fp_dir = None
@@ -254,20 +291,24 @@ def guest_run(kind: str, cache: str, p: dict, tarball: Path | None, with_footpri
         return None
 
     t0 = time.monotonic()
+    where = f"platform {platform}" + (f", {num_request_queues} queues" if num_request_queues > 1 else "")
     try:
-        r = run_guest(d.socket_path, guest_command(p, tarball, fp_dir, cache), timeout=1500,
-                      console_log=console, idle_timeout=300, abort_if=watch)
+        r = run_guest(d.socket_path, command or guest_command(p, tarball, fp_dir, cache), timeout=1500,
+                      console_log=console, idle_timeout=300, abort_if=watch, platform=platform,
+                      num_request_queues=num_request_queues)
     finally:
         d.stop(10)
     took = time.monotonic() - t0
     phases, failures = parse_output(r.output)
-    if r.exit_status != 0 or failures:
-        log(f"  {kind} cache={cache}: guest status {r.exit_status} {failures}\n"
+    failed = r.exit_status != 0 or bool(failures)
+    if failed:
+        log(f"  {kind} cache={cache} {where}: guest status {r.exit_status} {failures}\n"
             + r.describe(tail=25) + "\ndaemon log tail:\n" + "\n".join(d.log().splitlines()[-15:]))
-    log(f"  {kind:4s} cache={cache}: {took:.0f} s, " + ", ".join(
+    log(f"  {kind:4s} cache={cache} {where}: {took:.0f} s, " + ", ".join(
         f"{k} {value(k, v):,.0f}" for k, v in phases.items()))
     shutil.rmtree(work, ignore_errors=True)
-    return {"phases": phases, "memory": memory, "seconds": took, "status": r.exit_status}
+    return {"phases": phases, "memory": memory, "seconds": took, "status": r.exit_status,
+            "failures": failures + ([r.aborted or "timed out"] if r.aborted or r.timed_out else [])}
 
 
 def parse_output(output: str) -> tuple[dict, list[str]]:
@@ -293,7 +334,9 @@ def value(phase: str, obj: dict) -> float:
     return obj["ops"] / obj["seconds"] if obj.get("seconds") else 0.0
 
 
-def guest_part(p: dict, rounds: int) -> dict:
+def guest_part(p: dict, rounds: int, platform: str) -> dict:
+    """{cache: {"best": {kind: {phase: value}}, "memory": {kind: ...}}} of
+    one platform; the footprint lookup only on platform a."""
     tarball = source_tarball(p["tar_files"])
     out = {}
     for cache in ("never", "auto"):
@@ -301,7 +344,8 @@ def guest_part(p: dict, rounds: int) -> dict:
         memory = {}
         for rnd in range(rounds):
             for kind in KINDS:
-                res = guest_run(kind, cache, p, tarball, with_footprint=(cache == "auto" and rnd == 0))
+                res = guest_run(kind, cache, p, tarball, platform=platform,
+                                with_footprint=(cache == "auto" and rnd == 0 and platform == "a"))
                 for phase, obj in res["phases"].items():
                     v = value(phase, obj)
                     if v > best[kind].get(phase, -1):
@@ -309,6 +353,24 @@ def guest_part(p: dict, rounds: int) -> dict:
                 # every boot measures "idle"; only the first also "looked_up"
                 memory.setdefault(kind, {}).update(res["memory"])
         out[cache] = {"best": best, "memory": memory}
+    return out
+
+
+def parallel_part(p: dict, rounds: int) -> dict:
+    """Platform b, cache=auto: {kind: {"queues": n, "best": {phase: value},
+    "failures": [...]}} for PARALLEL's daemons. A failed run keeps the
+    figures it printed and says what failed."""
+    out = {}
+    for rnd in range(rounds):
+        for kind, queues, extra in PARALLEL:
+            res = guest_run(kind, "auto", p, None, False, extra_args=extra, platform="b",
+                            num_request_queues=queues, command=parallel_command(p))
+            o = out.setdefault(kind, {"queues": queues, "best": {}, "failures": []})
+            for phase, obj in res["phases"].items():
+                o["best"][phase] = max(o["best"].get(phase, 0.0), value(phase, obj))
+            if res["status"] != 0 or res["failures"]:
+                o["failures"].append(f"round {rnd + 1}: guest status {res['status']} "
+                                     + "; ".join(res["failures"]))
     return out
 
 
@@ -356,6 +418,7 @@ def daemon_rates(kind: str, ops, depths, seconds: float, extra_args=()) -> dict:
 
 
 def frontend_part(p: dict, rounds: int) -> dict:
+    """{kind: {"op-dDEPTH": best requests/s}} (one request queue)."""
     best = {k: {} for k in KINDS}
     for rnd in range(rounds):
         for kind in KINDS:
@@ -367,49 +430,87 @@ def frontend_part(p: dict, rounds: int) -> dict:
 
 
 # -- report ----------------------------------------------------------------------------
-def build_rows(guest: dict | None, fe: dict | None, start: dict, p: dict) -> list[dict]:
+def _ratio(a, b) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _row(section: str, name: str, label: str, figures: dict, **more) -> dict:
+    """A table row: each daemon's figure (None: not measured) and ours /
+    each baseline ("ratio": ours / C, "ratio_rust": ours / Rust)."""
+    o = figures.get("ours")
+    return {"section": section, "name": name, "label": label, **{k: figures.get(k) for k in KINDS},
+            "ratio": _ratio(o, figures.get("c")), "ratio_rust": _ratio(o, figures.get("rust")), **more}
+
+
+def build_rows(guest: dict | None, fe: dict | None, start: dict, p: dict, parallel: dict | None = None) -> list[dict]:
     rows = []
-    if guest:
+    for plat, g in (guest or {}).items():
         for cache in ("never", "auto"):
-            b = guest[cache]["best"]
+            b = g[cache]["best"]
             for key, label in GUEST_PHASES:
-                if key in b["ours"] and key in b["c"]:
+                if key in b["ours"] and any(key in b[k] for k in BASELINES):
                     if key == "lookup":
                         label = f"look up {p['footprint_files']:,} files, cold (/s)"
-                    rows.append({"section": f"guest, cache={cache}", "name": f"{cache}/{key}", "label": label,
-                                 "ours": b["ours"][key], "c": b["c"][key],
-                                 "ratio": b["ours"][key] / b["c"][key] if b["c"][key] else 0.0})
+                    rows.append(_row(f"guest, platform {plat}, cache={cache}", f"{plat}/{cache}/{key}", label,
+                                     {k: b[k].get(key) for k in KINDS}))
+    if parallel:
+        queues = {k: v["queues"] for k, v in parallel.items()}
+        section = ("parallel, platform b, cache=auto: "
+                   + ", ".join(f"{KIND_LABEL[k]} with {q} request queue{'s' if q > 1 else ''}"
+                               for k, q in queues.items()))
+        for key, label in PARALLEL_PHASES:
+            figs = {k: v["best"].get(key) for k, v in parallel.items()}
+            if any(v is not None for v in figs.values()):
+                rows.append(_row(section, f"b/{key}", label, figs))
     if fe:
         for op in FRONTEND_OPS:
             for depth in FRONTEND_DEPTHS:
                 key = f"{op}-d{depth}"
                 label = {"getattr": "GETATTR", "lookup": "LOOKUP", "read4k": "READ 4 KiB",
                          "read1m": "READ 1 MiB"}[op] + f", depth {depth} (/s)"
-                rows.append({"section": "daemon-bound (vhost-user test frontend)", "name": key, "label": label,
-                             "ours": fe["ours"][key], "c": fe["c"][key],
-                             "ratio": fe["ours"][key] / fe["c"][key] if fe["c"][key] else 0.0})
+                rows.append(_row("daemon-bound (vhost-user test frontend)", key, label,
+                                 {k: fe[k][key] for k in KINDS}))
     if start:
-        o, c = start["ours"]["median"], start["c"]["median"]
-        rows.append({"section": "footprint (without the guest RAM mapping)", "name": "startup", "label": "exec → socket accepting (ms)",
-                     "ours": o * 1000, "c": c * 1000, "ratio": c / o if o else 0.0, "lower_better": True,
-                     "goal": f"ours ≤ 250 ms: {'met' if o <= 0.25 else 'NOT met'}"})
-    if guest:
-        mem = guest["auto"]["memory"]
+        o = start["ours"]["median"]
+        row = _row("footprint (without the guest RAM mapping)", "startup", "exec → socket accepting (ms)",
+                   {k: start[k]["median"] * 1000 for k in KINDS}, lower_better=True,
+                   goal=f"ours ≤ 250 ms: {'met' if o <= 0.25 else 'NOT met'}")
+        # lower is better: the ratios are baseline / ours
+        row["ratio"] = _ratio(start["c"]["median"], o)
+        row["ratio_rust"] = _ratio(start["rust"]["median"], o)
+        rows.append(row)
+    if guest and "a" in guest:
+        mem = guest["a"]["auto"]["memory"]
         for when, label in (("idle", "PSS, guest attached, idle (MiB)"),
                             ("looked_up", f"PSS, {p['footprint_files']:,} files looked up (MiB)")):
             if when in mem.get("ours", {}) and when in mem.get("c", {}):
                 o = mem["ours"][when]
                 c = mem["c"][when]
+                r = mem.get("rust", {}).get(when)
                 bound = 1.5 * c["rss"]
-                rows.append({"section": "footprint (without the guest RAM mapping)", "name": f"pss-{when}",
-                             "label": label,
-                             "ours": o["pss"] / (1 << 20), "c": c["pss"] / (1 << 20),
-                             "c_rss": c["rss"] / (1 << 20), "ours_rss": o["rss"] / (1 << 20),
-                             "ratio": bound / o["pss"] if o["pss"] else 0.0, "lower_better": True,
-                             "goal": f"ours PSS {o['pss'] / (1 << 20):.1f} ≤ 1.5 × C RSS "
-                                     f"{c['rss'] / (1 << 20):.1f} = {bound / (1 << 20):.1f}: "
-                                     f"{'met' if o['pss'] <= bound else 'NOT met'}"})
+                row = _row("footprint (without the guest RAM mapping)", f"pss-{when}", label,
+                           {"ours": o["pss"] / (1 << 20), "c": c["pss"] / (1 << 20),
+                            "rust": r["pss"] / (1 << 20) if r else None},
+                           c_rss=c["rss"] / (1 << 20), ours_rss=o["rss"] / (1 << 20), lower_better=True,
+                           goal=f"ours PSS {o['pss'] / (1 << 20):.1f} ≤ 1.5 × C RSS "
+                                f"{c['rss'] / (1 << 20):.1f} = {bound / (1 << 20):.1f}: "
+                                f"{'met' if o['pss'] <= bound else 'NOT met'}")
+                row["ratio"] = _ratio(bound, o["pss"])
+                row["ratio_rust"] = _ratio(1.5 * r["rss"], o["pss"]) if r else None
+                rows.append(row)
     return rows
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    return f"{v:,.1f}" if v < 100 else f"{v:,.0f}"
+
+
+def _fmt_ratio(v, note: str = "") -> str:
+    if v is None:
+        return "–"
+    return f"{v:.2f}{'' if v >= 1.0 else ' ⚠'}{note}"
 
 
 def render_table(rows: list[dict]) -> str:
@@ -418,28 +519,31 @@ def render_table(rows: list[dict]) -> str:
     for r in rows:
         if r["section"] != section:
             section = r["section"]
-            lines += ["", f"**{section}**", "", "| measurement | ours | C | ratio |", "|---|---:|---:|---:|"]
-        flag = "" if r["ratio"] >= 1.0 else " ⚠"
-        ratio = f"{r['ratio']:.2f}{flag}"
+            lines += ["", f"**{section}**", "", "| measurement | ours | C | Rust | ours / C | ours / Rust |",
+                      "|---|---:|---:|---:|---:|---:|"]
+        note = ""
         if r["name"].startswith("pss-"):
-            ratio = f"{r['ratio']:.2f}{flag} (1.5 × C RSS / ours PSS)"
+            note = " (1.5 × RSS / ours PSS)"
         elif r["name"] == "startup":
-            ratio = f"{r['ratio']:.2f} (C / ours)"
-        fmt = "{:,.1f}" if r["ours"] < 100 else "{:,.0f}"
-        lines.append(f"| {r['label']} | {fmt.format(r['ours'])} | {fmt.format(r['c'])} | {ratio} |")
+            note = " (baseline / ours)"
+        lines.append(f"| {r['label']} | {_fmt(r['ours'])} | {_fmt(r['c'])} | {_fmt(r['rust'])} | "
+                     f"{_fmt_ratio(r['ratio'], note)} | {_fmt_ratio(r['ratio_rust'], note)} |")
     return "\n".join(lines).lstrip("\n")
 
 
-def render_markdown(rows, info, p, args, guest, elapsed, floor=None) -> str:
+def render_markdown(rows, info, p, args, guest, elapsed, floor=None, parallel=None) -> str:
     goals = [r["goal"] for r in rows if r.get("goal")]
-    below = [r for r in rows if r["ratio"] < 1.0]
+    ratios = [(r["name"], base, r[key]) for r in rows
+              for base, key in (("C", "ratio"), ("Rust", "ratio_rust")) if r[key] is not None]
+    below = [(n, b, v) for n, b, v in ratios if v < 1.0]
     md = [
-        "# pyvirtiofsd vs QEMU 7.2's C virtiofsd",
+        "# pyvirtiofsd vs QEMU 7.2's C virtiofsd and the Rust virtiofsd 1.13",
         "",
         f"Written by `python -m tests.perf.bench{' --quick' if args.quick else ''}` (`make bench`) "
-        f"on {info['date']} in {elapsed / 60:.1f} min. Ratios are ours / C for throughput "
+        f"on {info['date']} in {elapsed / 60:.1f} min. Ratios are ours / C and ours / Rust for throughput "
         "(> 1: ours is faster); every figure is the best of "
-        f"{p['rounds']} alternating runs of each daemon on a shared 2-core machine.",
+        f"{p['rounds']} alternating runs of each daemon on a shared 2-core machine. Platform a: "
+        f"{info['platform_a']}; platform b: {info['platform_b']}.",
         "",
         "![ratios](ratios.png)",
         "",
@@ -447,14 +551,17 @@ def render_markdown(rows, info, p, args, guest, elapsed, floor=None) -> str:
         "",
         "## Goals",
         "",
-        f"- every ratio ≥ 1.0: {len(rows) - len(below)} of {len(rows)} met"
-        + ("" if not below else "; below: " + ", ".join(f"{r['name']} {r['ratio']:.2f}" for r in below)),
+        f"- every ratio ≥ 1.0: {len(ratios) - len(below)} of {len(ratios)} met"
+        + ("" if not below else "; below: " + ", ".join(f"{n} (/{b}) {v:.2f}" for n, b, v in below)),
     ]
     md += [f"- {g}" for g in goals]
-    if guest:
-        md += ["", "## Process trees (cache=auto boot)", ""]
+    for kind, res in (parallel or {}).items():
+        for failure in res["failures"]:
+            md.append(f"- parallel, {KIND_LABEL[kind]} with {res['queues']} request queue(s) FAILED: {failure}")
+    if guest and "a" in guest:
+        md += ["", "## Process trees (platform a, cache=auto boot)", ""]
         for kind in KINDS:
-            for when, m in guest["auto"]["memory"].get(kind, {}).items():
+            for when, m in guest["a"]["auto"]["memory"].get(kind, {}).items():
                 procs = ", ".join(f"{comm} {pss / (1 << 20):.1f}/{rss / (1 << 20):.1f}"
                                   for _pid, comm, pss, rss in m["processes"])
                 md.append(f"- {kind} {when}: PSS {m['pss'] / (1 << 20):.1f} MiB, RSS {m['rss'] / (1 << 20):.1f} MiB, "
@@ -473,12 +580,15 @@ def render_markdown(rows, info, p, args, guest, elapsed, floor=None) -> str:
                   f"what any daemon of our shape costs before its own code: PSS {floor['pss'] / (1 << 20):.1f} MiB, "
                   f"RSS {floor['rss'] / (1 << 20):.1f} MiB (footprint.interpreter_floor)")
     md += ["", "## Workloads", "",
+           f"- parallel (platform b): the same fio jobs as two fio jobs and {p['par_files']:,} small files "
+           "as two metadata.py processes, each pinned to one vCPU (tests/perf/guest_workloads/parallel.sh); "
+           "ours offers 2 request queues, the Rust daemon 1 (it hangs on a second).",
            f"- guest: QEMU TCG, 2 vCPUs, 1 GiB, queue size 1024; fio psync, {p['seq_mib']} MiB file, "
            f"random phases {p['rand_seconds']} s; round trips ×{p['lat_count']} (best of 3; cache=never only); "
            f"{p['files']:,} small files; a {p['tar_files']:,}-file tree from /usr/include; "
            f"{p['footprint_files']:,} files looked up for the memory figure. Guest caches are dropped "
-           "before each cold phase. Daemons: `--cache never|auto` / `-o cache=none|auto -o xattr -o posix_lock`, "
-           "otherwise defaults (ours: sandbox and seccomp on).",
+           "before each cold phase. Daemons: `--cache never|auto` / `-o cache=none|auto -o xattr -o posix_lock` / "
+           "Rust `--cache never|auto --xattr`, otherwise defaults (ours and Rust: sandbox and seccomp on).",
            f"- daemon-bound: tests/perf/frontend_bench.py, {p['frontend_seconds']} s per figure, queue size 1024.",
            "", "## Machine", ""]
     info = dict(info, loadavg_end=os.getloadavg())
@@ -488,20 +598,23 @@ def render_markdown(rows, info, p, args, guest, elapsed, floor=None) -> str:
 
 def render_chart(rows: list[dict], path: Path) -> None:
     plt = ensure_matplotlib()
-    rows = [r for r in rows if r["ratio"] > 0]
-    labels = [f"{r['section'].split(' (')[0]}: {r['label']}" for r in rows]
-    ratios = [r["ratio"] for r in rows]
-    fig, ax = plt.subplots(figsize=(10, 0.28 * len(rows) + 1.5))
-    colors = ["#2a9d8f" if x >= 1.0 else "#e76f51" for x in ratios]
+    rows = [r for r in rows if r["ratio"] or r["ratio_rust"]]
+    labels = [f"{r['section'].split(' (')[0].split(':')[0]}: {r['label']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.4 * len(rows) + 1.5))
     y = list(range(len(rows)))[::-1]
-    ax.barh(y, ratios, color=colors)
+    for key, offset, color, name in (("ratio", 0.2, "#2a9d8f", "ours / C"),
+                                     ("ratio_rust", -0.2, "#e9c46a", "ours / Rust")):
+        ys = [yi + offset for yi, r in zip(y, rows) if r[key]]
+        xs = [r[key] for r in rows if r[key]]
+        ax.barh(ys, xs, height=0.38, color=color, label=name)
+        for yi, x in zip(ys, xs):
+            ax.text(x, yi, f" {x:.2f}", va="center", fontsize=6)
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_yticks(y)
     ax.set_yticklabels(labels, fontsize=7)
-    ax.set_xlabel("ours / C (higher is better; footprint rows: goal / ours)")
-    ax.set_title("pyvirtiofsd vs C virtiofsd (QEMU 7.2)")
-    for yi, x in zip(y, ratios):
-        ax.text(x, yi, f" {x:.2f}", va="center", fontsize=7)
+    ax.set_xlabel("ours / baseline (higher is better; footprint rows: goal / ours)")
+    ax.set_title("pyvirtiofsd vs the C virtiofsd (QEMU 7.2) and the Rust virtiofsd 1.13")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -513,8 +626,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, help="alternating runs of each daemon (best kept)")
     ap.add_argument("--skip-guest", action="store_true")
     ap.add_argument("--skip-frontend", action="store_true")
+    ap.add_argument("--skip-parallel", action="store_true")
+    ap.add_argument("--platforms", default="a,b", help="guest platforms of the guest part (a, b or a,b)")
     ap.add_argument("--out", default=str(REPO / "docs" / "perf"))
     args = ap.parse_args(argv)
+    platforms = [x for x in args.platforms.split(",") if x]
+    if not platforms or any(x not in PLATFORMS for x in platforms):
+        ap.error(f"--platforms: a comma-separated list of {sorted(PLATFORMS)}")
     if os.geteuid() != 0:
         print("bench: needs root (QEMU guest, both daemons)", file=sys.stderr)
         return 2
@@ -544,18 +662,28 @@ def main(argv=None) -> int:
         log("daemon-bound: vhost-user test frontend")
         fe = frontend_part(p, p["rounds"])
     guest = None
+    large = None
     if not args.skip_guest:
-        log("real guest (QEMU TCG)")
-        guest = guest_part(p, p["rounds"])
-        log(f"real guest: {p['large_files']:,} files looked up, ours with --inode-file-handles=prefer")
-        guest["large"] = large_footprint_part(p)
+        guest = {}
+        for plat in platforms:
+            log(f"real guest (QEMU TCG), platform {plat}")
+            guest[plat] = guest_part(p, p["rounds"], plat)
+        if "a" in guest:
+            log(f"real guest: {p['large_files']:,} files looked up, ours with --inode-file-handles=prefer")
+            large = large_footprint_part(p)
+    parallel = None
+    if not args.skip_parallel:
+        log("parallel workloads, platform b: " + ", ".join(f"{k} with {q} request queue(s)" for k, q, _ in PARALLEL))
+        parallel = parallel_part(p, p["rounds"])
     elapsed = time.monotonic() - t0
-    rows = build_rows(guest, fe, start, p)
+    rows = build_rows(guest, fe, start, p, parallel)
     (out / "results.json").write_text(json.dumps({"machine": info, "params": p, "rows": rows,
-                                                  "guest": guest, "frontend": fe, "startup": start,
+                                                  "guest": guest, "large": large, "parallel": parallel,
+                                                  "frontend": fe, "startup": start,
                                                   "interpreter_floor": floor},
                                                  indent=1, default=str))
-    (out / "results.md").write_text(render_markdown(rows, info, p, args, guest, elapsed, floor))
+    (out / "results.md").write_text(render_markdown(rows, info, p, args, dict(guest or {}, large=large),
+                                                    elapsed, floor, parallel))
     render_chart(rows, out / "ratios.png")
     print()
     print(render_table(rows))

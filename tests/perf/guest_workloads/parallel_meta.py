@@ -1,0 +1,72 @@
+"""Two metadata.py processes at once, one pinned to each vCPU (stdlib only).
+
+    python3 parallel_meta.py DIR --files N
+
+Each process works in its own directory DIR/0, DIR/1 on N/2 files, so with
+Linux 6.11+ and two request queues each sends its requests on its own
+queue. For each phase of metadata.py (create, stat, readdir, unlink) prints
+``BENCH {"phase": "par-PHASE", "seconds": s, "ops": n}`` with n the two
+processes' operations together and s the slower one's time: a conservative
+aggregate rate. A process that fails (an error, or no figure for a phase)
+fails the run: exit status 1, after its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PHASES = ("create", "stat", "readdir", "unlink")
+TIMEOUT = 900
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dir")
+    ap.add_argument("--files", type=int, default=10_000)
+    a = ap.parse_args()
+    os.makedirs(a.dir, exist_ok=True)
+    procs = []
+    for cpu in (0, 1):
+        procs.append(subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "metadata.py"), os.path.join(a.dir, str(cpu)),
+             "--files", str(a.files // 2)],
+            stdout=subprocess.PIPE, text=True, preexec_fn=lambda cpu=cpu: os.sched_setaffinity(0, {cpu})))
+    figures: dict[str, list[dict]] = {}
+    failed = False
+    for cpu, p in enumerate(procs):
+        try:
+            out, _ = p.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, _ = p.communicate()
+            print(f"parallel_meta: the process on vCPU {cpu} took over {TIMEOUT} s", flush=True)
+        for line in out.splitlines():
+            if line.startswith("BENCH {"):
+                obj = json.loads(line[6:])
+                figures.setdefault(obj["phase"], []).append(obj)
+            else:
+                print(line, flush=True)
+        if p.returncode != 0:
+            print(f"parallel_meta: the process on vCPU {cpu} exited with {p.returncode}", flush=True)
+            failed = True
+    for phase in PHASES:
+        got = figures.get(phase, [])
+        if len(got) != 2:
+            failed = True
+            continue
+        print("BENCH " + json.dumps({"phase": f"par-{phase}", "ops": sum(o["ops"] for o in got),
+                                     "seconds": max(o["seconds"] for o in got)}), flush=True)
+    try:
+        os.rmdir(a.dir)
+    except OSError:
+        pass
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
