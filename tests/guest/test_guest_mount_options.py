@@ -1,8 +1,9 @@
 """Mount options from a real guest: ``ro``, ``remount,ro`` and back to
 ``rw``; and atime, which the host's mount decides whatever the guest's.
 
-Two boots of tests/guest/mount_guest.py, each on a shared directory that is
-a tmpfs the test mounts on the host:
+Two boots of tests/guest/mount_guest.py per platform (a: QEMU 7.2 + Linux
+6.1, b: QEMU 10 + Linux 6.12), each on a shared directory that is a tmpfs
+the test mounts on the host:
 
 - host ``strictatime``, guest mounts read-write: write, ``remount,ro``,
   writes refused, ``remount,rw``, writes work;
@@ -34,7 +35,8 @@ pytestmark = [pytest.mark.guest, pytest.mark.usecase]
 
 SCRIPT = guest_path(os.path.join(os.path.dirname(__file__), "mount_guest.py"))
 OLD_TIME = 946_684_800  # 2000-01-01
-CASES = [("strictatime", ""), ("noatime", "ro")]
+# (platform, host tmpfs atime option, guest mount options)
+CASES = [(p, h, g) for p in ("a", "b") for h, g in (("strictatime", ""), ("noatime", "ro"))]
 
 
 def record(text: str, prefix: str):
@@ -48,10 +50,11 @@ def record(text: str, prefix: str):
     return found
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"host-{h}-guest-{g or 'rw'}" for h, g in CASES])
+@pytest.fixture(scope="module", params=CASES,
+                ids=[f"{p}-host-{h}-guest-{g or 'rw'}" for p, h, g in CASES])
 def run(request, tmp_path_factory):
-    host_opt, guest_opts = request.param
-    base, shared, run_dir = guest_dirs(tmp_path_factory, f"mount-{host_opt}")
+    platform, host_opt, guest_opts = request.param
+    base, shared, run_dir = guest_dirs(tmp_path_factory, f"mount-{host_opt}-{platform}")
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=16m,mode=0755,{host_opt}",
                     "vfsd-atime", str(shared)], check=True)
     d = None
@@ -67,13 +70,15 @@ def run(request, tmp_path_factory):
         d = _start_daemon("ours", shared, "auto", run_dir)
         t0 = time.time()
         guest = run_guest(d.socket_path, f"export PYTHONDONTWRITEBYTECODE=1; python3 {SCRIPT}",
-                          timeout=600, mount_opts=guest_opts, console_log=base / "console.log")
+                          timeout=600, mount_opts=guest_opts, console_log=base / "console.log",
+                          platform=platform)
         daemon_exit = d.wait(30)
         host_atime = {opt: os.stat(shared / "atime" / opt).st_atime for opt in ATIME_OPTS}
         ro_before = (shared / "ro" / "before").read_bytes() if (shared / "ro" / "before").exists() else None
         host_mount = next(line.split()[3] for line in open("/proc/self/mounts")
                           if line.split()[1] == str(shared))
-        BOOTS.append(("ours", f"auto mount options host {host_opt} guest {guest_opts or 'rw'}",
+        BOOTS.append(("ours", f"auto mount options host {host_opt} guest {guest_opts or 'rw'}, "
+                      f"platform {platform}",
                       guest.duration, f"console {base / 'console.log'}"))
         yield {"host_opt": host_opt, "shared": shared, "guest_opts": guest_opts, "guest": guest, "t0": t0,
                "mount": record(guest.output, "MOUNT "), "atime": record(guest.output, "ATIME "),

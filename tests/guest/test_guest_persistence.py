@@ -34,8 +34,9 @@ SCRIPT = guest_path(os.path.join(os.path.dirname(__file__), "persist_guest.py"))
 SYNCED_RE = re.compile(r"@@SYNCED (\d+)@@")
 TIMEOUT = 600
 
-CASES = [("never", (), True), ("auto", (), True), ("always", ("--writeback",), True),
-         ("always", ("--writeback",), False)]
+# (platform, cache, daemon options, under load)
+CASES = [("a", "never", (), True), ("a", "auto", (), True), ("a", "always", ("--writeback",), True),
+         ("a", "always", ("--writeback",), False), ("b", "auto", (), True)]
 
 
 def kill_both(guest: BackgroundGuest, daemon) -> None:
@@ -67,16 +68,17 @@ def survivors(tree, timeout: float) -> list:
 
 
 @pytest.fixture(scope="module", params=CASES,
-                ids=[f"{c}{''.join(x)}-{'load' if load else 'quiet'}" for c, x, load in CASES])
+                ids=[f"{p}-{c}{''.join(x)}-{'load' if load else 'quiet'}" for p, c, x, load in CASES])
 def run(request, tmp_path_factory):
-    cache, extra, load = request.param
-    base, shared, run_dir = guest_dirs(tmp_path_factory, f"persist-{cache}")
+    platform, cache, extra, load = request.param
+    base, shared, run_dir = guest_dirs(tmp_path_factory, f"persist-{cache}-{platform}")
     os.chmod(shared, 0o777)
     d = _start_daemon("ours", shared, cache, run_dir, extra)
     delay = random.uniform(1.0, 5.0)
     g = BackgroundGuest(d.socket_path, f"export PYTHONDONTWRITEBYTECODE=1; python3 {SCRIPT} "
                         f"--dir /mnt{' --load' if load else ''}",
-                        console_log=base / "console.log", smp=1, timeout=TIMEOUT)
+                        console_log=base / "console.log", smp=1, timeout=TIMEOUT,
+                        platform=platform)
     try:
         started = g.wait_console("@@SYNCED 0@@" if load else "@@IDLE@@", TIMEOUT)
         if started:
@@ -92,7 +94,7 @@ def run(request, tmp_path_factory):
     console = result.console_text
     synced = [int(m) for m in SYNCED_RE.findall(console)]
     BOOTS.append(("ours", f"{cache}{''.join(' ' + x for x in extra)} persistence "
-                  f"{'load' if load else 'quiet'}", result.duration,
+                  f"{'load' if load else 'quiet'}, platform {platform}", result.duration,
                   (f"killed {delay:.1f} s into the load, last record reported {max(synced, default=None)}; "
                    if load else "killed while idle; ") +
                   f"console {base / 'console.log'}"))
