@@ -11,7 +11,8 @@ Asserted for our daemon, per cache mode: what B sees of A's fsynced data
 guests; a waiting lock wakes when the other guest releases; a killed guest
 releases its locks. QEMU 7.2's C virtiofsd runs the same pair with
 cache=auto, ``-o posix_lock -o flock``: what it does is asserted too, as the
-record behind docs/sharing.md's comparison. One pair of boots per case,
+record behind docs/sharing.md's comparison, and so does the Rust
+virtiofsd 1.13 (whose locks do not leave the guest). One pair of boots per case,
 ~40-60 s each on an idle machine.
 """
 
@@ -213,3 +214,24 @@ def test_c_daemon_sharing_record(c_daemon):
 
 
 C_AFTER_DEATH = {"posix": "acquired", "ofd": "acquired", "flock": "acquired, unlock ENOTSUP"}
+
+
+@pytest.fixture(scope="module")
+def rust_daemon(tmp_path_factory):
+    return run_pair(tmp_path_factory, "rust", "auto")
+
+
+# The Rust virtiofsd 1.13: locks stay inside each guest (the guest kernel
+# keeps them, the daemon never sees them), so they do not exclude across
+# guests; the data view is ours (the same kernel, the same timeouts).
+def test_rust_daemon_sharing_record(rust_daemon):
+    run = rust_daemon
+    a, b = run["a"], run["b"]
+    assert b.get("done") and "error" not in a, describe(run)
+    assert b.get("new_file") == "new" and b.get("reopen_after_2s") == "new", describe(run)
+    assert a.get("took") == {k: "acquired" for k in KINDS}, describe(run)
+    assert b.get("try_while_a_holds") == {k: "acquired" for k in KINDS}, describe(run)
+    assert b.get("getlk_posix") == "F_UNLCK", describe(run)
+    assert {k: w["result"] for k, w in b["wait"].items()} == {k: "acquired" for k in KINDS}
+    assert all(not w["after_release"] for w in b["wait"].values()), describe(run)  # no wait
+    assert b.get("try_while_a_holds_again") == {k: "acquired" for k in KINDS}, describe(run)
