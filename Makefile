@@ -24,7 +24,7 @@ test-guest: setup
 	$(PY) -m pytest -p no:cacheprovider -q tests/guest
 
 ## The virtiofs use cases alone (also part of `make test`): two guests on one
-## directory, SIGKILL during fsynced writes, ro/remount and atime, on both platforms (10-17 min).
+## directory, SIGKILL during fsynced writes, ro/remount and atime, on both platforms (12-18 min).
 test-usecases: setup
 	$(PY) -m pytest -p no:cacheprovider -q -rfE -m usecase tests/guest
 
