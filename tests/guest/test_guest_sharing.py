@@ -196,6 +196,14 @@ def test_the_surviving_daemon_exits_cleanly(ours):
     assert run["b_daemon_exit"] == 0, describe(run)
 
 
+def baseline_ran(run) -> tuple[dict, dict]:
+    """A baseline pair ran to the end and B read A's data: (A's, B's) records."""
+    a, b = run["a"], run["b"]
+    assert b.get("done") and "error" not in a, describe(run)
+    assert b.get("new_file") == "new" and b.get("reopen_after_2s") == "new", describe(run)
+    return a, b
+
+
 # QEMU 7.2's C virtiofsd (-o posix_lock -o flock): the record behind
 # docs/sharing.md. Its locks do exclude across guests (OFD locks and
 # flock(2) on the host, as ours), but it has no waiting lock (F_SETLKW and
@@ -203,9 +211,7 @@ def test_the_surviving_daemon_exits_cleanly(ours):
 # the guest's flock stays held until its file is closed.
 def test_c_daemon_sharing_record(c_daemon):
     run = c_daemon
-    a, b = run["a"], run["b"]
-    assert b.get("done") and "error" not in a, describe(run)
-    assert b.get("new_file") == "new" and b.get("reopen_after_2s") == "new", describe(run)
+    a, b = baseline_ran(run)
     assert b.get("try_while_a_holds") == {k: "EAGAIN" for k in KINDS}, describe(run)
     assert {k: w["result"] for k, w in b["wait"].items()} == {k: "ENOTSUP" for k in KINDS}
     assert a.get("released") == {"posix": "released", "ofd": "released", "flock": "ENOTSUP"}
@@ -226,9 +232,7 @@ def rust_daemon(tmp_path_factory):
 # guests; the data view is ours (the same kernel, the same timeouts).
 def test_rust_daemon_sharing_record(rust_daemon):
     run = rust_daemon
-    a, b = run["a"], run["b"]
-    assert b.get("done") and "error" not in a, describe(run)
-    assert b.get("new_file") == "new" and b.get("reopen_after_2s") == "new", describe(run)
+    a, b = baseline_ran(run)
     assert a.get("took") == {k: "acquired" for k in KINDS}, describe(run)
     assert b.get("try_while_a_holds") == {k: "acquired" for k in KINDS}, describe(run)
     assert b.get("getlk_posix") == "F_UNLCK", describe(run)
