@@ -1,7 +1,7 @@
 # pyvirtiofsd: the two commands a user needs are `make demo` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup deb demo lint test unit test-frontend test-guest fuzz bench profile clean
+.PHONY: setup deb demo lint test unit test-frontend test-guest test-usecases fuzz bench profile clean
 
 setup:
 	./scripts/setup.sh
@@ -33,6 +33,11 @@ test-frontend: setup
 
 test-guest: setup
 	$(PY) -m pytest -p no:cacheprovider -q tests/guest
+
+## The virtiofs use cases alone (also part of `make test`): two guests on one
+## directory, SIGKILL during fsynced writes, ro/remount and atime, on both platforms (12-18 min).
+test-usecases: setup
+	$(PY) -m pytest -p no:cacheprovider -q -rfE -m usecase tests/guest
 
 ## One million inputs of the chain + FUSE fuzz target (FUZZ_ITERATIONS=N to change);
 ## prints inputs, time, fds and RSS, fails on any crash, hang or growth.

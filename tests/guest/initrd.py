@@ -12,6 +12,8 @@ What /init does (all parameters come from the kernel command line):
 2. mounts the host root read-only over 9p (tag ``hostroot``) at /host, then
    proc/sys/dev inside it, a tmpfs at /host/tmp (the guest's scratch space,
    also the reference file system of the differential runs) and /host/run;
+   with ``vfs_sync=1``, a read-write 9p export (tag ``sync``) at /host/run/sync:
+   a channel between the host and the guest that bypasses the mount under test;
 3. mounts virtiofs ``vfs_tag`` at /host``vfs_mnt`` (default /mnt) with the
    options in ``vfs_opts`` (comma separated, may be empty);
 4. runs ``chroot /host /bin/sh -c "$(base64 -d vfs_cmd)"``;
@@ -85,6 +87,10 @@ mount -t tmpfs -o mode=1777 tmp /host/tmp || fail "tmpfs /host/tmp"
 mount -t tmpfs -o mode=755 run /host/run || fail "tmpfs /host/run"
 mkdir -p /host/run/harness
 mount -t 9p -o trans=virtio,version=9p2000.L,ro harness /host/run/harness || fail "9p harness scripts"
+if [ "$(param vfs_sync 0)" = 1 ]; then
+    mkdir -p /host/run/sync
+    mount -t 9p -o trans=virtio,version=9p2000.L sync /host/run/sync || fail "9p sync directory"
+fi
 if [ "$TAG" != "none" ]; then
     if [ -n "$OPTS" ]; then
         mount -t virtiofs -o "$OPTS" "$TAG" "/host$MNT" || fail "virtiofs $TAG at $MNT opts $OPTS"

@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from .platforms import qemu_argv
 # the repository's tests/ directory, exported read-only to every guest
 HARNESS_DIR = Path(__file__).resolve().parent.parent
 GUEST_HARNESS_DIR = "/run/harness"   # where the guest (chrooted in the host root) sees it
+SYNC_MNT = "/run/sync"               # where the guest sees run_guest's sync_dir
 
 
 def guest_path(host_path) -> str:
@@ -93,7 +95,8 @@ def _mem_bytes(mem: str) -> int:
 def qemu_command(socket_path: str | None, command: str, *, tag: str, mem: str, smp: int,
                  console_path: str, mount_opts: str = "", mount_point: str = "/mnt",
                  extra_kernel_args=(), queue_size: int = 1024, platform: str = "a",
-                 num_request_queues: int = 1) -> list[str]:
+                 num_request_queues: int = 1,
+                 sync_dir: str | os.PathLike | None = None) -> list[str]:
     vmlinuz, _mods = ensure_kernel(get_platform(platform).kernel)
     initrd = ensure_initrd(platform)
     if num_request_queues < 1:
@@ -107,6 +110,8 @@ def qemu_command(socket_path: str | None, command: str, *, tag: str, mem: str, s
         if any(c.isspace() for c in mount_opts):
             raise ValueError("mount options may not contain spaces")
         append.append(f"vfs_opts={mount_opts}")
+    if sync_dir is not None:
+        append.append("vfs_sync=1")
     append.extend(extra_kernel_args)
     append_s = " ".join(append)
     if len(append_s) > MAX_CMDLINE:
@@ -125,6 +130,8 @@ def qemu_command(socket_path: str | None, command: str, *, tag: str, mem: str, s
         "-virtfs", f"local,path={HARNESS_DIR},mount_tag=harness,security_model=none,readonly=on",
         "-kernel", str(vmlinuz), "-initrd", str(initrd), "-append", append_s,
     ]
+    if sync_dir is not None:  # read-write, uncached: the guest sees host changes at once
+        argv += ["-virtfs", f"local,path={sync_dir},mount_tag=sync,security_model=none"]
     if socket_path:
         queues = f",num-request-queues={num_request_queues}" if num_request_queues != 1 else ""
         argv += ["-chardev", f"socket,id=char0,path={socket_path}",
@@ -136,7 +143,8 @@ def run_guest(socket_path: str | None, command: str, tag: str = "myfs", timeout:
               mem: str = "1G", smp: int = 2, extra_kernel_args=(), mount_opts: str = "",
               mount_point: str = "/mnt", console_log: str | os.PathLike | None = None,
               on_booted=None, queue_size: int = 1024, idle_timeout: float | None = None,
-              abort_if=None, platform: str = "a", num_request_queues: int = 1) -> GuestResult:
+              abort_if=None, platform: str = "a", num_request_queues: int = 1,
+              sync_dir: str | os.PathLike | None = None, on_start=None) -> GuestResult:
     """Boot, run ``command`` (``sh -c`` in the chrooted host root, cwd /tmp),
     power off. ``socket_path=None`` boots without a virtiofs device.
 
@@ -152,6 +160,12 @@ def run_guest(socket_path: str | None, command: str, tag: str = "myfs", timeout:
     ``idle_timeout``: kill QEMU when the console has not grown for that many
     seconds. ``abort_if()``: polled every 0.2 s; a true value (a reason) kills
     QEMU 3 s later (e.g. the daemon died, so the guest's requests would hang).
+
+    ``sync_dir``: a host directory the guest sees read-write at ``SYNC_MNT``
+    over 9p without caching, so host and guest (and several guests) can
+    signal each other with files there whatever the mount under test caches.
+    ``on_start(proc)``: called with QEMU's Popen as soon as it runs (QEMU
+    leads its own process group), e.g. to SIGKILL it mid-run.
     """
     if platform == "a" and shutil.which(QEMU) is None:
         raise RuntimeError(f"{QEMU} not found: apt-get install qemu-system-x86")
@@ -164,7 +178,7 @@ def run_guest(socket_path: str | None, command: str, tag: str = "myfs", timeout:
                         console_path=str(console), mount_opts=mount_opts,
                         mount_point=mount_point, extra_kernel_args=extra_kernel_args,
                         queue_size=queue_size, platform=platform,
-                        num_request_queues=num_request_queues)
+                        num_request_queues=num_request_queues, sync_dir=sync_dir)
     start = time.monotonic()
     timed_out = False
     hook_error: BaseException | None = None
@@ -173,6 +187,8 @@ def run_guest(socket_path: str | None, command: str, tag: str = "myfs", timeout:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                 start_new_session=True)
     try:
+        if on_start is not None:
+            on_start(proc)
         hook_pending = on_booted is not None
         deadline = start + timeout
         last_size, last_growth = 0, time.monotonic()
@@ -230,6 +246,73 @@ def run_guest(socket_path: str | None, command: str, tag: str = "myfs", timeout:
     if hook_error is not None:
         raise hook_error
     return result
+
+
+class BackgroundGuest:
+    """``run_guest`` in a thread, for tests that run several guests at once
+    or kill one mid-run: ``BackgroundGuest(socket_path, command, **kw)``
+    starts it; ``wait_console(text)`` waits for a line of its console;
+    ``kill()`` SIGKILLs QEMU; ``result()`` joins and returns the GuestResult
+    (or raises what run_guest raised)."""
+
+    def __init__(self, socket_path, command: str, *, console_log, **kw):
+        self.console_log = Path(console_log)
+        self.console_log.parent.mkdir(parents=True, exist_ok=True)
+        self.console_log.write_bytes(b"")
+        self.proc: subprocess.Popen | None = None
+        self._started = threading.Event()
+        self._result: GuestResult | None = None
+        self._error: BaseException | None = None
+
+        def on_start(proc):
+            self.proc = proc
+            self._started.set()
+
+        def body():
+            try:
+                self._result = run_guest(socket_path, command, console_log=self.console_log,
+                                         on_start=on_start, **kw)
+            except BaseException as e:  # noqa: BLE001 - re-raised by result()
+                self._error = e
+            finally:
+                self._started.set()
+
+        self._thread = threading.Thread(target=body, daemon=True)
+        self._thread.start()
+
+    def console(self) -> str:
+        return self.console_log.read_text(errors="replace").replace("\r\n", "\n")
+
+    def wait_console(self, text: str, timeout: float) -> bool:
+        """True once ``text`` is on the console; False on timeout or when
+        the guest has ended without printing it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.console():
+                return True
+            if not self._thread.is_alive():
+                return text in self.console()
+            time.sleep(0.1)
+        return False
+
+    def kill(self) -> None:
+        """SIGKILL QEMU now (the run then ends with exit_status None)."""
+        self._started.wait(60)
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def result(self, timeout: float | None = None) -> GuestResult:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.kill()
+            self._thread.join(60)
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
 
 
 if __name__ == "__main__":
