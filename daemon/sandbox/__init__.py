@@ -90,7 +90,7 @@ def preload() -> None:
     ENOSYS)."""
     import importlib
     for name in ("daemon.fuse.session", "daemon.workers.channel", "daemon.virtio.virtqueue",
-                 "daemon.virtio.memory", "daemon.virtio.iovec", "traceback", "linecache",
+                 "daemon.virtio.compiled", "daemon.virtio.memory", "daemon.virtio.iovec", "traceback", "linecache",
                  "encodings.ascii", "encodings.latin_1"):
         try:
             importlib.import_module(name)
