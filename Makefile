@@ -1,7 +1,7 @@
 # pyvirtiofsd: the two commands a user needs are `make demo` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test unit test-frontend test-guest fuzz bench profile clean
+.PHONY: setup demo test test-pure unit test-frontend test-guest fuzz fuzz-asan bench profile clean
 
 setup:
 	./scripts/setup.sh
@@ -10,9 +10,16 @@ setup:
 demo: setup
 	$(PY) -m tests.guest.demo
 
-## Everything: unit, vhost-user frontend and real-guest tests.
+## Everything: unit, vhost-user frontend and real-guest tests (the compiled
+## request path), then unit and frontend again on the pure-Python path.
 test: setup
 	$(PY) -m pytest -p no:cacheprovider -q -rfE tests
+	$(MAKE) test-pure
+
+## Unit and frontend tests with the request workers on the pure-Python
+## reference path (docs/compiled.md).
+test-pure: setup
+	PYVIRTIOFSD_PURE=1 $(PY) -m pytest -p no:cacheprovider -q -rfE tests/unit tests/frontend
 
 unit: setup
 	$(PY) -m pytest -p no:cacheprovider -q tests/unit
