@@ -21,6 +21,8 @@ import struct
 
 from tests.fuzz import image
 
+ZERO = bytes(image.MEM_SIZE)
+
 
 def _address(buf) -> int:
     """Virtual address of a writable buffer (mmap or memoryview)."""
@@ -44,7 +46,7 @@ class Image:
     def lay(self, lay: image.Layout) -> None:
         """Write the input's rings and data area into a zeroed RAM."""
         ram = self.ram
-        ram[:] = bytes(image.MEM_SIZE)
+        ram[:] = ZERO
         ram[image.DESC_GPA:image.DESC_GPA + len(lay.desc)] = lay.desc
         struct.pack_into("<HH", ram, image.AVAIL_GPA, 0, lay.avail_idx)
         ram[image.AVAIL_GPA + 4:image.AVAIL_GPA + 4 + len(lay.avail_ring)] = lay.avail_ring
