@@ -22,6 +22,7 @@ import struct
 from tests.fuzz import image
 
 ZERO = bytes(image.MEM_SIZE)
+RINGS_END = image.USED_GPA + 4 + 8 * (1 << image.MAX_LOG2) + 2  # region 0 starts at file offset 0
 
 
 def _address(buf) -> int:
@@ -37,6 +38,7 @@ class Image:
         self.memfd = os.memfd_create("differential-ram", os.MFD_CLOEXEC)
         os.ftruncate(self.memfd, image.MEM_SIZE)
         self.ram = mmap.mmap(self.memfd, image.MEM_SIZE)
+        self.data_len = 0
         self.mem = GuestMemory.from_regions(list(image.REGIONS), [os.dup(self.memfd) for _ in image.REGIONS])
         self.maps = []
         for region in self.mem._regions:
@@ -44,9 +46,15 @@ class Image:
             self.maps.append((base, base + len(region.mm)))
 
     def lay(self, lay: image.Layout) -> None:
-        """Write the input's rings and data area into a zeroed RAM."""
+        """Write the input's rings and data area into a zeroed RAM. Only the
+        rings and the data area are ever written (by ``lay`` and the used
+        ring stores), so only those are zeroed again: [0, RINGS_END) and
+        the data the previous input left."""
         ram = self.ram
-        ram[:] = ZERO
+        ram[:RINGS_END] = ZERO[:RINGS_END]
+        off = image.file_offset(image.DATA_GPA)
+        ram[off:off + self.data_len] = ZERO[:self.data_len]
+        self.data_len = len(lay.data)
         ram[image.DESC_GPA:image.DESC_GPA + len(lay.desc)] = lay.desc
         struct.pack_into("<HH", ram, image.AVAIL_GPA, 0, lay.avail_idx)
         ram[image.AVAIL_GPA + 4:image.AVAIL_GPA + 4 + len(lay.avail_ring)] = lay.avail_ring
