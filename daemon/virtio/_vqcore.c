@@ -208,6 +208,33 @@ static int extend_gpa(Core *self, PyObject *list, uint64_t addr, uint32_t len)
     return 0;
 }
 
+/* a non-empty buffer added to one stream: in the largest region it extends
+ * the current run [*start, *end) (hot_view offsets; *end -1 = no run) or
+ * starts a new one, the finished run becoming a view; elsewhere the run is
+ * closed and gpa_views adds the buffer's views (virtqueue.py's _walk) */
+static int add_buffer(Core *self, PyObject *list, Py_ssize_t *start, Py_ssize_t *end, uint64_t addr,
+                      uint32_t len)
+{
+    if (fits(addr, len, self->hot_start, self->hot_end)) {
+        Py_ssize_t off = (Py_ssize_t)(addr - self->hot_start);
+        if (off == *end) {
+            *end += len;
+            return 0;
+        }
+        if (*end >= 0 && append_slice(self, list, *start, *end) < 0)
+            return -1;
+        *start = off;
+        *end = off + len;
+        return 0;
+    }
+    if (*end >= 0) {
+        if (append_slice(self, list, *start, *end) < 0)
+            return -1;
+        *end = -1;
+    }
+    return extend_gpa(self, list, addr, len);
+}
+
 static PyObject *new_slots(PyObject *type, PyObject *n1, PyObject *v1, PyObject *n2, PyObject *v2,
                            PyObject *n3, PyObject *v3)
 {
@@ -307,50 +334,16 @@ static PyObject *walk(Core *self, uint32_t head)
         if (d.flags & DESC_F_WRITE) {
             seen_writable = 1;
             if (d.len) {
-                if (fits(d.addr, d.len, hot_start, hot_end)) {
-                    Py_ssize_t off = (Py_ssize_t)(d.addr - hot_start);
-                    if (off == w_end) {
-                        w_end += d.len;
-                    } else {
-                        if (w_end >= 0 && append_slice(self, writable, w_start, w_end) < 0)
-                            goto out;
-                        w_start = off;
-                        w_end = off + d.len;
-                    }
-                } else {
-                    if (w_end >= 0) {
-                        if (append_slice(self, writable, w_start, w_end) < 0)
-                            goto out;
-                        w_end = -1;
-                    }
-                    if (extend_gpa(self, writable, d.addr, d.len) < 0)
-                        goto out;
-                }
+                if (add_buffer(self, writable, &w_start, &w_end, d.addr, d.len) < 0)
+                    goto out;
                 writable_size += d.len;
             }
         } else if (seen_writable) {
             PyErr_Format(self->error, "chain %u: device-readable descriptor after a writable one", head);
             goto out;
         } else if (d.len) {
-            if (fits(d.addr, d.len, hot_start, hot_end)) {
-                Py_ssize_t off = (Py_ssize_t)(d.addr - hot_start);
-                if (off == r_end) {
-                    r_end += d.len;
-                } else {
-                    if (r_end >= 0 && append_slice(self, readable, r_start, r_end) < 0)
-                        goto out;
-                    r_start = off;
-                    r_end = off + d.len;
-                }
-            } else {
-                if (r_end >= 0) {
-                    if (append_slice(self, readable, r_start, r_end) < 0)
-                        goto out;
-                    r_end = -1;
-                }
-                if (extend_gpa(self, readable, d.addr, d.len) < 0)
-                    goto out;
-            }
+            if (add_buffer(self, readable, &r_start, &r_end, d.addr, d.len) < 0)
+                goto out;
             readable_size += d.len;
         }
         if (!(d.flags & DESC_F_NEXT)) {

@@ -25,9 +25,19 @@ ZERO = bytes(image.MEM_SIZE)
 RINGS_END = image.USED_GPA + 4 + 8 * (1 << image.MAX_LOG2) + 2  # region 0 starts at file offset 0
 
 
-def _address(buf) -> int:
+def address(buf) -> int:
     """Virtual address of a writable buffer (mmap or memoryview)."""
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+def where(maps: list[tuple[int, int]], view: memoryview) -> tuple[int, int]:
+    """(file offset, length) of a view into one of the daemon's mappings
+    ``maps`` = [(base address, end)], each mapping from file offset 0."""
+    addr = address(view)
+    for base, end in maps:
+        if base <= addr < end:
+            return addr - base, len(view)
+    raise AssertionError("a chain buffer outside every guest memory mapping")
 
 
 class Image:
@@ -42,7 +52,7 @@ class Image:
         self.mem = GuestMemory.from_regions(list(image.REGIONS), [os.dup(self.memfd) for _ in image.REGIONS])
         self.maps = []
         for region in self.mem._regions:
-            base = _address(region.mm)
+            base = address(region.mm)
             self.maps.append((base, base + len(region.mm)))
 
     def lay(self, lay: image.Layout) -> None:
@@ -55,20 +65,10 @@ class Image:
         off = image.file_offset(image.DATA_GPA)
         ram[off:off + self.data_len] = ZERO[:self.data_len]
         self.data_len = len(lay.data)
-        ram[image.DESC_GPA:image.DESC_GPA + len(lay.desc)] = lay.desc
-        struct.pack_into("<HH", ram, image.AVAIL_GPA, 0, lay.avail_idx)
-        ram[image.AVAIL_GPA + 4:image.AVAIL_GPA + 4 + len(lay.avail_ring)] = lay.avail_ring
-        struct.pack_into("<H", ram, image.USED_GPA + 2, lay.used_idx)
-        off = image.file_offset(image.DATA_GPA)
-        ram[off:off + len(lay.data)] = lay.data
+        image.write(ram, lay)
 
     def where(self, view: memoryview) -> tuple[int, int]:
-        """(file offset, length) of a view into the daemon's mapping."""
-        addr = _address(view)
-        for base, end in self.maps:
-            if base <= addr < end:
-                return addr - base, len(view)
-        raise AssertionError("a chain buffer outside every guest memory mapping")
+        return where(self.maps, view)
 
     def close(self) -> None:
         self.maps.clear()

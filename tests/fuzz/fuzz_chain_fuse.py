@@ -51,7 +51,6 @@ credential switching needs it).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.util
 import mmap
 import os
@@ -71,6 +70,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tests import procfs  # noqa: E402
+from tests.fuzz import differential as differential_helpers  # noqa: E402
 from tests.fuzz import image  # noqa: E402
 
 CORPUS_DIR = HERE / "corpus"
@@ -134,15 +134,6 @@ def rss_kib() -> int:
     return 0
 
 
-def _address(buf) -> int:
-    """Virtual address of a writable buffer (mmap or memoryview)."""
-    obj = ctypes.c_char.from_buffer(buf)
-    try:
-        return ctypes.addressof(obj)
-    finally:
-        del obj
-
-
 class Target:
     """The per-process fuzzing state: guest memory, a FUSE session on a
     temp share, leak accounting."""
@@ -177,7 +168,7 @@ class Target:
         # the daemon's mapping of each region: base address → file offset 0
         self._maps = []
         for region in self.mem._regions:
-            base = _address(region.mm)
+            base = differential_helpers.address(region.mm)
             self._maps.append((base, base + len(region.mm)))
         self.share = tempfile.mkdtemp(prefix="pyvirtiofsd-fuzz-")
         os.chmod(self.share, 0o777)
@@ -278,11 +269,7 @@ class Target:
     # -- one input ------------------------------------------------------------------
     def _region_of_view(self, view: memoryview) -> tuple[int, int]:
         """(file offset, length) of a view into the daemon's mapping."""
-        addr = _address(view)
-        for base, end in self._maps:
-            if base <= addr < end:
-                return addr - base, len(view)
-        raise AssertionError("a chain buffer outside every guest memory mapping")
+        return differential_helpers.where(self._maps, view)
 
     def run_one(self, data: bytes) -> None:
         self.inputs += 1
@@ -297,12 +284,7 @@ class Target:
         lay = image.Layout(data)
         ram = self.ram
         ram[:] = ZERO
-        ram[image.DESC_GPA:image.DESC_GPA + len(lay.desc)] = lay.desc
-        struct.pack_into("<HH", ram, image.AVAIL_GPA, 0, lay.avail_idx)
-        ram[image.AVAIL_GPA + 4:image.AVAIL_GPA + 4 + len(lay.avail_ring)] = lay.avail_ring
-        struct.pack_into("<H", ram, image.USED_GPA + 2, lay.used_idx)
-        off = image.file_offset(image.DATA_GPA)
-        ram[off:off + len(lay.data)] = lay.data
+        image.write(ram, lay)
         before = bytes(ram)
 
         q = VirtQueue(self.mem, lay.num, image.qva(image.DESC_GPA), image.qva(image.AVAIL_GPA),
