@@ -57,4 +57,4 @@ profile: setup
 	$(PY) -m tests.perf.profile
 
 clean:
-	rm -rf .venv .cache build *.egg-info
+	rm -rf .venv .cache build *.egg-info daemon/virtio/*.so
