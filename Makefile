@@ -1,7 +1,7 @@
 # pyvirtiofsd: the two commands a user needs are `make demo` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup deb demo lint test unit test-frontend test-guest test-usecases fuzz bench profile clean
+.PHONY: setup deb demo lint test test-pure unit test-frontend test-guest test-usecases fuzz fuzz-asan bench profile clean
 
 setup:
 	./scripts/setup.sh
@@ -21,9 +21,16 @@ lint: setup
 	$(PY) -m ruff check daemon tests
 	$(PY) -m mypy
 
-## Everything: the lint gate, then unit, vhost-user frontend and real-guest tests.
+## Everything: the lint gate, then unit, vhost-user frontend and real-guest tests (the
+## compiled request path), then unit and frontend again on the pure-Python path.
 test: setup lint
 	$(PY) -m pytest -p no:cacheprovider -q -rfE tests
+	$(MAKE) test-pure
+
+## Unit and frontend tests with the request workers on the pure-Python
+## reference path (docs/compiled.md).
+test-pure: setup
+	PYVIRTIOFSD_PURE=1 $(PY) -m pytest -p no:cacheprovider -q -rfE tests/unit tests/frontend
 
 unit: setup
 	$(PY) -m pytest -p no:cacheprovider -q tests/unit
@@ -44,6 +51,14 @@ test-usecases: setup
 fuzz: setup
 	$(PY) -m tests.fuzz.fuzz_chain_fuse --iterations $(or $(FUZZ_ITERATIONS),1000000)
 
+## The fuzz target with the compiled virtqueue core built with ASan + UBSan
+## (docs/compiled.md): FUZZ_ITERATIONS inputs (default 1,000,000) comparing
+## the compiled and the pure path only, then FUZZ_SECONDS (default 150) of
+## the whole chain + FUSE target on the compiled path.
+fuzz-asan: setup
+	./scripts/fuzz_asan.sh --queue-only --iterations $(or $(FUZZ_ITERATIONS),1000000) --reset-every 20000
+	./scripts/fuzz_asan.sh --time $(or $(FUZZ_SECONDS),150) --reset-every 500
+
 ## Ours vs QEMU's C virtiofsd and the Rust virtiofsd, same workloads in the
 ## same run (real guest on both platforms, two-queue parallel on platform b,
 ## daemon-bound, footprint); writes docs/perf/results.md and ratios.png.
@@ -60,4 +75,4 @@ profile: setup
 	$(PY) -m tests.perf.profile
 
 clean:
-	rm -rf .venv .cache build *.egg-info
+	rm -rf .venv .cache build *.egg-info daemon/virtio/*.so

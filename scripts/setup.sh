@@ -44,6 +44,14 @@ if ! .venv/bin/python -c "import daemon, prctl, pyseccomp, pytest, hypothesis, a
   .venv/bin/pip install -q --disable-pip-version-check -e ".[test]" --config-settings editable_mode=compat
 fi
 
+# the compiled request path (docs/compiled.md): the editable install builds
+# daemon/virtio/_vqcore*.so in place; rebuild it when _vqcore.c changed since
+# (setuptools compares timestamps: a no-op otherwise). Optional: without a
+# compiler this warns and the workers run the pure-Python path.
+.venv/bin/python setup.py -q build_ext --inplace 2>&1 | grep -i "error\|failed" || true
+
+echo "setup: guest kernel cache"
+.venv/bin/python -m tests.guest.kernel >/dev/null
 echo "setup: guest platforms (a: QEMU 7.2 + Linux 6.1; b: QEMU 10 + Linux 6.12) and the Rust virtiofsd"
 # unpacked under .cache/guest, nothing installed system-wide (tests/guest/platforms.py)
 .venv/bin/python -m tests.guest.platforms >/dev/null

@@ -132,6 +132,7 @@ class WorkerLoop:
         self._coalesce = coalesce
         self._deadlines: dict[Ring, float] = {}
         self._guest_log = RateLimitedLogger(log)
+        self._queue_class = _queue_class()  # compiled or pure (docs/compiled.md)
         self._handlers = {
             Msg.MEM_TABLE: self._on_mem_table,
             Msg.VRING_START: self._on_vring_start,
@@ -323,7 +324,7 @@ class WorkerLoop:
         if self.memory is None:
             raise VirtQueueError("no memory table")
         desc, avail, used = ring.addresses
-        ring.queue = VirtQueue(self.memory, ring.num, desc, avail, used, last_avail_idx, ring.event_idx)
+        ring.queue = self._queue_class(self.memory, ring.num, desc, avail, used, last_avail_idx, ring.event_idx)
 
     def _drop_queue(self, ring: Ring) -> None:
         if ring.queue is not None:
@@ -507,3 +508,18 @@ def _drain(fd: int) -> None:
         os.eventfd_read(fd)
     except BlockingIOError:
         pass  # a spurious wakeup: allowed
+
+
+def _queue_class() -> type[VirtQueue]:
+    """The VirtQueue this worker builds: daemon.virtio.compiled's choice
+    (the C core unless PYVIRTIOFSD_PURE=1 or it is not built), said once
+    at start-up. Imported here, in the worker, never at module level: the
+    supervisor imports this module and must not load compiled code
+    (sandbox.preload imports it before the pivot)."""
+    try:
+        from daemon.virtio import compiled
+    except ImportError as e:  # pragma: no cover - the module is pure Python
+        log.info("virtqueue: pure-Python request path (%s)", e)
+        return VirtQueue
+    compiled.log_path()
+    return compiled.VirtQueue

@@ -125,3 +125,20 @@ def test_without_file_handles_every_inode_keeps_its_fd(frontend):
         frontend.lookup(ROOT, f"f{i:03d}")
     frontend.getattr(ROOT)
     assert fd_count(request) - before == 100
+
+
+def test_each_worker_says_once_which_request_path_it_runs(frontend):
+    """docs/compiled.md: the compiled virtqueue core unless
+    PYVIRTIOFSD_PURE=1 (make test-pure) or it is not built; one info line
+    per worker (hiprio and request), none from the supervisor."""
+    frontend.getattr(ROOT)
+    pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0")
+    want = "pure-Python request path" if pure else "compiled request path"
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [ln for ln in frontend.daemon.log().splitlines() if "virtqueue: " in ln]
+        if len(lines) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(lines) == 2, lines
+    assert all(want in ln for ln in lines), lines

@@ -4,6 +4,7 @@ One input (format: ``image.py``) becomes a guest memory image with a
 descriptor table, an avail ring and request bytes; the target then does
 what a request worker does on a kick (``daemon/workers/loop.py``)::
 
+    both VirtQueue paths (differential.py): same chains, errors, used ring?
     VirtQueue(...) → pop() until empty or VirtQueueError
                    → FuseSession.handle(readable, writable, chain) on a temp dir
                    → push(head, written); deferred requests: cancel_all(); publish()
@@ -11,6 +12,12 @@ what a request worker does on a kick (``daemon/workers/loop.py``)::
 Invariants checked on every input (a violation raises ``AssertionError``,
 which the engine reports as a crash and saves the input):
 
+- the compiled virtqueue core (daemon/virtio/_vqcore.c) and the pure
+  reference pop the same chains (the same guest bytes), raise the same
+  errors and leave the same used ring (when the extension is built; the
+  FUSE part then runs on the compiled path, ``PYVIRTIOFSD_PURE=1`` to
+  change that). ``--extension FILE`` loads another build of the extension:
+  ``make fuzz-asan`` passes one built with ASan and UBSan;
 - nothing escapes but ``VirtQueueError`` from ``pop`` (``handle`` never raises);
 - ``handle`` returns None (deferred) or 0 <= n <= the writable size; n is
   0 or >= 16; the reply's ``out_header.len == n``, its error is 0 or a
@@ -44,7 +51,6 @@ credential switching needs it).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.util
 import mmap
 import os
@@ -64,6 +70,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tests import procfs  # noqa: E402
+from tests.fuzz import differential as differential_helpers  # noqa: E402
 from tests.fuzz import image  # noqa: E402
 
 CORPUS_DIR = HERE / "corpus"
@@ -77,12 +84,13 @@ ZERO = bytes(image.MEM_SIZE)
 
 # filled by load_daemon() (inside atheris' instrumentation when it is used)
 VirtQueue = VirtQueueError = GuestMemory = FuseSession = InodeTable = Config = None
-credentials = abi = None
+credentials = abi = differential = None
+PATH = ""
 
 
 def load_daemon() -> None:
     global VirtQueue, VirtQueueError, GuestMemory, FuseSession, InodeTable, Config
-    global credentials, abi
+    global credentials, abi, differential, PATH
     from daemon.config import Config as _Config
     from daemon.fuse import abi as _abi
     from daemon.fuse import credentials as _credentials
@@ -90,12 +98,28 @@ def load_daemon() -> None:
     from daemon.fuse.session import FuseSession as _FuseSession
     from daemon.fuse.session import load_ops
     from daemon.virtio.memory import GuestMemory as _GuestMemory
-    from daemon.virtio.virtqueue import VirtQueue as _VirtQueue
+    from daemon.virtio import compiled
+    from daemon.virtio.compiled import VirtQueue as _VirtQueue
     from daemon.virtio.virtqueue import VirtQueueError as _VirtQueueError
+    if compiled.EXTENSION_BUILT:
+        from tests.fuzz import differential as _differential
+        differential = _differential
+    PATH = compiled.PATH
     load_ops()  # the op modules are imported lazily: import them now
     VirtQueue, VirtQueueError, GuestMemory = _VirtQueue, _VirtQueueError, _GuestMemory
     FuseSession, InodeTable, Config = _FuseSession, _InodeTable, _Config
     credentials, abi = _credentials, _abi
+
+
+def load_extension(path: str) -> None:
+    """Make ``path`` the ``daemon.virtio._vqcore`` that compiled.py imports."""
+    spec = importlib.util.spec_from_file_location("daemon.virtio._vqcore", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"fuzz: cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["daemon.virtio._vqcore"] = module
+    print(f"fuzz: extension {path}", flush=True)
 
 
 def fd_count() -> int:
@@ -108,15 +132,6 @@ def rss_kib() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
-
-
-def _address(buf) -> int:
-    """Virtual address of a writable buffer (mmap or memoryview)."""
-    obj = ctypes.c_char.from_buffer(buf)
-    try:
-        return ctypes.addressof(obj)
-    finally:
-        del obj
 
 
 class Target:
@@ -153,13 +168,17 @@ class Target:
         # the daemon's mapping of each region: base address → file offset 0
         self._maps = []
         for region in self.mem._regions:
-            base = _address(region.mm)
+            base = differential_helpers.address(region.mm)
             self._maps.append((base, base + len(region.mm)))
         self.share = tempfile.mkdtemp(prefix="pyvirtiofsd-fuzz-")
         os.chmod(self.share, 0o777)
         self._populate()
         self.table = InodeTable(INODE_CAPACITY)
         config = Config(shared_dir=self.share, max_open_files=MAX_OPEN_FILES)
+        # a second RAM for the compiled-vs-pure comparison
+        self.diff = differential.Image() if differential is not None else None
+        self.compared = 0
+        self.queue_only = False  # --queue-only: the comparison, no FUSE
         os.chdir("/proc/self/fd")  # the request worker's cwd (INTERNALS.md)
         self.session = FuseSession(config, self.table, "request")
         self._init()
@@ -250,24 +269,22 @@ class Target:
     # -- one input ------------------------------------------------------------------
     def _region_of_view(self, view: memoryview) -> tuple[int, int]:
         """(file offset, length) of a view into the daemon's mapping."""
-        addr = _address(view)
-        for base, end in self._maps:
-            if base <= addr < end:
-                return addr - base, len(view)
-        raise AssertionError("a chain buffer outside every guest memory mapping")
+        return differential_helpers.where(self._maps, view)
 
     def run_one(self, data: bytes) -> None:
         self.inputs += 1
+        if self.diff is not None:
+            differential.compare(self.diff, data)
+            self.compared += 1
+            if self.queue_only:
+                if self.inputs % self.reset_every == 0:
+                    self.reset()
+                return
         self._fresh_input_state()
         lay = image.Layout(data)
         ram = self.ram
         ram[:] = ZERO
-        ram[image.DESC_GPA:image.DESC_GPA + len(lay.desc)] = lay.desc
-        struct.pack_into("<HH", ram, image.AVAIL_GPA, 0, lay.avail_idx)
-        ram[image.AVAIL_GPA + 4:image.AVAIL_GPA + 4 + len(lay.avail_ring)] = lay.avail_ring
-        struct.pack_into("<H", ram, image.USED_GPA + 2, lay.used_idx)
-        off = image.file_offset(image.DATA_GPA)
-        ram[off:off + len(lay.data)] = lay.data
+        image.write(ram, lay)
         before = bytes(ram)
 
         q = VirtQueue(self.mem, lay.num, image.qva(image.DESC_GPA), image.qva(image.AVAIL_GPA),
@@ -386,7 +403,7 @@ class Target:
         rss_end = rss_kib()
         stats = {
             "inputs": self.inputs, "chains": self.chains, "replies": self.replies,
-            "broken_rings": self.broken_rings, "resets": self.resets,
+            "broken_rings": self.broken_rings, "resets": self.resets, "compared": self.compared,
             "seconds": round(elapsed, 1),
             "inputs_per_second": round(self.inputs / elapsed) if elapsed else 0,
             "fds_start": self.first_fds, "fds_after_first_reset": self.baseline_fds,
@@ -400,6 +417,8 @@ class Target:
         return stats
 
     def close(self) -> None:
+        if self.diff is not None:
+            self.diff.close()
         self.session.close()
         self.table.close()
         self._maps.clear()
@@ -533,7 +552,13 @@ def main(argv=None) -> int:
                    help="atheris: keep the inputs it found in DIR (default: a temp dir, removed)")
     p.add_argument("-v", "--verbose", action="store_true", help="with --run: every reply and ring error")
     p.add_argument("--jobs-quiet", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--queue-only", action="store_true",
+                   help="only compare the two virtqueue paths (no FUSE): many more inputs per second")
+    p.add_argument("--extension", metavar="FILE",
+                   help="load daemon.virtio._vqcore from FILE (make fuzz-asan: the sanitizer build)")
     args = p.parse_args(argv)
+    if args.extension:
+        load_extension(os.path.abspath(args.extension))
     if args.run:
         args.run = [os.path.abspath(n) for n in args.run]  # the target chdirs to /proc/self/fd
     if os.geteuid() != 0:
@@ -556,14 +581,24 @@ def main(argv=None) -> int:
         engine = "random"
 
     def factory() -> Target:
-        return Target(reset_every=args.reset_every, warmup=warmup,
-                      max_rss_growth_mb=args.max_rss_growth_mb)
+        target = Target(reset_every=args.reset_every, warmup=warmup,
+                        max_rss_growth_mb=args.max_rss_growth_mb)
+        if args.queue_only:
+            if target.diff is None:
+                raise SystemExit(f"fuzz: --queue-only needs the extension ({PATH})")
+            target.queue_only = True
+        return target
 
     if engine == "atheris":
         import atheris
-        with atheris.instrument_imports(include=["daemon"]):
+        if args.queue_only:
+            # the C core's own coverage guides (make fuzz-asan builds it with
+            # -fsanitize=fuzzer-no-link); Python coverage would cost ~10x
             load_daemon()
-        print(f"fuzz: engine atheris, artifacts in {args.artifacts}", flush=True)
+        else:
+            with atheris.instrument_imports(include=["daemon"]):
+                load_daemon()
+        print(f"fuzz: engine atheris, artifacts in {args.artifacts}; {PATH}", flush=True)
         run_atheris(factory, args, workdir)
         return 0  # not reached: atheris exits the process
     load_daemon()
@@ -577,7 +612,7 @@ def main(argv=None) -> int:
                 target.run_one(Path(name).read_bytes())
             print(f"fuzz: {len(args.run)} input(s) ran clean", flush=True)
             return 0
-        print("fuzz: engine random (not coverage-guided: install atheris for that)", flush=True)
+        print(f"fuzz: engine random (not coverage-guided: install atheris for that); {PATH}", flush=True)
         run_random(target, corpus_inputs([CORPUS_DIR]), args.iterations, args.time,
                    args.seed if args.seed is not None else 1)
         report(target.finish())

@@ -87,6 +87,17 @@ class Layout:
         return 4 + 8 * self.num + 2
 
 
+def write(ram, lay: Layout) -> None:
+    """Lay an input into guest RAM (the memfd's bytes, zeroed where it
+    matters): descriptor table, avail.idx and ring, used.idx, data area."""
+    ram[DESC_GPA:DESC_GPA + len(lay.desc)] = lay.desc
+    struct.pack_into("<HH", ram, AVAIL_GPA, 0, lay.avail_idx)
+    ram[AVAIL_GPA + 4:AVAIL_GPA + 4 + len(lay.avail_ring)] = lay.avail_ring
+    struct.pack_into("<H", ram, USED_GPA + 2, lay.used_idx)
+    off = file_offset(DATA_GPA)
+    ram[off:off + len(lay.data)] = lay.data
+
+
 class SeedBuilder:
     """Builds inputs the way a Linux 6.1 driver lays requests out: buffers
     and indirect tables in the data area, heads in the ring's table."""

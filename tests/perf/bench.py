@@ -393,15 +393,16 @@ def large_footprint_part(p: dict) -> dict | None:
 
 
 # -- part 2: daemon-bound ---------------------------------------------------------------
-def daemon_rates(kind: str, ops, depths, seconds: float, extra_args=()) -> dict:
+def daemon_rates(kind: str, ops, depths, seconds: float, extra_args=(), env=None) -> dict:
     """{"op-dDEPTH": requests/s} of one daemon started on a fresh share and
-    driven by the vhost-user test frontend (no guest)."""
+    driven by the vhost-user test frontend (no guest). ``env``: extra
+    environment of the daemon (PYVIRTIOFSD_PURE=1: docs/compiled.md)."""
     from tests.frontend.fuse_client import FuseClient
     from tests.frontend.vhost import start_frontend
     from tests.perf.frontend_bench import requests_per_second
 
     shared = tempfile.mkdtemp(prefix=f"bench-fe-{kind}-")
-    d = start_daemon(kind, shared, "auto", extra_args=extra_args)
+    d = start_daemon(kind, shared, "auto", extra_args=extra_args, env=env)
     fe = None
     try:
         fe = start_frontend(d.socket_path, ram_size=256 << 20, num_request_queues=1, queue_size=1024)

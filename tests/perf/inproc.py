@@ -10,7 +10,11 @@ GETATTR budget (DESIGN.md) and to profile without a second process
 competing for the cores.
 
     python -m tests.perf.inproc [--op getattr|lookup|read4k|read1m] [--depth 64]
-                                [--seconds 3] [--profile cprofile|none]
+                                [--seconds 3] [--profile cprofile|none] [--clock wall|cpu]
+
+``--clock cpu`` times the serving thread's CPU time instead of the wall
+clock: steadier on a loaded machine. The last line names the request path
+(compiled or pure-Python, ``PYVIRTIOFSD_PURE=1``; docs/compiled.md).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from daemon.fuse.inodes import InodeTable
 from daemon.fuse.session import FuseSession
 from daemon.virtio.memory import GuestMemory as DaemonMemory
 from daemon.workers.loop import WorkerLoop
-from daemon.virtio.virtqueue import VirtQueue
+from daemon.virtio.compiled import PATH, VirtQueue
 from tests.frontend.guestmem import GuestMemory as FrontMemory
 from tests.frontend.vring import VRing
 
@@ -91,7 +95,7 @@ def _build(op: str, depth: int, shared: str, cache: str = "auto"):
 
 
 def per_request_us(op: str = "getattr", depth: int = 64, seconds: float = 3.0,
-                   profile: str = "none") -> float:
+                   profile: str = "none", clock: str = "wall") -> float:
     shared = tempfile.mkdtemp(prefix="inproc-")
     loop, ring, vr, heads = _build(op, depth, shared)
     serve = loop._serve
@@ -99,15 +103,16 @@ def per_request_us(op: str = "getattr", depth: int = 64, seconds: float = 3.0,
     if profile == "cprofile":
         import cProfile
         prof = cProfile.Profile()
+    timer = time.thread_time if clock == "cpu" else time.perf_counter
     busy = 0.0
     done = 0
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         if prof:
             prof.enable()
-        t0 = time.perf_counter()
+        t0 = timer()
         serve(ring)
-        busy += time.perf_counter() - t0
+        busy += timer() - t0
         if prof:
             prof.disable()
         finished = vr.harvest()
@@ -132,9 +137,10 @@ def main(argv=None) -> int:
     ap.add_argument("--depth", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--profile", default="none", choices=("none", "cprofile"))
+    ap.add_argument("--clock", default="wall", choices=("wall", "cpu"))
     a = ap.parse_args(argv)
-    us = per_request_us(a.op, a.depth, a.seconds, a.profile)
-    print(f"{a.op} depth {a.depth}: {us:.2f} µs per request in the worker ({1e6 / us:,.0f}/s)")
+    us = per_request_us(a.op, a.depth, a.seconds, a.profile, a.clock)
+    print(f"{a.op} depth {a.depth}: {us:.2f} µs per request in the worker ({1e6 / us:,.0f}/s); {PATH}")
     return 0
 
 

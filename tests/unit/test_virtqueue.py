@@ -13,10 +13,14 @@ import os
 import signal
 import struct
 
+import sys
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from daemon.virtio import compiled
+from daemon.virtio import virtqueue as pure
 from daemon.virtio.memory import GuestMemory
 from daemon.virtio.virtqueue import (MAX_QUEUE_SIZE, Chain, VirtQueue, VirtQueueError,
                                      vring_need_event)
@@ -29,6 +33,17 @@ DESC_GPA, AVAIL_GPA, USED_GPA = 0x1000, 0x2000, 0x3000
 TABLE_GPA = 0x6000             # scratch for indirect tables
 BUFFER_GPA = 0x8000            # buffers are bump-allocated from here
 OUTSIDE_GPA = 0x100000         # in no region
+
+
+# every test here runs against the pure-Python reference and the compiled core
+IMPLEMENTATIONS = [pure.VirtQueue] + ([compiled.CompiledVirtQueue] if compiled.EXTENSION_BUILT else [])
+
+
+@pytest.fixture(autouse=True, params=IMPLEMENTATIONS, ids=lambda cls: cls.__name__)
+def implementation(request, monkeypatch):
+    """The VirtQueue class GuestDriver.queue and the tests build."""
+    monkeypatch.setattr(sys.modules[__name__], "VirtQueue", request.param)
+    return request.param
 
 
 class GuestDriver:
@@ -334,6 +349,7 @@ def test_used_idx_is_stored_as_one_16_bit_access(driver, mem, monkeypatch):
             return self.real.pack_into(buf, offset, *values)
 
     monkeypatch.setattr(vq, "USED_ELEM", Recording(vq.USED_ELEM))
+    monkeypatch.setattr(sys.modules[__name__], "VirtQueue", pure.VirtQueue)  # the Python stores
     q = driver.queue(mem)
     driver.add([b"x"], [])
     q.push(q.pop().head, 0)
@@ -773,6 +789,7 @@ def test_indirect_fast_path_is_taken_for_the_linux_layout(driver, mem, monkeypat
     """A 1 MiB READ's shape: header and args, then the out header and 256
     pages; the fast path decodes it (the general walk is never entered
     past the head) and merges what is adjacent."""
+    monkeypatch.setattr(sys.modules[__name__], "VirtQueue", pure.VirtQueue)  # pure.py's own fast path
     calls = []
     real = VirtQueue._walk_table
     monkeypatch.setattr(VirtQueue, "_walk_table", lambda self, h, t: calls.append(h) or real(self, h, t))
