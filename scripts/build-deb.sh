@@ -11,7 +11,7 @@ out=${1:-build/deb}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
-BUILD_DEPS=(debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
+BUILD_DEPS=(debhelper dh-python pybuild-plugin-pyproject python3-all-dev python3-setuptools
             python3-prctl python3-seccomp lintian dpkg-dev)
 missing=()
 for p in "${BUILD_DEPS[@]}"; do
