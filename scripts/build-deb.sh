@@ -13,16 +13,7 @@ out=$(cd "$out" && pwd)
 
 BUILD_DEPS=(debhelper dh-python pybuild-plugin-pyproject python3-all-dev python3-setuptools
             python3-prctl python3-seccomp lintian dpkg-dev)
-missing=()
-for p in "${BUILD_DEPS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "build-deb: installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+scripts/apt-ensure.sh build-deb "${BUILD_DEPS[@]}"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
