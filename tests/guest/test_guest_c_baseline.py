@@ -36,7 +36,10 @@ KNOWN = {
           "suid_write_by_non_owner"),
     "rust": ("suid_write_by_non_owner",),
 }
-CONFIGS = [(k, p, c) for k in ("c", "rust") for p in ("a", "b") for c in ("auto", "never")]
+# the Rust daemon on both platforms; QEMU 7.2's C daemon with the QEMU it
+# ships with (platform a)
+CONFIGS = [(k, p, c) for k, platforms in (("c", ("a",)), ("rust", ("a", "b")))
+           for p in platforms for c in ("auto", "never")]
 
 
 @pytest.fixture(scope="module", params=CONFIGS, ids=[f"{k}-{p}-{c}" for k, p, c in CONFIGS])
