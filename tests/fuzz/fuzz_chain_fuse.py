@@ -227,13 +227,14 @@ class Target:
         self._lookup_base()
 
     def _fresh_input_state(self) -> None:
-        """Each input starts with no open files and fh 1 next, and with
-        nodeids 2..5 naming the base files, so seeds can name them (what a
-        guest would have learnt from earlier replies)."""
+        """Each input starts with no open files, and with nodeids 2..5
+        naming the base files, so seeds can name them (what a guest would
+        have learnt from earlier replies). fhs now come from the shared file
+        table (generation << 24 | slot, generations never reused), so a seed
+        that names an fh it did not open gets EBADF, as a guest would."""
         handles = self.session.handles
-        if handles is not None and (len(handles) or handles._next_fh != 1):
+        if handles is not None and len(handles):
             handles.reset()
-            handles._next_fh = 1
         generation = self.table.generation
         if not all(generation(n) for n in (2, 3, 4, 5)):
             self._lookup_base()
