@@ -42,11 +42,17 @@ def clients(fe) -> tuple[FuseClient, FuseClient]:
     return q1, q2
 
 
-def settled_fds(d, q1, q2, baseline: dict[str, int]) -> dict[str, int]:
+def settled_fds(d, q1, q2, baseline: dict[str, int], at_most: bool = False) -> dict[str, int]:
     """The request workers' fd counts once they are ``baseline`` (each
-    closes its copies after a batch or an idle second), or after 5 s."""
+    closes its copies after a batch or an idle second), or after 5 s;
+    ``at_most``: once none is above its baseline."""
+    def settled(now: dict[str, int]) -> bool:
+        if at_most:
+            return now.keys() == baseline.keys() and all(n <= baseline[k] for k, n in now.items())
+        return now == baseline
+
     deadline = time.monotonic() + 5
-    while _fds(d) != baseline and time.monotonic() < deadline:
+    while not settled(_fds(d)) and time.monotonic() < deadline:
         q1.getattr(1)
         q2.getattr(1)
         time.sleep(0.05)

@@ -72,7 +72,11 @@ def test_second_init_on_another_queue_starts_a_new_session(daemon, session, shar
     node2 = q1.lookup(1, "f").nodeid
     assert q2.getattr(node2).attr.size == 4
     q1.forget(node2, 1)
-    assert settled_fds(daemon, q1, q2, baseline) == baseline, "fds of the old session stayed open"
+    # a new session drops the old one's copies: a worker may end with fewer
+    # fds than before the old session's files were opened, never more
+    after = settled_fds(daemon, q1, q2, baseline, at_most=True)
+    assert after.keys() == baseline.keys(), after
+    assert all(n <= baseline[k] for k, n in after.items()), ("fds of the old session stayed open", after)
 
 
 def test_queue_stopped_and_restarted_while_the_other_runs(session, shared_dir):
