@@ -14,6 +14,7 @@ import itertools
 
 from daemon.fuse import abi
 from daemon.metrics import counters as c
+from daemon.workers.pool import worker_name
 
 PREFIX = "pyvirtiofsd_"
 
@@ -23,10 +24,6 @@ _ERRNAMES = {n: errno.errorcode.get(n, f"E{n}") for n in range(1, c.ERRNO_SLOTS)
 
 def _opname(slot: int) -> str:
     return _OPNAMES.get(slot, "OTHER") if slot else "OTHER"
-
-
-def worker_name(index: int) -> str:
-    return "hiprio" if index == 0 else f"request-{index}"
 
 
 def _label(value: str) -> str:
