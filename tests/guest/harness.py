@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from . import guest_ops
+from .platforms import KERNEL_KNOWN
 from .vm import GuestResult, guest_path, run_guest
 
 HERE = Path(__file__).resolve().parent
@@ -197,7 +198,10 @@ def boot_and_run(daemon, kind: str, cache: str, shared_dir: Path, *, tools: bool
                  platform: str = "a", smp: int = 2, num_request_queues: int = 1) -> Run:
     """Boot one guest against an already listening daemon and run the suite
     (only the ``only`` checks, if given; ``platform``, ``smp``,
-    ``num_request_queues``: as run_guest's)."""
+    ``num_request_queues``: as run_guest's). ``known``: checks expected to
+    differ from the guest's tmpfs, besides the platform's kernel limits
+    (platforms.KERNEL_KNOWN), which every boot expects."""
+    known = tuple(dict.fromkeys(tuple(known) + KERNEL_KNOWN[platform]))
     seen_tree: list = []
     seen_confinement: dict = {}
 

@@ -63,6 +63,13 @@ PLATFORMS = {
 }
 
 
+# In-guest checks a platform's kernel cannot pass whatever the daemon does:
+# Linux 6.1 does not name the caller's supplementary group in a create
+# (FUSE_CREATE_SUPP_GROUP is 6.6+), so a setgid create through one loses SGID
+# (docs/credentials.md). Every boot on that platform expects it.
+KERNEL_KNOWN = {"a": ("supp_group_setgid_create",), "b": ()}
+
+
 def platform(name: str) -> Platform:
     try:
         return PLATFORMS[name]

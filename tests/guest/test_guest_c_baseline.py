@@ -29,8 +29,8 @@ pytestmark = pytest.mark.guest
 # CAP_DAC_OVERRIDE (EACCES in a directory writable only through one), and
 # opens as root, so an open(O_TRUNC) by another user keeps SUID
 # (test_guest_credentials.py). The Rust daemon keeps SUID there too. Linux
-# 6.1 cannot name the caller's supplementary group (platform a).
-KNOWN_6_1 = ("supp_group_setgid_create",)
+# 6.1 cannot name the caller's supplementary group (platform a:
+# platforms.KERNEL_KNOWN, which boot_and_run adds).
 KNOWN = {
     "c": ("fcntl_lock", "fcntl_getlk_pid", "supp_group_create", "supp_group_setgid_create",
           "suid_write_by_non_owner"),
@@ -45,8 +45,7 @@ CONFIGS = [(k, p, c) for k, platforms in (("c", ("a",)), ("rust", ("a", "b")))
 @pytest.fixture(scope="module", params=CONFIGS, ids=[f"{k}-{p}-{c}" for k, p, c in CONFIGS])
 def run(request, guest_run_factory):
     kind, platform, cache = request.param
-    known = KNOWN[kind] + (KNOWN_6_1 if platform == "a" else ())
-    return guest_run_factory(kind, cache, tools=(cache == "auto"), known=tuple(dict.fromkeys(known)),
+    return guest_run_factory(kind, cache, tools=(cache == "auto"), known=KNOWN[kind],
                              platform=platform)
 
 

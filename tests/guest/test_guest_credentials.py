@@ -20,6 +20,7 @@ import stat
 import pytest
 
 from .conftest import _start_daemon, guest_dirs
+from .platforms import KERNEL_KNOWN
 from .harness import boot_and_run, describe_failures
 
 pytestmark = pytest.mark.guest
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.guest
 CHECKS = ("suid_write_by_non_owner", "chown_supp_group", "supp_group_create",
           "supp_group_setgid_create", "credentials")
 # Linux 6.1 does not name the caller's supplementary group (6.6+ does)
-KNOWN_6_1 = ("supp_group_setgid_create",)
+KNOWN_6_1 = KERNEL_KNOWN["a"]
 # The C virtiofsd's differences from a local disk (ours has neither):
 # it creates as the caller without its groups (lo_change_cred) and without
 # CAP_DAC_OVERRIDE: EACCES in a directory the caller may write only through
@@ -60,7 +61,7 @@ def run(request, tmp_path_factory):
     daemon = _start_daemon(kind, shared, cache, run_dir, extra)
     try:
         yield boot_and_run(daemon, kind, cache, shared, tools=False, only=CHECKS,
-                           known=KNOWN.get(kind, ()) + (KNOWN_6_1 if platform == "a" else ()),
+                           known=KNOWN.get(kind, ()),
                            console_log=base / "console.log",
                            platform=platform)
     finally:

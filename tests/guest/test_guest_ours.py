@@ -32,11 +32,10 @@ CONFIGS = [(p, q, c) for p, q in GUEST_PLATFORMS for c in ("auto", "never", "aut
 def run(request, guest_run_factory):
     platform, queues, options = request.param
     cache, *extra = options.split()
-    # Linux 6.1 cannot name the caller's supplementary group: the one
-    # documented difference (docs/credentials.md, test_guest_credentials.py)
-    known = ("supp_group_setgid_create",) if platform == "a" else ()
+    # the platform's kernel limits (platforms.KERNEL_KNOWN) are the only
+    # documented differences; boot_and_run adds them
     return guest_run_factory("ours", cache, tools=True, extra_args=extra, platform=platform,
-                             num_request_queues=queues, known=known)
+                             num_request_queues=queues)
 
 
 def test_guest_ran_to_the_end(run):
