@@ -213,16 +213,21 @@ class Worker(NamedTuple):
         return worker_name(self.index)
 
 
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
 def describe_exit(status: int, role: str | None = None) -> str:
+    """Why a worker ended, for the log: one line."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         if sig == signal.SIGSYS and role is not None:
             return (f"killed by SIGSYS: a system call outside policy/{role}.policy "
                     f"(run with --seccomp log and look for type=1326 in the kernel log to name it)")
-        try:
-            return f"killed by {signal.Signals(sig).name}"
-        except ValueError:
-            return f"killed by signal {sig}"
+        return f"killed by {_signal_name(sig)}"
     if os.WIFEXITED(status):
         return f"exited with status {os.WEXITSTATUS(status)}"
     return f"wait status 0x{status:x}"
@@ -231,10 +236,7 @@ def describe_exit(status: int, role: str | None = None) -> str:
 def _death_reason(status: int) -> str:
     """A short, bounded label for why a worker ended (metrics)."""
     if os.WIFSIGNALED(status):
-        try:
-            return signal.Signals(os.WTERMSIG(status)).name
-        except ValueError:
-            return f"signal {os.WTERMSIG(status)}"
+        return _signal_name(os.WTERMSIG(status))
     if os.WIFEXITED(status):
         return f"exit {os.WEXITSTATUS(status)}"
     return "other"
