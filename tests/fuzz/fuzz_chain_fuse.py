@@ -51,6 +51,7 @@ credential switching needs it).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import mmap
 import os
@@ -84,15 +85,16 @@ ZERO = bytes(image.MEM_SIZE)
 
 # filled by load_daemon() (inside atheris' instrumentation when it is used)
 VirtQueue = VirtQueueError = GuestMemory = FuseSession = InodeTable = Config = None
-credentials = abi = differential = None
+credentials = abi = differential = filetable = None
 PATH = ""
 
 
 def load_daemon() -> None:
     global VirtQueue, VirtQueueError, GuestMemory, FuseSession, InodeTable, Config
-    global credentials, abi, differential, PATH
+    global credentials, abi, differential, filetable, PATH
     from daemon.config import Config as _Config
     from daemon.fuse import abi as _abi
+    from daemon.fuse import filetable as _filetable
     from daemon.fuse import credentials as _credentials
     from daemon.fuse.inodes import InodeTable as _InodeTable
     from daemon.fuse.session import FuseSession as _FuseSession
@@ -108,7 +110,7 @@ def load_daemon() -> None:
     load_ops()  # the op modules are imported lazily: import them now
     VirtQueue, VirtQueueError, GuestMemory = _VirtQueue, _VirtQueueError, _GuestMemory
     FuseSession, InodeTable, Config = _FuseSession, _InodeTable, _Config
-    credentials, abi = _credentials, _abi
+    credentials, abi, filetable = _credentials, _abi, _filetable
 
 
 def load_extension(path: str) -> None:
@@ -148,6 +150,7 @@ class Target:
         self.chains = 0
         self.broken_rings = 0
         self.replies = 0
+        self.ebadf = 0      # EBADF replies: a seed naming an fh it never opened
         self.resets = 0
         self.baseline_fds: int | None = None
         self.first_fds = fd_count()
@@ -229,15 +232,22 @@ class Target:
     def _fresh_input_state(self) -> None:
         """Each input starts with no open files, and with nodeids 2..5
         naming the base files, so seeds can name them (what a guest would
-        have learnt from earlier replies). fhs now come from the shared file
-        table (generation << 24 | slot, generations never reused), so a seed
-        that names an fh it did not open gets EBADF, as a guest would."""
+        have learnt from earlier replies). fhs come from the shared file
+        table (generation << 24 | slot), restarted per input, so a seed
+        names the fh its own OPEN returned; one it did not open gets EBADF,
+        as a guest would."""
         handles = self.session.handles
-        if handles is not None and len(handles):
+        if handles is not None:
             handles.reset()
+            # and the generation counter too (harness only: the daemon never
+            # reuses one), so the n-th file an input opens is always fh
+            # n << 24 | n and the seeds can name it (seeds.fh)
+            handles.files._hdr[filetable._H_GEN] = 0
         generation = self.table.generation
         if not all(generation(n) for n in (2, 3, 4, 5)):
-            self._lookup_base()
+            # an earlier input forgot one: looking the names up again would
+            # hand out the freed nodeids in another order, so start afresh
+            self.reset()
 
     def _lookup_base(self) -> None:
         for name in (b"hello.txt", b"d", b"link", b"fifo"):
@@ -368,6 +378,7 @@ class Target:
             print(f"  reply unique {got_unique}: len {length} error {err}")
         assert length == n, f"out_header.len {length}, {n} bytes written"
         assert -4096 < err <= 0, f"out_header.error {err}"
+        self.ebadf += err == -errno.EBADF
         assert not err or n == 16, f"error {err} with a {n}-byte reply"
         assert got_unique in (unique, 0), f"reply unique {got_unique}, request {unique}"
 
@@ -408,7 +419,7 @@ class Target:
         rss_end = rss_kib()
         stats = {
             "inputs": self.inputs, "chains": self.chains, "replies": self.replies,
-            "broken_rings": self.broken_rings, "resets": self.resets, "compared": self.compared,
+            "broken_rings": self.broken_rings, "ebadf": self.ebadf, "resets": self.resets, "compared": self.compared,
             "seconds": round(elapsed, 1),
             "inputs_per_second": round(self.inputs / elapsed) if elapsed else 0,
             "fds_start": self.first_fds, "fds_after_first_reset": self.baseline_fds,
@@ -611,11 +622,16 @@ def main(argv=None) -> int:
     try:
         if args.run:
             target.verbose = args.verbose
+            bad_fh = []   # inputs that got EBADF: they named an fh they did not open
             for name in args.run:
                 if args.verbose:
                     print(os.path.basename(name))
+                before = target.ebadf
                 target.run_one(Path(name).read_bytes())
-            print(f"fuzz: {len(args.run)} input(s) ran clean", flush=True)
+                if target.ebadf > before:
+                    bad_fh.append(os.path.basename(name))
+            print(f"fuzz: {len(args.run)} input(s) ran clean; replies={target.replies} "
+                  f"ebadf_inputs={','.join(bad_fh) or '-'}", flush=True)
             return 0
         print(f"fuzz: engine random (not coverage-guided: install atheris for that); {PATH}", flush=True)
         run_random(target, corpus_inputs([CORPUS_DIR]), args.iterations, args.time,

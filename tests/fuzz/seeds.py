@@ -7,8 +7,11 @@ malformed rings and requests of the hostile-guest list. Regenerate with::
     python -m tests.fuzz.seeds        # rewrites tests/fuzz/corpus/*.bin
 
 Nodeids: the fuzz target looks up hello.txt, d, link and fifo after every
-INIT, so 2..5 usually name them; fh values are whatever OPEN returned, so
-seeds that need one OPEN first in the same input (fh 1 is a guess).
+INIT, so 2..5 usually name them. Open files: every input starts with none
+and the file table's generations restarted, so the n-th OPEN/OPENDIR/CREATE
+of an input (none released before it) is ``fh(n)``; a seed that reads or
+writes opens its file first. Only ``fuse_fh_never_opened`` names an fh it
+did not open (test_fuzz_smoke counts the EBADF replies).
 """
 
 from __future__ import annotations
@@ -54,12 +57,26 @@ def name(s: bytes) -> bytes:
     return s + b"\0"
 
 
+def fh(n: int) -> int:
+    """The n-th file an input opens (daemon/fuse/filetable.py: generation << 24 | slot)."""
+    return n << 24 | n
+
+
 def read_in(fh: int, off: int, size: int, flags: int = 0x8000) -> bytes:
     return struct.pack("<QQIIQI4x", fh, off, size, 0, 0, flags)
 
 
 def one(opcode, nodeid, args=b"", out=(), data=b"", **kw) -> bytes:
     b = SeedBuilder(kw.pop("num", 8))
+    req(b, opcode, nodeid, args, out, data, **kw)
+    return b.build()
+
+
+def opened(opcode, nodeid, args=b"", out=(), data=b"", flags: int = 0x8000, dir: bool = False,
+           **kw) -> bytes:
+    """One request on a file (directory) the same input opens first: its fh is fh(1)."""
+    b = SeedBuilder(kw.pop("num", 8))
+    req(b, OPENDIR if dir else OPEN, nodeid, struct.pack("<II", flags, 0), [16])
     req(b, opcode, nodeid, args, out, data, **kw)
     return b.build()
 
@@ -96,36 +113,36 @@ def well_formed() -> dict[str, bytes]:
     # sequences in one ring: open + read + release, opendir + readdirplus, create + write
     b = SeedBuilder(8)
     req(b, OPEN, 2, struct.pack("<II", 0x8000, 0), [16])
-    req(b, READ, 2, read_in(1, 0, 4096), [4096])
-    req(b, FLUSH, 2, struct.pack("<Q4x4xQ", 1, 0))
-    req(b, RELEASE, 2, struct.pack("<QIIQ", 1, 0x8000, 0, 0))
+    req(b, READ, 2, read_in(fh(1), 0, 4096), [4096])
+    req(b, FLUSH, 2, struct.pack("<Q4x4xQ", fh(1), 0))
+    req(b, RELEASE, 2, struct.pack("<QIIQ", fh(1), 0x8000, 0, 0))
     s["open_read_release"] = b.build()
     b = SeedBuilder(8)
     req(b, OPENDIR, 3, struct.pack("<II", 0x18800, 0), [16])
-    req(b, READDIRPLUS, 3, read_in(1, 0, 4096, 0x18800), [4096])
-    req(b, READDIR, 3, read_in(1, 0, 4096, 0x18800), [4096])
-    req(b, RELEASEDIR, 3, struct.pack("<QIIQ", 1, 0x18800, 0, 0))
+    req(b, READDIRPLUS, 3, read_in(fh(1), 0, 4096, 0x18800), [4096])
+    req(b, READDIR, 3, read_in(fh(1), 0, 4096, 0x18800), [4096])
+    req(b, RELEASEDIR, 3, struct.pack("<QIIQ", fh(1), 0x18800, 0, 0))
     s["opendir_readdirplus"] = b.build()
     b = SeedBuilder(8)
     req(b, CREATE, 1, struct.pack("<IIII", 0o102 | 0x8000, 0o100644, 0o022, 0) + name(b"new"), [128, 16])
-    req(b, WRITE_OP, 6, struct.pack("<QQIIQI4x", 1, 0, 5000, 0, 0, 0x8002), [8], data=b"w" * 5000)
-    req(b, FSYNC, 6, struct.pack("<QI4x", 1, 1))
-    req(b, FALLOCATE, 6, struct.pack("<QQQI4x", 1, 0, 8192, 1))
-    req(b, LSEEK, 6, struct.pack("<QQI4x", 1, 0, 3), [8])
+    req(b, WRITE_OP, 6, struct.pack("<QQIIQI4x", fh(1), 0, 5000, 0, 0, 0x8002), [8], data=b"w" * 5000)
+    req(b, FSYNC, 6, struct.pack("<QI4x", fh(1), 1))
+    req(b, FALLOCATE, 6, struct.pack("<QQQI4x", fh(1), 0, 8192, 1))
+    req(b, LSEEK, 6, struct.pack("<QQI4x", fh(1), 0, 3), [8])
     s["create_write_fsync"] = b.build()
     b = SeedBuilder(8)
     req(b, OPEN, 2, struct.pack("<II", 0x8002, 0), [16])
-    req(b, GETLK, 2, struct.pack("<QQQQIII4x", 1, 7, 0, 100, 1, 0, 0), [24])
-    req(b, SETLK, 2, struct.pack("<QQQQIII4x", 1, 7, 0, 100, 1, 0, 0))
-    req(b, SETLKW, 2, struct.pack("<QQQQIII4x", 1, 8, 0, 100, 1, 0, 0))
+    req(b, GETLK, 2, struct.pack("<QQQQIII4x", fh(1), 7, 0, 100, 1, 0, 0), [24])
+    req(b, SETLK, 2, struct.pack("<QQQQIII4x", fh(1), 7, 0, 100, 1, 0, 0))
+    req(b, SETLKW, 2, struct.pack("<QQQQIII4x", fh(1), 8, 0, 100, 1, 0, 0))
     req(b, INTERRUPT, 0, struct.pack("<Q", 0))
     s["locks"] = b.build()
     b = SeedBuilder(8)
     req(b, OPEN, 2, struct.pack("<II", 0x8002, 0), [16])
-    req(b, COPY_FILE_RANGE, 2, struct.pack("<7Q", 1, 0, 2, 1, 100, 50, 0), [8])
+    req(b, COPY_FILE_RANGE, 2, struct.pack("<7Q", fh(1), 0, 2, fh(1), 100, 50, 0), [8])
     s["copy_file_range"] = b.build()
     # Linux 6.1 READ of 8 KiB: the data buffer in pages (W16 W4096 W4096)
-    s["read_pages"] = one(READ, 2, read_in(1, 0, 8192), [4096, 4096])
+    s["read_pages"] = opened(READ, 2, read_in(fh(1), 0, 8192), [4096, 4096])
     # the same request in a ring of 256 with the avail index wrapped around u16
     b = SeedBuilder(256, last_avail=0xFFFF, used_idx=0xFFFF)
     req(b, GETATTR, 1, struct.pack("<IIQ", 0, 0, 0), [104])
@@ -259,13 +276,15 @@ def malformed() -> dict[str, bytes]:
                                             + struct.pack("<QQ", 2, 5), None, indirect=False)
     s["fuse_name_without_nul"] = one(LOOKUP, 1, b"hello.txt", [128])
     s["fuse_name_too_long"] = one(LOOKUP, 1, name(b"x" * 300), [128])
-    s["fuse_read_huge"] = one(READ, 2, read_in(1, 0, 0xFFFFFFFF), [100])
-    s["fuse_write_size_lies"] = one(WRITE_OP, 2, struct.pack("<QQIIQI4x", 1, 0, 1 << 30, 0, 0, 0),
-                                    [8], data=b"x" * 100)
+    s["fuse_read_huge"] = opened(READ, 2, read_in(fh(1), 0, 0xFFFFFFFF), [100])
+    s["fuse_write_size_lies"] = opened(WRITE_OP, 2, struct.pack("<QQIIQI4x", fh(1), 0, 1 << 30, 0, 0, 0),
+                                       [8], data=b"x" * 100, flags=0x8002)
+    s["fuse_fh_never_opened"] = opened(READ, 2, read_in(fh(2), 0, 4096), [4096])
     s["fuse_getxattr_huge"] = one(GETXATTR, 2, struct.pack("<I4x", 0xFFFFFFFF) + name(b"user.k"), [10])
     s["fuse_getxattr_buffer_small"] = one(GETXATTR, 2, struct.pack("<I4x", 4096) + name(b"user.k"), [10])
     s["fuse_listxattr_small"] = one(LISTXATTR, 2, struct.pack("<I4x", 3), [3])
-    s["fuse_readdir_offset_nowhere"] = one(READDIR, 3, read_in(1, 0x7FFFFFFFDEADBEEF, 4096), [4096])
+    s["fuse_readdir_offset_nowhere"] = opened(READDIR, 3, read_in(fh(1), 0x7FFFFFFFDEADBEEF, 4096), [4096],
+                                              flags=0x18800, dir=True)
     s["fuse_lookup_reply_too_small"] = one(LOOKUP, 1, name(b"hello.txt"), [50])
     s["fuse_no_writable_part"] = one(GETATTR, 1, getattr_args, None)
     s["fuse_init_old_minor"] = one(INIT, 0, struct.pack("<5I44x", 7, 20, 0, 0, 0), [64])
