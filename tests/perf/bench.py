@@ -25,7 +25,10 @@ else runs on it; only ratios measured side by side mean anything):
    timeouts of run_guest).
 3. **Daemon-bound, no guest**: the vhost-user test frontend keeps 1 or 64
    requests in flight (tests/perf/frontend_bench.py) and counts GETATTR,
-   LOOKUP, 4 KiB READ and 1 MiB READ replies per second.
+   LOOKUP, 4 KiB READ and 1 MiB READ replies per second, and the CPU time
+   the daemon's whole process tree spent per request (user + system from
+   /proc, over exactly the requests it served: ours is supervisor + workers,
+   the C and Rust daemons are one process with threads).
 4. **Footprint**: PSS (and RSS) of each daemon's whole process tree with the
    guest attached and idle, and after the guest looked up 100,000 files
    (cache=auto boot; fewer, for both, where the hard RLIMIT_NOFILE cannot
@@ -117,6 +120,7 @@ PARALLEL_PHASES = [
 ]
 FRONTEND_OPS = ("getattr", "lookup", "read4k", "read1m")
 FRONTEND_DEPTHS = (1, 64)
+OP_LABEL = {"getattr": "GETATTR", "lookup": "LOOKUP", "read4k": "READ 4 KiB", "read1m": "READ 1 MiB"}
 
 
 def log(msg: str) -> None:
@@ -393,13 +397,15 @@ def large_footprint_part(p: dict) -> dict | None:
 
 
 # -- part 2: daemon-bound ---------------------------------------------------------------
-def daemon_rates(kind: str, ops, depths, seconds: float, extra_args=(), env=None) -> dict:
+def daemon_rates(kind: str, ops, depths, seconds: float, extra_args=(), env=None,
+                 cpu: dict | None = None) -> dict:
     """{"op-dDEPTH": requests/s} of one daemon started on a fresh share and
     driven by the vhost-user test frontend (no guest). ``env``: extra
-    environment of the daemon (PYVIRTIOFSD_PURE=1: docs/compiled.md)."""
+    environment of the daemon (PYVIRTIOFSD_PURE=1: docs/compiled.md).
+    ``cpu``: filled with {"op-dDEPTH": the daemon's CPU µs per request}."""
     from tests.frontend.fuse_client import FuseClient
     from tests.frontend.vhost import start_frontend
-    from tests.perf.frontend_bench import requests_per_second
+    from tests.perf.frontend_bench import rate_and_cpu, requests_per_second
 
     shared = tempfile.mkdtemp(prefix=f"bench-fe-{kind}-")
     d = start_daemon(kind, shared, "auto", extra_args=extra_args, env=env)
@@ -409,8 +415,14 @@ def daemon_rates(kind: str, ops, depths, seconds: float, extra_args=(), env=None
         fc = FuseClient(fe)
         fc.init()
         requests_per_second(fc, "read1m", 1, 0.2)  # creates the data file; warms up
-        return {f"{op}-d{depth}": requests_per_second(fc, op, depth, seconds)
-                for op in ops for depth in depths}
+        rates = {}
+        for op in ops:
+            for depth in depths:
+                key = f"{op}-d{depth}"
+                rates[key], us = rate_and_cpu(fc, d.pid, op, depth, seconds)
+                if cpu is not None:
+                    cpu[key] = us
+        return rates
     finally:
         if fe is not None:
             fe.close()
@@ -419,14 +431,18 @@ def daemon_rates(kind: str, ops, depths, seconds: float, extra_args=(), env=None
 
 
 def frontend_part(p: dict, rounds: int) -> dict:
-    """{kind: {"op-dDEPTH": best requests/s}} (one request queue)."""
-    best = {k: {} for k in KINDS}
+    """{kind: {"op-dDEPTH": best requests/s, "cpu:op-dDEPTH": least daemon
+    CPU µs per request}} (one request queue)."""
+    best: dict = {k: {} for k in KINDS}
     for rnd in range(rounds):
         for kind in KINDS:
-            rates = daemon_rates(kind, FRONTEND_OPS, FRONTEND_DEPTHS, p["frontend_seconds"])
+            cpu: dict = {}
+            rates = daemon_rates(kind, FRONTEND_OPS, FRONTEND_DEPTHS, p["frontend_seconds"], cpu=cpu)
             for key, rate in rates.items():
                 best[kind][key] = max(best[kind].get(key, 0.0), rate)
-            log(f"  {kind:4s} round {rnd + 1}: " + ", ".join(f"{k} {v:,.0f}/s" for k, v in best[kind].items()))
+                best[kind]["cpu:" + key] = min(best[kind].get("cpu:" + key, cpu[key]), cpu[key])
+            log(f"  {kind:4s} round {rnd + 1}: " + ", ".join(
+                f"{k} {best[kind][k]:,.0f}/s {best[kind]['cpu:' + k]:.1f} µs CPU" for k in rates))
     return best
 
 
@@ -467,10 +483,22 @@ def build_rows(guest: dict | None, fe: dict | None, start: dict, p: dict, parall
         for op in FRONTEND_OPS:
             for depth in FRONTEND_DEPTHS:
                 key = f"{op}-d{depth}"
-                label = {"getattr": "GETATTR", "lookup": "LOOKUP", "read4k": "READ 4 KiB",
-                         "read1m": "READ 1 MiB"}[op] + f", depth {depth} (/s)"
+                label = OP_LABEL[op] + f", depth {depth} (/s)"
                 rows.append(_row("daemon-bound (vhost-user test frontend)", key, label,
                                  {k: fe[k][key] for k in KINDS}))
+        for op in FRONTEND_OPS:
+            for depth in FRONTEND_DEPTHS:
+                key = f"{op}-d{depth}"
+                if not all("cpu:" + key in fe[k] for k in KINDS):
+                    continue
+                label = OP_LABEL[op] + f", depth {depth} (µs)"
+                figs = {k: fe[k]["cpu:" + key] for k in KINDS}
+                row = _row("daemon CPU per request, whole process tree (lower is better)",
+                           "cpu-" + key, label, figs, lower_better=True)
+                # lower is better: the ratios are baseline / ours
+                row["ratio"] = _ratio(figs["c"], figs["ours"])
+                row["ratio_rust"] = _ratio(figs["rust"], figs["ours"])
+                rows.append(row)
     if start:
         o = start["ours"]["median"]
         row = _row("footprint (without the guest RAM mapping)", "startup", "exec → socket accepting (ms)",
@@ -525,7 +553,7 @@ def render_table(rows: list[dict]) -> str:
         note = ""
         if r["name"].startswith("pss-"):
             note = " (1.5 × RSS / ours PSS)"
-        elif r["name"] == "startup":
+        elif r["name"] == "startup" or r["name"].startswith("cpu-"):
             note = " (baseline / ours)"
         lines.append(f"| {r['label']} | {_fmt(r['ours'])} | {_fmt(r['c'])} | {_fmt(r['rust'])} | "
                      f"{_fmt_ratio(r['ratio'], note)} | {_fmt_ratio(r['ratio_rust'], note)} |")

@@ -23,6 +23,7 @@ use a frontend with queue_size=1024 for realism.
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 
@@ -92,6 +93,42 @@ def requests_per_second(frontend, op: str, depth: int, duration: float,
     instead of sleeping on the call eventfd; at higher depths the daemon
     always has work queued, and a spinning frontend would only take a core
     from a daemon that can use two."""
+    done, elapsed, _served = run_requests(frontend, op, depth, duration, timeout, spin)
+    return done / elapsed
+
+
+def tree_cpu_seconds(root_pid: int) -> float:
+    """User + system CPU seconds of ``root_pid`` and every live descendant
+    (all their threads), from /proc: the daemon's whole cost, whatever its
+    shape (our supervisor and workers, the C daemon's and the Rust daemon's
+    threads)."""
+    from tests.guest.harness import process_tree
+    from tests.procfs import cpu_ticks
+
+    ticks = 0
+    for pid, _ppid, _comm in process_tree(root_pid):
+        try:
+            ticks += sum(cpu_ticks(pid))
+        except OSError:
+            pass  # ended in between
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def rate_and_cpu(frontend, daemon_pid: int, op: str, depth: int, duration: float) -> tuple[float, float]:
+    """(requests/s, daemon CPU microseconds per request) of one run; the
+    CPU is the daemon tree's (tree_cpu_seconds) over exactly the requests
+    the run completed (clock ticks: run for seconds, not milliseconds)."""
+    before = tree_cpu_seconds(daemon_pid)
+    done, elapsed, served = run_requests(frontend, op, depth, duration)
+    cpu = tree_cpu_seconds(daemon_pid) - before
+    return done / elapsed, cpu / served * 1e6
+
+
+def run_requests(frontend, op: str, depth: int, duration: float,
+                 timeout: float = 10.0, spin: bool | None = None) -> tuple[int, float, int]:
+    """(requests completed in the timed window, its seconds, requests the
+    daemon served in all) of requests_per_second's run; every request in
+    flight is drained before it returns."""
     fc = frontend
     vq = fc.rq
     if depth < 1 or depth > vq.num:
@@ -130,7 +167,9 @@ def requests_per_second(frontend, op: str, depth: int, duration: float,
                 vq.repost(head)
             vq.kick()
         elapsed = time.monotonic() - start
-        # drain what is still in flight so the frontend can be reused
+        # drain what is still in flight so the frontend can be reused (the
+        # daemon serves those too: counted for the CPU figure, not the rate)
+        drained = sum(1 for h in heads if vq.inflight[h].used_len is None)
         while any(vq.inflight[h].used_len is None for h in heads):
             vq.wait_any(timeout)
     finally:
@@ -139,4 +178,4 @@ def requests_per_second(frontend, op: str, depth: int, duration: float,
                 vq.free(head)
     if errors:
         raise RuntimeError(f"{op}: {errors} of {done} replies were errors or short")
-    return done / elapsed
+    return done, elapsed, done + drained
