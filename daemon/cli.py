@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QEMU's C virtiofsd options, as libvirt passes them: source=DIR, cache=none|auto|"
                         "always, sandbox=..., log_level=..., modcaps=..., [no_]xattr, [no_]readdirplus, "
                         "[no_]writeback, [no_]posix_lock, [no_]flock, [no_]allow_direct_io, "
-                        "announce_submounts, xattrmap=RULES, [no_]posix_acl, no_security_label, debug; "
+                        "announce_submounts, xattrmap=RULES, [no_]posix_acl, [no_]security_label, debug; "
                         "-d is --log-level debug")
     p.add_argument("-V", "--version", action="version", version=f"{PROG} {daemon.__version__}")
     return p
@@ -175,6 +175,12 @@ _RUST_OPTIONS = (
                 "system.posix_acl_* attributes, default ACLs inherited on create (implies --xattr). "
                 "Alone or =auto: when the guest offers it; =always: a guest that does not fails "
                 "to mount; =never: off (default)"}),
+    (("--security-label",), {
+        "nargs": "?", "const": "auto", "default": "never", "choices": ["never", "auto", "always"],
+        "help": "store the security label (SELinux) the guest gives each new file, set before "
+                "its name appears, as the extended attribute it names (renamed by --xattrmap; "
+                "implies --xattr). Alone or =auto: when the guest offers FUSE_SECURITY_CTX; "
+                "=always: a guest that does not fails to mount; =never: off (default)"}),
     (("--syslog",), {
         "action": "store_true",
         "help": "log to syslog (/dev/log, opened at start) instead of stderr"}),
@@ -253,6 +259,8 @@ def _rust_options(args, shared_dir: str) -> dict:
     rules = None
     if args.posix_acl != "never" and not args.xattr:
         raise UsageError("--posix-acl keeps ACLs as extended attributes: not with --no-xattr")
+    if args.security_label != "never" and not args.xattr:
+        raise UsageError("--security-label keeps labels as extended attributes: not with --no-xattr")
     if args.xattrmap is not None:
         if not args.xattr:
             raise UsageError("--xattrmap renames extended attributes: not with --no-xattr")
@@ -283,7 +291,9 @@ def _rust_options(args, shared_dir: str) -> dict:
     return dict(xattrmap=rules, readonly=args.readonly, allow_mmap=args.allow_mmap,
                 preserve_noatime=args.preserve_noatime, file_handles_mandatory=mandatory,
                 socket_group=args.socket_group, syslog=args.syslog, tag=args.tag,
-                posix_acl=args.posix_acl != "never", posix_acl_required=args.posix_acl == "always")
+                posix_acl=args.posix_acl != "never", posix_acl_required=args.posix_acl == "always",
+                security_label=args.security_label != "never",
+                security_label_required=args.security_label == "always")
 
 
 def _check_modcaps(text: str | None) -> str | None:

@@ -106,6 +106,10 @@ class Config(NamedTuple):
     # required: --posix-acl=always, INIT fails without it
     posix_acl: bool = False
     posix_acl_required: bool = False
+    # --security-label: FUSE_SECURITY_CTX granted when offered, the guest's
+    # label set on each new file (fuse/seclabel.py); required: =always
+    security_label: bool = False
+    security_label_required: bool = False
     # --tag: the device config's tag (VHOST_USER_PROTOCOL_F_CONFIG offered)
     tag: str | None = None
 

@@ -666,6 +666,12 @@ def _op_init(fs: FuseSession, req: Request):
             log.error("--posix-acl=always: the guest does not offer FUSE_POSIX_ACL")
             raise FUSEError(errno.EPROTO)
         wanted |= InitFlag.POSIX_ACL | InitFlag.DONT_MASK
+    if fs.config.security_label:
+        # --security-label (seclabel.py): CREATE, MKNOD, MKDIR, SYMLINK carry the label
+        if not offered & InitFlag.SECURITY_CTX and fs.config.security_label_required:
+            log.error("--security-label=always: the guest does not offer FUSE_SECURITY_CTX")
+            raise FUSEError(errno.EPROTO)
+        wanted |= InitFlag.SECURITY_CTX
     if fs.config.allow_mmap and fs.config.cache.value in ("never", "metadata"):
         # --allow-mmap: shared mmap of files opened with FOPEN_DIRECT_IO
         wanted |= InitFlag.DIRECT_IO_ALLOW_MMAP
