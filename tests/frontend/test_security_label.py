@@ -38,6 +38,9 @@ def secctx_ext(name: bytes = b"security.selinux", value: bytes = LABEL, count: i
 
 def _client(daemon) -> FuseClient:
     fe = start_frontend(daemon.socket_path, ram_size=64 << 20)
+    # a reply-bearing message first: the Rust daemon drops a kick that arrives
+    # before it has processed SET_VRING_ENABLE (seen with this frontend)
+    fe.get_features()
     fc = FuseClient(fe)
     fc.fe = fe
     return fc
