@@ -213,8 +213,8 @@ def install(fs: Any, ops: dict) -> None:
                     uid, gid = _IDS.unpack_from(args, _SETATTR_IDS)
                     uid = ids.uid.to_host.map(uid) if valid & _V_UID else uid
                     gid = ids.gid.to_host.map(gid) if valid & _V_GID else gid
-                    args = bytearray(args)
-                    _IDS.pack_into(args, _SETATTR_IDS, uid, gid)
-                    req.args = bytes(args)
+                    host = bytearray(args)
+                    _IDS.pack_into(host, _SETATTR_IDS, uid, gid)
+                    req.args = bytes(host)
             return setattr_handler(fs, req)
         ops[int(Opcode.SETATTR)] = do_setattr

@@ -97,7 +97,7 @@ def test_no_label_and_no_extensions():
     secctx_ext(b"user.x", b"v"),                                       # not security.*
     secctx_ext(b"security." + b"x" * 247, b"v"),                       # name of 256 bytes
     abi.SECCTX_HEADER.pack(32, 1) + abi.SECCTX.pack(0x10001) + b"security.selinux\0" + bytes(7),
-    abi.SECCTX_HEADER.pack(40, 1) + abi.SECCTX.pack(1) + b"security.selinux\0v" + bytes(14),  # then a 0-byte extension header
+    abi.SECCTX_HEADER.pack(40, 1) + abi.SECCTX.pack(1) + b"security.selinux\0v" + bytes(14),  # then a 0-byte header
 ])
 def test_malformed_contexts(area):
     with pytest.raises(FUSEError) as e:
