@@ -24,6 +24,16 @@ os.chmod("/mnt/users", 0o777)
 r = subprocess.run(["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "touch", "/mnt/users/by1000"],
                    capture_output=True, text=True)
 out["user_create"] = "ok" if r.returncode == 0 else r.stderr
+# in a setgid directory of group 3000, which user 1000 has only as a
+# supplementary group: Linux >= 6.6 sends that group (FUSE_EXT_GROUPS) and
+# the label in the same request
+r = subprocess.run(["setpriv", "--reuid=1000", "--regid=1000", "--groups=3000", "python3", "-c",
+                    "import os; os.umask(0o022); "
+                    "os.close(os.open('/mnt/grp/by1000', os.O_CREAT | os.O_WRONLY, 0o2755))"],
+                   capture_output=True, text=True)
+out["group_create"] = "ok" if r.returncode == 0 else r.stderr
+st = os.stat("/mnt/grp/by1000")
+out["group_file"] = [st.st_uid, st.st_gid, oct(st.st_mode & 0o7777)]
 st = os.stat("/mnt/users/by1000")
 out["user_file_ids"] = [st.st_uid, st.st_gid]
 st = os.stat("/mnt/host2000")

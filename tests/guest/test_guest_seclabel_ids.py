@@ -1,10 +1,10 @@
-"""--security-label and --translate-uid/--translate-gid from a real guest
-(Linux 6.1, QEMU 7.2), in one boot.
+"""--security-label and --translate-uid/--translate-gid from a real guest,
+one boot on each platform (a: QEMU 7.2 + Linux 6.1, b: QEMU 10 + Linux 6.12).
 
 The guest kernel is booted with ``security=selinux selinux=1`` and no
 policy: SELinux then runs uninitialized, and Linux 6.1's
 ``security_dentry_init_security`` still gives every new entry a context
-(the parent's initial SID, e.g. ``unlabeled``), which the guest sends in
+(the parent's initial SID, ``unlabeled``; 6.12 likewise), which the guest sends in
 the FUSE_SECURITY_CTX extension of CREATE, MKNOD, MKDIR and SYMLINK. So
 each entry the guest creates must arrive on the host with a
 ``security.selinux`` attribute, and no temporary name may remain. (With
@@ -20,6 +20,7 @@ sees 1000:1000; a host file of 2000 shows as 1000 in the guest; a chown to
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -33,23 +34,30 @@ pytestmark = pytest.mark.guest
 
 PREFIX = "SECIDS "
 SCRIPT = f"exec(open({str(Path(__file__).with_name('guest_seclabel.py'))!r}).read())"
-ARGS = ("--security-label", "--translate-uid", "map:1000:2000:1", "--translate-gid", "map:1000:2000:1")
+ARGS = ("--security-label", "--translate-uid", "map:1000:2000:1", "--translate-gid", "map:1000:2000:1",
+        "--translate-gid", "map:3000:3500:1")
 KERNEL_ARGS = ("security=selinux", "selinux=1")
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    base, shared, run_dir = guest_dirs(tmp_path_factory, "guest-seclabel-ids")
+@pytest.fixture(scope="module", params=["a", "b"])
+def run(tmp_path_factory, request):
+    platform = request.param
+    base, shared, run_dir = guest_dirs(tmp_path_factory, f"guest-seclabel-ids-{platform}")
     (shared / "host2000").write_bytes(b"")
     os.chown(shared / "host2000", 2000, 2000)
+    (shared / "grp").mkdir()
+    os.chown(shared / "grp", 0, 3500)          # the guest's group 3000
+    os.chmod(shared / "grp", 0o2775)
     d = _start_daemon("ours", shared, "auto", run_dir, ARGS)
     try:
-        r = python_in_guest(d, SCRIPT, PREFIX, base / "console.log", extra_kernel_args=KERNEL_ARGS)
+        r = python_in_guest(d, SCRIPT, PREFIX, base / "console.log", extra_kernel_args=KERNEL_ARGS,
+                            platform=platform)
     finally:
         d.stop()
-    BOOTS.append(("ours", " ".join(ARGS), r.guest.duration, f"seclabel+ids {r.record}"))
+    BOOTS.append((f"ours {platform}", " ".join(ARGS), r.guest.duration, f"seclabel+ids {r.record}"))
     assert r.record is not None and r.guest.exit_status == 0, r.guest.describe()
-    return {"seen": r.record, "shared": shared, "log": r.daemon_log, "exit": r.daemon_exit}
+    return {"seen": r.record, "shared": shared, "log": r.daemon_log, "exit": r.daemon_exit,
+            "platform": platform}
 
 
 def test_the_guest_runs_selinux(run):
@@ -63,7 +71,7 @@ def test_every_new_entry_carries_the_guests_label(run):
         assert os.getxattr(shared / name, "security.selinux", follow_symlinks=False) == b"unlabeled\0", name
     assert os.getxattr(shared / "users" / "by1000", "security.selinux") == b"unlabeled\0"
     assert not [n for n in os.listdir(shared) if n.startswith(TEMP_PREFIX)]
-    assert run["seen"]["listing"] == ["host2000", "lab_dir", "lab_fifo", "lab_file", "lab_link"]
+    assert run["seen"]["listing"] == ["grp", "host2000", "lab_dir", "lab_fifo", "lab_file", "lab_link"]
     assert run["exit"] == 0, run["log"][-3000:]
 
 
@@ -81,3 +89,21 @@ def test_host_ids_are_shown_translated_and_chown_translates_back(run):
     assert seen["chowned_ids"] == [1000, 1000]
     st = os.stat(shared / "lab_file")
     assert (st.st_uid, st.st_gid) == (2000, 2000)
+
+
+def test_a_create_with_the_group_and_the_label_extensions(run):
+    """A file created SGID in a setgid directory of a group the user has only
+    as a supplementary one (guest 3000, host 3500). Linux 6.12 sends that
+    group and the label in one request; the group, translated, is the
+    creator's on the host, so the host keeps SGID: proof that both
+    extensions were read. Linux 6.1 sends only the label and the host
+    clears SGID (docs/credentials.md)."""
+    seen, shared = run["seen"], run["shared"]
+    assert seen["group_create"] == "ok", seen["group_create"]
+    host = shared / "grp" / "by1000"
+    st = os.stat(host)
+    mode = 0o2755 if run["platform"] == "b" else 0o755
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (2000, 3500, mode)
+    assert seen["group_file"] == [1000, 3000, oct(mode)]
+    assert os.getxattr(host, "security.selinux") == b"unlabeled\0"
+    assert not [n for n in os.listdir(shared / "grp") if n.startswith(TEMP_PREFIX)]
