@@ -14,7 +14,7 @@ import sys
 import daemon
 from daemon import compat, log, sandbox
 from daemon.config import DEFAULTS, CacheMode, Config
-from daemon.fuse import inodes, xattrmap
+from daemon.fuse import idtranslate, inodes, xattrmap
 from daemon.sandbox import capabilities, programs
 
 PROG = "pyvirtiofsd"
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QEMU's C virtiofsd options, as libvirt passes them: source=DIR, cache=none|auto|"
                         "always, sandbox=..., log_level=..., modcaps=..., [no_]xattr, [no_]readdirplus, "
                         "[no_]writeback, [no_]posix_lock, [no_]flock, [no_]allow_direct_io, "
-                        "announce_submounts, xattrmap=RULES, [no_]posix_acl, no_security_label, debug; "
+                        "announce_submounts, xattrmap=RULES, [no_]posix_acl, [no_]security_label, debug; "
                         "-d is --log-level debug")
     p.add_argument("-V", "--version", action="version", version=f"{PROG} {daemon.__version__}")
     return p
@@ -175,6 +175,23 @@ _RUST_OPTIONS = (
                 "system.posix_acl_* attributes, default ACLs inherited on create (implies --xattr). "
                 "Alone or =auto: when the guest offers it; =always: a guest that does not fails "
                 "to mount; =never: off (default)"}),
+    (("--security-label",), {
+        "nargs": "?", "const": "auto", "default": "never", "choices": ["never", "auto", "always"],
+        "help": "store the security label (SELinux) the guest gives each new file, set before "
+                "its name appears, as the extended attribute it names (renamed by --xattrmap; "
+                "implies --xattr). Alone or =auto: when the guest offers FUSE_SECURITY_CTX; "
+                "=always: a guest that does not fails to mount; =never: off (default)"}),
+    (("--translate-uid",), {
+        "metavar": "TYPE:A:B:COUNT", "action": "append", "default": [],
+        "help": "translate user ids between guest and host in the daemon (no user namespace); "
+                "TYPE: guest (guest ids A.. are host ids B..), host (host ids A.. are guest ids "
+                "B..), squash-guest (guest ids A.. all become host id B), squash-host (host ids "
+                "A.. all become guest id B), forbid-guest:A:COUNT (EPERM for creating as or "
+                "chown to those guest ids), map:GUEST:HOST:COUNT (both ways). Repeatable; "
+                "not with --posix-acl"}),
+    (("--translate-gid",), {
+        "metavar": "TYPE:A:B:COUNT", "action": "append", "default": [],
+        "help": "as --translate-uid, for group ids"}),
     (("--syslog",), {
         "action": "store_true",
         "help": "log to syslog (/dev/log, opened at start) instead of stderr"}),
@@ -253,6 +270,8 @@ def _rust_options(args, shared_dir: str) -> dict:
     rules = None
     if args.posix_acl != "never" and not args.xattr:
         raise UsageError("--posix-acl keeps ACLs as extended attributes: not with --no-xattr")
+    if args.security_label != "never" and not args.xattr:
+        raise UsageError("--security-label keeps labels as extended attributes: not with --no-xattr")
     if args.xattrmap is not None:
         if not args.xattr:
             raise UsageError("--xattrmap renames extended attributes: not with --no-xattr")
@@ -260,6 +279,13 @@ def _rust_options(args, shared_dir: str) -> dict:
             rules = xattrmap.XattrMap.parse(args.xattrmap)
         except xattrmap.XattrMapError as e:
             raise UsageError(f"--xattrmap: {e}") from None
+    ids = None
+    if args.translate_uid or args.translate_gid:
+        if args.posix_acl != "never":
+            raise UsageError("--translate-uid/--translate-gid: not with --posix-acl (ACL entries "
+                             "name ids the daemon would not translate)")
+        ids = idtranslate.Ids(_translation("--translate-uid", args.translate_uid),
+                              _translation("--translate-gid", args.translate_gid))
     if args.tag is not None:
         raw = args.tag.encode("utf-8", "surrogateescape")
         if not 1 <= len(raw) <= 36 or "\n" in args.tag:
@@ -283,7 +309,16 @@ def _rust_options(args, shared_dir: str) -> dict:
     return dict(xattrmap=rules, readonly=args.readonly, allow_mmap=args.allow_mmap,
                 preserve_noatime=args.preserve_noatime, file_handles_mandatory=mandatory,
                 socket_group=args.socket_group, syslog=args.syslog, tag=args.tag,
-                posix_acl=args.posix_acl != "never", posix_acl_required=args.posix_acl == "always")
+                posix_acl=args.posix_acl != "never", posix_acl_required=args.posix_acl == "always",
+                security_label=args.security_label != "never",
+                security_label_required=args.security_label == "always", ids=ids)
+
+
+def _translation(option: str, rules: list[str]) -> idtranslate.Translation:
+    try:
+        return idtranslate.Translation.parse(rules)
+    except idtranslate.IdMapError as e:
+        raise UsageError(f"{option} {e}") from None
 
 
 def _check_modcaps(text: str | None) -> str | None:

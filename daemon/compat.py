@@ -30,8 +30,7 @@ _FLAGS = {
     "allow_direct_io": ["--allow-direct-io"], "no_allow_direct_io": ["--no-allow-direct-io"],
     "debug": ["--log-level", "debug"],
     "posix_acl": ["--posix-acl"], "no_posix_acl": ["--posix-acl=never"],
-    # off, as here until --security-label exists: nothing to do
-    "no_security_label": [],
+    "security_label": ["--security-label"], "no_security_label": ["--security-label=never"],
 }
 # -o NAME=VALUE → our long option (values are checked by cli.py)
 _VALUES = {

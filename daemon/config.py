@@ -10,6 +10,7 @@ import enum
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
+    from daemon.fuse.idtranslate import Ids
     from daemon.fuse.xattrmap import XattrMap
 
 
@@ -106,6 +107,12 @@ class Config(NamedTuple):
     # required: --posix-acl=always, INIT fails without it
     posix_acl: bool = False
     posix_acl_required: bool = False
+    # --security-label: FUSE_SECURITY_CTX granted when offered, the guest's
+    # label set on each new file (fuse/seclabel.py); required: =always
+    security_label: bool = False
+    security_label_required: bool = False
+    # --translate-uid/--translate-gid: ids translated by the daemon (fuse/idtranslate.py)
+    ids: Ids | None = None
     # --tag: the device config's tag (VHOST_USER_PROTOCOL_F_CONFIG offered)
     tag: str | None = None
 

@@ -147,6 +147,13 @@ class InitFlag(enum.IntFlag):
 #   size: of this extension, header included, a multiple of 8
 EXT_HEADER = _checked("<II", 8)
 FUSE_MAX_NR_SECCTX = 31  # types 0..31: a fuse_secctx_header (SECURITY_CTX)
+# struct fuse_secctx_header { uint32_t size; uint32_t nr_secctx; };
+#   the extension header of a security context: type = nr_secctx (0 or 1 from Linux)
+SECCTX_HEADER = _checked("<II", 8)
+# struct fuse_secctx { uint32_t size; uint32_t padding; };
+#   followed by the NUL-terminated xattr name, then ``size`` bytes of context,
+#   the whole record padded to 8 (FUSE_REC_ALIGN)
+SECCTX = _checked("<I4x", 8)
 FUSE_EXT_GROUPS = 32
 # struct fuse_supp_groups { uint32_t nr_groups; uint32_t groups[]; };
 SUPP_GROUPS = _checked("<I", 4)

@@ -9,7 +9,9 @@ no-follow semantics). The creating syscall (mknodat, mkdirat, symlinkat)
 runs as the caller (``fs.as_caller``: its fsuid/fsgid and the
 supplementary group the guest names), so the new inode gets the caller's
 ownership and the host's setgid rules; every other op runs with the
-worker's own credentials (docs/credentials.md).
+worker's own credentials (docs/credentials.md). With ``--security-label``
+the new entry gets the guest's label before its name appears
+(seclabel.py).
 
 Lookup counts (docs/protocol.md, "Lookup counts"): every reply that carries a nodeid — the
 ``fuse_entry_out`` of LOOKUP, MKNOD, MKDIR, SYMLINK and LINK — takes exactly
@@ -37,13 +39,12 @@ Decisions:
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
 
 from daemon.config import CacheMode
-from daemon.fuse import abi, acl
+from daemon.fuse import abi, acl, seclabel
 from daemon.fuse.abi import Opcode
 from daemon.fuse.fs import FileSystem
 from daemon.fuse.names import parse_lookup_name, parse_name, parse_two
@@ -52,11 +53,6 @@ from daemon.fuse.request import FUSEError, Request
 _O_DIR = os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
 MAX_DEPTH = 4096  # ".." containment walk: deeper than any real tree (PATH_MAX/2)
 _MKNOD_TYPES = (stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_renameat2 = _libc.renameat2
-_renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
-_renameat2.restype = ctypes.c_int
 
 
 def _decode_dev(rdev: int) -> int:
@@ -170,8 +166,10 @@ def do_mknod(fs: FileSystem, req: Request):
         raise FUSEError(errno.EINVAL)
     parent_fd = fs.cache.fd(req.nodeid)
     device = _decode_dev(rdev) if ftype in (stat.S_IFCHR, stat.S_IFBLK) else 0
+    new = seclabel.NewEntry(fs, req, parent_fd, name)
     with acl.creating(fs, umask), fs.as_caller(req):
-        os.mknod(name, ftype | stat.S_IMODE(mode), device, dir_fd=parent_fd)
+        os.mknod(new.target, ftype | stat.S_IMODE(mode), device, dir_fd=parent_fd)
+    new.finish()
     return fs.entry(parent_fd, name)
 
 
@@ -183,8 +181,10 @@ def do_mkdir(fs: FileSystem, req: Request):
     mode, umask = _args(req, abi.MKDIR_IN)
     name = parse_name(req.args[abi.MKDIR_IN.size:])
     parent_fd = fs.cache.fd(req.nodeid)
+    new = seclabel.NewEntry(fs, req, parent_fd, name)
     with acl.creating(fs, umask), fs.as_caller(req):
-        os.mkdir(name, stat.S_IMODE(mode), dir_fd=parent_fd)
+        os.mkdir(new.target, stat.S_IMODE(mode), dir_fd=parent_fd)
+    new.finish()
     return fs.entry(parent_fd, name)
 
 
@@ -195,8 +195,10 @@ def do_symlink(fs: FileSystem, req: Request):
     new nodeid on success."""
     name, target = parse_two(req.args, target=True)
     parent_fd = fs.cache.fd(req.nodeid)
+    new = seclabel.NewEntry(fs, req, parent_fd, name)
     with fs.as_caller(req):
-        os.symlink(target, name, dir_fd=parent_fd)
+        os.symlink(target, new.target, dir_fd=parent_fd)
+    new.finish()
     return fs.entry(parent_fd, name)
 
 
@@ -262,9 +264,7 @@ def do_rename2(fs: FileSystem, req: Request):
     if not flags:
         os.rename(old, new, src_dir_fd=olddir_fd, dst_dir_fd=newdir_fd)
         return b""
-    if _renameat2(olddir_fd, os.fsencode(old), newdir_fd, os.fsencode(new), flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    seclabel.renameat2(olddir_fd, old, newdir_fd, new, flags)
     return b""
 
 

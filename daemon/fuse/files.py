@@ -68,7 +68,7 @@ import os
 import stat
 
 from daemon.config import CacheMode
-from daemon.fuse import abi, acl, credentials
+from daemon.fuse import abi, acl, credentials, seclabel
 from daemon.fuse.abi import Opcode
 from daemon.fuse.fs import FileSystem
 from daemon.fuse.handles import KIND_FILE, reopen
@@ -189,6 +189,30 @@ def _create_file(fs, req: Request, parent_fd: int, name: str, flags: int, mode: 
         os.close(path_fd)
 
 
+def _create_labeled(fs, req: Request, parent_fd: int, name: str, flags: int, mode: int,
+                    exclusive: bool, kill: bool, umask: int) -> tuple[int, int]:
+    """``_create_file`` with --posix-acl's umask and --security-label's
+    label (seclabel.py: a new file under a temporary name, labeled, then
+    renamed). If the name appeared meanwhile and the guest did not ask for
+    O_EXCL, the existing file is opened as without a label."""
+    new = seclabel.NewEntry(fs, req, parent_fd, name)
+    with acl.creating(fs, umask):
+        fd, opened = _create_file(fs, req, parent_fd, new.target, flags, mode,
+                                  exclusive or new.labeled, kill)
+    try:
+        new.finish()
+    except FileExistsError:
+        os.close(fd)
+        if exclusive:
+            raise
+        with acl.creating(fs, umask):
+            return _create_file(fs, req, parent_fd, name, flags, mode, False, kill)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, opened
+
+
 def _preadv(fd: int, views: list, offset: int) -> int:
     """preadv(2), in IOV_MAX-sized batches if the guest's buffer comes in
     more pieces than one call takes; stops at the first short read."""
@@ -271,9 +295,8 @@ def do_create(fs: FileSystem, req: Request):
     host_flags = host_open_flags(flags, fs.config.allow_direct_io, fs.config.preserve_noatime)
     parent_fd = fs.cache.fd(req.nodeid)
     fs.handles.check_room()
-    with acl.creating(fs, umask):
-        fd, host_flags = _create_file(fs, req, parent_fd, name, host_flags, stat.S_IMODE(mode),
-                                      bool(flags & os.O_EXCL), kill_on_open(req, flags, open_flags))
+    fd, host_flags = _create_labeled(fs, req, parent_fd, name, host_flags, stat.S_IMODE(mode),
+                                     bool(flags & os.O_EXCL), kill_on_open(req, flags, open_flags), umask)
     try:
         entry = fs.entry(parent_fd, name)
     except BaseException:

@@ -60,7 +60,7 @@ import os
 from typing import Any, Callable
 from stat import S_ISDIR as _S_ISDIR
 
-from daemon.fuse import abi, credentials, readonly
+from daemon.fuse import abi, credentials, idtranslate, readonly
 from daemon.fuse.abi import InitFlag, Opcode
 from daemon.fuse.blocking import BlockingCalls
 from daemon.fuse.extensions import supp_groups
@@ -210,6 +210,8 @@ class FuseSession:
             self._ops = dict(ops)
             if config.readonly:
                 readonly.restrict(self._ops)
+            if config.ids is not None:
+                idtranslate.install(self, self._ops)
             self._ops[int(Opcode.INIT)] = _op_init
             self._ops[int(Opcode.DESTROY)] = _op_destroy
             if root_fd is None:
@@ -552,8 +554,13 @@ class FuseSession:
     def as_caller(self, req: Request):
         """Context for the syscall that creates an inode: the caller's
         fsuid/fsgid and the supplementary group its extension names
-        (credentials.as_caller; EINVAL for a malformed extension)."""
-        return credentials.as_caller(req.uid, req.gid, supp_groups(req.ext) if req.ext else ())
+        (credentials.as_caller; EINVAL for a malformed extension), translated
+        by --translate-uid/--translate-gid (EPERM for a forbidden id)."""
+        groups = supp_groups(req.ext) if req.ext else ()
+        ids = self.config.ids
+        if ids is not None:     # --translate-uid/--translate-gid (idtranslate.py)
+            return credentials.as_caller(*ids.host_ids(req.uid, req.gid, groups))
+        return credentials.as_caller(req.uid, req.gid, groups)
 
     def warn(self, msg: str, *args) -> None:
         """A rate-limited warning, for guest-triggered oddities."""
@@ -666,6 +673,12 @@ def _op_init(fs: FuseSession, req: Request):
             log.error("--posix-acl=always: the guest does not offer FUSE_POSIX_ACL")
             raise FUSEError(errno.EPROTO)
         wanted |= InitFlag.POSIX_ACL | InitFlag.DONT_MASK
+    if fs.config.security_label:
+        # --security-label (seclabel.py): CREATE, MKNOD, MKDIR, SYMLINK carry the label
+        if not offered & InitFlag.SECURITY_CTX and fs.config.security_label_required:
+            log.error("--security-label=always: the guest does not offer FUSE_SECURITY_CTX")
+            raise FUSEError(errno.EPROTO)
+        wanted |= InitFlag.SECURITY_CTX
     if fs.config.allow_mmap and fs.config.cache.value in ("never", "metadata"):
         # --allow-mmap: shared mmap of files opened with FOPEN_DIRECT_IO
         wanted |= InitFlag.DIRECT_IO_ALLOW_MMAP

@@ -315,8 +315,7 @@ RUST_1_13_2_OPTIONS = [
 # NOT YET: the coordinator's list of what issue 17 still lacks. Empty it as
 # they land; the test below fails for an option listed here that exists.
 NOT_YET = {
-    "--security-label",                                   # SELinux labels
-    "--uid-map", "--gid-map", "--translate-uid", "--translate-gid",  # ID mapping, unprivileged
+    "--uid-map", "--gid-map",                                          # user namespaces, unprivileged
 }
 # not planned with issue 17: they come with live migration (its own issue)
 MIGRATION = {"--migration-mode", "--migration-on-error", "--migration-verify-handles",

@@ -101,6 +101,8 @@ CASES = {
     "SETXATTR_IN": (abi.SETXATTR_IN, (5, 1), [("u32", 5), ("u32", 1)]),
     "EXT_HEADER": (abi.EXT_HEADER, (16, 32), [("u32", 16), ("u32", 32)]),
     "SUPP_GROUPS": (abi.SUPP_GROUPS, (1,), [("u32", 1)]),
+    "SECCTX_HEADER": (abi.SECCTX_HEADER, (48, 1), [("u32", 48), ("u32", 1)]),
+    "SECCTX": (abi.SECCTX, (11,), [("u32", 11), ("pad4", 0)]),
     "GETXATTR_IN": (abi.GETXATTR_IN, (5,), [("u32", 5), ("pad4", 0)]),
     "GETXATTR_OUT": (abi.GETXATTR_OUT, (6,), [("u32", 6), ("pad4", 0)]),
     "LK_IN": (abi.LK_IN, (1, 2, 3, 4, 5, 6, 7),
@@ -124,7 +126,7 @@ SIZES = {
     "OPEN_OUT": 16, "RELEASE_IN": 24, "FLUSH_IN": 24, "READ_IN": 40, "WRITE_IN": 40,
     "WRITE_OUT": 8, "FSYNC_IN": 16, "FALLOCATE_IN": 32, "LSEEK_IN": 24, "LSEEK_OUT": 8,
     "COPY_FILE_RANGE_IN": 56, "STATFS_OUT": 80, "SETXATTR_IN": 8, "GETXATTR_IN": 8,
-    "EXT_HEADER": 8, "SUPP_GROUPS": 4,
+    "EXT_HEADER": 8, "SUPP_GROUPS": 4, "SECCTX_HEADER": 8, "SECCTX": 8,
     "GETXATTR_OUT": 8, "LK_IN": 48, "LK_OUT": 24, "INTERRUPT_IN": 8, "SYNCFS_IN": 8,
     "ACCESS_IN": 8, "DIRENT": 24, "DIRENTPLUS": 152,
 }
