@@ -37,13 +37,13 @@ class IdMapError(ValueError):
 class IdRange(NamedTuple):
     inside: int    # first id in the namespace
     outside: int   # first id on the host
-    count: int
+    length: int   # how many ids
 
     def __str__(self) -> str:
-        return f":{self.inside}:{self.outside}:{self.count}:"
+        return f":{self.inside}:{self.outside}:{self.length}:"
 
     def to_host(self, ns_id: int) -> int | None:
-        if self.inside <= ns_id < self.inside + self.count:
+        if self.inside <= ns_id < self.inside + self.length:
             return self.outside + ns_id - self.inside
         return None
 
@@ -67,10 +67,10 @@ def parse_range(text: str) -> IdRange:
             raise IdMapError(f"{text!r}: {name} {field!r} is not a number")
         values.append(int(field, 10))
     rng = IdRange(*values)
-    if rng.count == 0:
+    if rng.length == 0:
         raise IdMapError(f"{text!r}: the count must be at least 1")
     for name, first in (("namespace", rng.inside), ("host", rng.outside)):
-        if first + rng.count > ID_LIMIT:
+        if first + rng.length > ID_LIMIT:
             raise IdMapError(f"{text!r}: the {name} ids run past {ID_LIMIT - 1}")
     return rng
 
@@ -83,7 +83,7 @@ def check_map(kind: str, ranges: list[IdRange]) -> tuple[IdRange, ...]:
     for side in ("inside", "outside"):
         ordered = sorted(ranges, key=lambda r: getattr(r, side))
         for a, b in zip(ordered, ordered[1:]):
-            if getattr(a, side) + a.count > getattr(b, side):
+            if getattr(a, side) + a.length > getattr(b, side):
                 where = "namespace" if side == "inside" else "host"
                 raise IdMapError(f"--{kind}-map {a} and {b} overlap on the {where} side")
     if not any(r.to_host(0) is not None for r in ranges):

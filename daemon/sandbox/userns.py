@@ -142,9 +142,9 @@ def _continue_as_pid_namespace_init() -> None:
             except InterruptedError:
                 continue
         if os.WIFSIGNALED(status):
-            sig = os.WTERMSIG(status)
-            signal.signal(sig, signal.SIG_DFL)
-            os.kill(os.getpid(), sig)
+            killer = os.WTERMSIG(status)
+            signal.signal(killer, signal.SIG_DFL)
+            os.kill(os.getpid(), killer)
         code = os.waitstatus_to_exitcode(status)
     except BaseException:   # noqa: BLE001 - the keeper never returns into the daemon's code
         code = 1
@@ -164,7 +164,7 @@ def _die_with_keeper(keeper_pidfd: int) -> None:
 
 def _read_report(fd: int) -> bytes:
     deadline = time.monotonic() + MAP_TIMEOUT
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
