@@ -120,7 +120,8 @@ def check_privileges(config) -> None:
     if missing:
         names = ", ".join("CAP_" + c.upper() for c in missing)
         raise StartRefused(f"--sandbox {config.sandbox} needs root (missing {names}; running as uid "
-                           f"{os.geteuid()}); --sandbox none runs unconfined, for debugging only")
+                           f"{os.geteuid()}); an ordinary user gives --uid-map/--gid-map (a user "
+                           f"namespace); --sandbox none runs unconfined, for debugging only")
 
 
 def drop_supplementary_groups(config) -> None:
