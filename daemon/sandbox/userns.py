@@ -45,7 +45,7 @@ from daemon.sandbox.idmap import IdRange, newidmap_args
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
-MAP_TIMEOUT = 20.0       # seconds for newuidmap + newgidmap (they read /etc/sub[ug]id, nothing more)
+MAP_TIMEOUT = 10.0       # seconds for newuidmap + newgidmap (they read /etc/sub[ug]id, nothing more)
 _OK = b"ok"
 
 _libc = ctypes.CDLL(None, use_errno=True)

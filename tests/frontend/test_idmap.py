@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from tests.conftest import REPO_ROOT, DaemonProcess
 from tests.frontend.fuse_client import FuseClient, FuseErrorReply
 from tests.frontend.vhost import start_frontend
 from tests.idmap_user import UNMAPPED, IdmapUser, remove
+from daemon.sandbox import userns
 from tests.procfs import children
 
 REQUEST_CAPS = {"chown", "dac_override", "fowner", "fsetid", "setgid", "setuid", "mknod", "setfcap"}
@@ -213,3 +215,89 @@ def test_only_the_users_own_ids_without_subordinate_ranges(user, base):
         assert daemon.wait(15) == 0, daemon.log()[-3000:]
     finally:
         daemon.stop()
+
+
+def test_two_queues_a_worker_restart_and_sigterm(user, base):
+    """In the user namespace as outside it: request workers borrow each
+    other's fds (pidfd_getfd: same namespace, same ids), a SIGKILLed worker
+    is replaced, and SIGTERM to the process started (the keeper) stops the
+    supervisor, whose status it returns."""
+    daemon = _start(user, base, *user.maps())
+    try:
+        fe = start_frontend(daemon.socket_path, ram_size=64 << 20, num_request_queues=2)
+        try:
+            q1 = FuseClient(fe, request_queue=1)
+            q1.init()
+            q2 = FuseClient(fe, request_queue=2, uid=1000, gid=1000)
+            entry, opened = q1.create(1, "shared", mode=stat.S_IFREG | 0o644, uid=1000, gid=1000)
+            q1.write(entry.nodeid, opened.fh, 0, b"from queue 1")
+            assert q2.read(entry.nodeid, opened.fh, 0, 64) == b"from queue 1"   # fd borrowed from request-1
+            q2.release(entry.nodeid, opened.fh)
+            supervisor = _descendants(daemon.pid)[0]
+            before = children(supervisor)
+            victim = max(before)                     # a request worker (hiprio is forked first)
+            assert process_state(victim)["CapEff"] != "0000000000000000"
+            os.kill(victim, 9)
+            deadline = time.monotonic() + 15
+            while True:
+                now = children(supervisor)
+                if victim not in now and len(now) == len(before):
+                    break
+                assert time.monotonic() < deadline, f"no replacement for {victim}: {now}"
+                time.sleep(0.05)
+            q1.mkdir(1, "after-restart", 0o755, uid=1234, gid=1234)
+            q2.mkdir(1, "after-restart-2", 0o755, uid=1234, gid=1234)
+            for name in ("after-restart", "after-restart-2"):
+                st = os.stat(base / "share" / name)
+                assert (st.st_uid, st.st_gid) == (user.subuid + 1234, user.subgid + 1234)
+            assert daemon.stop(10) == 0, daemon.log()[-3000:]
+            assert not os.path.exists(f"/proc/{supervisor}"), "the supervisor ended with its keeper"
+        finally:
+            fe.close()
+    finally:
+        daemon.stop()
+
+
+def _fake_newuidmap(base, body: str):
+    """A directory whose only program is a ``newuidmap`` running ``body``."""
+    bin_dir = base / "bin"
+    bin_dir.mkdir()
+    prog = bin_dir / "newuidmap"
+    prog.write_text(f"#!/bin/sh\n{body}\n")
+    os.chmod(prog, 0o755)
+    os.chmod(bin_dir, 0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize("body, message", [
+    ("exec /bin/sleep 60", "newuidmap did not finish within"),
+    ("echo 'newuidmap: nope' >&2; exit 1", "newuidmap refused: newuidmap: nope"),
+])
+def test_a_hanging_or_failing_map_program_is_one_line_promptly(user, base, body, message):
+    """Whatever newuidmap does, the start ends within the daemon's bound
+    (userns.MAP_TIMEOUT) with one line, and leaves no process behind."""
+    bin_dir = _fake_newuidmap(base, body)
+    cmd = _command(user, base, *user.maps())
+    cmd[0] = shutil.which("setpriv")
+    started = time.monotonic()
+    r = subprocess.run(cmd, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=60,
+                       env={"PATH": str(bin_dir)})
+    took = time.monotonic() - started
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert message in lines[0], lines[0]
+    assert took < userns.MAP_TIMEOUT + 10, took
+    leftover = subprocess.run(["pgrep", "-u", str(user.uid), "-f", str(bin_dir)], capture_output=True)
+    assert leftover.returncode == 1, leftover.stdout
+
+
+def test_no_map_program_is_one_line(user, base):
+    empty = base / "empty"
+    empty.mkdir()
+    cmd = _command(user, base, *user.maps())
+    cmd[0] = shutil.which("setpriv")
+    r = subprocess.run(cmd, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=60,
+                       env={"PATH": str(empty)})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert "newuidmap not found (Debian's uidmap package provides it)" in lines[0]
