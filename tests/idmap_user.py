@@ -20,8 +20,12 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import subprocess
 import tempfile
+import time
 from pathlib import Path
+
+from tests.conftest import REPO_ROOT, DaemonProcess
 
 USER = "pyvirtiofsd-idmap"
 UNMAPPED = 5000            # a guest id no range maps
@@ -62,6 +66,25 @@ class IdmapUser:
             os.chown(p, self.uid, self.gid)
             os.chmod(p, 0o755)
         return base
+
+
+def start(kind: str, cmd: list[str], base: Path, ready) -> DaemonProcess:
+    """Popen ``cmd`` (already prefixed with ``IdmapUser.setpriv()``), its
+    output in ``base/daemon.log``, its socket ``base/vfsd.sock``; waits up
+    to 30 s for ``ready(daemon)``, stopping it and failing with its log if
+    it exits or never gets there."""
+    log_path = base / "daemon.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    daemon = DaemonProcess(kind, proc, str(base / "vfsd.sock"), str(base / "share"), str(log_path), cmd)
+    deadline = time.monotonic() + 30
+    while not ready(daemon):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            daemon.stop()
+            raise AssertionError(f"{kind} did not start:\n{daemon.log()[-3000:]}")
+        time.sleep(0.05)
+    return daemon
 
 
 def _subordinate(path: str) -> int:

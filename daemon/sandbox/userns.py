@@ -4,8 +4,11 @@ Started by an ordinary host user with ``--uid-map`` / ``--gid-map``, the
 supervisor, once its sockets exist (so they belong to that user, who may
 connect QEMU to them), moves itself into a new user namespace whose id maps
 ``newuidmap`` / ``newgidmap`` write, then becomes root of it
-(``setresgid``/``setresuid`` 0). It then holds every capability *in that
-namespace*, and the sandbox runs unchanged from there: workers are forked
+(``setresgid``/``setresuid`` 0), and goes on in a child that is PID 1 of a
+pid namespace of its own (``_continue_as_pid_namespace_init`` says why; the
+process started stays as a keeper with no capabilities that passes
+signals on and exits as the child does). It then holds every capability
+*in that namespace*, and the sandbox runs unchanged from there: workers are forked
 into new pid, mount, net, ipc and uts namespaces owned by it, pivot_root,
 cut their capabilities, set no_new_privs and load seccomp. Their
 capabilities reach only inodes whose owner and group are mapped; a host
@@ -41,6 +44,7 @@ import signal
 import subprocess
 import time
 
+from daemon.sandbox import capabilities
 from daemon.sandbox.idmap import IdRange, newidmap_args
 
 CLONE_NEWUSER = 0x10000000
@@ -132,6 +136,8 @@ def _continue_as_pid_namespace_init() -> None:
         return
     try:
         os.closerange(3, 0x7FFFFFFF)
+        capabilities.apply(frozenset())          # it only waits and signals its own child
+        capabilities.set_no_new_privs()
         for sig in forwarded:
             signal.signal(sig, lambda signum, frame: os.kill(pid, signum))
         signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
@@ -141,6 +147,8 @@ def _continue_as_pid_namespace_init() -> None:
                 break
             except InterruptedError:
                 continue
+        for sig in forwarded:
+            signal.signal(sig, signal.SIG_IGN)   # the child is reaped: nothing to pass on to
         if os.WIFSIGNALED(status):
             killer = os.WTERMSIG(status)
             signal.signal(killer, signal.SIG_DFL)

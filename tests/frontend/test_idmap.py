@@ -23,7 +23,7 @@ import pytest
 from tests.conftest import REPO_ROOT, DaemonProcess
 from tests.frontend.fuse_client import FuseClient, FuseErrorReply
 from tests.frontend.vhost import start_frontend
-from tests.idmap_user import UNMAPPED, IdmapUser, remove
+from tests.idmap_user import UNMAPPED, IdmapUser, remove, start
 from daemon.sandbox import userns
 from tests.procfs import children
 
@@ -50,19 +50,7 @@ def _command(user: IdmapUser, base, *args) -> list[str]:
 
 
 def _start(user: IdmapUser, base, *args) -> DaemonProcess:
-    cmd = _command(user, base, *args)
-    log_path = base / "daemon.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    daemon = DaemonProcess("ours", proc, str(base / "vfsd.sock"), str(base / "share"), str(log_path), cmd)
-    deadline = time.monotonic() + 30
-    while "waiting for QEMU" not in daemon.log():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            daemon.stop()
-            raise AssertionError(f"the daemon did not start:\n{daemon.log()[-3000:]}")
-        time.sleep(0.05)
-    return daemon
+    return start("ours", _command(user, base, *args), base, lambda d: "waiting for QEMU" in d.log())
 
 
 def ns_inodes(pid: int | str) -> dict[str, int]:
@@ -144,6 +132,9 @@ def _check_confined(daemon: DaemonProcess, user: IdmapUser, share) -> None:
     procs = _descendants(daemon.pid)
     assert len(procs) >= 3, procs             # supervisor + hiprio + request-1 (and the keeper above)
     supervisor = procs[0]
+    keeper = process_state(daemon.pid)               # the process started: it only waits
+    assert keeper["CapEff"] == keeper["CapPrm"] == keeper["CapBnd"] == "0000000000000000", keeper
+    assert keeper["NoNewPrivs"] == "1", keeper
     sup_ns = ns_inodes(supervisor)
     assert sup_ns["user"] != host["user"]
     workers = _descendants(supervisor)

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, RUST_DEFAULT_OPTS, DaemonProcess
+from tests.conftest import RUST_DEFAULT_OPTS, DaemonProcess
 
 from .conftest import BOOTS, guest_prerequisites
 from .harness import python_in_guest
@@ -49,19 +47,8 @@ def _command(kind: str, user, base: Path) -> list[str]:
 
 
 def _start(kind: str, user, base: Path) -> DaemonProcess:
-    cmd = _command(kind, user, base)
-    log_path = base / "daemon.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    daemon = DaemonProcess(kind, proc, str(base / "vfsd.sock"), str(base / "share"), str(log_path), cmd)
-    deadline = time.monotonic() + 30
-    while not os.path.exists(daemon.socket_path):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            daemon.stop()
-            raise AssertionError(f"{kind} did not start:\n{daemon.log()[-3000:]}")
-        time.sleep(0.05)
-    return daemon
+    from tests.idmap_user import start
+    return start(kind, _command(kind, user, base), base, lambda d: os.path.exists(d.socket_path))
 
 
 @pytest.fixture(scope="module", params=["ours", "rust"])
