@@ -15,7 +15,7 @@ import daemon
 from daemon import compat, log, sandbox
 from daemon.config import DEFAULTS, CacheMode, Config
 from daemon.fuse import idtranslate, inodes, xattrmap
-from daemon.sandbox import capabilities, programs
+from daemon.sandbox import capabilities, idmap, programs
 
 PROG = "pyvirtiofsd"
 MAX_THREAD_POOL_SIZE = 255          # one request queue per vring, vring indexes are 8 bits
@@ -192,6 +192,17 @@ _RUST_OPTIONS = (
     (("--translate-gid",), {
         "metavar": "TYPE:A:B:COUNT", "action": "append", "default": [],
         "help": "as --translate-uid, for group ids"}),
+    (("--uid-map",), {
+        "metavar": ":NS_UID:HOST_UID:COUNT:", "action": "append", "type": "idmap_range",
+        "help": "for a daemon started by an ordinary user: map COUNT host uids from HOST_UID on "
+                "into the user namespace the daemon runs in (as its root) as NS_UID on, e.g. "
+                ":0:100000:65536:; the ranges are written by newuidmap, so they must be this "
+                "user's own uid or in /etc/subuid; give it once per range; namespace uid 0 must "
+                "be mapped (--sandbox namespace only)"}),
+    (("--gid-map",), {
+        "metavar": ":NS_GID:HOST_GID:COUNT:", "action": "append", "type": "idmap_range",
+        "help": "as --uid-map, for gids (newgidmap, /etc/subgid); with only one of the two "
+                "options the other maps namespace id 0 to this user's own id"}),
     (("--syslog",), {
         "action": "store_true",
         "help": "log to syslog (/dev/log, opened at start) instead of stderr"}),
@@ -203,7 +214,35 @@ _RUST_OPTIONS = (
 
 def _add_rust_options(p: argparse.ArgumentParser) -> None:
     for names, keywords in _RUST_OPTIONS:
+        if keywords.get("type") == "idmap_range":
+            keywords = dict(keywords, type=_idmap_range(names[0]))
         p.add_argument(*names, **keywords)
+
+
+def _idmap_range(option: str):
+    def parse(text: str) -> idmap.IdRange:
+        try:
+            return idmap.parse_range(text)
+        except idmap.IdMapError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = option
+    return parse
+
+
+def _id_maps(args) -> dict:
+    """--uid-map/--gid-map checked as whole maps; the one not given maps
+    namespace id 0 to this user's own (newuidmap/newgidmap allow that)."""
+    if not args.uid_map and not args.gid_map:
+        return {}
+    if args.sandbox != "namespace":
+        raise UsageError("--uid-map/--gid-map set up the user namespace of --sandbox namespace: "
+                         f"not with --sandbox {args.sandbox}")
+    uid_map = args.uid_map or [idmap.IdRange(0, os.getuid(), 1)]
+    gid_map = args.gid_map or [idmap.IdRange(0, os.getgid(), 1)]
+    try:
+        return dict(uid_map=idmap.check_map("uid", uid_map), gid_map=idmap.check_map("gid", gid_map))
+    except idmap.IdMapError as e:
+        raise UsageError(str(e)) from None
 
 
 class _PrintCapabilities(argparse.Action):
@@ -311,7 +350,7 @@ def _rust_options(args, shared_dir: str) -> dict:
                 socket_group=args.socket_group, syslog=args.syslog, tag=args.tag,
                 posix_acl=args.posix_acl != "never", posix_acl_required=args.posix_acl == "always",
                 security_label=args.security_label != "never",
-                security_label_required=args.security_label == "always", ids=ids)
+                security_label_required=args.security_label == "always", ids=ids, **_id_maps(args))
 
 
 def _translation(option: str, rules: list[str]) -> idtranslate.Translation:

@@ -115,6 +115,10 @@ class Config(NamedTuple):
     ids: Ids | None = None
     # --tag: the device config's tag (VHOST_USER_PROTOCOL_F_CONFIG offered)
     tag: str | None = None
+    # --uid-map/--gid-map: an unprivileged start's user namespace, as
+    # daemon.sandbox.idmap.IdRange tuples (empty: no user namespace)
+    uid_map: tuple = ()
+    gid_map: tuple = ()
 
     @property
     def offers_readdirplus(self) -> bool:

@@ -21,7 +21,9 @@ the rest of the daemon assumes:
   to (namespaces or chroot, the bounding set, per-request fsuid/fsgid);
   without them (not root) the start fails here with one line naming what
   is missing, instead of a worker dying half-way through its confinement.
-  ``--sandbox none`` runs without them.
+  ``--sandbox none`` runs without them. With ``--uid-map``/``--gid-map``
+  (an ordinary user's start) the check waits until the supervisor is root
+  of its own user namespace (``enter_user_namespace``).
 * **supplementary groups**: dropped here, once, before any worker is
   forked and before the supervisor's seccomp filter (no policy allows
   ``setgroups``): every worker inherits the empty list, and no request is
@@ -41,7 +43,7 @@ import signal
 
 from daemon import log
 from daemon.fuse import credentials
-from daemon.sandbox import capabilities
+from daemon.sandbox import capabilities, userns
 
 logger = log.get_logger("startup")
 
@@ -57,6 +59,29 @@ def prepare(config) -> None:
     open yet). Raises StartRefused."""
     close_inherited_fds({config.socket_fd, *log.held_fds()} - {None})
     reset_signals()
+    if config.uid_map:
+        if os.geteuid() == 0:
+            raise StartRefused("--uid-map/--gid-map are for a daemon started by an ordinary user, who "
+                               "gets a user namespace with those maps; root needs none (as the Rust "
+                               "virtiofsd, they are refused)")
+        return                       # enter_user_namespace checks, once the sockets exist
+    check_privileges(config)
+    drop_supplementary_groups(config)
+
+
+def enter_user_namespace(config) -> None:
+    """With --uid-map/--gid-map: into a user namespace with those maps, as
+    its root (daemon/sandbox/userns.py), then the privilege check and the
+    group drop of ``prepare``. Called once the supervisor's sockets exist
+    (they belong to the user who started it). StartRefused."""
+    if not config.uid_map:
+        return
+    try:
+        userns.enter(config.uid_map, config.gid_map)
+    except userns.UsernsError as e:
+        raise StartRefused(str(e)) from None
+    logger.info("user namespace: uid map %s, gid map %s",
+                " ".join(map(str, config.uid_map)), " ".join(map(str, config.gid_map)))
     check_privileges(config)
     drop_supplementary_groups(config)
 
@@ -95,16 +120,19 @@ def check_privileges(config) -> None:
     if missing:
         names = ", ".join("CAP_" + c.upper() for c in missing)
         raise StartRefused(f"--sandbox {config.sandbox} needs root (missing {names}; running as uid "
-                           f"{os.geteuid()}); --sandbox none runs unconfined, for debugging only")
+                           f"{os.geteuid()}); an ordinary user gives --uid-map/--gid-map (a user "
+                           f"namespace); --sandbox none runs unconfined, for debugging only")
 
 
 def drop_supplementary_groups(config) -> None:
-    """Without CAP_SETGID (only possible with ``--sandbox none``) the daemon
-    keeps its groups: it then acts as its own, unprivileged user anyway."""
+    """Without CAP_SETGID (only possible with ``--sandbox none``), or in a
+    user namespace whose setgroups is denied (only the user's own gid in
+    --gid-map), the daemon keeps its groups: those of the unprivileged user
+    it acts as anyway."""
     try:
         credentials.drop_supplementary_groups()
     except PermissionError:
-        if config.sandbox != "none":
+        if config.sandbox != "none" and userns.setgroups_allowed():
             raise StartRefused("cannot drop the supplementary groups (setgroups: permission denied)") from None
         logger.warning("not root: requests are checked against this user's supplementary groups %s",
                        os.getgroups())

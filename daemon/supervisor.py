@@ -727,6 +727,10 @@ def run(config: Config) -> int:
         raise
     try:
         try:
+            startup.enter_user_namespace(config)   # --uid-map: after the sockets, which stay the user's
+        except startup.StartRefused as e:
+            raise StartupError(str(e)) from None
+        try:
             sandbox.validate(config)      # policy files, --modcaps: startup errors, not dead workers
         except sandbox.SandboxError as e:
             raise StartupError(str(e)) from None

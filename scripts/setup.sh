@@ -17,9 +17,23 @@ PACKAGES=(
   systemd           # systemd-analyze checks the packaged unit (no systemd runs)
   attr              # setfattr/getfattr: guest tests of --xattrmap (the guest runs the host's programs)
   acl               # setfacl/getfacl: tests of --posix-acl (frontend, and the guest runs them too)
+  uidmap            # newuidmap/newgidmap: --uid-map/--gid-map (an unprivileged daemon's user namespace)
 )
 
 scripts/apt-ensure.sh setup "${PACKAGES[@]}"
+
+# an ordinary user with subordinate id ranges (Debian's uidmap package:
+# newuidmap/newgidmap): the tests of --uid-map/--gid-map start the daemon
+# as this user (tests/idmap_user.py)
+IDMAP_USER=pyvirtiofsd-idmap
+IDMAP_SUBIDS=300000-365535
+if ! id -u "$IDMAP_USER" >/dev/null 2>&1; then
+  echo "setup: creating user $IDMAP_USER (subordinate ids $IDMAP_SUBIDS)"
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$IDMAP_USER"
+fi
+if ! grep -qs "^$IDMAP_USER:300000:65536\$" /etc/subuid || ! grep -qs "^$IDMAP_USER:300000:65536\$" /etc/subgid; then
+  usermod --add-subuids "$IDMAP_SUBIDS" --add-subgids "$IDMAP_SUBIDS" "$IDMAP_USER"
+fi
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

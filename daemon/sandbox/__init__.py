@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 from daemon.config import DEFAULTS, Config
 from daemon.fuse import credentials
-from daemon.sandbox import capabilities, mounts, programs, rlimits
+from daemon.sandbox import capabilities, mounts, programs, rlimits, userns
 from daemon.sandbox.namespaces import MODES, SandboxError, fork_confined, spawn_confined  # noqa: F401 (re-export)
 
 __all__ = ["SandboxError", "SandboxInfo", "confine", "fork_confined", "spawn_confined", "supervisor_after_setup",
@@ -149,11 +149,12 @@ def _drop_supplementary_groups(mode: str) -> None:
     that costs one getgroups; it must come before the capability cut (the
     hiprio worker keeps no CAP_SETGID) and the filter (no policy allows
     setgroups). With --sandbox none, a process that may not (not root)
-    keeps them, as it keeps its capabilities."""
+    keeps them, as it keeps its capabilities; so does one in a user
+    namespace that denies setgroups (daemon/sandbox/userns.py)."""
     try:
         credentials.drop_supplementary_groups()
     except PermissionError:
-        if mode != "none":
+        if mode != "none" and userns.setgroups_allowed():
             raise SandboxError("cannot drop the supplementary groups (setgroups: permission denied)") from None
 
 

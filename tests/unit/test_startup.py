@@ -39,7 +39,7 @@ def in_child(fn):
 
 
 def config(sandbox="namespace", socket_fd=None):
-    return SimpleNamespace(sandbox=sandbox, socket_fd=socket_fd)
+    return SimpleNamespace(sandbox=sandbox, socket_fd=socket_fd, uid_map=(), gid_map=())
 
 
 def become_nobody(groups=()) -> None:
