@@ -23,7 +23,7 @@ pytestmark = pytest.mark.guest
 
 
 # (platform, request queues) of every boot
-GUEST_PLATFORMS = (("a", 1), ("b", 1))
+GUEST_PLATFORMS = (("a", 1), ("b", 1), ("b", 2))
 CONFIGS = [(p, q, c) for p, q in GUEST_PLATFORMS for c in ("auto", "never", "auto --writeback")]
 
 
