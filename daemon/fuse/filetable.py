@@ -23,10 +23,11 @@ table (``shared_mapping``), not an entry of one worker's dict:
 The host fds themselves stay in the processes: the opener owns its fd,
 another worker copies it once with ``pidfd_getfd`` and keeps the copy
 (handles.py), and the keeper process holds one more copy of each, so that
-the open file outlives the death of every request worker that had it. Mutations (alloc, free, reset) hold a POSIX record lock on
-the memfd, as the inode table does (dropped by the kernel when a holder
-dies; the next locker then rebuilds the free list: ``DIRTY``); lookups read
-aligned words without locking and check the generation after.
+the open file outlives the death of every request worker that had it.
+Mutations (alloc, free, reset) hold a POSIX record lock on the memfd, as
+the inode table does (dropped by the kernel when a holder dies; the next
+locker then rebuilds the free list: ``DIRTY``); lookups read aligned words
+without locking and check the generation after.
 """
 
 from __future__ import annotations

@@ -111,6 +111,7 @@ class Keeper:
         self.files = files
         self.fds: dict[int, int] = {}
         self._released = files.released
+        self._warned = False
 
     def run(self, channel: Channel) -> int:
         poller = select.poll()
@@ -137,14 +138,19 @@ class Keeper:
         n = 0
         while n < BATCH:
             try:
-                data, ancdata, _flags, _addr = self.sock.recvmsg(KEEP.size, _CMSG_ROOM,
-                                                                 socket.MSG_CMSG_CLOEXEC)
+                data, ancdata, flags, _addr = self.sock.recvmsg(KEEP.size, _CMSG_ROOM,
+                                                                socket.MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
                 break
             if not data and not ancdata:
                 break
             n += 1
             fds = _fds_of(ancdata)
+            if flags & socket.MSG_CTRUNC and not fds and not self._warned:
+                # the kernel could not give us the fd: RLIMIT_NOFILE reached
+                self._warned = True
+                log.warning("cannot keep more than %d open files (RLIMIT_NOFILE): the ones "
+                            "beyond are lost if the worker that opened them dies", len(self.fds))
             if len(data) != KEEP.size or len(fds) != 1:
                 close_fds(fds)       # not what a request worker sends
                 continue
