@@ -243,6 +243,19 @@ class FileTable(LockedTable):
                 return True
         return False
 
+    def open_on(self, nodeid: int) -> tuple[int, int] | None:
+        """(fh, kind) of a live open file or directory on ``nodeid``, None
+        if there is none (a scan: for the recovery of a lost inode fd only)."""
+        q = self.slots
+        for s in range(1, min(self._hdr[_H_HIGH], self.capacity + 1)):
+            base = s * _WORDS
+            gen = q[base + _F_GEN]
+            if gen and q[base + _F_NODE] == nodeid and q[base + _F_KIND] != KIND_LOCK:
+                kind = q[base + _F_KIND]
+                if q[base + _F_GEN] == gen:
+                    return gen << SLOT_BITS | s, kind
+        return None
+
     @property
     def lock_count(self) -> int:
         return self._hdr[_H_LOCKS]

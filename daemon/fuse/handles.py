@@ -241,6 +241,22 @@ class HandleTable:
                 n += 1
         return n
 
+    def inode_fd(self, nodeid: int) -> int:
+        """A new O_PATH fd of ``nodeid``'s inode, reopened through an open
+        file on it (its own, a copy, or the keeper's), -1 if none is open.
+        For a worker that lost the inode's fd (its holder died: nodeids are
+        not kept); the caller owns the fd and checks it is the inode."""
+        found = self.files.open_on(nodeid)
+        if found is None:
+            return -1
+        try:
+            handle = self.get(*found)
+            # the cwd is /proc/self/fd: this follows the magic link to the
+            # open file's inode (an unlinked one too), never a guest path
+            return os.open(str(handle.fd), os.O_PATH | os.O_CLOEXEC)
+        except (FUSEError, OSError):
+            return -1
+
     def _claim(self, ident: int, fd: int) -> bool:
         """After a copy: whether the slot still lives (then the copy is its
         open file: owners close only after the slot died), and if so make

@@ -3,8 +3,9 @@
 Each open file, directory handle and lock description is handed to the
 keeper process when it is made; the replacement of a SIGKILLed request
 worker copies it from there and serves the same fh on the same host open
-file description (offset, locks, an unlinked file's data). Only what the
-keeper alone held when it died too is lost: EBADF on that fh, nothing else.
+file description (offset, locks, an unlinked file's data), and a nodeid
+with an open file is served again through it. Only what the keeper alone
+held when it died too is lost: EBADF on that fh, nothing else.
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ def test_the_only_request_worker_killed_with_files_open(one_queue, shared_dir):
     assert q.write(node, fh, 0, b"ABC") == 3
     assert (shared_dir / "locked").read_bytes() == b"ABC3456789"
     assert q.getattr(node, fh=fh).attr.size == 10
+    # nodeids are not kept, but one with an open file is reopened through it
+    assert q.getattr(node).attr.size == 10
+    assert q.getattr(gone_node).attr.nlink == 0
     rest = q.readdir(1, dfh, first[-1].off, size=1 << 20)
     names = {e.name for e in first + rest} - {b".", b".."}
     assert len(names) == 301 and b"locked" in names
