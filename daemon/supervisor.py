@@ -294,16 +294,43 @@ class ProcessPool:
         budget. WorkerSpawnError if the budget is spent, the fork fails or
         the worker never becomes ready."""
         name = worker_name(index)
-        restart = index in self._deaths
+        restart = self._check_budget(index, f"worker {name}")
+        pid, parent_end, child_end = self._fork(f"worker {name}")
+        if pid == 0:
+            self._run_child(index, child_end, parent_end)
+        child_end.close()
+        worker = self.workers[index] = Worker(index, pid, parent_end)
+        logger.debug("forked %s as pid %d", worker.name, pid)
+        try:
+            self._wait_ready(worker)
+        except ChannelError as e:
+            try:
+                self._fail(worker, f"while starting: {e}")
+            except WorkerFailure as failure:
+                raise WorkerSpawnError(str(failure)) from None
+        if index >= 1:
+            self._introduce(worker)
         if restart:
-            now = time.monotonic()
-            deaths = [t for t in self._deaths[index] if now - t < self.restart_window]
-            self._deaths[index] = deaths
-            if len(deaths) > self.restart_limit:
-                message = (f"worker {name} died {len(deaths)} times within {self.restart_window:g} s; "
-                           f"not restarting it again")
-                logger.error("%s", message)
-                raise WorkerSpawnError(message)
+            logger.warning("worker %s restarted as pid %d (%d restart(s) in the last %g s, at most %d)",
+                           name, pid, len(self._deaths[index]), self.restart_window, self.restart_limit)
+
+    def _check_budget(self, key: int, label: str) -> bool:
+        """Whether this start of ``key``'s process (a vring, or KEEPER) is
+        a restart; WorkerSpawnError if it died too often lately."""
+        if key not in self._deaths:
+            return False
+        now = time.monotonic()
+        deaths = [t for t in self._deaths[key] if now - t < self.restart_window]
+        self._deaths[key] = deaths
+        if len(deaths) > self.restart_limit:
+            message = f"{label} died {len(deaths)} times within {self.restart_window:g} s; not restarting it again"
+            logger.error("%s", message)
+            raise WorkerSpawnError(message)
+        return True
+
+    def _fork(self, label: str) -> tuple[int, Channel, Channel]:
+        """(pid, our channel end, the child's) of a new confined process
+        (pid 0 in the child); WorkerSpawnError if the fork fails."""
         parent_end, child_end = Channel.pair()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -316,34 +343,13 @@ class ProcessPool:
         try:
             # a worker is PID 1 of its own pid namespace (and has its own mount,
             # net, ipc, uts namespaces) unless --sandbox says otherwise
-            pid = sandbox.fork_confined(self.config.sandbox)
+            return sandbox.fork_confined(self.config.sandbox), parent_end, child_end
         except (OSError, sandbox.SandboxError) as e:
             parent_end.close()
             child_end.close()
             reason = e.strerror if isinstance(e, OSError) else str(e)
-            logger.error("cannot fork worker %s: %s", name, reason)
-            raise WorkerSpawnError(f"cannot fork worker {name}: {reason}") from None
-        if pid == 0:
-            self._run_child(index, child_end, parent_end)
-        child_end.close()
-        worker = self.workers[index] = Worker(index, pid, parent_end)
-        logger.debug("forked %s as pid %d", worker.name, pid)
-        try:
-            self._wait_readable(worker, self.ready_timeout, "READY")
-            msg, payload, fds = worker.channel.recv()
-            ch.close_fds(fds)
-            if msg != Msg.READY or payload or fds:
-                raise ChannelError(f"expected READY, got {msg.name}")
-        except ChannelError as e:
-            try:
-                self._fail(worker, f"while starting: {e}")
-            except WorkerFailure as failure:
-                raise WorkerSpawnError(str(failure)) from None
-        if index >= 1:
-            self._introduce(worker)
-        if restart:
-            logger.warning("worker %s restarted as pid %d (%d restart(s) in the last %g s, at most %d)",
-                           name, pid, len(self._deaths[index]), self.restart_window, self.restart_limit)
+            logger.error("cannot fork %s: %s", label, reason)
+            raise WorkerSpawnError(f"cannot fork {label}: {reason}") from None
 
     def _introduce(self, worker: Worker) -> None:
         """PEER messages: the new request worker learns its serial and the
@@ -386,32 +392,12 @@ class ProcessPool:
         live request worker (they send it what they hold). A restart counts
         against the restart budget as a worker's; WorkerSpawnError when it
         is spent or the keeper cannot start."""
-        restart = KEEPER in self._deaths
-        if restart:
-            now = time.monotonic()
-            deaths = [t for t in self._deaths[KEEPER] if now - t < self.restart_window]
-            self._deaths[KEEPER] = deaths
-            if len(deaths) > self.restart_limit:
-                message = (f"the keeper died {len(deaths)} times within {self.restart_window:g} s; "
-                           f"not restarting it again")
-                logger.error("%s", message)
-                raise WorkerSpawnError(message)
+        restart = self._check_budget(KEEPER, "the keeper")
         files = getattr(self.inodes, "files", None)
         assert files is not None            # made with the inode table (run())
         self._serial += 1
         serial = self._serial
-        parent_end, child_end = Channel.pair()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        gc.freeze()
-        try:
-            pid = sandbox.fork_confined(self.config.sandbox)
-        except (OSError, sandbox.SandboxError) as e:
-            parent_end.close()
-            child_end.close()
-            reason = e.strerror if isinstance(e, OSError) else str(e)
-            logger.error("cannot fork the keeper: %s", reason)
-            raise WorkerSpawnError(f"cannot fork the keeper: {reason}") from None
+        pid, parent_end, child_end = self._fork("the keeper")
         if pid == 0:
             try:
                 become_keeper()
@@ -423,11 +409,7 @@ class ProcessPool:
         child_end.close()
         keeper = self.keeper = Worker(KEEPER, pid, parent_end)
         try:
-            self._wait_readable(keeper, self.ready_timeout, "READY")
-            msg, payload, fds = keeper.channel.recv()
-            ch.close_fds(fds)
-            if msg != Msg.READY or payload or fds:
-                raise ChannelError(f"expected READY, got {msg.name}")
+            self._wait_ready(keeper)
             pidfd = os.pidfd_open(pid)
         except (ChannelError, OSError) as e:
             self._keeper_dead(f"while starting: {e}")
@@ -608,6 +590,14 @@ class ProcessPool:
             return worker.channel.expect_answer()
         except ChannelError as e:
             self._fail(worker, f"{msg.name}: {e}")
+
+    def _wait_ready(self, worker: Worker) -> None:
+        """A new process's first frame, READY; ChannelError otherwise."""
+        self._wait_readable(worker, self.ready_timeout, "READY")
+        msg, payload, fds = worker.channel.recv()
+        ch.close_fds(fds)
+        if msg != Msg.READY or payload or fds:
+            raise ChannelError(f"expected READY, got {msg.name}")
 
     def _wait_readable(self, worker: Worker, timeout: float, what: str) -> None:
         poller = select.poll()

@@ -673,18 +673,10 @@ class InodeCache:
             return -1
         if fd < 0:
             return -1
-        try:
-            st = os.fstat(fd)
-        except OSError:
+        if table.owner(nodeid) != word:        # another owner meanwhile: maybe not its fd
             _close(fd)
             return -1
-        if table.owner(nodeid) != word or table.generation(nodeid) != gen \
-                or st.st_dev != dev or st.st_ino != ino:
-            _close(fd)
-            return -1
-        self._fds[nodeid] = (gen, fd)
-        table.claim(nodeid, gen, self.peers.mine(fd))   # the last to copy owns
-        return fd
+        return self._keep_copy(nodeid, gen, dev, ino, fd)   # the last to copy owns
 
     def _through_open_file(self, nodeid: int, gen: int, dev: int, ino: int) -> int:
         """The inode's fd reopened through an open file on it, cached (and
@@ -692,19 +684,24 @@ class InodeCache:
         (dev, ino) any more."""
         assert self.through_open_file is not None
         fd = self.through_open_file(nodeid)
-        if fd < 0:
-            return -1
+        return self._keep_copy(nodeid, gen, dev, ino, fd) if fd >= 0 else -1
+
+    def _keep_copy(self, nodeid: int, gen: int, dev: int, ino: int, fd: int) -> int:
+        """Cache ``fd`` (taken over) as (nodeid, gen)'s, and own it for the
+        other workers, if it is inode (dev, ino) and the nodeid still means
+        it; else close it: -1."""
         try:
             st = os.fstat(fd)
         except OSError:
             _close(fd)
             return -1
-        if st.st_dev != dev or st.st_ino != ino or self.table.generation(nodeid) != gen:
+        table = self.table
+        if st.st_dev != dev or st.st_ino != ino or table.generation(nodeid) != gen:
             _close(fd)
             return -1
         self._fds[nodeid] = (gen, fd)
         if self.peers is not None:
-            self.table.claim(nodeid, gen, self.peers.mine(fd))
+            table.claim(nodeid, gen, self.peers.mine(fd))
         return fd
 
     def lookup(self, parent_fd: int, name) -> tuple[int, int, os.stat_result]:

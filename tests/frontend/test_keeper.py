@@ -19,7 +19,7 @@ import time
 import pytest
 
 from tests.frontend.fuse_client import FuseClient, FuseErrorReply
-from tests.frontend.test_multiqueue import _workers, clients
+from tests.frontend.test_multiqueue import _host_can_lock, _workers, clients
 from tests.frontend.vhost import VhostUserFrontend
 
 
@@ -53,17 +53,6 @@ def _kill(d, name: str) -> int:
             return new
         assert time.monotonic() < deadline, f"{name} was not replaced"
         time.sleep(0.05)
-
-
-def _host_can_lock(path) -> bool:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
 
 
 def test_the_only_request_worker_killed_with_files_open(one_queue, shared_dir):

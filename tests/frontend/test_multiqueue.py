@@ -22,16 +22,8 @@ from tests.frontend.fuse_client import FuseClient, FuseErrorReply
 from tests.frontend.vhost import VhostUserFrontend
 
 
-def _workers(daemon_pid: int) -> dict[str, int]:
-    """comm name → host pid of the daemon's worker processes."""
-    out = {}
-    for pid in procfs.children(daemon_pid):
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                out[f.read().strip()] = pid
-        except OSError:
-            pass
-    return out
+# comm name → host pid of the daemon's worker processes
+_workers = procfs.children_by_comm
 
 
 def clients(fe) -> tuple[FuseClient, FuseClient]:

@@ -100,23 +100,12 @@ def run(tmp_path_factory):
 
 def _kill_and_wait(d) -> int:
     """SIGKILL request-1 and wait until its replacement serves vring 1."""
-    victim = _pids(d.proc.pid)["vfsd-request-1"]
+    victim = procfs.children_by_comm(d.proc.pid)["vfsd-request-1"]
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 60
     while "worker request-1 restarted" not in d.log() and time.monotonic() < deadline:
         time.sleep(0.1)
     return victim
-
-
-def _pids(daemon_pid: int) -> dict[str, int]:
-    out = {}
-    for pid in procfs.children(daemon_pid):
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                out[f.read().strip()] = pid
-        except OSError:
-            pass
-    return out
 
 
 def _record(run):
