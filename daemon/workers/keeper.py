@@ -17,8 +17,8 @@ Why a process of its own (docs/multiqueue.md, "Worker restarts"): it never
 sees a guest byte, so confining it tightly costs nothing: an empty root, no
 capabilities at all (which is also what lets every request worker copy from
 it: ``pidfd_getfd`` wants the target's capabilities to be a subset of the
-caller's), a seccomp list of a few calls (policy/keeper.policy: no open, no
-read or write of a file). What it reads is the fd socket (an 8-byte slot id
+caller's), a seccomp list of a few calls (policy/keeper.policy: no open,
+no read, write to stderr only, fcntl for the table's record lock only). What it reads is the fd socket (an 8-byte slot id
 and one fd per message, from request workers only) and the open-file table;
 a request worker could already write that table itself. Not the hiprio
 worker: it parses guest requests, and must stay without file system access.
@@ -89,6 +89,7 @@ def keeper_main(channel: Channel, sock: socket.socket, serial: int, config, file
         sock.setblocking(False)
         confine(NAME, config)
         channel.send(Msg.READY)
+        log.debug("keeping the guest's open files (serial %d)", serial)
         status = Keeper(sock, serial, files).run(channel)
     except ChannelError as e:
         log.error("control channel: %s; exiting", e)
