@@ -18,8 +18,9 @@ sees a guest byte, so confining it tightly costs nothing: an empty root, no
 capabilities at all (which is also what lets every request worker copy from
 it: ``pidfd_getfd`` wants the target's capabilities to be a subset of the
 caller's), a seccomp list of a few calls (policy/keeper.policy: no open,
-no read, write to stderr only, fcntl for the table's record lock only). What it reads is the fd socket (an 8-byte slot id
-and one fd per message, from request workers only) and the open-file table;
+no read, write to stderr only, fcntl for the table's record lock only).
+What it reads is the fd socket (an 8-byte slot id and one fd per message,
+from request workers only) and the open-file table;
 a request worker could already write that table itself. Not the hiprio
 worker: it parses guest requests, and must stay without file system access.
 Not the supervisor: it must not hold state the guest controls.
