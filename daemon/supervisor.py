@@ -50,6 +50,7 @@ from daemon.workers.pool import WorkerFailure, WorkerSpawnError, worker_name, wo
 from daemon.workers import channel as ch
 from daemon.workers.channel import Channel, ChannelError, Msg
 from daemon.workers.entry import become_worker, worker_main
+from daemon.workers.keeper import become_keeper, keeper_main
 
 logger = log.get_logger("supervisor")
 
@@ -58,6 +59,7 @@ ANSWER_TIMEOUT = 10.0       # any request -> its ANSWER
 SHUTDOWN_TIMEOUT = 5.0      # SHUTDOWN -> every worker exited, then SIGKILL
 RESTART_LIMIT = 5           # restarts of one vring's worker ...
 RESTART_WINDOW = 60.0       # ... within this many seconds; one more death is fatal
+KEEPER = -1                 # the keeper's key in the restart budget
 
 
 class StartupError(Exception):
@@ -272,6 +274,13 @@ class ProcessPool:
         self._peers: dict[int, tuple[int, int]] = {}
         self._serial = 0
         self._gone: list[int] = []
+        # the keeper (workers/keeper.py): its process, serial, pidfd, and
+        # both ends of its fd socket; the supervisor keeps the reading end
+        # too (never reads it) so fds in flight survive the keeper's death
+        # and its replacement reads them
+        self.keeper: Worker | None = None
+        self._keeper_peer: tuple[int, int] | None = None
+        self._keep_r, self._keep_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # fds (or objects with detach()/fileno()) a new child must not keep:
         # set by the supervisor (listener, QEMU connection, QEMU's fds...)
         self.inherited: Callable[[], list] = lambda: []
@@ -287,16 +296,43 @@ class ProcessPool:
         budget. WorkerSpawnError if the budget is spent, the fork fails or
         the worker never becomes ready."""
         name = worker_name(index)
-        restart = index in self._deaths
+        restart = self._check_budget(index, f"worker {name}")
+        pid, parent_end, child_end = self._fork(f"worker {name}")
+        if pid == 0:
+            self._run_child(index, child_end, parent_end)
+        child_end.close()
+        worker = self.workers[index] = Worker(index, pid, parent_end)
+        logger.debug("forked %s as pid %d", worker.name, pid)
+        try:
+            self._wait_ready(worker)
+        except ChannelError as e:
+            try:
+                self._fail(worker, f"while starting: {e}")
+            except WorkerFailure as failure:
+                raise WorkerSpawnError(str(failure)) from None
+        if index >= 1:
+            self._introduce(worker)
         if restart:
-            now = time.monotonic()
-            deaths = [t for t in self._deaths[index] if now - t < self.restart_window]
-            self._deaths[index] = deaths
-            if len(deaths) > self.restart_limit:
-                message = (f"worker {name} died {len(deaths)} times within {self.restart_window:g} s; "
-                           f"not restarting it again")
-                logger.error("%s", message)
-                raise WorkerSpawnError(message)
+            logger.warning("worker %s restarted as pid %d (%d restart(s) in the last %g s, at most %d)",
+                           name, pid, len(self._deaths[index]), self.restart_window, self.restart_limit)
+
+    def _check_budget(self, key: int, label: str) -> bool:
+        """Whether this start of ``key``'s process (a vring, or KEEPER) is
+        a restart; WorkerSpawnError if it died too often lately."""
+        if key not in self._deaths:
+            return False
+        now = time.monotonic()
+        deaths = [t for t in self._deaths[key] if now - t < self.restart_window]
+        self._deaths[key] = deaths
+        if len(deaths) > self.restart_limit:
+            message = f"{label} died {len(deaths)} times within {self.restart_window:g} s; not restarting it again"
+            logger.error("%s", message)
+            raise WorkerSpawnError(message)
+        return True
+
+    def _fork(self, label: str) -> tuple[int, Channel, Channel]:
+        """(pid, our channel end, the child's) of a new confined process
+        (pid 0 in the child); WorkerSpawnError if the fork fails."""
         parent_end, child_end = Channel.pair()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -309,34 +345,13 @@ class ProcessPool:
         try:
             # a worker is PID 1 of its own pid namespace (and has its own mount,
             # net, ipc, uts namespaces) unless --sandbox says otherwise
-            pid = sandbox.fork_confined(self.config.sandbox)
+            return sandbox.fork_confined(self.config.sandbox), parent_end, child_end
         except (OSError, sandbox.SandboxError) as e:
             parent_end.close()
             child_end.close()
             reason = e.strerror if isinstance(e, OSError) else str(e)
-            logger.error("cannot fork worker %s: %s", name, reason)
-            raise WorkerSpawnError(f"cannot fork worker {name}: {reason}") from None
-        if pid == 0:
-            self._run_child(index, child_end, parent_end)
-        child_end.close()
-        worker = self.workers[index] = Worker(index, pid, parent_end)
-        logger.debug("forked %s as pid %d", worker.name, pid)
-        try:
-            self._wait_readable(worker, self.ready_timeout, "READY")
-            msg, payload, fds = worker.channel.recv()
-            ch.close_fds(fds)
-            if msg != Msg.READY or payload or fds:
-                raise ChannelError(f"expected READY, got {msg.name}")
-        except ChannelError as e:
-            try:
-                self._fail(worker, f"while starting: {e}")
-            except WorkerFailure as failure:
-                raise WorkerSpawnError(str(failure)) from None
-        if index >= 1:
-            self._introduce(worker)
-        if restart:
-            logger.warning("worker %s restarted as pid %d (%d restart(s) in the last %g s, at most %d)",
-                           name, pid, len(self._deaths[index]), self.restart_window, self.restart_limit)
+            logger.error("cannot fork %s: %s", label, reason)
+            raise WorkerSpawnError(f"cannot fork {label}: {reason}") from None
 
     def _introduce(self, worker: Worker) -> None:
         """PEER messages: the new request worker learns its serial and the
@@ -358,6 +373,82 @@ class ProcessPool:
                 self._request(other, Msg.PEER, ch.PEER.pack(dead, ch.PEER_GONE), [])
             self._request(worker.index, Msg.PEER, ch.PEER.pack(other_serial, 0), [other_pidfd])
             self._request(other, Msg.PEER, ch.PEER.pack(serial, 0), [pidfd])
+        if self._keeper_peer is not None:
+            self._introduce_keeper(worker.index)
+
+    def _introduce_keeper(self, index: int) -> None:
+        """PEER_KEEPER: the keeper's serial, pidfd and our writing end of its socket."""
+        assert self._keeper_peer is not None
+        serial, pidfd = self._keeper_peer
+        self._request(index, Msg.PEER, ch.PEER.pack(serial, ch.PEER_KEEPER), [pidfd, self._keep_w.fileno()])
+
+    # the keeper ---------------------------------------------------------------------
+
+    @property
+    def wants_keeper(self) -> bool:
+        """Whether there is a shared open-file table to keep files of."""
+        return getattr(self.inodes, "files", None) is not None
+
+    def spawn_keeper(self) -> None:
+        """Fork the keeper, wait for its READY and introduce it to every
+        live request worker (they send it what they hold). A restart counts
+        against the restart budget as a worker's; WorkerSpawnError when it
+        is spent or the keeper cannot start."""
+        restart = self._check_budget(KEEPER, "the keeper")
+        files = getattr(self.inodes, "files", None)
+        assert files is not None            # made with the inode table (run())
+        self._serial += 1
+        serial = self._serial
+        pid, parent_end, child_end = self._fork("the keeper")
+        if pid == 0:
+            try:
+                become_keeper()
+                _close_inherited([parent_end, self._keep_w] + [w.channel for w in self.workers.values()]
+                                 + self.inherited() + [pidfd for _serial, pidfd in self._peers.values()])
+                keeper_main(child_end, self._keep_r, serial, self.config, files)
+            finally:
+                os._exit(1)
+        child_end.close()
+        keeper = self.keeper = Worker(KEEPER, pid, parent_end)
+        try:
+            self._wait_ready(keeper)
+            pidfd = os.pidfd_open(pid)
+        except (ChannelError, OSError) as e:
+            self._keeper_dead(f"while starting: {e}")
+            raise WorkerSpawnError(f"the keeper did not start: {e}") from None
+        self._keeper_peer = (serial, pidfd)
+        for index in list(self._peers):
+            if index in self.workers:
+                self._introduce_keeper(index)
+        if restart:
+            logger.warning("keeper restarted as pid %d; open files only it held are lost", pid)
+
+    def keeper_died(self, why: str | None = None) -> None:
+        """The keeper's channel spoke or it exited: reap it, start another."""
+        self._keeper_dead(why)
+        self.spawn_keeper()
+
+    def _keeper_dead(self, why: str | None, status: int | None = None) -> None:
+        """Kill and reap the keeper (``status``: already reaped), log why."""
+        keeper = self.keeper
+        if keeper is None:
+            return
+        self.keeper = None
+        if status is None:
+            try:
+                os.kill(keeper.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _, status = os.waitpid(keeper.pid, 0)
+        keeper.channel.close()
+        if self._keeper_peer is not None:
+            os.close(self._keeper_peer[1])
+            self._keeper_peer = None
+        self._deaths.setdefault(KEEPER, []).append(time.monotonic())
+        key = (KEEPER, _death_reason(status) if why is None else "protocol")
+        self.restarts[key] = self.restarts.get(key, 0) + 1
+        logger.error("keeper (pid %d) %s: %s", keeper.pid, "died" if why is None else f"failed: {why}",
+                     describe_exit(status, "keeper"))
 
     def mem_table(self, index, regions, fds) -> None:
         self._request(index, Msg.MEM_TABLE, ch.encode_mem_table(regions), fds)
@@ -384,6 +475,8 @@ class ProcessPool:
     # supervisor side ----------------------------------------------------------------
 
     def worker_at(self, fd: int) -> Worker | None:
+        if self.keeper is not None and self.keeper.channel.fileno() == fd:
+            return self.keeper
         for worker in self.workers.values():
             if worker.channel.fileno() == fd:
                 return worker
@@ -397,10 +490,23 @@ class ProcessPool:
             why: str | None = f"sent {msg.name} unasked"
         except ChannelError as e:
             why = None if str(e) == "peer closed the channel" else str(e)   # None: it died
+        if worker is self.keeper:
+            self.keeper_died(why)
+            return
         self._fail(worker, why)
 
     def reap(self) -> None:
-        """After SIGCHLD: raise WorkerFailure for a worker that has exited."""
+        """After SIGCHLD: raise WorkerFailure for a worker that has exited
+        (a dead keeper is replaced here)."""
+        keeper = self.keeper
+        if keeper is not None:
+            try:
+                pid, status = os.waitpid(keeper.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = keeper.pid, 0
+            if pid:
+                self._keeper_dead(None, status)
+                self.spawn_keeper()
         for worker in list(self.workers.values()):
             try:
                 pid, status = os.waitpid(worker.pid, os.WNOHANG)
@@ -416,13 +522,14 @@ class ProcessPool:
     def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
         """SHUTDOWN to every worker, wait for all of them to exit, SIGKILL
         whoever is still there after ``timeout``."""
-        for worker in self.workers.values():
+        everyone = list(self.workers.values()) + ([self.keeper] if self.keeper is not None else [])
+        for worker in everyone:
             try:
                 worker.channel.send(Msg.SHUTDOWN)
             except ChannelError:
                 pass
         deadline = time.monotonic() + timeout
-        for worker in list(self.workers.values()):
+        for worker in everyone:
             status = self._wait_exit(worker.pid, deadline)
             if status is None:
                 logger.warning("worker %s (pid %d) ignored SHUTDOWN; killing it", worker.name, worker.pid)
@@ -431,7 +538,14 @@ class ProcessPool:
             elif status != 0:
                 logger.warning("worker %s (pid %d) %s at shutdown", worker.name, worker.pid,
                                describe_exit(status))
-            self._forget(worker)
+            if worker is self.keeper:
+                self.keeper = None
+                worker.channel.close()
+            else:
+                self._forget(worker)
+        if self._keeper_peer is not None:
+            os.close(self._keeper_peer[1])
+            self._keeper_peer = None
 
     # internals ------------------------------------------------------------------------
 
@@ -441,7 +555,8 @@ class ProcessPool:
             # fork_confined set the parent-death signal and checked the parent
             # is still there (getppid() is 0 inside a new pid namespace)
             _close_inherited([parent_end] + [w.channel for w in self.workers.values()] + self.inherited()
-                             + [pidfd for _serial, pidfd in self._peers.values()])
+                             + [pidfd for _serial, pidfd in self._peers.values()]
+                             + self._keeper_fds())
             self.worker_main(worker_role(index), index, channel, self.config, self.inodes, progress=self.progress,
                              metrics=self.metrics)
             logger.error("worker_main returned")
@@ -451,6 +566,16 @@ class ProcessPool:
             logger.exception("worker failed to run")
         finally:
             os._exit(1)
+
+    def _keeper_fds(self) -> list:
+        """What a request or hiprio worker must not inherit of the keeper's
+        (a request worker gets its own end with PEER_KEEPER)."""
+        fds: list = [self._keep_r, self._keep_w]
+        if self.keeper is not None:
+            fds.append(self.keeper.channel)
+        if self._keeper_peer is not None:
+            fds.append(self._keeper_peer[1])
+        return fds
 
     def _request(self, index: int, msg: Msg, payload: bytes, fds: list[int]) -> None:
         worker = self.workers[index]
@@ -467,6 +592,14 @@ class ProcessPool:
             return worker.channel.expect_answer()
         except ChannelError as e:
             self._fail(worker, f"{msg.name}: {e}")
+
+    def _wait_ready(self, worker: Worker) -> None:
+        """A new process's first frame, READY; ChannelError otherwise."""
+        self._wait_readable(worker, self.ready_timeout, "READY")
+        msg, payload, fds = worker.channel.recv()
+        ch.close_fds(fds)
+        if msg != Msg.READY or payload or fds:
+            raise ChannelError(f"expected READY, got {msg.name}")
 
     def _wait_readable(self, worker: Worker, timeout: float, what: str) -> None:
         poller = select.poll()
@@ -557,6 +690,8 @@ class Supervisor:
         """Serve one QEMU connection; returns the exit status."""
         old_handlers = self._install_signals()
         try:
+            if self.pool.wants_keeper:
+                self.pool.spawn_keeper()
             self.pool.spawn(0)
             self.pool.spawn(1)
             rules = sandbox.supervisor_after_setup(self.config)
@@ -582,6 +717,8 @@ class Supervisor:
                 poller.register(self.backend.fileno(), select.POLLIN)
             for live in self.pool.workers.values():
                 poller.register(live.channel.fileno(), select.POLLIN)
+            if self.pool.keeper is not None:
+                poller.register(self.pool.keeper.channel.fileno(), select.POLLIN)
             metrics = self.metrics
             timeout = None
             if metrics is not None:

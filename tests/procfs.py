@@ -24,6 +24,19 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def children_by_comm(pid: int) -> dict[str, int]:
+    """comm name → pid of the children of ``pid`` (the daemon's workers:
+    ``vfsd-request-1``, ``vfsd-keeper``...)."""
+    out = {}
+    for child in children(pid):
+        try:
+            with open(f"/proc/{child}/comm") as f:
+                out[f.read().strip()] = child
+        except OSError:
+            pass
+    return out
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 

@@ -9,7 +9,8 @@ table (``shared_mapping``), not an entry of one worker's dict:
   never reset, so an fh is never 0, never names two open files, and a stale
   fh (released, or from before INIT) is simply unknown: EBADF.
 - a slot: generation (0 = free), nodeid, kind (file/dir), host open flags,
-  owner word (peers.py: which worker holds the host fd, and its number).
+  owner word (peers.py: which worker holds the host fd, and its number),
+  kept word (the same for the keeper's copy: workers/keeper.py).
 - lock descriptions (locks.py: one open file description per inode and
   guest lock owner, carrying that owner's POSIX locks as OFD locks) are
   slots too (``KIND_LOCK``, keyed by nodeid and lock owner), so every queue
@@ -21,10 +22,12 @@ table (``shared_mapping``), not an entry of one worker's dict:
 
 The host fds themselves stay in the processes: the opener owns its fd,
 another worker copies it once with ``pidfd_getfd`` and keeps the copy
-(handles.py). Mutations (alloc, free, reset) hold a POSIX record lock on
-the memfd, as the inode table does (dropped by the kernel when a holder
-dies; the next locker then rebuilds the free list: ``DIRTY``); lookups read
-aligned words without locking and check the generation after.
+(handles.py), and the keeper process holds one more copy of each, so that
+the open file outlives the death of every request worker that had it.
+Mutations (alloc, free, reset) hold a POSIX record lock on the memfd, as
+the inode table does (dropped by the kernel when a holder dies; the next
+locker then rebuilds the free list: ``DIRTY``); lookups read aligned words
+without locking and check the generation after.
 """
 
 from __future__ import annotations
@@ -47,9 +50,10 @@ MAX_CAPACITY = SLOT_MASK - 1
 
 _H_GEN, _H_HIGH, _H_FREE, _H_LIVE, _H_DIRTY, _H_RELEASED, _H_LOCKS = range(7)
 _HDR_WORDS = 8
-# slot words; a lock description also has the guest's lock owner and the
-# guest pid of its last granted lock (GETLK)
-_F_GEN, _F_NODE, _F_KIND, _F_FLAGS, _F_OWNER, _F_NEXT, _F_LOCK_OWNER, _F_PID = range(8)
+# slot words; a lock description also has the guest's lock owner, and the
+# guest pid of its last granted lock (GETLK) in the high half of _F_FLAGS
+# (a lock description has no open flags); _F_KEPT: the keeper's owner word
+_F_GEN, _F_NODE, _F_KIND, _F_FLAGS, _F_OWNER, _F_NEXT, _F_LOCK_OWNER, _F_KEPT = range(8)
 _WORDS = 8
 # _F_KIND of a lock description (handles.KIND_FILE = 1 and KIND_DIR = 2 are fhs)
 KIND_LOCK = 3
@@ -182,7 +186,7 @@ class FileTable(LockedTable):
         q[base + _F_FLAGS] = flags & 0xFFFFFFFF
         q[base + _F_OWNER] = owner
         q[base + _F_LOCK_OWNER] = lock_owner
-        q[base + _F_PID] = 0
+        q[base + _F_KEPT] = 0
         gen = (hdr[_H_GEN] + 1) & GEN_MASK or 1
         hdr[_H_GEN] = gen
         q[base + _F_GEN] = gen       # live from here on
@@ -239,6 +243,19 @@ class FileTable(LockedTable):
                 return True
         return False
 
+    def open_on(self, nodeid: int) -> tuple[int, int] | None:
+        """(fh, kind) of a live open file or directory on ``nodeid``, None
+        if there is none (a scan: for the recovery of a lost inode fd only)."""
+        q = self.slots
+        for s in range(1, min(self._hdr[_H_HIGH], self.capacity + 1)):
+            base = s * _WORDS
+            gen = q[base + _F_GEN]
+            if gen and q[base + _F_NODE] == nodeid and q[base + _F_KIND] != KIND_LOCK:
+                kind = q[base + _F_KIND]
+                if q[base + _F_GEN] == gen:
+                    return gen << SLOT_BITS | s, kind
+        return None
+
     @property
     def lock_count(self) -> int:
         return self._hdr[_H_LOCKS]
@@ -246,12 +263,13 @@ class FileTable(LockedTable):
     def set_pid(self, ident: int, pid: int) -> None:
         """The guest pid of the last lock granted through a description."""
         if self.live(ident):
-            self.slots[(ident & SLOT_MASK) * _WORDS + _F_PID] = pid & 0xFFFFFFFF
+            # flags are 0 for a lock description, and never written after alloc
+            self.slots[(ident & SLOT_MASK) * _WORDS + _F_FLAGS] = (pid & 0xFFFFFFFF) << 32
 
     def pid(self, ident: int) -> int:
         if not self.live(ident):
             return 0
-        return self.slots[(ident & SLOT_MASK) * _WORDS + _F_PID]
+        return self.slots[(ident & SLOT_MASK) * _WORDS + _F_FLAGS] >> 32
 
     def lookup(self, fh: int) -> tuple[int, int, int, int] | None:
         """(nodeid, kind, flags, owner word) of a live fh, else None."""
@@ -261,7 +279,7 @@ class FileTable(LockedTable):
         q, base = self.slots, s * _WORDS
         if q[base + _F_GEN] != gen:
             return None
-        out = q[base + _F_NODE], q[base + _F_KIND], q[base + _F_FLAGS], q[base + _F_OWNER]
+        out = q[base + _F_NODE], q[base + _F_KIND], q[base + _F_FLAGS] & 0xFFFFFFFF, q[base + _F_OWNER]
         if q[base + _F_GEN] != gen:
             return None
         return out
@@ -277,6 +295,32 @@ class FileTable(LockedTable):
             base = s * _WORDS
             if self.slots[base + _F_GEN] == fh >> SLOT_BITS:
                 self.slots[base + _F_OWNER] = owner
+        finally:
+            self._unlock()
+
+    def kept(self, fh: int) -> int:
+        """The keeper's owner word of a live fh or lock description, 0 if
+        none (the keeper has not taken its copy yet, or it died)."""
+        s = fh & SLOT_MASK
+        if not 1 <= s <= self.capacity:
+            return 0
+        base = s * _WORDS
+        word = self.slots[base + _F_KEPT]
+        return word if self.slots[base + _F_GEN] == fh >> SLOT_BITS else 0
+
+    def keep(self, fh: int, word: int) -> bool:
+        """The keeper holds a copy of a live slot's fd: record its owner
+        word; False (nothing written) if the slot died meanwhile."""
+        s = fh & SLOT_MASK
+        if not 1 <= s <= self.capacity:
+            return False
+        self._lock()        # never into a slot freed and reused meanwhile
+        try:
+            base = s * _WORDS
+            if self.slots[base + _F_GEN] != fh >> SLOT_BITS or not fh >> SLOT_BITS:
+                return False
+            self.slots[base + _F_KEPT] = word
+            return True
         finally:
             self._unlock()
 
@@ -297,6 +341,7 @@ class FileTable(LockedTable):
                 return False
             q[base + _F_GEN] = 0          # dead from here on
             q[base + _F_OWNER] = 0
+            q[base + _F_KEPT] = 0
             if q[base + _F_KIND] == KIND_LOCK:
                 hdr[_H_LOCKS] -= 1
             q[base + _F_NEXT] = hdr[_H_FREE]
@@ -315,6 +360,7 @@ class FileTable(LockedTable):
             for s in range(1, hdr[_H_HIGH]):
                 q[s * _WORDS + _F_GEN] = 0
                 q[s * _WORDS + _F_OWNER] = 0
+                q[s * _WORDS + _F_KEPT] = 0
             hdr[_H_HIGH] = 1
             hdr[_H_FREE] = 0
             hdr[_H_LIVE] = 0

@@ -32,6 +32,10 @@ when it next looks at it or at its next ``reap`` (after each batch, and
 at least once a second while it has peers). flock locks are released at
 RELEASE (LOCK_UN on the description) so a copy that lingers a moment holds
 none.
+
+Every open file and lock description is also handed to the keeper process
+(peers.py ``keep``, workers/keeper.py) when it is made, so when the worker
+that opened it dies the others, and its replacement, copy it from there.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import fcntl
 import os
 import resource
 import struct
+import time
 
 from daemon.fuse.filetable import FileTable
 from daemon.fuse.request import FUSEError
@@ -50,6 +55,10 @@ log = get_logger("fuse.handles")
 
 
 F_OFD_SETLK = 37
+# how long a worker waits for the keeper to record its copy of an fh whose
+# opener died (the keeper reads its socket continuously: microseconds)
+KEEP_WAIT_S = 0.2
+
 # struct flock on x86-64: short l_type; short l_whence; off_t l_start;
 # off_t l_len; pid_t l_pid;  (32 bytes with padding)
 FLOCK = struct.Struct("<hh4xqqi4x")
@@ -148,6 +157,8 @@ class HandleTable:
         except BaseException:
             os.close(fd)
             raise
+        if peers is not None:
+            peers.keep(fh, fd)
         return self._keep(OpenHandle(fh, fd, nodeid, kind, flags))
 
     def _keep(self, handle: OpenHandle) -> OpenHandle:
@@ -183,16 +194,68 @@ class HandleTable:
         if self.host_fd_count >= self.max_open_files:
             self._full()
         try:
-            fd = peers.borrow(word)
+            fd = self._copy(fh, word)
         except OSError as e:
             log.warning("cannot copy an open file from another request worker: %s", e)
             raise FUSEError(errno.EBADF) from None
         if fd < 0:
-            raise FUSEError(errno.EBADF)   # its worker died: the open file is lost
+            raise FUSEError(errno.EBADF)   # its worker and the keeper's copy are gone: lost
         if not self._claim(fh, fd):    # released while we copied: not ours
             _close_quietly(fd)
             raise FUSEError(errno.EBADF)
         return self._keep(OpenHandle(fh, fd, nodeid, kind, flags))
+
+    def _copy(self, ident: int, word: int) -> int:
+        """A copy of slot ``ident``'s fd: from its owner (``word``) or, if
+        that worker died, from the keeper; -1 if neither has it."""
+        peers = self.peers
+        fd = peers.borrow(word)
+        if fd >= 0 or not peers.has_keeper:
+            return fd
+        files = self.files
+        kept = files.kept(ident)
+        if not kept:
+            # the owner died right after sending it: the keeper records it
+            # as soon as it reads its socket
+            deadline = time.monotonic() + KEEP_WAIT_S
+            while not kept and files.live(ident) and time.monotonic() < deadline:
+                time.sleep(0.001)
+                kept = files.kept(ident)
+        return peers.borrow(kept) if kept else -1
+
+    def resend(self) -> int:
+        """Hand every open file and lock description this worker holds to
+        a new keeper (the old one died with its copies); returns how many."""
+        peers = self.peers
+        if peers is None or not peers.has_keeper:
+            return 0
+        live = self.files.live
+        n = 0
+        for fh, handle in self._handles.items():
+            if live(fh):
+                peers.keep(fh, handle.fd)
+                n += 1
+        for ident, fd in self._locks.values():
+            if live(ident):
+                peers.keep(ident, fd)
+                n += 1
+        return n
+
+    def inode_fd(self, nodeid: int) -> int:
+        """A new O_PATH fd of ``nodeid``'s inode, reopened through an open
+        file on it (its own, a copy, or the keeper's), -1 if none is open.
+        For a worker that lost the inode's fd (its holder died: nodeids are
+        not kept); the caller owns the fd and checks it is the inode."""
+        found = self.files.open_on(nodeid)
+        if found is None:
+            return -1
+        try:
+            handle = self.get(*found)
+            # the cwd is /proc/self/fd: this follows the magic link to the
+            # open file's inode (an unlinked one too), never a guest path
+            return os.open(str(handle.fd), os.O_PATH | os.O_CLOEXEC)
+        except (FUSEError, OSError):
+            return -1
 
     def _claim(self, ident: int, fd: int) -> bool:
         """After a copy: whether the slot still lives (then the copy is its
@@ -244,7 +307,7 @@ class HandleTable:
         if not files.free(fh):     # released on another queue meanwhile
             self._forget(handle)
             raise FUSEError(errno.EBADF)
-        if self.peers is not None and self.peers.shared and kind == KIND_FILE:
+        if self.peers is not None and self.peers.copied and kind == KIND_FILE:
             # other workers may hold copies a moment longer: the guest's
             # flock locks on this open file end now, as at its last close
             try:
@@ -294,12 +357,12 @@ class HandleTable:
         if self.host_fd_count >= self.max_open_files:
             self._full()
         try:
-            fd = self.peers.borrow(info[3])
+            fd = self._copy(ident, info[3])
         except OSError as e:
             log.warning("cannot copy a lock description from another request worker: %s", e)
             return None
         if fd < 0:
-            return None            # its worker died: the locks went with it
+            return None            # its worker and the keeper's copy are gone: so are the locks
         if not self._claim(ident, fd):
             _close_quietly(fd)
             return None
@@ -352,6 +415,8 @@ class HandleTable:
             raise
         if created:
             self._locks[(nodeid, owner)] = (ident, fd)
+            if peers is not None:
+                peers.keep(ident, fd)
             return fd
         os.close(fd)
         copy = self._copy_lock(nodeid, owner, ident)
@@ -370,7 +435,7 @@ class HandleTable:
         fd = self.lock_fd(nodeid, owner)
         if not self.files.free(ident):
             fd = None                   # dropped on another queue meanwhile
-        elif fd is not None and self.peers is not None and self.peers.shared:
+        elif fd is not None and self.peers is not None and self.peers.copied:
             try:
                 fcntl.fcntl(fd, F_OFD_SETLK, _UNLOCK_ALL)
             except OSError:

@@ -577,6 +577,10 @@ class InodeCache:
         self._close_fds = close_fds or close_all
         self.max_fds = max_fds if use_handles and max_fds else 0  # 0: unbounded
         self.evicted = 0  # fds closed by the bound (for tests and the log)
+        # nodeid -> a new O_PATH fd through an open file on it, or -1
+        # (HandleTable.inode_fd): a nodeid whose fd died with its worker
+        # is served again while the guest has the file open
+        self.through_open_file: Callable[[int], int] | None = None
 
     def __len__(self) -> int:
         return len(self._fds)
@@ -633,6 +637,10 @@ class InodeCache:
             fd = self._borrow(nodeid, gen, dev, ino)
             if fd >= 0:
                 return fd
+        if self.through_open_file is not None:
+            fd = self._through_open_file(nodeid, gen, dev, ino)
+            if fd >= 0:
+                return fd
         handle = self.table.handle(nodeid, gen) if self._use_handles else b""
         if not handle or self._mount_fd < 0:
             raise FUSEError(errno.ESTALE)
@@ -665,17 +673,35 @@ class InodeCache:
             return -1
         if fd < 0:
             return -1
+        if table.owner(nodeid) != word:        # another owner meanwhile: maybe not its fd
+            _close(fd)
+            return -1
+        return self._keep_copy(nodeid, gen, dev, ino, fd)   # the last to copy owns
+
+    def _through_open_file(self, nodeid: int, gen: int, dev: int, ino: int) -> int:
+        """The inode's fd reopened through an open file on it, cached (and
+        owned, for the other workers); -1 if none is open or it is not
+        (dev, ino) any more."""
+        assert self.through_open_file is not None
+        fd = self.through_open_file(nodeid)
+        return self._keep_copy(nodeid, gen, dev, ino, fd) if fd >= 0 else -1
+
+    def _keep_copy(self, nodeid: int, gen: int, dev: int, ino: int, fd: int) -> int:
+        """Cache ``fd`` (taken over) as (nodeid, gen)'s, and own it for the
+        other workers, if it is inode (dev, ino) and the nodeid still means
+        it; else close it: -1."""
         try:
             st = os.fstat(fd)
         except OSError:
             _close(fd)
             return -1
-        if table.owner(nodeid) != word or table.generation(nodeid) != gen \
-                or st.st_dev != dev or st.st_ino != ino:
+        table = self.table
+        if st.st_dev != dev or st.st_ino != ino or table.generation(nodeid) != gen:
             _close(fd)
             return -1
         self._fds[nodeid] = (gen, fd)
-        table.claim(nodeid, gen, self.peers.mine(fd))   # the last to copy owns
+        if self.peers is not None:
+            table.claim(nodeid, gen, self.peers.mine(fd))
         return fd
 
     def lookup(self, parent_fd: int, name) -> tuple[int, int, os.stat_result]:

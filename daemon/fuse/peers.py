@@ -30,6 +30,12 @@ credential switch), so with more than one request worker,
 ``credentials.switch`` sets it again (``PR_SET_DUMPABLE``, only when the ids
 really change); a borrower that catches an owner in between retries.
 Workers have RLIMIT_CORE 0, so dumpable never writes a core file.
+
+The keeper (workers/keeper.py) is one more process to borrow from: each
+request worker sends it every open file and lock description it creates
+(``keep``: one ``sendmsg`` with the fd, before the guest hears of the fh),
+and the keeper records its own copy's word in the slot (``FileTable.kept``).
+So an open file whose opener died is still copied, from the keeper.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import socket
+import struct
 import time
 
 from daemon.log import get_logger
@@ -51,6 +59,10 @@ _syscall.restype = ctypes.c_long
 # how long a borrower retries an owner caught between a credential switch
 # and its PR_SET_DUMPABLE (microseconds in practice)
 EPERM_RETRY_S = 0.05
+# one message to the keeper: the fh or lock description id, and its fd
+KEEP = struct.Struct("<Q")
+# how long a worker waits for room on the keeper's socket when the keeper lags
+KEEP_SEND_WAIT_S = 0.5
 
 
 def owner_word(serial: int, fd: int) -> int:
@@ -64,6 +76,11 @@ class Peers:
         self.serial = 0           # 0: not told yet (single worker, tests)
         self._pidfds: dict[int, int] = {}
         self._warned = False
+        # the keeper: its serial and pidfd, and our end of its socket
+        self.keeper_serial = 0
+        self._keeper_pidfd = -1
+        self._keeper_sock: socket.socket | None = None
+        self._keep_warned = False
 
     def __len__(self) -> int:
         return len(self._pidfds)
@@ -72,6 +89,12 @@ class Peers:
     def shared(self) -> bool:
         """Whether another request worker exists (then fds are borrowed)."""
         return bool(self._pidfds)
+
+    @property
+    def copied(self) -> bool:
+        """Whether another process may hold copies of this worker's open
+        files (another request worker, or the keeper)."""
+        return bool(self._pidfds) or self._keeper_sock is not None
 
     def set_self(self, serial: int) -> None:
         self.serial = serial
@@ -91,6 +114,50 @@ class Peers:
         if old is not None:
             os.close(old)
 
+    def set_keeper(self, serial: int, pidfd: int, sock_fd: int) -> None:
+        """A (new) keeper: its serial, its pidfd and the socket to send it
+        fds on (both become ours)."""
+        self._drop_keeper()
+        self.keeper_serial = serial
+        self._keeper_pidfd = pidfd
+        # family, type and protocol given: CPython asks the kernel nothing
+        self._keeper_sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=sock_fd)
+        self._keeper_sock.setblocking(False)   # never a poll before each send
+
+    @property
+    def has_keeper(self) -> bool:
+        return self._keeper_sock is not None
+
+    def keep(self, ident: int, fd: int) -> None:
+        """Send the keeper a copy of ``fd``, the open file (or lock
+        description) of slot ``ident``. One sendmsg; once it returns the
+        open file is in the socket's queue, and outlives this process. A
+        full queue (the keeper stuck) or any error: logged once, the file
+        is then not protected against this worker's death."""
+        sock = self._keeper_sock
+        if sock is None:
+            return
+        msg = [KEEP.pack(ident)]
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(4, "little"))]
+        deadline = None
+        try:
+            while True:
+                try:
+                    sock.sendmsg(msg, anc)
+                    return
+                except BlockingIOError:
+                    now = time.monotonic()
+                    if deadline is None:
+                        deadline = now + KEEP_SEND_WAIT_S
+                    elif now > deadline:
+                        raise
+                    time.sleep(0.0005)
+        except OSError as e:
+            if not self._keep_warned:
+                self._keep_warned = True
+                log.warning("cannot hand an open file to the keeper (%s): it is lost if this "
+                            "worker dies", e.strerror or e)
+
     def mine(self, fd: int) -> int:
         """The owner word for an fd of this worker (0 when unnamed)."""
         return (self.serial << 32) | fd if self.serial else 0
@@ -103,7 +170,9 @@ class Peers:
             return -1
         pidfd = self._pidfds.get(serial)
         if pidfd is None:
-            return -1
+            if serial != self.keeper_serial or self._keeper_pidfd < 0:
+                return -1
+            pidfd = self._keeper_pidfd
         deadline = None
         while True:
             r = _syscall(SYS_pidfd_getfd, ctypes.c_int(pidfd), ctypes.c_int(fd), ctypes.c_uint(0))
@@ -128,7 +197,17 @@ class Peers:
                 raise OSError(err, "pidfd_getfd: the owner stays not dumpable")
             time.sleep(0.0002)
 
+    def _drop_keeper(self) -> None:
+        if self._keeper_sock is not None:
+            self._keeper_sock.close()
+            self._keeper_sock = None
+        if self._keeper_pidfd >= 0:
+            os.close(self._keeper_pidfd)
+            self._keeper_pidfd = -1
+        self.keeper_serial = 0
+
     def close(self) -> None:
+        self._drop_keeper()
         for pidfd in self._pidfds.values():
             try:
                 os.close(pidfd)

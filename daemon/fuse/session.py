@@ -227,6 +227,7 @@ class FuseSession:
                                     max_fds=inode_fd_budget(config.inode_fds), peers=self.peers)
             self.handles = HandleTable(open_file_budget(config.max_open_files),
                                        files=getattr(inodes, "files", None), peers=self.peers)
+            self.cache.through_open_file = self.handles.inode_fd
         self._ops[int(Opcode.INTERRUPT)] = _op_interrupt
         self._readdirplus = int(Opcode.READDIRPLUS) in self._ops and config.offers_readdirplus
         self._locks = int(Opcode.SETLK) in self._ops

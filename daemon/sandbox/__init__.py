@@ -96,7 +96,7 @@ def confine(role: str, config: Config, shared_dir: str | None = None) -> Sandbox
     """Confine this (freshly spawned, single-threaded) worker. Raises
     SandboxError with a one-line message naming the step that failed."""
     preload()
-    if role not in ("request", "hiprio"):
+    if role not in ("request", "hiprio", "keeper"):
         raise ValueError(f"unknown worker role {role!r}")
     mode = config.sandbox
     action = config.seccomp
@@ -120,7 +120,7 @@ def confine(role: str, config: Config, shared_dir: str | None = None) -> Sandbox
             raise SandboxError(f"chdir to /proc/self/fd: {e.strerror}") from None
 
     if role == "hiprio":
-        rlimits.apply_hiprio()
+        rlimits.apply_hiprio()      # the keeper: as many fds as a request worker
     else:
         rlimits.apply_nofile(config.rlimit_nofile, nofile_target)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

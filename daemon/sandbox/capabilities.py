@@ -7,7 +7,7 @@ the role's set; ambient is cleared):
   uid: CHOWN, DAC_OVERRIDE, FOWNER, FSETID, SETGID, SETUID, MKNOD, SETFCAP,
   plus DAC_READ_SEARCH only when file handles (``open_by_handle_at``) are
   used; then ``--modcaps`` adds/removes (as in the Rust virtiofsd).
-* hiprio worker: nothing at all.
+* hiprio worker and keeper: nothing at all.
 * supervisor after setup: the request set (a worker inherits its parent's
   caps, and request workers are forked later, when QEMU starts their ring,
   or on restart) plus what a fork needs to confine itself: SYS_ADMIN
@@ -98,7 +98,7 @@ def parse_modcaps(text: str) -> tuple[frozenset[str], frozenset[str]]:
 
 def role_caps(role: str, modcaps: str | None = None, file_handles: bool = False) -> frozenset[str]:
     """The capability names a role keeps."""
-    if role == "hiprio":
+    if role in ("hiprio", "keeper"):
         return frozenset()
     base = set(REQUEST_CAPS)
     if file_handles:

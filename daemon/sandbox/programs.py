@@ -31,7 +31,7 @@ import time
 
 from daemon.sandbox.namespaces import SandboxError
 
-ROLES = ("supervisor", "hiprio", "request")
+ROLES = ("supervisor", "hiprio", "request", "keeper")
 SECCOMP_MODES = ("kill", "log", "trap", "none")
 MAX_ANSWER = 1 << 20            # three programs of at most 4096 instructions fit many times over
 COMPILE_TIMEOUT = 30.0          # seconds; it takes milliseconds

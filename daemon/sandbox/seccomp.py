@@ -28,7 +28,7 @@ filter). A syscall from another ABI (i386 ``int 0x80``, x32) always kills.
 Filters stack and are inherited across fork: a worker forked by the
 supervisor after the supervisor has loaded its filter is bound by *both*.
 So the filter installed in the supervisor is ``supervisor.policy`` ∪
-``request.policy`` ∪ ``hiprio.policy`` (the workers then narrow it with
+``request.policy`` ∪ ``hiprio.policy`` ∪ ``keeper.policy`` (the workers then narrow it with
 their own), and ``supervisor.policy`` also lists what a freshly forked
 worker needs to confine itself (unshare, mount, pivot_root, capset, ...).
 
@@ -187,7 +187,7 @@ def effective_rules(role: str, policies: dict[str, Policy]) -> list[Rule]:
     if role != "supervisor":
         return list(policies[role].rules)
     by_name: dict[str, list[Rule]] = {}
-    for p in (policies["supervisor"], policies["request"], policies["hiprio"]):
+    for p in (policies["supervisor"], policies["request"], policies["hiprio"], policies["keeper"]):
         for r in p.rules:
             by_name.setdefault(r.name, []).append(r)
     out = []

@@ -68,7 +68,7 @@ from daemon.log import RateLimitedLogger, get_logger
 from daemon.virtio.memory import GuestMemory, GuestMemoryError
 from daemon.virtio.virtqueue import VIRTIO_RING_F_EVENT_IDX, Chain, VirtQueue, VirtQueueError
 from daemon.workers import progress as prog
-from daemon.workers.channel import (PEER, PEER_GONE, PEER_SELF, VRING_CALL, VRING_START,
+from daemon.workers.channel import (PEER, PEER_GONE, PEER_KEEPER, PEER_SELF, VRING_CALL, VRING_START,
                                     VRING_START_RECOVER, VRING_STOP, Channel, ChannelError, Msg,
                                     check_request, close_fds, decode_mem_table)
 
@@ -478,7 +478,8 @@ class WorkerLoop:
         return None
 
     def _on_peer(self, payload: bytes, fds: list[int]) -> None:
-        """Our serial, another request worker's pidfd, or its death."""
+        """Our serial, another request worker's pidfd, or its death; or a
+        (new) keeper, which then gets a copy of every open file we hold."""
         peers = getattr(self.session, "peers", None)
         if peers is None:
             close_fds(fds)
@@ -490,6 +491,11 @@ class WorkerLoop:
             peers.remove(serial)
         elif flags == 0 and len(fds) == 1:
             peers.add(serial, fds[0])
+        elif flags == PEER_KEEPER and len(fds) == 2:
+            peers.set_keeper(serial, fds[0], fds[1])
+            handles = getattr(self.session, "handles", None)
+            if handles is not None:
+                handles.resend()
         else:
             close_fds(fds)
             raise ChannelError(f"bad PEER flags {flags}")

@@ -69,5 +69,9 @@ def worker_role(index: int) -> str:
 
 
 def worker_name(index: int) -> str:
-    """How logs and ``ps`` name vring ``index``'s worker: ``hiprio``, ``request-N``."""
+    """How logs and ``ps`` name vring ``index``'s worker: ``hiprio``,
+    ``request-N``; index -1 is the keeper (workers/keeper.py), which serves
+    no vring."""
+    if index < 0:
+        return "keeper"
     return "hiprio" if index == 0 else f"request-{index}"

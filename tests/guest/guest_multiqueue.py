@@ -12,6 +12,9 @@ import struct
 import sys
 import time
 
+from guest_sync import signal as sync_signal
+from guest_sync import wait as sync_wait
+
 def pin(cpu):
     os.sched_setaffinity(0, {cpu})
 
@@ -91,6 +94,21 @@ with open("/mnt/x", "rb") as f:
     check("content", f.read() == b"hello world")
 irq_after = interrupts()
 rec["irq"] = [irq_before, mid, irq_after]
+
+# -- 1b. the request worker of queue 1 killed with a file open on it -------------------
+pin(0)
+fd = os.open("/mnt/survivor", os.O_CREAT | os.O_RDWR, 0o644)   # CREATE on queue 1 only
+check("write before the kill", os.write(fd, b"before") == 6)
+os.fsync(fd)
+sync_signal("kill-request-1")       # the host SIGKILLs request-1 ...
+sync_wait("request-1-replaced", timeout=120)   # ... and says when its replacement serves
+check("pread after the kill, cpu0", os.pread(fd, 6, 0) == b"before")
+check("pwrite after the kill, cpu0", os.pwrite(fd, b" after", 6) == 6)
+check("fstat after the kill, cpu0", os.fstat(fd).st_size == 12)
+pin(1)
+check("pread after the kill, cpu1", os.pread(fd, 12, 0) == b"before after")
+os.close(fd)
+os.unlink("/mnt/survivor")
 
 # -- 2. stress -------------------------------------------------------------------------
 os.mkdir("/mnt/t")

@@ -41,6 +41,7 @@ def test_the_package_installs_what_a_user_and_libvirt_need(installed):
                  "/usr/share/pyvirtiofsd/policy/request.policy",
                  "/usr/share/pyvirtiofsd/policy/hiprio.policy",
                  "/usr/share/pyvirtiofsd/policy/supervisor.policy",
+                 "/usr/share/pyvirtiofsd/policy/keeper.policy",
                  "/usr/share/man/man1/pyvirtiofsd.1.gz",
                  "/usr/share/qemu/vhost-user/50-pyvirtiofsd.json",
                  UNIT, "/usr/lib/pyvirtiofsd/daemon/cli.py"):
@@ -98,8 +99,8 @@ def test_the_daemon_that_served_was_the_installed_one(run):
     were confined as in the venv runs."""
     assert run.daemon_exit == 0, run.daemon_log[-3000:]
     seen = run.confinement
-    assert seen and len(seen) == 3, run.process_tree   # supervisor, hiprio, request
+    assert seen and len(seen) == 4, run.process_tree   # supervisor, hiprio, request, keeper
     for info in seen.values():
         assert info["cmdline"][:3] == ["/usr/bin/python3", "-I", "/usr/bin/pyvirtiofsd"], info
     workers = [i for pid, i in seen.items() if pid != run.process_tree[0][0]]
-    assert len(workers) == 2 and all(i["seccomp"] == "2" and i["nnp"] == "1" for i in workers), seen
+    assert len(workers) == 3 and all(i["seccomp"] == "2" and i["nnp"] == "1" for i in workers), seen

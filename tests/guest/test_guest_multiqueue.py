@@ -10,7 +10,10 @@ One boot, module scoped:
    reads, writes, fstats and fsyncs the file, finishes the directory
    listing, has a child test the lock (GETLK, SETLK: refused), unlocks,
    lets a child lock, and closes everything. /proc/interrupts must show
-   both request queues at work.
+   both request queues at work. Then, pinned to CPU 0, it creates a file
+   and the host SIGKILLs request-1 (sync dir); the guest reads, writes and
+   fstats the same open file on both CPUs, served by the replacement
+   (copied from the keeper: docs/multiqueue.md, "Worker restarts").
 2. stress: four processes, two pinned to each CPU, create, write, read back,
    rename (into each other's directories) and unlink in one tree for a
    minute; another process's file vanishing under a reader is expected,
@@ -22,6 +25,9 @@ One boot, module scoped:
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -58,7 +64,10 @@ def run(tmp_path_factory):
     base, shared, run_dir = guest_dirs(tmp_path_factory, "guest-multiqueue")
     d = _start_daemon("ours", shared, "auto", run_dir)
     console = base / "console.log"
+    sync = base / "sync"
+    sync.mkdir()
     samples: dict[str, dict[str, int]] = {}
+    killed: list[int] = []
 
     def watch():
         """Polled by run_guest every 0.2 s: count the workers' fds once the
@@ -69,6 +78,9 @@ def run(tmp_path_factory):
             samples["MQ-MOUNTED"] = _request_worker_fds(d.proc.pid)
         if "MQ-UNMOUNTED" in text and "\nMQ {" not in text:
             samples["MQ-UNMOUNTED"] = _request_worker_fds(d.proc.pid)
+        if (sync / "kill-request-1").exists() and not killed:
+            killed.append(_kill_and_wait(d))
+            (sync / "request-1-replaced").touch()
         if d.proc.poll() is not None:
             return f"daemon exited with {d.proc.returncode}"
         return None
@@ -76,7 +88,7 @@ def run(tmp_path_factory):
     try:
         guest = run_guest(d.socket_path, f"python3 {guest_path(GUEST_SCRIPT)} {STRESS_SECONDS}", timeout=900,
                           console_log=console, platform="b", smp=2, num_request_queues=2,
-                          abort_if=watch)
+                          abort_if=watch, sync_dir=sync)
     finally:
         d.stop(10)
     record = None
@@ -84,6 +96,16 @@ def run(tmp_path_factory):
         if line.startswith(PREFIX):
             record = json.loads(line[len(PREFIX):])
     return record, samples, guest, d.log()
+
+
+def _kill_and_wait(d) -> int:
+    """SIGKILL request-1 and wait until its replacement serves vring 1."""
+    victim = procfs.children_by_comm(d.proc.pid)["vfsd-request-1"]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while "worker request-1 restarted" not in d.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return victim
 
 
 def _record(run):
@@ -96,6 +118,16 @@ def _record(run):
 def test_cross_queue_ops_from_two_cpus(run):
     record = _record(run)
     assert record["errors"] == [], record["errors"]
+
+
+def test_a_killed_worker_lost_no_open_file(run):
+    """The guest's file opened on queue 1 was read, written and fstatted on
+    both queues after request-1 was SIGKILLed (the checks of phase 1b)."""
+    record = _record(run)
+    log = run[3]
+    assert "worker request-1 (pid" in log and "killed by SIGKILL" in log, log[-3000:]
+    assert "worker request-1 restarted" in log, log[-3000:]
+    assert not [e for e in record["errors"] if "kill" in e], record["errors"]
 
 
 def test_both_request_queues_were_used(run):

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.guest
 
 
 # (platform, request queues) of every boot
-GUEST_PLATFORMS = (("a", 1), ("b", 1))
+GUEST_PLATFORMS = (("a", 1), ("b", 1), ("b", 2))
 CONFIGS = [(p, q, c) for p, q in GUEST_PLATFORMS for c in ("auto", "never", "auto --writeback")]
 
 
@@ -73,12 +73,12 @@ def test_host_sees_what_the_guest_wrote(run):
     assert not bad, bad
 
 
-def test_three_processes_while_attached(run):
-    """supervisor + hiprio worker + one request worker per request queue,
-    seen from the host via /proc/*/stat ppid links."""
+def test_process_tree_while_attached(run):
+    """supervisor + hiprio worker + keeper + one request worker per request
+    queue, seen from the host via /proc/*/stat ppid links."""
     tree = run.process_tree
     assert tree, "the process tree was not sampled (did the guest mount?)"
-    assert len(tree) == 2 + run.num_request_queues, f"daemon process tree: {tree}"
+    assert len(tree) == 3 + run.num_request_queues, f"daemon process tree: {tree}"
     root = [p for p in tree if p[0] == tree[0][0]]
     assert root and all(pp == root[0][0] for pid, pp, _ in tree[1:]), \
         f"workers must be children of the supervisor: {tree}"
@@ -91,11 +91,11 @@ def test_daemon_exits_when_the_guest_is_gone(run):
 def test_workers_confined_while_the_guest_is_attached(run):
     """Seen from the host while the guest used the share: every worker has
     Seccomp 2, NoNewPrivs 1, exactly its role's capabilities, namespaces of
-    its own and the share (request) or an empty root (hiprio) as its root."""
+    its own and the share (request) or an empty root (hiprio, keeper) as its root."""
     from daemon.sandbox import capabilities
 
     seen = run.confinement
-    assert seen and len(seen) == 2 + run.num_request_queues, seen
+    assert seen and len(seen) == 3 + run.num_request_queues, seen
     supervisor_pid = run.process_tree[0][0]
     sup = seen[supervisor_pid]
     share = os.stat(run.shared_dir)
@@ -104,9 +104,9 @@ def test_workers_confined_while_the_guest_is_attached(run):
         assert info["seccomp"] == "2" and info["nnp"] == "1", info
         if pid == supervisor_pid:
             continue
-        role = "hiprio" if "hiprio" in info["comm"] else "request"
+        role = next(r for r in ("hiprio", "keeper", "request") if r in info["comm"])
         roles.add(role)
         assert info["capeff"] == capabilities.mask(capabilities.role_caps(role)), (role, info)
         assert all(info["ns"][k] != sup["ns"][k] for k in info["ns"]), (role, info["ns"], sup["ns"])
         assert (info["root"] == (share.st_dev, share.st_ino)) == (role == "request"), (role, info)
-    assert roles == {"hiprio", "request"}
+    assert roles == {"hiprio", "request", "keeper"}

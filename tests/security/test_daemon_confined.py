@@ -55,18 +55,19 @@ def attached(daemon_factory, tmp_path):
 def test_every_worker_is_confined(attached):
     d, share = attached
     workers = children(d.pid)
-    assert len(workers) == 2, "one hiprio and one request worker for one request queue"
+    assert len(workers) == 3, "one hiprio and one request worker for one request queue, the keeper"
     roles = {}
     for pid in workers:
         with open(f"/proc/{pid}/comm") as f:
             comm = f.read().strip()
-        roles["hiprio" if "hiprio" in comm else "request"] = pid
-    assert set(roles) == {"hiprio", "request"}, roles
+        roles[next(r for r in ("hiprio", "keeper", "request") if r in comm)] = pid
+    assert set(roles) == {"hiprio", "request", "keeper"}, roles
 
     sup_ns = ns_inodes(d.pid)
     sup_sockets = socket_inodes(d.pid)
     assert sup_sockets, "the supervisor holds the QEMU connection and the worker channels"
     share_id = (os.stat(share).st_dev, os.stat(share).st_ino)
+    shared: dict[str, set] = {}
     for role, pid in roles.items():
         st = status(pid)
         assert st["Seccomp"].strip() == "2", role
@@ -85,8 +86,15 @@ def test_every_worker_is_confined(attached):
             assert os.listdir(f"/proc/{pid}/root") == []
             assert (root.st_dev, root.st_ino) != share_id
         worker_sockets = socket_inodes(pid)
-        assert len(worker_sockets) == 1, (role, worker_sockets)     # its channel end only
-        assert not worker_sockets & sup_sockets, role
+        shared[role] = worker_sockets & sup_sockets
+        if role == "hiprio":
+            assert len(worker_sockets) == 1, (role, worker_sockets)     # its channel end only
+            assert not shared[role], role
+        else:
+            # its channel end, and one end of the keeper's fd socket, which
+            # the supervisor holds (never reads) for the next keeper
+            assert len(worker_sockets) == 2 and len(shared[role]) == 1, (role, worker_sockets)
+    assert shared["request"] != shared["keeper"]
     # the supervisor itself is filtered and keeps no_new_privs too
     sup = status(d.pid)
     assert sup["Seccomp"].strip() == "2" and sup["NoNewPrivs"].strip() == "1"

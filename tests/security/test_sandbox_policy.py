@@ -113,11 +113,12 @@ def test_supervisor_union_prefers_plain_allow():
         "supervisor": parse_policy("clone  # fork\n", role="supervisor"),
         "request": parse_policy("clone  arg0&0x10000==0x10000  # t\nclone3  errno=ENOSYS  # f\n", role="request"),
         "hiprio": parse_policy("read  # r\n", role="hiprio"),
+        "keeper": parse_policy("recvmsg  # k\n", role="keeper"),
     }
     rules = {r.name: r for r in seccomp.effective_rules("supervisor", pols)}
     assert rules["clone"].args == () and rules["clone"].errno is None
     assert rules["clone3"].errno == 38
-    assert set(rules) == {"clone", "clone3", "read"}
+    assert set(rules) == {"clone", "clone3", "read", "recvmsg"}
     pols["supervisor"] = parse_policy("clone  # fork\nioctl  arg1&0xffffffff==0x5421  # a\n", role="supervisor")
     pols["hiprio"] = parse_policy("ioctl  arg1&0xffffffff==0x5401|0x5421  # b\n", role="hiprio")
     rules = {r.name: r for r in seccomp.effective_rules("supervisor", pols)}

@@ -113,3 +113,30 @@ def test_borrow_copies_the_owners_fd(tmp_path):
     finally:
         parent.close()
         credentials.keep_dumpable(False)     # Peers.add turned it on for this process
+
+
+def test_kept_word_lives_and_dies_with_its_slot(table):
+    """The keeper's word (workers/keeper.py) is written only into a live
+    slot, read only while that slot lives, and gone once it is freed."""
+    fh = table.alloc(7, 1, os.O_RDONLY, owner_word(3, 12))
+    assert table.kept(fh) == 0
+    assert table.keep(fh, owner_word(9, 40))
+    assert table.kept(fh) == owner_word(9, 40)
+    assert table.lookup(fh) == (7, 1, os.O_RDONLY, owner_word(3, 12))   # the owner is unchanged
+    assert table.open_on(7) == (fh, 1) and table.open_on(8) is None
+    assert table.free(fh)
+    assert table.kept(fh) == 0 and not table.keep(fh, owner_word(9, 41))
+    again = table.alloc(7, 2, 0, 0)          # the slot reused: no word left over
+    assert again & 0xFFFFFF == fh & 0xFFFFFF and table.kept(again) == 0
+    assert not table.keep(0, 1) and table.kept(1 << 30) == 0
+
+
+def test_lock_pid_beside_the_flags(table):
+    """A lock description's guest pid shares the flags word (it has no
+    open flags): neither disturbs what lookup reports."""
+    ident, created = table.alloc_lock(5, 0xA, owner_word(2, 30))
+    assert created
+    table.set_pid(ident, 0xFFFFFFFF)
+    assert table.pid(ident) == 0xFFFFFFFF
+    assert table.lookup(ident) == (5, KIND_LOCK, 0, owner_word(2, 30))
+    assert table.open_on(5) is None          # a lock description is not an open file
