@@ -39,7 +39,7 @@ import os
 import stat
 
 from daemon.fuse import abi, credentials
-from daemon.fuse.abi import Opcode, SetattrValid
+from daemon.fuse.abi import SetattrValid
 from daemon.fuse.fs import FileSystem
 from daemon.fuse.handles import KIND_FILE
 from daemon.fuse.request import FUSEError, Request
@@ -192,11 +192,3 @@ def do_statfs(fs: FileSystem, req: Request):
     st = os.fstatvfs(fs.cache.fd(req.nodeid))
     return abi.STATFS_OUT.pack(st.f_blocks, st.f_bfree, st.f_bavail, st.f_files, st.f_ffree,
                                st.f_bsize, st.f_namemax, st.f_frsize)
-
-
-OPS = {
-    Opcode.GETATTR: do_getattr,
-    Opcode.SETATTR: do_setattr,
-    Opcode.READLINK: do_readlink,
-    Opcode.STATFS: do_statfs,
-}

@@ -42,7 +42,6 @@ import struct
 
 from daemon.config import CacheMode
 from daemon.fuse import abi
-from daemon.fuse.abi import Opcode
 from daemon.fuse.files import sync_on_helper
 from daemon.fuse.fs import FileSystem
 from daemon.fuse.handles import KIND_DIR, reopen
@@ -349,12 +348,3 @@ def do_fsyncdir(fs: FileSystem, req: Request):
     fh, fsync_flags = abi.FSYNC_IN.unpack_from(req.args)
     handle = fs.handles.get(fh, KIND_DIR)
     return sync_on_helper(fs, req, handle.fd, fsync_flags & abi.FUSE_FSYNC_FDATASYNC)
-
-
-OPS = {
-    Opcode.OPENDIR: do_opendir,
-    Opcode.READDIR: do_readdir,
-    Opcode.READDIRPLUS: do_readdirplus,
-    Opcode.RELEASEDIR: do_releasedir,
-    Opcode.FSYNCDIR: do_fsyncdir,
-}

@@ -32,12 +32,14 @@ Checks, in order (all answered with ``fuse_out_header`` only):
   fit is ERANGE for GETXATTR/LISTXATTR and EIO otherwise.
 - unknown or unimplemented opcodes: ENOSYS.
 
-Then the handler from the op table runs (see request.py for what it
-returns) with the worker's own credentials: the guest kernel has checked
+What each opcode needs (its handler, reply minimum, queue, no-reply,
+ERANGE, caller credentials) is its row in the op table (ops.py). The
+handler runs (see request.py for what it returns) with the worker's own
+credentials: the guest kernel has checked
 the caller's permissions already, and the ops that create inodes switch to
 the caller themselves (``fs.as_caller``; docs/credentials.md).
 
-INIT starts a new session each time (a remount, or a guest reset without
+INIT (lifecycle.py) starts a new session each time (a remount, or a guest reset without
 DESTROY): the inode table is reset (nodeid 1 = the share root), this
 worker's O_PATH fds and open files are closed, and deferred requests of
 the old session are dropped. DESTROY ends the session the same way and
@@ -57,11 +59,10 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any, Callable
 from stat import S_ISDIR as _S_ISDIR
 
-from daemon.fuse import abi, credentials, readonly
-from daemon.fuse.abi import InitFlag, Opcode
+from daemon.fuse import abi, credentials, ops, readonly
+from daemon.fuse.abi import Opcode
 from daemon.fuse.blocking import BlockingCalls
 from daemon.fuse.extensions import supp_groups
 from daemon.fuse.fs import Handler
@@ -69,43 +70,11 @@ from daemon.fuse.inodes import InodeCache, InodeTable, close_all, inode_fd_budge
 from daemon.fuse.request import DEFERRED, MAX_ARGS, MAX_DEFERRED, FUSEError, Request
 from daemon.virtio.iovec import IoVec
 
-from daemon.fuse import attrs, dirs, entries, files, locks, xattrs
 from daemon.fuse.handles import HandleTable, open_file_budget
 from daemon.fuse.peers import Peers
 from daemon.log import RateLimitedLogger, get_logger
 
 log = get_logger("fuse.session")
-
-OP_MODULES = (entries, attrs, files, dirs, xattrs, locks)
-
-# INIT reply
-MAX_WRITE = files.MAX_IO_SIZE
-MAX_PAGES = MAX_WRITE // 4096  # 256; the guest caps it at its ring size - 4
-MAX_BACKGROUND = 64  # async requests in flight (readahead, writeback)
-CONGESTION_THRESHOLD = 48  # 3/4 of it, as the kernel's defaults (12/9)
-TIME_GRAN = 1  # we report nanoseconds
-# always offered to the kernel when it offers them
-INIT_FLAGS = (InitFlag.ASYNC_READ | InitFlag.ATOMIC_O_TRUNC | InitFlag.BIG_WRITES
-              | InitFlag.AUTO_INVAL_DATA | InitFlag.PARALLEL_DIROPS | InitFlag.MAX_PAGES
-              | InitFlag.INIT_EXT | InitFlag.CREATE_SUPP_GROUP)
-# offered only when the op table implements them
-INIT_FLAGS_READDIRPLUS = InitFlag.DO_READDIRPLUS | InitFlag.READDIRPLUS_AUTO
-
-# ops that never get a reply
-_NO_REPLY = frozenset(int(op) for op in (Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT))
-HIPRIO_OPS = frozenset((Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT))
-# fixed-size replies: the writable part must hold 16 + this before the op runs
-REPLY_MIN = {
-    Opcode.LOOKUP: abi.ENTRY_OUT.size, Opcode.MKNOD: abi.ENTRY_OUT.size,
-    Opcode.MKDIR: abi.ENTRY_OUT.size, Opcode.SYMLINK: abi.ENTRY_OUT.size,
-    Opcode.LINK: abi.ENTRY_OUT.size, Opcode.CREATE: abi.ENTRY_OUT.size + abi.OPEN_OUT.size,
-    Opcode.GETATTR: abi.ATTR_OUT.size, Opcode.SETATTR: abi.ATTR_OUT.size,
-    Opcode.STATFS: abi.STATFS_OUT.size, Opcode.OPEN: abi.OPEN_OUT.size,
-    Opcode.OPENDIR: abi.OPEN_OUT.size, Opcode.WRITE: abi.WRITE_OUT.size,
-    Opcode.GETLK: abi.LK_OUT.size, Opcode.LSEEK: abi.LSEEK_OUT.size,
-    Opcode.COPY_FILE_RANGE: abi.WRITE_OUT.size, Opcode.INIT: abi.INIT_OUT.size,
-}
-_SIZED_ERANGE = frozenset(int(op) for op in (Opcode.GETXATTR, Opcode.LISTXATTR))
 
 _HDR = abi.IN_HEADER.size
 _OUT = abi.OUT_HEADER.size
@@ -118,36 +87,14 @@ _pack_out = abi.OUT_HEADER.pack
 _pack_out_into = abi.OUT_HEADER.pack_into
 _unpack_in_from = abi.IN_HEADER.unpack_from
 _WRITE_IN = abi.WRITE_IN.size
-# plain-int copies of the opcode sets (cheaper lookups than IntEnum members)
-_HIPRIO_OPS = frozenset(int(op) for op in HIPRIO_OPS)
-_REPLY_MIN = {int(op): _OUT + size for op, size in REPLY_MIN.items()}
+# the op table's columns the request path tests (ops.py)
+_HIPRIO_OPS = ops.HIPRIO
+_NO_REPLY = ops.NO_REPLY
+_REPLY_MIN = ops.reply_needs(_OUT)
+_opname = ops.name
 _pack_attr = abi.ATTR.pack
 _pack_attr_out = abi.ATTR_OUT.pack
 _pack_entry = abi.ENTRY_OUT.pack
-
-_op_table: dict[int, Handler] | None = None
-
-
-def load_ops() -> dict[int, Handler]:
-    """opcode → handler from every op module's ``OPS`` (built once)."""
-    global _op_table
-    if _op_table is None:
-        table: dict[int, Handler] = {}
-        for module in OP_MODULES:
-            for opcode, handler in module.OPS.items():
-                if int(opcode) in table:
-                    raise AssertionError(f"{Opcode(opcode).name} has two handlers")
-                table[int(opcode)] = handler
-        _op_table = table
-    return _op_table
-
-
-def _opname(opcode: int) -> str:
-    try:
-        return Opcode(opcode).name
-    except ValueError:
-        return str(opcode)
-
 
 def _rdev32(rdev: int) -> int:
     """Host dev_t → the kernel's new_encode_dev() u32 that fuse_attr carries."""
@@ -199,19 +146,12 @@ class FuseSession:
         self.handles: HandleTable = None  # type: ignore[assignment]
         self.peers: Peers | None = None
         self._blocking: BlockingCalls | None = None
-        ops = load_ops()
-        # the op modules' handlers take any FileSystem (fs.py); INIT,
-        # DESTROY and INTERRUPT below are the session's own
-        self._ops: dict[int, Callable[[FuseSession, Request], Any]]
-        if role == "hiprio":
-            # no file system access at all: only reference counts
-            self._ops = {op: h for op, h in ops.items() if op in HIPRIO_OPS}
-        else:
-            self._ops = dict(ops)
+        # opcode -> handler (ops.py); the hiprio role has no file system
+        # access at all: only reference counts
+        self._ops: dict[int, Handler] = ops.handlers(hiprio=self._hiprio)
+        if not self._hiprio:
             if config.readonly:
                 readonly.restrict(self._ops)
-            self._ops[int(Opcode.INIT)] = _op_init
-            self._ops[int(Opcode.DESTROY)] = _op_destroy
             if root_fd is None:
                 root_fd = os.open(config.shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
                 self._own_root = True
@@ -225,7 +165,6 @@ class FuseSession:
                                     max_fds=inode_fd_budget(config.inode_fds), peers=self.peers)
             self.handles = HandleTable(open_file_budget(config.max_open_files),
                                        files=getattr(inodes, "files", None), peers=self.peers)
-        self._ops[int(Opcode.INTERRUPT)] = _op_interrupt
         self._readdirplus = int(Opcode.READDIRPLUS) in self._ops and config.offers_readdirplus
         self._locks = int(Opcode.SETLK) in self._ops
         self._submounts = config.announce_submounts
@@ -354,7 +293,7 @@ class FuseSession:
         n = len(result)
         total = _OUT + n
         if total > out.size:
-            err = errno.ERANGE if req.opcode in _SIZED_ERANGE else errno.EIO
+            err = ops.too_big(req.opcode)
             if err == errno.EIO:
                 self._log.warning("FUSE %s: %d-byte reply, %d-byte buffer",
                                   _opname(req.opcode), n, out.size - _OUT)
@@ -552,7 +491,10 @@ class FuseSession:
     def as_caller(self, req: Request):
         """Context for the syscall that creates an inode: the caller's
         fsuid/fsgid and the supplementary group its extension names
-        (credentials.as_caller; EINVAL for a malformed extension)."""
+        (credentials.as_caller; EINVAL for a malformed extension). Only
+        for the ops whose row in ops.py says ``as_caller``."""
+        if req.opcode not in ops.AS_CALLER:
+            raise RuntimeError(f"FUSE {_opname(req.opcode)} asked for the caller's credentials")
         return credentials.as_caller(req.uid, req.gid, supp_groups(req.ext) if req.ext else ())
 
     def warn(self, msg: str, *args) -> None:
@@ -623,72 +565,3 @@ class FuseSession:
             # guest mounts it apart, with a device number of its own
             return self.entry_reply(st, nodeid, generation, abi.FUSE_ATTR_SUBMOUNT)
         return self.entry_reply(st, nodeid, generation)
-
-
-# -- session-level ops ------------------------------------------------------------------
-def _op_init(fs: FuseSession, req: Request):
-    """INIT: negotiate the protocol and start a new session. Reply
-    fuse_init_out; EPROTO for major < 7 or 7.x with x < 27. A major > 7 gets
-    only our version (the kernel may retry with 7). Lookup counts: all
-    reset (nodeid 1 = root)."""
-    args = req.args
-    if len(args) < abi.INIT_IN_COMPAT.size:
-        raise FUSEError(errno.EINVAL)
-    major, minor, max_readahead, flags = abi.INIT_IN_COMPAT.unpack_from(args)
-    flags2 = abi.INIT_IN.unpack_from(args)[4] if len(args) >= abi.INIT_IN.size else 0
-    if major > abi.FUSE_KERNEL_VERSION:
-        return abi.INIT_OUT.pack(abi.FUSE_KERNEL_VERSION, abi.FUSE_KERNEL_MINOR_VERSION,
-                                 0, 0, 0, 0, 0, 0, 0, 0, 0)
-    if major < abi.FUSE_KERNEL_VERSION or minor < abi.FUSE_MIN_MINOR_VERSION:
-        log.error("guest speaks FUSE %d.%d; %d.%d or newer is needed", major, minor,
-                  abi.FUSE_KERNEL_VERSION, abi.FUSE_MIN_MINOR_VERSION)
-        raise FUSEError(errno.EPROTO)
-    offered = flags
-    if flags & InitFlag.INIT_EXT:
-        offered |= flags2 << 32
-    wanted = INIT_FLAGS
-    if fs._readdirplus:
-        wanted |= INIT_FLAGS_READDIRPLUS
-    if fs._locks:
-        if fs.config.posix_lock:
-            wanted |= InitFlag.POSIX_LOCKS
-        if fs.config.flock:
-            wanted |= InitFlag.FLOCK_LOCKS
-    if fs.config.writeback:
-        wanted |= InitFlag.WRITEBACK_CACHE
-    if fs.config.killpriv_v2:
-        wanted |= InitFlag.HANDLE_KILLPRIV_V2
-    if fs._submounts:
-        wanted |= InitFlag.SUBMOUNTS
-    if fs.config.posix_acl:
-        # --posix-acl (acl.py): the guest enforces ACLs, sends modes unmasked
-        if not offered & InitFlag.POSIX_ACL and fs.config.posix_acl_required:
-            log.error("--posix-acl=always: the guest does not offer FUSE_POSIX_ACL")
-            raise FUSEError(errno.EPROTO)
-        wanted |= InitFlag.POSIX_ACL | InitFlag.DONT_MASK
-    if fs.config.allow_mmap and fs.config.cache.value in ("never", "metadata"):
-        # --allow-mmap: shared mmap of files opened with FOPEN_DIRECT_IO
-        wanted |= InitFlag.DIRECT_IO_ALLOW_MMAP
-    ours = int(offered & wanted)
-    fs.start()
-    log.info("FUSE session: guest %d.%d, replying 7.%d flags %#x", major, minor,
-             min(minor, abi.FUSE_KERNEL_MINOR_VERSION), ours)
-    return abi.INIT_OUT.pack(abi.FUSE_KERNEL_VERSION, min(minor, abi.FUSE_KERNEL_MINOR_VERSION),
-                             max_readahead, ours & _U32, MAX_BACKGROUND, CONGESTION_THRESHOLD,
-                             MAX_WRITE, TIME_GRAN, MAX_PAGES, 0, ours >> 32)
-
-
-def _op_destroy(fs: FuseSession, req: Request):
-    """DESTROY: end the session (every nodeid and fh forgotten). Reply:
-    empty. Lookup counts: all dropped."""
-    fs.end()
-    return b""
-
-
-def _op_interrupt(fs: FuseSession, req: Request):
-    """INTERRUPT: answer the deferred request it names with EINTR (if this
-    worker holds it; Linux 6.1 virtiofs never sends INTERRUPT). No reply of
-    its own. Lookup count: unchanged."""
-    if len(req.args) >= abi.INTERRUPT_IN.size:
-        fs.interrupt(abi.INTERRUPT_IN.unpack_from(req.args)[0])
-    return None
