@@ -87,6 +87,9 @@ def _checked(fmt: str, size: int) -> struct.Struct:
 IN_HEADER = _checked("<IIQQIIIHH", 40)
 # struct fuse_out_header { uint32_t len; int32_t error; uint64_t unique; };
 OUT_HEADER = _checked("<IiQ", 16)
+# fuse_in_header's first three fields (len, opcode, unique): all that a dead
+# worker's successor reads of a request it answers EIO (workers/progress.py)
+IN_HEADER_START = _checked("<IIQ", 16)
 
 # --- INIT ------------------------------------------------------------------
 # struct fuse_init_in { uint32_t major; uint32_t minor; uint32_t max_readahead;
@@ -150,6 +153,7 @@ FUSE_MAX_NR_SECCTX = 31  # types 0..31: a fuse_secctx_header (SECURITY_CTX)
 FUSE_EXT_GROUPS = 32
 # struct fuse_supp_groups { uint32_t nr_groups; uint32_t groups[]; };
 SUPP_GROUPS = _checked("<I", 4)
+SUPP_GROUP = _checked("<I", 4)  # one of groups[]
 
 # --- attributes and entries -----------------------------------------------
 # struct fuse_attr { uint64_t ino; uint64_t size; uint64_t blocks;
@@ -162,6 +166,11 @@ FUSE_ATTR_SUBMOUNT = 1
 #   uint64_t entry_valid; uint64_t attr_valid; uint32_t entry_valid_nsec;
 #   uint32_t attr_valid_nsec; struct fuse_attr attr; };
 ENTRY_OUT = _checked("<4QII6Q10I", 128)
+# fields read back out of a packed fuse_entry_out: nodeid (CREATE's fh is
+# registered for it), and attr.ino and attr.mode at offsets 40 and 100 (a
+# fuse_direntplus repeats them in its fuse_dirent)
+ENTRY_OUT_NODEID = _checked("<Q", 8)
+ENTRY_OUT_INO_MODE = _checked("<40xQ52xI", 104)
 # struct fuse_attr_out { uint64_t attr_valid; uint32_t attr_valid_nsec;
 #   uint32_t dummy; struct fuse_attr attr; };
 ATTR_OUT = _checked("<QII6Q10I", 104)

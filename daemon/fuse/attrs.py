@@ -103,7 +103,7 @@ def do_getattr(fs: FileSystem, req: Request):
     GETATTR_FH the open file's fstat (falling back to the inode for an
     unknown fh). ESTALE for a stale nodeid. Lookup count: unchanged."""
     args = req.args
-    if len(args) >= 16:
+    if len(args) >= abi.GETATTR_IN.size:
         flags, _dummy, fh = _getattr_in(args)
         if flags & _GETATTR_FH:
             fd = _open_fd(fs, fh, req.nodeid)

@@ -60,11 +60,6 @@ _syscall.restype = ctypes.c_long
 # One buffer for the (single-threaded) worker; DirStream copies what it got.
 _getdents_buf = ctypes.create_string_buffer(GETDENTS_BUF_SIZE)
 
-# byte offsets of fields inside a fuse_entry_out (see abi.ENTRY_OUT)
-_ENTRY_ATTR_INO = 40
-_ENTRY_ATTR_MODE = 40 + 60
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
 
 
 def _getdents64(fd: int) -> bytes:
@@ -320,8 +315,7 @@ def _pack_plus(fs: FileSystem, dir_fd: int, out: bytearray, at: int, ino: int, n
             ino, next_cookie, namelen, dtype)
     else:
         out[at:at + abi.ENTRY_OUT.size] = entry
-        mode, = _U32.unpack_from(entry, _ENTRY_ATTR_MODE)
-        attr_ino, = _U64.unpack_from(entry, _ENTRY_ATTR_INO)
+        attr_ino, mode = abi.ENTRY_OUT_INO_MODE.unpack_from(entry)
         abi.DIRENT.pack_into(out, at + abi.ENTRY_OUT.size, attr_ino, next_cookie, namelen,
                              (mode >> 12) & 0o17)
     start = at + abi.DIRENTPLUS.size

@@ -43,10 +43,10 @@ def supp_groups(ext: bytes) -> tuple[int, ...]:
             if groups is not None or body < abi.SUPP_GROUPS.size:
                 raise FUSEError(errno.EINVAL)
             (count,) = abi.SUPP_GROUPS.unpack_from(ext, off + _HDR)
-            if count > MAX_SUPP_GROUPS or abi.SUPP_GROUPS.size + 4 * count > body:
+            if count > MAX_SUPP_GROUPS or abi.SUPP_GROUPS.size + abi.SUPP_GROUP.size * count > body:
                 raise FUSEError(errno.EINVAL)
             start = off + _HDR + abi.SUPP_GROUPS.size
-            groups = tuple(int.from_bytes(ext[start + 4 * i:start + 4 * i + 4], "little")
-                           for i in range(count))
+            groups = tuple(g for (g,) in abi.SUPP_GROUP.iter_unpack(
+                ext[start:start + abi.SUPP_GROUP.size * count]))
         off += size
     return groups or ()

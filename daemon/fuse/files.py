@@ -278,7 +278,7 @@ def do_create(fs: FileSystem, req: Request):
     except BaseException:
         os.close(fd)
         raise
-    nodeid = int.from_bytes(entry[:8], "little")
+    nodeid, = abi.ENTRY_OUT_NODEID.unpack_from(entry)
     handle = fs.handles.add(fd, nodeid, KIND_FILE, host_flags)
     return bytes(entry) + abi.OPEN_OUT.pack(handle.fh, fopen_flags(fs.config.cache))
 

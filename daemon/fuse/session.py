@@ -61,7 +61,7 @@ import errno
 import os
 from stat import S_ISDIR as _S_ISDIR
 
-from daemon.fuse import abi, credentials, ops, readonly
+from daemon.fuse import abi, credentials, ops, readonly, replies
 from daemon.fuse.abi import Opcode
 from daemon.fuse.blocking import BlockingCalls
 from daemon.fuse.extensions import supp_groups
@@ -78,13 +78,8 @@ log = get_logger("fuse.session")
 
 _HDR = abi.IN_HEADER.size
 _OUT = abi.OUT_HEADER.size
-_U64 = (1 << 64) - 1
-_U32 = 0xFFFFFFFF
-_NS = 1_000_000_000
 _WRITE = int(Opcode.WRITE)
 _INIT = int(Opcode.INIT)
-_pack_out = abi.OUT_HEADER.pack
-_pack_out_into = abi.OUT_HEADER.pack_into
 _unpack_in_from = abi.IN_HEADER.unpack_from
 _WRITE_IN = abi.WRITE_IN.size
 # the op table's columns the request path tests (ops.py)
@@ -92,26 +87,8 @@ _HIPRIO_OPS = ops.HIPRIO
 _NO_REPLY = ops.NO_REPLY
 _REPLY_MIN = ops.reply_needs(_OUT)
 _opname = ops.name
-_pack_attr = abi.ATTR.pack
-_pack_attr_out = abi.ATTR_OUT.pack
-_pack_entry = abi.ENTRY_OUT.pack
-
-def _rdev32(rdev: int) -> int:
-    """Host dev_t → the kernel's new_encode_dev() u32 that fuse_attr carries."""
-    major, minor = os.major(rdev), os.minor(rdev)
-    return ((minor & 0xFF) | ((major & 0xFFF) << 8) | ((minor & ~0xFF) << 12)) & _U32
-
-
-def attr_fields(st: os.stat_result) -> tuple:
-    """The 16 ``fuse_attr`` fields of a host stat."""
-    a, an = divmod(st.st_atime_ns, _NS)
-    m, mn = divmod(st.st_mtime_ns, _NS)
-    c, cn = divmod(st.st_ctime_ns, _NS)
-    rdev = st.st_rdev
-    nlink = st.st_nlink
-    return (st.st_ino, st.st_size, st.st_blocks, a & _U64, m & _U64, c & _U64, an, mn, cn,
-            st.st_mode, nlink if nlink <= _U32 else _U32, st.st_uid, st.st_gid,
-            _rdev32(rdev) if rdev else 0, st.st_blksize, 0)
+_error = replies.error
+_payload = replies.payload
 
 
 class FuseSession:
@@ -132,9 +109,12 @@ class FuseSession:
         self.inodes = inodes
         self.role = role
         self._hiprio = role == "hiprio"
-        timeout = config.cache.timeout
-        self._tsec = int(timeout)
-        self._tnsec = int(round((timeout - self._tsec) * _NS))
+        # the reply structs with --cache's timeouts (replies.py); bound
+        # methods, so a handler's fs.attr_reply(st) is one call
+        timeouts = replies.Timeouts(config.cache.timeout)
+        self.attr_reply = timeouts.attr_out
+        self.entry_reply = timeouts.entry_out
+        self.negative_entry = timeouts.negative_entry
         # the shared session (InodeTable.session) this worker's caches and
         # fhs belong to; 0 = none
         self._session = 0
@@ -189,7 +169,7 @@ class FuseSession:
         except Exception:  # noqa: BLE001 - the session never raises
             log.exception("FUSE session: internal error")
             try:
-                written = self._error(writable, 0, errno.EIO)
+                written = _error(writable, 0, errno.EIO)
             except Exception:  # noqa: BLE001 - e.g. the guest memory went away
                 written = 0
         if meter is not None:
@@ -203,7 +183,7 @@ class FuseSession:
         size = readable.size
         if size < _HDR:
             self._log.warning("FUSE request shorter than its header (%d bytes)", size)
-            return self._error(writable, 0, errno.EINVAL)
+            return _error(writable, 0, errno.EINVAL)
         views = readable.views
         first = views[0]
         if len(first) >= _HDR:  # the driver's layout: the header is one buffer
@@ -214,7 +194,7 @@ class FuseSession:
         if length != size:
             self._log.warning("FUSE %s: header.len %d but %d bytes readable",
                               _opname(opcode), length, size)
-            return self._error(writable, unique, errno.EINVAL)
+            return _error(writable, unique, errno.EINVAL)
         if self._hiprio and opcode not in _HIPRIO_OPS:
             self._log.warning("FUSE %s on the hiprio queue: dropped", _opname(opcode))
             return 0
@@ -224,24 +204,24 @@ class FuseSession:
             return 0
         handler = self._ops.get(opcode)
         if handler is None:
-            return self._error(writable, unique, errno.ENOSYS)
+            return _error(writable, unique, errno.ENOSYS)
         session = self._session
         if (not session or session != self.inodes.session) and opcode != _INIT \
                 and not self._hiprio:
             if not self._adopt():
-                return self._error(writable, unique, errno.EIO)
+                return _error(writable, unique, errno.EIO)
         nargs = length - _HDR
         data = None
         if opcode == _WRITE:
             if nargs < _WRITE_IN:
-                return self._error(writable, unique, errno.EINVAL)
+                return _error(writable, unique, errno.EINVAL)
             args = readable.read(_HDR, _WRITE_IN)
             data = IoVec(readable.slice(_HDR + _WRITE_IN, nargs - _WRITE_IN))
         elif not nargs:
             args = b""
         elif nargs > MAX_ARGS:
             self._log.warning("FUSE %s: %d bytes of arguments", _opname(opcode), nargs)
-            return self._error(writable, unique, errno.EINVAL)
+            return _error(writable, unique, errno.EINVAL)
         elif len(first) == _HDR and len(views[1]) == nargs:
             args = bytes(views[1])  # the driver's layout: the in-args are one buffer
         elif len(first) >= length:
@@ -252,12 +232,12 @@ class FuseSession:
         if extlen:
             cut = extlen * 8
             if cut > len(args):
-                return self._error(writable, unique, errno.EINVAL)
+                return _error(writable, unique, errno.EINVAL)
             ext = args[len(args) - cut:]
             args = args[:len(args) - cut]
         need = _REPLY_MIN.get(opcode)
         if need is not None and out_size < need:
-            return self._error(writable, unique, errno.EIO)
+            return _error(writable, unique, errno.EIO)
         req = Request(opcode, unique, nodeid, uid, gid, pid, args, data, writable, ext)
         self._token = token
         self._current = req
@@ -268,57 +248,33 @@ class FuseSession:
                 if pending and pending[-1][1] is req:
                     return None
                 raise RuntimeError("handler returned DEFERRED without fs.defer()")
-            return self._reply(req, result)
+            n = _payload(writable, unique, result)
+            return n if n >= 0 else self._too_big(req, result)
         except FUSEError as e:
-            return self._error(writable, unique, e.errno)
+            return _error(writable, unique, e.errno)
         except OSError as e:
-            return self._error(writable, unique, e.errno or errno.EIO)
+            return _error(writable, unique, e.errno or errno.EIO)
         except Exception:  # noqa: BLE001 - a bug in a handler: EIO, keep serving
             log.exception("FUSE %s (nodeid %d) failed", _opname(opcode), nodeid)
-            return self._error(writable, unique, errno.EIO)
+            return _error(writable, unique, errno.EIO)
         finally:
             self._current = None
             self._token = None
 
     def _reply(self, req: Request, result) -> int:
-        out = req.out
-        if result is None or out.size < _OUT:
-            return 0
-        if type(result) is int:
-            n = result
-            if n < 0 or _OUT + n > out.size:
-                raise RuntimeError(f"handler reported {n} bytes written")
-            out.write(0, _pack_out(_OUT + n, 0, req.unique))
-            return _OUT + n
-        n = len(result)
-        total = _OUT + n
-        if total > out.size:
-            err = ops.too_big(req.opcode)
-            if err == errno.EIO:
-                self._log.warning("FUSE %s: %d-byte reply, %d-byte buffer",
-                                  _opname(req.opcode), n, out.size - _OUT)
-            return self._error(out, req.unique, err)
-        views = out.views
-        first = views[0]
-        if len(first) >= total:
-            _pack_out_into(first, 0, total, 0, req.unique)
-            first[_OUT:total] = result
-        elif len(first) == _OUT and len(views[1]) >= n:  # the driver's layout
-            _pack_out_into(first, 0, total, 0, req.unique)
-            views[1][:n] = result
-        else:
-            out.write(_OUT, result)
-            out.write(0, _pack_out(total, 0, req.unique))
-        return total
+        """Answer ``req`` with a handler's result (replies.py)."""
+        n = _payload(req.out, req.unique, result)
+        return n if n >= 0 else self._too_big(req, result)
 
-    @staticmethod
-    def _error(out: IoVec, unique: int, err: int) -> int:
-        if out.size < _OUT:
-            return 0
-        if not 0 < err < 4096:
-            err = errno.EIO
-        out.write(0, _pack_out(_OUT, -err, unique))
-        return _OUT
+    def _too_big(self, req: Request, result) -> int:
+        """A payload larger than the writable part: the op's error (ops.py:
+        ERANGE for GETXATTR/LISTXATTR, which the guest asks again with a
+        size; else EIO, logged)."""
+        err = ops.too_big(req.opcode)
+        if err == errno.EIO:
+            self._log.warning("FUSE %s: %d-byte reply, %d-byte buffer",
+                              _opname(req.opcode), len(result), req.out.size - _OUT)
+        return _error(req.out, req.unique, err)
 
     # -- deferred requests ---------------------------------------------------------
     def can_defer(self) -> bool:
@@ -405,12 +361,12 @@ class FuseSession:
                     continue
                 n = self._reply(req, result)
             except FUSEError as e:
-                n = self._error(req.out, req.unique, e.errno)
+                n = _error(req.out, req.unique, e.errno)
             except OSError as e:
-                n = self._error(req.out, req.unique, e.errno or errno.EIO)
+                n = _error(req.out, req.unique, e.errno or errno.EIO)
             except Exception:  # noqa: BLE001
                 log.exception("FUSE %s retry failed", _opname(req.opcode))
-                n = self._error(req.out, req.unique, errno.EIO)
+                n = _error(req.out, req.unique, errno.EIO)
             done.append((token, n))
         self._pending = waiting
         return done
@@ -421,7 +377,7 @@ class FuseSession:
         for i, (token, req, _fn) in enumerate(self._pending):
             if req.unique == unique:
                 del self._pending[i]
-                self._completed.append((token, self._error(req.out, unique, errno.EINTR)))
+                self._completed.append((token, _error(req.out, unique, errno.EINTR)))
                 return True
         return False
 
@@ -431,7 +387,7 @@ class FuseSession:
         done, self._completed = self._completed, []
         pending, self._pending = self._pending, []
         for token, req, _fn in pending:
-            done.append((token, self._error(req.out, req.unique, errno.EINTR)))
+            done.append((token, _error(req.out, req.unique, errno.EINTR)))
         return done
 
     # -- sessions --------------------------------------------------------------------
@@ -518,43 +474,7 @@ class FuseSession:
             log.exception("closing forgotten inodes' fds failed")
             return 0
 
-    # -- reply helpers for handlers ----------------------------------------------------
-    def attr(self, st: os.stat_result) -> bytes:
-        """``fuse_attr`` (88 bytes) of a host stat."""
-        return _pack_attr(*attr_fields(st))
-
-    def attr_reply(self, st: os.stat_result) -> bytes:
-        """``fuse_attr_out`` (104 bytes) with the attribute timeout."""
-        # attr_fields() inlined: this is the GETATTR hot path
-        a, an = divmod(st.st_atime_ns, _NS)
-        m, mn = divmod(st.st_mtime_ns, _NS)
-        c, cn = divmod(st.st_ctime_ns, _NS)
-        nlink = st.st_nlink
-        rdev = st.st_rdev
-        return _pack_attr_out(self._tsec, self._tnsec, 0, st.st_ino, st.st_size, st.st_blocks,
-                              a & _U64, m & _U64, c & _U64, an, mn, cn, st.st_mode,
-                              nlink if nlink <= _U32 else _U32, st.st_uid, st.st_gid,
-                              _rdev32(rdev) if rdev else 0, st.st_blksize, 0)
-
-    def entry_reply(self, st: os.stat_result, nodeid: int, generation: int, attr_flags: int = 0) -> bytes:
-        """``fuse_entry_out`` (128 bytes) with entry and attribute timeouts;
-        ``attr_flags``: fuse_attr.flags (FUSE_ATTR_SUBMOUNT)."""
-        t, tn = self._tsec, self._tnsec
-        a, an = divmod(st.st_atime_ns, _NS)
-        m, mn = divmod(st.st_mtime_ns, _NS)
-        c, cn = divmod(st.st_ctime_ns, _NS)
-        nlink = st.st_nlink
-        rdev = st.st_rdev
-        return _pack_entry(nodeid, generation, t, t, tn, tn, st.st_ino, st.st_size, st.st_blocks,
-                           a & _U64, m & _U64, c & _U64, an, mn, cn, st.st_mode,
-                           nlink if nlink <= _U32 else _U32, st.st_uid, st.st_gid,
-                           _rdev32(rdev) if rdev else 0, st.st_blksize, attr_flags)
-
-    def negative_entry(self) -> bytes:
-        """``fuse_entry_out`` with nodeid 0: "no such name" cached for the
-        entry timeout (no lookup count)."""
-        return _pack_entry(0, 0, self._tsec, 0, self._tnsec, 0, *(0,) * 16)
-
+    # -- reply helpers for handlers (attr_reply, entry_reply, negative_entry: __init__) --
     def entry(self, parent_fd: int, name) -> bytes:
         """Look ``name`` up in the parent (O_PATH|O_NOFOLLOW), +1 lookup on
         it, and return its ``fuse_entry_out``. OSError/FUSEError on failure

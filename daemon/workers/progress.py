@@ -49,8 +49,8 @@ from __future__ import annotations
 import errno
 import mmap
 
-from daemon.fuse import ops, request
-from daemon.fuse.abi import OUT_HEADER
+from daemon.fuse import ops, replies, request
+from daemon.fuse.abi import IN_HEADER_START, OUT_HEADER
 
 RECORD = 4096
 AVAIL, DONE, PUB_FROM = 0, 1, 2
@@ -63,7 +63,6 @@ POPPED_MASK = POPPED - 1
 assert POPPED_OFFSET + 2 * POPPED <= RECORD
 
 _NO_REPLY = ops.NO_REPLY            # FORGET, BATCH_FORGET, INTERRUPT: never answered
-_EIO_REPLY = OUT_HEADER.pack(OUT_HEADER.size, -errno.EIO, 0)[:8]
 
 
 class RingProgress:
@@ -158,10 +157,9 @@ def fail_chain(chain) -> int:
     checked by IoVec). Returns the bytes written: 0 for the ops that get no
     reply (ops.NO_REPLY) or a chain without room for a header."""
     readable, writable = chain.readable, chain.writable
-    if writable.size < OUT_HEADER.size or readable.size < 16:
+    if writable.size < OUT_HEADER.size or readable.size < IN_HEADER_START.size:
         return 0
-    opcode = int.from_bytes(readable.read(4, 4), "little")
+    _len, opcode, unique = IN_HEADER_START.unpack(readable.read(0, IN_HEADER_START.size))
     if opcode in _NO_REPLY:
         return 0
-    writable.write(0, _EIO_REPLY + readable.read(8, 8))
-    return OUT_HEADER.size
+    return replies.error(writable, unique, errno.EIO)
