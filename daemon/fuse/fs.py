@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 if TYPE_CHECKING:
     from daemon.config import Config
     from daemon.fuse.handles import HandleTable
-    from daemon.fuse.inodes import InodeCache, InodeTable
+    from daemon.fuse.inodecache import InodeCache
+    from daemon.fuse.inodes import InodeTable
     from daemon.fuse.request import Request
 
 

@@ -66,7 +66,8 @@ from daemon.fuse.abi import Opcode
 from daemon.fuse.blocking import BlockingCalls
 from daemon.fuse.extensions import supp_groups
 from daemon.fuse.fs import Handler
-from daemon.fuse.inodes import InodeCache, InodeTable, close_all, inode_fd_budget
+from daemon.fuse.inodecache import InodeCache, close_all, inode_fd_budget
+from daemon.fuse.inodes import InodeTable
 from daemon.fuse.request import DEFERRED, MAX_ARGS, MAX_DEFERRED, FUSEError, Request
 from daemon.virtio.iovec import IoVec
 
