@@ -101,6 +101,11 @@ CASES = {
     "SETXATTR_IN": (abi.SETXATTR_IN, (5, 1), [("u32", 5), ("u32", 1)]),
     "EXT_HEADER": (abi.EXT_HEADER, (16, 32), [("u32", 16), ("u32", 32)]),
     "SUPP_GROUPS": (abi.SUPP_GROUPS, (1,), [("u32", 1)]),
+    "SUPP_GROUP": (abi.SUPP_GROUP, (1000,), [("u32", 1000)]),
+    "IN_HEADER_START": (abi.IN_HEADER_START, (40, 3, 0x1122), [("u32", 40), ("u32", 3), ("u64", 0x1122)]),
+    "ENTRY_OUT_NODEID": (abi.ENTRY_OUT_NODEID, (42,), [("u64", 42)]),
+    "ENTRY_OUT_INO_MODE": (abi.ENTRY_OUT_INO_MODE, (7, 0o100644),
+                           [("pad40", 0), ("u64", 7), ("pad52", 0), ("u32", 0o100644)]),
     "GETXATTR_IN": (abi.GETXATTR_IN, (5,), [("u32", 5), ("pad4", 0)]),
     "GETXATTR_OUT": (abi.GETXATTR_OUT, (6,), [("u32", 6), ("pad4", 0)]),
     "LK_IN": (abi.LK_IN, (1, 2, 3, 4, 5, 6, 7),
@@ -124,7 +129,8 @@ SIZES = {
     "OPEN_OUT": 16, "RELEASE_IN": 24, "FLUSH_IN": 24, "READ_IN": 40, "WRITE_IN": 40,
     "WRITE_OUT": 8, "FSYNC_IN": 16, "FALLOCATE_IN": 32, "LSEEK_IN": 24, "LSEEK_OUT": 8,
     "COPY_FILE_RANGE_IN": 56, "STATFS_OUT": 80, "SETXATTR_IN": 8, "GETXATTR_IN": 8,
-    "EXT_HEADER": 8, "SUPP_GROUPS": 4,
+    "EXT_HEADER": 8, "SUPP_GROUPS": 4, "SUPP_GROUP": 4, "IN_HEADER_START": 16,
+    "ENTRY_OUT_NODEID": 8, "ENTRY_OUT_INO_MODE": 104,
     "GETXATTR_OUT": 8, "LK_IN": 48, "LK_OUT": 24, "INTERRUPT_IN": 8, "SYNCFS_IN": 8,
     "ACCESS_IN": 8, "DIRENT": 24, "DIRENTPLUS": 152,
 }
@@ -133,6 +139,16 @@ SIZES = {
 def test_every_struct_is_covered():
     structs = {name for name, value in vars(abi).items() if isinstance(value, struct.Struct)}
     assert structs == set(CASES) == set(SIZES)
+
+
+def test_partial_views_read_the_fields_of_the_whole_struct():
+    """The structs that read a few fields out of a bigger one read those."""
+    header = abi.IN_HEADER.pack(56, 26, 0xABCDEF, 1, 2, 3, 4, 5, 0)
+    assert abi.IN_HEADER_START.unpack_from(header) == (56, 26, 0xABCDEF)
+    entry = abi.ENTRY_OUT.pack(9, 8, 7, 6, 5, 4, *range(100, 116))
+    ino, mode = abi.ATTR.unpack_from(entry, abi.ENTRY_OUT.size - abi.ATTR.size)[0::9][:2]
+    assert abi.ENTRY_OUT_NODEID.unpack_from(entry) == (9,)
+    assert abi.ENTRY_OUT_INO_MODE.unpack_from(entry) == (ino, mode) == (100, 109)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -13,18 +13,7 @@ from daemon.fuse.inodecache import InodeCache
 from daemon.fuse.inodes import RING, InodeTable
 from daemon.fuse.request import FUSEError
 
-ROOT = (0xFD00, 2)
 
-
-@pytest.fixture
-def table():
-    t = InodeTable(64)
-    t.reset(*ROOT)
-    yield t
-    t.close()
-
-
-# -- InodeCache ------------------------------------------------------------------------------
 def _share(path, capacity: int):
     """(table reset to ``path`` as the root, O_PATH fd of path, path); closed after."""
     root_fd = os.open(path, os.O_PATH | os.O_DIRECTORY)

@@ -4,7 +4,6 @@ session, the hiprio role, --readonly and the restart path do."""
 from __future__ import annotations
 
 import errno
-import os
 
 import pytest
 
@@ -15,24 +14,15 @@ from daemon.fuse.inodes import InodeTable
 from daemon.fuse.session import FuseSession
 from daemon.virtio.iovec import IoVec
 from daemon.workers import progress
-from tests.unit.fusereq import NUL, FuseClient, chain, in_header, parse_reply
-from tests.unit.test_fuse_session import init_args, make_session
+from tests.unit.fusereq import NUL, chain, in_header, parse_reply
 
 CREATING = {Opcode.MKNOD, Opcode.MKDIR, Opcode.SYMLINK, Opcode.CREATE}
 
 
 @pytest.fixture
-def env(tmp_path):
-    old_cwd, old_umask = os.getcwd(), os.umask(0)
-    os.chdir("/proc/self/fd")
-    fs, table = make_session(tmp_path)
-    client = FuseClient(fs)
-    client.call(Opcode.INIT, 0, init_args(), 64).ok()
-    yield fs, client, tmp_path
-    fs.close()
-    table.close()
-    os.chdir(old_cwd)
-    os.umask(old_umask)
+def env(fuse, share):
+    """(session, client, share) after INIT (conftest.py)."""
+    return fuse.session, fuse, share
 
 
 def test_every_opcode_has_a_row_or_is_enosys_on_purpose():
@@ -170,24 +160,15 @@ def test_no_reply_rows_run_without_a_writable_part(env):
     assert not (share / "d").exists()
 
 
-def test_readonly_refuses_exactly_the_modifying_rows(tmp_path):
-    old_cwd = os.getcwd()
-    os.chdir("/proc/self/fd")
-    fs, table = make_session(tmp_path, readonly=True)
-    try:
-        client = FuseClient(fs)
-        client.call(Opcode.INIT, 0, init_args(), 64).ok()
-        refused = set()
-        for op, row in ops.TABLE.items():
-            if op not in (Opcode.INIT, Opcode.DESTROY) and not row.no_reply:
-                if client.call(op, 1, bytes(128), 4096).error == errno.EROFS:
-                    refused.add(op)
-        assert refused == ops.MODIFYING
-        assert Opcode.WRITE in refused and Opcode.READ not in refused
-    finally:
-        fs.close()
-        table.close()
-        os.chdir(old_cwd)
+def test_readonly_refuses_exactly_the_modifying_rows(connect):
+    client = connect(readonly=True)
+    refused = set()
+    for op, row in ops.TABLE.items():
+        if op not in (Opcode.INIT, Opcode.DESTROY) and not row.no_reply:
+            if client.call(op, 1, bytes(128), 4096).error == errno.EROFS:
+                refused.add(op)
+    assert refused == ops.MODIFYING
+    assert Opcode.WRITE in refused and Opcode.READ not in refused
 
 
 class _Chain:
