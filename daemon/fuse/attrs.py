@@ -78,6 +78,7 @@ _futimens = _libc.futimens
 _futimens.argtypes = (ctypes.c_int, ctypes.POINTER(_Timespec))
 _futimens.restype = ctypes.c_int
 _getattr_in = abi.GETATTR_IN.unpack_from
+_GETATTR_IN = abi.GETATTR_IN.size
 _GETATTR_FH = abi.FUSE_GETATTR_FH
 
 
@@ -103,7 +104,7 @@ def do_getattr(fs: FileSystem, req: Request):
     GETATTR_FH the open file's fstat (falling back to the inode for an
     unknown fh). ESTALE for a stale nodeid. Lookup count: unchanged."""
     args = req.args
-    if len(args) >= abi.GETATTR_IN.size:
+    if len(args) >= _GETATTR_IN:
         flags, _dummy, fh = _getattr_in(args)
         if flags & _GETATTR_FH:
             fd = _open_fd(fs, fh, req.nodeid)

@@ -35,12 +35,13 @@ Checks, in order (all answered with ``fuse_out_header`` only):
 What each opcode needs (its handler, reply minimum, queue, no-reply,
 ERANGE, caller credentials) is its row in the op table (ops.py). The
 handler runs (see request.py for what it returns) with the worker's own
-credentials: the guest kernel has checked
-the caller's permissions already, and the ops that create inodes switch to
-the caller themselves (``fs.as_caller``; docs/credentials.md).
+credentials: the guest kernel has checked the caller's permissions
+already, and the ops that create inodes switch to the caller themselves
+(``fs.as_caller``, which only their rows allow; docs/credentials.md). The
+reply bytes are written by replies.py.
 
-INIT (lifecycle.py) starts a new session each time (a remount, or a guest reset without
-DESTROY): the inode table is reset (nodeid 1 = the share root), this
+INIT (lifecycle.py) starts a new session each time (a remount, or a guest
+reset without DESTROY): the inode table is reset (nodeid 1 = the share root), this
 worker's O_PATH fds and open files are closed, and deferred requests of
 the old session are dropped. DESTROY ends the session the same way and
 answers with an empty reply; requests after it are EIO until the next INIT.
