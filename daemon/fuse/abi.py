@@ -169,6 +169,8 @@ ENTRY_OUT = _checked("<4QII6Q10I", 128)
 # fields read back out of a packed fuse_entry_out: nodeid (CREATE's fh is
 # registered for it), and attr.ino and attr.mode at offsets 40 and 100 (a
 # fuse_direntplus repeats them in its fuse_dirent)
+# fuse_entry_out up to its attr (nodeid .. attr_valid_nsec): the rest is a fuse_attr
+ENTRY_OUT_HEAD = _checked("<4QII", 40)
 ENTRY_OUT_NODEID = _checked("<Q", 8)
 ENTRY_OUT_INO_MODE = _checked("<40xQ52xI", 104)
 # struct fuse_attr_out { uint64_t attr_valid; uint32_t attr_valid_nsec;

@@ -14,8 +14,9 @@ module is *how* it lands in guest memory:
 - ``Timeouts(seconds)``: the reply structs built from a host stat, which
   carry the entry and attribute timeouts of ``--cache``: ``fuse_attr_out``
   (GETATTR, SETATTR), ``fuse_entry_out`` (LOOKUP, the creating ops,
-  READDIRPLUS) and the negative entry. ``attr_fields`` is the one
-  conversion of a host stat to ``fuse_attr``.
+  READDIRPLUS) and the negative entry. ``attr_out`` is the one
+  conversion of a host stat to ``fuse_attr``: GETATTR's reply is that one
+  pack call, and ``fuse_entry_out`` is its head followed by those bytes.
 
 The writable part normally comes as the Linux driver lays it out (a
 16-byte header buffer and one payload buffer): that case is written with
@@ -39,6 +40,8 @@ _pack_out = abi.OUT_HEADER.pack
 _pack_out_into = abi.OUT_HEADER.pack_into
 _pack_attr_out = abi.ATTR_OUT.pack
 _pack_entry = abi.ENTRY_OUT.pack
+_pack_entry_head = abi.ENTRY_OUT_HEAD.pack
+_ATTR_AT = abi.ATTR_OUT.size - abi.ATTR.size     # where fuse_attr_out's fuse_attr starts
 
 
 def error(out: IoVec, unique: int, err: int) -> int:
@@ -89,41 +92,41 @@ def rdev32(rdev: int) -> int:
     return ((minor & 0xFF) | ((major & 0xFFF) << 8) | ((minor & ~0xFF) << 12)) & _U32
 
 
-def attr_fields(st: os.stat_result, flags: int = 0) -> tuple:
-    """The 16 ``fuse_attr`` fields of a host stat (``flags``:
-    FUSE_ATTR_SUBMOUNT or 0). Times before 1970 wrap as the kernel's u64
-    does; an nlink beyond u32 is clipped."""
-    a, an = divmod(st.st_atime_ns, _NS)
-    m, mn = divmod(st.st_mtime_ns, _NS)
-    c, cn = divmod(st.st_ctime_ns, _NS)
-    rdev = st.st_rdev
-    nlink = st.st_nlink
-    return (st.st_ino, st.st_size, st.st_blocks, a & _U64, m & _U64, c & _U64, an, mn, cn,
-            st.st_mode, nlink if nlink <= _U32 else _U32, st.st_uid, st.st_gid,
-            rdev32(rdev) if rdev else 0, st.st_blksize, flags)
-
-
 class Timeouts:
     """The reply structs that carry the entry and attribute timeouts, for a
     session whose ``--cache`` mode keeps names and attributes ``seconds``."""
 
-    __slots__ = ("_sec", "_nsec")
+    __slots__ = ("_sec", "_nsec", "_negative")
 
     def __init__(self, seconds: float):
         self._sec = int(seconds)
         self._nsec = int(round((seconds - self._sec) * _NS))
+        self._negative = _pack_entry(0, 0, self._sec, 0, self._nsec, 0, *(0,) * 16)
 
-    def attr_out(self, st: os.stat_result) -> bytes:
-        """``fuse_attr_out`` (104 bytes) with the attribute timeout."""
-        return _pack_attr_out(self._sec, self._nsec, 0, *attr_fields(st))
+    def attr_out(self, st: os.stat_result, flags: int = 0) -> bytes:
+        """``fuse_attr_out`` (104 bytes) with the attribute timeout;
+        ``flags``: fuse_attr.flags (FUSE_ATTR_SUBMOUNT). The one conversion
+        of a host stat to ``fuse_attr``, written out in one call: this is
+        GETATTR's whole reply. Times before 1970 wrap as the kernel's u64
+        does; an nlink beyond u32 is clipped."""
+        a, an = divmod(st.st_atime_ns, _NS)
+        m, mn = divmod(st.st_mtime_ns, _NS)
+        c, cn = divmod(st.st_ctime_ns, _NS)
+        nlink = st.st_nlink
+        rdev = st.st_rdev
+        return _pack_attr_out(self._sec, self._nsec, 0, st.st_ino, st.st_size, st.st_blocks,
+                              a & _U64, m & _U64, c & _U64, an, mn, cn, st.st_mode,
+                              nlink if nlink <= _U32 else _U32, st.st_uid, st.st_gid,
+                              rdev32(rdev) if rdev else 0, st.st_blksize, flags)
 
     def entry_out(self, st: os.stat_result, nodeid: int, generation: int, attr_flags: int = 0) -> bytes:
         """``fuse_entry_out`` (128 bytes) with entry and attribute timeouts;
-        ``attr_flags``: fuse_attr.flags (FUSE_ATTR_SUBMOUNT)."""
+        ``attr_flags``: fuse_attr.flags (FUSE_ATTR_SUBMOUNT). Its fuse_attr
+        is ``attr_out``'s."""
         t, tn = self._sec, self._nsec
-        return _pack_entry(nodeid, generation, t, t, tn, tn, *attr_fields(st, attr_flags))
+        return _pack_entry_head(nodeid, generation, t, t, tn, tn) + self.attr_out(st, attr_flags)[_ATTR_AT:]
 
     def negative_entry(self) -> bytes:
         """``fuse_entry_out`` with nodeid 0: "no such name" cached for the
         entry timeout (no lookup count)."""
-        return _pack_entry(0, 0, self._sec, 0, self._nsec, 0, *(0,) * 16)
+        return self._negative

@@ -104,6 +104,8 @@ CASES = {
     "SUPP_GROUP": (abi.SUPP_GROUP, (1000,), [("u32", 1000)]),
     "IN_HEADER_START": (abi.IN_HEADER_START, (40, 3, 0x1122), [("u32", 40), ("u32", 3), ("u64", 0x1122)]),
     "ENTRY_OUT_NODEID": (abi.ENTRY_OUT_NODEID, (42,), [("u64", 42)]),
+    "ENTRY_OUT_HEAD": (abi.ENTRY_OUT_HEAD, (1, 2, 3, 4, 5, 6),
+                       seq("u64", 1, 4) + [("u32", 5), ("u32", 6)]),
     "ENTRY_OUT_INO_MODE": (abi.ENTRY_OUT_INO_MODE, (7, 0o100644),
                            [("pad40", 0), ("u64", 7), ("pad52", 0), ("u32", 0o100644)]),
     "GETXATTR_IN": (abi.GETXATTR_IN, (5,), [("u32", 5), ("pad4", 0)]),
@@ -130,7 +132,7 @@ SIZES = {
     "WRITE_OUT": 8, "FSYNC_IN": 16, "FALLOCATE_IN": 32, "LSEEK_IN": 24, "LSEEK_OUT": 8,
     "COPY_FILE_RANGE_IN": 56, "STATFS_OUT": 80, "SETXATTR_IN": 8, "GETXATTR_IN": 8,
     "EXT_HEADER": 8, "SUPP_GROUPS": 4, "SUPP_GROUP": 4, "IN_HEADER_START": 16,
-    "ENTRY_OUT_NODEID": 8, "ENTRY_OUT_INO_MODE": 104,
+    "ENTRY_OUT_NODEID": 8, "ENTRY_OUT_INO_MODE": 104, "ENTRY_OUT_HEAD": 40,
     "GETXATTR_OUT": 8, "LK_IN": 48, "LK_OUT": 24, "INTERRUPT_IN": 8, "SYNCFS_IN": 8,
     "ACCESS_IN": 8, "DIRENT": 24, "DIRENTPLUS": 152,
 }
@@ -148,6 +150,8 @@ def test_partial_views_read_the_fields_of_the_whole_struct():
     entry = abi.ENTRY_OUT.pack(9, 8, 7, 6, 5, 4, *range(100, 116))
     ino, mode = abi.ATTR.unpack_from(entry, abi.ENTRY_OUT.size - abi.ATTR.size)[0::9][:2]
     assert abi.ENTRY_OUT_NODEID.unpack_from(entry) == (9,)
+    assert abi.ENTRY_OUT_HEAD.unpack_from(entry) == (9, 8, 7, 6, 5, 4)
+    assert abi.ENTRY_OUT_HEAD.size + abi.ATTR.size == abi.ENTRY_OUT.size
     assert abi.ENTRY_OUT_INO_MODE.unpack_from(entry) == (ino, mode) == (100, 109)
 
 
