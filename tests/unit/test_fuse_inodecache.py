@@ -71,12 +71,18 @@ def test_cache_stale_nodeids(tree):
     assert info.value.errno == errno.ESTALE
 
 
-def test_reap_closes_forgotten_fds(tree):
+def _looked_up_d(tree):
+    """(table, cache, root_fd, the fds open before, nodeid of "d") after
+    one lookup of "d" by a fresh cache."""
     table, root_fd, _ = tree
     cache = InodeCache(table)
     cache.reset(root_fd)
     before = _open_fds()
-    d, _, _ = cache.lookup(root_fd, "d")
+    return table, cache, root_fd, before, cache.lookup(root_fd, "d")[0]
+
+
+def test_reap_closes_forgotten_fds(tree):
+    table, cache, root_fd, before, d = _looked_up_d(tree)
     cache.lookup(root_fd, "d")
     assert len(_open_fds() - before) == 1
     table.unref(d, 1)
@@ -88,11 +94,7 @@ def test_reap_closes_forgotten_fds(tree):
 
 
 def test_reap_after_overflow_rescans(tree):
-    table, root_fd, _ = tree
-    cache = InodeCache(table)
-    cache.reset(root_fd)
-    before = _open_fds()
-    d, _, _ = cache.lookup(root_fd, "d")
+    table, cache, _root_fd, before, d = _looked_up_d(tree)
     table.unref(d, 1)
     for i in range(RING + 1):  # push d's entry out of the ring
         table.unref(table.ref(77, i)[0], 1)
