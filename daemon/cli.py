@@ -14,7 +14,7 @@ import sys
 import daemon
 from daemon import compat, log, sandbox
 from daemon.config import DEFAULTS, CacheMode, Config
-from daemon.fuse import idtranslate, inodes, xattrmap
+from daemon.fuse import idtranslate, inodecache, xattrmap
 from daemon.sandbox import capabilities, idmap, programs
 
 PROG = "pyvirtiofsd"
@@ -340,7 +340,7 @@ def _rust_options(args, shared_dir: str) -> dict:
     if mandatory:
         fd = os.open(shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            if not inodes.file_handle(fd):
+            if not inodecache.file_handle(fd):
                 raise UsageError(f"--inode-file-handles=mandatory: the file system of {shared_dir} "
                                  f"cannot make file handles")
         finally:

@@ -29,18 +29,17 @@ ready shuts everything down and exits 1 with one line saying why.
 from __future__ import annotations
 
 import gc
-import grp
 import os
 import select
 import signal
 import socket
-import stat
 import sys
 import time
 from typing import Callable, NamedTuple, NoReturn
 
 from daemon import log, sandbox, startup
 from daemon.config import Config
+from daemon.listener import Listener, StartupError, claim_socket_path, open_listener
 from daemon.fuse.inodes import InodeTable
 from daemon.metrics import exposition
 from daemon.metrics.counters import MetricsArea
@@ -60,139 +59,6 @@ SHUTDOWN_TIMEOUT = 5.0      # SHUTDOWN -> every worker exited, then SIGKILL
 RESTART_LIMIT = 5           # restarts of one vring's worker ...
 RESTART_WINDOW = 60.0       # ... within this many seconds; one more death is fatal
 KEEPER = -1                 # the keeper's key in the restart budget
-
-
-class StartupError(Exception):
-    """The daemon cannot start for a reason the user can fix; the message is
-    printed as one line (``pyvirtiofsd: error: ...``)."""
-
-
-# -- the listening socket --------------------------------------------------------
-
-class Listener:
-    """The listening socket. Once QEMU is connected, ``close``
-    closes it and removes the socket file (as the Rust virtiofsd does): one
-    connection per daemon, and no stale file for the next daemon to find."""
-
-    __slots__ = ("sock", "path", "inode")
-
-    def __init__(self, sock: socket.socket | None, path: str | None, inode: int | None = None):
-        self.sock = sock
-        self.path = path            # the socket file we created, removed when we stop listening
-        self.inode = inode          # ... unless someone replaced it meanwhile
-
-    def fileno(self) -> int:
-        assert self.sock is not None            # only asked while listening
-        return self.sock.fileno()
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-        if self.path is not None:
-            try:
-                if os.lstat(self.path).st_ino == self.inode:
-                    os.unlink(self.path)
-            except OSError:
-                pass
-            self.path = None
-
-
-
-def open_listener(config: Config) -> Listener:
-    if config.socket_fd is not None:
-        return _adopt_listener(config.socket_fd)
-    path = config.socket_path
-    assert path is not None                     # the CLI requires --socket-path or --fd
-    _claim_socket_path(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        if config.socket_group is None:
-            sock.bind(path)
-        else:
-            # --socket-group: members of GROUP may connect (the Rust daemon's
-            # 0660); made so under a temporary name, then renamed into place,
-            # so nobody ever finds the socket with other permissions
-            temporary = f"{path}.{os.getpid()}.tmp"
-            sock.bind(temporary)
-            try:
-                os.chown(temporary, -1, grp.getgrnam(config.socket_group).gr_gid)
-                os.chmod(temporary, 0o660)
-                os.rename(temporary, path)
-            except BaseException:
-                os.unlink(temporary)
-                raise
-        sock.listen(1)
-        inode = os.lstat(path).st_ino
-    except OSError as e:
-        sock.close()
-        raise StartupError(f"cannot listen on {path}: {e.strerror or e}") from None
-    return Listener(sock, path, inode)
-
-
-def _adopt_listener(fd: int) -> Listener:
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError as e:
-        raise StartupError(f"--fd {fd}: {e.strerror}") from None
-    try:
-        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-    except OSError as e:
-        sock.detach()
-        raise StartupError(f"--fd {fd}: {e.strerror}") from None
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:
-        sock.detach()
-        raise StartupError(f"--fd {fd}: not a listening UNIX stream socket")
-    return Listener(sock, None)
-
-
-def _claim_socket_path(path: str) -> None:
-    """A socket file nobody listens on is a leftover: remove it. Anything
-    else at that path is someone else's."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise StartupError(f"socket path {path}: {e.strerror}") from None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise StartupError(f"socket path {path} exists and is not a socket")
-    if _someone_listens(path):
-        raise StartupError(f"socket path in use: {path}")
-    try:
-        os.unlink(path)
-    except OSError as e:
-        raise StartupError(f"cannot remove stale socket {path}: {e.strerror}") from None
-
-
-def _someone_listens(path: str) -> bool:
-    # /proc/net/unix first: connecting would be taken as *the* connection by
-    # a one-shot backend (another virtiofsd) waiting for its QEMU.
-    names = {path, os.path.abspath(path)}
-    try:
-        with open("/proc/net/unix") as f:
-            next(f)
-            for line in f:
-                fields = line.split()
-                # Num RefCount Protocol Flags Type St Inode Path; Flags 0x10000 = listening
-                if len(fields) >= 8 and fields[7] in names and int(fields[3], 16) & 0x10000:
-                    return True
-    except (OSError, ValueError, StopIteration):
-        pass
-    # Bound in another network namespace or by a relative name: ask the socket.
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-        return True
-    except ConnectionRefusedError:
-        return False
-    except TimeoutError:
-        return True            # a listener with a full backlog
-    except OSError as e:
-        raise StartupError(f"socket path {path}: {e.strerror}") from None
-    finally:
-        probe.close()
 
 
 # -- workers -------------------------------------------------------------------------
@@ -851,7 +717,7 @@ def run(config: Config) -> int:
     # (a service manager, a test) can scrape at once
     metrics = None
     if config.metrics_socket:
-        _claim_socket_path(config.metrics_socket)
+        claim_socket_path(config.metrics_socket)
         try:
             metrics = MetricsServer(config.metrics_socket, None)
         except MetricsError as e:

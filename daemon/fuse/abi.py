@@ -87,6 +87,9 @@ def _checked(fmt: str, size: int) -> struct.Struct:
 IN_HEADER = _checked("<IIQQIIIHH", 40)
 # struct fuse_out_header { uint32_t len; int32_t error; uint64_t unique; };
 OUT_HEADER = _checked("<IiQ", 16)
+# fuse_in_header's first three fields (len, opcode, unique): all that a dead
+# worker's successor reads of a request it answers EIO (workers/progress.py)
+IN_HEADER_START = _checked("<IIQ", 16)
 
 # --- INIT ------------------------------------------------------------------
 # struct fuse_init_in { uint32_t major; uint32_t minor; uint32_t max_readahead;
@@ -157,6 +160,7 @@ SECCTX = _checked("<I4x", 8)
 FUSE_EXT_GROUPS = 32
 # struct fuse_supp_groups { uint32_t nr_groups; uint32_t groups[]; };
 SUPP_GROUPS = _checked("<I", 4)
+SUPP_GROUP = _checked("<I", 4)  # one of groups[]
 
 # --- attributes and entries -----------------------------------------------
 # struct fuse_attr { uint64_t ino; uint64_t size; uint64_t blocks;
@@ -169,6 +173,13 @@ FUSE_ATTR_SUBMOUNT = 1
 #   uint64_t entry_valid; uint64_t attr_valid; uint32_t entry_valid_nsec;
 #   uint32_t attr_valid_nsec; struct fuse_attr attr; };
 ENTRY_OUT = _checked("<4QII6Q10I", 128)
+# fields read back out of a packed fuse_entry_out: nodeid (CREATE's fh is
+# registered for it), and attr.ino and attr.mode at offsets 40 and 100 (a
+# fuse_direntplus repeats them in its fuse_dirent)
+# fuse_entry_out up to its attr (nodeid .. attr_valid_nsec): the rest is a fuse_attr
+ENTRY_OUT_HEAD = _checked("<4QII", 40)
+ENTRY_OUT_NODEID = _checked("<Q", 8)
+ENTRY_OUT_INO_MODE = _checked("<40xQ52xI", 104)
 # struct fuse_attr_out { uint64_t attr_valid; uint32_t attr_valid_nsec;
 #   uint32_t dummy; struct fuse_attr attr; };
 ATTR_OUT = _checked("<QII6Q10I", 104)
@@ -180,6 +191,13 @@ FUSE_GETATTR_FH = 1
 #   uint64_t ctime; uint32_t atimensec; uint32_t mtimensec; uint32_t ctimensec;
 #   uint32_t mode; uint32_t unused4; uint32_t uid; uint32_t gid; uint32_t unused5; };
 SETATTR_IN = _checked("<I4xQQQQQQIIII4xII4x", 88)
+# uid and gid side by side, and where they sit (--translate-uid/-gid
+# rewrites them in packed replies and in SETATTR's arguments, idtranslate.py)
+IDS = _checked("<II", 8)
+ATTR_IDS_AT = struct.calcsize("<6Q5I")                             # fuse_attr.uid: 68
+ATTR_OUT_IDS_AT = ATTR_OUT.size - ATTR.size + ATTR_IDS_AT          # 84
+ENTRY_OUT_IDS_AT = ENTRY_OUT_HEAD.size + ATTR_IDS_AT               # 108
+SETATTR_IN_IDS_AT = struct.calcsize("<I4xQQQQQQIIII4x")             # fuse_setattr_in.uid: 76
 
 
 class SetattrValid(enum.IntFlag):

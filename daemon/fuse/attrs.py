@@ -39,7 +39,7 @@ import os
 import stat
 
 from daemon.fuse import abi, credentials
-from daemon.fuse.abi import Opcode, SetattrValid
+from daemon.fuse.abi import SetattrValid
 from daemon.fuse.fs import FileSystem
 from daemon.fuse.handles import KIND_FILE
 from daemon.fuse.request import FUSEError, Request
@@ -78,6 +78,7 @@ _futimens = _libc.futimens
 _futimens.argtypes = (ctypes.c_int, ctypes.POINTER(_Timespec))
 _futimens.restype = ctypes.c_int
 _getattr_in = abi.GETATTR_IN.unpack_from
+_GETATTR_IN = abi.GETATTR_IN.size
 _GETATTR_FH = abi.FUSE_GETATTR_FH
 
 
@@ -103,7 +104,7 @@ def do_getattr(fs: FileSystem, req: Request):
     GETATTR_FH the open file's fstat (falling back to the inode for an
     unknown fh). ESTALE for a stale nodeid. Lookup count: unchanged."""
     args = req.args
-    if len(args) >= 16:
+    if len(args) >= _GETATTR_IN:
         flags, _dummy, fh = _getattr_in(args)
         if flags & _GETATTR_FH:
             fd = _open_fd(fs, fh, req.nodeid)
@@ -192,11 +193,3 @@ def do_statfs(fs: FileSystem, req: Request):
     st = os.fstatvfs(fs.cache.fd(req.nodeid))
     return abi.STATFS_OUT.pack(st.f_blocks, st.f_bfree, st.f_bavail, st.f_files, st.f_ffree,
                                st.f_bsize, st.f_namemax, st.f_frsize)
-
-
-OPS = {
-    Opcode.GETATTR: do_getattr,
-    Opcode.SETATTR: do_setattr,
-    Opcode.READLINK: do_readlink,
-    Opcode.STATFS: do_statfs,
-}

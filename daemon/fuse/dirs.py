@@ -42,7 +42,6 @@ import struct
 
 from daemon.config import CacheMode
 from daemon.fuse import abi
-from daemon.fuse.abi import Opcode
 from daemon.fuse.files import sync_on_helper
 from daemon.fuse.fs import FileSystem
 from daemon.fuse.handles import KIND_DIR, reopen
@@ -61,11 +60,6 @@ _syscall.restype = ctypes.c_long
 # One buffer for the (single-threaded) worker; DirStream copies what it got.
 _getdents_buf = ctypes.create_string_buffer(GETDENTS_BUF_SIZE)
 
-# byte offsets of fields inside a fuse_entry_out (see abi.ENTRY_OUT)
-_ENTRY_ATTR_INO = 40
-_ENTRY_ATTR_MODE = 40 + 60
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
 
 
 def _getdents64(fd: int) -> bytes:
@@ -321,8 +315,7 @@ def _pack_plus(fs: FileSystem, dir_fd: int, out: bytearray, at: int, ino: int, n
             ino, next_cookie, namelen, dtype)
     else:
         out[at:at + abi.ENTRY_OUT.size] = entry
-        mode, = _U32.unpack_from(entry, _ENTRY_ATTR_MODE)
-        attr_ino, = _U64.unpack_from(entry, _ENTRY_ATTR_INO)
+        attr_ino, mode = abi.ENTRY_OUT_INO_MODE.unpack_from(entry)
         abi.DIRENT.pack_into(out, at + abi.ENTRY_OUT.size, attr_ino, next_cookie, namelen,
                              (mode >> 12) & 0o17)
     start = at + abi.DIRENTPLUS.size
@@ -349,12 +342,3 @@ def do_fsyncdir(fs: FileSystem, req: Request):
     fh, fsync_flags = abi.FSYNC_IN.unpack_from(req.args)
     handle = fs.handles.get(fh, KIND_DIR)
     return sync_on_helper(fs, req, handle.fd, fsync_flags & abi.FUSE_FSYNC_FDATASYNC)
-
-
-OPS = {
-    Opcode.OPENDIR: do_opendir,
-    Opcode.READDIR: do_readdir,
-    Opcode.READDIRPLUS: do_readdirplus,
-    Opcode.RELEASEDIR: do_releasedir,
-    Opcode.FSYNCDIR: do_fsyncdir,
-}

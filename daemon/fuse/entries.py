@@ -45,7 +45,6 @@ import stat
 
 from daemon.config import CacheMode
 from daemon.fuse import abi, acl, seclabel
-from daemon.fuse.abi import Opcode
 from daemon.fuse.fs import FileSystem
 from daemon.fuse.names import parse_lookup_name, parse_name, parse_two
 from daemon.fuse.request import FUSEError, Request
@@ -266,18 +265,3 @@ def do_rename2(fs: FileSystem, req: Request):
         return b""
     seclabel.renameat2(olddir_fd, old, newdir_fd, new, flags)
     return b""
-
-
-OPS = {
-    Opcode.LOOKUP: do_lookup,
-    Opcode.FORGET: do_forget,
-    Opcode.BATCH_FORGET: do_batch_forget,
-    Opcode.MKNOD: do_mknod,
-    Opcode.MKDIR: do_mkdir,
-    Opcode.SYMLINK: do_symlink,
-    Opcode.LINK: do_link,
-    Opcode.UNLINK: do_unlink,
-    Opcode.RMDIR: do_rmdir,
-    Opcode.RENAME: do_rename,
-    Opcode.RENAME2: do_rename2,
-}

@@ -67,10 +67,10 @@ def _groups(ext: bytes, start: int, body: int) -> tuple[int, ...]:
     if body < abi.SUPP_GROUPS.size:
         raise _einval()
     (count,) = abi.SUPP_GROUPS.unpack_from(ext, start)
-    if count > MAX_SUPP_GROUPS or abi.SUPP_GROUPS.size + 4 * count > body:
+    if count > MAX_SUPP_GROUPS or abi.SUPP_GROUPS.size + abi.SUPP_GROUP.size * count > body:
         raise _einval()
     first = start + abi.SUPP_GROUPS.size
-    return tuple(int.from_bytes(ext[first + 4 * i:first + 4 * i + 4], "little") for i in range(count))
+    return tuple(g for (g,) in abi.SUPP_GROUP.iter_unpack(ext[first:first + abi.SUPP_GROUP.size * count]))
 
 
 def _secctx(ext: bytes, start: int, body: int, count: int) -> SecurityContext | None:

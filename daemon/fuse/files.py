@@ -69,7 +69,6 @@ import stat
 
 from daemon.config import CacheMode
 from daemon.fuse import abi, acl, credentials, seclabel
-from daemon.fuse.abi import Opcode
 from daemon.fuse.fs import FileSystem
 from daemon.fuse.handles import KIND_FILE, reopen
 from daemon.fuse.names import parse_name
@@ -302,7 +301,7 @@ def do_create(fs: FileSystem, req: Request):
     except BaseException:
         os.close(fd)
         raise
-    nodeid = int.from_bytes(entry[:8], "little")
+    nodeid, = abi.ENTRY_OUT_NODEID.unpack_from(entry)
     handle = fs.handles.add(fd, nodeid, KIND_FILE, host_flags)
     return bytes(entry) + abi.OPEN_OUT.pack(handle.fh, fopen_flags(fs.config.cache))
 
@@ -469,18 +468,3 @@ def do_syncfs(fs: FileSystem, req: Request):
     finally:
         os.close(fd)
     return b""
-
-
-OPS = {
-    Opcode.OPEN: do_open,
-    Opcode.CREATE: do_create,
-    Opcode.READ: do_read,
-    Opcode.WRITE: do_write,
-    Opcode.FLUSH: do_flush,
-    Opcode.RELEASE: do_release,
-    Opcode.FSYNC: do_fsync,
-    Opcode.FALLOCATE: do_fallocate,
-    Opcode.LSEEK: do_lseek,
-    Opcode.COPY_FILE_RANGE: do_copy_file_range,
-    Opcode.SYNCFS: do_syncfs,
-}

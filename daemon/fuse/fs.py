@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 if TYPE_CHECKING:
     from daemon.config import Config
     from daemon.fuse.handles import HandleTable
-    from daemon.fuse.inodes import InodeCache, InodeTable
+    from daemon.fuse.inodecache import InodeCache
+    from daemon.fuse.inodes import InodeTable
     from daemon.fuse.request import Request
 
 
@@ -37,7 +38,7 @@ class FileSystem(Protocol):
     _locks: bool
     _submounts: bool
 
-    # -- replies (session.py packs them) --
+    # -- replies (replies.py packs them) --
     def attr_reply(self, st: os.stat_result) -> bytes: ...
     def entry_reply(self, st: os.stat_result, nodeid: int, generation: int, attr_flags: int = 0) -> bytes: ...
     def negative_entry(self) -> bytes: ...

@@ -45,7 +45,6 @@ from __future__ import annotations
 import bisect
 import errno
 import re
-import struct
 from typing import Any, NamedTuple
 
 from daemon.fuse import abi
@@ -57,15 +56,8 @@ TYPES = {"guest": 3, "host": 3, "squash-guest": 3, "squash-host": 3, "forbid-gue
 _PREFIX = re.compile(r"[A-Za-z0-9_-]*")
 _FORBID = -1
 
-# where fuse_attr's uid and gid sit in the replies that carry one
-_ATTR_IDS = 68                                   # in struct fuse_attr
-_ATTR_OUT_IDS = 16 + _ATTR_IDS                   # fuse_attr_out: 16 bytes before the attr
-_ENTRY_OUT_IDS = 40 + _ATTR_IDS                  # fuse_entry_out: 40 bytes before the attr
-_IDS = struct.Struct("<II")
-_SETATTR_IDS = 76                                # fuse_setattr_in.uid, .gid
 _V_UID = int(SetattrValid.UID)
 _V_GID = int(SetattrValid.GID)
-assert abi.SETATTR_IN.size == _SETATTR_IDS + 12
 
 
 class IdMapError(ValueError):
@@ -192,16 +184,15 @@ def install(fs: Any, ops: dict) -> None:
     its reply helpers, on the instance, and SETATTR in its op table ``ops``
     (the session's ``as_caller`` maps the caller itself: ``Ids.host_ids``)."""
     ids: Ids = fs.config.ids
-    attr_reply, entry_reply, attr = fs.attr_reply, fs.entry_reply, fs.attr
+    attr_reply, entry_reply = fs.attr_reply, fs.entry_reply
 
     def patched(reply, offset: int, st) -> bytearray:
         out = bytearray(reply)
-        _IDS.pack_into(out, offset, *ids.guest_ids(st.st_uid, st.st_gid))
+        abi.IDS.pack_into(out, offset, *ids.guest_ids(st.st_uid, st.st_gid))
         return out
 
-    fs.attr_reply = lambda st: patched(attr_reply(st), _ATTR_OUT_IDS, st)
-    fs.entry_reply = lambda st, *a, **k: patched(entry_reply(st, *a, **k), _ENTRY_OUT_IDS, st)
-    fs.attr = lambda st: patched(attr(st), _ATTR_IDS, st)
+    fs.attr_reply = lambda st: patched(attr_reply(st), abi.ATTR_OUT_IDS_AT, st)
+    fs.entry_reply = lambda st, *a, **k: patched(entry_reply(st, *a, **k), abi.ENTRY_OUT_IDS_AT, st)
     setattr_handler = ops.get(int(Opcode.SETATTR))
     if setattr_handler is not None:
         def do_setattr(fs, req: Request):
@@ -210,11 +201,11 @@ def install(fs: Any, ops: dict) -> None:
             if len(args) >= abi.SETATTR_IN.size:
                 valid = int.from_bytes(args[:4], "little")
                 if valid & (_V_UID | _V_GID):
-                    uid, gid = _IDS.unpack_from(args, _SETATTR_IDS)
+                    uid, gid = abi.IDS.unpack_from(args, abi.SETATTR_IN_IDS_AT)
                     uid = ids.uid.to_host.map(uid) if valid & _V_UID else uid
                     gid = ids.gid.to_host.map(gid) if valid & _V_GID else gid
                     host = bytearray(args)
-                    _IDS.pack_into(host, _SETATTR_IDS, uid, gid)
+                    abi.IDS.pack_into(host, abi.SETATTR_IN_IDS_AT, uid, gid)
                     req.args = bytes(host)
             return setattr_handler(fs, req)
         ops[int(Opcode.SETATTR)] = do_setattr

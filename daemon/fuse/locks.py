@@ -61,7 +61,6 @@ import fcntl
 import os
 
 from daemon.fuse import abi
-from daemon.fuse.abi import Opcode
 from daemon.fuse.fs import FileSystem
 from daemon.fuse.handles import F_OFD_SETLK, FLOCK, KIND_FILE, reopen
 from daemon.fuse.request import DEFERRED, MAX_DEFERRED, FUSEError, Request
@@ -234,10 +233,3 @@ def do_setlkw(fs: FileSystem, req: Request):
 
     fs.defer(req, retry)
     return DEFERRED
-
-
-OPS = {
-    Opcode.GETLK: do_getlk,
-    Opcode.SETLK: do_setlk,
-    Opcode.SETLKW: do_setlkw,
-}

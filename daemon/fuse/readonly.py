@@ -1,8 +1,9 @@
 """``--readonly``: the guest may read the shared directory, never change it.
 
-``restrict(ops)`` rewrites a worker's op table (session.py, at start):
-every op that changes the file system answers EROFS before touching the
-host, as a read-only mount answers; OPEN answers EROFS for write access or
+``restrict(handlers)`` rewrites a worker's opcode -> handler map
+(session.py, at start): every op whose row in ops.py ``modifies`` the file
+system answers EROFS before touching the host, as a read-only mount
+answers; OPEN answers EROFS for write access or
 O_TRUNC and opens read-only files as usual. Ops that change nothing
 (lookups, reads, listings, locks, fsync of a file opened for reading) are
 left alone. The request workers' sandbox also mounts the share read-only
@@ -15,16 +16,9 @@ from __future__ import annotations
 import errno
 import os
 
-from daemon.fuse import abi
+from daemon.fuse import abi, ops
 from daemon.fuse.abi import Opcode
 from daemon.fuse.request import FUSEError, Request
-
-# every opcode that creates, removes, renames, writes or changes attributes
-MODIFYING = frozenset(int(op) for op in (
-    Opcode.SETATTR, Opcode.SYMLINK, Opcode.MKNOD, Opcode.MKDIR, Opcode.UNLINK, Opcode.RMDIR,
-    Opcode.RENAME, Opcode.RENAME2, Opcode.LINK, Opcode.WRITE, Opcode.SETXATTR,
-    Opcode.REMOVEXATTR, Opcode.CREATE, Opcode.FALLOCATE, Opcode.COPY_FILE_RANGE, Opcode.TMPFILE,
-))
 
 
 def _refuse(fs, req: Request):
@@ -45,12 +39,12 @@ def _open_for_reading(do_open):
     return do_open_readonly
 
 
-def restrict(ops: dict) -> dict:
-    """``ops`` (opcode → handler) with the modifying ops refused; in place,
-    and returned."""
-    for opcode in MODIFYING:
-        if opcode in ops:
-            ops[opcode] = _refuse
-    if int(Opcode.OPEN) in ops:
-        ops[int(Opcode.OPEN)] = _open_for_reading(ops[int(Opcode.OPEN)])
-    return ops
+def restrict(handlers: dict) -> dict:
+    """``handlers`` (opcode → handler) with the modifying ops refused; in
+    place, and returned."""
+    for opcode in ops.MODIFYING:
+        if opcode in handlers:
+            handlers[opcode] = _refuse
+    if int(Opcode.OPEN) in handlers:
+        handlers[int(Opcode.OPEN)] = _open_for_reading(handlers[int(Opcode.OPEN)])
+    return handlers

@@ -32,13 +32,16 @@ Checks, in order (all answered with ``fuse_out_header`` only):
   fit is ERANGE for GETXATTR/LISTXATTR and EIO otherwise.
 - unknown or unimplemented opcodes: ENOSYS.
 
-Then the handler from the op table runs (see request.py for what it
-returns) with the worker's own credentials: the guest kernel has checked
-the caller's permissions already, and the ops that create inodes switch to
-the caller themselves (``fs.as_caller``; docs/credentials.md).
+What each opcode needs (its handler, reply minimum, queue, no-reply,
+ERANGE, caller credentials) is its row in the op table (ops.py). The
+handler runs (see request.py for what it returns) with the worker's own
+credentials: the guest kernel has checked the caller's permissions
+already, and the ops that create inodes switch to the caller themselves
+(``fs.as_caller``, which only their rows allow; docs/credentials.md). The
+reply bytes are written by replies.py.
 
-INIT starts a new session each time (a remount, or a guest reset without
-DESTROY): the inode table is reset (nodeid 1 = the share root), this
+INIT (lifecycle.py) starts a new session each time (a remount, or a guest
+reset without DESTROY): the inode table is reset (nodeid 1 = the share root), this
 worker's O_PATH fds and open files are closed, and deferred requests of
 the old session are dropped. DESTROY ends the session the same way and
 answers with an empty reply; requests after it are EIO until the next INIT.
@@ -57,114 +60,37 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any, Callable
 from stat import S_ISDIR as _S_ISDIR
 
-from daemon.fuse import abi, credentials, idtranslate, readonly
-from daemon.fuse.abi import InitFlag, Opcode
+from daemon.fuse import abi, credentials, idtranslate, ops, readonly, replies
+from daemon.fuse.abi import Opcode
 from daemon.fuse.blocking import BlockingCalls
 from daemon.fuse.extensions import supp_groups
 from daemon.fuse.fs import Handler
-from daemon.fuse.inodes import InodeCache, InodeTable, close_all, inode_fd_budget
+from daemon.fuse.inodecache import InodeCache, close_all, inode_fd_budget
+from daemon.fuse.inodes import InodeTable
 from daemon.fuse.request import DEFERRED, MAX_ARGS, MAX_DEFERRED, FUSEError, Request
 from daemon.virtio.iovec import IoVec
 
-from daemon.fuse import attrs, dirs, entries, files, locks, xattrs
 from daemon.fuse.handles import HandleTable, open_file_budget
 from daemon.fuse.peers import Peers
 from daemon.log import RateLimitedLogger, get_logger
 
 log = get_logger("fuse.session")
 
-OP_MODULES = (entries, attrs, files, dirs, xattrs, locks)
-
-# INIT reply
-MAX_WRITE = files.MAX_IO_SIZE
-MAX_PAGES = MAX_WRITE // 4096  # 256; the guest caps it at its ring size - 4
-MAX_BACKGROUND = 64  # async requests in flight (readahead, writeback)
-CONGESTION_THRESHOLD = 48  # 3/4 of it, as the kernel's defaults (12/9)
-TIME_GRAN = 1  # we report nanoseconds
-# always offered to the kernel when it offers them
-INIT_FLAGS = (InitFlag.ASYNC_READ | InitFlag.ATOMIC_O_TRUNC | InitFlag.BIG_WRITES
-              | InitFlag.AUTO_INVAL_DATA | InitFlag.PARALLEL_DIROPS | InitFlag.MAX_PAGES
-              | InitFlag.INIT_EXT | InitFlag.CREATE_SUPP_GROUP)
-# offered only when the op table implements them
-INIT_FLAGS_READDIRPLUS = InitFlag.DO_READDIRPLUS | InitFlag.READDIRPLUS_AUTO
-
-# ops that never get a reply
-_NO_REPLY = frozenset(int(op) for op in (Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT))
-HIPRIO_OPS = frozenset((Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT))
-# fixed-size replies: the writable part must hold 16 + this before the op runs
-REPLY_MIN = {
-    Opcode.LOOKUP: abi.ENTRY_OUT.size, Opcode.MKNOD: abi.ENTRY_OUT.size,
-    Opcode.MKDIR: abi.ENTRY_OUT.size, Opcode.SYMLINK: abi.ENTRY_OUT.size,
-    Opcode.LINK: abi.ENTRY_OUT.size, Opcode.CREATE: abi.ENTRY_OUT.size + abi.OPEN_OUT.size,
-    Opcode.GETATTR: abi.ATTR_OUT.size, Opcode.SETATTR: abi.ATTR_OUT.size,
-    Opcode.STATFS: abi.STATFS_OUT.size, Opcode.OPEN: abi.OPEN_OUT.size,
-    Opcode.OPENDIR: abi.OPEN_OUT.size, Opcode.WRITE: abi.WRITE_OUT.size,
-    Opcode.GETLK: abi.LK_OUT.size, Opcode.LSEEK: abi.LSEEK_OUT.size,
-    Opcode.COPY_FILE_RANGE: abi.WRITE_OUT.size, Opcode.INIT: abi.INIT_OUT.size,
-}
-_SIZED_ERANGE = frozenset(int(op) for op in (Opcode.GETXATTR, Opcode.LISTXATTR))
-
 _HDR = abi.IN_HEADER.size
 _OUT = abi.OUT_HEADER.size
-_U64 = (1 << 64) - 1
-_U32 = 0xFFFFFFFF
-_NS = 1_000_000_000
 _WRITE = int(Opcode.WRITE)
 _INIT = int(Opcode.INIT)
-_pack_out = abi.OUT_HEADER.pack
-_pack_out_into = abi.OUT_HEADER.pack_into
 _unpack_in_from = abi.IN_HEADER.unpack_from
 _WRITE_IN = abi.WRITE_IN.size
-# plain-int copies of the opcode sets (cheaper lookups than IntEnum members)
-_HIPRIO_OPS = frozenset(int(op) for op in HIPRIO_OPS)
-_REPLY_MIN = {int(op): _OUT + size for op, size in REPLY_MIN.items()}
-_pack_attr = abi.ATTR.pack
-_pack_attr_out = abi.ATTR_OUT.pack
-_pack_entry = abi.ENTRY_OUT.pack
-
-_op_table: dict[int, Handler] | None = None
-
-
-def load_ops() -> dict[int, Handler]:
-    """opcode → handler from every op module's ``OPS`` (built once)."""
-    global _op_table
-    if _op_table is None:
-        table: dict[int, Handler] = {}
-        for module in OP_MODULES:
-            for opcode, handler in module.OPS.items():
-                if int(opcode) in table:
-                    raise AssertionError(f"{Opcode(opcode).name} has two handlers")
-                table[int(opcode)] = handler
-        _op_table = table
-    return _op_table
-
-
-def _opname(opcode: int) -> str:
-    try:
-        return Opcode(opcode).name
-    except ValueError:
-        return str(opcode)
-
-
-def _rdev32(rdev: int) -> int:
-    """Host dev_t → the kernel's new_encode_dev() u32 that fuse_attr carries."""
-    major, minor = os.major(rdev), os.minor(rdev)
-    return ((minor & 0xFF) | ((major & 0xFFF) << 8) | ((minor & ~0xFF) << 12)) & _U32
-
-
-def attr_fields(st: os.stat_result) -> tuple:
-    """The 16 ``fuse_attr`` fields of a host stat."""
-    a, an = divmod(st.st_atime_ns, _NS)
-    m, mn = divmod(st.st_mtime_ns, _NS)
-    c, cn = divmod(st.st_ctime_ns, _NS)
-    rdev = st.st_rdev
-    nlink = st.st_nlink
-    return (st.st_ino, st.st_size, st.st_blocks, a & _U64, m & _U64, c & _U64, an, mn, cn,
-            st.st_mode, nlink if nlink <= _U32 else _U32, st.st_uid, st.st_gid,
-            _rdev32(rdev) if rdev else 0, st.st_blksize, 0)
+# the op table's columns the request path tests (ops.py)
+_HIPRIO_OPS = ops.HIPRIO
+_NO_REPLY = ops.NO_REPLY
+_REPLY_MIN = ops.reply_needs(_OUT)
+_opname = ops.name
+_error = replies.error
+_payload = replies.payload
 
 
 class FuseSession:
@@ -185,9 +111,12 @@ class FuseSession:
         self.inodes = inodes
         self.role = role
         self._hiprio = role == "hiprio"
-        timeout = config.cache.timeout
-        self._tsec = int(timeout)
-        self._tnsec = int(round((timeout - self._tsec) * _NS))
+        # the reply structs with --cache's timeouts (replies.py); bound
+        # methods, so a handler's fs.attr_reply(st) is one call
+        timeouts = replies.Timeouts(config.cache.timeout)
+        self.attr_reply = timeouts.attr_out
+        self.entry_reply = timeouts.entry_out
+        self.negative_entry = timeouts.negative_entry
         # the shared session (InodeTable.session) this worker's caches and
         # fhs belong to; 0 = none
         self._session = 0
@@ -199,21 +128,14 @@ class FuseSession:
         self.handles: HandleTable = None  # type: ignore[assignment]
         self.peers: Peers | None = None
         self._blocking: BlockingCalls | None = None
-        ops = load_ops()
-        # the op modules' handlers take any FileSystem (fs.py); INIT,
-        # DESTROY and INTERRUPT below are the session's own
-        self._ops: dict[int, Callable[[FuseSession, Request], Any]]
-        if role == "hiprio":
-            # no file system access at all: only reference counts
-            self._ops = {op: h for op, h in ops.items() if op in HIPRIO_OPS}
-        else:
-            self._ops = dict(ops)
+        # opcode -> handler (ops.py); the hiprio role has no file system
+        # access at all: only reference counts
+        self._ops: dict[int, Handler] = ops.handlers(hiprio=self._hiprio)
+        if not self._hiprio:
             if config.readonly:
                 readonly.restrict(self._ops)
             if config.ids is not None:
                 idtranslate.install(self, self._ops)
-            self._ops[int(Opcode.INIT)] = _op_init
-            self._ops[int(Opcode.DESTROY)] = _op_destroy
             if root_fd is None:
                 root_fd = os.open(config.shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
                 self._own_root = True
@@ -228,7 +150,6 @@ class FuseSession:
             self.handles = HandleTable(open_file_budget(config.max_open_files),
                                        files=getattr(inodes, "files", None), peers=self.peers)
             self.cache.through_open_file = self.handles.inode_fd
-        self._ops[int(Opcode.INTERRUPT)] = _op_interrupt
         self._readdirplus = int(Opcode.READDIRPLUS) in self._ops and config.offers_readdirplus
         self._locks = int(Opcode.SETLK) in self._ops
         self._submounts = config.announce_submounts
@@ -253,7 +174,7 @@ class FuseSession:
         except Exception:  # noqa: BLE001 - the session never raises
             log.exception("FUSE session: internal error")
             try:
-                written = self._error(writable, 0, errno.EIO)
+                written = _error(writable, 0, errno.EIO)
             except Exception:  # noqa: BLE001 - e.g. the guest memory went away
                 written = 0
         if meter is not None:
@@ -267,7 +188,7 @@ class FuseSession:
         size = readable.size
         if size < _HDR:
             self._log.warning("FUSE request shorter than its header (%d bytes)", size)
-            return self._error(writable, 0, errno.EINVAL)
+            return _error(writable, 0, errno.EINVAL)
         views = readable.views
         first = views[0]
         if len(first) >= _HDR:  # the driver's layout: the header is one buffer
@@ -278,7 +199,7 @@ class FuseSession:
         if length != size:
             self._log.warning("FUSE %s: header.len %d but %d bytes readable",
                               _opname(opcode), length, size)
-            return self._error(writable, unique, errno.EINVAL)
+            return _error(writable, unique, errno.EINVAL)
         if self._hiprio and opcode not in _HIPRIO_OPS:
             self._log.warning("FUSE %s on the hiprio queue: dropped", _opname(opcode))
             return 0
@@ -288,24 +209,24 @@ class FuseSession:
             return 0
         handler = self._ops.get(opcode)
         if handler is None:
-            return self._error(writable, unique, errno.ENOSYS)
+            return _error(writable, unique, errno.ENOSYS)
         session = self._session
         if (not session or session != self.inodes.session) and opcode != _INIT \
                 and not self._hiprio:
             if not self._adopt():
-                return self._error(writable, unique, errno.EIO)
+                return _error(writable, unique, errno.EIO)
         nargs = length - _HDR
         data = None
         if opcode == _WRITE:
             if nargs < _WRITE_IN:
-                return self._error(writable, unique, errno.EINVAL)
+                return _error(writable, unique, errno.EINVAL)
             args = readable.read(_HDR, _WRITE_IN)
             data = IoVec(readable.slice(_HDR + _WRITE_IN, nargs - _WRITE_IN))
         elif not nargs:
             args = b""
         elif nargs > MAX_ARGS:
             self._log.warning("FUSE %s: %d bytes of arguments", _opname(opcode), nargs)
-            return self._error(writable, unique, errno.EINVAL)
+            return _error(writable, unique, errno.EINVAL)
         elif len(first) == _HDR and len(views[1]) == nargs:
             args = bytes(views[1])  # the driver's layout: the in-args are one buffer
         elif len(first) >= length:
@@ -316,12 +237,12 @@ class FuseSession:
         if extlen:
             cut = extlen * 8
             if cut > len(args):
-                return self._error(writable, unique, errno.EINVAL)
+                return _error(writable, unique, errno.EINVAL)
             ext = args[len(args) - cut:]
             args = args[:len(args) - cut]
         need = _REPLY_MIN.get(opcode)
         if need is not None and out_size < need:
-            return self._error(writable, unique, errno.EIO)
+            return _error(writable, unique, errno.EIO)
         req = Request(opcode, unique, nodeid, uid, gid, pid, args, data, writable, ext)
         self._token = token
         self._current = req
@@ -332,57 +253,33 @@ class FuseSession:
                 if pending and pending[-1][1] is req:
                     return None
                 raise RuntimeError("handler returned DEFERRED without fs.defer()")
-            return self._reply(req, result)
+            n = _payload(writable, unique, result)
+            return n if n >= 0 else self._too_big(req, result)
         except FUSEError as e:
-            return self._error(writable, unique, e.errno)
+            return _error(writable, unique, e.errno)
         except OSError as e:
-            return self._error(writable, unique, e.errno or errno.EIO)
+            return _error(writable, unique, e.errno or errno.EIO)
         except Exception:  # noqa: BLE001 - a bug in a handler: EIO, keep serving
             log.exception("FUSE %s (nodeid %d) failed", _opname(opcode), nodeid)
-            return self._error(writable, unique, errno.EIO)
+            return _error(writable, unique, errno.EIO)
         finally:
             self._current = None
             self._token = None
 
     def _reply(self, req: Request, result) -> int:
-        out = req.out
-        if result is None or out.size < _OUT:
-            return 0
-        if type(result) is int:
-            n = result
-            if n < 0 or _OUT + n > out.size:
-                raise RuntimeError(f"handler reported {n} bytes written")
-            out.write(0, _pack_out(_OUT + n, 0, req.unique))
-            return _OUT + n
-        n = len(result)
-        total = _OUT + n
-        if total > out.size:
-            err = errno.ERANGE if req.opcode in _SIZED_ERANGE else errno.EIO
-            if err == errno.EIO:
-                self._log.warning("FUSE %s: %d-byte reply, %d-byte buffer",
-                                  _opname(req.opcode), n, out.size - _OUT)
-            return self._error(out, req.unique, err)
-        views = out.views
-        first = views[0]
-        if len(first) >= total:
-            _pack_out_into(first, 0, total, 0, req.unique)
-            first[_OUT:total] = result
-        elif len(first) == _OUT and len(views[1]) >= n:  # the driver's layout
-            _pack_out_into(first, 0, total, 0, req.unique)
-            views[1][:n] = result
-        else:
-            out.write(_OUT, result)
-            out.write(0, _pack_out(total, 0, req.unique))
-        return total
+        """Answer ``req`` with a handler's result (replies.py)."""
+        n = _payload(req.out, req.unique, result)
+        return n if n >= 0 else self._too_big(req, result)
 
-    @staticmethod
-    def _error(out: IoVec, unique: int, err: int) -> int:
-        if out.size < _OUT:
-            return 0
-        if not 0 < err < 4096:
-            err = errno.EIO
-        out.write(0, _pack_out(_OUT, -err, unique))
-        return _OUT
+    def _too_big(self, req: Request, result) -> int:
+        """A payload larger than the writable part: the op's error (ops.py:
+        ERANGE for GETXATTR/LISTXATTR, which the guest asks again with a
+        size; else EIO, logged)."""
+        err = ops.too_big(req.opcode)
+        if err == errno.EIO:
+            self._log.warning("FUSE %s: %d-byte reply, %d-byte buffer",
+                              _opname(req.opcode), len(result), req.out.size - _OUT)
+        return _error(req.out, req.unique, err)
 
     # -- deferred requests ---------------------------------------------------------
     def can_defer(self) -> bool:
@@ -469,12 +366,12 @@ class FuseSession:
                     continue
                 n = self._reply(req, result)
             except FUSEError as e:
-                n = self._error(req.out, req.unique, e.errno)
+                n = _error(req.out, req.unique, e.errno)
             except OSError as e:
-                n = self._error(req.out, req.unique, e.errno or errno.EIO)
+                n = _error(req.out, req.unique, e.errno or errno.EIO)
             except Exception:  # noqa: BLE001
                 log.exception("FUSE %s retry failed", _opname(req.opcode))
-                n = self._error(req.out, req.unique, errno.EIO)
+                n = _error(req.out, req.unique, errno.EIO)
             done.append((token, n))
         self._pending = waiting
         return done
@@ -485,7 +382,7 @@ class FuseSession:
         for i, (token, req, _fn) in enumerate(self._pending):
             if req.unique == unique:
                 del self._pending[i]
-                self._completed.append((token, self._error(req.out, unique, errno.EINTR)))
+                self._completed.append((token, _error(req.out, unique, errno.EINTR)))
                 return True
         return False
 
@@ -495,7 +392,7 @@ class FuseSession:
         done, self._completed = self._completed, []
         pending, self._pending = self._pending, []
         for token, req, _fn in pending:
-            done.append((token, self._error(req.out, req.unique, errno.EINTR)))
+            done.append((token, _error(req.out, req.unique, errno.EINTR)))
         return done
 
     # -- sessions --------------------------------------------------------------------
@@ -556,7 +453,10 @@ class FuseSession:
         """Context for the syscall that creates an inode: the caller's
         fsuid/fsgid and the supplementary group its extension names
         (credentials.as_caller; EINVAL for a malformed extension), translated
-        by --translate-uid/--translate-gid (EPERM for a forbidden id)."""
+        by --translate-uid/--translate-gid (EPERM for a forbidden id). Only
+        for the ops whose row in ops.py says ``as_caller``."""
+        if req.opcode not in ops.AS_CALLER:
+            raise RuntimeError(f"FUSE {_opname(req.opcode)} asked for the caller's credentials")
         groups = supp_groups(req.ext) if req.ext else ()
         ids = self.config.ids
         if ids is not None:     # --translate-uid/--translate-gid (idtranslate.py)
@@ -584,43 +484,7 @@ class FuseSession:
             log.exception("closing forgotten inodes' fds failed")
             return 0
 
-    # -- reply helpers for handlers ----------------------------------------------------
-    def attr(self, st: os.stat_result) -> bytes:
-        """``fuse_attr`` (88 bytes) of a host stat."""
-        return _pack_attr(*attr_fields(st))
-
-    def attr_reply(self, st: os.stat_result) -> bytes:
-        """``fuse_attr_out`` (104 bytes) with the attribute timeout."""
-        # attr_fields() inlined: this is the GETATTR hot path
-        a, an = divmod(st.st_atime_ns, _NS)
-        m, mn = divmod(st.st_mtime_ns, _NS)
-        c, cn = divmod(st.st_ctime_ns, _NS)
-        nlink = st.st_nlink
-        rdev = st.st_rdev
-        return _pack_attr_out(self._tsec, self._tnsec, 0, st.st_ino, st.st_size, st.st_blocks,
-                              a & _U64, m & _U64, c & _U64, an, mn, cn, st.st_mode,
-                              nlink if nlink <= _U32 else _U32, st.st_uid, st.st_gid,
-                              _rdev32(rdev) if rdev else 0, st.st_blksize, 0)
-
-    def entry_reply(self, st: os.stat_result, nodeid: int, generation: int, attr_flags: int = 0) -> bytes:
-        """``fuse_entry_out`` (128 bytes) with entry and attribute timeouts;
-        ``attr_flags``: fuse_attr.flags (FUSE_ATTR_SUBMOUNT)."""
-        t, tn = self._tsec, self._tnsec
-        a, an = divmod(st.st_atime_ns, _NS)
-        m, mn = divmod(st.st_mtime_ns, _NS)
-        c, cn = divmod(st.st_ctime_ns, _NS)
-        nlink = st.st_nlink
-        rdev = st.st_rdev
-        return _pack_entry(nodeid, generation, t, t, tn, tn, st.st_ino, st.st_size, st.st_blocks,
-                           a & _U64, m & _U64, c & _U64, an, mn, cn, st.st_mode,
-                           nlink if nlink <= _U32 else _U32, st.st_uid, st.st_gid,
-                           _rdev32(rdev) if rdev else 0, st.st_blksize, attr_flags)
-
-    def negative_entry(self) -> bytes:
-        """``fuse_entry_out`` with nodeid 0: "no such name" cached for the
-        entry timeout (no lookup count)."""
-        return _pack_entry(0, 0, self._tsec, 0, self._tnsec, 0, *(0,) * 16)
-
+    # -- reply helpers for handlers (attr_reply, entry_reply, negative_entry: __init__) --
     def entry(self, parent_fd: int, name) -> bytes:
         """Look ``name`` up in the parent (O_PATH|O_NOFOLLOW), +1 lookup on
         it, and return its ``fuse_entry_out``. OSError/FUSEError on failure
@@ -631,78 +495,3 @@ class FuseSession:
             # guest mounts it apart, with a device number of its own
             return self.entry_reply(st, nodeid, generation, abi.FUSE_ATTR_SUBMOUNT)
         return self.entry_reply(st, nodeid, generation)
-
-
-# -- session-level ops ------------------------------------------------------------------
-def _op_init(fs: FuseSession, req: Request):
-    """INIT: negotiate the protocol and start a new session. Reply
-    fuse_init_out; EPROTO for major < 7 or 7.x with x < 27. A major > 7 gets
-    only our version (the kernel may retry with 7). Lookup counts: all
-    reset (nodeid 1 = root)."""
-    args = req.args
-    if len(args) < abi.INIT_IN_COMPAT.size:
-        raise FUSEError(errno.EINVAL)
-    major, minor, max_readahead, flags = abi.INIT_IN_COMPAT.unpack_from(args)
-    flags2 = abi.INIT_IN.unpack_from(args)[4] if len(args) >= abi.INIT_IN.size else 0
-    if major > abi.FUSE_KERNEL_VERSION:
-        return abi.INIT_OUT.pack(abi.FUSE_KERNEL_VERSION, abi.FUSE_KERNEL_MINOR_VERSION,
-                                 0, 0, 0, 0, 0, 0, 0, 0, 0)
-    if major < abi.FUSE_KERNEL_VERSION or minor < abi.FUSE_MIN_MINOR_VERSION:
-        log.error("guest speaks FUSE %d.%d; %d.%d or newer is needed", major, minor,
-                  abi.FUSE_KERNEL_VERSION, abi.FUSE_MIN_MINOR_VERSION)
-        raise FUSEError(errno.EPROTO)
-    offered = flags
-    if flags & InitFlag.INIT_EXT:
-        offered |= flags2 << 32
-    wanted = INIT_FLAGS
-    if fs._readdirplus:
-        wanted |= INIT_FLAGS_READDIRPLUS
-    if fs._locks:
-        if fs.config.posix_lock:
-            wanted |= InitFlag.POSIX_LOCKS
-        if fs.config.flock:
-            wanted |= InitFlag.FLOCK_LOCKS
-    if fs.config.writeback:
-        wanted |= InitFlag.WRITEBACK_CACHE
-    if fs.config.killpriv_v2:
-        wanted |= InitFlag.HANDLE_KILLPRIV_V2
-    if fs._submounts:
-        wanted |= InitFlag.SUBMOUNTS
-    if fs.config.posix_acl:
-        # --posix-acl (acl.py): the guest enforces ACLs, sends modes unmasked
-        if not offered & InitFlag.POSIX_ACL and fs.config.posix_acl_required:
-            log.error("--posix-acl=always: the guest does not offer FUSE_POSIX_ACL")
-            raise FUSEError(errno.EPROTO)
-        wanted |= InitFlag.POSIX_ACL | InitFlag.DONT_MASK
-    if fs.config.security_label:
-        # --security-label (seclabel.py): CREATE, MKNOD, MKDIR, SYMLINK carry the label
-        if not offered & InitFlag.SECURITY_CTX and fs.config.security_label_required:
-            log.error("--security-label=always: the guest does not offer FUSE_SECURITY_CTX")
-            raise FUSEError(errno.EPROTO)
-        wanted |= InitFlag.SECURITY_CTX
-    if fs.config.allow_mmap and fs.config.cache.value in ("never", "metadata"):
-        # --allow-mmap: shared mmap of files opened with FOPEN_DIRECT_IO
-        wanted |= InitFlag.DIRECT_IO_ALLOW_MMAP
-    ours = int(offered & wanted)
-    fs.start()
-    log.info("FUSE session: guest %d.%d, replying 7.%d flags %#x", major, minor,
-             min(minor, abi.FUSE_KERNEL_MINOR_VERSION), ours)
-    return abi.INIT_OUT.pack(abi.FUSE_KERNEL_VERSION, min(minor, abi.FUSE_KERNEL_MINOR_VERSION),
-                             max_readahead, ours & _U32, MAX_BACKGROUND, CONGESTION_THRESHOLD,
-                             MAX_WRITE, TIME_GRAN, MAX_PAGES, 0, ours >> 32)
-
-
-def _op_destroy(fs: FuseSession, req: Request):
-    """DESTROY: end the session (every nodeid and fh forgotten). Reply:
-    empty. Lookup counts: all dropped."""
-    fs.end()
-    return b""
-
-
-def _op_interrupt(fs: FuseSession, req: Request):
-    """INTERRUPT: answer the deferred request it names with EINTR (if this
-    worker holds it; Linux 6.1 virtiofs never sends INTERRUPT). No reply of
-    its own. Lookup count: unchanged."""
-    if len(req.args) >= abi.INTERRUPT_IN.size:
-        fs.interrupt(abi.INTERRUPT_IN.unpack_from(req.args)[0])
-    return None

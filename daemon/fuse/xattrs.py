@@ -37,7 +37,6 @@ import errno
 import os
 
 from daemon.fuse import abi, acl
-from daemon.fuse.abi import Opcode
 from daemon.fuse.fs import FileSystem
 from daemon.fuse.request import FUSEError, Request
 
@@ -155,11 +154,3 @@ def do_removexattr(fs: FileSystem, req: Request):
         raise FUSEError(errno.EINVAL)
     os.removexattr(path, _host_name(fs, name))
     return b""
-
-
-OPS = {
-    Opcode.SETXATTR: do_setxattr,
-    Opcode.GETXATTR: do_getxattr,
-    Opcode.LISTXATTR: do_listxattr,
-    Opcode.REMOVEXATTR: do_removexattr,
-}

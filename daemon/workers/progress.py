@@ -49,8 +49,8 @@ from __future__ import annotations
 import errno
 import mmap
 
-from daemon.fuse import request
-from daemon.fuse.abi import OUT_HEADER, Opcode
+from daemon.fuse import ops, replies, request
+from daemon.fuse.abi import IN_HEADER_START, OUT_HEADER
 
 RECORD = 4096
 AVAIL, DONE, PUB_FROM = 0, 1, 2
@@ -62,8 +62,7 @@ POPPED = 1024                        # QEMU's VIRTQUEUE_MAX_SIZE
 POPPED_MASK = POPPED - 1
 assert POPPED_OFFSET + 2 * POPPED <= RECORD
 
-_NO_REPLY = (int(Opcode.FORGET), int(Opcode.BATCH_FORGET))
-_EIO_REPLY = OUT_HEADER.pack(OUT_HEADER.size, -errno.EIO, 0)[:8]
+_NO_REPLY = ops.NO_REPLY            # FORGET, BATCH_FORGET, INTERRUPT: never answered
 
 
 class RingProgress:
@@ -155,13 +154,12 @@ def in_flight(words: memoryview, popped: memoryview, queue) -> list[int]:
 def fail_chain(chain) -> int:
     """Answer a chain EIO as its own worker would have: ``fuse_out_header
     {len 16, error -EIO, unique}``, unique re-read from the request (bounds
-    checked by IoVec). Returns the bytes written: 0 for FORGET/BATCH_FORGET
-    (no reply) or a chain without room for a header."""
+    checked by IoVec). Returns the bytes written: 0 for the ops that get no
+    reply (ops.NO_REPLY) or a chain without room for a header."""
     readable, writable = chain.readable, chain.writable
-    if writable.size < OUT_HEADER.size or readable.size < 16:
+    if writable.size < OUT_HEADER.size or readable.size < IN_HEADER_START.size:
         return 0
-    opcode = int.from_bytes(readable.read(4, 4), "little")
+    _len, opcode, unique = IN_HEADER_START.unpack(readable.read(0, IN_HEADER_START.size))
     if opcode in _NO_REPLY:
         return 0
-    writable.write(0, _EIO_REPLY + readable.read(8, 8))
-    return OUT_HEADER.size
+    return replies.error(writable, unique, errno.EIO)

@@ -98,7 +98,6 @@ def load_daemon() -> None:
     from daemon.fuse import credentials as _credentials
     from daemon.fuse.inodes import InodeTable as _InodeTable
     from daemon.fuse.session import FuseSession as _FuseSession
-    from daemon.fuse.session import load_ops
     from daemon.virtio.memory import GuestMemory as _GuestMemory
     from daemon.virtio import compiled
     from daemon.virtio.compiled import VirtQueue as _VirtQueue
@@ -107,7 +106,6 @@ def load_daemon() -> None:
         from tests.fuzz import differential as _differential
         differential = _differential
     PATH = compiled.PATH
-    load_ops()  # the op modules are imported lazily: import them now
     VirtQueue, VirtQueueError, GuestMemory = _VirtQueue, _VirtQueueError, _GuestMemory
     FuseSession, InodeTable, Config = _FuseSession, _InodeTable, _Config
     credentials, abi, filetable = _credentials, _abi, _filetable

@@ -286,3 +286,9 @@ class FuseClient:
     def forget(self, nodeid: int, nlookup: int) -> None:
         assert self.send(Opcode.FORGET, nodeid, abi.FORGET_IN.pack(nlookup), 0) is None
 
+
+def module_handlers(module) -> dict:
+    """opcode -> handler of the op table's rows (daemon/fuse/ops.py) whose
+    handler lives in ``module`` (an op module such as fuse.files)."""
+    from daemon.fuse import ops
+    return {op: row.handler for op, row in ops.TABLE.items() if row.handler.__module__ == module.__name__}

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from daemon.fuse import abi, credentials
 from daemon.fuse.abi import Opcode
-from daemon.fuse.session import REPLY_MIN, load_ops
+from daemon.fuse import ops
 from daemon.vhost_user import messages as m
 from daemon.vhost_user.messages import Request
 from daemon.virtio.iovec import IoVec
@@ -208,26 +208,13 @@ def test_well_formed_chains_pop_as_written(ring, readable, writable, indirect, s
 # -- FUSE: every op through the session --------------------------------------------------------
 
 # fixed-size success payloads (variable-size ops: only the bound is checked)
-SUCCESS_SIZE = {int(op): size for op, size in REPLY_MIN.items()}
-SUCCESS_SIZE.update({int(Opcode.INIT): abi.INIT_OUT.size})
-NO_REPLY = {int(Opcode.FORGET), int(Opcode.BATCH_FORGET), int(Opcode.INTERRUPT)}
-# the in-struct of each op (what comes before a name or data)
-IN_STRUCT = {
-    Opcode.FORGET: abi.FORGET_IN, Opcode.GETATTR: abi.GETATTR_IN, Opcode.SETATTR: abi.SETATTR_IN,
-    Opcode.MKNOD: abi.MKNOD_IN, Opcode.MKDIR: abi.MKDIR_IN, Opcode.RENAME: abi.RENAME_IN,
-    Opcode.LINK: abi.LINK_IN, Opcode.OPEN: abi.OPEN_IN, Opcode.READ: abi.READ_IN,
-    Opcode.WRITE: abi.WRITE_IN, Opcode.RELEASE: abi.RELEASE_IN, Opcode.FSYNC: abi.FSYNC_IN,
-    Opcode.SETXATTR: abi.SETXATTR_IN, Opcode.GETXATTR: abi.GETXATTR_IN,
-    Opcode.LISTXATTR: abi.GETXATTR_IN, Opcode.FLUSH: abi.FLUSH_IN, Opcode.OPENDIR: abi.OPEN_IN,
-    Opcode.READDIR: abi.READ_IN, Opcode.RELEASEDIR: abi.RELEASE_IN, Opcode.FSYNCDIR: abi.FSYNC_IN,
-    Opcode.GETLK: abi.LK_IN, Opcode.SETLK: abi.LK_IN, Opcode.SETLKW: abi.LK_IN,
-    Opcode.CREATE: abi.CREATE_IN, Opcode.INTERRUPT: abi.INTERRUPT_IN,
-    Opcode.BATCH_FORGET: abi.BATCH_FORGET_IN, Opcode.FALLOCATE: abi.FALLOCATE_IN,
-    Opcode.READDIRPLUS: abi.READ_IN, Opcode.RENAME2: abi.RENAME2_IN, Opcode.LSEEK: abi.LSEEK_IN,
-    Opcode.COPY_FILE_RANGE: abi.COPY_FILE_RANGE_IN, Opcode.SYNCFS: abi.SYNCFS_IN,
-    Opcode.ACCESS: abi.ACCESS_IN,
-}
-OPS = sorted(op for op in load_ops() if op not in (Opcode.INIT, Opcode.DESTROY)) + [int(Opcode.ACCESS)]
+SUCCESS_SIZE = {op: row.reply for op, row in ops.TABLE.items() if row.reply}
+NO_REPLY = ops.NO_REPLY
+# the in-struct of each op (what comes before a name or data); ACCESS has no
+# row (ENOSYS) but is sent with its struct all the same
+IN_STRUCT = {op: row.in_struct for op, row in ops.TABLE.items() if row.in_struct is not None}
+IN_STRUCT[int(Opcode.ACCESS)] = abi.ACCESS_IN
+OPS = sorted(op for op in ops.TABLE if op not in (Opcode.INIT, Opcode.DESTROY)) + [int(Opcode.ACCESS)]
 
 
 def _field_values(fmt_char: str, env) -> st.SearchStrategy[int]:

@@ -103,6 +103,14 @@ CASES = {
     "SUPP_GROUPS": (abi.SUPP_GROUPS, (1,), [("u32", 1)]),
     "SECCTX_HEADER": (abi.SECCTX_HEADER, (48, 1), [("u32", 48), ("u32", 1)]),
     "SECCTX": (abi.SECCTX, (11,), [("u32", 11), ("pad4", 0)]),
+    "SUPP_GROUP": (abi.SUPP_GROUP, (1000,), [("u32", 1000)]),
+    "IDS": (abi.IDS, (1000, 100), [("u32", 1000), ("u32", 100)]),
+    "IN_HEADER_START": (abi.IN_HEADER_START, (40, 3, 0x1122), [("u32", 40), ("u32", 3), ("u64", 0x1122)]),
+    "ENTRY_OUT_NODEID": (abi.ENTRY_OUT_NODEID, (42,), [("u64", 42)]),
+    "ENTRY_OUT_HEAD": (abi.ENTRY_OUT_HEAD, (1, 2, 3, 4, 5, 6),
+                       seq("u64", 1, 4) + [("u32", 5), ("u32", 6)]),
+    "ENTRY_OUT_INO_MODE": (abi.ENTRY_OUT_INO_MODE, (7, 0o100644),
+                           [("pad40", 0), ("u64", 7), ("pad52", 0), ("u32", 0o100644)]),
     "GETXATTR_IN": (abi.GETXATTR_IN, (5,), [("u32", 5), ("pad4", 0)]),
     "GETXATTR_OUT": (abi.GETXATTR_OUT, (6,), [("u32", 6), ("pad4", 0)]),
     "LK_IN": (abi.LK_IN, (1, 2, 3, 4, 5, 6, 7),
@@ -126,7 +134,9 @@ SIZES = {
     "OPEN_OUT": 16, "RELEASE_IN": 24, "FLUSH_IN": 24, "READ_IN": 40, "WRITE_IN": 40,
     "WRITE_OUT": 8, "FSYNC_IN": 16, "FALLOCATE_IN": 32, "LSEEK_IN": 24, "LSEEK_OUT": 8,
     "COPY_FILE_RANGE_IN": 56, "STATFS_OUT": 80, "SETXATTR_IN": 8, "GETXATTR_IN": 8,
-    "EXT_HEADER": 8, "SUPP_GROUPS": 4, "SECCTX_HEADER": 8, "SECCTX": 8,
+    "EXT_HEADER": 8, "SUPP_GROUPS": 4, "SECCTX_HEADER": 8, "SECCTX": 8, "SUPP_GROUP": 4,
+    "IN_HEADER_START": 16, "ENTRY_OUT_NODEID": 8, "ENTRY_OUT_INO_MODE": 104, "ENTRY_OUT_HEAD": 40,
+    "IDS": 8,
     "GETXATTR_OUT": 8, "LK_IN": 48, "LK_OUT": 24, "INTERRUPT_IN": 8, "SYNCFS_IN": 8,
     "ACCESS_IN": 8, "DIRENT": 24, "DIRENTPLUS": 152,
 }
@@ -135,6 +145,18 @@ SIZES = {
 def test_every_struct_is_covered():
     structs = {name for name, value in vars(abi).items() if isinstance(value, struct.Struct)}
     assert structs == set(CASES) == set(SIZES)
+
+
+def test_partial_views_read_the_fields_of_the_whole_struct():
+    """The structs that read a few fields out of a bigger one read those."""
+    header = abi.IN_HEADER.pack(56, 26, 0xABCDEF, 1, 2, 3, 4, 5, 0)
+    assert abi.IN_HEADER_START.unpack_from(header) == (56, 26, 0xABCDEF)
+    entry = abi.ENTRY_OUT.pack(9, 8, 7, 6, 5, 4, *range(100, 116))
+    ino, mode = abi.ATTR.unpack_from(entry, abi.ENTRY_OUT.size - abi.ATTR.size)[0::9][:2]
+    assert abi.ENTRY_OUT_NODEID.unpack_from(entry) == (9,)
+    assert abi.ENTRY_OUT_HEAD.unpack_from(entry) == (9, 8, 7, 6, 5, 4)
+    assert abi.ENTRY_OUT_HEAD.size + abi.ATTR.size == abi.ENTRY_OUT.size
+    assert abi.ENTRY_OUT_INO_MODE.unpack_from(entry) == (ino, mode) == (100, 109)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -203,3 +225,16 @@ def test_supp_group_extension_as_linux_6_6_sends_it():
     assert abi.EXT_HEADER.unpack_from(ext) == (16, abi.FUSE_EXT_GROUPS)
     assert abi.SUPP_GROUPS.unpack_from(ext, 8) == (1,)
     assert int(abi.InitFlag.CREATE_SUPP_GROUP) == 1 << 34  # flags2 bit 2
+
+
+def test_id_offsets_name_uid_and_gid_in_each_struct():
+    """--translate-uid/-gid rewrite ids in place at these offsets."""
+    attr = (1, 2, 3, 4, 5, 6, 7, 8, 9, 0o100644, 1, 1234, 5678, 0, 4096, 0)
+    packed = abi.ATTR.pack(*attr)
+    assert abi.IDS.unpack_from(packed, abi.ATTR_IDS_AT) == (1234, 5678)
+    packed = abi.ATTR_OUT.pack(1, 2, 0, *attr)
+    assert abi.IDS.unpack_from(packed, abi.ATTR_OUT_IDS_AT) == (1234, 5678)
+    packed = abi.ENTRY_OUT.pack(9, 1, 2, 3, 4, 5, *attr)
+    assert abi.IDS.unpack_from(packed, abi.ENTRY_OUT_IDS_AT) == (1234, 5678)
+    packed = abi.SETATTR_IN.pack(6, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0o644, 1234, 5678)
+    assert abi.IDS.unpack_from(packed, abi.SETATTR_IN_IDS_AT) == (1234, 5678)

@@ -13,7 +13,9 @@ from daemon.fuse.abi import Opcode
 from daemon.fuse.handles import KIND_DIR
 from daemon.fuse.request import FUSEError, Request
 from daemon.virtio.iovec import IoVec
-from tests.unit.fusereq import parse_dirents, parse_direntplus, run_handler, without_cap
+from tests.unit.fusereq import module_handlers, parse_direntplus, parse_dirents, run_handler, without_cap
+
+DIR_OPS = module_handlers(dirs)  # opcode -> handler (daemon/fuse/ops.py)
 
 
 def list_all(fuse, nodeid, fh, size=4096, plus=False, cookie=0):
@@ -296,7 +298,7 @@ def direct(fuse, share):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(op=st.sampled_from(sorted(dirs.OPS)), args=st.binary(max_size=48), use_fh=st.booleans(),
+@given(op=st.sampled_from(sorted(DIR_OPS)), args=st.binary(max_size=48), use_fh=st.booleans(),
        out_size=st.integers(0, 600))
 def test_decoders_raise_only_fuse_errors(direct, op, args, use_fh, out_size):
     session, state = direct
@@ -305,7 +307,7 @@ def test_decoders_raise_only_fuse_errors(direct, op, args, use_fh, out_size):
     out = IoVec([memoryview(bytearray(16 + out_size))])
     req = Request(op, 1, 1, 0, 0, 0, args, None, out)
     try:
-        result = run_handler(session, dirs.OPS[op], req)
+        result = run_handler(session, DIR_OPS[op], req)
     except (FUSEError, OSError):
         result = None
     if op in (Opcode.READDIR, Opcode.READDIRPLUS) and result is not None:

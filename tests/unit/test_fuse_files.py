@@ -14,7 +14,9 @@ from daemon.fuse.abi import Opcode
 from daemon.fuse.handles import KIND_FILE
 from daemon.fuse.request import FUSEError, Request
 from daemon.virtio.iovec import IoVec
-from tests.unit.fusereq import NUL, FuseClient, chain, in_header, parse_reply, run_handler, without_cap
+from tests.unit.fusereq import NUL, chain, FuseClient, in_header, module_handlers, parse_reply, run_handler, without_cap
+
+FILE_HANDLERS = module_handlers(files)  # opcode -> handler (daemon/fuse/ops.py)
 
 MiB = 1 << 20
 
@@ -347,7 +349,7 @@ def test_copy_file_range_between_two_handles(fuse, share):
 
 # -- hostile arguments --------------------------------------------------------------------
 
-FILE_OPS = sorted(files.OPS)
+FILE_OPS = sorted(FILE_HANDLERS)
 
 
 @pytest.fixture
@@ -371,7 +373,7 @@ def test_decoders_raise_only_fuse_errors(direct, op, args, use_fh, data, out_siz
     req = Request(op, 1, nodeid if op != Opcode.CREATE else 1, 0, 0, 0, args,
                   IoVec([memoryview(bytearray(data))]) if op == Opcode.WRITE else None, out)
     try:
-        result = run_handler(session, files.OPS[op], req)
+        result = run_handler(session, FILE_HANDLERS[op], req)
     except (FUSEError, OSError):
         result = None
     if isinstance(result, int):

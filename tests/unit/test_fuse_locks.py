@@ -14,7 +14,9 @@ from daemon.fuse.abi import OFFSET_MAX
 from daemon.fuse.locks import F_RDLCK, F_UNLCK, F_WRLCK
 from daemon.fuse.request import DEFERRED, MAX_DEFERRED, FUSEError, Request
 from daemon.virtio.iovec import IoVec
-from tests.unit.fusereq import start_session, without_cap
+from tests.unit.fusereq import module_handlers, start_session, without_cap
+
+LOCK_OPS = module_handlers(locks)  # opcode -> handler (daemon/fuse/ops.py)
 
 EOF = OFFSET_MAX  # what the kernel sends as `end` for "to end of file"
 
@@ -261,7 +263,7 @@ def test_decoders_raise_only_fuse_errors(direct, op, args, use_fh, lock_type, fl
     out = IoVec([memoryview(bytearray(16 + 24))])
     req = Request(op, 1, state["node"], 0, 0, 0, args, None, out)
     try:
-        result = locks.OPS[op](session, req)
+        result = LOCK_OPS[op](session, req)
     except (FUSEError, OSError):
         return
     assert result is not DEFERRED

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.config import CacheMode, Config
-from daemon.fuse import abi, credentials, inodes
+from daemon.fuse import abi, credentials, inodecache
 from daemon.fuse.abi import InitFlag, Opcode, SetattrValid
 from daemon.fuse.inodes import InodeTable
 from daemon.fuse.request import DEFERRED, FUSEError
@@ -581,13 +581,13 @@ def test_forgotten_fds_are_closed_off_the_loop_thread(env, monkeypatch):
     nodeid = entry_nodeid(lookup(client, 1, "f").ok())
     os.unlink(share / "f")
     gate, closed_on = threading.Event(), []
-    real_close = inodes._close
+    real_close = inodecache._close
 
     def slow_close(fd):
         closed_on.append(threading.current_thread())
         gate.wait(10)
         real_close(fd)
-    monkeypatch.setattr(inodes, "_close", slow_close)
+    monkeypatch.setattr(inodecache, "_close", slow_close)
     before = open_fd_count()
     client.forget(nodeid, 1)
     t0 = time.monotonic()

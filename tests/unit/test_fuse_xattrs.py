@@ -11,7 +11,9 @@ from daemon.fuse import abi, xattrs
 from daemon.fuse.abi import Opcode
 from daemon.fuse.request import FUSEError, Request
 from daemon.virtio.iovec import IoVec
-from tests.unit.fusereq import NUL, chain, in_header, parse_reply
+from tests.unit.fusereq import NUL, chain, in_header, module_handlers, parse_reply
+
+XATTR_OPS = module_handlers(xattrs)  # opcode -> handler (daemon/fuse/ops.py)
 
 
 def setxattr(fuse, nodeid, name: bytes, value: bytes, flags=0, size=None):
@@ -141,7 +143,7 @@ def direct(fuse, share):
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(op=st.sampled_from(sorted(xattrs.OPS)),
+@given(op=st.sampled_from(sorted(XATTR_OPS)),
        args=st.one_of(st.binary(max_size=80),
                       st.tuples(st.binary(min_size=8, max_size=8), st.binary(max_size=20),
                                 st.binary(max_size=20)).map(lambda t: t[0] + b"user." + t[1] + NUL + t[2])),
@@ -151,7 +153,7 @@ def test_decoders_raise_only_fuse_errors(direct, op, args, out_size):
     out = IoVec([memoryview(bytearray(16 + out_size))])
     req = Request(op, 1, nodeid, 0, 0, 0, args, None, out)
     try:
-        result = xattrs.OPS[op](session, req)
+        result = XATTR_OPS[op](session, req)
     except (FUSEError, OSError):
         return
     if op in (Opcode.GETXATTR, Opcode.LISTXATTR):
