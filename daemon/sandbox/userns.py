@@ -41,7 +41,6 @@ import ctypes
 import os
 import select
 import signal
-import subprocess
 import time
 
 from daemon.sandbox import capabilities
@@ -206,6 +205,10 @@ def _helper(go: int, done: int, target: int, uid_map, gid_map) -> int:
 
 
 def _run_map_program(program: str, target: int, ranges) -> str | None:
+    # imported here, in the short-lived helper only: the supervisor and its
+    # workers never load subprocess (test_long_lived_processes_never_import_pyseccomp)
+    import subprocess
+
     cmd = [program, str(target), *newidmap_args(ranges)]
     option = "--uid-map" if program == "newuidmap" else "--gid-map"
     try:
