@@ -44,9 +44,7 @@ class Listener:
         return self.sock.fileno()
 
     def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        # the name goes first: nobody finds a path that refuses connections
         if self.path is not None:
             try:
                 if os.lstat(self.path).st_ino == self.inode:
@@ -54,6 +52,12 @@ class Listener:
             except OSError:
                 pass
             self.path = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+_SUN_PATH_MAX = 108     # sizeof(sockaddr_un.sun_path), the NUL included
 
 
 def open_listener(config: Config) -> Listener:
@@ -63,23 +67,26 @@ def open_listener(config: Config) -> Listener:
     assert path is not None                     # the CLI requires --socket-path or --fd
     claim_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # made and set listening under a temporary name, then renamed into
+    # place: whoever finds the path (QEMU, libvirt polling for it) can
+    # connect at once, and with --socket-group (members of GROUP may
+    # connect: the Rust daemon's 0660) never finds other permissions
+    temporary = f"{path}.{os.getpid()}.tmp"
     try:
-        if config.socket_group is None:
-            sock.bind(path)
+        if len(os.fsencode(temporary)) >= _SUN_PATH_MAX and config.socket_group is None:
+            sock.bind(path)     # no room for the suffix in sun_path: in place
+            sock.listen(1)
         else:
-            # --socket-group: members of GROUP may connect (the Rust daemon's
-            # 0660); made so under a temporary name, then renamed into place,
-            # so nobody ever finds the socket with other permissions
-            temporary = f"{path}.{os.getpid()}.tmp"
             sock.bind(temporary)
             try:
-                os.chown(temporary, -1, grp.getgrnam(config.socket_group).gr_gid)
-                os.chmod(temporary, 0o660)
+                sock.listen(1)
+                if config.socket_group is not None:
+                    os.chown(temporary, -1, grp.getgrnam(config.socket_group).gr_gid)
+                    os.chmod(temporary, 0o660)
                 os.rename(temporary, path)
             except BaseException:
                 os.unlink(temporary)
                 raise
-        sock.listen(1)
         inode = os.lstat(path).st_ino
     except OSError as e:
         sock.close()

@@ -307,6 +307,42 @@ def test_stale_socket_file_is_replaced(tmp_path):
     assert not os.path.exists(path)
 
 
+def test_the_socket_path_appears_only_once_it_listens(tmp_path):
+    """Whoever polls for the path (libvirt, a test) may connect the moment
+    it exists: it is bound and set listening under a temporary name first."""
+    import threading
+
+    path = str(tmp_path / "vhost.sock")
+    refused = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            if os.path.exists(path):
+                c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    c.connect(path)
+                except ConnectionRefusedError:
+                    refused.append(1)
+                except FileNotFoundError:
+                    pass                        # closed meanwhile
+                finally:
+                    c.close()
+                while os.path.exists(path) and not stop.is_set():
+                    pass
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        for _ in range(200):
+            supervisor.open_listener(Config(shared_dir="/", socket_path=path)).close()
+    finally:
+        stop.set()
+        t.join()
+    assert not refused
+    assert os.listdir(tmp_path) == []           # no temporary name left behind
+
+
 def test_listener_does_not_remove_a_socket_it_no_longer_owns(tmp_path):
     path = str(tmp_path / "vhost.sock")
     listener = supervisor.open_listener(Config(shared_dir="/", socket_path=path))
