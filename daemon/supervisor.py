@@ -306,8 +306,9 @@ class ProcessPool:
         gc.freeze()
         try:
             # a worker is PID 1 of its own pid namespace (and has its own mount,
-            # net, ipc, uts namespaces) unless --sandbox says otherwise
-            pid = sandbox.fork_confined(self.config.sandbox)
+            # net, ipc, uts namespaces) unless --sandbox or --inherit-namespaces
+            # says otherwise
+            pid = sandbox.fork_confined(self.config.sandbox, self.config.inherit_namespaces)
         except (OSError, sandbox.SandboxError) as e:
             parent_end.close()
             child_end.close()
