@@ -18,6 +18,7 @@ import sys
 import time
 import traceback
 
+# the shared directory /srv/share, or the one given as a third argument
 INSTANCE = "pyvirtiofsd@srv-share.service"
 SOCKET = "/run/pyvirtiofsd/srv-share.sock"
 ROOT = 1
@@ -124,6 +125,9 @@ def main(checkout: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 3:
+        name = sh("systemd-escape", "--path", sys.argv[3]).stdout.strip()
+        INSTANCE, SOCKET = f"pyvirtiofsd@{name}.service", f"/run/pyvirtiofsd/{name}.sock"
     try:
         main(sys.argv[1], sys.argv[2])
     finally:
