@@ -289,6 +289,18 @@ def test_print_capabilities_for_libvirt():
         assert caps == {"type": "fs", "features": ["separate-options"]}
 
 
+def test_print_capabilities_claims_no_migration_the_backend_cannot_do():
+    """"migrate-precopy" tells libvirt it may migrate the guest; QEMU then
+    needs the back-end's state (VHOST_USER_PROTOCOL_F_DEVICE_STATE, bit 19)
+    and its dirty-page log (F_LOG_SHMFD, bit 1). Neither is offered, so it
+    must not be claimed; the test fails the day one of them is offered
+    without the claim following."""
+    from daemon.vhost_user.backend import OFFERED_PROTOCOL_FEATURES
+    migrates = bool(OFFERED_PROTOCOL_FEATURES & (1 << 19)) and bool(OFFERED_PROTOCOL_FEATURES & (1 << 1))
+    assert ("migrate-precopy" in json.loads(compat.CAPABILITIES_JSON)["features"]) == migrates
+    assert not OFFERED_PROTOCOL_FEATURES & ((1 << 19) | (1 << 1))
+
+
 def test_lock_options_reach_the_config(tmp_path):
     base = ["--shared-dir", str(tmp_path), "--fd", "3"]
     config = cli.parse_config(base)
