@@ -13,6 +13,7 @@ is tests/guest/test_guest_systemd_unit.py; this one says which item broke.
 from __future__ import annotations
 
 import functools
+import re
 import shlex
 import shutil
 import subprocess
@@ -102,3 +103,17 @@ def test_namespaces_the_workers_make_are_the_ones_allowed():
     # what the workers leave to the unit, the unit gives the whole service
     assert settings("PrivateNetwork") == settings("PrivateIPC") == settings("ProtectHostname") == ["yes"]
     assert settings("RestrictAddressFamilies") == ["AF_UNIX"]
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="scripts/setup.sh installs systemd")
+def test_exposure_is_the_figure_the_header_gives(tmp_path):
+    """The header explains each point the unit loses; its figure is the
+    one systemd-analyze gives (the packaged copy: test_guest_debian_package)."""
+    unit = tmp_path / "pyvirtiofsd@share.service"
+    unit.write_text(UNIT.read_text())
+    r = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
+                       capture_output=True, text=True, timeout=60)
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", r.stdout)
+    assert m, r.stdout[-2000:] + r.stderr
+    assert f"rates this unit\n# {m.group(1)} (" in UNIT.read_text()
+    assert float(m.group(1)) <= 2.2
