@@ -18,8 +18,6 @@ import shlex
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from daemon.sandbox import capabilities, namespaces, seccomp
 
 REPO = Path(__file__).resolve().parents[2]
