@@ -15,7 +15,7 @@ import daemon
 from daemon import compat, log, sandbox
 from daemon.config import DEFAULTS, CacheMode, Config
 from daemon.fuse import idtranslate, inodecache, xattrmap
-from daemon.sandbox import capabilities, idmap, programs
+from daemon.sandbox import capabilities, idmap, namespaces, programs
 
 PROG = "pyvirtiofsd"
 MAX_THREAD_POOL_SIZE = 255          # one request queue per vring, vring indexes are 8 bits
@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how workers are confined: namespace (own mount/pid/net/ipc/uts namespaces, "
                         "pivot_root into the shared directory; default), chroot (for use inside a "
                         "container that forbids namespaces), none (debugging only: a loud warning)")
+    p.add_argument("--inherit-namespaces", metavar="LIST", default="",
+                   help="with --sandbox namespace: the namespaces among net, ipc, uts that workers "
+                        "share with the supervisor instead of making their own, for a service manager "
+                        "that gave the whole service private ones (the systemd unit); default: none")
     p.add_argument("--seccomp", choices=list(programs.SECCOMP_MODES), default=DEFAULTS["seccomp"],
                    help="what a system call outside a process's allow-list (policy/*.policy) does: "
                         "kill the process (default), log it, trap (SIGSYS), or none (no filter)")
@@ -287,6 +291,7 @@ def parse_config(argv: list[str]) -> Config:
         allow_direct_io=args.allow_direct_io,
         inode_table_size=args.inode_table_size,
         sandbox=args.sandbox,
+        inherit_namespaces=_check_inherited(args.inherit_namespaces, args.sandbox),
         seccomp=args.seccomp,
         modcaps=_check_modcaps(args.modcaps),
         file_handles=args.inode_file_handles != "never",
@@ -296,6 +301,16 @@ def parse_config(argv: list[str]) -> Config:
         killpriv_v2=args.killpriv_v2,
         **parity,
     )
+
+
+def _check_inherited(text: str, mode: str) -> int:
+    try:
+        flags = namespaces.parse_inherited(text)
+    except ValueError as e:
+        raise UsageError(f"--inherit-namespaces: {e}") from None
+    if flags and mode != "namespace":
+        raise UsageError(f"--inherit-namespaces: workers make no namespaces with --sandbox {mode}")
+    return flags
 
 
 def _check_path(option: str, path: str | None) -> str | None:

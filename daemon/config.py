@@ -63,6 +63,9 @@ class Config(NamedTuple):
     # the guest's O_DIRECT kept on the host (bypassing its page cache too)
     allow_direct_io: bool = False
     sandbox: str = "namespace"  # namespace | chroot | none (see daemon/sandbox)
+    # CLONE_NEWNET/NEWIPC/NEWUTS flags a worker does not unshare: the service
+    # manager gave the whole service private ones (--inherit-namespaces)
+    inherit_namespaces: int = 0
     seccomp: str = "kill"       # kill | log | trap | none: the action for a syscall off the list
     modcaps: str | None = None  # "+cap:-cap" changes to the request workers' capabilities
     # re-open inodes by file handle (open_by_handle_at) in workers that never

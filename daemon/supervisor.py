@@ -210,8 +210,10 @@ class ProcessPool:
         gc.freeze()
         try:
             # a worker is PID 1 of its own pid namespace (and has its own mount,
-            # net, ipc, uts namespaces) unless --sandbox says otherwise
-            return sandbox.fork_confined(self.config.sandbox), parent_end, child_end
+            # net, ipc, uts namespaces) unless --sandbox or --inherit-namespaces
+            # says otherwise
+            return (sandbox.fork_confined(self.config.sandbox, self.config.inherit_namespaces),
+                    parent_end, child_end)
         except (OSError, sandbox.SandboxError) as e:
             parent_end.close()
             child_end.close()

@@ -8,7 +8,8 @@
 # For each variant (plain; xattr + cache none + posix/flock locks + sandbox
 # chroot; queue 1024 and xattr/locks off + cache always + sandbox namespace,
 # both through a wrapper that records what libvirt runs; LIBVIRT_CHECK_VARIANTS
-# ="plain off" picks some) it
+# ="plain off" picks some; "openfiles" (<openfiles max='4096'/>) and "nolock"
+# (options without <lock>), for libvirt >= 10, run only when named) it
 # defines a transient TCG domain with memfd shared memory, direct kernel boot
 # of the cached 6.1 kernel and the tests' busybox initrd (tests/guest/initrd.py:
 # the host root over 9p, then the command given on the kernel command line),
@@ -172,6 +173,16 @@ run_variant plain "$DAEMON" "/>" "" yes
 run_variant options "$DAEMON" " xattr='on'><cache mode='none'/><lock posix='on' flock='on'/><sandbox mode='chroot'/></binary>" "" yes
 run_variant traced "$WORK/trace-pyvirtiofsd" "/>" " queue='1024'" any
 run_variant off "$WORK/trace-pyvirtiofsd" " xattr='off'><cache mode='always'/><lock posix='off' flock='off'/><sandbox mode='namespace'/></binary>" "" no
+# For libvirt >= 10 (tests/guest/test_guest_libvirt11.py), only when named:
+# <openfiles> (--rlimit-nofile), which 9.0 does not know, and the options
+# variant without <lock>, which libvirt refuses for a daemon that asks for
+# our long options ("locking options are not supported by this virtiofsd")
+case " ${LIBVIRT_CHECK_VARIANTS:-} " in
+    *" openfiles "*) run_variant openfiles "$WORK/trace-pyvirtiofsd" "><openfiles max='4096'/></binary>" "" yes ;;
+esac
+case " ${LIBVIRT_CHECK_VARIANTS:-} " in
+    *" nolock "*) run_variant nolock "$DAEMON" " xattr='on'><cache mode='none'/><sandbox mode='chroot'/></binary>" "" yes ;;
+esac
 
 echo "== every run of <binary path> (trace wrapper):"
 sed 's/^/   /' "$WORK/trace.log"

@@ -14,7 +14,8 @@ PACKAGES=(
   fio               # guest I/O workloads and benchmarks
   cpio xz-utils zstd  # building the initrd, unpacking kernel modules
   libvirt-daemon-system libvirt-clients  # libvirt 9.0 starting our packaged daemon (tests/guest)
-  systemd           # systemd-analyze checks the packaged unit (no systemd runs)
+  systemd           # systemd-analyze checks the packaged unit
+  systemd-container # systemd-nspawn boots the host's systemd as PID 1 to start the unit for real (tests/guest)
   attr              # setfattr/getfattr: guest tests of --xattrmap (the guest runs the host's programs)
   acl               # setfacl/getfacl: tests of --posix-acl (frontend, and the guest runs them too)
   uidmap            # newuidmap/newgidmap: --uid-map/--gid-map (an unprivileged daemon's user namespace)

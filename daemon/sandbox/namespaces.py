@@ -65,6 +65,24 @@ CLONE_NEWNET = 0x40000000
 #: namespaces a worker enters besides its pid namespace
 WORKER_NAMESPACES = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
 
+#: the ones --inherit-namespaces may leave to the service manager: a worker's
+#: seccomp list has no call that uses them (no socket, bind, connect, SysV or
+#: POSIX IPC, sethostname), so they only matter when the supervisor's own
+#: are the host's. Mount and pid namespaces are never inherited: the root
+#: change and the worker's view of processes depend on them.
+INHERITABLE = {"net": CLONE_NEWNET, "ipc": CLONE_NEWIPC, "uts": CLONE_NEWUTS}
+
+
+def parse_inherited(text: str) -> int:
+    """``--inherit-namespaces`` (comma-separated net, ipc, uts; empty: none)
+    as CLONE_* flags. Raises ValueError naming the bad item."""
+    flags = 0
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if item not in INHERITABLE:
+            raise ValueError(f"{item!r}: only {', '.join(INHERITABLE)} may be inherited")
+        flags |= INHERITABLE[item]
+    return flags
+
 MODES = ("namespace", "chroot", "none")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -90,10 +108,12 @@ def setns(fd: int, nstype: int, what: str = "setns") -> None:
     _check(_libc.setns(fd, nstype), what)
 
 
-def fork_confined(mode: str = "namespace") -> int:
+def fork_confined(mode: str = "namespace", inherited: int = 0) -> int:
     """``os.fork()`` for a worker: returns the child's host pid in the
     parent, 0 in the child, which is then (mode ``namespace``) PID 1 of a new
-    pid namespace and in new mount/net/ipc/uts namespaces, has
+    pid namespace and in new mount/net/ipc/uts namespaces (but the
+    ``inherited`` ones of ``INHERITABLE``, which it shares with the
+    supervisor), has
     ``PR_SET_PDEATHSIG(SIGKILL)`` armed, and has checked that the parent was
     still alive after arming it (exits 1 otherwise). A failure to create
     the namespaces raises ``SandboxError`` in the parent (pid namespace) or
@@ -132,18 +152,19 @@ def fork_confined(mode: str = "namespace") -> int:
         if not alive:                    # the parent died before PDEATHSIG was armed
             os._exit(1)
         if mode == "namespace":
-            unshare(WORKER_NAMESPACES, "unshare(mount, net, ipc, uts namespaces)")
+            unshare(WORKER_NAMESPACES & ~(inherited & sum(INHERITABLE.values())),
+                    "unshare(mount, net, ipc, uts namespaces)")
     except BaseException as e:  # noqa: BLE001 - never return into the parent's code
         _say(f"sandbox: {e}")
         os._exit(1)
     return 0
 
 
-def spawn_confined(child_fn: Callable[[], object], mode: str = "namespace") -> int:
+def spawn_confined(child_fn: Callable[[], object], mode: str = "namespace", inherited: int = 0) -> int:
     """``fork_confined`` + run ``child_fn()`` in the child and ``os._exit``:
     0 if it returns, the code of a ``SystemExit``, 1 on any other exception
     (printed as one line). Returns the child's host pid."""
-    pid = fork_confined(mode)
+    pid = fork_confined(mode, inherited)
     if pid == 0:
         _child(child_fn)
     return pid

@@ -46,6 +46,9 @@ BACKPORTS, TRIXIE = "bookworm-backports", "trixie"
 
 QEMU10_PACKAGES = ("qemu-system-x86", "qemu-system-common", "qemu-system-data")
 RUST_PACKAGES = ("virtiofsd", "libc6", "libseccomp2", "libcap-ng0", "libgcc-s1")
+# libvirt 11.3, run unpacked beside the system's 9.0 (scripts/libvirt11-env.sh)
+LIBVIRT11_PACKAGES = ("libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-daemon-common",
+                      "libvirt-daemon-log", "libvirt-common", "libvirt0", "libvirt-clients")
 SYSTEM_QEMU_MODULES = "/usr/lib/x86_64-linux-gnu/qemu"
 LIBDIR = "usr/lib/x86_64-linux-gnu"
 
@@ -167,6 +170,12 @@ def qemu_version(name: str = "a") -> str:
     return out.splitlines()[0] if out else "?"
 
 
+def ensure_libvirt11() -> Path:
+    """The unpacked root of libvirt 11.3 (bookworm-backports): its other
+    dependencies are bookworm's, installed with 9.0 (scripts/setup.sh)."""
+    return _unpack_into("libvirt-11", BACKPORTS, LIBVIRT11_PACKAGES)
+
+
 # --------------------------------------------------------------------------
 # the Rust virtiofsd
 
@@ -191,6 +200,7 @@ def ensure_all() -> None:
         ensure_initrd(name)
         qemu_argv(name)
     ensure_rust_virtiofsd()
+    ensure_libvirt11()
 
 
 def main() -> int:

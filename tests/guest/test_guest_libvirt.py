@@ -32,23 +32,30 @@ def daemons_left() -> list[str]:
     return [line for line in out.stdout.splitlines() if "pgrep" not in line]
 
 
-@pytest.fixture(scope="module")
-def check(installed, tmp_path_factory):
-    work = tmp_path_factory.mktemp("libvirt")   # the script's output, kept
+def run_libvirt_check(prefix: list[str], variants, label: str, log_dir, share: str) -> dict:
+    """scripts/libvirt-check.sh for ``variants`` with the installed program,
+    run under ``prefix`` (a command that takes it as its arguments, or
+    none); its output, exit status and the daemons left behind."""
     env = {**os.environ, "LIBVIRT_CHECK_DAEMON": "/usr/bin/pyvirtiofsd",
-           "LIBVIRT_CHECK_VARIANTS": " ".join(VARIANTS),
+           "LIBVIRT_CHECK_VARIANTS": " ".join(variants),
            "LIBVIRT_CHECK_DIR": "/var/lib/libvirt/images/pyvirtiofsd-check",
-           "LIBVIRT_CHECK_SHARE": "/srv/pyvirtiofsd-check"}
+           "LIBVIRT_CHECK_SHARE": share}
     t0 = time.monotonic()
-    r = subprocess.run([str(REPO / "scripts" / "libvirt-check.sh")], capture_output=True, text=True,
+    r = subprocess.run([*prefix, str(REPO / "scripts" / "libvirt-check.sh")], capture_output=True, text=True,
                        env=env, timeout=900, cwd=REPO)
-    (work / "libvirt-check.log").write_text(r.stdout + r.stderr)
-    BOOTS.append(("installed", "libvirt 9.0 " + "+".join(VARIANTS), time.monotonic() - t0,
-                  f"log {work / 'libvirt-check.log'}"))
+    (log_dir / "libvirt-check.log").write_text(r.stdout + r.stderr)
+    BOOTS.append(("installed", f"{label} " + "+".join(variants), time.monotonic() - t0,
+                  f"log {log_dir / 'libvirt-check.log'}"))
     deadline = time.monotonic() + 15
     while daemons_left() and time.monotonic() < deadline:
         time.sleep(0.2)
     return {"rc": r.returncode, "out": r.stdout + r.stderr, "left": daemons_left()}
+
+
+@pytest.fixture(scope="module")
+def check(installed, tmp_path_factory):
+    work = tmp_path_factory.mktemp("libvirt")   # the script's output, kept
+    return run_libvirt_check([], VARIANTS, "libvirt 9.0", work, "/srv/pyvirtiofsd-check")
 
 
 def test_every_variant_mounts_writes_and_reads(check):

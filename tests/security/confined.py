@@ -46,7 +46,7 @@ def run_confined(role, config, body, inspect=None, timeout=30.0) -> Result:
         os.write(w_rep, repr(out).encode())
         os.close(w_rep)
 
-    pid = sandbox.spawn_confined(child, config.sandbox)
+    pid = sandbox.spawn_confined(child, config.sandbox, config.inherit_namespaces)
     os.close(w_rep)
     os.close(r_go)
     outside = None

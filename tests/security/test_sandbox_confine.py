@@ -14,7 +14,7 @@ import socket
 import pytest
 
 from daemon import sandbox
-from daemon.sandbox import capabilities
+from daemon.sandbox import capabilities, namespaces
 from tests.procfs import ns_inodes
 from tests.security.confined import make_config, run_confined
 
@@ -98,6 +98,31 @@ def test_request_worker_confined(shared, mode):
             assert out["ns"][ns] != mine[ns], ns
     else:
         assert out["ns"] == mine
+
+
+@pytest.mark.parametrize("role", ["request", "hiprio"])
+def test_inherited_namespaces_are_the_supervisors_and_the_rest_own(shared, role):
+    """--inherit-namespaces net,ipc,uts (the systemd unit, whose
+    RestrictNamespaces=mnt pid forbids the others): the worker still gets
+    its own mount and pid namespaces and its root change, and shares the
+    rest with its parent."""
+    cfg = make_config(shared, "namespace", "kill",
+                      inherit_namespaces=namespaces.parse_inherited("net,ipc,uts"))
+
+    def body(info):      # (the hiprio list has no openat: its root is looked at from outside)
+        return {"pid": os.getpid(), "root": sorted(os.listdir("/")) if role == "request" else None}
+
+    res = run_confined(role, cfg, body, inspect=outside_view)
+    assert os.WIFEXITED(res.status) and os.WEXITSTATUS(res.status) == 0, res
+    inside = eval(res.report)  # noqa: S307 - our own child's repr
+    mine = ns_inodes()
+    assert inside["pid"] == 1
+    assert inside["root"] in (["file", "sub"], None)
+    assert sorted(res.outside["root_entries"]) == (["file", "sub"] if role == "request" else [])
+    for ns in ("mnt", "pid"):
+        assert res.outside["ns"][ns] != mine[ns], ns
+    for ns in ("net", "ipc", "uts"):
+        assert res.outside["ns"][ns] == mine[ns], ns
 
 
 @pytest.mark.parametrize("mode", ["namespace", "chroot"])
