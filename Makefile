@@ -1,7 +1,7 @@
 # pyvirtiofsd: the two commands a user needs are `make demo` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup deb demo lint test test-full test-pure unit test-frontend test-guest test-usecases fuzz fuzz-asan bench profile clean
+.PHONY: setup deb demo lint test test-full test-pure unit test-frontend test-guest test-usecases pjdfstest fuzz fuzz-asan bench profile clean
 
 setup:
 	./scripts/setup.sh
@@ -49,6 +49,14 @@ test-guest: setup
 ## directory, SIGKILL during fsynced writes, ro/remount and atime, on both platforms (12-18 min).
 test-usecases: setup
 	$(PY) -m pytest -p no:cacheprovider -q -rfE -m usecase tests/guest
+
+## pjdfstest (POSIX conformance, fetched and built by setup) as root in a
+## platform-a guest against ours (--cache auto --xattr), the C and the Rust
+## virtiofsd, one boot each: per-daemon counts and failing assertions, and
+## the failures only ours has (exit status 1 if any). PJDFSTEST_ARGS=--quick
+## runs the credential-related directories only; --platform b the other guest.
+pjdfstest: setup
+	$(PY) -m tests.guest.pjdfstest $(PJDFSTEST_ARGS)
 
 ## One million inputs of the chain + FUSE fuzz target (FUZZ_ITERATIONS=N to change);
 ## prints inputs, time, fds and RSS, fails on any crash, hang or growth.

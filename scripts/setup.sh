@@ -17,6 +17,7 @@ PACKAGES=(
   systemd           # systemd-analyze checks the packaged unit (no systemd runs)
   attr              # setfattr/getfattr: guest tests of --xattrmap (the guest runs the host's programs)
   acl               # setfacl/getfacl: tests of --posix-acl (frontend, and the guest runs them too)
+  git autoconf automake make perl  # pjdfstest: fetched at a pinned commit and built; the guest runs perl's prove
 )
 
 scripts/apt-ensure.sh setup "${PACKAGES[@]}"
@@ -46,4 +47,7 @@ echo "setup: guest kernel cache"
 echo "setup: guest platforms (a: QEMU 7.2 + Linux 6.1; b: QEMU 10 + Linux 6.12) and the Rust virtiofsd"
 # unpacked under .cache/guest, nothing installed system-wide (tests/guest/platforms.py)
 .venv/bin/python -m tests.guest.platforms >/dev/null
+echo "setup: pjdfstest (POSIX conformance suite, built under .cache/guest)"
+# cloned at the commit tests/guest/pjdfstest.py pins; $PYVIRTIOFSD_PJDFSTEST_GIT may name a mirror
+.venv/bin/python -c "from tests.guest.pjdfstest import ensure_pjdfstest; ensure_pjdfstest()"
 echo "setup: done"
