@@ -17,6 +17,7 @@ PACKAGES=(
   systemd           # systemd-analyze checks the packaged unit (no systemd runs)
   attr              # setfattr/getfattr: guest tests of --xattrmap (the guest runs the host's programs)
   acl               # setfacl/getfacl: tests of --posix-acl (frontend, and the guest runs them too)
+  mmdebstrap        # the Debian root the root-on-virtiofs test boots (tests/guest/rootfs.py)
 )
 
 scripts/apt-ensure.sh setup "${PACKAGES[@]}"
@@ -46,4 +47,6 @@ echo "setup: guest kernel cache"
 echo "setup: guest platforms (a: QEMU 7.2 + Linux 6.1; b: QEMU 10 + Linux 6.12) and the Rust virtiofsd"
 # unpacked under .cache/guest, nothing installed system-wide (tests/guest/platforms.py)
 .venv/bin/python -m tests.guest.platforms >/dev/null
+echo "setup: the Debian 12 root for the root-on-virtiofs test (built once, a few minutes)"
+.venv/bin/python -m tests.guest.rootfs >/dev/null
 echo "setup: done"
