@@ -6,15 +6,15 @@ virtiofs; platform b: Linux 6.12 mounts the root itself, no initramfs).
 
 In the guest (tests/guest/rootfs_boot.py): systemd reaches multi-user.target
 with no failed unit, ``dpkg -i`` of a package and the dependencies the root
-lacks succeeds, ``dpkg --verify`` (every package of the root) and
-``dpkg --audit`` are clean; then the guest reboots in place on the same
+lacks succeeds, ``dpkg --verify`` and ``dpkg --audit`` are clean; then the guest reboots in place on the same
 daemon and the second boot finds the packages installed, verified and
 runnable. On the host: the install is in the shared directory.
 
-Quick mode (``make test``): one small package (``file`` and its two
-libraries), ours on both platforms and the Rust virtiofsd on platform b; full
-mode: python3 and its dependencies, and the Rust virtiofsd on both platforms
-(the same checks: where it differs from ours, the difference is ours).
+Quick mode (``make test``, ~4 min a boot pair): one small package (``file``
+and its two libraries), verified alone, ours on both platforms. Full mode:
+python3 and its 19 dependencies, ``dpkg --verify`` of every package of the
+root, and the same boots with the Rust virtiofsd on both platforms (where it
+differs from ours, the difference is ours; ``make bench`` times both).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.guest, pytest.mark.usecase]
 
 INSTALL_SET = "small" if QUICK else "python3"
 # (daemon, platform)
-CASES = [("ours", "a"), ("ours", "b"), ("rust", "b")] + ([] if QUICK else [("rust", "a")])
+CASES = [("ours", "a"), ("ours", "b")] + ([] if QUICK else [("rust", "a"), ("rust", "b")])
 # what the installed program prints (rootfs_boot.RUN_ARG runs it; spaces are _)
 RUN_EXPECT = {"small": "ELF_64-bit", "python3": "Beautiful_is_better_than_ugly"}
 TIMEOUT = 1800
@@ -43,7 +43,7 @@ def run(request, tmp_path_factory):
     kind, platform = request.param
     ensure_rootfs()  # setup.sh built it; a miss builds it here (minutes)
     base, shared, run_dir = guest_dirs(tmp_path_factory, f"rootfs-{kind}-{platform}")
-    prepare_share(shared, INSTALL_SET)
+    prepare_share(shared, INSTALL_SET, verify_all=not QUICK)
     d = _start_daemon(kind, shared, "auto", run_dir)
     try:
         result = boot(d.socket_path, platform, base / "console.log", timeout=TIMEOUT)
