@@ -65,7 +65,8 @@ fuzz-asan: setup
 
 ## Ours vs QEMU's C virtiofsd and the Rust virtiofsd, same workloads in the
 ## same run (real guest on both platforms, two-queue parallel on platform b,
-## daemon-bound, footprint); writes docs/perf/results.md and ratios.png.
+## daemon-bound, footprint, a Debian root on virtio-fs booted, dpkg -i,
+## rebooted); writes docs/perf/results.md and ratios.png.
 ## BENCH_ARGS=--quick for a short run.
 bench: setup
 	.venv/bin/pip install -q --disable-pip-version-check -e ".[bench]" --config-settings editable_mode=compat
