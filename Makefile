@@ -46,7 +46,8 @@ test-guest: setup
 	$(PY) -m pytest -p no:cacheprovider -q tests/guest
 
 ## The virtiofs use cases alone (also part of `make test`): two guests on one
-## directory, SIGKILL during fsynced writes, ro/remount and atime, on both platforms (12-18 min).
+## directory, SIGKILL during fsynced writes, ro/remount and atime, a Debian root
+## booted from the share (dpkg, reboot), on both platforms (20-30 min).
 test-usecases: setup
 	$(PY) -m pytest -p no:cacheprovider -q -rfE -m usecase tests/guest
 
