@@ -23,9 +23,7 @@ with ``rootfstype=`` (read-write if ``rw`` is on the command line) and
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import os
 import shutil
 import stat
 import subprocess
@@ -33,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .initrd import build_cpio, find_busybox
+from .initrd import cached_cpio, find_busybox
 from .kernel import cache_dir, ensure_kernel
 
 SUITE = "bookworm"
@@ -156,15 +154,7 @@ def initrd_for(platform: str) -> Path | None:
     entries.append(("modules/load-order", stat.S_IFREG | 0o644, ("\n".join(order) + "\n").encode()))
     for m in order:
         entries.append((f"modules/{m}.ko", stat.S_IFREG | 0o644, (mods / f"{m}.ko").read_bytes()))
-    h = hashlib.sha256()
-    for name, mode, data in entries:
-        h.update(name.encode() + b"\0" + str(mode).encode() + b"\0" + hashlib.sha256(data).digest())
-    out = cache_dir() / f"rootfs-initrd-{series}-{h.hexdigest()[:16]}.cpio.gz"
-    if not out.is_file():
-        tmp = out.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(gzip.compress(build_cpio(entries), compresslevel=6, mtime=0))
-        tmp.replace(out)
-    return out
+    return cached_cpio(entries, f"rootfs-initrd-{series}")[0]
 
 
 if __name__ == "__main__":

@@ -21,10 +21,8 @@ their program run; then ``systemctl poweroff``, which ends QEMU.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -33,6 +31,7 @@ from .kernel import ensure_kernel
 from .platforms import platform as get_platform
 from .platforms import qemu_argv
 from .rootfs import INSTALLED_FILE, debs, initrd_for, unpack_root
+from .vm import kill_qemu
 
 TAG = "rootfs"
 CHECK_SCRIPT = r"""#!/bin/sh
@@ -196,12 +195,7 @@ def boot(socket_path: str, platform: str, console_log: Path, timeout: float = 15
     except subprocess.TimeoutExpired:
         timed_out = True
     finally:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+        kill_qemu(proc)
     text = console_log.read_text(errors="replace").replace("\r\n", "\n")
     return RootBoot(parse_reports(text), text, proc.returncode, timed_out, time.monotonic() - start,
                     err_path.read_text(errors="replace"))
