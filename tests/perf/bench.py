@@ -88,10 +88,10 @@ PARALLEL = (("ours", 2, ()), ("rust", 1, ()))
 
 FULL = dict(seq_mib=256, rand_seconds=8, files=10_000, tar_files=3000, lat_count=2000,
             footprint_files=100_000, large_files=100_000, frontend_seconds=3.0, rounds=2, startup_runs=5,
-            par_files=10_000, rootfs_set="python3")
+            par_files=10_000, rootfs_set="python3", rootfs_verify_all=True)
 QUICK = dict(seq_mib=32, rand_seconds=3, files=1000, tar_files=500, lat_count=500,
              footprint_files=10_000, large_files=20_000, frontend_seconds=1.0, rounds=1, startup_runs=3,
-             par_files=1000, rootfs_set="small")
+             par_files=1000, rootfs_set="small", rootfs_verify_all=False)
 
 # (key, label, section) in table order; the value of a key is "higher is better"
 GUEST_PHASES = [
@@ -693,7 +693,7 @@ def main(argv=None) -> int:
     rootfs = None
     if not args.skip_rootfs:
         log(f"root file system on virtio-fs, platform(s) {','.join(platforms)}: boot, dpkg -i, reboot")
-        rootfs = rootfs_bench.rootfs_part(platforms, p["rounds"], p["rootfs_set"], log)
+        rootfs = rootfs_bench.rootfs_part(platforms, p["rounds"], p["rootfs_set"], log, p["rootfs_verify_all"])
     elapsed = time.monotonic() - t0
     rows = build_rows(guest, fe, start, p, parallel, rootfs)
     (out / "results.json").write_text(json.dumps({"machine": info, "params": p, "rows": rows,
