@@ -46,7 +46,8 @@ test-guest: setup
 	$(PY) -m pytest -p no:cacheprovider -q tests/guest
 
 ## The virtiofs use cases alone (also part of `make test`): two guests on one
-## directory, SIGKILL during fsynced writes, ro/remount and atime, on both platforms (12-18 min).
+## directory, SIGKILL during fsynced writes, ro/remount and atime, a Debian root
+## booted from the share (dpkg, reboot), on both platforms (20-30 min).
 test-usecases: setup
 	$(PY) -m pytest -p no:cacheprovider -q -rfE -m usecase tests/guest
 
@@ -76,7 +77,8 @@ fuzz-asan: setup
 
 ## Ours vs QEMU's C virtiofsd and the Rust virtiofsd, same workloads in the
 ## same run (real guest on both platforms, two-queue parallel on platform b,
-## daemon-bound, footprint); writes docs/perf/results.md and ratios.png.
+## daemon-bound, footprint, a Debian root on virtio-fs booted, dpkg -i,
+## rebooted); writes docs/perf/results.md and ratios.png.
 ## BENCH_ARGS=--quick for a short run.
 bench: setup
 	.venv/bin/pip install -q --disable-pip-version-check -e ".[bench]" --config-settings editable_mode=compat

@@ -20,6 +20,7 @@ PACKAGES=(
   acl               # setfacl/getfacl: tests of --posix-acl (frontend, and the guest runs them too)
   uidmap            # newuidmap/newgidmap: --uid-map/--gid-map (an unprivileged daemon's user namespace)
   git autoconf automake make perl  # pjdfstest (make pjdfstest): built from a clone; the guest runs perl's prove
+  mmdebstrap        # the Debian root the root-on-virtiofs test boots (tests/guest/rootfs.py)
 )
 
 scripts/apt-ensure.sh setup "${PACKAGES[@]}"
@@ -62,4 +63,6 @@ echo "setup: guest kernel cache"
 echo "setup: guest platforms (a: QEMU 7.2 + Linux 6.1; b: QEMU 10 + Linux 6.12) and the Rust virtiofsd"
 # unpacked under .cache/guest, nothing installed system-wide (tests/guest/platforms.py)
 .venv/bin/python -m tests.guest.platforms >/dev/null
+echo "setup: the Debian 12 root for the root-on-virtiofs test (built once, a few minutes)"
+.venv/bin/python -m tests.guest.rootfs >/dev/null
 echo "setup: done"

@@ -132,6 +132,21 @@ def build_cpio(entries: list[tuple[str, int, bytes]]) -> bytes:
     return buf.getvalue()
 
 
+def cached_cpio(entries: list[tuple[str, int, bytes]], stem: str) -> tuple[Path, bool]:
+    """The gzip'd cpio of ``entries`` at ``<cache>/<stem>-<content hash>.cpio.gz``,
+    written only if missing: (its path, whether it was written now)."""
+    h = hashlib.sha256()
+    for name, mode, data in entries:
+        h.update(name.encode() + b"\0" + str(mode).encode() + b"\0" + hashlib.sha256(data).digest())
+    out = cache_dir() / f"{stem}-{h.hexdigest()[:16]}.cpio.gz"
+    if out.is_file():
+        return out, False
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(gzip.compress(build_cpio(entries), compresslevel=6, mtime=0))
+    tmp.replace(out)
+    return out, True
+
+
 def find_busybox() -> Path:
     for c in BUSYBOX_CANDIDATES:
         p = Path(c)
@@ -158,15 +173,9 @@ def ensure_initrd(platform: str = "a") -> Path:
     entries.append(("modules/load-order", stat.S_IFREG | 0o644, "\n".join(order).encode() + b"\n"))
     for m in order:
         entries.append((f"modules/{m}.ko", stat.S_IFREG | 0o644, (mods / f"{m}.ko").read_bytes()))
-    h = hashlib.sha256()
-    for name, mode, data in entries:
-        h.update(name.encode() + b"\0" + str(mode).encode() + b"\0" + hashlib.sha256(data).digest())
-    out = cache_dir() / f"initrd-{series}-{h.hexdigest()[:16]}.cpio.gz"
-    if out.is_file():
+    out, fresh = cached_cpio(entries, f"initrd-{series}")
+    if not fresh:
         return out
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_bytes(gzip.compress(build_cpio(entries), compresslevel=6, mtime=0))
-    tmp.replace(out)
     # drop this kernel's older initrds (and those named before the series was)
     for old in [*cache_dir().glob(f"initrd-{series}-*.cpio.gz"),
                 *cache_dir().glob("initrd-" + "[0-9a-f]" * 16 + ".cpio.gz")]:

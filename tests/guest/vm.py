@@ -139,6 +139,16 @@ def qemu_command(socket_path: str | None, command: str, *, tag: str, mem: str, s
     return argv
 
 
+def kill_qemu(proc: subprocess.Popen) -> None:
+    """SIGKILL QEMU's process group (it leads one) unless it has exited; reap it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
 def run_guest(socket_path: str | None, command: str, tag: str = "myfs", timeout: float = 300,
               mem: str = "1G", smp: int = 2, extra_kernel_args=(), mount_opts: str = "",
               mount_point: str = "/mnt", console_log: str | os.PathLike | None = None,
@@ -225,12 +235,7 @@ def run_guest(socket_path: str | None, command: str, tag: str = "myfs", timeout:
                 timed_out = True
                 break
     finally:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+        kill_qemu(proc)
     duration = time.monotonic() - start
     text = console.read_text(errors="replace").replace("\r\n", "\n")
     stderr = stderr_path.read_text(errors="replace")

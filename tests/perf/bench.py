@@ -3,9 +3,9 @@ virtiofsd 1.13, as ratios.
 
     python -m tests.perf.bench [--quick] [--rounds N] [--platforms a,b]
                                [--skip-guest] [--skip-frontend] [--skip-parallel]
-                               [--out docs/perf]
+                               [--skip-rootfs] [--out docs/perf]
 
-Four parts, each run against our daemon first and the baselines after it,
+Five parts, each run against our daemon first and the baselines after it,
 in the same run (absolute figures depend on the machine and on whatever
 else runs on it; only ratios measured side by side mean anything):
 
@@ -37,6 +37,11 @@ else runs on it; only ratios measured side by side mean anything):
    ``--inode-file-handles=prefer`` (fds bounded, so the limit does not
    apply); and the tree PSS of three bare python3 processes, the floor of
    any daemon of our shape.
+5. **Root file system** (tests/perf/rootfs_bench.py): a Debian 12 minimal
+   root on virtio-fs booted to multi-user, ``dpkg -i`` of python3 and its
+   dependencies, ``dpkg --verify``, a reboot to multi-user; ours, C and
+   Rust on platform a, ours and Rust on platform b; seconds, so those
+   ratios are baseline / ours.
 
 Every throughput ratio is ours / C and ours / Rust (> 1: we are faster).
 Each guest boot and each frontend measurement is repeated ``--rounds``
@@ -71,7 +76,7 @@ if str(REPO) not in sys.path:
 from tests.conftest import C_VIRTIOFSD, start_daemon  # noqa: E402
 from tests.guest.platforms import PLATFORMS, qemu_version, rust_virtiofsd_argv  # noqa: E402
 from tests.guest.vm import guest_path  # noqa: E402
-from tests.perf import footprint  # noqa: E402
+from tests.perf import footprint, rootfs_bench  # noqa: E402
 
 WORKLOADS = Path(__file__).resolve().parent / "guest_workloads"
 # the guest sees the host root read-only (tests/guest/vm.py), except where
@@ -86,10 +91,10 @@ PARALLEL = (("ours", 2, ()), ("rust", 1, ()))
 
 FULL = dict(seq_mib=256, rand_seconds=8, files=10_000, tar_files=3000, lat_count=2000,
             footprint_files=100_000, large_files=100_000, frontend_seconds=3.0, rounds=2, startup_runs=5,
-            par_files=10_000)
+            par_files=10_000, rootfs_set="python3", rootfs_verify_all=True)
 QUICK = dict(seq_mib=32, rand_seconds=3, files=1000, tar_files=500, lat_count=500,
              footprint_files=10_000, large_files=20_000, frontend_seconds=1.0, rounds=1, startup_runs=3,
-             par_files=1000)
+             par_files=1000, rootfs_set="small", rootfs_verify_all=False)
 
 # (key, label, section) in table order; the value of a key is "higher is better"
 GUEST_PHASES = [
@@ -459,8 +464,11 @@ def _row(section: str, name: str, label: str, figures: dict, **more) -> dict:
             "ratio": _ratio(o, figures.get("c")), "ratio_rust": _ratio(o, figures.get("rust")), **more}
 
 
-def build_rows(guest: dict | None, fe: dict | None, start: dict, p: dict, parallel: dict | None = None) -> list[dict]:
+def build_rows(guest: dict | None, fe: dict | None, start: dict, p: dict, parallel: dict | None = None,
+               rootfs: dict | None = None) -> list[dict]:
     rows = []
+    if rootfs:
+        rows += rootfs_bench.rows(rootfs, _row)
     for plat, g in (guest or {}).items():
         for cache in ("never", "auto"):
             b = g[cache]["best"]
@@ -553,14 +561,14 @@ def render_table(rows: list[dict]) -> str:
         note = ""
         if r["name"].startswith("pss-"):
             note = " (1.5 × RSS / ours PSS)"
-        elif r["name"] == "startup" or r["name"].startswith("cpu-"):
+        elif r["name"] == "startup" or r["name"].startswith(("cpu-", "rootfs/")):
             note = " (baseline / ours)"
         lines.append(f"| {r['label']} | {_fmt(r['ours'])} | {_fmt(r['c'])} | {_fmt(r['rust'])} | "
                      f"{_fmt_ratio(r['ratio'], note)} | {_fmt_ratio(r['ratio_rust'], note)} |")
     return "\n".join(lines).lstrip("\n")
 
 
-def render_markdown(rows, info, p, args, guest, elapsed, floor=None, parallel=None) -> str:
+def render_markdown(rows, info, p, args, guest, elapsed, floor=None, parallel=None, rootfs=None) -> str:
     goals = [r["goal"] for r in rows if r.get("goal")]
     ratios = [(r["name"], base, r[key]) for r in rows
               for base, key in (("C", "ratio"), ("Rust", "ratio_rust")) if r[key] is not None]
@@ -587,6 +595,8 @@ def render_markdown(rows, info, p, args, guest, elapsed, floor=None, parallel=No
     for kind, res in (parallel or {}).items():
         for failure in res["failures"]:
             md.append(f"- parallel, {KIND_LABEL[kind]} with {res['queues']} request queue(s) FAILED: {failure}")
+    if rootfs:
+        md += rootfs_bench.markdown(rootfs)
     if guest and "a" in guest:
         md += ["", "## Process trees (platform a, cache=auto boot)", ""]
         for kind in KINDS:
@@ -619,6 +629,9 @@ def render_markdown(rows, info, p, args, guest, elapsed, floor=None, parallel=No
            "before each cold phase. Daemons: `--cache never|auto` / `-o cache=none|auto -o xattr -o posix_lock` / "
            "Rust `--cache never|auto --xattr`, otherwise defaults (ours and Rust: sandbox and seccomp on).",
            f"- daemon-bound: tests/perf/frontend_bench.py, {p['frontend_seconds']} s per figure, queue size 1024.",
+           f"- root file system: the Debian 12 minimal root of tests/guest/rootfs.py, a fresh copy per boot pair, "
+           f"`rootfstype=virtiofs root=TAG rw`, all daemons cache=auto; install set {p['rootfs_set']!r} "
+           "(tests/perf/rootfs_bench.py; where the time goes: docs/perf/rootfs.md).",
            "", "## Machine", ""]
     info = dict(info, loadavg_end=os.getloadavg())
     md += [f"- {k}: {v}" for k, v in info.items()]
@@ -656,6 +669,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-guest", action="store_true")
     ap.add_argument("--skip-frontend", action="store_true")
     ap.add_argument("--skip-parallel", action="store_true")
+    ap.add_argument("--skip-rootfs", action="store_true")
     ap.add_argument("--platforms", default="a,b", help="guest platforms of the guest part (a, b or a,b)")
     ap.add_argument("--out", default=str(REPO / "docs" / "perf"))
     args = ap.parse_args(argv)
@@ -704,15 +718,19 @@ def main(argv=None) -> int:
     if not args.skip_parallel:
         log("parallel workloads, platform b: " + ", ".join(f"{k} with {q} request queue(s)" for k, q, _ in PARALLEL))
         parallel = parallel_part(p, p["rounds"])
+    rootfs = None
+    if not args.skip_rootfs:
+        log(f"root file system on virtio-fs, platform(s) {','.join(platforms)}: boot, dpkg -i, reboot")
+        rootfs = rootfs_bench.rootfs_part(platforms, p["rounds"], p["rootfs_set"], log, p["rootfs_verify_all"])
     elapsed = time.monotonic() - t0
-    rows = build_rows(guest, fe, start, p, parallel)
+    rows = build_rows(guest, fe, start, p, parallel, rootfs)
     (out / "results.json").write_text(json.dumps({"machine": info, "params": p, "rows": rows,
                                                   "guest": guest, "large": large, "parallel": parallel,
-                                                  "frontend": fe, "startup": start,
+                                                  "frontend": fe, "startup": start, "rootfs": rootfs,
                                                   "interpreter_floor": floor},
                                                  indent=1, default=str))
     (out / "results.md").write_text(render_markdown(rows, info, p, args, dict(guest or {}, large=large),
-                                                    elapsed, floor, parallel))
+                                                    elapsed, floor, parallel, rootfs))
     render_chart(rows, out / "ratios.png")
     print()
     print(render_table(rows))

@@ -1,0 +1,54 @@
+"""The root-file-system boot's console reports (tests/guest/rootfs_boot.py) and
+the bench rows made of them (tests/perf/rootfs_bench.py): what is read and
+which way the ratios go, without booting anything."""
+
+from __future__ import annotations
+
+from tests.guest.rootfs_boot import parse_reports
+from tests.perf import bench, rootfs_bench
+
+CONSOLE = """\
+[    4.4] systemd[1]: Failed to find module 'autofs4'
+[   58.6] rootfs-check[207]: @@ROOTFS boot 1@@
+[   60.2] rootfs-check[207]: @@ROOTFS uptime-multi-user 60.12@@
+[   61.7] rootfs-check[207]: @@ROOTFS multi-user active@@
+[   62.1] rootfs-check[207]: @@ROOTFS root-mount rootfs,virtiofs,rw,relatime@@
+[   63.0] rootfs-check[207]: @@ROOTFS failed systemd-foo.service@@
+[   63.7] rootfs-check[207]: @@ROOTFS failed-count 1@@
+[  110.8] rootfs-check[207]: @@ROOTFS install rc=0 seconds=35.08 packages=3@@
+[  113.7] rootfs-check[207]: @@ROOTFS status file ii@@
+[  216.3] rootfs-check[207]: @@ROOTFS verify rc=0 lines=0 seconds=95.44@@
+[  221.3] rootfs-check[207]: @@ROOTFS rebooting@@
+[   82.9] rootfs-check[202]: @@ROOTFS boot 2@@
+[   83.5] rootfs-check[202]: @@ROOTFS uptime-multi-user 83.54@@
+[   83.6] rootfs-check[202]: @@ROOTFS status file iU@@
+"""
+
+
+def test_reports_are_split_per_boot():
+    first, second = parse_reports(CONSOLE)
+    assert first["boot"] == "1" and second["boot"] == "2"
+    assert first["uptime-multi-user"] == "60.12" and second["uptime-multi-user"] == "83.54"
+    assert first["root-mount"] == "rootfs,virtiofs,rw,relatime"
+    assert first["failed"] == ["systemd-foo.service"] and second["failed"] == []
+    assert first["install"] == {"rc": "0", "seconds": "35.08", "packages": "3"}
+    assert first["verify"]["lines"] == "0" and "install" not in second
+    assert first["status"] == {"file": "ii"} and second["status"] == {"file": "iU"}
+    assert "rebooting" in first and "rebooting" not in second
+
+
+def test_reports_before_the_first_boot_line_are_ignored():
+    assert parse_reports("@@ROOTFS install rc=0@@\n") == []
+
+
+def test_rows_are_baseline_over_ours_seconds():
+    part = {"a": {"install_set": "small", "cpu": {}, "failures": [],
+                  "best": {"ours": {"boot": 50.0, "install": 40.0}, "c": {"boot": 100.0, "install": 20.0},
+                           "rust": {"boot": 25.0}}}}
+    rows = {r["name"]: r for r in rootfs_bench.rows(part, bench._row)}
+    assert set(rows) == {"rootfs/a/boot", "rootfs/a/install"}  # nobody measured reboot/verify
+    assert rows["rootfs/a/boot"]["ratio"] == 2.0 and rows["rootfs/a/boot"]["ratio_rust"] == 0.5
+    assert rows["rootfs/a/install"]["ratio"] == 0.5 and rows["rootfs/a/install"]["ratio_rust"] is None
+    assert "file + 2 libraries" in rows["rootfs/a/install"]["label"]
+    table = bench.render_table(list(rows.values()))
+    assert "2.00 (baseline / ours)" in table and "0.50 ⚠ (baseline / ours)" in table
