@@ -199,7 +199,7 @@ def install(fs: Any, ops: dict) -> None:
             """SETATTR with a chown's guest ids translated to the host's."""
             args = req.args
             if len(args) >= abi.SETATTR_IN.size:
-                valid = int.from_bytes(args[:4], "little")
+                valid = abi.SETATTR_IN.unpack_from(args)[0]
                 if valid & (_V_UID | _V_GID):
                     uid, gid = abi.IDS.unpack_from(args, abi.SETATTR_IN_IDS_AT)
                     uid = ids.uid.to_host.map(uid) if valid & _V_UID else uid
