@@ -66,8 +66,8 @@ def test_the_daemon_was_started_with_supplementary_groups(run):
     cond = START_CONDITIONS["managed"]
     assert cond.groups and 0 in cond.groups
     assert run["cmd"][:2] == ["setpriv", "--groups=" + ",".join(map(str, cond.groups))]
-    # and none of its processes kept them
-    assert len(run["before"]) == 3, run["before"]
+    # and none of its processes kept them: supervisor, hiprio, request-1, keeper
+    assert len(run["before"]) == 4, run["before"]
     for pid, state in run["before"].items():
         assert state["Groups"] == "", (pid, state)
 
