@@ -46,7 +46,6 @@ import resource
 import select
 import signal
 import socket
-import struct
 import sys
 from typing import NoReturn
 
@@ -61,7 +60,7 @@ log = daemon_log.get_logger("keeper")
 NAME = "keeper"
 IDLE_REAP_S = 1.0      # how long a released file's copy may linger while idle
 BATCH = 64             # messages read per wake-up before looking for dead slots
-_CMSG_ROOM = socket.CMSG_SPACE(4 * 4)   # room for a sender that puts more than one fd
+_MAX_FDS = 4            # room for a sender that puts more than one fd (all closed)
 
 
 def become_keeper() -> None:
@@ -140,14 +139,13 @@ class Keeper:
         n = 0
         while n < BATCH:
             try:
-                data, ancdata, flags, _addr = self.sock.recvmsg(KEEP.size, _CMSG_ROOM,
-                                                                socket.MSG_CMSG_CLOEXEC)
+                data, fds, flags, _addr = socket.recv_fds(self.sock, KEEP.size, _MAX_FDS,
+                                                          socket.MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
                 break
-            if not data and not ancdata:
+            if not data and not fds:
                 break
             n += 1
-            fds = _fds_of(ancdata)
             if flags & socket.MSG_CTRUNC and not fds and not self._warned:
                 # the kernel could not give us the fd: RLIMIT_NOFILE reached
                 self._warned = True
@@ -184,15 +182,6 @@ class Keeper:
         for fd in self.fds.values():
             _close(fd)
         self.fds = {}
-
-
-def _fds_of(ancdata) -> list[int]:
-    out: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(data) - len(data) % 4
-            out.extend(struct.unpack(f"<{usable // 4}i", data[:usable]))
-    return out
 
 
 def _close(fd: int) -> None:
