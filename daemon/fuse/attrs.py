@@ -128,7 +128,8 @@ def do_setattr(fs: FileSystem, req: Request):
     then reply fuse_attr_out with the new attributes. Errors from the host
     (EPERM, EACCES, EROFS, EFBIG...), EOPNOTSUPP for chmod on a symlink,
     EISDIR/EINVAL for truncating a directory/non-regular file, EINVAL for a
-    size above 2^63-1 or nanoseconds ≥ 1e9. FATTR_KILL_SUIDGID: the size
+    size above 2^63-1 or nanoseconds ≥ 1e9; EPERM for an owner or group
+that --translate-uid/-gid forbids (checked first). FATTR_KILL_SUIDGID: the size
     change clears SUID/SGID as for an unprivileged caller. A failure part-way leaves the
     earlier changes made (as chmod+chown+truncate from a shell would).
     Lookup count: unchanged."""
@@ -136,6 +137,9 @@ def do_setattr(fs: FileSystem, req: Request):
         raise FUSEError(errno.EINVAL)
     (valid, fh, size, _owner, atime, mtime, _ctime, atimensec, mtimensec, _ctimensec,
      mode, uid, gid) = abi.SETATTR_IN.unpack_from(req.args)
+    owner = (uid if valid & _V_UID else None, gid if valid & _V_GID else None)
+    if valid & (_V_UID | _V_GID) and fs.config.ids is not None:
+        owner = fs.config.ids.host_owner(*owner)   # --translate-uid/-gid; EPERM before any change
     fd = fs.cache.fd(req.nodeid)
     open_fd = _open_fd(fs, fh, req.nodeid) if valid & _V_FH else None
     ftype = stat.S_IFMT(os.fstat(fd).st_mode)
@@ -148,8 +152,8 @@ def do_setattr(fs: FileSystem, req: Request):
         else:
             os.chmod(path, stat.S_IMODE(mode))
     if valid & (_V_UID | _V_GID):
-        _check(_fchownat(fd, b"", uid if valid & _V_UID else _NO_ID,
-                         gid if valid & _V_GID else _NO_ID,
+        _check(_fchownat(fd, b"", _NO_ID if owner[0] is None else owner[0],
+                         _NO_ID if owner[1] is None else owner[1],
                          AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
     if valid & _V_SIZE:
         if size > abi.OFFSET_MAX:

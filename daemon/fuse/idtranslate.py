@@ -27,14 +27,13 @@ or, unlike the Rust daemon, which would overflow, the target's), a count of
 0, an unknown type or a wrong number of fields is an error at start, one
 line (``IdMapError``).
 
-Where it applies (``install``): guest → host to the credentials the
-creating ops act with (``fs.as_caller``: the caller's uid and gid, and the
-supplementary group of FUSE_CREATE_SUPP_GROUP) and to the owner and group
-of a SETATTR chown; host → guest to every uid and gid reported
-(GETATTR, SETATTR, LOOKUP, CREATE, MKNOD, MKDIR, SYMLINK, LINK and
-READDIRPLUS entries). The replies are packed as without translation and
-the two ids rewritten in place, so the hot path costs nothing when no rule
-is given (``install`` is not called). A forbidden id is EPERM (the Rust
+Where it applies: guest → host to the credentials the creating ops act
+with (``fs.as_caller``: the caller's uid and gid, and the supplementary
+group of FUSE_CREATE_SUPP_GROUP) and to the owner and group of a SETATTR
+chown (``Ids.host_owner``, in attrs.do_setattr); host → guest to every uid
+and gid reported (GETATTR, SETATTR, LOOKUP, CREATE, MKNOD, MKDIR, SYMLINK,
+LINK and READDIRPLUS entries: ``TranslatedTimeouts``, the session's reply
+structs when a rule is given, so the hot path costs nothing without one). A forbidden id is EPERM (the Rust
 daemon answers EIO: its error carries no errno). POSIX ACLs name ids the
 daemon would not translate, so ``--posix-acl`` is refused with these
 options, as in the Rust daemon.
@@ -45,19 +44,15 @@ from __future__ import annotations
 import bisect
 import errno
 import re
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-from daemon.fuse import abi
-from daemon.fuse.abi import Opcode, SetattrValid
-from daemon.fuse.request import FUSEError, Request
+from daemon.fuse import abi, replies
+from daemon.fuse.request import FUSEError
 
 ID_MAX = 0xFFFFFFFF     # (u32)-1 is never an id: no range may reach it
 TYPES = {"guest": 3, "host": 3, "squash-guest": 3, "squash-host": 3, "forbid-guest": 2, "map": 3}
 _PREFIX = re.compile(r"[A-Za-z0-9_-]*")
 _FORBID = -1
-
-_V_UID = int(SetattrValid.UID)
-_V_GID = int(SetattrValid.GID)
 
 
 class IdMapError(ValueError):
@@ -178,34 +173,28 @@ class Ids(NamedTuple):
     def guest_ids(self, uid: int, gid: int) -> tuple[int, int]:
         return self.uid.to_guest.map(uid), self.gid.to_guest.map(gid)
 
+    def host_owner(self, uid: int | None, gid: int | None) -> tuple[int | None, int | None]:
+        """A SETATTR chown's new owner and group on the host (None: not
+        changed); FUSEError(EPERM) for a forbidden one."""
+        return (None if uid is None else self.uid.to_host.map(uid),
+                None if gid is None else self.gid.to_host.map(gid))
 
-def install(fs: Any, ops: dict) -> None:
-    """Make the request session ``fs`` report guest ids (``fs.config.ids``):
-    its reply helpers, on the instance, and SETATTR in its op table ``ops``
-    (the session's ``as_caller`` maps the caller itself: ``Ids.host_ids``)."""
-    ids: Ids = fs.config.ids
-    attr_reply, entry_reply = fs.attr_reply, fs.entry_reply
 
-    def patched(reply, offset: int, st) -> bytearray:
-        out = bytearray(reply)
-        abi.IDS.pack_into(out, offset, *ids.guest_ids(st.st_uid, st.st_gid))
-        return out
+class TranslatedTimeouts(replies.Timeouts):
+    """The reply structs of ``replies.Timeouts`` with every reported owner
+    and group translated host → guest. ``entry_out`` (LOOKUP, the creating
+    ops, READDIRPLUS entries) embeds ``attr_out``'s fuse_attr, so this one
+    override covers every reply that carries ids. Packed as without
+    translation, the two ids rewritten in place: the session picks this
+    class only when a rule is given, so the plain path pays nothing."""
 
-    fs.attr_reply = lambda st: patched(attr_reply(st), abi.ATTR_OUT_IDS_AT, st)
-    fs.entry_reply = lambda st, *a, **k: patched(entry_reply(st, *a, **k), abi.ENTRY_OUT_IDS_AT, st)
-    setattr_handler = ops.get(int(Opcode.SETATTR))
-    if setattr_handler is not None:
-        def do_setattr(fs, req: Request):
-            """SETATTR with a chown's guest ids translated to the host's."""
-            args = req.args
-            if len(args) >= abi.SETATTR_IN.size:
-                valid = abi.SETATTR_IN.unpack_from(args)[0]
-                if valid & (_V_UID | _V_GID):
-                    uid, gid = abi.IDS.unpack_from(args, abi.SETATTR_IN_IDS_AT)
-                    uid = ids.uid.to_host.map(uid) if valid & _V_UID else uid
-                    gid = ids.gid.to_host.map(gid) if valid & _V_GID else gid
-                    host = bytearray(args)
-                    abi.IDS.pack_into(host, abi.SETATTR_IN_IDS_AT, uid, gid)
-                    req.args = bytes(host)
-            return setattr_handler(fs, req)
-        ops[int(Opcode.SETATTR)] = do_setattr
+    __slots__ = ("_ids",)
+
+    def __init__(self, seconds: float, ids: Ids):
+        super().__init__(seconds)
+        self._ids = ids
+
+    def attr_out(self, st, flags: int = 0) -> bytes:
+        out = bytearray(super().attr_out(st, flags))
+        abi.IDS.pack_into(out, abi.ATTR_OUT_IDS_AT, *self._ids.guest_ids(st.st_uid, st.st_gid))
+        return bytes(out)

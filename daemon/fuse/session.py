@@ -113,7 +113,8 @@ class FuseSession:
         self._hiprio = role == "hiprio"
         # the reply structs with --cache's timeouts (replies.py); bound
         # methods, so a handler's fs.attr_reply(st) is one call
-        timeouts = replies.Timeouts(config.cache.timeout)
+        timeouts = (replies.Timeouts(config.cache.timeout) if config.ids is None or role == "hiprio"
+                    else idtranslate.TranslatedTimeouts(config.cache.timeout, config.ids))
         self.attr_reply = timeouts.attr_out
         self.entry_reply = timeouts.entry_out
         self.negative_entry = timeouts.negative_entry
@@ -134,8 +135,6 @@ class FuseSession:
         if not self._hiprio:
             if config.readonly:
                 readonly.restrict(self._ops)
-            if config.ids is not None:
-                idtranslate.install(self, self._ops)
             if root_fd is None:
                 root_fd = os.open(config.shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
                 self._own_root = True

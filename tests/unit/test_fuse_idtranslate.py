@@ -15,7 +15,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from daemon import cli
-from daemon.fuse.idtranslate import ID_MAX, IdMapError, Ids, Rule, Translation, parse_rule
+from daemon.fuse import abi, replies
+from daemon.fuse.idtranslate import ID_MAX, IdMapError, Ids, Rule, TranslatedTimeouts, Translation, parse_rule
 from daemon.fuse.request import FUSEError
 
 ids_ = st.integers(0, ID_MAX - 1)
@@ -124,6 +125,30 @@ def test_ids_host_ids_translate_groups_too():
     assert ids.guest_ids(1000, 155) == (0, 155)
     with pytest.raises(FUSEError):
         ids.host_ids(0, 0, (7,))
+
+
+def test_ids_host_owner_translates_only_what_changes():
+    ids = Ids(Translation.parse(["map:0:1000:1"]), Translation.parse(["forbid-guest:7:1"]))
+    assert ids.host_owner(0, None) == (1000, None)
+    assert ids.host_owner(None, 8) == (None, 8)
+    with pytest.raises(FUSEError) as e:
+        ids.host_owner(5, 7)
+    assert e.value.errno == errno.EPERM
+
+
+def test_translated_replies_differ_from_plain_ones_only_in_the_ids(tmp_path):
+    (tmp_path / "f").write_bytes(b"x")
+    st_ = (tmp_path / "f").stat()
+    ids = Ids(Translation.parse([f"host:{st_.st_uid}:42:1"]), Translation.parse([f"host:{st_.st_gid}:43:1"]))
+    plain, translated = replies.Timeouts(1.5), TranslatedTimeouts(1.5, ids)
+    a, b = plain.attr_out(st_), translated.attr_out(st_)
+    assert abi.IDS.unpack_from(b, abi.ATTR_OUT_IDS_AT) == (42, 43)
+    assert abi.IDS.unpack_from(a, abi.ATTR_OUT_IDS_AT) == (st_.st_uid, st_.st_gid)
+    ids_at = slice(abi.ATTR_OUT_IDS_AT, abi.ATTR_OUT_IDS_AT + abi.IDS.size)
+    assert a[:ids_at.start] == b[:ids_at.start] and a[ids_at.stop:] == b[ids_at.stop:]
+    e = translated.entry_out(st_, 9, 1)     # LOOKUP, the creating ops, READDIRPLUS entries
+    assert abi.IDS.unpack_from(e, abi.ENTRY_OUT_IDS_AT) == (42, 43)
+    assert len(e) == len(plain.entry_out(st_, 9, 1))
 
 
 def test_cli(tmp_path):
