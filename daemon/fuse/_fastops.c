@@ -21,7 +21,21 @@
  * Then fstat(2) on that fd, and the reply header + fuse_attr_out (the
  * attribute timeout of --cache) written into the writable buffers, or, if
  * fstat fails, the error header (errno, EIO for one outside 1..4095).
- * Anything malformed is left to Python, which logs and answers it.
+ *
+ * READ (when FastOps was made with reads=True: the op table's READ row is
+ * files.do_read) likewise, under the same header, session and meter
+ * conditions, when: the args hold the whole fuse_read_in and no
+ * extensions; the offset is at most OFFSET_MAX; the fh is one this worker
+ * holds (session.handles._handles) as an open file whose generation the
+ * shared FileTable still holds; the payload part of the writable buffers
+ * takes at most 1024 iovecs (IOV_MAX; Python batches more). Then
+ * preadv(2) of min(size, 1 MiB, room) bytes straight into the writable
+ * buffers after the header, and the header (16 + bytes read), or the error
+ * header for preadv's errno.
+ *
+ * Anything malformed is left to Python, which logs and answers it. The
+ * GIL is released around fstat and preadv, as os.fstat/os.preadv do; the
+ * chain's views are only released by this thread, after the push.
  *
  * Guest memory: the request's header and args are copied out of the
  * readable buffers once (memcpy into locals) and only the copies are
@@ -35,6 +49,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
+#include <sys/uio.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "FUSE structs are little-endian here: little-endian hosts only"
@@ -45,6 +60,11 @@
 #define ATTR_OUT 104
 #define GETATTR_IN 16
 #define OP_GETATTR 3
+#define OP_READ 15
+#define READ_IN 40
+#define KIND_FILE 1             /* handles.KIND_FILE */
+#define MAX_IO_SIZE (1 << 20)   /* files.MAX_IO_SIZE */
+#define FAST_IOV_MAX 1024       /* files.IOV_MAX: more buffers, Python batches */
 #define GETATTR_FH 1
 #define MAX_ARGS (1 << 17)      /* request.MAX_ARGS */
 #define NOT_HANDLED (-1)
@@ -68,7 +88,24 @@ struct attr_reply {
     uint32_t atimensec, mtimensec, ctimensec, mode, nlink, uid, gid, rdev, blksize, flags;
 };
 
+/* fuse_read_in, as abi.READ_IN ("<QQIIQI4x") */
+struct read_in {
+    uint64_t fh, offset;
+    uint32_t size, read_flags;
+    uint64_t lock_owner;
+    uint32_t flags, padding;
+};
+
+/* fuse_out_header */
+struct out_header {
+    uint32_t len;
+    int32_t error;
+    uint64_t unique;
+};
+
 _Static_assert(sizeof(struct in_header) == IN_HEADER, "fuse_in_header");
+_Static_assert(sizeof(struct read_in) == READ_IN, "fuse_read_in");
+_Static_assert(sizeof(struct out_header) == OUT_HEADER, "fuse_out_header");
 _Static_assert(sizeof(struct attr_reply) == OUT_HEADER + ATTR_OUT, "fuse_attr_out");
 
 typedef struct {
@@ -76,6 +113,7 @@ typedef struct {
     PyObject *session;      /* the FuseSession */
     PyObject *header;       /* InodeTable._hdr, memoryview of u64 */
     PyObject *slots;        /* InodeTable._q, memoryview of u64 */
+    int reads;              /* READ served here too */
     Py_ssize_t session_word, slot_words;
     uint64_t attr_sec;
     uint32_t attr_nsec;
@@ -83,7 +121,7 @@ typedef struct {
 } FastOps;
 
 static PyObject *s_readable, *s_writable, *s_views, *s_size, *s_session, *s_meter, *s_cache,
-    *s_fds, *s_root_fd;
+    *s_fds, *s_root_fd, *s_handles, *s_handles_dict, *s_fh_slots, *s_fd, *s_kind;
 
 /* an attribute as a C integer; -1 with no error set if it is not an int
  * in range (the caller then leaves the request to Python) */
@@ -224,8 +262,12 @@ static Py_ssize_t fast_getattr(FastOps *self, PyObject *readable, PyObject *writ
     struct attr_reply r;
     memset(&r, 0, sizeof r);
     r.unique = h->unique;
-    if (fstat(fd, &st) != 0) {
-        int err = errno;
+    int rc, err;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fstat(fd, &st);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
         r.len = OUT_HEADER;
         r.error = -(err > 0 && err < 4096 ? err : EIO);
         return stream_copy(writable, 0, &r, OUT_HEADER, 1) < 0 ? NOT_HANDLED : OUT_HEADER;
@@ -252,6 +294,99 @@ static Py_ssize_t fast_getattr(FastOps *self, PyObject *readable, PyObject *writ
     r.rdev = st.st_rdev ? rdev32(st.st_rdev) : 0;
     r.blksize = (uint32_t)st.st_blksize;
     return stream_copy(writable, 0, &r, sizeof r, 1) < 0 ? NOT_HANDLED : (Py_ssize_t)sizeof r;
+}
+
+/* an error reply (replies.error: EIO for an errno outside 1..4095) */
+static Py_ssize_t error_reply(PyObject *writable, uint64_t unique, int err)
+{
+    struct out_header o = {OUT_HEADER, -(err > 0 && err < 4096 ? err : EIO), unique};
+    return stream_copy(writable, 0, &o, OUT_HEADER, 1) < 0 ? NOT_HANDLED : OUT_HEADER;
+}
+
+/* the host fd of the live open file fh this worker holds, -1 if it holds
+ * none (HandleTable.get's fast case: its OpenHandle of kind file whose
+ * generation matches the shared FileTable's slot word; anything else,
+ * Python copies it from another worker or answers EBADF) */
+static int open_fd(PyObject *session, uint64_t fh)
+{
+    int result = -1;
+    PyObject *handles = PyObject_GetAttr(session, s_handles), *dict = NULL, *slots = NULL, *key = NULL;
+    if (handles == NULL || (dict = PyObject_GetAttr(handles, s_handles_dict)) == NULL
+            || (slots = PyObject_GetAttr(handles, s_fh_slots)) == NULL || !PyDict_CheckExact(dict)
+            || (key = PyLong_FromUnsignedLongLong(fh)) == NULL)
+        goto out;
+    PyObject *handle = PyDict_GetItemWithError(dict, key);     /* borrowed */
+    Py_ssize_t kind, fd;
+    uint64_t gen;
+    if (handle != NULL && attr_ssize(handle, s_kind, &kind) == 0 && kind == KIND_FILE
+            && attr_ssize(handle, s_fd, &fd) == 0 && fd >= 0 && fd <= INT32_MAX
+            && load_word(slots, (Py_ssize_t)((fh & 0xFFFFFF) << 3), &gen) == 0 && gen == fh >> 24)
+        result = (int)fd;
+out:
+    Py_XDECREF(key);
+    Py_XDECREF(slots);
+    Py_XDECREF(dict);
+    Py_XDECREF(handles);
+    return result;
+}
+
+/* READ (files.do_read): preadv(2) straight into the writable buffers after
+ * the 16-byte header; NOT_HANDLED or the bytes written */
+static Py_ssize_t fast_read(PyObject *session, PyObject *readable, PyObject *writable, Py_ssize_t wsize,
+                            const struct in_header *h)
+{
+    Py_ssize_t nargs = (Py_ssize_t)h->len - IN_HEADER;
+    struct read_in a;
+    if (h->total_extlen || nargs > MAX_ARGS || nargs < READ_IN
+            || stream_copy(readable, IN_HEADER, &a, sizeof a, 0) < 0 || a.offset > (uint64_t)INT64_MAX)
+        return NOT_HANDLED;
+    int fd = open_fd(session, a.fh);
+    if (fd < 0)
+        return NOT_HANDLED;
+    Py_ssize_t size = a.size < MAX_IO_SIZE ? (Py_ssize_t)a.size : MAX_IO_SIZE;
+    if (size > wsize - OUT_HEADER)
+        size = wsize - OUT_HEADER;
+    struct iovec iov[FAST_IOV_MAX];
+    int n = 0;
+    Py_ssize_t off = OUT_HEADER, want = size, count = PyList_GET_SIZE(writable);
+    for (Py_ssize_t i = 0; i < count && want > 0; i++) {
+        PyObject *v = PyList_GET_ITEM(writable, i);
+        /* the chain's memoryviews stay alive and unreleased during the call
+         * (only this thread releases them, after the push) */
+        if (!PyMemoryView_Check(v) || (((PyMemoryViewObject *)v)->flags & _Py_MEMORYVIEW_RELEASED))
+            return NOT_HANDLED;
+        Py_buffer *b = PyMemoryView_GET_BUFFER(v);
+        if (b->readonly || !PyBuffer_IsContiguous(b, 'C'))
+            return NOT_HANDLED;
+        if (off >= b->len) {
+            off -= b->len;
+            continue;
+        }
+        if (n == FAST_IOV_MAX)
+            return NOT_HANDLED;
+        Py_ssize_t k = b->len - off < want ? b->len - off : want;
+        iov[n].iov_base = (char *)b->buf + off;
+        iov[n].iov_len = (size_t)k;
+        n++;
+        want -= k;
+        off = 0;
+    }
+    if (size <= 0)
+        n = 0;
+    ssize_t got = 0;
+    int err = 0;
+    if (n) {
+        Py_BEGIN_ALLOW_THREADS
+        do
+            got = preadv(fd, iov, n, (off_t)a.offset);
+        while (got < 0 && errno == EINTR);
+        err = errno;
+        Py_END_ALLOW_THREADS
+    }
+    if (got < 0)
+        return error_reply(writable, h->unique, err);
+    struct out_header o = {(uint32_t)(OUT_HEADER + got), 0, h->unique};
+    return stream_copy(writable, 0, &o, OUT_HEADER, 1) < 0 ? NOT_HANDLED : OUT_HEADER + (Py_ssize_t)got;
 }
 
 /* the checks every fast op shares (FuseSession._handle's, in its order);
@@ -281,13 +416,19 @@ static Py_ssize_t serve(FastOps *self, PyObject *chain)
         __asm__ volatile("" : "+m"(h));   /* the copy, never guest memory again */
     }
     PyBuffer_Release(&b);
-    if (!whole || h.len != (uint64_t)rsize || h.opcode != OP_GETATTR || wsize < OUT_HEADER + ATTR_OUT)
+    if (!whole || h.len != (uint64_t)rsize || wsize < OUT_HEADER)
+        goto out;
+    if (h.opcode == OP_GETATTR ? wsize < OUT_HEADER + ATTR_OUT : !(h.opcode == OP_READ && self->reads))
         goto out;
     uint64_t current;
     if (attr_ssize(self->session, s_session, &mine) < 0
             || load_word(self->header, self->session_word, &current) < 0
             || mine <= 0 || (uint64_t)mine != current)
         goto out;
+    if (h.opcode == OP_READ) {
+        result = fast_read(self->session, rviews, wviews, wsize, &h);
+        goto out;
+    }
     cache = PyObject_GetAttr(self->session, s_cache);
     if (cache == NULL)
         goto out;
@@ -315,13 +456,14 @@ static PyObject *fastops_serve(FastOps *self, PyObject *chain)
 static int fastops_init(FastOps *self, PyObject *args, PyObject *kw)
 {
     static char *names[] = {"session", "header", "slots", "session_word", "slot_words", "attr_sec",
-                            "attr_nsec", NULL};
+                            "attr_nsec", "reads", NULL};
     PyObject *session, *header, *slots;
     Py_ssize_t session_word, slot_words;
     unsigned long long attr_sec;
     unsigned long attr_nsec;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOnnKk", names, &session, &header, &slots,
-                                     &session_word, &slot_words, &attr_sec, &attr_nsec))
+    int reads = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOnnKk|p", names, &session, &header, &slots,
+                                     &session_word, &slot_words, &attr_sec, &attr_nsec, &reads))
         return -1;
     if (session_word < 0 || slot_words <= 0 || attr_nsec >= 1000000000UL) {
         PyErr_SetString(PyExc_ValueError, "FastOps: bad table layout or timeout");
@@ -337,6 +479,7 @@ static int fastops_init(FastOps *self, PyObject *args, PyObject *kw)
     self->slot_words = slot_words;
     self->attr_sec = attr_sec;
     self->attr_nsec = (uint32_t)attr_nsec;
+    self->reads = reads;
     return 0;
 }
 
@@ -399,7 +542,8 @@ PyMODINIT_FUNC PyInit__fastops(void)
     struct { PyObject **slot; const char *text; } strings[] = {
         {&s_readable, "readable"}, {&s_writable, "writable"}, {&s_views, "views"}, {&s_size, "size"},
         {&s_session, "_session"}, {&s_meter, "meter"}, {&s_cache, "cache"}, {&s_fds, "_fds"},
-        {&s_root_fd, "root_fd"},
+        {&s_root_fd, "root_fd"}, {&s_handles, "handles"}, {&s_handles_dict, "_handles"},
+        {&s_fh_slots, "_slots"}, {&s_fd, "fd"}, {&s_kind, "kind"},
     };
     for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)
         if ((*strings[i].slot = PyUnicode_InternFromString(strings[i].text)) == NULL)

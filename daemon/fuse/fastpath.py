@@ -3,7 +3,8 @@
 ``fast_ops(session)`` returns a callable ``serve(chain) -> int`` for the
 worker loop (workers/loop.py), or None. ``serve`` answers the requests the
 extension ``daemon.fuse._fastops`` covers (GETATTR on a nodeid whose fd
-this worker holds; ``_fastops.c`` lists every condition) and returns the
+this worker holds, READ on an fh it holds; ``_fastops.c`` lists every
+condition) and returns the
 bytes written into ``chain.writable``; for any other request it writes
 nothing and returns -1, and the loop hands the chain to
 ``FuseSession.handle`` as before. The reply bytes are the ones the Python
@@ -19,6 +20,8 @@ None, so that Python serves everything, when:
   session's ``attr_reply`` is not ``replies.Timeouts.attr_out``
   (``--translate-uid``/``--translate-gid`` rewrite the ids in it).
 
+READ is compiled too when the op table's READ row is ``files.do_read``.
+
 Per request ``serve`` also leaves to Python a session with a metrics meter
 (``--metrics-socket``: the counters are Python), one that has to adopt a
 new FUSE session, and every malformed request (Python logs and answers it).
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from daemon.fuse import attrs, inodes, replies
+from daemon.fuse import attrs, files, inodes, replies
 from daemon.fuse.abi import Opcode
 from daemon.log import get_logger
 from daemon.virtio import compiled
@@ -73,7 +76,9 @@ def make(session):
     assert _ext is not None
     sec, nsec = session.attr_reply.__self__.attr_valid()
     table = session.inodes
-    return _ext.FastOps(session, table._hdr, table._q, inodes._H_SESSION, inodes._SLOT_WORDS, sec, nsec)
+    reads = session._ops.get(int(Opcode.READ)) is files.do_read
+    return _ext.FastOps(session, table._hdr, table._q, inodes._H_SESSION, inodes._SLOT_WORDS, sec, nsec,
+                        reads)
 
 
 def fast_ops(session) -> Callable[[object], int] | None:
@@ -82,5 +87,5 @@ def fast_ops(session) -> Callable[[object], int] | None:
     if why:
         log.info("FUSE ops: all in Python (%s)", why)
         return None
-    log.info("FUSE ops: GETATTR compiled (extension daemon.fuse._fastops)")
+    log.info("FUSE ops: GETATTR and READ compiled (extension daemon.fuse._fastops)")
     return make(session).serve

@@ -8,9 +8,10 @@ worker loop does (``FastOps.serve(chain)``, and ``handle`` when it returns
 -1). Both must return the same byte count and leave the same writable
 bytes. Requests: well-formed GETATTRs on the root, on looked-up nodeids,
 on forgotten, unknown, zero and huge nodeids, with and without
-GETATTR_FH, and malformed ones (short headers, a header split over
-buffers, wrong ``len``, extensions, writable parts too short, other
-opcodes). The tests also check that C did serve the well-formed cases.
+GETATTR_FH; READs on an open, a write-only, a released and unknown fhs at
+offsets and sizes around end of file and the limits; and malformed ones
+(short headers, a header split over buffers, wrong ``len``, short args,
+extensions, writable parts too short, other opcodes). The tests also check that C did serve the well-formed cases.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ def world(tmp_path_factory):
     nodeids["fifo"] = entry_nodeid(client.call(Opcode.LOOKUP, nodeids["d"], b"fifo\0",
                                                abi.ENTRY_OUT.size).ok())
     session.inodes.unref(nodeids["gone"], 1)       # forgotten: the cached fd is stale
+    for name, flags in (("fh", os.O_RDONLY), ("fh-wronly", os.O_WRONLY), ("fh-released", os.O_RDONLY)):
+        out = client.call(Opcode.OPEN, nodeids["a"], abi.OPEN_IN.pack(flags, 0), abi.OPEN_OUT.size).ok()
+        nodeids[name] = abi.OPEN_OUT.unpack_from(out)[0]
+    client.call(Opcode.RELEASE, nodeids["a"], abi.RELEASE_IN.pack(nodeids["fh-released"], 0, 0, 0), 0).ok()
     fast = fastpath.make(session)
     yield session, fast, nodeids
     session.close()
@@ -238,6 +243,67 @@ def test_well_formed_getattrs_are_served_in_c_when_they_can_be(world, node, rcut
     assert in_c == (first >= 40 and sum(wsizes) >= 120 and held)
     if in_c:
         assert n == 120
+
+
+def read_request(fh: int, offset: int, size: int, unique: int = 11, nodeid: int = 2) -> bytes:
+    args = abi.READ_IN.pack(fh, offset, size, 0, 0, 0)
+    return in_header(Opcode.READ, nodeid, len(args), unique) + args
+
+
+@pytest.mark.parametrize("offset,size,wsizes,n", [
+    (0, 4096, [16, 4096], 16 + 4096), (4000, 4096, [16, 4096], 16 + 1000), (5000, 10, [16, 10], 16),
+    (0, 1 << 20, [16] + [4096] * 2, 16 + 5000), (10, 100, [16, 30], 16 + 30), (0, 0, [16, 8], 16),
+    (0, 100, [16], 16), (1 << 40, 4096, [16, 4096], 16)])
+def test_linux_shaped_read_is_served_in_c(world, offset, size, wsizes, n):
+    _session, _fast, nodeids = world
+    assert compare(world, read_request(nodeids["fh"], offset, size), [40], wsizes) == (n, True)
+
+
+def test_read_on_a_write_only_fh_is_ebadf_in_c_too(world):
+    _session, _fast, nodeids = world
+    request = read_request(nodeids["fh-wronly"], 0, 100)
+    assert compare(world, request, [40], [16, 100]) == (16, True)
+
+
+@pytest.mark.parametrize("case", ["released", "unknown", "offset", "short-args", "extension", "short-out"])
+def test_reads_c_leaves_to_python(world, case):
+    _session, _fast, nodeids = world
+    request, wsizes = read_request(nodeids["fh"], 0, 100), [16, 100]
+    if case == "released":
+        request = read_request(nodeids["fh-released"], 0, 100)
+    elif case == "unknown":
+        request = read_request(0xDEAD << 24 | 5, 0, 100)
+    elif case == "offset":
+        request = read_request(nodeids["fh"], 1 << 63, 100)
+    elif case == "short-args":
+        request = in_header(Opcode.READ, 2, 32, 9) + abi.READ_IN.pack(nodeids["fh"], 0, 100, 0, 0, 0)[:32]
+    elif case == "extension":
+        args = abi.READ_IN.pack(nodeids["fh"], 0, 100, 0, 0, 0) + bytes(8)
+        request = abi.IN_HEADER.pack(40 + len(args), Opcode.READ, 9, 2, 0, 0, 0, 1, 0) + args
+    elif case == "short-out":
+        wsizes = [15]
+    _n, in_c = compare(world, request, [40], wsizes)
+    assert not in_c
+
+
+FH = st.sampled_from(["fh", "fh", "fh-wronly", "fh-released", "unknown", "huge"])
+OFFSET = st.one_of(st.sampled_from([0, 1, 4095, 4999, 5000, 1 << 40, (1 << 63) - 1, 1 << 63, (1 << 64) - 1]),
+                   st.integers(0, 6000))
+SIZE = st.one_of(st.sampled_from([0, 1, 4096, 1 << 20, (1 << 20) + 1, (1 << 32) - 1]), st.integers(0, 6000))
+RSIZES = st.one_of(st.just([16, 4096]), st.lists(st.integers(0, 2000), min_size=0, max_size=6))
+
+
+@SETTINGS
+@given(fh=FH, offset=OFFSET, size=SIZE, rcuts=CUTS, wsizes=RSIZES, unique=U64,
+       nargs=st.sampled_from([40, 40, 40, 39, 0, 48]), lendelta=st.sampled_from([0, 0, 0, 1, -1]),
+       extlen=st.sampled_from([0, 0, 0, 1]))
+def test_reads_are_equivalent(world, fh, offset, size, rcuts, wsizes, unique, nargs, lendelta, extlen):
+    _session, _fast, nodeids = world
+    fhs = {"unknown": 77 << 24 | 3, "huge": (1 << 64) - 1}
+    args = (abi.READ_IN.pack(fhs[fh] if fh in fhs else nodeids[fh], offset, size, 0, 0, 0) + bytes(8))[:nargs]
+    length = (40 + nargs + lendelta) & 0xFFFFFFFF
+    request = abi.IN_HEADER.pack(length, Opcode.READ, unique, 2, 0, 0, 0, extlen, 0) + args
+    compare(world, request, rcuts, wsizes)
 
 
 def test_supervisor_never_loads_the_fast_ops():
