@@ -29,7 +29,7 @@
  * holds (session.handles._handles) as an open file whose generation the
  * shared FileTable still holds; the payload part of the writable buffers
  * takes at most 1024 iovecs (IOV_MAX; Python batches more). Then
- * preadv(2) of min(size, 1 MiB, room) bytes straight into the writable
+ * preadv2(2) of min(size, 1 MiB, room) bytes straight into the writable
  * buffers after the header, and the header (16 + bytes read), or the error
  * header for preadv's errno.
  *
@@ -378,7 +378,7 @@ static Py_ssize_t fast_read(PyObject *session, PyObject *readable, PyObject *wri
     if (n) {
         Py_BEGIN_ALLOW_THREADS
         do
-            got = preadv(fd, iov, n, (off_t)a.offset);
+            got = preadv2(fd, iov, n, (off_t)a.offset, 0);   /* os.preadv's call: the allow-list has it */
         while (got < 0 && errno == EINTR);
         err = errno;
         Py_END_ALLOW_THREADS
