@@ -13,7 +13,8 @@ session writes (tests/unit/test_fastops_equivalence.py compares them).
 None, so that Python serves everything, when:
 
 - ``PYVIRTIOFSD_PURE=1`` or the extension is not built (compiled.py's
-  choice, the same switch as the compiled virtqueue);
+  choice, the same switch as the compiled virtqueue), or
+  ``PYVIRTIOFSD_FASTOPS=0`` (the compiled virtqueue alone: for measuring);
 - the session is not a request session on a shared ``InodeTable``;
 - the op table's GETATTR row is not ``attrs.do_getattr`` (a session whose
   table was changed: none today, ``--readonly`` keeps GETATTR), or the
@@ -32,6 +33,7 @@ imports it before the pivot).
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 from daemon.fuse import attrs, files, inodes, replies
@@ -47,6 +49,9 @@ except ImportError:  # not built: no compiler or headers at install time
     _ext = None
 
 EXTENSION_BUILT = _ext is not None
+# PYVIRTIOFSD_FASTOPS=0: the compiled virtqueue without the compiled ops
+# (stage 1 alone, for measuring a stage against the other)
+FASTOPS_ENV = "PYVIRTIOFSD_FASTOPS"
 
 
 def why_not(session) -> str:
@@ -55,6 +60,8 @@ def why_not(session) -> str:
         return compiled.PATH
     if _ext is None:
         return "extension daemon.fuse._fastops not built"
+    if os.environ.get(FASTOPS_ENV, "") == "0":
+        return f"{FASTOPS_ENV}=0"
     return unsupported(session)
 
 

@@ -306,6 +306,41 @@ def test_reads_are_equivalent(world, fh, offset, size, rcuts, wsizes, unique, na
     compare(world, request, rcuts, wsizes)
 
 
+def test_which_sessions_get_compiled_ops(world, monkeypatch):
+    """The switches: PYVIRTIOFSD_FASTOPS=0 turns the ops off, and
+    PYVIRTIOFSD_PURE=1 (compiled.py's choice) everything compiled."""
+    session, _fast, _ = world
+    if fastpath.compiled.VirtQueue is fastpath.compiled.CompiledVirtQueue:
+        assert fastpath.why_not(session) == ""
+        monkeypatch.setenv("PYVIRTIOFSD_FASTOPS", "0")
+        assert fastpath.why_not(session) == "PYVIRTIOFSD_FASTOPS=0"
+        assert fastpath.fast_ops(session) is None
+    else:
+        assert "PYVIRTIOFSD_PURE" in fastpath.why_not(session)
+        assert fastpath.fast_ops(session) is None
+
+
+@pytest.mark.parametrize("op", ["getattr", "read4k"])
+def test_the_worker_loop_serves_them_in_c(tmp_path, monkeypatch, op):
+    """WorkerLoop._serve on a ring of 8 requests (tests/perf/inproc.py's
+    set-up): all answered without an error, in C unless the pure path was
+    chosen."""
+    from tests.perf import inproc
+    monkeypatch.chdir(tmp_path)
+    loop, ring, vr, heads = inproc._build(op, 8, str(tmp_path))
+    assert loop._serve(ring) == 8
+    done = vr.harvest()
+    assert sorted(done) == sorted(heads)
+    for head in done:
+        assert abi.OUT_HEADER.unpack(vr.read_writable(head, 16))[1] == 0
+    if fastpath.compiled.VirtQueue is fastpath.compiled.CompiledVirtQueue:
+        assert loop._fast.__self__.served == 8
+    else:
+        assert loop._fast is None
+    loop.session.close()
+    loop.session.inodes.close()
+
+
 def test_supervisor_never_loads_the_fast_ops():
     code = ("import sys, daemon.supervisor, daemon.workers.loop; "
             "print(sorted(m for m in sys.modules if m in ('daemon.fuse.fastpath', 'daemon.fuse._fastops')))")
