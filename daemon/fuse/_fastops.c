@@ -13,10 +13,12 @@
  *   - the writable part holds fuse_out_header + fuse_attr_out (120 bytes);
  *   - this worker serves the shared table's current session (its
  *     session._session is the table's non-zero session word);
- *   - no GETATTR_FH flag (an open file's fstat: Python's fh table);
- *   - the nodeid is the root (cache.root_fd) or one whose O_PATH fd this
- *     worker caches (cache._fds) with the generation the shared table holds
- *     now (one 64-bit atomic load);
+ *   - without GETATTR_FH: the nodeid is the root (cache.root_fd) or one
+ *     whose O_PATH fd this worker caches (cache._fds) with the generation
+ *     the shared table holds now (one 64-bit atomic load);
+ *   - with GETATTR_FH (fstat of an open file): the fh is an open file this
+ *     worker holds (as READ below) of that very nodeid; any other fh is
+ *     Python's (it copies another worker's, or falls back to the inode);
  *   - no metrics meter (its counters are Python).
  * Then fstat(2) on that fd, and the reply header + fuse_attr_out (the
  * attribute timeout of --cache) written into the writable buffers, or, if
@@ -121,7 +123,7 @@ typedef struct {
 } FastOps;
 
 static PyObject *s_readable, *s_writable, *s_views, *s_size, *s_session, *s_meter, *s_cache,
-    *s_fds, *s_root_fd, *s_handles, *s_handles_dict, *s_fh_slots, *s_fd, *s_kind;
+    *s_fds, *s_root_fd, *s_handles, *s_handles_dict, *s_fh_slots, *s_fd, *s_kind, *s_nodeid;
 
 /* an attribute as a C integer; -1 with no error set if it is not an int
  * in range (the caller then leaves the request to Python) */
@@ -234,6 +236,8 @@ static int cached_fd(FastOps *self, PyObject *cache, uint64_t nodeid)
     return result;
 }
 
+static int open_fd(PyObject *session, uint64_t fh, Py_ssize_t *nodeid);
+
 /* replies.rdev32: the kernel's new_encode_dev() */
 static uint32_t rdev32(dev_t rdev)
 {
@@ -248,14 +252,20 @@ static Py_ssize_t fast_getattr(FastOps *self, PyObject *readable, PyObject *writ
     Py_ssize_t nargs = (Py_ssize_t)h->len - IN_HEADER;
     if (h->total_extlen || nargs > MAX_ARGS)
         return NOT_HANDLED;
+    int fd = -1;
     if (nargs >= GETATTR_IN) {
-        uint32_t flags;
-        if (stream_copy(readable, IN_HEADER, &flags, sizeof flags, 0) < 0)
+        struct { uint32_t flags, dummy; uint64_t fh; } a;   /* fuse_getattr_in */
+        if (stream_copy(readable, IN_HEADER, &a, sizeof a, 0) < 0)
             return NOT_HANDLED;
-        if (flags & GETATTR_FH)
-            return NOT_HANDLED;
+        if (a.flags & GETATTR_FH) {
+            Py_ssize_t of;
+            fd = open_fd(self->session, a.fh, &of);
+            if (fd < 0 || of < 0 || (uint64_t)of != h->nodeid)
+                return NOT_HANDLED;
+        }
     }
-    int fd = cached_fd(self, cache, h->nodeid);
+    if (fd < 0)
+        fd = cached_fd(self, cache, h->nodeid);
     if (fd < 0)
         return NOT_HANDLED;
     struct stat st;
@@ -306,8 +316,9 @@ static Py_ssize_t error_reply(PyObject *writable, uint64_t unique, int err)
 /* the host fd of the live open file fh this worker holds, -1 if it holds
  * none (HandleTable.get's fast case: its OpenHandle of kind file whose
  * generation matches the shared FileTable's slot word; anything else,
- * Python copies it from another worker or answers EBADF) */
-static int open_fd(PyObject *session, uint64_t fh)
+ * Python copies it from another worker or answers EBADF); *nodeid: the
+ * nodeid it was opened on */
+static int open_fd(PyObject *session, uint64_t fh, Py_ssize_t *nodeid)
 {
     int result = -1;
     PyObject *handles = PyObject_GetAttr(session, s_handles), *dict = NULL, *slots = NULL, *key = NULL;
@@ -320,7 +331,8 @@ static int open_fd(PyObject *session, uint64_t fh)
     uint64_t gen;
     if (handle != NULL && attr_ssize(handle, s_kind, &kind) == 0 && kind == KIND_FILE
             && attr_ssize(handle, s_fd, &fd) == 0 && fd >= 0 && fd <= INT32_MAX
-            && load_word(slots, (Py_ssize_t)((fh & 0xFFFFFF) << 3), &gen) == 0 && gen == fh >> 24)
+            && load_word(slots, (Py_ssize_t)((fh & 0xFFFFFF) << 3), &gen) == 0 && gen == fh >> 24
+            && attr_ssize(handle, s_nodeid, nodeid) == 0)
         result = (int)fd;
 out:
     Py_XDECREF(key);
@@ -340,7 +352,8 @@ static Py_ssize_t fast_read(PyObject *session, PyObject *readable, PyObject *wri
     if (h->total_extlen || nargs > MAX_ARGS || nargs < READ_IN
             || stream_copy(readable, IN_HEADER, &a, sizeof a, 0) < 0 || a.offset > (uint64_t)INT64_MAX)
         return NOT_HANDLED;
-    int fd = open_fd(session, a.fh);
+    Py_ssize_t of;
+    int fd = open_fd(session, a.fh, &of);
     if (fd < 0)
         return NOT_HANDLED;
     Py_ssize_t size = a.size < MAX_IO_SIZE ? (Py_ssize_t)a.size : MAX_IO_SIZE;
@@ -543,7 +556,7 @@ PyMODINIT_FUNC PyInit__fastops(void)
         {&s_readable, "readable"}, {&s_writable, "writable"}, {&s_views, "views"}, {&s_size, "size"},
         {&s_session, "_session"}, {&s_meter, "meter"}, {&s_cache, "cache"}, {&s_fds, "_fds"},
         {&s_root_fd, "root_fd"}, {&s_handles, "handles"}, {&s_handles_dict, "_handles"},
-        {&s_fh_slots, "_slots"}, {&s_fd, "fd"}, {&s_kind, "kind"},
+        {&s_fh_slots, "_slots"}, {&s_fd, "fd"}, {&s_kind, "kind"}, {&s_nodeid, "nodeid"},
     };
     for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)
         if ((*strings[i].slot = PyUnicode_InternFromString(strings[i].text)) == NULL)

@@ -3,7 +3,8 @@
 ``fast_ops(session)`` returns a callable ``serve(chain) -> int`` for the
 worker loop (workers/loop.py), or None. ``serve`` answers the requests the
 extension ``daemon.fuse._fastops`` covers (GETATTR on a nodeid whose fd
-this worker holds, READ on an fh it holds; ``_fastops.c`` lists every
+this worker holds, or with GETATTR_FH on an fh it holds, READ on an fh it
+holds; ``_fastops.c`` lists every
 condition) and returns the
 bytes written into ``chain.writable``; for any other request it writes
 nothing and returns -1, and the loop hands the chain to

@@ -8,10 +8,12 @@ worker loop does (``FastOps.serve(chain)``, and ``handle`` when it returns
 -1). Both must return the same byte count and leave the same writable
 bytes. Requests: well-formed GETATTRs on the root, on looked-up nodeids,
 on forgotten, unknown, zero and huge nodeids, with and without
-GETATTR_FH; READs on an open, a write-only, a released and unknown fhs at
-offsets and sizes around end of file and the limits; and malformed ones
-(short headers, a header split over buffers, wrong ``len``, short args,
-extensions, writable parts too short, other opcodes). The tests also check that C did serve the well-formed cases.
+GETATTR_FH (held, released, unknown fhs, of the nodeid or another); READs
+on an open, a write-only, a released and unknown fhs at offsets and sizes
+around end of file and the limits; and malformed ones (short headers, a
+header split over buffers, wrong ``len``, short args, extensions, writable
+parts too short, other opcodes). The tests also check that C did serve
+the well-formed cases.
 """
 
 from __future__ import annotations
@@ -108,8 +110,16 @@ def test_linux_shaped_getattr_is_served_in_c(world, name):
     assert (n, in_c) == (120, True)
 
 
-@pytest.mark.parametrize("case", ["stale", "unknown", "zero", "huge", "fh", "extension", "short-out",
-                                  "len", "lookup"])
+def test_getattr_fh_of_an_open_file_is_served_in_c(world):
+    """GETATTR_FH naming an open file this worker holds, of that nodeid:
+    its fstat, in C."""
+    _session, _fast, nodeids = world
+    request = getattr_request(nodeids["a"], flags=abi.FUSE_GETATTR_FH, fh=nodeids["fh"])
+    assert compare(world, request, *LINUX) == (120, True)
+
+
+@pytest.mark.parametrize("case", ["stale", "unknown", "zero", "huge", "fh", "fh-other-nodeid", "fh-released",
+                                  "extension", "short-out", "len", "lookup"])
 def test_what_c_leaves_to_python(world, case):
     """Every one of these is answered by Python (C declines), the same way."""
     _session, _fast, nodeids = world
@@ -124,6 +134,10 @@ def test_what_c_leaves_to_python(world, case):
         request = getattr_request((1 << 64) - 1)
     elif case == "fh":
         request = getattr_request(1, flags=abi.FUSE_GETATTR_FH, fh=12345)
+    elif case == "fh-other-nodeid":     # Python: the inode's own fstat
+        request = getattr_request(nodeids["b"], flags=abi.FUSE_GETATTR_FH, fh=nodeids["fh"])
+    elif case == "fh-released":
+        request = getattr_request(nodeids["a"], flags=abi.FUSE_GETATTR_FH, fh=nodeids["fh-released"])
     elif case == "extension":
         request = abi.IN_HEADER.pack(56, Opcode.GETATTR, 9, 1, 0, 0, 0, 1, 0) + bytes(16)
     elif case == "short-out":
@@ -210,13 +224,15 @@ def _nodeid(nodeids, which: str) -> int:
 
 
 @SETTINGS
-@given(node=NODE, unique=U64, flags=st.sampled_from([0, 0, 1, 2, 0xFFFFFFFF]), fh=U64,
+@given(node=NODE, unique=U64, flags=st.sampled_from([0, 0, 1, 2, 0xFFFFFFFF]),
+       fh=st.one_of(U64, st.sampled_from(["fh", "fh-wronly", "fh-released"])),
        nargs=st.sampled_from([16, 16, 0, 8, 15, 24]), rcuts=CUTS, wsizes=WSIZES,
        lendelta=st.sampled_from([0, 0, 0, -1, 1, 1 << 20]), extlen=st.sampled_from([0, 0, 0, 1, 3]),
        opcode=st.sampled_from([Opcode.GETATTR] * 4 + [Opcode.LOOKUP, Opcode.READ, 0, 9999]))
 def test_requests_are_equivalent(world, node, unique, flags, fh, nargs, rcuts, wsizes, lendelta,
                                  extlen, opcode):
     _session, _fast, nodeids = world
+    fh = nodeids[fh] if isinstance(fh, str) else fh
     args = (abi.GETATTR_IN.pack(flags, 0, fh) + bytes(8))[:nargs]
     length = (40 + nargs + lendelta) & 0xFFFFFFFF
     request = abi.IN_HEADER.pack(length, opcode, unique, _nodeid(nodeids, node), 0, 0, 0, extlen, 0) + args
