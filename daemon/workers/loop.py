@@ -211,6 +211,7 @@ class WorkerLoop:
             return 0
         handle = self.session.handle
         fast = self._fast
+        push = queue.push  # bound once: the compiled core's own method (compiled.py)
         deferred = self._deferred
         words, popped = ring.words, ring.popped  # progress record (worker restart)
         served = 0
@@ -230,7 +231,7 @@ class WorkerLoop:
                     deferred[chain] = ring
                     self._deferred_slots[chain] = prog.add_deferred(words, chain.head)
                 else:
-                    queue.push(chain.head, written)
+                    push(chain.head, written)
                     chain.release()
                 served += 1
                 if served == queue.num:
