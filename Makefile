@@ -72,10 +72,12 @@ fuzz: setup
 ## The fuzz target with the compiled virtqueue core built with ASan + UBSan
 ## (docs/compiled.md): FUZZ_ITERATIONS inputs (default 1,000,000) comparing
 ## the compiled and the pure path only, then FUZZ_SECONDS (default 150) of
-## the whole chain + FUSE target on the compiled path.
+## the whole chain + FUSE target on the compiled path, then the equivalence
+## property tests of both extensions over the same builds.
 fuzz-asan: setup
 	./scripts/fuzz_asan.sh --queue-only --iterations $(or $(FUZZ_ITERATIONS),1000000) --reset-every 20000
 	./scripts/fuzz_asan.sh --time $(or $(FUZZ_SECONDS),150) --reset-every 500
+	./scripts/fuzz_asan.sh --equivalence
 
 ## Ours vs QEMU's C virtiofsd and the Rust virtiofsd, same workloads in the
 ## same run (real guest on both platforms, two-queue parallel on platform b,

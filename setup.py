@@ -1,4 +1,4 @@
-"""The compiled request path (docs/compiled.md): one optional C extension.
+"""The compiled request path (docs/compiled.md): two optional C extensions.
 
 Everything else is in pyproject.toml. ``optional=True``: without a C
 compiler or the Python headers the build of the extension fails quietly and
@@ -12,6 +12,12 @@ setup(
         Extension(
             "daemon.virtio._vqcore",
             sources=["daemon/virtio/_vqcore.c"],
+            extra_compile_args=["-O2", "-std=gnu11", "-fno-strict-aliasing", "-Wall"],
+            optional=True,
+        ),
+        Extension(
+            "daemon.fuse._fastops",
+            sources=["daemon/fuse/_fastops.c"],
             extra_compile_args=["-O2", "-std=gnu11", "-fno-strict-aliasing", "-Wall"],
             optional=True,
         ),

@@ -53,7 +53,8 @@ if ! .venv/bin/python -c "import daemon, prctl, pyseccomp, pytest, hypothesis, a
 fi
 
 # the compiled request path (docs/compiled.md): the editable install builds
-# daemon/virtio/_vqcore*.so in place; rebuild it when _vqcore.c changed since
+# daemon/virtio/_vqcore*.so and daemon/fuse/_fastops*.so in place; rebuild
+# them when their C source changed since
 # (setuptools compares timestamps: a no-op otherwise). Optional: without a
 # compiler this warns and the workers run the pure-Python path.
 .venv/bin/python setup.py -q build_ext --inplace 2>&1 | grep -i "error\|failed" || true

@@ -103,6 +103,11 @@ class Timeouts:
         self._nsec = int(round((seconds - self._sec) * _NS))
         self._negative = _pack_entry(0, 0, self._sec, 0, self._nsec, 0, *(0,) * 16)
 
+    def attr_valid(self) -> tuple[int, int]:
+        """(seconds, nanoseconds) of the attribute timeout, for the compiled
+        GETATTR (daemon/fuse/fastpath.py), which packs the same struct."""
+        return self._sec, self._nsec
+
     def attr_out(self, st: os.stat_result, flags: int = 0) -> bytes:
         """``fuse_attr_out`` (104 bytes) with the attribute timeout;
         ``flags``: fuse_attr.flags (FUSE_ATTR_SUBMOUNT). The one conversion

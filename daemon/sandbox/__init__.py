@@ -87,7 +87,8 @@ def preload() -> None:
     late ``import`` fails."""
     import importlib
     for name in ("daemon.fuse.session", "daemon.workers.channel", "daemon.virtio.virtqueue",
-                 "daemon.virtio.compiled", "daemon.virtio.memory", "daemon.virtio.iovec", "traceback", "linecache",
+                 "daemon.virtio.compiled", "daemon.fuse.fastpath", "daemon.virtio.memory", "daemon.virtio.iovec",
+                 "traceback", "linecache",
                  "encodings.ascii", "encodings.latin_1"):
         importlib.import_module(name)
 

@@ -97,8 +97,11 @@ class CompiledVirtQueue(_pure.VirtQueue):
         except GuestMemoryError as e:
             raise VirtQueueError(f"chain {head}: {e}") from None
 
-    def push(self, head: int, written: int) -> None:
-        self._c.push(head, written)
+    @property
+    def push(self):
+        """The core's own ``push(head, written)`` (no Python frame per call:
+        the worker loop binds it once per batch)."""
+        return self._c.push
 
     def publish(self) -> bool:
         return self._c.publish()

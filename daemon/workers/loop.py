@@ -133,6 +133,8 @@ class WorkerLoop:
         self._deadlines: dict[Ring, float] = {}
         self._guest_log = RateLimitedLogger(log)
         self._queue_class = _queue_class()  # compiled or pure (docs/compiled.md)
+        # requests served whole in C, or None (fuse/fastpath.py)
+        self._fast = _fast_ops(session)
         self._handlers = {
             Msg.MEM_TABLE: self._on_mem_table,
             Msg.VRING_START: self._on_vring_start,
@@ -208,6 +210,8 @@ class WorkerLoop:
         if queue is None or ring.broken:
             return 0
         handle = self.session.handle
+        fast = self._fast
+        push = queue.push  # bound once: the compiled core's own method (compiled.py)
         deferred = self._deferred
         words, popped = ring.words, ring.popped  # progress record (worker restart)
         served = 0
@@ -219,12 +223,15 @@ class WorkerLoop:
                 last = queue.last_avail_idx
                 popped[(last - 1) & 1023] = chain.head  # progress.POPPED_MASK
                 words[0] = last                         # progress.AVAIL
-                written = handle(chain.readable, chain.writable, chain)
+                # the op table's compiled rows first; -1: not one of theirs
+                written = -1 if fast is None else fast(chain)
+                if written < 0:
+                    written = handle(chain.readable, chain.writable, chain)
                 if written is None:
                     deferred[chain] = ring
                     self._deferred_slots[chain] = prog.add_deferred(words, chain.head)
                 else:
-                    queue.push(chain.head, written)
+                    push(chain.head, written)
                     chain.release()
                 served += 1
                 if served == queue.num:
@@ -514,6 +521,16 @@ def _drain(fd: int) -> None:
         os.eventfd_read(fd)
     except BlockingIOError:
         pass  # a spurious wakeup: allowed
+
+
+def _fast_ops(session):
+    """fastpath.fast_ops(session) for a request session (the requests served
+    whole in C), None otherwise; imported here for the reason
+    ``_queue_class`` gives."""
+    if getattr(session, "role", None) != "request":
+        return None
+    from daemon.fuse import fastpath
+    return fastpath.fast_ops(session)
 
 
 def _queue_class() -> type[VirtQueue]:

@@ -6,7 +6,9 @@ what a request worker does on a kick (``daemon/workers/loop.py``)::
 
     both VirtQueue paths (differential.py): same chains, errors, used ring?
     VirtQueue(...) → pop() until empty or VirtQueueError
-                   → FuseSession.handle(readable, writable, chain) on a temp dir
+                   → FastOps.serve(chain) (daemon/fuse/_fastops.c), and where
+                     it declines (-1) FuseSession.handle(readable, writable,
+                     chain) on a temp dir
                    → push(head, written); deferred requests: cancel_all(); publish()
 
 Invariants checked on every input (a violation raises ``AssertionError``,
@@ -16,8 +18,14 @@ which the engine reports as a crash and saves the input):
   reference pop the same chains (the same guest bytes), raise the same
   errors and leave the same used ring (when the extension is built; the
   FUSE part then runs on the compiled path, ``PYVIRTIOFSD_PURE=1`` to
-  change that). ``--extension FILE`` loads another build of the extension:
-  ``make fuzz-asan`` passes one built with ASan and UBSan;
+  change that). ``--extension FILE`` (repeatable) loads another build of
+  an extension (``_vqcore*.so`` or ``_fastops*.so``, by its name): ``make
+  fuzz-asan`` passes both built with ASan and UBSan;
+- the requests the compiled ops serve (GETATTR, READ) get the bytes the
+  Python session writes for them: each is answered again by
+  ``FuseSession.handle`` on the same buffers (restored first) and both the
+  count and the writable bytes must match; where they decline, they wrote
+  nothing;
 - nothing escapes but ``VirtQueueError`` from ``pop`` (``handle`` never raises);
 - ``handle`` returns None (deferred) or 0 <= n <= the writable size; n is
   0 or >= 16; the reply's ``out_header.len == n``, its error is 0 or a
@@ -85,13 +93,13 @@ ZERO = bytes(image.MEM_SIZE)
 
 # filled by load_daemon() (inside atheris' instrumentation when it is used)
 VirtQueue = VirtQueueError = GuestMemory = FuseSession = InodeTable = Config = None
-credentials = abi = differential = filetable = None
+credentials = abi = differential = filetable = fastpath = None
 PATH = ""
 
 
 def load_daemon() -> None:
     global VirtQueue, VirtQueueError, GuestMemory, FuseSession, InodeTable, Config
-    global credentials, abi, differential, filetable, PATH
+    global credentials, abi, differential, filetable, fastpath, PATH
     from daemon.config import Config as _Config
     from daemon.fuse import abi as _abi
     from daemon.fuse import filetable as _filetable
@@ -105,6 +113,9 @@ def load_daemon() -> None:
     if compiled.EXTENSION_BUILT:
         from tests.fuzz import differential as _differential
         differential = _differential
+    from daemon.fuse import fastpath as _fastpath
+    if _fastpath.EXTENSION_BUILT:
+        fastpath = _fastpath
     PATH = compiled.PATH
     VirtQueue, VirtQueueError, GuestMemory = _VirtQueue, _VirtQueueError, _GuestMemory
     FuseSession, InodeTable, Config = _FuseSession, _InodeTable, _Config
@@ -112,13 +123,15 @@ def load_daemon() -> None:
 
 
 def load_extension(path: str) -> None:
-    """Make ``path`` the ``daemon.virtio._vqcore`` that compiled.py imports."""
-    spec = importlib.util.spec_from_file_location("daemon.virtio._vqcore", path)
+    """Make ``path`` the ``daemon.virtio._vqcore`` that compiled.py imports,
+    or the ``daemon.fuse._fastops`` of fastpath.py (a ``_fastops*`` file)."""
+    name = "daemon.fuse._fastops" if os.path.basename(path).startswith("_fastops") else "daemon.virtio._vqcore"
+    spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise SystemExit(f"fuzz: cannot load {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    sys.modules["daemon.virtio._vqcore"] = module
+    sys.modules[name] = module
     print(f"fuzz: extension {path}", flush=True)
 
 
@@ -182,6 +195,9 @@ class Target:
         self.queue_only = False  # --queue-only: the comparison, no FUSE
         os.chdir("/proc/self/fd")  # the request worker's cwd (INTERNALS.md)
         self.session = FuseSession(config, self.table, "request")
+        # the compiled ops (fastpath.py), as the worker loop runs them
+        self.fast = fastpath.make(self.session).serve if fastpath is not None else None
+        self.fast_served = 0
         self._init()
 
     # -- the share and the session ----------------------------------------------
@@ -325,7 +341,9 @@ class Target:
                 assert sum(n for _, n in ranges) == wr.size
                 rd = chain.readable
                 unique = IN_HEADER.unpack(rd.read(0, 40))[2] if rd.size >= 40 else 0
-                n = handle(rd, wr, chain)
+                n = self._fast(chain) if self.fast is not None else -1
+                if n < 0:
+                    n = handle(rd, wr, chain)
                 if n is None:
                     deferred.append((chain, ranges, unique))
                     continue
@@ -356,6 +374,24 @@ class Target:
             self._init()  # DESTROY in the input: keep the session useful
         if self.inputs % self.reset_every == 0:
             self.reset()
+
+    def _fast(self, chain) -> int:
+        """The compiled ops on ``chain``, checked against the Python session
+        (see the module docstring); -1 where they decline."""
+        views = chain.writable.views
+        before = [bytes(v) for v in views]
+        n = self.fast(chain)
+        after = [bytes(v) for v in views]
+        if n < 0:
+            assert after == before, "the compiled ops wrote a reply they then declined"
+            return n
+        self.fast_served += 1
+        for v, b in zip(views, before):
+            v[:] = b
+        again = self.session.handle(chain.readable, chain.writable, chain)
+        assert again == n, f"compiled ops wrote {n} bytes, the session {again}"
+        assert [bytes(v) for v in views] == after, "compiled ops and session wrote different replies"
+        return n
 
     def _check_reply(self, n: int, ranges: list[tuple[int, int]], unique: int) -> None:
         size = sum(ln for _, ln in ranges)
@@ -418,6 +454,7 @@ class Target:
         stats = {
             "inputs": self.inputs, "chains": self.chains, "replies": self.replies,
             "broken_rings": self.broken_rings, "ebadf": self.ebadf, "resets": self.resets, "compared": self.compared,
+            "fast_served": self.fast_served,
             "seconds": round(elapsed, 1),
             "inputs_per_second": round(self.inputs / elapsed) if elapsed else 0,
             "fds_start": self.first_fds, "fds_after_first_reset": self.baseline_fds,
@@ -568,11 +605,12 @@ def main(argv=None) -> int:
     p.add_argument("--jobs-quiet", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--queue-only", action="store_true",
                    help="only compare the two virtqueue paths (no FUSE): many more inputs per second")
-    p.add_argument("--extension", metavar="FILE",
-                   help="load daemon.virtio._vqcore from FILE (make fuzz-asan: the sanitizer build)")
+    p.add_argument("--extension", metavar="FILE", action="append", default=[],
+                   help="load daemon.virtio._vqcore or daemon.fuse._fastops (a _fastops* file) "
+                        "from FILE (make fuzz-asan: the sanitizer builds)")
     args = p.parse_args(argv)
-    if args.extension:
-        load_extension(os.path.abspath(args.extension))
+    for path in args.extension:
+        load_extension(os.path.abspath(path))
     if args.run:
         args.run = [os.path.abspath(n) for n in args.run]  # the target chdirs to /proc/self/fd
     if os.geteuid() != 0:

@@ -48,6 +48,7 @@ def test_the_package_installs_what_a_user_and_libvirt_need(installed):
         assert path in files, path
     # the package builds the compiled request path (docs/compiled.md)
     assert [f for f in files if f.startswith("/usr/lib/pyvirtiofsd/daemon/virtio/_vqcore.") and f.endswith(".so")]
+    assert [f for f in files if f.startswith("/usr/lib/pyvirtiofsd/daemon/fuse/_fastops.") and f.endswith(".so")]
     # the modules are private to the program, not in dist-packages
     assert not [f for f in files if "dist-packages" in f or "site-packages" in f]
     assert os.path.realpath("/usr/bin/pyvirtiofsd") == "/usr/libexec/pyvirtiofsd"

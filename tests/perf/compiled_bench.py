@@ -1,12 +1,15 @@
-"""The compiled request path against the pure-Python one and the C daemon
-(docs/compiled.md), daemon-bound: the vhost-user test frontend drives each
-daemon at depth 1 and 64, rounds interleaved, best round kept.
+"""The compiled request path against the pure-Python one and the C and
+Rust daemons (docs/compiled.md), daemon-bound: the vhost-user test frontend
+drives each daemon at depth 1 and 64, rounds interleaved, best round kept.
 
     python -m tests.perf.compiled_bench [--seconds 2] [--rounds 2]
                                         [--ops getattr,lookup,read4k]
 
-Also times the worker's CPU per request in one process (tests/perf/inproc.py)
-for both paths. Prints a Markdown table.
+Ours runs three ways: pure (``PYVIRTIOFSD_PURE=1``), stage 1 (the compiled
+virtqueue alone, ``PYVIRTIOFSD_FASTOPS=0``) and compiled (both stages).
+Prints Markdown tables: requests/s, the daemon's CPU µs per request (its
+whole process tree, from /proc), and the worker's CPU per request in one
+process (tests/perf/inproc.py) for the three ways of ours.
 """
 
 from __future__ import annotations
@@ -21,16 +24,19 @@ from tests.perf.bench import daemon_rates
 
 KINDS = {  # label: (daemon kind, extra environment)
     "pure": ("ours", {"PYVIRTIOFSD_PURE": "1"}),
-    "compiled": ("ours", {"PYVIRTIOFSD_PURE": "0"}),
+    "stage 1": ("ours", {"PYVIRTIOFSD_PURE": "0", "PYVIRTIOFSD_FASTOPS": "0"}),
+    "compiled": ("ours", {"PYVIRTIOFSD_PURE": "0", "PYVIRTIOFSD_FASTOPS": "1"}),
     "C": ("c", None),
+    "Rust": ("rust", None),
 }
+OURS = ("pure", "stage 1", "compiled")
 
 
-def inproc_us(op: str, depth: int, seconds: float, pure: bool) -> float:
+def inproc_us(op: str, depth: int, seconds: float, label: str) -> float:
+    env = {**os.environ, **KINDS[label][1]}
     out = subprocess.run([sys.executable, "-m", "tests.perf.inproc", "--op", op, "--depth", str(depth),
                           "--seconds", str(seconds), "--clock", "cpu"],
-                         env={**os.environ, "PYVIRTIOFSD_PURE": "1" if pure else "0"},
-                         capture_output=True, text=True, check=True).stdout
+                         env=env, capture_output=True, text=True, check=True).stdout
     return float(out.split(":")[1].split("µs")[0])
 
 
@@ -46,26 +52,36 @@ def main(argv=None) -> int:
     for rnd in range(a.rounds):
         for label in kinds:
             kind, env = KINDS[label]
-            for key, rate in daemon_rates(kind, ops, (1, 64), a.seconds, env=env).items():
-                best[label][key] = max(best[label].get(key, 0.0), rate)
-            print(f"round {rnd + 1} {label}: " + ", ".join(f"{k} {v:,.0f}" for k, v in best[label].items()),
-                  file=sys.stderr, flush=True)
-    print("| op | depth | " + " | ".join(kinds) + " | compiled / pure | compiled / C |")
-    print("|---|---|" + "---|" * (len(kinds) + 2))
+            cpu: dict[str, float] = {}
+            for key, rate in daemon_rates(kind, ops, (1, 64), a.seconds, env=env, cpu=cpu).items():
+                b = best[label]
+                b[key] = max(b.get(key, 0.0), rate)
+                b["cpu:" + key] = min(b.get("cpu:" + key, cpu[key]), cpu[key])
+            print(f"round {rnd + 1} {label}: " + ", ".join(f"{k} {v:,.1f}" for k, v in best[label].items()),
+                  f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+    bases = [k for k in ("C", "Rust") if k in kinds]
+    print("| op | depth | " + " | ".join(kinds) + " | " + " | ".join(f"compiled / {k}" for k in bases) + " |")
+    print("|---|---|" + "---|" * (len(kinds) + len(bases)))
     for op in ops:
         for depth in (1, 64):
             key = f"{op}-d{depth}"
             r = {k: best[k][key] for k in kinds}
             cells = " | ".join(f"{r[k]:,.0f}" for k in kinds)
-            vs_c = f"{r['compiled'] / r['C']:.2f}" if "C" in r else "-"
-            print(f"| {op} | {depth} | {cells} | {r['compiled'] / r['pure']:.2f} | {vs_c} |")
+            ratios = " | ".join(f"{r['compiled'] / r[k]:.2f}" for k in bases)
+            print(f"| {op} | {depth} | {cells} | {ratios} |")
     print()
-    print("| op (in-process, depth 64, CPU µs/request) | pure | compiled |")
-    print("|---|---|---|")
+    print("| op | depth | " + " | ".join(f"{k} CPU µs" for k in kinds) + " |")
+    print("|---|---|" + "---|" * len(kinds))
     for op in ops:
-        p = min(inproc_us(op, 64, a.seconds, True) for _ in range(a.rounds))
-        c = min(inproc_us(op, 64, a.seconds, False) for _ in range(a.rounds))
-        print(f"| {op} | {p:.2f} | {c:.2f} |")
+        for depth in (1, 64):
+            key = f"cpu:{op}-d{depth}"
+            print(f"| {op} | {depth} | " + " | ".join(f"{best[k][key]:.1f}" for k in kinds) + " |")
+    print()
+    print("| op (in-process, depth 64, CPU µs/request) | " + " | ".join(OURS) + " |")
+    print("|---|" + "---|" * len(OURS))
+    for op in ops:
+        us = [min(inproc_us(op, 64, a.seconds, label) for _ in range(a.rounds)) for label in OURS]
+        print(f"| {op} | " + " | ".join(f"{u:.2f}" for u in us) + " |")
     return 0
 
 

@@ -1,0 +1,99 @@
+"""Whole requests in C, the op table as the seam (docs/compiled.md, stage 2).
+
+``fast_ops(session)`` returns a callable ``serve(chain) -> int`` for the
+worker loop (workers/loop.py), or None. ``serve`` answers the requests the
+extension ``daemon.fuse._fastops`` covers (GETATTR on a nodeid whose fd
+this worker holds, or with GETATTR_FH on an fh it holds, READ on an fh it
+holds; ``_fastops.c`` lists every
+condition) and returns the
+bytes written into ``chain.writable``; for any other request it writes
+nothing and returns -1, and the loop hands the chain to
+``FuseSession.handle`` as before. The reply bytes are the ones the Python
+session writes (tests/unit/test_fastops_equivalence.py compares them).
+
+None, so that Python serves everything, when:
+
+- ``PYVIRTIOFSD_PURE=1`` or the extension is not built (compiled.py's
+  choice, the same switch as the compiled virtqueue), or
+  ``PYVIRTIOFSD_FASTOPS=0`` (the compiled virtqueue alone: for measuring);
+- the session is not a request session on a shared ``InodeTable``;
+- the op table's GETATTR row is not ``attrs.do_getattr`` (a session whose
+  table was changed: none today, ``--readonly`` keeps GETATTR), or the
+  session's ``attr_reply`` is not ``replies.Timeouts.attr_out``
+  (``--translate-uid``/``--translate-gid`` rewrite the ids in it).
+
+READ is compiled too when the op table's READ row is ``files.do_read``.
+
+Per request ``serve`` also leaves to Python a session with a metrics meter
+(``--metrics-socket``: the counters are Python), one that has to adopt a
+new FUSE session, and every malformed request (Python logs and answers it).
+
+Imported only by worker processes, like compiled.py (``sandbox.preload``
+imports it before the pivot).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from daemon.fuse import attrs, files, inodes, replies
+from daemon.fuse.abi import Opcode
+from daemon.log import get_logger
+from daemon.virtio import compiled
+
+log = get_logger("fuse.session")
+
+try:
+    from daemon.fuse import _fastops as _ext  # type: ignore[attr-defined]  # C, no stubs
+except ImportError:  # not built: no compiler or headers at install time
+    _ext = None
+
+EXTENSION_BUILT = _ext is not None
+# PYVIRTIOFSD_FASTOPS=0: the compiled virtqueue without the compiled ops
+# (stage 1 alone, for measuring a stage against the other)
+FASTOPS_ENV = "PYVIRTIOFSD_FASTOPS"
+
+
+def why_not(session) -> str:
+    """Why ``session`` gets no compiled ops ("" if it does)."""
+    if compiled.VirtQueue is not compiled.CompiledVirtQueue:
+        return compiled.PATH
+    if _ext is None:
+        return "extension daemon.fuse._fastops not built"
+    if os.environ.get(FASTOPS_ENV, "") == "0":
+        return f"{FASTOPS_ENV}=0"
+    return unsupported(session)
+
+
+def unsupported(session) -> str:
+    """Why ``session`` itself cannot use the compiled ops ("" if it can)."""
+    table = session.inodes
+    if session.role != "request" or not isinstance(table, inodes.InodeTable):
+        return "not a request session on a shared inode table"
+    if session._ops.get(int(Opcode.GETATTR)) is not attrs.do_getattr:
+        return "GETATTR is not the reference handler"
+    if getattr(session.attr_reply, "__func__", None) is not replies.Timeouts.attr_out:
+        return "GETATTR replies are rewritten (--translate-uid/--translate-gid)"
+    return ""
+
+
+def make(session):
+    """The extension's ``FastOps`` for ``session``, whatever ``why_not``
+    says (the equivalence tests use it under PYVIRTIOFSD_PURE=1 too)."""
+    assert _ext is not None
+    sec, nsec = session.attr_reply.__self__.attr_valid()
+    table = session.inodes
+    reads = session._ops.get(int(Opcode.READ)) is files.do_read
+    return _ext.FastOps(session, table._hdr, table._q, inodes._H_SESSION, inodes._SLOT_WORDS, sec, nsec,
+                        reads)
+
+
+def fast_ops(session) -> Callable[[object], int] | None:
+    """``serve(chain)`` for ``session`` (see the module docstring), or None."""
+    why = why_not(session)
+    if why:
+        log.info("FUSE ops: all in Python (%s)", why)
+        return None
+    log.info("FUSE ops: GETATTR and READ compiled (extension daemon.fuse._fastops)")
+    return make(session).serve

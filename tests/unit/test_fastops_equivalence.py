@@ -1,0 +1,364 @@
+"""Requests served whole in C (daemon/fuse/_fastops.c) against the Python
+session, byte for byte.
+
+Each example is one request laid out in readable buffers cut at arbitrary
+places and a writable part of arbitrary buffers pre-filled with a pattern.
+The reference run is ``FuseSession.handle``; the compiled run is what the
+worker loop does (``FastOps.serve(chain)``, and ``handle`` when it returns
+-1). Both must return the same byte count and leave the same writable
+bytes. Requests: well-formed GETATTRs on the root, on looked-up nodeids,
+on forgotten, unknown, zero and huge nodeids, with and without
+GETATTR_FH (held, released, unknown fhs, of the nodeid or another); READs
+on an open, a write-only, a released and unknown fhs at offsets and sizes
+around end of file and the limits; and malformed ones (short headers, a
+header split over buffers, wrong ``len``, short args, extensions, writable
+parts too short, other opcodes). The tests also check that C did serve
+the well-formed cases.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from daemon.fuse import abi, fastpath
+from daemon.fuse.abi import Opcode
+from daemon.virtio.iovec import IoVec
+from daemon.virtio.virtqueue import Chain
+from tests.unit.fusereq import entry_nodeid, in_header, start_session
+
+NAMES = ("a", "b", "d", "gone")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A session on a share with a few looked-up nodeids (one forgotten
+    again: its generation is stale in the shared table), and its FastOps."""
+    root = tmp_path_factory.mktemp("share")
+    cwd = os.getcwd()
+    os.chdir("/proc/self/fd")
+    (root / "a").write_bytes(b"x" * 5000)
+    (root / "b").symlink_to("a")
+    (root / "d").mkdir()
+    (root / "gone").write_bytes(b"")
+    os.mkfifo(root / "d" / "fifo")
+    session, client = start_session(root)
+    nodeids = {name: entry_nodeid(client.call(Opcode.LOOKUP, 1, name.encode() + b"\0",
+                                              abi.ENTRY_OUT.size).ok()) for name in NAMES}
+    nodeids["fifo"] = entry_nodeid(client.call(Opcode.LOOKUP, nodeids["d"], b"fifo\0",
+                                               abi.ENTRY_OUT.size).ok())
+    session.inodes.unref(nodeids["gone"], 1)       # forgotten: the cached fd is stale
+    for name, flags in (("fh", os.O_RDONLY), ("fh-wronly", os.O_WRONLY), ("fh-released", os.O_RDONLY)):
+        out = client.call(Opcode.OPEN, nodeids["a"], abi.OPEN_IN.pack(flags, 0), abi.OPEN_OUT.size).ok()
+        nodeids[name] = abi.OPEN_OUT.unpack_from(out)[0]
+    client.call(Opcode.RELEASE, nodeids["a"], abi.RELEASE_IN.pack(nodeids["fh-released"], 0, 0, 0), 0).ok()
+    fast = fastpath.make(session)
+    yield session, fast, nodeids
+    session.close()
+    session.inodes.close()
+    os.chdir(cwd)
+
+
+def test_extension_is_built():
+    assert fastpath.EXTENSION_BUILT
+
+
+def _cut(data: bytes, cuts: list[int]) -> list[memoryview]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [memoryview(bytearray(data[a:b])) for a, b in zip(points, points[1:]) if b > a]
+
+
+def _run(session, fast, request: bytes, rcuts: list[int], wsizes: list[int], compiled: bool):
+    readable = IoVec(_cut(request, rcuts))
+    outs = [bytearray(bytes([0xA5 ^ i]) * n) for i, n in enumerate(wsizes)]
+    writable = IoVec([memoryview(b) for b in outs])
+    chain = Chain(0, readable, writable)
+    n = fast.serve(chain) if compiled else -1
+    if n < 0:
+        n = session.handle(readable, writable, chain)
+    return n, b"".join(outs)
+
+
+def compare(world, request: bytes, rcuts: list[int], wsizes: list[int]) -> tuple[int, bool]:
+    """(bytes written, whether C served it); asserts both paths agree."""
+    session, fast, _ = world
+    pure = _run(session, fast, request, rcuts, wsizes, False)
+    before = fast.served
+    both = _run(session, fast, request, rcuts, wsizes, True)
+    assert both == pure
+    return pure[0], fast.served > before
+
+
+def getattr_request(nodeid: int, unique: int = 7, flags: int = 0, fh: int = 0) -> bytes:
+    args = abi.GETATTR_IN.pack(flags, 0, fh)
+    return in_header(Opcode.GETATTR, nodeid, len(args), unique) + args
+
+
+LINUX = ([40], [16, 104])      # the driver's layout
+
+
+@pytest.mark.parametrize("name", ["root", "a", "b", "d", "fifo"])
+def test_linux_shaped_getattr_is_served_in_c(world, name):
+    session, _fast, nodeids = world
+    nodeid = 1 if name == "root" else nodeids[name]
+    n, in_c = compare(world, getattr_request(nodeid, unique=0x1122334455667788), *LINUX)
+    assert (n, in_c) == (120, True)
+
+
+def test_getattr_fh_of_an_open_file_is_served_in_c(world):
+    """GETATTR_FH naming an open file this worker holds, of that nodeid:
+    its fstat, in C."""
+    _session, _fast, nodeids = world
+    request = getattr_request(nodeids["a"], flags=abi.FUSE_GETATTR_FH, fh=nodeids["fh"])
+    assert compare(world, request, *LINUX) == (120, True)
+
+
+@pytest.mark.parametrize("case", ["stale", "unknown", "zero", "huge", "fh", "fh-other-nodeid", "fh-released",
+                                  "extension", "short-out", "len", "lookup"])
+def test_what_c_leaves_to_python(world, case):
+    """Every one of these is answered by Python (C declines), the same way."""
+    _session, _fast, nodeids = world
+    request, wsizes = getattr_request(1), [16, 104]
+    if case == "stale":
+        request = getattr_request(nodeids["gone"])
+    elif case == "unknown":
+        request = getattr_request(4000)
+    elif case == "zero":
+        request = getattr_request(0)
+    elif case == "huge":
+        request = getattr_request((1 << 64) - 1)
+    elif case == "fh":
+        request = getattr_request(1, flags=abi.FUSE_GETATTR_FH, fh=12345)
+    elif case == "fh-other-nodeid":     # Python: the inode's own fstat
+        request = getattr_request(nodeids["b"], flags=abi.FUSE_GETATTR_FH, fh=nodeids["fh"])
+    elif case == "fh-released":
+        request = getattr_request(nodeids["a"], flags=abi.FUSE_GETATTR_FH, fh=nodeids["fh-released"])
+    elif case == "extension":
+        request = abi.IN_HEADER.pack(56, Opcode.GETATTR, 9, 1, 0, 0, 0, 1, 0) + bytes(16)
+    elif case == "short-out":
+        wsizes = [16, 103]
+    elif case == "len":
+        request = abi.IN_HEADER.pack(57, Opcode.GETATTR, 9, 1, 0, 0, 0, 0, 0) + bytes(16)
+    elif case == "lookup":
+        request = in_header(Opcode.LOOKUP, 1, 2, 9) + b"a\0"
+    _n, in_c = compare(world, request, [40], wsizes)
+    assert not in_c
+
+
+def test_a_session_with_a_meter_is_left_to_python(world):
+    session, _fast, _ = world
+    session.meter = object()      # never called: C must decline before
+    try:
+        n, in_c = compare_fast_only(world, getattr_request(1))
+    finally:
+        session.meter = None
+    assert (n, in_c) == (-1, False)
+
+
+def compare_fast_only(world, request: bytes) -> tuple[int, bool]:
+    _session, fast, _ = world
+    before = fast.served
+    chain = Chain(0, IoVec([memoryview(bytearray(request))]), IoVec([memoryview(bytearray(120))]))
+    return fast.serve(chain), fast.served > before
+
+
+def test_another_session_is_left_to_python(world):
+    """The shared table moved to a new FUSE session (INIT in another
+    worker): Python adopts it; C never answers for the old one."""
+    session, _fast, _ = world
+    mine = session._session
+    session._session = mine + 1000
+    try:
+        assert compare_fast_only(world, getattr_request(1)) == (-1, False)
+    finally:
+        session._session = mine
+
+
+def test_fstat_failure_is_the_same_errno(world):
+    """A cached fd that fstat refuses (closed under the cache): both paths
+    answer EBADF, C included."""
+    session, _fast, nodeids = world
+    fds = session.cache._fds
+    nodeid = nodeids["a"]
+    gen, fd = fds[nodeid]
+    fds[nodeid] = (gen, 999_999)
+    try:
+        n, in_c = compare(world, getattr_request(nodeid), *LINUX)
+        assert (n, in_c) == (16, True)
+    finally:
+        fds[nodeid] = (gen, fd)
+
+
+def test_translated_ids_get_no_compiled_ops(share):
+    """--translate-uid rewrites GETATTR's ids in Python: no compiled ops
+    (a plain session on the same share gets them)."""
+    from daemon.fuse.idtranslate import Ids, Translation
+    plain, _ = start_session(share)
+    ids = Ids(Translation.parse(["map:0:1000:1"]), Translation.parse([]))
+    translated, _ = start_session(share, ids=ids)
+    try:
+        assert fastpath.unsupported(plain) == ""
+        assert "--translate-uid" in fastpath.unsupported(translated)
+    finally:
+        for session in (plain, translated):
+            session.close()
+            session.inodes.close()
+
+
+# -- hypothesis ------------------------------------------------------------------
+U64 = st.integers(0, (1 << 64) - 1)
+NODE = st.sampled_from(["root", *NAMES, "fifo", "zero", "unknown", "huge"])
+CUTS = st.lists(st.integers(0, 200), max_size=4)
+WSIZES = st.one_of(st.just([16, 104]), st.lists(st.integers(0, 130), min_size=0, max_size=4))
+SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _nodeid(nodeids, which: str) -> int:
+    special = {"root": 1, "zero": 0, "unknown": 3999, "huge": (1 << 64) - 1}
+    return special[which] if which in special else nodeids[which]
+
+
+@SETTINGS
+@given(node=NODE, unique=U64, flags=st.sampled_from([0, 0, 1, 2, 0xFFFFFFFF]),
+       fh=st.one_of(U64, st.sampled_from(["fh", "fh-wronly", "fh-released"])),
+       nargs=st.sampled_from([16, 16, 0, 8, 15, 24]), rcuts=CUTS, wsizes=WSIZES,
+       lendelta=st.sampled_from([0, 0, 0, -1, 1, 1 << 20]), extlen=st.sampled_from([0, 0, 0, 1, 3]),
+       opcode=st.sampled_from([Opcode.GETATTR] * 4 + [Opcode.LOOKUP, Opcode.READ, 0, 9999]))
+def test_requests_are_equivalent(world, node, unique, flags, fh, nargs, rcuts, wsizes, lendelta,
+                                 extlen, opcode):
+    _session, _fast, nodeids = world
+    fh = nodeids[fh] if isinstance(fh, str) else fh
+    args = (abi.GETATTR_IN.pack(flags, 0, fh) + bytes(8))[:nargs]
+    length = (40 + nargs + lendelta) & 0xFFFFFFFF
+    request = abi.IN_HEADER.pack(length, opcode, unique, _nodeid(nodeids, node), 0, 0, 0, extlen, 0) + args
+    compare(world, request, rcuts, wsizes)
+
+
+@SETTINGS
+@given(data=st.binary(min_size=0, max_size=96), rcuts=CUTS, wsizes=WSIZES)
+def test_random_bytes_are_equivalent(world, data, rcuts, wsizes):
+    compare(world, data, rcuts, wsizes)
+
+
+@SETTINGS
+@given(node=NODE, rcuts=CUTS, wsizes=WSIZES, unique=U64)
+def test_well_formed_getattrs_are_served_in_c_when_they_can_be(world, node, rcuts, wsizes, unique):
+    """Any cut of a well-formed GETATTR: the same bytes, and C serves it
+    whenever the header is whole in the first buffer, the writable part
+    holds the reply and the nodeid's fd is held."""
+    _session, _fast, nodeids = world
+    request = getattr_request(_nodeid(nodeids, node), unique)
+    n, in_c = compare(world, request, rcuts, wsizes)
+    first = min([c % (len(request) + 1) for c in rcuts if c % (len(request) + 1)] or [len(request)])
+    held = node in ("root", "a", "b", "d", "fifo")
+    assert in_c == (first >= 40 and sum(wsizes) >= 120 and held)
+    if in_c:
+        assert n == 120
+
+
+def read_request(fh: int, offset: int, size: int, unique: int = 11, nodeid: int = 2) -> bytes:
+    args = abi.READ_IN.pack(fh, offset, size, 0, 0, 0)
+    return in_header(Opcode.READ, nodeid, len(args), unique) + args
+
+
+@pytest.mark.parametrize("offset,size,wsizes,n", [
+    (0, 4096, [16, 4096], 16 + 4096), (4000, 4096, [16, 4096], 16 + 1000), (5000, 10, [16, 10], 16),
+    (0, 1 << 20, [16] + [4096] * 2, 16 + 5000), (10, 100, [16, 30], 16 + 30), (0, 0, [16, 8], 16),
+    (0, 100, [16], 16), (1 << 40, 4096, [16, 4096], 16)])
+def test_linux_shaped_read_is_served_in_c(world, offset, size, wsizes, n):
+    _session, _fast, nodeids = world
+    assert compare(world, read_request(nodeids["fh"], offset, size), [40], wsizes) == (n, True)
+
+
+def test_read_on_a_write_only_fh_is_ebadf_in_c_too(world):
+    _session, _fast, nodeids = world
+    request = read_request(nodeids["fh-wronly"], 0, 100)
+    assert compare(world, request, [40], [16, 100]) == (16, True)
+
+
+@pytest.mark.parametrize("case", ["released", "unknown", "offset", "short-args", "extension", "short-out"])
+def test_reads_c_leaves_to_python(world, case):
+    _session, _fast, nodeids = world
+    request, wsizes = read_request(nodeids["fh"], 0, 100), [16, 100]
+    if case == "released":
+        request = read_request(nodeids["fh-released"], 0, 100)
+    elif case == "unknown":
+        request = read_request(0xDEAD << 24 | 5, 0, 100)
+    elif case == "offset":
+        request = read_request(nodeids["fh"], 1 << 63, 100)
+    elif case == "short-args":
+        request = in_header(Opcode.READ, 2, 32, 9) + abi.READ_IN.pack(nodeids["fh"], 0, 100, 0, 0, 0)[:32]
+    elif case == "extension":
+        args = abi.READ_IN.pack(nodeids["fh"], 0, 100, 0, 0, 0) + bytes(8)
+        request = abi.IN_HEADER.pack(40 + len(args), Opcode.READ, 9, 2, 0, 0, 0, 1, 0) + args
+    elif case == "short-out":
+        wsizes = [15]
+    _n, in_c = compare(world, request, [40], wsizes)
+    assert not in_c
+
+
+FH = st.sampled_from(["fh", "fh", "fh-wronly", "fh-released", "unknown", "huge"])
+OFFSET = st.one_of(st.sampled_from([0, 1, 4095, 4999, 5000, 1 << 40, (1 << 63) - 1, 1 << 63, (1 << 64) - 1]),
+                   st.integers(0, 6000))
+SIZE = st.one_of(st.sampled_from([0, 1, 4096, 1 << 20, (1 << 20) + 1, (1 << 32) - 1]), st.integers(0, 6000))
+RSIZES = st.one_of(st.just([16, 4096]), st.lists(st.integers(0, 2000), min_size=0, max_size=6))
+
+
+@SETTINGS
+@given(fh=FH, offset=OFFSET, size=SIZE, rcuts=CUTS, wsizes=RSIZES, unique=U64,
+       nargs=st.sampled_from([40, 40, 40, 39, 0, 48]), lendelta=st.sampled_from([0, 0, 0, 1, -1]),
+       extlen=st.sampled_from([0, 0, 0, 1]))
+def test_reads_are_equivalent(world, fh, offset, size, rcuts, wsizes, unique, nargs, lendelta, extlen):
+    _session, _fast, nodeids = world
+    fhs = {"unknown": 77 << 24 | 3, "huge": (1 << 64) - 1}
+    args = (abi.READ_IN.pack(fhs[fh] if fh in fhs else nodeids[fh], offset, size, 0, 0, 0) + bytes(8))[:nargs]
+    length = (40 + nargs + lendelta) & 0xFFFFFFFF
+    request = abi.IN_HEADER.pack(length, Opcode.READ, unique, 2, 0, 0, 0, extlen, 0) + args
+    compare(world, request, rcuts, wsizes)
+
+
+def test_which_sessions_get_compiled_ops(world, monkeypatch):
+    """The switches: PYVIRTIOFSD_FASTOPS=0 turns the ops off, and
+    PYVIRTIOFSD_PURE=1 (compiled.py's choice) everything compiled."""
+    session, _fast, _ = world
+    if fastpath.compiled.VirtQueue is fastpath.compiled.CompiledVirtQueue:
+        assert fastpath.why_not(session) == ""
+        monkeypatch.setenv("PYVIRTIOFSD_FASTOPS", "0")
+        assert fastpath.why_not(session) == "PYVIRTIOFSD_FASTOPS=0"
+        assert fastpath.fast_ops(session) is None
+    else:
+        assert "PYVIRTIOFSD_PURE" in fastpath.why_not(session)
+        assert fastpath.fast_ops(session) is None
+
+
+@pytest.mark.parametrize("op", ["getattr", "read4k"])
+def test_the_worker_loop_serves_them_in_c(tmp_path, monkeypatch, op):
+    """WorkerLoop._serve on a ring of 8 requests (tests/perf/inproc.py's
+    set-up): all answered without an error, in C unless the pure path was
+    chosen."""
+    from tests.perf import inproc
+    monkeypatch.chdir(tmp_path)
+    loop, ring, vr, heads = inproc._build(op, 8, str(tmp_path))
+    assert loop._serve(ring) == 8
+    done = vr.harvest()
+    assert sorted(done) == sorted(heads)
+    for head in done:
+        assert abi.OUT_HEADER.unpack(vr.read_writable(head, 16))[1] == 0
+    if fastpath.compiled.VirtQueue is fastpath.compiled.CompiledVirtQueue:
+        assert loop._fast.__self__.served == 8
+    else:
+        assert loop._fast is None
+    loop.session.close()
+    loop.session.inodes.close()
+
+
+def test_supervisor_never_loads_the_fast_ops():
+    code = ("import sys, daemon.supervisor, daemon.workers.loop; "
+            "print(sorted(m for m in sys.modules if m in ('daemon.fuse.fastpath', 'daemon.fuse._fastops')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
