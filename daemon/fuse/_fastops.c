@@ -19,7 +19,8 @@
  *   - with GETATTR_FH (fstat of an open file): the fh is an open file this
  *     worker holds (as READ below) of that very nodeid; any other fh is
  *     Python's (it copies another worker's, or falls back to the inode);
- *   - no metrics meter (its counters are Python).
+ *   - the session's metrics meter (session.meter) is None or the one
+ *     FastOps was made to count for (any other: Python serves and counts).
  * Then fstat(2) on that fd, and the reply header + fuse_attr_out (the
  * attribute timeout of --cache) written into the writable buffers, or, if
  * fstat fails, the error header (errno, EIO for one outside 1..4095).
@@ -34,6 +35,12 @@
  * preadv2(2) of min(size, 1 MiB, room) bytes straight into the writable
  * buffers after the header, and the header (16 + bytes read), or the error
  * header for preadv's errno.
+ *
+ * With a meter (--metrics-socket), what C answers is counted here into
+ * the worker's shared-memory slot as WorkerMeter.request counts it
+ * (count() below; fastpath.meter_layout gives the word indices, checked
+ * against the slot once at set-up), timed with the meter's clock,
+ * CLOCK_MONOTONIC. What C declines Python serves and counts.
  *
  * Anything malformed is left to Python, which logs and answers it. The
  * GIL is released around fstat and preadv, as os.fstat/os.preadv do; the
@@ -52,6 +59,7 @@
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/uio.h>
+#include <time.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "FUSE structs are little-endian here: little-endian hosts only"
@@ -98,6 +106,25 @@ struct read_in {
     uint32_t flags, padding;
 };
 
+/* where one opcode counts in a metrics slot (metrics/counters.py): the
+ * word indices of its requests, latency sum, first latency bucket, and
+ * its errno slot 0 */
+struct op_words {
+    Py_ssize_t requests, latency_sum, buckets, errors;
+};
+
+#define MAX_BUCKETS 15          /* counters.OP_WORDS - OP_BUCKETS - 1 */
+
+/* the metrics slot this worker counts into, laid out by counters.py (the
+ * indices come from fastpath.make, checked against the slot's length once) */
+struct meter {
+    Py_buffer words;            /* the slot, u64 words, held while FastOps lives */
+    uint64_t *w;
+    Py_ssize_t bytes_read, errno_slots, nbounds;
+    struct op_words getattr, read;
+    uint64_t bounds[MAX_BUCKETS];   /* LATENCY_BUCKETS_NS: the last bucket is above them all */
+};
+
 /* fuse_out_header */
 struct out_header {
     uint32_t len;
@@ -120,6 +147,8 @@ typedef struct {
     uint64_t attr_sec;
     uint32_t attr_nsec;
     unsigned long long served;  /* requests answered here (tests, bench) */
+    PyObject *meter;        /* the WorkerMeter counted for, or NULL */
+    struct meter m;         /* valid when meter is set */
 } FastOps;
 
 static PyObject *s_readable, *s_writable, *s_views, *s_size, *s_session, *s_meter, *s_cache,
@@ -245,9 +274,15 @@ static uint32_t rdev32(dev_t rdev)
     return (uint32_t)((minor & 0xFF) | ((major & 0xFFF) << 8) | ((minor & ~(uint64_t)0xFF) << 12));
 }
 
-/* GETATTR; NOT_HANDLED or the bytes written */
+/* the errno an error reply carries (replies.error: EIO for one outside 1..4095) */
+static int reply_errno(int err)
+{
+    return err > 0 && err < 4096 ? err : EIO;
+}
+
+/* GETATTR; NOT_HANDLED or the bytes written; *error: the reply's errno (0: success) */
 static Py_ssize_t fast_getattr(FastOps *self, PyObject *readable, PyObject *writable,
-                               const struct in_header *h, PyObject *cache)
+                               const struct in_header *h, PyObject *cache, int *error)
 {
     Py_ssize_t nargs = (Py_ssize_t)h->len - IN_HEADER;
     if (h->total_extlen || nargs > MAX_ARGS)
@@ -279,7 +314,8 @@ static Py_ssize_t fast_getattr(FastOps *self, PyObject *readable, PyObject *writ
     Py_END_ALLOW_THREADS
     if (rc != 0) {
         r.len = OUT_HEADER;
-        r.error = -(err > 0 && err < 4096 ? err : EIO);
+        *error = reply_errno(err);
+        r.error = -*error;
         return stream_copy(writable, 0, &r, OUT_HEADER, 1) < 0 ? NOT_HANDLED : OUT_HEADER;
     }
     /* what struct.pack would refuse (Python answers EIO): leave it to Python */
@@ -306,10 +342,11 @@ static Py_ssize_t fast_getattr(FastOps *self, PyObject *readable, PyObject *writ
     return stream_copy(writable, 0, &r, sizeof r, 1) < 0 ? NOT_HANDLED : (Py_ssize_t)sizeof r;
 }
 
-/* an error reply (replies.error: EIO for an errno outside 1..4095) */
-static Py_ssize_t error_reply(PyObject *writable, uint64_t unique, int err)
+/* an error reply; *error: its errno */
+static Py_ssize_t error_reply(PyObject *writable, uint64_t unique, int err, int *error)
 {
-    struct out_header o = {OUT_HEADER, -(err > 0 && err < 4096 ? err : EIO), unique};
+    *error = reply_errno(err);
+    struct out_header o = {OUT_HEADER, -*error, unique};
     return stream_copy(writable, 0, &o, OUT_HEADER, 1) < 0 ? NOT_HANDLED : OUT_HEADER;
 }
 
@@ -345,7 +382,7 @@ out:
 /* READ (files.do_read): preadv(2) straight into the writable buffers after
  * the 16-byte header; NOT_HANDLED or the bytes written */
 static Py_ssize_t fast_read(PyObject *session, PyObject *readable, PyObject *writable, Py_ssize_t wsize,
-                            const struct in_header *h)
+                            const struct in_header *h, int *error)
 {
     Py_ssize_t nargs = (Py_ssize_t)h->len - IN_HEADER;
     struct read_in a;
@@ -397,9 +434,39 @@ static Py_ssize_t fast_read(PyObject *session, PyObject *readable, PyObject *wri
         Py_END_ALLOW_THREADS
     }
     if (got < 0)
-        return error_reply(writable, h->unique, err);
+        return error_reply(writable, h->unique, err, error);
     struct out_header o = {(uint32_t)(OUT_HEADER + got), 0, h->unique};
     return stream_copy(writable, 0, &o, OUT_HEADER, 1) < 0 ? NOT_HANDLED : OUT_HEADER + (Py_ssize_t)got;
+}
+
+/* one word of the slot plus n: a plain load and store (this thread is the
+ * slot's only writer; the supervisor reads whole aligned words) */
+static void add(uint64_t *w, Py_ssize_t i, uint64_t n)
+{
+    __atomic_store_n(&w[i], __atomic_load_n(&w[i], __ATOMIC_RELAXED) + n, __ATOMIC_RELAXED);
+}
+
+/* count one answered request as WorkerMeter.request does: its opcode's
+ * requests, latency (sum and bucket: the first bound at or above it),
+ * its errno (0 for one at or above errno_slots) or the data bytes READ
+ * replied */
+static void count(struct meter *m, const struct op_words *op, const struct timespec *start, int error,
+                  Py_ssize_t data)
+{
+    struct timespec end;
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    int64_t ns = (int64_t)(end.tv_sec - start->tv_sec) * 1000000000 + (end.tv_nsec - start->tv_nsec);
+    uint64_t elapsed = ns > 0 ? (uint64_t)ns : 0;
+    Py_ssize_t bucket = 0;
+    while (bucket < m->nbounds && m->bounds[bucket] < elapsed)
+        bucket++;
+    add(m->w, op->requests, 1);
+    add(m->w, op->latency_sum, elapsed);
+    add(m->w, op->buckets + bucket, 1);
+    if (error)
+        add(m->w, op->errors + (error < m->errno_slots ? error : 0), 1);
+    else if (data > 0)
+        add(m->w, m->bytes_read, (uint64_t)data);
 }
 
 /* the checks every fast op shares (FuseSession._handle's, in its order);
@@ -408,9 +475,15 @@ static Py_ssize_t serve(FastOps *self, PyObject *chain)
 {
     Py_ssize_t result = NOT_HANDLED, rsize, wsize, mine;
     PyObject *readable = NULL, *writable = NULL, *rviews = NULL, *wviews = NULL, *cache = NULL;
+    int error = 0, counting = 0;
+    struct timespec start;
     PyObject *meter = PyObject_GetAttr(self->session, s_meter);
-    if (meter == NULL || meter != Py_None)
+    if (meter == NULL || (meter != Py_None && meter != self->meter))
         goto out;
+    /* the meter's clock (time.perf_counter_ns: CLOCK_MONOTONIC, the vDSO's) */
+    counting = meter != Py_None;
+    if (counting)
+        clock_gettime(CLOCK_MONOTONIC, &start);
     readable = PyObject_GetAttr(chain, s_readable);
     writable = readable ? PyObject_GetAttr(chain, s_writable) : NULL;
     if (writable == NULL || iovec_parts(readable, &rviews, &rsize) < 0
@@ -439,19 +512,23 @@ static Py_ssize_t serve(FastOps *self, PyObject *chain)
             || mine <= 0 || (uint64_t)mine != current)
         goto out;
     if (h.opcode == OP_READ) {
-        result = fast_read(self->session, rviews, wviews, wsize, &h);
+        result = fast_read(self->session, rviews, wviews, wsize, &h, &error);
         goto out;
     }
     cache = PyObject_GetAttr(self->session, s_cache);
     if (cache == NULL)
         goto out;
-    result = fast_getattr(self, rviews, wviews, &h, cache);
+    result = fast_getattr(self, rviews, wviews, &h, cache, &error);
 out:
-    /* "not handled" is never an error: Python serves the request */
-    if (result == NOT_HANDLED)
+    /* "not handled" is never an error: Python serves (and counts) the request */
+    if (result == NOT_HANDLED) {
         PyErr_Clear();
-    else
+    } else {
         self->served++;
+        if (counting)
+            count(&self->m, h.opcode == OP_READ ? &self->m.read : &self->m.getattr, &start,
+                  error, h.opcode == OP_READ && !error ? result - OUT_HEADER : 0);
+    }
     Py_XDECREF(meter);
     Py_XDECREF(readable);
     Py_XDECREF(writable);
@@ -466,20 +543,87 @@ static PyObject *fastops_serve(FastOps *self, PyObject *chain)
     return PyLong_FromSsize_t(serve(self, chain));
 }
 
+static void drop_meter(FastOps *self)
+{
+    if (self->meter != NULL) {
+        PyBuffer_Release(&self->m.words);
+        Py_CLEAR(self->meter);
+    }
+}
+
+/* the meter's slot and where its counters are (fastpath.make, from
+ * counters.py): layout = (bytes_read, errno_slots, then requests,
+ * latency_sum, buckets, errors for GETATTR, then for READ), bounds =
+ * LATENCY_BUCKETS_NS; every word counting may touch is checked to be in
+ * the slot, once, here */
+static int set_meter(FastOps *self, PyObject *meter, PyObject *words, PyObject *layout, PyObject *bounds)
+{
+    struct meter m;
+    Py_ssize_t v[10];
+    memset(&m, 0, sizeof m);
+    if (!PyTuple_Check(layout) || PyTuple_GET_SIZE(layout) != 10 || !PyTuple_Check(bounds)
+            || PyTuple_GET_SIZE(bounds) < 1 || PyTuple_GET_SIZE(bounds) > MAX_BUCKETS - 1) {
+        PyErr_SetString(PyExc_ValueError, "FastOps: bad metrics layout");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < 10; i++)
+        if ((v[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(layout, i))) == -1 && PyErr_Occurred())
+            return -1;
+    m.nbounds = PyTuple_GET_SIZE(bounds);
+    for (Py_ssize_t i = 0; i < m.nbounds; i++) {
+        m.bounds[i] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(bounds, i));
+        if (PyErr_Occurred())
+            return -1;
+    }
+    m.bytes_read = v[0];
+    m.errno_slots = v[1];
+    m.getattr = (struct op_words){v[2], v[3], v[4], v[5]};
+    m.read = (struct op_words){v[6], v[7], v[8], v[9]};
+    if (PyObject_GetBuffer(words, &m.words, PyBUF_WRITABLE) < 0)
+        return -1;
+    Py_ssize_t n = m.words.len / 8;
+    int ok = ((uintptr_t)m.words.buf & 7) == 0 && m.errno_slots > 0 && m.bytes_read >= 0 && m.bytes_read < n;
+    const struct op_words *ops[] = {&m.getattr, &m.read};
+    for (int i = 0; i < 2 && ok; i++)
+        ok = ops[i]->requests >= 0 && ops[i]->requests < n && ops[i]->latency_sum >= 0
+            && ops[i]->latency_sum < n && ops[i]->buckets >= 0 && ops[i]->buckets <= n - m.nbounds - 1
+            && ops[i]->errors >= 0 && ops[i]->errors <= n - m.errno_slots;
+    if (!ok) {
+        PyBuffer_Release(&m.words);
+        PyErr_SetString(PyExc_ValueError, "FastOps: metrics layout outside the slot");
+        return -1;
+    }
+    m.w = m.words.buf;
+    drop_meter(self);
+    Py_INCREF(meter);
+    self->meter = meter;
+    self->m = m;
+    return 0;
+}
+
 static int fastops_init(FastOps *self, PyObject *args, PyObject *kw)
 {
     static char *names[] = {"session", "header", "slots", "session_word", "slot_words", "attr_sec",
-                            "attr_nsec", "reads", NULL};
-    PyObject *session, *header, *slots;
+                            "attr_nsec", "reads", "meter", "words", "layout", "bounds", NULL};
+    PyObject *session, *header, *slots, *meter = Py_None, *words = NULL, *layout = NULL, *bounds = NULL;
     Py_ssize_t session_word, slot_words;
     unsigned long long attr_sec;
     unsigned long attr_nsec;
     int reads = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOnnKk|p", names, &session, &header, &slots,
-                                     &session_word, &slot_words, &attr_sec, &attr_nsec, &reads))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOnnKk|pOOOO", names, &session, &header, &slots,
+                                     &session_word, &slot_words, &attr_sec, &attr_nsec, &reads,
+                                     &meter, &words, &layout, &bounds))
         return -1;
     if (session_word < 0 || slot_words <= 0 || attr_nsec >= 1000000000UL) {
         PyErr_SetString(PyExc_ValueError, "FastOps: bad table layout or timeout");
+        return -1;
+    }
+    if (meter == Py_None) {
+        drop_meter(self);
+    } else if (words == NULL || layout == NULL || bounds == NULL) {
+        PyErr_SetString(PyExc_TypeError, "FastOps: a meter needs its words, layout and bounds");
+        return -1;
+    } else if (set_meter(self, meter, words, layout, bounds) < 0) {
         return -1;
     }
     Py_INCREF(session);
@@ -501,6 +645,7 @@ static int fastops_traverse(FastOps *self, visitproc visit, void *arg)
     Py_VISIT(self->session);
     Py_VISIT(self->header);
     Py_VISIT(self->slots);
+    Py_VISIT(self->meter);
     return 0;
 }
 
@@ -509,6 +654,7 @@ static int fastops_clear(FastOps *self)
     Py_CLEAR(self->session);
     Py_CLEAR(self->header);
     Py_CLEAR(self->slots);
+    drop_meter(self);
     return 0;
 }
 

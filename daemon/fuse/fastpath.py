@@ -24,9 +24,21 @@ None, so that Python serves everything, when:
 
 READ is compiled too when the op table's READ row is ``files.do_read``.
 
-Per request ``serve`` also leaves to Python a session with a metrics meter
-(``--metrics-socket``: the counters are Python), one that has to adopt a
-new FUSE session, and every malformed request (Python logs and answers it).
+With ``--metrics-socket`` the session has a meter (metrics/counters.py's
+``WorkerMeter``) before the loop asks for ``serve``, and the requests C
+answers are counted by C into the same shared-memory slot, as
+``WorkerMeter.request`` counts them: the opcode's requests, the latency
+from before the request is read to after its reply is written (with the
+meter's own clock, ``time.perf_counter_ns``: ``clock_gettime(CLOCK_MONOTONIC)``,
+a vDSO call) into its sum and bucket, an error reply under its opcode and
+errno, READ's data bytes. ``make`` hands C the slot's buffer and the word
+indices, computed here from counters.py once; C checks them against the
+slot's length once. A meter C cannot count for (another clock: tests) is
+not passed, and ``serve`` then leaves that session's requests to Python.
+
+Per request ``serve`` also leaves to Python a session whose meter is not
+the one it was made with (or None), one that has to adopt a new FUSE
+session, and every malformed request (Python logs and answers it).
 
 Imported only by worker processes, like compiled.py (``sandbox.preload``
 imports it before the pivot).
@@ -35,11 +47,13 @@ imports it before the pivot).
 from __future__ import annotations
 
 import os
+import time
 from typing import Callable
 
 from daemon.fuse import attrs, files, inodes, replies
 from daemon.fuse.abi import Opcode
 from daemon.log import get_logger
+from daemon.metrics import counters as c
 from daemon.virtio import compiled
 
 log = get_logger("fuse.session")
@@ -80,13 +94,41 @@ def unsupported(session) -> str:
 
 def make(session):
     """The extension's ``FastOps`` for ``session``, whatever ``why_not``
-    says (the equivalence tests use it under PYVIRTIOFSD_PURE=1 too)."""
+    says (the equivalence tests use it under PYVIRTIOFSD_PURE=1 too),
+    counting into ``session.meter`` when it can (``meter_layout``)."""
     assert _ext is not None
     sec, nsec = session.attr_reply.__self__.attr_valid()
     table = session.inodes
     reads = session._ops.get(int(Opcode.READ)) is files.do_read
     return _ext.FastOps(session, table._hdr, table._q, inodes._H_SESSION, inodes._SLOT_WORDS, sec, nsec,
-                        reads)
+                        reads, **meter_layout(session.meter))
+
+
+_MONOTONIC = "clock_gettime(CLOCK_MONOTONIC)"
+
+
+def meter_layout(meter) -> dict:
+    """FastOps's metrics arguments for ``meter``: its slot's words, the
+    word indices of BYTES_READ, of GETATTR's and READ's counters and errno
+    slot 0, and the latency bounds; {} if there is no meter or C cannot
+    count as it does (its clock is not ``time.perf_counter_ns`` on
+    CLOCK_MONOTONIC, or its words are not a slot of u64)."""
+    if meter is None or not isinstance(meter, c.WorkerMeter) or meter.clock is not time.perf_counter_ns:
+        return {}
+    if time.get_clock_info("perf_counter").implementation != _MONOTONIC:
+        return {}
+    words = meter.words
+    if not isinstance(words, memoryview) or words.format != "Q" or len(words) < c.SLOT_WORDS:
+        return {}
+
+    def op(opcode: Opcode) -> tuple[int, int, int, int]:
+        base = c.OPS + int(opcode) * c.OP_WORDS
+        return (base + c.OP_REQUESTS, base + c.OP_LATENCY_SUM, base + c.OP_BUCKETS,
+                c.ERRORS + int(opcode) * c.ERRNO_SLOTS)
+
+    assert max(Opcode.GETATTR, Opcode.READ) < c.OPCODE_SLOTS
+    layout = (c.BYTES_READ, c.ERRNO_SLOTS, *op(Opcode.GETATTR), *op(Opcode.READ))
+    return {"meter": meter, "words": words, "layout": layout, "bounds": c.LATENCY_BUCKETS_NS}
 
 
 def fast_ops(session) -> Callable[[object], int] | None:
@@ -95,5 +137,9 @@ def fast_ops(session) -> Callable[[object], int] | None:
     if why:
         log.info("FUSE ops: all in Python (%s)", why)
         return None
-    log.info("FUSE ops: GETATTR and READ compiled (extension daemon.fuse._fastops)")
-    return make(session).serve
+    fast = make(session)
+    counted = " (counted by C)" if session.meter is not None and meter_layout(session.meter) else ""
+    log.info("FUSE ops: GETATTR and READ compiled (extension daemon.fuse._fastops)%s", counted)
+    if session.meter is not None and not counted:
+        log.info("FUSE ops: this meter is not C's to count for: its requests stay in Python")
+    return fast.serve

@@ -13,7 +13,9 @@ on an open, a write-only, a released and unknown fhs at offsets and sizes
 around end of file and the limits; and malformed ones (short headers, a
 header split over buffers, wrong ``len``, short args, extensions, writable
 parts too short, other opcodes). The tests also check that C did serve
-the well-formed cases.
+the well-formed cases. With a metrics meter on each path (--metrics-socket)
+the two slots must hold the same counters too (latency: the same number of
+observations per opcode).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from hypothesis import strategies as st
 
 from daemon.fuse import abi, fastpath
 from daemon.fuse.abi import Opcode
+from daemon.metrics import counters
+from daemon.metrics.counters import MetricsArea, WorkerMeter
 from daemon.virtio.iovec import IoVec
 from daemon.virtio.virtqueue import Chain
 from tests.unit.fusereq import entry_nodeid, in_header, start_session
@@ -150,7 +154,9 @@ def test_what_c_leaves_to_python(world, case):
     assert not in_c
 
 
-def test_a_session_with_a_meter_is_left_to_python(world):
+def test_a_meter_c_was_not_made_for_is_left_to_python(world):
+    """C counts only into the meter FastOps was made with: any other
+    (here one that is not even a meter) and Python serves and counts."""
     session, _fast, _ = world
     session.meter = object()      # never called: C must decline before
     try:
@@ -158,6 +164,125 @@ def test_a_session_with_a_meter_is_left_to_python(world):
     finally:
         session.meter = None
     assert (n, in_c) == (-1, False)
+
+
+def test_a_meter_on_another_clock_is_left_to_python(world):
+    """A meter whose clock is not time.perf_counter_ns (C reads
+    CLOCK_MONOTONIC): FastOps is made without it, and serve declines."""
+    session, _fast, _ = world
+    meter = WorkerMeter(MetricsArea(1).slot(0), clock=lambda: 0)
+    session.meter = meter
+    try:
+        assert fastpath.meter_layout(meter) == {}
+        fast = fastpath.make(session)
+        chain = Chain(0, IoVec([memoryview(bytearray(getattr_request(1)))]), IoVec([memoryview(bytearray(120))]))
+        assert (fast.serve(chain), fast.served) == (-1, 0)
+    finally:
+        session.meter = None
+
+
+# -- with a meter (--metrics-socket): the same counters ----------------------------
+@pytest.fixture(scope="module")
+def metered(world):
+    """(the world, a FastOps counting into a second meter): the Python
+    run counts into slot 0, the compiled run into slot 1."""
+    session, _fast, nodeids = world
+    area = MetricsArea(2)
+    meters = [WorkerMeter(area.slot(i), fd_limit=1024) for i in range(2)]
+    session.meter = meters[1]
+    try:
+        fast = fastpath.make(session)
+    finally:
+        session.meter = None
+    yield session, fast, nodeids, meters
+
+
+def _comparable(words) -> tuple[list[int], list[int]]:
+    """(the slot with each opcode's latency sum and buckets zeroed, the
+    number of latency observations per opcode): latencies differ in time,
+    not in count."""
+    words = list(words)
+    observations = []
+    for op in range(counters.OPCODE_SLOTS):
+        base = counters.OPS + op * counters.OP_WORDS
+        buckets = slice(base + counters.OP_BUCKETS, base + counters.OP_BUCKETS + len(counters.LATENCY_BUCKETS_NS) + 1)
+        observations.append(sum(words[buckets]))
+        words[base + counters.OP_LATENCY_SUM] = 0
+        words[buckets] = [0] * len(words[buckets])
+    return words, observations
+
+
+def compare_metered(metered, request: bytes, rcuts: list[int], wsizes: list[int]) -> tuple[int, bool]:
+    """compare() with a meter on each path: the same bytes, and the same
+    counters (requests and errors per opcode and errno, bytes, latency
+    observations) in both slots."""
+    session, fast, _, (pure_meter, c_meter) = metered
+    try:
+        session.meter = pure_meter
+        pure = _run(session, fast, request, rcuts, wsizes, False)
+        session.meter = c_meter
+        before = fast.served
+        both = _run(session, fast, request, rcuts, wsizes, True)
+    finally:
+        session.meter = None
+    assert both == pure
+    assert _comparable(c_meter.words) == _comparable(pure_meter.words)
+    return pure[0], fast.served > before
+
+
+def _op_words(meter, opcode) -> list[int]:
+    base = counters.OPS + int(opcode) * counters.OP_WORDS
+    return list(meter.words[base:base + counters.OP_WORDS])
+
+
+@pytest.mark.parametrize("case", ["getattr", "getattr-fh", "getattr-ebadf", "read", "read-eof", "read-ebadf",
+                                  "declined"])
+def test_c_counts_as_python_does(metered, case):
+    """Requests C answers, with a meter: counted by C into the same words
+    as Python counts them (an error under its opcode and errno, READ's
+    bytes), and C's latency is a real observation in the opcode's sum."""
+    session, fast, nodeids, (_, c_meter) = metered
+    opcode, request, wsizes, in_c = Opcode.GETATTR, getattr_request(nodeids["a"]), [16, 104], True
+    fds = session.cache._fds
+    gen, fd = fds[nodeids["a"]]
+    if case == "getattr-fh":
+        request = getattr_request(nodeids["a"], flags=abi.FUSE_GETATTR_FH, fh=nodeids["fh"])
+    elif case == "getattr-ebadf":
+        fds[nodeids["a"]] = (gen, 999_999)
+    elif case.startswith("read"):
+        opcode, wsizes = Opcode.READ, [16, 4096]
+        fh, offset = {"read": ("fh", 10), "read-eof": ("fh", 5000), "read-ebadf": ("fh-wronly", 0)}[case]
+        request = read_request(nodeids[fh], offset, 4096)
+    elif case == "declined":
+        request, in_c = getattr_request(nodeids["gone"]), False
+    before = _op_words(c_meter, opcode)
+    try:
+        n, served = compare_metered(metered, request, [40], wsizes)
+    finally:
+        fds[nodeids["a"]] = (gen, fd)
+    assert served == in_c
+    after = _op_words(c_meter, opcode)
+    assert after[counters.OP_REQUESTS] == before[counters.OP_REQUESTS] + 1
+    assert after[counters.OP_LATENCY_SUM] > before[counters.OP_LATENCY_SUM]
+    assert n == {"getattr": 120, "getattr-fh": 120, "read": 16 + 4096, "read-eof": 16}.get(case, 16)
+
+
+def test_c_counts_errno_and_bytes_in_their_words(metered):
+    """The words themselves (not only equal to Python's): EBADF under
+    GETATTR, 4096 data bytes under BYTES_READ."""
+    session, _fast, nodeids, (_, c_meter) = metered
+    words = c_meter.words
+    ebadf = counters.ERRORS + int(Opcode.GETATTR) * counters.ERRNO_SLOTS + 9
+    errors, read = words[ebadf], words[counters.BYTES_READ]
+    fds = session.cache._fds
+    gen, fd = fds[nodeids["a"]]
+    fds[nodeids["a"]] = (gen, 999_999)
+    try:
+        assert compare_metered(metered, getattr_request(nodeids["a"]), [40], [16, 104]) == (16, True)
+    finally:
+        fds[nodeids["a"]] = (gen, fd)
+    assert compare_metered(metered, read_request(nodeids["fh"], 0, 4096), [40], [16, 4096]) == (16 + 4096, True)
+    assert (words[ebadf], words[counters.BYTES_READ]) == (errors + 1, read + 4096)
 
 
 def compare_fast_only(world, request: bytes) -> tuple[int, bool]:
@@ -322,6 +447,27 @@ def test_reads_are_equivalent(world, fh, offset, size, rcuts, wsizes, unique, na
     compare(world, request, rcuts, wsizes)
 
 
+@SETTINGS
+@given(fh=FH, offset=OFFSET, size=SIZE, rcuts=CUTS, wsizes=RSIZES, unique=U64,
+       nargs=st.sampled_from([40, 40, 40, 39, 0]), node=NODE, getattr_flags=st.sampled_from([0, 1, 0]),
+       opcode=st.sampled_from([Opcode.GETATTR, Opcode.READ, Opcode.READ, Opcode.LOOKUP]))
+def test_metered_requests_count_the_same(metered, fh, offset, size, rcuts, wsizes, unique, nargs, node,
+                                         getattr_flags, opcode):
+    """GETATTRs and READs, served by C or declined, each path with its
+    meter: the same bytes and the same counters."""
+    _session, _fast, nodeids, _meters = metered
+    fhs = {"unknown": 77 << 24 | 3, "huge": (1 << 64) - 1}
+    fh = fhs[fh] if fh in fhs else nodeids[fh]
+    if opcode == Opcode.GETATTR:
+        args = abi.GETATTR_IN.pack(getattr_flags, 0, fh)[:min(nargs, 16)]
+        nodeid = _nodeid(nodeids, node)
+    else:
+        args = abi.READ_IN.pack(fh, offset, size, 0, 0, 0)[:nargs]
+        nodeid = 2
+    request = abi.IN_HEADER.pack(40 + len(args), opcode, unique, nodeid, 0, 0, 0, 0, 0) + args
+    compare_metered(metered, request, rcuts, wsizes)
+
+
 def test_which_sessions_get_compiled_ops(world, monkeypatch):
     """The switches: PYVIRTIOFSD_FASTOPS=0 turns the ops off, and
     PYVIRTIOFSD_PURE=1 (compiled.py's choice) everything compiled."""
@@ -353,6 +499,33 @@ def test_the_worker_loop_serves_them_in_c(tmp_path, monkeypatch, op):
         assert loop._fast.__self__.served == 8
     else:
         assert loop._fast is None
+    loop.session.close()
+    loop.session.inodes.close()
+
+
+@pytest.mark.parametrize("op,opcode", [("getattr", Opcode.GETATTR), ("read4k", Opcode.READ)])
+def test_the_worker_loop_counts_them_with_a_meter(tmp_path, monkeypatch, op, opcode):
+    """--metrics-socket keeps the compiled path: a session with a meter
+    (as workers/entry.py gives it before the loop) is served in C, and its
+    slot counts the 8 requests, their latencies, the batch (and READ's
+    bytes)."""
+    from tests.perf import inproc
+    monkeypatch.chdir(tmp_path)
+    loop, ring, vr, heads = inproc._build(op, 8, str(tmp_path))
+    meter = WorkerMeter(MetricsArea(1).slot(0))
+    loop.session.meter = meter
+    loop._fast = fastpath.fast_ops(loop.session)    # what WorkerLoop.__init__ asks, now with the meter
+    assert loop._serve(ring) == 8
+    assert sorted(vr.harvest()) == sorted(heads)
+    words = meter.words
+    base = counters.OPS + int(opcode) * counters.OP_WORDS
+    buckets = words[base + counters.OP_BUCKETS:base + counters.OP_WORDS]
+    assert (words[base + counters.OP_REQUESTS], sum(buckets)) == (8, 8)
+    assert words[base + counters.OP_LATENCY_SUM] > 0
+    assert (words[counters.BATCHES], words[counters.CHAINS]) == (1, 8)
+    assert words[counters.BYTES_READ] == (8 * 4096 if op == "read4k" else 0)
+    if fastpath.compiled.VirtQueue is fastpath.compiled.CompiledVirtQueue:
+        assert loop._fast.__self__.served == 8
     loop.session.close()
     loop.session.inodes.close()
 
