@@ -297,3 +297,8 @@ def test_metrics_count_restarts_and_survive_them(session, tmp_path):
     assert get(after, "pyvirtiofsd_requests_total", op="GETATTR", **w) == 6
     assert get(after, "pyvirtiofsd_worker_up", **w) == 1
     assert "Traceback" not in d.log()
+    from daemon.fuse import fastpath
+    if fastpath.EXTENSION_BUILT and os.environ.get("PYVIRTIOFSD_PURE", "") != "1" \
+            and os.environ.get(fastpath.FASTOPS_ENV, "") != "0":
+        # the GETATTRs above were served and counted by C, sandboxed (seccomp)
+        assert len(re.findall(r"GETATTR and READ compiled .*\(counted by C\)", d.log())) == 2
