@@ -620,16 +620,6 @@ def render_markdown(rows, info, p, args, guest, elapsed, floor=None, parallel=No
     for kind, res in (parallel or {}).items():
         for failure in res["failures"]:
             md.append(f"- parallel, {KIND_LABEL[kind]} with {res['queues']} request queue(s) FAILED: {failure}")
-    if parallel:
-        md += ["", "## Parallel part: median (lowest–highest) of the interleaved rounds", "",
-               "| measurement | " + " | ".join(f"{KIND_LABEL[k]}, {v['queues']} q" for k, v in parallel.items())
-               + " |", "|---|" + "---:|" * len(parallel)]
-        for key, label in PARALLEL_PHASES:
-            if any(key in v["runs"] for v in parallel.values()):
-                md.append(f"| {label} | " + " | ".join(spread(v["runs"].get(key, [])) for v in parallel.values())
-                          + " |")
-        md.append("| load average (1 min) at each run | "
-                  + " | ".join(", ".join(map(str, v["load"])) for v in parallel.values()) + " |")
     if rootfs:
         md += rootfs_bench.markdown(rootfs)
     if guest and "a" in guest:
@@ -653,6 +643,16 @@ def render_markdown(rows, info, p, args, guest, elapsed, floor=None, parallel=No
         md.append(f"- floor: three idle python3 processes (one that imported nothing and forked two), "
                   f"what any daemon of our shape costs before its own code: PSS {floor['pss'] / (1 << 20):.1f} MiB, "
                   f"RSS {floor['rss'] / (1 << 20):.1f} MiB (footprint.interpreter_floor)")
+    if parallel:
+        md += ["", "## Parallel part: median (lowest–highest) of the interleaved rounds", "",
+               "| measurement | " + " | ".join(f"{KIND_LABEL[k]}, {v['queues']} q" for k, v in parallel.items())
+               + " |", "|---|" + "---:|" * len(parallel)]
+        for key, label in PARALLEL_PHASES:
+            if any(key in v["runs"] for v in parallel.values()):
+                md.append(f"| {label} | " + " | ".join(spread(v["runs"].get(key, [])) for v in parallel.values())
+                          + " |")
+        md.append("| load average (1 min) at each run | "
+                  + " | ".join(", ".join(map(str, v["load"])) for v in parallel.values()) + " |")
     md += ["", "## Workloads", "",
            f"- parallel (platform b): the same fio jobs as two fio jobs ({p['par_seq_mib']} MiB sequential in all, "
            f"random phases {p['par_rand_seconds']} s) and {p['par_files']:,} small files "
