@@ -1,7 +1,7 @@
 """``make bench``: pyvirtiofsd against QEMU 7.2's C virtiofsd and the Rust
 virtiofsd 1.13, as ratios.
 
-    python -m tests.perf.bench [--quick] [--rounds N] [--platforms a,b]
+    python -m tests.perf.bench [--quick] [--rounds N] [--parallel-rounds N] [--platforms a,b]
                                [--skip-guest] [--skip-frontend] [--skip-parallel]
                                [--skip-rootfs] [--out docs/perf]
 
@@ -20,7 +20,9 @@ else runs on it; only ratios measured side by side mean anything):
 2. **Parallel, platform b**: the guest runs fio with two jobs and two
    metadata processes, each pinned to its own vCPU
    (tests/perf/guest_workloads/parallel.sh): ours with 2 request queues
-   against the Rust daemon with its one (a second queue hangs it). A run
+   against the Rust daemon with its one (a second queue hangs it),
+   ``--parallel-rounds`` interleaved runs of each (ours, Rust, ours,
+   Rust...), the median of each figure kept and its spread reported. A run
    that fails is reported as such, never waited on forever (idle and hard
    timeouts of run_guest).
 3. **Daemon-bound, no guest**: the vhost-user test frontend keeps 1 or 64
@@ -62,6 +64,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -89,12 +92,17 @@ KIND_LABEL = {"ours": "ours", "c": "C", "rust": "Rust"}
 # the parallel part: (daemon, request queues, more daemon options)
 PARALLEL = (("ours", 2, ()), ("rust", 1, ()))
 
+# the parallel part has its own sizes and rounds: its figures are medians of
+# interleaved rounds (ours, Rust, ours, Rust...), and each fio job of it must
+# move enough data (par_seq_mib / 2) that a neighbour's burst is not the figure
 FULL = dict(seq_mib=256, rand_seconds=8, files=10_000, tar_files=3000, lat_count=2000,
             footprint_files=100_000, large_files=100_000, frontend_seconds=3.0, rounds=2, startup_runs=5,
-            par_files=10_000, rootfs_set="python3", rootfs_verify_all=True)
+            par_files=10_000, par_seq_mib=512, par_rand_seconds=8, par_rounds=5,
+            rootfs_set="python3", rootfs_verify_all=True)
 QUICK = dict(seq_mib=32, rand_seconds=3, files=1000, tar_files=500, lat_count=500,
              footprint_files=10_000, large_files=20_000, frontend_seconds=1.0, rounds=1, startup_runs=3,
-             par_files=1000, rootfs_set="small", rootfs_verify_all=False)
+             par_files=1000, par_seq_mib=256, par_rand_seconds=4, par_rounds=3,
+             rootfs_set="small", rootfs_verify_all=False)
 
 # (key, label, section) in table order; the value of a key is "higher is better"
 GUEST_PHASES = [
@@ -257,7 +265,8 @@ def guest_command(p: dict, tarball: Path | None, footprint_dir: str | None, cach
 
 def parallel_command(p: dict) -> str:
     return " ".join(shlex.quote(str(x)) for x in (
-        "sh", guest_path(WORKLOADS / "parallel.sh"), "/mnt", p["seq_mib"], p["rand_seconds"], p["par_files"]))
+        "sh", guest_path(WORKLOADS / "parallel.sh"), "/mnt", p["par_seq_mib"], p["par_rand_seconds"],
+        p["par_files"]))
 
 
 def guest_run(kind: str, cache: str, p: dict, tarball: Path | None, with_footprint: bool,
@@ -366,21 +375,36 @@ def guest_part(p: dict, rounds: int, platform: str) -> dict:
 
 
 def parallel_part(p: dict, rounds: int) -> dict:
-    """Platform b, cache=auto: {kind: {"queues": n, "best": {phase: value},
-    "failures": [...]}} for PARALLEL's daemons. A failed run keeps the
-    figures it printed and says what failed."""
-    out = {}
+    """Platform b, cache=auto: {kind: {"queues": n, "runs": {phase: [value
+    per round]}, "median": {phase: value}, "failures": [...]}} for
+    PARALLEL's daemons, run interleaved (ours, Rust, ours, Rust...) so that
+    a change of load on the shared machine hits both alike. The figure of a
+    phase is the median of its rounds, its spread the lowest and highest
+    (spread()). A failed run keeps the figures it printed and says what
+    failed."""
+    out: dict = {}
     for rnd in range(rounds):
         for kind, queues, extra in PARALLEL:
+            load = os.getloadavg()[0]
             res = guest_run(kind, "auto", p, None, False, extra_args=extra, platform="b",
                             num_request_queues=queues, command=parallel_command(p))
-            o = out.setdefault(kind, {"queues": queues, "best": {}, "failures": []})
+            o = out.setdefault(kind, {"queues": queues, "runs": {}, "median": {}, "failures": [], "load": []})
+            o["load"].append(round(max(load, os.getloadavg()[0]), 1))
             for phase, obj in res["phases"].items():
-                o["best"][phase] = max(o["best"].get(phase, 0.0), value(phase, obj))
+                o["runs"].setdefault(phase, []).append(value(phase, obj))
             if res["status"] != 0 or res["failures"]:
                 o["failures"].append(f"round {rnd + 1}: guest status {res['status']} "
                                      + "; ".join(res["failures"]))
+    for o in out.values():
+        o["median"] = {phase: statistics.median(vals) for phase, vals in o["runs"].items()}
     return out
+
+
+def spread(vals: list[float]) -> str:
+    """``median (lowest–highest, n runs)`` of one phase's rounds."""
+    if not vals:
+        return "–"
+    return f"{_fmt(statistics.median(vals))} ({_fmt(min(vals))}–{_fmt(max(vals))}, n={len(vals)})"
 
 
 def large_footprint_part(p: dict) -> dict | None:
@@ -484,7 +508,7 @@ def build_rows(guest: dict | None, fe: dict | None, start: dict, p: dict, parall
                    + ", ".join(f"{KIND_LABEL[k]} with {q} request queue{'s' if q > 1 else ''}"
                                for k, q in queues.items()))
         for key, label in PARALLEL_PHASES:
-            figs = {k: v["best"].get(key) for k, v in parallel.items()}
+            figs = {k: v["median"].get(key) for k, v in parallel.items()}
             if any(v is not None for v in figs.values()):
                 rows.append(_row(section, f"b/{key}", label, figs))
     if fe:
@@ -579,7 +603,8 @@ def render_markdown(rows, info, p, args, guest, elapsed, floor=None, parallel=No
         f"Written by `python -m tests.perf.bench{' --quick' if args.quick else ''}` (`make bench`) "
         f"on {info['date']} in {elapsed / 60:.1f} min. Ratios are ours / C and ours / Rust for throughput "
         "(> 1: ours is faster); every figure is the best of "
-        f"{p['rounds']} alternating runs of each daemon on a shared 2-core machine. Platform a: "
+        f"{p['rounds']} alternating runs of each daemon on a shared 2-core machine (the parallel part: the "
+        f"median of {p['par_rounds']} interleaved runs). Platform a: "
         f"{info['platform_a']}; platform b: {info['platform_b']}.",
         "",
         "![ratios](ratios.png)",
@@ -618,8 +643,19 @@ def render_markdown(rows, info, p, args, guest, elapsed, floor=None, parallel=No
         md.append(f"- floor: three idle python3 processes (one that imported nothing and forked two), "
                   f"what any daemon of our shape costs before its own code: PSS {floor['pss'] / (1 << 20):.1f} MiB, "
                   f"RSS {floor['rss'] / (1 << 20):.1f} MiB (footprint.interpreter_floor)")
+    if parallel:
+        md += ["", "## Parallel part: median (lowest–highest) of the interleaved rounds", "",
+               "| measurement | " + " | ".join(f"{KIND_LABEL[k]}, {v['queues']} q" for k, v in parallel.items())
+               + " |", "|---|" + "---:|" * len(parallel)]
+        for key, label in PARALLEL_PHASES:
+            if any(key in v["runs"] for v in parallel.values()):
+                md.append(f"| {label} | " + " | ".join(spread(v["runs"].get(key, [])) for v in parallel.values())
+                          + " |")
+        md.append("| load average (1 min) at each run | "
+                  + " | ".join(", ".join(map(str, v["load"])) for v in parallel.values()) + " |")
     md += ["", "## Workloads", "",
-           f"- parallel (platform b): the same fio jobs as two fio jobs and {p['par_files']:,} small files "
+           f"- parallel (platform b): the same fio jobs as two fio jobs ({p['par_seq_mib']} MiB sequential in all, "
+           f"random phases {p['par_rand_seconds']} s) and {p['par_files']:,} small files "
            "as two metadata.py processes, each pinned to one vCPU (tests/perf/guest_workloads/parallel.sh); "
            "ours offers 2 request queues, the Rust daemon 1 (it hangs on a second).",
            f"- guest: QEMU TCG, 2 vCPUs, 1 GiB, queue size 1024; fio psync, {p['seq_mib']} MiB file, "
@@ -666,6 +702,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, one round (development)")
     ap.add_argument("--rounds", type=int, help="alternating runs of each daemon (best kept)")
+    ap.add_argument("--parallel-rounds", type=int,
+                    help="interleaved runs of each daemon in the parallel part (median kept; "
+                         "default 5, --quick 3)")
     ap.add_argument("--skip-guest", action="store_true")
     ap.add_argument("--skip-frontend", action="store_true")
     ap.add_argument("--skip-parallel", action="store_true")
@@ -683,6 +722,8 @@ def main(argv=None) -> int:
     p = dict(QUICK if args.quick else FULL)
     if args.rounds:
         p["rounds"] = args.rounds
+    if args.parallel_rounds:
+        p["par_rounds"] = args.parallel_rounds
     # both daemons hold one O_PATH fd per inode the guest knows: where the
     # hard RLIMIT_NOFILE is low (20,000 on our CI machines) the "looked up N
     # files" figure uses fewer files than asked, and says so in its label
@@ -717,7 +758,7 @@ def main(argv=None) -> int:
     parallel = None
     if not args.skip_parallel:
         log("parallel workloads, platform b: " + ", ".join(f"{k} with {q} request queue(s)" for k, q, _ in PARALLEL))
-        parallel = parallel_part(p, p["rounds"])
+        parallel = parallel_part(p, p["par_rounds"])
     rootfs = None
     if not args.skip_rootfs:
         log(f"root file system on virtio-fs, platform(s) {','.join(platforms)}: boot, dpkg -i, reboot")

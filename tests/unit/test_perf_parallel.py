@@ -1,0 +1,59 @@
+"""The bench's parallel part (tests/perf/bench.py): daemons interleaved
+round by round, each figure the median of its rounds, the spread reported."""
+
+import argparse
+
+from tests.perf import bench
+
+
+def scripted(monkeypatch, figures):
+    """guest_run answers from ``figures[kind]``, one value per call, and
+    records the order of the calls."""
+    calls = []
+
+    def fake(kind, cache, p, tarball, with_footprint, extra_args=(), platform="a",
+             num_request_queues=1, command=None):
+        calls.append((kind, num_request_queues, platform))
+        v = figures[kind].pop(0)
+        phases = {"par-create": {"ops": v, "seconds": 1.0},
+                  "par-seq-read": {"bw_bytes": v * (1 << 20), "iops": v, "seconds": 1.0, "ops": 1}}
+        return {"phases": phases, "memory": {}, "seconds": 1.0, "status": 0 if v else 1,
+                "failures": [] if v else ["BENCH-FAIL par-x"]}
+
+    monkeypatch.setattr(bench, "guest_run", fake)
+    return calls
+
+
+def test_rounds_alternate_the_daemons_and_keep_the_median(monkeypatch):
+    calls = scripted(monkeypatch, {"ours": [10.0, 1000.0, 30.0], "rust": [5.0, 7.0, 6.0]})
+    res = bench.parallel_part(dict(bench.QUICK), 3)
+    assert [c[0] for c in calls] == ["ours", "rust"] * 3
+    assert all(c[2] == "b" for c in calls)
+    assert dict((k, q) for k, q, _ in calls) == {"ours": 2, "rust": 1}
+    # one outlier (a neighbour's burst, or its absence) does not make the figure
+    assert res["ours"]["median"]["par-create"] == 30.0
+    assert res["rust"]["median"]["par-seq-read"] == 6.0
+    assert res["ours"]["runs"]["par-create"] == [10.0, 1000.0, 30.0]
+    assert len(res["ours"]["load"]) == 3
+    assert res["ours"]["failures"] == []
+    rows = {r["name"]: r for r in bench.build_rows(None, None, {}, bench.QUICK, res)}
+    assert rows["b/par-create"]["ratio_rust"] == 5.0
+
+
+def test_a_failed_round_is_reported(monkeypatch):
+    scripted(monkeypatch, {"ours": [10.0, 0.0], "rust": [5.0, 6.0]})
+    res = bench.parallel_part(dict(bench.QUICK), 2)
+    assert len(res["ours"]["failures"]) == 1 and res["ours"]["failures"][0].startswith("round 2:")
+
+
+def test_spread_and_markdown_show_median_lowest_highest(monkeypatch):
+    assert bench.spread([3.0, 1.0, 2.0]) == "2.0 (1.0–3.0, n=3)"
+    assert bench.spread([]) == "–"
+    scripted(monkeypatch, {"ours": [10.0, 20.0, 30.0], "rust": [5.0, 7.0, 6.0]})
+    p = dict(bench.QUICK)
+    res = bench.parallel_part(p, 3)
+    rows = bench.build_rows(None, None, {}, p, res)
+    info = {"date": "d", "platform_a": "a", "platform_b": "b"}
+    md = bench.render_markdown(rows, info, p, argparse.Namespace(quick=True), None, 60.0, parallel=res)
+    assert "| create small files, 2 processes (/s) | 20.0 (10.0–30.0, n=3) | 6.0 (5.0–7.0, n=3) |" in md
+    assert "load average (1 min) at each run" in md
