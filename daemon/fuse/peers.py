@@ -238,8 +238,7 @@ class Peers:
             if not wait.poll(left):
                 continue
             try:
-                data, fds, flags, _addr = socket.recv_fds(answers, ANSWER.size + 1, 2,
-                                                          socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+                data, fds, flags = recv_with_fds(answers, ANSWER.size + 1, 2, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 continue
             if flags & socket.MSG_CTRUNC:
@@ -340,6 +339,19 @@ def _send_waiting(sock: socket.socket, data: bytes, fd: int) -> None:
             elif now > deadline:
                 raise
             time.sleep(0.0005)
+
+
+def recv_with_fds(sock: socket.socket, size: int, maxfds: int, flags: int = 0) -> tuple[bytes, list[int], int]:
+    """(data, fds, msg_flags) of one message, the fds O_CLOEXEC. Not
+    socket.recv_fds: CPython 3.11's drops its flags argument."""
+    data, ancdata, msg_flags, _addr = sock.recvmsg(size, socket.CMSG_SPACE(maxfds * 4),
+                                                   flags | socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, cmsg in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(int.from_bytes(cmsg[i:i + 4], "little", signed=True)
+                       for i in range(0, len(cmsg) - len(cmsg) % 4, 4))
+    return data, fds, msg_flags
 
 
 def _close_all(fds) -> None:

@@ -56,7 +56,7 @@ from typing import NoReturn
 
 from daemon import log as daemon_log
 from daemon.fuse.filetable import FileTable
-from daemon.fuse.peers import ANSWER, ASK, KEEP, owner_word
+from daemon.fuse.peers import ANSWER, ASK, KEEP, owner_word, recv_with_fds
 from daemon.sandbox import confine
 from daemon.workers.channel import Channel, ChannelError, Msg, close_fds
 
@@ -141,8 +141,7 @@ class Keeper:
         n = 0
         while n < BATCH:
             try:
-                data, fds, flags, _addr = socket.recv_fds(self.sock, _MAX_MSG, _MAX_FDS,
-                                                          socket.MSG_CMSG_CLOEXEC)
+                data, fds, flags = recv_with_fds(self.sock, _MAX_MSG, _MAX_FDS)
             except (BlockingIOError, InterruptedError):
                 break
             if not data and not fds:
@@ -170,7 +169,11 @@ class Keeper:
         hold none. Never waits: an asker whose socket is full (or that sent
         something else than a socket) gets nothing and times out."""
         fd = self.fds.get(ident)
-        reply = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=reply_fd)
+        try:
+            reply = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=reply_fd)
+        except OSError:         # not a socket (CPython asks getsockname)
+            _close(reply_fd)
+            return
         try:
             if fd is None:
                 reply.sendmsg([ANSWER.pack(ident, seq, errno.EBADF)], [], socket.MSG_DONTWAIT)
