@@ -164,3 +164,24 @@ def test_not_root_with_sandbox_none_serves_as_itself(nobody_dir):
         daemon.stop()
     assert status == 0, daemon.log()[-3000:]
     assert "WARNING: --sandbox none" in daemon.log()
+
+
+def test_several_queues_without_pidfd_getfd_is_one_clear_line(tmp_path):
+    """Under a filter that refuses pidfd_getfd (the packaged systemd unit's),
+    several request queues cannot share open files: the daemon says so at
+    start, before it makes its socket, instead of failing a request on the
+    second queue later."""
+    share = tmp_path / "share"
+    share.mkdir()
+    cond = START_CONDITIONS["systemd-unit"]
+    sock = tmp_path / "vfsd.sock"
+    cmd = cond.prefix() + [sys.executable, "-m", "daemon", "--socket-path", str(sock),
+                           "--shared-dir", str(share), "--request-queues", "2"]
+    r = subprocess.run(cmd, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=60)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1, r.stderr
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("pyvirtiofsd: error: --request-queues 2: "), lines[0]
+    assert "pidfd_getfd" in lines[0] and "Operation not permitted" in lines[0], lines[0]
+    assert "SystemCallFilter=" in lines[0] and "--request-queues 1" in lines[0], lines[0]
+    assert not sock.exists()
