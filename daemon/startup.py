@@ -148,6 +148,10 @@ def drop_supplementary_groups(config) -> None:
                        os.getgroups())
 
 
+# the packaged unit's drop-in that gives back pidfd_getfd (packaging/systemd/)
+MULTIQUEUE_DROP_IN = "/usr/share/doc/pyvirtiofsd/examples/multiqueue.conf"
+
+
 def check_fd_copying(config) -> None:
     """StartRefused if several request queues are offered and this process
     may not call ``pidfd_getfd`` (the workers inherit what refuses it)."""
@@ -158,7 +162,7 @@ def check_fd_copying(config) -> None:
     if not err:
         return
     cause = ("a seccomp filter refuses it (a systemd unit's SystemCallFilter=: the packaged unit "
-             "allows it only with its multi-queue drop-in, docs/service.md)" if err == errno.EPERM else
+             f"allows it only with the drop-in {MULTIQUEUE_DROP_IN})" if err == errno.EPERM else
              "this kernel lacks it (Linux < 5.6) or a seccomp filter answers ENOSYS")
     raise StartRefused(f"--request-queues {queues}: the request workers copy each other's files with "
                        f"pidfd_getfd(2), which is refused here ({os.strerror(err)}): {cause}; "

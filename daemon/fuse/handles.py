@@ -35,7 +35,9 @@ none.
 
 Every open file and lock description is also handed to the keeper process
 (peers.py ``keep``, workers/keeper.py) when it is made, so when the worker
-that opened it dies the others, and its replacement, copy it from there.
+that opened it dies the others, and its replacement, get a copy from
+there by asking (``Peers.from_keeper``: a round trip on the keeper's
+socket, no ``pidfd_getfd``).
 """
 
 from __future__ import annotations
