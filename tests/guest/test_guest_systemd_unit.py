@@ -134,9 +134,9 @@ def test_the_service_sees_only_what_its_root_binds(seen):
 
 
 def test_a_share_under_home_is_served_with_protect_home(seen):
-    """ProtectHome=yes hides /home, /root and /run/user; the unit binds the
-    share in after, so a share under /home is served, and nothing else of
-    /home is there."""
+    """ProtectHome=tmpfs gives an empty /home with the share bound in (yes
+    would drop the bind: docs/service.md), so a share under /home is
+    served, and nothing else of /home is there."""
     home = seen["home_share"]
     assert home["start"] == 0 and home["socket"], home["journal"]
     assert home["read"] == "under /home\n", home

@@ -136,6 +136,8 @@ def home_share(checkout: str) -> dict:
     seen: dict = {"start": sh("systemctl", "start", instance).returncode}
     seen["socket"] = wait_for(lambda: os.path.exists(socket_path), timeout=30)
     try:
+        if not seen["socket"]:
+            return seen
         fe = start_frontend(socket_path)
         try:
             fc = FuseClient(fe)
