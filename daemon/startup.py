@@ -30,6 +30,14 @@ the rest of the daemon assumes:
   ever checked against the daemon's own groups (CVE-2022-0358).
   ``sandbox.confine`` makes sure again in each worker, before its filter.
 
+Right after, before any socket is made, ``check_fd_copying`` makes sure
+several request queues can work: their workers copy each other's fds with ``pidfd_getfd``
+(fuse/peers.py), which a service manager's system call filter may refuse
+(the packaged systemd unit does: docs/service.md) and Linux < 5.6 lacks.
+With ``--request-queues`` above 1 the daemon then refuses to start, in one
+line naming the cause and the fix, instead of failing a guest's request on
+its second queue. One request queue never calls it (restarts included).
+
 The umask and the environment are left as they are: the umask decides the
 mode of the ``--socket-path`` file (workers set their own, 0, since the
 guest kernel applied the guest's), and no code of ours reads the
@@ -38,11 +46,13 @@ environment.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
 from daemon import log
 from daemon.fuse import credentials
+from daemon.fuse.peers import probe_pidfd_getfd
 from daemon.sandbox import capabilities, userns
 
 logger = log.get_logger("startup")
@@ -136,3 +146,24 @@ def drop_supplementary_groups(config) -> None:
             raise StartRefused("cannot drop the supplementary groups (setgroups: permission denied)") from None
         logger.warning("not root: requests are checked against this user's supplementary groups %s",
                        os.getgroups())
+
+
+# the packaged unit's drop-in that gives back pidfd_getfd (packaging/systemd/)
+MULTIQUEUE_DROP_IN = "/usr/share/doc/pyvirtiofsd/examples/multiqueue.conf"
+
+
+def check_fd_copying(config) -> None:
+    """StartRefused if several request queues are offered and this process
+    may not call ``pidfd_getfd`` (the workers inherit what refuses it)."""
+    queues = config.max_request_workers
+    if queues <= 1:
+        return
+    err = probe_pidfd_getfd()
+    if not err:
+        return
+    cause = ("a seccomp filter refuses it (a systemd unit's SystemCallFilter=: the packaged unit "
+             f"allows it only with the drop-in {MULTIQUEUE_DROP_IN})" if err == errno.EPERM else
+             "this kernel lacks it (Linux < 5.6) or a seccomp filter answers ENOSYS")
+    raise StartRefused(f"--request-queues {queues}: the request workers copy each other's files with "
+                       f"pidfd_getfd(2), which is refused here ({os.strerror(err)}): {cause}; "
+                       f"allow it, or run with --request-queues 1")

@@ -222,6 +222,7 @@ def run(config: Config) -> int:
     """Run the daemon; StartupError for problems the user can fix."""
     try:
         startup.prepare(config)       # inherited fds, signal mask, privileges, groups: before anything
+        startup.check_fd_copying(config)   # several request queues need pidfd_getfd: before any socket
     except startup.StartRefused as e:
         raise StartupError(str(e)) from None
     started = time.monotonic()

@@ -22,6 +22,8 @@ mkdir "$src"
 git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$src"
 cp -r packaging/debian "$src/debian"
 cp packaging/systemd/pyvirtiofsd@.service "$src/debian/pyvirtiofsd@.service"
+# dh_installtmpfiles: /usr/lib/tmpfiles.d/pyvirtiofsd.conf, created at install
+cp packaging/systemd/pyvirtiofsd.tmpfiles "$src/debian/pyvirtiofsd.tmpfiles"
 # Debian's own python3, whatever else is first on PATH (pyenv, a venv)
 (cd "$src" && PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b >"$work/build.log" 2>&1) || {
   tail -40 "$work/build.log"; echo "build-deb: dpkg-buildpackage failed"; exit 1; }

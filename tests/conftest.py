@@ -154,7 +154,7 @@ def start_daemon(kind: str, shared_dir, cache: str = "auto", extra_args=(),
         pipe = os.pipe()
         passed.extend(pipe)
         inherited += [outside, os.readlink(f"/proc/self/fd/{pipe[0]}")]
-    cmd = cond.prefix() + daemon_command(kind, socket_path, str(shared_dir), cache, extra_args,
+    cmd = cond.prefix() + daemon_command(kind, socket_path, str(shared_dir), cache, (*extra_args, *cond.args),
                                          socket_fd=passed[0] if cond.listen_fd else None)
     environ = dict(os.environ) if cond.env is None else dict(cond.env)
     environ.update(env or {})

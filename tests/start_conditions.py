@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+from pathlib import Path
 from typing import NamedTuple
 
 GROUPS = (0, 4, 27)     # root, adm, sudo: what a service may carry
@@ -38,12 +40,18 @@ class StartCondition(NamedTuple):
     ignore_signals: bool = False       # IGNORED set to SIG_IGN
     close_stdin: bool = False
     extra_fds: bool = False            # an fd of the share's parent directory and a pipe, inherited
+    refused: tuple[str, ...] = ()      # system calls a service filter answers EPERM (refuse_syscalls.py)
+    args: tuple[str, ...] = ()         # daemon options the manager adds for this state
 
     def prefix(self) -> list[str]:
         """The command that starts the daemon in this state (execs it)."""
+        cmd = []
+        if self.refused:
+            cmd = [sys.executable, str(Path(__file__).with_name("refuse_syscalls.py")),
+                   ",".join(self.refused), "--"]
         if not self.groups and not self.ambient:
-            return []
-        cmd = ["setpriv"]
+            return cmd
+        cmd.append("setpriv")
         if self.groups:
             cmd.append("--groups=" + ",".join(map(str, self.groups)))
         if self.ambient:
@@ -79,6 +87,9 @@ START_CONDITIONS = {
     "stdin-closed": StartCondition(close_stdin=True),
     # libvirt 9.0 as seen (scripts/libvirt-check.sh): group 0, --fd
     "libvirt": StartCondition(groups=(0,), listen_fd=True),
+    # the packaged systemd unit: its SystemCallFilter= has no pidfd_getfd,
+    # so it offers one request queue (docs/service.md)
+    "systemd-unit": StartCondition(refused=("pidfd_getfd",), args=("--request-queues", "1")),
     # all of it at once
     "managed": StartCondition(groups=GROUPS, ambient=AMBIENT, env=SERVICE_ENV, listen_fd=True,
                               umask=0o077, block_signals=True, ignore_signals=True,

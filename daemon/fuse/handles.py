@@ -35,7 +35,9 @@ none.
 
 Every open file and lock description is also handed to the keeper process
 (peers.py ``keep``, workers/keeper.py) when it is made, so when the worker
-that opened it dies the others, and its replacement, copy it from there.
+that opened it dies the others, and its replacement, get a copy from
+there by asking (``Peers.from_keeper``: a round trip on the keeper's
+socket, no ``pidfd_getfd``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ import fcntl
 import os
 import resource
 import struct
-import time
 
 from daemon.fuse.filetable import FileTable
 from daemon.fuse.request import FUSEError
@@ -55,9 +56,6 @@ log = get_logger("fuse.handles")
 
 
 F_OFD_SETLK = 37
-# how long a worker waits for the keeper to record its copy of an fh whose
-# opener died (the keeper reads its socket continuously: microseconds)
-KEEP_WAIT_S = 0.2
 
 # struct flock on x86-64: short l_type; short l_whence; off_t l_start;
 # off_t l_len; pid_t l_pid;  (32 bytes with padding)
@@ -212,16 +210,10 @@ class HandleTable:
         fd = peers.borrow(word)
         if fd >= 0 or not peers.has_keeper:
             return fd
-        files = self.files
-        kept = files.kept(ident)
-        if not kept:
-            # the owner died right after sending it: the keeper records it
-            # as soon as it reads its socket
-            deadline = time.monotonic() + KEEP_WAIT_S
-            while not kept and files.live(ident) and time.monotonic() < deadline:
-                time.sleep(0.001)
-                kept = files.kept(ident)
-        return peers.borrow(kept) if kept else -1
+        # the owner died (or is the keeper): ask the keeper. Its socket is
+        # one queue, so the opener's KEEP, sent before the guest heard of
+        # the fh, is read before our ASK: no waiting for the kept word
+        return peers.from_keeper(ident)
 
     def resend(self) -> int:
         """Hand every open file and lock description this worker holds to

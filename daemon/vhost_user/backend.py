@@ -144,7 +144,10 @@ class Backend:
                     # "The maximum number of queues supported by the backend is N"
                     logger.error("QEMU disconnected right after asking how many queues we offer "
                                  "(%d request queues, --request-queues): a device with more "
-                                 "num-request-queues makes it refuse to start", self.queue_count - 1)
+                                 "num-request-queues makes it refuse to start; give the daemon "
+                                 "--request-queues at least the device's num-request-queues (the "
+                                 "systemd unit: its multi-queue drop-in) or lower the device's",
+                                 self.queue_count - 1)
                 else:
                     logger.info("QEMU disconnected")
                 self.close()

@@ -19,7 +19,7 @@ VRING_START      VRING_START struct (see below)                1: kick fd
 VRING_CALL       u32 index, u32 has_fd                         0 or 1
 VRING_STOP       u32 index                                     0
 SHUTDOWN         -                                             0
-PEER             u32 serial, u32 flags (request workers only)  0, 1: pidfd, 2
+PEER             u32 serial, u32 flags (request workers only)  0, 1: pidfd, 3
                                                                (PEER_KEEPER)
 ===============  ============================================  =============
 
@@ -30,8 +30,8 @@ worker that died with the ring running (supervisor.py, progress.py).
 PEER tells a request worker its own serial (flag PEER_SELF, first after
 READY), a live request worker's serial and pidfd, or that one is gone
 (PEER_GONE): fuse/peers.py, how workers copy each other's fds; or the
-keeper's serial with its pidfd and the socket it reads (PEER_KEEPER,
-workers/keeper.py).
+keeper's serial with the socket it reads and the worker's own socket pair
+for the keeper's answers (PEER_KEEPER, workers/keeper.py).
 The first frame a worker sends, unasked, is READY once its sandbox is up;
 the supervisor sends nothing before it.
 """
@@ -183,7 +183,7 @@ REQUESTS: dict[Msg, tuple[range, range]] = {
     Msg.VRING_CALL: (range(VRING_CALL.size, VRING_CALL.size + 1), range(2)),
     Msg.VRING_STOP: (range(VRING_STOP.size, VRING_STOP.size + 1), range(1)),
     Msg.SHUTDOWN: (range(1), range(1)),
-    Msg.PEER: (range(PEER.size, PEER.size + 1), range(3)),
+    Msg.PEER: (range(PEER.size, PEER.size + 1), range(4)),
 }
 
 

@@ -8,20 +8,24 @@ lock description it creates to the keeper (``Peers.keep``: one ``sendmsg``
 with the fd, before the guest hears of the fh), and the keeper records in
 the shared open-file table where its copy is (``FileTable.keep``: the *kept
 word*, ``serial << 32 | fd``). A worker that lacks an fd copies it from its
-owner and, if the owner is dead, from the keeper (``pidfd_getfd``,
-fuse/peers.py): the replacement of a dead worker serves the fhs it had
-handed out, on the same open file description (offset, flock and OFD locks,
-an unlinked file's data all kept).
+owner (``pidfd_getfd``, several queues only) and, if the owner is dead,
+asks the keeper for it (an ASK on the same socket, carrying the socket to
+answer on; the keeper answers with its copy by SCM_RIGHTS: fuse/peers.py):
+the replacement of a dead worker serves the fhs it had handed out, on the
+same open file description (offset, flock and OFD locks, an unlinked
+file's data all kept). The keeper never serves the guest, so it answers at
+once, and a daemon with one request queue never needs ``pidfd_getfd``.
 
 Why a process of its own (docs/multiqueue.md, "Worker restarts"): it never
 sees a guest byte, so confining it tightly costs nothing: an empty root, no
-capabilities at all (which is also what lets every request worker copy from
-it: ``pidfd_getfd`` wants the target's capabilities to be a subset of the
-caller's), a seccomp list of a few calls (policy/keeper.policy: no open,
-no read, write to stderr only, fcntl for the table's record lock only).
-What it reads is the fd socket (an 8-byte slot id and one fd per message,
-from request workers only) and the open-file table;
-a request worker could already write that table itself. Not the hiprio
+capabilities at all, a seccomp list of a few calls (policy/keeper.policy:
+no open, no read, write to stderr only, fcntl for the table's record lock
+only). What it reads is the fd socket (KEEP: an 8-byte slot id and one fd;
+ASK: a 16-byte slot id and sequence number and one fd, the socket it
+answers on without waiting; anything else is closed unread, from request
+workers only) and the open-file table; a request worker could already
+write that table itself, and could already copy any open file from the
+worker that opened it. Not the hiprio
 worker: it parses guest requests, and must stay without file system access.
 Not the supervisor: it must not hold state the guest controls.
 
@@ -41,6 +45,7 @@ held (its opener died earlier and no worker copied it since) is lost.
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import select
@@ -51,7 +56,7 @@ from typing import NoReturn
 
 from daemon import log as daemon_log
 from daemon.fuse.filetable import FileTable
-from daemon.fuse.peers import KEEP, owner_word
+from daemon.fuse.peers import ANSWER, ASK, KEEP, owner_word, recv_with_fds
 from daemon.sandbox import confine
 from daemon.workers.channel import Channel, ChannelError, Msg, close_fds
 
@@ -61,6 +66,7 @@ NAME = "keeper"
 IDLE_REAP_S = 1.0      # how long a released file's copy may linger while idle
 BATCH = 64             # messages read per wake-up before looking for dead slots
 _MAX_FDS = 4            # room for a sender that puts more than one fd (all closed)
+_MAX_MSG = max(KEEP.size, ASK.size) + 1   # one byte more: a longer message is truncated, not taken
 
 
 def become_keeper() -> None:
@@ -81,11 +87,7 @@ def keeper_main(channel: Channel, sock: socket.socket, serial: int, config, file
     """Confine, READY, keep until SHUTDOWN or the channel closes; never returns."""
     status = 1
     try:
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))   # dumpable below: never a core file
-        # request workers copy our fds: pidfd_getfd needs us dumpable; nothing
-        # in confine() changes ids, so the flag set now stays
-        import prctl
-        prctl.set_dumpable(True)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))   # never a core file of the guest's files
         sock.setblocking(False)
         confine(NAME, config)
         channel.send(Msg.READY)
@@ -139,8 +141,7 @@ class Keeper:
         n = 0
         while n < BATCH:
             try:
-                data, fds, flags, _addr = socket.recv_fds(self.sock, KEEP.size, _MAX_FDS,
-                                                          socket.MSG_CMSG_CLOEXEC)
+                data, fds, flags = recv_with_fds(self.sock, _MAX_MSG, _MAX_FDS)
             except (BlockingIOError, InterruptedError):
                 break
             if not data and not fds:
@@ -151,11 +152,40 @@ class Keeper:
                 self._warned = True
                 log.warning("cannot keep more than %d open files (RLIMIT_NOFILE): the ones "
                             "beyond are lost if the worker that opened them dies", len(self.fds))
-            if len(data) != KEEP.size or len(fds) != 1:
+            if len(fds) != 1 or flags & socket.MSG_TRUNC:
                 close_fds(fds)       # not what a request worker sends
-                continue
-            self.add(KEEP.unpack(data)[0], fds[0])
+            elif len(data) == KEEP.size:
+                self.add(KEEP.unpack(data)[0], fds[0])
+            elif len(data) == ASK.size:
+                ident, seq = ASK.unpack(data)
+                self.answer(ident, seq, fds[0])
+            else:
+                close_fds(fds)
         return n
+
+    def answer(self, ident: int, seq: int, reply_fd: int) -> None:
+        """ANSWER an ASK on the socket it carried: our copy of slot
+        ``ident`` (the asker checks the slot still lives), or EBADF if we
+        hold none. Never waits: an asker whose socket is full (or that sent
+        something else than a socket) gets nothing and times out."""
+        fd = self.fds.get(ident)
+        try:
+            reply = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=reply_fd)
+        except OSError:         # not a socket (CPython asks getsockname)
+            _close(reply_fd)
+            return
+        try:
+            if fd is None:
+                reply.sendmsg([ANSWER.pack(ident, seq, errno.EBADF)], [], socket.MSG_DONTWAIT)
+            else:
+                # not socket.send_fds: it drops its flags argument (CPython 3.11)
+                reply.sendmsg([ANSWER.pack(ident, seq, 0)],
+                              [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(4, "little"))],
+                              socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        finally:
+            reply.close()
 
     def add(self, ident: int, fd: int) -> None:
         """Keep ``fd`` as slot ``ident``'s copy, if the slot still lives.

@@ -498,8 +498,8 @@ class WorkerLoop:
             peers.remove(serial)
         elif flags == 0 and len(fds) == 1:
             peers.add(serial, fds[0])
-        elif flags == PEER_KEEPER and len(fds) == 2:
-            peers.set_keeper(serial, fds[0], fds[1])
+        elif flags == PEER_KEEPER and len(fds) == 3:
+            peers.set_keeper(serial, fds[0], fds[1], fds[2])
             handles = getattr(self.session, "handles", None)
             if handles is not None:
                 handles.resend()

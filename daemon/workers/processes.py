@@ -121,12 +121,12 @@ class ProcessPool:
         self._peers: dict[int, tuple[int, int]] = {}
         self._serial = 0
         self._gone: list[int] = []
-        # the keeper (workers/keeper.py): its process, serial, pidfd, and
+        # the keeper (workers/keeper.py): its process, serial, and
         # both ends of its fd socket; the supervisor keeps the reading end
         # too (never reads it) so fds in flight survive the keeper's death
         # and its replacement reads them
         self.keeper: Worker | None = None
-        self._keeper_peer: tuple[int, int] | None = None
+        self._keeper_serial: int | None = None
         self._keep_r, self._keep_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # fds (or objects with detach()/fileno()) a new child must not keep:
         # set by the supervisor (listener, QEMU connection, QEMU's fds...)
@@ -222,14 +222,18 @@ class ProcessPool:
                 self._request(other, Msg.PEER, ch.PEER.pack(dead, ch.PEER_GONE), [])
             self._request(worker.index, Msg.PEER, ch.PEER.pack(other_serial, 0), [other_pidfd])
             self._request(other, Msg.PEER, ch.PEER.pack(serial, 0), [pidfd])
-        if self._keeper_peer is not None:
+        if self._keeper_serial is not None:
             self._introduce_keeper(worker.index)
 
     def _introduce_keeper(self, index: int) -> None:
-        """PEER_KEEPER: the keeper's serial, pidfd and our writing end of its socket."""
-        assert self._keeper_peer is not None
-        serial, pidfd = self._keeper_peer
-        self._request(index, Msg.PEER, ch.PEER.pack(serial, ch.PEER_KEEPER), [pidfd, self._keep_w.fileno()])
+        """PEER_KEEPER: the keeper's serial, our writing end of its socket,
+        and a socket pair of the worker's own for the keeper's answers
+        (fuse/peers.py: the worker reads one end, each ASK carries the other)."""
+        assert self._keeper_serial is not None
+        answers, answer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with answers, answer_end:
+            self._request(index, Msg.PEER, ch.PEER.pack(self._keeper_serial, ch.PEER_KEEPER),
+                          [self._keep_w.fileno(), answers.fileno(), answer_end.fileno()])
 
     # the keeper ---------------------------------------------------------------------
 
@@ -261,11 +265,10 @@ class ProcessPool:
         keeper = self.keeper = Worker(KEEPER, pid, parent_end)
         try:
             self._wait_ready(keeper)
-            pidfd = os.pidfd_open(pid)
-        except (ChannelError, OSError) as e:
+        except ChannelError as e:
             self._keeper_dead(f"while starting: {e}")
             raise WorkerSpawnError(f"the keeper did not start: {e}") from None
-        self._keeper_peer = (serial, pidfd)
+        self._keeper_serial = serial
         for index in list(self._peers):
             if index in self.workers:
                 self._introduce_keeper(index)
@@ -290,9 +293,7 @@ class ProcessPool:
                 pass
             _, status = os.waitpid(keeper.pid, 0)
         keeper.channel.close()
-        if self._keeper_peer is not None:
-            os.close(self._keeper_peer[1])
-            self._keeper_peer = None
+        self._keeper_serial = None
         self._deaths.setdefault(KEEPER, []).append(time.monotonic())
         key = (KEEPER, _death_reason(status) if why is None else "protocol")
         self.restarts[key] = self.restarts.get(key, 0) + 1
@@ -392,9 +393,7 @@ class ProcessPool:
                 worker.channel.close()
             else:
                 self._forget(worker)
-        if self._keeper_peer is not None:
-            os.close(self._keeper_peer[1])
-            self._keeper_peer = None
+        self._keeper_serial = None
 
     # internals ------------------------------------------------------------------------
 
@@ -422,8 +421,6 @@ class ProcessPool:
         fds: list = [self._keep_r, self._keep_w]
         if self.keeper is not None:
             fds.append(self.keeper.channel)
-        if self._keeper_peer is not None:
-            fds.append(self._keeper_peer[1])
         return fds
 
     def _request(self, index: int, msg: Msg, payload: bytes, fds: list[int]) -> None:

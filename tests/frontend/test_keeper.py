@@ -23,10 +23,13 @@ from tests.frontend.test_multiqueue import _host_can_lock, _workers, clients
 from tests.frontend.vhost import VhostUserFrontend
 
 
-@pytest.fixture
-def one_queue(daemon_factory, shared_dir):
-    """(daemon, client on the only request queue after INIT)."""
-    d = daemon_factory("ours", shared_dir)
+@pytest.fixture(params=["plain", "systemd-unit"])
+def one_queue(request, daemon_factory, shared_dir):
+    """(daemon, client on the only request queue after INIT). Also started
+    as the packaged systemd unit does: --request-queues 1 under a filter
+    that refuses pidfd_getfd, so every copy comes from the keeper by its
+    round trip (tests/start_conditions.py)."""
+    d = daemon_factory("ours", shared_dir, start=request.param)
     fe = VhostUserFrontend(d.socket_path, ram_size=64 << 20)
     fe.realize()
     fe.start()

@@ -130,14 +130,19 @@ def _as_nobody(base, *args) -> list[str]:
             "--shared-dir", str(base / "share"), *args]
 
 
-def test_not_root_is_one_clear_line(nobody_dir):
-    cmd = _as_nobody(nobody_dir)
+def _refusal(cmd: list[str]) -> str:
+    """The one line a daemon that refuses to start prints (exit status 1)."""
     r = subprocess.run(cmd, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=60)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1, r.stderr
     assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("pyvirtiofsd: error: --sandbox namespace needs root"), lines[0]
-    assert "CAP_SYS_ADMIN" in lines[0] and "--sandbox none" in lines[0], lines[0]
+    return lines[0]
+
+
+def test_not_root_is_one_clear_line(nobody_dir):
+    line = _refusal(_as_nobody(nobody_dir))
+    assert line.startswith("pyvirtiofsd: error: --sandbox namespace needs root"), line
+    assert "CAP_SYS_ADMIN" in line and "--sandbox none" in line, line
 
 
 def test_not_root_with_sandbox_none_serves_as_itself(nobody_dir):
@@ -164,3 +169,22 @@ def test_not_root_with_sandbox_none_serves_as_itself(nobody_dir):
         daemon.stop()
     assert status == 0, daemon.log()[-3000:]
     assert "WARNING: --sandbox none" in daemon.log()
+
+
+def test_several_queues_without_pidfd_getfd_is_one_clear_line(tmp_path):
+    """Under a filter that refuses pidfd_getfd (the packaged systemd unit's),
+    several request queues cannot share open files: the daemon says so at
+    start, before it makes its socket, instead of failing a request on the
+    second queue later."""
+    share = tmp_path / "share"
+    share.mkdir()
+    cond = START_CONDITIONS["systemd-unit"]
+    sock = tmp_path / "vfsd.sock"
+    cmd = cond.prefix() + [sys.executable, "-m", "daemon", "--socket-path", str(sock),
+                           "--shared-dir", str(share), "--request-queues", "2"]
+    line = _refusal(cmd)
+    assert line.startswith("pyvirtiofsd: error: --request-queues 2: "), line
+    assert "pidfd_getfd" in line and "Operation not permitted" in line, line
+    assert "SystemCallFilter=" in line and "--request-queues 1" in line, line
+    assert "multiqueue.conf" in line, line
+    assert not sock.exists()

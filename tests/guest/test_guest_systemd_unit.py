@@ -42,14 +42,17 @@ StandardError=inherit
 def seen(installed, tmp_path_factory):
     assert shutil.which("systemd-nspawn"), "scripts/setup.sh installs systemd-container"
     top = tmp_path_factory.mktemp("unit")
-    share, out = top / "share", top / "out"
+    share, out, home = top / "share", top / "out", top / "home"
     share.mkdir()
     out.mkdir()
+    home.mkdir()
     (share / "hello").write_text("hello world\n")
+    (home / "inhome").write_text("under /home\n")
     (top / "unit-check.service").write_text(DRIVER_UNIT)
     cmd = ["systemd-nspawn", "--volatile=yes", "--directory=/", f"--machine=pyvunit{os.getpid()}",
            "--register=no", "--keep-unit", "--console=pipe", "--private-network",
-           f"--bind={out}:/out", f"--bind={share}:/srv/share", f"--bind-ro={REPO}:/src",
+           f"--bind={out}:/out", f"--bind={share}:/srv/share", f"--bind={home}:/home/guest/share",
+           f"--bind-ro={REPO}:/src",
            f"--bind-ro={top / 'unit-check.service'}:/etc/systemd/system/unit-check.service",
            "--boot", "systemd.unit=unit-check.service"]
     r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
@@ -104,3 +107,38 @@ def test_workers_are_confined_inside_the_service(seen):
 def test_the_daemon_exits_at_disconnect_and_systemd_starts_the_next(seen):
     assert seen["restarted"] and seen["socket_again"], seen["journal"]
     assert seen["after"]["Result"] == "success" and seen["after"]["ExecMainStatus"] == "0", seen["after"]
+
+
+def test_a_worker_restart_keeps_an_open_file_without_pidfd_getfd(seen):
+    """The unit refuses pidfd_getfd and offers one request queue: the
+    replacement of a SIGKILLed request worker copies the open file from
+    the keeper by its round trip and reads on through the same fh."""
+    restart = seen["restart"]
+    assert restart["replaced"] and restart["read"] == "hello world\n", restart
+    assert "pidfd_getfd" not in seen["journal"], seen["journal"]
+
+
+def test_the_service_sees_only_what_its_root_binds(seen):
+    """RootDirectory=: /usr (with /lib and /lib64, where the loader and
+    libraries are reached), the share, the socket directory and API file
+    systems; nothing of the host's /etc, /var, /srv, /home or /root."""
+    view = seen["root"]
+    assert set(view["/"]) <= {"usr", "lib", "lib64", "proc", "dev", "sys", "tmp", "run", "srv", "var",
+                              "etc", "root", "home"}, view
+    assert view["srv"] == ["share"], view                   # the share, no other directory of /srv
+    # the socket directory; systemd's own; ProtectHome=tmpfs's empty /run/user
+    assert "pyvirtiofsd" in view["run"] and set(view["run"]) <= {"pyvirtiofsd", "systemd", "user"}, view
+    assert view["etc"] in (2, []) or set(view["etc"]) <= {"machine-id", "resolv.conf"}, view
+    assert view["var"] in (2, ["tmp"]), view                # PrivateTmp's /var/tmp only
+    assert view["var/tmp"] in (2, []) and view["tmp"] == [], view
+    assert view["home"] in (2, 13, []) and view["root"] in (2, 13, []), view   # absent, or ProtectHome's
+
+
+def test_a_share_under_home_is_served_with_protect_home(seen):
+    """ProtectHome=tmpfs gives an empty /home with the share bound in (yes
+    would drop the bind: docs/service.md), so a share under /home is
+    served, and nothing else of /home is there."""
+    home = seen["home_share"]
+    assert home["start"] == 0 and home["socket"], home["journal"]
+    assert home["read"] == "under /home\n", home
+    assert home["home"] == ["guest"] and home["home_guest"] == ["share"], home

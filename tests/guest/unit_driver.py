@@ -21,6 +21,8 @@ import traceback
 # the shared directory /srv/share, or the one given as a third argument
 INSTANCE = "pyvirtiofsd@srv-share.service"
 SOCKET = "/run/pyvirtiofsd/srv-share.sock"
+# a second share, under /home, when the container has it
+HOME_SHARE = "/home/guest/share"
 ROOT = 1
 S_ISUID = 0o4000
 
@@ -92,6 +94,69 @@ def file_work(fc, FuseErrorReply) -> dict:
     return seen
 
 
+def comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
+def restart_with_a_file_open(fc, main_pid: int) -> dict:
+    """SIGKILL the request worker with a file open: its replacement serves
+    the same fh, a copy it gets from the keeper by a round trip (the unit
+    refuses pidfd_getfd)."""
+    e = fc.lookup(ROOT, "hello")
+    o = fc.open(e.nodeid)
+    victim = next(p for p in children(main_pid) if comm(p) == "vfsd-request-1")
+    os.kill(victim, 9)
+    replaced = wait_for(lambda: any(comm(p) == "vfsd-request-1" and p != victim
+                                    for p in children(main_pid)), timeout=30)
+    seen = {"replaced": replaced, "read": fc.read(e.nodeid, o.fh, 0, 100).decode()}
+    fc.release(e.nodeid, o.fh)
+    return seen
+
+
+def root_view(pid: int) -> dict:
+    """What the service sees of the file system: each top-level directory
+    of its root, and the contents of the ones the unit should empty."""
+    root = f"/proc/{pid}/root"
+    view: dict = {"/": sorted(os.listdir(root))}
+    for top in ("etc", "home", "root", "run", "srv", "var", "var/tmp", "tmp"):
+        try:
+            view[top] = sorted(os.listdir(f"{root}/{top}"))
+        except OSError as err:
+            view[top] = err.errno
+    return view
+
+
+def home_share(checkout: str) -> dict:
+    """A second instance whose share is under /home (ProtectHome=yes)."""
+    from tests.frontend.fuse_client import FuseClient
+    from tests.frontend.vhost import start_frontend
+    name = sh("systemd-escape", "--path", HOME_SHARE).stdout.strip()
+    instance, socket_path = f"pyvirtiofsd@{name}.service", f"/run/pyvirtiofsd/{name}.sock"
+    seen: dict = {"start": sh("systemctl", "start", instance).returncode}
+    seen["socket"] = wait_for(lambda: os.path.exists(socket_path), timeout=30)
+    try:
+        if not seen["socket"]:
+            return seen
+        fe = start_frontend(socket_path)
+        try:
+            fc = FuseClient(fe)
+            fc.init()
+            e = fc.lookup(ROOT, "inhome")
+            o = fc.open(e.nodeid)
+            seen["read"] = fc.read(e.nodeid, o.fh, 0, 100).decode()
+            fc.release(e.nodeid, o.fh)
+            pid = int(sh("systemctl", "show", instance, "--property=MainPID", "--value").stdout)
+            seen["home"] = sorted(os.listdir(f"/proc/{pid}/root/home"))
+            seen["home_guest"] = sorted(os.listdir(f"/proc/{pid}/root/home/guest"))
+        finally:
+            fe.close()
+    finally:
+        seen["journal"] = sh("journalctl", "--no-pager", "-o", "cat", "-u", instance).stdout[-3000:]
+        sh("systemctl", "stop", instance)
+    return seen
+
+
 def main(checkout: str, out_path: str) -> None:
     sys.path.insert(0, checkout)
     from tests.frontend.fuse_client import FuseClient, FuseErrorReply
@@ -109,12 +174,16 @@ def main(checkout: str, out_path: str) -> None:
             fc.init()
             result["work"] = file_work(fc, FuseErrorReply)
             result["processes"] = [process_view(main_pid)] + [process_view(p) for p in children(main_pid)]
+            result["root"] = root_view(main_pid)
+            result["restart"] = restart_with_a_file_open(fc, main_pid)
         finally:
             fe.close()
         # one QEMU connection served: the daemon exits 0 and systemd starts the next
         result["restarted"] = wait_for(lambda: show("NRestarts")["NRestarts"] not in ("", "0"))
         result["socket_again"] = wait_for(lambda: os.path.exists(SOCKET))
         result["after"] = show("NRestarts", "ExecMainStatus", "Result", "ActiveState")
+        if os.path.isdir(HOME_SHARE):
+            result["home_share"] = home_share(checkout)
     except Exception:   # noqa: BLE001 - everything goes into the report
         result["errors"].append(traceback.format_exc())
     result["journal"] = sh("journalctl", "--no-pager", "-o", "cat", "-u", INSTANCE).stdout[-6000:]

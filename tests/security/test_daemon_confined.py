@@ -90,10 +90,15 @@ def test_every_worker_is_confined(attached):
         if role == "hiprio":
             assert len(worker_sockets) == 1, (role, worker_sockets)     # its channel end only
             assert not shared[role], role
-        else:
-            # its channel end, and one end of the keeper's fd socket, which
-            # the supervisor holds (never reads) for the next keeper
+        elif role == "keeper":
+            # its channel end, and the reading end of its fd socket, which
+            # the supervisor holds too (never reads) for the next keeper
             assert len(worker_sockets) == 2 and len(shared[role]) == 1, (role, worker_sockets)
+        else:
+            # its channel end, the writing end of the keeper's fd socket
+            # (the supervisor holds it too), and both ends of its own pair
+            # for the keeper's answers, which the supervisor does not keep
+            assert len(worker_sockets) == 4 and len(shared[role]) == 1, (role, worker_sockets)
     assert shared["request"] != shared["keeper"]
     # the supervisor itself is filtered and keeps no_new_privs too
     sup = status(d.pid)
