@@ -94,6 +94,21 @@ def _build(op: str, depth: int, shared: str, cache: str = "auto"):
     return loop, ring, vr, heads
 
 
+def close(loop, ring, vr) -> None:
+    """Everything ``_build`` opened: the session and its table, the queue's
+    views, both sides' guest memory, the rings' eventfds and the loop's
+    epoll (tests build several in one process)."""
+    loop.session.close()
+    loop.session.inodes.close()
+    mem = ring.queue.mem
+    ring.queue.release()
+    mem.close()
+    vr.close()
+    vr.mem.close()
+    os.close(ring.call_fd)
+    loop._epoll.close()
+
+
 def per_request_us(op: str = "getattr", depth: int = 64, seconds: float = 3.0,
                    profile: str = "none", clock: str = "wall") -> float:
     shared = tempfile.mkdtemp(prefix="inproc-")
@@ -128,6 +143,7 @@ def per_request_us(op: str = "getattr", depth: int = 64, seconds: float = 3.0,
     if prof:
         import pstats
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    close(loop, ring, vr)
     return busy / done * 1e6
 
 

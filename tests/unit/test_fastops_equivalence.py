@@ -499,8 +499,7 @@ def test_the_worker_loop_serves_them_in_c(tmp_path, monkeypatch, op):
         assert loop._fast.__self__.served == 8
     else:
         assert loop._fast is None
-    loop.session.close()
-    loop.session.inodes.close()
+    inproc.close(loop, ring, vr)
 
 
 @pytest.mark.parametrize("op,opcode", [("getattr", Opcode.GETATTR), ("read4k", Opcode.READ)])
@@ -526,8 +525,7 @@ def test_the_worker_loop_counts_them_with_a_meter(tmp_path, monkeypatch, op, opc
     assert words[counters.BYTES_READ] == (8 * 4096 if op == "read4k" else 0)
     if fastpath.compiled.VirtQueue is fastpath.compiled.CompiledVirtQueue:
         assert loop._fast.__self__.served == 8
-    loop.session.close()
-    loop.session.inodes.close()
+    inproc.close(loop, ring, vr)
 
 
 def test_supervisor_never_loads_the_fast_ops():

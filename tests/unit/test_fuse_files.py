@@ -398,6 +398,8 @@ def test_open_file_budget_is_capped_by_the_fd_limit(share, connect):
     from tests.unit.fusereq import entry_nodeid
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    open_now = len(os.listdir("/proc/self/fd"))
+    assert open_now + 32 + 8 <= 64, f"{open_now} fds open before the test: an earlier test leaked them"
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
     try:
         fuse = connect(max_open_files=1000)
