@@ -51,6 +51,7 @@ done
 say failed-count $(systemctl --failed --plain --no-legend --no-pager | grep -c .)
 PKGS=$(for d in $state/debs/*.deb; do dpkg-deb -f "$d" Package; done | sort)
 if [ $boot = 1 ]; then
+    say installing
     t0=$(date +%s.%N)
     dpkg -i $state/debs/*.deb > $state/dpkg-i.log 2>&1
     rc=$?
@@ -60,6 +61,7 @@ if [ $boot = 1 ]; then
     sync
 fi
 for p in $PKGS; do say status $p $(dpkg-query -W -f='${db:Status-Abbrev}' $p | tr -d ' '); done
+say verifying
 t0=$(date +%s.%N)
 if [ "$VERIFY" = all ]; then dpkg --verify; else dpkg --verify $PKGS; fi > $state/verify.log 2>&1
 rc=$?
@@ -92,9 +94,28 @@ StandardError=journal+console
 WantedBy=multi-user.target
 """
 
+# How each daemon is started for a root file system: as its users start it
+# for one (docs/rootfs.md). xattrs on, for file capabilities and ACLs. The C
+# virtiofsd keeps its default no_posix_lock: with -o posix_lock it answers
+# every blocking lock (FUSE_SETLKW) EOPNOTSUPP, as it implements only
+# non-blocking ones, and dpkg (its triggers lock), systemd-sysusers
+# (lckpwdf) and systemd-update-utmp (glibc's wtmp lock) all fail; without it
+# the guest kernel keeps POSIX locks itself. The Rust virtiofsd has no
+# remote POSIX locks either way.
+ROOT_DAEMON_OPTS = {"ours": (), "c": ("-o", "xattr"), "rust": ("--xattr",)}
+
 # what the installed program is run with after each boot
 # (file reads the magic database of libmagic-mgc; python3 imports from its stdlib)
 RUN_ARG = {"/usr/bin/file": "/usr/bin/file", "/usr/bin/python3.11": "-m this"}
+
+
+def start_root_daemon(kind: str, shared: Path, run_dir: Path, extra_args=()):
+    """The daemon ``kind`` serving ``shared`` as a root file system
+    (cache=auto, ROOT_DAEMON_OPTS), started by tests/conftest.py."""
+    from tests.conftest import start_daemon
+
+    return start_daemon(kind, shared, "auto", extra_args=(*ROOT_DAEMON_OPTS[kind], *extra_args),
+                        run_dir=str(run_dir), startup_timeout=30.0, default_opts=())
 
 
 def prepare_share(dest: Path, install_set: str, verify_all: bool = True) -> None:

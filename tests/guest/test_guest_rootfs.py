@@ -23,10 +23,10 @@ import os
 
 import pytest
 
-from .conftest import BOOTS, _start_daemon, guest_dirs
+from .conftest import BOOTS, guest_dirs
 from .harness import QUICK
 from .rootfs import INSTALLED_FILE, ensure_rootfs
-from .rootfs_boot import boot, prepare_share
+from .rootfs_boot import boot, prepare_share, start_root_daemon
 
 pytestmark = [pytest.mark.guest, pytest.mark.usecase]
 
@@ -44,7 +44,7 @@ def run(request, tmp_path_factory):
     ensure_rootfs()  # setup.sh built it; a miss builds it here (minutes)
     base, shared, run_dir = guest_dirs(tmp_path_factory, f"rootfs-{kind}-{platform}")
     prepare_share(shared, INSTALL_SET, verify_all=not QUICK)
-    d = _start_daemon(kind, shared, "auto", run_dir)
+    d = start_root_daemon(kind, shared, run_dir)
     try:
         result = boot(d.socket_path, platform, base / "console.log", timeout=TIMEOUT)
         daemon_rc = d.wait(30)
