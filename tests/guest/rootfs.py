@@ -103,7 +103,34 @@ def ensure_rootfs() -> Path:
 
 
 def debs(install_set: str) -> list[Path]:
-    return sorted((ensure_rootfs() / "debs" / install_set).glob("*.deb"))
+    """The install set's .debs in an order ``dpkg -i`` accepts: each after
+    the packages of the set it (pre-)depends on. dpkg unpacks its arguments
+    in the order given and refuses a package whose Pre-Depends is not yet
+    configured (python3-minimal pre-depends on python3.11-minimal, which
+    sorts after it in the C locale)."""
+    found = sorted((ensure_rootfs() / "debs" / install_set).glob("*.deb"))
+    fields = {}
+    for deb in found:
+        out = subprocess.run(["dpkg-deb", "-f", str(deb), "Package", "Pre-Depends", "Depends"],
+                             check=True, capture_output=True, text=True).stdout
+        f = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+        deps = ",".join(f.get(k, "") for k in ("Pre-Depends", "Depends"))
+        names = {alt.split()[0].split(":")[0] for dep in deps.split(",") for alt in dep.split("|") if alt.strip()}
+        fields[f["Package"]] = (deb, names)
+    order: list[Path] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen or name not in fields:
+            return
+        seen.add(name)
+        for dep in sorted(fields[name][1]):
+            visit(dep)
+        order.append(fields[name][0])
+
+    for name in sorted(fields):
+        visit(name)
+    return order
 
 
 def unpack_root(dest: Path) -> None:

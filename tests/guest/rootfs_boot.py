@@ -126,8 +126,8 @@ def prepare_share(dest: Path, install_set: str, verify_all: bool = True) -> None
     unpack_root(dest)
     state = dest / "var/lib/rootfs-check"
     (state / "debs").mkdir(parents=True)
-    for deb in debs(install_set):
-        shutil.copyfile(deb, state / "debs" / deb.name)
+    for i, deb in enumerate(debs(install_set)):  # the glob of the check script keeps dpkg's order
+        shutil.copyfile(deb, state / "debs" / f"{i:02d}-{deb.name}")
     script = dest / "usr/local/sbin/rootfs-check"
     script.write_text(CHECK_SCRIPT)
     script.chmod(0o755)
