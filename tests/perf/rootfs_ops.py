@@ -89,9 +89,11 @@ class PhaseScraper:
 
 
 def summary(ops: dict[str, list[float]], top: int = 6) -> str:
-    """'N requests, S s in the daemon; by time: OP S s (N), ...'."""
+    """'N requests, S s in the daemon; by time: OP S s (N), ...; most: OP N, ...'."""
     n = sum(v[0] for v in ops.values())
     s = sum(v[1] for v in ops.values())
     by_time = sorted(ops.items(), key=lambda kv: -kv[1][1])[:top]
+    by_count = sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]
     return (f"{n:,.0f} requests, {s:.1f} s in the daemon; by time: "
-            + ", ".join(f"{op} {v[1]:.1f} s ({v[0]:,.0f})" for op, v in by_time))
+            + ", ".join(f"{op} {v[1]:.1f} s ({v[0]:,.0f})" for op, v in by_time)
+            + "; most: " + ", ".join(f"{op} {v[0]:,.0f}" for op, v in by_count))
