@@ -7,7 +7,7 @@ a oneshot unit ordered after multi-user.target (``rootfs-check.service``)
 whose script reports on the serial console, one ``@@ROOTFS key value@@``
 line per fact. First boot: the uptime at which multi-user was reached, the
 root's mount line, the failed units, ``dpkg -i`` of the install set (and
-its time), ``dpkg --verify`` (of every package, or of the installed ones
+its time), the slowest units (``systemd-analyze blame``), ``dpkg --verify`` (of every package, or of the installed ones
 only), ``dpkg --audit``;
 then ``systemctl reboot``. QEMU restarts the machine in place (the same
 daemon: the device is reset and the guest's FUSE session starts again).
@@ -49,6 +49,9 @@ for u in $(systemctl --failed --plain --no-legend --no-pager | awk '{print $1}')
     say failed $u
 done
 say failed-count $(systemctl --failed --plain --no-legend --no-pager | grep -c .)
+# the slowest units of this boot, "unit=time" ("1min 2.5s" -> 1min2.5s)
+systemd-analyze blame --no-pager 2>/dev/null | head -n 8 |
+    awk '{u = $NF; $NF = ""; gsub(/ /, "", $0); print u "=" $0}' | while read l; do say blame $l; done
 PKGS=$(for d in $state/debs/*.deb; do dpkg-deb -f "$d" Package; done | sort)
 if [ $boot = 1 ]; then
     say installing
@@ -166,11 +169,11 @@ def parse_reports(text: str) -> list[dict]:
     for m in REPORT_RE.finditer(text):
         key, val = m.group(1), m.group(2).strip()
         if key == "boot":
-            boots.append({"failed": [], "status": {}})
+            boots.append({"failed": [], "status": {}, "blame": []})
         if not boots:
             continue
-        if key == "failed":
-            boots[-1]["failed"].append(val)
+        if key in ("failed", "blame"):
+            boots[-1][key].append(val)
         elif key == "status":
             name, _, st = val.partition(" ")
             boots[-1]["status"][name] = st

@@ -93,6 +93,7 @@ def root_run(kind: str, platform: str, install_set: str, log, verify_all: bool =
                 failure = f"boot {i + 1}: failed units {', '.join(one['failed'])}"
         res = {"figures": figures, "cpu": {"qemu": c1 - c0, "daemon": c2 - c1}, "failure": failure,
                "wall": r.duration, "ops": scraper.phases() if scraper else {},
+               "blame": [one.get("blame", []) for one in b],
                "ops_error": scraper.error if scraper else None}
         log(f"  rootfs {kind:4s} platform {platform}: " + ", ".join(f"{k} {v:.1f} s" for k, v in figures.items())
             + f"; CPU qemu {c1 - c0:.0f} s, daemon {c2 - c1:.1f} s" + (f"; FAILED: {failure}" if failure else ""))
@@ -133,6 +134,7 @@ def rootfs_part(platforms, rounds: int, install_set: str, log, verify_all: bool 
                     o["cpu"][kind] = dict(res["cpu"], wall=res["wall"])
                     if res["ops"]:
                         o["ops"][kind] = res["ops"]
+                    o.setdefault("blame", {})[kind] = res["blame"]
                 if res.get("ops_error"):
                     o["failures"].append(f"{kind}, round {rnd + 1}: metrics: {res['ops_error']}")
                 if res["failure"]:
@@ -168,6 +170,11 @@ def markdown(part: dict) -> list[str]:
         for kind, c in res["cpu"].items():
             md.append(f"- root file system, platform {plat}, {kind}: {c['wall']:.0f} s for both boots; "
                       f"CPU: QEMU (the guest, TCG) {c['qemu']:.0f} s, the daemon {c['daemon']:.1f} s")
+        for kind, blame in res.get("blame", {}).items():
+            for i, units in enumerate(blame):
+                if units:
+                    md.append(f"- root file system, platform {plat}, {kind}, slowest units of boot {i + 1} "
+                              f"(systemd-analyze blame): {', '.join(units[:6])}")
         for kind, phases in res.get("ops", {}).items():
             for phase, ops in phases.items():
                 md.append(f"- root file system, platform {plat}, {kind}, FUSE requests during {phase}: "
