@@ -7,8 +7,9 @@ a oneshot unit ordered after multi-user.target (``rootfs-check.service``)
 whose script reports on the serial console, one ``@@ROOTFS key value@@``
 line per fact. First boot: the uptime at which multi-user was reached, the
 root's mount line, the failed units, ``dpkg -i`` of the install set (and
-its time), the slowest units (``systemd-analyze blame``), ``dpkg --verify`` (of every package, or of the installed ones
-only), ``dpkg --audit``;
+its time), the slowest services (what ``systemd-analyze blame`` shows),
+``dpkg --verify`` (of every package, or of the installed ones only),
+``dpkg --audit``;
 then ``systemctl reboot``. QEMU restarts the machine in place (the same
 daemon: the device is reset and the guest's FUSE session starts again).
 Second boot: the same reports, the installed packages verified again and
@@ -49,9 +50,13 @@ for u in $(systemctl --failed --plain --no-legend --no-pager | awk '{print $1}')
     say failed $u
 done
 say failed-count $(systemctl --failed --plain --no-legend --no-pager | grep -c .)
-# the slowest units of this boot, "unit=time" ("1min 2.5s" -> 1min2.5s)
-systemd-analyze blame --no-pager 2>/dev/null | head -n 8 |
-    awk '{u = $NF; $NF = ""; gsub(/ /, "", $0); print u "=" $0}' | while read l; do say blame $l; done
+# the slowest services of this boot, "unit=seconds" from leaving inactive to
+# active (systemd-analyze blame refuses while this unit keeps the boot going)
+systemctl show -p Id -p InactiveExitTimestampMonotonic -p ActiveEnterTimestampMonotonic '*.service' |
+    awk -F= '/^Id=/ {id = $2} /^InactiveExitTimestampMonotonic=/ {s = $2} /^ActiveEnterTimestampMonotonic=/ {e = $2}
+        /^$/ {if (s > 0 && e > s) printf "%.2f %s\n", (e - s) / 1e6, id; s = e = 0}
+        END {if (s > 0 && e > s) printf "%.2f %s\n", (e - s) / 1e6, id}' |
+    sort -rn | head -n 8 | while read t u; do say blame $u=${t}s; done
 PKGS=$(for d in $state/debs/*.deb; do dpkg-deb -f "$d" Package; done | sort)
 if [ $boot = 1 ]; then
     say installing

@@ -173,8 +173,8 @@ def markdown(part: dict) -> list[str]:
         for kind, blame in res.get("blame", {}).items():
             for i, units in enumerate(blame):
                 if units:
-                    md.append(f"- root file system, platform {plat}, {kind}, slowest units of boot {i + 1} "
-                              f"(systemd-analyze blame): {', '.join(units[:6])}")
+                    md.append(f"- root file system, platform {plat}, {kind}, slowest services of boot {i + 1} "
+                              f"(inactive to active): {', '.join(units[:6])}")
         for kind, phases in res.get("ops", {}).items():
             for phase, ops in phases.items():
                 md.append(f"- root file system, platform {plat}, {kind}, FUSE requests during {phase}: "
