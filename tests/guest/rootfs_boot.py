@@ -31,7 +31,7 @@ from pathlib import Path
 from .kernel import ensure_kernel
 from .platforms import platform as get_platform
 from .platforms import qemu_argv
-from .rootfs import INSTALLED_FILE, debs, initrd_for, unpack_root
+from .rootfs import INSTALLED_FILE, initrd_for, install_batches, unpack_root
 from .vm import kill_qemu
 
 TAG = "rootfs"
@@ -57,12 +57,15 @@ systemctl show -p Id -p InactiveExitTimestampMonotonic -p ActiveEnterTimestampMo
         /^$/ {if (s > 0 && e > s) printf "%.2f %s\n", (e - s) / 1e6, id; s = e = 0}
         END {if (s > 0 && e > s) printf "%.2f %s\n", (e - s) / 1e6, id}' |
     sort -rn | head -n 8 | while read t u; do say blame $u=${t}s; done
-PKGS=$(for d in $state/debs/*.deb; do dpkg-deb -f "$d" Package; done | sort)
+PKGS=$(for d in $state/debs/*/*.deb; do dpkg-deb -f "$d" Package; done | sort)
 if [ $boot = 1 ]; then
     say installing
     t0=$(date +%s.%N)
-    dpkg -i $state/debs/*.deb > $state/dpkg-i.log 2>&1
-    rc=$?
+    : > $state/dpkg-i.log
+    rc=0
+    for b in $state/debs/*/; do  # one dpkg -i per batch (rootfs.install_batches)
+        dpkg -i $b*.deb >> $state/dpkg-i.log 2>&1 || { rc=$?; break; }
+    done
     t1=$(date +%s.%N)
     tail -n 20 $state/dpkg-i.log
     say install rc=$rc seconds=$(echo "$t0 $t1" | awk '{printf "%.2f", $2 - $1}') packages=$(echo $PKGS | wc -w)
@@ -128,14 +131,16 @@ def start_root_daemon(kind: str, shared: Path, run_dir: Path, extra_args=()):
 
 def prepare_share(dest: Path, install_set: str, verify_all: bool = True) -> None:
     """Unpack the root into ``dest`` and install the check unit, enabled,
-    with the install set's .debs under /var/lib/rootfs-check/debs.
+    with the install set's .debs under /var/lib/rootfs-check/debs/NN/, one
+    directory per ``dpkg -i`` run.
     ``verify_all``: ``dpkg --verify`` every package of the root (about
     100 s under TCG), not only the installed ones."""
     unpack_root(dest)
     state = dest / "var/lib/rootfs-check"
-    (state / "debs").mkdir(parents=True)
-    for i, deb in enumerate(debs(install_set)):  # the glob of the check script keeps dpkg's order
-        shutil.copyfile(deb, state / "debs" / f"{i:02d}-{deb.name}")
+    for i, batch in enumerate(install_batches(install_set)):  # debs/NN/: one dpkg -i each, in order
+        (state / "debs" / f"{i + 1:02d}").mkdir(parents=True)
+        for deb in batch:
+            shutil.copyfile(deb, state / "debs" / f"{i + 1:02d}" / deb.name)
     script = dest / "usr/local/sbin/rootfs-check"
     script.write_text(CHECK_SCRIPT)
     script.chmod(0o755)
