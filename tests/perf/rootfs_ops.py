@@ -12,11 +12,10 @@ counted, its wait not timed (README, Metrics).
 
 from __future__ import annotations
 
-import socket
 import threading
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
+from tests import metrics_client
 
 # (phase that ends, console marker that ends it), in the order they appear
 MARKS = (("boot", "@@ROOTFS installing@@"), ("install", "@@ROOTFS verifying@@"),
@@ -26,17 +25,10 @@ REQS, LAT = "pyvirtiofsd_requests_total", "pyvirtiofsd_request_duration_seconds_
 
 def scrape(path: str) -> dict[str, list[float]]:
     """{op: [requests, latency seconds]}, summed over the workers."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(5)
-        s.connect(path)
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
     out: dict[str, list[float]] = {}
-    for fam in text_string_to_metric_families(b"".join(chunks).decode()):
-        for smp in fam.samples:
-            if smp.name in (REQS, LAT):
-                out.setdefault(smp.labels["op"], [0.0, 0.0])[smp.name == LAT] += smp.value
+    for (name, labels), value in metrics_client.scrape(path).items():
+        if name in (REQS, LAT):
+            out.setdefault(dict(labels)["op"], [0.0, 0.0])[name == LAT] += value
     return out
 
 
