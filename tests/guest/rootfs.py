@@ -122,6 +122,13 @@ def install_batches(install_set: str) -> list[list[Path]]:
         f = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
         pre = _names(f.get("Pre-Depends", ""))
         info[f["Package"]] = (deb, pre, pre | _names(f.get("Depends", "")))
+    return order_batches(info)
+
+
+def order_batches(info: dict) -> list[list]:
+    """``info``: package -> (item, its Pre-Depends names, all its dependency
+    names). The items in dependency order, split before each package that
+    pre-depends on one of the current batch."""
     order: list[str] = []
 
     def visit(name: str) -> None:
@@ -135,7 +142,7 @@ def install_batches(install_set: str) -> list[list[Path]]:
 
     for name in sorted(info):
         visit(name)
-    batches: list[list[Path]] = [[]]
+    batches: list[list] = [[]]
     batch_names: set[str] = set()
     for name in order:
         if info[name][1] & batch_names:
