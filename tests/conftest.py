@@ -106,9 +106,10 @@ class DaemonProcess:
 
 
 def daemon_command(kind: str, socket_path: str, shared_dir: str, cache: str,
-                   extra_args=(), socket_fd: int | None = None) -> list[str]:
+                   extra_args=(), socket_fd: int | None = None, default_opts=None) -> list[str]:
     """``socket_fd``: an inherited listening socket (``--fd=N``) instead of
-    ``socket_path``."""
+    ``socket_path``. ``default_opts``: the baseline's options in place of
+    C_DEFAULT_OPTS / RUST_DEFAULT_OPTS (None: those)."""
     if kind == "ours":
         where = ["--socket-path", socket_path] if socket_fd is None else [f"--fd={socket_fd}"]
         return [sys.executable, "-m", "daemon", *where,
@@ -119,20 +120,21 @@ def daemon_command(kind: str, socket_path: str, shared_dir: str, cache: str,
     if kind == "c":
         where = f"--socket-path={socket_path}" if socket_fd is None else f"--fd={socket_fd}"
         return [C_VIRTIOFSD, where, "-o", f"source={shared_dir}",
-                "-o", f"cache={C_CACHE.get(cache, cache)}", *C_DEFAULT_OPTS, *extra_args]
+                "-o", f"cache={C_CACHE.get(cache, cache)}",
+                *(C_DEFAULT_OPTS if default_opts is None else default_opts), *extra_args]
     if kind == "rust":
         from tests.guest.platforms import rust_virtiofsd_argv
         return [*rust_virtiofsd_argv(), f"--socket-path={socket_path}", f"--shared-dir={shared_dir}",
-                f"--cache={cache}", *RUST_DEFAULT_OPTS, *extra_args]
+                f"--cache={cache}", *(RUST_DEFAULT_OPTS if default_opts is None else default_opts), *extra_args]
     raise ValueError(f"unknown daemon kind {kind!r}")
 
 
 def start_daemon(kind: str, shared_dir, cache: str = "auto", extra_args=(),
                  run_dir: str | None = None, startup_timeout: float = 15.0,
-                 env: dict | None = None, start: str = "plain") -> DaemonProcess:
+                 env: dict | None = None, start: str = "plain", default_opts=None) -> DaemonProcess:
     """Start a daemon and wait until its socket exists (no probe connection:
     both daemons serve exactly one front-end connection). ``env``: extra
-    environment variables for the daemon. ``start``: the state it is
+    environment variables for the daemon. ``default_opts``: see daemon_command. ``start``: the state it is
     started in, a name from tests/start_conditions.py (supplementary
     groups, ``--fd`` as libvirt does, blocked signals...)."""
     from tests.start_conditions import START_CONDITIONS
@@ -155,7 +157,8 @@ def start_daemon(kind: str, shared_dir, cache: str = "auto", extra_args=(),
         passed.extend(pipe)
         inherited += [outside, os.readlink(f"/proc/self/fd/{pipe[0]}")]
     cmd = cond.prefix() + daemon_command(kind, socket_path, str(shared_dir), cache, (*extra_args, *cond.args),
-                                         socket_fd=passed[0] if cond.listen_fd else None)
+                                         socket_fd=passed[0] if cond.listen_fd else None,
+                                         default_opts=default_opts)
     environ = dict(os.environ) if cond.env is None else dict(cond.env)
     environ.update(env or {})
     try:

@@ -102,8 +102,59 @@ def ensure_rootfs() -> Path:
     return final
 
 
+def _names(field: str) -> set[str]:
+    """The package names of a Depends-style field ("a (>= 1), b:any | c")."""
+    return {alt.split()[0].split(":")[0] for dep in field.split(",") for alt in dep.split("|") if alt.strip()}
+
+
+def install_batches(install_set: str) -> list[list[Path]]:
+    """The install set's .debs as successive ``dpkg -i`` runs. One run
+    unpacks its packages in the order given, each after the packages of the
+    set it (pre-)depends on, and configures them at its end; a package whose
+    Pre-Depends is in the same run is refused ("pre-dependency problem":
+    python3-minimal pre-depends on python3.11-minimal, python3 on
+    python3-minimal), so it starts the next run, as apt would split them."""
+    found = sorted((ensure_rootfs() / "debs" / install_set).glob("*.deb"))
+    info = {}
+    for deb in found:
+        out = subprocess.run(["dpkg-deb", "-f", str(deb), "Package", "Pre-Depends", "Depends"],
+                             check=True, capture_output=True, text=True).stdout
+        f = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+        pre = _names(f.get("Pre-Depends", ""))
+        info[f["Package"]] = (deb, pre, pre | _names(f.get("Depends", "")))
+    return order_batches(info)
+
+
+def order_batches(info: dict) -> list[list]:
+    """``info``: package -> (item, its Pre-Depends names, all its dependency
+    names). The items in dependency order, split before each package that
+    pre-depends on one of the current batch."""
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in order or name not in info:
+            return
+        order.append(name)  # marks it (a dependency cycle ends here); moved to its place below
+        for dep in sorted(info[name][2]):
+            visit(dep)
+        order.remove(name)
+        order.append(name)
+
+    for name in sorted(info):
+        visit(name)
+    batches: list[list] = [[]]
+    batch_names: set[str] = set()
+    for name in order:
+        if info[name][1] & batch_names:
+            batches.append([])
+            batch_names = set()
+        batches[-1].append(info[name][0])
+        batch_names.add(name)
+    return batches
+
+
 def debs(install_set: str) -> list[Path]:
-    return sorted((ensure_rootfs() / "debs" / install_set).glob("*.deb"))
+    return [deb for batch in install_batches(install_set) for deb in batch]
 
 
 def unpack_root(dest: Path) -> None:

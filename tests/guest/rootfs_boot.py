@@ -7,8 +7,9 @@ a oneshot unit ordered after multi-user.target (``rootfs-check.service``)
 whose script reports on the serial console, one ``@@ROOTFS key value@@``
 line per fact. First boot: the uptime at which multi-user was reached, the
 root's mount line, the failed units, ``dpkg -i`` of the install set (and
-its time), ``dpkg --verify`` (of every package, or of the installed ones
-only), ``dpkg --audit``;
+its time), the slowest services (what ``systemd-analyze blame`` shows),
+``dpkg --verify`` (of every package, or of the installed ones only),
+``dpkg --audit``;
 then ``systemctl reboot``. QEMU restarts the machine in place (the same
 daemon: the device is reset and the guest's FUSE session starts again).
 Second boot: the same reports, the installed packages verified again and
@@ -30,7 +31,7 @@ from pathlib import Path
 from .kernel import ensure_kernel
 from .platforms import platform as get_platform
 from .platforms import qemu_argv
-from .rootfs import INSTALLED_FILE, debs, initrd_for, unpack_root
+from .rootfs import INSTALLED_FILE, initrd_for, install_batches, unpack_root
 from .vm import kill_qemu
 
 TAG = "rootfs"
@@ -49,17 +50,29 @@ for u in $(systemctl --failed --plain --no-legend --no-pager | awk '{print $1}')
     say failed $u
 done
 say failed-count $(systemctl --failed --plain --no-legend --no-pager | grep -c .)
-PKGS=$(for d in $state/debs/*.deb; do dpkg-deb -f "$d" Package; done | sort)
+# the slowest services of this boot, "unit=seconds" from leaving inactive to
+# active (systemd-analyze blame refuses while this unit keeps the boot going)
+systemctl show -p Id -p InactiveExitTimestampMonotonic -p ActiveEnterTimestampMonotonic '*.service' |
+    awk -F= '/^Id=/ {id = $2} /^InactiveExitTimestampMonotonic=/ {s = $2} /^ActiveEnterTimestampMonotonic=/ {e = $2}
+        /^$/ {if (s > 0 && e > s) printf "%.2f %s\n", (e - s) / 1e6, id; s = e = 0}
+        END {if (s > 0 && e > s) printf "%.2f %s\n", (e - s) / 1e6, id}' |
+    sort -rn | head -n 8 | while read t u; do say blame $u=${t}s; done
+PKGS=$(for d in $state/debs/*/*.deb; do dpkg-deb -f "$d" Package; done | sort)
 if [ $boot = 1 ]; then
+    say installing
     t0=$(date +%s.%N)
-    dpkg -i $state/debs/*.deb > $state/dpkg-i.log 2>&1
-    rc=$?
+    : > $state/dpkg-i.log
+    rc=0
+    for b in $state/debs/*/; do  # one dpkg -i per batch (rootfs.install_batches)
+        dpkg -i $b*.deb >> $state/dpkg-i.log 2>&1 || { rc=$?; break; }
+    done
     t1=$(date +%s.%N)
     tail -n 20 $state/dpkg-i.log
     say install rc=$rc seconds=$(echo "$t0 $t1" | awk '{printf "%.2f", $2 - $1}') packages=$(echo $PKGS | wc -w)
     sync
 fi
 for p in $PKGS; do say status $p $(dpkg-query -W -f='${db:Status-Abbrev}' $p | tr -d ' '); done
+say verifying
 t0=$(date +%s.%N)
 if [ "$VERIFY" = all ]; then dpkg --verify; else dpkg --verify $PKGS; fi > $state/verify.log 2>&1
 rc=$?
@@ -92,21 +105,42 @@ StandardError=journal+console
 WantedBy=multi-user.target
 """
 
+# How each daemon is started for a root file system: as its users start it
+# for one (docs/rootfs.md). xattrs on, for file capabilities and ACLs. The C
+# virtiofsd keeps its default no_posix_lock: with -o posix_lock it answers
+# every blocking lock (FUSE_SETLKW) EOPNOTSUPP, as it implements only
+# non-blocking ones, and dpkg (its triggers lock), systemd-sysusers
+# (lckpwdf) and systemd-update-utmp (glibc's wtmp lock) all fail; without it
+# the guest kernel keeps POSIX locks itself. The Rust virtiofsd has no
+# remote POSIX locks either way.
+ROOT_DAEMON_OPTS = {"ours": (), "c": ("-o", "xattr"), "rust": ("--xattr",)}
+
 # what the installed program is run with after each boot
 # (file reads the magic database of libmagic-mgc; python3 imports from its stdlib)
 RUN_ARG = {"/usr/bin/file": "/usr/bin/file", "/usr/bin/python3.11": "-m this"}
 
 
+def start_root_daemon(kind: str, shared: Path, run_dir: Path, extra_args=()):
+    """The daemon ``kind`` serving ``shared`` as a root file system
+    (cache=auto, ROOT_DAEMON_OPTS), started by tests/conftest.py."""
+    from tests.conftest import start_daemon
+
+    return start_daemon(kind, shared, "auto", extra_args=(*ROOT_DAEMON_OPTS[kind], *extra_args),
+                        run_dir=str(run_dir), startup_timeout=30.0, default_opts=())
+
+
 def prepare_share(dest: Path, install_set: str, verify_all: bool = True) -> None:
     """Unpack the root into ``dest`` and install the check unit, enabled,
-    with the install set's .debs under /var/lib/rootfs-check/debs.
+    with the install set's .debs under /var/lib/rootfs-check/debs/NN/, one
+    directory per ``dpkg -i`` run.
     ``verify_all``: ``dpkg --verify`` every package of the root (about
     100 s under TCG), not only the installed ones."""
     unpack_root(dest)
     state = dest / "var/lib/rootfs-check"
-    (state / "debs").mkdir(parents=True)
-    for deb in debs(install_set):
-        shutil.copyfile(deb, state / "debs" / deb.name)
+    for i, batch in enumerate(install_batches(install_set)):  # debs/NN/: one dpkg -i each, in order
+        (state / "debs" / f"{i + 1:02d}").mkdir(parents=True)
+        for deb in batch:
+            shutil.copyfile(deb, state / "debs" / f"{i + 1:02d}" / deb.name)
     script = dest / "usr/local/sbin/rootfs-check"
     script.write_text(CHECK_SCRIPT)
     script.chmod(0o755)
@@ -145,11 +179,11 @@ def parse_reports(text: str) -> list[dict]:
     for m in REPORT_RE.finditer(text):
         key, val = m.group(1), m.group(2).strip()
         if key == "boot":
-            boots.append({"failed": [], "status": {}})
+            boots.append({"failed": [], "status": {}, "blame": []})
         if not boots:
             continue
-        if key == "failed":
-            boots[-1]["failed"].append(val)
+        if key in ("failed", "blame"):
+            boots[-1][key].append(val)
         elif key == "status":
             name, _, st = val.partition(" ")
             boots[-1]["status"][name] = st

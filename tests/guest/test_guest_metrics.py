@@ -9,12 +9,12 @@ scrape taken after the marker must show exactly the guest's work.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.metrics_client import scrape
 
 from .conftest import BOOTS, _start_daemon, guest_dirs
 from .harness import python_in_guest
@@ -48,20 +48,6 @@ time.sleep(4)
 held.close()
 print({PREFIX!r} + json.dumps({{"read": got, "misses": misses}}), flush=True)
 """
-
-
-def scrape(path: str) -> dict:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(5)
-        s.connect(path)
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    out = {}
-    for fam in text_string_to_metric_families(b"".join(chunks).decode()):
-        for sample in fam.samples:
-            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return out
 
 
 def get(samples, name, **labels) -> float:

@@ -23,10 +23,10 @@ import os
 
 import pytest
 
-from .conftest import BOOTS, _start_daemon, guest_dirs
+from .conftest import BOOTS, guest_dirs
 from .harness import QUICK
 from .rootfs import INSTALLED_FILE, ensure_rootfs
-from .rootfs_boot import boot, prepare_share
+from .rootfs_boot import boot, prepare_share, start_root_daemon
 
 pytestmark = [pytest.mark.guest, pytest.mark.usecase]
 
@@ -44,7 +44,7 @@ def run(request, tmp_path_factory):
     ensure_rootfs()  # setup.sh built it; a miss builds it here (minutes)
     base, shared, run_dir = guest_dirs(tmp_path_factory, f"rootfs-{kind}-{platform}")
     prepare_share(shared, INSTALL_SET, verify_all=not QUICK)
-    d = _start_daemon(kind, shared, "auto", run_dir)
+    d = start_root_daemon(kind, shared, run_dir)
     try:
         result = boot(d.socket_path, platform, base / "console.log", timeout=TIMEOUT)
         daemon_rc = d.wait(30)
@@ -55,7 +55,9 @@ def run(request, tmp_path_factory):
                   f"multi-user at {[x.get('uptime-multi-user') for x in b]} s, "
                   f"dpkg -i {b[0].get('install', {}).get('seconds') if b else '?'} s; "
                   f"console {base / 'console.log'}"))
-    return {"result": result, "shared": shared, "daemon_rc": daemon_rc, "log": d.log(), "kind": kind}
+    dpkg_log = shared / "var/lib/rootfs-check/dpkg-i.log"
+    return {"result": result, "shared": shared, "daemon_rc": daemon_rc, "log": d.log(), "kind": kind,
+            "dpkg_log": dpkg_log.read_text(errors="replace")[-3000:] if dpkg_log.exists() else "(no dpkg log)"}
 
 
 def test_both_boots_ran_to_their_poweroff(run):
@@ -80,7 +82,7 @@ def test_no_unit_failed(run):
 
 def test_dpkg_install_succeeded_and_verifies(run):
     first = run["result"].boots[0]
-    assert first["install"]["rc"] == "0", run["result"].describe(120)
+    assert first["install"]["rc"] == "0", (first["install"], run["dpkg_log"], run["log"][-2000:])
     assert int(first["install"]["packages"]) >= 1
     assert first["status"] and all(s == "ii" for s in first["status"].values()), first["status"]
     assert first["verify"]["rc"] == "0" and first["verify"]["lines"] == "0", run["result"].describe(80)

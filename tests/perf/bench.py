@@ -42,8 +42,9 @@ else runs on it; only ratios measured side by side mean anything):
 5. **Root file system** (tests/perf/rootfs_bench.py): a Debian 12 minimal
    root on virtio-fs booted to multi-user, ``dpkg -i`` of python3 and its
    dependencies, ``dpkg --verify``, a reboot to multi-user; ours, C and
-   Rust on platform a, ours and Rust on platform b; seconds, so those
-   ratios are baseline / ours.
+   Rust on platforms a and b (each started as for a root: ROOT_DAEMON_OPTS
+   of tests/guest/rootfs_boot.py); seconds, so those ratios are baseline /
+   ours; and ours' FUSE requests and time per opcode in each phase.
 
 Every throughput ratio is ours / C and ours / Rust (> 1: we are faster).
 Each guest boot and each frontend measurement is repeated ``--rounds``

@@ -3,10 +3,11 @@ virtio-fs (tests/guest/rootfs.py, rootfs_boot.py) booted to multi-user, a
 package installed with dpkg, every package verified, rebooted to multi-user.
 
 Each daemon gets a fresh copy of the root and boots it with
-``rootfstype=virtiofs root=TAG rw`` (cache=auto for all three). Platform a
-(QEMU 7.2 + Linux 6.1, our switch_root initramfs): ours, the C virtiofsd and
-the Rust virtiofsd; platform b (QEMU 10 + Linux 6.12, no initramfs): ours and
-the Rust virtiofsd (the C virtiofsd is QEMU 7.2's, platform a's).
+``rootfstype=virtiofs root=TAG rw`` (cache=auto for all three, started as
+for a root file system: rootfs_boot.ROOT_DAEMON_OPTS). Platform a (QEMU 7.2
++ Linux 6.1, our switch_root initramfs) and platform b (QEMU 10 + Linux
+6.12, no initramfs): ours, the C virtiofsd (QEMU 7.2's, a vhost-user
+back-end that QEMU 10 drives as well) and the Rust virtiofsd.
 
 Figures, all in seconds, lower is better (the guest's own clock, printed by
 the root's check unit):
@@ -21,7 +22,10 @@ the root's check unit):
 
 And where the time goes: the CPU seconds QEMU (the guest: TCG) and the
 daemon (its whole tree, reaped) used over the two boots, from
-``getrusage(RUSAGE_CHILDREN)`` around each one's exit.
+``getrusage(RUSAGE_CHILDREN)`` around each one's exit; and for ours, the
+FUSE requests and the daemon's time per opcode in each phase (rootfs_ops.py).
+A daemon whose boot, install or verify fails has no figure for it (no
+ratio) and its failure, with dpkg's own error line, is listed.
 """
 
 from __future__ import annotations
@@ -31,11 +35,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tests.conftest import start_daemon
 from tests.guest.rootfs import ensure_rootfs
-from tests.guest.rootfs_boot import boot, prepare_share
+from tests.guest.rootfs_boot import boot, prepare_share, start_root_daemon
+from tests.perf import rootfs_ops
 
-KINDS_BY_PLATFORM = {"a": ("ours", "c", "rust"), "b": ("ours", "rust")}
+KINDS_BY_PLATFORM = {"a": ("ours", "c", "rust"), "b": ("ours", "c", "rust")}
 PHASES = [("boot", "boot to multi-user (s)"), ("reboot", "reboot to multi-user (s)"),
           ("install", "dpkg -i {what} (s)"), ("verify", "dpkg --verify, {verified} (s)")]
 INSTALL_LABEL = {"small": "file + 2 libraries", "python3": "python3 + 19 dependencies"}
@@ -49,19 +53,23 @@ def _cpu() -> float:
 
 def root_run(kind: str, platform: str, install_set: str, log, verify_all: bool = True) -> dict:
     """One boot pair: {"figures": {phase: s}, "cpu": {"qemu": s, "daemon": s},
-    "failure": str | None}."""
+    "failure": str | None, "ops": {phase: {op: [requests, s]}} (ours)}."""
     base = Path(tempfile.mkdtemp(prefix=f"bench-rootfs-{kind}-{platform}-", dir="/var/tmp"))
     shared = base / "shared"
     shared.mkdir()
     try:
         prepare_share(shared, install_set, verify_all=verify_all)
-        d = start_daemon(kind, str(shared), "auto", run_dir=str(base))
+        metrics = str(base / "metrics.sock")
+        d = start_root_daemon(kind, shared, base, ("--metrics-socket", metrics) if kind == "ours" else ())
+        scraper = rootfs_ops.PhaseScraper(metrics, base / "console.log").start() if kind == "ours" else None
         c0 = _cpu()
         try:
             r = boot(d.socket_path, platform, base / "console.log", timeout=TIMEOUT)
             c1 = _cpu()
             d.wait(60)  # every daemon ends with QEMU's connection
         finally:
+            if scraper:
+                scraper.stop()
             d.stop(5)
         c2 = _cpu()
         figures, failure = {}, None
@@ -74,21 +82,38 @@ def root_run(kind: str, platform: str, install_set: str, log, verify_all: bool =
         if b and b[0].get("install", {}).get("rc") == "0":
             figures["install"] = float(b[0]["install"]["seconds"])
         elif not failure:
-            failure = f"dpkg -i: {b[0].get('install') if b else None}"
+            failure = f"dpkg -i: {b[0].get('install') if b else None}: {_dpkg_error(shared)}"
         v = b[0].get("verify", {}) if b else {}
         if v.get("rc") == "0" and v.get("lines") == "0":
             figures["verify"] = float(v["seconds"])
         elif not failure:
             failure = f"dpkg --verify: {v}"
+        for i, one in enumerate(b):
+            if one["failed"] and not failure:
+                failure = f"boot {i + 1}: failed units {', '.join(one['failed'])}"
         res = {"figures": figures, "cpu": {"qemu": c1 - c0, "daemon": c2 - c1}, "failure": failure,
-               "wall": r.duration}
+               "wall": r.duration, "ops": scraper.phases() if scraper else {},
+               "blame": [one.get("blame", []) for one in b],
+               "ops_error": scraper.error if scraper else None}
         log(f"  rootfs {kind:4s} platform {platform}: " + ", ".join(f"{k} {v:.1f} s" for k, v in figures.items())
             + f"; CPU qemu {c1 - c0:.0f} s, daemon {c2 - c1:.1f} s" + (f"; FAILED: {failure}" if failure else ""))
+        for phase, ops in res["ops"].items():
+            log(f"    {phase}: " + rootfs_ops.summary(ops, top=4))
         if failure:
             res["console_tail"] = "\n".join(r.console_text.splitlines()[-40:])
         return res
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _dpkg_error(shared: Path) -> str:
+    """dpkg's own error lines from the check script's log of ``dpkg -i``."""
+    try:
+        text = (shared / "var/lib/rootfs-check/dpkg-i.log").read_text(errors="replace")
+    except OSError as e:
+        return f"no dpkg log ({e.strerror})"
+    errors = [line for line in text.splitlines() if "error" in line]
+    return " / ".join(errors[:3]) or text.strip()[-300:]
 
 
 def rootfs_part(platforms, rounds: int, install_set: str, log, verify_all: bool = True) -> dict:
@@ -98,7 +123,7 @@ def rootfs_part(platforms, rounds: int, install_set: str, log, verify_all: bool 
     out = {}
     for plat in platforms:
         kinds = KINDS_BY_PLATFORM[plat]
-        o = out[plat] = {"best": {k: {} for k in kinds}, "cpu": {}, "failures": [],
+        o = out[plat] = {"best": {k: {} for k in kinds}, "cpu": {}, "failures": [], "ops": {},
                          "install_set": install_set, "verify_all": verify_all}
         for rnd in range(rounds):
             for kind in kinds:
@@ -107,6 +132,11 @@ def rootfs_part(platforms, rounds: int, install_set: str, log, verify_all: bool 
                     o["best"][kind][phase] = min(o["best"][kind].get(phase, secs), secs)
                 if kind not in o["cpu"] or res["wall"] < o["cpu"][kind]["wall"]:
                     o["cpu"][kind] = dict(res["cpu"], wall=res["wall"])
+                    if res["ops"]:
+                        o["ops"][kind] = res["ops"]
+                    o.setdefault("blame", {})[kind] = res["blame"]
+                if res.get("ops_error"):
+                    o["failures"].append(f"{kind}, round {rnd + 1}: metrics: {res['ops_error']}")
                 if res["failure"]:
                     o["failures"].append(f"{kind}, round {rnd + 1}: {res['failure']}")
     return out
@@ -140,5 +170,14 @@ def markdown(part: dict) -> list[str]:
         for kind, c in res["cpu"].items():
             md.append(f"- root file system, platform {plat}, {kind}: {c['wall']:.0f} s for both boots; "
                       f"CPU: QEMU (the guest, TCG) {c['qemu']:.0f} s, the daemon {c['daemon']:.1f} s")
+        for kind, blame in res.get("blame", {}).items():
+            for i, units in enumerate(blame):
+                if units:
+                    md.append(f"- root file system, platform {plat}, {kind}, slowest services of boot {i + 1} "
+                              f"(inactive to active): {', '.join(units[:6])}")
+        for kind, phases in res.get("ops", {}).items():
+            for phase, ops in phases.items():
+                md.append(f"- root file system, platform {plat}, {kind}, FUSE requests during {phase}: "
+                          + rootfs_ops.summary(ops))
         md += [f"- root file system, platform {plat} FAILED: {f}" for f in res["failures"]]
     return md

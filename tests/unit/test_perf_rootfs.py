@@ -4,8 +4,11 @@ which way the ratios go, without booting anything."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from tests.guest.rootfs import order_batches
 from tests.guest.rootfs_boot import parse_reports
-from tests.perf import bench, rootfs_bench
+from tests.perf import bench, rootfs_bench, rootfs_ops
 
 CONSOLE = """\
 [    4.4] systemd[1]: Failed to find module 'autofs4'
@@ -52,3 +55,40 @@ def test_rows_are_baseline_over_ours_seconds():
     assert "file + 2 libraries" in rows["rootfs/a/install"]["label"]
     table = bench.render_table(list(rows.values()))
     assert "2.00 (baseline / ours)" in table and "0.50 ⚠ (baseline / ours)" in table
+
+
+def test_slowest_services_are_listed_per_boot():
+    first, second = parse_reports("@@ROOTFS boot 1@@ @@ROOTFS blame a.service=7.32s@@ @@ROOTFS blame b.service=1s@@"
+                                  " @@ROOTFS boot 2@@")
+    assert first["blame"] == ["a.service=7.32s", "b.service=1s"] and second["blame"] == []
+
+
+def test_install_batches_split_at_pre_depends():
+    # python3 pre-depends on python3-minimal, which pre-depends on python3.11-minimal
+    info = {"python3": ("p3", {"python3-minimal"}, {"python3-minimal", "python3.11", "libc6"}),
+            "python3-minimal": ("p3m", {"python3.11-minimal"}, {"python3.11-minimal"}),
+            "python3.11": ("p311", set(), {"python3.11-minimal", "libpython3.11-stdlib"}),
+            "python3.11-minimal": ("p311m", set(), {"libpython3.11-minimal"}),
+            "libpython3.11-minimal": ("lm", set(), set()),
+            "libpython3.11-stdlib": ("ls", set(), {"libpython3.11-minimal", "libpython3.11-stdlib"})}
+    batches = order_batches(info)
+    assert batches == [["lm", "ls", "p311m"], ["p3m", "p311"], ["p3"]], batches
+    flat = [x for b in batches for x in b]
+    batch_of = {item: i for i, b in enumerate(batches) for item in b}
+    for item, pre, deps in info.values():
+        assert all(batch_of[info[p][0]] < batch_of[item] for p in pre), item  # configured before
+        assert all(flat.index(info[d][0]) < flat.index(item) for d in deps if d in info and info[d][0] != item), item
+
+
+def test_phase_requests_are_the_differences_between_scrapes():
+    s = rootfs_ops.PhaseScraper("unused", Path("unused"))
+    s.snaps = [("boot", {"LOOKUP": [10.0, 0.5], "FSYNC": [1.0, 0.0]}),
+               ("install", {"LOOKUP": [15.0, 0.75], "FSYNC": [5.0, 0.0], "WRITE": [2.0, 0.25]}),
+               ("verify", {"LOOKUP": [15.0, 0.75], "FSYNC": [5.0, 0.0], "WRITE": [2.0, 0.25]})]
+    phases = s.phases()
+    assert phases["boot"] == {"LOOKUP": [10.0, 0.5], "FSYNC": [1.0, 0.0]}
+    assert phases["install"] == {"LOOKUP": [5.0, 0.25], "FSYNC": [4.0, 0.0], "WRITE": [2.0, 0.25]}
+    assert phases["verify"] == {}
+    text = rootfs_ops.summary(phases["install"])
+    assert text.startswith("11 requests, 0.5 s in the daemon; by time: LOOKUP 0.2 s (5)")
+    assert text.endswith("most: LOOKUP 5, FSYNC 4, WRITE 2")
