@@ -149,3 +149,18 @@ def test_a_bad_map_is_one_line_and_status_1(tmp_path, args, message):
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("pyvirtiofsd: error: ") and message in lines[0], r.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_libvirt_11_argv_with_idmap_parses(tmp_path):
+    """libvirt 11.3 (qemu_virtiofs.c) appends one ``--uid-map=:START:TARGET:COUNT:``
+    per <idmap><uid .../>, then one ``--gid-map=...`` per <gid .../>, after
+    its other long options; in qemu:///session without <idmap> it makes
+    ``:0:EUID:1:`` and ``:1:SUBUID_START:SUBUID_COUNT:`` itself."""
+    argv = ["--fd=3", f"--shared-dir={tmp_path}", "--cache=auto", "--sandbox=namespace", "--xattr",
+            "--rlimit-nofile=4096",
+            "--uid-map=:0:1000:1:", "--uid-map=:1:300000:65536:",
+            "--gid-map=:0:1000:1:", "--gid-map=:1:300000:65536:"]
+    config = cli.parse_config(argv)
+    assert config.socket_fd == 3 and config.sandbox == "namespace"
+    assert config.uid_map == (IdRange(0, 1000, 1), IdRange(1, 300000, 65536))
+    assert config.gid_map == config.uid_map
