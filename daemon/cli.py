@@ -198,10 +198,11 @@ _RUST_OPTIONS = (
         "help": "as --translate-uid, for group ids"}),
     (("--uid-map",), {
         "metavar": ":NS_UID:HOST_UID:COUNT:", "action": "append", "type": "idmap_range",
-        "help": "for a daemon started by an ordinary user: map COUNT host uids from HOST_UID on "
-                "into the user namespace the daemon runs in (as its root) as NS_UID on, e.g. "
-                ":0:100000:65536:; the ranges are written by newuidmap, so they must be this "
-                "user's own uid or in /etc/subuid; give it once per range; namespace uid 0 must "
+        "help": "for a daemon started by an ordinary user (or by root, confined to the maps): map "
+                "COUNT host uids from HOST_UID on into the user namespace the daemon runs in (as "
+                "its root) as NS_UID on, e.g. :0:100000:65536:; an ordinary user's ranges are "
+                "written by newuidmap, so they must be this user's own uid or in /etc/subuid; "
+                "give it once per range; namespace uid 0 must "
                 "be mapped (--sandbox namespace only)"}),
     (("--gid-map",), {
         "metavar": ":NS_GID:HOST_GID:COUNT:", "action": "append", "type": "idmap_range",

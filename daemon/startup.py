@@ -22,7 +22,8 @@ the rest of the daemon assumes:
   without them (not root) the start fails here with one line naming what
   is missing, instead of a worker dying half-way through its confinement.
   ``--sandbox none`` runs without them. With ``--uid-map``/``--gid-map``
-  (an ordinary user's start) the check waits until the supervisor is root
+  (an ordinary user's start, or root's confined to the maps) the check waits
+  until the supervisor is root
   of its own user namespace (``enter_user_namespace``).
 * **supplementary groups**: dropped here, once, before any worker is
   forked and before the supervisor's seccomp filter (no policy allows
@@ -70,11 +71,12 @@ def prepare(config) -> None:
     close_inherited_fds({config.socket_fd, *log.held_fds()} - {None})
     reset_signals()
     if config.uid_map:
+        # an ordinary user, or root confining itself to the maps (libvirt
+        # passes a system domain's <idmap>): enter_user_namespace checks,
+        # once the sockets exist
         if os.geteuid() == 0:
-            raise StartRefused("--uid-map/--gid-map are for a daemon started by an ordinary user, who "
-                               "gets a user namespace with those maps; root needs none (as the Rust "
-                               "virtiofsd, they are refused)")
-        return                       # enter_user_namespace checks, once the sockets exist
+            drop_supplementary_groups(config)   # host groups (libvirt 9.0's 0) never enter the namespace
+        return
     check_privileges(config)
     drop_supplementary_groups(config)
 

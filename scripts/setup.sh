@@ -19,6 +19,7 @@ PACKAGES=(
   attr              # setfattr/getfattr: guest tests of --xattrmap (the guest runs the host's programs)
   acl               # setfacl/getfacl: tests of --posix-acl (frontend, and the guest runs them too)
   uidmap            # newuidmap/newgidmap: --uid-map/--gid-map (an unprivileged daemon's user namespace)
+  python3-prctl python3-seccomp  # Debian's python3 runs root's --uid-map test daemon (tests/frontend/test_idmap.py)
   git autoconf automake make perl  # pjdfstest (make pjdfstest): built from a clone; the guest runs perl's prove
   mmdebstrap        # the Debian root the root-on-virtiofs test boots (tests/guest/rootfs.py)
 )

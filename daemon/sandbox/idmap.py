@@ -17,6 +17,10 @@ host side, more than ``MAX_RANGES`` lines. What only ``newuidmap`` knows
 (whether the user owns those host ids in ``/etc/subuid``) stays a start-up
 error.
 
+Root may give the maps too (libvirt passes a system domain's ``<idmap>``):
+the daemon then writes them itself and holds no capability over host ids
+outside them (the Rust daemon refuses the maps as root).
+
 The daemon runs as root inside the namespace, so namespace id 0 must be
 mapped (the Rust daemon goes on without it, as an unprivileged process
 whose per-request credential changes then fail).

@@ -16,6 +16,12 @@ id outside the maps is ``nobody`` to the guest and cannot be given to a
 file. A guest's uid N creates files that the host sees as the host id the
 map gives N (``stat`` in the guest shows N).
 
+Started by root (libvirt's system mode with ``<idmap>``), the same
+happens, except that the helper, root in the host's namespace, writes
+``/proc/PID/uid_map`` and ``gid_map`` itself: any host ids may be mapped,
+and setgroups stays allowed inside. The daemon is then confined to the
+maps: host files of unmapped owners are "other" to it.
+
 Why the id maps need a helper process: ``newuidmap`` is set-uid root and
 must run *outside* the new namespace (a set-uid program exec'd inside one
 where host root is not mapped runs without its privilege), and the
@@ -204,7 +210,28 @@ def _helper(go: int, done: int, target: int, uid_map, gid_map) -> int:
     return 0
 
 
+def _write_map(program: str, target: int, ranges) -> str | None:
+    """Root's way: write ``/proc/TARGET/uid_map`` (``gid_map``) itself, in
+    one write as the kernel requires. The helper holds CAP_SETUID and
+    CAP_SETGID in the parent namespace, so any host ids may be mapped (and
+    setgroups stays allowed inside)."""
+    kind = program[3:6]
+    text = "".join(f"{r.inside} {r.outside} {r.length}\n" for r in ranges).encode()
+    try:
+        fd = os.open(f"/proc/{target}/{kind}_map", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, text)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return (f"--{kind}-map {' '.join(str(x) for x in ranges)}: writing /proc/{target}/{kind}_map: "
+                f"{e.strerror}")
+    return None
+
+
 def _run_map_program(program: str, target: int, ranges) -> str | None:
+    if os.geteuid() == 0:
+        return _write_map(program, target, ranges)
     # imported here, in the short-lived helper only: the supervisor and its
     # workers never load subprocess (test_long_lived_processes_never_import_pyseccomp)
     import subprocess
