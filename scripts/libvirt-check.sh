@@ -86,14 +86,17 @@ echo "host-file: $(cat /mnt/from-host)" && ls -ln /mnt &&
 { python3 -c "import os; os.setxattr(\"/mnt/from-guest\", \"user.k\", b\"v\"); print(\"xattr:\", os.getxattr(\"/mnt/from-guest\", \"user.k\"))" || true; }'
 CMD_B64=$(printf '%s' "$GUEST_CMD" | base64 -w0)
 
-run_variant() {  # name binary_path binary_inner_xml driver_attrs expect_xattr(yes|no|any)
-    name=$1 binary=$2 inner=$3 driver=$4 expect_xattr=$5
+run_variant() {  # name binary_path binary_inner_xml driver_attrs expect_xattr(yes|no|any) [fs_xml owner]
+    name=$1 binary=$2 inner=$3 driver=$4 expect_xattr=$5 fs_xml=${6:-} owner=${7:-}
     case " ${LIBVIRT_CHECK_VARIANTS:-$name} " in *" $name "*) ;; *) return ;; esac
     dom="pyvirtiofsd-check-$name"
     share="$SHARE_BASE-$name"
     console="$WORK/$name.console"
     rm -rf "$share"; mkdir -p "$share"; chmod 755 "$share"
     echo host-wrote > "$share/from-host"
+    # owner: the share's (and from-host's, +1234) host id, for <idmap>
+    [ -z "$owner" ] || chown "$owner:$owner" "$share" || die "cannot chown $share"
+    [ -z "$owner" ] || chown "$((owner + 1234)):$((owner + 1234))" "$share/from-host"
     : > "$console"; chmod 666 "$console"
     cat > "$WORK/$name.xml" <<EOF
 <domain type='qemu'>
@@ -114,7 +117,7 @@ run_variant() {  # name binary_path binary_inner_xml driver_attrs expect_xattr(y
       <driver type='virtiofs'$driver/>
       <binary path='$binary'$inner
       <source dir='$share'/>
-      <target dir='myfs'/>
+      <target dir='myfs'/>$fs_xml
     </filesystem>
     <filesystem type='mount' accessmode='passthrough'>
       <source dir='/'/><target dir='hostroot'/><readonly/>
@@ -149,6 +152,7 @@ EOF
         sleep 1; i=$((i + 1))
     done
     $VIRSH destroy "$dom" >/dev/null 2>&1
+    echo "   host sees from-guest as $(stat -c %u:%g "$share/from-guest" 2>/dev/null)"
     echo "   guest printed:"
     sed -n '/@@GUEST-CMD-BEGIN@@/,/@@GUEST-EXIT/p' "$console" | sed 's/^/     | /'
     ok=1
@@ -182,6 +186,14 @@ case " ${LIBVIRT_CHECK_VARIANTS:-} " in
 esac
 case " ${LIBVIRT_CHECK_VARIANTS:-} " in
     *" nolock "*) run_variant nolock "$DAEMON" " xattr='on'><cache mode='none'/><sandbox mode='chroot'/></binary>" "" yes ;;
+esac
+# <idmap> (libvirt >= 10: --uid-map/--gid-map), only when named: guest ids
+# 0.. are host ids IDMAP_BASE.. (the share and from-host are owned by mapped
+# ids); the daemon, started as root, confines itself to the maps
+IDMAP_BASE=${LIBVIRT_CHECK_IDMAP_BASE:-400000}
+case " ${LIBVIRT_CHECK_VARIANTS:-} " in
+    *" idmap "*) run_variant idmap "$WORK/trace-pyvirtiofsd" "/>" "" yes "
+      <idmap><uid start='0' target='$IDMAP_BASE' count='65536'/><gid start='0' target='$IDMAP_BASE' count='65536'/></idmap>" "$IDMAP_BASE" ;;
 esac
 
 echo "== every run of <binary path> (trace wrapper):"

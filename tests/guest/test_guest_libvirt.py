@@ -32,14 +32,15 @@ def daemons_left() -> list[str]:
     return [line for line in out.stdout.splitlines() if "pgrep" not in line]
 
 
-def run_libvirt_check(prefix: list[str], variants, label: str, log_dir, share: str) -> dict:
+def run_libvirt_check(prefix: list[str], variants, label: str, log_dir, share: str,
+                      extra_env: dict | None = None) -> dict:
     """scripts/libvirt-check.sh for ``variants`` with the installed program,
     run under ``prefix`` (a command that takes it as its arguments, or
     none); its output, exit status and the daemons left behind."""
     env = {**os.environ, "LIBVIRT_CHECK_DAEMON": "/usr/bin/pyvirtiofsd",
            "LIBVIRT_CHECK_VARIANTS": " ".join(variants),
            "LIBVIRT_CHECK_DIR": "/var/lib/libvirt/images/pyvirtiofsd-check",
-           "LIBVIRT_CHECK_SHARE": share}
+           "LIBVIRT_CHECK_SHARE": share, **(extra_env or {})}
     t0 = time.monotonic()
     r = subprocess.run([*prefix, str(REPO / "scripts" / "libvirt-check.sh")], capture_output=True, text=True,
                        env=env, timeout=900, cwd=REPO)

@@ -61,3 +61,49 @@ def test_libvirt_11_passes_our_long_options(check):
 
 def test_no_daemon_is_left_behind(check):
     assert check["left"] == []
+
+
+# ---------------------------------------------------------------------------
+# <idmap> in a system domain: libvirt 11.3 starts the daemon as root with
+# --uid-map=:0:BASE:65536: --gid-map=:0:BASE:65536:, and the daemon confines
+# itself to that user namespace
+
+IDMAP_BASE = 400000
+
+
+@pytest.fixture(scope="module")
+def idmap_check(installed, tmp_path_factory):
+    root = platforms.ensure_libvirt11()
+    work = tmp_path_factory.mktemp("libvirt11-idmap")
+    env_sh = [str(REPO / "scripts" / "libvirt11-env.sh"), str(root), str(work / "state")]
+    return run_libvirt_check(env_sh, ("idmap",), "libvirt 11.3", work, "/srv/pyvirtiofsd-check11",
+                             extra_env={"LIBVIRT_CHECK_IDMAP_BASE": str(IDMAP_BASE)})
+
+
+def _guest_ls(out: str) -> dict[str, tuple[int, int]]:
+    """The guest's ``ls -ln /mnt`` lines: name -> (uid, gid)."""
+    return {m[3]: (int(m[1]), int(m[2]))
+            for m in re.finditer(r"\|\s+[-d]\S+\s+\d+\s+(\d+)\s+(\d+)\s+\d+\s.*\s(from-\w+)\s*$", out, re.M)}
+
+
+def test_idmap_libvirt_passes_the_maps_to_the_root_daemon(idmap_check):
+    out = idmap_check["out"]
+    assert idmap_check["rc"] == 0 and "PASS idmap" in out, out[-6000:]
+    ran = re.findall(r"libvirt ran: (.*)", out)
+    assert len(ran) == 1, out[-4000:]
+    assert f"--uid-map=:0:{IDMAP_BASE}:65536:" in ran[0] and f"--gid-map=:0:{IDMAP_BASE}:65536:" in ran[0], ran
+    traced = re.findall(r"argv: (.*)", out)
+    assert traced and "Uid: 0 0 0 0" in out, "libvirt started it as root"
+
+
+def test_idmap_the_guest_sees_mapped_ids(idmap_check):
+    out = idmap_check["out"]
+    assert "PASS idmap" in out, out[-6000:]
+    # guest root's new file is the mapped host id; the host's file of
+    # BASE+1234 is 1234 in the guest
+    assert f"host sees from-guest as {IDMAP_BASE}:{IDMAP_BASE}" in out, out[-4000:]
+    assert _guest_ls(out) == {"from-guest": (0, 0), "from-host": (1234, 1234)}, out[-4000:]
+
+
+def test_idmap_no_daemon_is_left_behind(idmap_check):
+    assert idmap_check["left"] == []
