@@ -9,7 +9,9 @@
 # chroot; queue 1024 and xattr/locks off + cache always + sandbox namespace,
 # both through a wrapper that records what libvirt runs; LIBVIRT_CHECK_VARIANTS
 # ="plain off" picks some; "openfiles" (<openfiles max='4096'/>) and "nolock"
-# (options without <lock>), for libvirt >= 10, run only when named) it
+# (options without <lock>), "idmap" (a system domain's <idmap>) and "session"
+# (LIBVIRT_CHECK_SESSION_USER's qemu:///session with <idmap>), for libvirt
+# >= 10, run only when named) it
 # defines a transient TCG domain with memfd shared memory, direct kernel boot
 # of the cached 6.1 kernel and the tests' busybox initrd (tests/guest/initrd.py:
 # the host root over 9p, then the command given on the kernel command line),
@@ -28,6 +30,12 @@ WORK=${LIBVIRT_CHECK_DIR:-/var/lib/libvirt/images/pyvirtiofsd-check}
 SHARE_BASE=${LIBVIRT_CHECK_SHARE:-/srv/share}
 TIMEOUT=${LIBVIRT_CHECK_TIMEOUT:-300}
 VIRSH="virsh -q -c qemu:///system"
+# LIBVIRT_CHECK_SESSION_USER: drive that ordinary user's qemu:///session
+# instead (its own libvirtd, state under LIBVIRT_CHECK_SESSION_DIR, default
+# /run/pvs: libvirt11-env.sh's private /run; libvirt >= 10 only)
+SESSION_USER=${LIBVIRT_CHECK_SESSION_USER:-}
+AS_USER=""
+LOGS=/var/log/libvirt/qemu
 started=""
 status=0
 
@@ -42,17 +50,33 @@ cleanup() {
         $VIRSH destroy "$dom" >/dev/null 2>&1
     done
     for name in $started; do
-        pid=$(cat "/run/$name.pid" 2>/dev/null) && kill "$pid" 2>/dev/null
+        pid=$(cat "$name.pid" 2>/dev/null) && kill "$pid" 2>/dev/null
     done
 }
 trap cleanup EXIT INT TERM
 
-for name in virtlogd libvirtd; do
-    if ! pgrep -x "$name" >/dev/null; then
-        "$name" -d || die "cannot start $name"
-        started="$started $name"
-    fi
-done
+if [ -n "$SESSION_USER" ]; then
+    # short: libvirt's UNIX socket paths under it must fit in 108 bytes
+    S=${LIBVIRT_CHECK_SESSION_DIR:-/run/pvs}
+    rm -rf "$S"
+    mkdir -p "$S/run" "$S/home/.config/libvirt" || die "cannot create $S"
+    # no virtlogd: libvirtd would spawn the system's (9.0) one for the session
+    echo 'stdio_handler = "file"' > "$S/home/.config/libvirt/qemu.conf"
+    chmod 700 "$S/run"; chown -R "$SESSION_USER:" "$S" || die "no user $SESSION_USER"
+    AS_USER="setpriv --reuid=$(id -u "$SESSION_USER") --regid=$(id -g "$SESSION_USER") --clear-groups \
+env HOME=$S/home XDG_RUNTIME_DIR=$S/run XDG_CONFIG_HOME=$S/home/.config XDG_CACHE_HOME=$S/home/.cache"
+    VIRSH="$AS_USER virsh -q -c qemu:///session"
+    LOGS="$S/home/.cache/libvirt/qemu/log"
+    $AS_USER libvirtd -d || die "cannot start $SESSION_USER's libvirtd"
+    started="$S/run/libvirt/libvirtd"
+else
+    for name in virtlogd libvirtd; do
+        if ! pgrep -x "$name" >/dev/null; then
+            "$name" -d || die "cannot start $name"
+            started="$started /run/$name"
+        fi
+    done
+fi
 i=0
 until $VIRSH version >/dev/null 2>&1; do
     i=$((i + 1)); [ $i -lt 50 ] || die "libvirtd does not answer"; sleep 0.2
@@ -86,17 +110,17 @@ echo "host-file: $(cat /mnt/from-host)" && ls -ln /mnt &&
 { python3 -c "import os; os.setxattr(\"/mnt/from-guest\", \"user.k\", b\"v\"); print(\"xattr:\", os.getxattr(\"/mnt/from-guest\", \"user.k\"))" || true; }'
 CMD_B64=$(printf '%s' "$GUEST_CMD" | base64 -w0)
 
-run_variant() {  # name binary_path binary_inner_xml driver_attrs expect_xattr(yes|no|any) [fs_xml owner]
-    name=$1 binary=$2 inner=$3 driver=$4 expect_xattr=$5 fs_xml=${6:-} owner=${7:-}
+run_variant() {  # name binary_path binary_inner_xml driver_attrs expect_xattr(yes|no|any) [fs_xml owner host_owner]
+    name=$1 binary=$2 inner=$3 driver=$4 expect_xattr=$5 fs_xml=${6:-} owner=${7:-} host_owner=${8:-}
     case " ${LIBVIRT_CHECK_VARIANTS:-$name} " in *" $name "*) ;; *) return ;; esac
     dom="pyvirtiofsd-check-$name"
     share="$SHARE_BASE-$name"
     console="$WORK/$name.console"
     rm -rf "$share"; mkdir -p "$share"; chmod 755 "$share"
     echo host-wrote > "$share/from-host"
-    # owner: the share's (and from-host's, +1234) host id, for <idmap>
+    # for <idmap>: the share's and from-host's host owners
     [ -z "$owner" ] || chown "$owner:$owner" "$share" || die "cannot chown $share"
-    [ -z "$owner" ] || chown "$((owner + 1234)):$((owner + 1234))" "$share/from-host"
+    [ -z "$host_owner" ] || chown "$host_owner:$host_owner" "$share/from-host"
     : > "$console"; chmod 666 "$console"
     cat > "$WORK/$name.xml" <<EOF
 <domain type='qemu'>
@@ -132,8 +156,8 @@ run_variant() {  # name binary_path binary_inner_xml driver_attrs expect_xattr(y
 EOF
     echo "== variant $name: <binary path='$binary'$inner> <driver type='virtiofs'$driver/>"
     if ! $VIRSH create "$WORK/$name.xml" >/dev/null; then
-        echo "FAIL $name: virsh create"; tail -n 20 "/var/log/libvirt/qemu/$dom.log" 2>/dev/null
-        tail -n 20 "/var/log/libvirt/qemu/$dom-fs0-virtiofsd.log" 2>/dev/null
+        echo "FAIL $name: virsh create"; tail -n 20 "$LOGS/$dom.log" 2>/dev/null
+        tail -n 20 "$LOGS/$dom-fs0-virtiofsd.log" 2>/dev/null
         status=1; return
     fi
     # what libvirt runs, while it runs
@@ -151,7 +175,15 @@ EOF
     while ! grep -q '@@GUEST-EXIT' "$console" && [ $i -lt "$TIMEOUT" ]; do
         sleep 1; i=$((i + 1))
     done
+    echo "   before destroy: daemons=$(pgrep -f -c "pyvirtiofsd.*$share")" \
+        "bound-sockets=$(grep -c -- '-fs\.sock' /proc/net/unix)"
     $VIRSH destroy "$dom" >/dev/null 2>&1
+    # what is left of the daemon: processes, its socket file, bound sockets
+    i=0
+    while pgrep -f "pyvirtiofsd.*$share" >/dev/null && [ $i -lt 50 ]; do sleep 0.2; i=$((i + 1)); done
+    echo "   after destroy: daemons=$(pgrep -f -c "pyvirtiofsd.*$share")" \
+        "socket-files=$(find "${S:-$WORK}" /var/lib/libvirt/qemu /run/libvirt/qemu -name '*-fs.sock' 2>/dev/null | wc -l)" \
+        "bound-sockets=$(grep -c -- '-fs\.sock' /proc/net/unix)"
     echo "   host sees from-guest as $(stat -c %u:%g "$share/from-guest" 2>/dev/null)"
     echo "   guest printed:"
     sed -n '/@@GUEST-CMD-BEGIN@@/,/@@GUEST-EXIT/p' "$console" | sed 's/^/     | /'
@@ -169,7 +201,7 @@ EOF
     else
         echo "FAIL $name"; status=1
         tail -n 30 "$console"
-        tail -n 20 "/var/log/libvirt/qemu/$dom-fs0-virtiofsd.log" 2>/dev/null
+        tail -n 20 "$LOGS/$dom-fs0-virtiofsd.log" 2>/dev/null
     fi
 }
 
@@ -188,12 +220,27 @@ case " ${LIBVIRT_CHECK_VARIANTS:-} " in
     *" nolock "*) run_variant nolock "$DAEMON" " xattr='on'><cache mode='none'/><sandbox mode='chroot'/></binary>" "" yes ;;
 esac
 # <idmap> (libvirt >= 10: --uid-map/--gid-map), only when named: guest ids
-# 0.. are host ids IDMAP_BASE.. (the share and from-host are owned by mapped
-# ids); the daemon, started as root, confines itself to the maps
+# 0.. are host ids IDMAP_BASE.. (the share and from-host, guest 1234's, are
+# owned by mapped ids); the daemon, started as root, confines itself to the maps
 IDMAP_BASE=${LIBVIRT_CHECK_IDMAP_BASE:-400000}
 case " ${LIBVIRT_CHECK_VARIANTS:-} " in
     *" idmap "*) run_variant idmap "$WORK/trace-pyvirtiofsd" "/>" "" yes "
-      <idmap><uid start='0' target='$IDMAP_BASE' count='65536'/><gid start='0' target='$IDMAP_BASE' count='65536'/></idmap>" "$IDMAP_BASE" ;;
+      <idmap><uid start='0' target='$IDMAP_BASE' count='65536'/><gid start='0' target='$IDMAP_BASE' count='65536'/></idmap>" \
+        "$IDMAP_BASE" "$((IDMAP_BASE + 1234))" ;;
+esac
+# the session user's <idmap>, as libvirt itself would make it: guest 0 is
+# the user, guest 1.. its first /etc/subuid (subgid) range
+case " ${LIBVIRT_CHECK_VARIANTS:-} " in
+    *" session "*)
+        [ -n "$SESSION_USER" ] || die "variant session needs LIBVIRT_CHECK_SESSION_USER"
+        su=$(id -u "$SESSION_USER") sg=$(id -g "$SESSION_USER")
+        subu=$(awk -F: -v u="$SESSION_USER" '$1 == u { print $2; exit }' /etc/subuid)
+        subg=$(awk -F: -v u="$SESSION_USER" '$1 == u { print $2; exit }' /etc/subgid)
+        [ -n "$subu" ] && [ -n "$subg" ] || die "$SESSION_USER has no /etc/subuid or /etc/subgid range"
+        run_variant session "$DAEMON" "/>" "" any "
+      <idmap><uid start='0' target='$su' count='1'/><uid start='1' target='$subu' count='65536'/>
+        <gid start='0' target='$sg' count='1'/><gid start='1' target='$subg' count='65536'/></idmap>" \
+        "$su" "$((subu + 1233))" ;;
 esac
 
 echo "== every run of <binary path> (trace wrapper):"

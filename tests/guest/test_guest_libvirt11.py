@@ -10,9 +10,16 @@ and passes our long options: ``--fd``, ``--shared-dir``, ``--xattr``,
 ``--rlimit-nofile``. (It refuses ``<lock>`` for such a daemon, as for the
 Rust one: the options variant is run without it.) Each guest mounts the
 share, writes, reads back, reads a host file and sets an xattr; after
-``virsh destroy`` no daemon is left. Not covered: ``<idmap>`` (``--uid-map``,
-``--gid-map``) and the unprivileged session mode, which need ID mapping
-(not implemented: the daemon refuses those options).
+``virsh destroy`` no daemon is left.
+
+``<idmap>``: 11.3 appends ``--uid-map=:START:TARGET:COUNT:`` per ``<uid>``,
+then ``--gid-map=...`` per ``<gid>``. A system domain's daemon is started
+as root and confines itself to the maps (the Rust virtiofsd refuses them as
+root); in ``qemu:///session`` the ordinary user's own libvirtd starts QEMU
+and the daemon as that user (newuidmap/newgidmap write the maps). Either
+way guest root's new file is the mapped host id, a host file of a mapped
+id is the guest id, and ``virsh destroy`` leaves no daemon, socket file or
+bound socket.
 """
 
 from __future__ import annotations
@@ -107,3 +114,49 @@ def test_idmap_the_guest_sees_mapped_ids(idmap_check):
 
 def test_idmap_no_daemon_is_left_behind(idmap_check):
     assert idmap_check["left"] == []
+
+
+# ---------------------------------------------------------------------------
+# qemu:///session: the ordinary user pyvirtiofsd-idmap's own libvirtd 11.3
+# (scripts/setup.sh gives it /etc/subuid and /etc/subgid ranges) starts QEMU
+# and the daemon as that user, with the <idmap> libvirt would make itself:
+# guest 0 is the user, guest 1.. its subordinate ids
+
+SESSION_USER = "pyvirtiofsd-idmap"
+
+
+@pytest.fixture(scope="module")
+def session_check(installed, tmp_path_factory):
+    from tests.idmap_user import IdmapUser
+    user = IdmapUser()
+    root = platforms.ensure_libvirt11()
+    work = tmp_path_factory.mktemp("libvirt11-session")
+    env_sh = [str(REPO / "scripts" / "libvirt11-env.sh"), str(root), str(work / "state")]
+    result = run_libvirt_check(env_sh, ("session",), "libvirt 11.3 session", work, "/srv/pyvirtiofsd-check11",
+                               extra_env={"LIBVIRT_CHECK_SESSION_USER": SESSION_USER})
+    return {**result, "user": user}
+
+
+def test_session_the_users_libvirt_starts_the_daemon_with_the_maps(session_check):
+    out, user = session_check["out"], session_check["user"]
+    assert session_check["rc"] == 0 and "PASS session" in out, out[-6000:]
+    assert f"QEMU runs as {SESSION_USER} " in out, out[-4000:]
+    ran = re.findall(r"libvirt ran: (.*)", out)
+    assert len(ran) == 1, out[-4000:]
+    for option, own, sub in (("--uid-map", user.uid, user.subuid), ("--gid-map", user.gid, user.subgid)):
+        assert f"{option}=:0:{own}:1: {option}=:1:{sub}:65536:" in ran[0], ran
+
+
+def test_session_the_guest_sees_mapped_ids(session_check):
+    out, user = session_check["out"], session_check["user"]
+    assert "PASS session" in out, out[-6000:]
+    assert f"host sees from-guest as {user.uid}:{user.gid}" in out, "guest root is the user"
+    assert _guest_ls(out) == {"from-guest": (0, 0), "from-host": (1234, 1234)}, out[-4000:]
+
+
+def test_session_destroy_leaves_no_daemon_socket_or_fd(session_check):
+    out = session_check["out"]
+    running = re.search(r"before destroy: daemons=(\d+) bound-sockets=(\d+)", out)
+    assert running and int(running[1]) >= 1 and int(running[2]) >= 1, out[-4000:]
+    assert "after destroy: daemons=0 socket-files=0 bound-sockets=0" in out, out[-4000:]
+    assert session_check["left"] == []
