@@ -25,6 +25,7 @@ bound socket.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -87,6 +88,18 @@ def idmap_check(installed, tmp_path_factory):
                              extra_env={"LIBVIRT_CHECK_IDMAP_BASE": str(IDMAP_BASE)})
 
 
+def _still_ours() -> str:
+    """An assertion hint: the installed program is shared by everything on
+    the machine, and another run's ``apt-get install`` may replace it."""
+    for rel in ("daemon/startup.py", "daemon/sandbox/userns.py"):
+        try:
+            if (Path("/usr/lib/pyvirtiofsd") / rel).read_bytes() != (REPO / rel).read_bytes():
+                return f"(the installed {rel} is not this tree's: another run reinstalled the package)\n"
+        except OSError as e:
+            return f"(the installed {rel}: {e})\n"
+    return ""
+
+
 def _guest_ls(out: str) -> dict[str, tuple[int, int]]:
     """The guest's ``ls -ln /mnt`` lines: name -> (uid, gid)."""
     return {m[3]: (int(m[1]), int(m[2]))
@@ -95,7 +108,7 @@ def _guest_ls(out: str) -> dict[str, tuple[int, int]]:
 
 def test_idmap_libvirt_passes_the_maps_to_the_root_daemon(idmap_check):
     out = idmap_check["out"]
-    assert idmap_check["rc"] == 0 and "PASS idmap" in out, out[-6000:]
+    assert idmap_check["rc"] == 0 and "PASS idmap" in out, _still_ours() + out[-6000:]
     ran = re.findall(r"libvirt ran: (.*)", out)
     assert len(ran) == 1, out[-4000:]
     assert f"--uid-map=:0:{IDMAP_BASE}:65536:" in ran[0] and f"--gid-map=:0:{IDMAP_BASE}:65536:" in ran[0], ran
