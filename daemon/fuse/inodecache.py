@@ -19,6 +19,8 @@ import os
 import resource
 from typing import Callable
 
+from daemon.fds import close_fd
+from daemon.fds import close_fds as fds_close_fds
 from daemon.fuse.inodes import _SLOT_WORDS, HANDLE_MAX, InodeTable  # _SLOT_WORDS: fd() inlines generation()
 from daemon.fuse.request import FUSEError
 from daemon.log import get_logger
@@ -100,7 +102,7 @@ class InodeCache:
         # how reap() closes the fds of forgotten inodes: the session hands
         # them to a helper thread (the last close of an unlinked file frees
         # its blocks on the host, which can wait for the disk)
-        self._close_fds = close_fds or close_all
+        self._close_fds = close_fds or fds_close_fds
         self.max_fds = max_fds if use_handles and max_fds else 0  # 0: unbounded
         self.evicted = 0  # fds closed by the bound (for tests and the log)
         # nodeid -> a new O_PATH fd through an open file on it, or -1
@@ -129,11 +131,11 @@ class InodeCache:
     def clear(self) -> None:
         """Close every cached fd (DESTROY, worker exit)."""
         if self._mount_fd >= 0:
-            _close(self._mount_fd)
+            close_fd(self._mount_fd)
             self._mount_fd = -1
         fds, self._fds = self._fds, {}
         for _gen, fd in fds.values():
-            _close(fd)
+            close_fd(fd)
 
     # -- resolution ---------------------------------------------------------------
     def fd(self, nodeid: int) -> int:
@@ -154,7 +156,7 @@ class InodeCache:
     def _reopen(self, nodeid: int) -> int:
         old = self._fds.pop(nodeid, None)
         if old is not None:
-            _close(old[1])
+            close_fd(old[1])
         info = self.table.get(nodeid)
         if info is None or nodeid == 1:
             raise FUSEError(errno.ESTALE)
@@ -177,10 +179,10 @@ class InodeCache:
         try:
             st = os.fstat(fd)
         except OSError:
-            _close(fd)
+            close_fd(fd)
             raise
         if st.st_dev != dev or st.st_ino != ino or self.table.generation(nodeid) != gen:
-            _close(fd)
+            close_fd(fd)
             raise FUSEError(errno.ESTALE)
         self._fds[nodeid] = (gen, fd)
         return fd
@@ -200,7 +202,7 @@ class InodeCache:
         if fd < 0:
             return -1
         if table.owner(nodeid) != word:        # another owner meanwhile: maybe not its fd
-            _close(fd)
+            close_fd(fd)
             return -1
         return self._keep_copy(nodeid, gen, dev, ino, fd)   # the last to copy owns
 
@@ -219,11 +221,11 @@ class InodeCache:
         try:
             st = os.fstat(fd)
         except OSError:
-            _close(fd)
+            close_fd(fd)
             return -1
         table = self.table
         if st.st_dev != dev or st.st_ino != ino or table.generation(nodeid) != gen:
-            _close(fd)
+            close_fd(fd)
             return -1
         self._fds[nodeid] = (gen, fd)
         if self.peers is not None:
@@ -239,7 +241,7 @@ class InodeCache:
             st = os.fstat(fd)
             return self.adopt(fd, st)
         except BaseException:
-            _close(fd)
+            close_fd(fd)
             raise
 
     def adopt(self, fd: int, st: os.stat_result) -> tuple[int, int, os.stat_result]:
@@ -249,7 +251,7 @@ class InodeCache:
         nodeid, gen, inserted = self.table.ref(st.st_dev, st.st_ino,
                                                owner=peers.mine(fd) if peers is not None else 0)
         if nodeid == 1:
-            _close(fd)
+            close_fd(fd)
             return 1, 0, st
         if inserted and self._use_handles and st.st_dev == self._root_dev:
             handle = file_handle(fd)
@@ -258,9 +260,9 @@ class InodeCache:
         e = self._fds.get(nodeid)
         if e is not None:
             if e[0] == gen:
-                _close(fd)
+                close_fd(fd)
                 return nodeid, gen, st
-            _close(e[1])
+            close_fd(e[1])
         self._fds[nodeid] = (gen, fd)
         if not inserted and peers is not None and peers.shared:
             # the last worker to look an inode up owns it: an owner that
@@ -335,13 +337,3 @@ def inode_fd_budget(max_fds: int | None) -> int:
     return max(64, soft // 4)
 
 
-def close_all(fds: list[int]) -> None:
-    for fd in fds:
-        _close(fd)
-
-
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass

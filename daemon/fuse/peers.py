@@ -65,6 +65,7 @@ import socket
 import struct
 import time
 
+from daemon.fds import close_fds, recv_with_fds
 from daemon.log import get_logger
 
 log = get_logger("fuse.peers")
@@ -242,18 +243,18 @@ class Peers:
             except BlockingIOError:
                 continue
             if flags & socket.MSG_CTRUNC:
-                _close_all(fds)     # our RLIMIT_NOFILE: not the keeper's fault
+                close_fds(fds)     # our RLIMIT_NOFILE: not the keeper's fault
                 log.warning("cannot receive an open file from the keeper: no fd left (RLIMIT_NOFILE)")
                 return -1
             if len(data) != ANSWER.size or flags & socket.MSG_TRUNC or len(fds) > 1:
-                _close_all(fds)
+                close_fds(fds)
                 raise KeeperBroken(f"{len(data)} bytes, {len(fds)} fds")
             a_ident, a_seq, err = ANSWER.unpack(data)
             if a_seq < seq:             # the late answer to an ASK that timed out
-                _close_all(fds)
+                close_fds(fds)
                 continue
             if a_seq != seq or a_ident != ident or bool(err) == bool(fds):
-                _close_all(fds)
+                close_fds(fds)
                 raise KeeperBroken(f"slot {a_ident:#x} seq {a_seq} errno {err} with {len(fds)} fds "
                                    f"to ASK slot {ident:#x} seq {seq}")
             return fds[0] if fds else -1
@@ -339,24 +340,3 @@ def _send_waiting(sock: socket.socket, data: bytes, fd: int) -> None:
             elif now > deadline:
                 raise
             time.sleep(0.0005)
-
-
-def recv_with_fds(sock: socket.socket, size: int, maxfds: int, flags: int = 0) -> tuple[bytes, list[int], int]:
-    """(data, fds, msg_flags) of one message, the fds O_CLOEXEC. Not
-    socket.recv_fds: CPython 3.11's drops its flags argument."""
-    data, ancdata, msg_flags, _addr = sock.recvmsg(size, socket.CMSG_SPACE(maxfds * 4),
-                                                   flags | socket.MSG_CMSG_CLOEXEC)
-    fds: list[int] = []
-    for level, kind, cmsg in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.extend(int.from_bytes(cmsg[i:i + 4], "little", signed=True)
-                       for i in range(0, len(cmsg) - len(cmsg) % 4, 4))
-    return data, fds, msg_flags
-
-
-def _close_all(fds) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

@@ -67,7 +67,8 @@ from daemon.fuse.abi import Opcode
 from daemon.fuse.blocking import BlockingCalls
 from daemon.fuse.extensions import supp_groups
 from daemon.fuse.fs import Handler
-from daemon.fuse.inodecache import InodeCache, close_all, inode_fd_budget
+from daemon.fds import close_fds
+from daemon.fuse.inodecache import InodeCache, inode_fd_budget
 from daemon.fuse.inodes import InodeTable
 from daemon.fuse.request import DEFERRED, MAX_ARGS, MAX_DEFERRED, FUSEError, Request
 from daemon.virtio.iovec import IoVec
@@ -331,9 +332,9 @@ class FuseSession:
         can run."""
         assert self._blocking is not None     # the request role's cache calls this
         try:
-            self._blocking.submit(close_all, fds, notify=False)
+            self._blocking.submit(close_fds, fds, notify=False)
         except RuntimeError:
-            close_all(fds)
+            close_fds(fds)
 
     @property
     def wakeup_fd(self) -> int:

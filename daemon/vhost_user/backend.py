@@ -32,6 +32,7 @@ import stat
 from typing import Any, Callable
 
 from daemon import log
+from daemon.fds import close_fds
 from daemon.vhost_user import messages as m
 from daemon.vhost_user.messages import Request, VhostUserError
 from daemon.virtio.virtqueue import EVENT_IDX_SUPPORTED
@@ -588,12 +589,9 @@ def _replace_fd(old: int | None, new: int | None) -> int | None:
 
 
 def _close_fds(fds: list[int]) -> None:
-    while fds:
-        fd = fds.pop()
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    """Close and forget every fd of the list (it is left empty)."""
+    close_fds(fds)
+    fds.clear()
 
 
 def _reason(e: OSError) -> str:

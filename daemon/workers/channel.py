@@ -39,10 +39,11 @@ the supervisor sends nothing before it.
 from __future__ import annotations
 
 import enum
-import os
 import socket
 import struct
 from typing import Sequence
+
+from daemon.fds import close_fds, recv_with_fds
 
 MAX_FRAME = 4096
 MAX_FDS = 8
@@ -123,7 +124,7 @@ class Channel:
         """Receive one frame. Any malformed frame raises ChannelError, with
         every fd that came with it already closed."""
         try:
-            data, fds, flags, _ = socket.recv_fds(self.sock, MAX_FRAME, MAX_FDS)
+            data, fds, flags = recv_with_fds(self.sock, MAX_FRAME, MAX_FDS)
         except OSError as e:
             raise ChannelError(f"recv: {e.strerror}") from None
         try:
@@ -157,14 +158,6 @@ class Channel:
         if msg != Msg.ANSWER or len(payload) != ANSWER.size:
             raise ChannelError(f"expected ANSWER, got {msg.name}/{len(payload)}")
         return ANSWER.unpack(payload)
-
-
-def close_fds(fds) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def encode_mem_table(regions: list[tuple[int, int, int, int]]) -> bytes:

@@ -55,10 +55,11 @@ import sys
 from typing import NoReturn
 
 from daemon import log as daemon_log
+from daemon.fds import close_fd, close_fds, recv_with_fds
 from daemon.fuse.filetable import FileTable
-from daemon.fuse.peers import ANSWER, ASK, KEEP, owner_word, recv_with_fds
+from daemon.fuse.peers import ANSWER, ASK, KEEP, owner_word
 from daemon.sandbox import confine
-from daemon.workers.channel import Channel, ChannelError, Msg, close_fds
+from daemon.workers.channel import Channel, ChannelError, Msg
 
 log = daemon_log.get_logger("keeper")
 
@@ -172,7 +173,7 @@ class Keeper:
         try:
             reply = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=reply_fd)
         except OSError:         # not a socket (CPython asks getsockname)
-            _close(reply_fd)
+            close_fd(reply_fd)
             return
         try:
             if fd is None:
@@ -192,7 +193,7 @@ class Keeper:
         A copy already kept stays (a borrower may be copying it: it is
         closed only once the slot died); the second one is closed."""
         if ident in self.fds or not self.files.keep(ident, owner_word(self.serial, fd)):
-            _close(fd)          # a duplicate, or released before we got it
+            close_fd(fd)          # a duplicate, or released before we got it
             return
         self.fds[ident] = fd
 
@@ -205,17 +206,12 @@ class Keeper:
         live = self.files.live
         dead = [ident for ident in self.fds if not live(ident)]
         for ident in dead:
-            _close(self.fds.pop(ident))
+            close_fd(self.fds.pop(ident))
         return len(dead)
 
     def close(self) -> None:
         for fd in self.fds.values():
-            _close(fd)
+            close_fd(fd)
         self.fds = {}
 
 
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass

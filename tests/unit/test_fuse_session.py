@@ -15,8 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from daemon import fds
 from daemon.config import CacheMode, Config
-from daemon.fuse import abi, credentials, inodecache
+from daemon.fuse import abi, credentials
 from daemon.fuse.abi import InitFlag, Opcode, SetattrValid
 from daemon.fuse.inodes import InodeTable
 from daemon.fuse.request import DEFERRED, FUSEError
@@ -581,13 +582,13 @@ def test_forgotten_fds_are_closed_off_the_loop_thread(env, monkeypatch):
     nodeid = entry_nodeid(lookup(client, 1, "f").ok())
     os.unlink(share / "f")
     gate, closed_on = threading.Event(), []
-    real_close = inodecache._close
+    real_close = fds.close_fd
 
     def slow_close(fd):
         closed_on.append(threading.current_thread())
         gate.wait(10)
         real_close(fd)
-    monkeypatch.setattr(inodecache, "_close", slow_close)
+    monkeypatch.setattr(fds, "close_fd", slow_close)
     before = open_fd_count()
     client.forget(nodeid, 1)
     t0 = time.monotonic()
