@@ -29,9 +29,10 @@ def recv_with_fds(sock: socket.socket, size: int, maxfds: int, flags: int = 0) -
     """(data, fds, msg_flags) of one message, the fds O_CLOEXEC.
 
     Not ``socket.recv_fds``: CPython 3.11's ignores its flags argument, so
-    it cannot ask for MSG_CMSG_CLOEXEC. A truncated control message
-    (MSG_CTRUNC in msg_flags) still returns the fds that did arrive, for
-    the caller to close."""
+    it cannot ask for MSG_CMSG_CLOEXEC. Room is made for at least
+    ``maxfds`` (CMSG_SPACE's alignment may fit one more); a truncated
+    control message (MSG_CTRUNC in msg_flags) still returns the fds that
+    did arrive, for the caller to close (the kernel closed the rest)."""
     data, ancdata, msg_flags, _addr = sock.recvmsg(size, socket.CMSG_SPACE(maxfds * 4),
                                                    flags | socket.MSG_CMSG_CLOEXEC)
     fds: list[int] = []
