@@ -133,8 +133,7 @@ class WorkerLoop:
         self._deadlines: dict[Ring, float] = {}
         self._guest_log = RateLimitedLogger(log)
         self._queue_class = _queue_class()  # compiled or pure (docs/compiled.md)
-        # requests served whole in C, or None (fuse/fastpath.py)
-        self._fast = _fast_ops(session)
+        self.use_fast_ops(_fast_ops(session))
         self._handlers = {
             Msg.MEM_TABLE: self._on_mem_table,
             Msg.VRING_START: self._on_vring_start,
@@ -143,6 +142,19 @@ class WorkerLoop:
             Msg.SHUTDOWN: self._on_shutdown,
             Msg.PEER: self._on_peer,
         }
+
+    def use_fast_ops(self, fast) -> None:
+        """Serve requests whole in C with ``fast`` (fuse/fastpath.py's
+        FastOps, None: all in Python): its batch loop (stage 3) or its
+        ``serve(chain)`` (stage 2), as fastpath.batch_loop() says."""
+        self._fast = fast
+        self._fast_serve = self._fast_batch = None
+        if fast is not None:
+            from daemon.fuse import fastpath    # a worker: see _fast_ops
+            if fastpath.batch_loop():
+                self._fast_batch = fast.batch
+            else:
+                self._fast_serve = fast.serve
 
     # -- the loop ------------------------------------------------------------
     def run(self) -> int:
@@ -210,13 +222,26 @@ class WorkerLoop:
         if queue is None or ring.broken:
             return 0
         handle = self.session.handle
-        fast = self._fast
+        fast, batch = self._fast_serve, self._fast_batch
+        # stage 3: the core the C batch loop runs on (compiled.py), or None
+        core = getattr(queue, "core", None) if batch is not None else None
         push = queue.push  # bound once: the compiled core's own method (compiled.py)
         deferred = self._deferred
         words, popped = ring.words, ring.popped  # progress record (worker restart)
+        num = queue.num
         served = 0
         try:
             while True:
+                if core is not None:
+                    # C pops, serves, records and pushes what it can; n < 0:
+                    # it served -1 - n and the next chain is Python's
+                    n = batch(core, words, popped, num - served)
+                    if n >= 0:
+                        served += n
+                        if served == num:
+                            self._again.append(ring)
+                        break
+                    served += -1 - n
                 chain = queue.pop()
                 if chain is None:
                     break
@@ -234,7 +259,7 @@ class WorkerLoop:
                     push(chain.head, written)
                     chain.release()
                 served += 1
-                if served == queue.num:
+                if served == num:
                     self._again.append(ring)
                     break
         except VirtQueueError as e:
