@@ -63,6 +63,7 @@ import errno
 import os
 import select
 import time
+from typing import Callable
 
 from daemon.log import RateLimitedLogger, get_logger
 from daemon.virtio.memory import GuestMemory, GuestMemoryError
@@ -148,7 +149,8 @@ class WorkerLoop:
         FastOps, None: all in Python): its batch loop (stage 3) or its
         ``serve(chain)`` (stage 2), as fastpath.batch_loop() says."""
         self._fast = fast
-        self._fast_serve = self._fast_batch = None
+        self._fast_serve: Callable[[Chain], int] | None = None
+        self._fast_batch: Callable[[object, memoryview, memoryview, int], int] | None = None
         if fast is not None:
             from daemon.fuse import fastpath    # a worker: see _fast_ops
             if fastpath.batch_loop():
