@@ -226,7 +226,9 @@ class WorkerLoop:
         handle = self.session.handle
         fast, batch = self._fast_serve, self._fast_batch
         # stage 3: the core the C batch loop runs on (compiled.py), or None
-        core = getattr(queue, "core", None) if batch is not None else None
+        core = getattr(queue, "core", None)
+        if core is None:
+            batch = None
         push = queue.push  # bound once: the compiled core's own method (compiled.py)
         deferred = self._deferred
         words, popped = ring.words, ring.popped  # progress record (worker restart)
@@ -234,7 +236,7 @@ class WorkerLoop:
         served = 0
         try:
             while True:
-                if core is not None:
+                if batch is not None:
                     # C pops, serves, records and pushes what it can; n < 0:
                     # it served -1 - n and the next chain is Python's
                     n = batch(core, words, popped, num - served)
