@@ -591,7 +591,13 @@ static const struct vqcore_api *vq;
 static int load_vqcore(void)
 {
     if (vq == NULL) {
-        const struct vqcore_api *api = PyCapsule_Import(VQCORE_CAPSULE, 0);
+        /* the module as sys.modules has it (a test may load another build
+         * of it there), then its capsule */
+        PyObject *m = PyImport_ImportModule("daemon.virtio._vqcore");
+        PyObject *capsule = m ? PyObject_GetAttrString(m, "_C_API") : NULL;
+        const struct vqcore_api *api = capsule ? PyCapsule_GetPointer(capsule, VQCORE_CAPSULE) : NULL;
+        Py_XDECREF(capsule);
+        Py_XDECREF(m);
         if (api == NULL)
             return -1;
         if (api->version != VQCORE_API_VERSION) {
