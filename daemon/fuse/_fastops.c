@@ -50,6 +50,22 @@
  * readable buffers once (memcpy into locals) and only the copies are
  * checked and used; the reply is built in a local and copied into the
  * writable buffers, each write bounded by its buffer's length.
+ *
+ * Two ways in, one serving code (serve_req, on iovecs):
+ *   - serve(chain), stage 2: a Chain popped in Python; its memoryviews'
+ *     buffers become the iovecs;
+ *   - batch(core, words, popped, limit), stage 3, the worker loop's batch:
+ *     through _vqcore's C interface (its capsule, _vqcore_api.h) it peeks
+ *     at the next chain walked into C-side iovecs of the largest region
+ *     (every check of the Python walk; no Python object), serves it, and
+ *     only then takes it from the avail ring, records it in the ring's
+ *     progress record (progress.py: POPPED[(avail - 1) & 1023] = head,
+ *     AVAIL = avail) and pushes its used element; until the ring is
+ *     empty, limit chains are served, or the next chain is one it does
+ *     not serve (or cannot walk: malformed, a buffer elsewhere), which it
+ *     leaves untaken for the loop's VirtQueue.pop, so that Python serves
+ *     it, or reports the malformed chain, exactly as before. The session
+ *     state (meter, session word, caches) is looked up once per call.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -172,18 +188,39 @@ static int attr_ssize(PyObject *obj, PyObject *name, Py_ssize_t *out)
     return ok ? 0 : -1;
 }
 
-/* a 64-bit word of a shared u64 memoryview, read with one atomic load;
- * -1 if the view is gone or the index is outside it */
-static int load_word(PyObject *view, Py_ssize_t index, uint64_t *out)
-{
+/* a shared table of u64 words (InodeTable's or FileTable's memoryview),
+ * held for one serve or batch call */
+struct words {
     Py_buffer b;
-    if (PyObject_GetBuffer(view, &b, PyBUF_SIMPLE) < 0)
+    int held;
+};
+
+static int hold_words(PyObject *view, struct words *w)
+{
+    if (PyObject_GetBuffer(view, &w->b, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
         return -1;
-    int ok = index >= 0 && index < b.len / 8 && ((uintptr_t)b.buf & 7) == 0;
-    if (ok)
-        *out = __atomic_load_n((const uint64_t *)b.buf + index, __ATOMIC_RELAXED);
-    PyBuffer_Release(&b);
-    return ok ? 0 : -1;
+    }
+    w->held = 1;
+    return 0;
+}
+
+static void drop_words(struct words *w)
+{
+    if (w->held) {
+        PyBuffer_Release(&w->b);
+        w->held = 0;
+    }
+}
+
+/* word index of the table, read with one atomic load; -1 if the table is
+ * not held or the index is outside it */
+static int load_word(const struct words *w, Py_ssize_t index, uint64_t *out)
+{
+    if (!w->held || index < 0 || index >= w->b.len / 8 || ((uintptr_t)w->b.buf & 7))
+        return -1;
+    *out = __atomic_load_n((const uint64_t *)w->b.buf + index, __ATOMIC_RELAXED);
+    return 0;
 }
 
 /* one request's two parts as iovecs: C-side ones from a raw chain (the
@@ -201,7 +238,9 @@ struct state {
     Py_ssize_t mine;                /* session._session */
     Py_ssize_t root_fd;             /* session.cache.root_fd, -1 if none */
     PyObject *fds;                  /* session.cache._fds (dict) */
-    PyObject *handles, *fh_slots;   /* session.handles._handles (dict), ._slots */
+    PyObject *handles;              /* session.handles._handles (dict) */
+    struct words header, inodes;    /* InodeTable: its header, its slots */
+    struct words files;             /* session.handles._slots: the FileTable's */
 };
 
 static int state_init(FastOps *self, struct state *st)
@@ -220,14 +259,16 @@ static int state_init(FastOps *self, struct state *st)
         Py_CLEAR(st->fds);
     }
     /* no handle table (or not shaped like one): no fh is this worker's */
+    PyObject *slots = NULL;
     if ((handles = PyObject_GetAttr(self->session, s_handles)) == NULL
             || (st->handles = PyObject_GetAttr(handles, s_handles_dict)) == NULL || !PyDict_CheckExact(st->handles)
-            || (st->fh_slots = PyObject_GetAttr(handles, s_fh_slots)) == NULL) {
+            || (slots = PyObject_GetAttr(handles, s_fh_slots)) == NULL || hold_words(slots, &st->files) < 0) {
         PyErr_Clear();
         Py_CLEAR(st->handles);
-        Py_CLEAR(st->fh_slots);
     }
-    st->ready = 1;
+    Py_XDECREF(slots);
+    if (hold_words(self->header, &st->header) == 0 && hold_words(self->slots, &st->inodes) == 0)
+        st->ready = 1;
 out:
     Py_XDECREF(handles);
     Py_XDECREF(cache);
@@ -238,7 +279,9 @@ static void state_drop(struct state *st)
 {
     Py_CLEAR(st->fds);
     Py_CLEAR(st->handles);
-    Py_CLEAR(st->fh_slots);
+    drop_words(&st->header);
+    drop_words(&st->inodes);
+    drop_words(&st->files);
 }
 
 /* copy n bytes at stream offset off of iovecs into mem (read) or from mem
@@ -284,7 +327,7 @@ static int cached_fd(FastOps *self, const struct state *st, uint64_t nodeid)
             long long f = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 1));
             uint64_t now;
             if (!PyErr_Occurred() && f >= 0 && f <= INT32_MAX
-                    && load_word(self->slots, (Py_ssize_t)nodeid * self->slot_words, &now) == 0
+                    && load_word(&st->inodes, (Py_ssize_t)nodeid * self->slot_words, &now) == 0
                     && now == gen)
                 result = (int)f;
         }
@@ -311,7 +354,7 @@ static int open_fd(const struct state *st, uint64_t fh, Py_ssize_t *nodeid)
     uint64_t gen;
     if (handle != NULL && attr_ssize(handle, s_kind, &kind) == 0 && kind == KIND_FILE
             && attr_ssize(handle, s_fd, &fd) == 0 && fd >= 0 && fd <= INT32_MAX
-            && load_word(st->fh_slots, (Py_ssize_t)((fh & 0xFFFFFF) << 3), &gen) == 0 && gen == fh >> 24
+            && load_word(&st->files, (Py_ssize_t)((fh & 0xFFFFFF) << 3), &gen) == 0 && gen == fh >> 24
             && attr_ssize(handle, s_nodeid, nodeid) == 0)
         return (int)fd;
     return -1;
@@ -497,7 +540,7 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
     *opcode = (int)h.opcode;
     uint64_t current;
     if ((!st->ready && state_init(self, st) < 0) || st->ready < 0
-            || load_word(self->header, self->session_word, &current) < 0
+            || load_word(&st->header, self->session_word, &current) < 0
             || st->mine <= 0 || (uint64_t)st->mine != current)
         return NOT_HANDLED;
     if (h.opcode == OP_READ)

@@ -14,6 +14,11 @@
  * Lifetimes: a Core holds buffer exports of the ring views and of the hot
  * region's view; release() drops them and must run before the views are
  * released (fast.py's VirtQueue.release does that).
+ *
+ * The capsule _C_API (_vqcore_api.h) gives _fastops's batch loop the same
+ * walk into C-side iovecs (a raw chain) without taking the chain, then
+ * take and push: one walk (walk_into) serves both, its sink deciding
+ * whether buffers become Python views or iovecs.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
