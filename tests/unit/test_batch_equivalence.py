@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.fuse import abi
+from daemon.fuse import abi, fastpath
 from daemon.fuse.abi import Opcode
 from daemon.virtio import compiled, virtqueue
 from daemon.workers import progress as prog
@@ -342,3 +342,27 @@ def test_batch_stops_at_its_limit(rig):
     finally:
         q.release()
     assert fast.batch(q.core, words, popped, 8) == -1       # released: Python's pop raises
+
+
+@pytest.mark.parametrize("stage", ["", "2"])
+def test_the_loop_runs_the_batch_unless_told_stage_2(tmp_path, monkeypatch, stage):
+    """WorkerLoop on tests/perf/inproc.py's ring of 8 GETATTRs: the batch
+    loop by default (nothing popped in Python), FastOps.serve per chain
+    popped in Python with PYVIRTIOFSD_FASTOPS=2; C serves all 8 either way."""
+    from tests.perf import inproc
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYVIRTIOFSD_FASTOPS", stage)
+    loop, ring, vr, heads = inproc._build("getattr", 8, str(tmp_path))
+    try:
+        fast = fastpath.make(loop.session)
+        loop.use_fast_ops(fast)
+        assert (loop._fast_batch is None, loop._fast_serve is None) == ((True, False) if stage else (False, True))
+        pops = []
+        pop = type(ring.queue).pop
+        monkeypatch.setattr(type(ring.queue), "pop", lambda q: pops.append(1) or pop(q))
+        assert loop._serve(ring) == 8
+        assert sorted(vr.harvest()) == sorted(heads)
+        assert fast.served == 8
+        assert len(pops) == (9 if stage else 0)
+    finally:
+        inproc.close(loop, ring, vr)
