@@ -354,6 +354,12 @@ def test_the_loop_runs_the_batch_unless_told_stage_2(tmp_path, monkeypatch, stag
     monkeypatch.setenv("PYVIRTIOFSD_FASTOPS", stage)
     loop, ring, vr, heads = inproc._build("getattr", 8, str(tmp_path))
     try:
+        if not isinstance(ring.queue, compiled.CompiledVirtQueue):     # PYVIRTIOFSD_PURE=1 (make test-pure)
+            pure = ring.queue
+            qva = vr.mem.qva
+            ring.queue = compiled.CompiledVirtQueue(pure.mem, vr.num, qva(vr.desc_gpa), qva(vr.avail_gpa),
+                                                    qva(vr.used_gpa), pure.last_avail_idx, False)
+            pure.release()
         fast = fastpath.make(loop.session)
         loop.use_fast_ops(fast)
         assert (loop._fast_batch is None, loop._fast_serve is None) == ((True, False) if stage else (False, True))
