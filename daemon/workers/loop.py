@@ -29,7 +29,11 @@ A kick: drain the eventfd (before scanning, so no kick is lost), pop every
 available chain, hand it to the session, push the used element, publish
 once per batch, signal the call eventfd. At most ``num`` chains are taken
 per batch so a guest that keeps the ring full cannot starve the channel;
-the rest are served on the next turn without waiting for a kick.
+the rest are served on the next turn without waiting for a kick. With the
+compiled ops' batch loop (fuse/fastpath.py, stage 3), C pops, serves,
+records and pushes the GETATTRs and READs it serves, and the loop pops
+only the chains C leaves to it; the count, the cap, the publish and the
+call are the loop's either way.
 
 Deferred requests (a SETLKW that must wait, an fsync running on a helper
 thread): the session keeps the chain (the token is the ``Chain`` itself)
