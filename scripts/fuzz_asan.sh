@@ -32,7 +32,7 @@ for SRC in daemon/virtio/_vqcore.c daemon/fuse/_fastops.c; do
   SO="$OUT/$(basename "$SRC" .c)$SUFFIX"
   clang -shared -fPIC -O1 -g -fno-omit-frame-pointer -std=gnu11 -fno-strict-aliasing \
     -fsanitize=address,undefined,fuzzer-no-link -fno-sanitize-recover=all \
-    -I"$INC" "$SRC" -o "$SO"
+    -I"$INC" -Idaemon/virtio "$SRC" -o "$SO"
   echo "fuzz-asan: built $SO"
   EXTS+=(--extension "$SO")
 done
@@ -46,6 +46,7 @@ if [ "${1:-}" = "--equivalence" ]; then
   # the equivalence property tests (compiled vs pure) over the sanitized builds
   shift
   exec "$PY" -m tests.fuzz.with_extensions "${EXTS[@]}" -- -q \
-    tests/unit/test_compiled_equivalence.py tests/unit/test_fastops_equivalence.py "$@"
+    tests/unit/test_compiled_equivalence.py tests/unit/test_fastops_equivalence.py \
+    tests/unit/test_batch_equivalence.py "$@"
 fi
 exec "$PY" -m tests.fuzz.fuzz_chain_fuse --engine atheris "${EXTS[@]}" "$@"

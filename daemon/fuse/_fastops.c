@@ -50,6 +50,22 @@
  * readable buffers once (memcpy into locals) and only the copies are
  * checked and used; the reply is built in a local and copied into the
  * writable buffers, each write bounded by its buffer's length.
+ *
+ * Two ways in, one serving code (serve_req, on iovecs):
+ *   - serve(chain), stage 2: a Chain popped in Python; its memoryviews'
+ *     buffers become the iovecs;
+ *   - batch(core, words, popped, limit), stage 3, the worker loop's batch:
+ *     through _vqcore's C interface (its capsule, _vqcore_api.h) it peeks
+ *     at the next chain walked into C-side iovecs of the largest region
+ *     (every check of the Python walk; no Python object), serves it, and
+ *     only then takes it from the avail ring, records it in the ring's
+ *     progress record (progress.py: POPPED[(avail - 1) & 1023] = head,
+ *     AVAIL = avail) and pushes its used element; until the ring is
+ *     empty, limit chains are served, or the next chain is one it does
+ *     not serve (or cannot walk: malformed, a buffer elsewhere), which it
+ *     leaves untaken for the loop's VirtQueue.pop, so that Python serves
+ *     it, or reports the malformed chain, exactly as before. The session
+ *     state (meter, session word, caches) is looked up once per call.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -60,6 +76,8 @@
 #include <sys/sysmacros.h>
 #include <sys/uio.h>
 #include <time.h>
+
+#include "_vqcore_api.h"
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "FUSE structs are little-endian here: little-endian hosts only"
@@ -170,58 +188,119 @@ static int attr_ssize(PyObject *obj, PyObject *name, Py_ssize_t *out)
     return ok ? 0 : -1;
 }
 
-/* a 64-bit word of a shared u64 memoryview, read with one atomic load;
- * -1 if the view is gone or the index is outside it */
-static int load_word(PyObject *view, Py_ssize_t index, uint64_t *out)
-{
+/* a shared table of u64 words (InodeTable's or FileTable's memoryview),
+ * held for one serve or batch call */
+struct words {
     Py_buffer b;
-    if (PyObject_GetBuffer(view, &b, PyBUF_SIMPLE) < 0)
-        return -1;
-    int ok = index >= 0 && index < b.len / 8 && ((uintptr_t)b.buf & 7) == 0;
-    if (ok)
-        *out = __atomic_load_n((const uint64_t *)b.buf + index, __ATOMIC_RELAXED);
-    PyBuffer_Release(&b);
-    return ok ? 0 : -1;
-}
+    int held;
+};
 
-/* (views list, size) of an IoVec; -1 if it is not shaped like one */
-static int iovec_parts(PyObject *iov, PyObject **views, Py_ssize_t *size)
+static int hold_words(PyObject *view, struct words *w)
 {
-    if (attr_ssize(iov, s_size, size) < 0)
-        return -1;
-    *views = PyObject_GetAttr(iov, s_views);
-    if (*views == NULL)
-        return -1;
-    if (!PyList_CheckExact(*views)) {
-        Py_CLEAR(*views);
+    if (PyObject_GetBuffer(view, &w->b, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
         return -1;
     }
+    w->held = 1;
     return 0;
 }
 
-/* copy n bytes at stream offset off of a list of buffers into dst (read) or
- * from src into them (write); -1 if the buffers run out, one is not
- * writable, or is not a buffer */
-static int stream_copy(PyObject *views, Py_ssize_t off, void *mem, Py_ssize_t n, int write)
+static void drop_words(struct words *w)
+{
+    if (w->held) {
+        PyBuffer_Release(&w->b);
+        w->held = 0;
+    }
+}
+
+/* word index of the table, read with one atomic load; -1 if the table is
+ * not held or the index is outside it */
+static int load_word(const struct words *w, Py_ssize_t index, uint64_t *out)
+{
+    if (!w->held || index < 0 || index >= w->b.len / 8 || ((uintptr_t)w->b.buf & 7))
+        return -1;
+    *out = __atomic_load_n((const uint64_t *)w->b.buf + index, __ATOMIC_RELAXED);
+    return 0;
+}
+
+/* one request's two parts as iovecs: C-side ones from a raw chain (the
+ * batch loop) or the buffers of a Chain's memoryviews (serve) */
+struct req {
+    const struct iovec *r, *w;
+    int nr, nw;
+    Py_ssize_t rsize, wsize;
+};
+
+/* what serving needs of the session, looked up once per serve or batch
+ * call, when the first request gets that far (new references or NULL) */
+struct state {
+    int ready;
+    Py_ssize_t mine;                /* session._session */
+    Py_ssize_t root_fd;             /* session.cache.root_fd, -1 if none */
+    PyObject *fds;                  /* session.cache._fds (dict) */
+    PyObject *handles;              /* session.handles._handles (dict) */
+    struct words header, inodes;    /* InodeTable: its header, its slots */
+    struct words files;             /* session.handles._slots: the FileTable's */
+};
+
+static int state_init(FastOps *self, struct state *st)
+{
+    PyObject *cache = NULL, *handles = NULL;
+    st->ready = -1;
+    if (attr_ssize(self->session, s_session, &st->mine) < 0 || (cache = PyObject_GetAttr(self->session, s_cache)) == NULL)
+        goto out;
+    if (attr_ssize(cache, s_root_fd, &st->root_fd) < 0 || st->root_fd < 0 || st->root_fd > INT32_MAX) {
+        PyErr_Clear();
+        st->root_fd = -1;
+    }
+    st->fds = PyObject_GetAttr(cache, s_fds);
+    if (st->fds == NULL || !PyDict_CheckExact(st->fds)) {
+        PyErr_Clear();
+        Py_CLEAR(st->fds);
+    }
+    /* no handle table (or not shaped like one): no fh is this worker's */
+    PyObject *slots = NULL;
+    if ((handles = PyObject_GetAttr(self->session, s_handles)) == NULL
+            || (st->handles = PyObject_GetAttr(handles, s_handles_dict)) == NULL || !PyDict_CheckExact(st->handles)
+            || (slots = PyObject_GetAttr(handles, s_fh_slots)) == NULL || hold_words(slots, &st->files) < 0) {
+        PyErr_Clear();
+        Py_CLEAR(st->handles);
+    }
+    Py_XDECREF(slots);
+    if (hold_words(self->header, &st->header) == 0 && hold_words(self->slots, &st->inodes) == 0)
+        st->ready = 1;
+out:
+    Py_XDECREF(handles);
+    Py_XDECREF(cache);
+    return st->ready;
+}
+
+static void state_drop(struct state *st)
+{
+    Py_CLEAR(st->fds);
+    Py_CLEAR(st->handles);
+    drop_words(&st->header);
+    drop_words(&st->inodes);
+    drop_words(&st->files);
+}
+
+/* copy n bytes at stream offset off of iovecs into mem (read) or from mem
+ * into them (write); -1 if the iovecs run out */
+static int iov_copy(const struct iovec *iov, int count, Py_ssize_t off, void *mem, Py_ssize_t n, int write)
 {
     char *p = mem;
-    Py_ssize_t count = PyList_GET_SIZE(views);
-    for (Py_ssize_t i = 0; i < count && n > 0; i++) {
-        Py_buffer b;
-        if (PyObject_GetBuffer(PyList_GET_ITEM(views, i), &b, write ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0)
-            return -1;
-        if (off >= b.len) {
-            off -= b.len;
-            PyBuffer_Release(&b);
+    for (int i = 0; i < count && n > 0; i++) {
+        Py_ssize_t len = (Py_ssize_t)iov[i].iov_len;
+        if (off >= len) {
+            off -= len;
             continue;
         }
-        Py_ssize_t k = b.len - off < n ? b.len - off : n;
+        Py_ssize_t k = len - off < n ? len - off : n;
         if (write)
-            memcpy((char *)b.buf + off, p, (size_t)k);
+            memcpy((char *)iov[i].iov_base + off, p, (size_t)k);
         else
-            memcpy(p, (const char *)b.buf + off, (size_t)k);
+            memcpy(p, (const char *)iov[i].iov_base + off, (size_t)k);
         __asm__ volatile("" ::: "memory");  /* the copy is what we use, never a re-read */
-        PyBuffer_Release(&b);
         p += k;
         n -= k;
         off = 0;
@@ -232,40 +311,54 @@ static int stream_copy(PyObject *views, Py_ssize_t off, void *mem, Py_ssize_t n,
 /* the O_PATH fd this worker holds for a live nodeid, -1 if it holds none
  * (InodeCache.fd: the root, or a cached fd whose generation still matches;
  * anything else, Python reopens or answers ESTALE) */
-static int cached_fd(FastOps *self, PyObject *cache, uint64_t nodeid)
+static int cached_fd(FastOps *self, const struct state *st, uint64_t nodeid)
 {
-    Py_ssize_t fd;
-    if (nodeid == 1) {
-        if (attr_ssize(cache, s_root_fd, &fd) < 0 || fd < 0 || fd > INT32_MAX)
-            return -1;
-        return (int)fd;
-    }
-    if (nodeid == 0 || nodeid > (uint64_t)(PY_SSIZE_T_MAX / self->slot_words))
-        return -1;
-    PyObject *fds = PyObject_GetAttr(cache, s_fds);
-    if (fds == NULL)
+    if (nodeid == 1)
+        return (int)st->root_fd;
+    if (nodeid == 0 || nodeid > (uint64_t)(PY_SSIZE_T_MAX / self->slot_words) || st->fds == NULL)
         return -1;
     int result = -1;
     PyObject *key = PyLong_FromUnsignedLongLong(nodeid);
-    if (key != NULL && PyDict_CheckExact(fds)) {
-        PyObject *e = PyDict_GetItemWithError(fds, key);   /* borrowed */
+    if (key != NULL) {
+        PyObject *e = PyDict_GetItemWithError(st->fds, key);   /* borrowed */
         if (e != NULL && PyTuple_CheckExact(e) && PyTuple_GET_SIZE(e) == 2
                 && PyLong_CheckExact(PyTuple_GET_ITEM(e, 0)) && PyLong_CheckExact(PyTuple_GET_ITEM(e, 1))) {
             unsigned long long gen = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(e, 0));
             long long f = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 1));
             uint64_t now;
             if (!PyErr_Occurred() && f >= 0 && f <= INT32_MAX
-                    && load_word(self->slots, (Py_ssize_t)nodeid * self->slot_words, &now) == 0
+                    && load_word(&st->inodes, (Py_ssize_t)nodeid * self->slot_words, &now) == 0
                     && now == gen)
                 result = (int)f;
         }
     }
     Py_XDECREF(key);
-    Py_DECREF(fds);
     return result;
 }
 
-static int open_fd(PyObject *session, uint64_t fh, Py_ssize_t *nodeid);
+/* the host fd of the live open file fh this worker holds, -1 if it holds
+ * none (HandleTable.get's fast case: its OpenHandle of kind file whose
+ * generation matches the shared FileTable's slot word; anything else,
+ * Python copies it from another worker or answers EBADF); *nodeid: the
+ * nodeid it was opened on */
+static int open_fd(const struct state *st, uint64_t fh, Py_ssize_t *nodeid)
+{
+    if (st->handles == NULL)
+        return -1;
+    PyObject *key = PyLong_FromUnsignedLongLong(fh);
+    if (key == NULL)
+        return -1;
+    PyObject *handle = PyDict_GetItemWithError(st->handles, key);     /* borrowed */
+    Py_DECREF(key);
+    Py_ssize_t kind, fd;
+    uint64_t gen;
+    if (handle != NULL && attr_ssize(handle, s_kind, &kind) == 0 && kind == KIND_FILE
+            && attr_ssize(handle, s_fd, &fd) == 0 && fd >= 0 && fd <= INT32_MAX
+            && load_word(&st->files, (Py_ssize_t)((fh & 0xFFFFFF) << 3), &gen) == 0 && gen == fh >> 24
+            && attr_ssize(handle, s_nodeid, nodeid) == 0)
+        return (int)fd;
+    return -1;
+}
 
 /* replies.rdev32: the kernel's new_encode_dev() */
 static uint32_t rdev32(dev_t rdev)
@@ -280,9 +373,17 @@ static int reply_errno(int err)
     return err > 0 && err < 4096 ? err : EIO;
 }
 
+/* an error reply; *error: its errno */
+static Py_ssize_t error_reply(const struct req *q, uint64_t unique, int err, int *error)
+{
+    *error = reply_errno(err);
+    struct out_header o = {OUT_HEADER, -*error, unique};
+    return iov_copy(q->w, q->nw, 0, &o, OUT_HEADER, 1) < 0 ? NOT_HANDLED : OUT_HEADER;
+}
+
 /* GETATTR; NOT_HANDLED or the bytes written; *error: the reply's errno (0: success) */
-static Py_ssize_t fast_getattr(FastOps *self, PyObject *readable, PyObject *writable,
-                               const struct in_header *h, PyObject *cache, int *error)
+static Py_ssize_t fast_getattr(FastOps *self, const struct state *st, const struct req *q,
+                               const struct in_header *h, int *error)
 {
     Py_ssize_t nargs = (Py_ssize_t)h->len - IN_HEADER;
     if (h->total_extlen || nargs > MAX_ARGS)
@@ -290,132 +391,83 @@ static Py_ssize_t fast_getattr(FastOps *self, PyObject *readable, PyObject *writ
     int fd = -1;
     if (nargs >= GETATTR_IN) {
         struct { uint32_t flags, dummy; uint64_t fh; } a;   /* fuse_getattr_in */
-        if (stream_copy(readable, IN_HEADER, &a, sizeof a, 0) < 0)
+        if (iov_copy(q->r, q->nr, IN_HEADER, &a, sizeof a, 0) < 0)
             return NOT_HANDLED;
         if (a.flags & GETATTR_FH) {
             Py_ssize_t of;
-            fd = open_fd(self->session, a.fh, &of);
+            fd = open_fd(st, a.fh, &of);
             if (fd < 0 || of < 0 || (uint64_t)of != h->nodeid)
                 return NOT_HANDLED;
         }
     }
     if (fd < 0)
-        fd = cached_fd(self, cache, h->nodeid);
+        fd = cached_fd(self, st, h->nodeid);
     if (fd < 0)
         return NOT_HANDLED;
-    struct stat st;
+    struct stat s;
     struct attr_reply r;
     memset(&r, 0, sizeof r);
     r.unique = h->unique;
     int rc, err;
     Py_BEGIN_ALLOW_THREADS
-    rc = fstat(fd, &st);
+    rc = fstat(fd, &s);
     err = errno;
     Py_END_ALLOW_THREADS
-    if (rc != 0) {
-        r.len = OUT_HEADER;
-        *error = reply_errno(err);
-        r.error = -*error;
-        return stream_copy(writable, 0, &r, OUT_HEADER, 1) < 0 ? NOT_HANDLED : OUT_HEADER;
-    }
+    if (rc != 0)
+        return error_reply(q, h->unique, err, error);
     /* what struct.pack would refuse (Python answers EIO): leave it to Python */
-    if (st.st_size < 0 || st.st_blocks < 0 || st.st_blksize < 0 || (uint64_t)st.st_blksize > UINT32_MAX)
+    if (s.st_size < 0 || s.st_blocks < 0 || s.st_blksize < 0 || (uint64_t)s.st_blksize > UINT32_MAX)
         return NOT_HANDLED;
     r.len = sizeof r;
     r.attr_valid = self->attr_sec;
     r.attr_valid_nsec = self->attr_nsec;
-    r.ino = st.st_ino;
-    r.size = (uint64_t)st.st_size;
-    r.blocks = (uint64_t)st.st_blocks;
-    r.atime = (uint64_t)st.st_atim.tv_sec;     /* times before 1970 wrap, as in Python */
-    r.mtime = (uint64_t)st.st_mtim.tv_sec;
-    r.ctime = (uint64_t)st.st_ctim.tv_sec;
-    r.atimensec = (uint32_t)st.st_atim.tv_nsec;
-    r.mtimensec = (uint32_t)st.st_mtim.tv_nsec;
-    r.ctimensec = (uint32_t)st.st_ctim.tv_nsec;
-    r.mode = st.st_mode;
-    r.nlink = st.st_nlink <= UINT32_MAX ? (uint32_t)st.st_nlink : UINT32_MAX;
-    r.uid = st.st_uid;
-    r.gid = st.st_gid;
-    r.rdev = st.st_rdev ? rdev32(st.st_rdev) : 0;
-    r.blksize = (uint32_t)st.st_blksize;
-    return stream_copy(writable, 0, &r, sizeof r, 1) < 0 ? NOT_HANDLED : (Py_ssize_t)sizeof r;
-}
-
-/* an error reply; *error: its errno */
-static Py_ssize_t error_reply(PyObject *writable, uint64_t unique, int err, int *error)
-{
-    *error = reply_errno(err);
-    struct out_header o = {OUT_HEADER, -*error, unique};
-    return stream_copy(writable, 0, &o, OUT_HEADER, 1) < 0 ? NOT_HANDLED : OUT_HEADER;
-}
-
-/* the host fd of the live open file fh this worker holds, -1 if it holds
- * none (HandleTable.get's fast case: its OpenHandle of kind file whose
- * generation matches the shared FileTable's slot word; anything else,
- * Python copies it from another worker or answers EBADF); *nodeid: the
- * nodeid it was opened on */
-static int open_fd(PyObject *session, uint64_t fh, Py_ssize_t *nodeid)
-{
-    int result = -1;
-    PyObject *handles = PyObject_GetAttr(session, s_handles), *dict = NULL, *slots = NULL, *key = NULL;
-    if (handles == NULL || (dict = PyObject_GetAttr(handles, s_handles_dict)) == NULL
-            || (slots = PyObject_GetAttr(handles, s_fh_slots)) == NULL || !PyDict_CheckExact(dict)
-            || (key = PyLong_FromUnsignedLongLong(fh)) == NULL)
-        goto out;
-    PyObject *handle = PyDict_GetItemWithError(dict, key);     /* borrowed */
-    Py_ssize_t kind, fd;
-    uint64_t gen;
-    if (handle != NULL && attr_ssize(handle, s_kind, &kind) == 0 && kind == KIND_FILE
-            && attr_ssize(handle, s_fd, &fd) == 0 && fd >= 0 && fd <= INT32_MAX
-            && load_word(slots, (Py_ssize_t)((fh & 0xFFFFFF) << 3), &gen) == 0 && gen == fh >> 24
-            && attr_ssize(handle, s_nodeid, nodeid) == 0)
-        result = (int)fd;
-out:
-    Py_XDECREF(key);
-    Py_XDECREF(slots);
-    Py_XDECREF(dict);
-    Py_XDECREF(handles);
-    return result;
+    r.ino = s.st_ino;
+    r.size = (uint64_t)s.st_size;
+    r.blocks = (uint64_t)s.st_blocks;
+    r.atime = (uint64_t)s.st_atim.tv_sec;     /* times before 1970 wrap, as in Python */
+    r.mtime = (uint64_t)s.st_mtim.tv_sec;
+    r.ctime = (uint64_t)s.st_ctim.tv_sec;
+    r.atimensec = (uint32_t)s.st_atim.tv_nsec;
+    r.mtimensec = (uint32_t)s.st_mtim.tv_nsec;
+    r.ctimensec = (uint32_t)s.st_ctim.tv_nsec;
+    r.mode = s.st_mode;
+    r.nlink = s.st_nlink <= UINT32_MAX ? (uint32_t)s.st_nlink : UINT32_MAX;
+    r.uid = s.st_uid;
+    r.gid = s.st_gid;
+    r.rdev = s.st_rdev ? rdev32(s.st_rdev) : 0;
+    r.blksize = (uint32_t)s.st_blksize;
+    return iov_copy(q->w, q->nw, 0, &r, sizeof r, 1) < 0 ? NOT_HANDLED : (Py_ssize_t)sizeof r;
 }
 
 /* READ (files.do_read): preadv(2) straight into the writable buffers after
  * the 16-byte header; NOT_HANDLED or the bytes written */
-static Py_ssize_t fast_read(PyObject *session, PyObject *readable, PyObject *writable, Py_ssize_t wsize,
-                            const struct in_header *h, int *error)
+static Py_ssize_t fast_read(const struct state *st, const struct req *q, const struct in_header *h, int *error)
 {
     Py_ssize_t nargs = (Py_ssize_t)h->len - IN_HEADER;
     struct read_in a;
     if (h->total_extlen || nargs > MAX_ARGS || nargs < READ_IN
-            || stream_copy(readable, IN_HEADER, &a, sizeof a, 0) < 0 || a.offset > (uint64_t)INT64_MAX)
+            || iov_copy(q->r, q->nr, IN_HEADER, &a, sizeof a, 0) < 0 || a.offset > (uint64_t)INT64_MAX)
         return NOT_HANDLED;
     Py_ssize_t of;
-    int fd = open_fd(session, a.fh, &of);
+    int fd = open_fd(st, a.fh, &of);
     if (fd < 0)
         return NOT_HANDLED;
     Py_ssize_t size = a.size < MAX_IO_SIZE ? (Py_ssize_t)a.size : MAX_IO_SIZE;
-    if (size > wsize - OUT_HEADER)
-        size = wsize - OUT_HEADER;
+    if (size > q->wsize - OUT_HEADER)
+        size = q->wsize - OUT_HEADER;
     struct iovec iov[FAST_IOV_MAX];
     int n = 0;
-    Py_ssize_t off = OUT_HEADER, want = size, count = PyList_GET_SIZE(writable);
-    for (Py_ssize_t i = 0; i < count && want > 0; i++) {
-        PyObject *v = PyList_GET_ITEM(writable, i);
-        /* the chain's memoryviews stay alive and unreleased during the call
-         * (only this thread releases them, after the push) */
-        if (!PyMemoryView_Check(v) || (((PyMemoryViewObject *)v)->flags & _Py_MEMORYVIEW_RELEASED))
-            return NOT_HANDLED;
-        Py_buffer *b = PyMemoryView_GET_BUFFER(v);
-        if (b->readonly || !PyBuffer_IsContiguous(b, 'C'))
-            return NOT_HANDLED;
-        if (off >= b->len) {
-            off -= b->len;
+    Py_ssize_t off = OUT_HEADER, want = size;
+    for (int i = 0; i < q->nw && want > 0; i++) {
+        Py_ssize_t len = (Py_ssize_t)q->w[i].iov_len;
+        if (off >= len) {
+            off -= len;
             continue;
         }
         if (n == FAST_IOV_MAX)
             return NOT_HANDLED;
-        Py_ssize_t k = b->len - off < want ? b->len - off : want;
-        iov[n].iov_base = (char *)b->buf + off;
+        Py_ssize_t k = len - off < want ? len - off : want;
+        iov[n].iov_base = (char *)q->w[i].iov_base + off;
         iov[n].iov_len = (size_t)k;
         n++;
         want -= k;
@@ -434,9 +486,9 @@ static Py_ssize_t fast_read(PyObject *session, PyObject *readable, PyObject *wri
         Py_END_ALLOW_THREADS
     }
     if (got < 0)
-        return error_reply(writable, h->unique, err, error);
+        return error_reply(q, h->unique, err, error);
     struct out_header o = {(uint32_t)(OUT_HEADER + got), 0, h->unique};
-    return stream_copy(writable, 0, &o, OUT_HEADER, 1) < 0 ? NOT_HANDLED : OUT_HEADER + (Py_ssize_t)got;
+    return iov_copy(q->w, q->nw, 0, &o, OUT_HEADER, 1) < 0 ? NOT_HANDLED : OUT_HEADER + (Py_ssize_t)got;
 }
 
 /* one word of the slot plus n: a plain load and store (this thread is the
@@ -450,9 +502,9 @@ static void add(uint64_t *w, Py_ssize_t i, uint64_t n)
  * requests, latency (sum and bucket: the first bound at or above it),
  * its errno (0 for one at or above errno_slots) or the data bytes READ
  * replied */
-static void count(struct meter *m, const struct op_words *op, const struct timespec *start, int error,
-                  Py_ssize_t data)
+static void count(struct meter *m, int opcode, const struct timespec *start, int error, Py_ssize_t written)
 {
+    const struct op_words *op = opcode == OP_READ ? &m->read : &m->getattr;
     struct timespec end;
     clock_gettime(CLOCK_MONOTONIC, &end);
     int64_t ns = (int64_t)(end.tv_sec - start->tv_sec) * 1000000000 + (end.tv_nsec - start->tv_nsec);
@@ -465,60 +517,97 @@ static void count(struct meter *m, const struct op_words *op, const struct times
     add(m->w, op->buckets + bucket, 1);
     if (error)
         add(m->w, op->errors + (error < m->errno_slots ? error : 0), 1);
-    else if (data > 0)
-        add(m->w, m->bytes_read, (uint64_t)data);
+    else if (opcode == OP_READ && written > OUT_HEADER)
+        add(m->w, m->bytes_read, (uint64_t)(written - OUT_HEADER));
 }
 
-/* the checks every fast op shares (FuseSession._handle's, in its order);
- * NOT_HANDLED or the bytes written */
+/* one request, with the checks every fast op shares (FuseSession._handle's,
+ * in its order); NOT_HANDLED (nothing written) or the bytes written;
+ * *opcode and *error (the reply's errno, 0: success) for counting */
+static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q, int *opcode, int *error)
+{
+    *error = 0;
+    /* the driver's layout: the whole header in the first buffer */
+    if (q->rsize < IN_HEADER || q->nr == 0 || q->r[0].iov_len < IN_HEADER)
+        return NOT_HANDLED;
+    struct in_header h;
+    memcpy(&h, q->r[0].iov_base, sizeof h);
+    __asm__ volatile("" : "+m"(h));   /* the copy, never guest memory again */
+    if (h.len != (uint64_t)q->rsize || q->wsize < OUT_HEADER)
+        return NOT_HANDLED;
+    if (h.opcode == OP_GETATTR ? q->wsize < OUT_HEADER + ATTR_OUT : !(h.opcode == OP_READ && self->reads))
+        return NOT_HANDLED;
+    *opcode = (int)h.opcode;
+    uint64_t current;
+    if ((!st->ready && state_init(self, st) < 0) || st->ready < 0
+            || load_word(&st->header, self->session_word, &current) < 0
+            || st->mine <= 0 || (uint64_t)st->mine != current)
+        return NOT_HANDLED;
+    if (h.opcode == OP_READ)
+        return fast_read(st, q, &h, error);
+    return fast_getattr(self, st, q, &h, error);
+}
+
+/* a Chain's IoVec as iovecs over its memoryviews' buffers (alive and
+ * unreleased while serve runs: only this thread releases them, after the
+ * push): the count, or -1 if it is not shaped like one or has more views
+ * than cap; *size: its size */
+static int iovec_parts(PyObject *iov, struct iovec *out, int cap, int writable, Py_ssize_t *size)
+{
+    int n = -1;
+    PyObject *views = NULL;
+    if (attr_ssize(iov, s_size, size) < 0 || (views = PyObject_GetAttr(iov, s_views)) == NULL
+            || !PyList_CheckExact(views) || PyList_GET_SIZE(views) > cap)
+        goto out;
+    Py_ssize_t count = PyList_GET_SIZE(views);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *v = PyList_GET_ITEM(views, i);
+        if (!PyMemoryView_Check(v) || (((PyMemoryViewObject *)v)->flags & _Py_MEMORYVIEW_RELEASED))
+            goto out;
+        Py_buffer *b = PyMemoryView_GET_BUFFER(v);
+        if ((writable && b->readonly) || !PyBuffer_IsContiguous(b, 'C'))
+            goto out;
+        out[i].iov_base = b->buf;
+        out[i].iov_len = (size_t)b->len;
+    }
+    n = (int)count;
+out:
+    Py_XDECREF(views);
+    return n;
+}
+
+/* the session's meter is one C counts for: 1 with a meter, 0 without; -1
+ * if it is another (Python serves and counts) */
+static int metered(FastOps *self)
+{
+    PyObject *meter = PyObject_GetAttr(self->session, s_meter);
+    int rc = meter == NULL ? -1 : meter == Py_None ? 0 : meter == self->meter ? 1 : -1;
+    Py_XDECREF(meter);
+    return rc;
+}
+
+/* stage 2: one popped Chain; NOT_HANDLED or the bytes written */
 static Py_ssize_t serve(FastOps *self, PyObject *chain)
 {
-    Py_ssize_t result = NOT_HANDLED, rsize, wsize, mine;
-    PyObject *readable = NULL, *writable = NULL, *rviews = NULL, *wviews = NULL, *cache = NULL;
-    int error = 0, counting = 0;
+    Py_ssize_t result = NOT_HANDLED;
+    PyObject *readable = NULL, *writable = NULL;
+    struct iovec r[VQ_RAW_READABLE], w[VQ_RAW_WRITABLE];
+    struct req q = {r, w, 0, 0, 0, 0};
+    struct state st = {0};
+    int error = 0, opcode = 0;
     struct timespec start;
-    PyObject *meter = PyObject_GetAttr(self->session, s_meter);
-    if (meter == NULL || (meter != Py_None && meter != self->meter))
+    int counting = metered(self);
+    if (counting < 0)
         goto out;
     /* the meter's clock (time.perf_counter_ns: CLOCK_MONOTONIC, the vDSO's) */
-    counting = meter != Py_None;
     if (counting)
         clock_gettime(CLOCK_MONOTONIC, &start);
-    readable = PyObject_GetAttr(chain, s_readable);
-    writable = readable ? PyObject_GetAttr(chain, s_writable) : NULL;
-    if (writable == NULL || iovec_parts(readable, &rviews, &rsize) < 0
-            || iovec_parts(writable, &wviews, &wsize) < 0)
+    if ((readable = PyObject_GetAttr(chain, s_readable)) == NULL
+            || (writable = PyObject_GetAttr(chain, s_writable)) == NULL
+            || (q.nr = iovec_parts(readable, r, VQ_RAW_READABLE, 0, &q.rsize)) < 0
+            || (q.nw = iovec_parts(writable, w, VQ_RAW_WRITABLE, 1, &q.wsize)) < 0)
         goto out;
-    if (rsize < IN_HEADER || PyList_GET_SIZE(rviews) == 0)
-        goto out;
-    /* the driver's layout: the whole header in the first buffer */
-    Py_buffer b;
-    if (PyObject_GetBuffer(PyList_GET_ITEM(rviews, 0), &b, PyBUF_SIMPLE) < 0)
-        goto out;
-    int whole = b.len >= IN_HEADER;
-    struct in_header h;
-    if (whole) {
-        memcpy(&h, b.buf, sizeof h);
-        __asm__ volatile("" : "+m"(h));   /* the copy, never guest memory again */
-    }
-    PyBuffer_Release(&b);
-    if (!whole || h.len != (uint64_t)rsize || wsize < OUT_HEADER)
-        goto out;
-    if (h.opcode == OP_GETATTR ? wsize < OUT_HEADER + ATTR_OUT : !(h.opcode == OP_READ && self->reads))
-        goto out;
-    uint64_t current;
-    if (attr_ssize(self->session, s_session, &mine) < 0
-            || load_word(self->header, self->session_word, &current) < 0
-            || mine <= 0 || (uint64_t)mine != current)
-        goto out;
-    if (h.opcode == OP_READ) {
-        result = fast_read(self->session, rviews, wviews, wsize, &h, &error);
-        goto out;
-    }
-    cache = PyObject_GetAttr(self->session, s_cache);
-    if (cache == NULL)
-        goto out;
-    result = fast_getattr(self, rviews, wviews, &h, cache, &error);
+    result = serve_req(self, &st, &q, &opcode, &error);
 out:
     /* "not handled" is never an error: Python serves (and counts) the request */
     if (result == NOT_HANDLED) {
@@ -526,21 +615,123 @@ out:
     } else {
         self->served++;
         if (counting)
-            count(&self->m, h.opcode == OP_READ ? &self->m.read : &self->m.getattr, &start,
-                  error, h.opcode == OP_READ && !error ? result - OUT_HEADER : 0);
+            count(&self->m, opcode, &start, error, result);
     }
-    Py_XDECREF(meter);
+    state_drop(&st);
     Py_XDECREF(readable);
     Py_XDECREF(writable);
-    Py_XDECREF(rviews);
-    Py_XDECREF(wviews);
-    Py_XDECREF(cache);
     return result;
 }
 
 static PyObject *fastops_serve(FastOps *self, PyObject *chain)
 {
     return PyLong_FromSsize_t(serve(self, chain));
+}
+
+/* _vqcore's C interface (its capsule), or NULL if it cannot be had */
+static const struct vqcore_api *vq;
+
+static int load_vqcore(void)
+{
+    if (vq == NULL) {
+        /* the module as sys.modules has it (a test may load another build
+         * of it there), then its capsule */
+        PyObject *m = PyImport_ImportModule("daemon.virtio._vqcore");
+        PyObject *capsule = m ? PyObject_GetAttrString(m, "_C_API") : NULL;
+        const struct vqcore_api *api = capsule ? PyCapsule_GetPointer(capsule, VQCORE_CAPSULE) : NULL;
+        Py_XDECREF(capsule);
+        Py_XDECREF(m);
+        if (api == NULL)
+            return -1;
+        if (api->version != VQCORE_API_VERSION) {
+            PyErr_SetString(PyExc_ImportError, "_vqcore: another C interface version");
+            return -1;
+        }
+        vq = api;
+    }
+    return 0;
+}
+
+/* a writable, aligned buffer of at least len bytes held in b */
+static int hold(PyObject *obj, Py_buffer *b, Py_ssize_t len, uintptr_t align)
+{
+    if (PyObject_GetBuffer(obj, b, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    if (b->len < len || ((uintptr_t)b->buf & (align - 1))) {
+        PyBuffer_Release(b);
+        PyErr_SetString(PyExc_ValueError, "FastOps.batch: progress record too short or misaligned");
+        return -1;
+    }
+    return 0;
+}
+
+#define POPPED_MASK 1023    /* progress.POPPED_MASK */
+#define POPPED_LEN 1024
+
+/* stage 3: batch(core, words, popped, limit) -> int (see fastops_methods) */
+static PyObject *fastops_batch(FastOps *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "batch(core, words, popped, limit)");
+        return NULL;
+    }
+    if (load_vqcore() < 0)
+        return NULL;
+    if (!PyObject_TypeCheck(args[0], vq->core_type)) {
+        PyErr_SetString(PyExc_TypeError, "FastOps.batch: core is not a _vqcore.Core of the loaded module");
+        return NULL;
+    }
+    Py_ssize_t limit = PyLong_AsSsize_t(args[3]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer wb, pb;
+    if (hold(args[1], &wb, 4, 4) < 0)
+        return NULL;
+    if (hold(args[2], &pb, 2 * POPPED_LEN, 2) < 0) {
+        PyBuffer_Release(&wb);
+        return NULL;
+    }
+    uint32_t *words = wb.buf;
+    uint16_t *popped = pb.buf;
+    PyObject *core = args[0];
+    struct vq_raw_chain *c = PyMem_Malloc(sizeof *c);
+    struct state st = {0};
+    Py_ssize_t served = 0;
+    int python = 1;     /* the next chain is Python's to pop */
+    int counting = c == NULL ? -1 : metered(self);
+    while (counting >= 0 && served < limit) {
+        struct timespec start;
+        if (counting)
+            clock_gettime(CLOCK_MONOTONIC, &start);
+        int rc = vq->peek(core, c);
+        if (rc <= 0) {
+            python = rc < 0;
+            break;
+        }
+        struct req q = {c->r, c->w, c->nr, c->nw, (Py_ssize_t)c->rsize, (Py_ssize_t)c->wsize};
+        int error, opcode = 0;
+        Py_ssize_t n = serve_req(self, &st, &q, &opcode, &error);
+        if (n == NOT_HANDLED)
+            break;
+        /* answered: take it, record it (progress.py: POPPED, AVAIL), push */
+        unsigned int last = vq->take(core);
+        __atomic_store_n(&popped[(last - 1) & POPPED_MASK], (uint16_t)c->head, __ATOMIC_RELAXED);
+        __atomic_store_n(&words[0], (uint32_t)last, __ATOMIC_RELAXED);
+        vq->push(core, c->head, (uint32_t)n);
+        self->served++;
+        served++;
+        if (counting)
+            count(&self->m, opcode, &start, error, n);
+    }
+    if (served == limit && counting >= 0)
+        python = 0;
+    /* a declined request is never an error: Python pops and serves it */
+    PyErr_Clear();
+    state_drop(&st);
+    PyMem_Free(c);
+    PyBuffer_Release(&pb);
+    PyBuffer_Release(&wb);
+    return PyLong_FromSsize_t(python ? -1 - served : served);
 }
 
 static void drop_meter(FastOps *self)
@@ -675,6 +866,11 @@ static PyGetSetDef fastops_getset[] = {
 static PyMethodDef fastops_methods[] = {
     {"serve", (PyCFunction)fastops_serve, METH_O,
      "serve(chain) -> bytes written into chain.writable, or -1: not handled (Python serves it)"},
+    {"batch", (PyCFunction)(void (*)(void))fastops_batch, METH_FASTCALL,
+     "batch(core, words, popped, limit) -> n: serve, take and push up to limit chains of the\n"
+     "_vqcore.Core's ring in C, recording each in the progress record (words[0] = AVAIL,\n"
+     "popped[(avail - 1) & 1023] = head); n >= 0: n served and no chain is available (or\n"
+     "n == limit); n < 0: -1 - n served and the next chain is Python's (VirtQueue.pop)"},
     {NULL},
 };
 

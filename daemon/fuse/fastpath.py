@@ -1,7 +1,14 @@
-"""Whole requests in C, the op table as the seam (docs/compiled.md, stage 2).
+"""Whole requests in C, the op table as the seam (docs/compiled.md, stages 2 and 3).
 
-``fast_ops(session)`` returns a callable ``serve(chain) -> int`` for the
-worker loop (workers/loop.py), or None. ``serve`` answers the requests the
+``fast_ops(session)`` returns the extension's ``FastOps`` for the worker
+loop (workers/loop.py), or None. Stage 3 (the default, ``batch_loop()``):
+the loop calls ``FastOps.batch(core, words, popped, limit)``, which pops
+the ring's chains in C (``_vqcore``'s C interface, no Python object per
+chain), serves those it can, pushes them and updates the ring's progress
+record, and returns when the ring is empty, the limit is reached, or the
+next chain is one it declines: Python then pops that one as before.
+Stage 2 (``PYVIRTIOFSD_FASTOPS=2``): the loop pops every chain in Python
+and calls ``FastOps.serve(chain)`` first. ``serve`` answers the requests the
 extension ``daemon.fuse._fastops`` covers (GETATTR on a nodeid whose fd
 this worker holds, or with GETATTR_FH on an fh it holds, READ on an fh it
 holds; ``_fastops.c`` lists every
@@ -48,7 +55,6 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
 
 from daemon.fuse import attrs, files, inodes, replies
 from daemon.fuse.abi import Opcode
@@ -65,8 +71,16 @@ except ImportError:  # not built: no compiler or headers at install time
 
 EXTENSION_BUILT = _ext is not None
 # PYVIRTIOFSD_FASTOPS=0: the compiled virtqueue without the compiled ops
-# (stage 1 alone, for measuring a stage against the other)
+# (stage 1 alone), =2: the compiled ops on chains popped in Python (stage
+# 2); anything else: the batch loop in C (stage 3). For measuring a stage
+# against another.
 FASTOPS_ENV = "PYVIRTIOFSD_FASTOPS"
+
+
+def batch_loop() -> bool:
+    """Whether the worker loop runs the compiled ops' batch loop (stage 3)
+    rather than ``serve`` per chain popped in Python (stage 2)."""
+    return os.environ.get(FASTOPS_ENV, "") != "2"
 
 
 def why_not(session) -> str:
@@ -131,15 +145,16 @@ def meter_layout(meter) -> dict:
     return {"meter": meter, "words": words, "layout": layout, "bounds": c.LATENCY_BUCKETS_NS}
 
 
-def fast_ops(session) -> Callable[[object], int] | None:
-    """``serve(chain)`` for ``session`` (see the module docstring), or None."""
+def fast_ops(session):
+    """The ``FastOps`` for ``session`` (see the module docstring), or None."""
     why = why_not(session)
     if why:
         log.info("FUSE ops: all in Python (%s)", why)
         return None
     fast = make(session)
     counted = " (counted by C)" if session.meter is not None and meter_layout(session.meter) else ""
-    log.info("FUSE ops: GETATTR and READ compiled (extension daemon.fuse._fastops)%s", counted)
+    loop = "batch loop in C" if batch_loop() else f"chains popped in Python, {FASTOPS_ENV}=2"
+    log.info("FUSE ops: GETATTR and READ compiled (extension daemon.fuse._fastops; %s)%s", loop, counted)
     if session.meter is not None and not counted:
         log.info("FUSE ops: this meter is not C's to count for: its requests stay in Python")
-    return fast.serve
+    return fast

@@ -14,11 +14,18 @@
  * Lifetimes: a Core holds buffer exports of the ring views and of the hot
  * region's view; release() drops them and must run before the views are
  * released (fast.py's VirtQueue.release does that).
+ *
+ * The capsule _C_API (_vqcore_api.h) gives _fastops's batch loop the same
+ * walk into C-side iovecs (a raw chain) without taking the chain, then
+ * take and push: one walk (walk_into) serves both, its sink deciding
+ * whether buffers become Python views or iovecs.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "_vqcore_api.h"
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "ring fields are stored in native byte order: little-endian hosts only"
@@ -260,72 +267,98 @@ static PyObject *iovec(Core *self, PyObject *views, uint64_t size)
     return iov;
 }
 
-/* the chain starting at head (< num): virtqueue.py VirtQueue._walk */
-static PyObject *walk(Core *self, uint32_t head)
-{
-    PyObject *readable = PyList_New(0), *writable = PyList_New(0), *table_obj = NULL;
-    PyObject *result = NULL;
+/* where a walk puts what it finds: Python lists of views (a Chain, with
+ * the VirtQueueError messages of virtqueue.py), or a raw chain of C-side
+ * iovecs (no Python object, no error set: -1 sends the chain to pop) */
+struct sink {
+    struct vq_raw_chain *raw;   /* NULL: Python */
+    PyObject *readable, *writable;
+    Py_ssize_t r_start, r_end, w_start, w_end;  /* runs, hot_view offsets; end -1 = none */
+    uint64_t rsize, wsize;      /* bytes in each part, once walked */
+    PyObject *table_obj;
     Py_buffer table_buf;
-    int table_held = 0;
+    int table_held;
+};
+
+#define WALK_FAIL(...)                             \
+    do {                                           \
+        if (!s->raw)                               \
+            PyErr_Format(self->error, __VA_ARGS__); \
+        return -1;                                 \
+    } while (0)
+
+/* a non-empty buffer added to a raw chain's stream: only the largest
+ * region, merged with the stream's last iovec when adjacent */
+static int raw_add(Core *self, struct iovec *iov, int *n, int cap, uint64_t addr, uint32_t len)
+{
+    if (!fits(addr, len, self->hot_start, self->hot_end))
+        return -1;
+    unsigned char *p = (unsigned char *)self->hot.buf + (addr - self->hot_start);
+    if (*n && (unsigned char *)iov[*n - 1].iov_base + iov[*n - 1].iov_len == p) {
+        iov[*n - 1].iov_len += len;
+        return 0;
+    }
+    if (*n == cap)
+        return -1;
+    iov[*n].iov_base = p;
+    iov[*n].iov_len = len;
+    (*n)++;
+    return 0;
+}
+
+/* an indirect table outside the largest region (Python only: another
+ * region, or straddling two, joined into a copy) */
+static const unsigned char *far_table(Core *self, struct sink *s, uint64_t addr, uint32_t len)
+{
+    PyObject *parts = PyObject_CallFunction(self->gpa_views, "KI", (unsigned long long)addr, (unsigned int)len);
+    if (!parts)
+        return NULL;
+    if (PyList_Check(parts) && PyList_GET_SIZE(parts) == 1) {
+        s->table_obj = PyList_GET_ITEM(parts, 0);
+        Py_INCREF(s->table_obj);
+    } else {
+        s->table_obj = PyObject_CallMethodObjArgs(s_empty, s_join, parts, NULL);
+    }
+    Py_DECREF(parts);
+    if (!s->table_obj || PyObject_GetBuffer(s->table_obj, &s->table_buf, PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    s->table_held = 1;
+    if ((size_t)s->table_buf.len < len) {
+        PyErr_SetString(PyExc_ValueError, "indirect table view too short");
+        return NULL;
+    }
+    return (const unsigned char *)s->table_buf.buf;
+}
+
+/* the chain starting at head (< num) into s, with every rule of
+ * virtqueue.py VirtQueue._walk in its order; 0 or -1 */
+static int walk_into(Core *self, uint32_t head, struct sink *s)
+{
     const unsigned char *table = (const unsigned char *)self->desc.buf;
     const unsigned char *hot = (const unsigned char *)self->hot.buf;
     uint64_t hot_start = self->hot_start, hot_end = self->hot_end;
     uint64_t readable_size = 0, writable_size = 0;
     uint32_t size = self->num, budget = self->num, index = head;
     int in_indirect = 0, seen_writable = 0;
-    /* runs of adjacent hot-region buffers, as hot_view offsets; end -1 = none */
-    Py_ssize_t r_start = -1, r_end = -1, w_start = -1, w_end = -1;
+    struct vq_raw_chain *raw = s->raw;
     struct desc d;
 
-    self->last_head = head;
-    if (!readable || !writable)
-        goto out;
     for (;;) {
-        if (budget == 0) {
-            PyErr_Format(self->error, "chain %u is longer than its table (%u): a descriptor loop", head, size);
-            goto out;
-        }
+        if (budget == 0)
+            WALK_FAIL("chain %u is longer than its table (%u): a descriptor loop", head, size);
         budget--;
         read_once(&d, table + ((size_t)index << 4));
         if (d.flags & DESC_F_INDIRECT) {
-            if (in_indirect) {
-                PyErr_Format(self->error, "chain %u: nested indirect descriptor", head);
-                goto out;
-            }
-            if (d.flags & DESC_F_NEXT) {
-                PyErr_Format(self->error, "chain %u: indirect descriptor with NEXT", head);
-                goto out;
-            }
-            if (d.len == 0 || (d.len & 15) || d.len > MAX_INDIRECT_ENTRIES * 16) {
-                PyErr_Format(self->error, "chain %u: indirect table length %u", head, d.len);
-                goto out;
-            }
-            if (fits(d.addr, d.len, hot_start, hot_end)) {
+            if (in_indirect)
+                WALK_FAIL("chain %u: nested indirect descriptor", head);
+            if (d.flags & DESC_F_NEXT)
+                WALK_FAIL("chain %u: indirect descriptor with NEXT", head);
+            if (d.len == 0 || (d.len & 15) || d.len > MAX_INDIRECT_ENTRIES * 16)
+                WALK_FAIL("chain %u: indirect table length %u", head, d.len);
+            if (fits(d.addr, d.len, hot_start, hot_end))
                 table = hot + (d.addr - hot_start);
-            } else {
-                /* rare: another region, or straddling two (joined into a copy) */
-                PyObject *parts = PyObject_CallFunction(self->gpa_views, "KI", (unsigned long long)d.addr,
-                                                        (unsigned int)d.len);
-                if (!parts)
-                    goto out;
-                if (PyList_Check(parts) && PyList_GET_SIZE(parts) == 1) {
-                    table_obj = PyList_GET_ITEM(parts, 0);
-                    Py_INCREF(table_obj);
-                } else {
-                    table_obj = PyObject_CallMethodObjArgs(s_empty, s_join, parts, NULL);
-                }
-                Py_DECREF(parts);
-                if (!table_obj)
-                    goto out;
-                if (PyObject_GetBuffer(table_obj, &table_buf, PyBUF_C_CONTIGUOUS) < 0)
-                    goto out;
-                table_held = 1;
-                if ((size_t)table_buf.len < d.len) {
-                    PyErr_SetString(PyExc_ValueError, "indirect table view too short");
-                    goto out;
-                }
-                table = (const unsigned char *)table_buf.buf;
-            }
+            else if (raw || !(table = far_table(self, s, d.addr, d.len)))
+                return -1;
             size = budget = d.len >> 4;
             in_indirect = 1;
             index = 0;
@@ -334,78 +367,117 @@ static PyObject *walk(Core *self, uint32_t head)
         if (d.flags & DESC_F_WRITE) {
             seen_writable = 1;
             if (d.len) {
-                if (add_buffer(self, writable, &w_start, &w_end, d.addr, d.len) < 0)
-                    goto out;
+                if (raw ? raw_add(self, raw->w, &raw->nw, VQ_RAW_WRITABLE, d.addr, d.len)
+                        : add_buffer(self, s->writable, &s->w_start, &s->w_end, d.addr, d.len))
+                    return -1;
                 writable_size += d.len;
             }
         } else if (seen_writable) {
-            PyErr_Format(self->error, "chain %u: device-readable descriptor after a writable one", head);
-            goto out;
+            WALK_FAIL("chain %u: device-readable descriptor after a writable one", head);
         } else if (d.len) {
-            if (add_buffer(self, readable, &r_start, &r_end, d.addr, d.len) < 0)
-                goto out;
+            if (raw ? raw_add(self, raw->r, &raw->nr, VQ_RAW_READABLE, d.addr, d.len)
+                    : add_buffer(self, s->readable, &s->r_start, &s->r_end, d.addr, d.len))
+                return -1;
             readable_size += d.len;
         }
         if (!(d.flags & DESC_F_NEXT)) {
-            if (r_end >= 0 && append_slice(self, readable, r_start, r_end) < 0)
-                goto out;
-            if (w_end >= 0 && append_slice(self, writable, w_start, w_end) < 0)
-                goto out;
-            PyObject *riov = iovec(self, readable, readable_size);
-            PyObject *wiov = riov ? iovec(self, writable, writable_size) : NULL;
-            PyObject *h = wiov ? PyLong_FromUnsignedLong(head) : NULL;
-            if (h)
-                result = new_slots(self->chain_type, s_head, h, s_readable, riov, s_writable, wiov);
-            Py_XDECREF(h);
-            Py_XDECREF(riov);
-            Py_XDECREF(wiov);
-            goto out;
+            if (raw) {
+                raw->head = head;
+                raw->rsize = readable_size;
+                raw->wsize = writable_size;
+                return 0;
+            }
+            if (s->r_end >= 0 && append_slice(self, s->readable, s->r_start, s->r_end) < 0)
+                return -1;
+            if (s->w_end >= 0 && append_slice(self, s->writable, s->w_start, s->w_end) < 0)
+                return -1;
+            s->rsize = readable_size;
+            s->wsize = writable_size;
+            return 0;
         }
-        if (d.next >= size) {
-            PyErr_Format(self->error, "chain %u: next index %u out of range (%u)", head, (unsigned)d.next, size);
-            goto out;
-        }
+        if (d.next >= size)
+            WALK_FAIL("chain %u: next index %u out of range (%u)", head, (unsigned)d.next, size);
         index = d.next;
     }
-out:
-    if (table_held)
-        PyBuffer_Release(&table_buf);
-    Py_XDECREF(table_obj);
+}
+
+/* the chain starting at head (< num) as a Chain: virtqueue.py VirtQueue._walk */
+static PyObject *walk(Core *self, uint32_t head)
+{
+    struct sink s = {.raw = NULL, .r_start = -1, .r_end = -1, .w_start = -1, .w_end = -1};
+    PyObject *result = NULL;
+
+    self->last_head = head;
+    s.readable = PyList_New(0);
+    s.writable = PyList_New(0);
+    if (s.readable && s.writable && walk_into(self, head, &s) == 0) {
+        PyObject *riov = iovec(self, s.readable, s.rsize);
+        PyObject *wiov = riov ? iovec(self, s.writable, s.wsize) : NULL;
+        PyObject *h = wiov ? PyLong_FromUnsignedLong(head) : NULL;
+        if (h)
+            result = new_slots(self->chain_type, s_head, h, s_readable, riov, s_writable, wiov);
+        Py_XDECREF(h);
+        Py_XDECREF(riov);
+        Py_XDECREF(wiov);
+    }
+    if (s.table_held)
+        PyBuffer_Release(&s.table_buf);
+    Py_XDECREF(s.table_obj);
     /* on an error the views made so far go with their lists (a memoryview
      * releases its export when freed), as in virtqueue.py */
-    Py_XDECREF(readable);
-    Py_XDECREF(writable);
+    Py_XDECREF(s.readable);
+    Py_XDECREF(s.writable);
     return result;
+}
+
+/* the head at the next avail index, not taken: 1 (*head set), 0 if none
+ * is available, -1 if avail.idx jumped more than num ahead (with the
+ * VirtQueueError when errors is set) */
+static int avail_head(Core *self, uint16_t *head, int errors)
+{
+    const unsigned char *avail = (const unsigned char *)self->avail.buf;
+    uint16_t last = self->last_avail;
+    uint16_t avail_idx = load16(avail, 2);
+    if (avail_idx == last) {
+        if (!self->event_idx)
+            return 0;
+        /* the guest may have published without seeing our avail_event */
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        avail_idx = load16(avail, 2);
+        if (avail_idx == last)
+            return 0;
+    }
+    /* the ring entries are read after the index (acquire) */
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if ((uint16_t)(avail_idx - last) > self->num) {
+        if (errors)
+            PyErr_Format(self->error, "avail index jumped from %u to %u (queue size %u)", (unsigned)last,
+                         (unsigned)avail_idx, self->num);
+        return -1;
+    }
+    *head = load16(avail, 4 + 2 * (size_t)(last & self->mask));
+    return 1;
+}
+
+/* take the entry avail_head returned: the next avail index, avail_event */
+static uint16_t take(Core *self)
+{
+    uint16_t last = (uint16_t)(self->last_avail + 1);
+    self->last_avail = last;
+    if (self->event_idx)
+        store16((unsigned char *)self->used.buf, 4 + 8 * (size_t)self->num, last);
+    return last;
 }
 
 static PyObject *core_pop(Core *self, PyObject *unused)
 {
     if (!check_held(self))
         return NULL;
-    const unsigned char *avail = (const unsigned char *)self->avail.buf;
-    uint16_t last = self->last_avail;
-    uint16_t avail_idx = load16(avail, 2);
-    if (avail_idx == last) {
-        if (!self->event_idx)
-            Py_RETURN_NONE;
-        /* the guest may have published without seeing our avail_event */
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        avail_idx = load16(avail, 2);
-        if (avail_idx == last)
-            Py_RETURN_NONE;
-    }
-    /* the ring entries are read after the index (acquire) */
-    __atomic_thread_fence(__ATOMIC_ACQUIRE);
-    if ((uint16_t)(avail_idx - last) > self->num) {
-        PyErr_Format(self->error, "avail index jumped from %u to %u (queue size %u)", (unsigned)last,
-                     (unsigned)avail_idx, self->num);
-        return NULL;
-    }
-    uint16_t head = load16(avail, 4 + 2 * (size_t)(last & self->mask));
-    last = (uint16_t)(last + 1);
-    self->last_avail = last;
-    if (self->event_idx)
-        store16((unsigned char *)self->used.buf, 4 + 8 * (size_t)self->num, last);
+    uint16_t head;
+    int rc = avail_head(self, &head, 1);
+    if (rc <= 0)
+        return rc < 0 ? NULL : Py_NewRef(Py_None);
+    take(self);
     if (head >= self->num) {
         PyErr_Format(self->error, "head index %u out of range (queue size %u)", (unsigned)head, self->num);
         return NULL;
@@ -427,6 +499,15 @@ static PyObject *core_chain_at(Core *self, PyObject *arg)
     return walk(self, (uint32_t)head);
 }
 
+/* a used element, visible at the next publish */
+static void push_elem(Core *self, uint32_t head, uint32_t written)
+{
+    uint32_t elem[2] = {head, written};
+    size_t slot = self->used_idx & self->mask;
+    memcpy((unsigned char *)self->used.buf + 4 + 8 * slot, elem, sizeof elem);
+    self->used_idx = (uint16_t)(self->used_idx + 1);
+}
+
 static PyObject *core_push(Core *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (!check_held(self))
@@ -445,10 +526,7 @@ static PyObject *core_push(Core *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_OverflowError, "used element field does not fit 32 bits");
         return NULL;
     }
-    uint32_t elem[2] = {(uint32_t)head, (uint32_t)written};
-    size_t slot = self->used_idx & self->mask;
-    memcpy((unsigned char *)self->used.buf + 4 + 8 * slot, elem, sizeof elem);
-    self->used_idx = (uint16_t)(self->used_idx + 1);
+    push_elem(self, (uint32_t)head, (uint32_t)written);
     Py_RETURN_NONE;
 }
 
@@ -535,6 +613,29 @@ static PyTypeObject CoreType = {
     .tp_getset = core_getset,
 };
 
+/* -- the C interface for _fastops (_vqcore_api.h) ------------------------------ */
+static int api_peek(PyObject *core, struct vq_raw_chain *c)
+{
+    Core *self = (Core *)core;
+    uint16_t head;
+    if (!self->held)
+        return -1;
+    int rc = avail_head(self, &head, 0);
+    if (rc <= 0)
+        return rc;
+    if (head >= self->num)
+        return -1;
+    c->nr = c->nw = 0;
+    struct sink s = {.raw = c};
+    return walk_into(self, head, &s) == 0 ? 1 : -1;
+}
+
+static unsigned int api_take(PyObject *core) { return take((Core *)core); }
+
+static void api_push(PyObject *core, uint32_t head, uint32_t written) { push_elem((Core *)core, head, written); }
+
+static struct vqcore_api api = {VQCORE_API_VERSION, &CoreType, api_peek, api_take, api_push};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_vqcore", "Compiled split-virtqueue core (see virtqueue.py).", -1, NULL,
 };
@@ -551,6 +652,12 @@ PyMODINIT_FUNC PyInit__vqcore(void)
     PyObject *m = PyModule_Create(&module);
     if (!m)
         return NULL;
+    PyObject *capsule = PyCapsule_New(&api, VQCORE_CAPSULE, NULL);
+    if (!capsule || PyModule_AddObject(m, "_C_API", capsule) < 0) {
+        Py_XDECREF(capsule);
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&CoreType);
     if (PyModule_AddObject(m, "Core", (PyObject *)&CoreType) < 0) {
         Py_DECREF(&CoreType);

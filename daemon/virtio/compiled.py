@@ -98,6 +98,12 @@ class CompiledVirtQueue(_pure.VirtQueue):
             raise VirtQueueError(f"chain {head}: {e}") from None
 
     @property
+    def core(self):
+        """The ``_vqcore.Core`` itself: the batch loop of the compiled FUSE
+        ops (fuse/fastpath.py, stage 3) pops, serves and pushes on it in C."""
+        return self._c
+
+    @property
     def push(self):
         """The core's own ``push(head, written)`` (no Python frame per call:
         the worker loop binds it once per batch)."""

@@ -29,7 +29,11 @@ A kick: drain the eventfd (before scanning, so no kick is lost), pop every
 available chain, hand it to the session, push the used element, publish
 once per batch, signal the call eventfd. At most ``num`` chains are taken
 per batch so a guest that keeps the ring full cannot starve the channel;
-the rest are served on the next turn without waiting for a kick.
+the rest are served on the next turn without waiting for a kick. With the
+compiled ops' batch loop (fuse/fastpath.py, stage 3), C pops, serves,
+records and pushes the GETATTRs and READs it serves, and the loop pops
+only the chains C leaves to it; the count, the cap, the publish and the
+call are the loop's either way.
 
 Deferred requests (a SETLKW that must wait, an fsync running on a helper
 thread): the session keeps the chain (the token is the ``Chain`` itself)
@@ -63,6 +67,7 @@ import errno
 import os
 import select
 import time
+from typing import Callable
 
 from daemon.log import RateLimitedLogger, get_logger
 from daemon.virtio.memory import GuestMemory, GuestMemoryError
@@ -133,8 +138,7 @@ class WorkerLoop:
         self._deadlines: dict[Ring, float] = {}
         self._guest_log = RateLimitedLogger(log)
         self._queue_class = _queue_class()  # compiled or pure (docs/compiled.md)
-        # requests served whole in C, or None (fuse/fastpath.py)
-        self._fast = _fast_ops(session)
+        self.use_fast_ops(_fast_ops(session))
         self._handlers = {
             Msg.MEM_TABLE: self._on_mem_table,
             Msg.VRING_START: self._on_vring_start,
@@ -143,6 +147,20 @@ class WorkerLoop:
             Msg.SHUTDOWN: self._on_shutdown,
             Msg.PEER: self._on_peer,
         }
+
+    def use_fast_ops(self, fast) -> None:
+        """Serve requests whole in C with ``fast`` (fuse/fastpath.py's
+        FastOps, None: all in Python): its batch loop (stage 3) or its
+        ``serve(chain)`` (stage 2), as fastpath.batch_loop() says."""
+        self._fast = fast
+        self._fast_serve: Callable[[Chain], int] | None = None
+        self._fast_batch: Callable[[object, memoryview, memoryview, int], int] | None = None
+        if fast is not None:
+            from daemon.fuse import fastpath    # a worker: see _fast_ops
+            if fastpath.batch_loop():
+                self._fast_batch = fast.batch
+            else:
+                self._fast_serve = fast.serve
 
     # -- the loop ------------------------------------------------------------
     def run(self) -> int:
@@ -210,13 +228,28 @@ class WorkerLoop:
         if queue is None or ring.broken:
             return 0
         handle = self.session.handle
-        fast = self._fast
+        fast, batch = self._fast_serve, self._fast_batch
+        # stage 3: the core the C batch loop runs on (compiled.py), or None
+        core = getattr(queue, "core", None)
+        if core is None:
+            batch = None
         push = queue.push  # bound once: the compiled core's own method (compiled.py)
         deferred = self._deferred
         words, popped = ring.words, ring.popped  # progress record (worker restart)
+        num = queue.num
         served = 0
         try:
             while True:
+                if batch is not None:
+                    # C pops, serves, records and pushes what it can; n < 0:
+                    # it served -1 - n and the next chain is Python's
+                    n = batch(core, words, popped, num - served)
+                    if n >= 0:
+                        served += n
+                        if served == num:
+                            self._again.append(ring)
+                        break
+                    served += -1 - n
                 chain = queue.pop()
                 if chain is None:
                     break
@@ -234,7 +267,7 @@ class WorkerLoop:
                     push(chain.head, written)
                     chain.release()
                 served += 1
-                if served == queue.num:
+                if served == num:
                     self._again.append(ring)
                     break
         except VirtQueueError as e:

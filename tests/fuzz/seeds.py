@@ -154,6 +154,12 @@ def well_formed() -> dict[str, bytes]:
     return s
 
 
+def with_flags(seed: bytes, flags: int) -> bytes:
+    """The seed with the input's flags byte set (image.py: bit 0 EVENT_IDX;
+    fuzz_chain_fuse.py: bit 1 the batch loop, bit 2 checked per chain)."""
+    return seed[:1] + bytes([flags]) + seed[2:]
+
+
 def malformed() -> dict[str, bytes]:
     s: dict[str, bytes] = {}
     getattr_args = struct.pack("<IIQ", 0, 0, 0)
@@ -297,8 +303,36 @@ def one_raw(request: bytes, out) -> bytes:
     return b.build()
 
 
+def batch_loop() -> dict[str, bytes]:
+    s: dict[str, bytes] = {}
+    # stage 3, the batch loop in C (flags bit 1; bit 2 too: one chain per
+    # call, each checked against the session): served in C, declined to
+    # Python (OPEN, LOOKUP), served in C on the fh Python opened
+    b = SeedBuilder(16, event_idx=True, last_avail=0xFFFE, used_idx=3)
+    req(b, OPEN, 2, struct.pack("<II", 0x8000, 0), [16])
+    req(b, GETATTR, 1, struct.pack("<IIQ", 0, 0, 0), [104])
+    req(b, READ, 2, read_in(fh(1), 0, 4096), [4096])
+    req(b, GETATTR, 2, struct.pack("<IIQ", 1, 0, fh(1)), [104])
+    req(b, LOOKUP, 1, name(b"hello.txt"), [128])
+    req(b, GETATTR, 2, struct.pack("<IIQ", 0, 0, 0), [104])
+    req(b, READ, 2, read_in(fh(1), 100, 8192), [4096, 4096])
+    mixed = b.build()
+    s["batch_mixed"] = with_flags(mixed, 3)
+    s["batch_checked"] = with_flags(mixed, 7)
+    # a ring broken after two requests C serves: Python pops the third and
+    # reports it
+    b = SeedBuilder(8)
+    req(b, GETATTR, 1, struct.pack("<IIQ", 0, 0, 0), [104])
+    req(b, GETATTR, 2, struct.pack("<IIQ", 0, 0, 0), [104])
+    head = b.desc_index()
+    b.write_desc(head, b.put(hdr(GETATTR, 1, 16) + bytes(16)), 56, 1, 99)
+    b.offer(head)
+    s["batch_broken_ring"] = with_flags(b.build(), 2)
+    return s
+
+
 def all_seeds() -> dict[str, bytes]:
-    return {**well_formed(), **malformed()}
+    return {**well_formed(), **malformed(), **batch_loop()}
 
 
 def main() -> int:

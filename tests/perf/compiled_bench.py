@@ -5,11 +5,13 @@ drives each daemon at depth 1 and 64, rounds interleaved, best round kept.
     python -m tests.perf.compiled_bench [--seconds 2] [--rounds 2]
                                         [--ops getattr,lookup,read4k]
 
-Ours runs three ways: pure (``PYVIRTIOFSD_PURE=1``), stage 1 (the compiled
-virtqueue alone, ``PYVIRTIOFSD_FASTOPS=0``) and compiled (both stages).
-Prints Markdown tables: requests/s, the daemon's CPU µs per request (its
-whole process tree, from /proc), and the worker's CPU per request in one
-process (tests/perf/inproc.py) for the three ways of ours.
+Ours runs four ways: pure (``PYVIRTIOFSD_PURE=1``), stage 1 (the compiled
+virtqueue alone, ``PYVIRTIOFSD_FASTOPS=0``), stage 2 (GETATTR and READ in
+C on chains popped in Python, ``PYVIRTIOFSD_FASTOPS=2``) and compiled (the
+batch loop in C, stage 3, the default). Prints Markdown tables:
+requests/s, the daemon's CPU µs per request (its whole process tree, from
+/proc), and the worker's CPU per request in one process
+(tests/perf/inproc.py) for the ways of ours.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from tests.perf.bench import daemon_rates
 KINDS = {  # label: (daemon kind, extra environment)
     "pure": ("ours", {"PYVIRTIOFSD_PURE": "1"}),
     "stage 1": ("ours", {"PYVIRTIOFSD_PURE": "0", "PYVIRTIOFSD_FASTOPS": "0"}),
-    "compiled": ("ours", {"PYVIRTIOFSD_PURE": "0", "PYVIRTIOFSD_FASTOPS": "1"}),
+    "stage 2": ("ours", {"PYVIRTIOFSD_PURE": "0", "PYVIRTIOFSD_FASTOPS": "2"}),
+    "compiled": ("ours", {"PYVIRTIOFSD_PURE": "0", "PYVIRTIOFSD_FASTOPS": "3"}),
     "C": ("c", None),
     "Rust": ("rust", None),
 }
-OURS = ("pure", "stage 1", "compiled")
+OURS = ("pure", "stage 1", "stage 2", "compiled")
 
 
 def inproc_us(op: str, depth: int, seconds: float, label: str) -> float:

@@ -496,7 +496,7 @@ def test_the_worker_loop_serves_them_in_c(tmp_path, monkeypatch, op):
     for head in done:
         assert abi.OUT_HEADER.unpack(vr.read_writable(head, 16))[1] == 0
     if fastpath.compiled.VirtQueue is fastpath.compiled.CompiledVirtQueue:
-        assert loop._fast.__self__.served == 8
+        assert loop._fast.served == 8
     else:
         assert loop._fast is None
     inproc.close(loop, ring, vr)
@@ -513,7 +513,7 @@ def test_the_worker_loop_counts_them_with_a_meter(tmp_path, monkeypatch, op, opc
     loop, ring, vr, heads = inproc._build(op, 8, str(tmp_path))
     meter = WorkerMeter(MetricsArea(1).slot(0))
     loop.session.meter = meter
-    loop._fast = fastpath.fast_ops(loop.session)    # what WorkerLoop.__init__ asks, now with the meter
+    loop.use_fast_ops(fastpath.fast_ops(loop.session))    # what WorkerLoop.__init__ asks, now with the meter
     assert loop._serve(ring) == 8
     assert sorted(vr.harvest()) == sorted(heads)
     words = meter.words
@@ -524,7 +524,7 @@ def test_the_worker_loop_counts_them_with_a_meter(tmp_path, monkeypatch, op, opc
     assert (words[counters.BATCHES], words[counters.CHAINS]) == (1, 8)
     assert words[counters.BYTES_READ] == (8 * 4096 if op == "read4k" else 0)
     if fastpath.compiled.VirtQueue is fastpath.compiled.CompiledVirtQueue:
-        assert loop._fast.__self__.served == 8
+        assert loop._fast.served == 8
     inproc.close(loop, ring, vr)
 
 
