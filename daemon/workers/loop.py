@@ -84,6 +84,10 @@ log = get_logger("workers")
 PEER_REAP_INTERVAL = 1.0
 
 RETRY_INTERVAL = 0.010  # seconds between session.retry() calls while requests wait
+# with the C batch loop and no --coalesce: publish (and call the guest) after
+# every PUBLISH_EVERY chains of a batch, so the guest reads those replies
+# while the worker serves the rest
+PUBLISH_EVERY = 16
 
 
 class Ring:
@@ -238,16 +242,26 @@ class WorkerLoop:
         words, popped = ring.words, ring.popped  # progress record (worker restart)
         num = queue.num
         served = 0
+        early = self._coalesce is None   # publish every PUBLISH_EVERY chains
         try:
             while True:
                 if batch is not None:
                     # C pops, serves, records and pushes what it can; n < 0:
                     # it served -1 - n and the next chain is Python's
-                    n = batch(core, words, popped, num - served)
+                    limit = num - served
+                    if early:
+                        limit = min(limit, PUBLISH_EVERY)
+                    n = batch(core, words, popped, limit)
                     if n >= 0:
                         served += n
                         if served == num:
                             self._again.append(ring)
+                            break
+                        if n == limit and early:
+                            # answered so far goes to the guest now: it reads
+                            # them while C serves the rest
+                            self._publish(ring, queue)
+                            continue
                         break
                     served += -1 - n
                 chain = queue.pop()

@@ -372,3 +372,30 @@ def test_the_loop_runs_the_batch_unless_told_stage_2(tmp_path, monkeypatch, stag
         assert len(pops) == (9 if stage else 0)
     finally:
         inproc.close(loop, ring, vr)
+
+
+def test_long_batches_publish_every_publish_every_chains(rig):
+    """Without --coalesce the loop publishes after every PUBLISH_EVERY
+    chains C served, so the guest reads those replies while C serves the
+    rest; the final state is the reference's (check), the batch one."""
+    from daemon.workers import loop as loop_mod
+
+    every = loop_mod.PUBLISH_EVERY
+    count = 2 * every + 8
+    requests = [("getattr-root", 100 + i, 0, [], False, None, False, "none") for i in range(count)]
+    data, expect = build(rig[2], 128, 0, 0, False, requests)
+    assert expect == count
+    loop = rig[4]
+    seen: list[int] = []
+
+    def publish(ring, queue, answered=()):
+        WorkerLoop._publish(loop, ring, queue, answered)
+        seen.append(queue.published_idx)
+    loop._publish = publish  # type: ignore[method-assign]
+    try:
+        in_c, c = check(rig, data)
+    finally:
+        del loop._publish
+    assert in_c == count and c["served"] == [count]
+    # the reference run published once (count); the batch run three times
+    assert seen == [count, every, 2 * every, count]
