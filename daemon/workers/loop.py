@@ -84,9 +84,9 @@ log = get_logger("workers")
 PEER_REAP_INTERVAL = 1.0
 
 RETRY_INTERVAL = 0.010  # seconds between session.retry() calls while requests wait
-# with the C batch loop and no --coalesce: publish (and call the guest) after
-# every PUBLISH_EVERY chains of a batch, so the guest reads those replies
-# while the worker serves the rest
+# without --coalesce: publish (and call the guest) after every PUBLISH_EVERY
+# chains of a batch, so the guest reads those replies while the worker serves
+# the rest (the C batch loop and the Python one alike)
 PUBLISH_EVERY = 16
 
 
@@ -284,6 +284,8 @@ class WorkerLoop:
                 if served == num:
                     self._again.append(ring)
                     break
+                if early and not served % PUBLISH_EVERY:
+                    self._publish(ring, queue)   # as the C batch does
         except VirtQueueError as e:
             self._break(ring, e)
         if self._coalesce is not None and served and queue.event_idx and not ring.broken:

@@ -148,3 +148,39 @@ def test_each_worker_says_once_which_request_path_it_runs(frontend):
     want = ("all in Python" if pure or stage == "0" else
             "chains popped in Python, PYVIRTIOFSD_FASTOPS=2" if stage == "2" else "batch loop in C")
     assert len(ops) == 1 and want in ops[0], ops
+
+
+def test_a_long_batch_is_published_every_publish_every_chains(daemon_proc):
+    """Without --coalesce the request worker publishes (and, without
+    EVENT_IDX, calls the guest) every loop.PUBLISH_EVERY chains of one
+    batch, so the guest reads the first replies while the rest are served:
+    64 GETATTRs made available together and kicked once get at least
+    64 / 16 calls; one publish per batch would give one."""
+    from daemon.workers.loop import PUBLISH_EVERY
+    from tests.frontend.fuse_client import FuseClient
+    from tests.frontend.vhost import F_RING_EVENT_IDX, LINUX_61_DRIVER_FEATURES, start_frontend
+
+    fe = start_frontend(daemon_proc.socket_path, ram_size=64 << 20,
+                        driver_features=LINUX_61_DRIVER_FEATURES & ~F_RING_EVENT_IDX)
+    try:
+        fc = FuseClient(fe)
+        fc.init()
+        rq = fc.rq
+        assert not rq.event_idx
+        depth = 4 * PUBLISH_EVERY
+        args = abi.GETATTR_IN.pack(0, 0, 0)
+        pending = [fc.send(abi.Opcode.GETATTR, ROOT, args, [abi.ATTR_OUT.size], kick=False)
+                   for _ in range(depth)]
+        calls_before = rq.calls_seen
+        rq.kick()
+        deadline = time.monotonic() + 10.0
+        while rq.used_idx() != (rq.last_used + depth) & 0xFFFF:
+            assert time.monotonic() < deadline, "the batch was not served"
+            time.sleep(0.001)
+        calls = os.eventfd_read(rq.call_fd)    # every call since the kick, summed
+        assert rq.calls_seen == calls_before
+        assert calls >= depth // PUBLISH_EVERY, calls
+        for p in pending:
+            assert fc.complete(p).error == 0
+    finally:
+        fe.close()
