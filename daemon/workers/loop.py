@@ -35,6 +35,18 @@ records and pushes the GETATTRs and READs it serves, and the loop pops
 only the chains C leaves to it; the count, the cap, the publish and the
 call are the loop's either way.
 
+The wait loop (``_wait_in_c``, docs/compiled.md): when this worker watches
+one ring and owes nothing else (no deferred request, no ring in
+``_again`` or on a coalescing deadline, no metrics meter), the loop waits
+in C instead (``FastOps.wait``): epoll_wait on this loop's epoll, and
+while the ring's kick is the only fd ready C drains it, runs the batch,
+publishes (progress record included) and calls, as ``_serve`` would. It
+returns as soon as anything else is ready (the channel, the session's
+wakeup fd: level-triggered, so this loop's poll sees them again), a chain
+is Python's (the kick already drained: ``_serve`` at once), a signal came,
+a reap is due (the shared words ``session.reap`` compares moved) or the
+poll's timeout passed.
+
 Deferred requests (a SETLKW that must wait, an fsync running on a helper
 thread): the session keeps the chain (the token is the ``Chain`` itself)
 and the loop calls ``session.retry()`` every ``RETRY_INTERVAL`` seconds
@@ -253,7 +265,7 @@ class WorkerLoop:
         ((kick_fd, ring),) = self._by_kick_fd.items()
         queue = ring.queue
         core = getattr(queue, "core", None)
-        if core is None or ring.broken:
+        if queue is None or core is None or ring.broken:
             return None
         call_fd = -1 if ring.call_fd is None else ring.call_fd
         timeout_ms = -1 if timeout < 0 else int(timeout * 1000)
