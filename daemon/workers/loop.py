@@ -255,12 +255,14 @@ class WorkerLoop:
         came, reaping is due or ``timeout`` passed. Entered only when the
         loop owes nothing else: no deferred request, no ring in ``_again``
         or on a coalescing deadline (the caller checks those two), no
-        meter (its per-batch counters are Python's). Returns the events
+        ``--coalesce`` (its ``kick_after`` is ``_serve``'s), no meter (its
+        per-batch counters are Python's). Returns the events
         for the loop (``[]``: nothing more to do) or None: poll as usual
         (whatever made C return is still ready: the epoll is
         level-triggered and C read nothing but the kicks it served)."""
         session = self.session
-        if len(self._by_kick_fd) != 1 or self._deferred or session.meter is not None or session.has_pending():
+        if (len(self._by_kick_fd) != 1 or self._deferred or session.meter is not None or session.has_pending()
+                or self._coalesce is not None):
             return None
         ((kick_fd, ring),) = self._by_kick_fd.items()
         queue = ring.queue

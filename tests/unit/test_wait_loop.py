@@ -296,6 +296,9 @@ def test_the_loop_waits_in_python_while_it_owes_anything_else(rig, monkeypatch):
     monkeypatch.setattr(session, "has_pending", lambda: True)
     assert loop._wait_in_c(0) is None            # deferred requests: the retry timer
     monkeypatch.undo()
+    monkeypatch.setattr(loop, "_coalesce", (8, 0.01))
+    assert loop._wait_in_c(0) is None            # --coalesce: _serve asks for fewer kicks
+    monkeypatch.undo()
     assert kick_pending(rig.ring.kick_fd) == 1   # none of those consumed the kick
     rig.vr.kick()
     assert loop._wait_in_c(0) == []              # times out after serving
