@@ -16,7 +16,8 @@ Markdown tables: requests/s (the best or the median round), the daemon's
 CPU µs per request (its whole process tree, from /proc; the least or the
 median), and the worker's CPU per request in one process
 (tests/perf/inproc.py) for the ways of ours. ``--kinds``: only these
-ways (rounds alternate them).
+ways (rounds alternate them). A daemon round that fails (a daemon that
+never answers INIT) is reported and left out.
 """
 
 from __future__ import annotations
@@ -69,13 +70,23 @@ def main(argv=None) -> int:
         for label in kinds:
             kind, env = KINDS[label]
             cpu: dict[str, float] = {}
-            for key, rate in daemon_rates(kind, ops, depths, a.seconds, env=env, cpu=cpu).items():
+            try:
+                rates = daemon_rates(kind, ops, depths, a.seconds, env=env, cpu=cpu)
+            except (OSError, RuntimeError) as e:   # TimeoutError: a daemon that never answered
+                print(f"round {rnd + 1} {label}: failed, round left out: {e}", file=sys.stderr, flush=True)
+                continue
+            for key, rate in rates.items():
                 seen[label].setdefault(key, []).append(rate)
                 seen[label].setdefault("cpu:" + key, []).append(cpu[key])
             print(f"round {rnd + 1} {label}: " + ", ".join(f"{k} {v[-1]:,.1f}" for k, v in seen[label].items()),
                   f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
     pick = {"best": (max, min), "median": (statistics.median, statistics.median)}[a.stat]
     best = {k: {key: pick[key.startswith("cpu:")](v) for key, v in seen[k].items()} for k in kinds}
+    for k in kinds:
+        for op in ops:
+            for depth in depths:
+                for key in (f"{op}-d{depth}", f"cpu:{op}-d{depth}"):
+                    best[k].setdefault(key, float("nan"))    # every round of it failed
     bases = [k for k in ("C", "Rust") if k in kinds]
     print("| op | depth | " + " | ".join(kinds) + " | " + " | ".join(f"compiled / {k}" for k in bases) + " |")
     print("|---|---|" + "---|" * (len(kinds) + len(bases)))
