@@ -72,10 +72,12 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/uio.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "_vqcore_api.h"
 
@@ -858,6 +860,196 @@ static void fastops_dealloc(FastOps *self)
 
 static PyObject *get_served(FastOps *self, void *c) { return PyLong_FromUnsignedLongLong(self->served); }
 
+/* -- the wait loop (docs/compiled.md, "The wait loop") ------------------------
+ * wait(core, words, popped, epoll_fd, kick_fd, call_fd, limit, timeout_ms,
+ * watch) -> (code, served): the worker loop's idle wait and its depth-1
+ * round trip in C. Per round: the watched words unchanged (else WAIT_WATCH),
+ * epoll_wait on the loop's own epoll fd with the GIL released; when the
+ * only fd ready is this ring's kick: drain it, batch (as fastops_batch),
+ * publish with the progress record's stores (WorkerLoop._publish's order),
+ * write the call eventfd when the publish says so, and wait again. It
+ * returns, with the ring published, the moment anything else happens:
+ *   WAIT_READY  another fd is ready (or more than the kick): nothing was
+ *               read, the loop's level-triggered epoll reports it again;
+ *               or epoll_wait was interrupted by a signal (handlers ran);
+ *   WAIT_IDLE   timeout_ms passed with nothing ready;
+ *   WAIT_WATCH  a watched word (words[i] of a u64 view) differs from the
+ *               value the loop gave (reaping is due);
+ * and WAIT_SERVE, with the kick drained, when the batch declined a chain
+ * (the chains of that round pushed and recorded but not yet published) or
+ * served the whole limit (published): the loop's _serve goes on and
+ * publishes.
+ * served counts the chains C answered. A signal handler's exception, or a
+ * failed read or call eventfd write (OSError), returns NULL.
+ */
+enum { WAIT_READY, WAIT_SERVE, WAIT_IDLE, WAIT_WATCH };
+#define WAIT_WATCHES 4
+
+struct watch {
+    Py_buffer b;
+    Py_ssize_t index;
+    uint64_t value;
+};
+
+static int hold_watches(PyObject *seq, struct watch *w, int *count)
+{
+    PyObject *fast = PySequence_Fast(seq, "FastOps.wait: watch is not a sequence");
+    if (fast == NULL)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    int rc = 0;
+    *count = 0;
+    if (n > WAIT_WATCHES) {
+        PyErr_SetString(PyExc_ValueError, "FastOps.wait: too many watched words");
+        rc = -1;
+    }
+    for (Py_ssize_t i = 0; rc == 0 && i < n; i++) {
+        struct watch *x = &w[*count];
+        unsigned long long value;
+        PyObject *view;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "OnK", &view, &x->index, &value)
+            || PyObject_GetBuffer(view, &x->b, PyBUF_C_CONTIGUOUS) < 0) {
+            rc = -1;
+            break;
+        }
+        (*count)++;
+        x->value = value;
+        if (x->index < 0 || x->index >= x->b.len / 8 || ((uintptr_t)x->b.buf & 7)) {
+            PyErr_SetString(PyExc_ValueError, "FastOps.wait: watched word outside its view");
+            rc = -1;
+        }
+    }
+    Py_DECREF(fast);
+    return rc;
+}
+
+static int watch_changed(const struct watch *w, int count)
+{
+    for (int i = 0; i < count; i++)
+        if (__atomic_load_n((const uint64_t *)w[i].b.buf + w[i].index, __ATOMIC_RELAXED) != w[i].value)
+            return 1;
+    return 0;
+}
+
+/* WorkerLoop._publish for a ring without deferred answers: PUB_FROM,
+ * publish, DONE, PUB_FROM; the call eventfd if the publish says so */
+static int wait_publish(PyObject *core, uint32_t *words, int call_fd)
+{
+    unsigned int last;
+    __atomic_store_n(&words[2], (uint32_t)vq->published(core), __ATOMIC_RELAXED);
+    int want = vq->publish(core, &last);
+    if (want < 0)
+        return 0;       /* released: no queue (the loop never waits then) */
+    __atomic_store_n(&words[1], (uint32_t)last, __ATOMIC_RELAXED);
+    __atomic_store_n(&words[2], (uint32_t)vq->published(core), __ATOMIC_RELAXED);
+    if (want && call_fd >= 0) {
+        uint64_t one = 1;
+        if (write(call_fd, &one, sizeof one) != sizeof one) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *fastops_wait(FastOps *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError,
+                        "wait(core, words, popped, epoll_fd, kick_fd, call_fd, limit, timeout_ms, watch)");
+        return NULL;
+    }
+    int fds[4];     /* epoll, kick, call, timeout */
+    for (int i = 0; i < 4; i++) {
+        long v = PyLong_AsLong(args[3 + (i < 3 ? i : 4)]);
+        if (v == -1 && PyErr_Occurred())
+            return NULL;
+        if (v < -1 || v > INT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "FastOps.wait: fd or timeout out of range");
+            return NULL;
+        }
+        fds[i] = (int)v;
+    }
+    int epoll_fd = fds[0], kick_fd = fds[1], call_fd = fds[2], timeout = fds[3];
+    Py_ssize_t limit = PyLong_AsSsize_t(args[6]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    if (load_vqcore() < 0)
+        return NULL;
+    if (!PyObject_TypeCheck(args[0], vq->core_type)) {
+        PyErr_SetString(PyExc_TypeError, "FastOps.wait: core is not a _vqcore.Core of the loaded module");
+        return NULL;
+    }
+    struct watch w[WAIT_WATCHES];
+    int watches = 0;
+    Py_buffer wb;
+    if (hold_watches(args[8], w, &watches) < 0 || hold(args[1], &wb, 12, 4) < 0) {
+        for (int i = 0; i < watches; i++)
+            PyBuffer_Release(&w[i].b);
+        return NULL;
+    }
+    uint32_t *words = wb.buf;
+    PyObject *batch_args[4] = {args[0], args[1], args[2], args[6]};
+    Py_ssize_t served = 0;
+    int code = -1;
+    while (code < 0) {
+        if (PyErr_CheckSignals() < 0)
+            break;
+        if (watch_changed(w, watches)) {
+            code = WAIT_WATCH;
+            break;
+        }
+        struct epoll_event ev[2];
+        int rc, err;
+        Py_BEGIN_ALLOW_THREADS
+        rc = epoll_wait(epoll_fd, ev, 2, timeout);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (rc < 0) {
+            if (err != EINTR) {
+                errno = err;
+                PyErr_SetFromErrno(PyExc_OSError);
+            } else if (PyErr_CheckSignals() == 0)
+                code = WAIT_READY;
+            break;
+        }
+        if (rc == 0) {
+            code = WAIT_IDLE;
+            break;
+        }
+        if (rc > 1 || ev[0].data.fd != kick_fd) {
+            code = WAIT_READY;
+            break;
+        }
+        /* the kick is consumed here, so this round serves the ring */
+        uint64_t kicks;
+        if (read(kick_fd, &kicks, sizeof kicks) < 0 && errno != EAGAIN) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            break;
+        }
+        PyObject *r = fastops_batch(self, batch_args, 4);
+        if (r == NULL)
+            break;
+        Py_ssize_t n = PyLong_AsSsize_t(r);
+        Py_DECREF(r);
+        served += n < 0 ? -1 - n : n;
+        if (n < 0) {
+            code = WAIT_SERVE;
+            break;
+        }
+        if (wait_publish(args[0], words, call_fd) < 0)
+            break;
+        if (n == limit)
+            code = WAIT_SERVE;  /* published, as _serve does every `limit` */
+    }
+    PyBuffer_Release(&wb);
+    for (int i = 0; i < watches; i++)
+        PyBuffer_Release(&w[i].b);
+    if (code < 0)
+        return NULL;
+    return Py_BuildValue("(in)", code, served);
+}
+
 static PyGetSetDef fastops_getset[] = {
     {"served", (getter)get_served, NULL, "requests answered in C", NULL},
     {NULL},
@@ -871,6 +1063,12 @@ static PyMethodDef fastops_methods[] = {
      "_vqcore.Core's ring in C, recording each in the progress record (words[0] = AVAIL,\n"
      "popped[(avail - 1) & 1023] = head); n >= 0: n served and no chain is available (or\n"
      "n == limit); n < 0: -1 - n served and the next chain is Python's (VirtQueue.pop)"},
+    {"wait", (PyCFunction)(void (*)(void))fastops_wait, METH_FASTCALL,
+     "wait(core, words, popped, epoll_fd, kick_fd, call_fd, limit, timeout_ms, watch) -> (code, served):\n"
+     "wait on the loop's epoll fd and serve this ring's kicks in C (batch, publish, call) until\n"
+     "anything else happens; code 0: another fd is ready or a signal came, 1: the ring needs\n"
+     "Python (a declined chain, not yet published, or the limit), 2: timed out, 3: a watched\n"
+     "word (view, index, value) changed"},
     {NULL},
 };
 

@@ -56,7 +56,7 @@ from __future__ import annotations
 import os
 import time
 
-from daemon.fuse import attrs, files, inodes, replies
+from daemon.fuse import attrs, files, filetable, inodes, replies
 from daemon.fuse.abi import Opcode
 from daemon.log import get_logger
 from daemon.metrics import counters as c
@@ -81,6 +81,14 @@ def batch_loop() -> bool:
     """Whether the worker loop runs the compiled ops' batch loop (stage 3)
     rather than ``serve`` per chain popped in Python (stage 2)."""
     return os.environ.get(FASTOPS_ENV, "") != "2"
+
+
+def wait_loop() -> bool:
+    """Whether the worker loop also waits in C (``FastOps.wait``, the wait
+    loop) when only its ring's kicks can come; ``PYVIRTIOFSD_FASTOPS=3``:
+    the batch loop with the wait in Python (for measuring one against the
+    other)."""
+    return batch_loop() and os.environ.get(FASTOPS_ENV, "") != "3"
 
 
 def why_not(session) -> str:
@@ -154,7 +162,25 @@ def fast_ops(session):
     fast = make(session)
     counted = " (counted by C)" if session.meter is not None and meter_layout(session.meter) else ""
     loop = "batch loop in C" if batch_loop() else f"chains popped in Python, {FASTOPS_ENV}=2"
+    if batch_loop():
+        loop += ", wait loop in C" if wait_loop() else f", wait in Python, {FASTOPS_ENV}=3"
     log.info("FUSE ops: GETATTR and READ compiled (extension daemon.fuse._fastops; %s)%s", loop, counted)
     if session.meter is not None and not counted:
         log.info("FUSE ops: this meter is not C's to count for: its requests stay in Python")
     return fast
+
+
+def reap_watch(session) -> list[tuple[memoryview, int, int]]:
+    """What ``FastOps.wait`` watches so that the worker loop's
+    ``session.reap()`` is never owed while C waits (workers/loop.py):
+    (shared u64 view, word index, the value this worker last saw) of the
+    inode table's freed-ring cursor (``InodeCache.reap``) and of the file
+    table's released count (``HandleTable.reap``). A word that moves makes
+    the wait return, and the loop reaps."""
+    watch = []
+    cache, handles = session.cache, session.handles
+    if cache is not None:
+        watch.append((cache.table._hdr, inodes._H_RING_W, cache._cursor))
+    if handles is not None:
+        watch.append((handles.files._hdr, filetable._H_RELEASED, handles._released))
+    return watch

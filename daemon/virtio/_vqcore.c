@@ -530,19 +530,18 @@ static PyObject *core_push(Core *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
-static PyObject *core_publish(Core *self, PyObject *unused)
+/* store used.idx; 1: signal the guest (the call eventfd), 0: not */
+static int publish(Core *self)
 {
-    if (!check_held(self))
-        return NULL;
     uint16_t new = self->used_idx;
     if (new == self->published_idx)
-        Py_RETURN_FALSE;
+        return 0;
     /* release: the used elements are visible before the index; one store */
     store16((unsigned char *)self->used.buf, 2, new);
     self->published_idx = new;
     if (!self->event_idx) {
         self->signalled_used = new;
-        Py_RETURN_TRUE;
+        return 1;
     }
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     uint16_t old = self->signalled_used;
@@ -550,10 +549,17 @@ static PyObject *core_publish(Core *self, PyObject *unused)
     self->signalled_used = new;
     self->signalled_valid = 1;
     if (!valid)
-        Py_RETURN_TRUE;
+        return 1;
     uint16_t event = load16((const unsigned char *)self->avail.buf, 4 + 2 * (size_t)self->num);
     /* vring_need_event */
-    return PyBool_FromLong((uint16_t)(new - event - 1) < (uint16_t)(new - old));
+    return (uint16_t)(new - event - 1) < (uint16_t)(new - old);
+}
+
+static PyObject *core_publish(Core *self, PyObject *unused)
+{
+    if (!check_held(self))
+        return NULL;
+    return PyBool_FromLong(publish(self));
 }
 
 static PyObject *core_release(Core *self, PyObject *unused)
@@ -634,7 +640,19 @@ static unsigned int api_take(PyObject *core) { return take((Core *)core); }
 
 static void api_push(PyObject *core, uint32_t head, uint32_t written) { push_elem((Core *)core, head, written); }
 
-static struct vqcore_api api = {VQCORE_API_VERSION, &CoreType, api_peek, api_take, api_push};
+static int api_publish(PyObject *core, unsigned int *last_avail)
+{
+    Core *self = (Core *)core;
+    if (!self->held)
+        return -1;
+    *last_avail = self->last_avail;
+    return publish(self);
+}
+
+static unsigned int api_published(PyObject *core) { return ((Core *)core)->published_idx; }
+
+static struct vqcore_api api = {VQCORE_API_VERSION, &CoreType, api_peek, api_take, api_push, api_publish,
+                                api_published};
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_vqcore", "Compiled split-virtqueue core (see virtqueue.py).", -1, NULL,

@@ -22,7 +22,7 @@
 #include <sys/uio.h>
 
 #define VQCORE_CAPSULE "daemon.virtio._vqcore._C_API"
-#define VQCORE_API_VERSION 1
+#define VQCORE_API_VERSION 2
 #define VQ_RAW_READABLE 16      /* merged readable buffers a raw chain holds */
 #define VQ_RAW_WRITABLE 1040    /* merged writable ones (1024 payload + header, and some) */
 
@@ -46,6 +46,12 @@ struct vqcore_api {
     unsigned int (*take)(PyObject *core);
     /* push(head, written), as Core.push: visible at the next publish */
     void (*push)(PyObject *core, uint32_t head, uint32_t written);
+    /* version 2 (the wait loop, docs/compiled.md): publish as Core.publish
+     * (1: signal the guest, 0: not; -1: a released queue, nothing done),
+     * giving the last avail index (the progress record's DONE); and
+     * used.idx as last published (PUB_FROM) */
+    int (*publish)(PyObject *core, unsigned int *last_avail);
+    unsigned int (*published)(PyObject *core);
 };
 
 #endif

@@ -35,6 +35,18 @@ records and pushes the GETATTRs and READs it serves, and the loop pops
 only the chains C leaves to it; the count, the cap, the publish and the
 call are the loop's either way.
 
+The wait loop (``_wait_in_c``, docs/compiled.md): when this worker watches
+one ring and owes nothing else (no deferred request, no ring in
+``_again`` or on a coalescing deadline, no metrics meter), the loop waits
+in C instead (``FastOps.wait``): epoll_wait on this loop's epoll, and
+while the ring's kick is the only fd ready C drains it, runs the batch,
+publishes (progress record included) and calls, as ``_serve`` would. It
+returns as soon as anything else is ready (the channel, the session's
+wakeup fd: level-triggered, so this loop's poll sees them again), a chain
+is Python's (the kick already drained: ``_serve`` at once), a signal came,
+a reap is due (the shared words ``session.reap`` compares moved) or the
+poll's timeout passed.
+
 Deferred requests (a SETLKW that must wait, an fsync running on a helper
 thread): the session keeps the chain (the token is the ``Chain`` itself)
 and the loop calls ``session.retry()`` every ``RETRY_INTERVAL`` seconds
@@ -88,6 +100,9 @@ RETRY_INTERVAL = 0.010  # seconds between session.retry() calls while requests w
 # chains of a batch, so the guest reads those replies while the worker serves
 # the rest (the C batch loop and the Python one alike)
 PUBLISH_EVERY = 16
+# FastOps.wait's answers (_fastops.c): another fd is ready (or a signal
+# came), the ring is Python's to serve, timed out, a reap is due
+WAIT_READY, WAIT_SERVE, WAIT_IDLE, WAIT_WATCH = range(4)
 
 
 class Ring:
@@ -159,10 +174,14 @@ class WorkerLoop:
         self._fast = fast
         self._fast_serve: Callable[[Chain], int] | None = None
         self._fast_batch: Callable[[object, memoryview, memoryview, int], int] | None = None
+        self._fast_wait: Callable[..., tuple[int, int]] | None = None
         if fast is not None:
             from daemon.fuse import fastpath    # a worker: see _fast_ops
             if fastpath.batch_loop():
                 self._fast_batch = fast.batch
+                if fastpath.wait_loop():
+                    self._fast_wait = fast.wait
+                    self._reap_watch = fastpath.reap_watch
             else:
                 self._fast_serve = fast.serve
 
@@ -191,7 +210,11 @@ class WorkerLoop:
                 if self._deadlines:
                     due = max(0.0, min(self._deadlines.values()) - self._clock())
                     timeout = due if timeout < 0 else min(timeout, due)
-                events = self._epoll.poll(timeout)
+                events = None
+                if self._fast_wait is not None and not self._again and not self._deadlines:
+                    events = self._wait_in_c(timeout)
+                if events is None:
+                    events = self._epoll.poll(timeout)
                 if not events and peers is not None and peers.shared:
                     session.reap()
                 for fd, _events in events:
@@ -223,6 +246,49 @@ class WorkerLoop:
         except ChannelError as e:
             log.error("control channel: %s; exiting", e)
             return 1
+
+    # -- the wait loop (docs/compiled.md) -------------------------------------
+    def _wait_in_c(self, timeout: float) -> list | None:
+        """Wait in C (``FastOps.wait``) while only this worker's one ring
+        can need anything: C serves its kicks (batch, publish, call) and
+        returns when any other fd is ready, a chain is Python's, a signal
+        came, reaping is due or ``timeout`` passed. Entered only when the
+        loop owes nothing else: no deferred request, no ring in ``_again``
+        or on a coalescing deadline (the caller checks those two), no
+        ``--coalesce`` (its ``kick_after`` is ``_serve``'s), no meter (its
+        per-batch counters are Python's). Returns the events
+        for the loop (``[]``: nothing more to do) or None: poll as usual
+        (whatever made C return is still ready: the epoll is
+        level-triggered and C read nothing but the kicks it served)."""
+        session = self.session
+        if (len(self._by_kick_fd) != 1 or self._deferred or session.meter is not None or session.has_pending()
+                or self._coalesce is not None):
+            return None
+        ((kick_fd, ring),) = self._by_kick_fd.items()
+        queue = ring.queue
+        core = getattr(queue, "core", None)
+        if queue is None or core is None or ring.broken:
+            return None
+        call_fd = -1 if ring.call_fd is None else ring.call_fd
+        timeout_ms = -1 if timeout < 0 else int(timeout * 1000)
+        limit = min(queue.num, PUBLISH_EVERY)
+        assert self._fast_wait is not None
+        try:
+            code, _served = self._fast_wait(core, ring.words, ring.popped, self._epoll.fileno(), kick_fd,
+                                            call_fd, limit, timeout_ms, self._reap_watch(session))
+        except OSError as e:
+            # the call eventfd's write, as in _publish (the read of a
+            # non-blocking kick fd and epoll_wait on our own fds do not fail)
+            self._guest_log.warning("vring %d: wait loop: %s", ring.index, e.strerror)
+            return None
+        if code == WAIT_SERVE:
+            self._serve(ring)
+            return []
+        if code == WAIT_IDLE:
+            return []
+        if code == WAIT_WATCH:
+            session.reap()
+        return None
 
     # -- rings ---------------------------------------------------------------
     def _serve(self, ring: Ring) -> int:

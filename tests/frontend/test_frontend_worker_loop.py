@@ -146,7 +146,9 @@ def test_each_worker_says_once_which_request_path_it_runs(frontend):
     ops = [ln for ln in frontend.daemon.log().splitlines() if "FUSE ops: " in ln]
     stage = os.environ.get("PYVIRTIOFSD_FASTOPS", "")
     want = ("all in Python" if pure or stage == "0" else
-            "chains popped in Python, PYVIRTIOFSD_FASTOPS=2" if stage == "2" else "batch loop in C")
+            "chains popped in Python, PYVIRTIOFSD_FASTOPS=2" if stage == "2" else
+            "batch loop in C, wait in Python, PYVIRTIOFSD_FASTOPS=3" if stage == "3" else
+            "batch loop in C, wait loop in C")
     assert len(ops) == 1 and want in ops[0], ops
 
 

@@ -4,20 +4,27 @@ drives each daemon at depth 1 and 64, rounds interleaved, best round kept.
 
     python -m tests.perf.compiled_bench [--seconds 2] [--rounds 2]
                                         [--ops getattr,lookup,read4k]
+                                        [--depths 1,64] [--kinds compiled,C,Rust]
+                                        [--stat best|median]
 
-Ours runs four ways: pure (``PYVIRTIOFSD_PURE=1``), stage 1 (the compiled
+Ours runs five ways: pure (``PYVIRTIOFSD_PURE=1``), stage 1 (the compiled
 virtqueue alone, ``PYVIRTIOFSD_FASTOPS=0``), stage 2 (GETATTR and READ in
-C on chains popped in Python, ``PYVIRTIOFSD_FASTOPS=2``) and compiled (the
-batch loop in C, stage 3, the default). Prints Markdown tables:
-requests/s, the daemon's CPU µs per request (its whole process tree, from
-/proc), and the worker's CPU per request in one process
-(tests/perf/inproc.py) for the ways of ours.
+C on chains popped in Python, ``PYVIRTIOFSD_FASTOPS=2``), stage 3 (the
+batch loop in C, the wait in Python, ``PYVIRTIOFSD_FASTOPS=3``) and
+compiled (the batch loop and the wait loop in C, the default). Prints
+Markdown tables: requests/s (the best or the median round), the daemon's
+CPU µs per request (its whole process tree, from /proc; the least or the
+median), and the worker's CPU per request in one process
+(tests/perf/inproc.py) for the ways of ours. ``--kinds``: only these
+ways (rounds alternate them). A daemon round that fails (a daemon that
+never answers INIT) is reported and left out.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 
@@ -28,11 +35,12 @@ KINDS = {  # label: (daemon kind, extra environment)
     "pure": ("ours", {"PYVIRTIOFSD_PURE": "1"}),
     "stage 1": ("ours", {"PYVIRTIOFSD_PURE": "0", "PYVIRTIOFSD_FASTOPS": "0"}),
     "stage 2": ("ours", {"PYVIRTIOFSD_PURE": "0", "PYVIRTIOFSD_FASTOPS": "2"}),
-    "compiled": ("ours", {"PYVIRTIOFSD_PURE": "0", "PYVIRTIOFSD_FASTOPS": "3"}),
+    "stage 3": ("ours", {"PYVIRTIOFSD_PURE": "0", "PYVIRTIOFSD_FASTOPS": "3"}),
+    "compiled": ("ours", {"PYVIRTIOFSD_PURE": "0", "PYVIRTIOFSD_FASTOPS": ""}),
     "C": ("c", None),
     "Rust": ("rust", None),
 }
-OURS = ("pure", "stage 1", "stage 2", "compiled")
+OURS = ("pure", "stage 1", "stage 2", "stage 3", "compiled")
 
 
 def inproc_us(op: str, depth: int, seconds: float, label: str) -> float:
@@ -48,25 +56,42 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--ops", default="getattr,lookup,read4k")
+    ap.add_argument("--depths", default="1,64")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="ways to run, of: " + ", ".join(KINDS))
+    ap.add_argument("--stat", choices=("best", "median"), default="best")
     a = ap.parse_args(argv)
     ops = a.ops.split(",")
-    kinds = [k for k in KINDS if k != "C" or os.path.exists(C_VIRTIOFSD)]
-    best: dict[str, dict[str, float]] = {k: {} for k in kinds}
+    depths = tuple(int(d) for d in a.depths.split(","))
+    kinds = [k for k in a.kinds.split(",") if k != "C" or os.path.exists(C_VIRTIOFSD)]
+    if "compiled" not in kinds or not set(kinds) <= set(KINDS):
+        ap.error(f"--kinds: some of {', '.join(KINDS)}, compiled among them")
+    seen: dict[str, dict[str, list[float]]] = {k: {} for k in kinds}
     for rnd in range(a.rounds):
         for label in kinds:
             kind, env = KINDS[label]
             cpu: dict[str, float] = {}
-            for key, rate in daemon_rates(kind, ops, (1, 64), a.seconds, env=env, cpu=cpu).items():
-                b = best[label]
-                b[key] = max(b.get(key, 0.0), rate)
-                b["cpu:" + key] = min(b.get("cpu:" + key, cpu[key]), cpu[key])
-            print(f"round {rnd + 1} {label}: " + ", ".join(f"{k} {v:,.1f}" for k, v in best[label].items()),
+            try:
+                rates = daemon_rates(kind, ops, depths, a.seconds, env=env, cpu=cpu)
+            except (OSError, RuntimeError) as e:   # TimeoutError: a daemon that never answered
+                print(f"round {rnd + 1} {label}: failed, round left out: {e}", file=sys.stderr, flush=True)
+                continue
+            for key, rate in rates.items():
+                seen[label].setdefault(key, []).append(rate)
+                seen[label].setdefault("cpu:" + key, []).append(cpu[key])
+            print(f"round {rnd + 1} {label}: " + ", ".join(f"{k} {v[-1]:,.1f}" for k, v in seen[label].items()),
                   f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+    pick = {"best": (max, min), "median": (statistics.median, statistics.median)}[a.stat]
+    best = {k: {key: pick[key.startswith("cpu:")](v) for key, v in seen[k].items()} for k in kinds}
+    for k in kinds:
+        for op in ops:
+            for depth in depths:
+                for key in (f"{op}-d{depth}", f"cpu:{op}-d{depth}"):
+                    best[k].setdefault(key, float("nan"))    # every round of it failed
     bases = [k for k in ("C", "Rust") if k in kinds]
     print("| op | depth | " + " | ".join(kinds) + " | " + " | ".join(f"compiled / {k}" for k in bases) + " |")
     print("|---|---|" + "---|" * (len(kinds) + len(bases)))
     for op in ops:
-        for depth in (1, 64):
+        for depth in depths:
             key = f"{op}-d{depth}"
             r = {k: best[k][key] for k in kinds}
             cells = " | ".join(f"{r[k]:,.0f}" for k in kinds)
@@ -76,14 +101,15 @@ def main(argv=None) -> int:
     print("| op | depth | " + " | ".join(f"{k} CPU µs" for k in kinds) + " |")
     print("|---|---|" + "---|" * len(kinds))
     for op in ops:
-        for depth in (1, 64):
+        for depth in depths:
             key = f"cpu:{op}-d{depth}"
             print(f"| {op} | {depth} | " + " | ".join(f"{best[k][key]:.1f}" for k in kinds) + " |")
     print()
-    print("| op (in-process, depth 64, CPU µs/request) | " + " | ".join(OURS) + " |")
-    print("|---|" + "---|" * len(OURS))
+    ours = [k for k in OURS if k in kinds]
+    print("| op (in-process, depth 64, CPU µs/request) | " + " | ".join(ours) + " |")
+    print("|---|" + "---|" * len(ours))
     for op in ops:
-        us = [min(inproc_us(op, 64, a.seconds, label) for _ in range(a.rounds)) for label in OURS]
+        us = [min(inproc_us(op, 64, a.seconds, label) for _ in range(a.rounds)) for label in ours]
         print(f"| {op} | " + " | ".join(f"{u:.2f}" for u in us) + " |")
     return 0
 

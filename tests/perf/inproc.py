@@ -44,9 +44,9 @@ class _NoChannel:
         return -1
 
 
-def _build(op: str, depth: int, shared: str, cache: str = "auto"):
+def _build(op: str, depth: int, shared: str, cache: str = "auto", event_idx: bool = False):
     fmem = FrontMemory(256 << 20)
-    vr = VRing(fmem, 1, 1024, event_idx=False)
+    vr = VRing(fmem, 1, 1024, event_idx=event_idx)
     regions = [(r.gpa, r.size, r.qva, r.mmap_offset) for r in fmem.regions]
     dmem = DaemonMemory.from_regions(regions, [os.dup(r.fd) for r in fmem.regions])
     config = Config(shared_dir=shared, cache=CacheMode(cache), sandbox="none", seccomp="none")
@@ -57,7 +57,7 @@ def _build(op: str, depth: int, shared: str, cache: str = "auto"):
     ring = loop.rings[1]
     ring.num = vr.num
     ring.queue = VirtQueue(dmem, vr.num, fmem.qva(vr.desc_gpa), fmem.qva(vr.avail_gpa),
-                           fmem.qva(vr.used_gpa), 0, False)
+                           fmem.qva(vr.used_gpa), 0, event_idx)
     ring.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     unique = [0]
 

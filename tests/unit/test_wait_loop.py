@@ -1,0 +1,339 @@
+"""The wait loop in C (``FastOps.wait``, docs/compiled.md): the worker
+loop's wait and its round trips served in C while only its ring's kicks
+come, on a real request session (tests/perf/inproc.py's set-up) and a
+guest ring of the test frontend (tests/frontend/vring.py), with and
+without EVENT_IDX.
+
+What is checked: kicked requests are answered, published with the
+progress record's stores and the guest called as the publish rules say
+(the same calls, used ring and record as the Python loop); any other fd
+ready returns to Python without consuming it or the kick; a chain C
+declines returns with the kick consumed and the loop's ``_serve`` answers
+it without waiting for another kick; a signal returns promptly (and a
+handler's exception propagates); a watched word that moved (reaping due)
+returns; the limit returns after publishing; and the loop does not enter
+the wait while it owes anything else.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import threading
+import time
+
+import pytest
+
+from daemon.fuse import abi, fastpath
+from daemon.fuse.abi import Opcode
+from daemon.virtio import compiled
+from daemon.workers import loop as loop_mod
+from daemon.workers import progress as prog
+from tests.perf import inproc
+
+WAIT_READY, WAIT_SERVE, WAIT_IDLE, WAIT_WATCH = (loop_mod.WAIT_READY, loop_mod.WAIT_SERVE, loop_mod.WAIT_IDLE,
+                                                 loop_mod.WAIT_WATCH)
+ROOM = abi.ATTR_OUT.size
+_unique = [1000]
+
+
+class Rig:
+    """A WorkerLoop on a real request session whose one ring is watched
+    (its kick fd in the loop's epoll, as ``_watch`` does), on the compiled
+    queue with the compiled ops (even under PYVIRTIOFSD_PURE=1), and the
+    guest's side of that ring; ``other`` is a pipe in the same epoll that
+    stands for the control channel."""
+
+    def __init__(self, shared: str, event_idx: bool):
+        self.loop, self.ring, self.vr, _ = inproc._build("getattr", 0, shared, event_idx=event_idx)
+        loop, ring, vr = self.loop, self.ring, self.vr
+        pure = ring.queue
+        if not isinstance(pure, compiled.CompiledVirtQueue):     # PYVIRTIOFSD_PURE=1 (make test-pure)
+            qva = vr.mem.qva
+            ring.queue = compiled.CompiledVirtQueue(pure.mem, vr.num, qva(vr.desc_gpa), qva(vr.avail_gpa),
+                                                    qva(vr.used_gpa), pure.last_avail_idx, event_idx)
+            pure.release()
+        prog.reset(ring.words, ring.queue)
+        self.fast = fastpath.make(loop.session)
+        loop.use_fast_ops(self.fast)
+        loop._fast_wait = self.fast.wait          # whatever PYVIRTIOFSD_FASTOPS says
+        loop._reap_watch = fastpath.reap_watch
+        os.close(ring.call_fd)
+        ring.call_fd = os.dup(vr.call_fd)
+        ring.kick_fd = os.dup(vr.kick_fd)
+        loop._watch(ring)
+        self.other_r, self.other_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        loop._epoll.register(self.other_r, select.EPOLLIN)
+
+    def close(self) -> None:
+        self.loop._unwatch(self.ring)
+        os.close(self.ring.kick_fd)
+        os.close(self.other_r)
+        os.close(self.other_w)
+        inproc.close(self.loop, self.ring, self.vr)
+
+    def submit(self, opcode: Opcode = Opcode.GETATTR) -> int:
+        _unique[0] += 2
+        if opcode == Opcode.GETATTR:
+            args, out = abi.GETATTR_IN.pack(0, 0, 0), ROOM
+        else:   # LOOKUP: C declines it, Python answers
+            args, out = inproc.DATA.encode() + b"\0", abi.ENTRY_OUT.size
+        header = abi.IN_HEADER.pack(40 + len(args), opcode, _unique[0], 1, 0, 0, 1, 0, 0)
+        return self.vr.submit([header, args], [16, out])
+
+    def wait(self, timeout_ms: int = 0, limit: int = 16, watch=None) -> tuple[int, int]:
+        ring, loop = self.ring, self.loop
+        if watch is None:
+            watch = fastpath.reap_watch(loop.session)
+        return self.fast.wait(ring.queue.core, ring.words, ring.popped, loop._epoll.fileno(), ring.kick_fd,
+                              ring.call_fd, limit, timeout_ms, watch)
+
+    def calls(self) -> int:
+        """Call eventfd writes since the last look (an eventfd sums them)."""
+        try:
+            return os.eventfd_read(self.vr.call_fd)
+        except BlockingIOError:
+            return 0
+
+    def replies(self) -> list[tuple[int, int]]:
+        """(head, error) of every reply the guest has not yet seen."""
+        out = []
+        for head in self.vr.harvest():
+            _len, error, _unique = abi.OUT_HEADER.unpack(self.vr.read_writable(head, 16))
+            out.append((head, error))
+            self.vr.free(head)
+        return out
+
+    def record(self) -> tuple[int, int, int]:
+        """The progress record's AVAIL, DONE, PUB_FROM."""
+        return tuple(self.ring.words[:3])
+
+
+@pytest.fixture(params=[False, True], ids=["plain", "event-idx"])
+def rig(request, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = Rig(str(tmp_path), request.param)
+    yield r
+    r.close()
+
+
+def kick_pending(fd: int) -> int:
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
+def test_kicked_requests_are_answered_published_recorded_and_called(rig):
+    heads = [rig.submit() for _ in range(3)]
+    rig.vr.kick()
+    code, served = rig.wait(timeout_ms=0)
+    assert (code, served) == (WAIT_IDLE, 3)
+    assert rig.replies() == [(h, 0) for h in heads]
+    assert rig.calls() == 1
+    last = rig.ring.queue.last_avail_idx
+    assert rig.record() == (last, last, rig.ring.queue.published_idx)
+    assert [rig.ring.popped[(last - 3 + k) & prog.POPPED_MASK] for k in range(3)] == heads
+    assert kick_pending(rig.ring.kick_fd) == 0
+    assert rig.fast.served == 3
+
+
+def test_round_trips_are_served_until_the_control_channel_speaks(rig):
+    """A guest thread sends one request at a time (depth 1), each after
+    the previous reply; then a control message arrives: C returns to
+    Python without reading it, having answered every request."""
+    rounds = 20
+    answered: list[int] = []
+
+    def guest():
+        for _ in range(rounds):
+            head = rig.submit()
+            rig.vr.kick()
+            rig.vr.wait(head, 5.0)
+            answered.append(head)
+            rig.vr.free(head)
+        os.write(rig.other_w, b"m")
+
+    t = threading.Thread(target=guest)
+    t.start()
+    code, served = rig.wait(timeout_ms=10_000)
+    t.join(5)
+    assert (code, served) == (WAIT_READY, rounds)
+    assert len(answered) == rounds
+    assert os.read(rig.other_r, 8) == b"m"       # still there for the loop's poll
+    assert rig.record()[:2] == (rig.ring.queue.last_avail_idx,) * 2
+
+
+def test_another_ready_fd_returns_without_consuming_the_kick(rig):
+    head = rig.submit()
+    rig.vr.kick()
+    os.write(rig.other_w, b"m")
+    last = rig.ring.queue.last_avail_idx
+    assert rig.wait(timeout_ms=1000) == (WAIT_READY, 0)
+    assert rig.ring.queue.last_avail_idx == last
+    assert kick_pending(rig.ring.kick_fd) == 1   # the loop's poll sees it again
+    rig.loop._serve(rig.ring)
+    assert rig.replies() == [(head, 0)]
+
+
+def test_a_declined_chain_is_python_s_and_its_kick_is_not_needed_again(rig):
+    getattr_head = rig.submit()
+    lookup_head = rig.submit(Opcode.LOOKUP)
+    rig.vr.kick()
+    last = rig.ring.queue.last_avail_idx
+    assert rig.wait(timeout_ms=1000) == (WAIT_SERVE, 1)
+    assert kick_pending(rig.ring.kick_fd) == 0    # consumed by C ...
+    assert rig.ring.queue.last_avail_idx == last + 1  # ... the LOOKUP not taken
+    assert rig.replies() == []                  # the GETATTR not yet published
+    rig.loop._serve(rig.ring)                   # ... so the loop serves at once
+    assert rig.replies() == [(getattr_head, 0), (lookup_head, 0)]
+
+
+def test_the_loop_serves_a_declined_chain_without_another_kick(rig):
+    heads = [rig.submit(), rig.submit(Opcode.LOOKUP), rig.submit()]
+    rig.vr.kick()
+    assert rig.loop._wait_in_c(-1) == []
+    assert rig.replies() == [(h, 0) for h in heads]
+    assert rig.calls() == 1
+    last = rig.ring.queue.last_avail_idx
+    assert rig.record() == (last, last, rig.ring.queue.published_idx)
+
+
+def test_the_limit_returns_after_publishing(rig):
+    heads = [rig.submit() for _ in range(20)]
+    rig.vr.kick()
+    assert rig.wait(timeout_ms=1000, limit=16) == (WAIT_SERVE, 16)
+    assert rig.replies() == [(h, 0) for h in heads[:16]]
+    rig.loop._serve(rig.ring)
+    assert rig.replies() == [(h, 0) for h in heads[16:]]
+
+
+def test_a_signal_returns_to_python_promptly(rig):
+    seen = []
+    old = signal.signal(signal.SIGALRM, lambda *a: seen.append(1))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        start = time.monotonic()
+        assert rig.wait(timeout_ms=-1) == (WAIT_READY, 0)
+        assert time.monotonic() - start < 2.0
+        assert seen == [1]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_a_signal_handler_s_exception_propagates(rig):
+    def boom(*a):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, boom)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(KeyboardInterrupt):
+            rig.wait(timeout_ms=-1)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_a_moved_watch_word_returns_before_waiting(rig):
+    session = rig.loop.session
+    watch = fastpath.reap_watch(session)
+    assert [(view[i], v) for view, i, v in watch] == [(session.cache.table.cursor, session.cache._cursor),
+                                                      (session.handles.files.released,
+                                                       session.handles._released)]
+    assert all(view[i] == v for view, i, v in watch)
+    rig.submit()
+    rig.vr.kick()
+    view, index, value = watch[0]
+    moved = [watch[1], (view, index, value + 1)]
+    assert rig.wait(timeout_ms=-1, watch=moved) == (WAIT_WATCH, 0)
+    assert kick_pending(rig.ring.kick_fd) == 1   # (read here: the guest kicks again)
+    rig.vr.kick()
+    assert rig.wait(timeout_ms=0, watch=watch) == (WAIT_IDLE, 1)
+
+
+def test_bad_arguments_are_refused(rig):
+    ring, loop = rig.ring, rig.loop
+    core, fd = ring.queue.core, loop._epoll.fileno()
+    with pytest.raises(TypeError):
+        rig.fast.wait(core, ring.words, ring.popped, fd, ring.kick_fd, ring.call_fd, 16, 0)
+    with pytest.raises(TypeError):
+        rig.fast.wait(object(), ring.words, ring.popped, fd, ring.kick_fd, ring.call_fd, 16, 0, [])
+    with pytest.raises(ValueError):
+        rig.fast.wait(core, ring.words, ring.popped, fd, ring.kick_fd, ring.call_fd, 16, 0,
+                      [(memoryview(bytearray(8)).cast("Q"), 1, 0)])
+    with pytest.raises(ValueError):
+        rig.fast.wait(core, ring.words, ring.popped, fd, ring.kick_fd, ring.call_fd, 16, 0, [()] * 5)
+    with pytest.raises(ValueError):
+        rig.fast.wait(core, ring.words, ring.popped, fd, ring.kick_fd, -2, 16, 0, [])
+    with pytest.raises(OSError):
+        rig.fast.wait(core, ring.words, ring.popped, -1, ring.kick_fd, ring.call_fd, 16, 0, [])
+
+
+def test_a_failing_call_eventfd_is_logged_and_the_loop_goes_on(rig, caplog):
+    r, w = os.pipe2(os.O_CLOEXEC)
+    os.close(rig.ring.call_fd)
+    rig.ring.call_fd = r          # a read end: write() fails with EBADF
+    head = rig.submit()
+    rig.vr.kick()
+    try:
+        assert rig.loop._wait_in_c(0) is None
+        assert "wait loop" in caplog.text
+        assert rig.replies() == [(head, 0)]     # published before the call
+    finally:
+        os.close(w)
+
+
+def test_the_loop_waits_in_python_while_it_owes_anything_else(rig, monkeypatch):
+    loop, session = rig.loop, rig.loop.session
+    rig.submit()
+    rig.vr.kick()
+    monkeypatch.setattr(session, "meter", object())
+    assert loop._wait_in_c(0) is None            # a meter: its batch counters are Python's
+    monkeypatch.setattr(session, "meter", None)
+    monkeypatch.setattr(session, "has_pending", lambda: True)
+    assert loop._wait_in_c(0) is None            # deferred requests: the retry timer
+    monkeypatch.undo()
+    monkeypatch.setattr(loop, "_coalesce", (8, 0.01))
+    assert loop._wait_in_c(0) is None            # --coalesce: _serve asks for fewer kicks
+    monkeypatch.undo()
+    assert kick_pending(rig.ring.kick_fd) == 1   # none of those consumed the kick
+    rig.vr.kick()
+    assert loop._wait_in_c(0) == []              # times out after serving
+    assert len(rig.replies()) == 1
+
+
+@pytest.mark.parametrize("used_events", [[0, 0, 0, 0], [0, 5, 1, 9], [3, 3, 2, 7]])
+def test_calls_and_ring_state_are_the_python_loop_s(tmp_path, monkeypatch, used_events):
+    """The same rounds (a few requests, the guest's used_event, a kick)
+    through the Python loop's drain + _serve and through the C wait, with
+    and without EVENT_IDX: the same calls after every round, the same used
+    ring, avail_event and progress record."""
+    monkeypatch.chdir(tmp_path)
+    for event_idx in (False, True):
+        seen = []
+        for path in ("python", "c"):
+            r = Rig(str(tmp_path), event_idx)
+            try:
+                trace = []
+                for k, used_event in enumerate(used_events):
+                    heads = [r.submit() for _ in range(1 + k % 3)]
+                    if event_idx:
+                        r.vr.mem.store_u16(r.vr._used_event_gpa, (r.vr.last_used + used_event) & 0xFFFF)
+                    r.vr.kick()
+                    if path == "python":
+                        loop_mod._drain(r.ring.kick_fd)
+                        r.loop._serve(r.ring)
+                    else:
+                        assert r.wait(timeout_ms=0) == (WAIT_IDLE, len(heads))
+                    used = r.vr.mem.read(r.vr.used_gpa, 4 + 8 * 16)
+                    trace.append((r.calls(), used, r.vr.avail_event(), r.record()))
+                    r.vr.harvest() if not event_idx else None
+                    for h in heads:
+                        r.vr.inflight.pop(h, None)
+                seen.append(trace)
+            finally:
+                r.close()
+        assert seen[0] == seen[1]
