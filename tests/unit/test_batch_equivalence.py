@@ -148,7 +148,13 @@ def run(rig, data: bytes, stage3: bool) -> dict:
     img.lay(lay)
     broke: list[str] = []
     loop._break = lambda ring, e: (broke.append(str(e)), WorkerLoop._break(loop, ring, e))  # type: ignore
-    loop.use_fast_ops(fast if stage3 else None)
+    # the batch loop whatever PYVIRTIOFSD_FASTOPS says (=2 would make it stage 2)
+    stage = os.environ.pop(fastpath.FASTOPS_ENV, None)
+    try:
+        loop.use_fast_ops(fast if stage3 else None)
+    finally:
+        if stage is not None:
+            os.environ[fastpath.FASTOPS_ENV] = stage
     session.meter = c_meter if stage3 else pure_meter
     ring = Ring(1, prog.RingProgress(2, shared=False).record(1))
     loop.rings[1] = ring
