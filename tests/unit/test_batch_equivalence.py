@@ -6,8 +6,9 @@ the rings in region 0, requests in region 1, the largest, some buffers in
 region 2): a mix of requests C serves (GETATTR on held nodeids and fhs,
 READ on held fhs, WRITE on held fhs: read-write, O_APPEND, read-only),
 requests it declines (LOOKUP, unknown nodeids, released fhs, WRITEs with
-FUSE_WRITE_KILL_SUIDGID or a size that is not their data, other opcodes, headers split over buffers, writable parts too small,
-buffers outside the largest region) and malformed chains (a ``next`` out
+FUSE_WRITE_KILL_SUIDGID or a size that is not their data, other opcodes,
+headers split over buffers, writable parts too small, buffers outside the
+largest region) and malformed chains (a ``next`` out
 of range, a loop, readable after writable, a buffer outside memory, a bad
 indirect table, a head out of range, an avail index jump) anywhere in the
 ring. ``WorkerLoop._serve`` runs it once on the reference (the pure-Python
