@@ -518,7 +518,7 @@ def test_which_sessions_get_compiled_ops(world, monkeypatch):
         assert fastpath.fast_ops(session) is None
 
 
-@pytest.mark.parametrize("op", ["getattr", "read4k"])
+@pytest.mark.parametrize("op", ["getattr", "read4k", "write4k"])
 def test_the_worker_loop_serves_them_in_c(tmp_path, monkeypatch, op):
     """WorkerLoop._serve on a ring of 8 requests (tests/perf/inproc.py's
     set-up): all answered without an error, in C unless the pure path was
@@ -538,12 +538,13 @@ def test_the_worker_loop_serves_them_in_c(tmp_path, monkeypatch, op):
     inproc.close(loop, ring, vr)
 
 
-@pytest.mark.parametrize("op,opcode", [("getattr", Opcode.GETATTR), ("read4k", Opcode.READ)])
+@pytest.mark.parametrize("op,opcode", [("getattr", Opcode.GETATTR), ("read4k", Opcode.READ),
+                                       ("write4k", Opcode.WRITE)])
 def test_the_worker_loop_counts_them_with_a_meter(tmp_path, monkeypatch, op, opcode):
     """--metrics-socket keeps the compiled path: a session with a meter
     (as workers/entry.py gives it before the loop) is served in C, and its
     slot counts the 8 requests, their latencies, the batch (and READ's
-    bytes)."""
+    bytes, WRITE's)."""
     from tests.perf import inproc
     monkeypatch.chdir(tmp_path)
     loop, ring, vr, heads = inproc._build(op, 8, str(tmp_path))
@@ -559,6 +560,7 @@ def test_the_worker_loop_counts_them_with_a_meter(tmp_path, monkeypatch, op, opc
     assert words[base + counters.OP_LATENCY_SUM] > 0
     assert (words[counters.BATCHES], words[counters.CHAINS]) == (1, 8)
     assert words[counters.BYTES_READ] == (8 * 4096 if op == "read4k" else 0)
+    assert words[counters.BYTES_WRITTEN] == (8 * 4096 if op == "write4k" else 0)
     if fastpath.compiled.VirtQueue is fastpath.compiled.CompiledVirtQueue:
         assert loop._fast.served == 8
     inproc.close(loop, ring, vr)
