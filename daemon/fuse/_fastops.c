@@ -36,6 +36,20 @@
  * buffers after the header, and the header (16 + bytes read), or the error
  * header for preadv's errno.
  *
+ * WRITE (when FastOps was made with writes=True: the op table's WRITE row
+ * is files.do_write; --readonly's EROFS row is not) likewise, in the
+ * plain case only (fast_write lists it): fuse_write_in whole, no
+ * extensions, no FUSE_WRITE_KILL_SUIDGID (Python writes those without
+ * CAP_FSETID), an offset at most OFFSET_MAX, a size that is exactly the
+ * data after the args and at most 1 MiB, an fh held as for READ, at most
+ * 1024 data buffers, room for the 24-byte reply. Then pwritev2(2) of the
+ * data straight from the readable buffers, and the header +
+ * fuse_write_out {bytes written} (short writes: their count), or the
+ * error header for pwritev's errno. In the batch loop a WRITE's chain is
+ * taken and recorded before the write (not after the reply as GETATTR's
+ * and READ's): a worker that dies during it leaves the chain to its
+ * successor's EIO, as in the pure path, never to a second write.
+ *
  * With a meter (--metrics-socket), what C answers is counted here into
  * the worker's shared-memory slot as WorkerMeter.request counts it
  * (count() below; fastpath.meter_layout gives the word indices, checked
@@ -43,7 +57,8 @@
  * CLOCK_MONOTONIC. What C declines Python serves and counts.
  *
  * Anything malformed is left to Python, which logs and answers it. The
- * GIL is released around fstat and preadv, as os.fstat/os.preadv do; the
+ * GIL is released around fstat, preadv and pwritev, as os.fstat/os.preadv/
+ * os.pwritev do; the
  * chain's views are only released by this thread, after the push.
  *
  * Guest memory: the request's header and args are copied out of the
