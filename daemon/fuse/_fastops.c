@@ -505,6 +505,25 @@ static int iov_range(const struct iovec *part, int count, Py_ssize_t off, Py_ssi
     return k;
 }
 
+/* preadv2 (write: pwritev2) of n iovecs at offset, flags 0, retried on
+ * EINTR, with the GIL released: the calls os.preadv and os.pwritev make,
+ * the ones policy/request.policy allows (not preadv/pwritev); 0 for no
+ * iovecs, without a call; -1 and *err: its errno */
+static ssize_t file_io(int fd, const struct iovec *iov, int n, uint64_t offset, int write, int *err)
+{
+    ssize_t done = 0;
+    *err = 0;
+    if (n) {
+        Py_BEGIN_ALLOW_THREADS
+        do
+            done = write ? pwritev2(fd, iov, n, (off_t)offset, 0) : preadv2(fd, iov, n, (off_t)offset, 0);
+        while (done < 0 && errno == EINTR);
+        *err = errno;
+        Py_END_ALLOW_THREADS
+    }
+    return done;
+}
+
 /* READ (files.do_read): preadv(2) straight into the writable buffers after
  * the 16-byte header; NOT_HANDLED or the bytes written */
 static Py_ssize_t fast_read(const struct state *st, const struct req *q, const struct in_header *h, int *error)
@@ -525,16 +544,8 @@ static Py_ssize_t fast_read(const struct state *st, const struct req *q, const s
     int n = iov_range(q->w, q->nw, OUT_HEADER, size, iov);
     if (n < 0)
         return NOT_HANDLED;
-    ssize_t got = 0;
-    int err = 0;
-    if (n) {
-        Py_BEGIN_ALLOW_THREADS
-        do
-            got = preadv2(fd, iov, n, (off_t)a.offset, 0);   /* os.preadv's call: the allow-list has it */
-        while (got < 0 && errno == EINTR);
-        err = errno;
-        Py_END_ALLOW_THREADS
-    }
+    int err;
+    ssize_t got = file_io(fd, iov, n, a.offset, 0, &err);
     if (got < 0)
         return error_reply(q, h->unique, err, error);
     struct out_header o = {(uint32_t)(OUT_HEADER + got), 0, h->unique};
@@ -577,16 +588,8 @@ static Py_ssize_t fast_write(struct state *st, const struct req *q, const struct
     /* answered from here on: the reply fits (wsize checked above) */
     if (q->take != NULL)
         take_chain(q->take);
-    ssize_t put = 0;
-    int err = 0;
-    if (n) {
-        Py_BEGIN_ALLOW_THREADS
-        do
-            put = pwritev2(fd, iov, n, (off_t)a.offset, 0);  /* os.pwritev's call: the allow-list has it */
-        while (put < 0 && errno == EINTR);
-        err = errno;
-        Py_END_ALLOW_THREADS
-    }
+    int err;
+    ssize_t put = file_io(fd, iov, n, a.offset, 1, &err);
     if (put < 0)
         return error_reply(q, h->unique, err, error);
     st->wrote = (uint64_t)put;
