@@ -36,6 +36,20 @@
  * buffers after the header, and the header (16 + bytes read), or the error
  * header for preadv's errno.
  *
+ * WRITE (when FastOps was made with writes=True: the op table's WRITE row
+ * is files.do_write; --readonly's EROFS row is not) likewise, in the
+ * plain case only (fast_write lists it): fuse_write_in whole, no
+ * extensions, no FUSE_WRITE_KILL_SUIDGID (Python writes those without
+ * CAP_FSETID), an offset at most OFFSET_MAX, a size that is exactly the
+ * data after the args and at most 1 MiB, an fh held as for READ, at most
+ * 1024 data buffers, room for the 24-byte reply. Then pwritev2(2) of the
+ * data straight from the readable buffers, and the header +
+ * fuse_write_out {bytes written} (short writes: their count), or the
+ * error header for pwritev's errno. In the batch loop a WRITE's chain is
+ * taken and recorded before the write (not after the reply as GETATTR's
+ * and READ's): a worker that dies during it leaves the chain to its
+ * successor's EIO, as in the pure path, never to a second write.
+ *
  * With a meter (--metrics-socket), what C answers is counted here into
  * the worker's shared-memory slot as WorkerMeter.request counts it
  * (count() below; fastpath.meter_layout gives the word indices, checked
@@ -43,7 +57,8 @@
  * CLOCK_MONOTONIC. What C declines Python serves and counts.
  *
  * Anything malformed is left to Python, which logs and answers it. The
- * GIL is released around fstat and preadv, as os.fstat/os.preadv do; the
+ * GIL is released around fstat, preadv and pwritev, as os.fstat/os.preadv/
+ * os.pwritev do; the
  * chain's views are only released by this thread, after the push.
  *
  * Guest memory: the request's header and args are copied out of the
@@ -92,6 +107,10 @@
 #define OP_GETATTR 3
 #define OP_READ 15
 #define READ_IN 40
+#define OP_WRITE 16
+#define WRITE_IN 40
+#define WRITE_OUT 8
+#define WRITE_KILL_SUIDGID 4    /* abi.FUSE_WRITE_KILL_SUIDGID: Python drops CAP_FSETID */
 #define KIND_FILE 1             /* handles.KIND_FILE */
 #define MAX_IO_SIZE (1 << 20)   /* files.MAX_IO_SIZE */
 #define FAST_IOV_MAX 1024       /* files.IOV_MAX: more buffers, Python batches */
@@ -126,6 +145,14 @@ struct read_in {
     uint32_t flags, padding;
 };
 
+/* fuse_write_in, as abi.WRITE_IN ("<QQIIQI4x") */
+struct write_in {
+    uint64_t fh, offset;
+    uint32_t size, write_flags;
+    uint64_t lock_owner;
+    uint32_t flags, padding;
+};
+
 /* where one opcode counts in a metrics slot (metrics/counters.py): the
  * word indices of its requests, latency sum, first latency bucket, and
  * its errno slot 0 */
@@ -140,8 +167,8 @@ struct op_words {
 struct meter {
     Py_buffer words;            /* the slot, u64 words, held while FastOps lives */
     uint64_t *w;
-    Py_ssize_t bytes_read, errno_slots, nbounds;
-    struct op_words getattr, read;
+    Py_ssize_t bytes_read, errno_slots, nbounds, bytes_written;
+    struct op_words getattr, read, write;
     uint64_t bounds[MAX_BUCKETS];   /* LATENCY_BUCKETS_NS: the last bucket is above them all */
 };
 
@@ -152,8 +179,16 @@ struct out_header {
     uint64_t unique;
 };
 
+/* fuse_out_header + fuse_write_out, as abi.OUT_HEADER + abi.WRITE_OUT */
+struct write_reply {
+    struct out_header o;
+    uint32_t size, padding;
+};
+
 _Static_assert(sizeof(struct in_header) == IN_HEADER, "fuse_in_header");
 _Static_assert(sizeof(struct read_in) == READ_IN, "fuse_read_in");
+_Static_assert(sizeof(struct write_in) == WRITE_IN, "fuse_write_in");
+_Static_assert(sizeof(struct write_reply) == OUT_HEADER + WRITE_OUT, "fuse_write_out");
 _Static_assert(sizeof(struct out_header) == OUT_HEADER, "fuse_out_header");
 _Static_assert(sizeof(struct attr_reply) == OUT_HEADER + ATTR_OUT, "fuse_attr_out");
 
@@ -163,6 +198,7 @@ typedef struct {
     PyObject *header;       /* InodeTable._hdr, memoryview of u64 */
     PyObject *slots;        /* InodeTable._q, memoryview of u64 */
     int reads;              /* READ served here too */
+    int writes;             /* WRITE served here too */
     Py_ssize_t session_word, slot_words;
     uint64_t attr_sec;
     uint32_t attr_nsec;
@@ -225,12 +261,15 @@ static int load_word(const struct words *w, Py_ssize_t index, uint64_t *out)
     return 0;
 }
 
+struct taking;
+
 /* one request's two parts as iovecs: C-side ones from a raw chain (the
  * batch loop) or the buffers of a Chain's memoryviews (serve) */
 struct req {
     const struct iovec *r, *w;
     int nr, nw;
     Py_ssize_t rsize, wsize;
+    struct taking *take;    /* batch: take the chain before a side effect (NULL: taken already) */
 };
 
 /* what serving needs of the session, looked up once per serve or batch
@@ -243,6 +282,7 @@ struct state {
     PyObject *handles;              /* session.handles._handles (dict) */
     struct words header, inodes;    /* InodeTable: its header, its slots */
     struct words files;             /* session.handles._slots: the FileTable's */
+    uint64_t wrote;                 /* the data bytes of the last WRITE answered (its meter count) */
 };
 
 static int state_init(FastOps *self, struct state *st)
@@ -441,6 +481,51 @@ static Py_ssize_t fast_getattr(FastOps *self, const struct state *st, const stru
     return iov_copy(q->w, q->nw, 0, &r, sizeof r, 1) < 0 ? NOT_HANDLED : (Py_ssize_t)sizeof r;
 }
 
+static void take_chain(struct taking *t);
+
+/* the iovecs of n bytes at stream offset off of the part (q->r or q->w
+ * and their count) into out: how many, or -1 if they would be more than
+ * FAST_IOV_MAX (the caller then declines: Python batches them) */
+static int iov_range(const struct iovec *part, int count, Py_ssize_t off, Py_ssize_t n, struct iovec *out)
+{
+    int k = 0;
+    for (int i = 0; i < count && n > 0; i++) {
+        Py_ssize_t len = (Py_ssize_t)part[i].iov_len;
+        if (off >= len) {
+            off -= len;
+            continue;
+        }
+        if (k == FAST_IOV_MAX)
+            return -1;
+        Py_ssize_t take = len - off < n ? len - off : n;
+        out[k].iov_base = (char *)part[i].iov_base + off;
+        out[k].iov_len = (size_t)take;
+        k++;
+        n -= take;
+        off = 0;
+    }
+    return k;
+}
+
+/* preadv2 (write: pwritev2) of n iovecs at offset, flags 0, retried on
+ * EINTR, with the GIL released: the calls os.preadv and os.pwritev make,
+ * the ones policy/request.policy allows (not preadv/pwritev); 0 for no
+ * iovecs, without a call; -1 and *err: its errno */
+static ssize_t file_io(int fd, const struct iovec *iov, int n, uint64_t offset, int write, int *err)
+{
+    ssize_t done = 0;
+    *err = 0;
+    if (n) {
+        Py_BEGIN_ALLOW_THREADS
+        do
+            done = write ? pwritev2(fd, iov, n, (off_t)offset, 0) : preadv2(fd, iov, n, (off_t)offset, 0);
+        while (done < 0 && errno == EINTR);
+        *err = errno;
+        Py_END_ALLOW_THREADS
+    }
+    return done;
+}
+
 /* READ (files.do_read): preadv(2) straight into the writable buffers after
  * the 16-byte header; NOT_HANDLED or the bytes written */
 static Py_ssize_t fast_read(const struct state *st, const struct req *q, const struct in_header *h, int *error)
@@ -458,39 +543,60 @@ static Py_ssize_t fast_read(const struct state *st, const struct req *q, const s
     if (size > q->wsize - OUT_HEADER)
         size = q->wsize - OUT_HEADER;
     struct iovec iov[FAST_IOV_MAX];
-    int n = 0;
-    Py_ssize_t off = OUT_HEADER, want = size;
-    for (int i = 0; i < q->nw && want > 0; i++) {
-        Py_ssize_t len = (Py_ssize_t)q->w[i].iov_len;
-        if (off >= len) {
-            off -= len;
-            continue;
-        }
-        if (n == FAST_IOV_MAX)
-            return NOT_HANDLED;
-        Py_ssize_t k = len - off < want ? len - off : want;
-        iov[n].iov_base = (char *)q->w[i].iov_base + off;
-        iov[n].iov_len = (size_t)k;
-        n++;
-        want -= k;
-        off = 0;
-    }
-    if (size <= 0)
-        n = 0;
-    ssize_t got = 0;
-    int err = 0;
-    if (n) {
-        Py_BEGIN_ALLOW_THREADS
-        do
-            got = preadv2(fd, iov, n, (off_t)a.offset, 0);   /* os.preadv's call: the allow-list has it */
-        while (got < 0 && errno == EINTR);
-        err = errno;
-        Py_END_ALLOW_THREADS
-    }
+    int n = iov_range(q->w, q->nw, OUT_HEADER, size, iov);
+    if (n < 0)
+        return NOT_HANDLED;
+    int err;
+    ssize_t got = file_io(fd, iov, n, a.offset, 0, &err);
     if (got < 0)
         return error_reply(q, h->unique, err, error);
     struct out_header o = {(uint32_t)(OUT_HEADER + got), 0, h->unique};
     return iov_copy(q->w, q->nw, 0, &o, OUT_HEADER, 1) < 0 ? NOT_HANDLED : OUT_HEADER + (Py_ssize_t)got;
+}
+
+/* WRITE (files.do_write), the plain case: the size bytes of data after
+ * fuse_write_in (exactly what the readable part holds, at most 1 MiB) by
+ * pwritev2(2) straight from the guest's buffers at offset into the open
+ * file fh this worker holds; the reply header + fuse_write_out {bytes
+ * written} (a short write: its count), or the error header for pwritev's
+ * errno. Declined (Python: EINVAL, EBADF, EIO, or the write without
+ * CAP_FSETID): extensions, args shorter than fuse_write_in, a reply part
+ * under 24 bytes, FUSE_WRITE_KILL_SUIDGID, an offset past OFFSET_MAX, a
+ * size that is not the data present or above 1 MiB, an fh not held, more
+ * than IOV_MAX data buffers. In the batch loop the chain is taken (and
+ * recorded in the progress record) before the write, as VirtQueue.pop
+ * does: a worker dying in pwritev leaves it to its successor's EIO, never
+ * to a second write (an O_APPEND file would get the data twice).
+ * NOT_HANDLED or the bytes written; st->wrote: the data bytes written. */
+static Py_ssize_t fast_write(struct state *st, const struct req *q, const struct in_header *h, int *error)
+{
+    Py_ssize_t nargs = (Py_ssize_t)h->len - IN_HEADER;
+    struct write_in a;
+    if (h->total_extlen || nargs < WRITE_IN || q->wsize < OUT_HEADER + WRITE_OUT
+            || iov_copy(q->r, q->nr, IN_HEADER, &a, sizeof a, 0) < 0)
+        return NOT_HANDLED;
+    Py_ssize_t size = nargs - WRITE_IN;    /* the data present */
+    if ((a.write_flags & WRITE_KILL_SUIDGID) || a.offset > (uint64_t)INT64_MAX
+            || (uint64_t)a.size != (uint64_t)size || size > MAX_IO_SIZE)
+        return NOT_HANDLED;
+    Py_ssize_t of;
+    int fd = open_fd(st, a.fh, &of);
+    if (fd < 0)
+        return NOT_HANDLED;
+    struct iovec iov[FAST_IOV_MAX];
+    int n = iov_range(q->r, q->nr, IN_HEADER + WRITE_IN, size, iov);
+    if (n < 0)
+        return NOT_HANDLED;
+    /* answered from here on: the reply fits (wsize checked above) */
+    if (q->take != NULL)
+        take_chain(q->take);
+    int err;
+    ssize_t put = file_io(fd, iov, n, a.offset, 1, &err);
+    if (put < 0)
+        return error_reply(q, h->unique, err, error);
+    st->wrote = (uint64_t)put;
+    struct write_reply r = {{OUT_HEADER + WRITE_OUT, 0, h->unique}, (uint32_t)put, 0};
+    return iov_copy(q->w, q->nw, 0, &r, sizeof r, 1) < 0 ? NOT_HANDLED : (Py_ssize_t)sizeof r;
 }
 
 /* one word of the slot plus n: a plain load and store (this thread is the
@@ -504,9 +610,10 @@ static void add(uint64_t *w, Py_ssize_t i, uint64_t n)
  * requests, latency (sum and bucket: the first bound at or above it),
  * its errno (0 for one at or above errno_slots) or the data bytes READ
  * replied */
-static void count(struct meter *m, int opcode, const struct timespec *start, int error, Py_ssize_t written)
+static void count(struct meter *m, int opcode, const struct timespec *start, int error, Py_ssize_t written,
+                  uint64_t wrote)
 {
-    const struct op_words *op = opcode == OP_READ ? &m->read : &m->getattr;
+    const struct op_words *op = opcode == OP_READ ? &m->read : opcode == OP_WRITE ? &m->write : &m->getattr;
     struct timespec end;
     clock_gettime(CLOCK_MONOTONIC, &end);
     int64_t ns = (int64_t)(end.tv_sec - start->tv_sec) * 1000000000 + (end.tv_nsec - start->tv_nsec);
@@ -521,6 +628,8 @@ static void count(struct meter *m, int opcode, const struct timespec *start, int
         add(m->w, op->errors + (error < m->errno_slots ? error : 0), 1);
     else if (opcode == OP_READ && written > OUT_HEADER)
         add(m->w, m->bytes_read, (uint64_t)(written - OUT_HEADER));
+    else if (opcode == OP_WRITE)
+        add(m->w, m->bytes_written, wrote);
 }
 
 /* one request, with the checks every fast op shares (FuseSession._handle's,
@@ -537,7 +646,8 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
     __asm__ volatile("" : "+m"(h));   /* the copy, never guest memory again */
     if (h.len != (uint64_t)q->rsize || q->wsize < OUT_HEADER)
         return NOT_HANDLED;
-    if (h.opcode == OP_GETATTR ? q->wsize < OUT_HEADER + ATTR_OUT : !(h.opcode == OP_READ && self->reads))
+    if (h.opcode == OP_GETATTR ? q->wsize < OUT_HEADER + ATTR_OUT
+            : !((h.opcode == OP_READ && self->reads) || (h.opcode == OP_WRITE && self->writes)))
         return NOT_HANDLED;
     *opcode = (int)h.opcode;
     uint64_t current;
@@ -547,6 +657,8 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
         return NOT_HANDLED;
     if (h.opcode == OP_READ)
         return fast_read(st, q, &h, error);
+    if (h.opcode == OP_WRITE)
+        return fast_write(st, q, &h, error);
     return fast_getattr(self, st, q, &h, error);
 }
 
@@ -594,7 +706,7 @@ static Py_ssize_t serve(FastOps *self, PyObject *chain)
     Py_ssize_t result = NOT_HANDLED;
     PyObject *readable = NULL, *writable = NULL;
     struct iovec r[VQ_RAW_READABLE], w[VQ_RAW_WRITABLE];
-    struct req q = {r, w, 0, 0, 0, 0};
+    struct req q = {r, w, 0, 0, 0, 0, NULL};
     struct state st = {0};
     int error = 0, opcode = 0;
     struct timespec start;
@@ -617,7 +729,7 @@ out:
     } else {
         self->served++;
         if (counting)
-            count(&self->m, opcode, &start, error, result);
+            count(&self->m, opcode, &start, error, result, st.wrote);
     }
     state_drop(&st);
     Py_XDECREF(readable);
@@ -670,6 +782,26 @@ static int hold(PyObject *obj, Py_buffer *b, Py_ssize_t len, uintptr_t align)
 #define POPPED_MASK 1023    /* progress.POPPED_MASK */
 #define POPPED_LEN 1024
 
+/* the chain batch is serving, to be taken from the avail ring */
+struct taking {
+    PyObject *core;
+    uint32_t *words;        /* the ring's progress record: AVAIL */
+    uint16_t *popped;       /* and POPPED */
+    uint32_t head;
+    int taken;
+};
+
+/* take the chain peek walked (pop's index update, avail_event) and record
+ * it in the progress record (progress.py: POPPED[(avail - 1) & 1023] =
+ * head, then AVAIL = avail), as WorkerLoop does after each pop */
+static void take_chain(struct taking *t)
+{
+    unsigned int last = vq->take(t->core);
+    __atomic_store_n(&t->popped[(last - 1) & POPPED_MASK], (uint16_t)t->head, __ATOMIC_RELAXED);
+    __atomic_store_n(&t->words[0], (uint32_t)last, __ATOMIC_RELAXED);
+    t->taken = 1;
+}
+
 /* stage 3: batch(core, words, popped, limit) -> int (see fastops_methods) */
 static PyObject *fastops_batch(FastOps *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -710,20 +842,21 @@ static PyObject *fastops_batch(FastOps *self, PyObject *const *args, Py_ssize_t 
             python = rc < 0;
             break;
         }
-        struct req q = {c->r, c->w, c->nr, c->nw, (Py_ssize_t)c->rsize, (Py_ssize_t)c->wsize};
+        struct taking t = {core, words, popped, c->head, 0};
+        struct req q = {c->r, c->w, c->nr, c->nw, (Py_ssize_t)c->rsize, (Py_ssize_t)c->wsize, &t};
         int error, opcode = 0;
         Py_ssize_t n = serve_req(self, &st, &q, &opcode, &error);
         if (n == NOT_HANDLED)
-            break;
-        /* answered: take it, record it (progress.py: POPPED, AVAIL), push */
-        unsigned int last = vq->take(core);
-        __atomic_store_n(&popped[(last - 1) & POPPED_MASK], (uint16_t)c->head, __ATOMIC_RELAXED);
-        __atomic_store_n(&words[0], (uint32_t)last, __ATOMIC_RELAXED);
+            break;      /* never after take_chain: from there a request is answered */
+        /* answered: take it and record it (unless WRITE did, before its
+         * write), push */
+        if (!t.taken)
+            take_chain(&t);
         vq->push(core, c->head, (uint32_t)n);
         self->served++;
         served++;
         if (counting)
-            count(&self->m, opcode, &start, error, n);
+            count(&self->m, opcode, &start, error, n, st.wrote);
     }
     if (served == limit && counting >= 0)
         python = 0;
@@ -744,22 +877,25 @@ static void drop_meter(FastOps *self)
     }
 }
 
+#define LAYOUT_LEN 15
+
 /* the meter's slot and where its counters are (fastpath.make, from
  * counters.py): layout = (bytes_read, errno_slots, then requests,
- * latency_sum, buckets, errors for GETATTR, then for READ), bounds =
+ * latency_sum, buckets, errors for GETATTR, then for READ, then
+ * bytes_written and WRITE's four), bounds =
  * LATENCY_BUCKETS_NS; every word counting may touch is checked to be in
  * the slot, once, here */
 static int set_meter(FastOps *self, PyObject *meter, PyObject *words, PyObject *layout, PyObject *bounds)
 {
     struct meter m;
-    Py_ssize_t v[10];
+    Py_ssize_t v[LAYOUT_LEN];
     memset(&m, 0, sizeof m);
-    if (!PyTuple_Check(layout) || PyTuple_GET_SIZE(layout) != 10 || !PyTuple_Check(bounds)
+    if (!PyTuple_Check(layout) || PyTuple_GET_SIZE(layout) != LAYOUT_LEN || !PyTuple_Check(bounds)
             || PyTuple_GET_SIZE(bounds) < 1 || PyTuple_GET_SIZE(bounds) > MAX_BUCKETS - 1) {
         PyErr_SetString(PyExc_ValueError, "FastOps: bad metrics layout");
         return -1;
     }
-    for (Py_ssize_t i = 0; i < 10; i++)
+    for (Py_ssize_t i = 0; i < LAYOUT_LEN; i++)
         if ((v[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(layout, i))) == -1 && PyErr_Occurred())
             return -1;
     m.nbounds = PyTuple_GET_SIZE(bounds);
@@ -772,12 +908,15 @@ static int set_meter(FastOps *self, PyObject *meter, PyObject *words, PyObject *
     m.errno_slots = v[1];
     m.getattr = (struct op_words){v[2], v[3], v[4], v[5]};
     m.read = (struct op_words){v[6], v[7], v[8], v[9]};
+    m.bytes_written = v[10];
+    m.write = (struct op_words){v[11], v[12], v[13], v[14]};
     if (PyObject_GetBuffer(words, &m.words, PyBUF_WRITABLE) < 0)
         return -1;
     Py_ssize_t n = m.words.len / 8;
-    int ok = ((uintptr_t)m.words.buf & 7) == 0 && m.errno_slots > 0 && m.bytes_read >= 0 && m.bytes_read < n;
-    const struct op_words *ops[] = {&m.getattr, &m.read};
-    for (int i = 0; i < 2 && ok; i++)
+    int ok = ((uintptr_t)m.words.buf & 7) == 0 && m.errno_slots > 0 && m.bytes_read >= 0 && m.bytes_read < n
+        && m.bytes_written >= 0 && m.bytes_written < n;
+    const struct op_words *ops[] = {&m.getattr, &m.read, &m.write};
+    for (int i = 0; i < 3 && ok; i++)
         ok = ops[i]->requests >= 0 && ops[i]->requests < n && ops[i]->latency_sum >= 0
             && ops[i]->latency_sum < n && ops[i]->buckets >= 0 && ops[i]->buckets <= n - m.nbounds - 1
             && ops[i]->errors >= 0 && ops[i]->errors <= n - m.errno_slots;
@@ -797,15 +936,15 @@ static int set_meter(FastOps *self, PyObject *meter, PyObject *words, PyObject *
 static int fastops_init(FastOps *self, PyObject *args, PyObject *kw)
 {
     static char *names[] = {"session", "header", "slots", "session_word", "slot_words", "attr_sec",
-                            "attr_nsec", "reads", "meter", "words", "layout", "bounds", NULL};
+                            "attr_nsec", "reads", "meter", "words", "layout", "bounds", "writes", NULL};
     PyObject *session, *header, *slots, *meter = Py_None, *words = NULL, *layout = NULL, *bounds = NULL;
     Py_ssize_t session_word, slot_words;
     unsigned long long attr_sec;
     unsigned long attr_nsec;
-    int reads = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOnnKk|pOOOO", names, &session, &header, &slots,
+    int reads = 0, writes = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOnnKk|pOOOOp", names, &session, &header, &slots,
                                      &session_word, &slot_words, &attr_sec, &attr_nsec, &reads,
-                                     &meter, &words, &layout, &bounds))
+                                     &meter, &words, &layout, &bounds, &writes))
         return -1;
     if (session_word < 0 || slot_words <= 0 || attr_nsec >= 1000000000UL) {
         PyErr_SetString(PyExc_ValueError, "FastOps: bad table layout or timeout");
@@ -830,6 +969,7 @@ static int fastops_init(FastOps *self, PyObject *args, PyObject *kw)
     self->attr_sec = attr_sec;
     self->attr_nsec = (uint32_t)attr_nsec;
     self->reads = reads;
+    self->writes = writes;
     return 0;
 }
 

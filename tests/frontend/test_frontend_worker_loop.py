@@ -5,6 +5,7 @@ FSYNC and forgotten inodes' closes on a helper thread, FORGET kick coalescing on
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 
@@ -186,3 +187,32 @@ def test_a_long_batch_is_published_every_publish_every_chains(daemon_proc):
             assert fc.complete(p).error == 0
     finally:
         fe.close()
+
+
+def test_writes_land_in_the_file_on_the_compiled_path(frontend):
+    """WRITE on the confined request worker, in C unless PYVIRTIOFSD_PURE=1
+    or PYVIRTIOFSD_FASTOPS=0 (its start-up line names the compiled ops;
+    pwritev2 under the seccomp filter): one page, 1 MiB in pages at an
+    offset, O_APPEND, a write of nothing; the bytes are in the host file,
+    and a read-only fh gets EBADF (pwritev's errno) with nothing written."""
+    from tests.frontend.fuse_client import FuseErrorReply
+    e, o = frontend.create(ROOT, "written")
+    page, big = bytes(range(256)) * 16, os.urandom(1 << 20)
+    assert frontend.write(e.nodeid, o.fh, 0, page) == 4096
+    assert frontend.write(e.nodeid, o.fh, 8192, big) == 1 << 20
+    assert frontend.write(e.nodeid, o.fh, 100, b"") == 0
+    path = frontend.shared_dir / "written"
+    assert path.read_bytes() == page + bytes(4096) + big
+    appending = frontend.open(e.nodeid, os.O_WRONLY | os.O_APPEND)
+    assert frontend.write(e.nodeid, appending.fh, 0, b"tail") == 4
+    assert path.read_bytes()[-4:] == b"tail"
+    reading = frontend.open(e.nodeid, os.O_RDONLY)
+    with pytest.raises(FuseErrorReply) as ei:
+        frontend.write(e.nodeid, reading.fh, 0, b"no")
+    assert ei.value.errno == errno.EBADF
+    assert path.read_bytes()[:2] == page[:2]
+    for fh in (o.fh, appending.fh, reading.fh):
+        frontend.release(e.nodeid, fh)
+    ops = [ln for ln in frontend.daemon.log().splitlines() if "FUSE ops: " in ln]
+    pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0") or os.environ.get("PYVIRTIOFSD_FASTOPS") == "0"
+    assert len(ops) == 1 and ("all in Python" if pure else "GETATTR, READ and WRITE compiled") in ops[0], ops

@@ -66,6 +66,10 @@ def read_in(fh: int, off: int, size: int, flags: int = 0x8000) -> bytes:
     return struct.pack("<QQIIQI4x", fh, off, size, 0, 0, flags)
 
 
+def write_in(fh: int, off: int, size: int, write_flags: int = 0, flags: int = 0x8002) -> bytes:
+    return struct.pack("<QQIIQI4x", fh, off, size, write_flags, 0, flags)
+
+
 def one(opcode, nodeid, args=b"", out=(), data=b"", **kw) -> bytes:
     b = SeedBuilder(kw.pop("num", 8))
     req(b, opcode, nodeid, args, out, data, **kw)
@@ -328,6 +332,20 @@ def batch_loop() -> dict[str, bytes]:
     b.write_desc(head, b.put(hdr(GETATTR, 1, 16) + bytes(16)), 56, 1, 99)
     b.offer(head)
     s["batch_broken_ring"] = with_flags(b.build(), 2)
+    # WRITEs on an fh Python opened read-write, served in C (the data one
+    # buffer, then split over pages), read back in C; one with
+    # FUSE_WRITE_KILL_SUIDGID (4) that C leaves to Python
+    b = SeedBuilder(16)
+    req(b, OPEN, 2, struct.pack("<II", 0x8002, 0), [16])
+    req(b, WRITE_OP, 2, write_in(fh(1), 0, 100), [8], data=b"c" * 100)
+    req(b, WRITE_OP, 2, write_in(fh(1), 300, 5000), [8], data=bytes(range(256)) * 19 + b"t" * 136)
+    req(b, WRITE_OP, 2, write_in(fh(1), 50, 10, write_flags=4), [8], data=b"k" * 10)
+    req(b, READ, 2, read_in(fh(1), 0, 4096), [4096])
+    req(b, GETATTR, 2, struct.pack("<IIQ", 1, 0, fh(1)), [104])
+    writes = b.build()
+    s["write_in_c"] = writes
+    s["batch_write"] = with_flags(writes, 2)
+    s["batch_write_checked"] = with_flags(writes, 6)
     return s
 
 

@@ -37,6 +37,17 @@ def test_seed_corpus_runs_clean():
     # only the one meant to name a stranger's fh is answered EBADF
     m = re.search(r"ebadf_inputs=(\S+)", out)
     assert m and m.group(1) == "fuse_fh_never_opened.bin", out[-3000:]
+    # the WRITE seeds reach WRITE in C (stage 2, and the batch loop one
+    # chain at a time), each checked against the session
+    from daemon.fuse import fastpath
+    from daemon.virtio import compiled
+    if fastpath.EXTENSION_BUILT:
+        m = re.search(r"c_write_inputs=(\S+)", out)
+        assert m, out[-3000:]
+        want = {"write_in_c.bin", "create_write_fsync.bin"}
+        if compiled.VirtQueue is compiled.CompiledVirtQueue:
+            want.add("batch_write_checked.bin")
+        assert want <= set(m.group(1).split(",")), m.group(1)
 
 
 def test_fuzz_for_the_ci_budget(tmp_path):

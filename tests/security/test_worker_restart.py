@@ -301,4 +301,4 @@ def test_metrics_count_restarts_and_survive_them(session, tmp_path):
     if fastpath.EXTENSION_BUILT and os.environ.get("PYVIRTIOFSD_PURE", "") != "1" \
             and os.environ.get(fastpath.FASTOPS_ENV, "") != "0":
         # the GETATTRs above were served and counted by C, sandboxed (seccomp)
-        assert len(re.findall(r"GETATTR and READ compiled .*\(counted by C\)", d.log())) == 2
+        assert len(re.findall(r"GETATTR, READ and WRITE compiled .*\(counted by C\)", d.log())) == 2

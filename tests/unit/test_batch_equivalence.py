@@ -4,9 +4,11 @@ pure-Python path, ring by ring.
 Each example lays one ring into guest RAM (tests/fuzz/image.py's regions:
 the rings in region 0, requests in region 1, the largest, some buffers in
 region 2): a mix of requests C serves (GETATTR on held nodeids and fhs,
-READ on held fhs), requests it declines (LOOKUP, unknown nodeids, released
-fhs, other opcodes, headers split over buffers, writable parts too small,
-buffers outside the largest region) and malformed chains (a ``next`` out
+READ on held fhs, WRITE on held fhs: read-write, O_APPEND, read-only),
+requests it declines (LOOKUP, unknown nodeids, released fhs, WRITEs with
+FUSE_WRITE_KILL_SUIDGID or a size that is not their data, other opcodes,
+headers split over buffers, writable parts too small, buffers outside the
+largest region) and malformed chains (a ``next`` out
 of range, a loop, readable after writable, a buffer outside memory, a bad
 indirect table, a head out of range, an avail index jump) anywhere in the
 ring. ``WorkerLoop._serve`` runs it once on the reference (the pure-Python
@@ -14,7 +16,7 @@ ring. ``WorkerLoop._serve`` runs it once on the reference (the pure-Python
 batch loop, each with its own metrics meter, on the same image; both must
 leave the same guest RAM (used ring, avail_event, every reply byte), the
 same progress record (AVAIL, DONE, PUB_FROM, POPPED), indexes, served
-counts, the same error message for a broken ring, and the same counters.
+counts, the same contents of the file the WRITEs write, the same error message for a broken ring, and the same counters.
 C must also have served exactly the requests it can.
 """
 
@@ -35,8 +37,9 @@ from daemon.workers.loop import Ring, WorkerLoop
 from tests.fuzz import image
 from tests.fuzz.differential import Image
 from tests.unit.fusereq import in_header
-from tests.unit.test_fastops_equivalence import (_comparable, getattr_request, metered,  # noqa: F401 - fixtures
-                                                 read_request, world)
+from tests.unit.test_fastops_equivalence import (_comparable, _data, getattr_request,  # noqa: F401 - fixtures
+                                                 metered, read_request, w_contents, w_reset, world,
+                                                 write_request)
 
 DESC = image.DESC
 NEXT, WRITE, INDIRECT = image.NEXT, image.WRITE, image.INDIRECT
@@ -146,7 +149,13 @@ def run(rig, data: bytes, stage3: bool) -> dict:
     img.lay(lay)
     broke: list[str] = []
     loop._break = lambda ring, e: (broke.append(str(e)), WorkerLoop._break(loop, ring, e))  # type: ignore
-    loop.use_fast_ops(fast if stage3 else None)
+    # the batch loop whatever PYVIRTIOFSD_FASTOPS says (=2 would make it stage 2)
+    stage = os.environ.pop(fastpath.FASTOPS_ENV, None)
+    try:
+        loop.use_fast_ops(fast if stage3 else None)
+    finally:
+        if stage is not None:
+            os.environ[fastpath.FASTOPS_ENV] = stage
     session.meter = c_meter if stage3 else pure_meter
     ring = Ring(1, prog.RingProgress(2, shared=False).record(1))
     loop.rings[1] = ring
@@ -156,6 +165,7 @@ def run(rig, data: bytes, stage3: bool) -> dict:
                              image.qva(image.USED_GPA), lay.last_avail, lay.event_idx)
     prog.reset(ring.words, ring.queue)
     served_in_c = fast.served
+    w_reset(session)
     try:
         served = [loop._serve(ring)]
         while ring in loop._again and len(served) < 4:
@@ -164,7 +174,7 @@ def run(rig, data: bytes, stage3: bool) -> dict:
         loop._again.clear()
         return {"served": served, "broke": broke, "ram": bytes(img.ram), "words": list(ring.words[:3]),
                 "popped": list(ring.popped), "last_avail": ring.queue.last_avail_idx,
-                "published": ring.queue.published_idx, "in_c": fast.served - served_in_c}
+                "published": ring.queue.published_idx, "w": w_contents(session), "in_c": fast.served - served_in_c}
     finally:
         session.meter = None
         ring.queue.release()
@@ -205,6 +215,13 @@ def make_request(kind: str, nodeids: dict, unique: int, arg: int) -> tuple[bytes
         return read_request(nodeids["fh-wronly"], 0, 100, unique), 16, [16, 100], True
     if kind == "read-released":
         return read_request(nodeids["fh-released"], 0, 100, unique), 16, [16, 100], False
+    if kind.startswith("write"):
+        fh = {"write": "fh-rw", "write-append": "fh-append", "write-rdonly": "fh-w-rdonly"}.get(kind, "fh-rw")
+        data = _data(100 + arg % 400, unique & 0xFF)
+        flags = abi.FUSE_WRITE_KILL_SUIDGID if kind == "write-kill" else 0
+        size = len(data) + (kind == "write-size")
+        request = write_request(nodeids[fh], arg % 7000, data, unique, size=size, write_flags=flags)
+        return request, 24, [16, 8], kind in ("write", "write-append", "write-rdonly")
     if kind == "lookup":
         return in_header(Opcode.LOOKUP, 1, 2, unique) + b"a\0", 16, [16, 128], False
     if kind == "enosys":
@@ -213,8 +230,10 @@ def make_request(kind: str, nodeids: dict, unique: int, arg: int) -> tuple[bytes
     return abi.IN_HEADER.pack(57, Opcode.GETATTR, unique, 1, 0, 0, 0, 0, 0) + bytes(16), 16, [16], False
 
 
-KINDS = ["getattr-root", "getattr-a", "getattr-fh", "read", "read-wronly", "getattr-gone", "getattr-unknown",
-         "read-released", "lookup", "enosys", "short"]
+KINDS = ["getattr-root", "getattr-a", "getattr-fh", "read", "read-wronly", "write", "write-append",
+         "write-rdonly", "getattr-gone", "getattr-unknown", "read-released", "write-kill", "write-size", "lookup",
+         "enosys", "short"]
+SERVED_KINDS = 8       # KINDS[:8] C serves
 BREAKS = ["none"] * 12 + ["far", "zero-len", "hole", "rw-order", "next-range", "loop", "nested", "table-len",
                           "head-range"]
 BREAKING = {"hole", "rw-order", "next-range", "loop", "nested", "table-len", "head-range"}
@@ -260,7 +279,7 @@ def test_rings_are_equivalent(rig, num, last_avail, used_idx, event_idx, request
 
 @SETTINGS
 @given(num=st.sampled_from([4, 8]), last_avail=st.integers(0, 0xFFFF), event_idx=st.booleans(),
-       kinds=st.lists(st.sampled_from(KINDS[:5] * 3 + KINDS[5:]), min_size=1, max_size=8))
+       kinds=st.lists(st.sampled_from(KINDS[:SERVED_KINDS] * 3 + KINDS[SERVED_KINDS:]), min_size=1, max_size=8))
 def test_full_rings_hit_the_batch_limit_alike(rig, num, last_avail, event_idx, kinds):
     """As many requests as the ring holds: one batch serves num (the cap),
     the next finds none; C's and Python's alike."""
@@ -400,3 +419,22 @@ def test_long_batches_publish_every_publish_every_chains(rig):
     assert in_c == count and c["served"] == [count]
     # the reference run (Python pops) and the batch run, three times each
     assert seen == [every, 2 * every, count] * 2
+
+
+def test_writes_in_a_batch(rig):
+    """WRITEs C serves (taken before their pwritev), one it declines
+    (FUSE_WRITE_KILL_SUIDGID: Python, without CAP_FSETID), appends, in ring
+    order, one batch: the file as the reference leaves it, with every
+    write in it."""
+    kinds = ["write", "write-append", "getattr-root", "write-kill", "write", "write-rdonly", "write-append"]
+    requests = [(k, 200 + i, 1000 * i, [], False, None, i % 2 == 0, "none") for i, k in enumerate(kinds)]
+    data, expect = build(rig[2], 16, 0xFFFD, 7, True, requests)
+    assert expect == 6
+    in_c, c = check(rig, data)
+    assert in_c == 6 and c["served"] == [7]
+    contents = c["w"]
+    for i in (0, 3, 4):
+        size = 100 + 1000 * i % 400
+        assert contents[1000 * i:1000 * i + size] == _data(size, 200 + i)
+    # the two appends, in ring order, after the 6144 bytes of "w"
+    assert contents[6144:] == _data(100 + 1000 % 400, 201) + _data(100 + 6000 % 400, 206)

@@ -6,11 +6,15 @@ places and a writable part of arbitrary buffers pre-filled with a pattern.
 The reference run is ``FuseSession.handle``; the compiled run is what the
 worker loop does (``FastOps.serve(chain)``, and ``handle`` when it returns
 -1). Both must return the same byte count and leave the same writable
-bytes. Requests: well-formed GETATTRs on the root, on looked-up nodeids,
+bytes, and the file WRITE writes ("w", reset before each run) the same
+contents. Requests: well-formed GETATTRs on the root, on looked-up nodeids,
 on forgotten, unknown, zero and huge nodeids, with and without
 GETATTR_FH (held, released, unknown fhs, of the nodeid or another); READs
 on an open, a write-only, a released and unknown fhs at offsets and sizes
-around end of file and the limits; and malformed ones (short headers, a
+around end of file and the limits; WRITEs on a read-write, an O_APPEND, a
+read-only, released and unknown fhs, with data split anywhere, sizes that
+are and are not the data present, offsets up to and past OFFSET_MAX,
+FUSE_WRITE_KILL_SUIDGID, a short write (RLIMIT_FSIZE); and malformed ones (short headers, a
 header split over buffers, wrong ``len``, short args, extensions, writable
 parts too short, other opcodes). The tests also check that C did serve
 the well-formed cases. With a metrics meter on each path (--metrics-socket)
@@ -20,6 +24,7 @@ observations per opcode).
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -37,6 +42,7 @@ from daemon.virtio.virtqueue import Chain
 from tests.unit.fusereq import entry_nodeid, in_header, start_session
 
 NAMES = ("a", "b", "d", "gone")
+W_CONTENTS = bytes(range(256)) * 24     # "w" before each run: 6144 bytes
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +56,19 @@ def world(tmp_path_factory):
     (root / "b").symlink_to("a")
     (root / "d").mkdir()
     (root / "gone").write_bytes(b"")
+    (root / "w").write_bytes(W_CONTENTS)
     os.mkfifo(root / "d" / "fifo")
     session, client = start_session(root)
     nodeids = {name: entry_nodeid(client.call(Opcode.LOOKUP, 1, name.encode() + b"\0",
                                               abi.ENTRY_OUT.size).ok()) for name in NAMES}
     nodeids["fifo"] = entry_nodeid(client.call(Opcode.LOOKUP, nodeids["d"], b"fifo\0",
                                                abi.ENTRY_OUT.size).ok())
+    nodeids["w"] = entry_nodeid(client.call(Opcode.LOOKUP, 1, b"w\0", abi.ENTRY_OUT.size).ok())
     session.inodes.unref(nodeids["gone"], 1)       # forgotten: the cached fd is stale
-    for name, flags in (("fh", os.O_RDONLY), ("fh-wronly", os.O_WRONLY), ("fh-released", os.O_RDONLY)):
-        out = client.call(Opcode.OPEN, nodeids["a"], abi.OPEN_IN.pack(flags, 0), abi.OPEN_OUT.size).ok()
+    for name, flags, file in (("fh", os.O_RDONLY, "a"), ("fh-wronly", os.O_WRONLY, "a"),
+                              ("fh-released", os.O_RDONLY, "a"), ("fh-rw", os.O_RDWR, "w"),
+                              ("fh-append", os.O_WRONLY | os.O_APPEND, "w"), ("fh-w-rdonly", os.O_RDONLY, "w")):
+        out = client.call(Opcode.OPEN, nodeids[file], abi.OPEN_IN.pack(flags, 0), abi.OPEN_OUT.size).ok()
         nodeids[name] = abi.OPEN_OUT.unpack_from(out)[0]
     client.call(Opcode.RELEASE, nodeids["a"], abi.RELEASE_IN.pack(nodeids["fh-released"], 0, 0, 0), 0).ok()
     fast = fastpath.make(session)
@@ -88,12 +98,38 @@ def _run(session, fast, request: bytes, rcuts: list[int], wsizes: list[int], com
     return n, b"".join(outs)
 
 
+def w_reset(session) -> None:
+    """"w" back to W_CONTENTS (through a host fd of our own)."""
+    fd = os.open("w", os.O_WRONLY | os.O_CLOEXEC, dir_fd=session.root_fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, W_CONTENTS, 0)
+    finally:
+        os.close(fd)
+
+
+def w_contents(session) -> bytes:
+    fd = os.open("w", os.O_RDONLY | os.O_CLOEXEC, dir_fd=session.root_fd)
+    try:
+        size = os.fstat(fd).st_size
+        return os.pread(fd, size, 0) if size <= 1 << 24 else b"%d bytes" % size
+    finally:
+        os.close(fd)
+
+
+def _run_w(session, fast, request: bytes, rcuts: list[int], wsizes: list[int], compiled: bool):
+    """_run on a fresh "w": (bytes, writable bytes, w's contents after)."""
+    w_reset(session)
+    return (*_run(session, fast, request, rcuts, wsizes, compiled), w_contents(session))
+
+
 def compare(world, request: bytes, rcuts: list[int], wsizes: list[int]) -> tuple[int, bool]:
-    """(bytes written, whether C served it); asserts both paths agree."""
+    """(bytes written, whether C served it); asserts both paths agree (and
+    leave "w" alike)."""
     session, fast, _ = world
-    pure = _run(session, fast, request, rcuts, wsizes, False)
+    pure = _run_w(session, fast, request, rcuts, wsizes, False)
     before = fast.served
-    both = _run(session, fast, request, rcuts, wsizes, True)
+    both = _run_w(session, fast, request, rcuts, wsizes, True)
     assert both == pure
     return pure[0], fast.served > before
 
@@ -219,10 +255,10 @@ def compare_metered(metered, request: bytes, rcuts: list[int], wsizes: list[int]
     session, fast, _, (pure_meter, c_meter) = metered
     try:
         session.meter = pure_meter
-        pure = _run(session, fast, request, rcuts, wsizes, False)
+        pure = _run_w(session, fast, request, rcuts, wsizes, False)
         session.meter = c_meter
         before = fast.served
-        both = _run(session, fast, request, rcuts, wsizes, True)
+        both = _run_w(session, fast, request, rcuts, wsizes, True)
     finally:
         session.meter = None
     assert both == pure
@@ -482,7 +518,7 @@ def test_which_sessions_get_compiled_ops(world, monkeypatch):
         assert fastpath.fast_ops(session) is None
 
 
-@pytest.mark.parametrize("op", ["getattr", "read4k"])
+@pytest.mark.parametrize("op", ["getattr", "read4k", "write4k"])
 def test_the_worker_loop_serves_them_in_c(tmp_path, monkeypatch, op):
     """WorkerLoop._serve on a ring of 8 requests (tests/perf/inproc.py's
     set-up): all answered without an error, in C unless the pure path was
@@ -502,12 +538,13 @@ def test_the_worker_loop_serves_them_in_c(tmp_path, monkeypatch, op):
     inproc.close(loop, ring, vr)
 
 
-@pytest.mark.parametrize("op,opcode", [("getattr", Opcode.GETATTR), ("read4k", Opcode.READ)])
+@pytest.mark.parametrize("op,opcode", [("getattr", Opcode.GETATTR), ("read4k", Opcode.READ),
+                                       ("write4k", Opcode.WRITE)])
 def test_the_worker_loop_counts_them_with_a_meter(tmp_path, monkeypatch, op, opcode):
     """--metrics-socket keeps the compiled path: a session with a meter
     (as workers/entry.py gives it before the loop) is served in C, and its
     slot counts the 8 requests, their latencies, the batch (and READ's
-    bytes)."""
+    bytes, WRITE's)."""
     from tests.perf import inproc
     monkeypatch.chdir(tmp_path)
     loop, ring, vr, heads = inproc._build(op, 8, str(tmp_path))
@@ -523,6 +560,7 @@ def test_the_worker_loop_counts_them_with_a_meter(tmp_path, monkeypatch, op, opc
     assert words[base + counters.OP_LATENCY_SUM] > 0
     assert (words[counters.BATCHES], words[counters.CHAINS]) == (1, 8)
     assert words[counters.BYTES_READ] == (8 * 4096 if op == "read4k" else 0)
+    assert words[counters.BYTES_WRITTEN] == (8 * 4096 if op == "write4k" else 0)
     if fastpath.compiled.VirtQueue is fastpath.compiled.CompiledVirtQueue:
         assert loop._fast.served == 8
     inproc.close(loop, ring, vr)
@@ -533,3 +571,200 @@ def test_supervisor_never_loads_the_fast_ops():
             "print(sorted(m for m in sys.modules if m in ('daemon.fuse.fastpath', 'daemon.fuse._fastops')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- WRITE -----------------------------------------------------------------------------
+def write_request(fh: int, offset: int, data: bytes, unique: int = 13, size: int | None = None,
+                  write_flags: int = 0, nodeid: int = 7) -> bytes:
+    args = abi.WRITE_IN.pack(fh, offset, len(data) if size is None else size, write_flags, 0, 0)
+    return in_header(Opcode.WRITE, nodeid, len(args) + len(data), unique) + args + data
+
+
+def _data(n: int, seed: int = 1) -> bytes:
+    return bytes((seed + i * 7) & 0xFF for i in range(n))
+
+
+def _written(world, request: bytes, rcuts: list[int], wsizes: list[int]) -> tuple[int, bool, int, bytes]:
+    """compare(), and (bytes, in C, the reply's count or -errno, w after)."""
+    session, fast, _ = world
+    n, in_c = compare(world, request, rcuts, wsizes)
+    _, out, contents = _run_w(session, fast, request, rcuts, wsizes, True)
+    err = abi.OUT_HEADER.unpack_from(out)[1]
+    return n, in_c, (abi.WRITE_OUT.unpack_from(out, 16)[0] if n == 24 else err), contents
+
+
+@pytest.mark.parametrize("fh,offset,size,cuts", [
+    ("fh-rw", 0, 4096, [40, 80]), ("fh-rw", 100, 10, [40, 80]), ("fh-rw", 6000, 1000, [40, 80, 500]),
+    ("fh-rw", 4000, 8192, [40, 80, 4176]), ("fh-rw", 0, 0, [40, 80]), ("fh-rw", 1 << 40, 10, [40, 80]),
+    ("fh-rw", 3, 100, [40, 60, 90, 100, 101, 150]), ("fh-append", 0, 100, [40, 80]),
+    ("fh-rw", 0, 1 << 20, [40, 80] + [80 + 4096 * k for k in range(1, 16, 3)])])
+def test_linux_shaped_write_is_served_in_c(world, fh, offset, size, cuts):
+    """The guest's data at offset into the file (O_APPEND: at its end), the
+    count in fuse_write_out; the file as Python leaves it."""
+    _session, _fast, nodeids = world
+    data = _data(size)
+    n, in_c, count, contents = _written(world, write_request(nodeids[fh], offset, data), cuts, [16, 8])
+    assert (n, in_c, count) == (24, True, size)
+    if fh == "fh-append":
+        assert contents == W_CONTENTS + data
+    elif offset + size <= 1 << 24:
+        expect = bytearray(W_CONTENTS)
+        expect[len(expect):] = bytes(max(0, offset + size - len(expect)))
+        expect[offset:offset + size] = data
+        assert contents == bytes(expect)
+
+
+@pytest.mark.parametrize("fh,offset,err", [("fh-w-rdonly", 0, errno.EBADF), ("fh", 0, errno.EBADF),
+                                           ("fh-rw", (1 << 63) - 1, errno.EINVAL)])
+def test_write_errors_are_the_same_errno_in_c(world, fh, offset, err):
+    """pwritev's errno (a read-only open file: EBADF; an end past the
+    largest file offset: EINVAL), in C as in Python; the file untouched."""
+    _session, _fast, nodeids = world
+    n, in_c, got, contents = _written(world, write_request(nodeids[fh], offset, b"x" * 10), [40, 80], [16, 8])
+    assert (n, in_c, got, contents) == (16, True, -err, W_CONTENTS)
+
+
+def test_a_short_write_returns_its_count_in_c(world):
+    """RLIMIT_FSIZE cuts a write short: the count written, in C as in
+    Python (SIGXFSZ is ignored, as CPython sets it)."""
+    import resource
+    _session, _fast, nodeids = world
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(W_CONTENTS) + 100, old[1]))
+    try:
+        request = write_request(nodeids["fh-rw"], len(W_CONTENTS) - 50, _data(4096))
+        n, in_c, count, contents = _written(world, request, [40, 80], [16, 8])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+    assert (n, in_c, count) == (24, True, 150)
+    assert contents == W_CONTENTS[:-50] + _data(150)
+
+
+@pytest.mark.parametrize("case", ["kill-suidgid", "released", "unknown", "offset", "size-more", "size-less",
+                                  "too-big", "short-args", "extension", "short-out", "split-header",
+                                  "many-buffers", "len"])
+def test_writes_c_leaves_to_python(world, case):
+    """Each of these is Python's (C declines), answered the same way."""
+    _session, _fast, nodeids = world
+    fh, data = nodeids["fh-rw"], _data(100)
+    request, rcuts, wsizes = write_request(fh, 0, data), [40, 80], [16, 8]
+    if case == "kill-suidgid":
+        request = write_request(fh, 0, data, write_flags=abi.FUSE_WRITE_KILL_SUIDGID)
+    elif case == "released":
+        request = write_request(nodeids["fh-released"], 0, data)
+    elif case == "unknown":
+        request = write_request(0xDEAD << 24 | 5, 0, data)
+    elif case == "offset":
+        request = write_request(fh, 1 << 63, data)
+    elif case == "size-more":
+        request = write_request(fh, 0, data, size=101)
+    elif case == "size-less":
+        request = write_request(fh, 0, data, size=99)
+    elif case == "too-big":
+        request = write_request(fh, 0, bytes((1 << 20) + 1))
+    elif case == "short-args":
+        request = in_header(Opcode.WRITE, 7, 32, 9) + abi.WRITE_IN.pack(fh, 0, 0, 0, 0, 0)[:32]
+    elif case == "extension":
+        args = abi.WRITE_IN.pack(fh, 0, 8, 0, 0, 0) + bytes(8)
+        request = abi.IN_HEADER.pack(40 + len(args), Opcode.WRITE, 9, 7, 0, 0, 0, 1, 0) + args
+    elif case == "short-out":
+        wsizes = [16, 7]
+    elif case == "split-header":
+        rcuts = [20, 80]
+    elif case == "many-buffers":       # more than a raw chain's 16 readable buffers
+        rcuts = list(range(40, 141, 5))
+    elif case == "len":
+        request = request[:-1]
+    _n, in_c = compare(world, request, rcuts, wsizes)
+    assert not in_c
+
+
+def test_readonly_sessions_keep_write_in_python(share):
+    """--readonly answers WRITE with EROFS in Python: no WRITE in C."""
+    ro, _ = start_session(share, readonly=True)
+    try:
+        assert fastpath.compiled_ops(ro) == "GETATTR and READ"
+        fast = fastpath.make(ro)
+        request = write_request(1 << 24 | 1, 0, b"x" * 10)
+        chain = Chain(0, IoVec([memoryview(bytearray(request[:40])), memoryview(bytearray(request[40:]))]),
+                      IoVec([memoryview(bytearray(24))]))
+        assert (fast.serve(chain), fast.served) == (-1, 0)
+    finally:
+        ro.close()
+        ro.inodes.close()
+
+
+WFH = st.sampled_from(["fh-rw", "fh-rw", "fh-append", "fh-w-rdonly", "fh-released", "unknown", "huge"])
+WOFFSET = st.one_of(st.sampled_from([0, 1, 4095, 6143, 6144, 1 << 40, (1 << 63) - 1, 1 << 63, (1 << 64) - 1]),
+                    st.integers(0, 7000))
+WFLAGS = st.sampled_from([0, 0, 0, abi.FUSE_WRITE_CACHE, abi.FUSE_WRITE_LOCKOWNER, abi.FUSE_WRITE_KILL_SUIDGID])
+
+
+def _write_args(nodeids, fh: str, offset: int, size: int, write_flags: int) -> bytes:
+    fhs = {"unknown": 77 << 24 | 3, "huge": (1 << 64) - 1}
+    return abi.WRITE_IN.pack(fhs[fh] if fh in fhs else nodeids[fh], offset, size & 0xFFFFFFFF, write_flags, 0, 0)
+
+
+@SETTINGS
+@given(fh=WFH, offset=WOFFSET, datalen=st.integers(0, 9000), sizedelta=st.sampled_from([0, 0, 0, 0, 1, -1]),
+       write_flags=WFLAGS, rcuts=st.lists(st.integers(0, 9100), max_size=6), wsizes=WSIZES, unique=U64,
+       nargs=st.sampled_from([40, 40, 40, 39, 0]), lendelta=st.sampled_from([0, 0, 0, 1, -1]),
+       extlen=st.sampled_from([0, 0, 0, 0, 1]))
+def test_writes_are_equivalent(world, fh, offset, datalen, sizedelta, write_flags, rcuts, wsizes, unique, nargs,
+                               lendelta, extlen):
+    _session, _fast, nodeids = world
+    data = _data(datalen, unique & 0xFF)
+    args = _write_args(nodeids, fh, offset, datalen + sizedelta, write_flags)[:nargs]
+    body = args + (data if nargs == 40 else b"")
+    length = (40 + len(body) + lendelta) & 0xFFFFFFFF
+    request = abi.IN_HEADER.pack(length, Opcode.WRITE, unique, 7, 0, 0, 0, extlen, 0) + body
+    compare(world, request, [40, 80, *rcuts], wsizes)
+
+
+@SETTINGS
+@given(fh=WFH, offset=WOFFSET, datalen=st.integers(0, 5000), rcuts=st.lists(st.integers(0, 5100), max_size=4),
+       wsizes=WSIZES, unique=U64)
+def test_well_formed_writes_are_served_in_c_when_they_can_be(world, fh, offset, datalen, rcuts, wsizes, unique):
+    """Any cut of a well-formed plain WRITE: the same bytes and file, and C
+    serves it whenever the header is whole in the first buffer, the
+    writable part holds the 24-byte reply, the offset is a file offset and
+    the fh is held (an error from pwritev included)."""
+    _session, _fast, nodeids = world
+    args = _write_args(nodeids, fh, offset, datalen, 0)
+    request = abi.IN_HEADER.pack(80 + datalen, Opcode.WRITE, unique, 7, 0, 0, 0, 0, 0) + args + _data(datalen)
+    n, in_c = compare(world, request, rcuts, wsizes)
+    points = {c % (len(request) + 1) for c in rcuts} - {0, len(request)}
+    first = min(points or [len(request)])
+    held = fh in ("fh-rw", "fh-append", "fh-w-rdonly")
+    assert in_c == (first >= 40 and sum(wsizes) >= 24 and held and offset < 1 << 63 and len(points) < 16)
+    if in_c:
+        assert n in (16, 24)
+
+
+@SETTINGS
+@given(fh=WFH, offset=WOFFSET, datalen=st.integers(0, 5000), sizedelta=st.sampled_from([0, 0, 0, 1]),
+       write_flags=WFLAGS, rcuts=st.lists(st.integers(0, 5100), max_size=3), wsizes=WSIZES, unique=U64)
+def test_metered_writes_count_the_same(metered, fh, offset, datalen, sizedelta, write_flags, rcuts, wsizes,
+                                       unique):
+    """WRITEs, served by C or declined, each path with its meter: the same
+    bytes, file and counters (BYTES_WRITTEN, WRITE's errors)."""
+    _session, _fast, nodeids, _meters = metered
+    args = _write_args(nodeids, fh, offset, datalen + sizedelta, write_flags)
+    request = abi.IN_HEADER.pack(80 + datalen, Opcode.WRITE, unique, 7, 0, 0, 0, 0, 0) + args + _data(datalen)
+    compare_metered(metered, request, [40, 80, *rcuts], wsizes)
+
+
+def test_c_counts_write_bytes_and_errors_in_their_words(metered):
+    """The words themselves: 4096 data bytes under BYTES_WRITTEN, EBADF
+    under WRITE, each request under WRITE's requests."""
+    _session, _fast, nodeids, (_, c_meter) = metered
+    words = c_meter.words
+    ebadf = counters.ERRORS + int(Opcode.WRITE) * counters.ERRNO_SLOTS + errno.EBADF
+    before = _op_words(c_meter, Opcode.WRITE)
+    errors, written = words[ebadf], words[counters.BYTES_WRITTEN]
+    assert compare_metered(metered, write_request(nodeids["fh-rw"], 0, _data(4096)), [40, 80], [16, 8]) == (24, True)
+    assert compare_metered(metered, write_request(nodeids["fh-w-rdonly"], 0, b"x"), [40, 80], [16, 8]) == (16, True)
+    after = _op_words(c_meter, Opcode.WRITE)
+    assert (words[ebadf], words[counters.BYTES_WRITTEN]) == (errors + 1, written + 4096)
+    assert after[counters.OP_REQUESTS] == before[counters.OP_REQUESTS] + 2
+    assert after[counters.OP_LATENCY_SUM] > before[counters.OP_LATENCY_SUM]
