@@ -70,6 +70,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -87,6 +88,7 @@
 #define OUT_HEADER 16
 #define ATTR_OUT 104
 #define GETATTR_IN 16
+#define OP_LOOKUP 1
 #define OP_GETATTR 3
 #define OP_READ 15
 #define READ_IN 40
@@ -105,6 +107,12 @@ struct in_header {
     uint16_t total_extlen, padding;
 };
 
+/* fuse_attr, as abi.ATTR */
+struct fuse_attr {
+    uint64_t ino, size, blocks, atime, mtime, ctime;
+    uint32_t atimensec, mtimensec, ctimensec, mode, nlink, uid, gid, rdev, blksize, flags;
+};
+
 /* fuse_out_header + fuse_attr_out, as abi.OUT_HEADER + abi.ATTR_OUT */
 struct attr_reply {
     uint32_t len;
@@ -112,8 +120,7 @@ struct attr_reply {
     uint64_t unique;
     uint64_t attr_valid;
     uint32_t attr_valid_nsec, dummy;
-    uint64_t ino, size, blocks, atime, mtime, ctime;
-    uint32_t atimensec, mtimensec, ctimensec, mode, nlink, uid, gid, rdev, blksize, flags;
+    struct fuse_attr attr;
 };
 
 /* fuse_read_in, as abi.READ_IN ("<QQIIQI4x") */
@@ -139,7 +146,7 @@ struct meter {
     Py_buffer words;            /* the slot, u64 words, held while FastOps lives */
     uint64_t *w;
     Py_ssize_t bytes_read, errno_slots, nbounds;
-    struct op_words getattr, read;
+    struct op_words getattr, read, lookup;
     uint64_t bounds[MAX_BUCKETS];   /* LATENCY_BUCKETS_NS: the last bucket is above them all */
 };
 
@@ -155,6 +162,16 @@ _Static_assert(sizeof(struct read_in) == READ_IN, "fuse_read_in");
 _Static_assert(sizeof(struct out_header) == OUT_HEADER, "fuse_out_header");
 _Static_assert(sizeof(struct attr_reply) == OUT_HEADER + ATTR_OUT, "fuse_attr_out");
 
+/* the shared InodeTable as LOOKUP needs it (FastOps.enable_lookup) */
+struct lookup_table {
+    PyObject *hash;         /* InodeTable._hash, memoryview of u32; NULL: LOOKUP is Python's */
+    PyObject *tlock;        /* InodeTable._tlock, the thread lock of LockedTable */
+    int fd;                 /* InodeTable._fd, the memfd its record lock is on */
+    int negative;           /* --cache=always: ENOENT is a negative entry */
+    uint64_t capacity, hmask;
+    Py_ssize_t h_dirty, s_gen, s_ref, s_dev, s_ino;    /* inodes.py's word indices */
+};
+
 typedef struct {
     PyObject_HEAD
     PyObject *session;      /* the FuseSession */
@@ -167,10 +184,12 @@ typedef struct {
     unsigned long long served;  /* requests answered here (tests, bench) */
     PyObject *meter;        /* the WorkerMeter counted for, or NULL */
     struct meter m;         /* valid when meter is set */
+    struct lookup_table lk; /* LOOKUP (_lookup.h) */
 } FastOps;
 
 static PyObject *s_readable, *s_writable, *s_views, *s_size, *s_session, *s_meter, *s_cache,
-    *s_fds, *s_root_fd, *s_handles, *s_handles_dict, *s_fh_slots, *s_fd, *s_kind, *s_nodeid;
+    *s_fds, *s_root_fd, *s_handles, *s_handles_dict, *s_fh_slots, *s_fd, *s_kind, *s_nodeid, *s_acquire,
+    *s_release;
 
 /* an attribute as a C integer; -1 with no error set if it is not an int
  * in range (the caller then leaves the request to Python) */
@@ -241,6 +260,7 @@ struct state {
     PyObject *handles;              /* session.handles._handles (dict) */
     struct words header, inodes;    /* InodeTable: its header, its slots */
     struct words files;             /* session.handles._slots: the FileTable's */
+    struct words hash;              /* InodeTable._hash (LOOKUP), held when first needed */
 };
 
 static int state_init(FastOps *self, struct state *st)
@@ -282,6 +302,7 @@ static void state_drop(struct state *st)
     drop_words(&st->header);
     drop_words(&st->inodes);
     drop_words(&st->files);
+    drop_words(&st->hash);
 }
 
 /* copy n bytes at stream offset off of iovecs into mem (read) or from mem
@@ -367,6 +388,30 @@ static uint32_t rdev32(dev_t rdev)
     return (uint32_t)((minor & 0xFF) | ((major & 0xFFF) << 8) | ((minor & ~(uint64_t)0xFF) << 12));
 }
 
+/* fuse_attr from a host stat (Timeouts.attr_out, flags 0); -1 for what
+ * struct.pack would refuse (Python answers EIO): leave it to Python */
+static int fill_attr(struct fuse_attr *a, const struct stat *s)
+{
+    if (s->st_size < 0 || s->st_blocks < 0 || s->st_blksize < 0 || (uint64_t)s->st_blksize > UINT32_MAX)
+        return -1;
+    a->ino = s->st_ino;
+    a->size = (uint64_t)s->st_size;
+    a->blocks = (uint64_t)s->st_blocks;
+    a->atime = (uint64_t)s->st_atim.tv_sec;     /* times before 1970 wrap, as in Python */
+    a->mtime = (uint64_t)s->st_mtim.tv_sec;
+    a->ctime = (uint64_t)s->st_ctim.tv_sec;
+    a->atimensec = (uint32_t)s->st_atim.tv_nsec;
+    a->mtimensec = (uint32_t)s->st_mtim.tv_nsec;
+    a->ctimensec = (uint32_t)s->st_ctim.tv_nsec;
+    a->mode = s->st_mode;
+    a->nlink = s->st_nlink <= UINT32_MAX ? (uint32_t)s->st_nlink : UINT32_MAX;
+    a->uid = s->st_uid;
+    a->gid = s->st_gid;
+    a->rdev = s->st_rdev ? rdev32(s->st_rdev) : 0;
+    a->blksize = (uint32_t)s->st_blksize;
+    return 0;
+}
+
 /* the errno an error reply carries (replies.error: EIO for one outside 1..4095) */
 static int reply_errno(int err)
 {
@@ -415,27 +460,11 @@ static Py_ssize_t fast_getattr(FastOps *self, const struct state *st, const stru
     Py_END_ALLOW_THREADS
     if (rc != 0)
         return error_reply(q, h->unique, err, error);
-    /* what struct.pack would refuse (Python answers EIO): leave it to Python */
-    if (s.st_size < 0 || s.st_blocks < 0 || s.st_blksize < 0 || (uint64_t)s.st_blksize > UINT32_MAX)
+    if (fill_attr(&r.attr, &s) < 0)
         return NOT_HANDLED;
     r.len = sizeof r;
     r.attr_valid = self->attr_sec;
     r.attr_valid_nsec = self->attr_nsec;
-    r.ino = s.st_ino;
-    r.size = (uint64_t)s.st_size;
-    r.blocks = (uint64_t)s.st_blocks;
-    r.atime = (uint64_t)s.st_atim.tv_sec;     /* times before 1970 wrap, as in Python */
-    r.mtime = (uint64_t)s.st_mtim.tv_sec;
-    r.ctime = (uint64_t)s.st_ctim.tv_sec;
-    r.atimensec = (uint32_t)s.st_atim.tv_nsec;
-    r.mtimensec = (uint32_t)s.st_mtim.tv_nsec;
-    r.ctimensec = (uint32_t)s.st_ctim.tv_nsec;
-    r.mode = s.st_mode;
-    r.nlink = s.st_nlink <= UINT32_MAX ? (uint32_t)s.st_nlink : UINT32_MAX;
-    r.uid = s.st_uid;
-    r.gid = s.st_gid;
-    r.rdev = s.st_rdev ? rdev32(s.st_rdev) : 0;
-    r.blksize = (uint32_t)s.st_blksize;
     return iov_copy(q->w, q->nw, 0, &r, sizeof r, 1) < 0 ? NOT_HANDLED : (Py_ssize_t)sizeof r;
 }
 
@@ -504,7 +533,7 @@ static void add(uint64_t *w, Py_ssize_t i, uint64_t n)
  * replied */
 static void count(struct meter *m, int opcode, const struct timespec *start, int error, Py_ssize_t written)
 {
-    const struct op_words *op = opcode == OP_READ ? &m->read : &m->getattr;
+    const struct op_words *op = opcode == OP_READ ? &m->read : opcode == OP_LOOKUP ? &m->lookup : &m->getattr;
     struct timespec end;
     clock_gettime(CLOCK_MONOTONIC, &end);
     int64_t ns = (int64_t)(end.tv_sec - start->tv_sec) * 1000000000 + (end.tv_nsec - start->tv_nsec);
@@ -521,6 +550,8 @@ static void count(struct meter *m, int opcode, const struct timespec *start, int
         add(m->w, m->bytes_read, (uint64_t)(written - OUT_HEADER));
 }
 
+#include "_lookup.h"
+
 /* one request, with the checks every fast op shares (FuseSession._handle's,
  * in its order); NOT_HANDLED (nothing written) or the bytes written;
  * *opcode and *error (the reply's errno, 0: success) for counting */
@@ -535,7 +566,9 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
     __asm__ volatile("" : "+m"(h));   /* the copy, never guest memory again */
     if (h.len != (uint64_t)q->rsize || q->wsize < OUT_HEADER)
         return NOT_HANDLED;
-    if (h.opcode == OP_GETATTR ? q->wsize < OUT_HEADER + ATTR_OUT : !(h.opcode == OP_READ && self->reads))
+    if (h.opcode == OP_GETATTR ? q->wsize < OUT_HEADER + ATTR_OUT
+            : h.opcode == OP_LOOKUP ? self->lk.hash == NULL || q->wsize < OUT_HEADER + ENTRY_OUT
+            : !(h.opcode == OP_READ && self->reads))
         return NOT_HANDLED;
     *opcode = (int)h.opcode;
     uint64_t current;
@@ -545,6 +578,8 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
         return NOT_HANDLED;
     if (h.opcode == OP_READ)
         return fast_read(st, q, &h, error);
+    if (h.opcode == OP_LOOKUP)
+        return fast_lookup(self, st, q, &h, error);
     return fast_getattr(self, st, q, &h, error);
 }
 
@@ -744,20 +779,21 @@ static void drop_meter(FastOps *self)
 
 /* the meter's slot and where its counters are (fastpath.make, from
  * counters.py): layout = (bytes_read, errno_slots, then requests,
- * latency_sum, buckets, errors for GETATTR, then for READ), bounds =
+ * latency_sum, buckets, errors for GETATTR, then for READ, then for
+ * LOOKUP), bounds =
  * LATENCY_BUCKETS_NS; every word counting may touch is checked to be in
  * the slot, once, here */
 static int set_meter(FastOps *self, PyObject *meter, PyObject *words, PyObject *layout, PyObject *bounds)
 {
     struct meter m;
-    Py_ssize_t v[10];
+    Py_ssize_t v[14];
     memset(&m, 0, sizeof m);
-    if (!PyTuple_Check(layout) || PyTuple_GET_SIZE(layout) != 10 || !PyTuple_Check(bounds)
+    if (!PyTuple_Check(layout) || PyTuple_GET_SIZE(layout) != 14 || !PyTuple_Check(bounds)
             || PyTuple_GET_SIZE(bounds) < 1 || PyTuple_GET_SIZE(bounds) > MAX_BUCKETS - 1) {
         PyErr_SetString(PyExc_ValueError, "FastOps: bad metrics layout");
         return -1;
     }
-    for (Py_ssize_t i = 0; i < 10; i++)
+    for (Py_ssize_t i = 0; i < 14; i++)
         if ((v[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(layout, i))) == -1 && PyErr_Occurred())
             return -1;
     m.nbounds = PyTuple_GET_SIZE(bounds);
@@ -770,12 +806,13 @@ static int set_meter(FastOps *self, PyObject *meter, PyObject *words, PyObject *
     m.errno_slots = v[1];
     m.getattr = (struct op_words){v[2], v[3], v[4], v[5]};
     m.read = (struct op_words){v[6], v[7], v[8], v[9]};
+    m.lookup = (struct op_words){v[10], v[11], v[12], v[13]};
     if (PyObject_GetBuffer(words, &m.words, PyBUF_WRITABLE) < 0)
         return -1;
     Py_ssize_t n = m.words.len / 8;
     int ok = ((uintptr_t)m.words.buf & 7) == 0 && m.errno_slots > 0 && m.bytes_read >= 0 && m.bytes_read < n;
-    const struct op_words *ops[] = {&m.getattr, &m.read};
-    for (int i = 0; i < 2 && ok; i++)
+    const struct op_words *ops[] = {&m.getattr, &m.read, &m.lookup};
+    for (int i = 0; i < 3 && ok; i++)
         ok = ops[i]->requests >= 0 && ops[i]->requests < n && ops[i]->latency_sum >= 0
             && ops[i]->latency_sum < n && ops[i]->buckets >= 0 && ops[i]->buckets <= n - m.nbounds - 1
             && ops[i]->errors >= 0 && ops[i]->errors <= n - m.errno_slots;
@@ -837,6 +874,8 @@ static int fastops_traverse(FastOps *self, visitproc visit, void *arg)
     Py_VISIT(self->header);
     Py_VISIT(self->slots);
     Py_VISIT(self->meter);
+    Py_VISIT(self->lk.hash);
+    Py_VISIT(self->lk.tlock);
     return 0;
 }
 
@@ -845,6 +884,8 @@ static int fastops_clear(FastOps *self)
     Py_CLEAR(self->session);
     Py_CLEAR(self->header);
     Py_CLEAR(self->slots);
+    Py_CLEAR(self->lk.hash);
+    Py_CLEAR(self->lk.tlock);
     drop_meter(self);
     return 0;
 }
@@ -871,6 +912,10 @@ static PyMethodDef fastops_methods[] = {
      "_vqcore.Core's ring in C, recording each in the progress record (words[0] = AVAIL,\n"
      "popped[(avail - 1) & 1023] = head); n >= 0: n served and no chain is available (or\n"
      "n == limit); n < 0: -1 - n served and the next chain is Python's (VirtQueue.pop)"},
+    {"enable_lookup", (PyCFunction)fastops_enable_lookup, METH_VARARGS,
+     "enable_lookup(hash, fd, tlock, capacity, (dirty, gen, ref, dev, ino), negative): serve LOOKUP\n"
+     "too, on the InodeTable whose index, memfd, thread lock, capacity and word indices these are;\n"
+     "negative: ENOENT is a negative entry (--cache=always)"},
     {NULL},
 };
 
@@ -899,6 +944,7 @@ PyMODINIT_FUNC PyInit__fastops(void)
         {&s_session, "_session"}, {&s_meter, "meter"}, {&s_cache, "cache"}, {&s_fds, "_fds"},
         {&s_root_fd, "root_fd"}, {&s_handles, "handles"}, {&s_handles_dict, "_handles"},
         {&s_fh_slots, "_slots"}, {&s_fd, "fd"}, {&s_kind, "kind"}, {&s_nodeid, "nodeid"},
+        {&s_acquire, "acquire"}, {&s_release, "release"},
     };
     for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)
         if ((*strings[i].slot = PyUnicode_InternFromString(strings[i].text)) == NULL)

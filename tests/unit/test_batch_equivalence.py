@@ -4,7 +4,8 @@ pure-Python path, ring by ring.
 Each example lays one ring into guest RAM (tests/fuzz/image.py's regions:
 the rings in region 0, requests in region 1, the largest, some buffers in
 region 2): a mix of requests C serves (GETATTR on held nodeids and fhs,
-READ on held fhs), requests it declines (LOOKUP, unknown nodeids, released
+READ on held fhs, LOOKUP of names whose inodes it holds and of a missing
+one), requests it declines (LOOKUP of "..", of a name with '/', unknown nodeids, released
 fhs, other opcodes, headers split over buffers, writable parts too small,
 buffers outside the largest region) and malformed chains (a ``next`` out
 of range, a loop, readable after writable, a buffer outside memory, a bad
@@ -14,7 +15,8 @@ ring. ``WorkerLoop._serve`` runs it once on the reference (the pure-Python
 batch loop, each with its own metrics meter, on the same image; both must
 leave the same guest RAM (used ring, avail_event, every reply byte), the
 same progress record (AVAIL, DONE, PUB_FROM, POPPED), indexes, served
-counts, the same error message for a broken ring, and the same counters.
+counts, the same error message for a broken ring, the same counters, and
+the same lookup counts taken in the shared inode table.
 C must also have served exactly the requests it can.
 """
 
@@ -156,6 +158,7 @@ def run(rig, data: bytes, stage3: bool) -> dict:
                              image.qva(image.USED_GPA), lay.last_avail, lay.event_idx)
     prog.reset(ring.words, ring.queue)
     served_in_c = fast.served
+    looked_up = {n: session.inodes.get(n)[3] for n in (_nodeids["a"], _nodeids["fifo"])}
     try:
         served = [loop._serve(ring)]
         while ring in loop._again and len(served) < 4:
@@ -164,7 +167,8 @@ def run(rig, data: bytes, stage3: bool) -> dict:
         loop._again.clear()
         return {"served": served, "broke": broke, "ram": bytes(img.ram), "words": list(ring.words[:3]),
                 "popped": list(ring.popped), "last_avail": ring.queue.last_avail_idx,
-                "published": ring.queue.published_idx, "in_c": fast.served - served_in_c}
+                "published": ring.queue.published_idx, "in_c": fast.served - served_in_c,
+                "counts": {n: session.inodes.get(n)[3] - c for n, c in looked_up.items()}}
     finally:
         session.meter = None
         ring.queue.release()
@@ -205,8 +209,16 @@ def make_request(kind: str, nodeids: dict, unique: int, arg: int) -> tuple[bytes
         return read_request(nodeids["fh-wronly"], 0, 100, unique), 16, [16, 100], True
     if kind == "read-released":
         return read_request(nodeids["fh-released"], 0, 100, unique), 16, [16, 100], False
-    if kind == "lookup":
-        return in_header(Opcode.LOOKUP, 1, 2, unique) + b"a\0", 16, [16, 128], False
+    if kind == "lookup":        # a name this worker holds the inode of: C takes the count
+        return in_header(Opcode.LOOKUP, 1, 2, unique) + b"a\0", 144, [16, 128], True
+    if kind == "lookup-d":
+        return in_header(Opcode.LOOKUP, nodeids["d"], 5, unique) + b"fifo\0", 144, [16, 128], True
+    if kind == "lookup-missing":  # ENOENT, in C
+        return in_header(Opcode.LOOKUP, 1, 5, unique) + b"nope\0", 144, [16, 128], True
+    if kind == "lookup-dots":   # Python's
+        return in_header(Opcode.LOOKUP, 1, 3, unique) + b"..\0", 16, [16, 128], False
+    if kind == "lookup-bad":    # '/' in the name: Python answers EINVAL
+        return in_header(Opcode.LOOKUP, 1, 4, unique) + b"a/b\0", 16, [16, 128], False
     if kind == "enosys":
         return in_header(9999, 1, 0, unique), 16, [16], False
     # "short": a GETATTR whose len says one byte more than it has
@@ -214,7 +226,7 @@ def make_request(kind: str, nodeids: dict, unique: int, arg: int) -> tuple[bytes
 
 
 KINDS = ["getattr-root", "getattr-a", "getattr-fh", "read", "read-wronly", "getattr-gone", "getattr-unknown",
-         "read-released", "lookup", "enosys", "short"]
+         "read-released", "lookup", "lookup-d", "lookup-missing", "lookup-dots", "lookup-bad", "enosys", "short"]
 BREAKS = ["none"] * 12 + ["far", "zero-len", "hole", "rw-order", "next-range", "loop", "nested", "table-len",
                           "head-range"]
 BREAKING = {"hole", "rw-order", "next-range", "loop", "nested", "table-len", "head-range"}
@@ -304,7 +316,7 @@ def test_a_ring_broken_mid_batch(rig, breakage, message):
 def test_a_mixed_batch(rig):
     """C serves, Python serves what C declines, C again: in ring order,
     one batch, one publish."""
-    kinds = ["getattr-root", "lookup", "read", "getattr-unknown", "getattr-fh", "read-released", "getattr-a"]
+    kinds = ["getattr-root", "lookup-dots", "read", "getattr-unknown", "getattr-fh", "read-released", "getattr-a"]
     requests = [(k, 100 + i, 0, [], False, None, False, "none") for i, k in enumerate(kinds)]
     data, expect = build(rig[2], 64, 0xFFFE, 0xFFFF, True, requests)
     assert expect == 4
@@ -318,7 +330,7 @@ def test_batch_stops_at_its_limit(rig):
     """FastOps.batch itself: limit 3 of 5 available serves 3 and says so
     (n >= 0); the rest next time; a declined chain is left untaken (n < 0)."""
     session, fast, nodeids, _meters, _loop, img = rig
-    kinds = ["getattr-root"] * 5 + ["lookup"]
+    kinds = ["getattr-root"] * 5 + ["lookup-dots"]
     requests = [(k, i, 0, [], False, None, True, "none") for i, k in enumerate(kinds)]  # heads 0..5
     data, _ = build(nodeids, 8, 0, 0, False, requests)
     lay = image.Layout(data)
