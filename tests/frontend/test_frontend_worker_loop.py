@@ -153,7 +153,8 @@ def test_each_worker_says_once_which_request_path_it_runs(frontend):
     assert len(ops) == 1 and want in ops[0], ops
 
 
-@pytest.mark.parametrize("cache", [pytest.param(c, marks=pytest.mark.frontend_opts(cache=c)) for c in ("auto", "always")])
+@pytest.mark.parametrize("cache", [pytest.param(c, marks=pytest.mark.frontend_opts(cache=c))
+                                   for c in ("auto", "always")])
 def test_lookups_in_c_take_one_count_each(frontend, cache):
     """The confined request worker (seccomp on, no capabilities): the first
     LOOKUP of a name is Python's, the three after it C's (docs/compiled.md,
