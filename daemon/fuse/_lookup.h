@@ -118,10 +118,13 @@ static int cached_gen(const struct state *st, Py_ssize_t nodeid, uint64_t gen)
         return 0;
     PyObject *e = PyDict_GetItemWithError(st->fds, key);   /* borrowed */
     Py_DECREF(key);
-    if (e == NULL || !PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 2 || !PyLong_CheckExact(PyTuple_GET_ITEM(e, 0)))
-        return 0;
-    unsigned long long g = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(e, 0));
-    return !PyErr_Occurred() && g == gen;
+    int cached = 0;
+    if (e != NULL && PyTuple_CheckExact(e) && PyTuple_GET_SIZE(e) == 2 && PyLong_CheckExact(PyTuple_GET_ITEM(e, 0))) {
+        unsigned long long g = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(e, 0));
+        cached = !PyErr_Occurred() && g == gen;
+    }
+    PyErr_Clear();      /* the thread lock's release is a call into Python */
+    return cached;
 }
 
 /* InodeTable.ref(dev, ino) for an inode the table knows and this worker
@@ -131,7 +134,7 @@ static int cached_gen(const struct state *st, Py_ssize_t nodeid, uint64_t gen)
 static int find_ref(FastOps *self, struct state *st, uint64_t dev, uint64_t ino, uint64_t *nodeid, uint64_t *gen)
 {
     const struct lookup_table *t = &self->lk;
-    if (st->fds == NULL || (!st->hash.held && hold_words(t->hash, &st->hash) < 0)
+    if (PyErr_Occurred() || st->fds == NULL || (!st->hash.held && hold_words(t->hash, &st->hash) < 0)
             || st->hash.b.len / 4 <= (Py_ssize_t)t->hmask || ((uintptr_t)st->hash.b.buf & 3)
             || st->header.b.len / 8 <= t->h_dirty || ((uintptr_t)st->header.b.buf & 7)
             || ((uintptr_t)st->inodes.b.buf & 7))
