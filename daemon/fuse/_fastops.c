@@ -36,6 +36,10 @@
  * buffers after the header, and the header (16 + bytes read), or the error
  * header for preadv's errno.
  *
+ * LOOKUP (when FastOps.enable_lookup was called) of a name whose inode
+ * this worker holds, or a missing name: _lookup.h, included below, says
+ * exactly when.
+ *
  * With a meter (--metrics-socket), what C answers is counted here into
  * the worker's shared-memory slot as WorkerMeter.request counts it
  * (count() below; fastpath.meter_layout gives the word indices, checked
