@@ -156,7 +156,7 @@ def test_each_worker_says_once_which_request_path_it_runs(frontend):
 @pytest.mark.parametrize("cache", [pytest.param(c, marks=pytest.mark.frontend_opts(cache=c))
                                    for c in ("auto", "always")])
 def test_lookups_in_c_take_one_count_each(frontend, cache):
-    """The confined request worker (seccomp on, no capabilities): the first
+    """The confined request worker (default sandbox and seccomp): the first
     LOOKUP of a name is Python's, the three after it C's (docs/compiled.md,
     "LOOKUP in C"; the worker says so at start-up), each with one count in
     the shared table: three FORGETs leave the inode known, the fourth frees
