@@ -265,6 +265,7 @@ struct state {
     struct words header, inodes;    /* InodeTable: its header, its slots */
     struct words files;             /* session.handles._slots: the FileTable's */
     struct words hash;              /* InodeTable._hash (LOOKUP), held when first needed */
+    PyObject *tlock;                /* InodeTable._tlock, acquired by LOOKUP for the call, or NULL */
 };
 
 static int state_init(FastOps *self, struct state *st)
@@ -307,6 +308,15 @@ static void state_drop(struct state *st)
     drop_words(&st->inodes);
     drop_words(&st->files);
     drop_words(&st->hash);
+    if (st->tlock != NULL) {        /* before Python runs again (it may want the table) */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyObject *r = PyObject_CallMethodNoArgs(st->tlock, s_release);
+        Py_XDECREF(r);
+        PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+        Py_CLEAR(st->tlock);
+    }
 }
 
 /* copy n bytes at stream offset off of iovecs into mem (read) or from mem

@@ -20,8 +20,9 @@
  *     (Timeouts.negative_entry); any other errno: Python's (it redoes the
  *     lookup with openat, which has no side effect to repeat);
  *   - found: under the table's lock (find_ref: the thread lock, taken
- *     without waiting, then the POSIX record lock on byte 0 of the memfd,
- *     LockedTable._lock's), the (dev, ino) is found with InodeTable._find's
+ *     without waiting and kept for the rest of the serve or batch call,
+ *     then the POSIX record lock on byte 0 of the memfd, LockedTable._lock's,
+ *     for this request), the (dev, ino) is found with InodeTable._find's
  *     probing. The root: nodeid 1, generation 0, no count (as ref and
  *     adopt). A nodeid whose O_PATH fd this worker caches with its current
  *     generation: +1 lookup (ref's only write), and the fuse_entry_out of
@@ -139,14 +140,22 @@ static int find_ref(FastOps *self, struct state *st, uint64_t dev, uint64_t ino,
             || st->header.b.len / 8 <= t->h_dirty || ((uintptr_t)st->header.b.buf & 7)
             || ((uintptr_t)st->inodes.b.buf & 7))
         return -1;
-    /* the thread lock, never waited for here: a holder means Python's turn */
-    PyObject *got = PyObject_CallMethodOneArg(t->tlock, s_acquire, Py_False);
-    if (got == NULL || got != Py_True) {
-        Py_XDECREF(got);
-        PyErr_Clear();
-        return -1;
+    /* the thread lock, never waited for here (a holder means Python's
+     * turn), and kept until the serve or batch call returns (state_drop):
+     * no other thread of a worker touches the table, and nothing C calls
+     * meanwhile takes it; Python's _lock takes it in the same order, the
+     * thread lock before the record lock */
+    if (st->tlock == NULL) {
+        PyObject *got = PyObject_CallMethodOneArg(t->tlock, s_acquire, Py_False);
+        if (got == NULL || got != Py_True) {
+            Py_XDECREF(got);
+            PyErr_Clear();
+            return -1;
+        }
+        Py_DECREF(got);
+        Py_INCREF(t->tlock);
+        st->tlock = t->tlock;
     }
-    Py_DECREF(got);
     int result = -1;
     if (record_lock(t->fd, F_WRLCK) == 0) {
         /* a holder died mid-update: Python's _lock repairs (DIRTY stays) */
@@ -171,9 +180,6 @@ static int find_ref(FastOps *self, struct state *st, uint64_t dev, uint64_t ino,
         }
         record_lock(t->fd, F_UNLCK);
     }
-    PyObject *r = PyObject_CallMethodNoArgs(t->tlock, s_release);
-    Py_XDECREF(r);
-    PyErr_Clear();
     return result;
 }
 

@@ -170,7 +170,8 @@ def run(rig, data: bytes, stage3: bool) -> dict:
         return {"served": served, "broke": broke, "ram": bytes(img.ram), "words": list(ring.words[:3]),
                 "popped": list(ring.popped), "last_avail": ring.queue.last_avail_idx,
                 "published": ring.queue.published_idx, "in_c": fast.served - served_in_c,
-                "counts": {n: session.inodes.get(n)[3] - c for n, c in looked_up.items()}}
+                "counts": {n: session.inodes.get(n)[3] - c for n, c in looked_up.items()},
+                "table locked": session.inodes._tlock.locked()}    # C's LOOKUP let go of it
     finally:
         session.meter = None
         ring.queue.release()

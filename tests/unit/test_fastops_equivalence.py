@@ -658,6 +658,7 @@ def _run_steps(lookup_share, steps, pair, fast) -> int:
             served += fast.served - before
         assert _table_state(comp) == _table_state(pure)
         assert _comparable(comp.meter.words) == _comparable(pure.meter.words)
+        assert not comp.inodes._tlock.locked()      # C keeps it for one call only
     return served
 
 
