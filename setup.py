@@ -19,8 +19,9 @@ setup(
         Extension(
             "daemon.fuse._fastops",
             sources=["daemon/fuse/_fastops.c"],
-            # the batch loop (stage 3) calls _vqcore through its capsule
-            depends=["daemon/virtio/_vqcore_api.h"],
+            # the batch loop (stage 3) calls _vqcore through its capsule;
+            # _fastops.c includes LOOKUP's code (_lookup.h)
+            depends=["daemon/virtio/_vqcore_api.h", "daemon/fuse/_lookup.h"],
             include_dirs=["daemon/virtio"],
             extra_compile_args=["-O2", "-std=gnu11", "-fno-strict-aliasing", "-Wall"],
             optional=True,

@@ -50,6 +50,10 @@
  * and READ's): a worker that dies during it leaves the chain to its
  * successor's EIO, as in the pure path, never to a second write.
  *
+ * LOOKUP (when FastOps.enable_lookup was called) of a name whose inode
+ * this worker holds, or a missing name: _lookup.h, included below, says
+ * exactly when.
+ *
  * With a meter (--metrics-socket), what C answers is counted here into
  * the worker's shared-memory slot as WorkerMeter.request counts it
  * (count() below; fastpath.meter_layout gives the word indices, checked
@@ -85,6 +89,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -104,6 +109,7 @@
 #define OUT_HEADER 16
 #define ATTR_OUT 104
 #define GETATTR_IN 16
+#define OP_LOOKUP 1
 #define OP_GETATTR 3
 #define OP_READ 15
 #define READ_IN 40
@@ -126,6 +132,12 @@ struct in_header {
     uint16_t total_extlen, padding;
 };
 
+/* fuse_attr, as abi.ATTR */
+struct fuse_attr {
+    uint64_t ino, size, blocks, atime, mtime, ctime;
+    uint32_t atimensec, mtimensec, ctimensec, mode, nlink, uid, gid, rdev, blksize, flags;
+};
+
 /* fuse_out_header + fuse_attr_out, as abi.OUT_HEADER + abi.ATTR_OUT */
 struct attr_reply {
     uint32_t len;
@@ -133,8 +145,7 @@ struct attr_reply {
     uint64_t unique;
     uint64_t attr_valid;
     uint32_t attr_valid_nsec, dummy;
-    uint64_t ino, size, blocks, atime, mtime, ctime;
-    uint32_t atimensec, mtimensec, ctimensec, mode, nlink, uid, gid, rdev, blksize, flags;
+    struct fuse_attr attr;
 };
 
 /* fuse_read_in, as abi.READ_IN ("<QQIIQI4x") */
@@ -168,7 +179,7 @@ struct meter {
     Py_buffer words;            /* the slot, u64 words, held while FastOps lives */
     uint64_t *w;
     Py_ssize_t bytes_read, errno_slots, nbounds, bytes_written;
-    struct op_words getattr, read, write;
+    struct op_words getattr, read, write, lookup;
     uint64_t bounds[MAX_BUCKETS];   /* LATENCY_BUCKETS_NS: the last bucket is above them all */
 };
 
@@ -192,6 +203,16 @@ _Static_assert(sizeof(struct write_reply) == OUT_HEADER + WRITE_OUT, "fuse_write
 _Static_assert(sizeof(struct out_header) == OUT_HEADER, "fuse_out_header");
 _Static_assert(sizeof(struct attr_reply) == OUT_HEADER + ATTR_OUT, "fuse_attr_out");
 
+/* the shared InodeTable as LOOKUP needs it (FastOps.enable_lookup) */
+struct lookup_table {
+    PyObject *hash;         /* InodeTable._hash, memoryview of u32; NULL: LOOKUP is Python's */
+    PyObject *tlock;        /* InodeTable._tlock, the thread lock of LockedTable */
+    int fd;                 /* InodeTable._fd, the memfd its record lock is on */
+    int negative;           /* --cache=always: ENOENT is a negative entry */
+    uint64_t capacity, hmask;
+    Py_ssize_t h_dirty, s_gen, s_ref, s_dev, s_ino;    /* inodes.py's word indices */
+};
+
 typedef struct {
     PyObject_HEAD
     PyObject *session;      /* the FuseSession */
@@ -205,10 +226,12 @@ typedef struct {
     unsigned long long served;  /* requests answered here (tests, bench) */
     PyObject *meter;        /* the WorkerMeter counted for, or NULL */
     struct meter m;         /* valid when meter is set */
+    struct lookup_table lk; /* LOOKUP (_lookup.h) */
 } FastOps;
 
 static PyObject *s_readable, *s_writable, *s_views, *s_size, *s_session, *s_meter, *s_cache,
-    *s_fds, *s_root_fd, *s_handles, *s_handles_dict, *s_fh_slots, *s_fd, *s_kind, *s_nodeid;
+    *s_fds, *s_root_fd, *s_handles, *s_handles_dict, *s_fh_slots, *s_fd, *s_kind, *s_nodeid, *s_acquire,
+    *s_release;
 
 /* an attribute as a C integer; -1 with no error set if it is not an int
  * in range (the caller then leaves the request to Python) */
@@ -283,6 +306,8 @@ struct state {
     struct words header, inodes;    /* InodeTable: its header, its slots */
     struct words files;             /* session.handles._slots: the FileTable's */
     uint64_t wrote;                 /* the data bytes of the last WRITE answered (its meter count) */
+    struct words hash;              /* InodeTable._hash (LOOKUP), held when first needed */
+    PyObject *tlock;                /* InodeTable._tlock, acquired by LOOKUP for the call, or NULL */
 };
 
 static int state_init(FastOps *self, struct state *st)
@@ -324,6 +349,16 @@ static void state_drop(struct state *st)
     drop_words(&st->header);
     drop_words(&st->inodes);
     drop_words(&st->files);
+    drop_words(&st->hash);
+    if (st->tlock != NULL) {        /* before Python runs again (it may want the table) */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyObject *r = PyObject_CallMethodNoArgs(st->tlock, s_release);
+        Py_XDECREF(r);
+        PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+        Py_CLEAR(st->tlock);
+    }
 }
 
 /* copy n bytes at stream offset off of iovecs into mem (read) or from mem
@@ -409,6 +444,30 @@ static uint32_t rdev32(dev_t rdev)
     return (uint32_t)((minor & 0xFF) | ((major & 0xFFF) << 8) | ((minor & ~(uint64_t)0xFF) << 12));
 }
 
+/* fuse_attr from a host stat (Timeouts.attr_out, flags 0); -1 for what
+ * struct.pack would refuse (Python answers EIO): leave it to Python */
+static int fill_attr(struct fuse_attr *a, const struct stat *s)
+{
+    if (s->st_size < 0 || s->st_blocks < 0 || s->st_blksize < 0 || (uint64_t)s->st_blksize > UINT32_MAX)
+        return -1;
+    a->ino = s->st_ino;
+    a->size = (uint64_t)s->st_size;
+    a->blocks = (uint64_t)s->st_blocks;
+    a->atime = (uint64_t)s->st_atim.tv_sec;     /* times before 1970 wrap, as in Python */
+    a->mtime = (uint64_t)s->st_mtim.tv_sec;
+    a->ctime = (uint64_t)s->st_ctim.tv_sec;
+    a->atimensec = (uint32_t)s->st_atim.tv_nsec;
+    a->mtimensec = (uint32_t)s->st_mtim.tv_nsec;
+    a->ctimensec = (uint32_t)s->st_ctim.tv_nsec;
+    a->mode = s->st_mode;
+    a->nlink = s->st_nlink <= UINT32_MAX ? (uint32_t)s->st_nlink : UINT32_MAX;
+    a->uid = s->st_uid;
+    a->gid = s->st_gid;
+    a->rdev = s->st_rdev ? rdev32(s->st_rdev) : 0;
+    a->blksize = (uint32_t)s->st_blksize;
+    return 0;
+}
+
 /* the errno an error reply carries (replies.error: EIO for one outside 1..4095) */
 static int reply_errno(int err)
 {
@@ -457,27 +516,11 @@ static Py_ssize_t fast_getattr(FastOps *self, const struct state *st, const stru
     Py_END_ALLOW_THREADS
     if (rc != 0)
         return error_reply(q, h->unique, err, error);
-    /* what struct.pack would refuse (Python answers EIO): leave it to Python */
-    if (s.st_size < 0 || s.st_blocks < 0 || s.st_blksize < 0 || (uint64_t)s.st_blksize > UINT32_MAX)
+    if (fill_attr(&r.attr, &s) < 0)
         return NOT_HANDLED;
     r.len = sizeof r;
     r.attr_valid = self->attr_sec;
     r.attr_valid_nsec = self->attr_nsec;
-    r.ino = s.st_ino;
-    r.size = (uint64_t)s.st_size;
-    r.blocks = (uint64_t)s.st_blocks;
-    r.atime = (uint64_t)s.st_atim.tv_sec;     /* times before 1970 wrap, as in Python */
-    r.mtime = (uint64_t)s.st_mtim.tv_sec;
-    r.ctime = (uint64_t)s.st_ctim.tv_sec;
-    r.atimensec = (uint32_t)s.st_atim.tv_nsec;
-    r.mtimensec = (uint32_t)s.st_mtim.tv_nsec;
-    r.ctimensec = (uint32_t)s.st_ctim.tv_nsec;
-    r.mode = s.st_mode;
-    r.nlink = s.st_nlink <= UINT32_MAX ? (uint32_t)s.st_nlink : UINT32_MAX;
-    r.uid = s.st_uid;
-    r.gid = s.st_gid;
-    r.rdev = s.st_rdev ? rdev32(s.st_rdev) : 0;
-    r.blksize = (uint32_t)s.st_blksize;
     return iov_copy(q->w, q->nw, 0, &r, sizeof r, 1) < 0 ? NOT_HANDLED : (Py_ssize_t)sizeof r;
 }
 
@@ -613,7 +656,8 @@ static void add(uint64_t *w, Py_ssize_t i, uint64_t n)
 static void count(struct meter *m, int opcode, const struct timespec *start, int error, Py_ssize_t written,
                   uint64_t wrote)
 {
-    const struct op_words *op = opcode == OP_READ ? &m->read : opcode == OP_WRITE ? &m->write : &m->getattr;
+    const struct op_words *op = opcode == OP_READ ? &m->read : opcode == OP_WRITE ? &m->write
+        : opcode == OP_LOOKUP ? &m->lookup : &m->getattr;
     struct timespec end;
     clock_gettime(CLOCK_MONOTONIC, &end);
     int64_t ns = (int64_t)(end.tv_sec - start->tv_sec) * 1000000000 + (end.tv_nsec - start->tv_nsec);
@@ -632,6 +676,8 @@ static void count(struct meter *m, int opcode, const struct timespec *start, int
         add(m->w, m->bytes_written, wrote);
 }
 
+#include "_lookup.h"
+
 /* one request, with the checks every fast op shares (FuseSession._handle's,
  * in its order); NOT_HANDLED (nothing written) or the bytes written;
  * *opcode and *error (the reply's errno, 0: success) for counting */
@@ -647,6 +693,7 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
     if (h.len != (uint64_t)q->rsize || q->wsize < OUT_HEADER)
         return NOT_HANDLED;
     if (h.opcode == OP_GETATTR ? q->wsize < OUT_HEADER + ATTR_OUT
+            : h.opcode == OP_LOOKUP ? self->lk.hash == NULL || q->wsize < OUT_HEADER + ENTRY_OUT
             : !((h.opcode == OP_READ && self->reads) || (h.opcode == OP_WRITE && self->writes)))
         return NOT_HANDLED;
     *opcode = (int)h.opcode;
@@ -659,6 +706,8 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
         return fast_read(st, q, &h, error);
     if (h.opcode == OP_WRITE)
         return fast_write(st, q, &h, error);
+    if (h.opcode == OP_LOOKUP)
+        return fast_lookup(self, st, q, &h, error);
     return fast_getattr(self, st, q, &h, error);
 }
 
@@ -877,12 +926,12 @@ static void drop_meter(FastOps *self)
     }
 }
 
-#define LAYOUT_LEN 15
+#define LAYOUT_LEN 19
 
 /* the meter's slot and where its counters are (fastpath.make, from
  * counters.py): layout = (bytes_read, errno_slots, then requests,
  * latency_sum, buckets, errors for GETATTR, then for READ, then
- * bytes_written and WRITE's four), bounds =
+ * bytes_written and WRITE's four, then LOOKUP's four), bounds =
  * LATENCY_BUCKETS_NS; every word counting may touch is checked to be in
  * the slot, once, here */
 static int set_meter(FastOps *self, PyObject *meter, PyObject *words, PyObject *layout, PyObject *bounds)
@@ -910,13 +959,14 @@ static int set_meter(FastOps *self, PyObject *meter, PyObject *words, PyObject *
     m.read = (struct op_words){v[6], v[7], v[8], v[9]};
     m.bytes_written = v[10];
     m.write = (struct op_words){v[11], v[12], v[13], v[14]};
+    m.lookup = (struct op_words){v[15], v[16], v[17], v[18]};
     if (PyObject_GetBuffer(words, &m.words, PyBUF_WRITABLE) < 0)
         return -1;
     Py_ssize_t n = m.words.len / 8;
     int ok = ((uintptr_t)m.words.buf & 7) == 0 && m.errno_slots > 0 && m.bytes_read >= 0 && m.bytes_read < n
         && m.bytes_written >= 0 && m.bytes_written < n;
-    const struct op_words *ops[] = {&m.getattr, &m.read, &m.write};
-    for (int i = 0; i < 3 && ok; i++)
+    const struct op_words *ops[] = {&m.getattr, &m.read, &m.write, &m.lookup};
+    for (int i = 0; i < 4 && ok; i++)
         ok = ops[i]->requests >= 0 && ops[i]->requests < n && ops[i]->latency_sum >= 0
             && ops[i]->latency_sum < n && ops[i]->buckets >= 0 && ops[i]->buckets <= n - m.nbounds - 1
             && ops[i]->errors >= 0 && ops[i]->errors <= n - m.errno_slots;
@@ -979,6 +1029,8 @@ static int fastops_traverse(FastOps *self, visitproc visit, void *arg)
     Py_VISIT(self->header);
     Py_VISIT(self->slots);
     Py_VISIT(self->meter);
+    Py_VISIT(self->lk.hash);
+    Py_VISIT(self->lk.tlock);
     return 0;
 }
 
@@ -987,6 +1039,8 @@ static int fastops_clear(FastOps *self)
     Py_CLEAR(self->session);
     Py_CLEAR(self->header);
     Py_CLEAR(self->slots);
+    Py_CLEAR(self->lk.hash);
+    Py_CLEAR(self->lk.tlock);
     drop_meter(self);
     return 0;
 }
@@ -1209,6 +1263,10 @@ static PyMethodDef fastops_methods[] = {
      "anything else happens; code 0: another fd is ready or a signal came, 1: the ring needs\n"
      "Python (a declined chain, not yet published, or the limit), 2: timed out, 3: a watched\n"
      "word (view, index, value) changed"},
+    {"enable_lookup", (PyCFunction)fastops_enable_lookup, METH_VARARGS,
+     "enable_lookup(hash, fd, tlock, capacity, (dirty, gen, ref, dev, ino), negative): serve LOOKUP\n"
+     "too, on the InodeTable whose index, memfd, thread lock, capacity and word indices these are;\n"
+     "negative: ENOENT is a negative entry (--cache=always)"},
     {NULL},
 };
 
@@ -1237,6 +1295,7 @@ PyMODINIT_FUNC PyInit__fastops(void)
         {&s_session, "_session"}, {&s_meter, "meter"}, {&s_cache, "cache"}, {&s_fds, "_fds"},
         {&s_root_fd, "root_fd"}, {&s_handles, "handles"}, {&s_handles_dict, "_handles"},
         {&s_fh_slots, "_slots"}, {&s_fd, "fd"}, {&s_kind, "kind"}, {&s_nodeid, "nodeid"},
+        {&s_acquire, "acquire"}, {&s_release, "release"},
     };
     for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)
         if ((*strings[i].slot = PyUnicode_InternFromString(strings[i].text)) == NULL)

@@ -39,6 +39,12 @@ write, so that a worker dying during it never has it written twice. A
 against 8.8 and 8.3 in Python (tests/perf/inproc.py ``--op write4k``,
 docs/compiled.md, "WRITE in C").
 
+LOOKUP is compiled when ``lookup_unsupported`` says nothing against it (``make`` then
+calls ``FastOps.enable_lookup`` with the shared ``InodeTable``'s index,
+memfd, thread lock and word indices: C takes the lookup count itself,
+under the table's own locks, for inodes this worker holds an fd of;
+docs/compiled.md, "LOOKUP in C").
+
 With ``--metrics-socket`` the session has a meter (metrics/counters.py's
 ``WorkerMeter``) before the loop asks for ``serve``, and the requests C
 answers are counted by C into the same shared-memory slot, as
@@ -64,7 +70,8 @@ from __future__ import annotations
 import os
 import time
 
-from daemon.fuse import attrs, files, filetable, inodes, replies
+from daemon.config import CacheMode
+from daemon.fuse import attrs, entries, files, filetable, inodecache, inodes, replies
 from daemon.fuse.abi import Opcode
 from daemon.log import get_logger
 from daemon.metrics import counters as c
@@ -122,6 +129,22 @@ def unsupported(session) -> str:
     return ""
 
 
+def lookup_unsupported(session) -> str:
+    """Why LOOKUP stays in Python for ``session`` ("" if C may serve it)."""
+    if session._ops.get(int(Opcode.LOOKUP)) is not entries.do_lookup:
+        return "LOOKUP is not the reference handler"
+    # the stock Timeouts (TranslatedTimeouts keeps entry_out but rewrites
+    # the attr_out it calls)
+    if any(type(getattr(reply, "__self__", None)) is not replies.Timeouts
+           for reply in (session.entry_reply, session.negative_entry, session.attr_reply)):
+        return "entry replies are rewritten (--translate-uid/--translate-gid)"
+    if session._submounts:
+        return "--announce-submounts"
+    if type(session.inodes) is not inodes.InodeTable or type(session.cache) is not inodecache.InodeCache:
+        return "not the stock inode table and cache"
+    return ""
+
+
 def make(session):
     """The extension's ``FastOps`` for ``session``, whatever ``why_not``
     says (the equivalence tests use it under PYVIRTIOFSD_PURE=1 too),
@@ -131,8 +154,13 @@ def make(session):
     table = session.inodes
     reads = session._ops.get(int(Opcode.READ)) is files.do_read
     writes = session._ops.get(int(Opcode.WRITE)) is files.do_write
-    return _ext.FastOps(session, table._hdr, table._q, inodes._H_SESSION, inodes._SLOT_WORDS, sec, nsec,
+    fast = _ext.FastOps(session, table._hdr, table._q, inodes._H_SESSION, inodes._SLOT_WORDS, sec, nsec,
                         reads, writes=writes, **meter_layout(session.meter))
+    if not lookup_unsupported(session):
+        fast.enable_lookup(table._hash, table._fd, table._tlock, table.capacity,
+                           (inodes._H_DIRTY, inodes._S_GEN, inodes._S_REF, inodes._S_DEV, inodes._S_INO),
+                           session.config.cache is CacheMode.ALWAYS)
+    return fast
 
 
 _MONOTONIC = "clock_gettime(CLOCK_MONOTONIC)"
@@ -141,7 +169,7 @@ _MONOTONIC = "clock_gettime(CLOCK_MONOTONIC)"
 def meter_layout(meter) -> dict:
     """FastOps's metrics arguments for ``meter``: its slot's words, the
     word indices of BYTES_READ, of GETATTR's and READ's counters and errno
-    slot 0, of BYTES_WRITTEN and WRITE's, and the latency bounds; {} if there is no meter or C cannot
+    slot 0, of BYTES_WRITTEN and WRITE's, of LOOKUP's, and the latency bounds; {} if there is no meter or C cannot
     count as it does (its clock is not ``time.perf_counter_ns`` on
     CLOCK_MONOTONIC, or its words are not a slot of u64)."""
     if meter is None or not isinstance(meter, c.WorkerMeter) or meter.clock is not time.perf_counter_ns:
@@ -157,9 +185,9 @@ def meter_layout(meter) -> dict:
         return (base + c.OP_REQUESTS, base + c.OP_LATENCY_SUM, base + c.OP_BUCKETS,
                 c.ERRORS + int(opcode) * c.ERRNO_SLOTS)
 
-    assert max(Opcode.GETATTR, Opcode.READ, Opcode.WRITE) < c.OPCODE_SLOTS
+    assert max(Opcode.GETATTR, Opcode.READ, Opcode.WRITE, Opcode.LOOKUP) < c.OPCODE_SLOTS
     layout = (c.BYTES_READ, c.ERRNO_SLOTS, *op(Opcode.GETATTR), *op(Opcode.READ),
-              c.BYTES_WRITTEN, *op(Opcode.WRITE))
+              c.BYTES_WRITTEN, *op(Opcode.WRITE), *op(Opcode.LOOKUP))
     return {"meter": meter, "words": words, "layout": layout, "bounds": c.LATENCY_BUCKETS_NS}
 
 
@@ -184,7 +212,10 @@ def fast_ops(session):
     loop = "batch loop in C" if batch_loop() else f"chains popped in Python, {FASTOPS_ENV}=2"
     if batch_loop():
         loop += ", wait loop in C" if wait_loop() else f", wait in Python, {FASTOPS_ENV}=3"
-    log.info("FUSE ops: %s compiled (extension daemon.fuse._fastops; %s)%s", compiled_ops(session), loop, counted)
+    why_lookup = lookup_unsupported(session)
+    lookup = "LOOKUP compiled too" if not why_lookup else f"LOOKUP in Python ({why_lookup})"
+    log.info("FUSE ops: %s compiled (extension daemon.fuse._fastops; %s)%s; %s", compiled_ops(session), loop,
+             counted, lookup)
     if session.meter is not None and not counted:
         log.info("FUSE ops: this meter is not C's to count for: its requests stay in Python")
     return fast

@@ -1,7 +1,8 @@
 """What a request or hiprio worker does besides answering, seen from the
 vhost-user test frontend against the real, confined daemon: --readdirplus,
 FSYNC and forgotten inodes' closes on a helper thread, FORGET kick coalescing on the hiprio ring
-(daemon/fuse/blocking.py, daemon/workers/loop.py). pyvirtiofsd only."""
+(daemon/fuse/blocking.py, daemon/workers/loop.py), the lookup counts LOOKUP
+takes in C (daemon/fuse/_lookup.h). pyvirtiofsd only."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 import pytest
 
 from daemon.fuse import abi
+from tests.frontend.fuse_client import FuseErrorReply
 from tests.procfs import children, fd_count, settled_fd_count
 
 ROOT = 1
@@ -216,3 +218,41 @@ def test_writes_land_in_the_file_on_the_compiled_path(frontend):
     ops = [ln for ln in frontend.daemon.log().splitlines() if "FUSE ops: " in ln]
     pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0") or os.environ.get("PYVIRTIOFSD_FASTOPS") == "0"
     assert len(ops) == 1 and ("all in Python" if pure else "GETATTR, READ and WRITE compiled") in ops[0], ops
+@pytest.mark.parametrize("cache", [pytest.param(c, marks=pytest.mark.frontend_opts(cache=c))
+                                   for c in ("auto", "always")])
+def test_lookups_in_c_take_one_count_each(frontend, cache):
+    """The confined request worker (default sandbox and seccomp): the first
+    LOOKUP of a name is Python's, the three after it C's (docs/compiled.md,
+    "LOOKUP in C"; the worker says so at start-up), each with one count in
+    the shared table: three FORGETs leave the inode known, the fourth frees
+    it (GETATTR: ESTALE), and a LOOKUP after that is a new nodeid or
+    generation. Missing names: ENOENT, or with --cache=always a negative
+    entry (nodeid 0)."""
+    (frontend.shared_dir / "f").write_bytes(b"abc")
+    (frontend.shared_dir / "sub").mkdir()
+    (frontend.shared_dir / "sub" / "g").write_bytes(b"")
+    entries = [frontend.lookup(ROOT, "f") for _ in range(4)]
+    nodeid, generation = entries[0].nodeid, entries[0].generation
+    assert {(e.nodeid, e.generation, e.attr.ino, e.attr.size) for e in entries} == \
+        {(nodeid, generation, os.stat(frontend.shared_dir / "f").st_ino, 3)}
+    sub = frontend.lookup(ROOT, "sub").nodeid
+    assert frontend.lookup(sub, "g").nodeid == frontend.lookup(sub, "g").nodeid
+    for _ in range(3):
+        frontend.forget(nodeid, 1)
+    assert frontend.getattr(nodeid).attr.size == 3
+    frontend.forget(nodeid, 1)
+    with pytest.raises(FuseErrorReply) as e:
+        frontend.getattr(nodeid)
+    assert e.value.errno == errno.ESTALE
+    again = frontend.lookup(ROOT, "f")
+    assert (again.nodeid, again.generation) != (nodeid, generation)
+    if cache == "always":
+        assert frontend.lookup(ROOT, "missing").nodeid == 0
+    else:
+        with pytest.raises(FuseErrorReply) as e:
+            frontend.lookup(ROOT, "missing")
+        assert e.value.errno == errno.ENOENT
+    pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0")
+    compiled = not pure and os.environ.get("PYVIRTIOFSD_FASTOPS", "") != "0"
+    ops = [ln for ln in frontend.daemon.log().splitlines() if "FUSE ops: " in ln]
+    assert len(ops) == 1 and ("LOOKUP compiled too" in ops[0]) == compiled, ops

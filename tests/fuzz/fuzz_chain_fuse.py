@@ -755,8 +755,8 @@ def main(argv=None) -> int:
                 if target.c_writes > writes:
                     c_writes.append(os.path.basename(name))
             print(f"fuzz: {len(args.run)} input(s) ran clean; replies={target.replies} "
-                  f"ebadf_inputs={','.join(bad_fh) or '-'} c_write_inputs={','.join(c_writes) or '-'}",
-                  flush=True)
+                  f"ebadf_inputs={','.join(bad_fh) or '-'} c_write_inputs={','.join(c_writes) or '-'} "
+                  f"fast_served={target.fast_served} batch_served={target.batch_served}", flush=True)
             return 0
         print(f"fuzz: engine random (not coverage-guided: install atheris for that); {PATH}", flush=True)
         run_random(target, corpus_inputs([CORPUS_DIR]), args.iterations, args.time,

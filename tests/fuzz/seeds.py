@@ -346,6 +346,20 @@ def batch_loop() -> dict[str, bytes]:
     s["write_in_c"] = writes
     s["batch_write"] = with_flags(writes, 2)
     s["batch_write_checked"] = with_flags(writes, 6)
+    # LOOKUP in C: names whose inodes the session holds (the harness looks
+    # them up at INIT), in the root and in d/ (nodeid 3), a missing name
+    # (ENOENT), then ".." and a name with '/' (Python's), and again
+    b = SeedBuilder(16)
+    for _ in range(2):
+        req(b, LOOKUP, 1, name(b"hello.txt"), [128])
+        req(b, LOOKUP, 1, name(b"link"), [128])
+        req(b, LOOKUP, 1, name(b"no-such-name"), [128])
+        req(b, LOOKUP, 3, name(b"f1"), [128])
+        req(b, LOOKUP, 1, name(b".."), [128])
+        req(b, LOOKUP, 1, name(b"d/f1"), [128])
+    lookups = b.build()
+    s["batch_lookups"] = with_flags(lookups, 3)
+    s["batch_lookups_checked"] = with_flags(lookups, 7)
     return s
 
 

@@ -50,6 +50,24 @@ def test_seed_corpus_runs_clean():
         assert want <= set(m.group(1).split(",")), m.group(1)
 
 
+def test_lookup_seeds_reach_lookup_in_c():
+    """The LOOKUP seeds (seeds.batch_loop): C serves the lookups of names
+    the session holds and the missing one, in whole batches and one chain
+    at a time (each checked against the session); ".." and "d/f1" are
+    Python's, and so is the first d/f1 (the session does not hold it yet).
+    The first input: 7 of its 12 LOOKUPs served in C, in batches; the
+    second (the harness keeps the session): 8, one chain at a time, each
+    counted in both figures. Under PYVIRTIOFSD_PURE=1 (no compiled queue,
+    so no batch loop) the target runs FastOps.serve on every chain: 15."""
+    from daemon.fuse import fastpath
+    seeds = [str(HERE / "corpus" / f"{name}.bin") for name in ("batch_lookups", "batch_lookups_checked")]
+    out = run(["--run", *seeds], 120)
+    stats = dict(re.findall(r"(\w+)=(\S+)", out.splitlines()[-1]))
+    pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0")
+    want = (0, 0) if not fastpath.EXTENSION_BUILT else (0, 15) if pure else (15, 8)
+    assert (int(stats["batch_served"]), int(stats["fast_served"])) == want, out[-2000:]
+
+
 def test_fuzz_for_the_ci_budget(tmp_path):
     out = run(["--time", str(SECONDS), "--reset-every", "500", "--seed", "1",
                "--artifacts", str(tmp_path)], SECONDS + 120)

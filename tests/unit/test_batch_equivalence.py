@@ -4,11 +4,12 @@ pure-Python path, ring by ring.
 Each example lays one ring into guest RAM (tests/fuzz/image.py's regions:
 the rings in region 0, requests in region 1, the largest, some buffers in
 region 2): a mix of requests C serves (GETATTR on held nodeids and fhs,
-READ on held fhs, WRITE on held fhs: read-write, O_APPEND, read-only),
-requests it declines (LOOKUP, unknown nodeids, released fhs, WRITEs with
-FUSE_WRITE_KILL_SUIDGID or a size that is not their data, other opcodes,
-headers split over buffers, writable parts too small, buffers outside the
-largest region) and malformed chains (a ``next`` out
+READ on held fhs, WRITE on held fhs: read-write, O_APPEND, read-only,
+LOOKUP of names whose inodes it holds and of a missing one), requests it
+declines (LOOKUP of "..", of a name with '/', unknown nodeids, released
+fhs, WRITEs with FUSE_WRITE_KILL_SUIDGID or a size that is not their data,
+other opcodes, headers split over buffers, writable parts too small,
+buffers outside the largest region) and malformed chains (a ``next`` out
 of range, a loop, readable after writable, a buffer outside memory, a bad
 indirect table, a head out of range, an avail index jump) anywhere in the
 ring. ``WorkerLoop._serve`` runs it once on the reference (the pure-Python
@@ -16,7 +17,9 @@ ring. ``WorkerLoop._serve`` runs it once on the reference (the pure-Python
 batch loop, each with its own metrics meter, on the same image; both must
 leave the same guest RAM (used ring, avail_event, every reply byte), the
 same progress record (AVAIL, DONE, PUB_FROM, POPPED), indexes, served
-counts, the same contents of the file the WRITEs write, the same error message for a broken ring, and the same counters.
+counts, the same contents of the file the WRITEs write, the same error
+message for a broken ring, the same counters, and the same lookup counts
+taken in the shared inode table.
 C must also have served exactly the requests it can.
 """
 
@@ -149,13 +152,9 @@ def run(rig, data: bytes, stage3: bool) -> dict:
     img.lay(lay)
     broke: list[str] = []
     loop._break = lambda ring, e: (broke.append(str(e)), WorkerLoop._break(loop, ring, e))  # type: ignore
-    # the batch loop whatever PYVIRTIOFSD_FASTOPS says (=2 would make it stage 2)
-    stage = os.environ.pop(fastpath.FASTOPS_ENV, None)
-    try:
+    with pytest.MonkeyPatch.context() as env:      # stage 3 even under PYVIRTIOFSD_FASTOPS=2
+        env.delenv(fastpath.FASTOPS_ENV, raising=False)
         loop.use_fast_ops(fast if stage3 else None)
-    finally:
-        if stage is not None:
-            os.environ[fastpath.FASTOPS_ENV] = stage
     session.meter = c_meter if stage3 else pure_meter
     ring = Ring(1, prog.RingProgress(2, shared=False).record(1))
     loop.rings[1] = ring
@@ -166,6 +165,7 @@ def run(rig, data: bytes, stage3: bool) -> dict:
     prog.reset(ring.words, ring.queue)
     served_in_c = fast.served
     w_reset(session)
+    looked_up = {n: session.inodes.get(n)[3] for n in (_nodeids["a"], _nodeids["fifo"])}
     try:
         served = [loop._serve(ring)]
         while ring in loop._again and len(served) < 4:
@@ -174,7 +174,9 @@ def run(rig, data: bytes, stage3: bool) -> dict:
         loop._again.clear()
         return {"served": served, "broke": broke, "ram": bytes(img.ram), "words": list(ring.words[:3]),
                 "popped": list(ring.popped), "last_avail": ring.queue.last_avail_idx,
-                "published": ring.queue.published_idx, "w": w_contents(session), "in_c": fast.served - served_in_c}
+                "published": ring.queue.published_idx, "w": w_contents(session), "in_c": fast.served - served_in_c,
+                "counts": {n: session.inodes.get(n)[3] - c for n, c in looked_up.items()},
+                "table locked": session.inodes._tlock.locked()}    # C's LOOKUP let go of it
     finally:
         session.meter = None
         ring.queue.release()
@@ -222,8 +224,16 @@ def make_request(kind: str, nodeids: dict, unique: int, arg: int) -> tuple[bytes
         size = len(data) + (kind == "write-size")
         request = write_request(nodeids[fh], arg % 7000, data, unique, size=size, write_flags=flags)
         return request, 24, [16, 8], kind in ("write", "write-append", "write-rdonly")
-    if kind == "lookup":
-        return in_header(Opcode.LOOKUP, 1, 2, unique) + b"a\0", 16, [16, 128], False
+    if kind == "lookup":        # a name this worker holds the inode of: C takes the count
+        return in_header(Opcode.LOOKUP, 1, 2, unique) + b"a\0", 144, [16, 128], True
+    if kind == "lookup-d":
+        return in_header(Opcode.LOOKUP, nodeids["d"], 5, unique) + b"fifo\0", 144, [16, 128], True
+    if kind == "lookup-missing":  # ENOENT, in C
+        return in_header(Opcode.LOOKUP, 1, 5, unique) + b"nope\0", 144, [16, 128], True
+    if kind == "lookup-dots":   # Python's
+        return in_header(Opcode.LOOKUP, 1, 3, unique) + b"..\0", 16, [16, 128], False
+    if kind == "lookup-bad":    # '/' in the name: Python answers EINVAL
+        return in_header(Opcode.LOOKUP, 1, 4, unique) + b"a/b\0", 16, [16, 128], False
     if kind == "enosys":
         return in_header(9999, 1, 0, unique), 16, [16], False
     # "short": a GETATTR whose len says one byte more than it has
@@ -232,8 +242,8 @@ def make_request(kind: str, nodeids: dict, unique: int, arg: int) -> tuple[bytes
 
 KINDS = ["getattr-root", "getattr-a", "getattr-fh", "read", "read-wronly", "write", "write-append",
          "write-rdonly", "getattr-gone", "getattr-unknown", "read-released", "write-kill", "write-size", "lookup",
-         "enosys", "short"]
-SERVED_KINDS = 8       # KINDS[:8] C serves
+         "lookup-d", "lookup-missing", "lookup-dots", "lookup-bad", "enosys", "short"]
+SERVED_KINDS = 8       # KINDS[:8] C serves (and the LOOKUPs of lookup, lookup-d, lookup-missing)
 BREAKS = ["none"] * 12 + ["far", "zero-len", "hole", "rw-order", "next-range", "loop", "nested", "table-len",
                           "head-range"]
 BREAKING = {"hole", "rw-order", "next-range", "loop", "nested", "table-len", "head-range"}
@@ -262,7 +272,9 @@ def build(nodeids, num, last_avail, used_idx, event_idx, requests, jump=False) -
         b.request(request, rcuts, gaps, wsizes, indirect, breakage, len(requests) - i - 1)
         # a readable buffer after no writable one is no fault
         broken = broken or (breakage in BREAKING and (breakage != "rw-order" or bool(wsizes)))
-        if not broken and breakage != "far" and served:
+        # a zero-length buffer elsewhere is no buffer: C walks past it
+        far = breakage == "far" and (not wsizes or wsizes[-1] > 0)
+        if not broken and not far and served:
             expect += 1
     if jump:
         b.avail_idx = (last_avail + num + 1) & 0xFFFF
@@ -323,7 +335,7 @@ def test_a_ring_broken_mid_batch(rig, breakage, message):
 def test_a_mixed_batch(rig):
     """C serves, Python serves what C declines, C again: in ring order,
     one batch, one publish."""
-    kinds = ["getattr-root", "lookup", "read", "getattr-unknown", "getattr-fh", "read-released", "getattr-a"]
+    kinds = ["getattr-root", "lookup-dots", "read", "getattr-unknown", "getattr-fh", "read-released", "getattr-a"]
     requests = [(k, 100 + i, 0, [], False, None, False, "none") for i, k in enumerate(kinds)]
     data, expect = build(rig[2], 64, 0xFFFE, 0xFFFF, True, requests)
     assert expect == 4
@@ -337,7 +349,7 @@ def test_batch_stops_at_its_limit(rig):
     """FastOps.batch itself: limit 3 of 5 available serves 3 and says so
     (n >= 0); the rest next time; a declined chain is left untaken (n < 0)."""
     session, fast, nodeids, _meters, _loop, img = rig
-    kinds = ["getattr-root"] * 5 + ["lookup"]
+    kinds = ["getattr-root"] * 5 + ["lookup-dots"]
     requests = [(k, i, 0, [], False, None, True, "none") for i, k in enumerate(kinds)]  # heads 0..5
     data, _ = build(nodeids, 8, 0, 0, False, requests)
     lay = image.Layout(data)

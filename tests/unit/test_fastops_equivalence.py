@@ -33,6 +33,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from daemon.config import CacheMode
 from daemon.fuse import abi, fastpath
 from daemon.fuse.abi import Opcode
 from daemon.metrics import counters
@@ -184,8 +185,8 @@ def test_what_c_leaves_to_python(world, case):
         wsizes = [16, 103]
     elif case == "len":
         request = abi.IN_HEADER.pack(57, Opcode.GETATTR, 9, 1, 0, 0, 0, 0, 0) + bytes(16)
-    elif case == "lookup":
-        request = in_header(Opcode.LOOKUP, 1, 2, 9) + b"a\0"
+    elif case == "lookup":      # ".." (names.py): Python resolves the dots
+        request, wsizes = in_header(Opcode.LOOKUP, 1, 3, 9) + b"..\0", [16, 128]
     _n, in_c = compare(world, request, [40], wsizes)
     assert not in_c
 
@@ -539,7 +540,7 @@ def test_the_worker_loop_serves_them_in_c(tmp_path, monkeypatch, op):
 
 
 @pytest.mark.parametrize("op,opcode", [("getattr", Opcode.GETATTR), ("read4k", Opcode.READ),
-                                       ("write4k", Opcode.WRITE)])
+                                       ("write4k", Opcode.WRITE), ("lookup", Opcode.LOOKUP)])
 def test_the_worker_loop_counts_them_with_a_meter(tmp_path, monkeypatch, op, opcode):
     """--metrics-socket keeps the compiled path: a session with a meter
     (as workers/entry.py gives it before the loop) is served in C, and its
@@ -564,6 +565,288 @@ def test_the_worker_loop_counts_them_with_a_meter(tmp_path, monkeypatch, op, opc
     if fastpath.compiled.VirtQueue is fastpath.compiled.CompiledVirtQueue:
         assert loop._fast.served == 8
     inproc.close(loop, ring, vr)
+
+
+# -- LOOKUP (docs/compiled.md, "LOOKUP in C") ----------------------------------------------
+# A share with many files, and tiny inode tables (capacity 15: a 32-entry
+# index whose home slot is ino & 31), so that the files COLLIDE, whose
+# inode numbers agree modulo 32, probe past each other and move back when
+# one is forgotten (InodeTable._hash_remove): C must find each where
+# Python's _find does.
+LOOKUP_CAPACITY = 15
+
+
+@pytest.fixture(scope="module")
+def lookup_share(tmp_path_factory):
+    """(the share, the names of COLLIDE: files whose inos agree mod 32,
+    and a few others)."""
+    root = tmp_path_factory.mktemp("lookups")
+    by_home: dict[int, list[str]] = {}
+    for i in range(200):
+        name = f"f{i:03d}"
+        (root / name).write_bytes(b"y" * i)
+        by_home.setdefault(os.stat(root / name).st_ino & 31, []).append(name)
+    collide = max(by_home.values(), key=len)[:5]
+    others = [n for names in by_home.values() for n in names if n not in collide][:4]
+    (root / "sub").mkdir()
+    (root / "sub" / "inner").write_bytes(b"z")
+    (root / "ln").symlink_to("f000")
+    os.link(root / collide[0], root / "hard")
+    return root, collide, others
+
+
+def lookup_request(parent: int, name: bytes, unique: int = 21) -> bytes:
+    return in_header(Opcode.LOOKUP, parent, len(name), unique) + name
+
+
+def _table_state(session) -> list[tuple]:
+    """Every live nodeid's (nodeid, generation, dev, ino, count), the free
+    list's head and the live count, and which nodeids this worker caches
+    an fd of, with their generations."""
+    from daemon.fuse import inodes
+    table = session.inodes
+    live = [(n, *table.get(n)) for n in range(1, table.capacity + 1) if table.get(n) is not None]
+    return [live, table._hdr[inodes._H_FREE], len(table), table._hdr[inodes._H_DIRTY],
+            sorted((n, gen) for n, (gen, _fd) in session.cache._fds.items())]
+
+
+def _lookup_pair(lookup_share, **config):
+    """Two fresh sessions on the share: the reference and one with the
+    compiled ops (and a meter each)."""
+    root, _collide, _others = lookup_share
+    area = MetricsArea(2)
+    pair = []
+    for i in range(2):
+        session, _client = start_session(root, capacity=LOOKUP_CAPACITY, **config)
+        session.meter = WorkerMeter(area.slot(i), fd_limit=1024)
+        pair.append(session)
+    fast = fastpath.make(pair[1])
+    return pair, fast
+
+
+def _close(sessions):
+    for session in sessions:
+        session.meter = None
+        session.close()
+        session.inodes.close()
+
+
+LOOKUP_NAMES = st.sampled_from(["COLLIDE0", "COLLIDE1", "COLLIDE2", "COLLIDE3", "COLLIDE4", "OTHER0", "OTHER1",
+                                "sub", "ln", "hard", "missing", ".", "..", "a/b", "", "x" * 255, "x" * 256])
+LOOKUP_STEP = st.one_of(
+    st.tuples(st.just("lookup"), st.sampled_from(["root", "sub", "stale", "unknown"]), LOOKUP_NAMES,
+              st.sampled_from(["ok", "ok", "ok", "no-nul", "inner-nul", "short-out", "extension", "len"])),
+    st.tuples(st.just("forget"), LOOKUP_NAMES, st.integers(1, 3), st.just("")))
+
+
+def _name(lookup_share, which: str) -> bytes:
+    _root, collide, others = lookup_share
+    if which.startswith("COLLIDE"):
+        return collide[int(which[7:])].encode()
+    if which.startswith("OTHER"):
+        return others[int(which[5:])].encode()
+    return which.encode()
+
+
+def _lookup_bytes(parent: int, name: bytes, variant: str, unique: int) -> tuple[bytes, list[int]]:
+    """A LOOKUP as the driver lays it out, or malformed as ``variant`` says."""
+    arg = name + b"\0"
+    if variant == "no-nul":
+        arg = name or b"q"
+    elif variant == "inner-nul":
+        arg = name + b"\0q\0"
+    request = lookup_request(parent, arg, unique)
+    if variant == "extension":
+        request = abi.IN_HEADER.pack(len(request) + 8, Opcode.LOOKUP, unique, parent, 0, 0, 0, 1, 0) + arg + bytes(8)
+    elif variant == "len":
+        request = abi.IN_HEADER.pack(len(request) + 1, Opcode.LOOKUP, unique, parent, 0, 0, 0, 0, 0) + arg
+    return request, ([16, 127] if variant == "short-out" else [16, 128])
+
+
+def _run_steps(lookup_share, steps, pair, fast) -> int:
+    """Each step on both sessions, the reference first; returns how many
+    LOOKUPs C served. Asserts the same replies, tables, cached nodeids and
+    counters after every step."""
+    pure, comp = pair
+    served = 0
+    for k, (kind, a, b, variant) in enumerate(steps):
+        if kind == "forget":
+            # the nodeid the name has in the reference (the same in both, or absent)
+            name = _name(lookup_share, a)
+            nodeids = []
+            for session in pair:
+                e = session.cache._fds
+                n = next((n for n in e if _nodeid_of(session, n, name, lookup_share[0])), 0)
+                nodeids.append(n)
+            assert nodeids[0] == nodeids[1]
+            for session in pair:
+                session.inodes.unref(nodeids[0], b)
+        else:
+            parents = {"root": 1, "sub": _sub_nodeid(pure, lookup_share[0]), "stale": 3999, "unknown": 7}
+            parent = parents[a]
+            if parents["sub"] != _sub_nodeid(comp, lookup_share[0]):
+                parent = 1 if a == "sub" else parent
+            request, wsizes = _lookup_bytes(parent, _name(lookup_share, b), variant, 100 + k)
+            ref = _run(pure, fast, request, [40], wsizes, False)
+            before = fast.served
+            got = _run(comp, fast, request, [40], wsizes, True)
+            assert got == ref, (kind, a, b, variant)
+            served += fast.served - before
+        assert _table_state(comp) == _table_state(pure)
+        assert _comparable(comp.meter.words) == _comparable(pure.meter.words)
+        assert not comp.inodes._tlock.locked()      # C keeps it for one call only
+    return served
+
+
+def _nodeid_of(session, nodeid: int, name: bytes, root) -> bool:
+    """Whether ``nodeid`` is the inode ``name`` names in the share (or in sub/)."""
+    info = session.inodes.get(nodeid)
+    if info is None:
+        return False
+    for path in (root / os.fsdecode(name), root / "sub" / os.fsdecode(name)):
+        try:
+            st_ = os.lstat(path)
+        except (OSError, ValueError):
+            continue
+        if (st_.st_dev, st_.st_ino) == info[1:3]:
+            return True
+    return False
+
+
+def _sub_nodeid(session, root) -> int:
+    """sub's nodeid in this session, if it was looked up (else 0)."""
+    st_ = os.stat(root / "sub")
+    for nodeid in session.cache._fds:
+        info = session.inodes.get(nodeid)
+        if info is not None and info[1:3] == (st_.st_dev, st_.st_ino):
+            return nodeid
+    return 0
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(LOOKUP_STEP, min_size=1, max_size=14), always=st.booleans())
+def test_lookups_are_equivalent(lookup_share, steps, always):
+    """Sequences of LOOKUPs (valid, invalid, dotted, too long and missing
+    names; root, looked-up, stale and unknown parents; malformed args,
+    short reply room) and FORGETs, on a reference session and on one with
+    the compiled ops, from the same start: after every step the same reply
+    bytes, the same table (nodeids, generations, lookup counts, free list),
+    the same nodeids cached by the worker with the same generations, the
+    same counters. --cache=always too (negative entries)."""
+    pair, fast = _lookup_pair(lookup_share, **({"cache": CacheMode.ALWAYS} if always else {}))
+    try:
+        _run_steps(lookup_share, steps, pair, fast)
+    finally:
+        _close(pair)
+
+
+def test_repeated_lookups_are_served_in_c(lookup_share):
+    """The first LOOKUP of a name is Python's (it opens and caches the
+    inode's fd); every later one C serves with one count each, colliding
+    inodes, hard links, symlinks, directories and missing names alike, and
+    after a FORGET of some (the index shifted back) too."""
+    _root, collide, _others = lookup_share
+    names = ["COLLIDE0", "COLLIDE1", "COLLIDE2", "COLLIDE3", "COLLIDE4", "hard", "ln", "sub"]
+    first = [("lookup", "root", n, "ok") for n in names]
+    again = first * 2 + [("lookup", "root", "missing", "ok")]
+    forget = [("forget", "COLLIDE1", 3, ""), ("forget", "COLLIDE3", 3, "")]
+    pair, fast = _lookup_pair(lookup_share)
+    try:
+        assert _run_steps(lookup_share, first, pair, fast) == 1     # only "hard": COLLIDE0's inode, cached
+        assert _run_steps(lookup_share, again, pair, fast) == len(again)
+        assert _run_steps(lookup_share, forget + first, pair, fast) == len(first) - 2
+        counts = {n: pair[1].inodes.get(n)[3] for n in pair[1].cache._fds}
+        assert sorted(counts.values()) == sorted({n: pair[0].inodes.get(n)[3] for n in pair[0].cache._fds}.values())
+        words = pair[1].meter.words
+        base = counters.OPS + int(Opcode.LOOKUP) * counters.OP_WORDS
+        enoent = counters.ERRORS + int(Opcode.LOOKUP) * counters.ERRNO_SLOTS + errno.ENOENT
+        assert (words[base + counters.OP_REQUESTS], words[enoent]) == (2 * len(first) + len(again), 1)
+    finally:
+        _close(pair)
+
+
+@pytest.mark.parametrize("case", ["thread-lock", "dirty"])
+def test_a_busy_or_dirty_table_is_left_to_python(lookup_share, case):
+    """C never waits for the thread lock (another thread of this process
+    holds it: Python's turn), and never touches a table a dead holder left
+    DIRTY (Python repairs it): the table stays as it was."""
+    from daemon.fuse import inodes
+    pair, fast = _lookup_pair(lookup_share)
+    session = pair[1]
+    try:
+        _run_steps(lookup_share, [("lookup", "root", "COLLIDE0", "ok")], pair, fast)
+        request, _ = _lookup_bytes(1, _name(lookup_share, "COLLIDE0"), "ok", 5)
+        table = session.inodes
+        if case == "thread-lock":
+            table._tlock.acquire()
+        else:
+            table._hdr[inodes._H_DIRTY] = 1
+        before = _table_state(session)
+        try:
+            chain = Chain(0, IoVec([memoryview(bytearray(request))]), IoVec([memoryview(bytearray(144))]))
+            assert (fast.serve(chain), _table_state(session)) == (-1, before)
+        finally:
+            if case == "thread-lock":
+                table._tlock.release()
+        assert table._hdr[inodes._H_DIRTY] == (1 if case == "dirty" else 0)
+        if case == "dirty":
+            table._hdr[inodes._H_DIRTY] = 0
+        assert _run_steps(lookup_share, [("lookup", "root", "COLLIDE0", "ok")], pair, fast) == 1
+    finally:
+        _close(pair)
+
+
+def test_c_waits_for_another_process_holding_the_table_lock(lookup_share):
+    """The POSIX record lock is the one InodeTable's mutations take: while
+    another process holds it, C's LOOKUP waits (GIL released), then serves."""
+    import fcntl
+    import time
+    pair, fast = _lookup_pair(lookup_share)
+    table = pair[1].inodes
+    try:
+        _run_steps(lookup_share, [("lookup", "root", "COLLIDE0", "ok")], pair, fast)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:    # pragma: no cover - the child
+            try:
+                fcntl.lockf(table._fd, fcntl.LOCK_EX, 1, 0)
+                os.write(w, b"x")
+                time.sleep(0.3)
+            finally:
+                os._exit(0)
+        os.read(r, 1)
+        os.close(r)
+        os.close(w)
+        request, _ = _lookup_bytes(1, _name(lookup_share, "COLLIDE0"), "ok", 5)
+        start = time.monotonic()
+        chain = Chain(0, IoVec([memoryview(bytearray(request))]), IoVec([memoryview(bytearray(144))]))
+        assert fast.serve(chain) == 144
+        assert time.monotonic() - start > 0.15
+        os.waitpid(pid, 0)
+    finally:
+        _close(pair)
+
+
+def test_lookup_stays_in_python_when_an_option_changes_its_reply(share):
+    """--announce-submounts, --translate-uid: LOOKUP is Python's (GETATTR
+    and READ may still be C's)."""
+    from daemon.fuse.idtranslate import Ids, Translation
+    sessions = [start_session(share)[0], start_session(share, announce_submounts=True)[0],
+                start_session(share, ids=Ids(Translation.parse(["map:0:1000:1"]), Translation.parse([])))[0]]
+    try:
+        assert fastpath.lookup_unsupported(sessions[0]) == ""
+        assert fastpath.lookup_unsupported(sessions[1]) == "--announce-submounts"
+        assert "--translate-uid" in fastpath.lookup_unsupported(sessions[2])
+        (share / "f").write_bytes(b"")
+        fast = fastpath.make(sessions[1])
+        for _ in range(2):
+            request = lookup_request(1, b"f\0")
+            chain = Chain(0, IoVec([memoryview(bytearray(request))]), IoVec([memoryview(bytearray(144))]))
+            if fast.serve(chain) < 0:
+                sessions[1].handle(chain.readable, chain.writable, chain)
+        assert fast.served == 0
+    finally:
+        _close(sessions)
 
 
 def test_supervisor_never_loads_the_fast_ops():
