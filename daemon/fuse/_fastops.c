@@ -831,15 +831,21 @@ static int fastops_init(FastOps *self, PyObject *args, PyObject *kw)
     return 0;
 }
 
+/* every reference a FastOps holds: the cyclic GC can then collect one in a
+ * cycle with its session (a session attribute naming it, say): the meter's
+ * held buffer owns a reference to its exporter too (m.words.obj) */
 static int fastops_traverse(FastOps *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->session);
     Py_VISIT(self->header);
     Py_VISIT(self->slots);
     Py_VISIT(self->meter);
+    if (self->meter != NULL)
+        Py_VISIT(self->m.words.obj);
     return 0;
 }
 
+/* drops them all (drop_meter releases the buffer) */
 static int fastops_clear(FastOps *self)
 {
     Py_CLEAR(self->session);
