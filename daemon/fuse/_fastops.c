@@ -1023,6 +1023,13 @@ static int fastops_init(FastOps *self, PyObject *args, PyObject *kw)
     return 0;
 }
 
+/* the references a FastOps holds that a cycle can run through: the cyclic
+ * GC can then collect one in a cycle with its session (a session attribute
+ * naming it, say). Not visited: the exporter of the meter's held buffer
+ * (m.words.obj, the meter's words memoryview, which refers to nothing that
+ * leads back here); visiting it made a collection after a failed test free
+ * that view while the meter still held it (a segfault in
+ * test_fastops_gc's failure path), cause not yet found */
 static int fastops_traverse(FastOps *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->session);
@@ -1034,6 +1041,7 @@ static int fastops_traverse(FastOps *self, visitproc visit, void *arg)
     return 0;
 }
 
+/* drops them all (drop_meter releases the buffer) */
 static int fastops_clear(FastOps *self)
 {
     Py_CLEAR(self->session);

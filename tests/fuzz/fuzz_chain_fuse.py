@@ -39,8 +39,12 @@ which the engine reports as a crash and saves the input):
 Leaks: every ``--reset-every`` inputs the FUSE session is ended (as DESTROY
 does: every O_PATH fd and open file closed), the share is rebuilt and INIT
 runs again; the process's open fd count must then be exactly what it was
-at the first reset, and RSS may grow at most ``--max-rss-growth-mb`` from
-the first reset after warm-up to the end. Both figures are printed.
+at the first reset (a failure names the fds that are new), and RSS may
+grow at most ``--max-rss-growth-mb`` from the first reset after warm-up to
+the end. Both figures are printed. Under a sanitizer runtime (``make
+fuzz-asan``) the runtime's symbolizer is started before the first count
+(``start_symbolizer``): it keeps two pipes open from its first use on,
+and libFuzzer first uses it whenever it prints its first NEW_FUNC line.
 
 Engines: atheris (libFuzzer, coverage-guided; ``pip install atheris``, a
 manylinux wheel, no clang needed) when importable, else ``--engine random``,
@@ -50,15 +54,18 @@ a plain mutation loop over the corpus (not coverage-guided). Usage::
     python -m tests.fuzz.fuzz_chain_fuse --time 20          # CI smoke budget
     python -m tests.fuzz.fuzz_chain_fuse --run FILE...      # replay inputs
 
-Host side effects are bounded: the share is a fresh temp dir, wiped at every
-reset, and RLIMIT_FSIZE caps every file at 4 MiB (WRITE/FALLOCATE/
-COPY_FILE_RANGE beyond it are EFBIG). Run as root (the daemon's own
-credential switching needs it).
+Host side effects are bounded: the share is a fresh directory on a 64 MiB
+tmpfs in the process's own mount namespace (sharefs.py: ENOSPC past it,
+whatever the inputs, however many fuzzers run), wiped at every reset, and
+RLIMIT_FSIZE caps every file at 4 MiB (WRITE/FALLOCATE/COPY_FILE_RANGE
+beyond it are EFBIG). Run as root (the daemon's own credential switching
+and the mount need it).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import errno
 import importlib.util
 import mmap
@@ -81,6 +88,7 @@ if str(REPO) not in sys.path:
 from tests import procfs  # noqa: E402
 from tests.fuzz import differential as differential_helpers  # noqa: E402
 from tests.fuzz import image  # noqa: E402
+from tests.fuzz import sharefs  # noqa: E402
 
 CORPUS_DIR = HERE / "corpus"
 FILE_SIZE_LIMIT = 4 << 20
@@ -96,6 +104,7 @@ ZERO = bytes(image.MEM_SIZE)
 VirtQueue = VirtQueueError = GuestMemory = FuseSession = InodeTable = Config = None
 credentials = abi = differential = filetable = fastpath = None
 PATH = ""
+SHARE_PARENT: str | None = None   # the bounded tmpfs (main: sharefs.bounded)
 
 
 def load_daemon() -> None:
@@ -140,6 +149,37 @@ def fd_count() -> int:
     return procfs.fd_count(os.getpid())
 
 
+def fd_table() -> dict[int, str]:
+    """fd -> what it is (readlink of /proc/self/fd/N), for a leak report."""
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the listing's own fd, or one closed meanwhile
+    return out
+
+
+def start_symbolizer() -> bool:
+    """Symbolize one address now if a sanitizer runtime is loaded (``make
+    fuzz-asan`` preloads atheris' ASan runtime); False if none is. The
+    runtime starts llvm-symbolizer (or addr2line) on its first use and keeps
+    the two pipes to it open until the process exits; libFuzzer first uses
+    it when it prints a NEW_FUNC line, which may be 100,000 inputs into a
+    run (the first full collection of the cyclic GC reaching
+    ``fastops_traverse``, say): the fd check would count those two pipes
+    as a leak."""
+    try:
+        symbolize = ctypes.CDLL(None).__sanitizer_symbolize_pc
+    except AttributeError:
+        return False
+    symbolize.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t)
+    symbolize.restype = None
+    buf = ctypes.create_string_buffer(256)
+    symbolize(ctypes.cast(symbolize, ctypes.c_void_p), b"%p %F %L", buf, len(buf))
+    return True
+
+
 def rss_kib() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -165,6 +205,7 @@ class Target:
         self.ebadf = 0      # EBADF replies: a seed naming an fh it never opened
         self.resets = 0
         self.baseline_fds: int | None = None
+        self.baseline_table: dict[int, str] = {}
         self.first_fds = fd_count()
         self.rss_start: int | None = None
         self.rss_first = rss_kib()
@@ -185,7 +226,7 @@ class Target:
         for region in self.mem._regions:
             base = differential_helpers.address(region.mm)
             self._maps.append((base, base + len(region.mm)))
-        self.share = tempfile.mkdtemp(prefix="pyvirtiofsd-fuzz-")
+        self.share = tempfile.mkdtemp(prefix="pyvirtiofsd-fuzz-", dir=SHARE_PARENT)
         os.chmod(self.share, 0o777)
         self._populate()
         self.table = InodeTable(INODE_CAPACITY)
@@ -289,6 +330,7 @@ class Target:
         self.resets += 1
         if self.baseline_fds is None:
             self.baseline_fds = fd_count()
+            self.baseline_table = fd_table()
         # a helper thread may still hold an fd for a moment: the dup of an
         # FSYNC the reset answered with EINTR (closed when the call returns),
         # or forgotten inodes' fds it is closing (blocking.py)
@@ -297,9 +339,11 @@ class Target:
             # the first count, taken unsettled, caught such a transient fd:
             # the baseline is the lower settled count
             self.baseline_fds = fds
+            self.baseline_table = fd_table()
         elif fds != self.baseline_fds:
+            new = {n: t for n, t in fd_table().items() if self.baseline_table.get(n) != t}
             raise AssertionError(f"fd leak: {fds} open fds after reset {self.resets}, "
-                                 f"{self.baseline_fds} after the first")
+                                 f"{self.baseline_fds} after the first; new or changed: {new}")
         if self.rss_start is None and self.inputs >= self.warmup:
             self.rss_start = rss_kib()
 
@@ -540,6 +584,7 @@ class Target:
             "fds_end": fd_count(),
             "rss_kib_start": self.rss_first, "rss_kib_after_warmup": self.rss_start,
             "rss_kib_end": rss_end,
+            "share_mib": os.statvfs(self.share).f_blocks * os.statvfs(self.share).f_frsize >> 20,
         }
         if self.rss_start is not None and rss_end - self.rss_start > self.max_rss_growth_kib:
             raise AssertionError(f"memory growth: RSS {self.rss_start} KiB after warm-up, "
@@ -627,6 +672,15 @@ def report(stats: dict) -> None:
     print("fuzz: " + " ".join(f"{k}={v}" for k, v in stats.items()), flush=True)
 
 
+def cleanup(workdir: str, artifacts: str) -> None:
+    """Detach the share's tmpfs; remove ``workdir`` unless it holds a
+    saved crash input."""
+    if SHARE_PARENT is not None:
+        sharefs.release(SHARE_PARENT)
+    if not (artifacts.startswith(workdir) and os.path.isdir(artifacts) and os.listdir(artifacts)):
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def run_atheris(target_factory, args, workdir: str) -> None:
     import atheris
 
@@ -643,8 +697,7 @@ def run_atheris(target_factory, args, workdir: str) -> None:
         if done:
             stats = target.finish()
             report(stats)
-            if not args.keep_corpus:
-                shutil.rmtree(workdir, ignore_errors=True)
+            cleanup(workdir, args.artifacts)
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
@@ -710,6 +763,10 @@ def main(argv=None) -> int:
     if args.artifacts is None:
         args.artifacts = os.path.join(workdir, "artifacts")
     os.makedirs(args.artifacts, exist_ok=True)
+    # both before any thread exists (libFuzzer's, the session's helpers)
+    global SHARE_PARENT
+    SHARE_PARENT = sharefs.bounded(workdir)
+    start_symbolizer()
 
     engine = args.engine
     if engine == "auto":
@@ -765,8 +822,7 @@ def main(argv=None) -> int:
         return 0
     finally:
         target.close()
-        if not os.listdir(args.artifacts) and args.artifacts.startswith(workdir):
-            shutil.rmtree(workdir, ignore_errors=True)
+        cleanup(workdir, args.artifacts)
 
 
 if __name__ == "__main__":

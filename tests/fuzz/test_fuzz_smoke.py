@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fuzz import sharefs
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 SECONDS = float(os.environ.get("PYVIRTIOFSD_FUZZ_SECONDS", "20"))
@@ -75,4 +77,5 @@ def test_fuzz_for_the_ci_budget(tmp_path):
                                                                if ln.startswith("fuzz: inputs=")][-1]]))
     assert int(stats["inputs"]) > 1000
     assert stats["fds_end"] == stats["fds_after_first_reset"]
+    assert int(stats["share_mib"]) == sharefs.SIZE >> 20   # the share is the bounded tmpfs
     assert not list(tmp_path.glob("crash-*")) and not list(tmp_path.glob("timeout-*"))
