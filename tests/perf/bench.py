@@ -20,7 +20,9 @@ else runs on it; only ratios measured side by side mean anything):
 2. **Parallel, platform b**: the guest runs fio with two jobs and two
    metadata processes, each pinned to its own vCPU
    (tests/perf/guest_workloads/parallel.sh): ours with 2 request queues
-   against the Rust daemon with its one (a second queue hangs it),
+   (with its defaults, and again with ``--no-xattr``, the Rust daemon's
+   default: with extended attributes a guest asks GETXATTR before every
+   WRITE) against the Rust daemon with its one (a second queue hangs it),
    ``--parallel-rounds`` interleaved runs of each (ours, Rust, ours,
    Rust...), the median of each figure kept and its spread reported. A run
    that fails is reported as such, never waited on forever (idle and hard
@@ -89,9 +91,13 @@ CACHE_DIR = (REPO / ".cache" / "bench" if not str(REPO).startswith(("/tmp/", "/r
              else Path("/var/tmp/pyvirtiofsd-bench"))
 KINDS = ("ours", "c", "rust")
 BASELINES = ("c", "rust")
-KIND_LABEL = {"ours": "ours", "c": "C", "rust": "Rust"}
-# the parallel part: (daemon, request queues, more daemon options)
-PARALLEL = (("ours", 2, ()), ("rust", 1, ()))
+KIND_LABEL = {"ours": "ours", "c": "C", "rust": "Rust", "ours-noxattr": "ours --no-xattr"}
+# the parallel part: (name, daemon, request queues, more daemon options).
+# "ours-noxattr" is ours without extended attributes, as the Rust daemon
+# runs by default: with them a guest sends a GETXATTR of
+# security.capability before every WRITE (docs/perf/queues.md), so only
+# that pair compares the same work
+PARALLEL = (("ours", "ours", 2, ()), ("ours-noxattr", "ours", 2, ("--no-xattr",)), ("rust", "rust", 1, ()))
 
 # the parallel part has its own sizes and rounds: its figures are medians of
 # interleaved rounds (ours, Rust, ours, Rust...), and each fio job of it must
@@ -385,11 +391,11 @@ def parallel_part(p: dict, rounds: int) -> dict:
     failed."""
     out: dict = {}
     for rnd in range(rounds):
-        for kind, queues, extra in PARALLEL:
+        for name, kind, queues, extra in PARALLEL:
             load = os.getloadavg()[0]
             res = guest_run(kind, "auto", p, None, False, extra_args=extra, platform="b",
                             num_request_queues=queues, command=parallel_command(p))
-            o = out.setdefault(kind, {"queues": queues, "runs": {}, "median": {}, "failures": [], "load": []})
+            o = out.setdefault(name, {"queues": queues, "runs": {}, "median": {}, "failures": [], "load": []})
             o["load"].append(round(max(load, os.getloadavg()[0]), 1))
             for phase, obj in res["phases"].items():
                 o["runs"].setdefault(phase, []).append(value(phase, obj))
@@ -504,14 +510,19 @@ def build_rows(guest: dict | None, fe: dict | None, start: dict, p: dict, parall
                     rows.append(_row(f"guest, platform {plat}, cache={cache}", f"{plat}/{cache}/{key}", label,
                                      {k: b[k].get(key) for k in KINDS}))
     if parallel:
-        queues = {k: v["queues"] for k, v in parallel.items()}
-        section = ("parallel, platform b, cache=auto: "
-                   + ", ".join(f"{KIND_LABEL[k]} with {q} request queue{'s' if q > 1 else ''}"
-                               for k, q in queues.items()))
-        for key, label in PARALLEL_PHASES:
-            figs = {k: v["median"].get(key) for k, v in parallel.items()}
-            if any(v is not None for v in figs.values()):
-                rows.append(_row(section, f"b/{key}", label, figs))
+        # each daemon with its defaults; then, if measured, ours without
+        # extended attributes against the same Rust runs (its default)
+        pairs = [("", {k: k for k in parallel if k in KINDS})]
+        if "ours-noxattr" in parallel:
+            pairs.append(("-noxattr", {"ours": "ours-noxattr", **{k: k for k in BASELINES if k in parallel}}))
+        for suffix, names in pairs:
+            section = ("parallel, platform b, cache=auto: "
+                       + ", ".join(f"{KIND_LABEL[n]} with {parallel[n]['queues']} request queue"
+                                   f"{'s' if parallel[n]['queues'] > 1 else ''}" for n in names.values()))
+            for key, label in PARALLEL_PHASES:
+                figs = {k: parallel[n]["median"].get(key) for k, n in names.items()}
+                if any(v is not None for v in figs.values()):
+                    rows.append(_row(section, f"b{suffix}/{key}", label, figs))
     if fe:
         for op in FRONTEND_OPS:
             for depth in FRONTEND_DEPTHS:
@@ -658,7 +669,9 @@ def render_markdown(rows, info, p, args, guest, elapsed, floor=None, parallel=No
            f"- parallel (platform b): the same fio jobs as two fio jobs ({p['par_seq_mib']} MiB sequential in all, "
            f"random phases {p['par_rand_seconds']} s) and {p['par_files']:,} small files "
            "as two metadata.py processes, each pinned to one vCPU (tests/perf/guest_workloads/parallel.sh); "
-           "ours offers 2 request queues, the Rust daemon 1 (it hangs on a second).",
+           "ours offers 2 request queues, the Rust daemon 1 (it hangs on a second); ours runs twice per round, "
+           "with its defaults and with --no-xattr (the Rust daemon's default: with extended attributes the "
+           "guest sends a GETXATTR of security.capability before every WRITE).",
            f"- guest: QEMU TCG, 2 vCPUs, 1 GiB, queue size 1024; fio psync, {p['seq_mib']} MiB file, "
            f"random phases {p['rand_seconds']} s; round trips ×{p['lat_count']} (best of 3; cache=never only); "
            f"{p['files']:,} small files; a {p['tar_files']:,}-file tree from /usr/include; "
@@ -758,7 +771,8 @@ def main(argv=None) -> int:
             large = large_footprint_part(p)
     parallel = None
     if not args.skip_parallel:
-        log("parallel workloads, platform b: " + ", ".join(f"{k} with {q} request queue(s)" for k, q, _ in PARALLEL))
+        log("parallel workloads, platform b: " + ", ".join(f"{KIND_LABEL[n]} with {q} request queue(s)"
+                                                           for n, _, q, _ in PARALLEL))
         parallel = parallel_part(p, p["par_rounds"])
     rootfs = None
     if not args.skip_rootfs:

@@ -7,14 +7,16 @@ from tests.perf import bench
 
 
 def scripted(monkeypatch, figures):
-    """guest_run answers from ``figures[kind]``, one value per call, and
-    records the order of the calls."""
+    """guest_run answers from ``figures[name]`` (the kind, "-noxattr" added
+    for ours with --no-xattr), one value per call, and records the order of
+    the calls."""
     calls = []
 
     def fake(kind, cache, p, tarball, with_footprint, extra_args=(), platform="a",
              num_request_queues=1, command=None):
-        calls.append((kind, num_request_queues, platform))
-        v = figures[kind].pop(0)
+        name = kind + ("-noxattr" if "--no-xattr" in extra_args else "")
+        calls.append((name, num_request_queues, platform))
+        v = figures[name].pop(0)
         phases = {"par-create": {"ops": v, "seconds": 1.0},
                   "par-seq-read": {"bw_bytes": v * (1 << 20), "iops": v, "seconds": 1.0, "ops": 1}}
         return {"phases": phases, "memory": {}, "seconds": 1.0, "status": 0 if v else 1,
@@ -25,11 +27,12 @@ def scripted(monkeypatch, figures):
 
 
 def test_rounds_alternate_the_daemons_and_keep_the_median(monkeypatch):
-    calls = scripted(monkeypatch, {"ours": [10.0, 1000.0, 30.0], "rust": [5.0, 7.0, 6.0]})
+    calls = scripted(monkeypatch, {"ours": [10.0, 1000.0, 30.0], "ours-noxattr": [40.0, 50.0, 45.0],
+                                   "rust": [5.0, 7.0, 6.0]})
     res = bench.parallel_part(dict(bench.QUICK), 3)
-    assert [c[0] for c in calls] == ["ours", "rust"] * 3
+    assert [c[0] for c in calls] == ["ours", "ours-noxattr", "rust"] * 3
     assert all(c[2] == "b" for c in calls)
-    assert dict((k, q) for k, q, _ in calls) == {"ours": 2, "rust": 1}
+    assert dict((k, q) for k, q, _ in calls) == {"ours": 2, "ours-noxattr": 2, "rust": 1}
     # one outlier (a neighbour's burst, or its absence) does not make the figure
     assert res["ours"]["median"]["par-create"] == 30.0
     assert res["rust"]["median"]["par-seq-read"] == 6.0
@@ -38,10 +41,14 @@ def test_rounds_alternate_the_daemons_and_keep_the_median(monkeypatch):
     assert res["ours"]["failures"] == []
     rows = {r["name"]: r for r in bench.build_rows(None, None, {}, bench.QUICK, res)}
     assert rows["b/par-create"]["ratio_rust"] == 5.0
+    # the same Rust runs against ours without extended attributes (Rust's default)
+    assert rows["b-noxattr/par-create"]["ours"] == 45.0
+    assert rows["b-noxattr/par-create"]["ratio_rust"] == 7.5
+    assert "ours --no-xattr with 2 request queues" in rows["b-noxattr/par-create"]["section"]
 
 
 def test_a_failed_round_is_reported(monkeypatch):
-    scripted(monkeypatch, {"ours": [10.0, 0.0], "rust": [5.0, 6.0]})
+    scripted(monkeypatch, {"ours": [10.0, 0.0], "ours-noxattr": [10.0, 10.0], "rust": [5.0, 6.0]})
     res = bench.parallel_part(dict(bench.QUICK), 2)
     assert len(res["ours"]["failures"]) == 1 and res["ours"]["failures"][0].startswith("round 2:")
 
@@ -49,11 +56,14 @@ def test_a_failed_round_is_reported(monkeypatch):
 def test_spread_and_markdown_show_median_lowest_highest(monkeypatch):
     assert bench.spread([3.0, 1.0, 2.0]) == "2.0 (1.0–3.0, n=3)"
     assert bench.spread([]) == "–"
-    scripted(monkeypatch, {"ours": [10.0, 20.0, 30.0], "rust": [5.0, 7.0, 6.0]})
+    scripted(monkeypatch, {"ours": [10.0, 20.0, 30.0], "ours-noxattr": [11.0, 21.0, 31.0],
+                           "rust": [5.0, 7.0, 6.0]})
     p = dict(bench.QUICK)
     res = bench.parallel_part(p, 3)
     rows = bench.build_rows(None, None, {}, p, res)
     info = {"date": "d", "platform_a": "a", "platform_b": "b"}
     md = bench.render_markdown(rows, info, p, argparse.Namespace(quick=True), None, 60.0, parallel=res)
-    assert "| create small files, 2 processes (/s) | 20.0 (10.0–30.0, n=3) | 6.0 (5.0–7.0, n=3) |" in md
+    assert ("| create small files, 2 processes (/s) | 20.0 (10.0–30.0, n=3) | 21.0 (11.0–31.0, n=3) "
+            "| 6.0 (5.0–7.0, n=3) |") in md
+    assert "ours --no-xattr, 2 q" in md
     assert "load average (1 min) at each run" in md
