@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"process each, all serving one file system; default {DEFAULTS['max_request_workers']}, "
                         f"at most {MAX_THREAD_POOL_SIZE}); QEMU refuses to start a device with more")
     p.add_argument("--xattr", action=argparse.BooleanOptionalAction, default=DEFAULTS["xattr"],
-                   help="support extended attributes (default: on)")
+                   help="support extended attributes (default: on; the guest then sends a GETXATTR "
+                        "before every write, which --no-xattr avoids)")
     p.add_argument("--readdirplus", action=argparse.BooleanOptionalAction, default=None,
                    help="answer directory listings with each entry's attributes (READDIRPLUS; "
                         "default: on, off with --cache never, where the guest would discard them)")
