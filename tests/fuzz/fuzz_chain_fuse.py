@@ -707,13 +707,7 @@ def run_atheris(target_factory, args, workdir: str) -> None:
     argv = [sys.argv[0], live, str(CORPUS_DIR),
             f"-timeout={args.timeout}", f"-rss_limit_mb={args.rss_limit_mb}",
             f"-artifact_prefix={args.artifacts.rstrip('/')}/",
-            f"-max_len={args.max_len}", "-print_final_stats=1",
-            # no NEW_FUNC lines: to print one libFuzzer symbolizes the newly
-            # covered C function (make fuzz-asan), which starts llvm-symbolizer
-            # on two pipes that then stay open: the fd check counted them as
-            # a leak (26 fds against 24) whenever a C function was first
-            # covered after the first reset. Reports are still symbolized.
-            "-print_funcs=0"]
+            f"-max_len={args.max_len}", "-print_final_stats=1"]
     if args.seed is not None:
         argv.append(f"-seed={args.seed}")
     if args.jobs_quiet:
