@@ -851,6 +851,19 @@ static void take_chain(struct taking *t)
     t->taken = 1;
 }
 
+/* the core argument of batch and wait: a Core of the loaded _vqcore (its
+ * C interface loaded first); -1 with TypeError naming the method */
+static int check_core(PyObject *core, const char *method)
+{
+    if (load_vqcore() < 0)
+        return -1;
+    if (!PyObject_TypeCheck(core, vq->core_type)) {
+        PyErr_Format(PyExc_TypeError, "FastOps.%s: core is not a _vqcore.Core of the loaded module", method);
+        return -1;
+    }
+    return 0;
+}
+
 /* stage 3: batch(core, words, popped, limit) -> int (see fastops_methods) */
 static PyObject *fastops_batch(FastOps *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -858,12 +871,8 @@ static PyObject *fastops_batch(FastOps *self, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_TypeError, "batch(core, words, popped, limit)");
         return NULL;
     }
-    if (load_vqcore() < 0)
+    if (check_core(args[0], "batch") < 0)
         return NULL;
-    if (!PyObject_TypeCheck(args[0], vq->core_type)) {
-        PyErr_SetString(PyExc_TypeError, "FastOps.batch: core is not a _vqcore.Core of the loaded module");
-        return NULL;
-    }
     Py_ssize_t limit = PyLong_AsSsize_t(args[3]);
     if (limit == -1 && PyErr_Occurred())
         return NULL;
@@ -1176,12 +1185,8 @@ static PyObject *fastops_wait(FastOps *self, PyObject *const *args, Py_ssize_t n
     Py_ssize_t limit = PyLong_AsSsize_t(args[6]);
     if (limit == -1 && PyErr_Occurred())
         return NULL;
-    if (load_vqcore() < 0)
+    if (check_core(args[0], "wait") < 0)
         return NULL;
-    if (!PyObject_TypeCheck(args[0], vq->core_type)) {
-        PyErr_SetString(PyExc_TypeError, "FastOps.wait: core is not a _vqcore.Core of the loaded module");
-        return NULL;
-    }
     struct watch w[WAIT_WATCHES];
     int watches = 0;
     Py_buffer wb;

@@ -110,24 +110,6 @@ static Py_ssize_t table_find(const FastOps *self, const struct state *st, uint64
     return -1;
 }
 
-/* whether this worker caches an fd of nodeid with generation gen
- * (InodeCache.adopt's "e[0] == gen": the new fd would be closed) */
-static int cached_gen(const struct state *st, Py_ssize_t nodeid, uint64_t gen)
-{
-    PyObject *key = PyLong_FromSsize_t(nodeid);
-    if (key == NULL)
-        return 0;
-    PyObject *e = PyDict_GetItemWithError(st->fds, key);   /* borrowed */
-    Py_DECREF(key);
-    int cached = 0;
-    if (e != NULL && PyTuple_CheckExact(e) && PyTuple_GET_SIZE(e) == 2 && PyLong_CheckExact(PyTuple_GET_ITEM(e, 0))) {
-        unsigned long long g = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(e, 0));
-        cached = !PyErr_Occurred() && g == gen;
-    }
-    PyErr_Clear();      /* the thread lock's release is a call into Python */
-    return cached;
-}
-
 /* InodeTable.ref(dev, ino) for an inode the table knows and this worker
  * holds an fd of (or the root), under the table's lock: 0 and
  * *nodeid and *gen (+1 lookup unless the root), or -1 with the table as it
@@ -168,8 +150,14 @@ static int find_ref(FastOps *self, struct state *st, uint64_t dev, uint64_t ino,
                 result = 0;
             } else if (s > 1) {
                 Py_ssize_t base = s * self->slot_words;
+                /* InodeCache.adopt's "e[0] == gen" (the new fd would be
+                 * closed): this worker caches an fd of the slot's current
+                 * generation; any error is cleared, the thread lock's
+                 * release is a call into Python */
                 uint64_t g = word_at(&st->inodes, base + t->s_gen);
-                if (g != 0 && cached_gen(st, s, g)) {
+                int held = g != 0 && cached_fd(self, st, (uint64_t)s) >= 0;
+                PyErr_Clear();
+                if (held) {
                     set_word(&st->inodes, base + t->s_ref, word_at(&st->inodes, base + t->s_ref) + 1);
                     *nodeid = (uint64_t)s;
                     *gen = g;

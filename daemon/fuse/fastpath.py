@@ -152,8 +152,7 @@ def make(session):
     assert _ext is not None
     sec, nsec = session.attr_reply.__self__.attr_valid()
     table = session.inodes
-    reads = session._ops.get(int(Opcode.READ)) is files.do_read
-    writes = session._ops.get(int(Opcode.WRITE)) is files.do_write
+    reads, writes = _io_rows(session)
     fast = _ext.FastOps(session, table._hdr, table._q, inodes._H_SESSION, inodes._SLOT_WORDS, sec, nsec,
                         reads, writes=writes, **meter_layout(session.meter))
     if not lookup_unsupported(session):
@@ -191,12 +190,20 @@ def meter_layout(meter) -> dict:
     return {"meter": meter, "words": words, "layout": layout, "bounds": c.LATENCY_BUCKETS_NS}
 
 
+def _io_rows(session) -> tuple[bool, bool]:
+    """Whether C serves READ and WRITE for ``session``: the op table's rows
+    are the reference handlers (``--readonly`` replaces WRITE's)."""
+    return (session._ops.get(int(Opcode.READ)) is files.do_read,
+            session._ops.get(int(Opcode.WRITE)) is files.do_write)
+
+
 def compiled_ops(session) -> str:
     """The ops ``make(session)`` serves in C, for the start-up line."""
+    reads, writes = _io_rows(session)
     names = ["GETATTR"]
-    if session._ops.get(int(Opcode.READ)) is files.do_read:
+    if reads:
         names.append("READ")
-    if session._ops.get(int(Opcode.WRITE)) is files.do_write:
+    if writes:
         names.append("WRITE")
     return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
 
