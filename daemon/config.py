@@ -83,8 +83,10 @@ class Config(NamedTuple):
     inode_fds: int | None = None
     # FUSE_HANDLE_KILLPRIV_V2 offered: the guest leaves clearing SUID/SGID on
     # write, truncate and open(O_TRUNC) to us (its KILL_SUIDGID flags)
-    # instead of sending a chmod first (docs/credentials.md)
-    killpriv_v2: bool = False
+    # instead of sending a chmod first, and marks its superblock SB_NOSEC, so
+    # it stops asking for security.capability before every write
+    # (docs/credentials.md)
+    killpriv_v2: bool = True
 
     # where the supervisor answers Prometheus scrapes (None: no metrics, and
     # the workers count nothing)

@@ -37,13 +37,15 @@
  * header for preadv's errno.
  *
  * WRITE (when FastOps was made with writes=True: the op table's WRITE row
- * is files.do_write; --readonly's EROFS row is not) likewise, in the
- * plain case only (fast_write lists it): fuse_write_in whole, no
- * extensions, no FUSE_WRITE_KILL_SUIDGID (Python writes those without
- * CAP_FSETID), an offset at most OFFSET_MAX, a size that is exactly the
- * data after the args and at most 1 MiB, an fh held as for READ, at most
- * 1024 data buffers, room for the 24-byte reply. Then pwritev2(2) of the
- * data straight from the readable buffers, and the header +
+ * is files.do_write; --readonly's EROFS row is not) likewise, when
+ * (fast_write lists it): fuse_write_in whole, no extensions, an offset
+ * at most OFFSET_MAX, a size that is exactly the data after the args and
+ * at most 1 MiB, an fh held as for READ, at most 1024 data buffers, room
+ * for the 24-byte reply. Then pwritev2(2) of the data straight from the
+ * readable buffers (with FUSE_WRITE_KILL_SUIDGID and data, without
+ * CAP_FSETID in this thread's effective set, as
+ * credentials.without_fsetid: capget, capset before; capset after, a
+ * failure after the write being the worker's end), and the header +
  * fuse_write_out {bytes written} (short writes: their count), or the
  * error header for pwritev's errno. In the batch loop a WRITE's chain is
  * taken and recorded before the write (not after the reply as GETATTR's
@@ -94,6 +96,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -116,7 +119,9 @@
 #define OP_WRITE 16
 #define WRITE_IN 40
 #define WRITE_OUT 8
-#define WRITE_KILL_SUIDGID 4    /* abi.FUSE_WRITE_KILL_SUIDGID: Python drops CAP_FSETID */
+#define WRITE_KILL_SUIDGID 4    /* abi.FUSE_WRITE_KILL_SUIDGID: written without CAP_FSETID */
+#define CAP_V3 0x20080522       /* credentials._CAP_V3 */
+#define CAP_FSETID_BIT (1u << 4) /* 1 << credentials.CAP_FSETID, in the sets' first word */
 #define KIND_FILE 1             /* handles.KIND_FILE */
 #define MAX_IO_SIZE (1 << 20)   /* files.MAX_IO_SIZE */
 #define FAST_IOV_MAX 1024       /* files.IOV_MAX: more buffers, Python batches */
@@ -597,14 +602,75 @@ static Py_ssize_t fast_read(const struct state *st, const struct req *q, const s
     return iov_copy(q->w, q->nw, 0, &o, OUT_HEADER, 1) < 0 ? NOT_HANDLED : OUT_HEADER + (Py_ssize_t)got;
 }
 
-/* WRITE (files.do_write), the plain case: the size bytes of data after
+/* capget(2)/capset(2)'s header and one word of the three sets
+ * (credentials._CapHeader, _CapData: two of these) */
+struct cap_header {
+    uint32_t version;
+    int pid;
+};
+struct cap_data {
+    uint32_t effective, permitted, inheritable;
+};
+
+/* credentials.without_fsetid's drop for this thread: capget into *saved
+ * and, if CAP_FSETID is effective, capset without it. 1: dropped (undo
+ * with fsetid_restore), 0: it was not effective, -1 (*err: the errno):
+ * failed, nothing changed */
+static int fsetid_drop(struct cap_data saved[2], int *err)
+{
+    struct cap_header hdr = {CAP_V3, 0};
+    if (syscall(SYS_capget, &hdr, saved) != 0) {
+        *err = errno;
+        return -1;
+    }
+    if (!(saved[0].effective & CAP_FSETID_BIT))
+        return 0;
+    struct cap_data data[2] = {saved[0], saved[1]};
+    data[0].effective &= ~CAP_FSETID_BIT;
+    if (syscall(SYS_capset, &hdr, data) != 0) {
+        *err = errno;
+        return -1;
+    }
+    return 1;
+}
+
+/* ... and its undo: the sets as fsetid_drop found them (what
+ * _set_effective(CAP_FSETID, True) makes of them: the bit was effective,
+ * so permitted, and nothing else changed on this thread since), one
+ * capset, no second capget; 0, or -1 with *err */
+static int fsetid_restore(struct cap_data saved[2], int *err)
+{
+    struct cap_header hdr = {CAP_V3, 0};
+    if (syscall(SYS_capset, &hdr, saved) != 0) {
+        *err = errno;
+        return -1;
+    }
+    return 0;
+}
+
+/* CAP_FSETID could not be raised again after a KILL_SUIDGID write: as
+ * credentials._fatal (log, exit), so that no later request runs without
+ * it; exits even if that cannot be called */
+static void fsetid_fatal(int err)
+{
+    PyObject *mod = PyImport_ImportModule("daemon.fuse.credentials");
+    PyObject *exc = PyObject_CallFunction(PyExc_OSError, "is", err, strerror(err));
+    if (mod != NULL && exc != NULL)
+        Py_XDECREF(PyObject_CallMethod(mod, "_fatal", "sO", "raise CAP_FSETID again", exc));
+    _exit(1);
+}
+
+/* WRITE (files.do_write): the size bytes of data after
  * fuse_write_in (exactly what the readable part holds, at most 1 MiB) by
  * pwritev2(2) straight from the guest's buffers at offset into the open
  * file fh this worker holds; the reply header + fuse_write_out {bytes
  * written} (a short write: its count), or the error header for pwritev's
- * errno. Declined (Python: EINVAL, EBADF, EIO, or the write without
- * CAP_FSETID): extensions, args shorter than fuse_write_in, a reply part
- * under 24 bytes, FUSE_WRITE_KILL_SUIDGID, an offset past OFFSET_MAX, a
+ * errno. With FUSE_WRITE_KILL_SUIDGID and data the write runs without
+ * CAP_FSETID (fsetid_drop), so the host clears SUID/SGID; a failure
+ * to drop it is the error header (its errno, EPERM for none) and no
+ * write, as without_fsetid's FUSEError. Declined (Python: EINVAL, EBADF,
+ * EIO): extensions, args shorter than fuse_write_in, a reply part
+ * under 24 bytes, an offset past OFFSET_MAX, a
  * size that is not the data present or above 1 MiB, an fh not held, more
  * than IOV_MAX data buffers. In the batch loop the chain is taken (and
  * recorded in the progress record) before the write, as VirtQueue.pop
@@ -619,8 +685,7 @@ static Py_ssize_t fast_write(struct state *st, const struct req *q, const struct
             || iov_copy(q->r, q->nr, IN_HEADER, &a, sizeof a, 0) < 0)
         return NOT_HANDLED;
     Py_ssize_t size = nargs - WRITE_IN;    /* the data present */
-    if ((a.write_flags & WRITE_KILL_SUIDGID) || a.offset > (uint64_t)INT64_MAX
-            || (uint64_t)a.size != (uint64_t)size || size > MAX_IO_SIZE)
+    if (a.offset > (uint64_t)INT64_MAX || (uint64_t)a.size != (uint64_t)size || size > MAX_IO_SIZE)
         return NOT_HANDLED;
     Py_ssize_t of;
     int fd = open_fd(st, a.fh, &of);
@@ -633,8 +698,17 @@ static Py_ssize_t fast_write(struct state *st, const struct req *q, const struct
     /* answered from here on: the reply fits (wsize checked above) */
     if (q->take != NULL)
         take_chain(q->take);
-    int err;
+    int err, dropped = 0;
+    struct cap_data caps[2];
+    if ((a.write_flags & WRITE_KILL_SUIDGID) && size) {
+        dropped = fsetid_drop(caps, &err);
+        if (dropped < 0)
+            return error_reply(q, h->unique, err ? err : EPERM, error);
+    }
     ssize_t put = file_io(fd, iov, n, a.offset, 1, &err);
+    int raise_err;
+    if (dropped && fsetid_restore(caps, &raise_err) < 0)
+        fsetid_fatal(raise_err);
     if (put < 0)
         return error_reply(q, h->unique, err, error);
     st->wrote = (uint64_t)put;

@@ -9,7 +9,7 @@ worker's CPU time per request: the figure to compare with the 2.4 µs bare
 GETATTR budget (DESIGN.md) and to profile without a second process
 competing for the cores.
 
-    python -m tests.perf.inproc [--op getattr|lookup|read4k|read1m|write4k] [--depth 64]
+    python -m tests.perf.inproc [--op getattr|lookup|read4k|read1m|write4k|write4k-kill] [--depth 64]
                                 [--seconds 3] [--profile cprofile|none] [--clock wall|cpu]
 
 ``--clock cpu`` times the serving thread's CPU time instead of the wall
@@ -85,12 +85,13 @@ def _build(op: str, depth: int, shared: str, cache: str = "auto", event_idx: boo
         if op == "lookup":
             req = (Opcode.LOOKUP, 1, DATA.encode() + b"\0", [abi.ENTRY_OUT.size])
         else:
-            flags = os.O_RDWR if op == "write4k" else os.O_RDONLY
+            flags = os.O_RDWR if op.startswith("write4k") else os.O_RDONLY
             o = call(Opcode.OPEN, nodeid, abi.OPEN_IN.pack(flags, 0), [abi.OPEN_OUT.size])
             fh = int.from_bytes(o[16:24], "little")
-            if op == "write4k":     # the same page of the file, rewritten (page cache)
-                data = os.urandom(4096)
-                req = (Opcode.WRITE, nodeid, abi.WRITE_IN.pack(fh, 0, 4096, 0, 0, 0), [abi.WRITE_OUT.size])
+            if op.startswith("write4k"):     # the same page of the file, rewritten (page cache)
+                data = os.urandom(4096)     # write4k-kill: a non-root guest writer's, under KILLPRIV_V2
+                flags = abi.FUSE_WRITE_KILL_SUIDGID if op == "write4k-kill" else 0
+                req = (Opcode.WRITE, nodeid, abi.WRITE_IN.pack(fh, 0, 4096, flags, 0, 0), [abi.WRITE_OUT.size])
             else:
                 size = 4096 if op == "read4k" else 1 << 20
                 args = abi.READ_IN.pack(fh, 0, size, 0, 0, 0)
@@ -156,7 +157,8 @@ def per_request_us(op: str = "getattr", depth: int = 64, seconds: float = 3.0,
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--op", default="getattr", choices=("getattr", "lookup", "read4k", "read1m", "write4k"))
+    ap.add_argument("--op", default="getattr", choices=("getattr", "lookup", "read4k", "read1m", "write4k",
+                                                             "write4k-kill"))
     ap.add_argument("--depth", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--profile", default="none", choices=("none", "cprofile"))

@@ -41,7 +41,7 @@ from tests.fuzz import image
 from tests.fuzz.differential import Image
 from tests.unit.fusereq import in_header
 from tests.unit.test_fastops_equivalence import (_comparable, _data, getattr_request,  # noqa: F401 - fixtures
-                                                 metered, read_request, w_contents, w_reset, world,
+                                                 metered, read_request, w_contents, w_mode, w_reset, world,
                                                  write_request)
 
 DESC = image.DESC
@@ -174,7 +174,7 @@ def run(rig, data: bytes, stage3: bool) -> dict:
         loop._again.clear()
         return {"served": served, "broke": broke, "ram": bytes(img.ram), "words": list(ring.words[:3]),
                 "popped": list(ring.popped), "last_avail": ring.queue.last_avail_idx,
-                "published": ring.queue.published_idx, "w": w_contents(session), "in_c": fast.served - served_in_c,
+                "published": ring.queue.published_idx, "w": w_contents(session), "mode": w_mode(session), "in_c": fast.served - served_in_c,
                 "counts": {n: session.inodes.get(n)[3] - c for n, c in looked_up.items()},
                 "table locked": session.inodes._tlock.locked()}    # C's LOOKUP let go of it
     finally:
@@ -223,7 +223,7 @@ def make_request(kind: str, nodeids: dict, unique: int, arg: int) -> tuple[bytes
         flags = abi.FUSE_WRITE_KILL_SUIDGID if kind == "write-kill" else 0
         size = len(data) + (kind == "write-size")
         request = write_request(nodeids[fh], arg % 7000, data, unique, size=size, write_flags=flags)
-        return request, 24, [16, 8], kind in ("write", "write-append", "write-rdonly")
+        return request, 24, [16, 8], kind in ("write", "write-append", "write-rdonly", "write-kill")
     if kind == "lookup":        # a name this worker holds the inode of: C takes the count
         return in_header(Opcode.LOOKUP, 1, 2, unique) + b"a\0", 144, [16, 128], True
     if kind == "lookup-d":
@@ -434,16 +434,17 @@ def test_long_batches_publish_every_publish_every_chains(rig):
 
 
 def test_writes_in_a_batch(rig):
-    """WRITEs C serves (taken before their pwritev), one it declines
-    (FUSE_WRITE_KILL_SUIDGID: Python, without CAP_FSETID), appends, in ring
-    order, one batch: the file as the reference leaves it, with every
-    write in it."""
+    """WRITEs C serves (taken before their pwritev), one with
+    FUSE_WRITE_KILL_SUIDGID (without CAP_FSETID: the file loses SUID and
+    SGID), appends, in ring order, one batch: the file as the reference
+    leaves it, with every write in it."""
     kinds = ["write", "write-append", "getattr-root", "write-kill", "write", "write-rdonly", "write-append"]
     requests = [(k, 200 + i, 1000 * i, [], False, None, i % 2 == 0, "none") for i, k in enumerate(kinds)]
     data, expect = build(rig[2], 16, 0xFFFD, 7, True, requests)
-    assert expect == 6
+    assert expect == 7
     in_c, c = check(rig, data)
-    assert in_c == 6 and c["served"] == [7]
+    assert in_c == 7 and c["served"] == [7]
+    assert c["mode"] == 0o775       # W_MODE 06775 without SUID and SGID
     contents = c["w"]
     for i in (0, 3, 4):
         size = 100 + 1000 * i % 400

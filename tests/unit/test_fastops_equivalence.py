@@ -14,7 +14,8 @@ on an open, a write-only, a released and unknown fhs at offsets and sizes
 around end of file and the limits; WRITEs on a read-write, an O_APPEND, a
 read-only, released and unknown fhs, with data split anywhere, sizes that
 are and are not the data present, offsets up to and past OFFSET_MAX,
-FUSE_WRITE_KILL_SUIDGID, a short write (RLIMIT_FSIZE); and malformed ones (short headers, a
+FUSE_WRITE_KILL_SUIDGID (written without CAP_FSETID: "w" is SUID and SGID, and its mode after
+each run is compared too), a short write (RLIMIT_FSIZE); and malformed ones (short headers, a
 header split over buffers, wrong ``len``, short args, extensions, writable
 parts too short, other opcodes). The tests also check that C did serve
 the well-formed cases. With a metrics meter on each path (--metrics-socket)
@@ -44,6 +45,7 @@ from tests.unit.fusereq import entry_nodeid, in_header, start_session
 
 NAMES = ("a", "b", "d", "gone")
 W_CONTENTS = bytes(range(256)) * 24     # "w" before each run: 6144 bytes
+W_MODE = 0o6775     # and its mode: SUID, SGID with group execute (a KILL_SUIDGID write clears both)
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +102,18 @@ def _run(session, fast, request: bytes, rcuts: list[int], wsizes: list[int], com
 
 
 def w_reset(session) -> None:
-    """"w" back to W_CONTENTS (through a host fd of our own)."""
+    """"w" back to W_CONTENTS and W_MODE (through a host fd of our own)."""
     fd = os.open("w", os.O_WRONLY | os.O_CLOEXEC, dir_fd=session.root_fd)
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, W_CONTENTS, 0)
+        os.fchmod(fd, W_MODE)
     finally:
         os.close(fd)
+
+
+def w_mode(session) -> int:
+    return os.stat("w", dir_fd=session.root_fd).st_mode & 0o7777
 
 
 def w_contents(session) -> bytes:
@@ -119,14 +126,14 @@ def w_contents(session) -> bytes:
 
 
 def _run_w(session, fast, request: bytes, rcuts: list[int], wsizes: list[int], compiled: bool):
-    """_run on a fresh "w": (bytes, writable bytes, w's contents after)."""
+    """_run on a fresh "w": (bytes, writable bytes, w's contents and mode after)."""
     w_reset(session)
-    return (*_run(session, fast, request, rcuts, wsizes, compiled), w_contents(session))
+    return (*_run(session, fast, request, rcuts, wsizes, compiled), w_contents(session), w_mode(session))
 
 
 def compare(world, request: bytes, rcuts: list[int], wsizes: list[int]) -> tuple[int, bool]:
     """(bytes written, whether C served it); asserts both paths agree (and
-    leave "w" alike)."""
+    leave "w" alike: contents and mode)."""
     session, fast, _ = world
     pure = _run_w(session, fast, request, rcuts, wsizes, False)
     before = fast.served
@@ -871,7 +878,7 @@ def _written(world, request: bytes, rcuts: list[int], wsizes: list[int]) -> tupl
     """compare(), and (bytes, in C, the reply's count or -errno, w after)."""
     session, fast, _ = world
     n, in_c = compare(world, request, rcuts, wsizes)
-    _, out, contents = _run_w(session, fast, request, rcuts, wsizes, True)
+    _, out, contents, _mode = _run_w(session, fast, request, rcuts, wsizes, True)
     err = abi.OUT_HEADER.unpack_from(out)[1]
     return n, in_c, (abi.WRITE_OUT.unpack_from(out, 16)[0] if n == 24 else err), contents
 
@@ -923,7 +930,38 @@ def test_a_short_write_returns_its_count_in_c(world):
     assert contents == W_CONTENTS[:-50] + _data(150)
 
 
-@pytest.mark.parametrize("case", ["kill-suidgid", "released", "unknown", "offset", "size-more", "size-less",
+@pytest.mark.parametrize("size,flags,mode", [(100, abi.FUSE_WRITE_KILL_SUIDGID, 0o775), (100, 0, W_MODE),
+                                              (0, abi.FUSE_WRITE_KILL_SUIDGID, W_MODE)])
+def test_kill_suidgid_write_is_served_in_c_without_cap_fsetid(world, size, flags, mode):
+    """FUSE_WRITE_KILL_SUIDGID (a guest caller without CAP_FSETID, every
+    write of a non-root process under KILLPRIV_V2): C writes without
+    CAP_FSETID as Python does, so the host clears SUID and SGID; the same
+    bytes, contents and mode; a plain write (the worker's CAP_FSETID) and
+    an empty one keep them. The thread has CAP_FSETID again after."""
+    from daemon.fuse import credentials
+    session, _fast, nodeids = world
+    request = write_request(nodeids["fh-rw"], 10, _data(size), write_flags=flags)
+    assert compare(world, request, [40, 80], [16, 8]) == (24, True)
+    _, out, contents, after = _run_w(session, _fast, request, [40, 80], [16, 8], True)
+    assert (abi.WRITE_OUT.unpack_from(out, 16)[0], after) == (size, mode)
+    assert contents == W_CONTENTS[:10] + _data(size) + W_CONTENTS[10 + size:]
+    assert credentials.effective_caps() & 1 << credentials.CAP_FSETID
+
+
+def test_kill_suidgid_write_clears_what_a_local_write_clears(world, tmp_path):
+    """The host's own rule, which both paths rely on: SUID always, SGID only
+    with group execute (02765 keeps SGID), for a writer without CAP_FSETID."""
+    session, _fast, nodeids = world
+    for start, end in ((0o4755, 0o755), (0o2775, 0o775), (0o2765, 0o2765), (0o6755, 0o755)):
+        for compiled in (False, True):
+            w_reset(session)
+            os.chmod("w", start, dir_fd=session.root_fd)
+            request = write_request(nodeids["fh-rw"], 0, b"x", write_flags=abi.FUSE_WRITE_KILL_SUIDGID)
+            n, _ = _run(session, _fast, request, [40, 80], [16, 8], compiled)
+            assert (n, w_mode(session)) == (24, end), (oct(start), compiled)
+
+
+@pytest.mark.parametrize("case", ["released", "unknown", "offset", "size-more", "size-less",
                                   "too-big", "short-args", "extension", "short-out", "split-header",
                                   "many-buffers", "len"])
 def test_writes_c_leaves_to_python(world, case):
@@ -931,9 +969,7 @@ def test_writes_c_leaves_to_python(world, case):
     _session, _fast, nodeids = world
     fh, data = nodeids["fh-rw"], _data(100)
     request, rcuts, wsizes = write_request(fh, 0, data), [40, 80], [16, 8]
-    if case == "kill-suidgid":
-        request = write_request(fh, 0, data, write_flags=abi.FUSE_WRITE_KILL_SUIDGID)
-    elif case == "released":
+    if case == "released":
         request = write_request(nodeids["fh-released"], 0, data)
     elif case == "unknown":
         request = write_request(0xDEAD << 24 | 5, 0, data)
