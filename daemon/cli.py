@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"process each, all serving one file system; default {DEFAULTS['max_request_workers']}, "
                         f"at most {MAX_THREAD_POOL_SIZE}); QEMU refuses to start a device with more")
     p.add_argument("--xattr", action=argparse.BooleanOptionalAction, default=DEFAULTS["xattr"],
-                   help="support extended attributes (default: on; the guest then sends a GETXATTR "
-                        "before every write, which --no-xattr avoids)")
+                   help="support extended attributes (default: on; with --no-killpriv-v2 the guest "
+                        "then sends a GETXATTR before every write, which --no-xattr avoids)")
     p.add_argument("--readdirplus", action=argparse.BooleanOptionalAction, default=None,
                    help="answer directory listings with each entry's attributes (READDIRPLUS; "
                         "default: on, off with --cache never, where the guest would discard them)")
@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--killpriv-v2", action=argparse.BooleanOptionalAction, default=DEFAULTS["killpriv_v2"],
                    help="offer FUSE_HANDLE_KILLPRIV_V2: the guest no longer sends a chmod to clear "
                         "SUID/SGID before a write, truncate or open(O_TRUNC) by another user, it "
-                        "asks the daemon to clear them as part of the operation (default: off)")
+                        "asks the daemon to clear them as part of the operation, and it stops "
+                        "asking for security.capability before every write (default: on, as the "
+                        "C virtiofsd)")
     _add_rust_options(p)
     p.add_argument("--print-capabilities", action=_PrintCapabilities,
                    help="print the vhost-user backend capabilities as JSON and exit (for libvirt)")

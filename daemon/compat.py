@@ -31,6 +31,7 @@ _FLAGS = {
     "debug": ["--log-level", "debug"],
     "posix_acl": ["--posix-acl"], "no_posix_acl": ["--posix-acl=never"],
     "security_label": ["--security-label"], "no_security_label": ["--security-label=never"],
+    "killpriv_v2": ["--killpriv-v2"], "no_killpriv_v2": ["--no-killpriv-v2"],
 }
 # -o NAME=VALUE → our long option (values are checked by cli.py)
 _VALUES = {

@@ -31,9 +31,10 @@ None, so that Python serves everything, when:
 
 READ is compiled too when the op table's READ row is ``files.do_read``,
 WRITE when its row is ``files.do_write`` (``--readonly`` makes it EROFS's:
-then WRITE stays in Python): the plain case (no FUSE_WRITE_KILL_SUIDGID,
-exactly ``size`` data bytes, an fh this worker holds), ``pwritev2`` from
-the guest's buffers; in the batch loop its chain is taken before the
+then WRITE stays in Python): exactly ``size`` data bytes, an fh this
+worker holds, ``pwritev2`` from the guest's buffers (with
+FUSE_WRITE_KILL_SUIDGID without CAP_FSETID in the thread's effective set,
+as ``credentials.without_fsetid``); in the batch loop its chain is taken before the
 write, so that a worker dying during it never has it written twice. A
 4 KiB WRITE costs the worker 3.1 µs of CPU in stage 3 and 4.8 in stage 2,
 against 8.8 and 8.3 in Python (tests/perf/inproc.py ``--op write4k``,

@@ -44,7 +44,8 @@ Decisions (and why):
   host clears them for an unprivileged writer. So a WRITE with
   FUSE_WRITE_KILL_SUIDGID (the guest sends it for a caller without
   CAP_FSETID on every direct-I/O write, and on every write with
-  ``--killpriv-v2``), and an OPEN/CREATE with O_TRUNC that carries
+  ``--killpriv-v2``; the compiled WRITE does the same, docs/compiled.md),
+  and an OPEN/CREATE with O_TRUNC that carries
   FUSE_OPEN_KILL_SUIDGID or comes from a caller other than root (a guest
   without KILLPRIV_V2 truncates atomically at open and clears nothing
   itself), run without CAP_FSETID (``credentials.without_fsetid``).

@@ -6,7 +6,9 @@ differential checks, which the full suites run too), and the host's view
 of the bits is checked after the guest is gone.
 
 One short boot per configuration: our daemon with each cache mode, with
-``--writeback`` and with ``--killpriv-v2`` (both ways of clearing the bits),
+``--writeback``, with KILLPRIV_V2 (the default) and ``--no-killpriv-v2``
+(both ways of clearing the bits; ours also runs guest_ops' ``killpriv``
+check: owner writes, ftruncate and open(O_TRUNC), file capabilities),
 and QEMU's C virtiofsd as the baseline, on platform a (QEMU 7.2 + Linux
 6.1, no supplementary-group extension); and on platform b (QEMU 10 + Linux
 6.12, which sends it) ours and the Rust virtiofsd 1.13.
@@ -41,15 +43,20 @@ KNOWN_C = ("supp_group_create", "suid_write_by_non_owner") + KNOWN_6_1
 KNOWN_RUST = ("suid_write_by_non_owner",)
 KNOWN = {"c": KNOWN_C, "rust": KNOWN_RUST}
 
+# ours also runs guest_ops' killpriv check (KILLPRIV_V2's cases, by default
+# and without it); the reference daemons differ there on purpose
+OURS_CHECKS = CHECKS + ("killpriv",)
+
 CONFIGS = {  # id: (platform, daemon, cache, daemon options)
     "a ours auto": ("a", "ours", "auto", ()),
     "a ours never": ("a", "ours", "never", ()),
     "a ours auto --writeback": ("a", "ours", "auto", ("--writeback",)),
-    "a ours auto --killpriv-v2": ("a", "ours", "auto", ("--killpriv-v2",)),
-    "a ours never --killpriv-v2": ("a", "ours", "never", ("--killpriv-v2",)),
+    "a ours auto --no-killpriv-v2": ("a", "ours", "auto", ("--no-killpriv-v2",)),
+    "a ours never --no-killpriv-v2": ("a", "ours", "never", ("--no-killpriv-v2",)),
     "a c auto": ("a", "c", "auto", ()),
     "b ours auto": ("b", "ours", "auto", ()),
-    "b ours never --killpriv-v2": ("b", "ours", "never", ("--killpriv-v2",)),
+    "b ours never": ("b", "ours", "never", ()),
+    "b ours auto --no-killpriv-v2": ("b", "ours", "auto", ("--no-killpriv-v2",)),
     "b rust auto": ("b", "rust", "auto", ()),
 }
 
@@ -60,7 +67,8 @@ def run(request, tmp_path_factory):
     base, shared, run_dir = guest_dirs(tmp_path_factory, "creds-" + request.param.replace(" ", "_"))
     daemon = _start_daemon(kind, shared, cache, run_dir, extra)
     try:
-        yield boot_and_run(daemon, kind, cache, shared, tools=False, only=CHECKS,
+        yield boot_and_run(daemon, kind, cache, shared, tools=False,
+                           only=OURS_CHECKS if kind == "ours" else CHECKS,
                            known=KNOWN.get(kind, ()),
                            console_log=base / "console.log",
                            platform=platform)
@@ -71,7 +79,7 @@ def run(request, tmp_path_factory):
 def test_the_checks_match_the_guests_tmpfs(run):
     assert run.ops_summary is not None, describe_failures(run)
     ran = {name for name, line in run.ops.items() if line["status"] != "skip"}
-    assert ran == set(CHECKS), describe_failures(run)
+    assert ran == set(OURS_CHECKS if run.kind == "ours" else CHECKS), describe_failures(run)
     assert run.ops_summary["failed"] == 0, describe_failures(run)
     if run.kind == "ours":  # on platform a only the 6.1 limit may differ
         assert set(run.ops_summary["known_checks"]) <= set(KNOWN_6_1), describe_failures(run)
@@ -91,6 +99,23 @@ def test_the_host_sees_the_bits_cleared(run):
     assert modes == {"s4777": 0o777, "s2777": 0o777, "s6777": 0o777, "rw4777": 0o777,
                      "t4777": 0o777, "o4777": 0o777 if run.kind == "ours" else 0o4777,
                      "root4777": 0o4777}
+
+
+def test_the_host_sees_what_killpriv_clears(run):
+    """guest_ops' killpriv check (ours): the bits and the file capability
+    as the host has them after the guest, with or without KILLPRIV_V2."""
+    if run.kind != "ours":
+        assert "killpriv" not in run.ops, describe_failures(run)
+        return
+    assert run.ops.get("killpriv", {}).get("status") == "pass", describe_failures(run)
+    names = ("own_write", "own_ftrunc", "own_otrunc", "other_ftrunc", "other_otrunc", "root_ftrunc",
+             "root_otrunc")
+    modes = {name: host_mode(run, "killpriv", name) for name in names}
+    assert modes == {"own_write": 0o775, "own_ftrunc": 0o755, "own_otrunc": 0o755, "other_ftrunc": 0o777,
+                     "other_otrunc": 0o777, "root_ftrunc": 0o6777, "root_otrunc": 0o4777}
+    for name in ("own_cap", "root_cap"):
+        with pytest.raises(OSError):     # ENODATA: the write dropped it
+            os.getxattr(run.shared_dir / "ops" / "killpriv" / name, "security.capability")
 
 
 def test_the_host_sees_the_supplementary_group(run):

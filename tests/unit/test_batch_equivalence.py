@@ -174,7 +174,8 @@ def run(rig, data: bytes, stage3: bool) -> dict:
         loop._again.clear()
         return {"served": served, "broke": broke, "ram": bytes(img.ram), "words": list(ring.words[:3]),
                 "popped": list(ring.popped), "last_avail": ring.queue.last_avail_idx,
-                "published": ring.queue.published_idx, "w": w_contents(session), "mode": w_mode(session), "in_c": fast.served - served_in_c,
+                "published": ring.queue.published_idx, "w": w_contents(session),
+                "mode": w_mode(session), "in_c": fast.served - served_in_c,
                 "counts": {n: session.inodes.get(n)[3] - c for n, c in looked_up.items()},
                 "table locked": session.inodes._tlock.locked()}    # C's LOOKUP let go of it
     finally:
