@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"process each, all serving one file system; default {DEFAULTS['max_request_workers']}, "
                         f"at most {MAX_THREAD_POOL_SIZE}); QEMU refuses to start a device with more")
     p.add_argument("--xattr", action=argparse.BooleanOptionalAction, default=DEFAULTS["xattr"],
-                   help="support extended attributes (default: on; with --no-killpriv-v2 the guest "
-                        "then sends a GETXATTR before every write, which --no-xattr avoids)")
+                   help="support extended attributes (default: on; the guest then sends a GETXATTR "
+                        "before every write, which --no-xattr avoids, and --killpriv-v2 reduces to "
+                        "one per file)")
     p.add_argument("--readdirplus", action=argparse.BooleanOptionalAction, default=None,
                    help="answer directory listings with each entry's attributes (READDIRPLUS; "
                         "default: on, off with --cache never, where the guest would discard them)")
@@ -130,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offer FUSE_HANDLE_KILLPRIV_V2: the guest no longer sends a chmod to clear "
                         "SUID/SGID before a write, truncate or open(O_TRUNC) by another user, it "
                         "asks the daemon to clear them as part of the operation, and it stops "
-                        "asking for security.capability before every write (default: on, as the "
-                        "C virtiofsd)")
+                        "asking for security.capability before every write (default: off, as the "
+                        "C and Rust virtiofsd: the host must clear the bits itself, which a remote "
+                        "host file system may not do)")
     _add_rust_options(p)
     p.add_argument("--print-capabilities", action=_PrintCapabilities,
                    help="print the vhost-user backend capabilities as JSON and exit (for libvirt)")

@@ -84,9 +84,9 @@ class Config(NamedTuple):
     # FUSE_HANDLE_KILLPRIV_V2 offered: the guest leaves clearing SUID/SGID on
     # write, truncate and open(O_TRUNC) to us (its KILL_SUIDGID flags)
     # instead of sending a chmod first, and marks its superblock SB_NOSEC, so
-    # it stops asking for security.capability before every write
-    # (docs/credentials.md)
-    killpriv_v2: bool = True
+    # it stops asking for security.capability before every write. Off by
+    # default, as in both reference daemons: docs/credentials.md says why
+    killpriv_v2: bool = False
 
     # where the supervisor answers Prometheus scrapes (None: no metrics, and
     # the workers count nothing)

@@ -6,8 +6,8 @@ differential checks, which the full suites run too), and the host's view
 of the bits is checked after the guest is gone.
 
 One short boot per configuration: our daemon with each cache mode, with
-``--writeback``, with KILLPRIV_V2 (the default) and ``--no-killpriv-v2``
-(both ways of clearing the bits; ours also runs guest_ops' ``killpriv``
+``--writeback``, without KILLPRIV_V2 (the default) and with
+``--killpriv-v2`` (both ways of clearing the bits; ours also runs guest_ops' ``killpriv``
 check: owner writes, ftruncate and open(O_TRUNC), file capabilities),
 and QEMU's C virtiofsd as the baseline, on platform a (QEMU 7.2 + Linux
 6.1, no supplementary-group extension); and on platform b (QEMU 10 + Linux
@@ -43,20 +43,20 @@ KNOWN_C = ("supp_group_create", "suid_write_by_non_owner") + KNOWN_6_1
 KNOWN_RUST = ("suid_write_by_non_owner",)
 KNOWN = {"c": KNOWN_C, "rust": KNOWN_RUST}
 
-# ours also runs guest_ops' killpriv check (KILLPRIV_V2's cases, by default
-# and without it); the reference daemons differ there on purpose
+# ours also runs guest_ops' killpriv check (KILLPRIV_V2's cases, with
+# --killpriv-v2 and without); the reference daemons differ there on purpose
 OURS_CHECKS = CHECKS + ("killpriv",)
 
 CONFIGS = {  # id: (platform, daemon, cache, daemon options)
     "a ours auto": ("a", "ours", "auto", ()),
     "a ours never": ("a", "ours", "never", ()),
     "a ours auto --writeback": ("a", "ours", "auto", ("--writeback",)),
-    "a ours auto --no-killpriv-v2": ("a", "ours", "auto", ("--no-killpriv-v2",)),
-    "a ours never --no-killpriv-v2": ("a", "ours", "never", ("--no-killpriv-v2",)),
+    "a ours auto --killpriv-v2": ("a", "ours", "auto", ("--killpriv-v2",)),
+    "a ours never --killpriv-v2": ("a", "ours", "never", ("--killpriv-v2",)),
     "a c auto": ("a", "c", "auto", ()),
     "b ours auto": ("b", "ours", "auto", ()),
-    "b ours never": ("b", "ours", "never", ()),
-    "b ours auto --no-killpriv-v2": ("b", "ours", "auto", ("--no-killpriv-v2",)),
+    "b ours auto --killpriv-v2": ("b", "ours", "auto", ("--killpriv-v2",)),
+    "b ours never --killpriv-v2": ("b", "ours", "never", ("--killpriv-v2",)),
     "b rust auto": ("b", "rust", "auto", ()),
 }
 

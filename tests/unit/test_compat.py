@@ -105,8 +105,8 @@ def test_expand_xattrmap_and_the_off_acl_and_label_spellings():
 
 
 def test_killpriv_v2_as_the_c_daemon_spells_it(tmp_path):
-    """-o killpriv_v2 / no_killpriv_v2 (QEMU's C virtiofsd; on by default in
+    """-o killpriv_v2 / no_killpriv_v2 (QEMU's C virtiofsd; off by default in
     both daemons)."""
     assert compat.expand(["-o", "killpriv_v2,no_killpriv_v2"]) == ["--killpriv-v2", "--no-killpriv-v2"]
-    assert cli.parse_config(["--fd=3", "-o", f"source={tmp_path}"]).killpriv_v2
-    assert not cli.parse_config(["--fd=3", "-o", f"source={tmp_path},no_killpriv_v2"]).killpriv_v2
+    assert not cli.parse_config(["--fd=3", "-o", f"source={tmp_path}"]).killpriv_v2
+    assert cli.parse_config(["--fd=3", "-o", f"source={tmp_path},killpriv_v2"]).killpriv_v2

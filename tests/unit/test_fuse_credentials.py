@@ -189,14 +189,14 @@ def test_setattr_runs_as_the_worker(session, share):
     assert back_to_the_worker()
 
 
-def test_killpriv_v2_offered_unless_refused_and_supp_group_always(share):
+def test_killpriv_v2_offered_only_when_asked_and_supp_group_always(share):
     for killpriv in (None, False, True):
         sess, c = start_session(share, **({} if killpriv is None else {"killpriv_v2": killpriv}))
         try:
             flags = InitFlag.HANDLE_KILLPRIV_V2 | (1 << 30)  # INIT_EXT
             init = abi.INIT_IN.pack(7, 38, 4096, int(flags), InitFlag.CREATE_SUPP_GROUP >> 32)
             out = abi.INIT_OUT.unpack(c.call(Opcode.INIT, 0, init, 64).ok())
-            assert bool(out[3] & InitFlag.HANDLE_KILLPRIV_V2) == (killpriv is not False)  # default on
+            assert bool(out[3] & InitFlag.HANDLE_KILLPRIV_V2) == bool(killpriv)  # default off
             assert out[10] << 32 == InitFlag.CREATE_SUPP_GROUP
         finally:
             sess.close()
