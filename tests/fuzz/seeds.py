@@ -334,7 +334,7 @@ def batch_loop() -> dict[str, bytes]:
     s["batch_broken_ring"] = with_flags(b.build(), 2)
     # WRITEs on an fh Python opened read-write, served in C (the data one
     # buffer, then split over pages), read back in C; one with
-    # FUSE_WRITE_KILL_SUIDGID (4) that C leaves to Python
+    # FUSE_WRITE_KILL_SUIDGID (4), written in C without CAP_FSETID
     b = SeedBuilder(16)
     req(b, OPEN, 2, struct.pack("<II", 0x8002, 0), [16])
     req(b, WRITE_OP, 2, write_in(fh(1), 0, 100), [8], data=b"c" * 100)
