@@ -157,7 +157,9 @@ def make(session):
                         reads, writes=writes, **meter_layout(session.meter))
     if not lookup_unsupported(session):
         fast.enable_lookup(table._hash, table._fd, table._tlock, table.capacity,
-                           (inodes._H_DIRTY, inodes._S_GEN, inodes._S_REF, inodes._S_DEV, inodes._S_INO),
+                           (inodes._H_DIRTY, inodes._S_GEN, inodes._S_REF, inodes._S_DEV, inodes._S_INO,
+                            inodes._H_FREE, inodes._H_HIGH, inodes._H_GEN, inodes._H_LIVE, inodes._S_NEXT,
+                            inodes._S_HLEN, inodes._S_OWNER, inodes._S_HANDLE, inodes.HANDLE_MAX),
                            session.config.cache is CacheMode.ALWAYS)
     return fast
 

@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 from daemon.config import CacheMode
 from daemon.fuse import abi, fastpath
 from daemon.fuse.abi import Opcode
+from daemon.fuse.request import FUSEError
 from daemon.metrics import counters
 from daemon.metrics.counters import MetricsArea, WorkerMeter
 from daemon.virtio.iovec import IoVec
@@ -527,13 +528,14 @@ def test_the_worker_loop_serves_them_in_c(tmp_path, monkeypatch, op):
     from tests.perf import inproc
     monkeypatch.chdir(tmp_path)
     loop, ring, vr, heads = inproc._build(op, 8, str(tmp_path))
+    before = loop._fast.served if loop._fast is not None else 0    # the set-up's LOOKUP is C's too
     assert loop._serve(ring) == 8
     done = vr.harvest()
     assert sorted(done) == sorted(heads)
     for head in done:
         assert abi.OUT_HEADER.unpack(vr.read_writable(head, 16))[1] == 0
     if fastpath.compiled.VirtQueue is fastpath.compiled.CompiledVirtQueue:
-        assert loop._fast.served == 8
+        assert loop._fast.served - before == 8
     else:
         assert loop._fast is None
     inproc.close(loop, ring, vr)
@@ -599,26 +601,57 @@ def lookup_request(parent: int, name: bytes, unique: int = 21) -> bytes:
     return in_header(Opcode.LOOKUP, parent, len(name), unique) + name
 
 
-def _table_state(session) -> list[tuple]:
-    """Every live nodeid's (nodeid, generation, dev, ino, count), the free
-    list's head and the live count, and which nodeids this worker caches
-    an fd of, with their generations."""
+def _table_state(session) -> list:
+    """Every live nodeid's (nodeid, generation, dev, ino, count, file
+    handle, owner word), the header's free list, high mark, generation
+    counter, live count, DIRTY and freed-ring cursor, and the nodeids this
+    worker caches an fd of with their generations, in the cache's order
+    (the order InodeCache._trim evicts in), each fd checked to be of the
+    slot's inode. An owner word naming this worker's own cached fd of the
+    nodeid is compared as ("mine", serial): the two sessions' fd numbers
+    differ."""
     from daemon.fuse import inodes
     table = session.inodes
-    live = [(n, *table.get(n)) for n in range(1, table.capacity + 1) if table.get(n) is not None]
-    return [live, table._hdr[inodes._H_FREE], len(table), table._hdr[inodes._H_DIRTY],
-            sorted((n, gen) for n, (gen, _fd) in session.cache._fds.items())]
+    fds = session.cache._fds
+    live = []
+    for n in range(1, table.capacity + 1):
+        info = table.get(n)
+        if info is None:
+            continue
+        word = table.owner(n) if n > 1 else 0
+        if word and n in fds and (word & 0xFFFFFFFF) == fds[n][1]:
+            word = ("mine", word >> 32)
+        live.append((n, *info, table.handle(n, info[0]) if n > 1 else b"", word))
+    hdr = table._hdr
+    cached = []
+    for n, (gen, fd) in fds.items():
+        info = table.get(n)
+        st_ = os.fstat(fd)
+        cached.append((n, gen, info is not None and info[0] == gen and (st_.st_dev, st_.st_ino) == info[1:3]))
+    return [live, [hdr[w] for w in (inodes._H_FREE, inodes._H_HIGH, inodes._H_GEN, inodes._H_DIRTY,
+                                    inodes._H_RING_W)], len(table), cached]
 
 
-def _lookup_pair(lookup_share, **config):
+PEER_WORD = 6 << 32 | 9     # another request worker's owner word (serial 6, its fd 9)
+
+
+def _lookup_pair(lookup_share, capacity: int = LOOKUP_CAPACITY, peers: bool = False, **config):
     """Two fresh sessions on the share: the reference and one with the
-    compiled ops (and a meter each)."""
+    compiled ops (and a meter each). ``peers``: each worker has serial 5
+    and a peer (serial 6, a pidfd of this process): owner words are
+    written and a found inode is claimed. Freed fds are closed at once
+    (the session's helper thread would close them later)."""
+    from daemon.fds import close_fds
     root, _collide, _others = lookup_share
     area = MetricsArea(2)
     pair = []
     for i in range(2):
-        session, _client = start_session(root, capacity=LOOKUP_CAPACITY, **config)
+        session, _client = start_session(root, capacity=capacity, **config)
         session.meter = WorkerMeter(area.slot(i), fd_limit=1024)
+        session.cache._close_fds = close_fds
+        if peers:
+            session.peers.set_self(5)
+            session.peers._pidfds[6] = os.pidfd_open(os.getpid())
         pair.append(session)
     fast = fastpath.make(pair[1])
     return pair, fast
@@ -634,9 +667,13 @@ def _close(sessions):
 LOOKUP_NAMES = st.sampled_from(["COLLIDE0", "COLLIDE1", "COLLIDE2", "COLLIDE3", "COLLIDE4", "OTHER0", "OTHER1",
                                 "sub", "ln", "hard", "missing", ".", "..", "a/b", "", "x" * 255, "x" * 256])
 LOOKUP_STEP = st.one_of(
-    st.tuples(st.just("lookup"), st.sampled_from(["root", "sub", "stale", "unknown"]), LOOKUP_NAMES,
+    st.tuples(st.just("lookup"), st.sampled_from(["root", "root", "sub", "file", "stale", "unknown"]), LOOKUP_NAMES,
               st.sampled_from(["ok", "ok", "ok", "no-nul", "inner-nul", "short-out", "extension", "len"])),
-    st.tuples(st.just("forget"), LOOKUP_NAMES, st.integers(1, 3), st.just("")))
+    st.tuples(st.just("forget"), LOOKUP_NAMES, st.integers(1, 3), st.just("")),
+    # another request worker's LOOKUP of the name (the inode in the table, its fd not this worker's)
+    st.tuples(st.just("peer"), LOOKUP_NAMES, st.just(0), st.just("")),
+    # the worker loop's InodeCache.reap between batches (with --inode-fds, the trim too)
+    st.tuples(st.just("reap"), st.just(""), st.just(0), st.just("")))
 
 
 def _name(lookup_share, which: str) -> bytes:
@@ -670,7 +707,20 @@ def _run_steps(lookup_share, steps, pair, fast) -> int:
     pure, comp = pair
     served = 0
     for k, (kind, a, b, variant) in enumerate(steps):
-        if kind == "forget":
+        if kind == "reap":
+            for session in pair:
+                session.cache.reap()
+        elif kind == "peer":
+            try:
+                st_ = os.lstat(lookup_share[0] / os.fsdecode(_name(lookup_share, a)))
+            except (OSError, ValueError):
+                continue
+            for session in pair:
+                try:
+                    session.inodes.ref(st_.st_dev, st_.st_ino, owner=PEER_WORD)
+                except FUSEError:
+                    pass    # the table is full
+        elif kind == "forget":
             # the nodeid the name has in the reference (the same in both, or absent)
             name = _name(lookup_share, a)
             nodeids = []
@@ -682,15 +732,22 @@ def _run_steps(lookup_share, steps, pair, fast) -> int:
             for session in pair:
                 session.inodes.unref(nodeids[0], b)
         else:
-            parents = {"root": 1, "sub": _sub_nodeid(pure, lookup_share[0]), "stale": 3999, "unknown": 7}
-            parent = parents[a]
-            if parents["sub"] != _sub_nodeid(comp, lookup_share[0]):
-                parent = 1 if a == "sub" else parent
+            parent = {"root": 1, "stale": 3999, "unknown": 7}.get(a, 0)
+            if a in ("sub", "file"):
+                name = "sub" if a == "sub" else _name(lookup_share, "OTHER0").decode()
+                parent = _sub_nodeid(pure, lookup_share[0], name)
+                if parent != _sub_nodeid(comp, lookup_share[0], name):
+                    parent = 1
+                parent = parent or 1
             request, wsizes = _lookup_bytes(parent, _name(lookup_share, b), variant, 100 + k)
+            fds = len(os.listdir("/proc/self/fd"))
             ref = _run(pure, fast, request, [40], wsizes, False)
+            opened = len(os.listdir("/proc/self/fd")) - fds
             before = fast.served
             got = _run(comp, fast, request, [40], wsizes, True)
             assert got == ref, (kind, a, b, variant)
+            # as many fds kept (or closed) by C's path as by Python's: none leaked
+            assert len(os.listdir("/proc/self/fd")) - fds == 2 * opened, (kind, a, b, variant)
             served += fast.served - before
         assert _table_state(comp) == _table_state(pure)
         assert _comparable(comp.meter.words) == _comparable(pure.meter.words)
@@ -713,9 +770,10 @@ def _nodeid_of(session, nodeid: int, name: bytes, root) -> bool:
     return False
 
 
-def _sub_nodeid(session, root) -> int:
-    """sub's nodeid in this session, if it was looked up (else 0)."""
-    st_ = os.stat(root / "sub")
+def _sub_nodeid(session, root, name: str = "sub") -> int:
+    """The nodeid of ``name`` in the share in this session, if it was
+    looked up (else 0)."""
+    st_ = os.stat(root / name)
     for nodeid in session.cache._fds:
         info = session.inodes.get(nodeid)
         if info is not None and info[1:3] == (st_.st_dev, st_.st_ino):
@@ -723,17 +781,34 @@ def _sub_nodeid(session, root) -> int:
     return 0
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(steps=st.lists(LOOKUP_STEP, min_size=1, max_size=14), always=st.booleans())
-def test_lookups_are_equivalent(lookup_share, steps, always):
+LOOKUP_CONFIGS = {
+    "auto": {},
+    "always": {"cache": CacheMode.ALWAYS},
+    # file handles stored on insertion; at most 4 fds kept (reap trims)
+    "handles": {"file_handles": True, "inode_fds": 4},
+    # owner words and claims
+    "peers": {"peers": True},
+    "handles-peers": {"file_handles": True, "peers": True, "cache": CacheMode.ALWAYS},
+}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(LOOKUP_STEP, min_size=1, max_size=16), config=st.sampled_from(sorted(LOOKUP_CONFIGS)))
+def test_lookups_are_equivalent(lookup_share, steps, config):
     """Sequences of LOOKUPs (valid, invalid, dotted, too long and missing
-    names; root, looked-up, stale and unknown parents; malformed args,
-    short reply room) and FORGETs, on a reference session and on one with
-    the compiled ops, from the same start: after every step the same reply
-    bytes, the same table (nodeids, generations, lookup counts, free list),
-    the same nodeids cached by the worker with the same generations, the
-    same counters. --cache=always too (negative entries)."""
-    pair, fast = _lookup_pair(lookup_share, **({"cache": CacheMode.ALWAYS} if always else {}))
+    names; root, looked-up directory and file, stale and unknown parents;
+    malformed args, short reply room), FORGETs, another worker's lookups
+    and reaps, on a reference session and on one with the compiled ops,
+    from the same start: after every step the same reply bytes, the same
+    table (nodeids, generations, lookup counts, file handles, owner words,
+    free list, counters), the same nodeids cached by the worker in the same
+    order with the same generations, each fd of its inode, the same meter
+    counters, and as many fds open. The first LOOKUPs of inodes (C's
+    insertions and claims), a table of 15 that fills (ENFILE), and freed
+    slots reused while the worker still caches their old fds, included.
+    --cache=always (negative entries), --inode-file-handles with a bound of
+    4 fds, and peers too."""
+    pair, fast = _lookup_pair(lookup_share, **LOOKUP_CONFIGS[config])
     try:
         _run_steps(lookup_share, steps, pair, fast)
     finally:
