@@ -816,10 +816,11 @@ def test_lookups_are_equivalent(lookup_share, steps, config):
 
 
 def test_repeated_lookups_are_served_in_c(lookup_share):
-    """The first LOOKUP of a name is Python's (it opens and caches the
-    inode's fd); every later one C serves with one count each, colliding
-    inodes, hard links, symlinks, directories and missing names alike, and
-    after a FORGET of some (the index shifted back) too."""
+    """Every LOOKUP C serves, the first of each inode (an insertion; the
+    hard link finds COLLIDE0's inode cached) and every later one with one
+    count each, colliding inodes, hard links, symlinks, directories and
+    missing names alike, and after a FORGET of some (the index shifted
+    back, the freed slots reused) too."""
     _root, collide, _others = lookup_share
     names = ["COLLIDE0", "COLLIDE1", "COLLIDE2", "COLLIDE3", "COLLIDE4", "hard", "ln", "sub"]
     first = [("lookup", "root", n, "ok") for n in names]
@@ -827,15 +828,95 @@ def test_repeated_lookups_are_served_in_c(lookup_share):
     forget = [("forget", "COLLIDE1", 3, ""), ("forget", "COLLIDE3", 3, "")]
     pair, fast = _lookup_pair(lookup_share)
     try:
-        assert _run_steps(lookup_share, first, pair, fast) == 1     # only "hard": COLLIDE0's inode, cached
+        assert _run_steps(lookup_share, first, pair, fast) == len(first)
         assert _run_steps(lookup_share, again, pair, fast) == len(again)
-        assert _run_steps(lookup_share, forget + first, pair, fast) == len(first) - 2
+        assert _run_steps(lookup_share, forget + first, pair, fast) == len(first)
         counts = {n: pair[1].inodes.get(n)[3] for n in pair[1].cache._fds}
         assert sorted(counts.values()) == sorted({n: pair[0].inodes.get(n)[3] for n in pair[0].cache._fds}.values())
         words = pair[1].meter.words
         base = counters.OPS + int(Opcode.LOOKUP) * counters.OP_WORDS
         enoent = counters.ERRORS + int(Opcode.LOOKUP) * counters.ERRNO_SLOTS + errno.ENOENT
         assert (words[base + counters.OP_REQUESTS], words[enoent]) == (2 * len(first) + len(again), 1)
+    finally:
+        _close(pair)
+
+
+def test_first_lookups_are_served_in_c_as_adopt_does(lookup_share):
+    """--inode-file-handles with peers: C's insertion stores the inode's
+    file handle (the bytes inodecache.file_handle gives for the cached fd)
+    and this worker's owner word for the fd it keeps; an inode another
+    worker put in the table is counted, its fd kept and claimed."""
+    from daemon.fuse.inodecache import file_handle
+    root, collide, others = lookup_share
+    pair, fast = _lookup_pair(lookup_share, file_handles=True, peers=True)
+    comp = pair[1]
+    try:
+        steps = [("peer", "OTHER1", 0, "")] + [("lookup", "root", n, "ok") for n in ("COLLIDE0", "OTHER1", "sub")]
+        assert _run_steps(lookup_share, steps, pair, fast) == 3
+        table, fds = comp.inodes, comp.cache._fds
+        by_name = {}
+        for name in (collide[0], others[1], "sub"):
+            st_ = os.lstat(root / name)
+            by_name[name] = next(n for n in fds if table.get(n)[1:3] == (st_.st_dev, st_.st_ino))
+        for name, nodeid in by_name.items():
+            gen, fd = fds[nodeid]
+            assert table.owner(nodeid) == 5 << 32 | fd
+            if name != others[1]:        # inserted here: its handle (ext4, tmpfs: they have them)
+                assert table.handle(nodeid, gen) == file_handle(fd) != b""
+        assert table.get(by_name[others[1]])[3] == 2      # the peer's count and this worker's
+        assert table.handle(by_name[others[1]], fds[by_name[others[1]]][0]) == b""  # ref stores none
+    finally:
+        _close(pair)
+
+
+def test_a_full_table_is_left_to_python(lookup_share):
+    """A table of capacity 3 (the root and two): the third inode's first
+    LOOKUP is declined with its new fd closed and the table untouched, and
+    Python answers ENFILE; the inodes in it are still served in C."""
+    names = ["COLLIDE0", "COLLIDE1", "COLLIDE2", "OTHER0"]
+    pair, fast = _lookup_pair(lookup_share, capacity=3)
+    try:
+        steps = [("lookup", "root", n, "ok") for n in names]
+        assert _run_steps(lookup_share, steps, pair, fast) == 2
+        for session in pair:
+            assert (len(session.inodes), len(session.cache._fds)) == (2, 2)
+        assert _run_steps(lookup_share, steps[:2], pair, fast) == 2
+        enfile = counters.ERRORS + int(Opcode.LOOKUP) * counters.ERRNO_SLOTS + errno.ENFILE
+        assert pair[1].meter.words[enfile] == 2      # COLLIDE2 and OTHER0, answered by Python
+        # a FORGET frees a slot: the next first LOOKUP takes it, in C
+        assert _run_steps(lookup_share, [("forget", "COLLIDE1", 2, ""), ("reap", "", 0, ""),
+                                         ("lookup", "root", "OTHER0", "ok")], pair, fast) == 1
+    finally:
+        _close(pair)
+
+
+def test_at_the_fd_limit_c_declines_and_python_answers_emfile(lookup_share):
+    """No fd left for the new O_PATH fd (RLIMIT_NOFILE): C's openat fails,
+    it declines with the table untouched, Python's fails the same way
+    (EMFILE). A name whose inode the worker holds C still serves (it opens
+    no fd), where Python answers EMFILE: the one known difference
+    (docs/compiled.md, "LOOKUP in C")."""
+    import resource
+    pair, fast = _lookup_pair(lookup_share)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        _run_steps(lookup_share, [("lookup", "root", "COLLIDE0", "ok")], pair, fast)
+        lowest = os.dup(0)
+        os.close(lowest)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+        try:
+            request, wsizes = _lookup_bytes(1, _name(lookup_share, "COLLIDE1"), "ok", 7)
+            before = fast.served
+            replies = [_run(session, fast, request, [40], wsizes, session is pair[1]) for session in pair]
+            assert replies[0] == replies[1] and abi.OUT_HEADER.unpack_from(replies[0][1])[1] == -errno.EMFILE
+            assert fast.served == before
+            assert _table_state(pair[1]) == _table_state(pair[0])
+            request, wsizes = _lookup_bytes(1, _name(lookup_share, "COLLIDE0"), "ok", 8)
+            replies = [_run(session, fast, request, [40], wsizes, session is pair[1]) for session in pair]
+            assert abi.OUT_HEADER.unpack_from(replies[0][1])[1] == -errno.EMFILE
+            assert replies[1][0] == 144 and fast.served == before + 1
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     finally:
         _close(pair)
 
