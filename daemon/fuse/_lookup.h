@@ -113,13 +113,9 @@ static Py_ssize_t table_find(const FastOps *self, const struct state *st, uint64
     return -1;
 }
 
-/* InodeTable.ref(dev, ino) for an inode the table knows and this worker
- * holds an fd of (or the root), under the table's lock: 0 and
- * *nodeid and *gen (+1 lookup unless the root); 1 with the table as it was
- * when the table is clean and the inode is not in it or this worker holds
- * no fd of it (cold_lookup's then: the thread lock stays taken); -1 with
- * the table as it was for anything else (the request is then Python's) */
-static int find_ref(FastOps *self, struct state *st, uint64_t dev, uint64_t ino, uint64_t *nodeid, uint64_t *gen)
+/* the table's views checked and its thread lock taken, for this serve or
+ * batch call: 0, or -1 (the request is then Python's) */
+static int table_ready(FastOps *self, struct state *st)
 {
     const struct lookup_table *t = &self->lk;
     if (PyErr_Occurred() || st->fds == NULL || (!st->hash.held && hold_words(t->hash, &st->hash) < 0)
@@ -143,6 +139,18 @@ static int find_ref(FastOps *self, struct state *st, uint64_t dev, uint64_t ino,
         Py_INCREF(t->tlock);
         st->tlock = t->tlock;
     }
+    return 0;
+}
+
+/* InodeTable.ref(dev, ino) for an inode the table knows and this worker
+ * holds an fd of (or the root), under the table's record lock (the table
+ * ready): 0 and *nodeid and *gen (+1 lookup unless the root); 1 with the
+ * table as it was when the table is clean and the inode is not in it or
+ * this worker holds no fd of it (cold_lookup's then); -1 with the table as
+ * it was for anything else (the request is then Python's) */
+static int find_ref(FastOps *self, struct state *st, uint64_t dev, uint64_t ino, uint64_t *nodeid, uint64_t *gen)
+{
+    const struct lookup_table *t = &self->lk;
     int result = -1;
     if (record_lock(t->fd, F_WRLCK) == 0) {
         /* a holder died mid-update: Python's _lock repairs (DIRTY stays) */
@@ -441,7 +449,19 @@ static Py_ssize_t fast_lookup(FastOps *self, struct state *st, const struct req 
     } else {
         if (fill_attr(&r.attr, &s) < 0)
             return NOT_HANDLED;
-        int got = find_ref(self, st, (uint64_t)s.st_dev, (uint64_t)s.st_ino, &r.nodeid, &r.generation);
+        if (table_ready(self, st) < 0)
+            return NOT_HANDLED;
+        /* which path first: the index probed without the record lock
+         * (another process may be changing it: only a hint, each path
+         * decides under the lock) finds an inode this worker holds (or
+         * the root): find_ref, no fd opened; else cold_lookup straight
+         * away, one record lock round instead of two */
+        uint64_t pos;
+        Py_ssize_t hint = table_find(self, st, (uint64_t)s.st_dev, (uint64_t)s.st_ino, &pos);
+        int got = hint == 1 || (hint > 1 && cached_fd(self, st, (uint64_t)hint) >= 0) ? 0 : 1;
+        PyErr_Clear();
+        if (got == 0)
+            got = find_ref(self, st, (uint64_t)s.st_dev, (uint64_t)s.st_ino, &r.nodeid, &r.generation);
         if (got == 1)
             got = cold_lookup(self, st, parent, name, &r);
         if (got != 0)
