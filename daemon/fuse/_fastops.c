@@ -51,8 +51,9 @@
  * successor's EIO, as in the pure path, never to a second write.
  *
  * LOOKUP (when FastOps.enable_lookup was called) of a name whose inode
- * this worker holds, or a missing name: _lookup.h, included below, says
- * exactly when.
+ * this worker holds, the first of an inode (opened and inserted as
+ * InodeCache.adopt does), or a missing name: _lookup.h, included below,
+ * says exactly when.
  *
  * With a meter (--metrics-socket), what C answers is counted here into
  * the worker's shared-memory slot as WorkerMeter.request counts it

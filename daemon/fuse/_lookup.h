@@ -19,17 +19,32 @@
  *   - ENOENT: the error reply, or with --cache=always the negative entry
  *     (Timeouts.negative_entry); any other errno: Python's (it redoes the
  *     lookup with openat, which has no side effect to repeat);
- *   - found: under the table's lock (find_ref: the thread lock, taken
- *     without waiting and kept for the rest of the serve or batch call,
- *     then the POSIX record lock on byte 0 of the memfd, LockedTable._lock's,
- *     for this request), the (dev, ino) is found with InodeTable._find's
- *     probing. The root: nodeid 1, generation 0, no count (as ref and
- *     adopt). A nodeid whose O_PATH fd this worker caches with its current
- *     generation: +1 lookup (ref's only write), and the fuse_entry_out of
- *     Timeouts.entry_out. Anything else (an inode the table does not know,
- *     or one this worker has no fd of: an insertion, a file handle, a
- *     peers' claim), a busy thread lock, a DIRTY table, any lock error:
- *     the table is left as it was and Python serves the request whole.
+ *   - found: the index probed without the record lock picks the path (a
+ *     hint only: each path decides again under the lock). An inode this
+ *     worker holds (or the root): under the table's lock (table_ready: the
+ *     thread lock, taken without waiting and kept for the rest of the
+ *     serve or batch call, then the POSIX record lock on byte 0 of the
+ *     memfd, LockedTable._lock's, for this request), the (dev, ino) is
+ *     found with InodeTable._find's probing. The root: nodeid 1,
+ *     generation 0, no count (as ref and adopt). A nodeid whose O_PATH fd
+ *     this worker caches with its current generation: +1 lookup (ref's
+ *     only write), and the fuse_entry_out of Timeouts.entry_out.
+ *   - otherwise (cold_lookup: the inode is not in the table, or this worker
+ *     holds no fd of it): InodeCache.lookup + adopt. openat(parent, name,
+ *     O_PATH | O_NOFOLLOW | O_CLOEXEC) and fstat (the GIL released; any
+ *     error: Python's, which redoes them), then under the record lock
+ *     adopt_locked: the root (fd closed); an inode this worker holds now
+ *     (+1, fd closed); a known inode (+1, the fd cached, claimed with this
+ *     worker's owner word when peers are shared); an unknown one inserted
+ *     as InodeTable.ref does (take_slot, the owner word, the file handle
+ *     with --inode-file-handles on the share's device, the generation last,
+ *     then the index entry), the fd cached. The fd goes into the cache
+ *     (InodeCache._fds, where a stale entry of a reused nodeid is replaced
+ *     and its fd closed) before the table is written, the one step that
+ *     can fail; on any failure, or a full table (ENFILE), the fd is closed
+ *     and the table and cache are as they were: Python's.
+ *   - a busy thread lock, a DIRTY table, any lock error: the table is left
+ *     as it was and Python serves the request whole.
  * Python's path opens the name (O_PATH) and closes that fd again when the
  * inode's fd is cached; here the cached fd stands for it: the same inode
  * (the table's dev/ino; the cached fd pins the inode, so its number cannot

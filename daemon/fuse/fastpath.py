@@ -42,8 +42,9 @@ docs/compiled.md, "WRITE in C").
 LOOKUP is compiled when ``lookup_unsupported`` says nothing against it (``make`` then
 calls ``FastOps.enable_lookup`` with the shared ``InodeTable``'s index,
 memfd, thread lock and word indices: C takes the lookup count itself,
-under the table's own locks, for inodes this worker holds an fd of;
-docs/compiled.md, "LOOKUP in C").
+under the table's own locks, for inodes this worker holds an fd of, and
+opens, inserts and caches those it does not as ``InodeCache.adopt`` does;
+docs/compiled.md, "LOOKUP in C" and "A worker's first LOOKUP in C").
 
 With ``--metrics-socket`` the session has a meter (metrics/counters.py's
 ``WorkerMeter``) before the loop asks for ``serve``, and the requests C

@@ -921,6 +921,76 @@ def test_at_the_fd_limit_c_declines_and_python_answers_emfile(lookup_share):
         _close(pair)
 
 
+def _consistent(table) -> None:
+    """The table as InodeTable's invariants want it: every live slot below
+    the high mark found by _find, the index holding exactly the live slots
+    and the root, the free list and the live slots together every other
+    slot, the live count right."""
+    from daemon.fuse import inodes
+    q, hdr, words = table._q, table._hdr, inodes._SLOT_WORDS
+    high = hdr[inodes._H_HIGH]
+    live = [s for s in range(2, high) if q[s * words + inodes._S_GEN]]
+    for s in live:
+        assert table._find(q[s * words + inodes._S_DEV], q[s * words + inodes._S_INO])[1] == s
+    assert sorted(s for s in table._hash if s) == sorted(live + [1])
+    free, f = [], hdr[inodes._H_FREE]
+    while f and len(free) <= table.capacity:
+        free.append(f)
+        f = q[f * words + inodes._S_NEXT]
+    assert sorted(free + live) == list(range(2, high))
+    assert len(table) == len(live)
+
+
+def test_a_worker_killed_during_c_lookups_leaves_a_table_python_repairs(lookup_share):
+    """A forked worker runs C's first LOOKUPs (insertions) and FORGETs in
+    a loop and is killed (SIGKILL) at random moments, maybe in the middle
+    of an insertion: the next locker (Python's _lock, as the successor's
+    first lookup) finds the table DIRTY when it was, repairs it, and the
+    table is consistent; C serves on it again."""
+    import random
+    import signal
+    import time
+    from daemon.fds import close_fds
+    pair, fast = _lookup_pair(lookup_share, capacity=63)
+    session = pair[1]
+    table = session.inodes
+    names = [_name(lookup_share, n) for n in ("COLLIDE0", "COLLIDE1", "COLLIDE2", "COLLIDE3", "OTHER0", "sub")]
+    chains = [lambda n=n: Chain(0, IoVec([memoryview(bytearray(lookup_request(1, n + b"\0")))]),
+                                IoVec([memoryview(bytearray(144))])) for n in names]
+    rng = random.Random(7)
+    try:
+        for _ in range(25):
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:    # pragma: no cover - the child, killed
+                try:
+                    session.cache._close_fds = close_fds
+                    os.write(w, b"x")
+                    while True:
+                        for make in chains:
+                            fast.serve(make())
+                        table.unref_many([(n, table.get(n)[3]) for n in session.cache._fds
+                                          if table.get(n) is not None])
+                        session.cache.reap()
+                finally:
+                    os._exit(0)
+            os.read(r, 1)
+            os.close(r)
+            os.close(w)
+            time.sleep(rng.uniform(0.001, 0.02))
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            table._lock()       # what any successor's first mutation does (repairs if DIRTY)
+            table._unlock()
+            _consistent(table)
+            table.unref_many([(n, table.get(n)[3]) for n in range(2, table.capacity + 1) if table.get(n)])
+            _consistent(table)
+        assert fast.serve(chains[0]()) == 144
+        _consistent(table)
+    finally:
+        _close(pair)
+
+
 @pytest.mark.parametrize("case", ["thread-lock", "dirty"])
 def test_a_busy_or_dirty_table_is_left_to_python(lookup_share, case):
     """C never waits for the thread lock (another thread of this process
