@@ -214,6 +214,23 @@ struct adopting {
     int shared, handle;
 };
 
+/* whether the worker's fd cache may grow by one here: below
+ * cache.max_fds (0: unbounded). InodeCache.reap trims a cache past its
+ * bound between batches, and the wait loop in C runs batches without
+ * reaping (it returns for a reap only when the table's freed ring moves):
+ * at the bound the first LOOKUP is Python's, whose batch ends with the
+ * reap that trims */
+static int cache_has_room(FastOps *self, const struct state *st)
+{
+    PyObject *cache = PyObject_GetAttr(self->session, s_cache);
+    Py_ssize_t max_fds = -1;
+    if (cache != NULL && attr_ssize(cache, s_max_fds, &max_fds) < 0)
+        max_fds = -1;
+    Py_XDECREF(cache);
+    PyErr_Clear();
+    return max_fds == 0 || (max_fds > 0 && PyDict_GET_SIZE(st->fds) < max_fds);
+}
+
 /* adopting for fd, of device dev; -1 (any error cleared) if the cache or
  * its peers are not as expected */
 static int adopt_inputs(FastOps *self, int fd, uint64_t dev, struct adopting *a)
@@ -402,6 +419,8 @@ static int cold_lookup(FastOps *self, struct state *st, int parent, const char *
     const struct lookup_table *t = &self->lk;
     struct stat s;
     int fd;
+    if (!cache_has_room(self, st))
+        return -1;
     Py_BEGIN_ALLOW_THREADS
     fd = openat(parent, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
     if (fd >= 0 && fstat(fd, &s) != 0) {

@@ -941,6 +941,25 @@ def _consistent(table) -> None:
     assert len(table) == len(live)
 
 
+def test_at_the_fd_cache_bound_a_first_lookup_is_python_s(lookup_share):
+    """--inode-file-handles with --inode-fds 8: C caches at most 8 fds; the
+    next first LOOKUP is Python's (the wait loop in C never reaps after a
+    batch: the batch Python takes part in ends with the reap that trims),
+    a LOOKUP of a held inode is still C's, and after the trim to 7 C has
+    room for one more."""
+    pair, fast = _lookup_pair(lookup_share, file_handles=True, inode_fds=8)
+    try:
+        names = ["COLLIDE0", "COLLIDE1", "COLLIDE2", "COLLIDE3", "COLLIDE4", "OTHER0", "OTHER1", "OTHER2"]
+        assert _run_steps(lookup_share, [("lookup", "root", n, "ok") for n in names], pair, fast) == 8
+        assert _run_steps(lookup_share, [("lookup", "root", "OTHER3", "ok")], pair, fast) == 0
+        assert _run_steps(lookup_share, [("lookup", "root", "COLLIDE0", "ok")], pair, fast) == 1
+        assert _run_steps(lookup_share, [("reap", "", 0, "")], pair, fast) == 0
+        assert (len(pair[1].cache), pair[1].cache.evicted) == (7, 2)
+        assert _run_steps(lookup_share, [("lookup", "root", n, "ok") for n in ("sub", "ln")], pair, fast) == 1
+    finally:
+        _close(pair)
+
+
 def test_a_worker_killed_during_c_lookups_leaves_a_table_python_repairs(lookup_share):
     """A forked worker runs C's first LOOKUPs (insertions) and FORGETs in
     a loop and is killed (SIGKILL) at random moments, maybe in the middle
