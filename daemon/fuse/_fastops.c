@@ -53,8 +53,9 @@
  * successor's EIO, as in the pure path, never to a second write.
  *
  * LOOKUP (when FastOps.enable_lookup was called) of a name whose inode
- * this worker holds, or a missing name: _lookup.h, included below, says
- * exactly when.
+ * this worker holds, the first of an inode (opened and inserted as
+ * InodeCache.adopt does), or a missing name: _lookup.h, included below,
+ * says exactly when.
  *
  * With a meter (--metrics-socket), what C answers is counted here into
  * the worker's shared-memory slot as WorkerMeter.request counts it
@@ -216,6 +217,9 @@ struct lookup_table {
     int negative;           /* --cache=always: ENOENT is a negative entry */
     uint64_t capacity, hmask;
     Py_ssize_t h_dirty, s_gen, s_ref, s_dev, s_ino;    /* inodes.py's word indices */
+    /* and those an insertion writes (_lookup.h, insert_ref) */
+    Py_ssize_t h_free, h_high, h_gen, h_live, s_next, s_hlen, s_owner, s_handle, handle_max;
+    Py_ssize_t h_last;      /* the largest header word index of these */
 };
 
 typedef struct {
@@ -236,7 +240,7 @@ typedef struct {
 
 static PyObject *s_readable, *s_writable, *s_views, *s_size, *s_session, *s_meter, *s_cache,
     *s_fds, *s_root_fd, *s_handles, *s_handles_dict, *s_fh_slots, *s_fd, *s_kind, *s_nodeid, *s_acquire,
-    *s_release;
+    *s_release, *s_peers, *s_mine, *s_shared, *s_use_handles, *s_root_dev, *s_max_fds;
 
 /* an attribute as a C integer; -1 with no error set if it is not an int
  * in range (the caller then leaves the request to Python) */
@@ -1351,8 +1355,9 @@ static PyMethodDef fastops_methods[] = {
      "Python (a declined chain, not yet published, or the limit), 2: timed out, 3: a watched\n"
      "word (view, index, value) changed"},
     {"enable_lookup", (PyCFunction)fastops_enable_lookup, METH_VARARGS,
-     "enable_lookup(hash, fd, tlock, capacity, (dirty, gen, ref, dev, ino), negative): serve LOOKUP\n"
-     "too, on the InodeTable whose index, memfd, thread lock, capacity and word indices these are;\n"
+     "enable_lookup(hash, fd, tlock, capacity, (dirty, gen, ref, dev, ino, free, high, next_gen, live,\n"
+     "next, hlen, owner, handle, handle_max), negative): serve LOOKUP too, on the InodeTable whose\n"
+     "index, memfd, thread lock, capacity and word indices (header's, then slot's) these are;\n"
      "negative: ENOENT is a negative entry (--cache=always)"},
     {NULL},
 };
@@ -1382,7 +1387,9 @@ PyMODINIT_FUNC PyInit__fastops(void)
         {&s_session, "_session"}, {&s_meter, "meter"}, {&s_cache, "cache"}, {&s_fds, "_fds"},
         {&s_root_fd, "root_fd"}, {&s_handles, "handles"}, {&s_handles_dict, "_handles"},
         {&s_fh_slots, "_slots"}, {&s_fd, "fd"}, {&s_kind, "kind"}, {&s_nodeid, "nodeid"},
-        {&s_acquire, "acquire"}, {&s_release, "release"},
+        {&s_acquire, "acquire"}, {&s_release, "release"}, {&s_peers, "peers"}, {&s_mine, "mine"},
+        {&s_shared, "shared"}, {&s_use_handles, "_use_handles"}, {&s_root_dev, "_root_dev"},
+        {&s_max_fds, "max_fds"},
     };
     for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)
         if ((*strings[i].slot = PyUnicode_InternFromString(strings[i].text)) == NULL)

@@ -19,17 +19,32 @@
  *   - ENOENT: the error reply, or with --cache=always the negative entry
  *     (Timeouts.negative_entry); any other errno: Python's (it redoes the
  *     lookup with openat, which has no side effect to repeat);
- *   - found: under the table's lock (find_ref: the thread lock, taken
- *     without waiting and kept for the rest of the serve or batch call,
- *     then the POSIX record lock on byte 0 of the memfd, LockedTable._lock's,
- *     for this request), the (dev, ino) is found with InodeTable._find's
- *     probing. The root: nodeid 1, generation 0, no count (as ref and
- *     adopt). A nodeid whose O_PATH fd this worker caches with its current
- *     generation: +1 lookup (ref's only write), and the fuse_entry_out of
- *     Timeouts.entry_out. Anything else (an inode the table does not know,
- *     or one this worker has no fd of: an insertion, a file handle, a
- *     peers' claim), a busy thread lock, a DIRTY table, any lock error:
- *     the table is left as it was and Python serves the request whole.
+ *   - found: the index probed without the record lock picks the path (a
+ *     hint only: each path decides again under the lock). An inode this
+ *     worker holds (or the root): under the table's lock (table_ready: the
+ *     thread lock, taken without waiting and kept for the rest of the
+ *     serve or batch call, then the POSIX record lock on byte 0 of the
+ *     memfd, LockedTable._lock's, for this request), the (dev, ino) is
+ *     found with InodeTable._find's probing. The root: nodeid 1,
+ *     generation 0, no count (as ref and adopt). A nodeid whose O_PATH fd
+ *     this worker caches with its current generation: +1 lookup (ref's
+ *     only write), and the fuse_entry_out of Timeouts.entry_out.
+ *   - otherwise (cold_lookup: the inode is not in the table, or this worker
+ *     holds no fd of it): InodeCache.lookup + adopt. openat(parent, name,
+ *     O_PATH | O_NOFOLLOW | O_CLOEXEC) and fstat (the GIL released; any
+ *     error: Python's, which redoes them), then under the record lock
+ *     adopt_locked: the root (fd closed); an inode this worker holds now
+ *     (+1, fd closed); a known inode (+1, the fd cached, claimed with this
+ *     worker's owner word when peers are shared); an unknown one inserted
+ *     as InodeTable.ref does (take_slot, the owner word, the file handle
+ *     with --inode-file-handles on the share's device, the generation last,
+ *     then the index entry), the fd cached. The fd goes into the cache
+ *     (InodeCache._fds, where a stale entry of a reused nodeid is replaced
+ *     and its fd closed) before the table is written, the one step that
+ *     can fail; on any failure, or a full table (ENFILE), the fd is closed
+ *     and the table and cache are as they were: Python's.
+ *   - a busy thread lock, a DIRTY table, any lock error: the table is left
+ *     as it was and Python serves the request whole.
  * Python's path opens the name (O_PATH) and closes that fd again when the
  * inode's fd is cached; here the cached fd stands for it: the same inode
  * (the table's dev/ino; the cached fd pins the inode, so its number cannot
@@ -89,9 +104,10 @@ static int record_lock(int fd, short type)
 }
 
 /* InodeTable._find under the lock: the slot of (dev, ino), 0 if it is not
- * in the index, -1 if the index is not what it should be (a slot out of
- * range, no empty entry: Python's then) */
-static Py_ssize_t table_find(const FastOps *self, const struct state *st, uint64_t dev, uint64_t ino)
+ * in the index (*pos: the empty entry where it would go), -1 if the index
+ * is not what it should be (a slot out of range, no empty entry: Python's
+ * then) */
+static Py_ssize_t table_find(const FastOps *self, const struct state *st, uint64_t dev, uint64_t ino, uint64_t *pos)
 {
     const struct lookup_table *t = &self->lk;
     const uint32_t *index = st->hash.b.buf;
@@ -99,8 +115,10 @@ static Py_ssize_t table_find(const FastOps *self, const struct state *st, uint64
     uint64_t i = table_home(dev, ino, t->hmask);
     for (uint64_t n = 0; n <= t->hmask; n++, i = (i + 1) & t->hmask) {
         uint32_t s = __atomic_load_n(index + i, __ATOMIC_RELAXED);
-        if (s == 0)
+        if (s == 0) {
+            *pos = i;
             return 0;
+        }
         if (s > t->capacity || ((Py_ssize_t)s + 1) * self->slot_words > words)
             return -1;
         Py_ssize_t base = (Py_ssize_t)s * self->slot_words;
@@ -110,16 +128,14 @@ static Py_ssize_t table_find(const FastOps *self, const struct state *st, uint64
     return -1;
 }
 
-/* InodeTable.ref(dev, ino) for an inode the table knows and this worker
- * holds an fd of (or the root), under the table's lock: 0 and
- * *nodeid and *gen (+1 lookup unless the root), or -1 with the table as it
- * was (the request is then Python's) */
-static int find_ref(FastOps *self, struct state *st, uint64_t dev, uint64_t ino, uint64_t *nodeid, uint64_t *gen)
+/* the table's views checked and its thread lock taken, for this serve or
+ * batch call: 0, or -1 (the request is then Python's) */
+static int table_ready(FastOps *self, struct state *st)
 {
     const struct lookup_table *t = &self->lk;
     if (PyErr_Occurred() || st->fds == NULL || (!st->hash.held && hold_words(t->hash, &st->hash) < 0)
             || st->hash.b.len / 4 <= (Py_ssize_t)t->hmask || ((uintptr_t)st->hash.b.buf & 3)
-            || st->header.b.len / 8 <= t->h_dirty || ((uintptr_t)st->header.b.buf & 7)
+            || st->header.b.len / 8 <= t->h_last || ((uintptr_t)st->header.b.buf & 7)
             || ((uintptr_t)st->inodes.b.buf & 7))
         return -1;
     /* the thread lock, never waited for here (a holder means Python's
@@ -138,12 +154,27 @@ static int find_ref(FastOps *self, struct state *st, uint64_t dev, uint64_t ino,
         Py_INCREF(t->tlock);
         st->tlock = t->tlock;
     }
+    return 0;
+}
+
+/* InodeTable.ref(dev, ino) for an inode the table knows and this worker
+ * holds an fd of (or the root), under the table's record lock (the table
+ * ready): 0 and *nodeid and *gen (+1 lookup unless the root); 1 with the
+ * table as it was when the table is clean and the inode is not in it or
+ * this worker holds no fd of it (cold_lookup's then); -1 with the table as
+ * it was for anything else (the request is then Python's) */
+static int find_ref(FastOps *self, struct state *st, uint64_t dev, uint64_t ino, uint64_t *nodeid, uint64_t *gen)
+{
+    const struct lookup_table *t = &self->lk;
     int result = -1;
     if (record_lock(t->fd, F_WRLCK) == 0) {
         /* a holder died mid-update: Python's _lock repairs (DIRTY stays) */
         if (word_at(&st->header, t->h_dirty) == 0) {
             set_word(&st->header, t->h_dirty, 1);
-            Py_ssize_t s = table_find(self, st, dev, ino);
+            uint64_t pos;
+            Py_ssize_t s = table_find(self, st, dev, ino, &pos);
+            if (s == 0)
+                result = 1;
             if (s == 1) {
                 *nodeid = 1;
                 *gen = 0;
@@ -162,12 +193,256 @@ static int find_ref(FastOps *self, struct state *st, uint64_t dev, uint64_t ino,
                     *nodeid = (uint64_t)s;
                     *gen = g;
                     result = 0;
+                } else if (g != 0) {
+                    result = 1;
                 }
             }
             set_word(&st->header, t->h_dirty, 0);
         }
         record_lock(t->fd, F_UNLCK);
     }
+    return result;
+}
+
+/* what InodeCache.adopt asks of the cache and its peers for a new fd
+ * (cold_lookup): the owner word (peers.mine(fd), 0 without peers),
+ * whether another request worker exists (peers.shared: then a found inode
+ * is claimed), whether an inserted slot gets a file handle
+ * (cache._use_handles and the share root's device) */
+struct adopting {
+    uint64_t owner;
+    int shared, handle;
+};
+
+/* whether the worker's fd cache may grow by one here: below
+ * cache.max_fds (0: unbounded). InodeCache.reap trims a cache past its
+ * bound between batches, and the wait loop in C runs batches without
+ * reaping (it returns for a reap only when the table's freed ring moves):
+ * at the bound the first LOOKUP is Python's, whose batch ends with the
+ * reap that trims */
+static int cache_has_room(FastOps *self, const struct state *st)
+{
+    PyObject *cache = PyObject_GetAttr(self->session, s_cache);
+    Py_ssize_t max_fds = -1;
+    if (cache != NULL && attr_ssize(cache, s_max_fds, &max_fds) < 0)
+        max_fds = -1;
+    Py_XDECREF(cache);
+    PyErr_Clear();
+    return max_fds == 0 || (max_fds > 0 && PyDict_GET_SIZE(st->fds) < max_fds);
+}
+
+/* adopting for fd, of device dev; -1 (any error cleared) if the cache or
+ * its peers are not as expected */
+static int adopt_inputs(FastOps *self, int fd, uint64_t dev, struct adopting *a)
+{
+    PyObject *cache = PyObject_GetAttr(self->session, s_cache), *peers = NULL, *v = NULL;
+    int rc = -1, truth;
+    if (cache == NULL || (peers = PyObject_GetAttr(cache, s_peers)) == NULL)
+        goto out;
+    a->owner = 0;
+    a->shared = 0;
+    if (peers != Py_None) {
+        PyObject *n = PyLong_FromLong(fd);
+        v = n == NULL ? NULL : PyObject_CallMethodOneArg(peers, s_mine, n);
+        Py_XDECREF(n);
+        if (v == NULL || !PyLong_Check(v))
+            goto out;
+        a->owner = PyLong_AsUnsignedLongLong(v);
+        Py_CLEAR(v);
+        if (PyErr_Occurred() || (v = PyObject_GetAttr(peers, s_shared)) == NULL || (truth = PyObject_IsTrue(v)) < 0)
+            goto out;
+        a->shared = truth;
+        Py_CLEAR(v);
+    }
+    if ((v = PyObject_GetAttr(cache, s_use_handles)) == NULL || (truth = PyObject_IsTrue(v)) < 0)
+        goto out;
+    Py_CLEAR(v);
+    a->handle = 0;
+    if (truth) {
+        /* -1 before the first INIT: no device matches it */
+        if ((v = PyObject_GetAttr(cache, s_root_dev)) == NULL || !PyLong_CheckExact(v))
+            goto out;
+        int overflow;
+        long long root_dev = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (root_dev == -1 && PyErr_Occurred())
+            goto out;
+        a->handle = !overflow && root_dev >= 0 && (uint64_t)root_dev == dev;
+    }
+    rc = 0;
+out:
+    Py_XDECREF(v);
+    Py_XDECREF(peers);
+    Py_XDECREF(cache);
+    if (rc < 0)
+        PyErr_Clear();
+    return rc;
+}
+
+/* this worker's fd cache entry of nodeid key (InodeCache._fds: a
+ * (generation, fd) tuple): 1 and *gen, *fd; 0 if there is none; -1 (any
+ * error cleared) if it is not shaped like one */
+static int cache_entry(const struct state *st, PyObject *key, uint64_t *gen, int *fd)
+{
+    PyObject *e = PyDict_GetItemWithError(st->fds, key);   /* borrowed */
+    if (e == NULL)
+        return PyErr_Occurred() ? (PyErr_Clear(), -1) : 0;
+    if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 2 || !PyLong_CheckExact(PyTuple_GET_ITEM(e, 0))
+            || !PyLong_CheckExact(PyTuple_GET_ITEM(e, 1)))
+        return -1;
+    unsigned long long g = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(e, 0));
+    long long f = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 1));
+    if (PyErr_Occurred() || f < 0 || f > INT32_MAX) {
+        PyErr_Clear();
+        return -1;
+    }
+    *gen = g;
+    *fd = (int)f;
+    return 1;
+}
+
+/* inodecache.file_handle(fd) into the slot at base (InodeTable.ref stores
+ * none, then set_handle the one adopt got): the struct file_handle of
+ * name_to_handle_at(fd, "", AT_EMPTY_PATH) with room for 128 bytes, kept
+ * when header and handle fit handle_max bytes; else the length 0 */
+static void store_handle(FastOps *self, const struct state *st, Py_ssize_t base, int fd)
+{
+    const struct lookup_table *t = &self->lk;
+    union {
+        struct file_handle fh;
+        unsigned char bytes[8 + 128];
+    } u;
+    int mount_id;
+    u.fh.handle_bytes = 128;
+    uint64_t n = 0;
+    if (name_to_handle_at(fd, "", &u.fh, &mount_id, AT_EMPTY_PATH) == 0
+            && (uint64_t)u.fh.handle_bytes + 8 <= (uint64_t)t->handle_max) {
+        n = (uint64_t)u.fh.handle_bytes + 8;
+        /* the slot's handle words, as _slot_bytes[off:off + n] = handle */
+        memcpy((uint64_t *)st->inodes.b.buf + base + t->s_handle, u.bytes, (size_t)n);
+    }
+    set_word(&st->inodes, base + t->s_hlen, n);
+}
+
+/* InodeCache.adopt's table and cache steps for fd (of the stat s), under
+ * the table's locks (the thread lock taken by find_ref): 0 and *nodeid,
+ * *gen, and *kept when the fd went into the cache (else the caller closes
+ * it), or -1 with the table and the cache as they were */
+static int adopt_locked(FastOps *self, struct state *st, int fd, const struct stat *s, const struct adopting *a,
+                        uint64_t *nodeid, uint64_t *gen, int *kept)
+{
+    const struct lookup_table *t = &self->lk;
+    const struct words *hd = &st->header, *sl = &st->inodes;
+    Py_ssize_t words = sl->b.len / 8, sw = self->slot_words;
+    uint64_t pos, g;
+    Py_ssize_t n = table_find(self, st, (uint64_t)s->st_dev, (uint64_t)s->st_ino, &pos);
+    if (n < 0)
+        return -1;
+    if (n == 1) {               /* the root: no count, the fd closed */
+        *nodeid = 1;
+        *gen = 0;
+        return 0;
+    }
+    int fresh = n == 0;
+    if (fresh) {
+        /* take_slot: the free list's head, else the first never used;
+         * the table full (ENFILE) and anything out of range are Python's */
+        uint64_t free = word_at(hd, t->h_free), slot = free ? free : word_at(hd, t->h_high);
+        if (slot < 2 || slot > t->capacity || ((Py_ssize_t)slot + 1) * sw > words)
+            return -1;
+        n = (Py_ssize_t)slot;
+        g = word_at(hd, t->h_gen) + 1;
+    } else {
+        g = word_at(sl, n * sw + t->s_gen);
+    }
+    if (g == 0)
+        return -1;
+    Py_ssize_t base = n * sw;
+    PyObject *key = PyLong_FromSsize_t(n), *entry = NULL;
+    uint64_t old_gen = 0;
+    int old_fd = -1, has = key == NULL ? -1 : cache_entry(st, key, &old_gen, &old_fd);
+    int held = has == 1 && old_gen == g;
+    /* the fd goes into the cache first (the one step that can fail, before
+     * the table is written): (generation, fd), in the place of a stale
+     * entry of the nodeid (whose fd adopt closes) */
+    if (has < 0 || (!held && ((entry = Py_BuildValue("(Ki)", (unsigned long long)g, fd)) == NULL
+                              || PyDict_SetItem(st->fds, key, entry) < 0))) {
+        Py_XDECREF(entry);
+        Py_XDECREF(key);
+        PyErr_Clear();
+        return -1;
+    }
+    Py_XDECREF(entry);
+    Py_XDECREF(key);
+    if (has == 1 && !held)
+        close(old_fd);
+    *kept = !held;
+    if (fresh) {
+        /* InodeTable.ref's insertion, in its order: the generation last
+         * of the slot, then the index entry (a holder that dies in between
+         * leaves DIRTY set: the next locker rebuilds from the slots) */
+        uint64_t free = word_at(hd, t->h_free);
+        if (free)
+            set_word(hd, t->h_free, word_at(sl, base + t->s_next));
+        else
+            set_word(hd, t->h_high, (uint64_t)n + 1);
+        set_word(sl, base + t->s_ref, 1);
+        set_word(sl, base + t->s_dev, (uint64_t)s->st_dev);
+        set_word(sl, base + t->s_ino, (uint64_t)s->st_ino);
+        set_word(sl, base + t->s_next, 0);
+        set_word(sl, base + t->s_owner, a->owner);
+        set_word(sl, base + t->s_hlen, 0);
+        if (a->handle)
+            store_handle(self, st, base, fd);
+        set_word(hd, t->h_gen, g);
+        set_word(sl, base + t->s_gen, g);
+        __atomic_store_n((uint32_t *)st->hash.b.buf + pos, (uint32_t)n, __ATOMIC_RELAXED);
+        set_word(hd, t->h_live, word_at(hd, t->h_live) + 1);
+    } else {
+        set_word(sl, base + t->s_ref, word_at(sl, base + t->s_ref) + 1);
+        /* the last worker to look an inode up owns it (claim) */
+        if (!held && a->shared && a->owner)
+            set_word(sl, base + t->s_owner, a->owner);
+    }
+    *nodeid = (uint64_t)n;
+    *gen = g;
+    return 0;
+}
+
+/* InodeCache.lookup of a name whose inode this worker holds no fd of (not
+ * in the table, or another's): openat(O_PATH | O_NOFOLLOW | O_CLOEXEC)
+ * and fstat (the GIL released), then adopt's steps under the table's
+ * record lock: 0 with r's nodeid, generation and attr (from the new fd's
+ * stat, as Python's), or -1 with the fd closed and the table and the cache
+ * as they were (Python then redoes the lookup whole) */
+static int cold_lookup(FastOps *self, struct state *st, int parent, const char *name, struct entry_reply *r)
+{
+    const struct lookup_table *t = &self->lk;
+    struct stat s;
+    int fd;
+    if (!cache_has_room(self, st))
+        return -1;
+    Py_BEGIN_ALLOW_THREADS
+    fd = openat(parent, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    if (fd >= 0 && fstat(fd, &s) != 0) {
+        close(fd);
+        fd = -1;
+    }
+    Py_END_ALLOW_THREADS
+    if (fd < 0)
+        return -1;
+    struct adopting a = {0};
+    int kept = 0, result = -1;
+    if (fill_attr(&r->attr, &s) == 0 && adopt_inputs(self, fd, (uint64_t)s.st_dev, &a) == 0
+            && st->tlock != NULL && record_lock(t->fd, F_WRLCK) == 0) {
+        if (word_at(&st->header, t->h_dirty) == 0) {
+            set_word(&st->header, t->h_dirty, 1);
+            result = adopt_locked(self, st, fd, &s, &a, &r->nodeid, &r->generation, &kept);
+            set_word(&st->header, t->h_dirty, 0);
+        }
+        record_lock(t->fd, F_UNLCK);
+    }
+    if (!kept)
+        close(fd);
     return result;
 }
 
@@ -208,7 +483,22 @@ static Py_ssize_t fast_lookup(FastOps *self, struct state *st, const struct req 
     } else {
         if (fill_attr(&r.attr, &s) < 0)
             return NOT_HANDLED;
-        if (find_ref(self, st, (uint64_t)s.st_dev, (uint64_t)s.st_ino, &r.nodeid, &r.generation) < 0)
+        if (table_ready(self, st) < 0)
+            return NOT_HANDLED;
+        /* which path first: the index probed without the record lock
+         * (another process may be changing it: only a hint, each path
+         * decides under the lock) finds an inode this worker holds (or
+         * the root): find_ref, no fd opened; else cold_lookup straight
+         * away, one record lock round instead of two */
+        uint64_t pos;
+        Py_ssize_t hint = table_find(self, st, (uint64_t)s.st_dev, (uint64_t)s.st_ino, &pos);
+        int got = hint == 1 || (hint > 1 && cached_fd(self, st, (uint64_t)hint) >= 0) ? 0 : 1;
+        PyErr_Clear();
+        if (got == 0)
+            got = find_ref(self, st, (uint64_t)s.st_dev, (uint64_t)s.st_ino, &r.nodeid, &r.generation);
+        if (got == 1)
+            got = cold_lookup(self, st, parent, name, &r);
+        if (got != 0)
             return NOT_HANDLED;
         r.entry_valid = r.attr_valid = self->attr_sec;
         r.entry_valid_nsec = r.attr_valid_nsec = self->attr_nsec;
@@ -222,19 +512,29 @@ static PyObject *fastops_enable_lookup(FastOps *self, PyObject *args)
 {
     PyObject *hash, *tlock;
     int fd, negative;
-    Py_ssize_t capacity, dirty, gen, ref, dev, ino;
-    if (!PyArg_ParseTuple(args, "OiOn(nnnnn)p", &hash, &fd, &tlock, &capacity, &dirty, &gen, &ref, &dev, &ino,
-                          &negative))
+    Py_ssize_t capacity, w[14];
+    if (!PyArg_ParseTuple(args, "OiOn(nnnnnnnnnnnnnn)p", &hash, &fd, &tlock, &capacity, &w[0], &w[1], &w[2], &w[3],
+                          &w[4], &w[5], &w[6], &w[7], &w[8], &w[9], &w[10], &w[11], &w[12], &w[13], &negative))
         return NULL;
     Py_buffer b;
     if (PyObject_GetBuffer(hash, &b, PyBUF_SIMPLE) < 0)
         return NULL;
     Py_ssize_t entries = b.len / 4;
     PyBuffer_Release(&b);
-    /* the index is a power of two of u32 entries, at least 2 * (capacity + 1) */
-    if (capacity < 1 || capacity >= (Py_ssize_t)1 << 31 || entries < 2 * (capacity + 1) || (entries & (entries - 1))
-            || dirty < 0 || dirty >= 16 || gen < 0 || ref < 0 || dev < 0 || ino < 0 || gen >= self->slot_words
-            || ref >= self->slot_words || dev >= self->slot_words || ino >= self->slot_words) {
+    /* header words: dirty, free, high, gen, live; slot words: gen, ref,
+     * dev, ino, next, hlen, owner, then handle_max bytes from handle */
+    Py_ssize_t header[] = {w[0], w[5], w[6], w[7], w[8]}, slot[] = {w[1], w[2], w[3], w[4], w[9], w[10], w[11]};
+    int bad = capacity < 1 || capacity >= (Py_ssize_t)1 << 31 || entries < 2 * (capacity + 1)
+              || (entries & (entries - 1)) || w[12] < 0 || w[13] < 8 || w[13] > 128 || (w[13] & 7)
+              || w[12] + w[13] / 8 > self->slot_words;
+    Py_ssize_t last = 0;
+    for (size_t i = 0; i < sizeof header / sizeof header[0]; i++) {
+        bad |= header[i] < 0 || header[i] >= 16;
+        last = header[i] > last ? header[i] : last;
+    }
+    for (size_t i = 0; i < sizeof slot / sizeof slot[0]; i++)
+        bad |= slot[i] < 0 || slot[i] >= self->slot_words || (slot[i] >= w[12] && slot[i] < w[12] + w[13] / 8);
+    if (bad) {
         PyErr_SetString(PyExc_ValueError, "FastOps.enable_lookup: bad inode table layout");
         return NULL;
     }
@@ -245,11 +545,21 @@ static PyObject *fastops_enable_lookup(FastOps *self, PyObject *args)
     self->lk.fd = fd;
     self->lk.capacity = (uint64_t)capacity;
     self->lk.hmask = (uint64_t)entries - 1;
-    self->lk.h_dirty = dirty;
-    self->lk.s_gen = gen;
-    self->lk.s_ref = ref;
-    self->lk.s_dev = dev;
-    self->lk.s_ino = ino;
+    self->lk.h_dirty = w[0];
+    self->lk.s_gen = w[1];
+    self->lk.s_ref = w[2];
+    self->lk.s_dev = w[3];
+    self->lk.s_ino = w[4];
+    self->lk.h_free = w[5];
+    self->lk.h_high = w[6];
+    self->lk.h_gen = w[7];
+    self->lk.h_live = w[8];
+    self->lk.s_next = w[9];
+    self->lk.s_hlen = w[10];
+    self->lk.s_owner = w[11];
+    self->lk.s_handle = w[12];
+    self->lk.handle_max = w[13];
+    self->lk.h_last = last;
     self->lk.negative = negative;
     Py_RETURN_NONE;
 }

@@ -43,8 +43,9 @@ docs/compiled.md, "WRITE in C").
 LOOKUP is compiled when ``lookup_unsupported`` says nothing against it (``make`` then
 calls ``FastOps.enable_lookup`` with the shared ``InodeTable``'s index,
 memfd, thread lock and word indices: C takes the lookup count itself,
-under the table's own locks, for inodes this worker holds an fd of;
-docs/compiled.md, "LOOKUP in C").
+under the table's own locks, for inodes this worker holds an fd of, and
+opens, inserts and caches those it does not as ``InodeCache.adopt`` does;
+docs/compiled.md, "LOOKUP in C" and "A worker's first LOOKUP in C").
 
 With ``--metrics-socket`` the session has a meter (metrics/counters.py's
 ``WorkerMeter``) before the loop asks for ``serve``, and the requests C
@@ -158,7 +159,9 @@ def make(session):
                         reads, writes=writes, **meter_layout(session.meter))
     if not lookup_unsupported(session):
         fast.enable_lookup(table._hash, table._fd, table._tlock, table.capacity,
-                           (inodes._H_DIRTY, inodes._S_GEN, inodes._S_REF, inodes._S_DEV, inodes._S_INO),
+                           (inodes._H_DIRTY, inodes._S_GEN, inodes._S_REF, inodes._S_DEV, inodes._S_INO,
+                            inodes._H_FREE, inodes._H_HIGH, inodes._H_GEN, inodes._H_LIVE, inodes._S_NEXT,
+                            inodes._S_HLEN, inodes._S_OWNER, inodes._S_HANDLE, inodes.HANDLE_MAX),
                            session.config.cache is CacheMode.ALWAYS)
     return fast
 

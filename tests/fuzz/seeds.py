@@ -360,6 +360,21 @@ def batch_loop() -> dict[str, bytes]:
     lookups = b.build()
     s["batch_lookups"] = with_flags(lookups, 3)
     s["batch_lookups_checked"] = with_flags(lookups, 7)
+    # a worker's first LOOKUPs of inodes (d/f0..f4: not looked up at INIT),
+    # inserted by C; then again (found, held); then FORGETs that free two
+    # and the lookups again (the freed slots reused while the session
+    # still caches their old fds)
+    b = SeedBuilder(32)
+    for _ in range(2):
+        for i in range(5):
+            req(b, LOOKUP, 3, name(b"f%d" % i), [128])
+    for nodeid in (6, 7):
+        req(b, FORGET, nodeid, struct.pack("<Q", 2), None)
+    for i in range(5):
+        req(b, LOOKUP, 3, name(b"f%d" % i), [128])
+    first = b.build()
+    s["batch_first_lookups"] = with_flags(first, 3)
+    s["batch_first_lookups_checked"] = with_flags(first, 7)
     return s
 
 

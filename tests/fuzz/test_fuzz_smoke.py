@@ -54,19 +54,38 @@ def test_seed_corpus_runs_clean():
 
 def test_lookup_seeds_reach_lookup_in_c():
     """The LOOKUP seeds (seeds.batch_loop): C serves the lookups of names
-    the session holds and the missing one, in whole batches and one chain
-    at a time (each checked against the session); ".." and "d/f1" are
-    Python's, and so is the first d/f1 (the session does not hold it yet).
-    The first input: 7 of its 12 LOOKUPs served in C, in batches; the
-    second (the harness keeps the session): 8, one chain at a time, each
-    counted in both figures. Under PYVIRTIOFSD_PURE=1 (no compiled queue,
-    so no batch loop) the target runs FastOps.serve on every chain: 15."""
+    the session holds, the first of f1 in d (an insertion: the session
+    did not hold it yet) and the missing one, in whole batches and one
+    chain at a time (each checked against the session); ".." and "d/f1"
+    are Python's. The first input: 8 of its 12 LOOKUPs served in C, in
+    batches; the second (the harness keeps the session): 8, one chain at a
+    time, each counted in both figures. Under PYVIRTIOFSD_PURE=1 (no
+    compiled queue, so no batch loop) the target runs FastOps.serve on
+    every chain: 16."""
     from daemon.fuse import fastpath
     seeds = [str(HERE / "corpus" / f"{name}.bin") for name in ("batch_lookups", "batch_lookups_checked")]
     out = run(["--run", *seeds], 120)
     stats = dict(re.findall(r"(\w+)=(\S+)", out.splitlines()[-1]))
     pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0")
-    want = (0, 0) if not fastpath.EXTENSION_BUILT else (0, 15) if pure else (15, 8)
+    want = (0, 0) if not fastpath.EXTENSION_BUILT else (0, 16) if pure else (16, 8)
+    assert (int(stats["batch_served"]), int(stats["fast_served"])) == want, out[-2000:]
+
+
+def test_first_lookup_seeds_reach_insertion_in_c():
+    """The seeds of a worker's first LOOKUPs (seeds.batch_loop: d/f0..f4,
+    which the harness did not look up; again; two FORGETs; again): C
+    serves all 15 LOOKUPs of each input, the insertions, the found ones and
+    those into freed slots whose old fds the session still caches, in
+    batches and one chain at a time (each checked against the session, and
+    counted in both figures),
+    with the harness's fd count flat at its resets. Under
+    PYVIRTIOFSD_PURE=1 FastOps.serve on every chain: 30."""
+    from daemon.fuse import fastpath
+    seeds = [str(HERE / "corpus" / f"{name}.bin") for name in ("batch_first_lookups", "batch_first_lookups_checked")]
+    out = run(["--run", *seeds], 120)
+    stats = dict(re.findall(r"(\w+)=(\S+)", out.splitlines()[-1]))
+    pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0")
+    want = (0, 0) if not fastpath.EXTENSION_BUILT else (0, 30) if pure else (30, 15)
     assert (int(stats["batch_served"]), int(stats["fast_served"])) == want, out[-2000:]
 
 

@@ -9,8 +9,15 @@ worker's CPU time per request: the figure to compare with the 2.4 µs bare
 GETATTR budget (DESIGN.md) and to profile without a second process
 competing for the cores.
 
-    python -m tests.perf.inproc [--op getattr|lookup|read4k|read1m|write4k|write4k-kill] [--depth 64]
+    python -m tests.perf.inproc [--op getattr|lookup|lookup-cold|read4k|read1m|write4k|write4k-kill]
+                                [--depth 64]
                                 [--seconds 3] [--profile cprofile|none] [--clock wall|cpu]
+
+``lookup`` looks one name up again and again (the worker holds its fd);
+``lookup-cold`` looks ``depth`` names up once each per batch, each the
+first LOOKUP of its inode: between batches, outside the timed part, every
+nodeid is forgotten and its fd closed (``InodeTable.unref_many``,
+``InodeCache.reap``), so each LOOKUP opens the name and inserts the inode.
 
 ``--clock cpu`` times the serving thread's CPU time instead of the wall
 clock: steadier on a loaded machine. The last line names the request path
@@ -26,6 +33,7 @@ import tempfile
 import time
 
 from daemon.config import CacheMode, Config
+from daemon.fds import close_fds
 from daemon.fuse import abi
 from daemon.fuse.abi import Opcode
 from daemon.fuse.inodes import InodeTable
@@ -77,6 +85,12 @@ def _build(op: str, depth: int, shared: str, cache: str = "auto", event_idx: boo
     with open(os.path.join(shared, DATA), "wb") as f:
         f.write(os.urandom(1 << 20))
     data = b""
+    if op == "lookup-cold":
+        names = [f"cold-{i:05d}".encode() for i in range(depth)]
+        for n in names:
+            open(os.path.join(shared, os.fsdecode(n)), "wb").close()
+        heads = [vr.submit([hdr(Opcode.LOOKUP, 1, len(n) + 1), n + b"\0"], [16, abi.ENTRY_OUT.size]) for n in names]
+        return loop, ring, vr, heads
     if op == "getattr":
         req = (Opcode.GETATTR, 1, abi.GETATTR_IN.pack(0, 0, 0), [abi.ATTR_OUT.size])
     else:
@@ -117,6 +131,15 @@ def close(loop, ring, vr) -> None:
     loop._epoll.close()
 
 
+def forget_all(session) -> None:
+    """Every nodeid the worker caches forgotten (all its lookups) and its
+    fd closed, here and now: the next LOOKUP of each is a first one."""
+    table, cache = session.inodes, session.cache
+    table.unref_many([(n, table.get(n)[3]) for n in list(cache._fds) if table.get(n) is not None])
+    cache._close_fds = close_fds
+    cache.reap()
+
+
 def per_request_us(op: str = "getattr", depth: int = 64, seconds: float = 3.0,
                    profile: str = "none", clock: str = "wall") -> float:
     shared = tempfile.mkdtemp(prefix="inproc-")
@@ -146,6 +169,8 @@ def per_request_us(op: str = "getattr", depth: int = 64, seconds: float = 3.0,
             if err:
                 raise RuntimeError(f"{op}: the daemon answered {err}")
         done += depth
+        if op == "lookup-cold":
+            forget_all(loop.session)
         for head in finished:
             vr.repost(head)
     if prof:
@@ -157,8 +182,8 @@ def per_request_us(op: str = "getattr", depth: int = 64, seconds: float = 3.0,
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--op", default="getattr", choices=("getattr", "lookup", "read4k", "read1m", "write4k",
-                                                             "write4k-kill"))
+    ap.add_argument("--op", default="getattr",
+                    choices=("getattr", "lookup", "lookup-cold", "read4k", "read1m", "write4k", "write4k-kill"))
     ap.add_argument("--depth", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--profile", default="none", choices=("none", "cprofile"))

@@ -37,6 +37,7 @@ from hypothesis import strategies as st
 from daemon.config import CacheMode
 from daemon.fuse import abi, fastpath
 from daemon.fuse.abi import Opcode
+from daemon.fuse.request import FUSEError
 from daemon.metrics import counters
 from daemon.metrics.counters import MetricsArea, WorkerMeter
 from daemon.virtio.iovec import IoVec
@@ -534,13 +535,14 @@ def test_the_worker_loop_serves_them_in_c(tmp_path, monkeypatch, op):
     from tests.perf import inproc
     monkeypatch.chdir(tmp_path)
     loop, ring, vr, heads = inproc._build(op, 8, str(tmp_path))
+    before = loop._fast.served if loop._fast is not None else 0    # the set-up's LOOKUP is C's too
     assert loop._serve(ring) == 8
     done = vr.harvest()
     assert sorted(done) == sorted(heads)
     for head in done:
         assert abi.OUT_HEADER.unpack(vr.read_writable(head, 16))[1] == 0
     if fastpath.compiled.VirtQueue is fastpath.compiled.CompiledVirtQueue:
-        assert loop._fast.served == 8
+        assert loop._fast.served - before == 8
     else:
         assert loop._fast is None
     inproc.close(loop, ring, vr)
@@ -606,26 +608,57 @@ def lookup_request(parent: int, name: bytes, unique: int = 21) -> bytes:
     return in_header(Opcode.LOOKUP, parent, len(name), unique) + name
 
 
-def _table_state(session) -> list[tuple]:
-    """Every live nodeid's (nodeid, generation, dev, ino, count), the free
-    list's head and the live count, and which nodeids this worker caches
-    an fd of, with their generations."""
+def _table_state(session) -> list:
+    """Every live nodeid's (nodeid, generation, dev, ino, count, file
+    handle, owner word), the header's free list, high mark, generation
+    counter, live count, DIRTY and freed-ring cursor, and the nodeids this
+    worker caches an fd of with their generations, in the cache's order
+    (the order InodeCache._trim evicts in), each fd checked to be of the
+    slot's inode. An owner word naming this worker's own cached fd of the
+    nodeid is compared as ("mine", serial): the two sessions' fd numbers
+    differ."""
     from daemon.fuse import inodes
     table = session.inodes
-    live = [(n, *table.get(n)) for n in range(1, table.capacity + 1) if table.get(n) is not None]
-    return [live, table._hdr[inodes._H_FREE], len(table), table._hdr[inodes._H_DIRTY],
-            sorted((n, gen) for n, (gen, _fd) in session.cache._fds.items())]
+    fds = session.cache._fds
+    live = []
+    for n in range(1, table.capacity + 1):
+        info = table.get(n)
+        if info is None:
+            continue
+        word = table.owner(n) if n > 1 else 0
+        if word and n in fds and (word & 0xFFFFFFFF) == fds[n][1]:
+            word = ("mine", word >> 32)
+        live.append((n, *info, table.handle(n, info[0]) if n > 1 else b"", word))
+    hdr = table._hdr
+    cached = []
+    for n, (gen, fd) in fds.items():
+        info = table.get(n)
+        st_ = os.fstat(fd)
+        cached.append((n, gen, info is not None and info[0] == gen and (st_.st_dev, st_.st_ino) == info[1:3]))
+    return [live, [hdr[w] for w in (inodes._H_FREE, inodes._H_HIGH, inodes._H_GEN, inodes._H_DIRTY,
+                                    inodes._H_RING_W)], len(table), cached]
 
 
-def _lookup_pair(lookup_share, **config):
+PEER_WORD = 6 << 32 | 9     # another request worker's owner word (serial 6, its fd 9)
+
+
+def _lookup_pair(lookup_share, capacity: int = LOOKUP_CAPACITY, peers: bool = False, **config):
     """Two fresh sessions on the share: the reference and one with the
-    compiled ops (and a meter each)."""
+    compiled ops (and a meter each). ``peers``: each worker has serial 5
+    and a peer (serial 6, a pidfd of this process): owner words are
+    written and a found inode is claimed. Freed fds are closed at once
+    (the session's helper thread would close them later)."""
+    from daemon.fds import close_fds
     root, _collide, _others = lookup_share
     area = MetricsArea(2)
     pair = []
     for i in range(2):
-        session, _client = start_session(root, capacity=LOOKUP_CAPACITY, **config)
+        session, _client = start_session(root, capacity=capacity, **config)
         session.meter = WorkerMeter(area.slot(i), fd_limit=1024)
+        session.cache._close_fds = close_fds
+        if peers:
+            session.peers.set_self(5)
+            session.peers._pidfds[6] = os.pidfd_open(os.getpid())
         pair.append(session)
     fast = fastpath.make(pair[1])
     return pair, fast
@@ -641,9 +674,13 @@ def _close(sessions):
 LOOKUP_NAMES = st.sampled_from(["COLLIDE0", "COLLIDE1", "COLLIDE2", "COLLIDE3", "COLLIDE4", "OTHER0", "OTHER1",
                                 "sub", "ln", "hard", "missing", ".", "..", "a/b", "", "x" * 255, "x" * 256])
 LOOKUP_STEP = st.one_of(
-    st.tuples(st.just("lookup"), st.sampled_from(["root", "sub", "stale", "unknown"]), LOOKUP_NAMES,
+    st.tuples(st.just("lookup"), st.sampled_from(["root", "root", "sub", "file", "stale", "unknown"]), LOOKUP_NAMES,
               st.sampled_from(["ok", "ok", "ok", "no-nul", "inner-nul", "short-out", "extension", "len"])),
-    st.tuples(st.just("forget"), LOOKUP_NAMES, st.integers(1, 3), st.just("")))
+    st.tuples(st.just("forget"), LOOKUP_NAMES, st.integers(1, 3), st.just("")),
+    # another request worker's LOOKUP of the name (the inode in the table, its fd not this worker's)
+    st.tuples(st.just("peer"), LOOKUP_NAMES, st.just(0), st.just("")),
+    # the worker loop's InodeCache.reap between batches (with --inode-fds, the trim too)
+    st.tuples(st.just("reap"), st.just(""), st.just(0), st.just("")))
 
 
 def _name(lookup_share, which: str) -> bytes:
@@ -677,7 +714,20 @@ def _run_steps(lookup_share, steps, pair, fast) -> int:
     pure, comp = pair
     served = 0
     for k, (kind, a, b, variant) in enumerate(steps):
-        if kind == "forget":
+        if kind == "reap":
+            for session in pair:
+                session.cache.reap()
+        elif kind == "peer":
+            try:
+                st_ = os.lstat(lookup_share[0] / os.fsdecode(_name(lookup_share, a)))
+            except (OSError, ValueError):
+                continue
+            for session in pair:
+                try:
+                    session.inodes.ref(st_.st_dev, st_.st_ino, owner=PEER_WORD)
+                except FUSEError:
+                    pass    # the table is full
+        elif kind == "forget":
             # the nodeid the name has in the reference (the same in both, or absent)
             name = _name(lookup_share, a)
             nodeids = []
@@ -689,15 +739,22 @@ def _run_steps(lookup_share, steps, pair, fast) -> int:
             for session in pair:
                 session.inodes.unref(nodeids[0], b)
         else:
-            parents = {"root": 1, "sub": _sub_nodeid(pure, lookup_share[0]), "stale": 3999, "unknown": 7}
-            parent = parents[a]
-            if parents["sub"] != _sub_nodeid(comp, lookup_share[0]):
-                parent = 1 if a == "sub" else parent
+            parent = {"root": 1, "stale": 3999, "unknown": 7}.get(a, 0)
+            if a in ("sub", "file"):
+                name = "sub" if a == "sub" else _name(lookup_share, "OTHER0").decode()
+                parent = _sub_nodeid(pure, lookup_share[0], name)
+                if parent != _sub_nodeid(comp, lookup_share[0], name):
+                    parent = 1
+                parent = parent or 1
             request, wsizes = _lookup_bytes(parent, _name(lookup_share, b), variant, 100 + k)
+            fds = len(os.listdir("/proc/self/fd"))
             ref = _run(pure, fast, request, [40], wsizes, False)
+            opened = len(os.listdir("/proc/self/fd")) - fds
             before = fast.served
             got = _run(comp, fast, request, [40], wsizes, True)
             assert got == ref, (kind, a, b, variant)
+            # as many fds kept (or closed) by C's path as by Python's: none leaked
+            assert len(os.listdir("/proc/self/fd")) - fds == 2 * opened, (kind, a, b, variant)
             served += fast.served - before
         assert _table_state(comp) == _table_state(pure)
         assert _comparable(comp.meter.words) == _comparable(pure.meter.words)
@@ -720,9 +777,10 @@ def _nodeid_of(session, nodeid: int, name: bytes, root) -> bool:
     return False
 
 
-def _sub_nodeid(session, root) -> int:
-    """sub's nodeid in this session, if it was looked up (else 0)."""
-    st_ = os.stat(root / "sub")
+def _sub_nodeid(session, root, name: str = "sub") -> int:
+    """The nodeid of ``name`` in the share in this session, if it was
+    looked up (else 0)."""
+    st_ = os.stat(root / name)
     for nodeid in session.cache._fds:
         info = session.inodes.get(nodeid)
         if info is not None and info[1:3] == (st_.st_dev, st_.st_ino):
@@ -730,17 +788,34 @@ def _sub_nodeid(session, root) -> int:
     return 0
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(steps=st.lists(LOOKUP_STEP, min_size=1, max_size=14), always=st.booleans())
-def test_lookups_are_equivalent(lookup_share, steps, always):
+LOOKUP_CONFIGS = {
+    "auto": {},
+    "always": {"cache": CacheMode.ALWAYS},
+    # file handles stored on insertion; at most 4 fds kept (reap trims)
+    "handles": {"file_handles": True, "inode_fds": 4},
+    # owner words and claims
+    "peers": {"peers": True},
+    "handles-peers": {"file_handles": True, "peers": True, "cache": CacheMode.ALWAYS},
+}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(LOOKUP_STEP, min_size=1, max_size=16), config=st.sampled_from(sorted(LOOKUP_CONFIGS)))
+def test_lookups_are_equivalent(lookup_share, steps, config):
     """Sequences of LOOKUPs (valid, invalid, dotted, too long and missing
-    names; root, looked-up, stale and unknown parents; malformed args,
-    short reply room) and FORGETs, on a reference session and on one with
-    the compiled ops, from the same start: after every step the same reply
-    bytes, the same table (nodeids, generations, lookup counts, free list),
-    the same nodeids cached by the worker with the same generations, the
-    same counters. --cache=always too (negative entries)."""
-    pair, fast = _lookup_pair(lookup_share, **({"cache": CacheMode.ALWAYS} if always else {}))
+    names; root, looked-up directory and file, stale and unknown parents;
+    malformed args, short reply room), FORGETs, another worker's lookups
+    and reaps, on a reference session and on one with the compiled ops,
+    from the same start: after every step the same reply bytes, the same
+    table (nodeids, generations, lookup counts, file handles, owner words,
+    free list, counters), the same nodeids cached by the worker in the same
+    order with the same generations, each fd of its inode, the same meter
+    counters, and as many fds open. The first LOOKUPs of inodes (C's
+    insertions and claims), a table of 15 that fills (ENFILE), and freed
+    slots reused while the worker still caches their old fds, included.
+    --cache=always (negative entries), --inode-file-handles with a bound of
+    4 fds, and peers too."""
+    pair, fast = _lookup_pair(lookup_share, **LOOKUP_CONFIGS[config])
     try:
         _run_steps(lookup_share, steps, pair, fast)
     finally:
@@ -748,10 +823,11 @@ def test_lookups_are_equivalent(lookup_share, steps, always):
 
 
 def test_repeated_lookups_are_served_in_c(lookup_share):
-    """The first LOOKUP of a name is Python's (it opens and caches the
-    inode's fd); every later one C serves with one count each, colliding
-    inodes, hard links, symlinks, directories and missing names alike, and
-    after a FORGET of some (the index shifted back) too."""
+    """Every LOOKUP C serves, the first of each inode (an insertion; the
+    hard link finds COLLIDE0's inode cached) and every later one with one
+    count each, colliding inodes, hard links, symlinks, directories and
+    missing names alike, and after a FORGET of some (the index shifted
+    back, the freed slots reused) too."""
     _root, collide, _others = lookup_share
     names = ["COLLIDE0", "COLLIDE1", "COLLIDE2", "COLLIDE3", "COLLIDE4", "hard", "ln", "sub"]
     first = [("lookup", "root", n, "ok") for n in names]
@@ -759,15 +835,184 @@ def test_repeated_lookups_are_served_in_c(lookup_share):
     forget = [("forget", "COLLIDE1", 3, ""), ("forget", "COLLIDE3", 3, "")]
     pair, fast = _lookup_pair(lookup_share)
     try:
-        assert _run_steps(lookup_share, first, pair, fast) == 1     # only "hard": COLLIDE0's inode, cached
+        assert _run_steps(lookup_share, first, pair, fast) == len(first)
         assert _run_steps(lookup_share, again, pair, fast) == len(again)
-        assert _run_steps(lookup_share, forget + first, pair, fast) == len(first) - 2
+        assert _run_steps(lookup_share, forget + first, pair, fast) == len(first)
         counts = {n: pair[1].inodes.get(n)[3] for n in pair[1].cache._fds}
         assert sorted(counts.values()) == sorted({n: pair[0].inodes.get(n)[3] for n in pair[0].cache._fds}.values())
         words = pair[1].meter.words
         base = counters.OPS + int(Opcode.LOOKUP) * counters.OP_WORDS
         enoent = counters.ERRORS + int(Opcode.LOOKUP) * counters.ERRNO_SLOTS + errno.ENOENT
         assert (words[base + counters.OP_REQUESTS], words[enoent]) == (2 * len(first) + len(again), 1)
+    finally:
+        _close(pair)
+
+
+def test_first_lookups_are_served_in_c_as_adopt_does(lookup_share):
+    """--inode-file-handles with peers: C's insertion stores the inode's
+    file handle (the bytes inodecache.file_handle gives for the cached fd)
+    and this worker's owner word for the fd it keeps; an inode another
+    worker put in the table is counted, its fd kept and claimed."""
+    from daemon.fuse.inodecache import file_handle
+    root, collide, others = lookup_share
+    pair, fast = _lookup_pair(lookup_share, file_handles=True, peers=True)
+    comp = pair[1]
+    try:
+        steps = [("peer", "OTHER1", 0, "")] + [("lookup", "root", n, "ok") for n in ("COLLIDE0", "OTHER1", "sub")]
+        assert _run_steps(lookup_share, steps, pair, fast) == 3
+        table, fds = comp.inodes, comp.cache._fds
+        by_name = {}
+        for name in (collide[0], others[1], "sub"):
+            st_ = os.lstat(root / name)
+            by_name[name] = next(n for n in fds if table.get(n)[1:3] == (st_.st_dev, st_.st_ino))
+        for name, nodeid in by_name.items():
+            gen, fd = fds[nodeid]
+            assert table.owner(nodeid) == 5 << 32 | fd
+            if name != others[1]:        # inserted here: its handle (ext4, tmpfs: they have them)
+                assert table.handle(nodeid, gen) == file_handle(fd) != b""
+        assert table.get(by_name[others[1]])[3] == 2      # the peer's count and this worker's
+        assert table.handle(by_name[others[1]], fds[by_name[others[1]]][0]) == b""  # ref stores none
+    finally:
+        _close(pair)
+
+
+def test_a_full_table_is_left_to_python(lookup_share):
+    """A table of capacity 3 (the root and two): the third inode's first
+    LOOKUP is declined with its new fd closed and the table untouched, and
+    Python answers ENFILE; the inodes in it are still served in C."""
+    names = ["COLLIDE0", "COLLIDE1", "COLLIDE2", "OTHER0"]
+    pair, fast = _lookup_pair(lookup_share, capacity=3)
+    try:
+        steps = [("lookup", "root", n, "ok") for n in names]
+        assert _run_steps(lookup_share, steps, pair, fast) == 2
+        for session in pair:
+            assert (len(session.inodes), len(session.cache._fds)) == (2, 2)
+        assert _run_steps(lookup_share, steps[:2], pair, fast) == 2
+        enfile = counters.ERRORS + int(Opcode.LOOKUP) * counters.ERRNO_SLOTS + errno.ENFILE
+        assert pair[1].meter.words[enfile] == 2      # COLLIDE2 and OTHER0, answered by Python
+        # a FORGET frees a slot: the next first LOOKUP takes it, in C
+        assert _run_steps(lookup_share, [("forget", "COLLIDE1", 2, ""), ("reap", "", 0, ""),
+                                         ("lookup", "root", "OTHER0", "ok")], pair, fast) == 1
+    finally:
+        _close(pair)
+
+
+def test_at_the_fd_limit_c_declines_and_python_answers_emfile(lookup_share):
+    """No fd left for the new O_PATH fd (RLIMIT_NOFILE): C's openat fails,
+    it declines with the table untouched, Python's fails the same way
+    (EMFILE). A name whose inode the worker holds C still serves (it opens
+    no fd), where Python answers EMFILE: the one known difference
+    (docs/compiled.md, "LOOKUP in C")."""
+    import resource
+    pair, fast = _lookup_pair(lookup_share)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        _run_steps(lookup_share, [("lookup", "root", "COLLIDE0", "ok")], pair, fast)
+        lowest = os.dup(0)
+        os.close(lowest)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+        try:
+            request, wsizes = _lookup_bytes(1, _name(lookup_share, "COLLIDE1"), "ok", 7)
+            before = fast.served
+            replies = [_run(session, fast, request, [40], wsizes, session is pair[1]) for session in pair]
+            assert replies[0] == replies[1] and abi.OUT_HEADER.unpack_from(replies[0][1])[1] == -errno.EMFILE
+            assert fast.served == before
+            assert _table_state(pair[1]) == _table_state(pair[0])
+            request, wsizes = _lookup_bytes(1, _name(lookup_share, "COLLIDE0"), "ok", 8)
+            replies = [_run(session, fast, request, [40], wsizes, session is pair[1]) for session in pair]
+            assert abi.OUT_HEADER.unpack_from(replies[0][1])[1] == -errno.EMFILE
+            assert replies[1][0] == 144 and fast.served == before + 1
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    finally:
+        _close(pair)
+
+
+def _consistent(table) -> None:
+    """The table as InodeTable's invariants want it: every live slot below
+    the high mark found by _find, the index holding exactly the live slots
+    and the root, the free list and the live slots together every other
+    slot, the live count right."""
+    from daemon.fuse import inodes
+    q, hdr, words = table._q, table._hdr, inodes._SLOT_WORDS
+    high = hdr[inodes._H_HIGH]
+    live = [s for s in range(2, high) if q[s * words + inodes._S_GEN]]
+    for s in live:
+        assert table._find(q[s * words + inodes._S_DEV], q[s * words + inodes._S_INO])[1] == s
+    assert sorted(s for s in table._hash if s) == sorted(live + [1])
+    free, f = [], hdr[inodes._H_FREE]
+    while f and len(free) <= table.capacity:
+        free.append(f)
+        f = q[f * words + inodes._S_NEXT]
+    assert sorted(free + live) == list(range(2, high))
+    assert len(table) == len(live)
+
+
+def test_at_the_fd_cache_bound_a_first_lookup_is_python_s(lookup_share):
+    """--inode-file-handles with --inode-fds 8: C caches at most 8 fds; the
+    next first LOOKUP is Python's (the wait loop in C never reaps after a
+    batch: the batch Python takes part in ends with the reap that trims),
+    a LOOKUP of a held inode is still C's, and after the trim to 7 C has
+    room for one more."""
+    pair, fast = _lookup_pair(lookup_share, file_handles=True, inode_fds=8)
+    try:
+        names = ["COLLIDE0", "COLLIDE1", "COLLIDE2", "COLLIDE3", "COLLIDE4", "OTHER0", "OTHER1", "OTHER2"]
+        assert _run_steps(lookup_share, [("lookup", "root", n, "ok") for n in names], pair, fast) == 8
+        assert _run_steps(lookup_share, [("lookup", "root", "OTHER3", "ok")], pair, fast) == 0
+        assert _run_steps(lookup_share, [("lookup", "root", "COLLIDE0", "ok")], pair, fast) == 1
+        assert _run_steps(lookup_share, [("reap", "", 0, "")], pair, fast) == 0
+        assert (len(pair[1].cache), pair[1].cache.evicted) == (7, 2)
+        assert _run_steps(lookup_share, [("lookup", "root", n, "ok") for n in ("sub", "ln")], pair, fast) == 1
+    finally:
+        _close(pair)
+
+
+def test_a_worker_killed_during_c_lookups_leaves_a_table_python_repairs(lookup_share):
+    """A forked worker runs C's first LOOKUPs (insertions) and FORGETs in
+    a loop and is killed (SIGKILL) at random moments, maybe in the middle
+    of an insertion: the next locker (Python's _lock, as the successor's
+    first lookup) finds the table DIRTY when it was, repairs it, and the
+    table is consistent; C serves on it again."""
+    import random
+    import signal
+    import time
+    from daemon.fds import close_fds
+    pair, fast = _lookup_pair(lookup_share, capacity=63)
+    session = pair[1]
+    table = session.inodes
+    names = [_name(lookup_share, n) for n in ("COLLIDE0", "COLLIDE1", "COLLIDE2", "COLLIDE3", "OTHER0", "sub")]
+    chains = [lambda n=n: Chain(0, IoVec([memoryview(bytearray(lookup_request(1, n + b"\0")))]),
+                                IoVec([memoryview(bytearray(144))])) for n in names]
+    rng = random.Random(7)
+    try:
+        for _ in range(25):
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:    # pragma: no cover - the child, killed
+                try:
+                    session.cache._close_fds = close_fds
+                    os.write(w, b"x")
+                    while True:
+                        for make in chains:
+                            fast.serve(make())
+                        table.unref_many([(n, table.get(n)[3]) for n in session.cache._fds
+                                          if table.get(n) is not None])
+                        session.cache.reap()
+                finally:
+                    os._exit(0)
+            os.read(r, 1)
+            os.close(r)
+            os.close(w)
+            time.sleep(rng.uniform(0.001, 0.02))
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            table._lock()       # what any successor's first mutation does (repairs if DIRTY)
+            table._unlock()
+            _consistent(table)
+            table.unref_many([(n, table.get(n)[3]) for n in range(2, table.capacity + 1) if table.get(n)])
+            _consistent(table)
+        assert fast.serve(chains[0]()) == 144
+        _consistent(table)
     finally:
         _close(pair)
 

@@ -77,8 +77,8 @@ class Rig:
         _unique[0] += 2
         if opcode == Opcode.GETATTR:
             args, out = abi.GETATTR_IN.pack(0, 0, 0), ROOM
-        else:   # LOOKUP: C declines it, Python answers
-            args, out = inproc.DATA.encode() + b"\0", abi.ENTRY_OUT.size
+        else:   # LOOKUP of "..": C declines it, Python answers
+            args, out = b"..\0", abi.ENTRY_OUT.size
         header = abi.IN_HEADER.pack(40 + len(args), opcode, _unique[0], 1, 0, 0, 1, 0, 0)
         return self.vr.submit([header, args], [16, out])
 
