@@ -65,6 +65,16 @@ def test_run_sh_marks_what_the_profiler_reads():
     assert '[ -n "$BENCH_MARKS" ] || return 0' in text
     for step in ("idle", "$job", "latency", "metadata"):
         assert f"mark start {step}" in text and f"mark end {step}" in text
+    # run.sh's own mark(): silent without BENCH_MARKS (make bench), a line
+    # the profiler's pattern reads with it
+    mark = next(line for line in text.splitlines() if line.startswith("mark() {"))
+    env = {k: v for k, v in os.environ.items() if k != "BENCH_MARKS"}
+    silent = subprocess.run(["sh", "-c", mark + "\nmark start rand-read"], env=env, capture_output=True,
+                            text=True, check=True)
+    assert silent.stdout == ""
+    said = subprocess.run(["sh", "-c", mark + "\nmark end rand-read"], env={**env, "BENCH_MARKS": "1"},
+                          capture_output=True, text=True, check=True)
+    assert gp.MARK.fullmatch(said.stdout.strip()).groups() == ("end", "rand-read")
     m = gp.MARK.search("x\r\n@@BENCH-MARK start rand-read@@\r\n")
     assert m and m.groups() == ("start", "rand-read")
     assert not gp.MARK.search("@@BENCH-MARK begin rand-read@@")
@@ -103,3 +113,14 @@ def test_step_ops_adds_the_metadata_and_latency_phases():
     assert gp.step_ops("latency", phases) == 7
     assert gp.step_ops("rand-read", phases) == 7
     assert gp.step_ops("seq-read", phases) == 0
+
+
+def test_make_profile_keeps_the_hand_written_guest_section():
+    from tests.perf import profile
+    generated = "# Where the time goes\n\n## The floor, and threads\n\n| a | b |\n"
+    hand = f"\n{profile.KEPT_HEADING}\n\nmeasured by hand\n\n### more\n\ntext\n"
+    assert profile.kept_section(generated + hand) == hand
+    assert profile.kept_section(generated) == ""
+    assert profile.kept_section("") == ""
+    # what main() writes: the new generated part, then the kept tail
+    assert (generated + profile.kept_section(generated + hand)).endswith("### more\n\ntext\n")
