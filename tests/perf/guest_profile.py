@@ -23,7 +23,8 @@ supervisor and workers; Rust: one process, its threads) and for QEMU:
   (``/proc/PID/task/TID/status``: a voluntary one is one sleep, i.e. one
   wake-up to come),
 - read- and write-type system calls (``/proc/PID/io`` syscr/syscw: eventfd
-  reads and writes, preadv/pwritev and the like).
+  reads and writes, preadv/pwritev and the like) and the bytes they moved
+  (rchar/wchar: a daemon's file data and 8 bytes per eventfd access).
 
 It prints, per step, the guest's figure and those counters divided by the
 step's operations (fio's I/Os, the metadata phases' operations), so the
@@ -55,7 +56,7 @@ from tests.perf.bench import WORKLOADS, parse_output, value  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 MARK = re.compile(r"@@BENCH-MARK (start|end) ([\w-]+)@@")
-COUNTERS = ("cpu_user", "cpu_sys", "run_s", "wait_s", "vcsw", "ivcsw", "syscr", "syscw")
+COUNTERS = ("cpu_user", "cpu_sys", "run_s", "wait_s", "vcsw", "ivcsw", "syscr", "syscw", "rchar", "wchar")
 
 
 def descendants(root: int) -> list[int]:
@@ -97,7 +98,7 @@ def counters(pids) -> dict:
             with open(f"/proc/{pid}/io") as f:
                 for line in f:
                     key, _, val = line.partition(":")
-                    if key in ("syscr", "syscw"):
+                    if key in ("syscr", "syscw", "rchar", "wchar"):
                         total[key] += int(val)
             for tid in os.listdir(f"/proc/{pid}/task"):
                 with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
