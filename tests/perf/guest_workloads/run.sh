@@ -10,7 +10,10 @@
 #   BENCH {"phase": "seq-write", "bw_bytes": ..., "iops": ..., "seconds": ...}
 #   BENCH {"phase": "create", "seconds": ..., "ops": ...}         (metadata.py)
 # and "@@BENCH-IDLE@@" / "@@BENCH-LOOKED-UP@@" markers for the host's
-# memory measurements. Exits non-zero if any step failed.
+# memory measurements. With BENCH_MARKS=1 in the environment, also
+# "@@BENCH-MARK start|end PHASE@@" around each step, each followed by a
+# second's pause, so the host can read the daemons' counters between steps
+# (tests/perf/guest_profile.py). Exits non-zero if any step failed.
 HERE=$(dirname "$0")
 MNT=${1:-/mnt}
 SEQ_MIB=${2:-256}
@@ -24,12 +27,15 @@ export BENCH_DIR="$MNT/bench-fio" SEQ_SIZE="${SEQ_MIB}M" RAND_SECONDS
 status=0
 
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches; sleep 0.5; }
+mark() { [ -n "$BENCH_MARKS" ] || return 0; echo "@@BENCH-MARK $1 $2@@"; sleep 1; }
 
-echo "@@BENCH-IDLE@@"; sleep 3
+echo "@@BENCH-IDLE@@"; mark start idle; sleep 3; mark end idle
 rm -rf "$BENCH_DIR"; mkdir -p "$BENCH_DIR" || exit 2
 for job in seq-write seq-read rand-read rand-write; do
     drop
+    mark start $job
     if fio --output-format=json --output=/tmp/fio-$job.json "$HERE/$job.fio" >/tmp/fio-$job.err 2>&1; then
+        mark end $job
         python3 - "$job" /tmp/fio-$job.json <<'EOF'
 import json, sys
 job, path = sys.argv[1], sys.argv[2]
@@ -45,12 +51,16 @@ done
 rm -rf "$BENCH_DIR"
 
 if [ "$LAT_COUNT" -gt 0 ]; then
+    mark start latency
     python3 "$HERE/latency.py" "$MNT/bench-lat" --count "$LAT_COUNT" || { echo "BENCH-FAIL latency"; status=1; }
+    mark end latency
     rm -rf "$MNT/bench-lat"
 fi
 
 set -- python3 "$HERE/metadata.py" "$MNT/bench-meta" --files "$FILES"
 [ "$TARBALL" != "-" ] && set -- "$@" --tar "$TARBALL"
 [ "$FOOTPRINT" != "-" ] && set -- "$@" --footprint "$MNT/$FOOTPRINT"
+mark start metadata
 "$@" || { echo "BENCH-FAIL metadata"; status=1; }
+mark end metadata
 exit $status
