@@ -394,6 +394,28 @@ static int iov_copy(const struct iovec *iov, int count, Py_ssize_t off, void *me
     return n == 0 ? 0 : -1;
 }
 
+/* this worker's fd cache entry of nodeid key (InodeCache._fds: a
+ * (generation, fd) tuple): 1 and *gen, *fd; 0 if there is none; -1 (any
+ * error cleared) if it is not shaped like one */
+static int cache_entry(const struct state *st, PyObject *key, uint64_t *gen, int *fd)
+{
+    PyObject *e = PyDict_GetItemWithError(st->fds, key);   /* borrowed */
+    if (e == NULL)
+        return PyErr_Occurred() ? (PyErr_Clear(), -1) : 0;
+    if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 2 || !PyLong_CheckExact(PyTuple_GET_ITEM(e, 0))
+            || !PyLong_CheckExact(PyTuple_GET_ITEM(e, 1)))
+        return -1;
+    unsigned long long g = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(e, 0));
+    long long f = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 1));
+    if (PyErr_Occurred() || f < 0 || f > INT32_MAX) {
+        PyErr_Clear();
+        return -1;
+    }
+    *gen = g;
+    *fd = (int)f;
+    return 1;
+}
+
 /* the O_PATH fd this worker holds for a live nodeid, -1 if it holds none
  * (InodeCache.fd: the root, or a cached fd whose generation still matches;
  * anything else, Python reopens or answers ESTALE) */
@@ -403,23 +425,12 @@ static int cached_fd(FastOps *self, const struct state *st, uint64_t nodeid)
         return (int)st->root_fd;
     if (nodeid == 0 || nodeid > (uint64_t)(PY_SSIZE_T_MAX / self->slot_words) || st->fds == NULL)
         return -1;
-    int result = -1;
     PyObject *key = PyLong_FromUnsignedLongLong(nodeid);
-    if (key != NULL) {
-        PyObject *e = PyDict_GetItemWithError(st->fds, key);   /* borrowed */
-        if (e != NULL && PyTuple_CheckExact(e) && PyTuple_GET_SIZE(e) == 2
-                && PyLong_CheckExact(PyTuple_GET_ITEM(e, 0)) && PyLong_CheckExact(PyTuple_GET_ITEM(e, 1))) {
-            unsigned long long gen = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(e, 0));
-            long long f = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 1));
-            uint64_t now;
-            if (!PyErr_Occurred() && f >= 0 && f <= INT32_MAX
-                    && load_word(&st->inodes, (Py_ssize_t)nodeid * self->slot_words, &now) == 0
-                    && now == gen)
-                result = (int)f;
-        }
-    }
+    uint64_t gen, now;
+    int fd, has = key == NULL ? -1 : cache_entry(st, key, &gen, &fd);
     Py_XDECREF(key);
-    return result;
+    return has == 1 && load_word(&st->inodes, (Py_ssize_t)nodeid * self->slot_words, &now) == 0 && now == gen
+           ? fd : -1;
 }
 
 /* the host fd of the live open file fh this worker holds, -1 if it holds

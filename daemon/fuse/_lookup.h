@@ -278,28 +278,6 @@ out:
     return rc;
 }
 
-/* this worker's fd cache entry of nodeid key (InodeCache._fds: a
- * (generation, fd) tuple): 1 and *gen, *fd; 0 if there is none; -1 (any
- * error cleared) if it is not shaped like one */
-static int cache_entry(const struct state *st, PyObject *key, uint64_t *gen, int *fd)
-{
-    PyObject *e = PyDict_GetItemWithError(st->fds, key);   /* borrowed */
-    if (e == NULL)
-        return PyErr_Occurred() ? (PyErr_Clear(), -1) : 0;
-    if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 2 || !PyLong_CheckExact(PyTuple_GET_ITEM(e, 0))
-            || !PyLong_CheckExact(PyTuple_GET_ITEM(e, 1)))
-        return -1;
-    unsigned long long g = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(e, 0));
-    long long f = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 1));
-    if (PyErr_Occurred() || f < 0 || f > INT32_MAX) {
-        PyErr_Clear();
-        return -1;
-    }
-    *gen = g;
-    *fd = (int)f;
-    return 1;
-}
-
 /* inodecache.file_handle(fd) into the slot at base (InodeTable.ref stores
  * none, then set_handle the one adopt got): the struct file_handle of
  * name_to_handle_at(fd, "", AT_EMPTY_PATH) with room for 128 bytes, kept
