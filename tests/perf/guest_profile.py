@@ -51,32 +51,18 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tests.conftest import start_daemon  # noqa: E402
+from tests.guest.harness import process_tree  # noqa: E402
 from tests.guest.vm import guest_path, run_guest  # noqa: E402
 from tests.perf.bench import WORKLOADS, parse_output, value  # noqa: E402
+from tests.procfs import TICKS_PER_SECOND  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
 MARK = re.compile(r"@@BENCH-MARK (start|end) ([\w-]+)@@")
 COUNTERS = ("cpu_user", "cpu_sys", "run_s", "wait_s", "vcsw", "ivcsw", "syscr", "syscw", "rchar", "wchar")
 
 
 def descendants(root: int) -> list[int]:
-    """``root`` and every process below it (one pass over /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, ()))
-    return out
+    """``root`` and every live process below it (harness.process_tree)."""
+    return [pid for pid, _, _ in process_tree(root)]
 
 
 def counters(pids) -> dict:
@@ -90,7 +76,7 @@ def counters(pids) -> dict:
                 stat = f.read()
             name = stat[stat.index("(") + 1:stat.rindex(")")]
             fields = stat.rsplit(")", 1)[1].split()
-            user, system = int(fields[11]) / TICK, int(fields[12]) / TICK
+            user, system = int(fields[11]) / TICKS_PER_SECOND, int(fields[12]) / TICKS_PER_SECOND
             total["cpu_user"] += user
             total["cpu_sys"] += system
             mine = by_name.setdefault(name, [0.0, 0, 0.0])
