@@ -105,14 +105,10 @@ def counters(pids) -> dict:
 
 
 def opcounts(path: str) -> dict[str, float]:
-    """{opcode: FUSE requests served} from our --metrics-socket."""
-    from tests.metrics_client import scrape
-    out: dict[str, float] = {}
-    for (name, labels), val in scrape(path).items():
-        if name == "pyvirtiofsd_requests_total":
-            op = dict(labels)["op"]
-            out[op] = out.get(op, 0) + val
-    return out
+    """{opcode: FUSE requests served} from our --metrics-socket (summed
+    over the workers by rootfs_ops.scrape)."""
+    from tests.perf.rootfs_ops import scrape
+    return {op: reqs for op, (reqs, _seconds) in scrape(path).items()}
 
 
 def profile_run(kind: str, extra: tuple, cache: str, platform: str, a) -> dict:
