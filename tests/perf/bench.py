@@ -604,7 +604,8 @@ def render_table(rows: list[dict]) -> str:
     return "\n".join(lines).lstrip("\n")
 
 
-def render_markdown(rows, info, p, args, guest, elapsed, floor=None, parallel=None, rootfs=None) -> str:
+def render_markdown(rows, info, p, args, guest, elapsed, floor=None, parallel=None, rootfs=None,
+                    pending=()) -> str:
     goals = [r["goal"] for r in rows if r.get("goal")]
     ratios = [(r["name"], base, r[key]) for r in rows
               for base, key in (("C", "ratio"), ("Rust", "ratio_rust")) if r[key] is not None]
@@ -619,6 +620,11 @@ def render_markdown(rows, info, p, args, guest, elapsed, floor=None, parallel=No
         f"median of {p['par_rounds']} interleaved runs). Platform a: "
         f"{info['platform_a']}; platform b: {info['platform_b']}.",
         "",
+    ]
+    if pending:
+        md += ["**Incomplete:** written after a part finished; not measured (yet): "
+               + ", ".join(pending) + ".", ""]
+    md += [
         "![ratios](ratios.png)",
         "",
         render_table(rows),
@@ -755,39 +761,53 @@ def main(argv=None) -> int:
     log("start-up time")
     start = {k: footprint.startup_median(k, p["startup_runs"]) for k in KINDS}
     floor = footprint.interpreter_floor()
-    fe = None
-    if not args.skip_frontend:
+    parts = {"frontend": not args.skip_frontend, "guest": not args.skip_guest,
+             "parallel": not args.skip_parallel, "rootfs": not args.skip_rootfs}
+    res = {"guest": None, "large": None, "frontend": None, "parallel": None, "rootfs": None}
+
+    def write(done: str | None) -> tuple[list, float]:
+        """Write results.json, results.md and ratios.png from the parts run so
+        far: a run stopped later (a session's end, a crash in a later part)
+        still leaves the figures it measured, marked incomplete."""
+        if done:
+            parts[done] = False
+        pending = [k for k, todo in parts.items() if todo]
+        elapsed = time.monotonic() - t0
+        rows = build_rows(res["guest"], res["frontend"], start, p, res["parallel"], res["rootfs"])
+        (out / "results.json").write_text(json.dumps(
+            {"machine": info, "params": p, "rows": rows, "interpreter_floor": floor, "startup": start,
+             "pending": pending, **res}, indent=1, default=str))
+        (out / "results.md").write_text(render_markdown(
+            rows, info, p, args, dict(res["guest"] or {}, large=res["large"]), elapsed, floor,
+            res["parallel"], res["rootfs"], pending))
+        render_chart(rows, out / "ratios.png")
+        return rows, elapsed
+
+    if parts["frontend"]:
         log("daemon-bound: vhost-user test frontend")
-        fe = frontend_part(p, p["rounds"])
-    guest = None
-    large = None
-    if not args.skip_guest:
-        guest = {}
+        res["frontend"] = frontend_part(p, p["rounds"])
+        write("frontend")
+    if parts["guest"]:
+        res["guest"] = {}
         for plat in platforms:
             log(f"real guest (QEMU TCG), platform {plat}")
-            guest[plat] = guest_part(p, p["rounds"], plat)
-        if "a" in guest:
+            res["guest"][plat] = guest_part(p, p["rounds"], plat)
+            write(None)
+        if "a" in res["guest"]:
             log(f"real guest: {p['large_files']:,} files looked up, ours with --inode-file-handles=prefer")
-            large = large_footprint_part(p)
-    parallel = None
-    if not args.skip_parallel:
+            res["large"] = large_footprint_part(p)
+        write("guest")
+    if parts["parallel"]:
         log("parallel workloads, platform b: " + ", ".join(f"{KIND_LABEL[n]} with {q} request queue(s)"
                                                            for n, _, q, _ in PARALLEL))
-        parallel = parallel_part(p, p["par_rounds"])
-    rootfs = None
-    if not args.skip_rootfs:
+        res["parallel"] = parallel_part(p, p["par_rounds"])
+        write("parallel")
+    if parts["rootfs"]:
         log(f"root file system on virtio-fs, platform(s) {','.join(platforms)}: boot, dpkg -i, reboot")
-        rootfs = rootfs_bench.rootfs_part(platforms, p["rounds"], p["rootfs_set"], log, p["rootfs_verify_all"])
-    elapsed = time.monotonic() - t0
-    rows = build_rows(guest, fe, start, p, parallel, rootfs)
-    (out / "results.json").write_text(json.dumps({"machine": info, "params": p, "rows": rows,
-                                                  "guest": guest, "large": large, "parallel": parallel,
-                                                  "frontend": fe, "startup": start, "rootfs": rootfs,
-                                                  "interpreter_floor": floor},
-                                                 indent=1, default=str))
-    (out / "results.md").write_text(render_markdown(rows, info, p, args, dict(guest or {}, large=large),
-                                                    elapsed, floor, parallel, rootfs))
-    render_chart(rows, out / "ratios.png")
+        res["rootfs"] = rootfs_bench.rootfs_part(platforms, p["rounds"], p["rootfs_set"], log,
+                                                 p["rootfs_verify_all"])
+        write("rootfs")
+    rows, elapsed = write(None)
     print()
     print(render_table(rows))
     print(f"\nwritten: {out / 'results.md'}, {out / 'ratios.png'} ({elapsed / 60:.1f} min)")

@@ -67,3 +67,16 @@ def test_spread_and_markdown_show_median_lowest_highest(monkeypatch):
             "| 6.0 (5.0–7.0, n=3) |") in md
     assert "ours --no-xattr, 2 q" in md
     assert "load average (1 min) at each run" in md
+
+
+def test_markdown_of_a_run_cut_short_names_the_parts_not_measured(monkeypatch):
+    scripted(monkeypatch, {"ours": [10.0], "ours-noxattr": [11.0], "rust": [5.0]})
+    p = dict(bench.QUICK)
+    res = bench.parallel_part(p, 1)
+    rows = bench.build_rows(None, None, {}, p, res)
+    info = {"date": "d", "platform_a": "a", "platform_b": "b"}
+    md = bench.render_markdown(rows, info, p, argparse.Namespace(quick=True), None, 60.0, parallel=res,
+                               pending=["rootfs"])
+    assert "**Incomplete:**" in md and "not measured (yet): rootfs." in md
+    full = bench.render_markdown(rows, info, p, argparse.Namespace(quick=True), None, 60.0, parallel=res)
+    assert "Incomplete" not in full
