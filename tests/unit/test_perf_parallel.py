@@ -80,3 +80,25 @@ def test_markdown_of_a_run_cut_short_names_the_parts_not_measured(monkeypatch):
     assert "**Incomplete:**" in md and "not measured (yet): rootfs." in md
     full = bench.render_markdown(rows, info, p, argparse.Namespace(quick=True), None, 60.0, parallel=res)
     assert "Incomplete" not in full
+
+
+def test_a_daemon_failing_one_frontend_run_is_retried_not_fatal(monkeypatch):
+    calls = []
+
+    def rates(kind, ops, depths, seconds, cpu=None):
+        calls.append(kind)
+        if kind == "rust" and calls.count("rust") == 1:
+            raise TimeoutError("INIT unique 2: no completion")
+        if kind == "c":
+            raise RuntimeError("c daemon exited with 1")
+        keys = [f"{op}-d{d}" for op in ops for d in depths]
+        cpu.update({k: 1.0 for k in keys})
+        return {k: 10.0 for k in keys}
+
+    monkeypatch.setattr(bench, "daemon_rates", rates)
+    monkeypatch.setattr(bench, "log", lambda msg: None)
+    best = bench.frontend_part(dict(bench.QUICK), 1)
+    assert calls == ["ours", "c", "c", "rust", "rust"]
+    assert best["rust"]["getattr-d1"] == 10.0 and best["c"] == {}
+    # the rows skip what a baseline never measured instead of failing the report
+    assert not [r for r in bench.build_rows(None, best, {}, dict(bench.QUICK)) if r["name"] == "getattr-d1"]
