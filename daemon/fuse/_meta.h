@@ -35,7 +35,9 @@
  * 0 or AT_REMOVEDIR), the GIL released, under the worker's own
  * credentials as Python's (neither op is in ops.AS_CALLER), no retry on
  * EINTR; the empty reply, or the error header with its errno. Lookup
- * counts are unchanged, as in Python (the guest FORGETs).
+ * counts are unchanged, as in Python (the guest FORGETs). In the batch
+ * loop the chain is taken before unlinkat (as WRITE's before pwritev2):
+ * removing is not safe to do twice.
  *
  * FLUSH (files.do_flush) when it has no lock work: the fh is an open file
  * this worker holds (open_fd, READ's check), the shared FileTable holds no
@@ -182,6 +184,12 @@ static Py_ssize_t fast_remove(FastOps *self, const struct state *st, const struc
     if (meta_name(q, h, name) < 0 || (fd = cached_fd(self, st, h->nodeid)) < 0)
         return NOT_HANDLED;
     int flags = h->opcode == OP_RMDIR ? AT_REMOVEDIR : 0, rc, err;
+    /* answered from here on (serve_req checked room for a header): in the
+     * batch loop the chain is taken first, as WRITE's, so that a worker
+     * dying in unlinkat leaves it to its successor's EIO, never to a
+     * second unlinkat answering ENOENT */
+    if (q->take != NULL)
+        take_chain(q->take);
     Py_BEGIN_ALLOW_THREADS
     rc = unlinkat(fd, name, flags);
     err = errno;
