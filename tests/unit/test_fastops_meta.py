@@ -522,3 +522,114 @@ def test_metered_requests_count_the_same(world, metered, opcode, name, err, rcut
     else:
         request = name_request(opcode, nodeids["d"], name)
     compare_metered(world, metered, request, rcuts)
+
+
+# -- the batch loop (stage 3): a ring of them, against the pure loop ------------------------
+def _ring_run(share, requests, compiled: bool):
+    """One WorkerLoop._serve over a ring of ``requests`` (made by a
+    function of the nodeids) on a fresh share: the replies in ring order,
+    what C served, and the tree after."""
+    from daemon.config import Config
+    from daemon.fuse.inodes import InodeTable
+    from daemon.fuse.session import FuseSession
+    from daemon.virtio.compiled import VirtQueue
+    from daemon.virtio.memory import GuestMemory as DaemonMemory
+    from daemon.workers.loop import WorkerLoop
+    from tests.frontend.guestmem import GuestMemory as FrontMemory
+    from tests.frontend.vring import VRing
+
+    class NoChannel:
+        def fileno(self):
+            return -1
+
+    if share.exists():
+        shutil.rmtree(share)
+    share.mkdir()
+    (share / "x").write_bytes(b"x")
+    os.setxattr(share / "x", b"user.small", b"0123456789")
+    (share / "d").mkdir()
+    _make_tree(share)
+    fmem = FrontMemory(16 << 20)
+    vr = VRing(fmem, 1, 64)
+    dmem = DaemonMemory.from_regions([(r.gpa, r.size, r.qva, r.mmap_offset) for r in fmem.regions],
+                                     [os.dup(r.fd) for r in fmem.regions])
+    session = FuseSession(Config(shared_dir=str(share), sandbox="none", seccomp="none"), InodeTable(1 << 10),
+                          "request")
+    loop = WorkerLoop(NoChannel(), session, (1,))
+    if not compiled:
+        loop.use_fast_ops(None)
+    ring = loop.rings[1]
+    ring.num = vr.num
+    ring.queue = VirtQueue(dmem, vr.num, fmem.qva(vr.desc_gpa), fmem.qva(vr.avail_gpa), fmem.qva(vr.used_gpa), 0,
+                           False)
+    ring.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    unique = [0]
+    cwd = os.getcwd()
+    os.chdir("/proc/self/fd")   # a request worker's cwd (xattrs and reopening use it)
+
+    def call(opcode, nodeid, args, out):
+        unique[0] += 2
+        vr.submit([abi.IN_HEADER.pack(40 + len(args), opcode, unique[0], nodeid, 0, 0, 1, 0, 0), args], [16] + out)
+        loop._serve(ring)
+        head = vr.harvest()[0]
+        data = vr.read_writable(head)
+        vr.free(head)
+        return data
+
+    try:
+        call(Opcode.INIT, 0, abi.INIT_IN.pack(7, 38, 1 << 20, 0x7FFFFFFF, 0), [abi.INIT_OUT.size])
+        ids = {n: int.from_bytes(call(Opcode.LOOKUP, 1, n.encode() + b"\0", [abi.ENTRY_OUT.size])[16:24], "little")
+               for n in ("x", "d")}
+        opened = call(Opcode.OPEN, ids["x"], abi.OPEN_IN.pack(os.O_RDWR, 0), [abi.OPEN_OUT.size])
+        assert abi.OUT_HEADER.unpack_from(opened)[1] == 0
+        ids["fh"] = int.from_bytes(opened[16:24], "little")
+        before = loop._fast.served if loop._fast is not None else 0
+        heads = [vr.submit(*r(ids)) for r in requests]
+        loop._serve(ring)
+        done = vr.harvest()
+        assert sorted(done) == sorted(heads)
+        replies = [vr.read_writable(h) for h in heads]
+        served = (loop._fast.served if loop._fast is not None else 0) - before
+        return replies, served, _tree(share)
+    finally:
+        os.chdir(cwd)
+        session.close()
+        session.inodes.close()
+        ring.queue.release()
+        dmem.close()
+        vr.close()
+        fmem.close()
+        os.close(ring.call_fd)
+        loop._epoll.close()
+
+
+def _req(opcode, nodeid_of, args, out):
+    return lambda ids: ([abi.IN_HEADER.pack(40 + len(args(ids)), opcode, 77, nodeid_of(ids), 0, 0, 1, 0, 0),
+                         args(ids)], [16] + out)
+
+
+def test_a_ring_of_them_in_the_batch_loop(tmp_path, monkeypatch):
+    """Stage 3 (the default loop): GETXATTRs, UNLINKs, RMDIRs, FLUSHes C
+    serves, one LOOKUP of ".." it declines in the middle (Python pops it)
+    and the rest after it: the same replies and tree as the pure loop,
+    and C served all but the declined one."""
+    monkeypatch.delenv("PYVIRTIOFSD_FASTOPS", raising=False)
+    from daemon.virtio import compiled
+    # PYVIRTIOFSD_PURE=1: no compiled ops in the loop, both runs are the pure one
+    in_c = 7 if compiled.VirtQueue is compiled.CompiledVirtQueue else 0
+    requests = [
+        _req(Opcode.GETXATTR, lambda i: i["x"], lambda i: abi.GETXATTR_IN.pack(0) + b"security.capability\0", [8]),
+        _req(Opcode.GETXATTR, lambda i: i["x"], lambda i: abi.GETXATTR_IN.pack(100) + b"user.small\0", [100]),
+        _req(Opcode.UNLINK, lambda i: i["d"], lambda i: b"f1\0", []),
+        _req(Opcode.UNLINK, lambda i: i["d"], lambda i: b"f1\0", []),
+        _req(Opcode.LOOKUP, lambda i: i["d"], lambda i: b"a/b\0", [abi.ENTRY_OUT.size]),
+        _req(Opcode.RMDIR, lambda i: i["d"], lambda i: b"sub\0", []),
+        _req(Opcode.RMDIR, lambda i: i["d"], lambda i: b"full\0", []),
+        _req(Opcode.FLUSH, lambda i: 1, lambda i: abi.FLUSH_IN.pack(i["fh"], 3), []),
+    ]
+    pure = _ring_run(tmp_path / "pure", requests, False)
+    c = _ring_run(tmp_path / "c", requests, True)
+    assert c[0] == pure[0] and c[2] == pure[2]
+    assert (pure[1], c[1]) == (0, in_c)
+    errors = [abi.OUT_HEADER.unpack_from(r)[1] for r in c[0]]
+    assert errors == [-errno.ENODATA, 0, 0, -errno.ENOENT, -errno.EINVAL, 0, -errno.ENOTEMPTY, 0]
