@@ -13,23 +13,10 @@ import os
 import pytest
 
 from tests.frontend.fuse_client import FuseErrorReply
-from tests.procfs import children, fd_count, settled_fd_count
+from tests.frontend.test_frontend_worker_loop import ours_only, worker_pid  # noqa: F401 - ours_only: autouse
+from tests.procfs import fd_count, settled_fd_count
 
 ROOT = 1
-
-
-@pytest.fixture(autouse=True)
-def ours_only(daemon_kind):
-    if daemon_kind != "ours":
-        pytest.skip("pyvirtiofsd's options and workers")
-
-
-def _worker(frontend, name: str) -> int:
-    for pid in children(frontend.daemon.pid):
-        with open(f"/proc/{pid}/comm") as f:
-            if f.read().strip() == f"vfsd-{name}":
-                return pid
-    raise AssertionError(f"no vfsd-{name} under {frontend.daemon.pid}")
 
 
 def _errno(call) -> int:
@@ -62,7 +49,7 @@ def test_metadata_ops_answer_as_python_does_on_the_confined_worker(frontend):
     assert _errno(lambda: frontend.rmdir(ROOT, "..")) == errno.EINVAL     # Python's
     frontend.rmdir(ROOT, "empty")
     assert not (shared / "empty").exists()
-    worker = _worker(frontend, "request-1")
+    worker = worker_pid(frontend, "request-1")
     o = frontend.open(f, os.O_RDWR)
     fds = fd_count(worker)
     for _ in range(20):

@@ -26,10 +26,11 @@ from hypothesis import strategies as st
 from daemon.fuse import abi, fastmeta, fastpath, readonly
 from daemon.fuse.abi import Opcode
 from daemon.metrics import counters
-from daemon.metrics.counters import MetricsArea, WorkerMeter
 from daemon.virtio.iovec import IoVec
 from daemon.virtio.virtqueue import Chain
 from tests.unit.fusereq import entry_nodeid, in_header, start_session
+from tests.unit.test_fastops_equivalence import _comparable, metered_ops
+from tests.unit.test_fastops_equivalence import _run as _session_run
 
 XATTRS = {b"user.small": b"0123456789", b"user.big": bytes(range(200)), b"user.empty": b"",
           b"user.huge": b"h" * 2500, b"user.with/slash": b"s"}
@@ -98,22 +99,13 @@ def world(tmp_path_factory):
     os.chdir(cwd)
 
 
-def _cut(data: bytes, cuts: list[int]) -> list[memoryview]:
-    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [memoryview(bytearray(data[a:b])) for a, b in zip(points, points[1:]) if b > a]
-
-
 def _run(root, session, fast, request: bytes, rcuts, wsizes, compiled: bool):
+    """test_fastops_equivalence's run on a fresh tree: (bytes written, the
+    writable bytes, the tree after, fds opened)."""
     _make_tree(root)
     fds = _fds()
-    readable = IoVec(_cut(request, rcuts))
-    outs = [bytearray(bytes([0xA5 ^ i]) * n) for i, n in enumerate(wsizes)]
-    writable = IoVec([memoryview(b) for b in outs])
-    chain = Chain(0, readable, writable)
-    n = fast.serve(chain) if compiled else -1
-    if n < 0:
-        n = session.handle(readable, writable, chain)
-    return n, b"".join(outs), _tree(root), _fds() - fds
+    n, out = _session_run(session, fast, request, rcuts, wsizes, compiled)
+    return n, out, _tree(root), _fds() - fds
 
 
 def compare(world, request: bytes, rcuts=(40,), wsizes=(16, 4096), fast=None) -> tuple[int, bool]:
@@ -399,27 +391,7 @@ def test_readonly_rows_are_not_the_reference(world):
 # -- with a meter: the same counters -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def metered(world):
-    _root, session, _client, _fast, _nodeids = world
-    area = MetricsArea(2)
-    meters = [WorkerMeter(area.slot(i), fd_limit=1024) for i in range(2)]
-    session.meter = meters[1]
-    try:
-        fast = fastpath.make(session)
-    finally:
-        session.meter = None
-    return fast, meters
-
-
-def _comparable(words) -> tuple[list[int], list[int]]:
-    words = list(words)
-    observations = []
-    for op in range(counters.OPCODE_SLOTS):
-        base = counters.OPS + op * counters.OP_WORDS
-        buckets = slice(base + counters.OP_BUCKETS, base + counters.OP_BUCKETS + len(counters.LATENCY_BUCKETS_NS) + 1)
-        observations.append(sum(words[buckets]))
-        words[base + counters.OP_LATENCY_SUM] = 0
-        words[buckets] = [0] * len(words[buckets])
-    return words, observations
+    return metered_ops(world[1])
 
 
 def compare_metered(world, metered, request: bytes, rcuts=(40,), wsizes=(16, 4096)) -> tuple[int, bool]:
