@@ -57,6 +57,9 @@
  * InodeCache.adopt does), or a missing name: _lookup.h, included below,
  * says exactly when.
  *
+ * GETXATTR, UNLINK, RMDIR and FLUSH (those FastOps.enable_meta named:
+ * fastmeta.py): _meta.h, included below, says exactly when.
+ *
  * With a meter (--metrics-socket), what C answers is counted here into
  * the worker's shared-memory slot as WorkerMeter.request counts it
  * (count() below; fastpath.meter_layout gives the word indices, checked

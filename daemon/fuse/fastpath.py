@@ -47,6 +47,11 @@ under the table's own locks, for inodes this worker holds an fd of, and
 opens, inserts and caches those it does not as ``InodeCache.adopt`` does;
 docs/compiled.md, "LOOKUP in C" and "A worker's first LOOKUP in C").
 
+GETXATTR, UNLINK, RMDIR and FLUSH are compiled as ``fastmeta.py`` says
+(``make`` calls ``FastOps.enable_meta``; docs/compiled.md, "Metadata ops
+in C"): the plain case of each, with the reference handler in the op
+table and nothing configured that changes its answer.
+
 With ``--metrics-socket`` the session has a meter (metrics/counters.py's
 ``WorkerMeter``) before the loop asks for ``serve``, and the requests C
 answers are counted by C into the same shared-memory slot, as
