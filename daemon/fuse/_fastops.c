@@ -755,7 +755,7 @@ static void count(struct meter *m, int opcode, const struct timespec *start, int
                   uint64_t wrote)
 {
     const struct op_words *op = opcode == OP_READ ? &m->read : opcode == OP_WRITE ? &m->write
-        : opcode == OP_LOOKUP ? &m->lookup : opcode == OP_GETATTR ? &m->getattr : &m->meta[meta_slot(opcode)];
+        : opcode == OP_LOOKUP ? &m->lookup : opcode == OP_GETATTR || meta_slot(opcode) < 0 ? &m->getattr : &m->meta[meta_slot(opcode)];
     struct timespec end;
     clock_gettime(CLOCK_MONOTONIC, &end);
     int64_t ns = (int64_t)(end.tv_sec - start->tv_sec) * 1000000000 + (end.tv_nsec - start->tv_nsec);
