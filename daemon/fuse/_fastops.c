@@ -57,6 +57,9 @@
  * InodeCache.adopt does), or a missing name: _lookup.h, included below,
  * says exactly when.
  *
+ * GETXATTR, UNLINK, RMDIR and FLUSH (those FastOps.enable_meta named:
+ * fastmeta.py): _meta.h, included below, says exactly when.
+ *
  * With a meter (--metrics-socket), what C answers is counted here into
  * the worker's shared-memory slot as WorkerMeter.request counts it
  * (count() below; fastpath.meter_layout gives the word indices, checked
@@ -178,6 +181,7 @@ struct op_words {
 };
 
 #define MAX_BUCKETS 15          /* counters.OP_WORDS - OP_BUCKETS - 1 */
+#define META_OPS 4              /* the ops of _meta.h */
 
 /* the metrics slot this worker counts into, laid out by counters.py (the
  * indices come from fastpath.make, checked against the slot's length once) */
@@ -186,6 +190,7 @@ struct meter {
     uint64_t *w;
     Py_ssize_t bytes_read, errno_slots, nbounds, bytes_written;
     struct op_words getattr, read, write, lookup;
+    struct op_words meta[META_OPS]; /* GETXATTR, UNLINK, RMDIR, FLUSH (_meta.h, enable_meta) */
     uint64_t bounds[MAX_BUCKETS];   /* LATENCY_BUCKETS_NS: the last bucket is above them all */
 };
 
@@ -236,6 +241,8 @@ typedef struct {
     PyObject *meter;        /* the WorkerMeter counted for, or NULL */
     struct meter m;         /* valid when meter is set */
     struct lookup_table lk; /* LOOKUP (_lookup.h) */
+    unsigned int meta;      /* _meta.h's ops served here: 1 << meta_slot(opcode) */
+    Py_ssize_t h_locks;     /* FileTable._H_LOCKS (FLUSH, _meta.h) */
 } FastOps;
 
 static PyObject *s_readable, *s_writable, *s_views, *s_size, *s_session, *s_meter, *s_cache,
@@ -731,6 +738,8 @@ static Py_ssize_t fast_write(struct state *st, const struct req *q, const struct
     return iov_copy(q->w, q->nw, 0, &r, sizeof r, 1) < 0 ? NOT_HANDLED : (Py_ssize_t)sizeof r;
 }
 
+#include "_meta.h"
+
 /* one word of the slot plus n: a plain load and store (this thread is the
  * slot's only writer; the supervisor reads whole aligned words) */
 static void add(uint64_t *w, Py_ssize_t i, uint64_t n)
@@ -746,7 +755,7 @@ static void count(struct meter *m, int opcode, const struct timespec *start, int
                   uint64_t wrote)
 {
     const struct op_words *op = opcode == OP_READ ? &m->read : opcode == OP_WRITE ? &m->write
-        : opcode == OP_LOOKUP ? &m->lookup : &m->getattr;
+        : opcode == OP_LOOKUP ? &m->lookup : opcode == OP_GETATTR || meta_slot(opcode) < 0 ? &m->getattr : &m->meta[meta_slot(opcode)];
     struct timespec end;
     clock_gettime(CLOCK_MONOTONIC, &end);
     int64_t ns = (int64_t)(end.tv_sec - start->tv_sec) * 1000000000 + (end.tv_nsec - start->tv_nsec);
@@ -783,6 +792,7 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
         return NOT_HANDLED;
     if (h.opcode == OP_GETATTR ? q->wsize < OUT_HEADER + ATTR_OUT
             : h.opcode == OP_LOOKUP ? self->lk.hash == NULL || q->wsize < OUT_HEADER + ENTRY_OUT
+            : meta_wants(self, h.opcode) ? 0
             : !((h.opcode == OP_READ && self->reads) || (h.opcode == OP_WRITE && self->writes)))
         return NOT_HANDLED;
     *opcode = (int)h.opcode;
@@ -797,6 +807,8 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
         return fast_write(st, q, &h, error);
     if (h.opcode == OP_LOOKUP)
         return fast_lookup(self, st, q, &h, error);
+    if (h.opcode != OP_GETATTR)
+        return fast_meta(self, st, q, &h, error);
     return fast_getattr(self, st, q, &h, error);
 }
 
@@ -1118,6 +1130,7 @@ static int fastops_init(FastOps *self, PyObject *args, PyObject *kw)
     self->attr_nsec = (uint32_t)attr_nsec;
     self->reads = reads;
     self->writes = writes;
+    self->meta = 0;     /* enable_meta again, for this meter */
     return 0;
 }
 
@@ -1370,6 +1383,10 @@ static PyMethodDef fastops_methods[] = {
      "next, hlen, owner, handle, handle_max), negative): serve LOOKUP too, on the InodeTable whose\n"
      "index, memfd, thread lock, capacity and word indices (header's, then slot's) these are;\n"
      "negative: ENOENT is a negative entry (--cache=always)"},
+    {"enable_meta", (PyCFunction)fastops_enable_meta, METH_VARARGS,
+     "enable_meta(ops, h_locks, layout): serve GETXATTR, UNLINK, RMDIR, FLUSH (bits 0-3 of ops) too;\n"
+     "h_locks: FileTable._H_LOCKS; layout: with a meter, their (requests, latency_sum, buckets,\n"
+     "errors) word indices (_meta.h)"},
     {NULL},
 };
 

@@ -47,6 +47,11 @@ under the table's own locks, for inodes this worker holds an fd of, and
 opens, inserts and caches those it does not as ``InodeCache.adopt`` does;
 docs/compiled.md, "LOOKUP in C" and "A worker's first LOOKUP in C").
 
+GETXATTR, UNLINK, RMDIR and FLUSH are compiled as ``fastmeta.py`` says
+(``make`` calls ``FastOps.enable_meta``; docs/compiled.md, "Metadata ops
+in C"): the plain case of each, with the reference handler in the op
+table and nothing configured that changes its answer.
+
 With ``--metrics-socket`` the session has a meter (metrics/counters.py's
 ``WorkerMeter``) before the loop asks for ``serve``, and the requests C
 answers are counted by C into the same shared-memory slot, as
@@ -73,7 +78,7 @@ import os
 import time
 
 from daemon.config import CacheMode
-from daemon.fuse import attrs, entries, files, filetable, inodecache, inodes, replies
+from daemon.fuse import attrs, entries, fastmeta, files, filetable, inodecache, inodes, replies
 from daemon.fuse.abi import Opcode
 from daemon.log import get_logger
 from daemon.metrics import counters as c
@@ -155,8 +160,10 @@ def make(session):
     sec, nsec = session.attr_reply.__self__.attr_valid()
     table = session.inodes
     reads, writes = _io_rows(session)
+    layout = meter_layout(session.meter)
     fast = _ext.FastOps(session, table._hdr, table._q, inodes._H_SESSION, inodes._SLOT_WORDS, sec, nsec,
-                        reads, writes=writes, **meter_layout(session.meter))
+                        reads, writes=writes, **layout)
+    fastmeta.enable(fast, session, op_words if layout else None)
     if not lookup_unsupported(session):
         fast.enable_lookup(table._hash, table._fd, table._tlock, table.capacity,
                            (inodes._H_DIRTY, inodes._S_GEN, inodes._S_REF, inodes._S_DEV, inodes._S_INO,
@@ -183,15 +190,18 @@ def meter_layout(meter) -> dict:
     if not isinstance(words, memoryview) or words.format != "Q" or len(words) < c.SLOT_WORDS:
         return {}
 
-    def op(opcode: Opcode) -> tuple[int, int, int, int]:
-        base = c.OPS + int(opcode) * c.OP_WORDS
-        return (base + c.OP_REQUESTS, base + c.OP_LATENCY_SUM, base + c.OP_BUCKETS,
-                c.ERRORS + int(opcode) * c.ERRNO_SLOTS)
-
-    assert max(Opcode.GETATTR, Opcode.READ, Opcode.WRITE, Opcode.LOOKUP) < c.OPCODE_SLOTS
-    layout = (c.BYTES_READ, c.ERRNO_SLOTS, *op(Opcode.GETATTR), *op(Opcode.READ),
-              c.BYTES_WRITTEN, *op(Opcode.WRITE), *op(Opcode.LOOKUP))
+    assert max(Opcode.GETATTR, Opcode.READ, Opcode.WRITE, Opcode.LOOKUP, *fastmeta.OPS) < c.OPCODE_SLOTS
+    layout = (c.BYTES_READ, c.ERRNO_SLOTS, *op_words(Opcode.GETATTR), *op_words(Opcode.READ),
+              c.BYTES_WRITTEN, *op_words(Opcode.WRITE), *op_words(Opcode.LOOKUP))
     return {"meter": meter, "words": words, "layout": layout, "bounds": c.LATENCY_BUCKETS_NS}
+
+
+def op_words(opcode: Opcode) -> tuple[int, int, int, int]:
+    """Where ``opcode`` counts in a metrics slot: the word indices of its
+    requests, latency sum, first latency bucket and errno slot 0."""
+    base = c.OPS + int(opcode) * c.OP_WORDS
+    return (base + c.OP_REQUESTS, base + c.OP_LATENCY_SUM, base + c.OP_BUCKETS,
+            c.ERRORS + int(opcode) * c.ERRNO_SLOTS)
 
 
 def _io_rows(session) -> tuple[bool, bool]:
@@ -225,8 +235,9 @@ def fast_ops(session):
         loop += ", wait loop in C" if wait_loop() else f", wait in Python, {FASTOPS_ENV}=3"
     why_lookup = lookup_unsupported(session)
     lookup = "LOOKUP compiled too" if not why_lookup else f"LOOKUP in Python ({why_lookup})"
-    log.info("FUSE ops: %s compiled (extension daemon.fuse._fastops; %s)%s; %s", compiled_ops(session), loop,
-             counted, lookup)
+    meta = ", ".join(op.name for op in fastmeta.served(session)) or "none"
+    log.info("FUSE ops: %s compiled (extension daemon.fuse._fastops; %s)%s; %s; metadata ops in C: %s",
+             compiled_ops(session), loop, counted, lookup, meta)
     if session.meter is not None and not counted:
         log.info("FUSE ops: this meter is not C's to count for: its requests stay in Python")
     return fast

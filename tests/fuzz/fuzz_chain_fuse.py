@@ -98,6 +98,9 @@ OUT_HEADER = struct.Struct("<IiQ")
 IN_HEADER = struct.Struct("<IIQQIIIHH")
 USED_ELEM = struct.Struct("<II")
 WRITE_OPCODE = 16
+# _meta.h's ops: GETXATTR, UNLINK, RMDIR, FLUSH; the two that remove
+META_OPCODES = (22, 10, 11, 25)
+REMOVE_OPCODES = (10, 11)
 ZERO = bytes(image.MEM_SIZE)
 
 # filled by load_daemon() (inside atheris' instrumentation when it is used)
@@ -247,6 +250,7 @@ class Target:
         self.fast_served = 0
         self.batch_served = 0
         self.c_writes = 0   # WRITEs the compiled ops served and the session answered alike
+        self.c_meta = 0     # GETXATTR, UNLINK, RMDIR, FLUSH served in C and checked against the session
         self._init()
 
     # -- the share and the session ----------------------------------------------
@@ -478,9 +482,12 @@ class Target:
         chain = q.chain_at(head)
         wr, rd = chain.writable, chain.readable
         ranges = [self._region_of_view(v) for v in wr.views]
-        unique = IN_HEADER.unpack(rd.read(0, 40))[2]
-        self.c_writes += IN_HEADER.unpack(rd.read(0, 40))[1] == WRITE_OPCODE
+        opcode, unique = IN_HEADER.unpack(rd.read(0, 40))[1:3]
+        self.c_writes += opcode == WRITE_OPCODE
+        self.c_meta += opcode in META_OPCODES
         again = self.session.handle(rd, wr, chain)
+        if opcode in REMOVE_OPCODES:
+            _removed_once(b"".join(after[o:o + ln] for o, ln in ranges), wr, again)
         chain.release()
         used = (image.file_offset(image.USED_GPA), image.file_offset(image.USED_GPA) + 4 + 8 * q.num + 2)
         python = bytes(ram)
@@ -508,10 +515,14 @@ class Target:
             return n
         self.fast_served += 1
         rd = chain.readable
-        self.c_writes += rd.size >= 40 and IN_HEADER.unpack(rd.read(0, 40))[1] == WRITE_OPCODE
+        opcode = IN_HEADER.unpack(rd.read(0, 40))[1] if rd.size >= 40 else -1
+        self.c_writes += opcode == WRITE_OPCODE
+        self.c_meta += opcode in META_OPCODES
         for v, b in zip(views, before):
             v[:] = b
         again = self.session.handle(chain.readable, chain.writable, chain)
+        if opcode in REMOVE_OPCODES:
+            _removed_once(b"".join(after), chain.writable, again)
         assert again == n, f"compiled ops wrote {n} bytes, the session {again}"
         assert [bytes(v) for v in views] == after, "compiled ops and session wrote different replies"
         return n
@@ -578,6 +589,7 @@ class Target:
             "inputs": self.inputs, "chains": self.chains, "replies": self.replies,
             "broken_rings": self.broken_rings, "ebadf": self.ebadf, "resets": self.resets, "compared": self.compared,
             "fast_served": self.fast_served, "batch_served": self.batch_served, "c_writes": self.c_writes,
+            "c_meta": self.c_meta,
             "seconds": round(elapsed, 1),
             "inputs_per_second": round(self.inputs / elapsed) if elapsed else 0,
             "fds_start": self.first_fds, "fds_after_first_reset": self.baseline_fds,
@@ -602,6 +614,20 @@ class Target:
         os.close(self.memfd)
         os.chdir(self._old_cwd)
         shutil.rmtree(self.share, ignore_errors=True)
+
+
+def _removed_once(c_reply: bytes, writable, again: int) -> None:
+    """An UNLINK or RMDIR that C answered is answered again by the session
+    after C removed the entry: where C succeeded, the session must find
+    the name gone (ENOENT, same unique), and its reply is then replaced by
+    C's for the byte comparison that follows; where C failed, nothing
+    changed and the replies must be the same bytes (compared after)."""
+    length, err, unique = OUT_HEADER.unpack_from(c_reply)
+    if err:
+        return
+    assert (again, OUT_HEADER.unpack(writable.read(0, 16))) == (16, (16, -errno.ENOENT, unique)), \
+        "a second UNLINK/RMDIR of what C removed was not ENOENT"
+    writable.write(0, c_reply[:16])
 
 
 def _overlapping(ranges: list[tuple[int, int]]) -> bool:
@@ -796,17 +822,21 @@ def main(argv=None) -> int:
             target.verbose = args.verbose
             bad_fh = []   # inputs that got EBADF: they named an fh they did not open
             c_writes = []  # inputs with a WRITE served in C (and checked against the session)
+            c_meta = []    # and with a GETXATTR, UNLINK, RMDIR or FLUSH
             for name in args.run:
                 if args.verbose:
                     print(os.path.basename(name))
-                before, writes = target.ebadf, target.c_writes
+                before, writes, meta = target.ebadf, target.c_writes, target.c_meta
                 target.run_one(Path(name).read_bytes())
+                if target.c_meta > meta:
+                    c_meta.append(os.path.basename(name))
                 if target.ebadf > before:
                     bad_fh.append(os.path.basename(name))
                 if target.c_writes > writes:
                     c_writes.append(os.path.basename(name))
             print(f"fuzz: {len(args.run)} input(s) ran clean; replies={target.replies} "
                   f"ebadf_inputs={','.join(bad_fh) or '-'} c_write_inputs={','.join(c_writes) or '-'} "
+                  f"c_meta_inputs={','.join(c_meta) or '-'} "
                   f"fast_served={target.fast_served} batch_served={target.batch_served}", flush=True)
             return 0
         print(f"fuzz: engine random (not coverage-guided: install atheris for that); {PATH}", flush=True)

@@ -378,8 +378,41 @@ def batch_loop() -> dict[str, bytes]:
     return s
 
 
+def meta_ops() -> dict[str, bytes]:
+    """_meta.h's ops, served in C: GETXATTR of hello.txt's user.k (the size,
+    the value, too small: ERANGE) and of security.capability (ENODATA, a
+    guest's question before every write), on the root too; FLUSH of a
+    file the input opened; UNLINK and RMDIR of entries the input made in
+    d/ (then again: ENOENT), of d itself (ENOTEMPTY, EISDIR); "." and a
+    name with '/' (Python's). Stage 2, whole batches, and one chain at a
+    time (each checked against the session)."""
+    s: dict[str, bytes] = {}
+    b = SeedBuilder(32)
+    for nodeid in (2, 1):
+        req(b, GETXATTR, nodeid, struct.pack("<I4x", 0) + name(b"user.k"), [8])
+        req(b, GETXATTR, nodeid, struct.pack("<I4x", 200) + name(b"user.k"), [200])
+        req(b, GETXATTR, nodeid, struct.pack("<I4x", 50) + name(b"user.k"), [200])
+        req(b, GETXATTR, nodeid, struct.pack("<I4x", 0) + name(b"security.capability"), [8])
+    req(b, OPEN, 2, struct.pack("<II", 0x8000, 0), [16])
+    req(b, FLUSH, 2, struct.pack("<Q4x4xQ", fh(1), 0x1234))
+    req(b, MKNOD, 3, struct.pack("<III4x", 0o100644, 0, 0) + name(b"gone"), [128])
+    req(b, MKDIR, 3, struct.pack("<II", 0o755, 0) + name(b"sub"), [128])
+    for _ in range(2):
+        req(b, UNLINK, 3, name(b"gone"))
+        req(b, RMDIR, 3, name(b"sub"))
+    req(b, RMDIR, 1, name(b"d"))
+    req(b, UNLINK, 1, name(b"d"))
+    req(b, UNLINK, 1, name(b"."))
+    req(b, RMDIR, 1, name(b"d/sub"))
+    meta = b.build()
+    s["meta_in_c"] = meta
+    s["batch_meta"] = with_flags(meta, 3)
+    s["batch_meta_checked"] = with_flags(meta, 7)
+    return s
+
+
 def all_seeds() -> dict[str, bytes]:
-    return {**well_formed(), **malformed(), **batch_loop()}
+    return {**well_formed(), **malformed(), **batch_loop(), **meta_ops()}
 
 
 def main() -> int:

@@ -89,6 +89,24 @@ def test_first_lookup_seeds_reach_insertion_in_c():
     assert (int(stats["batch_served"]), int(stats["fast_served"])) == want, out[-2000:]
 
 
+def test_meta_seeds_reach_meta_in_c():
+    """The seeds of _meta.h's ops (seeds.meta_ops: 20 requests, of which C
+    serves 15: eight GETXATTRs, a FLUSH, six UNLINKs and RMDIRs; OPEN,
+    MKNOD, MKDIR, "." and "d/sub" are Python's): stage 2, whole batches,
+    one chain at a time, each chain C answered checked against the
+    session (an UNLINK or RMDIR C did: the session's second one is
+    ENOENT). Under PYVIRTIOFSD_PURE=1 FastOps.serve on every chain: 45."""
+    from daemon.fuse import fastpath
+    seeds = [str(HERE / "corpus" / f"{name}.bin") for name in ("meta_in_c", "batch_meta", "batch_meta_checked")]
+    out = run(["--run", *seeds], 120)
+    stats = dict(re.findall(r"(\w+)=(\S+)", out.splitlines()[-1]))
+    pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0")
+    want = (0, 0) if not fastpath.EXTENSION_BUILT else (0, 45) if pure else (30, 30)
+    assert (int(stats["batch_served"]), int(stats["fast_served"])) == want, out[-2000:]
+    if fastpath.EXTENSION_BUILT:
+        assert {"meta_in_c.bin", "batch_meta_checked.bin"} <= set(stats["c_meta_inputs"].split(",")), out[-2000:]
+
+
 def test_fuzz_for_the_ci_budget(tmp_path):
     out = run(["--time", str(SECONDS), "--reset-every", "500", "--seed", "1",
                "--artifacts", str(tmp_path)], SECONDS + 120)

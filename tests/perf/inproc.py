@@ -9,8 +9,9 @@ worker's CPU time per request: the figure to compare with the 2.4 µs bare
 GETATTR budget (DESIGN.md) and to profile without a second process
 competing for the cores.
 
-    python -m tests.perf.inproc [--op getattr|lookup|lookup-cold|read4k|read1m|write4k|write4k-kill]
-                                [--depth 64]
+    python -m tests.perf.inproc [--op getattr|lookup|lookup-cold|read4k|read1m|write4k|write4k-kill|
+                                      getxattr-absent|unlink|rmdir|flush]
+                                [--depth 64] [--python-meta]
                                 [--seconds 3] [--profile cprofile|none] [--clock wall|cpu]
 
 ``lookup`` looks one name up again and again (the worker holds its fd);
@@ -18,6 +19,14 @@ competing for the cores.
 first LOOKUP of its inode: between batches, outside the timed part, every
 nodeid is forgotten and its fd closed (``InodeTable.unref_many``,
 ``InodeCache.reap``), so each LOOKUP opens the name and inserts the inode.
+
+``getxattr-absent`` asks for ``security.capability`` of a file that has
+none (ENODATA: what a cache=auto guest sends before every write);
+``unlink`` and ``rmdir`` remove ``depth`` entries per batch, made again
+between batches outside the timed part; ``flush`` flushes one open file
+again and again. ``--python-meta`` leaves those four to Python (the
+compiled ops without _meta.h's: ``FastOps.enable_meta(0, ...)``), for a
+before/after in one build.
 
 ``--clock cpu`` times the serving thread's CPU time instead of the wall
 clock: steadier on a loaded machine. The last line names the request path
@@ -27,6 +36,7 @@ clock: steadier on a loaded machine. The last line names the request path
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import tempfile
@@ -34,7 +44,7 @@ import time
 
 from daemon.config import CacheMode, Config
 from daemon.fds import close_fds
-from daemon.fuse import abi
+from daemon.fuse import abi, filetable
 from daemon.fuse.abi import Opcode
 from daemon.fuse.inodes import InodeTable
 from daemon.fuse.session import FuseSession
@@ -85,6 +95,11 @@ def _build(op: str, depth: int, shared: str, cache: str = "auto", event_idx: boo
     with open(os.path.join(shared, DATA), "wb") as f:
         f.write(os.urandom(1 << 20))
     data = b""
+    if op in ("unlink", "rmdir"):
+        names = remake(shared, op, depth)
+        heads = [vr.submit([hdr(Opcode.UNLINK if op == "unlink" else Opcode.RMDIR, 1, len(n) + 1), n + b"\0"], [16])
+                 for n in names]
+        return loop, ring, vr, heads
     if op == "lookup-cold":
         names = [f"cold-{i:05d}".encode() for i in range(depth)]
         for n in names:
@@ -93,6 +108,15 @@ def _build(op: str, depth: int, shared: str, cache: str = "auto", event_idx: boo
         return loop, ring, vr, heads
     if op == "getattr":
         req = (Opcode.GETATTR, 1, abi.GETATTR_IN.pack(0, 0, 0), [abi.ATTR_OUT.size])
+    elif op == "getxattr-absent":
+        entry = call(Opcode.LOOKUP, 1, DATA.encode() + b"\0", [abi.ENTRY_OUT.size])
+        nodeid = int.from_bytes(entry[16:24], "little")
+        req = (Opcode.GETXATTR, nodeid, abi.GETXATTR_IN.pack(0) + b"security.capability\0", [abi.GETXATTR_OUT.size])
+    elif op == "flush":
+        entry = call(Opcode.LOOKUP, 1, DATA.encode() + b"\0", [abi.ENTRY_OUT.size])
+        nodeid = int.from_bytes(entry[16:24], "little")
+        o = call(Opcode.OPEN, nodeid, abi.OPEN_IN.pack(os.O_RDWR, 0), [abi.OPEN_OUT.size])
+        req = (Opcode.FLUSH, nodeid, abi.FLUSH_IN.pack(int.from_bytes(o[16:24], "little"), 0x1234), [])
     else:
         entry = call(Opcode.LOOKUP, 1, DATA.encode() + b"\0", [abi.ENTRY_OUT.size])
         nodeid = int.from_bytes(entry[16:24], "little")
@@ -114,6 +138,23 @@ def _build(op: str, depth: int, shared: str, cache: str = "auto", event_idx: boo
     readable = [args, data] if data else [args]
     heads = [vr.submit([hdr(opcode, nodeid, len(args) + len(data))] + readable, [16] + out) for _ in range(depth)]
     return loop, ring, vr, heads
+
+
+def remake(shared: str, op: str, depth: int) -> list[bytes]:
+    """The ``depth`` entries an ``unlink`` (files) or ``rmdir`` (empty
+    directories) batch removes, made (again) in the share root."""
+    names = [f"{op}-{i:05d}".encode() for i in range(depth)]
+    for n in names:
+        path = os.path.join(shared, os.fsdecode(n))
+        if op == "rmdir":
+            os.makedirs(path, exist_ok=True)
+        else:
+            open(path, "wb").close()
+    return names
+
+
+# the errno each op's requests answer (0: success)
+EXPECTED = {"getxattr-absent": errno.ENODATA}
 
 
 def close(loop, ring, vr) -> None:
@@ -141,9 +182,11 @@ def forget_all(session) -> None:
 
 
 def per_request_us(op: str = "getattr", depth: int = 64, seconds: float = 3.0,
-                   profile: str = "none", clock: str = "wall") -> float:
+                   profile: str = "none", clock: str = "wall", python_meta: bool = False) -> float:
     shared = tempfile.mkdtemp(prefix="inproc-")
     loop, ring, vr, heads = _build(op, depth, shared)
+    if python_meta and loop._fast is not None:
+        loop._fast.enable_meta(0, filetable._H_LOCKS, None)
     serve = loop._serve
     prof = None
     if profile == "cprofile":
@@ -166,11 +209,13 @@ def per_request_us(op: str = "getattr", depth: int = 64, seconds: float = 3.0,
             raise RuntimeError(f"served {len(finished)} of {depth}")
         if not done:
             err = int.from_bytes(vr.read_writable(finished[0], 8)[4:8], "little", signed=True)
-            if err:
+            if err != -EXPECTED.get(op, 0):
                 raise RuntimeError(f"{op}: the daemon answered {err}")
         done += depth
         if op == "lookup-cold":
             forget_all(loop.session)
+        if op in ("unlink", "rmdir"):
+            remake(shared, op, depth)
         for head in finished:
             vr.repost(head)
     if prof:
@@ -183,14 +228,18 @@ def per_request_us(op: str = "getattr", depth: int = 64, seconds: float = 3.0,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--op", default="getattr",
-                    choices=("getattr", "lookup", "lookup-cold", "read4k", "read1m", "write4k", "write4k-kill"))
+                    choices=("getattr", "lookup", "lookup-cold", "read4k", "read1m", "write4k", "write4k-kill",
+                             "getxattr-absent", "unlink", "rmdir", "flush"))
+    ap.add_argument("--python-meta", action="store_true",
+                    help="GETXATTR, UNLINK, RMDIR and FLUSH in Python (the rest as the build serves it)")
     ap.add_argument("--depth", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--profile", default="none", choices=("none", "cprofile"))
     ap.add_argument("--clock", default="wall", choices=("wall", "cpu"))
     a = ap.parse_args(argv)
-    us = per_request_us(a.op, a.depth, a.seconds, a.profile, a.clock)
-    print(f"{a.op} depth {a.depth}: {us:.2f} µs per request in the worker ({1e6 / us:,.0f}/s); {PATH}")
+    us = per_request_us(a.op, a.depth, a.seconds, a.profile, a.clock, a.python_meta)
+    meta = "; metadata ops in Python" if a.python_meta else ""
+    print(f"{a.op} depth {a.depth}: {us:.2f} µs per request in the worker ({1e6 / us:,.0f}/s); {PATH}{meta}")
     return 0
 
 

@@ -232,6 +232,13 @@ def metered(world):
     """(the world, a FastOps counting into a second meter): the Python
     run counts into slot 0, the compiled run into slot 1."""
     session, _fast, nodeids = world
+    fast, meters = metered_ops(session)
+    yield session, fast, nodeids, meters
+
+
+def metered_ops(session):
+    """(a FastOps for ``session`` counting into the second of two meters,
+    the two meters): the Python run counts into slot 0."""
     area = MetricsArea(2)
     meters = [WorkerMeter(area.slot(i), fd_limit=1024) for i in range(2)]
     session.meter = meters[1]
@@ -239,7 +246,7 @@ def metered(world):
         fast = fastpath.make(session)
     finally:
         session.meter = None
-    yield session, fast, nodeids, meters
+    return fast, meters
 
 
 def _comparable(words) -> tuple[list[int], list[int]]:
