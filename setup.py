@@ -20,8 +20,8 @@ setup(
             "daemon.fuse._fastops",
             sources=["daemon/fuse/_fastops.c"],
             # the batch loop (stage 3) calls _vqcore through its capsule;
-            # _fastops.c includes LOOKUP's code (_lookup.h)
-            depends=["daemon/virtio/_vqcore_api.h", "daemon/fuse/_lookup.h"],
+            # _fastops.c includes LOOKUP's and CREATE's code (_lookup.h, _create.h)
+            depends=["daemon/virtio/_vqcore_api.h", "daemon/fuse/_lookup.h", "daemon/fuse/_create.h"],
             include_dirs=["daemon/virtio"],
             extra_compile_args=["-O2", "-std=gnu11", "-fno-strict-aliasing", "-Wall"],
             optional=True,

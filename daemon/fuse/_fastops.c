@@ -118,6 +118,7 @@
 #define OP_READ 15
 #define READ_IN 40
 #define OP_WRITE 16
+#define OP_CREATE 35            /* _create.h */
 #define WRITE_IN 40
 #define WRITE_OUT 8
 #define WRITE_KILL_SUIDGID 4    /* abi.FUSE_WRITE_KILL_SUIDGID: written without CAP_FSETID */
@@ -186,6 +187,7 @@ struct meter {
     uint64_t *w;
     Py_ssize_t bytes_read, errno_slots, nbounds, bytes_written;
     struct op_words getattr, read, write, lookup;
+    struct op_words create;     /* set by enable_create (_create.h) */
     uint64_t bounds[MAX_BUCKETS];   /* LATENCY_BUCKETS_NS: the last bucket is above them all */
 };
 
@@ -222,6 +224,16 @@ struct lookup_table {
     Py_ssize_t h_last;      /* the largest header word index of these */
 };
 
+/* CREATE as FastOps.enable_create sets it up (_create.h) */
+struct create_conf {
+    PyObject *rest;         /* fastpath.create_rest; NULL: CREATE is Python's */
+    PyObject *add;          /* fastpath.add_created */
+    PyObject *creds;        /* credentials._state: the thread's cached fsuid/fsgid */
+    uint32_t kept;          /* files.host_open_flags' mask */
+    int writeback;          /* --writeback: files.writeback_flags */
+    uint32_t fopen;         /* files.fopen_flags(--cache) */
+};
+
 typedef struct {
     PyObject_HEAD
     PyObject *session;      /* the FuseSession */
@@ -236,6 +248,7 @@ typedef struct {
     PyObject *meter;        /* the WorkerMeter counted for, or NULL */
     struct meter m;         /* valid when meter is set */
     struct lookup_table lk; /* LOOKUP (_lookup.h) */
+    struct create_conf cr;  /* CREATE (_create.h) */
 } FastOps;
 
 static PyObject *s_readable, *s_writable, *s_views, *s_size, *s_session, *s_meter, *s_cache,
@@ -746,7 +759,7 @@ static void count(struct meter *m, int opcode, const struct timespec *start, int
                   uint64_t wrote)
 {
     const struct op_words *op = opcode == OP_READ ? &m->read : opcode == OP_WRITE ? &m->write
-        : opcode == OP_LOOKUP ? &m->lookup : &m->getattr;
+        : opcode == OP_LOOKUP ? &m->lookup : opcode == OP_CREATE ? &m->create : &m->getattr;
     struct timespec end;
     clock_gettime(CLOCK_MONOTONIC, &end);
     int64_t ns = (int64_t)(end.tv_sec - start->tv_sec) * 1000000000 + (end.tv_nsec - start->tv_nsec);
@@ -766,6 +779,7 @@ static void count(struct meter *m, int opcode, const struct timespec *start, int
 }
 
 #include "_lookup.h"
+#include "_create.h"
 
 /* one request, with the checks every fast op shares (FuseSession._handle's,
  * in its order); NOT_HANDLED (nothing written) or the bytes written;
@@ -783,6 +797,7 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
         return NOT_HANDLED;
     if (h.opcode == OP_GETATTR ? q->wsize < OUT_HEADER + ATTR_OUT
             : h.opcode == OP_LOOKUP ? self->lk.hash == NULL || q->wsize < OUT_HEADER + ENTRY_OUT
+            : h.opcode == OP_CREATE ? self->cr.rest == NULL || q->wsize < OUT_HEADER + ENTRY_OUT + OPEN_OUT
             : !((h.opcode == OP_READ && self->reads) || (h.opcode == OP_WRITE && self->writes)))
         return NOT_HANDLED;
     *opcode = (int)h.opcode;
@@ -797,6 +812,8 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
         return fast_write(st, q, &h, error);
     if (h.opcode == OP_LOOKUP)
         return fast_lookup(self, st, q, &h, error);
+    if (h.opcode == OP_CREATE)
+        return fast_create(self, st, q, &h, error);
     return fast_getattr(self, st, q, &h, error);
 }
 
@@ -1136,6 +1153,9 @@ static int fastops_traverse(FastOps *self, visitproc visit, void *arg)
     Py_VISIT(self->meter);
     Py_VISIT(self->lk.hash);
     Py_VISIT(self->lk.tlock);
+    Py_VISIT(self->cr.rest);
+    Py_VISIT(self->cr.add);
+    Py_VISIT(self->cr.creds);
     return 0;
 }
 
@@ -1147,6 +1167,9 @@ static int fastops_clear(FastOps *self)
     Py_CLEAR(self->slots);
     Py_CLEAR(self->lk.hash);
     Py_CLEAR(self->lk.tlock);
+    Py_CLEAR(self->cr.rest);
+    Py_CLEAR(self->cr.add);
+    Py_CLEAR(self->cr.creds);
     drop_meter(self);
     return 0;
 }
@@ -1370,6 +1393,11 @@ static PyMethodDef fastops_methods[] = {
      "next, hlen, owner, handle, handle_max), negative): serve LOOKUP too, on the InodeTable whose\n"
      "index, memfd, thread lock, capacity and word indices (header's, then slot's) these are;\n"
      "negative: ENOENT is a negative entry (--cache=always)"},
+    {"enable_create", (PyCFunction)fastops_enable_create, METH_VARARGS,
+     "enable_create(rest, add, creds, kept, writeback, fopen, meter_words): serve CREATE too (after\n"
+     "enable_lookup): fastpath.create_rest and add_created, credentials._state, host_open_flags' mask,\n"
+     "--writeback, fopen_flags(--cache), CREATE's meter words (requests, latency_sum, buckets, errors)\n"
+     "or None without a meter"},
     {NULL},
 };
 

@@ -69,12 +69,14 @@ imports it before the pivot).
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 
 from daemon.config import CacheMode
-from daemon.fuse import attrs, entries, files, filetable, inodecache, inodes, replies
+from daemon.fuse import attrs, credentials, entries, files, filetable, handles, inodecache, inodes, replies
 from daemon.fuse.abi import Opcode
+from daemon.fuse.request import FUSEError
 from daemon.log import get_logger
 from daemon.metrics import counters as c
 from daemon.virtio import compiled
@@ -163,7 +165,74 @@ def make(session):
                             inodes._H_FREE, inodes._H_HIGH, inodes._H_GEN, inodes._H_LIVE, inodes._S_NEXT,
                             inodes._S_HLEN, inodes._S_OWNER, inodes._S_HANDLE, inodes.HANDLE_MAX),
                            session.config.cache is CacheMode.ALWAYS)
+        if not create_unsupported(session):
+            config = session.config
+            layout = meter_layout(session.meter)
+            fast.enable_create(create_rest, add_created, credentials._state,
+                               files.host_open_flags(0xFFFFFFFF & ~os.O_ACCMODE, config.allow_direct_io,
+                                                     config.preserve_noatime) | os.O_ACCMODE,
+                               config.writeback, files.fopen_flags(config.cache),
+                               _op_words(Opcode.CREATE) if layout else None)
     return fast
+
+
+def create_unsupported(session) -> str:
+    """Why CREATE stays in Python for ``session`` ("" if C may serve it:
+    docs/compiled.md, "CREATE in C"). C's CREATE inserts the new inode as
+    its LOOKUP does, so it needs that first."""
+    why = lookup_unsupported(session)
+    if why:
+        return why
+    if session._ops.get(int(Opcode.CREATE)) is not files.do_create:
+        return "CREATE is not the reference handler"
+    config = session.config
+    if config.posix_acl:
+        return "--posix-acl (the guest's umask, default ACLs)"
+    if config.security_label:
+        return "--security-label"
+    if type(session.handles) is not handles.HandleTable:
+        return "not the stock open-file table"
+    return ""
+
+
+def create_rest(session, parent_fd: int, name: bytes, fd: int, flags: int, open_flags: int,
+                host_flags: int, opened: int) -> bytes | int:
+    """The compiled CREATE's Python tail, for what its C declines once the
+    file exists (C's chain is taken then: this answers): with ``fd`` (the
+    new file, open with ``opened``), ``files.created`` (the lookup and the
+    fh); with fd -1 (the name appeared between C's check and its O_EXCL
+    create, and the guest did not ask for O_EXCL), ``files.open_existing``
+    first, as ``_create_file`` does. The 144 reply bytes, or the errno
+    ``FuseSession._handle`` would answer (C serves uid 0 only: the caller
+    is root for ``files.kills``)."""
+    try:
+        path = os.fsdecode(name)
+        if fd < 0:
+            fd, opened = files.open_existing(parent_fd, path, host_flags, session.config.writeback,
+                                             files.kills(0, flags, open_flags))
+        return files.created(session, parent_fd, path, fd, opened)
+    except FUSEError as e:
+        return e.errno
+    except OSError as e:
+        return e.errno or errno.EIO
+    except Exception:  # noqa: BLE001 - as FuseSession._handle: EIO, keep serving
+        log.exception("FUSE CREATE (compiled, Python's tail) failed")
+        return errno.EIO
+
+
+def add_created(session, fd: int, nodeid: int, opened: int) -> int:
+    """The compiled CREATE's ``HandleTable.add`` (which owns ``fd`` from
+    here: the shared FileTable's slot, the keeper's copy): the fh, or
+    -errno (ENFILE when full; the fd is closed then)."""
+    try:
+        return session.handles.add(fd, nodeid, handles.KIND_FILE, opened).fh
+    except FUSEError as e:
+        return -e.errno
+    except OSError as e:
+        return -(e.errno or errno.EIO)
+    except Exception:  # noqa: BLE001 - as FuseSession._handle: EIO, keep serving
+        log.exception("FUSE CREATE (compiled, the fh) failed")
+        return -errno.EIO
 
 
 _MONOTONIC = "clock_gettime(CLOCK_MONOTONIC)"
@@ -183,15 +252,19 @@ def meter_layout(meter) -> dict:
     if not isinstance(words, memoryview) or words.format != "Q" or len(words) < c.SLOT_WORDS:
         return {}
 
-    def op(opcode: Opcode) -> tuple[int, int, int, int]:
-        base = c.OPS + int(opcode) * c.OP_WORDS
-        return (base + c.OP_REQUESTS, base + c.OP_LATENCY_SUM, base + c.OP_BUCKETS,
-                c.ERRORS + int(opcode) * c.ERRNO_SLOTS)
-
-    assert max(Opcode.GETATTR, Opcode.READ, Opcode.WRITE, Opcode.LOOKUP) < c.OPCODE_SLOTS
+    op = _op_words
+    assert max(Opcode.GETATTR, Opcode.READ, Opcode.WRITE, Opcode.LOOKUP, Opcode.CREATE) < c.OPCODE_SLOTS
     layout = (c.BYTES_READ, c.ERRNO_SLOTS, *op(Opcode.GETATTR), *op(Opcode.READ),
               c.BYTES_WRITTEN, *op(Opcode.WRITE), *op(Opcode.LOOKUP))
     return {"meter": meter, "words": words, "layout": layout, "bounds": c.LATENCY_BUCKETS_NS}
+
+
+def _op_words(opcode: Opcode) -> tuple[int, int, int, int]:
+    """Where ``opcode`` counts in a slot: its requests, latency sum, first
+    bucket and errno slot 0 (counters.py)."""
+    base = c.OPS + int(opcode) * c.OP_WORDS
+    return (base + c.OP_REQUESTS, base + c.OP_LATENCY_SUM, base + c.OP_BUCKETS,
+            c.ERRORS + int(opcode) * c.ERRNO_SLOTS)
 
 
 def _io_rows(session) -> tuple[bool, bool]:
@@ -225,8 +298,10 @@ def fast_ops(session):
         loop += ", wait loop in C" if wait_loop() else f", wait in Python, {FASTOPS_ENV}=3"
     why_lookup = lookup_unsupported(session)
     lookup = "LOOKUP compiled too" if not why_lookup else f"LOOKUP in Python ({why_lookup})"
-    log.info("FUSE ops: %s compiled (extension daemon.fuse._fastops; %s)%s; %s", compiled_ops(session), loop,
-             counted, lookup)
+    why_create = create_unsupported(session)
+    create = "CREATE compiled too" if not why_create else f"CREATE in Python ({why_create})"
+    log.info("FUSE ops: %s compiled (extension daemon.fuse._fastops; %s)%s; %s; %s", compiled_ops(session), loop,
+             counted, lookup, create)
     if session.meter is not None and not counted:
         log.info("FUSE ops: this meter is not C's to count for: its requests stay in Python")
     return fast
