@@ -136,7 +136,8 @@ def _state(session, root) -> list:
     live = [(n, gen, names.get((dev, ino), "?"), ref, handle, word)
             for n, gen, dev, ino, ref, handle, word in live]
     files = session.handles.files
-    handles = sorted((fh, h.nodeid, h.kind, h.flags, files.lookup(fh)[:3]) for fh, h in session.handles._handles.items())
+    handles = sorted((fh, h.nodeid, h.kind, h.flags, files.lookup(fh)[:3])
+                     for fh, h in session.handles._handles.items())
     return [live, hdr, count, cached, handles, len(files)]
 
 
