@@ -83,6 +83,10 @@ BATCH = 64             # messages read (and KEEPs recorded under one lock) at a 
 # supervisor holds too), so the delay costs no protection; while the
 # keeper settles, a KEEP wakes no process, which makes the sender's
 # sendmsg cheaper too. An ASK (a worker's restart) waits up to SETTLE_S.
+# The window adapts so that a burst stays well inside the socket's queue
+# (about 270 messages of the workers' send buffer): halved after a drain of
+# BATCH or more, doubled (up to SETTLE_S) after one of less than BATCH / 2;
+# at 0 the keeper reads as soon as messages come.
 SETTLE_S = 0.02
 _MAX_FDS = 4            # room for a sender that puts more than one fd (all closed)
 _MAX_MSG = max(KEEP.size, ASK.size) + 1   # one byte more: a longer message is truncated, not taken
@@ -134,6 +138,7 @@ class Keeper:
         self.fds: dict[int, int] = {}
         self._released = files.released
         self._warned = False
+        self.settle_ms = 0      # the settling window (run: SETTLE_S, adapted)
 
     def run(self, channel: Channel) -> int:
         """Keep until SHUTDOWN; see ``SETTLE_S`` for when the socket is read."""
@@ -143,13 +148,14 @@ class Keeper:
         control = select.poll()
         control.register(channel.fileno(), select.POLLIN)
         cfd = channel.fileno()
-        settle_ms = int(SETTLE_S * 1000)
+        most = int(SETTLE_S * 1000)
+        self.settle_ms = most
         took = 0
         while True:
-            if took:
-                # settling: deaf to the socket for SETTLE_S, so the KEEPs
+            if took and self.settle_ms:
+                # settling: deaf to the socket for the window, so the KEEPs
                 # sent meanwhile wake nobody and are all read at once
-                events = control.poll(settle_ms)
+                events = control.poll(self.settle_ms)
             else:
                 events = both.poll(int(IDLE_REAP_S * 1000) if self.fds else None)
             for fd, _ev in events:
@@ -161,6 +167,10 @@ class Keeper:
                         return 0
                     raise ChannelError(f"unexpected {msg.name}")
             took = self.drain()
+            if took >= BATCH:
+                self.settle_ms //= 2
+            elif took < BATCH // 2:
+                self.settle_ms = min(most, self.settle_ms * 2 or 1)
             self.reap()
 
     def drain(self) -> int:

@@ -99,7 +99,7 @@ def _wait(cond, seconds: float = 5.0) -> None:
 
 @pytest.fixture
 def files():
-    t = FileTable(64)
+    t = FileTable(128)
     yield t
     t.close()
 
@@ -202,4 +202,34 @@ def test_an_idle_keeper_answers_an_ask_at_once(files, running, tmp_path):
     assert copy >= 0 and time.monotonic() - t0 < SETTLE * 0.75
     os.close(copy)
     files.free(fh)
+    peers.close()
+
+
+def test_the_window_shrinks_under_a_large_burst_and_grows_back(files, running, tmp_path):
+    """A drain of BATCH or more KEEPs halves the settling window (a burst
+    must stay inside the socket's queue, not make the workers wait for
+    room); drains of a few double it again up to SETTLE_S."""
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    peers = running.worker()
+    fh, fd = _open_kept(files, peers, path, 1)
+    os.close(fd)
+    _wait(lambda: files.kept(fh))
+    assert running.keeper.settle_ms == int(SETTLE * 1000)
+    fhs = [fh]
+    for node in range(2, 2 + keeper_mod.BATCH + 10):      # one burst while it settles
+        one, fd = _open_kept(files, peers, path, node)
+        os.close(fd)
+        fhs.append(one)
+    _wait(lambda: all(files.kept(f) for f in fhs))
+    _wait(lambda: running.keeper.settle_ms == int(SETTLE * 1000) // 2)
+    assert running.drains[-1] >= keeper_mod.BATCH
+    for node in range(100, 103):                        # a few: back to the full window
+        one, fd = _open_kept(files, peers, path, node)
+        os.close(fd)
+        fhs.append(one)
+        _wait(lambda one=one: files.kept(one))
+    _wait(lambda: running.keeper.settle_ms == int(SETTLE * 1000))
+    for f in fhs:
+        files.free(f)
     peers.close()
