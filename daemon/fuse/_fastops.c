@@ -55,7 +55,8 @@
  * LOOKUP (when FastOps.enable_lookup was called) of a name whose inode
  * this worker holds, the first of an inode (opened and inserted as
  * InodeCache.adopt does), or a missing name: _lookup.h, included below,
- * says exactly when.
+ * says exactly when. CREATE (when FastOps.enable_create was called) of a
+ * new name by a root caller: _create.h.
  *
  * With a meter (--metrics-socket), what C answers is counted here into
  * the worker's shared-memory slot as WorkerMeter.request counts it

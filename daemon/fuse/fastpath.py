@@ -47,6 +47,14 @@ under the table's own locks, for inodes this worker holds an fd of, and
 opens, inserts and caches those it does not as ``InodeCache.adopt`` does;
 docs/compiled.md, "LOOKUP in C" and "A worker's first LOOKUP in C").
 
+CREATE is compiled when ``create_unsupported`` says nothing against it
+(LOOKUP compiled, the reference CREATE row, no --posix-acl or
+--security-label): ``make`` calls ``FastOps.enable_create`` with
+``create_rest`` and ``add_created`` below (C calls them for the fh, and
+for what its own lookup declines once the file exists), the thread's
+credentials cache and the flag rules; C serves a root caller's CREATE of
+a new name (docs/compiled.md, "CREATE in C").
+
 With ``--metrics-socket`` the session has a meter (metrics/counters.py's
 ``WorkerMeter``) before the loop asks for ``serve``, and the requests C
 answers are counted by C into the same shared-memory slot, as
