@@ -145,9 +145,7 @@ static Py_ssize_t fast_create(FastOps *self, struct state *st, const struct req 
             || iov_copy(q->r, q->nr, IN_HEADER, &a, sizeof a, 0) < 0
             || iov_copy(q->r, q->nr, IN_HEADER + CREATE_IN, name, nlen, 0) < 0)
         return NOT_HANDLED;
-    /* parse_name: NUL last and only there, no '/', no dots */
-    if (name[nlen - 1] != 0 || memchr(name, 0, (size_t)nlen - 1) != NULL || memchr(name, '/', (size_t)nlen - 1) != NULL
-            || strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
+    if (!one_name(name, nlen))
         return NOT_HANDLED;
     if (((a.mode & S_IFMT) != 0 && (a.mode & S_IFMT) != S_IFREG) || (a.flags & O_ACCMODE) == O_ACCMODE)
         return NOT_HANDLED;
@@ -159,12 +157,8 @@ static Py_ssize_t fast_create(FastOps *self, struct state *st, const struct req 
             || word_at(&st->header, self->lk.h_dirty) != 0)
         return NOT_HANDLED;
     struct stat s;
-    int rc, err;
-    Py_BEGIN_ALLOW_THREADS
-    rc = fstatat(parent, name, &s, AT_SYMLINK_NOFOLLOW);
-    err = errno;
-    Py_END_ALLOW_THREADS
-    if (rc == 0 || err != ENOENT)
+    int err = stat_name(parent, name, &s);
+    if (err != ENOENT)
         return NOT_HANDLED;
     /* host_open_flags, then writeback_flags under --writeback */
     uint32_t host = a.flags & self->cr.kept, opened = host;

@@ -523,57 +523,44 @@ def test_a_worker_killed_during_c_creates_leaves_tables_python_repairs(shares):
     middle of an insertion or an allocation: the next locker of each table
     (Python's _lock, as the successor's first mutation) repairs what was
     DIRTY, both tables are consistent, and C creates on them again."""
-    import random
-    import signal
-    import time
+    from tests.unit.killed import kill_at_random
     from tests.unit.test_fastops_equivalence import _consistent
     pair, fast = _pair(shares, capacity=63)
     session, root = pair[1], shares[1]
     table, files = session.inodes, session.handles.files
-    rng = random.Random(11)
+
+    def work(round_):
+        k = 0
+        while True:
+            k += 1
+            for i in range(4):
+                request, wsizes = create_request(1, b"k%d-%d-%d" % (round_, k, i), os.O_RDWR, 0o100644, k)
+                fast.serve(_chain(request, wsizes))
+            for fh, h in list(session.handles._handles.items()):
+                session.handles.close(fh, h.kind)
+            table.unref_many([(n, table.get(n)[3]) for n in session.cache._fds if table.get(n) is not None])
+            session.cache.reap()
+            for n in os.listdir(root):
+                if n.startswith("k"):
+                    os.unlink(root / n)
+
+    def after(_round):
+        for t in (table, files):
+            t._lock()       # what any successor's first mutation does (repairs if DIRTY)
+            t._unlock()
+        _consistent(table)
+        _files_consistent(files)
+        # the dead worker's slots: freed as DESTROY would (its fds died with it)
+        table.unref_many([(n, table.get(n)[3]) for n in range(2, table.capacity + 1) if table.get(n)])
+        for s in range(1, files.capacity + 1):
+            gen = files.slots[s * 8]
+            if gen:
+                files.free(gen << 24 | s)
+        _consistent(table)
+        _files_consistent(files)
+
     try:
-        for round_ in range(20):
-            r, w = os.pipe()
-            pid = os.fork()
-            if pid == 0:    # pragma: no cover - the child, killed
-                try:
-                    os.write(w, b"x")
-                    k = 0
-                    while True:
-                        k += 1
-                        for i in range(4):
-                            name = b"k%d-%d-%d" % (round_, k, i)
-                            request, wsizes = create_request(1, name, os.O_RDWR, 0o100644, k)
-                            fast.serve(_chain(request, wsizes))
-                        for fh, h in list(session.handles._handles.items()):
-                            session.handles.close(fh, h.kind)
-                        table.unref_many([(n, table.get(n)[3]) for n in session.cache._fds
-                                          if table.get(n) is not None])
-                        session.cache.reap()
-                        for n in os.listdir(root):
-                            if n.startswith("k"):
-                                os.unlink(root / n)
-                finally:
-                    os._exit(0)
-            os.read(r, 1)
-            os.close(r)
-            os.close(w)
-            time.sleep(rng.uniform(0.001, 0.02))
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            for t in (table, files):
-                t._lock()       # what any successor's first mutation does (repairs if DIRTY)
-                t._unlock()
-            _consistent(table)
-            _files_consistent(files)
-            # the dead worker's slots: freed as DESTROY would (its fds died with it)
-            table.unref_many([(n, table.get(n)[3]) for n in range(2, table.capacity + 1) if table.get(n)])
-            for s in range(1, files.capacity + 1):
-                gen = files.slots[s * 8]
-                if gen:
-                    files.free(gen << 24 | s)
-            _consistent(table)
-            _files_consistent(files)
+        kill_at_random(work, 20, 11, after)
         request, wsizes = create_request(1, b"after", os.O_RDWR, 0o100644, 1)
         before = fast.served
         assert fast.serve(_chain(request, wsizes)) == REPLY and fast.served == before + 1

@@ -98,18 +98,18 @@ def _wait(cond, seconds: float = 5.0) -> None:
 
 
 @pytest.fixture
-def files():
-    t = FileTable(128)
-    yield t
-    t.close()
+def running(monkeypatch):
+    """The keeper's loop (SETTLE_S made SETTLE) on a table of 128 slots."""
+    monkeypatch.setattr(keeper_mod, "SETTLE_S", SETTLE)
+    k = RunningKeeper(FileTable(128))
+    yield k
+    k.stop()
+    k.keeper.files.close()
 
 
 @pytest.fixture
-def running(files, monkeypatch):
-    monkeypatch.setattr(keeper_mod, "SETTLE_S", SETTLE)
-    k = RunningKeeper(files)
-    yield k
-    k.stop()
+def files(running):
+    return running.keeper.files
 
 
 def _open_kept(files, peers, path, node: int) -> tuple[int, int]:
@@ -117,6 +117,18 @@ def _open_kept(files, peers, path, node: int) -> tuple[int, int]:
     fh = files.alloc(node, 1, os.O_RDONLY, peers.mine(fd))
     peers.keep(fh, fd)
     return fh, fd
+
+
+def _one_kept(files, running, tmp_path):
+    """A worker's first open file, kept (the keeper settles from here):
+    (its Peers, the file's path, the fh)."""
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    peers = running.worker()
+    fh, fd = _open_kept(files, peers, path, 1)
+    os.close(fd)
+    _wait(lambda: files.kept(fh))
+    return peers, path, fh
 
 
 def test_keeps_sent_while_the_keeper_settles_are_taken_in_one_drain(files, running, tmp_path):
@@ -190,12 +202,7 @@ def test_a_worker_dead_right_after_its_keep_loses_no_open_file(files, running, t
 def test_an_idle_keeper_answers_an_ask_at_once(files, running, tmp_path):
     """Settling follows only a wake-up that took messages: an ASK to an
     idle keeper is answered without waiting SETTLE_S."""
-    path = tmp_path / "f"
-    path.write_bytes(b"x")
-    peers = running.worker()
-    fh, fd = _open_kept(files, peers, path, 1)
-    os.close(fd)
-    _wait(lambda: files.kept(fh))
+    peers, path, fh = _one_kept(files, running, tmp_path)
     time.sleep(SETTLE * 2.5)                          # the settling after the KEEP is over
     t0 = time.monotonic()
     copy = peers.from_keeper(fh)
@@ -209,12 +216,7 @@ def test_the_window_shrinks_under_a_large_burst_and_grows_back(files, running, t
     """A drain of BATCH or more KEEPs halves the settling window (a burst
     must stay inside the socket's queue, not make the workers wait for
     room); drains of a few double it again up to SETTLE_S."""
-    path = tmp_path / "f"
-    path.write_bytes(b"x")
-    peers = running.worker()
-    fh, fd = _open_kept(files, peers, path, 1)
-    os.close(fd)
-    _wait(lambda: files.kept(fh))
+    peers, path, fh = _one_kept(files, running, tmp_path)
     assert running.keeper.settle_ms == int(SETTLE * 1000)
     fhs = [fh]
     for node in range(2, 2 + keeper_mod.BATCH + 10):      # one burst while it settles
