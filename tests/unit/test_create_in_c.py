@@ -568,3 +568,37 @@ def test_a_worker_killed_during_c_creates_leaves_tables_python_repairs(shares):
         _files_consistent(files)
     finally:
         _close(pair)
+
+
+def test_the_keeper_has_the_new_file_before_the_reply_is_out(shares):
+    """The handoff is part of C's CREATE, as of Python's: when ``serve``
+    returns (before the loop pushes and publishes the reply) the KEEP of
+    the new fh, with an fd of the new file, is already in the keeper's
+    socket, so a worker killed after the reply loses nothing."""
+    import socket
+
+    from daemon.fds import recv_with_fds
+    from daemon.fuse.peers import KEEP
+    pair, fast = _pair(shares)
+    comp = pair[1]
+    keep_r, keep_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    answers, answer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    comp.peers.set_self(1)
+    comp.peers.set_keeper(9, keep_w.detach(), answers.detach(), answer_end.detach())
+    try:
+        request, wsizes = create_request(1, b"n0", os.O_RDWR, 0o100644, 3)
+        chain = _chain(request, wsizes)
+        before = fast.served
+        assert fast.serve(chain) == REPLY and fast.served == before + 1
+        reply = b"".join(bytes(v) for v in chain.writable.views)
+        _nodeid, fh = _ok(reply)
+        keep_r.setblocking(False)
+        data, fds, _flags = recv_with_fds(keep_r, 64, 2)
+        try:
+            assert KEEP.unpack(data) == (fh,) and len(fds) == 1
+            assert os.fstat(fds[0]).st_ino == os.lstat(shares[1] / "n0").st_ino
+        finally:
+            close_fds(fds)
+    finally:
+        keep_r.close()
+        _close(pair)
