@@ -9,7 +9,7 @@ copies, masked), the inode table (nodeids, generations, counts, free
 list; each live inode named by its path in its own copy), the cached
 nodeids, the open files (fh, nodeid, kind, host flags, the shared
 FileTable's words), the meters' counters, the two copies' trees (names,
-types, modes, sizes) and the number of fds opened must be equal.
+types, modes, sizes, owners) and the number of fds opened must be equal.
 """
 
 from __future__ import annotations
@@ -125,7 +125,8 @@ def _tree(root) -> list:
         for n in sorted(dirnames + filenames):
             p = os.path.join(dirpath, n)
             s = os.lstat(p)
-            out.append((os.path.relpath(p, root), stat.S_IFMT(s.st_mode), s.st_mode & 0o7777, s.st_size, s.st_nlink))
+            out.append((os.path.relpath(p, root), stat.S_IFMT(s.st_mode), s.st_mode & 0o7777, s.st_size, s.st_nlink,
+                        s.st_uid, s.st_gid))
     return sorted(out)
 
 
