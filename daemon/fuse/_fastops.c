@@ -55,7 +55,8 @@
  * LOOKUP (when FastOps.enable_lookup was called) of a name whose inode
  * this worker holds, the first of an inode (opened and inserted as
  * InodeCache.adopt does), or a missing name: _lookup.h, included below,
- * says exactly when.
+ * says exactly when. CREATE (when FastOps.enable_create was called) of a
+ * new name by a root caller: _create.h.
  *
  * GETXATTR, UNLINK, RMDIR and FLUSH (those FastOps.enable_meta named:
  * fastmeta.py): _meta.h, included below, says exactly when.
@@ -121,6 +122,7 @@
 #define OP_READ 15
 #define READ_IN 40
 #define OP_WRITE 16
+#define OP_CREATE 35            /* _create.h */
 #define WRITE_IN 40
 #define WRITE_OUT 8
 #define WRITE_KILL_SUIDGID 4    /* abi.FUSE_WRITE_KILL_SUIDGID: written without CAP_FSETID */
@@ -191,6 +193,7 @@ struct meter {
     Py_ssize_t bytes_read, errno_slots, nbounds, bytes_written;
     struct op_words getattr, read, write, lookup;
     struct op_words meta[META_OPS]; /* GETXATTR, UNLINK, RMDIR, FLUSH (_meta.h, enable_meta) */
+    struct op_words create;     /* set by enable_create (_create.h) */
     uint64_t bounds[MAX_BUCKETS];   /* LATENCY_BUCKETS_NS: the last bucket is above them all */
 };
 
@@ -227,6 +230,16 @@ struct lookup_table {
     Py_ssize_t h_last;      /* the largest header word index of these */
 };
 
+/* CREATE as FastOps.enable_create sets it up (_create.h) */
+struct create_conf {
+    PyObject *rest;         /* fastpath.create_rest; NULL: CREATE is Python's */
+    PyObject *add;          /* fastpath.add_created */
+    PyObject *creds;        /* credentials._state: the thread's cached fsuid/fsgid */
+    uint32_t kept;          /* files.host_open_flags' mask */
+    int writeback;          /* --writeback: files.writeback_flags */
+    uint32_t fopen;         /* files.fopen_flags(--cache) */
+};
+
 typedef struct {
     PyObject_HEAD
     PyObject *session;      /* the FuseSession */
@@ -243,6 +256,7 @@ typedef struct {
     struct lookup_table lk; /* LOOKUP (_lookup.h) */
     unsigned int meta;      /* _meta.h's ops served here: 1 << meta_slot(opcode) */
     Py_ssize_t h_locks;     /* FileTable._H_LOCKS (FLUSH, _meta.h) */
+    struct create_conf cr;  /* CREATE (_create.h) */
 } FastOps;
 
 static PyObject *s_readable, *s_writable, *s_views, *s_size, *s_session, *s_meter, *s_cache,
@@ -755,7 +769,8 @@ static void count(struct meter *m, int opcode, const struct timespec *start, int
                   uint64_t wrote)
 {
     const struct op_words *op = opcode == OP_READ ? &m->read : opcode == OP_WRITE ? &m->write
-        : opcode == OP_LOOKUP ? &m->lookup : opcode == OP_GETATTR || meta_slot(opcode) < 0 ? &m->getattr : &m->meta[meta_slot(opcode)];
+        : opcode == OP_LOOKUP ? &m->lookup : opcode == OP_CREATE ? &m->create
+        : opcode == OP_GETATTR || meta_slot(opcode) < 0 ? &m->getattr : &m->meta[meta_slot(opcode)];
     struct timespec end;
     clock_gettime(CLOCK_MONOTONIC, &end);
     int64_t ns = (int64_t)(end.tv_sec - start->tv_sec) * 1000000000 + (end.tv_nsec - start->tv_nsec);
@@ -775,6 +790,7 @@ static void count(struct meter *m, int opcode, const struct timespec *start, int
 }
 
 #include "_lookup.h"
+#include "_create.h"
 
 /* one request, with the checks every fast op shares (FuseSession._handle's,
  * in its order); NOT_HANDLED (nothing written) or the bytes written;
@@ -792,6 +808,7 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
         return NOT_HANDLED;
     if (h.opcode == OP_GETATTR ? q->wsize < OUT_HEADER + ATTR_OUT
             : h.opcode == OP_LOOKUP ? self->lk.hash == NULL || q->wsize < OUT_HEADER + ENTRY_OUT
+            : h.opcode == OP_CREATE ? self->cr.rest == NULL || q->wsize < OUT_HEADER + ENTRY_OUT + OPEN_OUT
             : meta_wants(self, h.opcode) ? 0
             : !((h.opcode == OP_READ && self->reads) || (h.opcode == OP_WRITE && self->writes)))
         return NOT_HANDLED;
@@ -807,6 +824,8 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
         return fast_write(st, q, &h, error);
     if (h.opcode == OP_LOOKUP)
         return fast_lookup(self, st, q, &h, error);
+    if (h.opcode == OP_CREATE)
+        return fast_create(self, st, q, &h, error);
     if (h.opcode != OP_GETATTR)
         return fast_meta(self, st, q, &h, error);
     return fast_getattr(self, st, q, &h, error);
@@ -1149,6 +1168,9 @@ static int fastops_traverse(FastOps *self, visitproc visit, void *arg)
     Py_VISIT(self->meter);
     Py_VISIT(self->lk.hash);
     Py_VISIT(self->lk.tlock);
+    Py_VISIT(self->cr.rest);
+    Py_VISIT(self->cr.add);
+    Py_VISIT(self->cr.creds);
     return 0;
 }
 
@@ -1160,6 +1182,9 @@ static int fastops_clear(FastOps *self)
     Py_CLEAR(self->slots);
     Py_CLEAR(self->lk.hash);
     Py_CLEAR(self->lk.tlock);
+    Py_CLEAR(self->cr.rest);
+    Py_CLEAR(self->cr.add);
+    Py_CLEAR(self->cr.creds);
     drop_meter(self);
     return 0;
 }
@@ -1387,6 +1412,11 @@ static PyMethodDef fastops_methods[] = {
      "enable_meta(ops, h_locks, layout): serve GETXATTR, UNLINK, RMDIR, FLUSH (bits 0-3 of ops) too;\n"
      "h_locks: FileTable._H_LOCKS; layout: with a meter, their (requests, latency_sum, buckets,\n"
      "errors) word indices (_meta.h)"},
+    {"enable_create", (PyCFunction)fastops_enable_create, METH_VARARGS,
+     "enable_create(rest, add, creds, kept, writeback, fopen, meter_words): serve CREATE too (after\n"
+     "enable_lookup): fastpath.create_rest and add_created, credentials._state, host_open_flags' mask,\n"
+     "--writeback, fopen_flags(--cache), CREATE's meter words (requests, latency_sum, buckets, errors)\n"
+     "or None without a meter"},
     {NULL},
 };
 

@@ -424,6 +424,27 @@ static int cold_lookup(FastOps *self, struct state *st, int parent, const char *
     return result;
 }
 
+/* names.parse_name's rules for the n bytes at name (the name and its
+ * NUL, n >= 2): NUL last and only there, no '/', not "." or ".." (LOOKUP's
+ * dots are Python's too); 1 if it passes */
+static int one_name(const char *name, Py_ssize_t n)
+{
+    return name[n - 1] == 0 && memchr(name, 0, (size_t)n - 1) == NULL && memchr(name, '/', (size_t)n - 1) == NULL
+           && strcmp(name, ".") != 0 && strcmp(name, "..") != 0;
+}
+
+/* fstatat(parent, name, AT_SYMLINK_NOFOLLOW) with the GIL released: 0, or
+ * its errno */
+static int stat_name(int parent, const char *name, struct stat *s)
+{
+    int rc, err;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fstatat(parent, name, s, AT_SYMLINK_NOFOLLOW);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    return rc == 0 ? 0 : err;
+}
+
 /* LOOKUP; NOT_HANDLED or the bytes written; *error: the reply's errno */
 static Py_ssize_t fast_lookup(FastOps *self, struct state *st, const struct req *q, const struct in_header *h,
                               int *error)
@@ -434,23 +455,18 @@ static Py_ssize_t fast_lookup(FastOps *self, struct state *st, const struct req 
             || iov_copy(q->r, q->nr, IN_HEADER, name, nargs, 0) < 0)
         return NOT_HANDLED;
     /* parse_lookup_name: NUL last and only there, no '/'; the dots are Python's */
-    if (name[nargs - 1] != 0 || memchr(name, 0, (size_t)nargs - 1) != NULL || memchr(name, '/', (size_t)nargs - 1) != NULL
-            || strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
+    if (!one_name(name, nargs))
         return NOT_HANDLED;
     int parent = cached_fd(self, st, h->nodeid);
     if (parent < 0)
         return NOT_HANDLED;
     struct stat s;
-    int rc, err;
-    Py_BEGIN_ALLOW_THREADS
-    rc = fstatat(parent, name, &s, AT_SYMLINK_NOFOLLOW);
-    err = errno;
-    Py_END_ALLOW_THREADS
+    int err = stat_name(parent, name, &s);
     struct entry_reply r;
     memset(&r, 0, sizeof r);
     r.len = sizeof r;
     r.unique = h->unique;
-    if (rc != 0) {
+    if (err != 0) {
         if (err != ENOENT)
             return NOT_HANDLED;
         if (!self->lk.negative)

@@ -52,6 +52,14 @@ GETXATTR, UNLINK, RMDIR and FLUSH are compiled as ``fastmeta.py`` says
 in C"): the plain case of each, with the reference handler in the op
 table and nothing configured that changes its answer.
 
+CREATE is compiled when ``create_unsupported`` says nothing against it
+(LOOKUP compiled, the reference CREATE row, no --posix-acl or
+--security-label): ``make`` calls ``FastOps.enable_create`` with
+``create_rest`` and ``add_created`` below (C calls them for the fh, and
+for what its own lookup declines once the file exists), the thread's
+credentials cache and the flag rules; C serves a root caller's CREATE of
+a new name (docs/compiled.md, "CREATE in C").
+
 With ``--metrics-socket`` the session has a meter (metrics/counters.py's
 ``WorkerMeter``) before the loop asks for ``serve``, and the requests C
 answers are counted by C into the same shared-memory slot, as
@@ -74,12 +82,15 @@ imports it before the pivot).
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 
 from daemon.config import CacheMode
-from daemon.fuse import attrs, entries, fastmeta, files, filetable, inodecache, inodes, replies
+from daemon.fuse import (attrs, credentials, entries, fastmeta, files, filetable, handles, inodecache, inodes,
+                         replies)
 from daemon.fuse.abi import Opcode
+from daemon.fuse.request import FUSEError
 from daemon.log import get_logger
 from daemon.metrics import counters as c
 from daemon.virtio import compiled
@@ -170,7 +181,74 @@ def make(session):
                             inodes._H_FREE, inodes._H_HIGH, inodes._H_GEN, inodes._H_LIVE, inodes._S_NEXT,
                             inodes._S_HLEN, inodes._S_OWNER, inodes._S_HANDLE, inodes.HANDLE_MAX),
                            session.config.cache is CacheMode.ALWAYS)
+        if not create_unsupported(session):
+            config = session.config
+            layout = meter_layout(session.meter)
+            fast.enable_create(create_rest, add_created, credentials._state,
+                               files.host_open_flags(0xFFFFFFFF & ~os.O_ACCMODE, config.allow_direct_io,
+                                                     config.preserve_noatime) | os.O_ACCMODE,
+                               config.writeback, files.fopen_flags(config.cache),
+                               op_words(Opcode.CREATE) if layout else None)
     return fast
+
+
+def create_unsupported(session) -> str:
+    """Why CREATE stays in Python for ``session`` ("" if C may serve it:
+    docs/compiled.md, "CREATE in C"). C's CREATE inserts the new inode as
+    its LOOKUP does, so it needs that first."""
+    why = lookup_unsupported(session)
+    if why:
+        return why
+    if session._ops.get(int(Opcode.CREATE)) is not files.do_create:
+        return "CREATE is not the reference handler"
+    config = session.config
+    if config.posix_acl:
+        return "--posix-acl (the guest's umask, default ACLs)"
+    if config.security_label:
+        return "--security-label"
+    if type(session.handles) is not handles.HandleTable:
+        return "not the stock open-file table"
+    return ""
+
+
+def create_rest(session, parent_fd: int, name: bytes, fd: int, flags: int, open_flags: int,
+                host_flags: int, opened: int) -> bytes | int:
+    """The compiled CREATE's Python tail, for what its C declines once the
+    file exists (C's chain is taken then: this answers): with ``fd`` (the
+    new file, open with ``opened``), ``files.created`` (the lookup and the
+    fh); with fd -1 (the name appeared between C's check and its O_EXCL
+    create, and the guest did not ask for O_EXCL), ``files.open_existing``
+    first, as ``_create_file`` does. The 144 reply bytes, or the errno
+    ``FuseSession._handle`` would answer (C serves uid 0 only: the caller
+    is root for ``files.kills``)."""
+    try:
+        path = os.fsdecode(name)
+        if fd < 0:
+            fd, opened = files.open_existing(parent_fd, path, host_flags, session.config.writeback,
+                                             files.kills(0, flags, open_flags))
+        return files.created(session, parent_fd, path, fd, opened)
+    except FUSEError as e:
+        return e.errno
+    except OSError as e:
+        return e.errno or errno.EIO
+    except Exception:  # noqa: BLE001 - as FuseSession._handle: EIO, keep serving
+        log.exception("FUSE CREATE (compiled, Python's tail) failed")
+        return errno.EIO
+
+
+def add_created(session, fd: int, nodeid: int, opened: int) -> int:
+    """The compiled CREATE's ``HandleTable.add`` (which owns ``fd`` from
+    here: the shared FileTable's slot, the keeper's copy): the fh, or
+    -errno (ENFILE when full; the fd is closed then)."""
+    try:
+        return session.handles.add(fd, nodeid, handles.KIND_FILE, opened).fh
+    except FUSEError as e:
+        return -e.errno
+    except OSError as e:
+        return -(e.errno or errno.EIO)
+    except Exception:  # noqa: BLE001 - as FuseSession._handle: EIO, keep serving
+        log.exception("FUSE CREATE (compiled, the fh) failed")
+        return -errno.EIO
 
 
 _MONOTONIC = "clock_gettime(CLOCK_MONOTONIC)"
@@ -190,7 +268,8 @@ def meter_layout(meter) -> dict:
     if not isinstance(words, memoryview) or words.format != "Q" or len(words) < c.SLOT_WORDS:
         return {}
 
-    assert max(Opcode.GETATTR, Opcode.READ, Opcode.WRITE, Opcode.LOOKUP, *fastmeta.OPS) < c.OPCODE_SLOTS
+    assert max(Opcode.GETATTR, Opcode.READ, Opcode.WRITE, Opcode.LOOKUP, Opcode.CREATE,
+               *fastmeta.OPS) < c.OPCODE_SLOTS
     layout = (c.BYTES_READ, c.ERRNO_SLOTS, *op_words(Opcode.GETATTR), *op_words(Opcode.READ),
               c.BYTES_WRITTEN, *op_words(Opcode.WRITE), *op_words(Opcode.LOOKUP))
     return {"meter": meter, "words": words, "layout": layout, "bounds": c.LATENCY_BUCKETS_NS}
@@ -235,9 +314,11 @@ def fast_ops(session):
         loop += ", wait loop in C" if wait_loop() else f", wait in Python, {FASTOPS_ENV}=3"
     why_lookup = lookup_unsupported(session)
     lookup = "LOOKUP compiled too" if not why_lookup else f"LOOKUP in Python ({why_lookup})"
+    why_create = create_unsupported(session)
+    create = "CREATE compiled too" if not why_create else f"CREATE in Python ({why_create})"
     meta = ", ".join(op.name for op in fastmeta.served(session)) or "none"
-    log.info("FUSE ops: %s compiled (extension daemon.fuse._fastops; %s)%s; %s; metadata ops in C: %s",
-             compiled_ops(session), loop, counted, lookup, meta)
+    log.info("FUSE ops: %s compiled (extension daemon.fuse._fastops; %s)%s; %s; %s; metadata ops in C: %s",
+             compiled_ops(session), loop, counted, lookup, create, meta)
     if session.meter is not None and not counted:
         log.info("FUSE ops: this meter is not C's to count for: its requests stay in Python")
     return fast

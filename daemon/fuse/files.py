@@ -163,7 +163,12 @@ def kill_on_open(req: Request, flags: int, open_flags: int) -> bool:
     """Whether an open with these guest flags must clear SUID/SGID (see the
     module docstring): O_TRUNC, and the guest asked for it or the caller is
     not root."""
-    return bool(flags & os.O_TRUNC) and bool(open_flags & abi.FUSE_OPEN_KILL_SUIDGID or req.uid)
+    return kills(req.uid, flags, open_flags)
+
+
+def kills(uid: int, flags: int, open_flags: int) -> bool:
+    """``kill_on_open`` for a caller ``uid``."""
+    return bool(flags & os.O_TRUNC) and bool(open_flags & abi.FUSE_OPEN_KILL_SUIDGID or uid)
 
 
 def _create_file(fs, req: Request, parent_fd: int, name: str, flags: int, mode: int,
@@ -181,6 +186,13 @@ def _create_file(fs, req: Request, parent_fd: int, name: str, flags: int, mode: 
     except FileExistsError:
         if exclusive:
             raise
+    return open_existing(parent_fd, name, flags, writeback, kill)
+
+
+def open_existing(parent_fd: int, name, flags: int, writeback: bool, kill: bool) -> tuple[int, int]:
+    """CREATE of a name that exists, without O_EXCL: open it as OPEN would
+    (a regular file only; without CAP_FSETID when ``kill``). Returns (fd,
+    the flags it was opened with), as ``open_file``."""
     path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
     try:
         with credentials.without_fsetid(kill):
@@ -297,6 +309,14 @@ def do_create(fs: FileSystem, req: Request):
     fs.handles.check_room()
     fd, host_flags = _create_labeled(fs, req, parent_fd, name, host_flags, stat.S_IMODE(mode),
                                      bool(flags & os.O_EXCL), kill_on_open(req, flags, open_flags), umask)
+    return created(fs, parent_fd, name, fd, host_flags)
+
+
+def created(fs: FileSystem, parent_fd: int, name, fd: int, host_flags: int) -> bytes:
+    """CREATE's reply once ``fd`` is open on the new (or existing) file:
+    the lookup (+1 on the entry) and the fh. The fd is closed on failure
+    (FUSEError/OSError: the file stays). Also the compiled CREATE's way
+    when its own lookup declined (fastpath.create_rest)."""
     try:
         entry = fs.entry(parent_fd, name)
     except BaseException:

@@ -311,18 +311,23 @@ class FileTable(LockedTable):
     def keep(self, fh: int, word: int) -> bool:
         """The keeper holds a copy of a live slot's fd: record its owner
         word; False (nothing written) if the slot died meanwhile."""
-        s = fh & SLOT_MASK
-        if not 1 <= s <= self.capacity:
-            return False
+        return self.keep_many([(fh, word)])[0]
+
+    def keep_many(self, kept: list[tuple[int, int]]) -> list[bool]:
+        """``keep`` for each (fh, word), under one lock: one bool each."""
+        out = []
         self._lock()        # never into a slot freed and reused meanwhile
         try:
-            base = s * _WORDS
-            if self.slots[base + _F_GEN] != fh >> SLOT_BITS or not fh >> SLOT_BITS:
-                return False
-            self.slots[base + _F_KEPT] = word
-            return True
+            q, capacity = self.slots, self.capacity
+            for fh, word in kept:
+                s, gen = fh & SLOT_MASK, fh >> SLOT_BITS
+                ok = 1 <= s <= capacity and gen != 0 and q[s * _WORDS + _F_GEN] == gen
+                if ok:
+                    q[s * _WORDS + _F_KEPT] = word
+                out.append(ok)
         finally:
             self._unlock()
+        return out
 
     def live(self, fh: int) -> bool:
         s = fh & SLOT_MASK

@@ -37,6 +37,16 @@ nothing was released), so a released file's last host close may come up to
 a second after RELEASE; flock and POSIX locks are released explicitly at
 RELEASE and FLUSH (handles.py), so no lock outlives its guest file.
 
+Reading in bursts: a KEEP is safe once its ``sendmsg`` returned (the fd
+waits in the socket's queue, which the supervisor holds too), so the
+keeper need not take it at once. After a wake-up that took messages it
+stops listening to the socket for ``SETTLE_S`` (20 ms) and then takes all
+that came meanwhile, recording their kept words under one table lock
+(``FileTable.keep_many``): one wake-up per burst of CREATEs and OPENs
+instead of one per file, and the workers' ``sendmsg`` wakes nobody while
+it settles. Only an ASK (a worker's restart) waits, up to ``SETTLE_S``;
+the order on the socket still puts each KEEP before any ASK sent after it.
+
 The supervisor starts the keeper before the workers and restarts it if it
 dies; a new keeper is introduced to every request worker (``PEER_KEEPER``),
 and each sends it every open file it holds. Only what the dead keeper alone
@@ -65,7 +75,19 @@ log = daemon_log.get_logger("keeper")
 
 NAME = "keeper"
 IDLE_REAP_S = 1.0      # how long a released file's copy may linger while idle
-BATCH = 64             # messages read per wake-up before looking for dead slots
+BATCH = 64             # messages read (and KEEPs recorded under one lock) at a time
+# After a wake-up that took messages the keeper does not listen to its
+# socket for SETTLE_S (it still answers the supervisor's channel), then
+# reads everything that came meanwhile in one go. A KEEP is safe from the
+# moment its sendmsg returns (the fd is in the socket's queue, which the
+# supervisor holds too), so the delay costs no protection; while the
+# keeper settles, a KEEP wakes no process, which makes the sender's
+# sendmsg cheaper too. An ASK (a worker's restart) waits up to SETTLE_S.
+# The window adapts so that a burst stays well inside the socket's queue
+# (about 270 messages of the workers' send buffer): halved after a drain of
+# BATCH or more, doubled (up to SETTLE_S) after one of less than BATCH / 2;
+# at 0 the keeper reads as soon as messages come.
+SETTLE_S = 0.02
 _MAX_FDS = 4            # room for a sender that puts more than one fd (all closed)
 _MAX_MSG = max(KEEP.size, ASK.size) + 1   # one byte more: a longer message is truncated, not taken
 
@@ -116,30 +138,57 @@ class Keeper:
         self.fds: dict[int, int] = {}
         self._released = files.released
         self._warned = False
+        self.settle_ms = 0      # the settling window (run: SETTLE_S, adapted)
 
     def run(self, channel: Channel) -> int:
-        poller = select.poll()
-        poller.register(channel.fileno(), select.POLLIN)
-        poller.register(self.sock.fileno(), select.POLLIN)
-        cfd, sfd = channel.fileno(), self.sock.fileno()
+        """Keep until SHUTDOWN; see ``SETTLE_S`` for when the socket is read."""
+        both = select.poll()
+        both.register(channel.fileno(), select.POLLIN)
+        both.register(self.sock.fileno(), select.POLLIN)
+        control = select.poll()
+        control.register(channel.fileno(), select.POLLIN)
+        cfd = channel.fileno()
+        most = int(SETTLE_S * 1000)
+        self.settle_ms = most
+        took = 0
         while True:
-            timeout = int(IDLE_REAP_S * 1000) if self.fds else None
-            events = poller.poll(timeout)
+            if took and self.settle_ms:
+                # settling: deaf to the socket for the window, so the KEEPs
+                # sent meanwhile wake nobody and are all read at once
+                events = control.poll(self.settle_ms)
+            else:
+                events = both.poll(int(IDLE_REAP_S * 1000) if self.fds else None)
             for fd, _ev in events:
-                if fd == sfd:
-                    self.receive()
-                elif fd == cfd:
+                if fd == cfd:
                     msg, _payload, fds = channel.recv()
                     close_fds(fds)
                     if msg == Msg.SHUTDOWN:
                         self.close()
                         return 0
                     raise ChannelError(f"unexpected {msg.name}")
+            took = self.drain()
+            if took >= BATCH:
+                self.settle_ms //= 2
+            elif took < BATCH // 2:
+                self.settle_ms = min(most, self.settle_ms * 2 or 1)
             self.reap()
 
+    def drain(self) -> int:
+        """Read the socket until it is empty (``BATCH`` at a time); returns
+        how many messages were taken."""
+        total = 0
+        while True:
+            n = self.receive()
+            total += n
+            if n < BATCH:
+                return total
+
     def receive(self) -> int:
-        """Take up to BATCH messages off the socket; returns how many."""
+        """Take up to BATCH messages off the socket; returns how many.
+        The KEEPs among them are recorded in the table under one lock
+        (``keep_many``), each before any later ASK is answered."""
         n = 0
+        keeps: list[tuple[int, int]] = []
         while n < BATCH:
             try:
                 data, fds, flags = recv_with_fds(self.sock, _MAX_MSG, _MAX_FDS)
@@ -156,12 +205,15 @@ class Keeper:
             if len(fds) != 1 or flags & socket.MSG_TRUNC:
                 close_fds(fds)       # not what a request worker sends
             elif len(data) == KEEP.size:
-                self.add(KEEP.unpack(data)[0], fds[0])
+                keeps.append((KEEP.unpack(data)[0], fds[0]))
             elif len(data) == ASK.size:
+                self.add_many(keeps)
+                keeps = []
                 ident, seq = ASK.unpack(data)
                 self.answer(ident, seq, fds[0])
             else:
                 close_fds(fds)
+        self.add_many(keeps)
         return n
 
     def answer(self, ident: int, seq: int, reply_fd: int) -> None:
@@ -192,10 +244,27 @@ class Keeper:
         """Keep ``fd`` as slot ``ident``'s copy, if the slot still lives.
         A copy already kept stays (a borrower may be copying it: it is
         closed only once the slot died); the second one is closed."""
-        if ident in self.fds or not self.files.keep(ident, owner_word(self.serial, fd)):
-            close_fd(fd)          # a duplicate, or released before we got it
+        self.add_many([(ident, fd)])
+
+    def add_many(self, keeps: list[tuple[int, int]]) -> None:
+        """``add`` for each (slot id, fd), in order, under one table lock."""
+        if not keeps:
             return
-        self.fds[ident] = fd
+        fresh: list[tuple[int, int]] = []
+        taken: set[int] = set()
+        for ident, fd in keeps:
+            if ident in self.fds or ident in taken:
+                close_fd(fd)      # a duplicate
+            else:
+                taken.add(ident)
+                fresh.append((ident, fd))
+        serial = self.serial
+        recorded = self.files.keep_many([(ident, owner_word(serial, fd)) for ident, fd in fresh])
+        for (ident, fd), ok in zip(fresh, recorded):
+            if ok:
+                self.fds[ident] = fd
+            else:
+                close_fd(fd)      # released before we got it
 
     def reap(self) -> int:
         """Close the copies of slots freed since the last look."""

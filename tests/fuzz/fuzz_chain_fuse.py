@@ -25,7 +25,10 @@ which the engine reports as a crash and saves the input):
   Python session writes for them: each is answered again by
   ``FuseSession.handle`` on the same buffers (restored first) and both the
   count and the writable bytes must match; where they decline, they wrote
-  nothing;
+  nothing. A CREATE C served is not answered again (the file exists
+  then: Python would open it or answer EEXIST); its reply is checked as
+  every reply is below, and counted (``c_creates``);
+  tests/unit/test_create_in_c.py compares CREATE with the session;
 - nothing escapes but ``VirtQueueError`` from ``pop`` (``handle`` never raises);
 - ``handle`` returns None (deferred) or 0 <= n <= the writable size; n is
   0 or >= 16; the reply's ``out_header.len == n``, its error is 0 or a
@@ -101,6 +104,7 @@ WRITE_OPCODE = 16
 # _meta.h's ops: GETXATTR, UNLINK, RMDIR, FLUSH; the two that remove
 META_OPCODES = (22, 10, 11, 25)
 REMOVE_OPCODES = (10, 11)
+CREATE_OPCODE = 35
 ZERO = bytes(image.MEM_SIZE)
 
 # filled by load_daemon() (inside atheris' instrumentation when it is used)
@@ -251,6 +255,7 @@ class Target:
         self.batch_served = 0
         self.c_writes = 0   # WRITEs the compiled ops served and the session answered alike
         self.c_meta = 0     # GETXATTR, UNLINK, RMDIR, FLUSH served in C and checked against the session
+        self.c_creates = 0  # CREATEs the compiled ops served (not answered again: see the docstring)
         self._init()
 
     # -- the share and the session ----------------------------------------------
@@ -482,14 +487,25 @@ class Target:
         chain = q.chain_at(head)
         wr, rd = chain.writable, chain.readable
         ranges = [self._region_of_view(v) for v in wr.views]
+        used = (image.file_offset(image.USED_GPA), image.file_offset(image.USED_GPA) + 4 + 8 * q.num + 2)
         opcode, unique = IN_HEADER.unpack(rd.read(0, 40))[1:3]
         self.c_writes += opcode == WRITE_OPCODE
         self.c_meta += opcode in META_OPCODES
+        if opcode == CREATE_OPCODE:
+            chain.release()
+            ram[:] = after
+            self.c_creates += 1
+            if not any(o < used[1] and used[0] < o + ln for o, ln in ranges):
+                self._check_reply(written, ranges, unique)
+            allowed.extend((o, o + ln) for o, ln in ranges)
+            pushed.append((head, written))
+            self.fast_served += 1
+            self.batch_served += 1
+            return n
         again = self.session.handle(rd, wr, chain)
         if opcode in REMOVE_OPCODES:
             _removed_once(b"".join(after[o:o + ln] for o, ln in ranges), wr, again)
         chain.release()
-        used = (image.file_offset(image.USED_GPA), image.file_offset(image.USED_GPA) + 4 + 8 * q.num + 2)
         python = bytes(ram)
         ram[:] = after
         assert again == written, f"batch wrote {written} bytes, the session {again}"
@@ -518,6 +534,9 @@ class Target:
         opcode = IN_HEADER.unpack(rd.read(0, 40))[1] if rd.size >= 40 else -1
         self.c_writes += opcode == WRITE_OPCODE
         self.c_meta += opcode in META_OPCODES
+        if opcode == CREATE_OPCODE:
+            self.c_creates += 1
+            return n
         for v, b in zip(views, before):
             v[:] = b
         again = self.session.handle(chain.readable, chain.writable, chain)
@@ -590,6 +609,7 @@ class Target:
             "broken_rings": self.broken_rings, "ebadf": self.ebadf, "resets": self.resets, "compared": self.compared,
             "fast_served": self.fast_served, "batch_served": self.batch_served, "c_writes": self.c_writes,
             "c_meta": self.c_meta,
+            "c_creates": self.c_creates,
             "seconds": round(elapsed, 1),
             "inputs_per_second": round(self.inputs / elapsed) if elapsed else 0,
             "fds_start": self.first_fds, "fds_after_first_reset": self.baseline_fds,
@@ -837,7 +857,8 @@ def main(argv=None) -> int:
             print(f"fuzz: {len(args.run)} input(s) ran clean; replies={target.replies} "
                   f"ebadf_inputs={','.join(bad_fh) or '-'} c_write_inputs={','.join(c_writes) or '-'} "
                   f"c_meta_inputs={','.join(c_meta) or '-'} "
-                  f"fast_served={target.fast_served} batch_served={target.batch_served}", flush=True)
+                  f"fast_served={target.fast_served} batch_served={target.batch_served} "
+                  f"c_creates={target.c_creates}", flush=True)
             return 0
         print(f"fuzz: engine random (not coverage-guided: install atheris for that); {PATH}", flush=True)
         run_random(target, corpus_inputs([CORPUS_DIR]), args.iterations, args.time,

@@ -375,6 +375,18 @@ def batch_loop() -> dict[str, bytes]:
     first = b.build()
     s["batch_first_lookups"] = with_flags(first, 3)
     s["batch_first_lookups_checked"] = with_flags(first, 7)
+    # CREATE in C: new names in the root and in d/ (nodeid 3), read-write,
+    # write-only with O_TRUNC, O_EXCL; a name that exists (Python's); the
+    # fhs released (their slots are 1..3 of the shared table)
+    b = SeedBuilder(16)
+    for i, (parent, flags) in enumerate(((1, 0x2), (3, 0x1 | 0x200), (1, 0x2 | 0x80))):
+        req(b, CREATE, parent, struct.pack("<IIII", flags, 0o100644, 0o022, 0) + name(b"new%d" % i), [128, 16])
+    req(b, CREATE, 1, struct.pack("<IIII", 0x2, 0o100644, 0o022, 0) + name(b"hello.txt"), [128, 16])
+    for i in range(1, 4):
+        req(b, RELEASE, 1, struct.pack("<QIIQ", fh(i), 0, 0, 0), [])
+    creates = b.build()
+    s["batch_creates"] = with_flags(creates, 3)
+    s["batch_creates_checked"] = with_flags(creates, 7)
     return s
 
 

@@ -10,7 +10,7 @@ GETATTR budget (DESIGN.md) and to profile without a second process
 competing for the cores.
 
     python -m tests.perf.inproc [--op getattr|lookup|lookup-cold|read4k|read1m|write4k|write4k-kill|
-                                      getxattr-absent|unlink|rmdir|flush]
+                                      getxattr-absent|unlink|rmdir|flush|create]
                                 [--depth 64] [--python-meta]
                                 [--seconds 3] [--profile cprofile|none] [--clock wall|cpu]
 
@@ -27,6 +27,16 @@ between batches outside the timed part; ``flush`` flushes one open file
 again and again. ``--python-meta`` leaves those four to Python (the
 compiled ops without _meta.h's: ``FastOps.enable_meta(0, ...)``), for a
 before/after in one build.
+
+``create`` creates ``depth`` new files per batch (CREATE, O_RDWR, mode
+0644) and releases them in a second batch (RELEASE): the figure is the
+worker's CPU per CREATE + RELEASE pair. Between rounds, outside the timed
+part, the files are unlinked on the host and every nodeid forgotten, so
+each CREATE makes a new file and inserts a new inode, as a guest's
+create-then-unlink workload does. The session has a shared open-file
+table and a real keeper (workers/keeper.py's ``Keeper.run``) in a forked
+process, which gets every new fd (``Peers.keep``); its CPU per CREATE
+(user + system, from ``wait4``) is printed too.
 
 ``--clock cpu`` times the serving thread's CPU time instead of the wall
 clock: steadier on a loaded machine. The last line names the request path
@@ -62,14 +72,15 @@ class _NoChannel:
         return -1
 
 
-def _build(op: str, depth: int, shared: str, cache: str = "auto", event_idx: bool = False):
+def _build(op: str, depth: int, shared: str, cache: str = "auto", event_idx: bool = False,
+           open_files: int = 0):
     fmem = FrontMemory(256 << 20)
     vr = VRing(fmem, 1, 1024, event_idx=event_idx)
     regions = [(r.gpa, r.size, r.qva, r.mmap_offset) for r in fmem.regions]
     dmem = DaemonMemory.from_regions(regions, [os.dup(r.fd) for r in fmem.regions])
     config = Config(shared_dir=shared, cache=CacheMode(cache), sandbox="none", seccomp="none")
     os.chdir("/proc/self/fd")  # what a request worker does (INTERNALS: per-process facts)
-    table = InodeTable(1 << 16)
+    table = InodeTable(1 << 16, open_files)
     session = FuseSession(config, table, "request")
     loop = WorkerLoop(_NoChannel(), session, (1,))
     ring = loop.rings[1]
@@ -106,6 +117,8 @@ def _build(op: str, depth: int, shared: str, cache: str = "auto", event_idx: boo
             open(os.path.join(shared, os.fsdecode(n)), "wb").close()
         heads = [vr.submit([hdr(Opcode.LOOKUP, 1, len(n) + 1), n + b"\0"], [16, abi.ENTRY_OUT.size]) for n in names]
         return loop, ring, vr, heads
+    if op == "create":
+        return loop, ring, vr, []
     if op == "getattr":
         req = (Opcode.GETATTR, 1, abi.GETATTR_IN.pack(0, 0, 0), [abi.ATTR_OUT.size])
     elif op == "getxattr-absent":
@@ -181,6 +194,115 @@ def forget_all(session) -> None:
     cache.reap()
 
 
+KEEPER_SERIAL = 9
+
+
+class _ShutdownChannel:
+    """What ``Keeper.run`` reads from its control channel: SHUTDOWN once
+    the pipe is written to."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def recv(self):
+        from daemon.workers.channel import Msg
+        os.read(self.fd, 1)
+        return Msg.SHUTDOWN, b"", []
+
+
+def start_keeper(session) -> tuple[int, int]:
+    """A real keeper in a forked process, introduced to ``session``'s
+    peers as PEER_KEEPER does: (its pid, the pipe end that stops it)."""
+    import socket
+    from daemon.workers.keeper import Keeper
+    keep_r, keep_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stop_r, stop_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:            # the keeper
+        status = 1
+        try:
+            keep_w.close()
+            os.close(stop_w)
+            keep_r.setblocking(False)
+            status = Keeper(keep_r, KEEPER_SERIAL, session.inodes.files).run(_ShutdownChannel(stop_r))
+        finally:
+            os._exit(status)
+    keep_r.close()
+    os.close(stop_r)
+    answers, answer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    session.peers.set_self(1)
+    session.peers.set_keeper(KEEPER_SERIAL, keep_w.detach(), answers.detach(), answer_end.detach())
+    return pid, stop_w
+
+
+def stop_keeper(pid: int, stop_w: int) -> float:
+    """Stop the keeper; its CPU time (user + system) in seconds."""
+    os.write(stop_w, b"x")
+    os.close(stop_w)
+    _pid, status, usage = os.wait4(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"the keeper exited with {status:#x}")
+    return usage.ru_utime + usage.ru_stime
+
+
+def create_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall",
+              keeper: bool = True, where: str | None = None) -> tuple[float, float, int]:
+    """(worker µs per CREATE + RELEASE, keeper µs per CREATE, CREATEs);
+    see the module docstring. ``where``: the directory to share a new
+    temporary directory of (default: the system's temporary directory)."""
+    shared = tempfile.mkdtemp(prefix="inproc-", dir=where)
+    loop, ring, vr, _ = _build("create", depth, shared, open_files=4 * depth)
+    session = loop.session
+    pid, stop_w = start_keeper(session) if keeper else (0, -1)
+    names = [f"new-{i:05d}".encode() + b"\0" for i in range(depth)]
+    create_args = [abi.CREATE_IN.pack(os.O_RDWR, 0o100644, 0o022, 0) + n for n in names]
+    unique = [0]
+
+    def submit(opcode, nodeid, args, out):
+        unique[0] += 2
+        h = abi.IN_HEADER.pack(40 + len(args), opcode, unique[0], nodeid, 0, 0, 1, 0, 0)
+        return vr.submit([h, args], [16] + out)
+
+    timer = time.thread_time if clock == "cpu" else time.perf_counter
+    busy = 0.0
+    done = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for a in create_args:
+            submit(Opcode.CREATE, 1, a, [abi.ENTRY_OUT.size, abi.OPEN_OUT.size])
+        t0 = timer()
+        loop._serve(ring)
+        busy += timer() - t0
+        finished = vr.harvest()
+        if len(finished) != depth:
+            raise RuntimeError(f"served {len(finished)} of {depth}")
+        fhs = []
+        for head in finished:
+            reply = vr.read_writable(head)
+            vr.free(head)
+            err = int.from_bytes(reply[4:8], "little", signed=True)
+            if err:
+                raise RuntimeError(f"create: the daemon answered {err}")
+            fhs.append((int.from_bytes(reply[16:24], "little"), int.from_bytes(reply[144:152], "little")))
+        for nodeid, fh in fhs:
+            submit(Opcode.RELEASE, nodeid, abi.RELEASE_IN.pack(fh, os.O_RDWR, 0, 0), [])
+        t0 = timer()
+        loop._serve(ring)
+        busy += timer() - t0
+        for head in vr.harvest():
+            vr.free(head)
+        done += depth
+        for n in names:
+            os.unlink(os.path.join(shared, os.fsdecode(n[:-1])))
+        forget_all(session)
+    keeper_s = stop_keeper(pid, stop_w) if keeper else 0.0
+    close(loop, ring, vr)
+    return busy / done * 1e6, keeper_s / done * 1e6, done
+
+
 def per_request_us(op: str = "getattr", depth: int = 64, seconds: float = 3.0,
                    profile: str = "none", clock: str = "wall", python_meta: bool = False) -> float:
     shared = tempfile.mkdtemp(prefix="inproc-")
@@ -229,14 +351,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--op", default="getattr",
                     choices=("getattr", "lookup", "lookup-cold", "read4k", "read1m", "write4k", "write4k-kill",
-                             "getxattr-absent", "unlink", "rmdir", "flush"))
+                             "getxattr-absent", "unlink", "rmdir", "flush", "create"))
     ap.add_argument("--python-meta", action="store_true",
                     help="GETXATTR, UNLINK, RMDIR and FLUSH in Python (the rest as the build serves it)")
     ap.add_argument("--depth", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--profile", default="none", choices=("none", "cprofile"))
     ap.add_argument("--clock", default="wall", choices=("wall", "cpu"))
+    ap.add_argument("--no-keeper", action="store_true", help="create: no keeper process")
+    ap.add_argument("--dir", default=None, help="create: make the shared directory in DIR (e.g. a tmpfs)")
     a = ap.parse_args(argv)
+    if a.op == "create":
+        us, keeper_us, n = create_us(a.depth, a.seconds, a.clock, not a.no_keeper, a.dir)
+        print(f"create depth {a.depth}: {us:.2f} µs per CREATE + RELEASE in the worker, "
+              f"keeper {keeper_us:.2f} µs per CREATE ({n} CREATEs); {PATH}")
+        return 0
     us = per_request_us(a.op, a.depth, a.seconds, a.profile, a.clock, a.python_meta)
     meta = "; metadata ops in Python" if a.python_meta else ""
     print(f"{a.op} depth {a.depth}: {us:.2f} µs per request in the worker ({1e6 / us:,.0f}/s); {PATH}{meta}")

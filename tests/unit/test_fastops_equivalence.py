@@ -980,44 +980,32 @@ def test_a_worker_killed_during_c_lookups_leaves_a_table_python_repairs(lookup_s
     of an insertion: the next locker (Python's _lock, as the successor's
     first lookup) finds the table DIRTY when it was, repairs it, and the
     table is consistent; C serves on it again."""
-    import random
-    import signal
-    import time
     from daemon.fds import close_fds
+    from tests.unit.killed import kill_at_random
     pair, fast = _lookup_pair(lookup_share, capacity=63)
     session = pair[1]
     table = session.inodes
     names = [_name(lookup_share, n) for n in ("COLLIDE0", "COLLIDE1", "COLLIDE2", "COLLIDE3", "OTHER0", "sub")]
     chains = [lambda n=n: Chain(0, IoVec([memoryview(bytearray(lookup_request(1, n + b"\0")))]),
                                 IoVec([memoryview(bytearray(144))])) for n in names]
-    rng = random.Random(7)
+
+    def work(_round):
+        session.cache._close_fds = close_fds
+        while True:
+            for make in chains:
+                fast.serve(make())
+            table.unref_many([(n, table.get(n)[3]) for n in session.cache._fds if table.get(n) is not None])
+            session.cache.reap()
+
+    def after(_round):
+        table._lock()       # what any successor's first mutation does (repairs if DIRTY)
+        table._unlock()
+        _consistent(table)
+        table.unref_many([(n, table.get(n)[3]) for n in range(2, table.capacity + 1) if table.get(n)])
+        _consistent(table)
+
     try:
-        for _ in range(25):
-            r, w = os.pipe()
-            pid = os.fork()
-            if pid == 0:    # pragma: no cover - the child, killed
-                try:
-                    session.cache._close_fds = close_fds
-                    os.write(w, b"x")
-                    while True:
-                        for make in chains:
-                            fast.serve(make())
-                        table.unref_many([(n, table.get(n)[3]) for n in session.cache._fds
-                                          if table.get(n) is not None])
-                        session.cache.reap()
-                finally:
-                    os._exit(0)
-            os.read(r, 1)
-            os.close(r)
-            os.close(w)
-            time.sleep(rng.uniform(0.001, 0.02))
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            table._lock()       # what any successor's first mutation does (repairs if DIRTY)
-            table._unlock()
-            _consistent(table)
-            table.unref_many([(n, table.get(n)[3]) for n in range(2, table.capacity + 1) if table.get(n)])
-            _consistent(table)
+        kill_at_random(work, 25, 7, after)
         assert fast.serve(chains[0]()) == 144
         _consistent(table)
     finally:

@@ -4,6 +4,7 @@ between processes (daemon/fuse/peers.py)."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 
@@ -140,3 +141,27 @@ def test_lock_pid_beside_the_flags(table):
     assert table.pid(ident) == 0xFFFFFFFF
     assert table.lookup(ident) == (5, KIND_LOCK, 0, owner_word(2, 30))
     assert table.open_on(5) is None          # a lock description is not an open file
+
+
+def test_keep_many_records_live_slots_only_under_one_lock(monkeypatch):
+    """The keeper records a whole drain's KEEPs at once (workers/keeper.py):
+    live slots get their word, dead, reused, bogus and zero ids nothing,
+    and the record lock is taken once for all of them."""
+    table = FileTable(4)               # shared: a memfd and its record lock
+    try:
+        live = table.alloc(7, 1, os.O_RDONLY, 0)
+        dead = table.alloc(8, 1, os.O_RDONLY, 0)
+        table.free(dead)
+        reused = table.alloc(9, 1, os.O_RDONLY, 0)       # dead's slot, a new generation
+        assert reused & 0xFFFFFF == dead & 0xFFFFFF
+        calls = []
+        real = fcntl.lockf
+        monkeypatch.setattr(fcntl, "lockf", lambda *a: (calls.append(a[1]), real(*a))[1])
+        got = table.keep_many([(live, owner_word(9, 40)), (dead, owner_word(9, 41)), (0, 1),
+                               (1 << 30, 2), (5 << 24 | 9, 3), (reused, owner_word(9, 42))])
+        assert got == [True, False, False, False, False, True]
+        assert calls == [fcntl.LOCK_EX, fcntl.LOCK_UN]
+        assert table.kept(live) == owner_word(9, 40) and table.kept(reused) == owner_word(9, 42)
+        assert table.keep_many([]) == []
+    finally:
+        table.close()
