@@ -50,6 +50,19 @@ def settled_fd_count(pid: int, expect: int, timeout: float = 5.0) -> int:
     return fd_count(pid)
 
 
+def steady_fd_count(pid: int, timeout: float = 3.0) -> int:
+    """``pid``'s fd count once it read the same three times 50 ms apart (a
+    baseline not taken while a descriptor is in passing, such as one a
+    supervisor holds between receiving it and handing it on), or whatever
+    it is after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    seen = [fd_count(pid)]
+    while time.monotonic() < deadline and (len(seen) < 3 or len(set(seen[-3:])) > 1):
+        time.sleep(0.05)
+        seen.append(fd_count(pid))
+    return seen[-1]
+
+
 def cpu_ticks(pid: int) -> tuple[int, int]:
     """(utime, stime) of ``pid`` in clock ticks (/proc/PID/stat fields 14, 15)."""
     with open(f"/proc/{pid}/stat") as f:
