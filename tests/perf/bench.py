@@ -627,8 +627,9 @@ def render_markdown(rows, info, p, args, guest, elapsed, floor=None, parallel=No
         f"Written by `python -m tests.perf.bench{' --quick' if args.quick else ''}` (`make bench`) "
         f"on {info['date']} in {elapsed / 60:.1f} min. Ratios are ours / C and ours / Rust for throughput "
         "(> 1: ours is faster); every figure is the best of "
-        f"{p['rounds']} alternating runs of each daemon on a shared 2-core machine (the parallel part: the "
-        f"median of {p['par_rounds']} interleaved runs). Platform a: "
+        f"{p['rounds']} alternating runs of each daemon on a shared 2-core machine"
+        + (f" (the parallel part: the median of {p['par_rounds']} interleaved runs)" if parallel else "")
+        + ". Platform a: "
         f"{info['platform_a']}; platform b: {info['platform_b']}.",
         "",
     ]

@@ -102,3 +102,9 @@ def test_a_daemon_failing_one_frontend_run_is_retried_not_fatal(monkeypatch):
     assert best["rust"]["getattr-d1"] == 10.0 and best["c"] == {}
     # the rows skip what a baseline never measured instead of failing the report
     assert not [r for r in bench.build_rows(None, best, {}, dict(bench.QUICK)) if r["name"] == "getattr-d1"]
+
+
+def test_markdown_names_the_parallel_rounds_only_when_that_part_ran():
+    info = {"date": "d", "platform_a": "a", "platform_b": "b"}
+    md = bench.render_markdown([], info, dict(bench.QUICK), argparse.Namespace(quick=True), None, 1.0)
+    assert "interleaved runs)" not in md and "alternating runs of each daemon on a shared 2-core machine." in md
