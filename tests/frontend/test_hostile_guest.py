@@ -33,7 +33,7 @@ from tests.frontend.vhost import STATE, Req
 from tests.frontend.vring import VRING_DESC_F_INDIRECT as INDIRECT
 from tests.frontend.vring import VRING_DESC_F_NEXT as NEXT
 from tests.frontend.vring import VRING_DESC_F_WRITE as WRITE
-from tests.procfs import children, fd_count
+from tests.procfs import children, settled_fd_count, steady_fd_count
 from tests import procfs
 
 GETATTR_ARGS = abi.GETATTR_IN.pack(0, 0, 0)
@@ -124,7 +124,7 @@ def expect_ring_broken(fc, slots: list[int], what: str) -> None:
     workers = children(daemon.pid)
     assert len(workers) == 3, f"workers {workers}: one died (hiprio, request-1, keeper)"
     assert_no_spin(daemon)
-    fds = fd_count(daemon.pid)
+    fds = steady_fd_count(daemon.pid)
     # the other queue (hiprio, vring 0, its own worker) is still served
     fc.forget(1, 1)
     os.mkdir(os.path.join(fc.shared_dir, "probe"))
@@ -136,7 +136,7 @@ def expect_ring_broken(fc, slots: list[int], what: str) -> None:
     fc.forget(entry.nodeid, 1)
     assert fc.getattr(1).attr.nlink >= 2
     assert children(daemon.pid) == workers, "a worker was replaced"
-    assert fd_count(daemon.pid) == fds, "supervisor fd count changed"
+    assert settled_fd_count(daemon.pid, fds) == fds, "supervisor fd count changed"
     assert daemon.log().count("no longer served") == 1
 
 

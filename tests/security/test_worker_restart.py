@@ -25,7 +25,7 @@ import pytest
 from daemon.fuse.abi import Opcode
 from tests.frontend.fuse_client import F_WRLCK, FuseClient, FuseErrorReply
 from tests.frontend.vhost import start_frontend
-from tests.procfs import children, fd_count
+from tests.procfs import children, settled_fd_count, steady_fd_count
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -119,7 +119,7 @@ def test_idle_request_worker_killed_is_replaced_and_the_mount_works(session):
     d, fc = session()
     (Path(d.shared_dir) / "f").write_bytes(b"hello after restart")
     assert fc.getattr(1).attr.nlink >= 2
-    fds_before = fd_count(d.pid)
+    fds_before = steady_fd_count(d.pid)
     old = worker_pid(d, "request-1")
     new = kill_and_wait_replaced(d, "request-1", 0)
     assert new != old
@@ -128,7 +128,7 @@ def test_idle_request_worker_killed_is_replaced_and_the_mount_works(session):
     fh = fc.open(e.nodeid).fh
     assert fc.read(e.nodeid, fh, 0, 100) == b"hello after restart"
     fc.release(e.nodeid, fh)
-    assert fd_count(d.pid) == fds_before, os.listdir(f"/proc/{d.pid}/fd")
+    assert settled_fd_count(d.pid, fds_before) == fds_before, os.listdir(f"/proc/{d.pid}/fd")
     log = d.log()
     assert re.search(r"worker request-1 \(pid \d+\) (died|failed): .*killed by SIGKILL", log), log
     assert "Traceback" not in log
@@ -191,7 +191,7 @@ def test_hiprio_worker_killed_is_replaced_and_forget_still_counts(session):
     e1 = fc.lookup(1, "h")
     again = fc.lookup(1, "h")
     assert (again.nodeid, again.generation) == (e1.nodeid, e1.generation)   # lookup count 2
-    fds_before = fd_count(d.pid)
+    fds_before = steady_fd_count(d.pid)
     kill_and_wait_replaced(d, "hiprio", 0)
     fc.forget(e1.nodeid, 1)                         # served by the new hiprio worker
     e2 = fc.lookup(1, "h")
@@ -199,7 +199,7 @@ def test_hiprio_worker_killed_is_replaced_and_forget_still_counts(session):
     fc.forget(e1.nodeid, 2)                         # -> 0: the nodeid is freed
     e3 = fc.lookup(1, "h")
     assert e3.generation != e1.generation, "FORGET after the restart did not drop the lookup count"
-    assert fd_count(d.pid) == fds_before
+    assert settled_fd_count(d.pid, fds_before) == fds_before
     log = d.log()
     assert re.search(r"worker hiprio \(pid \d+\) (died|failed): .*killed by SIGKILL", log), log
 
@@ -247,7 +247,7 @@ def test_chroot_mode_worker_killed_is_replaced(session, tmp_path, name):
     d, fc = session(extra_args=("--sandbox", "chroot"), env={"TMPDIR": str(tmpdir)})
     (Path(d.shared_dir) / "c").write_bytes(b"chroot")
     e = fc.lookup(1, "c")
-    fds_before = fd_count(d.pid)
+    fds_before = steady_fd_count(d.pid)
     old = worker_pid(d, name)
     new = kill_and_wait_replaced(d, name, 0)
     assert new != old
@@ -262,7 +262,7 @@ def test_chroot_mode_worker_killed_is_replaced(session, tmp_path, name):
         fh = fc.open(e.nodeid).fh
         assert fc.read(e.nodeid, fh, 0, 100) == b"chroot"
         fc.release(e.nodeid, fh)
-    assert fd_count(d.pid) == fds_before, os.listdir(f"/proc/{d.pid}/fd")
+    assert settled_fd_count(d.pid, fds_before) == fds_before, os.listdir(f"/proc/{d.pid}/fd")
     assert list(tmpdir.iterdir()) == []
     log = d.log()
     assert re.search(rf"worker {name} \(pid \d+\) (died|failed): .*killed by SIGKILL", log), log
