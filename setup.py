@@ -20,9 +20,9 @@ setup(
             "daemon.fuse._fastops",
             sources=["daemon/fuse/_fastops.c"],
             # the batch loop (stage 3) calls _vqcore through its capsule;
-            # _fastops.c includes LOOKUP's, CREATE's and the metadata ops' code
+            # _fastops.c includes LOOKUP's, CREATE's, FORGET's and the metadata ops' code
             depends=["daemon/virtio/_vqcore_api.h", "daemon/fuse/_lookup.h", "daemon/fuse/_create.h",
-                     "daemon/fuse/_meta.h"],
+                     "daemon/fuse/_meta.h", "daemon/fuse/_forget.h"],
             include_dirs=["daemon/virtio"],
             extra_compile_args=["-O2", "-std=gnu11", "-fno-strict-aliasing", "-Wall"],
             optional=True,

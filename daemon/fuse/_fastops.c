@@ -194,6 +194,7 @@ struct meter {
     struct op_words getattr, read, write, lookup;
     struct op_words meta[META_OPS]; /* GETXATTR, UNLINK, RMDIR, FLUSH (_meta.h, enable_meta) */
     struct op_words create;     /* set by enable_create (_create.h) */
+    struct op_words forget[2];  /* FORGET, BATCH_FORGET: set by enable_forget (_forget.h) */
     uint64_t bounds[MAX_BUCKETS];   /* LATENCY_BUCKETS_NS: the last bucket is above them all */
 };
 
@@ -240,6 +241,12 @@ struct create_conf {
     uint32_t fopen;         /* files.fopen_flags(--cache) */
 };
 
+/* FORGET and BATCH_FORGET as FastOps.enable_forget sets them up (_forget.h) */
+struct forget_conf {
+    PyObject *ring;         /* InodeTable._ring, memoryview of u32; NULL: FORGET is Python's */
+    Py_ssize_t ring_w, ring_len;    /* inodes._H_RING_W, inodes.RING */
+};
+
 typedef struct {
     PyObject_HEAD
     PyObject *session;      /* the FuseSession */
@@ -257,6 +264,7 @@ typedef struct {
     unsigned int meta;      /* _meta.h's ops served here: 1 << meta_slot(opcode) */
     Py_ssize_t h_locks;     /* FileTable._H_LOCKS (FLUSH, _meta.h) */
     struct create_conf cr;  /* CREATE (_create.h) */
+    struct forget_conf fg;  /* FORGET, BATCH_FORGET (_forget.h): then nothing else */
 } FastOps;
 
 static PyObject *s_readable, *s_writable, *s_views, *s_size, *s_session, *s_meter, *s_cache,
@@ -338,6 +346,7 @@ struct state {
     uint64_t wrote;                 /* the data bytes of the last WRITE answered (its meter count) */
     struct words hash;              /* InodeTable._hash (LOOKUP), held when first needed */
     PyObject *tlock;                /* InodeTable._tlock, acquired by LOOKUP for the call, or NULL */
+    struct words ring;              /* InodeTable._ring (FORGET, _forget.h), held when first needed */
 };
 
 static int state_init(FastOps *self, struct state *st)
@@ -380,6 +389,7 @@ static void state_drop(struct state *st)
     drop_words(&st->inodes);
     drop_words(&st->files);
     drop_words(&st->hash);
+    drop_words(&st->ring);
     if (st->tlock != NULL) {        /* before Python runs again (it may want the table) */
         PyObject *type, *value, *tb;
         PyErr_Fetch(&type, &value, &tb);
@@ -761,6 +771,8 @@ static void add(uint64_t *w, Py_ssize_t i, uint64_t n)
     __atomic_store_n(&w[i], __atomic_load_n(&w[i], __ATOMIC_RELAXED) + n, __ATOMIC_RELAXED);
 }
 
+static int forget_slot(uint32_t opcode);     /* _forget.h */
+
 /* count one answered request as WorkerMeter.request does: its opcode's
  * requests, latency (sum and bucket: the first bound at or above it),
  * its errno (0 for one at or above errno_slots) or the data bytes READ
@@ -770,6 +782,7 @@ static void count(struct meter *m, int opcode, const struct timespec *start, int
 {
     const struct op_words *op = opcode == OP_READ ? &m->read : opcode == OP_WRITE ? &m->write
         : opcode == OP_LOOKUP ? &m->lookup : opcode == OP_CREATE ? &m->create
+        : forget_slot((uint32_t)opcode) >= 0 ? &m->forget[forget_slot((uint32_t)opcode)]
         : opcode == OP_GETATTR || meta_slot(opcode) < 0 ? &m->getattr : &m->meta[meta_slot(opcode)];
     struct timespec end;
     clock_gettime(CLOCK_MONOTONIC, &end);
@@ -791,6 +804,7 @@ static void count(struct meter *m, int opcode, const struct timespec *start, int
 
 #include "_lookup.h"
 #include "_create.h"
+#include "_forget.h"
 
 /* one request, with the checks every fast op shares (FuseSession._handle's,
  * in its order); NOT_HANDLED (nothing written) or the bytes written;
@@ -804,7 +818,17 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
     struct in_header h;
     memcpy(&h, q->r[0].iov_base, sizeof h);
     __asm__ volatile("" : "+m"(h));   /* the copy, never guest memory again */
-    if (h.len != (uint64_t)q->rsize || q->wsize < OUT_HEADER)
+    if (h.len != (uint64_t)q->rsize)
+        return NOT_HANDLED;
+    /* the hiprio session's FastOps (enable_forget): FORGET and
+     * BATCH_FORGET, no reply, whatever the writable part; nothing else */
+    if (self->fg.ring != NULL) {
+        if (forget_slot(h.opcode) < 0)
+            return NOT_HANDLED;
+        *opcode = (int)h.opcode;
+        return fast_forget(self, st, q, &h);
+    }
+    if (q->wsize < OUT_HEADER)
         return NOT_HANDLED;
     if (h.opcode == OP_GETATTR ? q->wsize < OUT_HEADER + ATTR_OUT
             : h.opcode == OP_LOOKUP ? self->lk.hash == NULL || q->wsize < OUT_HEADER + ENTRY_OUT
@@ -1171,6 +1195,7 @@ static int fastops_traverse(FastOps *self, visitproc visit, void *arg)
     Py_VISIT(self->cr.rest);
     Py_VISIT(self->cr.add);
     Py_VISIT(self->cr.creds);
+    Py_VISIT(self->fg.ring);
     return 0;
 }
 
@@ -1185,6 +1210,7 @@ static int fastops_clear(FastOps *self)
     Py_CLEAR(self->cr.rest);
     Py_CLEAR(self->cr.add);
     Py_CLEAR(self->cr.creds);
+    Py_CLEAR(self->fg.ring);
     drop_meter(self);
     return 0;
 }
@@ -1417,6 +1443,11 @@ static PyMethodDef fastops_methods[] = {
      "enable_lookup): fastpath.create_rest and add_created, credentials._state, host_open_flags' mask,\n"
      "--writeback, fopen_flags(--cache), CREATE's meter words (requests, latency_sum, buckets, errors)\n"
      "or None without a meter"},
+    {"enable_forget", (PyCFunction)fastops_enable_forget, METH_VARARGS,
+     "enable_forget(ring, ring_w, ring_len, layout): serve FORGET and BATCH_FORGET, and nothing else\n"
+     "(the hiprio session; after enable_lookup on the same InodeTable): its freed ring (_ring), the\n"
+     "header word of its cursor (_H_RING_W), RING; layout: with a meter, the two ops' (requests,\n"
+     "latency_sum, buckets, errors) word indices (_forget.h)"},
     {NULL},
 };
 

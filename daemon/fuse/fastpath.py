@@ -60,6 +60,13 @@ for what its own lookup declines once the file exists), the thread's
 credentials cache and the flag rules; C serves a root caller's CREATE of
 a new name (docs/compiled.md, "CREATE in C").
 
+FORGET and BATCH_FORGET, the hiprio session's (vring 0): ``fast_ops``
+makes that session a ``FastOps`` that serves those two and nothing else
+(``make_hiprio``: ``enable_lookup`` for the table's layout and locks, then
+``enable_forget`` with its freed ring), when ``forget_unsupported`` says
+nothing against it; INTERRUPT and everything malformed stay Python's
+(docs/compiled.md, "FORGET in C").
+
 With ``--metrics-socket`` the session has a meter (metrics/counters.py's
 ``WorkerMeter``) before the loop asks for ``serve``, and the requests C
 answers are counted by C into the same shared-memory slot, as
@@ -138,6 +145,8 @@ def why_not(session) -> str:
 def unsupported(session) -> str:
     """Why ``session`` itself cannot use the compiled ops ("" if it can)."""
     table = session.inodes
+    if session.role == "hiprio":
+        return forget_unsupported(session)
     if session.role != "request" or not isinstance(table, inodes.InodeTable):
         return "not a request session on a shared inode table"
     if session._ops.get(int(Opcode.GETATTR)) is not attrs.do_getattr:
@@ -163,11 +172,50 @@ def lookup_unsupported(session) -> str:
     return ""
 
 
+def forget_unsupported(session) -> str:
+    """Why FORGET and BATCH_FORGET stay in Python for the hiprio ``session``
+    ("" if C may serve them)."""
+    if session.role != "hiprio":
+        return "not the hiprio session"
+    if type(session.inodes) is not inodes.InodeTable:
+        return "not the stock inode table"
+    if (session._ops.get(int(Opcode.FORGET)) is not entries.do_forget
+            or session._ops.get(int(Opcode.BATCH_FORGET)) is not entries.do_batch_forget):
+        return "FORGET is not the reference handler"
+    return ""
+
+
+def _lookup_layout(table) -> tuple:
+    """enable_lookup's table arguments: index, memfd, thread lock, capacity
+    and the word indices (header's and slot's) _lookup.h uses."""
+    return (table._hash, table._fd, table._tlock, table.capacity,
+            (inodes._H_DIRTY, inodes._S_GEN, inodes._S_REF, inodes._S_DEV, inodes._S_INO,
+             inodes._H_FREE, inodes._H_HIGH, inodes._H_GEN, inodes._H_LIVE, inodes._S_NEXT,
+             inodes._S_HLEN, inodes._S_OWNER, inodes._S_HANDLE, inodes.HANDLE_MAX))
+
+
+def make_hiprio(session):
+    """The hiprio session's ``FastOps``: FORGET and BATCH_FORGET only
+    (_forget.h), whatever ``forget_unsupported`` says (tests), counting
+    into ``session.meter`` when it can."""
+    assert _ext is not None
+    table = session.inodes
+    layout = meter_layout(session.meter)
+    fast = _ext.FastOps(session, table._hdr, table._q, inodes._H_SESSION, inodes._SLOT_WORDS, 0, 0,
+                        False, writes=False, **layout)
+    fast.enable_lookup(*_lookup_layout(table), False)
+    fast.enable_forget(table._ring, inodes._H_RING_W, inodes.RING,
+                       (op_words(Opcode.FORGET), op_words(Opcode.BATCH_FORGET)) if layout else None)
+    return fast
+
+
 def make(session):
     """The extension's ``FastOps`` for ``session``, whatever ``why_not``
     says (the equivalence tests use it under PYVIRTIOFSD_PURE=1 too),
     counting into ``session.meter`` when it can (``meter_layout``)."""
     assert _ext is not None
+    if session.role == "hiprio":
+        return make_hiprio(session)
     sec, nsec = session.attr_reply.__self__.attr_valid()
     table = session.inodes
     reads, writes = _io_rows(session)
@@ -176,11 +224,7 @@ def make(session):
                         reads, writes=writes, **layout)
     fastmeta.enable(fast, session, op_words if layout else None)
     if not lookup_unsupported(session):
-        fast.enable_lookup(table._hash, table._fd, table._tlock, table.capacity,
-                           (inodes._H_DIRTY, inodes._S_GEN, inodes._S_REF, inodes._S_DEV, inodes._S_INO,
-                            inodes._H_FREE, inodes._H_HIGH, inodes._H_GEN, inodes._H_LIVE, inodes._S_NEXT,
-                            inodes._S_HLEN, inodes._S_OWNER, inodes._S_HANDLE, inodes.HANDLE_MAX),
-                           session.config.cache is CacheMode.ALWAYS)
+        fast.enable_lookup(*_lookup_layout(table), session.config.cache is CacheMode.ALWAYS)
         if not create_unsupported(session):
             config = session.config
             layout = meter_layout(session.meter)
@@ -268,8 +312,8 @@ def meter_layout(meter) -> dict:
     if not isinstance(words, memoryview) or words.format != "Q" or len(words) < c.SLOT_WORDS:
         return {}
 
-    assert max(Opcode.GETATTR, Opcode.READ, Opcode.WRITE, Opcode.LOOKUP, Opcode.CREATE,
-               *fastmeta.OPS) < c.OPCODE_SLOTS
+    assert max(Opcode.GETATTR, Opcode.READ, Opcode.WRITE, Opcode.LOOKUP, Opcode.CREATE, Opcode.FORGET,
+               Opcode.BATCH_FORGET, *fastmeta.OPS) < c.OPCODE_SLOTS
     layout = (c.BYTES_READ, c.ERRNO_SLOTS, *op_words(Opcode.GETATTR), *op_words(Opcode.READ),
               c.BYTES_WRITTEN, *op_words(Opcode.WRITE), *op_words(Opcode.LOOKUP))
     return {"meter": meter, "words": words, "layout": layout, "bounds": c.LATENCY_BUCKETS_NS}
@@ -309,6 +353,13 @@ def fast_ops(session):
         return None
     fast = make(session)
     counted = " (counted by C)" if session.meter is not None and meter_layout(session.meter) else ""
+    if session.role == "hiprio":
+        loop = "batch loop in C" if batch_loop() else f"chains popped in Python, {FASTOPS_ENV}=2"
+        log.info("FUSE ops: FORGET and BATCH_FORGET compiled (extension daemon.fuse._fastops; %s)%s; "
+                 "INTERRUPT in Python", loop, counted)
+        if session.meter is not None and not counted:
+            log.info("FUSE ops: this meter is not C's to count for: its requests stay in Python")
+        return fast
     loop = "batch loop in C" if batch_loop() else f"chains popped in Python, {FASTOPS_ENV}=2"
     if batch_loop():
         loop += ", wait loop in C" if wait_loop() else f", wait in Python, {FASTOPS_ENV}=3"

@@ -640,9 +640,9 @@ def _drain(fd: int) -> None:
 
 def _fast_ops(session):
     """fastpath.fast_ops(session) for a request session (the requests served
-    whole in C), None otherwise; imported here for the reason
-    ``_queue_class`` gives."""
-    if getattr(session, "role", None) != "request":
+    whole in C) or the hiprio session (FORGET and BATCH_FORGET in C), None
+    otherwise; imported here for the reason ``_queue_class`` gives."""
+    if getattr(session, "role", None) not in ("request", "hiprio"):
         return None
     from daemon.fuse import fastpath
     return fastpath.fast_ops(session)
