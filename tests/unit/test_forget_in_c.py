@@ -149,12 +149,18 @@ def populate(table, refs) -> list[int]:
     return out
 
 
-def test_the_hiprio_session_gets_forget_in_c(hp, caplog):
-    assert fastpath.why_not(hp.session) == ""
+def test_the_hiprio_session_gets_forget_in_c(hp, caplog, monkeypatch):
+    """Unless the compiled path is off (PYVIRTIOFSD_PURE=1: then all in
+    Python), with the reference handlers and the stock table."""
     assert fastpath.forget_unsupported(hp.session) == ""
+    compiled_path = fastpath.why_not(hp.session) == ""
     with caplog.at_level("INFO", logger="pyvirtiofsd"):
-        assert fastpath.fast_ops(hp.session) is not None
-    assert "FUSE ops: FORGET and BATCH_FORGET compiled" in caplog.text
+        assert (fastpath.fast_ops(hp.session) is not None) == compiled_path
+    assert ("FUSE ops: FORGET and BATCH_FORGET compiled" if compiled_path else "FUSE ops: all in Python") \
+        in caplog.text
+    monkeypatch.setitem(hp.session._ops, int(Opcode.BATCH_FORGET), lambda fs, req: None)
+    assert fastpath.forget_unsupported(hp.session) == "FORGET is not the reference handler"
+    assert fastpath.unsupported(hp.session) == "FORGET is not the reference handler"
 
 
 def test_forget_frees_and_logs_the_nodeid(hp):
