@@ -29,6 +29,12 @@ which the engine reports as a crash and saves the input):
   then: Python would open it or answer EEXIST); its reply is checked as
   every reply is below, and counted (``c_creates``);
   tests/unit/test_create_in_c.py compares CREATE with the session;
+- flags bit 3 of an input (``image.py``'s flags byte): the ring is the
+  hiprio queue's, served by a hiprio session and its FastOps (FORGET and
+  BATCH_FORGET in C, _forget.h); each FORGET or BATCH_FORGET C served is
+  run again by the hiprio session on the inode table as it was before (a
+  snapshot of its whole shared memory), and both must leave the same
+  table, byte for byte, and write 0 bytes (``c_forgets`` counts them);
 - nothing escapes but ``VirtQueueError`` from ``pop`` (``handle`` never raises);
 - ``handle`` returns None (deferred) or 0 <= n <= the writable size; n is
   0 or >= 16; the reply's ``out_header.len == n``, its error is 0 or a
@@ -105,6 +111,7 @@ WRITE_OPCODE = 16
 META_OPCODES = (22, 10, 11, 25)
 REMOVE_OPCODES = (10, 11)
 CREATE_OPCODE = 35
+FORGET_OPCODES = (2, 42)
 ZERO = bytes(image.MEM_SIZE)
 
 # filled by load_daemon() (inside atheris' instrumentation when it is used)
@@ -256,6 +263,15 @@ class Target:
         self.c_writes = 0   # WRITEs the compiled ops served and the session answered alike
         self.c_meta = 0     # GETXATTR, UNLINK, RMDIR, FLUSH served in C and checked against the session
         self.c_creates = 0  # CREATEs the compiled ops served (not answered again: see the docstring)
+        # flags bit 3: the hiprio queue's session and FastOps (FORGET, BATCH_FORGET in C)
+        self.hiprio = FuseSession(config, self.table, "hiprio")
+        hops = fastpath.make(self.hiprio) if fastpath is not None else None
+        self._roles = {
+            False: (self.session, self.fast, self.batch),
+            True: (self.hiprio, hops.serve if hops is not None else None,
+                   hops.batch if hops is not None and hasattr(VirtQueue, "core") else None),
+        }
+        self.c_forgets = 0  # FORGETs and BATCH_FORGETs served in C, each checked against the session
         self._init()
 
     # -- the share and the session ----------------------------------------------
@@ -389,6 +405,7 @@ class Target:
         # WorkerLoop._serve runs it; bit 2 with it: one chain per call, each
         # checked against the Python session (_batch_one)
         flags = data[1] if len(data) > 1 else 0
+        self.session, self.fast, self.batch = self._roles[bool(flags & 8)]
         batch = self.batch if flags & 2 else None
         one = bool(flags & 4)
         taken = in_c = 0
@@ -447,6 +464,7 @@ class Target:
         finally:
             q.release()
             credentials.restore()
+            self.session, self.fast, self.batch = self._roles[False]
         if in_c and not one:
             # what C answered in a whole batch is not known chain by chain:
             # count its used elements only (make fuzz-asan: memory safety)
@@ -471,6 +489,7 @@ class Target:
         record. Returns batch's result."""
         ram = self.ram
         snap = bytes(ram)
+        table = bytes(self.table._mm) if self.session is self.hiprio else None
         u = q._c.used_idx
         n = self.batch(q.core, *self.record, 1)
         if n != 1:
@@ -502,7 +521,8 @@ class Target:
             self.fast_served += 1
             self.batch_served += 1
             return n
-        again = self.session.handle(rd, wr, chain)
+        forgot = self._forget_again(opcode, table, written, rd, wr, chain)
+        again = written if forgot else self.session.handle(rd, wr, chain)
         if opcode in REMOVE_OPCODES:
             _removed_once(b"".join(after[o:o + ln] for o, ln in ranges), wr, again)
         chain.release()
@@ -524,6 +544,7 @@ class Target:
         (see the module docstring); -1 where they decline."""
         views = chain.writable.views
         before = [bytes(v) for v in views]
+        table = bytes(self.table._mm) if self.session is self.hiprio else None
         n = self.fast(chain)
         after = [bytes(v) for v in views]
         if n < 0:
@@ -539,12 +560,30 @@ class Target:
             return n
         for v, b in zip(views, before):
             v[:] = b
+        if self._forget_again(opcode, table, n, chain.readable, chain.writable, chain):
+            return n
         again = self.session.handle(chain.readable, chain.writable, chain)
         if opcode in REMOVE_OPCODES:
             _removed_once(b"".join(after), chain.writable, again)
         assert again == n, f"compiled ops wrote {n} bytes, the session {again}"
         assert [bytes(v) for v in views] == after, "compiled ops and session wrote different replies"
         return n
+
+    def _forget_again(self, opcode: int, table: bytes | None, n: int, rd, wr, chain) -> bool:
+        """A FORGET or BATCH_FORGET C served on the hiprio ring: the session
+        runs it again on the table as it was (``table``, a snapshot of its
+        shared memory), and both must leave the same table and write
+        nothing. False for any other chain (the caller answers it again)."""
+        if opcode not in FORGET_OPCODES or table is None:
+            return False
+        mm = self.table._mm
+        after = bytes(mm)
+        mm[:] = table
+        again = self.session.handle(rd, wr, chain)
+        assert again == n == 0, f"C's FORGET wrote {n} bytes, the session {again}"
+        assert bytes(mm) == after, "C's FORGET and the session left different inode tables"
+        self.c_forgets += 1
+        return True
 
     def _check_reply(self, n: int, ranges: list[tuple[int, int]], unique: int) -> None:
         size = sum(ln for _, ln in ranges)
@@ -610,6 +649,7 @@ class Target:
             "fast_served": self.fast_served, "batch_served": self.batch_served, "c_writes": self.c_writes,
             "c_meta": self.c_meta,
             "c_creates": self.c_creates,
+            "c_forgets": self.c_forgets,
             "seconds": round(elapsed, 1),
             "inputs_per_second": round(self.inputs / elapsed) if elapsed else 0,
             "fds_start": self.first_fds, "fds_after_first_reset": self.baseline_fds,
@@ -627,6 +667,7 @@ class Target:
         if self.diff is not None:
             self.diff.close()
         self.session.close()
+        self.hiprio.close()
         self.table.close()
         self._maps.clear()
         self.mem.close()
@@ -858,7 +899,7 @@ def main(argv=None) -> int:
                   f"ebadf_inputs={','.join(bad_fh) or '-'} c_write_inputs={','.join(c_writes) or '-'} "
                   f"c_meta_inputs={','.join(c_meta) or '-'} "
                   f"fast_served={target.fast_served} batch_served={target.batch_served} "
-                  f"c_creates={target.c_creates}", flush=True)
+                  f"c_creates={target.c_creates} c_forgets={target.c_forgets}", flush=True)
             return 0
         print(f"fuzz: engine random (not coverage-guided: install atheris for that); {PATH}", flush=True)
         run_random(target, corpus_inputs([CORPUS_DIR]), args.iterations, args.time,

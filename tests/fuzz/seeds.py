@@ -160,7 +160,8 @@ def well_formed() -> dict[str, bytes]:
 
 def with_flags(seed: bytes, flags: int) -> bytes:
     """The seed with the input's flags byte set (image.py: bit 0 EVENT_IDX;
-    fuzz_chain_fuse.py: bit 1 the batch loop, bit 2 checked per chain)."""
+    fuzz_chain_fuse.py: bit 1 the batch loop, bit 2 checked per chain, bit 3 the
+    hiprio session)."""
     return seed[:1] + bytes([flags]) + seed[2:]
 
 
@@ -423,8 +424,41 @@ def meta_ops() -> dict[str, bytes]:
     return s
 
 
+def forgets() -> dict[str, bytes]:
+    """The hiprio ring (flags bit 3: the target's hiprio session and its
+    FastOps, _forget.h): FORGETs and BATCH_FORGETs in the driver's shape
+    (one direct descriptor, no writable part) of the nodeids the harness
+    looked up (2..5: one count each) and of the root, 0, unknown and
+    out-of-range ones, nlookup 0 and 2^63; a BATCH_FORGET whose count is
+    more than its body (Python's: logged, ignored), one with a trailing
+    byte, a short FORGET, an INTERRUPT (Python's), a GETATTR (dropped).
+    C serves 9 of the 13. Stage 2, whole batches, and one chain at a time
+    (each checked against the hiprio session on the same table)."""
+    s: dict[str, bytes] = {}
+    b = SeedBuilder(32)
+    req(b, FORGET, 2, struct.pack("<Q", 0), None, indirect=False)
+    req(b, FORGET, 1, struct.pack("<Q", 1), None, indirect=False)
+    req(b, FORGET, 0, struct.pack("<Q", 1), None, indirect=False)
+    req(b, FORGET, 9999, struct.pack("<Q", 1), None, indirect=False)
+    req(b, FORGET, 2, struct.pack("<Q", 1), None, indirect=False)
+    req(b, FORGET, 2, struct.pack("<Q", 1), None, indirect=False)      # freed already
+    req(b, BATCH_FORGET, 0, struct.pack("<I4x", 5) + struct.pack("<10Q", 3, 1, 1, 1, 0, 1, 4, 1 << 63, 1 << 40, 1),
+        None, indirect=False)
+    req(b, BATCH_FORGET, 0, struct.pack("<I4x", 3) + struct.pack("<QQ", 5, 1), None, indirect=False)
+    req(b, BATCH_FORGET, 0, struct.pack("<I4x", 1) + struct.pack("<QQ", 5, 1) + b"\0", None, indirect=False)
+    req(b, FORGET, 5, struct.pack("<I", 1), None, indirect=False)      # short: ignored
+    req(b, INTERRUPT, 0, struct.pack("<Q", 7), None, indirect=False)
+    req(b, GETATTR, 1, struct.pack("<IIQ", 0, 0, 0), [104])
+    req(b, BATCH_FORGET, 0, struct.pack("<I4x", 1) + struct.pack("<QQ", 5, 1), None, indirect=False)
+    ring = b.build()
+    s["hiprio_forgets"] = with_flags(ring, 8)
+    s["hiprio_batch_forgets"] = with_flags(ring, 8 | 3)
+    s["hiprio_batch_forgets_checked"] = with_flags(ring, 8 | 7)
+    return s
+
+
 def all_seeds() -> dict[str, bytes]:
-    return {**well_formed(), **malformed(), **batch_loop(), **meta_ops()}
+    return {**well_formed(), **malformed(), **batch_loop(), **meta_ops(), **forgets()}
 
 
 def main() -> int:

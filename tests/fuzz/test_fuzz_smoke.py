@@ -129,3 +129,20 @@ def test_fuzz_for_the_ci_budget(tmp_path):
     assert stats["fds_end"] == stats["fds_after_first_reset"]
     assert int(stats["share_mib"]) == sharefs.SIZE >> 20   # the share is the bounded tmpfs
     assert not list(tmp_path.glob("crash-*")) and not list(tmp_path.glob("timeout-*"))
+
+
+def test_forget_seeds_reach_forget_in_c():
+    """The hiprio seeds (seeds.forgets: 13 requests on the hiprio ring, of
+    which C serves 9 FORGETs and BATCH_FORGETs; two malformed batches, an
+    INTERRUPT and a GETATTR are Python's): stage 2 and one chain at a
+    time, each FORGET C served run again by the hiprio session on the
+    table as it was (``c_forgets``), and whole batches. Under
+    PYVIRTIOFSD_PURE=1 FastOps.serve on every chain: 27."""
+    from daemon.fuse import fastpath
+    seeds = [str(HERE / "corpus" / f"{name}.bin")
+             for name in ("hiprio_forgets", "hiprio_batch_forgets", "hiprio_batch_forgets_checked")]
+    out = run(["--run", *seeds], 120)
+    stats = dict(re.findall(r"(\w+)=(\S+)", out.splitlines()[-1]))
+    pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0")
+    want = (0, 0, 0) if not fastpath.EXTENSION_BUILT else (0, 27, 27) if pure else (18, 18, 18)
+    assert (int(stats["batch_served"]), int(stats["fast_served"]), int(stats["c_forgets"])) == want, out[-2000:]

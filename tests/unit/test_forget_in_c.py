@@ -137,6 +137,9 @@ def ino(k: int) -> int:
     return INOS[k % len(INOS)]
 
 
+HANDLE = b"\x08\0\0\0\1\0\0\0handle"    # a struct file_handle's bytes: freeing clears its length
+
+
 def populate(table, refs) -> list[int]:
     """ref() (what a LOOKUP does to the table) each ino(k) refs[k] times;
     the nodeids."""
@@ -144,7 +147,7 @@ def populate(table, refs) -> list[int]:
     for k, n in enumerate(refs):
         nodeid = 0
         for _ in range(n):
-            nodeid, _gen, _new = table.ref(DEV, ino(k))
+            nodeid, _gen, _new = table.ref(DEV, ino(k), HANDLE + bytes([k]), owner=(k + 1) << 32 | 9)
         out.append(nodeid)
     return out
 
@@ -293,7 +296,7 @@ def test_sequences_are_equivalent(tmp_path, steps):
         for step in steps:
             if step[0] == "ref":
                 try:
-                    h.table.ref(DEV, ino(step[1]))
+                    h.table.ref(DEV, ino(step[1]), HANDLE, owner=step[1] + 1)
                 except Exception:       # noqa: BLE001 - the table full: ENFILE
                     pass
                 continue
