@@ -10,7 +10,8 @@ GETATTR budget (DESIGN.md) and to profile without a second process
 competing for the cores.
 
     python -m tests.perf.inproc [--op getattr|lookup|lookup-cold|read4k|read1m|write4k|write4k-kill|
-                                      getxattr-absent|unlink|rmdir|flush|create]
+                                      getxattr-absent|unlink|rmdir|flush|create|
+                                      forget|forget-keep|batch-forget]
                                 [--depth 64] [--python-meta]
                                 [--seconds 3] [--profile cprofile|none] [--clock wall|cpu]
 
@@ -37,6 +38,18 @@ create-then-unlink workload does. The session has a shared open-file
 table and a real keeper (workers/keeper.py's ``Keeper.run``) in a forked
 process, which gets every new fd (``Peers.keep``); its CPU per CREATE
 (user + system, from ``wait4``) is printed too.
+
+``forget``, ``forget-keep`` and ``batch-forget`` are the hiprio worker's
+(vring 0, its session role "hiprio", its loop with the hiprio COALESCE
+setting): ``depth`` FORGETs per batch, in the driver's shape (one
+readable buffer pair, no writable part), each of a different nodeid
+holding one lookup, which it frees (``forget``: what a cold-metadata
+guest's dropped dentries send) or of one holding two, which it only
+decrements (``forget-keep``); ``batch-forget``: ``depth`` BATCH_FORGETs
+of 8 pairs each, every pair freeing its nodeid (the figure is per
+request, 8 forgets). Between batches, outside the timed part, the
+nodeids are looked up again (``InodeTable.ref``, in the order that gives
+each inode its old nodeid back).
 
 ``--clock cpu`` times the serving thread's CPU time instead of the wall
 clock: steadier on a loaded machine. The last line names the request path
@@ -151,6 +164,64 @@ def _build(op: str, depth: int, shared: str, cache: str = "auto", event_idx: boo
     readable = [args, data] if data else [args]
     heads = [vr.submit([hdr(opcode, nodeid, len(args) + len(data))] + readable, [16] + out) for _ in range(depth)]
     return loop, ring, vr, heads
+
+
+FORGET_OPS = ("forget", "forget-keep", "batch-forget")
+BATCH_PAIRS = 8     # batch-forget: pairs per BATCH_FORGET
+
+
+def _build_hiprio(op: str, depth: int, shared: str):
+    """The hiprio worker's loop, session and vring 0 over a shared table
+    whose nodeids the ``depth`` requests forget; (loop, ring, vr, heads,
+    inos: the (nodeid, ino) pairs to look up again, in that order)."""
+    from daemon.workers import hiprio
+    fmem = FrontMemory(64 << 20)
+    vr = VRing(fmem, 0, 1024)
+    regions = [(r.gpa, r.size, r.qva, r.mmap_offset) for r in fmem.regions]
+    dmem = DaemonMemory.from_regions(regions, [os.dup(r.fd) for r in fmem.regions])
+    config = Config(shared_dir=shared, sandbox="none", seccomp="none")
+    table = InodeTable(1 << 16)
+    st = os.stat(shared)
+    table.begin_session(st.st_dev, st.st_ino)
+    session = FuseSession(config, table, "hiprio")
+    loop = WorkerLoop(_NoChannel(), session, (0,), coalesce=hiprio.COALESCE)
+    ring = loop.rings[0]
+    ring.num = vr.num
+    ring.queue = VirtQueue(dmem, vr.num, fmem.qva(vr.desc_gpa), fmem.qva(vr.avail_gpa),
+                           fmem.qva(vr.used_gpa), 0, False)
+    ring.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    count = depth * (BATCH_PAIRS if op == "batch-forget" else 1)
+    refs = 2 if op == "forget-keep" else 1
+    nodeids = []
+    for i in range(count):
+        for _ in range(refs):
+            nodeid = table.ref(st.st_dev, 1_000_000 + i)[0]
+        nodeids.append(nodeid)
+    heads = []
+    for k in range(depth):
+        if op == "batch-forget":
+            pairs = nodeids[k * BATCH_PAIRS:(k + 1) * BATCH_PAIRS]
+            args = abi.BATCH_FORGET_IN.pack(len(pairs)) + b"".join(abi.FORGET_ONE.pack(n, 1) for n in pairs)
+            opcode, nodeid = Opcode.BATCH_FORGET, 0
+        else:
+            args, opcode, nodeid = abi.FORGET_IN.pack(1), Opcode.FORGET, nodeids[k]
+        heads.append(vr.submit([abi.IN_HEADER.pack(40 + len(args), opcode, 2 * k + 2, nodeid, 0, 0, 1, 0, 0),
+                                args], [], indirect=False))
+    # freed in request order, each pushed on the free list: looked up again
+    # in the reverse order, each inode gets its nodeid back
+    inos = [(n, 1_000_000 + i) for i, n in enumerate(nodeids)][::-1]
+    return loop, ring, vr, heads, (st.st_dev, inos)
+
+
+def ref_again(table, dev_inos) -> None:
+    """One lookup back on each nodeid the batch forgot (outside the timed
+    part): a freed inode inserted again under its old nodeid, a kept one
+    (forget-keep) counted up again."""
+    dev, inos = dev_inos
+    for nodeid, ino in inos:
+        got = table.ref(dev, ino)[0]
+        if got != nodeid:
+            raise RuntimeError(f"inode {ino} came back as nodeid {got}, not {nodeid}")
 
 
 def remake(shared: str, op: str, depth: int) -> list[bytes]:
@@ -306,7 +377,10 @@ def create_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall",
 def per_request_us(op: str = "getattr", depth: int = 64, seconds: float = 3.0,
                    profile: str = "none", clock: str = "wall", python_meta: bool = False) -> float:
     shared = tempfile.mkdtemp(prefix="inproc-")
-    loop, ring, vr, heads = _build(op, depth, shared)
+    if op in FORGET_OPS:
+        loop, ring, vr, heads, forgotten = _build_hiprio(op, depth, shared)
+    else:
+        loop, ring, vr, heads = _build(op, depth, shared)
     if python_meta and loop._fast is not None:
         loop._fast.enable_meta(0, filetable._H_LOCKS, None)
     serve = loop._serve
@@ -329,7 +403,11 @@ def per_request_us(op: str = "getattr", depth: int = 64, seconds: float = 3.0,
         finished = vr.harvest()
         if len(finished) != depth:
             raise RuntimeError(f"served {len(finished)} of {depth}")
-        if not done:
+        if op in FORGET_OPS:
+            if any(vr.inflight[h].used_len for h in finished):
+                raise RuntimeError(f"{op}: a reply was written")
+            ref_again(loop.session.inodes, forgotten)
+        elif not done:
             err = int.from_bytes(vr.read_writable(finished[0], 8)[4:8], "little", signed=True)
             if err != -EXPECTED.get(op, 0):
                 raise RuntimeError(f"{op}: the daemon answered {err}")
@@ -351,7 +429,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--op", default="getattr",
                     choices=("getattr", "lookup", "lookup-cold", "read4k", "read1m", "write4k", "write4k-kill",
-                             "getxattr-absent", "unlink", "rmdir", "flush", "create"))
+                             "getxattr-absent", "unlink", "rmdir", "flush", "create", *FORGET_OPS))
     ap.add_argument("--python-meta", action="store_true",
                     help="GETXATTR, UNLINK, RMDIR and FLUSH in Python (the rest as the build serves it)")
     ap.add_argument("--depth", type=int, default=64)
