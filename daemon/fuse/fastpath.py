@@ -23,7 +23,9 @@ None, so that Python serves everything, when:
 - ``PYVIRTIOFSD_PURE=1`` or the extension is not built (compiled.py's
   choice, the same switch as the compiled virtqueue), or
   ``PYVIRTIOFSD_FASTOPS=0`` (the compiled virtqueue alone: for measuring);
-- the session is not a request session on a shared ``InodeTable``;
+- the session is not a request session on a shared ``InodeTable`` (the
+  hiprio session: FORGET and BATCH_FORGET only, as ``forget_unsupported``
+  says);
 - the op table's GETATTR row is not ``attrs.do_getattr`` (a session whose
   table was changed: none today, ``--readonly`` keeps GETATTR), or the
   session's ``attr_reply`` is not ``replies.Timeouts.attr_out``
