@@ -349,18 +349,21 @@ def compiled_ops(session) -> str:
 
 def fast_ops(session):
     """The ``FastOps`` for ``session`` (see the module docstring), or None."""
+    hiprio = session.role == "hiprio"
+    # the hiprio worker's line says "hiprio ops:", the request workers' "FUSE ops:"
+    said = "hiprio ops" if hiprio else "FUSE ops"
     why = why_not(session)
     if why:
-        log.info("FUSE ops: all in Python (%s)", why)
+        log.info("%s: all in Python (%s)", said, why)
         return None
     fast = make(session)
     counted = " (counted by C)" if session.meter is not None and meter_layout(session.meter) else ""
-    if session.role == "hiprio":
+    if hiprio:
         loop = "batch loop in C" if batch_loop() else f"chains popped in Python, {FASTOPS_ENV}=2"
-        log.info("FUSE ops: FORGET and BATCH_FORGET compiled (extension daemon.fuse._fastops; %s)%s; "
+        log.info("hiprio ops: FORGET and BATCH_FORGET compiled (extension daemon.fuse._fastops; %s)%s; "
                  "INTERRUPT in Python", loop, counted)
         if session.meter is not None and not counted:
-            log.info("FUSE ops: this meter is not C's to count for: its requests stay in Python")
+            log.info("hiprio ops: this meter is not C's to count for: its requests stay in Python")
         return fast
     loop = "batch loop in C" if batch_loop() else f"chains popped in Python, {FASTOPS_ENV}=2"
     if batch_loop():

@@ -159,7 +159,7 @@ def test_the_hiprio_session_gets_forget_in_c(hp, caplog, monkeypatch):
     compiled_path = fastpath.why_not(hp.session) == ""
     with caplog.at_level("INFO", logger="pyvirtiofsd"):
         assert (fastpath.fast_ops(hp.session) is not None) == compiled_path
-    assert ("FUSE ops: FORGET and BATCH_FORGET compiled" if compiled_path else "FUSE ops: all in Python") \
+    assert ("hiprio ops: FORGET and BATCH_FORGET compiled" if compiled_path else "hiprio ops: all in Python") \
         in caplog.text
     monkeypatch.setitem(hp.session._ops, int(Opcode.BATCH_FORGET), lambda fs, req: None)
     assert fastpath.forget_unsupported(hp.session) == "FORGET is not the reference handler"
