@@ -50,8 +50,6 @@ pytestmark = pytest.mark.skipif(not fastpath.EXTENSION_BUILT, reason="extension 
 CAP = 15
 DEV = 0x801
 ROOT_INO = 2
-FORGET_ONE = abi.FORGET_ONE.size
-MAX_PAIRS = (abi.MAX_ARGS - abi.BATCH_FORGET_IN.size) // FORGET_ONE if hasattr(abi, "MAX_ARGS") else 8191
 
 
 class Hiprio:
