@@ -123,6 +123,7 @@
 #define READ_IN 40
 #define OP_WRITE 16
 #define OP_CREATE 35            /* _create.h */
+#define OP_READDIRPLUS 44       /* _readdir.h */
 #define WRITE_IN 40
 #define WRITE_OUT 8
 #define WRITE_KILL_SUIDGID 4    /* abi.FUSE_WRITE_KILL_SUIDGID: written without CAP_FSETID */
@@ -194,6 +195,7 @@ struct meter {
     struct op_words getattr, read, write, lookup;
     struct op_words meta[META_OPS]; /* GETXATTR, UNLINK, RMDIR, FLUSH (_meta.h, enable_meta) */
     struct op_words create;     /* set by enable_create (_create.h) */
+    struct op_words readdirplus;    /* set by enable_readdirplus (_readdir.h) */
     uint64_t bounds[MAX_BUCKETS];   /* LATENCY_BUCKETS_NS: the last bucket is above them all */
 };
 
@@ -230,6 +232,12 @@ struct lookup_table {
     Py_ssize_t h_last;      /* the largest header word index of these */
 };
 
+/* READDIRPLUS as FastOps.enable_readdirplus sets it up (_readdir.h) */
+struct readdir_conf {
+    PyObject *entry;        /* dirs.plus_entry; NULL: READDIRPLUS is Python's */
+    PyObject *stream_type;  /* dirs.DirStream */
+};
+
 /* CREATE as FastOps.enable_create sets it up (_create.h) */
 struct create_conf {
     PyObject *rest;         /* fastpath.create_rest; NULL: CREATE is Python's */
@@ -257,6 +265,7 @@ typedef struct {
     unsigned int meta;      /* _meta.h's ops served here: 1 << meta_slot(opcode) */
     Py_ssize_t h_locks;     /* FileTable._H_LOCKS (FLUSH, _meta.h) */
     struct create_conf cr;  /* CREATE (_create.h) */
+    struct readdir_conf rd; /* READDIRPLUS (_readdir.h) */
 } FastOps;
 
 static PyObject *s_readable, *s_writable, *s_views, *s_size, *s_session, *s_meter, *s_cache,
@@ -770,6 +779,7 @@ static void count(struct meter *m, int opcode, const struct timespec *start, int
 {
     const struct op_words *op = opcode == OP_READ ? &m->read : opcode == OP_WRITE ? &m->write
         : opcode == OP_LOOKUP ? &m->lookup : opcode == OP_CREATE ? &m->create
+        : opcode == OP_READDIRPLUS ? &m->readdirplus
         : opcode == OP_GETATTR || meta_slot(opcode) < 0 ? &m->getattr : &m->meta[meta_slot(opcode)];
     struct timespec end;
     clock_gettime(CLOCK_MONOTONIC, &end);
@@ -791,6 +801,7 @@ static void count(struct meter *m, int opcode, const struct timespec *start, int
 
 #include "_lookup.h"
 #include "_create.h"
+#include "_readdir.h"
 
 /* one request, with the checks every fast op shares (FuseSession._handle's,
  * in its order); NOT_HANDLED (nothing written) or the bytes written;
@@ -809,6 +820,7 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
     if (h.opcode == OP_GETATTR ? q->wsize < OUT_HEADER + ATTR_OUT
             : h.opcode == OP_LOOKUP ? self->lk.hash == NULL || q->wsize < OUT_HEADER + ENTRY_OUT
             : h.opcode == OP_CREATE ? self->cr.rest == NULL || q->wsize < OUT_HEADER + ENTRY_OUT + OPEN_OUT
+            : h.opcode == OP_READDIRPLUS ? self->rd.entry == NULL
             : meta_wants(self, h.opcode) ? 0
             : !((h.opcode == OP_READ && self->reads) || (h.opcode == OP_WRITE && self->writes)))
         return NOT_HANDLED;
@@ -826,6 +838,8 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
         return fast_lookup(self, st, q, &h, error);
     if (h.opcode == OP_CREATE)
         return fast_create(self, st, q, &h, error);
+    if (h.opcode == OP_READDIRPLUS)
+        return fast_readdirplus(self, st, q, &h, error);
     if (h.opcode != OP_GETATTR)
         return fast_meta(self, st, q, &h, error);
     return fast_getattr(self, st, q, &h, error);
@@ -1171,6 +1185,8 @@ static int fastops_traverse(FastOps *self, visitproc visit, void *arg)
     Py_VISIT(self->cr.rest);
     Py_VISIT(self->cr.add);
     Py_VISIT(self->cr.creds);
+    Py_VISIT(self->rd.entry);
+    Py_VISIT(self->rd.stream_type);
     return 0;
 }
 
@@ -1185,6 +1201,8 @@ static int fastops_clear(FastOps *self)
     Py_CLEAR(self->cr.rest);
     Py_CLEAR(self->cr.add);
     Py_CLEAR(self->cr.creds);
+    Py_CLEAR(self->rd.entry);
+    Py_CLEAR(self->rd.stream_type);
     drop_meter(self);
     return 0;
 }
@@ -1417,6 +1435,10 @@ static PyMethodDef fastops_methods[] = {
      "enable_lookup): fastpath.create_rest and add_created, credentials._state, host_open_flags' mask,\n"
      "--writeback, fopen_flags(--cache), CREATE's meter words (requests, latency_sum, buckets, errors)\n"
      "or None without a meter"},
+    {"enable_readdirplus", (PyCFunction)fastops_enable_readdirplus, METH_VARARGS,
+     "enable_readdirplus(entry, stream_type, meter_words): serve READDIRPLUS too (after enable_lookup):\n"
+     "dirs.plus_entry (Python's step for an entry C declines), dirs.DirStream, READDIRPLUS's meter\n"
+     "words (requests, latency_sum, buckets, errors) or None without a meter (_readdir.h)"},
     {NULL},
 };
 
