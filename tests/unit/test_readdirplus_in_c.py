@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from daemon.config import CacheMode
 from daemon.fds import close_fds
 from daemon.fuse import abi, dirs, fastpath
 from daemon.fuse.abi import Opcode
@@ -57,7 +58,7 @@ def records(reply: bytes) -> list[tuple[int, bytes, int]]:
 class Pair:
     """The reference session and the compiled one, each with its meter."""
 
-    def __init__(self, root, capacity: int = 1 << 12, **config):
+    def __init__(self, root, capacity: int = 1 << 12, peers: bool = False, **config):
         self.area = MetricsArea(2)
         self.sessions = []
         self.clients = []
@@ -65,6 +66,9 @@ class Pair:
             session, client = start_session(root, capacity=capacity, **config)
             session.meter = WorkerMeter(self.area.slot(i), fd_limit=1024)
             session.cache._close_fds = close_fds
+            if peers:       # serial 5 and a peer (serial 6): owner words, claims, reseek
+                session.peers.set_self(5)
+                session.peers._pidfds[6] = os.pidfd_open(os.getpid())
             self.sessions.append(session)
             self.clients.append(client)
         self.fast = fastpath.make(self.sessions[1])
@@ -364,6 +368,43 @@ def test_a_directory_without_search_permission_lists_names_without_nodeids(pair_
     p.meters_equal()
 
 
+CONFIGS = {
+    "auto": {},
+    "always": {"cache": CacheMode.ALWAYS},
+    "handles": {"file_handles": True},
+    "peers": {"peers": True},
+    "handles-peers-fds": {"file_handles": True, "peers": True, "inode_fds": 4},
+}
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_listings_in_each_configuration(pair_of, share, config):
+    """Owner words, claims of another worker's inodes, file handles, the
+    reseek of a shared stream, the fd-cache bound with reaps between."""
+    names = _tree(share, 40, 10)
+    (share / "sub").mkdir()
+    p = pair_of(**CONFIGS[config])
+    # another request worker looked some names up (in the table, no fd here)
+    for s_ in p.sessions:
+        for name in names[::5]:
+            st_ = os.lstat(share / name)
+            s_.inodes.ref(st_.st_dev, st_.st_ino, owner=(6 << 32) | 99)
+    held = p.lookup(1, names[1])
+    assert held
+    fh = p.opendir()
+    cookie = 0
+    for i in range(40):
+        recs = records(p.step(1, fh, cookie, 900, python=i % 4 == 3)[0])
+        for s_ in p.sessions:
+            s_.reap()
+        if not recs:
+            break
+        cookie = recs[-1][2]
+    if CONFIGS[config].get("peers"):
+        assert all(s_.handles._handles[fh].dir_stream.reseek for s_ in p.sessions)
+    p.meters_equal()
+
+
 def test_a_full_table_leaves_entries_to_python(pair_of, share):
     _tree(share, 12)
     p = pair_of(capacity=6)
@@ -502,3 +543,26 @@ def test_hypothesis_over_sizes_and_trees(namelens, steps, kinds):
             p.close()
         os.chdir(cwd)
         shutil.rmtree(tmp)
+
+
+def test_a_getdents_error_after_some_records_ends_the_reply_with_them(pair_of, share):
+    """The buffered records go out, the refill fails (ENOTDIR: the handle's
+    fd made a regular file's), the reply is the records so far; the next
+    request is an error reply."""
+    _tree(share, 900, 30)
+    p = pair_of()
+    fh = p.opendir()
+    first = records(p.step(1, fh, 0, 2000)[0])
+    for s in p.sessions:
+        h = s.handles._handles[fh]
+        fd = os.open(share / "f0000xxxxxxxxxxxxxxxxxxxxxxxxx", os.O_RDONLY | os.O_CLOEXEC)
+        os.dup2(fd, h.fd)
+        os.close(fd)
+    reply, in_c = p.step(1, fh, first[-1][2], 1 << 20)
+    rest = records(reply)
+    assert in_c and 0 < len(rest) < 900 - len(first) + 2
+    reply, in_c = p.step(1, fh, rest[-1][2], 1 << 20)
+    # the stream's cookie is unknown after the error: a seek on the file
+    # (EINVAL past its largest offset) or the getdents64's ENOTDIR
+    assert in_c and abi.OUT_HEADER.unpack_from(reply)[1] in (-20, -22)
+    p.meters_equal()
