@@ -362,10 +362,11 @@ static Py_ssize_t fast_readdirplus(FastOps *self, struct state *st, const struct
     int err = 0;
     for (;;) {
         struct dentry e;
-        int got = stream_peek(&ds, fd, cookie, &e, &err);
+        int peek_err = 0;   /* set by stream_peek even when a call succeeds: read only on -1 */
+        int got = stream_peek(&ds, fd, cookie, &e, &peek_err);
         if (got <= 0) {
-            if (got == 0 || used)
-                err = 0;
+            if (got < 0 && !used)
+                err = peek_err ? peek_err : EIO;
             break;
         }
         if (e.namelen > 0 && e.namelen <= DIRENT_NAME_MAX && memchr(e.name, '/', (size_t)e.namelen) == NULL) {

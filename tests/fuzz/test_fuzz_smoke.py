@@ -129,3 +129,19 @@ def test_fuzz_for_the_ci_budget(tmp_path):
     assert stats["fds_end"] == stats["fds_after_first_reset"]
     assert int(stats["share_mib"]) == sharefs.SIZE >> 20   # the share is the bounded tmpfs
     assert not list(tmp_path.glob("crash-*")) and not list(tmp_path.glob("timeout-*"))
+
+
+def test_readdirplus_seeds_reach_readdirplus_in_c():
+    """The READDIRPLUS seeds (seeds.readdirplus_ops: ten READDIRPLUS, of
+    which C serves nine; the cookie past OFFSET_MAX is Python's): stage
+    2, whole batches, one chain at a time, each chain C answered checked
+    against the session. Under PYVIRTIOFSD_PURE=1 FastOps.serve on every
+    chain: 27."""
+    from daemon.fuse import fastpath
+    seeds = [str(HERE / "corpus" / f"{name}.bin")
+             for name in ("readdirplus_in_c", "batch_readdirplus", "batch_readdirplus_checked")]
+    out = run(["--run", *seeds], 120)
+    stats = dict(re.findall(r"(\w+)=(\S+)", out.splitlines()[-1]))
+    pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0")
+    want = (0, 0, 0) if not fastpath.EXTENSION_BUILT else (0, 27, 27) if pure else (18, 18, 18)
+    assert (int(stats["batch_served"]), int(stats["fast_served"]), int(stats["c_readdirplus"])) == want, out[-2000:]

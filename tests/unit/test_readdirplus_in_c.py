@@ -33,6 +33,22 @@ from tests.unit.fusereq import entry_nodeid, in_header, start_session
 from tests.unit.test_fastops_equivalence import _comparable, _table_state
 
 
+def _stale_errno() -> None:
+    """Leave EAGAIN in this thread's errno (a read of an empty non-blocking
+    pipe), as the worker loop's eventfd reads do: C must read errno only
+    after a call that failed (the fuzz target found a reply that was EAGAIN
+    because a getdents64 that succeeded was followed by a record that did
+    not fit)."""
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        os.read(r, 1)
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def _fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -106,6 +122,7 @@ class Pair:
         writable = IoVec([memoryview(b) for b in outs])
         chain = Chain(0, readable, writable)
         before = _fd_count()
+        _stale_errno()
         n = fast.serve(chain) if compiled else -1
         if n < 0:
             n = session.handle(readable, writable, chain)
