@@ -326,9 +326,10 @@ def _pack_plus(fs: FileSystem, dir_fd: int, out: bytearray, at: int, ino: int, n
     """Write one direntplus record at ``at``; False if the entry vanished."""
     entry = None
     if name != b"." and name != b"..":
-        entry = _lookup_entry(fs, dir_fd, name)
-        if entry is False:
+        got = _lookup_entry(fs, dir_fd, name)
+        if got is False:
             return False
+        entry = got if isinstance(got, bytes) else None
     namelen = len(name)
     if entry is None:
         # nodeid 0: listed by name only, no lookup count (libfuse fills the
