@@ -56,7 +56,9 @@
  * this worker holds, the first of an inode (opened and inserted as
  * InodeCache.adopt does), or a missing name: _lookup.h, included below,
  * says exactly when. CREATE (when FastOps.enable_create was called) of a
- * new name by a root caller: _create.h.
+ * new name by a root caller: _create.h. READDIRPLUS (when
+ * FastOps.enable_readdirplus was called) on a directory handle this worker
+ * holds, each entry looked up as LOOKUP does: _readdir.h.
  *
  * GETXATTR, UNLINK, RMDIR and FLUSH (those FastOps.enable_meta named:
  * fastmeta.py): _meta.h, included below, says exactly when.
