@@ -53,11 +53,12 @@ def _fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def readdirplus_request(nodeid: int, fh: int, cookie: int, size: int, unique: int = 9, extlen: int = 0) -> bytes:
+def readdirplus_request(nodeid: int, fh: int, cookie: int, size: int, unique: int = 9, extlen: int = 0,
+                        uid: int = 0) -> bytes:
     args = abi.READ_IN.pack(fh, cookie, size, 0, 0, 0)
     if extlen:
         args += bytes(8 * extlen)
-    return in_header(Opcode.READDIRPLUS, nodeid, len(args), unique, extlen=extlen) + args
+    return in_header(Opcode.READDIRPLUS, nodeid, len(args), unique, uid=uid, gid=uid, extlen=extlen) + args
 
 
 def records(reply: bytes) -> list[tuple[int, bytes, int]]:
@@ -144,10 +145,10 @@ class Pair:
         return s.cookie, s.pos, len(s.buf), left, s.reseek
 
     def step(self, nodeid: int, fh: int, cookie: int, size: int, wsizes: list[int] | None = None,
-             python: bool = False, extlen: int = 0) -> tuple[bytes, bool]:
+             python: bool = False, extlen: int = 0, uid: int = 0) -> tuple[bytes, bool]:
         """One READDIRPLUS on both; (the reply, whether C served it)."""
         self.unique += 1
-        request = readdirplus_request(nodeid, fh, cookie, size, self.unique, extlen)
+        request = readdirplus_request(nodeid, fh, cookie, size, self.unique, extlen, uid)
         wsizes = wsizes if wsizes is not None else [16, max(size, 0)]
         pure = self._run(self.sessions[0], None, request, wsizes, False)
         served = self.fast.served
@@ -582,4 +583,32 @@ def test_a_getdents_error_after_some_records_ends_the_reply_with_them(pair_of, s
     # the stream's cookie is unknown after the error: a seek on the file
     # (EINVAL past its largest offset) or the getdents64's ENOTDIR
     assert in_c and abi.OUT_HEADER.unpack_from(reply)[1] in (-20, -22)
+    p.meters_equal()
+
+
+def test_a_non_root_caller_is_served_alike(pair_of, share):
+    """READDIRPLUS is not an as_caller op: every caller's request runs
+    under the worker's own credentials, in C as in Python."""
+    _tree(share, 20)
+    p = pair_of()
+    fh = p.opendir()
+    reply, in_c = p.step(1, fh, 0, 4096, uid=1000)
+    assert in_c and len(records(reply)) == 22
+    p.meters_equal()
+
+
+@pytest.mark.parametrize("option", ["announce-submounts", "translate-ids"])
+def test_readdirplus_stays_in_python_when_an_option_changes_its_reply(pair_of, share, option):
+    """--announce-submounts (a mount point's entry carries
+    FUSE_ATTR_SUBMOUNT), --translate-uid (the attrs are rewritten): the
+    whole session's READDIRPLUS is Python's."""
+    from daemon.fuse.idtranslate import Ids, Translation
+    config = ({"announce_submounts": True} if option == "announce-submounts"
+              else {"ids": Ids(Translation.parse(["map:0:1000:1"]), Translation.parse([]))})
+    _tree(share, 5)
+    p = pair_of(**config)
+    assert fastpath.readdirplus_unsupported(p.sessions[1]) != ""
+    fh = p.opendir()
+    reply, in_c = p.step(1, fh, 0, 4096)
+    assert not in_c and len(records(reply)) == 7
     p.meters_equal()
