@@ -56,7 +56,9 @@
  * this worker holds, the first of an inode (opened and inserted as
  * InodeCache.adopt does), or a missing name: _lookup.h, included below,
  * says exactly when. CREATE (when FastOps.enable_create was called) of a
- * new name by a root caller: _create.h.
+ * new name by a root caller: _create.h. READDIRPLUS (when
+ * FastOps.enable_readdirplus was called) on a directory handle this worker
+ * holds, each entry looked up as LOOKUP does: _readdir.h.
  *
  * GETXATTR, UNLINK, RMDIR and FLUSH (those FastOps.enable_meta named:
  * fastmeta.py): _meta.h, included below, says exactly when.
@@ -123,6 +125,7 @@
 #define READ_IN 40
 #define OP_WRITE 16
 #define OP_CREATE 35            /* _create.h */
+#define OP_READDIRPLUS 44       /* _readdir.h */
 #define WRITE_IN 40
 #define WRITE_OUT 8
 #define WRITE_KILL_SUIDGID 4    /* abi.FUSE_WRITE_KILL_SUIDGID: written without CAP_FSETID */
@@ -195,6 +198,7 @@ struct meter {
     struct op_words meta[META_OPS]; /* GETXATTR, UNLINK, RMDIR, FLUSH (_meta.h, enable_meta) */
     struct op_words create;     /* set by enable_create (_create.h) */
     struct op_words forget[2];  /* FORGET, BATCH_FORGET: set by enable_forget (_forget.h) */
+    struct op_words readdirplus;    /* set by enable_readdirplus (_readdir.h) */
     uint64_t bounds[MAX_BUCKETS];   /* LATENCY_BUCKETS_NS: the last bucket is above them all */
 };
 
@@ -231,6 +235,12 @@ struct lookup_table {
     Py_ssize_t h_last;      /* the largest header word index of these */
 };
 
+/* READDIRPLUS as FastOps.enable_readdirplus sets it up (_readdir.h) */
+struct readdir_conf {
+    PyObject *entry;        /* dirs.plus_entry; NULL: READDIRPLUS is Python's */
+    PyObject *stream_type;  /* dirs.DirStream */
+};
+
 /* CREATE as FastOps.enable_create sets it up (_create.h) */
 struct create_conf {
     PyObject *rest;         /* fastpath.create_rest; NULL: CREATE is Python's */
@@ -265,6 +275,7 @@ typedef struct {
     Py_ssize_t h_locks;     /* FileTable._H_LOCKS (FLUSH, _meta.h) */
     struct create_conf cr;  /* CREATE (_create.h) */
     struct forget_conf fg;  /* FORGET, BATCH_FORGET (_forget.h): then nothing else */
+    struct readdir_conf rd; /* READDIRPLUS (_readdir.h) */
 } FastOps;
 
 static PyObject *s_readable, *s_writable, *s_views, *s_size, *s_session, *s_meter, *s_cache,
@@ -783,6 +794,7 @@ static void count(struct meter *m, int opcode, const struct timespec *start, int
     const struct op_words *op = opcode == OP_READ ? &m->read : opcode == OP_WRITE ? &m->write
         : opcode == OP_LOOKUP ? &m->lookup : opcode == OP_CREATE ? &m->create
         : forget_slot((uint32_t)opcode) >= 0 ? &m->forget[forget_slot((uint32_t)opcode)]
+        : opcode == OP_READDIRPLUS ? &m->readdirplus
         : opcode == OP_GETATTR || meta_slot(opcode) < 0 ? &m->getattr : &m->meta[meta_slot(opcode)];
     struct timespec end;
     clock_gettime(CLOCK_MONOTONIC, &end);
@@ -805,6 +817,7 @@ static void count(struct meter *m, int opcode, const struct timespec *start, int
 #include "_lookup.h"
 #include "_create.h"
 #include "_forget.h"
+#include "_readdir.h"
 
 /* one request, with the checks every fast op shares (FuseSession._handle's,
  * in its order); NOT_HANDLED (nothing written) or the bytes written;
@@ -833,6 +846,7 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
     if (h.opcode == OP_GETATTR ? q->wsize < OUT_HEADER + ATTR_OUT
             : h.opcode == OP_LOOKUP ? self->lk.hash == NULL || q->wsize < OUT_HEADER + ENTRY_OUT
             : h.opcode == OP_CREATE ? self->cr.rest == NULL || q->wsize < OUT_HEADER + ENTRY_OUT + OPEN_OUT
+            : h.opcode == OP_READDIRPLUS ? self->rd.entry == NULL
             : meta_wants(self, h.opcode) ? 0
             : !((h.opcode == OP_READ && self->reads) || (h.opcode == OP_WRITE && self->writes)))
         return NOT_HANDLED;
@@ -850,6 +864,8 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
         return fast_lookup(self, st, q, &h, error);
     if (h.opcode == OP_CREATE)
         return fast_create(self, st, q, &h, error);
+    if (h.opcode == OP_READDIRPLUS)
+        return fast_readdirplus(self, st, q, &h, error);
     if (h.opcode != OP_GETATTR)
         return fast_meta(self, st, q, &h, error);
     return fast_getattr(self, st, q, &h, error);
@@ -1196,6 +1212,8 @@ static int fastops_traverse(FastOps *self, visitproc visit, void *arg)
     Py_VISIT(self->cr.add);
     Py_VISIT(self->cr.creds);
     Py_VISIT(self->fg.ring);
+    Py_VISIT(self->rd.entry);
+    Py_VISIT(self->rd.stream_type);
     return 0;
 }
 
@@ -1211,6 +1229,8 @@ static int fastops_clear(FastOps *self)
     Py_CLEAR(self->cr.add);
     Py_CLEAR(self->cr.creds);
     Py_CLEAR(self->fg.ring);
+    Py_CLEAR(self->rd.entry);
+    Py_CLEAR(self->rd.stream_type);
     drop_meter(self);
     return 0;
 }
@@ -1448,6 +1468,10 @@ static PyMethodDef fastops_methods[] = {
      "(the hiprio session; after enable_lookup on the same InodeTable): its freed ring (_ring), the\n"
      "header word of its cursor (_H_RING_W), RING; layout: with a meter, the two ops' (requests,\n"
      "latency_sum, buckets, errors) word indices (_forget.h)"},
+    {"enable_readdirplus", (PyCFunction)fastops_enable_readdirplus, METH_VARARGS,
+     "enable_readdirplus(entry, stream_type, meter_words): serve READDIRPLUS too (after enable_lookup):\n"
+     "dirs.plus_entry (Python's step for an entry C declines), dirs.DirStream, READDIRPLUS's meter\n"
+     "words (requests, latency_sum, buckets, errors) or None without a meter (_readdir.h)"},
     {NULL},
 };
 

@@ -278,6 +278,87 @@ out:
     return rc;
 }
 
+/* adopt_inputs and cache_has_room read once for a run of lookups (a
+ * READDIRPLUS reply, _readdir.h) rather than once per name: nothing read
+ * here changes while C runs (no Python code runs between the lookups of
+ * a run that C serves whole; a per-name Python fallback invalidates it).
+ * peers.mine(fd) is serial << 32 | fd, 0 while the serial is 0. */
+struct adopt_once {
+    int ready;              /* 0: not read yet, 1: read, -1: unreadable (decline) */
+    int peers, shared, use_handles, root_dev_ok;
+    uint64_t serial, root_dev;
+    Py_ssize_t max_fds;     /* -1: unreadable, 0: unbounded */
+};
+
+static PyObject *s_serial;
+
+static int once_read(FastOps *self, struct adopt_once *o)
+{
+    PyObject *cache = PyObject_GetAttr(self->session, s_cache), *peers = NULL, *v = NULL;
+    int truth;
+    o->ready = -1;
+    if (cache == NULL || (peers = PyObject_GetAttr(cache, s_peers)) == NULL)
+        goto out;
+    o->peers = peers != Py_None;
+    o->serial = 0;
+    o->shared = 0;
+    if (o->peers) {
+        if ((v = PyObject_GetAttr(peers, s_serial)) == NULL || !PyLong_CheckExact(v))
+            goto out;
+        o->serial = PyLong_AsUnsignedLongLong(v);
+        Py_CLEAR(v);
+        if (PyErr_Occurred() || o->serial > UINT32_MAX || (v = PyObject_GetAttr(peers, s_shared)) == NULL
+                || (truth = PyObject_IsTrue(v)) < 0)
+            goto out;
+        o->shared = truth;
+        Py_CLEAR(v);
+    }
+    if ((v = PyObject_GetAttr(cache, s_use_handles)) == NULL || (truth = PyObject_IsTrue(v)) < 0)
+        goto out;
+    Py_CLEAR(v);
+    o->use_handles = truth;
+    o->root_dev_ok = 0;
+    if (truth) {
+        if ((v = PyObject_GetAttr(cache, s_root_dev)) == NULL || !PyLong_CheckExact(v))
+            goto out;
+        int overflow;
+        long long root_dev = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (root_dev == -1 && PyErr_Occurred())
+            goto out;
+        o->root_dev_ok = !overflow && root_dev >= 0;
+        o->root_dev = (uint64_t)root_dev;
+        Py_CLEAR(v);
+    }
+    if (attr_ssize(cache, s_max_fds, &o->max_fds) < 0 || o->max_fds < 0)
+        goto out;
+    o->ready = 1;
+out:
+    Py_XDECREF(v);
+    Py_XDECREF(peers);
+    Py_XDECREF(cache);
+    PyErr_Clear();
+    return o->ready;
+}
+
+/* cache_has_room with the bound read once */
+static int once_has_room(FastOps *self, const struct state *st, struct adopt_once *o)
+{
+    if (o->ready == 0)
+        once_read(self, o);
+    return o->ready > 0 && (o->max_fds == 0 || PyDict_GET_SIZE(st->fds) < o->max_fds);
+}
+
+/* adopt_inputs from what once_read read */
+static int once_inputs(const struct adopt_once *o, int fd, uint64_t dev, struct adopting *a)
+{
+    if (o->ready <= 0)
+        return -1;
+    a->owner = o->peers && o->serial ? (o->serial << 32) | (uint64_t)fd : 0;
+    a->shared = o->shared;
+    a->handle = o->use_handles && o->root_dev_ok && o->root_dev == dev;
+    return 0;
+}
+
 /* inodecache.file_handle(fd) into the slot at base (InodeTable.ref stores
  * none, then set_handle the one adopt got): the struct file_handle of
  * name_to_handle_at(fd, "", AT_EMPTY_PATH) with room for 128 bytes, kept
@@ -392,12 +473,13 @@ static int adopt_locked(FastOps *self, struct state *st, int fd, const struct st
  * record lock: 0 with r's nodeid, generation and attr (from the new fd's
  * stat, as Python's), or -1 with the fd closed and the table and the cache
  * as they were (Python then redoes the lookup whole) */
-static int cold_lookup(FastOps *self, struct state *st, int parent, const char *name, struct entry_reply *r)
+static int cold_lookup_with(FastOps *self, struct state *st, int parent, const char *name, struct entry_reply *r,
+                            struct adopt_once *once)
 {
     const struct lookup_table *t = &self->lk;
     struct stat s;
     int fd;
-    if (!cache_has_room(self, st))
+    if (once != NULL ? !once_has_room(self, st, once) : !cache_has_room(self, st))
         return -1;
     Py_BEGIN_ALLOW_THREADS
     fd = openat(parent, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
@@ -410,7 +492,8 @@ static int cold_lookup(FastOps *self, struct state *st, int parent, const char *
         return -1;
     struct adopting a = {0};
     int kept = 0, result = -1;
-    if (fill_attr(&r->attr, &s) == 0 && adopt_inputs(self, fd, (uint64_t)s.st_dev, &a) == 0
+    if (fill_attr(&r->attr, &s) == 0
+            && (once != NULL ? once_inputs(once, fd, (uint64_t)s.st_dev, &a) : adopt_inputs(self, fd, (uint64_t)s.st_dev, &a)) == 0
             && st->tlock != NULL && record_lock(t->fd, F_WRLCK) == 0) {
         if (word_at(&st->header, t->h_dirty) == 0) {
             set_word(&st->header, t->h_dirty, 1);
@@ -422,6 +505,11 @@ static int cold_lookup(FastOps *self, struct state *st, int parent, const char *
     if (!kept)
         close(fd);
     return result;
+}
+
+static int cold_lookup(FastOps *self, struct state *st, int parent, const char *name, struct entry_reply *r)
+{
+    return cold_lookup_with(self, st, parent, name, r, NULL);
 }
 
 /* names.parse_name's rules for the n bytes at name (the name and its
@@ -445,6 +533,42 @@ static int stat_name(int parent, const char *name, struct stat *s)
     return rc == 0 ? 0 : err;
 }
 
+/* the lookup of one valid name (one_name's rules, or a READDIRPLUS entry
+ * other than "." and "..") in the directory parent, the found case of
+ * LOOKUP: fstatat, then the inode this worker holds (find_ref, no fd
+ * opened) or its first lookup here (cold_lookup). 0: found, +1 lookup
+ * taken, r's nodeid, generation, timeouts and attr set; > 0: fstatat's
+ * errno, nothing taken; -1: declined, nothing taken (Python redoes it).
+ * once: adopt's inputs read once for a run of lookups (NULL: per lookup) */
+static int found_entry(FastOps *self, struct state *st, int parent, const char *name, struct entry_reply *r,
+                       struct adopt_once *once)
+{
+    struct stat s;
+    int err = stat_name(parent, name, &s);
+    if (err != 0)
+        return err;
+    if (fill_attr(&r->attr, &s) < 0 || table_ready(self, st) < 0)
+        return -1;
+    /* which path first: the index probed without the record lock
+     * (another process may be changing it: only a hint, each path
+     * decides under the lock) finds an inode this worker holds (or
+     * the root): find_ref, no fd opened; else cold_lookup straight
+     * away, one record lock round instead of two */
+    uint64_t pos;
+    Py_ssize_t hint = table_find(self, st, (uint64_t)s.st_dev, (uint64_t)s.st_ino, &pos);
+    int got = hint == 1 || (hint > 1 && cached_fd(self, st, (uint64_t)hint) >= 0) ? 0 : 1;
+    PyErr_Clear();
+    if (got == 0)
+        got = find_ref(self, st, (uint64_t)s.st_dev, (uint64_t)s.st_ino, &r->nodeid, &r->generation);
+    if (got == 1)
+        got = cold_lookup_with(self, st, parent, name, r, once);
+    if (got != 0)
+        return -1;
+    r->entry_valid = r->attr_valid = self->attr_sec;
+    r->entry_valid_nsec = r->attr_valid_nsec = self->attr_nsec;
+    return 0;
+}
+
 /* LOOKUP; NOT_HANDLED or the bytes written; *error: the reply's errno */
 static Py_ssize_t fast_lookup(FastOps *self, struct state *st, const struct req *q, const struct in_header *h,
                               int *error)
@@ -460,13 +584,14 @@ static Py_ssize_t fast_lookup(FastOps *self, struct state *st, const struct req 
     int parent = cached_fd(self, st, h->nodeid);
     if (parent < 0)
         return NOT_HANDLED;
-    struct stat s;
-    int err = stat_name(parent, name, &s);
     struct entry_reply r;
     memset(&r, 0, sizeof r);
     r.len = sizeof r;
     r.unique = h->unique;
-    if (err != 0) {
+    int err = found_entry(self, st, parent, name, &r, NULL);
+    if (err < 0)
+        return NOT_HANDLED;
+    if (err > 0) {
         if (err != ENOENT)
             return NOT_HANDLED;
         if (!self->lk.negative)
@@ -474,28 +599,6 @@ static Py_ssize_t fast_lookup(FastOps *self, struct state *st, const struct req 
         /* Timeouts.negative_entry: nodeid 0, the entry timeout, no count */
         r.entry_valid = self->attr_sec;
         r.entry_valid_nsec = self->attr_nsec;
-    } else {
-        if (fill_attr(&r.attr, &s) < 0)
-            return NOT_HANDLED;
-        if (table_ready(self, st) < 0)
-            return NOT_HANDLED;
-        /* which path first: the index probed without the record lock
-         * (another process may be changing it: only a hint, each path
-         * decides under the lock) finds an inode this worker holds (or
-         * the root): find_ref, no fd opened; else cold_lookup straight
-         * away, one record lock round instead of two */
-        uint64_t pos;
-        Py_ssize_t hint = table_find(self, st, (uint64_t)s.st_dev, (uint64_t)s.st_ino, &pos);
-        int got = hint == 1 || (hint > 1 && cached_fd(self, st, (uint64_t)hint) >= 0) ? 0 : 1;
-        PyErr_Clear();
-        if (got == 0)
-            got = find_ref(self, st, (uint64_t)s.st_dev, (uint64_t)s.st_ino, &r.nodeid, &r.generation);
-        if (got == 1)
-            got = cold_lookup(self, st, parent, name, &r);
-        if (got != 0)
-            return NOT_HANDLED;
-        r.entry_valid = r.attr_valid = self->attr_sec;
-        r.entry_valid_nsec = r.attr_valid_nsec = self->attr_nsec;
     }
     /* serve_req checked the room: this write cannot fail once a count is taken */
     return iov_copy(q->w, q->nw, 0, &r, sizeof r, 1) < 0 ? NOT_HANDLED : (Py_ssize_t)sizeof r;

@@ -46,6 +46,9 @@ from daemon.fuse.files import sync_on_helper
 from daemon.fuse.fs import FileSystem
 from daemon.fuse.handles import KIND_DIR, reopen
 from daemon.fuse.request import FUSEError, Request
+from daemon.log import get_logger
+
+log = get_logger("fuse.session")
 
 SYS_getdents64 = 217  # x86-64
 GETDENTS_BUF_SIZE = 32 * 1024
@@ -294,16 +297,39 @@ def _fill_names(handle, cookie: int, limit: int) -> bytearray:
     return out
 
 
+def _lookup_entry(fs: FileSystem, dir_fd: int, name: bytes) -> bytes | None | bool:
+    """The lookup of a READDIRPLUS entry (not "." or ".."): its
+    fuse_entry_out (+1 lookup), False if it vanished (ENOENT), None if the
+    lookup failed otherwise (a nodeid-0 record)."""
+    try:
+        return fs.entry(dir_fd, os.fsdecode(name))
+    except (FUSEError, OSError) as e:
+        if e.errno == errno.ENOENT:
+            return False
+        return None
+
+
+def plus_entry(fs: FileSystem, dir_fd: int, name: bytes) -> bytes | None | bool | int:
+    """``_lookup_entry`` for the compiled READDIRPLUS (_readdir.h), for an
+    entry its C declined: what ``_pack_plus`` does with it; any other
+    exception (which fails Python's whole request with EIO, as
+    ``FuseSession._handle`` answers it) logged and given as EIO."""
+    try:
+        return _lookup_entry(fs, dir_fd, name)
+    except Exception:  # noqa: BLE001 - as FuseSession._handle: EIO, keep serving
+        log.exception("FUSE READDIRPLUS (compiled, an entry's lookup in Python) failed")
+        return errno.EIO
+
+
 def _pack_plus(fs: FileSystem, dir_fd: int, out: bytearray, at: int, ino: int, next_cookie: int,
                dtype: int, name: bytes) -> bool:
     """Write one direntplus record at ``at``; False if the entry vanished."""
     entry = None
     if name != b"." and name != b"..":
-        try:
-            entry = fs.entry(dir_fd, os.fsdecode(name))
-        except (FUSEError, OSError) as e:
-            if e.errno == errno.ENOENT:
-                return False
+        got = _lookup_entry(fs, dir_fd, name)
+        if got is False:
+            return False
+        entry = got if isinstance(got, bytes) else None
     namelen = len(name)
     if entry is None:
         # nodeid 0: listed by name only, no lookup count (libfuse fills the

@@ -69,6 +69,14 @@ makes that session a ``FastOps`` that serves those two and nothing else
 nothing against it; INTERRUPT and everything malformed stay Python's
 (docs/compiled.md, "FORGET in C").
 
+READDIRPLUS is compiled when ``readdirplus_unsupported`` says nothing
+against it (LOOKUP compiled, the reference READDIRPLUS row, the stock
+open-file table): ``make`` calls ``FastOps.enable_readdirplus`` with
+``dirs.plus_entry`` (Python's lookup of one entry, for what C declines
+mid-reply) and ``dirs.DirStream`` (the handle's getdents state, which C
+reads and writes back, so that C and Python requests on one handle
+interleave; docs/compiled.md, "READDIRPLUS in C").
+
 With ``--metrics-socket`` the session has a meter (metrics/counters.py's
 ``WorkerMeter``) before the loop asks for ``serve``, and the requests C
 answers are counted by C into the same shared-memory slot, as
@@ -96,8 +104,8 @@ import os
 import time
 
 from daemon.config import CacheMode
-from daemon.fuse import (attrs, credentials, entries, fastmeta, files, filetable, handles, inodecache, inodes,
-                         replies)
+from daemon.fuse import (attrs, credentials, dirs, entries, fastmeta, files, filetable, handles, inodecache,
+                         inodes, replies)
 from daemon.fuse.abi import Opcode
 from daemon.fuse.request import FUSEError
 from daemon.log import get_logger
@@ -227,6 +235,9 @@ def make(session):
     fastmeta.enable(fast, session, op_words if layout else None)
     if not lookup_unsupported(session):
         fast.enable_lookup(*_lookup_layout(table), session.config.cache is CacheMode.ALWAYS)
+        if not readdirplus_unsupported(session):
+            fast.enable_readdirplus(dirs.plus_entry, dirs.DirStream,
+                                    op_words(Opcode.READDIRPLUS) if layout else None)
         if not create_unsupported(session):
             config = session.config
             layout = meter_layout(session.meter)
@@ -236,6 +247,21 @@ def make(session):
                                config.writeback, files.fopen_flags(config.cache),
                                op_words(Opcode.CREATE) if layout else None)
     return fast
+
+
+def readdirplus_unsupported(session) -> str:
+    """Why READDIRPLUS stays in Python for ``session`` ("" if C may serve
+    it: docs/compiled.md, "READDIRPLUS in C"). C looks each entry up as its
+    LOOKUP does, so it needs that first (the stock entry replies, no
+    --announce-submounts, the stock inode table and cache)."""
+    why = lookup_unsupported(session)
+    if why:
+        return why
+    if session._ops.get(int(Opcode.READDIRPLUS)) is not dirs.do_readdirplus:
+        return "READDIRPLUS is not the reference handler"
+    if type(session.handles) is not handles.HandleTable:
+        return "not the stock open-file table"
+    return ""
 
 
 def create_unsupported(session) -> str:
@@ -315,7 +341,7 @@ def meter_layout(meter) -> dict:
         return {}
 
     assert max(Opcode.GETATTR, Opcode.READ, Opcode.WRITE, Opcode.LOOKUP, Opcode.CREATE, Opcode.FORGET,
-               Opcode.BATCH_FORGET, *fastmeta.OPS) < c.OPCODE_SLOTS
+               Opcode.BATCH_FORGET, Opcode.READDIRPLUS, *fastmeta.OPS) < c.OPCODE_SLOTS
     layout = (c.BYTES_READ, c.ERRNO_SLOTS, *op_words(Opcode.GETATTR), *op_words(Opcode.READ),
               c.BYTES_WRITTEN, *op_words(Opcode.WRITE), *op_words(Opcode.LOOKUP))
     return {"meter": meter, "words": words, "layout": layout, "bounds": c.LATENCY_BUCKETS_NS}
@@ -372,9 +398,11 @@ def fast_ops(session):
     lookup = "LOOKUP compiled too" if not why_lookup else f"LOOKUP in Python ({why_lookup})"
     why_create = create_unsupported(session)
     create = "CREATE compiled too" if not why_create else f"CREATE in Python ({why_create})"
+    why_plus = readdirplus_unsupported(session)
+    plus = "READDIRPLUS compiled too" if not why_plus else f"READDIRPLUS in Python ({why_plus})"
     meta = ", ".join(op.name for op in fastmeta.served(session)) or "none"
-    log.info("FUSE ops: %s compiled (extension daemon.fuse._fastops; %s)%s; %s; %s; metadata ops in C: %s",
-             compiled_ops(session), loop, counted, lookup, create, meta)
+    log.info("FUSE ops: %s compiled (extension daemon.fuse._fastops; %s)%s; %s; %s; %s; metadata ops in C: %s",
+             compiled_ops(session), loop, counted, lookup, create, plus, meta)
     if session.meter is not None and not counted:
         log.info("FUSE ops: this meter is not C's to count for: its requests stay in Python")
     return fast

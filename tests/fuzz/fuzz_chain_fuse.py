@@ -112,6 +112,7 @@ META_OPCODES = (22, 10, 11, 25)
 REMOVE_OPCODES = (10, 11)
 CREATE_OPCODE = 35
 FORGET_OPCODES = (2, 42)
+READDIRPLUS_OPCODE = 44
 ZERO = bytes(image.MEM_SIZE)
 
 # filled by load_daemon() (inside atheris' instrumentation when it is used)
@@ -262,6 +263,7 @@ class Target:
         self.batch_served = 0
         self.c_writes = 0   # WRITEs the compiled ops served and the session answered alike
         self.c_meta = 0     # GETXATTR, UNLINK, RMDIR, FLUSH served in C and checked against the session
+        self.c_readdirplus = 0  # READDIRPLUS served in C and checked against the session
         self.c_creates = 0  # CREATEs the compiled ops served (not answered again: see the docstring)
         # flags bit 3: the hiprio queue's session and FastOps (FORGET, BATCH_FORGET in C)
         self.hiprio = FuseSession(config, self.table, "hiprio")
@@ -510,6 +512,7 @@ class Target:
         opcode, unique = IN_HEADER.unpack(rd.read(0, 40))[1:3]
         self.c_writes += opcode == WRITE_OPCODE
         self.c_meta += opcode in META_OPCODES
+        self.c_readdirplus += opcode == READDIRPLUS_OPCODE
         if opcode == CREATE_OPCODE:
             chain.release()
             ram[:] = after
@@ -555,6 +558,7 @@ class Target:
         opcode = IN_HEADER.unpack(rd.read(0, 40))[1] if rd.size >= 40 else -1
         self.c_writes += opcode == WRITE_OPCODE
         self.c_meta += opcode in META_OPCODES
+        self.c_readdirplus += opcode == READDIRPLUS_OPCODE
         if opcode == CREATE_OPCODE:
             self.c_creates += 1
             return n
@@ -647,7 +651,7 @@ class Target:
             "inputs": self.inputs, "chains": self.chains, "replies": self.replies,
             "broken_rings": self.broken_rings, "ebadf": self.ebadf, "resets": self.resets, "compared": self.compared,
             "fast_served": self.fast_served, "batch_served": self.batch_served, "c_writes": self.c_writes,
-            "c_meta": self.c_meta,
+            "c_meta": self.c_meta, "c_readdirplus": self.c_readdirplus,
             "c_creates": self.c_creates,
             "c_forgets": self.c_forgets,
             "seconds": round(elapsed, 1),
@@ -899,7 +903,8 @@ def main(argv=None) -> int:
                   f"ebadf_inputs={','.join(bad_fh) or '-'} c_write_inputs={','.join(c_writes) or '-'} "
                   f"c_meta_inputs={','.join(c_meta) or '-'} "
                   f"fast_served={target.fast_served} batch_served={target.batch_served} "
-                  f"c_creates={target.c_creates} c_forgets={target.c_forgets}", flush=True)
+                  f"c_creates={target.c_creates} c_forgets={target.c_forgets} "
+                  f"c_readdirplus={target.c_readdirplus}", flush=True)
             return 0
         print(f"fuzz: engine random (not coverage-guided: install atheris for that); {PATH}", flush=True)
         run_random(target, corpus_inputs([CORPUS_DIR]), args.iterations, args.time,

@@ -457,8 +457,40 @@ def forgets() -> dict[str, bytes]:
     return s
 
 
+def readdirplus_ops() -> dict[str, bytes]:
+    """_readdir.h's READDIRPLUS, served in C: OPENDIR of the root and of d/
+    (fh 1 and 2, Python's), READDIRPLUS of the root at cookie 0 in 4 KiB,
+    then in 300 bytes (two records at most), 100 (none fits), from cookie 2
+    (a seek), of d/ in 600 bytes three times from 0 (the stream moves on
+    by cookie: the harness answers each again from the same cookie), with
+    a size past 1 MiB, a writable part smaller than the size; a cookie
+    past OFFSET_MAX (Python's: EINVAL); RELEASEDIR. Stage 2, whole
+    batches, and one chain at a time (each checked against the session).
+    (No fh that was never opened: only fuse_fh_never_opened names one.)"""
+    s: dict[str, bytes] = {}
+    b = SeedBuilder(32)
+    req(b, OPENDIR, 1, struct.pack("<II", 0x18800, 0), [16])
+    req(b, OPENDIR, 3, struct.pack("<II", 0x18800, 0), [16])
+    req(b, READDIRPLUS, 1, read_in(fh(1), 0, 4096, 0x18800), [4096])
+    req(b, READDIRPLUS, 1, read_in(fh(1), 0, 300, 0x18800), [300])
+    req(b, READDIRPLUS, 1, read_in(fh(1), 0, 100, 0x18800), [100])
+    req(b, READDIRPLUS, 1, read_in(fh(1), 2, 4096, 0x18800), [2048, 2048])
+    for _ in range(3):
+        req(b, READDIRPLUS, 3, read_in(fh(2), 0, 600, 0x18800), [600])
+    req(b, READDIRPLUS, 3, read_in(fh(2), 0, 0xFFFFFFFF, 0x18800), [4096])
+    req(b, READDIRPLUS, 3, read_in(fh(2), 0, 4096, 0x18800), [200])
+    req(b, READDIRPLUS, 3, read_in(fh(2), 1 << 63, 4096, 0x18800), [4096])
+    req(b, RELEASEDIR, 3, struct.pack("<QIIQ", fh(2), 0x18800, 0, 0))
+    req(b, RELEASEDIR, 1, struct.pack("<QIIQ", fh(1), 0x18800, 0, 0))
+    plus = b.build()
+    s["readdirplus_in_c"] = plus
+    s["batch_readdirplus"] = with_flags(plus, 3)
+    s["batch_readdirplus_checked"] = with_flags(plus, 7)
+    return s
+
+
 def all_seeds() -> dict[str, bytes]:
-    return {**well_formed(), **malformed(), **batch_loop(), **meta_ops(), **forgets()}
+    return {**well_formed(), **malformed(), **batch_loop(), **meta_ops(), **forgets(), **readdirplus_ops()}
 
 
 def main() -> int:

@@ -131,6 +131,19 @@ def test_fuzz_for_the_ci_budget(tmp_path):
     assert not list(tmp_path.glob("crash-*")) and not list(tmp_path.glob("timeout-*"))
 
 
+def assert_nine_served_in_c(names: tuple[str, ...], counter: str) -> None:
+    """Three seeds (stage 2, whole batches, one chain at a time checked
+    against the session) of which C serves nine requests each time it
+    runs them: 18 served and counted in ``counter``; under
+    PYVIRTIOFSD_PURE=1 FastOps.serve on every chain: 27."""
+    from daemon.fuse import fastpath
+    out = run(["--run", *(str(HERE / "corpus" / f"{name}.bin") for name in names)], 120)
+    stats = dict(re.findall(r"(\w+)=(\S+)", out.splitlines()[-1]))
+    pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0")
+    want = (0, 0, 0) if not fastpath.EXTENSION_BUILT else (0, 27, 27) if pure else (18, 18, 18)
+    assert (int(stats["batch_served"]), int(stats["fast_served"]), int(stats[counter])) == want, out[-2000:]
+
+
 def test_forget_seeds_reach_forget_in_c():
     """The hiprio seeds (seeds.forgets: 13 requests on the hiprio ring, of
     which C serves 9 FORGETs and BATCH_FORGETs; two malformed batches, an
@@ -138,11 +151,13 @@ def test_forget_seeds_reach_forget_in_c():
     time, each FORGET C served run again by the hiprio session on the
     table as it was (``c_forgets``), and whole batches. Under
     PYVIRTIOFSD_PURE=1 FastOps.serve on every chain: 27."""
-    from daemon.fuse import fastpath
-    seeds = [str(HERE / "corpus" / f"{name}.bin")
-             for name in ("hiprio_forgets", "hiprio_batch_forgets", "hiprio_batch_forgets_checked")]
-    out = run(["--run", *seeds], 120)
-    stats = dict(re.findall(r"(\w+)=(\S+)", out.splitlines()[-1]))
-    pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0")
-    want = (0, 0, 0) if not fastpath.EXTENSION_BUILT else (0, 27, 27) if pure else (18, 18, 18)
-    assert (int(stats["batch_served"]), int(stats["fast_served"]), int(stats["c_forgets"])) == want, out[-2000:]
+    assert_nine_served_in_c(("hiprio_forgets", "hiprio_batch_forgets", "hiprio_batch_forgets_checked"), "c_forgets")
+
+
+def test_readdirplus_seeds_reach_readdirplus_in_c():
+    """The READDIRPLUS seeds (seeds.readdirplus_ops: ten READDIRPLUS, of
+    which C serves nine; the cookie past OFFSET_MAX is Python's): stage
+    2, whole batches, one chain at a time, each chain C answered checked
+    against the session. Under PYVIRTIOFSD_PURE=1 FastOps.serve on every
+    chain: 27."""
+    assert_nine_served_in_c(("readdirplus_in_c", "batch_readdirplus", "batch_readdirplus_checked"), "c_readdirplus")

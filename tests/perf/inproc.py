@@ -11,7 +11,8 @@ competing for the cores.
 
     python -m tests.perf.inproc [--op getattr|lookup|lookup-cold|read4k|read1m|write4k|write4k-kill|
                                       getxattr-absent|unlink|rmdir|flush|create|
-                                      forget|forget-keep|batch-forget]
+                                      forget|forget-keep|batch-forget|
+                                      readdirplus-cold|readdirplus-warm]
                                 [--depth 64] [--python-meta]
                                 [--seconds 3] [--profile cprofile|none] [--clock wall|cpu]
 
@@ -50,6 +51,15 @@ of 8 pairs each, every pair freeing its nodeid (the figure is per
 request, 8 forgets). Between batches, outside the timed part, the
 nodeids are looked up again (``InodeTable.ref``, in the order that gives
 each inode its old nodeid back).
+
+``readdirplus-cold`` lists a directory of ``--entries`` files (default
+1,000) with READDIRPLUS of 4 KiB (the Linux guest's size), one request
+per serve, each from the cookie the last reply ended at, on one handle:
+every entry's lookup is its first (between passes, outside the timed part,
+every nodeid is forgotten and its fd closed, as ``lookup-cold``);
+``readdirplus-warm`` the same without the forgetting (every inode held:
++1 each). The figure is the worker's CPU per entry listed ("." and ".."
+included), the request's own cost spread over its records.
 
 ``--clock cpu`` times the serving thread's CPU time instead of the wall
 clock: steadier on a loaded machine. The last line names the request path
@@ -374,6 +384,63 @@ def create_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall",
     return busy / done * 1e6, keeper_s / done * 1e6, done
 
 
+def readdirplus_us(cold: bool, seconds: float = 3.0, clock: str = "wall", entries: int = 1000,
+                   size: int = 4096) -> tuple[float, int]:
+    """(µs per entry listed, entries listed): see the module docstring."""
+    shared = tempfile.mkdtemp(prefix="inproc-")
+    loop, ring, vr, _ = _build("getattr", 0, shared)
+    os.mkdir(os.path.join(shared, "rdp"))
+    for i in range(entries):
+        open(os.path.join(shared, "rdp", f"entry-{i:06d}"), "wb").close()
+    unique = [1 << 40]
+
+    def submit(opcode, nodeid, args, out):
+        unique[0] += 2
+        return vr.submit([abi.IN_HEADER.pack(40 + len(args), opcode, unique[0], nodeid, 0, 0, 1, 0, 0), args],
+                         [16] + out)
+
+    def call(opcode, nodeid, args, out):
+        submit(opcode, nodeid, args, out)
+        loop._serve(ring)
+        head = vr.harvest()[0]
+        data = vr.read_writable(head)
+        vr.free(head)
+        return data
+
+    entry = call(Opcode.LOOKUP, 1, b"rdp\0", [abi.ENTRY_OUT.size])
+    nodeid = int.from_bytes(entry[16:24], "little")
+    o = call(Opcode.OPENDIR, nodeid, abi.OPEN_IN.pack(os.O_RDONLY, 0), [abi.OPEN_OUT.size])
+    fh = int.from_bytes(o[16:24], "little")
+    timer = time.thread_time if clock == "cpu" else time.perf_counter
+    busy, listed, cookie = 0.0, 0, 0
+    serve = loop._serve
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        submit(Opcode.READDIRPLUS, nodeid, abi.READ_IN.pack(fh, cookie, size, 0, 0, 0), [size])
+        t0 = timer()
+        serve(ring)
+        busy += timer() - t0
+        head = vr.harvest()[0]
+        reply = vr.read_writable(head)
+        vr.free(head)
+        length, err = int.from_bytes(reply[0:4], "little"), int.from_bytes(reply[4:8], "little", signed=True)
+        if err:
+            raise RuntimeError(f"readdirplus: the daemon answered {err}")
+        at, n = 16, 0
+        while at < length:
+            _ino, off, namelen, _type = abi.DIRENT.unpack_from(reply, at + abi.ENTRY_OUT.size)
+            cookie = off
+            at += abi.direntplus_size(namelen)
+            n += 1
+        listed += n
+        if not n:               # the end: again from the start
+            cookie = 0
+            if cold:
+                forget_all(loop.session)
+    close(loop, ring, vr)
+    return busy / max(listed, 1) * 1e6, listed
+
+
 def per_request_us(op: str = "getattr", depth: int = 64, seconds: float = 3.0,
                    profile: str = "none", clock: str = "wall", python_meta: bool = False) -> float:
     shared = tempfile.mkdtemp(prefix="inproc-")
@@ -429,7 +496,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--op", default="getattr",
                     choices=("getattr", "lookup", "lookup-cold", "read4k", "read1m", "write4k", "write4k-kill",
-                             "getxattr-absent", "unlink", "rmdir", "flush", "create", *FORGET_OPS))
+                             "getxattr-absent", "unlink", "rmdir", "flush", "create", *FORGET_OPS,
+                             "readdirplus-cold", "readdirplus-warm"))
+    ap.add_argument("--entries", type=int, default=1000, help="readdirplus-*: files in the directory listed")
     ap.add_argument("--python-meta", action="store_true",
                     help="GETXATTR, UNLINK, RMDIR and FLUSH in Python (the rest as the build serves it)")
     ap.add_argument("--depth", type=int, default=64)
@@ -443,6 +512,11 @@ def main(argv=None) -> int:
         us, keeper_us, n = create_us(a.depth, a.seconds, a.clock, not a.no_keeper, a.dir)
         print(f"create depth {a.depth}: {us:.2f} µs per CREATE + RELEASE in the worker, "
               f"keeper {keeper_us:.2f} µs per CREATE ({n} CREATEs); {PATH}")
+        return 0
+    if a.op.startswith("readdirplus"):
+        us, n = readdirplus_us(a.op == "readdirplus-cold", a.seconds, a.clock, a.entries)
+        print(f"{a.op} ({a.entries} entries, 4 KiB replies): {us:.2f} µs per entry in the worker "
+              f"({n} entries listed); {PATH}")
         return 0
     us = per_request_us(a.op, a.depth, a.seconds, a.profile, a.clock, a.python_meta)
     meta = "; metadata ops in Python" if a.python_meta else ""

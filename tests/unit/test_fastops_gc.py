@@ -17,7 +17,7 @@ import weakref
 
 import pytest
 
-from daemon.fuse import abi, credentials, fastpath
+from daemon.fuse import abi, credentials, dirs, fastpath
 from daemon.fuse.abi import Opcode
 from daemon.metrics.counters import MetricsArea, WorkerMeter
 from tests import procfs
@@ -46,7 +46,8 @@ def _open_some(client) -> None:
 def test_traverse_reports_every_reference(share):
     """The session, both table views, the meter and, with LOOKUP in C, the
     table's index and thread lock, with CREATE in C its two Python helpers
-    and the credentials' state: what gc.get_referents (tp_traverse)
+    and the credentials' state, with READDIRPLUS in C its Python step and
+    the DirStream type: what gc.get_referents (tp_traverse)
     lists (not the meter's words memoryview, whose buffer FastOps holds:
     nothing leads from it back to a FastOps, see fastops_traverse)."""
     session, _client = start_session(share)
@@ -60,12 +61,13 @@ def test_traverse_reports_every_reference(share):
         for name, obj in (("session", session), ("header", table._hdr), ("slots", table._q),
                           ("meter", meter), ("index", table._hash),
                           ("thread lock", table._tlock), ("create_rest", fastpath.create_rest),
-                          ("add_created", fastpath.add_created), ("credentials", credentials._state)):
+                          ("add_created", fastpath.add_created), ("credentials", credentials._state),
+                          ("plus_entry", dirs.plus_entry), ("DirStream", dirs.DirStream)):
             assert any(r is obj for r in held), f"tp_traverse does not visit the {name}"
-        assert len(held) == 9
-        # without a meter: the eight others only
+        assert len(held) == 11
+        # without a meter: the ten others only
         session.meter = None
-        assert len(gc.get_referents(fastpath.make(session))) == 8
+        assert len(gc.get_referents(fastpath.make(session))) == 10
     finally:
         session.meter = None
         session.close()

@@ -1,0 +1,482 @@
+/*
+ * READDIRPLUS in C (docs/compiled.md, "READDIRPLUS in C"), included by
+ * _fastops.c after _lookup.h and _create.h (one translation unit: it uses
+ * their request, state, reply and table code: found_entry, drop_tlock).
+ * The reference is dirs.do_readdirplus with _read_args, _fill, DirStream
+ * .peek/.advance and _pack_plus, and FuseSession.entry.
+ *
+ * Served here, under the shared checks of serve_req, when:
+ *   - FastOps.enable_readdirplus was called (fastpath.make: LOOKUP is C's,
+ *     so the entry replies are the stock Timeouts', no --announce-submounts,
+ *     the stock inode table and cache; the READDIRPLUS row is
+ *     dirs.do_readdirplus; the stock HandleTable);
+ *   - no request extensions; the args hold the whole fuse_read_in; the
+ *     offset (the cookie) is at most OFFSET_MAX (Python: EINVAL);
+ *   - the fh is a directory handle this worker holds (HandleTable.get's fast
+ *     case: its OpenHandle of kind dir whose generation the shared FileTable
+ *     holds; else Python copies it from another worker or answers EBADF);
+ *   - its dir_stream is None (a DirStream is made and stored, as _stream
+ *     does) or a DirStream whose buf is bytes and pos, cookie ints.
+ * Then exactly _fill with _pack_plus, on the handle's own DirStream (its
+ * buf, pos, cookie and reseek are read once and written back once, on
+ * every way out, so that Python and C requests on one handle interleave):
+ *   - with peers shared, reseek is set first (_read_args);
+ *   - limit = min(size, MAX_READDIR_SIZE, writable part - 16);
+ *   - peek: a cookie other than the stream's: the buffer dropped, lseek to
+ *     it (an error leaves the cookie -1); the buffer used up: lseek to the
+ *     stream's cookie when reseek, getdents64 of 32 KiB into a new bytes
+ *     object that becomes the buffer (an error: cookie -1); an empty read
+ *     ends the listing; a malformed record: buffer dropped, cookie -1, EIO;
+ *     lseek and getdents64 with the GIL released, as os.lseek and ctypes do;
+ *   - an error before any record is the reply's errno; after some records
+ *     the reply is those records;
+ *   - a name that is empty, longer than 1024 bytes or holds '/' is passed
+ *     over; a record that does not fit (abi.direntplus_size) ends the reply
+ *     with the stream at it;
+ *   - "." and "..": nodeid 0, the attr's ino and mode (DT << 12) only;
+ *   - any other name: found_entry (_lookup.h: fstatat, the +1 of an inode
+ *     this worker holds, or the open + insertion of its first lookup here,
+ *     with adopt's inputs and the fd-cache bound read once per reply);
+ *     ENOENT from fstatat: passed over (it vanished); anything C declines
+ *     (another errno, a busy or DIRTY table, a full table, the fd-cache
+ *     bound...): the thread lock let go, then Python's own step,
+ *     dirs.plus_entry (FuseSession.entry: the entry, False for a vanished
+ *     name, None for a nodeid-0 record, an int errno for an unexpected
+ *     exception: the reply is then that error, as FuseSession._handle's
+ *     EIO), and the rest of the reply in C again;
+ *   - a next cookie below 0 (struct.pack of Python's record refuses it:
+ *     EIO after the entry's lookup) is the EIO reply.
+ * The request is answered from the first lookup on (never NOT_HANDLED
+ * after a count is taken). As for LOOKUP the chain is taken after the
+ * reply: a worker killed in between leaves it to its successor, which
+ * lists the same entries again and takes their counts again (the first
+ * ones stay until DESTROY).
+ * System calls: lseek, getdents64, newfstatat, openat, fstat, close, fcntl
+ * (the record lock), name_to_handle_at: all on policy/request.policy for
+ * Python's same calls.
+ */
+
+#define KIND_DIR 2                  /* handles.KIND_DIR */
+#define MAX_READDIR_SIZE (1 << 20)  /* dirs.MAX_READDIR_SIZE */
+#define GETDENTS_BUF_SIZE (32 * 1024)   /* dirs.GETDENTS_BUF_SIZE */
+#define DIRENT_HEAD 19              /* linux_dirent64 before d_name */
+#define DIRENTPLUS 152              /* abi.DIRENTPLUS */
+#define DIRENT_NAME_MAX 1024        /* abi.FUSE_NAME_MAX */
+
+static PyObject *s_dir_stream, *s_buf, *s_pos, *s_cookie, *s_reseek;
+
+/* fuse_dirent, as abi.DIRENT */
+struct fuse_dirent {
+    uint64_t ino, off;
+    uint32_t namelen, type;
+};
+
+_Static_assert(sizeof(struct fuse_dirent) + ENTRY_OUT == DIRENTPLUS, "fuse_direntplus");
+
+/* the handle's DirStream, as C works on it */
+struct dstream {
+    PyObject *obj;          /* the DirStream */
+    PyObject *buf;          /* its buf: a bytes object (new reference) */
+    Py_ssize_t pos;
+    long long cookie;
+    int reseek;
+};
+
+/* the directory handle fh this worker holds (HandleTable.get's fast case
+ * for KIND_DIR): borrowed, and *fd; NULL if it holds none */
+static PyObject *dir_handle(const struct state *st, uint64_t fh, int *fd)
+{
+    if (st->handles == NULL)
+        return NULL;
+    PyObject *key = PyLong_FromUnsignedLongLong(fh);
+    if (key == NULL)
+        return NULL;
+    PyObject *handle = PyDict_GetItemWithError(st->handles, key);     /* borrowed */
+    Py_DECREF(key);
+    Py_ssize_t kind, f;
+    uint64_t gen;
+    if (handle != NULL && attr_ssize(handle, s_kind, &kind) == 0 && kind == KIND_DIR
+            && attr_ssize(handle, s_fd, &f) == 0 && f >= 0 && f <= INT32_MAX
+            && load_word(&st->files, (Py_ssize_t)((fh & 0xFFFFFF) << 3), &gen) == 0 && gen == fh >> 24) {
+        *fd = (int)f;
+        return handle;
+    }
+    PyErr_Clear();
+    return NULL;
+}
+
+/* the handle's DirStream read into ds (one made and stored first if it has
+ * none, as dirs._stream): 0, or -1 (nothing stored) if it is not shaped
+ * like one */
+static int stream_read(FastOps *self, PyObject *handle, struct dstream *ds)
+{
+    PyObject *obj = PyObject_GetAttr(handle, s_dir_stream), *v = NULL;
+    memset(ds, 0, sizeof *ds);
+    if (obj == Py_None) {
+        Py_DECREF(obj);
+        obj = PyObject_CallNoArgs(self->rd.stream_type);
+        if (obj == NULL || PyObject_SetAttr(handle, s_dir_stream, obj) < 0)
+            goto fail;
+    }
+    if (obj == NULL || Py_TYPE(obj) != (PyTypeObject *)self->rd.stream_type)
+        goto fail;
+    ds->obj = obj;
+    if ((ds->buf = PyObject_GetAttr(obj, s_buf)) == NULL || !PyBytes_CheckExact(ds->buf))
+        goto fail;
+    if ((v = PyObject_GetAttr(obj, s_pos)) == NULL || !PyLong_CheckExact(v))
+        goto fail;
+    ds->pos = PyLong_AsSsize_t(v);
+    Py_CLEAR(v);
+    if ((ds->pos == -1 && PyErr_Occurred()) || ds->pos < 0)
+        goto fail;
+    if ((v = PyObject_GetAttr(obj, s_cookie)) == NULL || !PyLong_CheckExact(v))
+        goto fail;
+    ds->cookie = PyLong_AsLongLong(v);
+    Py_CLEAR(v);
+    if (ds->cookie == -1 && PyErr_Occurred())
+        goto fail;
+    if ((v = PyObject_GetAttr(obj, s_reseek)) == NULL || (ds->reseek = PyObject_IsTrue(v)) < 0)
+        goto fail;
+    Py_CLEAR(v);
+    return 0;
+fail:
+    Py_XDECREF(v);
+    Py_CLEAR(ds->buf);
+    Py_XDECREF(obj);
+    ds->obj = NULL;
+    PyErr_Clear();
+    return -1;
+}
+
+/* ds written back into its DirStream (buf, pos, cookie, reseek) and
+ * dropped; -1 if a store failed (then the stream is reset as _corrupt
+ * does, so that Python's next peek seeks) */
+static int stream_write(struct dstream *ds)
+{
+    PyObject *pos = PyLong_FromSsize_t(ds->pos), *cookie = PyLong_FromLongLong(ds->cookie);
+    int rc = pos == NULL || cookie == NULL || PyObject_SetAttr(ds->obj, s_buf, ds->buf) < 0
+             || PyObject_SetAttr(ds->obj, s_pos, pos) < 0 || PyObject_SetAttr(ds->obj, s_cookie, cookie) < 0
+             || PyObject_SetAttr(ds->obj, s_reseek, ds->reseek ? Py_True : Py_False) < 0 ? -1 : 0;
+    Py_XDECREF(pos);
+    Py_XDECREF(cookie);
+    if (rc < 0) {
+        PyErr_Clear();
+        PyObject *minus = PyLong_FromLong(-1), *empty = PyBytes_FromStringAndSize(NULL, 0);
+        if (minus != NULL && empty != NULL) {
+            PyObject_SetAttr(ds->obj, s_cookie, minus);
+            PyObject_SetAttr(ds->obj, s_buf, empty);
+        }
+        Py_XDECREF(minus);
+        Py_XDECREF(empty);
+        PyErr_Clear();
+    }
+    Py_CLEAR(ds->buf);
+    Py_CLEAR(ds->obj);
+    return rc;
+}
+
+/* the buffer dropped (b"", position 0) */
+static int stream_empty(struct dstream *ds)
+{
+    PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
+    if (empty == NULL)
+        return -1;
+    Py_SETREF(ds->buf, empty);
+    ds->pos = 0;
+    return 0;
+}
+
+/* one entry of the stream (DirStream.peek) */
+struct dentry {
+    uint64_t ino;
+    long long next;
+    unsigned dtype;
+    const char *name;       /* NUL-terminated, in ds->buf */
+    Py_ssize_t namelen, reclen;
+};
+
+/* DirStream.peek(fd, cookie): 1 and *e, 0 at the end of the directory,
+ * -1 and *err (the stream as peek leaves it on that error) */
+static int stream_peek(struct dstream *ds, int fd, long long cookie, struct dentry *e, int *err)
+{
+    off_t rc;
+    if (cookie != ds->cookie) {
+        if (stream_empty(ds) < 0) {
+            *err = ENOMEM;
+            return -1;
+        }
+        ds->cookie = -1;
+        Py_BEGIN_ALLOW_THREADS
+        rc = lseek(fd, (off_t)cookie, SEEK_SET);
+        *err = errno;
+        Py_END_ALLOW_THREADS
+        if (rc < 0)
+            return -1;
+        ds->cookie = cookie;
+    }
+    if (ds->pos >= PyBytes_GET_SIZE(ds->buf)) {
+        if (stream_empty(ds) < 0) {
+            *err = ENOMEM;
+            return -1;
+        }
+        PyObject *fresh = PyBytes_FromStringAndSize(NULL, GETDENTS_BUF_SIZE);
+        if (fresh == NULL) {
+            PyErr_Clear();
+            ds->cookie = -1;
+            *err = ENOMEM;
+            return -1;
+        }
+        long n = 0;
+        char *p = PyBytes_AS_STRING(fresh);
+        Py_BEGIN_ALLOW_THREADS
+        rc = ds->reseek ? lseek(fd, (off_t)ds->cookie, SEEK_SET) : 0;
+        if (rc >= 0)
+            n = syscall(SYS_getdents64, fd, p, GETDENTS_BUF_SIZE);
+        *err = errno;
+        Py_END_ALLOW_THREADS
+        if (rc < 0 || n < 0) {
+            Py_DECREF(fresh);
+            ds->cookie = -1;
+            return -1;
+        }
+        if (n == 0) {
+            Py_DECREF(fresh);
+            return 0;
+        }
+        if (_PyBytes_Resize(&fresh, (Py_ssize_t)n) < 0) {
+            PyErr_Clear();
+            ds->cookie = -1;
+            *err = ENOMEM;
+            return -1;
+        }
+        Py_SETREF(ds->buf, fresh);
+    }
+    const char *buf = PyBytes_AS_STRING(ds->buf);
+    Py_ssize_t len = PyBytes_GET_SIZE(ds->buf), pos = ds->pos;
+    uint16_t reclen = 0;
+    const char *nul = NULL;
+    if (pos + DIRENT_HEAD <= len) {
+        memcpy(&reclen, buf + pos + 16, 2);
+        if (reclen > DIRENT_HEAD && pos + reclen <= len)
+            nul = memchr(buf + pos + DIRENT_HEAD, 0, (size_t)reclen - DIRENT_HEAD);
+    }
+    if (nul == NULL) {      /* _corrupt */
+        stream_empty(ds);
+        PyErr_Clear();
+        ds->cookie = -1;
+        *err = EIO;
+        return -1;
+    }
+    int64_t next;
+    memcpy(&e->ino, buf + pos, 8);
+    memcpy(&next, buf + pos + 8, 8);
+    e->next = next;
+    e->dtype = (unsigned char)buf[pos + 18];
+    e->name = buf + pos + DIRENT_HEAD;
+    e->namelen = nul - e->name;
+    e->reclen = reclen;
+    return 1;
+}
+
+/* dirs.plus_entry(session, dir_fd, name) for an entry C declined, with the
+ * table's thread lock let go: 1 with the 128 entry bytes at out, 0 for a
+ * nodeid-0 record, 2 for a vanished name, -1 and *err for an error reply */
+static int python_entry(FastOps *self, struct state *st, int fd, const struct dentry *e, char *out, int *err)
+{
+    drop_tlock(st);
+    PyObject *r = PyObject_CallFunction(self->rd.entry, "Oiy#", self->session, fd, e->name, e->namelen);
+    int rc;
+    if (r == NULL) {
+        rc = -1;
+        *err = EIO;
+    } else if (r == Py_None) {
+        rc = 0;
+    } else if (r == Py_False) {
+        rc = 2;
+    } else if (PyBytes_CheckExact(r) && PyBytes_GET_SIZE(r) == ENTRY_OUT) {
+        memcpy(out, PyBytes_AS_STRING(r), ENTRY_OUT);
+        rc = 1;
+    } else if (PyLong_CheckExact(r)) {
+        long v = PyLong_AsLong(r);
+        rc = -1;
+        *err = v > 0 && v < 4096 ? (int)v : EIO;
+    } else {
+        rc = -1;
+        *err = EIO;
+    }
+    Py_XDECREF(r);
+    PyErr_Clear();
+    return rc;
+}
+
+/* READDIRPLUS; NOT_HANDLED or the bytes written; *error: the reply's errno */
+static Py_ssize_t fast_readdirplus(FastOps *self, struct state *st, const struct req *q, const struct in_header *h,
+                                   int *error)
+{
+    Py_ssize_t nargs = (Py_ssize_t)h->len - IN_HEADER;
+    struct read_in a;
+    if (h->total_extlen || nargs > MAX_ARGS || nargs < READ_IN
+            || iov_copy(q->r, q->nr, IN_HEADER, &a, sizeof a, 0) < 0 || a.offset > (uint64_t)INT64_MAX)
+        return NOT_HANDLED;
+    int fd;
+    PyObject *handle = dir_handle(st, a.fh, &fd);
+    if (handle == NULL)
+        return NOT_HANDLED;
+    Py_INCREF(handle);      /* borrowed from the dict, which Python may change below */
+    /* _read_args: with peers shared, the stream seeks before each refill */
+    int shared = 0;
+    PyObject *peers = PyObject_GetAttr(self->session, s_peers), *v = NULL;
+    if (peers == NULL || (peers != Py_None && ((v = PyObject_GetAttr(peers, s_shared)) == NULL
+                                               || (shared = PyObject_IsTrue(v)) < 0))) {
+        Py_XDECREF(v);
+        Py_XDECREF(peers);
+        Py_DECREF(handle);
+        PyErr_Clear();
+        return NOT_HANDLED;
+    }
+    Py_XDECREF(v);
+    Py_DECREF(peers);
+    struct dstream ds;
+    if (stream_read(self, handle, &ds) < 0) {
+        Py_DECREF(handle);
+        return NOT_HANDLED;
+    }
+    Py_ssize_t limit = a.size < MAX_READDIR_SIZE ? (Py_ssize_t)a.size : MAX_READDIR_SIZE;
+    if (limit > q->wsize - OUT_HEADER)
+        limit = q->wsize - OUT_HEADER;
+    if (limit < 0)
+        limit = 0;
+    char *out = PyMem_Calloc((size_t)limit + 1, 1);
+    if (out == NULL) {
+        stream_write(&ds);
+        Py_DECREF(handle);
+        PyErr_Clear();
+        return NOT_HANDLED;
+    }
+    /* from here on answered (the stream changes) */
+    if (shared)
+        ds.reseek = 1;
+    struct adopt_once once = {0};
+    Py_ssize_t used = 0;
+    long long cookie = (long long)a.offset;
+    int err = 0;
+    for (;;) {
+        struct dentry e;
+        int peek_err = 0;   /* set by stream_peek even when a call succeeds: read only on -1 */
+        int got = stream_peek(&ds, fd, cookie, &e, &peek_err);
+        if (got <= 0) {
+            if (got < 0 && !used)
+                err = peek_err ? peek_err : EIO;
+            break;
+        }
+        if (e.namelen > 0 && e.namelen <= DIRENT_NAME_MAX && memchr(e.name, '/', (size_t)e.namelen) == NULL) {
+            Py_ssize_t size = (DIRENTPLUS + e.namelen + 7) & ~(Py_ssize_t)7;
+            if (used + size > limit)
+                break;
+            char *rec = out + used;
+            struct fuse_dirent d = {e.ino, (uint64_t)e.next, (uint32_t)e.namelen, e.dtype};
+            int dots = (e.namelen == 1 && e.name[0] == '.') || (e.namelen == 2 && e.name[0] == '.' && e.name[1] == '.');
+            int kind = 0;           /* 0: nodeid 0, 1: an entry, 2: vanished */
+            if (!dots) {
+                struct entry_reply r;
+                memset(&r, 0, sizeof r);
+                int rc = found_entry(self, st, fd, e.name, &r, &once);
+                if (rc == 0) {
+                    memcpy(rec, &r.nodeid, ENTRY_OUT);
+                    kind = 1;
+                } else if (rc == ENOENT) {
+                    kind = 2;
+                } else {
+                    kind = python_entry(self, st, fd, &e, rec, &err);
+                    once.ready = 0;     /* Python ran: read adopt's inputs again */
+                    if (kind < 0)
+                        break;
+                }
+            }
+            if (e.next < 0 && kind != 2) {  /* struct.pack refuses it: Python's EIO */
+                err = EIO;
+                break;
+            }
+            if (kind == 0) {
+                struct fuse_attr at;
+                memset(&at, 0, sizeof at);
+                at.ino = e.ino;
+                at.mode = e.dtype << 12;
+                memset(rec, 0, ENTRY_OUT);
+                memcpy(rec + 40, &at, sizeof at);
+            } else if (kind == 1) {
+                struct fuse_attr at;
+                memcpy(&at, rec + 40, sizeof at);
+                d.ino = at.ino;
+                d.type = (at.mode >> 12) & 017;
+            }
+            if (kind != 2) {
+                memcpy(rec + ENTRY_OUT, &d, sizeof d);
+                memcpy(rec + DIRENTPLUS, e.name, (size_t)e.namelen);
+                used += size;
+            }
+        }
+        ds.pos += e.reclen;     /* DirStream.advance */
+        ds.cookie = e.next;
+        cookie = e.next;
+    }
+    stream_write(&ds);
+    Py_DECREF(handle);
+    Py_ssize_t n;
+    if (err) {
+        n = error_reply(q, h->unique, err, error);
+    } else {
+        struct out_header o = {(uint32_t)(OUT_HEADER + used), 0, h->unique};
+        n = iov_copy(q->w, q->nw, 0, &o, OUT_HEADER, 1) < 0 || iov_copy(q->w, q->nw, OUT_HEADER, out, used, 1) < 0
+            ? NOT_HANDLED : OUT_HEADER + used;
+    }
+    PyMem_Free(out);
+    return n;
+}
+
+/* enable_readdirplus(entry, stream_type, meter_words): see fastops_methods */
+static PyObject *fastops_enable_readdirplus(FastOps *self, PyObject *args)
+{
+    PyObject *entry, *stream_type, *words;
+    if (!PyArg_ParseTuple(args, "OOO", &entry, &stream_type, &words))
+        return NULL;
+    if (self->lk.hash == NULL) {
+        PyErr_SetString(PyExc_ValueError, "FastOps.enable_readdirplus: LOOKUP is not compiled");
+        return NULL;
+    }
+    if (!PyCallable_Check(entry) || !PyType_Check(stream_type)) {
+        PyErr_SetString(PyExc_TypeError, "FastOps.enable_readdirplus: entry must be callable, stream_type a type");
+        return NULL;
+    }
+    struct { PyObject **slot; const char *text; } strings[] = {
+        {&s_dir_stream, "dir_stream"}, {&s_buf, "buf"}, {&s_pos, "pos"}, {&s_cookie, "cookie"},
+        {&s_reseek, "reseek"}, {&s_serial, "serial"},
+    };
+    for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)
+        if (*strings[i].slot == NULL && (*strings[i].slot = PyUnicode_InternFromString(strings[i].text)) == NULL)
+            return NULL;
+    if (words != Py_None) {
+        Py_ssize_t w[4];
+        if (self->meter == NULL) {
+            PyErr_SetString(PyExc_ValueError, "FastOps.enable_readdirplus: meter words without a meter");
+            return NULL;
+        }
+        if (!PyArg_ParseTuple(words, "nnnn", &w[0], &w[1], &w[2], &w[3]))
+            return NULL;
+        Py_ssize_t n = self->m.words.len / 8;
+        if (w[0] < 0 || w[0] >= n || w[1] < 0 || w[1] >= n || w[2] < 0 || w[2] > n - self->m.nbounds - 1
+                || w[3] < 0 || w[3] > n - self->m.errno_slots) {
+            PyErr_SetString(PyExc_ValueError, "FastOps: metrics layout outside the slot");
+            return NULL;
+        }
+        self->m.readdirplus = (struct op_words){w[0], w[1], w[2], w[3]};
+    } else if (self->meter != NULL) {
+        PyErr_SetString(PyExc_ValueError, "FastOps.enable_readdirplus: a meter needs READDIRPLUS's words");
+        return NULL;
+    }
+    Py_INCREF(entry);
+    Py_INCREF(stream_type);
+    Py_XSETREF(self->rd.entry, entry);
+    Py_XSETREF(self->rd.stream_type, stream_type);
+    Py_RETURN_NONE;
+}
