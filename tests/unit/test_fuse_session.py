@@ -585,18 +585,35 @@ def test_forgotten_fds_are_closed_off_the_loop_thread(env, monkeypatch):
     real_close = fds.close_fd
 
     def slow_close(fd):
-        closed_on.append(threading.current_thread())
+        closed_on.append((threading.current_thread(), fd, os.readlink(f"/proc/self/fd/{fd}")))
         gate.wait(10)
         real_close(fd)
     monkeypatch.setattr(fds, "close_fd", slow_close)
-    before = open_fd_count()
     client.forget(nodeid, 1)
     t0 = time.monotonic()
     assert fs.reap() == 1
     assert time.monotonic() - t0 < 1.0  # did not wait for the close
+    deadline = time.monotonic() + 5
+    while not closed_on and time.monotonic() < deadline:     # the helper thread's call
+        time.sleep(0.005)
+    assert len(closed_on) == 1
+    thread, fd, target = closed_on[0]
+    assert thread is not threading.main_thread()
+    assert target == f"{share / 'f'} (deleted)"
     gate.set()
-    assert settled_fd_count(before - 1) == before - 1
-    assert closed_on and closed_on[0] is not threading.main_thread()
+    # that fd, not the process's count (another test's leftovers may close
+    # beside it): closed once the gate opens
+    deadline = time.monotonic() + 5
+    while _fd_target(fd) == target and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert _fd_target(fd) != target
+
+
+def _fd_target(fd: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
 
 
 def test_batch_forget(env):
