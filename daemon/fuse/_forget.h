@@ -126,7 +126,7 @@ static void forget_one(FastOps *self, const struct state *st, uint64_t nodeid, u
 
 /* the views FORGET writes held (the inode table's header, slots, index
  * and freed ring, each checked against the layout once per call) and the
- * thread lock taken for the call (as table_ready: never waited for); 0, or
+ * thread lock taken for the call (take_tlock, as table_ready's); 0, or
  * -1 (the request is then Python's) */
 static int forget_ready(FastOps *self, struct state *st)
 {
@@ -142,18 +142,7 @@ static int forget_ready(FastOps *self, struct state *st)
             || st->ring.b.len / 4 < self->fg.ring_len || ((uintptr_t)st->ring.b.buf & 3)
             || st->inodes.b.len / 8 < ((Py_ssize_t)t->capacity + 1) * self->slot_words)
         return -1;
-    if (st->tlock == NULL) {
-        PyObject *got = PyObject_CallMethodOneArg(t->tlock, s_acquire, Py_False);
-        if (got == NULL || got != Py_True) {
-            Py_XDECREF(got);
-            PyErr_Clear();
-            return -1;
-        }
-        Py_DECREF(got);
-        Py_INCREF(t->tlock);
-        st->tlock = t->tlock;
-    }
-    return 0;
+    return take_tlock(t, st);
 }
 
 /* the record lock for one chain, the table clean (DIRTY then set, as

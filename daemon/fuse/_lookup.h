@@ -128,21 +128,13 @@ static Py_ssize_t table_find(const FastOps *self, const struct state *st, uint64
     return -1;
 }
 
-/* the table's views checked and its thread lock taken, for this serve or
- * batch call: 0, or -1 (the request is then Python's) */
-static int table_ready(FastOps *self, struct state *st)
+/* the table's thread lock, never waited for here (a holder means Python's
+ * turn), and kept until the serve or batch call returns (state_drop): no
+ * other thread of a worker touches the table, and nothing C calls
+ * meanwhile takes it; Python's _lock takes it in the same order, the
+ * thread lock before the record lock. 0, or -1 (not taken: Python's) */
+static int take_tlock(const struct lookup_table *t, struct state *st)
 {
-    const struct lookup_table *t = &self->lk;
-    if (PyErr_Occurred() || st->fds == NULL || (!st->hash.held && hold_words(t->hash, &st->hash) < 0)
-            || st->hash.b.len / 4 <= (Py_ssize_t)t->hmask || ((uintptr_t)st->hash.b.buf & 3)
-            || st->header.b.len / 8 <= t->h_last || ((uintptr_t)st->header.b.buf & 7)
-            || ((uintptr_t)st->inodes.b.buf & 7))
-        return -1;
-    /* the thread lock, never waited for here (a holder means Python's
-     * turn), and kept until the serve or batch call returns (state_drop):
-     * no other thread of a worker touches the table, and nothing C calls
-     * meanwhile takes it; Python's _lock takes it in the same order, the
-     * thread lock before the record lock */
     if (st->tlock == NULL) {
         PyObject *got = PyObject_CallMethodOneArg(t->tlock, s_acquire, Py_False);
         if (got == NULL || got != Py_True) {
@@ -155,6 +147,19 @@ static int table_ready(FastOps *self, struct state *st)
         st->tlock = t->tlock;
     }
     return 0;
+}
+
+/* the table's views checked and its thread lock taken, for this serve or
+ * batch call: 0, or -1 (the request is then Python's) */
+static int table_ready(FastOps *self, struct state *st)
+{
+    const struct lookup_table *t = &self->lk;
+    if (PyErr_Occurred() || st->fds == NULL || (!st->hash.held && hold_words(t->hash, &st->hash) < 0)
+            || st->hash.b.len / 4 <= (Py_ssize_t)t->hmask || ((uintptr_t)st->hash.b.buf & 3)
+            || st->header.b.len / 8 <= t->h_last || ((uintptr_t)st->header.b.buf & 7)
+            || ((uintptr_t)st->inodes.b.buf & 7))
+        return -1;
+    return take_tlock(t, st);
 }
 
 /* InodeTable.ref(dev, ino) for an inode the table knows and this worker
