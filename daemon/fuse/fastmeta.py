@@ -30,10 +30,21 @@ _HANDLERS = {Opcode.GETXATTR: xattrs.do_getxattr, Opcode.UNLINK: entries.do_unli
              Opcode.RMDIR: entries.do_rmdir, Opcode.FLUSH: files.do_flush}
 
 
+def not_reference(session, *rows) -> str:
+    """"" if every (opcode, handler) of ``rows`` is ``session``'s op table
+    row (C serves an op only in place of its reference handler: a test or
+    an option such as --readonly may replace a row), else why not."""
+    for opcode, handler in rows:
+        if session._ops.get(int(opcode)) is not handler:
+            return f"{Opcode(opcode).name} is not the reference handler"
+    return ""
+
+
 def why_not(session, opcode: Opcode) -> str:
     """Why ``opcode`` stays in Python for ``session`` ("" if C may serve it)."""
-    if session._ops.get(int(opcode)) is not _HANDLERS[opcode]:
-        return f"{opcode.name} is not the reference handler"
+    why = not_reference(session, (opcode, _HANDLERS[opcode]))
+    if why:
+        return why
     config = session.config
     if opcode == Opcode.GETXATTR:
         if not config.xattr:

@@ -159,8 +159,8 @@ def unsupported(session) -> str:
         return forget_unsupported(session)
     if session.role != "request" or not isinstance(table, inodes.InodeTable):
         return "not a request session on a shared inode table"
-    if session._ops.get(int(Opcode.GETATTR)) is not attrs.do_getattr:
-        return "GETATTR is not the reference handler"
+    if why := fastmeta.not_reference(session, (Opcode.GETATTR, attrs.do_getattr)):
+        return why
     if getattr(session.attr_reply, "__func__", None) is not replies.Timeouts.attr_out:
         return "GETATTR replies are rewritten (--translate-uid/--translate-gid)"
     return ""
@@ -168,8 +168,8 @@ def unsupported(session) -> str:
 
 def lookup_unsupported(session) -> str:
     """Why LOOKUP stays in Python for ``session`` ("" if C may serve it)."""
-    if session._ops.get(int(Opcode.LOOKUP)) is not entries.do_lookup:
-        return "LOOKUP is not the reference handler"
+    if why := fastmeta.not_reference(session, (Opcode.LOOKUP, entries.do_lookup)):
+        return why
     # the stock Timeouts (TranslatedTimeouts keeps entry_out but rewrites
     # the attr_out it calls)
     if any(type(getattr(reply, "__self__", None)) is not replies.Timeouts
@@ -189,10 +189,8 @@ def forget_unsupported(session) -> str:
         return "not the hiprio session"
     if type(session.inodes) is not inodes.InodeTable:
         return "not the stock inode table"
-    if (session._ops.get(int(Opcode.FORGET)) is not entries.do_forget
-            or session._ops.get(int(Opcode.BATCH_FORGET)) is not entries.do_batch_forget):
-        return "FORGET is not the reference handler"
-    return ""
+    return fastmeta.not_reference(session, (Opcode.FORGET, entries.do_forget),
+                                  (Opcode.BATCH_FORGET, entries.do_batch_forget))
 
 
 def _lookup_layout(table) -> tuple:
@@ -257,8 +255,8 @@ def readdirplus_unsupported(session) -> str:
     why = lookup_unsupported(session)
     if why:
         return why
-    if session._ops.get(int(Opcode.READDIRPLUS)) is not dirs.do_readdirplus:
-        return "READDIRPLUS is not the reference handler"
+    if why := fastmeta.not_reference(session, (Opcode.READDIRPLUS, dirs.do_readdirplus)):
+        return why
     if type(session.handles) is not handles.HandleTable:
         return "not the stock open-file table"
     return ""
@@ -271,8 +269,8 @@ def create_unsupported(session) -> str:
     why = lookup_unsupported(session)
     if why:
         return why
-    if session._ops.get(int(Opcode.CREATE)) is not files.do_create:
-        return "CREATE is not the reference handler"
+    if why := fastmeta.not_reference(session, (Opcode.CREATE, files.do_create)):
+        return why
     config = session.config
     if config.posix_acl:
         return "--posix-acl (the guest's umask, default ACLs)"
@@ -358,8 +356,8 @@ def op_words(opcode: Opcode) -> tuple[int, int, int, int]:
 def _io_rows(session) -> tuple[bool, bool]:
     """Whether C serves READ and WRITE for ``session``: the op table's rows
     are the reference handlers (``--readonly`` replaces WRITE's)."""
-    return (session._ops.get(int(Opcode.READ)) is files.do_read,
-            session._ops.get(int(Opcode.WRITE)) is files.do_write)
+    return (not fastmeta.not_reference(session, (Opcode.READ, files.do_read)),
+            not fastmeta.not_reference(session, (Opcode.WRITE, files.do_write)))
 
 
 def compiled_ops(session) -> str:

@@ -160,8 +160,8 @@ def test_the_hiprio_session_gets_forget_in_c(hp, caplog, monkeypatch):
     assert ("hiprio ops: FORGET and BATCH_FORGET compiled" if compiled_path else "hiprio ops: all in Python") \
         in caplog.text
     monkeypatch.setitem(hp.session._ops, int(Opcode.BATCH_FORGET), lambda fs, req: None)
-    assert fastpath.forget_unsupported(hp.session) == "FORGET is not the reference handler"
-    assert fastpath.unsupported(hp.session) == "FORGET is not the reference handler"
+    assert fastpath.forget_unsupported(hp.session) == "BATCH_FORGET is not the reference handler"
+    assert fastpath.unsupported(hp.session) == "BATCH_FORGET is not the reference handler"
 
 
 def test_forget_frees_and_logs_the_nodeid(hp):
