@@ -429,8 +429,13 @@ class FuseSession:
         """Forget this worker's own state: deferred requests, fhs, fds."""
         credentials.restore()
         if self._pending:
-            log.info("dropping %d deferred requests of the old FUSE session", len(self._pending))
-            self._pending = []
+            # each still owns its chain: answered (EINTR), never lost, or the
+            # guest's request would wait for ever and the worker keep its views
+            log.info("answering %d deferred requests of the old FUSE session with EINTR",
+                     len(self._pending))
+            pending, self._pending = self._pending, []
+            self._completed.extend((token, _error(req.out, req.unique, errno.EINTR))
+                                   for token, req, _fn in pending)
         if self.handles is not None:
             self.handles.reset()
         if self.cache is not None:

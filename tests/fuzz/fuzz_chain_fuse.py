@@ -402,12 +402,12 @@ class Target:
         allowed.append((used_at, used_at + lay.used_ring_bytes))
         pushed: list[tuple[int, int]] = []
         deferred = []
-        handle = self.session.handle
         # flags bit 1: the worker's batch loop in C (stage 3) first, as
         # WorkerLoop._serve runs it; bit 2 with it: one chain per call, each
         # checked against the Python session (_batch_one)
         flags = data[1] if len(data) > 1 else 0
         self.session, self.fast, self.batch = self._roles[bool(flags & 8)]
+        handle = self.session.handle    # the role's own session (hiprio or not)
         batch = self.batch if flags & 2 else None
         one = bool(flags & 4)
         taken = in_c = 0

@@ -298,3 +298,20 @@ def test_setlkw_beyond_max_deferred_waiters_is_enolck(fuse, node):
     assert all(w.reply().error == 0 for w in waiters)
     assert session.can_defer()
     assert setlk(fuse, node, extra, 999, 0, EOF, F_WRLCK, wait=True).reply() is None
+
+
+def test_setlkw_waiting_across_destroy_is_answered_eintr_not_lost(fuse, node):
+    """A DESTROY (or another worker's INIT) ends the session under a
+    waiting SETLKW: the request still owns its chain, so it is answered
+    (EINTR, collected by the next retry) rather than dropped unanswered."""
+    session = fuse.session
+    a, _ = fuse.open(node, os.O_RDWR)
+    b, _ = fuse.open(node, os.O_RDWR)
+    assert setlk(fuse, node, a, 1, 0, EOF, F_WRLCK).reply().error == 0
+    waiting = setlk(fuse, node, b, 2, 0, 0, F_WRLCK, wait=True)
+    assert waiting.reply() is None
+    assert fuse.call(Opcode.DESTROY, 0, b"", 0).error == 0
+    assert session.has_pending()
+    assert [t for t, _ in session.retry()] == [waiting.unique]
+    assert waiting.reply().error == errno.EINTR
+    assert not session.has_pending()
