@@ -24,8 +24,10 @@ which the engine reports as a crash and saves the input):
 - the requests the compiled ops serve (GETATTR, READ, WRITE) get the bytes the
   Python session writes for them: each is answered again by
   ``FuseSession.handle`` on the same buffers (restored first) and both the
-  count and the writable bytes must match; where they decline, they wrote
-  nothing. A CREATE C served is not answered again (the file exists
+  count and the writable bytes must match (the bytes only where the
+  guest's writable buffers do not alias each other: there the last write
+  wins, and the order of a reply's parts is no contract); where they
+  decline, they wrote nothing. A CREATE C served is not answered again (the file exists
   then: Python would open it or answer EEXIST); its reply is checked as
   every reply is below, and counted (``c_creates``);
   tests/unit/test_create_in_c.py compares CREATE with the session;
@@ -532,8 +534,9 @@ class Target:
         python = bytes(ram)
         ram[:] = after
         assert again == written, f"batch wrote {written} bytes, the session {again}"
-        assert python[:used[0]] == after[:used[0]] and python[used[1]:] == after[used[1]:], \
-            "batch and session wrote different guest memory"
+        assert _overlapping(ranges) or (python[:used[0]] == after[:used[0]]
+                                        and python[used[1]:] == after[used[1]:]), \
+            "batch and session wrote different guest memory"   # (aliased buffers: see _fast)
         if not any(o < used[1] and used[0] < o + ln for o, ln in ranges):
             self._check_reply(written, ranges, unique)  # (unless the push overwrote it)
         allowed.extend((o, o + ln) for o, ln in ranges)
@@ -570,7 +573,10 @@ class Target:
         if opcode in REMOVE_OPCODES:
             _removed_once(b"".join(after), chain.writable, again)
         assert again == n, f"compiled ops wrote {n} bytes, the session {again}"
-        assert [bytes(v) for v in views] == after, "compiled ops and session wrote different replies"
+        # writable buffers the guest aliased hold whichever write came last:
+        # the order C and Python write a reply's parts in is no contract
+        if not _overlapping([self._region_of_view(v) for v in views]):
+            assert [bytes(v) for v in views] == after, "compiled ops and session wrote different replies"
         return n
 
     def _forget_again(self, opcode: int, table: bytes | None, n: int, rd, wr, chain) -> bool:
