@@ -431,8 +431,11 @@ class WorkerLoop:
             self._publish(ring, ring.queue, answered)
 
     def _forget_dropped(self) -> None:
-        """The session dropped its deferred requests (a new FUSE INIT): the
-        guest no longer waits for them, so just let go of their memory."""
+        """Deferred chains the session no longer owes anything for: let go
+        of their memory. A safety net: an ended session (DESTROY, a new
+        INIT) answers its deferred requests with EINTR (session.py's
+        _drop_local), collected by ``retry`` as any completion, and a ring
+        stop answers them first (``_stop``)."""
         for chain, ring in self._deferred.items():
             slot = self._deferred_slots.pop(chain, -1)
             if slot >= 0:
