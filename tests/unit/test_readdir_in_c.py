@@ -85,6 +85,24 @@ class NamesPair(Pair):
             cookie = recs[-1][2]
             i += 1
 
+    def stream(self, i: int, fh: int):
+        """Pair.stream, for made-up buffers too: the records from pos on up
+        to the first malformed one, then the raw bytes left (Pair.stream's
+        walk never ends at a record length of 0)."""
+        h = self.sessions[i].handles._handles.get(fh)
+        s = None if h is None else h.dir_stream
+        if s is None:
+            return None
+        head = dirs.LINUX_DIRENT64.size
+        left, at = [], s.pos
+        while at + head <= len(s.buf):
+            ino, off, reclen, dtype = dirs.LINUX_DIRENT64.unpack_from(s.buf, at)
+            if reclen <= head or at + reclen > len(s.buf):
+                break
+            left.append((ino, off, dtype, s.buf[at + head:at + reclen].split(b"\0")[0]))
+            at += reclen
+        return s.cookie, s.pos, len(s.buf), left, s.buf[at:], s.reseek
+
     def set_streams(self, fh: int, buf: bytes, pos: int = 0, cookie: int = 777) -> None:
         """The same made-up getdents64 buffer in both handles' streams."""
         for s in self.sessions:
