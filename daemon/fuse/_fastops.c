@@ -58,7 +58,9 @@
  * says exactly when. CREATE (when FastOps.enable_create was called) of a
  * new name by a root caller: _create.h. READDIRPLUS (when
  * FastOps.enable_readdirplus was called) on a directory handle this worker
- * holds, each entry looked up as LOOKUP does: _readdir.h.
+ * holds, each entry looked up as LOOKUP does, and plain READDIR (when
+ * FastOps.enable_readdir was called: the same stream, no lookups):
+ * _readdir.h.
  *
  * GETXATTR, UNLINK, RMDIR and FLUSH (those FastOps.enable_meta named:
  * fastmeta.py): _meta.h, included below, says exactly when.
@@ -125,6 +127,7 @@
 #define READ_IN 40
 #define OP_WRITE 16
 #define OP_CREATE 35            /* _create.h */
+#define OP_READDIR 28           /* _readdir.h */
 #define OP_READDIRPLUS 44       /* _readdir.h */
 #define WRITE_IN 40
 #define WRITE_OUT 8
@@ -199,6 +202,7 @@ struct meter {
     struct op_words create;     /* set by enable_create (_create.h) */
     struct op_words forget[2];  /* FORGET, BATCH_FORGET: set by enable_forget (_forget.h) */
     struct op_words readdirplus;    /* set by enable_readdirplus (_readdir.h) */
+    struct op_words readdir;        /* set by enable_readdir (_readdir.h) */
     uint64_t bounds[MAX_BUCKETS];   /* LATENCY_BUCKETS_NS: the last bucket is above them all */
 };
 
@@ -239,6 +243,7 @@ struct lookup_table {
 struct readdir_conf {
     PyObject *entry;        /* dirs.plus_entry; NULL: READDIRPLUS is Python's */
     PyObject *stream_type;  /* dirs.DirStream */
+    int names;              /* enable_readdir was called: plain READDIR is C's too */
 };
 
 /* CREATE as FastOps.enable_create sets it up (_create.h) */
@@ -794,7 +799,7 @@ static void count(struct meter *m, int opcode, const struct timespec *start, int
     const struct op_words *op = opcode == OP_READ ? &m->read : opcode == OP_WRITE ? &m->write
         : opcode == OP_LOOKUP ? &m->lookup : opcode == OP_CREATE ? &m->create
         : forget_slot((uint32_t)opcode) >= 0 ? &m->forget[forget_slot((uint32_t)opcode)]
-        : opcode == OP_READDIRPLUS ? &m->readdirplus
+        : opcode == OP_READDIRPLUS ? &m->readdirplus : opcode == OP_READDIR ? &m->readdir
         : opcode == OP_GETATTR || meta_slot(opcode) < 0 ? &m->getattr : &m->meta[meta_slot(opcode)];
     struct timespec end;
     clock_gettime(CLOCK_MONOTONIC, &end);
@@ -847,6 +852,7 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
             : h.opcode == OP_LOOKUP ? self->lk.hash == NULL || q->wsize < OUT_HEADER + ENTRY_OUT
             : h.opcode == OP_CREATE ? self->cr.rest == NULL || q->wsize < OUT_HEADER + ENTRY_OUT + OPEN_OUT
             : h.opcode == OP_READDIRPLUS ? self->rd.entry == NULL
+            : h.opcode == OP_READDIR ? !self->rd.names
             : meta_wants(self, h.opcode) ? 0
             : !((h.opcode == OP_READ && self->reads) || (h.opcode == OP_WRITE && self->writes)))
         return NOT_HANDLED;
@@ -866,6 +872,8 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
         return fast_create(self, st, q, &h, error);
     if (h.opcode == OP_READDIRPLUS)
         return fast_readdirplus(self, st, q, &h, error);
+    if (h.opcode == OP_READDIR)
+        return fast_readdir(self, st, q, &h, error);
     if (h.opcode != OP_GETATTR)
         return fast_meta(self, st, q, &h, error);
     return fast_getattr(self, st, q, &h, error);
@@ -1472,6 +1480,10 @@ static PyMethodDef fastops_methods[] = {
      "enable_readdirplus(entry, stream_type, meter_words): serve READDIRPLUS too (after enable_lookup):\n"
      "dirs.plus_entry (Python's step for an entry C declines), dirs.DirStream, READDIRPLUS's meter\n"
      "words (requests, latency_sum, buckets, errors) or None without a meter (_readdir.h)"},
+    {"enable_readdir", (PyCFunction)fastops_enable_readdir, METH_VARARGS,
+     "enable_readdir(stream_type, meter_words): serve plain READDIR too (no lookups, LOOKUP not needed):\n"
+     "dirs.DirStream, READDIR's meter words (requests, latency_sum, buckets, errors) or None without a\n"
+     "meter (_readdir.h)"},
     {NULL},
 };
 

@@ -53,13 +53,27 @@
  * ones stay until DESTROY).
  * System calls: lseek, getdents64, newfstatat, openat, fstat, close, fcntl
  * (the record lock), name_to_handle_at: all on policy/request.policy for
- * Python's same calls.
+ * Python's same calls. *
+ * Plain READDIR (docs/compiled.md, "READDIR in C"), when
+ * FastOps.enable_readdir was called (fastpath.make: the READDIR row is
+ * dirs.do_readdir, the stock HandleTable; LOOKUP need not be C's), under
+ * the same request, handle and stream conditions: exactly dirs._fill_names
+ * with the same prologue and reply (readdir_begin, readdir_end) and the
+ * same stream_peek: fuse_dirent records {d_ino, next cookie, name length,
+ * d_type} + the name, zero-padded to 8; names not valid passed over; the
+ * first record that does not fit ends the reply with the stream at it; an
+ * error before any record is the reply, after some the records; no
+ * lookups, the inode table untouched. A next cookie below 0 is Python's
+ * EIO (abi.DIRENT.pack refuses it) with the stream where _fill_names's
+ * last peek left it (fast_readdir's mark). System calls: lseek and
+ * getdents64 only.
  */
 
 #define KIND_DIR 2                  /* handles.KIND_DIR */
 #define MAX_READDIR_SIZE (1 << 20)  /* dirs.MAX_READDIR_SIZE */
 #define GETDENTS_BUF_SIZE (32 * 1024)   /* dirs.GETDENTS_BUF_SIZE */
 #define DIRENT_HEAD 19              /* linux_dirent64 before d_name */
+#define DIRENT 24                   /* abi.DIRENT */
 #define DIRENTPLUS 152              /* abi.DIRENTPLUS */
 #define DIRENT_NAME_MAX 1024        /* abi.FUSE_NAME_MAX */
 
@@ -71,6 +85,7 @@ struct fuse_dirent {
     uint32_t namelen, type;
 };
 
+_Static_assert(sizeof(struct fuse_dirent) == DIRENT, "fuse_dirent");
 _Static_assert(sizeof(struct fuse_dirent) + ENTRY_OUT == DIRENTPLUS, "fuse_direntplus");
 
 /* the handle's DirStream, as C works on it */
@@ -309,19 +324,30 @@ static int python_entry(FastOps *self, struct state *st, int fd, const struct de
     return rc;
 }
 
-/* READDIRPLUS; NOT_HANDLED or the bytes written; *error: the reply's errno */
-static Py_ssize_t fast_readdirplus(FastOps *self, struct state *st, const struct req *q, const struct in_header *h,
-                                   int *error)
+/* one READDIR or READDIRPLUS request as both start and end it (_read_args,
+ * _stream, the reply) */
+struct rd_call {
+    struct read_in a;
+    int fd;
+    PyObject *handle;       /* the directory handle (a reference) */
+    struct dstream ds;
+    Py_ssize_t limit;       /* min(size, MAX_READDIR_SIZE, writable part - 16) */
+    char *out;              /* limit + 1 zeroed bytes: the records */
+};
+
+/* _read_args and _stream for c: 0 (the request is answered from here on:
+ * reseek may be set), or -1: NOT_HANDLED, nothing changed but a DirStream
+ * made for a handle that had none (as Python's own _stream would) */
+static int readdir_begin(FastOps *self, struct state *st, const struct req *q, const struct in_header *h,
+                         struct rd_call *c)
 {
     Py_ssize_t nargs = (Py_ssize_t)h->len - IN_HEADER;
-    struct read_in a;
     if (h->total_extlen || nargs > MAX_ARGS || nargs < READ_IN
-            || iov_copy(q->r, q->nr, IN_HEADER, &a, sizeof a, 0) < 0 || a.offset > (uint64_t)INT64_MAX)
-        return NOT_HANDLED;
-    int fd;
-    PyObject *handle = dir_handle(st, a.fh, &fd);
+            || iov_copy(q->r, q->nr, IN_HEADER, &c->a, sizeof c->a, 0) < 0 || c->a.offset > (uint64_t)INT64_MAX)
+        return -1;
+    PyObject *handle = dir_handle(st, c->a.fh, &c->fd);
     if (handle == NULL)
-        return NOT_HANDLED;
+        return -1;
     Py_INCREF(handle);      /* borrowed from the dict, which Python may change below */
     /* _read_args: with peers shared, the stream seeks before each refill */
     int shared = 0;
@@ -332,48 +358,84 @@ static Py_ssize_t fast_readdirplus(FastOps *self, struct state *st, const struct
         Py_XDECREF(peers);
         Py_DECREF(handle);
         PyErr_Clear();
-        return NOT_HANDLED;
+        return -1;
     }
     Py_XDECREF(v);
     Py_DECREF(peers);
-    struct dstream ds;
-    if (stream_read(self, handle, &ds) < 0) {
+    if (stream_read(self, handle, &c->ds) < 0) {
         Py_DECREF(handle);
-        return NOT_HANDLED;
+        return -1;
     }
-    Py_ssize_t limit = a.size < MAX_READDIR_SIZE ? (Py_ssize_t)a.size : MAX_READDIR_SIZE;
-    if (limit > q->wsize - OUT_HEADER)
-        limit = q->wsize - OUT_HEADER;
-    if (limit < 0)
-        limit = 0;
-    char *out = PyMem_Calloc((size_t)limit + 1, 1);
-    if (out == NULL) {
-        stream_write(&ds);
+    c->limit = c->a.size < MAX_READDIR_SIZE ? (Py_ssize_t)c->a.size : MAX_READDIR_SIZE;
+    if (c->limit > q->wsize - OUT_HEADER)
+        c->limit = q->wsize - OUT_HEADER;
+    if (c->limit < 0)
+        c->limit = 0;
+    if ((c->out = PyMem_Calloc((size_t)c->limit + 1, 1)) == NULL) {
+        stream_write(&c->ds);
         Py_DECREF(handle);
         PyErr_Clear();
-        return NOT_HANDLED;
+        return -1;
     }
-    /* from here on answered (the stream changes) */
+    c->handle = handle;
     if (shared)
-        ds.reseek = 1;
+        c->ds.reseek = 1;
+    return 0;
+}
+
+/* the stream written back, and the reply: the used bytes of c->out, or the
+ * error err; NOT_HANDLED or the bytes written, *error: the reply's errno */
+static Py_ssize_t readdir_end(const struct req *q, const struct in_header *h, struct rd_call *c, Py_ssize_t used,
+                              int err, int *error)
+{
+    stream_write(&c->ds);
+    Py_CLEAR(c->handle);
+    Py_ssize_t n;
+    if (err) {
+        n = error_reply(q, h->unique, err, error);
+    } else {
+        struct out_header o = {(uint32_t)(OUT_HEADER + used), 0, h->unique};
+        n = iov_copy(q->w, q->nw, 0, &o, OUT_HEADER, 1) < 0 || iov_copy(q->w, q->nw, OUT_HEADER, c->out, used, 1) < 0
+            ? NOT_HANDLED : OUT_HEADER + used;
+    }
+    PyMem_Free(c->out);
+    c->out = NULL;
+    return n;
+}
+
+/* a name _name_ok lets through: 1..1024 bytes without '/' */
+static int name_ok(const struct dentry *e)
+{
+    return e->namelen > 0 && e->namelen <= DIRENT_NAME_MAX && memchr(e->name, '/', (size_t)e->namelen) == NULL;
+}
+
+/* READDIRPLUS; NOT_HANDLED or the bytes written; *error: the reply's errno */
+static Py_ssize_t fast_readdirplus(FastOps *self, struct state *st, const struct req *q, const struct in_header *h,
+                                   int *error)
+{
+    struct rd_call c;
+    if (readdir_begin(self, st, q, h, &c) < 0)
+        return NOT_HANDLED;
+    /* from here on answered (the stream changes) */
+    int fd = c.fd;
     struct adopt_once once = {0};
     Py_ssize_t used = 0;
-    long long cookie = (long long)a.offset;
+    long long cookie = (long long)c.a.offset;
     int err = 0;
     for (;;) {
         struct dentry e;
         int peek_err = 0;   /* set by stream_peek even when a call succeeds: read only on -1 */
-        int got = stream_peek(&ds, fd, cookie, &e, &peek_err);
+        int got = stream_peek(&c.ds, fd, cookie, &e, &peek_err);
         if (got <= 0) {
             if (got < 0 && !used)
                 err = peek_err ? peek_err : EIO;
             break;
         }
-        if (e.namelen > 0 && e.namelen <= DIRENT_NAME_MAX && memchr(e.name, '/', (size_t)e.namelen) == NULL) {
+        if (name_ok(&e)) {
             Py_ssize_t size = (DIRENTPLUS + e.namelen + 7) & ~(Py_ssize_t)7;
-            if (used + size > limit)
+            if (used + size > c.limit)
                 break;
-            char *rec = out + used;
+            char *rec = c.out + used;
             struct fuse_dirent d = {e.ino, (uint64_t)e.next, (uint32_t)e.namelen, e.dtype};
             int dots = (e.namelen == 1 && e.name[0] == '.') || (e.namelen == 2 && e.name[0] == '.' && e.name[1] == '.');
             int kind = 0;           /* 0: nodeid 0, 1: an entry, 2: vanished */
@@ -416,22 +478,107 @@ static Py_ssize_t fast_readdirplus(FastOps *self, struct state *st, const struct
                 used += size;
             }
         }
-        ds.pos += e.reclen;     /* DirStream.advance */
-        ds.cookie = e.next;
+        c.ds.pos += e.reclen;   /* DirStream.advance */
+        c.ds.cookie = e.next;
         cookie = e.next;
     }
-    stream_write(&ds);
-    Py_DECREF(handle);
-    Py_ssize_t n;
-    if (err) {
-        n = error_reply(q, h->unique, err, error);
-    } else {
-        struct out_header o = {(uint32_t)(OUT_HEADER + used), 0, h->unique};
-        n = iov_copy(q->w, q->nw, 0, &o, OUT_HEADER, 1) < 0 || iov_copy(q->w, q->nw, OUT_HEADER, out, used, 1) < 0
-            ? NOT_HANDLED : OUT_HEADER + used;
+    return readdir_end(q, h, &c, used, err, error);
+}
+
+/* READDIR (dirs._fill_names): fuse_dirent records, no lookups, through the
+ * same stream_peek as READDIRPLUS. _fill_names peeks once per getdents64
+ * buffer and writes the stream's pos and cookie back only when a record
+ * does not fit or the buffer is used up; the one way out where that
+ * shows is a next cookie below 0 (abi.DIRENT.pack refuses it: Python's
+ * whole request is FuseSession._handle's EIO, the stream where the peek
+ * left it), so that is where the stream goes back to (mark). NOT_HANDLED
+ * or the bytes written; *error: the reply's errno */
+static Py_ssize_t fast_readdir(FastOps *self, struct state *st, const struct req *q, const struct in_header *h,
+                               int *error)
+{
+    struct rd_call c;
+    if (readdir_begin(self, st, q, h, &c) < 0)
+        return NOT_HANDLED;
+    Py_ssize_t used = 0, mark_pos = 0;
+    long long cookie = (long long)c.a.offset, mark_cookie = 0;
+    int err = 0, peeked = 0;
+    for (;;) {
+        struct dentry e;
+        int peek_err = 0;   /* set by stream_peek even when a call succeeds: read only on -1 */
+        /* where _fill_names calls peek: first, and once a buffer is used up */
+        int fresh = !peeked || c.ds.pos >= PyBytes_GET_SIZE(c.ds.buf);
+        peeked = 1;
+        int got = stream_peek(&c.ds, c.fd, cookie, &e, &peek_err);
+        if (got <= 0) {
+            if (got < 0 && !used)
+                err = peek_err ? peek_err : EIO;
+            break;
+        }
+        if (fresh) {
+            mark_pos = c.ds.pos;
+            mark_cookie = c.ds.cookie;
+        }
+        if (name_ok(&e)) {
+            Py_ssize_t size = (DIRENT + e.namelen + 7) & ~(Py_ssize_t)7;
+            if (used + size > c.limit)
+                break;
+            if (e.next < 0) {
+                c.ds.pos = mark_pos;
+                c.ds.cookie = mark_cookie;
+                err = EIO;
+                break;
+            }
+            struct fuse_dirent d = {e.ino, (uint64_t)e.next, (uint32_t)e.namelen, e.dtype};
+            memcpy(c.out + used, &d, sizeof d);
+            memcpy(c.out + used + DIRENT, e.name, (size_t)e.namelen);
+            used += size;
+        }
+        c.ds.pos += e.reclen;   /* DirStream.advance */
+        c.ds.cookie = e.next;
+        cookie = e.next;
     }
-    PyMem_Free(out);
-    return n;
+    return readdir_end(q, h, &c, used, err, error);
+}
+
+/* the attribute names of a DirStream and a handle, interned once */
+static int readdir_strings(void)
+{
+    struct { PyObject **slot; const char *text; } strings[] = {
+        {&s_dir_stream, "dir_stream"}, {&s_buf, "buf"}, {&s_pos, "pos"}, {&s_cookie, "cookie"},
+        {&s_reseek, "reseek"}, {&s_serial, "serial"},
+    };
+    for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)
+        if (*strings[i].slot == NULL && (*strings[i].slot = PyUnicode_InternFromString(strings[i].text)) == NULL)
+            return -1;
+    return 0;
+}
+
+/* meter words (requests, latency_sum, buckets, errors) for name's op into
+ * *w: 0, 1 if words is None (no meter), -1 with an exception */
+static int readdir_words(FastOps *self, PyObject *words, const char *name, struct op_words *w)
+{
+    if (words == Py_None) {
+        if (self->meter != NULL) {
+            PyErr_Format(PyExc_ValueError, "FastOps.%s: a meter needs its op's words", name);
+            return -1;
+        }
+        return 1;
+    }
+    Py_ssize_t v[4];
+    if (self->meter == NULL) {
+        PyErr_Format(PyExc_ValueError, "FastOps.%s: meter words without a meter", name);
+        return -1;
+    }
+    if (!PyArg_ParseTuple(words, "nnnn", &v[0], &v[1], &v[2], &v[3]))
+        return -1;
+    Py_ssize_t n = self->m.words.len / 8;
+    if (v[0] < 0 || v[0] >= n || v[1] < 0 || v[1] >= n || v[2] < 0 || v[2] > n - self->m.nbounds - 1
+            || v[3] < 0 || v[3] > n - self->m.errno_slots) {
+        PyErr_SetString(PyExc_ValueError, "FastOps: metrics layout outside the slot");
+        return -1;
+    }
+    *w = (struct op_words){v[0], v[1], v[2], v[3]};
+    return 0;
 }
 
 /* enable_readdirplus(entry, stream_type, meter_words): see fastops_methods */
@@ -448,35 +595,41 @@ static PyObject *fastops_enable_readdirplus(FastOps *self, PyObject *args)
         PyErr_SetString(PyExc_TypeError, "FastOps.enable_readdirplus: entry must be callable, stream_type a type");
         return NULL;
     }
-    struct { PyObject **slot; const char *text; } strings[] = {
-        {&s_dir_stream, "dir_stream"}, {&s_buf, "buf"}, {&s_pos, "pos"}, {&s_cookie, "cookie"},
-        {&s_reseek, "reseek"}, {&s_serial, "serial"},
-    };
-    for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)
-        if (*strings[i].slot == NULL && (*strings[i].slot = PyUnicode_InternFromString(strings[i].text)) == NULL)
-            return NULL;
-    if (words != Py_None) {
-        Py_ssize_t w[4];
-        if (self->meter == NULL) {
-            PyErr_SetString(PyExc_ValueError, "FastOps.enable_readdirplus: meter words without a meter");
-            return NULL;
-        }
-        if (!PyArg_ParseTuple(words, "nnnn", &w[0], &w[1], &w[2], &w[3]))
-            return NULL;
-        Py_ssize_t n = self->m.words.len / 8;
-        if (w[0] < 0 || w[0] >= n || w[1] < 0 || w[1] >= n || w[2] < 0 || w[2] > n - self->m.nbounds - 1
-                || w[3] < 0 || w[3] > n - self->m.errno_slots) {
-            PyErr_SetString(PyExc_ValueError, "FastOps: metrics layout outside the slot");
-            return NULL;
-        }
-        self->m.readdirplus = (struct op_words){w[0], w[1], w[2], w[3]};
-    } else if (self->meter != NULL) {
-        PyErr_SetString(PyExc_ValueError, "FastOps.enable_readdirplus: a meter needs READDIRPLUS's words");
+    struct op_words w;
+    int none = readdir_strings() < 0 ? -1 : readdir_words(self, words, "enable_readdirplus", &w);
+    if (none < 0)
         return NULL;
-    }
+    if (!none)
+        self->m.readdirplus = w;
     Py_INCREF(entry);
     Py_INCREF(stream_type);
     Py_XSETREF(self->rd.entry, entry);
     Py_XSETREF(self->rd.stream_type, stream_type);
+    Py_RETURN_NONE;
+}
+
+/* enable_readdir(stream_type, meter_words): see fastops_methods */
+static PyObject *fastops_enable_readdir(FastOps *self, PyObject *args)
+{
+    PyObject *stream_type, *words;
+    if (!PyArg_ParseTuple(args, "OO", &stream_type, &words))
+        return NULL;
+    if (!PyType_Check(stream_type)) {
+        PyErr_SetString(PyExc_TypeError, "FastOps.enable_readdir: stream_type must be a type");
+        return NULL;
+    }
+    if (self->rd.stream_type != NULL && self->rd.stream_type != stream_type) {
+        PyErr_SetString(PyExc_ValueError, "FastOps.enable_readdir: not READDIRPLUS's stream_type");
+        return NULL;
+    }
+    struct op_words w;
+    int none = readdir_strings() < 0 ? -1 : readdir_words(self, words, "enable_readdir", &w);
+    if (none < 0)
+        return NULL;
+    if (!none)
+        self->m.readdir = w;
+    Py_INCREF(stream_type);
+    Py_XSETREF(self->rd.stream_type, stream_type);
+    self->rd.names = 1;
     Py_RETURN_NONE;
 }

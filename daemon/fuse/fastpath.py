@@ -77,6 +77,12 @@ mid-reply) and ``dirs.DirStream`` (the handle's getdents state, which C
 reads and writes back, so that C and Python requests on one handle
 interleave; docs/compiled.md, "READDIRPLUS in C").
 
+Plain READDIR is compiled when ``readdir_unsupported`` says nothing
+against it (the reference READDIR row, the stock open-file table; no
+lookups, so LOOKUP need not be): ``make`` calls ``FastOps.enable_readdir``
+with ``dirs.DirStream``, the same stream state on the same handles
+(docs/compiled.md, "READDIR in C").
+
 With ``--metrics-socket`` the session has a meter (metrics/counters.py's
 ``WorkerMeter``) before the loop asks for ``serve``, and the requests C
 answers are counted by C into the same shared-memory slot, as
@@ -231,6 +237,8 @@ def make(session):
     fast = _ext.FastOps(session, table._hdr, table._q, inodes._H_SESSION, inodes._SLOT_WORDS, sec, nsec,
                         reads, writes=writes, **layout)
     fastmeta.enable(fast, session, op_words if layout else None)
+    if not readdir_unsupported(session):
+        fast.enable_readdir(dirs.DirStream, op_words(Opcode.READDIR) if layout else None)
     if not lookup_unsupported(session):
         fast.enable_lookup(*_lookup_layout(table), session.config.cache is CacheMode.ALWAYS)
         if not readdirplus_unsupported(session):
@@ -256,6 +264,17 @@ def readdirplus_unsupported(session) -> str:
     if why:
         return why
     if why := fastmeta.not_reference(session, (Opcode.READDIRPLUS, dirs.do_readdirplus)):
+        return why
+    if type(session.handles) is not handles.HandleTable:
+        return "not the stock open-file table"
+    return ""
+
+
+def readdir_unsupported(session) -> str:
+    """Why plain READDIR stays in Python for ``session`` ("" if C may serve
+    it: docs/compiled.md, "READDIR in C"): the reference READDIR row and
+    the stock open-file table (C reads its handles and their DirStreams)."""
+    if why := fastmeta.not_reference(session, (Opcode.READDIR, dirs.do_readdir)):
         return why
     if type(session.handles) is not handles.HandleTable:
         return "not the stock open-file table"
@@ -339,7 +358,7 @@ def meter_layout(meter) -> dict:
         return {}
 
     assert max(Opcode.GETATTR, Opcode.READ, Opcode.WRITE, Opcode.LOOKUP, Opcode.CREATE, Opcode.FORGET,
-               Opcode.BATCH_FORGET, Opcode.READDIRPLUS, *fastmeta.OPS) < c.OPCODE_SLOTS
+               Opcode.BATCH_FORGET, Opcode.READDIRPLUS, Opcode.READDIR, *fastmeta.OPS) < c.OPCODE_SLOTS
     layout = (c.BYTES_READ, c.ERRNO_SLOTS, *op_words(Opcode.GETATTR), *op_words(Opcode.READ),
               c.BYTES_WRITTEN, *op_words(Opcode.WRITE), *op_words(Opcode.LOOKUP))
     return {"meter": meter, "words": words, "layout": layout, "bounds": c.LATENCY_BUCKETS_NS}
@@ -398,9 +417,11 @@ def fast_ops(session):
     create = "CREATE compiled too" if not why_create else f"CREATE in Python ({why_create})"
     why_plus = readdirplus_unsupported(session)
     plus = "READDIRPLUS compiled too" if not why_plus else f"READDIRPLUS in Python ({why_plus})"
+    why_names = readdir_unsupported(session)
+    names = "READDIR compiled too" if not why_names else f"READDIR in Python ({why_names})"
     meta = ", ".join(op.name for op in fastmeta.served(session)) or "none"
-    log.info("FUSE ops: %s compiled (extension daemon.fuse._fastops; %s)%s; %s; %s; %s; metadata ops in C: %s",
-             compiled_ops(session), loop, counted, lookup, create, plus, meta)
+    log.info("FUSE ops: %s compiled (extension daemon.fuse._fastops; %s)%s; %s; %s; %s; %s; metadata ops in C: %s",
+             compiled_ops(session), loop, counted, lookup, create, plus, names, meta)
     if session.meter is not None and not counted:
         log.info("FUSE ops: this meter is not C's to count for: its requests stay in Python")
     return fast

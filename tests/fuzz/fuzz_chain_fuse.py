@@ -115,6 +115,7 @@ REMOVE_OPCODES = (10, 11)
 CREATE_OPCODE = 35
 FORGET_OPCODES = (2, 42)
 READDIRPLUS_OPCODE = 44
+READDIR_OPCODE = 28
 ZERO = bytes(image.MEM_SIZE)
 
 # filled by load_daemon() (inside atheris' instrumentation when it is used)
@@ -266,6 +267,7 @@ class Target:
         self.c_writes = 0   # WRITEs the compiled ops served and the session answered alike
         self.c_meta = 0     # GETXATTR, UNLINK, RMDIR, FLUSH served in C and checked against the session
         self.c_readdirplus = 0  # READDIRPLUS served in C and checked against the session
+        self.c_readdir = 0  # plain READDIR served in C and checked against the session
         self.c_creates = 0  # CREATEs the compiled ops served (not answered again: see the docstring)
         # flags bit 3: the hiprio queue's session and FastOps (FORGET, BATCH_FORGET in C)
         self.hiprio = FuseSession(config, self.table, "hiprio")
@@ -515,6 +517,7 @@ class Target:
         self.c_writes += opcode == WRITE_OPCODE
         self.c_meta += opcode in META_OPCODES
         self.c_readdirplus += opcode == READDIRPLUS_OPCODE
+        self.c_readdir += opcode == READDIR_OPCODE
         if opcode == CREATE_OPCODE:
             chain.release()
             ram[:] = after
@@ -562,6 +565,7 @@ class Target:
         self.c_writes += opcode == WRITE_OPCODE
         self.c_meta += opcode in META_OPCODES
         self.c_readdirplus += opcode == READDIRPLUS_OPCODE
+        self.c_readdir += opcode == READDIR_OPCODE
         if opcode == CREATE_OPCODE:
             self.c_creates += 1
             return n
@@ -657,7 +661,7 @@ class Target:
             "inputs": self.inputs, "chains": self.chains, "replies": self.replies,
             "broken_rings": self.broken_rings, "ebadf": self.ebadf, "resets": self.resets, "compared": self.compared,
             "fast_served": self.fast_served, "batch_served": self.batch_served, "c_writes": self.c_writes,
-            "c_meta": self.c_meta, "c_readdirplus": self.c_readdirplus,
+            "c_meta": self.c_meta, "c_readdirplus": self.c_readdirplus, "c_readdir": self.c_readdir,
             "c_creates": self.c_creates,
             "c_forgets": self.c_forgets,
             "seconds": round(elapsed, 1),
@@ -910,7 +914,7 @@ def main(argv=None) -> int:
                   f"c_meta_inputs={','.join(c_meta) or '-'} "
                   f"fast_served={target.fast_served} batch_served={target.batch_served} "
                   f"c_creates={target.c_creates} c_forgets={target.c_forgets} "
-                  f"c_readdirplus={target.c_readdirplus}", flush=True)
+                  f"c_readdirplus={target.c_readdirplus} c_readdir={target.c_readdir}", flush=True)
             return 0
         print(f"fuzz: engine random (not coverage-guided: install atheris for that); {PATH}", flush=True)
         run_random(target, corpus_inputs([CORPUS_DIR]), args.iterations, args.time,

@@ -489,8 +489,40 @@ def readdirplus_ops() -> dict[str, bytes]:
     return s
 
 
+def readdir_ops() -> dict[str, bytes]:
+    """_readdir.h's plain READDIR, served in C: readdirplus_ops's requests
+    as READDIR (fuse_dirent records, no lookups), and one READDIRPLUS of
+    the root first as a Linux guest's names-only listing under
+    READDIRPLUS_AUTO sends it (C's READDIRPLUS; only READDIRs are counted
+    in c_readdir): ten READDIR, of which C serves nine (the cookie past
+    OFFSET_MAX is Python's EINVAL); 100 bytes fit two short records here,
+    40 one, 20 none. Stage 2, whole batches, and one chain at a time."""
+    s: dict[str, bytes] = {}
+    b = SeedBuilder(32)
+    req(b, OPENDIR, 1, struct.pack("<II", 0x18800, 0), [16])
+    req(b, OPENDIR, 3, struct.pack("<II", 0x18800, 0), [16])
+    req(b, READDIRPLUS, 1, read_in(fh(1), 0, 4096, 0x18800), [4096])
+    req(b, READDIR, 1, read_in(fh(1), 0, 4096, 0x18800), [4096])
+    req(b, READDIR, 1, read_in(fh(1), 0, 40, 0x18800), [40])
+    req(b, READDIR, 1, read_in(fh(1), 0, 20, 0x18800), [20])
+    req(b, READDIR, 1, read_in(fh(1), 2, 4096, 0x18800), [2048, 2048])
+    for _ in range(3):
+        req(b, READDIR, 3, read_in(fh(2), 0, 100, 0x18800), [100])
+    req(b, READDIR, 3, read_in(fh(2), 0, 0xFFFFFFFF, 0x18800), [4096])
+    req(b, READDIR, 3, read_in(fh(2), 0, 4096, 0x18800), [50])
+    req(b, READDIR, 3, read_in(fh(2), 1 << 63, 4096, 0x18800), [4096])
+    req(b, RELEASEDIR, 3, struct.pack("<QIIQ", fh(2), 0x18800, 0, 0))
+    req(b, RELEASEDIR, 1, struct.pack("<QIIQ", fh(1), 0x18800, 0, 0))
+    names = b.build()
+    s["readdir_in_c"] = names
+    s["batch_readdir"] = with_flags(names, 3)
+    s["batch_readdir_checked"] = with_flags(names, 7)
+    return s
+
+
 def all_seeds() -> dict[str, bytes]:
-    return {**well_formed(), **malformed(), **batch_loop(), **meta_ops(), **forgets(), **readdirplus_ops()}
+    return {**well_formed(), **malformed(), **batch_loop(), **meta_ops(), **forgets(), **readdirplus_ops(),
+            **readdir_ops()}
 
 
 def main() -> int:

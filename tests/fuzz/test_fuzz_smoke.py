@@ -178,3 +178,19 @@ def test_readdirplus_seeds_reach_readdirplus_in_c():
     against the session. Under PYVIRTIOFSD_PURE=1 FastOps.serve on every
     chain: 27."""
     assert_nine_served_in_c(("readdirplus_in_c", "batch_readdirplus", "batch_readdirplus_checked"), "c_readdirplus")
+
+
+def test_readdir_seeds_reach_readdir_in_c():
+    """The plain READDIR seeds (seeds.readdir_ops: a READDIRPLUS, then ten
+    READDIR of which C serves nine; the cookie past OFFSET_MAX is
+    Python's): C serves ten requests each time it runs them, nine counted
+    in ``c_readdir`` (the READDIRPLUS in ``c_readdirplus``). Under
+    PYVIRTIOFSD_PURE=1 FastOps.serve on every chain: 30 and 27."""
+    from daemon.fuse import fastpath
+    out = run(["--run", *(str(HERE / "corpus" / f"{name}.bin")
+                          for name in ("readdir_in_c", "batch_readdir", "batch_readdir_checked"))], 120)
+    stats = dict(re.findall(r"(\w+)=(\S+)", out.splitlines()[-1]))
+    pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0")
+    want = (0, 0, 0, 0) if not fastpath.EXTENSION_BUILT else (0, 30, 27, 3) if pure else (20, 20, 18, 2)
+    got = tuple(int(stats[k]) for k in ("batch_served", "fast_served", "c_readdir", "c_readdirplus"))
+    assert got == want, out[-2000:]

@@ -12,8 +12,8 @@ competing for the cores.
     python -m tests.perf.inproc [--op getattr|lookup|lookup-cold|read4k|read1m|write4k|write4k-kill|
                                       getxattr-absent|unlink|rmdir|flush|create|
                                       forget|forget-keep|batch-forget|
-                                      readdirplus-cold|readdirplus-warm]
-                                [--depth 64] [--python-meta]
+                                      readdirplus-cold|readdirplus-warm|readdir|readdir-cold]
+                                [--depth 64] [--python-meta] [--python-readdir]
                                 [--seconds 3] [--profile cprofile|none] [--clock wall|cpu]
 
 ``lookup`` looks one name up again and again (the worker holds its fd);
@@ -60,6 +60,15 @@ every nodeid is forgotten and its fd closed, as ``lookup-cold``);
 ``readdirplus-warm`` the same without the forgetting (every inode held:
 +1 each). The figure is the worker's CPU per entry listed ("." and ".."
 included), the request's own cost spread over its records.
+
+``readdir`` lists the same directory with plain READDIR of 4 KiB (no
+lookups: a names-only listing); ``readdir-cold`` lists it as a Linux
+guest with READDIRPLUS_AUTO does after its caches were dropped: the
+first 4 KiB of each pass READDIRPLUS, every later buffer READDIR, every
+nodeid forgotten between passes (the figure: per entry of the whole
+listing). ``--python-readdir`` leaves plain READDIR to Python in the
+same build (``fastpath.readdir_unsupported`` answered for it), for a
+before/after.
 
 ``--clock cpu`` times the serving thread's CPU time instead of the wall
 clock: steadier on a loaded machine. The last line names the request path
@@ -385,10 +394,20 @@ def create_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall",
 
 
 def readdirplus_us(cold: bool, seconds: float = 3.0, clock: str = "wall", entries: int = 1000,
-                   size: int = 4096) -> tuple[float, int]:
-    """(µs per entry listed, entries listed): see the module docstring."""
+                   size: int = 4096, names: str = "", python_readdir: bool = False) -> tuple[float, int]:
+    """(µs per entry listed, entries listed): see the module docstring.
+    ``names``: "" (READDIRPLUS only), "all" (READDIR only) or "auto"
+    (READDIRPLUS for the first buffer of a pass, READDIR after)."""
     shared = tempfile.mkdtemp(prefix="inproc-")
     loop, ring, vr, _ = _build("getattr", 0, shared)
+    if python_readdir and loop._fast is not None:
+        from daemon.fuse import fastpath
+        real = fastpath.readdir_unsupported
+        fastpath.readdir_unsupported = lambda session: "--python-readdir"
+        try:
+            loop.use_fast_ops(fastpath.make(loop.session))
+        finally:
+            fastpath.readdir_unsupported = real
     os.mkdir(os.path.join(shared, "rdp"))
     for i in range(entries):
         open(os.path.join(shared, "rdp", f"entry-{i:06d}"), "wb").close()
@@ -416,7 +435,9 @@ def readdirplus_us(cold: bool, seconds: float = 3.0, clock: str = "wall", entrie
     serve = loop._serve
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        submit(Opcode.READDIRPLUS, nodeid, abi.READ_IN.pack(fh, cookie, size, 0, 0, 0), [size])
+        plus = not names or (names == "auto" and cookie == 0)
+        submit(Opcode.READDIRPLUS if plus else Opcode.READDIR, nodeid,
+               abi.READ_IN.pack(fh, cookie, size, 0, 0, 0), [size])
         t0 = timer()
         serve(ring)
         busy += timer() - t0
@@ -428,9 +449,9 @@ def readdirplus_us(cold: bool, seconds: float = 3.0, clock: str = "wall", entrie
             raise RuntimeError(f"readdirplus: the daemon answered {err}")
         at, n = 16, 0
         while at < length:
-            _ino, off, namelen, _type = abi.DIRENT.unpack_from(reply, at + abi.ENTRY_OUT.size)
+            _ino, off, namelen, _type = abi.DIRENT.unpack_from(reply, at + (abi.ENTRY_OUT.size if plus else 0))
             cookie = off
-            at += abi.direntplus_size(namelen)
+            at += abi.direntplus_size(namelen) if plus else abi.dirent_size(namelen)
             n += 1
         listed += n
         if not n:               # the end: again from the start
@@ -497,8 +518,9 @@ def main(argv=None) -> int:
     ap.add_argument("--op", default="getattr",
                     choices=("getattr", "lookup", "lookup-cold", "read4k", "read1m", "write4k", "write4k-kill",
                              "getxattr-absent", "unlink", "rmdir", "flush", "create", *FORGET_OPS,
-                             "readdirplus-cold", "readdirplus-warm"))
-    ap.add_argument("--entries", type=int, default=1000, help="readdirplus-*: files in the directory listed")
+                             "readdirplus-cold", "readdirplus-warm", "readdir", "readdir-cold"))
+    ap.add_argument("--entries", type=int, default=1000, help="readdir*: files in the directory listed")
+    ap.add_argument("--python-readdir", action="store_true", help="readdir*: plain READDIR in Python")
     ap.add_argument("--python-meta", action="store_true",
                     help="GETXATTR, UNLINK, RMDIR and FLUSH in Python (the rest as the build serves it)")
     ap.add_argument("--depth", type=int, default=64)
@@ -513,10 +535,13 @@ def main(argv=None) -> int:
         print(f"create depth {a.depth}: {us:.2f} µs per CREATE + RELEASE in the worker, "
               f"keeper {keeper_us:.2f} µs per CREATE ({n} CREATEs); {PATH}")
         return 0
-    if a.op.startswith("readdirplus"):
-        us, n = readdirplus_us(a.op == "readdirplus-cold", a.seconds, a.clock, a.entries)
+    if a.op.startswith("readdir"):
+        names = "" if a.op.startswith("readdirplus") else "auto" if a.op == "readdir-cold" else "all"
+        us, n = readdirplus_us(a.op.endswith("-cold"), a.seconds, a.clock, a.entries, names=names,
+                               python_readdir=a.python_readdir)
+        where = "; READDIR in Python" if a.python_readdir else ""
         print(f"{a.op} ({a.entries} entries, 4 KiB replies): {us:.2f} µs per entry in the worker "
-              f"({n} entries listed); {PATH}")
+              f"({n} entries listed); {PATH}{where}")
         return 0
     us = per_request_us(a.op, a.depth, a.seconds, a.profile, a.clock, a.python_meta)
     meta = "; metadata ops in Python" if a.python_meta else ""
