@@ -554,14 +554,16 @@ class Target:
         views = chain.writable.views
         before = [bytes(v) for v in views]
         table = bytes(self.table._mm) if self.session is self.hiprio else None
+        rd = chain.readable
+        # the opcode before C replies: the reply may overwrite its own
+        # request where the guest aliased the two
+        opcode = IN_HEADER.unpack(rd.read(0, 40))[1] if rd.size >= 40 else -1
         n = self.fast(chain)
         after = [bytes(v) for v in views]
         if n < 0:
             assert after == before, "the compiled ops wrote a reply they then declined"
             return n
         self.fast_served += 1
-        rd = chain.readable
-        opcode = IN_HEADER.unpack(rd.read(0, 40))[1] if rd.size >= 40 else -1
         self.c_writes += opcode == WRITE_OPCODE
         self.c_meta += opcode in META_OPCODES
         self.c_readdirplus += opcode == READDIRPLUS_OPCODE

@@ -58,7 +58,9 @@ def test_found_inputs_run_clean():
     a hiprio ring whose Python requests the request session had answered,
     its SETLKW left deferred by a DESTROY; a READDIRPLUS whose writable
     buffers alias each other (C and Python write its parts in another
-    order: only the lengths compare)."""
+    order: only the lengths compare); a CREATE whose reply overwrites its
+    own request (the target read the opcode after C had replied, and
+    answered it again in Python)."""
     found = sorted(str(p) for p in (HERE / "found").glob("*.bin"))
     assert len(found) >= 2, "tests/fuzz/found is missing"
     out = run(["--run", *found], 120)
