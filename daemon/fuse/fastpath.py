@@ -231,6 +231,8 @@ def make(session):
     fast = _ext.FastOps(session, table._hdr, table._q, inodes._H_SESSION, inodes._SLOT_WORDS, sec, nsec,
                         reads, writes=writes, **layout)
     fastmeta.enable(fast, session, op_words if layout else None)
+    if not release_unsupported(session):
+        enable_release(fast, session, bool(layout))
     if not lookup_unsupported(session):
         fast.enable_lookup(*_lookup_layout(table), session.config.cache is CacheMode.ALWAYS)
         if not readdirplus_unsupported(session):
@@ -260,6 +262,26 @@ def readdirplus_unsupported(session) -> str:
     if type(session.handles) is not handles.HandleTable:
         return "not the stock open-file table"
     return ""
+
+
+def release_unsupported(session) -> str:
+    """Why RELEASE stays in Python for ``session`` ("" if C may serve it:
+    docs/compiled.md, "RELEASE in C"): C frees the fh in the stock
+    HandleTable's shared FileTable as ``FileTable.free`` does."""
+    if why := fastmeta.not_reference(session, (Opcode.RELEASE, files.do_release)):
+        return why
+    if type(session.handles) is not handles.HandleTable or type(session.handles.files) is not filetable.FileTable:
+        return "not the stock open-file table"
+    return ""
+
+
+def enable_release(fast, session, metered: bool) -> None:
+    """``FastOps.enable_release`` on ``session``'s FileTable (_release.h)."""
+    ft = filetable
+    fast.enable_release(session.handles.files,
+                        (ft._H_DIRTY, ft._H_FREE, ft._H_LIVE, ft._H_RELEASED, ft._H_LOCKS, ft._F_GEN, ft._F_KIND,
+                         ft._F_OWNER, ft._F_NEXT, ft._F_KEPT, ft._WORDS, ft.KIND_LOCK),
+                        op_words(Opcode.RELEASE) if metered else None)
 
 
 def create_unsupported(session) -> str:
@@ -339,7 +361,7 @@ def meter_layout(meter) -> dict:
         return {}
 
     assert max(Opcode.GETATTR, Opcode.READ, Opcode.WRITE, Opcode.LOOKUP, Opcode.CREATE, Opcode.FORGET,
-               Opcode.BATCH_FORGET, Opcode.READDIRPLUS, *fastmeta.OPS) < c.OPCODE_SLOTS
+               Opcode.BATCH_FORGET, Opcode.READDIRPLUS, Opcode.RELEASE, *fastmeta.OPS) < c.OPCODE_SLOTS
     layout = (c.BYTES_READ, c.ERRNO_SLOTS, *op_words(Opcode.GETATTR), *op_words(Opcode.READ),
               c.BYTES_WRITTEN, *op_words(Opcode.WRITE), *op_words(Opcode.LOOKUP))
     return {"meter": meter, "words": words, "layout": layout, "bounds": c.LATENCY_BUCKETS_NS}
@@ -398,7 +420,8 @@ def fast_ops(session):
     create = "CREATE compiled too" if not why_create else f"CREATE in Python ({why_create})"
     why_plus = readdirplus_unsupported(session)
     plus = "READDIRPLUS compiled too" if not why_plus else f"READDIRPLUS in Python ({why_plus})"
-    meta = ", ".join(op.name for op in fastmeta.served(session)) or "none"
+    meta = ", ".join([op.name for op in fastmeta.served(session)]
+                     + ([] if release_unsupported(session) else ["RELEASE"])) or "none"
     log.info("FUSE ops: %s compiled (extension daemon.fuse._fastops; %s)%s; %s; %s; %s; metadata ops in C: %s",
              compiled_ops(session), loop, counted, lookup, create, plus, meta)
     if session.meter is not None and not counted:
