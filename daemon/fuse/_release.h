@@ -11,13 +11,11 @@
  * the FileTable given), and:
  *   - no request extensions; fuse_release_in whole (24 bytes, more
  *     ignored as files._args does; shorter: Python's EINVAL);
- *   - RELEASE_FLOCK_UNLOCK is not set (Python's flock(LOCK_UN));
  *   - the fh is an open file this worker holds (open_fd: its OpenHandle of
  *     kind file whose generation is the shared slot's); any other fh
  *     (another worker's, released, unknown: Python copies or answers
  *     EBADF) is Python's;
- *   - handles.peers is None or peers.copied is false (with copies in
- *     other processes Python's close takes the flock off first);
+ *   - handles.peers is None or its copied is a bool;
  *   - handles._open_per_node has the fh's nodeid with an int count >= 1;
  *   - the FileTable's thread lock is free (taken without waiting), its
  *     record lock taken (as LockedTable._lock: fcntl F_SETLK, then
@@ -28,15 +26,24 @@
  * Then, under those locks, FileTable.free's writes in its order (DIRTY
  * set first and cleared last, so a worker killed in between leaves a
  * table Python's _repair rebuilds: the free list and the live count from
- * the generations, released + 1), the locks let go, and HandleTable.
- * _forget's: the fh out of _handles, the nodeid's count down (out at 0),
- * the fd closed once (close(2), its error ignored as _close_quietly's).
+ * the generations, released + 1), the locks let go; with
+ * RELEASE_FLOCK_UNLOCK, or when peers.copied (another process, a request
+ * worker or the keeper, may hold a copy of the open file a moment
+ * longer), flock(fd, LOCK_UN), its error ignored (Python takes the flock
+ * off before the free for the first reason and after it for the second:
+ * one LOCK_UN after the free leaves the same host state, the guest hears
+ * of neither); then HandleTable._forget's: the fh out of _handles, the
+ * nodeid's count down (out at 0), the fd closed once (close(2), its error
+ * ignored as _close_quietly's).
  * The empty reply (16 bytes), counted under RELEASE with a meter. In the
  * batch loop the chain is taken before the slot is freed (as UNLINK's
  * before unlinkat): a worker dying after the free leaves the request to
  * its successor's EIO, never to a second RELEASE answering EBADF.
- * System calls: fcntl (the record lock) and close, on request.policy.
+ * System calls: fcntl (the record lock), flock and close, all on
+ * request.policy already (flock for Python's RELEASE).
  */
+
+#include <sys/file.h>
 
 #define RELEASE_IN 24               /* abi.RELEASE_IN */
 #define RELEASE_FLOCK_UNLOCK 2      /* abi.FUSE_RELEASE_FLOCK_UNLOCK */
@@ -61,19 +68,21 @@ static void release_drop(struct release_refs *r)
 }
 
 /* the checks before any lock: 0 (r filled, *count the nodeid's open
- * handles) or -1 (Python's) */
-static int release_ready(FastOps *self, struct release_refs *r, Py_ssize_t nodeid, Py_ssize_t *count)
+ * handles, *copied peers.copied) or -1 (Python's) */
+static int release_ready(FastOps *self, struct release_refs *r, Py_ssize_t nodeid, Py_ssize_t *count, int *copied)
 {
     const struct release_conf *c = &self->rl;
     if ((r->handles = PyObject_GetAttr(self->session, s_handles)) == NULL
             || (r->files = PyObject_GetAttr(r->handles, s_rl_files)) == NULL || r->files != c->files
             || (r->peers = PyObject_GetAttr(r->handles, s_peers)) == NULL)
         return -1;
+    *copied = 0;
     if (r->peers != Py_None) {
-        PyObject *copied = PyObject_GetAttr(r->peers, s_rl_peers_copied);
-        int yes = copied == NULL ? -1 : PyObject_IsTrue(copied);
-        Py_XDECREF(copied);
-        if (yes != 0)
+        PyObject *got = PyObject_GetAttr(r->peers, s_rl_peers_copied);
+        int is_bool = got != NULL && PyBool_Check(got);
+        *copied = got == Py_True;
+        Py_XDECREF(got);
+        if (!is_bool)
             return -1;
     }
     PyObject *key = PyLong_FromSsize_t(nodeid);
@@ -101,15 +110,15 @@ static Py_ssize_t fast_release(FastOps *self, const struct state *st, const stru
     const struct release_conf *c = &self->rl;
     Py_ssize_t nargs = (Py_ssize_t)h->len - IN_HEADER, nodeid, count;
     struct { uint64_t fh; uint32_t flags, release_flags; uint64_t lock_owner; } a;   /* fuse_release_in */
-    int fd;
+    int fd, copied;
     if (h->total_extlen || nargs < RELEASE_IN || nargs > MAX_ARGS || iov_copy(q->r, q->nr, IN_HEADER, &a, sizeof a, 0) < 0
-            || (a.release_flags & RELEASE_FLOCK_UNLOCK) || (fd = open_fd(st, a.fh, &nodeid)) < 0)
+            || (fd = open_fd(st, a.fh, &nodeid)) < 0)
         return NOT_HANDLED;
     uint64_t s = a.fh & 0xFFFFFF, gen = a.fh >> 24;
     Py_ssize_t base = (Py_ssize_t)s * c->words;
     struct release_refs r = {0};
     if (s < 1 || s > c->capacity || gen == 0 || (base + c->words) > st->files.b.len / 8
-            || release_ready(self, &r, nodeid, &count) < 0) {
+            || release_ready(self, &r, nodeid, &count, &copied) < 0) {
         release_drop(&r);
         return NOT_HANDLED;
     }
@@ -166,7 +175,10 @@ static Py_ssize_t fast_release(FastOps *self, const struct state *st, const stru
     Py_XDECREF(key);
     Py_XDECREF(nkey);
     release_drop(&r);
+    int unlock = copied || (a.release_flags & RELEASE_FLOCK_UNLOCK);
     Py_BEGIN_ALLOW_THREADS
+    if (unlock)
+        flock(fd, LOCK_UN);
     close(fd);
     Py_END_ALLOW_THREADS
     return empty_reply(q, h->unique);

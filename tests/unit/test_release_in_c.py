@@ -13,6 +13,7 @@ RELEASE must leave every buffer, table and fd as it was.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 
 import pytest
@@ -139,8 +140,46 @@ def test_releases_are_served_in_c(shares):
         _close(pair)
 
 
-@pytest.mark.parametrize("case", ["flock-unlock", "short-args", "extension", "unknown", "dir", "locks",
-                                  "copied", "busy", "dirty", "not-own"])
+@pytest.mark.parametrize("case", ["flock-unlock", "copied", "neither"])
+def test_the_flock_comes_off_as_python_takes_it_off(shares, case):
+    """With RELEASE_FLOCK_UNLOCK, or with copies in other processes
+    (peers.copied: a request worker or the keeper), C takes the guest's
+    flock off the open file description as Python does: another process's
+    copy (a dup here) then holds none. Without either, it stays on the
+    copy (and neither C nor Python calls flock)."""
+    pair, fast = _pair(shares)
+    copies = []
+    try:
+        n0, fh0 = _created(pair, fast, shares, b"n0", 10)
+        for s in pair:
+            fd = s.handles._handles[fh0].fd
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            copies.append(os.dup(fd))
+        flags = abi.FUSE_RELEASE_FLOCK_UNLOCK if case == "flock-unlock" else 0
+        if case == "copied":
+            class Copied:
+                copied = True
+            for s in pair:
+                s.handles.peers = Copied()
+        assert _release(pair, fast, shares, n0, fh0, 11, release_flags=flags)[0]
+        for root in shares:
+            probe = os.open(root / "n0", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if case == "neither":
+                    with pytest.raises(BlockingIOError):
+                        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                else:
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(probe)
+    finally:
+        for fd in copies:
+            os.close(fd)
+        _close(pair)
+
+
+@pytest.mark.parametrize("case", ["short-args", "extension", "unknown", "dir", "locks", "peers-odd", "busy",
+                                  "dirty", "not-own"])
 def test_what_c_leaves_to_python(shares, case):
     """Each case C declines (nothing written or changed), then Python's."""
     pair, fast = _pair(shares)
@@ -148,9 +187,7 @@ def test_what_c_leaves_to_python(shares, case):
         n0, fh0 = _created(pair, fast, shares, b"n0", 10)
         request = release_request(n0, fh0, 20)
         expect = 0
-        if case == "flock-unlock":
-            request = release_request(n0, fh0, 20, release_flags=abi.FUSE_RELEASE_FLOCK_UNLOCK)
-        elif case in ("short-args", "extension"):
+        if case in ("short-args", "extension"):
             request = release_request(n0, fh0, 20, variant=case)
             expect = errno.EINVAL if case == "short-args" else None
         elif case == "unknown":
@@ -161,11 +198,11 @@ def test_what_c_leaves_to_python(shares, case):
         elif case == "locks":
             for s in pair:
                 s.handles.files.alloc_lock(n0, 7, 0)
-        elif case == "copied":
-            class Copied:
-                copied = True
+        elif case == "peers-odd":
+            class Odd:      # copied not a bool: C does not guess what it means
+                copied = 1
             for s in pair:
-                s.handles.peers = Copied()
+                s.handles.peers = Odd()
         elif case == "dirty":
             for s in pair:
                 s.handles.files._hdr[filetable._H_DIRTY] = 1
@@ -190,7 +227,7 @@ def test_what_c_leaves_to_python(shares, case):
         reply = _declined(pair, fast, shares, request)
         if expect is not None:
             assert _err(reply) == expect
-        if case in ("flock-unlock", "locks", "copied", "dirty"):
+        if case in ("locks", "peers-odd", "dirty"):
             assert fh0 not in pair[1].handles._handles
     finally:
         _close(pair)
@@ -224,3 +261,50 @@ def test_fds_closed_once(shares):
             os.fstat(fd)
     finally:
         _close(pair)
+
+
+def test_the_worker_loop_releases_in_c_beside_a_keeper(tmp_path, monkeypatch):
+    """WorkerLoop._serve (the batch loop) on a ring of 8 CREATEs, then one
+    of their 8 RELEASEs, with a meter and a keeper (peers.copied: the
+    flock comes off): all answered in C with the empty reply, counted
+    under RELEASE, every fh freed in the shared FileTable, every fd the
+    worker held of them closed."""
+    from daemon.fuse import credentials
+    from daemon.metrics import counters
+    from daemon.metrics.counters import MetricsArea, WorkerMeter
+    from tests.perf import inproc
+    monkeypatch.chdir(tmp_path)
+    loop, ring, vr, _ = inproc._build("create", 8, str(tmp_path), open_files=64)
+    meter = WorkerMeter(MetricsArea(1).slot(0))
+    loop.session.meter = meter
+    loop.use_fast_ops(fastpath.fast_ops(loop.session))
+    pid, stop_w = inproc.start_keeper(loop.session)
+    try:
+        credentials.restore()
+        assert loop.session.handles.peers.copied
+        heads = [vr.submit([in_header(Opcode.CREATE, 1, 16 + 3, 50 + i),
+                            abi.CREATE_IN.pack(os.O_RDWR, 0o100644, 0, 0) + b"c%d\0" % i], [16, 144])
+                 for i in range(8)]
+        assert loop._serve(ring) == 8
+        assert sorted(vr.harvest()) == sorted(heads)
+        got = [_ok(vr.read_writable(h)) for h in heads]
+        fds = [loop.session.handles._handles[fh].fd for _n, fh in got]
+        served = loop._fast.served if loop._fast is not None else 0
+        heads = {vr.submit([release_request(n, fh, 70 + i)], [16]): 70 + i for i, (n, fh) in enumerate(got)}
+        assert loop._serve(ring) == 8
+        assert sorted(vr.harvest()) == sorted(heads)
+        for h, unique in heads.items():
+            assert vr.read_writable(h)[:16] == abi.OUT_HEADER.pack(16, 0, unique)
+        files = loop.session.handles.files
+        assert len(files) == 0 and not loop.session.handles._handles and not loop.session.handles._open_per_node
+        assert not any(files.live(fh) for _n, fh in got)
+        for fd in fds:
+            with pytest.raises(OSError):
+                os.fstat(fd)
+        base = counters.OPS + int(Opcode.RELEASE) * counters.OP_WORDS
+        assert meter.words[base + counters.OP_REQUESTS] == 8
+        if fastpath.compiled.VirtQueue is fastpath.compiled.CompiledVirtQueue:
+            assert loop._fast.served == served + 8
+    finally:
+        inproc.stop_keeper(pid, stop_w)
+        inproc.close(loop, ring, vr)
