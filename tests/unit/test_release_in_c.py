@@ -308,3 +308,60 @@ def test_the_worker_loop_releases_in_c_beside_a_keeper(tmp_path, monkeypatch):
     finally:
         inproc.stop_keeper(pid, stop_w)
         inproc.close(loop, ring, vr)
+
+
+def test_a_worker_killed_during_c_releases_leaves_a_table_python_repairs(shares):
+    """A forked worker CREATEs and RELEASEs (both in C) in a loop and is
+    SIGKILLed at random moments, maybe in the middle of C's free: the next
+    locker of the open-file table (Python's _lock) repairs what was DIRTY,
+    the table is consistent, and C releases on it again."""
+    from tests.unit.killed import kill_at_random
+    from tests.unit.test_create_in_c import _chain, _files_consistent
+    from tests.unit.test_fastops_equivalence import _consistent
+    pair, fast = _pair(shares, capacity=63)
+    session, root = pair[1], shares[1]
+    table, files = session.inodes, session.handles.files
+    c_releases = []
+
+    def work(round_):
+        k = 0
+        while True:
+            k += 1
+            for i in range(4):
+                request, wsizes = create_request(1, b"k%d-%d-%d" % (round_, k, i), os.O_RDWR, 0o100644, k)
+                fast.serve(_chain(request, wsizes))
+            for fh, h in list(session.handles._handles.items()):
+                if fast.serve(_chain(release_request(h.nodeid, fh, k), [16])) != 16:
+                    session.handles.close(fh, h.kind)
+            table.unref_many([(n, table.get(n)[3]) for n in session.cache._fds if table.get(n) is not None])
+            session.cache.reap()
+            for n in os.listdir(root):
+                if n.startswith("k"):
+                    os.unlink(root / n)
+
+    def after(_round):
+        for t in (table, files):
+            t._lock()       # what any successor's first mutation does (repairs if DIRTY)
+            t._unlock()
+        _consistent(table)
+        _files_consistent(files)
+        table.unref_many([(n, table.get(n)[3]) for n in range(2, table.capacity + 1) if table.get(n)])
+        for s in range(1, files.capacity + 1):
+            gen = files.slots[s * 8]
+            if gen:
+                files.free(gen << 24 | s)
+        _files_consistent(files)
+
+    try:
+        kill_at_random(work, 20, 13, after)
+        request, wsizes = create_request(1, b"after", os.O_RDWR, 0o100644, 1)
+        assert fast.serve(_chain(request, wsizes)) > 16
+        for fh, h in list(session.handles._handles.items()):
+            before = fast.served
+            assert fast.serve(_chain(release_request(h.nodeid, fh, 2), [16])) == 16
+            c_releases.append(fast.served - before)
+        assert c_releases == [1]
+        _files_consistent(files)
+        assert len(files) == 0
+    finally:
+        _close(pair)
