@@ -48,6 +48,7 @@ if [ "${1:-}" = "--equivalence" ]; then
   exec "$PY" -m tests.fuzz.with_extensions "${EXTS[@]}" -- -q \
     tests/unit/test_compiled_equivalence.py tests/unit/test_fastops_equivalence.py \
     tests/unit/test_batch_equivalence.py tests/unit/test_wait_loop.py tests/unit/test_fastops_meta.py \
-    tests/unit/test_create_in_c.py tests/unit/test_forget_in_c.py tests/unit/test_readdirplus_in_c.py "$@"
+    tests/unit/test_create_in_c.py tests/unit/test_forget_in_c.py tests/unit/test_readdirplus_in_c.py \
+    tests/unit/test_release_in_c.py "$@"
 fi
 exec "$PY" -m tests.fuzz.fuzz_chain_fuse --engine atheris "${EXTS[@]}" "$@"

@@ -62,6 +62,12 @@ for what its own lookup declines once the file exists), the thread's
 credentials cache and the flag rules; C serves a root caller's CREATE of
 a new name (docs/compiled.md, "CREATE in C").
 
+RELEASE is compiled when ``release_unsupported`` says nothing against it
+(the reference RELEASE row, the stock HandleTable and FileTable): ``make``
+calls ``FastOps.enable_release`` with the FileTable and its word indices;
+C frees an open file this worker holds under the table's own locks while
+no lock description exists (docs/compiled.md, "RELEASE in C").
+
 FORGET and BATCH_FORGET, the hiprio session's (vring 0): ``fast_ops``
 makes that session a ``FastOps`` that serves those two and nothing else
 (``make_hiprio``: ``enable_lookup`` for the table's layout and locks, then
