@@ -129,6 +129,7 @@
 #define OP_CREATE 35            /* _create.h */
 #define OP_READDIR 28           /* _readdir.h */
 #define OP_READDIRPLUS 44       /* _readdir.h */
+#define OP_RELEASE 18           /* _release.h */
 #define WRITE_IN 40
 #define WRITE_OUT 8
 #define WRITE_KILL_SUIDGID 4    /* abi.FUSE_WRITE_KILL_SUIDGID: written without CAP_FSETID */
@@ -203,6 +204,7 @@ struct meter {
     struct op_words forget[2];  /* FORGET, BATCH_FORGET: set by enable_forget (_forget.h) */
     struct op_words readdirplus;    /* set by enable_readdirplus (_readdir.h) */
     struct op_words readdir;        /* set by enable_readdir (_readdir.h) */
+    struct op_words release;    /* set by enable_release (_release.h) */
     uint64_t bounds[MAX_BUCKETS];   /* LATENCY_BUCKETS_NS: the last bucket is above them all */
 };
 
@@ -262,6 +264,17 @@ struct forget_conf {
     Py_ssize_t ring_w, ring_len;    /* inodes._H_RING_W, inodes.RING */
 };
 
+/* RELEASE as FastOps.enable_release sets it up (_release.h) */
+struct release_conf {
+    PyObject *files;        /* the HandleTable's FileTable; NULL: RELEASE is Python's */
+    PyObject *tlock;        /* its _tlock */
+    PyObject *hdr;          /* its _hdr, memoryview of u64 (held per request) */
+    int fd;                 /* its _fd, the memfd of its record lock (-1: private) */
+    uint64_t capacity, kind_lock;
+    Py_ssize_t h_dirty, h_free, h_live, h_released, h_locks, h_last;  /* filetable.py's word indices */
+    Py_ssize_t f_gen, f_kind, f_owner, f_next, f_kept, words;
+};
+
 typedef struct {
     PyObject_HEAD
     PyObject *session;      /* the FuseSession */
@@ -281,6 +294,7 @@ typedef struct {
     struct create_conf cr;  /* CREATE (_create.h) */
     struct forget_conf fg;  /* FORGET, BATCH_FORGET (_forget.h): then nothing else */
     struct readdir_conf rd; /* READDIRPLUS (_readdir.h) */
+    struct release_conf rl; /* RELEASE (_release.h) */
 } FastOps;
 
 static PyObject *s_readable, *s_writable, *s_views, *s_size, *s_session, *s_meter, *s_cache,
@@ -800,6 +814,7 @@ static void count(struct meter *m, int opcode, const struct timespec *start, int
         : opcode == OP_LOOKUP ? &m->lookup : opcode == OP_CREATE ? &m->create
         : forget_slot((uint32_t)opcode) >= 0 ? &m->forget[forget_slot((uint32_t)opcode)]
         : opcode == OP_READDIRPLUS ? &m->readdirplus : opcode == OP_READDIR ? &m->readdir
+        : opcode == OP_RELEASE ? &m->release
         : opcode == OP_GETATTR || meta_slot(opcode) < 0 ? &m->getattr : &m->meta[meta_slot(opcode)];
     struct timespec end;
     clock_gettime(CLOCK_MONOTONIC, &end);
@@ -823,6 +838,7 @@ static void count(struct meter *m, int opcode, const struct timespec *start, int
 #include "_create.h"
 #include "_forget.h"
 #include "_readdir.h"
+#include "_release.h"
 
 /* one request, with the checks every fast op shares (FuseSession._handle's,
  * in its order); NOT_HANDLED (nothing written) or the bytes written;
@@ -853,6 +869,7 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
             : h.opcode == OP_CREATE ? self->cr.rest == NULL || q->wsize < OUT_HEADER + ENTRY_OUT + OPEN_OUT
             : h.opcode == OP_READDIRPLUS ? self->rd.entry == NULL
             : h.opcode == OP_READDIR ? !self->rd.names
+            : h.opcode == OP_RELEASE ? self->rl.files == NULL
             : meta_wants(self, h.opcode) ? 0
             : !((h.opcode == OP_READ && self->reads) || (h.opcode == OP_WRITE && self->writes)))
         return NOT_HANDLED;
@@ -874,6 +891,8 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
         return fast_readdirplus(self, st, q, &h, error);
     if (h.opcode == OP_READDIR)
         return fast_readdir(self, st, q, &h, error);
+    if (h.opcode == OP_RELEASE)
+        return fast_release(self, st, q, &h, error);
     if (h.opcode != OP_GETATTR)
         return fast_meta(self, st, q, &h, error);
     return fast_getattr(self, st, q, &h, error);
@@ -1222,6 +1241,9 @@ static int fastops_traverse(FastOps *self, visitproc visit, void *arg)
     Py_VISIT(self->fg.ring);
     Py_VISIT(self->rd.entry);
     Py_VISIT(self->rd.stream_type);
+    Py_VISIT(self->rl.files);
+    Py_VISIT(self->rl.tlock);
+    Py_VISIT(self->rl.hdr);
     return 0;
 }
 
@@ -1239,6 +1261,9 @@ static int fastops_clear(FastOps *self)
     Py_CLEAR(self->fg.ring);
     Py_CLEAR(self->rd.entry);
     Py_CLEAR(self->rd.stream_type);
+    Py_CLEAR(self->rl.files);
+    Py_CLEAR(self->rl.tlock);
+    Py_CLEAR(self->rl.hdr);
     drop_meter(self);
     return 0;
 }
@@ -1484,6 +1509,11 @@ static PyMethodDef fastops_methods[] = {
      "enable_readdir(stream_type, meter_words): serve plain READDIR too (no lookups, LOOKUP not needed):\n"
      "dirs.DirStream, READDIR's meter words (requests, latency_sum, buckets, errors) or None without a\n"
      "meter (_readdir.h)"},
+    {"enable_release", (PyCFunction)fastops_enable_release, METH_VARARGS,
+     "enable_release(files, (dirty, free, live, released, locks, gen, kind, owner, next, kept, words,\n"
+     "kind_lock), meter_words): serve RELEASE of this worker's own open files too, on the FileTable\n"
+     "files (the session's handles.files) whose word indices these are; RELEASE's meter words\n"
+     "(requests, latency_sum, buckets, errors) or None without a meter (_release.h)"},
     {NULL},
 };
 

@@ -62,6 +62,12 @@ for what its own lookup declines once the file exists), the thread's
 credentials cache and the flag rules; C serves a root caller's CREATE of
 a new name (docs/compiled.md, "CREATE in C").
 
+RELEASE is compiled when ``release_unsupported`` says nothing against it
+(the reference RELEASE row, the stock HandleTable and FileTable): ``make``
+calls ``FastOps.enable_release`` with the FileTable and its word indices;
+C frees an open file this worker holds under the table's own locks while
+no lock description exists (docs/compiled.md, "RELEASE in C").
+
 FORGET and BATCH_FORGET, the hiprio session's (vring 0): ``fast_ops``
 makes that session a ``FastOps`` that serves those two and nothing else
 (``make_hiprio``: ``enable_lookup`` for the table's layout and locks, then
@@ -239,6 +245,8 @@ def make(session):
     fastmeta.enable(fast, session, op_words if layout else None)
     if not readdir_unsupported(session):
         fast.enable_readdir(dirs.DirStream, op_words(Opcode.READDIR) if layout else None)
+    if not release_unsupported(session):
+        enable_release(fast, session, bool(layout))
     if not lookup_unsupported(session):
         fast.enable_lookup(*_lookup_layout(table), session.config.cache is CacheMode.ALWAYS)
         if not readdirplus_unsupported(session):
@@ -279,6 +287,26 @@ def readdir_unsupported(session) -> str:
     if type(session.handles) is not handles.HandleTable:
         return "not the stock open-file table"
     return ""
+
+
+def release_unsupported(session) -> str:
+    """Why RELEASE stays in Python for ``session`` ("" if C may serve it:
+    docs/compiled.md, "RELEASE in C"): C frees the fh in the stock
+    HandleTable's shared FileTable as ``FileTable.free`` does."""
+    if why := fastmeta.not_reference(session, (Opcode.RELEASE, files.do_release)):
+        return why
+    if type(session.handles) is not handles.HandleTable or type(session.handles.files) is not filetable.FileTable:
+        return "not the stock open-file table"
+    return ""
+
+
+def enable_release(fast, session, metered: bool) -> None:
+    """``FastOps.enable_release`` on ``session``'s FileTable (_release.h)."""
+    ft = filetable
+    fast.enable_release(session.handles.files,
+                        (ft._H_DIRTY, ft._H_FREE, ft._H_LIVE, ft._H_RELEASED, ft._H_LOCKS, ft._F_GEN, ft._F_KIND,
+                         ft._F_OWNER, ft._F_NEXT, ft._F_KEPT, ft._WORDS, ft.KIND_LOCK),
+                        op_words(Opcode.RELEASE) if metered else None)
 
 
 def create_unsupported(session) -> str:
@@ -358,7 +386,8 @@ def meter_layout(meter) -> dict:
         return {}
 
     assert max(Opcode.GETATTR, Opcode.READ, Opcode.WRITE, Opcode.LOOKUP, Opcode.CREATE, Opcode.FORGET,
-               Opcode.BATCH_FORGET, Opcode.READDIRPLUS, Opcode.READDIR, *fastmeta.OPS) < c.OPCODE_SLOTS
+               Opcode.BATCH_FORGET, Opcode.READDIRPLUS, Opcode.READDIR, Opcode.RELEASE,
+               *fastmeta.OPS) < c.OPCODE_SLOTS
     layout = (c.BYTES_READ, c.ERRNO_SLOTS, *op_words(Opcode.GETATTR), *op_words(Opcode.READ),
               c.BYTES_WRITTEN, *op_words(Opcode.WRITE), *op_words(Opcode.LOOKUP))
     return {"meter": meter, "words": words, "layout": layout, "bounds": c.LATENCY_BUCKETS_NS}
@@ -419,7 +448,8 @@ def fast_ops(session):
     plus = "READDIRPLUS compiled too" if not why_plus else f"READDIRPLUS in Python ({why_plus})"
     why_names = readdir_unsupported(session)
     names = "READDIR compiled too" if not why_names else f"READDIR in Python ({why_names})"
-    meta = ", ".join(op.name for op in fastmeta.served(session)) or "none"
+    meta = ", ".join([op.name for op in fastmeta.served(session)]
+                     + ([] if release_unsupported(session) else ["RELEASE"])) or "none"
     log.info("FUSE ops: %s compiled (extension daemon.fuse._fastops; %s)%s; %s; %s; %s; %s; metadata ops in C: %s",
              compiled_ops(session), loop, counted, lookup, create, plus, names, meta)
     if session.meter is not None and not counted:

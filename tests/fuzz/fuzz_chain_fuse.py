@@ -31,6 +31,11 @@ which the engine reports as a crash and saves the input):
   then: Python would open it or answer EEXIST); its reply is checked as
   every reply is below, and counted (``c_creates``);
   tests/unit/test_create_in_c.py compares CREATE with the session;
+  nor is a RELEASE C served (the fh is freed then: Python would answer
+  EBADF): its reply must be the empty success reply of its unique, its
+  fh no longer live in the shared table nor held by the session
+  (``c_releases``); tests/unit/test_release_in_c.py compares RELEASE with
+  the session;
 - flags bit 3 of an input (``image.py``'s flags byte): the ring is the
   hiprio queue's, served by a hiprio session and its FastOps (FORGET and
   BATCH_FORGET in C, _forget.h); each FORGET or BATCH_FORGET C served is
@@ -113,6 +118,7 @@ WRITE_OPCODE = 16
 META_OPCODES = (22, 10, 11, 25)
 REMOVE_OPCODES = (10, 11)
 CREATE_OPCODE = 35
+RELEASE_OPCODE = 18
 FORGET_OPCODES = (2, 42)
 READDIRPLUS_OPCODE = 44
 READDIR_OPCODE = 28
@@ -269,6 +275,7 @@ class Target:
         self.c_readdirplus = 0  # READDIRPLUS served in C and checked against the session
         self.c_readdir = 0  # plain READDIR served in C and checked against the session
         self.c_creates = 0  # CREATEs the compiled ops served (not answered again: see the docstring)
+        self.c_releases = 0  # RELEASEs served in C (not answered again: their fh checked freed)
         # flags bit 3: the hiprio queue's session and FastOps (FORGET, BATCH_FORGET in C)
         self.hiprio = FuseSession(config, self.table, "hiprio")
         hops = fastpath.make(self.hiprio) if fastpath is not None else None
@@ -518,10 +525,12 @@ class Target:
         self.c_meta += opcode in META_OPCODES
         self.c_readdirplus += opcode == READDIRPLUS_OPCODE
         self.c_readdir += opcode == READDIR_OPCODE
-        if opcode == CREATE_OPCODE:
+        if opcode in (CREATE_OPCODE, RELEASE_OPCODE):
+            if opcode == RELEASE_OPCODE:
+                self._released(rd, written)
             chain.release()
             ram[:] = after
-            self.c_creates += 1
+            self.c_creates += opcode == CREATE_OPCODE
             if not any(o < used[1] and used[0] < o + ln for o, ln in ranges):
                 self._check_reply(written, ranges, unique)
             allowed.extend((o, o + ln) for o, ln in ranges)
@@ -571,6 +580,12 @@ class Target:
         if opcode == CREATE_OPCODE:
             self.c_creates += 1
             return n
+        if opcode == RELEASE_OPCODE:
+            self._released(rd, n)
+            if not _overlapping([self._region_of_view(v) for v in views]):
+                unique = IN_HEADER.unpack(rd.read(0, 40))[2]
+                assert b"".join(after)[:16] == OUT_HEADER.pack(16, 0, unique), "C's RELEASE reply is not empty"
+            return n
         for v, b in zip(views, before):
             v[:] = b
         if self._forget_again(opcode, table, n, chain.readable, chain.writable, chain):
@@ -584,6 +599,15 @@ class Target:
         if not _overlapping([self._region_of_view(v) for v in views]):
             assert [bytes(v) for v in views] == after, "compiled ops and session wrote different replies"
         return n
+
+    def _released(self, rd, n: int) -> None:
+        """A RELEASE C served (``n`` bytes): the empty reply, its fh freed
+        in the shared table and gone from the session's open files."""
+        fh = struct.unpack("<Q", rd.read(40, 8))[0]
+        handles = self.session.handles
+        assert n == 16, f"C's RELEASE wrote {n} bytes"
+        assert not handles.files.live(fh) and fh not in handles._handles, "C's RELEASE left its fh open"
+        self.c_releases += 1
 
     def _forget_again(self, opcode: int, table: bytes | None, n: int, rd, wr, chain) -> bool:
         """A FORGET or BATCH_FORGET C served on the hiprio ring: the session
@@ -665,6 +689,7 @@ class Target:
             "fast_served": self.fast_served, "batch_served": self.batch_served, "c_writes": self.c_writes,
             "c_meta": self.c_meta, "c_readdirplus": self.c_readdirplus, "c_readdir": self.c_readdir,
             "c_creates": self.c_creates,
+            "c_releases": self.c_releases,
             "c_forgets": self.c_forgets,
             "seconds": round(elapsed, 1),
             "inputs_per_second": round(self.inputs / elapsed) if elapsed else 0,
@@ -915,7 +940,7 @@ def main(argv=None) -> int:
                   f"ebadf_inputs={','.join(bad_fh) or '-'} c_write_inputs={','.join(c_writes) or '-'} "
                   f"c_meta_inputs={','.join(c_meta) or '-'} "
                   f"fast_served={target.fast_served} batch_served={target.batch_served} "
-                  f"c_creates={target.c_creates} c_forgets={target.c_forgets} "
+                  f"c_creates={target.c_creates} c_releases={target.c_releases} c_forgets={target.c_forgets} "
                   f"c_readdirplus={target.c_readdirplus} c_readdir={target.c_readdir}", flush=True)
             return 0
         print(f"fuzz: engine random (not coverage-guided: install atheris for that); {PATH}", flush=True)

@@ -388,6 +388,17 @@ def batch_loop() -> dict[str, bytes]:
     creates = b.build()
     s["batch_creates"] = with_flags(creates, 3)
     s["batch_creates_checked"] = with_flags(creates, 7)
+    # RELEASE in C: three new files created (C), released plainly, with
+    # RELEASE_FLOCK_UNLOCK, plainly (C's; EBADF cases are in the unit
+    # tests: the smoke wants fuse_fh_never_opened the one EBADF input)
+    b = SeedBuilder(16)
+    for i in range(3):
+        req(b, CREATE, 1, struct.pack("<IIII", 0x2, 0o100644, 0o022, 0) + name(b"rel%d" % i), [128, 16])
+    for n, flags in ((1, 0), (2, 2), (3, 0)):
+        req(b, RELEASE, 1, struct.pack("<QIIQ", fh(n), 0, flags, 0), [])
+    releases = b.build()
+    s["batch_releases"] = with_flags(releases, 3)
+    s["batch_releases_checked"] = with_flags(releases, 7)
     return s
 
 

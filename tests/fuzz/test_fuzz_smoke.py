@@ -122,17 +122,22 @@ def test_meta_seeds_reach_meta_in_c():
         assert {"meta_in_c.bin", "batch_meta_checked.bin"} <= set(stats["c_meta_inputs"].split(",")), out[-2000:]
 
 
-def test_create_seed_reaches_create_in_c():
+@pytest.mark.parametrize("seed", ["batch_creates_checked", "batch_releases_checked"])
+def test_create_and_release_seeds_reach_them_in_c(seed):
     """The CREATE seed (seeds.batch_loop: three new names in the root and
-    in d/, one that exists, the fhs released), one chain at a time: C
-    creates the three new files (the existing one is Python's), each reply
-    checked as every reply is; under PYVIRTIOFSD_PURE=1 by FastOps.serve."""
+    in d/, one that exists, the fhs released) and the RELEASE seed (three
+    new files released, one with RELEASE_FLOCK_UNLOCK), one chain at a
+    time: C creates the three new files (the existing one is Python's)
+    and releases the three fhs, each reply checked as every reply is and
+    each released fh checked freed; under PYVIRTIOFSD_PURE=1 by
+    FastOps.serve."""
     from daemon.fuse import fastpath
-    out = run(["--run", str(HERE / "corpus" / "batch_creates_checked.bin")], 120)
+    out = run(["--run", str(HERE / "corpus" / f"{seed}.bin")], 120)
     stats = dict(re.findall(r"(\w+)=(\S+)", out.splitlines()[-1]))
     pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0")
-    want = (0, 0, 0) if not fastpath.EXTENSION_BUILT else (0, 3, 3) if pure else (3, 3, 3)
-    assert (int(stats["batch_served"]), int(stats["fast_served"]), int(stats["c_creates"])) == want, out[-2000:]
+    want = (0, 0, 0, 0) if not fastpath.EXTENSION_BUILT else (0, 6, 3, 3) if pure else (6, 6, 3, 3)
+    assert tuple(int(stats[k]) for k in ("batch_served", "fast_served", "c_creates", "c_releases")) == want, \
+        out[-2000:]
 
 
 def test_fuzz_for_the_ci_budget(tmp_path):

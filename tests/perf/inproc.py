@@ -13,7 +13,7 @@ competing for the cores.
                                       getxattr-absent|unlink|rmdir|flush|create|
                                       forget|forget-keep|batch-forget|
                                       readdirplus-cold|readdirplus-warm|readdir|readdir-cold]
-                                [--depth 64] [--python-meta] [--python-readdir]
+                                [--depth 64] [--python-meta] [--python-readdir] [--python-release]
                                 [--seconds 3] [--profile cprofile|none] [--clock wall|cpu]
 
 ``lookup`` looks one name up again and again (the worker holds its fd);
@@ -32,7 +32,9 @@ before/after in one build.
 
 ``create`` creates ``depth`` new files per batch (CREATE, O_RDWR, mode
 0644) and releases them in a second batch (RELEASE): the figure is the
-worker's CPU per CREATE + RELEASE pair. Between rounds, outside the timed
+worker's CPU per CREATE + RELEASE pair, and that of the RELEASE batches
+alone per RELEASE (``--python-release``: RELEASE left to Python, for a
+before/after in one build). Between rounds, outside the timed
 part, the files are unlinked on the host and every nodeid forgotten, so
 each CREATE makes a new file and inserts a new inode, as a guest's
 create-then-unlink workload does. The session has a shared open-file
@@ -86,7 +88,7 @@ import time
 
 from daemon.config import CacheMode, Config
 from daemon.fds import close_fds
-from daemon.fuse import abi, filetable
+from daemon.fuse import abi, fastpath, filetable
 from daemon.fuse.abi import Opcode
 from daemon.fuse.inodes import InodeTable
 from daemon.fuse.session import FuseSession
@@ -339,12 +341,21 @@ def stop_keeper(pid: int, stop_w: int) -> float:
 
 
 def create_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall",
-              keeper: bool = True, where: str | None = None) -> tuple[float, float, int]:
-    """(worker µs per CREATE + RELEASE, keeper µs per CREATE, CREATEs);
-    see the module docstring. ``where``: the directory to share a new
-    temporary directory of (default: the system's temporary directory)."""
+              keeper: bool = True, where: str | None = None,
+              python_release: bool = False) -> tuple[float, float, int, float]:
+    """(worker µs per CREATE + RELEASE, keeper µs per CREATE, CREATEs,
+    worker µs per RELEASE: its batches alone); see the module docstring.
+    ``where``: the directory to share a new temporary directory of
+    (default: the system's temporary directory); ``python_release``:
+    RELEASE left to Python (``FastOps.enable_release`` not called)."""
     shared = tempfile.mkdtemp(prefix="inproc-", dir=where)
-    loop, ring, vr, _ = _build("create", depth, shared, open_files=4 * depth)
+    saved = fastpath.release_unsupported
+    if python_release:
+        fastpath.release_unsupported = lambda session: "measuring RELEASE in Python"
+    try:
+        loop, ring, vr, _ = _build("create", depth, shared, open_files=4 * depth)
+    finally:
+        fastpath.release_unsupported = saved
     session = loop.session
     pid, stop_w = start_keeper(session) if keeper else (0, -1)
     names = [f"new-{i:05d}".encode() + b"\0" for i in range(depth)]
@@ -357,7 +368,7 @@ def create_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall",
         return vr.submit([h, args], [16] + out)
 
     timer = time.thread_time if clock == "cpu" else time.perf_counter
-    busy = 0.0
+    busy = releasing = 0.0
     done = 0
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -381,8 +392,13 @@ def create_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall",
             submit(Opcode.RELEASE, nodeid, abi.RELEASE_IN.pack(fh, os.O_RDWR, 0, 0), [])
         t0 = timer()
         loop._serve(ring)
-        busy += timer() - t0
+        took = timer() - t0
+        busy += took
+        releasing += took
         for head in vr.harvest():
+            if vr.read_writable(head)[:16] != abi.OUT_HEADER.pack(16, 0, int.from_bytes(
+                    vr.read_writable(head)[8:16], "little")):
+                raise RuntimeError("release: the daemon did not answer the empty reply")
             vr.free(head)
         done += depth
         for n in names:
@@ -390,7 +406,7 @@ def create_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall",
         forget_all(session)
     keeper_s = stop_keeper(pid, stop_w) if keeper else 0.0
     close(loop, ring, vr)
-    return busy / done * 1e6, keeper_s / done * 1e6, done
+    return busy / done * 1e6, keeper_s / done * 1e6, done, releasing / done * 1e6
 
 
 def readdirplus_us(cold: bool, seconds: float = 3.0, clock: str = "wall", entries: int = 1000,
@@ -528,12 +544,16 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default="none", choices=("none", "cprofile"))
     ap.add_argument("--clock", default="wall", choices=("wall", "cpu"))
     ap.add_argument("--no-keeper", action="store_true", help="create: no keeper process")
+    ap.add_argument("--python-release", action="store_true", help="create: RELEASE in Python (before/after)")
     ap.add_argument("--dir", default=None, help="create: make the shared directory in DIR (e.g. a tmpfs)")
     a = ap.parse_args(argv)
     if a.op == "create":
-        us, keeper_us, n = create_us(a.depth, a.seconds, a.clock, not a.no_keeper, a.dir)
-        print(f"create depth {a.depth}: {us:.2f} µs per CREATE + RELEASE in the worker, "
-              f"keeper {keeper_us:.2f} µs per CREATE ({n} CREATEs); {PATH}")
+        us, keeper_us, n, release_us = create_us(a.depth, a.seconds, a.clock, not a.no_keeper, a.dir,
+                                                 a.python_release)
+        where = "Python" if a.python_release else "as built"
+        print(f"create depth {a.depth}: {us:.2f} µs per CREATE + RELEASE in the worker "
+              f"(RELEASE alone {release_us:.2f}, {where}), keeper {keeper_us:.2f} µs per CREATE "
+              f"({n} CREATEs); {PATH}")
         return 0
     if a.op.startswith("readdir"):
         names = "" if a.op.startswith("readdirplus") else "auto" if a.op == "readdir-cold" else "all"

@@ -47,7 +47,8 @@ def test_traverse_reports_every_reference(share):
     """The session, both table views, the meter and, with LOOKUP in C, the
     table's index and thread lock, with CREATE in C its two Python helpers
     and the credentials' state, with READDIRPLUS in C its Python step and
-    the DirStream type: what gc.get_referents (tp_traverse)
+    the DirStream type, with RELEASE in C the FileTable, its thread lock
+    and header view: what gc.get_referents (tp_traverse)
     lists (not the meter's words memoryview, whose buffer FastOps holds:
     nothing leads from it back to a FastOps, see fastops_traverse)."""
     session, _client = start_session(share)
@@ -57,17 +58,19 @@ def test_traverse_reports_every_reference(share):
         fast = fastpath.make(session)
         held = gc.get_referents(fast)
         table = session.inodes
+        files = session.handles.files
         assert not fastpath.lookup_unsupported(session)
         for name, obj in (("session", session), ("header", table._hdr), ("slots", table._q),
                           ("meter", meter), ("index", table._hash),
                           ("thread lock", table._tlock), ("create_rest", fastpath.create_rest),
                           ("add_created", fastpath.add_created), ("credentials", credentials._state),
-                          ("plus_entry", dirs.plus_entry), ("DirStream", dirs.DirStream)):
+                          ("plus_entry", dirs.plus_entry), ("DirStream", dirs.DirStream),
+                          ("FileTable", files), ("its thread lock", files._tlock), ("its header", files._hdr)):
             assert any(r is obj for r in held), f"tp_traverse does not visit the {name}"
-        assert len(held) == 11
-        # without a meter: the ten others only
+        assert len(held) == 14
+        # without a meter: the thirteen others only
         session.meter = None
-        assert len(gc.get_referents(fastpath.make(session))) == 10
+        assert len(gc.get_referents(fastpath.make(session))) == 13
     finally:
         session.meter = None
         session.close()
