@@ -27,7 +27,7 @@ from daemon.fuse import abi, dirs, fastpath
 from daemon.fuse.abi import Opcode
 from tests.unit.fusereq import in_header
 from tests.unit.test_fastops_equivalence import _op_words, _table_state
-from tests.unit.test_readdirplus_in_c import Pair, _tree
+from tests.unit.test_readdirplus_in_c import Pair, _tree, pairs_of
 from tests.unit.test_readdirplus_in_c import records as plus_records
 
 
@@ -124,15 +124,7 @@ def share(tmp_path):
 
 @pytest.fixture
 def pair_of(share):
-    made = []
-
-    def make(**config):
-        p = NamesPair(share, **config)
-        made.append(p)
-        return p
-    yield make
-    for p in made:
-        p.close()
+    yield from pairs_of(share, NamesPair)
 
 
 def dirent64(ino: int, off: int, dtype: int, name: bytes, reclen: int | None = None) -> bytes:

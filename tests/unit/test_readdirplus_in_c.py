@@ -186,17 +186,23 @@ def share(tmp_path):
     os.chdir(cwd)
 
 
-@pytest.fixture
-def pair_of(share):
+def pairs_of(share, cls):
+    """The ``pair_of`` fixture's body for a Pair class (test_readdir_in_c's
+    NamesPair too): ``make(**config)`` builds one; all are closed after."""
     made = []
 
     def make(**config):
-        p = Pair(share, **config)
+        p = cls(share, **config)
         made.append(p)
         return p
     yield make
     for p in made:
         p.close()
+
+
+@pytest.fixture
+def pair_of(share):
+    yield from pairs_of(share, Pair)
 
 
 def _tree(root, n: int, namelen: int = 8) -> list[str]:
