@@ -834,6 +834,34 @@ static void count(struct meter *m, int opcode, const struct timespec *start, int
         add(m->w, m->bytes_written, wrote);
 }
 
+/* an enable_* call's meter words (requests, latency_sum, buckets, errors)
+ * for name's op, each checked against the meter's slot, into *w: 0, 1 if words is None (no meter), -1 with an exception */
+static int meter_op_words(FastOps *self, PyObject *words, const char *name, struct op_words *w)
+{
+    if (words == Py_None) {
+        if (self->meter != NULL) {
+            PyErr_Format(PyExc_ValueError, "FastOps.%s: a meter needs its op's words", name);
+            return -1;
+        }
+        return 1;
+    }
+    Py_ssize_t v[4];
+    if (self->meter == NULL) {
+        PyErr_Format(PyExc_ValueError, "FastOps.%s: meter words without a meter", name);
+        return -1;
+    }
+    if (!PyArg_ParseTuple(words, "nnnn", &v[0], &v[1], &v[2], &v[3]))
+        return -1;
+    Py_ssize_t n = self->m.words.len / 8;
+    if (v[0] < 0 || v[0] >= n || v[1] < 0 || v[1] >= n || v[2] < 0 || v[2] > n - self->m.nbounds - 1
+            || v[3] < 0 || v[3] > n - self->m.errno_slots) {
+        PyErr_SetString(PyExc_ValueError, "FastOps: metrics layout outside the slot");
+        return -1;
+    }
+    *w = (struct op_words){v[0], v[1], v[2], v[3]};
+    return 0;
+}
+
 #include "_lookup.h"
 #include "_create.h"
 #include "_forget.h"

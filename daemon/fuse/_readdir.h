@@ -553,34 +553,6 @@ static int readdir_strings(void)
     return 0;
 }
 
-/* meter words (requests, latency_sum, buckets, errors) for name's op into
- * *w: 0, 1 if words is None (no meter), -1 with an exception */
-static int readdir_words(FastOps *self, PyObject *words, const char *name, struct op_words *w)
-{
-    if (words == Py_None) {
-        if (self->meter != NULL) {
-            PyErr_Format(PyExc_ValueError, "FastOps.%s: a meter needs its op's words", name);
-            return -1;
-        }
-        return 1;
-    }
-    Py_ssize_t v[4];
-    if (self->meter == NULL) {
-        PyErr_Format(PyExc_ValueError, "FastOps.%s: meter words without a meter", name);
-        return -1;
-    }
-    if (!PyArg_ParseTuple(words, "nnnn", &v[0], &v[1], &v[2], &v[3]))
-        return -1;
-    Py_ssize_t n = self->m.words.len / 8;
-    if (v[0] < 0 || v[0] >= n || v[1] < 0 || v[1] >= n || v[2] < 0 || v[2] > n - self->m.nbounds - 1
-            || v[3] < 0 || v[3] > n - self->m.errno_slots) {
-        PyErr_SetString(PyExc_ValueError, "FastOps: metrics layout outside the slot");
-        return -1;
-    }
-    *w = (struct op_words){v[0], v[1], v[2], v[3]};
-    return 0;
-}
-
 /* enable_readdirplus(entry, stream_type, meter_words): see fastops_methods */
 static PyObject *fastops_enable_readdirplus(FastOps *self, PyObject *args)
 {
@@ -596,7 +568,7 @@ static PyObject *fastops_enable_readdirplus(FastOps *self, PyObject *args)
         return NULL;
     }
     struct op_words w;
-    int none = readdir_strings() < 0 ? -1 : readdir_words(self, words, "enable_readdirplus", &w);
+    int none = readdir_strings() < 0 ? -1 : meter_op_words(self, words, "enable_readdirplus", &w);
     if (none < 0)
         return NULL;
     if (!none)
@@ -623,7 +595,7 @@ static PyObject *fastops_enable_readdir(FastOps *self, PyObject *args)
         return NULL;
     }
     struct op_words w;
-    int none = readdir_strings() < 0 ? -1 : readdir_words(self, words, "enable_readdir", &w);
+    int none = readdir_strings() < 0 ? -1 : meter_op_words(self, words, "enable_readdir", &w);
     if (none < 0)
         return NULL;
     if (!none)

@@ -1,7 +1,8 @@
 /*
  * RELEASE in C (docs/compiled.md, "RELEASE in C"), included by _fastops.c
  * after _meta.h (one translation unit: it uses that file's request, state
- * and reply helpers, _meta.h's empty_reply and _lookup.h's record_lock).
+ * and reply helpers and meter_op_words, _meta.h's empty_reply and
+ * _lookup.h's record_lock).
  * The reference is files.do_release with HandleTable.close, FileTable.free
  * and HandleTable._forget.
  *
@@ -225,17 +226,10 @@ static PyObject *fastops_enable_release(FastOps *self, PyObject *args)
         return NULL;
     }
     struct op_words w = {-1, -1, -1, -1};
-    if (self->meter != NULL) {
-        Py_ssize_t n = self->m.words.len / 8;
-        if (!PyArg_ParseTuple(words, "nnnn", &w.requests, &w.latency_sum, &w.buckets, &w.errors)
-                || w.requests < 0 || w.requests >= n || w.latency_sum < 0 || w.latency_sum >= n || w.buckets < 0
-                || w.buckets > n - self->m.nbounds - 1 || w.errors < 0 || w.errors > n - self->m.errno_slots) {
-            Py_DECREF(tlock);
-            Py_DECREF(hdr);
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_ValueError, "FastOps.enable_release: metrics layout outside the slot");
-            return NULL;
-        }
+    if (meter_op_words(self, words, "enable_release", &w) < 0) {
+        Py_DECREF(tlock);
+        Py_DECREF(hdr);
+        return NULL;
     }
     c.fd = (int)fd;
     c.capacity = (uint64_t)capacity;
