@@ -433,9 +433,7 @@ class FuseSession:
             # guest's request would wait for ever and the worker keep its views
             log.info("answering %d deferred requests of the old FUSE session with EINTR",
                      len(self._pending))
-            pending, self._pending = self._pending, []
-            self._completed.extend((token, _error(req.out, req.unique, errno.EINTR))
-                                   for token, req, _fn in pending)
+            self._completed = self.cancel_all()
         if self.handles is not None:
             self.handles.reset()
         if self.cache is not None:
