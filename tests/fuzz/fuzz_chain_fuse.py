@@ -527,7 +527,7 @@ class Target:
         self.c_readdir += opcode == READDIR_OPCODE
         if opcode in (CREATE_OPCODE, RELEASE_OPCODE):
             if opcode == RELEASE_OPCODE:
-                self._released(rd, written)
+                self._released(struct.unpack("<Q", rd.read(40, 8))[0], written)
             chain.release()
             ram[:] = after
             self.c_creates += opcode == CREATE_OPCODE
@@ -564,9 +564,10 @@ class Target:
         before = [bytes(v) for v in views]
         table = bytes(self.table._mm) if self.session is self.hiprio else None
         rd = chain.readable
-        # the opcode before C replies: the reply may overwrite its own
-        # request where the guest aliased the two
-        opcode = IN_HEADER.unpack(rd.read(0, 40))[1] if rd.size >= 40 else -1
+        # the request's fields before C replies: the reply may overwrite
+        # its own request where the guest aliased the two
+        opcode, unique = IN_HEADER.unpack(rd.read(0, 40))[1:3] if rd.size >= 40 else (-1, 0)
+        fh = struct.unpack("<Q", rd.read(40, 8))[0] if opcode == RELEASE_OPCODE and rd.size >= 48 else None
         n = self.fast(chain)
         after = [bytes(v) for v in views]
         if n < 0:
@@ -581,9 +582,8 @@ class Target:
             self.c_creates += 1
             return n
         if opcode == RELEASE_OPCODE:
-            self._released(rd, n)
+            self._released(fh, n)
             if not _overlapping([self._region_of_view(v) for v in views]):
-                unique = IN_HEADER.unpack(rd.read(0, 40))[2]
                 assert b"".join(after)[:16] == OUT_HEADER.pack(16, 0, unique), "C's RELEASE reply is not empty"
             return n
         for v, b in zip(views, before):
@@ -600,10 +600,9 @@ class Target:
             assert [bytes(v) for v in views] == after, "compiled ops and session wrote different replies"
         return n
 
-    def _released(self, rd, n: int) -> None:
-        """A RELEASE C served (``n`` bytes): the empty reply, its fh freed
-        in the shared table and gone from the session's open files."""
-        fh = struct.unpack("<Q", rd.read(40, 8))[0]
+    def _released(self, fh: int, n: int) -> None:
+        """A RELEASE of ``fh`` C served (``n`` bytes): the empty reply, its fh
+        freed in the shared table and gone from the session's open files."""
         handles = self.session.handles
         assert n == 16, f"C's RELEASE wrote {n} bytes"
         assert not handles.files.live(fh) and fh not in handles._handles, "C's RELEASE left its fh open"
