@@ -34,7 +34,7 @@ from daemon.virtio.virtqueue import Chain
 from tests.unit.fusereq import in_header
 from tests.unit.test_fastops_equivalence import _table_state
 from tests.unit.test_readdirplus_in_c import Pair, pairs_of, share
-from tests.unit.test_release_in_c import _c_declines, _err, _files_bytes, _snapshot
+from tests.unit.test_release_in_c import _c_declines, _err, _files_bytes
 
 __all__ = ["share"]         # the fixture, imported for the tests below
 
