@@ -130,6 +130,7 @@
 #define OP_READDIR 28           /* _readdir.h */
 #define OP_READDIRPLUS 44       /* _readdir.h */
 #define OP_RELEASE 18           /* _release.h */
+#define OP_RELEASEDIR 29        /* _release.h */
 #define WRITE_IN 40
 #define WRITE_OUT 8
 #define WRITE_KILL_SUIDGID 4    /* abi.FUSE_WRITE_KILL_SUIDGID: written without CAP_FSETID */
@@ -205,6 +206,7 @@ struct meter {
     struct op_words readdirplus;    /* set by enable_readdirplus (_readdir.h) */
     struct op_words readdir;        /* set by enable_readdir (_readdir.h) */
     struct op_words release;    /* set by enable_release (_release.h) */
+    struct op_words releasedir; /* set by enable_releasedir (_release.h) */
     uint64_t bounds[MAX_BUCKETS];   /* LATENCY_BUCKETS_NS: the last bucket is above them all */
 };
 
@@ -273,6 +275,7 @@ struct release_conf {
     uint64_t capacity, kind_lock;
     Py_ssize_t h_dirty, h_free, h_live, h_released, h_locks, h_last;  /* filetable.py's word indices */
     Py_ssize_t f_gen, f_kind, f_owner, f_next, f_kept, words;
+    int dirs;               /* enable_releasedir was called: RELEASEDIR is C's too */
 };
 
 typedef struct {
@@ -814,7 +817,7 @@ static void count(struct meter *m, int opcode, const struct timespec *start, int
         : opcode == OP_LOOKUP ? &m->lookup : opcode == OP_CREATE ? &m->create
         : forget_slot((uint32_t)opcode) >= 0 ? &m->forget[forget_slot((uint32_t)opcode)]
         : opcode == OP_READDIRPLUS ? &m->readdirplus : opcode == OP_READDIR ? &m->readdir
-        : opcode == OP_RELEASE ? &m->release
+        : opcode == OP_RELEASE ? &m->release : opcode == OP_RELEASEDIR ? &m->releasedir
         : opcode == OP_GETATTR || meta_slot(opcode) < 0 ? &m->getattr : &m->meta[meta_slot(opcode)];
     struct timespec end;
     clock_gettime(CLOCK_MONOTONIC, &end);
@@ -898,6 +901,7 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
             : h.opcode == OP_READDIRPLUS ? self->rd.entry == NULL
             : h.opcode == OP_READDIR ? !self->rd.names
             : h.opcode == OP_RELEASE ? self->rl.files == NULL
+            : h.opcode == OP_RELEASEDIR ? !self->rl.dirs
             : meta_wants(self, h.opcode) ? 0
             : !((h.opcode == OP_READ && self->reads) || (h.opcode == OP_WRITE && self->writes)))
         return NOT_HANDLED;
@@ -919,7 +923,7 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
         return fast_readdirplus(self, st, q, &h, error);
     if (h.opcode == OP_READDIR)
         return fast_readdir(self, st, q, &h, error);
-    if (h.opcode == OP_RELEASE)
+    if (h.opcode == OP_RELEASE || h.opcode == OP_RELEASEDIR)
         return fast_release(self, st, q, &h, error);
     if (h.opcode != OP_GETATTR)
         return fast_meta(self, st, q, &h, error);
@@ -1542,6 +1546,10 @@ static PyMethodDef fastops_methods[] = {
      "kind_lock), meter_words): serve RELEASE of this worker's own open files too, on the FileTable\n"
      "files (the session's handles.files) whose word indices these are; RELEASE's meter words\n"
      "(requests, latency_sum, buckets, errors) or None without a meter (_release.h)"},
+    {"enable_releasedir", (PyCFunction)fastops_enable_releasedir, METH_VARARGS,
+     "enable_releasedir(meter_words): serve RELEASEDIR of this worker's own directory handles too (after\n"
+     "enable_release, on its FileTable); RELEASEDIR's meter words (requests, latency_sum, buckets,\n"
+     "errors) or None without a meter (_release.h)"},
     {NULL},
 };
 

@@ -42,6 +42,19 @@
  * its successor's EIO, never to a second RELEASE answering EBADF.
  * System calls: fcntl (the record lock), flock and close, all on
  * request.policy already (flock for Python's RELEASE).
+ *
+ * RELEASEDIR (docs/compiled.md, "RELEASEDIR in C"), when
+ * FastOps.enable_releasedir was called after enable_release (fastpath.make:
+ * RELEASE is C's and the RELEASEDIR row is dirs.do_releasedir): the same
+ * function, the reference dirs.do_releasedir with HandleTable.close(fh,
+ * KIND_DIR), under the same conditions but for the handle: a directory
+ * handle this worker holds (_readdir.h's dir_handle, READDIR's check: its
+ * OpenHandle of kind dir whose generation is the shared slot's). The same
+ * free, _forget and reply; no flock at all (close takes it off files only,
+ * do_releasedir ignores release_flags). The handle's DirStream (its
+ * dir_stream, READDIR's and READDIRPLUS's state) goes with the handle out
+ * of _handles, as in Python: nothing else refers to it. Counted under
+ * RELEASEDIR. System calls: fcntl and close.
  */
 
 #include <sys/file.h>
@@ -104,16 +117,30 @@ static int release_ready(FastOps *self, struct release_refs *r, Py_ssize_t nodei
     return 0;
 }
 
-/* RELEASE; NOT_HANDLED or the bytes written */
+/* the fd of the directory handle fh this worker holds (_readdir.h's
+ * dir_handle, READDIR's check) and *nodeid, its nodeid; -1 if none */
+static int open_dir_fd(const struct state *st, uint64_t fh, Py_ssize_t *nodeid)
+{
+    int fd;
+    PyObject *handle = dir_handle(st, fh, &fd);     /* borrowed */
+    if (handle == NULL || attr_ssize(handle, s_nodeid, nodeid) < 0) {
+        PyErr_Clear();
+        return -1;
+    }
+    return fd;
+}
+
+/* RELEASE and RELEASEDIR (the handle of kind file, resp. dir); NOT_HANDLED
+ * or the bytes written */
 static Py_ssize_t fast_release(FastOps *self, const struct state *st, const struct req *q, const struct in_header *h,
                                int *error)
 {
     const struct release_conf *c = &self->rl;
     Py_ssize_t nargs = (Py_ssize_t)h->len - IN_HEADER, nodeid, count;
     struct { uint64_t fh; uint32_t flags, release_flags; uint64_t lock_owner; } a;   /* fuse_release_in */
-    int fd, copied;
+    int fd, copied, dir = h->opcode == OP_RELEASEDIR;
     if (h->total_extlen || nargs < RELEASE_IN || nargs > MAX_ARGS || iov_copy(q->r, q->nr, IN_HEADER, &a, sizeof a, 0) < 0
-            || (fd = open_fd(st, a.fh, &nodeid)) < 0)
+            || (fd = dir ? open_dir_fd(st, a.fh, &nodeid) : open_fd(st, a.fh, &nodeid)) < 0)
         return NOT_HANDLED;
     uint64_t s = a.fh & 0xFFFFFF, gen = a.fh >> 24;
     Py_ssize_t base = (Py_ssize_t)s * c->words;
@@ -176,7 +203,9 @@ static Py_ssize_t fast_release(FastOps *self, const struct state *st, const stru
     Py_XDECREF(key);
     Py_XDECREF(nkey);
     release_drop(&r);
-    int unlock = copied || (a.release_flags & RELEASE_FLOCK_UNLOCK);
+    /* HandleTable.close takes the flock off files only; do_releasedir
+     * ignores release_flags */
+    int unlock = !dir && (copied || (a.release_flags & RELEASE_FLOCK_UNLOCK));
     Py_BEGIN_ALLOW_THREADS
     if (unlock)
         flock(fd, LOCK_UN);
@@ -243,5 +272,23 @@ static PyObject *fastops_enable_release(FastOps *self, PyObject *args)
     Py_XDECREF(self->rl.hdr);
     self->rl = c;
     self->m.release = w;
+    Py_RETURN_NONE;
+}
+
+/* enable_releasedir(meter_words): see fastops_methods */
+static PyObject *fastops_enable_releasedir(FastOps *self, PyObject *args)
+{
+    PyObject *words;
+    if (!PyArg_ParseTuple(args, "O", &words))
+        return NULL;
+    if (self->rl.files == NULL) {
+        PyErr_SetString(PyExc_ValueError, "FastOps.enable_releasedir: enable_release first");
+        return NULL;
+    }
+    struct op_words w = {-1, -1, -1, -1};
+    if (meter_op_words(self, words, "enable_releasedir", &w) < 0)
+        return NULL;
+    self->rl.dirs = 1;
+    self->m.releasedir = w;
     Py_RETURN_NONE;
 }

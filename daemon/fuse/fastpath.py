@@ -66,7 +66,11 @@ RELEASE is compiled when ``release_unsupported`` says nothing against it
 (the reference RELEASE row, the stock HandleTable and FileTable): ``make``
 calls ``FastOps.enable_release`` with the FileTable and its word indices;
 C frees an open file this worker holds under the table's own locks while
-no lock description exists (docs/compiled.md, "RELEASE in C").
+no lock description exists (docs/compiled.md, "RELEASE in C"). RELEASEDIR
+too when ``releasedir_unsupported`` says nothing against it (RELEASE
+compiled, the reference RELEASEDIR row): ``FastOps.enable_releasedir``,
+the same free of a directory handle this worker holds (docs/compiled.md,
+"RELEASEDIR in C").
 
 FORGET and BATCH_FORGET, the hiprio session's (vring 0): ``fast_ops``
 makes that session a ``FastOps`` that serves those two and nothing else
@@ -247,6 +251,8 @@ def make(session):
         fast.enable_readdir(dirs.DirStream, op_words(Opcode.READDIR) if layout else None)
     if not release_unsupported(session):
         enable_release(fast, session, bool(layout))
+        if not releasedir_unsupported(session):
+            fast.enable_releasedir(op_words(Opcode.RELEASEDIR) if layout else None)
     if not lookup_unsupported(session):
         fast.enable_lookup(*_lookup_layout(table), session.config.cache is CacheMode.ALWAYS)
         if not readdirplus_unsupported(session):
@@ -298,6 +304,15 @@ def release_unsupported(session) -> str:
     if type(session.handles) is not handles.HandleTable or type(session.handles.files) is not filetable.FileTable:
         return "not the stock open-file table"
     return ""
+
+
+def releasedir_unsupported(session) -> str:
+    """Why RELEASEDIR stays in Python for ``session`` ("" if C may serve
+    it: docs/compiled.md, "RELEASEDIR in C"): RELEASE is C's (the same
+    free on the same table) and the RELEASEDIR row is the reference."""
+    if why := release_unsupported(session):
+        return why
+    return fastmeta.not_reference(session, (Opcode.RELEASEDIR, dirs.do_releasedir))
 
 
 def enable_release(fast, session, metered: bool) -> None:
@@ -449,7 +464,8 @@ def fast_ops(session):
     why_names = readdir_unsupported(session)
     names = "READDIR compiled too" if not why_names else f"READDIR in Python ({why_names})"
     meta = ", ".join([op.name for op in fastmeta.served(session)]
-                     + ([] if release_unsupported(session) else ["RELEASE"])) or "none"
+                     + ([] if release_unsupported(session) else ["RELEASE"])
+                     + ([] if releasedir_unsupported(session) else ["RELEASEDIR"])) or "none"
     log.info("FUSE ops: %s compiled (extension daemon.fuse._fastops; %s)%s; %s; %s; %s; %s; metadata ops in C: %s",
              compiled_ops(session), loop, counted, lookup, create, plus, names, meta)
     if session.meter is not None and not counted:

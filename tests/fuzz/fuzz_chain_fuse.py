@@ -35,7 +35,8 @@ which the engine reports as a crash and saves the input):
   EBADF): its reply must be the empty success reply of its unique, its
   fh no longer live in the shared table nor held by the session
   (``c_releases``); tests/unit/test_release_in_c.py compares RELEASE with
-  the session;
+  the session; so for a RELEASEDIR C served (``c_releasedirs``,
+  tests/unit/test_releasedir_in_c.py);
 - flags bit 3 of an input (``image.py``'s flags byte): the ring is the
   hiprio queue's, served by a hiprio session and its FastOps (FORGET and
   BATCH_FORGET in C, _forget.h); each FORGET or BATCH_FORGET C served is
@@ -119,6 +120,8 @@ META_OPCODES = (22, 10, 11, 25)
 REMOVE_OPCODES = (10, 11)
 CREATE_OPCODE = 35
 RELEASE_OPCODE = 18
+RELEASEDIR_OPCODE = 29
+RELEASE_OPCODES = (RELEASE_OPCODE, RELEASEDIR_OPCODE)
 FORGET_OPCODES = (2, 42)
 READDIRPLUS_OPCODE = 44
 READDIR_OPCODE = 28
@@ -276,6 +279,7 @@ class Target:
         self.c_readdir = 0  # plain READDIR served in C and checked against the session
         self.c_creates = 0  # CREATEs the compiled ops served (not answered again: see the docstring)
         self.c_releases = 0  # RELEASEs served in C (not answered again: their fh checked freed)
+        self.c_releasedirs = 0  # RELEASEDIRs served in C (likewise)
         # flags bit 3: the hiprio queue's session and FastOps (FORGET, BATCH_FORGET in C)
         self.hiprio = FuseSession(config, self.table, "hiprio")
         hops = fastpath.make(self.hiprio) if fastpath is not None else None
@@ -525,9 +529,9 @@ class Target:
         self.c_meta += opcode in META_OPCODES
         self.c_readdirplus += opcode == READDIRPLUS_OPCODE
         self.c_readdir += opcode == READDIR_OPCODE
-        if opcode in (CREATE_OPCODE, RELEASE_OPCODE):
-            if opcode == RELEASE_OPCODE:
-                self._released(struct.unpack("<Q", rd.read(40, 8))[0], written)
+        if opcode in (CREATE_OPCODE, *RELEASE_OPCODES):
+            if opcode in RELEASE_OPCODES:
+                self._released(opcode, struct.unpack("<Q", rd.read(40, 8))[0], written)
             chain.release()
             ram[:] = after
             self.c_creates += opcode == CREATE_OPCODE
@@ -567,7 +571,7 @@ class Target:
         # the request's fields before C replies: the reply may overwrite
         # its own request where the guest aliased the two
         opcode, unique = IN_HEADER.unpack(rd.read(0, 40))[1:3] if rd.size >= 40 else (-1, 0)
-        fh = struct.unpack("<Q", rd.read(40, 8))[0] if opcode == RELEASE_OPCODE and rd.size >= 48 else None
+        fh = struct.unpack("<Q", rd.read(40, 8))[0] if opcode in RELEASE_OPCODES and rd.size >= 48 else None
         n = self.fast(chain)
         after = [bytes(v) for v in views]
         if n < 0:
@@ -581,10 +585,10 @@ class Target:
         if opcode == CREATE_OPCODE:
             self.c_creates += 1
             return n
-        if opcode == RELEASE_OPCODE:
-            self._released(fh, n)
+        if opcode in RELEASE_OPCODES:
+            self._released(opcode, fh, n)
             if not _overlapping([self._region_of_view(v) for v in views]):
-                assert b"".join(after)[:16] == OUT_HEADER.pack(16, 0, unique), "C's RELEASE reply is not empty"
+                assert b"".join(after)[:16] == OUT_HEADER.pack(16, 0, unique), "C's RELEASE(DIR) reply is not empty"
             return n
         for v, b in zip(views, before):
             v[:] = b
@@ -600,13 +604,15 @@ class Target:
             assert [bytes(v) for v in views] == after, "compiled ops and session wrote different replies"
         return n
 
-    def _released(self, fh: int, n: int) -> None:
-        """A RELEASE of ``fh`` C served (``n`` bytes): the empty reply, its fh
-        freed in the shared table and gone from the session's open files."""
+    def _released(self, opcode: int, fh: int, n: int) -> None:
+        """A RELEASE or RELEASEDIR of ``fh`` C served (``n`` bytes): the
+        empty reply, its fh freed in the shared table and gone from the
+        session's open files."""
         handles = self.session.handles
-        assert n == 16, f"C's RELEASE wrote {n} bytes"
-        assert not handles.files.live(fh) and fh not in handles._handles, "C's RELEASE left its fh open"
-        self.c_releases += 1
+        assert n == 16, f"C's RELEASE(DIR) wrote {n} bytes"
+        assert not handles.files.live(fh) and fh not in handles._handles, "C's RELEASE(DIR) left its fh open"
+        self.c_releases += opcode == RELEASE_OPCODE
+        self.c_releasedirs += opcode == RELEASEDIR_OPCODE
 
     def _forget_again(self, opcode: int, table: bytes | None, n: int, rd, wr, chain) -> bool:
         """A FORGET or BATCH_FORGET C served on the hiprio ring: the session
@@ -688,7 +694,7 @@ class Target:
             "fast_served": self.fast_served, "batch_served": self.batch_served, "c_writes": self.c_writes,
             "c_meta": self.c_meta, "c_readdirplus": self.c_readdirplus, "c_readdir": self.c_readdir,
             "c_creates": self.c_creates,
-            "c_releases": self.c_releases,
+            "c_releases": self.c_releases, "c_releasedirs": self.c_releasedirs,
             "c_forgets": self.c_forgets,
             "seconds": round(elapsed, 1),
             "inputs_per_second": round(self.inputs / elapsed) if elapsed else 0,
@@ -939,7 +945,8 @@ def main(argv=None) -> int:
                   f"ebadf_inputs={','.join(bad_fh) or '-'} c_write_inputs={','.join(c_writes) or '-'} "
                   f"c_meta_inputs={','.join(c_meta) or '-'} "
                   f"fast_served={target.fast_served} batch_served={target.batch_served} "
-                  f"c_creates={target.c_creates} c_releases={target.c_releases} c_forgets={target.c_forgets} "
+                  f"c_creates={target.c_creates} c_releases={target.c_releases} c_releasedirs={target.c_releasedirs} "
+                  f"c_forgets={target.c_forgets} "
                   f"c_readdirplus={target.c_readdirplus} c_readdir={target.c_readdir}", flush=True)
             return 0
         print(f"fuzz: engine random (not coverage-guided: install atheris for that); {PATH}", flush=True)

@@ -12,8 +12,9 @@ competing for the cores.
     python -m tests.perf.inproc [--op getattr|lookup|lookup-cold|read4k|read1m|write4k|write4k-kill|
                                       getxattr-absent|unlink|rmdir|flush|create|
                                       forget|forget-keep|batch-forget|
-                                      readdirplus-cold|readdirplus-warm|readdir|readdir-cold]
+                                      readdirplus-cold|readdirplus-warm|readdir|readdir-cold|opendir]
                                 [--depth 64] [--python-meta] [--python-readdir] [--python-release]
+                                [--python-releasedir]
                                 [--seconds 3] [--profile cprofile|none] [--clock wall|cpu]
 
 ``lookup`` looks one name up again and again (the worker holds its fd);
@@ -71,6 +72,15 @@ nodeid forgotten between passes (the figure: per entry of the whole
 listing). ``--python-readdir`` leaves plain READDIR to Python in the
 same build (``fastpath.readdir_unsupported`` answered for it), for a
 before/after.
+
+``opendir`` is a guest's ``ls`` of a small directory (``--entries``
+files, default 8), ``depth`` times per round: a batch of ``depth``
+OPENDIRs of it, one of a READDIRPLUS of 4 KiB from cookie 0 on each fh
+(every entry listed, every inode held: +1 each), one of their
+RELEASEDIRs; the figure is the worker's CPU per OPENDIR + READDIRPLUS +
+RELEASEDIR, and that of the RELEASEDIR batches alone per RELEASEDIR
+(``--python-releasedir``: RELEASEDIR left to Python, for a before/after in
+one build). A real keeper gets every directory fd, as in the daemon.
 
 ``--clock cpu`` times the serving thread's CPU time instead of the wall
 clock: steadier on a loaded machine. The last line names the request path
@@ -409,6 +419,72 @@ def create_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall",
     return busy / done * 1e6, keeper_s / done * 1e6, done, releasing / done * 1e6
 
 
+def opendir_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall", entries: int = 8,
+               python_releasedir: bool = False) -> tuple[float, float, int]:
+    """(worker µs per OPENDIR + READDIRPLUS + RELEASEDIR, worker µs per
+    RELEASEDIR: its batches alone, cycles); see the module docstring."""
+    shared = tempfile.mkdtemp(prefix="inproc-")
+    saved = fastpath.releasedir_unsupported
+    if python_releasedir:
+        fastpath.releasedir_unsupported = lambda session: "measuring RELEASEDIR in Python"
+    try:
+        loop, ring, vr, _ = _build("create", depth, shared, open_files=4 * depth)
+    finally:
+        fastpath.releasedir_unsupported = saved
+    os.mkdir(os.path.join(shared, "ls"))
+    for i in range(entries):
+        open(os.path.join(shared, "ls", f"entry-{i:03d}"), "wb").close()
+    pid, stop_w = start_keeper(loop.session)
+    unique = [1 << 40]
+
+    def submit(opcode, nodeid, args, out):
+        unique[0] += 2
+        return vr.submit([abi.IN_HEADER.pack(40 + len(args), opcode, unique[0], nodeid, 0, 0, 1, 0, 0), args],
+                         [16] + out)
+
+    def batch(opcode, nodeid, args_list, out) -> tuple[float, list[bytes]]:
+        heads = [submit(opcode, nodeid, a, out) for a in args_list]
+        t0 = timer()
+        loop._serve(ring)
+        took = timer() - t0
+        finished = vr.harvest()
+        if sorted(finished) != sorted(heads):
+            raise RuntimeError(f"served {len(finished)} of {len(heads)}")
+        replies = []
+        for head in heads:
+            reply = vr.read_writable(head)
+            vr.free(head)
+            err = int.from_bytes(reply[4:8], "little", signed=True)
+            if err:
+                raise RuntimeError(f"opendir: the daemon answered {err} to {opcode!r}")
+            replies.append(reply)
+        return took, replies
+
+    timer = time.thread_time if clock == "cpu" else time.perf_counter
+    entry = batch(Opcode.LOOKUP, 1, [b"ls\0"], [abi.ENTRY_OUT.size])[1][0]
+    nodeid = int.from_bytes(entry[16:24], "little")
+    busy = releasing = 0.0
+    done = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        took, replies = batch(Opcode.OPENDIR, nodeid, [abi.OPEN_IN.pack(os.O_RDONLY | os.O_DIRECTORY, 0)] * depth,
+                              [abi.OPEN_OUT.size])
+        busy += took
+        fhs = [int.from_bytes(r[16:24], "little") for r in replies]
+        took, replies = batch(Opcode.READDIRPLUS, nodeid, [abi.READ_IN.pack(fh, 0, 4096, 0, 0, 0) for fh in fhs],
+                              [4096])
+        busy += took
+        if any(int.from_bytes(r[0:4], "little") < 16 + (entries + 2) * abi.DIRENTPLUS.size for r in replies):
+            raise RuntimeError("opendir: a listing came back short")
+        took, replies = batch(Opcode.RELEASEDIR, nodeid, [abi.RELEASE_IN.pack(fh, 0, 0, 0) for fh in fhs], [])
+        busy += took
+        releasing += took
+        done += depth
+    stop_keeper(pid, stop_w)
+    close(loop, ring, vr)
+    return busy / done * 1e6, releasing / done * 1e6, done
+
+
 def readdirplus_us(cold: bool, seconds: float = 3.0, clock: str = "wall", entries: int = 1000,
                    size: int = 4096, names: str = "", python_readdir: bool = False) -> tuple[float, int]:
     """(µs per entry listed, entries listed): see the module docstring.
@@ -534,8 +610,9 @@ def main(argv=None) -> int:
     ap.add_argument("--op", default="getattr",
                     choices=("getattr", "lookup", "lookup-cold", "read4k", "read1m", "write4k", "write4k-kill",
                              "getxattr-absent", "unlink", "rmdir", "flush", "create", *FORGET_OPS,
-                             "readdirplus-cold", "readdirplus-warm", "readdir", "readdir-cold"))
-    ap.add_argument("--entries", type=int, default=1000, help="readdir*: files in the directory listed")
+                             "readdirplus-cold", "readdirplus-warm", "readdir", "readdir-cold", "opendir"))
+    ap.add_argument("--entries", type=int, default=None,
+                    help="readdir*, opendir: files in the directory listed (1000, 8)")
     ap.add_argument("--python-readdir", action="store_true", help="readdir*: plain READDIR in Python")
     ap.add_argument("--python-meta", action="store_true",
                     help="GETXATTR, UNLINK, RMDIR and FLUSH in Python (the rest as the build serves it)")
@@ -545,6 +622,7 @@ def main(argv=None) -> int:
     ap.add_argument("--clock", default="wall", choices=("wall", "cpu"))
     ap.add_argument("--no-keeper", action="store_true", help="create: no keeper process")
     ap.add_argument("--python-release", action="store_true", help="create: RELEASE in Python (before/after)")
+    ap.add_argument("--python-releasedir", action="store_true", help="opendir: RELEASEDIR in Python")
     ap.add_argument("--dir", default=None, help="create: make the shared directory in DIR (e.g. a tmpfs)")
     a = ap.parse_args(argv)
     if a.op == "create":
@@ -555,6 +633,13 @@ def main(argv=None) -> int:
               f"(RELEASE alone {release_us:.2f}, {where}), keeper {keeper_us:.2f} µs per CREATE "
               f"({n} CREATEs); {PATH}")
         return 0
+    if a.op == "opendir":
+        us, release_us, n = opendir_us(a.depth, a.seconds, a.clock, a.entries or 8, a.python_releasedir)
+        where = "Python" if a.python_releasedir else "as built"
+        print(f"opendir depth {a.depth} ({a.entries or 8} entries): {us:.2f} µs per OPENDIR + READDIRPLUS + "
+              f"RELEASEDIR in the worker (RELEASEDIR alone {release_us:.2f}, {where}; {n} cycles); {PATH}")
+        return 0
+    a.entries = a.entries or 1000
     if a.op.startswith("readdir"):
         names = "" if a.op.startswith("readdirplus") else "auto" if a.op == "readdir-cold" else "all"
         us, n = readdirplus_us(a.op.endswith("-cold"), a.seconds, a.clock, a.entries, names=names,
