@@ -12,8 +12,9 @@ competing for the cores.
     python -m tests.perf.inproc [--op getattr|lookup|lookup-cold|read4k|read1m|write4k|write4k-kill|
                                       getxattr-absent|unlink|rmdir|flush|create|
                                       forget|forget-keep|batch-forget|
-                                      readdirplus-cold|readdirplus-warm|readdir|readdir-cold]
+                                      readdirplus-cold|readdirplus-warm|readdir|readdir-cold|open|opendir]
                                 [--depth 64] [--python-meta] [--python-readdir] [--python-release]
+                                [--python-open]
                                 [--seconds 3] [--profile cprofile|none] [--clock wall|cpu]
 
 ``lookup`` looks one name up again and again (the worker holds its fd);
@@ -41,6 +42,13 @@ create-then-unlink workload does. The session has a shared open-file
 table and a real keeper (workers/keeper.py's ``Keeper.run``) in a forked
 process, which gets every new fd (``Peers.keep``); its CPU per CREATE
 (user + system, from ``wait4``) is printed too.
+
+``open`` opens one file ``depth`` times per batch (OPEN, O_RDONLY),
+``opendir`` one directory (OPENDIR), with a shared open-file table and a
+real keeper as ``create``; the fhs are released outside the timed part
+(``HandleTable.close``). The figure is the worker's CPU per OPEN, the
+keeper's is printed too. ``--python-open`` leaves both to Python
+(``fastpath.open_unsupported`` answered for them), for a before/after.
 
 ``forget``, ``forget-keep`` and ``batch-forget`` are the hiprio worker's
 (vring 0, its session role "hiprio", its loop with the hiprio COALESCE
@@ -409,6 +417,62 @@ def create_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall",
     return busy / done * 1e6, keeper_s / done * 1e6, done, releasing / done * 1e6
 
 
+def open_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall", keeper: bool = True,
+            python_open: bool = False, opendir: bool = False) -> tuple[float, float, int]:
+    """(worker µs per OPEN (OPENDIR with ``opendir``), keeper µs per OPEN,
+    OPENs): ``depth`` OPENs of one file (O_RDONLY; OPENDIR: of a
+    directory) per batch, timed, then their RELEASEs (RELEASEDIR: through
+    HandleTable.close) outside the timed part; ``python_open``: OPEN and
+    OPENDIR left to Python (``FastOps.enable_open`` not called)."""
+    shared = tempfile.mkdtemp(prefix="inproc-")
+    saved = fastpath.open_unsupported
+    if python_open:
+        fastpath.open_unsupported = lambda session: "measuring OPEN in Python"
+    try:
+        loop, ring, vr, _ = _build("create", depth, shared, open_files=4 * depth)
+    finally:
+        fastpath.open_unsupported = saved
+    session = loop.session
+    pid, stop_w = start_keeper(session) if keeper else (0, -1)
+    os.mkdir(os.path.join(shared, "d"))
+    unique = [0]
+
+    def submit(opcode, nodeid, args, out):
+        unique[0] += 2
+        h = abi.IN_HEADER.pack(40 + len(args), opcode, unique[0], nodeid, 0, 0, 1, 0, 0)
+        return vr.submit([h, args], [16] + out)
+
+    submit(Opcode.LOOKUP, 1, b"d\0" if opendir else DATA.encode() + b"\0", [abi.ENTRY_OUT.size])
+    loop._serve(ring)
+    head = vr.harvest()[0]
+    nodeid = int.from_bytes(vr.read_writable(head)[16:24], "little")
+    vr.free(head)
+    opcode = Opcode.OPENDIR if opendir else Opcode.OPEN
+    timer = time.thread_time if clock == "cpu" else time.perf_counter
+    busy, done = 0.0, 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for _ in range(depth):
+            submit(opcode, nodeid, abi.OPEN_IN.pack(os.O_RDONLY, 0), [abi.OPEN_OUT.size])
+        t0 = timer()
+        loop._serve(ring)
+        busy += timer() - t0
+        finished = vr.harvest()
+        if len(finished) != depth:
+            raise RuntimeError(f"served {len(finished)} of {depth}")
+        for head in finished:
+            reply = vr.read_writable(head)
+            vr.free(head)
+            if int.from_bytes(reply[4:8], "little", signed=True):
+                raise RuntimeError(f"open: the daemon answered {reply[:16]!r}")
+            fh = int.from_bytes(reply[16:24], "little")
+            session.handles.close(fh, session.handles._handles[fh].kind)
+        done += depth
+    keeper_s = stop_keeper(pid, stop_w) if keeper else 0.0
+    close(loop, ring, vr)
+    return busy / done * 1e6, keeper_s / done * 1e6, done
+
+
 def readdirplus_us(cold: bool, seconds: float = 3.0, clock: str = "wall", entries: int = 1000,
                    size: int = 4096, names: str = "", python_readdir: bool = False) -> tuple[float, int]:
     """(µs per entry listed, entries listed): see the module docstring.
@@ -534,7 +598,7 @@ def main(argv=None) -> int:
     ap.add_argument("--op", default="getattr",
                     choices=("getattr", "lookup", "lookup-cold", "read4k", "read1m", "write4k", "write4k-kill",
                              "getxattr-absent", "unlink", "rmdir", "flush", "create", *FORGET_OPS,
-                             "readdirplus-cold", "readdirplus-warm", "readdir", "readdir-cold"))
+                             "readdirplus-cold", "readdirplus-warm", "readdir", "readdir-cold", "open", "opendir"))
     ap.add_argument("--entries", type=int, default=1000, help="readdir*: files in the directory listed")
     ap.add_argument("--python-readdir", action="store_true", help="readdir*: plain READDIR in Python")
     ap.add_argument("--python-meta", action="store_true",
@@ -545,6 +609,7 @@ def main(argv=None) -> int:
     ap.add_argument("--clock", default="wall", choices=("wall", "cpu"))
     ap.add_argument("--no-keeper", action="store_true", help="create: no keeper process")
     ap.add_argument("--python-release", action="store_true", help="create: RELEASE in Python (before/after)")
+    ap.add_argument("--python-open", action="store_true", help="open, opendir: in Python (before/after)")
     ap.add_argument("--dir", default=None, help="create: make the shared directory in DIR (e.g. a tmpfs)")
     a = ap.parse_args(argv)
     if a.op == "create":
@@ -554,6 +619,12 @@ def main(argv=None) -> int:
         print(f"create depth {a.depth}: {us:.2f} µs per CREATE + RELEASE in the worker "
               f"(RELEASE alone {release_us:.2f}, {where}), keeper {keeper_us:.2f} µs per CREATE "
               f"({n} CREATEs); {PATH}")
+        return 0
+    if a.op in ("open", "opendir"):
+        us, keeper_us, n = open_us(a.depth, a.seconds, a.clock, not a.no_keeper, a.python_open, a.op == "opendir")
+        where = "Python" if a.python_open else "as built"
+        print(f"{a.op} depth {a.depth}: {us:.2f} µs per {a.op.upper()} in the worker ({where}), keeper "
+              f"{keeper_us:.2f} µs each ({n} {a.op.upper()}s); {PATH}")
         return 0
     if a.op.startswith("readdir"):
         names = "" if a.op.startswith("readdirplus") else "auto" if a.op == "readdir-cold" else "all"
