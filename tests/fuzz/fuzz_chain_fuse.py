@@ -970,7 +970,8 @@ def main(argv=None) -> int:
                   f"ebadf_inputs={','.join(bad_fh) or '-'} c_write_inputs={','.join(c_writes) or '-'} "
                   f"c_meta_inputs={','.join(c_meta) or '-'} "
                   f"fast_served={target.fast_served} batch_served={target.batch_served} "
-                  f"c_creates={target.c_creates} c_releases={target.c_releases} c_opens={target.c_opens} c_forgets={target.c_forgets} "
+                  f"c_creates={target.c_creates} c_releases={target.c_releases} c_opens={target.c_opens} "
+                  f"c_forgets={target.c_forgets} "
                   f"c_readdirplus={target.c_readdirplus} c_readdir={target.c_readdir}", flush=True)
             return 0
         print(f"fuzz: engine random (not coverage-guided: install atheris for that); {PATH}", flush=True)

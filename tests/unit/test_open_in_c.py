@@ -24,7 +24,7 @@ from daemon.config import CacheMode
 from daemon.fuse import abi, fastpath, filetable, handles
 from daemon.fuse.abi import Opcode
 from tests.unit.fusereq import in_header
-from tests.unit.test_create_in_c import _close, _fd_count, _lookup, _pair, _share, _step, shares
+from tests.unit.test_create_in_c import _close, _lookup, _pair, _share, _step, shares
 from tests.unit.test_release_in_c import _c_declines, _err, _full_same, release_request
 
 __all__ = ["shares"]        # the fixture, imported for the tests below
