@@ -68,6 +68,13 @@ calls ``FastOps.enable_release`` with the FileTable and its word indices;
 C frees an open file this worker holds under the table's own locks while
 no lock description exists (docs/compiled.md, "RELEASE in C").
 
+OPEN and OPENDIR are compiled when ``open_unsupported`` says nothing
+against it (RELEASE compiled, the reference OPEN and OPENDIR rows):
+``make`` calls ``FastOps.enable_open`` with ``add_handle`` below (for
+what C's own allocation declines), ``handles.OpenHandle`` and the rest of
+the FileTable's layout; C reopens the inode and allocates the fh in the
+shared table itself (docs/compiled.md, "OPEN and OPENDIR in C").
+
 FORGET and BATCH_FORGET, the hiprio session's (vring 0): ``fast_ops``
 makes that session a ``FastOps`` that serves those two and nothing else
 (``make_hiprio``: ``enable_lookup`` for the table's layout and locks, then
