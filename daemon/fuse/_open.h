@@ -46,6 +46,9 @@
  *      _open_per_node one up.
  *   4. fuse_out_header + fuse_open_out {fh, FOPEN_*}, counted under OPEN or
  *      OPENDIR with a meter.
+ * CREATE (_create.h) allocates its fh with steps 2 and 3 too
+ * (add_fd_in_c) when enable_open was called, fastpath.add_created only
+ * where they decline.
  * System calls: fstat, openat, fcntl (the record lock), sendmsg (Python's
  * Peers.keep): all on policy/request.policy already.
  */
@@ -238,6 +241,26 @@ out:
     Py_XDECREF(key);
     PyErr_Clear();
     return rc;
+}
+
+/* HandleTable.add of an open fd in C, for CREATE (_create.h) when OPEN is
+ * C's: the fh; 0 if C's allocation declines (nothing done: the caller
+ * calls Python's add, which owns fd then); -EIO if Python failed after the
+ * allocation (as an exception in HandleTable._keep: the slot stays) */
+static long long add_fd_in_c(FastOps *self, const struct state *st, int fd, uint64_t nodeid, int kind,
+                             uint32_t flags)
+{
+    Py_ssize_t serial;
+    struct open_refs r = {0};
+    if (self->op.add == NULL || open_ready(self, st, &r, &serial) < 0) {
+        open_drop(&r);
+        return 0;
+    }
+    uint64_t owner = serial ? (uint64_t)serial << 32 | (uint64_t)fd : 0;
+    uint64_t fh = open_alloc(self, st, &r, nodeid, (uint64_t)kind, flags, owner);
+    int kept = fh == 0 ? 0 : open_keep(self, st, &r, fh, fd, nodeid, kind, flags);
+    open_drop(&r);
+    return kept < 0 ? -EIO : (long long)fh;
 }
 
 /* OPEN and OPENDIR; NOT_HANDLED or the bytes written; *error: the reply's errno */

@@ -431,3 +431,43 @@ def test_the_worker_loop_opens_in_c_beside_a_keeper(tmp_path, monkeypatch):
     finally:
         inproc.stop_keeper(pid, stop_w)
         inproc.close(loop, ring, vr)
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_create_allocates_its_fh_in_c(shares, monkeypatch, busy):
+    """With OPEN in C, C's CREATE allocates its fh as OPEN does (no call of
+    fastpath.add_created), with Python's reply, FileTable memory, handles
+    and fds; with the table's thread lock held by another thread (C's
+    allocation declines) fastpath.add_created does it, once."""
+    import threading
+
+    from tests.unit.test_create_in_c import create_request
+    calls = []
+    real = fastpath.add_created
+
+    def counted(*args):
+        calls.append(args[1:])
+        return real(*args)
+
+    monkeypatch.setattr(fastpath, "add_created", counted)
+    pair, fast = _pair(shares)
+    try:
+        request, wsizes = create_request(1, b"n0", os.O_RDWR, 0o100644, 10)
+        timer = None
+        if busy:
+            lock = pair[1].handles.files._tlock
+            lock.acquire()
+            timer = threading.Timer(0.2, lock.release)
+            timer.start()
+        try:
+            replies: list = []
+            assert _step(pair, fast, shares, request, wsizes, replies)
+        finally:
+            if timer is not None:
+                timer.join()
+        _full_same(pair, shares)
+        fh = abi.OPEN_OUT.unpack_from(replies[0], 16 + 128)[0]
+        assert fh in pair[1].handles._handles
+        assert len(calls) == (1 if busy else 0)
+    finally:
+        _close(pair)
