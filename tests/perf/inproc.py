@@ -350,20 +350,25 @@ def stop_keeper(pid: int, stop_w: int) -> float:
 
 def create_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall",
               keeper: bool = True, where: str | None = None,
-              python_release: bool = False) -> tuple[float, float, int, float]:
+              python_release: bool = False, python_open: bool = False) -> tuple[float, float, int, float]:
     """(worker µs per CREATE + RELEASE, keeper µs per CREATE, CREATEs,
     worker µs per RELEASE: its batches alone); see the module docstring.
     ``where``: the directory to share a new temporary directory of
     (default: the system's temporary directory); ``python_release``:
-    RELEASE left to Python (``FastOps.enable_release`` not called)."""
+    RELEASE left to Python (``FastOps.enable_release`` not called);
+    ``python_open``: OPEN left to Python (``FastOps.enable_open`` not
+    called: C's CREATE then allocates its fh through Python's
+    ``HandleTable.add``)."""
     shared = tempfile.mkdtemp(prefix="inproc-", dir=where)
-    saved = fastpath.release_unsupported
+    saved, saved_open = fastpath.release_unsupported, fastpath.open_unsupported
     if python_release:
         fastpath.release_unsupported = lambda session: "measuring RELEASE in Python"
+    if python_open:
+        fastpath.open_unsupported = lambda session: "measuring OPEN in Python"
     try:
         loop, ring, vr, _ = _build("create", depth, shared, open_files=4 * depth)
     finally:
-        fastpath.release_unsupported = saved
+        fastpath.release_unsupported, fastpath.open_unsupported = saved, saved_open
     session = loop.session
     pid, stop_w = start_keeper(session) if keeper else (0, -1)
     names = [f"new-{i:05d}".encode() + b"\0" for i in range(depth)]
@@ -609,13 +614,15 @@ def main(argv=None) -> int:
     ap.add_argument("--clock", default="wall", choices=("wall", "cpu"))
     ap.add_argument("--no-keeper", action="store_true", help="create: no keeper process")
     ap.add_argument("--python-release", action="store_true", help="create: RELEASE in Python (before/after)")
-    ap.add_argument("--python-open", action="store_true", help="open, opendir: in Python (before/after)")
+    ap.add_argument("--python-open", action="store_true",
+                    help="open, opendir: in Python; create: its fh through Python (before/after)")
     ap.add_argument("--dir", default=None, help="create: make the shared directory in DIR (e.g. a tmpfs)")
     a = ap.parse_args(argv)
     if a.op == "create":
         us, keeper_us, n, release_us = create_us(a.depth, a.seconds, a.clock, not a.no_keeper, a.dir,
-                                                 a.python_release)
+                                                 a.python_release, a.python_open)
         where = "Python" if a.python_release else "as built"
+        where += "; the fh through Python's HandleTable.add" if a.python_open else ""
         print(f"create depth {a.depth}: {us:.2f} µs per CREATE + RELEASE in the worker "
               f"(RELEASE alone {release_us:.2f}, {where}), keeper {keeper_us:.2f} µs per CREATE "
               f"({n} CREATEs); {PATH}")
