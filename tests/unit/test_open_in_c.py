@@ -215,22 +215,20 @@ def test_writeback_write_only_falls_back_as_python_does(shares):
 
 
 class _as_user:
-    """The thread's fsuid/fsgid switched (no CAP_DAC_OVERRIDE then), back after."""
+    """The thread's fsuid/fsgid switched (credentials.switch: no
+    CAP_DAC_OVERRIDE then), back to the process's after."""
 
     def __init__(self, uid: int):
         self.uid = uid
 
     def __enter__(self):
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        self._libc = libc
-        libc.syscall(123, self.uid)       # setfsgid: x86-64 __NR_setfsgid
-        libc.syscall(122, self.uid)       # setfsuid
+        from daemon.fuse import credentials
+        credentials.switch(self.uid, self.uid)
         return self
 
     def __exit__(self, *exc):
-        self._libc.syscall(122, 0)
-        self._libc.syscall(123, 0)
+        from daemon.fuse import credentials
+        credentials.restore()
 
 
 @pytest.mark.parametrize("case", ["short-args", "extension", "accmode", "kill-uid", "kill-flag", "stale", "zero",
