@@ -45,9 +45,11 @@
  *      full, DIRTY, a lock error, the new name gone...), the thread lock
  *      is let go and fastpath.create_rest does files.created (FuseSession
  *      .entry and HandleTable.add) with the open fd, and answers.
- *   3. fastpath.add_created: HandleTable.add (the shared FileTable's slot,
- *      the keeper's copy, the OpenHandle), the fh; an error (ENFILE) is
- *      the error reply, the lookup count staying taken, as in Python.
+ *   3. HandleTable.add (the shared FileTable's slot, the keeper's copy,
+ *      the OpenHandle): in C as OPEN's (_open.h, add_fd_in_c) when
+ *      enable_open was called, else (or where C's allocation declines)
+ *      fastpath.add_created; the fh; an error (ENFILE) is the error
+ *      reply, the lookup count staying taken, as in Python.
  *   4. fuse_out_header + fuse_entry_out + fuse_open_out {fh, the FOPEN_*
  *      of --cache}, counted under CREATE with a meter.
  * System calls: newfstatat, openat, close, fcntl (the record lock) and,
@@ -56,6 +58,9 @@
  */
 
 #define CREATE_IN 16
+
+static long long add_fd_in_c(FastOps *self, const struct state *st, int fd, uint64_t nodeid, int kind,
+                             uint32_t flags);     /* _open.h */
 #define OPEN_OUT 16
 
 /* fuse_create_in, as abi.CREATE_IN ("<IIII") */
@@ -188,12 +193,17 @@ static Py_ssize_t fast_create(FastOps *self, struct state *st, const struct req 
         PyErr_Clear();
         return create_rest(self, st, q, h, name, fd, &a, host, opened, parent, error);
     }
-    /* HandleTable.add owns fd from here (it closes it on failure) */
-    PyObject *got = PyObject_CallFunction(self->cr.add, "OiKI", self->session, fd,
-                                          (unsigned long long)r.e.nodeid, opened);
-    long long fh = got != NULL && PyLong_CheckExact(got) ? PyLong_AsLongLong(got) : -EIO;
-    Py_XDECREF(got);
-    PyErr_Clear();
+    /* HandleTable.add: in C when OPEN is C's (_open.h), else, or where C's
+     * allocation declines, Python's, which owns fd from there (it closes
+     * it on failure) */
+    long long fh = add_fd_in_c(self, st, fd, r.e.nodeid, KIND_FILE, opened);
+    if (fh == 0) {
+        PyObject *got = PyObject_CallFunction(self->cr.add, "OiKI", self->session, fd,
+                                              (unsigned long long)r.e.nodeid, opened);
+        fh = got != NULL && PyLong_CheckExact(got) ? PyLong_AsLongLong(got) : -EIO;
+        Py_XDECREF(got);
+        PyErr_Clear();
+    }
     if (fh <= 0)
         return error_reply(q, h->unique, fh < 0 && fh > -4096 ? (int)-fh : EIO, error);
     r.e.len = sizeof r;

@@ -131,6 +131,8 @@
 #define OP_READDIRPLUS 44       /* _readdir.h */
 #define OP_RELEASE 18           /* _release.h */
 #define OP_RELEASEDIR 29        /* _release.h */
+#define OP_OPEN 14              /* _open.h */
+#define OP_OPENDIR 27           /* _open.h */
 #define WRITE_IN 40
 #define WRITE_OUT 8
 #define WRITE_KILL_SUIDGID 4    /* abi.FUSE_WRITE_KILL_SUIDGID: written without CAP_FSETID */
@@ -207,6 +209,7 @@ struct meter {
     struct op_words readdir;        /* set by enable_readdir (_readdir.h) */
     struct op_words release;    /* set by enable_release (_release.h) */
     struct op_words releasedir; /* set by enable_releasedir (_release.h) */
+    struct op_words open, opendir;  /* set by enable_open (_open.h) */
     uint64_t bounds[MAX_BUCKETS];   /* LATENCY_BUCKETS_NS: the last bucket is above them all */
 };
 
@@ -278,6 +281,16 @@ struct release_conf {
     int dirs;               /* enable_releasedir was called: RELEASEDIR is C's too */
 };
 
+/* OPEN and OPENDIR as FastOps.enable_open sets them up (_open.h) */
+struct open_conf {
+    PyObject *add;          /* fastpath.add_handle; NULL: OPEN and OPENDIR are Python's */
+    PyObject *handle_type;  /* handles.OpenHandle */
+    Py_ssize_t h_gen, h_high, f_node, f_flags, f_lock_owner;   /* filetable.py's, beside release_conf's */
+    uint32_t kept;          /* files.host_open_flags' mask */
+    int writeback;          /* --writeback: files.writeback_flags */
+    uint32_t fopen, fopen_dir;  /* files.fopen_flags(--cache), OPENDIR's */
+};
+
 typedef struct {
     PyObject_HEAD
     PyObject *session;      /* the FuseSession */
@@ -298,6 +311,7 @@ typedef struct {
     struct forget_conf fg;  /* FORGET, BATCH_FORGET (_forget.h): then nothing else */
     struct readdir_conf rd; /* READDIRPLUS (_readdir.h) */
     struct release_conf rl; /* RELEASE (_release.h) */
+    struct open_conf op;    /* OPEN, OPENDIR (_open.h) */
 } FastOps;
 
 static PyObject *s_readable, *s_writable, *s_views, *s_size, *s_session, *s_meter, *s_cache,
@@ -818,6 +832,7 @@ static void count(struct meter *m, int opcode, const struct timespec *start, int
         : forget_slot((uint32_t)opcode) >= 0 ? &m->forget[forget_slot((uint32_t)opcode)]
         : opcode == OP_READDIRPLUS ? &m->readdirplus : opcode == OP_READDIR ? &m->readdir
         : opcode == OP_RELEASE ? &m->release : opcode == OP_RELEASEDIR ? &m->releasedir
+        : opcode == OP_OPEN ? &m->open : opcode == OP_OPENDIR ? &m->opendir
         : opcode == OP_GETATTR || meta_slot(opcode) < 0 ? &m->getattr : &m->meta[meta_slot(opcode)];
     struct timespec end;
     clock_gettime(CLOCK_MONOTONIC, &end);
@@ -870,6 +885,7 @@ static int meter_op_words(FastOps *self, PyObject *words, const char *name, stru
 #include "_forget.h"
 #include "_readdir.h"
 #include "_release.h"
+#include "_open.h"
 
 /* one request, with the checks every fast op shares (FuseSession._handle's,
  * in its order); NOT_HANDLED (nothing written) or the bytes written;
@@ -902,6 +918,7 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
             : h.opcode == OP_READDIR ? !self->rd.names
             : h.opcode == OP_RELEASE ? self->rl.files == NULL
             : h.opcode == OP_RELEASEDIR ? !self->rl.dirs
+            : h.opcode == OP_OPEN || h.opcode == OP_OPENDIR ? self->op.add == NULL || q->wsize < OUT_HEADER + OPEN_OUT
             : meta_wants(self, h.opcode) ? 0
             : !((h.opcode == OP_READ && self->reads) || (h.opcode == OP_WRITE && self->writes)))
         return NOT_HANDLED;
@@ -925,6 +942,8 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
         return fast_readdir(self, st, q, &h, error);
     if (h.opcode == OP_RELEASE || h.opcode == OP_RELEASEDIR)
         return fast_release(self, st, q, &h, error);
+    if (h.opcode == OP_OPEN || h.opcode == OP_OPENDIR)
+        return fast_open(self, st, q, &h, error);
     if (h.opcode != OP_GETATTR)
         return fast_meta(self, st, q, &h, error);
     return fast_getattr(self, st, q, &h, error);
@@ -1276,6 +1295,8 @@ static int fastops_traverse(FastOps *self, visitproc visit, void *arg)
     Py_VISIT(self->rl.files);
     Py_VISIT(self->rl.tlock);
     Py_VISIT(self->rl.hdr);
+    Py_VISIT(self->op.add);
+    Py_VISIT(self->op.handle_type);
     return 0;
 }
 
@@ -1296,6 +1317,8 @@ static int fastops_clear(FastOps *self)
     Py_CLEAR(self->rl.files);
     Py_CLEAR(self->rl.tlock);
     Py_CLEAR(self->rl.hdr);
+    Py_CLEAR(self->op.add);
+    Py_CLEAR(self->op.handle_type);
     drop_meter(self);
     return 0;
 }
@@ -1550,6 +1573,12 @@ static PyMethodDef fastops_methods[] = {
      "enable_releasedir(meter_words): serve RELEASEDIR of this worker's own directory handles too (after\n"
      "enable_release, on its FileTable); RELEASEDIR's meter words (requests, latency_sum, buckets,\n"
      "errors) or None without a meter (_release.h)"},
+    {"enable_open", (PyCFunction)fastops_enable_open, METH_VARARGS,
+     "enable_open(add, handle_type, (gen, high, node, flags, lock_owner), kept, writeback, fopen, fopen_dir,\n"
+     "open_words, opendir_words): serve OPEN and OPENDIR too (after enable_release, on its FileTable):\n"
+     "fastpath.add_handle (HandleTable.add, for what C's allocation declines), handles.OpenHandle, the\n"
+     "FileTable's other word indices, files.host_open_flags' mask, --writeback, the FOPEN_* flags of\n"
+     "OPEN and OPENDIR, their meter words or None without a meter (_open.h)"},
     {NULL},
 };
 

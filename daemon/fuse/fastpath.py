@@ -72,6 +72,13 @@ compiled, the reference RELEASEDIR row): ``FastOps.enable_releasedir``,
 the same free of a directory handle this worker holds (docs/compiled.md,
 "RELEASEDIR in C").
 
+OPEN and OPENDIR are compiled when ``open_unsupported`` says nothing
+against it (RELEASE compiled, the reference OPEN and OPENDIR rows):
+``make`` calls ``FastOps.enable_open`` with ``add_handle`` below (for
+what C's own allocation declines), ``handles.OpenHandle`` and the rest of
+the FileTable's layout; C reopens the inode and allocates the fh in the
+shared table itself (docs/compiled.md, "OPEN and OPENDIR in C").
+
 FORGET and BATCH_FORGET, the hiprio session's (vring 0): ``fast_ops``
 makes that session a ``FastOps`` that serves those two and nothing else
 (``make_hiprio``: ``enable_lookup`` for the table's layout and locks, then
@@ -120,7 +127,7 @@ import os
 import time
 
 from daemon.config import CacheMode
-from daemon.fuse import (attrs, credentials, dirs, entries, fastmeta, files, filetable, handles, inodecache,
+from daemon.fuse import (abi, attrs, credentials, dirs, entries, fastmeta, files, filetable, handles, inodecache,
                          inodes, replies)
 from daemon.fuse.abi import Opcode
 from daemon.fuse.request import FUSEError
@@ -253,6 +260,8 @@ def make(session):
         enable_release(fast, session, bool(layout))
         if not releasedir_unsupported(session):
             fast.enable_releasedir(op_words(Opcode.RELEASEDIR) if layout else None)
+        if not open_unsupported(session):
+            enable_open(fast, session, bool(layout))
     if not lookup_unsupported(session):
         fast.enable_lookup(*_lookup_layout(table), session.config.cache is CacheMode.ALWAYS)
         if not readdirplus_unsupported(session):
@@ -322,6 +331,44 @@ def enable_release(fast, session, metered: bool) -> None:
                         (ft._H_DIRTY, ft._H_FREE, ft._H_LIVE, ft._H_RELEASED, ft._H_LOCKS, ft._F_GEN, ft._F_KIND,
                          ft._F_OWNER, ft._F_NEXT, ft._F_KEPT, ft._WORDS, ft.KIND_LOCK),
                         op_words(Opcode.RELEASE) if metered else None)
+
+
+def open_unsupported(session) -> str:
+    """Why OPEN and OPENDIR stay in Python for ``session`` ("" if C may
+    serve them: docs/compiled.md, "OPEN and OPENDIR in C"): C allocates the
+    fh in the FileTable RELEASE in C frees, so it needs that first, and the
+    reference OPEN and OPENDIR rows."""
+    if why := release_unsupported(session):
+        return why
+    return fastmeta.not_reference(session, (Opcode.OPEN, files.do_open), (Opcode.OPENDIR, dirs.do_opendir))
+
+
+def enable_open(fast, session, metered: bool) -> None:
+    """``FastOps.enable_open`` (_open.h), after ``enable_release``."""
+    ft, config = filetable, session.config
+    dir_flags = abi.FOPEN_CACHE_DIR | abi.FOPEN_KEEP_CACHE \
+        if config.cache is CacheMode.ALWAYS or config.cache is CacheMode.METADATA else 0
+    fast.enable_open(add_handle, handles.OpenHandle,
+                     (ft._H_GEN, ft._H_HIGH, ft._F_NODE, ft._F_FLAGS, ft._F_LOCK_OWNER),
+                     files.host_open_flags(0xFFFFFFFF & ~os.O_ACCMODE, config.allow_direct_io,
+                                           config.preserve_noatime) | os.O_ACCMODE,
+                     config.writeback, files.fopen_flags(config.cache), dir_flags,
+                     op_words(Opcode.OPEN) if metered else None, op_words(Opcode.OPENDIR) if metered else None)
+
+
+def add_handle(session, fd: int, nodeid: int, kind: int, opened: int) -> int:
+    """The compiled OPEN's and OPENDIR's ``HandleTable.add`` when C's own
+    allocation declines (the table's thread lock busy, DIRTY, full): the
+    fh, or -errno (ENFILE when full; the fd is closed then)."""
+    try:
+        return session.handles.add(fd, nodeid, kind, opened).fh
+    except FUSEError as e:
+        return -e.errno
+    except OSError as e:
+        return -(e.errno or errno.EIO)
+    except Exception:  # noqa: BLE001 - as FuseSession._handle: EIO, keep serving
+        log.exception("FUSE OPEN (compiled, the fh) failed")
+        return -errno.EIO
 
 
 def create_unsupported(session) -> str:
@@ -401,7 +448,7 @@ def meter_layout(meter) -> dict:
         return {}
 
     assert max(Opcode.GETATTR, Opcode.READ, Opcode.WRITE, Opcode.LOOKUP, Opcode.CREATE, Opcode.FORGET,
-               Opcode.BATCH_FORGET, Opcode.READDIRPLUS, Opcode.READDIR, Opcode.RELEASE,
+               Opcode.BATCH_FORGET, Opcode.READDIRPLUS, Opcode.READDIR, Opcode.RELEASE, Opcode.OPEN, Opcode.OPENDIR,
                *fastmeta.OPS) < c.OPCODE_SLOTS
     layout = (c.BYTES_READ, c.ERRNO_SLOTS, *op_words(Opcode.GETATTR), *op_words(Opcode.READ),
               c.BYTES_WRITTEN, *op_words(Opcode.WRITE), *op_words(Opcode.LOOKUP))
@@ -465,7 +512,8 @@ def fast_ops(session):
     names = "READDIR compiled too" if not why_names else f"READDIR in Python ({why_names})"
     meta = ", ".join([op.name for op in fastmeta.served(session)]
                      + ([] if release_unsupported(session) else ["RELEASE"])
-                     + ([] if releasedir_unsupported(session) else ["RELEASEDIR"])) or "none"
+                     + ([] if releasedir_unsupported(session) else ["RELEASEDIR"])
+                     + ([] if open_unsupported(session) else ["OPEN", "OPENDIR"])) or "none"
     log.info("FUSE ops: %s compiled (extension daemon.fuse._fastops; %s)%s; %s; %s; %s; %s; metadata ops in C: %s",
              compiled_ops(session), loop, counted, lookup, create, plus, names, meta)
     if session.meter is not None and not counted:

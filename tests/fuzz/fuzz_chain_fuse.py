@@ -36,7 +36,11 @@ which the engine reports as a crash and saves the input):
   fh no longer live in the shared table nor held by the session
   (``c_releases``); tests/unit/test_release_in_c.py compares RELEASE with
   the session; so for a RELEASEDIR C served (``c_releasedirs``,
-  tests/unit/test_releasedir_in_c.py);
+  tests/unit/test_releasedir_in_c.py); nor is an OPEN or OPENDIR C
+  served (Python would open another fh): its reply must be an error
+  reply or fuse_open_out naming an fh live in the shared table and held
+  by the session, of the opcode's kind (``c_opens``);
+  tests/unit/test_open_in_c.py compares them with the session;
 - flags bit 3 of an input (``image.py``'s flags byte): the ring is the
   hiprio queue's, served by a hiprio session and its FastOps (FORGET and
   BATCH_FORGET in C, _forget.h); each FORGET or BATCH_FORGET C served is
@@ -122,6 +126,7 @@ CREATE_OPCODE = 35
 RELEASE_OPCODE = 18
 RELEASEDIR_OPCODE = 29
 RELEASE_OPCODES = (RELEASE_OPCODE, RELEASEDIR_OPCODE)
+OPEN_OPCODES = (14, 27)     # OPEN, OPENDIR (_open.h)
 FORGET_OPCODES = (2, 42)
 READDIRPLUS_OPCODE = 44
 READDIR_OPCODE = 28
@@ -280,6 +285,7 @@ class Target:
         self.c_creates = 0  # CREATEs the compiled ops served (not answered again: see the docstring)
         self.c_releases = 0  # RELEASEs served in C (not answered again: their fh checked freed)
         self.c_releasedirs = 0  # RELEASEDIRs served in C (likewise)
+        self.c_opens = 0  # OPENs and OPENDIRs served in C (not answered again: their fh checked live)
         # flags bit 3: the hiprio queue's session and FastOps (FORGET, BATCH_FORGET in C)
         self.hiprio = FuseSession(config, self.table, "hiprio")
         hops = fastpath.make(self.hiprio) if fastpath is not None else None
@@ -529,11 +535,15 @@ class Target:
         self.c_meta += opcode in META_OPCODES
         self.c_readdirplus += opcode == READDIRPLUS_OPCODE
         self.c_readdir += opcode == READDIR_OPCODE
-        if opcode in (CREATE_OPCODE, *RELEASE_OPCODES):
+        if opcode in (CREATE_OPCODE, *RELEASE_OPCODES, *OPEN_OPCODES):
             if opcode in RELEASE_OPCODES:
                 self._released(opcode, struct.unpack("<Q", rd.read(40, 8))[0], written)
             chain.release()
             ram[:] = after
+            if opcode in OPEN_OPCODES:
+                reply = b"".join(after[o:o + ln] for o, ln in ranges)
+                self._opened(opcode, unique, written, reply, _overlapping(ranges)
+                             or any(o < used[1] and used[0] < o + ln for o, ln in ranges))
             self.c_creates += opcode == CREATE_OPCODE
             if not any(o < used[1] and used[0] < o + ln for o, ln in ranges):
                 self._check_reply(written, ranges, unique)
@@ -585,6 +595,9 @@ class Target:
         if opcode == CREATE_OPCODE:
             self.c_creates += 1
             return n
+        if opcode in OPEN_OPCODES:
+            self._opened(opcode, unique, n, b"".join(after), _overlapping([self._region_of_view(v) for v in views]))
+            return n
         if opcode in RELEASE_OPCODES:
             self._released(opcode, fh, n)
             if not _overlapping([self._region_of_view(v) for v in views]):
@@ -613,6 +626,23 @@ class Target:
         assert not handles.files.live(fh) and fh not in handles._handles, "C's RELEASE(DIR) left its fh open"
         self.c_releases += opcode == RELEASE_OPCODE
         self.c_releasedirs += opcode == RELEASEDIR_OPCODE
+
+    def _opened(self, opcode: int, unique: int, n: int, reply: bytes, aliased: bool) -> None:
+        """An OPEN or OPENDIR C served (``n`` bytes, ``reply`` the writable
+        bytes after): an error reply, or fuse_open_out with an fh live in the
+        shared table, held by the session, of the opcode's kind (its
+        content unless the guest aliased the buffers)."""
+        assert n in (16, 32), f"C's OPEN wrote {n} bytes"
+        self.c_opens += 1
+        if aliased:
+            return
+        length, err, got_unique = OUT_HEADER.unpack_from(reply)
+        assert (length, got_unique) == (n, unique) and (err == 0) == (n == 32), "C's OPEN reply header"
+        if n == 32:
+            fh = struct.unpack_from("<Q", reply, 16)[0]
+            handle = self.session.handles._handles.get(fh)
+            assert self.session.handles.files.live(fh) and handle is not None, "C's OPEN fh is not open"
+            assert handle.kind == (2 if opcode == 27 else 1), "C's OPEN fh of the other kind"
 
     def _forget_again(self, opcode: int, table: bytes | None, n: int, rd, wr, chain) -> bool:
         """A FORGET or BATCH_FORGET C served on the hiprio ring: the session
@@ -695,6 +725,7 @@ class Target:
             "c_meta": self.c_meta, "c_readdirplus": self.c_readdirplus, "c_readdir": self.c_readdir,
             "c_creates": self.c_creates,
             "c_releases": self.c_releases, "c_releasedirs": self.c_releasedirs,
+            "c_opens": self.c_opens,
             "c_forgets": self.c_forgets,
             "seconds": round(elapsed, 1),
             "inputs_per_second": round(self.inputs / elapsed) if elapsed else 0,
@@ -946,6 +977,7 @@ def main(argv=None) -> int:
                   f"c_meta_inputs={','.join(c_meta) or '-'} "
                   f"fast_served={target.fast_served} batch_served={target.batch_served} "
                   f"c_creates={target.c_creates} c_releases={target.c_releases} c_releasedirs={target.c_releasedirs} "
+                  f"c_opens={target.c_opens} "
                   f"c_forgets={target.c_forgets} "
                   f"c_readdirplus={target.c_readdirplus} c_readdir={target.c_readdir}", flush=True)
             return 0

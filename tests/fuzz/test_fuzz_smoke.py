@@ -106,17 +106,18 @@ def test_first_lookup_seeds_reach_insertion_in_c():
 
 def test_meta_seeds_reach_meta_in_c():
     """The seeds of _meta.h's ops (seeds.meta_ops: 20 requests, of which C
-    serves 15: eight GETXATTRs, a FLUSH, six UNLINKs and RMDIRs; OPEN,
-    MKNOD, MKDIR, "." and "d/sub" are Python's): stage 2, whole batches,
-    one chain at a time, each chain C answered checked against the
-    session (an UNLINK or RMDIR C did: the session's second one is
-    ENOENT). Under PYVIRTIOFSD_PURE=1 FastOps.serve on every chain: 45."""
+    serves 16: eight GETXATTRs, a FLUSH, six UNLINKs and RMDIRs, and the
+    OPEN before the FLUSH (_open.h); MKNOD, MKDIR, "." and "d/sub" are
+    Python's): stage 2, whole batches, one chain at a time, each chain C
+    answered checked against the session (an UNLINK or RMDIR C did: the
+    session's second one is ENOENT; the OPEN: its fh live and held).
+    Under PYVIRTIOFSD_PURE=1 FastOps.serve on every chain: 48."""
     from daemon.fuse import fastpath
     seeds = [str(HERE / "corpus" / f"{name}.bin") for name in ("meta_in_c", "batch_meta", "batch_meta_checked")]
     out = run(["--run", *seeds], 120)
     stats = dict(re.findall(r"(\w+)=(\S+)", out.splitlines()[-1]))
     pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0")
-    want = (0, 0) if not fastpath.EXTENSION_BUILT else (0, 45) if pure else (30, 30)
+    want = (0, 0) if not fastpath.EXTENSION_BUILT else (0, 48) if pure else (32, 32)
     assert (int(stats["batch_served"]), int(stats["fast_served"])) == want, out[-2000:]
     if fastpath.EXTENSION_BUILT:
         assert {"meta_in_c.bin", "batch_meta_checked.bin"} <= set(stats["c_meta_inputs"].split(",")), out[-2000:]
@@ -155,20 +156,22 @@ def test_fuzz_for_the_ci_budget(tmp_path):
     assert not list(tmp_path.glob("crash-*")) and not list(tmp_path.glob("timeout-*"))
 
 
-def assert_nine_served_in_c(names: tuple[str, ...], counter: str, releasedirs: int = 0) -> None:
+def assert_nine_served_in_c(names: tuple[str, ...], counter: str, opens: int = 0, releasedirs: int = 0) -> None:
     """Three seeds (stage 2, whole batches, one chain at a time checked
     against the session) of which C serves nine requests each time it
     runs them: 18 served and counted in ``counter``; under
-    PYVIRTIOFSD_PURE=1 FastOps.serve on every chain: 27. And
-    ``releasedirs`` RELEASEDIRs more each time (``c_releasedirs``)."""
+    PYVIRTIOFSD_PURE=1 FastOps.serve on every chain: 27. ``opens``: the
+    OPENs and OPENDIRs C serves too each time (_open.h), in ``c_opens``;
+    ``releasedirs``: the RELEASEDIRs, in ``c_releasedirs``."""
     from daemon.fuse import fastpath
     out = run(["--run", *(str(HERE / "corpus" / f"{name}.bin") for name in names)], 120)
     stats = dict(re.findall(r"(\w+)=(\S+)", out.splitlines()[-1]))
     pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0")
-    r = releasedirs
-    want = (0, 0, 0, 0) if not fastpath.EXTENSION_BUILT else (0, 27 + 3 * r, 27, 3 * r) if pure \
-        else (18 + 2 * r, 18 + 2 * r, 18, 2 * r)
-    got = tuple(int(stats[k]) for k in ("batch_served", "fast_served", counter, "c_releasedirs"))
+    n = 9 + opens + releasedirs
+    want = (0, 0, 0, 0, 0) if not fastpath.EXTENSION_BUILT \
+        else (0, 3 * n, 27, 3 * opens, 3 * releasedirs) if pure \
+        else (2 * n, 2 * n, 18, 2 * opens, 2 * releasedirs)
+    got = tuple(int(stats[k]) for k in ("batch_served", "fast_served", counter, "c_opens", "c_releasedirs"))
     assert got == want, out[-2000:]
 
 
@@ -185,26 +188,30 @@ def test_forget_seeds_reach_forget_in_c():
 def test_readdirplus_seeds_reach_readdirplus_in_c():
     """The READDIRPLUS seeds (seeds.readdirplus_ops: ten READDIRPLUS, of
     which C serves nine; the cookie past OFFSET_MAX is Python's; the two
-    RELEASEDIRs C's too, counted in ``c_releasedirs``): stage 2, whole
-    batches, one chain at a time, each chain C answered checked against
-    the session. Under PYVIRTIOFSD_PURE=1 FastOps.serve on every chain:
-    27 and 6 RELEASEDIRs."""
+    OPENDIRs before them and the two RELEASEDIRs after, C's too, counted
+    in ``c_opens`` and ``c_releasedirs``): stage 2, whole batches, one
+    chain at a time, each chain C answered checked against the session.
+    Under PYVIRTIOFSD_PURE=1 FastOps.serve on every chain: 27, 6 OPENDIRs
+    and 6 RELEASEDIRs."""
     assert_nine_served_in_c(("readdirplus_in_c", "batch_readdirplus", "batch_readdirplus_checked"), "c_readdirplus",
-                            releasedirs=2)
+                            opens=2, releasedirs=2)
 
 
 def test_readdir_seeds_reach_readdir_in_c():
     """The plain READDIR seeds (seeds.readdir_ops: a READDIRPLUS, then ten
     READDIR of which C serves nine; the cookie past OFFSET_MAX is
-    Python's; two RELEASEDIRs): C serves twelve requests each time it runs
-    them, nine counted in ``c_readdir`` (the READDIRPLUS in
-    ``c_readdirplus``, the RELEASEDIRs in ``c_releasedirs``). Under
-    PYVIRTIOFSD_PURE=1 FastOps.serve on every chain: 36, 27 and 6."""
+    Python's; two OPENDIRs and two RELEASEDIRs, C's): C serves fourteen
+    requests each time it runs them, nine counted in ``c_readdir`` (the
+    READDIRPLUS in ``c_readdirplus``, the OPENDIRs in ``c_opens``, the
+    RELEASEDIRs in ``c_releasedirs``). Under PYVIRTIOFSD_PURE=1
+    FastOps.serve on every chain: 42, 27, 3, 6 and 6."""
     from daemon.fuse import fastpath
     out = run(["--run", *(str(HERE / "corpus" / f"{name}.bin")
                           for name in ("readdir_in_c", "batch_readdir", "batch_readdir_checked"))], 120)
     stats = dict(re.findall(r"(\w+)=(\S+)", out.splitlines()[-1]))
     pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0")
-    want = (0, 0, 0, 0, 0) if not fastpath.EXTENSION_BUILT else (0, 36, 27, 3, 6) if pure else (24, 24, 18, 2, 4)
-    got = tuple(int(stats[k]) for k in ("batch_served", "fast_served", "c_readdir", "c_readdirplus", "c_releasedirs"))
+    want = (0, 0, 0, 0, 0, 0) if not fastpath.EXTENSION_BUILT else (0, 42, 27, 3, 6, 6) if pure \
+        else (28, 28, 18, 2, 4, 4)
+    got = tuple(int(stats[k]) for k in ("batch_served", "fast_served", "c_readdir", "c_readdirplus", "c_opens",
+                                        "c_releasedirs"))
     assert got == want, out[-2000:]

@@ -12,9 +12,9 @@ competing for the cores.
     python -m tests.perf.inproc [--op getattr|lookup|lookup-cold|read4k|read1m|write4k|write4k-kill|
                                       getxattr-absent|unlink|rmdir|flush|create|
                                       forget|forget-keep|batch-forget|
-                                      readdirplus-cold|readdirplus-warm|readdir|readdir-cold|opendir]
+                                      readdirplus-cold|readdirplus-warm|readdir|readdir-cold|open|opendir|listing]
                                 [--depth 64] [--python-meta] [--python-readdir] [--python-release]
-                                [--python-releasedir]
+                                [--python-releasedir] [--python-open]
                                 [--seconds 3] [--profile cprofile|none] [--clock wall|cpu]
 
 ``lookup`` looks one name up again and again (the worker holds its fd);
@@ -42,6 +42,13 @@ create-then-unlink workload does. The session has a shared open-file
 table and a real keeper (workers/keeper.py's ``Keeper.run``) in a forked
 process, which gets every new fd (``Peers.keep``); its CPU per CREATE
 (user + system, from ``wait4``) is printed too.
+
+``open`` opens one file ``depth`` times per batch (OPEN, O_RDONLY),
+``opendir`` one directory (OPENDIR), with a shared open-file table and a
+real keeper as ``create``; the fhs are released outside the timed part
+(``HandleTable.close``). The figure is the worker's CPU per OPEN, the
+keeper's is printed too. ``--python-open`` leaves both to Python
+(``fastpath.open_unsupported`` answered for them), for a before/after.
 
 ``forget``, ``forget-keep`` and ``batch-forget`` are the hiprio worker's
 (vring 0, its session role "hiprio", its loop with the hiprio COALESCE
@@ -73,7 +80,7 @@ listing). ``--python-readdir`` leaves plain READDIR to Python in the
 same build (``fastpath.readdir_unsupported`` answered for it), for a
 before/after.
 
-``opendir`` is a guest's ``ls`` of a small directory (``--entries``
+``listing`` is a guest's ``ls`` of a small directory (``--entries``
 files, default 8), ``depth`` times per round: a batch of ``depth``
 OPENDIRs of it, one of a READDIRPLUS of 4 KiB from cookie 0 on each fh
 (every entry listed, every inode held: +1 each), one of their
@@ -352,20 +359,25 @@ def stop_keeper(pid: int, stop_w: int) -> float:
 
 def create_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall",
               keeper: bool = True, where: str | None = None,
-              python_release: bool = False) -> tuple[float, float, int, float]:
+              python_release: bool = False, python_open: bool = False) -> tuple[float, float, int, float]:
     """(worker µs per CREATE + RELEASE, keeper µs per CREATE, CREATEs,
     worker µs per RELEASE: its batches alone); see the module docstring.
     ``where``: the directory to share a new temporary directory of
     (default: the system's temporary directory); ``python_release``:
-    RELEASE left to Python (``FastOps.enable_release`` not called)."""
+    RELEASE left to Python (``FastOps.enable_release`` not called);
+    ``python_open``: OPEN left to Python (``FastOps.enable_open`` not
+    called: C's CREATE then allocates its fh through Python's
+    ``HandleTable.add``)."""
     shared = tempfile.mkdtemp(prefix="inproc-", dir=where)
-    saved = fastpath.release_unsupported
+    saved, saved_open = fastpath.release_unsupported, fastpath.open_unsupported
     if python_release:
         fastpath.release_unsupported = lambda session: "measuring RELEASE in Python"
+    if python_open:
+        fastpath.open_unsupported = lambda session: "measuring OPEN in Python"
     try:
         loop, ring, vr, _ = _build("create", depth, shared, open_files=4 * depth)
     finally:
-        fastpath.release_unsupported = saved
+        fastpath.release_unsupported, fastpath.open_unsupported = saved, saved_open
     session = loop.session
     pid, stop_w = start_keeper(session) if keeper else (0, -1)
     names = [f"new-{i:05d}".encode() + b"\0" for i in range(depth)]
@@ -483,6 +495,62 @@ def opendir_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall", entri
     stop_keeper(pid, stop_w)
     close(loop, ring, vr)
     return busy / done * 1e6, releasing / done * 1e6, done
+
+
+def open_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall", keeper: bool = True,
+            python_open: bool = False, opendir: bool = False) -> tuple[float, float, int]:
+    """(worker µs per OPEN (OPENDIR with ``opendir``), keeper µs per OPEN,
+    OPENs): ``depth`` OPENs of one file (O_RDONLY; OPENDIR: of a
+    directory) per batch, timed, then their RELEASEs (RELEASEDIR: through
+    HandleTable.close) outside the timed part; ``python_open``: OPEN and
+    OPENDIR left to Python (``FastOps.enable_open`` not called)."""
+    shared = tempfile.mkdtemp(prefix="inproc-")
+    saved = fastpath.open_unsupported
+    if python_open:
+        fastpath.open_unsupported = lambda session: "measuring OPEN in Python"
+    try:
+        loop, ring, vr, _ = _build("create", depth, shared, open_files=4 * depth)
+    finally:
+        fastpath.open_unsupported = saved
+    session = loop.session
+    pid, stop_w = start_keeper(session) if keeper else (0, -1)
+    os.mkdir(os.path.join(shared, "d"))
+    unique = [0]
+
+    def submit(opcode, nodeid, args, out):
+        unique[0] += 2
+        h = abi.IN_HEADER.pack(40 + len(args), opcode, unique[0], nodeid, 0, 0, 1, 0, 0)
+        return vr.submit([h, args], [16] + out)
+
+    submit(Opcode.LOOKUP, 1, b"d\0" if opendir else DATA.encode() + b"\0", [abi.ENTRY_OUT.size])
+    loop._serve(ring)
+    head = vr.harvest()[0]
+    nodeid = int.from_bytes(vr.read_writable(head)[16:24], "little")
+    vr.free(head)
+    opcode = Opcode.OPENDIR if opendir else Opcode.OPEN
+    timer = time.thread_time if clock == "cpu" else time.perf_counter
+    busy, done = 0.0, 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for _ in range(depth):
+            submit(opcode, nodeid, abi.OPEN_IN.pack(os.O_RDONLY, 0), [abi.OPEN_OUT.size])
+        t0 = timer()
+        loop._serve(ring)
+        busy += timer() - t0
+        finished = vr.harvest()
+        if len(finished) != depth:
+            raise RuntimeError(f"served {len(finished)} of {depth}")
+        for head in finished:
+            reply = vr.read_writable(head)
+            vr.free(head)
+            if int.from_bytes(reply[4:8], "little", signed=True):
+                raise RuntimeError(f"open: the daemon answered {reply[:16]!r}")
+            fh = int.from_bytes(reply[16:24], "little")
+            session.handles.close(fh, session.handles._handles[fh].kind)
+        done += depth
+    keeper_s = stop_keeper(pid, stop_w) if keeper else 0.0
+    close(loop, ring, vr)
+    return busy / done * 1e6, keeper_s / done * 1e6, done
 
 
 def readdirplus_us(cold: bool, seconds: float = 3.0, clock: str = "wall", entries: int = 1000,
@@ -610,9 +678,10 @@ def main(argv=None) -> int:
     ap.add_argument("--op", default="getattr",
                     choices=("getattr", "lookup", "lookup-cold", "read4k", "read1m", "write4k", "write4k-kill",
                              "getxattr-absent", "unlink", "rmdir", "flush", "create", *FORGET_OPS,
-                             "readdirplus-cold", "readdirplus-warm", "readdir", "readdir-cold", "opendir"))
+                             "readdirplus-cold", "readdirplus-warm", "readdir", "readdir-cold", "open", "opendir",
+                             "listing"))
     ap.add_argument("--entries", type=int, default=None,
-                    help="readdir*, opendir: files in the directory listed (1000, 8)")
+                    help="readdir*, listing: files in the directory listed (1000, 8)")
     ap.add_argument("--python-readdir", action="store_true", help="readdir*: plain READDIR in Python")
     ap.add_argument("--python-meta", action="store_true",
                     help="GETXATTR, UNLINK, RMDIR and FLUSH in Python (the rest as the build serves it)")
@@ -622,22 +691,31 @@ def main(argv=None) -> int:
     ap.add_argument("--clock", default="wall", choices=("wall", "cpu"))
     ap.add_argument("--no-keeper", action="store_true", help="create: no keeper process")
     ap.add_argument("--python-release", action="store_true", help="create: RELEASE in Python (before/after)")
-    ap.add_argument("--python-releasedir", action="store_true", help="opendir: RELEASEDIR in Python")
+    ap.add_argument("--python-releasedir", action="store_true", help="listing: RELEASEDIR in Python")
+    ap.add_argument("--python-open", action="store_true",
+                    help="open, opendir: in Python; create: its fh through Python (before/after)")
     ap.add_argument("--dir", default=None, help="create: make the shared directory in DIR (e.g. a tmpfs)")
     a = ap.parse_args(argv)
     if a.op == "create":
         us, keeper_us, n, release_us = create_us(a.depth, a.seconds, a.clock, not a.no_keeper, a.dir,
-                                                 a.python_release)
+                                                 a.python_release, a.python_open)
         where = "Python" if a.python_release else "as built"
+        where += "; the fh through Python's HandleTable.add" if a.python_open else ""
         print(f"create depth {a.depth}: {us:.2f} µs per CREATE + RELEASE in the worker "
               f"(RELEASE alone {release_us:.2f}, {where}), keeper {keeper_us:.2f} µs per CREATE "
               f"({n} CREATEs); {PATH}")
         return 0
-    if a.op == "opendir":
+    if a.op == "listing":
         us, release_us, n = opendir_us(a.depth, a.seconds, a.clock, a.entries or 8, a.python_releasedir)
         where = "Python" if a.python_releasedir else "as built"
-        print(f"opendir depth {a.depth} ({a.entries or 8} entries): {us:.2f} µs per OPENDIR + READDIRPLUS + "
+        print(f"listing depth {a.depth} ({a.entries or 8} entries): {us:.2f} µs per OPENDIR + READDIRPLUS + "
               f"RELEASEDIR in the worker (RELEASEDIR alone {release_us:.2f}, {where}; {n} cycles); {PATH}")
+        return 0
+    if a.op in ("open", "opendir"):
+        us, keeper_us, n = open_us(a.depth, a.seconds, a.clock, not a.no_keeper, a.python_open, a.op == "opendir")
+        where = "Python" if a.python_open else "as built"
+        print(f"{a.op} depth {a.depth}: {us:.2f} µs per {a.op.upper()} in the worker ({where}), keeper "
+              f"{keeper_us:.2f} µs each ({n} {a.op.upper()}s); {PATH}")
         return 0
     a.entries = a.entries or 1000
     if a.op.startswith("readdir"):

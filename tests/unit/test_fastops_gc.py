@@ -17,7 +17,7 @@ import weakref
 
 import pytest
 
-from daemon.fuse import abi, credentials, dirs, fastpath
+from daemon.fuse import abi, credentials, dirs, fastpath, handles
 from daemon.fuse.abi import Opcode
 from daemon.metrics.counters import MetricsArea, WorkerMeter
 from tests import procfs
@@ -48,7 +48,8 @@ def test_traverse_reports_every_reference(share):
     table's index and thread lock, with CREATE in C its two Python helpers
     and the credentials' state, with READDIRPLUS in C its Python step and
     the DirStream type, with RELEASE in C the FileTable, its thread lock
-    and header view: what gc.get_referents (tp_traverse)
+    and header view, with OPEN in C its Python helper and the OpenHandle
+    type: what gc.get_referents (tp_traverse)
     lists (not the meter's words memoryview, whose buffer FastOps holds:
     nothing leads from it back to a FastOps, see fastops_traverse)."""
     session, _client = start_session(share)
@@ -65,12 +66,13 @@ def test_traverse_reports_every_reference(share):
                           ("thread lock", table._tlock), ("create_rest", fastpath.create_rest),
                           ("add_created", fastpath.add_created), ("credentials", credentials._state),
                           ("plus_entry", dirs.plus_entry), ("DirStream", dirs.DirStream),
-                          ("FileTable", files), ("its thread lock", files._tlock), ("its header", files._hdr)):
+                          ("FileTable", files), ("its thread lock", files._tlock), ("its header", files._hdr),
+                          ("add_handle", fastpath.add_handle), ("OpenHandle", handles.OpenHandle)):
             assert any(r is obj for r in held), f"tp_traverse does not visit the {name}"
-        assert len(held) == 14
-        # without a meter: the thirteen others only
+        assert len(held) == 16
+        # without a meter: the fifteen others only
         session.meter = None
-        assert len(gc.get_referents(fastpath.make(session))) == 13
+        assert len(gc.get_referents(fastpath.make(session))) == 15
     finally:
         session.meter = None
         session.close()
