@@ -133,6 +133,7 @@
 #define OP_RELEASEDIR 29        /* _release.h */
 #define OP_OPEN 14              /* _open.h */
 #define OP_OPENDIR 27           /* _open.h */
+#define OP_SETATTR 4            /* _setattr.h */
 #define WRITE_IN 40
 #define WRITE_OUT 8
 #define WRITE_KILL_SUIDGID 4    /* abi.FUSE_WRITE_KILL_SUIDGID: written without CAP_FSETID */
@@ -210,6 +211,7 @@ struct meter {
     struct op_words release;    /* set by enable_release (_release.h) */
     struct op_words releasedir; /* set by enable_releasedir (_release.h) */
     struct op_words open, opendir;  /* set by enable_open (_open.h) */
+    struct op_words setattr;    /* set by enable_setattr (_setattr.h) */
     uint64_t bounds[MAX_BUCKETS];   /* LATENCY_BUCKETS_NS: the last bucket is above them all */
 };
 
@@ -312,6 +314,7 @@ typedef struct {
     struct readdir_conf rd; /* READDIRPLUS (_readdir.h) */
     struct release_conf rl; /* RELEASE (_release.h) */
     struct open_conf op;    /* OPEN, OPENDIR (_open.h) */
+    int setattr;            /* enable_setattr was called: SETATTR (_setattr.h) */
 } FastOps;
 
 static PyObject *s_readable, *s_writable, *s_views, *s_size, *s_session, *s_meter, *s_cache,
@@ -580,6 +583,31 @@ static Py_ssize_t error_reply(const struct req *q, uint64_t unique, int err, int
     return iov_copy(q->w, q->nw, 0, &o, OUT_HEADER, 1) < 0 ? NOT_HANDLED : OUT_HEADER;
 }
 
+/* GETATTR's reply (SETATTR's too, _setattr.h): fstat(fd), the GIL
+ * released, then the header + fuse_attr_out (the attribute timeout of
+ * --cache), or the error reply for fstat's errno; a stat struct.pack
+ * would refuse: the error reply bad, or NOT_HANDLED for bad 0 */
+static Py_ssize_t attr_answer(FastOps *self, const struct req *q, uint64_t unique, int fd, int bad, int *error)
+{
+    struct stat s;
+    struct attr_reply r;
+    memset(&r, 0, sizeof r);
+    r.unique = unique;
+    int rc, err;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fstat(fd, &s);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    if (rc != 0)
+        return error_reply(q, unique, err, error);
+    if (fill_attr(&r.attr, &s) < 0)
+        return bad ? error_reply(q, unique, bad, error) : NOT_HANDLED;
+    r.len = sizeof r;
+    r.attr_valid = self->attr_sec;
+    r.attr_valid_nsec = self->attr_nsec;
+    return iov_copy(q->w, q->nw, 0, &r, sizeof r, 1) < 0 ? NOT_HANDLED : (Py_ssize_t)sizeof r;
+}
+
 /* GETATTR; NOT_HANDLED or the bytes written; *error: the reply's errno (0: success) */
 static Py_ssize_t fast_getattr(FastOps *self, const struct state *st, const struct req *q,
                                const struct in_header *h, int *error)
@@ -603,23 +631,7 @@ static Py_ssize_t fast_getattr(FastOps *self, const struct state *st, const stru
         fd = cached_fd(self, st, h->nodeid);
     if (fd < 0)
         return NOT_HANDLED;
-    struct stat s;
-    struct attr_reply r;
-    memset(&r, 0, sizeof r);
-    r.unique = h->unique;
-    int rc, err;
-    Py_BEGIN_ALLOW_THREADS
-    rc = fstat(fd, &s);
-    err = errno;
-    Py_END_ALLOW_THREADS
-    if (rc != 0)
-        return error_reply(q, h->unique, err, error);
-    if (fill_attr(&r.attr, &s) < 0)
-        return NOT_HANDLED;
-    r.len = sizeof r;
-    r.attr_valid = self->attr_sec;
-    r.attr_valid_nsec = self->attr_nsec;
-    return iov_copy(q->w, q->nw, 0, &r, sizeof r, 1) < 0 ? NOT_HANDLED : (Py_ssize_t)sizeof r;
+    return attr_answer(self, q, h->unique, fd, 0, error);
 }
 
 static void take_chain(struct taking *t);
@@ -833,6 +845,7 @@ static void count(struct meter *m, int opcode, const struct timespec *start, int
         : opcode == OP_READDIRPLUS ? &m->readdirplus : opcode == OP_READDIR ? &m->readdir
         : opcode == OP_RELEASE ? &m->release : opcode == OP_RELEASEDIR ? &m->releasedir
         : opcode == OP_OPEN ? &m->open : opcode == OP_OPENDIR ? &m->opendir
+        : opcode == OP_SETATTR ? &m->setattr
         : opcode == OP_GETATTR || meta_slot(opcode) < 0 ? &m->getattr : &m->meta[meta_slot(opcode)];
     struct timespec end;
     clock_gettime(CLOCK_MONOTONIC, &end);
@@ -886,6 +899,7 @@ static int meter_op_words(FastOps *self, PyObject *words, const char *name, stru
 #include "_readdir.h"
 #include "_release.h"
 #include "_open.h"
+#include "_setattr.h"
 
 /* one request, with the checks every fast op shares (FuseSession._handle's,
  * in its order); NOT_HANDLED (nothing written) or the bytes written;
@@ -919,6 +933,7 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
             : h.opcode == OP_RELEASE ? self->rl.files == NULL
             : h.opcode == OP_RELEASEDIR ? !self->rl.dirs
             : h.opcode == OP_OPEN || h.opcode == OP_OPENDIR ? self->op.add == NULL || q->wsize < OUT_HEADER + OPEN_OUT
+            : h.opcode == OP_SETATTR ? !self->setattr || q->wsize < OUT_HEADER + ATTR_OUT
             : meta_wants(self, h.opcode) ? 0
             : !((h.opcode == OP_READ && self->reads) || (h.opcode == OP_WRITE && self->writes)))
         return NOT_HANDLED;
@@ -944,6 +959,8 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
         return fast_release(self, st, q, &h, error);
     if (h.opcode == OP_OPEN || h.opcode == OP_OPENDIR)
         return fast_open(self, st, q, &h, error);
+    if (h.opcode == OP_SETATTR)
+        return fast_setattr(self, st, q, &h, error);
     if (h.opcode != OP_GETATTR)
         return fast_meta(self, st, q, &h, error);
     return fast_getattr(self, st, q, &h, error);
@@ -1579,6 +1596,9 @@ static PyMethodDef fastops_methods[] = {
      "fastpath.add_handle (HandleTable.add, for what C's allocation declines), handles.OpenHandle, the\n"
      "FileTable's other word indices, files.host_open_flags' mask, --writeback, the FOPEN_* flags of\n"
      "OPEN and OPENDIR, their meter words or None without a meter (_open.h)"},
+    {"enable_setattr", (PyCFunction)fastops_enable_setattr, METH_VARARGS,
+     "enable_setattr(meter_words): serve SETATTR's chmod and utimensat too; its meter words (requests,\n"
+     "latency_sum, buckets, errors) or None without a meter (_setattr.h)"},
     {NULL},
 };
 

@@ -79,6 +79,11 @@ what C's own allocation declines), ``handles.OpenHandle`` and the rest of
 the FileTable's layout; C reopens the inode and allocates the fh in the
 shared table itself (docs/compiled.md, "OPEN and OPENDIR in C").
 
+SETATTR is compiled when ``setattr_unsupported`` says nothing against it
+(the reference SETATTR row, GETATTR's stock attr reply): ``make`` calls
+``FastOps.enable_setattr``; C serves chmod and utimensat on an inode this
+worker caches, or an open file it holds (docs/compiled.md, "SETATTR in C").
+
 FORGET and BATCH_FORGET, the hiprio session's (vring 0): ``fast_ops``
 makes that session a ``FastOps`` that serves those two and nothing else
 (``make_hiprio``: ``enable_lookup`` for the table's layout and locks, then
@@ -262,6 +267,8 @@ def make(session):
             fast.enable_releasedir(op_words(Opcode.RELEASEDIR) if layout else None)
         if not open_unsupported(session):
             enable_open(fast, session, bool(layout))
+    if not setattr_unsupported(session):
+        fast.enable_setattr(op_words(Opcode.SETATTR) if layout else None)
     if not lookup_unsupported(session):
         fast.enable_lookup(*_lookup_layout(table), session.config.cache is CacheMode.ALWAYS)
         if not readdirplus_unsupported(session):
@@ -322,6 +329,18 @@ def releasedir_unsupported(session) -> str:
     if why := release_unsupported(session):
         return why
     return fastmeta.not_reference(session, (Opcode.RELEASEDIR, dirs.do_releasedir))
+
+
+def setattr_unsupported(session) -> str:
+    """Why SETATTR stays in Python for ``session`` ("" if C may serve its
+    chmod and utimensat: docs/compiled.md, "SETATTR in C"): the reference
+    SETATTR row (--readonly replaces it) and GETATTR's stock attr reply,
+    which C's reuses (--translate-uid/-gid rewrites it)."""
+    if why := fastmeta.not_reference(session, (Opcode.SETATTR, attrs.do_setattr)):
+        return why
+    if getattr(session.attr_reply, "__func__", None) is not replies.Timeouts.attr_out:
+        return "attr replies are rewritten (--translate-uid/--translate-gid)"
+    return ""
 
 
 def enable_release(fast, session, metered: bool) -> None:
@@ -513,7 +532,8 @@ def fast_ops(session):
     meta = ", ".join([op.name for op in fastmeta.served(session)]
                      + ([] if release_unsupported(session) else ["RELEASE"])
                      + ([] if releasedir_unsupported(session) else ["RELEASEDIR"])
-                     + ([] if open_unsupported(session) else ["OPEN", "OPENDIR"])) or "none"
+                     + ([] if open_unsupported(session) else ["OPEN", "OPENDIR"])
+                     + ([] if setattr_unsupported(session) else ["SETATTR"])) or "none"
     log.info("FUSE ops: %s compiled (extension daemon.fuse._fastops; %s)%s; %s; %s; %s; %s; metadata ops in C: %s",
              compiled_ops(session), loop, counted, lookup, create, plus, names, meta)
     if session.meter is not None and not counted:
