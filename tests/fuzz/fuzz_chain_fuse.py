@@ -41,6 +41,10 @@ which the engine reports as a crash and saves the input):
   reply or fuse_open_out naming an fh live in the shared table and held
   by the session, of the opcode's kind (``c_opens``);
   tests/unit/test_open_in_c.py compares them with the session;
+  nor is a SETATTR C served (Python's would move the ctime, and *_NOW's
+  times): its reply must be an error reply or fuse_attr_out of its
+  unique (``c_setattrs``); tests/unit/test_setattr_in_c.py compares
+  SETATTR with the session;
 - flags bit 3 of an input (``image.py``'s flags byte): the ring is the
   hiprio queue's, served by a hiprio session and its FastOps (FORGET and
   BATCH_FORGET in C, _forget.h); each FORGET or BATCH_FORGET C served is
@@ -127,6 +131,7 @@ RELEASE_OPCODE = 18
 RELEASEDIR_OPCODE = 29
 RELEASE_OPCODES = (RELEASE_OPCODE, RELEASEDIR_OPCODE)
 OPEN_OPCODES = (14, 27)     # OPEN, OPENDIR (_open.h)
+SETATTR_OPCODE = 4          # _setattr.h
 FORGET_OPCODES = (2, 42)
 READDIRPLUS_OPCODE = 44
 READDIR_OPCODE = 28
@@ -286,6 +291,7 @@ class Target:
         self.c_releases = 0  # RELEASEs served in C (not answered again: their fh checked freed)
         self.c_releasedirs = 0  # RELEASEDIRs served in C (likewise)
         self.c_opens = 0  # OPENs and OPENDIRs served in C (not answered again: their fh checked live)
+        self.c_setattrs = 0  # SETATTRs served in C (not answered again: their reply's shape checked)
         # flags bit 3: the hiprio queue's session and FastOps (FORGET, BATCH_FORGET in C)
         self.hiprio = FuseSession(config, self.table, "hiprio")
         hops = fastpath.make(self.hiprio) if fastpath is not None else None
@@ -535,7 +541,7 @@ class Target:
         self.c_meta += opcode in META_OPCODES
         self.c_readdirplus += opcode == READDIRPLUS_OPCODE
         self.c_readdir += opcode == READDIR_OPCODE
-        if opcode in (CREATE_OPCODE, *RELEASE_OPCODES, *OPEN_OPCODES):
+        if opcode in (CREATE_OPCODE, *RELEASE_OPCODES, *OPEN_OPCODES, SETATTR_OPCODE):
             if opcode in RELEASE_OPCODES:
                 self._released(opcode, struct.unpack("<Q", rd.read(40, 8))[0], written)
             chain.release()
@@ -544,6 +550,10 @@ class Target:
                 reply = b"".join(after[o:o + ln] for o, ln in ranges)
                 self._opened(opcode, unique, written, reply, _overlapping(ranges)
                              or any(o < used[1] and used[0] < o + ln for o, ln in ranges))
+            if opcode == SETATTR_OPCODE:
+                reply = b"".join(after[o:o + ln] for o, ln in ranges)
+                self._setattr_done(unique, written, reply, _overlapping(ranges)
+                                   or any(o < used[1] and used[0] < o + ln for o, ln in ranges))
             self.c_creates += opcode == CREATE_OPCODE
             if not any(o < used[1] and used[0] < o + ln for o, ln in ranges):
                 self._check_reply(written, ranges, unique)
@@ -598,6 +608,9 @@ class Target:
         if opcode in OPEN_OPCODES:
             self._opened(opcode, unique, n, b"".join(after), _overlapping([self._region_of_view(v) for v in views]))
             return n
+        if opcode == SETATTR_OPCODE:
+            self._setattr_done(unique, n, b"".join(after), _overlapping([self._region_of_view(v) for v in views]))
+            return n
         if opcode in RELEASE_OPCODES:
             self._released(opcode, fh, n)
             if not _overlapping([self._region_of_view(v) for v in views]):
@@ -626,6 +639,16 @@ class Target:
         assert not handles.files.live(fh) and fh not in handles._handles, "C's RELEASE(DIR) left its fh open"
         self.c_releases += opcode == RELEASE_OPCODE
         self.c_releasedirs += opcode == RELEASEDIR_OPCODE
+
+    def _setattr_done(self, unique: int, n: int, reply: bytes, aliased: bool) -> None:
+        """A SETATTR C served (``n`` bytes, ``reply`` the writable bytes):
+        an error reply or fuse_attr_out, of its unique (unless the guest
+        aliased the buffers)."""
+        assert n in (16, 120), f"C's SETATTR wrote {n} bytes"
+        self.c_setattrs += 1
+        if not aliased:
+            length, err, got_unique = OUT_HEADER.unpack_from(reply)
+            assert (length, got_unique) == (n, unique) and (err == 0) == (n == 120), "C's SETATTR reply header"
 
     def _opened(self, opcode: int, unique: int, n: int, reply: bytes, aliased: bool) -> None:
         """An OPEN or OPENDIR C served (``n`` bytes, ``reply`` the writable
@@ -725,7 +748,7 @@ class Target:
             "c_meta": self.c_meta, "c_readdirplus": self.c_readdirplus, "c_readdir": self.c_readdir,
             "c_creates": self.c_creates,
             "c_releases": self.c_releases, "c_releasedirs": self.c_releasedirs,
-            "c_opens": self.c_opens,
+            "c_opens": self.c_opens, "c_setattrs": self.c_setattrs,
             "c_forgets": self.c_forgets,
             "seconds": round(elapsed, 1),
             "inputs_per_second": round(self.inputs / elapsed) if elapsed else 0,
@@ -977,7 +1000,7 @@ def main(argv=None) -> int:
                   f"c_meta_inputs={','.join(c_meta) or '-'} "
                   f"fast_served={target.fast_served} batch_served={target.batch_served} "
                   f"c_creates={target.c_creates} c_releases={target.c_releases} c_releasedirs={target.c_releasedirs} "
-                  f"c_opens={target.c_opens} "
+                  f"c_opens={target.c_opens} c_setattrs={target.c_setattrs} "
                   f"c_forgets={target.c_forgets} "
                   f"c_readdirplus={target.c_readdirplus} c_readdir={target.c_readdir}", flush=True)
             return 0

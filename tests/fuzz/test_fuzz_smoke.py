@@ -215,3 +215,13 @@ def test_readdir_seeds_reach_readdir_in_c():
     got = tuple(int(stats[k]) for k in ("batch_served", "fast_served", "c_readdir", "c_readdirplus", "c_opens",
                                         "c_releasedirs"))
     assert got == want, out[-2000:]
+
+
+def test_setattr_seeds_reach_setattr_in_c():
+    """The SETATTR seeds (seeds.setattr_ops: ten SETATTRs, of which C
+    serves nine, chmod and utimensat as tar -x sends them, an fh's and an
+    EINVAL among them; the symlink's is Python's; the OPEN before the fh's,
+    C's too, counted in ``c_opens``): stage 2, whole batches, one chain at
+    a time, each reply C wrote checked (``c_setattrs``). Under
+    PYVIRTIOFSD_PURE=1 FastOps.serve on every chain: 27 and 3 OPENs."""
+    assert_nine_served_in_c(("setattr_in_c", "batch_setattr", "batch_setattr_checked"), "c_setattrs", opens=1)
