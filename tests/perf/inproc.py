@@ -12,9 +12,10 @@ competing for the cores.
     python -m tests.perf.inproc [--op getattr|lookup|lookup-cold|read4k|read1m|write4k|write4k-kill|
                                       getxattr-absent|unlink|rmdir|flush|create|
                                       forget|forget-keep|batch-forget|
-                                      readdirplus-cold|readdirplus-warm|readdir|readdir-cold|open|opendir|listing]
+                                      readdirplus-cold|readdirplus-warm|readdir|readdir-cold|open|opendir|listing|
+                                      setattr-times|setattr-chmod]
                                 [--depth 64] [--python-meta] [--python-readdir] [--python-release]
-                                [--python-releasedir] [--python-open]
+                                [--python-releasedir] [--python-open] [--python-setattr]
                                 [--seconds 3] [--profile cprofile|none] [--clock wall|cpu]
 
 ``lookup`` looks one name up again and again (the worker holds its fd);
@@ -49,6 +50,12 @@ real keeper as ``create``; the fhs are released outside the timed part
 (``HandleTable.close``). The figure is the worker's CPU per OPEN, the
 keeper's is printed too. ``--python-open`` leaves both to Python
 (``fastpath.open_unsupported`` answered for them), for a before/after.
+
+``setattr-times`` sets one file's atime and mtime to explicit times
+again and again (SETATTR with FATTR_ATIME|FATTR_MTIME: the utimensat tar
+-x sends for every file it extracts), ``setattr-chmod`` its mode
+(FATTR_MODE); ``--python-setattr`` leaves SETATTR to Python
+(``fastpath.setattr_unsupported`` answered for it), for a before/after.
 
 ``forget``, ``forget-keep`` and ``batch-forget`` are the hiprio worker's
 (vring 0, its session role "hiprio", its loop with the hiprio COALESCE
@@ -186,6 +193,11 @@ def _build(op: str, depth: int, shared: str, cache: str = "auto", event_idx: boo
         nodeid = int.from_bytes(entry[16:24], "little")
         if op == "lookup":
             req = (Opcode.LOOKUP, 1, DATA.encode() + b"\0", [abi.ENTRY_OUT.size])
+        elif op.startswith("setattr"):
+            v = abi.SetattrValid
+            valid = v.ATIME | v.MTIME if op == "setattr-times" else v.MODE
+            args = abi.SETATTR_IN.pack(int(valid), 0, 0, 0, 1_600_000_000, 1_600_000_000, 0, 5, 7, 0, 0o100644, 0, 0)
+            req = (Opcode.SETATTR, nodeid, args, [abi.ATTR_OUT.size])
         else:
             flags = os.O_RDWR if op.startswith("write4k") else os.O_RDONLY
             o = call(Opcode.OPEN, nodeid, abi.OPEN_IN.pack(flags, 0), [abi.OPEN_OUT.size])
@@ -623,12 +635,19 @@ def readdirplus_us(cold: bool, seconds: float = 3.0, clock: str = "wall", entrie
 
 
 def per_request_us(op: str = "getattr", depth: int = 64, seconds: float = 3.0,
-                   profile: str = "none", clock: str = "wall", python_meta: bool = False) -> float:
+                   profile: str = "none", clock: str = "wall", python_meta: bool = False,
+                   python_setattr: bool = False) -> float:
     shared = tempfile.mkdtemp(prefix="inproc-")
     if op in FORGET_OPS:
         loop, ring, vr, heads, forgotten = _build_hiprio(op, depth, shared)
     else:
-        loop, ring, vr, heads = _build(op, depth, shared)
+        saved = fastpath.setattr_unsupported
+        if python_setattr:
+            fastpath.setattr_unsupported = lambda session: "measuring SETATTR in Python"
+        try:
+            loop, ring, vr, heads = _build(op, depth, shared)
+        finally:
+            fastpath.setattr_unsupported = saved
     if python_meta and loop._fast is not None:
         loop._fast.enable_meta(0, filetable._H_LOCKS, None)
     serve = loop._serve
@@ -679,7 +698,7 @@ def main(argv=None) -> int:
                     choices=("getattr", "lookup", "lookup-cold", "read4k", "read1m", "write4k", "write4k-kill",
                              "getxattr-absent", "unlink", "rmdir", "flush", "create", *FORGET_OPS,
                              "readdirplus-cold", "readdirplus-warm", "readdir", "readdir-cold", "open", "opendir",
-                             "listing"))
+                             "listing", "setattr-times", "setattr-chmod"))
     ap.add_argument("--entries", type=int, default=None,
                     help="readdir*, listing: files in the directory listed (1000, 8)")
     ap.add_argument("--python-readdir", action="store_true", help="readdir*: plain READDIR in Python")
@@ -694,6 +713,7 @@ def main(argv=None) -> int:
     ap.add_argument("--python-releasedir", action="store_true", help="listing: RELEASEDIR in Python")
     ap.add_argument("--python-open", action="store_true",
                     help="open, opendir: in Python; create: its fh through Python (before/after)")
+    ap.add_argument("--python-setattr", action="store_true", help="setattr-*: SETATTR in Python (before/after)")
     ap.add_argument("--dir", default=None, help="create: make the shared directory in DIR (e.g. a tmpfs)")
     a = ap.parse_args(argv)
     if a.op == "create":
@@ -726,8 +746,9 @@ def main(argv=None) -> int:
         print(f"{a.op} ({a.entries} entries, 4 KiB replies): {us:.2f} µs per entry in the worker "
               f"({n} entries listed); {PATH}{where}")
         return 0
-    us = per_request_us(a.op, a.depth, a.seconds, a.profile, a.clock, a.python_meta)
+    us = per_request_us(a.op, a.depth, a.seconds, a.profile, a.clock, a.python_meta, a.python_setattr)
     meta = "; metadata ops in Python" if a.python_meta else ""
+    meta += "; SETATTR in Python" if a.python_setattr else ""
     print(f"{a.op} depth {a.depth}: {us:.2f} µs per request in the worker ({1e6 / us:,.0f}/s); {PATH}{meta}")
     return 0
 
