@@ -28,7 +28,7 @@ from daemon.virtio.virtqueue import Chain, IoVec
 from tests.unit.fusereq import in_header
 from tests.unit.test_create_in_c import _close, _fd_count, _lookup, _pair, _same, _share, shares
 from tests.unit.test_fastops_equivalence import _run
-from tests.unit.test_release_in_c import _err, _full_same, _snapshot, open_request
+from tests.unit.test_release_in_c import _err, _full_same, _snapshot
 
 __all__ = ["shares"]        # the fixture, imported for the tests below
 
@@ -84,7 +84,8 @@ def _times(root, skip: set) -> list:
             rel = os.path.relpath(p, root)
             if rel not in skip:
                 s = os.lstat(p)
-                out.append((rel, None if stat.S_ISDIR(s.st_mode) or stat.S_ISLNK(s.st_mode) else s.st_atime_ns, s.st_mtime_ns))
+                read = stat.S_ISDIR(s.st_mode) or stat.S_ISLNK(s.st_mode)
+                out.append((rel, None if read else s.st_atime_ns, s.st_mtime_ns))
     return sorted(out)
 
 
