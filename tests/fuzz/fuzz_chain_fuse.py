@@ -984,7 +984,8 @@ def main(argv=None) -> int:
                   f"ebadf_inputs={','.join(bad_fh) or '-'} c_write_inputs={','.join(c_writes) or '-'} "
                   f"c_meta_inputs={','.join(c_meta) or '-'} "
                   f"fast_served={target.fast_served} batch_served={target.batch_served} "
-                  f"c_creates={target.c_creates} c_mkdirs={target.c_mkdirs} c_releases={target.c_releases} c_releasedirs={target.c_releasedirs} "
+                  f"c_creates={target.c_creates} c_mkdirs={target.c_mkdirs} "
+                  f"c_releases={target.c_releases} c_releasedirs={target.c_releasedirs} "
                   f"c_opens={target.c_opens} "
                   f"c_forgets={target.c_forgets} "
                   f"c_readdirplus={target.c_readdirplus} c_readdir={target.c_readdir}", flush=True)
