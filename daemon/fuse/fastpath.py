@@ -61,6 +61,9 @@ CREATE is compiled when ``create_unsupported`` says nothing against it
 for what its own lookup declines once the file exists), the thread's
 credentials cache and the flag rules; C serves a root caller's CREATE of
 a new name (docs/compiled.md, "CREATE in C").
+MKDIR likewise with ``mkdir_unsupported`` and ``FastOps.enable_mkdir``
+(``mkdir_rest`` for what C's lookup declines once the directory exists;
+docs/compiled.md, "MKDIR in C").
 
 RELEASE is compiled when ``release_unsupported`` says nothing against it
 (the reference RELEASE row, the stock HandleTable and FileTable): ``make``
