@@ -82,11 +82,11 @@ static PyObject *s_uid, *s_gid, *s_host_fd_count, *s_max_open_files;
 
 /* the caller is root and the thread's cached fsuid/fsgid are its ids:
  * as_caller would make no system call */
-static int caller_is_current(FastOps *self, const struct in_header *h)
+static int caller_is_current(PyObject *creds, const struct in_header *h)
 {
     Py_ssize_t uid, gid;
-    int ok = h->uid == 0 && attr_ssize(self->cr.creds, s_uid, &uid) == 0
-             && attr_ssize(self->cr.creds, s_gid, &gid) == 0 && uid == 0 && gid == (Py_ssize_t)h->gid;
+    int ok = h->uid == 0 && attr_ssize(creds, s_uid, &uid) == 0
+             && attr_ssize(creds, s_gid, &gid) == 0 && uid == 0 && gid == (Py_ssize_t)h->gid;
     PyErr_Clear();
     return ok;
 }
@@ -154,7 +154,7 @@ static Py_ssize_t fast_create(FastOps *self, struct state *st, const struct req 
         return NOT_HANDLED;
     if (((a.mode & S_IFMT) != 0 && (a.mode & S_IFMT) != S_IFREG) || (a.flags & O_ACCMODE) == O_ACCMODE)
         return NOT_HANDLED;
-    if (!caller_is_current(self, h) || table_ready(self, st) < 0)
+    if (!caller_is_current(self->cr.creds, h) || table_ready(self, st) < 0)
         return NOT_HANDLED;
     int parent = cached_fd(self, st, h->nodeid);
     PyErr_Clear();
@@ -215,6 +215,22 @@ static Py_ssize_t fast_create(FastOps *self, struct state *st, const struct req 
     return iov_copy(q->w, q->nw, 0, &r, sizeof r, 1) < 0 ? NOT_HANDLED : (Py_ssize_t)sizeof r;
 }
 
+/* the attribute names caller_is_current and handles_have_room read
+ * (enable_create, enable_mkdir) */
+static int create_strings(void)
+{
+    if (s_uid == NULL) {
+        struct { PyObject **slot; const char *text; } strings[] = {
+            {&s_uid, "uid"}, {&s_gid, "gid"}, {&s_host_fd_count, "host_fd_count"},
+            {&s_max_open_files, "max_open_files"},
+        };
+        for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)
+            if ((*strings[i].slot = PyUnicode_InternFromString(strings[i].text)) == NULL)
+                return -1;
+    }
+    return 0;
+}
+
 /* enable_create(rest, add, creds, kept, writeback, fopen, meter_words): see fastops_methods */
 static PyObject *fastops_enable_create(FastOps *self, PyObject *args)
 {
@@ -243,15 +259,8 @@ static PyObject *fastops_enable_create(FastOps *self, PyObject *args)
             return NULL;
         }
     }
-    if (s_uid == NULL) {
-        struct { PyObject **slot; const char *text; } strings[] = {
-            {&s_uid, "uid"}, {&s_gid, "gid"}, {&s_host_fd_count, "host_fd_count"},
-            {&s_max_open_files, "max_open_files"},
-        };
-        for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)
-            if ((*strings[i].slot = PyUnicode_InternFromString(strings[i].text)) == NULL)
-                return NULL;
-    }
+    if (create_strings() < 0)
+        return NULL;
     Py_INCREF(rest);
     Py_INCREF(add);
     Py_INCREF(creds);

@@ -56,7 +56,7 @@
  * this worker holds, the first of an inode (opened and inserted as
  * InodeCache.adopt does), or a missing name: _lookup.h, included below,
  * says exactly when. CREATE (when FastOps.enable_create was called) of a
- * new name by a root caller: _create.h. READDIRPLUS (when
+ * new name by a root caller: _create.h; MKDIR likewise: _mkdir.h. READDIRPLUS (when
  * FastOps.enable_readdirplus was called) on a directory handle this worker
  * holds, each entry looked up as LOOKUP does, and plain READDIR (when
  * FastOps.enable_readdir was called: the same stream, no lookups):
@@ -127,6 +127,7 @@
 #define READ_IN 40
 #define OP_WRITE 16
 #define OP_CREATE 35            /* _create.h */
+#define OP_MKDIR 9              /* _mkdir.h */
 #define OP_READDIR 28           /* _readdir.h */
 #define OP_READDIRPLUS 44       /* _readdir.h */
 #define OP_RELEASE 18           /* _release.h */
@@ -205,6 +206,7 @@ struct meter {
     struct op_words getattr, read, write, lookup;
     struct op_words meta[META_OPS]; /* GETXATTR, UNLINK, RMDIR, FLUSH (_meta.h, enable_meta) */
     struct op_words create;     /* set by enable_create (_create.h) */
+    struct op_words mkdir;      /* set by enable_mkdir (_mkdir.h) */
     struct op_words forget[2];  /* FORGET, BATCH_FORGET: set by enable_forget (_forget.h) */
     struct op_words readdirplus;    /* set by enable_readdirplus (_readdir.h) */
     struct op_words readdir;        /* set by enable_readdir (_readdir.h) */
@@ -253,6 +255,12 @@ struct readdir_conf {
     PyObject *entry;        /* dirs.plus_entry; NULL: READDIRPLUS is Python's */
     PyObject *stream_type;  /* dirs.DirStream */
     int names;              /* enable_readdir was called: plain READDIR is C's too */
+};
+
+/* MKDIR as FastOps.enable_mkdir sets it up (_mkdir.h) */
+struct mkdir_conf {
+    PyObject *rest;         /* fastpath.mkdir_rest; NULL: MKDIR is Python's */
+    PyObject *creds;        /* credentials._state: the thread's cached fsuid/fsgid */
 };
 
 /* CREATE as FastOps.enable_create sets it up (_create.h) */
@@ -310,6 +318,7 @@ typedef struct {
     unsigned int meta;      /* _meta.h's ops served here: 1 << meta_slot(opcode) */
     Py_ssize_t h_locks;     /* FileTable._H_LOCKS (FLUSH, _meta.h) */
     struct create_conf cr;  /* CREATE (_create.h) */
+    struct mkdir_conf mk;   /* MKDIR (_mkdir.h) */
     struct forget_conf fg;  /* FORGET, BATCH_FORGET (_forget.h): then nothing else */
     struct readdir_conf rd; /* READDIRPLUS (_readdir.h) */
     struct release_conf rl; /* RELEASE (_release.h) */
@@ -841,6 +850,7 @@ static void count(struct meter *m, int opcode, const struct timespec *start, int
 {
     const struct op_words *op = opcode == OP_READ ? &m->read : opcode == OP_WRITE ? &m->write
         : opcode == OP_LOOKUP ? &m->lookup : opcode == OP_CREATE ? &m->create
+        : opcode == OP_MKDIR ? &m->mkdir
         : forget_slot((uint32_t)opcode) >= 0 ? &m->forget[forget_slot((uint32_t)opcode)]
         : opcode == OP_READDIRPLUS ? &m->readdirplus : opcode == OP_READDIR ? &m->readdir
         : opcode == OP_RELEASE ? &m->release : opcode == OP_RELEASEDIR ? &m->releasedir
@@ -895,6 +905,7 @@ static int meter_op_words(FastOps *self, PyObject *words, const char *name, stru
 
 #include "_lookup.h"
 #include "_create.h"
+#include "_mkdir.h"
 #include "_forget.h"
 #include "_readdir.h"
 #include "_release.h"
@@ -928,6 +939,7 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
     if (h.opcode == OP_GETATTR ? q->wsize < OUT_HEADER + ATTR_OUT
             : h.opcode == OP_LOOKUP ? self->lk.hash == NULL || q->wsize < OUT_HEADER + ENTRY_OUT
             : h.opcode == OP_CREATE ? self->cr.rest == NULL || q->wsize < OUT_HEADER + ENTRY_OUT + OPEN_OUT
+            : h.opcode == OP_MKDIR ? self->mk.rest == NULL || q->wsize < OUT_HEADER + ENTRY_OUT
             : h.opcode == OP_READDIRPLUS ? self->rd.entry == NULL
             : h.opcode == OP_READDIR ? !self->rd.names
             : h.opcode == OP_RELEASE ? self->rl.files == NULL
@@ -951,6 +963,8 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
         return fast_lookup(self, st, q, &h, error);
     if (h.opcode == OP_CREATE)
         return fast_create(self, st, q, &h, error);
+    if (h.opcode == OP_MKDIR)
+        return fast_mkdir(self, st, q, &h, error);
     if (h.opcode == OP_READDIRPLUS)
         return fast_readdirplus(self, st, q, &h, error);
     if (h.opcode == OP_READDIR)
@@ -1306,6 +1320,8 @@ static int fastops_traverse(FastOps *self, visitproc visit, void *arg)
     Py_VISIT(self->cr.rest);
     Py_VISIT(self->cr.add);
     Py_VISIT(self->cr.creds);
+    Py_VISIT(self->mk.rest);
+    Py_VISIT(self->mk.creds);
     Py_VISIT(self->fg.ring);
     Py_VISIT(self->rd.entry);
     Py_VISIT(self->rd.stream_type);
@@ -1328,6 +1344,8 @@ static int fastops_clear(FastOps *self)
     Py_CLEAR(self->cr.rest);
     Py_CLEAR(self->cr.add);
     Py_CLEAR(self->cr.creds);
+    Py_CLEAR(self->mk.rest);
+    Py_CLEAR(self->mk.creds);
     Py_CLEAR(self->fg.ring);
     Py_CLEAR(self->rd.entry);
     Py_CLEAR(self->rd.stream_type);
@@ -1568,6 +1586,10 @@ static PyMethodDef fastops_methods[] = {
      "enable_lookup): fastpath.create_rest and add_created, credentials._state, host_open_flags' mask,\n"
      "--writeback, fopen_flags(--cache), CREATE's meter words (requests, latency_sum, buckets, errors)\n"
      "or None without a meter"},
+    {"enable_mkdir", (PyCFunction)fastops_enable_mkdir, METH_VARARGS,
+     "enable_mkdir(rest, creds, meter_words): serve a root caller's MKDIR too (after enable_lookup):\n"
+     "fastpath.mkdir_rest, credentials._state, MKDIR's meter words (requests, latency_sum, buckets,\n"
+     "errors) or None without a meter (_mkdir.h)"},
     {"enable_forget", (PyCFunction)fastops_enable_forget, METH_VARARGS,
      "enable_forget(ring, ring_w, ring_len, layout): serve FORGET and BATCH_FORGET, and nothing else\n"
      "(the hiprio session; after enable_lookup on the same InodeTable): its freed ring (_ring), the\n"

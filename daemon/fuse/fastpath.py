@@ -61,6 +61,9 @@ CREATE is compiled when ``create_unsupported`` says nothing against it
 for what its own lookup declines once the file exists), the thread's
 credentials cache and the flag rules; C serves a root caller's CREATE of
 a new name (docs/compiled.md, "CREATE in C").
+MKDIR likewise with ``mkdir_unsupported`` and ``FastOps.enable_mkdir``
+(``mkdir_rest`` for what C's lookup declines once the directory exists;
+docs/compiled.md, "MKDIR in C").
 
 RELEASE is compiled when ``release_unsupported`` says nothing against it
 (the reference RELEASE row, the stock HandleTable and FileTable): ``make``
@@ -282,6 +285,9 @@ def make(session):
                                                      config.preserve_noatime) | os.O_ACCMODE,
                                config.writeback, files.fopen_flags(config.cache),
                                op_words(Opcode.CREATE) if layout else None)
+        if not mkdir_unsupported(session):
+            fast.enable_mkdir(mkdir_rest, credentials._state,
+                              op_words(Opcode.MKDIR) if meter_layout(session.meter) else None)
     return fast
 
 
@@ -434,6 +440,39 @@ def create_rest(session, parent_fd: int, name: bytes, fd: int, flags: int, open_
         return errno.EIO
 
 
+def mkdir_unsupported(session) -> str:
+    """Why MKDIR stays in Python for ``session`` ("" if C may serve it:
+    docs/compiled.md, "MKDIR in C"). C's MKDIR inserts the new inode as its
+    LOOKUP does, so it needs that first."""
+    why = lookup_unsupported(session)
+    if why:
+        return why
+    if why := fastmeta.not_reference(session, (Opcode.MKDIR, entries.do_mkdir)):
+        return why
+    config = session.config
+    if config.posix_acl:
+        return "--posix-acl (the guest's umask, default ACLs)"
+    if config.security_label:
+        return "--security-label"
+    return ""
+
+
+def mkdir_rest(session, parent_fd: int, name: bytes) -> bytes | int:
+    """The compiled MKDIR's Python tail, for what its C lookup declines
+    once the directory exists (C's chain is taken then: this answers):
+    ``FuseSession.entry`` as ``do_mkdir`` ends. The 128 entry bytes, or
+    the errno ``FuseSession._handle`` would answer."""
+    try:
+        return session.entry(parent_fd, os.fsdecode(name))
+    except FUSEError as e:
+        return e.errno
+    except OSError as e:
+        return e.errno or errno.EIO
+    except Exception:  # noqa: BLE001 - as FuseSession._handle: EIO, keep serving
+        log.exception("FUSE MKDIR (compiled, Python's tail) failed")
+        return errno.EIO
+
+
 def add_created(session, fd: int, nodeid: int, opened: int) -> int:
     """The compiled CREATE's ``HandleTable.add`` (which owns ``fd`` from
     here: the shared FileTable's slot, the keeper's copy): the fh, or
@@ -466,7 +505,7 @@ def meter_layout(meter) -> dict:
     if not isinstance(words, memoryview) or words.format != "Q" or len(words) < c.SLOT_WORDS:
         return {}
 
-    assert max(Opcode.GETATTR, Opcode.READ, Opcode.WRITE, Opcode.LOOKUP, Opcode.CREATE, Opcode.FORGET,
+    assert max(Opcode.GETATTR, Opcode.READ, Opcode.WRITE, Opcode.LOOKUP, Opcode.CREATE, Opcode.MKDIR, Opcode.FORGET,
                Opcode.BATCH_FORGET, Opcode.READDIRPLUS, Opcode.READDIR, Opcode.RELEASE, Opcode.OPEN, Opcode.OPENDIR,
                *fastmeta.OPS) < c.OPCODE_SLOTS
     layout = (c.BYTES_READ, c.ERRNO_SLOTS, *op_words(Opcode.GETATTR), *op_words(Opcode.READ),
@@ -525,6 +564,8 @@ def fast_ops(session):
     lookup = "LOOKUP compiled too" if not why_lookup else f"LOOKUP in Python ({why_lookup})"
     why_create = create_unsupported(session)
     create = "CREATE compiled too" if not why_create else f"CREATE in Python ({why_create})"
+    why_mkdir = mkdir_unsupported(session)
+    create += ", MKDIR compiled too" if not why_mkdir else f", MKDIR in Python ({why_mkdir})"
     why_plus = readdirplus_unsupported(session)
     plus = "READDIRPLUS compiled too" if not why_plus else f"READDIRPLUS in Python ({why_plus})"
     why_names = readdir_unsupported(session)

@@ -30,7 +30,9 @@ which the engine reports as a crash and saves the input):
   decline, they wrote nothing. A CREATE C served is not answered again (the file exists
   then: Python would open it or answer EEXIST); its reply is checked as
   every reply is below, and counted (``c_creates``);
-  tests/unit/test_create_in_c.py compares CREATE with the session;
+  tests/unit/test_create_in_c.py compares CREATE with the session; so
+  for a MKDIR C served (the directory exists then: Python would answer
+  EEXIST; ``c_mkdirs``, tests/unit/test_mkdir_in_c.py);
   nor is a RELEASE C served (the fh is freed then: Python would answer
   EBADF): its reply must be the empty success reply of its unique, its
   fh no longer live in the shared table nor held by the session
@@ -127,6 +129,7 @@ WRITE_OPCODE = 16
 META_OPCODES = (22, 10, 11, 25)
 REMOVE_OPCODES = (10, 11)
 CREATE_OPCODE = 35
+MKDIR_OPCODE = 9
 RELEASE_OPCODE = 18
 RELEASEDIR_OPCODE = 29
 RELEASE_OPCODES = (RELEASE_OPCODE, RELEASEDIR_OPCODE)
@@ -288,6 +291,7 @@ class Target:
         self.c_readdirplus = 0  # READDIRPLUS served in C and checked against the session
         self.c_readdir = 0  # plain READDIR served in C and checked against the session
         self.c_creates = 0  # CREATEs the compiled ops served (not answered again: see the docstring)
+        self.c_mkdirs = 0  # MKDIRs the compiled ops served (likewise)
         self.c_releases = 0  # RELEASEs served in C (not answered again: their fh checked freed)
         self.c_releasedirs = 0  # RELEASEDIRs served in C (likewise)
         self.c_opens = 0  # OPENs and OPENDIRs served in C (not answered again: their fh checked live)
@@ -541,7 +545,7 @@ class Target:
         self.c_meta += opcode in META_OPCODES
         self.c_readdirplus += opcode == READDIRPLUS_OPCODE
         self.c_readdir += opcode == READDIR_OPCODE
-        if opcode in (CREATE_OPCODE, *RELEASE_OPCODES, *OPEN_OPCODES, SETATTR_OPCODE):
+        if opcode in (CREATE_OPCODE, MKDIR_OPCODE, *RELEASE_OPCODES, *OPEN_OPCODES, SETATTR_OPCODE):
             if opcode in RELEASE_OPCODES:
                 self._released(opcode, struct.unpack("<Q", rd.read(40, 8))[0], written)
             chain.release()
@@ -555,6 +559,7 @@ class Target:
                 self._setattr_done(unique, written, reply, _overlapping(ranges)
                                    or any(o < used[1] and used[0] < o + ln for o, ln in ranges))
             self.c_creates += opcode == CREATE_OPCODE
+            self.c_mkdirs += opcode == MKDIR_OPCODE
             if not any(o < used[1] and used[0] < o + ln for o, ln in ranges):
                 self._check_reply(written, ranges, unique)
             allowed.extend((o, o + ln) for o, ln in ranges)
@@ -604,6 +609,9 @@ class Target:
         self.c_readdir += opcode == READDIR_OPCODE
         if opcode == CREATE_OPCODE:
             self.c_creates += 1
+            return n
+        if opcode == MKDIR_OPCODE:
+            self.c_mkdirs += 1
             return n
         if opcode in OPEN_OPCODES:
             self._opened(opcode, unique, n, b"".join(after), _overlapping([self._region_of_view(v) for v in views]))
@@ -746,7 +754,7 @@ class Target:
             "broken_rings": self.broken_rings, "ebadf": self.ebadf, "resets": self.resets, "compared": self.compared,
             "fast_served": self.fast_served, "batch_served": self.batch_served, "c_writes": self.c_writes,
             "c_meta": self.c_meta, "c_readdirplus": self.c_readdirplus, "c_readdir": self.c_readdir,
-            "c_creates": self.c_creates,
+            "c_creates": self.c_creates, "c_mkdirs": self.c_mkdirs,
             "c_releases": self.c_releases, "c_releasedirs": self.c_releasedirs,
             "c_opens": self.c_opens, "c_setattrs": self.c_setattrs,
             "c_forgets": self.c_forgets,
@@ -999,7 +1007,8 @@ def main(argv=None) -> int:
                   f"ebadf_inputs={','.join(bad_fh) or '-'} c_write_inputs={','.join(c_writes) or '-'} "
                   f"c_meta_inputs={','.join(c_meta) or '-'} "
                   f"fast_served={target.fast_served} batch_served={target.batch_served} "
-                  f"c_creates={target.c_creates} c_releases={target.c_releases} c_releasedirs={target.c_releasedirs} "
+                  f"c_creates={target.c_creates} c_mkdirs={target.c_mkdirs} "
+                  f"c_releases={target.c_releases} c_releasedirs={target.c_releasedirs} "
                   f"c_opens={target.c_opens} c_setattrs={target.c_setattrs} "
                   f"c_forgets={target.c_forgets} "
                   f"c_readdirplus={target.c_readdirplus} c_readdir={target.c_readdir}", flush=True)

@@ -44,6 +44,12 @@ table and a real keeper (workers/keeper.py's ``Keeper.run``) in a forked
 process, which gets every new fd (``Peers.keep``); its CPU per CREATE
 (user + system, from ``wait4``) is printed too.
 
+``mkdir`` makes ``depth`` new directories in the root per batch (MKDIR,
+mode 0755); between rounds, outside the timed part, they are removed and
+every nodeid forgotten, so each MKDIR makes a new directory and inserts
+a new inode. ``--python-mkdir`` leaves MKDIR to Python (before/after in
+one build).
+
 ``open`` opens one file ``depth`` times per batch (OPEN, O_RDONLY),
 ``opendir`` one directory (OPENDIR), with a shared open-file table and a
 real keeper as ``create``; the fhs are released outside the timed part
@@ -443,6 +449,52 @@ def create_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall",
     return busy / done * 1e6, keeper_s / done * 1e6, done, releasing / done * 1e6
 
 
+def mkdir_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall", where: str | None = None,
+             python_mkdir: bool = False) -> tuple[float, int]:
+    """(worker µs per MKDIR, MKDIRs): ``depth`` MKDIRs of new names in the
+    root per batch (mode 0755, root caller); between batches, untimed, the
+    directories removed and every nodeid forgotten, so each MKDIR makes a
+    new directory and inserts a new inode. ``python_mkdir``: MKDIR left to
+    Python (``FastOps.enable_mkdir`` not called)."""
+    shared = tempfile.mkdtemp(prefix="inproc-", dir=where)
+    saved = fastpath.mkdir_unsupported
+    if python_mkdir:
+        fastpath.mkdir_unsupported = lambda session: "measuring MKDIR in Python"
+    try:
+        loop, ring, vr, _ = _build("create", depth, shared, open_files=4 * depth)
+    finally:
+        fastpath.mkdir_unsupported = saved
+    session = loop.session
+    names = [f"dir-{i:05d}".encode() + b"\0" for i in range(depth)]
+    args = [abi.MKDIR_IN.pack(0o755, 0o022) + n for n in names]
+    timer = time.thread_time if clock == "cpu" else time.perf_counter
+    busy = 0.0
+    done = unique = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for a in args:
+            unique += 2
+            vr.submit([abi.IN_HEADER.pack(40 + len(a), Opcode.MKDIR, unique, 1, 0, 0, 1, 0, 0), a],
+                      [16, abi.ENTRY_OUT.size])
+        t0 = timer()
+        loop._serve(ring)
+        busy += timer() - t0
+        finished = vr.harvest()
+        if len(finished) != depth:
+            raise RuntimeError(f"served {len(finished)} of {depth}")
+        for head in finished:
+            err = int.from_bytes(vr.read_writable(head)[4:8], "little", signed=True)
+            vr.free(head)
+            if err:
+                raise RuntimeError(f"mkdir: the daemon answered {err}")
+        done += depth
+        for n in names:
+            os.rmdir(os.path.join(shared, os.fsdecode(n[:-1])))
+        forget_all(session)
+    close(loop, ring, vr)
+    return busy / done * 1e6, done
+
+
 def opendir_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall", entries: int = 8,
                python_releasedir: bool = False) -> tuple[float, float, int]:
     """(worker µs per OPENDIR + READDIRPLUS + RELEASEDIR, worker µs per
@@ -696,7 +748,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--op", default="getattr",
                     choices=("getattr", "lookup", "lookup-cold", "read4k", "read1m", "write4k", "write4k-kill",
-                             "getxattr-absent", "unlink", "rmdir", "flush", "create", *FORGET_OPS,
+                             "getxattr-absent", "unlink", "rmdir", "flush", "create", "mkdir", *FORGET_OPS,
                              "readdirplus-cold", "readdirplus-warm", "readdir", "readdir-cold", "open", "opendir",
                              "listing", "setattr-times", "setattr-chmod"))
     ap.add_argument("--entries", type=int, default=None,
@@ -714,8 +766,14 @@ def main(argv=None) -> int:
     ap.add_argument("--python-open", action="store_true",
                     help="open, opendir: in Python; create: its fh through Python (before/after)")
     ap.add_argument("--python-setattr", action="store_true", help="setattr-*: SETATTR in Python (before/after)")
-    ap.add_argument("--dir", default=None, help="create: make the shared directory in DIR (e.g. a tmpfs)")
+    ap.add_argument("--dir", default=None, help="create, mkdir: make the shared directory in DIR (e.g. a tmpfs)")
+    ap.add_argument("--python-mkdir", action="store_true", help="mkdir: MKDIR in Python (before/after)")
     a = ap.parse_args(argv)
+    if a.op == "mkdir":
+        us, n = mkdir_us(a.depth, a.seconds, a.clock, a.dir, a.python_mkdir)
+        where = "Python" if a.python_mkdir else "as built"
+        print(f"mkdir depth {a.depth}: {us:.2f} µs per MKDIR in the worker ({where}; {n} MKDIRs); {PATH}")
+        return 0
     if a.op == "create":
         us, keeper_us, n, release_us = create_us(a.depth, a.seconds, a.clock, not a.no_keeper, a.dir,
                                                  a.python_release, a.python_open)

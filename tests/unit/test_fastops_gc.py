@@ -46,7 +46,8 @@ def _open_some(client) -> None:
 def test_traverse_reports_every_reference(share):
     """The session, both table views, the meter and, with LOOKUP in C, the
     table's index and thread lock, with CREATE in C its two Python helpers
-    and the credentials' state, with READDIRPLUS in C its Python step and
+    and the credentials' state, with MKDIR in C its Python helper and the
+    credentials' state again, with READDIRPLUS in C its Python step and
     the DirStream type, with RELEASE in C the FileTable, its thread lock
     and header view, with OPEN in C its Python helper and the OpenHandle
     type: what gc.get_referents (tp_traverse)
@@ -65,14 +66,16 @@ def test_traverse_reports_every_reference(share):
                           ("meter", meter), ("index", table._hash),
                           ("thread lock", table._tlock), ("create_rest", fastpath.create_rest),
                           ("add_created", fastpath.add_created), ("credentials", credentials._state),
+                          ("mkdir_rest", fastpath.mkdir_rest),
                           ("plus_entry", dirs.plus_entry), ("DirStream", dirs.DirStream),
                           ("FileTable", files), ("its thread lock", files._tlock), ("its header", files._hdr),
                           ("add_handle", fastpath.add_handle), ("OpenHandle", handles.OpenHandle)):
             assert any(r is obj for r in held), f"tp_traverse does not visit the {name}"
-        assert len(held) == 16
-        # without a meter: the fifteen others only
+        assert len(held) == 18
+        assert sum(r is credentials._state for r in held) == 2     # CREATE's and MKDIR's
+        # without a meter: the seventeen others only
         session.meter = None
-        assert len(gc.get_referents(fastpath.make(session))) == 15
+        assert len(gc.get_referents(fastpath.make(session))) == 17
     finally:
         session.meter = None
         session.close()

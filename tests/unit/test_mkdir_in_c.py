@@ -1,0 +1,278 @@
+"""MKDIR served in C (daemon/fuse/_mkdir.h) against the Python session.
+
+As tests/unit/test_create_in_c.py (whose two-session set-up and
+comparisons this reuses): two sessions, each on its own copy of the share,
+the reference (``FuseSession.handle``) and one with the compiled ops;
+after every step the reply bytes (ino and times masked), the inode table,
+the cached nodeids, the open files, the meters' counters, both trees
+(names, types, modes, sizes, links, owners) and the fds opened must be
+equal.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from daemon.config import CacheMode
+from daemon.fuse import abi, credentials, fastpath
+from daemon.fuse.abi import Opcode
+from tests.unit.fusereq import in_header
+from tests.unit.test_create_in_c import _chain, _close, _lookup, _masked, _pair, _same, _share, _state, _step, _tree
+from tests.unit.test_fastops_equivalence import _run
+
+REPLY = 16 + abi.ENTRY_OUT.size        # 144
+NEW = ("d0", "d1", "d2", "d3")
+
+
+@pytest.fixture
+def shares(tmp_path):
+    cwd = os.getcwd()
+    os.chdir("/proc/self/fd")
+    a, b = tmp_path / "pure", tmp_path / "comp"
+    _share(a)
+    _share(b)
+    yield a, b
+    os.chdir(cwd)
+
+
+def mkdir_request(parent: int, name: bytes, mode: int, unique: int, uid: int = 0,
+                  variant: str = "ok") -> tuple[bytes, list[int]]:
+    arg = name + b"\0"
+    if variant == "no-nul":
+        arg = name or b"q"
+    elif variant == "inner-nul":
+        arg = name + b"\0q\0"
+    args = abi.MKDIR_IN.pack(mode, 0o022) + arg
+    extlen = 0
+    if variant == "extension":
+        args += bytes(8)
+        extlen = 1
+    elif variant == "short-args":
+        args = args[:6]
+    request = in_header(Opcode.MKDIR, parent, len(args), unique, uid=uid, gid=uid, extlen=extlen) + args
+    if variant == "len":
+        request = abi.IN_HEADER.pack(len(request) + 1, *abi.IN_HEADER.unpack_from(request)[1:]) + args
+    return request, [16, REPLY - 17] if variant == "short-out" else [16, abi.ENTRY_OUT.size]
+
+
+def test_plain_mkdirs_are_served_in_c(shares):
+    """Linux-shaped MKDIRs of new names (the root and a looked-up
+    directory; plain, SGID, sticky and a mode with a type) are all C's,
+    with Python's reply, table, modes and owners; an existing name is C's
+    EEXIST, as Python's."""
+    pair, fast = _pair(shares)
+    try:
+        sub = _lookup(pair, fast, shares, b"sub")
+        cases = [(1, b"d0", 0o755), (1, b"d1", 0o2775), (sub, b"d2", 0o1777), (1, b"d3", 0o40700)]
+        replies: list = []
+        for k, (parent, name, mode) in enumerate(cases):
+            request, wsizes = mkdir_request(parent, name, mode, 10 + k)
+            assert _step(pair, fast, shares, request, wsizes, replies), name
+        assert all(int.from_bytes(r[4:8], "little") == 0 and len(r) == REPLY for r in replies)
+        mask = os.umask(0)
+        os.umask(mask)      # this test process's umask applies to both (a worker's is 0)
+        for root in shares:
+            assert stat.S_IMODE(os.stat(root / "d0").st_mode) == 0o755 & ~mask
+            assert stat.S_IMODE(os.stat(root / "sub" / "d2").st_mode) == 0o1777 & ~mask     # sticky kept
+            assert stat.S_ISDIR(os.stat(root / "d3").st_mode)
+            assert os.stat(root / "d0").st_uid == 0
+        for k, name in enumerate((b"d0", b"exists", b"dir")):
+            request, wsizes = mkdir_request(1, name, 0o755, 20 + k)
+            replies = []
+            assert _step(pair, fast, shares, request, wsizes, replies)
+            assert -int.from_bytes(replies[0][4:8], "little", signed=True) == errno.EEXIST
+        # a new directory is a parent C creates in (its fd is cached)
+        d0 = _lookup(pair, fast, shares, b"d0")
+        request, wsizes = mkdir_request(d0, b"inner", 0o700, 30)
+        assert _step(pair, fast, shares, request, wsizes)
+    finally:
+        _close(pair)
+
+
+MKDIR_NAMES = st.sampled_from([*NEW, "exists", "dir", "ln", "fifo", ".", "..", "a/b", "", "x" * 255, "x" * 256])
+MODES = st.sampled_from([0o755, 0o40755, 0o2775, 0o1777, 0o7777, 0o100644, 0o0, 0xFFFFFFFF])
+MKDIR_STEP = st.one_of(
+    st.tuples(st.just("mkdir"), st.sampled_from(["root", "root", "root", "sub", "file", "stale", "unknown"]),
+              MKDIR_NAMES, MODES, st.sampled_from([0, 0, 0, 1000]),
+              st.sampled_from(["ok", "ok", "ok", "no-nul", "inner-nul", "short-out", "extension", "len",
+                               "short-args"])),
+    st.tuples(st.just("forget"), MKDIR_NAMES, st.integers(1, 3)),
+    st.tuples(st.just("rmdir"), st.sampled_from(NEW)),
+    st.tuples(st.just("reap")))
+
+CONFIGS = {"auto": {}, "always": {"cache": CacheMode.ALWAYS}, "never": {"cache": CacheMode.NEVER}}
+
+
+def _nodeid(session, root, name: str) -> int:
+    try:
+        s = os.lstat(root / name)
+    except (OSError, ValueError):
+        return 0
+    for n in session.cache._fds:
+        info = session.inodes.get(n)
+        if info is not None and info[1:3] == (s.st_dev, s.st_ino):
+            return n
+    return 0
+
+
+def _run_steps(pair, fast, shares, steps) -> int:
+    served = 0
+    for k, step in enumerate(steps):
+        kind = step[0]
+        if kind == "reap":
+            for session in pair:
+                session.cache.reap()
+        elif kind == "rmdir":
+            for root in shares:
+                try:
+                    os.rmdir(root / step[1])
+                except OSError:
+                    pass
+        elif kind == "forget":
+            nodeids = [_nodeid(s, r, step[1]) for s, r in zip(pair, shares)]
+            assert nodeids[0] == nodeids[1]
+            if nodeids[0] > 1:
+                for session in pair:
+                    session.inodes.unref(nodeids[0], step[2])
+        else:
+            _kind, where, name, mode, uid, variant = step
+            parent = {"root": 1, "stale": 3999, "unknown": 7}.get(where, 0)
+            if where in ("sub", "file"):
+                parent = _lookup(pair, fast, shares, b"sub" if where == "sub" else b"exists") or 1
+            request, wsizes = mkdir_request(parent, name.encode(), mode, 100 + k, uid, variant)
+            served += _step(pair, fast, shares, request, wsizes)
+        _same(pair, shares)
+    return served
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(MKDIR_STEP, min_size=1, max_size=14), config=st.sampled_from(sorted(CONFIGS)))
+def test_mkdirs_are_equivalent(tmp_path_factory, steps, config):
+    """Sequences of MKDIRs (new and existing names, a file, a symlink, a
+    FIFO, dotted, slashed, empty and too long names; the root, a looked-up
+    directory and file, stale and unknown parents; plain, SGID, sticky,
+    all-bits, typed and all-ones modes; root and another caller; malformed
+    args and short reply room), FORGETs, host rmdirs and reaps, on a table
+    of 15 inodes that fills: the same replies, tables, trees, counters and
+    fd counts."""
+    cwd = os.getcwd()
+    base = tmp_path_factory.mktemp("mkdirs")
+    a, b = base / "pure", base / "comp"
+    _share(a)
+    _share(b)
+    os.chdir("/proc/self/fd")
+    pair, fast = _pair((a, b), **CONFIGS[config])
+    try:
+        _run_steps(pair, fast, (a, b), steps)
+    finally:
+        _close(pair)
+        os.chdir(cwd)
+
+
+@pytest.mark.parametrize("case", ["uid", "gid", "extension", "dot", "dotdot", "slash", "long", "stale",
+                                  "short-out", "short-args", "dirty", "thread-lock", "unknown-ids"])
+def test_what_c_leaves_to_python(shares, case):
+    """Each case declined by C before anything was done (no directory
+    made), then answered by Python as the reference answers it."""
+    pair, fast = _pair(shares)
+    try:
+        uid, name, parent, variant = 0, b"d0", 1, "ok"
+        if case == "uid":
+            uid = 1000
+        elif case in ("extension", "short-out", "short-args"):
+            variant = case
+        elif case == "dot":
+            name = b"."
+        elif case == "dotdot":
+            name = b".."
+        elif case == "slash":
+            name = b"d0/x"
+        elif case == "long":
+            name = b"d" * 256
+        elif case == "stale":
+            parent = 3999
+        elif case == "dirty":
+            from daemon.fuse import inodes
+            for session in pair:
+                session.inodes._hdr[inodes._H_DIRTY] = 1
+        request, wsizes = mkdir_request(parent, name, 0o755, 5, uid, variant)
+        if case == "gid":
+            request = abi.IN_HEADER.pack(*abi.IN_HEADER.unpack_from(request)[:5], 7, 0, 0, 0) + request[40:]
+        if case in ("thread-lock", "unknown-ids"):     # declined untouched, C's once the obstacle is gone
+            if case == "unknown-ids":
+                credentials.forget_cache()
+            else:
+                pair[1].inodes._tlock.acquire()
+            assert fast.serve(_chain(request, wsizes)) == -1
+            if case == "thread-lock":
+                pair[1].inodes._tlock.release()
+            assert not (shares[1] / "d0").exists()
+            assert _step(pair, fast, shares, request, wsizes)
+            return
+        before = fast.served
+        assert fast.serve(_chain(request, wsizes)) == -1 and fast.served == before
+        assert not (shares[1] / "d0").exists()
+        assert not _step(pair, fast, shares, request, wsizes)
+    finally:
+        _close(pair)
+
+
+def test_a_full_table_after_the_mkdir_is_answered_as_python_does(shares):
+    """A table of 3 inodes: the third and fourth directories are made, and
+    C's lookup of each declines (the table full): fastpath.mkdir_rest
+    answers as do_mkdir (ENFILE, the directory stays)."""
+    pair, fast = _pair(shares, capacity=3)
+    try:
+        replies: list = []
+        for k, name in enumerate(NEW):
+            request, wsizes = mkdir_request(1, name.encode(), 0o755, 30 + k)
+            assert _step(pair, fast, shares, request, wsizes, replies)     # C answers each
+        errors = [-int.from_bytes(r[4:8], "little", signed=True) for r in replies]
+        assert errors == [0, 0, errno.ENFILE, errno.ENFILE]
+        assert all((shares[1] / n).is_dir() for n in NEW)
+    finally:
+        _close(pair)
+
+
+def test_mkdir_rest_answers_as_the_entry_does(shares):
+    """fastpath.mkdir_rest: a made directory's entry (as do_mkdir's
+    tail), a name gone again ENOENT."""
+    pair, _fast = _pair(shares)
+    try:
+        pure, comp = pair
+        request, wsizes = mkdir_request(1, b"d0", 0o755, 9)
+        ref = _run(pure, _fast, request, [40], wsizes, False)
+        os.mkdir(shares[1] / "d0", 0o755)
+        got = fastpath.mkdir_rest(comp, comp.root_fd, b"d0")
+        assert isinstance(got, bytes) and _masked(ref[1][:16] + got) == _masked(ref[1])
+        assert _state(comp, shares[1]) == _state(pure, shares[0])
+        assert _tree(shares[1]) == _tree(shares[0])
+        assert fastpath.mkdir_rest(comp, comp.root_fd, b"gone") == errno.ENOENT
+    finally:
+        _close(pair)
+
+
+@pytest.mark.parametrize("config,why", [({"posix_acl": True}, "--posix-acl"),
+                                        ({"security_label": True}, "--security-label"),
+                                        ({"readonly": True}, "MKDIR is not the reference handler"),
+                                        ({"announce_submounts": True}, "--announce-submounts"),
+                                        ("ids", "translate")])
+def test_mkdir_stays_in_python_when_an_option_changes_it(shares, config, why):
+    if config == "ids":
+        from daemon.fuse.idtranslate import Ids, Translation
+        config = {"ids": Ids(Translation.parse(["map:0:1000:1"]), Translation.parse([]))}
+    pair, _fast = _pair(shares, **config)
+    try:
+        assert why in fastpath.mkdir_unsupported(pair[1])
+        fast = fastpath.make(pair[1])
+        request, wsizes = mkdir_request(1, b"d0", 0o755, 3)
+        assert fast.serve(_chain(request, wsizes)) == -1
+        assert not (shares[1] / "d0").exists()
+    finally:
+        _close(pair)
