@@ -115,6 +115,27 @@ static void drop_tlock(struct state *st)
     }
 }
 
+/* A Python tail's answer ``r`` (fastpath.create_rest, mkdir_rest: bytes,
+ * the ``size`` reply bytes after the header; int: an errno; NULL or
+ * anything else: EIO) written as the reply; r's reference is taken */
+static Py_ssize_t rest_answer(const struct req *q, const struct in_header *h, PyObject *r, Py_ssize_t size,
+                              int *error)
+{
+    Py_ssize_t n;
+    if (r != NULL && PyBytes_CheckExact(r) && PyBytes_GET_SIZE(r) == size) {
+        struct out_header o = {(uint32_t)(OUT_HEADER + size), 0, h->unique};
+        n = iov_copy(q->w, q->nw, 0, &o, OUT_HEADER, 1) < 0
+            || iov_copy(q->w, q->nw, OUT_HEADER, PyBytes_AS_STRING(r), size, 1) < 0
+            ? NOT_HANDLED : OUT_HEADER + size;
+    } else {
+        long err = r != NULL && PyLong_CheckExact(r) ? PyLong_AsLong(r) : EIO;
+        n = error_reply(q, h->unique, (int)err, error);
+    }
+    Py_XDECREF(r);
+    PyErr_Clear();
+    return n;
+}
+
 /* fastpath.create_rest's answer (bytes: the 144 reply bytes after the
  * header; int: an errno) written as the reply */
 static Py_ssize_t create_rest(FastOps *self, struct state *st, const struct req *q, const struct in_header *h,
@@ -124,19 +145,7 @@ static Py_ssize_t create_rest(FastOps *self, struct state *st, const struct req 
     drop_tlock(st);
     PyObject *r = PyObject_CallFunction(self->cr.rest, "Oiy#iIIII", self->session, parent, name,
                                         (Py_ssize_t)strlen(name), fd, a->flags, a->open_flags, host, opened);
-    Py_ssize_t n;
-    if (r != NULL && PyBytes_CheckExact(r) && PyBytes_GET_SIZE(r) == ENTRY_OUT + OPEN_OUT) {
-        struct out_header o = {OUT_HEADER + ENTRY_OUT + OPEN_OUT, 0, h->unique};
-        n = iov_copy(q->w, q->nw, 0, &o, OUT_HEADER, 1) < 0
-            || iov_copy(q->w, q->nw, OUT_HEADER, PyBytes_AS_STRING(r), ENTRY_OUT + OPEN_OUT, 1) < 0
-            ? NOT_HANDLED : OUT_HEADER + ENTRY_OUT + OPEN_OUT;
-    } else {
-        long err = r != NULL && PyLong_CheckExact(r) ? PyLong_AsLong(r) : EIO;
-        n = error_reply(q, h->unique, (int)err, error);
-    }
-    Py_XDECREF(r);
-    PyErr_Clear();
-    return n;
+    return rest_answer(q, h, r, ENTRY_OUT + OPEN_OUT, error);
 }
 
 /* CREATE; NOT_HANDLED or the bytes written; *error: the reply's errno */

@@ -37,26 +37,14 @@
 #define MKDIR_IN 8
 
 /* fastpath.mkdir_rest's answer (bytes: the 128 entry bytes after the
- * header; int: an errno) written as the reply */
+ * header; int: an errno) written as the reply (_create.h's rest_answer) */
 static Py_ssize_t mkdir_rest(FastOps *self, struct state *st, const struct req *q, const struct in_header *h,
                              const char *name, int parent, int *error)
 {
     drop_tlock(st);
     PyObject *r = PyObject_CallFunction(self->mk.rest, "Oiy#", self->session, parent, name,
                                         (Py_ssize_t)strlen(name));
-    Py_ssize_t n;
-    if (r != NULL && PyBytes_CheckExact(r) && PyBytes_GET_SIZE(r) == ENTRY_OUT) {
-        struct out_header o = {OUT_HEADER + ENTRY_OUT, 0, h->unique};
-        n = iov_copy(q->w, q->nw, 0, &o, OUT_HEADER, 1) < 0
-            || iov_copy(q->w, q->nw, OUT_HEADER, PyBytes_AS_STRING(r), ENTRY_OUT, 1) < 0
-            ? NOT_HANDLED : OUT_HEADER + ENTRY_OUT;
-    } else {
-        long err = r != NULL && PyLong_CheckExact(r) ? PyLong_AsLong(r) : EIO;
-        n = error_reply(q, h->unique, (int)err, error);
-    }
-    Py_XDECREF(r);
-    PyErr_Clear();
-    return n;
+    return rest_answer(q, h, r, ENTRY_OUT, error);
 }
 
 /* MKDIR; NOT_HANDLED or the bytes written; *error: the reply's errno */

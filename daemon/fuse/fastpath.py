@@ -400,16 +400,8 @@ def create_unsupported(session) -> str:
     """Why CREATE stays in Python for ``session`` ("" if C may serve it:
     docs/compiled.md, "CREATE in C"). C's CREATE inserts the new inode as
     its LOOKUP does, so it needs that first."""
-    why = lookup_unsupported(session)
-    if why:
+    if why := _new_entry_unsupported(session, (Opcode.CREATE, files.do_create)):
         return why
-    if why := fastmeta.not_reference(session, (Opcode.CREATE, files.do_create)):
-        return why
-    config = session.config
-    if config.posix_acl:
-        return "--posix-acl (the guest's umask, default ACLs)"
-    if config.security_label:
-        return "--security-label"
     if type(session.handles) is not handles.HandleTable:
         return "not the stock open-file table"
     return ""
@@ -444,10 +436,17 @@ def mkdir_unsupported(session) -> str:
     """Why MKDIR stays in Python for ``session`` ("" if C may serve it:
     docs/compiled.md, "MKDIR in C"). C's MKDIR inserts the new inode as its
     LOOKUP does, so it needs that first."""
-    why = lookup_unsupported(session)
-    if why:
+    return _new_entry_unsupported(session, (Opcode.MKDIR, entries.do_mkdir))
+
+
+def _new_entry_unsupported(session, row) -> str:
+    """What keeps a compiled op that makes a new name (CREATE, MKDIR) in
+    Python: its LOOKUP in Python (C inserts the new inode as its LOOKUP
+    does), its op-table ``row`` not the reference, an option that changes
+    how the entry is made."""
+    if why := lookup_unsupported(session):
         return why
-    if why := fastmeta.not_reference(session, (Opcode.MKDIR, entries.do_mkdir)):
+    if why := fastmeta.not_reference(session, row):
         return why
     config = session.config
     if config.posix_acl:
