@@ -5,6 +5,8 @@ compiler or the Python headers the build of the extension fails quietly and
 the pure-Python path (daemon/virtio/virtqueue.py) runs instead.
 """
 
+from glob import glob
+
 from setuptools import Extension, setup
 
 setup(
@@ -20,9 +22,9 @@ setup(
             "daemon.fuse._fastops",
             sources=["daemon/fuse/_fastops.c"],
             # the batch loop (stage 3) calls _vqcore through its capsule;
-            # _fastops.c includes LOOKUP's, CREATE's, FORGET's and the metadata ops' code
-            depends=["daemon/virtio/_vqcore_api.h", "daemon/fuse/_lookup.h", "daemon/fuse/_create.h",
-                     "daemon/fuse/_meta.h", "daemon/fuse/_forget.h"],
+            # _fastops.c includes the ops' code, one header each (_lookup.h,
+            # _create.h, ...): a change to any of them rebuilds it
+            depends=["daemon/virtio/_vqcore_api.h", *sorted(glob("daemon/fuse/_*.h"))],
             include_dirs=["daemon/virtio"],
             extra_compile_args=["-O2", "-std=gnu11", "-fno-strict-aliasing", "-Wall"],
             optional=True,
