@@ -497,12 +497,11 @@ def test_create_stays_in_python_when_an_option_changes_it(shares, config, why):
         _close(pair)
 
 
-def test_the_worker_loop_serves_creates_in_c_and_counts_them(tmp_path, monkeypatch):
-    """WorkerLoop._serve (the batch loop) on a ring of 8 CREATEs, with a
-    meter and a keeper (tests/perf/inproc.py's set-up): all 8 answered in
-    C, counted under CREATE, each fh in the shared FileTable with the
-    keeper's copy recorded."""
-    from daemon.metrics import counters
+@contextlib.contextmanager
+def keeper_loop(tmp_path, monkeypatch):
+    """tests/perf/inproc.py's set-up: a WorkerLoop with the compiled ops
+    on a share in tmp_path, a meter and a keeper (stopped, and the loop
+    closed, after). Yields (loop, ring, vr, meter)."""
     from tests.perf import inproc
     monkeypatch.chdir(tmp_path)
     loop, ring, vr, _ = inproc._build("create", 8, str(tmp_path), open_files=64)
@@ -512,9 +511,29 @@ def test_the_worker_loop_serves_creates_in_c_and_counts_them(tmp_path, monkeypat
     pid, stop_w = inproc.start_keeper(loop.session)
     try:
         credentials.restore()
-        heads = [vr.submit([in_header(Opcode.CREATE, 1, 16 + 3, 50 + i),
-                            abi.CREATE_IN.pack(os.O_RDWR, 0o100644, 0, 0) + b"c%d\0" % i], [16, 144])
-                 for i in range(8)]
+        yield loop, ring, vr, meter
+    finally:
+        inproc.stop_keeper(pid, stop_w)
+        inproc.close(loop, ring, vr)
+
+
+def submit_creates(vr, count: int) -> list[int]:
+    """CREATEs of c0, c1, … in the root (O_RDWR, 0644; uniques 50, 51, …)
+    on the ring: their heads."""
+    return [vr.submit([in_header(Opcode.CREATE, 1, 16 + 3, 50 + i),
+                       abi.CREATE_IN.pack(os.O_RDWR, 0o100644, 0, 0) + b"c%d\0" % i], [16, 144])
+            for i in range(count)]
+
+
+def test_the_worker_loop_serves_creates_in_c_and_counts_them(tmp_path, monkeypatch):
+    """WorkerLoop._serve (the batch loop) on a ring of 8 CREATEs, with a
+    meter and a keeper (tests/perf/inproc.py's set-up): all 8 answered in
+    C, counted under CREATE, each fh in the shared FileTable with the
+    keeper's copy recorded."""
+    from daemon.metrics import counters
+    from tests.perf import inproc
+    with keeper_loop(tmp_path, monkeypatch) as (loop, ring, vr, meter):
+        heads = submit_creates(vr, 8)
         assert loop._serve(ring) == 8
         assert sorted(vr.harvest()) == sorted(heads)
         fhs = [_ok(vr.read_writable(h))[1] for h in heads]
@@ -529,9 +548,6 @@ def test_the_worker_loop_serves_creates_in_c_and_counts_them(tmp_path, monkeypat
         while not all(files.kept(fh) for fh in fhs):
             assert __import__("time").monotonic() < deadline, "the keeper did not get every fd"
         assert {files.kept(fh) >> 32 for fh in fhs} == {inproc.KEEPER_SERIAL}
-    finally:
-        inproc.stop_keeper(pid, stop_w)
-        inproc.close(loop, ring, vr)
 
 
 @pytest.mark.parametrize("config", sorted(CREATE_CONFIGS))

@@ -22,21 +22,14 @@ from daemon.fuse import abi, fastpath, filetable
 from daemon.fuse.abi import Opcode
 from daemon.virtio.virtqueue import Chain, IoVec
 from tests.unit.fusereq import in_header
-from tests.unit.test_create_in_c import _close, _fd_count, _ok, _pair, _same, _step, create_request, shares
+from tests.unit.test_create_in_c import (_close, _fd_count, _ok, _pair, _same, _step, create_request, keeper_loop,
+                                         shaped_args, shares, submit_creates)
 
 __all__ = ["shares"]        # the fixture, imported for the tests below
 
 
 def release_request(nodeid: int, fh: int, unique: int, release_flags: int = 0, variant: str = "ok") -> bytes:
-    args = abi.RELEASE_IN.pack(fh, os.O_RDWR, release_flags, 0)
-    extlen = 0
-    if variant == "short-args":
-        args = args[:20]
-    elif variant == "extension":
-        args += bytes(8)
-        extlen = 1
-    elif variant == "longer":
-        args += bytes(8)
+    args, extlen = shaped_args(abi.RELEASE_IN.pack(fh, os.O_RDWR, release_flags, 0), variant, 20)
     return in_header(Opcode.RELEASE, nodeid, len(args), unique, extlen=extlen) + args
 
 
@@ -269,22 +262,10 @@ def test_the_worker_loop_releases_in_c_beside_a_keeper(tmp_path, monkeypatch):
     flock comes off): all answered in C with the empty reply, counted
     under RELEASE, every fh freed in the shared FileTable, every fd the
     worker held of them closed."""
-    from daemon.fuse import credentials
     from daemon.metrics import counters
-    from daemon.metrics.counters import MetricsArea, WorkerMeter
-    from tests.perf import inproc
-    monkeypatch.chdir(tmp_path)
-    loop, ring, vr, _ = inproc._build("create", 8, str(tmp_path), open_files=64)
-    meter = WorkerMeter(MetricsArea(1).slot(0))
-    loop.session.meter = meter
-    loop.use_fast_ops(fastpath.fast_ops(loop.session))
-    pid, stop_w = inproc.start_keeper(loop.session)
-    try:
-        credentials.restore()
+    with keeper_loop(tmp_path, monkeypatch) as (loop, ring, vr, meter):
         assert loop.session.handles.peers.copied
-        heads = [vr.submit([in_header(Opcode.CREATE, 1, 16 + 3, 50 + i),
-                            abi.CREATE_IN.pack(os.O_RDWR, 0o100644, 0, 0) + b"c%d\0" % i], [16, 144])
-                 for i in range(8)]
+        heads = submit_creates(vr, 8)
         assert loop._serve(ring) == 8
         assert sorted(vr.harvest()) == sorted(heads)
         got = [_ok(vr.read_writable(h)) for h in heads]
@@ -305,9 +286,6 @@ def test_the_worker_loop_releases_in_c_beside_a_keeper(tmp_path, monkeypatch):
         assert meter.words[base + counters.OP_REQUESTS] == 8
         if fastpath.compiled.VirtQueue is fastpath.compiled.CompiledVirtQueue:
             assert loop._fast.served == served + 8
-    finally:
-        inproc.stop_keeper(pid, stop_w)
-        inproc.close(loop, ring, vr)
 
 
 def test_a_worker_killed_during_c_releases_leaves_a_table_python_repairs(shares):
