@@ -310,41 +310,51 @@ def _create_of(parent: int, step, unique: int) -> tuple[bytes, list[int]]:
 _REMOVES = {"unlink": (os.unlink, FileNotFoundError), "rmdir": (os.rmdir, OSError)}
 
 
-def _run_steps(pair, fast, shares, steps, request_of=_create_of) -> int:
-    """The steps on both sessions, compared after each; how many C served.
-    "reap", "release" (of one of the open fhs, by index), "unlink" and
-    "rmdir" (of a name in both copies), "forget" (a name's nodeid, by a
-    count), else a request: ``request_of(parent, step, unique)`` (CREATE's
-    by default), the parent the one step[1] names (_parent)."""
-    pure, comp = pair
-    served = 0
-    for k, step in enumerate(steps):
-        kind = step[0]
-        if kind == "reap":
-            for session in pair:
-                session.handles.reap()
-                session.cache.reap()
-        elif kind == "release":
-            fhs = sorted(pure.handles._handles)
-            if not fhs:
-                continue
+def _host_step(pair, shares, step) -> bool:
+    """A step done on both sessions or copies directly, not by a request:
+    "reap" (both reap their handles and fds), "release" (one of the open
+    fhs, by index, closed as a RELEASE would), "unlink" and "rmdir" (a name
+    in both copies, there or not), "chmod" (a path, a mode), "forget" (a
+    name's nodeid, by a count). False (nothing done): another step."""
+    kind = step[0]
+    if kind == "reap":
+        for session in pair:
+            session.handles.reap()
+            session.cache.reap()
+    elif kind == "release":
+        fhs = sorted(pair[0].handles._handles)
+        if fhs:
             fh = fhs[step[1] % len(fhs)]
             for session in pair:
                 session.handles.close(fh, session.handles._handles[fh].kind)
-        elif kind in _REMOVES:
-            remove, gone = _REMOVES[kind]
-            for root in shares:
-                try:
-                    remove(root / step[1])
-                except gone:
-                    pass
-        elif kind == "forget":
-            nodeids = [_nodeid(s, r, step[1]) for s, r in zip(pair, shares)]
-            assert nodeids[0] == nodeids[1]
-            if nodeids[0] > 1:
-                for session in pair:
-                    session.inodes.unref(nodeids[0], step[2])
-        else:
+    elif kind in _REMOVES:
+        remove, gone = _REMOVES[kind]
+        for root in shares:
+            try:
+                remove(root / step[1])
+            except gone:
+                pass
+    elif kind == "chmod":
+        for root in shares:
+            os.chmod(root / step[1], step[2])
+    elif kind == "forget":
+        nodeids = [_nodeid(s, r, step[1]) for s, r in zip(pair, shares)]
+        assert nodeids[0] == nodeids[1]
+        if nodeids[0] > 1:
+            for session in pair:
+                session.inodes.unref(nodeids[0], step[2])
+    else:
+        return False
+    return True
+
+
+def _run_steps(pair, fast, shares, steps, request_of=_create_of) -> int:
+    """The steps on both sessions, compared after each; how many C served.
+    A _host_step, else a request: ``request_of(parent, step, unique)``
+    (CREATE's by default), the parent the one step[1] names (_parent)."""
+    served = 0
+    for k, step in enumerate(steps):
+        if not _host_step(pair, shares, step):
             request, wsizes = request_of(_parent(pair, fast, shares, step[1]), step, 100 + k)
             served += _step(pair, fast, shares, request, wsizes)
         _same(pair, shares)

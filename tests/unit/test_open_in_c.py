@@ -24,7 +24,8 @@ from daemon.config import CacheMode
 from daemon.fuse import abi, fastpath, filetable, handles
 from daemon.fuse.abi import Opcode
 from tests.unit.fusereq import in_header
-from tests.unit.test_create_in_c import (_close, _lookup, _lookups, _node_of, _pair, _step, fresh_pair, keeper_loop,
+from tests.unit.test_create_in_c import (_close, _host_step, _lookup, _lookups, _node_of, _pair, _step, fresh_pair,
+                                         keeper_loop,
                                          shaped_args, shares, submit_creates)
 from tests.unit.test_release_in_c import _c_declines, _err, _full_same, release_request
 
@@ -121,11 +122,7 @@ def _run_open_steps(pair, fast, shares, steps) -> int:
     nodeids: dict[str, int] = {}
     for k, step in enumerate(steps):
         kind = step[0]
-        if kind == "reap":
-            for session in pair:
-                session.handles.reap()
-                session.cache.reap()
-        elif kind == "release":
+        if kind == "release":        # OPEN's: a RELEASE request
             fhs = sorted(pure.handles._handles)
             if fhs:
                 fh = fhs[step[1] % len(fhs)]
@@ -135,10 +132,7 @@ def _run_open_steps(pair, fast, shares, steps) -> int:
                 if pure.handles._handles.get(fh) is not None:      # a directory: RELEASEDIR's
                     for session in pair:
                         session.handles.close(fh, session.handles._handles[fh].kind)
-        elif kind == "chmod":
-            for root in shares:
-                os.chmod(root / step[1], step[2])
-        else:
+        elif not _host_step(pair, shares, step):
             op, where, flags, uid, open_flags, variant = step
             node = _node_of(pair, fast, shares, nodeids, where, {"root": 1, "stale": 3999, "unknown": 7, "zero": 0})
             opcode = Opcode.OPEN if op == "open" else Opcode.OPENDIR
