@@ -27,7 +27,7 @@ from tests.unit.fusereq import in_header
 from tests.unit.test_create_in_c import (_close, _host_step, _lookup, _lookups, _node_of, _pair, _step, fresh_pair,
                                          keeper_loop,
                                          shaped_args, shares, submit_creates)
-from tests.unit.test_release_in_c import _c_declines, _err, _full_same, release_request
+from tests.unit.test_release_in_c import _c_declines, _err, _full_same, _row_replaced, release_request
 
 __all__ = ["shares"]        # the fixture, imported for the tests below
 
@@ -291,9 +291,8 @@ def test_open_stays_in_python_when_a_row_is_replaced(shares):
     pair, _fast = _pair(shares)
     try:
         comp = pair[1]
-        assert fastpath.open_unsupported(comp) == ""
-        comp._ops[int(Opcode.OPENDIR)] = lambda fs, req: dirs.do_opendir(fs, req)
-        assert fastpath.open_unsupported(comp) == "OPENDIR is not the reference handler"
+        assert _row_replaced(comp, fastpath.open_unsupported, Opcode.OPENDIR, dirs.do_opendir) == \
+            "OPENDIR is not the reference handler"
         comp._ops[int(Opcode.OPEN)] = lambda fs, req: files.do_open(fs, req)
         assert fastpath.open_unsupported(comp) == "OPEN is not the reference handler"
         fast = fastpath.make(comp)

@@ -104,6 +104,15 @@ def _err(reply: bytes) -> int:
     return -int.from_bytes(reply[4:8], "little", signed=True)
 
 
+def _row_replaced(comp, unsupported, opcode: int, handler) -> str:
+    """What ``unsupported`` (fastpath's check) says of ``comp``: nothing,
+    then, with its row of ``opcode`` replaced by a wrapper of ``handler``
+    (Python's answers, not the reference handler), the reason."""
+    assert unsupported(comp) == ""
+    comp._ops[int(opcode)] = lambda fs, req: handler(fs, req)
+    return unsupported(comp)
+
+
 def test_releases_are_served_in_c(shares):
     """The RELEASE of files this worker created or opened is C's, with
     Python's empty reply, tables, counts and fds (two fhs on one inode:
@@ -230,11 +239,9 @@ def test_release_stays_in_python_when_the_row_is_replaced(shares):
     from daemon.fuse import files
     pair, _fast = _pair(shares)
     try:
-        comp = pair[1]
-        assert fastpath.release_unsupported(comp) == ""
-        comp._ops[int(Opcode.RELEASE)] = lambda fs, req: files.do_release(fs, req)
-        assert fastpath.release_unsupported(comp) == "RELEASE is not the reference handler"
-        fast = fastpath.make(comp)
+        assert _row_replaced(pair[1], fastpath.release_unsupported, Opcode.RELEASE, files.do_release) == \
+            "RELEASE is not the reference handler"
+        fast = fastpath.make(pair[1])
         n0, fh0 = _created(pair, fast, shares, b"n0", 10)
         assert not _step(pair, fast, shares, release_request(n0, fh0, 11), [16])
     finally:
