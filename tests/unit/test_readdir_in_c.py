@@ -25,7 +25,7 @@ from daemon.fuse import abi, dirs, fastpath
 from daemon.fuse.abi import Opcode
 from tests.unit.fusereq import in_header
 from tests.unit.test_fastops_equivalence import _op_words, _table_state
-from tests.unit.test_readdirplus_in_c import Pair, scratch_share, _tree, pairs_of
+from tests.unit.test_readdirplus_in_c import Pair, _tree, pairs_of, scratch_share
 from tests.unit.test_readdirplus_in_c import records as plus_records
 
 
