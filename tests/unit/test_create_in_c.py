@@ -432,20 +432,29 @@ def test_what_c_leaves_to_python(shares, case):
         request, wsizes = create_request(parent, name, flags, mode, 5, uid, 0, variant)
         if case == "gid":
             request = abi.IN_HEADER.pack(*abi.IN_HEADER.unpack_from(request)[:5], 7, 0, 0, 0) + request[40:]
-        if case in ("thread-lock", "unknown-ids"):     # declined untouched, C's once the obstacle is gone
-            if case == "unknown-ids":
-                credentials.forget_cache()      # Python's next as_caller makes the system calls
-            else:
-                pair[1].inodes._tlock.acquire()     # another thread holds the table
-            assert fast.serve(_chain(request, wsizes)) == -1
-            if case == "thread-lock":
-                pair[1].inodes._tlock.release()
-            assert not (shares[1] / "n0").exists()
-            assert _step(pair, fast, shares, request, wsizes)
+        if case in ("thread-lock", "unknown-ids"):
+            _declined_until_clear(pair, fast, shares, case, request, wsizes, "n0")
             return
         assert not _step(pair, fast, shares, request, wsizes)
     finally:
         _close(pair)
+
+
+def _declined_until_clear(pair, fast, shares, case: str, request: bytes, wsizes, made: str) -> None:
+    """C declines ``request`` untouched (``made`` not in the copy) while
+    ``case`` stands in its way, "unknown-ids" (Python's next as_caller
+    makes the system calls) or "thread-lock" (another thread holds the
+    inode table), and serves it, as the reference answers it, once the
+    obstacle is gone."""
+    if case == "unknown-ids":
+        credentials.forget_cache()
+    else:
+        pair[1].inodes._tlock.acquire()
+    assert fast.serve(_chain(request, wsizes)) == -1
+    if case == "thread-lock":
+        pair[1].inodes._tlock.release()
+    assert not (shares[1] / made).exists()
+    assert _step(pair, fast, shares, request, wsizes)
 
 
 def _chain(request, wsizes):

@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.config import CacheMode
-from daemon.fuse import abi, credentials, fastpath
+from daemon.fuse import abi, fastpath
 from daemon.fuse.abi import Opcode
 from tests.unit.fusereq import in_header
-from tests.unit.test_create_in_c import (_chain, _close, _lookup, _masked, _pair, _run_steps, _state, _step, _tree,
-                                         fresh_pair, shaped_args, shares)
+from tests.unit.test_create_in_c import (_chain, _close, _declined_until_clear, _lookup, _masked, _pair, _run_steps,
+                                         _state, _step, _tree, fresh_pair, shaped_args, shares)
 from tests.unit.test_fastops_equivalence import _run
 
 REPLY = 16 + abi.ENTRY_OUT.size        # 144
@@ -143,16 +143,8 @@ def test_what_c_leaves_to_python(shares, case):
         request, wsizes = mkdir_request(parent, name, 0o755, 5, uid, variant)
         if case == "gid":
             request = abi.IN_HEADER.pack(*abi.IN_HEADER.unpack_from(request)[:5], 7, 0, 0, 0) + request[40:]
-        if case in ("thread-lock", "unknown-ids"):     # declined untouched, C's once the obstacle is gone
-            if case == "unknown-ids":
-                credentials.forget_cache()
-            else:
-                pair[1].inodes._tlock.acquire()
-            assert fast.serve(_chain(request, wsizes)) == -1
-            if case == "thread-lock":
-                pair[1].inodes._tlock.release()
-            assert not (shares[1] / "d0").exists()
-            assert _step(pair, fast, shares, request, wsizes)
+        if case in ("thread-lock", "unknown-ids"):
+            _declined_until_clear(pair, fast, shares, case, request, wsizes, "d0")
             return
         before = fast.served
         assert fast.serve(_chain(request, wsizes)) == -1 and fast.served == before
