@@ -25,8 +25,7 @@ from daemon.fuse import abi, fastpath, filetable, handles
 from daemon.fuse.abi import Opcode
 from tests.unit.fusereq import in_header
 from tests.unit.test_create_in_c import (_close, _host_step, _lookup, _lookups, _node_of, _pair, _step, fresh_pair,
-                                         keeper_loop,
-                                         shaped_args, shares, submit_creates)
+                                         keeper_loop, shaped_args, shares, submit_creates)
 from tests.unit.test_release_in_c import _c_declines, _err, _full_same, _row_replaced, release_request
 
 __all__ = ["shares"]        # the fixture, imported for the tests below
