@@ -375,6 +375,59 @@ def stop_keeper(pid: int, stop_w: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _build_leaving(in_python: dict[str, bool], *args, **kw):
+    """_build(*args, **kw) with each op ``in_python`` marks True left to
+    Python: fastpath's ``<op>_unsupported`` answers a reason while the
+    fast ops are made (their ``FastOps.enable_*`` then not called)."""
+    saved = {op: getattr(fastpath, f"{op}_unsupported") for op in in_python}
+    for op, python in in_python.items():
+        if python:
+            setattr(fastpath, f"{op}_unsupported", lambda session, op=op: f"measuring {op.upper()} in Python")
+    try:
+        return _build(*args, **kw)
+    finally:
+        for op, check in saved.items():
+            setattr(fastpath, f"{op}_unsupported", check)
+
+
+def _submitter(vr, unique: int = 0):
+    """``submit(opcode, nodeid, args, out)``: one request (a root caller's,
+    uniques ``unique`` + 2, + 4, …) on the ring, with a 16-byte and the
+    ``out`` writable buffers; its head."""
+    last = [unique]
+
+    def submit(opcode, nodeid, args, out):
+        last[0] += 2
+        return vr.submit([abi.IN_HEADER.pack(40 + len(args), opcode, last[0], nodeid, 0, 0, 1, 0, 0), args],
+                         [16] + out)
+    return submit
+
+
+def _timer(clock: str):
+    return time.thread_time if clock == "cpu" else time.perf_counter
+
+
+def _serve_batch(loop, ring, vr, timer, heads: list, what: str) -> tuple[float, list[bytes]]:
+    """One timed ``loop._serve`` of the requests ``heads`` (on the ring):
+    (the seconds it took, their replies in the order of ``heads``, the
+    heads freed); one not served or answered with an error raises."""
+    t0 = timer()
+    loop._serve(ring)
+    took = timer() - t0
+    finished = vr.harvest()
+    if sorted(finished) != sorted(heads):
+        raise RuntimeError(f"served {len(finished)} of {len(heads)}")
+    replies = []
+    for head in heads:
+        reply = vr.read_writable(head)
+        vr.free(head)
+        err = int.from_bytes(reply[4:8], "little", signed=True)
+        if err:
+            raise RuntimeError(f"{what}: the daemon answered {err}")
+        replies.append(reply)
+    return took, replies
+
+
 def create_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall",
               keeper: bool = True, where: str | None = None,
               python_release: bool = False, python_open: bool = False) -> tuple[float, float, int, float]:
@@ -387,59 +440,28 @@ def create_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall",
     called: C's CREATE then allocates its fh through Python's
     ``HandleTable.add``)."""
     shared = tempfile.mkdtemp(prefix="inproc-", dir=where)
-    saved, saved_open = fastpath.release_unsupported, fastpath.open_unsupported
-    if python_release:
-        fastpath.release_unsupported = lambda session: "measuring RELEASE in Python"
-    if python_open:
-        fastpath.open_unsupported = lambda session: "measuring OPEN in Python"
-    try:
-        loop, ring, vr, _ = _build("create", depth, shared, open_files=4 * depth)
-    finally:
-        fastpath.release_unsupported, fastpath.open_unsupported = saved, saved_open
+    loop, ring, vr, _ = _build_leaving({"release": python_release, "open": python_open}, "create", depth, shared,
+                                       open_files=4 * depth)
     session = loop.session
     pid, stop_w = start_keeper(session) if keeper else (0, -1)
     names = [f"new-{i:05d}".encode() + b"\0" for i in range(depth)]
     create_args = [abi.CREATE_IN.pack(os.O_RDWR, 0o100644, 0o022, 0) + n for n in names]
-    unique = [0]
-
-    def submit(opcode, nodeid, args, out):
-        unique[0] += 2
-        h = abi.IN_HEADER.pack(40 + len(args), opcode, unique[0], nodeid, 0, 0, 1, 0, 0)
-        return vr.submit([h, args], [16] + out)
-
-    timer = time.thread_time if clock == "cpu" else time.perf_counter
+    submit = _submitter(vr)
+    timer = _timer(clock)
     busy = releasing = 0.0
     done = 0
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        for a in create_args:
-            submit(Opcode.CREATE, 1, a, [abi.ENTRY_OUT.size, abi.OPEN_OUT.size])
-        t0 = timer()
-        loop._serve(ring)
-        busy += timer() - t0
-        finished = vr.harvest()
-        if len(finished) != depth:
-            raise RuntimeError(f"served {len(finished)} of {depth}")
-        fhs = []
-        for head in finished:
-            reply = vr.read_writable(head)
-            vr.free(head)
-            err = int.from_bytes(reply[4:8], "little", signed=True)
-            if err:
-                raise RuntimeError(f"create: the daemon answered {err}")
-            fhs.append((int.from_bytes(reply[16:24], "little"), int.from_bytes(reply[144:152], "little")))
-        for nodeid, fh in fhs:
-            submit(Opcode.RELEASE, nodeid, abi.RELEASE_IN.pack(fh, os.O_RDWR, 0, 0), [])
-        t0 = timer()
-        loop._serve(ring)
-        took = timer() - t0
+        heads = [submit(Opcode.CREATE, 1, a, [abi.ENTRY_OUT.size, abi.OPEN_OUT.size]) for a in create_args]
+        took, replies = _serve_batch(loop, ring, vr, timer, heads, "create")
+        busy += took
+        fhs = [(int.from_bytes(r[16:24], "little"), int.from_bytes(r[144:152], "little")) for r in replies]
+        heads = [submit(Opcode.RELEASE, nodeid, abi.RELEASE_IN.pack(fh, os.O_RDWR, 0, 0), []) for nodeid, fh in fhs]
+        took, replies = _serve_batch(loop, ring, vr, timer, heads, "release")
         busy += took
         releasing += took
-        for head in vr.harvest():
-            if vr.read_writable(head)[:16] != abi.OUT_HEADER.pack(16, 0, int.from_bytes(
-                    vr.read_writable(head)[8:16], "little")):
-                raise RuntimeError("release: the daemon did not answer the empty reply")
-            vr.free(head)
+        if any(r[:16] != abi.OUT_HEADER.pack(16, 0, int.from_bytes(r[8:16], "little")) for r in replies):
+            raise RuntimeError("release: the daemon did not answer the empty reply")
         done += depth
         for n in names:
             os.unlink(os.path.join(shared, os.fsdecode(n[:-1])))
@@ -457,36 +479,18 @@ def mkdir_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall", where: 
     new directory and inserts a new inode. ``python_mkdir``: MKDIR left to
     Python (``FastOps.enable_mkdir`` not called)."""
     shared = tempfile.mkdtemp(prefix="inproc-", dir=where)
-    saved = fastpath.mkdir_unsupported
-    if python_mkdir:
-        fastpath.mkdir_unsupported = lambda session: "measuring MKDIR in Python"
-    try:
-        loop, ring, vr, _ = _build("create", depth, shared, open_files=4 * depth)
-    finally:
-        fastpath.mkdir_unsupported = saved
+    loop, ring, vr, _ = _build_leaving({"mkdir": python_mkdir}, "create", depth, shared, open_files=4 * depth)
     session = loop.session
     names = [f"dir-{i:05d}".encode() + b"\0" for i in range(depth)]
     args = [abi.MKDIR_IN.pack(0o755, 0o022) + n for n in names]
-    timer = time.thread_time if clock == "cpu" else time.perf_counter
+    submit = _submitter(vr)
+    timer = _timer(clock)
     busy = 0.0
-    done = unique = 0
+    done = 0
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        for a in args:
-            unique += 2
-            vr.submit([abi.IN_HEADER.pack(40 + len(a), Opcode.MKDIR, unique, 1, 0, 0, 1, 0, 0), a],
-                      [16, abi.ENTRY_OUT.size])
-        t0 = timer()
-        loop._serve(ring)
-        busy += timer() - t0
-        finished = vr.harvest()
-        if len(finished) != depth:
-            raise RuntimeError(f"served {len(finished)} of {depth}")
-        for head in finished:
-            err = int.from_bytes(vr.read_writable(head)[4:8], "little", signed=True)
-            vr.free(head)
-            if err:
-                raise RuntimeError(f"mkdir: the daemon answered {err}")
+        heads = [submit(Opcode.MKDIR, 1, a, [abi.ENTRY_OUT.size]) for a in args]
+        busy += _serve_batch(loop, ring, vr, timer, heads, "mkdir")[0]
         done += depth
         for n in names:
             os.rmdir(os.path.join(shared, os.fsdecode(n[:-1])))
@@ -500,43 +504,19 @@ def opendir_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall", entri
     """(worker µs per OPENDIR + READDIRPLUS + RELEASEDIR, worker µs per
     RELEASEDIR: its batches alone, cycles); see the module docstring."""
     shared = tempfile.mkdtemp(prefix="inproc-")
-    saved = fastpath.releasedir_unsupported
-    if python_releasedir:
-        fastpath.releasedir_unsupported = lambda session: "measuring RELEASEDIR in Python"
-    try:
-        loop, ring, vr, _ = _build("create", depth, shared, open_files=4 * depth)
-    finally:
-        fastpath.releasedir_unsupported = saved
+    loop, ring, vr, _ = _build_leaving({"releasedir": python_releasedir}, "create", depth, shared,
+                                       open_files=4 * depth)
     os.mkdir(os.path.join(shared, "ls"))
     for i in range(entries):
         open(os.path.join(shared, "ls", f"entry-{i:03d}"), "wb").close()
     pid, stop_w = start_keeper(loop.session)
-    unique = [1 << 40]
-
-    def submit(opcode, nodeid, args, out):
-        unique[0] += 2
-        return vr.submit([abi.IN_HEADER.pack(40 + len(args), opcode, unique[0], nodeid, 0, 0, 1, 0, 0), args],
-                         [16] + out)
+    submit = _submitter(vr, 1 << 40)
+    timer = _timer(clock)
 
     def batch(opcode, nodeid, args_list, out) -> tuple[float, list[bytes]]:
         heads = [submit(opcode, nodeid, a, out) for a in args_list]
-        t0 = timer()
-        loop._serve(ring)
-        took = timer() - t0
-        finished = vr.harvest()
-        if sorted(finished) != sorted(heads):
-            raise RuntimeError(f"served {len(finished)} of {len(heads)}")
-        replies = []
-        for head in heads:
-            reply = vr.read_writable(head)
-            vr.free(head)
-            err = int.from_bytes(reply[4:8], "little", signed=True)
-            if err:
-                raise RuntimeError(f"opendir: the daemon answered {err} to {opcode!r}")
-            replies.append(reply)
-        return took, replies
+        return _serve_batch(loop, ring, vr, timer, heads, f"opendir ({opcode!r})")
 
-    timer = time.thread_time if clock == "cpu" else time.perf_counter
     entry = batch(Opcode.LOOKUP, 1, [b"ls\0"], [abi.ENTRY_OUT.size])[1][0]
     nodeid = int.from_bytes(entry[16:24], "little")
     busy = releasing = 0.0
@@ -569,46 +549,25 @@ def open_us(depth: int = 64, seconds: float = 3.0, clock: str = "wall", keeper: 
     HandleTable.close) outside the timed part; ``python_open``: OPEN and
     OPENDIR left to Python (``FastOps.enable_open`` not called)."""
     shared = tempfile.mkdtemp(prefix="inproc-")
-    saved = fastpath.open_unsupported
-    if python_open:
-        fastpath.open_unsupported = lambda session: "measuring OPEN in Python"
-    try:
-        loop, ring, vr, _ = _build("create", depth, shared, open_files=4 * depth)
-    finally:
-        fastpath.open_unsupported = saved
+    loop, ring, vr, _ = _build_leaving({"open": python_open}, "create", depth, shared, open_files=4 * depth)
     session = loop.session
     pid, stop_w = start_keeper(session) if keeper else (0, -1)
     os.mkdir(os.path.join(shared, "d"))
-    unique = [0]
-
-    def submit(opcode, nodeid, args, out):
-        unique[0] += 2
-        h = abi.IN_HEADER.pack(40 + len(args), opcode, unique[0], nodeid, 0, 0, 1, 0, 0)
-        return vr.submit([h, args], [16] + out)
-
+    submit = _submitter(vr)
     submit(Opcode.LOOKUP, 1, b"d\0" if opendir else DATA.encode() + b"\0", [abi.ENTRY_OUT.size])
     loop._serve(ring)
     head = vr.harvest()[0]
     nodeid = int.from_bytes(vr.read_writable(head)[16:24], "little")
     vr.free(head)
     opcode = Opcode.OPENDIR if opendir else Opcode.OPEN
-    timer = time.thread_time if clock == "cpu" else time.perf_counter
+    timer = _timer(clock)
     busy, done = 0.0, 0
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        for _ in range(depth):
-            submit(opcode, nodeid, abi.OPEN_IN.pack(os.O_RDONLY, 0), [abi.OPEN_OUT.size])
-        t0 = timer()
-        loop._serve(ring)
-        busy += timer() - t0
-        finished = vr.harvest()
-        if len(finished) != depth:
-            raise RuntimeError(f"served {len(finished)} of {depth}")
-        for head in finished:
-            reply = vr.read_writable(head)
-            vr.free(head)
-            if int.from_bytes(reply[4:8], "little", signed=True):
-                raise RuntimeError(f"open: the daemon answered {reply[:16]!r}")
+        heads = [submit(opcode, nodeid, abi.OPEN_IN.pack(os.O_RDONLY, 0), [abi.OPEN_OUT.size]) for _ in range(depth)]
+        took, replies = _serve_batch(loop, ring, vr, timer, heads, "open")
+        busy += took
+        for reply in replies:
             fh = int.from_bytes(reply[16:24], "little")
             session.handles.close(fh, session.handles._handles[fh].kind)
         done += depth
@@ -635,12 +594,7 @@ def readdirplus_us(cold: bool, seconds: float = 3.0, clock: str = "wall", entrie
     os.mkdir(os.path.join(shared, "rdp"))
     for i in range(entries):
         open(os.path.join(shared, "rdp", f"entry-{i:06d}"), "wb").close()
-    unique = [1 << 40]
-
-    def submit(opcode, nodeid, args, out):
-        unique[0] += 2
-        return vr.submit([abi.IN_HEADER.pack(40 + len(args), opcode, unique[0], nodeid, 0, 0, 1, 0, 0), args],
-                         [16] + out)
+    submit = _submitter(vr, 1 << 40)
 
     def call(opcode, nodeid, args, out):
         submit(opcode, nodeid, args, out)
@@ -654,7 +608,7 @@ def readdirplus_us(cold: bool, seconds: float = 3.0, clock: str = "wall", entrie
     nodeid = int.from_bytes(entry[16:24], "little")
     o = call(Opcode.OPENDIR, nodeid, abi.OPEN_IN.pack(os.O_RDONLY, 0), [abi.OPEN_OUT.size])
     fh = int.from_bytes(o[16:24], "little")
-    timer = time.thread_time if clock == "cpu" else time.perf_counter
+    timer = _timer(clock)
     busy, listed, cookie = 0.0, 0, 0
     serve = loop._serve
     end = time.monotonic() + seconds
@@ -693,13 +647,7 @@ def per_request_us(op: str = "getattr", depth: int = 64, seconds: float = 3.0,
     if op in FORGET_OPS:
         loop, ring, vr, heads, forgotten = _build_hiprio(op, depth, shared)
     else:
-        saved = fastpath.setattr_unsupported
-        if python_setattr:
-            fastpath.setattr_unsupported = lambda session: "measuring SETATTR in Python"
-        try:
-            loop, ring, vr, heads = _build(op, depth, shared)
-        finally:
-            fastpath.setattr_unsupported = saved
+        loop, ring, vr, heads = _build_leaving({"setattr": python_setattr}, op, depth, shared)
     if python_meta and loop._fast is not None:
         loop._fast.enable_meta(0, filetable._H_LOCKS, None)
     serve = loop._serve
@@ -707,7 +655,7 @@ def per_request_us(op: str = "getattr", depth: int = 64, seconds: float = 3.0,
     if profile == "cprofile":
         import cProfile
         prof = cProfile.Profile()
-    timer = time.thread_time if clock == "cpu" else time.perf_counter
+    timer = _timer(clock)
     busy = 0.0
     done = 0
     end = time.monotonic() + seconds

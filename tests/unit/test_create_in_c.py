@@ -14,6 +14,7 @@ types, modes, sizes, owners) and the number of fds opened must be equal.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -77,6 +78,20 @@ def _close(pair):
         session.inodes.close()
 
 
+def shaped_args(args: bytes, variant: str, short: int) -> tuple[bytes, int]:
+    """A request's args as ``variant`` wants them, and the header's extlen:
+    "short-args" cut to ``short`` bytes, "extension" 8 bytes of request
+    extension after them (extlen 1), "longer" 8 more bytes the header does
+    not call an extension; any other variant as they are."""
+    if variant == "short-args":
+        return args[:short], 0
+    if variant == "extension":
+        return args + bytes(8), 1
+    if variant == "longer":
+        return args + bytes(8), 0
+    return args, 0
+
+
 def create_request(parent: int, name: bytes, flags: int, mode: int, unique: int, uid: int = 0,
                    open_flags: int = 0, variant: str = "ok") -> tuple[bytes, list[int]]:
     arg = name + b"\0"
@@ -84,13 +99,7 @@ def create_request(parent: int, name: bytes, flags: int, mode: int, unique: int,
         arg = name or b"q"
     elif variant == "inner-nul":
         arg = name + b"\0q\0"
-    args = abi.CREATE_IN.pack(flags, mode, 0o022, open_flags) + arg
-    extlen = 0
-    if variant == "extension":
-        args += bytes(8)
-        extlen = 1
-    elif variant == "short-args":
-        args = args[:12]
+    args, extlen = shaped_args(abi.CREATE_IN.pack(flags, mode, 0o022, open_flags) + arg, variant, 12)
     request = in_header(Opcode.CREATE, parent, len(args), unique, uid=uid, gid=uid, extlen=extlen) + args
     if variant == "len":
         request = abi.IN_HEADER.pack(len(request) + 1, *abi.IN_HEADER.unpack_from(request)[1:]) + args
@@ -187,6 +196,27 @@ def _lookup(pair, fast, shares, name: bytes, parent: int = 1) -> int:
     return abi.ENTRY_OUT_NODEID.unpack_from(ref[1], 16)[0] if ref[0] > 16 else 0
 
 
+def _lookups(pair, fast, shares, *names: bytes) -> list[int]:
+    """_lookup of each name in the root, in order: their nodeids."""
+    return [_lookup(pair, fast, shares, name) for name in names]
+
+
+def _node_of(pair, fast, shares, nodeids: dict[str, int], where: str, fixed: dict[str, int]) -> int:
+    """The nodeid ``where`` names: one of ``fixed`` ("root", "stale", …),
+    else a path of the share ("sub/inner": in a subdirectory) looked up on
+    both the first time (``nodeids`` keeps them)."""
+    node = fixed.get(where)
+    if node is None:
+        if where not in nodeids:
+            parent = 1
+            if "/" in where:
+                parent = nodeids.get("sub") or _lookup(pair, fast, shares, b"sub")
+                nodeids["sub"] = parent
+            nodeids[where] = _lookup(pair, fast, shares, where.rsplit("/", 1)[-1].encode(), parent)
+        node = nodeids[where]
+    return node
+
+
 def test_plain_creates_are_served_in_c(shares):
     """Linux-shaped CREATEs of new names (the root and a looked-up
     directory; read-write, write-only with O_TRUNC, O_EXCL, a SUID mode)
@@ -261,43 +291,95 @@ def _nodeid(session, root, name: str) -> int:
     return 0
 
 
-def _run_steps(pair, fast, shares, steps) -> int:
-    pure, comp = pair
-    served = 0
-    for k, step in enumerate(steps):
-        kind = step[0]
-        if kind == "reap":
-            for session in pair:
-                session.handles.reap()
-                session.cache.reap()
-        elif kind == "release":
-            fhs = sorted(pure.handles._handles)
-            if not fhs:
-                continue
+def _parent(pair, fast, shares, where: str) -> int:
+    """The parent nodeid a step names: the root, a stale or unknown nodeid,
+    or "sub" (a directory) or "file" looked up on both (the root if that
+    failed)."""
+    parent = {"root": 1, "stale": 3999, "unknown": 7}.get(where, 0)
+    if where in ("sub", "file"):
+        parent = _lookup(pair, fast, shares, b"sub" if where == "sub" else b"exists") or 1
+    return parent
+
+
+def _create_of(parent: int, step, unique: int) -> tuple[bytes, list[int]]:
+    _kind, _where, name, flags, mode, uid, open_flags, variant = step
+    return create_request(parent, name.encode(), flags, mode, unique, uid, open_flags, variant)
+
+
+# what a host-side removal step does, and the error it lets pass
+_REMOVES = {"unlink": (os.unlink, FileNotFoundError), "rmdir": (os.rmdir, OSError)}
+
+
+def _host_step(pair, shares, step) -> bool:
+    """A step done on both sessions or copies directly, not by a request:
+    "reap" (both reap their handles and fds), "release" (one of the open
+    fhs, by index, closed as a RELEASE would), "unlink" and "rmdir" (a name
+    in both copies, there or not), "chmod" (a path, a mode), "forget" (a
+    name's nodeid, by a count). False (nothing done): another step."""
+    kind = step[0]
+    if kind == "reap":
+        for session in pair:
+            session.handles.reap()
+            session.cache.reap()
+    elif kind == "release":
+        fhs = sorted(pair[0].handles._handles)
+        if fhs:
             fh = fhs[step[1] % len(fhs)]
             for session in pair:
                 session.handles.close(fh, session.handles._handles[fh].kind)
-        elif kind == "unlink":
-            for root in shares:
-                try:
-                    os.unlink(root / step[1])
-                except FileNotFoundError:
-                    pass
-        elif kind == "forget":
-            nodeids = [_nodeid(s, r, step[1]) for s, r in zip(pair, shares)]
-            assert nodeids[0] == nodeids[1]
-            if nodeids[0] > 1:
-                for session in pair:
-                    session.inodes.unref(nodeids[0], step[2])
-        else:
-            _kind, where, name, flags, mode, uid, open_flags, variant = step
-            parent = {"root": 1, "stale": 3999, "unknown": 7}.get(where, 0)
-            if where in ("sub", "file"):
-                parent = _lookup(pair, fast, shares, b"sub" if where == "sub" else b"exists") or 1
-            request, wsizes = create_request(parent, name.encode(), flags, mode, 100 + k, uid, open_flags, variant)
+    elif kind in _REMOVES:
+        remove, gone = _REMOVES[kind]
+        for root in shares:
+            try:
+                remove(root / step[1])
+            except gone:
+                pass
+    elif kind == "chmod":
+        for root in shares:
+            os.chmod(root / step[1], step[2])
+    elif kind == "forget":
+        nodeids = [_nodeid(s, r, step[1]) for s, r in zip(pair, shares)]
+        assert nodeids[0] == nodeids[1]
+        if nodeids[0] > 1:
+            for session in pair:
+                session.inodes.unref(nodeids[0], step[2])
+    else:
+        return False
+    return True
+
+
+def _run_steps(pair, fast, shares, steps, request_of=_create_of) -> int:
+    """The steps on both sessions, compared after each; how many C served.
+    A _host_step, else a request: ``request_of(parent, step, unique)``
+    (CREATE's by default), the parent the one step[1] names (_parent)."""
+    served = 0
+    for k, step in enumerate(steps):
+        if not _host_step(pair, shares, step):
+            request, wsizes = request_of(_parent(pair, fast, shares, step[1]), step, 100 + k)
             served += _step(pair, fast, shares, request, wsizes)
         _same(pair, shares)
     return served
+
+
+@contextlib.contextmanager
+def fresh_pair(tmp_path_factory, name: str, **config):
+    """The ``shares`` fixture's and _pair's set-up for a hypothesis test
+    (a function-scoped fixture would serve all its examples): two new
+    copies of the share in a new temporary directory, /proc/self/fd the
+    cwd, the pair on them; closed, the cwd back, after. Yields (pair,
+    fast, shares)."""
+    cwd = os.getcwd()
+    base = tmp_path_factory.mktemp(name)
+    shares = (base / "pure", base / "comp")
+    for root in shares:
+        _share(root)
+    os.chdir("/proc/self/fd")
+    pair, fast = _pair(shares, **config)
+    try:
+        yield pair, fast, shares
+    finally:
+        _close(pair)
+        os.chdir(cwd)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -311,18 +393,8 @@ def test_creates_are_equivalent(tmp_path_factory, steps, config):
     KILL_SUIDGID; malformed args and short reply room), RELEASEs, FORGETs,
     unlinks on the host and reaps, on a table of 15 inodes that fills:
     the same replies, tables, open files, trees, counters and fd counts."""
-    cwd = os.getcwd()
-    base = tmp_path_factory.mktemp("creates")
-    a, b = base / "pure", base / "comp"
-    _share(a)
-    _share(b)
-    os.chdir("/proc/self/fd")
-    pair, fast = _pair((a, b), **CREATE_CONFIGS[config])
-    try:
-        _run_steps(pair, fast, (a, b), steps)
-    finally:
-        _close(pair)
-        os.chdir(cwd)
+    with fresh_pair(tmp_path_factory, "creates", **CREATE_CONFIGS[config]) as (pair, fast, shares):
+        _run_steps(pair, fast, shares, steps)
 
 
 @pytest.mark.parametrize("case", ["uid", "gid", "extension", "exists", "exists-excl", "dir-mode", "accmode",
@@ -360,20 +432,29 @@ def test_what_c_leaves_to_python(shares, case):
         request, wsizes = create_request(parent, name, flags, mode, 5, uid, 0, variant)
         if case == "gid":
             request = abi.IN_HEADER.pack(*abi.IN_HEADER.unpack_from(request)[:5], 7, 0, 0, 0) + request[40:]
-        if case in ("thread-lock", "unknown-ids"):     # declined untouched, C's once the obstacle is gone
-            if case == "unknown-ids":
-                credentials.forget_cache()      # Python's next as_caller makes the system calls
-            else:
-                pair[1].inodes._tlock.acquire()     # another thread holds the table
-            assert fast.serve(_chain(request, wsizes)) == -1
-            if case == "thread-lock":
-                pair[1].inodes._tlock.release()
-            assert not (shares[1] / "n0").exists()
-            assert _step(pair, fast, shares, request, wsizes)
+        if case in ("thread-lock", "unknown-ids"):
+            _declined_until_clear(pair, fast, shares, case, request, wsizes, "n0")
             return
         assert not _step(pair, fast, shares, request, wsizes)
     finally:
         _close(pair)
+
+
+def _declined_until_clear(pair, fast, shares, case: str, request: bytes, wsizes, made: str) -> None:
+    """C declines ``request`` untouched (``made`` not in the copy) while
+    ``case`` stands in its way, "unknown-ids" (Python's next as_caller
+    makes the system calls) or "thread-lock" (another thread holds the
+    inode table), and serves it, as the reference answers it, once the
+    obstacle is gone."""
+    if case == "unknown-ids":
+        credentials.forget_cache()
+    else:
+        pair[1].inodes._tlock.acquire()
+    assert fast.serve(_chain(request, wsizes)) == -1
+    if case == "thread-lock":
+        pair[1].inodes._tlock.release()
+    assert not (shares[1] / made).exists()
+    assert _step(pair, fast, shares, request, wsizes)
 
 
 def _chain(request, wsizes):
@@ -435,12 +516,11 @@ def test_create_stays_in_python_when_an_option_changes_it(shares, config, why):
         _close(pair)
 
 
-def test_the_worker_loop_serves_creates_in_c_and_counts_them(tmp_path, monkeypatch):
-    """WorkerLoop._serve (the batch loop) on a ring of 8 CREATEs, with a
-    meter and a keeper (tests/perf/inproc.py's set-up): all 8 answered in
-    C, counted under CREATE, each fh in the shared FileTable with the
-    keeper's copy recorded."""
-    from daemon.metrics import counters
+@contextlib.contextmanager
+def keeper_loop(tmp_path, monkeypatch):
+    """tests/perf/inproc.py's set-up: a WorkerLoop with the compiled ops
+    on a share in tmp_path, a meter and a keeper (stopped, and the loop
+    closed, after). Yields (loop, ring, vr, meter)."""
     from tests.perf import inproc
     monkeypatch.chdir(tmp_path)
     loop, ring, vr, _ = inproc._build("create", 8, str(tmp_path), open_files=64)
@@ -450,9 +530,29 @@ def test_the_worker_loop_serves_creates_in_c_and_counts_them(tmp_path, monkeypat
     pid, stop_w = inproc.start_keeper(loop.session)
     try:
         credentials.restore()
-        heads = [vr.submit([in_header(Opcode.CREATE, 1, 16 + 3, 50 + i),
-                            abi.CREATE_IN.pack(os.O_RDWR, 0o100644, 0, 0) + b"c%d\0" % i], [16, 144])
-                 for i in range(8)]
+        yield loop, ring, vr, meter
+    finally:
+        inproc.stop_keeper(pid, stop_w)
+        inproc.close(loop, ring, vr)
+
+
+def submit_creates(vr, count: int) -> list[int]:
+    """CREATEs of c0, c1, … in the root (O_RDWR, 0644; uniques 50, 51, …)
+    on the ring: their heads."""
+    return [vr.submit([in_header(Opcode.CREATE, 1, 16 + 3, 50 + i),
+                       abi.CREATE_IN.pack(os.O_RDWR, 0o100644, 0, 0) + b"c%d\0" % i], [16, 144])
+            for i in range(count)]
+
+
+def test_the_worker_loop_serves_creates_in_c_and_counts_them(tmp_path, monkeypatch):
+    """WorkerLoop._serve (the batch loop) on a ring of 8 CREATEs, with a
+    meter and a keeper (tests/perf/inproc.py's set-up): all 8 answered in
+    C, counted under CREATE, each fh in the shared FileTable with the
+    keeper's copy recorded."""
+    from daemon.metrics import counters
+    from tests.perf import inproc
+    with keeper_loop(tmp_path, monkeypatch) as (loop, ring, vr, meter):
+        heads = submit_creates(vr, 8)
         assert loop._serve(ring) == 8
         assert sorted(vr.harvest()) == sorted(heads)
         fhs = [_ok(vr.read_writable(h))[1] for h in heads]
@@ -467,9 +567,6 @@ def test_the_worker_loop_serves_creates_in_c_and_counts_them(tmp_path, monkeypat
         while not all(files.kept(fh) for fh in fhs):
             assert __import__("time").monotonic() < deadline, "the keeper did not get every fd"
         assert {files.kept(fh) >> 32 for fh in fhs} == {inproc.KEEPER_SERIAL}
-    finally:
-        inproc.stop_keeper(pid, stop_w)
-        inproc.close(loop, ring, vr)
 
 
 @pytest.mark.parametrize("config", sorted(CREATE_CONFIGS))

@@ -20,25 +20,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.config import CacheMode
-from daemon.fuse import abi, credentials, fastpath
+from daemon.fuse import abi, fastpath
 from daemon.fuse.abi import Opcode
 from tests.unit.fusereq import in_header
-from tests.unit.test_create_in_c import _chain, _close, _lookup, _masked, _pair, _same, _share, _state, _step, _tree
+from tests.unit.test_create_in_c import (_chain, _close, _declined_until_clear, _lookup, _masked, _pair, _run_steps,
+                                         _state, _step, _tree, fresh_pair, shaped_args, shares)
 from tests.unit.test_fastops_equivalence import _run
 
 REPLY = 16 + abi.ENTRY_OUT.size        # 144
 NEW = ("d0", "d1", "d2", "d3")
 
-
-@pytest.fixture
-def shares(tmp_path):
-    cwd = os.getcwd()
-    os.chdir("/proc/self/fd")
-    a, b = tmp_path / "pure", tmp_path / "comp"
-    _share(a)
-    _share(b)
-    yield a, b
-    os.chdir(cwd)
+__all__ = ["shares"]        # the fixture, imported for the tests below
 
 
 def mkdir_request(parent: int, name: bytes, mode: int, unique: int, uid: int = 0,
@@ -48,13 +40,7 @@ def mkdir_request(parent: int, name: bytes, mode: int, unique: int, uid: int = 0
         arg = name or b"q"
     elif variant == "inner-nul":
         arg = name + b"\0q\0"
-    args = abi.MKDIR_IN.pack(mode, 0o022) + arg
-    extlen = 0
-    if variant == "extension":
-        args += bytes(8)
-        extlen = 1
-    elif variant == "short-args":
-        args = args[:6]
+    args, extlen = shaped_args(abi.MKDIR_IN.pack(mode, 0o022) + arg, variant, 6)
     request = in_header(Opcode.MKDIR, parent, len(args), unique, uid=uid, gid=uid, extlen=extlen) + args
     if variant == "len":
         request = abi.IN_HEADER.pack(len(request) + 1, *abi.IN_HEADER.unpack_from(request)[1:]) + args
@@ -109,46 +95,9 @@ MKDIR_STEP = st.one_of(
 CONFIGS = {"auto": {}, "always": {"cache": CacheMode.ALWAYS}, "never": {"cache": CacheMode.NEVER}}
 
 
-def _nodeid(session, root, name: str) -> int:
-    try:
-        s = os.lstat(root / name)
-    except (OSError, ValueError):
-        return 0
-    for n in session.cache._fds:
-        info = session.inodes.get(n)
-        if info is not None and info[1:3] == (s.st_dev, s.st_ino):
-            return n
-    return 0
-
-
-def _run_steps(pair, fast, shares, steps) -> int:
-    served = 0
-    for k, step in enumerate(steps):
-        kind = step[0]
-        if kind == "reap":
-            for session in pair:
-                session.cache.reap()
-        elif kind == "rmdir":
-            for root in shares:
-                try:
-                    os.rmdir(root / step[1])
-                except OSError:
-                    pass
-        elif kind == "forget":
-            nodeids = [_nodeid(s, r, step[1]) for s, r in zip(pair, shares)]
-            assert nodeids[0] == nodeids[1]
-            if nodeids[0] > 1:
-                for session in pair:
-                    session.inodes.unref(nodeids[0], step[2])
-        else:
-            _kind, where, name, mode, uid, variant = step
-            parent = {"root": 1, "stale": 3999, "unknown": 7}.get(where, 0)
-            if where in ("sub", "file"):
-                parent = _lookup(pair, fast, shares, b"sub" if where == "sub" else b"exists") or 1
-            request, wsizes = mkdir_request(parent, name.encode(), mode, 100 + k, uid, variant)
-            served += _step(pair, fast, shares, request, wsizes)
-        _same(pair, shares)
-    return served
+def _mkdir_of(parent: int, step, unique: int) -> tuple[bytes, list[int]]:
+    _kind, _where, name, mode, uid, variant = step
+    return mkdir_request(parent, name.encode(), mode, unique, uid, variant)
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -161,18 +110,8 @@ def test_mkdirs_are_equivalent(tmp_path_factory, steps, config):
     args and short reply room), FORGETs, host rmdirs and reaps, on a table
     of 15 inodes that fills: the same replies, tables, trees, counters and
     fd counts."""
-    cwd = os.getcwd()
-    base = tmp_path_factory.mktemp("mkdirs")
-    a, b = base / "pure", base / "comp"
-    _share(a)
-    _share(b)
-    os.chdir("/proc/self/fd")
-    pair, fast = _pair((a, b), **CONFIGS[config])
-    try:
-        _run_steps(pair, fast, (a, b), steps)
-    finally:
-        _close(pair)
-        os.chdir(cwd)
+    with fresh_pair(tmp_path_factory, "mkdirs", **CONFIGS[config]) as (pair, fast, shares):
+        _run_steps(pair, fast, shares, steps, _mkdir_of)
 
 
 @pytest.mark.parametrize("case", ["uid", "gid", "extension", "dot", "dotdot", "slash", "long", "stale",
@@ -204,16 +143,8 @@ def test_what_c_leaves_to_python(shares, case):
         request, wsizes = mkdir_request(parent, name, 0o755, 5, uid, variant)
         if case == "gid":
             request = abi.IN_HEADER.pack(*abi.IN_HEADER.unpack_from(request)[:5], 7, 0, 0, 0) + request[40:]
-        if case in ("thread-lock", "unknown-ids"):     # declined untouched, C's once the obstacle is gone
-            if case == "unknown-ids":
-                credentials.forget_cache()
-            else:
-                pair[1].inodes._tlock.acquire()
-            assert fast.serve(_chain(request, wsizes)) == -1
-            if case == "thread-lock":
-                pair[1].inodes._tlock.release()
-            assert not (shares[1] / "d0").exists()
-            assert _step(pair, fast, shares, request, wsizes)
+        if case in ("thread-lock", "unknown-ids"):
+            _declined_until_clear(pair, fast, shares, case, request, wsizes, "d0")
             return
         before = fast.served
         assert fast.serve(_chain(request, wsizes)) == -1 and fast.served == before

@@ -24,23 +24,16 @@ from daemon.config import CacheMode
 from daemon.fuse import abi, fastpath, filetable, handles
 from daemon.fuse.abi import Opcode
 from tests.unit.fusereq import in_header
-from tests.unit.test_create_in_c import _close, _lookup, _pair, _share, _step, shares
-from tests.unit.test_release_in_c import _c_declines, _err, _full_same, release_request
+from tests.unit.test_create_in_c import (_close, _host_step, _lookup, _lookups, _node_of, _pair, _step, fresh_pair,
+                                         keeper_loop, shaped_args, shares, submit_creates)
+from tests.unit.test_release_in_c import _c_declines, _err, _full_same, _row_replaced, release_request
 
 __all__ = ["shares"]        # the fixture, imported for the tests below
 
 
 def open_request(nodeid: int, unique: int, flags: int = os.O_RDWR, opcode: int = Opcode.OPEN, uid: int = 0,
                  open_flags: int = 0, variant: str = "ok") -> bytes:
-    args = abi.OPEN_IN.pack(flags, open_flags)
-    extlen = 0
-    if variant == "short-args":
-        args = args[:4]
-    elif variant == "extension":
-        args += bytes(8)
-        extlen = 1
-    elif variant == "longer":
-        args += bytes(8)
+    args, extlen = shaped_args(abi.OPEN_IN.pack(flags, open_flags), variant, 4)
     return in_header(opcode, nodeid, len(args), unique, uid=uid, extlen=extlen) + args
 
 
@@ -66,11 +59,7 @@ def test_opens_are_served_in_c(shares):
     opcode; C's fhs are released (in C) and their slots taken again."""
     pair, fast = _pair(shares)
     try:
-        f = _lookup(pair, fast, shares, b"exists")
-        ro = _lookup(pair, fast, shares, b"ro")
-        d = _lookup(pair, fast, shares, b"dir")
-        ln = _lookup(pair, fast, shares, b"ln")
-        fifo = _lookup(pair, fast, shares, b"fifo")
+        f, ro, d, ln, fifo = _lookups(pair, fast, shares, b"exists", b"ro", b"dir", b"ln", b"fifo")
         fhs = []
         for k, (node, flags) in enumerate([(f, os.O_RDWR), (f, os.O_RDONLY), (f, os.O_WRONLY | os.O_APPEND),
                                            (f, os.O_RDWR | os.O_TRUNC), (ro, os.O_RDONLY), (ro, os.O_RDWR)]):
@@ -132,11 +121,7 @@ def _run_open_steps(pair, fast, shares, steps) -> int:
     nodeids: dict[str, int] = {}
     for k, step in enumerate(steps):
         kind = step[0]
-        if kind == "reap":
-            for session in pair:
-                session.handles.reap()
-                session.cache.reap()
-        elif kind == "release":
+        if kind == "release":        # OPEN's: a RELEASE request
             fhs = sorted(pure.handles._handles)
             if fhs:
                 fh = fhs[step[1] % len(fhs)]
@@ -146,20 +131,9 @@ def _run_open_steps(pair, fast, shares, steps) -> int:
                 if pure.handles._handles.get(fh) is not None:      # a directory: RELEASEDIR's
                     for session in pair:
                         session.handles.close(fh, session.handles._handles[fh].kind)
-        elif kind == "chmod":
-            for root in shares:
-                os.chmod(root / step[1], step[2])
-        else:
+        elif not _host_step(pair, shares, step):
             op, where, flags, uid, open_flags, variant = step
-            node = {"root": 1, "stale": 3999, "unknown": 7, "zero": 0}.get(where)
-            if node is None:
-                if where not in nodeids:
-                    parent = 1
-                    if "/" in where:
-                        parent = nodeids.get("sub") or _lookup(pair, fast, shares, b"sub")
-                        nodeids["sub"] = parent
-                    nodeids[where] = _lookup(pair, fast, shares, where.rsplit("/", 1)[-1].encode(), parent)
-                node = nodeids[where]
+            node = _node_of(pair, fast, shares, nodeids, where, {"root": 1, "stale": 3999, "unknown": 7, "zero": 0})
             opcode = Opcode.OPEN if op == "open" else Opcode.OPENDIR
             request = open_request(node, 100 + k, flags, opcode, uid, open_flags, variant)
             wsizes = [16] if variant == "short-out" else [16, 16]
@@ -180,18 +154,8 @@ def test_opens_are_equivalent(tmp_path_factory, steps, config):
     the host (a write-only file under --writeback) and reaps, on a table
     of 15 open files that fills: the same replies, tables, open files,
     FileTable memory, trees, counters and fd counts."""
-    cwd = os.getcwd()
-    base = tmp_path_factory.mktemp("opens")
-    a, b = base / "pure", base / "comp"
-    _share(a)
-    _share(b)
-    os.chdir("/proc/self/fd")
-    pair, fast = _pair((a, b), **OPEN_CONFIGS[config])
-    try:
-        _run_open_steps(pair, fast, (a, b), steps)
-    finally:
-        _close(pair)
-        os.chdir(cwd)
+    with fresh_pair(tmp_path_factory, "opens", **OPEN_CONFIGS[config]) as (pair, fast, shares):
+        _run_open_steps(pair, fast, shares, steps)
 
 
 def test_writeback_write_only_falls_back_as_python_does(shares):
@@ -326,9 +290,8 @@ def test_open_stays_in_python_when_a_row_is_replaced(shares):
     pair, _fast = _pair(shares)
     try:
         comp = pair[1]
-        assert fastpath.open_unsupported(comp) == ""
-        comp._ops[int(Opcode.OPENDIR)] = lambda fs, req: dirs.do_opendir(fs, req)
-        assert fastpath.open_unsupported(comp) == "OPENDIR is not the reference handler"
+        assert _row_replaced(comp, fastpath.open_unsupported, Opcode.OPENDIR, dirs.do_opendir) == \
+            "OPENDIR is not the reference handler"
         comp._ops[int(Opcode.OPEN)] = lambda fs, req: files.do_open(fs, req)
         assert fastpath.open_unsupported(comp) == "OPEN is not the reference handler"
         fast = fastpath.make(comp)
@@ -382,22 +345,10 @@ def test_the_worker_loop_opens_in_c_beside_a_keeper(tmp_path, monkeypatch):
     word) once it has read them."""
     import time
 
-    from daemon.fuse import credentials
     from daemon.metrics import counters
-    from daemon.metrics.counters import MetricsArea, WorkerMeter
-    from tests.perf import inproc
-    monkeypatch.chdir(tmp_path)
-    loop, ring, vr, _ = inproc._build("create", 8, str(tmp_path), open_files=64)
-    meter = WorkerMeter(MetricsArea(1).slot(0))
-    loop.session.meter = meter
-    loop.use_fast_ops(fastpath.fast_ops(loop.session))
-    pid, stop_w = inproc.start_keeper(loop.session)
-    monkeypatch.chdir("/proc/self/fd")
-    try:
-        credentials.restore()
-        heads = [vr.submit([in_header(Opcode.CREATE, 1, 16 + 3, 50 + i),
-                            abi.CREATE_IN.pack(os.O_RDWR, 0o100644, 0, 0) + b"c%d\0" % i], [16, 144])
-                 for i in range(1)]
+    with keeper_loop(tmp_path, monkeypatch) as (loop, ring, vr, meter):
+        monkeypatch.chdir("/proc/self/fd")
+        heads = submit_creates(vr, 1)
         assert loop._serve(ring) == 1
         vr.harvest()
         node = abi.ENTRY_OUT_NODEID.unpack_from(vr.read_writable(heads[0]), 16)[0]
@@ -426,9 +377,6 @@ def test_the_worker_loop_opens_in_c_beside_a_keeper(tmp_path, monkeypatch):
         while not all(files.kept(fh) for fh in fhs) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert all(files.kept(fh) for fh in fhs)
-    finally:
-        inproc.stop_keeper(pid, stop_w)
-        inproc.close(loop, ring, vr)
 
 
 @pytest.mark.parametrize("busy", [False, True])

@@ -15,9 +15,7 @@ ones, a cookie below 0) to compare the decoders.
 from __future__ import annotations
 
 import os
-import shutil
 import struct
-import tempfile
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -27,7 +25,7 @@ from daemon.fuse import abi, dirs, fastpath
 from daemon.fuse.abi import Opcode
 from tests.unit.fusereq import in_header
 from tests.unit.test_fastops_equivalence import _op_words, _table_state
-from tests.unit.test_readdirplus_in_c import Pair, _tree, pairs_of
+from tests.unit.test_readdirplus_in_c import Pair, _tree, pairs_of, scratch_share
 from tests.unit.test_readdirplus_in_c import records as plus_records
 
 
@@ -436,15 +434,9 @@ _RECORD = st.tuples(st.integers(0, 2**64 - 1), st.integers(-3, 2**63 - 1), st.in
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(_RECORD, max_size=12), st.integers(0, 600), st.integers(0, 2), st.booleans())
 def test_hypothesis_over_made_up_buffers(recs, size, at_record, truncate):
-    cwd = os.getcwd()
-    tmp = tempfile.mkdtemp()
-    os.chdir("/proc/self/fd")
-    p = None
-    try:
-        root = os.path.join(tmp, "share")
-        os.mkdir(root)
+    with scratch_share() as (root, opened):
         open(os.path.join(root, "real"), "w").close()
-        p = NamesPair(root)
+        p = opened(NamesPair(root))
         fh = p.opendir()
         parts = [dirent64(ino, off, dtype, name.replace(b"\0", b"n"), reclen)
                  for ino, off, dtype, name, reclen in recs]
@@ -457,11 +449,6 @@ def test_hypothesis_over_made_up_buffers(recs, size, at_record, truncate):
         assert in_c
         p.step(1, fh, 4242, 4096)
         p.meters_equal()
-    finally:
-        if p is not None:
-            p.close()
-        os.chdir(cwd)
-        shutil.rmtree(tmp)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
@@ -470,13 +457,7 @@ def test_hypothesis_over_made_up_buffers(recs, size, at_record, truncate):
                           st.sampled_from(["next", "next", "zero", "mid", "python", "plus"]),
                           st.integers(0, 5)), min_size=1, max_size=12))
 def test_hypothesis_over_sizes_and_trees(namelens, steps):
-    cwd = os.getcwd()
-    tmp = tempfile.mkdtemp()
-    os.chdir("/proc/self/fd")
-    p = None
-    try:
-        root = os.path.join(tmp, "share")
-        os.mkdir(root)
+    with scratch_share() as (root, opened):
         names = []
         for i, n in enumerate(namelens):
             name = (f"{i:03d}" + "n" * 255)[:max(n, 3)]
@@ -488,7 +469,7 @@ def test_hypothesis_over_sizes_and_trees(namelens, steps):
             else:
                 open(path, "w").close()
             names.append(name)
-        p = NamesPair(root)
+        p = opened(NamesPair(root))
         fh = p.opendir()
         cookie, seen = 0, []
         for size, how, unlink in steps:
@@ -510,8 +491,3 @@ def test_hypothesis_over_sizes_and_trees(namelens, steps):
             if recs:
                 cookie = recs[-1][2]
         p.meters_equal()
-    finally:
-        if p is not None:
-            p.close()
-        os.chdir(cwd)
-        shutil.rmtree(tmp)

@@ -14,6 +14,7 @@ counters must be equal; the tests also check that C served what it should.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -198,6 +199,31 @@ def pairs_of(share, cls):
     yield make
     for p in made:
         p.close()
+
+
+@contextlib.contextmanager
+def scratch_share():
+    """A new share directory, for a hypothesis test (the ``share`` fixture
+    would serve all its examples), /proc/self/fd the cwd; yields (root,
+    opened): ``opened(pair)`` returns the pair and has it closed after,
+    before the cwd is back and the directory removed."""
+    cwd = os.getcwd()
+    tmp = tempfile.mkdtemp()
+    os.chdir("/proc/self/fd")
+    made: list = []
+
+    def opened(pair):
+        made.append(pair)
+        return pair
+    try:
+        root = os.path.join(tmp, "share")
+        os.mkdir(root)
+        yield root, opened
+    finally:
+        for pair in made:
+            pair.close()
+        os.chdir(cwd)
+        shutil.rmtree(tmp)
 
 
 @pytest.fixture
@@ -521,13 +547,7 @@ def test_readdirplus_is_counted_under_its_opcode(pair_of, share):
                           st.integers(0, 5)), min_size=1, max_size=12),
        st.integers(0, 2))
 def test_hypothesis_over_sizes_and_trees(namelens, steps, kinds):
-    cwd = os.getcwd()
-    tmp = tempfile.mkdtemp()
-    os.chdir("/proc/self/fd")
-    p = None
-    try:
-        root = os.path.join(tmp, "share")
-        os.mkdir(root)
+    with scratch_share() as (root, opened):
         names = []
         for i, n in enumerate(namelens):
             name = (f"{i:03d}" + "n" * 255)[:max(n, 3)]
@@ -540,7 +560,7 @@ def test_hypothesis_over_sizes_and_trees(namelens, steps, kinds):
                 with open(path, "wb") as f:
                     f.write(b"z" * i)
             names.append(name)
-        p = Pair(root)
+        p = opened(Pair(root))
         fh = p.opendir()
         cookie, seen = 0, []
         for size, how, unlink in steps:
@@ -562,11 +582,6 @@ def test_hypothesis_over_sizes_and_trees(namelens, steps, kinds):
             if recs:
                 cookie = recs[-1][2]
         p.meters_equal()
-    finally:
-        if p is not None:
-            p.close()
-        os.chdir(cwd)
-        shutil.rmtree(tmp)
 
 
 def test_a_getdents_error_after_some_records_ends_the_reply_with_them(pair_of, share):

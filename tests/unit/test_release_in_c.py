@@ -22,21 +22,14 @@ from daemon.fuse import abi, fastpath, filetable
 from daemon.fuse.abi import Opcode
 from daemon.virtio.virtqueue import Chain, IoVec
 from tests.unit.fusereq import in_header
-from tests.unit.test_create_in_c import _close, _fd_count, _ok, _pair, _same, _step, create_request, shares
+from tests.unit.test_create_in_c import (_close, _fd_count, _ok, _pair, _same, _step, create_request, keeper_loop,
+                                         shaped_args, shares, submit_creates)
 
 __all__ = ["shares"]        # the fixture, imported for the tests below
 
 
 def release_request(nodeid: int, fh: int, unique: int, release_flags: int = 0, variant: str = "ok") -> bytes:
-    args = abi.RELEASE_IN.pack(fh, os.O_RDWR, release_flags, 0)
-    extlen = 0
-    if variant == "short-args":
-        args = args[:20]
-    elif variant == "extension":
-        args += bytes(8)
-        extlen = 1
-    elif variant == "longer":
-        args += bytes(8)
+    args, extlen = shaped_args(abi.RELEASE_IN.pack(fh, os.O_RDWR, release_flags, 0), variant, 20)
     return in_header(Opcode.RELEASE, nodeid, len(args), unique, extlen=extlen) + args
 
 
@@ -109,6 +102,15 @@ def _declined(pair, fast, shares, request: bytes) -> bytes:
 
 def _err(reply: bytes) -> int:
     return -int.from_bytes(reply[4:8], "little", signed=True)
+
+
+def _row_replaced(comp, unsupported, opcode: int, handler) -> str:
+    """What ``unsupported`` (fastpath's check) says of ``comp``: nothing,
+    then, with its row of ``opcode`` replaced by a wrapper of ``handler``
+    (Python's answers, not the reference handler), the reason."""
+    assert unsupported(comp) == ""
+    comp._ops[int(opcode)] = lambda fs, req: handler(fs, req)
+    return unsupported(comp)
 
 
 def test_releases_are_served_in_c(shares):
@@ -237,11 +239,9 @@ def test_release_stays_in_python_when_the_row_is_replaced(shares):
     from daemon.fuse import files
     pair, _fast = _pair(shares)
     try:
-        comp = pair[1]
-        assert fastpath.release_unsupported(comp) == ""
-        comp._ops[int(Opcode.RELEASE)] = lambda fs, req: files.do_release(fs, req)
-        assert fastpath.release_unsupported(comp) == "RELEASE is not the reference handler"
-        fast = fastpath.make(comp)
+        assert _row_replaced(pair[1], fastpath.release_unsupported, Opcode.RELEASE, files.do_release) == \
+            "RELEASE is not the reference handler"
+        fast = fastpath.make(pair[1])
         n0, fh0 = _created(pair, fast, shares, b"n0", 10)
         assert not _step(pair, fast, shares, release_request(n0, fh0, 11), [16])
     finally:
@@ -269,22 +269,10 @@ def test_the_worker_loop_releases_in_c_beside_a_keeper(tmp_path, monkeypatch):
     flock comes off): all answered in C with the empty reply, counted
     under RELEASE, every fh freed in the shared FileTable, every fd the
     worker held of them closed."""
-    from daemon.fuse import credentials
     from daemon.metrics import counters
-    from daemon.metrics.counters import MetricsArea, WorkerMeter
-    from tests.perf import inproc
-    monkeypatch.chdir(tmp_path)
-    loop, ring, vr, _ = inproc._build("create", 8, str(tmp_path), open_files=64)
-    meter = WorkerMeter(MetricsArea(1).slot(0))
-    loop.session.meter = meter
-    loop.use_fast_ops(fastpath.fast_ops(loop.session))
-    pid, stop_w = inproc.start_keeper(loop.session)
-    try:
-        credentials.restore()
+    with keeper_loop(tmp_path, monkeypatch) as (loop, ring, vr, meter):
         assert loop.session.handles.peers.copied
-        heads = [vr.submit([in_header(Opcode.CREATE, 1, 16 + 3, 50 + i),
-                            abi.CREATE_IN.pack(os.O_RDWR, 0o100644, 0, 0) + b"c%d\0" % i], [16, 144])
-                 for i in range(8)]
+        heads = submit_creates(vr, 8)
         assert loop._serve(ring) == 8
         assert sorted(vr.harvest()) == sorted(heads)
         got = [_ok(vr.read_writable(h)) for h in heads]
@@ -305,9 +293,6 @@ def test_the_worker_loop_releases_in_c_beside_a_keeper(tmp_path, monkeypatch):
         assert meter.words[base + counters.OP_REQUESTS] == 8
         if fastpath.compiled.VirtQueue is fastpath.compiled.CompiledVirtQueue:
             assert loop._fast.served == served + 8
-    finally:
-        inproc.stop_keeper(pid, stop_w)
-        inproc.close(loop, ring, vr)
 
 
 def test_a_worker_killed_during_c_releases_leaves_a_table_python_repairs(shares):

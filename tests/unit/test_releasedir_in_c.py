@@ -19,9 +19,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import shutil
 import sys
-import tempfile
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -33,7 +31,7 @@ from daemon.virtio.iovec import IoVec
 from daemon.virtio.virtqueue import Chain
 from tests.unit.fusereq import in_header
 from tests.unit.test_fastops_equivalence import _table_state
-from tests.unit.test_readdirplus_in_c import Pair, pairs_of, share
+from tests.unit.test_readdirplus_in_c import Pair, pairs_of, scratch_share, share
 from tests.unit.test_release_in_c import _c_declines, _err, _files_bytes
 
 __all__ = ["share"]         # the fixture, imported for the tests below
@@ -284,15 +282,9 @@ def test_hypothesis_over_malformed_args(steps):
     file's, a released one, one of another generation, 0 or random: C's
     answer where it serves, else Python's, always the same as the
     reference's."""
-    cwd = os.getcwd()
-    tmp = tempfile.mkdtemp()
-    os.chdir("/proc/self/fd")
-    p = None
-    try:
-        root = os.path.join(tmp, "share")
-        os.mkdir(root)
+    with scratch_share() as (root, opened):
         _fill(__import__("pathlib").Path(root))
-        p = RelPair(root)
+        p = opened(RelPair(root))
         d = p.lookup(1, "d")
         released = p.opendir(1)
         p.release(1, released)
@@ -315,8 +307,3 @@ def test_hypothesis_over_malformed_args(steps):
         for fh, nodeid in left:
             p.release(nodeid, fh)
         p.same()
-    finally:
-        if p is not None:
-            p.close()
-        os.chdir(cwd)
-        shutil.rmtree(tmp)

@@ -26,7 +26,8 @@ from daemon.fuse import abi, fastpath
 from daemon.fuse.abi import Opcode, SetattrValid
 from daemon.virtio.virtqueue import Chain, IoVec
 from tests.unit.fusereq import in_header
-from tests.unit.test_create_in_c import _close, _fd_count, _lookup, _pair, _same, _share, shares
+from tests.unit.test_create_in_c import (_close, _fd_count, _host_step, _lookups, _node_of, _pair, _same, fresh_pair,
+                                         shaped_args, shares)
 from tests.unit.test_fastops_equivalence import _run
 from tests.unit.test_release_in_c import _err, _full_same, _snapshot
 
@@ -41,15 +42,8 @@ NAMES = ["exists", "ro", "dir", "ln", "fifo", "sub", "sub/inner"]
 def setattr_request(nodeid: int, unique: int, valid: int, mode: int = 0, atime: tuple[int, int] = (0, 0),
                     mtime: tuple[int, int] = (0, 0), fh: int = 0, size: int = 0, uid: int = 0, gid: int = 0,
                     caller: int = 0, variant: str = "ok") -> bytes:
-    args = abi.SETATTR_IN.pack(valid, fh, size, 0, atime[0], mtime[0], 0, atime[1], mtime[1], 0, mode, uid, gid)
-    extlen = 0
-    if variant == "short-args":
-        args = args[:80]
-    elif variant == "extension":
-        args += bytes(8)
-        extlen = 1
-    elif variant == "longer":
-        args += bytes(8)
+    args, extlen = shaped_args(abi.SETATTR_IN.pack(valid, fh, size, 0, atime[0], mtime[0], 0, atime[1], mtime[1], 0,
+                                                   mode, uid, gid), variant, 80)
     return in_header(Opcode.SETATTR, nodeid, len(args), unique, uid=caller, gid=caller, extlen=extlen) + args
 
 
@@ -149,9 +143,7 @@ def test_tar_shaped_setattrs_are_served_in_c(shares):
     pair, fast = _pair(shares)
     _fix_times(shares)
     try:
-        f = _lookup(pair, fast, shares, b"exists")
-        d = _lookup(pair, fast, shares, b"dir")
-        fifo = _lookup(pair, fast, shares, b"fifo")
+        f, d, fifo = _lookups(pair, fast, shares, b"exists", b"dir", b"fifo")
         now: set = set()
         t1, t2 = (1_600_000_000, 123_456_789), (1_500_000_000, 987_654_321)
         cases = [
@@ -203,9 +195,7 @@ def test_what_c_leaves_to_python(shares, case):
     pair, fast = _pair(shares)
     _fix_times(shares)
     try:
-        f = _lookup(pair, fast, shares, b"exists")
-        ln = _lookup(pair, fast, shares, b"ln")
-        ro = _lookup(pair, fast, shares, b"ro")
+        f, ln, ro = _lookups(pair, fast, shares, b"exists", b"ln", b"ro")
         fh = _opened(pair, fast, shares, ro, 5, os.O_RDONLY)
         t = (1_000_000_000, 5)
         node, kw, variant, wsizes = f, dict(valid=V.MODE, mode=0o600), "ok", (16, abi.ATTR_OUT.size)
@@ -283,16 +273,7 @@ def _run_setattr_steps(pair, fast, shares, steps) -> int:
     now: set = set()
 
     def node_of(where: str) -> int:
-        node = {"root": 1, "stale": 3999, "unknown": 7}.get(where)
-        if node is None:
-            if where not in nodeids:
-                parent = 1
-                if "/" in where:
-                    parent = nodeids.get("sub") or _lookup(pair, fast, shares, b"sub")
-                    nodeids["sub"] = parent
-                nodeids[where] = _lookup(pair, fast, shares, where.rsplit("/", 1)[-1].encode(), parent)
-            node = nodeids[where]
-        return node
+        return _node_of(pair, fast, shares, nodeids, where, {"root": 1, "stale": 3999, "unknown": 7})
 
     fhs: dict[int, int] = {}
     for k, step in enumerate(steps):
@@ -301,10 +282,7 @@ def _run_setattr_steps(pair, fast, shares, steps) -> int:
             node = node_of(step[1])
             if node not in fhs:
                 fhs[node] = _opened(pair, fast, shares, node, 200 + k, now_set=now)
-        elif kind == "chmod":
-            for root in shares:
-                os.chmod(root / step[1], step[2])
-        else:
+        elif not _host_step(pair, shares, step):       # a chmod, else a SETATTR
             _kind, where, valid, mode, atime, mtime, which_fh, size, ids, variant = step
             node = node_of(where)
             fh = {"open": fhs.get(node, 0), "other": next((v for n, v in fhs.items() if n != node), 0),
@@ -327,16 +305,6 @@ def test_setattrs_are_equivalent(tmp_path_factory, steps):
     files, a read-only file, directories, a symlink, a FIFO, the root,
     stale and unknown nodeids, with OPENs and chmods on the host between:
     the same replies, files, times, tables, counters and fd counts."""
-    cwd = os.getcwd()
-    base = tmp_path_factory.mktemp("setattrs")
-    a, b = base / "pure", base / "comp"
-    _share(a)
-    _share(b)
-    os.chdir("/proc/self/fd")
-    pair, fast = _pair((a, b))
-    _fix_times((a, b))
-    try:
-        _run_setattr_steps(pair, fast, (a, b), steps)
-    finally:
-        _close(pair)
-        os.chdir(cwd)
+    with fresh_pair(tmp_path_factory, "setattrs") as (pair, fast, shares):
+        _fix_times(shares)
+        _run_setattr_steps(pair, fast, shares, steps)
