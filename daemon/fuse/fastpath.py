@@ -382,9 +382,10 @@ def enable_open(fast, session, metered: bool) -> None:
 
 
 def add_handle(session, fd: int, nodeid: int, kind: int, opened: int) -> int:
-    """The compiled OPEN's and OPENDIR's ``HandleTable.add`` when C's own
-    allocation declines (the table's thread lock busy, DIRTY, full): the
-    fh, or -errno (ENFILE when full; the fd is closed then)."""
+    """The compiled OPEN's, OPENDIR's and CREATE's ``HandleTable.add``
+    when C's own allocation declines (the table's thread lock busy,
+    DIRTY, full): the fh, or -errno (ENFILE when full; the fd is closed
+    then)."""
     try:
         return session.handles.add(fd, nodeid, kind, opened).fh
     except FUSEError as e:
@@ -392,7 +393,7 @@ def add_handle(session, fd: int, nodeid: int, kind: int, opened: int) -> int:
     except OSError as e:
         return -(e.errno or errno.EIO)
     except Exception:  # noqa: BLE001 - as FuseSession._handle: EIO, keep serving
-        log.exception("FUSE OPEN (compiled, the fh) failed")
+        log.exception("FUSE OPEN, OPENDIR or CREATE (compiled, the fh) failed")
         return -errno.EIO
 
 
@@ -474,17 +475,9 @@ def mkdir_rest(session, parent_fd: int, name: bytes) -> bytes | int:
 
 def add_created(session, fd: int, nodeid: int, opened: int) -> int:
     """The compiled CREATE's ``HandleTable.add`` (which owns ``fd`` from
-    here: the shared FileTable's slot, the keeper's copy): the fh, or
-    -errno (ENFILE when full; the fd is closed then)."""
-    try:
-        return session.handles.add(fd, nodeid, handles.KIND_FILE, opened).fh
-    except FUSEError as e:
-        return -e.errno
-    except OSError as e:
-        return -(e.errno or errno.EIO)
-    except Exception:  # noqa: BLE001 - as FuseSession._handle: EIO, keep serving
-        log.exception("FUSE CREATE (compiled, the fh) failed")
-        return -errno.EIO
+    here: the shared FileTable's slot, the keeper's copy) when C's own
+    allocation declines: ``add_handle`` of a file."""
+    return add_handle(session, fd, nodeid, handles.KIND_FILE, opened)
 
 
 _MONOTONIC = "clock_gettime(CLOCK_MONOTONIC)"
