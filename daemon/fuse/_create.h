@@ -224,22 +224,6 @@ static Py_ssize_t fast_create(FastOps *self, struct state *st, const struct req 
     return iov_copy(q->w, q->nw, 0, &r, sizeof r, 1) < 0 ? NOT_HANDLED : (Py_ssize_t)sizeof r;
 }
 
-/* the attribute names caller_is_current and handles_have_room read
- * (enable_create, enable_mkdir) */
-static int create_strings(void)
-{
-    if (s_uid == NULL) {
-        struct { PyObject **slot; const char *text; } strings[] = {
-            {&s_uid, "uid"}, {&s_gid, "gid"}, {&s_host_fd_count, "host_fd_count"},
-            {&s_max_open_files, "max_open_files"},
-        };
-        for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)
-            if ((*strings[i].slot = PyUnicode_InternFromString(strings[i].text)) == NULL)
-                return -1;
-    }
-    return 0;
-}
-
 /* enable_create(rest, add, creds, kept, writeback, fopen, meter_words): see fastops_methods */
 static PyObject *fastops_enable_create(FastOps *self, PyObject *args)
 {
@@ -268,8 +252,6 @@ static PyObject *fastops_enable_create(FastOps *self, PyObject *args)
             return NULL;
         }
     }
-    if (create_strings() < 0)
-        return NULL;
     Py_INCREF(rest);
     Py_INCREF(add);
     Py_INCREF(creds);

@@ -1652,6 +1652,16 @@ PyMODINIT_FUNC PyInit__fastops(void)
         {&s_acquire, "acquire"}, {&s_release, "release"}, {&s_peers, "peers"}, {&s_mine, "mine"},
         {&s_shared, "shared"}, {&s_use_handles, "_use_handles"}, {&s_root_dev, "_root_dev"},
         {&s_max_fds, "max_fds"},
+        /* the ops' own (one header each): interned here, once, so that no
+         * op depends on another op's enable_* having run (OPEN without
+         * CREATE, RELEASEDIR without READDIR) */
+        {&s_uid, "uid"}, {&s_gid, "gid"}, {&s_host_fd_count, "host_fd_count"},
+        {&s_max_open_files, "max_open_files"},                              /* _create.h */
+        {&s_meta_locks, "_locks"}, {&s_meta_files, "files"}, {&s_meta_hdr, "_hdr"},     /* _meta.h */
+        {&s_dir_stream, "dir_stream"}, {&s_buf, "buf"}, {&s_pos, "pos"}, {&s_cookie, "cookie"},
+        {&s_reseek, "reseek"}, {&s_serial, "serial"},                       /* _readdir.h, _lookup.h */
+        {&s_rl_files, "files"}, {&s_rl_peers_copied, "copied"}, {&s_rl_per_node, "_open_per_node"},
+        {&s_op_serial, "serial"}, {&s_op_keep, "keep"},                     /* _release.h, _open.h */
     };
     for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)
         if ((*strings[i].slot = PyUnicode_InternFromString(strings[i].text)) == NULL)

@@ -266,12 +266,6 @@ static PyObject *fastops_enable_meta(FastOps *self, PyObject *args)
     PyObject *layout;
     if (!PyArg_ParseTuple(args, "InO", &ops, &h_locks, &layout))
         return NULL;
-    struct { PyObject **slot; const char *text; } strings[] = {
-        {&s_meta_locks, "_locks"}, {&s_meta_files, "files"}, {&s_meta_hdr, "_hdr"},
-    };
-    for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)
-        if (*strings[i].slot == NULL && (*strings[i].slot = PyUnicode_InternFromString(strings[i].text)) == NULL)
-            return NULL;
     if (ops >= (1u << META_OPS) || h_locks < 0) {
         PyErr_SetString(PyExc_ValueError, "FastOps.enable_meta: bad ops or FileTable layout");
         return NULL;

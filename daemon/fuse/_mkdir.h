@@ -104,7 +104,7 @@ static PyObject *fastops_enable_mkdir(FastOps *self, PyObject *args)
         return NULL;
     }
     struct op_words w = {-1, -1, -1, -1};
-    if (create_strings() < 0 || meter_op_words(self, words, "enable_mkdir", &w) < 0)
+    if (meter_op_words(self, words, "enable_mkdir", &w) < 0)
         return NULL;
     Py_INCREF(rest);
     Py_INCREF(creds);

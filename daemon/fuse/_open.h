@@ -360,10 +360,6 @@ static PyObject *fastops_enable_open(FastOps *self, PyObject *args)
     struct op_words w = {-1, -1, -1, -1}, dw = {-1, -1, -1, -1};
     if (meter_op_words(self, words, "enable_open", &w) < 0 || meter_op_words(self, dwords, "enable_open", &dw) < 0)
         return NULL;
-    struct { PyObject **slot; const char *text; } strings[] = {{&s_op_serial, "serial"}, {&s_op_keep, "keep"}};
-    for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)
-        if (*strings[i].slot == NULL && (*strings[i].slot = PyUnicode_InternFromString(strings[i].text)) == NULL)
-            return NULL;
     /* the header words alloc writes must lie where RELEASE's may */
     if (c.h_gen > self->rl.h_last)
         self->rl.h_last = c.h_gen;

@@ -540,19 +540,6 @@ static Py_ssize_t fast_readdir(FastOps *self, struct state *st, const struct req
     return readdir_end(q, h, &c, used, err, error);
 }
 
-/* the attribute names of a DirStream and a handle, interned once */
-static int readdir_strings(void)
-{
-    struct { PyObject **slot; const char *text; } strings[] = {
-        {&s_dir_stream, "dir_stream"}, {&s_buf, "buf"}, {&s_pos, "pos"}, {&s_cookie, "cookie"},
-        {&s_reseek, "reseek"}, {&s_serial, "serial"},
-    };
-    for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)
-        if (*strings[i].slot == NULL && (*strings[i].slot = PyUnicode_InternFromString(strings[i].text)) == NULL)
-            return -1;
-    return 0;
-}
-
 /* enable_readdirplus(entry, stream_type, meter_words): see fastops_methods */
 static PyObject *fastops_enable_readdirplus(FastOps *self, PyObject *args)
 {
@@ -568,7 +555,7 @@ static PyObject *fastops_enable_readdirplus(FastOps *self, PyObject *args)
         return NULL;
     }
     struct op_words w;
-    int none = readdir_strings() < 0 ? -1 : meter_op_words(self, words, "enable_readdirplus", &w);
+    int none = meter_op_words(self, words, "enable_readdirplus", &w);
     if (none < 0)
         return NULL;
     if (!none)
@@ -595,7 +582,7 @@ static PyObject *fastops_enable_readdir(FastOps *self, PyObject *args)
         return NULL;
     }
     struct op_words w;
-    int none = readdir_strings() < 0 ? -1 : meter_op_words(self, words, "enable_readdir", &w);
+    int none = meter_op_words(self, words, "enable_readdir", &w);
     if (none < 0)
         return NULL;
     if (!none)

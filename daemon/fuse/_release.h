@@ -225,12 +225,6 @@ static PyObject *fastops_enable_release(FastOps *self, PyObject *args)
                           &c.h_locks, &c.f_gen, &c.f_kind, &c.f_owner, &c.f_next, &c.f_kept, &c.words, &kind_lock,
                           &words))
         return NULL;
-    struct { PyObject **slot; const char *text; } strings[] = {
-        {&s_rl_files, "files"}, {&s_rl_peers_copied, "copied"}, {&s_rl_per_node, "_open_per_node"},
-    };
-    for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)
-        if (*strings[i].slot == NULL && (*strings[i].slot = PyUnicode_InternFromString(strings[i].text)) == NULL)
-            return NULL;
     Py_ssize_t fd = -1, capacity = 0;
     int ok = (tlock = PyObject_GetAttrString(files, "_tlock")) != NULL
              && (hdr = PyObject_GetAttrString(files, "_hdr")) != NULL && PyMemoryView_Check(hdr)

@@ -63,3 +63,31 @@ def test_opens_in_c_through_the_confined_worker(frontend):
     pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0") or os.environ.get("PYVIRTIOFSD_FASTOPS") == "0"
     ops = [ln for ln in frontend.daemon.log().splitlines() if "FUSE ops: " in ln]
     assert len(ops) == 1 and ("all in Python" if pure else "RELEASE, RELEASEDIR, OPEN, OPENDIR") in ops[0], ops
+
+
+@pytest.mark.frontend_opts(extra_args=("--posix-acl",))
+def test_opens_in_c_in_a_worker_whose_create_is_python(frontend):
+    """--posix-acl keeps CREATE and MKDIR in Python while OPEN and OPENDIR
+    stay C's: a worker that never ran enable_create (a fresh process, as
+    in a guest) serves OPEN, by root and by another caller, and OPENDIR
+    and RELEASEDIR, and stays the same process (its OPEN once read
+    attribute names only enable_create had interned: SIGSEGV, found in a
+    6.1 guest's ACL test)."""
+    (frontend.shared_dir / "secret").write_bytes(b"s")
+    (frontend.shared_dir / "d").mkdir()
+    f = frontend.lookup(ROOT, "secret").nodeid
+    d = frontend.lookup(ROOT, "d").nodeid
+    worker = worker_pid(frontend, "request-1")
+    mine = frontend.open(f, os.O_RDONLY)
+    theirs = frontend.open(f, os.O_RDONLY, uid=1000, gid=1000)
+    assert frontend.read(f, theirs.fh, 0, 10) == b"s"
+    od = frontend.opendir(d)
+    frontend.releasedir(d, od.fh)
+    for fh in (mine.fh, theirs.fh):
+        frontend.release(f, fh)
+    assert worker_pid(frontend, "request-1") == worker
+    pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0") or os.environ.get("PYVIRTIOFSD_FASTOPS") == "0"
+    ops = [ln for ln in frontend.daemon.log().splitlines() if "FUSE ops: " in ln]
+    assert len(ops) == 1, ops
+    assert pure or ("CREATE in Python (--posix-acl" in ops[0] and "OPEN, OPENDIR" in ops[0]), ops
+    assert "SIGSEGV" not in frontend.daemon.log()
