@@ -11,6 +11,7 @@ import stat
 import pytest
 
 from tests.frontend.fuse_client import FuseErrorReply
+from tests.frontend.test_frontend_worker_loop import fuse_ops
 
 ROOT = 1
 
@@ -44,7 +45,5 @@ def test_mkdirs_in_c_through_the_confined_worker(frontend):
     with pytest.raises(FuseErrorReply) as e:
         frontend.mkdir(file, "x")
     assert e.value.errno == errno.ENOTDIR
-    pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0")
-    compiled = not pure and os.environ.get("PYVIRTIOFSD_FASTOPS", "") != "0"
-    ops = [ln for ln in frontend.daemon.log().splitlines() if "FUSE ops: " in ln]
+    ops, compiled = fuse_ops(frontend)
     assert len(ops) == 1 and ("MKDIR compiled too" in ops[0]) == compiled, ops

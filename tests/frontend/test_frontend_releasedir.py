@@ -15,7 +15,7 @@ import os
 import pytest
 
 from tests.frontend.fuse_client import FuseErrorReply
-from tests.frontend.test_frontend_worker_loop import ours_only, worker_pid  # noqa: F401 - ours_only: autouse
+from tests.frontend.test_frontend_worker_loop import fuse_ops, ours_only, worker_pid  # noqa: F401 - ours_only: autouse
 from tests.metrics_client import scrape
 from tests.procfs import fd_count, settled_fd_count
 
@@ -66,6 +66,5 @@ def test_releasedirs_through_the_confined_worker(frontend):
     w = {"worker": "request-1"}
     assert _get(s, "pyvirtiofsd_requests_total", op="RELEASEDIR", **w) == 7
     assert _get(s, "pyvirtiofsd_request_duration_seconds_count", op="RELEASEDIR", **w) == 7
-    pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0") or os.environ.get("PYVIRTIOFSD_FASTOPS") == "0"
-    ops = [ln for ln in frontend.daemon.log().splitlines() if "FUSE ops: " in ln]
-    assert ops and ("all in Python" if pure else "RELEASE, RELEASEDIR") in ops[0], ops
+    ops, compiled = fuse_ops(frontend)
+    assert ops and ("RELEASE, RELEASEDIR" if compiled else "all in Python") in ops[0], ops

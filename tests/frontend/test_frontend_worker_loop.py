@@ -33,6 +33,14 @@ def worker_pid(frontend, name: str) -> int:
     raise AssertionError(f"no vfsd-{name} under {frontend.daemon.pid}")
 
 
+def fuse_ops(frontend) -> tuple[list[str], bool]:
+    """The daemon log's "FUSE ops:" start-up lines, and whether the
+    compiled FUSE ops run (neither PYVIRTIOFSD_PURE=1 nor
+    PYVIRTIOFSD_FASTOPS=0)."""
+    pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0") or os.environ.get("PYVIRTIOFSD_FASTOPS") == "0"
+    return [ln for ln in frontend.daemon.log().splitlines() if "FUSE ops: " in ln], not pure
+
+
 def threads(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
@@ -215,9 +223,8 @@ def test_writes_land_in_the_file_on_the_compiled_path(frontend):
     assert path.read_bytes()[:2] == page[:2]
     for fh in (o.fh, appending.fh, reading.fh):
         frontend.release(e.nodeid, fh)
-    ops = [ln for ln in frontend.daemon.log().splitlines() if "FUSE ops: " in ln]
-    pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0") or os.environ.get("PYVIRTIOFSD_FASTOPS") == "0"
-    assert len(ops) == 1 and ("all in Python" if pure else "GETATTR, READ and WRITE compiled") in ops[0], ops
+    ops, compiled = fuse_ops(frontend)
+    assert len(ops) == 1 and ("GETATTR, READ and WRITE compiled" if compiled else "all in Python") in ops[0], ops
 @pytest.mark.parametrize("cache", [pytest.param(c, marks=pytest.mark.frontend_opts(cache=c))
                                    for c in ("auto", "always")])
 def test_lookups_in_c_take_one_count_each(frontend, cache):
@@ -252,7 +259,5 @@ def test_lookups_in_c_take_one_count_each(frontend, cache):
         with pytest.raises(FuseErrorReply) as e:
             frontend.lookup(ROOT, "missing")
         assert e.value.errno == errno.ENOENT
-    pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0")
-    compiled = not pure and os.environ.get("PYVIRTIOFSD_FASTOPS", "") != "0"
-    ops = [ln for ln in frontend.daemon.log().splitlines() if "FUSE ops: " in ln]
+    ops, compiled = fuse_ops(frontend)
     assert len(ops) == 1 and ("LOOKUP compiled too" in ops[0]) == compiled, ops
