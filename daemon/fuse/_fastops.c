@@ -63,7 +63,9 @@
  * _readdir.h.
  *
  * GETXATTR, UNLINK, RMDIR and FLUSH (those FastOps.enable_meta named:
- * fastmeta.py): _meta.h, included below, says exactly when.
+ * fastmeta.py): _meta.h, included below, says exactly when. READLINK,
+ * STATFS (FastOps.enable_readlink, enable_statfs) and the opcodes the op
+ * table answers ENOSYS (enable_enosys): _attrs.h.
  *
  * With a meter (--metrics-socket), what C answers is counted here into
  * the worker's shared-memory slot as WorkerMeter.request counts it
@@ -196,6 +198,7 @@ struct op_words {
 
 #define MAX_BUCKETS 15          /* counters.OP_WORDS - OP_BUCKETS - 1 */
 #define META_OPS 4              /* the ops of _meta.h */
+#define ENOSYS_OPCODES 64       /* _attrs.h: enable_enosys takes opcodes below this (counters.OPCODE_SLOTS) */
 
 /* the metrics slot this worker counts into, laid out by counters.py (the
  * indices come from fastpath.make, checked against the slot's length once) */
@@ -214,6 +217,8 @@ struct meter {
     struct op_words releasedir; /* set by enable_releasedir (_release.h) */
     struct op_words open, opendir;  /* set by enable_open (_open.h) */
     struct op_words setattr;    /* set by enable_setattr (_setattr.h) */
+    struct op_words readlink, statfs;   /* set by enable_readlink, enable_statfs (_attrs.h) */
+    struct op_words enosys[ENOSYS_OPCODES]; /* by opcode, set by enable_enosys (_attrs.h) */
     uint64_t bounds[MAX_BUCKETS];   /* LATENCY_BUCKETS_NS: the last bucket is above them all */
 };
 
@@ -291,6 +296,14 @@ struct release_conf {
     int dirs;               /* enable_releasedir was called: RELEASEDIR is C's too */
 };
 
+/* READLINK, STATFS and ENOSYS as FastOps.enable_readlink, enable_statfs
+ * and enable_enosys set them up (_attrs.h) */
+struct attrs_conf {
+    PyObject *too_big;      /* fastpath.reply_too_big; NULL: READLINK is Python's */
+    PyObject *statfs_rest;  /* fastpath.statfs_rest; NULL: STATFS is Python's */
+    uint64_t enosys;        /* bit n: opcode n is answered ENOSYS here */
+};
+
 /* OPEN and OPENDIR as FastOps.enable_open sets them up (_open.h) */
 struct open_conf {
     PyObject *add;          /* fastpath.add_handle; NULL: OPEN and OPENDIR are Python's */
@@ -324,6 +337,7 @@ typedef struct {
     struct release_conf rl; /* RELEASE (_release.h) */
     struct open_conf op;    /* OPEN, OPENDIR (_open.h) */
     int setattr;            /* enable_setattr was called: SETATTR (_setattr.h) */
+    struct attrs_conf at;   /* READLINK, STATFS, ENOSYS (_attrs.h) */
 } FastOps;
 
 static PyObject *s_readable, *s_writable, *s_views, *s_size, *s_session, *s_meter, *s_cache,
@@ -840,15 +854,18 @@ static void add(uint64_t *w, Py_ssize_t i, uint64_t n)
 }
 
 static int forget_slot(uint32_t opcode);     /* _forget.h */
+static struct op_words *attrs_words(FastOps *self, int opcode);    /* _attrs.h */
 
 /* count one answered request as WorkerMeter.request does: its opcode's
  * requests, latency (sum and bucket: the first bound at or above it),
  * its errno (0 for one at or above errno_slots) or the data bytes READ
  * replied */
-static void count(struct meter *m, int opcode, const struct timespec *start, int error, Py_ssize_t written,
+static void count(FastOps *self, int opcode, const struct timespec *start, int error, Py_ssize_t written,
                   uint64_t wrote)
 {
-    const struct op_words *op = opcode == OP_READ ? &m->read : opcode == OP_WRITE ? &m->write
+    struct meter *m = &self->m;
+    const struct op_words *attrs = attrs_words(self, opcode);
+    const struct op_words *op = attrs != NULL ? attrs : opcode == OP_READ ? &m->read : opcode == OP_WRITE ? &m->write
         : opcode == OP_LOOKUP ? &m->lookup : opcode == OP_CREATE ? &m->create
         : opcode == OP_MKDIR ? &m->mkdir
         : forget_slot((uint32_t)opcode) >= 0 ? &m->forget[forget_slot((uint32_t)opcode)]
@@ -911,6 +928,7 @@ static int meter_op_words(FastOps *self, PyObject *words, const char *name, stru
 #include "_release.h"
 #include "_open.h"
 #include "_setattr.h"
+#include "_attrs.h"
 
 /* one request, with the checks every fast op shares (FuseSession._handle's,
  * in its order); NOT_HANDLED (nothing written) or the bytes written;
@@ -936,6 +954,12 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
     }
     if (q->wsize < OUT_HEADER)
         return NOT_HANDLED;
+    /* no row in the op table: FuseSession._handle answers ENOSYS here,
+     * before the session, args and extensions (_attrs.h) */
+    if (enosys_wants(self, h.opcode)) {
+        *opcode = (int)h.opcode;
+        return fast_enosys(q, &h, error);
+    }
     if (h.opcode == OP_GETATTR ? q->wsize < OUT_HEADER + ATTR_OUT
             : h.opcode == OP_LOOKUP ? self->lk.hash == NULL || q->wsize < OUT_HEADER + ENTRY_OUT
             : h.opcode == OP_CREATE ? self->cr.rest == NULL || q->wsize < OUT_HEADER + ENTRY_OUT + OPEN_OUT
@@ -946,6 +970,8 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
             : h.opcode == OP_RELEASEDIR ? !self->rl.dirs
             : h.opcode == OP_OPEN || h.opcode == OP_OPENDIR ? self->op.add == NULL || q->wsize < OUT_HEADER + OPEN_OUT
             : h.opcode == OP_SETATTR ? !self->setattr || q->wsize < OUT_HEADER + ATTR_OUT
+            : h.opcode == OP_READLINK ? self->at.too_big == NULL
+            : h.opcode == OP_STATFS ? self->at.statfs_rest == NULL
             : meta_wants(self, h.opcode) ? 0
             : !((h.opcode == OP_READ && self->reads) || (h.opcode == OP_WRITE && self->writes)))
         return NOT_HANDLED;
@@ -975,6 +1001,10 @@ static Py_ssize_t serve_req(FastOps *self, struct state *st, const struct req *q
         return fast_open(self, st, q, &h, error);
     if (h.opcode == OP_SETATTR)
         return fast_setattr(self, st, q, &h, error);
+    if (h.opcode == OP_READLINK)
+        return fast_readlink(self, st, q, &h, error);
+    if (h.opcode == OP_STATFS)
+        return fast_statfs(self, st, q, &h, error);
     if (h.opcode != OP_GETATTR)
         return fast_meta(self, st, q, &h, error);
     return fast_getattr(self, st, q, &h, error);
@@ -1047,7 +1077,7 @@ out:
     } else {
         self->served++;
         if (counting)
-            count(&self->m, opcode, &start, error, result, st.wrote);
+            count(self, opcode, &start, error, result, st.wrote);
     }
     state_drop(&st);
     Py_XDECREF(readable);
@@ -1183,7 +1213,7 @@ static PyObject *fastops_batch(FastOps *self, PyObject *const *args, Py_ssize_t 
         self->served++;
         served++;
         if (counting)
-            count(&self->m, opcode, &start, error, n, st.wrote);
+            count(self, opcode, &start, error, n, st.wrote);
     }
     if (served == limit && counting >= 0)
         python = 0;
@@ -1299,6 +1329,9 @@ static int fastops_init(FastOps *self, PyObject *args, PyObject *kw)
     self->reads = reads;
     self->writes = writes;
     self->meta = 0;     /* enable_meta again, for this meter */
+    self->at.enosys = 0;    /* and enable_readlink, enable_statfs, enable_enosys (_attrs.h) */
+    Py_CLEAR(self->at.too_big);
+    Py_CLEAR(self->at.statfs_rest);
     return 0;
 }
 
@@ -1330,6 +1363,8 @@ static int fastops_traverse(FastOps *self, visitproc visit, void *arg)
     Py_VISIT(self->rl.hdr);
     Py_VISIT(self->op.add);
     Py_VISIT(self->op.handle_type);
+    Py_VISIT(self->at.too_big);
+    Py_VISIT(self->at.statfs_rest);
     return 0;
 }
 
@@ -1354,6 +1389,8 @@ static int fastops_clear(FastOps *self)
     Py_CLEAR(self->rl.hdr);
     Py_CLEAR(self->op.add);
     Py_CLEAR(self->op.handle_type);
+    Py_CLEAR(self->at.too_big);
+    Py_CLEAR(self->at.statfs_rest);
     drop_meter(self);
     return 0;
 }
@@ -1621,6 +1658,16 @@ static PyMethodDef fastops_methods[] = {
     {"enable_setattr", (PyCFunction)fastops_enable_setattr, METH_VARARGS,
      "enable_setattr(meter_words): serve SETATTR's chmod and utimensat too; its meter words (requests,\n"
      "latency_sum, buckets, errors) or None without a meter (_setattr.h)"},
+    {"enable_readlink", (PyCFunction)fastops_enable_readlink, METH_VARARGS,
+     "enable_readlink(too_big, meter_words): serve READLINK too; too_big(session, opcode, size, room):\n"
+     "fastpath.reply_too_big, the warning of a target longer than the reply part; its meter words\n"
+     "(requests, latency_sum, buckets, errors) or None without a meter (_attrs.h)"},
+    {"enable_statfs", (PyCFunction)fastops_enable_statfs, METH_VARARGS,
+     "enable_statfs(rest, meter_words): serve STATFS too; rest(session, nodeid): fastpath.statfs_rest,\n"
+     "Python's answer for what struct.pack would refuse; its meter words or None (_attrs.h)"},
+    {"enable_enosys", (PyCFunction)fastops_enable_enosys, METH_VARARGS,
+     "enable_enosys(opcodes, meter_words): answer these opcodes (a tuple, each below 64: those the op\n"
+     "table has no row for) ENOSYS; a tuple of their meter words, in order, or None (_attrs.h)"},
     {NULL},
 };
 

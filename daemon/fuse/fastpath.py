@@ -87,6 +87,17 @@ SETATTR is compiled when ``setattr_unsupported`` says nothing against it
 ``FastOps.enable_setattr``; C serves chmod and utimensat on an inode this
 worker caches, or an open file it holds (docs/compiled.md, "SETATTR in C").
 
+READLINK and STATFS are compiled when ``readlink_unsupported`` and
+``statfs_unsupported`` say nothing against them (their reference rows):
+``make`` calls ``FastOps.enable_readlink`` with ``reply_too_big`` (the
+warning of a target longer than the reply part) and
+``FastOps.enable_statfs`` with ``statfs_rest`` (Python's answer for the
+counts struct.pack refuses); the opcodes the op table has no row for
+(``enosys_opcodes``: ops.ENOSYS's IOCTL, POLL, ACCESS, ...) are answered
+ENOSYS in C (``FastOps.enable_enosys``), as ``FuseSession._handle`` does
+before it looks at the session (docs/compiled.md, "READLINK, STATFS and
+ENOSYS in C").
+
 FORGET and BATCH_FORGET, the hiprio session's (vring 0): ``fast_ops``
 makes that session a ``FastOps`` that serves those two and nothing else
 (``make_hiprio``: ``enable_lookup`` for the table's layout and locks, then
@@ -136,9 +147,9 @@ import time
 
 from daemon.config import CacheMode
 from daemon.fuse import (abi, attrs, credentials, dirs, entries, fastmeta, files, filetable, handles, inodecache,
-                         inodes, replies)
+                         inodes, ops, replies)
 from daemon.fuse.abi import Opcode
-from daemon.fuse.request import FUSEError
+from daemon.fuse.request import FUSEError, Request
 from daemon.log import get_logger
 from daemon.metrics import counters as c
 from daemon.virtio import compiled
@@ -272,6 +283,13 @@ def make(session):
             enable_open(fast, session, bool(layout))
     if not setattr_unsupported(session):
         fast.enable_setattr(op_words(Opcode.SETATTR) if layout else None)
+    if not readlink_unsupported(session):
+        fast.enable_readlink(reply_too_big, op_words(Opcode.READLINK) if layout else None)
+    if not statfs_unsupported(session):
+        fast.enable_statfs(statfs_rest, op_words(Opcode.STATFS) if layout else None)
+    if not enosys_unsupported(session):
+        enosys = enosys_opcodes(session)
+        fast.enable_enosys(tuple(int(op) for op in enosys), tuple(op_words(op) for op in enosys) if layout else None)
     if not lookup_unsupported(session):
         fast.enable_lookup(*_lookup_layout(table), session.config.cache is CacheMode.ALWAYS)
         if not readdirplus_unsupported(session):
@@ -347,6 +365,56 @@ def setattr_unsupported(session) -> str:
     if getattr(session.attr_reply, "__func__", None) is not replies.Timeouts.attr_out:
         return "attr replies are rewritten (--translate-uid/--translate-gid)"
     return ""
+
+
+def readlink_unsupported(session) -> str:
+    """Why READLINK stays in Python for ``session`` ("" if C may serve it:
+    docs/compiled.md, "READLINK, STATFS and ENOSYS in C"): the reference
+    READLINK row (no option changes it; a test may replace it)."""
+    return fastmeta.not_reference(session, (Opcode.READLINK, attrs.do_readlink))
+
+
+def statfs_unsupported(session) -> str:
+    """Why STATFS stays in Python for ``session`` ("" if C may serve it):
+    the reference STATFS row."""
+    return fastmeta.not_reference(session, (Opcode.STATFS, attrs.do_statfs))
+
+
+def enosys_opcodes(session) -> list[Opcode]:
+    """The opcodes of ``ops.ENOSYS`` that ``session``'s op table has no
+    row for (all of them, unless a test added one): ``FuseSession._handle``
+    answers them ENOSYS, and so may C."""
+    return [op for op in ops.ENOSYS if int(op) not in session._ops and int(op) < c.OPCODE_SLOTS]
+
+
+def enosys_unsupported(session) -> str:
+    """Why the ENOSYS answers stay in Python for ``session`` ("" if C may
+    give them)."""
+    return "" if enosys_opcodes(session) else "every opcode of ops.ENOSYS has a row"
+
+
+def reply_too_big(session, opcode: int, size: int, room: int) -> None:
+    """The compiled READLINK's Python tail for a target longer than the
+    reply part (C then answers EIO): ``FuseSession._too_big``'s warning,
+    on the session's own rate-limited logger."""
+    session.warn("FUSE %s: %d-byte reply, %d-byte buffer", ops.name(opcode), size, room)
+
+
+def statfs_rest(session, nodeid: int) -> bytes | int:
+    """The compiled STATFS's Python tail, for the counts C found that
+    ``struct.pack`` refuses (C's chain is taken then: this answers):
+    ``attrs.do_statfs`` as ``FuseSession._handle`` runs it, the 80 reply
+    bytes or the errno it would answer (an unexpected error logged as
+    there)."""
+    try:
+        return attrs.do_statfs(session, Request(int(Opcode.STATFS), 0, nodeid, 0, 0, 0, b"", None, None, b""))
+    except FUSEError as e:
+        return e.errno
+    except OSError as e:
+        return e.errno or errno.EIO
+    except Exception:  # noqa: BLE001 - as FuseSession._handle: EIO, keep serving
+        log.exception("FUSE %s (nodeid %d) failed", ops.name(Opcode.STATFS), nodeid)
+        return errno.EIO
 
 
 def enable_release(fast, session, metered: bool) -> None:
@@ -499,7 +567,7 @@ def meter_layout(meter) -> dict:
 
     assert max(Opcode.GETATTR, Opcode.READ, Opcode.WRITE, Opcode.LOOKUP, Opcode.CREATE, Opcode.MKDIR, Opcode.FORGET,
                Opcode.BATCH_FORGET, Opcode.READDIRPLUS, Opcode.READDIR, Opcode.RELEASE, Opcode.OPEN, Opcode.OPENDIR,
-               *fastmeta.OPS) < c.OPCODE_SLOTS
+               Opcode.READLINK, Opcode.STATFS, *fastmeta.OPS) < c.OPCODE_SLOTS
     layout = (c.BYTES_READ, c.ERRNO_SLOTS, *op_words(Opcode.GETATTR), *op_words(Opcode.READ),
               c.BYTES_WRITTEN, *op_words(Opcode.WRITE), *op_words(Opcode.LOOKUP))
     return {"meter": meter, "words": words, "layout": layout, "bounds": c.LATENCY_BUCKETS_NS}
@@ -566,9 +634,12 @@ def fast_ops(session):
                      + ([] if release_unsupported(session) else ["RELEASE"])
                      + ([] if releasedir_unsupported(session) else ["RELEASEDIR"])
                      + ([] if open_unsupported(session) else ["OPEN", "OPENDIR"])
-                     + ([] if setattr_unsupported(session) else ["SETATTR"])) or "none"
-    log.info("FUSE ops: %s compiled (extension daemon.fuse._fastops; %s)%s; %s; %s; %s; %s; metadata ops in C: %s",
-             compiled_ops(session), loop, counted, lookup, create, plus, names, meta)
+                     + ([] if setattr_unsupported(session) else ["SETATTR"])
+                     + ([] if readlink_unsupported(session) else ["READLINK"])
+                     + ([] if statfs_unsupported(session) else ["STATFS"])) or "none"
+    enosys = ", ".join(op.name for op in enosys_opcodes(session)) if not enosys_unsupported(session) else "none"
+    log.info("FUSE ops: %s compiled (extension daemon.fuse._fastops; %s)%s; %s; %s; %s; %s; metadata ops in C: %s; "
+             "ENOSYS answered in C: %s", compiled_ops(session), loop, counted, lookup, create, plus, names, meta, enosys)
     if session.meter is not None and not counted:
         log.info("FUSE ops: this meter is not C's to count for: its requests stay in Python")
     return fast
