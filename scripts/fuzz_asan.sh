@@ -50,6 +50,7 @@ if [ "${1:-}" = "--equivalence" ]; then
     tests/unit/test_batch_equivalence.py tests/unit/test_wait_loop.py tests/unit/test_fastops_meta.py \
     tests/unit/test_create_in_c.py tests/unit/test_forget_in_c.py tests/unit/test_readdirplus_in_c.py \
     tests/unit/test_readdir_in_c.py tests/unit/test_release_in_c.py tests/unit/test_releasedir_in_c.py \
-    tests/unit/test_open_in_c.py tests/unit/test_mkdir_in_c.py tests/unit/test_setattr_in_c.py "$@"
+    tests/unit/test_open_in_c.py tests/unit/test_mkdir_in_c.py tests/unit/test_setattr_in_c.py \
+    tests/unit/test_readlink_in_c.py tests/unit/test_statfs_in_c.py tests/unit/test_enosys_in_c.py "$@"
 fi
 exec "$PY" -m tests.fuzz.fuzz_chain_fuse --engine atheris "${EXTS[@]}" "$@"

@@ -46,7 +46,9 @@ which the engine reports as a crash and saves the input):
   nor is a SETATTR C served (Python's would move the ctime, and *_NOW's
   times): its reply must be an error reply or fuse_attr_out of its
   unique (``c_setattrs``); tests/unit/test_setattr_in_c.py compares
-  SETATTR with the session;
+  SETATTR with the session; READLINK, STATFS and the ENOSYS opcodes C
+  served (_attrs.h) are answered again like GETATTR and counted
+  (``c_readlinks``, ``c_statfs``, ``c_enosys``);
 - flags bit 3 of an input (``image.py``'s flags byte): the ring is the
   hiprio queue's, served by a hiprio session and its FastOps (FORGET and
   BATCH_FORGET in C, _forget.h); each FORGET or BATCH_FORGET C served is
@@ -135,6 +137,8 @@ RELEASEDIR_OPCODE = 29
 RELEASE_OPCODES = (RELEASE_OPCODE, RELEASEDIR_OPCODE)
 OPEN_OPCODES = (14, 27)     # OPEN, OPENDIR (_open.h)
 SETATTR_OPCODE = 4          # _setattr.h
+READLINK_OPCODE, STATFS_OPCODE = 5, 17     # _attrs.h
+ENOSYS_OPCODES = (34, 37, 39, 40, 41, 48, 49, 51)   # ops.ENOSYS, answered in C (_attrs.h)
 FORGET_OPCODES = (2, 42)
 READDIRPLUS_OPCODE = 44
 READDIR_OPCODE = 28
@@ -296,6 +300,9 @@ class Target:
         self.c_releasedirs = 0  # RELEASEDIRs served in C (likewise)
         self.c_opens = 0  # OPENs and OPENDIRs served in C (not answered again: their fh checked live)
         self.c_setattrs = 0  # SETATTRs served in C (not answered again: their reply's shape checked)
+        self.c_readlinks = 0  # READLINKs served in C and checked against the session
+        self.c_statfs = 0   # STATFSs likewise
+        self.c_enosys = 0   # ENOSYS answers C gave, likewise
         # flags bit 3: the hiprio queue's session and FastOps (FORGET, BATCH_FORGET in C)
         self.hiprio = FuseSession(config, self.table, "hiprio")
         hops = fastpath.make(self.hiprio) if fastpath is not None else None
@@ -545,6 +552,7 @@ class Target:
         self.c_meta += opcode in META_OPCODES
         self.c_readdirplus += opcode == READDIRPLUS_OPCODE
         self.c_readdir += opcode == READDIR_OPCODE
+        self._count_attrs(opcode)
         if opcode in (CREATE_OPCODE, MKDIR_OPCODE, *RELEASE_OPCODES, *OPEN_OPCODES, SETATTR_OPCODE):
             if opcode in RELEASE_OPCODES:
                 self._released(opcode, struct.unpack("<Q", rd.read(40, 8))[0], written)
@@ -607,6 +615,7 @@ class Target:
         self.c_meta += opcode in META_OPCODES
         self.c_readdirplus += opcode == READDIRPLUS_OPCODE
         self.c_readdir += opcode == READDIR_OPCODE
+        self._count_attrs(opcode)
         if opcode == CREATE_OPCODE:
             self.c_creates += 1
             return n
@@ -637,6 +646,12 @@ class Target:
         if not _overlapping([self._region_of_view(v) for v in views]):
             assert [bytes(v) for v in views] == after, "compiled ops and session wrote different replies"
         return n
+
+    def _count_attrs(self, opcode: int) -> None:
+        """Count a READLINK, STATFS or ENOSYS opcode C served (_attrs.h)."""
+        self.c_readlinks += opcode == READLINK_OPCODE
+        self.c_statfs += opcode == STATFS_OPCODE
+        self.c_enosys += opcode in ENOSYS_OPCODES
 
     def _released(self, opcode: int, fh: int, n: int) -> None:
         """A RELEASE or RELEASEDIR of ``fh`` C served (``n`` bytes): the
@@ -757,6 +772,7 @@ class Target:
             "c_creates": self.c_creates, "c_mkdirs": self.c_mkdirs,
             "c_releases": self.c_releases, "c_releasedirs": self.c_releasedirs,
             "c_opens": self.c_opens, "c_setattrs": self.c_setattrs,
+            "c_readlinks": self.c_readlinks, "c_statfs": self.c_statfs, "c_enosys": self.c_enosys,
             "c_forgets": self.c_forgets,
             "seconds": round(elapsed, 1),
             "inputs_per_second": round(self.inputs / elapsed) if elapsed else 0,
@@ -1010,6 +1026,7 @@ def main(argv=None) -> int:
                   f"c_creates={target.c_creates} c_mkdirs={target.c_mkdirs} "
                   f"c_releases={target.c_releases} c_releasedirs={target.c_releasedirs} "
                   f"c_opens={target.c_opens} c_setattrs={target.c_setattrs} "
+                  f"c_readlinks={target.c_readlinks} c_statfs={target.c_statfs} c_enosys={target.c_enosys} "
                   f"c_forgets={target.c_forgets} "
                   f"c_readdirplus={target.c_readdirplus} c_readdir={target.c_readdir}", flush=True)
             return 0

@@ -563,9 +563,48 @@ def setattr_ops() -> dict[str, bytes]:
     return s
 
 
+ACCESS, BMAP, IOCTL, POLL, TMPFILE = 34, 37, 39, 40, 51
+
+
+def attrs_ops() -> dict[str, bytes]:
+    """_attrs.h's READLINK, STATFS and ENOSYS, served in C: READLINK of
+    link (room for its target, and 3 bytes: C's EIO after Python's
+    warning), of hello.txt (EINVAL) and of the root (EINVAL); STATFS of the
+    root, hello.txt and d; IOCTL, ACCESS and TMPFILE (ENOSYS, with their
+    args), and POLL with a request extension (C's too: ENOSYS comes
+    first); Python's: a READLINK of an unknown nodeid (ESTALE), a STATFS
+    without room for fuse_kstatfs (EIO) and an opcode without a name
+    (9999). C serves 4 READLINKs, 3 STATFS and 4 ENOSYS answers (11 of
+    14). Stage
+    2, whole batches, one chain at a time (each checked against the
+    session)."""
+    s: dict[str, bytes] = {}
+    b = SeedBuilder(32)
+    req(b, READLINK, 4, b"", [4095])
+    req(b, READLINK, 4, b"", [3])
+    req(b, READLINK, 2, b"", [4095])
+    req(b, READLINK, 1, b"", [4095])
+    req(b, READLINK, 9999, b"", [4095])
+    req(b, STATFS, 1, b"", [80])
+    req(b, STATFS, 2, b"", [80])
+    req(b, STATFS, 3, b"", [80])
+    req(b, STATFS, 1, b"", [79])
+    req(b, IOCTL, 2, struct.pack("<QIIQII", fh(1), 0, 0x5401, 0, 0, 8), [8])
+    req(b, ACCESS, 3, struct.pack("<I4x", 4))
+    req(b, TMPFILE, 1, struct.pack("<IIII", 0o100600, 0x8002, 0o022, 0) + name(b"t"), [128, 32])
+    readable = [hdr(POLL, 2, 24 + 8)[:-4] + struct.pack("<HH", 1, 0), struct.pack("<QQII", fh(1), 0, 0, 1) + bytes(8)]
+    b.request(readable, [16, 8], True)
+    req(b, 9999, 1, b"", [])
+    ops = b.build()
+    s["attrs_in_c"] = ops
+    s["batch_attrs"] = with_flags(ops, 3)
+    s["batch_attrs_checked"] = with_flags(ops, 7)
+    return s
+
+
 def all_seeds() -> dict[str, bytes]:
     return {**well_formed(), **malformed(), **batch_loop(), **meta_ops(), **forgets(), **readdirplus_ops(),
-            **readdir_ops(), **setattr_ops()}
+            **readdir_ops(), **setattr_ops(), **attrs_ops()}
 
 
 def main() -> int:

@@ -226,3 +226,22 @@ def test_setattr_seeds_reach_setattr_in_c():
     a time, each reply C wrote checked (``c_setattrs``). Under
     PYVIRTIOFSD_PURE=1 FastOps.serve on every chain: 27 and 3 OPENs."""
     assert_nine_served_in_c(("setattr_in_c", "batch_setattr", "batch_setattr_checked"), "c_setattrs", opens=1)
+
+
+def test_attrs_seeds_reach_readlink_statfs_and_enosys_in_c():
+    """The seeds of _attrs.h's ops (seeds.attrs_ops: 14 requests, of which
+    C serves 11: 4 READLINKs, one EIO after the too-big warning among them,
+    3 STATFS and 4 ENOSYS answers; a READLINK of an unknown nodeid, a
+    STATFS without room and opcode 9999 are Python's): stage 2, whole
+    batches, one chain at a time, each chain C answered checked against
+    the session (``c_readlinks``, ``c_statfs``, ``c_enosys``). Under
+    PYVIRTIOFSD_PURE=1 FastOps.serve on every chain: 33."""
+    from daemon.fuse import fastpath
+    names = ("attrs_in_c", "batch_attrs", "batch_attrs_checked")
+    out = run(["--run", *(str(HERE / "corpus" / f"{name}.bin") for name in names)], 120)
+    stats = dict(re.findall(r"(\w+)=(\S+)", out.splitlines()[-1]))
+    pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0")
+    runs = 0 if not fastpath.EXTENSION_BUILT else 3 if pure else 2
+    want = (0 if pure else 11 * runs, 11 * runs, 4 * runs, 3 * runs, 4 * runs)
+    got = tuple(int(stats[k]) for k in ("batch_served", "fast_served", "c_readlinks", "c_statfs", "c_enosys"))
+    assert got == want, out[-2000:]
