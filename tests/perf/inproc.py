@@ -13,9 +13,9 @@ competing for the cores.
                                       getxattr-absent|unlink|rmdir|flush|create|
                                       forget|forget-keep|batch-forget|
                                       readdirplus-cold|readdirplus-warm|readdir|readdir-cold|open|opendir|listing|
-                                      setattr-times|setattr-chmod]
+                                      setattr-times|setattr-chmod|readlink|statfs|ioctl]
                                 [--depth 64] [--python-meta] [--python-readdir] [--python-release]
-                                [--python-releasedir] [--python-open] [--python-setattr]
+                                [--python-releasedir] [--python-open] [--python-setattr] [--python-attrs]
                                 [--seconds 3] [--profile cprofile|none] [--clock wall|cpu]
 
 ``lookup`` looks one name up again and again (the worker holds its fd);
@@ -62,6 +62,14 @@ again and again (SETATTR with FATTR_ATIME|FATTR_MTIME: the utimensat tar
 -x sends for every file it extracts), ``setattr-chmod`` its mode
 (FATTR_MODE); ``--python-setattr`` leaves SETATTR to Python
 (``fastpath.setattr_unsupported`` answered for it), for a before/after.
+
+``readlink`` reads one symlink's target (19 bytes) again and again
+(READLINK, the Linux driver's 4095-byte reply part), ``statfs`` asks for
+the share's fuse_kstatfs (STATFS of the root), ``ioctl`` sends an IOCTL
+(answered ENOSYS, as ops.ENOSYS's other opcodes); ``--python-attrs``
+leaves the three to Python (``fastpath.readlink_unsupported``,
+``statfs_unsupported`` and ``enosys_unsupported`` answered for them), for
+a before/after in one build.
 
 ``forget``, ``forget-keep`` and ``batch-forget`` are the hiprio worker's
 (vring 0, its session role "hiprio", its loop with the hiprio COALESCE
@@ -199,6 +207,14 @@ def _build(op: str, depth: int, shared: str, cache: str = "auto", event_idx: boo
         nodeid = int.from_bytes(entry[16:24], "little")
         if op == "lookup":
             req = (Opcode.LOOKUP, 1, DATA.encode() + b"\0", [abi.ENTRY_OUT.size])
+        elif op == "readlink":
+            os.symlink("bench/a/symlink/tgt", os.path.join(shared, "bench-link"))
+            link = call(Opcode.LOOKUP, 1, b"bench-link\0", [abi.ENTRY_OUT.size])
+            req = (Opcode.READLINK, int.from_bytes(link[16:24], "little"), b"", [4095])
+        elif op == "statfs":
+            req = (Opcode.STATFS, 1, b"", [abi.STATFS_OUT.size])
+        elif op == "ioctl":         # fuse_ioctl_in: fh, flags, cmd, arg, in_size, out_size
+            req = (Opcode.IOCTL, nodeid, bytes(32), [])
         elif op.startswith("setattr"):
             v = abi.SetattrValid
             valid = v.ATIME | v.MTIME if op == "setattr-times" else v.MODE
@@ -217,7 +233,7 @@ def _build(op: str, depth: int, shared: str, cache: str = "auto", event_idx: boo
                 args = abi.READ_IN.pack(fh, 0, size, 0, 0, 0)
                 req = (Opcode.READ, nodeid, args, [4096] * (size // 4096))
     opcode, nodeid, args, out = req
-    readable = [args, data] if data else [args]
+    readable = [args, data] if data else [args] if args else []
     heads = [vr.submit([hdr(opcode, nodeid, len(args) + len(data))] + readable, [16] + out) for _ in range(depth)]
     return loop, ring, vr, heads
 
@@ -294,7 +310,7 @@ def remake(shared: str, op: str, depth: int) -> list[bytes]:
 
 
 # the errno each op's requests answer (0: success)
-EXPECTED = {"getxattr-absent": errno.ENODATA}
+EXPECTED = {"getxattr-absent": errno.ENODATA, "ioctl": errno.ENOSYS}
 
 
 def close(loop, ring, vr) -> None:
@@ -642,12 +658,13 @@ def readdirplus_us(cold: bool, seconds: float = 3.0, clock: str = "wall", entrie
 
 def per_request_us(op: str = "getattr", depth: int = 64, seconds: float = 3.0,
                    profile: str = "none", clock: str = "wall", python_meta: bool = False,
-                   python_setattr: bool = False) -> float:
+                   python_setattr: bool = False, python_attrs: bool = False) -> float:
     shared = tempfile.mkdtemp(prefix="inproc-")
     if op in FORGET_OPS:
         loop, ring, vr, heads, forgotten = _build_hiprio(op, depth, shared)
     else:
-        loop, ring, vr, heads = _build_leaving({"setattr": python_setattr}, op, depth, shared)
+        loop, ring, vr, heads = _build_leaving({"setattr": python_setattr, "readlink": python_attrs,
+                                                "statfs": python_attrs, "enosys": python_attrs}, op, depth, shared)
     if python_meta and loop._fast is not None:
         loop._fast.enable_meta(0, filetable._H_LOCKS, None)
     serve = loop._serve
@@ -698,7 +715,7 @@ def main(argv=None) -> int:
                     choices=("getattr", "lookup", "lookup-cold", "read4k", "read1m", "write4k", "write4k-kill",
                              "getxattr-absent", "unlink", "rmdir", "flush", "create", "mkdir", *FORGET_OPS,
                              "readdirplus-cold", "readdirplus-warm", "readdir", "readdir-cold", "open", "opendir",
-                             "listing", "setattr-times", "setattr-chmod"))
+                             "listing", "setattr-times", "setattr-chmod", "readlink", "statfs", "ioctl"))
     ap.add_argument("--entries", type=int, default=None,
                     help="readdir*, listing: files in the directory listed (1000, 8)")
     ap.add_argument("--python-readdir", action="store_true", help="readdir*: plain READDIR in Python")
@@ -714,6 +731,8 @@ def main(argv=None) -> int:
     ap.add_argument("--python-open", action="store_true",
                     help="open, opendir: in Python; create: its fh through Python (before/after)")
     ap.add_argument("--python-setattr", action="store_true", help="setattr-*: SETATTR in Python (before/after)")
+    ap.add_argument("--python-attrs", action="store_true",
+                    help="readlink, statfs, ioctl: READLINK, STATFS and ENOSYS in Python (before/after)")
     ap.add_argument("--dir", default=None, help="create, mkdir: make the shared directory in DIR (e.g. a tmpfs)")
     ap.add_argument("--python-mkdir", action="store_true", help="mkdir: MKDIR in Python (before/after)")
     a = ap.parse_args(argv)
@@ -752,9 +771,11 @@ def main(argv=None) -> int:
         print(f"{a.op} ({a.entries} entries, 4 KiB replies): {us:.2f} µs per entry in the worker "
               f"({n} entries listed); {PATH}{where}")
         return 0
-    us = per_request_us(a.op, a.depth, a.seconds, a.profile, a.clock, a.python_meta, a.python_setattr)
+    us = per_request_us(a.op, a.depth, a.seconds, a.profile, a.clock, a.python_meta, a.python_setattr,
+                        a.python_attrs)
     meta = "; metadata ops in Python" if a.python_meta else ""
     meta += "; SETATTR in Python" if a.python_setattr else ""
+    meta += "; READLINK, STATFS, ENOSYS in Python" if a.python_attrs else ""
     print(f"{a.op} depth {a.depth}: {us:.2f} µs per request in the worker ({1e6 / us:,.0f}/s); {PATH}{meta}")
     return 0
 
