@@ -77,7 +77,7 @@ static int enosys_wants(const FastOps *self, uint32_t opcode)
 }
 
 /* READLINK; NOT_HANDLED or the bytes written; *error: the reply's errno */
-static Py_ssize_t fast_readlink(FastOps *self, const struct state *st, const struct req *q,
+static Py_ssize_t fast_readlink(FastOps *self, struct state *st, const struct req *q,
                                 const struct in_header *h, int *error)
 {
     Py_ssize_t nargs = (Py_ssize_t)h->len - IN_HEADER;
@@ -99,7 +99,9 @@ static Py_ssize_t fast_readlink(FastOps *self, const struct state *st, const str
     if (got < 0)
         return error_reply(q, h->unique, err == ENOENT ? EINVAL : err, error);
     if (got > q->wsize - OUT_HEADER) {
-        /* FuseSession._too_big: the warning (rate-limited, Python's), EIO */
+        /* FuseSession._too_big: the warning (rate-limited, Python's), EIO;
+         * the inode table's thread lock let go first, as for every tail */
+        drop_tlock(st);
         PyObject *r = PyObject_CallFunction(self->at.too_big, "OInn", self->session, (unsigned int)OP_READLINK,
                                             (Py_ssize_t)got, q->wsize - OUT_HEADER);
         Py_XDECREF(r);
@@ -112,7 +114,7 @@ static Py_ssize_t fast_readlink(FastOps *self, const struct state *st, const str
 }
 
 /* STATFS; NOT_HANDLED or the bytes written; *error: the reply's errno */
-static Py_ssize_t fast_statfs(FastOps *self, const struct state *st, const struct req *q,
+static Py_ssize_t fast_statfs(FastOps *self, struct state *st, const struct req *q,
                               const struct in_header *h, int *error)
 {
     Py_ssize_t nargs = (Py_ssize_t)h->len - IN_HEADER;
@@ -140,6 +142,7 @@ static Py_ssize_t fast_statfs(FastOps *self, const struct state *st, const struc
             || (uint64_t)s.f_files > count_max || (uint64_t)s.f_ffree > count_max || s.f_bsize > UINT32_MAX
             || s.f_namemax > UINT32_MAX || s.f_frsize > UINT32_MAX) {
         /* struct.pack would refuse them: Python's answer (and log) */
+        drop_tlock(st);
         PyObject *r = PyObject_CallFunction(self->at.statfs_rest, "OK", self->session,
                                             (unsigned long long)h->nodeid);
         return rest_answer(q, h, r, STATFS_OUT_SIZE, error);
