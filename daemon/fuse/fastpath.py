@@ -639,7 +639,8 @@ def fast_ops(session):
                      + ([] if statfs_unsupported(session) else ["STATFS"])) or "none"
     enosys = ", ".join(op.name for op in enosys_opcodes(session)) if not enosys_unsupported(session) else "none"
     log.info("FUSE ops: %s compiled (extension daemon.fuse._fastops; %s)%s; %s; %s; %s; %s; metadata ops in C: %s; "
-             "ENOSYS answered in C: %s", compiled_ops(session), loop, counted, lookup, create, plus, names, meta, enosys)
+             "ENOSYS answered in C: %s", compiled_ops(session), loop, counted, lookup, create, plus, names, meta,
+             enosys)
     if session.meter is not None and not counted:
         log.info("FUSE ops: this meter is not C's to count for: its requests stay in Python")
     return fast

@@ -71,7 +71,8 @@ def test_every_enosys_opcode_is_answered_in_c(shares):
                         request(op, 1, 600 + k, bytes(128 * 1024 + 1))]
             for v, req in enumerate(variants):
                 served, reply = _both(pair, fast, shares, req, (16, 64) if v == 1 else (16,))
-                assert served and reply[:16] == abi.OUT_HEADER.pack(16, -errno.ENOSYS, abi.IN_HEADER.unpack_from(req)[2])
+                unique = abi.IN_HEADER.unpack_from(req)[2]
+                assert served and reply[:16] == abi.OUT_HEADER.pack(16, -errno.ENOSYS, unique)
             assert _counted(pair[1], op) == _counted(pair[0], op) == (len(variants), len(variants))
     finally:
         _close(pair)

@@ -87,7 +87,8 @@ def test_readlinks_are_served_in_c(shares):
     _make_links(shares)
     pair, fast = _pair(shares)
     try:
-        nodes = dict(zip(LINKS + NOT_LINKS[:3], _lookups(pair, fast, shares, *(n.encode() for n in LINKS + NOT_LINKS[:3]))))
+        names = LINKS + NOT_LINKS[:3]
+        nodes = dict(zip(names, _lookups(pair, fast, shares, *(n.encode() for n in names))))
         for k, name in enumerate(LINKS):
             served, reply = _rl(pair, fast, shares, nodes[name], 10 + k)
             assert served and _target(reply) == TARGETS.get(name, b"exists"), name
