@@ -5,7 +5,8 @@ Each example lays one ring into guest RAM (tests/fuzz/image.py's regions:
 the rings in region 0, requests in region 1, the largest, some buffers in
 region 2): a mix of requests C serves (GETATTR on held nodeids and fhs,
 READ on held fhs, WRITE on held fhs: read-write, O_APPEND, read-only,
-LOOKUP of names whose inodes it holds and of a missing one), requests it
+LOOKUP of names whose inodes it holds and of a missing one, READLINK of a
+symlink and of a file, IOCTL: ENOSYS), requests it
 declines (LOOKUP of "..", of a name with '/', unknown nodeids, released
 fhs, WRITEs with FUSE_WRITE_KILL_SUIDGID or a size that is not their data,
 other opcodes, headers split over buffers, writable parts too small,
@@ -237,13 +238,20 @@ def make_request(kind: str, nodeids: dict, unique: int, arg: int) -> tuple[bytes
         return in_header(Opcode.LOOKUP, 1, 4, unique) + b"a/b\0", 16, [16, 128], False
     if kind == "enosys":
         return in_header(9999, 1, 0, unique), 16, [16], False
+    if kind == "readlink":      # b -> a; C's (_attrs.h), EIO after the warning when the room is short
+        return in_header(Opcode.READLINK, nodeids["b"], 0, unique), 16, [16, 4095], True
+    if kind == "readlink-file":  # EINVAL, C's
+        return in_header(Opcode.READLINK, nodeids["a"], 0, unique), 16, [16, 4095], True
+    if kind == "ioctl":         # ENOSYS, C's
+        return in_header(Opcode.IOCTL, nodeids["a"], 32, unique) + bytes(32), 16, [16], True
     # "short": a GETATTR whose len says one byte more than it has
     return abi.IN_HEADER.pack(57, Opcode.GETATTR, unique, 1, 0, 0, 0, 0, 0) + bytes(16), 16, [16], False
 
 
 KINDS = ["getattr-root", "getattr-a", "getattr-fh", "read", "read-wronly", "write", "write-append",
          "write-rdonly", "getattr-gone", "getattr-unknown", "read-released", "write-kill", "write-size", "lookup",
-         "lookup-d", "lookup-missing", "lookup-dots", "lookup-bad", "enosys", "short"]
+         "lookup-d", "lookup-missing", "lookup-dots", "lookup-bad", "enosys", "short", "readlink", "readlink-file",
+         "ioctl"]
 SERVED_KINDS = 8       # KINDS[:8] C serves (and the LOOKUPs of lookup, lookup-d, lookup-missing)
 BREAKS = ["none"] * 12 + ["far", "zero-len", "hole", "rw-order", "next-range", "loop", "nested", "table-len",
                           "head-range"]
