@@ -50,7 +50,8 @@ def test_traverse_reports_every_reference(share):
     credentials' state again, with READDIRPLUS in C its Python step and
     the DirStream type, with RELEASE in C the FileTable, its thread lock
     and header view, with OPEN in C its Python helper and the OpenHandle
-    type: what gc.get_referents (tp_traverse)
+    type, with READLINK and STATFS in C their Python tails: what
+    gc.get_referents (tp_traverse)
     lists (not the meter's words memoryview, whose buffer FastOps holds:
     nothing leads from it back to a FastOps, see fastops_traverse)."""
     session, _client = start_session(share)
@@ -69,13 +70,14 @@ def test_traverse_reports_every_reference(share):
                           ("mkdir_rest", fastpath.mkdir_rest),
                           ("plus_entry", dirs.plus_entry), ("DirStream", dirs.DirStream),
                           ("FileTable", files), ("its thread lock", files._tlock), ("its header", files._hdr),
-                          ("add_handle", fastpath.add_handle), ("OpenHandle", handles.OpenHandle)):
+                          ("add_handle", fastpath.add_handle), ("OpenHandle", handles.OpenHandle),
+                          ("reply_too_big", fastpath.reply_too_big), ("statfs_rest", fastpath.statfs_rest)):
             assert any(r is obj for r in held), f"tp_traverse does not visit the {name}"
-        assert len(held) == 18
+        assert len(held) == 20
         assert sum(r is credentials._state for r in held) == 2     # CREATE's and MKDIR's
-        # without a meter: the seventeen others only
+        # without a meter: the nineteen others only
         session.meter = None
-        assert len(gc.get_referents(fastpath.make(session))) == 17
+        assert len(gc.get_referents(fastpath.make(session))) == 19
     finally:
         session.meter = None
         session.close()
