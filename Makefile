@@ -20,8 +20,8 @@ demo: setup
 lint: setup
 	$(PY) -m ruff check daemon tests
 	$(PY) -m mypy
-	@# merge and editor leftovers never belong in the tree
-	@! git ls-files 2>/dev/null | grep -E '\.(orig|rej|bak|swp)$$|~$$' || { echo "lint: leftover files above"; exit 1; }
+	@# merge and editor leftovers, and downloaded wheels, never belong in the tree
+	@! git ls-files 2>/dev/null | grep -E '\.(orig|rej|bak|swp|whl)$$|~$$' || { echo "lint: leftover files above"; exit 1; }
 
 ## Everything: the lint gate, unit and frontend tests on the pure-Python
 ## path, then unit, vhost-user frontend and real-guest tests (the compiled

@@ -11,10 +11,13 @@
  *     so no --translate-uid/-gid);
  *   - no request extensions, fuse_setattr_in whole (shorter: Python's
  *     EINVAL), at most MAX_ARGS;
- *   - valid holds only FATTR_MODE, FATTR_ATIME, FATTR_MTIME, FATTR_FH,
- *     FATTR_ATIME_NOW, FATTR_MTIME_NOW: chmod and utimensat, what tar -x
- *     sends. Size (truncate, KILL_SUIDGID), uid/gid (id translation),
- *     LOCKOWNER, CTIME and unknown bits are Python's;
+ *   - valid holds only FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_ATIME,
+ *     FATTR_MTIME, FATTR_FH, FATTR_ATIME_NOW, FATTR_MTIME_NOW: chmod,
+ *     chown and utimensat, what tar -x sends (as root it restores every
+ *     file's owner). Size (truncate, KILL_SUIDGID), LOCKOWNER, CTIME and
+ *     unknown bits are Python's; the ids are the guest's as they are
+ *     (--translate-uid/-gid, which maps them, keeps SETATTR in Python:
+ *     fastpath.setattr_unsupported);
  *   - the nodeid is the root or one whose O_PATH fd this worker caches
  *     (GETATTR's cached_fd), and fstat of it says it is not a symlink
  *     (Python: EOPNOTSUPP for chmod; any symlink is Python's); an fstat
@@ -30,25 +33,30 @@
  *   1. FATTR_MODE: fchmod(open fd) or chmod("<fd>") through the magic link
  *      (the worker's cwd is /proc/self/fd), mode & 07777, as os.fchmod /
  *      os.chmod; an error is the error reply;
- *   2. times: nanoseconds of a set (not _NOW) time at or above 1e9 are
+ *   2. FATTR_UID/FATTR_GID: fchownat(inode fd, "", uid or -1, gid or -1,
+ *      AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), as attrs._fchownat; an error
+ *      is the error reply (the chmod before it stays made, as in Python);
+ *   3. times: nanoseconds of a set (not _NOW) time at or above 1e9 are
  *      EINVAL (after the chmod, as in Python); seconds as int64 (above
  *      OFFSET_MAX they wrap, as _timespec); UTIME_NOW / UTIME_OMIT as the
  *      bits say; futimens(open fd) or utimensat(AT_FDCWD, "<fd>", 0);
- *   3. GETATTR's reply (attr_answer) from fstat of the open fd or the
+ *   4. GETATTR's reply (attr_answer) from fstat of the open fd or the
  *      inode's, its errno the error reply, a stat struct.pack would refuse
  *      EIO (Python's answer then).
- * Counted under SETATTR. System calls: fstat, chmod, fchmod, utimensat:
+ * Counted under SETATTR. System calls: fstat, chmod, fchmod, fchownat, utimensat:
  * all on policy/request.policy already.
  */
 
 #define SETATTR_IN 88           /* abi.SETATTR_IN */
 #define FATTR_MODE (1u << 0)
+#define FATTR_UID (1u << 1)
+#define FATTR_GID (1u << 2)
 #define FATTR_ATIME (1u << 4)
 #define FATTR_MTIME (1u << 5)
 #define FATTR_FH (1u << 6)
 #define FATTR_ATIME_NOW (1u << 7)
 #define FATTR_MTIME_NOW (1u << 8)
-#define SETATTR_SERVED (FATTR_MODE | FATTR_ATIME | FATTR_MTIME | FATTR_FH | FATTR_ATIME_NOW | FATTR_MTIME_NOW)
+#define SETATTR_SERVED (FATTR_MODE | FATTR_UID | FATTR_GID | FATTR_ATIME | FATTR_MTIME | FATTR_FH | FATTR_ATIME_NOW | FATTR_MTIME_NOW)
 
 /* fuse_setattr_in, as abi.SETATTR_IN ("<I4xQQQQQQIIII4xII4x") */
 struct setattr_in {
@@ -115,6 +123,16 @@ static Py_ssize_t fast_setattr(FastOps *self, const struct state *st, const stru
         mode_t mode = a.mode & 07777;
         Py_BEGIN_ALLOW_THREADS
         rc = open >= 0 ? fchmod(open, mode) : chmod(path, mode);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (rc != 0)
+            return error_reply(q, h->unique, err, error);
+    }
+    if (a.valid & (FATTR_UID | FATTR_GID)) {
+        uid_t uid = a.valid & FATTR_UID ? (uid_t)a.uid : (uid_t)-1;
+        gid_t gid = a.valid & FATTR_GID ? (gid_t)a.gid : (gid_t)-1;
+        Py_BEGIN_ALLOW_THREADS
+        rc = fchownat(fd, "", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW);
         err = errno;
         Py_END_ALLOW_THREADS
         if (rc != 0)

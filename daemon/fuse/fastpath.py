@@ -84,8 +84,9 @@ shared table itself (docs/compiled.md, "OPEN and OPENDIR in C").
 
 SETATTR is compiled when ``setattr_unsupported`` says nothing against it
 (the reference SETATTR row, GETATTR's stock attr reply): ``make`` calls
-``FastOps.enable_setattr``; C serves chmod and utimensat on an inode this
-worker caches, or an open file it holds (docs/compiled.md, "SETATTR in C").
+``FastOps.enable_setattr``; C serves chmod, chown and utimensat on an
+inode this worker caches, or an open file it holds (docs/compiled.md,
+"SETATTR in C").
 
 READLINK and STATFS are compiled when ``readlink_unsupported`` and
 ``statfs_unsupported`` say nothing against them (their reference rows):
@@ -357,9 +358,10 @@ def releasedir_unsupported(session) -> str:
 
 def setattr_unsupported(session) -> str:
     """Why SETATTR stays in Python for ``session`` ("" if C may serve its
-    chmod and utimensat: docs/compiled.md, "SETATTR in C"): the reference
-    SETATTR row (--readonly replaces it) and GETATTR's stock attr reply,
-    which C's reuses (--translate-uid/-gid rewrites it)."""
+    chmod, chown and utimensat: docs/compiled.md, "SETATTR in C"): the
+    reference SETATTR row (--readonly replaces it) and GETATTR's stock attr
+    reply, which C's reuses (--translate-uid/-gid rewrites it, and maps
+    the ids a chown asks for, which C passes on as they are)."""
     if why := fastmeta.not_reference(session, (Opcode.SETATTR, attrs.do_setattr)):
         return why
     if getattr(session.attr_reply, "__func__", None) is not replies.Timeouts.attr_out:

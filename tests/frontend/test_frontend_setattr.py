@@ -19,8 +19,8 @@ ROOT = 1
 
 def test_tar_shaped_setattrs_through_the_confined_worker(frontend):
     """What tar -x sends after extracting: explicit times (utimensat), a
-    chmod, both at once on a directory, *_NOW, and the same through an
-    open fh (futimens, fchmod); each reply's attributes are the host's; an
+    chmod, a chown (fchownat, as root restores owners), both at once on a
+    directory, *_NOW, and the same through an open fh (futimens, fchmod); each reply's attributes are the host's; an
     out-of-range nanosecond is EINVAL; no fd is left behind; the start-up
     line names SETATTR among the ops in C."""
     (frontend.shared_dir / "f").write_bytes(b"data")
@@ -35,6 +35,12 @@ def test_tar_shaped_setattrs_through_the_confined_worker(frontend):
     assert (out.attr.mtime, out.attr.mtimensec, out.attr.ino) == (1_500_000_000, 2, s.st_ino)
     out = frontend.setattr(f, mode=0o100640)
     assert os.stat(frontend.shared_dir / "f").st_mode & 0o7777 == 0o640 and out.attr.mode == 0o100640
+    out = frontend.setattr(f, uid=1000, gid=1001)
+    s = os.stat(frontend.shared_dir / "f")
+    assert (s.st_uid, s.st_gid, out.attr.uid, out.attr.gid) == (1000, 1001, 1000, 1001)
+    out = frontend.setattr(d, gid=1002)
+    s = os.stat(frontend.shared_dir / "d")
+    assert (s.st_uid, s.st_gid, out.attr.gid) == (0, 1002, 1002)
     out = frontend.setattr(d, mode=0o40700, atime=(1_000_000_000, 0), mtime=(1_000_000_000, 0))
     s = os.stat(frontend.shared_dir / "d")
     assert (stat.S_IMODE(s.st_mode), s.st_mtime_ns, out.attr.mode) == (0o700, 10**18, 0o40700)

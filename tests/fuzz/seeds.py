@@ -531,14 +531,15 @@ def readdir_ops() -> dict[str, bytes]:
     return s
 
 
-def setattr_in(valid: int, mode: int = 0, atime=(0, 0), mtime=(0, 0), fh: int = 0, size: int = 0) -> bytes:
+def setattr_in(valid: int, mode: int = 0, atime=(0, 0), mtime=(0, 0), fh: int = 0, size: int = 0,
+               uid: int = 0, gid: int = 0) -> bytes:
     return struct.pack("<I4xQQQQQQIIII4xII4x", valid, fh, size, 0, atime[0], mtime[0], 0, atime[1], mtime[1], 0,
-                       mode, 0, 0)
+                       mode, uid, gid)
 
 
 def setattr_ops() -> dict[str, bytes]:
     """_setattr.h's SETATTR, served in C: what tar -x sends (utimensat with
-    explicit times and with *_NOW, chmod, both), on hello.txt, d, fifo and
+    explicit times and with *_NOW, chmod, chown, together), on hello.txt, d, fifo and
     the root, through the fh of an OPEN (C's too) and an out-of-range
     nanosecond (C's EINVAL): ten SETATTRs, of which C serves nine (the
     symlink's is Python's). Stage 2, whole batches, one chain at a time."""
@@ -546,11 +547,11 @@ def setattr_ops() -> dict[str, bytes]:
     b = SeedBuilder(32)
     t = (1_600_000_000, 5)
     req(b, SETATTR, 2, setattr_in(0x30, atime=t, mtime=t), [104])
-    req(b, SETATTR, 2, setattr_in(0x01, 0o600), [104])
+    req(b, SETATTR, 2, setattr_in(0x07, 0o600, uid=1000, gid=1000), [104])
     req(b, SETATTR, 3, setattr_in(0x31, 0o777, t, t), [104])
     req(b, SETATTR, 2, setattr_in(0x180), [104])
     req(b, SETATTR, 5, setattr_in(0x20, mtime=t), [104])
-    req(b, SETATTR, 1, setattr_in(0x30, atime=t, mtime=t), [104])
+    req(b, SETATTR, 1, setattr_in(0x36, atime=t, mtime=t), [104])     # chown to 0:0 too
     req(b, OPEN, 2, struct.pack("<II", 0x8002, 0), [16])
     req(b, SETATTR, 2, setattr_in(0x41, 0o644, fh=fh(1)), [104])
     req(b, SETATTR, 3, setattr_in(0x20, mtime=(5, 10**9)), [104])

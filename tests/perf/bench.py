@@ -29,7 +29,8 @@ else runs on it; only ratios measured side by side mean anything):
    timeouts of run_guest).
 3. **Daemon-bound, no guest**: the vhost-user test frontend keeps 1 or 64
    requests in flight (tests/perf/frontend_bench.py) and counts GETATTR,
-   LOOKUP, 4 KiB READ and 1 MiB READ replies per second, and the CPU time
+   LOOKUP, 4 KiB READ, 1 MiB READ and 4 KiB READDIR and READDIRPLUS
+   replies per second, and the CPU time
    the daemon's whole process tree spent per request (user + system from
    /proc, over exactly the requests it served: ours is supervisor + workers,
    the C and Rust daemons are one process with threads).
@@ -138,9 +139,10 @@ PARALLEL_PHASES = [
     ("par-readdir", "readdir, cold, 2 processes (entries/s)"),
     ("par-unlink", "unlink, cold, 2 processes (/s)"),
 ]
-FRONTEND_OPS = ("getattr", "lookup", "read4k", "read1m")
+FRONTEND_OPS = ("getattr", "lookup", "read4k", "read1m", "readdir", "readdirplus")
 FRONTEND_DEPTHS = (1, 64)
-OP_LABEL = {"getattr": "GETATTR", "lookup": "LOOKUP", "read4k": "READ 4 KiB", "read1m": "READ 1 MiB"}
+OP_LABEL = {"getattr": "GETATTR", "lookup": "LOOKUP", "read4k": "READ 4 KiB", "read1m": "READ 1 MiB",
+            "readdir": "READDIR 4 KiB", "readdirplus": "READDIRPLUS 4 KiB"}
 
 
 def log(msg: str) -> None:

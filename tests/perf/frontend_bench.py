@@ -4,7 +4,13 @@
 requests in flight on the request queue: it pre-fills ``depth`` requests,
 kicks once, and re-posts each request as soon as its used entry returns
 (one kick per harvested batch). Ops: ``getattr``, ``lookup``, ``read4k``,
-``read1m``. Each request is built once (indirect table and buffers in guest
+``read1m``, and the listing of a small directory (DIR_ENTRIES files,
+all in one 4 KiB buffer, as ``ls`` of a small directory gets them) as
+``readdir`` (plain READDIR) and ``readdirplus`` (READDIRPLUS: each entry
+also looked up, +1 lookup on it, never forgotten here), both at offset 0,
+so the request can be re-posted as it is; each request in flight has a directory handle of its own (the C
+daemon's thread pool would otherwise read one directory stream from
+several threads at once). Each request is built once (indirect table and buffers in guest
 memory) and only its ``unique`` is rewritten before it is re-posted, so the
 frontend's own cost per request stays small; it is still Python, so compare
 daemons with the same frontend, not against absolute numbers.
@@ -30,9 +36,16 @@ import time
 from daemon.fuse import abi
 from daemon.fuse.abi import Opcode
 
-OPS = ("getattr", "lookup", "read4k", "read1m")
+OPS = ("getattr", "lookup", "read4k", "read1m", "readdir", "readdirplus")
 DATA_NAME = "bench-data"
 DATA_SIZE = 1 << 20
+DIR_NAME = "bench-dir"
+# what one 4 KiB READDIRPLUS buffer holds whole (with "." and "..": 22
+# entries of at most 160 bytes), so every daemon reads the same entries
+# from the host per request: a larger directory re-read from offset 0
+# would measure how far ahead each daemon's getdents64 reads, not a listing
+DIR_ENTRIES = 20
+DIR_BUFFER = 4096  # Linux's READDIR(PLUS) size (one page)
 _UNIQUE = struct.Struct("<Q")
 _LEN_ERR = struct.Struct("<Ii")
 
@@ -55,6 +68,40 @@ def _ensure_data(fc) -> tuple[int, int]:
     fh = fc.open(e.nodeid).fh
     fc._bench_data = (e.nodeid, fh)
     return fc._bench_data
+
+
+def _ensure_dir(fc, handles: int) -> tuple[int, list[int]]:
+    """Make (once) a directory of DIR_ENTRIES empty files through FUSE;
+    returns its nodeid and ``handles`` directory handles of it (OPENDIR,
+    kept open for the frontend's life)."""
+    cached = getattr(fc, "_bench_dir", None)
+    if cached is None:
+        try:
+            nodeid = fc.lookup(1, DIR_NAME).nodeid
+        except Exception:  # noqa: BLE001 - missing: made afresh
+            nodeid = fc.mkdir(1, DIR_NAME).nodeid
+        have = {d.name for d in fc.readdir_all(nodeid)}
+        for i in range(DIR_ENTRIES):
+            name = f"entry-{i:04d}".encode()
+            if name not in have:
+                e, o = fc.create(nodeid, name)
+                fc.release(e.nodeid, o.fh)
+        cached = fc._bench_dir = (nodeid, [])
+    nodeid, fhs = cached
+    while len(fhs) < handles:
+        fhs.append(fc.opendir(nodeid).fh)
+    return nodeid, fhs[:handles]
+
+
+def _requests(fc, op: str, depth: int) -> tuple[int, int, list[bytes], list[int]]:
+    """(opcode, nodeid, the args of each of the ``depth`` requests, writable
+    sizes after the out header)."""
+    if op in ("readdir", "readdirplus"):
+        nodeid, fhs = _ensure_dir(fc, depth)
+        opcode = Opcode.READDIR if op == "readdir" else Opcode.READDIRPLUS
+        return opcode, nodeid, [fc.read_args(fh, 0, DIR_BUFFER, flags=0x18800) for fh in fhs], [DIR_BUFFER]
+    opcode, nodeid, args, out = _request(fc, op)
+    return opcode, nodeid, [args] * depth, out
 
 
 def _request(fc, op: str) -> tuple[int, int, bytes, list[int]]:
@@ -133,15 +180,16 @@ def run_requests(frontend, op: str, depth: int, duration: float,
     vq = fc.rq
     if depth < 1 or depth > vq.num:
         raise ValueError(f"depth must be 1..{vq.num}")
-    opcode, nodeid, args, out = _request(fc, op)
+    opcode, nodeid, all_args, out = _requests(fc, op, depth)
     mem = vq.mem
     heads: dict[int, int] = {}  # head -> gpa of its in_header (to patch unique)
-    for _ in range(depth):
+    for args in all_args:
         unique = fc.next_unique()
         hdr = fc.header(opcode, nodeid, len(args), unique)
         head = vq.submit([hdr, args], [abi.OUT_HEADER.size] + out)
         heads[head] = vq.inflight[head].readable[0][0]
-    want_len = abi.OUT_HEADER.size + sum(out)  # every reply is full size here
+    want_len = abi.OUT_HEADER.size + sum(out)  # every reply but a listing's is full size
+    listing = op in ("readdir", "readdirplus")  # as many whole entries as fit: some, not all
     done = 0
     errors = 0
     start = time.monotonic()
@@ -157,7 +205,8 @@ def run_requests(frontend, op: str, depth: int, duration: float,
             for head in finished:
                 inf = vq.inflight[head]
                 olen, err = _LEN_ERR.unpack(mem.read(inf.writable[0][0], 8))
-                if err or olen != want_len or inf.used_len != want_len:
+                if err or inf.used_len != olen or (
+                        not abi.OUT_HEADER.size < olen <= want_len if listing else olen != want_len):
                     errors += 1
                 done += 1
             if now >= end:
