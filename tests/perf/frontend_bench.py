@@ -12,8 +12,9 @@ so the request can be re-posted as it is; each request in flight has a
 directory handle of its own (the C daemon's thread pool would otherwise
 read one directory stream from several threads at once). Each request is
 built once (indirect table and buffers in guest memory) and only its
-``unique`` is rewritten before it is re-posted, so the frontend's own cost per request stays small; it is still Python, so compare
-daemons with the same frontend, not against absolute numbers.
+``unique`` is rewritten before it is re-posted, so the frontend's own
+cost per request stays small; it is still Python, so compare daemons with
+the same frontend, not against absolute numbers.
 
 Usage from a later ``make bench``::
 
