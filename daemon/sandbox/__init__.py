@@ -14,7 +14,8 @@ Worker (``child_fn`` → worker entry), before READY::
 
 Order inside ``confine`` (namespaces were entered by ``spawn_confined``):
 policies and limits that need /proc are read first → root change (pivot_root
-/ chroot) → chdir /proc/self/fd → RLIMIT_NOFILE → no supplementary groups →
+/ chroot; a request worker joins the mount namespace ``share_request_mounts``
+built, sharedns.py) → chdir /proc/self/fd → RLIMIT_NOFILE → no supplementary groups →
 capabilities (bounding, inheritable, effective, permitted; ambient cleared)
 → no_new_privs → seccomp, last, so every earlier step may use any syscall
 it needs.
@@ -29,13 +30,17 @@ from typing import NamedTuple
 
 from daemon.config import DEFAULTS, Config
 from daemon.fuse import credentials
-from daemon.sandbox import capabilities, mounts, programs, rlimits, userns
+from daemon.sandbox import capabilities, mounts, programs, rlimits, sharedns, userns
 from daemon.sandbox.namespaces import MODES, SandboxError, fork_confined, spawn_confined  # noqa: F401 (re-export)
 
 __all__ = ["SandboxError", "SandboxInfo", "confine", "fork_confined", "spawn_confined", "supervisor_after_setup",
-           "validate", "MODES"]
+           "validate", "MODES", "share_request_mounts", "release_request_mounts"]
 
 _programs: dict[str, programs.Programs] = {}  # --seccomp action -> every role's program
+# fd of the mount namespace every request worker joins (sharedns.py), made
+# by share_request_mounts in the process that forks them; -1: none (each
+# request worker then mounts the share in a namespace of its own)
+_request_mount_ns = -1
 
 
 class SandboxInfo(NamedTuple):
@@ -105,15 +110,12 @@ def confine(role: str, config: Config, shared_dir: str | None = None) -> Sandbox
     progs = _programs_for(action)   # before the root change: may read the policy files
     nofile_target = rlimits.default_target()
 
-    if mode == "namespace":
-        root = (mounts.setup_request_root(shared_dir, config.readonly)
-                if role == "request" else mounts.setup_empty_root())
-    elif mode == "chroot":
-        root = mounts.chroot_request_root(shared_dir) if role == "request" else mounts.chroot_empty_root()
-    elif mode == "none":
-        root = mounts.no_root_change(shared_dir, role)
-    else:
-        raise SandboxError(f"unknown sandbox mode {mode!r}")
+    shared_ns = _take_request_mount_ns()
+    try:
+        root = _change_root(role, mode, shared_dir, config.readonly, shared_ns)
+    finally:
+        if shared_ns >= 0:
+            os.close(shared_ns)
     if root.proc_self_fd >= 0:
         try:
             os.fchdir(root.proc_self_fd)
@@ -131,6 +133,45 @@ def confine(role: str, config: Config, shared_dir: str | None = None) -> Sandbox
     capeff = capabilities.capget()[0]
     rules = programs.install(role, progs)     # last: nothing after it but returning
     return SandboxInfo(role, mode, action, root.root_fd, root.proc_self_fd, capeff, (soft, hard), rules)
+
+
+def _change_root(role: str, mode: str, shared_dir: str, readonly: bool, shared_ns: int) -> mounts.RootInfo:
+    if mode == "namespace":
+        if role == "request":
+            return mounts.setup_request_root(shared_dir, readonly, shared_ns)
+        return mounts.setup_empty_root()
+    if mode == "chroot":
+        return mounts.chroot_request_root(shared_dir) if role == "request" else mounts.chroot_empty_root()
+    if mode == "none":
+        return mounts.no_root_change(shared_dir, role)
+    raise SandboxError(f"unknown sandbox mode {mode!r}")
+
+
+def share_request_mounts(config: Config) -> int:
+    """With --sandbox namespace: build the mount namespace every request
+    worker forked from now on joins (sharedns.py), once; its fd (returned;
+    -1 in the other modes) stays in this process until
+    release_request_mounts. SandboxError if it cannot be built."""
+    global _request_mount_ns
+    if config.sandbox == "namespace" and _request_mount_ns < 0:
+        _request_mount_ns = sharedns.make(config.shared_dir, config.readonly)
+    return _request_mount_ns
+
+
+def release_request_mounts() -> None:
+    """Close the shared namespace's fd (the pool's shutdown)."""
+    global _request_mount_ns
+    fd, _request_mount_ns = _request_mount_ns, -1
+    if fd >= 0:
+        os.close(fd)
+
+
+def _take_request_mount_ns() -> int:
+    """In a worker being confined: the inherited fd of the shared
+    namespace (-1 if none), forgotten here; the caller closes it."""
+    global _request_mount_ns
+    fd, _request_mount_ns = _request_mount_ns, -1
+    return fd
 
 
 def supervisor_after_setup(config: Config) -> int:

@@ -33,7 +33,7 @@ import errno
 import os
 from typing import NamedTuple
 
-from daemon.sandbox.namespaces import SandboxError
+from daemon.sandbox.namespaces import CLONE_NEWNS, SandboxError, setns
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -132,20 +132,35 @@ def _remount_readonly(path: str) -> None:
           what=f"remount {path} read-only")
 
 
-def setup_request_root(shared_dir: str, readonly: bool = False) -> RootInfo:
+def setup_request_root(shared_dir: str, readonly: bool = False, shared_ns: int = -1) -> RootInfo:
     """In a fresh mount + pid namespace: the shared dir becomes "/" (a
-    read-only mount with ``readonly``)."""
+    read-only mount with ``readonly``). With ``shared_ns`` (an fd of the
+    namespace sharedns.make built) the worker joins that namespace instead
+    of mounting the share itself, after its proc is mounted and open."""
     mount(None, "/", None, MS_SLAVE | MS_REC, what="make / a recursive slave mount")
     mount("proc", "/proc", "proc", MS_NODEV | MS_NOEXEC | MS_NOSUID | MS_RELATIME,
           what="mount a proc for the worker's pid namespace on /proc")
+    if shared_ns >= 0:
+        return _enter_request_root(lambda: _join_share_root(shared_ns))
+    return _enter_request_root(lambda: setup_share_root(shared_dir, readonly))
 
-    def enter():
-        mount(shared_dir, shared_dir, None, MS_BIND | MS_REC, what=f"bind-mount {shared_dir} onto itself")
-        if readonly:
-            _remount_readonly(shared_dir)
-        _pivot_into(shared_dir)
 
-    return _enter_request_root(enter)
+def _join_share_root(ns_fd: int) -> None:
+    """Join the namespace sharedns.make built: root and cwd become the
+    share. The caller is single-threaded and holds CAP_SYS_ADMIN and
+    CAP_SYS_CHROOT."""
+    setns(ns_fd, CLONE_NEWNS, "setns into the request workers' mount namespace")
+    _step("chdir / in the request workers' mount namespace", os.chdir, "/")
+
+
+def setup_share_root(shared_dir: str, readonly: bool = False) -> None:
+    """In a mount namespace of our own whose "/" is a slave: bind-mount
+    the shared dir onto itself (read-only with ``readonly``) and pivot_root
+    into it."""
+    mount(shared_dir, shared_dir, None, MS_BIND | MS_REC, what=f"bind-mount {shared_dir} onto itself")
+    if readonly:
+        _remount_readonly(shared_dir)
+    _pivot_into(shared_dir)
 
 
 def setup_empty_root() -> RootInfo:

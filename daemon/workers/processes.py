@@ -144,6 +144,8 @@ class ProcessPool:
         the worker never becomes ready."""
         name = worker_name(index)
         restart = self._check_budget(index, f"worker {name}")
+        if index >= 1:
+            self._share_request_mounts()
         pid, parent_end, child_end = self._fork(f"worker {name}")
         if pid == 0:
             self._run_child(index, child_end, parent_end)
@@ -176,6 +178,16 @@ class ProcessPool:
             logger.error("%s", message)
             raise WorkerSpawnError(message)
         return True
+
+    def _share_request_mounts(self) -> None:
+        """The mount namespace every request worker joins (sandbox/sharedns.py:
+        one mount of the share, so LINK and RENAME work between fds of two
+        workers), built before the first one; WorkerSpawnError if it cannot be."""
+        try:
+            sandbox.share_request_mounts(self.config)
+        except sandbox.SandboxError as e:
+            logger.error("%s", e)
+            raise WorkerSpawnError(str(e)) from None
 
     def _fork(self, label: str) -> tuple[int, Channel, Channel]:
         """(pid, our channel end, the child's) of a new confined process
@@ -394,6 +406,7 @@ class ProcessPool:
             else:
                 self._forget(worker)
         self._keeper_serial = None
+        sandbox.release_request_mounts()
 
     # internals ------------------------------------------------------------------------
 

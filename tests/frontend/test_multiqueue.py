@@ -344,3 +344,28 @@ def test_readdir_seekdir_back_on_a_queue_whose_position_moved(two_queues, shared
     again, _end = list_from(q1, fh, 0, 4096)
     assert again == names and len(set(names)) == len(names) == 402
     q1.releasedir(1, fh)
+
+
+def test_link_and_rename_between_inodes_of_two_workers(two_queues, shared_dir):
+    """LINK of an inode request-1 looked up into a directory request-2
+    looked up, and RENAME between directories of the two: every request
+    worker's O_PATH fds are on one mount (the request workers share one
+    mount namespace), so linkat and renameat2 never see two mounts (EXDEV:
+    `cp -a` of hard links failed so on a 2-queue guest)."""
+    _d, _fe, q1, q2 = two_queues
+    (shared_dir / "a").mkdir()
+    (shared_dir / "b").mkdir()
+    (shared_dir / "a" / "f").write_bytes(b"data")
+    a = q1.lookup(1, "a").nodeid
+    f = q1.lookup(a, "f").nodeid
+    b = q2.lookup(1, "b").nodeid
+    # both fds foreign to one side: q2 copies f from request-1, b is its own
+    assert q2.link(f, b, "hard").nodeid == f
+    assert (shared_dir / "b" / "hard").stat().st_ino == (shared_dir / "a" / "f").stat().st_ino
+    # and the other way: q1 copies b from request-2, a is its own
+    assert q1.link(f, b, "hard2").nodeid == f
+    q2.rename(a, "f", b, "moved")
+    q1.rename(b, "hard", a, "back")
+    assert sorted(p.name for p in (shared_dir / "a").iterdir()) == ["back"]
+    assert sorted(p.name for p in (shared_dir / "b").iterdir()) == ["hard2", "moved"]
+    assert (shared_dir / "a" / "back").read_bytes() == b"data"

@@ -92,6 +92,21 @@ check("lock free after the unlock on cpu1", child(free))
 os.close(fd)                                 # FLUSH + RELEASE on queue 2
 with open("/mnt/x", "rb") as f:
     check("content", f.read() == b"hello world")
+# hard link and rename between inodes the two workers looked up (one mount of
+# the share for both: no EXDEV)
+pin(0)
+os.mkdir("/mnt/la")
+with open("/mnt/la/f", "wb") as f:
+    f.write(b"linked")
+pin(1)
+os.mkdir("/mnt/lb")
+try:
+    os.link("/mnt/la/f", "/mnt/lb/g")             # LINK on queue 2 of request-1's inode
+    os.rename("/mnt/lb/g", "/mnt/la/g2")          # RENAME between the two workers' directories
+    check("link + rename across queues",
+          os.stat("/mnt/la/g2").st_ino == os.stat("/mnt/la/f").st_ino and os.listdir("/mnt/lb") == [])
+except OSError as e:
+    check(f"link + rename across queues: {e}", False)
 irq_after = interrupts()
 rec["irq"] = [irq_before, mid, irq_after]
 

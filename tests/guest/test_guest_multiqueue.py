@@ -9,7 +9,9 @@ One boot, module scoped:
    directory and starts reading it, and locks a range; pinned to CPU 1 it
    reads, writes, fstats and fsyncs the file, finishes the directory
    listing, has a child test the lock (GETLK, SETLK: refused), unlocks,
-   lets a child lock, and closes everything. /proc/interrupts must show
+   lets a child lock, and closes everything; it hard-links a file made on
+   CPU 0 into a directory made on CPU 1 and renames between the two
+   (EXDEV before the request workers shared one mount namespace). /proc/interrupts must show
    both request queues at work. Then, pinned to CPU 0, it creates a file
    and the host SIGKILLs request-1 (sync dir); the guest reads, writes and
    fstats the same open file on both CPUs, served by the replacement

@@ -83,7 +83,7 @@ if str(REPO) not in sys.path:
 from tests.conftest import C_VIRTIOFSD, start_daemon  # noqa: E402
 from tests.guest.platforms import PLATFORMS, qemu_version, rust_virtiofsd_argv  # noqa: E402
 from tests.guest.vm import guest_path  # noqa: E402
-from tests.perf import footprint, rootfs_bench  # noqa: E402
+from tests.perf import footprint, frontend_bench, rootfs_bench  # noqa: E402
 
 WORKLOADS = Path(__file__).resolve().parent / "guest_workloads"
 # the guest sees the host root read-only (tests/guest/vm.py), except where
@@ -139,7 +139,7 @@ PARALLEL_PHASES = [
     ("par-readdir", "readdir, cold, 2 processes (entries/s)"),
     ("par-unlink", "unlink, cold, 2 processes (/s)"),
 ]
-FRONTEND_OPS = ("getattr", "lookup", "read4k", "read1m", "readdir", "readdirplus")
+FRONTEND_OPS = frontend_bench.OPS
 FRONTEND_DEPTHS = (1, 64)
 OP_LABEL = {"getattr": "GETATTR", "lookup": "LOOKUP", "read4k": "READ 4 KiB", "read1m": "READ 1 MiB",
             "readdir": "READDIR 4 KiB", "readdirplus": "READDIRPLUS 4 KiB"}

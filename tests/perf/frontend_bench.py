@@ -8,12 +8,13 @@ kicks once, and re-posts each request as soon as its used entry returns
 all in one 4 KiB buffer, as ``ls`` of a small directory gets them) as
 ``readdir`` (plain READDIR) and ``readdirplus`` (READDIRPLUS: each entry
 also looked up, +1 lookup on it, never forgotten here), both at offset 0,
-so the request can be re-posted as it is; each request in flight has a directory handle of its own (the C
-daemon's thread pool would otherwise read one directory stream from
-several threads at once). Each request is built once (indirect table and buffers in guest
-memory) and only its ``unique`` is rewritten before it is re-posted, so the
-frontend's own cost per request stays small; it is still Python, so compare
-daemons with the same frontend, not against absolute numbers.
+so the request can be re-posted as it is; each request in flight has a
+directory handle of its own (the C daemon's thread pool would otherwise
+read one directory stream from several threads at once). Each request is
+built once (indirect table and buffers in guest memory) and only its
+``unique`` is rewritten before it is re-posted, so the frontend's own
+cost per request stays small; it is still Python, so compare daemons with
+the same frontend, not against absolute numbers.
 
 Usage from a later ``make bench``::
 
@@ -36,7 +37,8 @@ import time
 from daemon.fuse import abi
 from daemon.fuse.abi import Opcode
 
-OPS = ("getattr", "lookup", "read4k", "read1m", "readdir", "readdirplus")
+LISTING_OPS = ("readdir", "readdirplus")   # replies as long as the entries that fit
+OPS = ("getattr", "lookup", "read4k", "read1m", *LISTING_OPS)
 DATA_NAME = "bench-data"
 DATA_SIZE = 1 << 20
 DIR_NAME = "bench-dir"
@@ -96,7 +98,7 @@ def _ensure_dir(fc, handles: int) -> tuple[int, list[int]]:
 def _requests(fc, op: str, depth: int) -> tuple[int, int, list[bytes], list[int]]:
     """(opcode, nodeid, the args of each of the ``depth`` requests, writable
     sizes after the out header)."""
-    if op in ("readdir", "readdirplus"):
+    if op in LISTING_OPS:
         nodeid, fhs = _ensure_dir(fc, depth)
         opcode = Opcode.READDIR if op == "readdir" else Opcode.READDIRPLUS
         return opcode, nodeid, [fc.read_args(fh, 0, DIR_BUFFER, flags=0x18800) for fh in fhs], [DIR_BUFFER]
@@ -189,7 +191,7 @@ def run_requests(frontend, op: str, depth: int, duration: float,
         head = vq.submit([hdr, args], [abi.OUT_HEADER.size] + out)
         heads[head] = vq.inflight[head].readable[0][0]
     want_len = abi.OUT_HEADER.size + sum(out)  # every reply but a listing's is full size
-    listing = op in ("readdir", "readdirplus")  # as many whole entries as fit: some, not all
+    listing = op in LISTING_OPS  # as many whole entries as fit: some, not all
     done = 0
     errors = 0
     start = time.monotonic()

@@ -7,6 +7,7 @@ calls ``sandbox.confine`` exactly as the worker entry does.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -285,3 +286,77 @@ def test_none_mode_keeps_host_root_but_cuts_caps(shared):
     res = run_confined("request", cfg, body, inspect=outside_view)
     assert res.outside["root"] == (os.stat("/").st_dev, os.stat("/").st_ino)
     assert res.outside["capeff"] == REQUEST_CAPEFF and res.outside["seccomp"] == "2"
+
+
+@pytest.fixture
+def shared_mounts(shared):
+    """The request workers' shared mount namespace (sandbox/sharedns.py) built
+    for ``shared`` as the pool builds it: its fd; released after the test."""
+    fd = sandbox.share_request_mounts(make_config(shared, "namespace", "kill"))
+    assert fd >= 0
+    yield fd
+    sandbox.release_request_mounts()
+
+
+def test_request_workers_join_one_mount_namespace(shared, shared_mounts):
+    """Two request workers confined after share_request_mounts sit in the
+    one namespace it built (so their fds are on one mount of the share:
+    LINK/RENAME between them work), not the supervisor's; each still has
+    its own pid namespace and its proc (cwd /proc/self/fd re-opens its
+    fds); the root holds the share only; the hiprio worker (and keeper)
+    close the inherited namespace fd."""
+    cfg = make_config(shared, "namespace", "kill")
+    shared_ns = os.fstat(shared_mounts).st_ino
+
+    def body(info):
+        fd = os.open("file", os.O_PATH, dir_fd=info.root_fd)
+        rfd = os.open(str(fd), os.O_RDONLY)
+        data = os.read(rfd, 100).decode()
+        os.close(rfd)
+        return {"pid": os.getpid(), "root": sorted(os.listdir("/")), "data": data}
+
+    mine = ns_inodes()
+    for _ in range(2):
+        res = run_confined("request", cfg, body, inspect=outside_view)
+        assert os.WIFEXITED(res.status) and os.WEXITSTATUS(res.status) == 0, res
+        inside = eval(res.report)  # noqa: S307 - our own child's repr
+        assert inside == {"pid": 1, "root": ["file", "sub"], "data": "hello"}
+        assert res.outside["ns"]["mnt"] == shared_ns != mine["mnt"]
+        assert res.outside["ns"]["pid"] != mine["pid"]
+        assert sorted(res.outside["root_entries"]) == ["file", "sub"]
+        assert not any(t.startswith("mnt:") for t in res.outside["fd_targets"]), res.outside["fd_targets"]
+    res = run_confined("hiprio", cfg, lambda info: None, inspect=outside_view)
+    assert os.WIFEXITED(res.status) and os.WEXITSTATUS(res.status) == 0, res
+    assert res.outside["ns"]["mnt"] != shared_ns
+    assert not any(t.startswith("mnt:") for t in res.outside["fd_targets"]), res.outside["fd_targets"]
+
+
+def test_shared_mount_namespace_read_only(shared):
+    """--readonly: the shared namespace's bind mount of the share is read-only."""
+    cfg = make_config(shared, "namespace", "kill", readonly=True)
+    sandbox.share_request_mounts(cfg)
+    try:
+        def body(info):
+            try:
+                os.open("new", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=info.root_fd)
+            except OSError as e:
+                return e.errno
+            return 0
+
+        res = run_confined("request", cfg, body)
+        assert res.report == repr(errno.EROFS), res
+    finally:
+        sandbox.release_request_mounts()
+    assert not (shared / "new").exists()
+
+
+def test_shared_mount_namespace_of_a_missing_dir_is_one_error(tmp_path):
+    """A share that cannot be mounted: SandboxError naming the step, no fd
+    left open, the helper reaped."""
+    before = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(sandbox.SandboxError, match="bind-mount .*missing"):
+        sandbox.share_request_mounts(make_config(tmp_path / "missing", "namespace", "kill"))
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)
+    assert sandbox.share_request_mounts(make_config(tmp_path, "chroot", "kill")) == -1
