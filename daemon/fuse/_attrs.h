@@ -180,42 +180,37 @@ static struct op_words *attrs_words(FastOps *self, int opcode)
     return NULL;
 }
 
+/* enable_readlink and enable_statfs: (callable, meter_words) into *tail
+ * (the Python tail C calls) and *w (the op's meter words) */
+static PyObject *enable_with_tail(FastOps *self, PyObject *args, const char *name, PyObject **tail,
+                                  struct op_words *w)
+{
+    PyObject *fn, *words;
+    if (!PyArg_ParseTuple(args, "OO", &fn, &words))
+        return NULL;
+    if (!PyCallable_Check(fn)) {
+        PyErr_Format(PyExc_TypeError, "FastOps.%s: its first argument must be callable", name);
+        return NULL;
+    }
+    struct op_words got = {-1, -1, -1, -1};
+    if (meter_op_words(self, words, name, &got) < 0)
+        return NULL;
+    Py_INCREF(fn);
+    Py_XSETREF(*tail, fn);
+    *w = got;
+    Py_RETURN_NONE;
+}
+
 /* enable_readlink(too_big, meter_words): see fastops_methods */
 static PyObject *fastops_enable_readlink(FastOps *self, PyObject *args)
 {
-    PyObject *too_big, *words;
-    if (!PyArg_ParseTuple(args, "OO", &too_big, &words))
-        return NULL;
-    if (!PyCallable_Check(too_big)) {
-        PyErr_SetString(PyExc_TypeError, "FastOps.enable_readlink: too_big must be callable");
-        return NULL;
-    }
-    struct op_words w = {-1, -1, -1, -1};
-    if (meter_op_words(self, words, "enable_readlink", &w) < 0)
-        return NULL;
-    Py_INCREF(too_big);
-    Py_XSETREF(self->at.too_big, too_big);
-    self->m.readlink = w;
-    Py_RETURN_NONE;
+    return enable_with_tail(self, args, "enable_readlink", &self->at.too_big, &self->m.readlink);
 }
 
 /* enable_statfs(rest, meter_words): see fastops_methods */
 static PyObject *fastops_enable_statfs(FastOps *self, PyObject *args)
 {
-    PyObject *rest, *words;
-    if (!PyArg_ParseTuple(args, "OO", &rest, &words))
-        return NULL;
-    if (!PyCallable_Check(rest)) {
-        PyErr_SetString(PyExc_TypeError, "FastOps.enable_statfs: rest must be callable");
-        return NULL;
-    }
-    struct op_words w = {-1, -1, -1, -1};
-    if (meter_op_words(self, words, "enable_statfs", &w) < 0)
-        return NULL;
-    Py_INCREF(rest);
-    self->m.statfs = w;
-    Py_XSETREF(self->at.statfs_rest, rest);
-    Py_RETURN_NONE;
+    return enable_with_tail(self, args, "enable_statfs", &self->at.statfs_rest, &self->m.statfs);
 }
 
 /* enable_enosys(opcodes, meter_words): see fastops_methods */
