@@ -61,7 +61,8 @@ def root_run(kind: str, platform: str, install_set: str, log, verify_all: bool =
         prepare_share(shared, install_set, verify_all=verify_all)
         metrics = str(base / "metrics.sock")
         d = start_root_daemon(kind, shared, base, ("--metrics-socket", metrics) if kind == "ours" else ())
-        scraper = rootfs_ops.PhaseScraper(metrics, base / "console.log").start() if kind == "ours" else None
+        scraper = (rootfs_ops.PhaseScraper(metrics, base / "console.log", d.proc.pid).start()
+                   if kind == "ours" else None)
         c0 = _cpu()
         try:
             r = boot(d.socket_path, platform, base / "console.log", timeout=TIMEOUT)
@@ -93,12 +94,15 @@ def root_run(kind: str, platform: str, install_set: str, log, verify_all: bool =
                 failure = f"boot {i + 1}: failed units {', '.join(one['failed'])}"
         res = {"figures": figures, "cpu": {"qemu": c1 - c0, "daemon": c2 - c1}, "failure": failure,
                "wall": r.duration, "ops": scraper.phases() if scraper else {},
+               "ops_cpu": scraper.phases_cpu() if scraper else {},
                "blame": [one.get("blame", []) for one in b],
                "ops_error": scraper.error if scraper else None}
         log(f"  rootfs {kind:4s} platform {platform}: " + ", ".join(f"{k} {v:.1f} s" for k, v in figures.items())
             + f"; CPU qemu {c1 - c0:.0f} s, daemon {c2 - c1:.1f} s" + (f"; FAILED: {failure}" if failure else ""))
         for phase, ops in res["ops"].items():
             log(f"    {phase}: " + rootfs_ops.summary(ops, top=4))
+        for phase, cpu in res["ops_cpu"].items():
+            log(f"    {phase}: " + rootfs_ops.cpu_summary(cpu))
         if failure:
             res["console_tail"] = "\n".join(r.console_text.splitlines()[-40:])
         return res
@@ -134,6 +138,8 @@ def rootfs_part(platforms, rounds: int, install_set: str, log, verify_all: bool 
                     o["cpu"][kind] = dict(res["cpu"], wall=res["wall"])
                     if res["ops"]:
                         o["ops"][kind] = res["ops"]
+                    if res["ops_cpu"]:
+                        o.setdefault("ops_cpu", {})[kind] = res["ops_cpu"]
                     o.setdefault("blame", {})[kind] = res["blame"]
                 if res.get("ops_error"):
                     o["failures"].append(f"{kind}, round {rnd + 1}: metrics: {res['ops_error']}")
@@ -179,5 +185,9 @@ def markdown(part: dict) -> list[str]:
             for phase, ops in phases.items():
                 md.append(f"- root file system, platform {plat}, {kind}, FUSE requests during {phase}: "
                           + rootfs_ops.summary(ops))
+        for kind, phases in res.get("ops_cpu", {}).items():
+            for phase, cpu in phases.items():
+                md.append(f"- root file system, platform {plat}, {kind}, daemon processes' {phase}: "
+                          + rootfs_ops.cpu_summary(cpu))
         md += [f"- root file system, platform {plat} FAILED: {f}" for f in res["failures"]]
     return md

@@ -4,6 +4,7 @@ which way the ratios go, without booting anything."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from tests.guest.rootfs import order_batches
@@ -92,3 +93,34 @@ def test_phase_requests_are_the_differences_between_scrapes():
     text = rootfs_ops.summary(phases["install"])
     assert text.startswith("11 requests, 0.5 s in the daemon; by time: LOOKUP 0.2 s (5)")
     assert text.endswith("most: LOOKUP 5, FSYNC 4, WRITE 2")
+
+
+def test_phase_cpu_is_the_difference_per_process_between_marks():
+    s = rootfs_ops.PhaseScraper("unused", Path("unused"), daemon_pid=1)
+    s.cpu_snaps = [("boot", {"vfsd-request-1": 2.0, "python3": 0.5}),
+                   ("install", {"vfsd-request-1": 3.5, "python3": 0.5, "vfsd-keeper": 0.25})]
+    assert s.phases_cpu() == {"boot": {"vfsd-request-1": 2.0, "python3": 0.5},
+                              "install": {"vfsd-request-1": 1.5, "python3": 0.0, "vfsd-keeper": 0.25}}
+    assert rootfs_ops.cpu_summary(s.phases_cpu()["install"]) == \
+        "CPU 1.8 s: vfsd-request-1 1.5 s, vfsd-keeper 0.2 s, python3 0.0 s"
+
+
+def test_tree_cpu_counts_a_busy_child_under_its_name():
+    import subprocess
+    import time
+    child = subprocess.Popen(["python3", "-c", "import time\nopen('/proc/self/comm', 'w').write('cpu-burner')\n"
+                              "t = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+                              "time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            cpu = rootfs_ops.tree_cpu(os.getpid())
+            if cpu.get("cpu-burner", 0) >= 0.25:
+                break
+            time.sleep(0.1)
+        assert cpu.get("cpu-burner", 0) >= 0.25, cpu
+        assert rootfs_ops.tree_cpu(child.pid).keys() == {"cpu-burner"}
+    finally:
+        child.kill()
+        child.wait()
+    assert rootfs_ops.tree_cpu(child.pid) == {}
