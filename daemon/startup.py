@@ -117,13 +117,14 @@ def reset_signals() -> None:
 
 def required_caps(config) -> frozenset[str]:
     """What the supervisor must hold to confine its workers in
-    ``config.sandbox`` mode: a new root (namespaces and pivot_root, or
-    chroot), cutting the bounding set, and the workers' per-request
-    credentials and group drop."""
+    ``config.sandbox`` mode: a new root (namespaces and pivot_root, and
+    the setns of a mount namespace, which the kernel allows only with
+    CAP_SYS_CHROOT too: sandbox/sharedns.py; or chroot), cutting the
+    bounding set, and the workers' per-request credentials and group drop."""
     if config.sandbox == "none":
         return frozenset()
-    root_change = "sys_admin" if config.sandbox == "namespace" else "sys_chroot"
-    return frozenset({root_change, "setpcap", "setuid", "setgid"})
+    root_change = {"sys_admin", "sys_chroot"} if config.sandbox == "namespace" else {"sys_chroot"}
+    return frozenset(root_change | {"setpcap", "setuid", "setgid"})
 
 
 def check_privileges(config) -> None:

@@ -11,7 +11,8 @@ the role's set; ambient is cleared):
 * supervisor after setup: the request set (a worker inherits its parent's
   caps, and request workers are forked later, when QEMU starts their ring,
   or on restart) plus what a fork needs to confine itself: SYS_ADMIN
-  (unshare/setns, mount, pivot_root), SYS_CHROOT (``--sandbox chroot``) and
+  (unshare/setns, mount, pivot_root), SYS_CHROOT (``--sandbox chroot``, and
+  every setns of a mount namespace: sandbox/sharedns.py) and
   SETPCAP (to shrink the bounding set). Everything else (NET_ADMIN,
   SYS_MODULE, SYS_PTRACE, SYS_RAWIO, ...) goes.
 

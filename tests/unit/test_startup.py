@@ -97,6 +97,15 @@ def test_without_privileges_start_refused(sandbox, missing):
     assert f"--sandbox {sandbox} needs root" in str(e.value) and missing in str(e.value)
 
 
+def test_the_namespace_sandbox_needs_sys_chroot_too():
+    """The request workers setns into their shared mount namespace
+    (sandbox/sharedns.py): the kernel asks CAP_SYS_CHROOT of it, so a
+    supervisor without it is refused at start, not its workers one by one."""
+    assert {"sys_admin", "sys_chroot"} <= startup.required_caps(config("namespace"))
+    assert "sys_admin" not in startup.required_caps(config("chroot"))
+    assert startup.required_caps(config("none")) == frozenset()
+
+
 def test_without_privileges_sandbox_none_keeps_its_groups():
     def child(_):
         become_nobody([4])

@@ -35,8 +35,7 @@ SET_UP = {"seccomp", "prctl", "capget", "capset", "unshare", "setns", "mount", "
           "setgroups", "prlimit64"}
 
 # what the unit withholds on purpose (its header says why)
-WITHHELD_CAPS = {"sys_chroot",   # --sandbox chroot: the unit runs the namespace sandbox
-                 "mknod"}        # PrivateDevices= drops it: no device nodes in a share
+WITHHELD_CAPS = {"mknod"}        # PrivateDevices= drops it: no device nodes in a share
 
 
 def settings(name: str, path: Path = UNIT) -> list[str]:
