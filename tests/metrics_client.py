@@ -22,3 +22,9 @@ def scrape(path: str) -> dict[tuple[str, frozenset], float]:
         for sample in fam.samples:
             out[(sample.name, frozenset(sample.labels.items()))] = sample.value
     return out
+
+
+def sample(samples: dict, name: str, **labels) -> float:
+    """The value of sample ``name`` with exactly ``labels`` in a ``scrape``
+    result, 0 if it is not there."""
+    return samples.get((name, frozenset(labels.items())), 0)

@@ -62,6 +62,16 @@ class FuseErrorReply(Exception):
         super().__init__(f"{op}: {name} ({os.strerror(errno)})")
 
 
+def reply_errno(fn, *args, **kw) -> int:
+    """The errno of the error reply ``fn(*args, **kw)`` gets; AssertionError
+    if it succeeds."""
+    try:
+        result = fn(*args, **kw)
+    except FuseErrorReply as e:
+        return e.errno
+    raise AssertionError(f"expected an error reply, got {result!r}")
+
+
 def _name(s: str | bytes) -> bytes:
     b = os.fsencode(s) if isinstance(s, str) else s
     return b + b"\0"

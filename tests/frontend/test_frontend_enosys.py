@@ -28,12 +28,6 @@ ARGS = {Opcode.ACCESS: abi.ACCESS_IN.pack(os.R_OK), Opcode.IOCTL: bytes(32), Opc
 NAMES = "ACCESS, BMAP, IOCTL, POLL, NOTIFY_REPLY, SETUPMAPPING, REMOVEMAPPING, TMPFILE"
 
 
-def _errno(call) -> int:
-    with pytest.raises(FuseErrorReply) as e:
-        call()
-    return e.value.errno
-
-
 def _all_enosys(frontend) -> int:
     """Each ENOSYS opcode three ways (its args, none, an extension): the
     requests sent."""

@@ -10,19 +10,11 @@ from __future__ import annotations
 import errno
 import os
 
-import pytest
-
-from tests.frontend.fuse_client import FuseErrorReply
+from tests.frontend.fuse_client import reply_errno
 from tests.frontend.test_frontend_worker_loop import ours_only, worker_pid  # noqa: F401 - ours_only: autouse
 from tests.procfs import fd_count, settled_fd_count
 
 ROOT = 1
-
-
-def _errno(call) -> int:
-    with pytest.raises(FuseErrorReply) as e:
-        call()
-    return e.value.errno
 
 
 def test_metadata_ops_answer_as_python_does_on_the_confined_worker(frontend):
@@ -35,18 +27,18 @@ def test_metadata_ops_answer_as_python_does_on_the_confined_worker(frontend):
     (shared / "empty").mkdir()
     f = frontend.lookup(ROOT, "f").nodeid
     for _ in range(3):      # a guest asks before every write
-        assert _errno(lambda: frontend.getxattr(f, "security.capability", 0)) == errno.ENODATA
+        assert reply_errno(lambda: frontend.getxattr(f, "security.capability", 0)) == errno.ENODATA
     assert frontend.getxattr(f, "user.k", 0) == 5
     assert frontend.getxattr(f, "user.k", 100) == b"value"
-    assert _errno(lambda: frontend.getxattr(f, "user.k", 2)) == errno.ERANGE
-    assert _errno(lambda: frontend.getxattr(ROOT, "system.posix_acl_access", 100)) == errno.EOPNOTSUPP
+    assert reply_errno(lambda: frontend.getxattr(f, "user.k", 2)) == errno.ERANGE
+    assert reply_errno(lambda: frontend.getxattr(ROOT, "system.posix_acl_access", 100)) == errno.EOPNOTSUPP
     frontend.unlink(ROOT, "gone")
     assert not (shared / "gone").exists()
-    assert _errno(lambda: frontend.unlink(ROOT, "gone")) == errno.ENOENT
-    assert _errno(lambda: frontend.unlink(ROOT, "d")) == errno.EISDIR
-    assert _errno(lambda: frontend.rmdir(ROOT, "d")) == errno.ENOTEMPTY
-    assert _errno(lambda: frontend.rmdir(ROOT, "f")) == errno.ENOTDIR
-    assert _errno(lambda: frontend.rmdir(ROOT, "..")) == errno.EINVAL     # Python's
+    assert reply_errno(lambda: frontend.unlink(ROOT, "gone")) == errno.ENOENT
+    assert reply_errno(lambda: frontend.unlink(ROOT, "d")) == errno.EISDIR
+    assert reply_errno(lambda: frontend.rmdir(ROOT, "d")) == errno.ENOTEMPTY
+    assert reply_errno(lambda: frontend.rmdir(ROOT, "f")) == errno.ENOTDIR
+    assert reply_errno(lambda: frontend.rmdir(ROOT, "..")) == errno.EINVAL     # Python's
     frontend.rmdir(ROOT, "empty")
     assert not (shared / "empty").exists()
     worker = worker_pid(frontend, "request-1")
@@ -56,7 +48,7 @@ def test_metadata_ops_answer_as_python_does_on_the_confined_worker(frontend):
         frontend.flush(f, o.fh, 0x55)
     assert settled_fd_count(worker, fds, timeout=2.0) == fds      # each dup closed again
     frontend.release(f, o.fh)
-    assert _errno(lambda: frontend.flush(f, o.fh, 0x55)) == errno.EBADF
+    assert reply_errno(lambda: frontend.flush(f, o.fh, 0x55)) == errno.EBADF
     pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0") or os.environ.get("PYVIRTIOFSD_FASTOPS") == "0"
     ops = [ln for ln in frontend.daemon.log().splitlines() if "FUSE ops: " in ln]
     assert len(ops) == 1 and ("all in Python" if pure else "metadata ops in C: GETXATTR, UNLINK, RMDIR, FLUSH") \
@@ -71,7 +63,7 @@ def test_flush_with_posix_locks_releases_them(frontend):
     n = frontend.lookup(ROOT, "l").nodeid
     o = frontend.open(n, os.O_RDWR)
     frontend.setlk(n, o.fh, 0xA, 0, 10, type_=1)
-    assert _errno(lambda: frontend.setlk(n, o.fh, 0xB, 0, 10, type_=1)) == errno.EAGAIN
+    assert reply_errno(lambda: frontend.setlk(n, o.fh, 0xB, 0, 10, type_=1)) == errno.EAGAIN
     frontend.flush(n, o.fh, 0xA)
     frontend.setlk(n, o.fh, 0xB, 0, 10, type_=1)
     frontend.flush(n, o.fh, 0xB)

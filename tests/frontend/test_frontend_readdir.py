@@ -18,16 +18,12 @@ import pytest
 
 from tests.frontend.fuse_client import FuseErrorReply
 from tests.frontend.test_frontend_worker_loop import ours_only, worker_pid  # noqa: F401 - ours_only: autouse
-from tests.metrics_client import scrape
+from tests.metrics_client import sample, scrape
 from tests.procfs import fd_count
 
 ROOT = 1
 METRICS = f"/tmp/pyvirtiofsd-test-readdir-{os.getpid()}.sock"
 FILES = 400
-
-
-def _get(samples, name, **labels) -> float:
-    return samples.get((name, frozenset(labels.items())), 0)
 
 
 @pytest.mark.frontend_opts(extra_args=("--metrics-socket", METRICS))
@@ -63,9 +59,9 @@ def test_names_only_listings_are_readdir_after_the_first_buffer(frontend):
         assert ino == st.st_ino and typ == stat.S_IFMT(st.st_mode) >> 12
     s = scrape(METRICS)
     w = {"worker": "request-1"}
-    assert _get(s, "pyvirtiofsd_requests_total", op="READDIR", **w) == calls
-    assert _get(s, "pyvirtiofsd_request_duration_seconds_count", op="READDIR", **w) == calls
-    assert _get(s, "pyvirtiofsd_requests_total", op="READDIRPLUS", **w) == 1
+    assert sample(s, "pyvirtiofsd_requests_total", op="READDIR", **w) == calls
+    assert sample(s, "pyvirtiofsd_request_duration_seconds_count", op="READDIR", **w) == calls
+    assert sample(s, "pyvirtiofsd_requests_total", op="READDIRPLUS", **w) == 1
     pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0") or os.environ.get("PYVIRTIOFSD_FASTOPS") == "0"
     ops = [ln for ln in frontend.daemon.log().splitlines() if "FUSE ops: " in ln]
     assert ops and ("all in Python" if pure else "READDIR compiled too") in ops[0], ops

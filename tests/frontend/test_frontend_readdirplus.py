@@ -15,16 +15,12 @@ import pytest
 
 from tests.frontend.fuse_client import FuseErrorReply
 from tests.frontend.test_frontend_worker_loop import ours_only, worker_pid  # noqa: F401 - ours_only: autouse
-from tests.metrics_client import scrape
+from tests.metrics_client import sample, scrape
 from tests.procfs import fd_count
 
 ROOT = 1
 METRICS = f"/tmp/pyvirtiofsd-test-readdirplus-{os.getpid()}.sock"
 FILES = 300
-
-
-def _get(samples, name, **labels) -> float:
-    return samples.get((name, frozenset(labels.items())), 0)
 
 
 def _listing(frontend, nodeid: int, size: int) -> tuple[list, int]:
@@ -82,9 +78,9 @@ def test_readdirplus_chains_list_every_name_once_and_are_counted(frontend):
     frontend.getattr(next(r.entry.nodeid for r in first if r.name == b"fifo"))     # one count left
     s = scrape(METRICS)
     w = {"worker": "request-1"}
-    assert _get(s, "pyvirtiofsd_requests_total", op="READDIRPLUS", **w) == calls1 + calls2
-    assert _get(s, "pyvirtiofsd_request_duration_seconds_count", op="READDIRPLUS", **w) == calls1 + calls2
-    assert _get(s, "pyvirtiofsd_requests_total", op="OPENDIR", **w) == 2
+    assert sample(s, "pyvirtiofsd_requests_total", op="READDIRPLUS", **w) == calls1 + calls2
+    assert sample(s, "pyvirtiofsd_request_duration_seconds_count", op="READDIRPLUS", **w) == calls1 + calls2
+    assert sample(s, "pyvirtiofsd_requests_total", op="OPENDIR", **w) == 2
     pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0") or os.environ.get("PYVIRTIOFSD_FASTOPS") == "0"
     ops = [ln for ln in frontend.daemon.log().splitlines() if "FUSE ops: " in ln]
     assert ops and ("all in Python" if pure else "READDIRPLUS compiled too") in ops[0], ops

@@ -17,23 +17,13 @@ import os
 import pytest
 
 from daemon.fuse.abi import Opcode
-from tests.frontend.fuse_client import FuseErrorReply
+from tests.frontend.fuse_client import reply_errno
 from tests.frontend.test_frontend_worker_loop import fuse_ops, ours_only, worker_pid  # noqa: F401 - ours_only: autouse
-from tests.metrics_client import scrape
+from tests.metrics_client import sample, scrape
 from tests.procfs import fd_count
 
 ROOT = 1
 METRICS = f"/tmp/pyvirtiofsd-test-readlink-{os.getpid()}.sock"
-
-
-def _errno(call) -> int:
-    with pytest.raises(FuseErrorReply) as e:
-        call()
-    return e.value.errno
-
-
-def _get(samples, name, **labels) -> float:
-    return samples.get((name, frozenset(labels.items())), 0)
 
 
 def _links(frontend) -> tuple[int, int, int]:
@@ -52,17 +42,17 @@ def test_readlinks_through_the_confined_worker(frontend):
     for _ in range(20):
         assert frontend.readlink(link) == b"target/of/l"
     assert frontend.readlink(long) == b"t" * 4095
-    assert _errno(lambda: frontend.readlink(f)) == errno.EINVAL
-    assert _errno(lambda: frontend.readlink(ROOT)) == errno.EINVAL
-    assert _errno(lambda: frontend.call(Opcode.READLINK, link, b"", [5])) == errno.EIO
-    assert _errno(lambda: frontend.readlink(3999)) == errno.ESTALE
+    assert reply_errno(lambda: frontend.readlink(f)) == errno.EINVAL
+    assert reply_errno(lambda: frontend.readlink(ROOT)) == errno.EINVAL
+    assert reply_errno(lambda: frontend.call(Opcode.READLINK, link, b"", [5])) == errno.EIO
+    assert reply_errno(lambda: frontend.readlink(3999)) == errno.ESTALE
     assert fd_count(worker) == fds and worker_pid(frontend, "request-1") == worker
     s = scrape(METRICS)
     w = {"worker": "request-1"}
-    assert _get(s, "pyvirtiofsd_requests_total", op="READLINK", **w) == 25
-    assert _get(s, "pyvirtiofsd_errors_total", op="READLINK", errno="EINVAL", **w) == 2
-    assert _get(s, "pyvirtiofsd_errors_total", op="READLINK", errno="EIO", **w) == 1
-    assert _get(s, "pyvirtiofsd_errors_total", op="READLINK", errno="ESTALE", **w) == 1
+    assert sample(s, "pyvirtiofsd_requests_total", op="READLINK", **w) == 25
+    assert sample(s, "pyvirtiofsd_errors_total", op="READLINK", errno="EINVAL", **w) == 2
+    assert sample(s, "pyvirtiofsd_errors_total", op="READLINK", errno="EIO", **w) == 1
+    assert sample(s, "pyvirtiofsd_errors_total", op="READLINK", errno="ESTALE", **w) == 1
     ops, compiled = fuse_ops(frontend)
     assert len(ops) == 1 and ("SETATTR, READLINK, STATFS" if compiled else "all in Python") in ops[0], ops
     assert "FUSE READLINK: 11-byte reply, 5-byte buffer" in frontend.daemon.log()
@@ -78,7 +68,7 @@ def test_readlink_in_c_in_a_worker_whose_siblings_are_python(frontend):
     worker = worker_pid(frontend, "request-1")
     assert frontend.readlink(link) == b"target/of/l"
     assert frontend.readlink(long) == b"t" * 4095
-    assert _errno(lambda: frontend.readlink(f)) == errno.EINVAL
+    assert reply_errno(lambda: frontend.readlink(f)) == errno.EINVAL
     assert worker_pid(frontend, "request-1") == worker
     ops, compiled = fuse_ops(frontend)
     assert len(ops) == 1, ops

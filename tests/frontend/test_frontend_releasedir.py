@@ -16,15 +16,11 @@ import pytest
 
 from tests.frontend.fuse_client import FuseErrorReply
 from tests.frontend.test_frontend_worker_loop import fuse_ops, ours_only, worker_pid  # noqa: F401 - ours_only: autouse
-from tests.metrics_client import scrape
+from tests.metrics_client import sample, scrape
 from tests.procfs import fd_count, settled_fd_count
 
 ROOT = 1
 METRICS = f"/tmp/pyvirtiofsd-test-releasedir-{os.getpid()}.sock"
-
-
-def _get(samples, name, **labels) -> float:
-    return samples.get((name, frozenset(labels.items())), 0)
 
 
 @pytest.mark.frontend_opts(extra_args=("--metrics-socket", METRICS))
@@ -64,7 +60,7 @@ def test_releasedirs_through_the_confined_worker(frontend):
     assert looked_up >= 1       # "d" (the root's other names: ".", "..")
     s = scrape(METRICS)
     w = {"worker": "request-1"}
-    assert _get(s, "pyvirtiofsd_requests_total", op="RELEASEDIR", **w) == 7
-    assert _get(s, "pyvirtiofsd_request_duration_seconds_count", op="RELEASEDIR", **w) == 7
+    assert sample(s, "pyvirtiofsd_requests_total", op="RELEASEDIR", **w) == 7
+    assert sample(s, "pyvirtiofsd_request_duration_seconds_count", op="RELEASEDIR", **w) == 7
     ops, compiled = fuse_ops(frontend)
     assert ops and ("RELEASE, RELEASEDIR" if compiled else "all in Python") in ops[0], ops

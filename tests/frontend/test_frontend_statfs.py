@@ -20,19 +20,13 @@ import pytest
 
 from daemon.fuse import abi
 from daemon.fuse.abi import Opcode
-from tests.frontend.fuse_client import FuseErrorReply
+from tests.frontend.fuse_client import reply_errno
 from tests.frontend.test_frontend_worker_loop import fuse_ops, ours_only, worker_pid  # noqa: F401 - ours_only: autouse
 from tests.metrics_client import scrape
 from tests.procfs import fd_count
 
 ROOT = 1
 METRICS = f"/tmp/pyvirtiofsd-test-statfs-{os.getpid()}.sock"
-
-
-def _errno(call) -> int:
-    with pytest.raises(FuseErrorReply) as e:
-        call()
-    return e.value.errno
 
 
 def _like_the_host(got, path) -> None:
@@ -64,8 +58,8 @@ def test_statfs_through_the_confined_worker(frontend):
     for _ in range(5):
         for node in nodes:
             _like_the_host(frontend.statfs(node), frontend.shared_dir)
-    assert _errno(lambda: frontend.call(Opcode.STATFS, ROOT, b"", [abi.STATFS_OUT.size - 1])) == errno.EIO
-    assert _errno(lambda: frontend.statfs(3999)) == errno.ESTALE
+    assert reply_errno(lambda: frontend.call(Opcode.STATFS, ROOT, b"", [abi.STATFS_OUT.size - 1])) == errno.EIO
+    assert reply_errno(lambda: frontend.statfs(3999)) == errno.ESTALE
     assert fd_count(worker) == fds and worker_pid(frontend, "request-1") == worker
     s = scrape(METRICS)
     w = {"worker": "request-1"}

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests.frontend.fuse_client import FuseClient, FuseErrorReply
+from tests.frontend.fuse_client import FuseClient, reply_errno
 from tests.frontend.test_multiqueue import _host_can_lock, _workers, clients
 from tests.frontend.vhost import VhostUserFrontend
 
@@ -37,12 +37,6 @@ def one_queue(request, daemon_factory, shared_dir):
     q.init()
     yield d, q
     fe.close()
-
-
-def _errno(fn, *args, **kw) -> int:
-    with pytest.raises(FuseErrorReply) as e:
-        fn(*args, **kw)
-    return e.value.errno
 
 
 def _kill(d, name: str) -> int:
@@ -103,7 +97,7 @@ def test_the_only_request_worker_killed_with_files_open(one_queue, shared_dir):
     q.release(node, fh)
     q.release(gone_node, gone)
     q.releasedir(1, dfh)
-    assert _errno(q.read, node, fh, 0, 1) == errno.EBADF
+    assert reply_errno(q.read, node, fh, 0, 1) == errno.EBADF
     assert d.proc.poll() is None
 
 
@@ -126,7 +120,7 @@ def test_opener_killed_before_any_other_queue_copied(daemon_factory, shared_dir)
         assert q2.write(node, fh, 0, b"OPENED") == 6
         assert q2.read(node, fh, 0, 100) == b"OPENED on queue 2"
         q1.release(node, fh)
-        assert _errno(q2.read, node, fh, 0, 1) == errno.EBADF
+        assert reply_errno(q2.read, node, fh, 0, 1) == errno.EBADF
     finally:
         fe.close()
 
@@ -152,8 +146,8 @@ def test_keeper_killed_then_worker_killed(one_queue, shared_dir):
     # the new keeper got a from the replacement; b died with the old keeper
     _kill(d, "vfsd-request-1")
     assert q.read(node_a, fh_a, 0, 5) == b"first"
-    assert _errno(q.read, node_b, fh_b, 0, 6) == errno.EBADF
-    assert _errno(q.release, node_b, fh_b) == errno.EBADF
+    assert reply_errno(q.read, node_b, fh_b, 0, 6) == errno.EBADF
+    assert reply_errno(q.release, node_b, fh_b) == errno.EBADF
     q.release(node_a, fh_a)
     # the file system goes on: a fresh lookup and open work
     node = q.lookup(1, "b").nodeid

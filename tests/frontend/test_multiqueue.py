@@ -18,7 +18,7 @@ import time
 import pytest
 
 from tests import procfs
-from tests.frontend.fuse_client import FuseClient, FuseErrorReply
+from tests.frontend.fuse_client import FuseClient, FuseErrorReply, reply_errno
 from tests.frontend.vhost import VhostUserFrontend
 
 
@@ -65,12 +65,6 @@ def two_queues(daemon_factory, shared_dir):
     fe.close()
 
 
-def _errno(fn, *args, **kw) -> int:
-    with pytest.raises(FuseErrorReply) as e:
-        fn(*args, **kw)
-    return e.value.errno
-
-
 def _fds(d) -> dict[str, int]:
     return {name: procfs.fd_count(pid) for name, pid in _workers(d.proc.pid).items()
             if name.startswith("vfsd-request")}
@@ -88,8 +82,8 @@ def test_open_on_one_queue_use_on_the_other(two_queues, shared_dir):
     assert q1.read(node, fh, 7, 5) == b"queue"
     q2.release(node, fh)
     # released on queue 2: unknown on both queues from now on
-    assert _errno(q1.read, node, fh, 0, 10) == errno.EBADF
-    assert _errno(q2.read, node, fh, 0, 10) == errno.EBADF
+    assert reply_errno(q1.read, node, fh, 0, 10) == errno.EBADF
+    assert reply_errno(q2.read, node, fh, 0, 10) == errno.EBADF
     assert (shared_dir / "x").read_bytes() == b"hello, queue 2"
     q1.forget(node, 1)
     # every copy closed again: each worker back to its baseline
@@ -142,19 +136,19 @@ def test_readdir_continues_on_the_other_queue(two_queues, shared_dir):
     assert {os.fsdecode(n) for n in seen} - {".", ".."} == names
     assert len(seen) == len(set(seen))
     q2.releasedir(1, fh)
-    assert _errno(q1.readdir, 1, fh, 0) == errno.EBADF
+    assert reply_errno(q1.readdir, 1, fh, 0) == errno.EBADF
 
 
 def test_fh_and_nodeid_a_queue_never_saw(two_queues):
     _d, _fe, q1, q2 = two_queues
     for fh in (0, 1, 12345, (1 << 64) - 1, (7 << 24) | ((1 << 24) - 1)):
-        assert _errno(q2.read, 1, fh, 0, 10) == errno.EBADF
-        assert _errno(q2.release, 1, fh) == errno.EBADF
+        assert reply_errno(q2.read, 1, fh, 0, 10) == errno.EBADF
+        assert reply_errno(q2.release, 1, fh) == errno.EBADF
     for nodeid in (2, 999, (1 << 63)):
-        assert _errno(q2.getattr, nodeid) in (errno.ESTALE, errno.ENOENT)
+        assert reply_errno(q2.getattr, nodeid) in (errno.ESTALE, errno.ENOENT)
     # a directory fh used as a file and the reverse, across queues
     dfh = q1.opendir(1).fh
-    assert _errno(q2.read, 1, dfh, 0, 10) == errno.EBADF
+    assert reply_errno(q2.read, 1, dfh, 0, 10) == errno.EBADF
     q2.releasedir(1, dfh)
     assert q1.getattr(1).attr.nlink >= 2
 
@@ -281,7 +275,7 @@ def test_posix_locks_across_queues(two_queues, shared_dir):
     # another owner, on the other queue, sees the lock and its guest pid
     lk = q2.getlk(node, fh, owner=0xB, start=0, end=9, type_=fcntl.F_RDLCK)
     assert (lk.start, lk.end, lk.type, lk.pid) == (0, 9, fcntl.F_WRLCK, 100)
-    assert _errno(q2.setlk, node, fh, owner=0xB, start=5, end=5, type_=fcntl.F_RDLCK) \
+    assert reply_errno(q2.setlk, node, fh, owner=0xB, start=5, end=5, type_=fcntl.F_RDLCK) \
         == errno.EAGAIN
     # the owner's own lock never conflicts with itself, on either queue
     q2.setlk(node, fh, owner=0xA, start=2, end=3, type_=fcntl.F_RDLCK, pid=100)
