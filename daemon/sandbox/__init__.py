@@ -160,8 +160,7 @@ def share_request_mounts(config: Config) -> int:
 
 def release_request_mounts() -> None:
     """Close the shared namespace's fd (the pool's shutdown)."""
-    global _request_mount_ns
-    fd, _request_mount_ns = _request_mount_ns, -1
+    fd = _take_request_mount_ns()
     if fd >= 0:
         os.close(fd)
 
