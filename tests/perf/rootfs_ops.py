@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 
 from tests import metrics_client, procfs
+from tests.guest.harness import process_tree
 
 # (phase that ends, console marker that ends it), in the order they appear
 MARKS = (("boot", "@@ROOTFS installing@@"), ("install", "@@ROOTFS verifying@@"),
@@ -100,16 +101,11 @@ class PhaseScraper:
 
 def tree_cpu(pid: int) -> dict[str, float]:
     """{process name: user + system CPU seconds} of ``pid`` and every
-    process below it (names seen twice are summed; a process gone between
-    the listing and the read is left out)."""
+    process below it (harness.process_tree; names seen twice are summed, a
+    process gone before its CPU is read is left out)."""
     out: dict[str, float] = {}
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        todo += procfs.children(p)
+    for p, _ppid, name in process_tree(pid):
         try:
-            with open(f"/proc/{p}/comm") as f:
-                name = f.read().strip()
             user, system = procfs.cpu_ticks(p)
         except (OSError, ValueError, IndexError):
             continue
