@@ -10,8 +10,8 @@ import pytest
 
 from daemon.fuse import abi
 from daemon.fuse.abi import Opcode
-from tests.frontend.fuse_client import FuseClient, FuseErrorReply
-from tests.frontend.test_multiqueue import _errno, _fds, clients, settled_fds
+from tests.frontend.fuse_client import FuseClient, FuseErrorReply, reply_errno
+from tests.frontend.test_multiqueue import _fds, clients, settled_fds
 from tests.frontend.vhost import VhostUserFrontend
 
 
@@ -32,13 +32,13 @@ def test_requests_before_init_on_another_queue(daemon):
     try:
         q1, q2 = clients(fe)
         # no session yet: every queue answers EIO, nothing is opened
-        assert _errno(q2.getattr, 1) == errno.EIO
-        assert _errno(q2.lookup, 1, "x") == errno.EIO
+        assert reply_errno(q2.getattr, 1) == errno.EIO
+        assert reply_errno(q2.lookup, 1, "x") == errno.EIO
         q1.init()
         assert q2.getattr(1).attr.nlink >= 2
         # DESTROY on queue 2 ends the session for queue 1 as well
         q2.destroy()
-        assert _errno(q1.getattr, 1) == errno.EIO
+        assert reply_errno(q1.getattr, 1) == errno.EIO
         q2.init()
         assert q1.getattr(1).attr.nlink >= 2
     finally:
@@ -65,10 +65,10 @@ def test_second_init_on_another_queue_starts_a_new_session(daemon, session, shar
     dfh = q1.opendir(1).fh
     assert q2.read(node, fh, 0, 4) == b"data"
     q2.init()                 # a new session: the old one's names are gone
-    assert _errno(q1.read, node, fh, 0, 4) == errno.EBADF
-    assert _errno(q2.read, node, fh, 0, 4) == errno.EBADF
-    assert _errno(q1.readdir, 1, dfh, 0) == errno.EBADF
-    assert _errno(q1.getattr, node) == errno.ESTALE
+    assert reply_errno(q1.read, node, fh, 0, 4) == errno.EBADF
+    assert reply_errno(q2.read, node, fh, 0, 4) == errno.EBADF
+    assert reply_errno(q1.readdir, 1, dfh, 0) == errno.EBADF
+    assert reply_errno(q1.getattr, node) == errno.ESTALE
     node2 = q1.lookup(1, "f").nodeid
     assert q2.getattr(node2).attr.size == 4
     q1.forget(node2, 1)
