@@ -16,10 +16,13 @@ demo: setup
 	$(PY) -m tests.guest.demo
 
 ## ruff over daemon/ and tests/, mypy over daemon/ (pyproject.toml says
-## which rules and why); `make test` runs it first.
+## which rules and why), and pytest's collection of every test module (an
+## import error shows in seconds, not halfway through the suite); `make test`
+## runs it first.
 lint: setup
 	$(PY) -m ruff check daemon tests
 	$(PY) -m mypy
+	$(PY) -m pytest -p no:cacheprovider -q --collect-only tests > /dev/null || { $(PY) -m pytest -p no:cacheprovider -q --collect-only tests | tail -30; exit 1; }
 	@# merge and editor leftovers, and downloaded wheels, never belong in the tree
 	@! git ls-files 2>/dev/null | grep -E '\.(orig|rej|bak|swp|whl)$$|~$$' || { echo "lint: leftover files above"; exit 1; }
 
