@@ -220,6 +220,10 @@ struct meter {
     struct op_words readlink, statfs;   /* set by enable_readlink, enable_statfs (_attrs.h) */
     struct op_words enosys[ENOSYS_OPCODES]; /* by opcode, set by enable_enosys (_attrs.h) */
     uint64_t bounds[MAX_BUCKETS];   /* LATENCY_BUCKETS_NS: the last bucket is above them all */
+    /* set by enable_batches: the wait loop counts its wake-ups as
+     * WorkerMeter.batch does; nbatch_bounds == 0: it does not (Python waits) */
+    Py_ssize_t batches, chains, max_batch, batch_hist, open_files, inode_fds, nbatch_bounds;
+    uint64_t batch_bounds[MAX_BUCKETS];     /* BATCH_BUCKETS */
 };
 
 /* fuse_out_header */
@@ -892,6 +896,88 @@ static void count(FastOps *self, int opcode, const struct timespec *start, int e
         add(m->w, m->bytes_written, wrote);
 }
 
+/* len(obj.name) if that is a dict (the tables' own: HandleTable._handles,
+ * InodeCache._fds), else len(obj) (its __len__); 0 for None or an error */
+static uint64_t table_len(PyObject *obj, PyObject *name)
+{
+    if (obj == NULL || obj == Py_None)
+        return 0;
+    PyObject *dict = PyObject_GetAttr(obj, name);
+    Py_ssize_t n = dict != NULL && PyDict_CheckExact(dict) ? PyDict_GET_SIZE(dict) : PyObject_Length(obj);
+    Py_XDECREF(dict);
+    if (n < 0) {
+        PyErr_Clear();
+        n = 0;
+    }
+    return (uint64_t)n;
+}
+
+/* count one wake-up of the wait loop that served n > 0 chains, as
+ * WorkerMeter.batch does: BATCHES, CHAINS, MAX_BATCH, the bucket of n
+ * (the first bound at or above it), and the two gauges from the session
+ * (its open files, its cached inode fds) */
+static void count_batch(FastOps *self, Py_ssize_t n)
+{
+    struct meter *m = &self->m;
+    uint64_t *w = m->w;
+    Py_ssize_t bucket = 0;
+    while (bucket < m->nbatch_bounds && m->batch_bounds[bucket] < (uint64_t)n)
+        bucket++;
+    add(w, m->batches, 1);
+    add(w, m->chains, (uint64_t)n);
+    if ((uint64_t)n > __atomic_load_n(&w[m->max_batch], __ATOMIC_RELAXED))
+        __atomic_store_n(&w[m->max_batch], (uint64_t)n, __ATOMIC_RELAXED);
+    add(w, m->batch_hist + bucket, 1);
+    PyObject *handles = PyObject_GetAttr(self->session, s_handles);
+    if (handles == NULL)
+        PyErr_Clear();
+    __atomic_store_n(&w[m->open_files], table_len(handles, s_handles_dict), __ATOMIC_RELAXED);
+    Py_XDECREF(handles);
+    PyObject *cache = PyObject_GetAttr(self->session, s_cache);
+    if (cache == NULL)
+        PyErr_Clear();
+    __atomic_store_n(&w[m->inode_fds], table_len(cache, s_fds), __ATOMIC_RELAXED);
+    Py_XDECREF(cache);
+}
+
+/* enable_batches((batches, chains, max_batch, batch_hist, open_files,
+ * inode_fds), bounds): see fastops_methods */
+static PyObject *fastops_enable_batches(FastOps *self, PyObject *args)
+{
+    Py_ssize_t v[6];
+    PyObject *bounds;
+    if (!PyArg_ParseTuple(args, "(nnnnnn)O!", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &PyTuple_Type, &bounds))
+        return NULL;
+    if (self->meter == NULL) {
+        PyErr_SetString(PyExc_ValueError, "FastOps.enable_batches: no meter");
+        return NULL;
+    }
+    Py_ssize_t nb = PyTuple_GET_SIZE(bounds), n = self->m.words.len / 8;
+    if (nb < 1 || nb > MAX_BUCKETS - 1) {
+        PyErr_SetString(PyExc_ValueError, "FastOps.enable_batches: bad bounds");
+        return NULL;
+    }
+    int ok = v[3] >= 0 && v[3] <= n - nb - 1;
+    for (int i = 0; i < 6 && ok; i++)
+        ok = v[i] >= 0 && v[i] < n;
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "FastOps: metrics layout outside the slot");
+        return NULL;
+    }
+    uint64_t b[MAX_BUCKETS];
+    for (Py_ssize_t i = 0; i < nb; i++) {
+        b[i] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(bounds, i));
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    struct meter *m = &self->m;
+    m->batches = v[0], m->chains = v[1], m->max_batch = v[2], m->batch_hist = v[3];
+    m->open_files = v[4], m->inode_fds = v[5];
+    memcpy(m->batch_bounds, b, (size_t)nb * sizeof b[0]);
+    m->nbatch_bounds = nb;
+    Py_RETURN_NONE;
+}
+
 /* an enable_* call's meter words (requests, latency_sum, buckets, errors)
  * for name's op, each checked against the meter's slot, into *w: 0, 1 if words is None (no meter), -1 with an exception */
 static int meter_op_words(FastOps *self, PyObject *words, const char *name, struct op_words *w)
@@ -1404,6 +1490,11 @@ static void fastops_dealloc(FastOps *self)
 
 static PyObject *get_served(FastOps *self, void *c) { return PyLong_FromUnsignedLongLong(self->served); }
 
+static PyObject *get_counts_batches(FastOps *self, void *c)
+{
+    return PyBool_FromLong(self->meter != NULL && self->m.nbatch_bounds > 0);
+}
+
 /* -- the wait loop (docs/compiled.md, "The wait loop") ------------------------
  * wait(core, words, popped, epoll_fd, kick_fd, call_fd, limit, timeout_ms,
  * watch) -> (code, served): the worker loop's idle wait and its depth-1
@@ -1423,7 +1514,10 @@ static PyObject *get_served(FastOps *self, void *c) { return PyLong_FromUnsigned
  * (the chains of that round pushed and recorded but not yet published) or
  * served the whole limit (published): the loop's _serve goes on and
  * publishes.
- * served counts the chains C answered. A signal handler's exception, or a
+ * served counts the chains C answered; carried, those of the round that
+ * returned WAIT_SERVE (0 otherwise), which _serve counts in its wake-up.
+ * With a meter C counts for (enable_batches), every other round that
+ * served a chain is counted as one wake-up (count_batch). A signal handler's exception, or a
  * failed read or call eventfd write (OSError), returns NULL.
  */
 enum { WAIT_READY, WAIT_SERVE, WAIT_IDLE, WAIT_WATCH };
@@ -1530,7 +1624,7 @@ static PyObject *fastops_wait(FastOps *self, PyObject *const *args, Py_ssize_t n
     }
     uint32_t *words = wb.buf;
     PyObject *batch_args[4] = {args[0], args[1], args[2], args[6]};
-    Py_ssize_t served = 0;
+    Py_ssize_t served = 0, carried = 0;
     int code = -1;
     while (code < 0) {
         if (PyErr_CheckSignals() < 0)
@@ -1575,23 +1669,30 @@ static PyObject *fastops_wait(FastOps *self, PyObject *const *args, Py_ssize_t n
         served += n < 0 ? -1 - n : n;
         if (n < 0) {
             code = WAIT_SERVE;
+            carried = -1 - n;
             break;
         }
         if (wait_publish(args[0], words, call_fd) < 0)
             break;
-        if (n == limit)
+        if (n == limit) {
             code = WAIT_SERVE;  /* published, as _serve does every `limit` */
+            carried = n;
+        } else if (n > 0 && self->m.nbatch_bounds > 0 && metered(self) == 1) {
+            count_batch(self, n);
+        }
     }
     PyBuffer_Release(&wb);
     for (int i = 0; i < watches; i++)
         PyBuffer_Release(&w[i].b);
     if (code < 0)
         return NULL;
-    return Py_BuildValue("(in)", code, served);
+    return Py_BuildValue("(inn)", code, served, carried);
 }
 
 static PyGetSetDef fastops_getset[] = {
     {"served", (getter)get_served, NULL, "requests answered in C", NULL},
+    {"counts_batches", (getter)get_counts_batches, NULL,
+     "the wait loop counts its wake-ups into the meter (enable_batches was called)", NULL},
     {NULL},
 };
 
@@ -1604,11 +1705,16 @@ static PyMethodDef fastops_methods[] = {
      "popped[(avail - 1) & 1023] = head); n >= 0: n served and no chain is available (or\n"
      "n == limit); n < 0: -1 - n served and the next chain is Python's (VirtQueue.pop)"},
     {"wait", (PyCFunction)(void (*)(void))fastops_wait, METH_FASTCALL,
-     "wait(core, words, popped, epoll_fd, kick_fd, call_fd, limit, timeout_ms, watch) -> (code, served):\n"
-     "wait on the loop's epoll fd and serve this ring's kicks in C (batch, publish, call) until\n"
-     "anything else happens; code 0: another fd is ready or a signal came, 1: the ring needs\n"
-     "Python (a declined chain, not yet published, or the limit), 2: timed out, 3: a watched\n"
-     "word (view, index, value) changed"},
+     "wait(core, words, popped, epoll_fd, kick_fd, call_fd, limit, timeout_ms, watch) -> (code, served,\n"
+     "carried): wait on the loop's epoll fd and serve this ring's kicks in C (batch, publish, call)\n"
+     "until anything else happens; code 0: another fd is ready or a signal came, 1: the ring needs\n"
+     "Python (a declined chain, not yet published, or the limit; carried: the chains C served in\n"
+     "that wake-up, not yet counted as one), 2: timed out, 3: a watched word (view, index, value)\n"
+     "changed; with enable_batches, each wake-up served whole in C is counted"},
+    {"enable_batches", (PyCFunction)fastops_enable_batches, METH_VARARGS,
+     "enable_batches((batches, chains, max_batch, batch_hist, open_files, inode_fds), bounds): with a\n"
+     "meter, the wait loop counts each wake-up it serves whole as WorkerMeter.batch does (those\n"
+     "word indices of the slot, BATCH_BUCKETS)"},
     {"enable_lookup", (PyCFunction)fastops_enable_lookup, METH_VARARGS,
      "enable_lookup(hash, fd, tlock, capacity, (dirty, gen, ref, dev, ino, free, high, next_gen, live,\n"
      "next, hlen, owner, handle, handle_max), negative): serve LOOKUP too, on the InodeTable whose\n"

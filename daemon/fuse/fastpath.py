@@ -273,6 +273,10 @@ def make(session):
     layout = meter_layout(session.meter)
     fast = _ext.FastOps(session, table._hdr, table._q, inodes._H_SESSION, inodes._SLOT_WORDS, sec, nsec,
                         reads, writes=writes, **layout)
+    if layout:
+        # the wait loop's wake-ups, counted as WorkerMeter.batch does
+        fast.enable_batches((c.BATCHES, c.CHAINS, c.MAX_BATCH, c.BATCH_HIST, c.OPEN_FILES, c.INODE_FDS),
+                            c.BATCH_BUCKETS)
     fastmeta.enable(fast, session, op_words if layout else None)
     if not readdir_unsupported(session):
         fast.enable_readdir(dirs.DirStream, op_words(Opcode.READDIR) if layout else None)

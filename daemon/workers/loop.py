@@ -37,7 +37,8 @@ call are the loop's either way.
 
 The wait loop (``_wait_in_c``, docs/compiled.md): when this worker watches
 one ring and owes nothing else (no deferred request, no ring in
-``_again`` or on a coalescing deadline, no metrics meter), the loop waits
+``_again`` or on a coalescing deadline, no metrics meter C does not count
+for), the loop waits
 in C instead (``FastOps.wait``): epoll_wait on this loop's epoll, and
 while the ring's kick is the only fd ready C drains it, runs the batch,
 publishes (progress record included) and calls, as ``_serve`` would. It
@@ -174,7 +175,7 @@ class WorkerLoop:
         self._fast = fast
         self._fast_serve: Callable[[Chain], int] | None = None
         self._fast_batch: Callable[[object, memoryview, memoryview, int], int] | None = None
-        self._fast_wait: Callable[..., tuple[int, int]] | None = None
+        self._fast_wait: Callable[..., tuple[int, int, int]] | None = None
         if fast is not None:
             from daemon.fuse import fastpath    # a worker: see _fast_ops
             if fastpath.batch_loop():
@@ -255,14 +256,16 @@ class WorkerLoop:
         came, reaping is due or ``timeout`` passed. Entered only when the
         loop owes nothing else: no deferred request, no ring in ``_again``
         or on a coalescing deadline (the caller checks those two), no
-        ``--coalesce`` (its ``kick_after`` is ``_serve``'s), no meter (its
-        per-batch counters are Python's). Returns the events
+        ``--coalesce`` (its ``kick_after`` is ``_serve``'s), no meter but
+        one C counts wake-ups for (``FastOps.enable_batches``; a wake-up C
+        hands over midway is counted by ``_serve``, with the chains C
+        ``carried``). Returns the events
         for the loop (``[]``: nothing more to do) or None: poll as usual
         (whatever made C return is still ready: the epoll is
         level-triggered and C read nothing but the kicks it served)."""
         session = self.session
-        if (len(self._by_kick_fd) != 1 or self._deferred or session.meter is not None or session.has_pending()
-                or self._coalesce is not None):
+        if (len(self._by_kick_fd) != 1 or self._deferred or session.has_pending() or self._coalesce is not None
+                or (session.meter is not None and not self._fast.counts_batches)):
             return None
         ((kick_fd, ring),) = self._by_kick_fd.items()
         queue = ring.queue
@@ -274,15 +277,15 @@ class WorkerLoop:
         limit = min(queue.num, PUBLISH_EVERY)
         assert self._fast_wait is not None
         try:
-            code, _served = self._fast_wait(core, ring.words, ring.popped, self._epoll.fileno(), kick_fd,
-                                            call_fd, limit, timeout_ms, self._reap_watch(session))
+            code, _served, carried = self._fast_wait(core, ring.words, ring.popped, self._epoll.fileno(), kick_fd,
+                                                     call_fd, limit, timeout_ms, self._reap_watch(session))
         except OSError as e:
             # the call eventfd's write, as in _publish (the read of a
             # non-blocking kick fd and epoll_wait on our own fds do not fail)
             self._guest_log.warning("vring %d: wait loop: %s", ring.index, e.strerror)
             return None
         if code == WAIT_SERVE:
-            self._serve(ring)
+            self._serve(ring, carried)
             return []
         if code == WAIT_IDLE:
             return []
@@ -291,9 +294,11 @@ class WorkerLoop:
         return None
 
     # -- rings ---------------------------------------------------------------
-    def _serve(self, ring: Ring) -> int:
+    def _serve(self, ring: Ring, carried: int = 0) -> int:
         """One batch: pop, handle, push; publish once; call the guest.
-        Returns how many chains it took."""
+        Returns how many chains it took. ``carried``: chains the wait
+        loop in C served in this same wake-up (the meter counts them in
+        this batch)."""
         queue = ring.queue
         if queue is None or ring.broken:
             return 0
@@ -363,8 +368,8 @@ class WorkerLoop:
         self._publish(ring, queue)
         self.session.reap()
         meter = self.session.meter
-        if meter is not None and served:
-            meter.batch(served, self.session)
+        if meter is not None and served + carried:
+            meter.batch(served + carried, self.session)
         return served
 
     def _serve_due(self) -> None:

@@ -26,6 +26,7 @@ import time
 import pytest
 
 from daemon.fuse import abi, fastpath
+from daemon.metrics import counters
 from daemon.fuse.abi import Opcode
 from daemon.virtio import compiled
 from daemon.workers import loop as loop_mod
@@ -45,9 +46,10 @@ class Rig:
     guest's side of that ring; ``other`` is a pipe in the same epoll that
     stands for the control channel."""
 
-    def __init__(self, shared: str, event_idx: bool):
+    def __init__(self, shared: str, event_idx: bool, meter: counters.WorkerMeter | None = None):
         self.loop, self.ring, self.vr, _ = inproc._build("getattr", 0, shared, event_idx=event_idx)
         loop, ring, vr = self.loop, self.ring, self.vr
+        loop.session.meter = meter     # before fastpath.make, as a worker's start-up sets it
         pure = ring.queue
         if not isinstance(pure, compiled.CompiledVirtQueue):     # PYVIRTIOFSD_PURE=1 (make test-pure)
             qva = vr.mem.qva
@@ -82,7 +84,7 @@ class Rig:
         header = abi.IN_HEADER.pack(40 + len(args), opcode, _unique[0], 1, 0, 0, 1, 0, 0)
         return self.vr.submit([header, args], [16, out])
 
-    def wait(self, timeout_ms: int = 0, limit: int = 16, watch=None) -> tuple[int, int]:
+    def wait(self, timeout_ms: int = 0, limit: int = 16, watch=None) -> tuple[int, int, int]:
         ring, loop = self.ring, self.loop
         if watch is None:
             watch = fastpath.reap_watch(loop.session)
@@ -128,8 +130,7 @@ def kick_pending(fd: int) -> int:
 def test_kicked_requests_are_answered_published_recorded_and_called(rig):
     heads = [rig.submit() for _ in range(3)]
     rig.vr.kick()
-    code, served = rig.wait(timeout_ms=0)
-    assert (code, served) == (WAIT_IDLE, 3)
+    assert rig.wait(timeout_ms=0) == (WAIT_IDLE, 3, 0)
     assert rig.replies() == [(h, 0) for h in heads]
     assert rig.calls() == 1
     last = rig.ring.queue.last_avail_idx
@@ -157,9 +158,9 @@ def test_round_trips_are_served_until_the_control_channel_speaks(rig):
 
     t = threading.Thread(target=guest)
     t.start()
-    code, served = rig.wait(timeout_ms=10_000)
+    code, served, carried = rig.wait(timeout_ms=10_000)
     t.join(5)
-    assert (code, served) == (WAIT_READY, rounds)
+    assert (code, served, carried) == (WAIT_READY, rounds, 0)
     assert len(answered) == rounds
     assert os.read(rig.other_r, 8) == b"m"       # still there for the loop's poll
     assert rig.record()[:2] == (rig.ring.queue.last_avail_idx,) * 2
@@ -170,7 +171,7 @@ def test_another_ready_fd_returns_without_consuming_the_kick(rig):
     rig.vr.kick()
     os.write(rig.other_w, b"m")
     last = rig.ring.queue.last_avail_idx
-    assert rig.wait(timeout_ms=1000) == (WAIT_READY, 0)
+    assert rig.wait(timeout_ms=1000) == (WAIT_READY, 0, 0)
     assert rig.ring.queue.last_avail_idx == last
     assert kick_pending(rig.ring.kick_fd) == 1   # the loop's poll sees it again
     rig.loop._serve(rig.ring)
@@ -182,7 +183,7 @@ def test_a_declined_chain_is_python_s_and_its_kick_is_not_needed_again(rig):
     lookup_head = rig.submit(Opcode.LOOKUP)
     rig.vr.kick()
     last = rig.ring.queue.last_avail_idx
-    assert rig.wait(timeout_ms=1000) == (WAIT_SERVE, 1)
+    assert rig.wait(timeout_ms=1000) == (WAIT_SERVE, 1, 1)
     assert kick_pending(rig.ring.kick_fd) == 0    # consumed by C ...
     assert rig.ring.queue.last_avail_idx == last + 1  # ... the LOOKUP not taken
     assert rig.replies() == []                  # the GETATTR not yet published
@@ -203,7 +204,7 @@ def test_the_loop_serves_a_declined_chain_without_another_kick(rig):
 def test_the_limit_returns_after_publishing(rig):
     heads = [rig.submit() for _ in range(20)]
     rig.vr.kick()
-    assert rig.wait(timeout_ms=1000, limit=16) == (WAIT_SERVE, 16)
+    assert rig.wait(timeout_ms=1000, limit=16) == (WAIT_SERVE, 16, 16)
     assert rig.replies() == [(h, 0) for h in heads[:16]]
     rig.loop._serve(rig.ring)
     assert rig.replies() == [(h, 0) for h in heads[16:]]
@@ -215,7 +216,7 @@ def test_a_signal_returns_to_python_promptly(rig):
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.05)
         start = time.monotonic()
-        assert rig.wait(timeout_ms=-1) == (WAIT_READY, 0)
+        assert rig.wait(timeout_ms=-1) == (WAIT_READY, 0, 0)
         assert time.monotonic() - start < 2.0
         assert seen == [1]
     finally:
@@ -248,10 +249,10 @@ def test_a_moved_watch_word_returns_before_waiting(rig):
     rig.vr.kick()
     view, index, value = watch[0]
     moved = [watch[1], (view, index, value + 1)]
-    assert rig.wait(timeout_ms=-1, watch=moved) == (WAIT_WATCH, 0)
+    assert rig.wait(timeout_ms=-1, watch=moved) == (WAIT_WATCH, 0, 0)
     assert kick_pending(rig.ring.kick_fd) == 1   # (read here: the guest kicks again)
     rig.vr.kick()
-    assert rig.wait(timeout_ms=0, watch=watch) == (WAIT_IDLE, 1)
+    assert rig.wait(timeout_ms=0, watch=watch) == (WAIT_IDLE, 1, 0)
 
 
 def test_bad_arguments_are_refused(rig):
@@ -291,7 +292,7 @@ def test_the_loop_waits_in_python_while_it_owes_anything_else(rig, monkeypatch):
     rig.submit()
     rig.vr.kick()
     monkeypatch.setattr(session, "meter", object())
-    assert loop._wait_in_c(0) is None            # a meter: its batch counters are Python's
+    assert loop._wait_in_c(0) is None            # a meter C does not count for: Python's
     monkeypatch.setattr(session, "meter", None)
     monkeypatch.setattr(session, "has_pending", lambda: True)
     assert loop._wait_in_c(0) is None            # deferred requests: the retry timer
@@ -327,7 +328,7 @@ def test_calls_and_ring_state_are_the_python_loop_s(tmp_path, monkeypatch, used_
                         loop_mod._drain(r.ring.kick_fd)
                         r.loop._serve(r.ring)
                     else:
-                        assert r.wait(timeout_ms=0) == (WAIT_IDLE, len(heads))
+                        assert r.wait(timeout_ms=0) == (WAIT_IDLE, len(heads), 0)
                     used = r.vr.mem.read(r.vr.used_gpa, 4 + 8 * 16)
                     trace.append((r.calls(), used, r.vr.avail_event(), r.record()))
                     r.vr.harvest() if not event_idx else None
@@ -337,3 +338,127 @@ def test_calls_and_ring_state_are_the_python_loop_s(tmp_path, monkeypatch, used_
             finally:
                 r.close()
         assert seen[0] == seen[1]
+
+
+# -- with --metrics-socket: C counts the wake-ups it serves --------------------
+BATCH_WORDS = (counters.BATCHES, counters.CHAINS, counters.MAX_BATCH, counters.OPEN_FILES, counters.INODE_FDS)
+
+
+def _meter() -> counters.WorkerMeter:
+    return counters.WorkerMeter(counters.MetricsArea(1).slot(0))
+
+
+def _batch_words(meter: counters.WorkerMeter) -> tuple:
+    words = meter.words
+    hist = tuple(words[counters.BATCH_HIST:counters.BATCH_HIST + len(counters.BATCH_BUCKETS) + 1])
+    getattr_requests = words[fastpath.op_words(Opcode.GETATTR)[0]]
+    return tuple(words[i] for i in BATCH_WORDS) + hist + (getattr_requests,)
+
+
+def test_with_a_meter_c_counts_each_wake_up_as_worker_meter_batch(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    meter = _meter()
+    r = Rig(str(tmp_path), False, meter)
+    try:
+        assert r.fast.counts_batches
+        heads = [r.submit() for _ in range(3)]
+        r.vr.kick()
+        assert r.wait(timeout_ms=0) == (WAIT_IDLE, 3, 0)
+        assert r.replies() == [(h, 0) for h in heads]
+        words = meter.words
+        assert (words[counters.BATCHES], words[counters.CHAINS], words[counters.MAX_BATCH]) == (1, 3, 3)
+        hist = list(words[counters.BATCH_HIST:counters.BATCH_HIST + 10])
+        assert hist == [0, 0, 1, 0, 0, 0, 0, 0, 0, 0]      # 3 chains: the "<= 4" bucket
+        session = r.loop.session
+        assert words[counters.OPEN_FILES] == words[counters.INODE_FDS] == 0
+        # a LOOKUP (an inode fd cached) and then an OPEN (a file held), one
+        # wake-up each, both served in C: the gauges follow the session
+        name = inproc.DATA.encode() + b"\0"
+        head = r.vr.submit([abi.IN_HEADER.pack(40 + len(name), Opcode.LOOKUP, 7001, 1, 0, 0, 1, 0, 0), name],
+                           [16, abi.ENTRY_OUT.size])
+        r.vr.kick()
+        assert r.wait(timeout_ms=0) == (WAIT_IDLE, 1, 0)
+        nodeid = abi.ENTRY_OUT.unpack(r.vr.read_writable(head)[16:])[0]
+        r.replies()
+        assert (words[counters.OPEN_FILES], words[counters.INODE_FDS]) == (0, len(session.cache)) == (0, 1)
+        r.vr.submit([abi.IN_HEADER.pack(48, Opcode.OPEN, 7003, nodeid, 0, 0, 1, 0, 0), abi.OPEN_IN.pack(0, 0)],
+                    [16, abi.OPEN_OUT.size])
+        r.vr.kick()
+        assert r.wait(timeout_ms=0) == (WAIT_IDLE, 1, 0)
+        assert r.replies()[0][1] == 0
+        assert (words[counters.OPEN_FILES], words[counters.INODE_FDS]) == (len(session.handles), 1) == (1, 1)
+        assert (words[counters.BATCHES], words[counters.CHAINS], words[counters.MAX_BATCH]) == (3, 5, 3)
+        assert words[counters.BATCH_HIST] == 2
+        assert r.fast.served == 5
+    finally:
+        r.close()
+
+
+def test_a_meter_c_counts_for_lets_the_loop_wait_in_c_one_it_does_not_keeps_it_in_python(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = Rig(str(tmp_path), False, _meter())
+    try:
+        r.submit()
+        r.vr.kick()
+        assert r.loop._wait_in_c(0) == []           # served in C
+        assert r.fast.served == 1
+    finally:
+        r.close()
+    # another clock: C cannot count its latencies, so it counts nothing
+    r = Rig(str(tmp_path), False, counters.WorkerMeter(counters.MetricsArea(1).slot(0), clock=time.monotonic_ns))
+    try:
+        assert not r.fast.counts_batches
+        r.submit()
+        r.vr.kick()
+        assert r.loop._wait_in_c(0) is None
+        assert kick_pending(r.ring.kick_fd) == 1
+    finally:
+        r.close()
+
+
+def test_enable_batches_refuses_a_layout_outside_the_slot(rig):
+    good = (5, 6, 7, 16, 2, 3)
+    with pytest.raises(ValueError):     # the rig's FastOps has no meter
+        rig.fast.enable_batches(good, counters.BATCH_BUCKETS)
+    assert not rig.fast.counts_batches
+    rig.loop.session.meter = _meter()
+    fast = fastpath.make(rig.loop.session)
+    assert fast.counts_batches
+    end = counters.SLOT_WORDS
+    for layout in ((5, 6, 7, end - 5, 2, 3), (-1, 6, 7, 16, 2, 3), (5, 6, end, 16, 2, 3), (5, 6, 7, 16, 2)):
+        with pytest.raises((ValueError, TypeError)):
+            fast.enable_batches(layout, counters.BATCH_BUCKETS)
+    for bounds in ((), tuple(range(1, 20)), [1, 2]):
+        with pytest.raises((ValueError, TypeError)):
+            fast.enable_batches(good, bounds)
+    rig.loop.session.meter = None
+
+
+def test_metered_wake_ups_count_the_same_through_c_and_python(tmp_path, monkeypatch):
+    """The same wake-ups (3 GETATTRs; GETATTR, a LOOKUP C declines,
+    GETATTR: C hands over midway; 20 GETATTRs, past C's limit of 16)
+    served by the Python loop (drain + _serve) and by the wait loop in C:
+    the same batch counters, histogram, gauges and request count."""
+    monkeypatch.chdir(tmp_path)
+    rounds = ([Opcode.GETATTR] * 3, [Opcode.GETATTR, Opcode.LOOKUP, Opcode.GETATTR], [Opcode.GETATTR] * 20)
+    seen = []
+    for path in ("python", "c"):
+        meter = _meter()
+        r = Rig(str(tmp_path), False, meter)
+        try:
+            trace = []
+            for ops in rounds:
+                heads = [r.submit(op) for op in ops]
+                r.vr.kick()
+                if path == "python":
+                    loop_mod._drain(r.ring.kick_fd)
+                    r.loop._serve(r.ring)
+                else:
+                    assert r.loop._wait_in_c(0) == []
+                assert sorted(h for h, _ in r.replies()) == sorted(heads)
+                trace.append(_batch_words(meter))
+            seen.append(trace)
+        finally:
+            r.close()
+    assert seen[0] == seen[1]
+    assert seen[1][-1][:3] == (3, 26, 20)
