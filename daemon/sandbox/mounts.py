@@ -132,12 +132,18 @@ def _remount_readonly(path: str) -> None:
           what=f"remount {path} read-only")
 
 
+def make_root_slave() -> None:
+    """Make "/" of this (new) mount namespace a recursive slave: nothing
+    mounted here propagates back to the namespace it was copied from."""
+    mount(None, "/", None, MS_SLAVE | MS_REC, what="make / a recursive slave mount")
+
+
 def setup_request_root(shared_dir: str, readonly: bool = False, shared_ns: int = -1) -> RootInfo:
     """In a fresh mount + pid namespace: the shared dir becomes "/" (a
     read-only mount with ``readonly``). With ``shared_ns`` (an fd of the
     namespace sharedns.make built) the worker joins that namespace instead
     of mounting the share itself, after its proc is mounted and open."""
-    mount(None, "/", None, MS_SLAVE | MS_REC, what="make / a recursive slave mount")
+    make_root_slave()
     mount("proc", "/proc", "proc", MS_NODEV | MS_NOEXEC | MS_NOSUID | MS_RELATIME,
           what="mount a proc for the worker's pid namespace on /proc")
     if shared_ns >= 0:
@@ -167,7 +173,7 @@ def setup_empty_root() -> RootInfo:
     """In a fresh mount namespace: an empty read-only tmpfs becomes "/".
     (It is mounted over /proc only because /proc is a directory that exists
     everywhere; the mount is private to this namespace and gone after the pivot.)"""
-    mount(None, "/", None, MS_SLAVE | MS_REC, what="make / a recursive slave mount")
+    make_root_slave()
     target = "/proc"
     mount("pyvirtiofsd-empty", target, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
           "size=4k,nr_inodes=1,mode=0555", what="mount an empty read-only tmpfs")

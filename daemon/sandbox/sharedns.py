@@ -83,7 +83,7 @@ def _helper(sock: socket.socket, shared_dir: str, readonly: bool):
                 ns_fd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
             except OSError as e:
                 raise SandboxError(f"open /proc/self/ns/mnt: {e.strerror}") from None
-            mounts.mount(None, "/", None, mounts.MS_SLAVE | mounts.MS_REC, what="make / a recursive slave mount")
+            mounts.make_root_slave()
             mounts.setup_share_root(shared_dir, readonly)
         except SandboxError as e:
             sock.send(str(e).encode()[:_ERROR_MAX])
