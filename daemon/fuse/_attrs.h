@@ -76,19 +76,30 @@ static int enosys_wants(const FastOps *self, uint32_t opcode)
     return opcode < ENOSYS_OPCODES && (self->at.enosys >> opcode) & 1;
 }
 
+/* READLINK's and STATFS's start: no request extensions, at most MAX_ARGS
+ * of arguments, room bytes of reply space and the nodeid's cached inode
+ * fd, or -1: Python's. With the fd the request is answered from here on:
+ * its chain taken (in the batch loop) */
+static int taken_inode_fd(FastOps *self, struct state *st, const struct req *q, const struct in_header *h,
+                          Py_ssize_t room)
+{
+    Py_ssize_t nargs = (Py_ssize_t)h->len - IN_HEADER;
+    if (h->total_extlen || nargs > MAX_ARGS || q->wsize < room)
+        return -1;
+    int fd = cached_fd(self, st, h->nodeid);
+    if (fd >= 0 && q->take != NULL)
+        take_chain(q->take);
+    return fd;
+}
+
 /* READLINK; NOT_HANDLED or the bytes written; *error: the reply's errno */
 static Py_ssize_t fast_readlink(FastOps *self, struct state *st, const struct req *q,
                                 const struct in_header *h, int *error)
 {
-    Py_ssize_t nargs = (Py_ssize_t)h->len - IN_HEADER;
-    if (h->total_extlen || nargs > MAX_ARGS)
-        return NOT_HANDLED;
-    int fd = cached_fd(self, st, h->nodeid);
+    /* serve_req checked room for a header */
+    int fd = taken_inode_fd(self, st, q, h, OUT_HEADER);
     if (fd < 0)
         return NOT_HANDLED;
-    /* answered from here on (serve_req checked room for a header) */
-    if (q->take != NULL)
-        take_chain(q->take);
     char buf[READLINK_BUF];
     ssize_t got;
     int err;
@@ -117,16 +128,11 @@ static Py_ssize_t fast_readlink(FastOps *self, struct state *st, const struct re
 static Py_ssize_t fast_statfs(FastOps *self, struct state *st, const struct req *q,
                               const struct in_header *h, int *error)
 {
-    Py_ssize_t nargs = (Py_ssize_t)h->len - IN_HEADER;
-    if (h->total_extlen || nargs > MAX_ARGS || q->wsize < (Py_ssize_t)sizeof(struct statfs_reply))
-        return NOT_HANDLED;
-    int fd = cached_fd(self, st, h->nodeid);
+    /* taken first: tests/security's worker killed in fstatfs by the
+     * filter is answered EIO by its successor */
+    int fd = taken_inode_fd(self, st, q, h, (Py_ssize_t)sizeof(struct statfs_reply));
     if (fd < 0)
         return NOT_HANDLED;
-    /* answered from here on: taken first (tests/security's worker killed
-     * in fstatfs by the filter is answered EIO by its successor) */
-    if (q->take != NULL)
-        take_chain(q->take);
     struct statvfs s;
     int rc, err;
     Py_BEGIN_ALLOW_THREADS
