@@ -70,6 +70,18 @@ def cpu_ticks(pid: int) -> tuple[int, int]:
     return int(fields[11]), int(fields[12])
 
 
+def voluntary_switches(pid: int) -> int:
+    """Voluntary context switches of every thread of ``pid``
+    (/proc/PID/task/TID/status): each is one sleep, so one wake-up."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
+
+
 def ns_inodes(pid: int | str = "self") -> dict[str, int]:
     """{'mnt': inode, 'pid': ..., ...} of a process's namespaces."""
     return {n: os.stat(f"/proc/{pid}/ns/{n}").st_ino for n in ("mnt", "pid", "net", "ipc", "uts")}

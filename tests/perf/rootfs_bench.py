@@ -95,6 +95,7 @@ def root_run(kind: str, platform: str, install_set: str, log, verify_all: bool =
         res = {"figures": figures, "cpu": {"qemu": c1 - c0, "daemon": c2 - c1}, "failure": failure,
                "wall": r.duration, "ops": scraper.phases() if scraper else {},
                "ops_cpu": scraper.phases_cpu() if scraper else {},
+               "ops_wakeups": scraper.phases_wakeups() if scraper else {},
                "blame": [one.get("blame", []) for one in b],
                "ops_error": scraper.error if scraper else None}
         log(f"  rootfs {kind:4s} platform {platform}: " + ", ".join(f"{k} {v:.1f} s" for k, v in figures.items())
@@ -102,7 +103,7 @@ def root_run(kind: str, platform: str, install_set: str, log, verify_all: bool =
         for phase, ops in res["ops"].items():
             log(f"    {phase}: " + rootfs_ops.summary(ops, top=4))
         for phase, cpu in res["ops_cpu"].items():
-            log(f"    {phase}: " + rootfs_ops.cpu_summary(cpu))
+            log(f"    {phase}: " + rootfs_ops.cpu_summary(cpu, res["ops_wakeups"].get(phase)))
         if failure:
             res["console_tail"] = "\n".join(r.console_text.splitlines()[-40:])
         return res
@@ -140,6 +141,7 @@ def rootfs_part(platforms, rounds: int, install_set: str, log, verify_all: bool 
                         o["ops"][kind] = res["ops"]
                     if res["ops_cpu"]:
                         o.setdefault("ops_cpu", {})[kind] = res["ops_cpu"]
+                        o.setdefault("ops_wakeups", {})[kind] = res["ops_wakeups"]
                     o.setdefault("blame", {})[kind] = res["blame"]
                 if res.get("ops_error"):
                     o["failures"].append(f"{kind}, round {rnd + 1}: metrics: {res['ops_error']}")
@@ -186,8 +188,9 @@ def markdown(part: dict) -> list[str]:
                 md.append(f"- root file system, platform {plat}, {kind}, FUSE requests during {phase}: "
                           + rootfs_ops.summary(ops))
         for kind, phases in res.get("ops_cpu", {}).items():
+            wakeups = res.get("ops_wakeups", {}).get(kind, {})
             for phase, cpu in phases.items():
                 md.append(f"- root file system, platform {plat}, {kind}, daemon processes' {phase}: "
-                          + rootfs_ops.cpu_summary(cpu))
+                          + rootfs_ops.cpu_summary(cpu, wakeups.get(phase)))
         md += [f"- root file system, platform {plat} FAILED: {f}" for f in res["failures"]]
     return md

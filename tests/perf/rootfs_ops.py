@@ -5,9 +5,11 @@ the serial console, so the per-opcode request counts and latency sums split
 into the boot to multi-user, ``dpkg -i`` and ``dpkg --verify``.
 
 With the daemon's pid the scraper also reads, at each mark, the CPU time
-(user + system, /proc/PID/stat) of every process of the daemon's tree by
+(user + system, /proc/PID/stat) and the wake-ups (voluntary context
+switches of all its threads) of every process of the daemon's tree by
 name (``vfsd-request-1``, ``vfsd-keeper``...), so each phase's CPU splits
-by process: what the requests cost against what surrounds them.
+by process, and per wake-up: what the requests cost against what
+surrounds them.
 
 The boundaries are as sharp as the console poll (0.1 s) against a TCG guest
 that needs seconds per phase. The latency is what the worker spent from
@@ -46,6 +48,7 @@ class PhaseScraper:
         self.path, self.console, self.pid = metrics_path, console_log, daemon_pid
         self.snaps: list[tuple[str, dict]] = []
         self.cpu_snaps: list[tuple[str, dict[str, float]]] = []
+        self.wake_snaps: list[tuple[str, dict[str, float]]] = []
         self.error: str | None = None
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -74,6 +77,7 @@ class PhaseScraper:
                 text = text.split(mark, 1)[1]
                 if self.pid is not None:
                     self.cpu_snaps.append((phase, tree_cpu(self.pid)))
+                    self.wake_snaps.append((phase, tree_wakeups(self.pid)))
                 try:
                     self.snaps.append((phase, scrape(self.path)))
                 except (OSError, ValueError) as e:
@@ -92,11 +96,21 @@ class PhaseScraper:
     def phases_cpu(self) -> dict[str, dict[str, float]]:
         """{phase: {process name: CPU seconds during it}} (a process that
         was not there at the previous mark counts from 0)."""
-        out, prev = {}, {}
-        for phase, snap in self.cpu_snaps:
-            out[phase] = {name: round(v - prev.get(name, 0.0), 2) for name, v in snap.items()}
-            prev = snap
-        return out
+        return _per_phase(self.cpu_snaps, 2)
+
+    def phases_wakeups(self) -> dict[str, dict[str, float]]:
+        """{phase: {process name: wake-ups during it}}, as phases_cpu."""
+        return _per_phase(self.wake_snaps, 0)
+
+
+def _per_phase(snaps: list[tuple[str, dict[str, float]]], digits: int) -> dict[str, dict[str, float]]:
+    """Each mark's {name: value} minus the previous mark's (0 for a name
+    that was not there)."""
+    out, prev = {}, {}
+    for phase, snap in snaps:
+        out[phase] = {name: round(v - prev.get(name, 0.0), digits) for name, v in snap.items()}
+        prev = snap
+    return out
 
 
 def tree_cpu(pid: int) -> dict[str, float]:
@@ -113,10 +127,28 @@ def tree_cpu(pid: int) -> dict[str, float]:
     return out
 
 
-def cpu_summary(cpu: dict[str, float]) -> str:
-    """'CPU 2.1 s: vfsd-request-1 1.5 s, ...' (largest first)."""
+def tree_wakeups(pid: int) -> dict[str, float]:
+    """{process name: voluntary context switches, all threads} of ``pid``
+    and every process below it, as tree_cpu."""
+    out: dict[str, float] = {}
+    for p, _ppid, name in process_tree(pid):
+        try:
+            n = procfs.voluntary_switches(p)
+        except (OSError, ValueError, IndexError):
+            continue
+        out[name] = out.get(name, 0.0) + n
+    return out
+
+
+def cpu_summary(cpu: dict[str, float], wakeups: dict[str, float] | None = None) -> str:
+    """'CPU 2.1 s: vfsd-request-1 1.5 s (30,000 wake-ups, 50 µs each), ...'
+    (largest first; the wake-ups where ``wakeups`` has the name)."""
+    def one(name: str, v: float) -> str:
+        n = (wakeups or {}).get(name, 0)
+        return f"{name} {v:.1f} s" + (f" ({n:,.0f} wake-ups, {v / n * 1e6:.0f} µs each)" if n > 0 else "")
+
     parts = sorted(cpu.items(), key=lambda kv: -kv[1])
-    return f"CPU {sum(cpu.values()):.1f} s: " + ", ".join(f"{name} {v:.1f} s" for name, v in parts)
+    return f"CPU {sum(cpu.values()):.1f} s: " + ", ".join(one(name, v) for name, v in parts)
 
 
 def summary(ops: dict[str, list[float]], top: int = 6) -> str:

@@ -103,6 +103,13 @@ def test_phase_cpu_is_the_difference_per_process_between_marks():
                               "install": {"vfsd-request-1": 1.5, "python3": 0.0, "vfsd-keeper": 0.25}}
     assert rootfs_ops.cpu_summary(s.phases_cpu()["install"]) == \
         "CPU 1.8 s: vfsd-request-1 1.5 s, vfsd-keeper 0.2 s, python3 0.0 s"
+    s.wake_snaps = [("boot", {"vfsd-request-1": 1000, "python3": 3}),
+                    ("install", {"vfsd-request-1": 31000, "python3": 3, "vfsd-keeper": 50})]
+    assert s.phases_wakeups() == {"boot": {"vfsd-request-1": 1000, "python3": 3},
+                                  "install": {"vfsd-request-1": 30000, "python3": 0, "vfsd-keeper": 50}}
+    assert rootfs_ops.cpu_summary(s.phases_cpu()["install"], s.phases_wakeups()["install"]) == \
+        ("CPU 1.8 s: vfsd-request-1 1.5 s (30,000 wake-ups, 50 µs each), "
+         "vfsd-keeper 0.2 s (50 wake-ups, 5000 µs each), python3 0.0 s")
 
 
 def test_tree_cpu_counts_a_busy_child_under_its_name():
@@ -120,6 +127,10 @@ def test_tree_cpu_counts_a_busy_child_under_its_name():
             time.sleep(0.1)
         assert cpu.get("cpu-burner", 0) >= 0.25, cpu
         assert rootfs_ops.tree_cpu(child.pid).keys() == {"cpu-burner"}
+        # then it sleeps (time.sleep: a voluntary switch)
+        while time.monotonic() < deadline and rootfs_ops.tree_wakeups(child.pid)["cpu-burner"] < 1:
+            time.sleep(0.05)
+        assert rootfs_ops.tree_wakeups(child.pid)["cpu-burner"] >= 1
     finally:
         child.kill()
         child.wait()
