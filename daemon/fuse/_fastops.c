@@ -295,8 +295,8 @@ struct release_conf {
     PyObject *hdr;          /* its _hdr, memoryview of u64 (held per request) */
     int fd;                 /* its _fd, the memfd of its record lock (-1: private) */
     uint64_t capacity, kind_lock;
-    Py_ssize_t h_dirty, h_free, h_live, h_released, h_locks, h_last;  /* filetable.py's word indices */
-    Py_ssize_t f_gen, f_kind, f_owner, f_next, f_kept, words;
+    Py_ssize_t h_dirty, h_free, h_live, h_released, h_locks, h_high, h_last;  /* filetable.py's word indices */
+    Py_ssize_t f_gen, f_kind, f_owner, f_next, f_kept, f_node, f_lock_owner, words;
     int dirs;               /* enable_releasedir was called: RELEASEDIR is C's too */
 };
 
@@ -1747,8 +1747,8 @@ static PyMethodDef fastops_methods[] = {
      "dirs.DirStream, READDIR's meter words (requests, latency_sum, buckets, errors) or None without a\n"
      "meter (_readdir.h)"},
     {"enable_release", (PyCFunction)fastops_enable_release, METH_VARARGS,
-     "enable_release(files, (dirty, free, live, released, locks, gen, kind, owner, next, kept, words,\n"
-     "kind_lock), meter_words): serve RELEASE of this worker's own open files too, on the FileTable\n"
+     "enable_release(files, (dirty, free, live, released, locks, high, gen, kind, owner, next, kept, node,\n"
+     "lock_owner, words, kind_lock), meter_words): serve RELEASE of this worker's own open files too, on the FileTable\n"
      "files (the session's handles.files) whose word indices these are; RELEASE's meter words\n"
      "(requests, latency_sum, buckets, errors) or None without a meter (_release.h)"},
     {"enable_releasedir", (PyCFunction)fastops_enable_releasedir, METH_VARARGS,

@@ -40,11 +40,14 @@
  * removing is not safe to do twice.
  *
  * FLUSH (files.do_flush) when it has no lock work: the fh is an open file
- * this worker holds (open_fd, READ's check), the shared FileTable holds no
- * lock description at all (its header word _H_LOCKS, one load; then
- * handles.drop_lock_fd finds none: find_lock returns 0 without a scan)
- * and this worker's own lock-description dict handles._locks is empty
- * (else drop_lock_fd may find one there). Then os.close(os.dup(fd)):
+ * this worker holds (open_fd, READ's check), this worker's own
+ * lock-description dict handles._locks has no entry of (nodeid,
+ * lock_owner) and the shared FileTable no lock description of them
+ * (its header word _H_LOCKS is 0, one load; or, with RELEASE in C,
+ * _release.h's lock_on scan of its slots, find_lock's, finds none): then
+ * handles.drop_lock_fd finds nothing to drop. A lock held elsewhere (dpkg's
+ * on its lock file while it installs) no longer sends every other FLUSH
+ * to Python. Then os.close(os.dup(fd)):
  * fcntl(F_DUPFD_CLOEXEC) and close, the GIL released; EMFILE or ENFILE
  * from the dup is the empty reply (Python ignores them), any other errno
  * the error reply; the empty reply. Any lock description anywhere: Python.
@@ -197,21 +200,31 @@ static Py_ssize_t fast_remove(FastOps *self, const struct state *st, const struc
     return rc < 0 ? error_reply(q, h->unique, err, error) : empty_reply(q, h->unique);
 }
 
-/* whether no lock description exists that handles.drop_lock_fd could
- * find: 1 if none (the FileTable's _H_LOCKS word is 0 and handles._locks
- * is an empty dict), 0 otherwise or when anything is not shaped as
- * expected (errors cleared) */
-static int no_lock_descriptions(FastOps *self)
+static int lock_on(FastOps *self, const struct state *st, const struct words *hw, uint64_t nodeid, int any,
+                   uint64_t owner);     /* _release.h */
+
+/* whether handles.drop_lock_fd(nodeid, owner) has nothing to find: 1 if
+ * handles._locks (a dict) has no (nodeid, owner) entry and the FileTable
+ * no lock description of them (its _H_LOCKS word 0, or _release.h's
+ * lock_on scan finds none); 0 otherwise, when the scan cannot tell, or
+ * when anything is not shaped as expected (errors cleared) */
+static int no_lock_description(FastOps *self, const struct state *st, uint64_t nodeid, uint64_t owner)
 {
     PyObject *handles = PyObject_GetAttr(self->session, s_handles), *locks = NULL, *files = NULL, *hdr = NULL;
+    PyObject *key = NULL;
     struct words w = {0};
     uint64_t word = 1;
     int none = handles != NULL && (locks = PyObject_GetAttr(handles, s_meta_locks)) != NULL
-        && PyDict_CheckExact(locks) && PyDict_GET_SIZE(locks) == 0
+        && PyDict_CheckExact(locks)
+        && (PyDict_GET_SIZE(locks) == 0
+            || ((key = Py_BuildValue("(KK)", (unsigned long long)nodeid, (unsigned long long)owner)) != NULL
+                && PyDict_Contains(locks, key) == 0))
         && (files = PyObject_GetAttr(handles, s_meta_files)) != NULL
         && (hdr = PyObject_GetAttr(files, s_meta_hdr)) != NULL && hold_words(hdr, &w) == 0
-        && load_word(&w, self->h_locks, &word) == 0 && word == 0;
+        && load_word(&w, self->h_locks, &word) == 0
+        && (word == 0 || lock_on(self, st, &w, nodeid, 0, owner) == 0);
     drop_words(&w);
+    Py_XDECREF(key);
     Py_XDECREF(hdr);
     Py_XDECREF(files);
     Py_XDECREF(locks);
@@ -228,7 +241,7 @@ static Py_ssize_t fast_flush(FastOps *self, const struct state *st, const struct
     struct { uint64_t fh; uint32_t unused, padding; uint64_t lock_owner; } a;   /* fuse_flush_in */
     int fd;
     if (h->total_extlen || nargs < FLUSH_IN_SIZE || nargs > MAX_ARGS || iov_copy(q->r, q->nr, IN_HEADER, &a, sizeof a, 0) < 0
-            || (fd = open_fd(st, a.fh, &nodeid)) < 0 || !no_lock_descriptions(self))
+            || (fd = open_fd(st, a.fh, &nodeid)) < 0 || !no_lock_description(self, st, (uint64_t)nodeid, a.lock_owner))
         return NOT_HANDLED;
     int copy, rc = 0, err = 0;
     Py_BEGIN_ALLOW_THREADS

@@ -21,9 +21,11 @@
  *   - the FileTable's thread lock is free (taken without waiting), its
  *     record lock taken (as LockedTable._lock: fcntl F_SETLK, then
  *     F_SETLKW with the GIL released), its header's DIRTY word 0 (a holder
- *     died mid-update: Python's _lock repairs), its _H_LOCKS word 0 (no
- *     lock description anywhere: HandleTable.close's lock step does
- *     nothing) and the fh's slot still of its generation.
+ *     died mid-update: Python's _lock repairs), no lock description on the
+ *     fh's inode (its _H_LOCKS word 0, or lock_on's scan of the slots finds
+ *     none: HandleTable.close's lock step then does nothing, whether or
+ *     not this was the inode's last handle) and the fh's slot still of its
+ *     generation.
  * Then, under those locks, FileTable.free's writes in its order (DIRTY
  * set first and cleared last, so a worker killed in between leaves a
  * table Python's _repair rebuilds: the free list and the live count from
@@ -117,6 +119,32 @@ static int release_ready(FastOps *self, struct release_refs *r, Py_ssize_t nodei
     return 0;
 }
 
+/* whether the FileTable holds a lock description on nodeid (of owner,
+ * unless any): FileTable.locks_of's scan, slots 1 to min(high, capacity),
+ * a slot's generation read again after its other words; hw its header's
+ * words, st->files its slots'. 1 yes, 0 no, -1 cannot tell (RELEASE not
+ * C's, or a table not shaped as enable_release said): Python's */
+static int lock_on(FastOps *self, const struct state *st, const struct words *hw, uint64_t nodeid, int any,
+                   uint64_t owner)
+{
+    const struct release_conf *c = &self->rl;
+    const struct words *fw = &st->files;
+    if (c->files == NULL || hw->b.len / 8 <= c->h_last || fw->b.buf == NULL)
+        return -1;
+    uint64_t high = word_at(hw, c->h_high), end = high < c->capacity + 1 ? high : c->capacity + 1;
+    Py_ssize_t n = fw->b.len / 8;
+    for (uint64_t s = 1; s < end; s++) {
+        Py_ssize_t base = (Py_ssize_t)s * c->words;
+        if (base + c->words > n)
+            return -1;
+        uint64_t gen = word_at(fw, base + c->f_gen);
+        if (gen && word_at(fw, base + c->f_kind) == c->kind_lock && word_at(fw, base + c->f_node) == nodeid
+                && (any || word_at(fw, base + c->f_lock_owner) == owner) && word_at(fw, base + c->f_gen) == gen)
+            return 1;
+    }
+    return 0;
+}
+
 /* the fd of the directory handle fh this worker holds (_readdir.h's
  * dir_handle, READDIR's check) and *nodeid, its nodeid; -1 if none */
 static int open_dir_fd(const struct state *st, uint64_t fh, Py_ssize_t *nodeid)
@@ -161,7 +189,10 @@ static Py_ssize_t fast_release(FastOps *self, const struct state *st, const stru
     int served = 0;
     if (record_lock(c->fd, F_WRLCK) == 0) {
         const struct words *hw = &r.hdr, *fw = &st->files;
-        if (word_at(hw, c->h_dirty) == 0 && word_at(hw, c->h_locks) == 0 && word_at(fw, base + c->f_gen) == gen) {
+        /* a lock description on the inode: HandleTable.close's lock step
+         * may have work (the last handle on it), Python's */
+        if (word_at(hw, c->h_dirty) == 0 && word_at(fw, base + c->f_gen) == gen
+                && (word_at(hw, c->h_locks) == 0 || lock_on(self, st, hw, (uint64_t)nodeid, 1, 0) == 0)) {
             if (q->take != NULL)
                 take_chain(q->take);
             /* FileTable.free's writes, DIRTY around them */
@@ -214,16 +245,16 @@ static Py_ssize_t fast_release(FastOps *self, const struct state *st, const stru
     return empty_reply(q, h->unique);
 }
 
-/* enable_release(files, (dirty, free, live, released, locks, gen, kind, owner, next, kept, words,
- * kind_lock), meter_words): see fastops_methods */
+/* enable_release(files, (dirty, free, live, released, locks, high, gen, kind, owner, next, kept, node,
+ * lock_owner, words, kind_lock), meter_words): see fastops_methods */
 static PyObject *fastops_enable_release(FastOps *self, PyObject *args)
 {
     PyObject *files, *words, *tlock = NULL, *hdr = NULL, *fdobj = NULL, *cap = NULL;
     struct release_conf c = {0};
     Py_ssize_t kind_lock;
-    if (!PyArg_ParseTuple(args, "O(nnnnnnnnnnnn)O", &files, &c.h_dirty, &c.h_free, &c.h_live, &c.h_released,
-                          &c.h_locks, &c.f_gen, &c.f_kind, &c.f_owner, &c.f_next, &c.f_kept, &c.words, &kind_lock,
-                          &words))
+    if (!PyArg_ParseTuple(args, "O(nnnnnnnnnnnnnnn)O", &files, &c.h_dirty, &c.h_free, &c.h_live, &c.h_released,
+                          &c.h_locks, &c.h_high, &c.f_gen, &c.f_kind, &c.f_owner, &c.f_next, &c.f_kept, &c.f_node,
+                          &c.f_lock_owner, &c.words, &kind_lock, &words))
         return NULL;
     Py_ssize_t fd = -1, capacity = 0;
     int ok = (tlock = PyObject_GetAttrString(files, "_tlock")) != NULL
@@ -234,8 +265,8 @@ static PyObject *fastops_enable_release(FastOps *self, PyObject *args)
              && (capacity = PyLong_AsSsize_t(cap)) >= 1;
     Py_XDECREF(fdobj);
     Py_XDECREF(cap);
-    Py_ssize_t idx[] = {c.h_dirty, c.h_free, c.h_live, c.h_released, c.h_locks};
-    Py_ssize_t fidx[] = {c.f_gen, c.f_kind, c.f_owner, c.f_next, c.f_kept};
+    Py_ssize_t idx[] = {c.h_dirty, c.h_free, c.h_live, c.h_released, c.h_locks, c.h_high, c.h_high};
+    Py_ssize_t fidx[] = {c.f_gen, c.f_kind, c.f_owner, c.f_next, c.f_kept, c.f_node, c.f_lock_owner};
     for (size_t i = 0; ok && i < sizeof idx / sizeof idx[0]; i++) {
         ok = idx[i] >= 0 && fidx[i] >= 0 && fidx[i] < c.words;
         if (idx[i] > c.h_last)

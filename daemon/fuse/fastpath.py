@@ -427,8 +427,9 @@ def enable_release(fast, session, metered: bool) -> None:
     """``FastOps.enable_release`` on ``session``'s FileTable (_release.h)."""
     ft = filetable
     fast.enable_release(session.handles.files,
-                        (ft._H_DIRTY, ft._H_FREE, ft._H_LIVE, ft._H_RELEASED, ft._H_LOCKS, ft._F_GEN, ft._F_KIND,
-                         ft._F_OWNER, ft._F_NEXT, ft._F_KEPT, ft._WORDS, ft.KIND_LOCK),
+                        (ft._H_DIRTY, ft._H_FREE, ft._H_LIVE, ft._H_RELEASED, ft._H_LOCKS, ft._H_HIGH, ft._F_GEN,
+                         ft._F_KIND, ft._F_OWNER, ft._F_NEXT, ft._F_KEPT, ft._F_NODE, ft._F_LOCK_OWNER, ft._WORDS,
+                         ft.KIND_LOCK),
                         op_words(Opcode.RELEASE) if metered else None)
 
 

@@ -302,20 +302,32 @@ def test_flush_c_leaves_to_python(world, case):
 
 def test_flush_with_a_lock_description_is_left_to_python(world):
     """A POSIX lock of the owner: Python's FLUSH releases it; C must not
-    answer (nor when the description belongs to another owner, or only
-    to this worker's dict)."""
+    answer. Another owner's FLUSH (of the same file, while that lock is
+    held) has nothing to release: C's, and the lock stays; but not when
+    this worker's own dict has an entry of that owner."""
     _root, session, client, fast, nodeids = world
     fh = nodeids["fh-rw"]
     lk = abi.LK_IN.pack(fh, 0x99, 0, 10, 1, 0, 0)       # F_WRLCK on bytes 0-10, owner 0x99
     client.call(Opcode.SETLK, nodeids["x"], lk, 0).ok()
-    assert session.handles.files.find_lock(nodeids["x"], 0x99)
-    for owner in (0x98, 0x99):
-        before = fast.served
+    files = session.handles.files
+    assert files.find_lock(nodeids["x"], 0x99)
+
+    def c_flush(owner: int) -> int:
         out = bytearray(16)
-        n = fast.serve(Chain(0, IoVec([memoryview(bytearray(flush_request(fh, owner)))]), IoVec([memoryview(out)])))
-        assert n == -1 and fast.served == before
-        client.call(Opcode.FLUSH, 1, abi.FLUSH_IN.pack(fh, owner), 0).ok()
-    assert not session.handles.files.find_lock(nodeids["x"], 0x99)
+        return fast.serve(Chain(0, IoVec([memoryview(bytearray(flush_request(fh, owner)))]), IoVec([memoryview(out)])))
+
+    before = fast.served
+    assert c_flush(0x98) == 16 and fast.served == before + 1
+    assert files.find_lock(nodeids["x"], 0x99)          # not the 0x98 FLUSH's to drop
+    session.handles._locks[(nodeids["x"], 0x98)] = (0, -1)     # a stale entry of 0x98: Python's look
+    try:
+        assert c_flush(0x98) == -1 and fast.served == before + 1
+        client.call(Opcode.FLUSH, 1, abi.FLUSH_IN.pack(fh, 0x98), 0).ok()
+    finally:
+        del session.handles._locks[(nodeids["x"], 0x98)]
+    assert c_flush(0x99) == -1 and fast.served == before + 1
+    client.call(Opcode.FLUSH, 1, abi.FLUSH_IN.pack(fh, 0x99), 0).ok()
+    assert not files.find_lock(nodeids["x"], 0x99)
     assert compare(world, flush_request(fh, 0x99)) == (16, True)
 
 

@@ -235,6 +235,26 @@ def test_what_c_leaves_to_python(shares, case):
         _close(pair)
 
 
+def test_a_lock_description_on_another_inode_leaves_release_to_c(shares):
+    """A lock description on another inode (dpkg's lock file, held while it
+    installs): the RELEASE of this file has no lock work, C's, and the
+    lock stays; the locked inode's own last RELEASE is Python's, which
+    drops its lock descriptions."""
+    pair, fast = _pair(shares)
+    try:
+        n0, fh0 = _created(pair, fast, shares, b"n0", 10)
+        n1, fh1 = _created(pair, fast, shares, b"n1", 11)
+        for s in pair:
+            s.handles.files.alloc_lock(n1, 7, 0)
+        served, reply = _release(pair, fast, shares, n0, fh0, 12)
+        assert served and _err(reply) == 0
+        assert all(s.handles.files.find_lock(n1, 7) for s in pair)
+        assert _err(_declined(pair, fast, shares, release_request(n1, fh1, 13))) == 0
+        assert not any(s.handles.files.find_lock(n1, 7) for s in pair)
+    finally:
+        _close(pair)
+
+
 def test_release_stays_in_python_when_the_row_is_replaced(shares):
     from daemon.fuse import files
     pair, _fast = _pair(shares)
