@@ -318,6 +318,16 @@ struct open_conf {
     uint32_t fopen, fopen_dir;  /* files.fopen_flags(--cache), OPENDIR's */
 };
 
+/* a word FastOps.wait watches: words[index] of the u64 view b, and the
+ * value the loop last saw there (the wait returns when it differs) */
+#define WAIT_WATCHES 4
+
+struct watch {
+    Py_buffer b;
+    Py_ssize_t index;
+    uint64_t value;
+};
+
 typedef struct {
     PyObject_HEAD
     PyObject *session;      /* the FuseSession */
@@ -342,7 +352,21 @@ typedef struct {
     struct open_conf op;    /* OPEN, OPENDIR (_open.h) */
     int setattr;            /* enable_setattr was called: SETATTR (_setattr.h) */
     struct attrs_conf at;   /* READLINK, STATFS, ENOSYS (_attrs.h) */
+    struct watch *watching; /* while FastOps.wait runs: its watched words, else NULL */
+    int nwatching;
 } FastOps;
+
+/* a watched word that this worker itself moved from `from` to `to`, where
+ * the loop's own bookkeeping moved with it (HandleTable._freed): the wait
+ * under way expects the new value, so it does not return to reap for it */
+static void watch_moved(FastOps *self, const void *buf, Py_ssize_t index, uint64_t from, uint64_t to)
+{
+    for (int i = 0; i < self->nwatching; i++) {
+        struct watch *x = &self->watching[i];
+        if (x->b.buf == buf && x->index == index && x->value == from)
+            x->value = to;
+    }
+}
 
 static PyObject *s_readable, *s_writable, *s_views, *s_size, *s_session, *s_meter, *s_cache,
     *s_fds, *s_root_fd, *s_handles, *s_handles_dict, *s_fh_slots, *s_fd, *s_kind, *s_nodeid, *s_acquire,
@@ -1521,13 +1545,6 @@ static PyObject *get_counts_batches(FastOps *self, void *c)
  * failed read or call eventfd write (OSError), returns NULL.
  */
 enum { WAIT_READY, WAIT_SERVE, WAIT_IDLE, WAIT_WATCH };
-#define WAIT_WATCHES 4
-
-struct watch {
-    Py_buffer b;
-    Py_ssize_t index;
-    uint64_t value;
-};
 
 static int hold_watches(PyObject *seq, struct watch *w, int *count)
 {
@@ -1626,6 +1643,8 @@ static PyObject *fastops_wait(FastOps *self, PyObject *const *args, Py_ssize_t n
     PyObject *batch_args[4] = {args[0], args[1], args[2], args[6]};
     Py_ssize_t served = 0, carried = 0;
     int code = -1;
+    self->watching = w;
+    self->nwatching = watches;
     while (code < 0) {
         if (PyErr_CheckSignals() < 0)
             break;
@@ -1681,6 +1700,8 @@ static PyObject *fastops_wait(FastOps *self, PyObject *const *args, Py_ssize_t n
             count_batch(self, n);
         }
     }
+    self->watching = NULL;
+    self->nwatching = 0;
     PyBuffer_Release(&wb);
     for (int i = 0; i < watches; i++)
         PyBuffer_Release(&w[i].b);
@@ -1814,6 +1835,7 @@ PyMODINIT_FUNC PyInit__fastops(void)
         {&s_dir_stream, "dir_stream"}, {&s_buf, "buf"}, {&s_pos, "pos"}, {&s_cookie, "cookie"},
         {&s_reseek, "reseek"}, {&s_serial, "serial"},                       /* _readdir.h, _lookup.h */
         {&s_rl_files, "files"}, {&s_rl_peers_copied, "copied"}, {&s_rl_per_node, "_open_per_node"},
+        {&s_rl_released, "_released"},
         {&s_op_serial, "serial"}, {&s_op_keep, "keep"},                     /* _release.h, _open.h */
     };
     for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)

@@ -64,7 +64,7 @@
 #define RELEASE_IN 24               /* abi.RELEASE_IN */
 #define RELEASE_FLOCK_UNLOCK 2      /* abi.FUSE_RELEASE_FLOCK_UNLOCK */
 
-static PyObject *s_rl_files, *s_rl_peers_copied, *s_rl_per_node;
+static PyObject *s_rl_files, *s_rl_peers_copied, *s_rl_per_node, *s_rl_released;
 
 /* the per-call references RELEASE needs: NULL-able, dropped by release_drop */
 struct release_refs {
@@ -187,6 +187,7 @@ static Py_ssize_t fast_release(FastOps *self, const struct state *st, const stru
     }
     Py_DECREF(got);
     int served = 0;
+    uint64_t released = 0;      /* the released count before this free */
     if (record_lock(c->fd, F_WRLCK) == 0) {
         const struct words *hw = &r.hdr, *fw = &st->files;
         /* a lock description on the inode: HandleTable.close's lock step
@@ -205,7 +206,8 @@ static Py_ssize_t fast_release(FastOps *self, const struct state *st, const stru
             set_word(fw, base + c->f_next, word_at(hw, c->h_free));
             set_word(hw, c->h_free, s);
             set_word(hw, c->h_live, word_at(hw, c->h_live) - 1);
-            set_word(hw, c->h_released, word_at(hw, c->h_released) + 1);
+            released = word_at(hw, c->h_released);
+            set_word(hw, c->h_released, released + 1);
             set_word(hw, c->h_dirty, 0);
             served = 1;
         }
@@ -233,6 +235,17 @@ static Py_ssize_t fast_release(FastOps *self, const struct state *st, const stru
     }
     Py_XDECREF(key);
     Py_XDECREF(nkey);
+    /* HandleTable._freed: if no other free came since reap last looked,
+     * its count moves on by this one (and so does the running wait's
+     * watch of it), so this worker's own RELEASE does not make it reap */
+    PyObject *seen = PyObject_GetAttr(r.handles, s_rl_released);
+    if (seen != NULL && PyLong_CheckExact(seen) && PyLong_AsUnsignedLongLong(seen) == released) {
+        PyObject *now = PyLong_FromUnsignedLongLong(released + 1);
+        if (now != NULL && PyObject_SetAttr(r.handles, s_rl_released, now) == 0)
+            watch_moved(self, r.hdr.b.buf, c->h_released, released, released + 1);
+        Py_XDECREF(now);
+    }
+    Py_XDECREF(seen);
     release_drop(&r);
     /* HandleTable.close takes the flock off files only; do_releasedir
      * ignores release_flags */

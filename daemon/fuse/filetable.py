@@ -333,17 +333,18 @@ class FileTable(LockedTable):
         s = fh & SLOT_MASK
         return 1 <= s <= self.capacity and self.slots[s * _WORDS] == fh >> SLOT_BITS
 
-    def free(self, fh: int) -> bool:
-        """RELEASE: free a live fh; False if it was not live (released
-        meanwhile on another queue, or never existed)."""
+    def free(self, fh: int) -> int:
+        """RELEASE: free a live fh; the released count this free made (its
+        ordinal, >= 1), 0 if it was not live (released meanwhile on another
+        queue, or never existed)."""
         s, gen = fh & SLOT_MASK, fh >> SLOT_BITS
         if not 1 <= s <= self.capacity or not gen:
-            return False
+            return 0
         self._lock()
         try:
             hdr, q, base = self._hdr, self.slots, s * _WORDS
             if q[base + _F_GEN] != gen:
-                return False
+                return 0
             q[base + _F_GEN] = 0          # dead from here on
             q[base + _F_OWNER] = 0
             q[base + _F_KEPT] = 0
@@ -353,7 +354,7 @@ class FileTable(LockedTable):
             hdr[_H_FREE] = s
             hdr[_H_LIVE] -= 1
             hdr[_H_RELEASED] += 1
-            return True
+            return hdr[_H_RELEASED]
         finally:
             self._unlock()
 

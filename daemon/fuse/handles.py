@@ -276,6 +276,15 @@ class HandleTable:
             _close_quietly(self._locks.pop(key)[1])
         return len(dead) + len(gone)
 
+    def _freed(self, released: int) -> None:
+        """This worker freed a slot, making the table's released count
+        ``released``: if no other free came since ``reap`` last looked,
+        there is nothing to reap for it (its own fd goes with its own
+        free), so ``reap`` need not scan: the released count it saw moves
+        on by this one. (_release.h does the same for RELEASE in C.)"""
+        if released and released == self._released + 1:
+            self._released = released
+
     def _forget(self, handle: OpenHandle) -> None:
         """Drop this worker's fd of an fh (released elsewhere, or here)."""
         del self._handles[handle.fh]
@@ -296,9 +305,11 @@ class HandleTable:
         """
         handle = self.get(fh, kind)
         files = self.files
-        if not files.free(fh):     # released on another queue meanwhile
+        freed = files.free(fh)
+        if not freed:               # released on another queue meanwhile
             self._forget(handle)
             raise FUSEError(errno.EBADF)
+        self._freed(freed)
         if self.peers is not None and self.peers.copied and kind == KIND_FILE:
             # other workers may hold copies a moment longer: the guest's
             # flock locks on this open file end now, as at its last close
@@ -425,7 +436,9 @@ class HandleTable:
         if not ident:
             return
         fd = self.lock_fd(nodeid, owner)
-        if not self.files.free(ident):
+        freed = self.files.free(ident)
+        self._freed(freed)
+        if not freed:
             fd = None                   # dropped on another queue meanwhile
         elif fd is not None and self.peers is not None and self.peers.copied:
             try:

@@ -943,3 +943,31 @@ def test_random_requests_never_raise(env, opcode, nodeid, args, out_size, len_de
         if error:
             assert n == 16
     credentials.restore()
+
+
+def test_a_worker_s_own_release_leaves_reap_nothing_to_look_for(env):
+    """HandleTable._freed: this worker's RELEASE moves the table's released
+    count and, when no other free came between, the count reap compares
+    with (so the loop's next reap, and the C wait's watch, do not scan for
+    it); a free elsewhere first keeps reap's look."""
+    fs, client, share = env
+    (share / "f").write_bytes(b"x")
+    nodeid = entry_nodeid(lookup(client, 1, "f").ok())
+    handles, files = fs.handles, fs.handles.files
+
+    def opened() -> int:
+        return abi.OPEN_OUT.unpack(client.call(Opcode.OPEN, nodeid, abi.OPEN_IN.pack(os.O_RDONLY, 0), 16).ok())[0]
+
+    def release(fh: int) -> None:
+        client.call(Opcode.RELEASE, nodeid, abi.RELEASE_IN.pack(fh, 0, 0, 0), 0).ok()
+
+    start = files.released
+    assert handles._released == start
+    release(opened())
+    assert handles._released == files.released == start + 1
+    fh = opened()
+    files.free(files.alloc(nodeid, 1, 0, 99))       # "another queue" frees one first
+    release(fh)
+    assert (handles._released, files.released) == (start + 1, start + 3)
+    fs.reap()
+    assert handles._released == start + 3

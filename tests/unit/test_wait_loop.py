@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from daemon.fuse import abi, fastpath
+from daemon.fuse import abi, fastpath, handles as handles_mod
 from daemon.metrics import counters
 from daemon.fuse.abi import Opcode
 from daemon.virtio import compiled
@@ -462,3 +462,60 @@ def test_metered_wake_ups_count_the_same_through_c_and_python(tmp_path, monkeypa
             r.close()
     assert seen[0] == seen[1]
     assert seen[1][-1][:3] == (3, 26, 20)
+
+
+def _open_data(r: Rig) -> tuple[int, int]:
+    """LOOKUP and OPEN of the rig's data file, each a wake-up served in C:
+    (nodeid, fh)."""
+    name = inproc.DATA.encode() + b"\0"
+    head = r.vr.submit([abi.IN_HEADER.pack(40 + len(name), Opcode.LOOKUP, 8001, 1, 0, 0, 1, 0, 0), name],
+                       [16, abi.ENTRY_OUT.size])
+    r.vr.kick()
+    assert r.wait(timeout_ms=0) == (WAIT_IDLE, 1, 0)
+    nodeid = abi.ENTRY_OUT.unpack(r.vr.read_writable(head)[16:])[0]
+    r.replies()
+    head = r.vr.submit([abi.IN_HEADER.pack(48, Opcode.OPEN, 8003, nodeid, 0, 0, 1, 0, 0), abi.OPEN_IN.pack(0, 0)],
+                       [16, abi.OPEN_OUT.size])
+    r.vr.kick()
+    assert r.wait(timeout_ms=0) == (WAIT_IDLE, 1, 0)
+    fh = abi.OPEN_OUT.unpack(r.vr.read_writable(head)[16:])[0]
+    r.replies()
+    return nodeid, fh
+
+
+def _kick_release(r: Rig, nodeid: int, fh: int) -> None:
+    r.vr.submit([abi.IN_HEADER.pack(64, Opcode.RELEASE, 8005, nodeid, 0, 0, 1, 0, 0),
+                 abi.RELEASE_IN.pack(fh, 0, 0, 0)], [16])
+    r.vr.kick()
+
+
+def test_the_worker_s_own_release_does_not_make_the_wait_return_to_reap(rig):
+    """RELEASE in C moves the table's released count, a word the wait
+    watches; it was this worker's own free, so its count of what it has
+    seen moves with it (HandleTable._freed) and the wait goes on."""
+    handles = rig.loop.session.handles
+    nodeid, fh = _open_data(rig)
+    before = handles.files.released
+    _kick_release(rig, nodeid, fh)
+    assert rig.wait(timeout_ms=0) == (WAIT_IDLE, 1, 0)     # not WAIT_WATCH
+    assert rig.replies()[0][1] == 0
+    assert handles.files.released == handles._released == before + 1
+    assert rig.fast.served == 3
+
+
+def test_a_release_elsewhere_still_makes_the_wait_return_to_reap(rig):
+    """A free by another process first (another queue's RELEASE): the
+    worker's own RELEASE does not hide it; the wait returns to reap."""
+    handles = rig.loop.session.handles
+    nodeid, fh = _open_data(rig)
+    other = handles.files.alloc(nodeid, handles_mod.KIND_FILE, 0, 99)
+    handles.files.free(other)                   # released on "another queue"
+    seen = handles._released
+    assert handles.files.released == seen + 1
+    _kick_release(rig, nodeid, fh)
+    assert rig.wait(timeout_ms=0, watch=fastpath.reap_watch(rig.loop.session)) == (WAIT_WATCH, 0, 0)
+    assert rig.loop._wait_in_c(0) is None       # returns to the loop's poll: it reaps first
+    rig.loop.session.reap()
+    assert handles._released == seen + 1
+    assert rig.wait(timeout_ms=0) == (WAIT_IDLE, 1, 0)
+    assert handles._released == handles.files.released == seen + 2
