@@ -373,19 +373,9 @@ def test_with_a_meter_c_counts_each_wake_up_as_worker_meter_batch(tmp_path, monk
         assert words[counters.OPEN_FILES] == words[counters.INODE_FDS] == 0
         # a LOOKUP (an inode fd cached) and then an OPEN (a file held), one
         # wake-up each, both served in C: the gauges follow the session
-        name = inproc.DATA.encode() + b"\0"
-        head = r.vr.submit([abi.IN_HEADER.pack(40 + len(name), Opcode.LOOKUP, 7001, 1, 0, 0, 1, 0, 0), name],
-                           [16, abi.ENTRY_OUT.size])
-        r.vr.kick()
-        assert r.wait(timeout_ms=0) == (WAIT_IDLE, 1, 0)
-        nodeid = abi.ENTRY_OUT.unpack(r.vr.read_writable(head)[16:])[0]
-        r.replies()
+        nodeid = _lookup_data(r)
         assert (words[counters.OPEN_FILES], words[counters.INODE_FDS]) == (0, len(session.cache)) == (0, 1)
-        r.vr.submit([abi.IN_HEADER.pack(48, Opcode.OPEN, 7003, nodeid, 0, 0, 1, 0, 0), abi.OPEN_IN.pack(0, 0)],
-                    [16, abi.OPEN_OUT.size])
-        r.vr.kick()
-        assert r.wait(timeout_ms=0) == (WAIT_IDLE, 1, 0)
-        assert r.replies()[0][1] == 0
+        _open_file(r, nodeid)
         assert (words[counters.OPEN_FILES], words[counters.INODE_FDS]) == (len(session.handles), 1) == (1, 1)
         assert (words[counters.BATCHES], words[counters.CHAINS], words[counters.MAX_BATCH]) == (3, 5, 3)
         assert words[counters.BATCH_HIST] == 2
@@ -464,9 +454,8 @@ def test_metered_wake_ups_count_the_same_through_c_and_python(tmp_path, monkeypa
     assert seen[1][-1][:3] == (3, 26, 20)
 
 
-def _open_data(r: Rig) -> tuple[int, int]:
-    """LOOKUP and OPEN of the rig's data file, each a wake-up served in C:
-    (nodeid, fh)."""
+def _lookup_data(r: Rig) -> int:
+    """LOOKUP of the rig's data file, a wake-up served in C: its nodeid."""
     name = inproc.DATA.encode() + b"\0"
     head = r.vr.submit([abi.IN_HEADER.pack(40 + len(name), Opcode.LOOKUP, 8001, 1, 0, 0, 1, 0, 0), name],
                        [16, abi.ENTRY_OUT.size])
@@ -474,13 +463,24 @@ def _open_data(r: Rig) -> tuple[int, int]:
     assert r.wait(timeout_ms=0) == (WAIT_IDLE, 1, 0)
     nodeid = abi.ENTRY_OUT.unpack(r.vr.read_writable(head)[16:])[0]
     r.replies()
+    return nodeid
+
+
+def _open_file(r: Rig, nodeid: int) -> int:
+    """OPEN of ``nodeid``, a wake-up served in C: the fh."""
     head = r.vr.submit([abi.IN_HEADER.pack(48, Opcode.OPEN, 8003, nodeid, 0, 0, 1, 0, 0), abi.OPEN_IN.pack(0, 0)],
                        [16, abi.OPEN_OUT.size])
     r.vr.kick()
     assert r.wait(timeout_ms=0) == (WAIT_IDLE, 1, 0)
     fh = abi.OPEN_OUT.unpack(r.vr.read_writable(head)[16:])[0]
-    r.replies()
-    return nodeid, fh
+    assert r.replies()[0][1] == 0
+    return fh
+
+
+def _open_data(r: Rig) -> tuple[int, int]:
+    """LOOKUP and OPEN of the rig's data file: (nodeid, fh)."""
+    nodeid = _lookup_data(r)
+    return nodeid, _open_file(r, nodeid)
 
 
 def _kick_release(r: Rig, nodeid: int, fh: int) -> None:
