@@ -50,7 +50,8 @@
  * to Python. Then os.close(os.dup(fd)):
  * fcntl(F_DUPFD_CLOEXEC) and close, the GIL released; EMFILE or ENFILE
  * from the dup is the empty reply (Python ignores them), any other errno
- * the error reply; the empty reply. Any lock description anywhere: Python.
+ * the error reply; the empty reply. A lock description of that owner on
+ * that inode: Python's, which drops it.
  */
 
 #include <sys/xattr.h>
