@@ -460,3 +460,20 @@ def test_writes_in_a_batch(rig):
         assert contents[1000 * i:1000 * i + size] == _data(size, 200 + i)
     # the two appends, in ring order, after the 6144 bytes of "w"
     assert contents[6144:] == _data(100 + 1000 % 400, 201) + _data(100 + 6000 % 400, 206)
+
+
+def test_a_write_of_scattered_pages_in_a_batch(rig):
+    """A WRITE laid as a page-cache write is: its data in 300 readable
+    buffers, none adjacent to the next (an indirect table). C serves it
+    (a raw chain holds 1040 readable buffers; it held 16), and the file
+    and the guest RAM come out as the reference leaves them. (Past 1040:
+    test_fastops_equivalence's many-buffers; this image's ring holds 256
+    descriptors and an indirect table 1024, so no chain here gets there.)"""
+    _session, _fast, nodeids, _meters, _loop, _img = rig
+    data = _data(16 * 300, 77)
+    request = write_request(nodeids["fh-rw"], 100, data, 77)
+    b = Builder(8, 0, 0, True)
+    b.request(request, [40, 80] + [80 + 16 * k for k in range(1, 300)], True, [16, 8], True, "none", 0)
+    served, c = check(rig, b.build())
+    assert served == 1 and c["served"] == [1]
+    assert c["w"][100:100 + len(data)] == data
