@@ -354,13 +354,6 @@ typedef struct {
     struct attrs_conf at;   /* READLINK, STATFS, ENOSYS (_attrs.h) */
     struct watch *watching; /* while FastOps.wait runs: its watched words, else NULL */
     int nwatching;
-    /* batch's raw chain (33 KB), made at its first call and kept: one
-     * malloc and free of it per call gave the heap's top back to the
-     * kernel and took it again (a brk and fresh zeroed pages) every
-     * time; raw_busy: a batch is using it (another call, which the
-     * worker never makes, gets one of its own) */
-    struct vq_raw_chain *raw;
-    int raw_busy;
 } FastOps;
 
 /* a watched word that this worker itself moved from `from` to `to`, where
@@ -1302,12 +1295,7 @@ static PyObject *fastops_batch(FastOps *self, PyObject *const *args, Py_ssize_t 
     uint32_t *words = wb.buf;
     uint16_t *popped = pb.buf;
     PyObject *core = args[0];
-    int own = self->raw_busy;
-    if (!own && self->raw == NULL)
-        self->raw = PyMem_Malloc(sizeof *self->raw);
-    struct vq_raw_chain *c = own ? PyMem_Malloc(sizeof *c) : self->raw;
-    if (!own)
-        self->raw_busy = 1;
+    struct vq_raw_chain *c = PyMem_Malloc(sizeof *c);
     struct state st = {0};
     Py_ssize_t served = 0;
     int python = 1;     /* the next chain is Python's to pop */
@@ -1342,10 +1330,7 @@ static PyObject *fastops_batch(FastOps *self, PyObject *const *args, Py_ssize_t 
     /* a declined request is never an error: Python pops and serves it */
     PyErr_Clear();
     state_drop(&st);
-    if (own)
-        PyMem_Free(c);
-    else
-        self->raw_busy = 0;
+    PyMem_Free(c);
     PyBuffer_Release(&pb);
     PyBuffer_Release(&wb);
     return PyLong_FromSsize_t(python ? -1 - served : served);
@@ -1524,7 +1509,6 @@ static void fastops_dealloc(FastOps *self)
 {
     PyObject_GC_UnTrack(self);
     fastops_clear(self);
-    PyMem_Free(self->raw);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
