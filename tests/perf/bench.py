@@ -18,8 +18,8 @@ else runs on it; only ratios measured side by side mean anything):
    (create, stat, readdir, unlink of 10,000 small files; untar and rm -rf
    of a source tree of 3,000 files). See tests/perf/guest_workloads/.
 2. **Parallel, platform b**: the guest runs fio with two jobs and two
-   metadata processes, each pinned to its own vCPU
-   (tests/perf/guest_workloads/parallel.sh): ours with 2 request queues
+   metadata processes, each pinned to its own vCPU and both starting each
+   phase together (tests/perf/guest_workloads/parallel.sh): ours with 2 request queues
    (with its defaults, and again with ``--no-xattr``, the Rust daemon's
    default: with extended attributes a guest asks GETXATTR before every
    WRITE) against the Rust daemon with its one (a second queue hangs it),
@@ -688,7 +688,8 @@ def render_markdown(rows, info, p, args, guest, elapsed, floor=None, parallel=No
     md += ["", "## Workloads", "",
            f"- parallel (platform b): the same fio jobs as two fio jobs ({p['par_seq_mib']} MiB sequential in all, "
            f"random phases {p['par_rand_seconds']} s) and {p['par_files']:,} small files "
-           "as two metadata.py processes, each pinned to one vCPU (tests/perf/guest_workloads/parallel.sh); "
+           "as two metadata.py processes, each pinned to one vCPU, both starting each phase together "
+           "(tests/perf/guest_workloads/parallel.sh); "
            "ours offers 2 request queues, the Rust daemon 1 (it hangs on a second); ours runs twice per round, "
            "with its defaults and with --no-xattr (the Rust daemon's default: with extended attributes the "
            "guest sends a GETXATTR of security.capability before every WRITE).",

@@ -108,3 +108,53 @@ def test_markdown_names_the_parallel_rounds_only_when_that_part_ran():
     info = {"date": "d", "platform_a": "a", "platform_b": "b"}
     md = bench.render_markdown([], info, dict(bench.QUICK), argparse.Namespace(quick=True), None, 1.0)
     assert "interleaved runs)" not in md and "alternating runs of each daemon on a shared 2-core machine." in md
+
+
+def barrier_pair():
+    """One child's side of parallel_meta's barrier (metadata.Barrier) and
+    the parent's fds for it."""
+    from tests.perf.guest_workloads import metadata
+    import os
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    return metadata.Barrier(f"{go_r},{ready_w}"), ready_r, go_w
+
+
+def test_phase_barrier_lets_no_process_start_a_phase_before_the_other_is_ready():
+    import threading
+    import time
+    from tests.perf.guest_workloads import parallel_meta
+    sides = [barrier_pair() for _ in range(2)]
+    log = []
+
+    def child(i, delay):
+        for phase in parallel_meta.PHASES:
+            time.sleep(delay)
+            log.append(("ready", i, phase))
+            sides[i][0].wait()
+            log.append(("go", i, phase))
+
+    threads = [threading.Thread(target=child, args=(0, 0.0)), threading.Thread(target=child, args=(1, 0.05))]
+    for t in threads:
+        t.start()
+    parallel_meta.release_phases([s[1] for s in sides], [s[2] for s in sides])
+    for t in threads:
+        t.join(5)
+    for phase in parallel_meta.PHASES:
+        first_go = min(n for n, e in enumerate(log) if e[0] == "go" and e[2] == phase)
+        both_ready = max(n for n, e in enumerate(log) if e[0] == "ready" and e[2] == phase)
+        assert both_ready < first_go, log
+
+
+def test_phase_barrier_stops_the_other_process_when_one_goes_away():
+    import os
+    import pytest
+    from tests.perf.guest_workloads import parallel_meta
+    sides = [barrier_pair() for _ in range(2)]
+    # the second process failed before its first phase: its ready end closes
+    os.close(sides[1][0].fds[1])
+    os.close(sides[1][0].fds[0])
+    os.write(sides[0][0].fds[1], b"r")
+    parallel_meta.release_phases([s[1] for s in sides], [s[2] for s in sides])
+    with pytest.raises(SystemExit, match="barrier"):
+        sides[0][0].wait()   # its next phase: no go byte, the parent's end is closed

@@ -21,6 +21,11 @@ Phases, each timed on its own and printed as one line
 "Cold": ``echo 3 > /proc/sys/vm/drop_caches`` right before the phase, so
 the guest asks the daemon instead of answering from its own caches (the
 FORGETs that this sends are outside the timed part).
+
+``--barrier R,W`` (parallel_meta.py): before each file phase, after its
+drop_caches, write one byte to fd W and wait for one byte on fd R, so that
+two processes start every phase together: each phase then overlaps the
+same phase of the other process, never its drop_caches or another phase.
 """
 
 from __future__ import annotations
@@ -51,6 +56,24 @@ def drop_caches() -> None:
     time.sleep(0.5)  # let the FORGETs it causes reach the daemon
 
 
+class Barrier:
+    """One side of parallel_meta.py's phase barrier (two pipe fds)."""
+
+    def __init__(self, spec: str | None) -> None:
+        self.fds = tuple(int(x) for x in spec.split(",")) if spec else None
+
+    def wait(self) -> None:
+        if self.fds is None:
+            return
+        r, w = self.fds
+        try:
+            os.write(w, b"r")
+        except BrokenPipeError:
+            raise SystemExit("barrier: the parent went away") from None
+        if os.read(r, 1) != b"g":
+            raise SystemExit("barrier: the parent went away")
+
+
 def timed(phase: str, ops: int, fn) -> None:
     t0 = time.monotonic()
     fn()
@@ -64,7 +87,9 @@ def main() -> int:
     ap.add_argument("--tar")
     ap.add_argument("--footprint")
     ap.add_argument("--hold", type=float, default=8.0, help="seconds to hold the footprint inodes")
+    ap.add_argument("--barrier", help="R,W: pipe fds of parallel_meta.py's phase barrier")
     a = ap.parse_args()
+    barrier = Barrier(a.barrier)
     base = a.dir
     shutil.rmtree(base, ignore_errors=True)
     os.makedirs(base)
@@ -90,12 +115,16 @@ def main() -> int:
             os.unlink(p)
 
     if a.files:  # 0: only the footprint (bench.py's large-footprint boot)
+        barrier.wait()
         timed("create", a.files, create)
         drop_caches()
+        barrier.wait()
         timed("stat", a.files, stat_all)
         drop_caches()
+        barrier.wait()
         timed("readdir", a.files, readdir)
         drop_caches()
+        barrier.wait()
         timed("unlink", a.files, unlink)
 
     if a.tar:

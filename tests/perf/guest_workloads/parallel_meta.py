@@ -4,7 +4,12 @@
 
 Each process works in its own directory DIR/0, DIR/1 on N/2 files, so with
 Linux 6.11+ and two request queues each sends its requests on its own
-queue. For each phase of metadata.py (create, stat, readdir, unlink) prints
+queue. The processes start each phase together (metadata.py's --barrier:
+a pipe pair each, the parent lets both go once both are ready), so a phase
+of one overlaps the same phase of the other and never the other's
+drop_caches, whose FORGETs and evictions would land in the middle of a
+short phase such as the cold readdir (about 40 ms). For each phase of
+metadata.py (create, stat, readdir, unlink) prints
 ``BENCH {"phase": "par-PHASE", "seconds": s, "ops": n}`` with n the two
 processes' operations together and s the slower one's time: a conservative
 aggregate rate. A process that fails (an error, or no figure for a phase)
@@ -24,6 +29,20 @@ PHASES = ("create", "stat", "readdir", "unlink")
 TIMEOUT = 900
 
 
+def release_phases(ready: list[int], go: list[int]) -> None:
+    """Let the processes into each phase together: once every one of them
+    has written its ready byte, write a go byte to each. Ends when a
+    process closes its end (it finished, or failed: then the others get
+    EOF instead of a go byte and stop)."""
+    for _ in PHASES:
+        if not all(os.read(fd, 1) == b"r" for fd in ready):
+            break
+        for fd in go:
+            os.write(fd, b"g")
+    for fd in ready + go:
+        os.close(fd)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("dir")
@@ -31,11 +50,20 @@ def main() -> int:
     a = ap.parse_args()
     os.makedirs(a.dir, exist_ok=True)
     procs = []
+    ready, go = [], []
     for cpu in (0, 1):
+        ready_r, ready_w = os.pipe()
+        go_r, go_w = os.pipe()
         procs.append(subprocess.Popen(
             [sys.executable, os.path.join(HERE, "metadata.py"), os.path.join(a.dir, str(cpu)),
-             "--files", str(a.files // 2)],
-            stdout=subprocess.PIPE, text=True, preexec_fn=lambda cpu=cpu: os.sched_setaffinity(0, {cpu})))
+             "--files", str(a.files // 2), "--barrier", f"{go_r},{ready_w}"],
+            stdout=subprocess.PIPE, text=True, pass_fds=(go_r, ready_w),
+            preexec_fn=lambda cpu=cpu: os.sched_setaffinity(0, {cpu})))
+        os.close(go_r)
+        os.close(ready_w)
+        ready.append(ready_r)
+        go.append(go_w)
+    release_phases(ready, go)
     figures: dict[str, list[dict]] = {}
     failed = False
     for cpu, p in enumerate(procs):
