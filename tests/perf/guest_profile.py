@@ -30,6 +30,14 @@ It prints, per step, the guest's figure and those counters divided by the
 step's operations (fio's I/Os, the metadata phases' operations), so the
 cost per request of each daemon and what it makes QEMU do can be compared.
 ``--kinds`` names the daemons, ``kind:OPTION:OPTION`` with extra options.
+
+``--parallel`` profiles the bench's parallel metadata workload instead
+(tests/perf/guest_workloads/parallel_meta.py: two processes pinned to the
+two vCPUs, ``--files`` files in all, both starting each phase together),
+on platform b with ours offering 2 request queues and Rust its one; the
+steps are its phases (par-create, par-stat, par-readdir, par-unlink), and
+a table per step splits our daemon's run time and wake-ups by process
+name (supervisor, workers, keeper).
 """
 
 from __future__ import annotations
@@ -145,12 +153,18 @@ def profile_run(kind: str, extra: tuple, cache: str, platform: str, a) -> dict:
             return f"the {kind} daemon exited with {d.proc.returncode}"
         return None
 
-    cmd = "BENCH_MARKS=1 " + " ".join(shlex.quote(str(x)) for x in (
-        "sh", guest_path(WORKLOADS / "run.sh"), "/mnt", a.seq_mib, a.rand_seconds, a.files, "-", "-",
-        a.lat_count if cache == "never" else 0))
+    if a.parallel:
+        cmd = "BENCH_MARKS=1 " + " ".join(shlex.quote(str(x)) for x in (
+            "python3", guest_path(WORKLOADS / "parallel_meta.py"), "/mnt/bench-par-meta", "--files", a.files))
+    else:
+        cmd = "BENCH_MARKS=1 " + " ".join(shlex.quote(str(x)) for x in (
+            "sh", guest_path(WORKLOADS / "run.sh"), "/mnt", a.seq_mib, a.rand_seconds, a.files, "-", "-",
+            a.lat_count if cache == "never" else 0))
+    queues = 2 if a.parallel and kind == "ours" else 1
     try:
         r = run_guest(d.socket_path, cmd, timeout=900, console_log=console, idle_timeout=200,
-                      abort_if=watch, platform=platform, on_start=lambda p: qemu.update(pid=p.pid))
+                      abort_if=watch, platform=platform, on_start=lambda p: qemu.update(pid=p.pid),
+                      num_request_queues=queues)
     finally:
         d.stop(10)
     phases, failures = parse_output(r.output)
@@ -175,11 +189,15 @@ def profile_run(kind: str, extra: tuple, cache: str, platform: str, a) -> dict:
 
 # the metadata step's operations: the sum of its phases'
 METADATA = ("create", "stat", "readdir", "unlink")
+# --parallel: parallel_meta.py's phases
+PAR_STEPS = tuple("par-" + p for p in METADATA)
 
 
 def step_ops(step: str, phases: dict) -> int:
     if step == "metadata":
         return sum(int(phases[p]["ops"]) for p in METADATA if p in phases)
+    if step.startswith("par-"):
+        return int(phases.get(step, {}).get("ops", 0))
     if step == "latency":
         return sum(int(phases[p]["ops"]) for p in phases if p.startswith("lat-"))
     return int(phases.get(step, {}).get("ops", 0))
@@ -188,7 +206,8 @@ def step_ops(step: str, phases: dict) -> int:
 def summarize(runs: dict) -> list[str]:
     """Per step: median figure and per-operation counters of each kind."""
     lines = []
-    steps = [s for s in ("idle", "seq-write", "seq-read", "rand-read", "rand-write", "latency", "metadata")
+    steps = [s for s in ("idle", "seq-write", "seq-read", "rand-read", "rand-write", "latency", "metadata",
+                         *PAR_STEPS)
              if any(s in r["steps"] for rs in runs.values() for r in rs)]
     for step in steps:
         lines.append(f"## {step}")
@@ -214,7 +233,28 @@ def summarize(runs: dict) -> list[str]:
             lines.append(f"| {kind} (n={len(rows)}) | {med[0]:,.0f} | {med[1]:.1f} | {med[2]:.1f} | {med[3]:.2f} "
                          f"| {med[4]:.2f} | {med[5]:.0f} | {med[6]:.0f} | {med[7]:.2f} | {med[8]:.1f} |")
         lines.append("")
+        if step in PAR_STEPS:
+            lines += by_name(runs, step)
     return lines
+
+
+def by_name(runs: dict, step: str) -> list[str]:
+    """Per daemon process name (threads of one process, processes of one
+    name summed): median run µs and wake-ups per operation of ``step``."""
+    lines = [f"{step}, per process name: | daemon | process | ran µs/op | wake-ups/op |", "|---|---|---:|---:|"]
+    for kind, rs in runs.items():
+        per: dict[str, list[tuple[float, float]]] = {}
+        for r in rs:
+            s = r["steps"].get(step)
+            if not s:
+                continue
+            ops = step_ops(step, r["phases"]) or 1
+            for name, (_cpu, vcsw, run_s) in s["daemon_by_name"].items():
+                per.setdefault(name, []).append((run_s * 1e6 / ops, vcsw / ops))
+        for name, vals in sorted(per.items()):
+            ran, woke = (statistics.median(c) for c in zip(*vals))
+            lines.append(f"| {kind} | {name} | {ran:.1f} | {woke:.2f} |")
+    return lines + [""]
 
 
 def main() -> int:
@@ -231,7 +271,11 @@ def main() -> int:
                     help="ours with --metrics-socket: FUSE requests per opcode in each step (this "
                          "takes ours off the compiled wait loop, so its figures are not the default's)")
     ap.add_argument("--json", help="write every run's raw counters here")
+    ap.add_argument("--parallel", action="store_true",
+                    help="the parallel metadata workload, platform b, ours with 2 request queues")
     a = ap.parse_args()
+    if a.parallel:
+        a.platform = "b"
     kinds = [(spec, spec.split(":")[0], tuple(spec.split(":")[1:])) for spec in a.kinds.split(",")]
     runs: dict = {spec: [] for spec, _, _ in kinds}
     for rnd in range(a.rounds):

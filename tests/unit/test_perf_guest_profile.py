@@ -115,6 +115,29 @@ def test_step_ops_adds_the_metadata_and_latency_phases():
     assert gp.step_ops("seq-read", phases) == 0
 
 
+def test_parallel_steps_are_per_operation_with_a_split_by_process():
+    run = _run(5000, 1.0, 0.05, 1.0, 5000, step="par-stat")
+    run["steps"]["par-stat"]["daemon_by_name"] = {"worker-1": [0.1, 3000, 0.03], "hiprio": [0.0, 10, 0.001]}
+    assert gp.step_ops("par-stat", run["phases"]) == 5000
+    assert gp.step_ops("par-unlink", run["phases"]) == 0
+    lines = gp.summarize({"ours": [run]})
+    assert lines[0] == "## par-stat"
+    # 0.03 s over 5,000 operations: 6 µs and 0.6 wake-ups per operation
+    assert "| ours | worker-1 | 6.0 | 0.60 |" in lines
+    assert "| ours | hiprio | 0.2 | 0.00 |" in lines
+
+
+def test_parallel_meta_marks_each_phase_only_with_bench_marks(monkeypatch, capsys):
+    from tests.perf.guest_workloads import parallel_meta
+    monkeypatch.setattr(parallel_meta.time, "sleep", lambda s: None)
+    monkeypatch.delenv("BENCH_MARKS", raising=False)
+    parallel_meta.mark("start", "stat")
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("BENCH_MARKS", "1")
+    parallel_meta.mark("end", "stat")
+    assert gp.MARK.fullmatch(capsys.readouterr().out.strip()).groups() == ("end", "par-stat")
+
+
 def test_make_profile_keeps_the_hand_written_guest_section():
     from tests.perf import profile
     generated = "# Where the time goes\n\n## The floor, and threads\n\n| a | b |\n"

@@ -133,6 +133,7 @@ def test_phase_barrier_lets_no_process_start_a_phase_before_the_other_is_ready()
             log.append(("ready", i, phase))
             sides[i][0].wait()
             log.append(("go", i, phase))
+            sides[i][0].done()
 
     threads = [threading.Thread(target=child, args=(0, 0.0)), threading.Thread(target=child, args=(1, 0.05))]
     for t in threads:

@@ -25,7 +25,8 @@ FORGETs that this sends are outside the timed part).
 ``--barrier R,W`` (parallel_meta.py): before each file phase, after its
 drop_caches, write one byte to fd W and wait for one byte on fd R, so that
 two processes start every phase together: each phase then overlaps the
-same phase of the other process, never its drop_caches or another phase.
+same phase of the other process, never its drop_caches or another phase;
+after each phase, one byte more on W (the parent's end-of-phase mark).
 """
 
 from __future__ import annotations
@@ -73,6 +74,13 @@ class Barrier:
         if os.read(r, 1) != b"g":
             raise SystemExit("barrier: the parent went away")
 
+    def done(self) -> None:
+        if self.fds is not None:
+            try:
+                os.write(self.fds[1], b"d")
+            except BrokenPipeError:
+                raise SystemExit("barrier: the parent went away") from None
+
 
 def timed(phase: str, ops: int, fn) -> None:
     t0 = time.monotonic()
@@ -117,15 +125,19 @@ def main() -> int:
     if a.files:  # 0: only the footprint (bench.py's large-footprint boot)
         barrier.wait()
         timed("create", a.files, create)
+        barrier.done()
         drop_caches()
         barrier.wait()
         timed("stat", a.files, stat_all)
+        barrier.done()
         drop_caches()
         barrier.wait()
         timed("readdir", a.files, readdir)
+        barrier.done()
         drop_caches()
         barrier.wait()
         timed("unlink", a.files, unlink)
+        barrier.done()
 
     if a.tar:
         local = "/tmp/bench-src.tar"

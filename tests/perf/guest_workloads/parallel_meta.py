@@ -13,7 +13,9 @@ metadata.py (create, stat, readdir, unlink) prints
 ``BENCH {"phase": "par-PHASE", "seconds": s, "ops": n}`` with n the two
 processes' operations together and s the slower one's time: a conservative
 aggregate rate. A process that fails (an error, or no figure for a phase)
-fails the run: exit status 1, after its output.
+fails the run: exit status 1, after its output. With BENCH_MARKS=1 in the
+environment, "@@BENCH-MARK start|end par-PHASE@@" around each phase (both
+processes' part of it), each followed by a second's pause, as run.sh's.
 """
 
 from __future__ import annotations
@@ -23,22 +25,37 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PHASES = ("create", "stat", "readdir", "unlink")
 TIMEOUT = 900
 
 
+def mark(edge: str, phase: str) -> None:
+    """With BENCH_MARKS=1 (tests/perf/guest_profile.py --parallel), as
+    run.sh's marks: "@@BENCH-MARK start|end par-PHASE@@", then a second's
+    pause for the host to read the daemons' counters."""
+    if os.environ.get("BENCH_MARKS"):
+        print(f"@@BENCH-MARK {edge} par-{phase}@@", flush=True)
+        time.sleep(1)
+
+
 def release_phases(ready: list[int], go: list[int]) -> None:
     """Let the processes into each phase together: once every one of them
-    has written its ready byte, write a go byte to each. Ends when a
-    process closes its end (it finished, or failed: then the others get
-    EOF instead of a go byte and stop)."""
-    for _ in PHASES:
+    has written its ready byte, write a go byte to each; then wait for
+    every one's end-of-phase byte. Ends when a process closes its end (it
+    finished, or failed: then the others get EOF instead of a go byte and
+    stop)."""
+    for phase in PHASES:
         if not all(os.read(fd, 1) == b"r" for fd in ready):
             break
+        mark("start", phase)
         for fd in go:
             os.write(fd, b"g")
+        if not all(os.read(fd, 1) == b"d" for fd in ready):
+            break
+        mark("end", phase)
     for fd in ready + go:
         os.close(fd)
 
