@@ -1039,6 +1039,7 @@ static int meter_op_words(FastOps *self, PyObject *words, const char *name, stru
 #include "_open.h"
 #include "_setattr.h"
 #include "_attrs.h"
+#include "_closer.h"
 
 /* one request, with the checks every fast op shares (FuseSession._handle's,
  * in its order); NOT_HANDLED (nothing written) or the bytes written;
@@ -1812,8 +1813,16 @@ static PyTypeObject FastOpsType = {
     .tp_getset = fastops_getset,
 };
 
+static PyMethodDef module_methods[] = {
+    {"close_later", (PyCFunction)fastops_close_later, METH_O,
+     "close_later(fds): close these fds on the closer thread (_closer.h), no GIL taken there"},
+    {"closer_stats", (PyCFunction)fastops_closer_stats, METH_NOARGS,
+     "closer_stats() -> (pending, closed, state): the closer thread's queue (_closer.h)"},
+    {NULL},
+};
+
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_fastops", "FUSE requests served in C (docs/compiled.md)", -1, NULL,
+    PyModuleDef_HEAD_INIT, "_fastops", "FUSE requests served in C (docs/compiled.md)", -1, module_methods,
 };
 
 PyMODINIT_FUNC PyInit__fastops(void)

@@ -7,12 +7,14 @@ other request of that queue would wait behind it. Such calls (``fsync``,
 threads, while the loop goes on serving; the request is deferred
 (``FuseSession.defer_blocking``) and answered when the call returns.
 
-The same threads close the O_PATH fds of inodes the guest forgot
-(``InodeCache.reap``): the last close of an unlinked file is where the host
-evicts it (truncate, and a synchronous discard on a ``-o discard`` mount),
-which took 14 % of a request worker's time in a cold ``unlink`` workload
-and stalled the guest's next request. Nobody waits for those closes, so
-they do not write the wakeup fd.
+On the pure-Python path the same threads close the O_PATH fds of inodes
+the guest forgot (``InodeCache.reap``): the last close of an unlinked file
+is where the host evicts it (truncate, and a synchronous discard on a
+``-o discard`` mount), which took 14 % of a request worker's time in a
+cold ``unlink`` workload and stalled the guest's next request. Nobody
+waits for those closes, so they do not write the wakeup fd. With the
+compiled ops a C thread closes them instead, without the GIL hand-offs a
+Python thread costs per close (``daemon/fuse/_closer.h``).
 
 What a helper thread may touch is kept to the call itself: it gets its own
 ``dup`` of the file descriptor (closed when the call returns, so a RELEASE

@@ -650,6 +650,9 @@ def fast_ops(session):
              enosys)
     if session.meter is not None and not counted:
         log.info("FUSE ops: this meter is not C's to count for: its requests stay in Python")
+    # forgotten inodes' fds: closed on the C closer thread, not on the
+    # Python helpers, whose GIL hand-offs cost wake-ups (_closer.h)
+    session.close_with(_ext.close_later)
     return fast
 
 

@@ -61,6 +61,7 @@ from __future__ import annotations
 import errno
 import os
 from stat import S_ISDIR as _S_ISDIR
+from typing import Callable
 
 from daemon.fuse import abi, credentials, idtranslate, ops, readonly, replies
 from daemon.fuse.abi import Opcode
@@ -130,6 +131,7 @@ class FuseSession:
         self.handles: HandleTable = None  # type: ignore[assignment]
         self.peers: Peers | None = None
         self._blocking: BlockingCalls | None = None
+        self._closer: Callable[[list[int]], None] | None = None   # close_with
         # opcode -> handler (ops.py); the hiprio role has no file system
         # access at all: only reference counts
         self._ops: dict[int, Handler] = ops.handlers(hiprio=self._hiprio)
@@ -327,9 +329,19 @@ class FuseSession:
         self.defer(req, collect)
         return DEFERRED
 
+    def close_with(self, closer: Callable[[list[int]], None]) -> None:
+        """Close forgotten inodes' fds with ``closer`` from now on instead
+        of on the helper threads: the compiled ops' ``close_later``
+        (fastpath.fast_ops; its thread never takes the GIL, _closer.h)."""
+        self._closer = closer
+
     def _close_later(self, fds: list[int]) -> None:
-        """Close ``fds`` (forgotten inodes) on a helper thread; here if none
-        can run."""
+        """Close ``fds`` (forgotten inodes) off this thread: with the
+        ``close_with`` closer if one was given, else on a helper thread;
+        here if none can run."""
+        if self._closer is not None:
+            self._closer(fds)
+            return
         assert self._blocking is not None     # the request role's cache calls this
         try:
             self._blocking.submit(close_fds, fds, notify=False)

@@ -1,6 +1,6 @@
 """What a request or hiprio worker does besides answering, seen from the
 vhost-user test frontend against the real, confined daemon: --readdirplus,
-FSYNC and forgotten inodes' closes on a helper thread, FORGET kick coalescing on the hiprio ring
+FSYNC on a helper thread, forgotten inodes' closes off the serving thread, FORGET kick coalescing on the hiprio ring
 (daemon/fuse/blocking.py, daemon/workers/loop.py), the lookup counts LOOKUP
 takes in C (daemon/fuse/_lookup.h). pyvirtiofsd only."""
 
@@ -91,10 +91,19 @@ def test_forgets_coalesce_but_a_lone_one_is_served_at_once(frontend):
     assert frontend.getattr(nodeid).attr.ino        # 4 lookups - 3 forgets: still known
 
 
+def blocks_sigterm(pid: int, tid: int) -> bool:
+    with open(f"/proc/{pid}/task/{tid}/status") as f:
+        mask = int(next(ln for ln in f if ln.startswith("SigBlk:")).split()[1], 16)
+    return bool(mask & (1 << (15 - 1)))
+
+
 def test_a_forgotten_inode_fd_is_closed_by_the_request_worker(frontend):
     """FORGET to zero on the hiprio ring; the request worker closes that
-    inode's O_PATH fd after its next batch, on a helper thread."""
+    inode's O_PATH fd after its next batch, off its serving thread: with
+    the compiled ops on the C closer thread (_closer.h: every signal
+    blocked, no GIL), else a Python helper thread (blocking.py)."""
     request = worker_pid(frontend, "request-1")
+    assert threads(request) == 1
     (frontend.shared_dir / "gone").write_bytes(b"x")
     before = fd_count(request)
     nodeid = frontend.lookup(ROOT, "gone").nodeid
@@ -103,6 +112,11 @@ def test_a_forgotten_inode_fd_is_closed_by_the_request_worker(frontend):
     frontend.forget(nodeid, 1)
     frontend.getattr(ROOT)                           # a batch: the worker reaps after it
     assert settled_fd_count(request, before) == before
+    tids = sorted(int(t) for t in os.listdir(f"/proc/{request}/task"))
+    assert len(tids) == 2 and tids[0] == request
+    _, compiled = fuse_ops(frontend)
+    assert blocks_sigterm(request, tids[1]) == compiled
+    assert not blocks_sigterm(request, request)
 
 
 @pytest.mark.frontend_opts(extra_args=("--inode-file-handles", "prefer", "--inode-fd-cache", "32"))
