@@ -236,58 +236,14 @@ static int cache_has_room(FastOps *self, const struct state *st)
     return max_fds == 0 || (max_fds > 0 && PyDict_GET_SIZE(st->fds) < max_fds);
 }
 
-/* adopting for fd, of device dev; -1 (any error cleared) if the cache or
- * its peers are not as expected */
-static int adopt_inputs(FastOps *self, int fd, uint64_t dev, struct adopting *a)
-{
-    PyObject *cache = PyObject_GetAttr(self->session, s_cache), *peers = NULL, *v = NULL;
-    int rc = -1, truth;
-    if (cache == NULL || (peers = PyObject_GetAttr(cache, s_peers)) == NULL)
-        goto out;
-    a->owner = 0;
-    a->shared = 0;
-    if (peers != Py_None) {
-        PyObject *n = PyLong_FromLong(fd);
-        v = n == NULL ? NULL : PyObject_CallMethodOneArg(peers, s_mine, n);
-        Py_XDECREF(n);
-        if (v == NULL || !PyLong_Check(v))
-            goto out;
-        a->owner = PyLong_AsUnsignedLongLong(v);
-        Py_CLEAR(v);
-        if (PyErr_Occurred() || (v = PyObject_GetAttr(peers, s_shared)) == NULL || (truth = PyObject_IsTrue(v)) < 0)
-            goto out;
-        a->shared = truth;
-        Py_CLEAR(v);
-    }
-    if ((v = PyObject_GetAttr(cache, s_use_handles)) == NULL || (truth = PyObject_IsTrue(v)) < 0)
-        goto out;
-    Py_CLEAR(v);
-    a->handle = 0;
-    if (truth) {
-        /* -1 before the first INIT: no device matches it */
-        if ((v = PyObject_GetAttr(cache, s_root_dev)) == NULL || !PyLong_CheckExact(v))
-            goto out;
-        int overflow;
-        long long root_dev = PyLong_AsLongLongAndOverflow(v, &overflow);
-        if (root_dev == -1 && PyErr_Occurred())
-            goto out;
-        a->handle = !overflow && root_dev >= 0 && (uint64_t)root_dev == dev;
-    }
-    rc = 0;
-out:
-    Py_XDECREF(v);
-    Py_XDECREF(peers);
-    Py_XDECREF(cache);
-    if (rc < 0)
-        PyErr_Clear();
-    return rc;
-}
-
-/* adopt_inputs and cache_has_room read once for a run of lookups (a
- * READDIRPLUS reply, _readdir.h) rather than once per name: nothing read
- * here changes while C runs (no Python code runs between the lookups of
- * a run that C serves whole; a per-name Python fallback invalidates it).
- * peers.mine(fd) is serial << 32 | fd, 0 while the serial is 0. */
+/* What adopt needs of the cache and its peers, and the cache's bound,
+ * read once for a run of lookups (a READDIRPLUS reply, _readdir.h) rather
+ * than once per name, or once for a single LOOKUP (cold_lookup): nothing
+ * read here changes while C runs (no Python code runs between the lookups
+ * of a run that C serves whole; a per-name Python fallback invalidates
+ * it). peers.mine(fd) is serial << 32 | fd, 0 while the serial is 0: C
+ * computes it rather than calling into Python (a cold LOOKUP ran that
+ * method, interpreter frames and all, on every wake-up for one). */
 struct adopt_once {
     int ready;              /* 0: not read yet, 1: read, -1: unreadable (decline) */
     int peers, shared, use_handles, root_dev_ok;
@@ -353,7 +309,7 @@ static int once_has_room(FastOps *self, const struct state *st, struct adopt_onc
     return o->ready > 0 && (o->max_fds == 0 || PyDict_GET_SIZE(st->fds) < o->max_fds);
 }
 
-/* adopt_inputs from what once_read read */
+/* adopt's inputs (owner word, shared, file handle) from what once_read read */
 static int once_inputs(const struct adopt_once *o, int fd, uint64_t dev, struct adopting *a)
 {
     if (o->ready <= 0)
@@ -482,9 +438,12 @@ static int cold_lookup_with(FastOps *self, struct state *st, int parent, const c
                             struct adopt_once *once)
 {
     const struct lookup_table *t = &self->lk;
+    struct adopt_once single = {0};     /* one LOOKUP: read for it alone */
     struct stat s;
     int fd;
-    if (once != NULL ? !once_has_room(self, st, once) : !cache_has_room(self, st))
+    if (once == NULL)
+        once = &single;
+    if (!once_has_room(self, st, once))
         return -1;
     Py_BEGIN_ALLOW_THREADS
     fd = openat(parent, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
@@ -498,7 +457,7 @@ static int cold_lookup_with(FastOps *self, struct state *st, int parent, const c
     struct adopting a = {0};
     int kept = 0, result = -1;
     if (fill_attr(&r->attr, &s) == 0
-            && (once != NULL ? once_inputs(once, fd, (uint64_t)s.st_dev, &a) : adopt_inputs(self, fd, (uint64_t)s.st_dev, &a)) == 0
+            && once_inputs(once, fd, (uint64_t)s.st_dev, &a) == 0
             && st->tlock != NULL && record_lock(t->fd, F_WRLCK) == 0) {
         if (word_at(&st->header, t->h_dirty) == 0) {
             set_word(&st->header, t->h_dirty, 1);

@@ -9,7 +9,6 @@ import time
 import pytest
 
 from daemon.fuse import fastpath
-from tests.procfs import fd_count
 from tests.unit.fusereq import start_session
 
 pytestmark = pytest.mark.skipif(not fastpath.EXTENSION_BUILT, reason="needs daemon.fuse._fastops")
@@ -77,17 +76,26 @@ def test_a_bad_fd_rejects_the_whole_call_and_closes_nothing():
     os.close(w)
 
 
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 def test_more_than_the_queue_holds_is_closed_by_the_caller():
-    base = fd_count(os.getpid())
     before = closed_by_thread()
     fds = [os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC) for _ in range(CLOSER_QUEUE + 500)]
     ext().close_later(fds)
+    # (these fds only: other tests' sessions may have closes of their own
+    # pending in this process, so the process's count is no measure)
     deadline = time.monotonic() + 10.0
-    while fd_count(os.getpid()) != base:
-        assert time.monotonic() < deadline, (fd_count(os.getpid()), base, ext().closer_stats())
+    while any(is_open(fd) for fd in fds):
+        assert time.monotonic() < deadline, (sum(map(is_open, fds)), ext().closer_stats())
         time.sleep(0.005)
-    assert ext().closer_stats()[0] == 0
-    assert closed_by_thread() - before <= CLOSER_QUEUE + 500
+    # the ring took at most CLOSER_QUEUE of them: the rest were the caller's
+    assert closed_by_thread() - before <= CLOSER_QUEUE + 64
     assert ext().close_later([]) is None
 
 
