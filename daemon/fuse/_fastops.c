@@ -370,7 +370,7 @@ static void watch_moved(FastOps *self, const void *buf, Py_ssize_t index, uint64
 
 static PyObject *s_readable, *s_writable, *s_views, *s_size, *s_session, *s_meter, *s_cache,
     *s_fds, *s_root_fd, *s_handles, *s_handles_dict, *s_fh_slots, *s_fd, *s_kind, *s_nodeid, *s_acquire,
-    *s_release, *s_peers, *s_mine, *s_shared, *s_use_handles, *s_root_dev, *s_max_fds;
+    *s_release, *s_peers, *s_shared, *s_use_handles, *s_root_dev, *s_max_fds;
 
 /* an attribute as a C integer; -1 with no error set if it is not an int
  * in range (the caller then leaves the request to Python) */
@@ -1832,7 +1832,7 @@ PyMODINIT_FUNC PyInit__fastops(void)
         {&s_session, "_session"}, {&s_meter, "meter"}, {&s_cache, "cache"}, {&s_fds, "_fds"},
         {&s_root_fd, "root_fd"}, {&s_handles, "handles"}, {&s_handles_dict, "_handles"},
         {&s_fh_slots, "_slots"}, {&s_fd, "fd"}, {&s_kind, "kind"}, {&s_nodeid, "nodeid"},
-        {&s_acquire, "acquire"}, {&s_release, "release"}, {&s_peers, "peers"}, {&s_mine, "mine"},
+        {&s_acquire, "acquire"}, {&s_release, "release"}, {&s_peers, "peers"},
         {&s_shared, "shared"}, {&s_use_handles, "_use_handles"}, {&s_root_dev, "_root_dev"},
         {&s_max_fds, "max_fds"},
         /* the ops' own (one header each): interned here, once, so that no

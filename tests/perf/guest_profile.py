@@ -154,12 +154,11 @@ def profile_run(kind: str, extra: tuple, cache: str, platform: str, a) -> dict:
         return None
 
     if a.parallel:
-        cmd = "BENCH_MARKS=1 " + " ".join(shlex.quote(str(x)) for x in (
-            "python3", guest_path(WORKLOADS / "parallel_meta.py"), "/mnt/bench-par-meta", "--files", a.files))
+        argv = ("python3", guest_path(WORKLOADS / "parallel_meta.py"), "/mnt/bench-par-meta", "--files", a.files)
     else:
-        cmd = "BENCH_MARKS=1 " + " ".join(shlex.quote(str(x)) for x in (
-            "sh", guest_path(WORKLOADS / "run.sh"), "/mnt", a.seq_mib, a.rand_seconds, a.files, "-", "-",
-            a.lat_count if cache == "never" else 0))
+        argv = ("sh", guest_path(WORKLOADS / "run.sh"), "/mnt", a.seq_mib, a.rand_seconds, a.files, "-", "-",
+                a.lat_count if cache == "never" else 0)
+    cmd = "BENCH_MARKS=1 " + " ".join(shlex.quote(str(x)) for x in argv)
     queues = 2 if a.parallel and kind == "ours" else 1
     try:
         r = run_guest(d.socket_path, cmd, timeout=900, console_log=console, idle_timeout=200,
@@ -196,8 +195,6 @@ PAR_STEPS = tuple("par-" + p for p in METADATA)
 def step_ops(step: str, phases: dict) -> int:
     if step == "metadata":
         return sum(int(phases[p]["ops"]) for p in METADATA if p in phases)
-    if step.startswith("par-"):
-        return int(phases.get(step, {}).get("ops", 0))
     if step == "latency":
         return sum(int(phases[p]["ops"]) for p in phases if p.startswith("lat-"))
     return int(phases.get(step, {}).get("ops", 0))

@@ -63,23 +63,28 @@ class Barrier:
     def __init__(self, spec: str | None) -> None:
         self.fds = tuple(int(x) for x in spec.split(",")) if spec else None
 
-    def wait(self) -> None:
-        if self.fds is None:
-            return
-        r, w = self.fds
+    def _say(self, byte: bytes) -> None:
         try:
-            os.write(w, b"r")
+            os.write(self.fds[1], byte)
         except BrokenPipeError:
             raise SystemExit("barrier: the parent went away") from None
-        if os.read(r, 1) != b"g":
-            raise SystemExit("barrier: the parent went away")
+
+    def wait(self) -> None:
+        if self.fds is not None:
+            self._say(b"r")
+            if os.read(self.fds[0], 1) != b"g":
+                raise SystemExit("barrier: the parent went away")
 
     def done(self) -> None:
         if self.fds is not None:
-            try:
-                os.write(self.fds[1], b"d")
-            except BrokenPipeError:
-                raise SystemExit("barrier: the parent went away") from None
+            self._say(b"d")
+
+    def timed(self, phase: str, ops: int, fn) -> None:
+        """``timed``, started together with the other process and its end
+        said to the parent."""
+        self.wait()
+        timed(phase, ops, fn)
+        self.done()
 
 
 def timed(phase: str, ops: int, fn) -> None:
@@ -123,21 +128,13 @@ def main() -> int:
             os.unlink(p)
 
     if a.files:  # 0: only the footprint (bench.py's large-footprint boot)
-        barrier.wait()
-        timed("create", a.files, create)
-        barrier.done()
+        barrier.timed("create", a.files, create)
         drop_caches()
-        barrier.wait()
-        timed("stat", a.files, stat_all)
-        barrier.done()
+        barrier.timed("stat", a.files, stat_all)
         drop_caches()
-        barrier.wait()
-        timed("readdir", a.files, readdir)
-        barrier.done()
+        barrier.timed("readdir", a.files, readdir)
         drop_caches()
-        barrier.wait()
-        timed("unlink", a.files, unlink)
-        barrier.done()
+        barrier.timed("unlink", a.files, unlink)
 
     if a.tar:
         local = "/tmp/bench-src.tar"
