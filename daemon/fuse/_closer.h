@@ -24,8 +24,8 @@
  * takes the fds, so that those of a run of FORGETs are closed in one
  * wake-up rather than one each. The thread never exits: a worker ends
  * with os._exit.
- * closer_stats() -> (pending, closed, state): fds waiting, fds the thread
- * closed, and 0 not started / 1 running / -1 could not start (tests).
+ * closer_stats() -> (pending, closed, state): fds not yet closed (queued
+ * or being closed), fds the thread closed, and 0 not started / 1 running / -1 could not start (tests).
  * No new system call: close, futex, clock_nanosleep (nanosleep), and what
  * glibc's pthread_create makes
  * (clone with CLONE_THREAD, mmap, mprotect, set_robust_list, rseq,
@@ -44,6 +44,7 @@ static struct {
     pthread_cond_t cv;
     int fds[CLOSER_QUEUE];  /* a ring: head, then count */
     unsigned head, count;
+    unsigned closing;       /* taken by the thread, not yet closed */
     int state;              /* 0 not started, 1 running, -1 could not start */
     unsigned long long closed;
 } closer = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
@@ -70,10 +71,12 @@ static void *closer_main(void *unused)
             mine[i] = closer.fds[(closer.head + i) % CLOSER_QUEUE];
         closer.head = (closer.head + n) % CLOSER_QUEUE;
         closer.count -= n;
+        closer.closing = n;
         pthread_mutex_unlock(&closer.mu);
         for (unsigned i = 0; i < n; i++)
             close(mine[i]);
         pthread_mutex_lock(&closer.mu);
+        closer.closing = 0;
         closer.closed += n;
     }
     return NULL;
@@ -151,7 +154,7 @@ static PyObject *fastops_close_later(PyObject *module, PyObject *arg)
 static PyObject *fastops_closer_stats(PyObject *module, PyObject *unused)
 {
     pthread_mutex_lock(&closer.mu);
-    unsigned pending = closer.count;
+    unsigned pending = closer.count + closer.closing;
     unsigned long long closed = closer.closed;
     int state = closer.state;
     pthread_mutex_unlock(&closer.mu);

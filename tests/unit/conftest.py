@@ -35,3 +35,20 @@ def connect(share):
 @pytest.fixture
 def fuse(connect):
     return connect()
+
+
+@pytest.fixture(autouse=True)
+def closer_settled():
+    """After each test, the C closer thread (daemon/fuse/_closer.h) has
+    closed what the test's sessions queued: its closes land up to 5 ms
+    later, and tests that count this process's fds must not see another
+    test's."""
+    yield
+    import sys
+    import time
+    ext = sys.modules.get("daemon.fuse._fastops")
+    if ext is None:
+        return
+    deadline = time.monotonic() + 5.0
+    while ext.closer_stats()[0] and time.monotonic() < deadline:
+        time.sleep(0.001)
