@@ -711,8 +711,32 @@ static int iov_range(const struct iovec *part, int count, Py_ssize_t off, Py_ssi
     return k;
 }
 
+/* Read one byte of every 4 KiB of the n buffers: a READ's destination is
+ * guest memory this worker process may never have touched (each worker
+ * maps guest RAM in its own page tables, and the guest hands a page to
+ * whichever queue's request it fills next). preadv's copy would then take
+ * one write fault per page; a read fault maps the page's whole
+ * fault-around window (64 KiB by default) at once, writable as the mapping
+ * is shared and shmem keeps no dirty accounting. 256 faults per unmapped
+ * MiB become 16 (docs/perf/queues.md, "Page faults"). The buffers are in
+ * guest memory the chain walk bounds-checked; a page the guest never used
+ * is allocated here rather than by preadv (or, past a short read's end,
+ * at all: guest RAM the guest owns). */
+#define TOUCH_STRIDE 4096
+static void touch_pages(const struct iovec *iov, int n)
+{
+    for (int i = 0; i < n; i++) {
+        uintptr_t p = (uintptr_t)iov[i].iov_base, end = p + iov[i].iov_len;
+        while (p < end) {
+            (void)*(const volatile char *)p;
+            p = (p | (TOUCH_STRIDE - 1)) + 1;
+        }
+    }
+}
+
 /* preadv2 (write: pwritev2) of n iovecs at offset, flags 0, retried on
- * EINTR, with the GIL released: the calls os.preadv and os.pwritev make,
+ * EINTR, with the GIL released (a read touches its buffers first,
+ * touch_pages): the calls os.preadv and os.pwritev make,
  * the ones policy/request.policy allows (not preadv/pwritev); 0 for no
  * iovecs, without a call; -1 and *err: its errno */
 static ssize_t file_io(int fd, const struct iovec *iov, int n, uint64_t offset, int write, int *err)
@@ -721,6 +745,8 @@ static ssize_t file_io(int fd, const struct iovec *iov, int n, uint64_t offset, 
     *err = 0;
     if (n) {
         Py_BEGIN_ALLOW_THREADS
+        if (!write)
+            touch_pages(iov, n);
         do
             done = write ? pwritev2(fd, iov, n, (off_t)offset, 0) : preadv2(fd, iov, n, (off_t)offset, 0);
         while (done < 0 && errno == EINTR);

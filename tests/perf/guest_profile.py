@@ -22,6 +22,8 @@ supervisor and workers; Rust: one process, its threads) and for QEMU:
 - voluntary and involuntary context switches of every thread
   (``/proc/PID/task/TID/status``: a voluntary one is one sleep, i.e. one
   wake-up to come),
+- minor page faults (``/proc/PID/stat``, the whole process: a daemon's
+  first touch of a guest page it had not mapped yet is one),
 - read- and write-type system calls (``/proc/PID/io`` syscr/syscw: eventfd
   reads and writes, preadv/pwritev and the like) and the bytes they moved
   (rchar/wchar: a daemon's file data and 8 bytes per eventfd access).
@@ -31,11 +33,13 @@ step's operations (fio's I/Os, the metadata phases' operations), so the
 cost per request of each daemon and what it makes QEMU do can be compared.
 ``--kinds`` names the daemons, ``kind:OPTION:OPTION`` with extra options.
 
-``--parallel`` profiles the bench's parallel metadata workload instead
-(tests/perf/guest_workloads/parallel_meta.py: two processes pinned to the
-two vCPUs, ``--files`` files in all, both starting each phase together),
-on platform b with ours offering 2 request queues and Rust its one; the
-steps are its phases (par-create, par-stat, par-readdir, par-unlink), and
+``--parallel`` profiles the bench's parallel workloads instead
+(tests/perf/guest_workloads/parallel.sh: two fio jobs, ``--seq-mib`` MiB
+sequential in all, then parallel_meta.py's two processes pinned to the two
+vCPUs, ``--files`` files in all, both starting each phase together), on
+platform b with ours offering 2 request queues and Rust its one; the steps
+are its phases (par-seq-write ... par-rand-write, par-create, par-stat,
+par-readdir, par-unlink), and
 a table per step splits our daemon's run time and wake-ups by process
 name (supervisor, workers, keeper).
 """
@@ -65,7 +69,8 @@ from tests.perf.bench import WORKLOADS, parse_output, value  # noqa: E402
 from tests.procfs import TICKS_PER_SECOND  # noqa: E402
 
 MARK = re.compile(r"@@BENCH-MARK (start|end) ([\w-]+)@@")
-COUNTERS = ("cpu_user", "cpu_sys", "run_s", "wait_s", "vcsw", "ivcsw", "syscr", "syscw", "rchar", "wchar")
+COUNTERS = ("cpu_user", "cpu_sys", "run_s", "wait_s", "vcsw", "ivcsw", "syscr", "syscw", "rchar", "wchar",
+            "minflt")
 
 
 def descendants(root: int) -> list[int]:
@@ -87,6 +92,7 @@ def counters(pids) -> dict:
             user, system = int(fields[11]) / TICKS_PER_SECOND, int(fields[12]) / TICKS_PER_SECOND
             total["cpu_user"] += user
             total["cpu_sys"] += system
+            total["minflt"] += int(fields[7])
             mine = by_name.setdefault(name, [0.0, 0, 0.0])
             mine[0] += user + system
             with open(f"/proc/{pid}/io") as f:
@@ -154,7 +160,7 @@ def profile_run(kind: str, extra: tuple, cache: str, platform: str, a) -> dict:
         return None
 
     if a.parallel:
-        argv = ("python3", guest_path(WORKLOADS / "parallel_meta.py"), "/mnt/bench-par-meta", "--files", a.files)
+        argv = ("sh", guest_path(WORKLOADS / "parallel.sh"), "/mnt", a.seq_mib, a.rand_seconds, a.files)
     else:
         argv = ("sh", guest_path(WORKLOADS / "run.sh"), "/mnt", a.seq_mib, a.rand_seconds, a.files, "-", "-",
                 a.lat_count if cache == "never" else 0)
@@ -189,7 +195,7 @@ def profile_run(kind: str, extra: tuple, cache: str, platform: str, a) -> dict:
 # the metadata step's operations: the sum of its phases'
 METADATA = ("create", "stat", "readdir", "unlink")
 # --parallel: parallel_meta.py's phases
-PAR_STEPS = tuple("par-" + p for p in METADATA)
+PAR_STEPS = tuple("par-" + p for p in ("seq-write", "seq-read", "rand-read", "rand-write", *METADATA))
 
 
 def step_ops(step: str, phases: dict) -> int:
@@ -209,9 +215,9 @@ def summarize(runs: dict) -> list[str]:
     for step in steps:
         lines.append(f"## {step}")
         lines.append("| daemon | figure | daemon ran µs/op | daemon run-queue wait µs/op | daemon wake-ups/op "
-                     "| daemon syscalls r+w/op | QEMU ran µs/op | QEMU run-queue wait µs/op | QEMU wake-ups/op "
-                     "| step s |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                     "| daemon syscalls r+w/op | daemon minor faults/op | QEMU ran µs/op | QEMU run-queue wait µs/op "
+                     "| QEMU wake-ups/op | step s |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for kind, rs in runs.items():
             rows = []
             for r in rs:
@@ -222,13 +228,14 @@ def summarize(runs: dict) -> list[str]:
                 dd, qq = s["daemon"], s["qemu"]
                 fig = value(step, r["phases"][step]) if step in r["phases"] else float("nan")
                 rows.append((fig, dd["run_s"] * 1e6 / ops, dd["wait_s"] * 1e6 / ops, dd["vcsw"] / ops,
-                             (dd["syscr"] + dd["syscw"]) / ops, qq["run_s"] * 1e6 / ops, qq["wait_s"] * 1e6 / ops,
+                             (dd["syscr"] + dd["syscw"]) / ops, dd.get("minflt", 0) / ops,
+                             qq["run_s"] * 1e6 / ops, qq["wait_s"] * 1e6 / ops,
                              qq["vcsw"] / ops, s["seconds"]))
             if not rows:
                 continue
             med = [statistics.median(col) for col in zip(*rows)]
             lines.append(f"| {kind} (n={len(rows)}) | {med[0]:,.0f} | {med[1]:.1f} | {med[2]:.1f} | {med[3]:.2f} "
-                         f"| {med[4]:.2f} | {med[5]:.0f} | {med[6]:.0f} | {med[7]:.2f} | {med[8]:.1f} |")
+                         f"| {med[4]:.2f} | {med[5]:.2f} | {med[6]:.0f} | {med[7]:.0f} | {med[8]:.2f} | {med[9]:.1f} |")
         lines.append("")
         if step in PAR_STEPS:
             lines += by_name(runs, step)
@@ -269,7 +276,8 @@ def main() -> int:
                          "takes ours off the compiled wait loop, so its figures are not the default's)")
     ap.add_argument("--json", help="write every run's raw counters here")
     ap.add_argument("--parallel", action="store_true",
-                    help="the parallel metadata workload, platform b, ours with 2 request queues")
+                    help="the bench's parallel workloads (fio, then metadata), platform b, ours with 2 "
+                         "request queues")
     a = ap.parse_args()
     if a.parallel:
         a.platform = "b"

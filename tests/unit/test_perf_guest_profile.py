@@ -10,6 +10,7 @@ from pathlib import Path
 from tests.perf import guest_profile as gp
 
 RUN_SH = Path(gp.WORKLOADS) / "run.sh"
+PARALLEL_SH = Path(gp.WORKLOADS) / "parallel.sh"
 
 
 def test_descendants_finds_children_and_grandchildren():
@@ -35,6 +36,7 @@ def test_counters_see_sleeps_and_run_time_of_every_thread():
             "e = threading.Event()\n"
             "t = threading.Thread(target=lambda: ([time.sleep(0.001) for _ in range(20)], e.set(), time.sleep(60)),"
             " daemon=True); t.start(); e.wait()\n"
+            "import mmap; m = mmap.mmap(-1, 64 << 12); [m[i << 12] for i in range(64)]\n"
             "end = time.process_time() + 0.2\n"
             "while time.process_time() < end: pass\n"
             "print('done', flush=True); sys.stdin.read()\n")
@@ -50,6 +52,7 @@ def test_counters_see_sleeps_and_run_time_of_every_thread():
         assert total["vcsw"] >= 21
         assert 0.2 <= total["run_s"] <= time.monotonic() - before + 1.0
         assert total["syscw"] >= 1  # its print
+        assert total["minflt"] >= 64  # the 64 pages it touched
         name, (cpu, vcsw, run) = next(iter(c["by_name"].items()))
         assert run == total["run_s"] and vcsw == total["vcsw"]
     finally:
@@ -80,12 +83,27 @@ def test_run_sh_marks_what_the_profiler_reads():
     assert not gp.MARK.search("@@BENCH-MARK begin rand-read@@")
 
 
+def test_parallel_sh_marks_its_fio_steps_as_par_steps():
+    """guest_profile --parallel reads par-seq-write ... par-rand-write from
+    parallel.sh (parallel_meta.py marks the metadata phases)."""
+    text = PARALLEL_SH.read_text()
+    assert 'mark start "$job"' in text and 'mark end "$job"' in text
+    mark = next(line for line in text.splitlines() if line.startswith("mark() {"))
+    env = {k: v for k, v in os.environ.items() if k != "BENCH_MARKS"}
+    assert subprocess.run(["sh", "-c", mark + "\nmark start seq-read"], env=env, capture_output=True,
+                          text=True, check=True).stdout == ""
+    said = subprocess.run(["sh", "-c", mark + "\nmark end seq-read"], env={**env, "BENCH_MARKS": "1"},
+                          capture_output=True, text=True, check=True)
+    edge, step = gp.MARK.fullmatch(said.stdout.strip()).groups()
+    assert (edge, step) == ("end", "par-seq-read") and step in gp.PAR_STEPS
+
+
 def _run(fig_ops, seconds, daemon_run, qemu_run, vcsw, step="rand-read"):
     zero = dict.fromkeys(gp.COUNTERS, 0.0)
     return {"phases": {step: {"iops": fig_ops / seconds, "ops": fig_ops, "seconds": seconds}},
             "steps": {step: {"seconds": seconds,
                              "daemon": {**zero, "run_s": daemon_run, "vcsw": vcsw, "syscr": 2 * vcsw,
-                                        "syscw": vcsw},
+                                        "syscw": vcsw, "minflt": 16 * vcsw},
                              "qemu": {**zero, "run_s": qemu_run, "wait_s": qemu_run / 2, "vcsw": 5 * vcsw},
                              "daemon_by_name": {}}}}
 
@@ -100,8 +118,8 @@ def test_summary_is_per_operation_and_the_median_of_the_rounds():
     rust = next(line for line in lines if line.startswith("| rust"))
     cells = [c.strip() for c in ours.strip("|").split("|")]
     # figure: median IOPS; daemon ran 20, 20, 1000 µs/op -> 20; wake-ups 1/op;
-    # syscalls 3/op; QEMU ran 1000, 750, 2000 µs/op -> 1000, waited half of it
-    assert cells == ["ours (n=3)", "1,000", "20.0", "0.0", "1.00", "3.00", "1000", "500", "5.00", "1.0"]
+    # syscalls 3/op; 16 minor faults/op; QEMU ran 1000, 750, 2000 µs/op -> 1000, waited half of it
+    assert cells == ["ours (n=3)", "1,000", "20.0", "0.0", "1.00", "3.00", "16.00", "1000", "500", "5.00", "1.0"]
     assert rust.startswith("| rust (n=1) | 1,500 | 20.0 |")
 
 

@@ -11,7 +11,9 @@
 # pinned to each vCPU, FILES/2 files each.
 #
 # Prints run.sh's "BENCH {...}" lines, phases prefixed "par-"; "BENCH-FAIL"
-# for a step that failed. Exits non-zero if any step failed.
+# for a step that failed. Exits non-zero if any step failed. With
+# BENCH_MARKS=1 (tests/perf/guest_profile.py --parallel), run.sh's
+# "@@BENCH-MARK start|end par-STEP@@" around each fio step.
 HERE=$(dirname "$0")
 MNT=${1:-/mnt}
 SEQ_MIB=${2:-256}
@@ -22,6 +24,7 @@ DIR="$MNT/bench-par"
 status=0
 
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches; sleep 0.5; }
+mark() { [ -n "$BENCH_MARKS" ] || return 0; echo "@@BENCH-MARK $1 par-$2@@"; sleep 1; }
 
 rm -rf "$DIR"; mkdir -p "$DIR" || exit 2
 for job in seq-write seq-read rand-read rand-write; do
@@ -32,11 +35,13 @@ for job in seq-write seq-read rand-read rand-write; do
         rand-write) args="--rw=randwrite --bs=4k --time_based=1 --runtime=$RAND_SECONDS --randrepeat=1 --end_fsync=1" ;;
     esac
     drop
+    mark start "$job"
     # shellcheck disable=SC2086
     if fio --output-format=json --output=/tmp/fio-par-$job.json --name=par --directory="$DIR" \
            --filename_format='par.$jobnum' --size=$((SEQ_MIB / 2))M --numjobs=2 \
            --cpus_allowed=0-1 --cpus_allowed_policy=split --ioengine=psync --invalidate=1 \
            --group_reporting $args >/tmp/fio-par-$job.err 2>&1; then
+        mark end "$job"
         python3 - "$job" /tmp/fio-par-$job.json <<'PY'
 import json, sys
 job, path = sys.argv[1], sys.argv[2]
