@@ -78,7 +78,7 @@ struct create_reply {
 _Static_assert(sizeof(struct create_in) == CREATE_IN, "fuse_create_in");
 _Static_assert(sizeof(struct create_reply) == OUT_HEADER + ENTRY_OUT + OPEN_OUT, "fuse_open_out");
 
-static PyObject *s_uid, *s_gid, *s_host_fd_count, *s_max_open_files;
+static PyObject *s_uid, *s_gid, *s_max_open_files;
 
 /* the caller is root and the thread's cached fsuid/fsgid are its ids:
  * as_caller would make no system call */
@@ -91,13 +91,19 @@ static int caller_is_current(PyObject *creds, const struct in_header *h)
     return ok;
 }
 
-/* HandleTable.check_room passes: host_fd_count < max_open_files */
+/* HandleTable.check_room passes: host_fd_count < max_open_files, with
+ * the two len()s host_fd_count adds read here (_handles and _locks, both
+ * dicts): the property would run an interpreter frame per CREATE */
 static int handles_have_room(FastOps *self)
 {
-    PyObject *handles = PyObject_GetAttr(self->session, s_handles);
-    Py_ssize_t n, max;
-    int ok = handles != NULL && attr_ssize(handles, s_host_fd_count, &n) == 0
-             && attr_ssize(handles, s_max_open_files, &max) == 0 && n < max;
+    PyObject *handles = PyObject_GetAttr(self->session, s_handles), *open = NULL, *locks = NULL;
+    Py_ssize_t max;
+    int ok = handles != NULL && (open = PyObject_GetAttr(handles, s_handles_dict)) != NULL && PyDict_CheckExact(open)
+             && (locks = PyObject_GetAttr(handles, s_meta_locks)) != NULL && PyDict_CheckExact(locks)
+             && attr_ssize(handles, s_max_open_files, &max) == 0
+             && PyDict_GET_SIZE(open) + PyDict_GET_SIZE(locks) < max;
+    Py_XDECREF(locks);
+    Py_XDECREF(open);
     Py_XDECREF(handles);
     PyErr_Clear();
     return ok;

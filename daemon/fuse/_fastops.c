@@ -1864,7 +1864,7 @@ PyMODINIT_FUNC PyInit__fastops(void)
         /* the ops' own (one header each): interned here, once, so that no
          * op depends on another op's enable_* having run (OPEN without
          * CREATE, RELEASEDIR without READDIR) */
-        {&s_uid, "uid"}, {&s_gid, "gid"}, {&s_host_fd_count, "host_fd_count"},
+        {&s_uid, "uid"}, {&s_gid, "gid"},
         {&s_max_open_files, "max_open_files"},                              /* _create.h */
         {&s_meta_locks, "_locks"}, {&s_meta_files, "files"}, {&s_meta_hdr, "_hdr"},     /* _meta.h */
         {&s_dir_stream, "dir_stream"}, {&s_buf, "buf"}, {&s_pos, "pos"}, {&s_cookie, "cookie"},

@@ -132,6 +132,13 @@ class Peers:
     def __init__(self):
         self.serial = 0           # 0: not told yet (single worker, tests)
         self._pidfds: dict[int, int] = {}
+        # shared: another request worker exists (then fds are borrowed);
+        # copied: another process (a request worker or the keeper) may
+        # hold copies of this worker's open files. Plain attributes kept
+        # by _recount, not properties: C reads them on every cold LOOKUP
+        # and RELEASE (_lookup.h once_read, _release.h), where a property
+        # would run an interpreter frame
+        self.shared = self.copied = False
         self._warned = False
         # the keeper: its serial and pidfd, and our end of its socket
         self.keeper_serial = 0
@@ -147,16 +154,9 @@ class Peers:
     def __len__(self) -> int:
         return len(self._pidfds)
 
-    @property
-    def shared(self) -> bool:
-        """Whether another request worker exists (then fds are borrowed)."""
-        return bool(self._pidfds)
-
-    @property
-    def copied(self) -> bool:
-        """Whether another process may hold copies of this worker's open
-        files (another request worker, or the keeper)."""
-        return bool(self._pidfds) or self._keeper_sock is not None
+    def _recount(self) -> None:
+        self.shared = bool(self._pidfds)
+        self.copied = self.shared or self._keeper_sock is not None
 
     def set_self(self, serial: int) -> None:
         self.serial = serial
@@ -167,12 +167,14 @@ class Peers:
         if old is not None:
             os.close(old)
         self._pidfds[serial] = pidfd
+        self._recount()
         from daemon.fuse import credentials
         credentials.keep_dumpable(True)
 
     def remove(self, serial: int) -> None:
         """A request worker died: its fds are gone with it."""
         old = self._pidfds.pop(serial, None)
+        self._recount()
         if old is not None:
             os.close(old)
 
@@ -185,6 +187,7 @@ class Peers:
         # (CPython still asks getsockname of a socket made from an fd)
         self._keeper_sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=sock_fd)
         self._keeper_sock.setblocking(False)   # never a poll before each send
+        self._recount()
         self._answers = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=answers_fd)
         self._answer_end = answer_end
         if self._answer_wait is None:
@@ -300,6 +303,7 @@ class Peers:
         if self._keeper_sock is not None:
             self._keeper_sock.close()
             self._keeper_sock = None
+            self._recount()
         if self._answers is not None:
             if self._answer_wait is not None:
                 self._answer_wait.unregister(self._answers.fileno())
@@ -321,6 +325,7 @@ class Peers:
             except OSError:
                 pass
         self._pidfds = {}
+        self._recount()
 
 
 def _send_waiting(sock: socket.socket, data: bytes, fd: int) -> None:

@@ -666,6 +666,7 @@ def _lookup_pair(lookup_share, capacity: int = LOOKUP_CAPACITY, peers: bool = Fa
         if peers:
             session.peers.set_self(5)
             session.peers._pidfds[6] = os.pidfd_open(os.getpid())
+            session.peers._recount()
         pair.append(session)
     fast = fastpath.make(pair[1])
     return pair, fast

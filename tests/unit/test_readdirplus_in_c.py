@@ -87,6 +87,7 @@ class Pair:
             if peers:       # serial 5 and a peer (serial 6): owner words, claims, reseek
                 session.peers.set_self(5)
                 session.peers._pidfds[6] = os.pidfd_open(os.getpid())
+                session.peers._recount()
             self.sessions.append(session)
             self.clients.append(client)
         self.fast = fastpath.make(self.sessions[1])
