@@ -102,10 +102,13 @@ PARALLEL = (("ours", "ours", 2, ()), ("ours-noxattr", "ours", 2, ("--no-xattr",)
 
 # the parallel part has its own sizes and rounds: its figures are medians of
 # interleaved rounds (ours, Rust, ours, Rust...), and each fio job of it must
-# move enough data (par_seq_mib / 2) that a neighbour's burst is not the figure
+# move enough data (par_seq_mib / 2) that a neighbour's burst is not the figure.
+# Seven rounds: one daemon's sequential read moves 3x between boots and a cold
+# stat phase lasts a second, so five left a median within noise of 1.0
+# (docs/perf/queues.md, "Page faults"); seven cost the bench 7 minutes more
 FULL = dict(seq_mib=256, rand_seconds=8, files=10_000, tar_files=3000, lat_count=2000,
             footprint_files=100_000, large_files=100_000, frontend_seconds=3.0, rounds=2, startup_runs=5,
-            par_files=10_000, par_seq_mib=512, par_rand_seconds=8, par_rounds=5,
+            par_files=10_000, par_seq_mib=512, par_rand_seconds=8, par_rounds=7,
             rootfs_set="python3", rootfs_verify_all=True)
 QUICK = dict(seq_mib=32, rand_seconds=3, files=1000, tar_files=500, lat_count=500,
              footprint_files=10_000, large_files=20_000, frontend_seconds=1.0, rounds=1, startup_runs=3,
@@ -739,7 +742,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, help="alternating runs of each daemon (best kept)")
     ap.add_argument("--parallel-rounds", type=int,
                     help="interleaved runs of each daemon in the parallel part (median kept; "
-                         "default 5, --quick 3)")
+                         "default 7, --quick 3)")
     ap.add_argument("--skip-guest", action="store_true")
     ap.add_argument("--skip-frontend", action="store_true")
     ap.add_argument("--skip-parallel", action="store_true")
