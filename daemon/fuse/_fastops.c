@@ -445,6 +445,7 @@ struct state {
     struct words header, inodes;    /* InodeTable: its header, its slots */
     struct words files;             /* session.handles._slots: the FileTable's */
     uint64_t wrote;                 /* the data bytes of the last WRITE answered (its meter count) */
+    int touch;                      /* session.cache.peers.shared: READ touches its buffers (touch_pages) */
     struct words hash;              /* InodeTable._hash (LOOKUP), held when first needed */
     PyObject *tlock;                /* InodeTable._tlock, acquired by LOOKUP for the call, or NULL */
     struct words ring;              /* InodeTable._ring (FORGET, _forget.h), held when first needed */
@@ -465,6 +466,12 @@ static int state_init(FastOps *self, struct state *st)
         PyErr_Clear();
         Py_CLEAR(st->fds);
     }
+    PyObject *peers = PyObject_GetAttr(cache, s_peers);
+    PyObject *shared = peers == NULL || peers == Py_None ? NULL : PyObject_GetAttr(peers, s_shared);
+    st->touch = shared == Py_True;
+    Py_XDECREF(shared);
+    Py_XDECREF(peers);
+    PyErr_Clear();
     /* no handle table (or not shaped like one): no fh is this worker's */
     PyObject *slots = NULL;
     if ((handles = PyObject_GetAttr(self->session, s_handles)) == NULL
@@ -711,10 +718,13 @@ static int iov_range(const struct iovec *part, int count, Py_ssize_t off, Py_ssi
     return k;
 }
 
-/* Read one byte of every 4 KiB of the n buffers: a READ's destination is
- * guest memory this worker process may never have touched (each worker
- * maps guest RAM in its own page tables, and the guest hands a page to
- * whichever queue's request it fills next). preadv's copy would then take
+/* Read one byte of every 4 KiB of the n buffers, when several request
+ * workers serve (peers.shared): a READ's destination is then often guest
+ * memory this worker process never touched (each worker maps guest RAM in
+ * its own page tables, and the guest hands a page to whichever queue's
+ * request it fills next). With one worker, every page it met once stays
+ * mapped, and an A/B with one queue did not show the touch paying
+ * (docs/perf/queues.md, "Page faults"). preadv's copy would then take
  * one write fault per page; a read fault maps the page's whole
  * fault-around window (64 KiB by default) at once, writable as the mapping
  * is shared and shmem keeps no dirty accounting. 256 faults per unmapped
@@ -735,17 +745,17 @@ static void touch_pages(const struct iovec *iov, int n)
 }
 
 /* preadv2 (write: pwritev2) of n iovecs at offset, flags 0, retried on
- * EINTR, with the GIL released (a read touches its buffers first,
+ * EINTR, with the GIL released (touch: a read touches its buffers first,
  * touch_pages): the calls os.preadv and os.pwritev make,
  * the ones policy/request.policy allows (not preadv/pwritev); 0 for no
  * iovecs, without a call; -1 and *err: its errno */
-static ssize_t file_io(int fd, const struct iovec *iov, int n, uint64_t offset, int write, int *err)
+static ssize_t file_io(int fd, const struct iovec *iov, int n, uint64_t offset, int write, int touch, int *err)
 {
     ssize_t done = 0;
     *err = 0;
     if (n) {
         Py_BEGIN_ALLOW_THREADS
-        if (!write)
+        if (touch)
             touch_pages(iov, n);
         do
             done = write ? pwritev2(fd, iov, n, (off_t)offset, 0) : preadv2(fd, iov, n, (off_t)offset, 0);
@@ -777,7 +787,7 @@ static Py_ssize_t fast_read(const struct state *st, const struct req *q, const s
     if (n < 0)
         return NOT_HANDLED;
     int err;
-    ssize_t got = file_io(fd, iov, n, a.offset, 0, &err);
+    ssize_t got = file_io(fd, iov, n, a.offset, 0, st->touch, &err);
     if (got < 0)
         return error_reply(q, h->unique, err, error);
     struct out_header o = {(uint32_t)(OUT_HEADER + got), 0, h->unique};
@@ -887,7 +897,7 @@ static Py_ssize_t fast_write(struct state *st, const struct req *q, const struct
         if (dropped < 0)
             return error_reply(q, h->unique, err ? err : EPERM, error);
     }
-    ssize_t put = file_io(fd, iov, n, a.offset, 1, &err);
+    ssize_t put = file_io(fd, iov, n, a.offset, 1, 0, &err);
     int raise_err;
     if (dropped && fsetid_restore(caps, &raise_err) < 0)
         fsetid_fatal(raise_err);

@@ -1,11 +1,12 @@
 """A READ served in C maps its destination by fault-around before preadv
-(daemon/fuse/_fastops.c, touch_pages).
+when several request workers serve (daemon/fuse/_fastops.c, touch_pages).
 
 Each request worker maps guest RAM in its own page tables; a guest page
 that another worker (or nobody in this process) wrote before is unmapped
 here, and preadv's copy into it would take one write fault per 4 KiB page
-(about 1.2 µs each on these hosts: 256 per MiB). C reads one byte of each
-page first, and a read fault maps the page's whole fault-around window.
+(about 1.2 µs each on these hosts: 256 per MiB). With peers (another
+request worker) C reads one byte of each page first, and a read fault maps
+the page's whole fault-around window; a lone worker does not touch.
 The buffers here are a fresh shared mapping of a memfd whose pages exist
 (as a guest's RAM after the guest used it); the faults are this thread's
 (getrusage RUSAGE_THREAD: the GIL is released around the touch and preadv,
@@ -45,13 +46,18 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
 
 
-@pytest.fixture
-def served(tmp_path):
-    """(FastOps, fh of a 1 MiB file "big")."""
+@pytest.fixture(params=[True], ids=["peers"])
+def served(tmp_path, request):
+    """(FastOps, fh of a 1 MiB file "big"); the session has another
+    request worker (peers.shared) unless the param says not."""
     (tmp_path / "big").write_bytes(DATA)
     cwd = os.getcwd()
     os.chdir("/proc/self/fd")
     session, client = start_session(tmp_path)
+    if request.param:
+        session.peers.set_self(5)
+        session.peers._pidfds[6] = os.pidfd_open(os.getpid())
+        session.peers._recount()
     try:
         nodeid = entry_nodeid(client.call(Opcode.LOOKUP, 1, b"big\0", abi.ENTRY_OUT.size).ok())
         out = client.call(Opcode.OPEN, nodeid, abi.OPEN_IN.pack(os.O_RDONLY, 0), abi.OPEN_OUT.size).ok()
@@ -112,6 +118,18 @@ def test_a_1_mib_read_faults_once_per_window(served, guest_ram, buffers):
     assert abi.OUT_HEADER.unpack_from(guest_ram)[:2] == (16 + MIB, 0)
     windows = (MIB + PAGE) // fault_around_bytes() + 2
     assert faults <= 2 * windows, f"{faults} minor faults for 1 MiB into unmapped pages"
+
+
+@pytest.mark.parametrize("served", [False], ids=["alone"], indirect=True)
+def test_a_lone_worker_does_not_touch(served, guest_ram):
+    """One request worker keeps every page it met mapped: no touch, and
+    preadv's copy faults per page into pages it never met."""
+    fast, fh = served
+    chain = read_chain(fh, MIB, guest_ram[:16], [guest_ram[PAGE:PAGE + MIB]])
+    before = minor_faults()
+    assert fast.serve(chain) == 16 + MIB
+    assert minor_faults() - before >= MIB // PAGE * 3 // 4
+    assert bytes(guest_ram[PAGE:PAGE + MIB]) == DATA
 
 
 def test_a_short_read_at_end_of_file_is_served_whole(served, guest_ram):
