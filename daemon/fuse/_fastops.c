@@ -722,16 +722,15 @@ static int iov_range(const struct iovec *part, int count, Py_ssize_t off, Py_ssi
  * workers serve (peers.shared): a READ's destination is then often guest
  * memory this worker process never touched (each worker maps guest RAM in
  * its own page tables, and the guest hands a page to whichever queue's
- * request it fills next). With one worker, every page it met once stays
- * mapped, and an A/B with one queue did not show the touch paying
- * (docs/perf/queues.md, "Page faults"). preadv's copy would then take
- * one write fault per page; a read fault maps the page's whole
- * fault-around window (64 KiB by default) at once, writable as the mapping
- * is shared and shmem keeps no dirty accounting. 256 faults per unmapped
- * MiB become 16 (docs/perf/queues.md, "Page faults"). The buffers are in
- * guest memory the chain walk bounds-checked; a page the guest never used
- * is allocated here rather than by preadv (or, past a short read's end,
- * at all: guest RAM the guest owns). */
+ * request it fills next). preadv's copy would take one write fault per
+ * such page; a read fault maps the page's whole fault-around window
+ * (64 KiB by default) at once, writable as the mapping is shared and shmem
+ * keeps no dirty accounting: 256 faults per unmapped MiB become 16. With
+ * one worker every page it met once stays mapped, and an A/B with one
+ * queue did not show the touch paying (docs/perf/queues.md, "Page
+ * faults"). The buffers are in guest memory the chain walk bounds-checked;
+ * a page the guest never used is allocated here rather than by preadv
+ * (or, past a short read's end, at all: guest RAM the guest owns). */
 #define TOUCH_STRIDE 4096
 static void touch_pages(const struct iovec *iov, int n)
 {

@@ -194,8 +194,10 @@ def profile_run(kind: str, extra: tuple, cache: str, platform: str, a) -> dict:
 
 # the metadata step's operations: the sum of its phases'
 METADATA = ("create", "stat", "readdir", "unlink")
-# --parallel: parallel_meta.py's phases
-PAR_STEPS = tuple("par-" + p for p in ("seq-write", "seq-read", "rand-read", "rand-write", *METADATA))
+# run.sh's fio steps
+FIO_STEPS = ("seq-write", "seq-read", "rand-read", "rand-write")
+# --parallel: parallel.sh's fio steps and parallel_meta.py's phases
+PAR_STEPS = tuple("par-" + p for p in (*FIO_STEPS, *METADATA))
 
 
 def step_ops(step: str, phases: dict) -> int:
@@ -209,7 +211,7 @@ def step_ops(step: str, phases: dict) -> int:
 def summarize(runs: dict) -> list[str]:
     """Per step: median figure and per-operation counters of each kind."""
     lines = []
-    steps = [s for s in ("idle", "seq-write", "seq-read", "rand-read", "rand-write", "latency", "metadata",
+    steps = [s for s in ("idle", *FIO_STEPS, "latency", "metadata",
                          *PAR_STEPS)
              if any(s in r["steps"] for rs in runs.values() for r in rs)]
     for step in steps:
@@ -228,7 +230,7 @@ def summarize(runs: dict) -> list[str]:
                 dd, qq = s["daemon"], s["qemu"]
                 fig = value(step, r["phases"][step]) if step in r["phases"] else float("nan")
                 rows.append((fig, dd["run_s"] * 1e6 / ops, dd["wait_s"] * 1e6 / ops, dd["vcsw"] / ops,
-                             (dd["syscr"] + dd["syscw"]) / ops, dd.get("minflt", 0) / ops,
+                             (dd["syscr"] + dd["syscw"]) / ops, dd["minflt"] / ops,
                              qq["run_s"] * 1e6 / ops, qq["wait_s"] * 1e6 / ops,
                              qq["vcsw"] / ops, s["seconds"]))
             if not rows:
