@@ -328,6 +328,8 @@ struct watch {
     uint64_t value;
 };
 
+struct snapshot;           /* state_init's reads of the session (below) */
+
 typedef struct {
     PyObject_HEAD
     PyObject *session;      /* the FuseSession */
@@ -354,6 +356,8 @@ typedef struct {
     struct attrs_conf at;   /* READLINK, STATFS, ENOSYS (_attrs.h) */
     struct watch *watching; /* while FastOps.wait runs: its watched words, else NULL */
     int nwatching;
+    struct snapshot *kept;  /* while FastOps.wait runs: state_init's reads, kept for the call */
+    unsigned long long snapshots;   /* times those were read (tests) */
 } FastOps;
 
 /* a watched word that this worker itself moved from `from` to `to`, where
@@ -451,41 +455,91 @@ struct state {
     struct words ring;              /* InodeTable._ring (FORGET, _forget.h), held when first needed */
 };
 
-static int state_init(FastOps *self, struct state *st)
+/* What state_init reads of the session's Python objects (nine attribute
+ * reads, about 2,000 instructions: 44 % of a depth-1 GETATTR's batch call
+ * under callgrind), read once per FastOps.wait call rather than once per
+ * batch: between the batches of one wait nothing rebinds them. Their
+ * sources change only in Python that runs outside the wait: INIT and
+ * DESTROY (session._session, cache.root_fd, InodeCache.clear's new _fds,
+ * HandleTable.reset's new _handles), a peer worker's coming or going
+ * (Peers._recount: shared), the session's set-up (cache, handles); a
+ * request worker installs no Python signal handler, and its helper threads
+ * (blocking.py) touch only their own call. A serve or batch call from
+ * Python reads them afresh, as before. */
+struct snapshot {
+    int ready;              /* 0: not read, 1: read, -1: unreadable (every request Python's) */
+    Py_ssize_t mine, root_fd;
+    PyObject *fds;          /* session.cache._fds (dict), or NULL */
+    PyObject *handles;      /* session.handles._handles (dict), or NULL with fh_slots */
+    PyObject *fh_slots;     /* session.handles._fh_slots, held as words per batch */
+    int touch;
+};
+
+static void snapshot_drop(struct snapshot *s)
+{
+    Py_CLEAR(s->fds);
+    Py_CLEAR(s->handles);
+    Py_CLEAR(s->fh_slots);
+    s->ready = 0;
+}
+
+/* read the snapshot's objects: 1, or -1 when the session has no _session
+ * or cache (every request Python's); errors cleared */
+static int snapshot_read(FastOps *self, struct snapshot *s)
 {
     PyObject *cache = NULL, *handles = NULL;
-    st->ready = -1;
-    if (attr_ssize(self->session, s_session, &st->mine) < 0 || (cache = PyObject_GetAttr(self->session, s_cache)) == NULL)
+    s->ready = -1;
+    self->snapshots++;
+    if (attr_ssize(self->session, s_session, &s->mine) < 0 || (cache = PyObject_GetAttr(self->session, s_cache)) == NULL)
         goto out;
-    if (attr_ssize(cache, s_root_fd, &st->root_fd) < 0 || st->root_fd < 0 || st->root_fd > INT32_MAX) {
+    if (attr_ssize(cache, s_root_fd, &s->root_fd) < 0 || s->root_fd < 0 || s->root_fd > INT32_MAX) {
         PyErr_Clear();
-        st->root_fd = -1;
+        s->root_fd = -1;
     }
-    st->fds = PyObject_GetAttr(cache, s_fds);
-    if (st->fds == NULL || !PyDict_CheckExact(st->fds)) {
+    s->fds = PyObject_GetAttr(cache, s_fds);
+    if (s->fds == NULL || !PyDict_CheckExact(s->fds)) {
         PyErr_Clear();
-        Py_CLEAR(st->fds);
+        Py_CLEAR(s->fds);
     }
     PyObject *peers = PyObject_GetAttr(cache, s_peers);
     PyObject *shared = peers == NULL || peers == Py_None ? NULL : PyObject_GetAttr(peers, s_shared);
-    st->touch = shared == Py_True;
+    s->touch = shared == Py_True;
     Py_XDECREF(shared);
     Py_XDECREF(peers);
     PyErr_Clear();
     /* no handle table (or not shaped like one): no fh is this worker's */
-    PyObject *slots = NULL;
     if ((handles = PyObject_GetAttr(self->session, s_handles)) == NULL
-            || (st->handles = PyObject_GetAttr(handles, s_handles_dict)) == NULL || !PyDict_CheckExact(st->handles)
-            || (slots = PyObject_GetAttr(handles, s_fh_slots)) == NULL || hold_words(slots, &st->files) < 0) {
+            || (s->handles = PyObject_GetAttr(handles, s_handles_dict)) == NULL || !PyDict_CheckExact(s->handles)
+            || (s->fh_slots = PyObject_GetAttr(handles, s_fh_slots)) == NULL) {
         PyErr_Clear();
-        Py_CLEAR(st->handles);
+        Py_CLEAR(s->handles);
+        Py_CLEAR(s->fh_slots);
     }
-    Py_XDECREF(slots);
-    if (hold_words(self->header, &st->header) == 0 && hold_words(self->slots, &st->inodes) == 0)
-        st->ready = 1;
+    s->ready = 1;
 out:
     Py_XDECREF(handles);
     Py_XDECREF(cache);
+    PyErr_Clear();
+    return s->ready;
+}
+
+static int state_init(FastOps *self, struct state *st)
+{
+    struct snapshot fresh = {0}, *s = self->kept != NULL ? self->kept : &fresh;
+    st->ready = -1;
+    if (s->ready == 0)
+        snapshot_read(self, s);
+    if (s->ready > 0) {
+        st->mine = s->mine;
+        st->root_fd = s->root_fd;
+        st->touch = s->touch;
+        st->fds = Py_XNewRef(s->fds);
+        if (s->handles != NULL && hold_words(s->fh_slots, &st->files) == 0)
+            st->handles = Py_NewRef(s->handles);
+        if (hold_words(self->header, &st->header) == 0 && hold_words(self->slots, &st->inodes) == 0)
+            st->ready = 1;
+    }
+    snapshot_drop(&fresh);
     return st->ready;
 }
 
@@ -1310,7 +1364,17 @@ static int check_core(PyObject *core, const char *method)
 }
 
 /* stage 3: batch(core, words, popped, limit) -> int (see fastops_methods) */
+static PyObject *batch_with(FastOps *self, PyObject *const *args, Py_ssize_t nargs, struct vq_raw_chain *chain);
+
 static PyObject *fastops_batch(FastOps *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return batch_with(self, args, nargs, NULL);
+}
+
+/* batch, with the raw chain the caller keeps (the wait loop: one for the
+ * whole call) or, for NULL, one allocated for this call (33 KB: its malloc
+ * and free were an eighth of a depth-1 wait round's instructions) */
+static PyObject *batch_with(FastOps *self, PyObject *const *args, Py_ssize_t nargs, struct vq_raw_chain *chain)
 {
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "batch(core, words, popped, limit)");
@@ -1331,7 +1395,7 @@ static PyObject *fastops_batch(FastOps *self, PyObject *const *args, Py_ssize_t 
     uint32_t *words = wb.buf;
     uint16_t *popped = pb.buf;
     PyObject *core = args[0];
-    struct vq_raw_chain *c = PyMem_Malloc(sizeof *c);
+    struct vq_raw_chain *c = chain != NULL ? chain : PyMem_Malloc(sizeof *c);
     struct state st = {0};
     Py_ssize_t served = 0;
     int python = 1;     /* the next chain is Python's to pop */
@@ -1366,7 +1430,8 @@ static PyObject *fastops_batch(FastOps *self, PyObject *const *args, Py_ssize_t 
     /* a declined request is never an error: Python pops and serves it */
     PyErr_Clear();
     state_drop(&st);
-    PyMem_Free(c);
+    if (chain == NULL)
+        PyMem_Free(c);
     PyBuffer_Release(&pb);
     PyBuffer_Release(&wb);
     return PyLong_FromSsize_t(python ? -1 - served : served);
@@ -1549,6 +1614,7 @@ static void fastops_dealloc(FastOps *self)
 }
 
 static PyObject *get_served(FastOps *self, void *c) { return PyLong_FromUnsignedLongLong(self->served); }
+static PyObject *get_snapshots(FastOps *self, void *c) { return PyLong_FromUnsignedLongLong(self->snapshots); }
 
 static PyObject *get_counts_batches(FastOps *self, void *c)
 {
@@ -1576,6 +1642,9 @@ static PyObject *get_counts_batches(FastOps *self, void *c)
  * publishes.
  * served counts the chains C answered; carried, those of the round that
  * returned WAIT_SERVE (0 otherwise), which _serve counts in its wake-up.
+ * What the batches read of the session's Python objects is read once per
+ * call (struct snapshot, state_init), not once per round, and the rounds
+ * share one raw chain.
  * With a meter C counts for (enable_batches), every other round that
  * served a chain is counted as one wake-up (count_batch). A signal handler's exception, or a
  * failed read or call eventfd write (OSError), returns NULL.
@@ -1679,8 +1748,17 @@ static PyObject *fastops_wait(FastOps *self, PyObject *const *args, Py_ssize_t n
     PyObject *batch_args[4] = {args[0], args[1], args[2], args[6]};
     Py_ssize_t served = 0, carried = 0;
     int code = -1;
+    struct snapshot kept = {0};
+    struct vq_raw_chain *chain = PyMem_Malloc(sizeof *chain);
+    if (chain == NULL) {
+        PyBuffer_Release(&wb);
+        for (int i = 0; i < watches; i++)
+            PyBuffer_Release(&w[i].b);
+        return PyErr_NoMemory();
+    }
     self->watching = w;
     self->nwatching = watches;
+    self->kept = &kept;
     while (code < 0) {
         if (PyErr_CheckSignals() < 0)
             break;
@@ -1716,7 +1794,7 @@ static PyObject *fastops_wait(FastOps *self, PyObject *const *args, Py_ssize_t n
             PyErr_SetFromErrno(PyExc_OSError);
             break;
         }
-        PyObject *r = fastops_batch(self, batch_args, 4);
+        PyObject *r = batch_with(self, batch_args, 4, chain);
         if (r == NULL)
             break;
         Py_ssize_t n = PyLong_AsSsize_t(r);
@@ -1738,6 +1816,9 @@ static PyObject *fastops_wait(FastOps *self, PyObject *const *args, Py_ssize_t n
     }
     self->watching = NULL;
     self->nwatching = 0;
+    self->kept = NULL;
+    snapshot_drop(&kept);
+    PyMem_Free(chain);
     PyBuffer_Release(&wb);
     for (int i = 0; i < watches; i++)
         PyBuffer_Release(&w[i].b);
@@ -1748,6 +1829,8 @@ static PyObject *fastops_wait(FastOps *self, PyObject *const *args, Py_ssize_t n
 
 static PyGetSetDef fastops_getset[] = {
     {"served", (getter)get_served, NULL, "requests answered in C", NULL},
+    {"snapshots", (getter)get_snapshots, NULL,
+     "times C read the session's objects (once per serve or batch call from Python, once per wait call)", NULL},
     {"counts_batches", (getter)get_counts_batches, NULL,
      "the wait loop counts its wake-ups into the meter (enable_batches was called)", NULL},
     {NULL},

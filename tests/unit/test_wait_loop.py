@@ -519,3 +519,51 @@ def test_a_release_elsewhere_still_makes_the_wait_return_to_reap(rig):
     assert handles._released == seen + 1
     assert rig.wait(timeout_ms=0) == (WAIT_IDLE, 1, 0)
     assert handles._released == handles.files.released == seen + 2
+
+
+def test_a_wait_call_reads_the_session_s_objects_once_for_all_its_rounds(rig):
+    """struct snapshot (_fastops.c): twenty round trips of one wait call
+    read the session's objects once, where each batch called from Python
+    reads them afresh."""
+    rounds = 20
+
+    def guest():
+        for _ in range(rounds):
+            head = rig.submit()
+            rig.vr.kick()
+            rig.vr.wait(head, 5.0)
+            rig.vr.free(head)
+        os.write(rig.other_w, b"m")
+
+    before = rig.fast.snapshots
+    t = threading.Thread(target=guest)
+    t.start()
+    assert rig.wait(timeout_ms=10_000) == (WAIT_READY, rounds, 0)
+    t.join(5)
+    assert rig.fast.snapshots == before + 1
+    os.read(rig.other_r, 8)
+    for _ in range(3):
+        rig.submit()
+        rig.vr.kick()
+        os.eventfd_read(rig.ring.kick_fd)
+        rig.loop._serve(rig.ring)
+    assert rig.fast.snapshots == before + 4
+    assert len(rig.replies()) == 3              # the three just served
+
+
+def test_a_new_wait_call_sees_what_python_rebound_in_between(rig):
+    """The snapshot lives for one call: a session changed between two calls
+    (here its INIT serial, as a new INIT changes it) is read again, so C
+    declines what no longer matches and Python answers."""
+    rig.submit()
+    rig.vr.kick()
+    assert rig.wait(timeout_ms=0) == (WAIT_IDLE, 1, 0)
+    session = rig.loop.session
+    serial = session._session
+    session._session = serial + 7           # no longer the table's session word
+    head = rig.submit()
+    rig.vr.kick()
+    assert rig.wait(timeout_ms=1000) == (WAIT_SERVE, 0, 0)
+    session._session = serial
+    rig.loop._serve(rig.ring)
+    assert [h for h, _ in rig.replies()][-1] == head
