@@ -64,8 +64,11 @@ def process_view(pid: int) -> dict:
 def children(pid: int) -> list[int]:
     out = []
     for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            out += [int(c) for c in f.read().split()]
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended while listed
     return out
 
 
@@ -95,8 +98,13 @@ def file_work(fc, FuseErrorReply) -> dict:
 
 
 def comm(pid: int) -> str:
-    with open(f"/proc/{pid}/comm") as f:
-        return f.read().strip()
+    """The process's name, or "" once it is gone: a killed worker can be
+    listed as a child and reaped before its comm is read."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
 
 
 def restart_with_a_file_open(fc, main_pid: int) -> dict:
@@ -107,7 +115,7 @@ def restart_with_a_file_open(fc, main_pid: int) -> dict:
     o = fc.open(e.nodeid)
     victim = next(p for p in children(main_pid) if comm(p) == "vfsd-request-1")
     os.kill(victim, 9)
-    replaced = wait_for(lambda: any(comm(p) == "vfsd-request-1" and p != victim
+    replaced = wait_for(lambda: any(p != victim and comm(p) == "vfsd-request-1"
                                     for p in children(main_pid)), timeout=30)
     seen = {"replaced": replaced, "read": fc.read(e.nodeid, o.fh, 0, 100).decode()}
     fc.release(e.nodeid, o.fh)
