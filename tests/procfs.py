@@ -41,6 +41,25 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fd_targets(pid: int) -> dict[int, str]:
+    """fd → what it refers to (``anon_inode:[eventfd]``, ``socket:[N]``...),
+    for a failure message that says which descriptor came or went."""
+    out = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            pass   # closed while listed
+    return out
+
+
+def fd_difference(before: dict[int, str], after: dict[int, str]) -> str:
+    """The fds only in ``before`` and only in ``after``, for an assertion."""
+    gone = {fd: t for fd, t in before.items() if after.get(fd) != t}
+    new = {fd: t for fd, t in after.items() if before.get(fd) != t}
+    return f"closed {gone}, opened {new}"
+
+
 def settled_fd_count(pid: int, expect: int, timeout: float = 5.0) -> int:
     """``pid``'s fd count once it is ``expect`` (fds another thread or
     process closes a moment later), or whatever it is after ``timeout``."""

@@ -31,11 +31,16 @@ Not the supervisor: it must not hold state the guest controls.
 
 Lifetimes: the keeper closes its copy only after the slot died (RELEASE,
 INIT/DESTROY), so a borrower's check of the slot's generation after the copy
-holds as for any owner (peers.py). It looks for dead slots after each batch
-of messages and once a second while it holds anything (one shared read when
-nothing was released), so a released file's last host close may come up to
-a second after RELEASE; flock and POSIX locks are released explicitly at
-RELEASE and FLUSH (handles.py), so no lock outlives its guest file.
+holds as for any owner (peers.py). It looks for dead slots after a batch of
+messages at most every ``REAP_GAP_S`` and once a second while it holds
+anything (one shared read when nothing was released), so a released
+file's last host close may come up to a second after RELEASE; flock and
+POSIX locks are released explicitly at RELEASE and FLUSH (handles.py), so
+no lock outlives its guest file. The look is a scan of every copy held,
+about 0.4 µs per copy in Python (93 µs for 200 on the development host):
+done at each wake-up, it was a large part of a keeper that spent 100 to
+200 µs per wake-up under `dpkg -i`, whose RELEASEs move the released count
+between nearly every two wake-ups.
 
 Reading in bursts: a KEEP is safe once its ``sendmsg`` returned (the fd
 waits in the socket's queue, which the supervisor holds too), so the
@@ -62,6 +67,7 @@ import select
 import signal
 import socket
 import sys
+import time
 from typing import NoReturn
 
 from daemon import log as daemon_log
@@ -75,6 +81,7 @@ log = daemon_log.get_logger("keeper")
 
 NAME = "keeper"
 IDLE_REAP_S = 1.0      # how long a released file's copy may linger while idle
+REAP_GAP_S = 0.1       # the least time between two scans for released copies
 BATCH = 64             # messages read (and KEEPs recorded under one lock) at a time
 # After a wake-up that took messages the keeper does not listen to its
 # socket for SETTLE_S (it still answers the supervisor's channel), then
@@ -151,6 +158,7 @@ class Keeper:
         most = int(SETTLE_S * 1000)
         self.settle_ms = most
         took = 0
+        next_reap = 0.0
         while True:
             if took and self.settle_ms:
                 # settling: deaf to the socket for the window, so the KEEPs
@@ -171,7 +179,10 @@ class Keeper:
                 self.settle_ms //= 2
             elif took < BATCH // 2:
                 self.settle_ms = min(most, self.settle_ms * 2 or 1)
-            self.reap()
+            now = time.monotonic()
+            if now >= next_reap:
+                self.reap()
+                next_reap = now + REAP_GAP_S
 
     def drain(self) -> int:
         """Read the socket until it is empty (``BATCH`` at a time); returns

@@ -125,6 +125,7 @@ def expect_ring_broken(fc, slots: list[int], what: str) -> None:
     assert len(workers) == 3, f"workers {workers}: one died (hiprio, request-1, keeper)"
     assert_no_spin(daemon)
     fds = steady_fd_count(daemon.pid)
+    targets = procfs.fd_targets(daemon.pid)
     # the other queue (hiprio, vring 0, its own worker) is still served
     fc.forget(1, 1)
     os.mkdir(os.path.join(fc.shared_dir, "probe"))
@@ -136,7 +137,9 @@ def expect_ring_broken(fc, slots: list[int], what: str) -> None:
     fc.forget(entry.nodeid, 1)
     assert fc.getattr(1).attr.nlink >= 2
     assert children(daemon.pid) == workers, "a worker was replaced"
-    assert settled_fd_count(daemon.pid, fds) == fds, "supervisor fd count changed"
+    assert settled_fd_count(daemon.pid, fds) == fds, (
+        "supervisor fd count changed: "
+        + procfs.fd_difference(targets, procfs.fd_targets(daemon.pid)))
     assert daemon.log().count("no longer served") == 1
 
 

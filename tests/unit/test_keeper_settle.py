@@ -235,3 +235,54 @@ def test_the_window_shrinks_under_a_large_burst_and_grows_back(files, running, t
     for f in fhs:
         files.free(f)
     peers.close()
+
+
+@pytest.fixture
+def quick(monkeypatch):
+    """The keeper's loop with a 1 ms settling window and REAP_GAP_S 0.3:
+    a wake-up every few ms under a stream of KEEPs and RELEASEs."""
+    monkeypatch.setattr(keeper_mod, "SETTLE_S", 0.001)
+    monkeypatch.setattr(keeper_mod, "REAP_GAP_S", 0.3)
+    k = RunningKeeper(FileTable(128))
+    scans: list[float] = []
+    real = k.keeper.reap
+
+    def reap():
+        if k.keeper.files.released != k.keeper._released:
+            scans.append(time.monotonic())
+        return real()
+    k.keeper.reap = reap
+    k.scans = scans
+    yield k
+    k.stop()
+    k.keeper.files.close()
+
+
+def test_released_copies_are_looked_for_at_most_every_reap_gap(quick, tmp_path):
+    """While KEEPs and RELEASEs alternate (dpkg -i), every wake-up finds the
+    released count moved; the keeper scans its copies at most once per
+    REAP_GAP_S, and still closes every released copy within about a second
+    once the guest goes quiet."""
+    files = quick.keeper.files
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    peers = quick.worker()
+    before = _fd_count()
+    t0 = time.monotonic()
+    node = 2
+    while time.monotonic() - t0 < 1.2:
+        fh, fd = _open_kept(files, peers, path, node)
+        os.close(fd)
+        _wait(lambda fh=fh: files.kept(fh))            # one wake-up each
+        files.free(fh)                                 # the released count moves
+        node += 1
+    elapsed = time.monotonic() - t0
+    assert len(quick.drains) >= 40, quick.drains      # many wake-ups...
+    assert len(quick.scans) <= elapsed / keeper_mod.REAP_GAP_S + 2, quick.scans   # ...few scans
+    gaps = [b - a for a, b in zip(quick.scans, quick.scans[1:])]
+    assert all(g >= keeper_mod.REAP_GAP_S * 0.99 for g in gaps), gaps
+    quiet = time.monotonic()
+    _wait(lambda: not quick.keeper.fds, seconds=3.0)  # every copy of a freed slot closed...
+    assert time.monotonic() - quiet < keeper_mod.IDLE_REAP_S + keeper_mod.REAP_GAP_S + 0.5   # ...soon
+    peers.close()
+    assert _fd_count() <= before
