@@ -62,7 +62,7 @@
  * FastOps.enable_readdir was called: the same stream, no lookups):
  * _readdir.h.
  *
- * GETXATTR, UNLINK, RMDIR and FLUSH (those FastOps.enable_meta named:
+ * GETXATTR, UNLINK, RMDIR, FLUSH and RENAME (those FastOps.enable_meta named:
  * fastmeta.py): _meta.h, included below, says exactly when. READLINK,
  * STATFS (FastOps.enable_readlink, enable_statfs) and the opcodes the op
  * table answers ENOSYS (enable_enosys): _attrs.h.
@@ -197,7 +197,7 @@ struct op_words {
 };
 
 #define MAX_BUCKETS 15          /* counters.OP_WORDS - OP_BUCKETS - 1 */
-#define META_OPS 4              /* the ops of _meta.h */
+#define META_OPS 5              /* the ops of _meta.h */
 #define ENOSYS_OPCODES 64       /* _attrs.h: enable_enosys takes opcodes below this (counters.OPCODE_SLOTS) */
 
 /* the metrics slot this worker counts into, laid out by counters.py (the
@@ -207,7 +207,7 @@ struct meter {
     uint64_t *w;
     Py_ssize_t bytes_read, errno_slots, nbounds, bytes_written;
     struct op_words getattr, read, write, lookup;
-    struct op_words meta[META_OPS]; /* GETXATTR, UNLINK, RMDIR, FLUSH (_meta.h, enable_meta) */
+    struct op_words meta[META_OPS]; /* GETXATTR, UNLINK, RMDIR, FLUSH, RENAME (_meta.h, enable_meta) */
     struct op_words create;     /* set by enable_create (_create.h) */
     struct op_words mkdir;      /* set by enable_mkdir (_mkdir.h) */
     struct op_words forget[2];  /* FORGET, BATCH_FORGET: set by enable_forget (_forget.h) */
@@ -1861,8 +1861,8 @@ static PyMethodDef fastops_methods[] = {
      "index, memfd, thread lock, capacity and word indices (header's, then slot's) these are;\n"
      "negative: ENOENT is a negative entry (--cache=always)"},
     {"enable_meta", (PyCFunction)fastops_enable_meta, METH_VARARGS,
-     "enable_meta(ops, h_locks, layout): serve GETXATTR, UNLINK, RMDIR, FLUSH (bits 0-3 of ops) too;\n"
-     "h_locks: FileTable._H_LOCKS; layout: with a meter, their (requests, latency_sum, buckets,\n"
+     "enable_meta(ops, h_locks, layout): serve GETXATTR, UNLINK, RMDIR, FLUSH, RENAME (bits 0-4 of ops)\n"
+     "too; h_locks: FileTable._H_LOCKS; layout: with a meter, their (requests, latency_sum, buckets,\n"
      "errors) word indices (_meta.h)"},
     {"enable_create", (PyCFunction)fastops_enable_create, METH_VARARGS,
      "enable_create(rest, add, creds, kept, writeback, fopen, meter_words): serve CREATE too (after\n"

@@ -1,6 +1,6 @@
 /*
  * Metadata requests in C (docs/compiled.md, "GETXATTR in C", "UNLINK and
- * RMDIR in C", "FLUSH in C"), included by _fastops.c (one translation
+ * RMDIR in C", "RENAME in C", "FLUSH in C"), included by _fastops.c (one translation
  * unit: it uses that file's request, state, fd-cache and reply helpers).
  * Each op is served only when FastOps.enable_meta named it (fastmeta.py:
  * the op table's row is the reference handler and nothing configured
@@ -39,6 +39,19 @@
  * loop the chain is taken before unlinkat (as WRITE's before pwritev2):
  * removing is not safe to do twice.
  *
+ * RENAME (entries.do_rename; not with --readonly): the args are
+ * fuse_rename_in {newdir} and two names that fill the rest ("old\0new\0"),
+ * each as names.parse_two accepts it (1..255 bytes, no NUL inside, no '/',
+ * not "." or ".."; anything else, Python's EINVAL or ENAMETOOLONG); both
+ * directories, nodeid and newdir, the root or nodeids whose fd this worker
+ * caches (cached_fd); then renameat(olddir, old, newdir, new), the GIL
+ * released, under the worker's own credentials as Python's os.rename
+ * (RENAME is not in ops.AS_CALLER), no retry on EINTR; the empty reply or
+ * the error header with its errno. Lookup counts are unchanged (nodeids
+ * follow their inodes). The chain is taken first, as UNLINK's: a rename
+ * done twice answers ENOENT. RENAME2 (the guest sends it only with flags)
+ * stays Python's.
+ *
  * FLUSH (files.do_flush) when it has no lock work: the fh is an open file
  * this worker holds (open_fd, READ's check), this worker's own
  * lock-description dict handles._locks has no entry of (nodeid,
@@ -58,16 +71,18 @@
 
 #define OP_UNLINK 10
 #define OP_RMDIR 11
+#define OP_RENAME 12
 #define OP_GETXATTR 22
 #define OP_FLUSH 25
 #define GETXATTR_IN_SIZE 8      /* abi.GETXATTR_IN */
 #define GETXATTR_OUT_SIZE 8     /* abi.GETXATTR_OUT */
 #define FLUSH_IN_SIZE 24        /* abi.FLUSH_IN */
+#define RENAME_IN_SIZE 8        /* abi.RENAME_IN */
 #define META_NAME_MAX 255       /* abi.NAME_MAX, xattrs.XATTR_NAME_MAX */
 #define META_XATTR_SMALL 128    /* os.getxattr's first buffer */
 #define META_XATTR_MAX (1 << 16)    /* its second, XATTR_SIZE_MAX */
 
-_Static_assert(META_OPS == 4, "meta ops: GETXATTR, UNLINK, RMDIR, FLUSH");
+_Static_assert(META_OPS == 5, "meta ops: GETXATTR, UNLINK, RMDIR, FLUSH, RENAME");
 
 /* "_locks", "files", "_hdr": interned by enable_meta */
 static PyObject *s_meta_locks, *s_meta_files, *s_meta_hdr;
@@ -81,6 +96,7 @@ static int meta_slot(uint32_t opcode)
     case OP_UNLINK: return 1;
     case OP_RMDIR: return 2;
     case OP_FLUSH: return 3;
+    case OP_RENAME: return 4;
     default: return -1;
     }
 }
@@ -201,6 +217,43 @@ static Py_ssize_t fast_remove(FastOps *self, const struct state *st, const struc
     return rc < 0 ? error_reply(q, h->unique, err, error) : empty_reply(q, h->unique);
 }
 
+/* a name as names._component accepts it (RENAME's two): len bytes at
+ * name, NUL-terminated there */
+static int meta_component(const char *name, Py_ssize_t len)
+{
+    return len >= 1 && len <= META_NAME_MAX && memchr(name, '/', (size_t)len) == NULL
+        && !(name[0] == '.' && (len == 1 || (len == 2 && name[1] == '.')));
+}
+
+/* RENAME; NOT_HANDLED or the bytes written */
+static Py_ssize_t fast_rename(FastOps *self, const struct state *st, const struct req *q,
+                              const struct in_header *h, int *error)
+{
+    Py_ssize_t nargs = (Py_ssize_t)h->len - IN_HEADER, len = nargs - RENAME_IN_SIZE;
+    struct { uint64_t newdir; char names[2 * (META_NAME_MAX + 1)]; } a;
+    if (h->total_extlen || len < 4 || nargs > (Py_ssize_t)sizeof a
+            || iov_copy(q->r, q->nr, IN_HEADER, &a, nargs, 0) < 0 || a.names[len - 1] != 0)
+        return NOT_HANDLED;
+    const char *old = a.names, *nul = memchr(old, 0, (size_t)len);
+    Py_ssize_t oldlen = nul - old, newlen = len - oldlen - 2;
+    const char *new = nul + 1;
+    if (newlen < 1 || memchr(new, 0, (size_t)newlen) != NULL
+            || !meta_component(old, oldlen) || !meta_component(new, newlen))
+        return NOT_HANDLED;
+    int olddir = cached_fd(self, st, h->nodeid), newdir;
+    if (olddir < 0 || (newdir = cached_fd(self, st, a.newdir)) < 0)
+        return NOT_HANDLED;
+    /* answered from here on; the chain taken first, as UNLINK's */
+    if (q->take != NULL)
+        take_chain(q->take);
+    int rc, err;
+    Py_BEGIN_ALLOW_THREADS
+    rc = renameat(olddir, old, newdir, new);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    return rc < 0 ? error_reply(q, h->unique, err, error) : empty_reply(q, h->unique);
+}
+
 static int lock_on(FastOps *self, const struct state *st, const struct words *hw, uint64_t nodeid, int any,
                    uint64_t owner);     /* _release.h */
 
@@ -265,6 +318,7 @@ static Py_ssize_t fast_meta(FastOps *self, const struct state *st, const struct 
     case OP_GETXATTR: return fast_getxattr(self, st, q, h, error);
     case OP_UNLINK:
     case OP_RMDIR: return fast_remove(self, st, q, h, error);
+    case OP_RENAME: return fast_rename(self, st, q, h, error);
     default: return fast_flush(self, st, q, h, error);
     }
 }
@@ -272,7 +326,7 @@ static Py_ssize_t fast_meta(FastOps *self, const struct state *st, const struct 
 /* enable_meta(ops, h_locks, layout): serve the ops whose bits are set in
  * ops (1 << meta_slot), h_locks the FileTable header's _H_LOCKS index;
  * layout: with a meter, (requests, latency_sum, buckets, errors) of each
- * of the four, checked against the meter's slot here, once */
+ * of the five, checked against the meter's slot here, once */
 static PyObject *fastops_enable_meta(FastOps *self, PyObject *args)
 {
     unsigned int ops;
@@ -289,9 +343,9 @@ static PyObject *fastops_enable_meta(FastOps *self, PyObject *args)
             PyErr_SetString(PyExc_TypeError, "FastOps.enable_meta: a meter needs the ops' word indices");
             return NULL;
         }
-        if (!PyArg_ParseTuple(layout, "(nnnn)(nnnn)(nnnn)(nnnn)", &v[0][0], &v[0][1], &v[0][2], &v[0][3], &v[1][0],
-                              &v[1][1], &v[1][2], &v[1][3], &v[2][0], &v[2][1], &v[2][2], &v[2][3], &v[3][0],
-                              &v[3][1], &v[3][2], &v[3][3]))
+        if (!PyArg_ParseTuple(layout, "(nnnn)(nnnn)(nnnn)(nnnn)(nnnn)", &v[0][0], &v[0][1], &v[0][2], &v[0][3],
+                              &v[1][0], &v[1][1], &v[1][2], &v[1][3], &v[2][0], &v[2][1], &v[2][2], &v[2][3],
+                              &v[3][0], &v[3][1], &v[3][2], &v[3][3], &v[4][0], &v[4][1], &v[4][2], &v[4][3]))
             return NULL;
         const struct meter *m = &self->m;
         Py_ssize_t n = m->words.len / 8;

@@ -1,8 +1,8 @@
 """Which metadata ops the compiled ops serve too (_meta.h; docs/compiled.md,
-"GETXATTR in C", "UNLINK and RMDIR in C", "FLUSH in C").
+"GETXATTR in C", "UNLINK and RMDIR in C", "RENAME in C", "FLUSH in C").
 
 ``enable(fast, session)`` turns on, in a ``FastOps`` made by
-``fastpath.make``, each of GETXATTR, UNLINK, RMDIR and FLUSH whose row in
+``fastpath.make``, each of GETXATTR, UNLINK, RMDIR, FLUSH and RENAME whose row in
 the session's op table is the reference handler and whose answer nothing
 configured changes; ``served(session)`` names them for the start-up line.
 What C then still leaves to Python per request (malformed requests, an
@@ -15,7 +15,7 @@ Kept out of C, for the whole session:
   or ``--translate-uid``/``--translate-gid`` (not needed for today's
   GETXATTR, but each is a rule about what the guest sees: C stays out
   rather than follow them), or ``--no-xattr`` (the row answers ENOSYS);
-- UNLINK and RMDIR with ``--readonly`` (their rows answer EROFS);
+- UNLINK, RMDIR and RENAME with ``--readonly`` (their rows answer EROFS);
 - every op whose row is not the reference handler.
 """
 
@@ -25,9 +25,10 @@ from daemon.fuse import entries, filetable, files, xattrs
 from daemon.fuse.abi import Opcode
 
 # bit i of FastOps.enable_meta's ops: _meta.h's meta_slot order
-OPS = (Opcode.GETXATTR, Opcode.UNLINK, Opcode.RMDIR, Opcode.FLUSH)
+OPS = (Opcode.GETXATTR, Opcode.UNLINK, Opcode.RMDIR, Opcode.FLUSH, Opcode.RENAME)
 _HANDLERS = {Opcode.GETXATTR: xattrs.do_getxattr, Opcode.UNLINK: entries.do_unlink,
-             Opcode.RMDIR: entries.do_rmdir, Opcode.FLUSH: files.do_flush}
+             Opcode.RMDIR: entries.do_rmdir, Opcode.FLUSH: files.do_flush,
+             Opcode.RENAME: entries.do_rename}
 
 
 def not_reference(session, *rows) -> str:

@@ -1,8 +1,8 @@
-"""GETXATTR, UNLINK, RMDIR and FLUSH on the confined request worker
+"""GETXATTR, UNLINK, RMDIR, FLUSH and RENAME on the confined request worker
 (default sandbox and seccomp), served in C unless PYVIRTIOFSD_PURE=1 or
 PYVIRTIOFSD_FASTOPS=0 (docs/compiled.md, "GETXATTR in C" and after; the
 worker's start-up line names them): the host calls C makes (getxattr on
-the /proc/self/fd path, unlinkat, fcntl(F_DUPFD_CLOEXEC) and close) pass
+the /proc/self/fd path, unlinkat, renameat, fcntl(F_DUPFD_CLOEXEC) and close) pass
 the filter and give the answers Python gives."""
 
 from __future__ import annotations
@@ -41,6 +41,15 @@ def test_metadata_ops_answer_as_python_does_on_the_confined_worker(frontend):
     assert reply_errno(lambda: frontend.rmdir(ROOT, "..")) == errno.EINVAL     # Python's
     frontend.rmdir(ROOT, "empty")
     assert not (shared / "empty").exists()
+    d = frontend.lookup(ROOT, "d").nodeid
+    (shared / "m").write_bytes(b"moved")
+    frontend.rename(ROOT, "m", d, "m2")            # across two directories
+    assert (shared / "d" / "m2").read_bytes() == b"moved" and not (shared / "m").exists()
+    frontend.rename(d, "m2", d, "inner")           # onto an existing file
+    assert (shared / "d" / "inner").read_bytes() == b"moved" and not (shared / "d" / "m2").exists()
+    assert reply_errno(lambda: frontend.rename(d, "m2", ROOT, "m")) == errno.ENOENT
+    assert reply_errno(lambda: frontend.rename(ROOT, "f", ROOT, "d")) == errno.EISDIR
+    assert reply_errno(lambda: frontend.rename(ROOT, "..", ROOT, "x")) == errno.EINVAL     # Python's
     worker = worker_pid(frontend, "request-1")
     o = frontend.open(f, os.O_RDWR)
     fds = fd_count(worker)
@@ -51,8 +60,8 @@ def test_metadata_ops_answer_as_python_does_on_the_confined_worker(frontend):
     assert reply_errno(lambda: frontend.flush(f, o.fh, 0x55)) == errno.EBADF
     pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0") or os.environ.get("PYVIRTIOFSD_FASTOPS") == "0"
     ops = [ln for ln in frontend.daemon.log().splitlines() if "FUSE ops: " in ln]
-    assert len(ops) == 1 and ("all in Python" if pure else "metadata ops in C: GETXATTR, UNLINK, RMDIR, FLUSH") \
-        in ops[0], ops
+    names = "all in Python" if pure else "metadata ops in C: GETXATTR, UNLINK, RMDIR, FLUSH, RENAME"
+    assert len(ops) == 1 and names in ops[0], ops
 
 
 def test_flush_with_posix_locks_releases_them(frontend):

@@ -127,9 +127,11 @@ OUT_HEADER = struct.Struct("<IiQ")
 IN_HEADER = struct.Struct("<IIQQIIIHH")
 USED_ELEM = struct.Struct("<II")
 WRITE_OPCODE = 16
-# _meta.h's ops: GETXATTR, UNLINK, RMDIR, FLUSH; the two that remove
-META_OPCODES = (22, 10, 11, 25)
-REMOVE_OPCODES = (10, 11)
+# _meta.h's ops: GETXATTR, UNLINK, RMDIR, FLUSH, RENAME; the three that
+# change the tree (not safe to do twice)
+RENAME_OPCODE = 12
+META_OPCODES = (22, 10, 11, 25, RENAME_OPCODE)
+REMOVE_OPCODES = (10, 11, RENAME_OPCODE)
 CREATE_OPCODE = 35
 MKDIR_OPCODE = 9
 RELEASE_OPCODE = 18
@@ -291,7 +293,7 @@ class Target:
         self.fast_served = 0
         self.batch_served = 0
         self.c_writes = 0   # WRITEs the compiled ops served and the session answered alike
-        self.c_meta = 0     # GETXATTR, UNLINK, RMDIR, FLUSH served in C and checked against the session
+        self.c_meta = 0     # GETXATTR, UNLINK, RMDIR, FLUSH, RENAME served in C and checked against the session
         self.c_readdirplus = 0  # READDIRPLUS served in C and checked against the session
         self.c_readdir = 0  # plain READDIR served in C and checked against the session
         self.c_creates = 0  # CREATEs the compiled ops served (not answered again: see the docstring)
@@ -578,7 +580,7 @@ class Target:
         forgot = self._forget_again(opcode, table, written, rd, wr, chain)
         again = written if forgot else self.session.handle(rd, wr, chain)
         if opcode in REMOVE_OPCODES:
-            _removed_once(b"".join(after[o:o + ln] for o, ln in ranges), wr, again)
+            _removed_once(b"".join(after[o:o + ln] for o, ln in ranges), wr, again, opcode)
         chain.release()
         python = bytes(ram)
         ram[:] = after
@@ -639,7 +641,7 @@ class Target:
             return n
         again = self.session.handle(chain.readable, chain.writable, chain)
         if opcode in REMOVE_OPCODES:
-            _removed_once(b"".join(after), chain.writable, again)
+            _removed_once(b"".join(after), chain.writable, again, opcode)
         assert again == n, f"compiled ops wrote {n} bytes, the session {again}"
         # writable buffers the guest aliased hold whichever write came last:
         # the order C and Python write a reply's parts in is no contract
@@ -801,17 +803,21 @@ class Target:
         shutil.rmtree(self.share, ignore_errors=True)
 
 
-def _removed_once(c_reply: bytes, writable, again: int) -> None:
-    """An UNLINK or RMDIR that C answered is answered again by the session
-    after C removed the entry: where C succeeded, the session must find
-    the name gone (ENOENT, same unique), and its reply is then replaced by
-    C's for the byte comparison that follows; where C failed, nothing
-    changed and the replies must be the same bytes (compared after)."""
+def _removed_once(c_reply: bytes, writable, again: int, opcode: int) -> None:
+    """An UNLINK, RMDIR or RENAME that C answered is answered again by the
+    session after C removed or moved the entry: where C succeeded, the
+    session must find the name gone (ENOENT, same unique; a RENAME onto
+    itself or onto a hard link of the same inode succeeds again), and its
+    reply is then replaced by C's for the byte comparison that follows;
+    where C failed, nothing changed and the replies must be the same bytes
+    (compared after)."""
     length, err, unique = OUT_HEADER.unpack_from(c_reply)
     if err:
         return
-    assert (again, OUT_HEADER.unpack(writable.read(0, 16))) == (16, (16, -errno.ENOENT, unique)), \
-        "a second UNLINK/RMDIR of what C removed was not ENOENT"
+    errs = (-errno.ENOENT, 0) if opcode == RENAME_OPCODE else (-errno.ENOENT,)
+    got = OUT_HEADER.unpack(writable.read(0, 16))
+    assert again == 16 and got[0] == 16 and got[2] == unique and got[1] in errs, \
+        f"a second {opcode} of what C removed or moved was not ENOENT: {got}"
     writable.write(0, c_reply[:16])
 
 

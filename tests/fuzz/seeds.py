@@ -408,7 +408,8 @@ def meta_ops() -> dict[str, bytes]:
     guest's question before every write), on the root too; FLUSH of a
     file the input opened; UNLINK and RMDIR of entries the input made in
     d/ (then again: ENOENT), of d itself (ENOTEMPTY, EISDIR); "." and a
-    name with '/' (Python's). Stage 2, whole batches, and one chain at a
+    name with '/' (Python's); RENAME of a file the input made in d/ to the
+    root and back (then again: ENOENT), onto d (EISDIR), of "." (Python's). Stage 2, whole batches, and one chain at a
     time (each checked against the session)."""
     s: dict[str, bytes] = {}
     b = SeedBuilder(32)
@@ -428,6 +429,12 @@ def meta_ops() -> dict[str, bytes]:
     req(b, UNLINK, 1, name(b"d"))
     req(b, UNLINK, 1, name(b"."))
     req(b, RMDIR, 1, name(b"d/sub"))
+    req(b, MKNOD, 3, struct.pack("<III4x", 0o100644, 0, 0) + name(b"mv"), [128])
+    req(b, RENAME, 3, struct.pack("<Q", 1) + name(b"mv") + name(b"mv2"))
+    req(b, RENAME, 1, struct.pack("<Q", 3) + name(b"mv2") + name(b"mv"))
+    req(b, RENAME, 1, struct.pack("<Q", 3) + name(b"mv2") + name(b"mv"))
+    req(b, RENAME, 3, struct.pack("<Q", 1) + name(b"mv") + name(b"d"))
+    req(b, RENAME, 3, struct.pack("<Q", 1) + name(b".") + name(b"x"))
     meta = b.build()
     s["meta_in_c"] = meta
     s["batch_meta"] = with_flags(meta, 3)

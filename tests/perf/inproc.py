@@ -10,7 +10,7 @@ GETATTR budget (DESIGN.md) and to profile without a second process
 competing for the cores.
 
     python -m tests.perf.inproc [--op getattr|lookup|lookup-cold|read4k|read1m|write4k|write4k-kill|
-                                      getxattr-absent|unlink|rmdir|flush|create|
+                                      getxattr-absent|unlink|rmdir|rename|flush|create|
                                       forget|forget-keep|batch-forget|
                                       readdirplus-cold|readdirplus-warm|readdir|readdir-cold|open|opendir|listing|
                                       setattr-times|setattr-chmod|readlink|statfs|ioctl]
@@ -27,8 +27,10 @@ nodeid is forgotten and its fd closed (``InodeTable.unref_many``,
 ``getxattr-absent`` asks for ``security.capability`` of a file that has
 none (ENODATA: what a cache=auto guest sends before every write);
 ``unlink`` and ``rmdir`` remove ``depth`` entries per batch, made again
-between batches outside the timed part; ``flush`` flushes one open file
-again and again. ``--python-meta`` leaves those four to Python (the
+between batches outside the timed part; ``rename`` renames ``depth``
+files of the root to new names, renamed back on the host between
+batches; ``flush`` flushes one open file again and again.
+``--python-meta`` leaves those five to Python (the
 compiled ops without _meta.h's: ``FastOps.enable_meta(0, ...)``), for a
 before/after in one build.
 
@@ -183,6 +185,11 @@ def _build(op: str, depth: int, shared: str, cache: str = "auto", event_idx: boo
         heads = [vr.submit([hdr(Opcode.UNLINK if op == "unlink" else Opcode.RMDIR, 1, len(n) + 1), n + b"\0"], [16])
                  for n in names]
         return loop, ring, vr, heads
+    if op == "rename":
+        names = remake(shared, op, depth)
+        args = [abi.RENAME_IN.pack(1) + n + b"\0" + RENAMED + n + b"\0" for n in names]
+        heads = [vr.submit([hdr(Opcode.RENAME, 1, len(a)), a], [16]) for a in args]
+        return loop, ring, vr, heads
     if op == "lookup-cold":
         names = [f"cold-{i:05d}".encode() for i in range(depth)]
         for n in names:
@@ -296,14 +303,20 @@ def ref_again(table, dev_inos) -> None:
             raise RuntimeError(f"inode {ino} came back as nodeid {got}, not {nodeid}")
 
 
+RENAMED = b"to-"     # what ``rename`` renames name to: RENAMED + name
+
+
 def remake(shared: str, op: str, depth: int) -> list[bytes]:
-    """The ``depth`` entries an ``unlink`` (files) or ``rmdir`` (empty
-    directories) batch removes, made (again) in the share root."""
+    """The ``depth`` entries an ``unlink`` (files), ``rmdir`` (empty
+    directories) or ``rename`` (files, renamed back) batch removes or
+    moves, made (again) in the share root."""
     names = [f"{op}-{i:05d}".encode() for i in range(depth)]
     for n in names:
         path = os.path.join(shared, os.fsdecode(n))
         if op == "rmdir":
             os.makedirs(path, exist_ok=True)
+        elif op == "rename" and os.path.exists(os.path.join(shared, os.fsdecode(RENAMED + n))):
+            os.rename(os.path.join(shared, os.fsdecode(RENAMED + n)), path)
         else:
             open(path, "wb").close()
     return names
@@ -698,7 +711,7 @@ def per_request_us(op: str = "getattr", depth: int = 64, seconds: float = 3.0,
         done += depth
         if op == "lookup-cold":
             forget_all(loop.session)
-        if op in ("unlink", "rmdir"):
+        if op in ("unlink", "rmdir", "rename"):
             remake(shared, op, depth)
         for head in finished:
             vr.repost(head)
@@ -713,14 +726,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--op", default="getattr",
                     choices=("getattr", "lookup", "lookup-cold", "read4k", "read1m", "write4k", "write4k-kill",
-                             "getxattr-absent", "unlink", "rmdir", "flush", "create", "mkdir", *FORGET_OPS,
+                             "getxattr-absent", "unlink", "rmdir", "rename", "flush", "create", "mkdir", *FORGET_OPS,
                              "readdirplus-cold", "readdirplus-warm", "readdir", "readdir-cold", "open", "opendir",
                              "listing", "setattr-times", "setattr-chmod", "readlink", "statfs", "ioctl"))
     ap.add_argument("--entries", type=int, default=None,
                     help="readdir*, listing: files in the directory listed (1000, 8)")
     ap.add_argument("--python-readdir", action="store_true", help="readdir*: plain READDIR in Python")
     ap.add_argument("--python-meta", action="store_true",
-                    help="GETXATTR, UNLINK, RMDIR and FLUSH in Python (the rest as the build serves it)")
+                    help="GETXATTR, UNLINK, RMDIR, FLUSH and RENAME in Python (the rest as the build serves it)")
     ap.add_argument("--depth", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--profile", default="none", choices=("none", "cprofile"))

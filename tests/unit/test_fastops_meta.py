@@ -1,4 +1,4 @@
-"""GETXATTR, UNLINK, RMDIR and FLUSH served in C (daemon/fuse/_meta.h)
+"""GETXATTR, UNLINK, RMDIR, FLUSH and RENAME served in C (daemon/fuse/_meta.h)
 against the Python session, byte for byte.
 
 As in test_fastops_equivalence.py: each request is laid out in readable
@@ -6,7 +6,7 @@ buffers cut at arbitrary places and a writable part of arbitrary buffers
 pre-filled with a pattern, answered once by ``FuseSession.handle`` alone
 (the reference) and once by ``FastOps.serve`` then ``handle`` when it
 declines. Before each of the two runs the share's removable entries are
-made again, so that UNLINK and RMDIR meet the same tree; after each, the
+made again, so that UNLINK, RMDIR and RENAME meet the same tree; after each, the
 reply bytes, the byte count, the tree (names and types), and this
 process's open fds must be equal. With a meter on each path the two
 slots must hold the same counters. The tests also check what C serves
@@ -35,17 +35,18 @@ from tests.unit.test_fastops_equivalence import _run as _session_run
 XATTRS = {b"user.small": b"0123456789", b"user.big": bytes(range(200)), b"user.empty": b"",
           b"user.huge": b"h" * 2500, b"user.with/slash": b"s"}
 REMOVABLE = ("f1", "f2", "sub", "full", "link")
+KEPT = ("x", "d", "gone", "tmpfile")    # the root's own entries (d/ is emptied: a RENAME may make any name)
 
 
 def _make_tree(root) -> None:
     """d/ with files, an empty and a full directory and a symlink: what
-    UNLINK and RMDIR may remove (made again before every run)."""
+    UNLINK, RMDIR and RENAME may remove or move (made again before every run)."""
     d = root / "d"
-    for name in REMOVABLE:
-        p = d / name
-        if p.is_symlink() or p.is_file():
+    stray = [d / name for name in os.listdir(d)] + [root / name for name in os.listdir(root) if name not in KEPT]
+    for p in stray:
+        if p.is_symlink() or not p.is_dir():
             p.unlink()
-        elif p.is_dir():
+        else:
             shutil.rmtree(p)
     (d / "f1").write_bytes(b"1")
     (d / "f2").write_bytes(b"")
@@ -131,12 +132,17 @@ def name_request(opcode: Opcode, nodeid: int, name: bytes, unique: int = 6) -> b
     return in_header(opcode, nodeid, len(name) + 1, unique) + name + b"\0"
 
 
+def rename_request(nodeid: int, newdir: int, old: bytes, new: bytes, unique: int = 10) -> bytes:
+    args = abi.RENAME_IN.pack(newdir) + old + b"\0" + new + b"\0"
+    return in_header(Opcode.RENAME, nodeid, len(args), unique) + args
+
+
 def flush_request(fh: int, owner: int = 0x77, unique: int = 8) -> bytes:
     args = abi.FLUSH_IN.pack(fh, owner)
     return in_header(Opcode.FLUSH, 1, len(args), unique) + args
 
 
-def test_the_default_session_serves_all_four_in_c(world):
+def test_the_default_session_serves_all_five_in_c(world):
     _root, session, *_ = world
     assert fastmeta.served(session) == list(fastmeta.OPS)
 
@@ -277,6 +283,59 @@ def test_unlink_c_leaves_to_python(world, case):
     assert not in_c
 
 
+# -- RENAME ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("old,new,err", [
+    (b"f1", b"f3", 0), (b"f1", b"f2", 0), (b"sub", b"moved", 0), (b"link", b"moved", 0),
+    (b"sub", b"full", errno.ENOTEMPTY), (b"f1", b"sub", errno.EISDIR), (b"sub", b"f1", errno.ENOTDIR),
+    (b"missing", b"f3", errno.ENOENT), (b"f1", b"f1", 0), (b"n" * 255, b"f3", errno.ENOENT),
+    (b"f1", b"n" * 255, 0),
+])
+def test_rename_is_served_in_c(world, old, new, err):
+    root, _session, _client, fast, nodeids = world
+    request = rename_request(nodeids["d"], nodeids["d"], old, new)
+    assert compare(world, request, [40, 41, 50]) == (16, True)
+    _make_tree(root)
+    out = bytearray(16)
+    assert fast.serve(Chain(0, IoVec([memoryview(bytearray(request))]), IoVec([memoryview(out)]))) == 16
+    assert abi.OUT_HEADER.unpack_from(out) == (16, -err, 10)
+    if not err and old != new:
+        assert not os.path.lexists(root / "d" / old.decode()) and os.path.lexists(root / "d" / new.decode())
+
+
+def test_rename_across_directories_is_served_in_c(world):
+    root, _session, _client, _fast, nodeids = world
+    assert compare(world, rename_request(1, nodeids["d"], b"tmpfile", b"moved")) == (16, True)
+    assert compare(world, rename_request(nodeids["d"], nodeids["x"], b"f1", b"f3")) == (16, True)   # ENOTDIR
+
+
+@pytest.mark.parametrize("args", [
+    b".\0f3\0", b"..\0f3\0", b"f1\0.\0", b"f1\0..\0", b"a/b\0f3\0", b"f1\0a/b\0", b"\0f3\0", b"f1\0\0",
+    b"f1\0", b"f1\0f3", b"f1\0f3\0x\0", b"n" * 256 + b"\0f3\0", b"f1\0" + b"n" * 256 + b"\0", b"\0\0", b"",
+    b"f1",
+])
+def test_bad_rename_names_are_left_to_python(world, args):
+    nodeids = world[4]
+    body = abi.RENAME_IN.pack(nodeids["d"]) + args
+    n, in_c = compare(world, in_header(Opcode.RENAME, nodeids["d"], len(body), 10) + body)
+    assert (n, in_c) == (16, False)
+
+
+@pytest.mark.parametrize("case", ["stale-old", "stale-new", "unknown-new", "short", "extension"])
+def test_rename_c_leaves_to_python(world, case):
+    nodeids = world[4]
+    d = nodeids["d"]
+    request = {
+        "stale-old": rename_request(nodeids["gone"], d, b"f1", b"f3"),
+        "stale-new": rename_request(d, nodeids["gone"], b"f1", b"f3"),
+        "unknown-new": rename_request(d, 77777, b"f1", b"f3"),
+        "short": in_header(Opcode.RENAME, d, 4, 10) + bytes(4),
+        "extension": in_header(Opcode.RENAME, d, 8 + 6 + 8, 10, extlen=1) + abi.RENAME_IN.pack(d) + b"f1\0f3\0"
+        + bytes(8),
+    }[case]
+    _n, in_c = compare(world, request)
+    assert not in_c
+
+
 # -- FLUSH -------------------------------------------------------------------------------------
 def test_flush_is_served_in_c(world):
     nodeids = world[4]
@@ -359,7 +418,7 @@ def test_flush_out_of_fds_is_still_an_empty_reply(world):
 @pytest.mark.parametrize("config,python", [
     ({"xattr": False}, {Opcode.GETXATTR}),
     ({"security_label": True}, {Opcode.GETXATTR}),
-    ({"readonly": True}, {Opcode.UNLINK, Opcode.RMDIR}),
+    ({"readonly": True}, {Opcode.UNLINK, Opcode.RMDIR, Opcode.RENAME}),
 ])
 def test_options_that_change_an_answer_keep_the_op_in_python(tmp_path, config, python):
     cwd = os.getcwd()
@@ -369,7 +428,8 @@ def test_options_that_change_an_answer_keep_the_op_in_python(tmp_path, config, p
         assert set(fastmeta.OPS) - set(fastmeta.served(session)) == python
         fast = fastpath.make(session)
         for op in python:
-            args = b"user.a\0" if op != Opcode.GETXATTR else abi.GETXATTR_IN.pack(0) + b"user.a\0"
+            args = abi.GETXATTR_IN.pack(0) + b"user.a\0" if op == Opcode.GETXATTR \
+                else abi.RENAME_IN.pack(1) + b"a\0b\0" if op == Opcode.RENAME else b"user.a\0"
             request = in_header(op, 1, len(args), 3) + args
             out = bytearray(64)
             assert fast.serve(Chain(0, IoVec([memoryview(bytearray(request))]), IoVec([memoryview(out)]))) == -1
@@ -429,6 +489,8 @@ def compare_metered(world, metered, request: bytes, rcuts=(40,), wsizes=(16, 409
     (Opcode.UNLINK, lambda n: name_request(Opcode.UNLINK, n["d"], b"nope"), errno.ENOENT),
     (Opcode.RMDIR, lambda n: name_request(Opcode.RMDIR, n["d"], b"full"), errno.ENOTEMPTY),
     (Opcode.FLUSH, lambda n: flush_request(n["fh"]), 0),
+    (Opcode.RENAME, lambda n: rename_request(n["d"], n["d"], b"f1", b"f3"), 0),
+    (Opcode.RENAME, lambda n: rename_request(n["d"], n["d"], b"sub", b"full"), errno.ENOTEMPTY),
 ])
 def test_c_counts_as_python_does(world, metered, opcode, make, err):
     nodeids = world[4]
@@ -445,11 +507,13 @@ def test_c_counts_as_python_does(world, metered, opcode, make, err):
 def test_a_bad_meta_layout_is_refused(world, metered):
     fast, _meters = metered
     with pytest.raises(ValueError):
-        fast.enable_meta(0xF, 6, ((10 ** 9, 0, 0, 0),) * 4)
+        fast.enable_meta(0x1F, 6, ((10 ** 9, 0, 0, 0),) * 5)
     with pytest.raises(ValueError):
-        fast.enable_meta(1 << 4, 6, None)
+        fast.enable_meta(1 << 5, 6, None)
     with pytest.raises(TypeError):
-        fast.enable_meta(0xF, 6, None)      # a meter needs its words
+        fast.enable_meta(0x1F, 6, ((0, 0, 0, 0),) * 4)      # one op's words missing
+    with pytest.raises(TypeError):
+        fast.enable_meta(0x1F, 6, None)      # a meter needs its words
 
 
 # -- properties ---------------------------------------------------------------------------------
@@ -484,7 +548,7 @@ def test_requests_are_equivalent(world, opcode, node, name, size, fh, trailing, 
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(opcode=st.sampled_from([Opcode.GETXATTR, Opcode.UNLINK, Opcode.RMDIR, Opcode.FLUSH]),
+@given(opcode=st.sampled_from([Opcode.GETXATTR, Opcode.UNLINK, Opcode.RMDIR, Opcode.FLUSH, Opcode.RENAME]),
        node=st.sampled_from(NODES), data=st.binary(max_size=300), rcuts=st.lists(st.integers(0, 400), max_size=3),
        wsizes=st.lists(st.integers(0, 300), min_size=1, max_size=3))
 def test_random_args_are_equivalent(world, opcode, node, data, rcuts, wsizes):
@@ -493,8 +557,24 @@ def test_random_args_are_equivalent(world, opcode, node, data, rcuts, wsizes):
     compare(world, header + data, rcuts, wsizes)
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(node=st.sampled_from(NODES), newdir=st.sampled_from(NODES), old=st.sampled_from(NAMES[:12]),
+       new=st.sampled_from(NAMES[:12] + [b"f3", b"moved"]), trailing=st.sampled_from([b"", b"\0", b"x", b"x\0"]),
+       no_nul=st.booleans(), lendelta=st.sampled_from([0, 0, 0, -1, 1]), extlen=st.sampled_from([0, 0, 1]),
+       rcuts=st.lists(st.integers(0, 600), max_size=4),
+       wsizes=st.lists(st.integers(0, 100), min_size=1, max_size=3), unique=st.integers(0, (1 << 64) - 1))
+def test_renames_are_equivalent(world, node, newdir, old, new, trailing, no_nul, lendelta, extlen, rcuts, wsizes,
+                                unique):
+    nodeids = world[4]
+    args = abi.RENAME_IN.pack(_nodeid(nodeids, newdir)) + old + b"\0" + new + (b"" if no_nul else b"\0") + trailing
+    args += bytes(8 * extlen)
+    header = abi.IN_HEADER.pack(40 + len(args) + lendelta, Opcode.RENAME, unique, _nodeid(nodeids, node), 0, 0, 0,
+                                extlen, 0)
+    compare(world, header + args, rcuts, wsizes)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(opcode=st.sampled_from([Opcode.GETXATTR, Opcode.UNLINK, Opcode.RMDIR, Opcode.FLUSH]),
+@given(opcode=st.sampled_from([Opcode.GETXATTR, Opcode.UNLINK, Opcode.RMDIR, Opcode.FLUSH, Opcode.RENAME]),
        name=st.sampled_from(NAMES[:8] + NAMES[12:16]), err=st.booleans(),
        rcuts=st.lists(st.integers(0, 300), max_size=3))
 def test_metered_requests_count_the_same(world, metered, opcode, name, err, rcuts):
@@ -503,6 +583,8 @@ def test_metered_requests_count_the_same(world, metered, opcode, name, err, rcut
         request = flush_request(nodeids["fh-released" if err else "fh"])
     elif opcode == Opcode.GETXATTR:
         request = getxattr_request(nodeids["gone" if err else "x"], name, 100)
+    elif opcode == Opcode.RENAME:
+        request = rename_request(nodeids["d"], nodeids["d"], name, b"sub" if err else b"moved")
     else:
         request = name_request(opcode, nodeids["d"], name)
     compare_metered(world, metered, request, rcuts)
@@ -593,14 +675,14 @@ def _req(opcode, nodeid_of, args, out):
 
 
 def test_a_ring_of_them_in_the_batch_loop(tmp_path, monkeypatch):
-    """Stage 3 (the default loop): GETXATTRs, UNLINKs, RMDIRs, FLUSHes C
+    """Stage 3 (the default loop): GETXATTRs, UNLINKs, RMDIRs, FLUSHes, RENAMEs C
     serves, one LOOKUP of ".." it declines in the middle (Python pops it)
     and the rest after it: the same replies and tree as the pure loop,
     and C served all but the declined one."""
     monkeypatch.delenv("PYVIRTIOFSD_FASTOPS", raising=False)
     from daemon.virtio import compiled
     # PYVIRTIOFSD_PURE=1: no compiled ops in the loop, both runs are the pure one
-    in_c = 7 if compiled.VirtQueue is compiled.CompiledVirtQueue else 0
+    in_c = 9 if compiled.VirtQueue is compiled.CompiledVirtQueue else 0
     requests = [
         _req(Opcode.GETXATTR, lambda i: i["x"], lambda i: abi.GETXATTR_IN.pack(0) + b"security.capability\0", [8]),
         _req(Opcode.GETXATTR, lambda i: i["x"], lambda i: abi.GETXATTR_IN.pack(100) + b"user.small\0", [100]),
@@ -610,10 +692,12 @@ def test_a_ring_of_them_in_the_batch_loop(tmp_path, monkeypatch):
         _req(Opcode.RMDIR, lambda i: i["d"], lambda i: b"sub\0", []),
         _req(Opcode.RMDIR, lambda i: i["d"], lambda i: b"full\0", []),
         _req(Opcode.FLUSH, lambda i: 1, lambda i: abi.FLUSH_IN.pack(i["fh"], 3), []),
+        _req(Opcode.RENAME, lambda i: i["d"], lambda i: abi.RENAME_IN.pack(i["d"]) + b"f2\0f3\0", []),
+        _req(Opcode.RENAME, lambda i: i["d"], lambda i: abi.RENAME_IN.pack(i["d"]) + b"f2\0f3\0", []),
     ]
     pure = _ring_run(tmp_path / "pure", requests, False)
     c = _ring_run(tmp_path / "c", requests, True)
     assert c[0] == pure[0] and c[2] == pure[2]
     assert (pure[1], c[1]) == (0, in_c)
     errors = [abi.OUT_HEADER.unpack_from(r)[1] for r in c[0]]
-    assert errors == [-errno.ENODATA, 0, 0, -errno.ENOENT, -errno.EINVAL, 0, -errno.ENOTEMPTY, 0]
+    assert errors == [-errno.ENODATA, 0, 0, -errno.ENOENT, -errno.EINVAL, 0, -errno.ENOTEMPTY, 0, 0, -errno.ENOENT]
