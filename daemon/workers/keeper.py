@@ -96,6 +96,7 @@ BATCH = 64             # messages read (and KEEPs recorded under one lock) at a 
 # at 0 the keeper reads as soon as messages come.
 SETTLE_S = 0.02
 _MAX_FDS = 4            # room for a sender that puts more than one fd (all closed)
+_CTRUNC, _TRUNC = int(socket.MSG_CTRUNC), int(socket.MSG_TRUNC)   # ints: no IntFlag member per message
 _MAX_MSG = max(KEEP.size, ASK.size) + 1   # one byte more: a longer message is truncated, not taken
 
 
@@ -208,12 +209,12 @@ class Keeper:
             if not data and not fds:
                 break
             n += 1
-            if flags & socket.MSG_CTRUNC and not fds and not self._warned:
+            if flags & _CTRUNC and not fds and not self._warned:
                 # the kernel could not give us the fd: RLIMIT_NOFILE reached
                 self._warned = True
                 log.warning("cannot keep more than %d open files (RLIMIT_NOFILE): the ones "
                             "beyond are lost if the worker that opened them dies", len(self.fds))
-            if len(fds) != 1 or flags & socket.MSG_TRUNC:
+            if len(fds) != 1 or flags & _TRUNC:
                 close_fds(fds)       # not what a request worker sends
             elif len(data) == KEEP.size:
                 keeps.append((KEEP.unpack(data)[0], fds[0]))
