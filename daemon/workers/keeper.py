@@ -45,12 +45,24 @@ between nearly every two wake-ups.
 Reading in bursts: a KEEP is safe once its ``sendmsg`` returned (the fd
 waits in the socket's queue, which the supervisor holds too), so the
 keeper need not take it at once. After a wake-up that took messages it
-stops listening to the socket for ``SETTLE_S`` (20 ms) and then takes all
+stops listening to the socket for ``SETTLE_S`` (50 ms) and then takes all
 that came meanwhile, recording their kept words under one table lock
 (``FileTable.keep_many``): one wake-up per burst of CREATEs and OPENs
 instead of one per file, and the workers' ``sendmsg`` wakes nobody while
-it settles. Only an ASK (a worker's restart) waits, up to ``SETTLE_S``;
-the order on the socket still puts each KEEP before any ASK sent after it.
+it settles. Only an ASK (a worker's restart) waits, up to ``SETTLE_S``,
+and a wake-up that answered one is not followed by settling, so a
+restarted worker's next ASK is answered at once; the order on the socket
+still puts each KEEP before any ASK sent after it.
+
+Why 50 ms: each wake-up costs the keeper a few hundred µs of CPU on a busy
+host, mostly the interpreter around a few system calls, whatever it
+takes; `dpkg -i` on a virtio-fs root hands over an open file every 10 to
+30 ms, so with 20 ms nearly every burst cost two wake-ups (the one it
+woke for and the window's end, which found nothing). In one process, 35
+bursts a second of two KEEPs and two frees with 140 copies held: 335–358
+µs of keeper CPU per burst with 20 ms, 162–169 with 50, 108–112 with 100
+(docs/perf/rootfs.md, "The keeper's scan and RENAME"). Longer windows make
+a worker's ASK wait longer and fill the socket's queue sooner.
 
 The supervisor starts the keeper before the workers and restarts it if it
 dies; a new keeper is introduced to every request worker (``PEER_KEEPER``),
@@ -89,12 +101,13 @@ BATCH = 64             # messages read (and KEEPs recorded under one lock) at a 
 # moment its sendmsg returns (the fd is in the socket's queue, which the
 # supervisor holds too), so the delay costs no protection; while the
 # keeper settles, a KEEP wakes no process, which makes the sender's
-# sendmsg cheaper too. An ASK (a worker's restart) waits up to SETTLE_S.
+# sendmsg cheaper too. An ASK (a worker's restart) waits up to SETTLE_S,
+# once: no settling follows a wake-up that answered one.
 # The window adapts so that a burst stays well inside the socket's queue
 # (about 270 messages of the workers' send buffer): halved after a drain of
 # BATCH or more, doubled (up to SETTLE_S) after one of less than BATCH / 2;
 # at 0 the keeper reads as soon as messages come.
-SETTLE_S = 0.02
+SETTLE_S = 0.05
 _MAX_FDS = 4            # room for a sender that puts more than one fd (all closed)
 _CTRUNC, _TRUNC = int(socket.MSG_CTRUNC), int(socket.MSG_TRUNC)   # ints: no IntFlag member per message
 _MAX_MSG = max(KEEP.size, ASK.size) + 1   # one byte more: a longer message is truncated, not taken
@@ -147,6 +160,7 @@ class Keeper:
         self._released = files.released
         self._warned = False
         self.settle_ms = 0      # the settling window (run: SETTLE_S, adapted)
+        self.answered = 0       # ASKs answered (a drain that answered one is not followed by settling)
 
     def run(self, channel: Channel) -> int:
         """Keep until SHUTDOWN; see ``SETTLE_S`` for when the socket is read."""
@@ -159,9 +173,10 @@ class Keeper:
         most = int(SETTLE_S * 1000)
         self.settle_ms = most
         took = 0
+        settle = False
         next_reap = 0.0
         while True:
-            if took and self.settle_ms:
+            if settle and self.settle_ms:
                 # settling: deaf to the socket for the window, so the KEEPs
                 # sent meanwhile wake nobody and are all read at once
                 events = control.poll(self.settle_ms)
@@ -175,7 +190,11 @@ class Keeper:
                         self.close()
                         return 0
                     raise ChannelError(f"unexpected {msg.name}")
+            answered = self.answered
             took = self.drain()
+            # no settling after an ASK: a restarted worker waits on each
+            # answer, and its next ASK must not wait out a window
+            settle = took > 0 and self.answered == answered
             if took >= BATCH:
                 self.settle_ms //= 2
             elif took < BATCH // 2:
@@ -233,6 +252,7 @@ class Keeper:
         ``ident`` (the asker checks the slot still lives), or EBADF if we
         hold none. Never waits: an asker whose socket is full (or that sent
         something else than a socket) gets nothing and times out."""
+        self.answered += 1
         fd = self.fds.get(ident)
         try:
             reply = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=reply_fd)

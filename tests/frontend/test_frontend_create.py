@@ -92,4 +92,4 @@ def test_releases_in_c_through_the_confined_worker(frontend):
     assert settled_fd_count(worker, fds, timeout=2.0) == fds       # every fd of them closed
     pure = os.environ.get("PYVIRTIOFSD_PURE", "") not in ("", "0") or os.environ.get("PYVIRTIOFSD_FASTOPS") == "0"
     ops = [ln for ln in frontend.daemon.log().splitlines() if "FUSE ops: " in ln]
-    assert len(ops) == 1 and ("all in Python" if pure else "FLUSH, RELEASE") in ops[0], ops
+    assert len(ops) == 1 and ("all in Python" if pure else "FLUSH, RENAME, RELEASE") in ops[0], ops

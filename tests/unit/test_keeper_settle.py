@@ -212,6 +212,25 @@ def test_an_idle_keeper_answers_an_ask_at_once(files, running, tmp_path):
     peers.close()
 
 
+def test_asks_in_a_row_are_answered_at_once(files, running, tmp_path):
+    """A wake-up that answered an ASK is not followed by settling: a
+    restarted worker asks for one fh after another, and each answer comes
+    without waiting out a window (the second one would wait SETTLE_S)."""
+    peers, path, first = _one_kept(files, running, tmp_path)
+    second, fd = _open_kept(files, peers, path, 2)
+    os.close(fd)
+    _wait(lambda: files.kept(second))
+    time.sleep(SETTLE * 2.5)                          # no window open
+    for fh in (first, second) * 3:
+        t0 = time.monotonic()
+        copy = peers.from_keeper(fh)
+        assert copy >= 0 and time.monotonic() - t0 < SETTLE * 0.5, time.monotonic() - t0
+        os.close(copy)
+    files.free(first)
+    files.free(second)
+    peers.close()
+
+
 def test_the_window_shrinks_under_a_large_burst_and_grows_back(files, running, tmp_path):
     """A drain of BATCH or more KEEPs halves the settling window (a burst
     must stay inside the socket's queue, not make the workers wait for
