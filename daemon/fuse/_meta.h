@@ -182,15 +182,15 @@ static Py_ssize_t fast_getxattr(FastOps *self, const struct state *st, const str
     return n;
 }
 
+static int one_name(const char *name, Py_ssize_t n);    /* _lookup.h: names.parse_name's rules */
+
 /* the one name that fills the args, as names.parse_name accepts it, into
  * name (NUL-terminated); -1 for any other (Python's error) */
 static int meta_name(const struct req *q, const struct in_header *h, char name[META_NAME_MAX + 1])
 {
-    Py_ssize_t nargs = (Py_ssize_t)h->len - IN_HEADER, len = nargs - 1;
-    if (h->total_extlen || nargs < 2 || nargs > META_NAME_MAX + 1 || iov_copy(q->r, q->nr, IN_HEADER, name, nargs, 0) < 0)
-        return -1;
-    if (name[len] != 0 || memchr(name, 0, (size_t)len) != NULL || memchr(name, '/', (size_t)len) != NULL
-            || (name[0] == '.' && (len == 1 || (len == 2 && name[1] == '.'))))
+    Py_ssize_t nargs = (Py_ssize_t)h->len - IN_HEADER;
+    if (h->total_extlen || nargs < 2 || nargs > META_NAME_MAX + 1 || iov_copy(q->r, q->nr, IN_HEADER, name, nargs, 0) < 0
+            || !one_name(name, nargs))
         return -1;
     return 0;
 }
@@ -217,14 +217,6 @@ static Py_ssize_t fast_remove(FastOps *self, const struct state *st, const struc
     return rc < 0 ? error_reply(q, h->unique, err, error) : empty_reply(q, h->unique);
 }
 
-/* a name as names._component accepts it (RENAME's two): len bytes at
- * name, NUL-terminated there */
-static int meta_component(const char *name, Py_ssize_t len)
-{
-    return len >= 1 && len <= META_NAME_MAX && memchr(name, '/', (size_t)len) == NULL
-        && !(name[0] == '.' && (len == 1 || (len == 2 && name[1] == '.')));
-}
-
 /* RENAME; NOT_HANDLED or the bytes written */
 static Py_ssize_t fast_rename(FastOps *self, const struct state *st, const struct req *q,
                               const struct in_header *h, int *error)
@@ -234,11 +226,11 @@ static Py_ssize_t fast_rename(FastOps *self, const struct state *st, const struc
     if (h->total_extlen || len < 4 || nargs > (Py_ssize_t)sizeof a
             || iov_copy(q->r, q->nr, IN_HEADER, &a, nargs, 0) < 0 || a.names[len - 1] != 0)
         return NOT_HANDLED;
-    const char *old = a.names, *nul = memchr(old, 0, (size_t)len);
-    Py_ssize_t oldlen = nul - old, newlen = len - oldlen - 2;
-    const char *new = nul + 1;
-    if (newlen < 1 || memchr(new, 0, (size_t)newlen) != NULL
-            || !meta_component(old, oldlen) || !meta_component(new, newlen))
+    /* each name with its NUL: the first NUL ends old, the last byte new */
+    const char *old = a.names, *new = (const char *)memchr(old, 0, (size_t)len) + 1;
+    Py_ssize_t oldlen = new - 1 - old, newlen = len - oldlen - 2;
+    if (oldlen < 1 || oldlen > META_NAME_MAX || newlen < 1 || newlen > META_NAME_MAX
+            || !one_name(old, oldlen + 1) || !one_name(new, newlen + 1))
         return NOT_HANDLED;
     int olddir = cached_fd(self, st, h->nodeid), newdir;
     if (olddir < 0 || (newdir = cached_fd(self, st, a.newdir)) < 0)
