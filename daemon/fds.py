@@ -11,8 +11,11 @@ import os
 import socket
 
 # socket.MSG_* are IntFlag members: an | or & with one builds an enum
-# member in Python (~1.2 µs each, 3.11), on every message received
+# member in Python (~1.2 µs each, 3.11), on every message received; these
+# are plain ints, for recv_with_fds and for its callers' msg_flags tests
 _CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+MSG_CTRUNC = int(socket.MSG_CTRUNC)
+MSG_TRUNC = int(socket.MSG_TRUNC)
 
 
 def close_fd(fd: int) -> None:

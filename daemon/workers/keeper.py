@@ -83,7 +83,7 @@ import time
 from typing import NoReturn
 
 from daemon import log as daemon_log
-from daemon.fds import close_fd, close_fds, recv_with_fds
+from daemon.fds import MSG_CTRUNC, MSG_TRUNC, close_fd, close_fds, recv_with_fds
 from daemon.fuse.filetable import FileTable
 from daemon.fuse.peers import ANSWER, ASK, KEEP, owner_word
 from daemon.sandbox import confine
@@ -109,7 +109,6 @@ BATCH = 64             # messages read (and KEEPs recorded under one lock) at a 
 # at 0 the keeper reads as soon as messages come.
 SETTLE_S = 0.05
 _MAX_FDS = 4            # room for a sender that puts more than one fd (all closed)
-_CTRUNC, _TRUNC = int(socket.MSG_CTRUNC), int(socket.MSG_TRUNC)   # ints: no IntFlag member per message
 _MAX_MSG = max(KEEP.size, ASK.size) + 1   # one byte more: a longer message is truncated, not taken
 
 
@@ -228,12 +227,12 @@ class Keeper:
             if not data and not fds:
                 break
             n += 1
-            if flags & _CTRUNC and not fds and not self._warned:
+            if flags & MSG_CTRUNC and not fds and not self._warned:
                 # the kernel could not give us the fd: RLIMIT_NOFILE reached
                 self._warned = True
                 log.warning("cannot keep more than %d open files (RLIMIT_NOFILE): the ones "
                             "beyond are lost if the worker that opened them dies", len(self.fds))
-            if len(fds) != 1 or flags & _TRUNC:
+            if len(fds) != 1 or flags & MSG_TRUNC:
                 close_fds(fds)       # not what a request worker sends
             elif len(data) == KEEP.size:
                 keeps.append((KEEP.unpack(data)[0], fds[0]))
