@@ -106,7 +106,7 @@ class GuestMemory:
         self._memfds: list[int] = []
         self._maps: list[mmap.mmap] = []
         self._allocs: dict[int, _Allocator] = {}  # region gpa -> allocator
-        self._u16: dict[int, memoryview] = {}  # region gpa -> cast('H') view
+        self._casts: dict[tuple[int, str], memoryview] = {}  # (region gpa, format) -> cast view
         self._next_qva = qva_base
         fd, mm = self._new_backing("guest-ram", ram_size)
         qva = self._take_qva(ram_size)
@@ -197,12 +197,15 @@ class GuestMemory:
     def fill(self, gpa: int, length: int, byte: int) -> None:
         self.write(gpa, bytes([byte]) * length)
 
-    def _u16view(self, r: Region) -> memoryview:
-        v = self._u16.get(r.gpa)
+    def _cast(self, r: Region, fmt: str) -> memoryview:
+        v = self._casts.get((r.gpa, fmt))
         if v is None:
-            v = memoryview(r.mm).cast("H")
-            self._u16[r.gpa] = v
+            v = memoryview(r.mm).cast(fmt)
+            self._casts[r.gpa, fmt] = v
         return v
+
+    def _u16view(self, r: Region) -> memoryview:
+        return self._cast(r, "H")
 
     def store_u16(self, gpa: int, value: int) -> None:
         """One 16-bit store (no tearing; never struct.pack_into for ring indices)."""
@@ -219,8 +222,17 @@ class GuestMemory:
 
     def u16_accessor(self, gpa: int) -> tuple[memoryview, int]:
         """(cast('H') view, element index) for hot-path ring index access."""
-        r, off = self._off(gpa, 2)
-        return self._u16view(r), off >> 1
+        return self.accessor(gpa, "H")
+
+    def accessor(self, gpa: int, fmt: str) -> tuple[memoryview, int]:
+        """(view of ``gpa``'s region cast to ``fmt`` -- "H", "I" or "Q" --,
+        the element index of ``gpa``) for hot loops that load and store
+        whole aligned words (one store each: no tearing)."""
+        size = struct.calcsize(fmt)
+        r, off = self._off(gpa, size)
+        if off % size:
+            raise GuestMemoryError(f"gpa {gpa:#x} is not aligned for {fmt!r}")
+        return self._cast(r, fmt), off // size
 
     # -- allocation ----------------------------------------------------------
     def alloc(self, size: int, align: int = 16, region_gpa: int | None = None) -> int:
@@ -245,9 +257,9 @@ class GuestMemory:
 
     # -- lifetime --------------------------------------------------------------
     def close(self) -> None:
-        for v in self._u16.values():
+        for v in self._casts.values():
             v.release()
-        self._u16.clear()
+        self._casts.clear()
         for mm in self._maps:
             try:
                 mm.close()
