@@ -702,7 +702,8 @@ def render_markdown(rows, info, p, args, guest, elapsed, floor=None, parallel=No
            f"{p['footprint_files']:,} files looked up for the memory figure. Guest caches are dropped "
            "before each cold phase. Daemons: `--cache never|auto` / `-o cache=none|auto -o xattr -o posix_lock` / "
            "Rust `--cache never|auto --xattr`, otherwise defaults (ours and Rust: sandbox and seccomp on).",
-           f"- daemon-bound: tests/perf/frontend_bench.py, {p['frontend_seconds']} s per figure, queue size 1024.",
+           f"- daemon-bound: tests/perf/frontend_bench.py, {p['frontend_seconds']} s per figure, queue size 1024; "
+           "the frontend spins on the used ring (one of the two cores) and kicks only when the daemon asks.",
            f"- root file system: the Debian 12 minimal root of tests/guest/rootfs.py, a fresh copy per boot pair, "
            f"`rootfstype=virtiofs root=TAG rw`, all daemons cache=auto; install set {p['rootfs_set']!r} "
            "(tests/perf/rootfs_bench.py; where the time goes: docs/perf/rootfs.md).",
