@@ -364,16 +364,25 @@ def value(phase: str, obj: dict) -> float:
     return obj["ops"] / obj["seconds"] if obj.get("seconds") else 0.0
 
 
+def round_order(kinds, rnd: int) -> list:
+    """The daemons of round ``rnd`` in the order they run: as given in
+    even rounds, reversed in odd ones (ours, C, Rust, then Rust, C,
+    ours...), so that the host's speed drifting through a round does not
+    favour whoever runs first in every round."""
+    return list(kinds) if rnd % 2 == 0 else list(reversed(kinds))
+
+
 def guest_part(p: dict, rounds: int, platform: str) -> dict:
     """{cache: {"best": {kind: {phase: value}}, "memory": {kind: ...}}} of
-    one platform; the footprint lookup only on platform a."""
+    one platform; the footprint lookup only on platform a, in each
+    daemon's first cache=auto boot."""
     tarball = source_tarball(p["tar_files"])
     out = {}
     for cache in ("never", "auto"):
         best = {k: {} for k in KINDS}
         memory = {}
         for rnd in range(rounds):
-            for kind in KINDS:
+            for kind in round_order(KINDS, rnd):
                 res = guest_run(kind, cache, p, tarball, platform=platform,
                                 with_footprint=(cache == "auto" and rnd == 0 and platform == "a"))
                 for phase, obj in res["phases"].items():
@@ -476,7 +485,7 @@ def frontend_part(p: dict, rounds: int) -> dict:
     CPU µs per request}} (one request queue)."""
     best: dict = {k: {} for k in KINDS}
     for rnd in range(rounds):
-        for kind in KINDS:
+        for kind in round_order(KINDS, rnd):
             cpu: dict = {}
             rates = None
             for attempt in (1, 2):
@@ -632,7 +641,8 @@ def render_markdown(rows, info, p, args, guest, elapsed, floor=None, parallel=No
         f"Written by `python -m tests.perf.bench{' --quick' if args.quick else ''}` (`make bench`) "
         f"on {info['date']} in {elapsed / 60:.1f} min. Ratios are ours / C and ours / Rust for throughput "
         "(> 1: ours is faster); every figure is the best of "
-        f"{p['rounds']} alternating runs of each daemon on a shared 2-core machine"
+        f"{p['rounds']} alternating runs of each daemon (the order reversed every other round) "
+        "on a shared 2-core machine"
         + (f" (the parallel part: the median of {p['par_rounds']} interleaved runs)" if parallel else "")
         + ". Platform a: "
         f"{info['platform_a']}; platform b: {info['platform_b']}.",

@@ -107,7 +107,8 @@ def test_a_daemon_failing_one_frontend_run_is_retried_not_fatal(monkeypatch):
 def test_markdown_names_the_parallel_rounds_only_when_that_part_ran():
     info = {"date": "d", "platform_a": "a", "platform_b": "b"}
     md = bench.render_markdown([], info, dict(bench.QUICK), argparse.Namespace(quick=True), None, 1.0)
-    assert "interleaved runs)" not in md and "alternating runs of each daemon on a shared 2-core machine." in md
+    assert "interleaved runs)" not in md
+    assert "alternating runs of each daemon (the order reversed every other round) on a shared 2-core machine." in md
 
 
 def barrier_pair():
