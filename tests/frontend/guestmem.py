@@ -204,21 +204,18 @@ class GuestMemory:
             self._casts[r.gpa, fmt] = v
         return v
 
-    def _u16view(self, r: Region) -> memoryview:
-        return self._cast(r, "H")
-
     def store_u16(self, gpa: int, value: int) -> None:
         """One 16-bit store (no tearing; never struct.pack_into for ring indices)."""
         if gpa & 1:
             raise GuestMemoryError("unaligned u16")
         r, off = self._off(gpa, 2)
-        self._u16view(r)[off >> 1] = value & 0xFFFF
+        self._cast(r, "H")[off >> 1] = value & 0xFFFF
 
     def load_u16(self, gpa: int) -> int:
         if gpa & 1:
             raise GuestMemoryError("unaligned u16")
         r, off = self._off(gpa, 2)
-        return self._u16view(r)[off >> 1]
+        return self._cast(r, "H")[off >> 1]
 
     def u16_accessor(self, gpa: int) -> tuple[memoryview, int]:
         """(cast('H') view, element index) for hot-path ring index access."""

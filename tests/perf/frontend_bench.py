@@ -39,7 +39,7 @@ import time
 
 from daemon.fuse import abi
 from daemon.fuse.abi import Opcode
-from tests.frontend.vring import VRING_USED_F_NO_NOTIFY, DeviceError
+from tests.frontend.vring import VRING_USED_F_NO_NOTIFY, DeviceError, vring_need_event
 
 LISTING_OPS = ("readdir", "readdirplus")   # replies as long as the entries that fit
 OPS = ("getattr", "lookup", "read4k", "read1m", *LISTING_OPS)
@@ -219,15 +219,11 @@ def _drive(fc, vq, heads: dict[int, int], want_len: int, listing: bool, duration
             avail[avail_idx_i] = new
             if event_idx:
                 used16[used_event_i] = last  # call when anything more completes
-                fence.acquire()
-                fence.release()
-                if ((new - used16[avail_event_i] - 1) & 0xFFFF) < ((new - old) & 0xFFFF):
-                    os.eventfd_write(kick_fd, 1)
-            else:
-                fence.acquire()
-                fence.release()
-                if not used16[used_idx_i - 1] & VRING_USED_F_NO_NOTIFY:
-                    os.eventfd_write(kick_fd, 1)
+            fence.acquire()
+            fence.release()
+            if (vring_need_event(used16[avail_event_i], new, old) if event_idx
+                    else not used16[used_idx_i - 1] & VRING_USED_F_NO_NOTIFY):
+                os.eventfd_write(kick_fd, 1)
         elapsed = time.monotonic() - start
     finally:
         # the VRing's bookkeeping: what completed since its last harvest
