@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rlimit-nofile", metavar="N", type=_int_arg("--rlimit-nofile", 0, 1 << 30),
                    help="RLIMIT_NOFILE for request workers (default: raised as far as allowed; "
                         "0 leaves it alone)")
+    p.add_argument("--poll-max-us", metavar="US", type=_int_arg("--poll-max-us", 0, 1000),
+                   default=DEFAULTS["poll_max_us"],
+                   help="after serving requests, a request worker looks at its queue for up to this "
+                        "many microseconds before it sleeps, the window adapting to how soon the guest "
+                        "comes back (a guest that does not is never polled for); 0: never "
+                        "(default: %(default)s)")
     p.add_argument("--metrics-socket", metavar="PATH",
                    help="answer each connection to this UNIX socket (mode 0600) with the daemon's "
                         "metrics in the Prometheus text format, then close it (default: no metrics)")
@@ -303,6 +309,7 @@ def parse_config(argv: list[str]) -> Config:
         file_handles=args.inode_file_handles != "never",
         inode_fds=args.inode_fd_cache,
         rlimit_nofile=args.rlimit_nofile,
+        poll_max_us=args.poll_max_us,
         metrics_socket=_check_path("--metrics-socket", args.metrics_socket),
         killpriv_v2=args.killpriv_v2,
         **parity,

@@ -88,6 +88,9 @@ class Config(NamedTuple):
     # default, as in both reference daemons: docs/credentials.md says why
     killpriv_v2: bool = False
 
+    # --poll-max-us: the longest a request worker's wait loop polls its ring
+    # after serving, before it sleeps (adaptive, 0: never; daemon/fuse/_poll.h)
+    poll_max_us: int = 8
     # where the supervisor answers Prometheus scrapes (None: no metrics, and
     # the workers count nothing)
     metrics_socket: str | None = None

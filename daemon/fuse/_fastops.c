@@ -330,6 +330,8 @@ struct watch {
 
 struct snapshot;           /* state_init's reads of the session (below) */
 
+#include "_poll.h"
+
 typedef struct {
     PyObject_HEAD
     PyObject *session;      /* the FuseSession */
@@ -358,6 +360,7 @@ typedef struct {
     int nwatching;
     struct snapshot *kept;  /* while FastOps.wait runs: state_init's reads, kept for the call */
     unsigned long long snapshots;   /* times those were read (tests) */
+    struct poll_conf poll;  /* FastOps.wait's polling (_poll.h) */
 } FastOps;
 
 /* a watched word that this worker itself moved from `from` to `to`, where
@@ -1759,6 +1762,9 @@ static PyObject *fastops_wait(FastOps *self, PyObject *const *args, Py_ssize_t n
     self->watching = w;
     self->nwatching = watches;
     self->kept = &kept;
+    struct poll_conf *poll = &self->poll;
+    int64_t idle_from = -1;     /* when the last round that served chains ended (_poll.h); -1: none */
+    int quiet = 0;              /* the ring is quiet: the guest does not kick (_poll.h) */
     while (code < 0) {
         if (PyErr_CheckSignals() < 0)
             break;
@@ -1766,10 +1772,20 @@ static PyObject *fastops_wait(FastOps *self, PyObject *const *args, Py_ssize_t n
             code = WAIT_WATCH;
             break;
         }
+        int found = 0;          /* a chain is there: look at the other fds, do not sleep */
+        if (idle_from >= 0 && poll->ns > 0) {
+            if (!quiet)
+                vq->quiet(args[0], quiet = 1);
+            Py_BEGIN_ALLOW_THREADS
+            found = poll_spin(poll, vq->pending, args[0], idle_from);
+            Py_END_ALLOW_THREADS
+        }
+        if (quiet && !found)
+            found = vq->quiet(args[0], quiet = 0);  /* the guest kicks again; what came meanwhile */
         struct epoll_event ev[2];
         int rc, err;
         Py_BEGIN_ALLOW_THREADS
-        rc = epoll_wait(epoll_fd, ev, 2, timeout);
+        rc = epoll_wait(epoll_fd, ev, 2, found ? 0 : timeout);
         err = errno;
         Py_END_ALLOW_THREADS
         if (rc < 0) {
@@ -1780,20 +1796,22 @@ static PyObject *fastops_wait(FastOps *self, PyObject *const *args, Py_ssize_t n
                 code = WAIT_READY;
             break;
         }
-        if (rc == 0) {
+        if (rc == 0 && !found) {
             code = WAIT_IDLE;
             break;
         }
-        if (rc > 1 || ev[0].data.fd != kick_fd) {
+        if (rc > 1 || (rc == 1 && ev[0].data.fd != kick_fd)) {
             code = WAIT_READY;
             break;
         }
         /* the kick is consumed here, so this round serves the ring */
         uint64_t kicks;
-        if (read(kick_fd, &kicks, sizeof kicks) < 0 && errno != EAGAIN) {
+        if (rc == 1 && read(kick_fd, &kicks, sizeof kicks) < 0 && errno != EAGAIN) {
             PyErr_SetFromErrno(PyExc_OSError);
             break;
         }
+        if (idle_from >= 0 && poll->max_ns > 0)
+            poll->ns = poll_next(poll->ns, poll->max_ns, mono_ns() - idle_from);
         PyObject *r = batch_with(self, batch_args, 4, chain);
         if (r == NULL)
             break;
@@ -1812,6 +1830,17 @@ static PyObject *fastops_wait(FastOps *self, PyObject *const *args, Py_ssize_t n
             carried = n;
         } else if (n > 0 && self->m.nbatch_bounds > 0 && metered(self) == 1) {
             count_batch(self, n);
+        }
+        idle_from = n > 0 && poll->max_ns > 0 ? mono_ns() : -1;
+    }
+    /* Python's loop waits for kicks: the guest must kick again, and what it
+     * published without one must wake that loop (a kick of our own) unless
+     * the loop serves the ring next anyway (WAIT_SERVE: its pops look) */
+    if (quiet && vq->quiet(args[0], 0) && code != WAIT_SERVE) {
+        uint64_t one = 1;
+        if (write(kick_fd, &one, sizeof one) != sizeof one && code >= 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            code = -1;
         }
     }
     self->watching = NULL;
@@ -1836,6 +1865,9 @@ static PyGetSetDef fastops_getset[] = {
     {NULL},
 };
 
+static PyObject *fastops_enable_polling(FastOps *self, PyObject *args) { return poll_enable(&self->poll, args); }
+static PyObject *fastops_poll_stats(FastOps *self, PyObject *unused) { return poll_stats(&self->poll); }
+
 static PyMethodDef fastops_methods[] = {
     {"serve", (PyCFunction)fastops_serve, METH_O,
      "serve(chain) -> bytes written into chain.writable, or -1: not handled (Python serves it)"},
@@ -1851,6 +1883,12 @@ static PyMethodDef fastops_methods[] = {
      "Python (a declined chain, not yet published, or the limit; carried: the chains C served in\n"
      "that wake-up, not yet counted as one), 2: timed out, 3: a watched word (view, index, value)\n"
      "changed; with enable_batches, each wake-up served whole in C is counted"},
+    {"enable_polling", (PyCFunction)fastops_enable_polling, METH_VARARGS,
+     "enable_polling(max_ns[, window_ns]): after a round that served chains, wait polls the ring up to\n"
+     "an adaptive window (first window_ns, default 0) of at most max_ns (0: never) before it sleeps,\n"
+     "the guest's kicks suppressed meanwhile (_poll.h)"},
+    {"poll_stats", (PyCFunction)fastops_poll_stats, METH_NOARGS,
+     "poll_stats() -> (max_ns, window_ns, found, missed, spun_ns): wait's polling so far (_poll.h)"},
     {"enable_batches", (PyCFunction)fastops_enable_batches, METH_VARARGS,
      "enable_batches((batches, chains, max_batch, batch_hist, open_files, inode_fds), bounds): with a\n"
      "meter, the wait loop counts each wake-up it serves whole as WorkerMeter.batch does (those\n"
@@ -1936,6 +1974,8 @@ static PyMethodDef module_methods[] = {
      "close_later(fds): close these fds on the closer thread (_closer.h), no GIL taken there"},
     {"closer_stats", (PyCFunction)fastops_closer_stats, METH_NOARGS,
      "closer_stats() -> (pending, closed, state): the closer thread's queue (_closer.h)"},
+    {"poll_next", (PyCFunction)fastops_poll_next, METH_VARARGS,
+     "poll_next(window_ns, max_ns, block_ns) -> the next polling window (_poll.h's rule; tests)"},
     {NULL},
 };
 

@@ -53,6 +53,7 @@ typedef struct {
     PyObject *chain_type, *iovec_type, *error;
     uint32_t num, mask;
     int event_idx;
+    int quiet;              /* take leaves avail_event alone (api_quiet) */
     uint16_t last_avail, used_idx, published_idx, signalled_used;
     int signalled_valid;
     uint64_t hot_start, hot_end;
@@ -160,6 +161,7 @@ static int core_init(Core *self, PyObject *args, PyObject *kw)
     self->num = num;
     self->mask = num - 1;
     self->event_idx = event_idx;
+    self->quiet = 0;
     self->last_avail = (uint16_t)last;
     self->used_idx = self->published_idx = self->signalled_used = (uint16_t)used_idx;
     self->signalled_valid = 0;
@@ -464,7 +466,7 @@ static uint16_t take(Core *self)
 {
     uint16_t last = (uint16_t)(self->last_avail + 1);
     self->last_avail = last;
-    if (self->event_idx)
+    if (self->event_idx && !self->quiet)
         store16((unsigned char *)self->used.buf, 4 + 8 * (size_t)self->num, last);
     return last;
 }
@@ -572,6 +574,7 @@ static PyObject *get_last_avail(Core *self, void *c) { return PyLong_FromLong(se
 static PyObject *get_used_idx(Core *self, void *c) { return PyLong_FromLong(self->used_idx); }
 static PyObject *get_published(Core *self, void *c) { return PyLong_FromLong(self->published_idx); }
 static PyObject *get_last_head(Core *self, void *c) { return PyLong_FromLong(self->last_head); }
+static PyObject *get_quiet(Core *self, void *c) { return PyBool_FromLong(self->quiet); }
 
 static int set_last_avail(Core *self, PyObject *v, void *c)
 {
@@ -594,6 +597,7 @@ static PyGetSetDef core_getset[] = {
     {"used_idx", (getter)get_used_idx, NULL, "used index after the pushed elements", NULL},
     {"published_idx", (getter)get_published, NULL, "used.idx as last stored", NULL},
     {"last_head", (getter)get_last_head, NULL, "head of the chain walked last", NULL},
+    {"quiet", (getter)get_quiet, NULL, "take leaves avail_event alone (FastOps.wait's polling)", NULL},
     {NULL},
 };
 
@@ -651,8 +655,34 @@ static int api_publish(PyObject *core, unsigned int *last_avail)
 
 static unsigned int api_published(PyObject *core) { return ((Core *)core)->published_idx; }
 
+static int api_pending(PyObject *core)
+{
+    Core *self = (Core *)core;
+    return self->held && load16((const unsigned char *)self->avail.buf, 2) != self->last_avail;
+}
+
+#define USED_F_NO_NOTIFY 1
+
+static int api_quiet(PyObject *core, int on)
+{
+    Core *self = (Core *)core;
+    self->quiet = on;
+    if (!self->held)
+        return 0;
+    if (!self->event_idx)   /* the guest reads used.flags instead (VRING_USED_F_NO_NOTIFY) */
+        store16((unsigned char *)self->used.buf, 0, on ? USED_F_NO_NOTIFY : 0);
+    if (on)
+        return 0;
+    if (self->event_idx)
+        store16((unsigned char *)self->used.buf, 4 + 8 * (size_t)self->num, self->last_avail);
+    /* the guest's avail.idx store and our avail_event store, each before
+     * the other's load: one of us sees the other (the kick, or the chain) */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return load16((const unsigned char *)self->avail.buf, 2) != self->last_avail;
+}
+
 static struct vqcore_api api = {VQCORE_API_VERSION, &CoreType, api_peek, api_take, api_push, api_publish,
-                                api_published};
+                                api_published, api_pending, api_quiet};
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_vqcore", "Compiled split-virtqueue core (see virtqueue.py).", -1, NULL,

@@ -22,7 +22,7 @@
 #include <sys/uio.h>
 
 #define VQCORE_CAPSULE "daemon.virtio._vqcore._C_API"
-#define VQCORE_API_VERSION 3    /* 3: VQ_RAW_READABLE 16 -> 1040 */
+#define VQCORE_API_VERSION 4    /* 3: VQ_RAW_READABLE 16 -> 1040; 4: pending, quiet */
 /* Merged buffers a raw chain holds, each part: IOV_MAX (1024) payload
  * buffers, the headers, and some. A WRITE from the guest's page cache
  * (cache=auto without DIRECT_IO) brings one readable buffer per 4 KiB page
@@ -57,6 +57,16 @@ struct vqcore_api {
      * used.idx as last published (PUB_FROM) */
     int (*publish)(PyObject *core, unsigned int *last_avail);
     unsigned int (*published)(PyObject *core);
+    /* version 4 (polling, docs/compiled.md "Polling"): 1 if avail.idx moved
+     * past the last avail index (one relaxed load, no fence: peek's
+     * acquire comes after), else 0 (a released queue too) */
+    int (*pending)(PyObject *core);
+    /* quiet(core, 1): take stops moving avail_event, so with EVENT_IDX
+     * the guest stops kicking once it passed the last one written.
+     * quiet(core, 0): avail_event = the last avail index again, a full
+     * fence, then as pending: what the guest published meanwhile
+     * without a kick. 0 for a released queue. */
+    int (*quiet)(PyObject *core, int on);
 };
 
 #endif

@@ -145,9 +145,14 @@ class VirtQueue:
         self._signalled_used = self._used_idx
         self._signalled_valid = False
         if self.event_idx:
-            # a stale avail_event (from before a stop) could tell the guest
-            # not to kick for entries we have not seen
+            # a stale avail_event (from before a stop, or left by a worker
+            # that died polling: fuse/_poll.h) could tell the guest not to
+            # kick for entries we have not seen
             self._used[self._avail_event_slot] = last_avail_idx
+        else:
+            # likewise VRING_USED_F_NO_NOTIFY, the one used.flags bit: the
+            # compiled wait loop sets it while it polls
+            self._used[0] = 0
 
     # -- the driver -> device direction -------------------------------------
     def pop(self) -> Chain | None:

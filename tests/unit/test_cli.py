@@ -400,3 +400,14 @@ def test_inode_file_handles_mandatory_refuses_a_file_system_without_handles():
     # procfs cannot make file handles (no export operations); tmp dirs can
     with pytest.raises(cli.UsageError, match="mandatory: the file system of /proc/sys cannot make file handles"):
         cli.parse_config(["--shared-dir", "/proc/sys", "--fd", "3", "--inode-file-handles=mandatory"])
+
+
+def test_poll_max_us_reaches_the_config_and_is_bounded(tmp_path, sock_path):
+    base = ["--socket-path", str(tmp_path / "s"), "--shared-dir", str(tmp_path)]
+    assert cli.parse_config(base).poll_max_us == 8
+    assert cli.parse_config(base + ["--poll-max-us", "0"]).poll_max_us == 0
+    assert cli.parse_config(base + ["--poll-max-us=1000"]).poll_max_us == 1000
+    for bad, fragment in (("1001", "1001 is not in 0..1000"), ("-1", "-1 is not in 0..1000"),
+                          ("8us", "'8us' is not a number")):
+        assert_one_line_error(run("--socket-path", sock_path, "--shared-dir", str(tmp_path), "--poll-max-us", bad),
+                              "--poll-max-us", fragment)
