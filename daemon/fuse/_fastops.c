@@ -1865,7 +1865,12 @@ static PyGetSetDef fastops_getset[] = {
     {NULL},
 };
 
-static PyObject *fastops_enable_polling(FastOps *self, PyObject *args) { return poll_enable(&self->poll, args); }
+static PyObject *fastops_enable_polling(FastOps *self, PyObject *args)
+{
+    if (self->meter == NULL)
+        return poll_enable(&self->poll, args, NULL, 0);
+    return poll_enable(&self->poll, args, self->m.w, self->m.words.len / 8);
+}
 static PyObject *fastops_poll_stats(FastOps *self, PyObject *unused) { return poll_stats(&self->poll); }
 
 static PyMethodDef fastops_methods[] = {
@@ -1884,9 +1889,10 @@ static PyMethodDef fastops_methods[] = {
      "that wake-up, not yet counted as one), 2: timed out, 3: a watched word (view, index, value)\n"
      "changed; with enable_batches, each wake-up served whole in C is counted"},
     {"enable_polling", (PyCFunction)fastops_enable_polling, METH_VARARGS,
-     "enable_polling(max_ns[, window_ns]): after a round that served chains, wait polls the ring up to\n"
-     "an adaptive window (first window_ns, default 0) of at most max_ns (0: never) before it sleeps,\n"
-     "the guest's kicks suppressed meanwhile (_poll.h)"},
+     "enable_polling(max_ns[, window_ns[, meter_words]]): after a round that served chains, wait polls\n"
+     "the ring up to an adaptive window (first window_ns, default 0) of at most max_ns (0: never) before\n"
+     "it sleeps, the guest's kicks suppressed meanwhile; with a meter, meter_words (found, missed, ns)\n"
+     "are the slot's words it counts into, or None (_poll.h)"},
     {"poll_stats", (PyCFunction)fastops_poll_stats, METH_NOARGS,
      "poll_stats() -> (max_ns, window_ns, found, missed, spun_ns): wait's polling so far (_poll.h)"},
     {"enable_batches", (PyCFunction)fastops_enable_batches, METH_VARARGS,

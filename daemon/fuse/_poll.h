@@ -41,6 +41,8 @@ struct poll_conf {
     unsigned long long found;       /* rounds whose chain polling found */
     unsigned long long missed;      /* windows that ran out */
     unsigned long long spun_ns;     /* time spent polling */
+    uint64_t *w;                    /* the meter's slot (held by FastOps) or NULL: the three below */
+    Py_ssize_t w_found, w_missed, w_ns;     /* counters.POLL_FOUND, POLL_MISSED, POLL_NS */
 };
 
 static inline int64_t mono_ns(void)
@@ -96,23 +98,44 @@ static int poll_spin(struct poll_conf *p, int (*pending)(PyObject *), PyObject *
         p->found++;
     else
         p->missed++;
+    if (p->w) {     /* this thread is the slot's only writer (counters.py) */
+        uint64_t *word = &p->w[found ? p->w_found : p->w_missed];
+        __atomic_store_n(word, __atomic_load_n(word, __ATOMIC_RELAXED) + 1, __ATOMIC_RELAXED);
+        word = &p->w[p->w_ns];
+        __atomic_store_n(word, __atomic_load_n(word, __ATOMIC_RELAXED) + (uint64_t)(now - start), __ATOMIC_RELAXED);
+    }
     return found;
 }
 
-/* FastOps.enable_polling(max_ns[, window_ns]): window_ns, the first
- * window (default 0: polling starts once a guest came back quickly) */
-static PyObject *poll_enable(struct poll_conf *p, PyObject *args)
+/* FastOps.enable_polling(max_ns[, window_ns[, meter_words]]): window_ns,
+ * the first window (default 0: polling starts once a guest came back
+ * quickly); meter_words, (found, missed, ns) word indices of the meter's
+ * slot (words, nwords: NULL without a meter) or None */
+static PyObject *poll_enable(struct poll_conf *p, PyObject *args, uint64_t *words, Py_ssize_t nwords)
 {
     long long max_ns, ns = 0;
-    if (!PyArg_ParseTuple(args, "L|L:enable_polling", &max_ns, &ns))
+    PyObject *meter = Py_None;
+    if (!PyArg_ParseTuple(args, "L|LO:enable_polling", &max_ns, &ns, &meter))
         return NULL;
     if (max_ns < 0 || max_ns > POLL_MAX_NS || ns < 0 || ns > max_ns) {
         PyErr_Format(PyExc_ValueError, "enable_polling: need 0 <= window_ns %lld <= max_ns %lld <= %lld", ns,
                      max_ns, POLL_MAX_NS);
         return NULL;
     }
+    Py_ssize_t v[3] = {0, 0, 0};
+    if (meter != Py_None) {
+        if (!PyArg_ParseTuple(meter, "nnn:enable_polling meter_words", &v[0], &v[1], &v[2]))
+            return NULL;
+        for (int i = 0; i < 3; i++)
+            if (words == NULL || v[i] < 0 || v[i] >= nwords) {
+                PyErr_SetString(PyExc_ValueError, "FastOps: metrics layout outside the slot");
+                return NULL;
+            }
+    }
     p->max_ns = max_ns;
     p->ns = ns;
+    p->w = meter != Py_None ? words : NULL;
+    p->w_found = v[0], p->w_missed = v[1], p->w_ns = v[2];
     Py_RETURN_NONE;
 }
 

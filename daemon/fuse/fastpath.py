@@ -278,7 +278,8 @@ def make(session):
         fast.enable_batches((c.BATCHES, c.CHAINS, c.MAX_BATCH, c.BATCH_HIST, c.OPEN_FILES, c.INODE_FDS),
                             c.BATCH_BUCKETS)
     # the wait loop's polling (_poll.h)
-    fast.enable_polling(session.config.poll_max_us * 1000)
+    fast.enable_polling(session.config.poll_max_us * 1000, 0,
+                        (c.POLL_FOUND, c.POLL_MISSED, c.POLL_NS) if layout else None)
     fastmeta.enable(fast, session, op_words if layout else None)
     if not readdir_unsupported(session):
         fast.enable_readdir(dirs.DirStream, op_words(Opcode.READDIR) if layout else None)

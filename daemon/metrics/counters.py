@@ -21,6 +21,9 @@ A slot (u64 words, native-endian, lazily touched pages):
 6  CHAINS         chains served in them (so CHAINS / BATCHES is the mean depth)
 7  MAX_BATCH      the most chains one wake-up found
 8  STARTS         workers started for this vring (1 + its restarts)
+9  POLL_FOUND     polling windows that found the guest's next request
+10 POLL_MISSED    polling windows that ran out (the worker then slept)
+11 POLL_NS        nanoseconds spent polling (fuse/_poll.h)
 16 BATCH_HIST     chains per wake-up, a count per bucket of BATCH_BUCKETS
 32 OPS            per opcode slot (OPCODE_SLOTS of them): requests, latency
                   sum in ns, a count per bucket of LATENCY_BUCKETS_NS (the
@@ -44,6 +47,7 @@ from daemon.fuse import abi
 
 BYTES_READ, BYTES_WRITTEN, OPEN_FILES, INODE_FDS, FD_LIMIT = 0, 1, 2, 3, 4
 BATCHES, CHAINS, MAX_BATCH, STARTS = 5, 6, 7, 8
+POLL_FOUND, POLL_MISSED, POLL_NS = 9, 10, 11
 BATCH_HIST = 16
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)      # + Inf
 OPS = 32

@@ -66,6 +66,9 @@ def render(area: c.MetricsArea, *, uptime_s: float, inodes: int, inode_capacity:
         "batch": _Family("queue_batch_size", "histogram",
                          "Requests found waiting on a queue per wake-up of its worker."),
         "maxb": _Family("queue_batch_size_max", "gauge", "The most requests one wake-up found waiting."),
+        "polls": _Family("queue_polls_total", "counter",
+                         "Polling windows after serving (--poll-max-us), by whether the next request came in one."),
+        "pollsec": _Family("queue_poll_seconds_total", "counter", "Time the worker spent polling its queue."),
     }
     fams["uptime"].add({}, round(uptime_s, 3))
     fams["inodes"].add({}, inodes)
@@ -85,6 +88,9 @@ def render(area: c.MetricsArea, *, uptime_s: float, inodes: int, inode_capacity:
         fams["ifds"].add(wl, w[c.INODE_FDS])
         fams["fdlim"].add(wl, w[c.FD_LIMIT])
         fams["maxb"].add(wl, w[c.MAX_BATCH])
+        fams["polls"].add({**wl, "outcome": "found"}, w[c.POLL_FOUND])
+        fams["polls"].add({**wl, "outcome": "missed"}, w[c.POLL_MISSED])
+        fams["pollsec"].add(wl, _seconds(w[c.POLL_NS]))
         hist = w[c.BATCH_HIST:c.BATCH_HIST + len(c.BATCH_BUCKETS) + 1].tolist()
         for le, total in zip(c.BATCH_BUCKETS, itertools.accumulate(hist)):
             fams["batch"].add({**wl, "le": repr(float(le))}, total, "_bucket")

@@ -73,6 +73,7 @@ def test_a_guest_s_work_is_what_the_exposition_says(metered):
     assert value(s, "pyvirtiofsd_queue_batch_size_bucket", le="8.0", **w) == 1
     assert value(s, "pyvirtiofsd_queue_batch_size_bucket", le="4.0", **w) == 0
     assert value(s, "pyvirtiofsd_queue_batch_size_max", **w) == 7
+    assert value(s, "pyvirtiofsd_queue_polls_total", outcome="found", **w) == 0
     assert value(s, "pyvirtiofsd_fd_limit", **w) == 1234
     assert value(s, "pyvirtiofsd_inode_fds", **w) == 3      # the three files' O_PATH fds
     assert value(s, "pyvirtiofsd_open_files", **w) == 0     # all released
@@ -233,3 +234,15 @@ def test_daemon_refuses_a_metrics_path_that_is_not_its_own(tmp_path):
         f"pyvirtiofsd: error: socket path {taken} exists and is not a socket"]
     assert taken.read_text() == "someone's file"
     assert not (tmp_path / "v.sock").exists()
+
+
+def test_polling_counters_are_exposed():
+    area = c.MetricsArea(2)
+    w = area.slot(1)
+    w[c.STARTS] = 1
+    w[c.POLL_FOUND], w[c.POLL_MISSED], w[c.POLL_NS] = 41, 3, 2_500_000_000
+    s = scrape_text(area)
+    wl = {"worker": "request-1"}
+    assert value(s, "pyvirtiofsd_queue_polls_total", outcome="found", **wl) == 41
+    assert value(s, "pyvirtiofsd_queue_polls_total", outcome="missed", **wl) == 3
+    assert value(s, "pyvirtiofsd_queue_poll_seconds_total", **wl) == 2.5

@@ -274,3 +274,40 @@ def test_the_worker_s_ops_poll_as_the_config_says(rig, monkeypatch):
     assert rig.fast.poll_stats()[:2] == (8000, 0)       # the first window opens once a guest came back
     monkeypatch.setattr(session, "config", session.config._replace(poll_max_us=0))
     assert fastpath.make(session).poll_stats()[0] == 0
+
+
+def test_with_a_meter_the_windows_and_their_time_are_counted(tmp_path, monkeypatch):
+    from daemon.metrics import counters as c
+    monkeypatch.chdir(tmp_path)
+    area = c.MetricsArea(1)
+    rig = Rig(str(tmp_path), True, c.WorkerMeter(area.slot(0)))
+    try:
+        rig.fast.enable_polling(LONG, LONG, (c.POLL_FOUND, c.POLL_MISSED, c.POLL_NS))
+        guest = Guest(rig)
+
+        def run():
+            for _ in range(5):
+                head = guest.send()
+                rig.vr.wait(head, 5.0)
+                rig.vr.free(head)
+            os.write(rig.other_w, b"m")
+
+        t = threading.Thread(target=run)
+        t.start()
+        assert rig.wait(timeout_ms=10_000)[:2] == (WAIT_READY, 5)
+        t.join(5)
+        _max, _window, found, missed, spun = rig.fast.poll_stats()
+        w = area.slot(0)
+        assert (w[c.POLL_FOUND], w[c.POLL_MISSED], w[c.POLL_NS]) == (found, missed, spun)
+        assert found == 4 and spun > 0
+        with pytest.raises(ValueError, match="outside the slot"):
+            rig.fast.enable_polling(8000, 0, (c.POLL_FOUND, c.POLL_MISSED, len(w)))
+    finally:
+        rig.close()
+
+
+def test_meter_words_need_a_meter(rig):
+    with pytest.raises(ValueError, match="outside the slot"):
+        rig.fast.enable_polling(8000, 0, (9, 10, 11))
+    with pytest.raises(TypeError):
+        rig.fast.enable_polling(8000, 0, (9, 10))
