@@ -63,6 +63,25 @@ class Guest:
         return head
 
 
+def stream(rig: Rig, guest: Guest, rounds: int) -> tuple[int, int, int]:
+    """``rounds`` requests from a guest thread, each sent after the reply
+    to the one before (depth 1), then a control message; returns the
+    wait's answer once the thread is done."""
+    def run():
+        for _ in range(rounds):
+            head = guest.send()
+            rig.vr.wait(head, 5.0)
+            rig.vr.free(head)
+        os.write(rig.other_w, b"m")
+
+    t = threading.Thread(target=run)
+    t.start()
+    answer = rig.wait(timeout_ms=10_000)
+    t.join(5)
+    assert not t.is_alive()
+    return answer
+
+
 @pytest.fixture(params=[False, True], ids=["plain", "event-idx"])
 def rig(request, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -121,21 +140,7 @@ def test_a_depth_one_stream_is_served_by_polling_without_the_guest_kicking(rig):
     rig.fast.enable_polling(LONG, LONG)
     guest = Guest(rig)
     rounds = 30
-    answered = []
-
-    def run():
-        for _ in range(rounds):
-            head = guest.send()
-            rig.vr.wait(head, 5.0)
-            answered.append(head)
-            rig.vr.free(head)
-        os.write(rig.other_w, b"m")
-
-    t = threading.Thread(target=run)
-    t.start()
-    code, served, _carried = rig.wait(timeout_ms=10_000)
-    t.join(5)
-    assert (code, served, len(answered)) == (WAIT_READY, rounds, rounds)
+    assert stream(rig, guest, rounds)[:2] == (WAIT_READY, rounds)
     _max, _window, found, missed, spun = rig.fast.poll_stats()
     # the first chain woke the loop; every later one polling found, the
     # control message ended the last window (a miss) or came in one
@@ -206,18 +211,7 @@ def test_off_nothing_polls_and_every_chain_is_kicked(rig):
     rig.fast.enable_polling(0)
     guest = Guest(rig)
     rounds = 10
-
-    def run():
-        for _ in range(rounds):
-            head = guest.send()
-            rig.vr.wait(head, 5.0)
-            rig.vr.free(head)
-        os.write(rig.other_w, b"m")
-
-    t = threading.Thread(target=run)
-    t.start()
-    assert rig.wait(timeout_ms=10_000)[:2] == (WAIT_READY, rounds)
-    t.join(5)
+    assert stream(rig, guest, rounds)[:2] == (WAIT_READY, rounds)
     assert rig.fast.poll_stats() == (0, 0, 0, 0, 0)
     assert guest.kicks == rounds
 
@@ -283,19 +277,7 @@ def test_with_a_meter_the_windows_and_their_time_are_counted(tmp_path, monkeypat
     rig = Rig(str(tmp_path), True, c.WorkerMeter(area.slot(0)))
     try:
         rig.fast.enable_polling(LONG, LONG, (c.POLL_FOUND, c.POLL_MISSED, c.POLL_NS))
-        guest = Guest(rig)
-
-        def run():
-            for _ in range(5):
-                head = guest.send()
-                rig.vr.wait(head, 5.0)
-                rig.vr.free(head)
-            os.write(rig.other_w, b"m")
-
-        t = threading.Thread(target=run)
-        t.start()
-        assert rig.wait(timeout_ms=10_000)[:2] == (WAIT_READY, 5)
-        t.join(5)
+        assert stream(rig, Guest(rig), 5)[:2] == (WAIT_READY, 5)
         _max, _window, found, missed, spun = rig.fast.poll_stats()
         w = area.slot(0)
         assert (w[c.POLL_FOUND], w[c.POLL_MISSED], w[c.POLL_NS]) == (found, missed, spun)
