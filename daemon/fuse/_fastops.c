@@ -330,6 +330,13 @@ struct watch {
 
 struct snapshot;           /* state_init's reads of the session (below) */
 
+/* one word of the slot plus n: a plain load and store (this thread is the
+ * slot's only writer; the supervisor reads whole aligned words) */
+static void add(uint64_t *w, Py_ssize_t i, uint64_t n)
+{
+    __atomic_store_n(&w[i], __atomic_load_n(&w[i], __ATOMIC_RELAXED) + n, __ATOMIC_RELAXED);
+}
+
 #include "_poll.h"
 
 typedef struct {
@@ -965,13 +972,6 @@ static Py_ssize_t fast_write(struct state *st, const struct req *q, const struct
 }
 
 #include "_meta.h"
-
-/* one word of the slot plus n: a plain load and store (this thread is the
- * slot's only writer; the supervisor reads whole aligned words) */
-static void add(uint64_t *w, Py_ssize_t i, uint64_t n)
-{
-    __atomic_store_n(&w[i], __atomic_load_n(&w[i], __ATOMIC_RELAXED) + n, __ATOMIC_RELAXED);
-}
 
 static int forget_slot(uint32_t opcode);     /* _forget.h */
 static struct op_words *attrs_words(FastOps *self, int opcode);    /* _attrs.h */

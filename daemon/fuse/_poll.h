@@ -98,11 +98,9 @@ static int poll_spin(struct poll_conf *p, int (*pending)(PyObject *), PyObject *
         p->found++;
     else
         p->missed++;
-    if (p->w) {     /* this thread is the slot's only writer (counters.py) */
-        uint64_t *word = &p->w[found ? p->w_found : p->w_missed];
-        __atomic_store_n(word, __atomic_load_n(word, __ATOMIC_RELAXED) + 1, __ATOMIC_RELAXED);
-        word = &p->w[p->w_ns];
-        __atomic_store_n(word, __atomic_load_n(word, __ATOMIC_RELAXED) + (uint64_t)(now - start), __ATOMIC_RELAXED);
+    if (p->w) {
+        add(p->w, found ? p->w_found : p->w_missed, 1);
+        add(p->w, p->w_ns, (uint64_t)(now - start));
     }
     return found;
 }

@@ -461,13 +461,19 @@ static int avail_head(Core *self, uint16_t *head, int errors)
     return 1;
 }
 
+/* with EVENT_IDX: ask the guest to kick once it publishes past idx */
+static inline void set_avail_event(Core *self, uint16_t idx)
+{
+    store16((unsigned char *)self->used.buf, 4 + 8 * (size_t)self->num, idx);
+}
+
 /* take the entry avail_head returned: the next avail index, avail_event */
 static uint16_t take(Core *self)
 {
     uint16_t last = (uint16_t)(self->last_avail + 1);
     self->last_avail = last;
     if (self->event_idx && !self->quiet)
-        store16((unsigned char *)self->used.buf, 4 + 8 * (size_t)self->num, last);
+        set_avail_event(self, last);
     return last;
 }
 
@@ -674,11 +680,11 @@ static int api_quiet(PyObject *core, int on)
     if (on)
         return 0;
     if (self->event_idx)
-        store16((unsigned char *)self->used.buf, 4 + 8 * (size_t)self->num, self->last_avail);
+        set_avail_event(self, self->last_avail);
     /* the guest's avail.idx store and our avail_event store, each before
      * the other's load: one of us sees the other (the kick, or the chain) */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    return load16((const unsigned char *)self->avail.buf, 2) != self->last_avail;
+    return api_pending(core);
 }
 
 static struct vqcore_api api = {VQCORE_API_VERSION, &CoreType, api_peek, api_take, api_push, api_publish,
