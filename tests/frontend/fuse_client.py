@@ -19,6 +19,7 @@ Wire structs come from ``daemon.fuse.abi`` (the one place they are spelled).
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_mod
 import os
 import struct
@@ -537,3 +538,21 @@ def parse_direntplus(buf: bytes, size: int = PAGE) -> list[DirentPlus]:
     if off != len(buf):
         raise DeviceError(f"READDIRPLUS reply has {len(buf) - off} trailing bytes")
     return out
+
+
+@contextlib.contextmanager
+def client_without_event_idx(socket_path: str, **options):
+    """A FuseClient after INIT on a frontend that offers Linux 6.1's
+    features but VIRTIO_RING_F_EVENT_IDX (so it kicks unless
+    VRING_USED_F_NO_NOTIFY, and every publish is called); ``options`` as
+    for start_frontend. Closed on the way out."""
+    from .vhost import F_RING_EVENT_IDX, LINUX_61_DRIVER_FEATURES, start_frontend
+
+    fe = start_frontend(socket_path, driver_features=LINUX_61_DRIVER_FEATURES & ~F_RING_EVENT_IDX, **options)
+    try:
+        fc = FuseClient(fe)
+        fc.init()
+        assert not fc.rq.event_idx
+        yield fc
+    finally:
+        fe.close()

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.frontend.fuse_client import FuseClient
+from tests.frontend.fuse_client import client_without_event_idx
 from tests.frontend.guestmem import GuestMemory, GuestMemoryError
-from tests.frontend.vhost import F_RING_EVENT_IDX, LINUX_61_DRIVER_FEATURES, start_frontend
 from tests.perf import frontend_bench
 from tests.perf.frontend_bench import OPS, requests_per_second, run_requests
 
@@ -37,19 +36,12 @@ def test_bench_without_event_idx(daemon_proc):
     """Without EVENT_IDX the frontend kicks unless VRING_USED_F_NO_NOTIFY
     is set and never writes used_event: every op completes (a kick the
     daemon needed and did not get would time out)."""
-    fe = start_frontend(daemon_proc.socket_path, ram_size=128 << 20, queue_size=1024,
-                        driver_features=LINUX_61_DRIVER_FEATURES & ~F_RING_EVENT_IDX)
-    try:
-        fc = FuseClient(fe)
-        fc.init()
-        assert not fc.rq.event_idx
+    with client_without_event_idx(daemon_proc.socket_path, ram_size=128 << 20, queue_size=1024) as fc:
         for spin in (True, False):
             for op in OPS:
                 assert requests_per_second(fc, op, 64, 0.2, spin=spin) > 0, op
                 _settled(fc)
         assert fc.getattr(1).attr.nlink >= 2
-    finally:
-        fe.close()
 
 
 def test_bench_counts_error_replies(frontend, monkeypatch):

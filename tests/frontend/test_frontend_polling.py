@@ -15,9 +15,8 @@ import time
 
 import pytest
 
-from tests.frontend.fuse_client import FuseClient
+from tests.frontend.fuse_client import client_without_event_idx
 from tests.frontend.test_frontend_worker_loop import ours_only, worker_pid  # noqa: F401 - ours_only: autouse
-from tests.frontend.vhost import F_RING_EVENT_IDX, LINUX_61_DRIVER_FEATURES, start_frontend
 from tests.metrics_client import scrape
 from tests.perf.frontend_bench import requests_per_second
 from tests.procfs import fd_count
@@ -69,12 +68,7 @@ def test_off_no_window_opens(frontend):
 def test_without_event_idx_the_guest_is_told_not_to_kick_while_polled(daemon_proc):
     """Without EVENT_IDX the quiet ring is VRING_USED_F_NO_NOTIFY: the
     stream is served, and the flag is clear again once the worker waits."""
-    fe = start_frontend(daemon_proc.socket_path, ram_size=128 << 20, queue_size=1024,
-                        driver_features=LINUX_61_DRIVER_FEATURES & ~F_RING_EVENT_IDX)
-    try:
-        fc = FuseClient(fe)
-        fc.init()
-        assert not fc.rq.event_idx
+    with client_without_event_idx(daemon_proc.socket_path, ram_size=128 << 20, queue_size=1024) as fc:
         assert requests_per_second(fc, "getattr", 1, 0.3) > 0
         assert (_polls("found") > 100) == _waits_in_c(daemon_proc)
         assert fc.getattr(1).attr.nlink >= 2      # a window ran out: kicks asked for again
@@ -82,5 +76,3 @@ def test_without_event_idx_the_guest_is_told_not_to_kick_while_polled(daemon_pro
         while fc.rq.used_flags() != 0 and time.monotonic() < deadline:
             time.sleep(0.001)
         assert fc.rq.used_flags() == 0
-    finally:
-        fe.close()

@@ -185,16 +185,10 @@ def test_a_long_batch_is_published_every_publish_every_chains(daemon_proc):
     64 GETATTRs made available together and kicked once get at least
     64 / 16 calls; one publish per batch would give one."""
     from daemon.workers.loop import PUBLISH_EVERY
-    from tests.frontend.fuse_client import FuseClient
-    from tests.frontend.vhost import F_RING_EVENT_IDX, LINUX_61_DRIVER_FEATURES, start_frontend
+    from tests.frontend.fuse_client import client_without_event_idx
 
-    fe = start_frontend(daemon_proc.socket_path, ram_size=64 << 20,
-                        driver_features=LINUX_61_DRIVER_FEATURES & ~F_RING_EVENT_IDX)
-    try:
-        fc = FuseClient(fe)
-        fc.init()
+    with client_without_event_idx(daemon_proc.socket_path, ram_size=64 << 20) as fc:
         rq = fc.rq
-        assert not rq.event_idx
         depth = 4 * PUBLISH_EVERY
         args = abi.GETATTR_IN.pack(0, 0, 0)
         pending = [fc.send(abi.Opcode.GETATTR, ROOT, args, [abi.ATTR_OUT.size], kick=False)
@@ -210,8 +204,6 @@ def test_a_long_batch_is_published_every_publish_every_chains(daemon_proc):
         assert calls >= depth // PUBLISH_EVERY, calls
         for p in pending:
             assert fc.complete(p).error == 0
-    finally:
-        fe.close()
 
 
 def test_writes_land_in_the_file_on_the_compiled_path(frontend):

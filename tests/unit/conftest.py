@@ -37,6 +37,18 @@ def fuse(connect):
     return connect()
 
 
+@pytest.fixture(params=[False, True], ids=["plain", "event-idx"])
+def rig(request, tmp_path, monkeypatch):
+    """The wait loop's rig (tests/unit/waitrig.py) in a fresh directory,
+    without and with EVENT_IDX."""
+    from tests.unit.waitrig import Rig
+
+    monkeypatch.chdir(tmp_path)
+    r = Rig(str(tmp_path), request.param)
+    yield r
+    r.close()
+
+
 @pytest.fixture(autouse=True)
 def closer_settled():
     """After each test, the C closer thread (daemon/fuse/_closer.h) has

@@ -82,14 +82,6 @@ def stream(rig: Rig, guest: Guest, rounds: int) -> tuple[int, int, int]:
     return answer
 
 
-@pytest.fixture(params=[False, True], ids=["plain", "event-idx"])
-def rig(request, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    r = Rig(str(tmp_path), request.param)
-    yield r
-    r.close()
-
-
 def settled(rig: Rig) -> None:
     """The ring as the guest must find it when the wait returned: kicks asked for again."""
     assert rig.ring.queue.core.quiet is False

@@ -1,6 +1,7 @@
 """The wait loop's test rig (tests/unit/test_wait_loop.py,
-test_wait_polling.py): a WorkerLoop on a real request session with one
-ring watched, and the guest's side of that ring."""
+test_wait_polling.py; the ``rig`` fixture is conftest.py's): a WorkerLoop
+on a real request session with one ring watched, and the guest's side of
+that ring."""
 
 from __future__ import annotations
 
