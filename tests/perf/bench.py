@@ -52,7 +52,10 @@ else runs on it; only ratios measured side by side mean anything):
 Every throughput ratio is ours / C and ours / Rust (> 1: we are faster).
 Each guest boot and each frontend measurement is repeated ``--rounds``
 times, alternating the daemons, and the best of each is kept: the machine is shared
-(2 cores), and a neighbour's burst only ever makes a run slower.
+(2 cores), and a neighbour's burst only ever makes a run slower. The guest
+part also reports every round, and ours / each baseline within each round,
+and counts the rows below a baseline in every round apart from those below
+in the best-of only (the rounds disagree: within their spread).
 
 Writes ``docs/perf/results.md``, ``docs/perf/results.json`` and
 ``docs/perf/ratios.png`` (matplotlib, the ``bench`` extra). Prints the ratio table. Never fails on a ratio:
@@ -373,13 +376,16 @@ def round_order(kinds, rnd: int) -> list:
 
 
 def guest_part(p: dict, rounds: int, platform: str) -> dict:
-    """{cache: {"best": {kind: {phase: value}}, "memory": {kind: ...}}} of
-    one platform; the footprint lookup only on platform a, in each
-    daemon's first cache=auto boot."""
+    """{cache: {"best": {kind: {phase: value}}, "runs": {kind: {phase:
+    [value or None, one per round]}}, "memory": {kind: ...}}} of one
+    platform; the footprint lookup only on platform a, in each daemon's
+    first cache=auto boot. ``runs`` keeps every round, so a figure below a
+    baseline can be told from the rounds' own spread (paired_rounds)."""
     tarball = source_tarball(p["tar_files"])
     out = {}
     for cache in ("never", "auto"):
         best = {k: {} for k in KINDS}
+        runs: dict = {k: {} for k in KINDS}
         memory = {}
         for rnd in range(rounds):
             for kind in round_order(KINDS, rnd):
@@ -389,10 +395,28 @@ def guest_part(p: dict, rounds: int, platform: str) -> dict:
                     v = value(phase, obj)
                     if v > best[kind].get(phase, -1):
                         best[kind][phase] = v
+                    runs[kind].setdefault(phase, [None] * rounds)[rnd] = v
                 # every boot measures "idle"; only the first also "looked_up"
                 memory.setdefault(kind, {}).update(res["memory"])
-        out[cache] = {"best": best, "memory": memory}
+        out[cache] = {"best": best, "runs": runs, "memory": memory}
     return out
+
+
+def paired_rounds(ours: list, base: list) -> list[float]:
+    """ours / baseline within each round that measured both: the two ran
+    minutes apart in the same round, so a host drifting over the whole run
+    moves both (round_order also swaps who goes first)."""
+    return [o / b for o, b in zip(ours, base) if o is not None and b]
+
+
+def round_verdict(ratios: list[float]) -> str | None:
+    """"below": ours below the baseline in every round (at least two);
+    "above": in none; "mixed": the rounds disagree, so the best-of ratio
+    is within the rounds' own spread. None: fewer than two rounds."""
+    if len(ratios) < 2:
+        return None
+    below = sum(r < 1.0 for r in ratios)
+    return "below" if below == len(ratios) else "above" if below == 0 else "mixed"
 
 
 def parallel_part(p: dict, rounds: int) -> dict:
@@ -527,12 +551,19 @@ def build_rows(guest: dict | None, fe: dict | None, start: dict, p: dict, parall
     for plat, g in (guest or {}).items():
         for cache in ("never", "auto"):
             b = g[cache]["best"]
+            runs = g[cache].get("runs", {})   # results written before runs were kept have none
             for key, label in GUEST_PHASES:
                 if key in b["ours"] and any(key in b[k] for k in BASELINES):
                     if key == "lookup":
                         label = f"look up {p['footprint_files']:,} files, cold (/s)"
+                    more = {}
+                    if runs:
+                        rounds = {k: runs.get(k, {}).get(key, []) for k in KINDS}
+                        more["rounds"] = rounds
+                        for base, field in (("c", "rounds_ratio"), ("rust", "rounds_ratio_rust")):
+                            more[field] = paired_rounds(rounds["ours"], rounds[base])
                     rows.append(_row(f"guest, platform {plat}, cache={cache}", f"{plat}/{cache}/{key}", label,
-                                     {k: b[k].get(key) for k in KINDS}))
+                                     {k: b[k].get(key) for k in KINDS}, **more))
     if parallel:
         # each daemon with its defaults; then, if measured, ours without
         # extended attributes against the same Rust runs (its default)
@@ -629,6 +660,43 @@ def render_table(rows: list[dict]) -> str:
     return "\n".join(lines).lstrip("\n")
 
 
+def rounds_goal_lines(rows: list[dict]) -> list[str]:
+    """The guest rows below a baseline, split by their rounds: below in
+    every round, or below in the best-of only (the rounds disagree)."""
+    lines = []
+    for base, key, field in (("Rust", "ratio_rust", "rounds_ratio_rust"), ("C", "ratio", "rounds_ratio")):
+        judged = [r for r in rows if round_verdict(r.get(field, [])) is not None]
+        if not judged:
+            continue
+        every = [r for r in judged if round_verdict(r[field]) == "below"]
+        mixed = [r for r in judged if r[key] is not None and r[key] < 1.0 and round_verdict(r[field]) != "below"]
+        lines.append(f"- guest rows below {base} in every round (ours / {base} of each round): "
+                     f"{len(every)} of {len(judged)}"
+                     + ("" if not every else ": " + ", ".join(
+                         f"{r['name']} ({', '.join(f'{x:.2f}' for x in r[field])})" for r in every)))
+        if mixed:
+            lines.append(f"- below {base} in the best-of only, above it in some round: "
+                         + ", ".join(f"{r['name']} ({', '.join(f'{x:.2f}' for x in r[field])})" for r in mixed))
+    return lines
+
+
+def render_rounds(rows: list[dict]) -> list[str]:
+    """A table of every guest row's rounds: each daemon's figure per
+    round and ours / each baseline within the round."""
+    rows = [r for r in rows if r.get("rounds")]
+    if not rows:
+        return []
+    md = ["", "## Guest part: every round", "",
+          "Each daemon's figure in each round (rounds alternate the order of the daemons), "
+          "and ours / C and ours / Rust within each round.", "",
+          "| measurement | ours | C | Rust | ours / C | ours / Rust |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [", ".join(_fmt(v) for v in r["rounds"].get(k, [])) or "–" for k in KINDS]
+        ratios = [", ".join(f"{x:.2f}" for x in r.get(f, [])) or "–" for f in ("rounds_ratio", "rounds_ratio_rust")]
+        md.append(f"| {r['name']} | " + " | ".join(cells + ratios) + " |")
+    return md
+
+
 def render_markdown(rows, info, p, args, guest, elapsed, floor=None, parallel=None, rootfs=None,
                     pending=()) -> str:
     goals = [r["goal"] for r in rows if r.get("goal")]
@@ -662,11 +730,13 @@ def render_markdown(rows, info, p, args, guest, elapsed, floor=None, parallel=No
         + ("" if not below else "; below: " + ", ".join(f"{n} (/{b}) {v:.2f}" for n, b, v in below)),
     ]
     md += [f"- {g}" for g in goals]
+    md += rounds_goal_lines(rows)
     for kind, res in (parallel or {}).items():
         for failure in res["failures"]:
             md.append(f"- parallel, {KIND_LABEL[kind]} with {res['queues']} request queue(s) FAILED: {failure}")
     if rootfs:
         md += rootfs_bench.markdown(rootfs)
+    md += render_rounds(rows)
     if guest and "a" in guest:
         md += ["", "## Process trees (platform a, cache=auto boot)", ""]
         for kind in KINDS:
