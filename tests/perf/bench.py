@@ -670,8 +670,11 @@ def rounds_goal_lines(rows: list[dict]) -> list[str]:
             continue
         every = [r for r in judged if round_verdict(r[field]) == "below"]
         mixed = [r for r in judged if r[key] is not None and r[key] < 1.0 and round_verdict(r[field]) != "below"]
+        # were the daemons equal, a row of k rounds is below in all of them
+        # with probability 2**-k (each round a fair coin)
+        chance = sum(0.5 ** len(r[field]) for r in judged)
         lines.append(f"- guest rows below {base} in every round (ours / {base} of each round): "
-                     f"{len(every)} of {len(judged)}"
+                     f"{len(every)} of {len(judged)} (about {chance:.1f} by chance alone were the daemons equal)"
                      + ("" if not every else ": " + ", ".join(
                          f"{r['name']} ({', '.join(f'{x:.2f}' for x in r[field])})" for r in every)))
         if mixed:

@@ -64,10 +64,11 @@ def test_rows_and_report_tell_every_round_from_best_of_only():
     assert row["rounds_ratio_rust"] == [0.5, 1.25]
     assert row["rounds_ratio"] == [0.75, 5.0 / 5.5]
     lines = bench.rounds_goal_lines(rows)
-    assert lines[0] == "- guest rows below Rust in every round (ours / Rust of each round): 0 of 1"
+    assert lines[0] == ("- guest rows below Rust in every round (ours / Rust of each round): 0 of 1 "
+                        "(about 0.2 by chance alone were the daemons equal)")
     assert lines[1] == "- below Rust in the best-of only, above it in some round: a/never/create (0.50, 1.25)"
-    assert lines[2] == ("- guest rows below C in every round (ours / C of each round): 1 of 1: "
-                        "a/never/create (0.75, 0.91)")
+    assert lines[2] == ("- guest rows below C in every round (ours / C of each round): 1 of 1 "
+                        "(about 0.2 by chance alone were the daemons equal): a/never/create (0.75, 0.91)")
     table = bench.render_rounds(rows)
     assert "| a/never/create | 3.0, 5.0 | 4.0, 5.5 | 6.0, 4.0 | 0.75, 0.91 | 0.50, 1.25 |" in table
 
