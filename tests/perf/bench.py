@@ -665,22 +665,28 @@ def rounds_goal_lines(rows: list[dict]) -> list[str]:
     every round, or below in the best-of only (the rounds disagree)."""
     lines = []
     for base, key, field in (("Rust", "ratio_rust", "rounds_ratio_rust"), ("C", "ratio", "rounds_ratio")):
-        judged = [r for r in rows if round_verdict(r.get(field, [])) is not None]
+        verdicts = {r["name"]: round_verdict(r.get(field, [])) for r in rows}
+        judged = [r for r in rows if verdicts[r["name"]] is not None]
         if not judged:
             continue
-        every = [r for r in judged if round_verdict(r[field]) == "below"]
-        mixed = [r for r in judged if r[key] is not None and r[key] < 1.0 and round_verdict(r[field]) != "below"]
+        every = [r for r in judged if verdicts[r["name"]] == "below"]
+        mixed = [r for r in judged if r[key] is not None and r[key] < 1.0 and verdicts[r["name"]] != "below"]
         # were the daemons equal, a row of k rounds is below in all of them
         # with probability 2**-k (each round a fair coin)
         chance = sum(0.5 ** len(r[field]) for r in judged)
         lines.append(f"- guest rows below {base} in every round (ours / {base} of each round): "
                      f"{len(every)} of {len(judged)} (about {chance:.1f} by chance alone were the daemons equal)"
-                     + ("" if not every else ": " + ", ".join(
-                         f"{r['name']} ({', '.join(f'{x:.2f}' for x in r[field])})" for r in every)))
+                     + ("" if not every else ": " + ", ".join(f"{r['name']} ({_fmt_rounds(r[field])})"
+                                                              for r in every)))
         if mixed:
             lines.append(f"- below {base} in the best-of only, above it in some round: "
-                         + ", ".join(f"{r['name']} ({', '.join(f'{x:.2f}' for x in r[field])})" for r in mixed))
+                         + ", ".join(f"{r['name']} ({_fmt_rounds(r[field])})" for r in mixed))
     return lines
+
+
+def _fmt_rounds(ratios: list[float]) -> str:
+    """One row's per-round ratios: "0.94, 0.92, 0.96"."""
+    return ", ".join(f"{x:.2f}" for x in ratios)
 
 
 def render_rounds(rows: list[dict]) -> list[str]:
@@ -695,7 +701,7 @@ def render_rounds(rows: list[dict]) -> list[str]:
           "| measurement | ours | C | Rust | ours / C | ours / Rust |", "|---|---|---|---|---|---|"]
     for r in rows:
         cells = [", ".join(_fmt(v) for v in r["rounds"].get(k, [])) or "–" for k in KINDS]
-        ratios = [", ".join(f"{x:.2f}" for x in r.get(f, [])) or "–" for f in ("rounds_ratio", "rounds_ratio_rust")]
+        ratios = [_fmt_rounds(r.get(f, [])) or "–" for f in ("rounds_ratio", "rounds_ratio_rust")]
         md.append(f"| {r['name']} | " + " | ".join(cells + ratios) + " |")
     return md
 

@@ -34,6 +34,8 @@ from tests.unit.waitrig import Rig, kick_pending
 
 WAIT_READY, WAIT_SERVE, WAIT_IDLE, WAIT_WATCH = (loop_mod.WAIT_READY, loop_mod.WAIT_SERVE, loop_mod.WAIT_IDLE,
                                                  loop_mod.WAIT_WATCH)
+
+
 def test_kicked_requests_are_answered_published_recorded_and_called(rig):
     heads = [rig.submit() for _ in range(3)]
     rig.vr.kick()
