@@ -40,13 +40,15 @@ ROLES = {"hiprio": hiprio, "request": request}
 
 
 def worker_main(role: str, index: int, channel: Channel, config, inodes, progress=None,
-                metrics=None) -> NoReturn:
+                metrics=None, bells=None) -> NoReturn:
     """``progress``: the supervisor's ``RingProgress`` (shared memory), where
     this worker publishes how far it got, for its replacement; ``metrics``:
-    its ``MetricsArea`` (shared memory) with --metrics-socket, else None."""
+    its ``MetricsArea`` (shared memory) with --metrics-socket, else None;
+    ``bells``: the supervisor's ``ReapBells`` (bells.py), already cut down
+    to this worker's (all of them for the hiprio worker), or None."""
     status = 1
     try:
-        status = _run(role, index, channel, config, inodes, progress, metrics)
+        status = _run(role, index, channel, config, inodes, progress, metrics, bells)
     except ChannelError as e:
         log.error("control channel: %s; exiting", e)
     except BaseException:  # noqa: BLE001 - a worker must end in os._exit, whatever happened
@@ -60,7 +62,7 @@ def worker_main(role: str, index: int, channel: Channel, config, inodes, progres
         os._exit(status)
 
 
-def _run(role: str, index: int, channel: Channel, config, inodes, progress=None, metrics=None) -> int:
+def _run(role: str, index: int, channel: Channel, config, inodes, progress=None, metrics=None, bells=None) -> int:
     module = ROLES.get(role)
     if module is None:
         raise ValueError(f"unknown worker role {role!r}")
@@ -75,7 +77,7 @@ def _run(role: str, index: int, channel: Channel, config, inodes, progress=None,
     if metrics is not None:
         nofile = sandbox_info.nofile[0] if sandbox_info is not None else 0
         session.meter = WorkerMeter(metrics.slot(index), fd_limit=nofile)
-    loop = WorkerLoop(channel, session, rings, progress=progress, coalesce=module.COALESCE)
+    loop = WorkerLoop(channel, session, rings, progress=progress, coalesce=module.COALESCE, bells=bells)
     channel.send(Msg.READY)
     log.debug("serving vring(s) %s", ", ".join(map(str, rings)))
     return loop.run()

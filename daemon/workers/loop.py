@@ -65,6 +65,12 @@ the loop does not coalesce. An idle ring costs no wake-ups and a lone
 request is served at once, while a burst of FORGETs wakes the worker about
 once per interval instead of once or twice per file.
 
+Reap bells (``bells``, bells.py): a request worker also watches its
+vring's bell and closes the fds of forgotten inodes (``session.reap``)
+when it rings; the hiprio worker rings every bell after a batch that
+moved the inode table's freed cursor, so an idle request worker closes
+them while the guest is idle too, not at its next request.
+
 Chains are released (``Chain.release``) once pushed, so a replaced memory
 table can actually be unmapped (memory.py on lifetimes).
 
@@ -134,9 +140,22 @@ class WorkerLoop:
     violation; ``run()`` returns the process exit status."""
 
     def __init__(self, channel: Channel, session, ring_indices, clock=time.monotonic, progress=None,
-                 coalesce: tuple[int, float] | None = None):
+                 coalesce: tuple[int, float] | None = None, bells=None):
         self.channel = channel
         self.session = session
+        # reap bells (bells.py): a request worker watches its own, the
+        # hiprio worker rings them all after a batch that freed nodeids
+        self._bell_fd = -1
+        self._freed_cursor: Callable[[], int] | None = None
+        self._freed_seen = 0
+        if bells is not None:
+            if 0 in ring_indices:
+                table = session.inodes
+                self._freed_cursor = lambda: table.cursor
+                self._freed_seen = table.cursor
+            else:
+                self._bell_fd = bells.fd(min(ring_indices))
+        self._bells = bells
         # worker restart: each ring's progress record, shared with the
         # supervisor (progress.py); private memory when run without one
         if progress is None or max(ring_indices) >= progress.rings:
@@ -195,6 +214,9 @@ class WorkerLoop:
         wakeup_fd = getattr(session, "wakeup_fd", -1)
         if wakeup_fd >= 0:
             self._epoll.register(wakeup_fd, select.EPOLLIN)
+        bell_fd = self._bell_fd
+        if bell_fd >= 0:
+            self._epoll.register(bell_fd, select.EPOLLIN)
         next_retry = 0.0
         peers = getattr(session, "peers", None)
         try:
@@ -226,6 +248,9 @@ class WorkerLoop:
                     elif fd == wakeup_fd:
                         session.drain_wakeup()
                         self._complete(session.retry())
+                    elif fd == bell_fd:
+                        _drain(fd)      # the hiprio worker freed nodeids
+                        session.reap()
                     else:
                         ring = self._by_kick_fd.get(fd)
                         if ring is not None:
@@ -367,10 +392,21 @@ class WorkerLoop:
             self._deadlines[ring] = self._clock() + interval
         self._publish(ring, queue)
         self.session.reap()
+        if self._freed_cursor is not None:
+            self._ring_bells()
         meter = self.session.meter
         if meter is not None and served + carried:
             meter.batch(served + carried, self.session)
         return served
+
+    def _ring_bells(self) -> None:
+        """The hiprio worker, after a batch: if it freed nodeids, wake the
+        request workers to close their fds now (bells.py)."""
+        assert self._freed_cursor is not None and self._bells is not None
+        cursor = self._freed_cursor()
+        if cursor != self._freed_seen:
+            self._freed_seen = cursor
+            self._bells.ring()
 
     def _serve_due(self) -> None:
         """Coalescing rings whose interval ran out: serve what waits; if

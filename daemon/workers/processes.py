@@ -30,6 +30,7 @@ from daemon.workers.pool import WorkerFailure, WorkerSpawnError, worker_name, wo
 from daemon.workers import channel as ch
 from daemon.workers.channel import Channel, ChannelError, Msg
 from daemon.workers.entry import become_worker
+from daemon.workers.bells import ReapBells
 from daemon.workers.keeper import become_keeper, keeper_main
 
 logger = log.get_logger("supervisor")
@@ -114,6 +115,9 @@ class ProcessPool:
         self.progress = RingProgress(1 + config.max_request_workers)
         # --metrics-socket: where workers count (shared memory, as progress)
         self.metrics = MetricsArea(1 + config.max_request_workers) if config.metrics_socket else None
+        # the hiprio worker wakes idle request workers to close forgotten
+        # inodes' fds (bells.py): one eventfd per request vring
+        self.bells = ReapBells(config.max_request_workers)
         self.restarts: dict[tuple[int, str], int] = {}   # (vring, why) -> deaths
         self._deaths: dict[int, list[float]] = {}     # vring -> recent death times
         # request workers copy each other's fds (fuse/peers.py): vring ->
@@ -270,6 +274,7 @@ class ProcessPool:
                 become_keeper()
                 _close_inherited([parent_end, self._keep_w] + [w.channel for w in self.workers.values()]
                                  + self.inherited() + [pidfd for _serial, pidfd in self._peers.values()])
+                self.bells.keep(None)
                 keeper_main(child_end, self._keep_r, serial, self.config, files)
             finally:
                 os._exit(1)
@@ -406,6 +411,7 @@ class ProcessPool:
             else:
                 self._forget(worker)
         self._keeper_serial = None
+        self.bells.close()
         sandbox.release_request_mounts()
 
     # internals ------------------------------------------------------------------------
@@ -418,8 +424,10 @@ class ProcessPool:
             _close_inherited([parent_end] + [w.channel for w in self.workers.values()] + self.inherited()
                              + [pidfd for _serial, pidfd in self._peers.values()]
                              + self._keeper_fds())
+            if index >= 1:
+                self.bells.keep(index)
             self.worker_main(worker_role(index), index, channel, self.config, self.inodes, progress=self.progress,
-                             metrics=self.metrics)
+                             metrics=self.metrics, bells=self.bells)
             logger.error("worker_main returned")
         except SystemExit as e:
             os._exit(e.code if isinstance(e.code, int) else 1)

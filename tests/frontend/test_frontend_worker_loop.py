@@ -119,6 +119,20 @@ def test_a_forgotten_inode_fd_is_closed_by_the_request_worker(frontend):
     assert not blocks_sigterm(request, request)
 
 
+def test_an_idle_request_worker_closes_a_forgotten_inode_fd(frontend):
+    """FORGET to zero on the hiprio ring and nothing more on the request
+    queue: the hiprio worker rings the request worker's reap bell
+    (daemon/workers/bells.py), which closes the fd while it has no request
+    to serve, not at the next one."""
+    request = worker_pid(frontend, "request-1")
+    (frontend.shared_dir / "idle").write_bytes(b"x")
+    before = fd_count(request)
+    nodeid = frontend.lookup(ROOT, "idle").nodeid
+    assert fd_count(request) == before + 1
+    frontend.forget(nodeid, 1)
+    assert settled_fd_count(request, before) == before
+
+
 @pytest.mark.frontend_opts(extra_args=("--inode-file-handles", "prefer", "--inode-fd-cache", "32"))
 def test_inode_fd_cache_bounds_the_fds_and_reopens_by_handle(frontend):
     """The guest knows 200 inodes; the confined request worker keeps at most

@@ -34,9 +34,13 @@ from daemon.workers import channel as ch
 
 mode, socket_path = sys.argv[1], sys.argv[2]
 
-def worker_main(role, index, channel, config, inodes, progress=None, metrics=None):
+def worker_main(role, index, channel, config, inodes, progress=None, metrics=None, bells=None):
     held = []
+    mine = [bells.fd(i) for i in range(1, config.max_request_workers + 1)]
+    print(f"fake {role}-{index} bells: {sum(fd >= 0 for fd in mine)}", file=sys.stderr, flush=True)
     for fd in os.listdir("/proc/self/fd"):
+        if int(fd) in mine:
+            continue                  # its reap bells (bells.py), counted above
         try:
             held.append(os.readlink(f"/proc/self/fd/{fd}"))
         except OSError:
@@ -192,7 +196,10 @@ def test_serves_qemu_then_exits_0_when_it_disconnects(start):
     assert "Traceback" not in log
     # a worker forked while QEMU is connected holds none of the supervisor's
     # fds (QEMU's socket, guest RAM, eventfds, other channels): only its own
-    # channel and stdio
+    # channel and stdio, and reap bells (bells.py): the hiprio worker all
+    # of them, a request worker its own
+    assert "fake hiprio-0 bells: 2" in log and "fake request-1 bells: 1" in log, log
+    assert "fake request-2 bells: 1" in log, log
     for name in ("hiprio-0", "request-1", "request-2"):
         held = re.search(rf"fake {name} holds: (.*)", log).group(1)
         assert "memfd" not in held and "eventfd" not in held and "pipe" not in held, held

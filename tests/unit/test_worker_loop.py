@@ -24,6 +24,7 @@ from daemon.fuse.abi import Opcode
 from daemon.workers.channel import (ANSWER, FRAME, VRING_CALL, VRING_START, VRING_STOP, Channel,
                                     Msg, encode_mem_table)
 from daemon.virtio.virtqueue import VIRTIO_RING_F_EVENT_IDX, vring_need_event
+from daemon.workers.bells import ReapBells
 from daemon.workers.loop import WorkerLoop
 from tests import procfs
 from tests.unit.test_virtqueue import (AVAIL_GPA, DESC_GPA, NEXT, QVA_BASE, USED_GPA, GuestDriver)
@@ -90,18 +91,44 @@ class EchoSession:
         return 0
 
 
+class FreedCursor:
+    """The inode table's freed cursor, as the hiprio loop reads it."""
+
+    cursor = 0
+
+
+class ReapingSession(EchoSession):
+    """An EchoSession whose b"FREE" requests move its table's freed cursor
+    (as a FORGET to zero does) and whose ``reap`` writes ``reaped``, an
+    eventfd the test reads (the worker is another process)."""
+
+    def __init__(self, reaped: int):
+        super().__init__()
+        self.inodes = FreedCursor()
+        self.reaped = reaped
+
+    def handle(self, readable, writable, token):
+        if readable.read(0, readable.size).startswith(b"FREE"):
+            self.inodes.cursor += 1
+        return super().handle(readable, writable, token)
+
+    def reap(self):
+        os.eventfd_write(self.reaped, 1)
+        return 0
+
+
 class Worker:
     """A forked WorkerLoop and the supervisor's end of its channel."""
 
-    def __init__(self, rings=(RING,), progress=None, coalesce=None):
+    def __init__(self, rings=(RING,), progress=None, coalesce=None, bells=None, session=EchoSession):
         supervisor_end, worker_end = Channel.pair()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             status = 2
             try:
                 supervisor_end.close()
-                status = WorkerLoop(worker_end, EchoSession(), rings, progress=progress,
-                                    coalesce=coalesce).run()
+                status = WorkerLoop(worker_end, session(), rings, progress=progress,
+                                    coalesce=coalesce, bells=bells).run()
             finally:
                 os._exit(status)
         worker_end.close()
@@ -355,6 +382,64 @@ def test_coalescing_serves_a_burst_on_its_timer_then_kicks_per_chain_again(coale
     os.eventfd_write(guest.kick, 1)
     guest.wait_call()                          # a kick is served (and called) at once
     assert guest.used()[-1] == (last, 9)
+
+
+@pytest.fixture
+def reaped():
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    yield fd
+    os.close(fd)
+
+
+def test_a_request_worker_reaps_when_its_bell_rings(guest, reaped):
+    """The hiprio worker rang (bells.py): the request worker's loop, with
+    no request to serve, drains its bell and reaps; no bell, no reap."""
+    bells = ReapBells(2)
+    w = Worker(bells=bells, session=lambda: ReapingSession(reaped))
+    try:
+        assert w.request(Msg.MEM_TABLE, *guest.mem_table()) == (0, 0)
+        assert w.request(Msg.VRING_START, guest.vring_start(), [guest.kick]) == (0, 0)
+        time.sleep(0.1)
+        if select.select([reaped], [], [], 0)[0]:      # the start's batch (of nothing) reaped
+            os.eventfd_read(reaped)
+        os.eventfd_write(bells.fd(2), 1)               # another worker's: not this one's
+        assert not select.select([reaped], [], [], 0.2)[0]
+        os.eventfd_write(bells.fd(RING), 1)
+        assert select.select([reaped], [], [], TIMEOUT)[0]
+        os.eventfd_read(reaped)
+        deadline = time.monotonic() + TIMEOUT
+        while select.select([bells.fd(RING)], [], [], 0)[0]:  # drained by the worker
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert not select.select([reaped], [], [], 0.2)[0]  # level-triggered, drained: once
+    finally:
+        w.kill()
+        bells.close()
+
+
+def test_the_hiprio_worker_rings_every_bell_after_a_batch_that_freed(guest, reaped):
+    """vring 0's loop rings every request vring's bell after a batch that
+    moved the table's freed cursor, and not after one that did not."""
+    bells = ReapBells(2)
+    w = Worker(rings=(0,), bells=bells, session=lambda: ReapingSession(reaped))
+    try:
+        assert w.request(Msg.MEM_TABLE, *guest.mem_table()) == (0, 0)
+        assert w.request(Msg.VRING_CALL, VRING_CALL.pack(0, 1), [guest.call]) == (0, 0)
+        assert w.request(Msg.VRING_START, guest.vring_start(index=0), [guest.kick]) == (0, 0)
+        guest.driver.add([b"KEEP"], [16])
+        os.eventfd_write(guest.kick, 1)
+        guest.wait_call()
+        assert not select.select([bells.fd(1), bells.fd(2)], [], [], 0.1)[0]
+        guest.driver.add([b"FREE"], [16])
+        guest.driver.add([b"FREE"], [16])
+        os.eventfd_write(guest.kick, 1)
+        guest.wait_call()                              # the bells ring right after the call
+        for fd in (bells.fd(1), bells.fd(2)):
+            assert select.select([fd], [], [], TIMEOUT)[0]
+            assert os.eventfd_read(fd) == 1            # once for the batch
+    finally:
+        w.kill()
+        bells.close()
 
 
 def test_deferred_request_does_not_block_the_ring(running, guest):
