@@ -25,6 +25,12 @@ it runs cost one wake-up) and reaps when it is readable. The keeper keeps
 none. An eventfd is the smallest thing a process can sleep on with its
 other fds; the system calls are the ``read`` and ``write`` both roles
 already make on their kick and call eventfds (no seccomp change).
+
+Confinement: a bell carries nothing but a count. A compromised hiprio
+worker that rings at will makes the request workers look at the freed
+ring (one shared read when nothing was freed) and costs them wake-ups; it
+can already free any nodeid in the shared table by FORGET. A request
+worker holds only its own bell, the keeper none.
 """
 
 from __future__ import annotations
