@@ -304,12 +304,8 @@ def guest_run(kind: str, cache: str, p: dict, tarball: Path | None, with_footpri
     memory: dict = {}
     state = {"idle": False, "looked": False}
 
-    def watch():
-        # polled by run_guest every 0.2 s: measure memory at the guest's markers
-        try:
-            text = console.read_text(errors="replace")
-        except OSError:
-            return None
+    def at_marks(text: str) -> None:
+        # measure memory at the guest's markers
         if not state["idle"] and "@@BENCH-IDLE@@" in text:
             state["idle"] = True
             time.sleep(1.0)
@@ -319,10 +315,8 @@ def guest_run(kind: str, cache: str, p: dict, tarball: Path | None, with_footpri
             time.sleep(1.0)
             memory["looked_up"] = footprint.tree_memory(d.pid)
             memory["looked_up"]["fds"] = footprint.tree_fds(d.pid)
-        if d.proc.poll() is not None:
-            return f"the {kind} daemon exited with {d.proc.returncode}"
-        return None
 
+    watch = console_watch(console, d, kind, at_marks)
     t0 = time.monotonic()
     where = f"platform {platform}" + (f", {num_request_queues} queues" if num_request_queues > 1 else "")
     try:
@@ -365,6 +359,22 @@ def value(phase: str, obj: dict) -> float:
     if "iops" in obj:
         return obj["iops"]
     return obj["ops"] / obj["seconds"] if obj.get("seconds") else 0.0
+
+
+def console_watch(console: Path, daemon, kind: str, on_text):
+    """``run_guest``'s ``abort_if`` (polled every 0.2 s): hand the guest
+    console's text so far to ``on_text`` (nothing while the file cannot be
+    read yet), then stop the run if the daemon exited."""
+    def watch():
+        try:
+            text = console.read_text(errors="replace")
+        except OSError:
+            return None
+        on_text(text)
+        if daemon.proc.poll() is not None:
+            return f"the {kind} daemon exited with {daemon.proc.returncode}"
+        return None
+    return watch
 
 
 def round_order(kinds, rnd: int) -> list:

@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:
 
 from tests.conftest import start_daemon  # noqa: E402
 from tests.guest.vm import run_guest  # noqa: E402
-from tests.perf.bench import round_order  # noqa: E402
+from tests.perf.bench import console_watch, round_order  # noqa: E402
 from tests.perf.guest_profile import counters, descendants  # noqa: E402
 
 GO, DONE = "@@PAIR-GO@@", "@@PAIR-DONE@@"
@@ -82,17 +82,12 @@ def one_boot(kind: str, platform: str, cache: str, job: str, size_mib: int, seco
     console = work / "console.log"
     marks: dict = {}
 
-    def watch():
-        try:
-            text = console.read_text(errors="replace")
-        except OSError:
-            return None
+    def at_marks(text: str) -> None:
         for mark in (GO, DONE):
             if mark in text and mark not in marks:
                 marks[mark] = counters(descendants(d.pid))["total"]
-        if d.proc.poll() is not None:
-            return f"the {kind} daemon exited with {d.proc.returncode}"
-        return None
+
+    watch = console_watch(console, d, kind, at_marks)
 
     try:
         r = run_guest(d.socket_path, guest_command(job, size_mib, seconds), timeout=300, console_log=console,

@@ -65,7 +65,7 @@ if str(REPO) not in sys.path:
 from tests.conftest import start_daemon  # noqa: E402
 from tests.guest.harness import process_tree  # noqa: E402
 from tests.guest.vm import guest_path, run_guest  # noqa: E402
-from tests.perf.bench import WORKLOADS, parse_output, value  # noqa: E402
+from tests.perf.bench import WORKLOADS, console_watch, parse_output, value  # noqa: E402
 from tests.procfs import TICKS_PER_SECOND  # noqa: E402
 
 MARK = re.compile(r"@@BENCH-MARK (start|end) ([\w-]+)@@")
@@ -140,11 +140,7 @@ def profile_run(kind: str, extra: tuple, cache: str, platform: str, a) -> dict:
     seen: set = set()
     snaps: dict = {}
 
-    def watch():
-        try:
-            text = console.read_text(errors="replace")
-        except OSError:
-            return None
+    def at_marks(text: str) -> None:
         for m in MARK.finditer(text):
             key = (m.group(1), m.group(2))
             if key in seen:
@@ -155,9 +151,8 @@ def profile_run(kind: str, extra: tuple, cache: str, platform: str, a) -> dict:
             snaps.setdefault(key, {}).update({"daemon": counters(descendants(d.pid)),
                           "qemu": counters(descendants(qemu["pid"])) if "pid" in qemu else None,
                           "t": time.monotonic()})
-        if d.proc.poll() is not None:
-            return f"the {kind} daemon exited with {d.proc.returncode}"
-        return None
+
+    watch = console_watch(console, d, kind, at_marks)
 
     if a.parallel:
         argv = ("sh", guest_path(WORKLOADS / "parallel.sh"), "/mnt", a.seq_mib, a.rand_seconds, a.files)
