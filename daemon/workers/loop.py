@@ -146,13 +146,12 @@ class WorkerLoop:
         # reap bells (bells.py): a request worker watches its own, the
         # hiprio worker rings them all after a batch that freed nodeids
         self._bell_fd = -1
-        self._freed_cursor: Callable[[], int] | None = None
+        self._freed_table = None    # the hiprio worker's: whose freed cursor it watches
         self._freed_seen = 0
         if bells is not None:
             if 0 in ring_indices:
-                table = session.inodes
-                self._freed_cursor = lambda: table.cursor
-                self._freed_seen = table.cursor
+                self._freed_table = session.inodes
+                self._freed_seen = session.inodes.cursor
             else:
                 self._bell_fd = bells.fd(min(ring_indices))
         self._bells = bells
@@ -392,7 +391,7 @@ class WorkerLoop:
             self._deadlines[ring] = self._clock() + interval
         self._publish(ring, queue)
         self.session.reap()
-        if self._freed_cursor is not None:
+        if self._freed_table is not None:
             self._ring_bells()
         meter = self.session.meter
         if meter is not None and served + carried:
@@ -402,8 +401,8 @@ class WorkerLoop:
     def _ring_bells(self) -> None:
         """The hiprio worker, after a batch: if it freed nodeids, wake the
         request workers to close their fds now (bells.py)."""
-        assert self._freed_cursor is not None and self._bells is not None
-        cursor = self._freed_cursor()
+        assert self._freed_table is not None and self._bells is not None
+        cursor = self._freed_table.cursor
         if cursor != self._freed_seen:
             self._freed_seen = cursor
             self._bells.ring()
