@@ -163,49 +163,73 @@ static int table_ready(FastOps *self, struct state *st)
 }
 
 /* InodeTable.ref(dev, ino) for an inode the table knows and this worker
- * holds an fd of (or the root), under the table's record lock (the table
- * ready): 0 and *nodeid and *gen (+1 lookup unless the root); 1 with the
- * table as it was when the table is clean and the inode is not in it or
+ * holds an fd of (or the root), with the table's record lock held and
+ * DIRTY set (the table ready): 0 and *nodeid and *gen (+1 lookup unless
+ * the root); 1 with the table as it was when the inode is not in it or
  * this worker holds no fd of it (cold_lookup's then); -1 with the table as
  * it was for anything else (the request is then Python's) */
-static int find_ref(FastOps *self, struct state *st, uint64_t dev, uint64_t ino, uint64_t *nodeid, uint64_t *gen)
+static int ref_held_locked(FastOps *self, struct state *st, uint64_t dev, uint64_t ino, uint64_t *nodeid,
+                           uint64_t *gen)
 {
     const struct lookup_table *t = &self->lk;
-    int result = -1;
-    if (record_lock(t->fd, F_WRLCK) == 0) {
-        /* a holder died mid-update: Python's _lock repairs (DIRTY stays) */
-        if (word_at(&st->header, t->h_dirty) == 0) {
-            set_word(&st->header, t->h_dirty, 1);
-            uint64_t pos;
-            Py_ssize_t s = table_find(self, st, dev, ino, &pos);
-            if (s == 0)
-                result = 1;
-            if (s == 1) {
-                *nodeid = 1;
-                *gen = 0;
-                result = 0;
-            } else if (s > 1) {
-                Py_ssize_t base = s * self->slot_words;
-                /* InodeCache.adopt's "e[0] == gen" (the new fd would be
-                 * closed): this worker caches an fd of the slot's current
-                 * generation; any error is cleared, the thread lock's
-                 * release is a call into Python */
-                uint64_t g = word_at(&st->inodes, base + t->s_gen);
-                int held = g != 0 && cached_fd(self, st, (uint64_t)s) >= 0;
-                PyErr_Clear();
-                if (held) {
-                    set_word(&st->inodes, base + t->s_ref, word_at(&st->inodes, base + t->s_ref) + 1);
-                    *nodeid = (uint64_t)s;
-                    *gen = g;
-                    result = 0;
-                } else if (g != 0) {
-                    result = 1;
-                }
-            }
-            set_word(&st->header, t->h_dirty, 0);
-        }
-        record_lock(t->fd, F_UNLCK);
+    uint64_t pos;
+    Py_ssize_t s = table_find(self, st, dev, ino, &pos);
+    if (s == 0)
+        return 1;
+    if (s == 1) {
+        *nodeid = 1;
+        *gen = 0;
+        return 0;
     }
+    if (s < 0)
+        return -1;
+    Py_ssize_t base = s * self->slot_words;
+    /* InodeCache.adopt's "e[0] == gen" (the new fd would be closed): this
+     * worker caches an fd of the slot's current generation; any error is
+     * cleared, the thread lock's release is a call into Python */
+    uint64_t g = word_at(&st->inodes, base + t->s_gen);
+    int held = g != 0 && cached_fd(self, st, (uint64_t)s) >= 0;
+    PyErr_Clear();
+    if (held) {
+        set_word(&st->inodes, base + t->s_ref, word_at(&st->inodes, base + t->s_ref) + 1);
+        *nodeid = (uint64_t)s;
+        *gen = g;
+        return 0;
+    }
+    return g != 0 ? 1 : -1;
+}
+
+/* the table's record lock taken and DIRTY set, for a locked update: 0, or
+ * -1 (not taken, or DIRTY found set: a holder died mid-update and Python's
+ * _lock repairs, DIRTY stays) */
+static int table_lock(FastOps *self, struct state *st)
+{
+    const struct lookup_table *t = &self->lk;
+    if (record_lock(t->fd, F_WRLCK) != 0)
+        return -1;
+    if (word_at(&st->header, t->h_dirty) != 0) {
+        record_lock(t->fd, F_UNLCK);
+        return -1;
+    }
+    set_word(&st->header, t->h_dirty, 1);
+    return 0;
+}
+
+/* DIRTY cleared and the record lock let go (after table_lock) */
+static void table_unlock(FastOps *self, struct state *st)
+{
+    set_word(&st->header, self->lk.h_dirty, 0);
+    record_lock(self->lk.fd, F_UNLCK);
+}
+
+/* ref_held_locked under its own round of the record lock (the table
+ * ready): its 0, 1 or -1 */
+static int find_ref(FastOps *self, struct state *st, uint64_t dev, uint64_t ino, uint64_t *nodeid, uint64_t *gen)
+{
+    if (table_lock(self, st) < 0)
+        return -1;
+    int result = ref_held_locked(self, st, dev, ino, nodeid, gen);
+    table_unlock(self, st);
     return result;
 }
 
@@ -437,7 +461,6 @@ static int adopt_locked(FastOps *self, struct state *st, int fd, const struct st
 static int cold_lookup_with(FastOps *self, struct state *st, int parent, const char *name, struct entry_reply *r,
                             struct adopt_once *once)
 {
-    const struct lookup_table *t = &self->lk;
     struct adopt_once single = {0};     /* one LOOKUP: read for it alone */
     struct stat s;
     int fd;
@@ -458,13 +481,9 @@ static int cold_lookup_with(FastOps *self, struct state *st, int parent, const c
     int kept = 0, result = -1;
     if (fill_attr(&r->attr, &s) == 0
             && once_inputs(once, fd, (uint64_t)s.st_dev, &a) == 0
-            && st->tlock != NULL && record_lock(t->fd, F_WRLCK) == 0) {
-        if (word_at(&st->header, t->h_dirty) == 0) {
-            set_word(&st->header, t->h_dirty, 1);
-            result = adopt_locked(self, st, fd, &s, &a, &r->nodeid, &r->generation, &kept);
-            set_word(&st->header, t->h_dirty, 0);
-        }
-        record_lock(t->fd, F_UNLCK);
+            && st->tlock != NULL && table_lock(self, st) == 0) {
+        result = adopt_locked(self, st, fd, &s, &a, &r->nodeid, &r->generation, &kept);
+        table_unlock(self, st);
     }
     if (!kept)
         close(fd);

@@ -409,6 +409,141 @@ static int name_ok(const struct dentry *e)
     return e->namelen > 0 && e->namelen <= DIRENT_NAME_MAX && memchr(e->name, '/', (size_t)e->namelen) == NULL;
 }
 
+/* READDIRPLUS's lookups a run at a time (docs/compiled.md, "One record
+ * lock per run"): each entry's system calls first, without the table's
+ * record lock (fstatat; for an inode this worker does not hold, openat +
+ * fstat as cold_lookup's), then the counts of the whole run under one
+ * round of the lock, in the entries' order (ref_held_locked or
+ * adopt_locked, as found_entry would one by one). Holding the lock across
+ * the system calls would make every other worker's LOOKUPs and the hiprio
+ * FORGETs wait for the disk; one round per entry was half of a warm
+ * entry's CPU. An entry that fails under the lock ends the run there:
+ * the stream, the reply and the table go back to that entry, which then
+ * takes found_entry's way (and Python's after it), as before */
+#define RUN_MAX 32
+
+struct staged {
+    struct entry_reply r;   /* attr and timeouts; nodeid and generation from the flush */
+    struct stat s;          /* dev and ino (and adopt's stat) */
+    int fd;                 /* a cold entry's new O_PATH fd, -1: held (none opened) */
+    Py_ssize_t rec;         /* the record's offset in the reply */
+    Py_ssize_t pos;         /* the stream at the entry */
+    long long cookie;
+};
+
+struct run {
+    int n, cold;            /* entries staged, and how many of them opened an fd */
+    PyObject *buf;          /* the stream's buffer they are in (a reference) */
+    struct staged e[RUN_MAX];
+};
+
+/* one entry's system calls for the run (a valid name other than "." and
+ * ".."): 1 staged (x's record to be counted), 2 vanished (fstatat's
+ * ENOENT: passed over), 0 not staged (nothing taken, no fd left open:
+ * found_entry's way then) */
+static int stage_entry(FastOps *self, struct state *st, int parent, const struct dentry *e, struct run *run,
+                       struct adopt_once *once, struct staged *x)
+{
+    int err = stat_name(parent, e->name, &x->s);
+    if (err == ENOENT)
+        return 2;
+    if (err != 0)
+        return 0;
+    memset(&x->r, 0, sizeof x->r);
+    if (fill_attr(&x->r.attr, &x->s) < 0 || table_ready(self, st) < 0)
+        return 0;
+    /* the index probed without the lock: only which way, as found_entry */
+    uint64_t pos;
+    Py_ssize_t hint = table_find(self, st, (uint64_t)x->s.st_dev, (uint64_t)x->s.st_ino, &pos);
+    int held = hint == 1 || (hint > 1 && cached_fd(self, st, (uint64_t)hint) >= 0);
+    PyErr_Clear();
+    x->fd = -1;
+    if (!held) {
+        /* cold_lookup's first half; the cache's bound counts the run's fds */
+        if (once->ready == 0)
+            once_read(self, once);
+        if (once->ready <= 0 || (once->max_fds > 0 && PyDict_GET_SIZE(st->fds) + run->cold >= once->max_fds))
+            return 0;
+        int fd;
+        Py_BEGIN_ALLOW_THREADS
+        fd = openat(parent, e->name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+        if (fd >= 0 && fstat(fd, &x->s) != 0) {
+            close(fd);
+            fd = -1;
+        }
+        Py_END_ALLOW_THREADS
+        if (fd < 0)
+            return 0;
+        if (fill_attr(&x->r.attr, &x->s) < 0) {     /* the reply's attr: the new fd's, as Python's */
+            close(fd);
+            return 0;
+        }
+        x->fd = fd;
+    }
+    x->r.entry_valid = x->r.attr_valid = self->attr_sec;
+    x->r.entry_valid_nsec = x->r.attr_valid_nsec = self->attr_nsec;
+    return 1;
+}
+
+/* the run's counts under one round of the record lock, each entry's
+ * fuse_entry_out written into its record: the number of entries done, in
+ * order (fewer than run->n when one failed or the lock was not had); every
+ * fd not kept is closed, after the lock. The run is empty after */
+static int run_flush(FastOps *self, struct state *st, struct run *run, struct adopt_once *once, char *out)
+{
+    int k = 0;
+    if (st->tlock != NULL && table_lock(self, st) == 0) {
+        for (; k < run->n; k++) {
+            struct staged *x = &run->e[k];
+            int rc;
+            if (x->fd < 0) {
+                rc = ref_held_locked(self, st, (uint64_t)x->s.st_dev, (uint64_t)x->s.st_ino, &x->r.nodeid,
+                                     &x->r.generation);
+            } else {
+                struct adopting a = {0};
+                int kept = 0;
+                rc = once_inputs(once, x->fd, (uint64_t)x->s.st_dev, &a) == 0
+                     ? adopt_locked(self, st, x->fd, &x->s, &a, &x->r.nodeid, &x->r.generation, &kept) : -1;
+                if (rc == 0 && kept)
+                    x->fd = -1;     /* the cache's now */
+            }
+            if (rc != 0)
+                break;
+            memcpy(out + x->rec, &x->r.nodeid, ENTRY_OUT);
+        }
+        table_unlock(self, st);
+    }
+    for (int i = 0; i < run->n; i++)
+        if (run->e[i].fd >= 0)
+            close(run->e[i].fd);
+    return k;
+}
+
+/* the run flushed; when it stopped short, the stream, the reply's length
+ * and the loop's cookie go back to the first entry not done: 1 (the loop
+ * goes on from there, that entry found_entry's way: *direct), else 0 */
+static int run_settle(FastOps *self, struct state *st, struct run *run, struct adopt_once *once, struct rd_call *c,
+                      Py_ssize_t *used, long long *cookie, int *direct)
+{
+    int n = run->n, k = run_flush(self, st, run, once, c->out), rewound = 0;
+    if (k < n) {
+        const struct staged *x = &run->e[k];
+        if (c->ds.buf != run->buf) {    /* a malformed record dropped it: no getdents64 since */
+            Py_INCREF(run->buf);
+            Py_SETREF(c->ds.buf, run->buf);
+        }
+        c->ds.pos = x->pos;
+        c->ds.cookie = x->cookie;
+        *cookie = x->cookie;
+        *used = x->rec;
+        *direct = 1;
+        rewound = 1;
+    }
+    run->n = run->cold = 0;
+    Py_CLEAR(run->buf);
+    return rewound;
+}
+
 /* READDIRPLUS; NOT_HANDLED or the bytes written; *error: the reply's errno */
 static Py_ssize_t fast_readdirplus(FastOps *self, struct state *st, const struct req *q, const struct in_header *h,
                                    int *error)
@@ -419,25 +554,70 @@ static Py_ssize_t fast_readdirplus(FastOps *self, struct state *st, const struct
     /* from here on answered (the stream changes) */
     int fd = c.fd;
     struct adopt_once once = {0};
+    struct run run;
+    run.n = run.cold = 0;
+    run.buf = NULL;
+    int direct = 0;         /* the next entry found_entry's way (a run stopped before it) */
     Py_ssize_t used = 0;
     long long cookie = (long long)c.a.offset;
     int err = 0;
     for (;;) {
+        /* the run is counted before a refill: its entries' stream positions
+         * are in this buffer, and a getdents64 moves the directory's offset */
+        if (run.n && c.ds.pos >= PyBytes_GET_SIZE(c.ds.buf) && run_settle(self, st, &run, &once, &c, &used, &cookie, &direct))
+            continue;
         struct dentry e;
         int peek_err = 0;   /* set by stream_peek even when a call succeeds: read only on -1 */
         int got = stream_peek(&c.ds, fd, cookie, &e, &peek_err);
         if (got <= 0) {
+            if (run.n && run_settle(self, st, &run, &once, &c, &used, &cookie, &direct))
+                continue;
             if (got < 0 && !used)
                 err = peek_err ? peek_err : EIO;
             break;
         }
         if (name_ok(&e)) {
             Py_ssize_t size = (DIRENTPLUS + e.namelen + 7) & ~(Py_ssize_t)7;
-            if (used + size > c.limit)
+            if (used + size > c.limit) {
+                if (run.n && run_settle(self, st, &run, &once, &c, &used, &cookie, &direct))
+                    continue;
                 break;
+            }
             char *rec = c.out + used;
             struct fuse_dirent d = {e.ino, (uint64_t)e.next, (uint32_t)e.namelen, e.dtype};
             int dots = (e.namelen == 1 && e.name[0] == '.') || (e.namelen == 2 && e.name[0] == '.' && e.name[1] == '.');
+            if (!dots && !direct && e.next >= 0) {
+                if (run.n == RUN_MAX && run_settle(self, st, &run, &once, &c, &used, &cookie, &direct))
+                    continue;
+                struct staged *x = &run.e[run.n];
+                int sg = stage_entry(self, st, fd, &e, &run, &once, x);
+                if (sg == 1) {
+                    x->rec = used;
+                    x->pos = c.ds.pos;
+                    x->cookie = cookie;
+                    if (run.n++ == 0) {
+                        Py_INCREF(c.ds.buf);
+                        run.buf = c.ds.buf;
+                    }
+                    run.cold += x->fd >= 0;
+                    d.ino = x->r.attr.ino;
+                    d.type = (x->r.attr.mode >> 12) & 017;
+                    memcpy(rec + ENTRY_OUT, &d, sizeof d);
+                    memcpy(rec + DIRENTPLUS, e.name, (size_t)e.namelen);
+                    used += size;
+                }
+                if (sg != 0) {
+                    c.ds.pos += e.reclen;   /* DirStream.advance */
+                    c.ds.cookie = e.next;
+                    cookie = e.next;
+                    continue;
+                }
+            }
+            /* found_entry's way and Python's: the run counted first, so
+             * that counts are taken in the entries' order */
+            if (run.n && run_settle(self, st, &run, &once, &c, &used, &cookie, &direct))
+                continue;
+            direct = 0;
             int kind = 0;           /* 0: nodeid 0, 1: an entry, 2: vanished */
             if (!dots) {
                 struct entry_reply r;

@@ -403,6 +403,75 @@ def test_entries_already_held_take_a_count_without_an_fd(pair_of, share):
     assert all(table.get(n)[3] == 2 for n in held)
 
 
+def test_a_run_of_held_and_new_inodes_is_counted_in_order(pair_of, share):
+    """One reply's lookups are taken as a run (their system calls first,
+    then every count under one round of the record lock): held inodes
+    (+1, no fd) and new ones (an fd each) mixed, and one name twice (a
+    hard link: its second record counts the inode the first inserted)."""
+    names = _tree(share, 16)
+    os.link(share / names[3], share / "hardlink")
+    p = pair_of()
+    held = [p.lookup(1, names[i]) for i in range(0, 16, 3)]
+    fh = p.opendir()
+    listing = p.list_all(1, fh, 4096)
+    by_name = {name.decode(): nodeid for nodeid, name, _ in listing}
+    assert by_name["hardlink"] == by_name[names[3]]
+    table = p.sessions[1].inodes
+    assert table.get(by_name[names[3]])[3] == 3      # LOOKUP + two records
+    assert all(table.get(n)[3] == 2 for n in held if n != by_name[names[3]])
+    p.meters_equal()
+
+
+def _dirent64(ino: int, off: int, dtype: int, name: bytes) -> bytes:
+    reclen = (dirs.LINUX_DIRENT64.size + len(name) + 1 + 7) & ~7
+    head = dirs.LINUX_DIRENT64.pack(ino, off, reclen, dtype)
+    return head + name + bytes(reclen - len(head) - len(name))
+
+
+def test_a_run_stopped_short_before_a_malformed_record_resumes_in_its_buffer(pair_of, share):
+    """A run staged from a buffer, then a malformed host record (the
+    buffer dropped, EIO), and the run's counts stop short (a full table):
+    the stream goes back to the first entry not counted in the same
+    buffer (no getdents64 since), which takes Python's step, and the reply
+    ends at the malformed record as Python's does."""
+    names = _tree(share, 6)
+    p = pair_of(capacity=4)     # the root and three more
+    fh = p.opendir()
+    buf = b"".join(_dirent64(os.stat(share / n).st_ino, i + 1, 8, n.encode()) for i, n in enumerate(names))
+    buf += dirs.LINUX_DIRENT64.pack(1, 99, 0, 8) + bytes(16)   # reclen 0: malformed
+    for s in p.sessions:
+        stream = dirs.DirStream()
+        stream.buf, stream.pos, stream.cookie = buf, 0, 0
+        s.handles._handles[fh].dir_stream = stream
+    reply, in_c = p.step(1, fh, 0, 4096)
+    recs = records(reply)
+    assert in_c and [r[1].decode() for r in recs] == names
+    assert sum(1 for r in recs if r[0]) == 3        # the others ENFILE: nodeid 0
+    assert p.sessions[1].handles._handles[fh].dir_stream.cookie == -1
+    p.meters_equal()
+
+
+def test_entries_past_the_fd_cache_bound_take_python_s_step(pair_of, share, monkeypatch):
+    """A run's new fds count against the cache's bound as found_entry's
+    one by one did: past it each entry is Python's (whose batch then reaps
+    the cache back under the bound)."""
+    calls = []
+    real = dirs.plus_entry
+
+    def counting(*args):
+        calls.append(args[2])
+        return real(*args)
+    monkeypatch.setattr(dirs, "plus_entry", counting)
+    _tree(share, 20)
+    p = pair_of(file_handles=True, inode_fds=8)
+    fh = p.opendir()
+    reply, in_c = p.step(1, fh, 0, 8192)
+    assert in_c and len(records(reply)) == 22
+    cache = p.sessions[1].cache
+    assert cache.max_fds == 8 and len(calls) == 20 - 8
+    p.meters_equal()
+
+
 def test_a_directory_without_search_permission_lists_names_without_nodeids(pair_of, share):
     from tests.unit.fusereq import without_cap
     (share / "locked").mkdir()
