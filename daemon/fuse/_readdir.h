@@ -433,53 +433,82 @@ struct staged {
 
 struct run {
     int n, cold;            /* entries staged, and how many of them opened an fd */
+    int last_cold;          /* the last entry stat'ed was new to this worker (for the reply) */
     PyObject *buf;          /* the stream's buffer they are in (a reference) */
     struct staged e[RUN_MAX];
 };
 
+/* openat(parent, name, O_PATH | O_NOFOLLOW | O_CLOEXEC) and fstat of
+ * the new fd, the GIL released (cold_lookup's first half): the fd and *s,
+ * or -1 and *err */
+static int open_entry(int parent, const char *name, struct stat *s, int *err)
+{
+    int fd;
+    Py_BEGIN_ALLOW_THREADS
+    fd = openat(parent, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    *err = errno;
+    if (fd >= 0 && fstat(fd, s) != 0) {
+        *err = errno;
+        close(fd);
+        fd = -1;
+    }
+    Py_END_ALLOW_THREADS
+    return fd;
+}
+
+/* room in the fd cache for one more of the run's new fds (the cache's
+ * bound counts the run's, as found_entry's one by one did) */
+static int run_has_room(FastOps *self, const struct state *st, const struct run *run, struct adopt_once *once)
+{
+    if (once->ready == 0)
+        once_read(self, once);
+    return once->ready > 0 && (once->max_fds == 0 || PyDict_GET_SIZE(st->fds) + run->cold < once->max_fds);
+}
+
 /* one entry's system calls for the run (a valid name other than "." and
- * ".."): 1 staged (x's record to be counted), 2 vanished (fstatat's
- * ENOENT: passed over), 0 not staged (nothing taken, no fd left open:
- * found_entry's way then) */
+ * ".."): 1 staged (x's record to be counted), 2 vanished (ENOENT: passed
+ * over), 0 not staged (nothing taken, no fd left open: found_entry's way
+ * then). An entry after one that was new to this worker (a listing after
+ * the guest dropped its caches: most are) is opened straight away, no
+ * fstatat first: openat + fstat, two system calls instead of three; if
+ * this worker holds it after all, its new fd is closed at the flush, as
+ * adopt closes one (and the next entry is stat'ed first again) */
 static int stage_entry(FastOps *self, struct state *st, int parent, const struct dentry *e, struct run *run,
                        struct adopt_once *once, struct staged *x)
 {
-    int err = stat_name(parent, e->name, &x->s);
-    if (err == ENOENT)
-        return 2;
-    if (err != 0)
-        return 0;
+    int guess = run->last_cold, fd = -1, err;
+    if (guess) {
+        if (!run_has_room(self, st, run, once))
+            return 0;
+        fd = open_entry(parent, e->name, &x->s, &err);
+        if (fd < 0)
+            return err == ENOENT ? 2 : 0;
+    } else {
+        err = stat_name(parent, e->name, &x->s);
+        if (err != 0)
+            return err == ENOENT ? 2 : 0;
+    }
     memset(&x->r, 0, sizeof x->r);
-    if (fill_attr(&x->r.attr, &x->s) < 0 || table_ready(self, st) < 0)
+    if (fill_attr(&x->r.attr, &x->s) < 0 || table_ready(self, st) < 0) {
+        if (fd >= 0)
+            close(fd);
         return 0;
+    }
     /* the index probed without the lock: only which way, as found_entry */
     uint64_t pos;
     Py_ssize_t hint = table_find(self, st, (uint64_t)x->s.st_dev, (uint64_t)x->s.st_ino, &pos);
     int held = hint == 1 || (hint > 1 && cached_fd(self, st, (uint64_t)hint) >= 0);
     PyErr_Clear();
-    x->fd = -1;
-    if (!held) {
-        /* cold_lookup's first half; the cache's bound counts the run's fds */
-        if (once->ready == 0)
-            once_read(self, once);
-        if (once->ready <= 0 || (once->max_fds > 0 && PyDict_GET_SIZE(st->fds) + run->cold >= once->max_fds))
-            return 0;
-        int fd;
-        Py_BEGIN_ALLOW_THREADS
-        fd = openat(parent, e->name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
-        if (fd >= 0 && fstat(fd, &x->s) != 0) {
-            close(fd);
-            fd = -1;
-        }
-        Py_END_ALLOW_THREADS
-        if (fd < 0)
+    run->last_cold = !held;
+    if (!guess && !held) {
+        if (!run_has_room(self, st, run, once) || (fd = open_entry(parent, e->name, &x->s, &err)) < 0)
             return 0;
         if (fill_attr(&x->r.attr, &x->s) < 0) {     /* the reply's attr: the new fd's, as Python's */
             close(fd);
             return 0;
         }
-        x->fd = fd;
     }
+    x->fd = fd;
     x->r.entry_valid = x->r.attr_valid = self->attr_sec;
     x->r.entry_valid_nsec = x->r.attr_valid_nsec = self->attr_nsec;
     return 1;
@@ -555,7 +584,7 @@ static Py_ssize_t fast_readdirplus(FastOps *self, struct state *st, const struct
     int fd = c.fd;
     struct adopt_once once = {0};
     struct run run;
-    run.n = run.cold = 0;
+    run.n = run.cold = run.last_cold = 0;
     run.buf = NULL;
     int direct = 0;         /* the next entry found_entry's way (a run stopped before it) */
     Py_ssize_t used = 0;
