@@ -252,6 +252,7 @@ struct lookup_table {
     PyObject *tlock;        /* InodeTable._tlock, the thread lock of LockedTable */
     int fd;                 /* InodeTable._fd, the memfd its record lock is on */
     int negative;           /* --cache=always: ENOENT is a negative entry */
+    int last_cold;          /* the last LOOKUP's inode was new to this worker (found_entry) */
     uint64_t capacity, hmask;
     Py_ssize_t h_dirty, s_gen, s_ref, s_dev, s_ino;    /* inodes.py's word indices */
     /* and those an insertion writes (_lookup.h, insert_ref) */

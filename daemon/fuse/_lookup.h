@@ -452,42 +452,60 @@ static int adopt_locked(FastOps *self, struct state *st, int fd, const struct st
     return 0;
 }
 
-/* InodeCache.lookup of a name whose inode this worker holds no fd of (not
- * in the table, or another's): openat(O_PATH | O_NOFOLLOW | O_CLOEXEC)
- * and fstat (the GIL released), then adopt's steps under the table's
- * record lock: 0 with r's nodeid, generation and attr (from the new fd's
- * stat, as Python's), or -1 with the fd closed and the table and the cache
- * as they were (Python then redoes the lookup whole) */
-static int cold_lookup_with(FastOps *self, struct state *st, int parent, const char *name, struct entry_reply *r,
-                            struct adopt_once *once)
+/* openat(parent, name, O_PATH | O_NOFOLLOW | O_CLOEXEC) and fstat of
+ * the new fd, the GIL released (cold_lookup's first half): the fd and *s,
+ * or -1 and *err */
+static int open_entry(int parent, const char *name, struct stat *s, int *err)
 {
-    struct adopt_once single = {0};     /* one LOOKUP: read for it alone */
-    struct stat s;
     int fd;
-    if (once == NULL)
-        once = &single;
-    if (!once_has_room(self, st, once))
-        return -1;
     Py_BEGIN_ALLOW_THREADS
     fd = openat(parent, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
-    if (fd >= 0 && fstat(fd, &s) != 0) {
+    *err = errno;
+    if (fd >= 0 && fstat(fd, s) != 0) {
+        *err = errno;
         close(fd);
         fd = -1;
     }
     Py_END_ALLOW_THREADS
-    if (fd < 0)
-        return -1;
+    return fd;
+}
+
+/* adopt's steps for fd, new to this worker (of the stat s), under the
+ * table's record lock: 0 with r's nodeid, generation and attr (the new
+ * fd's stat, as Python's), or -1 with the table and the cache as they
+ * were; fd is the cache's or closed */
+static int adopt_new_fd(FastOps *self, struct state *st, int fd, const struct stat *s, struct entry_reply *r,
+                        const struct adopt_once *once)
+{
     struct adopting a = {0};
     int kept = 0, result = -1;
-    if (fill_attr(&r->attr, &s) == 0
-            && once_inputs(once, fd, (uint64_t)s.st_dev, &a) == 0
+    if (fill_attr(&r->attr, s) == 0
+            && once_inputs(once, fd, (uint64_t)s->st_dev, &a) == 0
             && st->tlock != NULL && table_lock(self, st) == 0) {
-        result = adopt_locked(self, st, fd, &s, &a, &r->nodeid, &r->generation, &kept);
+        result = adopt_locked(self, st, fd, s, &a, &r->nodeid, &r->generation, &kept);
         table_unlock(self, st);
     }
     if (!kept)
         close(fd);
     return result;
+}
+
+/* InodeCache.lookup of a name whose inode this worker holds no fd of (not
+ * in the table, or another's): open_entry, then adopt_new_fd: 0, or -1
+ * with the fd closed and the table and the cache as they were (Python
+ * then redoes the lookup whole) */
+static int cold_lookup_with(FastOps *self, struct state *st, int parent, const char *name, struct entry_reply *r,
+                            struct adopt_once *once)
+{
+    struct adopt_once single = {0};     /* one LOOKUP: read for it alone */
+    struct stat s;
+    int err;
+    if (once == NULL)
+        once = &single;
+    if (!once_has_room(self, st, once))
+        return -1;
+    int fd = open_entry(parent, name, &s, &err);
+    return fd < 0 ? -1 : adopt_new_fd(self, st, fd, &s, r, once);
 }
 
 static int cold_lookup(FastOps *self, struct state *st, int parent, const char *name, struct entry_reply *r)
@@ -521,12 +539,40 @@ static int stat_name(int parent, const char *name, struct stat *s)
  * LOOKUP: fstatat, then the inode this worker holds (find_ref, no fd
  * opened) or its first lookup here (cold_lookup). 0: found, +1 lookup
  * taken, r's nodeid, generation, timeouts and attr set; > 0: fstatat's
- * errno, nothing taken; -1: declined, nothing taken (Python redoes it).
+ * errno (or ENOENT from the openat of a LOOKUP opened straight away),
+ * nothing taken; -1: declined, nothing taken (Python redoes it).
  * once: adopt's inputs read once for a run of lookups (NULL: per lookup) */
 static int found_entry(FastOps *self, struct state *st, int parent, const char *name, struct entry_reply *r,
                        struct adopt_once *once)
 {
     struct stat s;
+    uint64_t pos;
+    if (once == NULL && self->lk.last_cold) {
+        /* the last LOOKUP was of an inode new to this worker: so is this
+         * one, likely (a guest walking names after it dropped its caches):
+         * opened straight away, no fstatat first (two system calls, not
+         * three); if this worker holds it after all, adopt closes the new
+         * fd and the next LOOKUP is stat'ed first again. An error other
+         * than ENOENT: the stat'ed way below */
+        struct adopt_once single = {0};
+        int err = 0, fd = once_has_room(self, st, &single) ? open_entry(parent, name, &s, &err) : -1;
+        if (fd < 0 && err == ENOENT)
+            return ENOENT;
+        if (fd >= 0) {
+            if (table_ready(self, st) < 0) {
+                close(fd);
+                return -1;
+            }
+            Py_ssize_t hint = table_find(self, st, (uint64_t)s.st_dev, (uint64_t)s.st_ino, &pos);
+            self->lk.last_cold = !(hint == 1 || (hint > 1 && cached_fd(self, st, (uint64_t)hint) >= 0));
+            PyErr_Clear();
+            if (adopt_new_fd(self, st, fd, &s, r, &single) != 0)
+                return -1;
+            r->entry_valid = r->attr_valid = self->attr_sec;
+            r->entry_valid_nsec = r->attr_valid_nsec = self->attr_nsec;
+            return 0;
+        }
+    }
     int err = stat_name(parent, name, &s);
     if (err != 0)
         return err;
@@ -537,10 +583,11 @@ static int found_entry(FastOps *self, struct state *st, int parent, const char *
      * decides under the lock) finds an inode this worker holds (or
      * the root): find_ref, no fd opened; else cold_lookup straight
      * away, one record lock round instead of two */
-    uint64_t pos;
     Py_ssize_t hint = table_find(self, st, (uint64_t)s.st_dev, (uint64_t)s.st_ino, &pos);
     int got = hint == 1 || (hint > 1 && cached_fd(self, st, (uint64_t)hint) >= 0) ? 0 : 1;
     PyErr_Clear();
+    if (once == NULL)
+        self->lk.last_cold = got == 1;
     if (got == 0)
         got = find_ref(self, st, (uint64_t)s.st_dev, (uint64_t)s.st_ino, &r->nodeid, &r->generation);
     if (got == 1)

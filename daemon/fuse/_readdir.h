@@ -438,24 +438,6 @@ struct run {
     struct staged e[RUN_MAX];
 };
 
-/* openat(parent, name, O_PATH | O_NOFOLLOW | O_CLOEXEC) and fstat of
- * the new fd, the GIL released (cold_lookup's first half): the fd and *s,
- * or -1 and *err */
-static int open_entry(int parent, const char *name, struct stat *s, int *err)
-{
-    int fd;
-    Py_BEGIN_ALLOW_THREADS
-    fd = openat(parent, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
-    *err = errno;
-    if (fd >= 0 && fstat(fd, s) != 0) {
-        *err = errno;
-        close(fd);
-        fd = -1;
-    }
-    Py_END_ALLOW_THREADS
-    return fd;
-}
-
 /* room in the fd cache for one more of the run's new fds (the cache's
  * bound counts the run's, as found_entry's one by one did) */
 static int run_has_room(FastOps *self, const struct state *st, const struct run *run, struct adopt_once *once)

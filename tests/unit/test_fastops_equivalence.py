@@ -856,6 +856,26 @@ def test_repeated_lookups_are_served_in_c(lookup_share):
         _close(pair)
 
 
+def test_a_lookup_after_a_first_one_is_opened_straight_away(lookup_share):
+    """After a LOOKUP of an inode new to the worker, C opens the next name
+    at once (no fstatat first): a missing name is its openat's ENOENT, a
+    new inode is inserted, an inode the worker holds is counted with the
+    new fd closed (as many fds as Python's), a symlink is the link's own
+    inode; then the stat'ed way again. Every reply, table and fd count as
+    the reference's, every LOOKUP C's."""
+    names = ["COLLIDE0", "missing", "COLLIDE1", "COLLIDE0", "COLLIDE0", "ln", "hard", "sub", "missing", "sub"]
+    steps = [("lookup", "root", n, "ok") for n in names]
+    pair, fast = _lookup_pair(lookup_share)
+    try:
+        assert _run_steps(lookup_share, steps, pair, fast) == len(steps)
+        comp = pair[1]
+        st_ = os.lstat(lookup_share[0] / os.fsdecode(_name(lookup_share, "COLLIDE0")))
+        nodeid = next(n for n in comp.cache._fds if comp.inodes.get(n)[1:3] == (st_.st_dev, st_.st_ino))
+        assert comp.inodes.get(nodeid)[3] == 4       # three LOOKUPs and "hard", its hard link
+    finally:
+        _close(pair)
+
+
 def test_first_lookups_are_served_in_c_as_adopt_does(lookup_share):
     """--inode-file-handles with peers: C's insertion stores the inode's
     file handle (the bytes inodecache.file_handle gives for the cached fd)
