@@ -34,9 +34,12 @@
  *     over; a record that does not fit (abi.direntplus_size) ends the reply
  *     with the stream at it;
  *   - "." and "..": nodeid 0, the attr's ino and mode (DT << 12) only;
- *   - any other name: found_entry (_lookup.h: fstatat, the +1 of an inode
- *     this worker holds, or the open + insertion of its first lookup here,
- *     with adopt's inputs and the fd-cache bound read once per reply);
+ *   - any other name: found_entry's lookup (_lookup.h: fstatat, the +1 of
+ *     an inode this worker holds, or the open + insertion of its first
+ *     lookup here, with adopt's inputs and the fd-cache bound read once per
+ *     reply), taken for a run of entries at a time (stage_entry, run_flush:
+ *     the system calls unlocked, then the counts under one round of the
+ *     record lock; an entry that fails there takes found_entry's own way);
  *     ENOENT from fstatat: passed over (it vanished); anything C declines
  *     (another errno, a busy or DIRTY table, a full table, the fd-cache
  *     bound...): the thread lock let go, then Python's own step,
