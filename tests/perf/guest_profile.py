@@ -31,6 +31,9 @@ supervisor and workers; Rust: one process, its threads) and for QEMU:
 It prints, per step, the guest's figure and those counters divided by the
 step's operations (fio's I/Os, the metadata phases' operations), so the
 cost per request of each daemon and what it makes QEMU do can be compared.
+metadata.py marks its phases too (create, stat, readdir, unlink: steps
+within the metadata step, without its drop_caches and their FORGETs),
+each with a table of our daemon's run time by process name.
 ``--kinds`` names the daemons, ``kind:OPTION:OPTION`` with extra options.
 
 ``--parallel`` profiles the bench's parallel workloads instead
@@ -206,7 +209,7 @@ def step_ops(step: str, phases: dict) -> int:
 def summarize(runs: dict) -> list[str]:
     """Per step: median figure and per-operation counters of each kind."""
     lines = []
-    steps = [s for s in ("idle", *FIO_STEPS, "latency", "metadata",
+    steps = [s for s in ("idle", *FIO_STEPS, "latency", "metadata", *METADATA,
                          *PAR_STEPS)
              if any(s in r["steps"] for rs in runs.values() for r in rs)]
     for step in steps:
@@ -234,7 +237,7 @@ def summarize(runs: dict) -> list[str]:
             lines.append(f"| {kind} (n={len(rows)}) | {med[0]:,.0f} | {med[1]:.1f} | {med[2]:.1f} | {med[3]:.2f} "
                          f"| {med[4]:.2f} | {med[5]:.2f} | {med[6]:.0f} | {med[7]:.0f} | {med[8]:.2f} | {med[9]:.1f} |")
         lines.append("")
-        if step in PAR_STEPS:
+        if step in PAR_STEPS or step in METADATA:
             lines += by_name(runs, step)
     return lines
 

@@ -156,6 +156,38 @@ def test_parallel_meta_marks_each_phase_only_with_bench_marks(monkeypatch, capsy
     assert gp.MARK.fullmatch(capsys.readouterr().out.strip()).groups() == ("end", "par-stat")
 
 
+def test_metadata_marks_its_phases_unless_a_barrier_runs_it(monkeypatch, capsys):
+    """metadata.py's phases are steps of their own with BENCH_MARKS=1 (the
+    mark before and after the timed part, so drop_caches and its FORGETs
+    stay outside), none without it, and none under parallel_meta.py's
+    barrier (which marks par- steps itself); the summary gives each phase
+    its per-process table."""
+    from tests.perf.guest_workloads import metadata
+    monkeypatch.setattr(metadata.time, "sleep", lambda s: None)
+    monkeypatch.delenv("BENCH_MARKS", raising=False)
+    metadata.timed("stat", 3, lambda: None)
+    assert "@@BENCH-MARK" not in capsys.readouterr().out
+    monkeypatch.setenv("BENCH_MARKS", "1")
+    metadata.timed("stat", 3, lambda: print("work"))
+    out = capsys.readouterr().out.splitlines()
+    assert [gp.MARK.fullmatch(out[0]).groups(), out[1], gp.MARK.fullmatch(out[3]).groups()] == \
+        [("start", "stat"), "work", ("end", "stat")]
+    assert out[2].startswith('BENCH {"phase": "stat"')
+    r, w = os.pipe()
+    try:
+        os.write(w, b"g")       # the go byte, read back by the barrier itself
+        barrier = metadata.Barrier(f"{r},{w}")
+        barrier.timed("stat", 3, lambda: None)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert "@@BENCH-MARK" not in capsys.readouterr().out
+    run = _run(1000, 1.0, 0.05, 1.0, 1000, step="stat")
+    run["steps"]["stat"]["daemon_by_name"] = {"vfsd-request-1": [0.1, 1000, 0.04]}
+    lines = gp.summarize({"ours": [run]})
+    assert lines[0] == "## stat" and "| ours | vfsd-request-1 | 40.0 | 1.00 |" in lines
+
+
 def test_make_profile_keeps_the_hand_written_guest_section():
     from tests.perf import profile
     generated = "# Where the time goes\n\n## The floor, and threads\n\n| a | b |\n"

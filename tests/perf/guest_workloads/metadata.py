@@ -83,14 +83,26 @@ class Barrier:
         """``timed``, started together with the other process and its end
         said to the parent."""
         self.wait()
-        timed(phase, ops, fn)
+        timed(phase, ops, fn, marks=self.fds is None)    # parallel_meta.py marks its own
         self.done()
 
 
-def timed(phase: str, ops: int, fn) -> None:
+def mark(edge: str, phase: str) -> None:
+    """run.sh's step mark, with BENCH_MARKS=1 (tests/perf/guest_profile.py
+    reads the daemons' counters at each): each phase is its own step."""
+    if os.environ.get("BENCH_MARKS"):
+        print(f"@@BENCH-MARK {edge} {phase}@@", flush=True)
+        time.sleep(1)
+
+
+def timed(phase: str, ops: int, fn, marks: bool = True) -> None:
+    if marks:
+        mark("start", phase)
     t0 = time.monotonic()
     fn()
     emit(phase, time.monotonic() - t0, ops)
+    if marks:
+        mark("end", phase)
 
 
 def main() -> int:
