@@ -128,6 +128,18 @@ static Py_ssize_t table_find(const FastOps *self, const struct state *st, uint64
     return -1;
 }
 
+/* whether this worker holds the inode (dev, ino) of s, or it is the root,
+ * by the index probed without the record lock (the table ready): only a
+ * hint of which way, each way decides again under the lock */
+static int held_hint(FastOps *self, const struct state *st, const struct stat *s)
+{
+    uint64_t pos;
+    Py_ssize_t hint = table_find(self, st, (uint64_t)s->st_dev, (uint64_t)s->st_ino, &pos);
+    int held = hint == 1 || (hint > 1 && cached_fd(self, st, (uint64_t)hint) >= 0);
+    PyErr_Clear();
+    return held;
+}
+
 /* the table's thread lock, never waited for here (a holder means Python's
  * turn), and kept until the serve or batch call returns (state_drop): no
  * other thread of a worker touches the table, and nothing C calls
@@ -325,12 +337,13 @@ out:
     return o->ready;
 }
 
-/* cache_has_room with the bound read once */
-static int once_has_room(FastOps *self, const struct state *st, struct adopt_once *o)
+/* cache_has_room with the bound read once; pending: new fds not in the
+ * cache yet that count against it (a READDIRPLUS run's, _readdir.h) */
+static int once_has_room(FastOps *self, const struct state *st, struct adopt_once *o, Py_ssize_t pending)
 {
     if (o->ready == 0)
         once_read(self, o);
-    return o->ready > 0 && (o->max_fds == 0 || PyDict_GET_SIZE(st->fds) < o->max_fds);
+    return o->ready > 0 && (o->max_fds == 0 || PyDict_GET_SIZE(st->fds) + pending < o->max_fds);
 }
 
 /* adopt's inputs (owner word, shared, file handle) from what once_read read */
@@ -502,7 +515,7 @@ static int cold_lookup_with(FastOps *self, struct state *st, int parent, const c
     int err;
     if (once == NULL)
         once = &single;
-    if (!once_has_room(self, st, once))
+    if (!once_has_room(self, st, once, 0))
         return -1;
     int fd = open_entry(parent, name, &s, &err);
     return fd < 0 ? -1 : adopt_new_fd(self, st, fd, &s, r, once);
@@ -546,7 +559,7 @@ static int found_entry(FastOps *self, struct state *st, int parent, const char *
                        struct adopt_once *once)
 {
     struct stat s;
-    uint64_t pos;
+    int got = -1, fd = -1;
     if (once == NULL && self->lk.last_cold) {
         /* the last LOOKUP was of an inode new to this worker: so is this
          * one, likely (a guest walking names after it dropped its caches):
@@ -555,7 +568,9 @@ static int found_entry(FastOps *self, struct state *st, int parent, const char *
          * fd and the next LOOKUP is stat'ed first again. An error other
          * than ENOENT: the stat'ed way below */
         struct adopt_once single = {0};
-        int err = 0, fd = once_has_room(self, st, &single) ? open_entry(parent, name, &s, &err) : -1;
+        int err = 0;
+        if (once_has_room(self, st, &single, 0))
+            fd = open_entry(parent, name, &s, &err);
         if (fd < 0 && err == ENOENT)
             return ENOENT;
         if (fd >= 0) {
@@ -563,35 +578,27 @@ static int found_entry(FastOps *self, struct state *st, int parent, const char *
                 close(fd);
                 return -1;
             }
-            Py_ssize_t hint = table_find(self, st, (uint64_t)s.st_dev, (uint64_t)s.st_ino, &pos);
-            self->lk.last_cold = !(hint == 1 || (hint > 1 && cached_fd(self, st, (uint64_t)hint) >= 0));
-            PyErr_Clear();
-            if (adopt_new_fd(self, st, fd, &s, r, &single) != 0)
-                return -1;
-            r->entry_valid = r->attr_valid = self->attr_sec;
-            r->entry_valid_nsec = r->attr_valid_nsec = self->attr_nsec;
-            return 0;
+            self->lk.last_cold = !held_hint(self, st, &s);
+            got = adopt_new_fd(self, st, fd, &s, r, &single);
         }
     }
-    int err = stat_name(parent, name, &s);
-    if (err != 0)
-        return err;
-    if (fill_attr(&r->attr, &s) < 0 || table_ready(self, st) < 0)
-        return -1;
-    /* which path first: the index probed without the record lock
-     * (another process may be changing it: only a hint, each path
-     * decides under the lock) finds an inode this worker holds (or
-     * the root): find_ref, no fd opened; else cold_lookup straight
-     * away, one record lock round instead of two */
-    Py_ssize_t hint = table_find(self, st, (uint64_t)s.st_dev, (uint64_t)s.st_ino, &pos);
-    int got = hint == 1 || (hint > 1 && cached_fd(self, st, (uint64_t)hint) >= 0) ? 0 : 1;
-    PyErr_Clear();
-    if (once == NULL)
-        self->lk.last_cold = got == 1;
-    if (got == 0)
-        got = find_ref(self, st, (uint64_t)s.st_dev, (uint64_t)s.st_ino, &r->nodeid, &r->generation);
-    if (got == 1)
-        got = cold_lookup_with(self, st, parent, name, r, once);
+    if (fd < 0) {
+        int err = stat_name(parent, name, &s);
+        if (err != 0)
+            return err;
+        if (fill_attr(&r->attr, &s) < 0 || table_ready(self, st) < 0)
+            return -1;
+        /* which path first: an inode this worker holds (or the root):
+         * find_ref, no fd opened; else cold_lookup straight away, one
+         * record lock round instead of two */
+        got = held_hint(self, st, &s) ? 0 : 1;
+        if (once == NULL)
+            self->lk.last_cold = got == 1;
+        if (got == 0)
+            got = find_ref(self, st, (uint64_t)s.st_dev, (uint64_t)s.st_ino, &r->nodeid, &r->generation);
+        if (got == 1)
+            got = cold_lookup_with(self, st, parent, name, r, once);
+    }
     if (got != 0)
         return -1;
     r->entry_valid = r->attr_valid = self->attr_sec;

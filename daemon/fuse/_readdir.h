@@ -441,15 +441,6 @@ struct run {
     struct staged e[RUN_MAX];
 };
 
-/* room in the fd cache for one more of the run's new fds (the cache's
- * bound counts the run's, as found_entry's one by one did) */
-static int run_has_room(FastOps *self, const struct state *st, const struct run *run, struct adopt_once *once)
-{
-    if (once->ready == 0)
-        once_read(self, once);
-    return once->ready > 0 && (once->max_fds == 0 || PyDict_GET_SIZE(st->fds) + run->cold < once->max_fds);
-}
-
 /* one entry's system calls for the run (a valid name other than "." and
  * ".."): 1 staged (x's record to be counted), 2 vanished (ENOENT: passed
  * over), 0 not staged (nothing taken, no fd left open: found_entry's way
@@ -463,7 +454,7 @@ static int stage_entry(FastOps *self, struct state *st, int parent, const struct
 {
     int guess = run->last_cold, fd = -1, err;
     if (guess) {
-        if (!run_has_room(self, st, run, once))
+        if (!once_has_room(self, st, once, run->cold))
             return 0;
         fd = open_entry(parent, e->name, &x->s, &err);
         if (fd < 0)
@@ -479,14 +470,10 @@ static int stage_entry(FastOps *self, struct state *st, int parent, const struct
             close(fd);
         return 0;
     }
-    /* the index probed without the lock: only which way, as found_entry */
-    uint64_t pos;
-    Py_ssize_t hint = table_find(self, st, (uint64_t)x->s.st_dev, (uint64_t)x->s.st_ino, &pos);
-    int held = hint == 1 || (hint > 1 && cached_fd(self, st, (uint64_t)hint) >= 0);
-    PyErr_Clear();
+    int held = held_hint(self, st, &x->s);
     run->last_cold = !held;
     if (!guess && !held) {
-        if (!run_has_room(self, st, run, once) || (fd = open_entry(parent, e->name, &x->s, &err)) < 0)
+        if (!once_has_room(self, st, once, run->cold) || (fd = open_entry(parent, e->name, &x->s, &err)) < 0)
             return 0;
         if (fill_attr(&x->r.attr, &x->s) < 0) {     /* the reply's attr: the new fd's, as Python's */
             close(fd);
