@@ -40,7 +40,7 @@
  *      appeared since the fstatat), which fastpath.create_rest serves as
  *      _create_file does (files.open_existing).
  *   2. the lookup of the new file: _lookup.h's cold_lookup (openat O_PATH,
- *      fstat, the insertion under the record lock, the fd cached), the
+ *      fstat, the insertion under the table lock, the fd cached), the
  *      reply's fuse_attr from that fstat. Where it declines (the table
  *      full, DIRTY, a lock error, the new name gone...), the thread lock
  *      is let go and fastpath.create_rest does files.created (FuseSession
@@ -52,7 +52,7 @@
  *      reply, the lookup count staying taken, as in Python.
  *   4. fuse_out_header + fuse_entry_out + fuse_open_out {fh, the FOPEN_*
  *      of --cache}, counted under CREATE with a meter.
- * System calls: newfstatat, openat, close, fcntl (the record lock) and,
+ * System calls: newfstatat, openat, close, fcntl and futex (the table lock, _tablelock.h) and,
  * in Python's HandleTable.add, sendmsg to the keeper: all already on
  * policy/request.policy.
  */

@@ -114,6 +114,7 @@
 #include <unistd.h>
 
 #include "_vqcore_api.h"
+#include "_tablelock.h"
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "FUSE structs are little-endian here: little-endian hosts only"
@@ -250,7 +251,7 @@ _Static_assert(sizeof(struct attr_reply) == OUT_HEADER + ATTR_OUT, "fuse_attr_ou
 struct lookup_table {
     PyObject *hash;         /* InodeTable._hash, memoryview of u32; NULL: LOOKUP is Python's */
     PyObject *tlock;        /* InodeTable._tlock, the thread lock of LockedTable */
-    int fd;                 /* InodeTable._fd, the memfd its record lock is on */
+    struct table_locking lock;  /* InodeTable.lock_handle(): its TableLock, or the memfd of its record lock */
     int negative;           /* --cache=always: ENOENT is a negative entry */
     int last_cold;          /* the last LOOKUP's inode was new to this worker (found_entry) */
     uint64_t capacity, hmask;
@@ -294,7 +295,7 @@ struct release_conf {
     PyObject *files;        /* the HandleTable's FileTable; NULL: RELEASE is Python's */
     PyObject *tlock;        /* its _tlock */
     PyObject *hdr;          /* its _hdr, memoryview of u64 (held per request) */
-    int fd;                 /* its _fd, the memfd of its record lock (-1: private) */
+    struct table_locking lock;  /* its lock_handle(): TableLock, or the memfd of its record lock (-1: private) */
     uint64_t capacity, kind_lock;
     Py_ssize_t h_dirty, h_free, h_live, h_released, h_locks, h_high, h_last;  /* filetable.py's word indices */
     Py_ssize_t f_gen, f_kind, f_owner, f_next, f_kept, f_node, f_lock_owner, words;
@@ -1565,6 +1566,7 @@ static int fastops_traverse(FastOps *self, visitproc visit, void *arg)
     Py_VISIT(self->meter);
     Py_VISIT(self->lk.hash);
     Py_VISIT(self->lk.tlock);
+    Py_VISIT(self->lk.lock.shared);
     Py_VISIT(self->cr.rest);
     Py_VISIT(self->cr.add);
     Py_VISIT(self->cr.creds);
@@ -1576,6 +1578,7 @@ static int fastops_traverse(FastOps *self, visitproc visit, void *arg)
     Py_VISIT(self->rl.files);
     Py_VISIT(self->rl.tlock);
     Py_VISIT(self->rl.hdr);
+    Py_VISIT(self->rl.lock.shared);
     Py_VISIT(self->op.add);
     Py_VISIT(self->op.handle_type);
     Py_VISIT(self->at.too_big);
@@ -1591,6 +1594,7 @@ static int fastops_clear(FastOps *self)
     Py_CLEAR(self->slots);
     Py_CLEAR(self->lk.hash);
     Py_CLEAR(self->lk.tlock);
+    Py_CLEAR(self->lk.lock.shared);
     Py_CLEAR(self->cr.rest);
     Py_CLEAR(self->cr.add);
     Py_CLEAR(self->cr.creds);
@@ -1602,6 +1606,7 @@ static int fastops_clear(FastOps *self)
     Py_CLEAR(self->rl.files);
     Py_CLEAR(self->rl.tlock);
     Py_CLEAR(self->rl.hdr);
+    Py_CLEAR(self->rl.lock.shared);
     Py_CLEAR(self->op.add);
     Py_CLEAR(self->op.handle_type);
     Py_CLEAR(self->at.too_big);
@@ -1901,9 +1906,9 @@ static PyMethodDef fastops_methods[] = {
      "meter, the wait loop counts each wake-up it serves whole as WorkerMeter.batch does (those\n"
      "word indices of the slot, BATCH_BUCKETS)"},
     {"enable_lookup", (PyCFunction)fastops_enable_lookup, METH_VARARGS,
-     "enable_lookup(hash, fd, tlock, capacity, (dirty, gen, ref, dev, ino, free, high, next_gen, live,\n"
+     "enable_lookup(hash, lock, tlock, capacity, (dirty, gen, ref, dev, ino, free, high, next_gen, live,\n"
      "next, hlen, owner, handle, handle_max), negative): serve LOOKUP too, on the InodeTable whose\n"
-     "index, memfd, thread lock, capacity and word indices (header's, then slot's) these are;\n"
+     "index, lock_handle(), thread lock, capacity and word indices (header's, then slot's) these are;\n"
      "negative: ENOENT is a negative entry (--cache=always)"},
     {"enable_meta", (PyCFunction)fastops_enable_meta, METH_VARARGS,
      "enable_meta(ops, h_locks, layout): serve GETXATTR, UNLINK, RMDIR, FLUSH, RENAME (bits 0-4 of ops)\n"
@@ -2015,14 +2020,24 @@ PyMODINIT_FUNC PyInit__fastops(void)
     for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)
         if ((*strings[i].slot = PyUnicode_InternFromString(strings[i].text)) == NULL)
             return NULL;
-    if (PyType_Ready(&FastOpsType) < 0)
+    if (PyType_Ready(&FastOpsType) < 0 || PyType_Ready(&TableLockType) < 0)
         return NULL;
+    if (pthread_atfork(NULL, NULL, tablelock_after_fork) != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
+        return NULL;
+    }
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
     Py_INCREF(&FastOpsType);
     if (PyModule_AddObject(m, "FastOps", (PyObject *)&FastOpsType) < 0) {
         Py_DECREF(&FastOpsType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&TableLockType);
+    if (PyModule_AddObject(m, "TableLock", (PyObject *)&TableLockType) < 0) {
+        Py_DECREF(&TableLockType);
         Py_DECREF(m);
         return NULL;
     }

@@ -29,7 +29,7 @@
  * > capacity or nlookup 0 does nothing and takes no lock; otherwise (and
  * for a BATCH_FORGET with count > 0, even if every pair is out of range:
  * unref_many locks) under the table's locks (the thread lock, taken
- * without waiting and kept for the call as LOOKUP's; the record lock per
+ * without waiting and kept for the call as LOOKUP's; the table lock per
  * chain; DIRTY found set: declined, Python's _lock repairs), for each
  * (nodeid, nlookup) with 2 <= nodeid <= capacity and nlookup > 0 and a
  * live slot (generation non-zero): nlookup below the count: count -=
@@ -145,14 +145,14 @@ static int forget_ready(FastOps *self, struct state *st)
     return take_tlock(t, st);
 }
 
-/* the record lock for one chain, the table clean (DIRTY then set, as
+/* the table lock for one chain, the table clean (DIRTY then set, as
  * _lock); 0, or -1 with nothing held (Python's) */
 static int forget_lock(FastOps *self, struct state *st)
 {
-    if (record_lock(self->lk.fd, F_WRLCK) < 0)
+    if (table_locking_take(&self->lk.lock) < 0)
         return -1;
     if (word_at(&st->header, self->lk.h_dirty) != 0) {
-        record_lock(self->lk.fd, F_UNLCK);
+        table_locking_give(&self->lk.lock);
         return -1;
     }
     set_word(&st->header, self->lk.h_dirty, 1);
@@ -162,7 +162,7 @@ static int forget_lock(FastOps *self, struct state *st)
 static void forget_unlock(FastOps *self, struct state *st)
 {
     set_word(&st->header, self->lk.h_dirty, 0);
-    record_lock(self->lk.fd, F_UNLCK);
+    table_locking_give(&self->lk.lock);
 }
 
 /* FORGET or BATCH_FORGET (serve_req has checked the header and len);

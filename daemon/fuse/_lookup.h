@@ -19,12 +19,12 @@
  *   - ENOENT: the error reply, or with --cache=always the negative entry
  *     (Timeouts.negative_entry); any other errno: Python's (it redoes the
  *     lookup with openat, which has no side effect to repeat);
- *   - found: the index probed without the record lock picks the path (a
+ *   - found: the index probed without the table lock picks the path (a
  *     hint only: each path decides again under the lock). An inode this
  *     worker holds (or the root): under the table's lock (table_ready: the
  *     thread lock, taken without waiting and kept for the rest of the
- *     serve or batch call, then the POSIX record lock on byte 0 of the
- *     memfd, LockedTable._lock's, for this request), the (dev, ino) is
+ *     serve or batch call, then the table lock, LockedTable._lock's:
+ *     _tablelock.h, for this request), the (dev, ino) is
  *     found with InodeTable._find's probing. The root: nodeid 1,
  *     generation 0, no count (as ref and adopt). A nodeid whose O_PATH fd
  *     this worker caches with its current generation: +1 lookup (ref's
@@ -32,7 +32,7 @@
  *   - otherwise (cold_lookup: the inode is not in the table, or this worker
  *     holds no fd of it): InodeCache.lookup + adopt. openat(parent, name,
  *     O_PATH | O_NOFOLLOW | O_CLOEXEC) and fstat (the GIL released; any
- *     error: Python's, which redoes them), then under the record lock
+ *     error: Python's, which redoes them), then under the table lock
  *     adopt_locked: the root (fd closed); an inode this worker holds now
  *     (+1, fd closed); a known inode (+1, the fd cached, claimed with this
  *     worker's owner word when peers are shared); an unknown one inserted
@@ -85,24 +85,6 @@ static void set_word(const struct words *w, Py_ssize_t i, uint64_t v)
     __atomic_store_n((uint64_t *)w->b.buf + i, v, __ATOMIC_RELAXED);
 }
 
-/* LockedTable._lock's record lock (fcntl.lockf(fd, LOCK_EX, 1, 0)):
- * tried first without waiting (GIL held), then waited for with the GIL
- * released, as fcntl.lockf does; -1 on any error (EINTR included: the
- * caller leaves the request to Python) */
-static int record_lock(int fd, short type)
-{
-    struct flock fl = {.l_type = type, .l_whence = SEEK_SET, .l_start = 0, .l_len = 1};
-    if (fd < 0 || fcntl(fd, F_SETLK, &fl) == 0)
-        return 0;
-    if (type == F_UNLCK || (errno != EAGAIN && errno != EACCES))
-        return -1;
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = fcntl(fd, F_SETLKW, &fl);
-    Py_END_ALLOW_THREADS
-    return rc;
-}
-
 /* InodeTable._find under the lock: the slot of (dev, ino), 0 if it is not
  * in the index (*pos: the empty entry where it would go), -1 if the index
  * is not what it should be (a slot out of range, no empty entry: Python's
@@ -129,7 +111,7 @@ static Py_ssize_t table_find(const FastOps *self, const struct state *st, uint64
 }
 
 /* whether this worker holds the inode (dev, ino) of s, or it is the root,
- * by the index probed without the record lock (the table ready): only a
+ * by the index probed without the table lock (the table ready): only a
  * hint of which way, each way decides again under the lock */
 static int held_hint(FastOps *self, const struct state *st, const struct stat *s)
 {
@@ -144,7 +126,7 @@ static int held_hint(FastOps *self, const struct state *st, const struct stat *s
  * turn), and kept until the serve or batch call returns (state_drop): no
  * other thread of a worker touches the table, and nothing C calls
  * meanwhile takes it; Python's _lock takes it in the same order, the
- * thread lock before the record lock. 0, or -1 (not taken: Python's) */
+ * thread lock before the table lock. 0, or -1 (not taken: Python's) */
 static int take_tlock(const struct lookup_table *t, struct state *st)
 {
     if (st->tlock == NULL) {
@@ -175,7 +157,7 @@ static int table_ready(FastOps *self, struct state *st)
 }
 
 /* InodeTable.ref(dev, ino) for an inode the table knows and this worker
- * holds an fd of (or the root), with the table's record lock held and
+ * holds an fd of (or the root), with the table's lock held and
  * DIRTY set (the table ready): 0 and *nodeid and *gen (+1 lookup unless
  * the root); 1 with the table as it was when the inode is not in it or
  * this worker holds no fd of it (cold_lookup's then); -1 with the table as
@@ -211,30 +193,30 @@ static int ref_held_locked(FastOps *self, struct state *st, uint64_t dev, uint64
     return g != 0 ? 1 : -1;
 }
 
-/* the table's record lock taken and DIRTY set, for a locked update: 0, or
+/* the table's lock taken and DIRTY set, for a locked update: 0, or
  * -1 (not taken, or DIRTY found set: a holder died mid-update and Python's
  * _lock repairs, DIRTY stays) */
 static int table_lock(FastOps *self, struct state *st)
 {
     const struct lookup_table *t = &self->lk;
-    if (record_lock(t->fd, F_WRLCK) != 0)
+    if (table_locking_take(&t->lock) != 0)
         return -1;
     if (word_at(&st->header, t->h_dirty) != 0) {
-        record_lock(t->fd, F_UNLCK);
+        table_locking_give(&t->lock);
         return -1;
     }
     set_word(&st->header, t->h_dirty, 1);
     return 0;
 }
 
-/* DIRTY cleared and the record lock let go (after table_lock) */
+/* DIRTY cleared and the table lock let go (after table_lock) */
 static void table_unlock(FastOps *self, struct state *st)
 {
     set_word(&st->header, self->lk.h_dirty, 0);
-    record_lock(self->lk.fd, F_UNLCK);
+    table_locking_give(&self->lk.lock);
 }
 
-/* ref_held_locked under its own round of the record lock (the table
+/* ref_held_locked under its own round of the table lock (the table
  * ready): its 0, 1 or -1 */
 static int find_ref(FastOps *self, struct state *st, uint64_t dev, uint64_t ino, uint64_t *nodeid, uint64_t *gen)
 {
@@ -484,7 +466,7 @@ static int open_entry(int parent, const char *name, struct stat *s, int *err)
 }
 
 /* adopt's steps for fd, new to this worker (of the stat s), under the
- * table's record lock: 0 with r's nodeid, generation and attr (the new
+ * table's lock: 0 with r's nodeid, generation and attr (the new
  * fd's stat, as Python's), or -1 with the table and the cache as they
  * were; fd is the cache's or closed */
 static int adopt_new_fd(FastOps *self, struct state *st, int fd, const struct stat *s, struct entry_reply *r,
@@ -590,7 +572,7 @@ static int found_entry(FastOps *self, struct state *st, int parent, const char *
             return -1;
         /* which path first: an inode this worker holds (or the root):
          * find_ref, no fd opened; else cold_lookup straight away, one
-         * record lock round instead of two */
+         * table lock round instead of two */
         got = held_hint(self, st, &s) ? 0 : 1;
         if (once == NULL)
             self->lk.last_cold = got == 1;
@@ -641,13 +623,13 @@ static Py_ssize_t fast_lookup(FastOps *self, struct state *st, const struct req 
     return iov_copy(q->w, q->nw, 0, &r, sizeof r, 1) < 0 ? NOT_HANDLED : (Py_ssize_t)sizeof r;
 }
 
-/* enable_lookup(hash, fd, tlock, capacity, layout, negative): see fastops_methods */
+/* enable_lookup(hash, lock, tlock, capacity, layout, negative): see fastops_methods */
 static PyObject *fastops_enable_lookup(FastOps *self, PyObject *args)
 {
-    PyObject *hash, *tlock;
-    int fd, negative;
+    PyObject *hash, *tlock, *lock;
+    int negative;
     Py_ssize_t capacity, w[14];
-    if (!PyArg_ParseTuple(args, "OiOn(nnnnnnnnnnnnnn)p", &hash, &fd, &tlock, &capacity, &w[0], &w[1], &w[2], &w[3],
+    if (!PyArg_ParseTuple(args, "OOOn(nnnnnnnnnnnnnn)p", &hash, &lock, &tlock, &capacity, &w[0], &w[1], &w[2], &w[3],
                           &w[4], &w[5], &w[6], &w[7], &w[8], &w[9], &w[10], &w[11], &w[12], &w[13], &negative))
         return NULL;
     Py_buffer b;
@@ -672,11 +654,12 @@ static PyObject *fastops_enable_lookup(FastOps *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "FastOps.enable_lookup: bad inode table layout");
         return NULL;
     }
+    if (table_locking_set(&self->lk.lock, lock) < 0)
+        return NULL;
     Py_INCREF(hash);
     Py_INCREF(tlock);
     Py_XSETREF(self->lk.hash, hash);
     Py_XSETREF(self->lk.tlock, tlock);
-    self->lk.fd = fd;
     self->lk.capacity = (uint64_t)capacity;
     self->lk.hmask = (uint64_t)entries - 1;
     self->lk.h_dirty = w[0];

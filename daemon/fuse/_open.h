@@ -34,7 +34,7 @@
  *      as open_regular's). OPENDIR: O_RDONLY|O_DIRECTORY|O_NONBLOCK. An
  *      error is the error reply.
  *   2. FileTable.alloc's writes under its locks (the thread lock taken
- *      without waiting, the record lock, DIRTY 0 else not here): the slot
+ *      without waiting, the table lock, DIRTY 0 else not here): the slot
  *      from the free list or the high mark, its words, the generation,
  *      DIRTY set first and cleared last as _release.h does. Where that
  *      cannot be done here (the thread lock busy, DIRTY, the table full, a
@@ -49,7 +49,7 @@
  * CREATE (_create.h) allocates its fh with steps 2 and 3 too
  * (add_fd_in_c) when enable_open was called, fastpath.add_created only
  * where they decline.
- * System calls: fstat, openat, fcntl (the record lock), sendmsg (Python's
+ * System calls: fstat, openat, fcntl and futex (the table lock, _tablelock.h), sendmsg (Python's
  * Peers.keep): all on policy/request.policy already.
  */
 
@@ -150,7 +150,7 @@ static uint64_t open_alloc(FastOps *self, const struct state *st, const struct o
     }
     Py_DECREF(got);
     uint64_t fh = 0;
-    if (record_lock(c->fd, F_WRLCK) == 0) {
+    if (table_locking_take(&c->lock) == 0) {
         const struct words *hw = &r->hdr, *fw = &st->files;
         uint64_t s = 0, free_s = word_at(hw, c->h_free), high = word_at(hw, o->h_high);
         if (word_at(hw, c->h_dirty) == 0) {
@@ -181,7 +181,7 @@ static uint64_t open_alloc(FastOps *self, const struct state *st, const struct o
             set_word(hw, c->h_dirty, 0);
             fh = gen << SLOT_BITS | s;
         }
-        record_lock(c->fd, F_UNLCK);
+        table_locking_give(&c->lock);
     }
     got = PyObject_CallMethodNoArgs(c->tlock, s_release);
     Py_XDECREF(got);

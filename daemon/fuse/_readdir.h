@@ -39,7 +39,7 @@
  *     lookup here, with adopt's inputs and the fd-cache bound read once per
  *     reply), taken for a run of entries at a time (stage_entry, run_flush:
  *     the system calls unlocked, then the counts under one round of the
- *     record lock; an entry that fails there takes found_entry's own way);
+ *     table lock; an entry that fails there takes found_entry's own way);
  *     ENOENT from fstatat: passed over (it vanished); anything C declines
  *     (another errno, a busy or DIRTY table, a full table, the fd-cache
  *     bound...): the thread lock let go, then Python's own step,
@@ -55,7 +55,7 @@
  * lists the same entries again and takes their counts again (the first
  * ones stay until DESTROY).
  * System calls: lseek, getdents64, newfstatat, openat, fstat, close, fcntl
- * (the record lock), name_to_handle_at: all on policy/request.policy for
+ * (the table lock), name_to_handle_at: all on policy/request.policy for
  * Python's same calls. *
  * Plain READDIR (docs/compiled.md, "READDIR in C"), when
  * FastOps.enable_readdir was called (fastpath.make: the READDIR row is
@@ -414,7 +414,7 @@ static int name_ok(const struct dentry *e)
 
 /* READDIRPLUS's lookups a run at a time (docs/compiled.md, "One record
  * lock per run"): each entry's system calls first, without the table's
- * record lock (fstatat; for an inode this worker does not hold, openat +
+ * lock (fstatat; for an inode this worker does not hold, openat +
  * fstat as cold_lookup's), then the counts of the whole run under one
  * round of the lock, in the entries' order (ref_held_locked or
  * adopt_locked, as found_entry would one by one). Holding the lock across
@@ -486,7 +486,7 @@ static int stage_entry(FastOps *self, struct state *st, int parent, const struct
     return 1;
 }
 
-/* the run's counts under one round of the record lock, each entry's
+/* the run's counts under one round of the table lock, each entry's
  * fuse_entry_out written into its record: the number of entries done, in
  * order (fewer than run->n when one failed or the lock was not had); every
  * fd not kept is closed, after the lock. The run is empty after */

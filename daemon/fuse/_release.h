@@ -19,8 +19,8 @@
  *   - handles.peers is None or its copied is a bool;
  *   - handles._open_per_node has the fh's nodeid with an int count >= 1;
  *   - the FileTable's thread lock is free (taken without waiting), its
- *     record lock taken (as LockedTable._lock: fcntl F_SETLK, then
- *     F_SETLKW with the GIL released), its header's DIRTY word 0 (a holder
+ *     table lock taken (as LockedTable._lock, _tablelock.h: waited for
+ *     with the GIL released), its header's DIRTY word 0 (a holder
  *     died mid-update: Python's _lock repairs), no lock description on the
  *     fh's inode (its _H_LOCKS word 0, or lock_on's scan of the slots finds
  *     none: HandleTable.close's lock step then does nothing, whether or
@@ -42,7 +42,7 @@
  * batch loop the chain is taken before the slot is freed (as UNLINK's
  * before unlinkat): a worker dying after the free leaves the request to
  * its successor's EIO, never to a second RELEASE answering EBADF.
- * System calls: fcntl (the record lock), flock and close, all on
+ * System calls: fcntl and futex (the table lock, _tablelock.h), flock and close, all on
  * request.policy already (flock for Python's RELEASE).
  *
  * RELEASEDIR (docs/compiled.md, "RELEASEDIR in C"), when
@@ -178,7 +178,7 @@ static Py_ssize_t fast_release(FastOps *self, const struct state *st, const stru
         release_drop(&r);
         return NOT_HANDLED;
     }
-    /* LockedTable._lock: the thread lock (never waited for here), then the record lock */
+    /* LockedTable._lock: the thread lock (never waited for here), then the table lock */
     PyObject *got = PyObject_CallMethodOneArg(c->tlock, s_acquire, Py_False);
     if (got != Py_True) {
         Py_XDECREF(got);
@@ -188,7 +188,7 @@ static Py_ssize_t fast_release(FastOps *self, const struct state *st, const stru
     Py_DECREF(got);
     int served = 0;
     uint64_t released = 0;      /* the released count before this free */
-    if (record_lock(c->fd, F_WRLCK) == 0) {
+    if (table_locking_take(&c->lock) == 0) {
         const struct words *hw = &r.hdr, *fw = &st->files;
         /* a lock description on the inode: HandleTable.close's lock step
          * may have work (the last handle on it), Python's */
@@ -211,7 +211,7 @@ static Py_ssize_t fast_release(FastOps *self, const struct state *st, const stru
             set_word(hw, c->h_dirty, 0);
             served = 1;
         }
-        record_lock(c->fd, F_UNLCK);
+        table_locking_give(&c->lock);
     }
     got = PyObject_CallMethodNoArgs(c->tlock, s_release);
     Py_XDECREF(got);
@@ -269,11 +269,11 @@ static PyObject *fastops_enable_release(FastOps *self, PyObject *args)
                           &c.h_locks, &c.h_high, &c.f_gen, &c.f_kind, &c.f_owner, &c.f_next, &c.f_kept, &c.f_node,
                           &c.f_lock_owner, &c.words, &kind_lock, &words))
         return NULL;
-    Py_ssize_t fd = -1, capacity = 0;
+    Py_ssize_t capacity = 0;
     int ok = (tlock = PyObject_GetAttrString(files, "_tlock")) != NULL
              && (hdr = PyObject_GetAttrString(files, "_hdr")) != NULL && PyMemoryView_Check(hdr)
-             && (fdobj = PyObject_GetAttrString(files, "_fd")) != NULL && PyLong_CheckExact(fdobj)
-             && (fd = PyLong_AsSsize_t(fdobj)) >= -1 && fd <= INT32_MAX
+             && (fdobj = PyObject_CallMethod(files, "lock_handle", NULL)) != NULL
+             && table_locking_set(&c.lock, fdobj) == 0
              && (cap = PyObject_GetAttrString(files, "capacity")) != NULL && PyLong_CheckExact(cap)
              && (capacity = PyLong_AsSsize_t(cap)) >= 1;
     Py_XDECREF(fdobj);
@@ -288,6 +288,7 @@ static PyObject *fastops_enable_release(FastOps *self, PyObject *args)
     if (!ok || kind_lock < 0) {
         Py_XDECREF(tlock);
         Py_XDECREF(hdr);
+        Py_CLEAR(c.lock.shared);
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_ValueError, "FastOps.enable_release: not a FileTable, or a bad layout");
         return NULL;
@@ -296,9 +297,9 @@ static PyObject *fastops_enable_release(FastOps *self, PyObject *args)
     if (meter_op_words(self, words, "enable_release", &w) < 0) {
         Py_DECREF(tlock);
         Py_DECREF(hdr);
+        Py_CLEAR(c.lock.shared);
         return NULL;
     }
-    c.fd = (int)fd;
     c.capacity = (uint64_t)capacity;
     c.kind_lock = (uint64_t)kind_lock;
     Py_INCREF(files);
@@ -308,6 +309,7 @@ static PyObject *fastops_enable_release(FastOps *self, PyObject *args)
     Py_XDECREF(self->rl.files);
     Py_XDECREF(self->rl.tlock);
     Py_XDECREF(self->rl.hdr);
+    Py_XDECREF(self->rl.lock.shared);
     self->rl = c;
     self->m.release = w;
     Py_RETURN_NONE;

@@ -237,9 +237,9 @@ def forget_unsupported(session) -> str:
 
 
 def _lookup_layout(table) -> tuple:
-    """enable_lookup's table arguments: index, memfd, thread lock, capacity
+    """enable_lookup's table arguments: index, lock handle, thread lock, capacity
     and the word indices (header's and slot's) _lookup.h uses."""
-    return (table._hash, table._fd, table._tlock, table.capacity,
+    return (table._hash, table.lock_handle(), table._tlock, table.capacity,
             (inodes._H_DIRTY, inodes._S_GEN, inodes._S_REF, inodes._S_DEV, inodes._S_INO,
              inodes._H_FREE, inodes._H_HIGH, inodes._H_GEN, inodes._H_LIVE, inodes._S_NEXT,
              inodes._S_HLEN, inodes._S_OWNER, inodes._S_HANDLE, inodes.HANDLE_MAX))

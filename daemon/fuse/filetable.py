@@ -24,32 +24,37 @@ The host fds themselves stay in the processes: the opener owns its fd,
 another worker copies it once with ``pidfd_getfd`` and keeps the copy
 (handles.py), and the keeper process holds one more copy of each, so that
 the open file outlives the death of every request worker that had it.
-Mutations (alloc, free, reset) hold a POSIX record lock on the memfd, as
-the inode table does (dropped by the kernel when a holder dies; the next
-locker then rebuilds the free list: ``DIRTY``); lookups read aligned words
-without locking and check the generation after.
+Mutations (alloc, free, reset) hold the table's lock, as the inode table
+does (``LockedTable`` below: the extension's ``TableLock``, or a POSIX
+record lock on the memfd; either way a holder's death frees it, and the
+next locker then rebuilds the free list: ``DIRTY``); lookups read aligned
+words without locking and check the generation after.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import importlib.util
 import mmap
 import os
 import threading
+from typing import Any
 
 from daemon.fuse.request import FUSEError
 from daemon.log import get_logger
 
 log = get_logger("fuse.filetable")
 
+PURE_ENV = "PYVIRTIOFSD_PURE"    # as daemon/virtio/compiled.py (not imported: the supervisor uses this module)
+
 SLOT_BITS = 24
 SLOT_MASK = (1 << SLOT_BITS) - 1
 GEN_MASK = (1 << 40) - 1
 MAX_CAPACITY = SLOT_MASK - 1
 
-_H_GEN, _H_HIGH, _H_FREE, _H_LIVE, _H_DIRTY, _H_RELEASED, _H_LOCKS = range(7)
-_HDR_WORDS = 8
+_H_GEN, _H_HIGH, _H_FREE, _H_LIVE, _H_DIRTY, _H_RELEASED, _H_LOCKS, _H_LOCK, _H_LOCK_IDS = range(9)
+_HDR_WORDS = 10
 # slot words; a lock description also has the guest's lock owner, and the
 # guest pid of its last granted lock (GETLK) in the high half of _F_FLAGS
 # (a lock description has no open flags); _F_KEPT: the keeper's owner word
@@ -89,29 +94,84 @@ def take_slot(hdr, free: int, high: int, slots, words: int, next_word: int, capa
     return s
 
 
+def shared_lock_kind() -> str:
+    """How every process of this daemon locks its shared tables, decided
+    once where a table is made (the supervisor, before the workers fork):
+    ``"futex"`` (the extension's TableLock, no system call when free:
+    _tablelock.h) when the extension is built and PYVIRTIOFSD_PURE is not
+    set, else ``"record"`` (a POSIX record lock, ``fcntl.lockf``). Found
+    without importing the extension: the supervisor never loads compiled
+    code; the workers do, and take it only there."""
+    if os.environ.get(PURE_ENV, "") not in ("", "0"):
+        return "record"
+    return "futex" if importlib.util.find_spec("daemon.fuse._fastops") is not None else "record"
+
+
 class LockedTable:
     """Mutual exclusion for a table in shared memory (``self._fd`` its
     memfd, ``self._hdr`` its header words, ``self._tlock`` a thread lock):
-    a POSIX record lock on byte 0 of the memfd between processes (the
-    kernel drops it when the holder dies) and the thread lock between
-    threads of one process (POSIX locks are per process). Header word
-    ``_DIRTY`` is set while the lock is held; a locker that finds it set
-    calls ``_repair()`` (a holder died mid-update). Without a memfd
-    (``_fd`` < 0: private memory) only the thread lock is taken."""
+    between processes, the extension's ``TableLock`` on header words
+    ``_LOCK`` and ``_IDS`` (``"futex"``: a compare-and-swap when free, a
+    futex sleep when not; a dead holder is found by the record lock it
+    keeps on its own byte of the memfd, and taken over), or a POSIX record
+    lock on byte 0 of the memfd (``"record"``: the kernel drops it when the
+    holder dies); between threads of one process the thread lock (both
+    are per process). ``shared_lock_kind()`` picks one for the table's
+    life. Header word ``_DIRTY`` is set while the lock is held; a locker
+    that finds it set calls ``_repair()`` (a holder died mid-update).
+    Without a memfd (``_fd`` < 0: private memory) only the thread lock is
+    taken."""
 
     _DIRTY = 0
+    _LOCK = 0           # header words of the TableLock: the lock word
+    _IDS = 0            # and its id counter (set by the subclass)
     _fd = -1
     _tlock: threading.Lock      # set by the subclass
     _hdr: memoryview
+    _lock_kind = "record"
+    _table_lock: Any = None     # this process's TableLock (C, no stubs), made on first use
+
+    def _init_lock(self, kind: str | None = None) -> None:
+        """Choose the lock (``kind`` None: ``shared_lock_kind()``) and make
+        the thread lock; after ``_fd`` and ``_hdr`` are set."""
+        self._tlock = threading.Lock()
+        self._lock_kind = "none" if self._fd < 0 else kind or shared_lock_kind()
+        self._table_lock = None
+
+    def lock_handle(self):
+        """What the extension's FastOps locks the table with: its
+        ``TableLock`` (``"futex"``), or the memfd of its record lock."""
+        if self._lock_kind == "futex":
+            return self._table_lock or self._make_table_lock()
+        return self._fd
+
+    def prepare_lock(self) -> None:
+        """In a worker, before its new root: load what ``_lock`` needs (the
+        extension, for ``"futex"``). RuntimeError if it cannot be loaded
+        (the supervisor found it built: a broken install)."""
+        if self._lock_kind == "futex" and self._table_lock is None:
+            self._make_table_lock()
+
+    def _make_table_lock(self):
+        try:
+            from daemon.fuse import _fastops  # type: ignore[attr-defined]  # C; only workers lock this way
+        except ImportError as e:
+            raise RuntimeError(f"the shared tables lock with the extension's TableLock, which does not load: {e} "
+                               f"(PYVIRTIOFSD_PURE=1 runs without it)") from None
+        self._table_lock = _fastops.TableLock(self._hdr, self._LOCK, self._IDS, self._fd)
+        return self._table_lock
 
     def _lock(self) -> None:
         self._tlock.acquire()
-        if self._fd >= 0:
-            try:
+        try:
+            kind = self._lock_kind
+            if kind == "futex":
+                (self._table_lock or self._make_table_lock()).acquire()
+            elif kind == "record":
                 fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, 0)
-            except BaseException:
-                self._tlock.release()
-                raise
+        except BaseException:
+            self._tlock.release()
+            raise
         hdr = self._hdr
         if hdr[self._DIRTY]:
             self._repair()
@@ -120,10 +180,19 @@ class LockedTable:
     def _unlock(self) -> None:
         self._hdr[self._DIRTY] = 0
         try:
-            if self._fd >= 0:
+            kind = self._lock_kind
+            if kind == "futex":
+                self._table_lock.release()
+            elif kind == "record":
                 fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0)
         finally:
             self._tlock.release()
+
+    def _close_lock(self) -> None:
+        """Let go of the header (before the views are released: close)."""
+        if self._table_lock is not None:
+            self._table_lock.close()
+            self._table_lock = None
 
     def _repair(self) -> None:
         raise NotImplementedError
@@ -132,9 +201,10 @@ class LockedTable:
 class FileTable(LockedTable):
     """fh → (nodeid, kind, flags, owner word), shared; see the module doc."""
 
-    def __init__(self, capacity: int, shared: bool = True):
+    def __init__(self, capacity: int, shared: bool = True, lock: str | None = None):
         """``shared`` False: private memory and no locking, for a worker
-        alone (a session made without a shared table: tests)."""
+        alone (a session made without a shared table: tests). ``lock``:
+        ``"futex"`` or ``"record"`` (LockedTable), None: the daemon's."""
         if not 1 <= capacity <= MAX_CAPACITY:
             raise ValueError(f"open-file table capacity must be 1..{MAX_CAPACITY}")
         self.capacity = capacity
@@ -147,10 +217,10 @@ class FileTable(LockedTable):
         self._hdr = mv[:_HDR_WORDS * 8].cast("Q")
         self.slots = mv[_HDR_WORDS * 8:].cast("Q")   # slot n, word w: [n * 8 + w]
         self._hdr[_H_HIGH] = 1
-        self._tlock = threading.Lock()
+        self._init_lock(lock)
 
     # -- locking (LockedTable: _lock/_unlock) ------------------------------------
-    _DIRTY = _H_DIRTY
+    _DIRTY, _LOCK, _IDS = _H_DIRTY, _H_LOCK, _H_LOCK_IDS
 
     def _repair(self) -> None:
         log.warning("open-file table: a process died while updating it; rebuilding the free list")
@@ -384,6 +454,7 @@ class FileTable(LockedTable):
         return self._hdr[_H_LIVE]
 
     def close(self) -> None:
+        self._close_lock()
         self._hdr.release()
         self.slots.release()
         self._mm.close()

@@ -38,16 +38,21 @@ stays behind when the daemon is killed. A memfd has no name, needs no
 tracker and vanishes with its last mapping. Pages are touched lazily, so a
 table sized for a million inodes costs only what is used.
 
-Locking: every mutation holds a classic POSIX record lock (``fcntl.lockf``)
-on byte 0 of the memfd. Those locks belong to the *process*: forked children
-do not inherit them (parent and children exclude each other), and the
-kernel drops them when the holder dies, so a worker killed while holding
-the lock cannot deadlock the others. (OFD locks would be wrong here: the
-open file description is shared across fork, so all processes would be
-one owner.) A process-local ``threading.Lock`` adds mutual exclusion
-between threads of one process, which POSIX locks do not give. Never open
-or close another fd on the memfd in a process: closing *any* fd of the file
-releases the process's POSIX locks.
+Locking (filetable.LockedTable): every mutation holds the table's lock,
+one of two kinds fixed for the table's life. With the extension built (and
+no PYVIRTIOFSD_PURE), its ``TableLock`` (_tablelock.h): a compare-and-swap
+of a header word when free, a futex sleep when not, no system call
+uncontended; each process keeps a POSIX record lock on a byte of its own
+(``LIVE_BASE + id``) for life, so a waiter finds a dead holder and takes
+its lock over. Otherwise a classic POSIX record lock (``fcntl.lockf``) on
+byte 0 of the memfd. Either way the lock is per *process* (forked children
+do not inherit record locks; a child takes its own id) and a worker
+killed while holding it cannot deadlock the others. (OFD locks would be
+wrong here: the open file description is shared across fork, so all
+processes would be one owner.) A process-local ``threading.Lock`` adds
+mutual exclusion between threads of one process. Never open or close
+another fd on the memfd in a process: closing *any* fd of the file
+releases the process's POSIX locks (the liveness byte included).
 
 A holder that dies mid-update may leave the index half shifted or the free
 list short: the ``DIRTY`` word is set while the lock is held, and the next
@@ -64,7 +69,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import threading
 
 from daemon.fuse.filetable import MAX_CAPACITY as MAX_FILES
 from daemon.fuse.filetable import FileTable, LockedTable, shared_mapping, take_slot
@@ -78,7 +82,7 @@ HANDLE_MAX = 64  # bytes of ``struct file_handle`` (header included) kept per sl
 
 # header words (u64)
 _H_MAGIC, _H_CAPACITY, _H_GEN, _H_HIGH, _H_FREE, _H_LIVE, _H_RING_W, _H_DIRTY, \
-    _H_EPOCH, _H_ROOT, _H_SESSION = range(11)
+    _H_EPOCH, _H_ROOT, _H_SESSION, _H_LOCK, _H_LOCK_IDS = range(13)
 _HDR_WORDS = 16
 # slot words (u64): generation, refcount, dev, ino, next free, handle length,
 # owner word (fuse/peers.py: which request worker holds the inode's O_PATH fd,
@@ -106,10 +110,12 @@ class InodeTable(LockedTable):
     Create it in the parent before forking; use it from any process.
     """
 
-    def __init__(self, capacity: int, open_files: int = 0):
+    def __init__(self, capacity: int, open_files: int = 0, lock: str | None = None):
         """``open_files``: also make the shared open-file table
         (``self.files``, filetable.py) with that many fhs; INIT and DESTROY
-        reset it with the nodeids. 0: none (each session makes its own)."""
+        reset it with the nodeids. 0: none (each session makes its own).
+        ``lock``: how both tables lock, ``"futex"`` or ``"record"``
+        (filetable.LockedTable); None: ``shared_lock_kind()``."""
         if capacity < 2:
             raise ValueError("an inode table needs room for the root and one inode")
         if capacity >= 1 << 31:
@@ -124,7 +130,7 @@ class InodeTable(LockedTable):
         ring_off = hash_off + hsize * 4
         size = ring_off + RING * 4
         self._fd, self._mm = shared_mapping("pyvirtiofsd-inodes", size)
-        self.files = FileTable(min(open_files, MAX_FILES)) if open_files else None
+        self.files = FileTable(min(open_files, MAX_FILES), lock=lock) if open_files else None
         mv = memoryview(self._mm)
         self._hdr = mv[:slots_off].cast("Q")
         # slot n's word w is self._q[n * _SLOT_WORDS + w]
@@ -134,14 +140,19 @@ class InodeTable(LockedTable):
         self._slot_bytes = mv[slots_off:hash_off]
         self._hash_bytes = mv[hash_off:ring_off]
         self._slots_off, self._hash_off = slots_off, hash_off
-        self._tlock = threading.Lock()
+        self._init_lock(lock)
         hdr = self._hdr
         hdr[_H_MAGIC] = MAGIC
         hdr[_H_CAPACITY] = capacity
         hdr[_H_HIGH] = 2
 
     # -- locking (LockedTable: _lock/_unlock) ----------------------------------
-    _DIRTY = _H_DIRTY
+    _DIRTY, _LOCK, _IDS = _H_DIRTY, _H_LOCK, _H_LOCK_IDS
+
+    def prepare_lock(self) -> None:
+        super().prepare_lock()
+        if self.files is not None:
+            self.files.prepare_lock()
 
     def _repair(self) -> None:
         """Rebuild the index, the free list and the live count from the
@@ -479,6 +490,7 @@ class InodeTable(LockedTable):
 
     def close(self) -> None:
         """Unmap and close (tests; workers just exit)."""
+        self._close_lock()
         for view in (self._hdr, self._q, self._hash, self._ring, self._slot_bytes,
                      self._hash_bytes):
             view.release()

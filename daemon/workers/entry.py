@@ -72,6 +72,7 @@ def _run(role: str, index: int, channel: Channel, config, inodes, progress=None,
         # with several request queues the worker stays dumpable (fuse/peers.py):
         # never let that write guest data into a core file
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    inodes.prepare_lock()   # the extension's TableLock, loaded before the new root
     sandbox_info = _confine(role, config)
     session = module.open_session(config, inodes, sandbox_info)
     if metrics is not None:

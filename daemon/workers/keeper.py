@@ -19,8 +19,8 @@ once, and a daemon with one request queue never needs ``pidfd_getfd``.
 Why a process of its own (docs/multiqueue.md, "Worker restarts"): it never
 sees a guest byte, so confining it tightly costs nothing: an empty root, no
 capabilities at all, a seccomp list of a few calls (policy/keeper.policy:
-no open, no read, write to stderr only, fcntl for the table's record lock
-only). What it reads is the fd socket (KEEP: an 8-byte slot id and one fd;
+no open, no read, write to stderr only, fcntl for the table's lock
+only: F_SETLK/F_SETLKW of a record lock, filetable.LockedTable). What it reads is the fd socket (KEEP: an 8-byte slot id and one fd;
 ASK: a 16-byte slot id and sequence number and one fd, the socket it
 answers on without waiting; anything else is closed unread, from request
 workers only) and the open-file table; a request worker could already
@@ -132,6 +132,7 @@ def keeper_main(channel: Channel, sock: socket.socket, serial: int, config, file
     try:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))   # never a core file of the guest's files
         sock.setblocking(False)
+        files.prepare_lock()        # the extension's TableLock, loaded before the new root
         confine(NAME, config)
         channel.send(Msg.READY)
         log.debug("keeping the guest's open files (serial %d)", serial)

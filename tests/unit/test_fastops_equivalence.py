@@ -1065,9 +1065,9 @@ def test_a_busy_or_dirty_table_is_left_to_python(lookup_share, case):
 
 
 def test_c_waits_for_another_process_holding_the_table_lock(lookup_share):
-    """The POSIX record lock is the one InodeTable's mutations take: while
+    """The lock InodeTable's mutations take in Python (the TableLock, or the
+    POSIX record lock under PYVIRTIOFSD_PURE) is the one C takes: while
     another process holds it, C's LOOKUP waits (GIL released), then serves."""
-    import fcntl
     import time
     pair, fast = _lookup_pair(lookup_share)
     table = pair[1].inodes
@@ -1077,9 +1077,10 @@ def test_c_waits_for_another_process_holding_the_table_lock(lookup_share):
         pid = os.fork()
         if pid == 0:    # pragma: no cover - the child
             try:
-                fcntl.lockf(table._fd, fcntl.LOCK_EX, 1, 0)
+                table._lock()
                 os.write(w, b"x")
                 time.sleep(0.3)
+                table._unlock()
             finally:
                 os._exit(0)
         os.read(r, 1)

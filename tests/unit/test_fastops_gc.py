@@ -49,7 +49,8 @@ def test_traverse_reports_every_reference(share):
     and the credentials' state, with MKDIR in C its Python helper and the
     credentials' state again, with READDIRPLUS in C its Python step and
     the DirStream type, with RELEASE in C the FileTable, its thread lock
-    and header view, with OPEN in C its Python helper and the OpenHandle
+    and header view (and both tables' TableLocks when they lock with
+    them), with OPEN in C its Python helper and the OpenHandle
     type, with READLINK and STATFS in C their Python tails: what
     gc.get_referents (tp_traverse)
     lists (not the meter's words memoryview, whose buffer FastOps holds:
@@ -73,11 +74,15 @@ def test_traverse_reports_every_reference(share):
                           ("add_handle", fastpath.add_handle), ("OpenHandle", handles.OpenHandle),
                           ("reply_too_big", fastpath.reply_too_big), ("statfs_rest", fastpath.statfs_rest)):
             assert any(r is obj for r in held), f"tp_traverse does not visit the {name}"
-        assert len(held) == 20
+        # and each table's TableLock when the tables lock with it
+        locks = [t._table_lock for t in (table, files) if t._lock_kind == "futex"]
+        for lock in locks:
+            assert any(r is lock for r in held), "tp_traverse does not visit a TableLock"
+        assert len(held) == 20 + len(locks)
         assert sum(r is credentials._state for r in held) == 2     # CREATE's and MKDIR's
-        # without a meter: the nineteen others only
+        # without a meter: the others only
         session.meter = None
-        assert len(gc.get_referents(fastpath.make(session))) == 19
+        assert len(gc.get_referents(fastpath.make(session))) == 19 + len(locks)
     finally:
         session.meter = None
         session.close()

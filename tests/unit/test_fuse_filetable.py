@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import importlib.util
 import os
 import socket
 
@@ -16,9 +17,14 @@ from daemon.fuse.peers import Peers, owner_word
 from daemon.fuse.request import FUSEError
 
 
-@pytest.fixture
-def table():
-    t = FileTable(4)
+# both ways the table may lock (filetable.LockedTable): the extension's
+# TableLock when it is built, the POSIX record lock always
+LOCK_KINDS = ["record"] + (["futex"] if importlib.util.find_spec("daemon.fuse._fastops") else [])
+
+
+@pytest.fixture(params=LOCK_KINDS)
+def table(request):
+    t = FileTable(4, lock=request.param)
     yield t
     t.close()
 
@@ -143,11 +149,30 @@ def test_lock_pid_beside_the_flags(table):
     assert table.open_on(5) is None          # a lock description is not an open file
 
 
-def test_keep_many_records_live_slots_only_under_one_lock(monkeypatch):
+class _CountingLock:
+    """A TableLock's stand-in that counts what the table asks of it."""
+
+    def __init__(self, real, calls):
+        self.real, self.calls = real, calls
+
+    def acquire(self):
+        self.calls.append(fcntl.LOCK_EX)
+        return self.real.acquire()
+
+    def release(self):
+        self.calls.append(fcntl.LOCK_UN)
+        self.real.release()
+
+    def close(self):
+        self.real.close()
+
+
+@pytest.mark.parametrize("kind", LOCK_KINDS)
+def test_keep_many_records_live_slots_only_under_one_lock(monkeypatch, kind):
     """The keeper records a whole drain's KEEPs at once (workers/keeper.py):
     live slots get their word, dead, reused, bogus and zero ids nothing,
-    and the record lock is taken once for all of them."""
-    table = FileTable(4)               # shared: a memfd and its record lock
+    and the table's lock is taken once for all of them."""
+    table = FileTable(4, lock=kind)    # shared: a memfd and its lock
     try:
         live = table.alloc(7, 1, os.O_RDONLY, 0)
         dead = table.alloc(8, 1, os.O_RDONLY, 0)
@@ -155,8 +180,11 @@ def test_keep_many_records_live_slots_only_under_one_lock(monkeypatch):
         reused = table.alloc(9, 1, os.O_RDONLY, 0)       # dead's slot, a new generation
         assert reused & 0xFFFFFF == dead & 0xFFFFFF
         calls = []
-        real = fcntl.lockf
-        monkeypatch.setattr(fcntl, "lockf", lambda *a: (calls.append(a[1]), real(*a))[1])
+        if kind == "futex":
+            table._table_lock = _CountingLock(table._table_lock, calls)
+        else:
+            real = fcntl.lockf
+            monkeypatch.setattr(fcntl, "lockf", lambda *a: (calls.append(a[1]), real(*a))[1])
         got = table.keep_many([(live, owner_word(9, 40)), (dead, owner_word(9, 41)), (0, 1),
                                (1 << 30, 2), (5 << 24 | 9, 3), (reused, owner_word(9, 42))])
         assert got == [True, False, False, False, False, True]

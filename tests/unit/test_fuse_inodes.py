@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import importlib.util
 import os
 import random
 import signal
@@ -19,9 +20,14 @@ from daemon.fuse.request import FUSEError
 ROOT = (0xFD00, 2)
 
 
-@pytest.fixture
-def table():
-    t = InodeTable(64)
+# both ways the table may lock (filetable.LockedTable): the extension's
+# TableLock when it is built, the POSIX record lock always
+LOCK_KINDS = ["record"] + (["futex"] if importlib.util.find_spec("daemon.fuse._fastops") else [])
+
+
+@pytest.fixture(params=LOCK_KINDS)
+def table(request):
+    t = InodeTable(64, lock=request.param)
     t.reset(*ROOT)
     yield t
     t.close()
