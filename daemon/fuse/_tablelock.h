@@ -11,7 +11,7 @@
  * holder's id, with WAITERS set once someone sleeps on it:
  *   - take: compare-and-swap 0 -> id (acquire); on failure spin a little,
  *     then set WAITERS and FUTEX_WAIT (shared, not private: the word is in
- *     a MAP_SHARED memfd several processes map) for at most WAIT_NS;
+ *     a MAP_SHARED memfd several processes map) for at most LOCK_WAIT_MS;
  *     after a sleep the lock is taken with WAITERS set (others may sleep);
  *   - give: exchange with 0 (release); FUTEX_WAKE one if WAITERS was set.
  * A process's id comes from the table's id counter (another header word,
@@ -44,7 +44,7 @@
 #define LOCK_WAITERS 0x80000000u
 #define LOCK_ID_MASK 0x7fffffffu
 #define LOCK_SPINS 64
-#define LOCK_WAIT_NS 20000000L          /* 20 ms: then the holder's byte is looked at */
+#define LOCK_WAIT_MS 20                 /* then the holder's byte is looked at (TableLock's wait_ms) */
 #define LOCK_LIVE_BASE ((off_t)1 << 40) /* record lock bytes of the holders' ids, past any table */
 
 /* bumped in every child of a fork: a TableLock taken before the fork has
@@ -79,6 +79,7 @@ typedef struct {
     unsigned int epoch;     /* fork_epoch when id was taken */
     size_t own;             /* its entry in own_ids + 1 (0: none; with the GIL) */
     unsigned long long takeovers;   /* locks taken from a dead holder (tests) */
+    long wait_ns;           /* a sleep's limit before the holder's byte is looked at */
 } TableLock;
 
 static PyTypeObject TableLockType;
@@ -190,7 +191,7 @@ static int tablelock_wait(TableLock *l)
                 continue;
             v = flagged;
         }
-        struct timespec ts = {0, LOCK_WAIT_NS};
+        struct timespec ts = {l->wait_ns / 1000000000L, l->wait_ns % 1000000000L};
         if (futex_call(w, FUTEX_WAIT, v, &ts) == 0 || errno == EAGAIN || errno == EINTR)
             continue;
         if (errno != ETIMEDOUT)
@@ -300,14 +301,19 @@ static void table_locking_give(const struct table_locking *t)
 
 /* ---- the Python type ------------------------------------------------------ */
 
-/* TableLock(header, lock_word, id_word, fd) */
+/* TableLock(header, lock_word, id_word, fd, wait_ms=LOCK_WAIT_MS) */
 static int tablelock_init(TableLock *self, PyObject *args, PyObject *kwds)
 {
+    static char *names[] = {"header", "lock_word", "id_word", "fd", "wait_ms", NULL};
     PyObject *header;
     Py_ssize_t lock_word, id_word;
-    int fd;
-    if (!PyArg_ParseTuple(args, "Onni", &header, &lock_word, &id_word, &fd))
+    int fd, wait_ms = LOCK_WAIT_MS;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onni|i", names, &header, &lock_word, &id_word, &fd, &wait_ms))
         return -1;
+    if (wait_ms < 1 || wait_ms > 3600000) {
+        PyErr_SetString(PyExc_ValueError, "TableLock: wait_ms must be 1..3600000");
+        return -1;
+    }
     if (self->word != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "TableLock already made");
         return -1;
@@ -327,6 +333,7 @@ static int tablelock_init(TableLock *self, PyObject *args, PyObject *kwds)
     self->word = (uint32_t *)((uint64_t *)self->header.buf + lock_word) + low;
     self->ids = (uint32_t *)((uint64_t *)self->header.buf + id_word) + low;
     self->fd = fd;
+    self->wait_ns = wait_ms * 1000000L;
     self->dev = st.st_dev;
     self->ino = st.st_ino;
     return 0;
@@ -405,8 +412,8 @@ static PyTypeObject TableLockType = {
     .tp_name = "daemon.fuse._fastops.TableLock",
     .tp_basicsize = sizeof(TableLock),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "TableLock(header, lock_word, id_word, fd): a shared table's lock, no system call when free "
-              "(_tablelock.h)",
+    .tp_doc = "TableLock(header, lock_word, id_word, fd, wait_ms=20): a shared table's lock, no system call "
+              "when free; a waiter looks at the holder's liveness byte after each wait_ms asleep (_tablelock.h)",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)tablelock_init,
     .tp_dealloc = (destructor)tablelock_dealloc,

@@ -20,7 +20,8 @@ Why a process of its own (docs/multiqueue.md, "Worker restarts"): it never
 sees a guest byte, so confining it tightly costs nothing: an empty root, no
 capabilities at all, a seccomp list of a few calls (policy/keeper.policy:
 no open, no read, write to stderr only, fcntl for the table's lock
-only: F_SETLK/F_SETLKW of a record lock, filetable.LockedTable). What it reads is the fd socket (KEEP: an 8-byte slot id and one fd;
+only: F_SETLK/F_SETLKW of a record lock, filetable.LockedTable). What it
+reads is the fd socket (KEEP: an 8-byte slot id and one fd;
 ASK: a 16-byte slot id and sequence number and one fd, the socket it
 answers on without waiting; anything else is closed unread, from request
 workers only) and the open-file table; a request worker could already

@@ -31,8 +31,8 @@ class Area:
         self.words = memoryview(self.mm).cast("Q")
         self.locks = []
 
-    def lock(self):
-        lock = _fastops.TableLock(self.words[:8], 0, 1, self.fd)
+    def lock(self, **kw):
+        lock = _fastops.TableLock(self.words[:8], 0, 1, self.fd, **kw)
         self.locks.append(lock)
         return lock
 
@@ -120,10 +120,10 @@ def test_a_forked_child_takes_its_own_id(area):
         lock.release()
 
     pid = _fork(child)
+    os.close(w)                     # a child that fails early: EOF, not a hang
     assert os.read(r, 2) == bytes([2, 2])
     assert _status(pid) == 0 and lock.id == 1 and area.words[1] == 2
     os.close(r)
-    os.close(w)
 
 
 def test_processes_exclude_each_other(area):
@@ -160,6 +160,7 @@ def test_a_waiter_sleeps_until_a_live_holder_lets_go(area):
         lock.release()
 
     pid = _fork(hold)
+    os.close(w)                     # a child that fails early: EOF, not a hang
     assert os.read(r, 1) == b"x"
     lock = area.lock()
     start = time.monotonic()
@@ -172,7 +173,31 @@ def test_a_waiter_sleeps_until_a_live_holder_lets_go(area):
     lock.release()
     assert _status(pid) == 0
     os.close(r)
-    os.close(w)
+
+
+def test_giving_the_lock_back_wakes_a_sleeper(area):
+    """A sleeping waiter is woken by the release (FUTEX_WAKE, WAITERS set),
+    not by its sleep's limit: with that limit at 30 s it still gets the
+    lock right after a 0.2 s hold."""
+    r, w = os.pipe()
+
+    def hold():
+        lock = area.lock()
+        lock.acquire()
+        os.write(w, b"x")
+        time.sleep(0.2)
+        lock.release()
+
+    pid = _fork(hold)
+    os.close(w)                     # a child that fails early: EOF, not a hang
+    assert os.read(r, 1) == b"x"
+    lock = area.lock(wait_ms=30000)
+    start = time.monotonic()
+    assert lock.acquire() is False
+    assert time.monotonic() - start < 10
+    lock.release()
+    assert _status(pid) == 0
+    os.close(r)
 
 
 def test_a_dead_holders_lock_is_taken_over_once(area):
@@ -188,6 +213,7 @@ def test_a_dead_holders_lock_is_taken_over_once(area):
         os.kill(os.getpid(), signal.SIGKILL)
 
     pid = _fork(hold_and_die)
+    os.close(w)                     # a child that fails early: EOF, not a hang
     dead = os.read(r, 1)[0]
     assert os.WIFSIGNALED(_status(pid))
     lock = area.lock()
@@ -199,7 +225,6 @@ def test_a_dead_holders_lock_is_taken_over_once(area):
     assert lock.acquire() is False and lock.takeovers == 1
     lock.release()
     os.close(r)
-    os.close(w)
 
 
 def test_two_waiters_one_takeover(area):
@@ -214,6 +239,7 @@ def test_two_waiters_one_takeover(area):
         os.kill(os.getpid(), signal.SIGKILL)
 
     pid = _fork(hold_and_die)
+    os.close(w)                     # a child that fails early: EOF, not a hang
     assert os.read(r, 1) == b"x"
     _status(pid)
 
@@ -229,7 +255,6 @@ def test_two_waiters_one_takeover(area):
     assert [_status(p) for p in pids] == [0, 0]
     assert area.words[5] == 2 and area.words[6] == 1 and area.words[0] == 0
     os.close(r)
-    os.close(w)
 
 
 def test_waiting_for_its_own_id_is_an_error(area):
@@ -251,6 +276,8 @@ def test_bad_arguments(area):
         _fastops.TableLock(area.words[:8], 0, 8, area.fd)         # past the header
     with pytest.raises(ValueError):
         _fastops.TableLock(area.words[:8], 0, 1, -1)
+    with pytest.raises(ValueError):
+        _fastops.TableLock(area.words[:8], 0, 1, area.fd, wait_ms=0)
     with pytest.raises(BufferError):
         _fastops.TableLock(b"\0" * 64, 0, 1, area.fd)             # not writable
     lock = area.lock()
@@ -297,12 +324,12 @@ def test_a_takeover_repairs_the_inode_table():
             os.kill(os.getpid(), signal.SIGKILL)
 
         pid = _fork(hold_and_die)
+        os.close(w)
         assert os.read(r, 1) == b"x"
         assert os.WIFSIGNALED(_status(pid))
         assert table.ref(5, 3) == (before[3], table.get(before[3])[0], False)
         assert table._table_lock.takeovers == 1
         assert [table.ref(5, i)[0] for i in range(10)] == before
         os.close(r)
-        os.close(w)
     finally:
         table.close()
