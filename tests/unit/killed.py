@@ -1,5 +1,6 @@
-"""A forked worker killed at random moments (SIGKILL), for the crash
-tests of the compiled ops' shared-table writes."""
+"""Forked children for the tests across processes: one running a function
+(``in_child``), and a worker killed at random moments (SIGKILL), for the
+crash tests of the compiled ops' shared-table writes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,20 @@ import os
 import random
 import signal
 import time
+
+
+def in_child(fn) -> int:
+    """Fork a child that runs ``fn()`` and exits 0, or 1 if it raised:
+    its pid."""
+    pid = os.fork()
+    if pid == 0:    # pragma: no cover - the child
+        code = 1
+        try:
+            fn()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
 
 
 def kill_at_random(work, rounds: int, seed: int, after) -> None:

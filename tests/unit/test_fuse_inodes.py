@@ -16,6 +16,7 @@ import pytest
 from daemon.fuse import inodes as inodes_mod
 from daemon.fuse.inodes import RING, InodeTable
 from daemon.fuse.request import FUSEError
+from tests.unit.killed import in_child
 
 ROOT = (0xFD00, 2)
 
@@ -177,18 +178,6 @@ def test_handles_stored_per_generation(table):
 
 
 # -- across processes ----------------------------------------------------------------------
-def _child(fn) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fn()
-            code = 0
-        finally:
-            os._exit(code)
-    return pid
-
-
 def _wait(pid: int, timeout: float = 30.0) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -221,7 +210,7 @@ def test_two_processes_share_nodeids_and_counts(table):
             os.write(w, struct.pack("<I", tag) + out)
         return run
 
-    pids = [_child(work(1)), _child(work(2))]
+    pids = [in_child(work(1)), in_child(work(2))]
     for pid in pids:
         assert _wait(pid) == 0
     os.close(w)
@@ -251,7 +240,7 @@ def test_lock_holder_killed_does_not_deadlock(table):
         os.write(w, b"x")
         os.kill(os.getpid(), signal.SIGKILL)
 
-    pid = _child(hold_and_die)
+    pid = in_child(hold_and_die)
     assert os.read(r, 1) == b"x"
     status = _wait(pid)
     assert os.WIFSIGNALED(status)

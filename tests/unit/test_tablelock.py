@@ -17,6 +17,7 @@ import pytest
 from daemon.fuse import filetable
 from daemon.fuse.filetable import FileTable
 from daemon.fuse.inodes import InodeTable
+from tests.unit.killed import in_child
 
 _fastops = pytest.importorskip("daemon.fuse._fastops", reason="the extension is not built (pure install)")
 
@@ -51,16 +52,27 @@ def area():
     a.close()
 
 
-def _fork(fn) -> int:
-    pid = os.fork()
-    if pid == 0:    # pragma: no cover - the child
-        code = 1
-        try:
-            fn()
-            code = 0
-        finally:
-            os._exit(code)
-    return pid
+def _held_elsewhere(area, hold: float | None) -> tuple[int, int]:
+    """A child that takes a TableLock of ``area`` and keeps it ``hold``
+    seconds (None: until it kills itself, lock held): its (pid, id), once
+    it holds the lock."""
+    r, w = os.pipe()
+
+    def holder():
+        lock = area.lock()
+        lock.acquire()
+        os.write(w, bytes([lock.id]))
+        if hold is None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(hold)
+        lock.release()
+
+    pid = in_child(holder)
+    os.close(w)                     # a child that fails early: EOF, not a hang
+    got = os.read(r, 1)
+    os.close(r)
+    assert got, "the holder failed before it held the lock"
+    return pid, got[0]
 
 
 def _status(pid: int) -> int:
@@ -97,7 +109,7 @@ def test_the_id_is_kept_alive_by_a_record_lock_on_its_byte(area):
             assert e.errno in (errno.EAGAIN, errno.EACCES)
             os.write(w, b"held")
 
-    pid = _fork(probe)
+    pid = in_child(probe)
     os.close(w)
     assert os.read(r, 4) == b"held"
     assert _status(pid) == 0
@@ -119,7 +131,7 @@ def test_a_forked_child_takes_its_own_id(area):
         os.write(w, bytes([lock.id, lock.holder]))
         lock.release()
 
-    pid = _fork(child)
+    pid = in_child(child)
     os.close(w)                     # a child that fails early: EOF, not a hang
     assert os.read(r, 2) == bytes([2, 2])
     assert _status(pid) == 0 and lock.id == 1 and area.words[1] == 2
@@ -141,7 +153,7 @@ def test_processes_exclude_each_other(area):
             area.words[4] = v + 1
             lock.release()
 
-    pids = [_fork(work) for _ in range(3)]
+    pids = [in_child(work) for _ in range(3)]
     assert [_status(p) for p in pids] == [0, 0, 0]
     assert area.words[4] == 3 * n and area.words[0] == 0
 
@@ -150,18 +162,7 @@ def test_a_waiter_sleeps_until_a_live_holder_lets_go(area):
     """A holder keeping the lock for 0.3 s (well past the 20 ms after which
     a waiter looks at the holder's byte) is alive: the waiter waits, takes
     nothing over, and gets the lock once it is given."""
-    r, w = os.pipe()
-
-    def hold():
-        lock = area.lock()
-        lock.acquire()
-        os.write(w, b"x")
-        time.sleep(0.3)
-        lock.release()
-
-    pid = _fork(hold)
-    os.close(w)                     # a child that fails early: EOF, not a hang
-    assert os.read(r, 1) == b"x"
+    pid, _ = _held_elsewhere(area, 0.3)
     lock = area.lock()
     start = time.monotonic()
     t0 = os.times()
@@ -172,49 +173,26 @@ def test_a_waiter_sleeps_until_a_live_holder_lets_go(area):
     assert (cpu.user - t0.user) + (cpu.system - t0.system) < waited / 2
     lock.release()
     assert _status(pid) == 0
-    os.close(r)
 
 
 def test_giving_the_lock_back_wakes_a_sleeper(area):
     """A sleeping waiter is woken by the release (FUTEX_WAKE, WAITERS set),
     not by its sleep's limit: with that limit at 30 s it still gets the
     lock right after a 0.2 s hold."""
-    r, w = os.pipe()
-
-    def hold():
-        lock = area.lock()
-        lock.acquire()
-        os.write(w, b"x")
-        time.sleep(0.2)
-        lock.release()
-
-    pid = _fork(hold)
-    os.close(w)                     # a child that fails early: EOF, not a hang
-    assert os.read(r, 1) == b"x"
+    pid, _ = _held_elsewhere(area, 0.2)
     lock = area.lock(wait_ms=30000)
     start = time.monotonic()
     assert lock.acquire() is False
     assert time.monotonic() - start < 10
     lock.release()
     assert _status(pid) == 0
-    os.close(r)
 
 
 def test_a_dead_holders_lock_is_taken_over_once(area):
     """A holder killed with the lock: the next locker finds its byte free
     after its sleep and takes the lock over (acquire says so); the word
     then names the new holder, with WAITERS (others may sleep)."""
-    r, w = os.pipe()
-
-    def hold_and_die():
-        lock = area.lock()
-        lock.acquire()
-        os.write(w, bytes([lock.id]))
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    pid = _fork(hold_and_die)
-    os.close(w)                     # a child that fails early: EOF, not a hang
-    dead = os.read(r, 1)[0]
+    pid, dead = _held_elsewhere(area, None)
     assert os.WIFSIGNALED(_status(pid))
     lock = area.lock()
     assert lock.holder == dead
@@ -224,24 +202,13 @@ def test_a_dead_holders_lock_is_taken_over_once(area):
     assert area.words[0] == 0
     assert lock.acquire() is False and lock.takeovers == 1
     lock.release()
-    os.close(r)
 
 
 def test_two_waiters_one_takeover(area):
     """Two processes wait for a dead holder: one takes over, the other
     waits for it, and each gets the lock once."""
-    lock = area.lock()
-    r, w = os.pipe()
-
-    def hold_and_die():
-        lock.acquire()
-        os.write(w, b"x")
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    pid = _fork(hold_and_die)
-    os.close(w)                     # a child that fails early: EOF, not a hang
-    assert os.read(r, 1) == b"x"
-    _status(pid)
+    pid, _ = _held_elsewhere(area, None)
+    assert os.WIFSIGNALED(_status(pid))
 
     def wait_for_it():
         mine = area.lock()
@@ -251,10 +218,9 @@ def test_two_waiters_one_takeover(area):
         time.sleep(0.05)
         mine.release()
 
-    pids = [_fork(wait_for_it) for _ in range(2)]
+    pids = [in_child(wait_for_it) for _ in range(2)]
     assert [_status(p) for p in pids] == [0, 0]
     assert area.words[5] == 2 and area.words[6] == 1 and area.words[0] == 0
-    os.close(r)
 
 
 def test_waiting_for_its_own_id_is_an_error(area):
@@ -323,7 +289,7 @@ def test_a_takeover_repairs_the_inode_table():
             os.write(w, b"x")
             os.kill(os.getpid(), signal.SIGKILL)
 
-        pid = _fork(hold_and_die)
+        pid = in_child(hold_and_die)
         os.close(w)
         assert os.read(r, 1) == b"x"
         assert os.WIFSIGNALED(_status(pid))
