@@ -7,11 +7,23 @@ reads it and nothing mutates it after the workers are forked.
 from __future__ import annotations
 
 import enum
+import os
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from daemon.fuse.idtranslate import Ids
     from daemon.fuse.xattrmap import XattrMap
+
+# The pure-Python request path on demand (docs/compiled.md): set and not
+# "0", the workers run no compiled code and the shared tables keep the
+# POSIX record lock (fuse/filetable.py). Read from the environment, not the
+# command line, so that the tests run one daemon either way.
+PURE_ENV = "PYVIRTIOFSD_PURE"
+
+
+def pure_requested() -> bool:
+    """Whether PYVIRTIOFSD_PURE asks for the pure-Python path."""
+    return os.environ.get(PURE_ENV, "") not in ("", "0")
 
 
 class CacheMode(enum.Enum):

@@ -1,7 +1,7 @@
 /*
  * FORGET and BATCH_FORGET in C (docs/compiled.md, "FORGET in C"), included
  * by _fastops.c after _lookup.h (one translation unit: it uses the table
- * layout (FastOps.lk), record_lock, table_home, word_at and set_word of
+ * layout (FastOps.lk), table_lock and table_unlock, table_home, word_at and set_word of
  * _lookup.h, and the request helpers of _fastops.c). The reference is
  * FuseSession._handle for the hiprio role, entries.do_forget and
  * do_batch_forget, and InodeTable.unref / unref_many / _unref_locked /
@@ -145,26 +145,6 @@ static int forget_ready(FastOps *self, struct state *st)
     return take_tlock(t, st);
 }
 
-/* the table lock for one chain, the table clean (DIRTY then set, as
- * _lock); 0, or -1 with nothing held (Python's) */
-static int forget_lock(FastOps *self, struct state *st)
-{
-    if (table_locking_take(&self->lk.lock) < 0)
-        return -1;
-    if (word_at(&st->header, self->lk.h_dirty) != 0) {
-        table_locking_give(&self->lk.lock);
-        return -1;
-    }
-    set_word(&st->header, self->lk.h_dirty, 1);
-    return 0;
-}
-
-static void forget_unlock(FastOps *self, struct state *st)
-{
-    set_word(&st->header, self->lk.h_dirty, 0);
-    table_locking_give(&self->lk.lock);
-}
-
 /* FORGET or BATCH_FORGET (serve_req has checked the header and len);
  * NOT_HANDLED (nothing done) or 0: served, no reply */
 static Py_ssize_t fast_forget(FastOps *self, struct state *st, const struct req *q, const struct in_header *h)
@@ -181,12 +161,12 @@ static Py_ssize_t fast_forget(FastOps *self, struct state *st, const struct req 
             return NOT_HANDLED;
         if (h->nodeid < 2 || h->nodeid > cap || nlookup == 0)
             return 0;       /* unref's early return: no lock */
-        if (forget_ready(self, st) < 0 || forget_lock(self, st) < 0)
+        if (forget_ready(self, st) < 0 || table_lock(self, st) < 0)
             return NOT_HANDLED;
         if (q->take != NULL)
             take_chain(q->take);
         forget_one(self, st, h->nodeid, nlookup);
-        forget_unlock(self, st);
+        table_unlock(self, st);
         return 0;
     }
     struct { uint32_t count, dummy; } in;
@@ -198,7 +178,7 @@ static Py_ssize_t fast_forget(FastOps *self, struct state *st, const struct req 
         return NOT_HANDLED; /* Python warns and ignores it */
     if (in.count == 0)
         return 0;
-    if (forget_ready(self, st) < 0 || forget_lock(self, st) < 0)
+    if (forget_ready(self, st) < 0 || table_lock(self, st) < 0)
         return NOT_HANDLED;
     if (q->take != NULL)
         take_chain(q->take);
@@ -213,7 +193,7 @@ static Py_ssize_t fast_forget(FastOps *self, struct state *st, const struct req 
         if (pair[0] >= 2 && pair[0] <= cap && pair[1] > 0)
             forget_one(self, st, pair[0], pair[1]);
     }
-    forget_unlock(self, st);
+    table_unlock(self, st);
     return 0;
 }
 

@@ -41,12 +41,11 @@ import os
 import threading
 from typing import Any
 
+from daemon.config import pure_requested
 from daemon.fuse.request import FUSEError
 from daemon.log import get_logger
 
 log = get_logger("fuse.filetable")
-
-PURE_ENV = "PYVIRTIOFSD_PURE"    # as daemon/virtio/compiled.py (not imported: the supervisor uses this module)
 
 SLOT_BITS = 24
 SLOT_MASK = (1 << SLOT_BITS) - 1
@@ -102,7 +101,7 @@ def shared_lock_kind() -> str:
     set, else ``"record"`` (a POSIX record lock, ``fcntl.lockf``). Found
     without importing the extension: the supervisor never loads compiled
     code; the workers do, and take it only there."""
-    if os.environ.get(PURE_ENV, "") not in ("", "0"):
+    if pure_requested():
         return "record"
     return "futex" if importlib.util.find_spec("daemon.fuse._fastops") is not None else "record"
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from daemon.config import PURE_ENV, pure_requested
 from daemon.log import get_logger
 from daemon.virtio import virtqueue as _pure
 from daemon.virtio.iovec import IoVec
@@ -28,7 +29,6 @@ from daemon.virtio.virtqueue import Chain, VirtQueueError
 
 log = get_logger("virtio")
 
-PURE_ENV = "PYVIRTIOFSD_PURE"
 
 
 try:
@@ -41,7 +41,7 @@ except ImportError as e:  # not built: no compiler or headers at install time
 
 def _choose():
     """(the _vqcore module or None, why)."""
-    if os.environ.get(PURE_ENV, "") not in ("", "0"):
+    if pure_requested():
         return None, f"{PURE_ENV}={os.environ[PURE_ENV]}"
     if _ext is None:
         return None, f"extension not built: {_ext_error}"
