@@ -114,8 +114,7 @@ static int handles_have_room(FastOps *self)
 static void drop_tlock(struct state *st)
 {
     if (st->tlock != NULL) {
-        PyObject *r = PyObject_CallMethodNoArgs(st->tlock, s_release);
-        Py_XDECREF(r);
+        thread_lock_give(st->tlock);
         PyErr_Clear();
         Py_CLEAR(st->tlock);
     }

@@ -115,6 +115,7 @@
 
 #include "_vqcore_api.h"
 #include "_tablelock.h"
+#include "_threadlock.h"
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "FUSE structs are little-endian here: little-endian hosts only"
@@ -331,6 +332,7 @@ struct watch {
 };
 
 struct snapshot;           /* state_init's reads of the session (below) */
+struct adopt_once;         /* a cold LOOKUP's reads of the inode cache (_lookup.h) */
 
 /* one word of the slot plus n: a plain load and store (this thread is the
  * slot's only writer; the supervisor reads whole aligned words) */
@@ -368,7 +370,9 @@ typedef struct {
     struct watch *watching; /* while FastOps.wait runs: its watched words, else NULL */
     int nwatching;
     struct snapshot *kept;  /* while FastOps.wait runs: state_init's reads, kept for the call */
+    struct adopt_once *kept_once;   /* while FastOps.wait runs: a cold LOOKUP's reads (_lookup.h), kept too */
     unsigned long long snapshots;   /* times those were read (tests) */
+    unsigned long long lookup_reads;    /* times a cold LOOKUP's reads were made (once_read; tests) */
     struct poll_conf poll;  /* FastOps.wait's polling (_poll.h) */
 } FastOps;
 
@@ -385,8 +389,8 @@ static void watch_moved(FastOps *self, const void *buf, Py_ssize_t index, uint64
 }
 
 static PyObject *s_readable, *s_writable, *s_views, *s_size, *s_session, *s_meter, *s_cache,
-    *s_fds, *s_root_fd, *s_handles, *s_handles_dict, *s_fh_slots, *s_fd, *s_kind, *s_nodeid, *s_acquire,
-    *s_release, *s_peers, *s_shared, *s_use_handles, *s_root_dev, *s_max_fds;
+    *s_fds, *s_root_fd, *s_handles, *s_handles_dict, *s_fh_slots, *s_fd, *s_kind, *s_nodeid,
+    *s_peers, *s_shared, *s_use_handles, *s_root_dev, *s_max_fds;
 
 /* an attribute as a C integer; -1 with no error set if it is not an int
  * in range (the caller then leaves the request to Python) */
@@ -565,12 +569,7 @@ static void state_drop(struct state *st)
     drop_words(&st->hash);
     drop_words(&st->ring);
     if (st->tlock != NULL) {        /* before Python runs again (it may want the table) */
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyObject *r = PyObject_CallMethodNoArgs(st->tlock, s_release);
-        Py_XDECREF(r);
-        PyErr_Clear();
-        PyErr_Restore(type, value, tb);
+        thread_lock_give(st->tlock);
         Py_CLEAR(st->tlock);
     }
 }
@@ -1369,42 +1368,18 @@ static int check_core(PyObject *core, const char *method)
 }
 
 /* stage 3: batch(core, words, popped, limit) -> int (see fastops_methods) */
-static PyObject *batch_with(FastOps *self, PyObject *const *args, Py_ssize_t nargs, struct vq_raw_chain *chain);
-
-static PyObject *fastops_batch(FastOps *self, PyObject *const *args, Py_ssize_t nargs)
+/* the batch loop on buffers the caller holds (the progress record's words
+ * and POPPED), with the raw chain it keeps (the wait loop: one for the
+ * whole call; a batch call: one allocated for it, 33 KB, whose malloc and
+ * free were an eighth of a depth-1 wait round's instructions) and whether
+ * the meter counts (metered: -1 declines every chain): served, or
+ * -1 - served when the next chain is Python's to pop */
+static Py_ssize_t batch_run(FastOps *self, PyObject *core, uint32_t *words, uint16_t *popped, Py_ssize_t limit,
+                            struct vq_raw_chain *c, int counting)
 {
-    return batch_with(self, args, nargs, NULL);
-}
-
-/* batch, with the raw chain the caller keeps (the wait loop: one for the
- * whole call) or, for NULL, one allocated for this call (33 KB: its malloc
- * and free were an eighth of a depth-1 wait round's instructions) */
-static PyObject *batch_with(FastOps *self, PyObject *const *args, Py_ssize_t nargs, struct vq_raw_chain *chain)
-{
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "batch(core, words, popped, limit)");
-        return NULL;
-    }
-    if (check_core(args[0], "batch") < 0)
-        return NULL;
-    Py_ssize_t limit = PyLong_AsSsize_t(args[3]);
-    if (limit == -1 && PyErr_Occurred())
-        return NULL;
-    Py_buffer wb, pb;
-    if (hold(args[1], &wb, 4, 4) < 0)
-        return NULL;
-    if (hold(args[2], &pb, 2 * POPPED_LEN, 2) < 0) {
-        PyBuffer_Release(&wb);
-        return NULL;
-    }
-    uint32_t *words = wb.buf;
-    uint16_t *popped = pb.buf;
-    PyObject *core = args[0];
-    struct vq_raw_chain *c = chain != NULL ? chain : PyMem_Malloc(sizeof *c);
     struct state st = {0};
     Py_ssize_t served = 0;
     int python = 1;     /* the next chain is Python's to pop */
-    int counting = c == NULL ? -1 : metered(self);
     while (counting >= 0 && served < limit) {
         struct timespec start;
         if (counting)
@@ -1435,11 +1410,33 @@ static PyObject *batch_with(FastOps *self, PyObject *const *args, Py_ssize_t nar
     /* a declined request is never an error: Python pops and serves it */
     PyErr_Clear();
     state_drop(&st);
-    if (chain == NULL)
-        PyMem_Free(c);
+    return python ? -1 - served : served;
+}
+
+static PyObject *fastops_batch(FastOps *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "batch(core, words, popped, limit)");
+        return NULL;
+    }
+    if (check_core(args[0], "batch") < 0)
+        return NULL;
+    Py_ssize_t limit = PyLong_AsSsize_t(args[3]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer wb, pb;
+    if (hold(args[1], &wb, 4, 4) < 0)
+        return NULL;
+    if (hold(args[2], &pb, 2 * POPPED_LEN, 2) < 0) {
+        PyBuffer_Release(&wb);
+        return NULL;
+    }
+    struct vq_raw_chain *c = PyMem_Malloc(sizeof *c);
+    Py_ssize_t n = batch_run(self, args[0], wb.buf, pb.buf, limit, c, c == NULL ? -1 : metered(self));
+    PyMem_Free(c);
     PyBuffer_Release(&pb);
     PyBuffer_Release(&wb);
-    return PyLong_FromSsize_t(python ? -1 - served : served);
+    return PyLong_FromSsize_t(n);
 }
 
 static void drop_meter(FastOps *self)
@@ -1624,6 +1621,7 @@ static void fastops_dealloc(FastOps *self)
 
 static PyObject *get_served(FastOps *self, void *c) { return PyLong_FromUnsignedLongLong(self->served); }
 static PyObject *get_snapshots(FastOps *self, void *c) { return PyLong_FromUnsignedLongLong(self->snapshots); }
+static PyObject *get_lookup_reads(FastOps *self, void *c) { return PyLong_FromUnsignedLongLong(self->lookup_reads); }
 
 static PyObject *get_counts_batches(FastOps *self, void *c)
 {
@@ -1747,19 +1745,30 @@ static PyObject *fastops_wait(FastOps *self, PyObject *const *args, Py_ssize_t n
         return NULL;
     struct watch w[WAIT_WATCHES];
     int watches = 0;
-    Py_buffer wb;
+    Py_buffer wb, pb;
     if (hold_watches(args[8], w, &watches) < 0 || hold(args[1], &wb, 12, 4) < 0) {
         for (int i = 0; i < watches; i++)
             PyBuffer_Release(&w[i].b);
         return NULL;
     }
+    if (hold(args[2], &pb, 2 * POPPED_LEN, 2) < 0) {
+        PyBuffer_Release(&wb);
+        for (int i = 0; i < watches; i++)
+            PyBuffer_Release(&w[i].b);
+        return NULL;
+    }
     uint32_t *words = wb.buf;
-    PyObject *batch_args[4] = {args[0], args[1], args[2], args[6]};
+    /* session.meter, like the snapshot's objects, is not rebound while
+     * the wait runs (entry.py sets it before the loop starts) */
+    int counting = metered(self);
+    PyErr_Clear();
     Py_ssize_t served = 0, carried = 0;
     int code = -1;
     struct snapshot kept = {0};
+    struct adopt_once kept_once = {0};
     struct vq_raw_chain *chain = PyMem_Malloc(sizeof *chain);
     if (chain == NULL) {
+        PyBuffer_Release(&pb);
         PyBuffer_Release(&wb);
         for (int i = 0; i < watches; i++)
             PyBuffer_Release(&w[i].b);
@@ -1768,6 +1777,7 @@ static PyObject *fastops_wait(FastOps *self, PyObject *const *args, Py_ssize_t n
     self->watching = w;
     self->nwatching = watches;
     self->kept = &kept;
+    self->kept_once = &kept_once;
     struct poll_conf *poll = &self->poll;
     int64_t idle_from = -1;     /* when the last round that served chains ended (_poll.h); -1: none */
     int quiet = 0;              /* the ring is quiet: the guest does not kick (_poll.h) */
@@ -1818,11 +1828,7 @@ static PyObject *fastops_wait(FastOps *self, PyObject *const *args, Py_ssize_t n
         }
         if (idle_from >= 0 && poll->max_ns > 0)
             poll->ns = poll_next(poll->ns, poll->max_ns, mono_ns() - idle_from);
-        PyObject *r = batch_with(self, batch_args, 4, chain);
-        if (r == NULL)
-            break;
-        Py_ssize_t n = PyLong_AsSsize_t(r);
-        Py_DECREF(r);
+        Py_ssize_t n = batch_run(self, args[0], words, pb.buf, limit, chain, counting);
         served += n < 0 ? -1 - n : n;
         if (n < 0) {
             code = WAIT_SERVE;
@@ -1834,7 +1840,7 @@ static PyObject *fastops_wait(FastOps *self, PyObject *const *args, Py_ssize_t n
         if (n == limit) {
             code = WAIT_SERVE;  /* published, as _serve does every `limit` */
             carried = n;
-        } else if (n > 0 && self->m.nbatch_bounds > 0 && metered(self) == 1) {
+        } else if (n > 0 && self->m.nbatch_bounds > 0 && counting == 1) {
             count_batch(self, n);
         }
         idle_from = n > 0 && poll->max_ns > 0 ? mono_ns() : -1;
@@ -1852,8 +1858,10 @@ static PyObject *fastops_wait(FastOps *self, PyObject *const *args, Py_ssize_t n
     self->watching = NULL;
     self->nwatching = 0;
     self->kept = NULL;
+    self->kept_once = NULL;
     snapshot_drop(&kept);
     PyMem_Free(chain);
+    PyBuffer_Release(&pb);
     PyBuffer_Release(&wb);
     for (int i = 0; i < watches; i++)
         PyBuffer_Release(&w[i].b);
@@ -1866,6 +1874,9 @@ static PyGetSetDef fastops_getset[] = {
     {"served", (getter)get_served, NULL, "requests answered in C", NULL},
     {"snapshots", (getter)get_snapshots, NULL,
      "times C read the session's objects (once per serve or batch call from Python, once per wait call)", NULL},
+    {"lookup_reads", (getter)get_lookup_reads, NULL,
+     "times C read what a cold LOOKUP needs of the inode cache (once per LOOKUP from Python, once per wait call)",
+     NULL},
     {"counts_batches", (getter)get_counts_batches, NULL,
      "the wait loop counts its wake-ups into the meter (enable_batches was called)", NULL},
     {NULL},
@@ -2002,7 +2013,7 @@ PyMODINIT_FUNC PyInit__fastops(void)
         {&s_session, "_session"}, {&s_meter, "meter"}, {&s_cache, "cache"}, {&s_fds, "_fds"},
         {&s_root_fd, "root_fd"}, {&s_handles, "handles"}, {&s_handles_dict, "_handles"},
         {&s_fh_slots, "_slots"}, {&s_fd, "fd"}, {&s_kind, "kind"}, {&s_nodeid, "nodeid"},
-        {&s_acquire, "acquire"}, {&s_release, "release"}, {&s_peers, "peers"},
+        {&s_peers, "peers"},
         {&s_shared, "shared"}, {&s_use_handles, "_use_handles"}, {&s_root_dev, "_root_dev"},
         {&s_max_fds, "max_fds"},
         /* the ops' own (one header each): interned here, once, so that no
@@ -2020,7 +2031,7 @@ PyMODINIT_FUNC PyInit__fastops(void)
     for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)
         if ((*strings[i].slot = PyUnicode_InternFromString(strings[i].text)) == NULL)
             return NULL;
-    if (PyType_Ready(&FastOpsType) < 0 || PyType_Ready(&TableLockType) < 0)
+    if (PyType_Ready(&FastOpsType) < 0 || PyType_Ready(&TableLockType) < 0 || PyType_Ready(&ThreadLockType) < 0)
         return NULL;
     if (pthread_atfork(NULL, NULL, tablelock_after_fork) != 0) {
         PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
@@ -2038,6 +2049,12 @@ PyMODINIT_FUNC PyInit__fastops(void)
     Py_INCREF(&TableLockType);
     if (PyModule_AddObject(m, "TableLock", (PyObject *)&TableLockType) < 0) {
         Py_DECREF(&TableLockType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&ThreadLockType);
+    if (PyModule_AddObject(m, "ThreadLock", (PyObject *)&ThreadLockType) < 0) {
+        Py_DECREF(&ThreadLockType);
         Py_DECREF(m);
         return NULL;
     }

@@ -130,13 +130,8 @@ static int held_hint(FastOps *self, const struct state *st, const struct stat *s
 static int take_tlock(const struct lookup_table *t, struct state *st)
 {
     if (st->tlock == NULL) {
-        PyObject *got = PyObject_CallMethodOneArg(t->tlock, s_acquire, Py_False);
-        if (got == NULL || got != Py_True) {
-            Py_XDECREF(got);
-            PyErr_Clear();
+        if (!thread_lock_try(t->tlock))
             return -1;
-        }
-        Py_DECREF(got);
         Py_INCREF(t->tlock);
         st->tlock = t->tlock;
     }
@@ -259,7 +254,10 @@ static int cache_has_room(FastOps *self, const struct state *st)
  * than once per name, or once for a single LOOKUP (cold_lookup): nothing
  * read here changes while C runs (no Python code runs between the lookups
  * of a run that C serves whole; a per-name Python fallback invalidates
- * it). peers.mine(fd) is serial << 32 | fd, 0 while the serial is 0: C
+ * it); nor while FastOps.wait runs (its sources, peers.serial and .shared,
+ * the cache's _use_handles, _root_dev and max_fds, change only in Python
+ * outside the wait, as the snapshot's do), so the wait keeps one for all
+ * its cold LOOKUPs (kept_once). peers.mine(fd) is serial << 32 | fd, 0 while the serial is 0: C
  * computes it rather than calling into Python (a cold LOOKUP ran that
  * method, interpreter frames and all, on every wake-up for one). */
 struct adopt_once {
@@ -276,6 +274,7 @@ static int once_read(FastOps *self, struct adopt_once *o)
     PyObject *cache = PyObject_GetAttr(self->session, s_cache), *peers = NULL, *v = NULL;
     int truth;
     o->ready = -1;
+    self->lookup_reads++;
     if (cache == NULL || (peers = PyObject_GetAttr(cache, s_peers)) == NULL)
         goto out;
     o->peers = peers != Py_None;
@@ -492,11 +491,11 @@ static int adopt_new_fd(FastOps *self, struct state *st, int fd, const struct st
 static int cold_lookup_with(FastOps *self, struct state *st, int parent, const char *name, struct entry_reply *r,
                             struct adopt_once *once)
 {
-    struct adopt_once single = {0};     /* one LOOKUP: read for it alone */
+    struct adopt_once single = {0};     /* one LOOKUP: read for it alone, or for the wait */
     struct stat s;
     int err;
     if (once == NULL)
-        once = &single;
+        once = self->kept_once != NULL ? self->kept_once : &single;
     if (!once_has_room(self, st, once, 0))
         return -1;
     int fd = open_entry(parent, name, &s, &err);
@@ -549,9 +548,9 @@ static int found_entry(FastOps *self, struct state *st, int parent, const char *
          * three); if this worker holds it after all, adopt closes the new
          * fd and the next LOOKUP is stat'ed first again. An error other
          * than ENOENT: the stat'ed way below */
-        struct adopt_once single = {0};
+        struct adopt_once single = {0}, *one = self->kept_once != NULL ? self->kept_once : &single;
         int err = 0;
-        if (once_has_room(self, st, &single, 0))
+        if (once_has_room(self, st, one, 0))
             fd = open_entry(parent, name, &s, &err);
         if (fd < 0 && err == ENOENT)
             return ENOENT;
@@ -561,7 +560,7 @@ static int found_entry(FastOps *self, struct state *st, int parent, const char *
                 return -1;
             }
             self->lk.last_cold = !held_hint(self, st, &s);
-            got = adopt_new_fd(self, st, fd, &s, r, &single);
+            got = adopt_new_fd(self, st, fd, &s, r, one);
         }
     }
     if (fd < 0) {

@@ -142,13 +142,8 @@ static uint64_t open_alloc(FastOps *self, const struct state *st, const struct o
 {
     const struct release_conf *c = &self->rl;
     const struct open_conf *o = &self->op;
-    PyObject *got = PyObject_CallMethodOneArg(c->tlock, s_acquire, Py_False);
-    if (got != Py_True) {
-        Py_XDECREF(got);
-        PyErr_Clear();
+    if (!thread_lock_try(c->tlock))
         return 0;
-    }
-    Py_DECREF(got);
     uint64_t fh = 0;
     if (table_locking_take(&c->lock) == 0) {
         const struct words *hw = &r->hdr, *fw = &st->files;
@@ -183,9 +178,7 @@ static uint64_t open_alloc(FastOps *self, const struct state *st, const struct o
         }
         table_locking_give(&c->lock);
     }
-    got = PyObject_CallMethodNoArgs(c->tlock, s_release);
-    Py_XDECREF(got);
-    PyErr_Clear();
+    thread_lock_give(c->tlock);
     return fh;
 }
 

@@ -179,13 +179,10 @@ static Py_ssize_t fast_release(FastOps *self, const struct state *st, const stru
         return NOT_HANDLED;
     }
     /* LockedTable._lock: the thread lock (never waited for here), then the table lock */
-    PyObject *got = PyObject_CallMethodOneArg(c->tlock, s_acquire, Py_False);
-    if (got != Py_True) {
-        Py_XDECREF(got);
+    if (!thread_lock_try(c->tlock)) {
         release_drop(&r);
         return NOT_HANDLED;
     }
-    Py_DECREF(got);
     int served = 0;
     uint64_t released = 0;      /* the released count before this free */
     if (table_locking_take(&c->lock) == 0) {
@@ -213,9 +210,7 @@ static Py_ssize_t fast_release(FastOps *self, const struct state *st, const stru
         }
         table_locking_give(&c->lock);
     }
-    got = PyObject_CallMethodNoArgs(c->tlock, s_release);
-    Py_XDECREF(got);
-    PyErr_Clear();
+    thread_lock_give(c->tlock);
     if (!served) {
         release_drop(&r);
         return NOT_HANDLED;

@@ -38,6 +38,7 @@ import fcntl
 import importlib.util
 import mmap
 import os
+import sys
 import threading
 from typing import Any
 
@@ -115,9 +116,13 @@ class LockedTable:
     keeps on its own byte of the memfd, and taken over), or a POSIX record
     lock on byte 0 of the memfd (``"record"``: the kernel drops it when the
     holder dies); between threads of one process the thread lock (both
-    are per process). ``shared_lock_kind()`` picks one for the table's
-    life. Header word ``_DIRTY`` is set while the lock is held; a locker
-    that finds it set calls ``_repair()`` (a holder died mid-update).
+    are per process): the extension's ``ThreadLock`` (threading.Lock's
+    interface, which the request path in C takes with a plain call:
+    _threadlock.h) once the extension is loaded, as a worker does before
+    it starts a thread (``prepare_lock``), else a threading.Lock.
+    ``shared_lock_kind()`` picks one for the table's life. Header word
+    ``_DIRTY`` is set while the lock is held; a locker that finds it set
+    calls ``_repair()`` (a holder died mid-update).
     Without a memfd (``_fd`` < 0: private memory) only the thread lock is
     taken."""
 
@@ -125,7 +130,7 @@ class LockedTable:
     _LOCK = 0           # header words of the TableLock: the lock word
     _IDS = 0            # and its id counter (set by the subclass)
     _fd = -1
-    _tlock: threading.Lock      # set by the subclass
+    _tlock: Any                 # threading.Lock, or the extension's ThreadLock (_init_lock)
     _hdr: memoryview
     _lock_kind = "record"
     _table_lock: Any = None     # this process's TableLock (C, no stubs), made on first use
@@ -133,8 +138,9 @@ class LockedTable:
     def _init_lock(self, kind: str | None = None) -> None:
         """Choose the lock (``kind`` None: ``shared_lock_kind()``) and make
         the thread lock; after ``_fd`` and ``_hdr`` are set."""
-        self._tlock = threading.Lock()
         self._lock_kind = "none" if self._fd < 0 else kind or shared_lock_kind()
+        compiled = sys.modules.get("daemon.fuse._fastops")
+        self._tlock = threading.Lock() if compiled is None else compiled.ThreadLock()
         self._table_lock = None
 
     def lock_handle(self):
@@ -145,11 +151,18 @@ class LockedTable:
         return self._fd
 
     def prepare_lock(self) -> None:
-        """In a worker, before its new root: load what ``_lock`` needs (the
-        extension, for ``"futex"``). RuntimeError if it cannot be loaded
+        """In a worker, before its new root and its first thread: load what
+        ``_lock`` needs (the extension, for ``"futex"``, and its
+        ThreadLock instead of the supervisor's threading.Lock). RuntimeError if it cannot be loaded
         (the supervisor found it built: a broken install)."""
         if self._lock_kind == "futex" and self._table_lock is None:
             self._make_table_lock()
+        compiled = sys.modules.get("daemon.fuse._fastops")
+        if compiled is not None and not isinstance(self._tlock, compiled.ThreadLock):
+            # the supervisor (which never loads the extension) made a
+            # threading.Lock; no thread of this new process holds it, and
+            # nothing took it yet (FastOps is given it after this)
+            self._tlock = compiled.ThreadLock()
 
     def _make_table_lock(self):
         try:

@@ -476,3 +476,42 @@ def test_a_new_wait_call_sees_what_python_rebound_in_between(rig):
     session._session = serial
     rig.loop._serve(rig.ring)
     assert [h for h, _ in rig.replies()][-1] == head
+
+
+def test_a_wait_call_reads_what_cold_lookups_need_once_for_all_its_rounds(rig, tmp_path):
+    """struct adopt_once (_lookup.h) kept for the wait (kept_once): cold
+    LOOKUPs in twenty rounds of one wait call read the inode cache's
+    settings once; a LOOKUP served from a batch Python called reads them
+    for itself."""
+    names = [f"cold-{i}" for i in range(23)]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")     # the rig's shared directory
+
+    def lookup(name: str) -> int:
+        arg = name.encode() + b"\0"
+        return rig.vr.submit([abi.IN_HEADER.pack(40 + len(arg), Opcode.LOOKUP, 9001, 1, 0, 0, 1, 0, 0), arg],
+                             [16, abi.ENTRY_OUT.size])
+
+    def guest():
+        for name in names[:20]:
+            head = lookup(name)
+            rig.vr.kick()
+            rig.vr.wait(head, 5.0)
+            rig.vr.free(head)
+        os.write(rig.other_w, b"m")
+
+    before = rig.fast.lookup_reads
+    t = threading.Thread(target=guest)
+    t.start()
+    assert rig.wait(timeout_ms=10_000) == (WAIT_READY, 20, 0)
+    t.join(5)
+    assert rig.fast.lookup_reads == before + 1
+    os.read(rig.other_r, 8)
+    for name in names[20:]:
+        lookup(name)
+        rig.vr.kick()
+        os.eventfd_read(rig.ring.kick_fd)
+        rig.loop._serve(rig.ring)
+    assert rig.fast.lookup_reads == before + 4
+    replies = rig.replies()
+    assert len(replies) == 3 and all(err == 0 for _, err in replies)
