@@ -142,18 +142,14 @@ static uint64_t open_alloc(FastOps *self, const struct state *st, const struct o
 {
     const struct release_conf *c = &self->rl;
     const struct open_conf *o = &self->op;
-    if (!thread_lock_try(c->tlock))
-        return 0;
     uint64_t fh = 0;
-    if (table_locking_take(&c->lock) == 0) {
+    if (files_take(c, &r->hdr)) {
         const struct words *hw = &r->hdr, *fw = &st->files;
         uint64_t s = 0, free_s = word_at(hw, c->h_free), high = word_at(hw, o->h_high);
-        if (word_at(hw, c->h_dirty) == 0) {
-            if (free_s != 0)
-                s = free_s <= c->capacity ? free_s : 0;     /* out of range: Python's (repairs nothing, but raises) */
-            else if (high >= 1 && high <= c->capacity)
-                s = high;
-        }
+        if (free_s != 0)
+            s = free_s <= c->capacity ? free_s : 0;     /* out of range: Python's (repairs nothing, but raises) */
+        else if (high >= 1 && high <= c->capacity)
+            s = high;
         if (s != 0 && (Py_ssize_t)(s + 1) * c->words <= fw->b.len / 8) {
             Py_ssize_t base = (Py_ssize_t)s * c->words;
             set_word(hw, c->h_dirty, 1);
@@ -176,9 +172,8 @@ static uint64_t open_alloc(FastOps *self, const struct state *st, const struct o
             set_word(hw, c->h_dirty, 0);
             fh = gen << SLOT_BITS | s;
         }
-        table_locking_give(&c->lock);
+        files_give(c);
     }
-    thread_lock_give(c->tlock);
     return fh;
 }
 

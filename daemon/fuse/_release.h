@@ -158,6 +158,30 @@ static int open_dir_fd(const struct state *st, uint64_t fh, Py_ssize_t *nodeid)
     return fd;
 }
 
+/* LockedTable._lock on the open-file table for RELEASE and OPEN: its
+ * thread lock (never waited for here), then its table lock, with DIRTY 0
+ * (set: a holder died mid-update, Python's _lock repairs). 1 taken, or 0
+ * with nothing held (the request is then Python's). The table's words
+ * between the two are each caller's: DIRTY set first, cleared last. */
+static int files_take(const struct release_conf *c, const struct words *hdr)
+{
+    if (!thread_lock_try(c->tlock))
+        return 0;
+    if (table_locking_take(&c->lock) == 0) {
+        if (word_at(hdr, c->h_dirty) == 0)
+            return 1;
+        table_locking_give(&c->lock);
+    }
+    thread_lock_give(c->tlock);
+    return 0;
+}
+
+static void files_give(const struct release_conf *c)
+{
+    table_locking_give(&c->lock);
+    thread_lock_give(c->tlock);
+}
+
 /* RELEASE and RELEASEDIR (the handle of kind file, resp. dir); NOT_HANDLED
  * or the bytes written */
 static Py_ssize_t fast_release(FastOps *self, const struct state *st, const struct req *q, const struct in_header *h,
@@ -178,18 +202,13 @@ static Py_ssize_t fast_release(FastOps *self, const struct state *st, const stru
         release_drop(&r);
         return NOT_HANDLED;
     }
-    /* LockedTable._lock: the thread lock (never waited for here), then the table lock */
-    if (!thread_lock_try(c->tlock)) {
-        release_drop(&r);
-        return NOT_HANDLED;
-    }
     int served = 0;
     uint64_t released = 0;      /* the released count before this free */
-    if (table_locking_take(&c->lock) == 0) {
+    if (files_take(c, &r.hdr)) {
         const struct words *hw = &r.hdr, *fw = &st->files;
         /* a lock description on the inode: HandleTable.close's lock step
          * may have work (the last handle on it), Python's */
-        if (word_at(hw, c->h_dirty) == 0 && word_at(fw, base + c->f_gen) == gen
+        if (word_at(fw, base + c->f_gen) == gen
                 && (word_at(hw, c->h_locks) == 0 || lock_on(self, st, hw, (uint64_t)nodeid, 1, 0) == 0)) {
             if (q->take != NULL)
                 take_chain(q->take);
@@ -208,9 +227,8 @@ static Py_ssize_t fast_release(FastOps *self, const struct state *st, const stru
             set_word(hw, c->h_dirty, 0);
             served = 1;
         }
-        table_locking_give(&c->lock);
+        files_give(c);
     }
-    thread_lock_give(c->tlock);
     if (!served) {
         release_drop(&r);
         return NOT_HANDLED;
