@@ -107,6 +107,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/stat.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/uio.h>
@@ -390,7 +391,7 @@ static void watch_moved(FastOps *self, const void *buf, Py_ssize_t index, uint64
 
 static PyObject *s_readable, *s_writable, *s_views, *s_size, *s_session, *s_meter, *s_cache,
     *s_fds, *s_root_fd, *s_handles, *s_handles_dict, *s_fh_slots, *s_fd, *s_kind, *s_nodeid,
-    *s_peers, *s_shared, *s_use_handles, *s_root_dev, *s_max_fds;
+    *s_peers, *s_shared, *s_use_handles, *s_root_dev, *s_max_fds, *s_keeper_sock;
 
 /* an attribute as a C integer; -1 with no error set if it is not an int
  * in range (the caller then leaves the request to Python) */
@@ -466,6 +467,7 @@ struct state {
     struct words files;             /* session.handles._slots: the FileTable's */
     uint64_t wrote;                 /* the data bytes of the last WRITE answered (its meter count) */
     int touch;                      /* session.cache.peers.shared: READ touches its buffers (touch_pages) */
+    int keeper_fd;                  /* the keeper's socket (Peers._keeper_sock), -1: none or Python's */
     struct words hash;              /* InodeTable._hash (LOOKUP), held when first needed */
     PyObject *tlock;                /* InodeTable._tlock, acquired by LOOKUP for the call, or NULL */
     struct words ring;              /* InodeTable._ring (FORGET, _forget.h), held when first needed */
@@ -489,6 +491,7 @@ struct snapshot {
     PyObject *handles;      /* session.handles._handles (dict), or NULL with fh_slots */
     PyObject *fh_slots;     /* session.handles._fh_slots, held as words per batch */
     int touch;
+    int keeper_fd;          /* cache.peers._keeper_sock's fd when handles.peers is that Peers, else -1 */
 };
 
 static void snapshot_drop(struct snapshot *s)
@@ -499,12 +502,32 @@ static void snapshot_drop(struct snapshot *s)
     s->ready = 0;
 }
 
+/* the fd of peers._keeper_sock (a socket object) when peers is also the
+ * handle table's (session.handles.peers: OPEN's Peers.keep), else -1 */
+static int keeper_fd_of(FastOps *self, PyObject *peers)
+{
+    int fd = -1;
+    if (peers == NULL || peers == Py_None)
+        return -1;
+    PyObject *handles = PyObject_GetAttr(self->session, s_handles);
+    PyObject *theirs = handles == NULL ? NULL : PyObject_GetAttr(handles, s_peers);
+    PyObject *sock = theirs != peers ? NULL : PyObject_GetAttr(peers, s_keeper_sock);
+    if (sock != NULL && sock != Py_None)
+        fd = PyObject_AsFileDescriptor(sock);
+    Py_XDECREF(sock);
+    Py_XDECREF(theirs);
+    Py_XDECREF(handles);
+    PyErr_Clear();
+    return fd < 0 ? -1 : fd;
+}
+
 /* read the snapshot's objects: 1, or -1 when the session has no _session
  * or cache (every request Python's); errors cleared */
 static int snapshot_read(FastOps *self, struct snapshot *s)
 {
     PyObject *cache = NULL, *handles = NULL;
     s->ready = -1;
+    s->keeper_fd = -1;
     self->snapshots++;
     if (attr_ssize(self->session, s_session, &s->mine) < 0 || (cache = PyObject_GetAttr(self->session, s_cache)) == NULL)
         goto out;
@@ -521,6 +544,8 @@ static int snapshot_read(FastOps *self, struct snapshot *s)
     PyObject *shared = peers == NULL || peers == Py_None ? NULL : PyObject_GetAttr(peers, s_shared);
     s->touch = shared == Py_True;
     Py_XDECREF(shared);
+    PyErr_Clear();
+    s->keeper_fd = keeper_fd_of(self, peers);
     Py_XDECREF(peers);
     PyErr_Clear();
     /* no handle table (or not shaped like one): no fh is this worker's */
@@ -543,12 +568,14 @@ static int state_init(FastOps *self, struct state *st)
 {
     struct snapshot fresh = {0}, *s = self->kept != NULL ? self->kept : &fresh;
     st->ready = -1;
+    st->keeper_fd = -1;
     if (s->ready == 0)
         snapshot_read(self, s);
     if (s->ready > 0) {
         st->mine = s->mine;
         st->root_fd = s->root_fd;
         st->touch = s->touch;
+        st->keeper_fd = s->keeper_fd;
         st->fds = Py_XNewRef(s->fds);
         if (s->handles != NULL && hold_words(s->fh_slots, &st->files) == 0)
             st->handles = Py_NewRef(s->handles);
@@ -1045,6 +1072,15 @@ static void count_batch(FastOps *self, Py_ssize_t n)
     if ((uint64_t)n > __atomic_load_n(&w[m->max_batch], __ATOMIC_RELAXED))
         __atomic_store_n(&w[m->max_batch], (uint64_t)n, __ATOMIC_RELAXED);
     add(w, m->batch_hist + bucket, 1);
+    const struct snapshot *k = self->kept;
+    if (k != NULL && k->ready > 0 && k->handles != NULL && k->fds != NULL) {
+        /* the wait's snapshot holds the two dicts */
+        __atomic_store_n(&w[m->open_files], k->handles != NULL ? (uint64_t)PyDict_GET_SIZE(k->handles) : 0,
+                         __ATOMIC_RELAXED);
+        __atomic_store_n(&w[m->inode_fds], k->fds != NULL ? (uint64_t)PyDict_GET_SIZE(k->fds) : 0,
+                         __ATOMIC_RELAXED);
+        return;
+    }
     PyObject *handles = PyObject_GetAttr(self->session, s_handles);
     if (handles == NULL)
         PyErr_Clear();
@@ -2013,7 +2049,7 @@ PyMODINIT_FUNC PyInit__fastops(void)
         {&s_session, "_session"}, {&s_meter, "meter"}, {&s_cache, "cache"}, {&s_fds, "_fds"},
         {&s_root_fd, "root_fd"}, {&s_handles, "handles"}, {&s_handles_dict, "_handles"},
         {&s_fh_slots, "_slots"}, {&s_fd, "fd"}, {&s_kind, "kind"}, {&s_nodeid, "nodeid"},
-        {&s_peers, "peers"},
+        {&s_peers, "peers"}, {&s_keeper_sock, "_keeper_sock"},
         {&s_shared, "shared"}, {&s_use_handles, "_use_handles"}, {&s_root_dev, "_root_dev"},
         {&s_max_fds, "max_fds"},
         /* the ops' own (one header each): interned here, once, so that no

@@ -188,6 +188,38 @@ static long long open_add_python(FastOps *self, int fd, uint64_t nodeid, int kin
     return fh;
 }
 
+/* Peers.keep's one sendmsg, made here when the state knows the keeper's
+ * socket: KEEP (the slot id, little-endian u64) with fd by SCM_RIGHTS,
+ * never waiting (MSG_DONTWAIT; the socket is non-blocking too). 1 sent;
+ * 0 not (a full queue, any error): Peers.keep then sends, waits for room
+ * and logs as it does for Python's own handoffs */
+static int keep_send(const struct state *st, uint64_t ident, int fd)
+{
+    if (st->ready <= 0 || st->keeper_fd < 0)
+        return 0;
+    uint8_t data[8];
+    for (int i = 0; i < 8; i++)
+        data[i] = (uint8_t)(ident >> (8 * i));
+    union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } u;
+    memset(&u, 0, sizeof u);
+    struct iovec iov = {data, sizeof data};
+    struct msghdr m = {0};
+    m.msg_iov = &iov;
+    m.msg_iovlen = 1;
+    m.msg_control = u.buf;
+    m.msg_controllen = sizeof u.buf;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &fd, sizeof fd);
+    ssize_t n;
+    do
+        n = sendmsg(st->keeper_fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    return n == (ssize_t)sizeof data;
+}
+
 /* Peers.keep and HandleTable._keep for a slot allocated here: 0, or -1
  * (an exception from Python: FuseSession._handle's EIO) */
 static int open_keep(FastOps *self, const struct state *st, const struct open_refs *r, uint64_t fh, int fd,
@@ -197,7 +229,7 @@ static int open_keep(FastOps *self, const struct state *st, const struct open_re
     int rc = -1;
     if (key == NULL)
         goto out;
-    if (r->peers != Py_None) {
+    if (r->peers != Py_None && !keep_send(st, fh, fd)) {
         PyObject *fdobj = PyLong_FromLong(fd);
         PyObject *got = fdobj == NULL ? NULL : PyObject_CallMethodObjArgs(r->peers, s_op_keep, key, fdobj, NULL);
         Py_XDECREF(fdobj);

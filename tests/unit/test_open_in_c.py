@@ -379,6 +379,56 @@ def test_the_worker_loop_opens_in_c_beside_a_keeper(tmp_path, monkeypatch):
         assert all(files.kept(fh) for fh in fhs)
 
 
+def test_the_keeper_handoff_is_sent_from_c_and_left_to_peers_keep_when_its_queue_is_full(tmp_path, monkeypatch):
+    """An OPEN served in C hands its fd to the keeper with its own sendmsg
+    (KEEP, the fh, the fd by SCM_RIGHTS): Peers.keep is not called and the
+    keeper records its copy. When the keeper's socket has no room (here a
+    socket pair nobody reads, filled), C's send fails at once and
+    Peers.keep does the handoff (it waits for room and logs)."""
+    import socket
+    import time
+
+    from daemon.fuse.peers import KEEP
+    with keeper_loop(tmp_path, monkeypatch) as (loop, ring, vr, _meter):
+        monkeypatch.chdir("/proc/self/fd")
+        peers, files = loop.session.handles.peers, loop.session.handles.files
+        assert peers is loop.session.cache.peers
+        calls: list[tuple[int, int]] = []
+        monkeypatch.setattr(peers, "keep", lambda fh, fd: calls.append((fh, fd)))
+
+        def open_root(unique: int) -> int:
+            head = vr.submit([open_request(1, unique, os.O_RDONLY, Opcode.OPENDIR)], [16, 16])
+            served = loop._fast.served
+            assert loop._serve(ring) == 1
+            assert loop._fast.served == served + 1          # answered in C
+            vr.harvest()
+            return _fh(bytes(vr.read_writable(head)[:32]))
+
+        fh = open_root(90)
+        assert calls == []
+        deadline = time.monotonic() + 10
+        while not files.kept(fh) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert files.kept(fh)
+
+        full, reader = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        full.setblocking(False)
+        try:
+            while True:
+                full.send(KEEP.pack(0))
+        except BlockingIOError:
+            pass
+        real = peers._keeper_sock
+        peers._keeper_sock = full
+        try:
+            fh = open_root(91)
+        finally:
+            peers._keeper_sock = real
+            full.close()
+            reader.close()
+        assert calls == [(fh, loop.session.handles._handles[fh].fd)]
+
+
 @pytest.mark.parametrize("busy", [False, True])
 def test_create_allocates_its_fh_in_c(shares, monkeypatch, busy):
     """With OPEN in C, C's CREATE allocates its fh as OPEN does (no call of
