@@ -54,24 +54,9 @@ def test_round_trips_are_served_until_the_control_channel_speaks(rig):
     the previous reply; then a control message arrives: C returns to
     Python without reading it, having answered every request."""
     rounds = 20
-    answered: list[int] = []
-
-    def guest():
-        for _ in range(rounds):
-            head = rig.submit()
-            rig.vr.kick()
-            rig.vr.wait(head, 5.0)
-            answered.append(head)
-            rig.vr.free(head)
-        os.write(rig.other_w, b"m")
-
-    t = threading.Thread(target=guest)
-    t.start()
-    code, served, carried = rig.wait(timeout_ms=10_000)
-    t.join(5)
-    assert (code, served, carried) == (WAIT_READY, rounds, 0)
+    result, answered = _round_trips(rig, [rig.submit] * rounds)
+    assert result == (WAIT_READY, rounds, 0)
     assert len(answered) == rounds
-    assert os.read(rig.other_r, 8) == b"m"       # still there for the loop's poll
     assert rig.record()[:2] == (rig.ring.queue.last_avail_idx,) * 2
 
 
@@ -363,6 +348,32 @@ def test_metered_wake_ups_count_the_same_through_c_and_python(tmp_path, monkeypa
     assert seen[1][-1][:3] == (3, 26, 20)
 
 
+def _round_trips(r: Rig, submits) -> tuple[tuple[int, int, int], list[int]]:
+    """One wait call while a guest thread sends each of ``submits`` (each
+    a call that puts a request on the ring: its head) after the previous
+    one was answered (depth 1), then writes to the other fd: the wait's
+    (code, served, carried) and the heads answered. The other fd's byte
+    is read back after the wait returned (still there for the loop's
+    poll: asserted)."""
+    answered: list[int] = []
+
+    def guest():
+        for submit in submits:
+            head = submit()
+            r.vr.kick()
+            r.vr.wait(head, 5.0)
+            answered.append(head)
+            r.vr.free(head)
+        os.write(r.other_w, b"m")
+
+    t = threading.Thread(target=guest)
+    t.start()
+    result = r.wait(timeout_ms=10_000)
+    t.join(5)
+    assert os.read(r.other_r, 8) == b"m"
+    return result, answered
+
+
 def _lookup_data(r: Rig) -> int:
     """LOOKUP of the rig's data file, a wake-up served in C: its nodeid."""
     name = inproc.DATA.encode() + b"\0"
@@ -435,22 +446,9 @@ def test_a_wait_call_reads_the_session_s_objects_once_for_all_its_rounds(rig):
     read the session's objects once, where each batch called from Python
     reads them afresh."""
     rounds = 20
-
-    def guest():
-        for _ in range(rounds):
-            head = rig.submit()
-            rig.vr.kick()
-            rig.vr.wait(head, 5.0)
-            rig.vr.free(head)
-        os.write(rig.other_w, b"m")
-
     before = rig.fast.snapshots
-    t = threading.Thread(target=guest)
-    t.start()
-    assert rig.wait(timeout_ms=10_000) == (WAIT_READY, rounds, 0)
-    t.join(5)
+    assert _round_trips(rig, [rig.submit] * rounds)[0] == (WAIT_READY, rounds, 0)
     assert rig.fast.snapshots == before + 1
-    os.read(rig.other_r, 8)
     for _ in range(3):
         rig.submit()
         rig.vr.kick()
@@ -492,21 +490,9 @@ def test_a_wait_call_reads_what_cold_lookups_need_once_for_all_its_rounds(rig, t
         return rig.vr.submit([abi.IN_HEADER.pack(40 + len(arg), Opcode.LOOKUP, 9001, 1, 0, 0, 1, 0, 0), arg],
                              [16, abi.ENTRY_OUT.size])
 
-    def guest():
-        for name in names[:20]:
-            head = lookup(name)
-            rig.vr.kick()
-            rig.vr.wait(head, 5.0)
-            rig.vr.free(head)
-        os.write(rig.other_w, b"m")
-
     before = rig.fast.lookup_reads
-    t = threading.Thread(target=guest)
-    t.start()
-    assert rig.wait(timeout_ms=10_000) == (WAIT_READY, 20, 0)
-    t.join(5)
+    assert _round_trips(rig, [lambda n=n: lookup(n) for n in names[:20]])[0] == (WAIT_READY, 20, 0)
     assert rig.fast.lookup_reads == before + 1
-    os.read(rig.other_r, 8)
     for name in names[20:]:
         lookup(name)
         rig.vr.kick()
