@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from daemon.fuse import abi, fastpath
+from daemon.fuse import abi
 from daemon.fuse.abi import Opcode
 from daemon.fuse.filetable import FileTable
 from daemon.fuse.inodes import InodeTable
@@ -121,19 +121,23 @@ def _lookup(vr, name: bytes, unique: int) -> int:
 
 @pytest.mark.parametrize("kind", ["ThreadLock", "threading.Lock"])
 def test_c_serves_a_lookup_under_either_lock_and_declines_while_python_holds_it(tmp_path, monkeypatch, kind):
-    """A cold LOOKUP in C takes the inode table's thread lock without
-    waiting and gives it back; held by Python (another thread of the
-    worker), C declines the chain (left for Python to pop), answered once
-    the lock is let go."""
-    from tests.perf import inproc
-    monkeypatch.chdir(tmp_path)
-    loop, ring, vr, _ = inproc._build("getattr", 0, str(tmp_path))
-    try:
-        table = loop.session.cache.table
+    """A cold LOOKUP in C (the wait loop's rig: the compiled queue and ops
+    even under PYVIRTIOFSD_PURE=1) takes the inode table's thread lock
+    without waiting and gives it back; held by Python (another thread of
+    the worker), C declines the chain (left for Python to pop), answered
+    once the lock is let go."""
+    from tests.unit.waitrig import Rig
+
+    def prepare(session):
         if kind == "threading.Lock":
-            table._tlock = threading.Lock()
-        fast = fastpath.make(loop.session)
-        loop.use_fast_ops(fast)
+            session.cache.table._tlock = threading.Lock()
+
+    monkeypatch.chdir(tmp_path)
+    rig = Rig(str(tmp_path), False, prepare=prepare)
+    try:
+        loop, ring, vr, fast = rig.loop, rig.ring, rig.vr, rig.fast
+        table = loop.session.cache.table
+        assert isinstance(table._tlock, _fastops.ThreadLock if kind == "ThreadLock" else type(threading.Lock()))
         for name in (b"a", b"b"):
             (tmp_path / name.decode()).write_bytes(b"")
         served = fast.served
@@ -146,14 +150,14 @@ def test_c_serves_a_lookup_under_either_lock_and_declines_while_python_holds_it(
         table._tlock.acquire()
         try:
             head = _lookup(vr, b"b", 13)
-            n = fast.batch(ring.queue.core, ring.words, ring.popped, 16)
-            assert n == -1         # declined: the next chain is Python's
+            assert fast.batch(ring.queue.core, ring.words, ring.popped, 16) == -1    # the next chain is Python's
             assert table._tlock.locked()
         finally:
             table._tlock.release()
         loop._serve(ring)                       # let go: answered (by C again)
+        assert fast.served == served + 2
         reply = vr.read_writable(head, 16 + abi.ENTRY_OUT.size)
         assert abi.OUT_HEADER.unpack(reply[:16])[1] == 0
         assert not table._tlock.locked()
     finally:
-        inproc.close(loop, ring, vr)
+        rig.close()

@@ -26,10 +26,13 @@ class Rig:
     guest's side of that ring; ``other`` is a pipe in the same epoll that
     stands for the control channel."""
 
-    def __init__(self, shared: str, event_idx: bool, meter: counters.WorkerMeter | None = None):
+    def __init__(self, shared: str, event_idx: bool, meter: counters.WorkerMeter | None = None, prepare=None):
+        """``prepare(session)``: called before the compiled ops are made."""
         self.loop, self.ring, self.vr, _ = inproc._build("getattr", 0, shared, event_idx=event_idx)
         loop, ring, vr = self.loop, self.ring, self.vr
         loop.session.meter = meter     # before fastpath.make, as a worker's start-up sets it
+        if prepare is not None:
+            prepare(loop.session)
         pure = ring.queue
         if not isinstance(pure, compiled.CompiledVirtQueue):     # PYVIRTIOFSD_PURE=1 (make test-pure)
             qva = vr.mem.qva
