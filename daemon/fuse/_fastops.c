@@ -503,20 +503,18 @@ static void snapshot_drop(struct snapshot *s)
 }
 
 /* the fd of peers._keeper_sock (a socket object) when peers is also the
- * handle table's (session.handles.peers: OPEN's Peers.keep), else -1 */
-static int keeper_fd_of(FastOps *self, PyObject *peers)
+ * handle table's (handles.peers, session.handles: OPEN's Peers.keep), else -1 */
+static int keeper_fd_of(PyObject *peers, PyObject *handles)
 {
     int fd = -1;
-    if (peers == NULL || peers == Py_None)
+    if (peers == NULL || peers == Py_None || handles == NULL)
         return -1;
-    PyObject *handles = PyObject_GetAttr(self->session, s_handles);
-    PyObject *theirs = handles == NULL ? NULL : PyObject_GetAttr(handles, s_peers);
+    PyObject *theirs = PyObject_GetAttr(handles, s_peers);
     PyObject *sock = theirs != peers ? NULL : PyObject_GetAttr(peers, s_keeper_sock);
     if (sock != NULL && sock != Py_None)
         fd = PyObject_AsFileDescriptor(sock);
     Py_XDECREF(sock);
     Py_XDECREF(theirs);
-    Py_XDECREF(handles);
     PyErr_Clear();
     return fd < 0 ? -1 : fd;
 }
@@ -540,14 +538,6 @@ static int snapshot_read(FastOps *self, struct snapshot *s)
         PyErr_Clear();
         Py_CLEAR(s->fds);
     }
-    PyObject *peers = PyObject_GetAttr(cache, s_peers);
-    PyObject *shared = peers == NULL || peers == Py_None ? NULL : PyObject_GetAttr(peers, s_shared);
-    s->touch = shared == Py_True;
-    Py_XDECREF(shared);
-    PyErr_Clear();
-    s->keeper_fd = keeper_fd_of(self, peers);
-    Py_XDECREF(peers);
-    PyErr_Clear();
     /* no handle table (or not shaped like one): no fh is this worker's */
     if ((handles = PyObject_GetAttr(self->session, s_handles)) == NULL
             || (s->handles = PyObject_GetAttr(handles, s_handles_dict)) == NULL || !PyDict_CheckExact(s->handles)
@@ -556,6 +546,14 @@ static int snapshot_read(FastOps *self, struct snapshot *s)
         Py_CLEAR(s->handles);
         Py_CLEAR(s->fh_slots);
     }
+    PyObject *peers = PyObject_GetAttr(cache, s_peers);
+    PyObject *shared = peers == NULL || peers == Py_None ? NULL : PyObject_GetAttr(peers, s_shared);
+    s->touch = shared == Py_True;
+    Py_XDECREF(shared);
+    PyErr_Clear();
+    s->keeper_fd = keeper_fd_of(peers, handles);
+    Py_XDECREF(peers);
+    PyErr_Clear();
     s->ready = 1;
 out:
     Py_XDECREF(handles);
@@ -1075,10 +1073,8 @@ static void count_batch(FastOps *self, Py_ssize_t n)
     const struct snapshot *k = self->kept;
     if (k != NULL && k->ready > 0 && k->handles != NULL && k->fds != NULL) {
         /* the wait's snapshot holds the two dicts */
-        __atomic_store_n(&w[m->open_files], k->handles != NULL ? (uint64_t)PyDict_GET_SIZE(k->handles) : 0,
-                         __ATOMIC_RELAXED);
-        __atomic_store_n(&w[m->inode_fds], k->fds != NULL ? (uint64_t)PyDict_GET_SIZE(k->fds) : 0,
-                         __ATOMIC_RELAXED);
+        __atomic_store_n(&w[m->open_files], (uint64_t)PyDict_GET_SIZE(k->handles), __ATOMIC_RELAXED);
+        __atomic_store_n(&w[m->inode_fds], (uint64_t)PyDict_GET_SIZE(k->fds), __ATOMIC_RELAXED);
         return;
     }
     PyObject *handles = PyObject_GetAttr(self->session, s_handles);

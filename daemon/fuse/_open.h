@@ -197,12 +197,9 @@ static int keep_send(const struct state *st, uint64_t ident, int fd)
 {
     if (st->ready <= 0 || st->keeper_fd < 0)
         return 0;
-    uint8_t data[8];
-    for (int i = 0; i < 8; i++)
-        data[i] = (uint8_t)(ident >> (8 * i));
     union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } u;
     memset(&u, 0, sizeof u);
-    struct iovec iov = {data, sizeof data};
+    struct iovec iov = {&ident, sizeof ident};      /* little-endian: the only hosts (_fastops.c) */
     struct msghdr m = {0};
     m.msg_iov = &iov;
     m.msg_iovlen = 1;
@@ -217,7 +214,7 @@ static int keep_send(const struct state *st, uint64_t ident, int fd)
     do
         n = sendmsg(st->keeper_fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
     while (n < 0 && errno == EINTR);
-    return n == (ssize_t)sizeof data;
+    return n == (ssize_t)sizeof ident;
 }
 
 /* Peers.keep and HandleTable._keep for a slot allocated here: 0, or -1
